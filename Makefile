@@ -1,0 +1,40 @@
+# vqad: two entry points, each self-sufficient on a fresh machine with Python 3.10+ and make.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install bench-sdf bench-format bench-nerf bench-rd clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned, so nothing below can pull a CUDA build.
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/vqad demo --out out/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench-sdf: $(STAMP)
+	$(PY) benchmarks/bench_sdf.py --out docs/benchmarks/sdf.md
+
+bench-format: $(STAMP)
+	$(PY) benchmarks/bench_format.py --out docs/benchmarks/format.md
+
+bench-nerf: $(STAMP)
+	$(PY) benchmarks/bench_nerf.py --out docs/benchmarks/nerf.md
+
+bench-rd: $(STAMP)
+	$(PY) benchmarks/bench_rd.py --out docs/benchmarks
+
+clean:
+	rm -rf $(VENV) out build src/*.egg-info

@@ -1,0 +1,36 @@
+"""Loading any saved model: a checkpoint directory or a .vqad file (path, bytes or stream)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from .device import resolve_device
+from .errors import InputError
+
+
+def load(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None):
+    """Load a field from a checkpoint directory, a ``.vqad`` file, ``bytes`` or a binary stream.
+
+    For a .vqad source, ``max_bytes`` uses only the first N bytes and ``lod`` stops at that level
+    of detail; the field returned holds the largest complete LOD available.
+    """
+    device = resolve_device(device)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"no such model: {path} (pass a checkpoint directory or a .vqad file)")
+        if path.is_dir():
+            if max_bytes is not None:
+                raise InputError("--bytes applies to .vqad files only: export the checkpoint first (vqad export)")
+            from .checkpoint import load_checkpoint
+
+            return load_checkpoint(path, device)[0]
+    from . import fileformat  # the .vqad reader
+
+    return fileformat.load(source, device=device, lod=lod, max_bytes=max_bytes)
+
+
+__all__ = ["load", "io"]

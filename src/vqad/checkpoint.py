@@ -1,0 +1,154 @@
+"""Checkpoints: tensors in safetensors, everything else in JSON. No pickles.
+
+A checkpoint is a directory::
+
+    config.json        field config (kind, grid, decoder, normalisation), step, train config, baked
+    model.safetensors  octree codes, storages (training form, or stored form once baked), decoder
+    optim.safetensors  optimizer state (for --resume)
+
+It is written to a temporary sibling and renamed into place, so an interrupted save never leaves
+a half-written checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import GridConfig, from_dict
+from .errors import InputError
+from .fields import field_config, field_from_config
+from .grid import OctreeGrid
+from .octree import SparseOctree
+from .storage import STORAGES
+
+FORMAT_VERSION = 1
+
+
+def _model_tensors(field) -> dict[str, torch.Tensor]:
+    octree = field.grid.octree
+    tensors = {"octree.codes": octree.codes[octree.max_level]}
+    for i, s in enumerate(field.grid.storages):
+        items = s.export_tensors() if s.baked else {k: v for k, v in s.state_dict().items()}
+        for key, t in items.items():
+            tensors[f"storage.{i}.{key}"] = t
+    for key, t in field.decoder_state().items():
+        tensors[f"decoder.{key}"] = t
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def _optim_tensors(optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict, dict]:
+    tensors, meta = {}, {}
+    for oname, opt in optimizers.items():
+        sd = opt.state_dict()
+        meta[oname] = {"param_groups": sd["param_groups"], "scalars": {}}
+        for pid, st in sd["state"].items():
+            for key, val in st.items():
+                if torch.is_tensor(val):
+                    tensors[f"{oname}.{pid}.{key}"] = val.detach().contiguous().cpu()
+                else:
+                    meta[oname]["scalars"][f"{pid}.{key}"] = val
+    return tensors, meta
+
+
+def save_checkpoint(path: str | Path, field, extra: dict | None = None, optimizers: dict | None = None) -> Path:
+    """Write ``field`` (and optimizer state) to the directory ``path`` atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise InputError(f"cannot write checkpoint to {path}: {exc.strerror}") from exc
+    cfg = {"vqad_checkpoint": FORMAT_VERSION, **field_config(field), "baked": field.baked, **(extra or {})}
+    save_file(_model_tensors(field), str(tmp / "model.safetensors"))
+    if optimizers:
+        tensors, meta = _optim_tensors(optimizers)
+        save_file(tensors, str(tmp / "optim.safetensors"))
+        cfg["optimizers"] = meta
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise InputError(f"{path} is not a vqad checkpoint (no config.json): pass a checkpoint directory or a .vqad file")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read {cfg_path}: {exc}") from exc
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
+    """Load a checkpoint directory; returns ``(field, config_dict)``."""
+    path = Path(path)
+    cfg = read_config(path)
+    try:
+        tensors = load_file(str(path / "model.safetensors"), device=str(device))
+    except Exception as exc:  # safetensors raises several types on bad files
+        raise InputError(f"cannot read {path / 'model.safetensors'}: {exc}") from exc
+    return build_field(cfg, tensors, device, baked=bool(cfg.get("baked"))), cfg
+
+
+def build_field(cfg: dict, tensors: dict[str, torch.Tensor], device, baked: bool):
+    """Rebuild a field from its config and named tensors (training or stored form)."""
+    grid_cfg = from_dict(GridConfig, cfg["grid"])
+    octree = SparseOctree.from_codes(tensors["octree.codes"].to(device), grid_cfg.base_level, grid_cfg.max_level)
+
+    def sub(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    if baked:
+        storages = [
+            STORAGES[grid_cfg.storage].from_export(
+                octree.num_vertices(level), grid_cfg.features, sub(f"storage.{i}."), **cfg["storage_params"][i]
+            )
+            for i, level in enumerate(octree.levels)
+        ]
+        grid = OctreeGrid(octree, storages, grid_cfg).to(device)
+    else:
+        grid = OctreeGrid.from_octree(octree, grid_cfg)
+        for i, s in enumerate(grid.storages):
+            s.load_state_dict(sub(f"storage.{i}."))
+    field = field_from_config(cfg, grid).to(device)
+    field.load_decoder_state(sub("decoder."))
+    if baked:
+        field.bake(fp16=False)
+    return field
+
+
+def load_optimizer_state(path: str | Path, optimizers: dict[str, torch.optim.Optimizer], cfg: dict) -> None:
+    """Restore optimizer state written by :func:`save_checkpoint`."""
+    path = Path(path)
+    meta = cfg.get("optimizers")
+    if not meta or not (path / "optim.safetensors").is_file():
+        raise InputError(f"{path} holds no optimizer state: it cannot be resumed (was it baked?)")
+    tensors = load_file(str(path / "optim.safetensors"))
+    for oname, opt in optimizers.items():
+        m = meta[oname]
+        state: dict = {}
+        for key, t in tensors.items():
+            o, pid, k = key.split(".", 2)
+            if o == oname:
+                state.setdefault(int(pid), {})[k] = t
+        for key, val in m["scalars"].items():
+            pid, k = key.split(".", 1)
+            state.setdefault(int(pid), {})[k] = val
+        opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})

@@ -1,0 +1,51 @@
+"""The ``vqad`` command line.
+
+Each group of subcommands lives in its own module with a ``register(subparsers)`` function that
+adds its parsers and sets ``func`` to a handler ``(args) -> int``. User errors raise
+:class:`~vqad.errors.VqadError`: printed on one line, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import VqadError
+
+# modules that add subcommands; each defines register(subparsers)
+COMMAND_MODULES = [
+    "vqad.commands.sdf",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: one line, exit 2
+        self.print_usage(sys.stderr)
+        print(f"vqad: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vqad", description="Variable bitrate neural fields (VQ-AD): fit, compress, stream, render.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VqadError as exc:
+        print(f"vqad: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vqad: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Typed configuration. The CLI exposes these dataclasses; checkpoints store them as JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import InputError
+from .octree import check_levels
+from .storage import STORAGES, check_bits
+
+
+@dataclass
+class GridConfig:
+    """The feature grid: octree levels, storage kind and the paper's k and b."""
+
+    storage: str = "codebook"  # dense | codebook
+    features: int = 16  # k
+    bits: int = 4  # b (codebook only)
+    base_level: int = 3
+    max_level: int = 7
+
+    def validate(self) -> None:
+        if self.storage not in STORAGES:
+            raise InputError(f"unknown grid storage {self.storage!r}: choose one of {', '.join(STORAGES)}")
+        check_bits(self.bits)
+        check_levels(self.base_level, self.max_level)
+        if not 1 <= self.features <= 256:
+            raise InputError(f"features (k) must be in 1..256, got {self.features}")
+
+    @property
+    def lods(self) -> list[int]:
+        return list(range(self.base_level, self.max_level + 1))
+
+
+@dataclass
+class DecoderConfig:
+    """The MLP ψ that decodes interpolated features (plus, optionally, the position x)."""
+
+    hidden: int = 128
+    layers: int = 1  # hidden layers
+    per_lod: bool = False  # one MLP per LOD instead of a shared one
+    position_input: bool = True  # feed x to ψ alongside the features
+
+
+@dataclass
+class SDFTrainConfig:
+    """Signed distance fitting."""
+
+    steps: int = 3000
+    batch: int = 16384
+    lr: float = 2e-3  # decoder learning rate
+    grid_lr_scale: float = 10.0  # grid (features, logits, codebook) lr = lr × this
+    resample_every: int = 500  # draw fresh samples every N steps
+    pool_size: int = 400_000  # samples per pool
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+
+
+def parse_levels(text: str) -> tuple[int, int]:
+    """``"3:7"`` -> (3, 7), with a clear error otherwise."""
+    try:
+        a, b = text.split(":")
+        base, top = int(a), int(b)
+    except ValueError as exc:
+        raise InputError(f"--levels must look like BASE:MAX (e.g. 3:7), got {text!r}") from exc
+    check_levels(base, top)
+    return base, top
+
+
+def to_dict(obj) -> dict:
+    return asdict(obj)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a config dataclass, refusing unknown keys (never silently ignored)."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise InputError(f"unknown {cls.__name__} keys in config: {', '.join(sorted(unknown))}")
+    return cls(**data)
+
+
+__all__ = ["GridConfig", "DecoderConfig", "SDFTrainConfig", "parse_levels", "to_dict", "from_dict", "field"]

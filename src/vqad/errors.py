@@ -1,0 +1,26 @@
+"""The library's own error types.
+
+Every problem caused by the user's input (a bad mesh, a bad argument, a corrupt file) raises a
+subclass of :class:`VqadError`. The CLI prints its message on one line and exits with code 2; a
+traceback means a bug in vqad, not in the input.
+"""
+
+
+class VqadError(Exception):
+    """A problem with the user's input or environment; the message says what to do."""
+
+
+class InputError(VqadError):
+    """An input file or argument is missing, unreadable or invalid."""
+
+
+class StreamError(VqadError):
+    """A .vqad stream cannot be decoded."""
+
+
+class TruncatedStreamError(StreamError):
+    """The stream ended before the first complete level of detail (or inside a header)."""
+
+
+class CorruptStreamError(StreamError):
+    """The stream is damaged: bad magic, unknown version, CRC mismatch or impossible sizes."""

@@ -1,0 +1,173 @@
+"""Signed distance fitting: mesh → samples → VQ-AD (or dense) SDF field, all LODs jointly."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field as dfield
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import trainer as T
+from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from .config import DecoderConfig, GridConfig, SDFTrainConfig, to_dict
+from .device import peak_memory_bytes
+from .fields import SDFField
+from .grid import OctreeGrid
+from .mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples, fit_normalization
+from .octree import SparseOctree
+
+
+def build_sdf_field(mesh: Mesh, grid_cfg: GridConfig, dec_cfg: DecoderConfig, device, seed: int = 0,
+                    octree_samples: int = 2_000_000) -> SDFField:
+    """Octree from surface samples at ``L_max`` (dilated by one cell), grid and decoder on ``device``."""
+    grid_cfg.validate()
+    norm = fit_normalization(mesh)
+    rng = np.random.default_rng(seed)
+    from .mesh import sample_surface
+
+    # dense enough that every finest cell the surface crosses gets a sample
+    n = max(octree_samples, 40 * 4 ** grid_cfg.max_level)
+    pts, _ = sample_surface(mesh, n, rng)
+    pts = torch.from_numpy(((pts - np.asarray(norm.center)) * norm.scale).astype(np.float32)).to(device)
+    pts = torch.cat([pts, norm.to_unit(torch.as_tensor(mesh.vertices, dtype=torch.float32, device=device))])
+    octree = SparseOctree.from_points(pts, grid_cfg.base_level, grid_cfg.max_level, dilate=1)
+    torch.manual_seed(seed)
+    grid = OctreeGrid.from_octree(octree, grid_cfg)
+    return SDFField(grid, dec_cfg, norm).to(device)
+
+
+@dataclass
+class FitResult:
+    field: SDFField
+    steps: int
+    seconds: float
+    points_per_second: float
+    final_loss: float
+    peak_memory_bytes: int
+    interrupted: bool = False
+    history: list = dfield(default_factory=list)
+
+
+def fit_sdf(
+    mesh: Mesh,
+    grid_cfg: GridConfig,
+    dec_cfg: DecoderConfig,
+    train_cfg: SDFTrainConfig,
+    device: torch.device,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    mesh_path: str | None = None,
+) -> FitResult:
+    """Fit an SDF field to ``mesh``. Loss: Σ over LODs of the mean squared distance error.
+
+    With ``out_dir``, a checkpoint is written there every ``checkpoint_every`` steps, at the end,
+    and on Ctrl-C / SIGTERM (then :class:`KeyboardInterrupt` is re-raised after saving).
+    ``resume`` continues from ``out_dir/checkpoint``.
+    """
+    ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    start = 0
+    if resume:
+        field, cfg = load_checkpoint(ckpt_dir, device)
+        field.train()
+        start = int(cfg.get("step", 0))
+        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale)
+        load_optimizer_state(ckpt_dir, opts, cfg)
+        rng_state = cfg.get("rng_seed", train_cfg.seed) + start
+    else:
+        field = build_sdf_field(mesh, grid_cfg, dec_cfg, device, seed=train_cfg.seed)
+        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale)
+        rng_state = train_cfg.seed
+    base_lrs = T.initial_lrs(opts)
+    for name, o in opts.items():
+        for g, lr in zip(o.param_groups, base_lrs[name]):
+            g.setdefault("initial_lr", lr)
+    oracle = SDFOracle(mesh)
+    rng = np.random.default_rng(rng_state)
+    gen = torch.Generator(device="cpu").manual_seed(int(rng_state))
+    lods = field.lods
+
+    def save(step_done: int) -> None:
+        if ckpt_dir is None:
+            return
+        extra = {"step": step_done, "train": to_dict(train_cfg), "rng_seed": train_cfg.seed, "mesh": mesh_path}
+        save_checkpoint(ckpt_dir, field, extra=extra, optimizers=opts)
+
+    prog = T.Progress(train_cfg.steps, start, "pts", quiet=quiet)
+    t0 = time.perf_counter()
+    loss_val = float("nan")
+    history = []
+    pool_x = pool_d = None
+    it = start
+    interrupted = False
+    try:
+        with T.interrupt_guard():
+            for it in range(start, train_cfg.steps):
+                if pool_x is None or (it - start) % train_cfg.resample_every == 0:
+                    pool_x, pool_d = draw_sdf_samples(oracle, field.normalization, train_cfg.pool_size, rng, SampleMix())
+                    pool_x, pool_d = pool_x.to(device), pool_d.to(device)
+                idx = torch.randint(0, pool_x.shape[0], (train_cfg.batch,), generator=gen).to(device)
+                x, d = pool_x[idx], pool_d[idx]
+                T.cosine_lr(opts, base_lrs, it, train_cfg.steps)
+                T.zero_grad(opts)
+                pred = field.all_lods(x, lods)  # (n_lods, B)
+                per_lod = ((pred - d[None]) ** 2).mean(dim=1)
+                loss = per_lod.sum()
+                loss.backward()
+                T.step(opts)
+                if (it + 1) % train_cfg.log_every == 0 or it == start:
+                    loss_val = float(loss.detach())
+                    history.append({"step": it + 1, "loss": loss_val, "per_lod": per_lod.detach().tolist()})
+                    prog.update(0, 0, loss=loss_val)
+                prog.update(1, train_cfg.batch)
+                if ckpt_dir is not None and (it + 1) % train_cfg.checkpoint_every == 0 and it + 1 < train_cfg.steps:
+                    save(it + 1)
+            it = train_cfg.steps
+    except KeyboardInterrupt:
+        interrupted = True
+        prog.close()
+        save(it)
+        if ckpt_dir is not None and not quiet:
+            print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
+        raise
+    prog.close()
+    save(train_cfg.steps)
+    seconds = time.perf_counter() - t0
+    return FitResult(
+        field=field,
+        steps=train_cfg.steps,
+        seconds=seconds,
+        points_per_second=prog.items_per_second,
+        final_loss=loss_val,
+        peak_memory_bytes=peak_memory_bytes(device),
+        interrupted=interrupted,
+        history=history,
+    )
+
+
+def size_lines(field: SDFField) -> list[str]:
+    """Human-readable size accounting printed after every fit."""
+    r = field.size_report()
+    cfg = field.grid_cfg
+    lines = [
+        f"vertices per level (m): " + ", ".join(f"L{lv}={m:,}" for lv, m in r["vertices"].items()),
+        f"dense fp16 grid (16·m·k bits): {r['dense_fp16_bytes'] / 1e3:,.1f} kB",
+    ]
+    if cfg.storage == "codebook":
+        lines.append(
+            f"compressed grid (m·b + 16·k·2^b bits, b={cfg.bits}, k={cfg.features}): {r['grid_bytes'] / 1e3:,.1f} kB"
+        )
+    else:
+        lines.append(f"grid ({cfg.storage}): {r['grid_bytes'] / 1e3:,.1f} kB")
+    lines += [
+        f"decoder (fp16): {r['decoder_bytes'] / 1e3:,.1f} kB; total {r['compressed_bytes'] / 1e3:,.1f} kB",
+        f"ratio: grid {r['grid_ratio']:.1f}x, with decoder {r['total_ratio']:.1f}x",
+    ]
+    return lines
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2))

@@ -1,0 +1,204 @@
+"""Feature storages: how the k features of a level's m vertices are held.
+
+Every storage has the same small interface, so the method (``codebook``, VQ-AD) and each baseline
+(``dense`` now; low-rank, k-means and hash later) differ only in this object:
+
+* ``forward(vertex_ids)``: ``(...,) int64 -> (..., k)`` features of those vertices;
+* ``bake(fp16=True)``: switch to the inference form that is written to a file (and, with
+  ``fp16``, round every stored float to fp16 so that what is evaluated is what is stored);
+* ``stored_bits()``: bits of the stored form (no container overhead);
+* ``export_tensors()`` / ``from_export(...)``: the stored form as named tensors.
+
+Symbols follow the paper: m vertices, k features, b bits, codebook ``D (2^b, k)``, training logits
+``C (m, 2^b)``, baked indices ``V (m,)``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+
+MIN_BITS, MAX_BITS = 1, 12
+
+
+class FeatureStorage(nn.Module):
+    """Base class: k features for each of m vertices."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, m: int, k: int):
+        super().__init__()
+        if m <= 0 or k <= 0:
+            raise InputError(f"a feature storage needs m > 0 vertices and k > 0 features, got m={m}, k={k}")
+        self.m, self.k = int(m), int(k)
+        self.baked = False
+
+    def forward(self, vertex_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def bake(self, fp16: bool = True) -> None:
+        """Turn into the stored, inference-only form."""
+        raise NotImplementedError
+
+    def stored_bits(self) -> int:
+        """Bits of the stored form, before any container or entropy coding."""
+        raise NotImplementedError
+
+    def dense_fp16_bits(self) -> int:
+        """Bits of the uncompressed fp16 grid this storage replaces: 16·m·k."""
+        return 16 * self.m * self.k
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_export(cls, m: int, k: int, tensors: dict[str, torch.Tensor], **params) -> "FeatureStorage":
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        """Hyper-parameters needed to rebuild this storage (JSON-serialisable)."""
+        return {}
+
+    @classmethod
+    def create(cls, m: int, k: int, bits: int = 4) -> "FeatureStorage":
+        """A freshly initialised storage for training."""
+        return cls(m, k)
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradients are sparse (only the rows a batch touches)."""
+        return []
+
+
+def _round_fp16(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().half().float()
+
+
+class DenseStorage(FeatureStorage):
+    """The uncompressed NGLOD-style grid: a float feature vector per vertex, ``Z (m, k)``."""
+
+    kind = "dense"
+
+    def __init__(self, m: int, k: int, init_std: float = 0.01):
+        super().__init__(m, k)
+        self.Z = nn.Parameter(torch.randn(m, k) * init_std)
+
+    def forward(self, vertex_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(vertex_ids, self.Z, sparse=not self.baked)
+
+    def bake(self, fp16: bool = True) -> None:
+        if fp16:
+            self.Z.data = _round_fp16(self.Z)
+        self.Z.requires_grad_(False)
+        self.baked = True
+
+    def stored_bits(self) -> int:
+        return 16 * self.m * self.k
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        return {"Z": self.Z.detach().half()}
+
+    @classmethod
+    def from_export(cls, m, k, tensors, **params):
+        s = cls(m, k)
+        s.Z.data = tensors["Z"].float().reshape(m, k).to(s.Z.device)
+        s.bake(fp16=False)
+        return s
+
+    def sparse_parameters(self):
+        return [] if self.baked else [self.Z]
+
+
+class CodebookStorage(FeatureStorage):
+    """VQ-AD: each vertex's feature is ``D[V[i]]``, a b-bit index into a learned codebook.
+
+    Training holds logits ``C (m, 2^b)``. The forward pass uses the hard feature
+    ``D[argmax C[i]]``; the backward pass the gradient of the soft one ``softmax(C[i]) · D``
+    (straight-through). Only the unique vertices a batch touches get a softmax: the cost is
+    ``U × 2^b`` per step for U touched vertices, never ``m × 2^b``, and C's gradient is sparse.
+    After :meth:`bake`, C is dropped and only ``V = argmax C`` (m,) and D remain.
+    """
+
+    kind = "codebook"
+
+    def __init__(self, m: int, k: int, bits: int = 4, codebook_std: float = 0.1, logit_std: float = 0.1):
+        super().__init__(m, k)
+        check_bits(bits)
+        self.b = int(bits)
+        self.D = nn.Parameter(torch.randn(1 << self.b, k) * codebook_std)
+        self.C = nn.Parameter(torch.randn(m, 1 << self.b) * logit_std)
+        self.register_buffer("V", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    @classmethod
+    def create(cls, m: int, k: int, bits: int = 4) -> "CodebookStorage":
+        return cls(m, k, bits=bits)
+
+    def params(self) -> dict:
+        return {"bits": self.b}
+
+    def forward(self, vertex_ids: torch.Tensor) -> torch.Tensor:
+        if self.baked:
+            return self.D[self.V[vertex_ids]]
+        flat = vertex_ids.reshape(-1)
+        uniq, inv = torch.unique(flat, return_inverse=True)
+        logits = F.embedding(uniq, self.C, sparse=True)  # (U, 2^b): only the touched rows
+        hard = self.D[logits.argmax(dim=-1)]  # (U, k)
+        if torch.is_grad_enabled() and self.training:
+            soft = torch.softmax(logits, dim=-1) @ self.D  # (U, k)
+            # forward value is exactly `hard` (soft - soft is exactly 0), gradient is soft's
+            feat = hard + (soft - soft.detach())
+        else:
+            feat = hard
+        return feat[inv].reshape(*vertex_ids.shape, self.k)
+
+    def indices(self) -> torch.Tensor:
+        """V = argmax C, shape (m,)."""
+        return self.V if self.baked else self.C.detach().argmax(dim=-1)
+
+    def bake(self, fp16: bool = True) -> None:
+        self.V = self.indices().clone()
+        if fp16:
+            self.D.data = _round_fp16(self.D)
+        self.D.requires_grad_(False)
+        self.C = None  # the m × 2^b logits are training-only
+        self.baked = True
+
+    def stored_bits(self) -> int:
+        """m·b index bits + the fp16 codebook 16·k·2^b."""
+        return self.m * self.b + 16 * self.k * (1 << self.b)
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        return {"D": self.D.detach().half(), "V": self.indices().to(torch.int32)}
+
+    @classmethod
+    def from_export(cls, m, k, tensors, bits: int = 4, **params):
+        s = cls(1, k, bits=bits)
+        s.m = int(m)
+        s.D.data = tensors["D"].float().reshape(1 << bits, k)
+        s.C = None
+        s.V = tensors["V"].long().reshape(m)
+        s.D.requires_grad_(False)
+        s.baked = True
+        return s
+
+    def sparse_parameters(self):
+        return [] if self.baked else [self.C]
+
+
+STORAGES: dict[str, type[FeatureStorage]] = {"dense": DenseStorage, "codebook": CodebookStorage}
+
+
+def check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise InputError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r} (e.g. --bits 4)")
+
+
+def make_storage(kind: str, m: int, k: int, bits: int = 4) -> FeatureStorage:
+    """Build a storage by name (``dense`` | ``codebook`` | ...). ``bits`` is b, used by quantized kinds."""
+    if kind not in STORAGES:
+        raise InputError(f"unknown grid storage {kind!r}: choose one of {', '.join(STORAGES)}")
+    return STORAGES[kind].create(m, k, bits=bits)

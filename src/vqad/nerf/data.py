@@ -1,0 +1,61 @@
+"""The in-memory form every radiance-field dataset reader produces (the contract between the
+readers in :mod:`vqad.nerf.datasets` and the renderer / trainer).
+
+Conventions:
+* camera-to-world poses ``c2w (N, 4, 4)`` in the OpenGL convention: x right, y up, the camera looks
+  down −z (Blender / NeRF-synthetic / instant-ngp). Readers of other conventions (LLFF, RTMV)
+  convert to this one.
+* pinhole intrinsics ``(N, 4)`` = ``fx, fy, cx, cy`` in pixels of the (possibly downscaled) images;
+  optional OpenCV-style distortion ``(N, 4)`` = ``k1, k2, p1, p2`` (instant-ngp).
+* images ``(N, H, W, 3) uint8`` (RGB, already composited on ``background`` when the source has
+  alpha), masks ``(N, H, W) uint8`` (255 = foreground) when known, depth ``(N, H, W) float16``
+  z-depth along the camera's viewing axis in world units, 0 where there is no surface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..fields import Normalization
+
+
+@dataclass
+class Views:
+    """One split of posed images."""
+
+    images: torch.Tensor  # (N, H, W, 3) uint8
+    c2w: torch.Tensor  # (N, 4, 4) float32, OpenGL convention
+    intrinsics: torch.Tensor  # (N, 4) float32: fx, fy, cx, cy
+    masks: torch.Tensor | None = None  # (N, H, W) uint8, 255 = foreground
+    depth: torch.Tensor | None = None  # (N, H, W) float16 z-depth, world units, 0 = no hit
+    distortion: torch.Tensor | None = None  # (N, 4) float32: k1, k2, p1, p2
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+
+@dataclass
+class SceneDataset:
+    """A posed-image capture, normalised into the unit cube.
+
+    ``normalization`` maps world → unit cube [-1, 1]^3 (it is stored with the model);
+    ``near``/``far`` are ray bounds in world units; ``background`` is the RGB in [0, 1] that
+    images with alpha were composited on and that the renderer composites on.
+    """
+
+    name: str
+    format: str  # blender | ngp | llff | rtmv | procedural
+    splits: dict[str, Views]
+    normalization: Normalization
+    near: float
+    far: float
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    source: str = ""  # path it was read from ("" for built-in scenes)
+    downscale: int = 1

@@ -37,7 +37,7 @@ def extract_mesh(field, lod: int | None = None, resolution: int = 256, world: bo
     step = 2.0 / (resolution - 1)
     verts, faces, _, _ = marching_cubes(vol, level=0.0, spacing=(step, step, step))
     verts = verts - 1.0
-    faces = faces[:, ::-1].copy()  # skimage winds inward for SDFs negative inside; flip to outward
+    # with the field negative inside, skimage's winding already gives outward normals
     mesh = Mesh(verts.astype(np.float64), faces.astype(np.int64))
     if world:
         mesh = mesh.transformed(lambda v: field.normalization.to_world(torch.from_numpy(v)).numpy())

@@ -1,0 +1,183 @@
+"""``vqad fit-sdf``, ``vqad mesh``, ``vqad render`` and ``vqad demo``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..errors import InputError
+from .common import add_device_arg, ensure_writable_dir, ensure_writable_file, parse_lod
+
+
+def register(sub) -> None:
+    p = sub.add_parser("fit-sdf", help="fit a VQ-AD (or dense) signed distance field to a mesh")
+    p.add_argument("mesh", help="OBJ / PLY / OFF / STL / GLB triangle mesh")
+    p.add_argument("--grid", choices=["dense", "codebook"], default="codebook", help="feature storage")
+    p.add_argument("--bits", type=int, default=4, help="b: codebook index bits (1..12)")
+    p.add_argument("--features", type=int, default=16, help="k: features per vertex")
+    p.add_argument("--levels", default="3:7", help="octree levels BASE:MAX (LODs)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=16384, help="points per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="decoder learning rate")
+    p.add_argument("--grid-lr-scale", type=float, default=10.0, help="grid lr = lr × this")
+    p.add_argument("--hidden", type=int, default=128, help="decoder width")
+    p.add_argument("--layers", type=int, default=1, help="decoder hidden layers")
+    p.add_argument("--per-lod-decoder", action="store_true", help="one decoder per LOD instead of a shared one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (checkpoint, metrics, mesh, render)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--no-eval", action="store_true", help="skip per-LOD metrics, mesh and render")
+    p.add_argument("--mc-resolution", type=int, default=256, help="marching-cubes grid for meshes and metrics")
+    p.add_argument("--quiet", action="store_true")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_fit_sdf)
+
+    p = sub.add_parser("mesh", help="marching-cubes mesh of an SDF model at a LOD")
+    p.add_argument("model", help="checkpoint directory or .vqad file")
+    p.add_argument("--lod", type=int, default=None, help="level of detail (default: finest available)")
+    p.add_argument("--bytes", type=int, default=None, help=".vqad only: use just the first N bytes")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("-o", "--out", default=None, help="output mesh (.ply/.obj/.stl; default mesh_lodL.ply)")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_mesh)
+
+    p = sub.add_parser("render", help="render a model at a LOD (SDF: sphere tracing; NeRF: dataset views)")
+    p.add_argument("model", help="checkpoint directory or .vqad file")
+    p.add_argument("--lod", type=int, default=None)
+    p.add_argument("--bytes", type=int, default=None, help=".vqad only: use just the first N bytes")
+    p.add_argument("-o", "--out", default=None, help="SDF: output PNG; NeRF: output directory")
+    p.add_argument("--size", type=int, default=384, help="SDF image size in pixels")
+    p.add_argument("--azimuth", type=float, default=35.0)
+    p.add_argument("--elevation", type=float, default=20.0)
+    p.add_argument("--views", default="test", help="NeRF: dataset split to render")
+    p.add_argument("--dataset", default=None, help="NeRF: dataset path (default: the one stored with the model)")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("demo", help="the built-in demo: fit, compress and render built-in scenes")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--quick", action="store_true", help="a few steps only (for tests)")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def _configs(args):
+    from ..config import DecoderConfig, GridConfig, SDFTrainConfig, parse_levels
+
+    base, top = parse_levels(args.levels)
+    grid = GridConfig(storage=args.grid, features=args.features, bits=args.bits, base_level=base, max_level=top)
+    grid.validate()
+    if args.steps <= 0 or args.batch <= 0:
+        raise InputError("--steps and --batch must be positive")
+    dec = DecoderConfig(hidden=args.hidden, layers=args.layers, per_lod=args.per_lod_decoder)
+    train = SDFTrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, grid_lr_scale=args.grid_lr_scale, seed=args.seed)
+    return grid, dec, train
+
+
+def cmd_fit_sdf(args) -> int:
+    import torch
+
+    from ..device import resolve_device
+    from ..mesh import load_mesh
+    from ..sdf import fit_sdf, size_lines
+
+    grid_cfg, dec_cfg, train_cfg = _configs(args)  # validate everything before touching the disk
+    device = resolve_device(args.device)
+    mesh = load_mesh(args.mesh)
+    out = Path(args.out)
+    if args.resume and not (out / "checkpoint" / "config.json").is_file():
+        raise InputError(f"--resume: no checkpoint in {out / 'checkpoint'}; run without --resume first")
+    out = ensure_writable_dir(out)
+    for stale in ("metrics.json",):  # a fresh fit must not leave an old result that looks complete
+        (out / stale).unlink(missing_ok=True)
+    res = fit_sdf(mesh, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume,
+                  quiet=args.quiet, mesh_path=str(Path(args.mesh).resolve()))
+    field = res.field
+    print(f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.points_per_second:,.0f} points/s, final loss {res.final_loss:.3g}")
+    for line in size_lines(field):
+        print(line)
+    summary = {
+        "mesh": str(args.mesh), "grid": grid_cfg.__dict__, "steps": res.steps, "fit_seconds": res.seconds,
+        "points_per_second": res.points_per_second, "peak_memory_bytes": res.peak_memory_bytes,
+        "size": field.size_report(), "history": res.history,
+    }
+    if not args.no_eval:
+        summary["lods"] = evaluate_sdf(field, mesh, out, args.mc_resolution, device)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"wrote {out}/ (checkpoint/, metrics.json{'' if args.no_eval else ', mesh_lod*.ply, render_lod*.png'})")
+    return 0
+
+
+def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, quiet: bool = False) -> dict:
+    """Per-LOD metrics, a mesh of the finest LOD and a render per LOD, written into ``out``."""
+    from ..extract import extract_mesh, save_mesh
+    from ..mesh import SDFOracle
+    from ..metrics import geometry_metrics
+    from ..render import OrbitCamera, render_sdf, save_png
+
+    field.eval()
+    oracle = SDFOracle(mesh)
+    results = {}
+    lods = field.lods if lods is None else lods
+    for lod in lods:
+        t0 = time.perf_counter()
+        try:
+            m = extract_mesh(field, lod, resolution=resolution)
+        except InputError as exc:
+            results[lod] = {"error": str(exc)}
+            continue
+        gm = geometry_metrics(field, lod, mesh, m, oracle).as_dict()
+        if lod == field.grid.octree.max_level:
+            save_mesh(m, out / f"mesh_lod{lod}.ply")
+        save_png(render_sdf(field, lod, OrbitCamera(width=320, height=320)), out / f"render_lod{lod}.png")
+        gm["seconds"] = time.perf_counter() - t0
+        results[lod] = gm
+        if not quiet:
+            print(f"LOD {lod}: Chamfer-L1 {gm['chamfer_l1']:.5f}  normal consistency {gm['normal_consistency']:.4f}  IoU {gm['iou']:.4f}")
+    return results
+
+
+def _load(args):
+    from ..api import load
+    from ..device import resolve_device
+
+    return load(args.model, device=resolve_device(args.device), lod=args.lod, max_bytes=args.bytes)
+
+
+def cmd_mesh(args) -> int:
+    from ..extract import extract_mesh, save_mesh
+
+    field = _load(args)
+    if field.kind != "sdf":
+        raise InputError(f"vqad mesh needs an SDF model; this one is a {field.kind!r} field (use vqad render)")
+    lod = parse_lod(field, args.lod)
+    out = ensure_writable_file(args.out or f"mesh_lod{lod}.ply")
+    mesh = extract_mesh(field, lod, resolution=args.resolution)
+    save_mesh(mesh, out)
+    print(f"wrote {out}: {len(mesh.vertices):,} vertices, {len(mesh.faces):,} faces (LOD {lod})")
+    return 0
+
+
+def cmd_render(args) -> int:
+    field = _load(args)
+    lod = parse_lod(field, args.lod)
+    if field.kind == "nerf":
+        from .nerf import render_nerf
+
+        return render_nerf(field, args)
+    from ..render import OrbitCamera, render_sdf, save_png
+
+    out = ensure_writable_file(args.out or f"render_lod{lod}.png")
+    cam = OrbitCamera(azimuth_deg=args.azimuth, elevation_deg=args.elevation, width=args.size, height=args.size)
+    save_png(render_sdf(field, lod, cam), out)
+    print(f"wrote {out} (LOD {lod})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..demo import run_demo
+    from ..device import resolve_device
+
+    run_demo(Path(args.out), resolve_device(args.device), quick=args.quick)
+    return 0

@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """``$VQAD_DATA`` or ``../shared/data`` beside the repository; None when absent."""
+    env = os.environ.get("VQAD_DATA")
+    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
+        if cand.is_dir():
+            return cand
+    return None
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("real data not found: set VQAD_DATA or put shared/data beside the repository")
+    return d

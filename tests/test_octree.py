@@ -1,0 +1,106 @@
+"""Octree queries, corner tables and interpolation against brute-force references."""
+
+import itertools
+
+import torch
+
+from vqad.config import GridConfig
+from vqad.grid import OctreeGrid
+from vqad.octree import SparseOctree, morton_decode, morton_encode, trilinear_weights
+
+
+def test_morton_roundtrip_and_order():
+    ijk = torch.randint(0, 1 << 10, (1000, 3))
+    assert torch.equal(morton_decode(morton_encode(ijk)), ijk)
+    # a parent's code is its child's code >> 3
+    assert torch.equal(morton_encode(ijk >> 1), morton_encode(ijk) >> 3)
+
+
+def _brute_cells(points, level):
+    res = 1 << level
+    ijk = ((points + 1) * 0.5 * res).floor().long().clamp(0, res - 1)
+    return {tuple(c) for c in ijk.tolist()}
+
+
+def test_query_matches_dense_reference():
+    g = torch.Generator().manual_seed(0)
+    pts = torch.rand(300, 3, generator=g) * 1.6 - 0.8
+    octree = SparseOctree.from_points(pts, base_level=2, max_level=4, dilate=0)
+    q = torch.rand(4000, 3, generator=g) * 2.2 - 1.1  # includes points outside the cube
+    for level in octree.levels:
+        occupied = {c for p in _brute_cells(pts, 4) for c in [tuple(v >> (4 - level) for v in p)]}
+        sorted_cells = sorted(occupied, key=lambda c: int(morton_encode(torch.tensor(c))))
+        index = {c: i for i, c in enumerate(sorted_cells)}
+        got = octree.query(q, level)
+        res = 1 << level
+        for x, idx in zip(q.tolist(), got.tolist()):
+            inside = all(-1 <= v <= 1 for v in x)
+            c = tuple(min(max(int((v + 1) * 0.5 * res // 1), 0), res - 1) for v in x)
+            want = index.get(c, -1) if inside else -1
+            assert idx == want
+        assert octree.num_cells(level) == len(occupied)
+
+
+def test_dilation_adds_neighbours():
+    pts = torch.tensor([[0.01, 0.01, 0.01]])
+    octree = SparseOctree.from_points(pts, 1, 3, dilate=1)
+    assert octree.num_cells(3) == 27
+
+
+def test_corner_table_and_unique_vertices():
+    g = torch.Generator().manual_seed(1)
+    pts = torch.rand(200, 3, generator=g) * 2 - 1
+    octree = SparseOctree.from_points(pts, 1, 4)
+    for level in octree.levels:
+        cells = morton_decode(octree.codes[level])
+        corners = octree.vertices[level][octree.corners[level]]  # (n, 8, 3)
+        offs = torch.tensor(list(itertools.product([0, 1], repeat=3)))
+        assert torch.equal(corners - cells[:, None, :], offs[None].expand_as(corners))
+        # vertex ids are unique lattice points, and each is used
+        assert torch.unique(octree.vertices[level], dim=0).shape[0] == octree.num_vertices(level)
+        assert torch.equal(torch.unique(octree.corners[level]), torch.arange(octree.num_vertices(level)))
+
+
+def test_child_masks_rebuild_every_level():
+    pts = torch.rand(500, 3) * 2 - 1
+    octree = SparseOctree.from_points(pts, 2, 5)
+    codes = torch.zeros(1, dtype=torch.long)  # the root
+    for level in range(1, 6):
+        codes = SparseOctree.codes_from_child_masks(codes, octree.child_masks(level))
+        if level >= 2:
+            assert torch.equal(codes, octree.codes[level])
+
+
+def test_trilinear_reproduces_linear_function_exactly():
+    pts = torch.rand(400, 3) * 1.8 - 0.9
+    octree = SparseOctree.from_points(pts, 2, 4)
+    grid = OctreeGrid.from_octree(octree, GridConfig(storage="dense", features=2, base_level=2, max_level=4))
+    a, b = torch.tensor([0.3, -1.2, 0.7]), 0.25
+    with torch.no_grad():
+        for level in octree.levels:
+            v = octree.vertex_positions(level).double()
+            s = grid.storage(level)
+            # only the finest level carries the linear function; the others are zero
+            val = (v @ a.double() + b) if level == octree.max_level else torch.zeros(v.shape[0], dtype=torch.double)
+            s.Z.data = torch.stack([val, 2 * val], -1).float()
+    x = pts + (torch.rand_like(pts) - 0.5) * 0.01  # near the occupied cells
+    inside = octree.contains(x)
+    f = grid.features(x[inside])
+    want = x[inside] @ a + b
+    torch.testing.assert_close(f[:, 0], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(f[:, 1], 2 * want, atol=1e-5, rtol=0)
+
+
+def test_trilinear_weights_sum_to_one_and_hit_corners():
+    x = torch.tensor([[-1.0, -1.0, -1.0], [0.0, 0.0, 0.0]])
+    ijk = torch.tensor([[0, 0, 0], [2, 2, 2]])
+    w = trilinear_weights(x, ijk, level=2)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2))
+    assert w[0, 0] == 1.0 and w[1, 0] == 1.0
+
+
+def test_empty_cells_contribute_nothing():
+    octree = SparseOctree.from_points(torch.tensor([[0.5, 0.5, 0.5]]), 1, 3, dilate=0)
+    grid = OctreeGrid.from_octree(octree, GridConfig(storage="dense", features=4, base_level=1, max_level=3))
+    far = torch.tensor([[-0.9, -0.9, -0.9]])
+    assert torch.all(grid.features(far) == 0)

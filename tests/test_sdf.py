@@ -67,12 +67,12 @@ def test_load_mesh_merges_duplicates_and_normalises(tmp_path):
 def test_short_fit_reaches_chamfer_bound(tmp_path):
     mesh = _sphere_mesh(0.6, subdiv=3)
     grid = GridConfig(storage="codebook", features=8, bits=4, base_level=2, max_level=5)
-    train = SDFTrainConfig(steps=250, batch=4096, pool_size=60000, resample_every=125)
+    train = SDFTrainConfig(steps=250, batch=4096, pool_size=60000, resample_every=125, lr=5e-3)
     res = fit_sdf(mesh, grid, DecoderConfig(hidden=64), train, torch.device("cpu"), quiet=True)
     out = extract_mesh(res.field, 5, resolution=96)
     to_unit = lambda v: res.field.normalization.to_unit(torch.from_numpy(v)).numpy()  # noqa: E731
     ch, nc = chamfer_and_normals(mesh.transformed(to_unit), out.transformed(to_unit), n=20000)
-    assert ch < 0.02, ch  # unit-cube units; the sphere spans 1.8
+    assert ch < 0.01, ch  # unit-cube units; the sphere spans 1.8
     assert nc > 0.95
     # outputs come back in the mesh's own coordinates
     r = np.linalg.norm(out.vertices, axis=1)

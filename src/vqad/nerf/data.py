@@ -46,8 +46,10 @@ class SceneDataset:
     """A posed-image capture, normalised into the unit cube.
 
     ``normalization`` maps world → unit cube [-1, 1]^3 (it is stored with the model);
-    ``near``/``far`` are ray bounds in world units; ``background`` is the RGB in [0, 1] that
-    images with alpha were composited on and that the renderer composites on.
+    ``near``/``far`` bound the scene's z-depth (along each camera's optical axis) in world units, so
+    ``near`` also bounds the ray distance from below and ``far / cos θ`` from above;
+    ``background`` is the RGB in [0, 1] that images with alpha were composited on and that the
+    renderer composites on.
     """
 
     name: str
@@ -59,3 +61,7 @@ class SceneDataset:
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     source: str = ""  # path it was read from ("" for built-in scenes)
     downscale: int = 1
+    # where each split came from, e.g. {"test": "transforms_val.json (no transforms_test.json: test = val)"}
+    split_sources: dict[str, str] = field(default_factory=dict)
+    # the world-space box (lo, hi) that ``normalization`` maps onto [-1, 1]^3
+    bbox: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None

@@ -1,0 +1,182 @@
+"""Camera rays in world units, for the renderer, the trainer and the dataset readers.
+
+Conventions (the same as :mod:`vqad.nerf.data`):
+
+* camera-to-world ``c2w (4, 4)`` in the OpenGL convention: camera x right, y up, looking down −z;
+* pinhole intrinsics ``fx, fy, cx, cy`` in pixels; pixel ``(col, row)`` covers
+  ``[col, col + 1) × [row, row + 1)`` and its centre is ``(col + ½, row + ½)``; image rows grow
+  downwards, so the camera-space direction through pixel coordinates ``(u, v)`` is
+  ``((u − cx) / fx, −(v − cy) / fy, −1)``;
+* optional OpenCV radial-tangential distortion ``k1, k2, p1, p2`` (instant-ngp's ``transforms.json``)
+  acting on the normalised coordinates ``x = (u − cx) / fx``, ``y = (v − cy) / fy`` (y down):
+  ``x_d = x (1 + k1 r² + k2 r⁴) + 2 p1 x y + p2 (r² + 2 x²)``,
+  ``y_d = y (1 + k1 r² + k2 r⁴) + p1 (r² + 2 y²) + 2 p2 x y``. A pixel records the distorted
+  point, so ray generation inverts the model (Newton iterations, as instant-ngp does).
+* z-depth ``z`` is measured along the optical axis; a ray with unit direction ``d`` reaches it at
+  distance ``t = z · |dir_cam|`` where ``dir_cam`` is the camera direction with ``z_cam = −1``
+  (:func:`camera_directions`), i.e. ``t = z / cos θ``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .data import Views
+
+
+def pixel_centers(height: int, width: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Pixel-centre coordinates of a whole image, row-major: ``(H·W, 2)`` as ``(u, v) = (col + ½, row + ½)``.
+
+    >>> pixel_centers(2, 3)[:4].tolist()
+    [[0.5, 0.5], [1.5, 0.5], [2.5, 0.5], [0.5, 1.5]]
+    """
+    v, u = torch.meshgrid(torch.arange(height, device=device, dtype=dtype),
+                          torch.arange(width, device=device, dtype=dtype), indexing="ij")
+    return torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1) + 0.5
+
+
+def _expand(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``(k,)`` or ``(n, k)`` → ``(n, k)``."""
+    p = torch.as_tensor(p)
+    return p.reshape(1, k).expand(n, k) if p.dim() == 1 else p
+
+
+def distort(xy: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
+    """OpenCV radial-tangential distortion of normalised coordinates (y down).
+
+    Args:
+        xy: ``(N, 2)`` undistorted normalised coordinates ``((u − cx)/fx, (v − cy)/fy)``.
+        distortion: ``(4,)`` or ``(N, 4)``: ``k1, k2, p1, p2``.
+    Returns:
+        ``(N, 2)`` distorted normalised coordinates.
+    """
+    k1, k2, p1, p2 = _expand(distortion, xy.shape[0], 4).to(xy).unbind(-1)
+    x, y = xy.unbind(-1)
+    r2 = x * x + y * y
+    radial = 1 + r2 * (k1 + k2 * r2)
+    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    return torch.stack([xd, yd], dim=-1)
+
+
+def undistort(xy_distorted: torch.Tensor, distortion: torch.Tensor, iters: int = 10) -> torch.Tensor:
+    """Invert :func:`distort` by Newton's method (2×2 Jacobian per point), starting from the input.
+
+    Args:
+        xy_distorted: ``(N, 2)`` distorted normalised coordinates (what a pixel records).
+        distortion: ``(4,)`` or ``(N, 4)``: ``k1, k2, p1, p2``.
+    Returns:
+        ``(N, 2)`` undistorted normalised coordinates ``xy`` with ``distort(xy) ≈ xy_distorted``.
+    """
+    target = xy_distorted
+    k1, k2, p1, p2 = _expand(distortion, target.shape[0], 4).to(target).unbind(-1)
+    x, y = target[:, 0].clone(), target[:, 1].clone()
+    for _ in range(iters):
+        r2 = x * x + y * y
+        radial = 1 + r2 * (k1 + k2 * r2)
+        fx = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x) - target[:, 0]
+        fy = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y - target[:, 1]
+        dr = 2 * (k1 + 2 * k2 * r2)  # d radial / d(x or y) = dr · (x or y)
+        a = radial + dr * x * x + 2 * p1 * y + 6 * p2 * x  # ∂x_d/∂x
+        b = dr * x * y + 2 * p1 * x + 2 * p2 * y  # ∂x_d/∂y (= ∂y_d/∂x)
+        d = radial + dr * y * y + 6 * p1 * y + 2 * p2 * x  # ∂y_d/∂y
+        det = a * d - b * b
+        det = torch.where(det.abs() < 1e-12, torch.full_like(det, 1e-12), det)
+        x = x - (d * fx - b * fy) / det
+        y = y - (a * fy - b * fx) / det
+    return torch.stack([x, y], dim=-1)
+
+
+def camera_directions(intrinsics: torch.Tensor, pixel_uv: torch.Tensor,
+                      distortion: torch.Tensor | None = None) -> torch.Tensor:
+    """Camera-space directions through pixel coordinates, scaled so that ``z = −1``.
+
+    Args:
+        intrinsics: ``(4,)`` or ``(N, 4)``: fx, fy, cx, cy.
+        pixel_uv: ``(N, 2)`` pixel coordinates ``(u, v)`` (pixel centres are ``+ 0.5``).
+        distortion: ``None``, ``(4,)`` or ``(N, 4)``: k1, k2, p1, p2.
+    Returns:
+        ``(N, 3)`` ``(x, −y, −1)`` with ``(x, y)`` the undistorted normalised coordinates; its norm
+        is ``1 / cos θ`` (the ray distance per unit of z-depth).
+    """
+    uv = pixel_uv.float() if not pixel_uv.is_floating_point() else pixel_uv
+    fx, fy, cx, cy = _expand(intrinsics, uv.shape[0], 4).to(uv).unbind(-1)
+    xy = torch.stack([(uv[:, 0] - cx) / fx, (uv[:, 1] - cy) / fy], dim=-1)
+    if distortion is not None:
+        xy = undistort(xy, distortion)
+    return torch.stack([xy[:, 0], -xy[:, 1], -torch.ones_like(xy[:, 0])], dim=-1)
+
+
+def rays_for_pixels(c2w: torch.Tensor, intrinsics: torch.Tensor, pixel_uv: torch.Tensor,
+                    distortion: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """World-space rays through pixel coordinates.
+
+    Args:
+        c2w: ``(4, 4)`` / ``(3, 4)`` one camera, or ``(N, 4, 4)`` / ``(N, 3, 4)`` one per pixel
+            (OpenGL convention).
+        intrinsics: ``(4,)`` or ``(N, 4)``: fx, fy, cx, cy in pixels.
+        pixel_uv: ``(N, 2)`` pixel coordinates ``(u, v)``; pass ``col + 0.5, row + 0.5`` for centres.
+        distortion: ``None``, ``(4,)`` or ``(N, 4)``: k1, k2, p1, p2 (undistorted iteratively).
+    Returns:
+        origins ``(N, 3)`` (the camera centres) and unit directions ``(N, 3)``, world units.
+
+    Example: the principal point of an identity camera looks down −z.
+
+    >>> o, d = rays_for_pixels(torch.eye(4), torch.tensor([10., 10., 4., 3.]), torch.tensor([[4., 3.]]))
+    >>> d.tolist()
+    [[0.0, 0.0, -1.0]]
+    """
+    dirs = camera_directions(intrinsics, pixel_uv, distortion)
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    c2w = c2w.to(dirs)
+    if c2w.dim() == 2:
+        return c2w[:3, 3].expand_as(dirs).contiguous(), dirs @ c2w[:3, :3].T
+    return c2w[:, :3, 3].contiguous(), torch.einsum("nij,nj->ni", c2w[:, :3, :3], dirs)
+
+
+def backproject(c2w: torch.Tensor, intrinsics: torch.Tensor, pixel_uv: torch.Tensor, z: torch.Tensor,
+                distortion: torch.Tensor | None = None) -> torch.Tensor:
+    """World points at z-depth ``z`` behind pixel coordinates: ``X = t + R · (dir_cam · z)``.
+
+    Args:
+        c2w: ``(4, 4)`` or ``(N, 4, 4)``; intrinsics ``(4,)`` or ``(N, 4)``; pixel_uv ``(N, 2)``;
+        z: ``(N,)`` z-depth along the optical axis (world units); distortion as in
+        :func:`rays_for_pixels`.
+    Returns:
+        ``(N, 3)`` world points.
+    """
+    cam = camera_directions(intrinsics, pixel_uv, distortion)
+    cam = cam * z.to(cam.dtype)[:, None]
+    c2w = c2w.to(cam)
+    if c2w.dim() == 2:
+        return cam @ c2w[:3, :3].T + c2w[:3, 3]
+    return torch.einsum("nij,nj->ni", c2w[:, :3, :3], cam) + c2w[:, :3, 3]
+
+
+def camera_rays(views: Views, indices: int | Sequence[int] | torch.Tensor,
+                device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every pixel-centre ray of one or several views (row-major, view after view).
+
+    Args:
+        views: a split of a :class:`~vqad.nerf.data.SceneDataset`.
+        indices: a view index, or a sequence of K indices.
+        device: where to build the rays (default: CPU).
+    Returns:
+        origins and unit directions, ``(H·W, 3)`` each for one index or ``(K·H·W, 3)`` for K,
+        in world units; pixel ``(row, col)`` of the k-th view is row ``k·H·W + row·W + col``.
+    """
+    single = isinstance(indices, int)
+    idx = [indices] if single else [int(i) for i in indices]
+    h, w = views.hw
+    uv = pixel_centers(h, w, device=device)
+    outs_o, outs_d = [], []
+    for i in idx:
+        if not -len(views) <= i < len(views):
+            raise IndexError(f"view {i} out of range: the split has {len(views)} views")
+        dist = views.distortion[i].to(device) if views.distortion is not None else None
+        o, d = rays_for_pixels(views.c2w[i].float().to(device), views.intrinsics[i].float().to(device), uv, dist)
+        outs_o.append(o)
+        outs_d.append(d)
+    return torch.cat(outs_o), torch.cat(outs_d)

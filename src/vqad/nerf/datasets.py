@@ -443,12 +443,13 @@ def _dataset(name, fmt, split_frames: dict[str, list[_Frame]], sources: dict[str
     ``bounds_fn(splits) -> (lo (3,), hi (3,), near | None, far | None)`` gives the world box that
     becomes the unit cube (and near/far, else they are derived from the box).
     """
-    loaded: dict[int, Views] = {}
+    loaded: dict[tuple[int, int], Views] = {}
     splits: dict[str, Views] = {}
     for split, frames in split_frames.items():
-        key = id(frames)
+        kept = _limit(frames, split, split_limit)
+        key = (id(frames), len(kept))
         if key not in loaded:
-            loaded[key] = _load_views(_limit(frames, split, split_limit), downscale, background, split, source)
+            loaded[key] = _load_views(kept, downscale, background, split, source)
         splits[split] = loaded[key]
     lo, hi, near, far = bounds_fn(splits)
     norm = normalization_from_box(lo, hi)

@@ -1,0 +1,536 @@
+"""Dataset readers, scene normalisation, camera rays and the built-in procedural scene.
+
+Blender and LLFF run on the real data in ``shared/data`` when it is present (skipped otherwise), and
+also on small fixtures written here, so the readers are tested without the data. There is no real
+RTMV or instant-ngp scene available offline: those readers are tested **only on fixtures** that these
+tests write (rendered from the procedural scene, in each format's documented layout).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqad.errors import InputError
+from vqad.fields import Normalization
+from vqad.nerf.data import SceneDataset
+from vqad.nerf.datasets import (
+    detect_format,
+    downscale_depth,
+    linear_to_srgb,
+    load_dataset,
+    near_far_from_box,
+    normalization_from_box,
+    srgb_to_linear,
+    unit_cube_box,
+)
+from vqad.nerf.procedural import ProceduralConfig, ProceduralScene, procedural_dataset, render_views, sphere_cameras
+from vqad.nerf.rays import (
+    backproject,
+    camera_directions,
+    camera_rays,
+    distort,
+    pixel_centers,
+    rays_for_pixels,
+    undistort,
+)
+
+
+# -- fixtures ----------------------------------------------------------------------------------------
+def _scene_views(n: int = 6, res: int = 24, fov_deg: float = 45.0, radius: float = 3.0):
+    """Ground truth rendered from the procedural scene: Views plus the exact ray distances ``(n, H, W)``."""
+    scene = ProceduralScene()
+    c2w = sphere_cameras(n, radius, phase=0.4)
+    f = 0.5 * res / math.tan(math.radians(fov_deg) / 2)
+    intr = torch.tensor([[f, f, res / 2, res / 2]]).expand(n, 4).contiguous()
+    views = render_views(scene, c2w, intr, res, res, background=(0.0, 0.0, 0.0))
+    uv = pixel_centers(res, res)
+    t = []
+    for i in range(n):
+        o, d = rays_for_pixels(c2w[i], intr[i], uv)
+        ti, _, hit = scene.raycast(o, d)
+        t.append(torch.where(hit, ti, torch.zeros_like(ti)).reshape(res, res))
+    return scene, views, torch.stack(t)
+
+
+def _write_png_rgba(path, rgb: np.ndarray, alpha: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate([rgb, alpha[..., None]], -1), "RGBA").save(path)
+
+
+def _write_blender(root, views, splits=("train", "val"), counts=None, angle=True):
+    """A NeRF-synthetic folder: transforms_<split>.json + <split>/r_i.png (RGBA, alpha = mask)."""
+    counts = counts or {"train": 4, "val": 2, "test": 2}
+    start = 0
+    for split in splits:
+        frames = []
+        for k in range(counts[split]):
+            i = start + k
+            _write_png_rgba(root / split / f"r_{k}.png", views.images[i].numpy(), views.masks[i].numpy())
+            frames.append({"file_path": f"./{split}/r_{k}", "transform_matrix": views.c2w[i].tolist()})
+        start += counts[split]
+        w = views.hw[1]
+        fx = float(views.intrinsics[0, 0])
+        meta = {"camera_angle_x": 2 * math.atan(0.5 * w / fx), "frames": frames}
+        (root / f"transforms_{split}.json").write_text(json.dumps(meta))
+    return root
+
+
+def _write_exr(path, channels: dict) -> None:
+    import OpenEXR
+
+    header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
+    OpenEXR.File(header, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in channels.items()}).write(str(path))
+
+
+def _write_rtmv(root, views, ray_t, depth=True):
+    """An RTMV scene folder in RTMV's layout: NNNNN.exr (linear RGBA, straight alpha),
+    NNNNN.depth.exr (distance along the ray; background = 1e10) and NNNNN.json with camera_data
+    (cam2world stored transposed, translation in the last row)."""
+    root.mkdir(parents=True, exist_ok=True)
+    h, w = views.hw
+    for i in range(len(views)):
+        mask = views.masks[i].numpy() > 0
+        lin = srgb_to_linear(views.images[i].numpy().astype(np.float32) / 255.0) * mask[..., None]
+        rgba = np.concatenate([lin, mask[..., None].astype(np.float32)], -1)
+        _write_exr(root / f"{i:05d}.exr", {"RGBA": rgba})
+        if depth:
+            t = np.where(mask, ray_t[i].numpy(), 1e10).astype(np.float32)
+            _write_exr(root / f"{i:05d}.depth.exr", {"R": t, "G": t, "B": t})
+        fx, fy, cx, cy = views.intrinsics[i].tolist()
+        cam = {"cam2world": views.c2w[i].double().numpy().T.tolist(),
+               "intrinsics": {"fx": fx, "fy": fy, "cx": cx, "cy": cy},
+               "width": w, "height": h,
+               "scene_min_3d_box": [-1.0, -1.0, -1.0], "scene_max_3d_box": [1.0, 1.0, 1.0]}
+        (root / f"{i:05d}.json").write_text(json.dumps({"camera_data": cam, "objects": []}))
+    return root
+
+
+def _write_llff(root, n=9, h=12, w=16, factor=2, full_f=40.0):
+    """A tiny LLFF capture: forward-facing cameras on a line, images in images_<factor>/."""
+    root.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        c2w_gl = np.eye(4)
+        c2w_gl[:3, 3] = [0.1 * i, 0.0, 0.0]
+        right, up, back = c2w_gl[:3, 0], c2w_gl[:3, 1], c2w_gl[:3, 2]
+        P = np.stack([-up, right, back, c2w_gl[:3, 3], [h * factor, w * factor, full_f]], axis=1)  # [down right back t hwf]
+        rows.append(np.concatenate([P.reshape(-1), [2.0, 10.0]]))
+    np.save(root / "poses_bounds.npy", np.stack(rows))
+    d = root / f"images_{factor}"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"IMG_{i:03d}.png")
+    return root
+
+
+# -- rays --------------------------------------------------------------------------------------------
+def _random_pose(gen) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.det(q))
+    m = torch.eye(4, dtype=torch.float64)
+    m[:3, :3], m[:3, 3] = q, torch.randn(3, generator=gen, dtype=torch.float64)
+    return m
+
+
+def test_principal_point_ray_looks_down_minus_z():
+    gen = torch.Generator().manual_seed(0)
+    for dist in (None, torch.tensor([-0.2, 0.05, 0.01, -0.02])):
+        c2w = _random_pose(gen).float()
+        K = torch.tensor([80.0, 90.0, 31.5, 20.25])
+        o, d = rays_for_pixels(c2w, K, torch.tensor([[31.5, 20.25]]), dist)
+        assert torch.allclose(d[0], -c2w[:3, 2], atol=1e-6)
+        assert torch.allclose(o[0], c2w[:3, 3])
+
+
+def test_rays_follow_opengl_pixel_convention():
+    K = torch.tensor([10.0, 10.0, 2.0, 2.0])  # a 4×4 image
+    uv = pixel_centers(4, 4)
+    assert uv[0].tolist() == [0.5, 0.5] and uv[5].tolist() == [1.5, 1.5]
+    _, d = rays_for_pixels(torch.eye(4), K, uv)
+    assert torch.allclose(d.norm(dim=-1), torch.ones(16))
+    assert d[0, 0] < 0 and d[0, 1] > 0  # top-left pixel: left (−x) and up (+y)
+    assert d[15, 0] > 0 and d[15, 1] < 0  # bottom-right: right and down
+
+
+def test_undistortion_inverts_distortion():
+    gen = torch.Generator().manual_seed(1)
+    xy = torch.rand(2000, 2, generator=gen) * 1.2 - 0.6
+    dist = torch.tensor([-0.28, 0.09, 0.002, -0.0015])
+    back = undistort(distort(xy, dist), dist)
+    assert (back - xy).abs().max() < 1e-5
+    # a distorted pixel's ray, projected through the distortion model, lands on that pixel
+    K = torch.tensor([100.0, 110.0, 64.0, 48.0])
+    uv = torch.rand(500, 2, generator=gen) * torch.tensor([128.0, 96.0])
+    dirs = camera_directions(K, uv, dist)
+    xy_u = torch.stack([dirs[:, 0], -dirs[:, 1]], -1)  # z = −1 → normalised coordinates
+    xy_d = distort(xy_u, dist)
+    assert torch.allclose(xy_d[:, 0] * K[0] + K[2], uv[:, 0], atol=1e-3)
+    assert torch.allclose(xy_d[:, 1] * K[1] + K[3], uv[:, 1], atol=1e-3)
+
+
+def test_backproject_and_camera_rays_agree():
+    _, views, ray_t = _scene_views(n=3, res=16)
+    o, d = camera_rays(views, [0, 2])
+    assert o.shape == (2 * 256, 3)
+    z = views.depth[2].float().reshape(-1)
+    x = backproject(views.c2w[2], views.intrinsics[2], pixel_centers(16, 16), z)
+    t = ray_t[2].reshape(-1)
+    hit = z > 0
+    assert torch.allclose(x[hit], (o[256:] + d[256:] * t[:, None])[hit], atol=5e-3)
+
+
+# -- procedural scene -----------------------------------------------------------------------------------
+def test_procedural_scene_is_fast_deterministic_and_complete():
+    t0 = time.perf_counter()
+    ds = load_dataset("procedural")
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 2.0, f"the built-in scene took {elapsed:.2f}s to generate"
+    assert isinstance(ds, SceneDataset) and ds.format == "procedural"
+    assert {s: len(v) for s, v in ds.splits.items()} == {"train": 40, "val": 5, "test": 10}
+    tr = ds.splits["train"]
+    assert tr.images.dtype == torch.uint8 and tr.images.shape == (40, 64, 64, 3)
+    assert tr.depth.dtype == torch.float16 and tr.masks.dtype == torch.uint8
+    again = load_dataset("builtin:procedural")
+    assert torch.equal(again.splits["test"].images, ds.splits["test"].images)
+    # held-out cameras are new viewpoints
+    cams = lambda s: ds.splits[s].c2w[:, :3, 3]  # noqa: E731
+    assert torch.cdist(cams("test"), cams("train")).min() > 0.05
+    # every split sees foreground and background; masks and depth agree
+    for v in ds.splits.values():
+        fg = v.masks > 0
+        assert torch.equal(fg, v.depth > 0)
+        assert 0.1 < fg.float().mean() < 0.8
+        assert (v.images[~fg] == 255).all()  # white background
+    # near / far bound every depth
+    z = tr.depth[tr.depth > 0].float()
+    assert ds.near <= z.min() and z.max() <= ds.far
+
+
+def test_procedural_depth_lies_on_the_shapes():
+    """A point o + d·t, with t from the stored z-depth, is on the surface of one analytic shape."""
+    ds = procedural_dataset(ProceduralConfig(resolution=48, n_train=12, n_val=1, n_test=1))
+    scene = ProceduralScene()
+    tr = ds.splits["train"]
+    h, w = tr.hw
+    uv = pixel_centers(h, w)
+    worst = 0.0
+    for i in range(len(tr)):
+        z = tr.depth[i].float().reshape(-1)
+        hit = z > 0
+        o, d = rays_for_pixels(tr.c2w[i], tr.intrinsics[i], uv)
+        t = z * camera_directions(tr.intrinsics[i], uv).norm(dim=-1)  # z-depth → ray distance
+        p = (o + d * t[:, None])[hit]
+        on_surface = torch.stack([s.sdf(p) for s in scene.shapes]).abs().amin(0)
+        worst = max(worst, float(on_surface.max()))
+        # rays of background pixels miss every shape
+        _, _, rc_hit = scene.raycast(o[~hit], d[~hit])
+        assert not rc_hit.any()
+    assert worst < 5e-3, f"a depth point is {worst:.4f} off the surface"
+    # the unit cube holds the whole object, the cameras are outside it
+    lo, hi = scene.bounds()
+    corners = torch.stack([lo, hi])
+    assert (ds.normalization.to_unit(corners).abs() < 1).all()
+    assert (ds.normalization.to_unit(tr.c2w[:, :3, 3]).abs().amax(-1) > 1).all()
+
+
+def test_procedural_downscale_and_split_limit():
+    ds = load_dataset("procedural", downscale=2, split_limit={"train": 7}, background=(0.0, 0.0, 0.0))
+    assert ds.splits["train"].hw == (32, 32) and len(ds.splits["train"]) == 7 and len(ds.splits["test"]) == 10
+    full = load_dataset("procedural", split_limit=1)
+    assert torch.allclose(ds.splits["train"].intrinsics[0] * 2, full.splits["train"].intrinsics[0])
+
+
+# -- normalisation -----------------------------------------------------------------------------------------
+def test_normalization_round_trip_and_box():
+    lo, hi = np.array([-2.0, 0.5, 1.0]), np.array([4.0, 1.5, 2.0])
+    norm = normalization_from_box(lo, hi)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(1000, 3, generator=gen, dtype=torch.float64) * 10 - 5
+    assert torch.allclose(norm.to_world(norm.to_unit(x)), x, atol=1e-12)
+    u = norm.to_unit(torch.tensor(np.stack([lo, hi])))
+    assert torch.allclose(u[:, 0], torch.tensor([-1.0, 1.0], dtype=torch.float64))  # the long axis spans the cube
+    assert (u.abs() <= 1 + 1e-12).all()
+    back = Normalization.from_dict(norm.to_dict())
+    assert back == norm
+    blo, bhi = unit_cube_box(norm)
+    assert torch.allclose(norm.to_unit(blo), -torch.ones(3, dtype=torch.float64))
+    with pytest.raises(InputError):
+        normalization_from_box([0, 0, 0], [0, 0, 0])
+
+
+def test_near_far_bound_the_box():
+    cams = sphere_cameras(10, 4.0)
+    near, far = near_far_from_box(cams, [-1, -1, -1], [1, 1, 1])
+    assert 4.0 - math.sqrt(3) - 1e-6 <= near <= 3.0 + 1e-6 and 5.0 - 1e-6 <= far <= 4.0 + math.sqrt(3) + 1e-6
+
+
+# -- blender --------------------------------------------------------------------------------------------
+def test_blender_fixture_composites_alpha_and_falls_back_to_val(tmp_path):
+    _, views, _ = _scene_views(n=6, res=24)
+    root = _write_blender(tmp_path / "scene", views)
+    assert detect_format(root) == "blender"
+    ds = load_dataset(root, background=(0.0, 0.0, 1.0))
+    assert ds.format == "blender" and len(ds.splits["train"]) == 4 and len(ds.splits["val"]) == 2
+    assert ds.splits["test"] is ds.splits["val"]
+    assert "no transforms_test.json" in ds.split_sources["test"]
+    tr = ds.splits["train"]
+    fg = views.masks[:4] > 0
+    assert torch.equal(tr.masks, views.masks[:4])
+    assert torch.equal(tr.images[fg], views.images[:4][fg])
+    assert (tr.images[~fg] == torch.tensor([0, 0, 255], dtype=torch.uint8)).all()
+    assert torch.allclose(tr.c2w, views.c2w[:4])
+    assert torch.allclose(tr.intrinsics, views.intrinsics[:4], rtol=1e-5)
+    assert ds.normalization.center == (0.0, 0.0, 0.0) and ds.normalization.scale == pytest.approx(1 / 1.5)
+
+
+def test_blender_fixture_downscale_is_an_area_average(tmp_path):
+    _, views, _ = _scene_views(n=6, res=24)
+    root = _write_blender(tmp_path / "scene", views)
+    bg = np.array([0.2, 0.4, 0.6])
+    ds = load_dataset(root, downscale=2, background=tuple(bg))
+    tr = ds.splits["train"]
+    assert tr.hw == (12, 12)
+    assert torch.allclose(tr.intrinsics, views.intrinsics[:4] / 2, rtol=1e-5)
+    rgb = views.images[:4].numpy().astype(np.float64) / 255
+    a = views.masks[:4].numpy().astype(np.float64)[..., None] / 255
+    prem = (rgb * a).reshape(4, 12, 2, 12, 2, 3).mean((2, 4))
+    abar = a.reshape(4, 12, 2, 12, 2, 1).mean((2, 4))
+    expected = (prem + bg * (1 - abar)) * 255
+    assert np.abs(tr.images.numpy() - expected).max() <= 2.0
+    assert np.abs(tr.masks.numpy() - abar[..., 0] * 255).max() <= 1.0
+
+
+def test_blender_real_lego(data_dir):
+    root = data_dir / "nerf_synthetic" / "lego"
+    if not root.is_dir():
+        pytest.skip(f"{root} not found")
+    ds = load_dataset(root, downscale=8, split_limit=3)
+    assert ds.format == "blender"
+    tr = ds.splits["train"]
+    assert tr.images.shape == (3, 100, 100, 3) and tr.masks is not None and tr.depth is None
+    assert ds.splits["test"] is ds.splits["val"] and "test = val" in ds.split_sources["test"]
+    meta = json.loads((root / "transforms_train.json").read_text())
+    fx = 0.5 * 800 / math.tan(0.5 * meta["camera_angle_x"]) / 8
+    assert torch.allclose(tr.intrinsics[0], torch.tensor([fx, fx, 50.0, 50.0]), rtol=1e-5)
+    assert torch.allclose(tr.c2w[1], torch.tensor(meta["frames"][1]["transform_matrix"]), atol=1e-6)
+    # the object is inside the [-1.5, 1.5]^3 box: every camera's principal ray passes near the origin
+    o, d = tr.c2w[:, :3, 3], -tr.c2w[:, :3, 2]
+    closest = o + d * (-(o * d).sum(-1, keepdim=True))
+    assert closest.norm(dim=-1).max() < 1.0
+    fg = tr.masks > 127
+    assert 0.05 < fg.float().mean() < 0.6 and (tr.images[~(tr.masks > 0)] == 255).all()
+
+
+# -- instant-ngp -------------------------------------------------------------------------------------
+def test_ngp_fixture_intrinsics_distortion_aabb(tmp_path):
+    """instant-ngp transforms.json written by the test (no real ngp scene is available offline)."""
+    _, views, _ = _scene_views(n=10, res=24)
+    root = tmp_path / "ngp"
+    (root / "images").mkdir(parents=True)
+    frames = []
+    for i in range(10):
+        ext = ".png" if i % 2 else ""  # file_path with and without extension
+        Image.fromarray(views.images[i].numpy()).save(root / "images" / f"f{i}.png")
+        fr = {"file_path": f"images/f{i}{ext}", "transform_matrix": views.c2w[i].tolist()}
+        if i == 3:
+            fr.update({"fl_x": 20.0, "fl_y": 21.0, "cx": 11.0, "cy": 13.0})  # per-frame intrinsics
+        frames.append(fr)
+    meta = {"fl_x": 48.0, "fl_y": 50.0, "cx": 23.0, "cy": 25.0, "w": 48, "h": 48,  # for 48×48: images are 24×24
+            "k1": -0.05, "k2": 0.01, "p1": 0.001, "p2": -0.002, "aabb_scale": 4, "frames": frames}
+    (root / "transforms.json").write_text(json.dumps(meta))
+    assert detect_format(root) == "ngp"
+    ds = load_dataset(root)
+    assert ds.format == "ngp"
+    # every 8th frame held out: frames 0 and 8 → test (and val)
+    assert ds.splits["test"].names == ["images/f0", "images/f8"] and ds.splits["val"] is ds.splits["test"]
+    tr = ds.splits["train"]
+    assert len(tr) == 8 and tr.masks is None
+    assert torch.allclose(tr.intrinsics[0], torch.tensor([24.0, 25.0, 11.5, 12.5]))  # frame 1, scaled 48 → 24
+    assert torch.allclose(tr.intrinsics[2], torch.tensor([10.0, 10.5, 5.5, 6.5]))  # frame 3's own, scaled
+    assert torch.allclose(tr.distortion[0], torch.tensor([-0.05, 0.01, 0.001, -0.002]))
+    assert torch.allclose(tr.c2w, views.c2w[[1, 2, 3, 4, 5, 6, 7, 9]])
+    # aabb_scale 4 around ngp's default scale 0.33 / offset 0.5: the cube is world [-6.06, 6.06]^3
+    assert ds.normalization.center == pytest.approx((0.0, 0.0, 0.0))
+    assert ds.normalization.scale == pytest.approx(0.33 * 2 / 4)
+    # the distortion reaches the rays: they differ from the pinhole rays away from the centre
+    o, d = camera_rays(tr, 0)
+    _, d0 = rays_for_pixels(tr.c2w[0], tr.intrinsics[0], pixel_centers(24, 24))
+    assert o.shape == (24 * 24, 3) and (d - d0).norm(dim=-1).max() > 1e-3
+    # a split limit on test alone does not shrink val (they share frames but not the limit)
+    lim = load_dataset(root, split_limit={"test": 1})
+    assert len(lim.splits["test"]) == 1 and len(lim.splits["val"]) == 2
+
+
+def test_ngp_camera_angle_fallback_and_offset(tmp_path):
+    _, views, _ = _scene_views(n=3, res=16)
+    root = tmp_path / "ngp2"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(views.images[i].numpy()).save(root / f"{i}.jpg", quality=95)
+    meta = {"camera_angle_x": 0.8, "scale": 0.5, "offset": [0.5, 1.0, 0.0],
+            "frames": [{"file_path": f"{i}", "transform_matrix": views.c2w[i].tolist()} for i in range(3)]}
+    (root / "transforms.json").write_text(json.dumps(meta))
+    ds = load_dataset(root / "transforms.json")
+    f = 0.5 * 16 / math.tan(0.4)
+    assert torch.allclose(ds.splits["train"].intrinsics[0], torch.tensor([f, f, 8.0, 8.0]))
+    assert ds.normalization.center == pytest.approx((0.0, -1.0, 1.0))  # (0.5 − offset) / scale
+    assert ds.normalization.scale == pytest.approx(1.0)  # half extent 0.5 · 1 / 0.5
+
+
+# -- LLFF ------------------------------------------------------------------------------------------------
+def test_llff_fixture_poses_and_holdout(tmp_path):
+    root = _write_llff(tmp_path / "llff", n=9, h=12, w=16, factor=2, full_f=40.0)
+    assert detect_format(root) == "llff"
+    ds = load_dataset(root)
+    assert len(ds.splits["train"]) == 7 and len(ds.splits["test"]) == 2 and ds.splits["val"] is ds.splits["test"]
+    tr = ds.splits["train"]
+    assert torch.allclose(tr.c2w[0, :3, :3], torch.eye(3))  # [down, right, back] → OpenGL identity
+    assert torch.allclose(tr.intrinsics[0], torch.tensor([20.0, 20.0, 8.0, 6.0]))  # f scaled 32 → 16 px
+    assert ds.near == pytest.approx(1.8) and ds.far == pytest.approx(11.0)
+    # every frustum point between the bounds is inside the unit cube (the cameras, nearer, are not)
+    corners = torch.tensor([[0.0, 0.0], [16.0, 12.0], [0.0, 12.0], [16.0, 0.0]])
+    for i in range(len(tr)):
+        for z in (2.0, 10.0):
+            x = backproject(tr.c2w[i], tr.intrinsics[i], corners, torch.full((4,), z))
+            assert (ds.normalization.to_unit(x.double()).abs() <= 1 + 1e-6).all()
+    ds2 = load_dataset(root, downscale=2)
+    assert ds2.splits["train"].hw == (6, 8) and ds2.downscale == 2
+
+
+def test_llff_real_fern(data_dir):
+    root = data_dir / "llff" / "fern"
+    if not root.is_dir():
+        pytest.skip(f"{root} not found")
+    ds = load_dataset(root)
+    assert ds.format == "llff"
+    assert len(ds.splits["train"]) == 17 and len(ds.splits["test"]) == 3
+    te = ds.splits["test"]
+    assert te.hw == (378, 504) and te.names[1].endswith(sorted(p.name for p in (root / "images_8").iterdir())[8])
+    pb = np.load(root / "poses_bounds.npy")
+    P = pb[8, :15].reshape(3, 5)
+    assert torch.allclose(te.c2w[1, :3, 0], torch.tensor(P[:, 1]).float(), atol=1e-6)  # right
+    assert torch.allclose(te.c2w[1, :3, 1], torch.tensor(-P[:, 0]).float(), atol=1e-6)  # up = −down
+    assert torch.allclose(te.c2w[1, :3, 3], torch.tensor(P[:, 3]).float(), atol=1e-5)
+    assert te.intrinsics[0, 0] == pytest.approx(P[2, 4] * 504 / P[1, 4], rel=1e-5)
+    assert ds.near == pytest.approx(0.9 * pb[:, 15].min()) and ds.far == pytest.approx(1.1 * pb[:, 16].max())
+    # forward-facing: all cameras look the same way (+z of the file's world here)
+    fwd = -ds.splits["train"].c2w[:, :3, 2]
+    assert (fwd @ fwd.mean(0) > 0.9 * fwd.mean(0).norm()).all()
+    small = load_dataset(root, downscale=4, split_limit={"train": 2})
+    assert small.splits["train"].hw == (94, 126) and len(small.splits["train"]) == 2
+    assert small.splits["train"].intrinsics[0, 0] == pytest.approx(float(te.intrinsics[0, 0]) / 4, rel=1e-5)
+
+
+# -- RTMV --------------------------------------------------------------------------------------------------
+def test_rtmv_reader_on_written_fixture(tmp_path):
+    """RTMV is tested only on this fixture (RTMV itself cannot be downloaded here): EXR colour,
+    EXR ray-distance depth and camera_data JSON in RTMV's layout, rendered from the procedural scene."""
+    scene, views, ray_t = _scene_views(n=7, res=24)
+    root = _write_rtmv(tmp_path / "rtmv", views, ray_t)
+    assert detect_format(root) == "rtmv"
+    ds = load_dataset(root, background=(1.0, 1.0, 1.0))
+    assert ds.format == "rtmv"
+    # 7 views: ⌊14/3⌋ = 4 train, ⌊7/30⌋ = 0 val (→ test), 3 test
+    assert len(ds.splits["train"]) == 4 and len(ds.splits["test"]) == 3 and ds.splits["val"] is ds.splits["test"]
+    tr = ds.splits["train"]
+    assert torch.allclose(tr.c2w, views.c2w[:4], atol=1e-6)
+    assert torch.allclose(tr.intrinsics, views.intrinsics[:4])
+    assert torch.equal(tr.masks, views.masks[:4])
+    fg = views.masks[:4] > 0
+    assert (tr.images.int() - views.images[:4].int())[fg].abs().max() <= 1  # linear → sRGB round trip
+    assert (tr.images[~fg] == 255).all()
+    # ray distance → z-depth: equals the procedural scene's own z-depth
+    assert torch.equal(tr.depth > 0, fg)
+    assert torch.allclose(tr.depth.float(), views.depth[:4].float(), atol=4e-3)
+    # the unit cube comes from the depth: it holds every depth point, and hugs the object
+    lo, hi = (torch.tensor(b) for b in ds.bbox)
+    slo, shi = scene.bounds()
+    assert (lo <= slo + 0.05).all() and (hi >= shi - 0.05).all()
+    assert float((hi - lo).amax()) < float((shi - slo).amax()) * 1.2
+    z = tr.depth[tr.depth > 0].float()
+    assert ds.near <= z.min() and z.max() <= ds.far
+    # downscale 2: intrinsics halved, depth kept only where the block is mostly surface
+    ds2 = load_dataset(root, downscale=2)
+    assert ds2.splits["train"].hw == (12, 12)
+    assert torch.allclose(ds2.splits["train"].intrinsics, views.intrinsics[:4] / 2)
+    assert ds2.splits["train"].depth.dtype == torch.float16
+
+
+def test_rtmv_fixture_without_depth_uses_the_scene_box(tmp_path):
+    _, views, ray_t = _scene_views(n=4, res=16)
+    root = _write_rtmv(tmp_path / "rtmv", views, ray_t, depth=False)
+    ds = load_dataset(root, format="rtmv")
+    assert ds.splits["train"].depth is None
+    assert ds.bbox == ((-1.0, -1.0, -1.0), (1.0, 1.0, 1.0))
+
+
+def test_downscale_depth_never_blends_across_silhouettes():
+    z = np.array([[0, 0, 1, 2], [0, 5, 0, 3], [4, 1, 7, 7], [0, 0, 7, 7]], dtype=np.float32)
+    out = downscale_depth(z, 2)
+    assert out.tolist() == [[0.0, 2.0], [1.0, 7.0]]  # 1/4 valid → 0; lower median of {1,2,3}; of {1,4}; of {7}
+
+
+def test_srgb_round_trip():
+    x = np.linspace(0, 1, 101)
+    assert np.allclose(linear_to_srgb(srgb_to_linear(x)), x, atol=1e-9)
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+def test_bad_inputs_give_one_clear_error(tmp_path):
+    _, views, ray_t = _scene_views(n=6, res=16)
+    # unknown format / nothing recognisable / missing path
+    with pytest.raises(InputError, match="unknown dataset format"):
+        load_dataset("procedural", format="colmap")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    with pytest.raises(InputError, match="no recognisable dataset"):
+        load_dataset(tmp_path / "empty")
+    with pytest.raises(InputError, match="not found"):
+        load_dataset(tmp_path / "nope")
+    with pytest.raises(InputError, match="downscale"):
+        load_dataset("procedural", downscale=0)
+    # missing image
+    root = _write_blender(tmp_path / "b1", views)
+    (root / "train" / "r_1.png").unlink()
+    with pytest.raises(InputError, match="image not found.*r_1"):
+        load_dataset(root)
+    # non-finite pose
+    root = _write_blender(tmp_path / "b2", views)
+    meta = json.loads((root / "transforms_train.json").read_text())
+    meta["frames"][2]["transform_matrix"][0][3] = float("nan")
+    (root / "transforms_train.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="non-finite"):
+        load_dataset(root)
+    # images of different sizes
+    root = _write_blender(tmp_path / "b3", views)
+    Image.new("RGBA", (8, 8)).save(root / "train" / "r_3.png")
+    with pytest.raises(InputError, match="different sizes"):
+        load_dataset(root)
+    # pose count ≠ image count (LLFF, RTMV)
+    root = _write_llff(tmp_path / "l1", n=5)
+    next((root / "images_2").iterdir()).unlink()
+    with pytest.raises(InputError, match="5 poses but .* 4 images"):
+        load_dataset(root)
+    root = _write_llff(tmp_path / "l2", n=5)
+    pb = np.load(root / "poses_bounds.npy")
+    pb[3, 3] = np.inf
+    np.save(root / "poses_bounds.npy", pb)
+    with pytest.raises(InputError, match="non-finite"):
+        load_dataset(root)
+    root = _write_rtmv(tmp_path / "r1", views, ray_t)
+    (root / "00002.exr").unlink()
+    with pytest.raises(InputError, match="6 camera files .* 5 colour images"):
+        load_dataset(root)
+    # a broken JSON file
+    root = _write_blender(tmp_path / "b4", views)
+    (root / "transforms_val.json").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_dataset(root)

@@ -19,7 +19,8 @@ def register(sub) -> None:
     p.add_argument("--levels", default="3:7", help="octree levels BASE:MAX (LODs)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=16384, help="points per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="decoder learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help="decoder learning rate (default: 5e-3 for codebook, whose argmax needs larger steps to move; 2e-3 for dense)")
     p.add_argument("--grid-lr-scale", type=float, default=10.0, help="grid lr = lr × this")
     p.add_argument("--hidden", type=int, default=128, help="decoder width")
     p.add_argument("--layers", type=int, default=1, help="decoder hidden layers")
@@ -71,7 +72,8 @@ def _configs(args):
     if args.steps <= 0 or args.batch <= 0:
         raise InputError("--steps and --batch must be positive")
     dec = DecoderConfig(hidden=args.hidden, layers=args.layers, per_lod=args.per_lod_decoder)
-    train = SDFTrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, grid_lr_scale=args.grid_lr_scale, seed=args.seed)
+    lr = args.lr if args.lr is not None else (5e-3 if args.grid == "codebook" else 2e-3)
+    train = SDFTrainConfig(steps=args.steps, batch=args.batch, lr=lr, grid_lr_scale=args.grid_lr_scale, seed=args.seed)
     return grid, dec, train
 
 

@@ -131,7 +131,7 @@ def near_far_from_box(c2w: torch.Tensor, lo, hi) -> tuple[float, float]:
     eps = 1e-3 * float((hi - lo).norm())
     near = float(z.amin().clamp_min(eps))
     far = float(z.amax())
-    return near, max(far, 2 * near)
+    return near, max(far, 2 * near)  # non-empty even if the box were behind every camera
 
 
 # -- image I/O -------------------------------------------------------------------------------------
@@ -217,8 +217,7 @@ def downscale_depth(z: np.ndarray, n: int) -> np.ndarray:
     return np.where(2 * count >= n * n, med, 0.0).astype(np.float32)
 
 
-def _image_to_srgb8(rgba: np.ndarray, n: int, background: tuple[float, float, float],
-                    straight_alpha_linear: bool) -> tuple[np.ndarray, np.ndarray]:
+def _image_to_srgb8(rgba: np.ndarray, n: int, background: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
     """Downscale by ``n`` and composite on ``background``: ``(H, W, 4)`` → rgb ``(h, w, 3) uint8``,
     alpha ``(h, w) uint8``.
 
@@ -242,8 +241,7 @@ def _image_to_srgb8(rgba: np.ndarray, n: int, background: tuple[float, float, fl
         if n > 1:
             prem = _block_mean(prem, n)
         a = prem[..., 3:4]
-        rgb_lin = prem[..., :3] + srgb_to_linear(bg) * (1 - a) if straight_alpha_linear else prem[..., :3]
-        rgb = linear_to_srgb(rgb_lin)
+        rgb = linear_to_srgb(prem[..., :3] + srgb_to_linear(bg) * (1 - a))
     rgb8 = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
     a8 = np.clip(np.rint(a[..., 0] * 255.0), 0, 255).astype(np.uint8)
     return rgb8, a8
@@ -304,7 +302,6 @@ class _Frame:
     distortion: np.ndarray | None = None  # (4,) k1 k2 p1 p2
     depth: Path | None = None  # RTMV depth EXR
     depth_kind: str = "ray"  # what the depth EXR holds: "ray" distance or "z"-depth
-    linear: bool = False  # colour is linear light with straight alpha (RTMV EXR)
 
 
 def _as_c2w(m, what: str) -> np.ndarray:
@@ -353,7 +350,7 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
             raise InputError(f"images of different sizes in the {split!r} split: {first} is {size[0]}×{size[1]}, "
                              f"{fr.image} is {W}×{H}; resize them to one size")
         K = fr.pinhole.resolve(W, H, str(fr.image)) / downscale
-        rgb8, a8 = _image_to_srgb8(rgba, downscale, background, fr.linear)
+        rgb8, a8 = _image_to_srgb8(rgba, downscale, background)
         images.append(rgb8)
         alphas.append(a8)
         if fr.depth is not None:
@@ -424,8 +421,7 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
             raise InputError(f"{what}: non-finite distortion coefficients")
         path = _resolve_image(base, str(fr["file_path"]), what)
         out.append(_Frame(image=path, c2w=_as_c2w(fr["transform_matrix"], what), pinhole=pin,
-                          name=str(fr["file_path"]), distortion=dist if np.any(dist != 0) else None,
-                          linear=False))
+                          name=str(fr["file_path"]), distortion=dist if np.any(dist != 0) else None))
     return out
 
 
@@ -675,7 +671,7 @@ def read_rtmv(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=
             raise InputError(f"image not found: {img} (the colour of {what}); restore it or remove {what}")
         depth = jp.with_name(jp.stem + ".depth.exr")
         frames.append(_Frame(image=img, c2w=_rtmv_c2w(cam["cam2world"], what), pinhole=pin, name=jp.stem,
-                             depth=depth if depth.is_file() else None, depth_kind=depth_kind, linear=True))
+                             depth=depth if depth.is_file() else None, depth_kind=depth_kind))
         if "scene_min_3d_box" in cam and "scene_max_3d_box" in cam:
             boxes.append((np.asarray(cam["scene_min_3d_box"], float), np.asarray(cam["scene_max_3d_box"], float)))
     n = len(frames)

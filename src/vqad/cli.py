@@ -16,6 +16,7 @@ from .errors import VqadError
 # modules that add subcommands; each defines register(subparsers)
 COMMAND_MODULES = [
     "vqad.commands.sdf",
+    "vqad.commands.nerf",
 ]
 
 

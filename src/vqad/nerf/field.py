@@ -39,6 +39,9 @@ class NeRFConfig:
     color_layers: int = 1  # hidden layers of ψ_c
     sh_degree: int = 3  # view-direction encoding: real spherical harmonics of degree 0..3, (deg+1)^2 terms
     density_activation: str = "trunc_exp"  # trunc_exp | softplus
+    # how the model is rendered (stored with it, so a loaded model renders as it was trained)
+    step_ratio: float = 0.5  # ray-marching step, in finest cells
+    prune_alpha: float = 0.005  # a cell counts as empty where one marching step absorbs less than this
 
     def validate(self) -> None:
         if not 0 <= self.sh_degree <= 3:
@@ -47,6 +50,8 @@ class NeRFConfig:
             raise InputError(
                 f"unknown density activation {self.density_activation!r}: choose one of {', '.join(DENSITY_ACTIVATIONS)}"
             )
+        if not self.step_ratio > 0 or not 0 <= self.prune_alpha < 1:
+            raise InputError("step_ratio must be > 0 and prune_alpha in [0, 1)")
         if self.geo_features < 0 or self.color_hidden <= 0 or self.color_layers < 0:
             raise InputError("geo_features must be >= 0, color_hidden > 0 and color_layers >= 0")
 

@@ -176,8 +176,9 @@ class OccupancySampler:
     ``step`` is the marching step in unit-cube length; the default is half a finest cell, so every
     cell a ray crosses gets about two samples.
 
-    :meth:`prune` clears cells whose density has fallen below a threshold during training
-    (instant-ngp's occupancy grid); the octree itself, and so the model, never changes.
+    :meth:`prune` clears cells whose density has fallen below a threshold (instant-ngp's occupancy
+    grid); the octree itself, and so the model, never changes, and a loaded model gets the same
+    pruning from its own densities (deterministic probes).
     """
 
     def __init__(self, octree: SparseOctree, step: float | None = None):
@@ -192,6 +193,8 @@ class OccupancySampler:
         occ[(ijk[:, 0] * self.res + ijk[:, 1]) * self.res + ijk[:, 2]] = True
         self.octree_occupancy = occ  # never changes
         self.occupancy = occ.clone()  # pruned during training
+        self.cell_density: torch.Tensor | None = None  # (n_cells,) running σ estimate of the octree cells
+        self._centers: tuple[torch.Tensor, torch.Tensor] | None = None
         h = 2.0 / self.res  # the bounding box of the occupied cells: rays are marched inside it only
         self.bbox = (ijk.amin(0).float() * h - 1.0, (ijk.amax(0) + 1).float() * h - 1.0)  # (3,), (3,)
 
@@ -208,30 +211,43 @@ class OccupancySampler:
         inside = ((x >= -1.0) & (x <= 1.0)).all(dim=-1)
         return self.occupancy[self._flat_index(x)] & inside
 
-    def cell_centers(self) -> torch.Tensor:
-        """``(n, 3)`` centres of the octree's cells at the sampler's level, and their flat indices."""
-        idx = self.octree_occupancy.nonzero().squeeze(-1)
-        i, j, k = idx // (self.res * self.res), (idx // self.res) % self.res, idx % self.res
-        c = (torch.stack([i, j, k], -1).float() + 0.5) * (2.0 / self.res) - 1.0
-        return c, idx
+    def cell_centers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n, 3)`` centres of the octree's cells at the sampler's level, and their ``(n,)`` flat indices."""
+        if self._centers is None:
+            idx = self.octree_occupancy.nonzero().squeeze(-1)
+            i, j, k = idx // (self.res * self.res), (idx // self.res) % self.res, idx % self.res
+            c = (torch.stack([i, j, k], -1).float() + 0.5) * (2.0 / self.res) - 1.0
+            self._centers = (c, idx)
+        return self._centers
 
     @torch.no_grad()
-    def prune(self, density_fn, threshold: float, points_per_cell: int = 2, chunk: int = 1 << 16,
-              generator: torch.Generator | None = None) -> float:
-        """Keep the cells where ``max σ`` over a few random points in the cell exceeds ``threshold``.
+    def prune(self, density_fn, threshold: float, decay: float | None = None, generator: torch.Generator | None = None,
+              chunk: int = 1 << 16) -> float:
+        """Mark as empty the octree cells whose density estimate is at most ``threshold``.
 
-        ``density_fn``: ``(N, 3) -> (N,)``. Returns the fraction of octree cells still occupied.
-        Each call re-tests every octree cell, so a cell pruned early can come back.
+        ``density_fn``: ``(N, 3) -> (N,)`` σ. With ``generator`` (training), one random point per
+        cell is probed and the estimate is ``max(decay · previous, σ)`` (instant-ngp's occupancy
+        grid: a cell must stay thin for a while before it disappears, and can come back). Without
+        it (evaluation), nine fixed points per cell (the centre and the centres of its octants) are
+        probed and the previous estimate is ignored, so the result depends on the model alone.
+        Returns the fraction of octree cells still occupied.
         """
         centers, idx = self.cell_centers()
         h = 2.0 / self.res
-        best = torch.zeros(idx.numel(), device=self.device)
-        for _ in range(points_per_cell):
-            jitter = (torch.rand(centers.shape, generator=generator, device="cpu").to(self.device) - 0.5) * h
-            x = centers + jitter
-            sig = torch.cat([density_fn(x[s : s + chunk]) for s in range(0, x.shape[0], chunk)])
-            best = torch.maximum(best, sig)
-        keep = best > threshold
+        if generator is not None:
+            probes = [(torch.rand(centers.shape, generator=generator).to(self.device) - 0.5) * h]
+        else:
+            octant = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], device=self.device)
+            probes = [torch.zeros(3, device=self.device)] + list((octant.float() - 0.5) * (h / 2))
+        est = torch.zeros(idx.numel(), device=self.device)
+        for off in probes:
+            x = centers + off
+            sig = torch.cat([density_fn(x[s : s + chunk]).float() for s in range(0, x.shape[0], chunk)])
+            est = torch.maximum(est, sig)
+        if generator is not None and decay is not None and self.cell_density is not None:
+            est = torch.maximum(est, decay * self.cell_density)
+        self.cell_density = est
+        keep = est > threshold
         self.occupancy.zero_()
         self.occupancy[idx[keep]] = True
         return float(keep.float().mean()) if idx.numel() else 0.0

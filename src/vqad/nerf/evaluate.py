@@ -1,0 +1,139 @@
+"""Radiance-field evaluation: PSNR and SSIM per LOD on held-out views, and PNG renders.
+
+* PSNR ``= −10 log10(MSE)`` over all pixels and channels of a view, in [0, 1]; averaged over views.
+* SSIM with a Gaussian window of 11 pixels, σ = 1.5 (pytorch-msssim, :func:`vqad.metrics.ssim`).
+* LPIPS is **not** reported: it needs pretrained network weights (AlexNet / VGG) that cannot be
+  downloaded on an offline machine, and vqad ships none. Compare LPIPS elsewhere from the saved PNGs.
+
+Renders are written per LOD as ``<split>_lod<L>/<view>.png`` (colour composited on the dataset's
+background), ``<view>_depth.png`` (expected ray distance ``Σ w_i t_i / Σ w_i`` in world units, near =
+bright, scaled per image; black where opacity < 0.5) and ``<view>_opacity.png`` (``Σ w_i``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..metrics import psnr, ssim
+from .data import SceneDataset
+from .render import OccupancySampler, render_rays_chunked
+
+
+def load_scene(info: dict, source: str | None = None) -> SceneDataset:
+    """The dataset a model was trained on, from the ``dataset`` record stored with it.
+
+    ``source`` overrides the stored path (the data moved, or another capture of the same scene).
+    """
+    from .datasets import load_dataset
+
+    if not info:
+        raise InputError("this model does not record its dataset: pass --dataset PATH")
+    fmt = info.get("format", "auto")
+    src = source or info.get("source") or ("procedural" if fmt == "procedural" else "")
+    if not src:
+        raise InputError("this model does not record where its dataset is: pass --dataset PATH")
+    kwargs = {"format": fmt, "downscale": int(info.get("downscale", 1))}
+    if "background" in info:
+        kwargs["background"] = tuple(info["background"])
+    return load_dataset(src, **kwargs)
+
+
+def pick_split(dataset: SceneDataset, split: str):
+    if split not in dataset.splits or len(dataset.splits[split]) == 0:
+        have = ", ".join(k for k, v in dataset.splits.items() if len(v))
+        raise InputError(f"dataset {dataset.name!r} has no {split!r} views (it has: {have})")
+    return dataset.splits[split]
+
+
+def to_png_rgb(img: torch.Tensor) -> np.ndarray:
+    """``(H, W, 3)`` float in [0, 1] → uint8."""
+    return (img.clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def depth_png(depth: torch.Tensor, opacity: torch.Tensor) -> np.ndarray:
+    """``(H, W)`` expected depth (world units, already divided by opacity) → uint8, near = bright."""
+    valid = opacity > 0.5
+    out = torch.zeros_like(depth)
+    if valid.any():
+        lo, hi = depth[valid].min(), depth[valid].max()
+        out[valid] = 1.0 - 0.8 * (depth[valid] - lo) / (hi - lo).clamp_min(1e-8)
+    return (out.clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def save_png(img: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(img).save(str(path))
+
+
+@torch.no_grad()
+def render_views(field, dataset: SceneDataset, split: str, lods: list[int], sampler: OccupancySampler | None = None,
+                 max_views: int | None = None, chunk: int = 1 << 13):
+    """Yield ``(index, name, rgb (B, H, W, 3), depth (B, H, W) world units, opacity (B, H, W), gt (H, W, 3))``
+    for each view of ``split`` (the first ``max_views``), every LOD of ``lods`` rendered at once."""
+    from .train import RayBatcher, model_sampler
+
+    views = pick_split(dataset, split)
+    sampler = sampler or model_sampler(field)
+    device = field.device
+    batcher = RayBatcher(views, dataset, device)
+    background = torch.tensor(dataset.background, dtype=torch.float32, device=device)
+    H, W = views.hw
+    n = len(views) if max_views is None else min(max_views, len(views))
+    was_training = field.training
+    field.eval()
+    try:
+        for i in range(n):
+            o, d, gt, near, far = batcher.view(i)
+            rgb, depth, opa = render_rays_chunked(field, sampler, o, d, lods, background, near, far, chunk=chunk)
+            depth = depth / opa.clamp_min(1e-6) / dataset.normalization.scale
+            name = views.names[i] if i < len(views.names) else f"{i:03d}"
+            yield (i, Path(str(name)).stem or f"{i:03d}", rgb.reshape(len(lods), H, W, 3),
+                   depth.reshape(len(lods), H, W), opa.reshape(len(lods), H, W), gt.reshape(H, W, 3))
+    finally:
+        field.train(was_training)
+
+
+def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[int] | None = None,
+                  out_dir: str | Path | None = None, max_views: int | None = None, save_images: bool = True,
+                  sampler: OccupancySampler | None = None, quiet: bool = True) -> dict:
+    """PSNR / SSIM per LOD (means over the views), and PNGs under ``out_dir`` when given.
+
+    Returns ``{lod: {"psnr", "ssim", "views", "seconds"}}`` (LPIPS: see the module docstring).
+    """
+    lods = field.lods if lods is None else list(lods)
+    for lod in lods:
+        if lod not in field.lods:
+            raise InputError(f"LOD {lod} is not available in this model: choose one of {field.lods}")
+    dirs = {}
+    if out_dir is not None and save_images:
+        for lod in lods:
+            dirs[lod] = Path(out_dir) / f"{split}_lod{lod}"
+            dirs[lod].mkdir(parents=True, exist_ok=True)
+    scores = {lod: {"psnr": [], "ssim": []} for lod in lods}
+    t0 = time.perf_counter()
+    for i, name, rgb, depth, opa, gt in render_views(field, dataset, split, lods, sampler, max_views):
+        for b, lod in enumerate(lods):
+            scores[lod]["psnr"].append(psnr(rgb[b], gt))
+            scores[lod]["ssim"].append(ssim(rgb[b], gt))
+            if lod in dirs:
+                save_png(to_png_rgb(rgb[b]), dirs[lod] / f"{name}.png")
+                save_png(depth_png(depth[b], opa[b]), dirs[lod] / f"{name}_depth.png")
+                save_png((opa[b].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8), dirs[lod] / f"{name}_opacity.png")
+        if not quiet:
+            print(f"  view {name}: " + "  ".join(f"LOD {lod} {scores[lod]['psnr'][-1]:.2f} dB" for lod in lods), flush=True)
+    seconds = time.perf_counter() - t0
+    out = {}
+    for lod in lods:
+        p, s = scores[lod]["psnr"], scores[lod]["ssim"]
+        out[lod] = {"psnr": float(np.mean(p)), "ssim": float(np.mean(s)), "views": len(p), "seconds": seconds}
+    return out
+
+
+def metric_lines(results: dict) -> list[str]:
+    return [f"LOD {lod}: PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  ({r['views']} views)" for lod, r in results.items()]

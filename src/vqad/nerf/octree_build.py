@@ -1,0 +1,268 @@
+"""The radiance field's octree, three ways, each with a dilation margin of ``dilate`` finest cells.
+
+* :func:`octree_from_depth` — the paper's way: back-project every valid depth pixel;
+* :func:`octree_from_masks` — visual-hull carving from foreground masks (object captures, lego);
+* :func:`octree_from_density` — a short coarse density pass on a low-resolution dense grid, which
+  needs nothing but RGB (forward-facing captures such as LLFF fern).
+
+:func:`build_octree` with ``method="auto"`` picks depth > masks > density, by what the training split
+has. Every function works in the dataset's unit cube (``dataset.normalization``) and returns a
+:class:`~vqad.octree.SparseOctree` on ``device``; an octree that would be empty raises
+:class:`~vqad.errors.InputError`.
+
+Camera convention (:mod:`vqad.nerf.data`): OpenGL camera-to-world, pixel ``(i, j)`` covers
+``[i, i+1) × [j, j+1)``, so a camera-space point ``(X, Y, Z)`` (``Z < 0`` in front) lands at
+``u = cx + fx X / (−Z)``, ``v = cy − fy Y / (−Z)`` and pixel ``(floor(u), floor(v))``. Lens
+distortion (instant-ngp's k1, k2, p1, p2) is ignored by the mask test (a few pixels of error are
+far below the carving tolerance and the dilation margin) and undone for depth back-projection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..octree import SparseOctree, morton_decode, morton_encode
+from .data import SceneDataset, Views
+from .rays import backproject
+
+OCTREE_METHODS = ("auto", "depth", "mask", "density")
+
+
+def available_methods(dataset: SceneDataset, split: str = "train") -> list[str]:
+    """Octree methods the split supports, best first (density always works)."""
+    views = dataset.splits[split]
+    out = []
+    if views.depth is not None:
+        out.append("depth")
+    if views.masks is not None:
+        out.append("mask")
+    return out + ["density"]
+
+
+def resolve_method(dataset: SceneDataset, method: str, split: str = "train") -> str:
+    if method not in OCTREE_METHODS:
+        raise InputError(f"unknown octree method {method!r}: choose one of {', '.join(OCTREE_METHODS)}")
+    have = available_methods(dataset, split)
+    if method == "auto":
+        return have[0]
+    if method not in have:
+        what = {"depth": "depth maps", "mask": "foreground masks"}[method]
+        raise InputError(
+            f"--octree {method}: the {dataset.format} dataset {dataset.name!r} has no {what}; "
+            f"use one of {', '.join(have)} (or auto)"
+        )
+    return method
+
+
+def build_octree(dataset: SceneDataset, method: str, base_level: int, max_level: int, device,
+                 dilate: int = 1, split: str = "train", **kwargs) -> tuple[SparseOctree, str]:
+    """The octree by ``method`` (``auto | depth | mask | density``); returns it and the method used.
+
+    ``kwargs`` go to the chosen builder (e.g. ``steps`` of the density pass).
+    """
+    method = resolve_method(dataset, method, split)
+    if method == "depth":
+        return octree_from_depth(dataset, base_level, max_level, device, dilate=dilate, split=split), method
+    if method == "mask":
+        return octree_from_masks(dataset, base_level, max_level, device, dilate=dilate, split=split), method
+    return octree_from_density(dataset, base_level, max_level, device, dilate=dilate, split=split, **kwargs), method
+
+
+def _finest_cells_to_octree(ijk: torch.Tensor, base_level: int, max_level: int, device, dilate: int, what: str) -> SparseOctree:
+    """Octree whose finest level holds cells ``ijk (n, 3)`` dilated by ``dilate``."""
+    if ijk.numel() == 0:
+        raise InputError(f"the octree is empty: {what}")
+    centers = (ijk.float() + 0.5) * (2.0 / (1 << max_level)) - 1.0
+    return SparseOctree.from_points(centers.to(device), base_level, max_level, dilate=dilate)
+
+
+# -- depth ---------------------------------------------------------------------------------------
+def backproject_depth(views: Views, index: int) -> torch.Tensor:
+    """World points of view ``index``'s valid depth pixels: ``(n, 3)`` float32.
+
+    ``X_cam = ((u − cx) z / fx, −(v − cy) z / fy, −z)`` at pixel centres ``(u, v)`` (undistorted
+    when the view has lens distortion), ``X_world = R X_cam + t`` (:func:`vqad.nerf.rays.backproject`).
+    """
+    depth = views.depth[index].float()  # (H, W)
+    rows, cols = torch.nonzero(depth > 0, as_tuple=True)
+    uv = torch.stack([cols, rows], dim=-1).float() + 0.5
+    dist = views.distortion[index] if views.distortion is not None else None
+    return backproject(views.c2w[index].float(), views.intrinsics[index].float(), uv, depth[rows, cols], dist)
+
+
+def octree_from_depth(dataset: SceneDataset, base_level: int, max_level: int, device, dilate: int = 1,
+                      split: str = "train") -> SparseOctree:
+    """Every finest cell that holds a back-projected depth sample, dilated by ``dilate`` cells."""
+    views = dataset.splits[split]
+    if views.depth is None:
+        raise InputError(f"the {split!r} views have no depth maps: use --octree mask or density")
+    res = 1 << max_level
+    cells = []
+    for n in range(len(views)):
+        x = dataset.normalization.to_unit(backproject_depth(views, n))
+        inside = ((x >= -1) & (x <= 1)).all(-1)
+        ijk = torch.floor((x[inside] + 1) * (0.5 * res)).long().clamp_(0, res - 1)
+        cells.append(torch.unique(morton_encode(ijk)))
+    codes = torch.unique(torch.cat(cells)) if cells else torch.zeros(0, dtype=torch.long)
+    return _finest_cells_to_octree(morton_decode(codes), base_level, max_level, device, dilate,
+                                   "no depth sample fell inside the scene's unit cube")
+
+
+# -- masks ---------------------------------------------------------------------------------------
+def project(views: Views, index: int, x_world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixel coordinates ``u, v`` and depth ``z`` (> 0 in front) of world points ``(n, 3)``."""
+    c2w = views.c2w[index].float()
+    cam = (x_world - c2w[:3, 3]) @ c2w[:3, :3]  # R^T (x − t), rows
+    z = -cam[:, 2]
+    fx, fy, cx, cy = views.intrinsics[index].tolist()
+    zs = z.clamp_min(1e-8)
+    return cx + fx * cam[:, 0] / zs, cy - fy * cam[:, 1] / zs, z
+
+
+def _mask_distance_maps(views: Views, max_pixels: int = 60_000_000) -> tuple[torch.Tensor, float]:
+    """Per view, each pixel's distance (in pixels) to the nearest foreground pixel: ``(N, H', W')`` fp16.
+
+    Masks are max-pooled by 2 until ``N·H'·W'`` fits ``max_pixels``; returns the maps and the
+    scale ``H'/H`` to apply to intrinsics.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    masks = views.masks
+    factor = 1
+    N, H, W = masks.shape
+    while N * (H // factor) * (W // factor) > max_pixels:
+        factor *= 2
+    out = []
+    for n in range(N):
+        fg = masks[n] > 127
+        if factor > 1:
+            fg = torch.nn.functional.max_pool2d(fg[None, None].float(), factor, ceil_mode=True)[0, 0] > 0
+        out.append(torch.from_numpy(distance_transform_edt(~fg.numpy()).astype(np.float16)))
+    return torch.stack(out), 1.0 / factor
+
+
+def octree_from_masks(dataset: SceneDataset, base_level: int, max_level: int, device, dilate: int = 1,
+                      split: str = "train", miss_fraction: float = 0.05, start_level: int = 4) -> SparseOctree:
+    """Visual-hull carving, coarse to fine.
+
+    A cell is kept if, in all but ``miss_fraction`` of the views whose image contains its centre,
+    its bounding sphere (radius ``√3 h / 2`` for cell size h) projects onto foreground, i.e. the
+    distance from the centre's pixel to the nearest foreground pixel is at most the sphere's
+    projected radius ``f r / z`` (+1 pixel). The test is conservative, so a cell that any part of
+    the object touches survives; children of survivors are tested at the next level. Cells no
+    view sees are dropped (nothing could supervise them).
+    """
+    views = dataset.splits[split]
+    if views.masks is None:
+        raise InputError(f"the {split!r} views have no foreground masks: use --octree density")
+    dist, s = _mask_distance_maps(views)
+    N, Hs, Ws = dist.shape
+    level = min(start_level, max_level)
+    r = torch.arange(1 << level)
+    ijk = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    children = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)])
+    while True:
+        h = 2.0 / (1 << level)
+        centers_unit = (ijk.float() + 0.5) * h - 1.0
+        centers = dataset.normalization.to_world(centers_unit)
+        radius = math.sqrt(3) * h / 2 / dataset.normalization.scale  # world units
+        seen = torch.zeros(ijk.shape[0], dtype=torch.int32)
+        missed = torch.zeros(ijk.shape[0], dtype=torch.int32)
+        for n in range(N):
+            u, v, z = project(views, n, centers)
+            fx, fy = views.intrinsics[n, :2].tolist()
+            u, v = u * s, v * s
+            vis = (z > 1e-6) & (u >= 0) & (u < Ws) & (v >= 0) & (v < Hs)
+            iu = u.clamp(0, Ws - 1).long()
+            iv = v.clamp(0, Hs - 1).long()
+            rho = max(fx, fy) * s * radius / z.clamp_min(1e-6) + 1.0
+            far_from_fg = dist[n][iv, iu].float() > rho
+            seen += vis.int()
+            missed += (vis & far_from_fg).int()
+        keep = (seen > 0) & (missed.float() <= miss_fraction * seen.float())
+        ijk = ijk[keep]
+        if level == max_level or ijk.numel() == 0:
+            break
+        ijk = (ijk[:, None, :] * 2 + children[None]).reshape(-1, 3)
+        level += 1
+    return _finest_cells_to_octree(ijk, base_level, max_level, device, dilate,
+                                   "mask carving removed every cell (are the masks and poses consistent?)")
+
+
+# -- density pass --------------------------------------------------------------------------------
+@dataclass
+class DensityPassConfig:
+    """The short coarse fit that finds where the scene is when there is no depth and no mask."""
+
+    level: int = 6  # resolution of the coarse dense grid (2^level cells per axis)
+    steps: int = 400
+    batch_rays: int = 2048
+    weight_threshold: float = 0.02  # keep coarse cells where some training ray puts this much weight
+    probe_rays: int = 200_000  # training rays rendered to measure the weights
+
+
+def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, device, dilate: int = 1,
+                        split: str = "train", cfg: DensityPassConfig | None = None, quiet: bool = True,
+                        seed: int = 0) -> SparseOctree:
+    """Fit a small dense-grid radiance field for a few hundred steps, keep the coarse cells that
+    some training ray actually sees (maximum volume-rendering weight ``w_i ≥ weight_threshold``),
+    dilate them by one coarse cell and subdivide to ``max_level``.
+
+    Visibility weights, rather than a density threshold, keep only surfaces that explain pixels:
+    floaters and hidden interior regions get little weight.
+    """
+    from ..config import DecoderConfig, GridConfig
+    from ..grid import OctreeGrid
+    from .field import NeRFConfig, NeRFField
+    from .render import OccupancySampler, render_weight_from_density
+    from .train import RayBatcher, train_steps
+
+    cfg = cfg or DensityPassConfig()
+    level = min(cfg.level, max_level)
+    coarse_base = max(1, level - 2)
+    grid_cfg = GridConfig(storage="dense", features=8, bits=4, base_level=coarse_base, max_level=level)
+    torch.manual_seed(seed)
+    octree = SparseOctree.dense(coarse_base, level, device=device)
+    grid = OctreeGrid.from_octree(octree, grid_cfg)
+    field = NeRFField(grid, DecoderConfig(hidden=32, layers=1, position_input=False),
+                      NeRFConfig(geo_features=7, color_hidden=32, sh_degree=2), dataset.normalization)
+    sampler = OccupancySampler(octree)
+    batcher = RayBatcher(dataset.splits[split], dataset, device)
+    train_steps(field, sampler, batcher, cfg.steps, cfg.batch_rays, lr=5e-3, grid_lr_scale=10.0,
+                lod_mode="finest", seed=seed, quiet=quiet, desc="octree density pass")
+    # measure, per coarse cell, the largest weight any probe ray puts in it
+    field.eval()
+    res = 1 << level
+    best = torch.zeros(res ** 3, device=device)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    n_probe = min(cfg.probe_rays, batcher.num_rays)
+    with torch.no_grad():
+        for s in range(0, n_probe, 8192):
+            o, d, _, near, far = batcher.sample(min(8192, n_probe - s), gen)
+            samples = sampler.march(o, d, near=near, far=far)
+            if len(samples) == 0:
+                continue
+            x = samples.points(o, d)
+            sig, _ = field.all_lods(x, d[samples.ray_indices], [level])
+            w = render_weight_from_density(samples.t_starts, samples.t_ends, sig[0], samples.ray_indices, samples.n_rays)
+            best.scatter_reduce_(0, sampler._flat_index(x), w, reduce="amax")
+    keep = (best >= cfg.weight_threshold).nonzero().squeeze(-1)
+    if keep.numel() == 0:
+        raise InputError("the octree is empty: the coarse density pass found no surface (too few --steps?)")
+    ijk = torch.stack([keep // (res * res), (keep // res) % res, keep % res], -1)
+    # one coarse cell of margin, then every finest cell inside the kept coarse cells
+    r = torch.arange(-1, 2, device=device)
+    offs = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    ijk = torch.unique((ijk[:, None, :] + offs[None]).reshape(-1, 3).clamp_(0, res - 1), dim=0)
+    f = 1 << (max_level - level)
+    r = torch.arange(f, device=device)
+    sub = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    fine = (ijk[:, None, :] * f + sub[None]).reshape(-1, 3)
+    # the coarse margin already covers f finest cells; dilate only by what is left
+    return _finest_cells_to_octree(fine, base_level, max_level, device, max(0, dilate - f),
+                                   "the coarse density pass found no surface")

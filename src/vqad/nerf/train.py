@@ -1,0 +1,367 @@
+"""Radiance-field fitting: posed images → octree → VQ-AD (or dense) NeRF field, all LODs jointly.
+
+One training step, from pixel to loss:
+
+1. :class:`RayBatcher` draws B random training pixels (uint8 colours kept on the device) and turns
+   them into unit-cube rays ``o, d (B, 3)``;
+2. :class:`~vqad.nerf.render.OccupancySampler` marches them, keeping samples in occupied cells only
+   (packed, with ``ray_indices``);
+3. the field evaluates σ and RGB at every sample for the step's LODs, sharing one grid lookup;
+4. :func:`~vqad.nerf.render.volume_render` composites them on the background;
+5. the loss is ``Σ_LOD mean ||C_LOD − C_gt||²``; sparse grid rows go to SparseAdam, the codebooks
+   and MLPs to Adam, the grid at ``grid_lr_scale`` × the decoder's learning rate.
+
+Which LODs a step renders (``lod_mode``): ``all`` (every LOD, every step), ``random`` (one LOD drawn
+uniformly) or ``finest+random`` (the finest plus one coarser LOD drawn uniformly). See
+docs/benchmarks/nerf.md for the measurements behind the default.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field as dfield
+from pathlib import Path
+
+import torch
+
+from .. import trainer as T
+from ..checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from ..config import DecoderConfig, GridConfig, to_dict
+from ..device import peak_memory_bytes
+from ..errors import InputError
+from ..grid import OctreeGrid
+from .data import SceneDataset, Views
+from .field import NeRFConfig, NeRFField
+from .rays import rays_for_pixels
+from .render import OccupancySampler, render_rays
+
+LOD_MODES = ("all", "random", "finest+random", "finest")
+
+
+@dataclass
+class NeRFTrainConfig:
+    """Radiance-field fitting. Learning rates are Adam's; the grid's is ``lr × grid_lr_scale``."""
+
+    steps: int = 3000
+    batch_rays: int = 4096
+    lr: float = 5e-3  # decoders ψ_σ, ψ_c
+    grid_lr_scale: float = 10.0  # features Z / logits C / codebooks D
+    lod_mode: str = "finest+random"  # all | random | finest+random | finest
+    prune_every: int = 50  # re-test the occupancy every N steps (0: never)
+    prune_warmup: int = 200  # ... starting after this many steps
+    prune_decay: float = 0.95
+    octree: str = "auto"  # auto | depth | mask | density
+    dilate: int = 1  # octree margin in finest cells
+    density_steps: int = 400  # steps of the coarse density pass (octree="density")
+    seed: int = 0
+    log_every: int = 25
+    checkpoint_every: int = 1000
+
+    def validate(self) -> None:
+        if self.steps <= 0 or self.batch_rays <= 0:
+            raise InputError("--steps and --batch-rays must be positive")
+        if self.lod_mode not in LOD_MODES:
+            raise InputError(f"unknown LOD mode {self.lod_mode!r}: choose one of {', '.join(LOD_MODES)}")
+        if self.lr <= 0 or self.grid_lr_scale <= 0:
+            raise InputError("learning rates must be positive")
+        if self.dilate < 0:
+            raise InputError("the octree dilation must be >= 0")
+
+
+def dataset_info(dataset: SceneDataset) -> dict:
+    """What ``vqad render`` / ``vqad eval`` need to load the same views again (stored with the model)."""
+    return {
+        "name": dataset.name,
+        "format": dataset.format,
+        "source": dataset.source,
+        "downscale": int(dataset.downscale),
+        "background": [float(c) for c in dataset.background],
+    }
+
+
+# -- rays ----------------------------------------------------------------------------------------
+def pixel_rays(c2w: torch.Tensor, intrinsics: torch.Tensor, px: torch.Tensor, py: torch.Tensor,
+               distortion: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """World rays through pixel centres (:func:`vqad.nerf.rays.rays_for_pixels`).
+
+    Args:
+        c2w: ``(n, 4, 4)`` per ray (OpenGL: the camera looks down −z), intrinsics ``(n, 4)``
+            fx, fy, cx, cy; px, py ``(n,)`` integer pixel columns and rows; distortion ``(n, 4)`` or None.
+    Returns:
+        origins ``(n, 3)``, unit directions ``(n, 3)`` and ``cos (n,)``, the cosine between each
+        direction and the optical axis (a z-depth z is the ray distance ``z / cos``).
+    """
+    uv = torch.stack([px, py], dim=-1).to(intrinsics.dtype) + 0.5
+    o, d = rays_for_pixels(c2w, intrinsics, uv, distortion)
+    cos = -(d * c2w[:, :3, 2]).sum(-1)  # the camera looks down −z: the optical axis is −c2w[:3, 2]
+    return o, d, cos
+
+
+class RayBatcher:
+    """A split's pixels held compactly on ``device`` (uint8 colours) and turned into rays on demand.
+
+    Rays are returned in the unit cube: ``o = (o_world − center) · scale`` and unit ``d``, with
+    ``near``/``far`` (unit-cube lengths along ``d``) from the dataset's world-unit bounds.
+    """
+
+    def __init__(self, views: Views, dataset: SceneDataset, device: torch.device):
+        self.device = device
+        self.N, (self.H, self.W) = len(views), views.hw
+        self.colors = views.images.reshape(-1, 3).to(device)  # (N·H·W, 3) uint8
+        self.c2w = views.c2w.float().to(device)
+        self.intrinsics = views.intrinsics.float().to(device)
+        self.distortion = views.distortion.float().to(device) if views.distortion is not None else None
+        self.norm = dataset.normalization
+        self.near, self.far = float(dataset.near), float(dataset.far)
+        self.background = tuple(float(c) for c in dataset.background)
+
+    @property
+    def num_rays(self) -> int:
+        return self.N * self.H * self.W
+
+    def rays_for(self, flat: torch.Tensor):
+        """Rays of flat pixel ids ``(n,)`` (``view·H·W + row·W + col``): o, d, rgb, near, far."""
+        view = flat // (self.H * self.W)
+        pix = flat % (self.H * self.W)
+        py, px = pix // self.W, pix % self.W
+        dist = self.distortion[view] if self.distortion is not None else None
+        o, d, cos = pixel_rays(self.c2w[view], self.intrinsics[view], px, py, dist)
+        o = self.norm.to_unit(o)
+        s = self.norm.scale
+        near = torch.full_like(cos, self.near * s)  # a z-depth bound is a lower bound on the ray distance
+        far = self.far * s / cos.clamp_min(1e-6)
+        rgb = self.colors[flat].float() * (1.0 / 255.0)
+        return o, d, rgb, near, far
+
+    def sample(self, n: int, generator: torch.Generator):
+        """``n`` uniformly random training pixels: o, d ``(n, 3)``, rgb ``(n, 3)``, near, far ``(n,)``."""
+        flat = torch.randint(0, self.num_rays, (n,), generator=generator).to(self.device)
+        return self.rays_for(flat)
+
+    def view(self, index: int):
+        """Every pixel of one view, row-major: o, d, rgb, near, far with ``H·W`` rows."""
+        base = index * self.H * self.W
+        return self.rays_for(torch.arange(base, base + self.H * self.W, device=self.device))
+
+
+# -- one step ------------------------------------------------------------------------------------
+def step_lods(lods: list[int], mode: str, generator: torch.Generator) -> list[int]:
+    """The LODs one training step renders (ascending)."""
+    if mode == "all" or len(lods) == 1:
+        return list(lods)
+    if mode == "finest":
+        return [lods[-1]]
+    if mode == "random":
+        return [lods[int(torch.randint(0, len(lods), (1,), generator=generator))]]
+    return [lods[int(torch.randint(0, len(lods) - 1, (1,), generator=generator))], lods[-1]]
+
+
+def train_step(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, opts, batch: int, lods: list[int],
+               background: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor | None, float, int]:
+    """One optimisation step. Returns the per-LOD MSE ``(len(lods),)`` (None if no ray hit an occupied
+    cell), the finest rendered LOD's PSNR on the batch, and the number of samples."""
+    o, d, rgb, near, far = batcher.sample(batch, generator)
+    jitter = torch.rand(batch, generator=generator).to(batcher.device)
+    T.zero_grad(opts)
+    out, n_samples = render_rays(field, sampler, o, d, lods, background, near=near, far=far, jitter=jitter)
+    per_lod = ((out.rgb - rgb[None]) ** 2).mean(dim=(1, 2))  # (B,)
+    if out.rgb.requires_grad:
+        per_lod.sum().backward()
+        T.step(opts)
+    mse_last = float(per_lod[-1].detach())
+    return per_lod.detach(), -10.0 * math.log10(max(mse_last, 1e-12)), n_samples
+
+
+def make_sampler(field: NeRFField) -> OccupancySampler:
+    """The field's sampler: marching step ``step_ratio`` finest cells (from the field's config)."""
+    octree = field.grid.octree
+    return OccupancySampler(octree, step=field.nerf_cfg.step_ratio * 2.0 / (1 << octree.max_level))
+
+
+def prune_threshold(field: NeRFField, sampler: OccupancySampler) -> float:
+    """σ below which a cell is empty: one marching step there absorbs less than ``prune_alpha``,
+    ``1 − exp(−σ · step) < prune_alpha``."""
+    return -math.log1p(-field.nerf_cfg.prune_alpha) / sampler.step
+
+
+@torch.no_grad()
+def model_sampler(field: NeRFField) -> OccupancySampler:
+    """The sampler render / eval use: the octree pruned by the model's own densities (deterministic)."""
+    sampler = make_sampler(field)
+    was_training = field.training
+    field.eval()
+    sampler.prune(lambda x: field.density(x), prune_threshold(field, sampler))
+    field.train(was_training)
+    return sampler
+
+
+def train_steps(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, steps: int, batch: int,
+                lr: float, grid_lr_scale: float, lod_mode: str = "all", seed: int = 0, quiet: bool = True,
+                desc: str = "") -> float:
+    """A plain fit without checkpoints or pruning (the octree density pass uses it). Returns the last PSNR."""
+    opts = T.make_optimizers(field, lr, grid_lr_scale)
+    base_lrs = T.initial_lrs(opts)
+    gen = torch.Generator().manual_seed(seed)
+    bg = torch.tensor(batcher.background, dtype=torch.float32, device=batcher.device)
+    prog = T.Progress(steps, 0, "rays", quiet=quiet)
+    if desc and not quiet:
+        prog.bar.set_description(desc)
+    field.train()
+    psnr = float("nan")
+    for it in range(steps):
+        T.cosine_lr(opts, base_lrs, it, steps)
+        lods = step_lods(field.lods, lod_mode, gen)
+        _, psnr, _ = train_step(field, sampler, batcher, opts, batch, lods, bg, gen)
+        prog.update(1, batch, psnr=psnr)
+    prog.close()
+    return psnr
+
+
+# -- the fit -------------------------------------------------------------------------------------
+@dataclass
+class NeRFFitResult:
+    field: NeRFField
+    sampler: OccupancySampler
+    steps: int
+    seconds: float  # training loop only
+    octree_seconds: float
+    octree_method: str
+    rays_per_second: float
+    samples_per_ray: float
+    final_loss: float
+    final_psnr: float
+    peak_memory_bytes: int
+    history: list = dfield(default_factory=list)
+
+
+def build_nerf_field(dataset: SceneDataset, grid_cfg: GridConfig, dec_cfg: DecoderConfig, nerf_cfg: NeRFConfig,
+                     train_cfg: NeRFTrainConfig, device, quiet: bool = True) -> tuple[NeRFField, str]:
+    """Octree (by ``train_cfg.octree``), grid and decoders on ``device``; returns the field and the octree method."""
+    from .octree_build import DensityPassConfig, build_octree
+
+    grid_cfg.validate()
+    kwargs = {}
+    if train_cfg.octree in ("density", "auto"):
+        kwargs = {"cfg": DensityPassConfig(steps=train_cfg.density_steps), "quiet": quiet, "seed": train_cfg.seed}
+    octree, method = build_octree(dataset, train_cfg.octree, grid_cfg.base_level, grid_cfg.max_level, device,
+                                  dilate=train_cfg.dilate, **kwargs)
+    torch.manual_seed(train_cfg.seed)
+    grid = OctreeGrid.from_octree(octree, grid_cfg)
+    field = NeRFField(grid, dec_cfg, nerf_cfg, dataset.normalization, dataset=dataset_info(dataset)).to(device)
+    return field, method
+
+
+def fit_nerf(
+    dataset: SceneDataset,
+    grid_cfg: GridConfig,
+    dec_cfg: DecoderConfig,
+    train_cfg: NeRFTrainConfig,
+    device: torch.device,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    nerf_cfg: NeRFConfig | None = None,
+) -> NeRFFitResult:
+    """Fit a radiance field to ``dataset.splits["train"]``.
+
+    With ``out_dir``, a checkpoint is written to ``out_dir/checkpoint`` every ``checkpoint_every``
+    steps, at the end, and on Ctrl-C / SIGTERM (then :class:`KeyboardInterrupt` is re-raised after
+    saving). ``resume`` continues from that checkpoint (same octree, weights, optimizer state and
+    step; the pruned occupancy is recomputed from the model).
+    """
+    train_cfg.validate()
+    if "train" not in dataset.splits or len(dataset.splits["train"]) == 0:
+        raise InputError(f"dataset {dataset.name!r} has no training views")
+    ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    start = 0
+    t_oct = time.perf_counter()
+    if resume:
+        if ckpt_dir is None or not (ckpt_dir / "config.json").is_file():
+            raise InputError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume first")
+        field, cfg = load_checkpoint(ckpt_dir, device)
+        if field.kind != "nerf":
+            raise InputError(f"--resume: {ckpt_dir} holds a {field.kind!r} model, not a radiance field")
+        field.train()
+        start = int(cfg.get("step", 0))
+        method = cfg.get("octree_method", "?")
+        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale)
+        load_optimizer_state(ckpt_dir, opts, cfg)
+    else:
+        field, method = build_nerf_field(dataset, grid_cfg, dec_cfg, nerf_cfg or NeRFConfig(), train_cfg, device, quiet)
+        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale)
+    octree_seconds = time.perf_counter() - t_oct
+    base_lrs = T.initial_lrs(opts)
+    for name, o in opts.items():
+        for g, lr in zip(o.param_groups, base_lrs[name]):
+            g.setdefault("initial_lr", lr)
+    batcher = RayBatcher(dataset.splits["train"], dataset, device)
+    background = torch.tensor(dataset.background, dtype=torch.float32, device=device)
+    sampler = make_sampler(field)
+    sigma_thr = prune_threshold(field, sampler)
+    density_fn = lambda x: field.density(x)  # noqa: E731
+    gen = torch.Generator().manual_seed(train_cfg.seed + start)
+    if start >= train_cfg.prune_warmup and train_cfg.prune_every > 0:
+        field.eval()
+        sampler.prune(density_fn, sigma_thr)
+        field.train()
+
+    def save(step_done: int) -> None:
+        if ckpt_dir is None:
+            return
+        extra = {"step": step_done, "train": to_dict(train_cfg), "octree_method": method}
+        save_checkpoint(ckpt_dir, field, extra=extra, optimizers=opts)
+
+    prog = T.Progress(train_cfg.steps, start, "rays", quiet=quiet)
+    t0 = time.perf_counter()
+    history: list = []
+    loss_val, psnr = float("nan"), float("nan")
+    total_samples, rays_done = 0, 0
+    it = start
+    try:
+        with T.interrupt_guard():
+            for it in range(start, train_cfg.steps):
+                T.cosine_lr(opts, base_lrs, it, train_cfg.steps)
+                if train_cfg.prune_every > 0 and it >= train_cfg.prune_warmup and it % train_cfg.prune_every == 0:
+                    sampler.prune(density_fn, sigma_thr, decay=train_cfg.prune_decay, generator=gen)
+                lods = step_lods(field.lods, train_cfg.lod_mode, gen)
+                per_lod, psnr, n_samples = train_step(field, sampler, batcher, opts, train_cfg.batch_rays, lods,
+                                                      background, gen)
+                total_samples += n_samples
+                rays_done += train_cfg.batch_rays
+                if (it + 1) % train_cfg.log_every == 0 or it == start:
+                    loss_val = float(per_lod.sum())
+                    history.append({"step": it + 1, "loss": loss_val, "psnr": psnr, "lods": lods,
+                                    "samples_per_ray": n_samples / train_cfg.batch_rays,
+                                    "seconds": time.perf_counter() - t0})
+                    prog.update(0, 0, loss=loss_val, psnr=f"{psnr:.2f}")
+                prog.update(1, train_cfg.batch_rays)
+                if ckpt_dir is not None and (it + 1) % train_cfg.checkpoint_every == 0 and it + 1 < train_cfg.steps:
+                    save(it + 1)
+            it = train_cfg.steps
+    except KeyboardInterrupt:
+        prog.close()
+        save(it)
+        if ckpt_dir is not None and not quiet:
+            print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
+        raise
+    prog.close()
+    save(train_cfg.steps)
+    seconds = time.perf_counter() - t0
+    # the model's own deterministic pruning: what render / eval will use
+    field.eval()
+    sampler.prune(density_fn, sigma_thr)
+    return NeRFFitResult(
+        field=field,
+        sampler=sampler,
+        steps=train_cfg.steps,
+        seconds=seconds,
+        octree_seconds=octree_seconds,
+        octree_method=method,
+        rays_per_second=rays_done / max(seconds, 1e-9),
+        samples_per_ray=total_samples / max(rays_done, 1),
+        final_loss=loss_val,
+        final_psnr=psnr,
+        peak_memory_bytes=peak_memory_bytes(device),
+        history=history,
+    )

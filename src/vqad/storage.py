@@ -15,6 +15,7 @@ Symbols follow the paper: m vertices, k features, b bits, codebook ``D (2^b, k)`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -24,6 +25,30 @@ from torch import nn
 from .errors import InputError
 
 MIN_BITS, MAX_BITS = 1, 12
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """How one stored tensor of a storage is written to a .vqad file.
+
+    ``encoding`` is ``"f16"`` (IEEE half floats, little-endian) or ``"uint"`` (unsigned integers in
+    ``[0, 2^bits)``, bit-packed at exactly ``bits`` bits each, see :mod:`vqad.bitpack`).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    encoding: str  # "f16" | "uint"
+    bits: int = 16
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+    def stored_bits(self) -> int:
+        return self.numel * self.bits
 
 
 class FeatureStorage(nn.Module):
@@ -73,6 +98,17 @@ class FeatureStorage(nn.Module):
         """Parameters whose gradients are sparse (only the rows a batch touches)."""
         return []
 
+    @classmethod
+    def stored_layout(cls, m: int, k: int, **params) -> list["TensorLayout"]:
+        """The tensors of :meth:`export_tensors`, in file order, and how each is written.
+
+        ``params`` are those of :meth:`params`. The .vqad file writes one chunk per entry; their
+        bits summed equal :meth:`stored_bits`.
+        """
+        raise NotImplementedError(
+            f"storage {cls.kind!r} does not declare stored_layout(): add it so .vqad files can hold it"
+        )
+
 
 def _round_fp16(t: torch.Tensor) -> torch.Tensor:
     return t.detach().half().float()
@@ -111,6 +147,10 @@ class DenseStorage(FeatureStorage):
 
     def sparse_parameters(self):
         return [] if self.baked else [self.Z]
+
+    @classmethod
+    def stored_layout(cls, m, k, **params):
+        return [TensorLayout("Z", (m, k), "f16")]
 
 
 class CodebookStorage(FeatureStorage):
@@ -187,6 +227,11 @@ class CodebookStorage(FeatureStorage):
 
     def sparse_parameters(self):
         return [] if self.baked else [self.C]
+
+    @classmethod
+    def stored_layout(cls, m, k, bits: int = 4, **params):
+        """Codebook ``D (2^b, k)`` in fp16, then indices ``V (m,)`` at b bits each."""
+        return [TensorLayout("D", (1 << bits, k), "f16"), TensorLayout("V", (m,), "uint", bits)]
 
 
 STORAGES: dict[str, type[FeatureStorage]] = {"dense": DenseStorage, "codebook": CodebookStorage}

@@ -1,0 +1,365 @@
+"""Lossless entropy coding of symbol streams (codebook indices V, octree child masks) for .vqad.
+
+An order-0 model per chunk: the symbol frequencies of that chunk, quantized to integers that sum to
+``2^FREQ_PRECISION``, are stored in front of the range-coded data, so the decoder needs nothing
+else. Coding is done by the ``constriction`` package (a range coder with 32-bit words).
+
+Payload layout (all little-endian)::
+
+    frequency table   run-length varints covering the alphabet 0..A-1 (see _write_table)
+    compressed data   uint32 words from constriction.stream.queue.RangeEncoder
+
+The probability model handed to constriction on both sides is
+``Categorical(freq / 2^FREQ_PRECISION, perfect=False)`` built from those same stored integers,
+so encoder and decoder quantize identically.
+
+Decompression-bomb guard: a payload may decode at most ``MAX_SYMBOLS_PER_BYTE`` symbols per payload
+byte (≥ 1/8 bit per symbol). The writer stores a chunk raw where that would not hold, so legitimate
+files never hit the limit and a hostile one cannot make the reader allocate far more memory than it sent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FREQ_PRECISION = 16  # the stored frequencies sum to 2^16
+MAX_ALPHABET = 1 << 12  # codebook indices of up to 12 bits; octree masks use 256
+MAX_SYMBOLS_PER_BYTE = 64
+
+
+class EntropyError(ValueError):
+    """An entropy-coded payload is malformed (the file reader turns this into CorruptStreamError)."""
+
+
+def _constriction():
+    try:
+        import constriction
+    except ImportError as exc:  # pragma: no cover - constriction is a declared dependency
+        raise ImportError(
+            "entropy-coded .vqad chunks need the 'constriction' package: pip install 'constriction>=0.4'"
+        ) from exc
+    return constriction
+
+
+def _model(freqs: np.ndarray):
+    c = _constriction()
+    probs = freqs.astype(np.float64) / float(1 << FREQ_PRECISION)
+    return c.stream.model.Categorical(probs, perfect=False)
+
+
+# -- frequency table -------------------------------------------------------------------------------
+def quantize_counts(counts: np.ndarray) -> np.ndarray:
+    """Integer frequencies summing to exactly ``2^FREQ_PRECISION``, ≥ 1 wherever ``counts > 0``.
+
+    Args:
+        counts: ``(A,)`` non-negative symbol counts, not all zero, ``A <= MAX_ALPHABET``.
+    Returns:
+        ``(A,)`` int64 frequencies (zero exactly where the count is zero).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    total = 1 << FREQ_PRECISION
+    n = int(counts.sum())
+    if n <= 0:
+        raise ValueError("cannot build a frequency table from no symbols")
+    f = (counts * total) // n
+    f[(counts > 0) & (f == 0)] = 1
+    diff = total - int(f.sum())
+    if diff > 0:  # give the rounding remainder to the most frequent symbol
+        f[int(np.argmax(counts))] += diff
+    while diff < 0:  # bumping rare symbols to 1 overshot: take it back from the largest, never below 1
+        order = np.argsort(-f, kind="stable")
+        take = np.minimum(f[order] - 1, -diff)
+        take = np.minimum(take, np.maximum(1, f[order] // 2))
+        cum = np.cumsum(take)
+        k = int(np.searchsorted(cum, -diff))
+        if k < len(take):
+            take[k] -= int(cum[k] + diff)  # take exactly -diff in total
+            take[k + 1:] = 0
+        f[order] -= take
+        diff = total - int(f.sum())
+    return f
+
+
+def _write_varint(out: bytearray, v: int) -> None:
+    while True:
+        byte = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    v = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise EntropyError("frequency table runs past the end of the chunk")
+        byte = buf[pos]
+        pos += 1
+        v |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return v, pos
+        shift += 7
+        if shift > 28:
+            raise EntropyError("frequency table holds an over-long varint")
+
+
+def _write_table(freqs: np.ndarray) -> bytes:
+    """Tokens: ``varint(f << 1)`` for a frequency ``f > 0``, ``varint((run - 1) << 1 | 1)`` for ``run`` zeros."""
+    out = bytearray()
+    i, a = 0, len(freqs)
+    while i < a:
+        if freqs[i] > 0:
+            _write_varint(out, int(freqs[i]) << 1)
+            i += 1
+        else:
+            j = i
+            while j < a and freqs[j] == 0:
+                j += 1
+            _write_varint(out, ((j - i - 1) << 1) | 1)
+            i = j
+    return bytes(out)
+
+
+def _read_table(buf: memoryview, alphabet: int) -> tuple[np.ndarray, int]:
+    freqs = np.zeros(alphabet, dtype=np.int64)
+    i = pos = 0
+    while i < alphabet:
+        tok, pos = _read_varint(buf, pos)
+        if tok & 1:
+            run = (tok >> 1) + 1
+            if i + run > alphabet:
+                raise EntropyError(f"frequency table covers more than the alphabet of {alphabet} symbols")
+            i += run
+        else:
+            f = tok >> 1
+            if f == 0:
+                raise EntropyError("frequency table holds a zero frequency outside a zero run")
+            freqs[i] = f
+            i += 1
+    if int(freqs.sum()) != 1 << FREQ_PRECISION:
+        raise EntropyError(f"frequencies sum to {int(freqs.sum())}, expected 2^{FREQ_PRECISION}")
+    return freqs, pos
+
+
+# -- coding ----------------------------------------------------------------------------------------
+def encode(symbols: np.ndarray, alphabet: int) -> bytes:
+    """Range-code ``symbols`` with their own order-0 model stored in front.
+
+    Args:
+        symbols: ``(n,)`` integers in ``[0, alphabet)``, n ≥ 1.
+        alphabet: A, the number of possible symbols (2^b for indices, 256 for child masks), ≤ 4096.
+    Returns:
+        the payload bytes (frequency table + compressed words).
+    """
+    if not 2 <= alphabet <= MAX_ALPHABET:
+        raise ValueError(f"alphabet size must be in 2..{MAX_ALPHABET}, got {alphabet}")
+    s = np.asarray(symbols).reshape(-1).astype(np.int64)
+    if s.size == 0:
+        raise ValueError("nothing to encode")
+    if s.min() < 0 or s.max() >= alphabet:
+        raise ValueError(f"symbols must lie in [0, {alphabet})")
+    freqs = quantize_counts(np.bincount(s, minlength=alphabet))
+    enc = _constriction().stream.queue.RangeEncoder()
+    enc.encode(s.astype(np.int32), _model(freqs))
+    words = np.asarray(enc.get_compressed(), dtype="<u4")
+    return _write_table(freqs) + words.tobytes()
+
+
+class Decoder:
+    """Decodes a payload written by :func:`encode`, possibly in several calls.
+
+    Several calls let the reader decode the octree levels above the base level one after the other
+    from one payload: the number of masks of level ``L`` is only known once level ``L-1`` is decoded.
+    """
+
+    def __init__(self, payload, alphabet: int):
+        if not 2 <= alphabet <= MAX_ALPHABET:
+            raise EntropyError(f"alphabet size must be in 2..{MAX_ALPHABET}, got {alphabet}")
+        buf = memoryview(payload)
+        self.alphabet = alphabet
+        self.budget = MAX_SYMBOLS_PER_BYTE * len(buf)
+        self.freqs, pos = _read_table(buf, alphabet)
+        rest = buf[pos:]
+        if len(rest) % 4:
+            raise EntropyError(f"compressed data is {len(rest)} bytes, not a whole number of 32-bit words")
+        words = np.frombuffer(rest, dtype="<u4").astype(np.uint32)
+        c = _constriction()
+        self._model = _model(self.freqs)
+        self._dec = c.stream.queue.RangeDecoder(words)
+
+    def decode(self, n: int) -> np.ndarray:
+        """The next ``n`` symbols, ``(n,)`` int64 in ``[0, alphabet)``."""
+        if n < 0 or n > self.budget:
+            raise EntropyError(
+                f"payload would expand to more than {MAX_SYMBOLS_PER_BYTE} symbols per byte: refusing to decode"
+            )
+        self.budget -= n
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        try:
+            out = self._dec.decode(self._model, n)
+        except Exception as exc:  # constriction reports bad data with its own exception types
+            raise EntropyError(f"range decoder failed: {exc}") from exc
+        return np.asarray(out, dtype=np.int64)
+
+
+def decode(payload, n: int, alphabet: int) -> np.ndarray:
+    """Inverse of :func:`encode`: ``n`` symbols, ``(n,)`` int64."""
+    return Decoder(payload, alphabet).decode(n)
+
+
+def allowed(n: int, payload_len: int) -> bool:
+    """Whether a payload of ``payload_len`` bytes may carry ``n`` symbols (the bomb guard)."""
+    return n <= MAX_SYMBOLS_PER_BYTE * payload_len
+
+
+# -- octree child masks coded bit by bit with a geometric context ---------------------------------
+# Each occupied cell P of level L-1 has 8 child bits (child c occupied at level L). The bit of child c
+# is coded with a binary model chosen by a 7-bit context: which of the 7 other level-(L-1) cells that
+# touch the corner of P where child c sits are occupied. Surfaces are continuous, so a child whose
+# neighbours beyond P's face/edge/corner are occupied is much more likely to be occupied itself. The
+# contexts depend only on level L-1, which the decoder already has, so a whole level decodes at once.
+OCTREE_CONTEXTS = 128
+_P16 = 1 << 16
+
+
+DENSE_OCCUPANCY_MAX_RES = 128  # below this, neighbours are looked up in a dense bitmap (≤ 2 MB)
+
+
+def octree_contexts(parent_codes, parent_level: int, dense_max_res: int = DENSE_OCCUPANCY_MAX_RES) -> np.ndarray:
+    """Context of every child bit of a level: ``(n,) sorted Morton codes at parent_level -> (n, 8) uint8``.
+
+    For child ``c`` with offset ``o_c = ((c>>2)&1, (c>>1)&1, c&1)``, let ``d = 2·o_c − 1`` (the corner's
+    direction). Bit ``t−1`` of the context (``t = 1..7``) is set when the parent-level cell at
+    ``P + ((t>>2)&1·d_x, (t>>1)&1·d_y, t&1·d_z)`` is occupied. Cells outside the cube are empty.
+    ``dense_max_res`` only picks how neighbours are looked up (a dense bitmap or a sorted search);
+    both give the same contexts.
+    """
+    import torch
+
+    from .octree import morton_decode
+
+    codes = torch.as_tensor(np.asarray(parent_codes), dtype=torch.long).reshape(-1)
+    n = codes.numel()
+    res = 1 << parent_level
+    ijk = morton_decode(codes, bits=max(parent_level, 1)).numpy()  # (n, 3)
+    # padded lattice [-1, res]^3 so that every neighbour index is valid; outside cells stay empty
+    r2 = res + 2
+    lin = ((ijk[:, 0] + 1) * r2 + (ijk[:, 1] + 1)) * r2 + (ijk[:, 2] + 1)  # (n,)
+    if res <= dense_max_res:
+        grid = np.zeros(r2 ** 3, dtype=bool)
+        grid[lin] = True
+
+        def occupied(step: int) -> np.ndarray:
+            return grid[lin + step]
+    else:
+        keys = np.sort(lin)
+
+        def occupied(step: int) -> np.ndarray:
+            q = lin + step
+            idx = np.searchsorted(keys, q).clip(max=n - 1)
+            return keys[idx] == q
+
+    ctx = np.zeros((n, 8), dtype=np.uint8)
+    for c in range(8):
+        d = (2 * ((c >> 2) & 1) - 1, 2 * ((c >> 1) & 1) - 1, 2 * (c & 1) - 1)
+        for t in range(1, 8):
+            step = (((t >> 2) & 1) * d[0] * r2 + ((t >> 1) & 1) * d[1]) * r2 + (t & 1) * d[2]
+            ctx[:, c] |= occupied(step).astype(np.uint8) << (t - 1)
+    return ctx
+
+
+def _mask_bits(masks: np.ndarray) -> np.ndarray:
+    """``(n,) uint8 -> (n, 8)`` child bits, bit c = child c."""
+    return ((np.asarray(masks, dtype=np.int64)[:, None] >> np.arange(8)) & 1).astype(np.int64)
+
+
+def _binary_model(q: int):
+    c = _constriction()
+    return c.stream.model.Categorical(np.array([_P16 - q, q], dtype=np.float64) / _P16, perfect=False)
+
+
+def encode_octree(levels: list[tuple[np.ndarray, int, np.ndarray]]) -> bytes:
+    """Context-code the child masks of one or more consecutive levels.
+
+    Args:
+        levels: ``[(parent_codes (n,), parent_level, masks (n,) uint8), ...]`` coarsest first.
+    Returns:
+        payload: ``OCTREE_CONTEXTS`` little-endian uint16 probabilities ``q`` (P(bit = 1) = q / 2^16,
+        0 for a context that never occurs), then the range-coded words. Within a level, bits are
+        coded grouped by context (context 0 first), each group in (parent, child) order.
+    """
+    per_level = []
+    ones = np.zeros(OCTREE_CONTEXTS, dtype=np.int64)
+    total = np.zeros(OCTREE_CONTEXTS, dtype=np.int64)
+    for codes, plevel, masks in levels:
+        ctx = octree_contexts(codes, plevel).reshape(-1)
+        bits = _mask_bits(masks).reshape(-1)
+        per_level.append((ctx, bits))
+        total += np.bincount(ctx, minlength=OCTREE_CONTEXTS)
+        ones += np.bincount(ctx[bits == 1], minlength=OCTREE_CONTEXTS)
+    q = np.where(total > 0, np.clip(np.rint(ones * _P16 / np.maximum(total, 1)), 1, _P16 - 1), 0).astype(np.int64)
+    enc = _constriction().stream.queue.RangeEncoder()
+    models = {}
+    for ctx, bits in per_level:
+        order = np.argsort(ctx, kind="stable")
+        sc, sb = ctx[order], bits[order]
+        bounds = np.searchsorted(sc, np.arange(OCTREE_CONTEXTS + 1))
+        for j in range(OCTREE_CONTEXTS):
+            a, b = bounds[j], bounds[j + 1]
+            if b > a:
+                if j not in models:
+                    models[j] = _binary_model(int(q[j]))
+                enc.encode(sb[a:b].astype(np.int32), models[j])
+    words = np.asarray(enc.get_compressed(), dtype="<u4")
+    return q.astype("<u2").tobytes() + words.tobytes()
+
+
+class OctreeDecoder:
+    """Decodes :func:`encode_octree` payloads level by level (see :meth:`decode_level`)."""
+
+    def __init__(self, payload):
+        buf = memoryview(payload)
+        head = 2 * OCTREE_CONTEXTS
+        if len(buf) < head:
+            raise EntropyError(f"context-coded octree chunk is {len(buf)} bytes, shorter than its {head}-byte model")
+        rest = buf[head:]
+        if len(rest) % 4:
+            raise EntropyError(f"compressed data is {len(rest)} bytes, not a whole number of 32-bit words")
+        self.q = np.frombuffer(buf[:head], dtype="<u2").astype(np.int64)
+        self.budget = MAX_SYMBOLS_PER_BYTE * len(buf)
+        self._dec = _constriction().stream.queue.RangeDecoder(np.frombuffer(rest, dtype="<u4").astype(np.uint32))
+        self._models: dict = {}
+
+    def decode_level(self, parent_codes, parent_level: int) -> np.ndarray:
+        """The child masks ``(n,) uint8`` of the ``n`` occupied cells ``parent_codes`` of ``parent_level``."""
+        codes = np.asarray(parent_codes).reshape(-1)
+        n = codes.size
+        if n > self.budget:
+            raise EntropyError(
+                f"payload would expand to more than {MAX_SYMBOLS_PER_BYTE} masks per byte: refusing to decode"
+            )
+        self.budget -= n
+        ctx = octree_contexts(codes, parent_level).reshape(-1)
+        order = np.argsort(ctx, kind="stable")
+        sc = ctx[order]
+        bounds = np.searchsorted(sc, np.arange(OCTREE_CONTEXTS + 1))
+        sb = np.zeros(ctx.size, dtype=np.int64)
+        for j in range(OCTREE_CONTEXTS):
+            a, b = bounds[j], bounds[j + 1]
+            if b > a:
+                if self.q[j] == 0:
+                    raise EntropyError(f"octree context {j} occurs but its model says it never does")
+                if j not in self._models:
+                    self._models[j] = _binary_model(int(self.q[j]))
+                try:
+                    sb[a:b] = self._dec.decode(self._models[j], int(b - a))
+                except Exception as exc:  # constriction's own exception types
+                    raise EntropyError(f"range decoder failed: {exc}") from exc
+        bits = np.empty_like(sb)
+        bits[order] = sb
+        masks = (bits.reshape(n, 8) << np.arange(8)).sum(axis=1)
+        return masks.astype(np.uint8)

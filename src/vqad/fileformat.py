@@ -1,0 +1,861 @@
+"""The progressive ``.vqad`` file: write a baked field, decode any prefix, stream LOD after LOD.
+
+The byte layout is specified in ``docs/format.md``; in short::
+
+    preamble   magic b"\\x89VQAD\\r\\n\\x1a", version u16, reserved u16              (12 bytes)
+    chunk      type u8, level u8, slot u8, codec u8, length u32, payload, CRC32 u32
+    order      HEAD, DECO, then per level L = base..max: TREE(L), GRID(L, slot 0..S-1)
+
+HEAD holds the field config as JSON (kind, grid, decoder, normalisation, storage params), DECO
+every tensor of ``field.decoder_state()`` in fp16 with names and shapes, TREE(L) the child masks of
+level L (for the base level: of levels 1..base), one byte per occupied cell of the level above in
+sorted Morton (= breadth-first) order, and GRID(L, i) the i-th tensor of the level's storage as its
+:meth:`~vqad.storage.FeatureStorage.stored_layout` declares it (fp16, or unsigned ints bit-packed
+at exactly b bits). Vertex order is derived from the octree, never stored. LOD L is decodable as
+soon as its last GRID chunk is complete.
+
+Public API::
+
+    to_bytes(field, entropy=False) -> bytes            save(field, dst, entropy=False) -> int
+    load(source, device="cpu", lod=None, max_bytes=None) -> field
+    iter_lods(source, device="cpu", lod=None, max_bytes=None) -> Iterator[DecodedLOD]
+    StreamDecoder().feed(data) -> list[int]            (push bytes as they arrive: sockets, HTTP)
+    lod_prefix_sizes(source) -> {lod: bytes needed}    read_info(source) -> FileInfo
+
+``source`` is a path, ``bytes``-like, a binary stream (``.read(n)``: file, ``socket.makefile('rb')``,
+``urllib`` / ``http.client`` response) or an iterable of ``bytes`` blocks. Every problem with the
+bytes raises :class:`~vqad.errors.StreamError` (:class:`TruncatedStreamError` before the first
+complete LOD, :class:`CorruptStreamError` for damage); nothing is allocated beyond a small multiple
+of the bytes actually received.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass, field as dfield, replace
+from enum import IntEnum
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from . import entropy as E
+from .bitpack import pack_bits, packed_size, unpack_bits
+from .config import GridConfig, from_dict, to_dict
+from .errors import CorruptStreamError, InputError, StreamError, TruncatedStreamError, VqadError
+from .fields import field_config, field_from_config
+from .grid import OctreeGrid
+from .octree import SparseOctree
+from .storage import STORAGES, TensorLayout
+
+MAGIC = b"\x89VQAD\r\n\x1a"
+VERSION = 1
+_PREAMBLE = struct.Struct("<8sHH")
+_FRAME = struct.Struct("<BBBBI")
+_CRC = struct.Struct("<I")
+PREAMBLE_BYTES = _PREAMBLE.size  # 12
+FRAME_BYTES = _FRAME.size + _CRC.size  # 12 bytes of framing per chunk
+
+MAX_HEADER_BYTES = 1 << 20
+MAX_DECODER_DIR_BYTES = 1 << 16
+READ_BLOCK = 1 << 16
+
+
+class ChunkType(IntEnum):
+    HEAD = 1  # field config, JSON
+    DECO = 2  # decoder tensors, fp16
+    TREE = 3  # octree child masks of one level (base chunk: levels 1..base)
+    GRID = 4  # one stored tensor of one level's feature storage
+
+
+class Codec(IntEnum):
+    RAW = 0  # bytes as specified (masks one byte each, fp16, bit-packed uints)
+    RANGE = 1  # order-0 range coding with the frequency table in the chunk (vqad.entropy.encode)
+    OCTREE = 2  # TREE only: child bits range-coded under a 7-neighbour context (vqad.entropy.encode_octree)
+
+
+_ALLOWED_CODECS = {
+    ChunkType.HEAD: (Codec.RAW,),
+    ChunkType.DECO: (Codec.RAW,),
+    ChunkType.TREE: (Codec.RAW, Codec.RANGE, Codec.OCTREE),
+    ChunkType.GRID: (Codec.RAW, Codec.RANGE),  # RANGE only for "uint" tensors of ≤ 12 bits
+}
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """One chunk of a stream: where it is and what it holds (``length`` = payload bytes)."""
+
+    offset: int
+    type: int
+    level: int
+    slot: int
+    codec: int
+    length: int
+    name: str
+    raw_length: int | None = None  # payload bytes without entropy coding (known once decoded)
+
+    @property
+    def size(self) -> int:
+        return FRAME_BYTES + self.length
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+@dataclass
+class DecodedLOD:
+    """A level of detail as soon as its last chunk arrived: ``nbytes`` = stream prefix it needed."""
+
+    lod: int
+    nbytes: int
+    field: torch.nn.Module
+
+
+# ================================================================================================
+# writing
+# ================================================================================================
+def _fp16_exact(t: torch.Tensor) -> bool:
+    r = t.detach().half().to(t.dtype)
+    same = (r == t) | (torch.isnan(r) & torch.isnan(t))
+    return bool(same.all())
+
+
+def _check_writable(field) -> None:
+    if not field.baked:
+        raise InputError(
+            "the field is not baked: call field.bake(fp16=True) before writing a .vqad file "
+            "(vqad export does this for you)"
+        )
+    for name, t in field.state_dict().items():
+        if t.is_floating_point() and not _fp16_exact(t):
+            raise InputError(
+                f"tensor {name} holds values that fp16 cannot represent exactly, so the file would not "
+                "decode to this model: bake with field.bake(fp16=True) first"
+            )
+
+
+def _frame(ctype: int, level: int, slot: int, codec: int, payload: bytes) -> bytes:
+    head = _FRAME.pack(ctype, level, slot, codec, len(payload))
+    return head + payload + _CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+
+
+def _encode_decoder(state: dict[str, torch.Tensor]) -> bytes:
+    """Directory (u16 count; per tensor u16 name length, UTF-8 name, u8 ndim, u32 dims) + fp16 data."""
+    head = bytearray(struct.pack("<H", len(state)))
+    data = []
+    for name, t in state.items():
+        if not t.is_floating_point():
+            raise InputError(f"decoder tensor {name} has dtype {t.dtype}: the .vqad decoder chunk holds floating tensors only")
+        nb = name.encode("utf-8")
+        head += struct.pack("<H", len(nb)) + nb + struct.pack("<B", t.dim())
+        head += struct.pack(f"<{t.dim()}I", *t.shape)
+        data.append(t.detach().cpu().to(torch.float16).numpy().astype("<f2").tobytes())
+    return bytes(head) + b"".join(data)
+
+
+def _parent_codes(octree: SparseOctree, parent_level: int) -> torch.Tensor:
+    """Sorted Morton codes of the occupied cells of ``parent_level`` (0 = the root cell)."""
+    if parent_level >= octree.base_level:
+        return octree.codes[parent_level]
+    return torch.unique(octree.codes[octree.base_level] >> (3 * (octree.base_level - parent_level)))
+
+
+def _tree_levels(octree: SparseOctree, level: int) -> list[int]:
+    """Levels whose child masks the TREE chunk of ``level`` holds."""
+    return list(range(1, level + 1)) if level == octree.base_level else [level]
+
+
+def _encode_tree(octree: SparseOctree, level: int, entropy: bool) -> tuple[int, bytes]:
+    parts = []
+    for lv in _tree_levels(octree, level):
+        masks = octree.child_masks(lv).cpu().numpy()
+        parts.append((_parent_codes(octree, lv - 1).cpu().numpy(), lv - 1, masks))
+    raw = b"".join(p[2].tobytes() for p in parts)
+    best = (Codec.RAW, raw)
+    if entropy:
+        n = len(raw)
+        for codec, payload in (
+            (Codec.RANGE, E.encode(np.frombuffer(raw, dtype=np.uint8), 256)),
+            (Codec.OCTREE, E.encode_octree(parts)),
+        ):
+            if len(payload) < len(best[1]) and E.allowed(n, len(payload)):
+                best = (codec, payload)
+    return best
+
+
+def _encode_tensor(t: torch.Tensor, lay: TensorLayout, entropy: bool) -> tuple[int, bytes]:
+    if tuple(t.shape) != tuple(lay.shape) and t.numel() != lay.numel:
+        raise InputError(f"stored tensor {lay.name} has shape {tuple(t.shape)}, its layout says {lay.shape}")
+    if lay.encoding == "f16":
+        return Codec.RAW, t.detach().cpu().to(torch.float16).reshape(-1).numpy().astype("<f2").tobytes()
+    values = t.detach().cpu().reshape(-1).numpy()
+    raw = pack_bits(values, lay.bits)
+    if entropy and lay.bits <= 12 and values.size:
+        payload = E.encode(values, 1 << lay.bits)
+        if len(payload) < len(raw) and E.allowed(values.size, len(payload)):
+            return Codec.RANGE, payload
+    return Codec.RAW, raw
+
+
+def iter_chunks(field, entropy: bool = False) -> Iterator[bytes]:
+    """The file of a baked field, piece by piece: the preamble, then each framed chunk in stream order."""
+    _check_writable(field)
+    cfg = field_config(field)
+    header = json.dumps({"field": cfg}, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    yield _PREAMBLE.pack(MAGIC, VERSION, 0)
+    yield _frame(ChunkType.HEAD, 0, 0, Codec.RAW, header)
+    yield _frame(ChunkType.DECO, 0, 0, Codec.RAW, _encode_decoder(field.decoder_state()))
+    octree = field.grid.octree
+    k = field.grid.cfg.features
+    for level in octree.levels:
+        codec, payload = _encode_tree(octree, level, entropy)
+        yield _frame(ChunkType.TREE, level, 0, codec, payload)
+        storage = field.grid.storage(level)
+        layout = type(storage).stored_layout(storage.m, k, **storage.params())
+        tensors = storage.export_tensors()
+        for slot, lay in enumerate(layout):
+            codec, payload = _encode_tensor(tensors[lay.name], lay, entropy)
+            yield _frame(ChunkType.GRID, level, slot, codec, payload)
+
+
+def to_bytes(field, entropy: bool = False) -> bytes:
+    """The whole ``.vqad`` file of a baked field (see :func:`iter_chunks`).
+
+    Args:
+        field: a baked field (``field.bake(fp16=True)``), any kind (sdf, nerf, ...).
+        entropy: range-code index and octree chunks where that makes them smaller (lossless).
+    """
+    return b"".join(iter_chunks(field, entropy))
+
+
+def save(field, dst, entropy: bool = False) -> int:
+    """Write the ``.vqad`` file of a baked field to a path (atomically) or a binary stream; returns its bytes."""
+    data = to_bytes(field, entropy)
+    if hasattr(dst, "write"):
+        dst.write(data)
+        return len(data)
+    path = Path(dst)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}") from exc
+    return len(data)
+
+
+# ================================================================================================
+# reading
+# ================================================================================================
+def _corrupt(msg: str) -> CorruptStreamError:
+    return CorruptStreamError(f"{msg}: the .vqad stream is damaged (re-download or re-export it)")
+
+
+@dataclass
+class _Level:
+    """What the stream has delivered for one level."""
+
+    codes: torch.Tensor  # (n_L,) sorted Morton codes (CPU)
+    n_masks: int  # mask bytes the TREE chunk decodes to (its raw size)
+    grid: list[tuple[ChunkRecord, bytes]] = dfield(default_factory=list)
+    tensors: dict[str, torch.Tensor] | None = None  # decoded once, on first use
+
+
+class StreamDecoder:
+    """Incremental .vqad decoder: push bytes with :meth:`feed` as they arrive, build fields on demand.
+
+    >>> dec = StreamDecoder()
+    >>> for block in blocks:                      # e.g. socket.recv / an HTTP response, any sizes
+    ...     for lod in dec.feed(block):           # LODs completed by this block
+    ...         show(dec.field(lod))
+
+    Chunks are checked (order, sizes, CRC) as soon as they are complete; octree chunks are decoded
+    immediately (each level's structure is needed to read the next), storage chunks when a field
+    that needs them is built. Memory stays proportional to the bytes received.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._off = 0  # stream offset of _buf[0]
+        self._preamble_done = False
+        self.cfg: dict | None = None
+        self.grid_cfg: GridConfig | None = None
+        self.chunks: list[ChunkRecord] = []
+        self.prefix_sizes: dict[int, int] = {}
+        self._decoder: dict[str, torch.Tensor] | None = None
+        self._decoder_shapes: dict[str, tuple[int, ...]] = {}
+        self._slots: dict[int, list[str]] = {}
+        self._levels: dict[int, _Level] = {}
+        self._frame: tuple | None = None  # parsed frame header of the chunk being received
+
+    # -- state ------------------------------------------------------------------------------------
+    @property
+    def bytes_received(self) -> int:
+        return self._off + len(self._buf)
+
+    @property
+    def complete_lods(self) -> list[int]:
+        return sorted(self.prefix_sizes)
+
+    @property
+    def finished(self) -> bool:
+        """Every LOD of the file has arrived."""
+        return self.grid_cfg is not None and self.grid_cfg.max_level in self.prefix_sizes
+
+    @property
+    def base_level(self) -> int | None:
+        return None if self.grid_cfg is None else self.grid_cfg.base_level
+
+    @property
+    def max_level(self) -> int | None:
+        return None if self.grid_cfg is None else self.grid_cfg.max_level
+
+    def _expected(self) -> tuple[int, int, int, str]:
+        """(type, level, slot, name) of the next chunk."""
+        if self.cfg is None:
+            return ChunkType.HEAD, 0, 0, "header"
+        if self._decoder is None:
+            return ChunkType.DECO, 0, 0, "decoder"
+        level = self.grid_cfg.base_level + len(self.prefix_sizes)
+        lv = self._levels.get(level)
+        if lv is None:
+            return ChunkType.TREE, level, 0, f"octree L{level}"
+        slot = len(lv.grid)
+        return ChunkType.GRID, level, slot, f"grid L{level} {self._slots[level][slot]}"
+
+    def where(self) -> str:
+        """Where the stream stands, for error messages."""
+        if not self._preamble_done:
+            return "in the 12-byte preamble"
+        if self.finished:
+            return "after the last chunk"
+        _, _, _, name = self._expected()
+        return f"in chunk '{name}'" + (f" (starting at byte {self._off})" if self._frame or self._buf else "")
+
+    def truncation_error(self) -> TruncatedStreamError:
+        first = "the first level of detail" if self.grid_cfg is None else f"the coarsest level of detail (LOD {self.grid_cfg.base_level})"
+        need = ""
+        if self._frame is not None:
+            need = f"; that chunk ends at byte {self._off + FRAME_BYTES + self._frame[4]:,}"
+        return TruncatedStreamError(
+            f"the .vqad stream is truncated: it ended after {self.bytes_received:,} bytes {self.where()}, "
+            f"before {first} was complete{need}. Pass more of the file (a larger --bytes) or the whole file"
+        )
+
+    # -- bytes in ---------------------------------------------------------------------------------
+    def feed(self, data) -> list[int]:
+        """Append received bytes; returns the LODs completed by them (coarsest first).
+
+        Raises:
+            CorruptStreamError: bad magic, unknown version, a CRC mismatch, chunks out of order,
+                impossible sizes or undecodable payloads, or bytes after the last chunk.
+        """
+        if not data:
+            return []
+        if self.finished:
+            raise _corrupt(f"{len(data)} bytes of trailing data after the last chunk (byte {self.bytes_received:,})")
+        self._buf += data
+        done: list[int] = []
+        while True:
+            if not self._preamble_done:
+                n = min(len(self._buf), 8)
+                if bytes(self._buf[:n]) != MAGIC[:n]:
+                    raise CorruptStreamError(
+                        "not a .vqad file: bad magic bytes (expected \\x89VQAD\\r\\n\\x1a); pass a file written by vqad export"
+                    )
+                if len(self._buf) < PREAMBLE_BYTES:
+                    return done
+                _, version, reserved = _PREAMBLE.unpack_from(self._buf)
+                if version != VERSION:
+                    raise CorruptStreamError(
+                        f"unsupported .vqad version {version}: this vqad reads version {VERSION}; upgrade vqad or re-export the model"
+                    )
+                if reserved != 0:
+                    raise _corrupt(f"reserved preamble field is {reserved}, expected 0")
+                self._consume(PREAMBLE_BYTES)
+                self._preamble_done = True
+            if self.finished:
+                if self._buf:
+                    raise _corrupt(f"{len(self._buf)} bytes of trailing data after the last chunk (byte {self._off:,})")
+                return done
+            if self._frame is None:
+                if len(self._buf) < _FRAME.size:
+                    return done
+                self._frame = _FRAME.unpack_from(self._buf)
+                self._check_frame(*self._frame)
+            total = FRAME_BYTES + self._frame[4]
+            if len(self._buf) < total:
+                return done
+            lod = self._take_chunk(bytes(self._buf[:total]))
+            self._consume(total)
+            self._frame = None
+            if lod is not None:
+                done.append(lod)
+
+    def _consume(self, n: int) -> None:
+        del self._buf[:n]
+        self._off += n
+
+    def _check_frame(self, ctype: int, level: int, slot: int, codec: int, length: int) -> None:
+        """Validate a chunk's frame header before waiting for (or allocating) its payload."""
+        etype, elevel, eslot, name = self._expected()
+        at = f"at byte {self._off:,}"
+        if ctype not in {c.value for c in ChunkType}:
+            raise _corrupt(f"unknown chunk type {ctype} {at} (expected '{name}')")
+        if (ctype, level, slot) != (etype, elevel, eslot):
+            got = f"{ChunkType(ctype).name} level {level} slot {slot}"
+            raise _corrupt(f"chunk {at} is {got}, expected '{name}' ({ChunkType(etype).name} level {elevel} slot {eslot})")
+        if codec not in [c.value for c in _ALLOWED_CODECS[ChunkType(ctype)]]:
+            raise _corrupt(f"chunk '{name}' {at} uses codec {codec}, not allowed for {ChunkType(ctype).name} chunks")
+        limit = self._max_payload(ChunkType(ctype), level, slot, codec)
+        if length > limit:
+            raise _corrupt(f"chunk '{name}' {at} declares {length:,} payload bytes, more than the {limit:,} it can hold")
+
+    def _max_payload(self, ctype: ChunkType, level: int, slot: int, codec: int) -> int:
+        """Upper bound on a chunk's payload, from what the stream has already established."""
+        if ctype == ChunkType.HEAD:
+            return MAX_HEADER_BYTES
+        if ctype == ChunkType.DECO:
+            return MAX_DECODER_DIR_BYTES + 2 * sum(int(np.prod(s)) for s in self._decoder_shapes.values())
+        if ctype == ChunkType.TREE:
+            if level == self.grid_cfg.base_level:  # masks of levels 0..base-1 cells: at most (8^base - 1) / 7
+                return ((8 ** level - 1) // 7) - (1 if codec != Codec.RAW else 0)
+            raw = int(self._levels[level - 1].codes.numel())
+            return raw if codec == Codec.RAW else raw - 1  # entropy coding must save bytes
+        # GRID: m ≤ 8 n_L vertices, so the raw size with that m bounds the payload
+        m_max = 8 * int(self._levels[level].codes.numel())
+        lay = self._layout(level, m_max)[slot]
+        if codec == Codec.RANGE and (lay.encoding != "uint" or lay.bits > 12):
+            raise _corrupt(f"chunk 'grid L{level} {lay.name}' is range-coded, which only {lay.name!r} tensors of uint ≤ 12 bits may be")
+        return _raw_size(lay)
+
+    def _take_chunk(self, chunk: bytes) -> int | None:
+        ctype, level, slot, codec, length = self._frame
+        _, _, _, name = self._expected()
+        payload = chunk[_FRAME.size:_FRAME.size + length]
+        (stored,) = _CRC.unpack_from(chunk, _FRAME.size + length)
+        computed = zlib.crc32(payload, zlib.crc32(chunk[:_FRAME.size]))
+        if stored != computed:
+            raise _corrupt(
+                f"CRC mismatch in chunk '{name}' (bytes {self._off:,}..{self._off + len(chunk):,}): "
+                f"stored {stored:08x}, computed {computed:08x}"
+            )
+        rec = ChunkRecord(self._off, ctype, level, slot, codec, length, name)
+        if ctype == ChunkType.HEAD:
+            self._read_header(payload)
+        elif ctype == ChunkType.DECO:
+            self._read_decoder(payload)
+        elif ctype == ChunkType.TREE:
+            rec = replace(rec, raw_length=self._read_tree(level, codec, payload))
+        else:
+            lv = self._levels[level]
+            lv.grid.append((rec, payload))
+        self.chunks.append(rec)
+        if ctype == ChunkType.GRID and len(self._levels[level].grid) == len(self._slots[level]):
+            self.prefix_sizes[level] = rec.end
+            return level
+        return None
+
+    # -- chunk payloads ---------------------------------------------------------------------------
+    def _read_header(self, payload: bytes) -> None:
+        try:
+            doc = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise _corrupt(f"header is not valid JSON ({exc})") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("field"), dict):
+            raise _corrupt("header JSON has no 'field' object")
+        cfg = doc["field"]
+        try:
+            grid_cfg = from_dict(GridConfig, cfg["grid"])
+            grid_cfg.validate()
+            params = cfg["storage_params"]
+            if not isinstance(params, list) or len(params) != len(grid_cfg.lods) or not all(isinstance(p, dict) for p in params):
+                raise InputError(f"storage_params must hold one object per level ({len(grid_cfg.lods)})")
+            slots = {}
+            for level, p in zip(grid_cfg.lods, params):
+                layout = STORAGES[grid_cfg.storage].stored_layout(1, grid_cfg.features, **p)
+                for lay in layout:
+                    if lay.encoding not in ("f16", "uint") or (lay.encoding == "uint" and not 1 <= lay.bits <= 32):
+                        raise InputError(f"storage layout entry {lay} cannot be stored")
+                slots[level] = [lay.name for lay in layout]
+            shapes = _decoder_shapes(cfg, grid_cfg)
+        except (VqadError, KeyError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as exc:
+            raise _corrupt(f"header describes a model this vqad cannot build ({type(exc).__name__}: {exc})") from exc
+        self.cfg, self.grid_cfg, self._slots, self._decoder_shapes = cfg, grid_cfg, slots, shapes
+
+    def _read_decoder(self, payload: bytes) -> None:
+        try:
+            (count,) = struct.unpack_from("<H", payload, 0)
+            pos = 2
+            entries = []
+            for _ in range(count):
+                (nlen,) = struct.unpack_from("<H", payload, pos)
+                name = payload[pos + 2:pos + 2 + nlen].decode("utf-8")
+                pos += 2 + nlen
+                (ndim,) = struct.unpack_from("<B", payload, pos)
+                shape = struct.unpack_from(f"<{ndim}I", payload, pos + 1)
+                pos += 1 + 4 * ndim
+                entries.append((name, tuple(shape)))
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise _corrupt(f"decoder chunk directory is malformed ({exc})") from exc
+        got = dict(entries)
+        if len(got) != len(entries) or got != self._decoder_shapes:
+            raise _corrupt(
+                "decoder chunk does not match the header's decoder architecture "
+                f"(tensors {sorted(got)[:3]}..., expected {sorted(self._decoder_shapes)[:3]}...)"
+            )
+        need = 2 * sum(int(np.prod(s)) for _, s in entries)
+        if len(payload) - pos != need:
+            raise _corrupt(f"decoder chunk holds {len(payload) - pos:,} data bytes, its directory needs {need:,}")
+        data = np.frombuffer(payload, dtype="<f2", offset=pos)
+        state, i = {}, 0
+        for name, shape in entries:
+            n = int(np.prod(shape))
+            state[name] = torch.from_numpy(data[i:i + n].astype(np.float32)).reshape(shape)
+            i += n
+        self._decoder = state
+
+    def _read_tree(self, level: int, codec: int, payload: bytes) -> int:
+        """Decode one TREE chunk into the sorted codes of ``level``; returns the mask bytes it held."""
+        base = self.grid_cfg.base_level
+        if level == base:
+            parents, plevels = torch.zeros(1, dtype=torch.long), list(range(0, base))
+        else:
+            parents, plevels = self._levels[level - 1].codes, [level - 1]
+        try:
+            if codec == Codec.RAW:
+                pos = 0
+
+                def next_masks(codes, plevel):
+                    nonlocal pos
+                    n = codes.numel()
+                    if pos + n > len(payload):
+                        raise _corrupt(f"octree chunk of level {level} is too short: {len(payload)} bytes")
+                    m = np.frombuffer(payload, dtype=np.uint8, count=n, offset=pos)
+                    pos += n
+                    return m
+            elif codec == Codec.RANGE:
+                dec = E.Decoder(payload, 256)
+
+                def next_masks(codes, plevel):
+                    return dec.decode(codes.numel()).astype(np.uint8)
+            else:
+                odec = E.OctreeDecoder(payload)
+
+                def next_masks(codes, plevel):
+                    return odec.decode_level(codes.numpy(), plevel)
+
+            total = 0
+            for plevel in plevels:
+                masks = next_masks(parents, plevel)
+                total += masks.size
+                if masks.size and not masks.all():
+                    raise _corrupt(f"octree chunk of level {level}: an occupied cell of level {plevel} has no children")
+                parents = SparseOctree.codes_from_child_masks(parents, torch.from_numpy(np.array(masks, dtype=np.uint8)))
+            if codec == Codec.RAW and pos != len(payload):
+                raise _corrupt(f"octree chunk of level {level} has {len(payload) - pos} bytes after its last mask")
+            if codec != Codec.RAW and len(payload) >= total:
+                raise _corrupt(f"entropy-coded octree chunk of level {level} is not smaller than its {total} raw bytes")
+        except E.EntropyError as exc:
+            raise _corrupt(f"octree chunk of level {level}: {exc}") from exc
+        self._levels[level] = _Level(codes=parents, n_masks=total)
+        return total
+
+    # -- fields out -------------------------------------------------------------------------------
+    def _layout(self, level: int, m: int) -> list[TensorLayout]:
+        i = level - self.grid_cfg.base_level
+        return STORAGES[self.grid_cfg.storage].stored_layout(m, self.grid_cfg.features, **self.cfg["storage_params"][i])
+
+    def _level_tensors(self, level: int, m: int) -> dict[str, torch.Tensor]:
+        lv = self._levels[level]
+        if lv.tensors is not None:
+            return lv.tensors
+        out = {}
+        for (rec, payload), lay in zip(lv.grid, self._layout(level, m)):
+            raw = _raw_size(lay)
+            try:
+                if rec.codec == Codec.RAW:
+                    if len(payload) != raw:
+                        raise _corrupt(f"chunk '{rec.name}' holds {len(payload):,} bytes; {lay.name} {lay.shape} needs {raw:,}")
+                    if lay.encoding == "f16":
+                        t = torch.from_numpy(np.frombuffer(payload, dtype="<f2").astype(np.float16))
+                    else:
+                        t = torch.from_numpy(unpack_bits(payload, lay.numel, lay.bits))
+                else:
+                    if len(payload) >= raw:
+                        raise _corrupt(f"range-coded chunk '{rec.name}' is not smaller than its raw size")
+                    t = torch.from_numpy(E.decode(payload, lay.numel, 1 << lay.bits))
+            except (ValueError, E.EntropyError) as exc:  # bitpack / entropy reject malformed payloads
+                raise _corrupt(f"chunk '{rec.name}': {exc}") from exc
+            out[lay.name] = t.reshape(lay.shape)
+        lv.tensors = out
+        return out
+
+    def field(self, lod: int | None = None, device: str | torch.device = "cpu"):
+        """The baked field of the largest complete LOD ``<= lod`` (default: the largest complete).
+
+        Raises:
+            TruncatedStreamError: no LOD is complete yet.
+            InputError: ``lod`` is coarser than the file's coarsest LOD.
+        """
+        if not self.prefix_sizes:
+            raise self.truncation_error()
+        if lod is not None and lod < self.grid_cfg.base_level:
+            raise InputError(
+                f"LOD {lod} is coarser than this file's coarsest LOD {self.grid_cfg.base_level}: "
+                f"choose one of {self.grid_cfg.base_level}..{self.grid_cfg.max_level}"
+            )
+        top = max(lv for lv in self.prefix_sizes if lod is None or lv <= lod)
+        device = torch.device(device)
+        grid_cfg = replace(self.grid_cfg, max_level=top)
+        octree = SparseOctree.from_codes(self._levels[top].codes.to(device), grid_cfg.base_level, top)
+        storages = []
+        cls = STORAGES[grid_cfg.storage]
+        for i, level in enumerate(octree.levels):
+            m = octree.num_vertices(level)
+            tensors = self._level_tensors(level, m)
+            try:
+                storages.append(cls.from_export(m, grid_cfg.features, tensors, **self.cfg["storage_params"][i]))
+            except (VqadError, ValueError, RuntimeError, TypeError) as exc:
+                raise _corrupt(f"the {grid_cfg.storage} storage of level {level} cannot be rebuilt ({exc})") from exc
+        grid = OctreeGrid(octree, storages, grid_cfg).to(device)
+        cfg = dict(self.cfg, grid=to_dict(grid_cfg), storage_params=self.cfg["storage_params"][: len(octree.levels)])
+        with torch.random.fork_rng(devices=[]):  # the decoder's random init is overwritten: keep the caller's RNG
+            field = field_from_config(cfg, grid).to(device)
+        want = field.decoder_state()
+        field.load_decoder_state({k: self._decoder[k] for k in want})
+        field.bake(fp16=False)
+        return field
+
+
+def _raw_size(lay: TensorLayout) -> int:
+    return 2 * lay.numel if lay.encoding == "f16" else packed_size(lay.numel, lay.bits)
+
+
+def _decoder_shapes(cfg: dict, grid_cfg: GridConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of ``decoder_state()`` for the model a header describes, allocating nothing.
+
+    The field is built around a one-cell octree whose tensors live on PyTorch's ``meta`` device and
+    with no storages (a field's decoders never look at them), inside ``torch.device("meta")``: so a
+    damaged header that asks for a gigantic decoder costs no memory; the decoder chunk that follows
+    must then physically hold every weight before anything real is allocated.
+    """
+    octree = SparseOctree.from_codes(torch.zeros(1, dtype=torch.long), grid_cfg.base_level, grid_cfg.max_level)
+    for table in (octree.codes, octree.corners, octree.vertices):
+        for level in table:
+            table[level] = table[level].to("meta")
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        field = field_from_config(cfg, OctreeGrid(octree, [], grid_cfg))
+        return {k: tuple(v.shape) for k, v in field.decoder_state().items()}
+
+
+# ================================================================================================
+# sources
+# ================================================================================================
+def _blocks(source, max_bytes: int | None = None, block: int = READ_BLOCK) -> Iterator[bytes]:
+    """Bytes of ``source`` in blocks, at most ``max_bytes`` in total."""
+    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+        raise InputError(f"max_bytes must be a non-negative integer, got {max_bytes!r}")
+    left = float("inf") if max_bytes is None else max_bytes
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        mv = memoryview(source)
+        yield bytes(mv[: int(min(left, len(mv)))])
+        return
+    if isinstance(source, (str, Path)):
+        try:
+            f = open(source, "rb")
+        except OSError as exc:
+            raise InputError(f"cannot read {source}: {exc.strerror}") from exc
+        with f:
+            yield from _blocks(f, max_bytes, block=max(block, 1 << 20))
+        return
+    if hasattr(source, "read"):
+        while left > 0:
+            data = source.read(int(min(block, left)))
+            if data is None:
+                raise InputError("the stream is non-blocking and has no data: pass a blocking stream or use StreamDecoder.feed")
+            if not data:
+                return
+            left -= len(data)
+            yield bytes(data)
+        return
+    if isinstance(source, Iterable):
+        for data in source:
+            data = bytes(data)[: int(min(left, len(data)))]
+            left -= len(data)
+            if data:
+                yield data
+            if left <= 0:
+                return
+        return
+    raise InputError(
+        f"cannot read a .vqad stream from a {type(source).__name__}: pass a path, bytes, a binary file-like object or an iterable of bytes"
+    )
+
+
+def _describe(source) -> str:
+    return str(source) if isinstance(source, (str, Path)) else "the .vqad stream"
+
+
+def _decode(source, lod: int | None, max_bytes: int | None, block: int = READ_BLOCK):
+    """Feed ``source`` until ``lod`` is complete (or the end); yields (decoder, newly complete LODs)."""
+    dec = StreamDecoder()
+    for data in _blocks(source, max_bytes, block):
+        new = dec.feed(data)
+        if dec.grid_cfg is not None and lod is not None and lod < dec.grid_cfg.base_level:
+            raise InputError(
+                f"LOD {lod} is coarser than this file's coarsest LOD {dec.grid_cfg.base_level}: "
+                f"choose one of {dec.grid_cfg.base_level}..{dec.grid_cfg.max_level}"
+            )
+        if lod is not None:
+            new = [lv for lv in new if lv <= lod]
+        yield dec, new
+        if dec.finished or (lod is not None and lod in dec.prefix_sizes):
+            return
+
+
+def load(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None):
+    """Decode a ``.vqad`` file (or any prefix of one) into a baked field.
+
+    Args:
+        source: path, bytes-like, binary stream or iterable of byte blocks.
+        device: where the field lives.
+        lod: stop at this level of detail (reading no further than it needs).
+        max_bytes: use only the first N bytes of the source.
+    Returns:
+        the field holding the largest complete LOD ``<= lod`` (its ``lods`` say which). Its outputs
+        equal, bit for bit, those of the baked in-memory field that was written.
+    Raises:
+        TruncatedStreamError: the bytes end before the first LOD is complete.
+        CorruptStreamError: the bytes are damaged (the message names the chunk).
+    """
+    dec = StreamDecoder()
+    for dec, _ in _decode(source, lod, max_bytes):
+        pass
+    if not dec.prefix_sizes:
+        raise dec.truncation_error()
+    wanted = dec.max_level if lod is None else min(lod, dec.max_level)
+    if max_bytes is None and max(dec.prefix_sizes) < wanted:
+        warnings.warn(
+            f"{_describe(source)} ended after {dec.bytes_received:,} bytes {dec.where()}: "
+            f"using LOD {max(dec.prefix_sizes)} of {dec.base_level}..{dec.max_level}",
+            stacklevel=2,
+        )
+    return dec.field(lod, device=device)
+
+
+def iter_lods(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None,
+              block: int = READ_BLOCK) -> Iterator[DecodedLOD]:
+    """Yield each level of detail as soon as its bytes have arrived, coarsest first.
+
+    ``source`` is read ``block`` bytes at a time, so a socket or an HTTP response is drawn from as
+    it arrives:
+
+    >>> with urllib.request.urlopen(url) as response:
+    ...     for step in iter_lods(response):
+    ...         print(step.lod, step.nbytes)        # LOD 3 after 6,912 bytes, ...
+    """
+    dec, yielded = StreamDecoder(), False
+    for dec, new in _decode(source, lod, max_bytes, block):
+        for lv in new:
+            yielded = True
+            yield DecodedLOD(lv, dec.prefix_sizes[lv], dec.field(lv, device=device))
+    if not yielded:
+        raise dec.truncation_error()
+
+
+def lod_prefix_sizes(source) -> dict[int, int]:
+    """``{lod: bytes}``: how many leading bytes of the stream each complete LOD needs."""
+    dec = StreamDecoder()
+    for dec, _ in _decode(source, None, None):
+        pass
+    if not dec.prefix_sizes:
+        raise dec.truncation_error()
+    return dict(dec.prefix_sizes)
+
+
+# ================================================================================================
+# inspection (vqad info)
+# ================================================================================================
+@dataclass
+class LevelInfo:
+    """Sizes of one level, in bytes (``formula`` = the storage's own bits / 8, e.g. (m·b + 16·k·2^b)/8)."""
+
+    level: int
+    cells: int
+    vertices: int
+    prefix_bytes: int  # stream bytes needed to decode this LOD
+    grid_bytes: int  # GRID payloads of this level as stored
+    grid_raw_bytes: int  # ... without entropy coding
+    tree_bytes: int  # TREE payload as stored
+    tree_raw_bytes: int  # ... without entropy coding (one byte per mask)
+    formula_bytes: float
+    dense_fp16_bytes: float  # 16·m·k / 8
+
+
+@dataclass
+class FileInfo:
+    """What ``vqad info`` prints: the header, the chunk table and per-level sizes."""
+
+    total_bytes: int
+    config: dict
+    chunks: list[ChunkRecord]
+    levels: list[LevelInfo]
+    header_bytes: int
+    decoder_bytes: int  # DECO payload (directory + fp16 data)
+    decoder_params: int
+    complete: bool
+
+    @property
+    def framing_bytes(self) -> int:
+        return PREAMBLE_BYTES + FRAME_BYTES * len(self.chunks)
+
+    @property
+    def raw_total_bytes(self) -> int:
+        """What the same file takes without entropy coding."""
+        return self.total_bytes + sum(lv.grid_raw_bytes - lv.grid_bytes + lv.tree_raw_bytes - lv.tree_bytes for lv in self.levels)
+
+
+def read_info(source) -> FileInfo:
+    """Decode a whole stream (validating every chunk) and account for its bytes."""
+    dec = StreamDecoder()
+    for dec, _ in _decode(source, None, None):
+        pass
+    if not dec.prefix_sizes:
+        raise dec.truncation_error()
+    field = dec.field()  # builds (and so validates) every complete level
+    octree = field.grid.octree
+    k = dec.grid_cfg.features
+    levels = []
+    for level in octree.levels:
+        m = octree.num_vertices(level)
+        tree = next(c for c in dec.chunks if c.type == ChunkType.TREE and c.level == level)
+        grid_recs = [rec for rec, _ in dec._levels[level].grid]
+        layout = dec._layout(level, m)
+        levels.append(LevelInfo(
+            level=level, cells=octree.num_cells(level), vertices=m, prefix_bytes=dec.prefix_sizes[level],
+            grid_bytes=sum(r.length for r in grid_recs), grid_raw_bytes=sum(_raw_size(lay) for lay in layout),
+            tree_bytes=tree.length, tree_raw_bytes=tree.raw_length,
+            formula_bytes=sum(lay.stored_bits() for lay in layout) / 8, dense_fp16_bytes=16 * m * k / 8,
+        ))
+    head = next(c for c in dec.chunks if c.type == ChunkType.HEAD)
+    deco = next(c for c in dec.chunks if c.type == ChunkType.DECO)
+    end = max(c.end for c in dec.chunks)
+    return FileInfo(
+        total_bytes=end, config=dec.cfg, chunks=list(dec.chunks), levels=levels, header_bytes=head.length,
+        decoder_bytes=deco.length, decoder_params=sum(int(np.prod(s)) for s in dec._decoder_shapes.values()),
+        complete=dec.finished,
+    )
+
+
+__all__ = [
+    "MAGIC", "VERSION", "ChunkType", "Codec", "ChunkRecord", "DecodedLOD", "StreamDecoder", "FileInfo", "LevelInfo",
+    "to_bytes", "save", "iter_chunks", "load", "iter_lods", "lod_prefix_sizes", "read_info", "StreamError",
+]

@@ -68,8 +68,8 @@ def quantize_counts(counts: np.ndarray) -> np.ndarray:
         f[int(np.argmax(counts))] += diff
     while diff < 0:  # bumping rare symbols to 1 overshot: take it back from the largest, never below 1
         order = np.argsort(-f, kind="stable")
-        take = np.minimum(f[order] - 1, -diff)
-        take = np.minimum(take, np.maximum(1, f[order] // 2))
+        # at most half of each frequency (at least 1), never below 1, nothing from absent symbols
+        take = np.clip(np.minimum(f[order] - 1, np.maximum(1, f[order] // 2)), 0, None)
         cum = np.cumsum(take)
         k = int(np.searchsorted(cum, -diff))
         if k < len(take):

@@ -98,7 +98,7 @@ class ChunkRecord:
     codec: int
     length: int
     name: str
-    raw_length: int | None = None  # payload bytes without entropy coding (known once decoded)
+    raw_length: int | None = None  # payload bytes without entropy coding (TREE: once decoded; all: in read_info)
 
     @property
     def size(self) -> int:
@@ -834,6 +834,14 @@ def read_info(source) -> FileInfo:
     octree = field.grid.octree
     k = dec.grid_cfg.features
     levels = []
+    chunks = []
+    raw_of = {}
+    for level in octree.levels:
+        for (rec, _), lay in zip(dec._levels[level].grid, dec._layout(level, octree.num_vertices(level))):
+            raw_of[(level, rec.slot)] = _raw_size(lay)
+    for c in dec.chunks:
+        raw = {ChunkType.TREE: c.raw_length, ChunkType.GRID: raw_of.get((c.level, c.slot))}.get(c.type, c.length)
+        chunks.append(replace(c, raw_length=raw))
     for level in octree.levels:
         m = octree.num_vertices(level)
         tree = next(c for c in dec.chunks if c.type == ChunkType.TREE and c.level == level)
@@ -849,7 +857,7 @@ def read_info(source) -> FileInfo:
     deco = next(c for c in dec.chunks if c.type == ChunkType.DECO)
     end = max(c.end for c in dec.chunks)
     return FileInfo(
-        total_bytes=end, config=dec.cfg, chunks=list(dec.chunks), levels=levels, header_bytes=head.length,
+        total_bytes=end, config=dec.cfg, chunks=chunks, levels=levels, header_bytes=head.length,
         decoder_bytes=deco.length, decoder_params=sum(int(np.prod(s)) for s in dec._decoder_shapes.values()),
         complete=dec.finished,
     )

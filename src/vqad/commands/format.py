@@ -1,0 +1,107 @@
+"""``vqad export`` (checkpoint → progressive .vqad file) and ``vqad info`` (what a .vqad file holds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+from .common import ensure_writable_file
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as a progressive .vqad file")
+    p.add_argument("model", help="checkpoint directory (or a .vqad file to re-encode)")
+    p.add_argument("-o", "--out", required=True, help="output .vqad file")
+    p.add_argument("--entropy", action="store_true",
+                   help="range-code indices and octree masks where that is smaller (lossless)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("info", help="chunks, bytes per LOD and compression ratios of a .vqad file")
+    p.add_argument("model", help=".vqad file")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_export(args) -> int:
+    from ..api import load
+    from ..fileformat import iter_chunks, lod_prefix_sizes, save
+
+    out = ensure_writable_file(args.out)
+    if Path(args.model).resolve() == out.resolve():
+        raise InputError(f"--out {out} is the input model: write to another file")
+    field = load(args.model, device="cpu")
+    # what is evaluated is what is stored: round codebooks and decoder to fp16 now (idempotent when
+    # the checkpoint was baked that way already)
+    field.bake(fp16=True)
+    nbytes = save(field, out, entropy=args.entropy)
+    sizes = lod_prefix_sizes(out)
+    print(f"wrote {out}: {nbytes:,} bytes, {field.kind} field, LODs {min(sizes)}..{max(sizes)}")
+    print("  " + ", ".join(f"LOD {lod} after {_kb(n)}" for lod, n in sizes.items()))
+    if args.entropy:
+        raw = sum(len(c) for c in iter_chunks(field, entropy=False))
+        print(f"  entropy coding: {raw:,} -> {nbytes:,} bytes ({100 * (raw - nbytes) / raw:.1f}% smaller, lossless)")
+    return 0
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1e3:,.1f} kB"
+
+
+def cmd_info(args) -> int:
+    from ..fileformat import read_info
+
+    path = Path(args.model)
+    if path.is_dir():
+        raise InputError(f"{path} is a checkpoint directory: vqad info reads .vqad files (vqad export writes one)")
+    info = read_info(path)
+    for line in info_lines(info):
+        print(line)
+    return 0
+
+
+def info_lines(info) -> list[str]:
+    """The report of ``vqad info`` as lines of text (also used by the format benchmark)."""
+    from ..fileformat import FRAME_BYTES, PREAMBLE_BYTES, Codec
+
+    cfg = info.config
+    g = cfg["grid"]
+    lines = [
+        f"{cfg['kind']} field, storage {g['storage']}, k={g['features']}"
+        + (f", b={g['bits']}" if g["storage"] == "codebook" else "")
+        + f", levels {g['base_level']}..{g['max_level']}, {info.total_bytes:,} bytes"
+        + ("" if info.complete else f" (INCOMPLETE: only LODs up to {info.levels[-1].level})"),
+        "",
+        f"{'offset':>9}  {'chunk':<18} {'codec':<7} {'bytes':>9} {'raw bytes':>10}",
+        f"{0:>9,}  {'preamble':<18} {'':<7} {PREAMBLE_BYTES:>9,} {'':>10}",
+    ]
+    for c in info.chunks:
+        raw = "" if c.codec == Codec.RAW else f"{c.raw_length + FRAME_BYTES:,}"
+        lines.append(f"{c.offset:>9,}  {c.name:<18} {Codec(c.codec).name.lower():<7} {c.size:>9,} {raw:>10}")
+    lines += [
+        "",
+        "per LOD (cumulative over levels base..L; grid = stored feature tensors; formula = the storage's own bits,",
+        "for a codebook (m·b + 16·k·2^b)/8; dense = an fp16 grid, 16·m·k/8):",
+        f"{'LOD':>4} {'m':>9} {'prefix':>11} {'grid':>11} {'formula':>11} {'dense fp16':>12} {'dense/grid':>11} {'dense/formula':>14}",
+    ]
+    cg = cf = cd = 0.0
+    for lv in info.levels:
+        cg += lv.grid_bytes
+        cf += lv.formula_bytes
+        cd += lv.dense_fp16_bytes
+        lines.append(f"{lv.level:>4} {lv.vertices:>9,} {_kb(lv.prefix_bytes):>11} {_kb(cg):>11} {_kb(cf):>11} "
+                     f"{_kb(cd):>12} {cd / cg:>10.1f}x {cd / cf:>13.1f}x")
+    tree = sum(lv.tree_bytes for lv in info.levels)
+    dec = 2 * info.decoder_params
+    other = info.total_bytes - cg - dec
+    lines += [
+        "",
+        f"file {info.total_bytes:,} B = grid {int(cg):,} + decoder weights {dec:,} (fp16) + overhead {int(other):,} "
+        f"({100 * other / info.total_bytes:.1f}%):",
+        f"  octree structure {tree:,}, header JSON {info.header_bytes:,}, decoder directory {info.decoder_bytes - dec:,}, "
+        f"framing {info.framing_bytes:,} (12-byte preamble + 12 bytes per chunk × {len(info.chunks)})",
+        f"  formula prediction (grid formula + fp16 decoder) {int(cf) + dec:,} B; file / formula = {info.total_bytes / (cf + dec):.3f}",
+    ]
+    if info.raw_total_bytes != info.total_bytes:
+        saved = info.raw_total_bytes - info.total_bytes
+        lines.append(f"  entropy coding: {info.raw_total_bytes:,} B without, {info.total_bytes:,} B with "
+                     f"({100 * saved / info.raw_total_bytes:.1f}% smaller)")
+    return lines

@@ -1,0 +1,541 @@
+"""The progressive .vqad file: round trips, exactness, prefixes, damage, streaming sources, CLI."""
+
+import http.server
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import vqad
+from vqad import entropy as E
+from vqad import fileformat as F
+from vqad.checkpoint import save_checkpoint
+from vqad.cli import main
+from vqad.config import DecoderConfig, GridConfig
+from vqad.errors import CorruptStreamError, InputError, StreamError, TruncatedStreamError
+from vqad.fields import SDFField
+from vqad.grid import OctreeGrid
+from vqad.octree import SparseOctree
+from vqad.storage import STORAGES
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread is fastest, and far faster on a shared, busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_field(storage="codebook", bits=4, kind="sdf", levels=(2, 4), k=4, hidden=16, seed=0, n_points=200,
+               surface=False, bake=True):
+    """An untrained (random) field on a small octree: enough for byte-exact round trips."""
+    torch.manual_seed(seed)
+    if surface:  # points on a sphere: an octree shell with the structure of a real surface
+        p = torch.randn(n_points, 3)
+        pts = 0.7 * p / p.norm(dim=1, keepdim=True)
+    else:
+        pts = torch.rand(n_points, 3) * 1.6 - 0.8
+    octree = SparseOctree.from_points(pts, *levels, dilate=0)
+    grid = OctreeGrid.from_octree(octree, GridConfig(storage, k, bits, *levels))
+    if kind == "sdf":
+        field = SDFField(grid, DecoderConfig(hidden=hidden))
+    else:
+        from vqad.nerf.field import NeRFConfig, NeRFField
+
+        field = NeRFField(grid, DecoderConfig(hidden=hidden), NeRFConfig(geo_features=3, color_hidden=8, sh_degree=1))
+    if storage == "dense":  # give the dense grid features that matter to the output
+        for s in field.grid.storages:
+            s.Z.data.normal_(0, 0.5)
+    if bake:
+        field.bake(fp16=True)
+    return field
+
+
+def outputs(field, x, lod):
+    with torch.no_grad():
+        if field.kind == "nerf":
+            d = torch.nn.functional.normalize(x.flip(1) + 0.3, dim=1)
+            sig, rgb = field(x, d, lod)
+            return torch.cat([sig[:, None], rgb], dim=1)
+        return field(x, lod)
+
+
+def assert_same_model(a, b, lods=None):
+    """b decodes to exactly a: same octree, stored tensors, decoder weights and outputs, bit for bit."""
+    lods = b.lods if lods is None else lods
+    assert b.lods == [lv for lv in a.lods if lv <= max(lods)]
+    x = torch.rand(3000, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    for lod in lods:
+        assert torch.equal(a.grid.octree.codes[lod], b.grid.octree.codes[lod])
+        ta, tb = a.grid.storage(lod).export_tensors(), b.grid.storage(lod).export_tensors()
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[n], tb[n]) for n in ta)
+        oa, ob = outputs(a, x, lod), outputs(b, x, lod)
+        assert oa.abs().sum() > 0  # the comparison is not vacuous
+        assert torch.equal(oa, ob), f"LOD {lod}: decoded outputs differ"
+    da, db = a.decoder_state(), b.decoder_state()
+    assert all(torch.equal(db[n], da[n]) for n in db)
+
+
+def frames(data: bytes):
+    """(offset, type, level, slot, codec, length) of every chunk, parsed independently of the reader."""
+    out, pos = [], F.PREAMBLE_BYTES
+    while pos < len(data):
+        t, lv, sl, co, n = struct.unpack_from("<BBBBI", data, pos)
+        out.append((pos, t, lv, sl, co, n))
+        pos += 12 + n
+    assert pos == len(data)
+    return out
+
+
+def reframe(head: bytes, payload: bytes) -> bytes:
+    head = head[:4] + struct.pack("<I", len(payload))
+    return head + payload + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head)))
+
+
+@pytest.fixture(scope="module")
+def small():
+    field = make_field(levels=(2, 3), k=2, hidden=4, n_points=40)
+    return field, F.to_bytes(field)
+
+
+# -- round trips and exactness ---------------------------------------------------------------------
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("storage", sorted(STORAGES))
+def test_round_trip_every_storage_kind(storage, entropy):
+    field = make_field(storage=storage, surface=True, n_points=400)
+    data = F.to_bytes(field, entropy=entropy)
+    back = F.load(data)
+    assert back.baked and back.kind == "sdf"
+    assert_same_model(field, back)
+    assert back.normalization == field.normalization
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8, 12])
+def test_round_trip_codebook_bit_widths(bits):
+    field = make_field(bits=bits, k=3, levels=(2, 3))
+    for entropy in (False, True):
+        assert_same_model(field, F.load(F.to_bytes(field, entropy=entropy)))
+
+
+def test_round_trip_radiance_field():
+    """Nothing in the format is SDF-specific: a NeRF field's decoders travel the same way."""
+    field = make_field(kind="nerf", levels=(2, 3))
+    back = F.load(F.to_bytes(field, entropy=True))
+    assert back.kind == "nerf" and back.nerf_cfg == field.nerf_cfg
+    assert_same_model(field, back)
+
+
+def test_trained_model_decodes_to_identical_outputs_and_mesh(tmp_path):
+    """A (briefly) fitted SDF of a sphere: the decoded file gives the same distances, the same error
+    against the true SDF and the same marching-cubes mesh, bit for bit."""
+    from vqad import trainer as T
+    from vqad.extract import extract_mesh
+
+    field = make_field(bits=3, k=4, surface=True, n_points=2000, levels=(2, 4), bake=False)
+    field.train()
+    opts = T.make_optimizers(field, 1e-2, 10.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        x = torch.rand(512, 3, generator=g) * 2 - 1
+        truth = x.norm(dim=1) - 0.7
+        T.zero_grad(opts)
+        ((field.all_lods(x) - truth) ** 2).mean(dim=1).sum().backward()
+        T.step(opts)
+    field.bake(fp16=True)
+    assert len(set(field.grid.storage(4).V.tolist())) > 1
+    path = tmp_path / "m.vqad"
+    assert F.save(field, path, entropy=True) == path.stat().st_size
+    back = vqad.load(path)  # the public entry point dispatches to the .vqad reader
+    assert_same_model(field, back)
+    x = torch.rand(2000, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    truth = x.norm(dim=1) - 0.7
+    for lod in field.lods:
+        with torch.no_grad():
+            err_a = (field(x, lod) - truth).abs().mean()
+            err_b = (back(x, lod) - truth).abs().mean()
+        assert torch.equal(err_a, err_b)
+    ma, mb = extract_mesh(field, 4, resolution=24), extract_mesh(back, 4, resolution=24)
+    assert len(ma.faces) > 0
+    assert np.array_equal(ma.vertices, mb.vertices) and np.array_equal(ma.faces, mb.faces)
+
+
+def test_writer_refuses_what_it_cannot_store_exactly():
+    field = make_field(bake=False)
+    with pytest.raises(InputError, match="bake"):
+        F.to_bytes(field)
+    field.bake(fp16=False)
+    with pytest.raises(InputError, match="fp16"):
+        F.to_bytes(field)
+    field.bake(fp16=True)  # idempotent on an already baked field, and now exact
+    assert_same_model(field, F.load(F.to_bytes(field)))
+
+
+# -- sizes -----------------------------------------------------------------------------------------
+def test_file_size_is_formula_plus_documented_overhead():
+    field = make_field(bits=4, k=5, surface=True, n_points=500, levels=(2, 5))
+    data = F.to_bytes(field)
+    info = F.read_info(data)
+    octree, k, b = field.grid.octree, 5, 4
+    assert info.total_bytes == len(data)
+    overhead = F.PREAMBLE_BYTES + 12 * len(info.chunks) + info.header_bytes + info.decoder_bytes
+    grid = 0
+    for lv in info.levels:
+        m = octree.num_vertices(lv.level)
+        assert lv.vertices == m and lv.cells == octree.num_cells(lv.level)
+        assert lv.formula_bytes == (m * b + 16 * k * 2**b) / 8
+        assert lv.grid_bytes == -(-m * b // 8) + 2 * k * 2**b  # formula, padded to whole bytes
+        assert lv.dense_fp16_bytes == 2 * m * k
+        masks = sum(octree.child_masks(L).numel() for L in (range(1, 3) if lv.level == 2 else [lv.level]))
+        assert lv.tree_bytes == lv.tree_raw_bytes == masks  # one byte per occupied cell of the level above
+        overhead += lv.tree_bytes
+        grid += lv.grid_bytes
+    assert len(data) == overhead + grid
+    assert info.decoder_bytes - 2 * info.decoder_params < 200  # the fp16 weights plus a short directory
+    assert F.lod_prefix_sizes(data) == {lv.level: lv.prefix_bytes for lv in info.levels}
+    assert F.lod_prefix_sizes(data)[5] == len(data)
+
+
+def test_entropy_coding_is_lossless_and_smaller_on_skewed_indices():
+    field = make_field(bits=6, k=3, surface=True, n_points=3000, levels=(2, 6))
+    torch.manual_seed(0)
+    for s in field.grid.storages:  # learned indices are far from uniform: a geometric-ish distribution
+        s.V = torch.clamp(torch.distributions.Geometric(0.3).sample((s.m,)).long(), max=63)
+    raw, ent = F.to_bytes(field), F.to_bytes(field, entropy=True)
+    assert len(ent) < 0.85 * len(raw)
+    codecs = {(c[1], c[4]) for c in frames(ent)}
+    assert (F.ChunkType.GRID, F.Codec.RANGE) in codecs and (F.ChunkType.TREE, F.Codec.OCTREE) in codecs
+    assert_same_model(field, F.load(ent))
+    info = F.read_info(ent)
+    assert info.raw_total_bytes == len(raw) and info.total_bytes == len(ent)
+
+
+# -- prefixes --------------------------------------------------------------------------------------
+def test_every_prefix_decodes_its_largest_complete_lod(small):
+    field, data = small
+    sizes = F.lod_prefix_sizes(data)
+    assert sorted(sizes) == [2, 3] and sizes[3] == len(data)
+    for n in range(len(data) + 1):
+        complete = [lv for lv, need in sizes.items() if need <= n]
+        if not complete:
+            with pytest.raises(TruncatedStreamError, match="truncated"):
+                F.load(data[:n])
+            with pytest.raises(TruncatedStreamError):
+                F.load(data, max_bytes=n)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if n == len(data) else "ignore")
+            got = F.load(data[:n])
+        assert got.lods == complete
+        if n % 5 == 0:
+            assert F.load(data, max_bytes=n).lods == complete
+        if n in sizes.values():  # exactly at a LOD boundary: the same model as in memory
+            assert_same_model(field, got, lods=complete)
+
+
+def test_pushing_one_byte_at_a_time_completes_lods_exactly_at_their_prefix(small):
+    field, data = small
+    sizes = F.lod_prefix_sizes(data)
+    dec = F.StreamDecoder()
+    seen = {}
+    for i in range(len(data)):
+        for lod in dec.feed(data[i:i + 1]):
+            seen[lod] = i + 1
+    assert seen == sizes and dec.finished
+    assert_same_model(field, dec.field())
+
+
+def test_truncation_messages_and_warning(small):
+    field, data = small
+    for n in (0, 5, 12, 30):
+        with pytest.raises(TruncatedStreamError, match=f"after {n} bytes") as e:
+            F.load(data[:n])
+        assert "--bytes" in str(e.value)
+    with pytest.warns(UserWarning, match="ended after"):
+        got = F.load(data[:-1])  # an accidentally truncated file: its largest complete LOD, loudly
+    assert got.lods == [2]
+
+
+def test_lod_argument(small):
+    field, data = small
+    assert F.load(data, lod=2).lods == [2]
+    assert F.load(data, lod=3).lods == [2, 3]
+    assert F.load(data, lod=9).lods == [2, 3]
+    with pytest.raises(InputError, match="coarsest LOD 2"):
+        F.load(data, lod=1)
+    stream = io.BytesIO(data)  # stops reading once the LOD is complete
+    sizes = F.lod_prefix_sizes(data)
+    list(F.iter_lods(stream, lod=2, block=16))
+    assert sizes[2] <= stream.tell() < sizes[2] + 16
+
+
+# -- damage ----------------------------------------------------------------------------------------
+def test_every_flipped_payload_or_crc_byte_is_caught_and_named(small):
+    _, data = small
+    info = F.read_info(data)
+    assert len(info.chunks) == len(frames(data))
+    for rec in info.chunks:
+        for pos in (rec.offset + 8, rec.offset + 8 + rec.length // 2, rec.end - 1):  # payload ... CRC
+            bad = bytearray(data)
+            bad[pos] ^= 0x10
+            with pytest.raises(CorruptStreamError, match=f"CRC mismatch in chunk '{rec.name}'"):
+                F.load(bytes(bad))
+
+
+def test_flipped_frame_headers_are_caught(small):
+    """A damaged frame header is an error, except a length that now runs past the end of the file:
+    that reads as a truncated file, which decodes its complete LODs and says so with a warning."""
+    _, data = small
+    for off, *_ in frames(data):
+        for i in range(8):
+            bad = bytearray(data)
+            bad[off + i] ^= 0x01
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                try:
+                    F.load(bytes(bad))
+                except StreamError:
+                    continue
+            assert i >= 4 and any("ended after" in str(x.message) for x in w), (off, i)
+
+
+def test_bad_magic_version_reserved_and_trailing(small):
+    _, data = small
+    with pytest.raises(CorruptStreamError, match="not a .vqad file"):
+        F.load(b"PK\x03\x04" + data[4:])
+    with pytest.raises(CorruptStreamError, match="not a .vqad file"):
+        F.load(b"{\"")  # caught from the first bytes, not after waiting for more
+    with pytest.raises(CorruptStreamError, match="unsupported .vqad version 2"):
+        F.load(data[:8] + struct.pack("<H", 2) + data[10:])
+    with pytest.raises(CorruptStreamError, match="reserved"):
+        F.load(data[:10] + b"\x01\x00" + data[12:])
+    with pytest.raises(CorruptStreamError, match="trailing"):
+        F.load(data + b"\x00")
+    with pytest.raises(CorruptStreamError, match="trailing"):
+        F.load(data + data)
+
+
+def test_impossible_sizes_fail_fast_without_allocating(small):
+    _, data = small
+    fr = frames(data)
+    preamble = data[:12]
+    huge = struct.pack("<BBBBI", 1, 0, 0, 0, 0xFFFFFFFF)
+    t0 = time.perf_counter()
+    with pytest.raises(CorruptStreamError, match="declares 4,294,967,295 payload bytes"):
+        F.load(preamble + huge)  # judged from the 8-byte frame header alone
+    # a chunk that claims more than its level can hold (its raw size), before its bytes arrive
+    for off, t, lv, sl, co, n in fr:
+        if t in (F.ChunkType.TREE, F.ChunkType.GRID) and off > fr[2][0]:
+            bad = data[:off] + struct.pack("<BBBBI", t, lv, sl, co, n + 100_000) + data[off + 8:]
+            with pytest.raises(CorruptStreamError, match="more than the"):
+                F.load(bad)
+    # a (CRC-valid) header that asks for a gigantic decoder: no allocation, the decoder chunk disagrees
+    off, t, lv, sl, co, n = fr[0]
+    doc = json.loads(data[off + 8:off + 8 + n])
+    doc["field"]["decoder"]["hidden"] = 10**9
+    forged = preamble + reframe(data[off:off + 8], json.dumps(doc).encode()) + data[fr[1][0]:]
+    with pytest.raises(CorruptStreamError, match="decoder chunk does not match"):
+        F.load(forged)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_chunks_out_of_order_or_unknown(small):
+    _, data = small
+    fr = frames(data)
+    head, deco = fr[0], fr[1]
+    a = data[head[0]:deco[0]]
+    b = data[deco[0]:fr[2][0]]
+    with pytest.raises(CorruptStreamError, match="expected 'header'"):
+        F.load(data[:12] + b + a + data[fr[2][0]:])
+    unknown = reframe(struct.pack("<BBBBI", 9, 0, 0, 0, 0), b"")
+    with pytest.raises(CorruptStreamError, match="unknown chunk type 9"):
+        F.load(data[:12] + unknown)
+    bad_codec = reframe(struct.pack("<BBBBI", 1, 0, 0, 1, 0), data[head[0] + 8:head[0] + 8 + head[5]])
+    with pytest.raises(CorruptStreamError, match="codec 1"):
+        F.load(data[:12] + bad_codec)
+
+
+def test_forged_payloads_behind_valid_crcs(small):
+    """Damage that a CRC cannot see (a buggy writer): still the library's own error, naming the problem."""
+    _, data = small
+    fr = frames(data)
+
+    def swap(i, payload):
+        off, *_, n = fr[i]
+        return data[:off] + reframe(data[off:off + 8], payload) + data[off + 12 + n:]
+
+    with pytest.raises(CorruptStreamError, match="not valid JSON"):
+        F.load(swap(0, b"{nope"))
+    with pytest.raises(CorruptStreamError, match="cannot build"):
+        F.load(swap(0, json.dumps({"field": {"kind": "teapot"}}).encode()))
+    tree = next(i for i, f in enumerate(fr) if f[1] == F.ChunkType.TREE)
+    n = fr[tree][5]
+    with pytest.raises(CorruptStreamError, match="no children"):
+        F.load(swap(tree, b"\x00" * n))
+    with pytest.raises(CorruptStreamError, match="too short"):
+        F.load(swap(tree, b"\x01"))
+    v = next(i for i, f in enumerate(fr) if f[1] == F.ChunkType.GRID and f[3] == 1)
+    with pytest.raises(CorruptStreamError, match="needs"):
+        F.load(swap(v, data[fr[v][0] + 8:fr[v][0] + 8 + fr[v][5] - 1]))
+
+
+# -- streaming sources -----------------------------------------------------------------------------
+def test_iter_lods_from_a_socket(small):
+    field, data = small
+    sizes = F.lod_prefix_sizes(data)
+    a, b = socket.socketpair()
+
+    def send():
+        for i in range(0, len(data), 7):  # trickle the bytes in
+            a.sendall(data[i:i + 7])
+        a.close()
+
+    t = threading.Thread(target=send)
+    t.start()
+    with b.makefile("rb") as stream:
+        got = [(s.lod, s.nbytes, s.field) for s in F.iter_lods(stream, block=5)]
+    t.join()
+    b.close()
+    assert [(lod, n) for lod, n, _ in got] == sorted(sizes.items())
+    assert_same_model(field, got[-1][2])
+
+
+def test_iter_lods_from_an_http_response(small):
+    import urllib.request
+
+    field, data = small
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=server.handle_request)
+    t.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/m.vqad", timeout=10) as r:
+            lods = [s.lod for s in F.iter_lods(r)]
+    finally:
+        t.join()
+        server.server_close()
+    assert lods == [2, 3]
+
+
+def test_other_sources(small, tmp_path):
+    field, data = small
+    path = tmp_path / "m.vqad"
+    path.write_bytes(data)
+    pieces = [data[i:i + 3] for i in range(0, len(data), 3)]
+    for src in (path, str(path), data, bytearray(data), memoryview(data), io.BytesIO(data), iter(pieces)):
+        assert_same_model(field, vqad.load(src))
+    assert vqad.load(path, max_bytes=F.lod_prefix_sizes(data)[2]).lods == [2]
+    with pytest.raises(InputError, match="cannot read a .vqad stream"):
+        F.load(12345)
+    with pytest.raises(InputError, match="max_bytes"):
+        F.load(data, max_bytes=-1)
+
+
+def test_push_decoder_with_random_pieces(small):
+    field, data = small
+    rng = np.random.default_rng(0)
+    dec, done, pos = F.StreamDecoder(), [], 0
+    while pos < len(data):
+        n = int(rng.integers(1, 50))
+        done += dec.feed(data[pos:pos + n])
+        pos += n
+    assert done == [2, 3]
+    assert dec.field(2).lods == [2]
+    with pytest.raises(CorruptStreamError, match="trailing"):
+        dec.feed(b"x")
+
+
+# -- entropy coder ---------------------------------------------------------------------------------
+def test_quantized_frequencies():
+    rng = np.random.default_rng(0)
+    for a in (2, 16, 256, 4096):
+        counts = rng.integers(0, 5, size=a) * (rng.random(a) < 0.5)
+        counts[0] += 10**6  # one dominant symbol and many rare ones
+        f = E.quantize_counts(counts)
+        assert f.sum() == 1 << E.FREQ_PRECISION
+        assert ((f > 0) == (counts > 0)).all()
+
+
+def test_range_coder_round_trip_and_bomb_guard():
+    rng = np.random.default_rng(1)
+    s = np.minimum(rng.geometric(0.4, size=5000) - 1, 15)
+    payload = E.encode(s, 16)
+    assert np.array_equal(E.decode(payload, len(s), 16), s)
+    assert len(payload) < 5000 * 4 / 8 * 0.8  # skewed symbols cost well under 4 bits
+    one = E.encode(np.zeros(100, dtype=np.int64), 16)  # a single symbol: near-zero bits per symbol
+    with pytest.raises(E.EntropyError, match="per byte"):
+        E.decode(one, 10**9, 16)
+
+
+def test_octree_contexts_both_lookups_agree_and_masks_round_trip():
+    torch.manual_seed(0)
+    octree = SparseOctree.from_points(0.8 * torch.nn.functional.normalize(torch.randn(20000, 3), dim=1), 2, 6, dilate=0)
+    parts = []
+    for level in range(3, 7):
+        codes = octree.codes[level - 1].numpy()
+        c_dense = E.octree_contexts(codes, level - 1)
+        c_sparse = E.octree_contexts(codes, level - 1, dense_max_res=0)
+        assert np.array_equal(c_dense, c_sparse)
+        parts.append((codes, level - 1, octree.child_masks(level).numpy()))
+    # brute force for one cell: context bit t-1 = occupancy of P + (t>>2&1·d_x, t>>1&1·d_y, t&1·d_z)
+    from vqad.octree import morton_decode
+
+    codes = octree.codes[5]
+    ijk = {tuple(v) for v in morton_decode(codes).tolist()}
+    ctx = E.octree_contexts(codes.numpy(), 5)
+    for i in (0, len(codes) // 2, len(codes) - 1):
+        p = morton_decode(codes[i:i + 1])[0].tolist()
+        for c in range(8):
+            d = [2 * ((c >> 2) & 1) - 1, 2 * ((c >> 1) & 1) - 1, 2 * (c & 1) - 1]
+            want = sum(1 << (t - 1) for t in range(1, 8)
+                       if (p[0] + ((t >> 2) & 1) * d[0], p[1] + ((t >> 1) & 1) * d[1], p[2] + (t & 1) * d[2]) in ijk)
+            assert ctx[i, c] == want
+    payload = E.encode_octree(parts)
+    dec = E.OctreeDecoder(payload)
+    for codes, plevel, masks in parts:
+        assert np.array_equal(dec.decode_level(codes, plevel), masks)
+    assert len(payload) < 0.7 * sum(len(p[2]) for p in parts)  # a surface shell codes well below 8 bits/cell
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+def test_cli_export_and_info(tmp_path, capsys):
+    field = make_field(surface=True, n_points=300, bake=False)
+    save_checkpoint(tmp_path / "ckpt", field)
+    out = tmp_path / "m.vqad"
+    assert main(["export", str(tmp_path / "ckpt"), "-o", str(out), "--entropy"]) == 0
+    text = capsys.readouterr().out
+    assert "LOD 2 after" in text and "entropy coding" in text
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    for needle in ("octree L2", "grid L4 V", "dense/formula", "overhead", "framing"):
+        assert needle in text
+    field.bake(fp16=True)
+    assert_same_model(field, vqad.load(out))
+    bad = bytearray(out.read_bytes())
+    bad[len(bad) // 2] ^= 0xFF
+    (tmp_path / "bad.vqad").write_bytes(bytes(bad))
+    assert main(["info", str(tmp_path / "bad.vqad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CRC mismatch" in err and "\n" not in err
+    assert main(["info", str(tmp_path / "ckpt")]) == 2
+    assert main(["export", str(tmp_path / "nope"), "-o", str(tmp_path / "x.vqad")]) == 2

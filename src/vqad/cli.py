@@ -17,6 +17,7 @@ from .errors import VqadError
 COMMAND_MODULES = [
     "vqad.commands.sdf",
     "vqad.commands.nerf",
+    "vqad.commands.format",
 ]
 
 

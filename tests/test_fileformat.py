@@ -463,6 +463,25 @@ def test_push_decoder_with_random_pieces(small):
     assert dec.field(2).lods == [2]
     with pytest.raises(CorruptStreamError, match="trailing"):
         dec.feed(b"x")
+    with pytest.raises(CorruptStreamError, match="trailing"):  # and it stays failed
+        dec.feed(b"")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_decode_is_exact_on_the_gpu():
+    """Written from a GPU field, decoded onto the GPU: every tensor there, outputs bit for bit."""
+    dev = torch.device("cuda")
+    field = make_field(surface=True, n_points=2000, levels=(2, 5), bake=False)
+    field.grid.octree = field.grid.octree.to(dev)
+    field = field.to(dev)
+    field.bake(fp16=True)
+    x = torch.rand(20000, 3, device=dev) * 2 - 1
+    for entropy in (False, True):
+        back = F.load(F.to_bytes(field, entropy=entropy), device=dev)
+        assert back.grid.octree.device.type == "cuda"
+        assert all(t.device.type == "cuda" for t in back.state_dict().values())
+        with torch.no_grad():
+            assert all(torch.equal(field(x, lod), back(x, lod)) for lod in field.lods)
 
 
 # -- entropy coder ---------------------------------------------------------------------------------

@@ -294,6 +294,7 @@ class StreamDecoder:
         self._slots: dict[int, list[str]] = {}
         self._levels: dict[int, _Level] = {}
         self._frame: tuple | None = None  # parsed frame header of the chunk being received
+        self._error: StreamError | None = None
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -357,6 +358,15 @@ class StreamDecoder:
             CorruptStreamError: bad magic, unknown version, a CRC mismatch, chunks out of order,
                 impossible sizes or undecodable payloads, or bytes after the last chunk.
         """
+        if self._error is not None:  # a damaged stream stays damaged: no decoding past the damage
+            raise self._error
+        try:
+            return self._feed(data)
+        except StreamError as exc:
+            self._error = exc
+            raise
+
+    def _feed(self, data) -> list[int]:
         if not data:
             return []
         if self.finished:

@@ -1,6 +1,9 @@
 """``make demo``: everything from built-in data, no download and no ../shared.
 
 1. A VQ-AD signed distance field of a procedural shape: fit, per-LOD metrics, a mesh and renders.
+2. Its progressive file ``model.vqad`` and an image strip of every LOD decoded from a prefix of
+   that file, each labelled with the bytes it needed.
+3. A VQ-AD radiance field of the built-in procedural scene (renders per LOD, PSNR / SSIM, sizes).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def run_sdf_demo(out: Path, device: torch.device, quick: bool = False) -> dict:
     mesh = demo_mesh()
     save_mesh(mesh, out / "input_shape.ply")
     grid = GridConfig(storage="codebook", features=16, bits=4, base_level=2, max_level=6)
-    train = SDFTrainConfig(steps=40 if quick else 1200, batch=8192, resample_every=400, pool_size=200_000, lr=5e-3)
+    train = SDFTrainConfig(steps=40 if quick else 900, batch=8192, resample_every=400, pool_size=200_000, lr=5e-3)
     print(f"[sdf] fitting a {grid.bits}-bit VQ-AD SDF of the built-in shape, levels {grid.base_level}..{grid.max_level}")
     res = fit_sdf(mesh, grid, DecoderConfig(), train, device, out_dir=out, quiet=quick)
     for line in size_lines(res.field):
@@ -36,14 +39,43 @@ def run_sdf_demo(out: Path, device: torch.device, quick: bool = False) -> dict:
         "size": res.field.size_report(), "lods": lods,
     }
     summary["mesh"] = str(out / f"mesh_lod{grid.max_level}.ply")
+    summary["file"] = write_progressive_strip(res.field, out)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def write_progressive_strip(field, out: Path) -> dict:
+    """Bake ``field``, write ``out/model.vqad``, and render each LOD decoded from its prefix alone."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from . import fileformat
+    from .render import OrbitCamera, render_sdf
+
+    field.bake(fp16=True)
+    path = out / "model.vqad"
+    total = fileformat.save(field, path)
+    sizes = fileformat.lod_prefix_sizes(path)
+    data = path.read_bytes()
+    tiles = []
+    for lod, nbytes in sorted(sizes.items()):
+        part = fileformat.load(data[:nbytes], device=field.grid.octree.device)
+        img = Image.fromarray(render_sdf(part, lod, OrbitCamera(width=256, height=256)))
+        ImageDraw.Draw(img).text((8, 8), f"LOD {lod} after {nbytes / 1e3:.1f} kB", fill=(20, 20, 20))
+        tiles.append(np.asarray(img))
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(out / "lod_strip.png")
+    print(f"[sdf] wrote {path} ({total:,} bytes); prefix bytes per LOD: "
+          + ", ".join(f"{lod}: {n:,}" for lod, n in sorted(sizes.items())))
+    return {"path": str(path), "bytes": total, "prefix_bytes_per_lod": sizes}
 
 
 def run_demo(out: Path, device: torch.device, quick: bool = False) -> dict:
     t0 = time.perf_counter()
     out = ensure_writable_dir(out)
     results = {"sdf": run_sdf_demo(out / "sdf", device, quick)}
+    from .nerf.demo import run_nerf_demo
+
+    results["nerf"] = run_nerf_demo(out / "nerf", device, quick=quick)
     results["seconds"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"demo finished in {results['seconds']:.0f} s: outputs in {out}/")

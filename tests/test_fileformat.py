@@ -121,6 +121,19 @@ def test_round_trip_every_storage_kind(storage, entropy):
     assert back.normalization == field.normalization
 
 
+@pytest.mark.parametrize("storage", sorted(STORAGES))
+def test_every_storage_declares_the_layout_of_its_export(storage):
+    """A storage's stored_layout() names its exported tensors in file order and adds up to stored_bits()."""
+    field = make_field(storage=storage, bits=5, k=3)
+    for s in field.grid.storages:
+        layout = type(s).stored_layout(s.m, s.k, **s.params())
+        exported = s.export_tensors()
+        assert [lay.name for lay in layout] == list(exported)
+        assert sum(lay.stored_bits() for lay in layout) == s.stored_bits()
+        for lay in layout:
+            assert lay.encoding in ("f16", "uint") and exported[lay.name].numel() == lay.numel
+
+
 @pytest.mark.parametrize("bits", [1, 3, 8, 12])
 def test_round_trip_codebook_bit_widths(bits):
     field = make_field(bits=bits, k=3, levels=(2, 3))

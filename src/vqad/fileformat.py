@@ -191,7 +191,7 @@ def _encode_tree(octree: SparseOctree, level: int, entropy: bool) -> tuple[int, 
 
 
 def _encode_tensor(t: torch.Tensor, lay: TensorLayout, entropy: bool) -> tuple[int, bytes]:
-    if tuple(t.shape) != tuple(lay.shape) and t.numel() != lay.numel:
+    if t.numel() != lay.numel:
         raise InputError(f"stored tensor {lay.name} has shape {tuple(t.shape)}, its layout says {lay.shape}")
     if lay.encoding == "f16":
         return Codec.RAW, t.detach().cpu().to(torch.float16).reshape(-1).numpy().astype("<f2").tobytes()
@@ -338,7 +338,7 @@ class StreamDecoder:
         if self.finished:
             return "after the last chunk"
         _, _, _, name = self._expected()
-        return f"in chunk '{name}'" + (f" (starting at byte {self._off})" if self._frame or self._buf else "")
+        return f"in chunk '{name}'" + (f" (starting at byte {self._off:,})" if self._frame or self._buf else "")
 
     def truncation_error(self) -> TruncatedStreamError:
         first = "the first level of detail" if self.grid_cfg is None else f"the coarsest level of detail (LOD {self.grid_cfg.base_level})"

@@ -165,12 +165,13 @@ class SparseOctree:
         return cls(morton_encode(ijk), base_level, max_level)
 
     def _build_vertices(self, level: int) -> None:
-        ijk = morton_decode(self.codes[level])  # (n, 3)
+        # only as many bits as the level needs (cells: L bits per axis, vertices: L + 1)
+        ijk = morton_decode(self.codes[level], bits=level)  # (n, 3)
         corner_ijk = ijk[:, None, :] + _CORNER_OFFSETS.to(ijk.device)[None]  # (n, 8, 3)
-        keys = morton_encode(corner_ijk)  # (n, 8)
+        keys = morton_encode(corner_ijk, bits=level + 1)  # (n, 8)
         uniq, inv = torch.unique(keys.reshape(-1), return_inverse=True)
         self.corners[level] = inv.reshape(-1, 8)
-        self.vertices[level] = morton_decode(uniq)
+        self.vertices[level] = morton_decode(uniq, bits=level + 1)
 
     # -- properties ---------------------------------------------------------------------------
     @property

@@ -31,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--lod-mode", choices=["all", "random", "finest+random", "finest"], default="finest+random",
                    help="LODs rendered per training step")
     p.add_argument("--lr", type=float, default=5e-3, help="decoder learning rate")
-    p.add_argument("--grid-lr-scale", type=float, default=10.0, help="grid lr = lr × this")
+    p.add_argument("--grid-lr-scale", type=float, default=30.0, help="grid lr = lr × this")
     p.add_argument("--hidden", type=int, default=64, help="density MLP width")
     p.add_argument("--color-hidden", type=int, default=64, help="colour MLP width")
     p.add_argument("--per-lod-decoder", action="store_true", help="one pair of MLPs per LOD instead of shared ones")

@@ -230,7 +230,7 @@ def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, 
     octree = SparseOctree.dense(coarse_base, level, device=device)
     grid = OctreeGrid.from_octree(octree, grid_cfg)
     field = NeRFField(grid, DecoderConfig(hidden=32, layers=1, position_input=False),
-                      NeRFConfig(geo_features=7, color_hidden=32, sh_degree=2), dataset.normalization)
+                      NeRFConfig(geo_features=7, color_hidden=32, sh_degree=2, step_ratio=1.0), dataset.normalization)
     sampler = OccupancySampler(octree)
     batcher = RayBatcher(dataset.splits[split], dataset, device)
     train_steps(field, sampler, batcher, cfg.steps, cfg.batch_rays, lr=5e-3, grid_lr_scale=10.0,

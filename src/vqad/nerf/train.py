@@ -46,7 +46,7 @@ class NeRFTrainConfig:
     steps: int = 3000
     batch_rays: int = 4096
     lr: float = 5e-3  # decoders ψ_σ, ψ_c
-    grid_lr_scale: float = 10.0  # features Z / logits C / codebooks D
+    grid_lr_scale: float = 30.0  # features Z / logits C / codebooks D
     lod_mode: str = "finest+random"  # all | random | finest+random | finest
     prune_every: int = 50  # re-test the occupancy every N steps (0: never)
     prune_warmup: int = 200  # ... starting after this many steps

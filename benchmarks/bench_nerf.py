@@ -74,6 +74,8 @@ def run_one(scene: str, method: str, args) -> dict:
            "--features", str(sc["features"]), "--levels", sc["levels"], "--steps", str(steps),
            "--batch-rays", str(args.batch_rays), "--octree", "auto", "--eval-views", sc["eval_views"],
            "--out", str(out), "--device", args.device, "--quiet"]
+    if args.minutes:
+        cmd += ["--minutes", str(args.minutes)]
     if sc["eval_max"]:
         cmd += ["--eval-max-views", str(sc["eval_max"])]
     env = dict(os.environ)
@@ -94,6 +96,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/benchmarks/nerf.md")
     ap.add_argument("--only", default=None, help="comma list of SCENE or SCENE:METHOD (e.g. lego,fern:dense)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: per scene, sized for 30 min on 2 cores)")
+    ap.add_argument("--minutes", type=float, default=27.0,
+                    help="cap on each fit's training time (octree + training stay within 30 min); 0: no cap")
     ap.add_argument("--batch-rays", type=int, default=4096)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads per fit (OMP_NUM_THREADS)")

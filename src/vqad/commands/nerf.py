@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--levels", default="4:7", help="octree levels BASE:MAX (LODs)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-rays", type=int, default=4096, help="rays per step")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="also stop training after this many minutes (the lr schedule follows time too)")
     p.add_argument("--octree", choices=["auto", "depth", "mask", "density"], default="auto",
                    help="how to find occupied space (auto: depth > masks > coarse density pass)")
     p.add_argument("--dilate", type=int, default=1, help="octree margin in finest cells")
@@ -34,6 +36,7 @@ def register(sub) -> None:
     p.add_argument("--grid-lr-scale", type=float, default=30.0, help="grid lr = lr × this")
     p.add_argument("--hidden", type=int, default=64, help="density MLP width")
     p.add_argument("--color-hidden", type=int, default=64, help="colour MLP width")
+    p.add_argument("--step-ratio", type=float, default=0.5, help="ray-marching step, in finest cells")
     p.add_argument("--per-lod-decoder", action="store_true", help="one pair of MLPs per LOD instead of shared ones")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (checkpoint, metrics, renders)")
@@ -83,10 +86,11 @@ def _configs(args):
     if args.hidden <= 0 or args.color_hidden <= 0:
         raise InputError("--hidden and --color-hidden must be positive")
     dec = DecoderConfig(hidden=args.hidden, layers=1, per_lod=args.per_lod_decoder, position_input=False)
-    nerf = NeRFConfig(color_hidden=args.color_hidden)
+    nerf = NeRFConfig(color_hidden=args.color_hidden, step_ratio=args.step_ratio)
     nerf.validate()
     train = NeRFTrainConfig(steps=args.steps, batch_rays=args.batch_rays, lr=args.lr, grid_lr_scale=args.grid_lr_scale,
-                            lod_mode=args.lod_mode, octree=args.octree, dilate=args.dilate, seed=args.seed)
+                            lod_mode=args.lod_mode, octree=args.octree, dilate=args.dilate, seed=args.seed,
+                            max_minutes=args.minutes)
     train.validate()
     if args.eval_max_views is not None and args.eval_max_views <= 0:
         raise InputError("--eval-max-views must be positive")

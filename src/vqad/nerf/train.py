@@ -54,6 +54,7 @@ class NeRFTrainConfig:
     octree: str = "auto"  # auto | depth | mask | density
     dilate: int = 1  # octree margin in finest cells
     density_steps: int = 400  # steps of the coarse density pass (octree="density")
+    max_minutes: float | None = None  # stop training after this long (the lr schedule follows time too)
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 1000
@@ -67,6 +68,8 @@ class NeRFTrainConfig:
             raise InputError("learning rates must be positive")
         if self.dilate < 0:
             raise InputError("the octree dilation must be >= 0")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise InputError("--minutes must be positive")
 
 
 def dataset_info(dataset: SceneDataset) -> dict:
@@ -269,6 +272,10 @@ def fit_nerf(
     steps, at the end, and on Ctrl-C / SIGTERM (then :class:`KeyboardInterrupt` is re-raised after
     saving). ``resume`` continues from that checkpoint (same octree, weights, optimizer state and
     step; the pruned occupancy is recomputed from the model).
+
+    With ``train_cfg.max_minutes``, training also stops once that much time has passed (in this
+    call), and the cosine learning-rate schedule runs on ``max(step / steps, time / max_minutes)``,
+    so a time-limited fit still ends with a decayed learning rate.
     """
     train_cfg.validate()
     if "train" not in dataset.splits or len(dataset.splits["train"]) == 0:
@@ -320,8 +327,15 @@ def fit_nerf(
     it = start
     try:
         with T.interrupt_guard():
+            budget = 60.0 * train_cfg.max_minutes if train_cfg.max_minutes else None
             for it in range(start, train_cfg.steps):
-                T.cosine_lr(opts, base_lrs, it, train_cfg.steps)
+                progress = it / train_cfg.steps
+                if budget is not None:
+                    elapsed = time.perf_counter() - t0
+                    if elapsed >= budget:
+                        break
+                    progress = max(progress, elapsed / budget)
+                T.cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000)
                 if train_cfg.prune_every > 0 and it >= train_cfg.prune_warmup and it % train_cfg.prune_every == 0:
                     sampler.prune(density_fn, sigma_thr, decay=train_cfg.prune_decay, generator=gen)
                 lods = step_lods(field.lods, train_cfg.lod_mode, gen)
@@ -338,7 +352,8 @@ def fit_nerf(
                 prog.update(1, train_cfg.batch_rays)
                 if ckpt_dir is not None and (it + 1) % train_cfg.checkpoint_every == 0 and it + 1 < train_cfg.steps:
                     save(it + 1)
-            it = train_cfg.steps
+            else:
+                it = train_cfg.steps
     except KeyboardInterrupt:
         prog.close()
         save(it)
@@ -346,7 +361,8 @@ def fit_nerf(
             print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
         raise
     prog.close()
-    save(train_cfg.steps)
+    steps_done = it
+    save(steps_done)
     seconds = time.perf_counter() - t0
     # the model's own deterministic pruning: what render / eval will use
     field.eval()
@@ -354,7 +370,7 @@ def fit_nerf(
     return NeRFFitResult(
         field=field,
         sampler=sampler,
-        steps=train_cfg.steps,
+        steps=steps_done,
         seconds=seconds,
         octree_seconds=octree_seconds,
         octree_method=method,

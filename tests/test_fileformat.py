@@ -47,16 +47,21 @@ def make_field(storage="codebook", bits=4, kind="sdf", levels=(2, 4), k=4, hidde
     else:
         pts = torch.rand(n_points, 3) * 1.6 - 0.8
     octree = SparseOctree.from_points(pts, *levels, dilate=0)
-    grid = OctreeGrid.from_octree(octree, GridConfig(storage, k, bits, *levels))
+    posthoc = storage == "kmeans"  # fitted to a trained dense grid, never trained itself
+    grid = OctreeGrid.from_octree(octree, GridConfig("dense" if posthoc else storage, k, bits, *levels))
     if kind == "sdf":
         field = SDFField(grid, DecoderConfig(hidden=hidden))
     else:
         from vqad.nerf.field import NeRFConfig, NeRFField
 
         field = NeRFField(grid, DecoderConfig(hidden=hidden), NeRFConfig(geo_features=3, color_hidden=8, sh_degree=1))
-    if storage == "dense":  # give the dense grid features that matter to the output
+    if storage == "dense" or posthoc:  # give the dense grid features that matter to the output
         for s in field.grid.storages:
             s.Z.data.normal_(0, 0.5)
+    if posthoc:
+        from vqad.baselines import posthoc as compress
+
+        return compress(field, storage, bits=bits)
     if bake:
         field.bake(fp16=True)
     return field

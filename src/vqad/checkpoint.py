@@ -118,7 +118,8 @@ def build_field(cfg: dict, tensors: dict[str, torch.Tensor], device, baked: bool
     if baked:
         storages = [
             STORAGES[grid_cfg.storage].from_export(
-                octree.num_vertices(level), grid_cfg.features, sub(f"storage.{i}."), **cfg["storage_params"][i]
+                octree.num_vertices(level), grid_cfg.features, sub(f"storage.{i}."),
+                vertices=octree.vertices[level], **cfg["storage_params"][i]
             )
             for i, level in enumerate(octree.levels)
         ]

@@ -6,18 +6,21 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import InputError
 from .octree import check_levels
+from .baselines import DEFAULT_TABLE_BITS, check_rank, check_table_bits
 from .storage import STORAGES, check_bits
 
 
 @dataclass
 class GridConfig:
-    """The feature grid: octree levels, storage kind and the paper's k and b."""
+    """The feature grid: octree levels, storage kind and the paper's k and b (see vqad.baselines)."""
 
-    storage: str = "codebook"  # dense | codebook
+    storage: str = "codebook"  # dense | codebook | hash | lowrank | kmeans
     features: int = 16  # k
-    bits: int = 4  # b (codebook only)
+    bits: int = 4  # b (codebook, kmeans)
     base_level: int = 3
     max_level: int = 7
+    rank: int | None = None  # r (lowrank): 1..k-1; None: k // 2
+    table_bits: int = DEFAULT_TABLE_BITS  # T (hash): 2^T table rows per level
 
     def validate(self) -> None:
         if self.storage not in STORAGES:
@@ -26,6 +29,10 @@ class GridConfig:
         check_levels(self.base_level, self.max_level)
         if not 1 <= self.features <= 256:
             raise InputError(f"features (k) must be in 1..256, got {self.features}")
+        if self.storage == "lowrank" and self.rank is not None:
+            check_rank(self.rank, self.features)
+        if self.storage == "hash":
+            check_table_bits(self.table_bits)
 
     @property
     def lods(self) -> list[int]:

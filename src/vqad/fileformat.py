@@ -632,7 +632,8 @@ class StreamDecoder:
             m = octree.num_vertices(level)
             tensors = self._level_tensors(level, m)
             try:
-                storages.append(cls.from_export(m, grid_cfg.features, tensors, **self.cfg["storage_params"][i]))
+                storages.append(cls.from_export(m, grid_cfg.features, tensors, vertices=octree.vertices[level],
+                                                **self.cfg["storage_params"][i]))
             except (VqadError, ValueError, RuntimeError, TypeError) as exc:
                 raise _corrupt(f"the {grid_cfg.storage} storage of level {level} cannot be rebuilt ({exc})") from exc
         grid = OctreeGrid(octree, storages, grid_cfg).to(device)

@@ -32,7 +32,8 @@ class OctreeGrid(nn.Module):
     def from_octree(cls, octree: SparseOctree, cfg: GridConfig) -> "OctreeGrid":
         cfg.validate()
         storages = [
-            make_storage(cfg.storage, octree.num_vertices(level), cfg.features, bits=cfg.bits)
+            make_storage(cfg.storage, octree.num_vertices(level), cfg.features, bits=cfg.bits, rank=cfg.rank,
+                         table_bits=cfg.table_bits, vertices=octree.vertices[level])
             for level in octree.levels
         ]
         return cls(octree, storages, cfg).to(octree.device)

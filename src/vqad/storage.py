@@ -1,13 +1,18 @@
 """Feature storages: how the k features of a level's m vertices are held.
 
 Every storage has the same small interface, so the method (``codebook``, VQ-AD) and each baseline
-(``dense`` now; low-rank, k-means and hash later) differ only in this object:
+(``dense`` here; ``lowrank``, ``kmeans`` and ``hash`` in :mod:`vqad.baselines`, registered in
+:data:`STORAGES` when the package is imported) differ only in this object:
 
+* ``create(m, k, **options)``: a fresh storage for training (:func:`make_storage` passes each kind
+  the options it names in ``create_args``: ``bits``, ``rank``, ``table_bits``, ``vertices``);
 * ``forward(vertex_ids)``: ``(...,) int64 -> (..., k)`` features of those vertices;
 * ``bake(fp16=True)``: switch to the inference form that is written to a file (and, with
   ``fp16``, round every stored float to fp16 so that what is evaluated is what is stored);
 * ``stored_bits()``: bits of the stored form (no container overhead);
-* ``export_tensors()`` / ``from_export(...)``: the stored form as named tensors.
+* ``export_tensors()`` / ``from_export(m, k, tensors, vertices=..., **params)``: the stored form as
+  named tensors, and back. ``vertices`` (the level's integer vertex coordinates, from the octree) is
+  what a kind that derives data from vertex positions (``hash``) rebuilds it from; it is never stored.
 
 Symbols follow the paper: m vertices, k features, b bits, codebook ``D (2^b, k)``, training logits
 ``C (m, 2^b)``, baked indices ``V (m,)``.
@@ -55,6 +60,8 @@ class FeatureStorage(nn.Module):
     """Base class: k features for each of m vertices."""
 
     kind: ClassVar[str] = ""
+    #: the options of :func:`make_storage` that :meth:`create` takes (the others are for other kinds)
+    create_args: ClassVar[tuple[str, ...]] = ("bits",)
 
     def __init__(self, m: int, k: int):
         super().__init__()
@@ -83,6 +90,12 @@ class FeatureStorage(nn.Module):
 
     @classmethod
     def from_export(cls, m: int, k: int, tensors: dict[str, torch.Tensor], **params) -> "FeatureStorage":
+        """The baked storage of :meth:`export_tensors`' tensors and :meth:`params`.
+
+        Callers (checkpoints, the .vqad reader) also pass ``vertices``: the level's ``(m, 3)`` int64
+        vertex coordinates in vertex-id order (``octree.vertices[level]``). Kinds whose stored form
+        does not depend on vertex positions ignore it.
+        """
         raise NotImplementedError
 
     def params(self) -> dict:
@@ -242,8 +255,15 @@ def check_bits(bits: int) -> None:
         raise InputError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r} (e.g. --bits 4)")
 
 
-def make_storage(kind: str, m: int, k: int, bits: int = 4) -> FeatureStorage:
-    """Build a storage by name (``dense`` | ``codebook`` | ...). ``bits`` is b, used by quantized kinds."""
+def make_storage(kind: str, m: int, k: int, bits: int = 4, **options) -> FeatureStorage:
+    """Build a fresh storage by name (``dense`` | ``codebook`` | ``hash`` | ``lowrank`` | ...).
+
+    ``bits`` is b (quantized kinds); ``options`` may hold ``rank`` (r, ``lowrank``), ``table_bits``
+    (T, ``hash``) and ``vertices`` (the level's ``(m, 3)`` int64 vertex coordinates, ``hash``).
+    Each kind receives only the options its ``create_args`` names, so one grid config serves all.
+    """
     if kind not in STORAGES:
         raise InputError(f"unknown grid storage {kind!r}: choose one of {', '.join(STORAGES)}")
-    return STORAGES[kind].create(m, k, bits=bits)
+    cls = STORAGES[kind]
+    offered = {"bits": bits, **options}
+    return cls.create(m, k, **{name: offered[name] for name in cls.create_args if name in offered})

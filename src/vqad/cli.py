@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "vqad.commands.sdf",
     "vqad.commands.nerf",
     "vqad.commands.format",
+    "vqad.commands.compress",
 ]
 
 

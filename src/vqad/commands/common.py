@@ -40,3 +40,32 @@ def parse_lod(field, lod: int | None) -> int:
 
 def add_device_arg(p) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+
+
+TRAINABLE_GRIDS = ["dense", "codebook", "hash"]
+
+
+def add_grid_args(p, default_features: int) -> None:
+    """``--grid``, ``--bits``, ``--table-bits`` and ``--features`` of the fit commands."""
+    from ..baselines import DEFAULT_TABLE_BITS
+
+    p.add_argument("--grid", choices=TRAINABLE_GRIDS, default="codebook",
+                   help="feature storage: dense, codebook (VQ-AD) or hash (Instant-NGP random indices); "
+                        "for post-hoc kmeans / lowrank fit dense, then run vqad compress")
+    p.add_argument("--bits", type=int, default=4, help="b: codebook index bits (1..12; codebook only)")
+    p.add_argument("--table-bits", type=int, default=None,
+                   help=f"T: hash table of 2^T rows per level (1..24, default {DEFAULT_TABLE_BITS}; hash only)")
+    p.add_argument("--features", type=int, default=default_features, help="k: features per vertex")
+
+
+def grid_config(args, base: int, top: int):
+    """The validated :class:`~vqad.config.GridConfig` of :func:`add_grid_args`' flags and the levels."""
+    from ..config import GridConfig
+
+    if args.table_bits is not None and args.grid != "hash":
+        raise InputError(f"--table-bits sets the hash table size; it applies to --grid hash, not --grid {args.grid}")
+    grid = GridConfig(storage=args.grid, features=args.features, bits=args.bits, base_level=base, max_level=top)
+    if args.table_bits is not None:
+        grid.table_bits = args.table_bits
+    grid.validate()
+    return grid

@@ -42,6 +42,9 @@ def cmd_export(args) -> int:
     return 0
 
 
+_SYMBOLS = {"bits": "b", "rank": "r", "table_bits": "T"}  # storage params by the paper's symbols
+
+
 def _kb(n: float) -> str:
     return f"{n / 1e3:,.1f} kB"
 
@@ -66,7 +69,7 @@ def info_lines(info) -> list[str]:
     g = cfg["grid"]
     lines = [
         f"{cfg['kind']} field, storage {g['storage']}, k={g['features']}"
-        + (f", b={g['bits']}" if g["storage"] == "codebook" else "")
+        + "".join(f", {_SYMBOLS.get(name, name)}={v}" for name, v in (cfg["storage_params"] or [{}])[0].items())
         + f", levels {g['base_level']}..{g['max_level']}, {info.total_bytes:,} bytes"
         + ("" if info.complete else f" (INCOMPLETE: only LODs up to {info.levels[-1].level})"),
         "",

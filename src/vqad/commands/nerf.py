@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from .common import add_device_arg, ensure_writable_dir
+from .common import add_device_arg, add_grid_args, ensure_writable_dir, grid_config
 
 FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "procedural"]
 
@@ -19,9 +19,7 @@ def register(sub) -> None:
     p.add_argument("--format", choices=FORMATS, default="auto", help="dataset layout (auto: detect)")
     p.add_argument("--downscale", type=int, default=1, help="shrink images by this integer factor")
     p.add_argument("--background", default="white", help="white, black or R,G,B in [0, 1] (images with alpha)")
-    p.add_argument("--grid", choices=["dense", "codebook"], default="codebook", help="feature storage")
-    p.add_argument("--bits", type=int, default=4, help="b: codebook index bits (1..12)")
-    p.add_argument("--features", type=int, default=8, help="k: features per vertex")
+    add_grid_args(p, default_features=8)
     p.add_argument("--levels", default="4:7", help="octree levels BASE:MAX (LODs)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-rays", type=int, default=4096, help="rays per step")
@@ -74,13 +72,12 @@ def parse_background(text: str) -> tuple[float, float, float]:
 
 
 def _configs(args):
-    from ..config import DecoderConfig, GridConfig, parse_levels
+    from ..config import DecoderConfig, parse_levels
     from ..nerf.field import NeRFConfig
     from ..nerf.train import NeRFTrainConfig
 
     base, top = parse_levels(args.levels)
-    grid = GridConfig(storage=args.grid, features=args.features, bits=args.bits, base_level=base, max_level=top)
-    grid.validate()
+    grid = grid_config(args, base, top)
     if args.downscale < 1:
         raise InputError(f"--downscale must be a positive integer, got {args.downscale}")
     if args.hidden <= 0 or args.color_hidden <= 0:

@@ -7,20 +7,18 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from .common import add_device_arg, ensure_writable_dir, ensure_writable_file, parse_lod
+from .common import add_device_arg, add_grid_args, ensure_writable_dir, ensure_writable_file, grid_config, parse_lod
 
 
 def register(sub) -> None:
     p = sub.add_parser("fit-sdf", help="fit a VQ-AD (or dense) signed distance field to a mesh")
     p.add_argument("mesh", help="OBJ / PLY / OFF / STL / GLB triangle mesh")
-    p.add_argument("--grid", choices=["dense", "codebook"], default="codebook", help="feature storage")
-    p.add_argument("--bits", type=int, default=4, help="b: codebook index bits (1..12)")
-    p.add_argument("--features", type=int, default=16, help="k: features per vertex")
+    add_grid_args(p, default_features=16)
     p.add_argument("--levels", default="3:7", help="octree levels BASE:MAX (LODs)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=16384, help="points per step")
     p.add_argument("--lr", type=float, default=None,
-                   help="decoder learning rate (default: 5e-3 for codebook, whose argmax needs larger steps to move; 2e-3 for dense)")
+                   help="decoder learning rate (default: 5e-3 for codebook, whose argmax needs larger steps to move; 2e-3 for dense and hash)")
     p.add_argument("--grid-lr-scale", type=float, default=10.0, help="grid lr = lr × this")
     p.add_argument("--hidden", type=int, default=128, help="decoder width")
     p.add_argument("--layers", type=int, default=1, help="decoder hidden layers")
@@ -64,11 +62,10 @@ def register(sub) -> None:
 
 
 def _configs(args):
-    from ..config import DecoderConfig, GridConfig, SDFTrainConfig, parse_levels
+    from ..config import DecoderConfig, SDFTrainConfig, parse_levels
 
     base, top = parse_levels(args.levels)
-    grid = GridConfig(storage=args.grid, features=args.features, bits=args.bits, base_level=base, max_level=top)
-    grid.validate()
+    grid = grid_config(args, base, top)
     if args.steps <= 0 or args.batch <= 0:
         raise InputError("--steps and --batch must be positive")
     dec = DecoderConfig(hidden=args.hidden, layers=args.layers, per_lod=args.per_lod_decoder)

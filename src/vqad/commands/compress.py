@@ -1,0 +1,65 @@
+"""``vqad compress``: a trained dense model compressed after training (post-hoc k-means or low rank)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+from .common import add_device_arg
+
+
+def register(sub) -> None:
+    from ..baselines import KMEANS_ITERS, POSTHOC_KINDS
+
+    p = sub.add_parser(
+        "compress",
+        help="compress a trained dense model after training: k-means (the paper's kmVQ) or low rank (PCA)",
+        description="Every level's dense features Z are replaced by k-means centroids and indices (--to kmeans) "
+                    "or a rank-r PCA (--to lowrank); the decoder is kept as is (no fine-tuning). The result is "
+                    "written as a baked checkpoint directory: vqad export OUT -o model.vqad writes its file.",
+    )
+    p.add_argument("model", help="checkpoint directory (or .vqad file) of a model fitted with --grid dense")
+    p.add_argument("--to", required=True, choices=list(POSTHOC_KINDS), help="the post-hoc storage")
+    p.add_argument("--bits", type=int, default=None, help="kmeans: b, 2^b centroids per level (1..12, default 4)")
+    p.add_argument("--rank", type=int, default=None, help="lowrank: r, dimensions kept (1..k-1, required)")
+    p.add_argument("--seed", type=int, default=0, help="kmeans: k-means++ seed")
+    p.add_argument("--iters", type=int, default=KMEANS_ITERS, help="kmeans: Lloyd iterations at most")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_compress)
+
+
+def cmd_compress(args) -> int:
+    import time
+
+    from ..api import load
+    from ..baselines import posthoc
+    from ..checkpoint import save_checkpoint
+    from ..device import resolve_device
+
+    if args.to == "kmeans" and args.rank is not None:
+        raise InputError("--rank applies to --to lowrank; k-means takes --bits")
+    if args.to == "lowrank" and (args.bits is not None or args.rank is None):
+        raise InputError("--to lowrank takes --rank R (fewer dimensions than the model's k features), not --bits")
+    out = Path(args.out)
+    if out.resolve() == Path(args.model).resolve():
+        raise InputError(f"--out {out} is the input model: write to another directory")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path exists and is not a directory: {out}")
+    field = load(args.model, device=resolve_device(args.device))
+    t0 = time.perf_counter()
+    if args.to == "kmeans":
+        params = {"bits": 4 if args.bits is None else args.bits, "seed": args.seed, "iters": args.iters}
+    else:
+        params = {"rank": args.rank}
+    new = posthoc(field, args.to, **params)
+    seconds = time.perf_counter() - t0
+    save_checkpoint(out, new, extra={"posthoc": {"from": str(args.model), "kind": args.to, **params, "seconds": seconds}})
+    r = new.size_report()
+    print(f"{args.to} ({', '.join(f'{k}={v}' for k, v in params.items())}) in {seconds:.1f} s: grid "
+          f"{r['dense_fp16_bytes'] / 1e3:,.1f} kB (dense fp16) -> {r['grid_bytes'] / 1e3:,.1f} kB "
+          f"({r['grid_ratio']:.1f}x), decoder {r['decoder_bytes'] / 1e3:,.1f} kB")
+    for level, s in zip(new.lods, new.grid.storages):
+        print(f"  LOD {level}: m={s.m:,}, relative feature error ||Z - Z'||^2 / ||Z||^2 = {s.reconstruction_error:.4g}")
+    print(f"wrote {out}/ (baked checkpoint; vqad export {out} -o model.vqad writes the file)")
+    return 0

@@ -279,9 +279,11 @@ def _cluster_means(x: torch.Tensor, labels: torch.Tensor, previous: torch.Tensor
     K = previous.shape[0]
     order = torch.argsort(labels, stable=True)
     counts = torch.bincount(labels, minlength=K)  # (K,)
-    csum = torch.cat([x.new_zeros(1, x.shape[1], dtype=torch.float64), x[order].double().cumsum(dim=0)])  # (m+1, k)
+    # (k, m+1) prefix sums along the last dim: a scan along a leading dim runs one thread per column on CUDA
+    xt = x[order].double().T
+    csum = torch.cat([xt.new_zeros(x.shape[1], 1), xt.contiguous().cumsum(dim=1)], dim=1)
     ends = counts.cumsum(dim=0)
-    sums = csum[ends] - csum[ends - counts]  # (K, k)
+    sums = (csum[:, ends] - csum[:, ends - counts]).T  # (K, k)
     means = sums / counts.clamp_min(1)[:, None]
     return torch.where((counts > 0)[:, None], means, previous.double()).to(x.dtype)
 

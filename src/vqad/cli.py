@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "vqad.commands.nerf",
     "vqad.commands.format",
     "vqad.commands.compress",
+    "vqad.commands.sweep",
 ]
 
 

@@ -1,0 +1,82 @@
+"""``vqad sweep``: a rate–distortion sweep of several storages and rates on one dataset."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+examples:
+  vqad sweep armadillo.obj --out runs/rd-armadillo                      # the default method set
+  vqad sweep armadillo.obj --methods codebook:4,6 hash:12 kmeans:4 draco-input:10,12 --steps 1000 --out runs/rd
+  vqad sweep data/nerf_synthetic/lego --downscale 4 --eval-views val --eval-max-views 20 --minutes 27 --out runs/rd-lego
+  vqad sweep --config sweep.toml                                         # flags given too override the file
+
+Every point is a real file in OUT/points/ measured by its bytes; results go to OUT/results.csv,
+OUT/results.md and OUT/rd.png, rebuilt after each point. Run the same command again to resume:
+finished points (OUT/points/<point>.json) are skipped and an interrupted fit continues from its
+checkpoint. A config file (.json or .toml) holds the same options by their long names, e.g.
+  dataset = "armadillo.obj"
+  out = "runs/rd"
+  methods = ["codebook:1,2,4", "hash:12", "kmeans:4", "dense"]
+  steps = 2000
+"""
+
+
+def register(sub) -> None:
+    from ..sweep import METHOD_SPEC_HELP
+
+    S = argparse.SUPPRESS  # options not given stay unset, so a config file can supply them
+    p = sub.add_parser(
+        "sweep", help="rate–distortion sweep: methods × settings on one dataset (CSV, table, plot)",
+        description="Fit one dataset (a mesh: SDF; a capture directory or 'procedural': radiance field) with "
+                    "several feature storages at several rates, write every point as a real file and measure "
+                    "its bytes and quality. kmeans, lowrank and draco-mc come from the one dense fit.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=S,
+    )
+    p.add_argument("dataset", nargs="?", help="mesh file (.obj/.ply/...), capture directory, or 'procedural'")
+    p.add_argument("--config", help="a .json or .toml file of sweep options (long flag names as keys)")
+    p.add_argument("--out", help="output directory (required here or in the config)")
+    p.add_argument("--methods", nargs="+", metavar="SPEC", help=METHOD_SPEC_HELP)
+    p.add_argument("--levels", help="octree levels BASE:MAX (default 3:7 for meshes, 4:7 for radiance fields)")
+    p.add_argument("--features", type=int, help="k: features per vertex (default 16 for meshes, 8 for radiance fields)")
+    p.add_argument("--steps", type=int, help="training steps per fit (default 3000)")
+    p.add_argument("--minutes", type=float, help="radiance fields: also stop each fit after this many minutes")
+    p.add_argument("--batch", type=int, help="points (meshes, default 16384) or rays (default 4096) per step")
+    p.add_argument("--hidden", type=int, help="decoder width (default 128 for meshes, 64 for radiance fields)")
+    p.add_argument("--seed", type=int, help="seed of every fit and of k-means (default 0)")
+    p.add_argument("--no-entropy", dest="entropy", action="store_false",
+                   help="write raw .vqad files only (default: also entropy-coded ones, whose size is `bytes`)")
+    p.add_argument("--stream-bits", type=int,
+                   help="measure each LOD from a prefix of this VQ-AD point's file (default: 4 when codebook:4 is "
+                        "swept; 0: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("meshes")
+    g.add_argument("--mc-resolution", type=int, help="marching cubes for the quality metrics (default 256)")
+    g.add_argument("--draco-mc-resolution", type=int, help="marching cubes of the dense field for draco-mc (default 128)")
+    g.add_argument("--draco-level", type=int, help="Draco compression level 0..10 (default 10)")
+    g = p.add_argument_group("radiance fields")
+    g.add_argument("--format", choices=["auto", "blender", "ngp", "llff", "rtmv", "procedural"], help="dataset layout")
+    g.add_argument("--downscale", type=int, help="shrink images by this integer factor (default 1)")
+    g.add_argument("--eval-views", help="held-out split to evaluate (default test)")
+    g.add_argument("--eval-max-views", type=int, help="evaluate only the first N held-out views")
+    g.add_argument("--background", help="white, black or R,G,B in [0, 1] (default white)")
+    g.add_argument("--octree", choices=["auto", "depth", "mask", "density"], help="occupied space from (default auto)")
+    p.add_argument("--device", help="auto (CUDA if present, the default), cpu or cuda[:N]")
+    p.set_defaults(func=cmd_sweep)
+
+
+def sweep_config(args):
+    """The :class:`~vqad.sweep.SweepConfig` of a config file (``--config``) overridden by the flags given."""
+    from ..sweep import SweepConfig, load_config_file
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config") and v is not None}
+    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    values.update(given)
+    return SweepConfig.from_mapping(values)
+
+
+def cmd_sweep(args) -> int:
+    from ..sweep import Sweep
+
+    Sweep(sweep_config(args)).run()
+    return 0

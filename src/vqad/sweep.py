@@ -1,0 +1,927 @@
+"""Rate–distortion sweeps: several storages × several rates on one dataset, every point a real file.
+
+A sweep takes ONE dataset — a mesh (signed distance field) or a radiance-field capture — and a set
+of *points* ``method × setting``, and for each point writes the file a user would ship and measures
+it:
+
+============== ========= ================================================================ ===============
+method         setting   what is fitted                                                   file
+============== ========= ================================================================ ===============
+dense          –         fp16 feature grid Z (m × k), trained                             ``.vqad``
+codebook       b         VQ-AD: b-bit learned indices V into a codebook D (2^b × k)       ``.vqad``
+hash           T         Instant-NGP random indices into a trained table θ (2^T × k)      ``.vqad``
+kmeans         b         post hoc: k-means of the dense fit's Z into 2^b centroids (kmVQ) ``.vqad``
+lowrank        r         post hoc: rank-r PCA of the dense fit's Z                        ``.vqad``
+draco-input    q         SDF only: the input mesh, Draco at q quantization bits           ``.drc``
+draco-mc       q         SDF only: marching cubes of the dense fit, Draco at q bits       ``.drc``
+============== ========= ================================================================ ===============
+
+``kmeans``, ``lowrank`` and ``draco-mc`` are computed from the ONE dense fit of the sweep (its
+``.vqad`` file, so exactly what was measured as the dense point); asking for any of them adds the
+dense point. One more curve is derived from a VQ-AD point: ``codebook-stream``, the quality of each
+LOD decoded from a *prefix* of that point's file against the prefix's bytes (the progressive
+stream, see :mod:`vqad.fileformat`).
+
+Measures: ``bytes`` is the file as shipped (the entropy-coded ``.vqad`` unless entropy coding is
+off; the Draco buffer), with the raw file, its grid chunks alone, and the dense fp16 grid of the
+same octree beside it. Quality at the finest LOD, decoded from that file: Chamfer-L1, normal
+consistency and IoU (:func:`vqad.metrics.geometry_metrics`, unit-cube frame) for a mesh; PSNR and
+SSIM on the held-out views (:func:`vqad.nerf.evaluate.evaluate_nerf`) for a capture. Draco points
+are measured with the same Chamfer / normal code on the decoded mesh against the input, in the same
+unit-cube frame (no IoU: a Draco mesh has no field to query).
+
+Output directory::
+
+    sweep.json                 the settings every point was made with (a re-run must match them)
+    points/<point>.json        one finished point (its CSV rows), written last and atomically
+    points/<point>.vqad        its file (and <point>-entropy.vqad; Draco: <point>.drc)
+    work/<point>/checkpoint/   an unfinished fit's checkpoint (Ctrl-C saves it; removed when done)
+    results.csv, results.md, rd.png   rebuilt from points/*.json after every point
+
+**Resuming**: a point is finished when its ``points/<point>.json`` exists; a re-run with the same
+settings skips finished points, continues an interrupted fit from its checkpoint and redoes the
+rest. Every file is written to a temporary name and renamed, so an interrupted sweep never leaves a
+half-written result that looks complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field as dfield, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+SWEEP_FORMAT = 1
+
+
+# ================================================================================================
+# methods and points
+# ================================================================================================
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str  # tables and the plot legend
+    param: str  # the setting's symbol: b, T, r, q ("" when the method has no setting)
+    defaults: tuple[int, ...]  # settings swept when only the name is given
+    kind: str  # "fit" (trained), "posthoc" (from the dense fit), "draco", "stream" (derived)
+    sdf_only: bool = False
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("dense", "dense fp16", "", (), "fit"),
+    Method("codebook", "VQ-AD (learned indices)", "b", (1, 2, 4, 6, 8), "fit"),
+    Method("codebook-stream", "VQ-AD, per-LOD file prefixes", "b", (), "stream"),
+    Method("hash", "hash (random indices)", "T", (10, 12, 14, 16), "fit"),
+    Method("kmeans", "k-means VQ (post hoc)", "b", (4, 6), "posthoc"),
+    Method("lowrank", "low rank (post hoc)", "r", (), "posthoc"),  # defaults: k/4, k/2 (see default_settings)
+    Method("draco-input", "Draco, input mesh", "q", (8, 10, 12, 14), "draco", sdf_only=True),
+    Method("draco-mc", "Draco, marching cubes of dense", "q", (8, 10, 12, 14), "draco", sdf_only=True),
+)}
+SELECTABLE = [n for n, m in METHODS.items() if m.kind != "stream"]
+# default method set, in the order the points run: cheap and shared work first
+DEFAULT_METHODS = ("draco-input", "dense", "kmeans", "lowrank", "draco-mc", "codebook", "hash")
+METHOD_SPEC_HELP = (
+    "METHOD or METHOD:S1,S2,... with METHOD one of dense; codebook:b (VQ-AD bits, default 1,2,4,6,8; 1..12); "
+    "hash:T (table bits, default 10,12,14,16); kmeans:b (post hoc, default 4,6); lowrank:r (post hoc, r < k, "
+    "default k/4,k/2); draco-input:q and draco-mc:q (meshes only: Draco quantization bits, default 8,10,12,14). "
+    "Default: all of them"
+)
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str
+    setting: int | None = None
+
+    @property
+    def key(self) -> str:
+        m = METHODS[self.method]
+        return self.method if self.setting is None else f"{self.method}-{m.param}{self.setting}"
+
+    @property
+    def label(self) -> str:
+        m = METHODS[self.method]
+        return m.label if self.setting is None else f"{m.label}, {m.param} = {self.setting}"
+
+
+def default_settings(method: str, features: int) -> tuple[int, ...]:
+    """Settings of ``method`` when none are given (low rank: k/4 and k/2, i.e. 4 and 8 at k = 16)."""
+    if method == "lowrank":
+        return tuple(sorted({max(1, features // 4), max(1, features // 2)} - {features}))
+    return METHODS[method].defaults
+
+
+def check_setting(method: str, value, features: int) -> None:
+    """Raise :class:`InputError` unless ``value`` is a valid setting of ``method`` at k = ``features``."""
+    from .baselines import check_rank, check_table_bits
+    from .storage import check_bits
+
+    if method in ("codebook", "kmeans"):
+        check_bits(value)
+    elif method == "hash":
+        check_table_bits(value)
+    elif method == "lowrank":
+        check_rank(value, features)
+    elif method.startswith("draco"):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 30:
+            raise InputError(f"{method}: Draco quantization bits must be an integer in 1..30, got {value!r}")
+
+
+def parse_methods(specs, kind: str, features: int) -> list[Point]:
+    """``["codebook:4,6", "hash", "dense"]`` → points, in the order given (duplicates dropped).
+
+    A spec is ``METHOD`` (its default settings) or ``METHOD:S1,S2,...``. Empty ``specs``: the
+    default set (:data:`DEFAULT_METHODS`, Draco methods only for meshes). Raises
+    :class:`InputError` for an unknown method, a malformed or out-of-range setting, or a
+    mesh-only method on a radiance field.
+    """
+    if isinstance(specs, str):
+        specs = specs.split()
+    explicit = bool(specs)
+    if not explicit:
+        specs = [m for m in DEFAULT_METHODS if kind == "sdf" or not METHODS[m].sdf_only]
+    points: list[Point] = []
+    for spec in specs:
+        if not isinstance(spec, str) or not spec.strip():
+            raise InputError(f"bad method spec {spec!r}: {METHOD_SPEC_HELP}")
+        name, sep, rest = spec.strip().partition(":")
+        if name not in SELECTABLE:
+            raise InputError(f"unknown method {name!r} in {spec!r}: choose from {', '.join(SELECTABLE)}")
+        m = METHODS[name]
+        if m.sdf_only and kind != "sdf":
+            raise InputError(f"{name} compresses a mesh: it applies to SDF sweeps of a mesh, not to a radiance field")
+        if not m.param:
+            if sep:
+                raise InputError(f"{name} takes no setting, got {spec!r}")
+            points.append(Point(name))
+            continue
+        if sep:
+            try:
+                values = [int(v) for v in rest.split(",")]
+            except ValueError:
+                raise InputError(f"bad settings in {spec!r}: write {name}:{m.param.upper()}1,{m.param.upper()}2,... "
+                                 f"with integer {m.param} values, e.g. {name}:{','.join(map(str, default_settings(name, features)[:2]))}") from None
+        else:
+            values = list(default_settings(name, features))
+        for v in values:
+            try:
+                check_setting(name, v, features)
+            except InputError as exc:
+                raise InputError(f"{name}:{v}: {exc}") from None
+            points.append(Point(name, v))
+    return list(dict.fromkeys(points))
+
+
+# ================================================================================================
+# configuration
+# ================================================================================================
+SDF_DEFAULTS = {"levels": "3:7", "features": 16, "steps": 3000, "batch": 16384, "hidden": 128}
+NERF_DEFAULTS = {"levels": "4:7", "features": 8, "steps": 3000, "batch": 4096, "hidden": 64}
+NERF_ONLY = ("format", "downscale", "eval_views", "eval_max_views", "background", "octree")
+SDF_ONLY = ("mc_resolution", "draco_mc_resolution", "draco_level")
+NOT_SETTINGS = ("out", "methods", "device", "quiet", "stream_bits")  # may change between resumed runs
+
+
+@dataclass
+class SweepConfig:
+    """Everything a sweep is run with. ``None`` fields take the dataset kind's default
+    (:data:`SDF_DEFAULTS` / :data:`NERF_DEFAULTS`); :meth:`resolved` fills them in and validates."""
+
+    dataset: str = ""  # a mesh file, a capture directory or "procedural"
+    out: str = ""
+    methods: list[str] = dfield(default_factory=list)  # specs (parse_methods); empty: the default set
+    levels: str | None = None  # octree levels BASE:MAX
+    features: int | None = None  # k
+    steps: int | None = None  # per fit
+    minutes: float | None = None  # also stop each fit after this long (radiance fields)
+    batch: int | None = None  # points (SDF) or rays (NeRF) per step
+    hidden: int | None = None  # decoder width
+    seed: int = 0
+    device: str = "auto"
+    entropy: bool = True  # also write entropy-coded files; `bytes` is then their size
+    stream_bits: int | None = None  # VQ-AD point whose per-LOD prefix curve is measured (None: 4 if swept; 0: none)
+    quiet: bool = False  # no progress bars
+    # meshes
+    mc_resolution: int = 256  # marching cubes for the quality metrics
+    draco_mc_resolution: int = 128  # marching cubes of the dense field for draco-mc
+    draco_level: int = 10  # Draco compression level 0..10
+    # radiance fields
+    format: str = "auto"
+    downscale: int = 1
+    eval_views: str = "test"
+    eval_max_views: int | None = None
+    background: object = "white"  # white, black, "R,G,B" or [R, G, B]
+    octree: str = "auto"  # auto | depth | mask | density
+    kind: str = ""  # "sdf" | "nerf", set by resolved()
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> "SweepConfig":
+        """Build from a dict (a config file merged with command-line flags), checking names and types;
+        options that do not apply to the dataset's kind are errors, not silently ignored."""
+        names = {f.name for f in fields(cls)} - {"kind"}
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise InputError(f"unknown sweep option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        for k, v in values.items():
+            _check_type(k, v)
+        cfg = cls(**values)
+        if isinstance(cfg.methods, str):
+            cfg.methods = cfg.methods.split()
+        kind = detect_kind(cfg.dataset)
+        wrong = [k for k in (SDF_ONLY if kind == "nerf" else NERF_ONLY) if k in values]
+        if wrong:
+            what = "a radiance-field capture" if kind == "nerf" else "a mesh"
+            raise InputError(f"{', '.join('--' + w.replace('_', '-') for w in wrong)}: not an option for {what} "
+                             f"({cfg.dataset}); remove it")
+        return cfg
+
+    def resolved(self) -> "SweepConfig":
+        """A copy with the kind and its defaults filled in, every value validated."""
+        from .config import parse_levels
+
+        kind = detect_kind(self.dataset)
+        defaults = SDF_DEFAULTS if kind == "sdf" else NERF_DEFAULTS
+        cfg = replace(self, kind=kind, **{k: defaults[k] for k in defaults if getattr(self, k) is None})
+        if not cfg.out:
+            raise InputError("a sweep needs an output directory: --out DIR")
+        parse_levels(cfg.levels)
+        if not 1 <= cfg.features <= 256:
+            raise InputError(f"features (k) must be in 1..256, got {cfg.features}")
+        for name in ("steps", "batch", "hidden", "downscale"):
+            if getattr(cfg, name) <= 0:
+                raise InputError(f"--{name} must be positive, got {getattr(cfg, name)}")
+        if cfg.minutes is not None and not cfg.minutes > 0:
+            raise InputError(f"--minutes must be positive, got {cfg.minutes}")
+        if cfg.kind == "sdf" and cfg.minutes is not None and not _sdf_has_time_cap():
+            raise InputError("--minutes applies to radiance-field sweeps: SDF fits stop after --steps")
+        if cfg.eval_max_views is not None and cfg.eval_max_views <= 0:
+            raise InputError("--eval-max-views must be positive")
+        for name in ("mc_resolution", "draco_mc_resolution"):
+            if not 8 <= getattr(cfg, name) <= 1024:
+                raise InputError(f"--{name.replace('_', '-')} must be in 8..1024, got {getattr(cfg, name)}")
+        if not 0 <= cfg.draco_level <= 10:
+            raise InputError(f"--draco-level must be in 0..10, got {cfg.draco_level}")
+        return cfg
+
+    def settings(self) -> dict:
+        """What determines the results (recorded in sweep.json; a resumed sweep must match it)."""
+        skip = set(NOT_SETTINGS) | set(SDF_ONLY if self.kind == "nerf" else NERF_ONLY)
+        d = {k: v for k, v in asdict(self).items() if k not in skip}
+        if self.kind == "sdf" or d["dataset"] not in _procedural_names():
+            d["dataset"] = str(Path(self.dataset).resolve())
+        if self.kind == "nerf":
+            d["background"] = list(_background(self.background))
+        return d
+
+
+_TYPES = {"methods": (list, str), "levels": (str,), "features": (int,), "steps": (int,), "minutes": (int, float),
+          "batch": (int,), "hidden": (int,), "seed": (int,), "device": (str,), "entropy": (bool,),
+          "stream_bits": (int,), "quiet": (bool,), "mc_resolution": (int,), "draco_mc_resolution": (int,),
+          "draco_level": (int,), "format": (str,), "downscale": (int,), "eval_views": (str,),
+          "eval_max_views": (int,), "background": (str, list), "octree": (str,), "dataset": (str,), "out": (str,)}
+
+
+def _check_type(name: str, value) -> None:
+    if value is None and name in ("minutes", "eval_max_views", "stream_bits", "levels", "features", "steps",
+                                  "batch", "hidden"):
+        return
+    ok = _TYPES[name]
+    if isinstance(value, bool) and bool not in ok:
+        ok = ()
+    if not isinstance(value, ok):
+        raise InputError(f"sweep option {name} must be {' or '.join(t.__name__ for t in _TYPES[name])}, got {value!r}")
+
+
+def _sdf_has_time_cap() -> bool:
+    from .config import SDFTrainConfig
+
+    return "max_minutes" in {f.name for f in fields(SDFTrainConfig)}
+
+
+def _procedural_names() -> tuple[str, ...]:
+    from .nerf.datasets import PROCEDURAL_NAMES
+
+    return PROCEDURAL_NAMES
+
+
+def _background(value) -> tuple[float, float, float]:
+    """white | black | "R,G,B" | [R, G, B] → RGB in [0, 1] (checked by the dataset loader too)."""
+    named = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
+    if isinstance(value, str):
+        value = named.get(value) or value.split(",")
+    try:
+        rgb = tuple(float(c) for c in value)
+    except (TypeError, ValueError):
+        rgb = ()
+    if len(rgb) != 3 or not all(0.0 <= c <= 1.0 for c in rgb):
+        raise InputError(f"--background must be white, black or R,G,B in [0, 1], got {value!r}")
+    return rgb
+
+
+def detect_kind(dataset: str) -> str:
+    """``"sdf"`` for a mesh file, ``"nerf"`` for a capture directory (or its transforms / poses file)
+    or the built-in ``procedural`` scene; :class:`InputError` when the dataset does not exist."""
+    from .mesh import MESH_SUFFIXES
+
+    if not dataset:
+        raise InputError("a sweep needs a dataset: a mesh file (.obj, .ply, ...) or a radiance-field capture directory")
+    if dataset in _procedural_names():
+        return "nerf"
+    path = Path(dataset)
+    if path.suffix.lower() in MESH_SUFFIXES:
+        if not path.is_file():
+            raise InputError(f"mesh not found: {path}")
+        return "sdf"
+    if not path.exists():
+        raise InputError(f"dataset not found: {path} (a mesh file {', '.join(sorted(MESH_SUFFIXES))}, "
+                         "a radiance-field capture directory, or 'procedural')")
+    return "nerf"
+
+
+def load_config_file(path: str | Path) -> dict:
+    """A sweep config from JSON (``.json``) or TOML (``.toml``): keys are the long flag names
+    (``steps``, ``eval-max-views`` or ``eval_max_views``, ``methods = ["codebook:4,6", "hash:12"]``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"sweep config not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                raise InputError("TOML configs need Python 3.11+: use a .json config instead") from None
+            data = tomllib.loads(text)
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise InputError(f"sweep config must be .json or .toml, got {path.name}")
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise InputError(f"cannot parse sweep config {path}: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise InputError(f"sweep config {path} must hold a table / object of options")
+    return data
+
+
+# ================================================================================================
+# measuring
+# ================================================================================================
+class PeakMemory:
+    """Peak memory while the ``with`` block runs: the CUDA allocator's peak on a GPU; on the CPU the
+    process's resident set sampled every ``interval`` s (Linux ``/proc``; elsewhere the process's
+    lifetime peak). Includes what the process already held (data, earlier models)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.02):
+        self.device, self.interval, self.bytes = device, interval, 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            import resource
+
+            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.bytes = max(self.bytes, self._rss())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.bytes = self._rss()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.bytes = max(self.bytes, self._rss())
+
+
+class SDFTask:
+    """A mesh: SDF fits, Chamfer-L1 / normal consistency / IoU, and the Draco baselines."""
+
+    kind = "sdf"
+    quality = ("chamfer_l1", "normal_consistency", "iou")
+
+    def __init__(self, cfg: SweepConfig, device: torch.device):
+        from .mesh import SDFOracle, fit_normalization, load_mesh
+
+        self.cfg, self.device = cfg, device
+        self.mesh = load_mesh(cfg.dataset)
+        self.oracle = SDFOracle(self.mesh)
+        self.normalization = fit_normalization(self.mesh)  # the frame every SDF fit uses (build_sdf_field)
+        self.name = Path(cfg.dataset).stem
+
+    def fit(self, grid_cfg, work: Path, resume: bool):
+        from .config import DecoderConfig, SDFTrainConfig
+        from .sdf import fit_sdf
+
+        c = self.cfg
+        # vqad fit-sdf's learning rates: a codebook's argmax needs larger steps to move
+        train = SDFTrainConfig(steps=c.steps, batch=c.batch, lr=5e-3 if grid_cfg.storage == "codebook" else 2e-3,
+                               seed=c.seed)
+        if c.minutes is not None:
+            train.max_minutes = c.minutes
+        res = fit_sdf(self.mesh, grid_cfg, DecoderConfig(hidden=c.hidden), train, self.device, out_dir=work,
+                      resume=resume, quiet=c.quiet, mesh_path=str(Path(c.dataset).resolve()))
+        return res.field, res.steps
+
+    def evaluate(self, field, lod: int) -> dict:
+        from .extract import extract_mesh
+        from .metrics import geometry_metrics
+
+        try:
+            mesh = extract_mesh(field, lod, resolution=self.cfg.mc_resolution)
+        except InputError as exc:  # no zero crossing: a failed fit is a result, not a crash
+            return {"chamfer_l1": math.nan, "normal_consistency": math.nan, "iou": math.nan, "note": str(exc)}
+        return geometry_metrics(field, lod, self.mesh, mesh, self.oracle).as_dict()
+
+    def evaluate_mesh(self, mesh) -> dict:
+        """Chamfer-L1 and normal consistency of ``mesh`` (world coordinates) against the input."""
+        from .metrics import chamfer_and_normals
+
+        to_unit = lambda v: self.normalization.to_unit(torch.from_numpy(v)).numpy()  # noqa: E731
+        ch, nc = chamfer_and_normals(self.mesh.transformed(to_unit), mesh.transformed(to_unit))
+        return {"chamfer_l1": ch, "normal_consistency": nc, "iou": math.nan}
+
+
+class NeRFTask:
+    """A radiance-field capture: NeRF fits, PSNR / SSIM on the held-out views."""
+
+    kind = "nerf"
+    quality = ("psnr", "ssim")
+
+    def __init__(self, cfg: SweepConfig, device: torch.device):
+        from .nerf.datasets import load_dataset
+        from .nerf.evaluate import pick_split
+
+        self.cfg, self.device = cfg, device
+        limit = {cfg.eval_views: cfg.eval_max_views} if cfg.eval_max_views else None
+        self.dataset = load_dataset(cfg.dataset, format=cfg.format, downscale=cfg.downscale,
+                                    background=_background(cfg.background), split_limit=limit)
+        pick_split(self.dataset, cfg.eval_views)  # fail now, not after the first fit
+        self.name = self.dataset.name
+
+    def fit(self, grid_cfg, work: Path, resume: bool):
+        from .config import DecoderConfig
+        from .nerf.field import NeRFConfig
+        from .nerf.train import NeRFTrainConfig, fit_nerf
+
+        c = self.cfg
+        # vqad fit-nerf's defaults; one width for the density and the colour MLP
+        train = NeRFTrainConfig(steps=c.steps, batch_rays=c.batch, octree=c.octree, seed=c.seed, max_minutes=c.minutes)
+        res = fit_nerf(self.dataset, grid_cfg, DecoderConfig(hidden=c.hidden, position_input=False), train, self.device,
+                       out_dir=work, resume=resume, quiet=c.quiet, nerf_cfg=NeRFConfig(color_hidden=c.hidden))
+        return res.field, res.steps
+
+    def evaluate(self, field, lod: int) -> dict:
+        from .nerf.evaluate import evaluate_nerf
+
+        r = evaluate_nerf(field, self.dataset, self.cfg.eval_views, lods=[lod], max_views=self.cfg.eval_max_views,
+                          save_images=False)[lod]
+        return {"psnr": r["psnr"], "ssim": r["ssim"]}
+
+
+# ================================================================================================
+# running
+# ================================================================================================
+def _write_atomic(path: Path, data: bytes | str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def plan(points: list[Point], stream_bits: int | None) -> list[Point]:
+    """The points in run order: the dense fit before everything derived from it, each
+    ``codebook-stream`` right after its VQ-AD point."""
+    if any(METHODS[p.method].kind == "posthoc" or p.method == "draco-mc" for p in points):
+        if Point("dense") not in points:
+            points = [Point("dense")] + list(points)
+        else:  # dense before its dependants
+            first = next(i for i, p in enumerate(points) if METHODS[p.method].kind == "posthoc" or p.method == "draco-mc")
+            if points.index(Point("dense")) > first:
+                points = [Point("dense")] + [p for p in points if p != Point("dense")]
+    bits = {p.setting for p in points if p.method == "codebook"}
+    if stream_bits is None:
+        stream_bits = 4 if 4 in bits else 0
+    elif stream_bits and stream_bits not in bits:
+        raise InputError(f"--stream-bits {stream_bits}: the sweep has no codebook:{stream_bits} point "
+                         f"(it has {', '.join(f'codebook:{b}' for b in sorted(bits)) or 'no codebook point'}; 0: no stream curve)")
+    out = []
+    for p in points:
+        out.append(p)
+        if p.method == "codebook" and p.setting == stream_bits:
+            out.append(Point("codebook-stream", stream_bits))
+    return out
+
+
+class Sweep:
+    """One sweep: ``Sweep(cfg).run()``. Validates everything (config, methods, dataset) before
+    writing anything; see the module docstring for the directory layout and resuming."""
+
+    def __init__(self, cfg: SweepConfig, log=print):
+        from .device import resolve_device
+
+        self.cfg = cfg.resolved()
+        self.log = log
+        self.points = plan(parse_methods(self.cfg.methods, self.cfg.kind, self.cfg.features), self.cfg.stream_bits)
+        self.device = resolve_device(self.cfg.device)
+        self.out = Path(self.cfg.out)
+        self._check_out()
+        self.task = (SDFTask if self.cfg.kind == "sdf" else NeRFTask)(self.cfg, self.device)
+        self._dense = None
+        self._mc_mesh = None
+
+    # -- the output directory ----------------------------------------------------------------
+    def _check_out(self) -> None:
+        manifest = self.out / "sweep.json"
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(f"output path exists and is not a directory: {self.out}")
+        if manifest.is_file():
+            try:
+                old = json.loads(manifest.read_text())["settings"]
+            except (ValueError, KeyError, TypeError):
+                raise InputError(f"{manifest} is not a vqad sweep record: use another --out") from None
+            new = json.loads(json.dumps(self.cfg.settings()))
+            diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            if diff:
+                raise InputError(f"{self.out} holds a sweep made with other settings ({'; '.join(diff)}): "
+                                 "re-run with the same settings to resume it, or use another --out")
+
+    def _prepare_out(self) -> None:
+        from .commands.common import ensure_writable_dir
+
+        ensure_writable_dir(self.out / "points")
+        manifest = self.out / "sweep.json"
+        if not manifest.is_file():
+            _write_atomic(manifest, json.dumps({"vqad_sweep": SWEEP_FORMAT, "settings": self.cfg.settings()}, indent=2))
+
+    def finished(self) -> dict[str, dict]:
+        """Finished points of this directory, by key."""
+        done = {}
+        for p in sorted((self.out / "points").glob("*.json")):
+            rec = json.loads(p.read_text())
+            done[rec["point"]] = rec
+        return done
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        """Run every unfinished point, rebuilding the reports after each; returns all CSV rows."""
+        self._prepare_out()
+        done = self.finished()
+        n = len(self.points)
+        for i, p in enumerate(self.points, 1):
+            if p.key in done:
+                self.log(f"[{i}/{n}] {p.label}: finished earlier, skipped")
+                continue
+            self.log(f"[{i}/{n}] {p.label} ...", flush=True)
+            rows = self._run_point(p)
+            rec = {"point": p.key, "method": p.method, "setting": p.setting, "rows": rows,
+                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            _write_atomic(self.out / "points" / f"{p.key}.json", json.dumps(rec, indent=2))
+            shutil.rmtree(self.out / "work" / p.key, ignore_errors=True)  # the finished fit's checkpoint
+            r = rows[-1]
+            q = self.task.quality[0]
+            self.log(f"[{i}/{n}] {p.label}: {r['bytes'] / 1e3:,.1f} kB, {q} {r[q]:.5g}, "
+                     f"{r['fit_seconds']:.1f} s", flush=True)
+            write_reports(self.out, self.cfg)
+        rows = write_reports(self.out, self.cfg)
+        self.log(f"wrote {self.out}/results.csv, results.md, rd.png ({len(rows)} rows)")
+        return rows
+
+    def _run_point(self, p: Point) -> list[dict]:
+        kind = METHODS[p.method].kind
+        if kind == "stream":
+            return self._stream_rows(p)
+        t0 = time.perf_counter()
+        steps, note = None, None
+        with PeakMemory(self.device) as mem:
+            if kind == "draco":
+                row = self._draco_row(p)
+            elif kind == "fit":
+                work = self.out / "work" / p.key
+                resume = (work / "checkpoint" / "config.json").is_file()
+                if resume:
+                    note = "fit continued from the checkpoint of an interrupted run (fit s: this run only)"
+                    self.log(f"    continuing the interrupted fit from {work / 'checkpoint'}")
+                field, steps = self.task.fit(self._grid_cfg(p), work, resume)
+                field.bake(fp16=True)
+            else:  # post hoc, from the dense point's file
+                from .baselines import posthoc
+
+                arg = {"bits": p.setting} if p.method == "kmeans" else {"rank": p.setting}
+                field = posthoc(self.dense_field(), p.method, seed=self.cfg.seed, **arg)
+        if kind != "draco":
+            seconds = time.perf_counter() - t0
+            row = self._file_row(p, field)
+            row.update(fit_seconds=seconds, steps=steps, note=note)
+        row["peak_memory_bytes"] = mem.bytes
+        return [row]
+
+    def _grid_cfg(self, p: Point):
+        from .config import GridConfig, parse_levels
+
+        base, top = parse_levels(self.cfg.levels)
+        g = GridConfig(storage=p.method, features=self.cfg.features, base_level=base, max_level=top,
+                       bits=p.setting if p.method == "codebook" else 4)
+        if p.method == "hash":
+            g.table_bits = p.setting
+        g.validate()
+        return g
+
+    def _paths(self, p: Point) -> tuple[Path, Path]:
+        raw = self.out / "points" / f"{p.key}.vqad"
+        return raw, (raw.with_name(f"{p.key}-entropy.vqad") if self.cfg.entropy else raw)
+
+    def _file_row(self, p: Point, field) -> dict:
+        """Write the point's .vqad file(s), decode the shipped one, measure bytes and quality."""
+        from . import fileformat as F
+        from .api import load
+
+        raw, shipped = self._paths(p)
+        F.save(field, raw)
+        if shipped != raw:
+            F.save(field, shipped, entropy=True)
+        info = F.read_info(raw)
+        t0 = time.perf_counter()
+        lod = info.levels[-1].level
+        q = self.task.evaluate(load(shipped, device=self.device), lod)
+        return {
+            **_row(p, lod), **q, "bytes": shipped.stat().st_size, "file_bytes": raw.stat().st_size,
+            "entropy_bytes": shipped.stat().st_size if shipped != raw else None,
+            "grid_bytes": sum(lv.grid_bytes for lv in info.levels),
+            "octree_bytes": sum(lv.tree_bytes for lv in info.levels), "decoder_bytes": info.decoder_bytes,
+            "dense_fp16_grid_bytes": sum(lv.dense_fp16_bytes for lv in info.levels),
+            "vertices": sum(lv.vertices for lv in info.levels), "eval_seconds": time.perf_counter() - t0,
+            "file": str(shipped.relative_to(self.out)),
+        }
+
+    def dense_field(self):
+        """The sweep's one dense fit, decoded from its file (what the dense point measured)."""
+        if self._dense is None:
+            from .api import load
+
+            path = self._paths(Point("dense"))[0]
+            if not path.is_file():
+                raise InputError(f"{path} is missing, but the post-hoc and draco-mc points are made from it: "
+                                 f"delete {self.out / 'points' / 'dense.json'} to refit the dense grid")
+            self._dense = load(path, device=self.device)
+        return self._dense
+
+    def _draco_row(self, p: Point) -> dict:
+        """The input mesh (or the dense field's marching-cubes mesh) through Draco at q bits."""
+        import DracoPy
+
+        from .extract import extract_mesh
+        from .mesh import Mesh
+
+        if p.method == "draco-mc":
+            if self._mc_mesh is None:
+                self._mc_mesh = extract_mesh(self.dense_field(), resolution=self.cfg.draco_mc_resolution)
+            src = self._mc_mesh
+        else:
+            src = self.task.mesh
+        t0 = time.perf_counter()
+        buf = DracoPy.encode(np.ascontiguousarray(src.vertices, dtype=np.float32),
+                             np.ascontiguousarray(src.faces, dtype=np.uint32),
+                             quantization_bits=p.setting, compression_level=self.cfg.draco_level)
+        seconds = time.perf_counter() - t0
+        path = self.out / "points" / f"{p.key}.drc"
+        _write_atomic(path, buf)
+        back = DracoPy.decode(path.read_bytes())
+        decoded = Mesh(np.asarray(back.points, dtype=np.float64), np.asarray(back.faces, dtype=np.int64).reshape(-1, 3))
+        t1 = time.perf_counter()
+        q = self.task.evaluate_mesh(decoded)
+        note = f"{len(src.faces):,} faces"
+        if p.method == "draco-mc":
+            note += f", marching cubes {self.cfg.draco_mc_resolution}^3 of the dense field"
+        return {**_row(p, None), **q, "bytes": len(buf), "file_bytes": len(buf), "fit_seconds": seconds,
+                "eval_seconds": time.perf_counter() - t1, "vertices": len(decoded.vertices),
+                "file": str(path.relative_to(self.out)), "note": note}
+
+    def _stream_rows(self, p: Point) -> list[dict]:
+        """Each LOD decoded from a prefix of the VQ-AD point's shipped file, as a client would."""
+        from . import fileformat as F
+        from .api import load
+
+        shipped = self._paths(Point("codebook", p.setting))[1]
+        if not shipped.is_file():
+            raise InputError(f"{shipped} is missing: delete {self.out / 'points' / f'codebook-b{p.setting}.json'} to redo that point")
+        rows = []
+        for lod, nbytes in F.lod_prefix_sizes(shipped).items():
+            t0 = time.perf_counter()
+            q = self.task.evaluate(load(shipped, device=self.device, max_bytes=nbytes), lod)
+            rows.append({**_row(p, lod), **q, "bytes": nbytes, "eval_seconds": time.perf_counter() - t0,
+                         "fit_seconds": 0.0, "file": str(shipped.relative_to(self.out)), "note": "file prefix"})
+        return rows
+
+
+def _row(p: Point, lod: int | None) -> dict:
+    return {"point": p.key, "method": p.method, "param": METHODS[p.method].param, "setting": p.setting, "lod": lod}
+
+
+def run_sweep(cfg: SweepConfig, log=print) -> list[dict]:
+    """Run (or resume) the sweep ``cfg`` and return its CSV rows (see :class:`Sweep`)."""
+    return Sweep(cfg, log=log).run()
+
+
+# ================================================================================================
+# reports: results.csv, results.md, rd.png
+# ================================================================================================
+COLUMNS = ["point", "method", "param", "setting", "lod", "bytes", "file_bytes", "entropy_bytes", "grid_bytes",
+           "octree_bytes", "decoder_bytes", "dense_fp16_grid_bytes", "grid_ratio", "dense_ratio", "vertices",
+           "QUALITY", "fit_seconds", "eval_seconds", "peak_memory_bytes", "steps", "finished_at", "file", "note"]
+QUALITY = {"sdf": ("chamfer_l1", "normal_consistency", "iou"), "nerf": ("psnr", "ssim")}
+ORDER = ["dense", "codebook", "codebook-stream", "hash", "kmeans", "lowrank", "draco-input", "draco-mc"]
+
+
+def collect_rows(out: Path) -> list[dict]:
+    """Every finished point's rows, in table order, with the ratios filled in."""
+    rows = []
+    for p in sorted((Path(out) / "points").glob("*.json")):
+        rec = json.loads(p.read_text())
+        rows += [dict(r, finished_at=rec["finished_at"]) for r in rec["rows"]]
+    rows.sort(key=lambda r: (ORDER.index(r["method"]), r["setting"] or 0, r["lod"] if r["lod"] is not None else -1))
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    for r in rows:
+        if r.get("grid_bytes"):
+            r["grid_ratio"] = r["dense_fp16_grid_bytes"] / r["grid_bytes"]
+        if dense is not None:
+            r["dense_ratio"] = dense["bytes"] / r["bytes"]
+    return rows
+
+
+def write_reports(out: Path, cfg: SweepConfig) -> list[dict]:
+    """Rebuild results.csv, results.md and rd.png from the finished points; returns the rows."""
+    out = Path(out)
+    rows = collect_rows(out)
+    cols = [c for col in COLUMNS for c in (QUALITY[cfg.kind] if col == "QUALITY" else (col,))]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: _csv_value(r.get(c)) for c in cols})
+    _write_atomic(out / "results.csv", buf.getvalue())
+    _write_atomic(out / "results.md", markdown_table(rows, cfg))
+    plot_rd(rows, cfg, out / "rd.png")
+    return rows
+
+
+def _csv_value(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    """results.csv back as dicts of numbers (empty cells → None)."""
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            d = {}
+            for k, v in r.items():
+                if v == "":
+                    d[k] = None
+                    continue
+                try:
+                    d[k] = int(v)
+                except ValueError:
+                    try:
+                        d[k] = float(v)
+                    except ValueError:
+                        d[k] = v
+            rows.append(d)
+    return rows
+
+
+def _fmt(v, spec: str) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
+    """The paper's Tables 2 / 3 shape: method, setting, quality, size, ratio; then the stream curve."""
+    sdf = cfg.kind == "sdf"
+    name = Path(cfg.dataset).name if sdf else cfg.dataset
+    qh = "Chamfer-L1 ↓ | normal cons. ↑ | IoU ↑" if sdf else "PSNR (dB) ↑ | SSIM ↑"
+    ent = "entropy-coded" if cfg.entropy else "raw"
+    L = [
+        f"# Rate–distortion sweep: {name}",
+        "",
+        f"`vqad sweep` of {'the mesh' if sdf else 'the capture'} `{cfg.dataset}`: octree levels {cfg.levels}, "
+        f"k = {cfg.features} features, {cfg.steps} steps × {cfg.batch:,} {'points' if sdf else 'rays'} per fit"
+        + (f" (at most {cfg.minutes:g} min)" if cfg.minutes else "") + f", decoder width {cfg.hidden}, seed {cfg.seed}.  ",
+        ("Quality at the finest LOD, decoded from the file: Chamfer-L1 (exact point-to-surface, unit-cube units) and "
+         f"normal consistency against the input mesh, IoU of 500k uniform points; marching cubes at {cfg.mc_resolution}^3. "
+         "Draco points: the decoded Draco mesh against the input, same code, same frame."
+         if sdf else
+         f"Quality at the finest LOD, decoded from the file: PSNR / SSIM on the {cfg.eval_views!r} views"
+         + (f" (first {cfg.eval_max_views})" if cfg.eval_max_views else "") + f", downscale {cfg.downscale}.") + "  ",
+        f"**size** = the file as shipped ({ent} .vqad{'; Draco: the buffer' if sdf else ''}); *grid* = its feature-grid chunks alone; "
+        "**vs dense** = the dense fp16 point's size / this size. Post-hoc points are made from the dense point's file "
+        "(no fine-tuning).",
+        "",
+        f"| method | setting | {qh} | size kB | raw file kB | grid kB | vs dense | fit s | peak memory MB |",
+        "|---|---|" + "---|" * (3 if sdf else 2) + "---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["method"] == "codebook-stream":
+            continue
+        m = METHODS[r["method"]]
+        q = (f"{_fmt(r.get('chamfer_l1'), '.5f')} | {_fmt(r.get('normal_consistency'), '.4f')} | {_fmt(r.get('iou'), '.4f')}"
+             if sdf else f"{_fmt(r.get('psnr'), '.2f')} | {_fmt(r.get('ssim'), '.4f')}")
+        setting = "–" if r["setting"] is None else f"{m.param} = {r['setting']}"
+        grid = _fmt(r["grid_bytes"] / 1e3 if r.get("grid_bytes") else None, ",.1f")
+        mem = _fmt(r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") else None, ",.0f")
+        raw = _fmt(r["file_bytes"] / 1e3 if r.get("file_bytes") else None, ",.1f")
+        L.append(f"| {m.label} | {setting} | {q} | {r['bytes'] / 1e3:,.1f} | {raw} | "
+                 f"{grid} | {_fmt(r.get('dense_ratio'), '.1f')}× | {_fmt(r.get('fit_seconds'), ',.1f')} | {mem} |")
+    stream = [r for r in rows if r["method"] == "codebook-stream"]
+    if stream:
+        L += ["", f"## Streaming: VQ-AD b = {stream[0]['setting']}, each LOD decoded from a prefix of its file", "",
+              f"| LOD | prefix kB | {qh} |", "|---|---|" + "---|" * (3 if sdf else 2)]
+        for r in stream:
+            q = (f"{_fmt(r.get('chamfer_l1'), '.5f')} | {_fmt(r.get('normal_consistency'), '.4f')} | {_fmt(r.get('iou'), '.4f')}"
+                 if sdf else f"{_fmt(r.get('psnr'), '.2f')} | {_fmt(r.get('ssim'), '.4f')}")
+            L.append(f"| {r['lod']} | {r['bytes'] / 1e3:,.1f} | {q} |")
+    notes = [r for r in rows if r.get("note") and r["method"] != "codebook-stream"]
+    if notes:
+        L += ["", "Notes: " + "; ".join(f"{r['point']}: {r['note']}" for r in notes) + "."]
+    return "\n".join(L) + "\n"
+
+
+STYLES = {  # marker, line style, colour
+    "dense": ("*", "", "black"), "codebook": ("o", "-", "C0"), "codebook-stream": ("o", ":", "C0"),
+    "hash": ("s", "-", "C1"), "kmeans": ("^", "-", "C2"), "lowrank": ("v", "-", "C3"),
+    "draco-input": ("D", "--", "C4"), "draco-mc": ("P", "--", "C5"),
+}
+
+
+def plot_rd(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
+    """x: bytes (log), y: PSNR or Chamfer-L1 (log); one line and marker per method, settings labelled."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sdf = cfg.kind == "sdf"
+    q = "chamfer_l1" if sdf else "psnr"
+    fig = Figure(figsize=(8, 5.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for method in ORDER:
+        pts = [r for r in rows if r["method"] == method and r.get(q) is not None and not math.isnan(r[q])]
+        if not pts:
+            continue
+        pts.sort(key=lambda r: r["bytes"])
+        marker, ls, color = STYLES[method]
+        label = METHODS[method].label + (f" (b = {pts[0]['setting']})" if method == "codebook-stream" else "")
+        ax.plot([r["bytes"] for r in pts], [r[q] for r in pts], marker=marker, linestyle=ls or "none", color=color,
+                label=label, markersize=9 if method == "dense" else 5, alpha=0.6 if method == "codebook-stream" else 1.0)
+        for r in pts:
+            txt = f"L{r['lod']}" if method == "codebook-stream" else (f"{r['param']}={r['setting']}" if r["setting"] is not None else "")
+            if txt:
+                ax.annotate(txt, (r["bytes"], r[q]), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    ax.set_xscale("log")
+    if sdf:
+        ax.set_yscale("log")
+    ax.set_xlabel("file bytes (log scale)")
+    ax.set_ylabel("Chamfer-L1, unit cube (log scale, lower is better)" if sdf else
+                  f"PSNR (dB) on {cfg.eval_views!r} views (higher is better)")
+    name = Path(cfg.dataset).name if sdf else cfg.dataset
+    ax.set_title(f"rate–distortion: {name} (levels {cfg.levels}, k = {cfg.features}, {cfg.steps} steps)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+__all__ = ["SweepConfig", "Sweep", "run_sweep", "parse_methods", "Point", "Method", "METHODS", "DEFAULT_METHODS",
+           "load_config_file", "detect_kind", "write_reports", "collect_rows", "read_csv", "markdown_table", "plot_rd",
+           "PeakMemory", "METHOD_SPEC_HELP"]

@@ -56,8 +56,10 @@ class SDFTrainConfig:
     steps: int = 3000
     batch: int = 16384
     lr: float = 2e-3  # decoder learning rate
-    grid_lr_scale: float = 10.0  # grid (features, logits, codebook) lr = lr × this
+    grid_lr_scale: float = 10.0  # grid (features, codebook D) lr = lr × this
+    logit_lr_scale: float | None = 200.0  # codebook logits C lr = lr × this (None: the grid's)
     resample_every: int = 500  # draw fresh samples every N steps
+    truncation: float = 0.0  # clamp predicted and true distances to ±this in the loss (0: no clamp)
     pool_size: int = 400_000  # samples per pool
     seed: int = 0
     log_every: int = 50

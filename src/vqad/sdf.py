@@ -74,12 +74,12 @@ def fit_sdf(
         field, cfg = load_checkpoint(ckpt_dir, device)
         field.train()
         start = int(cfg.get("step", 0))
-        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale)
+        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale)
         load_optimizer_state(ckpt_dir, opts, cfg)
         rng_state = cfg.get("rng_seed", train_cfg.seed) + start
     else:
         field = build_sdf_field(mesh, grid_cfg, dec_cfg, device, seed=train_cfg.seed)
-        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale)
+        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale)
         rng_state = train_cfg.seed
     base_lrs = T.initial_lrs(opts)
     for name, o in opts.items():
@@ -114,6 +114,9 @@ def fit_sdf(
                 T.cosine_lr(opts, base_lrs, it, train_cfg.steps)
                 T.zero_grad(opts)
                 pred = field.all_lods(x, lods)  # (n_lods, B)
+                if train_cfg.truncation > 0:
+                    tr = train_cfg.truncation
+                    pred, d = pred.clamp(-tr, tr), d.clamp(-tr, tr)
                 per_lod = ((pred - d[None]) ** 2).mean(dim=1)
                 loss = per_lod.sum()
                 loss.backward()

@@ -111,6 +111,10 @@ class FeatureStorage(nn.Module):
         """Parameters whose gradients are sparse (only the rows a batch touches)."""
         return []
 
+    def logit_parameters(self) -> list[nn.Parameter]:
+        """Index logits (codebook C), which may train at their own rate (``logit_lr_scale``)."""
+        return []
+
     @classmethod
     def stored_layout(cls, m: int, k: int, **params) -> list["TensorLayout"]:
         """The tensors of :meth:`export_tensors`, in file order, and how each is written.
@@ -239,6 +243,9 @@ class CodebookStorage(FeatureStorage):
         return s
 
     def sparse_parameters(self):
+        return [] if self.baked else [self.C]
+
+    def logit_parameters(self):
         return [] if self.baked else [self.C]
 
     @classmethod

@@ -34,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--grid-lr-scale", type=float, default=30.0, help="grid lr = lr × this")
     p.add_argument("--hidden", type=int, default=64, help="density MLP width")
     p.add_argument("--color-hidden", type=int, default=64, help="colour MLP width")
-    p.add_argument("--step-ratio", type=float, default=0.5, help="ray-marching step, in finest cells")
+    p.add_argument("--step-ratio", type=float, default=1.0, help="ray-marching step, in finest cells")
     p.add_argument("--per-lod-decoder", action="store_true", help="one pair of MLPs per LOD instead of shared ones")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (checkpoint, metrics, renders)")

@@ -20,6 +20,10 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None,
                    help="decoder learning rate (default: 5e-3 for codebook, whose argmax needs larger steps to move; 2e-3 for dense and hash)")
     p.add_argument("--grid-lr-scale", type=float, default=10.0, help="grid lr = lr × this")
+    p.add_argument("--logit-lr-scale", type=float, default=200.0,
+                   help="codebook logits C lr = lr × this (0: same as the grid)")
+    p.add_argument("--truncation", type=float, default=0.0,
+                   help="clamp distances to ±this in the loss, unit-cube units (0: no clamp)")
     p.add_argument("--hidden", type=int, default=128, help="decoder width")
     p.add_argument("--layers", type=int, default=1, help="decoder hidden layers")
     p.add_argument("--per-lod-decoder", action="store_true", help="one decoder per LOD instead of a shared one")
@@ -68,9 +72,12 @@ def _configs(args):
     grid = grid_config(args, base, top)
     if args.steps <= 0 or args.batch <= 0:
         raise InputError("--steps and --batch must be positive")
+    if args.truncation < 0 or args.logit_lr_scale < 0:
+        raise InputError("--truncation and --logit-lr-scale must be ≥ 0")
     dec = DecoderConfig(hidden=args.hidden, layers=args.layers, per_lod=args.per_lod_decoder)
     lr = args.lr if args.lr is not None else (5e-3 if args.grid == "codebook" else 2e-3)
-    train = SDFTrainConfig(steps=args.steps, batch=args.batch, lr=lr, grid_lr_scale=args.grid_lr_scale, seed=args.seed)
+    train = SDFTrainConfig(steps=args.steps, batch=args.batch, lr=lr, grid_lr_scale=args.grid_lr_scale,
+                          logit_lr_scale=args.logit_lr_scale or None, truncation=args.truncation, seed=args.seed)
     return grid, dec, train
 
 

@@ -40,7 +40,7 @@ class NeRFConfig:
     sh_degree: int = 3  # view-direction encoding: real spherical harmonics of degree 0..3, (deg+1)^2 terms
     density_activation: str = "trunc_exp"  # trunc_exp | softplus
     # how the model is rendered (stored with it, so a loaded model renders as it was trained)
-    step_ratio: float = 0.5  # ray-marching step, in finest cells
+    step_ratio: float = 1.0  # ray-marching step, in finest cells
     prune_alpha: float = 0.005  # a cell counts as empty where one marching step absorbs less than this
 
     def validate(self) -> None:

@@ -49,7 +49,7 @@ class NeRFTrainConfig:
     grid_lr_scale: float = 30.0  # features Z / logits C / codebooks D
     lod_mode: str = "finest+random"  # all | random | finest+random | finest
     prune_every: int = 50  # re-test the occupancy every N steps (0: never)
-    prune_warmup: int = 200  # ... starting after this many steps
+    prune_warmup: int = 100  # ... starting after this many steps
     prune_decay: float = 0.95
     octree: str = "auto"  # auto | depth | mask | density
     dilate: int = 1  # octree margin in finest cells

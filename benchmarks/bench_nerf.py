@@ -102,8 +102,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads per fit (OMP_NUM_THREADS)")
     ap.add_argument("--work", default="out/bench-nerf", help="where the fits' checkpoints and renders go")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the results already in OUT's .json (runs of other scenes/methods) and add these")
     args = ap.parse_args()
-    results = {}
+    prev = Path(args.out).with_suffix(".json")
+    results = json.loads(prev.read_text()) if args.merge and prev.exists() else {}
     for scene, method in selected(args.only):
         results[f"{scene}/{method}"] = run_one(scene, method, args)
         write_report(results, args)  # after every fit, so a long run leaves partial results

@@ -58,13 +58,16 @@ def main() -> None:
     ap.add_argument("--mc-resolution", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default="out/bench-sdf")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the results already in OUT's .json (other meshes/methods) and add these")
     args = ap.parse_args()
-    results = {}
+    prev = Path(args.out).with_suffix(".json")
+    results = json.loads(prev.read_text()) if args.merge and prev.exists() else {}
     for mesh in args.meshes:
         for method in args.methods:
             print(f"== {mesh} / {method}", flush=True)
             results[f"{mesh}/{method}"] = run_one(mesh, method, args)
-    write_report(results, args)
+            write_report(results, args)  # after every fit, so a long run leaves partial results
 
 
 def write_report(results: dict, args) -> None:

@@ -24,3 +24,12 @@ def data_dir() -> Path:
     if d is None:
         pytest.skip("real data not found: set VQAD_DATA or put shared/data beside the repository")
     return d
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is fastest, and far faster on a shared, busy machine (a second only spins)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -49,15 +49,17 @@ def _split_large(tris: np.ndarray, max_radius: float, rounds: int = 10) -> np.nd
     return np.concatenate(keep + [tris])
 
 
-def point_mesh_distance(mesh: Mesh, points: np.ndarray, max_pairs: int = 1 << 21) -> np.ndarray:
+def point_mesh_distance(mesh: Mesh, points: np.ndarray, k: int = 16) -> np.ndarray:
     """Exact unsigned distance from each point ``(N, 3)`` to the surface of ``mesh``: ``(N,)`` float64.
 
-    The closest point on each candidate triangle is exact (Ericson's ``ClosestPtPointTriangle``,
-    :func:`trimesh.triangles.closest_point`). Candidates come from a k-d tree of triangle centroids:
-    with ``d0`` the distance from p to the triangles of its 4 nearest centroids (an upper bound) and
-    ``R`` the largest bounding radius of a triangle, every triangle closer than ``d0`` has its
-    centroid within ``d0 + R``. Large triangles are first split (exactly) so that R stays small.
-    Zero-area faces add no surface and are dropped.
+    The closest point on a triangle is exact (Ericson's ``ClosestPtPointTriangle``,
+    :func:`trimesh.triangles.closest_point`); the triangles tried per point come from a k-d tree of
+    triangle centroids ``c_t`` with bounding radii ``R_t``. An upper bound ``d0`` (the distance to the
+    triangles of the 4 nearest centroids) limits the search: a triangle closer than ``d0`` has
+    ``|p − c_t| − R_t ≤ d0``, so its centroid lies within ``d0 + max R``, and only triangles that pass
+    that test against the best distance so far are measured. The ``k`` nearest centroids are tried
+    first, more (×4) while the ball may hold others. Large triangles are first split (exactly) so that
+    ``max R`` stays small. Zero-area faces add no surface and are dropped.
 
     >>> tri = Mesh(np.array([[0., 0, 0], [1, 0, 0], [0, 1, 0]]), np.array([[0, 1, 2]]))
     >>> point_mesh_distance(tri, np.array([[0.25, 0.25, 0.5], [2.0, 0.0, 0.0]]))
@@ -66,36 +68,38 @@ def point_mesh_distance(mesh: Mesh, points: np.ndarray, max_pairs: int = 1 << 21
     from scipy.spatial import cKDTree
     from trimesh.triangles import closest_point
 
-    points = np.asarray(points, dtype=np.float64)
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     tris = np.asarray(mesh.vertices, dtype=np.float64)[mesh.faces]
     tris = tris[np.linalg.norm(np.cross(tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0]), axis=1) > 0]
     if not len(tris):
         raise ValueError("the mesh has no face of non-zero area: no surface to measure distances to")
+    flat = tris.reshape(-1, 3)
+    diag = float(np.linalg.norm(flat.max(0) - flat.min(0)))
+    tris = _split_large(tris, max(2.0 * float(np.median(_bounding_radius(tris))), diag / 256))
     radius = _bounding_radius(tris)
-    diag = float(np.linalg.norm(tris.reshape(-1, 3).max(0) - tris.reshape(-1, 3).min(0)))
-    tris = _split_large(tris, max(2.0 * float(np.median(radius)), diag / 256))
-    reach = float(_bounding_radius(tris).max())
     tree = cKDTree(tris.mean(1))
-    # d0: exact distance to the triangles of the 4 nearest centroids, an upper bound that is tight on surfaces
-    k = min(4, len(tris))
-    _, near = tree.query(points, k=k, workers=-1)
-    near = near.reshape(len(points), k)
-    rep = np.repeat(points, k, axis=0)
-    d0 = np.linalg.norm(closest_point(tris[near.reshape(-1)], rep) - rep, axis=1).reshape(-1, k).min(1)
-    ball = d0 * (1 + 1e-9) + reach + 1e-12
-    counts = tree.query_ball_point(points, ball, return_length=True, workers=-1)
-    out = np.empty(len(points))
-    start = 0
-    while start < len(points):  # batches of at most max_pairs (point, triangle) pairs (one point at least)
-        stop = start + max(1, int(np.searchsorted(np.cumsum(counts[start:]), max_pairs, side="right")))
-        lists = tree.query_ball_point(points[start:stop], ball[start:stop], workers=-1)
-        n = counts[start:stop]
-        tid = np.fromiter((t for lst in lists for t in lst), dtype=np.int64, count=int(n.sum()))
-        qid = np.repeat(np.arange(start, stop), n)
-        d = np.linalg.norm(closest_point(tris[tid], points[qid]) - points[qid], axis=1)
-        out[start:stop] = np.minimum.reduceat(d, np.concatenate([[0], np.cumsum(n)[:-1]]))
-        start = stop
-    return out
+
+    def measure(pid: np.ndarray, tid: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(closest_point(tris[tid], points[pid]) - points[pid], axis=1)
+
+    n = len(points)
+    k0 = min(4, len(tris))
+    _, near = tree.query(points, k=k0, workers=-1)
+    best = measure(np.repeat(np.arange(n), k0), near.reshape(-1)).reshape(n, k0).min(1)
+    ball = best + float(radius.max())
+    todo, kk = np.arange(n), min(k, len(tris))
+    while len(todo):
+        dist, idx = tree.query(points[todo], k=kk, workers=-1)
+        dist, idx = dist.reshape(len(todo), kk), idx.reshape(len(todo), kk)
+        inside = dist <= ball[todo, None]
+        cand = inside & (dist - radius[idx] <= best[todo, None])
+        row, col = np.nonzero(cand)
+        if len(row):
+            d = measure(todo[row], idx[row, col])
+            np.minimum.at(best, todo[row], d)
+        more = inside[:, -1] if kk < len(tris) else np.zeros(len(todo), bool)
+        todo, kk = todo[more], min(4 * kk, len(tris))
+    return best
 
 
 def chamfer_and_normals(a: Mesh, b: Mesh, n: int = CHAMFER_SAMPLES, seed: int = 0) -> tuple[float, float]:

@@ -283,7 +283,7 @@ class SweepConfig:
         if self.kind == "sdf" or d["dataset"] not in _procedural_names():
             d["dataset"] = str(Path(self.dataset).resolve())
         if self.kind == "nerf":
-            d["background"] = list(_background(self.background))
+            d["background"] = [float(c) for c in _background(self.background)]  # checked by the dataset loader
         return d
 
 
@@ -317,18 +317,12 @@ def _procedural_names() -> tuple[str, ...]:
     return PROCEDURAL_NAMES
 
 
-def _background(value) -> tuple[float, float, float]:
-    """white | black | "R,G,B" | [R, G, B] → RGB in [0, 1] (checked by the dataset loader too)."""
+def _background(value) -> tuple:
+    """white | black | "R,G,B" | [R, G, B] → a tuple for the dataset loader, which checks it."""
     named = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
     if isinstance(value, str):
-        value = named.get(value) or value.split(",")
-    try:
-        rgb = tuple(float(c) for c in value)
-    except (TypeError, ValueError):
-        rgb = ()
-    if len(rgb) != 3 or not all(0.0 <= c <= 1.0 for c in rgb):
-        raise InputError(f"--background must be white, black or R,G,B in [0, 1], got {value!r}")
-    return rgb
+        return named.get(value) or tuple(value.split(","))
+    return tuple(value)
 
 
 def detect_kind(dataset: str) -> str:
@@ -552,9 +546,9 @@ class Sweep:
         self.log = log
         self.points = plan(parse_methods(self.cfg.methods, self.cfg.kind, self.cfg.features), self.cfg.stream_bits)
         self.device = resolve_device(self.cfg.device)
+        self.task = (SDFTask if self.cfg.kind == "sdf" else NeRFTask)(self.cfg, self.device)
         self.out = Path(self.cfg.out)
         self._check_out()
-        self.task = (SDFTask if self.cfg.kind == "sdf" else NeRFTask)(self.cfg, self.device)
         self._dense = None
         self._mc_mesh = None
 

@@ -1,0 +1,266 @@
+"""vqad sweep: a tiny SDF sweep (fits, post hoc, Draco, stream) with an interruption and resume, a
+tiny radiance-field sweep, config files, bad input, and bench-rd's target checks."""
+
+import csv
+import functools
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import trimesh
+
+import vqad.metrics
+import vqad.sdf
+from vqad import sweep as S
+from vqad import trainer
+from vqad.cli import build_parser, main as cli_main
+from vqad.commands.sweep import sweep_config
+from vqad.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = ["--levels", "2:4", "--features", "8", "--steps", "30", "--batch", "2048", "--hidden", "32",
+         "--mc-resolution", "40", "--draco-mc-resolution", "40", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def sphere(tmp_path_factory):
+    p = tmp_path_factory.mktemp("mesh") / "sphere.obj"
+    trimesh.creation.icosphere(subdivisions=3, radius=0.6).export(p)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def small_samples(monkeypatch):
+    """A level-4 sphere needs far fewer samples (octree, Chamfer, IoU) than the defaults made for real meshes."""
+    monkeypatch.setattr(vqad.sdf, "build_sdf_field", functools.partial(vqad.sdf.build_sdf_field, octree_samples=50_000))
+    monkeypatch.setattr(vqad.metrics, "chamfer_and_normals", functools.partial(vqad.metrics.chamfer_and_normals, n=20_000))
+    monkeypatch.setattr(vqad.metrics, "volumetric_iou", functools.partial(vqad.metrics.volumetric_iou, n=100_000))
+
+
+def _config(dataset, out, methods, extra=()):
+    return sweep_config(build_parser().parse_args(["sweep", str(dataset), "--out", str(out), "--methods", *methods,
+                                                   *SMALL, *extra]))
+
+
+def _count_fits(monkeypatch, task_cls=S.SDFTask):
+    """Record each fit as (storage, resume) and pass it through."""
+    calls, real = [], task_cls.fit
+
+    def fit(self, grid_cfg, work, resume):
+        calls.append((grid_cfg.storage, resume))
+        return real(self, grid_cfg, work, resume)
+
+    monkeypatch.setattr(task_cls, "fit", fit)
+    return calls
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sdf_sweep_interrupted_resumes_and_reports(sphere, tmp_path, monkeypatch):
+    out = tmp_path / "rd"
+    methods = ["draco-input:8", "dense", "kmeans:4", "draco-mc:8", "codebook:4", "hash:8"]
+    cfg = _config(sphere, out, methods)
+    calls = _count_fits(monkeypatch)
+
+    # Ctrl-C in the middle of the VQ-AD fit: fit_sdf saves its checkpoint and re-raises
+    real_step, n = trainer.step, {"steps": 0}
+
+    def step(opts):
+        n["steps"] += 1
+        if calls[-1][0] == "codebook" and n["steps"] == 40:  # dense took 30 steps
+            raise KeyboardInterrupt
+        real_step(opts)
+
+    monkeypatch.setattr(trainer, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        S.Sweep(cfg, log=lambda *a, **k: None).run()
+    done = {p.stem for p in (out / "points").glob("*.json")}
+    assert done == {"draco-input-q8", "dense", "kmeans-b4", "draco-mc-q8"}
+    assert not list((out / "points").glob("*.tmp"))
+    assert (out / "work" / "codebook-b4" / "checkpoint" / "config.json").is_file()
+    assert {r["point"] for r in _csv(out / "results.csv")} == done  # only finished points are reported
+    stamps = {p: (out / "points" / f"{p}.json").stat().st_mtime_ns for p in done}
+
+    # the same sweep again: finished points are skipped, the VQ-AD fit continues from its checkpoint
+    monkeypatch.setattr(trainer, "step", real_step)
+    calls.clear()
+    rows = S.Sweep(cfg, log=lambda *a, **k: None).run()
+    assert calls == [("codebook", True), ("hash", False)]
+    assert all((out / "points" / f"{p}.json").stat().st_mtime_ns == t for p, t in stamps.items())
+    assert not (out / "work" / "codebook-b4").exists()  # a finished fit's checkpoint is removed
+
+    table = _csv(out / "results.csv")
+    assert len(table) == len(rows) == 6 + 3  # six points and the 4-bit stream curve at LODs 2, 3, 4
+    by = {r["point"]: r for r in table if r["method"] != "codebook-stream"}
+    for r in by.values():
+        assert float(r["chamfer_l1"]) > 0 and float(r["normal_consistency"]) > 0.5 and int(r["bytes"]) > 0
+    for p in ("dense", "kmeans-b4", "codebook-b4", "hash-T8"):  # real files, measured by their bytes
+        assert (out / by[p]["file"]).stat().st_size == int(by[p]["bytes"])
+        assert int(by[p]["bytes"]) <= int(by[p]["file_bytes"]) and float(by[p]["iou"]) > 0.5
+        assert int(by[p]["grid_bytes"]) < int(by[p]["file_bytes"])
+    assert (out / by["draco-input-q8"]["file"]).stat().st_size == int(by["draco-input-q8"]["bytes"])
+    assert by["draco-input-q8"]["iou"] == ""  # a Draco mesh has no field to test insideness on
+    assert "continued" in by["codebook-b4"]["note"]
+    assert int(by["codebook-b4"]["steps"]) == 30
+    assert float(by["dense"]["dense_ratio"]) == 1.0 and float(by["codebook-b4"]["dense_ratio"]) > 5
+    stream = [r for r in table if r["method"] == "codebook-stream"]
+    assert [int(r["lod"]) for r in stream] == [2, 3, 4]
+    assert [int(r["bytes"]) for r in stream][-1] == int(by["codebook-b4"]["bytes"])
+    assert float(stream[-1]["chamfer_l1"]) == pytest.approx(float(by["codebook-b4"]["chamfer_l1"]))
+    md = (out / "results.md").read_text()
+    for label in ("dense fp16", "VQ-AD (learned indices) | b = 4", "hash (random indices) | T = 8",
+                  "k-means VQ (post hoc) | b = 4", "Draco, input mesh | q = 8", "Draco, marching cubes of dense | q = 8",
+                  "## Streaming"):
+        assert label in md, label
+    png = (out / "rd.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    # a third run does nothing; other settings in the same directory are refused
+    calls.clear()
+    S.Sweep(cfg, log=lambda *a, **k: None).run()
+    assert calls == []
+    with pytest.raises(InputError, match="other settings.*steps"):
+        S.Sweep(_config(sphere, out, methods, ["--steps", "31"]))
+
+
+def test_nerf_sweep_on_the_procedural_scene(tmp_path, capsys):
+    out = tmp_path / "rd"
+    rc = cli_main(["sweep", "procedural", "--out", str(out), "--methods", "dense", "codebook:2", "kmeans:2", "lowrank:2",
+                   "--levels", "2:4", "--features", "4", "--steps", "15", "--batch", "256", "--hidden", "16",
+                   "--octree", "mask", "--eval-max-views", "2", "--stream-bits", "2", "--device", "cpu", "--quiet"])
+    assert rc == 0
+    table = _csv(out / "results.csv")
+    assert [r["point"] for r in table] == ["dense", "codebook-b2", "codebook-stream-b2", "codebook-stream-b2",
+                                           "codebook-stream-b2", "kmeans-b2", "lowrank-r2"]
+    assert "chamfer_l1" not in table[0]
+    for r in table:
+        assert 5 < float(r["psnr"]) < 60 and 0 < float(r["ssim"]) <= 1
+    md = (out / "results.md").read_text()
+    assert "PSNR (dB)" in md and "'test' views (first 2)" in md
+    assert (out / "rd.png").stat().st_size > 10_000
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_methods_defaults_and_order():
+    pts = S.parse_methods([], "sdf", 16)
+    keys = [p.key for p in pts]
+    assert keys[:5] == ["draco-input-q8", "draco-input-q10", "draco-input-q12", "draco-input-q14", "dense"]
+    assert {"lowrank-r4", "lowrank-r8", "kmeans-b4", "kmeans-b6", "hash-T16", "codebook-b8", "draco-mc-q14"} <= set(keys)
+    assert "codebook-b10" not in keys  # 10 bits only when asked for
+    assert not any(p.method.startswith("draco") for p in S.parse_methods([], "nerf", 8))
+    assert [p.setting for p in S.parse_methods(["lowrank"], "nerf", 8)] == [2, 4]  # k/4, k/2
+    # dense is added before what is made from it; the stream curve follows its VQ-AD point
+    plan = S.plan(S.parse_methods(["codebook:2,4", "kmeans:4"], "sdf", 8), None)
+    assert [p.key for p in plan] == ["dense", "codebook-b2", "codebook-b4", "codebook-stream-b4", "kmeans-b4"]
+    assert [p.key for p in S.plan(S.parse_methods(["codebook:4"], "sdf", 8), 0)] == ["codebook-b4"]
+
+
+def test_config_file_with_flags_overriding(sphere, tmp_path):
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(f'dataset = "{sphere}"\nout = "{tmp_path / "o"}"\nmethods = ["codebook:2", "dense"]\n'
+                    'steps = 12\nlevels = "2:5"\nmc-resolution = 64\n')
+    cfg = sweep_config(build_parser().parse_args(["sweep", "--config", str(toml), "--steps", "7"]))
+    assert (cfg.steps, cfg.levels, cfg.mc_resolution, cfg.methods) == (7, "2:5", 64, ["codebook:2", "dense"])
+    js = tmp_path / "sweep.json"
+    js.write_text(json.dumps({"dataset": str(sphere), "out": "x", "methods": "hash:12 dense", "entropy": False}))
+    cfg = sweep_config(build_parser().parse_args(["sweep", "--config", str(js)])).resolved()
+    assert cfg.methods == ["hash:12", "dense"] and cfg.entropy is False and cfg.steps == 3000 and cfg.features == 16
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vqad: error:"), err
+    return err[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--methods", "foo"], "unknown method 'foo'"),
+    (["--methods", "codebook:x"], "integer b values"),
+    (["--methods", "codebook:20"], "bits must be"),
+    (["--methods", "hash:40"], "hash:40"),
+    (["--methods", "lowrank:16"], "rank"),
+    (["--methods", "dense:3"], "takes no setting"),
+    (["--methods", "dense", "--stream-bits", "4"], "no codebook:4 point"),
+    (["--downscale", "2"], "--downscale: not an option for a mesh"),
+    (["--minutes", "3"], "radiance-field"),
+    (["--levels", "5:2"], "level"),
+    (["--steps", "0"], "positive"),
+])
+def test_bad_arguments_are_one_line_errors(sphere, tmp_path, capsys, args, needle):
+    out = tmp_path / "o"
+    assert cli_main(["sweep", str(sphere), "--out", str(out), *args]) == 2
+    assert needle in _err(capsys)
+    assert not out.exists()  # nothing written for a bad sweep
+
+
+def test_bad_datasets_and_configs(sphere, tmp_path, capsys):
+    out = tmp_path / "o"
+    cases = [
+        (["sweep", str(tmp_path / "missing.obj"), "--out", str(out)], "mesh not found"),
+        (["sweep", str(tmp_path / "missing_dir"), "--out", str(out)], "dataset not found"),
+        (["sweep", "procedural", "--out", str(out), "--methods", "draco-input"], "applies to SDF sweeps"),
+        (["sweep", "procedural", "--out", str(out), "--mc-resolution", "64"], "not an option for a radiance-field"),
+        (["sweep", "procedural", "--out", str(out), "--background", "pink"], "background"),
+        (["sweep", str(sphere)], "--out"),
+        (["sweep", "--out", str(out)], "needs a dataset"),
+        (["sweep", "--config", str(tmp_path / "none.toml")], "config not found"),
+    ]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("steps = = 3")
+    cases.append((["sweep", "--config", str(bad)], "cannot parse"))
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"dataset": str(sphere), "out": str(out), "stepz": 3}))
+    cases.append((["sweep", "--config", str(unknown)], "unknown sweep option(s): stepz"))
+    typed = tmp_path / "typed.json"
+    typed.write_text(json.dumps({"dataset": str(sphere), "out": str(out), "steps": "many"}))
+    cases.append((["sweep", "--config", str(typed)], "steps must be int"))
+    for argv, needle in cases:
+        assert cli_main(argv) == 2, argv
+        assert needle in _err(capsys), argv
+    assert not out.exists()
+
+
+# -- bench-rd's target checks, on hand-made rows --------------------------------------------------------
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_rd", REPO / "benchmarks" / "bench_rd.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _r(method, setting, nbytes, **q):
+    return {"method": method, "setting": setting, "bytes": nbytes, "lod": None, **q}
+
+
+def test_bench_rd_target_checks():
+    B = _bench()
+    lego = [_r("codebook", 4, 100_000, psnr=29.0), _r("kmeans", 4, 99_000, psnr=25.5), _r("codebook", 6, 150_000, psnr=29.5),
+            _r("codebook", 8, 250_000, psnr=29.4), _r("hash", 12, 150_000, psnr=27.0), _r("hash", 10, 100_000, psnr=30.0)]
+    ok, text = B.check_kmeans_margin(lego)
+    assert ok and "+3.50 dB" in text
+    ok, text = B.check_beats_hash(lego)  # pairs: (b4, T12), (b4, T10), (b6, T12); b=8 has no larger hash point
+    assert not ok and "2 of 3" in text and "lost: b=4" in text and "T=10" in text
+    ok, _ = B.check_8_vs_6(lego)
+    assert ok is False
+    assert B.check_kmeans_margin([])[0] is None
+    arm = [_r("draco-input", 8, 50_000, chamfer_l1=0.004), _r("draco-input", 12, 200_000, chamfer_l1=0.0001),
+           _r("codebook", 4, 100_000, chamfer_l1=0.003), _r("codebook", 1, 20_000, chamfer_l1=0.01),
+           _r("codebook", 6, 150_000, chamfer_l1=0.0029), _r("codebook", 8, 300_000, chamfer_l1=0.0028)]
+    # Draco at 100 kB, linear in log(bytes): 0.004 + 0.5 (0.0001 - 0.004) = 0.00205 < 0.003
+    assert B.interp_log_bytes(B.points(arm, "draco-input"), 100_000, "chamfer_l1") == pytest.approx(0.00205)
+    ok, lines = B.check_draco(arm)
+    assert ok is False and "0.00205" in lines[0]
+    assert any("b=1 (not measured)" in ln and "below Draco's smallest" in ln for ln in lines)
+    assert any("b=8 (**missed**)" in ln and "larger and worse" in ln for ln in lines)
+    assert B.check_8_vs_6(arm)[0] is True
+    mem = [dict(_r("codebook", 8, 1, psnr=1.0), peak_memory_bytes=3 * 2**30, vertices=1_000_000)]
+    ok, text = B.check_memory(mem)
+    assert ok and "0.95 GiB" in text  # naive C: 4 bytes × 10^6 × 2^8
+    summary = B.targets({"lego": lego, "armadillo": arm})
+    assert sum("| met |" in s or "**missed**" in s for s in summary) >= 5

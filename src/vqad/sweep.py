@@ -272,6 +272,8 @@ class SweepConfig:
         for name in ("mc_resolution", "draco_mc_resolution"):
             if not 8 <= getattr(cfg, name) <= 1024:
                 raise InputError(f"--{name.replace('_', '-')} must be in 8..1024, got {getattr(cfg, name)}")
+        if cfg.octree not in ("auto", "depth", "mask", "density"):
+            raise InputError(f"--octree must be auto, depth, mask or density, got {cfg.octree!r}")
         if not 0 <= cfg.draco_level <= 10:
             raise InputError(f"--draco-level must be in 0..10, got {cfg.draco_level}")
         return cfg
@@ -898,7 +900,9 @@ def plot_rd(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
         for r in pts:
             txt = f"L{r['lod']}" if method == "codebook-stream" else (f"{r['param']}={r['setting']}" if r["setting"] is not None else "")
             if txt:
-                ax.annotate(txt, (r["bytes"], r[q]), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+                below = method == "codebook-stream"  # not on top of its VQ-AD point's label
+                ax.annotate(txt, (r["bytes"], r[q]), textcoords="offset points", xytext=(4, -10 if below else 4),
+                            fontsize=7, color=color)
     ax.set_xscale("log")
     if sdf:
         ax.set_yscale("log")

@@ -14,7 +14,8 @@ examples:
 Every point is a real file in OUT/points/ measured by its bytes; results go to OUT/results.csv,
 OUT/results.md and OUT/rd.png, rebuilt after each point. Run the same command again to resume:
 finished points (OUT/points/<point>.json) are skipped and an interrupted fit continues from its
-checkpoint. A config file (.json or .toml) holds the same options by their long names, e.g.
+checkpoint. A config file (.json or .toml) holds the same options by their long names (paths
+relative to the current directory), e.g.
   dataset = "armadillo.obj"
   out = "runs/rd"
   methods = ["codebook:1,2,4", "hash:12", "kmeans:4", "dense"]

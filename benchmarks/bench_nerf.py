@@ -87,7 +87,7 @@ def run_one(scene: str, method: str, args) -> dict:
     subprocess.run(cmd, check=True, cwd=REPO, env=env)
     m = json.loads((out / "metrics.json").read_text())
     m["wall_seconds"] = time.perf_counter() - t0
-    m["steps"] = steps
+    m["steps_requested"] = steps  # m["steps"]: the steps actually run (a --minutes cap may stop earlier)
     return m
 
 
@@ -104,9 +104,17 @@ def main() -> None:
     ap.add_argument("--work", default="out/bench-nerf", help="where the fits' checkpoints and renders go")
     ap.add_argument("--merge", action="store_true",
                     help="keep the results already in OUT's .json (runs of other scenes/methods) and add these")
+    ap.add_argument("--report-only", action="store_true", help="rewrite OUT from its .json (and the fits' metrics)")
     args = ap.parse_args()
     prev = Path(args.out).with_suffix(".json")
-    results = json.loads(prev.read_text()) if args.merge and prev.exists() else {}
+    results = json.loads(prev.read_text()) if (args.merge or args.report_only) and prev.exists() else {}
+    if args.report_only:
+        for key in results:  # refresh from the fits' own metrics (e.g. the steps actually run)
+            f = Path(args.work) / key.replace("/", "-") / "metrics.json"
+            if f.exists():
+                results[key].update({k: v for k, v in json.loads(f.read_text()).items() if k != "lods"})
+        write_report(results, args)
+        return
     for scene, method in selected(args.only):
         results[f"{scene}/{method}"] = run_one(scene, method, args)
         write_report(results, args)  # after every fit, so a long run leaves partial results

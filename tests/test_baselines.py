@@ -20,6 +20,8 @@ from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
 from vqad.storage import STORAGES, DenseStorage, make_storage
 
+from test_fileformat import outputs  # the same probe of a field's outputs
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -73,15 +75,6 @@ def baseline_field(name, kind="sdf"):
         field = NeRFField(grid, DecoderConfig(hidden=16), NeRFConfig(geo_features=3, color_hidden=8, sh_degree=1))
     field.bake(fp16=True)
     return field
-
-
-def outputs(field, x, lod):
-    with torch.no_grad():
-        if field.kind == "nerf":
-            d = torch.nn.functional.normalize(x.flip(1) + 0.3, dim=1)
-            sig, rgb = field(x, d, lod)
-            return torch.cat([sig[:, None], rgb], dim=1)
-        return field(x, lod)
 
 
 def assert_same_outputs(a, b):

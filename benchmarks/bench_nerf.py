@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
+import common  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"dense": ("dense", 4), "codebook-4bit": ("codebook", 4), "codebook-6bit": ("codebook", 6)}
 SCENES = {
@@ -40,11 +43,7 @@ TARGET_MINUTES = 30
 
 
 def data_dir() -> Path:
-    env = os.environ.get("VQAD_DATA")
-    d = Path(env) if env else REPO.parent / "shared" / "data"
-    if not d.is_dir():
-        sys.exit(f"bench-nerf: data not found at {d}: set VQAD_DATA to the shared data directory")
-    return d
+    return common.data_dir("bench-nerf")
 
 
 def selected(only: str | None) -> list[tuple[str, str]]:

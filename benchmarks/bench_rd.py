@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
+import common  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 SCENES = {
@@ -50,11 +53,7 @@ MEMORY_LIMIT = 8 * 2**30  # 8- and 10-bit codebooks train within 8 GiB
 
 
 def data_dir() -> Path:
-    env = os.environ.get("VQAD_DATA")
-    d = Path(env) if env else REPO.parent / "shared" / "data"
-    if not d.is_dir():
-        sys.exit(f"bench-rd: data not found at {d}: set VQAD_DATA to the shared data directory")
-    return d
+    return common.data_dir("bench-rd")
 
 
 # ================================================================================================

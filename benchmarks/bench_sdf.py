@@ -19,16 +19,15 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
+import common  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"dense": ("dense", 4), "codebook-4bit": ("codebook", 4), "codebook-6bit": ("codebook", 6)}
 
 
 def data_dir() -> Path:
-    env = os.environ.get("VQAD_DATA")
-    d = Path(env) if env else REPO.parent / "shared" / "data"
-    if not (d / "meshes").is_dir():
-        sys.exit(f"bench-sdf: meshes not found in {d}/meshes: set VQAD_DATA to the shared data directory")
-    return d
+    return common.data_dir("bench-sdf", "meshes")
 
 
 def run_one(mesh: str, method: str, args) -> dict:

@@ -105,3 +105,14 @@ def test_interrupt_saves_and_resume_continues(tmp_path, monkeypatch):
     assert cfg["step"] == 30
     # the resumed model continues from the saved one (optimizer state restored)
     assert cfg["optimizers"]["sparse"]["param_groups"][0]["lr"] > 0
+
+
+def test_time_cap_stops_early_and_records_steps_done(tmp_path):
+    mesh = _sphere_mesh(0.5, subdiv=2)
+    grid = GridConfig(storage="codebook", features=4, bits=2, base_level=2, max_level=4)
+    train = SDFTrainConfig(steps=100_000, batch=512, pool_size=5000, resample_every=10, max_minutes=0.02)
+    res = fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), out_dir=tmp_path, quiet=True)
+    assert 0 < res.steps < 100_000
+    assert res.seconds < 30
+    _, cfg = load_checkpoint(tmp_path / "checkpoint")
+    assert cfg["step"] == res.steps

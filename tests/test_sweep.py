@@ -188,7 +188,7 @@ def _err(capsys):
     (["--methods", "dense:3"], "takes no setting"),
     (["--methods", "dense", "--stream-bits", "4"], "no codebook:4 point"),
     (["--downscale", "2"], "--downscale: not an option for a mesh"),
-    (["--minutes", "3"], "radiance-field"),
+    (["--minutes", "0"], "positive"),
     (["--levels", "5:2"], "level"),
     (["--steps", "0"], "positive"),
 ])

@@ -59,6 +59,7 @@ class SDFTrainConfig:
     grid_lr_scale: float = 10.0  # grid (features, codebook D) lr = lr × this
     logit_lr_scale: float | None = 200.0  # codebook logits C lr = lr × this (None: the grid's)
     resample_every: int = 500  # draw fresh samples every N steps
+    max_minutes: float | None = None  # also stop after this long (the lr schedule follows time too)
     truncation: float = 0.0  # clamp predicted and true distances to ±this in the loss (0: no clamp)
     pool_size: int = 400_000  # samples per pool
     seed: int = 0

@@ -105,13 +105,20 @@ def fit_sdf(
     interrupted = False
     try:
         with T.interrupt_guard():
+            budget = 60.0 * train_cfg.max_minutes if train_cfg.max_minutes else None
             for it in range(start, train_cfg.steps):
+                progress = it / train_cfg.steps
+                if budget is not None:
+                    elapsed = time.perf_counter() - t0
+                    if elapsed >= budget:
+                        break
+                    progress = max(progress, elapsed / budget)
                 if pool_x is None or (it - start) % train_cfg.resample_every == 0:
                     pool_x, pool_d = draw_sdf_samples(oracle, field.normalization, train_cfg.pool_size, rng, SampleMix())
                     pool_x, pool_d = pool_x.to(device), pool_d.to(device)
                 idx = torch.randint(0, pool_x.shape[0], (train_cfg.batch,), generator=gen).to(device)
                 x, d = pool_x[idx], pool_d[idx]
-                T.cosine_lr(opts, base_lrs, it, train_cfg.steps)
+                T.cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000)
                 T.zero_grad(opts)
                 pred = field.all_lods(x, lods)  # (n_lods, B)
                 if train_cfg.truncation > 0:
@@ -128,7 +135,8 @@ def fit_sdf(
                 prog.update(1, train_cfg.batch)
                 if ckpt_dir is not None and (it + 1) % train_cfg.checkpoint_every == 0 and it + 1 < train_cfg.steps:
                     save(it + 1)
-            it = train_cfg.steps
+            else:
+                it = train_cfg.steps
     except KeyboardInterrupt:
         interrupted = True
         prog.close()
@@ -137,11 +145,11 @@ def fit_sdf(
             print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
         raise
     prog.close()
-    save(train_cfg.steps)
+    save(it)
     seconds = time.perf_counter() - t0
     return FitResult(
         field=field,
-        steps=train_cfg.steps,
+        steps=it,
         seconds=seconds,
         points_per_second=prog.items_per_second,
         final_loss=loss_val,

@@ -205,7 +205,7 @@ class SweepConfig:
     levels: str | None = None  # octree levels BASE:MAX
     features: int | None = None  # k
     steps: int | None = None  # per fit
-    minutes: float | None = None  # also stop each fit after this long (radiance fields)
+    minutes: float | None = None  # also stop each fit after this long
     batch: int | None = None  # points (SDF) or rays (NeRF) per step
     hidden: int | None = None  # decoder width
     seed: int = 0
@@ -265,8 +265,6 @@ class SweepConfig:
                 raise InputError(f"--{name} must be positive, got {getattr(cfg, name)}")
         if cfg.minutes is not None and not cfg.minutes > 0:
             raise InputError(f"--minutes must be positive, got {cfg.minutes}")
-        if cfg.kind == "sdf" and cfg.minutes is not None and not _sdf_has_time_cap():
-            raise InputError("--minutes applies to radiance-field sweeps: SDF fits stop after --steps")
         if cfg.eval_max_views is not None and cfg.eval_max_views <= 0:
             raise InputError("--eval-max-views must be positive")
         for name in ("mc_resolution", "draco_mc_resolution"):
@@ -305,12 +303,6 @@ def _check_type(name: str, value) -> None:
         ok = ()
     if not isinstance(value, ok):
         raise InputError(f"sweep option {name} must be {' or '.join(t.__name__ for t in _TYPES[name])}, got {value!r}")
-
-
-def _sdf_has_time_cap() -> bool:
-    from .config import SDFTrainConfig
-
-    return "max_minutes" in {f.name for f in fields(SDFTrainConfig)}
 
 
 def _procedural_names() -> tuple[str, ...]:

@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--grid-lr-scale", type=float, default=10.0, help="grid lr = lr × this")
     p.add_argument("--logit-lr-scale", type=float, default=200.0,
                    help="codebook logits C lr = lr × this (0: same as the grid)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="also stop training after this many minutes (the lr schedule follows time too)")
     p.add_argument("--truncation", type=float, default=0.0,
                    help="clamp distances to ±this in the loss, unit-cube units (0: no clamp)")
     p.add_argument("--hidden", type=int, default=128, help="decoder width")
@@ -72,12 +74,14 @@ def _configs(args):
     grid = grid_config(args, base, top)
     if args.steps <= 0 or args.batch <= 0:
         raise InputError("--steps and --batch must be positive")
+    if args.minutes is not None and not args.minutes > 0:
+        raise InputError(f"--minutes must be positive, got {args.minutes}")
     if args.truncation < 0 or args.logit_lr_scale < 0:
         raise InputError("--truncation and --logit-lr-scale must be ≥ 0")
     dec = DecoderConfig(hidden=args.hidden, layers=args.layers, per_lod=args.per_lod_decoder)
     lr = args.lr if args.lr is not None else (5e-3 if args.grid == "codebook" else 2e-3)
     train = SDFTrainConfig(steps=args.steps, batch=args.batch, lr=lr, grid_lr_scale=args.grid_lr_scale,
-                          logit_lr_scale=args.logit_lr_scale or None, truncation=args.truncation, seed=args.seed)
+                          logit_lr_scale=args.logit_lr_scale or None, truncation=args.truncation, max_minutes=args.minutes, seed=args.seed)
     return grid, dec, train
 
 

@@ -41,7 +41,7 @@ def register(sub) -> None:
     p.add_argument("--levels", help="octree levels BASE:MAX (default 3:7 for meshes, 4:7 for radiance fields)")
     p.add_argument("--features", type=int, help="k: features per vertex (default 16 for meshes, 8 for radiance fields)")
     p.add_argument("--steps", type=int, help="training steps per fit (default 3000)")
-    p.add_argument("--minutes", type=float, help="radiance fields: also stop each fit after this many minutes")
+    p.add_argument("--minutes", type=float, help="also stop each fit after this many minutes")
     p.add_argument("--batch", type=int, help="points (meshes, default 16384) or rays (default 4096) per step")
     p.add_argument("--hidden", type=int, help="decoder width (default 128 for meshes, 64 for radiance fields)")
     p.add_argument("--seed", type=int, help="seed of every fit and of k-means (default 0)")

@@ -105,14 +105,10 @@ def fit_sdf(
     interrupted = False
     try:
         with T.interrupt_guard():
-            budget = 60.0 * train_cfg.max_minutes if train_cfg.max_minutes else None
             for it in range(start, train_cfg.steps):
-                progress = it / train_cfg.steps
-                if budget is not None:
-                    elapsed = time.perf_counter() - t0
-                    if elapsed >= budget:
-                        break
-                    progress = max(progress, elapsed / budget)
+                progress = T.progress_or_stop(it, train_cfg.steps, t0, train_cfg.max_minutes)
+                if progress is None:
+                    break
                 if pool_x is None or (it - start) % train_cfg.resample_every == 0:
                     pool_x, pool_d = draw_sdf_samples(oracle, field.normalization, train_cfg.pool_size, rng, SampleMix())
                     pool_x, pool_d = pool_x.to(device), pool_d.to(device)

@@ -79,6 +79,18 @@ def cosine_lr(opts: dict[str, torch.optim.Optimizer], base_lrs: dict, it: int, t
             g["lr"] = base * f
 
 
+def progress_or_stop(it: int, steps: int, t0: float, max_minutes: float | None) -> float | None:
+    """Fraction of training done, ``max(it / steps, elapsed / budget)``, for the lr schedule; ``None``
+    once the time budget (``max_minutes``, if any) is spent and training should stop."""
+    progress = it / max(steps, 1)
+    if max_minutes:
+        elapsed = time.perf_counter() - t0
+        if elapsed >= 60.0 * max_minutes:
+            return None
+        progress = max(progress, elapsed / (60.0 * max_minutes))
+    return progress
+
+
 def initial_lrs(opts: dict[str, torch.optim.Optimizer]) -> dict:
     return {name: [g.get("initial_lr", g["lr"]) for g in o.param_groups] for name, o in opts.items()}
 

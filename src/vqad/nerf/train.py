@@ -327,14 +327,10 @@ def fit_nerf(
     it = start
     try:
         with T.interrupt_guard():
-            budget = 60.0 * train_cfg.max_minutes if train_cfg.max_minutes else None
             for it in range(start, train_cfg.steps):
-                progress = it / train_cfg.steps
-                if budget is not None:
-                    elapsed = time.perf_counter() - t0
-                    if elapsed >= budget:
-                        break
-                    progress = max(progress, elapsed / budget)
+                progress = T.progress_or_stop(it, train_cfg.steps, t0, train_cfg.max_minutes)
+                if progress is None:
+                    break
                 T.cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000)
                 if train_cfg.prune_every > 0 and it >= train_cfg.prune_warmup and it % train_cfg.prune_every == 0:
                     sampler.prune(density_fn, sigma_thr, decay=train_cfg.prune_decay, generator=gen)

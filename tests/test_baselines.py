@@ -23,12 +23,7 @@ from vqad.storage import STORAGES, DenseStorage, make_storage
 from test_fileformat import outputs  # the same probe of a field's outputs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def shell_octree(levels=(2, 4), n_points=400, seed=0):

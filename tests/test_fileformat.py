@@ -28,13 +28,7 @@ from vqad.storage import STORAGES
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is fastest, and far faster on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_field(storage="codebook", bits=4, kind="sdf", levels=(2, 4), k=4, hidden=16, seed=0, n_points=200,

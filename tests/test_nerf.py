@@ -243,6 +243,7 @@ def _err(capsys):
     (["--bits", "20"], "bits"),
     (["--background", "pink"], "background"),
     (["--eval-views", "nope"], "no 'nope' views"),
+    (["--logit-lr-scale", "-1"], "learning rates must be positive"),
 ])
 def test_fit_nerf_bad_arguments(tmp_path, capsys, extra, message):
     out = tmp_path / "run"

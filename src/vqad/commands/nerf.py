@@ -32,6 +32,8 @@ def register(sub) -> None:
                    help="LODs rendered per training step")
     p.add_argument("--lr", type=float, default=5e-3, help="decoder learning rate")
     p.add_argument("--grid-lr-scale", type=float, default=30.0, help="grid lr = lr × this")
+    p.add_argument("--logit-lr-scale", type=float, default=0.0,
+                   help="codebook logits C lr = lr × this (0: same as the grid)")
     p.add_argument("--hidden", type=int, default=64, help="density MLP width")
     p.add_argument("--color-hidden", type=int, default=64, help="colour MLP width")
     p.add_argument("--step-ratio", type=float, default=1.0, help="ray-marching step, in finest cells")
@@ -86,7 +88,7 @@ def _configs(args):
     nerf = NeRFConfig(color_hidden=args.color_hidden, step_ratio=args.step_ratio)
     nerf.validate()
     train = NeRFTrainConfig(steps=args.steps, batch_rays=args.batch_rays, lr=args.lr, grid_lr_scale=args.grid_lr_scale,
-                            lod_mode=args.lod_mode, octree=args.octree, dilate=args.dilate, seed=args.seed,
+                            logit_lr_scale=args.logit_lr_scale or None, lod_mode=args.lod_mode, octree=args.octree, dilate=args.dilate, seed=args.seed,
                             max_minutes=args.minutes)
     train.validate()
     if args.eval_max_views is not None and args.eval_max_views <= 0:

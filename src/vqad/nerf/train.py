@@ -47,6 +47,7 @@ class NeRFTrainConfig:
     batch_rays: int = 4096
     lr: float = 5e-3  # decoders ψ_σ, ψ_c
     grid_lr_scale: float = 30.0  # features Z / logits C / codebooks D
+    logit_lr_scale: float | None = None  # codebook logits C lr = lr × this (None: the grid's)
     lod_mode: str = "finest+random"  # all | random | finest+random | finest
     prune_every: int = 50  # re-test the occupancy every N steps (0: never)
     prune_warmup: int = 100  # ... starting after this many steps
@@ -64,7 +65,7 @@ class NeRFTrainConfig:
             raise InputError("--steps and --batch-rays must be positive")
         if self.lod_mode not in LOD_MODES:
             raise InputError(f"unknown LOD mode {self.lod_mode!r}: choose one of {', '.join(LOD_MODES)}")
-        if self.lr <= 0 or self.grid_lr_scale <= 0:
+        if self.lr <= 0 or self.grid_lr_scale <= 0 or (self.logit_lr_scale is not None and self.logit_lr_scale <= 0):
             raise InputError("learning rates must be positive")
         if self.dilate < 0:
             raise InputError("the octree dilation must be >= 0")
@@ -292,11 +293,11 @@ def fit_nerf(
         field.train()
         start = int(cfg.get("step", 0))
         method = cfg.get("octree_method", "?")
-        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale)
+        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale)
         load_optimizer_state(ckpt_dir, opts, cfg)
     else:
         field, method = build_nerf_field(dataset, grid_cfg, dec_cfg, nerf_cfg or NeRFConfig(), train_cfg, device, quiet)
-        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale)
+        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale)
     octree_seconds = time.perf_counter() - t_oct
     base_lrs = T.initial_lrs(opts)
     for name, o in opts.items():

@@ -18,6 +18,9 @@ from .fields import SDFField
 from .grid import OctreeGrid
 from .mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples, fit_normalization
 from .octree import SparseOctree
+from .refine import RefineChunk, refine_indices
+from .storage import CodebookStorage
+from tqdm.auto import tqdm
 
 
 def build_sdf_field(mesh: Mesh, grid_cfg: GridConfig, dec_cfg: DecoderConfig, device, seed: int = 0,
@@ -48,6 +51,8 @@ class FitResult:
     final_loss: float
     peak_memory_bytes: int
     interrupted: bool = False
+    refine_seconds: float = 0.0  # time in Gauss–Newton index sweeps (included in ``seconds``)
+    steps_done: int = 0  # steps run by this call (``steps`` counts from 0, across --resume)
     history: list = dfield(default_factory=list)
 
 
@@ -96,11 +101,31 @@ def fit_sdf(
         extra = {"step": step_done, "train": to_dict(train_cfg), "rng_seed": train_cfg.seed, "mesh": mesh_path}
         save_checkpoint(ckpt_dir, field, extra=extra, optimizers=opts)
 
+    # Gauss–Newton index sweeps (vqad.refine) at evenly spread fractions of training, the last one
+    # after the last step; those already passed on --resume are skipped
+    n_ref = train_cfg.refine if any(isinstance(s, CodebookStorage) for s in field.grid.storages) else 0
+    tail = train_cfg.refine_tail
+    span = tail if tail > 0 else 1.0  # sweeps at (1 - span) + span · i / n, i = 0 (tail) or 1 (no tail) .. n - 1
+    refine_at = [(1 - span) + span * i / n_ref for i in range(0 if tail > 0 else 1, n_ref)]
+    refine_at = [f for f in refine_at if f > start / max(train_cfg.steps, 1)]
+
+    def refine_from_pool(px: torch.Tensor, pd: torch.Tensor) -> float:
+        """One sweep on pool samples (optionally only those near the surface); returns its seconds."""
+        t_ref = time.perf_counter()
+        # a band keeps the sweep on the surface, but lets coarse indices drift where no sample
+        # looks (floaters: a worse Chamfer-L1 on armadillo), so by default every sample counts
+        band = train_cfg.refine_band * 2.0 / (1 << field.grid.octree.max_level)
+        near = (pd.abs() < band).nonzero().squeeze(1) if band > 0 else torch.arange(pd.shape[0], device=pd.device)
+        sel = near[torch.randperm(near.shape[0], generator=gen)[: train_cfg.refine_samples].to(pd.device)]
+        refine_sdf(field, px[sel], pd[sel], quiet)
+        return time.perf_counter() - t_ref
+
     prog = T.Progress(train_cfg.steps, start, "pts", quiet=quiet)
     t0 = time.perf_counter()
     loss_val = float("nan")
     history = []
     pool_x = pool_d = None
+    refine_seconds = 0.0
     it = start
     interrupted = False
     try:
@@ -114,6 +139,9 @@ def fit_sdf(
                     pool_x, pool_d = pool_x.to(device), pool_d.to(device)
                 idx = torch.randint(0, pool_x.shape[0], (train_cfg.batch,), generator=gen).to(device)
                 x, d = pool_x[idx], pool_d[idx]
+                if refine_at and refine_at[0] <= progress:
+                    refine_at.pop(0)
+                    refine_seconds += refine_from_pool(pool_x, pool_d)
                 T.cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000)
                 T.zero_grad(opts)
                 pred = field.all_lods(x, lods)  # (n_lods, B)
@@ -123,6 +151,10 @@ def fit_sdf(
                 per_lod = ((pred - d[None]) ** 2).mean(dim=1)
                 loss = per_lod.sum()
                 loss.backward()
+                if tail > 0 and n_ref and progress >= 1 - tail:
+                    for st in field.grid.storages:  # the tail: sweeps pick the indices, steps fit D and ψ
+                        if isinstance(st, CodebookStorage) and not st.baked:
+                            st.C.grad = None
                 T.step(opts)
                 if (it + 1) % train_cfg.log_every == 0 or it == start:
                     loss_val = float(loss.detach())
@@ -140,6 +172,9 @@ def fit_sdf(
         if ckpt_dir is not None and not quiet:
             print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
         raise
+    if n_ref and it > start and pool_x is not None:
+        for _ in range(max(train_cfg.refine_final, 1)):  # the last sweeps: the indices that are kept
+            refine_seconds += refine_from_pool(pool_x, pool_d)
     prog.close()
     save(it)
     seconds = time.perf_counter() - t0
@@ -151,8 +186,29 @@ def fit_sdf(
         final_loss=loss_val,
         peak_memory_bytes=peak_memory_bytes(device),
         interrupted=interrupted,
+        refine_seconds=refine_seconds,
+        steps_done=it - start,
         history=history,
     )
+
+
+def sdf_refine_chunks(field: SDFField, x: torch.Tensor, d: torch.Tensor, chunk: int = 1 << 15) -> list:
+    """The SDF loss as :class:`vqad.refine.RefineChunk` s: predicted minus true distance, per LOD."""
+
+    def residuals(xc, dc):
+        return lambda F: {lod: (field._decode(xc, f, lod) - dc).unsqueeze(-1) for lod, f in F.items()}
+
+    return [RefineChunk(x[a:a + chunk], residuals(x[a:a + chunk], d[a:a + chunk])) for a in range(0, x.shape[0], chunk)]
+
+
+def refine_sdf(field: SDFField, x: torch.Tensor, d: torch.Tensor, quiet: bool = True) -> list:
+    """One Gauss–Newton index sweep (:func:`vqad.refine.refine_indices`) on samples ``x (N, 3)``, ``d (N,)``."""
+    stats = refine_indices(field.grid, sdf_refine_chunks(field, x, d))
+    if not quiet:
+        moved = ", ".join(f"L{s.level} {s.changed:,}/{s.vertices:,} (loss {s.loss_before:.4g} → {s.loss_after:.4g})"
+                          for s in stats)
+        tqdm.write(f"index refinement: moved {moved}")
+    return stats
 
 
 def size_lines(field: SDFField) -> list[str]:

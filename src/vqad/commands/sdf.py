@@ -10,6 +10,10 @@ from ..errors import InputError
 from .common import add_device_arg, add_grid_args, ensure_writable_dir, ensure_writable_file, grid_config, parse_lod
 
 
+#: Gauss–Newton index sweeps of a codebook fit (vqad.refine); measured in docs/benchmarks/sdf.md
+DEFAULT_REFINE = 1
+
+
 def register(sub) -> None:
     p = sub.add_parser("fit-sdf", help="fit a VQ-AD (or dense) signed distance field to a mesh")
     p.add_argument("mesh", help="OBJ / PLY / OFF / STL / GLB triangle mesh")
@@ -26,6 +30,10 @@ def register(sub) -> None:
                    help="also stop training after this many minutes (the lr schedule follows time too)")
     p.add_argument("--truncation", type=float, default=0.0,
                    help="clamp distances to ±this in the loss, unit-cube units (0: no clamp)")
+    p.add_argument("--refine", type=int, default=None,
+                   help="Gauss–Newton index refinement sweeps spread over training (codebook only; "
+                        f"default {DEFAULT_REFINE}, 0: off; see docs/benchmarks/sdf.md)")
+    p.add_argument("--refine-samples", type=int, default=200_000, help="samples each refinement sweep sees")
     p.add_argument("--hidden", type=int, default=128, help="decoder width")
     p.add_argument("--layers", type=int, default=1, help="decoder hidden layers")
     p.add_argument("--per-lod-decoder", action="store_true", help="one decoder per LOD instead of a shared one")
@@ -78,10 +86,14 @@ def _configs(args):
         raise InputError(f"--minutes must be positive, got {args.minutes}")
     if args.truncation < 0 or args.logit_lr_scale < 0:
         raise InputError("--truncation and --logit-lr-scale must be ≥ 0")
+    refine = DEFAULT_REFINE if args.refine is None else args.refine
+    if refine < 0 or args.refine_samples <= 0:
+        raise InputError("--refine must be ≥ 0 and --refine-samples positive")
     dec = DecoderConfig(hidden=args.hidden, layers=args.layers, per_lod=args.per_lod_decoder)
     lr = args.lr if args.lr is not None else (5e-3 if args.grid == "codebook" else 2e-3)
     train = SDFTrainConfig(steps=args.steps, batch=args.batch, lr=lr, grid_lr_scale=args.grid_lr_scale,
-                          logit_lr_scale=args.logit_lr_scale or None, truncation=args.truncation, max_minutes=args.minutes, seed=args.seed)
+                          logit_lr_scale=args.logit_lr_scale or None, truncation=args.truncation, max_minutes=args.minutes, seed=args.seed,
+                          refine=refine, refine_samples=args.refine_samples)
     return grid, dec, train
 
 
@@ -109,7 +121,9 @@ def cmd_fit_sdf(args) -> int:
         print(line)
     summary = {
         "mesh": str(args.mesh), "grid": grid_cfg.__dict__, "steps": res.steps, "fit_seconds": res.seconds,
-        "points_per_second": res.points_per_second, "peak_memory_bytes": res.peak_memory_bytes,
+        "points_per_second": res.points_per_second, "refine_seconds": res.refine_seconds,
+        "step_points_per_second": res.steps_done * train_cfg.batch / max(res.seconds - res.refine_seconds, 1e-9),
+        "peak_memory_bytes": res.peak_memory_bytes,
         "size": field.size_report(), "history": res.history,
     }
     if not args.no_eval:

@@ -34,7 +34,11 @@ from ..grid import OctreeGrid
 from .data import SceneDataset, Views
 from .field import NeRFConfig, NeRFField
 from .rays import rays_for_pixels
-from .render import OccupancySampler, render_rays
+from .render import OccupancySampler, render_rays, volume_render
+from .field import sh_encode
+from ..refine import RefineChunk, refine_indices
+from ..storage import CodebookStorage
+from tqdm.auto import tqdm
 
 LOD_MODES = ("all", "random", "finest+random", "finest")
 
@@ -56,6 +60,8 @@ class NeRFTrainConfig:
     dilate: int = 1  # octree margin in finest cells
     density_steps: int = 400  # steps of the coarse density pass (octree="density")
     max_minutes: float | None = None  # stop training after this long (the lr schedule follows time too)
+    refine: int = 0  # Gauss–Newton index sweeps (vqad.refine) after the last step (codebook only; 0: none)
+    refine_rays: int = 16384  # training rays each sweep sees
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 1000
@@ -71,6 +77,8 @@ class NeRFTrainConfig:
             raise InputError("the octree dilation must be >= 0")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise InputError("--minutes must be positive")
+        if self.refine < 0 or self.refine_rays <= 0:
+            raise InputError("--refine must be >= 0 and --refine-rays positive")
 
 
 def dataset_info(dataset: SceneDataset) -> dict:
@@ -177,6 +185,47 @@ def train_step(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher,
     return per_lod.detach(), -10.0 * math.log10(max(mse_last, 1e-12)), n_samples
 
 
+def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, n_rays: int,
+                       background: torch.Tensor, generator: torch.Generator, chunk_rays: int = 1024) -> list[RefineChunk]:
+    """The photometric loss of ``n_rays`` random training rays as :class:`~vqad.refine.RefineChunk` s.
+
+    Each chunk holds one set of rays' packed samples (deterministic, mid-step positions); its residual
+    is every LOD's rendered minus true colour ``(R, 3)``, and each sample's owner is its ray.
+    """
+    o, d, rgb, near, far = batcher.sample(n_rays, generator)
+    chunks = []
+    for a in range(0, n_rays, chunk_rays):
+        sl = slice(a, a + chunk_rays)
+        oc, dc, gt = o[sl], d[sl], rgb[sl]
+        samples = sampler.march(oc, dc, near=near[sl], far=far[sl])
+        if len(samples) == 0:
+            continue
+        x = samples.points(oc, dc)
+        sh = sh_encode(dc[samples.ray_indices], field.nerf_cfg.sh_degree)
+
+        def residuals(F, x=x, sh=sh, samples=samples, gt=gt):
+            out = {}
+            for lod, f in F.items():
+                sigma, c = field._decode(x, f, sh, lod)
+                r = volume_render(samples.t_starts, samples.t_ends, sigma, c, samples.ray_indices, gt.shape[0],
+                                  background)
+                out[lod] = r.rgb - gt
+            return out
+
+        chunks.append(RefineChunk(x, residuals, owner=samples.ray_indices))
+    return chunks
+
+
+def refine_nerf(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, n_rays: int,
+                background: torch.Tensor, generator: torch.Generator, quiet: bool = True) -> list:
+    """One Gauss–Newton index sweep (:func:`vqad.refine.refine_indices`) on random training rays."""
+    stats = refine_indices(field.grid, nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator))
+    if not quiet:
+        tqdm.write("index refinement: moved " + ", ".join(
+            f"L{s.level} {s.changed:,}/{s.vertices:,} (loss {s.loss_before:.4g} → {s.loss_after:.4g})" for s in stats))
+    return stats
+
+
 def make_sampler(field: NeRFField) -> OccupancySampler:
     """The field's sampler: marching step ``step_ratio`` finest cells (from the field's config)."""
     octree = field.grid.octree
@@ -228,7 +277,7 @@ class NeRFFitResult:
     field: NeRFField
     sampler: OccupancySampler
     steps: int
-    seconds: float  # training loop only
+    seconds: float  # training loop (and index refinement) only
     octree_seconds: float
     octree_method: str
     rays_per_second: float
@@ -237,6 +286,7 @@ class NeRFFitResult:
     final_psnr: float
     peak_memory_bytes: int
     history: list = dfield(default_factory=list)
+    refine_seconds: float = 0.0  # Gauss–Newton index sweeps after the last step (in ``seconds``)
 
 
 def build_nerf_field(dataset: SceneDataset, grid_cfg: GridConfig, dec_cfg: DecoderConfig, nerf_cfg: NeRFConfig,
@@ -357,6 +407,15 @@ def fit_nerf(
         if ckpt_dir is not None and not quiet:
             print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
         raise
+    refine_seconds = 0.0
+    if train_cfg.refine and it > start and any(isinstance(st, CodebookStorage) for st in field.grid.storages):
+        t_ref = time.perf_counter()
+        field.eval()
+        sampler.prune(density_fn, sigma_thr)  # sweep over the samples render / eval will see
+        for _ in range(train_cfg.refine):
+            refine_nerf(field, sampler, batcher, train_cfg.refine_rays, background, gen, quiet)
+        field.train()
+        refine_seconds = time.perf_counter() - t_ref
     prog.close()
     steps_done = it
     save(steps_done)
@@ -371,7 +430,8 @@ def fit_nerf(
         seconds=seconds,
         octree_seconds=octree_seconds,
         octree_method=method,
-        rays_per_second=rays_done / max(seconds, 1e-9),
+        rays_per_second=rays_done / max(seconds - refine_seconds, 1e-9),
+        refine_seconds=refine_seconds,
         samples_per_ray=total_samples / max(rays_done, 1),
         final_loss=loss_val,
         final_psnr=psnr,

@@ -1,0 +1,277 @@
+"""Gauss–Newton index refinement: a discrete descent step on the codebook indices V.
+
+Straight-through training moves an index only when its logits' argmax flips, and the softmax
+gradient that drives the flip is a weak, noisy signal (it is why VQ-AD trails a dense grid). This
+module takes the direct route, the assignment step of k-means but in the metric of the training
+loss rather than of feature space:
+
+For a level L with codebook ``D (2^b, k)`` and current indices ``V (m,)``, and training samples
+``x`` with targets, the loss is ``Σ_x Σ_l ρ_l(x)²`` with residuals ``ρ_l`` of every LOD l ≥ L (the
+feature of level L enters every such LOD's summed feature). Changing vertex i's feature by
+``Δ = D[j] − D[V_i]`` changes each residual by ``≈ w_i(x) J_l(x) Δ`` to first order, where ``w_i``
+is the trilinear weight and ``J_l = ∂ρ_l/∂F_l (.., k)`` the Jacobian of the residual with respect to
+the summed feature. So the loss changes by
+
+    δ_ij ≈ 2 Δ·G_i + Δᵀ H_i Δ,   G_i = Σ_x w_i Σ_l J_lᵀ ρ_l  (k,),   H_i = Σ_x w_i² Σ_l J_lᵀ J_l  (k, k)
+
+(Gauss–Newton: exact for a residual linear in the feature). Every vertex takes ``argmin_j δ_ij``
+when it is negative. Two vertices of one cell interact through the samples they share, so the
+vertices are split into the 8 parity classes of their integer coordinates: no two vertices of a
+class share a cell, the per-vertex predictions within a class add up, and one class is updated at
+a time, the residuals being moved through the linear model in between. A real forward pass then
+checks each level, and a level whose real loss went up is put back.
+
+:func:`refine_indices` works for any field whose loss is a sum of squared residuals, given as
+:class:`RefineChunk` s: an SDF's residual is one sample's predicted minus true distance; a radiance
+field's is one ray's rendered minus true colour (3 channels), fed by all the samples along the ray.
+There several samples of one ray touch the same vertex, so their Jacobians are first summed per
+(ray, vertex) pair, which keeps H exact for the pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .storage import CodebookStorage
+
+
+@dataclass
+class RefineChunk:
+    """A piece of the loss: sample points and the residuals they feed.
+
+    Attributes:
+        x: ``(n, 3)`` sample points in unit-cube coordinates.
+        residuals: ``F -> {lod: (R, c)}``: ``F`` maps each LOD l whose loss can change to the samples'
+            summed feature ``(n, k)`` (Σ of the levels ≤ l); ``c`` channels (1 for an SDF, 3 for RGB).
+        owner: ``(n,)`` the residual row each sample feeds (a radiance field: its ray); ``None``:
+            sample i feeds row i (``R = n``, an SDF).
+    """
+
+    x: torch.Tensor
+    residuals: Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]]
+    owner: torch.Tensor | None = None
+
+
+@dataclass
+class RefineStats:
+    """What one refinement did at one level (losses: Σ of squared residuals of the LODs ≥ level)."""
+
+    level: int
+    changed: int  # indices that moved
+    vertices: int  # m
+    loss_before: float
+    loss_after: float
+    undone: int = 0  # 1 when the level's real loss went up and its moves were put back
+
+
+def vertex_parity(vertices: torch.Tensor) -> torch.Tensor:
+    """``(m, 3)`` integer vertex coordinates -> ``(m,)`` class in 0..7; no two corners of a cell share one."""
+    v = vertices.long() & 1
+    return v[:, 0] * 4 + v[:, 1] * 2 + v[:, 2]
+
+
+def gauss_newton_scores(G: torch.Tensor, H: torch.Tensor, D: torch.Tensor, V: torch.Tensor,
+                        chunk: int = 1 << 14) -> torch.Tensor:
+    """Predicted loss change of giving each vertex each codeword.
+
+    Args:
+        G: ``(m, k)`` first-order terms; H: ``(m, k, k)`` Gauss–Newton second-order terms.
+        D: ``(2^b, k)`` codebook; V: ``(m,)`` current indices.
+    Returns:
+        ``(m, 2^b)`` with ``δ_ij = 2 (D_j − D_{V_i})·G_i + (D_j − D_{V_i})ᵀ H_i (D_j − D_{V_i})``
+        (zero at ``j = V_i``).
+    """
+    out = []
+    for s in range(0, G.shape[0], chunk):
+        g, h, dc = G[s:s + chunk], H[s:s + chunk], D[V[s:s + chunk]]  # (n, k), (n, k, k), (n, k)
+        delta = D[None] - dc[:, None]  # (n, 2^b, k)
+        hd = torch.einsum("nab,njb->nja", h, delta)  # H_i Δ_j
+        out.append(2 * (delta * g[:, None]).sum(-1) + (delta * hd).sum(-1))
+    return torch.cat(out) if out else G.new_zeros(0, D.shape[0])
+
+
+def summed_features(grid, x: torch.Tensor, level: int) -> dict[int, torch.Tensor]:
+    """Summed features ``F_l (n, k)`` of every LOD l ≥ ``level`` (Σ of the levels ≤ l)."""
+    acc, out = None, {}
+    for lv in grid.lods:
+        f = grid.level_features(x, lv)
+        acc = f if acc is None else acc + f
+        if lv >= level:
+            out[lv] = acc
+    return out
+
+
+@dataclass
+class _Linearized:
+    """The residuals linearized in one level's feature, as rows of (vertex-group, residual).
+
+    ``J (n, L, c, k)``: per row, ∂ρ/∂(feature) for L LODs and c channels; ``res_id (n,)`` the
+    residual row it belongs to in ``rho (R, L, c)``; ``vid (n, K)`` and ``w (n, K)`` the vertices the
+    row's feature interpolates (SDF: a sample's 8 corners; radiance field: one (ray, vertex) pair,
+    K = 1, w = 1, its J already summed over the ray's samples with their weights).
+    """
+
+    J: torch.Tensor
+    res_id: torch.Tensor
+    rho: torch.Tensor
+    vid: torch.Tensor
+    w: torch.Tensor
+    loss: float
+
+
+def _linearize(grid, level: int, chunks: list[RefineChunk]) -> _Linearized:
+    m = grid.storage(level).m
+    Js, res_ids, rhos, vids, ws = [], [], [], [], []
+    loss, offset = 0.0, 0
+    for ch in chunks:
+        with torch.no_grad():
+            F = summed_features(grid, ch.x, level)
+        # each LOD's summed feature a leaf of its own, so one backward gives every J_l = ∂ρ_l/∂F_l
+        F = {lod: f.clone().requires_grad_(True) for lod, f in F.items()}
+        res = ch.residuals(F)
+        c = next(iter(res.values())).shape[1]
+        per_ch = []
+        for j in range(c):  # a sample feeds one residual row, so these gradients are Jacobian rows
+            per_ch.append(torch.autograd.grad(sum(r[:, j].sum() for r in res.values()), list(F.values()),
+                                              retain_graph=j + 1 < c, allow_unused=True))
+        per_ch = [[torch.zeros_like(f) if g is None else g for g, f in zip(gs, F.values())] for gs in per_ch]
+        J = torch.stack([torch.stack(g, dim=1) for g in per_ch], dim=2)  # (n, L, c, k)
+        rho = torch.stack([r.detach() for r in res.values()], dim=1)  # (R, L, c)
+        loss += float((rho ** 2).sum())
+        q = grid.octree.interpolation(ch.x, level)
+        Jv = J[q.valid]
+        if ch.owner is None:
+            Js.append(Jv)
+            res_ids.append(q.valid.nonzero().squeeze(1) + offset)
+            vids.append(q.vertex_ids)
+            ws.append(q.weights)
+        else:  # sum per (residual, vertex) pair: A = Σ_samples w J
+            own = ch.owner[q.valid]
+            key = (own[:, None] * m + q.vertex_ids).reshape(-1)
+            uniq, inv = torch.unique(key, return_inverse=True)
+            contrib = (q.weights.reshape(-1)[:, None, None, None] * Jv.repeat_interleave(8, dim=0))
+            A = Jv.new_zeros((uniq.shape[0],) + tuple(Jv.shape[1:])).index_add_(0, inv, contrib)
+            Js.append(A)
+            res_ids.append(uniq // m + offset)
+            vids.append((uniq % m)[:, None])
+            ws.append(A.new_ones(uniq.shape[0], 1))
+        rhos.append(rho)
+        offset += rho.shape[0]
+    return _Linearized(torch.cat(Js), torch.cat(res_ids), torch.cat(rhos), torch.cat(vids), torch.cat(ws), loss)
+
+
+@torch.no_grad()
+def _total_loss(grid, level: int, chunks: list[RefineChunk]) -> float:
+    return sum(float(sum((r ** 2).sum() for r in ch.residuals(summed_features(grid, ch.x, level)).values()))
+               for ch in chunks)
+
+
+def _set_indices(s: CodebookStorage, rows: torch.Tensor, new: torch.Tensor) -> None:
+    """Make ``argmax C[rows] = new`` by swapping each row's max logit with the new index's logit."""
+    with torch.no_grad():
+        C = s.C.data
+        old = C[rows].argmax(dim=-1)
+        c_old = C[rows, old].clone()
+        C[rows, old] = C[rows, new]
+        C[rows, new] = c_old
+
+
+@torch.no_grad()
+def _accumulate(lin: _Linearized, m: int, k: int, select: torch.Tensor | None = None, chunk: int = 1 << 15):
+    """G ``(m, k)`` and H ``(m, k, k)``; ``select (n, K)`` bool: only those (row, vertex) slots."""
+    G = lin.J.new_zeros(m, k)
+    H = lin.J.new_zeros(m, k, k)
+    for a in range(0, lin.vid.shape[0], chunk):
+        b = min(a + chunk, lin.vid.shape[0])
+        J, rho = lin.J[a:b], lin.rho[lin.res_id[a:b]]
+        g = torch.einsum("nlck,nlc->nk", J, rho)  # Σ_l J_lᵀ ρ_l
+        h = torch.einsum("nlca,nlcb->nab", J, J)  # Σ_l J_lᵀ J_l
+        sel = torch.ones_like(lin.vid[a:b], dtype=torch.bool) if select is None else select[a:b]
+        r, sl = sel.nonzero(as_tuple=True)
+        v, w = lin.vid[a:b][r, sl], lin.w[a:b][r, sl]
+        G.index_add_(0, v, w[:, None] * g[r])
+        H.index_add_(0, v, (w ** 2)[:, None, None] * h[r])
+    return G, H
+
+
+@torch.no_grad()
+def _refine_level(lin: _Linearized, D: torch.Tensor, V: torch.Tensor, parity: torch.Tensor, classes: int,
+                  chunk: int = 1 << 15) -> torch.Tensor:
+    """Gauss–Newton coordinate descent on the linearized residuals, one parity class at a time.
+
+    Returns the new indices ``(m,)``. For an SDF every sample has exactly one corner in a class,
+    so the predicted changes of a class add up exactly; after a class moves, the residuals are
+    updated through the linear model (``ρ += Σ w J Δ``) before the next class is scored.
+    """
+    m, k = V.shape[0], D.shape[1]
+    V = V.clone()
+    n = lin.vid.shape[0]
+    if n == 0:
+        return V
+    cls_of = parity[lin.vid] if classes == 8 else torch.zeros_like(lin.vid)  # (n, K)
+    for cls in range(classes):
+        G, H = _accumulate(lin, m, k, cls_of == cls, chunk)
+        in_cls = (parity == cls) if classes == 8 else torch.ones(m, dtype=torch.bool, device=V.device)
+        rows = (in_cls & (H.flatten(1).abs().sum(1) > 0)).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        best, j = gauss_newton_scores(G[rows], H[rows], D, V[rows]).min(dim=-1)
+        move = best < 0
+        rows, j = rows[move], j[move]
+        if rows.numel() == 0:
+            continue
+        delta = D.new_zeros(m, k)
+        delta[rows] = D[j] - D[V[rows]]
+        V[rows] = j
+        for a in range(0, n, chunk):  # ρ += Σ_slots w J Δ through the linear model
+            b = min(a + chunk, n)
+            dz = (lin.w[a:b, :, None] * delta[lin.vid[a:b]]).sum(1)  # (n, k)
+            lin.rho.index_add_(0, lin.res_id[a:b], torch.einsum("nlck,nk->nlc", lin.J[a:b], dz))
+    return V
+
+
+def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = None,
+                   classes: int = 8) -> list[RefineStats]:
+    """One Gauss–Newton sweep over the codebook indices of ``levels`` (default: all), coarse to fine.
+
+    Per level: one forward and backward pass linearizes the residuals in that level's feature; the
+    indices then descend on that model one parity class at a time; a real forward pass checks the
+    result, and a level whose real loss went up is put back as it was.
+
+    Args:
+        grid: an :class:`~vqad.grid.OctreeGrid` whose codebook storages are still training (they
+            hold logits C; the argmax of each changed row is moved, by swapping two logits).
+        chunks: the loss, see :class:`RefineChunk` (the same chunks serve every level).
+        classes: 8 (one parity class at a time, see the module docstring) or 1 (all at once).
+    Returns:
+        a :class:`RefineStats` per refined level.
+    """
+    if classes not in (1, 8):
+        raise ValueError(f"classes must be 1 or 8, got {classes}")
+    stats = []
+    levels = [lv for lv in (levels or grid.lods) if isinstance(grid.storage(lv), CodebookStorage)]
+    was_training = grid.training
+    grid.eval()  # hard features in the forward pass, no straight-through softmax
+    try:
+        for level in levels:
+            s = grid.storage(level)
+            if s.baked:
+                raise ValueError("refine_indices needs a training codebook (with logits C), not a baked one")
+            lin = _linearize(grid, level, chunks)
+            V0 = s.indices().clone()
+            V1 = _refine_level(lin, s.D.detach(), V0, vertex_parity(grid.octree.vertices[level]), classes)
+            del lin.J
+            rows = (V1 != V0).nonzero().squeeze(1)
+            _set_indices(s, rows, V1[rows])
+            after = _total_loss(grid, level, chunks)
+            undone = 0
+            if after > lin.loss:  # the linear model misled us here: put the level back
+                _set_indices(s, rows, V0[rows])
+                after, undone = lin.loss, 1
+            stats.append(RefineStats(level, 0 if undone else int(rows.numel()), s.m, lin.loss, after, undone))
+    finally:
+        grid.train(was_training)
+    return stats

@@ -1,0 +1,144 @@
+"""Gauss–Newton index refinement (vqad.refine) against brute force on small grids."""
+
+import pytest
+import torch
+
+from vqad.config import DecoderConfig, GridConfig
+from vqad.grid import OctreeGrid
+from vqad.octree import SparseOctree
+from vqad.refine import RefineChunk, _accumulate, _linearize, _total_loss, gauss_newton_scores, refine_indices, summed_features, vertex_parity
+from vqad.sdf import refine_sdf
+
+
+def _grid(seed=0, bits=3, k=4, levels=(1, 3)):
+    torch.manual_seed(seed)
+    pts = torch.rand(400, 3) * 1.2 - 0.6
+    octree = SparseOctree.from_points(pts, *levels, dilate=0)
+    return OctreeGrid.from_octree(octree, GridConfig(storage="codebook", bits=bits, features=k,
+                                                     base_level=levels[0], max_level=levels[1])), pts
+
+
+def _linear_chunks(x, target, A, chunk=64):
+    """ρ_l = F_l A_l − t: linear in the feature, so Gauss–Newton is exact."""
+
+    def res(t):
+        return lambda F: {lod: f @ A[lod] - (t[lod] if isinstance(t, dict) else t) for lod, f in F.items()}
+
+    out = []
+    for a in range(0, x.shape[0], chunk):
+        t = {lod: v[a:a + chunk] for lod, v in target.items()} if isinstance(target, dict) else target[a:a + chunk]
+        out.append(RefineChunk(x[a:a + chunk], res(t)))
+    return out
+
+
+def _loss(grid, chunks, level):
+    return _total_loss(grid, level, chunks)
+
+
+def test_vertex_parity_separates_the_corners_of_every_cell():
+    grid, _ = _grid()
+    for level in grid.lods:
+        par = vertex_parity(grid.octree.vertices[level])
+        corners = grid.octree.corners[level]  # (cells, 8)
+        assert all(len(set(row.tolist())) == 8 for row in par[corners])
+
+
+def test_scores_equal_the_exact_loss_change_for_a_linear_residual():
+    grid, x = _grid(seed=1)
+    level = 2
+    torch.manual_seed(2)
+    A = {lod: torch.randn(4, 2) for lod in grid.lods}
+    t = torch.randn(x.shape[0], 2)
+    fn = _linear_chunks(x, t, A)
+    grid.eval()
+    s = grid.storage(level)
+    lin = _linearize(grid, level, fn)
+    loss0 = lin.loss
+    G, H = _accumulate(lin, s.m, s.k, None, chunk=50)
+    assert loss0 == pytest.approx(_loss(grid, fn, level), rel=1e-5)
+    V = s.indices()
+    scores = gauss_newton_scores(G, H, s.D.detach(), V, chunk=7)
+    assert torch.allclose(scores[torch.arange(s.m), V], torch.zeros(s.m), atol=1e-6)
+    touched = (G.abs().sum(1) > 0).nonzero().squeeze(1)
+    for i in touched[:6].tolist():
+        for j in range(1 << s.b):
+            C = s.C.data
+            saved = C[i].clone()
+            C[i] = -10.0
+            C[i, j] = 10.0  # vertex i now uses codeword j
+            exact = _loss(grid, fn, level) - loss0
+            C[i] = saved
+            assert scores[i, j].item() == pytest.approx(exact, rel=1e-4, abs=1e-4)
+
+
+def test_refine_never_raises_the_loss_and_recovers_planted_indices():
+    grid, x = _grid(seed=3, bits=2)
+    torch.manual_seed(4)
+    A = {lod: torch.randn(4, 1) for lod in grid.lods}
+    # targets made by the grid itself with other, random indices: zero loss is reachable
+    grid.eval()
+    with torch.no_grad():
+        for s in grid.storages:
+            s.C.data = torch.randn_like(s.C) * 5
+        F = summed_features(grid, x, grid.lods[0])
+        t = {lod: f @ A[lod] for lod, f in F.items()}
+        for s in grid.storages:
+            s.C.data = torch.randn_like(s.C)
+    fn = _linear_chunks(x, t, A, chunk=128)
+    before = _loss(grid, fn, grid.lods[0])
+    grid.train()
+    for _ in range(3):
+        stats = refine_indices(grid, fn)
+        for st in stats:
+            assert st.loss_after <= st.loss_before + 1e-6
+    after = _loss(grid, fn, grid.lods[0])
+    assert after < 0.2 * before
+    assert grid.training  # the train/eval mode is restored
+
+
+def test_refine_sdf_lowers_the_loss_of_a_trained_sphere(one_thread):
+    import numpy as np
+    import trimesh
+
+    from vqad.config import SDFTrainConfig
+    from vqad.mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples
+    from vqad.sdf import fit_sdf
+
+    s = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    mesh = Mesh(np.asarray(s.vertices, dtype=np.float64), np.asarray(s.faces, dtype=np.int64))
+    grid = GridConfig(storage="codebook", features=4, bits=3, base_level=2, max_level=4)
+    train = SDFTrainConfig(steps=60, batch=2048, pool_size=20000, lr=5e-3)
+    field = fit_sdf(mesh, grid, DecoderConfig(hidden=32), train, torch.device("cpu"), quiet=True).field
+    x, d = draw_sdf_samples(SDFOracle(mesh), field.normalization, 20000, np.random.default_rng(1), SampleMix())
+    stats = refine_sdf(field, x, d)
+    assert [st.level for st in stats] == [2, 3, 4]
+    assert sum(st.changed for st in stats) > 0
+    assert all(st.loss_after <= st.loss_before for st in stats)
+    assert stats[0].loss_after < stats[0].loss_before
+    # the moved indices are what a baked field uses
+    V = [st.indices().clone() for st in field.grid.storages]
+    field.bake()
+    assert all(torch.equal(v, st.V) for v, st in zip(V, field.grid.storages))
+
+
+def test_fit_with_refinement_sweeps_runs_them(one_thread, monkeypatch):
+    import numpy as np
+    import trimesh
+
+    import vqad.sdf as sdf_mod
+    from vqad.config import SDFTrainConfig
+    from vqad.mesh import Mesh
+
+    calls = []
+    real = sdf_mod.refine_sdf
+    monkeypatch.setattr(sdf_mod, "refine_sdf", lambda *a, **k: calls.append(1) or real(*a, **k))
+    s = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    mesh = Mesh(np.asarray(s.vertices, dtype=np.float64), np.asarray(s.faces, dtype=np.int64))
+    grid = GridConfig(storage="codebook", features=4, bits=2, base_level=2, max_level=3)
+    train = SDFTrainConfig(steps=40, batch=1024, pool_size=8000, refine=3, refine_samples=4000)
+    sdf_mod.fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)
+    assert len(calls) == 3
+    calls.clear()
+    grid = GridConfig(storage="dense", features=4, base_level=2, max_level=3)
+    sdf_mod.fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)
+    assert calls == []  # nothing to refine in a dense grid

@@ -135,10 +135,59 @@ def test_fit_with_refinement_sweeps_runs_them(one_thread, monkeypatch):
     s = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
     mesh = Mesh(np.asarray(s.vertices, dtype=np.float64), np.asarray(s.faces, dtype=np.int64))
     grid = GridConfig(storage="codebook", features=4, bits=2, base_level=2, max_level=3)
-    train = SDFTrainConfig(steps=40, batch=1024, pool_size=8000, refine=3, refine_samples=4000)
+    train = SDFTrainConfig(steps=40, batch=1024, pool_size=8000, refine=1, refine_during=2, refine_samples=4000)
     sdf_mod.fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)
     assert len(calls) == 3
     calls.clear()
     grid = GridConfig(storage="dense", features=4, base_level=2, max_level=3)
     sdf_mod.fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)
     assert calls == []  # nothing to refine in a dense grid
+
+
+def test_scores_are_exact_when_several_samples_feed_one_residual():
+    """Radiance-field layout: samples grouped into rays (``owner``), one residual per ray; the
+    Jacobians are summed per (ray, vertex) pair, so H stays exact for a linear residual."""
+    grid, x = _grid(seed=5)
+    level = 3
+    torch.manual_seed(6)
+    n_rays = 37
+    owner = torch.randint(0, n_rays, (x.shape[0],))
+    A = {lod: torch.randn(4, 3) for lod in grid.lods}
+    t = torch.randn(n_rays, 3)
+
+    def residuals(F):
+        return {lod: torch.zeros(n_rays, 3).index_add(0, owner, f @ A[lod]) - t for lod, f in F.items()}
+
+    chunks = [RefineChunk(x, residuals, owner=owner)]
+    grid.eval()
+    s = grid.storage(level)
+    lin = _linearize(grid, level, chunks)
+    assert lin.loss == pytest.approx(_loss(grid, chunks, level), rel=1e-5)
+    G, H = _accumulate(lin, s.m, s.k)
+    scores = gauss_newton_scores(G, H, s.D.detach(), s.indices())
+    touched = (G.abs().sum(1) > 0).nonzero().squeeze(1)
+    for i in touched[:5].tolist():
+        for j in range(1 << s.b):
+            saved = s.C.data[i].clone()
+            s.C.data[i] = -10.0
+            s.C.data[i, j] = 10.0
+            exact = _loss(grid, chunks, level) - lin.loss
+            s.C.data[i] = saved
+            assert scores[i, j].item() == pytest.approx(exact, rel=1e-4, abs=1e-4)
+
+
+def test_refine_nerf_lowers_the_photometric_loss(one_thread):
+    from vqad.nerf.datasets import load_dataset
+    from vqad.nerf.field import NeRFConfig
+    from vqad.nerf.train import NeRFTrainConfig, RayBatcher, fit_nerf, refine_nerf
+
+    ds = load_dataset("procedural")
+    grid = GridConfig(storage="codebook", features=4, bits=3, base_level=2, max_level=4)
+    train = NeRFTrainConfig(steps=40, batch_rays=512, octree="depth", prune_warmup=20, refine=0)
+    res = fit_nerf(ds, grid, DecoderConfig(hidden=16, position_input=False), train, torch.device("cpu"), quiet=True,
+                   nerf_cfg=NeRFConfig(color_hidden=16))
+    batcher = RayBatcher(ds.splits["train"], ds, torch.device("cpu"))
+    stats = refine_nerf(res.field, res.sampler, batcher, 2048, torch.ones(3), torch.Generator().manual_seed(0))
+    assert [st.level for st in stats] == [2, 3, 4]
+    assert all(st.loss_after <= st.loss_before for st in stats)
+    assert sum(st.changed for st in stats) > 0

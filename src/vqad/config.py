@@ -62,11 +62,11 @@ class SDFTrainConfig:
     max_minutes: float | None = None  # also stop after this long (the lr schedule follows time too)
     truncation: float = 0.0  # clamp predicted and true distances to ±this in the loss (0: no clamp)
     pool_size: int = 400_000  # samples per pool
-    refine: int = 0  # Gauss–Newton index refinement sweeps (vqad.refine), spread over training (0: none)
+    refine: int = 0  # Gauss–Newton index refinement sweeps (vqad.refine) after the last step (0: none)
+    refine_during: int = 0  # ... and sweeps spread over training (or over its tail, below)
     refine_samples: int = 200_000  # samples each sweep sees (from the current pool)
     refine_band: float = 0.0  # ... only those within this many finest cells of the surface (0: all of them)
-    refine_tail: float = 0.0  # sweeps spread over this last fraction of training, logits C frozen there (0: all of it)
-    refine_final: int = 1  # back-to-back sweeps after the last step
+    refine_tail: float = 0.0  # refine_during sweeps over this last fraction of training, logits C frozen there (0: all of it)
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000

@@ -101,12 +101,13 @@ def fit_sdf(
         extra = {"step": step_done, "train": to_dict(train_cfg), "rng_seed": train_cfg.seed, "mesh": mesh_path}
         save_checkpoint(ckpt_dir, field, extra=extra, optimizers=opts)
 
-    # Gauss–Newton index sweeps (vqad.refine) at evenly spread fractions of training, the last one
-    # after the last step; those already passed on --resume are skipped
-    n_ref = train_cfg.refine if any(isinstance(s, CodebookStorage) for s in field.grid.storages) else 0
-    tail = train_cfg.refine_tail
-    span = tail if tail > 0 else 1.0  # sweeps at (1 - span) + span · i / n, i = 0 (tail) or 1 (no tail) .. n - 1
-    refine_at = [(1 - span) + span * i / n_ref for i in range(0 if tail > 0 else 1, n_ref)]
+    # Gauss–Newton index sweeps (vqad.refine): ``refine_during`` at evenly spread fractions of
+    # training (those already passed on --resume are skipped), then ``refine`` after the last step
+    has_codebook = any(isinstance(s, CodebookStorage) for s in field.grid.storages)
+    n_during = train_cfg.refine_during if has_codebook else 0
+    tail = train_cfg.refine_tail if n_during else 0.0
+    span = tail if tail > 0 else 1.0  # at (1 - span) + span · i / (n + 1), i = 1..n
+    refine_at = [(1 - span) + span * i / (n_during + 1) for i in range(1, n_during + 1)]
     refine_at = [f for f in refine_at if f > start / max(train_cfg.steps, 1)]
 
     def refine_from_pool(px: torch.Tensor, pd: torch.Tensor) -> float:
@@ -151,7 +152,7 @@ def fit_sdf(
                 per_lod = ((pred - d[None]) ** 2).mean(dim=1)
                 loss = per_lod.sum()
                 loss.backward()
-                if tail > 0 and n_ref and progress >= 1 - tail:
+                if tail > 0 and progress >= 1 - tail:
                     for st in field.grid.storages:  # the tail: sweeps pick the indices, steps fit D and ψ
                         if isinstance(st, CodebookStorage) and not st.baked:
                             st.C.grad = None
@@ -172,8 +173,8 @@ def fit_sdf(
         if ckpt_dir is not None and not quiet:
             print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
         raise
-    if n_ref and it > start and pool_x is not None:
-        for _ in range(max(train_cfg.refine_final, 1)):  # the last sweeps: the indices that are kept
+    if has_codebook and it > start and pool_x is not None:
+        for _ in range(train_cfg.refine):  # the last sweeps: the indices that are kept
             refine_seconds += refine_from_pool(pool_x, pool_d)
     prog.close()
     save(it)

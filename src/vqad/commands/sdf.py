@@ -11,7 +11,7 @@ from .common import add_device_arg, add_grid_args, ensure_writable_dir, ensure_w
 
 
 #: Gauss–Newton index sweeps of a codebook fit (vqad.refine); measured in docs/benchmarks/sdf.md
-DEFAULT_REFINE = 1
+DEFAULT_REFINE = 3
 
 
 def register(sub) -> None:
@@ -31,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--truncation", type=float, default=0.0,
                    help="clamp distances to ±this in the loss, unit-cube units (0: no clamp)")
     p.add_argument("--refine", type=int, default=None,
-                   help="Gauss–Newton index refinement sweeps spread over training (codebook only; "
+                   help="Gauss–Newton index refinement sweeps after training (codebook only; "
                         f"default {DEFAULT_REFINE}, 0: off; see docs/benchmarks/sdf.md)")
     p.add_argument("--refine-samples", type=int, default=200_000, help="samples each refinement sweep sees")
     p.add_argument("--hidden", type=int, default=128, help="decoder width")

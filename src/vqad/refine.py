@@ -234,7 +234,7 @@ def _refine_level(lin: _Linearized, D: torch.Tensor, V: torch.Tensor, parity: to
 
 
 def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = None,
-                   classes: int = 8) -> list[RefineStats]:
+                   classes: int = 8, check: list[RefineChunk] | None = None) -> list[RefineStats]:
     """One Gauss–Newton sweep over the codebook indices of ``levels`` (default: all), coarse to fine.
 
     Per level: one forward and backward pass linearizes the residuals in that level's feature; the
@@ -246,6 +246,9 @@ def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = N
             hold logits C; the argmax of each changed row is moved, by swapping two logits).
         chunks: the loss, see :class:`RefineChunk` (the same chunks serve every level).
         classes: 8 (one parity class at a time, see the module docstring) or 1 (all at once).
+        check: other chunks of the same loss on which each level's moves must lower the loss to be
+            kept (held-out samples guard against fitting ``chunks`` alone); default ``chunks``.
+            The losses reported are then those of ``check``.
     Returns:
         a :class:`RefineStats` per refined level.
     """
@@ -261,17 +264,18 @@ def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = N
             if s.baked:
                 raise ValueError("refine_indices needs a training codebook (with logits C), not a baked one")
             lin = _linearize(grid, level, chunks)
+            before = lin.loss if check is None else _total_loss(grid, level, check)
             V0 = s.indices().clone()
             V1 = _refine_level(lin, s.D.detach(), V0, vertex_parity(grid.octree.vertices[level]), classes)
             del lin.J
             rows = (V1 != V0).nonzero().squeeze(1)
             _set_indices(s, rows, V1[rows])
-            after = _total_loss(grid, level, chunks)
+            after = _total_loss(grid, level, chunks if check is None else check)
             undone = 0
-            if after > lin.loss:  # the linear model misled us here: put the level back
+            if after > before:  # the linear model (or the samples) misled us here: put the level back
                 _set_indices(s, rows, V0[rows])
-                after, undone = lin.loss, 1
-            stats.append(RefineStats(level, 0 if undone else int(rows.numel()), s.m, lin.loss, after, undone))
+                after, undone = before, 1
+            stats.append(RefineStats(level, 0 if undone else int(rows.numel()), s.m, before, after, undone))
     finally:
         grid.train(was_training)
     return stats

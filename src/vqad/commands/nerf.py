@@ -13,8 +13,8 @@ from .common import add_device_arg, add_grid_args, ensure_writable_dir, grid_con
 FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "procedural"]
 
 
-#: Gauss–Newton index sweeps after a codebook fit (vqad.refine); measured in docs/benchmarks/nerf.md
-DEFAULT_NERF_REFINE = 2
+#: Gauss–Newton index sweeps after a codebook fit (vqad.refine): off, they did not raise test PSNR (docs/benchmarks/nerf.md)
+DEFAULT_NERF_REFINE = 0
 
 
 def register(sub) -> None:

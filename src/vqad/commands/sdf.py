@@ -10,11 +10,12 @@ from ..errors import InputError
 from .common import add_device_arg, add_grid_args, ensure_writable_dir, ensure_writable_file, grid_config, parse_lod
 
 
-#: Gauss–Newton index sweeps of a codebook fit (vqad.refine); measured in docs/benchmarks/sdf.md
-DEFAULT_REFINE = 3
 
 
 def register(sub) -> None:
+    from ..config import SDFTrainConfig
+
+    DEFAULT_REFINE = SDFTrainConfig.refine  # Gauss–Newton sweeps after a codebook fit (vqad.refine)
     p = sub.add_parser("fit-sdf", help="fit a VQ-AD (or dense) signed distance field to a mesh")
     p.add_argument("mesh", help="OBJ / PLY / OFF / STL / GLB triangle mesh")
     add_grid_args(p, default_features=16)
@@ -86,7 +87,7 @@ def _configs(args):
         raise InputError(f"--minutes must be positive, got {args.minutes}")
     if args.truncation < 0 or args.logit_lr_scale < 0:
         raise InputError("--truncation and --logit-lr-scale must be ≥ 0")
-    refine = DEFAULT_REFINE if args.refine is None else args.refine
+    refine = SDFTrainConfig.refine if args.refine is None else args.refine
     if refine < 0 or args.refine_samples <= 0:
         raise InputError("--refine must be ≥ 0 and --refine-samples positive")
     dec = DecoderConfig(hidden=args.hidden, layers=args.layers, per_lod=args.per_lod_decoder)

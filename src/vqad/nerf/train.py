@@ -218,8 +218,10 @@ def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: Ray
 
 def refine_nerf(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, n_rays: int,
                 background: torch.Tensor, generator: torch.Generator, quiet: bool = True) -> list:
-    """One Gauss–Newton index sweep (:func:`vqad.refine.refine_indices`) on random training rays."""
-    stats = refine_indices(field.grid, nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator))
+    """One Gauss–Newton index sweep (:func:`vqad.refine.refine_indices`) on ``n_rays`` random training
+    rays; each level's moves are kept only if they lower the loss of as many other random rays."""
+    stats = refine_indices(field.grid, nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator),
+                           check=nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator))
     if not quiet:
         tqdm.write("index refinement: moved " + ", ".join(
             f"L{s.level} {s.changed:,}/{s.vertices:,} (loss {s.loss_before:.4g} → {s.loss_after:.4g})" for s in stats))

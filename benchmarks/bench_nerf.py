@@ -129,6 +129,9 @@ def _cum_bytes(vertices: dict, storage: str, bits: int, k: int) -> tuple[dict, d
     return dense, stored
 
 
+NOTES_HEADING = "## Notes"
+
+
 def write_report(results: dict, args) -> None:
     dev = args.device
     lines = [
@@ -168,8 +171,11 @@ def write_report(results: dict, args) -> None:
                        f"{m['size']['compressed_bytes'] / 1e3:,.1f} |")
     lines += summary + ["", "## Targets", ""] + targets(results)
     text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    if out.exists() and NOTES_HEADING in out.read_text():  # hand-written notes survive a re-run
+        text += "\n" + NOTES_HEADING + out.read_text().split(NOTES_HEADING, 1)[1]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
     print(text, flush=True)
 

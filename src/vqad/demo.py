@@ -28,7 +28,8 @@ def run_sdf_demo(out: Path, device: torch.device, quick: bool = False) -> dict:
     mesh = demo_mesh()
     save_mesh(mesh, out / "input_shape.ply")
     grid = GridConfig(storage="codebook", features=16, bits=4, base_level=2, max_level=6)
-    train = SDFTrainConfig(steps=40 if quick else 900, batch=8192, resample_every=400, pool_size=200_000, lr=5e-3)
+    train = SDFTrainConfig(steps=40 if quick else 900, batch=8192, resample_every=400, pool_size=200_000, lr=5e-3,
+                           refine=1 if quick else 3, refine_samples=20_000 if quick else 100_000)
     print(f"[sdf] fitting a {grid.bits}-bit VQ-AD SDF of the built-in shape, levels {grid.base_level}..{grid.max_level}")
     res = fit_sdf(mesh, grid, DecoderConfig(), train, device, out_dir=out, quiet=quick)
     for line in size_lines(res.field):

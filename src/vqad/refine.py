@@ -255,6 +255,8 @@ def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = N
     if classes not in (1, 8):
         raise ValueError(f"classes must be 1 or 8, got {classes}")
     stats = []
+    if not chunks:  # nothing to fit (e.g. no ray met an occupied cell)
+        return stats
     levels = [lv for lv in (levels or grid.lods) if isinstance(grid.storage(lv), CodebookStorage)]
     was_training = grid.training
     grid.eval()  # hard features in the forward pass, no straight-through softmax

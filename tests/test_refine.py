@@ -107,7 +107,7 @@ def test_refine_sdf_lowers_the_loss_of_a_trained_sphere(one_thread):
     s = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
     mesh = Mesh(np.asarray(s.vertices, dtype=np.float64), np.asarray(s.faces, dtype=np.int64))
     grid = GridConfig(storage="codebook", features=4, bits=3, base_level=2, max_level=4)
-    train = SDFTrainConfig(steps=60, batch=2048, pool_size=20000, lr=5e-3)
+    train = SDFTrainConfig(steps=60, batch=2048, pool_size=20000, lr=5e-3, refine=0)
     field = fit_sdf(mesh, grid, DecoderConfig(hidden=32), train, torch.device("cpu"), quiet=True).field
     x, d = draw_sdf_samples(SDFOracle(mesh), field.normalization, 20000, np.random.default_rng(1), SampleMix())
     stats = refine_sdf(field, x, d)

@@ -137,10 +137,11 @@ def volumetric_iou(field, lod: int, oracle: SDFOracle, n: int = IOU_SAMPLES, see
     return float(np.logical_and(gt, pred).sum() / max(union, 1))
 
 
-def geometry_metrics(field, lod: int, mesh_world: Mesh, extracted_world: Mesh, oracle: SDFOracle) -> GeometryMetrics:
-    """All geometry metrics at one LOD, in the unit-cube frame."""
+def geometry_metrics(field, lod: int, mesh_world: Mesh, extracted_world: Mesh, oracle: SDFOracle,
+                     chamfer_samples: int = CHAMFER_SAMPLES) -> GeometryMetrics:
+    """All geometry metrics at one LOD, in the unit-cube frame (Chamfer with ``chamfer_samples`` per side)."""
     to_unit = lambda v: field.normalization.to_unit(torch.from_numpy(v)).numpy()  # noqa: E731
-    ch, nc = chamfer_and_normals(mesh_world.transformed(to_unit), extracted_world.transformed(to_unit))
+    ch, nc = chamfer_and_normals(mesh_world.transformed(to_unit), extracted_world.transformed(to_unit), n=chamfer_samples)
     return GeometryMetrics(ch, nc, volumetric_iou(field, lod, oracle))
 
 

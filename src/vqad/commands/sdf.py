@@ -134,7 +134,8 @@ def cmd_fit_sdf(args) -> int:
     return 0
 
 
-def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, quiet: bool = False) -> dict:
+def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, quiet: bool = False,
+                 chamfer_samples: int | None = None) -> dict:
     """Per-LOD metrics, a mesh of the finest LOD and a render per LOD, written into ``out``."""
     from ..extract import extract_mesh, save_mesh
     from ..mesh import SDFOracle
@@ -152,7 +153,7 @@ def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, qui
         except InputError as exc:
             results[lod] = {"error": str(exc)}
             continue
-        gm = geometry_metrics(field, lod, mesh, m, oracle).as_dict()
+        gm = geometry_metrics(field, lod, mesh, m, oracle, **({"chamfer_samples": chamfer_samples} if chamfer_samples else {})).as_dict()
         if lod == field.grid.octree.max_level:
             save_mesh(m, out / f"mesh_lod{lod}.ply")
         save_png(render_sdf(field, lod, OrbitCamera(width=320, height=320)), out / f"render_lod{lod}.png")

@@ -21,8 +21,7 @@ from vqad.config import DecoderConfig, GridConfig
 from vqad.nerf.datasets import load_dataset
 from vqad.nerf.evaluate import evaluate_nerf
 from vqad.nerf.field import NeRFConfig
-from vqad.nerf.train import NeRFTrainConfig, RayBatcher, fit_nerf, model_sampler, nerf_refine_chunks
-from vqad.refine import refine_indices
+from vqad.nerf.train import NeRFTrainConfig, RayBatcher, fit_nerf, model_sampler, refine_nerf
 
 
 def main() -> None:
@@ -53,10 +52,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for i in range(a.sweeps):
         t0 = time.perf_counter()
-        sampler = model_sampler(res.field)
-        chunks = nerf_refine_chunks(res.field, sampler, batcher, a.rays, bg, gen)
-        check = None if a.no_check else nerf_refine_chunks(res.field, sampler, batcher, a.rays, bg, gen)
-        stats = refine_indices(res.field.grid, chunks, check=check)
+        stats = refine_nerf(res.field, model_sampler(res.field), batcher, a.rays, bg, gen, check=not a.no_check)
         out[f"sweep{i + 1}"] = {"seconds": round(time.perf_counter() - t0, 1), "psnr": psnr(),
                                 "moved": {s.level: s.changed for s in stats}}
         print(json.dumps(out[f"sweep{i + 1}"]), flush=True)

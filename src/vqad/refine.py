@@ -95,13 +95,19 @@ def gauss_newton_scores(G: torch.Tensor, H: torch.Tensor, D: torch.Tensor, V: to
 
 def summed_features(grid, x: torch.Tensor, level: int) -> dict[int, torch.Tensor]:
     """Summed features ``F_l (n, k)`` of every LOD l ≥ ``level`` (Σ of the levels ≤ l)."""
-    acc, out = None, {}
-    for lv in grid.lods:
-        f = grid.level_features(x, lv)
-        acc = f if acc is None else acc + f
-        if lv >= level:
-            out[lv] = acc
-    return out
+    lods = [lod for lod in grid.lods if lod >= level]
+    return dict(zip(lods, grid.multi_lod_features(x, lods)))
+
+
+def has_codebook(grid) -> bool:
+    """Whether any level of ``grid`` is a codebook storage (something to refine)."""
+    return any(isinstance(s, CodebookStorage) for s in grid.storages)
+
+
+def format_stats(stats: list[RefineStats]) -> str:
+    """One line for a progress log: indices moved and loss before → after, per level."""
+    return "index refinement: moved " + ", ".join(
+        f"L{s.level} {s.changed:,}/{s.vertices:,} (loss {s.loss_before:.4g} → {s.loss_after:.4g})" for s in stats)
 
 
 @dataclass

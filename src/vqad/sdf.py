@@ -18,7 +18,7 @@ from .fields import SDFField
 from .grid import OctreeGrid
 from .mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples, fit_normalization
 from .octree import SparseOctree
-from .refine import RefineChunk, refine_indices
+from .refine import RefineChunk, format_stats, has_codebook, refine_indices
 from .storage import CodebookStorage
 from tqdm.auto import tqdm
 
@@ -103,8 +103,8 @@ def fit_sdf(
 
     # Gauss–Newton index sweeps (vqad.refine): ``refine_during`` at evenly spread fractions of
     # training (those already passed on --resume are skipped), then ``refine`` after the last step
-    has_codebook = any(isinstance(s, CodebookStorage) for s in field.grid.storages)
-    n_during = train_cfg.refine_during if has_codebook else 0
+    refining = has_codebook(field.grid)
+    n_during = train_cfg.refine_during if refining else 0
     tail = train_cfg.refine_tail if n_during else 0.0
     span = tail if tail > 0 else 1.0  # at (1 - span) + span · i / (n + 1), i = 1..n
     refine_at = [(1 - span) + span * i / (n_during + 1) for i in range(1, n_during + 1)]
@@ -127,7 +127,7 @@ def fit_sdf(
         """``max_minutes`` less the time the sweeps after training will take, so that they fit in it
         too. A sweep costs about ``2 · levels · samples`` point evaluations, i.e. that many / batch
         training steps (armadillo, levels 3..7: predicted 33 s, measured 35 s)."""
-        if not train_cfg.max_minutes or not train_cfg.refine or not has_codebook or it <= start:
+        if not train_cfg.max_minutes or not train_cfg.refine or not refining or it <= start:
             return train_cfg.max_minutes
         step_s = (time.perf_counter() - t0 - refine_seconds) / (it - start)
         sweep_s = 2 * n_levels * min(train_cfg.refine_samples, train_cfg.pool_size) / train_cfg.batch * step_s
@@ -185,7 +185,7 @@ def fit_sdf(
         if ckpt_dir is not None and not quiet:
             print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
         raise
-    if has_codebook and it > start and pool_x is not None:
+    if refining and it > start and pool_x is not None:
         for _ in range(train_cfg.refine):  # the last sweeps: the indices that are kept
             refine_seconds += refine_from_pool(pool_x, pool_d)
     prog.close()
@@ -218,9 +218,7 @@ def refine_sdf(field: SDFField, x: torch.Tensor, d: torch.Tensor, quiet: bool = 
     """One Gauss–Newton index sweep (:func:`vqad.refine.refine_indices`) on samples ``x (N, 3)``, ``d (N,)``."""
     stats = refine_indices(field.grid, sdf_refine_chunks(field, x, d))
     if not quiet:
-        moved = ", ".join(f"L{s.level} {s.changed:,}/{s.vertices:,} (loss {s.loss_before:.4g} → {s.loss_after:.4g})"
-                          for s in stats)
-        tqdm.write(f"index refinement: moved {moved}")
+        tqdm.write(format_stats(stats))
     return stats
 
 

@@ -13,10 +13,6 @@ from .common import add_device_arg, add_grid_args, ensure_writable_dir, grid_con
 FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "procedural"]
 
 
-#: Gauss–Newton index sweeps after a codebook fit (vqad.refine): off, they did not raise test PSNR (docs/benchmarks/nerf.md)
-DEFAULT_NERF_REFINE = 0
-
-
 def register(sub) -> None:
     p = sub.add_parser("fit-nerf", help="fit a VQ-AD (or dense) radiance field to posed images")
     p.add_argument("dataset", help="dataset directory, or 'procedural' for the built-in scene")
@@ -38,8 +34,9 @@ def register(sub) -> None:
     p.add_argument("--grid-lr-scale", type=float, default=30.0, help="grid lr = lr × this")
     p.add_argument("--logit-lr-scale", type=float, default=0.0,
                    help="codebook logits C lr = lr × this (0: same as the grid)")
-    p.add_argument("--refine", type=int, default=None,
-                   help=f"Gauss–Newton index refinement sweeps after training (codebook only; default {DEFAULT_NERF_REFINE}, 0: off)")
+    p.add_argument("--refine", type=int, default=0,
+                   help="Gauss–Newton index refinement sweeps after training (codebook only; default 0: they did "
+                        "not raise test PSNR, see docs/benchmarks/nerf.md)")
     p.add_argument("--refine-rays", type=int, default=16384, help="training rays each refinement sweep sees")
     p.add_argument("--hidden", type=int, default=64, help="density MLP width")
     p.add_argument("--color-hidden", type=int, default=64, help="colour MLP width")
@@ -97,7 +94,7 @@ def _configs(args):
     train = NeRFTrainConfig(steps=args.steps, batch_rays=args.batch_rays, lr=args.lr, grid_lr_scale=args.grid_lr_scale,
                             logit_lr_scale=args.logit_lr_scale or None, lod_mode=args.lod_mode, octree=args.octree, dilate=args.dilate, seed=args.seed,
                             max_minutes=args.minutes,
-                            refine=DEFAULT_NERF_REFINE if args.refine is None else args.refine, refine_rays=args.refine_rays)
+                            refine=args.refine, refine_rays=args.refine_rays)
     train.validate()
     if args.eval_max_views is not None and args.eval_max_views <= 0:
         raise InputError("--eval-max-views must be positive")

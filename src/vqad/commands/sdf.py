@@ -10,12 +10,8 @@ from ..errors import InputError
 from .common import add_device_arg, add_grid_args, ensure_writable_dir, ensure_writable_file, grid_config, parse_lod
 
 
-
-
 def register(sub) -> None:
     from ..config import SDFTrainConfig
-
-    DEFAULT_REFINE = SDFTrainConfig.refine  # Gauss–Newton sweeps after a codebook fit (vqad.refine)
     p = sub.add_parser("fit-sdf", help="fit a VQ-AD (or dense) signed distance field to a mesh")
     p.add_argument("mesh", help="OBJ / PLY / OFF / STL / GLB triangle mesh")
     add_grid_args(p, default_features=16)
@@ -31,9 +27,9 @@ def register(sub) -> None:
                    help="also stop training after this many minutes (the lr schedule follows time too)")
     p.add_argument("--truncation", type=float, default=0.0,
                    help="clamp distances to ±this in the loss, unit-cube units (0: no clamp)")
-    p.add_argument("--refine", type=int, default=None,
-                   help="Gauss–Newton index refinement sweeps after training (codebook only; "
-                        f"default {DEFAULT_REFINE}, 0: off; see docs/benchmarks/sdf.md)")
+    p.add_argument("--refine", type=int, default=SDFTrainConfig.refine,
+                   help="Gauss–Newton index refinement sweeps after training (codebook only; 0: off; "
+                        "default %(default)s, see docs/benchmarks/sdf.md)")
     p.add_argument("--refine-samples", type=int, default=200_000, help="samples each refinement sweep sees")
     p.add_argument("--hidden", type=int, default=128, help="decoder width")
     p.add_argument("--layers", type=int, default=1, help="decoder hidden layers")
@@ -87,14 +83,13 @@ def _configs(args):
         raise InputError(f"--minutes must be positive, got {args.minutes}")
     if args.truncation < 0 or args.logit_lr_scale < 0:
         raise InputError("--truncation and --logit-lr-scale must be ≥ 0")
-    refine = SDFTrainConfig.refine if args.refine is None else args.refine
-    if refine < 0 or args.refine_samples <= 0:
+    if args.refine < 0 or args.refine_samples <= 0:
         raise InputError("--refine must be ≥ 0 and --refine-samples positive")
     dec = DecoderConfig(hidden=args.hidden, layers=args.layers, per_lod=args.per_lod_decoder)
     lr = args.lr if args.lr is not None else (5e-3 if args.grid == "codebook" else 2e-3)
     train = SDFTrainConfig(steps=args.steps, batch=args.batch, lr=lr, grid_lr_scale=args.grid_lr_scale,
                           logit_lr_scale=args.logit_lr_scale or None, truncation=args.truncation, max_minutes=args.minutes, seed=args.seed,
-                          refine=refine, refine_samples=args.refine_samples)
+                          refine=args.refine, refine_samples=args.refine_samples)
     return grid, dec, train
 
 
@@ -139,7 +134,7 @@ def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, qui
     """Per-LOD metrics, a mesh of the finest LOD and a render per LOD, written into ``out``."""
     from ..extract import extract_mesh, save_mesh
     from ..mesh import SDFOracle
-    from ..metrics import geometry_metrics
+    from ..metrics import CHAMFER_SAMPLES, geometry_metrics
     from ..render import OrbitCamera, render_sdf, save_png
 
     field.eval()
@@ -153,7 +148,7 @@ def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, qui
         except InputError as exc:
             results[lod] = {"error": str(exc)}
             continue
-        gm = geometry_metrics(field, lod, mesh, m, oracle, **({"chamfer_samples": chamfer_samples} if chamfer_samples else {})).as_dict()
+        gm = geometry_metrics(field, lod, mesh, m, oracle, chamfer_samples or CHAMFER_SAMPLES).as_dict()
         if lod == field.grid.octree.max_level:
             save_mesh(m, out / f"mesh_lod{lod}.ply")
         save_png(render_sdf(field, lod, OrbitCamera(width=320, height=320)), out / f"render_lod{lod}.png")

@@ -32,12 +32,10 @@ from ..device import peak_memory_bytes
 from ..errors import InputError
 from ..grid import OctreeGrid
 from .data import SceneDataset, Views
-from .field import NeRFConfig, NeRFField
+from .field import NeRFConfig, NeRFField, sh_encode
 from .rays import rays_for_pixels
 from .render import OccupancySampler, render_rays, volume_render
-from .field import sh_encode
-from ..refine import RefineChunk, refine_indices
-from ..storage import CodebookStorage
+from ..refine import RefineChunk, format_stats, has_codebook, refine_indices
 from tqdm.auto import tqdm
 
 LOD_MODES = ("all", "random", "finest+random", "finest")
@@ -217,14 +215,14 @@ def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: Ray
 
 
 def refine_nerf(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, n_rays: int,
-                background: torch.Tensor, generator: torch.Generator, quiet: bool = True) -> list:
+                background: torch.Tensor, generator: torch.Generator, quiet: bool = True, check: bool = True) -> list:
     """One Gauss–Newton index sweep (:func:`vqad.refine.refine_indices`) on ``n_rays`` random training
-    rays; each level's moves are kept only if they lower the loss of as many other random rays."""
+    rays; with ``check``, each level's moves are kept only if they lower the loss of as many other rays."""
+    held_out = nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator) if check else None
     stats = refine_indices(field.grid, nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator),
-                           check=nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator))
+                           check=held_out)
     if not quiet:
-        tqdm.write("index refinement: moved " + ", ".join(
-            f"L{s.level} {s.changed:,}/{s.vertices:,} (loss {s.loss_before:.4g} → {s.loss_after:.4g})" for s in stats))
+        tqdm.write(format_stats(stats))
     return stats
 
 
@@ -410,7 +408,7 @@ def fit_nerf(
             print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
         raise
     refine_seconds = 0.0
-    if train_cfg.refine and it > start and any(isinstance(st, CodebookStorage) for st in field.grid.storages):
+    if train_cfg.refine and it > start and has_codebook(field.grid):
         t_ref = time.perf_counter()
         field.eval()
         sampler.prune(density_fn, sigma_thr)  # sweep over the samples render / eval will see

@@ -8,7 +8,7 @@ import trimesh
 from vqad import trainer
 from vqad.checkpoint import load_checkpoint
 from vqad.config import DecoderConfig, GridConfig, SDFTrainConfig
-from vqad.extract import extract_mesh
+from vqad.extract import evaluate_grid, evaluate_grid_sparse, extract_mesh
 from vqad.mesh import Mesh, SDFOracle, fit_normalization, load_mesh
 from vqad.metrics import chamfer_and_normals
 from vqad.sdf import fit_sdf
@@ -70,6 +70,9 @@ def test_short_fit_reaches_chamfer_bound(tmp_path):
     train = SDFTrainConfig(steps=250, batch=4096, pool_size=60000, resample_every=125, lr=5e-3)
     res = fit_sdf(mesh, grid, DecoderConfig(hidden=64), train, torch.device("cpu"), quiet=True)
     out = extract_mesh(res.field, 5, resolution=96)
+    dense = extract_mesh(res.field, 5, resolution=96, sparse=False)  # every lattice point evaluated
+    np.testing.assert_array_equal(out.faces, dense.faces)
+    np.testing.assert_allclose(out.vertices, dense.vertices, rtol=0, atol=1e-12)
     to_unit = lambda v: res.field.normalization.to_unit(torch.from_numpy(v)).numpy()  # noqa: E731
     ch, nc = chamfer_and_normals(mesh.transformed(to_unit), out.transformed(to_unit), n=20000)
     assert ch < 0.01, ch  # unit-cube units; the sphere spans 1.8
@@ -116,3 +119,26 @@ def test_time_cap_stops_early_and_records_steps_done(tmp_path):
     assert res.seconds < 30
     _, cfg = load_checkpoint(tmp_path / "checkpoint")
     assert cfg["step"] == res.steps
+
+
+@pytest.mark.parametrize("resolution", [61, 64])
+def test_sparse_grid_evaluation_matches_dense_near_the_surface(resolution):
+    """Two spheres and a torus (an exact SDF): the sparse lattice keeps every sign, equals the dense
+    lattice wherever a block may hold the surface, and evaluates well under half of it."""
+
+    def sdf(x):
+        a = (x - torch.tensor([0.3, 0.0, 0.0])).norm(dim=-1) - 0.35
+        b = (x + torch.tensor([0.4, 0.2, 0.0])).norm(dim=-1) - 0.2
+        q = torch.stack([(x[:, :2].norm(dim=-1) - 0.6), x[:, 2]], -1)
+        torus = q.norm(dim=-1) - 0.08
+        return torch.minimum(torch.minimum(a, b), torus)
+
+    calls = []
+    dense = evaluate_grid(sdf, resolution, "cpu")
+    sparse, frac = evaluate_grid_sparse(lambda x: calls.append(len(x)) or sdf(x), resolution, "cpu")
+    assert np.array_equal(np.sign(dense), np.sign(sparse))
+    near = np.abs(dense) < 2.0 / (resolution - 1)  # every lattice point next to a crossing
+    np.testing.assert_array_equal(sparse[near], dense[near])
+    far = sparse != dense
+    assert far.any() and frac < 0.5
+    assert sum(calls) < 0.6 * resolution ** 3  # coarse lattice + the evaluated blocks

@@ -23,15 +23,78 @@ def evaluate_grid(fn, resolution: int, device, chunk: int = 1 << 18) -> np.ndarr
     return out.reshape(resolution, resolution, resolution).cpu().numpy()
 
 
-def extract_mesh(field, lod: int | None = None, resolution: int = 256, world: bool = True) -> Mesh:
-    """Zero level set of an SDF field at ``lod`` as a triangle mesh (world coordinates by default)."""
+def _upsample_axis(v: torch.Tensor, lo: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Linear interpolation of ``v`` along ``dim`` between coarse nodes ``lo`` and ``lo + 1`` at ``t``."""
+    shape = [1] * v.dim()
+    shape[dim] = -1
+    t = t.reshape(shape)
+    return v.index_select(dim, lo) * (1 - t) + v.index_select(dim, lo + 1) * t
+
+
+@torch.no_grad()
+def evaluate_grid_sparse(fn, resolution: int, device, block: int = 4, margin: float = 1.0,
+                         chunk: int = 1 << 18) -> tuple[np.ndarray, float]:
+    """``fn`` (a signed distance) on the ``resolution^3`` lattice of [-1, 1]^3, evaluated only near
+    its zero level set: returns ``(R, R, R)`` float32 (x-major, as :func:`evaluate_grid`) and the
+    fraction of lattice points evaluated.
+
+    ``fn`` is first evaluated at every ``block``-th lattice point. A block of ``block^3`` cells whose
+    8 corners share a sign and all lie farther than ``margin`` × the block's diagonal from zero
+    cannot hold a zero crossing of a distance-like field (a 1-Lipschitz one needs only 0.5 × the
+    diagonal; the margin absorbs a learned field's slack), so its points get the trilinear
+    interpolation of the corner values, which keeps that sign. Every other block is evaluated in
+    full, so near the surface the values, and marching cubes' mesh, are those of the dense lattice.
+    """
+    R = resolution
+    nb = max(-(-(R - 1) // block), 1)  # blocks per axis
+    cidx = torch.clamp(torch.arange(nb + 1) * block, max=R - 1)  # coarse lattice indices (Rc,)
+    r = torch.linspace(-1, 1, R)
+    rc = r[cidx]
+    Rc = nb + 1
+    gx, gy, gz = torch.meshgrid(rc, rc, rc, indexing="ij")
+    pts = torch.stack([gx, gy, gz], -1).reshape(-1, 3).to(device)
+    vc = torch.cat([fn(pts[s:s + chunk]) for s in range(0, pts.shape[0], chunk)]).reshape(Rc, Rc, Rc).float().cpu()
+    # corners of each block (nb, nb, nb, 8)
+    corners = torch.stack([vc[i:i + nb, j:j + nb, k:k + nb] for i in (0, 1) for j in (0, 1) for k in (0, 1)], -1)
+    diag = block * (2.0 / (R - 1)) * 3 ** 0.5
+    same_sign = (corners > 0).all(-1) | (corners < 0).all(-1)
+    active = ~(same_sign & (corners.abs().min(-1).values > margin * diag))  # (nb, nb, nb)
+    # far from the surface: trilinear interpolation of the coarse values
+    i = torch.arange(R)
+    lo = torch.clamp(i // block, max=nb - 1)
+    t = (i - cidx[lo]).float() / (cidx[lo + 1] - cidx[lo]).clamp_min(1).float()
+    vol = _upsample_axis(_upsample_axis(_upsample_axis(vc, lo, t, 0), lo, t, 1), lo, t, 2)
+    # a lattice point is evaluated if any block it belongs to (two where it lies on a block face) is active
+    hi = torch.where((i % block == 0) & (i > 0), i // block - 1, lo)
+    mask = torch.zeros(R, R, R, dtype=torch.bool)
+    for bx in (lo, hi):
+        for by in (lo, hi):
+            for bz in (lo, hi):
+                mask |= active[bx[:, None, None], by[None, :, None], bz[None, None, :]]
+    todo = mask.reshape(-1).nonzero().squeeze(1)
+    flat = vol.reshape(-1)
+    for s in range(0, todo.shape[0], chunk):
+        n = todo[s:s + chunk]
+        x = torch.stack([r[n // (R * R)], r[(n // R) % R], r[n % R]], -1).to(device)
+        flat[n] = fn(x).float().cpu()
+    return flat.reshape(R, R, R).numpy(), float(todo.shape[0]) / R ** 3
+
+
+def extract_mesh(field, lod: int | None = None, resolution: int = 256, world: bool = True, sparse: bool = True) -> Mesh:
+    """Zero level set of an SDF field at ``lod`` as a triangle mesh (world coordinates by default).
+
+    ``sparse`` (default) evaluates the field only in blocks near its zero level set
+    (:func:`evaluate_grid_sparse`, ~5–15 % of the lattice for a closed shape); ``sparse=False``
+    evaluates every lattice point.
+    """
     from skimage.measure import marching_cubes
 
     lod = field.grid.octree.max_level if lod is None else lod
     if lod not in field.lods:
         raise InputError(f"LOD {lod} is not in this model: choose one of {field.lods}")
     device = field.grid.octree.device
-    vol = evaluate_grid(lambda x: field(x, lod), resolution, device)
+    fn = lambda x: field(x, lod)  # noqa: E731
+    vol = evaluate_grid_sparse(fn, resolution, device)[0] if sparse else evaluate_grid(fn, resolution, device)
     if not (vol.min() < 0 < vol.max()):
         raise InputError(f"the field at LOD {lod} has no zero crossing: nothing to mesh (is the model trained?)")
     step = 2.0 / (resolution - 1)

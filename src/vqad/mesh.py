@@ -100,6 +100,19 @@ class SDFOracle:
         """``(N, 3) -> (N,)`` float32, negative inside."""
         return -self._sdf(np.ascontiguousarray(points, dtype=np.float32))
 
+    def uniform_inside(self, norm: Normalization, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` uniform points of the unit cube ``(n, 3)`` float32 (seeded) and whether each lies
+        inside the mesh ``(n,)`` bool. Cached per ``(n, seed, norm)``: every LOD of a model is
+        measured on the same points, and their exact signs are the costly part."""
+        key = (n, seed, tuple(norm.center), norm.scale)
+        cache = self.__dict__.setdefault("_uniform_cache", {})
+        if key not in cache:
+            x = np.random.default_rng(seed).uniform(-1, 1, size=(n, 3)).astype(np.float32)
+            world = x / norm.scale + np.asarray(norm.center)
+            cache.clear()  # one entry: a new model or sample count replaces it
+            cache[key] = (x, self(world) < 0)
+        return cache[key]
+
     def contains(self, points: np.ndarray) -> np.ndarray:
         return self._sdf.contains(np.ascontiguousarray(points, dtype=np.float32))
 

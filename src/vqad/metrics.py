@@ -126,10 +126,7 @@ def chamfer_and_normals(a: Mesh, b: Mesh, n: int = CHAMFER_SAMPLES, seed: int = 
 @torch.no_grad()
 def volumetric_iou(field, lod: int, oracle: SDFOracle, n: int = IOU_SAMPLES, seed: int = 0, chunk: int = 1 << 17) -> float:
     """IoU of the insides (sdf < 0) of the field and the mesh over ``n`` uniform points in the cube."""
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(-1, 1, size=(n, 3)).astype(np.float32)
-    world = x / field.normalization.scale + np.asarray(field.normalization.center)
-    gt = oracle(world) < 0
+    x, gt = oracle.uniform_inside(field.normalization, n, seed)
     device = field.grid.octree.device
     xt = torch.from_numpy(x).to(device)
     pred = torch.cat([field(xt[s : s + chunk], lod) for s in range(0, n, chunk)]).cpu().numpy() < 0

@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--refine", type=int, default=3, help="sweeps after training")
     ap.add_argument("--during", type=int, default=0, help="sweeps spread over training")
     ap.add_argument("--tail", type=float, default=0.0, help="... over this last fraction, logits frozen there")
+    ap.add_argument("--candidates", type=int, default=SDFTrainConfig.refine_candidates,
+                    help="candidate codewords per vertex measured exactly per sweep (0: Gauss–Newton moves)")
     ap.add_argument("--band", type=float, default=0.0, help="sweep samples within this many finest cells of the surface")
     ap.add_argument("--mc", type=int, default=192)
     ap.add_argument("--threads", type=int, default=1)
@@ -51,7 +53,7 @@ def main() -> None:
     grid = GridConfig(storage=a.grid, bits=a.bits, features=16, base_level=base, max_level=top)
     lr = 5e-3 if a.grid == "codebook" else 2e-3
     train = SDFTrainConfig(steps=a.steps, batch=a.batch, lr=lr, refine=a.refine, refine_during=a.during,
-                           refine_tail=a.tail, refine_band=a.band, seed=a.seed)
+                           refine_tail=a.tail, refine_band=a.band, refine_candidates=a.candidates, seed=a.seed)
     t0 = time.perf_counter()
     res = fit_sdf(mesh, grid, DecoderConfig(), train, torch.device("cpu"), quiet=False)
     out = {"name": a.name, "args": vars(a), "fit_seconds": time.perf_counter() - t0,

@@ -54,6 +54,7 @@ def test_bad_meshes(tmp_path, capsys):
         (["--levels", "3:40"], "levels"),
         (["--bits", "0"], "bits"),
         (["--bits", "13"], "bits"),
+        (["--refine-candidates", "-1"], "--refine-candidates"),
     ],
 )
 def test_bad_arguments(tmp_path, capsys, good_mesh, args, needle):

@@ -191,3 +191,64 @@ def test_refine_nerf_lowers_the_photometric_loss(one_thread):
     assert [st.level for st in stats] == [2, 3, 4]
     assert all(st.loss_after <= st.loss_before for st in stats)
     assert sum(st.changed for st in stats) > 0
+
+
+def _tanh_chunks(x, t, A, chunk=100):
+    """ρ_l = tanh(F_l A_l) − t: not linear in the feature, so Gauss–Newton only predicts."""
+    return [RefineChunk(x[a:a + chunk], (lambda tc: lambda F: {lod: torch.tanh(f @ A[lod]) - tc for lod, f in F.items()})(t[a:a + chunk]))
+            for a in range(0, x.shape[0], chunk)]
+
+
+def test_measured_moves_equal_brute_force_coordinate_descent():
+    """With every codeword a candidate, the measured sweep of a level is exact coordinate descent by
+    parity class: each vertex of a class takes the codeword that lowers the real loss most (others
+    fixed), the class moves at once, then the next class. Checked against one loss evaluation per
+    (vertex, codeword)."""
+    grid, x = _grid(seed=5, bits=2, levels=(1, 2))
+    grid, x = grid.double(), x.double()  # float64: no float-level ties between the two ways
+    level = 2
+    torch.manual_seed(6)
+    A = {lod: torch.randn(4, 1, dtype=torch.float64) for lod in grid.lods}
+    t = torch.randn(x.shape[0], 1, dtype=torch.float64) * 0.5
+    fn = _tanh_chunks(x, t, A)
+    s = grid.storage(level)
+    grid.eval()
+    C0 = s.C.data.clone()
+    V = s.indices().clone()
+    par = vertex_parity(grid.octree.vertices[level])
+    touched = torch.zeros(s.m, dtype=torch.bool)
+    touched[grid.octree.interpolation(x, level).vertex_ids.reshape(-1)] = True
+
+    def set_all(V):
+        s.C.data = torch.nn.functional.one_hot(V, s.C.shape[1]).double()
+
+    with torch.no_grad():
+        for cls in range(8):
+            set_all(V)
+            base = _loss(grid, fn, level)
+            new = V.clone()
+            for v in (touched & (par == cls)).nonzero().squeeze(1).tolist():
+                trial = V.clone()
+                deltas = []
+                for j in range(s.C.shape[1]):
+                    trial[v] = j
+                    set_all(trial)
+                    deltas.append(_loss(grid, fn, level) - base)
+                j = min(range(len(deltas)), key=deltas.__getitem__)
+                if deltas[j] < -1e-9 * abs(base):
+                    new[v] = j
+            V = new
+    s.C.data = C0  # back to the start
+    stats = refine_indices(grid, fn, levels=[level], measured=s.C.shape[1] - 1)
+    got = s.indices()
+    assert stats[0].loss_after < stats[0].loss_before
+    agree = float((got == V)[touched].float().mean())
+    assert agree == 1.0, agree
+    assert stats[0].loss_after == pytest.approx(_loss(grid, fn, level), rel=1e-9)
+
+
+def test_measured_moves_need_sdf_chunks():
+    grid, x = _grid()
+    chunks = [RefineChunk(x, lambda F: {lod: f[:1] for lod, f in F.items()}, owner=torch.zeros(x.shape[0], dtype=torch.long))]
+    with pytest.raises(ValueError, match="one residual row per sample"):
+        refine_indices(grid, chunks, measured=2)

@@ -66,6 +66,7 @@ class SDFTrainConfig:
     refine_during: int = 0  # ... and sweeps spread over training (or over its tail, below)
     refine_samples: int = 200_000  # samples each sweep sees (from the current pool)
     refine_band: float = 0.0  # ... only those within this many finest cells of the surface (0: all of them)
+    refine_candidates: int = 2  # each sweep measures the real loss change of this many candidate codewords per vertex (0: GN prediction)
     refine_tail: float = 0.0  # refine_during sweeps over this last fraction of training, logits C frozen there (0: all of it)
     seed: int = 0
     log_every: int = 50

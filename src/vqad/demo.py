@@ -19,6 +19,7 @@ from .config import DecoderConfig, GridConfig, SDFTrainConfig
 
 
 DEMO_CHAMFER_SAMPLES = 20_000
+DEMO_SDF_MINUTES = 1.5  # the SDF fit's time cap, sweeps included
 
 
 def run_sdf_demo(out: Path, device: torch.device, quick: bool = False) -> dict:
@@ -31,8 +32,11 @@ def run_sdf_demo(out: Path, device: torch.device, quick: bool = False) -> dict:
     mesh = demo_mesh()
     save_mesh(mesh, out / "input_shape.ply")
     grid = GridConfig(storage="codebook", features=16, bits=4, base_level=2, max_level=6)
-    train = SDFTrainConfig(steps=40 if quick else 900, batch=8192, resample_every=400, pool_size=200_000, lr=5e-3,
-                           refine=1 if quick else 2, refine_samples=20_000 if quick else 100_000)
+    # 800 steps, capped at DEMO_SDF_MINUTES with the sweeps (≈ 700 steps on 2 CPU cores) so that the
+    # whole demo stays under 5 minutes on a slower machine too
+    train = SDFTrainConfig(steps=40 if quick else 800, batch=8192, resample_every=400, pool_size=200_000, lr=5e-3,
+                           refine=1 if quick else 2, refine_samples=20_000 if quick else 100_000,
+                           max_minutes=None if quick else DEMO_SDF_MINUTES)
     print(f"[sdf] fitting a {grid.bits}-bit VQ-AD SDF of the built-in shape, levels {grid.base_level}..{grid.max_level}")
     res = fit_sdf(mesh, grid, DecoderConfig(), train, device, out_dir=out, quiet=quick)
     for line in size_lines(res.field):

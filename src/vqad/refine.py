@@ -239,8 +239,89 @@ def _refine_level(lin: _Linearized, D: torch.Tensor, V: torch.Tensor, parity: to
     return V
 
 
+@torch.no_grad()
+def _refine_level_exact(grid, level: int, chunks: list[RefineChunk], lin: _Linearized, D: torch.Tensor,
+                        V: torch.Tensor, parity: torch.Tensor, candidates: int) -> torch.Tensor:
+    """Coordinate descent with *measured* moves, one parity class at a time (SDF chunks only).
+
+    The Gauss–Newton scores only rank the codewords: each vertex of the class tries its
+    ``candidates`` best-ranked ones, and the change of the real loss is measured for every vertex
+    and candidate at once. That is exact because every sample has exactly one corner in a class:
+    giving each vertex of the class its t-th candidate changes each sample's summed features
+    ``F_l (l ≥ level)`` by ``w (D_j − D_{V_i})`` of its one corner in the class, so one decoder pass
+    gives every sample's new loss, and the per-vertex sums are the per-vertex loss changes. A vertex
+    moves to its best candidate only where that lowers the real loss. Then the residuals are
+    recomputed for real (not through the linear model) before the next class is ranked.
+    Returns the new indices ``(m,)``.
+    """
+    m, k = V.shape[0], D.shape[1]
+    V = V.clone()
+    # per chunk: summed features (n, L, k) of the LODs ≥ level, the interpolation at this level, its loss
+    cache, offset = [], 0
+    for ch in chunks:
+        F = summed_features(grid, ch.x, level)
+        q = grid.octree.interpolation(ch.x, level)
+        n = ch.x.shape[0]
+        cache.append({"F": F, "q": q, "offset": offset, "n": n})
+        offset += n
+    lods = list(cache[0]["F"]) if cache else []
+
+    def sample_loss(ch: RefineChunk, F: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        res = ch.residuals(F)
+        rho = torch.stack([res[lod] for lod in lods], dim=1)  # (n, L, c)
+        return (rho ** 2).sum(dim=(1, 2)), rho
+
+    def corner(c: dict, cls: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per valid sample of a chunk: its row, its corner vertex in class ``cls`` and that weight."""
+        q = c["q"]
+        slot = parity[q.vertex_ids] == cls  # (nv, 8), one True per row
+        r, sl = slot.nonzero(as_tuple=True)
+        return q.valid.nonzero().squeeze(1)[r], q.vertex_ids[r, sl], q.weights[r, sl]
+
+    def shifted(F: dict, rows: torch.Tensor, w: torch.Tensor, dfeat: torch.Tensor) -> dict:
+        out = {}
+        for lod, f in F.items():
+            f = f.clone()
+            f[rows] += w[:, None] * dfeat
+            out[lod] = f
+        return out
+
+    for ch, c in zip(chunks, cache):
+        c["loss"], _ = sample_loss(ch, c["F"])
+    for cls in range(8):
+        G, H = _accumulate(lin, m, k, parity[lin.vid] == cls)
+        rows = ((parity == cls) & (H.flatten(1).abs().sum(1) > 0)).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        scores = gauss_newton_scores(G[rows], H[rows], D, V[rows])
+        scores[torch.arange(rows.numel()), V[rows]] = float("inf")  # the current codeword is no candidate
+        cand = scores.topk(min(candidates, D.shape[0] - 1), dim=1, largest=False).indices  # (r, t)
+        gain = torch.zeros(m, cand.shape[1], dtype=D.dtype, device=D.device)  # measured loss change
+        for t in range(cand.shape[1]):
+            new = V.clone()
+            new[rows] = cand[:, t]
+            for ch, c in zip(chunks, cache):
+                r, v, w = corner(c, cls)
+                loss_t, _ = sample_loss(ch, shifted(c["F"], r, w, D[new[v]] - D[V[v]]))
+                gain[:, t].index_add_(0, v, loss_t[r] - c["loss"][r])
+        best, t_best = gain[rows].min(dim=1)
+        move = best < 0
+        if not move.any():
+            continue
+        new = V.clone()
+        new[rows[move]] = cand[move.nonzero().squeeze(1), t_best[move]]
+        for ch, c in zip(chunks, cache):  # apply: the features, losses and residuals for real
+            r, v, w = corner(c, cls)
+            c["F"] = shifted(c["F"], r, w, D[new[v]] - D[V[v]])
+            c["loss"], rho = sample_loss(ch, c["F"])
+            lin.rho[c["offset"]:c["offset"] + c["n"]] = rho
+        V = new
+    return V
+
+
 def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = None,
-                   classes: int = 8, check: list[RefineChunk] | None = None) -> list[RefineStats]:
+                   classes: int = 8, check: list[RefineChunk] | None = None,
+                   measured: int = 0) -> list[RefineStats]:
     """One Gauss–Newton sweep over the codebook indices of ``levels`` (default: all), coarse to fine.
 
     Per level: one forward and backward pass linearizes the residuals in that level's feature; the
@@ -255,11 +336,17 @@ def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = N
         check: other chunks of the same loss on which each level's moves must lower the loss to be
             kept (held-out samples guard against fitting ``chunks`` alone); default ``chunks``.
             The losses reported are then those of ``check``.
+        measured: 0: move each vertex to the codeword the Gauss–Newton model predicts best. ``c > 0``
+            (SDF chunks, one residual per sample): try each vertex's ``c`` best-predicted codewords
+            and keep the best whose *measured* loss change is negative
+            (:func:`_refine_level_exact`; c + 1 decoder passes per class).
     Returns:
         a :class:`RefineStats` per refined level.
     """
     if classes not in (1, 8):
         raise ValueError(f"classes must be 1 or 8, got {classes}")
+    if measured and (classes != 8 or any(ch.owner is not None for ch in chunks)):
+        raise ValueError("measured moves need one residual row per sample (SDF chunks) and the 8 parity classes")
     stats = []
     if not chunks:  # nothing to fit (e.g. no ray met an occupied cell)
         return stats
@@ -274,7 +361,11 @@ def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = N
             lin = _linearize(grid, level, chunks)
             before = lin.loss if check is None else _total_loss(grid, level, check)
             V0 = s.indices().clone()
-            V1 = _refine_level(lin, s.D.detach(), V0, vertex_parity(grid.octree.vertices[level]), classes)
+            parity = vertex_parity(grid.octree.vertices[level])
+            if measured:
+                V1 = _refine_level_exact(grid, level, chunks, lin, s.D.detach(), V0, parity, measured)
+            else:
+                V1 = _refine_level(lin, s.D.detach(), V0, parity, classes)
             del lin.J
             rows = (V1 != V0).nonzero().squeeze(1)
             _set_indices(s, rows, V1[rows])

@@ -118,7 +118,7 @@ def fit_sdf(
         band = train_cfg.refine_band * 2.0 / (1 << field.grid.octree.max_level)
         near = (pd.abs() < band).nonzero().squeeze(1) if band > 0 else torch.arange(pd.shape[0], device=pd.device)
         sel = near[torch.randperm(near.shape[0], generator=gen)[: train_cfg.refine_samples].to(pd.device)]
-        refine_sdf(field, px[sel], pd[sel], quiet)
+        refine_sdf(field, px[sel], pd[sel], quiet, measured=train_cfg.refine_candidates)
         return time.perf_counter() - t_ref
 
     n_levels = len(field.lods)
@@ -131,6 +131,7 @@ def fit_sdf(
             return train_cfg.max_minutes
         step_s = (time.perf_counter() - t0 - refine_seconds) / (it - start)
         sweep_s = 2 * n_levels * min(train_cfg.refine_samples, train_cfg.pool_size) / train_cfg.batch * step_s
+        sweep_s *= 1 + 0.25 * train_cfg.refine_candidates  # measured candidates: +25 % each (armadillo 3..5)
         return max(train_cfg.max_minutes - train_cfg.refine * sweep_s / 60.0, 0.1 * train_cfg.max_minutes)
 
     prog = T.Progress(train_cfg.steps, start, "pts", quiet=quiet)
@@ -214,9 +215,10 @@ def sdf_refine_chunks(field: SDFField, x: torch.Tensor, d: torch.Tensor, chunk: 
     return [RefineChunk(x[a:a + chunk], residuals(x[a:a + chunk], d[a:a + chunk])) for a in range(0, x.shape[0], chunk)]
 
 
-def refine_sdf(field: SDFField, x: torch.Tensor, d: torch.Tensor, quiet: bool = True) -> list:
-    """One Gauss–Newton index sweep (:func:`vqad.refine.refine_indices`) on samples ``x (N, 3)``, ``d (N,)``."""
-    stats = refine_indices(field.grid, sdf_refine_chunks(field, x, d))
+def refine_sdf(field: SDFField, x: torch.Tensor, d: torch.Tensor, quiet: bool = True, measured: int = 0) -> list:
+    """One Gauss–Newton index sweep (:func:`vqad.refine.refine_indices`) on samples ``x (N, 3)``,
+    ``d (N,)``; ``measured`` > 0: that many best-predicted codewords per vertex, measured exactly."""
+    stats = refine_indices(field.grid, sdf_refine_chunks(field, x, d), measured=measured)
     if not quiet:
         tqdm.write(format_stats(stats))
     return stats

@@ -30,7 +30,10 @@ def register(sub) -> None:
     p.add_argument("--refine", type=int, default=SDFTrainConfig.refine,
                    help="Gauss–Newton index refinement sweeps after training (codebook only; 0: off; "
                         "default %(default)s, see docs/benchmarks/sdf.md)")
-    p.add_argument("--refine-samples", type=int, default=200_000, help="samples each refinement sweep sees")
+    p.add_argument("--refine-samples", type=int, default=SDFTrainConfig.refine_samples, help="samples each refinement sweep sees")
+    p.add_argument("--refine-candidates", type=int, default=SDFTrainConfig.refine_candidates,
+                   help="codewords per vertex whose real loss change each sweep measures (0: take the Gauss–Newton "
+                        "prediction, faster, a little worse)")
     p.add_argument("--hidden", type=int, default=128, help="decoder width")
     p.add_argument("--layers", type=int, default=1, help="decoder hidden layers")
     p.add_argument("--per-lod-decoder", action="store_true", help="one decoder per LOD instead of a shared one")
@@ -83,13 +86,14 @@ def _configs(args):
         raise InputError(f"--minutes must be positive, got {args.minutes}")
     if args.truncation < 0 or args.logit_lr_scale < 0:
         raise InputError("--truncation and --logit-lr-scale must be ≥ 0")
-    if args.refine < 0 or args.refine_samples <= 0:
-        raise InputError("--refine must be ≥ 0 and --refine-samples positive")
+    if args.refine < 0 or args.refine_samples <= 0 or args.refine_candidates < 0:
+        raise InputError("--refine and --refine-candidates must be ≥ 0 and --refine-samples positive")
     dec = DecoderConfig(hidden=args.hidden, layers=args.layers, per_lod=args.per_lod_decoder)
     lr = args.lr if args.lr is not None else (5e-3 if args.grid == "codebook" else 2e-3)
     train = SDFTrainConfig(steps=args.steps, batch=args.batch, lr=lr, grid_lr_scale=args.grid_lr_scale,
                           logit_lr_scale=args.logit_lr_scale or None, truncation=args.truncation, max_minutes=args.minutes, seed=args.seed,
-                          refine=args.refine, refine_samples=args.refine_samples)
+                          refine=args.refine, refine_samples=args.refine_samples,
+                          refine_candidates=args.refine_candidates)
     return grid, dec, train
 
 

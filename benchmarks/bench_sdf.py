@@ -33,7 +33,7 @@ def data_dir() -> Path:
 def run_one(mesh: str, method: str, args) -> dict:
     """Each fit in its own process so peak memory is per fit."""
     storage, bits = METHODS[method]
-    out = Path(args.work) / f"{mesh}-{method}"
+    out = Path(args.work).resolve() / f"{mesh}-{method}"  # the fit runs in REPO: one absolute path for both
     cmd = [sys.executable, "-m", "vqad.cli", "fit-sdf", str(data_dir() / "meshes" / f"{mesh}.obj"),
            "--grid", storage, "--bits", str(bits), "--features", "16", "--levels", args.levels,
            "--steps", str(args.steps), "--batch", str(args.batch), "--out", str(out),

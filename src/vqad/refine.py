@@ -250,8 +250,8 @@ def _refine_level_exact(grid, level: int, chunks: list[RefineChunk], lin: _Linea
     giving each vertex of the class its t-th candidate changes each sample's summed features
     ``F_l (l ≥ level)`` by ``w (D_j − D_{V_i})`` of its one corner in the class, so one decoder pass
     gives every sample's new loss, and the per-vertex sums are the per-vertex loss changes. A vertex
-    moves to its best candidate only where that lowers the real loss. Then the residuals are
-    recomputed for real (not through the linear model) before the next class is ranked.
+    moves to its best candidate only where that lowers the real loss. The residuals of the pass it
+    took (real ones, not the linear model's) are kept for ranking the next class.
     Returns the new indices ``(m,)``.
     """
     m, k = V.shape[0], D.shape[1]
@@ -297,24 +297,31 @@ def _refine_level_exact(grid, level: int, chunks: list[RefineChunk], lin: _Linea
         scores[torch.arange(rows.numel()), V[rows]] = float("inf")  # the current codeword is no candidate
         cand = scores.topk(min(candidates, D.shape[0] - 1), dim=1, largest=False).indices  # (r, t)
         gain = torch.zeros(m, cand.shape[1], dtype=D.dtype, device=D.device)  # measured loss change
+        trials = [[] for _ in chunks]  # per chunk and candidate: the samples' losses and residuals
         for t in range(cand.shape[1]):
             new = V.clone()
             new[rows] = cand[:, t]
-            for ch, c in zip(chunks, cache):
+            for ch, c, tr in zip(chunks, cache, trials):
                 r, v, w = corner(c, cls)
-                loss_t, _ = sample_loss(ch, shifted(c["F"], r, w, D[new[v]] - D[V[v]]))
+                loss_t, rho_t = sample_loss(ch, shifted(c["F"], r, w, D[new[v]] - D[V[v]]))
                 gain[:, t].index_add_(0, v, loss_t[r] - c["loss"][r])
+                tr.append((loss_t[r], rho_t[r]))
         best, t_best = gain[rows].min(dim=1)
         move = best < 0
         if not move.any():
             continue
+        t_of = torch.full((m,), -1, dtype=torch.long, device=V.device)  # the candidate each vertex takes
+        t_of[rows[move]] = t_best[move]
         new = V.clone()
         new[rows[move]] = cand[move.nonzero().squeeze(1), t_best[move]]
-        for ch, c in zip(chunks, cache):  # apply: the features, losses and residuals for real
+        for c, tr in zip(cache, trials):  # apply: features, losses and residuals of the measured passes
             r, v, w = corner(c, cls)
             c["F"] = shifted(c["F"], r, w, D[new[v]] - D[V[v]])
-            c["loss"], rho = sample_loss(ch, c["F"])
-            lin.rho[c["offset"]:c["offset"] + c["n"]] = rho
+            rho = lin.rho[c["offset"]:c["offset"] + c["n"]]
+            for t, (loss_t, rho_t) in enumerate(tr):
+                took = t_of[v] == t
+                c["loss"][r[took]] = loss_t[took]
+                rho[r[took]] = rho_t[took]
         V = new
     return V
 

@@ -131,7 +131,7 @@ def fit_sdf(
             return train_cfg.max_minutes
         step_s = (time.perf_counter() - t0 - refine_seconds) / (it - start)
         sweep_s = 2 * n_levels * min(train_cfg.refine_samples, train_cfg.pool_size) / train_cfg.batch * step_s
-        sweep_s *= 1 + 0.25 * train_cfg.refine_candidates  # measured candidates: +25 % each (armadillo 3..5)
+        sweep_s *= 1 + 0.25 * train_cfg.refine_candidates  # measured candidates (2 of them: 1.5–2× a GN sweep)
         return max(train_cfg.max_minutes - train_cfg.refine * sweep_s / 60.0, 0.1 * train_cfg.max_minutes)
 
     prog = T.Progress(train_cfg.steps, start, "pts", quiet=quiet)

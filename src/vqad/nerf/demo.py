@@ -18,7 +18,7 @@ from ..commands.common import ensure_writable_dir
 from ..config import DecoderConfig, GridConfig
 from .field import NeRFConfig
 
-DEMO_NERF_MINUTES = 1.75  # the fit's time cap
+DEMO_NERF_MINUTES = 1.6  # the fit's time cap
 DEMO_GRID = GridConfig(storage="codebook", features=8, bits=4, base_level=3, max_level=6)
 
 
@@ -35,7 +35,7 @@ def run_nerf_demo(out_dir: str | Path, device: torch.device, quick: bool = False
     t0 = time.perf_counter()
     dataset = load_dataset("procedural")
     grid = GridConfig(**DEMO_GRID.__dict__)
-    # 1500 steps, capped at DEMO_NERF_MINUTES (≈ 1100 steps on 2 CPU cores): the whole demo stays
+    # 1500 steps, capped at DEMO_NERF_MINUTES (≈ 850 steps on 2 CPU cores): the whole demo stays
     # under 5 minutes on a slower machine too
     train = NeRFTrainConfig(steps=30 if quick else 1500, batch_rays=2048, octree="depth", prune_warmup=100,
                             max_minutes=None if quick else DEMO_NERF_MINUTES)

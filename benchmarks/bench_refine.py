@@ -1,6 +1,7 @@
 """Index refinement ablation on an SDF: one fit per variant, the finest two LODs' geometry metrics.
 
     python benchmarks/bench_refine.py --name final3 --refine 3            # 3 sweeps after training
+    python benchmarks/bench_refine.py --name gn3 --refine 3 --candidates 0  # ... Gauss–Newton moves only
     python benchmarks/bench_refine.py --name none --refine 0              # plain straight-through VQ-AD
     python benchmarks/bench_refine.py --name dense --grid dense
 

@@ -9,6 +9,12 @@ from .errors import InputError
 from .mesh import Mesh
 
 
+def _lattice_points(r: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Coordinates ``(n, 3)`` of x-major flat indices ``flat (n,)`` of the ``R^3`` lattice on axis values ``r (R,)``."""
+    R = r.shape[0]
+    return torch.stack([r[flat // (R * R)], r[(flat // R) % R], r[flat % R]], -1)
+
+
 @torch.no_grad()
 def evaluate_grid(fn, resolution: int, device, chunk: int = 1 << 18) -> np.ndarray:
     """``fn`` at the ``resolution^3`` lattice points of [-1, 1]^3: returns ``(R, R, R)`` float32, x-major."""
@@ -17,9 +23,7 @@ def evaluate_grid(fn, resolution: int, device, chunk: int = 1 << 18) -> np.ndarr
     # build coordinates chunk by chunk to bound memory at high resolution
     idx = torch.arange(resolution ** 3, device=device)
     for s in range(0, resolution ** 3, chunk):
-        i = idx[s : s + chunk]
-        x = torch.stack([r[i // (resolution * resolution)], r[(i // resolution) % resolution], r[i % resolution]], -1)
-        out[s : s + chunk] = fn(x)
+        out[s : s + chunk] = fn(_lattice_points(r, idx[s : s + chunk]))
     return out.reshape(resolution, resolution, resolution).cpu().numpy()
 
 
@@ -75,8 +79,7 @@ def evaluate_grid_sparse(fn, resolution: int, device, block: int = 4, margin: fl
     flat = vol.reshape(-1)
     for s in range(0, todo.shape[0], chunk):
         n = todo[s:s + chunk]
-        x = torch.stack([r[n // (R * R)], r[(n // R) % R], r[n % R]], -1).to(device)
-        flat[n] = fn(x).float().cpu()
+        flat[n] = fn(_lattice_points(r, n).to(device)).float().cpu()
     return flat.reshape(R, R, R).numpy(), float(todo.shape[0]) / R ** 3
 
 
@@ -84,7 +87,8 @@ def extract_mesh(field, lod: int | None = None, resolution: int = 256, world: bo
     """Zero level set of an SDF field at ``lod`` as a triangle mesh (world coordinates by default).
 
     ``sparse`` (default) evaluates the field only in blocks near its zero level set
-    (:func:`evaluate_grid_sparse`, ~5–15 % of the lattice for a closed shape); ``sparse=False``
+    (:func:`evaluate_grid_sparse`; ~30–45 % of a 160³ lattice for the demo shape, whose
+    surface fills much of the cube); ``sparse=False``
     evaluates every lattice point.
     """
     from skimage.measure import marching_cubes

@@ -95,6 +95,7 @@ class SDFOracle:
             np.ascontiguousarray(mesh.faces, dtype=np.uint32),
             robust=True,
         )
+        self._uniform_cache: dict = {}  # see uniform_inside
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         """``(N, 3) -> (N,)`` float32, negative inside."""
@@ -105,7 +106,7 @@ class SDFOracle:
         inside the mesh ``(n,)`` bool. Cached per ``(n, seed, norm)``: every LOD of a model is
         measured on the same points, and their exact signs are the costly part."""
         key = (n, seed, tuple(norm.center), norm.scale)
-        cache = self.__dict__.setdefault("_uniform_cache", {})
+        cache = self._uniform_cache
         if key not in cache:
             x = np.random.default_rng(seed).uniform(-1, 1, size=(n, 3)).astype(np.float32)
             world = x / norm.scale + np.asarray(norm.center)

@@ -298,11 +298,11 @@ def _refine_level_exact(grid, level: int, chunks: list[RefineChunk], lin: _Linea
         cand = scores.topk(min(candidates, D.shape[0] - 1), dim=1, largest=False).indices  # (r, t)
         gain = torch.zeros(m, cand.shape[1], dtype=D.dtype, device=D.device)  # measured loss change
         trials = [[] for _ in chunks]  # per chunk and candidate: the samples' losses and residuals
+        corners = [corner(c, cls) for c in cache]
         for t in range(cand.shape[1]):
             new = V.clone()
             new[rows] = cand[:, t]
-            for ch, c, tr in zip(chunks, cache, trials):
-                r, v, w = corner(c, cls)
+            for ch, c, tr, (r, v, w) in zip(chunks, cache, trials, corners):
                 loss_t, rho_t = sample_loss(ch, shifted(c["F"], r, w, D[new[v]] - D[V[v]]))
                 gain[:, t].index_add_(0, v, loss_t[r] - c["loss"][r])
                 tr.append((loss_t[r], rho_t[r]))
@@ -314,8 +314,7 @@ def _refine_level_exact(grid, level: int, chunks: list[RefineChunk], lin: _Linea
         t_of[rows[move]] = t_best[move]
         new = V.clone()
         new[rows[move]] = cand[move.nonzero().squeeze(1), t_best[move]]
-        for c, tr in zip(cache, trials):  # apply: features, losses and residuals of the measured passes
-            r, v, w = corner(c, cls)
+        for c, tr, (r, v, w) in zip(cache, trials, corners):  # apply: features, losses, residuals of the measured passes
             c["F"] = shifted(c["F"], r, w, D[new[v]] - D[V[v]])
             rho = lin.rho[c["offset"]:c["offset"] + c["n"]]
             for t, (loss_t, rho_t) in enumerate(tr):
@@ -346,7 +345,7 @@ def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = N
         measured: 0: move each vertex to the codeword the Gauss–Newton model predicts best. ``c > 0``
             (SDF chunks, one residual per sample): try each vertex's ``c`` best-predicted codewords
             and keep the best whose *measured* loss change is negative
-            (:func:`_refine_level_exact`; c + 1 decoder passes per class).
+            (:func:`_refine_level_exact`; c decoder passes per class).
     Returns:
         a :class:`RefineStats` per refined level.
     """

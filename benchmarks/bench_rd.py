@@ -21,6 +21,7 @@ the CSVs (``--check-only`` redoes just that).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -231,27 +232,43 @@ def sweep_config(scene: str, args):
     return SweepConfig.from_mapping(values)
 
 
-def write_summary(out: Path, scenes: list[str], args) -> str:
+def record_run(out: Path, scene: str, args) -> None:
+    """Remember the command and date that produced ``rd-<scene>.csv`` (rd.md lists one per scene)."""
+    runs_path = out / "rd-runs.json"
+    runs = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
+    runs[scene] = {"command": f"python benchmarks/bench_rd.py {' '.join(sys.argv[1:])}",
+                   "written": time.strftime("%Y-%m-%d %H:%M"), "device": args.device}
+    runs_path.write_text(json.dumps(runs, indent=2) + "\n")
+
+
+def write_summary(out: Path, args) -> str:
+    """rd.md from every scene's CSV in ``out`` (scenes run separately keep each other's results)."""
     from vqad.sweep import read_csv
 
-    results = {s: read_csv(out / f"rd-{s}.csv") for s in scenes if (out / f"rd-{s}.csv").is_file()}
+    results = {s: read_csv(out / f"rd-{s}.csv") for s in SCENES if (out / f"rd-{s}.csv").is_file()}
+    runs_path = out / "rd-runs.json"
+    runs = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
+    commands = [f"- {s}: `{runs[s]['command']}` (written {runs[s]['written']}, device `{runs[s]['device']}`)"
+                for s in SCENES if s in results and s in runs]
     L = [
         "# Rate–distortion benchmark (`make bench-rd`)",
         "",
-        f"Command: `python benchmarks/bench_rd.py {' '.join(sys.argv[1:])}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU threads, device `{args.device}`; written "
-        f"{time.strftime('%Y-%m-%d %H:%M')}.  ",
+        "Commands (one per scene; each sweep resumes in its own work directory):",
+        "",
+        *(commands or [f"- `python benchmarks/bench_rd.py {' '.join(sys.argv[1:])}`"]),
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU threads.  ",
         "lego: NeRF-synthetic at downscale 4 (200×200), PSNR / SSIM on the first 20 val views, levels 4:7, k = 8, "
         "6000 steps × 4096 rays capped at --minutes per fit. armadillo: levels 3:7, k = 16, 3000 steps × 16,384 "
         "points, Chamfer-L1 in unit-cube units (marching cubes 256^3), Draco at compression level 10. "
-        "Overrides of this run, if any, are in the command line above and in each scene's table header.  ",
+        "Overrides of a run, if any, are in its command line above and in its scene's table header.  ",
         "Every point is a real file (`.vqad`, entropy-coded; Draco buffer) measured by its bytes; k-means and low rank "
         "are post hoc from the one dense fit. Checked automatically from the CSVs below.",
         "",
         "## Targets",
         "",
     ] + targets(results)
-    for s in scenes:
+    for s in SCENES:
         if s in results:
             L += ["", f"## {s}", "", f"![rate–distortion, {s}](rd-{s}.png)", "",
                   f"Full table: [rd-{s}.md](rd-{s}.md); one row per point: [rd-{s}.csv](rd-{s}.csv)."]
@@ -303,7 +320,8 @@ def main() -> None:
                 sys.exit(f"bench-rd: {s}: {exc}")
             for src, dst in (("results.csv", "csv"), ("results.md", "md"), ("rd.png", "png")):
                 shutil.copyfile(sweep.out / src, out / f"rd-{s}.{dst}")
-    print(write_summary(out, scenes, args))
+            record_run(out, s, args)
+    print(write_summary(out, args))
 
 
 if __name__ == "__main__":

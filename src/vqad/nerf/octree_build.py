@@ -204,6 +204,8 @@ class DensityPassConfig:
     batch_rays: int = 2048
     weight_threshold: float = 0.02  # keep coarse cells where some training ray puts this much weight
     probe_rays: int = 200_000  # training rays rendered to measure the weights
+    prune_every: int = 25  # re-test the coarse occupancy every N steps (0: never), so empty space stops costing samples
+    prune_warmup: int = 100
 
 
 def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, device, dilate: int = 1,
@@ -234,7 +236,10 @@ def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, 
     sampler = OccupancySampler(octree)
     batcher = RayBatcher(dataset.splits[split], dataset, device)
     train_steps(field, sampler, batcher, cfg.steps, cfg.batch_rays, lr=5e-3, grid_lr_scale=10.0,
-                lod_mode="finest", seed=seed, quiet=quiet, desc="octree density pass")
+                lod_mode="finest", seed=seed, quiet=quiet, desc="octree density pass",
+                prune_every=cfg.prune_every, prune_warmup=cfg.prune_warmup)
+    # the weights below are measured through the pruned occupancy: a pruned cell absorbs less than
+    # prune_alpha per step, far below weight_threshold, so it would not have been kept anyway
     # measure, per coarse cell, the largest weight any probe ray puts in it
     field.eval()
     res = 1 << level

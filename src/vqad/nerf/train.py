@@ -251,8 +251,11 @@ def model_sampler(field: NeRFField) -> OccupancySampler:
 
 def train_steps(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, steps: int, batch: int,
                 lr: float, grid_lr_scale: float, lod_mode: str = "all", seed: int = 0, quiet: bool = True,
-                desc: str = "") -> float:
-    """A plain fit without checkpoints or pruning (the octree density pass uses it). Returns the last PSNR."""
+                desc: str = "", prune_every: int = 0, prune_warmup: int = 100, prune_decay: float = 0.95) -> float:
+    """A plain fit without checkpoints (the octree density pass uses it). Returns the last PSNR.
+
+    With ``prune_every > 0`` the sampler's occupancy is re-tested every that many steps after
+    ``prune_warmup`` (as in :func:`fit_nerf`), so empty space stops costing samples."""
     opts = T.make_optimizers(field, lr, grid_lr_scale)
     base_lrs = T.initial_lrs(opts)
     gen = torch.Generator().manual_seed(seed)
@@ -262,8 +265,11 @@ def train_steps(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher
         prog.bar.set_description(desc)
     field.train()
     psnr = float("nan")
+    sigma_thr = prune_threshold(field, sampler)
     for it in range(steps):
         T.cosine_lr(opts, base_lrs, it, steps)
+        if prune_every > 0 and it >= prune_warmup and it % prune_every == 0:
+            sampler.prune(lambda x: field.density(x), sigma_thr, decay=prune_decay, generator=gen)
         lods = step_lods(field.lods, lod_mode, gen)
         _, psnr, _ = train_step(field, sampler, batcher, opts, batch, lods, bg, gen)
         prog.update(1, batch, psnr=psnr)

@@ -66,11 +66,12 @@ def run_one(scene: str, method: str, args) -> dict:
     path = data_dir() / sc["path"]
     if not path.is_dir():
         sys.exit(f"bench-nerf: {path} is missing: set VQAD_DATA to the shared data directory")
-    out = Path(args.work) / f"{scene}-{method}"
+    k = args.features or sc["features"]
+    out = Path(args.work) / (f"{scene}-{method}" + (f"-k{k}" if args.features else ""))
     steps = args.steps or sc["steps"]
     cmd = [sys.executable, "-m", "vqad.cli", "fit-nerf", str(path), "--format", sc["format"],
            "--downscale", str(sc["downscale"]), "--grid", storage, "--bits", str(bits),
-           "--features", str(sc["features"]), "--levels", sc["levels"], "--steps", str(steps),
+           "--features", str(k), "--levels", sc["levels"], "--steps", str(steps),
            "--batch-rays", str(args.batch_rays), "--octree", "auto", "--eval-views", sc["eval_views"],
            "--out", str(out), "--device", args.device, "--quiet"]
     if args.minutes:
@@ -87,6 +88,9 @@ def run_one(scene: str, method: str, args) -> dict:
     m = json.loads((out / "metrics.json").read_text())
     m["wall_seconds"] = time.perf_counter() - t0
     m["steps_requested"] = steps  # m["steps"]: the steps actually run (a --minutes cap may stop earlier)
+    m["command"] = f"python benchmarks/bench_nerf.py {' '.join(sys.argv[1:])}"
+    m["date"] = time.strftime("%Y-%m-%d %H:%M")
+    m["threads"] = args.threads or os.cpu_count()
     return m
 
 
@@ -100,6 +104,8 @@ def main() -> None:
     ap.add_argument("--batch-rays", type=int, default=4096)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads per fit (OMP_NUM_THREADS)")
+    ap.add_argument("--features", type=int, default=None,
+                    help="k for every fit instead of the scene's (lego, fern: 8); write to another --out")
     ap.add_argument("--work", default="out/bench-nerf", help="where the fits' checkpoints and renders go")
     ap.add_argument("--merge", action="store_true",
                     help="keep the results already in OUT's .json (runs of other scenes/methods) and add these")
@@ -137,11 +143,9 @@ def write_report(results: dict, args) -> None:
     lines = [
         "# Radiance-field benchmark (`make bench-nerf`)",
         "",
-        f"Command: `python benchmarks/bench_nerf.py --device {dev}"
-        + (f" --steps {args.steps}" if args.steps else "") + (f" --only {args.only}" if args.only else "")
-        + (f" --threads {args.threads}" if args.threads else "") + "`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU threads"
-        + (f" ({args.threads} used per fit)" if args.threads else "") + f", device `{dev}`; {args.batch_rays} rays per step.  ",
+        f"Command (this run): `python benchmarks/bench_nerf.py {' '.join(sys.argv[1:])}`; each row's own command, "
+        "date and threads are in the run table below (runs merged with `--merge`).  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU threads, device `{dev}`; {args.batch_rays} rays per step.  ",
         "lego: NeRF-synthetic at downscale 4 (200×200), train split, metrics on the first 20 val views, octree from the "
         "alpha masks. fern: LLFF images_8 (504×378), every 8th image held out, octree from a coarse density pass.  ",
         "PSNR over all pixels of a view, averaged over views; SSIM with an 11-pixel Gaussian window, σ 1.5 (pytorch-msssim). "
@@ -152,12 +156,13 @@ def write_report(results: dict, args) -> None:
         "| scene | method | LOD | vertices (m) | dense fp16 kB | grid kB | ratio | PSNR | SSIM |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    summary = ["", "| scene | method | steps | fit min | rays/s | samples/ray | octree | peak memory MB | decoder kB | grid + decoder kB |",
-               "|---|---|---|---|---|---|---|---|---|---|"]
+    summary = ["", "| scene | method | k | steps | fit min | rays/s | samples/ray | octree | peak memory MB | decoder kB | "
+               "grid + decoder kB | threads | run |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, m in results.items():
         scene, method = key.split("/")
         storage, bits = METHODS[method]
-        k = SCENES[scene]["features"]
+        k = int(m.get("grid", {}).get("features", SCENES[scene]["features"]))
         verts = {int(lv): v for lv, v in m["size"]["vertices"].items()}
         dense, stored = _cum_bytes(verts, storage, bits, k)
         for lod in sorted(verts):
@@ -165,10 +170,11 @@ def write_report(results: dict, args) -> None:
             qs = f"{q['psnr']:.2f} | {q['ssim']:.4f}" if q else "– | –"
             lines.append(f"| {scene} | {method} | {lod} | {verts[lod]:,} | {dense[lod] / 1e3:,.1f} | {stored[lod] / 1e3:,.1f} | "
                          f"{dense[lod] / stored[lod]:.1f}x | {qs} |")
-        summary.append(f"| {scene} | {method} | {m['steps']} | {m['fit_seconds'] / 60:.1f} | {m['rays_per_second']:,.0f} | "
+        run = f"{m['date']}: `{m['command']}`" if m.get("command") else "before 2026-12-02 (see the status line)"
+        summary.append(f"| {scene} | {method} | {k} | {m['steps']} | {m['fit_seconds'] / 60:.1f} | {m['rays_per_second']:,.0f} | "
                        f"{m['samples_per_ray']:.1f} | {m['octree_method']} ({m['octree_seconds']:.0f} s) | "
                        f"{m['peak_memory_bytes'] / 2**20:,.0f} | {m['size']['decoder_bytes'] / 1e3:.1f} | "
-                       f"{m['size']['compressed_bytes'] / 1e3:,.1f} |")
+                       f"{m['size']['compressed_bytes'] / 1e3:,.1f} | {m.get('threads', '2')} | {run} |")
     lines += summary + ["", "## Targets", ""] + targets(results)
     text = "\n".join(lines) + "\n"
     out = Path(args.out)

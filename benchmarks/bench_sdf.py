@@ -37,7 +37,7 @@ def run_one(mesh: str, method: str, args) -> dict:
     cmd = [sys.executable, "-m", "vqad.cli", "fit-sdf", str(data_dir() / "meshes" / f"{mesh}.obj"),
            "--grid", storage, "--bits", str(bits), "--features", "16", "--levels", args.levels,
            "--steps", str(args.steps), "--batch", str(args.batch), "--out", str(out),
-           "--mc-resolution", str(args.mc_resolution), "--device", args.device, "--quiet"]
+           "--mc-resolution", str(args.mc_resolution), "--device", args.device, "--seed", str(args.seed), "--quiet"]
     if args.minutes:
         cmd += ["--minutes", str(args.minutes)]
     env = dict(os.environ)
@@ -51,7 +51,7 @@ def run_one(mesh: str, method: str, args) -> dict:
     m = json.loads((out / "metrics.json").read_text())
     m["wall_seconds"] = wall
     m["run"] = {"device": args.device, "steps_requested": args.steps, "minutes_cap": args.minutes,
-                "threads": args.threads or os.cpu_count(), "batch": args.batch, "levels": args.levels,
+                "threads": args.threads or os.cpu_count(), "batch": args.batch, "levels": args.levels, "seed": args.seed,
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads",
                 "date": time.strftime("%Y-%m-%d")}
     return m
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=None,
                     help="cap on each fit's training time (the issue's target: a 4-bit fit in <= 10 min on 2 CPU cores)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads per fit (OMP_NUM_THREADS)")
+    ap.add_argument("--seed", type=int, default=0, help="fit seed (a second seed: write to another --out)")
     ap.add_argument("--work", default="out/bench-sdf")
     ap.add_argument("--merge", action="store_true",
                     help="keep the results already in OUT's .json (other meshes/methods) and add these")

@@ -834,8 +834,8 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
         "**vs dense** = the dense fp16 point's size / this size. Post-hoc points are made from the dense point's file "
         "(no fine-tuning).",
         "",
-        f"| method | setting | {qh} | size kB | raw file kB | grid kB | vs dense | fit s | peak memory MB |",
-        "|---|---|" + "---|" * (3 if sdf else 2) + "---|---|---|---|---|---|",
+        f"| method | setting | {qh} | size kB | raw file kB | grid kB | vs dense | steps | fit s | peak memory MB |",
+        "|---|---|" + "---|" * (3 if sdf else 2) + "---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["method"] == "codebook-stream":
@@ -848,7 +848,8 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
         mem = _fmt(r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") else None, ",.0f")
         raw = _fmt(r["file_bytes"] / 1e3 if r.get("file_bytes") else None, ",.1f")
         L.append(f"| {m.label} | {setting} | {q} | {r['bytes'] / 1e3:,.1f} | {raw} | "
-                 f"{grid} | {_fmt(r.get('dense_ratio'), '.1f')}× | {_fmt(r.get('fit_seconds'), ',.1f')} | {mem} |")
+                 f"{grid} | {_fmt(r.get('dense_ratio'), '.1f')}× | {_fmt(int(r['steps']) if r.get('steps') not in (None, '') else None, ',d')} | "
+                 f"{_fmt(r.get('fit_seconds'), ',.1f')} | {mem} |")
     stream = [r for r in rows if r["method"] == "codebook-stream"]
     if stream:
         L += ["", f"## Streaming: VQ-AD b = {stream[0]['setting']}, each LOD decoded from a prefix of its file", "",
@@ -902,7 +903,8 @@ def plot_rd(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
     ax.set_ylabel("Chamfer-L1, unit cube (log scale, lower is better)" if sdf else
                   f"PSNR (dB) on {cfg.eval_views!r} views (higher is better)")
     name = Path(cfg.dataset).name if sdf else cfg.dataset
-    ax.set_title(f"rate–distortion: {name} (levels {cfg.levels}, k = {cfg.features}, {cfg.steps} steps)", fontsize=10)
+    budget = f"{cfg.steps} steps" + (f", ≤ {cfg.minutes:g} min per fit" if cfg.minutes else "")
+    ax.set_title(f"rate–distortion: {name} (levels {cfg.levels}, k = {cfg.features}, {budget})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8, loc="best")

@@ -170,7 +170,7 @@ def write_report(results: dict, args) -> None:
             qs = f"{q['psnr']:.2f} | {q['ssim']:.4f}" if q else "– | –"
             lines.append(f"| {scene} | {method} | {lod} | {verts[lod]:,} | {dense[lod] / 1e3:,.1f} | {stored[lod] / 1e3:,.1f} | "
                          f"{dense[lod] / stored[lod]:.1f}x | {qs} |")
-        run = f"{m['date']}: `{m['command']}`" if m.get("command") else "before 2026-12-02 (see the status line)"
+        run = f"{m['date']}: `{m['command']}`" if m.get("command") else "–"
         summary.append(f"| {scene} | {method} | {k} | {m['steps']} | {m['fit_seconds'] / 60:.1f} | {m['rays_per_second']:,.0f} | "
                        f"{m['samples_per_ray']:.1f} | {m['octree_method']} ({m['octree_seconds']:.0f} s) | "
                        f"{m['peak_memory_bytes'] / 2**20:,.0f} | {m['size']['decoder_bytes'] / 1e3:.1f} | "
@@ -210,7 +210,10 @@ def targets(results: dict) -> list[str]:
         dd = results.get(f"{scene}/dense")
         for method in ("codebook-4bit", "codebook-6bit"):
             cc = results.get(f"{scene}/{method}")
-            if dd and cc:
+            if dd and cc and dd.get("threads", 2) != cc.get("threads", 2):
+                out.append(f"- {scene} {method} step cost vs dense: not comparable here (dense ran with "
+                           f"{dd.get('threads', 2)} threads, this with {cc.get('threads', 2)}; see Notes)")
+            elif dd and cc:
                 # per-step cost, normalised by samples so that differing occupancy does not count
                 r = (dd["rays_per_second"] * dd["samples_per_ray"]) / max(cc["rays_per_second"] * cc["samples_per_ray"], 1e-9)
                 out.append(f"- {scene} {method} step cost per sample vs dense: {r:.2f}x "

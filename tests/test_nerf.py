@@ -144,6 +144,25 @@ def test_octree_from_density_contains_surface(scene):
     assert octree.num_cells(6) < 0.6 * 64 ** 3
 
 
+def test_train_steps_prunes_empty_space_but_keeps_the_surface(scene):
+    """The density pass's plain loop re-tests the occupancy: empty cells go, surface cells stay."""
+    from vqad.nerf.train import RayBatcher, train_steps
+
+    torch.manual_seed(0)
+    octree = SparseOctree.dense(2, 4, device=CPU)
+    grid = OctreeGrid.from_octree(octree, GridConfig(storage="dense", features=8, base_level=2, max_level=4))
+    field = NeRFField(grid, DecoderConfig(hidden=32, layers=1, position_input=False),
+                      NeRFConfig(geo_features=7, color_hidden=32, sh_degree=2), scene.normalization)
+    sampler = OccupancySampler(octree)
+    batcher = RayBatcher(scene.splits["train"], scene, CPU)
+    train_steps(field, sampler, batcher, 80, 1024, lr=5e-3, grid_lr_scale=10.0, lod_mode="finest",
+                prune_every=10, prune_warmup=40)
+    occupied = sampler.occupancy.float().mean()
+    assert occupied < 0.8  # empty space was pruned
+    surface = _surface_points(scene)
+    assert sampler.occupancy[sampler._flat_index(surface)].float().mean() > 0.95  # the surface was not
+
+
 def test_empty_octrees_are_input_errors(scene):
     from dataclasses import replace
 

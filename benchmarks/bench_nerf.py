@@ -136,6 +136,11 @@ def _cum_bytes(vertices: dict, storage: str, bits: int, k: int) -> tuple[dict, d
 
 
 NOTES_HEADING = "## Notes"
+LEGACY_THREADS = 2  # rows written before runs recorded their thread count used both cores
+
+
+def _threads(m: dict) -> int:
+    return int(m.get("threads", LEGACY_THREADS))
 
 
 def write_report(results: dict, args) -> None:
@@ -174,7 +179,7 @@ def write_report(results: dict, args) -> None:
         summary.append(f"| {scene} | {method} | {k} | {m['steps']} | {m['fit_seconds'] / 60:.1f} | {m['rays_per_second']:,.0f} | "
                        f"{m['samples_per_ray']:.1f} | {m['octree_method']} ({m['octree_seconds']:.0f} s) | "
                        f"{m['peak_memory_bytes'] / 2**20:,.0f} | {m['size']['decoder_bytes'] / 1e3:.1f} | "
-                       f"{m['size']['compressed_bytes'] / 1e3:,.1f} | {m.get('threads', '2')} | {run} |")
+                       f"{m['size']['compressed_bytes'] / 1e3:,.1f} | {_threads(m)} | {run} |")
     lines += summary + ["", "## Targets", ""] + targets(results)
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
@@ -210,9 +215,9 @@ def targets(results: dict) -> list[str]:
         dd = results.get(f"{scene}/dense")
         for method in ("codebook-4bit", "codebook-6bit"):
             cc = results.get(f"{scene}/{method}")
-            if dd and cc and dd.get("threads", 2) != cc.get("threads", 2):
+            if dd and cc and _threads(dd) != _threads(cc):
                 out.append(f"- {scene} {method} step cost vs dense: not comparable here (dense ran with "
-                           f"{dd.get('threads', 2)} threads, this with {cc.get('threads', 2)}; see Notes)")
+                           f"{_threads(dd)} threads, this with {_threads(cc)}; see Notes)")
             elif dd and cc:
                 # per-step cost, normalised by samples so that differing occupancy does not count
                 r = (dd["rays_per_second"] * dd["samples_per_ray"]) / max(cc["rays_per_second"] * cc["samples_per_ray"], 1e-9)

@@ -232,13 +232,18 @@ def sweep_config(scene: str, args):
     return SweepConfig.from_mapping(values)
 
 
+def read_runs(out: Path) -> dict:
+    """``rd-runs.json``: per scene, the command, date and device that produced ``rd-<scene>.csv``."""
+    path = out / "rd-runs.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def record_run(out: Path, scene: str, args) -> None:
     """Remember the command and date that produced ``rd-<scene>.csv`` (rd.md lists one per scene)."""
-    runs_path = out / "rd-runs.json"
-    runs = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
+    runs = read_runs(out)
     runs[scene] = {"command": f"python benchmarks/bench_rd.py {' '.join(sys.argv[1:])}",
                    "written": time.strftime("%Y-%m-%d %H:%M"), "device": args.device}
-    runs_path.write_text(json.dumps(runs, indent=2) + "\n")
+    (out / "rd-runs.json").write_text(json.dumps(runs, indent=2) + "\n")
 
 
 def write_summary(out: Path, args) -> str:
@@ -246,8 +251,7 @@ def write_summary(out: Path, args) -> str:
     from vqad.sweep import read_csv
 
     results = {s: read_csv(out / f"rd-{s}.csv") for s in SCENES if (out / f"rd-{s}.csv").is_file()}
-    runs_path = out / "rd-runs.json"
-    runs = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
+    runs = read_runs(out)
     commands = [f"- {s}: `{runs[s]['command']}` (written {runs[s]['written']}, device `{runs[s]['device']}`)"
                 for s in SCENES if s in results and s in runs]
     L = [

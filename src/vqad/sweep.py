@@ -848,7 +848,7 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
         mem = _fmt(r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") else None, ",.0f")
         raw = _fmt(r["file_bytes"] / 1e3 if r.get("file_bytes") else None, ",.1f")
         L.append(f"| {m.label} | {setting} | {q} | {r['bytes'] / 1e3:,.1f} | {raw} | "
-                 f"{grid} | {_fmt(r.get('dense_ratio'), '.1f')}× | {_fmt(int(r['steps']) if r.get('steps') not in (None, '') else None, ',d')} | "
+                 f"{grid} | {_fmt(r.get('dense_ratio'), '.1f')}× | {_fmt(r.get('steps'), ',d')} | "
                  f"{_fmt(r.get('fit_seconds'), ',.1f')} | {mem} |")
     stream = [r for r in rows if r["method"] == "codebook-stream"]
     if stream:

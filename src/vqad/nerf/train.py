@@ -238,6 +238,11 @@ def prune_threshold(field: NeRFField, sampler: OccupancySampler) -> float:
     return -math.log1p(-field.nerf_cfg.prune_alpha) / sampler.step
 
 
+def prune_due(it: int, every: int, warmup: int) -> bool:
+    """Whether training step ``it`` re-tests the occupancy (every ``every`` steps from ``warmup``; 0: never)."""
+    return every > 0 and it >= warmup and it % every == 0
+
+
 @torch.no_grad()
 def model_sampler(field: NeRFField) -> OccupancySampler:
     """The sampler render / eval use: the octree pruned by the model's own densities (deterministic)."""
@@ -268,8 +273,8 @@ def train_steps(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher
     sigma_thr = prune_threshold(field, sampler)
     for it in range(steps):
         T.cosine_lr(opts, base_lrs, it, steps)
-        if prune_every > 0 and it >= prune_warmup and it % prune_every == 0:
-            sampler.prune(lambda x: field.density(x), sigma_thr, decay=prune_decay, generator=gen)
+        if prune_due(it, prune_every, prune_warmup):
+            sampler.prune(field.density, sigma_thr, decay=prune_decay, generator=gen)
         lods = step_lods(field.lods, lod_mode, gen)
         _, psnr, _ = train_step(field, sampler, batcher, opts, batch, lods, bg, gen)
         prog.update(1, batch, psnr=psnr)
@@ -389,7 +394,7 @@ def fit_nerf(
                 if progress is None:
                     break
                 T.cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000)
-                if train_cfg.prune_every > 0 and it >= train_cfg.prune_warmup and it % train_cfg.prune_every == 0:
+                if prune_due(it, train_cfg.prune_every, train_cfg.prune_warmup):
                     sampler.prune(density_fn, sigma_thr, decay=train_cfg.prune_decay, generator=gen)
                 lods = step_lods(field.lods, train_cfg.lod_mode, gen)
                 per_lod, psnr, n_samples = train_step(field, sampler, batcher, opts, train_cfg.batch_rays, lods,

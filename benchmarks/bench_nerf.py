@@ -60,7 +60,7 @@ def selected(only: str | None) -> list[tuple[str, str]]:
     return list(dict.fromkeys(keep))
 
 
-def run_one(scene: str, method: str, args) -> dict:
+def run_one(scene: str, method: str, args, octree_from: Path | None = None) -> dict:
     sc = SCENES[scene]
     storage, bits = METHODS[method]
     path = data_dir() / sc["path"]
@@ -76,6 +76,8 @@ def run_one(scene: str, method: str, args) -> dict:
            "--out", str(out), "--device", args.device, "--quiet"]
     if args.minutes:
         cmd += ["--minutes", str(args.minutes)]
+    if octree_from is not None:
+        cmd += ["--octree-from", str(octree_from)]
     if sc["eval_max"]:
         cmd += ["--eval-max-views", str(sc["eval_max"])]
     env = dict(os.environ)
@@ -91,6 +93,9 @@ def run_one(scene: str, method: str, args) -> dict:
     m["command"] = f"python benchmarks/bench_nerf.py {' '.join(sys.argv[1:])}"
     m["date"] = time.strftime("%Y-%m-%d %H:%M")
     m["threads"] = args.threads or os.cpu_count()
+    m["checkpoint"] = str(out / "checkpoint")
+    if octree_from is not None:
+        m["octree_from"] = str(octree_from)
     return m
 
 
@@ -107,6 +112,9 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=None,
                     help="k for every fit instead of the scene's (lego, fern: 8); write to another --out")
     ap.add_argument("--work", default="out/bench-nerf", help="where the fits' checkpoints and renders go")
+    ap.add_argument("--no-share-octree", dest="share_octree", action="store_false",
+                    help="run the coarse density pass in every fit of a scene (default: the first fit of this run "
+                         "computes it, the others reuse its octree with --octree-from)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the results already in OUT's .json (runs of other scenes/methods) and add these")
     ap.add_argument("--report-only", action="store_true", help="rewrite OUT from its .json (and the fits' metrics)")
@@ -120,8 +128,12 @@ def main() -> None:
                 results[key].update({k: v for k, v in json.loads(f.read_text()).items() if k != "lods"})
         write_report(results, args)
         return
+    shared: dict[str, Path] = {}  # scene -> the checkpoint whose density-pass octree later fits reuse
     for scene, method in selected(args.only):
-        results[f"{scene}/{method}"] = run_one(scene, method, args)
+        m = run_one(scene, method, args, shared.get(scene) if args.share_octree else None)
+        results[f"{scene}/{method}"] = m
+        if m.get("octree_method") == "density":
+            shared.setdefault(scene, Path(m["checkpoint"]))
         write_report(results, args)  # after every fit, so a long run leaves partial results
 
 
@@ -176,8 +188,10 @@ def write_report(results: dict, args) -> None:
             lines.append(f"| {scene} | {method} | {lod} | {verts[lod]:,} | {dense[lod] / 1e3:,.1f} | {stored[lod] / 1e3:,.1f} | "
                          f"{dense[lod] / stored[lod]:.1f}x | {qs} |")
         run = f"{m['date']}: `{m['command']}`" if m.get("command") else "–"
+        octree = (f"{m['octree_method']} ({m['octree_seconds']:.0f} s)" if not m.get("octree_from")
+                  else f"reused from {Path(m['octree_from']).parent.name} ({m['octree_seconds']:.0f} s)")
         summary.append(f"| {scene} | {method} | {k} | {m['steps']} | {m['fit_seconds'] / 60:.1f} | {m['rays_per_second']:,.0f} | "
-                       f"{m['samples_per_ray']:.1f} | {m['octree_method']} ({m['octree_seconds']:.0f} s) | "
+                       f"{m['samples_per_ray']:.1f} | {octree} | "
                        f"{m['peak_memory_bytes'] / 2**20:,.0f} | {m['size']['decoder_bytes'] / 1e3:.1f} | "
                        f"{m['size']['compressed_bytes'] / 1e3:,.1f} | {_threads(m)} | {run} |")
     lines += summary + ["", "## Targets", ""] + targets(results)

@@ -200,6 +200,37 @@ def test_all_lods_match_single_lod_and_render_is_differentiable():
     assert field.grid.storages[-1].C.grad is not None and field.decoder.mlps[0].net[0].weight.grad is not None
 
 
+def test_early_ray_termination_drops_only_samples_behind_the_surface():
+    field = _small_field("dense")
+    with torch.no_grad():
+        field.decoder.mlps[0].net[-1].bias[0] += 5.0  # thick medium: most rays saturate early
+    sampler = OccupancySampler(field.grid.octree)
+    g = torch.Generator().manual_seed(4)
+    o = torch.tensor([[0.0, 0.0, -3.0]]).repeat(64, 1) + torch.randn(64, 3, generator=g) * 0.2
+    dirs = torch.nn.functional.normalize(-o + torch.randn(64, 3, generator=g) * 0.1, dim=-1)
+    bg = torch.tensor([0.3, 0.6, 0.9])
+    lods = [3, 4]
+    full, n_full = render_rays(field, sampler, o, dirs, lods, bg)
+    eps = 1e-3
+    cut, n_cut = render_rays(field, sampler, o, dirs, lods, bg, early_stop_eps=eps)
+    assert 0 < n_cut < 0.7 * n_full  # a real saving on this scene
+    # every colour differs by less than eps (the dropped samples' total weight is below T < eps)
+    diff = (cut.rgb - full.rgb).abs().max()
+    assert 0 < diff < eps
+    # and the kept samples are exactly each ray's first ones: brute force, ray by ray
+    samples = sampler.march(o, dirs)
+    x = samples.points(o, dirs)
+    with torch.no_grad():
+        sig = torch.stack([field.density(x, lod) for lod in lods])
+    kept = 0
+    for r in range(64):
+        idx = (samples.ray_indices == r).nonzero().flatten()
+        for i, j in enumerate(idx.tolist()):
+            tau = (sig[:, idx[:i]] * (samples.t_ends[idx[:i]] - samples.t_starts[idx[:i]])).sum(-1)
+            kept += int(bool((torch.exp(-tau) >= eps).any()))
+    assert kept == n_cut
+
+
 @pytest.fixture(scope="module")
 def fitted(scene, tmp_path_factory):
     out = tmp_path_factory.mktemp("nerf_fit")
@@ -246,6 +277,22 @@ def test_resume_continues_from_checkpoint(scene, tmp_path):
     assert res.history[0]["step"] == 21
     _, cfg = load_checkpoint(tmp_path / "checkpoint", CPU)
     assert cfg["step"] == 30
+
+
+def test_octree_from_an_earlier_fit_is_reused_and_checked(scene, fitted, tmp_path):
+    res, out = fitted
+    grid = GridConfig(storage="dense", features=4, bits=4, base_level=4, max_level=6)  # another base level
+    dec = DecoderConfig(hidden=16, position_input=False)
+    train = NeRFTrainConfig(steps=3, batch_rays=128, octree_from=str(out / "checkpoint"))
+    res2 = fit_nerf(scene, grid, dec, train, CPU, quiet=True)
+    assert res2.octree_method == "reused"
+    a, b = res.field.grid.octree, res2.field.grid.octree
+    assert b.base_level == 4 and torch.equal(a.codes[6], b.codes[6]) and torch.equal(a.codes[4], b.codes[4])
+    with pytest.raises(InputError, match="finest level 6"):
+        fit_nerf(scene, GridConfig(storage="dense", features=4, base_level=3, max_level=5), dec, train, CPU, quiet=True)
+    other = load_dataset("procedural", downscale=2)
+    with pytest.raises(InputError, match="other images"):
+        fit_nerf(other, grid, dec, train, CPU, quiet=True)
 
 
 # -- CLI ----------------------------------------------------------------------------------------------

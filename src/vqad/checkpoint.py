@@ -152,4 +152,8 @@ def load_optimizer_state(path: str | Path, optimizers: dict[str, torch.optim.Opt
         for key, val in m["scalars"].items():
             pid, k = key.split(".", 1)
             state.setdefault(int(pid), {})[k] = val
-        opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
+        try:
+            opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
+        except ValueError as e:  # another grouping of the parameters (other learning-rate options)
+            raise InputError(f"{path}: its optimizer state does not fit this fit's parameter groups ({e}); resume "
+                             "with the options (learning-rate scales) the checkpoint was written with") from None

@@ -115,6 +115,10 @@ class FeatureStorage(nn.Module):
         """Index logits (codebook C), which may train at their own rate (``logit_lr_scale``)."""
         return []
 
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        """Learned codebooks (VQ-AD's D), which may train at their own rate (``codebook_lr_scale``)."""
+        return []
+
     @classmethod
     def stored_layout(cls, m: int, k: int, **params) -> list["TensorLayout"]:
         """The tensors of :meth:`export_tensors`, in file order, and how each is written.
@@ -247,6 +251,9 @@ class CodebookStorage(FeatureStorage):
 
     def logit_parameters(self):
         return [] if self.baked else [self.C]
+
+    def codebook_parameters(self):
+        return [] if self.baked else [self.D]
 
     @classmethod
     def stored_layout(cls, m, k, bits: int = 4, **params):

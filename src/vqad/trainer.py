@@ -10,6 +10,9 @@ Parameters are grouped by identity (never by matching substrings of their names)
 * codebook logits C may have their own rate, ``logit_lr_scale`` × the decoder's: an index only
   changes when its argmax flips, and a faster logit rate lets it flip sooner (for SDFs, ×200 gave a
   ~20 % lower Chamfer-L1 than the grid's ×10 in a 600-step armadillo test; see docs/benchmarks/sdf.md).
+* codebooks D may also have their own rate, ``codebook_lr_scale`` × the decoder's: every step
+  touches all 2^b rows, each shared by thousands of vertices (radiance fields train them fastest
+  well above the grid's rate, see docs/benchmarks/nerf.md).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ ROWWISE_MIN_CODES = 256  # logits with 2^b ≥ this many columns (b ≥ 8) use t
 
 
 def make_optimizers(field: torch.nn.Module, lr: float, grid_lr_scale: float,
-                    logit_lr_scale: float | None = None) -> dict[str, torch.optim.Optimizer]:
-    """Optimizers by parameter role (see the module docstring); ``logit_lr_scale=None``: the grid's.
+                    logit_lr_scale: float | None = None,
+                    codebook_lr_scale: float | None = None) -> dict[str, torch.optim.Optimizer]:
+    """Optimizers by parameter role (see the module docstring); ``logit_lr_scale=None`` and
+    ``codebook_lr_scale=None``: the grid's.
 
     Codebook logits ``C (m, 2^b)`` with b ≥ 8 go to :class:`~vqad.optim.RowwiseSparseRMSprop`
     (state: two ``(m,)`` tensors) instead of SparseAdam (state: two more ``(m, 2^b)`` tensors), so
@@ -43,7 +48,10 @@ def make_optimizers(field: torch.nn.Module, lr: float, grid_lr_scale: float,
     wide_ids = {id(p) for p in wide}
     logit_ids = {id(p) for p in logits if id(p) not in wide_ids} if logit_lr_scale else set()
     logit_lr = lr * (logit_lr_scale or grid_lr_scale)
-    grid_dense = [p for p in field.grid.parameters() if p.requires_grad and id(p) not in sparse_ids]
+    codebooks = [p for s in field.grid.storages for p in s.codebook_parameters()] if codebook_lr_scale else []
+    codebook_ids = {id(p) for p in codebooks}
+    grid_dense = [p for p in field.grid.parameters()
+                  if p.requires_grad and id(p) not in sparse_ids and id(p) not in codebook_ids]
     grid_ids = {id(p) for p in field.grid.parameters()}
     rest = [p for p in field.parameters() if p.requires_grad and id(p) not in grid_ids]
     opts: dict[str, torch.optim.Optimizer] = {}
@@ -57,6 +65,8 @@ def make_optimizers(field: torch.nn.Module, lr: float, grid_lr_scale: float,
     groups = [{"params": rest, "lr": lr}]
     if grid_dense:
         groups.append({"params": grid_dense, "lr": lr * grid_lr_scale})
+    if codebooks:
+        groups.append({"params": codebooks, "lr": lr * codebook_lr_scale})
     opts["dense"] = torch.optim.Adam(groups)
     return opts
 

@@ -27,6 +27,9 @@ def register(sub) -> None:
                    help="also stop training after this many minutes (the lr schedule follows time too)")
     p.add_argument("--octree", choices=["auto", "depth", "mask", "density"], default="auto",
                    help="how to find occupied space (auto: depth > masks > coarse density pass)")
+    p.add_argument("--octree-from", default=None, metavar="CKPT_OR_FILE",
+                   help="reuse the octree of an earlier fit of the same capture (replaces --octree: skips the "
+                        "density pass)")
     p.add_argument("--dilate", type=int, default=1, help="octree margin in finest cells")
     p.add_argument("--lod-mode", choices=["all", "random", "finest+random", "finest"], default="finest+random",
                    help="LODs rendered per training step")
@@ -34,6 +37,10 @@ def register(sub) -> None:
     p.add_argument("--grid-lr-scale", type=float, default=30.0, help="grid lr = lr × this")
     p.add_argument("--logit-lr-scale", type=float, default=0.0,
                    help="codebook logits C lr = lr × this (0: same as the grid)")
+    p.add_argument("--codebook-lr-scale", type=float, default=300.0,
+                   help="codebooks D lr = lr × this (0: same as the grid; default 300, measured on lego)")
+    p.add_argument("--early-stop-eps", type=float, default=1e-4,
+                   help="training skips samples behind transmittance below this (early ray termination; 0: off)")
     p.add_argument("--refine", type=int, default=0,
                    help="Gauss–Newton index refinement sweeps after training (codebook only; default 0: they did "
                         "not raise test PSNR, see docs/benchmarks/nerf.md)")
@@ -92,9 +99,11 @@ def _configs(args):
     nerf = NeRFConfig(color_hidden=args.color_hidden, step_ratio=args.step_ratio)
     nerf.validate()
     train = NeRFTrainConfig(steps=args.steps, batch_rays=args.batch_rays, lr=args.lr, grid_lr_scale=args.grid_lr_scale,
-                            logit_lr_scale=args.logit_lr_scale or None, lod_mode=args.lod_mode, octree=args.octree, dilate=args.dilate, seed=args.seed,
+                            logit_lr_scale=args.logit_lr_scale or None,
+                            codebook_lr_scale=args.codebook_lr_scale or None, lod_mode=args.lod_mode, octree=args.octree, dilate=args.dilate, seed=args.seed,
                             max_minutes=args.minutes,
-                            refine=args.refine, refine_rays=args.refine_rays)
+                            refine=args.refine, refine_rays=args.refine_rays,
+                            early_stop_eps=args.early_stop_eps, octree_from=args.octree_from)
     train.validate()
     if args.eval_max_views is not None and args.eval_max_views <= 0:
         raise InputError("--eval-max-views must be positive")

@@ -204,6 +204,15 @@ class NeRFField(nn.Module):
         outs = [self._decode(x, f, sh, lod) for f, lod in zip(feats, lods)]
         return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
 
+    def densities(self, x: torch.Tensor, lods: list[int]) -> torch.Tensor:
+        """``σ (n_lods, N)`` alone at several LODs (no colour MLP), each level's features computed once."""
+        feats = self.grid.multi_lod_features(x, lods)
+        out = []
+        for f, lod in zip(feats, lods):
+            h_in = torch.cat([f, x], dim=-1) if self.decoder_cfg.position_input else f
+            out.append(density_activation(self.decoder(h_in, lod)[:, 0], self.nerf_cfg.density_activation))
+        return torch.stack(out)
+
     def density(self, x: torch.Tensor, lod: int | None = None) -> torch.Tensor:
         """``σ (N,)`` alone (no colour MLP): used to prune empty space."""
         lod = self.grid.octree.max_level if lod is None else lod

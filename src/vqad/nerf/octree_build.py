@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,6 +72,38 @@ def build_octree(dataset: SceneDataset, method: str, base_level: int, max_level:
     if method == "mask":
         return octree_from_masks(dataset, base_level, max_level, device, dilate=dilate, split=split), method
     return octree_from_density(dataset, base_level, max_level, device, dilate=dilate, split=split, **kwargs), method
+
+
+def _resolved(path: str) -> str:
+    return str(Path(path).resolve()) if path else ""
+
+
+def octree_from_model(source, dataset: SceneDataset, base_level: int, max_level: int, device) -> SparseOctree:
+    """The octree of an earlier radiance-field fit of the same capture (a checkpoint directory or a
+    .vqad file), rebuilt for ``base_level..max_level``.
+
+    A density pass costs minutes and depends only on the capture, so fits of several storages or
+    bitrates can share one. The model must come from the same images (source, format, downscale)
+    and have the same finest level; its dilation margin comes with it.
+    """
+    from ..api import load
+
+    field = load(source, device=device)
+    if field.kind != "nerf":
+        raise InputError(f"--octree-from: {source} holds a {field.kind!r} model, not a radiance field")
+    info = field.dataset
+    here = {"name": dataset.name, "source": _resolved(dataset.source), "format": dataset.format,
+            "downscale": int(dataset.downscale)}
+    theirs = {**{k: info.get(k) for k in here}, "source": _resolved(info.get("source") or "")}
+    diff = [f"{k} {theirs[k]!r} vs {v!r}" for k, v in here.items() if str(theirs[k]) != str(v)]
+    if diff:
+        raise InputError(f"--octree-from: {source} was fitted to other images ({'; '.join(diff)}): "
+                         "reuse the octree of a fit of this capture at the same --downscale")
+    oc = field.grid.octree
+    if oc.max_level != max_level:
+        raise InputError(f"--octree-from: {source} has finest level {oc.max_level}, this fit's --levels end at "
+                         f"{max_level}: use --levels {base_level}:{oc.max_level} or build a new octree")
+    return SparseOctree.from_codes(oc.codes[oc.max_level], base_level, max_level)
 
 
 def _finest_cells_to_octree(ijk: torch.Tensor, base_level: int, max_level: int, device, dilate: int, what: str) -> SparseOctree:
@@ -206,6 +239,7 @@ class DensityPassConfig:
     probe_rays: int = 200_000  # training rays rendered to measure the weights
     prune_every: int = 25  # re-test the coarse occupancy every N steps (0: never), so empty space stops costing samples
     prune_warmup: int = 100
+    early_stop_eps: float = 1e-4  # training skips samples behind transmittance below this (0: keep all)
 
 
 def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, device, dilate: int = 1,
@@ -237,7 +271,7 @@ def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, 
     batcher = RayBatcher(dataset.splits[split], dataset, device)
     train_steps(field, sampler, batcher, cfg.steps, cfg.batch_rays, lr=5e-3, grid_lr_scale=10.0,
                 lod_mode="finest", seed=seed, quiet=quiet, desc="octree density pass",
-                prune_every=cfg.prune_every, prune_warmup=cfg.prune_warmup)
+                prune_every=cfg.prune_every, prune_warmup=cfg.prune_warmup, early_stop_eps=cfg.early_stop_eps)
     # the weights below are measured through the pruned occupancy: a pruned cell absorbs less than
     # prune_alpha per step, far below weight_threshold, so it would not have been kept anyway
     # measure, per coarse cell, the largest weight any probe ray puts in it

@@ -308,6 +308,24 @@ class OccupancySampler:
 
 
 # -- rendering a field ---------------------------------------------------------------------------
+@torch.no_grad()
+def terminate_rays(field, samples: PackedSamples, o: torch.Tensor, d: torch.Tensor, lods: list[int],
+                   eps: float, chunk: int = 1 << 18) -> PackedSamples:
+    """The samples whose transmittance ``T_i`` is at least ``eps`` at some LOD of ``lods``.
+
+    One density-only evaluation of every sample (``chunk`` at a time, no gradients), then
+    :func:`render_transmittance_from_density` per LOD. Dropping a ray's later samples leaves its
+    earlier ones' ``T`` and ``w`` unchanged, so the render differs by at most ``eps`` per ray.
+    """
+    x = samples.points(o, d)
+    sig = torch.cat([field.densities(x[s : s + chunk], lods) for s in range(0, x.shape[0], chunk)], dim=1)
+    T, _ = render_transmittance_from_density(samples.t_starts, samples.t_ends, sig, samples.ray_indices, samples.n_rays)
+    keep = (T >= eps).any(dim=0)
+    if bool(keep.all()):
+        return samples
+    return PackedSamples(samples.t_starts[keep], samples.t_ends[keep], samples.ray_indices[keep], samples.n_rays)
+
+
 def render_rays(
     field,
     sampler: OccupancySampler,
@@ -318,6 +336,7 @@ def render_rays(
     near: float | torch.Tensor = 0.0,
     far: float | torch.Tensor = math.inf,
     jitter: torch.Tensor | None = None,
+    early_stop_eps: float = 0.0,
 ) -> tuple[VolumeOutput, int]:
     """Render rays at several LODs sharing one set of samples and one grid lookup.
 
@@ -326,11 +345,17 @@ def render_rays(
         o, d: ``(R, 3)`` unit-cube origins and unit directions.
         lods: the B LODs to render.
         background: ``(3,)``.
+        early_stop_eps: with ``ε > 0``, samples whose transmittance is below ε at every LOD are
+            dropped before the (differentiable) evaluation, found by one density-only pass without
+            gradients (early ray termination, as nerfacc's ``early_stop_eps``). Earlier samples'
+            weights are unchanged; each ray's colour changes by less than ε.
     Returns:
         a :class:`VolumeOutput` whose tensors have a leading ``B`` (``rgb (B, R, 3)``, ...), and
-        the number of samples S.
+        the number of samples S (after termination).
     """
     samples = sampler.march(o, d, near=near, far=far, jitter=jitter)
+    if early_stop_eps > 0 and len(samples):
+        samples = terminate_rays(field, samples, o, d, lods, early_stop_eps)
     R, B = o.shape[0], len(lods)
     if len(samples) == 0:
         zeros = o.new_zeros(B, R)

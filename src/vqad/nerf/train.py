@@ -50,13 +50,16 @@ class NeRFTrainConfig:
     lr: float = 5e-3  # decoders ψ_σ, ψ_c
     grid_lr_scale: float = 30.0  # features Z / logits C / codebooks D
     logit_lr_scale: float | None = None  # codebook logits C lr = lr × this (None: the grid's)
+    codebook_lr_scale: float | None = 300.0  # codebooks D lr = lr × this (None: the grid's); see docs/benchmarks/nerf.md
     lod_mode: str = "finest+random"  # all | random | finest+random | finest
     prune_every: int = 50  # re-test the occupancy every N steps (0: never)
     prune_warmup: int = 100  # ... starting after this many steps
     prune_decay: float = 0.95
+    early_stop_eps: float = 1e-4  # drop training samples behind transmittance < this (0: keep all)
     octree: str = "auto"  # auto | depth | mask | density
     dilate: int = 1  # octree margin in finest cells
     density_steps: int = 400  # steps of the coarse density pass (octree="density")
+    octree_from: str | None = None  # reuse the octree of this checkpoint / .vqad fit of the same capture
     max_minutes: float | None = None  # stop training after this long (the lr schedule follows time too)
     refine: int = 0  # Gauss–Newton index sweeps (vqad.refine) after the last step (codebook only; 0: none)
     refine_rays: int = 16384  # training rays each sweep sees
@@ -69,7 +72,8 @@ class NeRFTrainConfig:
             raise InputError("--steps and --batch-rays must be positive")
         if self.lod_mode not in LOD_MODES:
             raise InputError(f"unknown LOD mode {self.lod_mode!r}: choose one of {', '.join(LOD_MODES)}")
-        if self.lr <= 0 or self.grid_lr_scale <= 0 or (self.logit_lr_scale is not None and self.logit_lr_scale <= 0):
+        if self.lr <= 0 or self.grid_lr_scale <= 0 or any(x is not None and x <= 0 for x in (self.logit_lr_scale,
+                                                                                            self.codebook_lr_scale)):
             raise InputError("learning rates must be positive")
         if self.dilate < 0:
             raise InputError("the octree dilation must be >= 0")
@@ -77,6 +81,8 @@ class NeRFTrainConfig:
             raise InputError("--minutes must be positive")
         if self.refine < 0 or self.refine_rays <= 0:
             raise InputError("--refine must be >= 0 and --refine-rays positive")
+        if not 0.0 <= self.early_stop_eps < 1.0:
+            raise InputError(f"--early-stop-eps must be in [0, 1), got {self.early_stop_eps}")
 
 
 def dataset_info(dataset: SceneDataset) -> dict:
@@ -168,13 +174,16 @@ def step_lods(lods: list[int], mode: str, generator: torch.Generator) -> list[in
 
 
 def train_step(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, opts, batch: int, lods: list[int],
-               background: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor | None, float, int]:
+               background: torch.Tensor, generator: torch.Generator,
+               early_stop_eps: float = 0.0) -> tuple[torch.Tensor | None, float, int]:
     """One optimisation step. Returns the per-LOD MSE ``(len(lods),)`` (None if no ray hit an occupied
-    cell), the finest rendered LOD's PSNR on the batch, and the number of samples."""
+    cell), the finest rendered LOD's PSNR on the batch, and the number of samples evaluated
+    (after early ray termination at transmittance ``early_stop_eps``, see :func:`render_rays`)."""
     o, d, rgb, near, far = batcher.sample(batch, generator)
     jitter = torch.rand(batch, generator=generator).to(batcher.device)
     T.zero_grad(opts)
-    out, n_samples = render_rays(field, sampler, o, d, lods, background, near=near, far=far, jitter=jitter)
+    out, n_samples = render_rays(field, sampler, o, d, lods, background, near=near, far=far, jitter=jitter,
+                                 early_stop_eps=early_stop_eps)
     per_lod = ((out.rgb - rgb[None]) ** 2).mean(dim=(1, 2))  # (B,)
     if out.rgb.requires_grad:
         per_lod.sum().backward()
@@ -256,7 +265,8 @@ def model_sampler(field: NeRFField) -> OccupancySampler:
 
 def train_steps(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, steps: int, batch: int,
                 lr: float, grid_lr_scale: float, lod_mode: str = "all", seed: int = 0, quiet: bool = True,
-                desc: str = "", prune_every: int = 0, prune_warmup: int = 100, prune_decay: float = 0.95) -> float:
+                desc: str = "", prune_every: int = 0, prune_warmup: int = 100, prune_decay: float = 0.95,
+                early_stop_eps: float = 0.0) -> float:
     """A plain fit without checkpoints (the octree density pass uses it). Returns the last PSNR.
 
     With ``prune_every > 0`` the sampler's occupancy is re-tested every that many steps after
@@ -276,7 +286,7 @@ def train_steps(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher
         if prune_due(it, prune_every, prune_warmup):
             sampler.prune(field.density, sigma_thr, decay=prune_decay, generator=gen)
         lods = step_lods(field.lods, lod_mode, gen)
-        _, psnr, _ = train_step(field, sampler, batcher, opts, batch, lods, bg, gen)
+        _, psnr, _ = train_step(field, sampler, batcher, opts, batch, lods, bg, gen, early_stop_eps)
         prog.update(1, batch, psnr=psnr)
     prog.close()
     return psnr
@@ -303,18 +313,28 @@ class NeRFFitResult:
 def build_nerf_field(dataset: SceneDataset, grid_cfg: GridConfig, dec_cfg: DecoderConfig, nerf_cfg: NeRFConfig,
                      train_cfg: NeRFTrainConfig, device, quiet: bool = True) -> tuple[NeRFField, str]:
     """Octree (by ``train_cfg.octree``), grid and decoders on ``device``; returns the field and the octree method."""
-    from .octree_build import DensityPassConfig, build_octree
+    from .octree_build import octree_from_model
 
     grid_cfg.validate()
-    kwargs = {}
-    if train_cfg.octree in ("density", "auto"):
-        kwargs = {"cfg": DensityPassConfig(steps=train_cfg.density_steps), "quiet": quiet, "seed": train_cfg.seed}
-    octree, method = build_octree(dataset, train_cfg.octree, grid_cfg.base_level, grid_cfg.max_level, device,
-                                  dilate=train_cfg.dilate, **kwargs)
+    if train_cfg.octree_from:
+        octree = octree_from_model(train_cfg.octree_from, dataset, grid_cfg.base_level, grid_cfg.max_level, device)
+        method = "reused"
+    else:
+        octree, method = _new_octree(dataset, grid_cfg, train_cfg, device, quiet)
     torch.manual_seed(train_cfg.seed)
     grid = OctreeGrid.from_octree(octree, grid_cfg)
     field = NeRFField(grid, dec_cfg, nerf_cfg, dataset.normalization, dataset=dataset_info(dataset)).to(device)
     return field, method
+
+
+def _new_octree(dataset: SceneDataset, grid_cfg: GridConfig, train_cfg: NeRFTrainConfig, device, quiet: bool):
+    from .octree_build import DensityPassConfig, build_octree
+
+    kwargs = {}
+    if train_cfg.octree in ("density", "auto"):
+        kwargs = {"cfg": DensityPassConfig(steps=train_cfg.density_steps, early_stop_eps=train_cfg.early_stop_eps), "quiet": quiet, "seed": train_cfg.seed}
+    return build_octree(dataset, train_cfg.octree, grid_cfg.base_level, grid_cfg.max_level, device,
+                        dilate=train_cfg.dilate, **kwargs)
 
 
 def fit_nerf(
@@ -354,11 +374,13 @@ def fit_nerf(
         field.train()
         start = int(cfg.get("step", 0))
         method = cfg.get("octree_method", "?")
-        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale)
+        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale,
+                                 train_cfg.codebook_lr_scale)
         load_optimizer_state(ckpt_dir, opts, cfg)
     else:
         field, method = build_nerf_field(dataset, grid_cfg, dec_cfg, nerf_cfg or NeRFConfig(), train_cfg, device, quiet)
-        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale)
+        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale,
+                                 train_cfg.codebook_lr_scale)
     octree_seconds = time.perf_counter() - t_oct
     base_lrs = T.initial_lrs(opts)
     for name, o in opts.items():
@@ -398,7 +420,7 @@ def fit_nerf(
                     sampler.prune(density_fn, sigma_thr, decay=train_cfg.prune_decay, generator=gen)
                 lods = step_lods(field.lods, train_cfg.lod_mode, gen)
                 per_lod, psnr, n_samples = train_step(field, sampler, batcher, opts, train_cfg.batch_rays, lods,
-                                                      background, gen)
+                                                      background, gen, train_cfg.early_stop_eps)
                 total_samples += n_samples
                 rays_done += train_cfg.batch_rays
                 if (it + 1) % train_cfg.log_every == 0 or it == start:

@@ -37,10 +37,12 @@ def register(sub) -> None:
     p.add_argument("--grid-lr-scale", type=float, default=30.0, help="grid lr = lr × this")
     p.add_argument("--logit-lr-scale", type=float, default=0.0,
                    help="codebook logits C lr = lr × this (0: same as the grid)")
-    p.add_argument("--codebook-lr-scale", type=float, default=300.0,
-                   help="codebooks D lr = lr × this (0: same as the grid; default 300, measured on lego)")
-    p.add_argument("--early-stop-eps", type=float, default=1e-4,
-                   help="training skips samples behind transmittance below this (early ray termination; 0: off)")
+    p.add_argument("--codebook-lr-scale", type=float, default=0.0,
+                   help="codebooks D lr = lr × this (0: same as the grid; faster rates speed up early training "
+                        "but can kill every density, see docs/benchmarks/nerf.md)")
+    p.add_argument("--early-stop-eps", type=float, default=0.0,
+                   help="training skips samples behind transmittance below this (early ray termination; default 0: "
+                        "off, its density-only pre-pass cost more than it saved on lego and fern on a CPU)")
     p.add_argument("--refine", type=int, default=0,
                    help="Gauss–Newton index refinement sweeps after training (codebook only; default 0: they did "
                         "not raise test PSNR, see docs/benchmarks/nerf.md)")

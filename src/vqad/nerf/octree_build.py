@@ -239,7 +239,7 @@ class DensityPassConfig:
     probe_rays: int = 200_000  # training rays rendered to measure the weights
     prune_every: int = 25  # re-test the coarse occupancy every N steps (0: never), so empty space stops costing samples
     prune_warmup: int = 100
-    early_stop_eps: float = 1e-4  # training skips samples behind transmittance below this (0: keep all)
+    early_stop_eps: float = 0.0  # training skips samples behind transmittance below this (0: keep all)
 
 
 def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, device, dilate: int = 1,

@@ -50,12 +50,12 @@ class NeRFTrainConfig:
     lr: float = 5e-3  # decoders ψ_σ, ψ_c
     grid_lr_scale: float = 30.0  # features Z / logits C / codebooks D
     logit_lr_scale: float | None = None  # codebook logits C lr = lr × this (None: the grid's)
-    codebook_lr_scale: float | None = 300.0  # codebooks D lr = lr × this (None: the grid's); see docs/benchmarks/nerf.md
+    codebook_lr_scale: float | None = None  # codebooks D lr = lr × this (None: the grid's); see docs/benchmarks/nerf.md
     lod_mode: str = "finest+random"  # all | random | finest+random | finest
     prune_every: int = 50  # re-test the occupancy every N steps (0: never)
     prune_warmup: int = 100  # ... starting after this many steps
     prune_decay: float = 0.95
-    early_stop_eps: float = 1e-4  # drop training samples behind transmittance < this (0: keep all)
+    early_stop_eps: float = 0.0  # drop training samples behind transmittance < this (0: keep all; see docs/benchmarks/nerf.md)
     octree: str = "auto"  # auto | depth | mask | density
     dilate: int = 1  # octree margin in finest cells
     density_steps: int = 400  # steps of the coarse density pass (octree="density")

@@ -11,6 +11,8 @@ For each scene and method: fit (all LODs jointly) in its own process (so peak me
 then per LOD: PSNR and SSIM on the held-out views, grid bytes (cumulative up to the LOD) and the
 ratio to an fp16 dense grid; plus fit time, training throughput (rays/s) and peak memory. Writes a
 markdown report and a JSON beside it. LPIPS is not computed (it needs network weights, offline).
+A scene whose octree comes from a density pass (fern) runs the pass once: the scene's first fit
+computes it, its later fits in the same run reuse that octree (``--octree-from``).
 
     python benchmarks/bench_nerf.py --out docs/benchmarks/nerf.md [--device cpu] [--steps N]
         [--only lego,fern:dense,...] [--threads 2]

@@ -215,10 +215,7 @@ class NeRFField(nn.Module):
 
     def density(self, x: torch.Tensor, lod: int | None = None) -> torch.Tensor:
         """``σ (N,)`` alone (no colour MLP): used to prune empty space."""
-        lod = self.grid.octree.max_level if lod is None else lod
-        feats = self.grid.features(x, lod)
-        h_in = torch.cat([feats, x], dim=-1) if self.decoder_cfg.position_input else feats
-        return density_activation(self.decoder(h_in, lod)[:, 0], self.nerf_cfg.density_activation)
+        return self.densities(x, [self.grid.octree.max_level if lod is None else lod])[0]
 
     # -- the generic field interface (checkpoints, .vqad files) ----------------------------------
     def extra_config(self) -> dict:

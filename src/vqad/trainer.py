@@ -11,8 +11,9 @@ Parameters are grouped by identity (never by matching substrings of their names)
   changes when its argmax flips, and a faster logit rate lets it flip sooner (for SDFs, ×200 gave a
   ~20 % lower Chamfer-L1 than the grid's ×10 in a 600-step armadillo test; see docs/benchmarks/sdf.md).
 * codebooks D may also have their own rate, ``codebook_lr_scale`` × the decoder's: every step
-  touches all 2^b rows, each shared by thousands of vertices (radiance fields train them fastest
-  well above the grid's rate, see docs/benchmarks/nerf.md).
+  touches all 2^b rows, each shared by thousands of vertices (on lego a faster rate speeds early
+  training but not the end result, and kills every density on the built-in scene: off by default,
+  see docs/benchmarks/nerf.md).
 """
 
 from __future__ import annotations

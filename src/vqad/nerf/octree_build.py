@@ -74,8 +74,11 @@ def build_octree(dataset: SceneDataset, method: str, base_level: int, max_level:
     return octree_from_density(dataset, base_level, max_level, device, dilate=dilate, split=split, **kwargs), method
 
 
-def _resolved(path: str) -> str:
-    return str(Path(path).resolve()) if path else ""
+def _capture(info: dict) -> dict:
+    """What identifies the images a model was fitted to, from :func:`~vqad.nerf.train.dataset_info`."""
+    src = info.get("source") or ""
+    return {"name": info.get("name"), "source": str(Path(src).resolve()) if src else "",
+            "format": info.get("format"), "downscale": int(info.get("downscale") or 1)}
 
 
 def octree_from_model(source, dataset: SceneDataset, base_level: int, max_level: int, device) -> SparseOctree:
@@ -87,15 +90,13 @@ def octree_from_model(source, dataset: SceneDataset, base_level: int, max_level:
     and have the same finest level; its dilation margin comes with it.
     """
     from ..api import load
+    from .train import dataset_info
 
     field = load(source, device=device)
     if field.kind != "nerf":
         raise InputError(f"--octree-from: {source} holds a {field.kind!r} model, not a radiance field")
-    info = field.dataset
-    here = {"name": dataset.name, "source": _resolved(dataset.source), "format": dataset.format,
-            "downscale": int(dataset.downscale)}
-    theirs = {**{k: info.get(k) for k in here}, "source": _resolved(info.get("source") or "")}
-    diff = [f"{k} {theirs[k]!r} vs {v!r}" for k, v in here.items() if str(theirs[k]) != str(v)]
+    ours, theirs = _capture(dataset_info(dataset)), _capture(field.dataset)
+    diff = [f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in ours if theirs[k] != ours[k]]
     if diff:
         raise InputError(f"--octree-from: {source} was fitted to other images ({'; '.join(diff)}): "
                          "reuse the octree of a fit of this capture at the same --downscale")

@@ -234,35 +234,6 @@ def test_kmeans_storage_from_dense():
     assert s.reconstruction_error == 0.0 and torch.equal(s(torch.arange(5)), small.Z.detach())
 
 
-def test_codebook_warm_start_from_dense_starts_on_the_kmeans_codewords_and_trains():
-    torch.manual_seed(0)
-    dense = DenseStorage(400, 4)
-    dense.Z.data = torch.randn(400, 4)
-    s = B.codebook_from_dense(dense, 3, seed=5)
-    ref = B.kmeans(dense.Z.detach(), 8, seed=5)
-    assert isinstance(s, B.CodebookStorage) and not s.baked
-    assert torch.equal(s.D.detach(), ref.centroids) and torch.equal(s.indices(), ref.labels)
-    # logits: minus the squared distances in units of the mean k-means error (brute force)
-    d2 = ((dense.Z.detach()[:, None] - ref.centroids[None]) ** 2).sum(-1)
-    err = d2.gather(1, ref.labels[:, None]).mean()
-    assert torch.allclose(s.C.detach(), -d2 / err, rtol=1e-4, atol=1e-4)
-    s.eval()
-    ids = torch.randint(0, 400, (10, 8))
-    assert torch.equal(s(ids), ref.centroids[ref.labels[ids]])  # the forward value is the k-means grid's
-    # a higher temperature spreads the softmax: every vertex's top probability falls
-    hot = B.codebook_from_dense(dense, 3, temperature=4.0, seed=5)
-    assert (hot.C.softmax(1).max(1).values <= s.C.softmax(1).max(1).values + 1e-6).all()
-    assert torch.equal(hot.indices(), s.indices())
-    # it trains like a fresh codebook: sparse logits, dense codebook, both get gradients
-    s.train()
-    s(torch.arange(50)).pow(2).sum().backward()
-    assert s.C.grad.is_sparse and s.D.grad is not None and float(s.D.grad.abs().sum()) > 0
-    with pytest.raises(InputError, match="temperature"):
-        B.codebook_from_dense(dense, 3, temperature=0.0)
-    with pytest.raises(InputError, match="dense"):
-        B.codebook_from_dense(s, 3)
-
-
 # -- low rank against numpy SVD ------------------------------------------------------------------------
 def test_pca_matches_numpy_svd():
     x = dense_field(k=6).grid.storages[1].Z.detach().double()

@@ -295,43 +295,6 @@ def test_octree_from_an_earlier_fit_is_reused_and_checked(scene, fitted, tmp_pat
         fit_nerf(other, grid, dec, train, CPU, quiet=True)
 
 
-def test_dense_warmup_turns_into_the_codebook_asked_for_and_resumes(scene, tmp_path, monkeypatch):
-    import vqad.nerf.train as NT
-
-    grid = GridConfig(storage="codebook", features=4, bits=3, base_level=3, max_level=5)
-    dec = DecoderConfig(hidden=16, position_input=False)
-    train = NeRFTrainConfig(steps=20, batch_rays=256, octree="depth", prune_warmup=10, prune_every=5, dense_warmup=0.5)
-    res = fit_nerf(scene, grid, dec, train, CPU, out_dir=tmp_path / "a", quiet=True)
-    assert res.warm_start_step == 10 and res.field.grid.cfg.storage == "codebook"
-    assert all(s.kind == "codebook" and s.b == 3 for s in res.field.grid.storages)
-    assert load_checkpoint(tmp_path / "a" / "checkpoint", CPU)[0].grid.cfg.storage == "codebook"
-    # stopped inside the dense phase: the result is still the codebook asked for
-    short = fit_nerf(scene, grid, dec, NeRFTrainConfig(**{**train.__dict__, "dense_warmup": 0.99}), CPU, quiet=True)
-    assert short.warm_start_step == 20 and short.field.grid.cfg.storage == "codebook"
-    # interrupted in the dense phase: the checkpoint is dense; --resume switches at step 10 and goes on
-    calls = {"n": 0}
-    real_step = NT.train_step
-
-    def interrupting_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(NT, "train_step", interrupting_step)
-    with pytest.raises(KeyboardInterrupt):
-        fit_nerf(scene, grid, dec, train, CPU, out_dir=tmp_path / "b", quiet=True)
-    field, cfg = load_checkpoint(tmp_path / "b" / "checkpoint", CPU)
-    assert cfg["step"] == 7 and field.grid.cfg.storage == "dense"
-    monkeypatch.setattr(NT, "train_step", real_step)
-    res = fit_nerf(scene, grid, dec, train, CPU, out_dir=tmp_path / "b", resume=True, quiet=True)
-    assert res.history[0]["step"] == 8 and res.warm_start_step == 10 and res.field.grid.cfg.storage == "codebook"
-    # a dense grid is not warmed up into anything
-    res = fit_nerf(scene, GridConfig(storage="dense", features=4, base_level=3, max_level=5), dec, train, CPU,
-                   quiet=True)
-    assert res.warm_start_step is None and res.field.grid.cfg.storage == "dense"
-
-
 # -- CLI ----------------------------------------------------------------------------------------------
 def _err(capsys):
     err = capsys.readouterr().err.strip().splitlines()
@@ -347,7 +310,6 @@ def _err(capsys):
     (["--background", "pink"], "background"),
     (["--eval-views", "nope"], "no 'nope' views"),
     (["--logit-lr-scale", "-1"], "learning rates must be positive"),
-    (["--dense-warmup", "1.5"], "--dense-warmup is a fraction"),
 ])
 def test_fit_nerf_bad_arguments(tmp_path, capsys, extra, message):
     out = tmp_path / "run"

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
-from .storage import STORAGES, CodebookStorage, DenseStorage, FeatureStorage, TensorLayout, check_bits
+from .storage import STORAGES, DenseStorage, FeatureStorage, TensorLayout, check_bits
 
 MIN_TABLE_BITS, MAX_TABLE_BITS = 1, 24
 DEFAULT_TABLE_BITS = 14
@@ -533,49 +533,6 @@ STORAGES.update({"lowrank": LowRankStorage, "kmeans": KMeansStorage, "hash": Has
 
 
 # ================================================================================================
-# dense → VQ-AD warm start (a codebook initialised from trained dense features, then trained on)
-# ================================================================================================
-def codebook_from_dense(dense: DenseStorage, bits: int, temperature: float = 1.0, seed: int = 0,
-                        iters: int = KMEANS_ITERS) -> CodebookStorage:
-    """A *trainable* VQ-AD storage initialised from trained dense features ``Z (m, k)``.
-
-    ``D (2^b, k)`` = the k-means centroids of Z (:func:`kmeans`), and the logits
-    ``C_ij = −||Z_i − D_j||² / (temperature · ē)``, with ``ē`` the mean squared distance of a vertex to
-    its nearest centroid: every vertex starts on its k-means codeword (``argmax C = V``), and its
-    softmax spreads over the codewords within a few quantization errors of it, so the
-    straight-through gradient can still move it. Unlike :class:`KMeansStorage` (the paper's kmVQ,
-    no fine-tuning) this storage keeps training like one made by :meth:`CodebookStorage.create`.
-
-    Args:
-        dense: a trained, unbaked :class:`~vqad.storage.DenseStorage`.
-        bits: b; ``temperature``: > 0, larger spreads the initial softmax further.
-    """
-    _check_dense(dense)
-    check_bits(bits)
-    if not temperature > 0:
-        raise InputError(f"the warm-start temperature must be positive, got {temperature}")
-    Z = dense.Z.detach().float()
-    res = kmeans(Z, 1 << bits, seed=seed, iters=iters)
-    D = res.centroids
-    d2 = torch.cdist(Z, D).pow(2)  # (m, 2^b); m·2^b floats, as many as C itself
-    err = d2.gather(1, res.labels[:, None]).mean().clamp_min(1e-12)
-    s = CodebookStorage(dense.m, dense.k, bits=bits).to(Z.device)
-    s.D.data.copy_(D)
-    s.C.data.copy_(-d2 / (temperature * err))
-    return s
-
-
-def warm_start_codebook(grid, bits: int, temperature: float = 1.0, seed: int = 0) -> None:
-    """Turn a trained dense :class:`~vqad.grid.OctreeGrid` into a VQ-AD one in place, every level by
-    :func:`codebook_from_dense`; ``grid.cfg`` becomes ``storage="codebook", bits=bits``."""
-    if grid.cfg.storage != "dense":
-        raise InputError(f"a codebook warm start needs a dense grid, this one is {grid.cfg.storage!r}")
-    grid.storages = nn.ModuleList([codebook_from_dense(s, bits, temperature, seed=seed + i)
-                                   for i, s in enumerate(grid.storages)])
-    grid.cfg = replace(grid.cfg, storage="codebook", bits=bits)
-
-
-# ================================================================================================
 # post-hoc compression of a trained dense field
 # ================================================================================================
 def posthoc(field, kind: str, *, bits: int | None = None, rank: int | None = None, seed: int = 0,
@@ -627,7 +584,7 @@ def posthoc(field, kind: str, *, bits: int | None = None, rank: int | None = Non
 
 
 __all__ = [
-    "LowRankStorage", "KMeansStorage", "HashStorage", "posthoc", "codebook_from_dense", "warm_start_codebook", "pca", "kmeans", "kmeans_plus_plus",
+    "LowRankStorage", "KMeansStorage", "HashStorage", "posthoc", "pca", "kmeans", "kmeans_plus_plus",
     "nearest_centroid", "KMeansResult", "spatial_hash", "check_rank", "check_table_bits", "default_rank",
     "HASH_PRIMES", "MIN_TABLE_BITS", "MAX_TABLE_BITS", "DEFAULT_TABLE_BITS", "POSTHOC_KINDS",
 ]

@@ -43,11 +43,6 @@ def register(sub) -> None:
     p.add_argument("--early-stop-eps", type=float, default=0.0,
                    help="training skips samples behind transmittance below this (early ray termination; default 0: "
                         "off, its density-only pre-pass cost more than it saved on lego and fern on a CPU)")
-    p.add_argument("--dense-warmup", type=float, default=0.0, metavar="FRACTION",
-                   help="codebook grids: train a dense grid for this fraction of the fit (steps or --minutes), "
-                        "then k-means each level into the codebook D and logits C and train on (0: from scratch)")
-    p.add_argument("--warmup-temperature", type=float, default=1.0,
-                   help="softness of the warm-started logits C, in units of the k-means error")
     p.add_argument("--refine", type=int, default=0,
                    help="Gauss–Newton index refinement sweeps after training (codebook only; default 0: they did "
                         "not raise test PSNR, see docs/benchmarks/nerf.md)")
@@ -110,8 +105,7 @@ def _configs(args):
                             codebook_lr_scale=args.codebook_lr_scale or None, lod_mode=args.lod_mode, octree=args.octree, dilate=args.dilate, seed=args.seed,
                             max_minutes=args.minutes,
                             refine=args.refine, refine_rays=args.refine_rays,
-                            early_stop_eps=args.early_stop_eps, octree_from=args.octree_from,
-                            dense_warmup=args.dense_warmup, warmup_temperature=args.warmup_temperature)
+                            early_stop_eps=args.early_stop_eps, octree_from=args.octree_from)
     train.validate()
     if args.eval_max_views is not None and args.eval_max_views <= 0:
         raise InputError("--eval-max-views must be positive")

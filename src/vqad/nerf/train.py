@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field as dfield, replace
+from dataclasses import dataclass, field as dfield
 from pathlib import Path
 
 import torch
@@ -60,8 +60,6 @@ class NeRFTrainConfig:
     dilate: int = 1  # octree margin in finest cells
     density_steps: int = 400  # steps of the coarse density pass (octree="density")
     octree_from: str | None = None  # reuse the octree of this checkpoint / .vqad fit of the same capture
-    dense_warmup: float = 0.0  # codebook grids: train dense for this fraction of the fit, then k-means it into D, C
-    warmup_temperature: float = 1.0  # softness of the warm-started logits C (vqad.baselines.codebook_from_dense)
     max_minutes: float | None = None  # stop training after this long (the lr schedule follows time too)
     refine: int = 0  # Gauss–Newton index sweeps (vqad.refine) after the last step (codebook only; 0: none)
     refine_rays: int = 16384  # training rays each sweep sees
@@ -85,10 +83,6 @@ class NeRFTrainConfig:
             raise InputError("--refine must be >= 0 and --refine-rays positive")
         if not 0.0 <= self.early_stop_eps < 1.0:
             raise InputError(f"--early-stop-eps must be in [0, 1), got {self.early_stop_eps}")
-        if not 0.0 <= self.dense_warmup < 1.0:
-            raise InputError(f"--dense-warmup is a fraction of the fit in [0, 1), got {self.dense_warmup}")
-        if not self.warmup_temperature > 0:
-            raise InputError(f"--warmup-temperature must be positive, got {self.warmup_temperature}")
 
 
 def dataset_info(dataset: SceneDataset) -> dict:
@@ -314,7 +308,6 @@ class NeRFFitResult:
     peak_memory_bytes: int
     history: list = dfield(default_factory=list)
     refine_seconds: float = 0.0  # Gauss–Newton index sweeps after the last step (in ``seconds``)
-    warm_start_step: int | None = None  # the step at which the dense warm-up became codebooks (None: none here)
 
 
 def build_nerf_field(dataset: SceneDataset, grid_cfg: GridConfig, dec_cfg: DecoderConfig, nerf_cfg: NeRFConfig,
@@ -344,43 +337,6 @@ def _new_octree(dataset: SceneDataset, grid_cfg: GridConfig, train_cfg: NeRFTrai
                         dilate=train_cfg.dilate, **kwargs)
 
 
-def _optimizers(field: NeRFField, cfg: NeRFTrainConfig) -> dict:
-    opts = T.make_optimizers(field, cfg.lr, cfg.grid_lr_scale, cfg.logit_lr_scale, cfg.codebook_lr_scale)
-    for o in opts.values():
-        for g in o.param_groups:
-            g.setdefault("initial_lr", g["lr"])
-    return opts
-
-
-def phase_progress(progress: float, warmup: float, pending: bool) -> float:
-    """Where the cosine lr schedule stands at fit ``progress`` in [0, 1]. Without a dense warm-up
-    (``warmup`` 0) it is ``progress``; with one, the dense phase ``[0, warmup)`` and the codebook phase
-    ``[warmup, 1]`` each run a schedule of their own (``pending``: still in the dense phase)."""
-    if warmup <= 0:
-        return progress
-    if pending:
-        return min(progress / warmup, 1.0)
-    return min(max((progress - warmup) / (1.0 - warmup), 0.0), 1.0)
-
-
-def _warm_start(field: NeRFField, opts: dict, bits: int, cfg: NeRFTrainConfig) -> dict:
-    """End of the dense warm-up: the grid becomes VQ-AD codebooks (k-means of each level's Z,
-    :func:`vqad.baselines.warm_start_codebook`); returns the new optimizers, the decoders' Adam
-    moments carried over."""
-    from ..baselines import warm_start_codebook
-
-    old = opts["dense"]
-    grid_ids = {id(p) for p in field.grid.parameters()}
-    decoder = [p for p in field.parameters() if p.requires_grad and id(p) not in grid_ids]
-    with torch.no_grad():
-        warm_start_codebook(field.grid, bits, cfg.warmup_temperature, seed=cfg.seed)
-    new = _optimizers(field, cfg)
-    for p in decoder:
-        if p in old.state:
-            new["dense"].state[p] = old.state[p]
-    return new
-
-
 def fit_nerf(
     dataset: SceneDataset,
     grid_cfg: GridConfig,
@@ -406,7 +362,6 @@ def fit_nerf(
     train_cfg.validate()
     if "train" not in dataset.splits or len(dataset.splits["train"]) == 0:
         raise InputError(f"dataset {dataset.name!r} has no training views")
-    warmup = train_cfg.dense_warmup if grid_cfg.storage == "codebook" else 0.0
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
     start = 0
     t_oct = time.perf_counter()
@@ -419,15 +374,18 @@ def fit_nerf(
         field.train()
         start = int(cfg.get("step", 0))
         method = cfg.get("octree_method", "?")
-        opts = _optimizers(field, train_cfg)
+        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale,
+                                 train_cfg.codebook_lr_scale)
         load_optimizer_state(ckpt_dir, opts, cfg)
     else:
-        build_cfg = replace(grid_cfg, storage="dense") if warmup else grid_cfg
-        field, method = build_nerf_field(dataset, build_cfg, dec_cfg, nerf_cfg or NeRFConfig(), train_cfg, device, quiet)
-        opts = _optimizers(field, train_cfg)
-    warm_pending = bool(warmup) and field.grid.cfg.storage == "dense"  # still in the dense phase
+        field, method = build_nerf_field(dataset, grid_cfg, dec_cfg, nerf_cfg or NeRFConfig(), train_cfg, device, quiet)
+        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale,
+                                 train_cfg.codebook_lr_scale)
     octree_seconds = time.perf_counter() - t_oct
     base_lrs = T.initial_lrs(opts)
+    for name, o in opts.items():
+        for g, lr in zip(o.param_groups, base_lrs[name]):
+            g.setdefault("initial_lr", lr)
     batcher = RayBatcher(dataset.splits["train"], dataset, device)
     background = torch.tensor(dataset.background, dtype=torch.float32, device=device)
     sampler = make_sampler(field)
@@ -448,7 +406,6 @@ def fit_nerf(
     prog = T.Progress(train_cfg.steps, start, "rays", quiet=quiet)
     t0 = time.perf_counter()
     history: list = []
-    warm_step = None
     loss_val, psnr = float("nan"), float("nan")
     total_samples, rays_done = 0, 0
     it = start
@@ -458,15 +415,7 @@ def fit_nerf(
                 progress = T.progress_or_stop(it, train_cfg.steps, t0, train_cfg.max_minutes)
                 if progress is None:
                     break
-                if warm_pending and progress >= warmup:
-                    opts = _warm_start(field, opts, grid_cfg.bits, train_cfg)
-                    base_lrs = T.initial_lrs(opts)
-                    warm_pending = False
-                    warm_step = it
-                    if not quiet:
-                        tqdm.write(f"step {it}: dense warm-up done, k-means → {grid_cfg.bits}-bit codebooks, "
-                                   "training on")
-                T.cosine_lr(opts, base_lrs, int(phase_progress(progress, warmup, warm_pending) * 100_000), 100_000)
+                T.cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000)
                 if prune_due(it, train_cfg.prune_every, train_cfg.prune_warmup):
                     sampler.prune(density_fn, sigma_thr, decay=train_cfg.prune_decay, generator=gen)
                 lods = step_lods(field.lods, train_cfg.lod_mode, gen)
@@ -502,9 +451,6 @@ def fit_nerf(
         refine_seconds = time.perf_counter() - t_ref
     prog.close()
     steps_done = it
-    if warm_pending:  # stopped inside the dense phase: the result must still be the codebook asked for
-        opts = _warm_start(field, opts, grid_cfg.bits, train_cfg)
-        warm_step = it
     save(steps_done)
     seconds = time.perf_counter() - t0
     # the model's own deterministic pruning: what render / eval will use
@@ -524,5 +470,4 @@ def fit_nerf(
         final_psnr=psnr,
         peak_memory_bytes=peak_memory_bytes(device),
         history=history,
-        warm_start_step=warm_step,
     )

@@ -127,6 +127,29 @@ def test_octree_from_depth_contains_surface(scene):
     assert octree.num_cells(6) < 0.25 * 64 ** 3
 
 
+def test_auto_step_ratio_keeps_samples_per_ray_near_the_budget(scene):
+    from vqad.nerf.train import AUTO_SAMPLES_PER_RAY, RayBatcher, auto_step_ratio, build_nerf_field
+
+    octree = octree_from_depth(scene, 2, 5, CPU, dilate=1)
+    ratio, n = auto_step_ratio(octree, scene, CPU)
+    # brute force: march the same probe rays one finest cell per step and count
+    batcher = RayBatcher(scene.splits["train"], scene, CPU)
+    o, d, _, near, far = batcher.sample(4096, torch.Generator().manual_seed(0))
+    counts = OccupancySampler(octree, step=2.0 / 32).march(o, d, near=near, far=far).ray_indices.bincount(minlength=4096)
+    assert n == pytest.approx(counts.float().mean().item())
+    assert 0 < n < AUTO_SAMPLES_PER_RAY * 1.5 and ratio == 1.0  # a thin shell keeps one cell
+    assert auto_step_ratio(octree, scene, CPU, budget=n / 3)[0] == 3.0  # a thick one marches round(n / budget)
+    assert auto_step_ratio(octree, scene, CPU, budget=n * 10)[0] == 1.0  # never below one cell
+    # build_nerf_field resolves step_ratio=None ("auto") and the field keeps the number
+    grid = GridConfig(storage="dense", features=4, base_level=2, max_level=5)
+    train = NeRFTrainConfig(steps=1, octree="depth")
+    field, _ = build_nerf_field(scene, grid, DecoderConfig(hidden=16, position_input=False), NeRFConfig(step_ratio=None),
+                                train, CPU)
+    assert field.nerf_cfg.step_ratio == 1.0
+    with pytest.raises(InputError, match="marching step"):
+        NeRFField(field.grid, DecoderConfig(hidden=16, position_input=False), NeRFConfig(step_ratio=None))
+
+
 def test_octree_from_masks_contains_surface(scene):
     octree = octree_from_masks(scene, 2, 6, CPU, dilate=1)
     assert octree.contains(_surface_points(scene)).float().mean() > 0.999
@@ -310,6 +333,8 @@ def _err(capsys):
     (["--background", "pink"], "background"),
     (["--eval-views", "nope"], "no 'nope' views"),
     (["--logit-lr-scale", "-1"], "learning rates must be positive"),
+    (["--step-ratio", "0"], "'auto' or a positive number"),
+    (["--step-ratio", "fast"], "'auto' or a positive number"),
 ])
 def test_fit_nerf_bad_arguments(tmp_path, capsys, extra, message):
     out = tmp_path / "run"
@@ -340,6 +365,7 @@ def test_cli_fit_eval_render(tmp_path, capsys):
     assert "ratio: grid" in text and "LOD 4: PSNR" in text
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["lods"]) == {"2", "3", "4"} and m["octree_method"] == "mask"
+    assert m["nerf"]["step_ratio"] == 1.0  # --step-ratio auto, resolved (a thin mask octree) and recorded
     assert (out / "test_lod4" / "test_000.png").is_file() and (out / "test_lod2" / "test_001_depth.png").is_file()
     assert cli_main(["eval", str(out / "checkpoint"), "--lod", "3", "--max-views", "1", "--views", "val"]) == 0
     assert "LOD 3: PSNR" in capsys.readouterr().out

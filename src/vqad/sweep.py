@@ -482,10 +482,11 @@ class NeRFTask:
         from .nerf.train import NeRFTrainConfig, fit_nerf
 
         c = self.cfg
-        # vqad fit-nerf's defaults; one width for the density and the colour MLP
+        # vqad fit-nerf's defaults (the marching step chosen from the octree); one width for both MLPs
         train = NeRFTrainConfig(steps=c.steps, batch_rays=c.batch, octree=c.octree, seed=c.seed, max_minutes=c.minutes)
         res = fit_nerf(self.dataset, grid_cfg, DecoderConfig(hidden=c.hidden, position_input=False), train, self.device,
-                       out_dir=work, resume=resume, quiet=c.quiet, nerf_cfg=NeRFConfig(color_hidden=c.hidden))
+                       out_dir=work, resume=resume, quiet=c.quiet,
+                       nerf_cfg=NeRFConfig(color_hidden=c.hidden, step_ratio=None))
         return res.field, res.steps
 
     def evaluate(self, field, lod: int) -> dict:

@@ -13,6 +13,19 @@ from .common import add_device_arg, add_grid_args, ensure_writable_dir, grid_con
 FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "procedural"]
 
 
+def _step_ratio(text: str) -> float | None:
+    """``--step-ratio``: ``auto`` (None) or a positive number of finest cells."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise InputError(f"--step-ratio takes 'auto' or a positive number of finest cells, got {text!r}")
+    return value
+
+
 def register(sub) -> None:
     p = sub.add_parser("fit-nerf", help="fit a VQ-AD (or dense) radiance field to posed images")
     p.add_argument("dataset", help="dataset directory, or 'procedural' for the built-in scene")
@@ -49,7 +62,9 @@ def register(sub) -> None:
     p.add_argument("--refine-rays", type=int, default=16384, help="training rays each refinement sweep sees")
     p.add_argument("--hidden", type=int, default=64, help="density MLP width")
     p.add_argument("--color-hidden", type=int, default=64, help="colour MLP width")
-    p.add_argument("--step-ratio", type=float, default=1.0, help="ray-marching step, in finest cells")
+    p.add_argument("--step-ratio", default="auto", metavar="auto|S",
+                   help="ray-marching step, in finest cells (default auto: whole cells that keep the octree near "
+                        "20 samples per ray; 1 on thin octrees from masks or depth)")
     p.add_argument("--per-lod-decoder", action="store_true", help="one pair of MLPs per LOD instead of shared ones")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (checkpoint, metrics, renders)")
@@ -98,7 +113,7 @@ def _configs(args):
     if args.hidden <= 0 or args.color_hidden <= 0:
         raise InputError("--hidden and --color-hidden must be positive")
     dec = DecoderConfig(hidden=args.hidden, layers=1, per_lod=args.per_lod_decoder, position_input=False)
-    nerf = NeRFConfig(color_hidden=args.color_hidden, step_ratio=args.step_ratio)
+    nerf = NeRFConfig(color_hidden=args.color_hidden, step_ratio=_step_ratio(args.step_ratio))
     nerf.validate()
     train = NeRFTrainConfig(steps=args.steps, batch_rays=args.batch_rays, lr=args.lr, grid_lr_scale=args.grid_lr_scale,
                             logit_lr_scale=args.logit_lr_scale or None,
@@ -148,7 +163,8 @@ def cmd_fit_nerf(args) -> int:
     for line in size_lines(field):
         print(line)
     summary = {
-        "dataset": field.dataset, "grid": grid_cfg.__dict__, "steps": res.steps, "fit_seconds": res.seconds,
+        "dataset": field.dataset, "grid": grid_cfg.__dict__, "nerf": dict(field.nerf_cfg.__dict__),
+        "steps": res.steps, "fit_seconds": res.seconds,
         "octree_method": res.octree_method, "octree_seconds": res.octree_seconds,
         "rays_per_second": res.rays_per_second, "samples_per_ray": res.samples_per_ray,
         "refine_seconds": res.refine_seconds, "peak_memory_bytes": res.peak_memory_bytes, "size": field.size_report(), "history": res.history,

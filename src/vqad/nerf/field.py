@@ -40,7 +40,7 @@ class NeRFConfig:
     sh_degree: int = 3  # view-direction encoding: real spherical harmonics of degree 0..3, (deg+1)^2 terms
     density_activation: str = "trunc_exp"  # trunc_exp | softplus
     # how the model is rendered (stored with it, so a loaded model renders as it was trained)
-    step_ratio: float = 1.0  # ray-marching step, in finest cells
+    step_ratio: float | None = 1.0  # ray-marching step, in finest cells (None: chosen from the octree when fitting)
     prune_alpha: float = 0.005  # a cell counts as empty where one marching step absorbs less than this
 
     def validate(self) -> None:
@@ -50,7 +50,7 @@ class NeRFConfig:
             raise InputError(
                 f"unknown density activation {self.density_activation!r}: choose one of {', '.join(DENSITY_ACTIVATIONS)}"
             )
-        if not self.step_ratio > 0 or not 0 <= self.prune_alpha < 1:
+        if (self.step_ratio is not None and not self.step_ratio > 0) or not 0 <= self.prune_alpha < 1:
             raise InputError("step_ratio must be > 0 and prune_alpha in [0, 1)")
         if self.geo_features < 0 or self.color_hidden <= 0 or self.color_layers < 0:
             raise InputError("geo_features must be >= 0, color_hidden > 0 and color_layers >= 0")
@@ -142,6 +142,9 @@ class NeRFField(nn.Module):
         super().__init__()
         self.nerf_cfg = nerf_cfg or NeRFConfig()
         self.nerf_cfg.validate()
+        if self.nerf_cfg.step_ratio is None:
+            raise InputError("a radiance field needs a marching step: step_ratio=None ('auto') is resolved from the "
+                             "octree by vqad.nerf.train.build_nerf_field; pass a number to build a field directly")
         self.grid = grid
         self.decoder_cfg = decoder_cfg
         self.normalization = normalization or Normalization()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field as dfield
+from dataclasses import dataclass, field as dfield, replace
 from pathlib import Path
 
 import torch
@@ -310,9 +310,33 @@ class NeRFFitResult:
     refine_seconds: float = 0.0  # Gauss–Newton index sweeps after the last step (in ``seconds``)
 
 
+AUTO_SAMPLES_PER_RAY = 20.0  # the marching budget that --step-ratio auto aims at (docs/benchmarks/nerf.md, fern)
+
+
+@torch.no_grad()
+def auto_step_ratio(octree, dataset: SceneDataset, device, budget: float = AUTO_SAMPLES_PER_RAY,
+                    probe_rays: int = 4096, seed: int = 0) -> tuple[float, float]:
+    """The marching step, in whole finest cells, that keeps the octree's samples per ray near ``budget``.
+
+    ``probe_rays`` training rays are marched through the unpruned octree one finest cell per step;
+    with ``n`` samples per ray on average, the step is ``n / budget`` cells rounded, and at least one. Thin
+    octrees (carved from masks or depth: lego 8–12 samples per ray) keep one cell; the thick ones a
+    density pass leaves in front of forward-facing scenes (fern: ~45) march two. Returns
+    ``(step_ratio, n)``.
+    """
+    sampler = OccupancySampler(octree, step=2.0 / (1 << octree.max_level))
+    batcher = RayBatcher(dataset.splits["train"], dataset, device)
+    o, d, _, near, far = batcher.sample(min(probe_rays, batcher.num_rays), torch.Generator().manual_seed(seed))
+    n = len(sampler.march(o, d, near=near, far=far)) / o.shape[0]
+    return float(max(1, math.floor(n / budget + 0.5))), n  # halves round up (Python's round() would go to even)
+
+
 def build_nerf_field(dataset: SceneDataset, grid_cfg: GridConfig, dec_cfg: DecoderConfig, nerf_cfg: NeRFConfig,
                      train_cfg: NeRFTrainConfig, device, quiet: bool = True) -> tuple[NeRFField, str]:
-    """Octree (by ``train_cfg.octree``), grid and decoders on ``device``; returns the field and the octree method."""
+    """Octree (by ``train_cfg.octree``), grid and decoders on ``device``; returns the field and the octree method.
+
+    ``nerf_cfg.step_ratio=None`` (``--step-ratio auto``) is resolved here from the octree by
+    :func:`auto_step_ratio`; the field stores the resolved step, so it renders as it was trained."""
     from .octree_build import octree_from_model
 
     grid_cfg.validate()
@@ -321,6 +345,12 @@ def build_nerf_field(dataset: SceneDataset, grid_cfg: GridConfig, dec_cfg: Decod
         method = "reused"
     else:
         octree, method = _new_octree(dataset, grid_cfg, train_cfg, device, quiet)
+    if nerf_cfg.step_ratio is None:
+        ratio, n = auto_step_ratio(octree, dataset, device, seed=train_cfg.seed)
+        nerf_cfg = replace(nerf_cfg, step_ratio=ratio)
+        if not quiet:
+            cells = f"{ratio:g} finest cell" + ("" if ratio == 1 else "s")
+            print(f"marching step: {cells} (auto: {n:.1f} samples per ray at one cell, budget {AUTO_SAMPLES_PER_RAY:g})")
     torch.manual_seed(train_cfg.seed)
     grid = OctreeGrid.from_octree(octree, grid_cfg)
     field = NeRFField(grid, dec_cfg, nerf_cfg, dataset.normalization, dataset=dataset_info(dataset)).to(device)

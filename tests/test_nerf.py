@@ -186,6 +186,33 @@ def test_train_steps_prunes_empty_space_but_keeps_the_surface(scene):
     assert sampler.occupancy[sampler._flat_index(surface)].float().mean() > 0.95  # the surface was not
 
 
+def test_coarse_weight_scales_only_the_coarser_lods_loss(scene):
+    """grad(Σ w_l MSE_l) on LODs {2, 4} = w · grad(MSE_2) + grad(MSE_4), on the same rays and jitter."""
+    from vqad.nerf.train import RayBatcher, train_step
+
+    torch.manual_seed(0)
+    octree = SparseOctree.dense(2, 4, device=CPU)
+    grid = OctreeGrid.from_octree(octree, GridConfig(storage="codebook", features=4, bits=3, base_level=2,
+                                                     max_level=4))
+    field = NeRFField(grid, DecoderConfig(hidden=16, position_input=False),
+                      NeRFConfig(color_hidden=16, step_ratio=1.0), scene.normalization)
+    sampler = OccupancySampler(octree)
+    batcher = RayBatcher(scene.splits["train"], scene, CPU)
+
+    def grads(lods, w):
+        field.zero_grad(set_to_none=True)
+        train_step(field, sampler, batcher, {}, 128, lods, torch.ones(3), torch.Generator().manual_seed(3),
+                   coarse_weight=w)
+        return torch.cat([(p.grad.to_dense() if p.grad.is_sparse else p.grad).flatten()
+                          if p.grad is not None else torch.zeros(p.numel()) for p in field.parameters()])
+
+    both = grads([2, 4], 0.25)
+    expected = 0.25 * grads([2], 1.0) + grads([4], 1.0)
+    assert both.abs().max() > 0
+    torch.testing.assert_close(both, expected, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(both, grads([2, 4], 1.0))
+
+
 def test_empty_octrees_are_input_errors(scene):
     from dataclasses import replace
 
@@ -335,6 +362,7 @@ def _err(capsys):
     (["--logit-lr-scale", "-1"], "learning rates must be positive"),
     (["--step-ratio", "0"], "'auto' or a positive number"),
     (["--step-ratio", "fast"], "'auto' or a positive number"),
+    (["--coarse-weight", "0"], "--coarse-weight must be in (0, 1]"),
 ])
 def test_fit_nerf_bad_arguments(tmp_path, capsys, extra, message):
     out = tmp_path / "run"

@@ -46,6 +46,8 @@ def register(sub) -> None:
     p.add_argument("--dilate", type=int, default=1, help="octree margin in finest cells")
     p.add_argument("--lod-mode", choices=["all", "random", "finest+random", "finest"], default="finest+random",
                    help="LODs rendered per training step")
+    p.add_argument("--coarse-weight", type=float, default=1.0,
+                   help="weight of the coarser LODs' loss against the finest's (0 < w <= 1)")
     p.add_argument("--lr", type=float, default=5e-3, help="decoder learning rate")
     p.add_argument("--grid-lr-scale", type=float, default=30.0, help="grid lr = lr × this")
     p.add_argument("--logit-lr-scale", type=float, default=0.0,
@@ -117,7 +119,7 @@ def _configs(args):
     nerf.validate()
     train = NeRFTrainConfig(steps=args.steps, batch_rays=args.batch_rays, lr=args.lr, grid_lr_scale=args.grid_lr_scale,
                             logit_lr_scale=args.logit_lr_scale or None,
-                            codebook_lr_scale=args.codebook_lr_scale or None, lod_mode=args.lod_mode, octree=args.octree, dilate=args.dilate, seed=args.seed,
+                            codebook_lr_scale=args.codebook_lr_scale or None, lod_mode=args.lod_mode, coarse_weight=args.coarse_weight, octree=args.octree, dilate=args.dilate, seed=args.seed,
                             max_minutes=args.minutes,
                             refine=args.refine, refine_rays=args.refine_rays,
                             early_stop_eps=args.early_stop_eps, octree_from=args.octree_from)

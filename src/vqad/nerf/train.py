@@ -8,12 +8,14 @@ One training step, from pixel to loss:
    (packed, with ``ray_indices``);
 3. the field evaluates σ and RGB at every sample for the step's LODs, sharing one grid lookup;
 4. :func:`~vqad.nerf.render.volume_render` composites them on the background;
-5. the loss is ``Σ_LOD mean ||C_LOD − C_gt||²``; sparse grid rows go to SparseAdam, the codebooks
-   and MLPs to Adam, the grid at ``grid_lr_scale`` × the decoder's learning rate.
+5. the loss is ``Σ_LOD w_LOD · mean ||C_LOD − C_gt||²`` (``w = 1`` for the finest LOD,
+   ``coarse_weight`` for the others); sparse grid rows go to SparseAdam, the codebooks and MLPs to
+   Adam, the grid at ``grid_lr_scale`` × the decoder's learning rate.
 
 Which LODs a step renders (``lod_mode``): ``all`` (every LOD, every step), ``random`` (one LOD drawn
-uniformly) or ``finest+random`` (the finest plus one coarser LOD drawn uniformly). See
-docs/benchmarks/nerf.md for the measurements behind the default.
+uniformly), ``finest+random`` (the finest plus one coarser LOD drawn uniformly: the default, best at
+every LOD in equal time on lego) or ``finest``; ``coarse_weight`` scales the coarser LODs' loss. The
+measurements are in docs/benchmarks/nerf.md ("Which LODs a training step renders").
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class NeRFTrainConfig:
     logit_lr_scale: float | None = None  # codebook logits C lr = lr × this (None: the grid's)
     codebook_lr_scale: float | None = None  # codebooks D lr = lr × this (None: the grid's); see docs/benchmarks/nerf.md
     lod_mode: str = "finest+random"  # all | random | finest+random | finest
+    coarse_weight: float = 1.0  # weight of the LODs coarser than the finest in a step's loss (the finest: 1)
     prune_every: int = 50  # re-test the occupancy every N steps (0: never)
     prune_warmup: int = 100  # ... starting after this many steps
     prune_decay: float = 0.95
@@ -77,6 +80,8 @@ class NeRFTrainConfig:
             raise InputError("learning rates must be positive")
         if self.dilate < 0:
             raise InputError("the octree dilation must be >= 0")
+        if not 0 < self.coarse_weight <= 1:
+            raise InputError(f"--coarse-weight must be in (0, 1], got {self.coarse_weight}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise InputError("--minutes must be positive")
         if self.refine < 0 or self.refine_rays <= 0:
@@ -175,18 +180,21 @@ def step_lods(lods: list[int], mode: str, generator: torch.Generator) -> list[in
 
 def train_step(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, opts, batch: int, lods: list[int],
                background: torch.Tensor, generator: torch.Generator,
-               early_stop_eps: float = 0.0) -> tuple[torch.Tensor | None, float, int]:
-    """One optimisation step. Returns the per-LOD MSE ``(len(lods),)`` (None if no ray hit an occupied
-    cell), the finest rendered LOD's PSNR on the batch, and the number of samples evaluated
+               early_stop_eps: float = 0.0, coarse_weight: float = 1.0) -> tuple[torch.Tensor | None, float, int]:
+    """One optimisation step on ``Σ_LOD w_LOD · MSE_LOD``, ``w = 1`` for the field's finest LOD and
+    ``coarse_weight`` for the coarser ones. Returns the per-LOD MSE ``(len(lods),)`` (None if no ray hit
+    an occupied cell), the finest rendered LOD's PSNR on the batch, and the number of samples evaluated
     (after early ray termination at transmittance ``early_stop_eps``, see :func:`render_rays`)."""
     o, d, rgb, near, far = batcher.sample(batch, generator)
     jitter = torch.rand(batch, generator=generator).to(batcher.device)
     T.zero_grad(opts)
     out, n_samples = render_rays(field, sampler, o, d, lods, background, near=near, far=far, jitter=jitter,
                                  early_stop_eps=early_stop_eps)
-    per_lod = ((out.rgb - rgb[None]) ** 2).mean(dim=(1, 2))  # (B,)
+    per_lod = ((out.rgb - rgb[None]) ** 2).mean(dim=(1, 2))  # (n_lods,)
     if out.rgb.requires_grad:
-        per_lod.sum().backward()
+        finest = field.lods[-1]
+        w = [1.0 if lod == finest else coarse_weight for lod in lods]
+        (per_lod * per_lod.new_tensor(w)).sum().backward()
         T.step(opts)
     mse_last = float(per_lod[-1].detach())
     return per_lod.detach(), -10.0 * math.log10(max(mse_last, 1e-12)), n_samples
@@ -449,7 +457,8 @@ def fit_nerf(
                     sampler.prune(density_fn, sigma_thr, decay=train_cfg.prune_decay, generator=gen)
                 lods = step_lods(field.lods, train_cfg.lod_mode, gen)
                 per_lod, psnr, n_samples = train_step(field, sampler, batcher, opts, train_cfg.batch_rays, lods,
-                                                      background, gen, train_cfg.early_stop_eps)
+                                                      background, gen, train_cfg.early_stop_eps,
+                                                      train_cfg.coarse_weight)
                 total_samples += n_samples
                 rays_done += train_cfg.batch_rays
                 if (it + 1) % train_cfg.log_every == 0 or it == start:

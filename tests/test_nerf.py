@@ -188,16 +188,9 @@ def test_train_steps_prunes_empty_space_but_keeps_the_surface(scene):
 
 def test_coarse_weight_scales_only_the_coarser_lods_loss(scene):
     """grad(Σ w_l MSE_l) on LODs {2, 4} = w · grad(MSE_2) + grad(MSE_4), on the same rays and jitter."""
-    from vqad.nerf.train import RayBatcher, train_step
+    from vqad.nerf.train import train_step
 
-    torch.manual_seed(0)
-    octree = SparseOctree.dense(2, 4, device=CPU)
-    grid = OctreeGrid.from_octree(octree, GridConfig(storage="codebook", features=4, bits=3, base_level=2,
-                                                     max_level=4))
-    field = NeRFField(grid, DecoderConfig(hidden=16, position_input=False),
-                      NeRFConfig(color_hidden=16, step_ratio=1.0), scene.normalization)
-    sampler = OccupancySampler(octree)
-    batcher = RayBatcher(scene.splits["train"], scene, CPU)
+    field, sampler, batcher = _tiny_trainable(scene)
 
     def grads(lods, w):
         field.zero_grad(set_to_none=True)
@@ -211,6 +204,68 @@ def test_coarse_weight_scales_only_the_coarser_lods_loss(scene):
     assert both.abs().max() > 0
     torch.testing.assert_close(both, expected, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(both, grads([2, 4], 1.0))
+
+
+def _tiny_trainable(scene):
+    from vqad.nerf.train import RayBatcher
+
+    torch.manual_seed(0)
+    octree = SparseOctree.dense(2, 4, device=CPU)
+    grid = OctreeGrid.from_octree(octree, GridConfig(storage="codebook", features=4, bits=3, base_level=2,
+                                                     max_level=4))
+    field = NeRFField(grid, DecoderConfig(hidden=16, position_input=False),
+                      NeRFConfig(color_hidden=16, step_ratio=1.0), scene.normalization)
+    return field, OccupancySampler(octree), RayBatcher(scene.splits["train"], scene, CPU)
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped(scene):
+    """A NaN gradient anywhere leaves every parameter as it was (instead of poisoning the model)."""
+    from vqad import trainer as T
+    from vqad.nerf.train import train_step
+
+    field, sampler, batcher = _tiny_trainable(scene)
+    opts = T.make_optimizers(field, 5e-3, 30.0)
+    before = [p.detach().clone() for p in field.parameters()]
+    hook = field.color.mlps[0].net[0].weight.register_hook(lambda g: g * float("nan"))
+    per_lod, psnr, n, stepped = train_step(field, sampler, batcher, opts, 128, [2, 4], torch.ones(3),
+                                           torch.Generator().manual_seed(0))
+    assert not stepped and n > 0 and math.isfinite(psnr)
+    for a, b in zip(before, field.parameters()):
+        assert torch.equal(a, b.detach())
+    hook.remove()
+    _, _, _, stepped = train_step(field, sampler, batcher, opts, 128, [2, 4], torch.ones(3),
+                                  torch.Generator().manual_seed(0))
+    assert stepped and any(not torch.equal(a, b.detach()) for a, b in zip(before, field.parameters()))
+
+
+def test_huge_raw_densities_stay_finite_and_never_empty_the_octree(scene):
+    from vqad.nerf.field import trunc_exp
+
+    x = torch.tensor([0.0, 15.0, 100.0, 1e4], requires_grad=True)
+    y = trunc_exp(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert y[0] == 1.0 and y[2] == y[1]  # exp below the clamp, e^15 above it
+    sampler = OccupancySampler(SparseOctree.dense(2, 3, device=CPU))
+    kept = sampler.prune(lambda p: torch.full((p.shape[0],), float("nan")), 0.01, decay=0.95,
+                         generator=torch.Generator().manual_seed(0))
+    assert kept == 1.0 and sampler.occupancy.any()
+
+
+def test_a_fit_whose_steps_keep_failing_stops_with_a_clear_error(scene, tmp_path, monkeypatch):
+    """Every step's loss is NaN (the colour head's bias is): steps are skipped, then the fit stops."""
+    from vqad.errors import TrainingDivergedError
+
+    def nan_colour_head(field):
+        with torch.no_grad():
+            field.color.mlps[0].net[-1].bias.fill_(float("nan"))
+
+    monkeypatch.setattr(NeRFField, "_init_density_bias", lambda self: nan_colour_head(self))
+    grid = GridConfig(storage="codebook", features=4, bits=3, base_level=2, max_level=4)
+    cfg = NeRFTrainConfig(steps=100, batch_rays=64, octree="depth", prune_every=0)
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step 20: 20 steps in a row.*lower --lr"):
+        fit_nerf(scene, grid, DecoderConfig(hidden=16, position_input=False), cfg, CPU, out_dir=tmp_path / "run",
+                 quiet=True, nerf_cfg=NeRFConfig(step_ratio=1.0))
 
 
 def test_empty_octrees_are_input_errors(scene):

@@ -142,3 +142,34 @@ def test_sparse_grid_evaluation_matches_dense_near_the_surface(resolution):
     far = sparse != dense
     assert far.any() and frac < 0.5
     assert sum(calls) < 0.6 * resolution ** 3  # coarse lattice + the evaluated blocks
+
+
+def test_non_finite_steps_are_skipped_then_the_fit_stops_with_a_clear_error(monkeypatch):
+    """A step with a non-finite gradient leaves the model alone; twenty in a row stop the fit."""
+    from vqad.errors import TrainingDivergedError
+
+    mesh = _sphere_mesh(0.5, subdiv=2)
+    grid = GridConfig(storage="codebook", features=4, bits=2, base_level=2, max_level=4)
+    train = SDFTrainConfig(steps=60, batch=512, pool_size=5000, resample_every=10, lr=3e-3, grid_lr_scale=50)
+    seen = {"n": 0}
+
+    def bad_grads(opts):
+        seen["n"] += 1
+        return False
+
+    monkeypatch.setattr(trainer, "grads_finite", bad_grads)
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step 20: .*lower --lr \(now 0.003\) or "
+                                                    r"--grid-lr-scale \(now 50\)"):
+        fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)
+    assert seen["n"] == 20
+
+
+def test_safe_step_applies_only_finite_steps():
+    w = torch.nn.Parameter(torch.ones(3))
+    opts = {"dense": torch.optim.SGD([w], lr=0.5)}
+    (w.sum() * float("inf")).backward()
+    assert not trainer.safe_step(opts, torch.tensor(float("inf")))
+    assert torch.equal(w.detach(), torch.ones(3)) and w.grad is None
+    w.sum().backward()
+    assert trainer.safe_step(opts, torch.tensor(1.0))
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.5))

@@ -14,6 +14,10 @@ class InputError(VqadError):
     """An input file or argument is missing, unreadable or invalid."""
 
 
+class TrainingDivergedError(VqadError):
+    """Training produced non-finite losses or gradients step after step; the message says what to lower."""
+
+
 class StreamError(VqadError):
     """A .vqad stream cannot be decoded."""
 

@@ -144,6 +144,7 @@ def fit_sdf(
     refine_seconds = 0.0
     it = start
     interrupted = False
+    guard = T.DivergenceGuard(train_cfg.lr, train_cfg.grid_lr_scale, ckpt_dir)  # non-finite steps are skipped
     try:
         with T.interrupt_guard():
             for it in range(start, train_cfg.steps):
@@ -171,7 +172,7 @@ def fit_sdf(
                     for st in field.grid.storages:  # the tail: sweeps pick the indices, steps fit D and ψ
                         if isinstance(st, CodebookStorage) and not st.baked:
                             st.C.grad = None
-                T.step(opts)
+                guard.after(it, T.safe_step(opts, loss))
                 if (it + 1) % train_cfg.log_every == 0 or it == start:
                     loss_val = float(loss.detach())
                     history.append({"step": it + 1, "loss": loss_val, "per_lod": per_lod.detach().tolist()})

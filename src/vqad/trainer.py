@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from .errors import TrainingDivergedError
 from .optim import RowwiseSparseRMSprop
 
 
@@ -80,6 +81,51 @@ def zero_grad(opts: dict[str, torch.optim.Optimizer]) -> None:
 def step(opts: dict[str, torch.optim.Optimizer]) -> None:
     for o in opts.values():
         o.step()
+
+
+def safe_step(opts: dict[str, torch.optim.Optimizer], loss: torch.Tensor) -> bool:
+    """Apply the optimizers if ``loss`` and every gradient are finite; otherwise clear the gradients
+    and leave the parameters as they are (one bad batch must not turn the model into NaN).
+    Returns whether the step was applied."""
+    if bool(torch.isfinite(loss).all()) and grads_finite(opts):
+        step(opts)
+        return True
+    zero_grad(opts)
+    return False
+
+
+class DivergenceGuard:
+    """Counts the steps :func:`safe_step` skipped; after ``limit`` in a row the fit stops with a
+    :class:`~vqad.errors.TrainingDivergedError` that names the learning rates to lower."""
+
+    def __init__(self, lr: float, grid_lr_scale: float, ckpt_dir=None, limit: int = 20):
+        self.lr, self.grid_lr_scale, self.ckpt_dir, self.limit = lr, grid_lr_scale, ckpt_dir, limit
+        self.in_a_row = 0
+        self.skipped = 0
+
+    def after(self, it: int, stepped: bool) -> None:
+        """Record step ``it`` (0-based)."""
+        self.in_a_row = 0 if stepped else self.in_a_row + 1
+        self.skipped += 0 if stepped else 1
+        if self.in_a_row >= self.limit:
+            where = f"; the last checkpoint is in {self.ckpt_dir}" if self.ckpt_dir else ""
+            raise TrainingDivergedError(
+                f"training diverged at step {it + 1}: {self.in_a_row} steps in a row had a non-finite loss or "
+                f"gradient and were skipped; lower --lr (now {self.lr:g}) or --grid-lr-scale (now "
+                f"{self.grid_lr_scale:g}){where}")
+
+
+def grads_finite(opts: dict[str, torch.optim.Optimizer]) -> bool:
+    """Whether every gradient the optimizers would apply is finite (sparse gradients: their values)."""
+    for o in opts.values():
+        for g in o.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                v = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+                if not torch.isfinite(v).all():
+                    return False
+    return True
 
 
 def cosine_lr(opts: dict[str, torch.optim.Optimizer], base_lrs: dict, it: int, total: int, floor: float = 0.1) -> None:

@@ -162,6 +162,8 @@ def cmd_fit_nerf(args) -> int:
     field = res.field
     print(f"octree from {res.octree_method} in {res.octree_seconds:.1f} s; fit: {res.steps} steps in {res.seconds:.1f} s, "
           f"{res.rays_per_second:,.0f} rays/s, {res.samples_per_ray:.1f} samples/ray, final PSNR (batch) {res.final_psnr:.2f} dB")
+    if res.skipped_steps:
+        print(f"skipped {res.skipped_steps} steps with a non-finite loss or gradient (a sign of too high a learning rate)")
     for line in size_lines(field):
         print(line)
     summary = {
@@ -169,7 +171,7 @@ def cmd_fit_nerf(args) -> int:
         "steps": res.steps, "fit_seconds": res.seconds,
         "octree_method": res.octree_method, "octree_seconds": res.octree_seconds,
         "rays_per_second": res.rays_per_second, "samples_per_ray": res.samples_per_ray,
-        "refine_seconds": res.refine_seconds, "peak_memory_bytes": res.peak_memory_bytes, "size": field.size_report(), "history": res.history,
+        "refine_seconds": res.refine_seconds, "skipped_steps": res.skipped_steps, "peak_memory_bytes": res.peak_memory_bytes, "size": field.size_report(), "history": res.history,
     }
     if not args.no_eval:
         t0 = time.perf_counter()

@@ -244,6 +244,9 @@ class OccupancySampler:
             x = centers + off
             sig = torch.cat([density_fn(x[s : s + chunk]).float() for s in range(0, x.shape[0], chunk)])
             est = torch.maximum(est, sig)
+        # a NaN density (a diverged model) keeps its cell: NaN > threshold is False, and one bad step
+        # would otherwise empty the whole octree, which no later step can undo
+        est = torch.nan_to_num(est, nan=math.inf)
         if generator is not None and decay is not None and self.cell_density is not None:
             est = torch.maximum(est, decay * self.cell_density)
         self.cell_density = est

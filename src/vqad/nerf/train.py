@@ -180,11 +180,13 @@ def step_lods(lods: list[int], mode: str, generator: torch.Generator) -> list[in
 
 def train_step(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, opts, batch: int, lods: list[int],
                background: torch.Tensor, generator: torch.Generator,
-               early_stop_eps: float = 0.0, coarse_weight: float = 1.0) -> tuple[torch.Tensor | None, float, int]:
+               early_stop_eps: float = 0.0, coarse_weight: float = 1.0) -> tuple[torch.Tensor, float, int, bool]:
     """One optimisation step on ``Σ_LOD w_LOD · MSE_LOD``, ``w = 1`` for the field's finest LOD and
-    ``coarse_weight`` for the coarser ones. Returns the per-LOD MSE ``(len(lods),)`` (None if no ray hit
-    an occupied cell), the finest rendered LOD's PSNR on the batch, and the number of samples evaluated
-    (after early ray termination at transmittance ``early_stop_eps``, see :func:`render_rays`)."""
+    ``coarse_weight`` for the coarser ones. Returns the per-LOD MSE ``(len(lods),)``, the finest
+    rendered LOD's PSNR on the batch, the number of samples evaluated (after early ray termination at
+    transmittance ``early_stop_eps``, see :func:`render_rays`) and whether the parameters were updated:
+    a step whose loss or any gradient is not finite is skipped, so one bad batch cannot turn the model
+    into NaN."""
     o, d, rgb, near, far = batcher.sample(batch, generator)
     jitter = torch.rand(batch, generator=generator).to(batcher.device)
     T.zero_grad(opts)
@@ -194,10 +196,14 @@ def train_step(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher,
     if out.rgb.requires_grad:
         finest = field.lods[-1]
         w = [1.0 if lod == finest else coarse_weight for lod in lods]
-        (per_lod * per_lod.new_tensor(w)).sum().backward()
-        T.step(opts)
+        loss = (per_lod * per_lod.new_tensor(w)).sum()
+        loss.backward()
+        stepped = T.safe_step(opts, loss)
+    else:
+        stepped = False
     mse_last = float(per_lod[-1].detach())
-    return per_lod.detach(), -10.0 * math.log10(max(mse_last, 1e-12)), n_samples
+    psnr = -10.0 * math.log10(max(mse_last, 1e-12)) if math.isfinite(mse_last) else float("nan")
+    return per_lod.detach(), psnr, n_samples, stepped
 
 
 def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, n_rays: int,
@@ -294,7 +300,7 @@ def train_steps(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher
         if prune_due(it, prune_every, prune_warmup):
             sampler.prune(field.density, sigma_thr, decay=prune_decay, generator=gen)
         lods = step_lods(field.lods, lod_mode, gen)
-        _, psnr, _ = train_step(field, sampler, batcher, opts, batch, lods, bg, gen, early_stop_eps)
+        _, psnr, _, _ = train_step(field, sampler, batcher, opts, batch, lods, bg, gen, early_stop_eps)
         prog.update(1, batch, psnr=psnr)
     prog.close()
     return psnr
@@ -316,6 +322,7 @@ class NeRFFitResult:
     peak_memory_bytes: int
     history: list = dfield(default_factory=list)
     refine_seconds: float = 0.0  # Gauss–Newton index sweeps after the last step (in ``seconds``)
+    skipped_steps: int = 0  # steps not applied because their loss or a gradient was not finite
 
 
 AUTO_SAMPLES_PER_RAY = 20.0  # the marching budget that --step-ratio auto aims at (docs/benchmarks/nerf.md, fern)
@@ -445,6 +452,7 @@ def fit_nerf(
     history: list = []
     loss_val, psnr = float("nan"), float("nan")
     total_samples, rays_done = 0, 0
+    guard = T.DivergenceGuard(train_cfg.lr, train_cfg.grid_lr_scale, ckpt_dir)  # non-finite steps are skipped
     it = start
     try:
         with T.interrupt_guard():
@@ -456,9 +464,10 @@ def fit_nerf(
                 if prune_due(it, train_cfg.prune_every, train_cfg.prune_warmup):
                     sampler.prune(density_fn, sigma_thr, decay=train_cfg.prune_decay, generator=gen)
                 lods = step_lods(field.lods, train_cfg.lod_mode, gen)
-                per_lod, psnr, n_samples = train_step(field, sampler, batcher, opts, train_cfg.batch_rays, lods,
-                                                      background, gen, train_cfg.early_stop_eps,
-                                                      train_cfg.coarse_weight)
+                per_lod, psnr, n_samples, stepped = train_step(
+                    field, sampler, batcher, opts, train_cfg.batch_rays, lods, background, gen,
+                    train_cfg.early_stop_eps, train_cfg.coarse_weight)
+                guard.after(it, stepped)
                 total_samples += n_samples
                 rays_done += train_cfg.batch_rays
                 if (it + 1) % train_cfg.log_every == 0 or it == start:
@@ -508,4 +517,5 @@ def fit_nerf(
         final_psnr=psnr,
         peak_memory_bytes=peak_memory_bytes(device),
         history=history,
+        skipped_steps=guard.skipped,
     )

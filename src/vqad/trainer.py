@@ -22,6 +22,7 @@ import math
 import signal
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -108,7 +109,8 @@ class DivergenceGuard:
         self.in_a_row = 0 if stepped else self.in_a_row + 1
         self.skipped += 0 if stepped else 1
         if self.in_a_row >= self.limit:
-            where = f"; the last checkpoint is in {self.ckpt_dir}" if self.ckpt_dir else ""
+            saved = self.ckpt_dir is not None and (Path(self.ckpt_dir) / "config.json").is_file()
+            where = f"; the last periodic checkpoint is in {self.ckpt_dir}" if saved else ""
             raise TrainingDivergedError(
                 f"training diverged at step {it + 1}: {self.in_a_row} steps in a row had a non-finite loss or "
                 f"gradient and were skipped; lower --lr (now {self.lr:g}) or --grid-lr-scale (now "

@@ -173,3 +173,19 @@ def test_safe_step_applies_only_finite_steps():
     w.sum().backward()
     assert trainer.safe_step(opts, torch.tensor(1.0))
     torch.testing.assert_close(w.detach(), torch.full((3,), 0.5))
+
+
+def test_an_occasional_bad_step_is_skipped_and_counted(monkeypatch):
+    mesh = _sphere_mesh(0.5, subdiv=2)
+    grid = GridConfig(storage="codebook", features=4, bits=2, base_level=2, max_level=4)
+    train = SDFTrainConfig(steps=30, batch=512, pool_size=5000, resample_every=10)
+    calls = {"n": 0}
+    real = trainer.grads_finite
+
+    def every_third_bad(opts):
+        calls["n"] += 1
+        return real(opts) and calls["n"] % 3 != 0
+
+    monkeypatch.setattr(trainer, "grads_finite", every_third_bad)
+    res = fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)
+    assert res.steps == 30 and res.skipped_steps == 10

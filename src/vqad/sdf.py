@@ -54,6 +54,7 @@ class FitResult:
     refine_seconds: float = 0.0  # time in Gauss–Newton index sweeps (included in ``seconds``)
     steps_done: int = 0  # steps run by this call (``steps`` counts from 0, across --resume)
     history: list = dfield(default_factory=list)
+    skipped_steps: int = 0  # steps not applied because their loss or a gradient was not finite
 
 
 def fit_sdf(
@@ -206,6 +207,7 @@ def fit_sdf(
         refine_seconds=refine_seconds,
         steps_done=it - start,
         history=history,
+        skipped_steps=guard.skipped,
     )
 
 

@@ -117,11 +117,14 @@ def cmd_fit_sdf(args) -> int:
                   quiet=args.quiet, mesh_path=str(Path(args.mesh).resolve()))
     field = res.field
     print(f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.points_per_second:,.0f} points/s, final loss {res.final_loss:.3g}")
+    if res.skipped_steps:
+        print(f"skipped {res.skipped_steps} steps with a non-finite loss or gradient (a sign of too high a learning rate)")
     for line in size_lines(field):
         print(line)
     summary = {
         "mesh": str(args.mesh), "grid": grid_cfg.__dict__, "steps": res.steps, "fit_seconds": res.seconds,
         "points_per_second": res.points_per_second, "refine_seconds": res.refine_seconds,
+        "skipped_steps": res.skipped_steps,
         "step_points_per_second": res.steps_done * train_cfg.batch / max(res.seconds - res.refine_seconds, 1e-9),
         "peak_memory_bytes": res.peak_memory_bytes,
         "size": field.size_report(), "history": res.history,

@@ -189,3 +189,13 @@ def test_an_occasional_bad_step_is_skipped_and_counted(monkeypatch):
     monkeypatch.setattr(trainer, "grads_finite", every_third_bad)
     res = fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)
     assert res.steps == 30 and res.skipped_steps == 10
+
+
+def test_grads_finite_sees_sparse_gradients():
+    emb = torch.nn.Embedding(10, 2, sparse=True)
+    opts = {"sparse": torch.optim.SparseAdam(list(emb.parameters()), lr=0.1)}
+    emb(torch.tensor([1, 1, 3])).sum().backward()
+    assert emb.weight.grad.is_sparse and trainer.grads_finite(opts)
+    trainer.zero_grad(opts)
+    (emb(torch.tensor([1, 3])) * torch.tensor([[1.0, 1.0], [float("nan"), 1.0]])).sum().backward()
+    assert not trainer.grads_finite(opts)

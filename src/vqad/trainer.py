@@ -124,7 +124,7 @@ def grads_finite(opts: dict[str, torch.optim.Optimizer]) -> bool:
             for p in g["params"]:
                 if p.grad is None:
                     continue
-                v = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+                v = p.grad._values() if p.grad.is_sparse else p.grad  # uncoalesced values: no sort needed
                 if not torch.isfinite(v).all():
                     return False
     return True

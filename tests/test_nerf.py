@@ -186,6 +186,18 @@ def test_train_steps_prunes_empty_space_but_keeps_the_surface(scene):
     assert sampler.occupancy[sampler._flat_index(surface)].float().mean() > 0.95  # the surface was not
 
 
+def _tiny_trainable(scene):
+    from vqad.nerf.train import RayBatcher
+
+    torch.manual_seed(0)
+    octree = SparseOctree.dense(2, 4, device=CPU)
+    grid = OctreeGrid.from_octree(octree, GridConfig(storage="codebook", features=4, bits=3, base_level=2,
+                                                     max_level=4))
+    field = NeRFField(grid, DecoderConfig(hidden=16, position_input=False),
+                      NeRFConfig(color_hidden=16, step_ratio=1.0), scene.normalization)
+    return field, OccupancySampler(octree), RayBatcher(scene.splits["train"], scene, CPU)
+
+
 def test_coarse_weight_scales_only_the_coarser_lods_loss(scene):
     """grad(Σ w_l MSE_l) on LODs {2, 4} = w · grad(MSE_2) + grad(MSE_4), on the same rays and jitter."""
     from vqad.nerf.train import train_step
@@ -204,18 +216,6 @@ def test_coarse_weight_scales_only_the_coarser_lods_loss(scene):
     assert both.abs().max() > 0
     torch.testing.assert_close(both, expected, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(both, grads([2, 4], 1.0))
-
-
-def _tiny_trainable(scene):
-    from vqad.nerf.train import RayBatcher
-
-    torch.manual_seed(0)
-    octree = SparseOctree.dense(2, 4, device=CPU)
-    grid = OctreeGrid.from_octree(octree, GridConfig(storage="codebook", features=4, bits=3, base_level=2,
-                                                     max_level=4))
-    field = NeRFField(grid, DecoderConfig(hidden=16, position_input=False),
-                      NeRFConfig(color_hidden=16, step_ratio=1.0), scene.normalization)
-    return field, OccupancySampler(octree), RayBatcher(scene.splits["train"], scene, CPU)
 
 
 def test_a_step_with_a_non_finite_gradient_is_skipped(scene):

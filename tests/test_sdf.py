@@ -153,7 +153,7 @@ def test_non_finite_steps_are_skipped_then_the_fit_stops_with_a_clear_error(monk
     train = SDFTrainConfig(steps=60, batch=512, pool_size=5000, resample_every=10, lr=3e-3, grid_lr_scale=50)
     seen = {"n": 0}
 
-    def bad_grads(opts):
+    def bad_grads(opts, *tensors):
         seen["n"] += 1
         return False
 
@@ -182,9 +182,9 @@ def test_an_occasional_bad_step_is_skipped_and_counted(monkeypatch):
     calls = {"n": 0}
     real = trainer.grads_finite
 
-    def every_third_bad(opts):
+    def every_third_bad(opts, *tensors):
         calls["n"] += 1
-        return real(opts) and calls["n"] % 3 != 0
+        return real(opts, *tensors) and calls["n"] % 3 != 0
 
     monkeypatch.setattr(trainer, "grads_finite", every_third_bad)
     res = fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)

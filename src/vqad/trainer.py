@@ -88,7 +88,7 @@ def safe_step(opts: dict[str, torch.optim.Optimizer], loss: torch.Tensor) -> boo
     """Apply the optimizers if ``loss`` and every gradient are finite; otherwise clear the gradients
     and leave the parameters as they are (one bad batch must not turn the model into NaN).
     Returns whether the step was applied."""
-    if bool(torch.isfinite(loss).all()) and grads_finite(opts):
+    if grads_finite(opts, loss):
         step(opts)
         return True
     zero_grad(opts)
@@ -117,17 +117,13 @@ class DivergenceGuard:
                 f"{self.grid_lr_scale:g}){where}")
 
 
-def grads_finite(opts: dict[str, torch.optim.Optimizer]) -> bool:
-    """Whether every gradient the optimizers would apply is finite (sparse gradients: their values)."""
-    for o in opts.values():
-        for g in o.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                v = p.grad._values() if p.grad.is_sparse else p.grad  # uncoalesced values: no sort needed
-                if not torch.isfinite(v).all():
-                    return False
-    return True
+def grads_finite(opts: dict[str, torch.optim.Optimizer], *tensors: torch.Tensor) -> bool:
+    """Whether every gradient the optimizers would apply (sparse gradients: their values), and every
+    one of ``tensors``, is finite. One host synchronisation however many parameters there are."""
+    grads = [p.grad for o in opts.values() for g in o.param_groups for p in g["params"] if p.grad is not None]
+    checks = [torch.isfinite(v._values() if v.is_sparse else v).all()  # uncoalesced values: no sort needed
+              for v in list(tensors) + grads]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def cosine_lr(opts: dict[str, torch.optim.Optimizer], base_lrs: dict, it: int, total: int, floor: float = 0.1) -> None:

@@ -30,6 +30,12 @@ def ensure_writable_file(path: str | Path) -> Path:
     return path
 
 
+def report_skipped_steps(n: int) -> None:
+    """The fit's line about steps skipped for a non-finite loss or gradient (nothing when there were none)."""
+    if n:
+        print(f"skipped {n} steps with a non-finite loss or gradient (a sign of too high a learning rate)")
+
+
 def parse_lod(field, lod: int | None) -> int:
     if lod is None:
         return field.grid.octree.max_level

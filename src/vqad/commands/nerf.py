@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from .common import add_device_arg, add_grid_args, ensure_writable_dir, grid_config
+from .common import add_device_arg, add_grid_args, ensure_writable_dir, grid_config, report_skipped_steps
 
 FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "procedural"]
 
@@ -162,8 +162,7 @@ def cmd_fit_nerf(args) -> int:
     field = res.field
     print(f"octree from {res.octree_method} in {res.octree_seconds:.1f} s; fit: {res.steps} steps in {res.seconds:.1f} s, "
           f"{res.rays_per_second:,.0f} rays/s, {res.samples_per_ray:.1f} samples/ray, final PSNR (batch) {res.final_psnr:.2f} dB")
-    if res.skipped_steps:
-        print(f"skipped {res.skipped_steps} steps with a non-finite loss or gradient (a sign of too high a learning rate)")
+    report_skipped_steps(res.skipped_steps)
     for line in size_lines(field):
         print(line)
     summary = {

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from .common import add_device_arg, add_grid_args, ensure_writable_dir, ensure_writable_file, grid_config, parse_lod
+from .common import (add_device_arg, add_grid_args, ensure_writable_dir, ensure_writable_file, grid_config, parse_lod,
+                     report_skipped_steps)
 
 
 def register(sub) -> None:
@@ -117,8 +118,7 @@ def cmd_fit_sdf(args) -> int:
                   quiet=args.quiet, mesh_path=str(Path(args.mesh).resolve()))
     field = res.field
     print(f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.points_per_second:,.0f} points/s, final loss {res.final_loss:.3g}")
-    if res.skipped_steps:
-        print(f"skipped {res.skipped_steps} steps with a non-finite loss or gradient (a sign of too high a learning rate)")
+    report_skipped_steps(res.skipped_steps)
     for line in size_lines(field):
         print(line)
     summary = {

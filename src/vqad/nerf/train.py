@@ -202,8 +202,7 @@ def train_step(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher,
     else:
         stepped = False
     mse_last = float(per_lod[-1].detach())
-    psnr = -10.0 * math.log10(max(mse_last, 1e-12)) if math.isfinite(mse_last) else float("nan")
-    return per_lod.detach(), psnr, n_samples, stepped
+    return per_lod.detach(), -10.0 * math.log10(max(mse_last, 1e-12)), n_samples, stepped
 
 
 def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, n_rays: int,

@@ -14,8 +14,8 @@ import time
 import torch
 
 from vqad.optim import RowwiseSparseRMSprop
-from vqad.storage import CodebookStorage
-from vqad.trainer import ROWWISE_MIN_CODES
+from vqad.storages.codebook import CodebookStorage
+from vqad.optim import ROWWISE_MIN_CODES
 
 
 def main() -> None:

@@ -49,8 +49,8 @@ def get_field(args):
         source = f"checkpoint `{args.ckpt}` ({cfg.get('step', '?')} steps)"
     else:
         from vqad.config import DecoderConfig, GridConfig, SDFTrainConfig, parse_levels
-        from vqad.mesh import load_mesh
-        from vqad.sdf import fit_sdf
+        from vqad.sdf.mesh import load_mesh
+        from vqad.sdf.fit import fit_sdf
 
         base, top = parse_levels(args.levels)
         grid = GridConfig(storage="codebook", features=args.features, bits=args.bits, base_level=base, max_level=top)

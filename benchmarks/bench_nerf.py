@@ -73,7 +73,7 @@ def run_one(scene: str, method: str, args, octree_from: Path | None = None) -> d
     k = args.features or sc["features"]
     out = Path(args.work) / (f"{scene}-{method}" + (f"-k{k}" if args.features else ""))
     steps = args.steps or sc["steps"]
-    cmd = [sys.executable, "-m", "vqad.cli", "fit-nerf", str(path), "--format", sc["format"],
+    cmd = [sys.executable, "-m", "vqad.app.cli", "fit-nerf", str(path), "--format", sc["format"],
            "--downscale", str(sc["downscale"]), "--grid", storage, "--bits", str(bits),
            "--features", str(k), "--levels", sc["levels"], "--steps", str(steps),
            "--batch-rays", str(args.batch_rays), "--octree", "auto", "--eval-views", sc["eval_views"],

@@ -214,7 +214,7 @@ def targets(results: dict[str, list[dict]]) -> list[str]:
 # running
 # ================================================================================================
 def sweep_config(scene: str, args):
-    from vqad.sweep import METHODS, SweepConfig
+    from vqad.app.sweep import METHODS, SweepConfig
 
     sc = SCENES[scene]
     nerf = "format" in sc["options"]
@@ -248,7 +248,7 @@ def record_run(out: Path, scene: str, args) -> None:
 
 def write_summary(out: Path, args) -> str:
     """rd.md from every scene's CSV in ``out`` (scenes run separately keep each other's results)."""
-    from vqad.sweep import read_csv
+    from vqad.app.sweep import read_csv
 
     results = {s: read_csv(out / f"rd-{s}.csv") for s in SCENES if (out / f"rd-{s}.csv").is_file()}
     runs = read_runs(out)
@@ -284,7 +284,7 @@ def write_summary(out: Path, args) -> str:
 
 
 def main() -> None:
-    from vqad.sweep import METHOD_SPEC_HELP
+    from vqad.app.sweep import METHOD_SPEC_HELP
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/benchmarks", help="where rd-<scene>.{csv,md,png} and rd.md go")
@@ -311,7 +311,7 @@ def main() -> None:
         import torch
 
         from vqad.errors import VqadError
-        from vqad.sweep import Sweep
+        from vqad.app.sweep import Sweep
 
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -22,10 +22,10 @@ import torch
 from common import data_dir  # noqa: E402  (benchmarks/common.py)
 
 from vqad.config import DecoderConfig, GridConfig, SDFTrainConfig, parse_levels
-from vqad.extract import extract_mesh
-from vqad.mesh import SDFOracle, load_mesh
-from vqad.metrics import geometry_metrics
-from vqad.sdf import fit_sdf
+from vqad.sdf.extract import extract_mesh
+from vqad.sdf.mesh import SDFOracle, load_mesh
+from vqad.sdf.metrics import geometry_metrics
+from vqad.sdf.fit import fit_sdf
 
 
 def main() -> None:

@@ -18,10 +18,12 @@ import time
 import torch
 
 from vqad.config import DecoderConfig, GridConfig
-from vqad.nerf.datasets import load_dataset
+from vqad.nerf.formats import load_dataset
 from vqad.nerf.evaluate import evaluate_nerf
 from vqad.nerf.field import NeRFConfig
-from vqad.nerf.train import NeRFTrainConfig, RayBatcher, fit_nerf, model_sampler, refine_nerf
+from vqad.nerf.fit import NeRFTrainConfig, fit_nerf, refine_nerf
+from vqad.nerf.rays import RayBatcher
+from vqad.nerf.task import model_sampler
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ def run_one(mesh: str, method: str, args) -> dict:
     """Each fit in its own process so peak memory is per fit."""
     storage, bits = METHODS[method]
     out = Path(args.work).resolve() / f"{mesh}-{method}"  # the fit runs in REPO: one absolute path for both
-    cmd = [sys.executable, "-m", "vqad.cli", "fit-sdf", str(data_dir() / "meshes" / f"{mesh}.obj"),
+    cmd = [sys.executable, "-m", "vqad.app.cli", "fit-sdf", str(data_dir() / "meshes" / f"{mesh}.obj"),
            "--grid", storage, "--bits", str(bits), "--features", "16", "--levels", args.levels,
            "--steps", str(args.steps), "--batch", str(args.batch), "--out", str(out),
            "--mc-resolution", str(args.mc_resolution), "--device", args.device, "--seed", str(args.seed), "--quiet"]

@@ -9,16 +9,20 @@ import torch
 import trimesh
 
 import vqad
-from vqad import baselines as B
+from vqad.posthoc import posthoc
+from vqad.storages.hash import HashStorage, spatial_hash
+from vqad.storages.kmeans import KMeansStorage, kmeans, kmeans_plus_plus
+from vqad.storages.lowrank import LowRankStorage, pca
 from vqad import fileformat as F
 from vqad.checkpoint import load_checkpoint, save_checkpoint
-from vqad.cli import main
+from vqad.app.cli import main
 from vqad.config import DecoderConfig, GridConfig
 from vqad.errors import InputError
-from vqad.fields import SDFField
+from vqad.sdf.field import SDFField
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
-from vqad.storage import STORAGES, DenseStorage, make_storage
+from vqad.storages import STORAGES, make_storage
+from vqad.storages.dense import DenseStorage
 
 from test_fileformat import outputs  # the same probe of a field's outputs
 
@@ -55,7 +59,7 @@ def baseline_field(name, kind="sdf"):
     """A baked field of each baseline: post-hoc from a dense field, or trained-form hash / low rank."""
     if name in ("kmeans", "lowrank-posthoc"):
         dense = dense_field(kind=kind)
-        return B.posthoc(dense, "kmeans", bits=3) if name == "kmeans" else B.posthoc(dense, "lowrank", rank=2)
+        return posthoc(dense, "kmeans", bits=3) if name == "kmeans" else posthoc(dense, "lowrank", rank=2)
     torch.manual_seed(1)
     storage, extra = {"hash": ("hash", {"table_bits": 7}), "lowrank": ("lowrank", {"rank": 3})}[name]
     grid = OctreeGrid.from_octree(shell_octree(), GridConfig(storage, 6, 4, 2, 4, **extra))
@@ -94,9 +98,9 @@ def test_registered_and_configurable():
     GridConfig(storage="kmeans", bits=6).validate()
     verts = shell_octree().vertices[3]
     s = make_storage("hash", verts.shape[0], 4, bits=9, rank=2, table_bits=5, vertices=verts)
-    assert isinstance(s, B.HashStorage) and s.params() == {"table_bits": 5}
+    assert isinstance(s, HashStorage) and s.params() == {"table_bits": 5}
     s = make_storage("lowrank", 10, 4, bits=9, rank=3, table_bits=5, vertices=verts)
-    assert isinstance(s, B.LowRankStorage) and s.params() == {"rank": 3}
+    assert isinstance(s, LowRankStorage) and s.params() == {"rank": 3}
     assert make_storage("lowrank", 10, 8).r == 4  # default r = k // 2
 
 
@@ -147,9 +151,9 @@ def test_stored_bits_equal_layout_and_formula(name):
         assert sum(lay.stored_bits() for lay in layout) == s.stored_bits()
         m, k = s.m, s.k
         expected = {
-            B.KMeansStorage: lambda: m * s.b + 16 * k * (1 << s.b),
-            B.LowRankStorage: lambda: 16 * (m * s.r + s.r * k + k),
-            B.HashStorage: lambda: 16 * k * (1 << s.T),
+            KMeansStorage: lambda: m * s.b + 16 * k * (1 << s.b),
+            LowRankStorage: lambda: 16 * (m * s.r + s.r * k + k),
+            HashStorage: lambda: 16 * k * (1 << s.T),
         }[type(s)]()
         assert s.stored_bits() == expected
     # the file's grid chunks are exactly those bits (rounded up to bytes per chunk)
@@ -184,8 +188,8 @@ def test_kmeans_matches_numpy_lloyd(dtype):
     g = torch.Generator().manual_seed(0)
     blobs = torch.randn(6, 3, generator=g, dtype=torch.float64) * 3
     x = (blobs[torch.randint(0, 6, (400,), generator=g)] + torch.randn(400, 3, generator=g, dtype=torch.float64)).to(dtype)
-    init = B.kmeans_plus_plus(x, 8, seed=4)
-    res = B.kmeans(x, 8, seed=4, iters=100, chunk_elements=64)  # tiny chunks: the chunked path is exercised
+    init = kmeans_plus_plus(x, 8, seed=4)
+    res = kmeans(x, 8, seed=4, iters=100, chunk_elements=64)  # tiny chunks: the chunked path is exercised
     c_ref, labels_ref, inertia_ref = numpy_lloyd(x.double().numpy(), init.double().numpy(), 100)
     assert res.converged and res.iterations > 1
     assert np.array_equal(res.labels.numpy(), labels_ref)
@@ -199,19 +203,19 @@ def test_kmeans_matches_numpy_lloyd(dtype):
 
 def test_kmeans_plus_plus_is_deterministic_and_handles_few_rows():
     x = torch.randn(200, 4, generator=torch.Generator().manual_seed(1))
-    a, b, c = B.kmeans_plus_plus(x, 16, seed=3), B.kmeans_plus_plus(x, 16, seed=3), B.kmeans_plus_plus(x, 16, seed=4)
+    a, b, c = kmeans_plus_plus(x, 16, seed=3), kmeans_plus_plus(x, 16, seed=3), kmeans_plus_plus(x, 16, seed=4)
     assert torch.equal(a, b) and not torch.equal(a, c)
     rows = {tuple(r) for r in x.tolist()}
     assert all(tuple(r) in rows for r in a.tolist()) and len({tuple(r) for r in a.tolist()}) == 16
     # m < K: every row becomes a centroid, the rest repeat one of them; k-means is then exact
     few = x[:5]
-    init = B.kmeans_plus_plus(few, 16, seed=0)
+    init = kmeans_plus_plus(few, 16, seed=0)
     assert {tuple(r) for r in init.tolist()} == {tuple(r) for r in few.tolist()}
-    res = B.kmeans(few, 16, seed=0)
+    res = kmeans(few, 16, seed=0)
     assert res.inertia == 0.0 and torch.equal(res.centroids[res.labels], few)
     # duplicated rows: fewer distinct rows than K
     dup = x[:3].repeat(10, 1)
-    res = B.kmeans(dup, 8, seed=0)
+    res = kmeans(dup, 8, seed=0)
     assert res.inertia == 0.0 and len(set(res.labels.tolist())) == 3
 
 
@@ -219,7 +223,7 @@ def test_kmeans_storage_from_dense():
     torch.manual_seed(0)
     dense = DenseStorage(300, 4)
     dense.Z.data = torch.randn(300, 4)
-    s1, s2 = B.KMeansStorage.from_dense(dense, 3, seed=7), B.KMeansStorage.from_dense(dense, 3, seed=7)
+    s1, s2 = KMeansStorage.from_dense(dense, 3, seed=7), KMeansStorage.from_dense(dense, 3, seed=7)
     assert torch.equal(s1.D, s2.D) and torch.equal(s1.V, s2.V)  # deterministic given the seed
     assert s1.baked and s1.D.shape == (8, 4) and s1.V.shape == (300,) and int(s1.V.max()) < 8
     assert torch.equal(s1.D, s1.D.half().float())  # stored in fp16 ...
@@ -230,7 +234,7 @@ def test_kmeans_storage_from_dense():
     # m < 2^b: every vertex gets its own (fp16) centroid, the error is that of fp16 rounding only
     small = DenseStorage(5, 4)
     small.Z.data = torch.randn(5, 4).half().float()
-    s = B.KMeansStorage.from_dense(small, 4)
+    s = KMeansStorage.from_dense(small, 4)
     assert s.reconstruction_error == 0.0 and torch.equal(s(torch.arange(5)), small.Z.detach())
 
 
@@ -240,7 +244,7 @@ def test_pca_matches_numpy_svd():
     Zc = (x - x.mean(0)).numpy()
     U, S, Vt = np.linalg.svd(Zc, full_matrices=False)
     for r in (1, 3, 5):
-        A, Bm, mean = B.pca(x, r)
+        A, Bm, mean = pca(x, r)
         assert A.shape == (x.shape[0], r) and Bm.shape == (r, 6) and mean.shape == (6,)
         recon = (A @ Bm + mean).numpy()
         ref = (U[:, :r] * S[:r]) @ Vt[:r] + x.mean(0).numpy()
@@ -256,7 +260,7 @@ def test_lowrank_from_dense_fp16():
     Z = dense.Z.detach().double()
     S = np.linalg.svd((Z - Z.mean(0)).numpy(), compute_uv=False)
     for r in (2, 4):
-        s = B.LowRankStorage.from_dense(dense, r)
+        s = LowRankStorage.from_dense(dense, r)
         assert s.baked and s.params() == {"rank": r}
         for t in (s.A, s.B, s.mean):
             assert torch.equal(t, t.half().float())
@@ -269,7 +273,7 @@ def test_lowrank_from_dense_fp16():
 
 def test_lowrank_trains_with_sparse_coefficients():
     torch.manual_seed(0)
-    s = B.LowRankStorage(50, 6, rank=2)
+    s = LowRankStorage(50, 6, rank=2)
     ids = torch.randint(0, 25, (30, 8))
     s(ids).pow(2).sum().backward()
     assert s.A.grad.is_sparse and s.B.grad is not None and s.mean.grad is not None
@@ -285,8 +289,8 @@ def test_spatial_hash_is_instant_ngp():
     a = xyz.numpy().astype(np.uint32)
     ref = (a[:, 0] * np.uint32(1)) ^ (a[:, 1] * np.uint32(2654435761)) ^ (a[:, 2] * np.uint32(805459861))  # wraps mod 2^32
     for T in (1, 10, 19, 24):
-        assert np.array_equal(B.spatial_hash(xyz, T).numpy(), (ref & np.uint32((1 << T) - 1)).astype(np.int64))
-    assert B.spatial_hash(torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0]]), 8).tolist() == [0, 1, 177]
+        assert np.array_equal(spatial_hash(xyz, T).numpy(), (ref & np.uint32((1 << T) - 1)).astype(np.int64))
+    assert spatial_hash(torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0]]), 8).tolist() == [0, 1, 177]
 
 
 def test_hash_is_deterministic_and_spreads_vertices():
@@ -295,8 +299,8 @@ def test_hash_is_deterministic_and_spreads_vertices():
     n = verts.shape[0]
     for T in (12, 14, 16):
         M = 1 << T
-        s1 = B.HashStorage.create(n, 2, table_bits=T, vertices=verts)
-        s2 = B.HashStorage.create(n, 2, table_bits=T, vertices=verts.clone())
+        s1 = HashStorage.create(n, 2, table_bits=T, vertices=verts)
+        s2 = HashStorage.create(n, 2, table_bits=T, vertices=verts.clone())
         assert torch.equal(s1.h, s2.h) and int(s1.h.min()) >= 0 and int(s1.h.max()) < M
         counts = torch.bincount(s1.h, minlength=M).double()
         lam = n / M
@@ -309,8 +313,8 @@ def test_hash_is_deterministic_and_spreads_vertices():
         assert counts.max() <= lam + 6 * math.sqrt(lam) + 4, (T, counts.max(), lam)
     # a vertex's row depends on its position only, not on which other cells are occupied
     other = shell_octree(levels=(2, 7), n_points=5000, seed=9).vertices[7]
-    h_all = B.spatial_hash(verts, 12)
-    h_other = B.spatial_hash(other, 12)
+    h_all = spatial_hash(verts, 12)
+    h_other = spatial_hash(other, 12)
     codes = {tuple(v): int(h) for v, h in zip(verts.tolist(), h_all.tolist())}
     shared = [(tuple(v), int(h)) for v, h in zip(other.tolist(), h_other.tolist()) if tuple(v) in codes]
     assert len(shared) > 100 and all(codes[v] == h for v, h in shared)
@@ -319,20 +323,21 @@ def test_hash_is_deterministic_and_spreads_vertices():
 def test_hash_table_larger_than_vertices_still_hashes():
     octree = shell_octree(levels=(2, 3), n_points=100)
     verts = octree.vertices[3]
-    s = B.HashStorage.create(verts.shape[0], 4, table_bits=16, vertices=verts)  # 2^16 rows >> m
+    s = HashStorage.create(verts.shape[0], 4, table_bits=16, vertices=verts)  # 2^16 rows >> m
     assert s.stored_bits() > s.dense_fp16_bits()
-    assert torch.equal(s.h, B.spatial_hash(verts, 16))
+    assert torch.equal(s.h, spatial_hash(verts, 16))
     ids = torch.arange(s.m)
     assert torch.equal(s(ids), s.table[s.h].detach())
 
 
 def test_hash_trains_with_sparse_adam():
-    from vqad import trainer as T
+    from vqad import fit as T
+    from vqad.optim import make_optimizers
 
     torch.manual_seed(0)
     grid = OctreeGrid.from_octree(shell_octree(), GridConfig("hash", 4, 4, 2, 4, table_bits=8))
     field = SDFField(grid, DecoderConfig(hidden=8))
-    opts = T.make_optimizers(field, 1e-2, 10.0)
+    opts = make_optimizers(field, 1e-2, 10.0)
     assert "sparse" in opts and {id(p) for p in opts["sparse"].param_groups[0]["params"]} == {id(s.table) for s in grid.storages}
     before = [s.table.detach().clone() for s in grid.storages]
     x = torch.rand(256, 3) * 1.6 - 0.8
@@ -350,25 +355,25 @@ def test_hash_trains_with_sparse_adam():
 @pytest.mark.parametrize("make, needle", [
     (lambda: GridConfig(storage="lowrank", features=4, rank=4).validate(), "rank"),
     (lambda: GridConfig(storage="lowrank", features=4, rank=0).validate(), "rank"),
-    (lambda: B.LowRankStorage(10, 4, rank=7), "rank"),
-    (lambda: B.LowRankStorage(10, 1), "k >= 2"),
-    (lambda: B.LowRankStorage.stored_layout(10, 4, rank=4), "rank"),
+    (lambda: LowRankStorage(10, 4, rank=7), "rank"),
+    (lambda: LowRankStorage(10, 1), "k >= 2"),
+    (lambda: LowRankStorage.stored_layout(10, 4, rank=4), "rank"),
     (lambda: GridConfig(storage="hash", table_bits=0).validate(), "table_bits"),
     (lambda: GridConfig(storage="hash", table_bits=25).validate(), "table_bits"),
-    (lambda: B.HashStorage.stored_layout(10, 4, table_bits=30), "table_bits"),
-    (lambda: B.spatial_hash(torch.zeros(2, 3, dtype=torch.long), 0), "table_bits"),
-    (lambda: B.HashStorage.create(5, 4, table_bits=8), "vertices"),
-    (lambda: B.HashStorage.create(5, 4, table_bits=8, vertices=torch.zeros(4, 3, dtype=torch.long)), "vertices"),
-    (lambda: B.KMeansStorage.create(10, 4, bits=4), "vqad compress"),
+    (lambda: HashStorage.stored_layout(10, 4, table_bits=30), "table_bits"),
+    (lambda: spatial_hash(torch.zeros(2, 3, dtype=torch.long), 0), "table_bits"),
+    (lambda: HashStorage.create(5, 4, table_bits=8), "vertices"),
+    (lambda: HashStorage.create(5, 4, table_bits=8, vertices=torch.zeros(4, 3, dtype=torch.long)), "vertices"),
+    (lambda: KMeansStorage.create(10, 4, bits=4), "vqad compress"),
     (lambda: OctreeGrid.from_octree(shell_octree(), GridConfig("kmeans", 4, 4, 2, 4)), "post"),
-    (lambda: B.KMeansStorage.stored_layout(10, 4, bits=13), "bits"),
-    (lambda: B.posthoc(baseline_field("hash"), "kmeans", bits=4), "dense"),
-    (lambda: B.posthoc(dense_field(), "lowrank"), "rank"),
-    (lambda: B.posthoc(dense_field(), "lowrank", rank=6), "rank"),
-    (lambda: B.posthoc(dense_field(), "kmeans", bits=0), "bits"),
-    (lambda: B.posthoc(dense_field(), "kmeans", rank=2), "rank"),
-    (lambda: B.posthoc(dense_field(), "hash"), "post-hoc"),
-    (lambda: B.KMeansStorage.from_dense(B.LowRankStorage(10, 4), 3), "dense"),
+    (lambda: KMeansStorage.stored_layout(10, 4, bits=13), "bits"),
+    (lambda: posthoc(baseline_field("hash"), "kmeans", bits=4), "dense"),
+    (lambda: posthoc(dense_field(), "lowrank"), "rank"),
+    (lambda: posthoc(dense_field(), "lowrank", rank=6), "rank"),
+    (lambda: posthoc(dense_field(), "kmeans", bits=0), "bits"),
+    (lambda: posthoc(dense_field(), "kmeans", rank=2), "rank"),
+    (lambda: posthoc(dense_field(), "hash"), "post-hoc"),
+    (lambda: KMeansStorage.from_dense(LowRankStorage(10, 4), 3), "dense"),
 ])
 def test_bad_parameters(make, needle):
     with pytest.raises(InputError, match=needle):
@@ -379,7 +384,7 @@ def test_posthoc_keeps_the_decoder_and_the_source():
     dense = dense_field()
     before = {k: v.clone() for k, v in dense.decoder_state().items()}
     rng = torch.random.get_rng_state()
-    new = B.posthoc(dense, "kmeans", bits=2, fp16=False)
+    new = posthoc(dense, "kmeans", bits=2, fp16=False)
     assert torch.equal(rng, torch.random.get_rng_state())  # the caller's RNG is left alone
     assert new.grid.cfg.storage == "kmeans" and new.grid.cfg.bits == 2 and new.baked
     assert dense.grid.cfg.storage == "dense" and not dense.baked

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from vqad.cli import main
+from vqad.app.cli import main
 
 
 @pytest.fixture

@@ -18,18 +18,10 @@ import torch
 from PIL import Image
 
 from vqad.errors import InputError
-from vqad.fields import Normalization
+from vqad.field import Normalization
 from vqad.nerf.data import SceneDataset
-from vqad.nerf.datasets import (
-    detect_format,
-    downscale_depth,
-    linear_to_srgb,
-    load_dataset,
-    near_far_from_box,
-    normalization_from_box,
-    srgb_to_linear,
-    unit_cube_box,
-)
+from vqad.nerf.formats import detect_format, load_dataset
+from vqad.nerf.formats.common import downscale_depth, linear_to_srgb, near_far_from_box, normalization_from_box, srgb_to_linear, unit_cube_box
 from vqad.nerf.procedural import ProceduralConfig, ProceduralScene, procedural_dataset, render_views, sphere_cameras
 from vqad.nerf.rays import (
     backproject,

@@ -18,13 +18,13 @@ import vqad
 from vqad import entropy as E
 from vqad import fileformat as F
 from vqad.checkpoint import save_checkpoint
-from vqad.cli import main
+from vqad.app.cli import main
 from vqad.config import DecoderConfig, GridConfig
 from vqad.errors import CorruptStreamError, InputError, StreamError, TruncatedStreamError
-from vqad.fields import SDFField
+from vqad.sdf.field import SDFField
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
-from vqad.storage import STORAGES
+from vqad.storages import STORAGES
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def make_field(storage="codebook", bits=4, kind="sdf", levels=(2, 4), k=4, hidde
         for s in field.grid.storages:
             s.Z.data.normal_(0, 0.5)
     if posthoc:
-        from vqad.baselines import posthoc as compress
+        from vqad.posthoc import posthoc as compress
 
         return compress(field, storage, bits=bits)
     if bake:
@@ -151,12 +151,13 @@ def test_round_trip_radiance_field():
 def test_trained_model_decodes_to_identical_outputs_and_mesh(tmp_path):
     """A (briefly) fitted SDF of a sphere: the decoded file gives the same distances, the same error
     against the true SDF and the same marching-cubes mesh, bit for bit."""
-    from vqad import trainer as T
-    from vqad.extract import extract_mesh
+    from vqad import fit as T
+    from vqad.optim import make_optimizers
+    from vqad.sdf.extract import extract_mesh
 
     field = make_field(bits=3, k=4, surface=True, n_points=2000, levels=(2, 4), bake=False)
     field.train()
-    opts = T.make_optimizers(field, 1e-2, 10.0)
+    opts = make_optimizers(field, 1e-2, 10.0)
     g = torch.Generator().manual_seed(0)
     for _ in range(60):
         x = torch.rand(512, 3, generator=g) * 2 - 1

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from vqad import fileformat as F
 from vqad.config import DecoderConfig, GridConfig
 from vqad.errors import StreamError
-from vqad.fields import SDFField
+from vqad.sdf.field import SDFField
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
 

@@ -4,8 +4,8 @@ import numpy as np
 import trimesh
 from trimesh.triangles import closest_point
 
-from vqad.mesh import Mesh
-from vqad.metrics import chamfer_and_normals, point_mesh_distance
+from vqad.sdf.mesh import Mesh
+from vqad.sdf.metrics import chamfer_and_normals, point_mesh_distance
 
 
 def _brute(mesh: Mesh, pts: np.ndarray) -> np.ndarray:

@@ -9,18 +9,19 @@ import pytest
 import torch
 
 from vqad.checkpoint import load_checkpoint
-from vqad.cli import main as cli_main
+from vqad.app.cli import main as cli_main
 from vqad.config import DecoderConfig, GridConfig
 from vqad.errors import InputError
 from vqad.grid import OctreeGrid
-from vqad.nerf.datasets import load_dataset
+from vqad.nerf.formats import load_dataset
 from vqad.nerf.evaluate import evaluate_nerf
 from vqad.nerf.field import NeRFConfig, NeRFField, sh_encode
 from vqad.nerf.octree_build import (DensityPassConfig, backproject_depth, octree_from_density, octree_from_depth,
                                     octree_from_masks)
 from vqad.nerf.render import (OccupancySampler, accumulate_along_rays, render_rays, render_weight_from_density,
                               volume_render)
-from vqad.nerf.train import NeRFTrainConfig, fit_nerf, model_sampler
+from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
+from vqad.nerf.task import model_sampler
 from vqad.octree import SparseOctree
 
 CPU = torch.device("cpu")
@@ -128,7 +129,8 @@ def test_octree_from_depth_contains_surface(scene):
 
 
 def test_auto_step_ratio_keeps_samples_per_ray_near_the_budget(scene):
-    from vqad.nerf.train import AUTO_SAMPLES_PER_RAY, RayBatcher, auto_step_ratio, build_nerf_field
+    from vqad.nerf.fit import AUTO_SAMPLES_PER_RAY, auto_step_ratio, build_nerf_field
+    from vqad.nerf.rays import RayBatcher
 
     octree = octree_from_depth(scene, 2, 5, CPU, dilate=1)
     ratio, n = auto_step_ratio(octree, scene, CPU)
@@ -169,7 +171,8 @@ def test_octree_from_density_contains_surface(scene):
 
 def test_train_steps_prunes_empty_space_but_keeps_the_surface(scene):
     """The density pass's plain loop re-tests the occupancy: empty cells go, surface cells stay."""
-    from vqad.nerf.train import RayBatcher, train_steps
+    from vqad.nerf.rays import RayBatcher
+    from vqad.nerf.task import train_steps
 
     torch.manual_seed(0)
     octree = SparseOctree.dense(2, 4, device=CPU)
@@ -187,7 +190,7 @@ def test_train_steps_prunes_empty_space_but_keeps_the_surface(scene):
 
 
 def _tiny_trainable(scene):
-    from vqad.nerf.train import RayBatcher
+    from vqad.nerf.rays import RayBatcher
 
     torch.manual_seed(0)
     octree = SparseOctree.dense(2, 4, device=CPU)
@@ -200,7 +203,7 @@ def _tiny_trainable(scene):
 
 def test_coarse_weight_scales_only_the_coarser_lods_loss(scene):
     """grad(Σ w_l MSE_l) on LODs {2, 4} = w · grad(MSE_2) + grad(MSE_4), on the same rays and jitter."""
-    from vqad.nerf.train import train_step
+    from vqad.nerf.task import train_step
 
     field, sampler, batcher = _tiny_trainable(scene)
 
@@ -220,11 +223,11 @@ def test_coarse_weight_scales_only_the_coarser_lods_loss(scene):
 
 def test_a_step_with_a_non_finite_gradient_is_skipped(scene):
     """A NaN gradient anywhere leaves every parameter as it was (instead of poisoning the model)."""
-    from vqad import trainer as T
-    from vqad.nerf.train import train_step
+    from vqad.optim import make_optimizers
+    from vqad.nerf.task import train_step
 
     field, sampler, batcher = _tiny_trainable(scene)
-    opts = T.make_optimizers(field, 5e-3, 30.0)
+    opts = make_optimizers(field, 5e-3, 30.0)
     before = [p.detach().clone() for p in field.parameters()]
     hook = field.color.mlps[0].net[0].weight.register_hook(lambda g: g * float("nan"))
     per_lod, psnr, n, stepped = train_step(field, sampler, batcher, opts, 128, [2, 4], torch.ones(3),

@@ -4,11 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqad import trainer as T
+from vqad import fit as T
+from vqad.optim import make_optimizers
 from vqad.errors import InputError
 from vqad.checkpoint import load_optimizer_state, save_checkpoint, load_checkpoint
 from vqad.optim import RowwiseSparseRMSprop
-from vqad.storage import CodebookStorage
+from vqad.storages.codebook import CodebookStorage
 
 from test_storage import _small_field
 
@@ -53,7 +54,7 @@ def test_rowwise_rmsprop_matches_reference():
 
 def test_wide_codebooks_get_bounded_state_and_resume(tmp_path):
     field, _ = _small_field("codebook", bits=8)
-    opts = T.make_optimizers(field, 1e-2, 10.0, logit_lr_scale=100.0)
+    opts = make_optimizers(field, 1e-2, 10.0, logit_lr_scale=100.0)
     assert set(opts) == {"logits", "dense"}
     x = torch.rand(512, 3) * 1.6 - 0.8
     for _ in range(3):
@@ -66,7 +67,7 @@ def test_wide_codebooks_get_bounded_state_and_resume(tmp_path):
     assert opts["logits"].param_groups[0]["lr"] == 1.0
     save_checkpoint(tmp_path / "ck", field, extra={"step": 3}, optimizers=opts)
     f2, cfg = load_checkpoint(tmp_path / "ck", torch.device("cpu"))
-    o2 = T.make_optimizers(f2, 1e-2, 10.0, logit_lr_scale=100.0)
+    o2 = make_optimizers(f2, 1e-2, 10.0, logit_lr_scale=100.0)
     load_optimizer_state(tmp_path / "ck", o2, cfg)
     for a, b in zip(opts["logits"].state.values(), o2["logits"].state.values()):
         torch.testing.assert_close(a["v"], b["v"])
@@ -74,33 +75,33 @@ def test_wide_codebooks_get_bounded_state_and_resume(tmp_path):
 
 def test_narrow_codebooks_keep_sparse_adam_with_logit_group():
     field, _ = _small_field("codebook", bits=4)
-    opts = T.make_optimizers(field, 1e-2, 10.0, logit_lr_scale=100.0)
+    opts = make_optimizers(field, 1e-2, 10.0, logit_lr_scale=100.0)
     assert set(opts) == {"sparse", "dense"}
     lrs = sorted(g["lr"] for g in opts["sparse"].param_groups)
     assert lrs == [1.0]  # the codebook has no other sparse parameter
-    opts = T.make_optimizers(field, 1e-2, 10.0)
+    opts = make_optimizers(field, 1e-2, 10.0)
     assert [g["lr"] for g in opts["sparse"].param_groups] == [0.1]
 
 
 def test_codebooks_can_train_at_their_own_rate():
     field, _ = _small_field("codebook", bits=4)
     D_ids = {id(s.D) for s in field.grid.storages}
-    opts = T.make_optimizers(field, 1e-2, 10.0, codebook_lr_scale=300.0)
+    opts = make_optimizers(field, 1e-2, 10.0, codebook_lr_scale=300.0)
     groups = {g["lr"]: {id(p) for p in g["params"]} for g in opts["dense"].param_groups}
     assert groups[3.0] == D_ids  # every level's D, nothing else
     assert 0.1 not in groups  # no other dense grid parameter in this field
     assert not D_ids & groups[1e-2]  # the decoder group holds no codebook
     # without the option, D trains at the grid's rate
-    plain = T.make_optimizers(field, 1e-2, 10.0)
+    plain = make_optimizers(field, 1e-2, 10.0)
     groups = {g["lr"]: {id(p) for p in g["params"]} for g in plain["dense"].param_groups}
     assert groups[0.1] == D_ids
 
 
 def test_resuming_with_other_parameter_groups_is_a_clear_error(tmp_path):
     field, _ = _small_field("codebook", bits=4)
-    save_checkpoint(tmp_path / "ck", field, extra={"step": 0}, optimizers=T.make_optimizers(field, 1e-2, 10.0))
+    save_checkpoint(tmp_path / "ck", field, extra={"step": 0}, optimizers=make_optimizers(field, 1e-2, 10.0))
     f2, cfg = load_checkpoint(tmp_path / "ck", torch.device("cpu"))
-    opts = T.make_optimizers(f2, 1e-2, 10.0)
+    opts = make_optimizers(f2, 1e-2, 10.0)
     dense = [p for g in opts["dense"].param_groups for p in g["params"]]
     opts["dense"] = torch.optim.Adam([{"params": dense[:1]}, {"params": dense[1:2]}, {"params": dense[2:]}])
     with pytest.raises(InputError, match="resume with the options"):

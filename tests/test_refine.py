@@ -7,7 +7,7 @@ from vqad.config import DecoderConfig, GridConfig
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
 from vqad.refine import RefineChunk, _accumulate, _linearize, _total_loss, gauss_newton_scores, refine_indices, summed_features, vertex_parity
-from vqad.sdf import refine_sdf
+from vqad.sdf.fit import refine_sdf
 
 
 def _grid(seed=0, bits=3, k=4, levels=(1, 3)):
@@ -101,8 +101,8 @@ def test_refine_sdf_lowers_the_loss_of_a_trained_sphere(one_thread):
     import trimesh
 
     from vqad.config import SDFTrainConfig
-    from vqad.mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples
-    from vqad.sdf import fit_sdf
+    from vqad.sdf.mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples
+    from vqad.sdf.fit import fit_sdf
 
     s = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
     mesh = Mesh(np.asarray(s.vertices, dtype=np.float64), np.asarray(s.faces, dtype=np.int64))
@@ -125,9 +125,9 @@ def test_fit_with_refinement_sweeps_runs_them(one_thread, monkeypatch):
     import numpy as np
     import trimesh
 
-    import vqad.sdf as sdf_mod
+    import vqad.sdf.fit as sdf_mod
     from vqad.config import SDFTrainConfig
-    from vqad.mesh import Mesh
+    from vqad.sdf.mesh import Mesh
 
     calls = []
     real = sdf_mod.refine_sdf
@@ -177,9 +177,10 @@ def test_scores_are_exact_when_several_samples_feed_one_residual():
 
 
 def test_refine_nerf_lowers_the_photometric_loss(one_thread):
-    from vqad.nerf.datasets import load_dataset
+    from vqad.nerf.formats import load_dataset
     from vqad.nerf.field import NeRFConfig
-    from vqad.nerf.train import NeRFTrainConfig, RayBatcher, fit_nerf, refine_nerf
+    from vqad.nerf.fit import NeRFTrainConfig, fit_nerf, refine_nerf
+    from vqad.nerf.rays import RayBatcher
 
     ds = load_dataset("procedural")
     grid = GridConfig(storage="codebook", features=4, bits=3, base_level=2, max_level=4)

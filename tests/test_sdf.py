@@ -5,13 +5,13 @@ import pytest
 import torch
 import trimesh
 
-from vqad import trainer
+from vqad import fit as trainer
 from vqad.checkpoint import load_checkpoint
 from vqad.config import DecoderConfig, GridConfig, SDFTrainConfig
-from vqad.extract import evaluate_grid, evaluate_grid_sparse, extract_mesh
-from vqad.mesh import Mesh, SDFOracle, fit_normalization, load_mesh
-from vqad.metrics import chamfer_and_normals
-from vqad.sdf import fit_sdf
+from vqad.sdf.extract import evaluate_grid, evaluate_grid_sparse, extract_mesh
+from vqad.sdf.mesh import Mesh, SDFOracle, fit_normalization, load_mesh
+from vqad.sdf.metrics import chamfer_and_normals
+from vqad.sdf.fit import fit_sdf
 
 
 def _sphere_mesh(radius=0.6, subdiv=4):

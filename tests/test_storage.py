@@ -5,10 +5,12 @@ import torch
 
 from vqad.config import DecoderConfig, GridConfig
 from vqad.errors import InputError
-from vqad.fields import SDFField
+from vqad.sdf.field import SDFField
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
-from vqad.storage import CodebookStorage, DenseStorage, make_storage
+from vqad.storages.codebook import CodebookStorage
+from vqad.storages.dense import DenseStorage
+from vqad.storages import make_storage
 
 
 def test_straight_through_forward_is_hard_lookup_and_grads_reach_C_and_D():

@@ -11,11 +11,11 @@ import pytest
 import trimesh
 
 import vqad.metrics
-import vqad.sdf
-from vqad import sweep as S
-from vqad import trainer
-from vqad.cli import build_parser, main as cli_main
-from vqad.commands.sweep import sweep_config
+import vqad.sdf.fit
+from vqad.app import sweep as S
+from vqad import fit as trainer
+from vqad.app.cli import build_parser, main as cli_main
+from vqad.app.commands.sweep import sweep_config
 from vqad.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,9 +35,9 @@ def sphere(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def small_samples(monkeypatch):
     """A level-4 sphere needs far fewer samples (octree, Chamfer, IoU) than the defaults made for real meshes."""
-    monkeypatch.setattr(vqad.sdf, "build_sdf_field", functools.partial(vqad.sdf.build_sdf_field, octree_samples=50_000))
-    monkeypatch.setattr(vqad.metrics, "chamfer_and_normals", functools.partial(vqad.metrics.chamfer_and_normals, n=20_000))
-    monkeypatch.setattr(vqad.metrics, "volumetric_iou", functools.partial(vqad.metrics.volumetric_iou, n=100_000))
+    monkeypatch.setattr(vqad.sdf.fit, "build_sdf_field", functools.partial(vqad.sdf.fit.build_sdf_field, octree_samples=50_000))
+    monkeypatch.setattr(vqad.sdf.metrics, "chamfer_and_normals", functools.partial(vqad.sdf.metrics.chamfer_and_normals, n=20_000))
+    monkeypatch.setattr(vqad.sdf.metrics, "volumetric_iou", functools.partial(vqad.sdf.metrics.volumetric_iou, n=100_000))
 
 
 def _config(dataset, out, methods, extra=()):

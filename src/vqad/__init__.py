@@ -7,9 +7,9 @@ Library entry points::
     d = field(x, lod=5)                       # SDF at LOD 5, x: (N, 3) in the unit cube
 """
 
-from . import baselines  # noqa: F401  (registers the lowrank, kmeans and hash feature storages)
-from .api import load
-from .errors import CorruptStreamError, InputError, StreamError, TruncatedStreamError, VqadError
+
+from vqad.api import load
+from vqad.errors import CorruptStreamError, InputError, StreamError, TruncatedStreamError, VqadError
 
 __version__ = "0.1.0"
 __all__ = ["load", "VqadError", "InputError", "StreamError", "TruncatedStreamError", "CorruptStreamError"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .device import resolve_device
-from .errors import InputError
+from vqad.device import resolve_device
+from vqad.errors import InputError
 
 
 def load(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None):
@@ -25,10 +25,10 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
         if path.is_dir():
             if max_bytes is not None:
                 raise InputError("--bytes applies to .vqad files only: export the checkpoint first (vqad export)")
-            from .checkpoint import load_checkpoint
+            from vqad.checkpoint import load_checkpoint
 
             return load_checkpoint(path, device)[0]
-    from . import fileformat  # the .vqad reader
+    from vqad import fileformat
 
     return fileformat.load(source, device=device, lod=lod, max_bytes=max_bytes)
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import GridConfig, from_dict
-from .errors import InputError
-from .fields import field_config, field_from_config
-from .grid import OctreeGrid
-from .octree import SparseOctree
-from .storage import STORAGES
+from vqad.config import GridConfig, from_dict
+from vqad.errors import InputError
+from vqad.field import field_config, field_from_config
+from vqad.grid import OctreeGrid
+from vqad.octree import SparseOctree
+from vqad.storages import STORAGES
 
 FORMAT_VERSION = 1
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from .errors import InputError
-from .octree import check_levels
-from .baselines import DEFAULT_TABLE_BITS, check_rank, check_table_bits
-from .storage import STORAGES, check_bits
+from vqad.errors import InputError
+from vqad.octree import check_levels
+from vqad.storages.hash import DEFAULT_TABLE_BITS, check_table_bits
+from vqad.storages.lowrank import check_rank
+from vqad.storages import STORAGES
+from vqad.storages.base import check_bits
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import DecoderConfig
+from vqad.config import DecoderConfig
 
 
 class MLP(nn.Module):

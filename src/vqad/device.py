@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InputError
+from vqad.errors import InputError
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:

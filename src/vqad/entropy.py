@@ -240,7 +240,7 @@ def octree_contexts(parent_codes, parent_level: int, dense_max_res: int = DENSE_
     """
     import torch
 
-    from .octree import morton_decode
+    from vqad.octree import morton_decode
 
     codes = torch.as_tensor(np.asarray(parent_codes), dtype=torch.long).reshape(-1)
     n = codes.numel()

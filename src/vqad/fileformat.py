@@ -44,14 +44,15 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from . import entropy as E
-from .bitpack import pack_bits, packed_size, unpack_bits
-from .config import GridConfig, from_dict, to_dict
-from .errors import CorruptStreamError, InputError, StreamError, TruncatedStreamError, VqadError
-from .fields import field_config, field_from_config
-from .grid import OctreeGrid
-from .octree import SparseOctree
-from .storage import STORAGES, TensorLayout
+from vqad import entropy as E
+from vqad.bitpack import pack_bits, packed_size, unpack_bits
+from vqad.config import GridConfig, from_dict, to_dict
+from vqad.errors import CorruptStreamError, InputError, StreamError, TruncatedStreamError, VqadError
+from vqad.field import field_config, field_from_config
+from vqad.grid import OctreeGrid
+from vqad.octree import SparseOctree
+from vqad.storages import STORAGES
+from vqad.storages.base import TensorLayout
 
 MAGIC = b"\x89VQAD\r\n\x1a"
 VERSION = 1

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import GridConfig
-from .octree import SparseOctree
-from .storage import FeatureStorage, make_storage
+from vqad.config import GridConfig
+from vqad.octree import SparseOctree
+from vqad.storages.base import FeatureStorage
+from vqad.storages import make_storage
 
 
 class OctreeGrid(nn.Module):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
+from vqad.errors import InputError
 
 MAX_SUPPORTED_LEVEL = 16  # Morton codes of level-16 vertices need 3*17 = 51 bits: fits int64
 

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from .storage import CodebookStorage
+from vqad.storages.codebook import CodebookStorage
 
 
 @dataclass

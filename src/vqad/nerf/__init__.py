@@ -14,6 +14,6 @@ Modules, one idea each:
 Importing this package registers the ``"nerf"`` field kind for checkpoints and .vqad files.
 """
 
-from .field import NeRFConfig, NeRFField, sh_encode  # noqa: F401  (registers kind "nerf")
+from vqad.nerf.field import NeRFConfig, NeRFField, sh_encode  # noqa: F401  (registers kind "nerf")
 
 __all__ = ["NeRFConfig", "NeRFField", "sh_encode"]

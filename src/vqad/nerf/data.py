@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..fields import Normalization
+from vqad.field import Normalization
 
 
 @dataclass
@@ -65,3 +65,15 @@ class SceneDataset:
     split_sources: dict[str, str] = field(default_factory=dict)
     # the world-space box (lo, hi) that ``normalization`` maps onto [-1, 1]^3
     bbox: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+
+
+
+def dataset_info(dataset: SceneDataset) -> dict:
+    """What ``vqad render`` / ``vqad eval`` need to load the same views again (stored with the model)."""
+    return {
+        "name": dataset.name,
+        "format": dataset.format,
+        "source": dataset.source,
+        "downscale": int(dataset.downscale),
+        "background": [float(c) for c in dataset.background],
+    }

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..metrics import psnr, ssim
-from .data import SceneDataset
-from .render import OccupancySampler, render_rays_chunked
+from vqad.errors import InputError
+from vqad.metrics import psnr, ssim
+from vqad.nerf.data import SceneDataset
+from vqad.nerf.render import OccupancySampler, render_rays_chunked
 
 
 def load_scene(info: dict, source: str | None = None) -> SceneDataset:
@@ -29,7 +29,7 @@ def load_scene(info: dict, source: str | None = None) -> SceneDataset:
 
     ``source`` overrides the stored path (the data moved, or another capture of the same scene).
     """
-    from .datasets import load_dataset
+    from vqad.nerf.formats import load_dataset
 
     if not info:
         raise InputError("this model does not record its dataset: pass --dataset PATH")
@@ -76,7 +76,8 @@ def render_views(field, dataset: SceneDataset, split: str, lods: list[int], samp
                  max_views: int | None = None, chunk: int = 1 << 13):
     """Yield ``(index, name, rgb (B, H, W, 3), depth (B, H, W) world units, opacity (B, H, W), gt (H, W, 3))``
     for each view of ``split`` (the first ``max_views``), every LOD of ``lods`` rendered at once."""
-    from .train import RayBatcher, model_sampler
+    from vqad.nerf.rays import RayBatcher
+    from vqad.nerf.task import model_sampler
 
     views = pick_split(dataset, split)
     sampler = sampler or model_sampler(field)

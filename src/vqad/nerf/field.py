@@ -19,13 +19,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..config import DecoderConfig, GridConfig, from_dict, to_dict
-from ..decoders import LODDecoder
-from ..errors import InputError
-from ..fields import Normalization, register_field
-from ..grid import OctreeGrid
+from vqad.config import DecoderConfig, from_dict, to_dict
+from vqad.decoders import LODDecoder
+from vqad.errors import InputError
+from vqad.field import NeuralField, Normalization
+from vqad.grid import OctreeGrid
 
 DENSITY_ACTIVATIONS = ("trunc_exp", "softplus")
 
@@ -120,7 +119,7 @@ def sh_encode(d: torch.Tensor, degree: int) -> torch.Tensor:
     return torch.stack(out, dim=-1)
 
 
-class NeRFField(nn.Module):
+class NeRFField(NeuralField):
     """Density and view-dependent colour on a multi-resolution octree grid (kind ``"nerf"``).
 
     ``forward(x, d, lod)``: ``x (N, 3)`` unit-cube points, ``d (N, 3)`` unit directions →
@@ -141,15 +140,12 @@ class NeRFField(nn.Module):
         normalization: Normalization | None = None,
         dataset: dict | None = None,
     ):
-        super().__init__()
+        super().__init__(grid, decoder_cfg, normalization)
         self.nerf_cfg = nerf_cfg or NeRFConfig()
         self.nerf_cfg.validate()
         if self.nerf_cfg.step_ratio is None:
             raise InputError("a radiance field needs a marching step: step_ratio=None ('auto') is resolved from the "
                              "octree by vqad.nerf.train.build_nerf_field; pass a number to build a field directly")
-        self.grid = grid
-        self.decoder_cfg = decoder_cfg
-        self.normalization = normalization or Normalization()
         self.dataset = dict(dataset or {})
         g = self.nerf_cfg.geo_features
         in_dim = grid.k + (3 if decoder_cfg.position_input else 0)
@@ -170,19 +166,6 @@ class NeRFField(nn.Module):
             for mlp in self.decoder.mlps:
                 last = mlp.net[-1]
                 last.bias[0] = math.log(0.1) if self.nerf_cfg.density_activation == "trunc_exp" else -1.25
-
-    # -- properties -----------------------------------------------------------------------------
-    @property
-    def grid_cfg(self) -> GridConfig:
-        return self.grid.cfg
-
-    @property
-    def lods(self) -> list[int]:
-        return self.grid.lods
-
-    @property
-    def device(self) -> torch.device:
-        return self.grid.octree.device
 
     # -- evaluation -----------------------------------------------------------------------------
     def _decode(self, x: torch.Tensor, feats: torch.Tensor, sh: torch.Tensor, lod: int):
@@ -226,55 +209,15 @@ class NeRFField(nn.Module):
     def extra_config(self) -> dict:
         return {"nerf": to_dict(self.nerf_cfg), "dataset": dict(self.dataset)}
 
-    def bake(self, fp16: bool = True) -> None:
-        """Inference form: indices instead of logits, and (with ``fp16``) fp16-rounded floats."""
-        self.grid.bake(fp16=fp16)
-        if fp16:
-            self.decoder.round_fp16()
-            self.color.round_fp16()
-        for p in list(self.decoder.parameters()) + list(self.color.parameters()):
-            p.requires_grad_(False)
-        self.eval()
+    def decoders(self) -> list[LODDecoder]:
+        return [self.decoder, self.color]
 
-    @property
-    def baked(self) -> bool:
-        return all(s.baked for s in self.grid.storages)
-
-    def decoder_state(self) -> dict[str, torch.Tensor]:
-        """Every parameter that is not part of the grid (ψ_σ and ψ_c), by name."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("grid.")}
-
-    def load_decoder_state(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [k for k in self.decoder_state() if k not in state]
-        if missing:
-            raise InputError(f"radiance-field decoder weights missing from the model: {', '.join(missing[:4])}")
-        self.load_state_dict(state, strict=False)
-
-    def decoder_bits(self) -> int:
-        return self.decoder.stored_bits() + self.color.stored_bits()
-
-    def size_report(self) -> dict:
-        """Bytes: dense fp16 grid (16·m·k bits), compressed grid, decoders (ψ_σ + ψ_c, fp16), ratios."""
-        dense = self.grid.dense_fp16_bits() / 8
-        grid = self.grid.stored_bits() / 8
-        dec = self.decoder_bits() / 8
-        return {
-            "vertices": self.grid.vertex_counts(),
-            "dense_fp16_bytes": dense,
-            "grid_bytes": grid,
-            "decoder_bytes": dec,
-            "compressed_bytes": grid + dec,
-            "grid_ratio": dense / grid,
-            "total_ratio": (dense + dec) / (grid + dec),
-        }
-
-
-@register_field("nerf")
-def _build_nerf(cfg: dict, grid: OctreeGrid) -> NeRFField:
-    return NeRFField(
-        grid,
-        from_dict(DecoderConfig, cfg["decoder"]),
-        from_dict(NeRFConfig, cfg.get("nerf", {})),
-        Normalization.from_dict(cfg["normalization"]),
-        dataset=cfg.get("dataset") or {},
-    )
+    @classmethod
+    def from_config(cls, cfg: dict, grid: OctreeGrid) -> "NeRFField":
+        return cls(
+            grid,
+            from_dict(DecoderConfig, cfg["decoder"]),
+            from_dict(NeRFConfig, cfg.get("nerf", {})),
+            Normalization.from_dict(cfg["normalization"]),
+            dataset=cfg.get("dataset") or {},
+        )

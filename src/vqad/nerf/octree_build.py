@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..octree import SparseOctree, morton_decode, morton_encode
-from .data import SceneDataset, Views
-from .rays import backproject
+from vqad.errors import InputError
+from vqad.octree import SparseOctree, morton_decode, morton_encode
+from vqad.nerf.data import SceneDataset, Views
+from vqad.nerf.rays import backproject
 
 OCTREE_METHODS = ("auto", "depth", "mask", "density")
 
@@ -89,8 +89,8 @@ def octree_from_model(source, dataset: SceneDataset, base_level: int, max_level:
     bitrates can share one. The model must come from the same images (source, format, downscale)
     and have the same finest level; its dilation margin comes with it.
     """
-    from ..api import load
-    from .train import dataset_info
+    from vqad.api import load
+    from vqad.nerf.data import dataset_info
 
     field = load(source, device=device)
     if field.kind != "nerf":
@@ -253,11 +253,12 @@ def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, 
     Visibility weights, rather than a density threshold, keep only surfaces that explain pixels:
     floaters and hidden interior regions get little weight.
     """
-    from ..config import DecoderConfig, GridConfig
-    from ..grid import OctreeGrid
-    from .field import NeRFConfig, NeRFField
-    from .render import OccupancySampler, render_weight_from_density
-    from .train import RayBatcher, train_steps
+    from vqad.config import DecoderConfig, GridConfig
+    from vqad.grid import OctreeGrid
+    from vqad.nerf.field import NeRFConfig, NeRFField
+    from vqad.nerf.render import OccupancySampler, render_weight_from_density
+    from vqad.nerf.rays import RayBatcher
+    from vqad.nerf.task import train_steps
 
     cfg = cfg or DensityPassConfig()
     level = min(cfg.level, max_level)

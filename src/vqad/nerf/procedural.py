@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import SceneDataset, Views
-from .rays import pixel_centers, rays_for_pixels
+from vqad.nerf.data import SceneDataset, Views
+from vqad.nerf.rays import pixel_centers, rays_for_pixels
 
 _GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 
@@ -235,7 +235,7 @@ def procedural_dataset(cfg: ProceduralConfig | None = None, background=(1.0, 1.0
     is the shapes' known AABB grown by ``cfg.padding``; ``near``/``far`` bound the z-depth of that
     box from every camera.
     """
-    from .datasets import near_far_from_box, normalization_from_box, unit_cube_box
+    from vqad.nerf.formats.common import near_far_from_box, normalization_from_box, unit_cube_box
 
     cfg = cfg or ProceduralConfig()
     scene = scene or ProceduralScene()

@@ -23,7 +23,8 @@ from typing import Sequence
 
 import torch
 
-from .data import Views
+from vqad.nerf.data import Views
+from vqad.nerf.data import SceneDataset
 
 
 def pixel_centers(height: int, width: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -180,3 +181,69 @@ def camera_rays(views: Views, indices: int | Sequence[int] | torch.Tensor,
         outs_o.append(o)
         outs_d.append(d)
     return torch.cat(outs_o), torch.cat(outs_d)
+
+
+
+# -- rays ----------------------------------------------------------------------------------------
+def pixel_rays(c2w: torch.Tensor, intrinsics: torch.Tensor, px: torch.Tensor, py: torch.Tensor,
+               distortion: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """World rays through pixel centres (:func:`vqad.nerf.rays.rays_for_pixels`).
+
+    Args:
+        c2w: ``(n, 4, 4)`` per ray (OpenGL: the camera looks down −z), intrinsics ``(n, 4)``
+            fx, fy, cx, cy; px, py ``(n,)`` integer pixel columns and rows; distortion ``(n, 4)`` or None.
+    Returns:
+        origins ``(n, 3)``, unit directions ``(n, 3)`` and ``cos (n,)``, the cosine between each
+        direction and the optical axis (a z-depth z is the ray distance ``z / cos``).
+    """
+    uv = torch.stack([px, py], dim=-1).to(intrinsics.dtype) + 0.5
+    o, d = rays_for_pixels(c2w, intrinsics, uv, distortion)
+    cos = -(d * c2w[:, :3, 2]).sum(-1)  # the camera looks down −z: the optical axis is −c2w[:3, 2]
+    return o, d, cos
+
+
+class RayBatcher:
+    """A split's pixels held compactly on ``device`` (uint8 colours) and turned into rays on demand.
+
+    Rays are returned in the unit cube: ``o = (o_world − center) · scale`` and unit ``d``, with
+    ``near``/``far`` (unit-cube lengths along ``d``) from the dataset's world-unit bounds.
+    """
+
+    def __init__(self, views: Views, dataset: SceneDataset, device: torch.device):
+        self.device = device
+        self.N, (self.H, self.W) = len(views), views.hw
+        self.colors = views.images.reshape(-1, 3).to(device)  # (N·H·W, 3) uint8
+        self.c2w = views.c2w.float().to(device)
+        self.intrinsics = views.intrinsics.float().to(device)
+        self.distortion = views.distortion.float().to(device) if views.distortion is not None else None
+        self.norm = dataset.normalization
+        self.near, self.far = float(dataset.near), float(dataset.far)
+        self.background = tuple(float(c) for c in dataset.background)
+
+    @property
+    def num_rays(self) -> int:
+        return self.N * self.H * self.W
+
+    def rays_for(self, flat: torch.Tensor):
+        """Rays of flat pixel ids ``(n,)`` (``view·H·W + row·W + col``): o, d, rgb, near, far."""
+        view = flat // (self.H * self.W)
+        pix = flat % (self.H * self.W)
+        py, px = pix // self.W, pix % self.W
+        dist = self.distortion[view] if self.distortion is not None else None
+        o, d, cos = pixel_rays(self.c2w[view], self.intrinsics[view], px, py, dist)
+        o = self.norm.to_unit(o)
+        s = self.norm.scale
+        near = torch.full_like(cos, self.near * s)  # a z-depth bound is a lower bound on the ray distance
+        far = self.far * s / cos.clamp_min(1e-6)
+        rgb = self.colors[flat].float() * (1.0 / 255.0)
+        return o, d, rgb, near, far
+
+    def sample(self, n: int, generator: torch.Generator):
+        """``n`` uniformly random training pixels: o, d ``(n, 3)``, rgb ``(n, 3)``, near, far ``(n,)``."""
+        flat = torch.randint(0, self.num_rays, (n,), generator=generator).to(self.device)
+        return self.rays_for(flat)
+
+    def view(self, index: int):
+        """Every pixel of one view, row-major: o, d, rgb, near, far with ``H·W`` rows."""
+        base = index * self.H * self.W
+        return self.rays_for(torch.arange(base, base + self.H * self.W, device=self.device))

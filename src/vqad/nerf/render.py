@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..octree import SparseOctree
+from vqad.octree import SparseOctree
 
 MAX_DENSE_OCCUPANCY_LEVEL = 8  # 256^3 bools = 16 MB; finer octrees are checked against the octree itself
 
@@ -186,7 +186,7 @@ class OccupancySampler:
         self.level = min(octree.max_level, MAX_DENSE_OCCUPANCY_LEVEL)
         self.res = 1 << self.level
         self.step = float(step) if step is not None else 0.5 * (2.0 / (1 << octree.max_level))
-        from ..octree import morton_decode
+        from vqad.octree import morton_decode
 
         ijk = morton_decode(octree._codes_at(self.level))
         occ = torch.zeros(self.res ** 3, dtype=torch.bool, device=octree.device)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import InputError
-from .mesh import Mesh
+from vqad.errors import InputError
+from vqad.sdf.mesh import Mesh
 
 
 def _lattice_points(r: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .mesh import Mesh
+from vqad.sdf.mesh import Mesh
 
 
 def _smooth_union(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:

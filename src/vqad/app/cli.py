@@ -11,15 +11,15 @@ import argparse
 import importlib
 import sys
 
-from .errors import VqadError
+from vqad.errors import VqadError
 
 # modules that add subcommands; each defines register(subparsers)
 COMMAND_MODULES = [
-    "vqad.commands.sdf",
-    "vqad.commands.nerf",
-    "vqad.commands.format",
-    "vqad.commands.compress",
-    "vqad.commands.sweep",
+    "vqad.app.commands.sdf",
+    "vqad.app.commands.nerf",
+    "vqad.app.commands.format",
+    "vqad.app.commands.compress",
+    "vqad.app.commands.sweep",
 ]
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
-from .common import add_device_arg
+from vqad.errors import InputError
+from vqad.app.commands.common import add_device_arg
 
 
 def register(sub) -> None:
-    from ..baselines import KMEANS_ITERS, POSTHOC_KINDS
+    from vqad.storages.kmeans import KMEANS_ITERS
+    from vqad.posthoc import POSTHOC_KINDS
 
     p = sub.add_parser(
         "compress",
@@ -32,10 +33,10 @@ def register(sub) -> None:
 def cmd_compress(args) -> int:
     import time
 
-    from ..api import load
-    from ..baselines import posthoc
-    from ..checkpoint import save_checkpoint
-    from ..device import resolve_device
+    from vqad.api import load
+    from vqad.posthoc import posthoc
+    from vqad.checkpoint import save_checkpoint
+    from vqad.device import resolve_device
 
     if args.to == "kmeans" and args.rank is not None:
         raise InputError("--rank applies to --to lowrank; k-means takes --bits")

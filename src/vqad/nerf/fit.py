@@ -27,20 +27,21 @@ from pathlib import Path
 
 import torch
 
-from .. import trainer as T
-from ..checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
-from ..config import DecoderConfig, GridConfig, to_dict
-from ..device import peak_memory_bytes
-from ..errors import InputError
-from ..grid import OctreeGrid
-from .data import SceneDataset, Views
-from .field import NeRFConfig, NeRFField, sh_encode
-from .rays import rays_for_pixels
-from .render import OccupancySampler, render_rays, volume_render
-from ..refine import RefineChunk, format_stats, has_codebook, refine_indices
+from vqad import fit as T
+from vqad.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from vqad.config import DecoderConfig, GridConfig, to_dict
+from vqad.device import peak_memory_bytes
+from vqad.errors import InputError
+from vqad.grid import OctreeGrid
+from vqad.nerf.data import SceneDataset
+from vqad.nerf.field import NeRFConfig, NeRFField, sh_encode
+from vqad.nerf.render import OccupancySampler, volume_render
+from vqad.refine import RefineChunk, format_stats, has_codebook, refine_indices
 from tqdm.auto import tqdm
-
-LOD_MODES = ("all", "random", "finest+random", "finest")
+from vqad.nerf.data import dataset_info
+from vqad.nerf.rays import RayBatcher
+from vqad.nerf.task import LOD_MODES, make_sampler, prune_due, prune_threshold, step_lods, train_step
+from vqad.optim import make_optimizers
 
 
 @dataclass
@@ -90,121 +91,6 @@ class NeRFTrainConfig:
             raise InputError(f"--early-stop-eps must be in [0, 1), got {self.early_stop_eps}")
 
 
-def dataset_info(dataset: SceneDataset) -> dict:
-    """What ``vqad render`` / ``vqad eval`` need to load the same views again (stored with the model)."""
-    return {
-        "name": dataset.name,
-        "format": dataset.format,
-        "source": dataset.source,
-        "downscale": int(dataset.downscale),
-        "background": [float(c) for c in dataset.background],
-    }
-
-
-# -- rays ----------------------------------------------------------------------------------------
-def pixel_rays(c2w: torch.Tensor, intrinsics: torch.Tensor, px: torch.Tensor, py: torch.Tensor,
-               distortion: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """World rays through pixel centres (:func:`vqad.nerf.rays.rays_for_pixels`).
-
-    Args:
-        c2w: ``(n, 4, 4)`` per ray (OpenGL: the camera looks down −z), intrinsics ``(n, 4)``
-            fx, fy, cx, cy; px, py ``(n,)`` integer pixel columns and rows; distortion ``(n, 4)`` or None.
-    Returns:
-        origins ``(n, 3)``, unit directions ``(n, 3)`` and ``cos (n,)``, the cosine between each
-        direction and the optical axis (a z-depth z is the ray distance ``z / cos``).
-    """
-    uv = torch.stack([px, py], dim=-1).to(intrinsics.dtype) + 0.5
-    o, d = rays_for_pixels(c2w, intrinsics, uv, distortion)
-    cos = -(d * c2w[:, :3, 2]).sum(-1)  # the camera looks down −z: the optical axis is −c2w[:3, 2]
-    return o, d, cos
-
-
-class RayBatcher:
-    """A split's pixels held compactly on ``device`` (uint8 colours) and turned into rays on demand.
-
-    Rays are returned in the unit cube: ``o = (o_world − center) · scale`` and unit ``d``, with
-    ``near``/``far`` (unit-cube lengths along ``d``) from the dataset's world-unit bounds.
-    """
-
-    def __init__(self, views: Views, dataset: SceneDataset, device: torch.device):
-        self.device = device
-        self.N, (self.H, self.W) = len(views), views.hw
-        self.colors = views.images.reshape(-1, 3).to(device)  # (N·H·W, 3) uint8
-        self.c2w = views.c2w.float().to(device)
-        self.intrinsics = views.intrinsics.float().to(device)
-        self.distortion = views.distortion.float().to(device) if views.distortion is not None else None
-        self.norm = dataset.normalization
-        self.near, self.far = float(dataset.near), float(dataset.far)
-        self.background = tuple(float(c) for c in dataset.background)
-
-    @property
-    def num_rays(self) -> int:
-        return self.N * self.H * self.W
-
-    def rays_for(self, flat: torch.Tensor):
-        """Rays of flat pixel ids ``(n,)`` (``view·H·W + row·W + col``): o, d, rgb, near, far."""
-        view = flat // (self.H * self.W)
-        pix = flat % (self.H * self.W)
-        py, px = pix // self.W, pix % self.W
-        dist = self.distortion[view] if self.distortion is not None else None
-        o, d, cos = pixel_rays(self.c2w[view], self.intrinsics[view], px, py, dist)
-        o = self.norm.to_unit(o)
-        s = self.norm.scale
-        near = torch.full_like(cos, self.near * s)  # a z-depth bound is a lower bound on the ray distance
-        far = self.far * s / cos.clamp_min(1e-6)
-        rgb = self.colors[flat].float() * (1.0 / 255.0)
-        return o, d, rgb, near, far
-
-    def sample(self, n: int, generator: torch.Generator):
-        """``n`` uniformly random training pixels: o, d ``(n, 3)``, rgb ``(n, 3)``, near, far ``(n,)``."""
-        flat = torch.randint(0, self.num_rays, (n,), generator=generator).to(self.device)
-        return self.rays_for(flat)
-
-    def view(self, index: int):
-        """Every pixel of one view, row-major: o, d, rgb, near, far with ``H·W`` rows."""
-        base = index * self.H * self.W
-        return self.rays_for(torch.arange(base, base + self.H * self.W, device=self.device))
-
-
-# -- one step ------------------------------------------------------------------------------------
-def step_lods(lods: list[int], mode: str, generator: torch.Generator) -> list[int]:
-    """The LODs one training step renders (ascending)."""
-    if mode == "all" or len(lods) == 1:
-        return list(lods)
-    if mode == "finest":
-        return [lods[-1]]
-    if mode == "random":
-        return [lods[int(torch.randint(0, len(lods), (1,), generator=generator))]]
-    return [lods[int(torch.randint(0, len(lods) - 1, (1,), generator=generator))], lods[-1]]
-
-
-def train_step(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, opts, batch: int, lods: list[int],
-               background: torch.Tensor, generator: torch.Generator,
-               early_stop_eps: float = 0.0, coarse_weight: float = 1.0) -> tuple[torch.Tensor, float, int, bool]:
-    """One optimisation step on ``Σ_LOD w_LOD · MSE_LOD``, ``w = 1`` for the field's finest LOD and
-    ``coarse_weight`` for the coarser ones. Returns the per-LOD MSE ``(len(lods),)``, the finest
-    rendered LOD's PSNR on the batch, the number of samples evaluated (after early ray termination at
-    transmittance ``early_stop_eps``, see :func:`render_rays`) and whether the parameters were updated:
-    a step whose loss or any gradient is not finite is skipped, so one bad batch cannot turn the model
-    into NaN."""
-    o, d, rgb, near, far = batcher.sample(batch, generator)
-    jitter = torch.rand(batch, generator=generator).to(batcher.device)
-    T.zero_grad(opts)
-    out, n_samples = render_rays(field, sampler, o, d, lods, background, near=near, far=far, jitter=jitter,
-                                 early_stop_eps=early_stop_eps)
-    per_lod = ((out.rgb - rgb[None]) ** 2).mean(dim=(1, 2))  # (n_lods,)
-    if out.rgb.requires_grad:
-        finest = field.lods[-1]
-        w = [1.0 if lod == finest else coarse_weight for lod in lods]
-        loss = (per_lod * per_lod.new_tensor(w)).sum()
-        loss.backward()
-        stepped = T.safe_step(opts, loss)
-    else:
-        stepped = False
-    mse_last = float(per_lod[-1].detach())
-    return per_lod.detach(), -10.0 * math.log10(max(mse_last, 1e-12)), n_samples, stepped
-
-
 def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, n_rays: int,
                        background: torch.Tensor, generator: torch.Generator, chunk_rays: int = 1024) -> list[RefineChunk]:
     """The photometric loss of ``n_rays`` random training rays as :class:`~vqad.refine.RefineChunk` s.
@@ -246,63 +132,6 @@ def refine_nerf(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher
     if not quiet:
         tqdm.write(format_stats(stats))
     return stats
-
-
-def make_sampler(field: NeRFField) -> OccupancySampler:
-    """The field's sampler: marching step ``step_ratio`` finest cells (from the field's config)."""
-    octree = field.grid.octree
-    return OccupancySampler(octree, step=field.nerf_cfg.step_ratio * 2.0 / (1 << octree.max_level))
-
-
-def prune_threshold(field: NeRFField, sampler: OccupancySampler) -> float:
-    """σ below which a cell is empty: one marching step there absorbs less than ``prune_alpha``,
-    ``1 − exp(−σ · step) < prune_alpha``."""
-    return -math.log1p(-field.nerf_cfg.prune_alpha) / sampler.step
-
-
-def prune_due(it: int, every: int, warmup: int) -> bool:
-    """Whether training step ``it`` re-tests the occupancy (every ``every`` steps from ``warmup``; 0: never)."""
-    return every > 0 and it >= warmup and it % every == 0
-
-
-@torch.no_grad()
-def model_sampler(field: NeRFField) -> OccupancySampler:
-    """The sampler render / eval use: the octree pruned by the model's own densities (deterministic)."""
-    sampler = make_sampler(field)
-    was_training = field.training
-    field.eval()
-    sampler.prune(lambda x: field.density(x), prune_threshold(field, sampler))
-    field.train(was_training)
-    return sampler
-
-
-def train_steps(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, steps: int, batch: int,
-                lr: float, grid_lr_scale: float, lod_mode: str = "all", seed: int = 0, quiet: bool = True,
-                desc: str = "", prune_every: int = 0, prune_warmup: int = 100, prune_decay: float = 0.95,
-                early_stop_eps: float = 0.0) -> float:
-    """A plain fit without checkpoints (the octree density pass uses it). Returns the last PSNR.
-
-    With ``prune_every > 0`` the sampler's occupancy is re-tested every that many steps after
-    ``prune_warmup`` (as in :func:`fit_nerf`), so empty space stops costing samples."""
-    opts = T.make_optimizers(field, lr, grid_lr_scale)
-    base_lrs = T.initial_lrs(opts)
-    gen = torch.Generator().manual_seed(seed)
-    bg = torch.tensor(batcher.background, dtype=torch.float32, device=batcher.device)
-    prog = T.Progress(steps, 0, "rays", quiet=quiet)
-    if desc and not quiet:
-        prog.bar.set_description(desc)
-    field.train()
-    psnr = float("nan")
-    sigma_thr = prune_threshold(field, sampler)
-    for it in range(steps):
-        T.cosine_lr(opts, base_lrs, it, steps)
-        if prune_due(it, prune_every, prune_warmup):
-            sampler.prune(field.density, sigma_thr, decay=prune_decay, generator=gen)
-        lods = step_lods(field.lods, lod_mode, gen)
-        _, psnr, _, _ = train_step(field, sampler, batcher, opts, batch, lods, bg, gen, early_stop_eps)
-        prog.update(1, batch, psnr=psnr)
-    prog.close()
-    return psnr
 
 
 # -- the fit -------------------------------------------------------------------------------------
@@ -350,7 +179,7 @@ def build_nerf_field(dataset: SceneDataset, grid_cfg: GridConfig, dec_cfg: Decod
 
     ``nerf_cfg.step_ratio=None`` (``--step-ratio auto``) is resolved here from the octree by
     :func:`auto_step_ratio`; the field stores the resolved step, so it renders as it was trained."""
-    from .octree_build import octree_from_model
+    from vqad.nerf.octree_build import octree_from_model
 
     grid_cfg.validate()
     if train_cfg.octree_from:
@@ -371,7 +200,7 @@ def build_nerf_field(dataset: SceneDataset, grid_cfg: GridConfig, dec_cfg: Decod
 
 
 def _new_octree(dataset: SceneDataset, grid_cfg: GridConfig, train_cfg: NeRFTrainConfig, device, quiet: bool):
-    from .octree_build import DensityPassConfig, build_octree
+    from vqad.nerf.octree_build import DensityPassConfig, build_octree
 
     kwargs = {}
     if train_cfg.octree in ("density", "auto"):
@@ -417,12 +246,12 @@ def fit_nerf(
         field.train()
         start = int(cfg.get("step", 0))
         method = cfg.get("octree_method", "?")
-        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale,
+        opts = make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale,
                                  train_cfg.codebook_lr_scale)
         load_optimizer_state(ckpt_dir, opts, cfg)
     else:
         field, method = build_nerf_field(dataset, grid_cfg, dec_cfg, nerf_cfg or NeRFConfig(), train_cfg, device, quiet)
-        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale,
+        opts = make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale,
                                  train_cfg.codebook_lr_scale)
     octree_seconds = time.perf_counter() - t_oct
     base_lrs = T.initial_lrs(opts)

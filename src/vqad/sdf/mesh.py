@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
-from .fields import Normalization
+from vqad.errors import InputError
+from vqad.field import Normalization
 
 MESH_SUFFIXES = {".obj", ".ply", ".off", ".stl", ".glb", ".gltf"}
 

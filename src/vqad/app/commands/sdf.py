@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-from ..errors import InputError
-from .common import (add_device_arg, add_grid_args, ensure_writable_dir, ensure_writable_file, grid_config, parse_lod,
-                     report_skipped_steps)
+from vqad.errors import InputError
+from vqad.app.commands.common import add_device_arg, add_grid_args, ensure_writable_dir, ensure_writable_file, grid_config, parse_lod, report_skipped_steps
+from vqad.sdf.evaluate import evaluate_sdf
 
 
 def register(sub) -> None:
-    from ..config import SDFTrainConfig
+    from vqad.config import SDFTrainConfig
     p = sub.add_parser("fit-sdf", help="fit a VQ-AD (or dense) signed distance field to a mesh")
     p.add_argument("mesh", help="OBJ / PLY / OFF / STL / GLB triangle mesh")
     add_grid_args(p, default_features=16)
@@ -77,7 +76,7 @@ def register(sub) -> None:
 
 
 def _configs(args):
-    from ..config import DecoderConfig, SDFTrainConfig, parse_levels
+    from vqad.config import DecoderConfig, SDFTrainConfig, parse_levels
 
     base, top = parse_levels(args.levels)
     grid = grid_config(args, base, top)
@@ -99,11 +98,10 @@ def _configs(args):
 
 
 def cmd_fit_sdf(args) -> int:
-    import torch
 
-    from ..device import resolve_device
-    from ..mesh import load_mesh
-    from ..sdf import fit_sdf, size_lines
+    from vqad.device import resolve_device
+    from vqad.sdf.mesh import load_mesh
+    from vqad.sdf.fit import fit_sdf
 
     grid_cfg, dec_cfg, train_cfg = _configs(args)  # validate everything before touching the disk
     device = resolve_device(args.device)
@@ -119,7 +117,7 @@ def cmd_fit_sdf(args) -> int:
     field = res.field
     print(f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.points_per_second:,.0f} points/s, final loss {res.final_loss:.3g}")
     report_skipped_steps(res.skipped_steps)
-    for line in size_lines(field):
+    for line in field.size_lines():
         print(line)
     summary = {
         "mesh": str(args.mesh), "grid": grid_cfg.__dict__, "steps": res.steps, "fit_seconds": res.seconds,
@@ -136,45 +134,15 @@ def cmd_fit_sdf(args) -> int:
     return 0
 
 
-def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, quiet: bool = False,
-                 chamfer_samples: int | None = None) -> dict:
-    """Per-LOD metrics, a mesh of the finest LOD and a render per LOD, written into ``out``."""
-    from ..extract import extract_mesh, save_mesh
-    from ..mesh import SDFOracle
-    from ..metrics import CHAMFER_SAMPLES, geometry_metrics
-    from ..render import OrbitCamera, render_sdf, save_png
-
-    field.eval()
-    oracle = SDFOracle(mesh)
-    results = {}
-    lods = field.lods if lods is None else lods
-    for lod in lods:
-        t0 = time.perf_counter()
-        try:
-            m = extract_mesh(field, lod, resolution=resolution)
-        except InputError as exc:
-            results[lod] = {"error": str(exc)}
-            continue
-        gm = geometry_metrics(field, lod, mesh, m, oracle, chamfer_samples or CHAMFER_SAMPLES).as_dict()
-        if lod == field.grid.octree.max_level:
-            save_mesh(m, out / f"mesh_lod{lod}.ply")
-        save_png(render_sdf(field, lod, OrbitCamera(width=320, height=320)), out / f"render_lod{lod}.png")
-        gm["seconds"] = time.perf_counter() - t0
-        results[lod] = gm
-        if not quiet:
-            print(f"LOD {lod}: Chamfer-L1 {gm['chamfer_l1']:.5f}  normal consistency {gm['normal_consistency']:.4f}  IoU {gm['iou']:.4f}")
-    return results
-
-
 def _load(args):
-    from ..api import load
-    from ..device import resolve_device
+    from vqad.api import load
+    from vqad.device import resolve_device
 
     return load(args.model, device=resolve_device(args.device), lod=args.lod, max_bytes=args.bytes)
 
 
 def cmd_mesh(args) -> int:
-    from ..extract import extract_mesh, save_mesh
+    from vqad.sdf.extract import extract_mesh, save_mesh
 
     field = _load(args)
     if field.kind != "sdf":
@@ -191,10 +159,10 @@ def cmd_render(args) -> int:
     field = _load(args)
     lod = parse_lod(field, args.lod)
     if field.kind == "nerf":
-        from .nerf import render_nerf
+        from vqad.app.commands.nerf import render_nerf
 
         return render_nerf(field, args)
-    from ..render import OrbitCamera, render_sdf, save_png
+    from vqad.sdf.render import OrbitCamera, render_sdf, save_png
 
     out = ensure_writable_file(args.out or f"render_lod{lod}.png")
     cam = OrbitCamera(azimuth_deg=args.azimuth, elevation_deg=args.elevation, width=args.size, height=args.size)
@@ -204,8 +172,8 @@ def cmd_render(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ..demo import run_demo
-    from ..device import resolve_device
+    from vqad.app.demo import run_demo
+    from vqad.device import resolve_device
 
     run_demo(Path(args.out), resolve_device(args.device), quick=args.quick)
     return 0

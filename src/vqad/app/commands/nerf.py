@@ -7,8 +7,8 @@ import shutil
 import time
 from pathlib import Path
 
-from ..errors import InputError
-from .common import add_device_arg, add_grid_args, ensure_writable_dir, grid_config, report_skipped_steps
+from vqad.errors import InputError
+from vqad.app.commands.common import add_device_arg, add_grid_args, ensure_writable_dir, grid_config, report_skipped_steps
 
 FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "procedural"]
 
@@ -104,9 +104,9 @@ def parse_background(text: str) -> tuple[float, float, float]:
 
 
 def _configs(args):
-    from ..config import DecoderConfig, parse_levels
-    from ..nerf.field import NeRFConfig
-    from ..nerf.train import NeRFTrainConfig
+    from vqad.config import DecoderConfig, parse_levels
+    from vqad.nerf.field import NeRFConfig
+    from vqad.nerf.fit import NeRFTrainConfig
 
     base, top = parse_levels(args.levels)
     grid = grid_config(args, base, top)
@@ -130,16 +130,15 @@ def _configs(args):
 
 
 def load_nerf_dataset(source: str, fmt: str, downscale: int, background):
-    from ..nerf.datasets import load_dataset
+    from vqad.nerf.formats import load_dataset
 
     return load_dataset(source, format=fmt, downscale=downscale, background=background)
 
 
 def cmd_fit_nerf(args) -> int:
-    from ..device import resolve_device
-    from ..nerf.evaluate import evaluate_nerf, metric_lines, pick_split
-    from ..nerf.train import fit_nerf
-    from ..sdf import size_lines
+    from vqad.device import resolve_device
+    from vqad.nerf.evaluate import evaluate_nerf, metric_lines, pick_split
+    from vqad.nerf.fit import fit_nerf
 
     grid_cfg, dec_cfg, nerf_cfg, train_cfg = _configs(args)  # validate everything before touching the disk
     background = parse_background(args.background)
@@ -163,7 +162,7 @@ def cmd_fit_nerf(args) -> int:
     print(f"octree from {res.octree_method} in {res.octree_seconds:.1f} s; fit: {res.steps} steps in {res.seconds:.1f} s, "
           f"{res.rays_per_second:,.0f} rays/s, {res.samples_per_ray:.1f} samples/ray, final PSNR (batch) {res.final_psnr:.2f} dB")
     report_skipped_steps(res.skipped_steps)
-    for line in size_lines(field):
+    for line in field.size_lines():
         print(line)
     summary = {
         "dataset": field.dataset, "grid": grid_cfg.__dict__, "nerf": dict(field.nerf_cfg.__dict__),
@@ -187,8 +186,8 @@ def cmd_fit_nerf(args) -> int:
 
 
 def _load_nerf(args):
-    from ..api import load
-    from ..device import resolve_device
+    from vqad.api import load
+    from vqad.device import resolve_device
 
     field = load(args.model, device=resolve_device(args.device), lod=args.lod, max_bytes=getattr(args, "bytes", None))
     if field.kind != "nerf":
@@ -205,7 +204,7 @@ def _lods(field, lod):
 
 
 def cmd_eval(args) -> int:
-    from ..nerf.evaluate import evaluate_nerf, load_scene, metric_lines, pick_split
+    from vqad.nerf.evaluate import evaluate_nerf, load_scene, metric_lines, pick_split
 
     if args.max_views is not None and args.max_views <= 0:
         raise InputError("--max-views must be positive")
@@ -228,7 +227,7 @@ def render_nerf(field, args) -> int:
     """``vqad render`` for a radiance field: the dataset's ``args.views`` split rendered at
     ``args.lod`` (every LOD when None) into ``args.out`` (default ``render_nerf``) as PNGs
     (colour, depth, opacity per view; see :mod:`vqad.nerf.evaluate`)."""
-    from ..nerf.evaluate import evaluate_nerf, load_scene, pick_split
+    from vqad.nerf.evaluate import evaluate_nerf, load_scene, pick_split
 
     lods = _lods(field, getattr(args, "lod", None))
     dataset = load_scene(field.dataset, getattr(args, "dataset", None))

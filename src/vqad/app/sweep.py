@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
+from vqad.errors import InputError
 
 SWEEP_FORMAT = 1
 
@@ -125,8 +125,9 @@ def default_settings(method: str, features: int) -> tuple[int, ...]:
 
 def check_setting(method: str, value, features: int) -> None:
     """Raise :class:`InputError` unless ``value`` is a valid setting of ``method`` at k = ``features``."""
-    from .baselines import check_rank, check_table_bits
-    from .storage import check_bits
+    from vqad.storages.lowrank import check_rank
+    from vqad.storages.hash import check_table_bits
+    from vqad.storages.base import check_bits
 
     if method in ("codebook", "kmeans"):
         check_bits(value)
@@ -250,7 +251,7 @@ class SweepConfig:
 
     def resolved(self) -> "SweepConfig":
         """A copy with the kind and its defaults filled in, every value validated."""
-        from .config import parse_levels
+        from vqad.config import parse_levels
 
         kind = detect_kind(self.dataset)
         defaults = SDF_DEFAULTS if kind == "sdf" else NERF_DEFAULTS
@@ -306,7 +307,7 @@ def _check_type(name: str, value) -> None:
 
 
 def _procedural_names() -> tuple[str, ...]:
-    from .nerf.datasets import PROCEDURAL_NAMES
+    from vqad.nerf.formats import PROCEDURAL_NAMES
 
     return PROCEDURAL_NAMES
 
@@ -322,7 +323,7 @@ def _background(value) -> tuple:
 def detect_kind(dataset: str) -> str:
     """``"sdf"`` for a mesh file, ``"nerf"`` for a capture directory (or its transforms / poses file)
     or the built-in ``procedural`` scene; :class:`InputError` when the dataset does not exist."""
-    from .mesh import MESH_SUFFIXES
+    from vqad.sdf.mesh import MESH_SUFFIXES
 
     if not dataset:
         raise InputError("a sweep needs a dataset: a mesh file (.obj, .ply, ...) or a radiance-field capture directory")
@@ -418,7 +419,7 @@ class SDFTask:
     quality = ("chamfer_l1", "normal_consistency", "iou")
 
     def __init__(self, cfg: SweepConfig, device: torch.device):
-        from .mesh import SDFOracle, fit_normalization, load_mesh
+        from vqad.sdf.mesh import SDFOracle, fit_normalization, load_mesh
 
         self.cfg, self.device = cfg, device
         self.mesh = load_mesh(cfg.dataset)
@@ -427,8 +428,8 @@ class SDFTask:
         self.name = Path(cfg.dataset).stem
 
     def fit(self, grid_cfg, work: Path, resume: bool):
-        from .config import DecoderConfig, SDFTrainConfig
-        from .sdf import fit_sdf
+        from vqad.config import DecoderConfig, SDFTrainConfig
+        from vqad.sdf.fit import fit_sdf
 
         c = self.cfg
         # vqad fit-sdf's learning rates: a codebook's argmax needs larger steps to move
@@ -441,8 +442,8 @@ class SDFTask:
         return res.field, res.steps
 
     def evaluate(self, field, lod: int) -> dict:
-        from .extract import extract_mesh
-        from .metrics import geometry_metrics
+        from vqad.sdf.extract import extract_mesh
+        from vqad.sdf.metrics import geometry_metrics
 
         try:
             mesh = extract_mesh(field, lod, resolution=self.cfg.mc_resolution)
@@ -452,7 +453,7 @@ class SDFTask:
 
     def evaluate_mesh(self, mesh) -> dict:
         """Chamfer-L1 and normal consistency of ``mesh`` (world coordinates) against the input."""
-        from .metrics import chamfer_and_normals
+        from vqad.sdf.metrics import chamfer_and_normals
 
         to_unit = lambda v: self.normalization.to_unit(torch.from_numpy(v)).numpy()  # noqa: E731
         ch, nc = chamfer_and_normals(self.mesh.transformed(to_unit), mesh.transformed(to_unit))
@@ -466,8 +467,8 @@ class NeRFTask:
     quality = ("psnr", "ssim")
 
     def __init__(self, cfg: SweepConfig, device: torch.device):
-        from .nerf.datasets import load_dataset
-        from .nerf.evaluate import pick_split
+        from vqad.nerf.formats import load_dataset
+        from vqad.nerf.evaluate import pick_split
 
         self.cfg, self.device = cfg, device
         limit = {cfg.eval_views: cfg.eval_max_views} if cfg.eval_max_views else None
@@ -477,9 +478,9 @@ class NeRFTask:
         self.name = self.dataset.name
 
     def fit(self, grid_cfg, work: Path, resume: bool):
-        from .config import DecoderConfig
-        from .nerf.field import NeRFConfig
-        from .nerf.train import NeRFTrainConfig, fit_nerf
+        from vqad.config import DecoderConfig
+        from vqad.nerf.field import NeRFConfig
+        from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
 
         c = self.cfg
         # vqad fit-nerf's defaults (the marching step chosen from the octree); one width for both MLPs
@@ -490,7 +491,7 @@ class NeRFTask:
         return res.field, res.steps
 
     def evaluate(self, field, lod: int) -> dict:
-        from .nerf.evaluate import evaluate_nerf
+        from vqad.nerf.evaluate import evaluate_nerf
 
         r = evaluate_nerf(field, self.dataset, self.cfg.eval_views, lods=[lod], max_views=self.cfg.eval_max_views,
                           save_images=False)[lod]
@@ -535,7 +536,7 @@ class Sweep:
     writing anything; see the module docstring for the directory layout and resuming."""
 
     def __init__(self, cfg: SweepConfig, log=print):
-        from .device import resolve_device
+        from vqad.device import resolve_device
 
         self.cfg = cfg.resolved()
         self.log = log
@@ -564,7 +565,7 @@ class Sweep:
                                  "re-run with the same settings to resume it, or use another --out")
 
     def _prepare_out(self) -> None:
-        from .commands.common import ensure_writable_dir
+        from vqad.app.commands.common import ensure_writable_dir
 
         ensure_writable_dir(self.out / "points")
         manifest = self.out / "sweep.json"
@@ -622,7 +623,7 @@ class Sweep:
                 field, steps = self.task.fit(self._grid_cfg(p), work, resume)
                 field.bake(fp16=True)
             else:  # post hoc, from the dense point's file
-                from .baselines import posthoc
+                from vqad.posthoc import posthoc
 
                 arg = {"bits": p.setting} if p.method == "kmeans" else {"rank": p.setting}
                 field = posthoc(self.dense_field(), p.method, seed=self.cfg.seed, **arg)
@@ -634,7 +635,7 @@ class Sweep:
         return [row]
 
     def _grid_cfg(self, p: Point):
-        from .config import GridConfig, parse_levels
+        from vqad.config import GridConfig, parse_levels
 
         base, top = parse_levels(self.cfg.levels)
         g = GridConfig(storage=p.method, features=self.cfg.features, base_level=base, max_level=top,
@@ -650,8 +651,8 @@ class Sweep:
 
     def _file_row(self, p: Point, field) -> dict:
         """Write the point's .vqad file(s), decode the shipped one, measure bytes and quality."""
-        from . import fileformat as F
-        from .api import load
+        from vqad import fileformat as F
+        from vqad.api import load
 
         raw, shipped = self._paths(p)
         F.save(field, raw)
@@ -674,7 +675,7 @@ class Sweep:
     def dense_field(self):
         """The sweep's one dense fit, decoded from its file (what the dense point measured)."""
         if self._dense is None:
-            from .api import load
+            from vqad.api import load
 
             path = self._paths(Point("dense"))[0]
             if not path.is_file():
@@ -687,8 +688,8 @@ class Sweep:
         """The input mesh (or the dense field's marching-cubes mesh) through Draco at q bits."""
         import DracoPy
 
-        from .extract import extract_mesh
-        from .mesh import Mesh
+        from vqad.sdf.extract import extract_mesh
+        from vqad.sdf.mesh import Mesh
 
         if p.method == "draco-mc":
             if self._mc_mesh is None:
@@ -716,8 +717,8 @@ class Sweep:
 
     def _stream_rows(self, p: Point) -> list[dict]:
         """Each LOD decoded from a prefix of the VQ-AD point's shipped file, as a client would."""
-        from . import fileformat as F
-        from .api import load
+        from vqad import fileformat as F
+        from vqad.api import load
 
         shipped = self._paths(Point("codebook", p.setting))[1]
         if not shipped.is_file():

@@ -27,51 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .errors import TrainingDivergedError
-from .optim import RowwiseSparseRMSprop
-
-
-ROWWISE_MIN_CODES = 256  # logits with 2^b ≥ this many columns (b ≥ 8) use the O(m)-state optimizer
-
-
-def make_optimizers(field: torch.nn.Module, lr: float, grid_lr_scale: float,
-                    logit_lr_scale: float | None = None,
-                    codebook_lr_scale: float | None = None) -> dict[str, torch.optim.Optimizer]:
-    """Optimizers by parameter role (see the module docstring); ``logit_lr_scale=None`` and
-    ``codebook_lr_scale=None``: the grid's.
-
-    Codebook logits ``C (m, 2^b)`` with b ≥ 8 go to :class:`~vqad.optim.RowwiseSparseRMSprop`
-    (state: two ``(m,)`` tensors) instead of SparseAdam (state: two more ``(m, 2^b)`` tensors), so
-    training memory stays ≈ one copy of C whatever the bitrate.
-    """
-    sparse = [p for s in field.grid.storages for p in s.sparse_parameters()]
-    sparse_ids = {id(p) for p in sparse}
-    logits = [p for s in field.grid.storages for p in s.logit_parameters()]
-    wide = [p for p in logits if p.shape[1] >= ROWWISE_MIN_CODES]
-    wide_ids = {id(p) for p in wide}
-    logit_ids = {id(p) for p in logits if id(p) not in wide_ids} if logit_lr_scale else set()
-    logit_lr = lr * (logit_lr_scale or grid_lr_scale)
-    codebooks = [p for s in field.grid.storages for p in s.codebook_parameters()] if codebook_lr_scale else []
-    codebook_ids = {id(p) for p in codebooks}
-    grid_dense = [p for p in field.grid.parameters()
-                  if p.requires_grad and id(p) not in sparse_ids and id(p) not in codebook_ids]
-    grid_ids = {id(p) for p in field.grid.parameters()}
-    rest = [p for p in field.parameters() if p.requires_grad and id(p) not in grid_ids]
-    opts: dict[str, torch.optim.Optimizer] = {}
-    sparse_groups = [{"params": [p for p in sparse if id(p) not in logit_ids | wide_ids], "lr": lr * grid_lr_scale},
-                     {"params": [p for p in sparse if id(p) in logit_ids], "lr": logit_lr}]
-    sparse_groups = [g for g in sparse_groups if g["params"]]
-    if sparse_groups:
-        opts["sparse"] = torch.optim.SparseAdam(sparse_groups)
-    if wide:
-        opts["logits"] = RowwiseSparseRMSprop(wide, lr=logit_lr)
-    groups = [{"params": rest, "lr": lr}]
-    if grid_dense:
-        groups.append({"params": grid_dense, "lr": lr * grid_lr_scale})
-    if codebooks:
-        groups.append({"params": codebooks, "lr": lr * codebook_lr_scale})
-    opts["dense"] = torch.optim.Adam(groups)
-    return opts
+from vqad.errors import TrainingDivergedError
 
 
 def zero_grad(opts: dict[str, torch.optim.Optimizer]) -> None:

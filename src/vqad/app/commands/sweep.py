@@ -24,7 +24,7 @@ relative to the current directory), e.g.
 
 
 def register(sub) -> None:
-    from ..sweep import METHOD_SPEC_HELP
+    from vqad.app.sweep import METHOD_SPEC_HELP
 
     S = argparse.SUPPRESS  # options not given stay unset, so a config file can supply them
     p = sub.add_parser(
@@ -68,7 +68,7 @@ def register(sub) -> None:
 
 def sweep_config(args):
     """The :class:`~vqad.sweep.SweepConfig` of a config file (``--config``) overridden by the flags given."""
-    from ..sweep import SweepConfig, load_config_file
+    from vqad.app.sweep import SweepConfig, load_config_file
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config") and v is not None}
     values = load_config_file(args.config) if getattr(args, "config", None) else {}
@@ -77,7 +77,7 @@ def sweep_config(args):
 
 
 def cmd_sweep(args) -> int:
-    from ..sweep import Sweep
+    from vqad.app.sweep import Sweep
 
     Sweep(sweep_config(args)).run()
     return 0

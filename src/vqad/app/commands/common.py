@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import InputError
+from vqad.errors import InputError
 
 
 def ensure_writable_dir(path: str | Path) -> Path:
@@ -53,7 +53,7 @@ TRAINABLE_GRIDS = ["dense", "codebook", "hash"]
 
 def add_grid_args(p, default_features: int) -> None:
     """``--grid``, ``--bits``, ``--table-bits`` and ``--features`` of the fit commands."""
-    from ..baselines import DEFAULT_TABLE_BITS
+    from vqad.storages.hash import DEFAULT_TABLE_BITS
 
     p.add_argument("--grid", choices=TRAINABLE_GRIDS, default="codebook",
                    help="feature storage: dense, codebook (VQ-AD) or hash (Instant-NGP random indices); "
@@ -66,7 +66,7 @@ def add_grid_args(p, default_features: int) -> None:
 
 def grid_config(args, base: int, top: int):
     """The validated :class:`~vqad.config.GridConfig` of :func:`add_grid_args`' flags and the levels."""
-    from ..config import GridConfig
+    from vqad.config import GridConfig
 
     if args.table_bits is not None and args.grid != "hash":
         raise InputError(f"--table-bits sets the hash table size; it applies to --grid hash, not --grid {args.grid}")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..commands.common import ensure_writable_dir
-from ..config import DecoderConfig, GridConfig
-from .field import NeRFConfig
+from vqad.app.commands.common import ensure_writable_dir
+from vqad.config import DecoderConfig, GridConfig
+from vqad.nerf.field import NeRFConfig
 
 DEMO_NERF_MINUTES = 1.6  # the fit's time cap
 DEMO_GRID = GridConfig(storage="codebook", features=8, bits=4, base_level=3, max_level=6)
@@ -25,10 +25,9 @@ DEMO_GRID = GridConfig(storage="codebook", features=8, bits=4, base_level=3, max
 def run_nerf_demo(out_dir: str | Path, device: torch.device, quick: bool = False, quiet: bool = False) -> dict:
     """Fit, evaluate and render the built-in scene into ``out_dir``; returns the metrics written to
     ``out_dir/metrics.json`` (per-LOD PSNR / SSIM, sizes, timings)."""
-    from ..sdf import size_lines
-    from .datasets import load_dataset
-    from .evaluate import evaluate_nerf, metric_lines
-    from .train import NeRFTrainConfig, fit_nerf
+    from vqad.nerf.formats import load_dataset
+    from vqad.nerf.evaluate import evaluate_nerf, metric_lines
+    from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
 
     out = ensure_writable_dir(out_dir)
     (out / "metrics.json").unlink(missing_ok=True)
@@ -45,7 +44,7 @@ def run_nerf_demo(out_dir: str | Path, device: torch.device, quick: bool = False
     res = fit_nerf(dataset, grid, DecoderConfig(hidden=64, position_input=False), train, device, out_dir=out,
                    quiet=quiet or quick, nerf_cfg=NeRFConfig())
     say(f"fit in {res.seconds:.0f} s ({res.rays_per_second:,.0f} rays/s, {res.samples_per_ray:.1f} samples/ray)")
-    for line in size_lines(res.field):
+    for line in res.field.size_lines():
         say(line)
     lods = evaluate_nerf(res.field, dataset, "test", out_dir=out, sampler=res.sampler)
     for line in metric_lines(lods):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
-from .common import ensure_writable_file
+from vqad.errors import InputError
+from vqad.app.commands.common import ensure_writable_file
 
 
 def register(sub) -> None:
@@ -22,8 +22,8 @@ def register(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from ..api import load
-    from ..fileformat import iter_chunks, lod_prefix_sizes, save
+    from vqad.api import load
+    from vqad.fileformat import iter_chunks, lod_prefix_sizes, save
 
     out = ensure_writable_file(args.out)
     if Path(args.model).resolve() == out.resolve():
@@ -50,7 +50,7 @@ def _kb(n: float) -> str:
 
 
 def cmd_info(args) -> int:
-    from ..fileformat import read_info
+    from vqad.fileformat import read_info
 
     path = Path(args.model)
     if path.is_dir():
@@ -63,7 +63,7 @@ def cmd_info(args) -> int:
 
 def info_lines(info) -> list[str]:
     """The report of ``vqad info`` as lines of text (also used by the format benchmark)."""
-    from ..fileformat import FRAME_BYTES, PREAMBLE_BYTES, Codec
+    from vqad.fileformat import FRAME_BYTES, PREAMBLE_BYTES, Codec
 
     cfg = info.config
     g = cfg["grid"]

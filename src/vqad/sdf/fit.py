@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field as dfield
 from pathlib import Path
@@ -10,17 +9,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import trainer as T
-from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
-from .config import DecoderConfig, GridConfig, SDFTrainConfig, to_dict
-from .device import peak_memory_bytes
-from .fields import SDFField
-from .grid import OctreeGrid
-from .mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples, fit_normalization
-from .octree import SparseOctree
-from .refine import RefineChunk, format_stats, has_codebook, refine_indices
-from .storage import CodebookStorage
+from vqad import fit as T
+from vqad.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from vqad.config import DecoderConfig, GridConfig, SDFTrainConfig, to_dict
+from vqad.device import peak_memory_bytes
+from vqad.sdf.field import SDFField
+from vqad.grid import OctreeGrid
+from vqad.sdf.mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples, fit_normalization
+from vqad.octree import SparseOctree
+from vqad.refine import RefineChunk, format_stats, has_codebook, refine_indices
+from vqad.storages.codebook import CodebookStorage
 from tqdm.auto import tqdm
+from vqad.optim import make_optimizers
 
 
 def build_sdf_field(mesh: Mesh, grid_cfg: GridConfig, dec_cfg: DecoderConfig, device, seed: int = 0,
@@ -29,7 +29,7 @@ def build_sdf_field(mesh: Mesh, grid_cfg: GridConfig, dec_cfg: DecoderConfig, de
     grid_cfg.validate()
     norm = fit_normalization(mesh)
     rng = np.random.default_rng(seed)
-    from .mesh import sample_surface
+    from vqad.sdf.mesh import sample_surface
 
     # dense enough that every finest cell the surface crosses gets a sample
     n = max(octree_samples, 40 * 4 ** grid_cfg.max_level)
@@ -80,12 +80,12 @@ def fit_sdf(
         field, cfg = load_checkpoint(ckpt_dir, device)
         field.train()
         start = int(cfg.get("step", 0))
-        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale)
+        opts = make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale)
         load_optimizer_state(ckpt_dir, opts, cfg)
         rng_state = cfg.get("rng_seed", train_cfg.seed) + start
     else:
         field = build_sdf_field(mesh, grid_cfg, dec_cfg, device, seed=train_cfg.seed)
-        opts = T.make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale)
+        opts = make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale)
         rng_state = train_cfg.seed
     base_lrs = T.initial_lrs(opts)
     for name, o in opts.items():
@@ -227,28 +227,3 @@ def refine_sdf(field: SDFField, x: torch.Tensor, d: torch.Tensor, quiet: bool = 
     if not quiet:
         tqdm.write(format_stats(stats))
     return stats
-
-
-def size_lines(field: SDFField) -> list[str]:
-    """Human-readable size accounting printed after every fit."""
-    r = field.size_report()
-    cfg = field.grid_cfg
-    lines = [
-        f"vertices per level (m): " + ", ".join(f"L{lv}={m:,}" for lv, m in r["vertices"].items()),
-        f"dense fp16 grid (16·m·k bits): {r['dense_fp16_bytes'] / 1e3:,.1f} kB",
-    ]
-    if cfg.storage == "codebook":
-        lines.append(
-            f"compressed grid (m·b + 16·k·2^b bits, b={cfg.bits}, k={cfg.features}): {r['grid_bytes'] / 1e3:,.1f} kB"
-        )
-    else:
-        lines.append(f"grid ({cfg.storage}): {r['grid_bytes'] / 1e3:,.1f} kB")
-    lines += [
-        f"decoder (fp16): {r['decoder_bytes'] / 1e3:,.1f} kB; total {r['compressed_bytes'] / 1e3:,.1f} kB",
-        f"ratio: grid {r['grid_ratio']:.1f}x, with decoder {r['total_ratio']:.1f}x",
-    ]
-    return lines
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2))

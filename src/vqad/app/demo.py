@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .commands.common import ensure_writable_dir
-from .config import DecoderConfig, GridConfig, SDFTrainConfig
+from vqad.app.commands.common import ensure_writable_dir
+from vqad.config import DecoderConfig, GridConfig, SDFTrainConfig
 
 
 DEMO_CHAMFER_SAMPLES = 20_000
@@ -24,10 +24,10 @@ DEMO_SDF_MINUTES = 1.5  # the SDF fit's time cap, sweeps included
 
 
 def run_sdf_demo(out: Path, device: torch.device, quick: bool = False) -> dict:
-    from .commands.sdf import evaluate_sdf
-    from .extract import save_mesh
-    from .sdf import fit_sdf, size_lines
-    from .shapes import demo_mesh
+    from vqad.sdf.evaluate import evaluate_sdf
+    from vqad.sdf.extract import save_mesh
+    from vqad.sdf.fit import fit_sdf
+    from vqad.sdf.shapes import demo_mesh
 
     out = ensure_writable_dir(out)
     mesh = demo_mesh()
@@ -40,7 +40,7 @@ def run_sdf_demo(out: Path, device: torch.device, quick: bool = False) -> dict:
                            max_minutes=None if quick else DEMO_SDF_MINUTES)
     print(f"[sdf] fitting a {grid.bits}-bit VQ-AD SDF of the built-in shape, levels {grid.base_level}..{grid.max_level}")
     res = fit_sdf(mesh, grid, DecoderConfig(), train, device, out_dir=out, quiet=quick)
-    for line in size_lines(res.field):
+    for line in res.field.size_lines():
         print("[sdf] " + line)
     # 20k Chamfer samples per side (the benchmarks use 100k): the exact distances dominate the demo's time
     lods = evaluate_sdf(res.field, mesh, out, resolution=96 if quick else 160, device=device, chamfer_samples=DEMO_CHAMFER_SAMPLES)
@@ -59,8 +59,8 @@ def write_progressive_strip(field, out: Path) -> dict:
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from . import fileformat
-    from .render import OrbitCamera, render_sdf
+    from vqad import fileformat
+    from vqad.sdf.render import OrbitCamera, render_sdf
 
     field.bake(fp16=True)
     path = out / "model.vqad"
@@ -85,7 +85,7 @@ def run_demo(out: Path, device: torch.device, quick: bool = False) -> dict:
     t0 = time.perf_counter()
     out = ensure_writable_dir(out)
     results = {"sdf": run_sdf_demo(out / "sdf", device, quick)}
-    from .nerf.demo import run_nerf_demo
+    from vqad.app.nerf_demo import run_nerf_demo
 
     results["nerf"] = run_nerf_demo(out / "nerf", device, quick=quick)
     results["seconds"] = time.perf_counter() - t0

@@ -1,0 +1,192 @@
+"""Neural fields: a feature grid plus decoder MLPs, with the normalisation back to world units.
+
+:class:`NeuralField` is what every field kind shares (the SDF in :mod:`vqad.sdf.field`, the radiance
+field in :mod:`vqad.nerf.field`): its grid and decoders, baking to the stored form, the decoder state
+that checkpoints and .vqad files hold, the size accounting, and the config dict it is rebuilt from.
+A kind adds only its own evaluation and its own config (:meth:`NeuralField.extra_config`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from typing import ClassVar
+
+from torch import nn
+
+from vqad.config import DecoderConfig, GridConfig, to_dict
+from vqad.decoders import LODDecoder
+from vqad.errors import InputError
+from vqad.grid import OctreeGrid
+
+
+@dataclass
+class Normalization:
+    """World → unit cube: ``x_unit = (x_world - center) * scale``.
+
+    Stored with every model so outputs (meshes, metrics) come back in the input's own coordinates.
+    """
+
+    center: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    scale: float = 1.0
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - torch.as_tensor(self.center, dtype=x.dtype, device=x.device)) * self.scale
+
+    def to_world(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.scale + torch.as_tensor(self.center, dtype=x.dtype, device=x.device)
+
+    def to_dict(self) -> dict:
+        return {"center": [float(c) for c in self.center], "scale": float(self.scale)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalization":
+        return cls(center=tuple(float(c) for c in d["center"]), scale=float(d["scale"]))
+
+
+class NeuralField(nn.Module):
+    """A feature grid plus the MLPs that decode it, in unit-cube coordinates.
+
+    Subclasses set :attr:`kind`, build their decoders in ``__init__`` (after calling this one) and
+    list them in :meth:`decoders`; they implement :meth:`from_config` and, if they carry more
+    configuration than grid, decoder and normalisation, :meth:`extra_config`.
+    """
+
+    kind: ClassVar[str] = ""
+    #: field kind -> class, filled as each kind's module is imported (:func:`field_from_config` imports it)
+    registry: ClassVar[dict[str, type["NeuralField"]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            NeuralField.registry[cls.kind] = cls
+
+    def __init__(self, grid: OctreeGrid, decoder_cfg: DecoderConfig, normalization: Normalization | None = None):
+        super().__init__()
+        self.grid = grid
+        self.decoder_cfg = decoder_cfg
+        self.normalization = normalization or Normalization()
+
+    # -- what a kind provides -------------------------------------------------------------------
+    def decoders(self) -> list[LODDecoder]:
+        """The stored MLPs (every parameter outside the grid belongs to one of them)."""
+        raise NotImplementedError
+
+    def extra_config(self) -> dict:
+        """Kind-specific configuration stored beside grid, decoder and normalisation (JSON-serialisable)."""
+        return {}
+
+    @classmethod
+    def from_config(cls, cfg: dict, grid: OctreeGrid) -> "NeuralField":
+        """The field of :func:`field_config` ``cfg`` around ``grid`` (decoder weights still to be loaded)."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------
+    @property
+    def grid_cfg(self) -> GridConfig:
+        return self.grid.cfg
+
+    @property
+    def lods(self) -> list[int]:
+        return self.grid.lods
+
+    @property
+    def device(self) -> torch.device:
+        return self.grid.octree.device
+
+    def bake(self, fp16: bool = True) -> None:
+        """Inference form: indices instead of logits, and (with ``fp16``) fp16-rounded floats."""
+        self.grid.bake(fp16=fp16)
+        for dec in self.decoders():
+            if fp16:
+                dec.round_fp16()
+            for p in dec.parameters():
+                p.requires_grad_(False)
+        self.eval()
+
+    @property
+    def baked(self) -> bool:
+        return all(s.baked for s in self.grid.storages)
+
+    def decoder_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer outside the grid, by name (what the file's decoder chunk holds)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("grid.")}
+
+    def load_decoder_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load :meth:`decoder_state`'s tensors; a missing or unexpected name, or a wrong shape, is an error."""
+        want = self.decoder_state()
+        missing = [k for k in want if k not in state]
+        unexpected = [k for k in state if k not in want]
+        if missing or unexpected:
+            what = (f"missing {', '.join(missing[:4])}" if missing else "") + \
+                   ("; " if missing and unexpected else "") + (f"unexpected {', '.join(unexpected[:4])}" if unexpected else "")
+            raise InputError(f"{self.kind} decoder weights do not fit this model ({what}): the file or checkpoint "
+                             "was written by another model configuration")
+        bad = [k for k, v in state.items() if tuple(v.shape) != tuple(want[k].shape)]
+        if bad:
+            raise InputError(f"{self.kind} decoder weight {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
+                             f"the model expects {tuple(want[bad[0]].shape)}")
+        self.load_state_dict(state, strict=False)
+
+    def decoder_bits(self) -> int:
+        return sum(d.stored_bits() for d in self.decoders())
+
+    def size_report(self) -> dict:
+        """Bytes: dense fp16 grid (16·m·k bits), compressed grid, decoders (fp16), and the ratios."""
+        dense = self.grid.dense_fp16_bits() / 8
+        grid = self.grid.stored_bits() / 8
+        dec = self.decoder_bits() / 8
+        return {
+            "vertices": self.grid.vertex_counts(),
+            "dense_fp16_bytes": dense,
+            "grid_bytes": grid,
+            "decoder_bytes": dec,
+            "compressed_bytes": grid + dec,
+            "grid_ratio": dense / grid,
+            "total_ratio": (dense + dec) / (grid + dec),
+        }
+
+    def size_lines(self) -> list[str]:
+        """Human-readable size accounting printed after every fit."""
+        r = self.size_report()
+        storage = self.grid.storages[0]
+        return [
+            "vertices per level (m): " + ", ".join(f"L{lv}={m:,}" for lv, m in r["vertices"].items()),
+            f"dense fp16 grid (16·m·k bits): {r['dense_fp16_bytes'] / 1e3:,.1f} kB",
+            f"{storage.size_label()}: {r['grid_bytes'] / 1e3:,.1f} kB",
+            f"decoder (fp16): {r['decoder_bytes'] / 1e3:,.1f} kB; total {r['compressed_bytes'] / 1e3:,.1f} kB",
+            f"ratio: grid {r['grid_ratio']:.1f}x, with decoder {r['total_ratio']:.1f}x",
+        ]
+
+
+# -- construction shared by checkpoints and the .vqad file ---------------------------------------
+#: where each field kind lives: imported on demand, so the core never imports an application
+FIELD_MODULES = {"sdf": "vqad.sdf.field", "nerf": "vqad.nerf.field"}
+
+
+def field_config(field: NeuralField) -> dict:
+    """Everything needed to rebuild ``field`` around a grid (JSON-serialisable)."""
+    cfg = {
+        "kind": field.kind,
+        "grid": to_dict(field.grid.cfg),
+        "decoder": to_dict(field.decoder_cfg),
+        "normalization": field.normalization.to_dict(),
+        "storage_params": [s.params() for s in field.grid.storages],
+    }
+    cfg.update(field.extra_config())
+    return cfg
+
+
+def field_class(kind) -> type[NeuralField]:
+    """The class of a field kind, importing its module; an unknown kind is an :class:`InputError`."""
+    if kind not in FIELD_MODULES:
+        raise InputError(f"unknown field kind {kind!r} (known: {', '.join(FIELD_MODULES)})")
+    importlib.import_module(FIELD_MODULES[kind])
+    return NeuralField.registry[kind]
+
+
+def field_from_config(cfg: dict, grid: OctreeGrid) -> NeuralField:
+    return field_class(cfg.get("kind")).from_config(cfg, grid)

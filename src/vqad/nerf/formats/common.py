@@ -1,0 +1,411 @@
+"""What every capture reader shares: scene bounds and normalisation, image and EXR decoding, frames → :class:`~vqad.nerf.data.Views`."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from vqad.errors import InputError
+from vqad.field import Normalization
+from vqad.nerf.data import SceneDataset, Views
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".exr")
+
+
+# -- scene bounds ----------------------------------------------------------------------------------
+def normalization_from_box(lo, hi) -> Normalization:
+    """The cube normalisation that maps the world box ``[lo, hi]`` (``(3,)`` each) into [-1, 1]^3.
+
+    ``center = (lo + hi) / 2``, ``scale = 2 / max(hi − lo)``: the box's longest side spans the cube.
+
+    >>> normalization_from_box([-1.5] * 3, [1.5] * 3).scale
+    0.6666666666666666
+    """
+    lo = np.asarray(lo, dtype=np.float64).reshape(3)
+    hi = np.asarray(hi, dtype=np.float64).reshape(3)
+    extent = float((hi - lo).max())
+    if not np.all(np.isfinite(lo)) or not np.all(np.isfinite(hi)) or extent <= 0:
+        raise InputError(f"the scene's bounding box is empty or not finite ({lo.tolist()} .. {hi.tolist()}); "
+                         "check the poses and depth of the dataset")
+    return Normalization(center=tuple(float(c) for c in (lo + hi) / 2), scale=2.0 / extent)
+
+
+def unit_cube_box(norm: Normalization) -> tuple[torch.Tensor, torch.Tensor]:
+    """The world-space box ``lo (3,), hi (3,)`` that ``norm`` maps onto [-1, 1]^3."""
+    return norm.to_world(-torch.ones(3, dtype=torch.float64)), norm.to_world(torch.ones(3, dtype=torch.float64))
+
+
+def near_far_from_box(c2w: torch.Tensor, lo, hi) -> tuple[float, float]:
+    """Bounds on the z-depth of the world box ``[lo, hi]`` over all cameras ``c2w (N, 4, 4)``.
+
+    z is linear in the point, so its extremes over the box are at corners: ``near`` is the smallest
+    corner depth over all cameras (at least 0.1 % of the box diagonal, for cameras inside the box),
+    ``far`` the largest.
+    """
+    lo = torch.as_tensor(lo, dtype=torch.float64).reshape(3)
+    hi = torch.as_tensor(hi, dtype=torch.float64).reshape(3)
+    sel = torch.tensor([[(c >> k) & 1 for k in range(3)] for c in range(8)], dtype=torch.float64)
+    corners = lo + sel * (hi - lo)  # (8, 3)
+    c2w = torch.as_tensor(c2w, dtype=torch.float64).reshape(-1, 4, 4)
+    fwd = -c2w[:, :3, 2]  # (N, 3)
+    fwd = fwd / fwd.norm(dim=-1, keepdim=True)
+    z = torch.einsum("nck,nk->nc", corners[None] - c2w[:, None, :3, 3], fwd)  # (N, 8)
+    eps = 1e-3 * float((hi - lo).norm())
+    near = float(z.amin().clamp_min(eps))
+    far = float(z.amax())
+    return near, max(far, 2 * near)  # non-empty even if the box were behind every camera
+
+
+# -- image I/O -------------------------------------------------------------------------------------
+def srgb_to_linear(x: np.ndarray) -> np.ndarray:
+    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, None)
+    return np.where(x <= 0.0031308, 12.92 * x, 1.055 * np.power(x, 1 / 2.4) - 0.055)
+
+
+def read_exr_channels(path: Path) -> dict[str, np.ndarray]:
+    """All channels of an EXR file as ``(H, W) float32`` arrays, keyed by upper-case channel name
+    without its layer prefix (``"default.R"`` → ``"R"``)."""
+    try:
+        import OpenEXR
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise InputError("reading EXR files needs the OpenEXR package: pip install openexr") from e
+    try:
+        with OpenEXR.File(str(path), separate_channels=True) as f:
+            chans = {name.split(".")[-1].upper(): np.asarray(c.pixels, dtype=np.float32)
+                     for name, c in f.channels().items()}
+    except Exception as e:  # OpenEXR raises plain exceptions for unreadable files
+        raise InputError(f"cannot read the EXR file {path}: {e}") from e
+    if not chans:
+        raise InputError(f"the EXR file {path} has no channels")
+    return chans
+
+
+def _read_rgba(path: Path) -> tuple[np.ndarray, bool]:
+    """An image as ``(H, W, 4)``: ``uint8`` sRGB for PNG/JPEG, ``float32`` *linear* for EXR; and
+    whether it had an alpha channel (otherwise alpha is opaque)."""
+    if path.suffix.lower() == ".exr":
+        ch = read_exr_channels(path)
+        try:
+            rgb = np.stack([ch["R"], ch["G"], ch["B"]], axis=-1)
+        except KeyError:
+            y = ch.get("Y")
+            if y is None:
+                raise InputError(f"the EXR image {path} has no R, G, B (or Y) channels: it has {sorted(ch)}")
+            rgb = np.repeat(y[..., None], 3, axis=-1)
+        alpha = ch.get("A")
+        has_alpha = alpha is not None
+        a = alpha if has_alpha else np.ones(rgb.shape[:2], np.float32)
+        return np.concatenate([np.nan_to_num(rgb, nan=0.0, posinf=0.0, neginf=0.0), np.clip(a, 0, 1)[..., None]], -1), has_alpha
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+            arr = np.asarray(im.convert("RGBA"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the image {path}: {e}") from e
+    return arr, has_alpha
+
+
+def _crop_to_multiple(a: np.ndarray, n: int) -> np.ndarray:
+    h, w = a.shape[0] // n * n, a.shape[1] // n * n
+    if h == 0 or w == 0:
+        raise InputError(f"--downscale {n} is larger than the image ({a.shape[1]}×{a.shape[0]}): use a smaller factor")
+    return a[:h, :w]
+
+
+def _block_mean(a: np.ndarray, n: int) -> np.ndarray:
+    """Area average of ``n × n`` blocks: ``(H, W, C) → (H/n, W/n, C)`` (H, W multiples of n)."""
+    h, w = a.shape[0] // n, a.shape[1] // n
+    return a.reshape(h, n, w, n, *a.shape[2:]).mean(axis=(1, 3))
+
+
+def downscale_depth(z: np.ndarray, n: int) -> np.ndarray:
+    """``(H, W)`` z-depth (0 = no hit) → ``(H/n, W/n)``: the lower median of each block's valid
+    samples where at least half are valid, else 0 (never a blend across a silhouette)."""
+    if n == 1:
+        return z
+    h, w = z.shape[0] // n, z.shape[1] // n
+    blocks = z.reshape(h, n, w, n).transpose(0, 2, 1, 3).reshape(h, w, n * n)
+    valid = blocks > 0
+    count = valid.sum(-1)
+    srt = np.sort(np.where(valid, blocks, np.inf), axis=-1)
+    k = np.maximum(count - 1, 0) // 2
+    med = np.take_along_axis(srt, k[..., None], axis=-1)[..., 0]
+    return np.where(2 * count >= n * n, med, 0.0).astype(np.float32)
+
+
+def _image_to_srgb8(rgba: np.ndarray, n: int, background: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Downscale by ``n`` and composite on ``background``: ``(H, W, 4)`` → rgb ``(h, w, 3) uint8``,
+    alpha ``(h, w) uint8``.
+
+    8-bit images are sRGB with straight alpha, composited in sRGB as NeRF does
+    (``rgb · a + bg · (1 − a)``); float (EXR) images are linear light, composited in linear light
+    and then encoded as sRGB.
+    """
+    bg = np.asarray(background, dtype=np.float32)
+    rgba = _crop_to_multiple(rgba, n)
+    if rgba.dtype == np.uint8:
+        if n > 1:
+            from PIL import Image
+
+            rgba = np.asarray(Image.fromarray(rgba, "RGBA").reduce(n))  # premultiplied box average
+        f = rgba.astype(np.float32) / 255.0
+        a = f[..., 3:4]
+        rgb = f[..., :3] * a + bg * (1 - a)
+    else:
+        a = rgba[..., 3:4]
+        prem = np.concatenate([rgba[..., :3] * a, a], -1)
+        if n > 1:
+            prem = _block_mean(prem, n)
+        a = prem[..., 3:4]
+        rgb = linear_to_srgb(prem[..., :3] + srgb_to_linear(bg) * (1 - a))
+    rgb8 = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+    a8 = np.clip(np.rint(a[..., 0] * 255.0), 0, 255).astype(np.uint8)
+    return rgb8, a8
+
+
+def _resolve_image(base: Path, file_path: str, what: str) -> Path:
+    """``base / file_path``, trying the usual extensions when it has none or does not exist."""
+    p = (base / file_path).resolve() if not Path(file_path).is_absolute() else Path(file_path)
+    if p.is_file():
+        return p
+    for ext in IMAGE_EXTS + tuple(e.upper() for e in IMAGE_EXTS):
+        q = p.with_name(p.name + ext)
+        if q.is_file():
+            return q
+    raise InputError(f"image not found: {p} ({what}); check the file_path entries or restore the missing images")
+
+
+# -- poses and intrinsics --------------------------------------------------------------------------
+@dataclass
+class _Pinhole:
+    """Intrinsics as a file gives them, for a reference image size (None = the image's own)."""
+
+    fx: float | None = None
+    fy: float | None = None
+    cx: float | None = None
+    cy: float | None = None
+    w: float | None = None
+    h: float | None = None
+    angle_x: float | None = None
+    angle_y: float | None = None
+
+    def resolve(self, img_w: int, img_h: int, what: str) -> np.ndarray:
+        """``fx, fy, cx, cy`` in pixels of an image of ``img_w × img_h``."""
+        w = float(self.w) if self.w else float(img_w)
+        h = float(self.h) if self.h else float(img_h)
+        fx = self.fx if self.fx else (0.5 * w / math.tan(0.5 * self.angle_x) if self.angle_x else None)
+        fy = self.fy if self.fy else (0.5 * h / math.tan(0.5 * self.angle_y) if self.angle_y else fx)
+        if fx is None:
+            raise InputError(f"no focal length for {what}: give fl_x (or camera_angle_x)")
+        cx = float(self.cx) if self.cx is not None else w / 2
+        cy = float(self.cy) if self.cy is not None else h / 2
+        sx, sy = img_w / w, img_h / h
+        if abs(sx / sy - 1) > 0.02:
+            raise InputError(f"{what}: the image is {img_w}×{img_h} but its intrinsics are for {w:g}×{h:g} "
+                             "(a different aspect ratio); use images that match the camera file")
+        out = np.array([fx * sx, fy * sy, cx * sx, cy * sy], dtype=np.float64)
+        if not np.all(np.isfinite(out)) or out[0] <= 0 or out[1] <= 0:
+            raise InputError(f"invalid intrinsics for {what}: fx, fy, cx, cy = {out.tolist()}")
+        return out
+
+
+@dataclass
+class _Frame:
+    image: Path
+    c2w: np.ndarray  # (4, 4) OpenGL
+    pinhole: _Pinhole
+    name: str
+    distortion: np.ndarray | None = None  # (4,) k1 k2 p1 p2
+    depth: Path | None = None  # RTMV depth EXR
+    depth_kind: str = "ray"  # what the depth EXR holds: "ray" distance or "z"-depth
+
+
+def _as_c2w(m, what: str) -> np.ndarray:
+    """A ``(4, 4)`` float64 pose from a 3×4 / 4×4 nested list; refuses non-finite or singular ones."""
+    try:
+        a = np.asarray(m, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{what}: the pose is not a numeric matrix") from e
+    if a.shape == (3, 4):
+        a = np.concatenate([a, [[0.0, 0.0, 0.0, 1.0]]])
+    if a.shape != (4, 4):
+        raise InputError(f"{what}: the pose must be a 4×4 (or 3×4) matrix, not {list(a.shape)}")
+    if not np.all(np.isfinite(a)):
+        raise InputError(f"{what}: the pose has non-finite values (NaN or inf); fix or drop that frame")
+    if abs(np.linalg.det(a[:3, :3])) < 1e-6:
+        raise InputError(f"{what}: the pose's rotation is singular; fix or drop that frame")
+    return a
+
+
+def _limit(frames: list, split: str, split_limit) -> list:
+    if split_limit is None:
+        return frames
+    n = split_limit.get(split) if isinstance(split_limit, Mapping) else split_limit
+    if n is None:
+        return frames
+    if int(n) < 1:
+        raise InputError(f"split_limit must be >= 1 (got {n} for {split!r})")
+    return frames[: int(n)]
+
+
+def _load_views(frames: list[_Frame], downscale: int, background, split: str, source: Path) -> Views:
+    """Read, downscale and composite a split's images (and depth) into a :class:`Views`."""
+    if not frames:
+        raise InputError(f"the {split!r} split of {source} has no views")
+    images, alphas, depths, intr, poses, names, dists = [], [], [], [], [], [], []
+    any_alpha = False
+    size = None
+    first = None
+    for fr in frames:
+        rgba, has_alpha = _read_rgba(fr.image)
+        any_alpha |= has_alpha
+        H, W = rgba.shape[:2]
+        if size is None:
+            size, first = (W, H), fr.image
+        elif (W, H) != size:
+            raise InputError(f"images of different sizes in the {split!r} split: {first} is {size[0]}×{size[1]}, "
+                             f"{fr.image} is {W}×{H}; resize them to one size")
+        K = fr.pinhole.resolve(W, H, str(fr.image)) / downscale
+        rgb8, a8 = _image_to_srgb8(rgba, downscale, background)
+        images.append(rgb8)
+        alphas.append(a8)
+        if fr.depth is not None:
+            depths.append(_read_depth(fr, rgba.shape[:2], K * downscale, downscale))
+        intr.append(K)
+        poses.append(fr.c2w)
+        names.append(fr.name)
+        dists.append(fr.distortion)
+    if depths and len(depths) != len(frames):
+        raise InputError(f"some views of the {split!r} split of {source} have depth and others do not; "
+                         "give every view a depth map or none")
+    has_dist = any(d is not None and np.any(d != 0) for d in dists)
+    return Views(
+        images=torch.from_numpy(np.stack(images)),
+        c2w=torch.from_numpy(np.stack(poses)).float(),
+        intrinsics=torch.from_numpy(np.stack(intr)).float(),
+        masks=torch.from_numpy(np.stack(alphas)) if any_alpha else None,
+        depth=torch.from_numpy(np.stack(depths)).to(torch.float16) if depths else None,
+        distortion=torch.from_numpy(np.stack([d if d is not None else np.zeros(4) for d in dists])).float() if has_dist else None,
+        names=names,
+    )
+
+
+# -- blender and instant-ngp (transforms json) -----------------------------------------------------
+_PINHOLE_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h", "camera_angle_x", "camera_angle_y")
+_DIST_KEYS = ("k1", "k2", "p1", "p2")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e}); fix or regenerate it") from e
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+    if not isinstance(meta, dict):
+        raise InputError(f"{path} must hold a JSON object")
+    return meta
+
+
+def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
+    """Frames of a NeRF / instant-ngp ``transforms*.json`` (global keys, overridable per frame)."""
+    frames = meta.get("frames")
+    if not isinstance(frames, list) or not frames:
+        raise InputError(f"{json_path} has no frames: it needs a non-empty 'frames' list")
+    out = []
+    for i, fr in enumerate(frames):
+        what = f"frame {i} of {json_path.name}"
+        if not isinstance(fr, dict) or "file_path" not in fr or "transform_matrix" not in fr:
+            raise InputError(f"{what} needs 'file_path' and 'transform_matrix'")
+        get = lambda k: fr.get(k, meta.get(k))  # noqa: E731 - per-frame keys override global ones
+        if get("is_fisheye") or str(get("camera_model") or "OPENCV").upper() not in ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL"):
+            raise InputError(f"{what}: only pinhole cameras with k1, k2, p1, p2 distortion are supported "
+                             f"(got camera_model={get('camera_model')!r}, is_fisheye={get('is_fisheye')!r})")
+        if any(float(get(k) or 0) != 0 for k in ("k3", "k4")):
+            raise InputError(f"{what}: distortion terms k3/k4 are not supported; undistort the images first")
+        vals = {k: get(k) for k in _PINHOLE_KEYS}
+        for k, v in vals.items():
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise InputError(f"{what}: {k} must be a finite number, not {v!r}")
+        pin = _Pinhole(fx=vals["fl_x"], fy=vals["fl_y"], cx=vals["cx"], cy=vals["cy"], w=vals["w"], h=vals["h"],
+                       angle_x=vals["camera_angle_x"], angle_y=vals["camera_angle_y"])
+        if not pin.fx and not pin.angle_x:
+            raise InputError(f"{what}: no focal length: give fl_x or camera_angle_x")
+        dist = np.array([float(get(k) or 0.0) for k in _DIST_KEYS])
+        if not np.all(np.isfinite(dist)):
+            raise InputError(f"{what}: non-finite distortion coefficients")
+        path = _resolve_image(base, str(fr["file_path"]), what)
+        out.append(_Frame(image=path, c2w=_as_c2w(fr["transform_matrix"], what), pinhole=pin,
+                          name=str(fr["file_path"]), distortion=dist if np.any(dist != 0) else None))
+    return out
+
+
+def _holdout(frames: list, every: int = 8) -> tuple[list, list]:
+    """``(train, test)``: every ``every``-th item (0, 8, 16, ...) is held out."""
+    test = [f for i, f in enumerate(frames) if i % every == 0]
+    train = [f for i, f in enumerate(frames) if i % every != 0]
+    return train, test
+
+
+def _dataset(name, fmt, split_frames: dict[str, list[_Frame]], sources: dict[str, str], downscale, background,
+             split_limit, source: Path, bounds_fn, requested_downscale: int | None = None) -> SceneDataset:
+    """Load every distinct split once (a split that falls back to another shares its Views).
+
+    ``bounds_fn(splits) -> (lo (3,), hi (3,), near | None, far | None)`` gives the world box that
+    becomes the unit cube (and near/far, else they are derived from the box).
+    """
+    loaded: dict[tuple[int, int], Views] = {}
+    splits: dict[str, Views] = {}
+    for split, frames in split_frames.items():
+        kept = _limit(frames, split, split_limit)
+        key = (id(frames), len(kept))
+        if key not in loaded:
+            loaded[key] = _load_views(kept, downscale, background, split, source)
+        splits[split] = loaded[key]
+    lo, hi, near, far = bounds_fn(splits)
+    norm = normalization_from_box(lo, hi)
+    if near is None:
+        near, far = near_far_from_box(torch.cat([v.c2w for v in splits.values()]), *unit_cube_box(norm))
+    return SceneDataset(name=name, format=fmt, splits=splits, normalization=norm, near=float(near), far=float(far),
+                        background=tuple(float(c) for c in background), source=str(source),
+                        downscale=int(requested_downscale or downscale),
+                        split_sources=sources, bbox=(tuple(float(x) for x in lo), tuple(float(x) for x in hi)))
+
+
+def _list_images(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+def _read_depth(fr: _Frame, hw: tuple[int, int], K_full: np.ndarray, n: int) -> np.ndarray:
+    """A view's depth EXR → z-depth ``(H/n, W/n)`` float32 (0 = no hit)."""
+    ch = read_exr_channels(fr.depth)
+    name = next((k for k in ("R", "Z", "Y", "DEPTH", "G", "B") if k in ch), next(iter(ch)))
+    d = ch[name]
+    if d.shape != tuple(hw):
+        raise InputError(f"the depth map {fr.depth} is {d.shape[1]}×{d.shape[0]} but its image is {hw[1]}×{hw[0]}")
+    valid = np.isfinite(d) & (d > 0) & (d < RTMV_DEPTH_INVALID)
+    d = np.where(valid, d, 0.0)
+    if fr.depth_kind == "ray":
+        fx, fy, cx, cy = K_full
+        u = (np.arange(hw[1]) + 0.5 - cx) / fx
+        v = (np.arange(hw[0]) + 0.5 - cy) / fy
+        d = d / np.sqrt(1.0 + u[None, :] ** 2 + v[:, None] ** 2)  # t → z = t · cos θ
+    return downscale_depth(_crop_to_multiple(d.astype(np.float32), n), n)
+
+
+RTMV_DEPTH_INVALID = 1000.0  # RTMV marks background pixels with huge depths (kaolin-wisp: |d| >= 1000)
+
+
+# -- RTMV ------------------------------------------------------------------------------------------

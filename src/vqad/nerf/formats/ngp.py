@@ -1,0 +1,44 @@
+"""instant-ngp captures: one ``transforms.json`` with pinhole intrinsics and optional distortion."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from vqad.errors import InputError
+from vqad.nerf.data import SceneDataset
+from vqad.nerf.formats.common import _dataset, _holdout, _read_json, _transforms_frames
+
+
+def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = 8) -> SceneDataset:
+    """An instant-ngp ``transforms.json`` scene (``path`` is its directory or the file itself).
+
+    Every ``hold_every``-th frame (0, 8, ...) is test and val; the rest train. The unit cube is
+    instant-ngp's ``aabb_scale`` box (see the module docstring).
+    """
+    p = Path(path)
+    json_path = p if p.is_file() else p / "transforms.json"
+    if not json_path.is_file():
+        raise InputError(f"{p} has no transforms.json: not an instant-ngp scene")
+    meta = _read_json(json_path)
+    all_frames = _transforms_frames(meta, json_path.parent, json_path)
+    if len(all_frames) < 2:
+        raise InputError(f"{json_path} has {len(all_frames)} frame: at least 2 are needed (one is held out)")
+    train, test = _holdout(all_frames, hold_every)
+    desc = f"every {hold_every}th frame of {json_path.name}"
+    sources = {"train": f"{json_path.name} minus every {hold_every}th frame", "val": desc + " (val = test)", "test": desc}
+    try:
+        aabb_scale = float(meta.get("aabb_scale", 1))
+        scale = float(meta.get("scale", 0.33))
+        offset = np.asarray(meta.get("offset", [0.5, 0.5, 0.5]), dtype=np.float64).reshape(3)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{json_path}: aabb_scale, scale and offset must be numbers ({e})") from e
+    if not (aabb_scale > 0 and scale > 0 and math.isfinite(aabb_scale) and math.isfinite(scale)) or not np.all(np.isfinite(offset)):
+        raise InputError(f"{json_path}: aabb_scale and scale must be positive and offset finite")
+    # ngp = world · scale + offset (offset in the file's axis order); ngp's box is 0.5 ± aabb_scale / 2
+    center = (0.5 - offset) / scale
+    half = 0.5 * aabb_scale / scale
+    return _dataset(json_path.parent.name, "ngp", {"train": train, "val": test, "test": test}, sources, downscale,
+                    background, split_limit, json_path.parent, lambda splits: (center - half, center + half, None, None))

@@ -48,7 +48,8 @@ def get_field(args):
         field, cfg = load_checkpoint(args.ckpt, "cpu")
         source = f"checkpoint `{args.ckpt}` ({cfg.get('step', '?')} steps)"
     else:
-        from vqad.config import DecoderConfig, GridConfig, SDFTrainConfig, parse_levels
+        from vqad.config import DecoderConfig, GridConfig, parse_levels
+        from vqad.sdf.fit import SDFTrainConfig
         from vqad.sdf.mesh import load_mesh
         from vqad.sdf.fit import fit_sdf
 

@@ -21,7 +21,8 @@ import torch
 
 from common import data_dir  # noqa: E402  (benchmarks/common.py)
 
-from vqad.config import DecoderConfig, GridConfig, SDFTrainConfig, parse_levels
+from vqad.config import DecoderConfig, GridConfig, parse_levels
+from vqad.sdf.fit import SDFTrainConfig
 from vqad.sdf.extract import extract_mesh
 from vqad.sdf.mesh import SDFOracle, load_mesh
 from vqad.sdf.metrics import geometry_metrics

@@ -21,7 +21,8 @@ from vqad.config import DecoderConfig, GridConfig
 from vqad.nerf.formats import load_dataset
 from vqad.nerf.evaluate import evaluate_nerf
 from vqad.nerf.field import NeRFConfig
-from vqad.nerf.fit import NeRFTrainConfig, fit_nerf, refine_nerf
+from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
+from vqad.nerf.task import refine_nerf
 from vqad.nerf.rays import RayBatcher
 from vqad.nerf.task import model_sampler
 

@@ -169,10 +169,11 @@ def test_octree_from_density_contains_surface(scene):
     assert octree.num_cells(6) < 0.6 * 64 ** 3
 
 
-def test_train_steps_prunes_empty_space_but_keeps_the_surface(scene):
-    """The density pass's plain loop re-tests the occupancy: empty cells go, surface cells stay."""
+def test_density_pass_loop_prunes_empty_space_but_keeps_the_surface(scene):
+    """The radiance task re-tests the occupancy as it trains: empty cells go, surface cells stay."""
+    from vqad.fit import run_fit
     from vqad.nerf.rays import RayBatcher
-    from vqad.nerf.task import train_steps
+    from vqad.nerf.task import RadianceTask
 
     torch.manual_seed(0)
     octree = SparseOctree.dense(2, 4, device=CPU)
@@ -181,16 +182,19 @@ def test_train_steps_prunes_empty_space_but_keeps_the_surface(scene):
                       NeRFConfig(geo_features=7, color_hidden=32, sh_degree=2), scene.normalization)
     sampler = OccupancySampler(octree)
     batcher = RayBatcher(scene.splits["train"], scene, CPU)
-    train_steps(field, sampler, batcher, 80, 1024, lr=5e-3, grid_lr_scale=10.0, lod_mode="finest",
-                prune_every=10, prune_warmup=40)
+    cfg = NeRFTrainConfig(steps=80, batch_rays=1024, lr=5e-3, grid_lr_scale=10.0, lod_mode="finest",
+                          prune_every=10, prune_warmup=40)
+    res = run_fit(RadianceTask(field, sampler, batcher, cfg), cfg, CPU, quiet=True)
+    assert res.steps == 80 and res.skipped_steps == 0 and res.empty_steps == 0
     occupied = sampler.occupancy.float().mean()
     assert occupied < 0.8  # empty space was pruned
     surface = _surface_points(scene)
     assert sampler.occupancy[sampler._flat_index(surface)].float().mean() > 0.95  # the surface was not
 
 
-def _tiny_trainable(scene):
+def _tiny_trainable(scene, **cfg):
     from vqad.nerf.rays import RayBatcher
+    from vqad.nerf.task import RadianceTask
 
     torch.manual_seed(0)
     octree = SparseOctree.dense(2, 4, device=CPU)
@@ -198,21 +202,20 @@ def _tiny_trainable(scene):
                                                      max_level=4))
     field = NeRFField(grid, DecoderConfig(hidden=16, position_input=False),
                       NeRFConfig(color_hidden=16, step_ratio=1.0), scene.normalization)
-    return field, OccupancySampler(octree), RayBatcher(scene.splits["train"], scene, CPU)
+    train_cfg = NeRFTrainConfig(**{"batch_rays": 128, "lr": 5e-3, "grid_lr_scale": 30.0, **cfg})
+    return RadianceTask(field, OccupancySampler(octree), RayBatcher(scene.splits["train"], scene, CPU), train_cfg)
 
 
 def test_coarse_weight_scales_only_the_coarser_lods_loss(scene):
     """grad(Σ w_l MSE_l) on LODs {2, 4} = w · grad(MSE_2) + grad(MSE_4), on the same rays and jitter."""
-    from vqad.nerf.task import train_step
-
-    field, sampler, batcher = _tiny_trainable(scene)
 
     def grads(lods, w):
-        field.zero_grad(set_to_none=True)
-        train_step(field, sampler, batcher, {}, 128, lods, torch.ones(3), torch.Generator().manual_seed(3),
-                   coarse_weight=w)
+        task = _tiny_trainable(scene, coarse_weight=w)
+        task.lods = lods
+        task.field.zero_grad(set_to_none=True)
+        task.step(0, 0.0, torch.Generator().manual_seed(3)).loss.backward()
         return torch.cat([(p.grad.to_dense() if p.grad.is_sparse else p.grad).flatten()
-                          if p.grad is not None else torch.zeros(p.numel()) for p in field.parameters()])
+                          if p.grad is not None else torch.zeros(p.numel()) for p in task.field.parameters()])
 
     both = grads([2, 4], 0.25)
     expected = 0.25 * grads([2], 1.0) + grads([4], 1.0)
@@ -222,23 +225,35 @@ def test_coarse_weight_scales_only_the_coarser_lods_loss(scene):
 
 
 def test_a_step_with_a_non_finite_gradient_is_skipped(scene):
-    """A NaN gradient anywhere leaves every parameter as it was (instead of poisoning the model)."""
-    from vqad.optim import make_optimizers
-    from vqad.nerf.task import train_step
+    """A NaN gradient anywhere leaves every parameter as it was (instead of poisoning the model); the
+    loop counts the step as skipped and the next good step applies."""
+    from vqad.fit import run_fit
 
-    field, sampler, batcher = _tiny_trainable(scene)
-    opts = make_optimizers(field, 5e-3, 30.0)
+    task = _tiny_trainable(scene, steps=1, lod_mode="all")
+    field = task.field
     before = [p.detach().clone() for p in field.parameters()]
     hook = field.color.mlps[0].net[0].weight.register_hook(lambda g: g * float("nan"))
-    per_lod, psnr, n, stepped = train_step(field, sampler, batcher, opts, 128, [2, 4], torch.ones(3),
-                                           torch.Generator().manual_seed(0))
-    assert not stepped and n > 0 and math.isfinite(psnr)
+    res = run_fit(task, task.cfg, CPU, quiet=True)
+    assert res.steps == 1 and res.skipped_steps == 1 and math.isfinite(res.final_loss)
     for a, b in zip(before, field.parameters()):
         assert torch.equal(a, b.detach())
     hook.remove()
-    _, _, _, stepped = train_step(field, sampler, batcher, opts, 128, [2, 4], torch.ones(3),
-                                  torch.Generator().manual_seed(0))
-    assert stepped and any(not torch.equal(a, b.detach()) for a, b in zip(before, field.parameters()))
+    res = run_fit(task, task.cfg, CPU, quiet=True)
+    assert res.skipped_steps == 0
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, field.parameters()))
+
+
+def test_an_empty_octree_stops_with_its_own_error_not_a_divergence(scene):
+    """Batches with no sample (every cell pruned) are not non-finite steps: after 20 in a row the fit
+    stops with an error about the occupied space, not one telling the user to lower the learning rate."""
+    from vqad.errors import TrainingDivergedError
+    from vqad.fit import GUARD_LIMIT, run_fit
+
+    task = _tiny_trainable(scene, steps=100, prune_every=0)
+    task.sampler.occupancy.zero_()
+    with pytest.raises(TrainingDivergedError, match="no sample in occupied space") as err:
+        run_fit(task, task.cfg, CPU, quiet=True)
+    assert "lower --lr" not in str(err.value) and f"step {GUARD_LIMIT}:" in str(err.value)
 
 
 def test_huge_raw_densities_stay_finite_and_never_empty_the_octree(scene):

@@ -100,7 +100,7 @@ def test_refine_sdf_lowers_the_loss_of_a_trained_sphere(one_thread):
     import numpy as np
     import trimesh
 
-    from vqad.config import SDFTrainConfig
+    from vqad.sdf.fit import SDFTrainConfig
     from vqad.sdf.mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples
     from vqad.sdf.fit import fit_sdf
 
@@ -126,7 +126,7 @@ def test_fit_with_refinement_sweeps_runs_them(one_thread, monkeypatch):
     import trimesh
 
     import vqad.sdf.fit as sdf_mod
-    from vqad.config import SDFTrainConfig
+    from vqad.sdf.fit import SDFTrainConfig
     from vqad.sdf.mesh import Mesh
 
     calls = []
@@ -179,7 +179,8 @@ def test_scores_are_exact_when_several_samples_feed_one_residual():
 def test_refine_nerf_lowers_the_photometric_loss(one_thread):
     from vqad.nerf.formats import load_dataset
     from vqad.nerf.field import NeRFConfig
-    from vqad.nerf.fit import NeRFTrainConfig, fit_nerf, refine_nerf
+    from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
+    from vqad.nerf.task import refine_nerf
     from vqad.nerf.rays import RayBatcher
 
     ds = load_dataset("procedural")

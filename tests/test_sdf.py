@@ -7,7 +7,8 @@ import trimesh
 
 from vqad import fit as trainer
 from vqad.checkpoint import load_checkpoint
-from vqad.config import DecoderConfig, GridConfig, SDFTrainConfig
+from vqad.config import DecoderConfig, GridConfig
+from vqad.sdf.fit import SDFTrainConfig
 from vqad.sdf.extract import evaluate_grid, evaluate_grid_sparse, extract_mesh
 from vqad.sdf.mesh import Mesh, SDFOracle, fit_normalization, load_mesh
 from vqad.sdf.metrics import chamfer_and_normals
@@ -106,8 +107,24 @@ def test_interrupt_saves_and_resume_continues(tmp_path, monkeypatch):
     assert res.steps == 30
     _, cfg = load_checkpoint(tmp_path / "checkpoint")
     assert cfg["step"] == 30
-    # the resumed model continues from the saved one (optimizer state restored)
-    assert cfg["optimizers"]["sparse"]["param_groups"][0]["lr"] > 0
+    # the resumed fit continued the saved optimizer state: Adam's step count runs on from the 11 steps
+    # before the interrupt (30 in all), it does not restart at the 19 steps of the resumed call
+    assert _adam_steps(tmp_path / "checkpoint", "dense") == {30}
+    assert _adam_steps(tmp_path / "checkpoint", "sparse") == {30}
+
+
+def _adam_steps(ckpt, name: str) -> set:
+    """Every parameter's ``step`` in optimizer ``name`` of a checkpoint (tensors or JSON scalars)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(ckpt / "optim.safetensors"))
+    scalars = json.loads((ckpt / "config.json").read_text())["optimizers"][name]["scalars"]
+    steps = {int(v) for k, v in tensors.items() if k.startswith(name + ".") and k.endswith(".step")}
+    steps |= {int(v) for k, v in scalars.items() if k.endswith(".step")}
+    assert steps, f"no step counts saved for optimizer {name}"
+    return steps
 
 
 def test_time_cap_stops_early_and_records_steps_done(tmp_path):

@@ -14,8 +14,10 @@ from vqad.errors import InputError
 def load(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None):
     """Load a field from a checkpoint directory, a ``.vqad`` file, ``bytes`` or a binary stream.
 
-    For a .vqad source, ``max_bytes`` uses only the first N bytes and ``lod`` stops at that level
-    of detail; the field returned holds the largest complete LOD available.
+    For a .vqad source, ``max_bytes`` uses only the first N bytes and ``lod`` stops decoding at that
+    level of detail; the field returned holds the largest complete LOD available. A checkpoint
+    directory always holds every LOD: there ``lod`` must be one of them (an :class:`InputError`
+    otherwise) and the field is returned whole (evaluate a LOD with ``field(x, lod)``).
     """
     device = resolve_device(device)
     if isinstance(source, (str, Path)):
@@ -27,7 +29,10 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
                 raise InputError("--bytes applies to .vqad files only: export the checkpoint first (vqad export)")
             from vqad.checkpoint import load_checkpoint
 
-            return load_checkpoint(path, device)[0]
+            field = load_checkpoint(path, device)[0]
+            if lod is not None and lod not in field.lods:
+                raise InputError(f"LOD {lod} is not in this model: choose one of {field.lods}")
+            return field
     from vqad import fileformat
 
     return fileformat.load(source, device=device, lod=lod, max_bytes=max_bytes)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from vqad.errors import InputError
 from vqad.octree import check_levels
@@ -51,30 +51,6 @@ class DecoderConfig:
     position_input: bool = True  # feed x to ψ alongside the features
 
 
-@dataclass
-class SDFTrainConfig:
-    """Signed distance fitting."""
-
-    steps: int = 3000
-    batch: int = 16384
-    lr: float = 2e-3  # decoder learning rate
-    grid_lr_scale: float = 10.0  # grid (features, codebook D) lr = lr × this
-    logit_lr_scale: float | None = 200.0  # codebook logits C lr = lr × this (None: the grid's)
-    resample_every: int = 500  # draw fresh samples every N steps
-    max_minutes: float | None = None  # also stop after this long (the lr schedule follows time too)
-    truncation: float = 0.0  # clamp predicted and true distances to ±this in the loss (0: no clamp)
-    pool_size: int = 400_000  # samples per pool
-    refine: int = 3  # Gauss–Newton index refinement sweeps (vqad.refine) after the last step (0: none)
-    refine_during: int = 0  # ... and sweeps spread over training (or over its tail, below)
-    refine_samples: int = 200_000  # samples each sweep sees (from the current pool)
-    refine_band: float = 0.0  # ... only those within this many finest cells of the surface (0: all of them)
-    refine_candidates: int = 2  # each sweep measures the real loss change of this many candidate codewords per vertex (0: GN prediction)
-    refine_tail: float = 0.0  # refine_during sweeps over this last fraction of training, logits C frozen there (0: all of it)
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 1000
-
-
 def parse_levels(text: str) -> tuple[int, int]:
     """``"3:7"`` -> (3, 7), with a clear error otherwise."""
     try:
@@ -99,4 +75,4 @@ def from_dict(cls, data: dict):
     return cls(**data)
 
 
-__all__ = ["GridConfig", "DecoderConfig", "SDFTrainConfig", "parse_levels", "to_dict", "from_dict", "field"]
+__all__ = ["GridConfig", "DecoderConfig", "parse_levels", "to_dict", "from_dict"]

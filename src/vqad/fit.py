@@ -1,19 +1,18 @@
-"""What every fit shares: optimizer groups, the progress bar, checkpoints and Ctrl-C.
+"""The one fit loop: every application (SDF, radiance field, the octree's density pass) trains through it.
 
-Parameters are grouped by identity (never by matching substrings of their names):
+:func:`run_fit` owns what every fit needs — the optimizers and their initial learning rates, resume,
+the cosine schedule, the time cap, the progress bar, the non-finite-step guard, periodic and final
+checkpoints, and Ctrl-C / SIGTERM — and a small :class:`FitTask` per application says what one step
+computes: draw a batch, return the per-LOD losses, and optional hooks (index-refinement sweeps,
+occupancy updates, sweeps after the last step).
 
-* sparse grid parameters (dense features Z, codebook logits C): only the rows a batch touched get
-  a gradient, so they use :class:`torch.optim.SparseAdam`, which updates those rows alone;
-* the other grid parameters (codebooks D) at the grid learning rate;
-* the decoder at the base learning rate. The grid's rate is ``grid_lr_scale`` × the decoder's (the
-  reference uses ×100 with RMSprop; ×10 with Adam works better here, see docs/benchmarks/sdf.md).
-* codebook logits C may have their own rate, ``logit_lr_scale`` × the decoder's: an index only
-  changes when its argmax flips, and a faster logit rate lets it flip sooner (for SDFs, ×200 gave a
-  ~20 % lower Chamfer-L1 than the grid's ×10 in a 600-step armadillo test; see docs/benchmarks/sdf.md).
-* codebooks D may also have their own rate, ``codebook_lr_scale`` × the decoder's: every step
-  touches all 2^b rows, each shared by thousands of vertices (on lego a faster rate speeds early
-  training but not the end result, and kills every density on the built-in scene: off by default,
-  see docs/benchmarks/nerf.md).
+Optimizer groups (:func:`vqad.optim.make_optimizers`): sparse grid rows go to SparseAdam (or, for
+b ≥ 8 logits, :class:`~vqad.optim.RowwiseSparseRMSprop`), codebooks and MLPs to Adam, the grid at
+``grid_lr_scale`` × the decoder's learning rate (the reference uses ×100 with RMSprop; ×10–30 with
+Adam works better here, see docs/method.md); logits C and codebooks D may have rates of their own.
+
+The schedule follows ``progress = max(step / steps, elapsed / max_minutes)``, so a time-capped fit
+still ends with a decayed learning rate: cosine from each group's initial rate to 0.1 × it.
 """
 
 from __future__ import annotations
@@ -22,14 +21,148 @@ import math
 import signal
 import time
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field as dfield
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from vqad.errors import TrainingDivergedError
+from vqad.errors import InputError, TrainingDivergedError
+from vqad.optim import make_optimizers
+
+#: steps in a row that may be skipped (non-finite) or find no sample (empty) before a fit stops
+GUARD_LIMIT = 20
 
 
+@dataclass
+class TrainConfig:
+    """What every fit has: the step budget, learning rates, time cap, seed and checkpoint cadence.
+
+    Each application's config (:class:`~vqad.sdf.fit.SDFTrainConfig`,
+    :class:`~vqad.nerf.fit.NeRFTrainConfig`) extends it and sets its own defaults.
+    """
+
+    steps: int = 3000
+    lr: float | None = 2e-3  # decoder learning rate (None: the application's default for the grid)
+    grid_lr_scale: float = 10.0  # grid (features Z, codebooks D) lr = lr × this
+    logit_lr_scale: float | None = None  # codebook logits C lr = lr × this (None: the grid's)
+    codebook_lr_scale: float | None = None  # codebooks D lr = lr × this (None: the grid's)
+    max_minutes: float | None = None  # also stop after this long (the lr schedule follows time too)
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+
+    def validate(self) -> None:
+        if self.steps <= 0:
+            raise InputError(f"--steps must be positive, got {self.steps}")
+        rates = (self.lr, self.grid_lr_scale, self.logit_lr_scale, self.codebook_lr_scale)
+        if any(r is not None and not r > 0 for r in rates):
+            raise InputError("learning rates must be positive (--lr and the --*-lr-scale options)")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise InputError(f"--minutes must be positive, got {self.max_minutes}")
+        if self.log_every <= 0 or self.checkpoint_every <= 0:
+            raise InputError("log_every and checkpoint_every must be positive")
+
+    #: fields a resumed fit may change (more steps, another time cap, quieter logs); every other one
+    #: must match the checkpoint's, or the resumed run would not be the run it claims to continue
+    RESUMABLE = ("steps", "max_minutes", "log_every", "checkpoint_every")
+
+
+@dataclass
+class StepLoss:
+    """What a task's step returns.
+
+    ``loss`` is the scalar to minimise (``None``: the batch had no sample, nothing to learn from);
+    ``per_lod`` the unweighted loss of each LOD the step evaluated ``(n_lods,)``; ``items`` the
+    points or rays the step consumed; ``log`` extra history entries, computed only on log steps.
+    """
+
+    loss: torch.Tensor | None
+    per_lod: torch.Tensor
+    items: int
+    log: callable = dfield(default=lambda: {})
+
+
+class FitTask:
+    """One application's part of a fit. ``field`` is the model being trained."""
+
+    unit = "items"  # what ``StepLoss.items`` counts, for the progress bar (pts, rays)
+    field: torch.nn.Module
+
+    def begin(self, start: int, gen: torch.Generator) -> None:
+        """Before the first step (``start`` > 0 on resume)."""
+
+    def budget_minutes(self, max_minutes: float | None, step_seconds: float | None) -> float | None:
+        """Minutes the training steps may take of ``max_minutes``, given the mean step time so far
+        (``None`` before the first step): a task with work after training reserves time for it."""
+        return max_minutes
+
+    def before_step(self, it: int, progress: float, gen: torch.Generator) -> None:
+        """Hooks before step ``it``: resampling, index sweeps, occupancy updates."""
+
+    def step(self, it: int, progress: float, gen: torch.Generator) -> StepLoss:
+        """Draw a batch and compute its loss (gradients are zeroed before, applied after)."""
+        raise NotImplementedError
+
+    def after_backward(self, progress: float) -> None:
+        """After ``loss.backward()``, before the optimizers step (e.g. drop gradients that must not apply)."""
+
+    def after_training(self, it: int, start: int, gen: torch.Generator) -> None:
+        """Work after the last step (e.g. index sweeps); its time is reported as ``extra_seconds``."""
+
+    def checkpoint_extra(self) -> dict:
+        """What the task stores in the checkpoint's config beside the step and the train config."""
+        return {}
+
+
+@dataclass
+class LoopResult:
+    steps: int  # the step training stopped at, counted from 0 across resumes
+    steps_done: int  # steps run by this call
+    seconds: float  # training steps and after_training
+    extra_seconds: float  # after_training (and refinement sweeps during training) alone
+    items_per_second: float
+    final_loss: float
+    last_per_lod: torch.Tensor | None
+    history: list
+    skipped_steps: int  # not applied: non-finite loss or gradient
+    empty_steps: int  # not applied: the batch had no sample
+    interrupted: bool = False
+
+
+class DivergenceGuard:
+    """Counts skipped steps; after ``limit`` non-finite steps in a row the fit stops with a
+    :class:`~vqad.errors.TrainingDivergedError` that names the learning rates to lower, and after
+    ``limit`` empty batches in a row with one that says the occupied space is gone."""
+
+    def __init__(self, lr: float, grid_lr_scale: float, ckpt_dir=None, limit: int = GUARD_LIMIT):
+        self.lr, self.grid_lr_scale, self.ckpt_dir, self.limit = lr, grid_lr_scale, ckpt_dir, limit
+        self.in_a_row = self.empty_in_a_row = 0
+        self.skipped = self.empty = 0
+
+    def _where(self) -> str:
+        saved = self.ckpt_dir is not None and (Path(self.ckpt_dir) / "config.json").is_file()
+        return f"; the last periodic checkpoint is in {self.ckpt_dir}" if saved else ""
+
+    def after(self, it: int, stepped: bool | None) -> None:
+        """Record step ``it`` (0-based): applied (True), non-finite (False) or empty (None)."""
+        self.empty_in_a_row = self.empty_in_a_row + 1 if stepped is None else 0
+        self.empty += stepped is None
+        self.in_a_row = self.in_a_row + 1 if stepped is False else 0
+        self.skipped += stepped is False
+        if self.in_a_row >= self.limit:
+            raise TrainingDivergedError(
+                f"training diverged at step {it + 1}: {self.in_a_row} steps in a row had a non-finite loss or "
+                f"gradient and were skipped; lower --lr (now {self.lr:g}) or --grid-lr-scale (now "
+                f"{self.grid_lr_scale:g}){self._where()}")
+        if self.empty_in_a_row >= self.limit:
+            raise TrainingDivergedError(
+                f"training stopped at step {it + 1}: {self.empty_in_a_row} batches in a row had no sample in "
+                f"occupied space (the octree holds nothing the training rays or points reach: was every cell "
+                f"pruned as empty? check the capture's bounds and --octree){self._where()}")
+
+
+# -- optimizer helpers ---------------------------------------------------------------------------
 def zero_grad(opts: dict[str, torch.optim.Optimizer]) -> None:
     for o in opts.values():
         o.zero_grad(set_to_none=True)
@@ -38,6 +171,15 @@ def zero_grad(opts: dict[str, torch.optim.Optimizer]) -> None:
 def step(opts: dict[str, torch.optim.Optimizer]) -> None:
     for o in opts.values():
         o.step()
+
+
+def grads_finite(opts: dict[str, torch.optim.Optimizer], *tensors: torch.Tensor) -> bool:
+    """Whether every gradient the optimizers would apply (sparse gradients: their values), and every
+    one of ``tensors``, is finite. One host synchronisation however many parameters there are."""
+    grads = [p.grad for o in opts.values() for g in o.param_groups for p in g["params"] if p.grad is not None]
+    checks = [torch.isfinite(v._values() if v.is_sparse else v).all()  # uncoalesced values: no sort needed
+              for v in list(tensors) + grads]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def safe_step(opts: dict[str, torch.optim.Optimizer], loss: torch.Tensor) -> bool:
@@ -49,37 +191,6 @@ def safe_step(opts: dict[str, torch.optim.Optimizer], loss: torch.Tensor) -> boo
         return True
     zero_grad(opts)
     return False
-
-
-class DivergenceGuard:
-    """Counts the steps :func:`safe_step` skipped; after ``limit`` in a row the fit stops with a
-    :class:`~vqad.errors.TrainingDivergedError` that names the learning rates to lower."""
-
-    def __init__(self, lr: float, grid_lr_scale: float, ckpt_dir=None, limit: int = 20):
-        self.lr, self.grid_lr_scale, self.ckpt_dir, self.limit = lr, grid_lr_scale, ckpt_dir, limit
-        self.in_a_row = 0
-        self.skipped = 0
-
-    def after(self, it: int, stepped: bool) -> None:
-        """Record step ``it`` (0-based)."""
-        self.in_a_row = 0 if stepped else self.in_a_row + 1
-        self.skipped += 0 if stepped else 1
-        if self.in_a_row >= self.limit:
-            saved = self.ckpt_dir is not None and (Path(self.ckpt_dir) / "config.json").is_file()
-            where = f"; the last periodic checkpoint is in {self.ckpt_dir}" if saved else ""
-            raise TrainingDivergedError(
-                f"training diverged at step {it + 1}: {self.in_a_row} steps in a row had a non-finite loss or "
-                f"gradient and were skipped; lower --lr (now {self.lr:g}) or --grid-lr-scale (now "
-                f"{self.grid_lr_scale:g}){where}")
-
-
-def grads_finite(opts: dict[str, torch.optim.Optimizer], *tensors: torch.Tensor) -> bool:
-    """Whether every gradient the optimizers would apply (sparse gradients: their values), and every
-    one of ``tensors``, is finite. One host synchronisation however many parameters there are."""
-    grads = [p.grad for o in opts.values() for g in o.param_groups for p in g["params"] if p.grad is not None]
-    checks = [torch.isfinite(v._values() if v.is_sparse else v).all()  # uncoalesced values: no sort needed
-              for v in list(tensors) + grads]
-    return bool(torch.stack(checks).all()) if checks else True
 
 
 def cosine_lr(opts: dict[str, torch.optim.Optimizer], base_lrs: dict, it: int, total: int, floor: float = 0.1) -> None:
@@ -109,8 +220,9 @@ def initial_lrs(opts: dict[str, torch.optim.Optimizer]) -> dict:
 class Progress:
     """tqdm bar showing loss, a quality figure, throughput (items/s), steps/s and ETA."""
 
-    def __init__(self, total: int, start: int, unit_name: str, quiet: bool = False):
-        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=quiet, smoothing=0.1)
+    def __init__(self, total: int, start: int, unit_name: str, quiet: bool = False, desc: str = ""):
+        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=quiet, smoothing=0.1,
+                        desc=desc or None)
         self.unit_name = unit_name
         self.t0 = time.perf_counter()
         self.items = 0
@@ -147,3 +259,123 @@ def interrupt_guard():
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+
+
+# -- resume --------------------------------------------------------------------------------------
+def check_resumable(ckpt_dir: Path, kind: str, saved: dict, given: dict, what: str = "training") -> None:
+    """Refuse to resume ``ckpt_dir`` with a configuration that contradicts the checkpoint's.
+
+    ``saved`` and ``given`` are config dicts (``dataclasses.asdict``); keys in
+    :attr:`TrainConfig.RESUMABLE` may differ, any other difference is an :class:`InputError` that
+    names the options."""
+    diff = [k for k in given if k not in TrainConfig.RESUMABLE and k in saved and saved[k] != given[k]]
+    if diff:
+        pairs = ", ".join(f"{k}: checkpoint {saved[k]!r}, now {given[k]!r}" for k in diff[:4])
+        raise InputError(f"--resume: {ckpt_dir} was written with other {what} settings ({pairs}); resume with the "
+                         f"checkpoint's settings, or start a new fit in another --out")
+
+
+def load_for_resume(ckpt_dir: Path | None, kind: str, device):
+    """``(field, checkpoint config, step)`` of the checkpoint a fit resumes from, with clear errors."""
+    from vqad.checkpoint import load_checkpoint
+
+    if ckpt_dir is None or not (Path(ckpt_dir) / "config.json").is_file():
+        raise InputError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume first")
+    field, cfg = load_checkpoint(ckpt_dir, device)
+    if field.kind != kind:
+        raise InputError(f"--resume: {ckpt_dir} holds a {field.kind!r} model, not a {kind!r} one")
+    if field.baked:
+        raise InputError(f"--resume: {ckpt_dir} holds a baked (inference-only) model: it cannot be trained further")
+    field.train()
+    return field, cfg, int(cfg.get("step", 0))
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Path | None = None,
+            resume_cfg: dict | None = None, start: int = 0, gen: torch.Generator | None = None,
+            quiet: bool = False, desc: str = "") -> LoopResult:
+    """Train ``task.field`` for ``cfg.steps`` steps (from ``start``), or until ``cfg.max_minutes``.
+
+    Args:
+        task: the application's step and hooks.
+        cfg: the resolved training config (``cfg.lr`` set).
+        ckpt_dir: where checkpoints go (every ``checkpoint_every`` steps, at the end, and on
+            Ctrl-C / SIGTERM, after which :class:`KeyboardInterrupt` is re-raised); None: nowhere.
+        resume_cfg: the config dict of the checkpoint being resumed (its optimizer state is loaded
+            from ``ckpt_dir``), with ``start`` its step.
+        gen: the CPU generator the task draws batches with (default: seeded ``cfg.seed + start``).
+    """
+    from vqad.checkpoint import load_optimizer_state, save_checkpoint
+
+    field = task.field
+    opts = make_optimizers(field, cfg.lr, cfg.grid_lr_scale, cfg.logit_lr_scale, cfg.codebook_lr_scale)
+    if resume_cfg is not None:
+        load_optimizer_state(ckpt_dir, opts, resume_cfg)
+    base_lrs = initial_lrs(opts)
+    for name, o in opts.items():
+        for g, lr in zip(o.param_groups, base_lrs[name]):
+            g.setdefault("initial_lr", lr)
+    gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed + start)
+
+    def save(step_done: int) -> None:
+        if ckpt_dir is not None:
+            extra = {"step": step_done, "train": asdict(cfg), **task.checkpoint_extra()}
+            save_checkpoint(ckpt_dir, field, extra=extra, optimizers=opts)
+
+    task.begin(start, gen)
+    prog = Progress(cfg.steps, start, task.unit, quiet=quiet, desc=desc)
+    guard = DivergenceGuard(cfg.lr, cfg.grid_lr_scale, ckpt_dir)
+    t0 = time.perf_counter()
+    history: list = []
+    loss_val = float("nan")
+    out = None
+    it = start
+    try:
+        with interrupt_guard():
+            for it in range(start, cfg.steps):
+                step_s = (time.perf_counter() - t0 - task_extra(task)) / (it - start) if it > start else None
+                progress = progress_or_stop(it, cfg.steps, t0, task.budget_minutes(cfg.max_minutes, step_s))
+                if progress is None:
+                    break
+                task.before_step(it, progress, gen)
+                cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000)
+                zero_grad(opts)
+                out = task.step(it, progress, gen)
+                if out.loss is None:
+                    stepped = None
+                else:
+                    out.loss.backward()
+                    task.after_backward(progress)
+                    stepped = safe_step(opts, out.loss)
+                guard.after(it, stepped)
+                if (it + 1) % cfg.log_every == 0 or it == start:
+                    loss_val = float(out.per_lod.detach().sum())
+                    entry = {"step": it + 1, "loss": loss_val, **out.log()}
+                    history.append(entry)
+                    prog.update(0, 0, loss=loss_val, **{k: v for k, v in entry.items() if k == "psnr"})
+                prog.update(1, out.items)
+                if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.steps:
+                    save(it + 1)
+            else:
+                it = cfg.steps
+    except KeyboardInterrupt:
+        prog.close()
+        save(it)
+        if ckpt_dir is not None and not quiet:
+            print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
+        raise
+    if it > start:
+        task.after_training(it, start, gen)
+    items_per_second = prog.items_per_second  # over the whole call, sweeps after training included
+    prog.close()
+    save(it)
+    return LoopResult(
+        steps=it, steps_done=it - start, seconds=time.perf_counter() - t0, extra_seconds=task_extra(task),
+        items_per_second=items_per_second, final_loss=loss_val,
+        last_per_lod=None if out is None else out.per_lod.detach(), history=history,
+        skipped_steps=guard.skipped, empty_steps=guard.empty)
+
+
+def task_extra(task: FitTask) -> float:
+    """Seconds the task spent outside training steps so far (index sweeps), if it counts them."""
+    return float(getattr(task, "extra_seconds", 0.0))

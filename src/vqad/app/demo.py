@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from vqad.app.commands.common import ensure_writable_dir
-from vqad.config import DecoderConfig, GridConfig, SDFTrainConfig
+from vqad.config import DecoderConfig, GridConfig
+from vqad.sdf.fit import SDFTrainConfig
 
 
 DEMO_CHAMFER_SAMPLES = 20_000

@@ -428,7 +428,8 @@ class SDFTask:
         self.name = Path(cfg.dataset).stem
 
     def fit(self, grid_cfg, work: Path, resume: bool):
-        from vqad.config import DecoderConfig, SDFTrainConfig
+        from vqad.config import DecoderConfig
+        from vqad.sdf.fit import SDFTrainConfig
         from vqad.sdf.fit import fit_sdf
 
         c = self.cfg

@@ -241,6 +241,7 @@ class DensityPassConfig:
     prune_every: int = 25  # re-test the coarse occupancy every N steps (0: never), so empty space stops costing samples
     prune_warmup: int = 100
     early_stop_eps: float = 0.0  # training skips samples behind transmittance below this (0: keep all)
+    max_minutes: float | None = None  # also stop the pass after this long (None: run every step)
 
 
 def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, device, dilate: int = 1,
@@ -258,7 +259,8 @@ def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, 
     from vqad.nerf.field import NeRFConfig, NeRFField
     from vqad.nerf.render import OccupancySampler, render_weight_from_density
     from vqad.nerf.rays import RayBatcher
-    from vqad.nerf.task import train_steps
+    from vqad.fit import run_fit
+    from vqad.nerf.task import NeRFTrainConfig, RadianceTask
 
     cfg = cfg or DensityPassConfig()
     level = min(cfg.level, max_level)
@@ -271,9 +273,14 @@ def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, 
                       NeRFConfig(geo_features=7, color_hidden=32, sh_degree=2, step_ratio=1.0), dataset.normalization)
     sampler = OccupancySampler(octree)
     batcher = RayBatcher(dataset.splits[split], dataset, device)
-    train_steps(field, sampler, batcher, cfg.steps, cfg.batch_rays, lr=5e-3, grid_lr_scale=10.0,
-                lod_mode="finest", seed=seed, quiet=quiet, desc="octree density pass",
-                prune_every=cfg.prune_every, prune_warmup=cfg.prune_warmup, early_stop_eps=cfg.early_stop_eps)
+    # the same radiance task as the final fit, through the same loop (no checkpoint: it is seconds to minutes)
+    pass_cfg = NeRFTrainConfig(steps=cfg.steps, batch_rays=cfg.batch_rays, lr=5e-3, grid_lr_scale=10.0,
+                               lod_mode="finest", seed=seed, prune_every=cfg.prune_every,
+                               prune_warmup=cfg.prune_warmup, early_stop_eps=cfg.early_stop_eps,
+                               max_minutes=cfg.max_minutes)
+    field.train()
+    run_fit(RadianceTask(field, sampler, batcher, pass_cfg, quiet=quiet), pass_cfg, device, quiet=quiet,
+            desc="octree density pass")
     # the weights below are measured through the pruned occupancy: a pruned cell absorbs less than
     # prune_alpha per step, far below weight_threshold, so it would not have been kept anyway
     # measure, per coarse cell, the largest weight any probe ray puts in it

@@ -1,21 +1,94 @@
-"""The radiance-field training objective: rays → packed samples → volume rendering → per-LOD photometric loss."""
+"""The radiance-field task of the one fit loop: rays → packed samples → volume rendering → per-LOD loss.
+
+One training step, from pixel to loss:
+
+1. :class:`~vqad.nerf.rays.RayBatcher` draws B random training pixels (uint8 colours kept on the
+   device) and turns them into unit-cube rays ``o, d (B, 3)``;
+2. :class:`~vqad.nerf.render.OccupancySampler` marches them, keeping samples in occupied cells only
+   (packed, with ``ray_indices``);
+3. the field evaluates σ and RGB at every sample for the step's LODs, sharing one grid lookup;
+4. :func:`~vqad.nerf.render.volume_render` composites them on the background;
+5. the loss is ``Σ_LOD w_LOD · mean ||C_LOD − C_gt||²`` (``w = 1`` for the finest LOD,
+   ``coarse_weight`` for the others); :func:`vqad.fit.run_fit` applies it.
+
+Which LODs a step renders (``lod_mode``): ``all`` (every LOD, every step), ``random`` (one LOD drawn
+uniformly), ``finest+random`` (the finest plus one coarser LOD drawn uniformly: the default, best at
+every LOD in equal time on lego) or ``finest``; ``coarse_weight`` scales the coarser LODs' loss. The
+measurements are in docs/benchmarks/nerf.md ("Which LODs a training step renders").
+
+The same task trains the coarse field of the octree's density pass (:mod:`vqad.nerf.octree_build`)
+and the final field (:func:`vqad.nerf.fit.fit_nerf`).
+"""
 
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
-from vqad import fit as T
-from vqad.nerf.field import NeRFField
-from vqad.nerf.render import OccupancySampler, render_rays
+from vqad.errors import InputError
+from vqad.fit import FitTask, StepLoss, TrainConfig
+from vqad.nerf.field import NeRFField, sh_encode
 from vqad.nerf.rays import RayBatcher
-from vqad.optim import make_optimizers
+from vqad.nerf.render import OccupancySampler, render_rays, volume_render
+from vqad.refine import RefineChunk, format_stats, has_codebook, refine_indices
 
 LOD_MODES = ("all", "random", "finest+random", "finest")
+OCTREE_CHOICES = ("auto", "depth", "mask", "density")
 
 
-# -- one step ------------------------------------------------------------------------------------
+@dataclass
+class NeRFTrainConfig(TrainConfig):
+    """Radiance-field fitting. Learning rates are Adam's; the grid's is ``lr × grid_lr_scale``.
+
+    ``steps`` and ``max_minutes`` bound the training of the field; building the octree comes
+    first and is bounded by its own settings (``density_steps``, ``density_minutes``).
+    """
+
+    lr: float | None = 5e-3  # decoders ψ_σ, ψ_c
+    grid_lr_scale: float = 30.0  # features Z / logits C / codebooks D
+    log_every: int = 25
+    batch_rays: int = 4096
+    lod_mode: str = "finest+random"  # all | random | finest+random | finest
+    coarse_weight: float = 1.0  # weight of the LODs coarser than the finest in a step's loss (the finest: 1)
+    prune_every: int = 50  # re-test the occupancy every N steps (0: never)
+    prune_warmup: int = 100  # ... starting after this many steps
+    prune_decay: float = 0.95
+    early_stop_eps: float = 0.0  # drop training samples behind transmittance < this (0: keep all; see docs/benchmarks/nerf.md)
+    octree: str = "auto"  # auto | depth | mask | density
+    dilate: int = 1  # octree margin in finest cells
+    density_steps: int = 400  # steps of the coarse density pass (octree="density")
+    density_minutes: float | None = None  # ... and its time cap (None: none)
+    octree_from: str | None = None  # reuse the octree of this checkpoint / .vqad fit of the same capture
+    refine: int = 0  # Gauss–Newton index sweeps (vqad.refine) after the last step (codebook only; 0: none)
+    refine_rays: int = 16384  # training rays each sweep sees
+
+    def validate(self) -> None:
+        super().validate()
+        if self.batch_rays <= 0:
+            raise InputError("--batch-rays must be positive")
+        if self.lod_mode not in LOD_MODES:
+            raise InputError(f"unknown LOD mode {self.lod_mode!r}: choose one of {', '.join(LOD_MODES)}")
+        if self.octree not in OCTREE_CHOICES:
+            raise InputError(f"unknown octree method {self.octree!r}: choose one of {', '.join(OCTREE_CHOICES)}")
+        if self.dilate < 0:
+            raise InputError("the octree dilation must be >= 0")
+        if not 0 < self.coarse_weight <= 1:
+            raise InputError(f"--coarse-weight must be in (0, 1], got {self.coarse_weight}")
+        if self.refine < 0 or self.refine_rays <= 0:
+            raise InputError("--refine must be >= 0 and --refine-rays positive")
+        if not 0.0 <= self.early_stop_eps < 1.0:
+            raise InputError(f"--early-stop-eps must be in [0, 1), got {self.early_stop_eps}")
+        if self.density_steps <= 0 or (self.density_minutes is not None and not self.density_minutes > 0):
+            raise InputError("--density-steps and --density-minutes must be positive")
+        if self.prune_every < 0 or self.prune_warmup < 0 or not 0 < self.prune_decay <= 1:
+            raise InputError("prune_every and prune_warmup must be >= 0 and prune_decay in (0, 1]")
+
+
+# -- pieces of a step ----------------------------------------------------------------------------
 def step_lods(lods: list[int], mode: str, generator: torch.Generator) -> list[int]:
     """The LODs one training step renders (ascending)."""
     if mode == "all" or len(lods) == 1:
@@ -25,33 +98,6 @@ def step_lods(lods: list[int], mode: str, generator: torch.Generator) -> list[in
     if mode == "random":
         return [lods[int(torch.randint(0, len(lods), (1,), generator=generator))]]
     return [lods[int(torch.randint(0, len(lods) - 1, (1,), generator=generator))], lods[-1]]
-
-
-def train_step(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, opts, batch: int, lods: list[int],
-               background: torch.Tensor, generator: torch.Generator,
-               early_stop_eps: float = 0.0, coarse_weight: float = 1.0) -> tuple[torch.Tensor, float, int, bool]:
-    """One optimisation step on ``Σ_LOD w_LOD · MSE_LOD``, ``w = 1`` for the field's finest LOD and
-    ``coarse_weight`` for the coarser ones. Returns the per-LOD MSE ``(len(lods),)``, the finest
-    rendered LOD's PSNR on the batch, the number of samples evaluated (after early ray termination at
-    transmittance ``early_stop_eps``, see :func:`render_rays`) and whether the parameters were updated:
-    a step whose loss or any gradient is not finite is skipped, so one bad batch cannot turn the model
-    into NaN."""
-    o, d, rgb, near, far = batcher.sample(batch, generator)
-    jitter = torch.rand(batch, generator=generator).to(batcher.device)
-    T.zero_grad(opts)
-    out, n_samples = render_rays(field, sampler, o, d, lods, background, near=near, far=far, jitter=jitter,
-                                 early_stop_eps=early_stop_eps)
-    per_lod = ((out.rgb - rgb[None]) ** 2).mean(dim=(1, 2))  # (n_lods,)
-    if out.rgb.requires_grad:
-        finest = field.lods[-1]
-        w = [1.0 if lod == finest else coarse_weight for lod in lods]
-        loss = (per_lod * per_lod.new_tensor(w)).sum()
-        loss.backward()
-        stepped = T.safe_step(opts, loss)
-    else:
-        stepped = False
-    mse_last = float(per_lod[-1].detach())
-    return per_lod.detach(), -10.0 * math.log10(max(mse_last, 1e-12)), n_samples, stepped
 
 
 def make_sampler(field: NeRFField) -> OccupancySampler:
@@ -72,40 +118,124 @@ def prune_due(it: int, every: int, warmup: int) -> bool:
 
 
 @torch.no_grad()
-def model_sampler(field: NeRFField) -> OccupancySampler:
-    """The sampler render / eval use: the octree pruned by the model's own densities (deterministic)."""
-    sampler = make_sampler(field)
+def prune_by_model(field: NeRFField, sampler: OccupancySampler) -> OccupancySampler:
+    """Prune ``sampler`` by the model's own densities, deterministically (what render / eval use)."""
     was_training = field.training
     field.eval()
-    sampler.prune(lambda x: field.density(x), prune_threshold(field, sampler))
+    sampler.prune(field.density, prune_threshold(field, sampler))
     field.train(was_training)
     return sampler
 
 
-def train_steps(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, steps: int, batch: int,
-                lr: float, grid_lr_scale: float, lod_mode: str = "all", seed: int = 0, quiet: bool = True,
-                desc: str = "", prune_every: int = 0, prune_warmup: int = 100, prune_decay: float = 0.95,
-                early_stop_eps: float = 0.0) -> float:
-    """A plain fit without checkpoints (the octree density pass uses it). Returns the last PSNR.
+def model_sampler(field: NeRFField) -> OccupancySampler:
+    """The sampler render / eval use: the octree pruned by the model's own densities (deterministic)."""
+    return prune_by_model(field, make_sampler(field))
 
-    With ``prune_every > 0`` the sampler's occupancy is re-tested every that many steps after
-    ``prune_warmup`` (as in :func:`fit_nerf`), so empty space stops costing samples."""
-    opts = make_optimizers(field, lr, grid_lr_scale)
-    base_lrs = T.initial_lrs(opts)
-    gen = torch.Generator().manual_seed(seed)
-    bg = torch.tensor(batcher.background, dtype=torch.float32, device=batcher.device)
-    prog = T.Progress(steps, 0, "rays", quiet=quiet)
-    if desc and not quiet:
-        prog.bar.set_description(desc)
-    field.train()
-    psnr = float("nan")
-    sigma_thr = prune_threshold(field, sampler)
-    for it in range(steps):
-        T.cosine_lr(opts, base_lrs, it, steps)
-        if prune_due(it, prune_every, prune_warmup):
-            sampler.prune(field.density, sigma_thr, decay=prune_decay, generator=gen)
-        lods = step_lods(field.lods, lod_mode, gen)
-        _, psnr, _, _ = train_step(field, sampler, batcher, opts, batch, lods, bg, gen, early_stop_eps)
-        prog.update(1, batch, psnr=psnr)
-    prog.close()
-    return psnr
+
+class RadianceTask(FitTask):
+    """The photometric loss of random training rays, with occupancy pruning and index sweeps as hooks."""
+
+    unit = "rays"
+
+    def __init__(self, field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, cfg: NeRFTrainConfig,
+                 quiet: bool = True, octree_method: str | None = None):
+        self.field, self.sampler, self.batcher, self.cfg, self.quiet = field, sampler, batcher, cfg, quiet
+        self.octree_method = octree_method
+        self.background = torch.tensor(batcher.background, dtype=torch.float32, device=batcher.device)
+        self.sigma_thr = prune_threshold(field, sampler)
+        self.lods: list[int] = field.lods
+        self.total_samples = self.rays = 0
+        self.extra_seconds = 0.0
+        self.t0 = time.perf_counter()
+
+    def begin(self, start, gen):
+        self.t0 = time.perf_counter()
+        if start >= self.cfg.prune_warmup and self.cfg.prune_every > 0:  # resumed: the occupancy from the model
+            prune_by_model(self.field, self.sampler)
+
+    def before_step(self, it, progress, gen):
+        c = self.cfg
+        if prune_due(it, c.prune_every, c.prune_warmup):
+            self.sampler.prune(self.field.density, self.sigma_thr, decay=c.prune_decay, generator=gen)
+        self.lods = step_lods(self.field.lods, c.lod_mode, gen)
+
+    def step(self, it, progress, gen) -> StepLoss:
+        c, b = self.cfg, self.cfg.batch_rays
+        o, d, rgb, near, far = self.batcher.sample(b, gen)
+        jitter = torch.rand(b, generator=gen).to(self.batcher.device)
+        out, n_samples = render_rays(self.field, self.sampler, o, d, self.lods, self.background, near=near, far=far,
+                                     jitter=jitter, early_stop_eps=c.early_stop_eps)
+        per_lod = ((out.rgb - rgb[None]) ** 2).mean(dim=(1, 2))  # (n_lods,)
+        self.total_samples += n_samples
+        self.rays += b
+        loss = None
+        if out.rgb.requires_grad:  # else no ray had a sample: nothing to learn from
+            finest = self.field.lods[-1]
+            w = [1.0 if lod == finest else c.coarse_weight for lod in self.lods]
+            loss = (per_lod * per_lod.new_tensor(w)).sum()
+        lods = list(self.lods)
+        return StepLoss(loss, per_lod, b, log=lambda: {
+            "psnr": psnr_of(per_lod), "lods": lods, "samples_per_ray": n_samples / b,
+            "seconds": time.perf_counter() - self.t0})
+
+    def after_training(self, it, start, gen):
+        if self.cfg.refine and has_codebook(self.field.grid):
+            t = time.perf_counter()
+            self.field.eval()
+            self.sampler.prune(self.field.density, self.sigma_thr)  # sweep over the samples render / eval will see
+            for _ in range(self.cfg.refine):
+                refine_nerf(self.field, self.sampler, self.batcher, self.cfg.refine_rays, self.background, gen, self.quiet)
+            self.field.train()
+            self.extra_seconds += time.perf_counter() - t
+
+    def checkpoint_extra(self) -> dict:
+        return {"octree_method": self.octree_method} if self.octree_method else {}
+
+
+def psnr_of(per_lod: torch.Tensor) -> float:
+    """PSNR of the last (finest rendered) LOD's MSE in ``per_lod (n_lods,)``."""
+    return -10.0 * math.log10(max(float(per_lod[-1].detach()), 1e-12))
+
+
+# -- index refinement ----------------------------------------------------------------------------
+def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, n_rays: int,
+                       background: torch.Tensor, generator: torch.Generator, chunk_rays: int = 1024) -> list[RefineChunk]:
+    """The photometric loss of ``n_rays`` random training rays as :class:`~vqad.refine.RefineChunk` s.
+
+    Each chunk holds one set of rays' packed samples (deterministic, mid-step positions); its residual
+    is every LOD's rendered minus true colour ``(R, 3)``, and each sample's owner is its ray.
+    """
+    o, d, rgb, near, far = batcher.sample(n_rays, generator)
+    chunks = []
+    for a in range(0, n_rays, chunk_rays):
+        sl = slice(a, a + chunk_rays)
+        oc, dc, gt = o[sl], d[sl], rgb[sl]
+        samples = sampler.march(oc, dc, near=near[sl], far=far[sl])
+        if len(samples) == 0:
+            continue
+        x = samples.points(oc, dc)
+        sh = sh_encode(dc[samples.ray_indices], field.nerf_cfg.sh_degree)
+
+        def residuals(F, x=x, sh=sh, samples=samples, gt=gt):
+            out = {}
+            for lod, f in F.items():
+                sigma, c = field._decode(x, f, sh, lod)
+                r = volume_render(samples.t_starts, samples.t_ends, sigma, c, samples.ray_indices, gt.shape[0],
+                                  background)
+                out[lod] = r.rgb - gt
+            return out
+
+        chunks.append(RefineChunk(x, residuals, owner=samples.ray_indices))
+    return chunks
+
+
+def refine_nerf(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, n_rays: int,
+                background: torch.Tensor, generator: torch.Generator, quiet: bool = True, check: bool = True) -> list:
+    """One Gauss–Newton index sweep (:func:`vqad.refine.refine_indices`) on ``n_rays`` random training
+    rays; with ``check``, each level's moves are kept only if they lower the loss of as many other rays."""
+    held_out = nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator) if check else None
+    stats = refine_indices(field.grid, nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator),
+                           check=held_out)
+    if not quiet:
+        tqdm.write(format_stats(stats))
+    return stats

@@ -1,26 +1,72 @@
-"""Signed distance fitting: mesh → samples → VQ-AD (or dense) SDF field, all LODs jointly."""
+"""Signed distance fitting: mesh → samples → VQ-AD (or dense, hash, ...) SDF field, all LODs jointly.
+
+The SDF task of the one fit loop (:func:`vqad.fit.run_fit`): a step draws ``batch`` points from a
+pool of exact signed distances (redrawn every ``resample_every`` steps) and its loss is
+``Σ_LOD mean (u_LOD(x) − d(x))²`` over every LOD. For grids with discrete indices, Gauss–Newton
+index sweeps (:mod:`vqad.refine`) run after the last step (``refine``) and optionally during
+training (``refine_during``).
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field as dfield
+from dataclasses import asdict, dataclass, field as dfield, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from vqad import fit as T
-from vqad.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
-from vqad.config import DecoderConfig, GridConfig, SDFTrainConfig, to_dict
+from vqad.config import DecoderConfig, GridConfig
 from vqad.device import peak_memory_bytes
-from vqad.sdf.field import SDFField
+from vqad.errors import InputError
+from vqad.fit import FitTask, StepLoss, TrainConfig, check_resumable, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
-from vqad.sdf.mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples, fit_normalization
 from vqad.octree import SparseOctree
 from vqad.refine import RefineChunk, format_stats, has_codebook, refine_indices
-from vqad.storages.codebook import CodebookStorage
-from tqdm.auto import tqdm
-from vqad.optim import make_optimizers
+from vqad.sdf.field import SDFField
+from vqad.sdf.mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples, fit_normalization, sample_surface
+from vqad.storages import STORAGES
+
+#: decoder learning rates by grid (``SDFTrainConfig.lr=None``): the argmax of codebook logits needs
+#: larger steps to move (armadillo, 600 steps: see docs/method.md)
+SDF_LR_DISCRETE, SDF_LR = 5e-3, 2e-3
+
+
+@dataclass
+class SDFTrainConfig(TrainConfig):
+    """Signed distance fitting."""
+
+    lr: float | None = None  # decoder lr; None: 5e-3 for grids with discrete indices (codebook), else 2e-3
+    grid_lr_scale: float = 10.0  # grid (features, codebook D) lr = lr × this
+    logit_lr_scale: float | None = 200.0  # codebook logits C lr = lr × this (None: the grid's)
+    batch: int = 16384  # points per step
+    resample_every: int = 500  # draw fresh samples every N steps
+    truncation: float = 0.0  # clamp predicted and true distances to ±this in the loss (0: no clamp)
+    pool_size: int = 400_000  # samples per pool
+    refine: int = 3  # Gauss–Newton index refinement sweeps (vqad.refine) after the last step (0: none)
+    refine_during: int = 0  # ... and sweeps spread over training (or over its tail, below)
+    refine_samples: int = 200_000  # samples each sweep sees (from the current pool)
+    refine_band: float = 0.0  # ... only those within this many finest cells of the surface (0: all of them)
+    refine_candidates: int = 2  # each sweep measures the real loss change of this many candidate codewords per vertex (0: GN prediction)
+    refine_tail: float = 0.0  # refine_during sweeps over this last fraction of training, logits C frozen there (0: all of it)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.batch <= 0 or self.pool_size <= 0 or self.resample_every <= 0:
+            raise InputError("--batch, the sample pool and resample_every must be positive")
+        if self.truncation < 0:
+            raise InputError(f"--truncation must be >= 0, got {self.truncation}")
+        if self.refine < 0 or self.refine_during < 0 or self.refine_samples <= 0 or self.refine_candidates < 0:
+            raise InputError("--refine and --refine-candidates must be >= 0 and --refine-samples positive")
+        if not 0 <= self.refine_tail < 1 or self.refine_band < 0:
+            raise InputError("refine_tail must be in [0, 1) and refine_band >= 0")
+
+    def resolved(self, grid_cfg: GridConfig) -> "SDFTrainConfig":
+        """This config with ``lr`` chosen for ``grid_cfg``'s storage (what a fit runs and records)."""
+        if self.lr is not None:
+            return self
+        return replace(self, lr=SDF_LR_DISCRETE if STORAGES[grid_cfg.storage].discrete else SDF_LR)
 
 
 def build_sdf_field(mesh: Mesh, grid_cfg: GridConfig, dec_cfg: DecoderConfig, device, seed: int = 0,
@@ -29,8 +75,6 @@ def build_sdf_field(mesh: Mesh, grid_cfg: GridConfig, dec_cfg: DecoderConfig, de
     grid_cfg.validate()
     norm = fit_normalization(mesh)
     rng = np.random.default_rng(seed)
-    from vqad.sdf.mesh import sample_surface
-
     # dense enough that every finest cell the surface crosses gets a sample
     n = max(octree_samples, 40 * 4 ** grid_cfg.max_level)
     pts, _ = sample_surface(mesh, n, rng)
@@ -55,6 +99,93 @@ class FitResult:
     steps_done: int = 0  # steps run by this call (``steps`` counts from 0, across --resume)
     history: list = dfield(default_factory=list)
     skipped_steps: int = 0  # steps not applied because their loss or a gradient was not finite
+    train_cfg: SDFTrainConfig | None = None  # the configuration that ran (lr resolved; on resume, the checkpoint's)
+
+
+class SDFTask(FitTask):
+    """The SDF loss on pools of exact distances, with Gauss–Newton index sweeps as hooks."""
+
+    unit = "pts"
+
+    def __init__(self, field: SDFField, oracle: SDFOracle, cfg: SDFTrainConfig, rng_seed: int, device,
+                 quiet: bool = True, mesh_path: str | None = None):
+        self.field, self.oracle, self.cfg, self.device, self.quiet = field, oracle, cfg, device, quiet
+        self.mesh_path = mesh_path
+        self.rng = np.random.default_rng(rng_seed)
+        self.pool_x = self.pool_d = None
+        self.x = self.d = None
+        self.extra_seconds = 0.0
+        self.refining = has_codebook(field.grid)
+        n_during = cfg.refine_during if self.refining else 0
+        self.tail = cfg.refine_tail if n_during else 0.0
+        span = self.tail if self.tail > 0 else 1.0  # at (1 - span) + span · i / (n + 1), i = 1..n
+        self.refine_at = [(1 - span) + span * i / (n_during + 1) for i in range(1, n_during + 1)]
+        self.start = 0
+
+    def begin(self, start: int, gen: torch.Generator) -> None:
+        self.start = start
+        # sweeps spread over training that a resumed fit has already passed are skipped
+        self.refine_at = [f for f in self.refine_at if f > start / max(self.cfg.steps, 1)]
+
+    def budget_minutes(self, max_minutes, step_seconds):
+        """``max_minutes`` less the time the sweeps after training will take, so that they fit in it
+        too. A sweep costs about ``2 · levels · samples`` point evaluations, i.e. that many / batch
+        training steps (armadillo, levels 3..7: predicted 33 s, measured 35 s)."""
+        c = self.cfg
+        if not max_minutes or not c.refine or not self.refining or step_seconds is None:
+            return max_minutes
+        sweep_s = 2 * len(self.field.lods) * min(c.refine_samples, c.pool_size) / c.batch * step_seconds
+        # measured moves: c more decoder passes per class; armadillo 3..7 with c = 2 took 63 s a sweep
+        # vs 35 s for a Gauss–Newton one (1.8×; the 0.25·c used before let a 9-min fit overrun by 50 s)
+        sweep_s *= 1 + 0.4 * c.refine_candidates
+        return max(max_minutes - c.refine * sweep_s / 60.0, 0.1 * max_minutes)
+
+    def before_step(self, it, progress, gen):
+        c = self.cfg
+        if self.pool_x is None or (it - self.start) % c.resample_every == 0:
+            self.pool_x, self.pool_d = draw_sdf_samples(self.oracle, self.field.normalization, c.pool_size, self.rng,
+                                                        SampleMix())
+            self.pool_x, self.pool_d = self.pool_x.to(self.device), self.pool_d.to(self.device)
+        idx = torch.randint(0, self.pool_x.shape[0], (c.batch,), generator=gen).to(self.device)
+        self.x, self.d = self.pool_x[idx], self.pool_d[idx]
+        if self.refine_at and self.refine_at[0] <= progress:
+            self.refine_at.pop(0)
+            self._sweep(gen)
+
+    def step(self, it, progress, gen) -> StepLoss:
+        pred = self.field.all_lods(self.x, self.field.lods)  # (n_lods, B)
+        d = self.d
+        if self.cfg.truncation > 0:
+            tr = self.cfg.truncation
+            pred, d = pred.clamp(-tr, tr), d.clamp(-tr, tr)
+        per_lod = ((pred - d[None]) ** 2).mean(dim=1)
+        return StepLoss(per_lod.sum(), per_lod, self.cfg.batch, log=lambda: {"per_lod": per_lod.detach().tolist()})
+
+    def after_backward(self, progress):
+        if self.tail > 0 and progress >= 1 - self.tail:
+            for st in self.field.grid.storages:  # the tail: sweeps pick the indices, steps fit D and ψ
+                for p in st.logit_parameters():
+                    p.grad = None
+
+    def after_training(self, it, start, gen):
+        if self.refining and self.pool_x is not None:
+            for _ in range(self.cfg.refine):  # the last sweeps: the indices that are kept
+                self._sweep(gen)
+
+    def checkpoint_extra(self) -> dict:
+        return {"rng_seed": self.cfg.seed, "mesh": self.mesh_path}
+
+    def _sweep(self, gen: torch.Generator) -> None:
+        """One sweep on pool samples (optionally only those near the surface)."""
+        t = time.perf_counter()
+        c, pd = self.cfg, self.pool_d
+        # a band keeps the sweep on the surface, but lets coarse indices drift where no sample
+        # looks (floaters: a worse Chamfer-L1 on armadillo), so by default every sample counts
+        band = c.refine_band * 2.0 / (1 << self.field.grid.octree.max_level)
+        near = (pd.abs() < band).nonzero().squeeze(1) if band > 0 else torch.arange(pd.shape[0], device=pd.device)
+        sel = near[torch.randperm(near.shape[0], generator=gen)[: c.refine_samples].to(pd.device)]
+        refine_sdf(self.field, self.pool_x[sel], pd[sel], self.quiet, measured=c.refine_candidates)
+        self.extra_seconds += time.perf_counter() - t
 
 
 def fit_sdf(
@@ -72,142 +203,38 @@ def fit_sdf(
 
     With ``out_dir``, a checkpoint is written there every ``checkpoint_every`` steps, at the end,
     and on Ctrl-C / SIGTERM (then :class:`KeyboardInterrupt` is re-raised after saving).
-    ``resume`` continues from ``out_dir/checkpoint``.
+    ``resume`` continues from ``out_dir/checkpoint``: its grid, decoder and training settings must
+    match ``grid_cfg``, ``dec_cfg`` and ``train_cfg`` except the step budget and time cap
+    (:func:`vqad.fit.check_resumable`).
     """
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
-    start = 0
+    train_cfg = train_cfg.resolved(grid_cfg)
+    train_cfg.validate()
+    start, resume_cfg = 0, None
     if resume:
-        field, cfg = load_checkpoint(ckpt_dir, device)
-        field.train()
-        start = int(cfg.get("step", 0))
-        opts = make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale)
-        load_optimizer_state(ckpt_dir, opts, cfg)
-        rng_state = cfg.get("rng_seed", train_cfg.seed) + start
+        field, resume_cfg, start = load_for_resume(ckpt_dir, "sdf", device)
+        check_resumable(ckpt_dir, "sdf", resume_cfg["grid"], asdict(grid_cfg), "grid")
+        check_resumable(ckpt_dir, "sdf", resume_cfg["decoder"], asdict(dec_cfg), "decoder")
+        check_resumable(ckpt_dir, "sdf", resume_cfg.get("train", {}), asdict(train_cfg))
+        rng_seed = resume_cfg.get("rng_seed", train_cfg.seed) + start
     else:
         field = build_sdf_field(mesh, grid_cfg, dec_cfg, device, seed=train_cfg.seed)
-        opts = make_optimizers(field, train_cfg.lr, train_cfg.grid_lr_scale, train_cfg.logit_lr_scale)
-        rng_state = train_cfg.seed
-    base_lrs = T.initial_lrs(opts)
-    for name, o in opts.items():
-        for g, lr in zip(o.param_groups, base_lrs[name]):
-            g.setdefault("initial_lr", lr)
-    oracle = SDFOracle(mesh)
-    rng = np.random.default_rng(rng_state)
-    gen = torch.Generator(device="cpu").manual_seed(int(rng_state))
-    lods = field.lods
-
-    def save(step_done: int) -> None:
-        if ckpt_dir is None:
-            return
-        extra = {"step": step_done, "train": to_dict(train_cfg), "rng_seed": train_cfg.seed, "mesh": mesh_path}
-        save_checkpoint(ckpt_dir, field, extra=extra, optimizers=opts)
-
-    # Gauss–Newton index sweeps (vqad.refine): ``refine_during`` at evenly spread fractions of
-    # training (those already passed on --resume are skipped), then ``refine`` after the last step
-    refining = has_codebook(field.grid)
-    n_during = train_cfg.refine_during if refining else 0
-    tail = train_cfg.refine_tail if n_during else 0.0
-    span = tail if tail > 0 else 1.0  # at (1 - span) + span · i / (n + 1), i = 1..n
-    refine_at = [(1 - span) + span * i / (n_during + 1) for i in range(1, n_during + 1)]
-    refine_at = [f for f in refine_at if f > start / max(train_cfg.steps, 1)]
-
-    def refine_from_pool(px: torch.Tensor, pd: torch.Tensor) -> float:
-        """One sweep on pool samples (optionally only those near the surface); returns its seconds."""
-        t_ref = time.perf_counter()
-        # a band keeps the sweep on the surface, but lets coarse indices drift where no sample
-        # looks (floaters: a worse Chamfer-L1 on armadillo), so by default every sample counts
-        band = train_cfg.refine_band * 2.0 / (1 << field.grid.octree.max_level)
-        near = (pd.abs() < band).nonzero().squeeze(1) if band > 0 else torch.arange(pd.shape[0], device=pd.device)
-        sel = near[torch.randperm(near.shape[0], generator=gen)[: train_cfg.refine_samples].to(pd.device)]
-        refine_sdf(field, px[sel], pd[sel], quiet, measured=train_cfg.refine_candidates)
-        return time.perf_counter() - t_ref
-
-    n_levels = len(field.lods)
-
-    def budget_minutes(it: int) -> float | None:
-        """``max_minutes`` less the time the sweeps after training will take, so that they fit in it
-        too. A sweep costs about ``2 · levels · samples`` point evaluations, i.e. that many / batch
-        training steps (armadillo, levels 3..7: predicted 33 s, measured 35 s)."""
-        if not train_cfg.max_minutes or not train_cfg.refine or not refining or it <= start:
-            return train_cfg.max_minutes
-        step_s = (time.perf_counter() - t0 - refine_seconds) / (it - start)
-        sweep_s = 2 * n_levels * min(train_cfg.refine_samples, train_cfg.pool_size) / train_cfg.batch * step_s
-        # measured moves: c more decoder passes per class; armadillo 3..7 with c = 2 took 63 s a sweep
-        # vs 35 s for a Gauss–Newton one (1.8×; the 0.25·c used before let a 9-min fit overrun by 50 s)
-        sweep_s *= 1 + 0.4 * train_cfg.refine_candidates
-        return max(train_cfg.max_minutes - train_cfg.refine * sweep_s / 60.0, 0.1 * train_cfg.max_minutes)
-
-    prog = T.Progress(train_cfg.steps, start, "pts", quiet=quiet)
-    t0 = time.perf_counter()
-    loss_val = float("nan")
-    history = []
-    pool_x = pool_d = None
-    refine_seconds = 0.0
-    it = start
-    interrupted = False
-    guard = T.DivergenceGuard(train_cfg.lr, train_cfg.grid_lr_scale, ckpt_dir)  # non-finite steps are skipped
-    try:
-        with T.interrupt_guard():
-            for it in range(start, train_cfg.steps):
-                progress = T.progress_or_stop(it, train_cfg.steps, t0, budget_minutes(it))
-                if progress is None:
-                    break
-                if pool_x is None or (it - start) % train_cfg.resample_every == 0:
-                    pool_x, pool_d = draw_sdf_samples(oracle, field.normalization, train_cfg.pool_size, rng, SampleMix())
-                    pool_x, pool_d = pool_x.to(device), pool_d.to(device)
-                idx = torch.randint(0, pool_x.shape[0], (train_cfg.batch,), generator=gen).to(device)
-                x, d = pool_x[idx], pool_d[idx]
-                if refine_at and refine_at[0] <= progress:
-                    refine_at.pop(0)
-                    refine_seconds += refine_from_pool(pool_x, pool_d)
-                T.cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000)
-                T.zero_grad(opts)
-                pred = field.all_lods(x, lods)  # (n_lods, B)
-                if train_cfg.truncation > 0:
-                    tr = train_cfg.truncation
-                    pred, d = pred.clamp(-tr, tr), d.clamp(-tr, tr)
-                per_lod = ((pred - d[None]) ** 2).mean(dim=1)
-                loss = per_lod.sum()
-                loss.backward()
-                if tail > 0 and progress >= 1 - tail:
-                    for st in field.grid.storages:  # the tail: sweeps pick the indices, steps fit D and ψ
-                        if isinstance(st, CodebookStorage) and not st.baked:
-                            st.C.grad = None
-                guard.after(it, T.safe_step(opts, loss))
-                if (it + 1) % train_cfg.log_every == 0 or it == start:
-                    loss_val = float(loss.detach())
-                    history.append({"step": it + 1, "loss": loss_val, "per_lod": per_lod.detach().tolist()})
-                    prog.update(0, 0, loss=loss_val)
-                prog.update(1, train_cfg.batch)
-                if ckpt_dir is not None and (it + 1) % train_cfg.checkpoint_every == 0 and it + 1 < train_cfg.steps:
-                    save(it + 1)
-            else:
-                it = train_cfg.steps
-    except KeyboardInterrupt:
-        interrupted = True
-        prog.close()
-        save(it)
-        if ckpt_dir is not None and not quiet:
-            print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
-        raise
-    if refining and it > start and pool_x is not None:
-        for _ in range(train_cfg.refine):  # the last sweeps: the indices that are kept
-            refine_seconds += refine_from_pool(pool_x, pool_d)
-    prog.close()
-    save(it)
-    seconds = time.perf_counter() - t0
+        rng_seed = train_cfg.seed
+    task = SDFTask(field, SDFOracle(mesh), train_cfg, rng_seed, device, quiet=quiet, mesh_path=mesh_path)
+    res = run_fit(task, train_cfg, device, ckpt_dir, resume_cfg=resume_cfg, start=start,
+                  gen=torch.Generator(device="cpu").manual_seed(int(rng_seed)), quiet=quiet)
     return FitResult(
         field=field,
-        steps=it,
-        seconds=seconds,
-        points_per_second=prog.items_per_second,
-        final_loss=loss_val,
+        steps=res.steps,
+        seconds=res.seconds,
+        points_per_second=res.items_per_second,
+        final_loss=res.final_loss,
         peak_memory_bytes=peak_memory_bytes(device),
-        interrupted=interrupted,
-        refine_seconds=refine_seconds,
-        steps_done=it - start,
-        history=history,
-        skipped_steps=guard.skipped,
+        refine_seconds=res.extra_seconds,
+        steps_done=res.steps_done,
+        history=res.history,
+        skipped_steps=res.skipped_steps,
+        train_cfg=train_cfg,
     )
 
 

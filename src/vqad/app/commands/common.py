@@ -51,27 +51,106 @@ def add_device_arg(p) -> None:
 TRAINABLE_GRIDS = ["dense", "codebook", "hash"]
 
 
-def add_grid_args(p, default_features: int) -> None:
-    """``--grid``, ``--bits``, ``--table-bits`` and ``--features`` of the fit commands."""
-    from vqad.storages.hash import DEFAULT_TABLE_BITS
+# -- flags generated from the typed configs ------------------------------------------------------
+# Every fit flag maps to one field of a config dataclass. Its default is read from that dataclass
+# (or from the application's default instance), never typed here, and argparse stores None when the
+# flag is not given, so a command knows which flags the user chose: those override the defaults
+# (or, with --resume, the checkpoint's settings), and a flag that cannot apply is refused.
+def _default(cfg_or_cls, name):
+    f = cfg_or_cls.__dataclass_fields__[name]
+    if not isinstance(cfg_or_cls, type):
+        return getattr(cfg_or_cls, name)
+    return f.default
 
-    p.add_argument("--grid", choices=TRAINABLE_GRIDS, default="codebook",
+
+def config_flag(p, defaults, name: str, flag: str | None = None, help: str = "", **kw) -> None:
+    """``--flag`` for field ``name`` of ``defaults`` (a config dataclass or instance), default None
+    (= not given); the help shows the real default."""
+    default = _default(defaults, name)
+    if kw.get("action") == "store_true":
+        p.add_argument(flag or "--" + name.replace("_", "-"), dest=name, default=None, help=help, **kw)
+        return
+    kind = kw.pop("type", None) or (type(default) if default is not None and not isinstance(default, bool) else float)
+    shown = "none" if default is None else default
+    p.add_argument(flag or "--" + name.replace("_", "-"), dest=name, type=kind, default=None,
+                   help=f"{help} (default: {shown})" if help else f"default: {shown}", **kw)
+
+
+def given(args, names) -> dict:
+    """The flags among ``names`` that the user gave (argparse stores None for the others)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def refuse(condition: bool, message: str) -> None:
+    """A flag that cannot apply is an error that says why (exit 2), never silently ignored."""
+    if condition:
+        raise InputError(message)
+
+
+def add_grid_args(p, defaults) -> None:
+    """``--grid``, ``--bits``, ``--table-bits``, ``--features`` and ``--levels`` of the fit commands,
+    with the defaults of the application's :class:`~vqad.config.GridConfig` ``defaults``."""
+    p.add_argument("--grid", choices=TRAINABLE_GRIDS, default=None,
                    help="feature storage: dense, codebook (VQ-AD) or hash (Instant-NGP random indices); "
-                        "for post-hoc kmeans / lowrank fit dense, then run vqad compress")
-    p.add_argument("--bits", type=int, default=4, help="b: codebook index bits (1..12; codebook only)")
-    p.add_argument("--table-bits", type=int, default=None,
-                   help=f"T: hash table of 2^T rows per level (1..24, default {DEFAULT_TABLE_BITS}; hash only)")
-    p.add_argument("--features", type=int, default=default_features, help="k: features per vertex")
+                        f"for post-hoc kmeans / lowrank fit dense, then run vqad compress (default: {defaults.storage})")
+    config_flag(p, defaults, "bits", help="b: codebook index bits (1..12; codebook only)")
+    config_flag(p, defaults, "table_bits", help="T: hash table of 2^T rows per level (1..24; hash only)")
+    config_flag(p, defaults, "features", help="k: features per vertex")
+    p.add_argument("--levels", default=None,
+                   help=f"octree levels BASE:MAX (LODs) (default: {defaults.base_level}:{defaults.max_level})")
 
 
-def grid_config(args, base: int, top: int):
-    """The validated :class:`~vqad.config.GridConfig` of :func:`add_grid_args`' flags and the levels."""
-    from vqad.config import GridConfig
+GRID_OPTIONS = {"bits": "--bits", "table_bits": "--table-bits"}  # flags a storage takes only if it names them
 
-    if args.table_bits is not None and args.grid != "hash":
-        raise InputError(f"--table-bits sets the hash table size; it applies to --grid hash, not --grid {args.grid}")
-    grid = GridConfig(storage=args.grid, features=args.features, bits=args.bits, base_level=base, max_level=top)
-    if args.table_bits is not None:
-        grid.table_bits = args.table_bits
+
+def grid_config(args, base_cfg):
+    """The validated :class:`~vqad.config.GridConfig`: ``base_cfg`` (the application's defaults, or a
+    resumed checkpoint's grid) with the grid flags the user gave."""
+    from dataclasses import replace
+
+    from vqad.config import parse_levels
+    from vqad.storages import STORAGES
+
+    over = {}
+    if args.grid is not None:
+        over["storage"] = args.grid
+    over.update(given(args, ["features", *GRID_OPTIONS]))
+    if args.levels is not None:
+        over["base_level"], over["max_level"] = parse_levels(args.levels)
+    grid = replace(base_cfg, **over)
+    if grid.storage not in STORAGES:
+        raise InputError(f"unknown grid storage {grid.storage!r}: choose one of {', '.join(TRAINABLE_GRIDS)}")
+    takes = STORAGES[grid.storage].create_args
+    for name, flag in GRID_OPTIONS.items():
+        refuse(getattr(args, name, None) is not None and name not in takes,
+               f"{flag} does not apply to --grid {grid.storage} (it sets a parameter of "
+               f"{', '.join(k for k, c in STORAGES.items() if name in c.create_args)} grids)")
     grid.validate()
     return grid
+
+
+def resumed_configs(out, kind: str) -> dict | None:
+    """The config dict of ``out/checkpoint`` for ``--resume`` (with clear errors), or None."""
+    from pathlib import Path
+
+    from vqad.checkpoint import read_config
+
+    ckpt = Path(out) / "checkpoint"
+    if not (ckpt / "config.json").is_file():
+        raise InputError(f"--resume: no checkpoint in {ckpt}; run without --resume first")
+    cfg = read_config(ckpt)
+    if cfg.get("kind") != kind:
+        raise InputError(f"--resume: {ckpt} holds a {cfg.get('kind')!r} model, not a {kind!r} one")
+    return cfg
+
+
+def config_from(cls, saved: dict | None, default):
+    """``default`` (a config instance), or on resume the checkpoint's ``saved`` dict for ``cls``
+    (unknown keys refused, missing ones from ``default``)."""
+    from dataclasses import asdict
+
+    from vqad.config import from_dict
+
+    if saved is None:
+        return default
+    return from_dict(cls, {**asdict(default), **saved})

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import shutil
 import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import add_device_arg, add_grid_args, ensure_writable_dir, grid_config, report_skipped_steps
+from vqad.app.commands.common import (add_device_arg, add_grid_args, config_flag, config_from, ensure_writable_dir, given,
+                                      grid_config, refuse, report_skipped_steps, resumed_configs)
 
 FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "procedural"]
 
@@ -26,51 +28,65 @@ def _step_ratio(text: str) -> float | None:
     return value
 
 
+NERF_TRAIN_FLAGS = ("steps", "batch_rays", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
+                    "octree", "octree_from", "dilate", "density_steps", "density_minutes", "lod_mode", "coarse_weight",
+                    "early_stop_eps", "refine", "refine_rays", "seed")
+INDEX_FLAGS = {"refine": "--refine", "refine_rays": "--refine-rays", "logit_lr_scale": "--logit-lr-scale",
+               "codebook_lr_scale": "--codebook-lr-scale"}
+OCTREE_FLAGS = {"octree": "--octree", "octree_from": "--octree-from", "dilate": "--dilate",
+                "density_steps": "--density-steps", "density_minutes": "--density-minutes"}
+
+
 def register(sub) -> None:
+    from vqad.nerf.fit import NERF_DECODER, NERF_FIELD, NERF_GRID
+    from vqad.nerf.task import LOD_MODES, OCTREE_CHOICES, NeRFTrainConfig
+
     p = sub.add_parser("fit-nerf", help="fit a VQ-AD (or dense) radiance field to posed images")
     p.add_argument("dataset", help="dataset directory, or 'procedural' for the built-in scene")
     p.add_argument("--format", choices=FORMATS, default="auto", help="dataset layout (auto: detect)")
     p.add_argument("--downscale", type=int, default=1, help="shrink images by this integer factor")
     p.add_argument("--background", default="white", help="white, black or R,G,B in [0, 1] (images with alpha)")
-    add_grid_args(p, default_features=8)
-    p.add_argument("--levels", default="4:7", help="octree levels BASE:MAX (LODs)")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-rays", type=int, default=4096, help="rays per step")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="also stop training after this many minutes (the lr schedule follows time too)")
-    p.add_argument("--octree", choices=["auto", "depth", "mask", "density"], default="auto",
-                   help="how to find occupied space (auto: depth > masks > coarse density pass)")
-    p.add_argument("--octree-from", default=None, metavar="CKPT_OR_FILE",
-                   help="reuse the octree of an earlier fit of the same capture (replaces --octree: skips the "
-                        "density pass)")
-    p.add_argument("--dilate", type=int, default=1, help="octree margin in finest cells")
-    p.add_argument("--lod-mode", choices=["all", "random", "finest+random", "finest"], default="finest+random",
-                   help="LODs rendered per training step")
-    p.add_argument("--coarse-weight", type=float, default=1.0,
-                   help="weight of the coarser LODs' loss against the finest's (0 < w <= 1)")
-    p.add_argument("--lr", type=float, default=5e-3, help="decoder learning rate")
-    p.add_argument("--grid-lr-scale", type=float, default=30.0, help="grid lr = lr × this")
-    p.add_argument("--logit-lr-scale", type=float, default=0.0,
-                   help="codebook logits C lr = lr × this (0: same as the grid)")
-    p.add_argument("--codebook-lr-scale", type=float, default=0.0,
-                   help="codebooks D lr = lr × this (0: same as the grid; faster rates speed up early training "
-                        "but can kill every density, see docs/benchmarks/nerf.md)")
-    p.add_argument("--early-stop-eps", type=float, default=0.0,
-                   help="training skips samples behind transmittance below this (early ray termination; default 0: "
-                        "off, its density-only pre-pass cost more than it saved on lego and fern on a CPU)")
-    p.add_argument("--refine", type=int, default=0,
-                   help="Gauss–Newton index refinement sweeps after training (codebook only; default 0: they did "
-                        "not raise test PSNR, see docs/benchmarks/nerf.md)")
-    p.add_argument("--refine-rays", type=int, default=16384, help="training rays each refinement sweep sees")
-    p.add_argument("--hidden", type=int, default=64, help="density MLP width")
-    p.add_argument("--color-hidden", type=int, default=64, help="colour MLP width")
-    p.add_argument("--step-ratio", default="auto", metavar="auto|S",
+    add_grid_args(p, NERF_GRID)
+    T = NeRFTrainConfig
+    config_flag(p, T, "steps", help="training steps of the field (the octree is built first, bounded by "
+                                    "--density-steps / --density-minutes when it needs a density pass)")
+    config_flag(p, T, "batch_rays", help="rays per step")
+    config_flag(p, T, "max_minutes", flag="--minutes", type=float,
+                help="also stop training the field after this many minutes (the lr schedule follows time too); "
+                     "the octree's density pass has its own cap, --density-minutes")
+    config_flag(p, T, "octree", choices=list(OCTREE_CHOICES), type=str,
+                help="how to find occupied space (auto: depth > masks > coarse density pass)")
+    config_flag(p, T, "octree_from", metavar="CKPT_OR_FILE", type=str,
+                help="reuse the octree of an earlier fit of the same capture (replaces --octree: no density pass)")
+    config_flag(p, T, "dilate", help="octree margin in finest cells")
+    config_flag(p, T, "density_steps", help="steps of the coarse density pass (--octree density)")
+    config_flag(p, T, "density_minutes", type=float, help="time cap of the coarse density pass in minutes")
+    config_flag(p, T, "lod_mode", choices=list(LOD_MODES), type=str, help="LODs rendered per training step")
+    config_flag(p, T, "coarse_weight", help="weight of the coarser LODs' loss against the finest's (0 < w <= 1)")
+    config_flag(p, T, "lr", type=float, help="decoder learning rate")
+    config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
+    config_flag(p, T, "logit_lr_scale", type=float, help="codebook logits C lr = lr × this (none or 0: same as the grid; codebook only)")
+    config_flag(p, T, "codebook_lr_scale", type=float,
+                help="codebooks D lr = lr × this (none or 0: same as the grid; faster rates speed up early training "
+                     "but can kill every density, see docs/benchmarks/nerf.md; codebook only)")
+    config_flag(p, T, "early_stop_eps", help="training skips samples behind transmittance below this (early ray "
+                                             "termination; 0: off, its density-only pre-pass cost more than it saved "
+                                             "on lego and fern on a CPU)")
+    config_flag(p, T, "refine", help="Gauss–Newton index refinement sweeps after training (codebook only; 0: they "
+                                     "did not raise test PSNR, see docs/benchmarks/nerf.md)")
+    config_flag(p, T, "refine_rays", help="training rays each refinement sweep sees (codebook only)")
+    config_flag(p, NERF_DECODER, "hidden", help="density MLP width")
+    config_flag(p, NERF_FIELD, "color_hidden", help="colour MLP width")
+    p.add_argument("--step-ratio", default=None, metavar="auto|S",
                    help="ray-marching step, in finest cells (default auto: whole cells that keep the octree near "
                         "20 samples per ray; 1 on thin octrees from masks or depth)")
-    p.add_argument("--per-lod-decoder", action="store_true", help="one pair of MLPs per LOD instead of shared ones")
-    p.add_argument("--seed", type=int, default=0)
+    config_flag(p, NERF_DECODER, "per_lod", flag="--per-lod-decoder", action="store_true",
+                help="one pair of MLPs per LOD instead of shared ones")
+    config_flag(p, T, "seed", help="random seed")
     p.add_argument("--out", required=True, help="output directory (checkpoint, metrics, renders)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint with its settings (flags that contradict them are refused; "
+                        "--steps and --minutes may change)")
     p.add_argument("--eval-views", default="test", help="held-out split to evaluate (test, val, ...)")
     p.add_argument("--eval-max-views", type=int, default=None, help="evaluate only the first N held-out views")
     p.add_argument("--no-eval", action="store_true", help="skip the per-LOD evaluation and renders")
@@ -103,30 +119,60 @@ def parse_background(text: str) -> tuple[float, float, float]:
     return rgb
 
 
-def _configs(args):
-    from vqad.config import DecoderConfig, parse_levels
-    from vqad.nerf.field import NeRFConfig
-    from vqad.nerf.fit import NeRFTrainConfig
+def _configs(args, saved: dict | None = None):
+    """Grid, decoder, field and training configs: the radiance-field defaults (or, with ``saved``, a
+    resumed checkpoint's settings) overridden by the flags given; a flag that cannot apply is refused."""
+    from dataclasses import replace
 
-    base, top = parse_levels(args.levels)
-    grid = grid_config(args, base, top)
+    from vqad.config import DecoderConfig, GridConfig
+    from vqad.nerf.fit import NERF_DECODER, NERF_FIELD, NERF_GRID
+    from vqad.nerf.task import NeRFTrainConfig
+    from vqad.storages import STORAGES
+
+    grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], NERF_GRID))
     if args.downscale < 1:
         raise InputError(f"--downscale must be a positive integer, got {args.downscale}")
-    if args.hidden <= 0 or args.color_hidden <= 0:
-        raise InputError("--hidden and --color-hidden must be positive")
-    dec = DecoderConfig(hidden=args.hidden, layers=1, per_lod=args.per_lod_decoder, position_input=False)
-    nerf = NeRFConfig(color_hidden=args.color_hidden, step_ratio=_step_ratio(args.step_ratio))
+    discrete = STORAGES[grid.storage].discrete
+    for name, flag in INDEX_FLAGS.items():
+        refuse(getattr(args, name) is not None and not discrete,
+               f"{flag} applies to grids with discrete indices (--grid codebook), not --grid {grid.storage}")
+        refuse(name.endswith("lr_scale") and getattr(args, name) is not None and getattr(args, name) < 0,
+               f"{flag} must be >= 0 (0: same as the grid)")
+    refuse(args.octree_from is not None and any(getattr(args, n) is not None for n in OCTREE_FLAGS if n != "octree_from"),
+           "--octree-from reuses an earlier fit's octree: --octree, --dilate and --density-* cannot apply with it")
+    refuse(args.octree is not None and args.octree in ("depth", "mask")
+           and (args.density_steps is not None or args.density_minutes is not None),
+           f"--density-steps / --density-minutes bound the density pass, which --octree {args.octree} does not run")
+    if saved is not None:
+        for name, flag in {**OCTREE_FLAGS, "step_ratio": "--step-ratio", "color_hidden": "--color-hidden"}.items():
+            refuse(getattr(args, name) is not None,
+                   f"--resume keeps the checkpoint's octree and field: {flag} cannot apply (start a new fit to change it)")
+    dec_over = given(args, ("hidden", "per_lod"))
+    dec = replace(config_from(DecoderConfig, saved and saved["decoder"], NERF_DECODER), **dec_over)
+    refuse(dec.hidden <= 0 or (args.color_hidden is not None and args.color_hidden <= 0),
+           "--hidden and --color-hidden must be positive")
+    nerf = NERF_FIELD if saved is None else from_dict_nerf(saved)
+    if args.color_hidden is not None:
+        nerf = replace(nerf, color_hidden=args.color_hidden)
+    if args.step_ratio is not None:
+        nerf = replace(nerf, step_ratio=_step_ratio(args.step_ratio))
     nerf.validate()
-    train = NeRFTrainConfig(steps=args.steps, batch_rays=args.batch_rays, lr=args.lr, grid_lr_scale=args.grid_lr_scale,
-                            logit_lr_scale=args.logit_lr_scale or None,
-                            codebook_lr_scale=args.codebook_lr_scale or None, lod_mode=args.lod_mode, coarse_weight=args.coarse_weight, octree=args.octree, dilate=args.dilate, seed=args.seed,
-                            max_minutes=args.minutes,
-                            refine=args.refine, refine_rays=args.refine_rays,
-                            early_stop_eps=args.early_stop_eps, octree_from=args.octree_from)
+    over = given(args, NERF_TRAIN_FLAGS)
+    for name in ("logit_lr_scale", "codebook_lr_scale"):
+        if over.get(name) == 0:
+            over[name] = None
+    train = replace(config_from(NeRFTrainConfig, saved and saved.get("train"), NeRFTrainConfig()), **over)
     train.validate()
     if args.eval_max_views is not None and args.eval_max_views <= 0:
         raise InputError("--eval-max-views must be positive")
     return grid, dec, nerf, train
+
+
+def from_dict_nerf(saved: dict):
+    from vqad.config import from_dict
+    from vqad.nerf.field import NeRFConfig
+
+    return from_dict(NeRFConfig, saved.get("nerf", {}))
 
 
 def load_nerf_dataset(source: str, fmt: str, downscale: int, background):
@@ -140,13 +186,19 @@ def cmd_fit_nerf(args) -> int:
     from vqad.nerf.evaluate import evaluate_nerf, metric_lines, pick_split
     from vqad.nerf.fit import fit_nerf
 
-    grid_cfg, dec_cfg, nerf_cfg, train_cfg = _configs(args)  # validate everything before touching the disk
+    out = Path(args.out)
+    saved = resumed_configs(out, "nerf") if args.resume else None
+    grid_cfg, dec_cfg, nerf_cfg, train_cfg = _configs(args, saved)  # validate everything before touching the disk
     background = parse_background(args.background)
     device = resolve_device(args.device)
-    out = Path(args.out)
-    if args.resume and not (out / "checkpoint" / "config.json").is_file():
-        raise InputError(f"--resume: no checkpoint in {out / 'checkpoint'}; run without --resume first")
     dataset = load_nerf_dataset(args.dataset, args.format, args.downscale, background)
+    if saved is None and train_cfg.octree_from is None:
+        from vqad.nerf.octree_build import resolve_method
+
+        method = resolve_method(dataset, train_cfg.octree)
+        refuse(method != "density" and (args.density_steps is not None or args.density_minutes is not None),
+               f"--density-steps / --density-minutes bound the density pass, but this capture's octree comes from "
+               f"its {method} maps (--octree {train_cfg.octree})")
     if not args.no_eval:
         pick_split(dataset, args.eval_views)  # fail now, not after the fit
     out = ensure_writable_dir(out)
@@ -165,7 +217,8 @@ def cmd_fit_nerf(args) -> int:
     for line in field.size_lines():
         print(line)
     summary = {
-        "dataset": field.dataset, "grid": grid_cfg.__dict__, "nerf": dict(field.nerf_cfg.__dict__),
+        "dataset": field.dataset, "grid": asdict(field.grid_cfg), "decoder": asdict(field.decoder_cfg),
+        "nerf": asdict(field.nerf_cfg), "train": asdict(res.train_cfg),
         "steps": res.steps, "fit_seconds": res.seconds,
         "octree_method": res.octree_method, "octree_seconds": res.octree_seconds,
         "rays_per_second": res.rays_per_second, "samples_per_ray": res.samples_per_ray,

@@ -3,43 +3,55 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import add_device_arg, add_grid_args, ensure_writable_dir, ensure_writable_file, grid_config, parse_lod, report_skipped_steps
+from vqad.app.commands.common import (add_device_arg, add_grid_args, config_flag, config_from, ensure_writable_dir,
+                                      ensure_writable_file, given, grid_config, parse_lod, refuse,
+                                      report_skipped_steps, resumed_configs)
 from vqad.sdf.evaluate import evaluate_sdf
 
 
+SDF_TRAIN_FLAGS = ("steps", "batch", "lr", "grid_lr_scale", "logit_lr_scale", "max_minutes", "truncation", "refine",
+                   "refine_samples", "refine_candidates", "seed")
+DECODER_FLAGS = ("hidden", "layers", "per_lod")
+REFINE_FLAGS = {"refine": "--refine", "refine_samples": "--refine-samples", "refine_candidates": "--refine-candidates",
+                "logit_lr_scale": "--logit-lr-scale"}
+
+
 def register(sub) -> None:
-    from vqad.config import SDFTrainConfig
+    from vqad.config import DecoderConfig, GridConfig
+    from vqad.sdf.fit import SDFTrainConfig
+
     p = sub.add_parser("fit-sdf", help="fit a VQ-AD (or dense) signed distance field to a mesh")
     p.add_argument("mesh", help="OBJ / PLY / OFF / STL / GLB triangle mesh")
-    add_grid_args(p, default_features=16)
-    p.add_argument("--levels", default="3:7", help="octree levels BASE:MAX (LODs)")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=16384, help="points per step")
-    p.add_argument("--lr", type=float, default=None,
-                   help="decoder learning rate (default: 5e-3 for codebook, whose argmax needs larger steps to move; 2e-3 for dense and hash)")
-    p.add_argument("--grid-lr-scale", type=float, default=10.0, help="grid lr = lr × this")
-    p.add_argument("--logit-lr-scale", type=float, default=200.0,
-                   help="codebook logits C lr = lr × this (0: same as the grid)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="also stop training after this many minutes (the lr schedule follows time too)")
-    p.add_argument("--truncation", type=float, default=0.0,
-                   help="clamp distances to ±this in the loss, unit-cube units (0: no clamp)")
-    p.add_argument("--refine", type=int, default=SDFTrainConfig.refine,
-                   help="Gauss–Newton index refinement sweeps after training (codebook only; 0: off; "
-                        "default %(default)s, see docs/benchmarks/sdf.md)")
-    p.add_argument("--refine-samples", type=int, default=SDFTrainConfig.refine_samples, help="samples each refinement sweep sees")
-    p.add_argument("--refine-candidates", type=int, default=SDFTrainConfig.refine_candidates,
-                   help="codewords per vertex whose real loss change each sweep measures (0: take the Gauss–Newton "
-                        "prediction, faster, a little worse)")
-    p.add_argument("--hidden", type=int, default=128, help="decoder width")
-    p.add_argument("--layers", type=int, default=1, help="decoder hidden layers")
-    p.add_argument("--per-lod-decoder", action="store_true", help="one decoder per LOD instead of a shared one")
-    p.add_argument("--seed", type=int, default=0)
+    add_grid_args(p, GridConfig())
+    T = SDFTrainConfig
+    config_flag(p, T, "steps", help="training steps")
+    config_flag(p, T, "batch", help="points per step")
+    config_flag(p, T, "lr", type=float, help="decoder learning rate (none: 5e-3 for grids with discrete indices "
+                                             "(codebook), whose argmax needs larger steps to move; 2e-3 otherwise)")
+    config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
+    config_flag(p, T, "logit_lr_scale", help="codebook logits C lr = lr × this (0: same as the grid; codebook only)")
+    config_flag(p, T, "max_minutes", flag="--minutes", type=float,
+                help="also stop training after this many minutes, refinement sweeps included (the lr schedule follows time too)")
+    config_flag(p, T, "truncation", help="clamp distances to ±this in the loss, unit-cube units (0: no clamp)")
+    config_flag(p, T, "refine", help="Gauss–Newton index refinement sweeps after training (codebook only; 0: off; "
+                                     "see docs/benchmarks/sdf.md)")
+    config_flag(p, T, "refine_samples", help="samples each refinement sweep sees (codebook only)")
+    config_flag(p, T, "refine_candidates", help="codewords per vertex whose real loss change each sweep measures "
+                                                "(0: take the Gauss–Newton prediction, faster, a little worse; codebook only)")
+    D = DecoderConfig()
+    config_flag(p, D, "hidden", help="decoder width")
+    config_flag(p, D, "layers", help="decoder hidden layers")
+    config_flag(p, D, "per_lod", flag="--per-lod-decoder", action="store_true",
+                help="one decoder per LOD instead of a shared one")
+    config_flag(p, T, "seed", help="random seed")
     p.add_argument("--out", required=True, help="output directory (checkpoint, metrics, mesh, render)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint with its settings (flags that contradict them are refused; "
+                        "--steps and --minutes may change)")
     p.add_argument("--no-eval", action="store_true", help="skip per-LOD metrics, mesh and render")
     p.add_argument("--mc-resolution", type=int, default=256, help="marching-cubes grid for meshes and metrics")
     p.add_argument("--quiet", action="store_true")
@@ -75,25 +87,30 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _configs(args):
-    from vqad.config import DecoderConfig, SDFTrainConfig, parse_levels
+def _configs(args, saved: dict | None = None):
+    """Grid, decoder and training configs: the defaults (or, with ``saved``, a resumed checkpoint's
+    settings) overridden by the flags given; a flag that cannot apply is refused."""
+    from dataclasses import replace
 
-    base, top = parse_levels(args.levels)
-    grid = grid_config(args, base, top)
-    if args.steps <= 0 or args.batch <= 0:
-        raise InputError("--steps and --batch must be positive")
-    if args.minutes is not None and not args.minutes > 0:
-        raise InputError(f"--minutes must be positive, got {args.minutes}")
-    if args.truncation < 0 or args.logit_lr_scale < 0:
-        raise InputError("--truncation and --logit-lr-scale must be ≥ 0")
-    if args.refine < 0 or args.refine_samples <= 0 or args.refine_candidates < 0:
-        raise InputError("--refine and --refine-candidates must be ≥ 0 and --refine-samples positive")
-    dec = DecoderConfig(hidden=args.hidden, layers=args.layers, per_lod=args.per_lod_decoder)
-    lr = args.lr if args.lr is not None else (5e-3 if args.grid == "codebook" else 2e-3)
-    train = SDFTrainConfig(steps=args.steps, batch=args.batch, lr=lr, grid_lr_scale=args.grid_lr_scale,
-                          logit_lr_scale=args.logit_lr_scale or None, truncation=args.truncation, max_minutes=args.minutes, seed=args.seed,
-                          refine=args.refine, refine_samples=args.refine_samples,
-                          refine_candidates=args.refine_candidates)
+    from vqad.config import DecoderConfig, GridConfig
+    from vqad.sdf.fit import SDFTrainConfig
+    from vqad.storages import STORAGES
+
+    grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], GridConfig()))
+    if args.logit_lr_scale is not None:
+        refuse(args.logit_lr_scale < 0, "--logit-lr-scale must be >= 0 (0: same as the grid)")
+    discrete = STORAGES[grid.storage].discrete
+    for name, flag in REFINE_FLAGS.items():
+        refuse(getattr(args, name) is not None and not discrete,
+               f"{flag} applies to grids with discrete indices (--grid codebook), not --grid {grid.storage}")
+    dec = replace(config_from(DecoderConfig, saved and saved["decoder"], DecoderConfig()), **given(args, DECODER_FLAGS))
+    over = given(args, SDF_TRAIN_FLAGS)
+    if over.get("logit_lr_scale") == 0:
+        over["logit_lr_scale"] = None
+    train = replace(config_from(SDFTrainConfig, saved and saved.get("train"), SDFTrainConfig()), **over)
+    if saved is None:
+        train = train.resolved(grid)
+    train.validate()
     return grid, dec, train
 
 
@@ -103,12 +120,11 @@ def cmd_fit_sdf(args) -> int:
     from vqad.sdf.mesh import load_mesh
     from vqad.sdf.fit import fit_sdf
 
-    grid_cfg, dec_cfg, train_cfg = _configs(args)  # validate everything before touching the disk
+    out = Path(args.out)
+    saved = resumed_configs(out, "sdf") if args.resume else None
+    grid_cfg, dec_cfg, train_cfg = _configs(args, saved)  # validate everything before touching the disk
     device = resolve_device(args.device)
     mesh = load_mesh(args.mesh)
-    out = Path(args.out)
-    if args.resume and not (out / "checkpoint" / "config.json").is_file():
-        raise InputError(f"--resume: no checkpoint in {out / 'checkpoint'}; run without --resume first")
     out = ensure_writable_dir(out)
     for stale in ("metrics.json",):  # a fresh fit must not leave an old result that looks complete
         (out / stale).unlink(missing_ok=True)
@@ -120,7 +136,8 @@ def cmd_fit_sdf(args) -> int:
     for line in field.size_lines():
         print(line)
     summary = {
-        "mesh": str(args.mesh), "grid": grid_cfg.__dict__, "steps": res.steps, "fit_seconds": res.seconds,
+        "mesh": str(args.mesh), "grid": asdict(field.grid_cfg), "decoder": asdict(field.decoder_cfg),
+        "train": asdict(res.train_cfg), "steps": res.steps, "fit_seconds": res.seconds,
         "points_per_second": res.points_per_second, "refine_seconds": res.refine_seconds,
         "skipped_steps": res.skipped_steps,
         "step_points_per_second": res.steps_done * train_cfg.batch / max(res.seconds - res.refine_seconds, 1e-9),

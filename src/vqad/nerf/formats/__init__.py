@@ -67,20 +67,14 @@ median of its valid samples when at least half of them are valid, else 0.
 
 from __future__ import annotations
 
-import json
-import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-import torch
 
 from vqad.errors import InputError
-from vqad.field import Normalization
-from vqad.nerf.data import SceneDataset, Views
-from vqad.nerf.rays import backproject
+from vqad.nerf.data import SceneDataset
 from vqad.nerf.formats.blender import read_blender
 from vqad.nerf.formats.common import _limit
 from vqad.nerf.formats.llff import read_llff

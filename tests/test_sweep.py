@@ -305,3 +305,8 @@ def test_bench_rd_target_checks():
     assert ok and "0.95 GiB" in text  # naive C: 4 bytes × 10^6 × 2^8
     summary = B.targets({"lego": lego, "armadillo": arm})
     assert sum("| met |" in s or "**missed**" in s for s in summary) >= 5
+    # rd.md says which points were refined (rows without a refine column: the fit's default)
+    text = B.refinement_text({"lego": lego, "armadillo": arm + [dict(_r("codebook-norefine", 4, 100_000, chamfer_l1=0.005))]})
+    assert "lego's VQ-AD points have no index refinement" in text
+    assert "armadillo's VQ-AD points have 3 Gauss–Newton index-refinement sweeps" in text
+    assert "no index refinement* points are the same fits" in text and "baseline on armadillo compares refined" in text

@@ -928,9 +928,13 @@ def refinement_note(rows: list[dict], kind: str) -> str:
     a comparable step."""
     sweeps = codebook_sweeps(rows, kind)
     n = " or ".join(str(v) for v in sweeps)
+    recorded = all(r.get("refine") is not None for r in rows if METHODS[r["method"]].kind == "fit"
+                   and METHODS[r["method"]].grid == "codebook")
+    where = ("Each point's sweeps: the `refine` column of results.csv." if recorded else
+             "These rows predate the `refine` column of results.csv: the sweeps stated are the fit's current default.")
     if sweeps == [0]:
         return ("**Index refinement**: none; the VQ-AD points, like every baseline, are used as trained "
-                "(radiance-field fits do not refine their indices by default: `fit-nerf --refine 0`).")
+                f"(radiance-field fits do not refine their indices by default: `fit-nerf --refine 0`). {where}")
     text = (f"**Index refinement**: every *VQ-AD (learned indices)* point ends with {n} Gauss–Newton "
             f"index-refinement sweep{'' if sweeps == [1] else 's'} after training (`vqad.refine`, the "
             f"{'SDF ' if kind == 'sdf' else ''}fit's default); ")
@@ -939,8 +943,7 @@ def refinement_note(rows: list[dict], kind: str) -> str:
     else:
         text += "`codebook-norefine:b` in the sweep adds the same fits without them. "
     return text + ("No baseline gets a comparable step: dense and hash are used as trained, k-means and low rank "
-                   "as computed from the dense fit, Draco as encoded. Each point's sweeps: the `refine` column of "
-                   "results.csv.")
+                   f"as computed from the dense fit, Draco as encoded. {where}")
 
 
 STYLES = {  # marker, line style, colour

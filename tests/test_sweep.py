@@ -5,12 +5,13 @@ import csv
 import functools
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trimesh
 
-import vqad.metrics
+import vqad.sdf.metrics
 import vqad.sdf.fit
 from vqad.app import sweep as S
 from vqad import fit as trainer
@@ -37,6 +38,7 @@ def small_samples(monkeypatch):
     """A level-4 sphere needs far fewer samples (octree, Chamfer, IoU) than the defaults made for real meshes."""
     monkeypatch.setattr(vqad.sdf.fit, "build_sdf_field", functools.partial(vqad.sdf.fit.build_sdf_field, octree_samples=50_000))
     monkeypatch.setattr(vqad.sdf.metrics, "chamfer_and_normals", functools.partial(vqad.sdf.metrics.chamfer_and_normals, n=20_000))
+    monkeypatch.setattr(vqad.sdf.metrics, "geometry_metrics", functools.partial(vqad.sdf.metrics.geometry_metrics, chamfer_samples=20_000))
     monkeypatch.setattr(vqad.sdf.metrics, "volumetric_iou", functools.partial(vqad.sdf.metrics.volumetric_iou, n=100_000))
 
 
@@ -49,9 +51,9 @@ def _count_fits(monkeypatch, task_cls=S.SDFTask):
     """Record each fit as (storage, resume) and pass it through."""
     calls, real = [], task_cls.fit
 
-    def fit(self, grid_cfg, work, resume):
+    def fit(self, grid_cfg, work, resume, **kw):
         calls.append((grid_cfg.storage, resume))
-        return real(self, grid_cfg, work, resume)
+        return real(self, grid_cfg, work, resume, **kw)
 
     monkeypatch.setattr(task_cls, "fit", fit)
     return calls
@@ -129,6 +131,36 @@ def test_sdf_sweep_interrupted_resumes_and_reports(sphere, tmp_path, monkeypatch
         S.Sweep(_config(sphere, out, methods, ["--steps", "31"]))
 
 
+def test_sdf_sweep_with_and_without_index_refinement(sphere, tmp_path, monkeypatch):
+    """codebook and codebook-norefine: the same fit but for its refinement sweeps, two series everywhere."""
+    runs = []  # (grid config, train config) of every fit
+    real_fit = vqad.sdf.fit.fit_sdf
+
+    def fit_sdf(mesh, grid_cfg, dec_cfg, train_cfg, *a, **kw):
+        runs.append((grid_cfg, train_cfg))  # as the sweep made it; run on fewer samples, for speed
+        return real_fit(mesh, grid_cfg, dec_cfg, replace(train_cfg, pool_size=20_000, refine_samples=5_000), *a, **kw)
+
+    monkeypatch.setattr(vqad.sdf.fit, "fit_sdf", fit_sdf)
+    out = tmp_path / "rd"
+    cfg = _config(sphere, out, ["codebook:2", "codebook-norefine:2"], ["--steps", "10", "--no-entropy"])
+    S.Sweep(cfg, log=lambda *a, **k: None).run()
+
+    (g_ref, t_ref), (g_no, t_no) = runs
+    assert (t_ref.refine, t_no.refine) == (S.default_refine("sdf"), 0) == (3, 0)
+    assert g_ref == g_no and g_no.storage == "codebook" and g_no.bits == 2
+    assert replace(t_ref, refine=0) == t_no  # nothing else differs
+    table = {r["point"]: r for r in _csv(out / "results.csv")}
+    assert set(table) == {"codebook-b2", "codebook-norefine-b2"}  # no stream curve for the b = 2 pair
+    assert (table["codebook-b2"]["refine"], table["codebook-norefine-b2"]["refine"]) == ("3", "0")
+    for r in table.values():
+        assert (out / r["file"]).is_file() and float(r["chamfer_l1"]) > 0
+    md = (out / "results.md").read_text()
+    assert "| VQ-AD (learned indices) | b = 2 |" in md and "| VQ-AD, no index refinement | b = 2 |" in md
+    assert "ends with 3 Gauss–Newton index-refinement sweeps" in md and "No baseline gets a comparable step" in md
+    assert (out / "rd.png").stat().st_size > 10_000
+    assert "codebook-norefine:b" in S.METHOD_SPEC_HELP  # the --methods help documents it
+
+
 def test_nerf_sweep_on_the_procedural_scene(tmp_path, capsys):
     out = tmp_path / "rd"
     rc = cli_main(["sweep", "procedural", "--out", str(out), "--methods", "dense", "codebook:2", "kmeans:2", "lowrank:2",
@@ -139,10 +171,11 @@ def test_nerf_sweep_on_the_procedural_scene(tmp_path, capsys):
     assert [r["point"] for r in table] == ["dense", "codebook-b2", "codebook-stream-b2", "codebook-stream-b2",
                                            "codebook-stream-b2", "kmeans-b2", "lowrank-r2"]
     assert "chamfer_l1" not in table[0]
+    assert {r["point"]: r["refine"] for r in table if r["method"] in ("dense", "codebook")} == {"dense": "", "codebook-b2": "0"}
     for r in table:
         assert 5 < float(r["psnr"]) < 60 and 0 < float(r["ssim"]) <= 1
     md = (out / "results.md").read_text()
-    assert "PSNR (dB)" in md and "'test' views (first 2)" in md
+    assert "PSNR (dB)" in md and "'test' views (first 2)" in md and "**Index refinement**: none" in md
     assert (out / "rd.png").stat().st_size > 10_000
     assert "wrote" in capsys.readouterr().out
 
@@ -159,6 +192,12 @@ def test_methods_defaults_and_order():
     plan = S.plan(S.parse_methods(["codebook:2,4", "kmeans:4"], "sdf", 8), None)
     assert [p.key for p in plan] == ["dense", "codebook-b2", "codebook-b4", "codebook-stream-b4", "kmeans-b4"]
     assert [p.key for p in S.plan(S.parse_methods(["codebook:4"], "sdf", 8), 0)] == ["codebook-b4"]
+    # VQ-AD without index refinement: its own points (codebook's settings), never in the default set
+    assert [p.key for p in S.parse_methods(["codebook-norefine"], "sdf", 16)] == [
+        f"codebook-norefine-b{b}" for b in S.METHODS["codebook"].defaults]
+    assert not any(p.method == "codebook-norefine" for p in S.parse_methods([], "sdf", 16))
+    plan = S.plan(S.parse_methods(["codebook-norefine:4", "codebook:4"], "sdf", 8), None)
+    assert [p.key for p in plan] == ["codebook-norefine-b4", "codebook-b4", "codebook-stream-b4"]
 
 
 def test_config_file_with_flags_overriding(sphere, tmp_path):
@@ -186,6 +225,7 @@ def _err(capsys):
     (["--methods", "hash:40"], "hash:40"),
     (["--methods", "lowrank:16"], "rank"),
     (["--methods", "dense:3"], "takes no setting"),
+    (["--methods", "codebook-norefine:13"], "bits must be"),
     (["--methods", "dense", "--stream-bits", "4"], "no codebook:4 point"),
     (["--downscale", "2"], "--downscale: not an option for a mesh"),
     (["--minutes", "0"], "positive"),
@@ -205,6 +245,7 @@ def test_bad_datasets_and_configs(sphere, tmp_path, capsys):
         (["sweep", str(tmp_path / "missing.obj"), "--out", str(out)], "mesh not found"),
         (["sweep", str(tmp_path / "missing_dir"), "--out", str(out)], "dataset not found"),
         (["sweep", "procedural", "--out", str(out), "--methods", "draco-input"], "applies to SDF sweeps"),
+        (["sweep", "procedural", "--out", str(out), "--methods", "codebook-norefine:4"], "do not refine their indices"),
         (["sweep", "procedural", "--out", str(out), "--mc-resolution", "64"], "not an option for a radiance-field"),
         (["sweep", "procedural", "--out", str(out), "--background", "pink"], "background"),
         (["sweep", str(sphere)], "--out"),
@@ -264,3 +305,8 @@ def test_bench_rd_target_checks():
     assert ok and "0.95 GiB" in text  # naive C: 4 bytes × 10^6 × 2^8
     summary = B.targets({"lego": lego, "armadillo": arm})
     assert sum("| met |" in s or "**missed**" in s for s in summary) >= 5
+    # rd.md says which points were refined (rows without a refine column: the fit's default)
+    text = B.refinement_text({"lego": lego, "armadillo": arm + [dict(_r("codebook-norefine", 4, 100_000, chamfer_l1=0.005))]})
+    assert "lego's VQ-AD points have no index refinement" in text
+    assert "armadillo's VQ-AD points have 3 Gauss–Newton index-refinement sweeps" in text
+    assert "no index refinement* points are the same fits" in text and "baseline on armadillo compares refined" in text

@@ -4,21 +4,32 @@ A sweep takes ONE dataset — a mesh (signed distance field) or a radiance-field
 of *points* ``method × setting``, and for each point writes the file a user would ship and measures
 it:
 
-============== ========= ================================================================ ===============
-method         setting   what is fitted                                                   file
-============== ========= ================================================================ ===============
-dense          –         fp16 feature grid Z (m × k), trained                             ``.vqad``
-codebook       b         VQ-AD: b-bit learned indices V into a codebook D (2^b × k)       ``.vqad``
-hash           T         Instant-NGP random indices into a trained table θ (2^T × k)      ``.vqad``
-kmeans         b         post hoc: k-means of the dense fit's Z into 2^b centroids (kmVQ) ``.vqad``
-lowrank        r         post hoc: rank-r PCA of the dense fit's Z                        ``.vqad``
-draco-input    q         SDF only: the input mesh, Draco at q quantization bits           ``.drc``
-draco-mc       q         SDF only: marching cubes of the dense fit, Draco at q bits       ``.drc``
-============== ========= ================================================================ ===============
+================= ========= ================================================================ ===============
+method            setting   what is fitted                                                   file
+================= ========= ================================================================ ===============
+dense             –         fp16 feature grid Z (m × k), trained                             ``.vqad``
+codebook          b         VQ-AD: b-bit learned indices V into a codebook D (2^b × k)       ``.vqad``
+codebook-norefine b         SDF only: the same VQ-AD fit without index refinement            ``.vqad``
+hash              T         Instant-NGP random indices into a trained table θ (2^T × k)      ``.vqad``
+kmeans            b         post hoc: k-means of the dense fit's Z into 2^b centroids (kmVQ) ``.vqad``
+lowrank           r         post hoc: rank-r PCA of the dense fit's Z                        ``.vqad``
+draco-input       q         SDF only: the input mesh, Draco at q quantization bits           ``.drc``
+draco-mc          q         SDF only: marching cubes of the dense fit, Draco at q bits       ``.drc``
+================= ========= ================================================================ ===============
 
 ``kmeans``, ``lowrank`` and ``draco-mc`` are computed from the ONE dense fit of the sweep (its
 ``.vqad`` file, so exactly what was measured as the dense point); asking for any of them adds the
-dense point. One more curve is derived from a VQ-AD point: ``codebook-stream``, the quality of each
+dense point.
+
+**Index refinement.** An SDF fit ends with Gauss–Newton sweeps over the codebook indices
+(:mod:`vqad.refine`; ``SDFTrainConfig.refine``, 3 by default), so every ``codebook`` point of a mesh
+sweep has them, and no baseline gets a comparable step. ``codebook-norefine`` fits exactly the same
+VQ-AD grid with ``refine = 0``, so the two series show what refinement buys. Radiance-field fits do
+not refine by default (``NeRFTrainConfig.refine = 0``), so there ``codebook`` already is VQ-AD
+without refinement and ``codebook-norefine`` is refused. Each fitted point's CSV row gives its
+sweeps in ``refine``.
+
+One more curve is derived from a VQ-AD point: ``codebook-stream``, the quality of each
 LOD decoded from a *prefix* of that point's file against the prefix's bytes (the progressive
 stream, see :mod:`vqad.fileformat`).
 
@@ -77,11 +88,19 @@ class Method:
     defaults: tuple[int, ...]  # settings swept when only the name is given
     kind: str  # "fit" (trained), "posthoc" (from the dense fit), "draco", "stream" (derived)
     sdf_only: bool = False
+    storage: str = ""  # the grid storage a "fit" trains ("": the method's name)
+    refine: int | None = None  # index-refinement sweeps of the fit (None: the fit's default)
+
+    @property
+    def grid(self) -> str:
+        return self.storage or self.name
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dense", "dense fp16", "", (), "fit"),
     Method("codebook", "VQ-AD (learned indices)", "b", (1, 2, 4, 6, 8), "fit"),
+    Method("codebook-norefine", "VQ-AD, no index refinement", "b", (1, 2, 4, 6, 8), "fit", sdf_only=True,
+           storage="codebook", refine=0),
     Method("codebook-stream", "VQ-AD, per-LOD file prefixes", "b", (), "stream"),
     Method("hash", "hash (random indices)", "T", (10, 12, 14, 16), "fit"),
     Method("kmeans", "k-means VQ (post hoc)", "b", (4, 6), "posthoc"),
@@ -93,10 +112,12 @@ SELECTABLE = [n for n, m in METHODS.items() if m.kind != "stream"]
 # default method set, in the order the points run: cheap and shared work first
 DEFAULT_METHODS = ("draco-input", "dense", "kmeans", "lowrank", "draco-mc", "codebook", "hash")
 METHOD_SPEC_HELP = (
-    "METHOD or METHOD:S1,S2,... with METHOD one of dense; codebook:b (VQ-AD bits, default 1,2,4,6,8; 1..12); "
+    "METHOD or METHOD:S1,S2,... with METHOD one of dense; codebook:b (VQ-AD bits, default 1,2,4,6,8; 1..12; "
+    "on a mesh each fit ends with fit-sdf's default index refinement); codebook-norefine:b (meshes only: the same "
+    "VQ-AD fits with no index refinement, a series of its own; default 1,2,4,6,8); "
     "hash:T (table bits, default 10,12,14,16); kmeans:b (post hoc, default 4,6); lowrank:r (post hoc, r < k, "
     "default k/4,k/2); draco-input:q and draco-mc:q (meshes only: Draco quantization bits, default 8,10,12,14). "
-    "Default: all of them"
+    "Default: all of them but codebook-norefine"
 )
 
 
@@ -123,13 +144,25 @@ def default_settings(method: str, features: int) -> tuple[int, ...]:
     return METHODS[method].defaults
 
 
+def default_refine(kind: str) -> int:
+    """Index-refinement sweeps a ``codebook`` fit of a ``kind`` ("sdf" | "nerf") sweep ends with: the
+    fit's own default (SDF: ``SDFTrainConfig.refine``; radiance field: ``NeRFTrainConfig.refine``)."""
+    if kind == "sdf":
+        from vqad.sdf.fit import SDFTrainConfig
+
+        return SDFTrainConfig.refine
+    from vqad.nerf.fit import NeRFTrainConfig
+
+    return NeRFTrainConfig.refine
+
+
 def check_setting(method: str, value, features: int) -> None:
     """Raise :class:`InputError` unless ``value`` is a valid setting of ``method`` at k = ``features``."""
     from vqad.storages.lowrank import check_rank
     from vqad.storages.hash import check_table_bits
     from vqad.storages.base import check_bits
 
-    if method in ("codebook", "kmeans"):
+    if method in ("codebook", "codebook-norefine", "kmeans"):
         check_bits(value)
     elif method == "hash":
         check_table_bits(value)
@@ -162,6 +195,9 @@ def parse_methods(specs, kind: str, features: int) -> list[Point]:
             raise InputError(f"unknown method {name!r} in {spec!r}: choose from {', '.join(SELECTABLE)}")
         m = METHODS[name]
         if m.sdf_only and kind != "sdf":
+            if m.refine is not None:
+                raise InputError(f"{name}: radiance-field fits do not refine their indices (fit-nerf --refine 0 "
+                                 "by default), so codebook points already are VQ-AD without refinement: use codebook")
             raise InputError(f"{name} compresses a mesh: it applies to SDF sweeps of a mesh, not to a radiance field")
         if not m.param:
             if sep:
@@ -188,8 +224,24 @@ def parse_methods(specs, kind: str, features: int) -> list[Point]:
 # ================================================================================================
 # configuration
 # ================================================================================================
-SDF_DEFAULTS = {"levels": "3:7", "features": 16, "steps": 3000, "batch": 16384, "hidden": 128}
-NERF_DEFAULTS = {"levels": "4:7", "features": 8, "steps": 3000, "batch": 4096, "hidden": 64}
+
+
+def _app_defaults(grid, train_cls, batch: str, decoder) -> dict:
+    """A sweep's defaults, read from the application's own configs (never typed twice)."""
+    return {"levels": f"{grid.base_level}:{grid.max_level}", "features": grid.features,
+            "steps": train_cls.steps, "batch": getattr(train_cls, batch), "hidden": decoder.hidden}
+
+
+def _defaults():
+    from vqad.config import DecoderConfig, GridConfig
+    from vqad.nerf.fit import NERF_DECODER, NERF_GRID, NeRFTrainConfig
+    from vqad.sdf.fit import SDFTrainConfig
+
+    return (_app_defaults(GridConfig(), SDFTrainConfig, "batch", DecoderConfig()),
+            _app_defaults(NERF_GRID, NeRFTrainConfig, "batch_rays", NERF_DECODER))
+
+
+SDF_DEFAULTS, NERF_DEFAULTS = _defaults()
 NERF_ONLY = ("format", "downscale", "eval_views", "eval_max_views", "background", "octree")
 SDF_ONLY = ("mc_resolution", "draco_mc_resolution", "draco_level")
 NOT_SETTINGS = ("out", "methods", "device", "quiet", "stream_bits")  # may change between resumed runs
@@ -427,20 +479,22 @@ class SDFTask:
         self.normalization = fit_normalization(self.mesh)  # the frame every SDF fit uses (build_sdf_field)
         self.name = Path(cfg.dataset).stem
 
-    def fit(self, grid_cfg, work: Path, resume: bool):
+    def fit(self, grid_cfg, work: Path, resume: bool, refine: int | None = None):
+        """Fit ``grid_cfg`` with ``refine`` index-refinement sweeps (None: the SDF default, see
+        :func:`default_refine`). Returns the field, the steps done and the sweeps it was fitted with."""
         from vqad.config import DecoderConfig
-        from vqad.sdf.fit import SDFTrainConfig
-        from vqad.sdf.fit import fit_sdf
+        from vqad.sdf.fit import SDFTrainConfig, fit_sdf
 
         c = self.cfg
-        # vqad fit-sdf's learning rates: a codebook's argmax needs larger steps to move
-        train = SDFTrainConfig(steps=c.steps, batch=c.batch, lr=5e-3 if grid_cfg.storage == "codebook" else 2e-3,
-                               seed=c.seed)
+        # vqad fit-sdf's learning rates (SDFTrainConfig.resolved: a codebook's argmax needs larger steps)
+        train = SDFTrainConfig(steps=c.steps, batch=c.batch, seed=c.seed).resolved(grid_cfg)
         if c.minutes is not None:
             train.max_minutes = c.minutes
+        if refine is not None:
+            train.refine = refine
         res = fit_sdf(self.mesh, grid_cfg, DecoderConfig(hidden=c.hidden), train, self.device, out_dir=work,
                       resume=resume, quiet=c.quiet, mesh_path=str(Path(c.dataset).resolve()))
-        return res.field, res.steps
+        return res.field, res.steps, train.refine
 
     def evaluate(self, field, lod: int) -> dict:
         from vqad.sdf.extract import extract_mesh
@@ -478,7 +532,9 @@ class NeRFTask:
         pick_split(self.dataset, cfg.eval_views)  # fail now, not after the first fit
         self.name = self.dataset.name
 
-    def fit(self, grid_cfg, work: Path, resume: bool):
+    def fit(self, grid_cfg, work: Path, resume: bool, refine: int | None = None):
+        """Fit ``grid_cfg`` (``refine``: index-refinement sweeps, None: the radiance-field default, 0).
+        Returns the field, the steps done and the sweeps it was fitted with."""
         from vqad.config import DecoderConfig
         from vqad.nerf.field import NeRFConfig
         from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
@@ -486,10 +542,12 @@ class NeRFTask:
         c = self.cfg
         # vqad fit-nerf's defaults (the marching step chosen from the octree); one width for both MLPs
         train = NeRFTrainConfig(steps=c.steps, batch_rays=c.batch, octree=c.octree, seed=c.seed, max_minutes=c.minutes)
+        if refine is not None:
+            train.refine = refine
         res = fit_nerf(self.dataset, grid_cfg, DecoderConfig(hidden=c.hidden, position_input=False), train, self.device,
                        out_dir=work, resume=resume, quiet=c.quiet,
                        nerf_cfg=NeRFConfig(color_hidden=c.hidden, step_ratio=None))
-        return res.field, res.steps
+        return res.field, res.steps, train.refine
 
     def evaluate(self, field, lod: int) -> dict:
         from vqad.nerf.evaluate import evaluate_nerf
@@ -611,7 +669,7 @@ class Sweep:
         if kind == "stream":
             return self._stream_rows(p)
         t0 = time.perf_counter()
-        steps, note = None, None
+        steps, note, refine = None, None, None
         with PeakMemory(self.device) as mem:
             if kind == "draco":
                 row = self._draco_row(p)
@@ -621,7 +679,9 @@ class Sweep:
                 if resume:
                     note = "fit continued from the checkpoint of an interrupted run (fit s: this run only)"
                     self.log(f"    continuing the interrupted fit from {work / 'checkpoint'}")
-                field, steps = self.task.fit(self._grid_cfg(p), work, resume)
+                field, steps, refine = self.task.fit(self._grid_cfg(p), work, resume, refine=METHODS[p.method].refine)
+                if not any(s.discrete for s in field.grid.storages):
+                    refine = None  # only codebook indices are refined
                 field.bake(fp16=True)
             else:  # post hoc, from the dense point's file
                 from vqad.posthoc import posthoc
@@ -631,7 +691,7 @@ class Sweep:
         if kind != "draco":
             seconds = time.perf_counter() - t0
             row = self._file_row(p, field)
-            row.update(fit_seconds=seconds, steps=steps, note=note)
+            row.update(fit_seconds=seconds, steps=steps, refine=refine, note=note)
         row["peak_memory_bytes"] = mem.bytes
         return [row]
 
@@ -639,8 +699,9 @@ class Sweep:
         from vqad.config import GridConfig, parse_levels
 
         base, top = parse_levels(self.cfg.levels)
-        g = GridConfig(storage=p.method, features=self.cfg.features, base_level=base, max_level=top,
-                       bits=p.setting if p.method == "codebook" else 4)
+        storage = METHODS[p.method].grid
+        g = GridConfig(storage=storage, features=self.cfg.features, base_level=base, max_level=top,
+                       bits=p.setting if storage == "codebook" else 4)
         if p.method == "hash":
             g.table_bits = p.setting
         g.validate()
@@ -747,9 +808,11 @@ def run_sweep(cfg: SweepConfig, log=print) -> list[dict]:
 # ================================================================================================
 COLUMNS = ["point", "method", "param", "setting", "lod", "bytes", "file_bytes", "entropy_bytes", "grid_bytes",
            "octree_bytes", "decoder_bytes", "dense_fp16_grid_bytes", "grid_ratio", "dense_ratio", "vertices",
-           "QUALITY", "fit_seconds", "eval_seconds", "peak_memory_bytes", "steps", "finished_at", "file", "note"]
+           "QUALITY", "fit_seconds", "eval_seconds", "peak_memory_bytes", "steps", "refine", "finished_at", "file",
+           "note"]
 QUALITY = {"sdf": ("chamfer_l1", "normal_consistency", "iou"), "nerf": ("psnr", "ssim")}
-ORDER = ["dense", "codebook", "codebook-stream", "hash", "kmeans", "lowrank", "draco-input", "draco-mc"]
+ORDER = ["dense", "codebook", "codebook-norefine", "codebook-stream", "hash", "kmeans", "lowrank", "draco-input",
+         "draco-mc"]
 
 
 def collect_rows(out: Path) -> list[dict]:
@@ -836,6 +899,7 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
         f"**size** = the file as shipped ({ent} .vqad{'; Draco: the buffer' if sdf else ''}); *grid* = its feature-grid chunks alone; "
         "**vs dense** = the dense fp16 point's size / this size. Post-hoc points are made from the dense point's file "
         "(no fine-tuning).",
+        *(["", refinement_note(rows, cfg.kind)] if any(r["method"].startswith("codebook") for r in rows) else []),
         "",
         f"| method | setting | {qh} | size kB | raw file kB | grid kB | vs dense | steps | fit s | peak memory MB |",
         "|---|---|" + "---|" * (3 if sdf else 2) + "---|---|---|---|---|---|---|",
@@ -867,8 +931,39 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
     return "\n".join(L) + "\n"
 
 
+def codebook_sweeps(rows: list[dict], kind: str) -> list[int]:
+    """The index-refinement sweeps of the rows' ``codebook`` points (their ``refine`` values; the
+    fit's default, :func:`default_refine`, for rows written before the sweep recorded them)."""
+    return sorted({r["refine"] for r in rows if r["method"] == "codebook" and r.get("refine") is not None}) \
+        or [default_refine(kind)]
+
+
+def refinement_note(rows: list[dict], kind: str) -> str:
+    """Which points of the table had index refinement (:mod:`vqad.refine`), and that no baseline has
+    a comparable step."""
+    sweeps = codebook_sweeps(rows, kind)
+    n = " or ".join(str(v) for v in sweeps)
+    recorded = all(r.get("refine") is not None for r in rows if METHODS[r["method"]].kind == "fit"
+                   and METHODS[r["method"]].grid == "codebook")
+    where = ("Each point's sweeps: the `refine` column of results.csv." if recorded else
+             "These rows predate the `refine` column of results.csv: the sweeps stated are the fit's current default.")
+    if sweeps == [0]:
+        return ("**Index refinement**: none; the VQ-AD points, like every baseline, are used as trained "
+                f"(radiance-field fits do not refine their indices by default: `fit-nerf --refine 0`). {where}")
+    text = (f"**Index refinement**: every *VQ-AD (learned indices)* point ends with {n} Gauss–Newton "
+            f"index-refinement sweep{'' if sweeps == [1] else 's'} after training (`vqad.refine`, the "
+            f"{'SDF ' if kind == 'sdf' else ''}fit's default); ")
+    if any(r["method"] == "codebook-norefine" for r in rows):
+        text += "*VQ-AD, no index refinement* points are the same fits without them. "
+    else:
+        text += "`codebook-norefine:b` in the sweep adds the same fits without them. "
+    return text + ("No baseline gets a comparable step: dense and hash are used as trained, k-means and low rank "
+                   f"as computed from the dense fit, Draco as encoded. {where}")
+
+
 STYLES = {  # marker, line style, colour
     "dense": ("*", "", "black"), "codebook": ("o", "-", "C0"), "codebook-stream": ("o", ":", "C0"),
+    "codebook-norefine": ("x", "--", "C0"),
     "hash": ("s", "-", "C1"), "kmeans": ("^", "-", "C2"), "lowrank": ("v", "-", "C3"),
     "draco-input": ("D", "--", "C4"), "draco-mc": ("P", "--", "C5"),
 }
@@ -891,6 +986,8 @@ def plot_rd(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
         pts.sort(key=lambda r: r["bytes"])
         marker, ls, color = STYLES[method]
         label = METHODS[method].label + (f" (b = {pts[0]['setting']})" if method == "codebook-stream" else "")
+        if method == "codebook" and codebook_sweeps(rows, cfg.kind) != [0]:  # say so where the baselines have none
+            label += f", {' or '.join(map(str, codebook_sweeps(rows, cfg.kind)))} index-refinement sweeps"
         ax.plot([r["bytes"] for r in pts], [r[q] for r in pts], marker=marker, linestyle=ls or "none", color=color,
                 label=label, markersize=9 if method == "dense" else 5, alpha=0.6 if method == "codebook-stream" else 1.0)
         for r in pts:
@@ -919,4 +1016,4 @@ def plot_rd(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
 
 __all__ = ["SweepConfig", "Sweep", "run_sweep", "parse_methods", "Point", "Method", "METHODS", "DEFAULT_METHODS",
            "load_config_file", "detect_kind", "write_reports", "collect_rows", "read_csv", "markdown_table", "plot_rd",
-           "PeakMemory", "METHOD_SPEC_HELP"]
+           "PeakMemory", "METHOD_SPEC_HELP", "default_refine", "codebook_sweeps", "refinement_note"]

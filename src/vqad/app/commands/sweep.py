@@ -8,6 +8,7 @@ EPILOG = """\
 examples:
   vqad sweep armadillo.obj --out runs/rd-armadillo                      # the default method set
   vqad sweep armadillo.obj --methods codebook:4,6 hash:12 kmeans:4 draco-input:10,12 --steps 1000 --out runs/rd
+  vqad sweep armadillo.obj --methods codebook:2,4 codebook-norefine:2,4 dense --out runs/rd-refine   # ± refinement
   vqad sweep data/nerf_synthetic/lego --downscale 4 --eval-views val --eval-max-views 20 --minutes 27 --out runs/rd-lego
   vqad sweep --config sweep.toml                                         # flags given too override the file
 
@@ -20,6 +21,12 @@ relative to the current directory), e.g.
   out = "runs/rd"
   methods = ["codebook:1,2,4", "hash:12", "kmeans:4", "dense"]
   steps = 2000
+
+Index refinement: on a mesh every codebook fit ends with fit-sdf's default Gauss–Newton sweeps over
+its indices (vqad.refine), a step no baseline gets; codebook-norefine:b fits the same VQ-AD grids
+without them, as a series of its own (table, CSV, plot), and the CSV's refine column gives each
+point's sweeps. Radiance-field fits do not refine by default, so there codebook already is VQ-AD
+without refinement.
 """
 
 
@@ -31,7 +38,8 @@ def register(sub) -> None:
         "sweep", help="rate–distortion sweep: methods × settings on one dataset (CSV, table, plot)",
         description="Fit one dataset (a mesh: SDF; a capture directory or 'procedural': radiance field) with "
                     "several feature storages at several rates, write every point as a real file and measure "
-                    "its bytes and quality. kmeans, lowrank and draco-mc come from the one dense fit.",
+                    "its bytes and quality. kmeans, lowrank and draco-mc come from the one dense fit. On a mesh, "
+                    "codebook (VQ-AD) fits end with index refinement; codebook-norefine shows the same fits without it.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=S,
     )
     p.add_argument("dataset", nargs="?", help="mesh file (.obj/.ply/...), capture directory, or 'procedural'")

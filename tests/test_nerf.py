@@ -432,7 +432,7 @@ def _err(capsys):
     (["--bits", "20"], "bits"),
     (["--background", "pink"], "background"),
     (["--eval-views", "nope"], "no 'nope' views"),
-    (["--logit-lr-scale", "-1"], "learning rates must be positive"),
+    (["--logit-lr-scale", "-1"], "--logit-lr-scale must be >= 0"),
     (["--step-ratio", "0"], "'auto' or a positive number"),
     (["--step-ratio", "fast"], "'auto' or a positive number"),
     (["--coarse-weight", "0"], "--coarse-weight must be in (0, 1]"),

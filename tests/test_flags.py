@@ -1,0 +1,129 @@
+"""Every fit flag acts or is refused with a one-line reason; defaults live once, in the configs;
+--resume takes the checkpoint's settings and refuses flags that contradict them; metrics.json
+records the configuration that actually ran."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+import trimesh
+
+from vqad.app.cli import build_parser, main
+from vqad.config import DecoderConfig, GridConfig
+from vqad.errors import InputError
+from vqad.nerf.fit import NERF_DECODER, NERF_GRID
+from vqad.nerf.task import NeRFTrainConfig
+from vqad.sdf.fit import SDF_LR, SDF_LR_DISCRETE, SDFTrainConfig
+
+
+@pytest.fixture
+def mesh(tmp_path):
+    p = tmp_path / "sphere.obj"
+    trimesh.creation.icosphere(subdivisions=2, radius=0.5).export(p)
+    return p
+
+
+def _err(capsys) -> str:
+    return capsys.readouterr().err
+
+
+TINY = ["--levels", "2:3", "--features", "4", "--batch", "512", "--hidden", "16", "--no-eval", "--quiet",
+        "--device", "cpu"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "dense", "--bits", "6"], "--bits does not apply to --grid dense"),
+    (["--grid", "codebook", "--table-bits", "10"], "--table-bits does not apply to --grid codebook"),
+    (["--grid", "dense", "--refine", "2"], "--refine applies to grids with discrete indices"),
+    (["--grid", "hash", "--refine-samples", "1000"], "--refine-samples applies to grids with discrete indices"),
+    (["--grid", "dense", "--logit-lr-scale", "100"], "--logit-lr-scale applies to grids with discrete indices"),
+])
+def test_fit_sdf_refuses_flags_that_cannot_apply(tmp_path, capsys, mesh, args, message):
+    out = tmp_path / "run"
+    assert main(["fit-sdf", str(mesh), "--steps", "2", "--out", str(out)] + TINY + args) == 2
+    err = _err(capsys)
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "dense", "--bits", "6"], "--bits does not apply to --grid dense"),
+    (["--grid", "dense", "--refine", "1"], "--refine applies to grids with discrete indices"),
+    (["--grid", "hash", "--codebook-lr-scale", "100"], "--codebook-lr-scale applies to grids with discrete indices"),
+    (["--octree-from", "x", "--dilate", "2"], "--octree-from reuses an earlier fit's octree"),
+    (["--octree", "depth", "--density-steps", "5"], "--density-steps / --density-minutes bound the density pass"),
+    (["--density-steps", "5"], "this capture's octree comes from its depth maps"),
+])
+def test_fit_nerf_refuses_flags_that_cannot_apply(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["fit-nerf", "procedural", "--steps", "2", "--out", str(out), "--device", "cpu"] + args) == 2
+    assert message in _err(capsys)
+    assert not (out / "checkpoint").exists()
+
+
+def test_cli_defaults_are_the_configs_defaults():
+    """The help shows, and an unset flag means, the dataclass default: nothing is typed twice."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    sdf_help = sub["fit-sdf"].format_help()
+    assert f"(default: {SDFTrainConfig.steps})" in sdf_help and f"(default: {SDFTrainConfig.refine})" in sdf_help
+    assert f"(default: {GridConfig.features})" in sdf_help
+    nerf_help = sub["fit-nerf"].format_help()
+    assert f"(default: {NeRFTrainConfig.batch_rays})" in nerf_help and f"(default: {NERF_GRID.features})" in nerf_help
+    assert f"(default: {NERF_DECODER.hidden})" in nerf_help
+    # the Python API and the CLI train a codebook SDF with the same decoder learning rate
+    assert SDFTrainConfig().resolved(GridConfig(storage="codebook")).lr == SDF_LR_DISCRETE
+    assert SDFTrainConfig().resolved(GridConfig(storage="dense")).lr == SDF_LR
+    assert SDFTrainConfig(lr=1e-3).resolved(GridConfig(storage="codebook")).lr == 1e-3
+
+
+def test_metrics_record_what_ran_and_resume_refuses_contradictions(tmp_path, capsys, mesh):
+    out = tmp_path / "run"
+    assert main(["fit-sdf", str(mesh), "--steps", "4", "--refine", "0", "--out", str(out)] + TINY) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["train"]["lr"] == SDF_LR_DISCRETE and m["train"]["refine"] == 0 and m["train"]["steps"] == 4
+    assert m["grid"]["features"] == 4 and m["grid"]["max_level"] == 3 and m["decoder"]["hidden"] == 16
+    capsys.readouterr()
+    # contradicting flags are refused, naming the setting
+    for args, what in [(["--features", "8"], "features"), (["--hidden", "32"], "hidden"),
+                       (["--lr", "1e-2"], "lr"), (["--grid", "dense"], "storage")]:
+        assert main(["fit-sdf", str(mesh), "--steps", "6", "--out", str(out), "--resume", "--quiet", "--no-eval"]
+                    + args) == 2, args
+        err = _err(capsys)
+        assert "--resume" in err and what in err, (args, err)
+    # no flags at all: the checkpoint's settings (not the CLI defaults: k = 16, levels 3:7) continue
+    assert main(["fit-sdf", str(mesh), "--steps", "6", "--out", str(out), "--resume", "--quiet", "--no-eval"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 6 and m["grid"]["features"] == 4 and m["grid"]["max_level"] == 3
+    assert m["decoder"]["hidden"] == 16 and m["train"]["steps"] == 6 and m["train"]["refine"] == 0
+
+
+def test_load_checks_the_lod_of_a_checkpoint(tmp_path, mesh):
+    import vqad
+
+    out = tmp_path / "run"
+    assert main(["fit-sdf", str(mesh), "--steps", "2", "--refine", "0", "--out", str(out)] + TINY) == 0
+    field = vqad.load(out / "checkpoint", lod=3)
+    assert field.lods == [2, 3]
+    with pytest.raises(InputError, match="LOD 7 is not in this model"):
+        vqad.load(out / "checkpoint", lod=7)
+
+
+def test_resume_refuses_another_configuration_in_python(tmp_path, mesh):
+    from vqad.sdf.fit import fit_sdf
+    from vqad.sdf.mesh import load_mesh
+
+    m = load_mesh(mesh)
+    grid = GridConfig(storage="codebook", features=4, bits=2, base_level=2, max_level=3)
+    train = SDFTrainConfig(steps=3, batch=256, pool_size=4000, refine=0)
+    fit_sdf(m, grid, DecoderConfig(hidden=8), train, torch.device("cpu"), out_dir=tmp_path, quiet=True)
+    with pytest.raises(InputError, match="other grid settings"):
+        fit_sdf(m, GridConfig(**{**asdict(grid), "bits": 3}), DecoderConfig(hidden=8), train, torch.device("cpu"),
+                out_dir=tmp_path, resume=True, quiet=True)
+    with pytest.raises(InputError, match="other training settings"):
+        fit_sdf(m, grid, DecoderConfig(hidden=8), SDFTrainConfig(**{**asdict(train), "batch": 128}),
+                torch.device("cpu"), out_dir=tmp_path, resume=True, quiet=True)
+    res = fit_sdf(m, grid, DecoderConfig(hidden=8), SDFTrainConfig(**{**asdict(train), "steps": 5}),
+                  torch.device("cpu"), out_dir=tmp_path, resume=True, quiet=True)
+    assert res.steps == 5 and res.steps_done == 2

@@ -44,6 +44,17 @@ def parse_lod(field, lod: int | None) -> int:
     return lod
 
 
+def add_run_args(p, train_cls, outputs: str) -> None:
+    """What every fit command has: ``--seed``, ``--out``, ``--resume``, ``--quiet`` and ``--device``."""
+    config_flag(p, train_cls, "seed", help="random seed")
+    p.add_argument("--out", required=True, help=f"output directory ({outputs})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint with its settings (flags that contradict them are refused; "
+                        "--steps and --minutes may change)")
+    p.add_argument("--quiet", action="store_true")
+    add_device_arg(p)
+
+
 def add_device_arg(p) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (add_device_arg, add_grid_args, config_flag, config_from, ensure_writable_dir, given,
+from vqad.app.commands.common import (add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir, given,
                                       grid_config, refuse, report_skipped_steps, resumed_configs)
 
 FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "procedural"]
@@ -82,16 +82,10 @@ def register(sub) -> None:
                         "20 samples per ray; 1 on thin octrees from masks or depth)")
     config_flag(p, NERF_DECODER, "per_lod", flag="--per-lod-decoder", action="store_true",
                 help="one pair of MLPs per LOD instead of shared ones")
-    config_flag(p, T, "seed", help="random seed")
-    p.add_argument("--out", required=True, help="output directory (checkpoint, metrics, renders)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint with its settings (flags that contradict them are refused; "
-                        "--steps and --minutes may change)")
+    add_run_args(p, T, "checkpoint, metrics, renders")
     p.add_argument("--eval-views", default="test", help="held-out split to evaluate (test, val, ...)")
     p.add_argument("--eval-max-views", type=int, default=None, help="evaluate only the first N held-out views")
     p.add_argument("--no-eval", action="store_true", help="skip the per-LOD evaluation and renders")
-    p.add_argument("--quiet", action="store_true")
-    add_device_arg(p)
     p.set_defaults(func=cmd_fit_nerf)
 
     p = sub.add_parser("eval", help="PSNR / SSIM per LOD of a radiance field on held-out views")

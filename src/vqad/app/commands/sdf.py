@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (add_device_arg, add_grid_args, config_flag, config_from, ensure_writable_dir,
+from vqad.app.commands.common import (add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir,
                                       ensure_writable_file, given, grid_config, parse_lod, refuse,
                                       report_skipped_steps, resumed_configs)
 from vqad.sdf.evaluate import evaluate_sdf
@@ -47,15 +47,9 @@ def register(sub) -> None:
     config_flag(p, D, "layers", help="decoder hidden layers")
     config_flag(p, D, "per_lod", flag="--per-lod-decoder", action="store_true",
                 help="one decoder per LOD instead of a shared one")
-    config_flag(p, T, "seed", help="random seed")
-    p.add_argument("--out", required=True, help="output directory (checkpoint, metrics, mesh, render)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint with its settings (flags that contradict them are refused; "
-                        "--steps and --minutes may change)")
+    add_run_args(p, T, "checkpoint, metrics, mesh, render")
     p.add_argument("--no-eval", action="store_true", help="skip per-LOD metrics, mesh and render")
     p.add_argument("--mc-resolution", type=int, default=256, help="marching-cubes grid for meshes and metrics")
-    p.add_argument("--quiet", action="store_true")
-    add_device_arg(p)
     p.set_defaults(func=cmd_fit_sdf)
 
     p = sub.add_parser("mesh", help="marching-cubes mesh of an SDF model at a LOD")

@@ -81,6 +81,8 @@ def config_flag(p, defaults, name: str, flag: str | None = None, help: str = "",
     if kw.get("action") == "store_true":
         p.add_argument(flag or "--" + name.replace("_", "-"), dest=name, default=None, help=help, **kw)
         return
+    if flag and "metavar" not in kw:
+        kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
     kind = kw.pop("type", None) or (type(default) if default is not None and not isinstance(default, bool) else float)
     shown = "none" if default is None else default
     p.add_argument(flag or "--" + name.replace("_", "-"), dest=name, type=kind, default=None,

@@ -13,11 +13,11 @@ from vqad.app.commands.common import (add_device_arg, add_grid_args, add_run_arg
 from vqad.sdf.evaluate import evaluate_sdf
 
 
-SDF_TRAIN_FLAGS = ("steps", "batch", "lr", "grid_lr_scale", "logit_lr_scale", "max_minutes", "truncation", "refine",
+SDF_TRAIN_FLAGS = ("steps", "batch", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes", "truncation", "refine",
                    "refine_samples", "refine_candidates", "seed")
 DECODER_FLAGS = ("hidden", "layers", "per_lod")
 REFINE_FLAGS = {"refine": "--refine", "refine_samples": "--refine-samples", "refine_candidates": "--refine-candidates",
-                "logit_lr_scale": "--logit-lr-scale"}
+                "logit_lr_scale": "--logit-lr-scale", "codebook_lr_scale": "--codebook-lr-scale"}
 
 
 def register(sub) -> None:
@@ -34,6 +34,8 @@ def register(sub) -> None:
                                              "(codebook), whose argmax needs larger steps to move; 2e-3 otherwise)")
     config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
     config_flag(p, T, "logit_lr_scale", help="codebook logits C lr = lr × this (0: same as the grid; codebook only)")
+    config_flag(p, T, "codebook_lr_scale", type=float, help="codebooks D lr = lr × this (none or 0: same as the grid; "
+                                                           "codebook only)")
     config_flag(p, T, "max_minutes", flag="--minutes", type=float,
                 help="also stop training after this many minutes, refinement sweeps included (the lr schedule follows time too)")
     config_flag(p, T, "truncation", help="clamp distances to ±this in the loss, unit-cube units (0: no clamp)")
@@ -91,16 +93,18 @@ def _configs(args, saved: dict | None = None):
     from vqad.storages import STORAGES
 
     grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], GridConfig()))
-    if args.logit_lr_scale is not None:
-        refuse(args.logit_lr_scale < 0, "--logit-lr-scale must be >= 0 (0: same as the grid)")
+    for name in ("logit_lr_scale", "codebook_lr_scale"):
+        refuse(getattr(args, name) is not None and getattr(args, name) < 0,
+               f"--{name.replace('_', '-')} must be >= 0 (0: same as the grid)")
     discrete = STORAGES[grid.storage].discrete
     for name, flag in REFINE_FLAGS.items():
         refuse(getattr(args, name) is not None and not discrete,
                f"{flag} applies to grids with discrete indices (--grid codebook), not --grid {grid.storage}")
     dec = replace(config_from(DecoderConfig, saved and saved["decoder"], DecoderConfig()), **given(args, DECODER_FLAGS))
     over = given(args, SDF_TRAIN_FLAGS)
-    if over.get("logit_lr_scale") == 0:
-        over["logit_lr_scale"] = None
+    for name in ("logit_lr_scale", "codebook_lr_scale"):
+        if over.get(name) == 0:
+            over[name] = None
     train = replace(config_from(SDFTrainConfig, saved and saved.get("train"), SDFTrainConfig()), **over)
     if saved is None:
         train = train.resolved(grid)

@@ -22,6 +22,7 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field as dfield
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -80,7 +81,7 @@ class StepLoss:
     loss: torch.Tensor | None
     per_lod: torch.Tensor
     items: int
-    log: callable = dfield(default=lambda: {})
+    log: Callable[[], dict] = dfield(default=lambda: {})
 
 
 class FitTask:
@@ -127,7 +128,6 @@ class LoopResult:
     history: list
     skipped_steps: int  # not applied: non-finite loss or gradient
     empty_steps: int  # not applied: the batch had no sample
-    interrupted: bool = False
 
 
 class DivergenceGuard:

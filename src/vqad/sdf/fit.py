@@ -94,7 +94,6 @@ class FitResult:
     points_per_second: float
     final_loss: float
     peak_memory_bytes: int
-    interrupted: bool = False
     refine_seconds: float = 0.0  # time in Gauss–Newton index sweeps (included in ``seconds``)
     steps_done: int = 0  # steps run by this call (``steps`` counts from 0, across --resume)
     history: list = dfield(default_factory=list)

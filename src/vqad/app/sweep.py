@@ -109,6 +109,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("draco-mc", "Draco, marching cubes of dense", "q", (8, 10, 12, 14), "draco", sdf_only=True),
 )}
 SELECTABLE = [n for n, m in METHODS.items() if m.kind != "stream"]
+GRID_OPTION_OF_PARAM = {"b": "bits", "T": "table_bits", "r": "rank"}  # a method's setting → its GridConfig field
 # default method set, in the order the points run: cheap and shared work first
 DEFAULT_METHODS = ("draco-input", "dense", "kmeans", "lowrank", "draco-mc", "codebook", "hash")
 METHOD_SPEC_HELP = (
@@ -699,11 +700,9 @@ class Sweep:
         from vqad.config import GridConfig, parse_levels
 
         base, top = parse_levels(self.cfg.levels)
-        storage = METHODS[p.method].grid
-        g = GridConfig(storage=storage, features=self.cfg.features, base_level=base, max_level=top,
-                       bits=p.setting if storage == "codebook" else 4)
-        if p.method == "hash":
-            g.table_bits = p.setting
+        m = METHODS[p.method]
+        option = {GRID_OPTION_OF_PARAM[m.param]: p.setting} if m.param in GRID_OPTION_OF_PARAM else {}
+        g = GridConfig(storage=m.grid, features=self.cfg.features, base_level=base, max_level=top, **option)
         g.validate()
         return g
 

@@ -1,4 +1,4 @@
-"""Baseline storages (vqad.baselines): low rank, post-hoc k-means, hash; references, round trips, CLI."""
+"""Baseline storages: low rank, post-hoc k-means (a baked codebook), hash; references, round trips, CLI."""
 
 import json
 import math
@@ -11,7 +11,8 @@ import trimesh
 import vqad
 from vqad.posthoc import posthoc
 from vqad.storages.hash import HashStorage, spatial_hash
-from vqad.storages.kmeans import KMeansStorage, kmeans, kmeans_plus_plus
+from vqad.storages.codebook import CodebookStorage
+from vqad.storages.kmeans import codebook_from_dense, kmeans, kmeans_plus_plus
 from vqad.storages.lowrank import LowRankStorage, pca
 from vqad import fileformat as F
 from vqad.checkpoint import load_checkpoint, save_checkpoint
@@ -92,10 +93,10 @@ BASELINES = ["kmeans", "lowrank-posthoc", "lowrank", "hash"]
 
 # -- registration and round trips ---------------------------------------------------------------------
 def test_registered_and_configurable():
-    assert {"lowrank", "kmeans", "hash"} <= set(STORAGES)
+    assert {"lowrank", "hash"} <= set(STORAGES) and "kmeans" not in STORAGES  # k-means makes a baked codebook
     GridConfig(storage="hash", table_bits=10).validate()
     GridConfig(storage="lowrank", features=8, rank=4).validate()
-    GridConfig(storage="kmeans", bits=6).validate()
+    GridConfig(storage="lowrank", features=8).validate()  # r = k // 2
     verts = shell_octree().vertices[3]
     s = make_storage("hash", verts.shape[0], 4, bits=9, rank=2, table_bits=5, vertices=verts)
     assert isinstance(s, HashStorage) and s.params() == {"table_bits": 5}
@@ -151,7 +152,7 @@ def test_stored_bits_equal_layout_and_formula(name):
         assert sum(lay.stored_bits() for lay in layout) == s.stored_bits()
         m, k = s.m, s.k
         expected = {
-            KMeansStorage: lambda: m * s.b + 16 * k * (1 << s.b),
+            CodebookStorage: lambda: m * s.b + 16 * k * (1 << s.b),
             LowRankStorage: lambda: 16 * (m * s.r + s.r * k + k),
             HashStorage: lambda: 16 * k * (1 << s.T),
         }[type(s)]()
@@ -219,12 +220,13 @@ def test_kmeans_plus_plus_is_deterministic_and_handles_few_rows():
     assert res.inertia == 0.0 and len(set(res.labels.tolist())) == 3
 
 
-def test_kmeans_storage_from_dense():
+def test_kmeans_codebook_from_dense():
     torch.manual_seed(0)
     dense = DenseStorage(300, 4)
     dense.Z.data = torch.randn(300, 4)
-    s1, s2 = KMeansStorage.from_dense(dense, 3, seed=7), KMeansStorage.from_dense(dense, 3, seed=7)
+    s1, s2 = codebook_from_dense(dense, 3, seed=7), codebook_from_dense(dense, 3, seed=7)
     assert torch.equal(s1.D, s2.D) and torch.equal(s1.V, s2.V)  # deterministic given the seed
+    assert s1.kind == "codebook" and s1.params() == {"bits": 3}  # the one stored form D[V]
     assert s1.baked and s1.D.shape == (8, 4) and s1.V.shape == (300,) and int(s1.V.max()) < 8
     assert torch.equal(s1.D, s1.D.half().float())  # stored in fp16 ...
     d = ((dense.Z.detach()[:, None] - s1.D[None]) ** 2).sum(-1)
@@ -234,7 +236,7 @@ def test_kmeans_storage_from_dense():
     # m < 2^b: every vertex gets its own (fp16) centroid, the error is that of fp16 rounding only
     small = DenseStorage(5, 4)
     small.Z.data = torch.randn(5, 4).half().float()
-    s = KMeansStorage.from_dense(small, 4)
+    s = codebook_from_dense(small, 4)
     assert s.reconstruction_error == 0.0 and torch.equal(s(torch.arange(5)), small.Z.detach())
 
 
@@ -364,16 +366,16 @@ def test_hash_trains_with_sparse_adam():
     (lambda: spatial_hash(torch.zeros(2, 3, dtype=torch.long), 0), "table_bits"),
     (lambda: HashStorage.create(5, 4, table_bits=8), "vertices"),
     (lambda: HashStorage.create(5, 4, table_bits=8, vertices=torch.zeros(4, 3, dtype=torch.long)), "vertices"),
-    (lambda: KMeansStorage.create(10, 4, bits=4), "vqad compress"),
+    (lambda: make_storage("kmeans", 10, 4, bits=4), "vqad compress"),
     (lambda: OctreeGrid.from_octree(shell_octree(), GridConfig("kmeans", 4, 4, 2, 4)), "post"),
-    (lambda: KMeansStorage.stored_layout(10, 4, bits=13), "bits"),
+    (lambda: CodebookStorage.stored_layout(10, 4, bits=13), "bits"),
     (lambda: posthoc(baseline_field("hash"), "kmeans", bits=4), "dense"),
     (lambda: posthoc(dense_field(), "lowrank"), "rank"),
     (lambda: posthoc(dense_field(), "lowrank", rank=6), "rank"),
     (lambda: posthoc(dense_field(), "kmeans", bits=0), "bits"),
     (lambda: posthoc(dense_field(), "kmeans", rank=2), "rank"),
     (lambda: posthoc(dense_field(), "hash"), "post-hoc"),
-    (lambda: KMeansStorage.from_dense(LowRankStorage(10, 4), 3), "dense"),
+    (lambda: codebook_from_dense(LowRankStorage(10, 4), 3), "dense"),
 ])
 def test_bad_parameters(make, needle):
     with pytest.raises(InputError, match=needle):
@@ -386,7 +388,7 @@ def test_posthoc_keeps_the_decoder_and_the_source():
     rng = torch.random.get_rng_state()
     new = posthoc(dense, "kmeans", bits=2, fp16=False)
     assert torch.equal(rng, torch.random.get_rng_state())  # the caller's RNG is left alone
-    assert new.grid.cfg.storage == "kmeans" and new.grid.cfg.bits == 2 and new.baked
+    assert new.grid.cfg.storage == "codebook" and new.grid.cfg.bits == 2 and new.baked
     assert dense.grid.cfg.storage == "dense" and not dense.baked
     state = new.decoder_state()
     assert all(torch.equal(state[k], before[k]) for k in before)  # fp16=False: not even rounded
@@ -400,6 +402,28 @@ def test_posthoc_keeps_the_decoder_and_the_source():
     assert math.isclose(err, s_new.reconstruction_error, rel_tol=1e-5) and 0 < err < 1
     assert outputs(new, x, 4).shape == (300,)
 
+
+
+def test_old_kmeans_files_and_checkpoints_load_as_codebooks(tmp_path):
+    """Files and checkpoints written when k-means was a storage kind of its own ("kmeans") hold
+    exactly a baked codebook's D and V: they load as one."""
+    field = baseline_field("kmeans")
+    assert field.grid.cfg.storage == "codebook"
+    field.grid.cfg.storage = "kmeans"  # what older vqad wrote, byte for byte otherwise
+    old = F.to_bytes(field)
+    assert b'"storage":"kmeans"' in old
+    field.grid.cfg.storage = "codebook"
+    back = F.load(old)
+    assert back.grid.cfg.storage == "codebook" and F.read_info(old).config["grid"]["storage"] == "codebook"
+    assert_same_outputs(field, back)
+    save_checkpoint(tmp_path / "ck", field)
+    cfg_path = tmp_path / "ck" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["grid"]["storage"] = "kmeans"
+    cfg_path.write_text(json.dumps(cfg))
+    back, _ = load_checkpoint(tmp_path / "ck")
+    assert back.grid.cfg.storage == "codebook"
+    assert_same_outputs(field, back)
 
 # -- CLI -----------------------------------------------------------------------------------------------
 @pytest.fixture
@@ -424,7 +448,8 @@ def test_cli_fit_hash_compress_and_export(tmp_path, capsys, sphere):
         assert main(["compress", str(tmp_path / "dense"), "--to", to, *extra, "--out", str(out)]) == 0
         assert "relative feature error" in capsys.readouterr().out
         field, cfg = load_checkpoint(out)
-        assert cfg["baked"] and cfg["grid"]["storage"] == to and cfg["posthoc"]["kind"] == to
+        stored = {"kmeans": "codebook"}.get(to, to)  # k-means is stored as a baked codebook
+        assert cfg["baked"] and cfg["grid"]["storage"] == stored and cfg["posthoc"]["kind"] == to
         assert main(["export", str(out), "-o", str(tmp_path / f"{to}.vqad"), "--entropy"]) == 0
         assert_same_outputs(field, vqad.load(tmp_path / f"{to}.vqad"))
     capsys.readouterr()

@@ -9,7 +9,6 @@ from vqad.optim import make_optimizers
 from vqad.errors import InputError
 from vqad.checkpoint import load_optimizer_state, save_checkpoint, load_checkpoint
 from vqad.optim import RowwiseSparseRMSprop
-from vqad.storages.codebook import CodebookStorage
 
 from test_storage import _small_field
 
@@ -61,7 +60,7 @@ def test_wide_codebooks_get_bounded_state_and_resume(tmp_path):
         T.zero_grad(opts)
         field.all_lods(x, field.lods).pow(2).mean().backward()
         T.step(opts)
-    Cs = [s.C for s in field.grid.storages if isinstance(s, CodebookStorage)]
+    Cs = [s.C for s in field.grid.storages]
     state_numel = sum(t.numel() for st in opts["logits"].state.values() for t in st.values())
     assert state_numel == 2 * sum(C.shape[0] for C in Cs)
     assert opts["logits"].param_groups[0]["lr"] == 1.0
@@ -106,3 +105,51 @@ def test_resuming_with_other_parameter_groups_is_a_clear_error(tmp_path):
     opts["dense"] = torch.optim.Adam([{"params": dense[:1]}, {"params": dense[1:2]}, {"params": dense[2:]}])
     with pytest.raises(InputError, match="resume with the options"):
         load_optimizer_state(tmp_path / "ck", opts, cfg)
+
+
+def _grouping(field, opts):
+    """{optimizer: (class, [(lr, [parameter names])])}: what a checkpoint's optimizer state is keyed by."""
+    names = {id(p): n for n, p in field.named_parameters()}
+    return {o: (type(opt).__name__, [(g["lr"], [names[id(p)] for p in g["params"]]) for g in opt.param_groups])
+            for o, opt in opts.items()}
+
+
+def _grid_names(field, *attrs):
+    return [f"grid.storages.{i}.{a}" for i in range(len(field.grid.storages)) for a in attrs]
+
+
+@pytest.mark.parametrize("storage, bits", [("dense", 4), ("codebook", 4), ("codebook", 8), ("hash", 4), ("lowrank", 4)])
+def test_grouping_is_pinned(storage, bits):
+    """The optimizers, groups, group order and parameter order of every kind (checkpoints' optimizer
+    state is keyed by them, and a fit's numbers depend on them)."""
+    field, _ = _small_field(storage, bits=bits)
+    decoder = [n for n, p in field.named_parameters() if not n.startswith("grid.")]
+    lr, g = 1e-2, 1e-2 * 10.0
+    for logit_scale, codebook_scale in [(None, None), (100.0, 300.0)]:
+        got = _grouping(field, make_optimizers(field, lr, 10.0, logit_scale, codebook_scale))
+        lg = g if logit_scale is None else lr * logit_scale
+        cb = g if codebook_scale is None else lr * codebook_scale
+        if storage in ("dense", "hash"):
+            attr = {"dense": "Z", "hash": "table"}[storage]
+            want = {"sparse": ("SparseAdam", [(g, _grid_names(field, attr))]), "dense": ("Adam", [(lr, decoder)])}
+        elif storage == "lowrank":
+            want = {"sparse": ("SparseAdam", [(g, _grid_names(field, "A"))]),
+                    "dense": ("Adam", [(lr, decoder), (g, _grid_names(field, "B", "mean"))])}
+        else:
+            Cs, Ds = _grid_names(field, "C"), _grid_names(field, "D")
+            dense = [(lr, decoder)] + ([(g, Ds)] if codebook_scale is None else [(cb, Ds)])
+            if bits >= 8:  # row-wise second moments: O(m) state
+                want = {"logits": ("RowwiseSparseRMSprop", [(lg, Cs)]), "dense": ("Adam", dense)}
+            else:
+                want = {"sparse": ("SparseAdam", [(lg, Cs)]), "dense": ("Adam", dense)}
+        assert got == want, (logit_scale, codebook_scale)
+        assert list(got) == list(want)
+    field.bake(fp16=False)  # nothing left to train in the grid or the decoders
+    assert _grouping(field, make_optimizers(field, lr, 10.0)) == {"dense": ("Adam", [(lr, [])])}
+
+
+def test_undeclared_trainable_grid_parameters_are_refused():
+    field, _ = _small_field("dense")
+    field.grid.storages[0].extra = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(RuntimeError, match="param_groups"):
+        make_optimizers(field, 1e-2, 10.0)

@@ -96,6 +96,25 @@ def test_refine_never_raises_the_loss_and_recovers_planted_indices():
     assert grid.training  # the train/eval mode is restored
 
 
+
+def test_refine_moves_a_baked_codebook_as_it_moves_a_training_one():
+    """Indices are set through the storage: logits in training, V itself once baked; same moves."""
+    from vqad.refine import has_codebook
+
+    grid, x = _grid(seed=5, bits=2)
+    torch.manual_seed(6)
+    A = {lod: torch.randn(4, 1) for lod in grid.lods}
+    fn = _linear_chunks(x, torch.randn(x.shape[0], 1), A, chunk=128)
+    baked, _ = _grid(seed=5, bits=2)
+    baked.load_state_dict(grid.state_dict())
+    baked.bake(fp16=False)
+    assert has_codebook(grid) and has_codebook(baked)
+    a, b = refine_indices(grid, fn), refine_indices(baked, fn)
+    assert a == b and sum(st.changed for st in a) > 0
+    assert all(torch.equal(s.indices(), t.indices()) for s, t in zip(grid.storages, baked.storages))
+    dense = OctreeGrid.from_octree(grid.octree, GridConfig(storage="dense", features=4, base_level=1, max_level=3))
+    assert not has_codebook(dense) and refine_indices(dense, fn) == []
+
 def test_refine_sdf_lowers_the_loss_of_a_trained_sphere(one_thread):
     import numpy as np
     import trimesh

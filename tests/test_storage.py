@@ -90,3 +90,73 @@ def test_size_accounting_matches_formula():
 def test_bits_out_of_range(bits):
     with pytest.raises(InputError, match="bits"):
         CodebookStorage(10, 4, bits=bits)
+
+
+# -- what each kind declares ---------------------------------------------------------------------
+def test_each_kind_declares_its_options():
+    from vqad.storages import STORAGES, options_of
+
+    assert {kind: options_of(kind) for kind in STORAGES} == {
+        "dense": (), "codebook": ("bits",), "lowrank": ("rank",), "hash": ("table_bits",)}
+    assert STORAGES["hash"].create_args == ("table_bits", "vertices")  # vertices come from the octree
+    assert [kind for kind, cls in STORAGES.items() if cls.discrete] == ["codebook"]
+    with pytest.raises(InputError, match="post-hoc"):
+        options_of("kmeans")  # made post hoc, stored as a baked codebook
+    with pytest.raises(InputError, match="choose one of"):
+        options_of("nope")
+
+
+def test_grid_config_validates_only_the_options_its_kind_uses():
+    GridConfig(storage="dense", bits=0).validate()  # dense has no b
+    with pytest.raises(InputError, match="bits"):
+        GridConfig(storage="codebook", bits=0).validate()
+    with pytest.raises(InputError, match="bits"):
+        GridConfig(storage="codebook", bits=True).validate()
+    with pytest.raises(InputError, match="unknown grid storage"):
+        GridConfig(storage="nope").validate()
+
+
+def test_set_indices_moves_the_argmax_by_swapping_two_logits():
+    torch.manual_seed(3)
+    s = CodebookStorage(m=30, k=3, bits=3)
+    C0 = s.C.detach().clone()
+    rows = torch.tensor([0, 4, 7, 9, 29])
+    new = torch.tensor([5, 5, 0, 7, int(C0[29].argmax())])  # the last one already holds its index
+    s.set_indices(rows, new)
+    assert torch.equal(s.indices()[rows], new)
+    ref = C0.clone()
+    for i, j in zip(rows.tolist(), new.tolist()):  # a loop: swap the row's max logit with logit j
+        a = int(ref[i].argmax())
+        ref[i, a], ref[i, j] = C0[i, j], C0[i, a]
+    assert torch.equal(s.C.detach(), ref)
+    # baked: V itself
+    s.bake(fp16=False)
+    V = s.indices().clone()
+    s.set_indices(torch.tensor([1, 2]), torch.tensor([6, 3]))
+    V[1], V[2] = 6, 3
+    assert torch.equal(s.indices(), V) and torch.equal(s(torch.arange(30)), s.codebook()[V])
+
+
+def test_only_discrete_kinds_have_indices():
+    s = DenseStorage(5, 2)
+    for call in (s.indices, s.codebook, lambda: s.set_indices(torch.tensor([0]), torch.tensor([1]))):
+        with pytest.raises(NotImplementedError, match="discrete"):
+            call()
+
+
+def test_baked_codebook_from_indices():
+    D = torch.randn(8, 3).half().float()
+    V = torch.tensor([0, 7, 3, 3, 1])
+    rng = torch.random.get_rng_state()
+    s = CodebookStorage.from_indices(D, V)
+    assert torch.equal(rng, torch.random.get_rng_state())  # draws no random numbers
+    assert s.baked and s.discrete and s.b == 3 and s.m == 5 and s.k == 3 and s.C is None
+    assert s.params() == {"bits": 3} and s.param_groups() == [] and s.logit_parameters() == []
+    assert torch.equal(s(torch.tensor([[1, 2]])), D[V[[1, 2]]][None])
+    back = CodebookStorage.from_export(5, 3, s.export_tensors(), bits=3)
+    assert torch.equal(back.indices(), V) and torch.equal(back.codebook(), D)
+    for bad_D, bad_V, needle in [(torch.zeros(6, 3), V, "2\\^b rows"), (torch.zeros(8), V, "shape"),
+                                 (D, torch.tensor([0, 8]), "0..7"), (D, torch.zeros(0, dtype=torch.long), "non-empty"),
+                                 (torch.zeros(1 << 13, 2), V, "bits")]:
+        with pytest.raises(InputError, match=needle):
+            CodebookStorage.from_indices(bad_D, bad_V)

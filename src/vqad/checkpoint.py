@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vqad.config import GridConfig, from_dict
+from vqad.config import GridConfig
 from vqad.errors import InputError
 from vqad.field import field_config, field_from_config
 from vqad.grid import OctreeGrid
@@ -109,7 +109,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
 
 def build_field(cfg: dict, tensors: dict[str, torch.Tensor], device, baked: bool):
     """Rebuild a field from its config and named tensors (training or stored form)."""
-    grid_cfg = from_dict(GridConfig, cfg["grid"])
+    grid_cfg = GridConfig.from_stored(cfg["grid"])  # an old storage name is read as today's kind
     octree = SparseOctree.from_codes(tensors["octree.codes"].to(device), grid_cfg.base_level, grid_cfg.max_level)
 
     def sub(prefix: str) -> dict[str, torch.Tensor]:

@@ -6,35 +6,43 @@ from dataclasses import asdict, dataclass, fields
 
 from vqad.errors import InputError
 from vqad.octree import check_levels
-from vqad.storages.hash import DEFAULT_TABLE_BITS, check_table_bits
-from vqad.storages.lowrank import check_rank
-from vqad.storages import STORAGES
-from vqad.storages.base import check_bits
+from vqad.storages import RENAMED, storage_class
+from vqad.storages.hash import DEFAULT_TABLE_BITS
 
 
 @dataclass
 class GridConfig:
-    """The feature grid: octree levels, storage kind and the paper's k and b (see vqad.baselines)."""
+    """The feature grid: octree levels, storage kind and the paper's k and b (see :mod:`vqad.storages`).
 
-    storage: str = "codebook"  # dense | codebook | hash | lowrank | kmeans
+    Each kind uses only the options :func:`vqad.storages.options_of` names (and validates them);
+    the others keep their defaults.
+    """
+
+    storage: str = "codebook"  # dense | codebook | hash | lowrank (vqad.storages.STORAGES)
     features: int = 16  # k
-    bits: int = 4  # b (codebook, kmeans)
+    bits: int = 4  # b (codebook)
     base_level: int = 3
     max_level: int = 7
     rank: int | None = None  # r (lowrank): 1..k-1; None: k // 2
     table_bits: int = DEFAULT_TABLE_BITS  # T (hash): 2^T table rows per level
 
     def validate(self) -> None:
-        if self.storage not in STORAGES:
-            raise InputError(f"unknown grid storage {self.storage!r}: choose one of {', '.join(STORAGES)}")
-        check_bits(self.bits)
+        cls = storage_class(self.storage)
         check_levels(self.base_level, self.max_level)
         if not 1 <= self.features <= 256:
             raise InputError(f"features (k) must be in 1..256, got {self.features}")
-        if self.storage == "lowrank" and self.rank is not None:
-            check_rank(self.rank, self.features)
-        if self.storage == "hash":
-            check_table_bits(self.table_bits)
+        cls.check_options(self)
+
+    @classmethod
+    def from_stored(cls, data: dict) -> "GridConfig":
+        """The grid config a checkpoint or .vqad header holds (unknown keys refused, not validated).
+
+        A storage name older files used for a form another kind holds now is read as that kind
+        (:data:`vqad.storages.RENAMED`: ``kmeans`` → ``codebook``, the same ``D`` fp16 + ``V`` b-bit form).
+        """
+        cfg = from_dict(cls, data)
+        cfg.storage = RENAMED.get(cfg.storage, cfg.storage)
+        return cfg
 
     @property
     def lods(self) -> list[int]:

@@ -46,7 +46,7 @@ import torch
 
 from vqad import entropy as E
 from vqad.bitpack import pack_bits, packed_size, unpack_bits
-from vqad.config import GridConfig, from_dict, to_dict
+from vqad.config import GridConfig, to_dict
 from vqad.errors import CorruptStreamError, InputError, StreamError, TruncatedStreamError, VqadError
 from vqad.field import field_config, field_from_config
 from vqad.grid import OctreeGrid
@@ -484,8 +484,9 @@ class StreamDecoder:
             raise _corrupt("header JSON has no 'field' object")
         cfg = doc["field"]
         try:
-            grid_cfg = from_dict(GridConfig, cfg["grid"])
+            grid_cfg = GridConfig.from_stored(cfg["grid"])  # an old storage name is read as today's kind
             grid_cfg.validate()
+            cfg = dict(cfg, grid=to_dict(grid_cfg))
             params = cfg["storage_params"]
             if not isinstance(params, list) or len(params) != len(grid_cfg.lods) or not all(isinstance(p, dict) for p in params):
                 raise InputError(f"storage_params must hold one object per level ({len(grid_cfg.lods)})")

@@ -54,44 +54,49 @@ class RowwiseSparseRMSprop(torch.optim.Optimizer):
 
 
 
-ROWWISE_MIN_CODES = 256  # logits with 2^b ≥ this many columns (b ≥ 8) use the O(m)-state optimizer
+#: the order of each optimizer's groups, by learning-rate scale (see :class:`~vqad.storages.ParamGroup`)
+_RATE_ORDER = ("grid", "logit", "codebook")
 
 
 def make_optimizers(field: torch.nn.Module, lr: float, grid_lr_scale: float,
                     logit_lr_scale: float | None = None,
                     codebook_lr_scale: float | None = None) -> dict[str, torch.optim.Optimizer]:
-    """Optimizers by parameter role (see the module docstring); ``logit_lr_scale=None`` and
-    ``codebook_lr_scale=None``: the grid's.
+    """The optimizers of a field, from what each grid storage declares (``param_groups()``).
 
-    Codebook logits ``C (m, 2^b)`` with b ≥ 8 go to :class:`~vqad.optim.RowwiseSparseRMSprop`
-    (state: two ``(m,)`` tensors) instead of SparseAdam (state: two more ``(m, 2^b)`` tensors), so
-    training memory stays ≈ one copy of C whatever the bitrate.
+    * ``"sparse"``: SparseAdam over the storages' ``sparse`` groups (dense Z, hash θ, low-rank A,
+      codebook logits C up to b = 7), one group per learning rate;
+    * ``"logits"``: :class:`RowwiseSparseRMSprop` over their ``rowwise`` groups (codebook logits C
+      ``(m, 2^b)`` from b = 8 on: state two ``(m,)`` tensors instead of SparseAdam's two more
+      ``(m, 2^b)``, so training memory stays ≈ one copy of C whatever the bitrate);
+    * ``"dense"``: Adam over the decoders (``lr``), then the storages' ``dense`` groups (low-rank B
+      and μ, codebooks D).
+
+    A group's learning rate is ``lr ×`` its scale: ``grid_lr_scale``, ``logit_lr_scale`` or
+    ``codebook_lr_scale``; these last two, when ``None``, are the grid's, and their groups then merge
+    into the grid's. Empty optimizers (and empty storage groups) are left out.
     """
-    sparse = [p for s in field.grid.storages for p in s.sparse_parameters()]
-    sparse_ids = {id(p) for p in sparse}
-    logits = [p for s in field.grid.storages for p in s.logit_parameters()]
-    wide = [p for p in logits if p.shape[1] >= ROWWISE_MIN_CODES]
-    wide_ids = {id(p) for p in wide}
-    logit_ids = {id(p) for p in logits if id(p) not in wide_ids} if logit_lr_scale else set()
-    logit_lr = lr * (logit_lr_scale or grid_lr_scale)
-    codebooks = [p for s in field.grid.storages for p in s.codebook_parameters()] if codebook_lr_scale else []
-    codebook_ids = {id(p) for p in codebooks}
-    grid_dense = [p for p in field.grid.parameters()
-                  if p.requires_grad and id(p) not in sparse_ids and id(p) not in codebook_ids]
+    scales = {"grid": grid_lr_scale, "logit": logit_lr_scale, "codebook": codebook_lr_scale}
+    buckets: dict[tuple[str, str], list[torch.nn.Parameter]] = {}
+    declared = set()
+    for s in field.grid.storages:
+        for g in s.param_groups():
+            rate = g.rate if scales[g.rate] else "grid"
+            buckets.setdefault((g.optimizer, rate), []).extend(g.params)
+            declared.update(id(p) for p in g.params)
+    hidden = [n for n, p in field.grid.named_parameters() if p.requires_grad and id(p) not in declared]
+    if hidden:
+        raise RuntimeError(f"grid parameters {', '.join(hidden)} are trainable but no storage declares them "
+                           "in param_groups(): every trainable storage parameter needs a group")
+
+    def groups(optimizer: str) -> list[dict]:
+        return [{"params": buckets[(optimizer, r)], "lr": lr * scales[r]} for r in _RATE_ORDER if buckets.get((optimizer, r))]
+
     grid_ids = {id(p) for p in field.grid.parameters()}
     rest = [p for p in field.parameters() if p.requires_grad and id(p) not in grid_ids]
     opts: dict[str, torch.optim.Optimizer] = {}
-    sparse_groups = [{"params": [p for p in sparse if id(p) not in logit_ids | wide_ids], "lr": lr * grid_lr_scale},
-                     {"params": [p for p in sparse if id(p) in logit_ids], "lr": logit_lr}]
-    sparse_groups = [g for g in sparse_groups if g["params"]]
-    if sparse_groups:
-        opts["sparse"] = torch.optim.SparseAdam(sparse_groups)
-    if wide:
-        opts["logits"] = RowwiseSparseRMSprop(wide, lr=logit_lr)
-    groups = [{"params": rest, "lr": lr}]
-    if grid_dense:
-        groups.append({"params": grid_dense, "lr": lr * grid_lr_scale})
-    if codebooks:
-        groups.append({"params": codebooks, "lr": lr * codebook_lr_scale})
-    opts["dense"] = torch.optim.Adam(groups)
+    if sparse := groups("sparse"):
+        opts["sparse"] = torch.optim.SparseAdam(sparse)
+    if rowwise := groups("rowwise"):
+        opts["logits"] = RowwiseSparseRMSprop(rowwise)
+    opts["dense"] = torch.optim.Adam([{"params": rest, "lr": lr}, *groups("dense")])
     return opts

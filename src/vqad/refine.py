@@ -35,8 +35,6 @@ from typing import Callable
 
 import torch
 
-from vqad.storages.codebook import CodebookStorage
-
 
 @dataclass
 class RefineChunk:
@@ -100,8 +98,8 @@ def summed_features(grid, x: torch.Tensor, level: int) -> dict[int, torch.Tensor
 
 
 def has_codebook(grid) -> bool:
-    """Whether any level of ``grid`` is a codebook storage (something to refine)."""
-    return any(isinstance(s, CodebookStorage) for s in grid.storages)
+    """Whether any level of ``grid`` holds indices into a codebook (``discrete``: something to refine)."""
+    return any(s.discrete for s in grid.storages)
 
 
 def format_stats(stats: list[RefineStats]) -> str:
@@ -173,16 +171,6 @@ def _linearize(grid, level: int, chunks: list[RefineChunk]) -> _Linearized:
 def _total_loss(grid, level: int, chunks: list[RefineChunk]) -> float:
     return sum(float(sum((r ** 2).sum() for r in ch.residuals(summed_features(grid, ch.x, level)).values()))
                for ch in chunks)
-
-
-def _set_indices(s: CodebookStorage, rows: torch.Tensor, new: torch.Tensor) -> None:
-    """Make ``argmax C[rows] = new`` by swapping each row's max logit with the new index's logit."""
-    with torch.no_grad():
-        C = s.C.data
-        old = C[rows].argmax(dim=-1)
-        c_old = C[rows, old].clone()
-        C[rows, old] = C[rows, new]
-        C[rows, new] = c_old
 
 
 @torch.no_grad()
@@ -335,8 +323,9 @@ def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = N
     result, and a level whose real loss went up is put back as it was.
 
     Args:
-        grid: an :class:`~vqad.grid.OctreeGrid` whose codebook storages are still training (they
-            hold logits C; the argmax of each changed row is moved, by swapping two logits).
+        grid: an :class:`~vqad.grid.OctreeGrid`; its ``discrete`` storages (codebooks) are refined,
+            each changed index set by ``storage.set_indices`` (in training: the argmax of the row's
+            logits C is moved by swapping two logits; baked: V is written).
         chunks: the loss, see :class:`RefineChunk` (the same chunks serve every level).
         classes: 8 (one parity class at a time, see the module docstring) or 1 (all at once).
         check: other chunks of the same loss on which each level's moves must lower the loss to be
@@ -356,29 +345,27 @@ def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = N
     stats = []
     if not chunks:  # nothing to fit (e.g. no ray met an occupied cell)
         return stats
-    levels = [lv for lv in (levels or grid.lods) if isinstance(grid.storage(lv), CodebookStorage)]
+    levels = [lv for lv in (levels or grid.lods) if grid.storage(lv).discrete]
     was_training = grid.training
     grid.eval()  # hard features in the forward pass, no straight-through softmax
     try:
         for level in levels:
             s = grid.storage(level)
-            if s.baked:
-                raise ValueError("refine_indices needs a training codebook (with logits C), not a baked one")
             lin = _linearize(grid, level, chunks)
             before = lin.loss if check is None else _total_loss(grid, level, check)
             V0 = s.indices().clone()
             parity = vertex_parity(grid.octree.vertices[level])
             if measured:
-                V1 = _refine_level_exact(grid, level, chunks, lin, s.D.detach(), V0, parity, measured)
+                V1 = _refine_level_exact(grid, level, chunks, lin, s.codebook(), V0, parity, measured)
             else:
-                V1 = _refine_level(lin, s.D.detach(), V0, parity, classes)
+                V1 = _refine_level(lin, s.codebook(), V0, parity, classes)
             del lin.J
             rows = (V1 != V0).nonzero().squeeze(1)
-            _set_indices(s, rows, V1[rows])
+            s.set_indices(rows, V1[rows])
             after = _total_loss(grid, level, chunks if check is None else check)
             undone = 0
             if after > before:  # the linear model (or the samples) misled us here: put the level back
-                _set_indices(s, rows, V0[rows])
+                s.set_indices(rows, V0[rows])
                 after, undone = before, 1
             stats.append(RefineStats(level, 0 if undone else int(rows.numel()), s.m, before, after, undone))
     finally:

@@ -1,18 +1,4 @@
-"""Feature storages: how the k features of a level's m vertices are held.
-
-Every storage has the same small interface, so the method (``codebook``, VQ-AD) and each baseline
-(``dense`` here; ``lowrank``, ``kmeans`` and ``hash`` in :mod:`vqad.baselines`, registered in
-:data:`STORAGES` when the package is imported) differ only in this object:
-
-* ``create(m, k, **options)``: a fresh storage for training (:func:`make_storage` passes each kind
-  the options it names in ``create_args``: ``bits``, ``rank``, ``table_bits``, ``vertices``);
-* ``forward(vertex_ids)``: ``(...,) int64 -> (..., k)`` features of those vertices;
-* ``bake(fp16=True)``: switch to the inference form that is written to a file (and, with
-  ``fp16``, round every stored float to fp16 so that what is evaluated is what is stored);
-* ``stored_bits()``: bits of the stored form (no container overhead);
-* ``export_tensors()`` / ``from_export(m, k, tensors, vertices=..., **params)``: the stored form as
-  named tensors, and back. ``vertices`` (the level's integer vertex coordinates, from the octree) is
-  what a kind that derives data from vertex positions (``hash``) rebuilds it from; it is never stored.
+"""The interface every feature storage implements (see :mod:`vqad.storages` for the whole list).
 
 Symbols follow the paper: m vertices, k features, b bits, codebook ``D (2^b, k)``, training logits
 ``C (m, 2^b)``, baked indices ``V (m,)``.
@@ -29,6 +15,16 @@ from torch import nn
 from vqad.errors import InputError
 
 MIN_BITS, MAX_BITS = 1, 12
+
+#: the arguments of :meth:`FeatureStorage.create` that come from the octree, not from the user's options
+OCTREE_ARGS = ("vertices",)
+#: how a group of parameters is optimized (:func:`vqad.optim.make_optimizers` maps these to optimizers):
+#: ``sparse`` SparseAdam (sparse gradients), ``rowwise`` RowwiseSparseRMSprop (sparse gradients of a wide
+#: 2-D tensor, one second moment per row), ``dense`` Adam
+OPTIMIZERS = ("sparse", "rowwise", "dense")
+#: which learning-rate scale applies to a group: ``grid`` (``grid_lr_scale``), ``logit``
+#: (``logit_lr_scale``) and ``codebook`` (``codebook_lr_scale``), each of the last two the grid's when unset
+RATES = ("grid", "logit", "codebook")
 
 
 @dataclass(frozen=True)
@@ -55,14 +51,33 @@ class TensorLayout:
         return self.numel * self.bits
 
 
+@dataclass(frozen=True)
+class ParamGroup:
+    """Training parameters of one storage that share an optimizer and a learning rate.
+
+    ``optimizer`` is one of :data:`OPTIMIZERS`, ``rate`` one of :data:`RATES`.
+    """
+
+    params: tuple[nn.Parameter, ...]
+    optimizer: str
+    rate: str = "grid"
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS or self.rate not in RATES:
+            raise ValueError(f"ParamGroup optimizer must be one of {OPTIMIZERS} and rate one of {RATES}, "
+                             f"got {self.optimizer!r}, {self.rate!r}")
+
+
 class FeatureStorage(nn.Module):
     """Base class: k features for each of m vertices."""
 
     kind: ClassVar[str] = ""
-    #: the options of :func:`make_storage` that :meth:`create` takes (the others are for other kinds)
-    create_args: ClassVar[tuple[str, ...]] = ("bits",)
-    #: whether features are b-bit indices V into a codebook D (what index refinement and the fit's
-    #: per-storage defaults ask about; never test a storage's type or name for it)
+    #: the arguments :meth:`create` takes from :func:`~vqad.storages.make_storage`: the
+    #: :class:`~vqad.config.GridConfig` options this kind uses (``bits``, ``rank``, ``table_bits``),
+    #: plus ``vertices`` (:data:`OCTREE_ARGS`) for a kind that derives data from vertex positions
+    create_args: ClassVar[tuple[str, ...]] = ()
+    #: whether features are b-bit indices V into a codebook D (:meth:`indices`, :meth:`codebook` and
+    #: :meth:`set_indices` then work; index refinement and the fit's per-storage defaults ask this)
     discrete: ClassVar[bool] = False
 
     def __init__(self, m: int, k: int):
@@ -71,7 +86,21 @@ class FeatureStorage(nn.Module):
             raise InputError(f"a feature storage needs m > 0 vertices and k > 0 features, got m={m}, k={k}")
         self.m, self.k = int(m), int(k)
         self.baked = False
+        #: ``||Z − Ẑ||² / ||Z||²`` of a storage converted after training from a dense ``Z`` (post hoc)
+        self.reconstruction_error: float | None = None
 
+    # -- options --------------------------------------------------------------------------------
+    @classmethod
+    def check_options(cls, cfg) -> None:
+        """Raise :class:`InputError` unless ``cfg`` (a :class:`~vqad.config.GridConfig`) holds valid
+        values of the options this kind uses (those in :attr:`create_args`)."""
+
+    @classmethod
+    def create(cls, m: int, k: int) -> "FeatureStorage":
+        """A freshly initialised storage for training (keyword arguments: :attr:`create_args`)."""
+        return cls(m, k)
+
+    # -- features -------------------------------------------------------------------------------
     def forward(self, vertex_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -79,6 +108,44 @@ class FeatureStorage(nn.Module):
         """Turn into the stored, inference-only form."""
         raise NotImplementedError
 
+    # -- training -------------------------------------------------------------------------------
+    def param_groups(self) -> list[ParamGroup]:
+        """Every trainable parameter, by optimizer and learning rate; ``[]`` once baked.
+
+        :func:`vqad.optim.make_optimizers` builds the optimizers from these alone (and refuses a
+        trainable grid parameter that no group declares).
+        """
+        return []
+
+    def _declared(self, optimizers: tuple[str, ...] = OPTIMIZERS, rates: tuple[str, ...] = RATES) -> list[nn.Parameter]:
+        return [p for g in self.param_groups() if g.optimizer in optimizers and g.rate in rates for p in g.params]
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradients are sparse (only the rows a batch touches)."""
+        return self._declared(optimizers=("sparse", "rowwise"))
+
+    def logit_parameters(self) -> list[nn.Parameter]:
+        """Index logits (codebook C), which may train at their own rate (``logit_lr_scale``)."""
+        return self._declared(rates=("logit",))
+
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        """Learned codebooks (VQ-AD's D), which may train at their own rate (``codebook_lr_scale``)."""
+        return self._declared(rates=("codebook",))
+
+    # -- discrete indices (``discrete`` kinds only) ---------------------------------------------
+    def indices(self) -> torch.Tensor:
+        """``V (m,)`` int64: each vertex's codeword."""
+        raise NotImplementedError(f"a {self.kind!r} storage has no indices (discrete is False)")
+
+    def codebook(self) -> torch.Tensor:
+        """``D (2^b, k)``, detached: the codewords :meth:`indices` point into."""
+        raise NotImplementedError(f"a {self.kind!r} storage has no codebook (discrete is False)")
+
+    def set_indices(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Give vertices ``rows (n,)`` the codewords ``values (n,)``, in whichever form is held."""
+        raise NotImplementedError(f"a {self.kind!r} storage has no indices (discrete is False)")
+
+    # -- size and stored form -------------------------------------------------------------------
     def stored_bits(self) -> int:
         """Bits of the stored form, before any container or entropy coding."""
         raise NotImplementedError
@@ -109,23 +176,6 @@ class FeatureStorage(nn.Module):
         return {}
 
     @classmethod
-    def create(cls, m: int, k: int, bits: int = 4) -> "FeatureStorage":
-        """A freshly initialised storage for training."""
-        return cls(m, k)
-
-    def sparse_parameters(self) -> list[nn.Parameter]:
-        """Parameters whose gradients are sparse (only the rows a batch touches)."""
-        return []
-
-    def logit_parameters(self) -> list[nn.Parameter]:
-        """Index logits (codebook C), which may train at their own rate (``logit_lr_scale``)."""
-        return []
-
-    def codebook_parameters(self) -> list[nn.Parameter]:
-        """Learned codebooks (VQ-AD's D), which may train at their own rate (``codebook_lr_scale``)."""
-        return []
-
-    @classmethod
     def stored_layout(cls, m: int, k: int, **params) -> list["TensorLayout"]:
         """The tensors of :meth:`export_tensors`, in file order, and how each is written.
 
@@ -142,15 +192,9 @@ def round_fp16(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    if not is_int(bits) or not MIN_BITS <= bits <= MAX_BITS:
         raise InputError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r} (e.g. --bits 4)")
 
 
-
-# ================================================================================================
-# parameter checks (also used by GridConfig.validate and by the .vqad header reader)
-# ================================================================================================
 def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-

@@ -6,8 +6,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vqad.storages.base import FeatureStorage, TensorLayout, check_bits, round_fp16
 
+from vqad.errors import InputError
+from vqad.storages.base import FeatureStorage, ParamGroup, TensorLayout, check_bits, round_fp16
+
+#: logits with 2^b ≥ this many columns (b ≥ 8) train with the O(m)-state RowwiseSparseRMSprop
+#: (:mod:`vqad.optim`) instead of SparseAdam, whose state would be two more ``(m, 2^b)`` tensors
+ROWWISE_MIN_CODES = 256
+
+
+def _normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
+    """N(0, std²) entries; zeros without drawing random numbers when ``std == 0``."""
+    return torch.randn(shape) * std if std else torch.zeros(shape)
 
 
 class CodebookStorage(FeatureStorage):
@@ -18,22 +28,56 @@ class CodebookStorage(FeatureStorage):
     (straight-through). Only the unique vertices a batch touches get a softmax: the cost is
     ``U × 2^b`` per step for U touched vertices, never ``m × 2^b``, and C's gradient is sparse.
     After :meth:`bake`, C is dropped and only ``V = argmax C`` (m,) and D remain.
+
+    The baked form ``D[V]`` is also what post-hoc k-means of a dense grid produces
+    (:func:`vqad.storages.kmeans.codebook_from_dense`, through :meth:`from_indices`).
     """
 
     kind = "codebook"
+    create_args = ("bits",)
     discrete = True
 
     def __init__(self, m: int, k: int, bits: int = 4, codebook_std: float = 0.1, logit_std: float = 0.1):
         super().__init__(m, k)
         check_bits(bits)
         self.b = int(bits)
-        self.D = nn.Parameter(torch.randn(1 << self.b, k) * codebook_std)
-        self.C = nn.Parameter(torch.randn(m, 1 << self.b) * logit_std)
+        self.D = nn.Parameter(_normal((1 << self.b, k), codebook_std))
+        self.C = nn.Parameter(_normal((m, 1 << self.b), logit_std))
         self.register_buffer("V", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    @classmethod
+    def check_options(cls, cfg) -> None:
+        check_bits(cfg.bits)
 
     @classmethod
     def create(cls, m: int, k: int, bits: int = 4) -> "CodebookStorage":
         return cls(m, k, bits=bits)
+
+    @classmethod
+    def from_indices(cls, D: torch.Tensor, V: torch.Tensor) -> "CodebookStorage":
+        """The baked storage ``Z[i] = D[V[i]]`` of a codebook ``D (2^b, k)`` and indices ``V (m,)``.
+
+        b is read from D's rows (a power of two, ``2^1..2^12``); D and V are copied (D as float32)
+        onto D's device. Draws no random numbers.
+        """
+        if D.dim() != 2 or D.shape[0] < 1 or D.shape[1] < 1:
+            raise InputError(f"a codebook D has shape (2^b, k), got {tuple(D.shape)}")
+        bits = D.shape[0].bit_length() - 1
+        if D.shape[0] != 1 << bits:
+            raise InputError(f"a codebook D has 2^b rows, got {D.shape[0]}")
+        check_bits(bits)
+        V = V.detach().reshape(-1)
+        if V.numel() == 0 or V.is_floating_point():
+            raise InputError(f"indices V must be a non-empty integer tensor, got {tuple(V.shape)} {V.dtype}")
+        if int(V.min()) < 0 or int(V.max()) >= D.shape[0]:
+            raise InputError(f"indices V must lie in 0..{D.shape[0] - 1} for a {bits}-bit codebook")
+        s = cls(1, D.shape[1], bits=bits, codebook_std=0.0, logit_std=0.0)
+        s.m = V.numel()
+        s.D = nn.Parameter(D.detach().float().clone(), requires_grad=False)
+        s.C = None
+        s.V = V.to(device=D.device, dtype=torch.long).clone()
+        s.baked = True
+        return s
 
     def params(self) -> dict:
         return {"bits": self.b}
@@ -57,6 +101,23 @@ class CodebookStorage(FeatureStorage):
         """V = argmax C, shape (m,)."""
         return self.V if self.baked else self.C.detach().argmax(dim=-1)
 
+    def codebook(self) -> torch.Tensor:
+        """D, shape (2^b, k), detached."""
+        return self.D.detach()
+
+    @torch.no_grad()
+    def set_indices(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """``V[rows] = values``. Training form: each row's max logit swaps places with the logit of
+        its new index, so ``argmax C[rows] = values`` and the row's logits keep their values."""
+        if self.baked:
+            self.V[rows] = values
+            return
+        C = self.C.data
+        old = C[rows].argmax(dim=-1)
+        c_old = C[rows, old].clone()
+        C[rows, old] = C[rows, values]
+        C[rows, values] = c_old
+
     def bake(self, fp16: bool = True) -> None:
         self.V = self.indices().clone()
         if fp16:
@@ -64,6 +125,14 @@ class CodebookStorage(FeatureStorage):
         self.D.requires_grad_(False)
         self.C = None  # the m × 2^b logits are training-only
         self.baked = True
+
+    def param_groups(self) -> list[ParamGroup]:
+        """C (sparse gradients; row-wise RMSprop from b = 8 on) at the logit rate, D at the codebook rate."""
+        if self.baked:
+            return []
+        wide = self.C.shape[1] >= ROWWISE_MIN_CODES
+        return [ParamGroup((self.C,), "rowwise" if wide else "sparse", "logit"),
+                ParamGroup((self.D,), "dense", "codebook")]
 
     def stored_bits(self) -> int:
         """m·b index bits + the fp16 codebook 16·k·2^b."""
@@ -77,25 +146,11 @@ class CodebookStorage(FeatureStorage):
 
     @classmethod
     def from_export(cls, m, k, tensors, bits: int = 4, **params):
-        s = cls(1, k, bits=bits)
-        s.m = int(m)
-        s.D.data = tensors["D"].float().reshape(1 << bits, k)
-        s.C = None
-        s.V = tensors["V"].long().reshape(m)
-        s.D.requires_grad_(False)
-        s.baked = True
-        return s
-
-    def sparse_parameters(self):
-        return [] if self.baked else [self.C]
-
-    def logit_parameters(self):
-        return [] if self.baked else [self.C]
-
-    def codebook_parameters(self):
-        return [] if self.baked else [self.D]
+        check_bits(bits)
+        return cls.from_indices(tensors["D"].float().reshape(1 << bits, k), tensors["V"].reshape(m))
 
     @classmethod
     def stored_layout(cls, m, k, bits: int = 4, **params):
         """Codebook ``D (2^b, k)`` in fp16, then indices ``V (m,)`` at b bits each."""
+        check_bits(bits)
         return [TensorLayout("D", (1 << bits, k), "f16"), TensorLayout("V", (m,), "uint", bits)]

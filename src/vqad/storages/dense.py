@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vqad.storages.base import FeatureStorage, TensorLayout, round_fp16
-from vqad.errors import InputError
 
+from vqad.errors import InputError
+from vqad.storages.base import FeatureStorage, ParamGroup, TensorLayout, round_fp16
 
 
 class DenseStorage(FeatureStorage):
@@ -42,8 +41,9 @@ class DenseStorage(FeatureStorage):
         s.bake(fp16=False)
         return s
 
-    def sparse_parameters(self):
-        return [] if self.baked else [self.Z]
+    def param_groups(self) -> list[ParamGroup]:
+        """Z, whose gradient is sparse (the rows a batch touches), at the grid rate."""
+        return [] if self.baked else [ParamGroup((self.Z,), "sparse")]
 
     @classmethod
     def stored_layout(cls, m, k, **params):
@@ -51,8 +51,9 @@ class DenseStorage(FeatureStorage):
 
 
 def check_dense(dense) -> None:
+    """Raise :class:`InputError` unless ``dense`` is a :class:`DenseStorage` (what post-hoc conversions take)."""
     if not isinstance(dense, DenseStorage):
         raise InputError(
-            f"post-hoc baselines compress a trained dense grid, got a {type(dense).__name__}: "
-            "fit with --grid dense first"
+            f"post-hoc baselines compress a trained dense grid, but this grid's storage is "
+            f"{getattr(dense, 'kind', type(dense).__name__)!r}: fit with --grid dense first"
         )

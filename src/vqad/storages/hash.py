@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vqad.errors import InputError
-from vqad.storages.base import FeatureStorage, TensorLayout
-from vqad.storages.base import is_int, round_fp16
+from vqad.storages.base import FeatureStorage, ParamGroup, TensorLayout, is_int, round_fp16
+
 DEFAULT_TABLE_BITS = 14
+MIN_TABLE_BITS, MAX_TABLE_BITS = 1, 24
 HASH_PRIMES = (1, 2654435761, 805459861)  # π of Instant-NGP's spatial hash
 
 
@@ -74,6 +74,10 @@ class HashStorage(FeatureStorage):
         self.register_buffer("h", spatial_hash(vertices, self.T), persistent=False)  # (m,) rows of θ
 
     @classmethod
+    def check_options(cls, cfg) -> None:
+        check_table_bits(cfg.table_bits)
+
+    @classmethod
     def create(cls, m: int, k: int, table_bits: int = DEFAULT_TABLE_BITS, vertices: torch.Tensor | None = None) -> "HashStorage":
         return cls(m, k, vertices, table_bits)
 
@@ -104,8 +108,9 @@ class HashStorage(FeatureStorage):
         s.bake(fp16=False)
         return s
 
-    def sparse_parameters(self):
-        return [] if self.baked else [self.table]
+    def param_groups(self) -> list[ParamGroup]:
+        """θ, whose gradient is sparse (the rows a batch touches), at the grid rate."""
+        return [] if self.baked else [ParamGroup((self.table,), "sparse")]
 
     @classmethod
     def stored_layout(cls, m, k, table_bits: int = DEFAULT_TABLE_BITS, **params):
@@ -113,5 +118,3 @@ class HashStorage(FeatureStorage):
         check_table_bits(table_bits)
         return [TensorLayout("table", (1 << table_bits, k), "f16")]
 
-
-MIN_TABLE_BITS, MAX_TABLE_BITS = 1, 24

@@ -1,4 +1,4 @@
-"""k-means of a trained dense grid into 2^b centroids (the paper's post-hoc kmVQ baseline)."""
+"""k-means of a trained dense grid into 2^b centroids (the paper's post-hoc kmVQ baseline), stored as a baked codebook."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from vqad.errors import InputError
-from vqad.storages.dense import DenseStorage
-from vqad.storages.base import FeatureStorage, TensorLayout, check_bits
-from vqad.storages.base import is_int, round_fp16
-from vqad.storages.dense import check_dense
+from vqad.storages.base import check_bits, is_int, round_fp16
+from vqad.storages.codebook import CodebookStorage
+from vqad.storages.dense import DenseStorage, check_dense
+
 KMEANS_ITERS = 50  # Lloyd iterations at most (k-means stops earlier once no assignment changes)
 _CHUNK_ELEMENTS = 1 << 22  # distance-matrix elements per chunk in k-means (16 MiB in fp32)
 
@@ -145,86 +145,25 @@ def kmeans(x: torch.Tensor, n_clusters: int, seed: int = 0, iters: int = KMEANS_
     return KMeansResult(C, labels, _sq_error(x, C, labels, chunk_elements), it, converged)
 
 
-class KMeansStorage(FeatureStorage):
-    """Post-hoc vector quantization (kmVQ): ``Z[i] = D[V[i]]`` with D the k-means centroids of a
-    trained dense grid's features and V each vertex's nearest centroid, no fine-tuning.
+def codebook_from_dense(dense: DenseStorage, bits: int, seed: int = 0, iters: int = KMEANS_ITERS,
+                        fp16: bool = True) -> CodebookStorage:
+    """Post-hoc vector quantization (kmVQ): the baked codebook ``Z[i] = D[V[i]]`` of a trained dense grid.
 
-    Stored exactly like the VQ-AD codebook: ``D (2^b, k)`` fp16 and ``V (m,)`` at b bits,
-    ``m·b + 16·k·2^b`` bits. Always baked: built by :meth:`from_dense` or :meth:`from_export`.
+    D holds the 2^b k-means centroids of ``dense.Z (m, k)`` (:func:`kmeans`, k-means++ seeded with
+    ``seed``, at most ``iters`` Lloyd rounds), V each vertex's nearest centroid; no fine-tuning. It is
+    stored exactly as a trained VQ-AD codebook is: ``D (2^b, k)`` fp16 and ``V (m,)`` at b bits.
+    With ``fp16`` the centroids are rounded to fp16 (as stored) and every vertex is then assigned to
+    its nearest rounded centroid, so V is optimal for the stored codebook. The result's
+    ``reconstruction_error`` is ``||Z − D[V]||² / ||Z||²``.
     """
-
-    kind = "kmeans"
-    discrete = True
-
-    def __init__(self, D: torch.Tensor, V: torch.Tensor, bits: int):
-        check_bits(bits)
-        if D.dim() != 2 or D.shape[0] != 1 << bits:
-            raise InputError(f"a {bits}-bit k-means codebook has shape (2^{bits}, k), got {tuple(D.shape)}")
-        super().__init__(V.numel(), D.shape[1])
-        self.b = int(bits)
-        self.register_buffer("D", D.detach().float().clone())  # (2^b, k)
-        self.register_buffer("V", V.detach().long().reshape(-1).clone())  # (m,)
-        self.reconstruction_error: float | None = None  # ||Z − D[V]||² / ||Z||², set by from_dense
-        self.baked = True
-
-    @classmethod
-    def create(cls, m: int, k: int, bits: int = 4) -> "KMeansStorage":
-        raise InputError(
-            "the kmeans storage is fitted after training to a trained dense grid, it is not trained itself: "
-            f"fit with --grid dense, then run vqad compress CKPT --to kmeans --bits {bits} --out DIR "
-            "(vqad.baselines.posthoc in Python)"
-        )
-
-    @classmethod
-    def from_dense(cls, dense: DenseStorage, bits: int, seed: int = 0, iters: int = KMEANS_ITERS,
-                   fp16: bool = True) -> "KMeansStorage":
-        """k-means of ``dense.Z (m, k)`` into 2^b centroids (:func:`kmeans`, k-means++ seeded).
-
-        With ``fp16`` the centroids are rounded to fp16 (as stored) and every vertex is then
-        assigned to its nearest rounded centroid, so V is optimal for the stored codebook.
-        """
-        check_dense(dense)
-        check_bits(bits)
-        Z = dense.Z.detach().float()
-        res = kmeans(Z, 1 << bits, seed=seed, iters=iters)
-        D, V = res.centroids, res.labels
-        if fp16:
-            D = round_fp16(D)
-            V = nearest_centroid(Z, D)
-        s = cls(D, V, bits)
-        s.reconstruction_error = _sq_error(Z, D, V) / max(float(Z.double().pow(2).sum()), 1e-300)
-        return s
-
-    def params(self) -> dict:
-        return {"bits": self.b}
-
-    def forward(self, vertex_ids: torch.Tensor) -> torch.Tensor:
-        """``(...,) int64 -> (..., k)``: ``D[V[ids]]``."""
-        return self.D[self.V[vertex_ids]]
-
-    def indices(self) -> torch.Tensor:
-        """V, shape (m,)."""
-        return self.V
-
-    def bake(self, fp16: bool = True) -> None:
-        if fp16:
-            self.D = round_fp16(self.D)
-        self.baked = True
-
-    def stored_bits(self) -> int:
-        """m·b index bits + the fp16 codebook 16·k·2^b."""
-        return self.m * self.b + 16 * self.k * (1 << self.b)
-
-    def export_tensors(self) -> dict[str, torch.Tensor]:
-        return {"D": self.D.half(), "V": self.V.to(torch.int32)}
-
-    @classmethod
-    def from_export(cls, m, k, tensors, bits: int = 4, **params):
-        check_bits(bits)
-        return cls(tensors["D"].float().reshape(1 << bits, k), tensors["V"].long().reshape(m), bits)
-
-    @classmethod
-    def stored_layout(cls, m, k, bits: int = 4, **params):
-        """Codebook ``D (2^b, k)`` in fp16, then indices ``V (m,)`` at b bits each (as ``codebook``)."""
-        check_bits(bits)
-        return [TensorLayout("D", (1 << bits, k), "f16"), TensorLayout("V", (m,), "uint", bits)]
+    check_dense(dense)
+    check_bits(bits)
+    Z = dense.Z.detach().float()
+    res = kmeans(Z, 1 << bits, seed=seed, iters=iters)
+    D, V = res.centroids, res.labels
+    if fp16:
+        D = round_fp16(D)
+        V = nearest_centroid(Z, D)
+    s = CodebookStorage.from_indices(D, V)
+    s.reconstruction_error = _sq_error(Z, D, V) / max(float(Z.double().pow(2).sum()), 1e-300)
+    return s

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vqad.errors import InputError
-from vqad.storages.dense import DenseStorage
-from vqad.storages.base import FeatureStorage, TensorLayout
-from vqad.storages.base import is_int, round_fp16
-from vqad.storages.dense import check_dense
+from vqad.storages.base import FeatureStorage, ParamGroup, TensorLayout, is_int, round_fp16
+from vqad.storages.dense import DenseStorage, check_dense
 
 
 def default_rank(k: int) -> int:
@@ -74,7 +71,6 @@ class LowRankStorage(FeatureStorage):
         rank = default_rank(k) if rank is None else rank
         check_rank(rank, k)
         self.r = int(rank)
-        self.reconstruction_error: float | None = None  # ||Z − Ẑ||² / ||Z||², set by from_dense
         if init_std > 0:
             basis, _ = torch.linalg.qr(torch.randn(k, self.r))  # orthonormal rows: A·B keeps A's scale
             self.A = nn.Parameter(torch.randn(m, self.r) * init_std)
@@ -83,6 +79,11 @@ class LowRankStorage(FeatureStorage):
             self.A = nn.Parameter(torch.zeros(m, self.r))
             self.B = nn.Parameter(torch.zeros(self.r, k))
         self.mean = nn.Parameter(torch.zeros(k))
+
+    @classmethod
+    def check_options(cls, cfg) -> None:
+        if cfg.rank is not None:  # None: default_rank(k)
+            check_rank(cfg.rank, cfg.features)
 
     @classmethod
     def create(cls, m: int, k: int, rank: int | None = None) -> "LowRankStorage":
@@ -143,8 +144,9 @@ class LowRankStorage(FeatureStorage):
         s.bake(fp16=False)
         return s
 
-    def sparse_parameters(self):
-        return [] if self.baked else [self.A]
+    def param_groups(self) -> list[ParamGroup]:
+        """A (sparse gradients), then B and μ (dense), all at the grid rate."""
+        return [] if self.baked else [ParamGroup((self.A,), "sparse"), ParamGroup((self.B, self.mean), "dense")]
 
     @classmethod
     def stored_layout(cls, m, k, rank: int | None = None, **params):

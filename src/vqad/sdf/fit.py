@@ -26,7 +26,7 @@ from vqad.octree import SparseOctree
 from vqad.refine import RefineChunk, format_stats, has_codebook, refine_indices
 from vqad.sdf.field import SDFField
 from vqad.sdf.mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples, fit_normalization, sample_surface
-from vqad.storages import STORAGES
+from vqad.storages import storage_class
 
 #: decoder learning rates by grid (``SDFTrainConfig.lr=None``): the argmax of codebook logits needs
 #: larger steps to move (armadillo, 600 steps: see docs/method.md)
@@ -66,7 +66,7 @@ class SDFTrainConfig(TrainConfig):
         """This config with ``lr`` chosen for ``grid_cfg``'s storage (what a fit runs and records)."""
         if self.lr is not None:
             return self
-        return replace(self, lr=SDF_LR_DISCRETE if STORAGES[grid_cfg.storage].discrete else SDF_LR)
+        return replace(self, lr=SDF_LR_DISCRETE if storage_class(grid_cfg.storage).discrete else SDF_LR)
 
 
 def build_sdf_field(mesh: Mesh, grid_cfg: GridConfig, dec_cfg: DecoderConfig, device, seed: int = 0,

@@ -122,7 +122,7 @@ def grid_config(args, base_cfg):
     from dataclasses import replace
 
     from vqad.config import parse_levels
-    from vqad.storages import STORAGES
+    from vqad.storages import STORAGES, options_of
 
     over = {}
     if args.grid is not None:
@@ -131,13 +131,11 @@ def grid_config(args, base_cfg):
     if args.levels is not None:
         over["base_level"], over["max_level"] = parse_levels(args.levels)
     grid = replace(base_cfg, **over)
-    if grid.storage not in STORAGES:
-        raise InputError(f"unknown grid storage {grid.storage!r}: choose one of {', '.join(TRAINABLE_GRIDS)}")
-    takes = STORAGES[grid.storage].create_args
+    takes = options_of(grid.storage)
     for name, flag in GRID_OPTIONS.items():
         refuse(getattr(args, name, None) is not None and name not in takes,
                f"{flag} does not apply to --grid {grid.storage} (it sets a parameter of "
-               f"{', '.join(k for k, c in STORAGES.items() if name in c.create_args)} grids)")
+               f"{', '.join(k for k in STORAGES if name in options_of(k))} grids)")
     grid.validate()
     return grid
 

@@ -121,12 +121,12 @@ def _configs(args, saved: dict | None = None):
     from vqad.config import DecoderConfig, GridConfig
     from vqad.nerf.fit import NERF_DECODER, NERF_FIELD, NERF_GRID
     from vqad.nerf.task import NeRFTrainConfig
-    from vqad.storages import STORAGES
+    from vqad.storages import storage_class
 
     grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], NERF_GRID))
     if args.downscale < 1:
         raise InputError(f"--downscale must be a positive integer, got {args.downscale}")
-    discrete = STORAGES[grid.storage].discrete
+    discrete = storage_class(grid.storage).discrete
     for name, flag in INDEX_FLAGS.items():
         refuse(getattr(args, name) is not None and not discrete,
                f"{flag} applies to grids with discrete indices (--grid codebook), not --grid {grid.storage}")

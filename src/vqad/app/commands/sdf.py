@@ -90,13 +90,13 @@ def _configs(args, saved: dict | None = None):
 
     from vqad.config import DecoderConfig, GridConfig
     from vqad.sdf.fit import SDFTrainConfig
-    from vqad.storages import STORAGES
+    from vqad.storages import storage_class
 
     grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], GridConfig()))
     for name in ("logit_lr_scale", "codebook_lr_scale"):
         refuse(getattr(args, name) is not None and getattr(args, name) < 0,
                f"--{name.replace('_', '-')} must be >= 0 (0: same as the grid)")
-    discrete = STORAGES[grid.storage].discrete
+    discrete = storage_class(grid.storage).discrete
     for name, flag in REFINE_FLAGS.items():
         refuse(getattr(args, name) is not None and not discrete,
                f"{flag} applies to grids with discrete indices (--grid codebook), not --grid {grid.storage}")

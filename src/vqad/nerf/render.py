@@ -188,7 +188,7 @@ class OccupancySampler:
         self.step = float(step) if step is not None else 0.5 * (2.0 / (1 << octree.max_level))
         from vqad.octree import morton_decode
 
-        ijk = morton_decode(octree._codes_at(self.level))
+        ijk = morton_decode(octree.codes_at(self.level))
         occ = torch.zeros(self.res ** 3, dtype=torch.bool, device=octree.device)
         occ[(ijk[:, 0] * self.res + ijk[:, 1]) * self.res + ijk[:, 2]] = True
         self.octree_occupancy = occ  # never changes

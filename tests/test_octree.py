@@ -104,3 +104,38 @@ def test_empty_cells_contribute_nothing():
     grid = OctreeGrid.from_octree(octree, GridConfig(storage="dense", features=4, base_level=1, max_level=3))
     far = torch.tensor([[-0.9, -0.9, -0.9]])
     assert torch.all(grid.features(far) == 0)
+
+
+def test_padded_and_compact_queries_agree_bit_for_bit():
+    """The sync-free padded form (inference on a GPU) equals the compact one, outside the cube and
+    with non-finite features too."""
+    g = torch.Generator().manual_seed(2)
+    pts = torch.rand(300, 3, generator=g) * 1.6 - 0.8
+    octree = SparseOctree.from_points(pts, 2, 5, dilate=1)
+    x = torch.cat([torch.rand(3000, 3, generator=g) * 2.4 - 1.2, pts, torch.tensor([[1.0, 1.0, 1.0], [-1.0, 0.0, 1.0]])])
+    grid = OctreeGrid.from_octree(octree, GridConfig(storage="dense", features=3, base_level=2, max_level=5))
+    with torch.no_grad():
+        for s in grid.storages:
+            s.Z.copy_(torch.randn(s.Z.shape, generator=g))
+            s.Z[::7] = float("inf")
+            s.Z[1::7] = float("nan")
+    for level in octree.levels:
+        q, p = octree.interpolation(x, level), octree.padded_interpolation(x, level)
+        assert torch.equal(q.valid, p.valid) and torch.equal(q.valid, octree.contains(x, level))
+        assert torch.equal(q.rows, q.valid.nonzero().squeeze(1)) and p.rows is None
+        assert torch.equal(p.vertex_ids[q.rows], q.vertex_ids) and torch.equal(p.weights[q.rows], q.weights)
+        assert torch.all(p.weights[~q.valid] == 0)
+        with torch.no_grad():
+            compact = grid._compact_level_features(x, level)
+            padded = grid._padded_level_features(x, level)
+        assert torch.equal(compact.isnan(), padded.isnan())
+        assert torch.equal(compact.nan_to_num(), padded.nan_to_num())
+        assert torch.all(padded[~q.valid] == 0)
+
+
+def test_codes_at_gives_the_ancestors_above_the_base_level():
+    octree = SparseOctree.from_points(torch.rand(200, 3) * 2 - 1, 3, 5)
+    assert torch.equal(octree.codes_at(0), torch.zeros(1, dtype=torch.long))  # the root cell
+    for level in range(0, 6):
+        want = torch.unique(octree.codes[5] >> (3 * (5 - level)))
+        assert torch.equal(octree.codes_at(level), want)

@@ -161,13 +161,6 @@ def _encode_decoder(state: dict[str, torch.Tensor]) -> bytes:
     return bytes(head) + b"".join(data)
 
 
-def _parent_codes(octree: SparseOctree, parent_level: int) -> torch.Tensor:
-    """Sorted Morton codes of the occupied cells of ``parent_level`` (0 = the root cell)."""
-    if parent_level >= octree.base_level:
-        return octree.codes[parent_level]
-    return torch.unique(octree.codes[octree.base_level] >> (3 * (octree.base_level - parent_level)))
-
-
 def _tree_levels(octree: SparseOctree, level: int) -> list[int]:
     """Levels whose child masks the TREE chunk of ``level`` holds."""
     return list(range(1, level + 1)) if level == octree.base_level else [level]
@@ -177,7 +170,7 @@ def _encode_tree(octree: SparseOctree, level: int, entropy: bool) -> tuple[int, 
     parts = []
     for lv in _tree_levels(octree, level):
         masks = octree.child_masks(lv).cpu().numpy()
-        parts.append((_parent_codes(octree, lv - 1).cpu().numpy(), lv - 1, masks))
+        parts.append((octree.codes_at(lv - 1).cpu().numpy(), lv - 1, masks))
     raw = b"".join(p[2].tobytes() for p in parts)
     best = (Codec.RAW, raw)
     if entropy:
@@ -660,10 +653,7 @@ def _decoder_shapes(cfg: dict, grid_cfg: GridConfig) -> dict[str, tuple[int, ...
     damaged header that asks for a gigantic decoder costs no memory; the decoder chunk that follows
     must then physically hold every weight before anything real is allocated.
     """
-    octree = SparseOctree.from_codes(torch.zeros(1, dtype=torch.long), grid_cfg.base_level, grid_cfg.max_level)
-    for table in (octree.codes, octree.corners, octree.vertices):
-        for level in table:
-            table[level] = table[level].to("meta")
+    octree = SparseOctree.from_codes(torch.zeros(1, dtype=torch.long), grid_cfg.base_level, grid_cfg.max_level).to("meta")
     with torch.device("meta"), torch.random.fork_rng(devices=[]):
         field = field_from_config(cfg, OctreeGrid(octree, [], grid_cfg))
         return {k: tuple(v.shape) for k, v in field.decoder_state().items()}

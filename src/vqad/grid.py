@@ -47,12 +47,35 @@ class OctreeGrid(nn.Module):
         return self.storages[level - self.octree.base_level]
 
     def level_features(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        """Interpolated features of one level: ``(N, 3) -> (N, k)``, zero in empty cells."""
+        """Interpolated features of one level: ``(N, 3) -> (N, k)``, zero in empty cells.
+
+        ``Σ_c w_c Z[v_c]`` over the 8 corners of the point's cell, in one of two forms with the same
+        values, bit for bit. The compact form looks features up for the points in occupied cells
+        only: a storage's sparse gradient then names exactly the rows they touch (the rows SparseAdam
+        moves), but counting those points makes the host wait for the device. So the compact form
+        serves whenever autograd records the lookup (``x`` or the storage needs a gradient), and on
+        the CPU, where nothing waits and the empty cells' lookups would be wasted work; the padded
+        form (every point looks up, with weight 0 outside the occupied cells) serves inference on an
+        accelerator, without a single synchronisation.
+        """
+        storage = self.storage(level)
+        records = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in storage.parameters()))
+        if records or x.device.type == "cpu":
+            return self._compact_level_features(x, level)
+        return self._padded_level_features(x, level)
+
+    def _compact_level_features(self, x: torch.Tensor, level: int) -> torch.Tensor:
         q = self.octree.interpolation(x, level)
-        f = self.storage(level)(q.vertex_ids)  # (Nv, 8, k)
-        interp = (f * q.weights.unsqueeze(-1)).sum(dim=1)  # (Nv, k)
-        out = x.new_zeros(x.shape[0], self.k)
-        return out.index_put((q.valid,), interp)
+        f = self.storage(level)(q.vertex_ids)  # (N_valid, 8, k)
+        interp = (f * q.weights.unsqueeze(-1)).sum(dim=1)  # (N_valid, k)
+        return x.new_zeros(x.shape[0], self.k).index_copy(0, q.rows, interp)
+
+    def _padded_level_features(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        q = self.octree.padded_interpolation(x, level)
+        f = self.storage(level)(q.vertex_ids)  # (N, 8, k)
+        interp = (f * q.weights.unsqueeze(-1)).sum(dim=1)  # (N, k)
+        # a zero weight does not zero a non-finite feature (0 · inf): select instead
+        return torch.where(q.valid[:, None], interp, 0.0)
 
     def features(self, x: torch.Tensor, lod: int | None = None) -> torch.Tensor:
         """Summed features of levels ``base..lod`` (default: finest): ``(N, 3) -> (N, k)``."""

@@ -13,22 +13,24 @@ level ``L_base..L_max``:
 Corner ``c`` of a cell sits at offset ``((c >> 2) & 1, (c >> 1) & 1, c & 1)`` along (x, y, z).
 Points are looked up with ``searchsorted``; a point in an empty cell (or outside the cube) gets
 cell index ``-1``.
+
+The octree is an :class:`~torch.nn.Module` whose tables are non-persistent buffers: the module that
+owns it (the grid, and so the field) moves it with its own ``.to(device)``, and none of it enters a
+``state_dict`` (checkpoints and .vqad files store the finest level's codes their own way).
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from vqad.errors import InputError
 
 MAX_SUPPORTED_LEVEL = 16  # Morton codes of level-16 vertices need 3*17 = 51 bits: fits int64
-
-_CORNER_OFFSETS = torch.tensor(
-    [[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long
-)  # (8, 3)
-
 
 def morton_encode(ijk: torch.Tensor, bits: int = 21) -> torch.Tensor:
     """Interleave the bits of integer coordinates: ``(..., 3) int -> (...,) int64``.
@@ -80,48 +82,82 @@ def trilinear_weights(x: torch.Tensor, ijk: torch.Tensor, level: int) -> torch.T
     """
     res = 1 << level
     t = (x + 1.0) * (0.5 * res) - ijk.to(x.dtype)  # (N, 3) in [0, 1]
-    off = _CORNER_OFFSETS.to(x.device)  # (8, 3)
-    w = torch.where(off.bool()[None], t[:, None, :], 1.0 - t[:, None, :])  # (N, 8, 3)
+    w = torch.where(_corner_offsets(x.device).bool()[None], t[:, None, :], 1.0 - t[:, None, :])  # (N, 8, 3)
     return w.prod(dim=-1)
+
+
+def _corner_offsets(device: torch.device | str) -> torch.Tensor:
+    """``(8, 3)`` int64: row c is ``((c >> 2) & 1, (c >> 1) & 1, c & 1)``, made on ``device`` (no host copy)."""
+    c = torch.arange(8, device=device)
+    return (c[:, None] >> torch.arange(2, -1, -1, device=device)) & 1
 
 
 @dataclass
 class LevelQuery:
-    """Where a batch of points falls at one level.
+    """Where a batch of ``N`` points falls at one level (:meth:`SparseOctree.interpolation`).
 
     Attributes:
-        cell: ``(N,)`` occupied-cell index, -1 where the cell is empty or the point outside.
-        valid: ``(N,)`` bool, ``cell >= 0``.
-        vertex_ids: ``(N_valid, 8)`` vertex ids of the valid points' cell corners.
-        weights: ``(N_valid, 8)`` trilinear weights for the valid points.
+        valid: ``(N,)`` bool: the point lies inside the cube in an occupied cell.
+        rows: the points that ``vertex_ids`` and ``weights`` describe: ``(N_valid,)`` int64 indices
+            into the batch for a compact query; ``None`` for a padded one, which covers all N points.
+        vertex_ids: ``(N_valid, 8)`` (padded: ``(N, 8)``) vertex ids of the cell corners.
+        weights: ``(N_valid, 8)`` (padded: ``(N, 8)``) trilinear weights; a padded query gives an
+            invalid point weight 0 (on the corners of some occupied cell).
     """
 
-    cell: torch.Tensor
     valid: torch.Tensor
+    rows: torch.Tensor | None
     vertex_ids: torch.Tensor
     weights: torch.Tensor
 
 
-class SparseOctree:
+class _LevelTable(Mapping):
+    """Read-only ``{level: tensor}`` view of an octree's per-level buffers ``<name>_<level>``.
+
+    A view rather than a dict so that it always shows the buffers the module holds now (``.to()``
+    replaces them).
+    """
+
+    def __init__(self, octree: "SparseOctree", name: str):
+        self._octree, self._name = octree, name
+
+    def __getitem__(self, level: int) -> torch.Tensor:
+        try:
+            level = operator.index(level)  # ints of any kind, as a dict keyed by int would take
+        except TypeError:
+            raise KeyError(level) from None
+        if not self._octree.base_level <= level <= self._octree.max_level:
+            raise KeyError(level)
+        return self._octree._buffers[f"{self._name}_{level}"]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._octree.levels)
+
+    def __len__(self) -> int:
+        return self._octree.max_level - self._octree.base_level + 1
+
+
+class SparseOctree(nn.Module):
     """Occupied cells and their corner vertices for levels ``base_level..max_level``.
 
     Build one with :meth:`from_points` (training) or :meth:`from_codes` (loading); it is never
-    half-built. All tensors live on ``device``.
+    half-built. ``codes``, ``corners`` and ``vertices`` map each level to a non-persistent buffer, so
+    ``.to(device)`` (its own or its owner's) moves every table and ``device`` follows.
     """
 
     def __init__(self, finest_codes: torch.Tensor, base_level: int, max_level: int):
+        super().__init__()
         check_levels(base_level, max_level)
         self.base_level = int(base_level)
         self.max_level = int(max_level)
         codes = torch.unique(finest_codes.long())  # sorted
         if codes.numel() == 0:
             raise InputError("the octree is empty: no sample fell inside the cube [-1, 1]^3")
-        self.codes: dict[int, torch.Tensor] = {}
-        self.corners: dict[int, torch.Tensor] = {}
-        self.vertices: dict[int, torch.Tensor] = {}
         for level in range(self.max_level, self.base_level - 1, -1):
-            self.codes[level] = codes
-            self._build_vertices(level)
+            corners, vertices = _corner_tables(codes, level)
+            self.register_buffer(f"codes_{level}", codes, persistent=False)
+            self.register_buffer(f"corners_{level}", corners, persistent=False)
+            self.register_buffer(f"vertices_{level}", vertices, persistent=False)
             codes = torch.unique(codes >> 3)
 
     # -- construction -------------------------------------------------------------------------
@@ -164,23 +200,32 @@ class SparseOctree:
         ijk = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
         return cls(morton_encode(ijk), base_level, max_level)
 
-    def _build_vertices(self, level: int) -> None:
-        # only as many bits as the level needs (cells: L bits per axis, vertices: L + 1)
-        ijk = morton_decode(self.codes[level], bits=level)  # (n, 3)
-        corner_ijk = ijk[:, None, :] + _CORNER_OFFSETS.to(ijk.device)[None]  # (n, 8, 3)
-        keys = morton_encode(corner_ijk, bits=level + 1)  # (n, 8)
-        uniq, inv = torch.unique(keys.reshape(-1), return_inverse=True)
-        self.corners[level] = inv.reshape(-1, 8)
-        self.vertices[level] = morton_decode(uniq, bits=level + 1)
-
     # -- properties ---------------------------------------------------------------------------
     @property
     def levels(self) -> list[int]:
         return list(range(self.base_level, self.max_level + 1))
 
     @property
+    def codes(self) -> Mapping[int, torch.Tensor]:
+        """``{level: (n_L,) int64}`` sorted Morton codes of the occupied cells."""
+        return _LevelTable(self, "codes")
+
+    @property
+    def corners(self) -> Mapping[int, torch.Tensor]:
+        """``{level: (n_L, 8) int64}`` each cell's corner vertex ids."""
+        return _LevelTable(self, "corners")
+
+    @property
+    def vertices(self) -> Mapping[int, torch.Tensor]:
+        """``{level: (m_L, 3) int64}`` integer lattice coordinates of the vertices, in id order."""
+        return _LevelTable(self, "vertices")
+
+    @property
     def device(self) -> torch.device:
-        return self.codes[self.max_level].device
+        return self._buffers[f"codes_{self.max_level}"].device
+
+    def extra_repr(self) -> str:
+        return f"levels={self.base_level}:{self.max_level}, finest_cells={self.num_cells(self.max_level)}"
 
     def num_cells(self, level: int) -> int:
         return int(self.codes[level].numel())
@@ -188,9 +233,6 @@ class SparseOctree:
     def num_vertices(self, level: int) -> int:
         """m for this level."""
         return int(self.vertices[level].shape[0])
-
-    def to(self, device: torch.device | str) -> "SparseOctree":
-        return SparseOctree(self.codes[self.max_level].to(device), self.base_level, self.max_level)
 
     def vertex_positions(self, level: int) -> torch.Tensor:
         """``(m_L, 3)`` vertex positions in [-1, 1]^3."""
@@ -200,27 +242,45 @@ class SparseOctree:
     def query(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """Occupied-cell index of each point at ``level``: ``(N, 3) -> (N,)`` int64, -1 if empty."""
         ijk, inside = cell_coords(x, level)
-        return self._lookup(ijk, inside, level)
+        idx, found = self._lookup(ijk, inside, level)
+        return torch.where(found, idx, -1)
 
-    def _lookup(self, ijk: torch.Tensor, inside: torch.Tensor, level: int) -> torch.Tensor:
+    def _lookup(self, ijk: torch.Tensor, inside: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N,)`` index of a cell (always in range) and whether it is the point's occupied cell."""
         codes = self.codes[level]
-        q = morton_encode(ijk)
+        q = morton_encode(ijk, bits=level)  # ijk < 2^level: the higher bits are all zero
         idx = torch.searchsorted(codes, q).clamp_(max=codes.numel() - 1)
-        found = (codes[idx] == q) & inside
-        return torch.where(found, idx, torch.full_like(idx, -1))
+        return idx, (codes[idx] == q) & inside
 
     def interpolation(self, x: torch.Tensor, level: int) -> LevelQuery:
-        """Cell, corner vertex ids and trilinear weights of each point at ``level``."""
+        """Corner vertex ids and trilinear weights at ``level`` of the points in occupied cells.
+
+        Compact: ``vertex_ids`` and ``weights`` are ``(N_valid, 8)``, for the points ``rows``. Finding
+        ``N_valid`` costs one host synchronisation; :meth:`padded_interpolation` costs none.
+        """
         ijk, inside = cell_coords(x, level)
-        cell = self._lookup(ijk, inside, level)
-        valid = cell >= 0
-        vid = self.corners[level][cell[valid]]
-        w = trilinear_weights(x[valid], ijk[valid], level)
-        return LevelQuery(cell=cell, valid=valid, vertex_ids=vid, weights=w)
+        idx, valid = self._lookup(ijk, inside, level)
+        rows = valid.nonzero().squeeze(1)
+        vid = self.corners[level].index_select(0, idx.index_select(0, rows))
+        w = trilinear_weights(x.index_select(0, rows), ijk.index_select(0, rows), level)
+        return LevelQuery(valid=valid, rows=rows, vertex_ids=vid, weights=w)
+
+    def padded_interpolation(self, x: torch.Tensor, level: int) -> LevelQuery:
+        """Like :meth:`interpolation`, but for all N points, so with shapes known without a sync.
+
+        ``vertex_ids`` and ``weights`` are ``(N, 8)``; a point outside the occupied cells gets weight
+        0 on the corners of some occupied cell (so its vertex ids are in range, and it touches them).
+        """
+        ijk, inside = cell_coords(x, level)
+        idx, valid = self._lookup(ijk, inside, level)
+        vid = self.corners[level].index_select(0, idx)
+        w = torch.where(valid[:, None], trilinear_weights(x, ijk, level), 0.0)
+        return LevelQuery(valid=valid, rows=None, vertex_ids=vid, weights=w)
 
     def contains(self, x: torch.Tensor, level: int | None = None) -> torch.Tensor:
         """``(N,)`` bool: the point lies in an occupied cell of ``level`` (default the finest)."""
-        return self.query(x, self.max_level if level is None else level) >= 0
+        ijk, inside = cell_coords(x, self.max_level if level is None else level)
+        return self._lookup(ijk, inside, self.max_level if level is None else level)[1]
 
     # -- structure as child masks (the .vqad stream stores this) --------------------------------
     def child_masks(self, level: int) -> torch.Tensor:
@@ -229,7 +289,7 @@ class SparseOctree:
         Covers every cell of level ``level - 1``, which for ``level <= base_level`` means the
         ancestors of the base level (computed on the fly). Shape ``(n_{level-1},)``.
         """
-        child = self._codes_at(level)
+        child = self.codes_at(level)
         parent_codes = torch.unique(child >> 3)
         parent_idx = torch.searchsorted(parent_codes, child >> 3)
         bits = (1 << (child & 7)).long()
@@ -237,11 +297,18 @@ class SparseOctree:
         masks.scatter_add_(0, parent_idx, bits)  # children are distinct, so add == or
         return masks.to(torch.uint8)
 
-    def _codes_at(self, level: int) -> torch.Tensor:
+    def codes_at(self, level: int) -> torch.Tensor:
+        """``(n,)`` sorted Morton codes of the occupied cells of any level ``0..max_level``.
+
+        The stored ``codes[level]`` from ``base_level`` on; above it, the base level's ancestors
+        (computed on the fly; level 0 is the root cell, code 0).
+        """
         if level in self.codes:
             return self.codes[level]
         if level > self.max_level:
             raise ValueError(f"level {level} is finer than the octree's max level {self.max_level}")
+        if level < 0:
+            raise ValueError(f"level {level} is negative")
         return torch.unique(self.codes[self.base_level] >> (3 * (self.base_level - level)))
 
     @staticmethod
@@ -250,6 +317,16 @@ class SparseOctree:
         bits = (masks.long()[:, None] >> torch.arange(8, device=masks.device)) & 1  # (n, 8)
         parent, child = torch.nonzero(bits, as_tuple=True)
         return (parent_codes[parent] << 3) | child
+
+
+def _corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corner vertex ids ``(n, 8)`` and vertex coordinates ``(m, 3)`` of the cells ``codes`` of ``level``."""
+    # only as many bits as the level needs (cells: L bits per axis, vertices: L + 1)
+    ijk = morton_decode(codes, bits=level)  # (n, 3)
+    corner_ijk = ijk[:, None, :] + _corner_offsets(ijk.device)[None]  # (n, 8, 3)
+    keys = morton_encode(corner_ijk, bits=level + 1)  # (n, 8)
+    uniq, inv = torch.unique(keys.reshape(-1), return_inverse=True)
+    return inv.reshape(-1, 8), morton_decode(uniq, bits=level + 1)
 
 
 def check_levels(base_level: int, max_level: int) -> None:

@@ -19,22 +19,29 @@ Everything is in unit-cube coordinates (t is a unit-cube length when ``|d| = 1``
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
 import torch
 
-from vqad.octree import SparseOctree
+from vqad.octree import SparseOctree, morton_decode
 
 MAX_DENSE_OCCUPANCY_LEVEL = 8  # 256^3 bools = 16 MB; finer octrees are checked against the octree itself
 
 
 # -- pure functions over packed samples ----------------------------------------------------------
 def ray_offsets(ray_indices: torch.Tensor, n_rays: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First sample of each ray and its sample count: ``(S,) sorted -> (n_rays,), (n_rays,)``."""
-    counts = torch.bincount(ray_indices, minlength=n_rays)
-    offsets = torch.cumsum(counts, 0) - counts
-    return offsets, counts
+    """First sample of each ray and its sample count: ``(S,) sorted -> (n_rays,), (n_rays,)``.
+
+    A binary search of each ray's bounds in the sorted ``ray_indices`` (``bincount`` would read its
+    length from the device).
+
+    >>> ray_offsets(torch.tensor([0, 0, 2]), 4)
+    (tensor([0, 2, 2, 3]), tensor([2, 0, 1, 0]))
+    """
+    bounds = torch.searchsorted(ray_indices, torch.arange(n_rays + 1, dtype=ray_indices.dtype, device=ray_indices.device))
+    return bounds[:-1], bounds[1:] - bounds[:-1]
 
 
 def render_transmittance_from_density(
@@ -179,6 +186,9 @@ class OccupancySampler:
     :meth:`prune` clears cells whose density has fallen below a threshold (instant-ngp's occupancy
     grid); the octree itself, and so the model, never changes, and a loaded model gets the same
     pruning from its own densities (deterministic probes).
+
+    The sampler's tables live on its octree's device and follow it: after ``field.to(device)``,
+    which moves the octree the field shares with the sampler, the next call moves them too.
     """
 
     def __init__(self, octree: SparseOctree, step: float | None = None):
@@ -186,9 +196,7 @@ class OccupancySampler:
         self.level = min(octree.max_level, MAX_DENSE_OCCUPANCY_LEVEL)
         self.res = 1 << self.level
         self.step = float(step) if step is not None else 0.5 * (2.0 / (1 << octree.max_level))
-        from vqad.octree import morton_decode
-
-        ijk = morton_decode(octree._codes_at(self.level))
+        ijk = morton_decode(octree.codes_at(self.level))
         occ = torch.zeros(self.res ** 3, dtype=torch.bool, device=octree.device)
         occ[(ijk[:, 0] * self.res + ijk[:, 1]) * self.res + ijk[:, 2]] = True
         self.octree_occupancy = occ  # never changes
@@ -200,19 +208,28 @@ class OccupancySampler:
 
     @property
     def device(self) -> torch.device:
-        return self.occupancy.device
+        return self.octree.device
+
+    def _follow_octree(self) -> None:
+        """Move every table to the octree's device if the octree has moved since the last call."""
+        dev = self.octree.device
+        if self.occupancy.device == dev:
+            return
+        self.octree_occupancy = self.octree_occupancy.to(dev)
+        self.occupancy = self.occupancy.to(dev)
+        if self.cell_density is not None:
+            self.cell_density = self.cell_density.to(dev)
+        if self._centers is not None:
+            self._centers = tuple(t.to(dev) for t in self._centers)
+        self.bbox = tuple(t.to(dev) for t in self.bbox)
 
     def _flat_index(self, x: torch.Tensor) -> torch.Tensor:
         ijk = torch.floor((x + 1.0) * (0.5 * self.res)).long().clamp_(0, self.res - 1)
         return (ijk[..., 0] * self.res + ijk[..., 1]) * self.res + ijk[..., 2]
 
-    def occupied(self, x: torch.Tensor) -> torch.Tensor:
-        """``(..., 3) -> (...)`` bool: inside the cube and in an occupied (unpruned) cell."""
-        inside = ((x >= -1.0) & (x <= 1.0)).all(dim=-1)
-        return self.occupancy[self._flat_index(x)] & inside
-
     def cell_centers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(n, 3)`` centres of the octree's cells at the sampler's level, and their ``(n,)`` flat indices."""
+        self._follow_octree()
         if self._centers is None:
             idx = self.octree_occupancy.nonzero().squeeze(-1)
             i, j, k = idx // (self.res * self.res), (idx // self.res) % self.res, idx % self.res
@@ -252,7 +269,7 @@ class OccupancySampler:
         self.cell_density = est
         keep = est > threshold
         self.occupancy.zero_()
-        self.occupancy[idx[keep]] = True
+        self.occupancy.index_put_((idx,), keep)  # cells outside the octree stay empty
         return float(keep.float().mean()) if idx.numel() else 0.0
 
     def march(
@@ -271,7 +288,11 @@ class OccupancySampler:
         [0, 1); 0.5 when None, i.e. deterministic); it covers ``[t_j − step/2, t_j + step/2]``
         clipped to the ray's segment. Candidates are ragged (``ceil(length / step)`` per ray, not a
         rectangular block), processed ``max_candidates`` at a time.
+
+        Host synchronisations: one to read the candidate counts (to cut the chunks), then one per
+        chunk to count its kept samples; everything else stays on the device.
         """
+        self._follow_octree()
         R = o.shape[0]
         dev = o.device
         t_in, t_out = ray_aabb(o, d, self.bbox[0], self.bbox[1])
@@ -281,25 +302,26 @@ class OccupancySampler:
         # candidates j with t_j < t_out: j < (t_out - t_in) / step - u
         counts = torch.ceil((t_out - t_in) / self.step - u).clamp_min(0).long()
         ts, te, ri = [], [], []
-        cum = torch.cumsum(counts, 0)
-        total = int(cum[-1]) if R else 0
+        cum = torch.cumsum(counts, 0).tolist()  # the candidates of rays 0..r, on the host
+        total = cum[-1] if R else 0
         first = 0
         while first < R and total > 0:
             # the rays whose candidates fit in this chunk (at least one ray)
-            done_before = int(cum[first - 1]) if first else 0
-            last = int(torch.searchsorted(cum, done_before + max_candidates, right=True))
+            done_before = cum[first - 1] if first else 0
+            last = bisect.bisect_right(cum, done_before + max_candidates)
             last = min(max(last, first + 1), R)
             c = counts[first:last]
-            n = int(c.sum())
+            n = cum[last - 1] - done_before
             if n:
-                rows = torch.repeat_interleave(torch.arange(first, last, device=dev), c)  # (n,)
-                j = torch.arange(n, device=dev) - (torch.cumsum(c, 0) - c).repeat_interleave(c)
+                rows = torch.repeat_interleave(torch.arange(first, last, device=dev), c, output_size=n)  # (n,)
+                j = torch.arange(n, device=dev) - (torch.cumsum(c, 0) - c).repeat_interleave(c, output_size=n)
                 t = t_in[rows] + (j.to(o.dtype) + u[rows]) * self.step
                 x = torch.addcmul(o[rows], t[:, None], d[rows])
                 keep = self.occupancy[self._flat_index(x)]
                 if self.octree.max_level > self.level:
                     keep &= self.octree.contains(x)
-                rows, t = rows[keep], t[keep]
+                kept = keep.nonzero().squeeze(1)
+                rows, t = rows.index_select(0, kept), t.index_select(0, kept)
                 ts.append(torch.maximum(t - 0.5 * self.step, t_in[rows]))
                 te.append(torch.minimum(t + 0.5 * self.step, t_out[rows]))
                 ri.append(rows)
@@ -323,10 +345,11 @@ def terminate_rays(field, samples: PackedSamples, o: torch.Tensor, d: torch.Tens
     x = samples.points(o, d)
     sig = torch.cat([field.densities(x[s : s + chunk], lods) for s in range(0, x.shape[0], chunk)], dim=1)
     T, _ = render_transmittance_from_density(samples.t_starts, samples.t_ends, sig, samples.ray_indices, samples.n_rays)
-    keep = (T >= eps).any(dim=0)
-    if bool(keep.all()):
+    kept = (T >= eps).any(dim=0).nonzero().squeeze(1)  # the one host synchronisation: how many
+    if kept.numel() == len(samples):
         return samples
-    return PackedSamples(samples.t_starts[keep], samples.t_ends[keep], samples.ray_indices[keep], samples.n_rays)
+    return PackedSamples(samples.t_starts.index_select(0, kept), samples.t_ends.index_select(0, kept),
+                         samples.ray_indices.index_select(0, kept), samples.n_rays)
 
 
 def render_rays(

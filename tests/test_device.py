@@ -1,0 +1,170 @@
+"""One ``.to(device)`` moves a whole model: the octree's tables are buffers of the field (CPU check),
+and a field built on the CPU trains, bakes, saves and decodes on a GPU like on the CPU (CUDA check)."""
+
+import math
+
+import pytest
+import torch
+
+import vqad
+from vqad import fileformat
+from vqad.config import DecoderConfig, GridConfig
+from vqad.grid import OctreeGrid
+from vqad.nerf.field import NeRFConfig, NeRFField
+from vqad.nerf.render import OccupancySampler, render_rays_chunked
+from vqad.octree import SparseOctree
+from vqad.optim import make_optimizers
+from vqad.sdf.field import SDFField
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _sphere_octree(levels=(2, 5), n=4000, seed=0) -> SparseOctree:
+    g = torch.Generator().manual_seed(seed)
+    pts = 0.6 * torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=1)
+    return SparseOctree.from_points(pts, *levels, dilate=1)
+
+
+def _sdf_field(storage="codebook", levels=(2, 5)) -> SDFField:
+    torch.manual_seed(0)
+    grid = OctreeGrid.from_octree(_sphere_octree(levels), GridConfig(storage=storage, features=4, bits=3,
+                                                                     base_level=levels[0], max_level=levels[1]))
+    return SDFField(grid, DecoderConfig(hidden=16))
+
+
+def _octree_tensors(octree: SparseOctree) -> list[torch.Tensor]:
+    return [t for table in (octree.codes, octree.corners, octree.vertices) for t in table.values()]
+
+
+# -- CPU ----------------------------------------------------------------------------------------------
+def test_every_octree_table_is_a_buffer_of_the_field_and_no_state():
+    field = _sdf_field("codebook", (2, 3))
+    octree = field.grid.octree
+    buffers = list(field.buffers())
+    tables = _octree_tensors(octree)
+    assert len(tables) == 3 * len(octree.levels)
+    assert all(any(t is b for b in buffers) for t in tables)
+    assert not [k for k, v in vars(octree).items() if torch.is_tensor(v)]  # no tensor outside the buffers
+    # nothing of the octree enters a state_dict: checkpoints and .vqad files are unchanged
+    assert octree.state_dict() == {}
+    assert sorted(field.state_dict()) == [
+        "decoder.mlps.0.net.0.bias", "decoder.mlps.0.net.0.weight", "decoder.mlps.0.net.2.bias",
+        "decoder.mlps.0.net.2.weight", "grid.storages.0.C", "grid.storages.0.D", "grid.storages.1.C",
+        "grid.storages.1.D",
+    ]
+    assert set(field.decoder_state()) == {k for k in field.state_dict() if not k.startswith("grid.")}
+
+
+def test_to_moves_every_octree_table_and_the_sampler_follows():
+    """The ``meta`` device stands in for a GPU: one ``field.to`` moves the octree, the sampler follows."""
+    field = _sdf_field("hash", (2, 4))
+    sampler = OccupancySampler(field.grid.octree)
+    field.to("meta")
+    octree = field.grid.octree
+    assert octree.device.type == "meta" and field.device.type == "meta"
+    assert all(t.device.type == "meta" for t in _octree_tensors(octree))
+    assert all(t.device.type == "meta" for t in field.buffers())  # the hash storage's rows too
+    assert sampler.device.type == "meta"
+    sampler._follow_octree()  # what march / prune do first
+    assert sampler.occupancy.device.type == "meta" and all(t.device.type == "meta" for t in sampler.bbox)
+
+
+# -- CUDA -------------------------------------------------------------------------------------------
+def _train(field, loss_fn, steps: int) -> list[float]:
+    opts = make_optimizers(field, 5e-3, 10.0)
+    losses = []
+    for it in range(steps):
+        for o in opts.values():
+            o.zero_grad(set_to_none=True)
+        loss = loss_fn(it)
+        loss.backward()
+        for o in opts.values():
+            o.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@needs_cuda
+def test_sdf_field_built_on_cpu_trains_and_decodes_on_cuda(tmp_path):
+    cuda = torch.device("cuda")
+    field = _sdf_field("codebook", (2, 5)).to(cuda)
+    assert all(t.device.type == "cuda" for t in list(field.buffers()) + list(field.parameters()))
+    g = torch.Generator(device=cuda).manual_seed(0)
+
+    def loss(_):
+        x = torch.rand(4096, 3, device=cuda, generator=g) * 2 - 1
+        target = x.norm(dim=-1) - 0.6
+        return ((field.all_lods(x) - target) ** 2).mean()
+
+    losses = _train(field, loss, 20)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    # inference on the GPU: the sync-free padded form equals the compact one bit for bit
+    x = torch.rand(8192, 3, device=cuda) * 2.2 - 1.1
+    with torch.no_grad():
+        for level in field.lods:
+            assert torch.equal(field.grid._padded_level_features(x, level),
+                               field.grid._compact_level_features(x, level))
+    field.bake()
+    path = tmp_path / "sphere.vqad"
+    fileformat.save(field, path)
+    on_gpu, on_cpu = vqad.load(path, device="cuda"), vqad.load(path, device="cpu")
+    assert on_gpu.grid.octree.device.type == "cuda" and on_cpu.grid.octree.device.type == "cpu"
+    with torch.no_grad():
+        want = field.all_lods(x)
+        got_gpu = on_gpu.all_lods(x)
+        got_cpu = on_cpu.all_lods(x.cpu())
+    torch.testing.assert_close(got_gpu, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_cpu, got_gpu.cpu(), atol=1e-4, rtol=1e-4)
+
+
+@needs_cuda
+def test_radiance_field_built_on_cpu_trains_renders_and_decodes_on_cuda(tmp_path):
+    from vqad.nerf.formats import load_dataset
+    from vqad.nerf.octree_build import octree_from_depth
+    from vqad.nerf.rays import RayBatcher
+    from vqad.nerf.task import model_sampler, train_step
+
+    cuda = torch.device("cuda")
+    scene = load_dataset("procedural", downscale=4)
+    torch.manual_seed(0)
+    octree = octree_from_depth(scene, 2, 5, "cpu")
+    grid = OctreeGrid.from_octree(octree, GridConfig(storage="codebook", features=4, bits=3, base_level=2,
+                                                     max_level=5))
+    field = NeRFField(grid, DecoderConfig(hidden=16, position_input=False), NeRFConfig(color_hidden=16),
+                      scene.normalization)
+    sampler = OccupancySampler(field.grid.octree)  # built on the CPU; follows the octree
+    field.to(cuda)
+    batcher = RayBatcher(scene.splits["train"], scene, cuda)
+    opts = make_optimizers(field, 5e-3, 10.0)
+    bg = torch.tensor(batcher.background, device=cuda)
+    gen = torch.Generator().manual_seed(0)
+    psnrs = []
+    for _ in range(20):
+        _, psnr, n, stepped = train_step(field, sampler, batcher, opts, 512, field.lods, bg, gen)
+        assert n > 0 and stepped
+        psnrs.append(psnr)
+    assert sampler.occupancy.device.type == "cuda"
+    sampler.prune(field.density, 0.01, decay=0.95, generator=gen)
+    field.bake()
+    path = tmp_path / "scene.vqad"
+    fileformat.save(field, path)
+    on_gpu, on_cpu = vqad.load(path, device="cuda"), vqad.load(path, device="cpu")
+    x = torch.rand(4096, 3, device=cuda) * 1.6 - 0.8
+    d = torch.nn.functional.normalize(torch.randn(4096, 3, device=cuda), dim=-1)
+    with torch.no_grad():
+        sig_gpu, rgb_gpu = on_gpu.all_lods(x, d, on_gpu.lods)
+        sig_cpu, rgb_cpu = on_cpu.all_lods(x.cpu(), d.cpu(), on_cpu.lods)
+    torch.testing.assert_close(sig_cpu, sig_gpu.cpu(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rgb_cpu, rgb_gpu.cpu(), atol=1e-4, rtol=1e-4)
+    # rendering: the decoded fields on both devices agree pixel by pixel on average (a sample on a
+    # cell face may be kept on one device and not the other, so not everywhere to 1e-4)
+    test_rays = RayBatcher(scene.splits["test"], scene, cuda)
+    flat = torch.arange(0, test_rays.num_rays, max(1, test_rays.num_rays // 512), device=cuda)
+    o, dirs, _, near, far = test_rays.rays_for(flat)
+    img = {}
+    for name, f, dev in (("gpu", on_gpu, cuda), ("cpu", on_cpu, torch.device("cpu"))):
+        rgb, depth, opacity = render_rays_chunked(f, model_sampler(f), o.to(dev), dirs.to(dev), [f.lods[-1]],
+                                                  bg.to(dev), near=near.to(dev), far=far.to(dev), chunk=256)
+        assert torch.isfinite(rgb).all() and rgb.device.type == dev.type
+        img[name] = rgb.cpu()
+    assert (img["gpu"] - img["cpu"]).abs().mean() < 1e-3

@@ -13,7 +13,6 @@ from vqad.grid import OctreeGrid
 from vqad.nerf.field import NeRFConfig, NeRFField
 from vqad.nerf.render import OccupancySampler, render_rays_chunked
 from vqad.octree import SparseOctree
-from vqad.optim import make_optimizers
 from vqad.sdf.field import SDFField
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -69,37 +68,34 @@ def test_to_moves_every_octree_table_and_the_sampler_follows():
     assert sampler.occupancy.device.type == "meta" and all(t.device.type == "meta" for t in sampler.bbox)
 
 
-# -- CUDA -------------------------------------------------------------------------------------------
-def _train(field, loss_fn, steps: int) -> list[float]:
-    opts = make_optimizers(field, 5e-3, 10.0)
-    losses = []
-    for it in range(steps):
-        for o in opts.values():
-            o.zero_grad(set_to_none=True)
-        loss = loss_fn(it)
-        loss.backward()
-        for o in opts.values():
-            o.step()
-        losses.append(float(loss.detach()))
-    return losses
+# -- CUDA (each test also runs on the CPU, so the test itself is checked where there is no GPU) ----
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
-@needs_cuda
-def test_sdf_field_built_on_cpu_trains_and_decodes_on_cuda(tmp_path):
-    cuda = torch.device("cuda")
-    field = _sdf_field("codebook", (2, 5)).to(cuda)
-    assert all(t.device.type == "cuda" for t in list(field.buffers()) + list(field.parameters()))
-    g = torch.Generator(device=cuda).manual_seed(0)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_sdf_field_built_on_cpu_trains_and_decodes_on_cuda(tmp_path, dev):
+    """Built on the CPU, moved once, trained through the one fit loop (vqad.fit.run_fit with the SDF
+    task), baked, written, and decoded alike on the device and on the CPU."""
+    import numpy as np
+    import trimesh
 
-    def loss(_):
-        x = torch.rand(4096, 3, device=cuda, generator=g) * 2 - 1
-        target = x.norm(dim=-1) - 0.6
-        return ((field.all_lods(x) - target) ** 2).mean()
+    from vqad.fit import run_fit
+    from vqad.sdf.fit import SDFTask, SDFTrainConfig
+    from vqad.sdf.mesh import Mesh, SDFOracle
 
-    losses = _train(field, loss, 20)
+    device = torch.device(dev)
+    field = _sdf_field("codebook", (2, 5)).to(device)
+    assert all(t.device.type == dev for t in list(field.buffers()) + list(field.parameters()))
+    s = trimesh.creation.icosphere(subdivisions=3, radius=0.6)
+    mesh = Mesh(np.asarray(s.vertices, dtype=np.float64), np.asarray(s.faces, dtype=np.int64))
+    cfg = SDFTrainConfig(steps=20, batch=4096, pool_size=20_000, refine=1, refine_samples=8192, log_every=1)
+    cfg = cfg.resolved(field.grid_cfg)
+    res = run_fit(SDFTask(field, SDFOracle(mesh), cfg, 0, device), cfg, device, quiet=True)
+    losses = [h["loss"] for h in res.history]
+    assert res.steps == 20 and res.skipped_steps == 0 and res.extra_seconds > 0  # the refinement sweep ran
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    # inference on the GPU: the sync-free padded form equals the compact one bit for bit
-    x = torch.rand(8192, 3, device=cuda) * 2.2 - 1.1
+    # inference: the sync-free padded lookup equals the compact one bit for bit
+    x = torch.rand(8192, 3, device=device) * 2.2 - 1.1
     with torch.no_grad():
         for level in field.lods:
             assert torch.equal(field.grid._padded_level_features(x, level),
@@ -107,24 +103,26 @@ def test_sdf_field_built_on_cpu_trains_and_decodes_on_cuda(tmp_path):
     field.bake()
     path = tmp_path / "sphere.vqad"
     fileformat.save(field, path)
-    on_gpu, on_cpu = vqad.load(path, device="cuda"), vqad.load(path, device="cpu")
-    assert on_gpu.grid.octree.device.type == "cuda" and on_cpu.grid.octree.device.type == "cpu"
+    on_dev, on_cpu = vqad.load(path, device=dev), vqad.load(path, device="cpu")
+    assert on_dev.grid.octree.device.type == dev and on_cpu.grid.octree.device.type == "cpu"
     with torch.no_grad():
         want = field.all_lods(x)
-        got_gpu = on_gpu.all_lods(x)
+        got_dev = on_dev.all_lods(x)
         got_cpu = on_cpu.all_lods(x.cpu())
-    torch.testing.assert_close(got_gpu, want, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got_cpu, got_gpu.cpu(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_dev, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_cpu, got_dev.cpu(), atol=1e-4, rtol=1e-4)
 
 
-@needs_cuda
-def test_radiance_field_built_on_cpu_trains_renders_and_decodes_on_cuda(tmp_path):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_radiance_field_built_on_cpu_trains_renders_and_decodes_on_cuda(tmp_path, dev):
+    """The same for a radiance field, trained with the radiance task (occupancy pruning included)."""
+    from vqad.fit import run_fit
     from vqad.nerf.formats import load_dataset
     from vqad.nerf.octree_build import octree_from_depth
     from vqad.nerf.rays import RayBatcher
-    from vqad.nerf.task import model_sampler, train_step
+    from vqad.nerf.task import NeRFTrainConfig, RadianceTask, model_sampler
 
-    cuda = torch.device("cuda")
+    cuda = torch.device(dev)
     scene = load_dataset("procedural", downscale=4)
     torch.manual_seed(0)
     octree = octree_from_depth(scene, 2, 5, "cpu")
@@ -135,20 +133,17 @@ def test_radiance_field_built_on_cpu_trains_renders_and_decodes_on_cuda(tmp_path
     sampler = OccupancySampler(field.grid.octree)  # built on the CPU; follows the octree
     field.to(cuda)
     batcher = RayBatcher(scene.splits["train"], scene, cuda)
-    opts = make_optimizers(field, 5e-3, 10.0)
     bg = torch.tensor(batcher.background, device=cuda)
-    gen = torch.Generator().manual_seed(0)
-    psnrs = []
-    for _ in range(20):
-        _, psnr, n, stepped = train_step(field, sampler, batcher, opts, 512, field.lods, bg, gen)
-        assert n > 0 and stepped
-        psnrs.append(psnr)
-    assert sampler.occupancy.device.type == "cuda"
-    sampler.prune(field.density, 0.01, decay=0.95, generator=gen)
+    cfg = NeRFTrainConfig(steps=20, batch_rays=512, lr=5e-3, grid_lr_scale=10.0, lod_mode="all", prune_every=5,
+                          prune_warmup=10, log_every=1)
+    res = run_fit(RadianceTask(field, sampler, batcher, cfg), cfg, cuda, quiet=True)
+    assert res.steps == 20 and res.skipped_steps == 0 and res.empty_steps == 0
+    assert all(math.isfinite(h["psnr"]) for h in res.history)
+    assert sampler.occupancy.device.type == dev
     field.bake()
     path = tmp_path / "scene.vqad"
     fileformat.save(field, path)
-    on_gpu, on_cpu = vqad.load(path, device="cuda"), vqad.load(path, device="cpu")
+    on_gpu, on_cpu = vqad.load(path, device=dev), vqad.load(path, device="cpu")
     x = torch.rand(4096, 3, device=cuda) * 1.6 - 0.8
     d = torch.nn.functional.normalize(torch.randn(4096, 3, device=cuda), dim=-1)
     with torch.no_grad():
@@ -162,9 +157,9 @@ def test_radiance_field_built_on_cpu_trains_renders_and_decodes_on_cuda(tmp_path
     flat = torch.arange(0, test_rays.num_rays, max(1, test_rays.num_rays // 512), device=cuda)
     o, dirs, _, near, far = test_rays.rays_for(flat)
     img = {}
-    for name, f, dev in (("gpu", on_gpu, cuda), ("cpu", on_cpu, torch.device("cpu"))):
-        rgb, depth, opacity = render_rays_chunked(f, model_sampler(f), o.to(dev), dirs.to(dev), [f.lods[-1]],
-                                                  bg.to(dev), near=near.to(dev), far=far.to(dev), chunk=256)
-        assert torch.isfinite(rgb).all() and rgb.device.type == dev.type
+    for name, f, where in (("gpu", on_gpu, cuda), ("cpu", on_cpu, torch.device("cpu"))):
+        rgb, depth, opacity = render_rays_chunked(f, model_sampler(f), o.to(where), dirs.to(where), [f.lods[-1]],
+                                                  bg.to(where), near=near.to(where), far=far.to(where), chunk=256)
+        assert torch.isfinite(rgb).all() and rgb.device.type == where.type
         img[name] = rgb.cpu()
     assert (img["gpu"] - img["cpu"]).abs().mean() < 1e-3

@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
 import common  # noqa: E402
+from vqad.storages import options_of  # noqa: E402  (which flags a grid takes)
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"dense": ("dense", 4), "codebook-4bit": ("codebook", 4), "codebook-6bit": ("codebook", 6)}
@@ -74,9 +75,10 @@ def run_one(scene: str, method: str, args, octree_from: Path | None = None) -> d
     out = Path(args.work) / (f"{scene}-{method}" + (f"-k{k}" if args.features else ""))
     steps = args.steps or sc["steps"]
     cmd = [sys.executable, "-m", "vqad.app.cli", "fit-nerf", str(path), "--format", sc["format"],
-           "--downscale", str(sc["downscale"]), "--grid", storage, "--bits", str(bits),
+           "--downscale", str(sc["downscale"]), "--grid", storage, *(["--bits", str(bits)] if "bits" in options_of(storage) else []),
            "--features", str(k), "--levels", sc["levels"], "--steps", str(steps),
-           "--batch-rays", str(args.batch_rays), "--octree", "auto", "--eval-views", sc["eval_views"],
+           "--batch-rays", str(args.batch_rays), *(["--octree", "auto"] if octree_from is None else []),
+           "--eval-views", sc["eval_views"],
            "--step-ratio", str(sc["step_ratio"]),
            "--out", str(out), "--device", args.device, "--quiet"]
     if args.minutes:

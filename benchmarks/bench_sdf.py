@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
 import common  # noqa: E402
+from vqad.storages import options_of  # noqa: E402  (which flags a grid takes)
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"dense": ("dense", 4), "codebook-4bit": ("codebook", 4), "codebook-6bit": ("codebook", 6)}
@@ -35,7 +36,8 @@ def run_one(mesh: str, method: str, args) -> dict:
     storage, bits = METHODS[method]
     out = Path(args.work).resolve() / f"{mesh}-{method}"  # the fit runs in REPO: one absolute path for both
     cmd = [sys.executable, "-m", "vqad.app.cli", "fit-sdf", str(data_dir() / "meshes" / f"{mesh}.obj"),
-           "--grid", storage, "--bits", str(bits), "--features", "16", "--levels", args.levels,
+           "--grid", storage, *(["--bits", str(bits)] if "bits" in options_of(storage) else []), "--features", "16",
+           "--levels", args.levels,
            "--steps", str(args.steps), "--batch", str(args.batch), "--out", str(out),
            "--mc-resolution", str(args.mc_resolution), "--device", args.device, "--seed", str(args.seed), "--quiet"]
     if args.minutes:

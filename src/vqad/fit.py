@@ -8,8 +8,9 @@ occupancy updates, sweeps after the last step).
 
 Optimizer groups (:func:`vqad.optim.make_optimizers`): sparse grid rows go to SparseAdam (or, for
 b ≥ 8 logits, :class:`~vqad.optim.RowwiseSparseRMSprop`), codebooks and MLPs to Adam, the grid at
-``grid_lr_scale`` × the decoder's learning rate (the reference uses ×100 with RMSprop; ×10–30 with
-Adam works better here, see docs/method.md); logits C and codebooks D may have rates of their own.
+``grid_lr_scale`` × the decoder's learning rate (×10 for SDFs, ×30 for radiance fields; the reference
+uses ×100 with RMSprop, and Adam against RMSprop was never measured: docs/method.md, deviation 1);
+logits C and codebooks D may have rates of their own.
 
 The schedule follows ``progress = max(step / steps, elapsed / max_minutes)``, so a time-capped fit
 still ends with a decayed learning rate: cosine from each group's initial rate to 0.1 × it.

@@ -127,3 +127,20 @@ def test_resume_refuses_another_configuration_in_python(tmp_path, mesh):
     res = fit_sdf(m, grid, DecoderConfig(hidden=8), SDFTrainConfig(**{**asdict(train), "steps": 5}),
                   torch.device("cpu"), out_dir=tmp_path, resume=True, quiet=True)
     assert res.steps == 5 and res.steps_done == 2
+
+
+def test_fit_nerf_resume_keeps_the_checkpoints_field_and_octree(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["fit-nerf", "procedural", "--out", str(out), "--device", "cpu", "--no-eval", "--quiet"]
+    assert main(base + ["--steps", "3", "--levels", "2:4", "--features", "4", "--hidden", "16",
+                        "--batch-rays", "256"]) == 0
+    capsys.readouterr()
+    for args, message in [(["--step-ratio", "2"], "--step-ratio cannot apply"),
+                          (["--octree", "mask"], "--octree cannot apply"),
+                          (["--batch-rays", "512"], "batch_rays: checkpoint 256, now 512")]:
+        assert main(base + ["--resume", "--steps", "5"] + args) == 2, args
+        assert message in _err(capsys)
+    assert main(base + ["--resume", "--steps", "5"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 5 and m["grid"]["features"] == 4 and m["grid"]["max_level"] == 4
+    assert m["decoder"]["hidden"] == 16 and m["train"]["batch_rays"] == 256

@@ -263,7 +263,7 @@ def interrupt_guard():
 
 
 # -- resume --------------------------------------------------------------------------------------
-def check_resumable(ckpt_dir: Path, kind: str, saved: dict, given: dict, what: str = "training") -> None:
+def check_resumable(ckpt_dir: Path, saved: dict, given: dict, what: str = "training") -> None:
     """Refuse to resume ``ckpt_dir`` with a configuration that contradicts the checkpoint's.
 
     ``saved`` and ``given`` are config dicts (``dataclasses.asdict``); keys in

@@ -141,10 +141,12 @@ def fit_nerf(
     t_oct = time.perf_counter()
     if resume:
         field, resume_cfg, start = load_for_resume(ckpt_dir, "nerf", device)
-        check_resumable(ckpt_dir, "nerf", resume_cfg["grid"], asdict(grid_cfg), "grid")
-        check_resumable(ckpt_dir, "nerf", resume_cfg["decoder"], asdict(dec_cfg), "decoder")
-        saved_train = {k: v for k, v in resume_cfg.get("train", {}).items() if k not in ("octree", "octree_from", "density_steps", "density_minutes", "dilate")}
-        check_resumable(ckpt_dir, "nerf", saved_train, asdict(train_cfg))
+        check_resumable(ckpt_dir, resume_cfg["grid"], asdict(grid_cfg), "grid")
+        check_resumable(ckpt_dir, resume_cfg["decoder"], asdict(dec_cfg), "decoder")
+        check_resumable(ckpt_dir, resume_cfg.get("train", {}), asdict(train_cfg))
+        if nerf_cfg is not None:  # the field's own settings; an 'auto' step matches whatever it resolved to
+            given = {k: v for k, v in asdict(nerf_cfg).items() if not (k == "step_ratio" and v is None)}
+            check_resumable(ckpt_dir, resume_cfg.get("nerf", {}), given, "radiance-field")
         method = resume_cfg.get("octree_method", "?")
     else:
         field, method = build_nerf_field(dataset, grid_cfg, dec_cfg, nerf_cfg or NERF_FIELD, train_cfg, device, quiet)

@@ -212,9 +212,9 @@ def fit_sdf(
     start, resume_cfg = 0, None
     if resume:
         field, resume_cfg, start = load_for_resume(ckpt_dir, "sdf", device)
-        check_resumable(ckpt_dir, "sdf", resume_cfg["grid"], asdict(grid_cfg), "grid")
-        check_resumable(ckpt_dir, "sdf", resume_cfg["decoder"], asdict(dec_cfg), "decoder")
-        check_resumable(ckpt_dir, "sdf", resume_cfg.get("train", {}), asdict(train_cfg))
+        check_resumable(ckpt_dir, resume_cfg["grid"], asdict(grid_cfg), "grid")
+        check_resumable(ckpt_dir, resume_cfg["decoder"], asdict(dec_cfg), "decoder")
+        check_resumable(ckpt_dir, resume_cfg.get("train", {}), asdict(train_cfg))
         rng_seed = resume_cfg.get("rng_seed", train_cfg.seed) + start
     else:
         field = build_sdf_field(mesh, grid_cfg, dec_cfg, device, seed=train_cfg.seed)

@@ -108,6 +108,16 @@ def test_load_checks_the_lod_of_a_checkpoint(tmp_path, mesh):
     assert field.lods == [2, 3]
     with pytest.raises(InputError, match="LOD 7 is not in this model"):
         vqad.load(out / "checkpoint", lod=7)
+    # vqad render: a radiance field's flags do not apply to an SDF model
+    assert main(["render", str(out / "checkpoint"), "--views", "val", "-o", str(tmp_path / "r.png")]) == 2
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_evaluation_flags_are_refused_without_evaluation(tmp_path, capsys, mesh):
+    assert main(["fit-sdf", str(mesh), "--out", str(tmp_path / "a"), "--mc-resolution", "64"] + TINY) == 2
+    assert "--mc-resolution" in _err(capsys)
+    assert main(["fit-nerf", "procedural", "--out", str(tmp_path / "b"), "--no-eval", "--eval-views", "val"]) == 2
+    assert "--eval-views" in _err(capsys)
 
 
 def test_resume_refuses_another_configuration_in_python(tmp_path, mesh):

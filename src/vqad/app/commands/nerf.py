@@ -83,7 +83,7 @@ def register(sub) -> None:
     config_flag(p, NERF_DECODER, "per_lod", flag="--per-lod-decoder", action="store_true",
                 help="one pair of MLPs per LOD instead of shared ones")
     add_run_args(p, T, "checkpoint, metrics, renders")
-    p.add_argument("--eval-views", default="test", help="held-out split to evaluate (test, val, ...)")
+    p.add_argument("--eval-views", default=None, help="held-out split to evaluate (test, val, ...; default: test)")
     p.add_argument("--eval-max-views", type=int, default=None, help="evaluate only the first N held-out views")
     p.add_argument("--no-eval", action="store_true", help="skip the per-LOD evaluation and renders")
     p.set_defaults(func=cmd_fit_nerf)
@@ -181,6 +181,9 @@ def cmd_fit_nerf(args) -> int:
     from vqad.nerf.fit import fit_nerf
 
     out = Path(args.out)
+    refuse(args.no_eval and (args.eval_views is not None or args.eval_max_views is not None),
+           "--eval-views and --eval-max-views set the evaluation: they cannot apply with --no-eval")
+    args.eval_views = args.eval_views or "test"
     saved = resumed_configs(out, "nerf") if args.resume else None
     grid_cfg, dec_cfg, nerf_cfg, train_cfg = _configs(args, saved)  # validate everything before touching the disk
     background = parse_background(args.background)

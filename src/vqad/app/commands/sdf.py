@@ -20,6 +20,12 @@ REFINE_FLAGS = {"refine": "--refine", "refine_samples": "--refine-samples", "ref
                 "logit_lr_scale": "--logit-lr-scale", "codebook_lr_scale": "--codebook-lr-scale"}
 
 
+MC_RESOLUTION = 256
+RENDER_SIZE, RENDER_AZIMUTH, RENDER_ELEVATION = 384, 35.0, 20.0
+SDF_RENDER_FLAGS = {"size": "--size", "azimuth": "--azimuth", "elevation": "--elevation"}
+NERF_RENDER_FLAGS = {"views": "--views", "dataset": "--dataset"}
+
+
 def register(sub) -> None:
     from vqad.config import DecoderConfig, GridConfig
     from vqad.sdf.fit import SDFTrainConfig
@@ -51,7 +57,8 @@ def register(sub) -> None:
                 help="one decoder per LOD instead of a shared one")
     add_run_args(p, T, "checkpoint, metrics, mesh, render")
     p.add_argument("--no-eval", action="store_true", help="skip per-LOD metrics, mesh and render")
-    p.add_argument("--mc-resolution", type=int, default=256, help="marching-cubes grid for meshes and metrics")
+    p.add_argument("--mc-resolution", type=int, default=None,
+                   help=f"marching-cubes grid for meshes and metrics (default: {MC_RESOLUTION})")
     p.set_defaults(func=cmd_fit_sdf)
 
     p = sub.add_parser("mesh", help="marching-cubes mesh of an SDF model at a LOD")
@@ -68,10 +75,11 @@ def register(sub) -> None:
     p.add_argument("--lod", type=int, default=None)
     p.add_argument("--bytes", type=int, default=None, help=".vqad only: use just the first N bytes")
     p.add_argument("-o", "--out", default=None, help="SDF: output PNG; NeRF: output directory")
-    p.add_argument("--size", type=int, default=384, help="SDF image size in pixels")
-    p.add_argument("--azimuth", type=float, default=35.0)
-    p.add_argument("--elevation", type=float, default=20.0)
-    p.add_argument("--views", default="test", help="NeRF: dataset split to render")
+    p.add_argument("--size", type=int, default=None, help=f"SDF: image size in pixels (default: {RENDER_SIZE})")
+    p.add_argument("--azimuth", type=float, default=None, help=f"SDF: camera azimuth in degrees (default: {RENDER_AZIMUTH})")
+    p.add_argument("--elevation", type=float, default=None,
+                   help=f"SDF: camera elevation in degrees (default: {RENDER_ELEVATION})")
+    p.add_argument("--views", default=None, help="NeRF: dataset split to render (default: test)")
     p.add_argument("--dataset", default=None, help="NeRF: dataset path (default: the one stored with the model)")
     add_device_arg(p)
     p.set_defaults(func=cmd_render)
@@ -119,6 +127,7 @@ def cmd_fit_sdf(args) -> int:
     from vqad.sdf.fit import fit_sdf
 
     out = Path(args.out)
+    refuse(args.no_eval and args.mc_resolution is not None, "--mc-resolution sets the evaluation's meshes: it cannot apply with --no-eval")
     saved = resumed_configs(out, "sdf") if args.resume else None
     grid_cfg, dec_cfg, train_cfg = _configs(args, saved)  # validate everything before touching the disk
     device = resolve_device(args.device)
@@ -143,7 +152,7 @@ def cmd_fit_sdf(args) -> int:
         "size": field.size_report(), "history": res.history,
     }
     if not args.no_eval:
-        summary["lods"] = evaluate_sdf(field, mesh, out, args.mc_resolution, device)
+        summary["lods"] = evaluate_sdf(field, mesh, out, args.mc_resolution or MC_RESOLUTION, device)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"wrote {out}/ (checkpoint/, metrics.json{'' if args.no_eval else ', mesh_lod*.ply, render_lod*.png'})")
     return 0
@@ -173,6 +182,11 @@ def cmd_mesh(args) -> int:
 def cmd_render(args) -> int:
     field = _load(args)
     lod = parse_lod(field, args.lod)
+    other = NERF_RENDER_FLAGS if field.kind == "sdf" else SDF_RENDER_FLAGS
+    for name, flag in other.items():
+        refuse(getattr(args, name) is not None,
+               f"{flag} does not apply to a {field.kind!r} model (it sets how a "
+               f"{'radiance field' if field.kind == 'sdf' else 'signed distance field'} is rendered)")
     if field.kind == "nerf":
         from vqad.app.commands.nerf import render_nerf
 
@@ -180,7 +194,10 @@ def cmd_render(args) -> int:
     from vqad.sdf.render import OrbitCamera, render_sdf, save_png
 
     out = ensure_writable_file(args.out or f"render_lod{lod}.png")
-    cam = OrbitCamera(azimuth_deg=args.azimuth, elevation_deg=args.elevation, width=args.size, height=args.size)
+    size = RENDER_SIZE if args.size is None else args.size
+    refuse(size <= 0, f"--size must be positive, got {size}")
+    cam = OrbitCamera(azimuth_deg=RENDER_AZIMUTH if args.azimuth is None else args.azimuth,
+                      elevation_deg=RENDER_ELEVATION if args.elevation is None else args.elevation, width=size, height=size)
     save_png(render_sdf(field, lod, cam), out)
     print(f"wrote {out} (LOD {lod})")
     return 0

@@ -89,6 +89,7 @@ class FitTask:
     """One application's part of a fit. ``field`` is the model being trained."""
 
     unit = "items"  # what ``StepLoss.items`` counts, for the progress bar (pts, rays)
+    extra_seconds = 0.0  # seconds spent outside training steps (index sweeps), if the task counts them
     field: torch.nn.Module
 
     def begin(self, start: int, gen: torch.Generator) -> None:
@@ -276,17 +277,33 @@ def check_resumable(ckpt_dir: Path, saved: dict, given: dict, what: str = "train
                          f"checkpoint's settings, or start a new fit in another --out")
 
 
-def load_for_resume(ckpt_dir: Path | None, kind: str, device):
-    """``(field, checkpoint config, step)`` of the checkpoint a fit resumes from, with clear errors."""
-    from vqad.checkpoint import load_checkpoint
+def check_resumed_fit(ckpt_dir: Path, saved: dict, grid_cfg, dec_cfg, train_cfg: TrainConfig) -> None:
+    """:func:`check_resumable` for the grid, decoder and training configs a fit resumes with."""
+    check_resumable(ckpt_dir, saved["grid"], asdict(grid_cfg), "grid")
+    check_resumable(ckpt_dir, saved["decoder"], asdict(dec_cfg), "decoder")
+    check_resumable(ckpt_dir, saved.get("train", {}), asdict(train_cfg))
+
+
+def resume_config(ckpt_dir: Path | None, kind: str) -> dict:
+    """The config dict of the checkpoint a fit of ``kind`` resumes from, with clear errors."""
+    from vqad.checkpoint import read_config
 
     if ckpt_dir is None or not (Path(ckpt_dir) / "config.json").is_file():
         raise InputError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume first")
-    field, cfg = load_checkpoint(ckpt_dir, device)
-    if field.kind != kind:
-        raise InputError(f"--resume: {ckpt_dir} holds a {field.kind!r} model, not a {kind!r} one")
-    if field.baked:
+    cfg = read_config(ckpt_dir)
+    if cfg.get("kind") != kind:
+        raise InputError(f"--resume: {ckpt_dir} holds a {cfg.get('kind')!r} model, not a {kind!r} one")
+    if cfg.get("baked"):
         raise InputError(f"--resume: {ckpt_dir} holds a baked (inference-only) model: it cannot be trained further")
+    return cfg
+
+
+def load_for_resume(ckpt_dir: Path | None, kind: str, device):
+    """``(field, checkpoint config, step)`` of the checkpoint a fit resumes from (:func:`resume_config`)."""
+    from vqad.checkpoint import load_checkpoint
+
+    resume_config(ckpt_dir, kind)
+    field, cfg = load_checkpoint(ckpt_dir, device)
     field.train()
     return field, cfg, int(cfg.get("step", 0))
 
@@ -334,7 +351,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     try:
         with interrupt_guard():
             for it in range(start, cfg.steps):
-                step_s = (time.perf_counter() - t0 - task_extra(task)) / (it - start) if it > start else None
+                step_s = (time.perf_counter() - t0 - task.extra_seconds) / (it - start) if it > start else None
                 progress = progress_or_stop(it, cfg.steps, t0, task.budget_minutes(cfg.max_minutes, step_s))
                 if progress is None:
                     break
@@ -371,12 +388,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     prog.close()
     save(it)
     return LoopResult(
-        steps=it, steps_done=it - start, seconds=time.perf_counter() - t0, extra_seconds=task_extra(task),
+        steps=it, steps_done=it - start, seconds=time.perf_counter() - t0, extra_seconds=task.extra_seconds,
         items_per_second=items_per_second, final_loss=loss_val,
         last_per_lod=None if out is None else out.per_lod.detach(), history=history,
         skipped_steps=guard.skipped, empty_steps=guard.empty)
-
-
-def task_extra(task: FitTask) -> float:
-    """Seconds the task spent outside training steps so far (index sweeps), if it counts them."""
-    return float(getattr(task, "extra_seconds", 0.0))

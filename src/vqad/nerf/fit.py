@@ -17,7 +17,7 @@ import torch
 from vqad.config import DecoderConfig, GridConfig
 from vqad.device import peak_memory_bytes
 from vqad.errors import InputError
-from vqad.fit import check_resumable, load_for_resume, run_fit
+from vqad.fit import check_resumable, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
 from vqad.nerf.data import SceneDataset, dataset_info
 from vqad.nerf.field import NeRFConfig, NeRFField
@@ -141,9 +141,7 @@ def fit_nerf(
     t_oct = time.perf_counter()
     if resume:
         field, resume_cfg, start = load_for_resume(ckpt_dir, "nerf", device)
-        check_resumable(ckpt_dir, resume_cfg["grid"], asdict(grid_cfg), "grid")
-        check_resumable(ckpt_dir, resume_cfg["decoder"], asdict(dec_cfg), "decoder")
-        check_resumable(ckpt_dir, resume_cfg.get("train", {}), asdict(train_cfg))
+        check_resumed_fit(ckpt_dir, resume_cfg, grid_cfg, dec_cfg, train_cfg)
         if nerf_cfg is not None:  # the field's own settings; an 'auto' step matches whatever it resolved to
             given = {k: v for k, v in asdict(nerf_cfg).items() if not (k == "step_ratio" and v is None)}
             check_resumable(ckpt_dir, resume_cfg.get("nerf", {}), given, "radiance-field")

@@ -10,7 +10,7 @@ training (``refine_during``).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field as dfield, replace
+from dataclasses import dataclass, field as dfield, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from vqad.config import DecoderConfig, GridConfig
 from vqad.device import peak_memory_bytes
 from vqad.errors import InputError
-from vqad.fit import FitTask, StepLoss, TrainConfig, check_resumable, load_for_resume, run_fit
+from vqad.fit import FitTask, StepLoss, TrainConfig, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
 from vqad.refine import RefineChunk, format_stats, has_codebook, refine_indices
@@ -212,9 +212,7 @@ def fit_sdf(
     start, resume_cfg = 0, None
     if resume:
         field, resume_cfg, start = load_for_resume(ckpt_dir, "sdf", device)
-        check_resumable(ckpt_dir, resume_cfg["grid"], asdict(grid_cfg), "grid")
-        check_resumable(ckpt_dir, resume_cfg["decoder"], asdict(dec_cfg), "decoder")
-        check_resumable(ckpt_dir, resume_cfg.get("train", {}), asdict(train_cfg))
+        check_resumed_fit(ckpt_dir, resume_cfg, grid_cfg, dec_cfg, train_cfg)
         rng_seed = resume_cfg.get("rng_seed", train_cfg.seed) + start
     else:
         field = build_sdf_field(mesh, grid_cfg, dec_cfg, device, seed=train_cfg.seed)

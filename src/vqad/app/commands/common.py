@@ -67,17 +67,10 @@ TRAINABLE_GRIDS = ["dense", "codebook", "hash"]
 # (or from the application's default instance), never typed here, and argparse stores None when the
 # flag is not given, so a command knows which flags the user chose: those override the defaults
 # (or, with --resume, the checkpoint's settings), and a flag that cannot apply is refused.
-def _default(cfg_or_cls, name):
-    f = cfg_or_cls.__dataclass_fields__[name]
-    if not isinstance(cfg_or_cls, type):
-        return getattr(cfg_or_cls, name)
-    return f.default
-
-
 def config_flag(p, defaults, name: str, flag: str | None = None, help: str = "", **kw) -> None:
     """``--flag`` for field ``name`` of ``defaults`` (a config dataclass or instance), default None
     (= not given); the help shows the real default."""
-    default = _default(defaults, name)
+    default = getattr(defaults, name)  # a dataclass's class attribute is its field's default
     if kw.get("action") == "store_true":
         p.add_argument(flag or "--" + name.replace("_", "-"), dest=name, default=None, help=help, **kw)
         return
@@ -140,19 +133,29 @@ def grid_config(args, base_cfg):
     return grid
 
 
-def resumed_configs(out, kind: str) -> dict | None:
-    """The config dict of ``out/checkpoint`` for ``--resume`` (with clear errors), or None."""
+def resumed_configs(out, kind: str) -> dict:
+    """The config dict of ``out/checkpoint`` for ``--resume`` (:func:`vqad.fit.resume_config`)."""
     from pathlib import Path
 
-    from vqad.checkpoint import read_config
+    from vqad.fit import resume_config
 
-    ckpt = Path(out) / "checkpoint"
-    if not (ckpt / "config.json").is_file():
-        raise InputError(f"--resume: no checkpoint in {ckpt}; run without --resume first")
-    cfg = read_config(ckpt)
-    if cfg.get("kind") != kind:
-        raise InputError(f"--resume: {ckpt} holds a {cfg.get('kind')!r} model, not a {kind!r} one")
-    return cfg
+    return resume_config(Path(out) / "checkpoint", kind)
+
+
+def train_overrides(args, names, index_flags: dict[str, str], storage: str) -> dict:
+    """The training flags among ``names`` the user gave. ``index_flags`` (name → flag) only apply to
+    grids with discrete indices and are refused for others; a learning-rate scale of 0 means "the
+    grid's" (None), a negative one is refused."""
+    from vqad.storages import storage_class
+
+    discrete = storage_class(storage).discrete
+    for name, flag in index_flags.items():
+        value = getattr(args, name)
+        refuse(value is not None and not discrete,
+               f"{flag} applies to grids with discrete indices (--grid codebook), not --grid {storage}")
+        refuse(name.endswith("lr_scale") and value is not None and value < 0, f"{flag} must be >= 0 (0: same as the grid)")
+    over = given(args, names)
+    return {k: (None if k.endswith("lr_scale") and k != "grid_lr_scale" and v == 0 else v) for k, v in over.items()}
 
 
 def config_from(cls, saved: dict | None, default):

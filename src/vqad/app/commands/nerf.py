@@ -10,7 +10,8 @@ from pathlib import Path
 
 from vqad.errors import InputError
 from vqad.app.commands.common import (add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir, given,
-                                      grid_config, refuse, report_skipped_steps, resumed_configs)
+                                      grid_config, refuse, report_skipped_steps, resumed_configs,
+                                      train_overrides)
 
 FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "procedural"]
 
@@ -120,18 +121,13 @@ def _configs(args, saved: dict | None = None):
 
     from vqad.config import DecoderConfig, GridConfig
     from vqad.nerf.fit import NERF_DECODER, NERF_FIELD, NERF_GRID
+    from vqad.nerf.field import NeRFConfig
     from vqad.nerf.task import NeRFTrainConfig
-    from vqad.storages import storage_class
 
     grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], NERF_GRID))
     if args.downscale < 1:
         raise InputError(f"--downscale must be a positive integer, got {args.downscale}")
-    discrete = storage_class(grid.storage).discrete
-    for name, flag in INDEX_FLAGS.items():
-        refuse(getattr(args, name) is not None and not discrete,
-               f"{flag} applies to grids with discrete indices (--grid codebook), not --grid {grid.storage}")
-        refuse(name.endswith("lr_scale") and getattr(args, name) is not None and getattr(args, name) < 0,
-               f"{flag} must be >= 0 (0: same as the grid)")
+    over = train_overrides(args, NERF_TRAIN_FLAGS, INDEX_FLAGS, grid.storage)
     refuse(args.octree_from is not None and any(getattr(args, n) is not None for n in OCTREE_FLAGS if n != "octree_from"),
            "--octree-from reuses an earlier fit's octree: --octree, --dilate and --density-* cannot apply with it")
     refuse(args.octree is not None and args.octree in ("depth", "mask")
@@ -145,28 +141,17 @@ def _configs(args, saved: dict | None = None):
     dec = replace(config_from(DecoderConfig, saved and saved["decoder"], NERF_DECODER), **dec_over)
     refuse(dec.hidden <= 0 or (args.color_hidden is not None and args.color_hidden <= 0),
            "--hidden and --color-hidden must be positive")
-    nerf = NERF_FIELD if saved is None else from_dict_nerf(saved)
+    nerf = config_from(NeRFConfig, saved and saved.get("nerf", {}), NERF_FIELD)
     if args.color_hidden is not None:
         nerf = replace(nerf, color_hidden=args.color_hidden)
     if args.step_ratio is not None:
         nerf = replace(nerf, step_ratio=_step_ratio(args.step_ratio))
     nerf.validate()
-    over = given(args, NERF_TRAIN_FLAGS)
-    for name in ("logit_lr_scale", "codebook_lr_scale"):
-        if over.get(name) == 0:
-            over[name] = None
     train = replace(config_from(NeRFTrainConfig, saved and saved.get("train"), NeRFTrainConfig()), **over)
     train.validate()
     if args.eval_max_views is not None and args.eval_max_views <= 0:
         raise InputError("--eval-max-views must be positive")
     return grid, dec, nerf, train
-
-
-def from_dict_nerf(saved: dict):
-    from vqad.config import from_dict
-    from vqad.nerf.field import NeRFConfig
-
-    return from_dict(NeRFConfig, saved.get("nerf", {}))
 
 
 def load_nerf_dataset(source: str, fmt: str, downscale: int, background):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vqad.errors import InputError
 from vqad.app.commands.common import (add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir,
-                                      ensure_writable_file, given, grid_config, parse_lod, refuse,
+                                      ensure_writable_file, given, grid_config, parse_lod, refuse, train_overrides,
                                       report_skipped_steps, resumed_configs)
 from vqad.sdf.evaluate import evaluate_sdf
 
@@ -16,7 +16,7 @@ from vqad.sdf.evaluate import evaluate_sdf
 SDF_TRAIN_FLAGS = ("steps", "batch", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes", "truncation", "refine",
                    "refine_samples", "refine_candidates", "seed")
 DECODER_FLAGS = ("hidden", "layers", "per_lod")
-REFINE_FLAGS = {"refine": "--refine", "refine_samples": "--refine-samples", "refine_candidates": "--refine-candidates",
+INDEX_FLAGS = {"refine": "--refine", "refine_samples": "--refine-samples", "refine_candidates": "--refine-candidates",
                 "logit_lr_scale": "--logit-lr-scale", "codebook_lr_scale": "--codebook-lr-scale"}
 
 
@@ -98,21 +98,10 @@ def _configs(args, saved: dict | None = None):
 
     from vqad.config import DecoderConfig, GridConfig
     from vqad.sdf.fit import SDFTrainConfig
-    from vqad.storages import storage_class
 
     grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], GridConfig()))
-    for name in ("logit_lr_scale", "codebook_lr_scale"):
-        refuse(getattr(args, name) is not None and getattr(args, name) < 0,
-               f"--{name.replace('_', '-')} must be >= 0 (0: same as the grid)")
-    discrete = storage_class(grid.storage).discrete
-    for name, flag in REFINE_FLAGS.items():
-        refuse(getattr(args, name) is not None and not discrete,
-               f"{flag} applies to grids with discrete indices (--grid codebook), not --grid {grid.storage}")
+    over = train_overrides(args, SDF_TRAIN_FLAGS, INDEX_FLAGS, grid.storage)
     dec = replace(config_from(DecoderConfig, saved and saved["decoder"], DecoderConfig()), **given(args, DECODER_FLAGS))
-    over = given(args, SDF_TRAIN_FLAGS)
-    for name in ("logit_lr_scale", "codebook_lr_scale"):
-        if over.get(name) == 0:
-            over[name] = None
     train = replace(config_from(SDFTrainConfig, saved and saved.get("train"), SDFTrainConfig()), **over)
     if saved is None:
         train = train.resolved(grid)

@@ -131,9 +131,9 @@ def test_grouping_is_pinned(storage, bits):
         cb = g if codebook_scale is None else lr * codebook_scale
         if storage in ("dense", "hash"):
             attr = {"dense": "Z", "hash": "table"}[storage]
-            want = {"sparse": ("SparseAdam", [(g, _grid_names(field, attr))]), "dense": ("Adam", [(lr, decoder)])}
+            want = {"sparse": ("SparseRowAdam", [(g, _grid_names(field, attr))]), "dense": ("Adam", [(lr, decoder)])}
         elif storage == "lowrank":
-            want = {"sparse": ("SparseAdam", [(g, _grid_names(field, "A"))]),
+            want = {"sparse": ("SparseRowAdam", [(g, _grid_names(field, "A"))]),
                     "dense": ("Adam", [(lr, decoder), (g, _grid_names(field, "B", "mean"))])}
         else:
             Cs, Ds = _grid_names(field, "C"), _grid_names(field, "D")
@@ -141,7 +141,7 @@ def test_grouping_is_pinned(storage, bits):
             if bits >= 8:  # row-wise second moments: O(m) state
                 want = {"logits": ("RowwiseSparseRMSprop", [(lg, Cs)]), "dense": ("Adam", dense)}
             else:
-                want = {"sparse": ("SparseAdam", [(lg, Cs)]), "dense": ("Adam", dense)}
+                want = {"sparse": ("SparseRowAdam", [(lg, Cs)]), "dense": ("Adam", dense)}
         assert got == want, (logit_scale, codebook_scale)
         assert list(got) == list(want)
     field.bake(fp16=False)  # nothing left to train in the grid or the decoders
@@ -153,3 +153,28 @@ def test_undeclared_trainable_grid_parameters_are_refused():
     field.grid.storages[0].extra = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(RuntimeError, match="param_groups"):
         make_optimizers(field, 1e-2, 10.0)
+
+
+@pytest.mark.parametrize("m", [40, 100_000])  # the sort-free sum, and the coalescing path for huge m
+def test_sparse_row_adam_is_sparse_adam(m):
+    """SparseRowAdam (no coalescing sort) makes SparseAdam's update: same parameters and moments after
+    steps with repeated rows, rows named with zero gradient, and an exchanged state_dict."""
+    from vqad.optim import SparseRowAdam
+
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(m, 3))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1, o2 = torch.optim.SparseAdam([p1], lr=0.05), SparseRowAdam([p2], lr=0.05)
+    for it in range(6):
+        ids = torch.randint(0, min(m, 30), (200,))
+        w = torch.randn(200, 3)
+        w[:20] = 0.0  # some rows named with an all-zero gradient: still moved, as SparseAdam does
+        for p, o in ((p1, o1), (p2, o2)):
+            o.zero_grad()
+            (torch.nn.functional.embedding(ids, p, sparse=True) * w).sum().backward()
+            o.step()
+    torch.testing.assert_close(p2, p1, rtol=0, atol=1e-6)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(o2.state[p2][key], o1.state[p1][key], rtol=0, atol=1e-6)
+    assert o2.state[p2]["step"] == o1.state[p1]["step"] == 6
+    o1.load_state_dict(o2.state_dict())  # the same state layout: checkpoints of either load in the other

@@ -31,33 +31,54 @@ from torch import nn
 from vqad.errors import InputError
 
 MAX_SUPPORTED_LEVEL = 16  # Morton codes of level-16 vertices need 3*17 = 51 bits: fits int64
+#: levels up to this one look cells up in a dense int32 table of all 8^L cells (8 MB at level 7,
+#: 64 MB at level 8) instead of binary-searching Morton codes: one gather instead of ~log2(n) passes
+DENSE_TABLE_MAX_LEVEL = 8
+
+#: bit-spreading masks of 21-bit coordinates (x -> every third bit), the standard "magic numbers"
+_SPREAD = ((32, 0x1F00000000FFFF), (16, 0x1F0000FF0000FF), (8, 0x100F00F00F00F00F),
+           (4, 0x10C30C30C30C30C3), (2, 0x1249249249249249))
+
+
+def _spread3(v: torch.Tensor) -> torch.Tensor:
+    """Bit j of ``v`` (int64, < 2^21) moved to bit 3j: five shift-or-mask rounds, not 21 loops."""
+    v = v & 0x1FFFFF
+    for shift, mask in _SPREAD:
+        v = (v | (v << shift)) & mask
+    return v
+
+
+def _compact3(v: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_spread3`: bit 3j of ``v`` to bit j."""
+    v = v & 0x1249249249249249
+    masks = [0x1FFFFF] + [mask for _, mask in _SPREAD]  # each round keeps the previous spread mask
+    for i in range(len(_SPREAD) - 1, -1, -1):
+        v = (v ^ (v >> _SPREAD[i][0])) & masks[i]
+    return v
+
 
 def morton_encode(ijk: torch.Tensor, bits: int = 21) -> torch.Tensor:
     """Interleave the bits of integer coordinates: ``(..., 3) int -> (...,) int64``.
 
-    Bit ``j`` of x lands at ``3j + 2``, of y at ``3j + 1``, of z at ``3j``.
+    Bit ``j`` of x lands at ``3j + 2``, of y at ``3j + 1``, of z at ``3j``; only the low ``bits``
+    (at most 21) bits of each coordinate are used.
 
     >>> morton_encode(torch.tensor([[1, 0, 0], [0, 0, 1], [1, 1, 1]]))
     tensor([4, 1, 7])
     """
-    ijk = ijk.long()
-    code = torch.zeros(ijk.shape[:-1], dtype=torch.long, device=ijk.device)
-    for j in range(bits):
-        code |= ((ijk[..., 0] >> j) & 1) << (3 * j + 2)
-        code |= ((ijk[..., 1] >> j) & 1) << (3 * j + 1)
-        code |= ((ijk[..., 2] >> j) & 1) << (3 * j)
-    return code
+    if not 0 <= bits <= 21:
+        raise ValueError(f"morton_encode takes 0..21 bits per axis, got {bits}")
+    ijk = ijk.long() & ((1 << bits) - 1)
+    return (_spread3(ijk[..., 0]) << 2) | (_spread3(ijk[..., 1]) << 1) | _spread3(ijk[..., 2])
 
 
 def morton_decode(code: torch.Tensor, bits: int = 21) -> torch.Tensor:
-    """Inverse of :func:`morton_encode`: ``(...,) int64 -> (..., 3) int64``."""
+    """Inverse of :func:`morton_encode`: ``(...,) int64 -> (..., 3) int64`` (the low ``bits`` bits per axis)."""
+    if not 0 <= bits <= 21:
+        raise ValueError(f"morton_decode takes 0..21 bits per axis, got {bits}")
     code = code.long()
-    out = torch.zeros(code.shape + (3,), dtype=torch.long, device=code.device)
-    for j in range(bits):
-        out[..., 0] |= ((code >> (3 * j + 2)) & 1) << j
-        out[..., 1] |= ((code >> (3 * j + 1)) & 1) << j
-        out[..., 2] |= ((code >> (3 * j)) & 1) << j
-    return out
+    mask = (1 << bits) - 1
+    return torch.stack([_compact3(code >> 2) & mask, _compact3(code >> 1) & mask, _compact3(code) & mask], -1)
 
 
 def cell_coords(x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +103,9 @@ def trilinear_weights(x: torch.Tensor, ijk: torch.Tensor, level: int) -> torch.T
     """
     res = 1 << level
     t = (x + 1.0) * (0.5 * res) - ijk.to(x.dtype)  # (N, 3) in [0, 1]
-    w = torch.where(_corner_offsets(x.device).bool()[None], t[:, None, :], 1.0 - t[:, None, :])  # (N, 8, 3)
-    return w.prod(dim=-1)
+    w = torch.stack([1.0 - t, t], dim=1)  # (N, 2, 3): weight of offset 0 / 1 along each axis
+    # corner c = (ox << 2) | (oy << 1) | oz: an outer product over x, y, z in that order
+    return (w[:, :, None, None, 0] * w[:, None, :, None, 1] * w[:, None, None, :, 2]).reshape(-1, 8)
 
 
 def _corner_offsets(device: torch.device | str) -> torch.Tensor:
@@ -150,7 +172,7 @@ class SparseOctree(nn.Module):
         check_levels(base_level, max_level)
         self.base_level = int(base_level)
         self.max_level = int(max_level)
-        codes = torch.unique(finest_codes.long())  # sorted
+        codes = _sorted_unique(finest_codes.long())
         if codes.numel() == 0:
             raise InputError("the octree is empty: no sample fell inside the cube [-1, 1]^3")
         for level in range(self.max_level, self.base_level - 1, -1):
@@ -158,7 +180,7 @@ class SparseOctree(nn.Module):
             self.register_buffer(f"codes_{level}", codes, persistent=False)
             self.register_buffer(f"corners_{level}", corners, persistent=False)
             self.register_buffer(f"vertices_{level}", vertices, persistent=False)
-            codes = torch.unique(codes >> 3)
+            codes = torch.unique_consecutive(codes >> 3)  # sorted children: parents come sorted, grouped
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -172,19 +194,16 @@ class SparseOctree(nn.Module):
         """
         check_levels(base_level, max_level)
         ijk, inside = cell_coords(points, max_level)
-        ijk = torch.unique(ijk[inside], dim=0)
-        if ijk.numel() == 0:
+        codes = torch.unique(morton_encode(ijk[inside], bits=max_level))
+        if codes.numel() == 0:
             raise InputError("the octree is empty: no sample fell inside the cube [-1, 1]^3")
         if dilate > 0:
+            ijk = morton_decode(codes, bits=max_level)
             r = torch.arange(-dilate, dilate + 1, device=ijk.device)
             offs = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
             res = 1 << max_level
-            chunks = []
-            for off in offs:  # (2d+1)^3 shifted copies, deduplicated as we go to bound memory
-                chunks.append(morton_encode((ijk + off).clamp_(0, res - 1)))
-            codes = torch.unique(torch.cat(chunks))
-        else:
-            codes = morton_encode(ijk)
+            codes = torch.unique(torch.cat([morton_encode((ijk + off).clamp_(0, res - 1), bits=max_level)
+                                            for off in offs]))  # (2d+1)^3 shifted copies
         return cls(codes, base_level, max_level)
 
     @classmethod
@@ -246,11 +265,36 @@ class SparseOctree(nn.Module):
         return torch.where(found, idx, -1)
 
     def _lookup(self, ijk: torch.Tensor, inside: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(N,)`` index of a cell (always in range) and whether it is the point's occupied cell."""
+        """``(N,)`` index of a cell (always in range) and whether it is the point's occupied cell.
+
+        Levels with at most :data:`DENSE_TABLE_MAX_LEVEL` read a dense table of all ``8^L`` cells
+        (one gather); finer ones binary-search the sorted Morton codes.
+        """
+        if level <= DENSE_TABLE_MAX_LEVEL:
+            res = 1 << level
+            flat = (ijk[:, 0] * res + ijk[:, 1]) * res + ijk[:, 2]
+            idx = self._cell_table(level).index_select(0, flat).long()  # (N,), -1: empty
+            found = (idx >= 0) & inside
+            return idx.clamp_(min=0), found
         codes = self.codes[level]
         q = morton_encode(ijk, bits=level)  # ijk < 2^level: the higher bits are all zero
         idx = torch.searchsorted(codes, q).clamp_(max=codes.numel() - 1)
         return idx, (codes[idx] == q) & inside
+
+    def _cell_table(self, level: int) -> torch.Tensor:
+        """``(8^L,)`` int32: the occupied-cell index of every cell of ``level`` in x-major order, -1 if
+        empty. Built on first use on the octree's current device (and rebuilt after a move)."""
+        cache = self.__dict__.setdefault("_tables", {})
+        codes = self.codes[level]
+        table = cache.get(level)
+        if table is None or table.device != codes.device:
+            ijk = morton_decode(codes, bits=level)
+            res = 1 << level
+            table = torch.full((res ** 3,), -1, dtype=torch.int32, device=codes.device)
+            table[(ijk[:, 0] * res + ijk[:, 1]) * res + ijk[:, 2]] = torch.arange(
+                codes.numel(), dtype=torch.int32, device=codes.device)
+            cache[level] = table
+        return table
 
     def interpolation(self, x: torch.Tensor, level: int) -> LevelQuery:
         """Corner vertex ids and trilinear weights at ``level`` of the points in occupied cells.
@@ -319,14 +363,36 @@ class SparseOctree(nn.Module):
         return (parent_codes[parent] << 3) | child
 
 
+def _sorted_unique(codes: torch.Tensor) -> torch.Tensor:
+    """``torch.unique(codes)``, without the sort when ``codes`` is already strictly increasing (a file's
+    codes come in that order)."""
+    if codes.numel() < 2 or bool((codes[1:] > codes[:-1]).all()):
+        return codes
+    return torch.unique(codes)
+
+
+#: the bits of each axis in a Morton code (x, y, z), for adding in Morton space without decoding
+_AXIS_MASKS = tuple(0x1249249249249249 << s for s in (2, 1, 0))
+
+
 def _corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Corner vertex ids ``(n, 8)`` and vertex coordinates ``(m, 3)`` of the cells ``codes`` of ``level``."""
-    # only as many bits as the level needs (cells: L bits per axis, vertices: L + 1)
-    ijk = morton_decode(codes, bits=level)  # (n, 3)
-    corner_ijk = ijk[:, None, :] + _corner_offsets(ijk.device)[None]  # (n, 8, 3)
-    keys = morton_encode(corner_ijk, bits=level + 1)  # (n, 8)
+    """Corner vertex ids ``(n, 8)`` and vertex coordinates ``(m, 3)`` of the cells ``codes`` of ``level``.
+
+    A corner's Morton code is the cell's plus its offset, added axis by axis in Morton space
+    (``((a | ~mask) + 1) & mask`` increments the dilated coordinate ``a``), so nothing is decoded;
+    the vertices are the corners' distinct codes, sorted (one sort of ``8n`` keys).
+    """
+    parts = []
+    for mask in _AXIS_MASKS:  # per axis: the cell's dilated coordinate, and that plus one
+        a = codes & mask
+        parts.append((a, ((a | ~mask) + 1) & mask))
+    (x0, x1), (y0, y1), (z0, z1) = parts
+    xy = [x0 | y0, x0 | y1, x1 | y0, x1 | y1]  # offsets (ox, oy) in corner order
+    keys = torch.stack([v | z for v in xy for z in (z0, z1)], dim=1)  # (n, 8): corner c = ox·4 + oy·2 + oz
+    if 3 * (level + 1) <= 31:
+        keys = keys.int()  # a smaller sort key, same order
     uniq, inv = torch.unique(keys.reshape(-1), return_inverse=True)
-    return inv.reshape(-1, 8), morton_decode(uniq, bits=level + 1)
+    return inv.reshape(-1, 8), morton_decode(uniq.long(), bits=level + 1)
 
 
 def check_levels(base_level: int, max_level: int) -> None:

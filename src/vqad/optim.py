@@ -17,7 +17,73 @@ as the codebook storage produces them.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows a sparse gradient names and their summed values: ``(U,)`` sorted row ids, ``(U, n)``.
+
+    What ``grad.coalesce()`` gives, computed without its sort when the parameter has few enough rows:
+    the values are added into an ``(m, n)`` scratch (``index_add_``) and the named rows found by
+    marking them (a row named with an all-zero value still counts, as in a coalesced gradient).
+    """
+    if grad.is_coalesced():
+        return grad._indices()[0], grad._values()
+    idx, vals = grad._indices()[0], grad._values()
+    m = grad.shape[0]
+    if m > 16 * idx.numel():  # a scratch this large would cost more than the sort
+        g = grad.coalesce()
+        return g._indices()[0], g._values()
+    mark = torch.zeros(m, dtype=torch.bool, device=idx.device)
+    mark[idx] = True
+    rows = mark.nonzero().squeeze(1)
+    summed = torch.zeros((m,) + tuple(vals.shape[1:]), dtype=vals.dtype, device=vals.device).index_add_(0, idx, vals)
+    return rows, summed.index_select(0, rows)
+
+
+class SparseRowAdam(torch.optim.SparseAdam):
+    """:class:`torch.optim.SparseAdam`, the same update and state, without coalescing's sort.
+
+    SparseAdam coalesces each sparse gradient (a sort of every index a batch touched) before its
+    masked Adam update. This sums the gradient's rows with :func:`summed_rows` instead, then applies
+    the same update to those rows: ``m ← m + (1 − β1)(g − m)``, ``v ← v + (1 − β2)(g² − v)``,
+    ``p ← p − lr · √(1 − β2^t) / (1 − β1^t) · m / (√v + ε)`` (the step count ``t`` per parameter).
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            eps, lr = group["eps"], float(group["lr"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("SparseRowAdam needs sparse gradients (F.embedding(..., sparse=True))")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                rows, g = summed_rows(p.grad)
+                if g.numel() == 0:
+                    continue
+                if group.get("maximize", False):
+                    g = -g
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                m_old, v_old = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
+                m_new = g.sub(m_old).mul_(1 - beta1).add_(m_old)
+                v_new = g.pow(2).sub_(v_old).mul_(1 - beta2).add_(v_old)
+                exp_avg.index_copy_(0, rows, m_new)
+                exp_avg_sq.index_copy_(0, rows, v_new)
+                t = state["step"]
+                step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+                p.index_add_(0, rows, m_new.div_(v_new.sqrt_().add_(eps)), alpha=-step_size)
+        return loss
 
 
 class RowwiseSparseRMSprop(torch.optim.Optimizer):
@@ -42,8 +108,7 @@ class RowwiseSparseRMSprop(torch.optim.Optimizer):
                 if not state:
                     state["v"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)  # (m,)
                     state["t"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)  # (m,)
-                g = p.grad.coalesce()
-                rows, vals = g.indices()[0], g.values()  # (U,), (U, 2^b)
+                rows, vals = summed_rows(p.grad)  # (U,), (U, 2^b)
                 v = state["v"][rows] * beta + (1 - beta) * vals.float().pow(2).mean(dim=1)
                 t = state["t"][rows] + 1
                 state["v"][rows] = v
@@ -63,7 +128,7 @@ def make_optimizers(field: torch.nn.Module, lr: float, grid_lr_scale: float,
                     codebook_lr_scale: float | None = None) -> dict[str, torch.optim.Optimizer]:
     """The optimizers of a field, from what each grid storage declares (``param_groups()``).
 
-    * ``"sparse"``: SparseAdam over the storages' ``sparse`` groups (dense Z, hash θ, low-rank A,
+    * ``"sparse"``: :class:`SparseRowAdam` (SparseAdam without its sort) over the storages' ``sparse`` groups (dense Z, hash θ, low-rank A,
       codebook logits C up to b = 7), one group per learning rate;
     * ``"logits"``: :class:`RowwiseSparseRMSprop` over their ``rowwise`` groups (codebook logits C
       ``(m, 2^b)`` from b = 8 on: state two ``(m,)`` tensors instead of SparseAdam's two more
@@ -95,7 +160,7 @@ def make_optimizers(field: torch.nn.Module, lr: float, grid_lr_scale: float,
     rest = [p for p in field.parameters() if p.requires_grad and id(p) not in grid_ids]
     opts: dict[str, torch.optim.Optimizer] = {}
     if sparse := groups("sparse"):
-        opts["sparse"] = torch.optim.SparseAdam(sparse)
+        opts["sparse"] = SparseRowAdam(sparse)
     if rowwise := groups("rowwise"):
         opts["logits"] = RowwiseSparseRMSprop(rowwise)
     opts["dense"] = torch.optim.Adam([{"params": rest, "lr": lr}, *groups("dense")])

@@ -187,6 +187,22 @@ class FeatureStorage(nn.Module):
         )
 
 
+def unique_rows(ids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(ids, return_inverse=True)`` for row ids in ``0..m-1``: ``(E,) -> (U,), (E,)``.
+
+    When ``m`` is not much larger than ``E`` it marks the rows in an ``(m,)`` table and numbers them
+    with a cumulative sum: linear time, no sort. The result is the same: sorted unique ids and, for
+    each entry, the position of its id among them.
+    """
+    if m > 16 * ids.numel():
+        return torch.unique(ids, return_inverse=True)
+    mark = torch.zeros(m, dtype=torch.bool, device=ids.device)
+    mark[ids] = True
+    uniq = mark.nonzero().squeeze(1)
+    pos = torch.cumsum(mark, 0, dtype=torch.int64) - 1  # (m,): the rank of each marked row
+    return uniq, pos.index_select(0, ids)
+
+
 def round_fp16(t: torch.Tensor) -> torch.Tensor:
     return t.detach().half().to(t.dtype)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqad.errors import InputError
-from vqad.storages.base import FeatureStorage, ParamGroup, TensorLayout, check_bits, round_fp16
+from vqad.storages.base import FeatureStorage, ParamGroup, TensorLayout, check_bits, round_fp16, unique_rows
 
 #: logits with 2^b ≥ this many columns (b ≥ 8) train with the O(m)-state RowwiseSparseRMSprop
 #: (:mod:`vqad.optim`) instead of SparseAdam, whose state would be two more ``(m, 2^b)`` tensors
@@ -86,16 +86,17 @@ class CodebookStorage(FeatureStorage):
         if self.baked:
             return self.D[self.V[vertex_ids]]
         flat = vertex_ids.reshape(-1)
-        uniq, inv = torch.unique(flat, return_inverse=True)
+        uniq, inv = unique_rows(flat, self.m)
         logits = F.embedding(uniq, self.C, sparse=True)  # (U, 2^b): only the touched rows
-        hard = self.D[logits.argmax(dim=-1)]  # (U, k)
+        hard = self.D.index_select(0, logits.argmax(dim=-1))  # (U, k)
         if torch.is_grad_enabled() and self.training:
             soft = torch.softmax(logits, dim=-1) @ self.D  # (U, k)
             # forward value is exactly `hard` (soft - soft is exactly 0), gradient is soft's
             feat = hard + (soft - soft.detach())
         else:
             feat = hard
-        return feat[inv].reshape(*vertex_ids.shape, self.k)
+        # index_select: its backward adds rows (index_add_), where indexing's sorts them first
+        return feat.index_select(0, inv).reshape(*vertex_ids.shape, self.k)
 
     def indices(self) -> torch.Tensor:
         """V = argmax C, shape (m,)."""

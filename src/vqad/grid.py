@@ -16,6 +16,12 @@ from vqad.storages.base import FeatureStorage
 from vqad.storages import make_storage
 
 
+def _weighted_sum(w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``Σ_c w_c f_c``: ``(N, 8), (N, 8, k) -> (N, k)``, the same arithmetic with and without autograd
+    (a batched matmul would be faster without it, but training and baked outputs must agree bit for bit)."""
+    return (f * w.unsqueeze(-1)).sum(dim=1)
+
+
 class OctreeGrid(nn.Module):
     """Octree + per-level :class:`FeatureStorage`.
 
@@ -67,13 +73,13 @@ class OctreeGrid(nn.Module):
     def _compact_level_features(self, x: torch.Tensor, level: int) -> torch.Tensor:
         q = self.octree.interpolation(x, level)
         f = self.storage(level)(q.vertex_ids)  # (N_valid, 8, k)
-        interp = (f * q.weights.unsqueeze(-1)).sum(dim=1)  # (N_valid, k)
+        interp = _weighted_sum(q.weights, f)  # (N_valid, k)
         return x.new_zeros(x.shape[0], self.k).index_copy(0, q.rows, interp)
 
     def _padded_level_features(self, x: torch.Tensor, level: int) -> torch.Tensor:
         q = self.octree.padded_interpolation(x, level)
         f = self.storage(level)(q.vertex_ids)  # (N, 8, k)
-        interp = (f * q.weights.unsqueeze(-1)).sum(dim=1)  # (N, k)
+        interp = _weighted_sum(q.weights, f)  # (N, k)
         # a zero weight does not zero a non-finite feature (0 · inf): select instead
         return torch.where(q.valid[:, None], interp, 0.0)
 

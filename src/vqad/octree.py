@@ -34,6 +34,8 @@ MAX_SUPPORTED_LEVEL = 16  # Morton codes of level-16 vertices need 3*17 = 51 bit
 #: levels up to this one look cells up in a dense int32 table of all 8^L cells (8 MB at level 7,
 #: 64 MB at level 8) instead of binary-searching Morton codes: one gather instead of ~log2(n) passes
 DENSE_TABLE_MAX_LEVEL = 8
+#: :meth:`SparseOctree.empty_levels` of a cell that is occupied at the asked level
+OCCUPIED_LEVEL = 127
 
 #: bit-spreading masks of 21-bit coordinates (x -> every third bit), the standard "magic numbers"
 _SPREAD = ((32, 0x1F00000000FFFF), (16, 0x1F0000FF0000FF), (8, 0x100F00F00F00F00F),
@@ -280,6 +282,29 @@ class SparseOctree(nn.Module):
         q = morton_encode(ijk, bits=level)  # ijk < 2^level: the higher bits are all zero
         idx = torch.searchsorted(codes, q).clamp_(max=codes.numel() - 1)
         return idx, (codes[idx] == q) & inside
+
+    def empty_levels(self, level: int) -> torch.Tensor:
+        """``(8^L,)`` int8 over every cell of ``level`` (x-major, as :meth:`_cell_table`): the coarsest
+        level ``base..level`` whose cell holding it is empty, or ``OCCUPIED_LEVEL`` where the cell
+        of ``level`` is occupied. What an empty-space-skipping ray march reads with one lookup: how
+        large a cell it may jump out of. Only for ``level <= DENSE_TABLE_MAX_LEVEL``; cached."""
+        if level > DENSE_TABLE_MAX_LEVEL:
+            raise ValueError(f"empty_levels needs a level <= {DENSE_TABLE_MAX_LEVEL}, got {level}")
+        cache = self.__dict__.setdefault("_empty_levels", {})
+        device = self.codes[level].device
+        table = cache.get(level)
+        if table is None or table.device != device:
+            res = 1 << level
+            r = torch.arange(res, device=device)
+            table = torch.full((res ** 3,), OCCUPIED_LEVEL, dtype=torch.int8, device=device)
+            for lv in range(level, self.base_level - 1, -1):  # finer first, so coarser empty cells win
+                sh = level - lv
+                sub = 1 << lv
+                flat = ((r[:, None, None] >> sh) * sub + (r[None, :, None] >> sh)) * sub + (r[None, None, :] >> sh)
+                empty = self._cell_table(lv).index_select(0, flat.reshape(-1)) < 0
+                table[empty] = lv
+            cache[level] = table
+        return table
 
     def _cell_table(self, level: int) -> torch.Tensor:
         """``(8^L,)`` int32: the occupied-cell index of every cell of ``level`` in x-major order, -1 if

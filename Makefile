@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench-sdf bench-format bench-nerf bench-rd clean
+.PHONY: demo test install bench-sdf bench-format bench-nerf bench-rd bench-speed clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-nerf: $(STAMP)
 
 bench-rd: $(STAMP)
 	$(PY) benchmarks/bench_rd.py --out docs/benchmarks
+
+bench-speed: $(STAMP)
+	$(PY) benchmarks/bench_speed.py --out docs/benchmarks/speed.md
 
 clean:
 	rm -rf $(VENV) out build src/*.egg-info

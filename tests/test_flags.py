@@ -154,3 +154,24 @@ def test_fit_nerf_resume_keeps_the_checkpoints_field_and_octree(tmp_path, capsys
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 5 and m["grid"]["features"] == 4 and m["grid"]["max_level"] == 4
     assert m["decoder"]["hidden"] == 16 and m["train"]["batch_rays"] == 256
+
+
+def test_threads_flag_and_environment(monkeypatch, capsys):
+    """--threads wins over $VQAD_THREADS, which wins over $OMP_NUM_THREADS; bad values exit 2 on one line."""
+    from vqad.app.cli import main
+    from vqad.device import available_cores, resolve_threads
+
+    monkeypatch.delenv("VQAD_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert resolve_threads() == available_cores() >= 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,1")
+    assert resolve_threads() == 3
+    monkeypatch.setenv("VQAD_THREADS", "1")
+    assert resolve_threads() == 1 and resolve_threads("2") == 2
+    for bad in ["0", "-1", "1.5", "two"]:
+        assert main(["info", "--threads", bad, "nothing.vqad"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--threads must be a positive whole number" in err[0]
+    monkeypatch.setenv("VQAD_THREADS", "zero")
+    assert main(["info", "nothing.vqad"]) == 2
+    assert "$VQAD_THREADS" in capsys.readouterr().err

@@ -7,9 +7,14 @@ another device or falls back from CUDA to the CPU.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from vqad.errors import InputError
+
+#: environment variables that choose the CPU threads when ``--threads`` is not given, first wins
+THREAD_ENV = ("VQAD_THREADS", "OMP_NUM_THREADS")
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -38,3 +43,37 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, so a container's or ``taskset``'s limit)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+def resolve_threads(threads: int | None = None) -> int:
+    """The CPU threads a job uses: ``threads``, else ``$VQAD_THREADS``, else ``$OMP_NUM_THREADS``, else
+    every core this process may use (one job per machine: more threads than cores only adds
+    contention; for several jobs at once give each ``cores / jobs``, see docs/benchmarks/speed.md)."""
+    source = "--threads"
+    if threads is None and os.environ.get("VQAD_THREADS", "").strip():
+        source, threads = "$VQAD_THREADS", os.environ["VQAD_THREADS"].strip()
+    if threads is None:
+        omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # OpenMP's: "4" or nested "4,2"
+        return int(omp) if omp.isdigit() and int(omp) > 0 else available_cores()
+    try:
+        n = int(threads)
+    except ValueError:
+        n = 0
+    if n < 1 or str(threads).strip() != str(n):
+        raise InputError(f"{source} must be a positive whole number of CPU threads, got {threads!r} (e.g. --threads 2)")
+    return n
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Apply :func:`resolve_threads` to PyTorch's intra-op pool; returns the number set."""
+    n = resolve_threads(threads)
+    torch.set_num_threads(n)
+    return n

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from vqad.device import set_threads
 from vqad.errors import VqadError
 
 # modules that add subcommands; each defines register(subparsers)
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for cmd in sub.choices.values():  # one thread policy for every command
+        cmd.add_argument("--threads", type=str, default=None, metavar="N",
+                         help="CPU threads for PyTorch (default: $VQAD_THREADS, else $OMP_NUM_THREADS, else every "
+                              "core this process may use; running several jobs at once, give each cores / jobs)")
     return p
 
 
@@ -42,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        set_threads(args.threads)
         return int(args.func(args) or 0)
     except VqadError as exc:
         print(f"vqad: error: {exc}", file=sys.stderr)

@@ -73,7 +73,7 @@ def save_png(img: np.ndarray, path: Path) -> None:
 
 @torch.no_grad()
 def render_views(field, dataset: SceneDataset, split: str, lods: list[int], sampler: OccupancySampler | None = None,
-                 max_views: int | None = None, chunk: int = 1 << 13):
+                 max_views: int | None = None, chunk: int = 1 << 13, early_stop_eps: float = 0.0):
     """Yield ``(index, name, rgb (B, H, W, 3), depth (B, H, W) world units, opacity (B, H, W), gt (H, W, 3))``
     for each view of ``split`` (the first ``max_views``), every LOD of ``lods`` rendered at once."""
     from vqad.nerf.rays import RayBatcher
@@ -91,7 +91,8 @@ def render_views(field, dataset: SceneDataset, split: str, lods: list[int], samp
     try:
         for i in range(n):
             o, d, gt, near, far = batcher.view(i)
-            rgb, depth, opa = render_rays_chunked(field, sampler, o, d, lods, background, near, far, chunk=chunk)
+            rgb, depth, opa = render_rays_chunked(field, sampler, o, d, lods, background, near, far, chunk=chunk,
+                                                  early_stop_eps=early_stop_eps)
             depth = depth / opa.clamp_min(1e-6) / dataset.normalization.scale
             name = views.names[i] if i < len(views.names) else f"{i:03d}"
             yield (i, Path(str(name)).stem or f"{i:03d}", rgb.reshape(len(lods), H, W, 3),

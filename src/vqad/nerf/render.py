@@ -393,8 +393,10 @@ def render_rays(
 
 
 @torch.no_grad()
-def render_rays_chunked(field, sampler, o, d, lods, background, near=0.0, far=math.inf, chunk: int = 1 << 13):
-    """:func:`render_rays` without gradients over many rays, ``chunk`` rays at a time.
+def render_rays_chunked(field, sampler, o, d, lods, background, near=0.0, far=math.inf, chunk: int = 1 << 13,
+                        early_stop_eps: float = 0.0):
+    """:func:`render_rays` without gradients over many rays, ``chunk`` rays at a time (``early_stop_eps``:
+    as there; each ray's colour changes by less than it).
 
     Returns ``rgb (B, R, 3)``, ``depth (B, R)``, ``opacity (B, R)``.
     """
@@ -403,7 +405,8 @@ def render_rays_chunked(field, sampler, o, d, lods, background, near=0.0, far=ma
         sl = slice(s, s + chunk)
         nr = near[sl] if torch.is_tensor(near) and near.dim() else near
         fr = far[sl] if torch.is_tensor(far) and far.dim() else far
-        out, _ = render_rays(field, sampler, o[sl], d[sl], lods, background, near=nr, far=fr)
+        out, _ = render_rays(field, sampler, o[sl], d[sl], lods, background, near=nr, far=fr,
+                             early_stop_eps=early_stop_eps)
         rgbs.append(out.rgb)
         depths.append(out.depth)
         opas.append(out.opacity)

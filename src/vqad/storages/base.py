@@ -203,6 +203,30 @@ def unique_rows(ids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return uniq, pos.index_select(0, ids)
 
 
+class _GatherUniqueRows(torch.autograd.Function):
+    """``param[rows]`` for sorted, distinct ``rows``, whose gradient is a sparse tensor already marked
+    coalesced (its indices are ``rows``): the optimizer then needs no sort and no scratch to sum it."""
+
+    @staticmethod
+    def forward(ctx, param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.shape = param.shape
+        return param.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        g = torch.sparse_coo_tensor(rows[None], grad.contiguous(), ctx.shape, is_coalesced=True,
+                                    check_invariants=False)  # rows are sorted and distinct by contract
+        return g, None
+
+
+def gather_unique_rows(param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``param[rows]`` ``(U, ...)`` for sorted distinct ``rows`` ``(U,)`` (as :func:`unique_rows` gives),
+    with a sparse, coalesced gradient for ``param`` (SparseAdam-style optimizers take it as is)."""
+    return _GatherUniqueRows.apply(param, rows)
+
+
 def round_fp16(t: torch.Tensor) -> torch.Tensor:
     return t.detach().half().to(t.dtype)
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vqad.errors import InputError
-from vqad.storages.base import FeatureStorage, ParamGroup, TensorLayout, check_bits, round_fp16, unique_rows
+from vqad.storages.base import FeatureStorage, ParamGroup, TensorLayout, check_bits, gather_unique_rows, round_fp16, unique_rows
 
 #: logits with 2^b ≥ this many columns (b ≥ 8) train with the O(m)-state RowwiseSparseRMSprop
 #: (:mod:`vqad.optim`) instead of SparseAdam, whose state would be two more ``(m, 2^b)`` tensors
@@ -88,7 +87,7 @@ class CodebookStorage(FeatureStorage):
             return self.D.index_select(0, flat).reshape(*vertex_ids.shape, self.k)
         flat = vertex_ids.reshape(-1)
         uniq, inv = unique_rows(flat, self.m)
-        logits = F.embedding(uniq, self.C, sparse=True)  # (U, 2^b): only the touched rows
+        logits = gather_unique_rows(self.C, uniq)  # (U, 2^b): only the touched rows; C's gradient sparse
         hard = self.D.index_select(0, logits.argmax(dim=-1))  # (U, k)
         if torch.is_grad_enabled() and self.training:
             soft = torch.softmax(logits, dim=-1) @ self.D  # (U, k)

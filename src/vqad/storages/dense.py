@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vqad.errors import InputError
-from vqad.storages.base import FeatureStorage, ParamGroup, TensorLayout, round_fp16
+from vqad.storages.base import FeatureStorage, ParamGroup, TensorLayout, gather_unique_rows, round_fp16, unique_rows
 
 
 class DenseStorage(FeatureStorage):
@@ -20,7 +19,12 @@ class DenseStorage(FeatureStorage):
         self.Z = nn.Parameter(torch.randn(m, k) * init_std)
 
     def forward(self, vertex_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(vertex_ids, self.Z, sparse=not self.baked)
+        if self.baked or not (torch.is_grad_enabled() and self.Z.requires_grad):
+            return self.Z.index_select(0, vertex_ids.reshape(-1)).reshape(*vertex_ids.shape, self.k)
+        # training: the distinct rows once (Z's sparse gradient then arrives summed, no sort), then
+        # each lookup from them (its backward adds rows with index_add_)
+        uniq, inv = unique_rows(vertex_ids.reshape(-1), self.m)
+        return gather_unique_rows(self.Z, uniq).index_select(0, inv).reshape(*vertex_ids.shape, self.k)
 
     def bake(self, fp16: bool = True) -> None:
         if fp16:

@@ -30,7 +30,11 @@ def register(sub) -> None:
     from vqad.config import DecoderConfig, GridConfig
     from vqad.sdf.fit import SDFTrainConfig
 
-    p = sub.add_parser("fit-sdf", help="fit a VQ-AD (or dense) signed distance field to a mesh")
+    p = sub.add_parser("fit-sdf", help="fit a VQ-AD (or dense) signed distance field to a mesh",
+                       description="Fit a VQ-AD (or dense, hash) signed distance field to a mesh, every LOD jointly, "
+                                   "then evaluate each LOD. A default run (4-bit codebook, levels 3:7, 2000 steps, "
+                                   "2 index sweeps, evaluation at 256^3) takes about 5 minutes on a 2-core laptop "
+                                   "CPU (armadillo: see docs/benchmarks/speed.md); --minutes caps it.")
     p.add_argument("mesh", help="OBJ / PLY / OFF / STL / GLB triangle mesh")
     add_grid_args(p, GridConfig())
     T = SDFTrainConfig

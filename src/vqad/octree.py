@@ -403,14 +403,17 @@ _AXIS_MASKS = tuple(0x1249249249249249 << s for s in (2, 1, 0))
 def _corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Corner vertex ids ``(n, 8)`` and vertex coordinates ``(m, 3)`` of the cells ``codes`` of ``level``.
 
-    A corner's Morton code is the cell's plus its offset, added axis by axis in Morton space
-    (``((a | ~mask) + 1) & mask`` increments the dilated coordinate ``a``), so nothing is decoded;
-    the vertices are the corners' distinct codes, sorted (one sort of ``8n`` keys).
+    Vertex ids follow the vertices' Morton order (the .vqad file relies on it). Up to
+    :data:`DENSE_TABLE_MAX_LEVEL` the corners are deduplicated on a dense ``(2^L + 1)^3`` lattice
+    (mark, then number): one sort of the ``m`` vertices instead of the ``8n`` corners; above it,
+    by sorting the corners' Morton codes.
     """
+    if level <= DENSE_TABLE_MAX_LEVEL:
+        return _corner_tables_lattice(codes, level)
     parts = []
     for mask in _AXIS_MASKS:  # per axis: the cell's dilated coordinate, and that plus one
         a = codes & mask
-        parts.append((a, ((a | ~mask) + 1) & mask))
+        parts.append((a, ((a | ~mask) + 1) & mask))  # ((a | ~mask) + 1) & mask increments a in Morton space
     (x0, x1), (y0, y1), (z0, z1) = parts
     xy = [x0 | y0, x0 | y1, x1 | y0, x1 | y1]  # offsets (ox, oy) in corner order
     keys = torch.stack([v | z for v in xy for z in (z0, z1)], dim=1)  # (n, 8): corner c = ox·4 + oy·2 + oz
@@ -418,6 +421,25 @@ def _corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch
         keys = keys.int()  # a smaller sort key, same order
     uniq, inv = torch.unique(keys.reshape(-1), return_inverse=True)
     return inv.reshape(-1, 8), morton_decode(uniq.long(), bits=level + 1)
+
+
+def _corner_tables_lattice(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_corner_tables` through a dense lattice of the ``(2^L + 1)^3`` vertex positions."""
+    S = (1 << level) + 1
+    dev = codes.device
+    ijk = morton_decode(codes, bits=level)  # (n, 3)
+    lin = (ijk[:, 0] * S + ijk[:, 1]) * S + ijk[:, 2]  # (n,): corner 0 of each cell
+    c = torch.arange(8, device=dev)
+    offs = ((c >> 2) & 1) * (S * S) + ((c >> 1) & 1) * S + (c & 1)  # (8,): corner c's lattice offset
+    corner_lin = lin[:, None] + offs[None]  # (n, 8)
+    mark = torch.zeros(S ** 3, dtype=torch.bool, device=dev)
+    mark[corner_lin.reshape(-1)] = True
+    pts = mark.nonzero().squeeze(1)  # (m,) lattice ids of the vertices, x-major
+    coords = torch.stack([pts // (S * S), (pts // S) % S, pts % S], dim=1)  # (m, 3)
+    order = torch.argsort(morton_encode(coords, bits=level + 1))  # Morton order of the m vertices
+    table = torch.empty(S ** 3, dtype=torch.int64, device=dev)
+    table[pts.index_select(0, order)] = torch.arange(pts.numel(), device=dev)
+    return table.index_select(0, corner_lin.reshape(-1)).reshape(-1, 8), coords.index_select(0, order)
 
 
 def check_levels(base_level: int, max_level: int) -> None:

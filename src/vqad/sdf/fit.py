@@ -37,7 +37,6 @@ SDF_LR_DISCRETE, SDF_LR = 5e-3, 2e-3
 class SDFTrainConfig(TrainConfig):
     """Signed distance fitting."""
 
-    steps: int = 2000  # armadillo 3..7, 4-bit: 2000 steps + 2 sweeps + evaluation ≈ 5 min on 2 CPU cores
     lr: float | None = None  # decoder lr; None: 5e-3 for grids with discrete indices (codebook), else 2e-3
     grid_lr_scale: float = 10.0  # grid (features, codebook D) lr = lr × this
     logit_lr_scale: float | None = 200.0  # codebook logits C lr = lr × this (None: the grid's)
@@ -45,7 +44,7 @@ class SDFTrainConfig(TrainConfig):
     resample_every: int = 500  # draw fresh samples every N steps
     truncation: float = 0.0  # clamp predicted and true distances to ±this in the loss (0: no clamp)
     pool_size: int = 400_000  # samples per pool
-    refine: int = 2  # Gauss–Newton index refinement sweeps (vqad.refine) after the last step (0: none)
+    refine: int = 3  # Gauss–Newton index refinement sweeps (vqad.refine) after the last step (0: none)
     refine_during: int = 0  # ... and sweeps spread over training (or over its tail, below)
     refine_samples: int = 200_000  # samples each sweep sees (from the current pool)
     refine_band: float = 0.0  # ... only those within this many finest cells of the surface (0: all of them)

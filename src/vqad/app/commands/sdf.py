@@ -32,9 +32,10 @@ def register(sub) -> None:
 
     p = sub.add_parser("fit-sdf", help="fit a VQ-AD (or dense) signed distance field to a mesh",
                        description="Fit a VQ-AD (or dense, hash) signed distance field to a mesh, every LOD jointly, "
-                                   "then evaluate each LOD. A default run (4-bit codebook, levels 3:7, 2000 steps, "
-                                   "2 index sweeps, evaluation at 256^3) takes about 5 minutes on a 2-core laptop "
-                                   "CPU (armadillo: see docs/benchmarks/speed.md); --minutes caps it.")
+                                   "then evaluate each LOD. A default run (4-bit codebook, levels 3:7, 3000 steps, "
+                                   "3 index sweeps, evaluation at 256^3) takes about 7 minutes on a 2-core laptop "
+                                   "CPU (armadillo: 4.5 min of steps, 1 min of sweeps, 1.2 min of evaluation; see "
+                                   "docs/benchmarks/speed.md); --minutes caps training and sweeps.")
     p.add_argument("mesh", help="OBJ / PLY / OFF / STL / GLB triangle mesh")
     add_grid_args(p, GridConfig())
     T = SDFTrainConfig

@@ -37,7 +37,8 @@ bench-rd: $(STAMP)
 	$(PY) benchmarks/bench_rd.py --out docs/benchmarks
 
 bench-speed: $(STAMP)
-	$(PY) benchmarks/bench_speed.py --out docs/benchmarks/speed.md
+	$(PY) benchmarks/bench_speed.py --threads 2 --profile --out docs/benchmarks/speed.md
+	$(PY) benchmarks/bench_threads.py --out docs/benchmarks/threads.md
 
 clean:
 	rm -rf $(VENV) out build src/*.egg-info

@@ -139,3 +139,26 @@ def test_codes_at_gives_the_ancestors_above_the_base_level():
     for level in range(0, 6):
         want = torch.unique(octree.codes[5] >> (3 * (5 - level)))
         assert torch.equal(octree.codes_at(level), want)
+
+
+def test_corner_tables_lattice_and_sorted_paths_agree(monkeypatch):
+    """The dense-lattice corner tables (levels <= 8) equal the sort-based ones (finer levels), and both
+    equal a brute force: every corner's vertex has its lattice position, vertices in Morton order."""
+    import vqad.octree as O
+
+    torch.manual_seed(0)
+    octree = SparseOctree.from_points(torch.rand(5000, 3) * 1.6 - 0.8, 2, 5)
+    for level in octree.levels:
+        codes = octree.codes[level]
+        lattice = O._corner_tables(codes, level)
+        monkeypatch.setattr(O, "DENSE_TABLE_MAX_LEVEL", -1)
+        sorted_ = O._corner_tables(codes, level)
+        monkeypatch.undo()
+        assert torch.equal(lattice[0], sorted_[0]) and torch.equal(lattice[1], sorted_[1])
+        corners, vertices = lattice
+        ijk = morton_decode(codes, bits=level)
+        for c in range(8):
+            off = torch.tensor([(c >> 2) & 1, (c >> 1) & 1, c & 1])
+            assert torch.equal(vertices[corners[:, c]], ijk + off)
+        keys = morton_encode(vertices, bits=level + 1)
+        assert bool((keys[1:] > keys[:-1]).all())  # Morton order, each vertex once

@@ -114,18 +114,41 @@ def sphere_trace(sdf, o: torch.Tensor, d: torch.Tensor, max_steps: int = 64, eps
     return hit, t, last
 
 
-def _skip_empty(octree, level: int, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _skip_empty(octree, level: int, x: torch.Tensor, d: torch.Tensor, skips: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """For points ``x (N, 3)`` on rays ``d (N, 3)``: how far to jump ``(N,)`` (0 for points in occupied
     cells of ``level``) and whether each is in an occupied cell ``(N,)``.
 
-    The jump leaves the coarsest empty cell holding the point (one lookup in
-    :meth:`~vqad.octree.SparseOctree.empty_levels` up to level 8, else a query per level), plus a
-    nudge of 1e-5 so the next point lies in the next cell.
+    A jump leaves the coarsest empty cell holding the point, plus a nudge of 1e-5 so the next point
+    lies in the next cell; up to ``skips`` jumps are chained while the point stays in empty space
+    inside the cube (cheap: no field evaluation), so a ray crosses several empty cells per march step.
     """
+    occupied, _, exit_t = _empty_exit(octree, level, x, d)
+    jump = torch.zeros(x.shape[:1], dtype=x.dtype, device=x.device)
+    cur = (~occupied).nonzero().squeeze(-1)  # (a point a rounding error outside the cube jumps too)
+    step = exit_t.index_select(0, cur) + 1e-5
+    xe, de = x.index_select(0, cur), d.index_select(0, cur)
+    for k in range(skips):
+        if cur.numel() == 0:
+            break
+        jump.index_add_(0, cur, step)
+        if k == skips - 1:
+            break
+        xe = xe + step[:, None] * de
+        occ, ins, ex = _empty_exit(octree, level, xe, de)
+        keep = (~occ & ins).nonzero().squeeze(-1)
+        cur, xe, de, step = cur[keep], xe[keep], de[keep], ex[keep] + 1e-5
+    return jump, occupied
+
+
+def _empty_exit(octree, level: int, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whether each point ``x (N, 3)`` is in an occupied cell of ``level`` and inside the cube, and the
+    distance along ``d`` to the exit of the coarsest empty cell holding it (0 where occupied): three
+    ``(N,)`` tensors. One lookup in :meth:`~vqad.octree.SparseOctree.empty_levels` up to level 8,
+    else a query per level."""
     res = 1 << level
     inside = ((x >= -1.0) & (x <= 1.0)).all(dim=-1)
-    ijk = torch.floor((x + 1.0) * (0.5 * res)).long().clamp_(0, res - 1)
     if level <= DENSE_TABLE_MAX_LEVEL:
+        ijk = torch.floor((x + 1.0) * (0.5 * res)).long().clamp_(0, res - 1)
         skip = octree.empty_levels(level).index_select(0, (ijk[:, 0] * res + ijk[:, 1]) * res + ijk[:, 2]).long()
         occupied = (skip == OCCUPIED_LEVEL) & inside
     else:
@@ -133,17 +156,12 @@ def _skip_empty(octree, level: int, x: torch.Tensor, d: torch.Tensor) -> tuple[t
         skip = torch.full(x.shape[:1], level, dtype=torch.long, device=x.device)
         for lv in range(level - 1, octree.base_level - 1, -1):  # coarser empty cells win
             skip = torch.where(octree.contains(x, lv), skip, lv)
-    empty = (~occupied).nonzero().squeeze(-1)
-    jump = torch.zeros(x.shape[:1], dtype=x.dtype, device=x.device)
-    if empty.numel() == 0:
-        return jump, occupied
-    xe, de = x.index_select(0, empty), d.index_select(0, empty)
-    size = (2.0 / (1 << skip.index_select(0, empty).clamp_(max=level)).to(x.dtype))[:, None]  # (n, 1)
-    lo = torch.floor((xe + 1.0) / size) * size - 1.0  # (n, 3) the empty cell's lower corner
-    bound = torch.where(de > 0, lo + size, lo)
-    tiny = de.abs() < 1e-12
-    exit_t = ((bound - xe) / torch.where(tiny, 1.0, de)).masked_fill_(tiny, math.inf).amin(-1).clamp_min(0.0)
-    return jump.index_copy_(0, empty, exit_t + 1e-5), occupied
+    size = (2.0 / (1 << skip.clamp(max=level)).to(x.dtype))[:, None]  # (N, 1) edge of the empty cell
+    lo = torch.floor((x + 1.0) / size) * size - 1.0  # (N, 3) its lower corner
+    bound = torch.where(d > 0, lo + size, lo)
+    tiny = d.abs() < 1e-12
+    exit_t = ((bound - x) / torch.where(tiny, 1.0, d)).masked_fill_(tiny, math.inf).amin(-1).clamp_min(0.0)
+    return occupied, inside, torch.where(occupied, 0.0, exit_t)
 
 
 @torch.no_grad()

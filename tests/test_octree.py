@@ -162,3 +162,26 @@ def test_corner_tables_lattice_and_sorted_paths_agree(monkeypatch):
             assert torch.equal(vertices[corners[:, c]], ijk + off)
         keys = morton_encode(vertices, bits=level + 1)
         assert bool((keys[1:] > keys[:-1]).all())  # Morton order, each vertex once
+
+
+def test_empty_levels_is_the_coarsest_empty_ancestor():
+    """empty_levels(L) against a brute force over every cell: the coarsest level base..L whose cell
+    holding it is empty, or OCCUPIED_LEVEL; and octrees own their tables (not the caller's codes)."""
+    from vqad.octree import OCCUPIED_LEVEL
+
+    torch.manual_seed(0)
+    octree = SparseOctree.from_points(torch.rand(300, 3) * 1.2 - 0.9, 2, 5, dilate=0)
+    for level in (3, 5):
+        table = octree.empty_levels(level)
+        res = 1 << level
+        r = torch.arange(res)
+        ijk = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+        x = (ijk.float() + 0.5) * (2.0 / res) - 1.0
+        want = torch.full((res ** 3,), OCCUPIED_LEVEL, dtype=torch.int8)
+        for lv in range(level, octree.base_level - 1, -1):
+            want[~octree.contains(x, lv)] = lv
+        assert torch.equal(table, want)
+    codes = octree.codes[5].clone()
+    rebuilt = SparseOctree.from_codes(codes, 2, 5)
+    codes[0] = codes[-1]
+    assert not torch.equal(rebuilt.codes[5], codes)

@@ -178,3 +178,34 @@ def test_sparse_row_adam_is_sparse_adam(m):
         torch.testing.assert_close(o2.state[p2][key], o1.state[p1][key], rtol=0, atol=1e-6)
     assert o2.state[p2]["step"] == o1.state[p1]["step"] == 6
     o1.load_state_dict(o2.state_dict())  # the same state layout: checkpoints of either load in the other
+
+
+def test_sparse_row_adam_is_bit_exact_on_coalesced_gradients():
+    """A gradient that arrives coalesced (the codebook and dense storages' gather_unique_rows) makes
+    SparseRowAdam's step bit for bit SparseAdam's; a closure may call backward, as with SparseAdam."""
+    from vqad.optim import SparseRowAdam
+    from vqad.storages.base import gather_unique_rows, unique_rows
+
+    torch.manual_seed(1)
+    p1 = torch.nn.Parameter(torch.randn(500, 4))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1, o2 = torch.optim.SparseAdam([p1], lr=0.03), SparseRowAdam([p2], lr=0.03)
+    for _ in range(5):
+        ids = torch.randint(0, 500, (300,))
+        uniq, inv = unique_rows(ids, 500)
+        w = torch.randn(300, 4)
+        o1.zero_grad()
+        (torch.nn.functional.embedding(uniq, p1, sparse=True)[inv] * w).sum().backward()
+        o1.step()
+
+        def closure():
+            o2.zero_grad()
+            loss = (gather_unique_rows(p2, uniq).index_select(0, inv) * w).sum()
+            loss.backward()
+            return loss
+
+        o2.step(closure)
+        rows = p2.grad._indices()[0]
+        assert bool((rows[1:] > rows[:-1]).all())  # arrives with distinct sorted rows: no summing needed
+    assert torch.equal(p1, p2)
+    assert torch.equal(o1.state[p1]["exp_avg_sq"], o2.state[p2]["exp_avg_sq"])

@@ -265,3 +265,17 @@ def test_octree_accelerated_sphere_tracing_matches_plain_with_fewer_evaluations(
     img_p = render_sdf(field, lod, cam, accelerate=False)
     img_f = render_sdf(field, lod, cam, accelerate=True)
     assert (np.abs(img_p.astype(int) - img_f.astype(int)).max(-1) > 8).mean() < 0.01
+
+
+def test_grazing_hits_are_reported_where_their_distance_was_measured():
+    """Rays still marching when the steps run out report the t at which their distance was measured, so
+    the distance returned (and the normals' centre value) belongs to the returned point."""
+    from vqad.sdf.render import OrbitCamera, sphere_trace
+
+    field = _AnalyticSphere()
+    o, d = OrbitCamera(width=48, height=48).rays("cpu")
+    o, d = o.double(), d.double()  # float64 rays with a float32 field work too
+    fn = lambda x: field(x.float(), 6)  # noqa: E731
+    hit, t, dist = sphere_trace(fn, o, d, max_steps=12, octree=field.grid.octree)
+    x = o[hit] + t[hit, None] * d[hit]
+    torch.testing.assert_close(dist[hit], (x.norm(dim=-1) - 0.6).to(dist.dtype), rtol=0, atol=1e-6)

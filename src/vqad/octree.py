@@ -294,15 +294,12 @@ class SparseOctree(nn.Module):
         device = self.codes[level].device
         table = cache.get(level)
         if table is None or table.device != device:
-            res = 1 << level
-            r = torch.arange(res, device=device)
-            table = torch.full((res ** 3,), OCCUPIED_LEVEL, dtype=torch.int8, device=device)
+            table = torch.full((1 << level,) * 3, OCCUPIED_LEVEL, dtype=torch.int8, device=device)
             for lv in range(level, self.base_level - 1, -1):  # finer first, so coarser empty cells win
-                sh = level - lv
-                sub = 1 << lv
-                flat = ((r[:, None, None] >> sh) * sub + (r[None, :, None] >> sh)) * sub + (r[None, None, :] >> sh)
-                empty = self._cell_table(lv).index_select(0, flat.reshape(-1)) < 0
-                table[empty] = lv
+                sub, s = 1 << lv, 1 << (level - lv)  # each cell of lv covers s^3 cells of level
+                empty = (self._cell_table(lv) < 0).view(sub, 1, sub, 1, sub, 1)
+                table.view(sub, s, sub, s, sub, s).masked_fill_(empty, lv)
+            table = table.reshape(-1)
             cache[level] = table
         return table
 
@@ -392,7 +389,7 @@ def _sorted_unique(codes: torch.Tensor) -> torch.Tensor:
     """``torch.unique(codes)``, without the sort when ``codes`` is already strictly increasing (a file's
     codes come in that order)."""
     if codes.numel() < 2 or bool((codes[1:] > codes[:-1]).all()):
-        return codes
+        return codes.clone()  # the octree owns its tables: never the caller's tensor
     return torch.unique(codes)
 
 

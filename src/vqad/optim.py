@@ -29,9 +29,11 @@ def summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the values are added into an ``(m, n)`` scratch (``index_add_``) and the named rows found by
     marking them (a row named with an all-zero value still counts, as in a coalesced gradient).
     """
-    if grad.is_coalesced():
-        return grad._indices()[0], grad._values()
     idx, vals = grad._indices()[0], grad._values()
+    # autograd does not keep the coalesced flag, but strictly increasing rows are coalesced already
+    # (gather_unique_rows' gradients are): one linear check instead of any summing
+    if grad.is_coalesced() or idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all()):
+        return idx, vals
     m = grad.shape[0]
     if m > 16 * idx.numel():  # a scratch this large would cost more than the sort
         g = grad.coalesce()
@@ -47,14 +49,20 @@ class SparseRowAdam(torch.optim.SparseAdam):
     """:class:`torch.optim.SparseAdam`, the same update and state, without coalescing's sort.
 
     SparseAdam coalesces each sparse gradient (a sort of every index a batch touched) before its
-    masked Adam update. This sums the gradient's rows with :func:`summed_rows` instead, then applies
-    the same update to those rows: ``m ← m + (1 − β1)(g − m)``, ``v ← v + (1 − β2)(g² − v)``,
+    masked Adam update. This sums the gradient's rows with :func:`summed_rows` instead (repeated rows
+    are added in another order, so a sum may differ in its last bits; a gradient that arrives coalesced,
+    as the codebook and dense storages give it (rows strictly increasing), is used as is and the step
+    is bit for bit SparseAdam's),
+    then applies the same update to those rows: ``m ← m + (1 − β1)(g − m)``, ``v ← v + (1 − β2)(g² − v)``,
     ``p ← p − lr · √(1 − β2^t) / (1 − β1^t) · m / (√v + ε)`` (the step count ``t`` per parameter).
     """
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             eps, lr = group["eps"], float(group["lr"])
@@ -82,7 +90,7 @@ class SparseRowAdam(torch.optim.SparseAdam):
                 exp_avg_sq.index_copy_(0, rows, v_new)
                 t = state["step"]
                 step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-                p.index_add_(0, rows, m_new.div_(v_new.sqrt_().add_(eps)), alpha=-step_size)
+                p.index_add_(0, rows, -step_size * m_new.div_(v_new.sqrt_().add_(eps)))  # SparseAdam's rounding
         return loss
 
 

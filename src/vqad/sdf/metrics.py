@@ -79,12 +79,12 @@ def point_mesh_distance(mesh: Mesh, points: np.ndarray, k: int = 16) -> np.ndarr
 
     n = len(points)
     k0 = min(4, len(tris))
-    _, near = tree.query(points, k=k0, workers=-1)
+    _, near = tree.query(points, k=k0, workers=torch.get_num_threads())
     best = measure(np.repeat(np.arange(n), k0), near.reshape(-1)).reshape(n, k0).min(1)
     ball = best + float(radius.max())
     todo, kk = np.arange(n), min(k, len(tris))
     while len(todo):
-        dist, idx = tree.query(points[todo], k=kk, workers=-1)
+        dist, idx = tree.query(points[todo], k=kk, workers=torch.get_num_threads())
         dist, idx = dist.reshape(len(todo), kk), idx.reshape(len(todo), kk)
         inside = dist <= ball[todo, None]
         cand = inside & (dist - radius[idx] <= best[todo, None])
@@ -112,8 +112,8 @@ def chamfer_and_normals(a: Mesh, b: Mesh, n: int = CHAMFER_SAMPLES, seed: int = 
     pa, na = sample_surface(a, n, rng)
     pb, nb = sample_surface(b, n, rng)
     chamfer = 0.5 * (point_mesh_distance(b, pa).mean() + point_mesh_distance(a, pb).mean())
-    _, ia = cKDTree(pb).query(pa, workers=-1)
-    _, ib = cKDTree(pa).query(pb, workers=-1)
+    _, ia = cKDTree(pb).query(pa, workers=torch.get_num_threads())
+    _, ib = cKDTree(pa).query(pb, workers=torch.get_num_threads())
     nc = 0.5 * (np.abs((na * nb[ia]).sum(1)).mean() + np.abs((nb * na[ib]).sum(1)).mean())
     return float(chamfer), float(nc)
 

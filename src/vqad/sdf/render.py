@@ -63,7 +63,7 @@ def sphere_trace(sdf, o: torch.Tensor, d: torch.Tensor, max_steps: int = 64, eps
                  stats: TraceStats | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """March ``t += step_scale · sdf(o + t d)`` inside the unit cube until ``|sdf| < eps``.
 
-    With ``octree`` (and its ``level``, the rendered LOD), space the octree leaves empty is skipped
+    With ``octree`` (and its ``level``, the rendered LOD; default its finest), space the octree leaves empty is skipped
     without evaluating the field: a point in an empty cell jumps to where the ray leaves the
     coarsest empty cell that holds it (levels ``base..level``), and only points in occupied cells of
     ``level`` (where the field was trained and the surface can be) are evaluated. A ray stops at a
@@ -77,9 +77,12 @@ def sphere_trace(sdf, o: torch.Tensor, d: torch.Tensor, max_steps: int = 64, eps
         ``hit (R,)`` bool, ``t (R,)`` distances (of the hits: where ``sdf`` was last evaluated), and
         ``dist (R,)`` the last distance evaluated on each ray (below ``eps`` at a hit).
     """
+    if octree is not None and level is None:
+        level = octree.max_level
     t, t_far = ray_box(o, d)
     hit = torch.zeros_like(t, dtype=torch.bool)
     last = torch.full_like(t, math.inf)
+    t_last = t.clone()  # where each ray's field value `last` was measured
     active = (t < t_far).nonzero().squeeze(-1)  # indices of the rays still marching
     for it in range(max_steps):
         if active.numel() == 0:
@@ -97,12 +100,13 @@ def sphere_trace(sdf, o: torch.Tensor, d: torch.Tensor, max_steps: int = 64, eps
         done = torch.zeros_like(ta, dtype=torch.bool)
         if ev.numel():
             xe = x.index_select(0, ev)
-            dist = torch.cat([sdf(xe[s: s + chunk]) for s in range(0, xe.shape[0], chunk)])
+            dist = torch.cat([sdf(xe[s: s + chunk]) for s in range(0, xe.shape[0], chunk)]).to(t.dtype)
             if stats is not None:
                 stats.evaluations += int(xe.shape[0])
             de = dist.abs() < eps
             done[ev] = de
             last[active[ev]] = dist
+            t_last[active[ev]] = ta.index_select(0, ev)
             step[ev] = torch.where(de, 0.0, step_scale * dist.clamp_min(-0.05))  # a slight overshoot steps back
         ta = ta + step
         t[active] = ta
@@ -111,7 +115,8 @@ def sphere_trace(sdf, o: torch.Tensor, d: torch.Tensor, max_steps: int = 64, eps
     # rays still marching after max_steps (grazing the surface): a hit if they came within 4 eps
     if active.numel():
         hit[active[last.index_select(0, active).abs() < 4 * eps]] = True
-    return hit, t, last
+    # a hit is reported where its distance was measured (a grazing ray's march may have moved on)
+    return hit, torch.where(hit, t_last, t), last
 
 
 def _skip_empty(octree, level: int, x: torch.Tensor, d: torch.Tensor, skips: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -204,8 +204,9 @@ def unique_rows(ids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _GatherUniqueRows(torch.autograd.Function):
-    """``param[rows]`` for sorted, distinct ``rows``, whose gradient is a sparse tensor already marked
-    coalesced (its indices are ``rows``): the optimizer then needs no sort and no scratch to sum it."""
+    """``param[rows]`` for sorted, distinct ``rows``, whose gradient is a sparse tensor with exactly those
+    rows (coalesced in fact; autograd drops the flag, :func:`vqad.optim.summed_rows` checks the order):
+    the optimizer then needs no sort and no scratch to sum it."""
 
     @staticmethod
     def forward(ctx, param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,7 @@ def _targets(results: dict) -> list[str]:
         f"{cost:.2f}× — {ok(cost <= 2)}" + ("" if same_run else " (the two fits ran on different set-ups: see the runs table)")
         + (f"; with its {c['refine_seconds']:.0f} s of index refinement the codebook fit averages "
            f"{c['points_per_second']:,.0f} points/s" if c.get("refine_seconds") else ""),
-        f"- 4-bit fit ≤ 10 min on 2 CPU cores: " + (
+        "- 4-bit fit ≤ 10 min on 2 CPU cores: " + (
             f"{minutes:.1f} min of training ({c['steps']} steps), {c['wall_seconds'] / 60:.1f} min wall with octree and "
             f"evaluation — {ok(minutes <= 10)}" if ci.get("device") == "cpu" else "not measured by this run (it ran on "
             f"{ci.get('device')})"),

@@ -175,3 +175,51 @@ def test_threads_flag_and_environment(monkeypatch, capsys):
     monkeypatch.setenv("VQAD_THREADS", "zero")
     assert main(["info", "nothing.vqad"]) == 2
     assert "$VQAD_THREADS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hidden", "0"], "--hidden (decoder width) must be an integer in 1..4096"),
+    (["--layers", "-1"], "--layers (decoder hidden layers) must be an integer in 0..16"),
+    (["--layers", "17"], "--layers (decoder hidden layers) must be an integer in 0..16"),
+    (["--lr", "-1"], "learning rates must be positive"),
+    (["--lr", "nan"], "learning rates must be positive"),
+    (["--mc-resolution", "1"], "--mc-resolution must be an integer in 8..2048"),
+    (["--mc-resolution", "-5"], "--mc-resolution must be an integer in 8..2048"),
+])
+def test_fit_sdf_bad_values_exit_2_before_anything_is_written(tmp_path, capsys, mesh, args, message):
+    out = tmp_path / "run"
+    tiny = [a for a in TINY if a != "--no-eval"]
+    assert main(["fit-sdf", str(mesh), "--steps", "2", "--out", str(out)] + tiny + args) == 2
+    err = _err(capsys)
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    m = d / "sphere.obj"
+    trimesh.creation.icosphere(subdivisions=2, radius=0.5).export(m)
+    assert main(["fit-sdf", str(m), "--steps", "2", "--refine", "0", "--out", str(d / "run")] + TINY) == 0
+    return d / "run" / "checkpoint"
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("mesh", ["--resolution", "0"], "--resolution must be an integer in 8..2048"),
+    ("mesh", ["--resolution", "-5"], "--resolution must be an integer in 8..2048"),
+    ("mesh", ["-o", "{tmp}/x.banana"], "unsupported file type '.banana'"),
+    ("mesh", ["-o", "/proc/x.ply"], "/proc"),  # root may pass access() there: creating a file is tried
+    ("render", ["--size", "0"], "--size must be positive"),
+    ("render", ["--size", "-3"], "--size must be positive"),
+    ("render", ["--azimuth", "nan"], "--azimuth must be a finite number"),
+    ("render", ["--elevation", "inf"], "--elevation must be a finite number"),
+    ("render", ["-o", "{tmp}/x.banana"], "unsupported file type '.banana'"),
+])
+def test_mesh_and_render_bad_values_exit_2_with_one_line(tmp_path, capsys, tiny_checkpoint, command, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / ("out.ply" if command == "mesh" else "out.png"))]
+    assert main([command, str(tiny_checkpoint)] + args) == 2
+    err = _err(capsys)
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing written

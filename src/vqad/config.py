@@ -58,6 +58,16 @@ class DecoderConfig:
     per_lod: bool = False  # one MLP per LOD instead of a shared one
     position_input: bool = True  # feed x to ψ alongside the features
 
+    def validate(self) -> None:
+        if not (isinstance(self.hidden, int) and 1 <= self.hidden <= MAX_HIDDEN):
+            raise InputError(f"--hidden (decoder width) must be an integer in 1..{MAX_HIDDEN}, got {self.hidden!r}")
+        if not (isinstance(self.layers, int) and 0 <= self.layers <= MAX_LAYERS):
+            raise InputError(f"--layers (decoder hidden layers) must be an integer in 0..{MAX_LAYERS}, got {self.layers!r}")
+
+
+#: decoder bounds: ψ is a tiny MLP (NGLOD: one hidden layer of 128)
+MAX_HIDDEN, MAX_LAYERS = 4096, 16
+
 
 def parse_levels(text: str) -> tuple[int, int]:
     """``"3:7"`` -> (3, 7), with a clear error otherwise."""

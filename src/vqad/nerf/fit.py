@@ -134,6 +134,7 @@ def fit_nerf(
     ``max(step / steps, time / max_minutes)``, so a time-limited fit still ends with a decayed rate.
     """
     train_cfg.validate()
+    dec_cfg.validate()
     if "train" not in dataset.splits or len(dataset.splits["train"]) == 0:
         raise InputError(f"dataset {dataset.name!r} has no training views")
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None

@@ -111,5 +111,9 @@ def extract_mesh(field, lod: int | None = None, resolution: int = 256, world: bo
     return mesh
 
 
+#: the mesh files :func:`save_mesh` writes (by suffix)
+MESH_SUFFIXES = (".ply", ".obj", ".stl", ".off", ".glb")
+
+
 def save_mesh(mesh: Mesh, path) -> None:
     mesh.to_trimesh().export(str(path))

@@ -73,6 +73,7 @@ def build_sdf_field(mesh: Mesh, grid_cfg: GridConfig, dec_cfg: DecoderConfig, de
                     octree_samples: int = 2_000_000) -> SDFField:
     """Octree from surface samples at ``L_max`` (dilated by one cell), grid and decoder on ``device``."""
     grid_cfg.validate()
+    dec_cfg.validate()
     norm = fit_normalization(mesh)
     rng = np.random.default_rng(seed)
     # dense enough that every finest cell the surface crosses gets a sample
@@ -209,6 +210,7 @@ def fit_sdf(
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
     train_cfg = train_cfg.resolved(grid_cfg)
     train_cfg.validate()
+    dec_cfg.validate()
     start, resume_cfg = 0, None
     if resume:
         field, resume_cfg, start = load_for_resume(ckpt_dir, "sdf", device)

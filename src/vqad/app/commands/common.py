@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import tempfile
 from pathlib import Path
 
 from vqad.errors import InputError
@@ -19,15 +21,42 @@ def ensure_writable_dir(path: str | Path) -> Path:
         raise InputError(f"cannot create output directory {path}: {exc.strerror}") from exc
     if not os.access(path, os.W_OK):
         raise InputError(f"output directory is not writable: {path}")
+    try:  # access() says yes to root even where nothing can be created (/proc, read-only mounts): try
+        fd, probe = tempfile.mkstemp(prefix=".vqad-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"cannot write files in output directory {path}: {exc.strerror}") from exc
     return path
 
 
-def ensure_writable_file(path: str | Path) -> Path:
+def ensure_writable_file(path: str | Path, suffixes: tuple[str, ...] | None = None, what: str = "output") -> Path:
+    """``path`` as a file that can be written (its directory created), with one of ``suffixes`` if given;
+    otherwise a one-line :class:`InputError`."""
     path = Path(path)
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise InputError(f"{what} {path}: unsupported file type {path.suffix or '(none)'!r}; use one of "
+                         f"{', '.join(suffixes)}")
     ensure_writable_dir(path.parent if str(path.parent) else Path("."))
     if path.exists() and path.is_dir():
         raise InputError(f"output path is a directory, expected a file: {path}")
     return path
+
+
+def check_resolution(value: int | None, flag: str) -> None:
+    """Refuse a marching-cubes resolution outside ``MC_MIN..MC_MAX`` (one line, before any work)."""
+    if value is not None and not MC_MIN <= value <= MC_MAX:
+        raise InputError(f"{flag} must be an integer in {MC_MIN}..{MC_MAX} (grid points per axis), got {value}")
+
+
+def check_finite(value: float | None, flag: str) -> None:
+    """Refuse a float flag that is NaN or infinite."""
+    if value is not None and not math.isfinite(value):
+        raise InputError(f"{flag} must be a finite number, got {value}")
+
+
+#: marching-cubes grid points per axis that `vqad mesh --resolution` and `fit-sdf --mc-resolution` accept
+MC_MIN, MC_MAX = 8, 2048
 
 
 def report_skipped_steps(n: int) -> None:

@@ -152,6 +152,7 @@ def _configs(args, saved: dict | None = None):
     if args.step_ratio is not None:
         nerf = replace(nerf, step_ratio=_step_ratio(args.step_ratio))
     nerf.validate()
+    dec.validate()
     train = replace(config_from(NeRFTrainConfig, saved and saved.get("train"), NeRFTrainConfig()), **over)
     train.validate()
     if args.eval_max_views is not None and args.eval_max_views <= 0:

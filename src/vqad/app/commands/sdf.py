@@ -7,10 +7,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir,
+from vqad.app.commands.common import (add_device_arg, add_grid_args, add_run_args, check_finite, check_resolution,
+                                      config_flag, config_from, ensure_writable_dir,
                                       ensure_writable_file, given, grid_config, parse_lod, refuse, train_overrides,
                                       report_skipped_steps, resumed_configs)
 from vqad.sdf.evaluate import evaluate_sdf
+from vqad.sdf.extract import MESH_SUFFIXES
+from vqad.sdf.render import IMAGE_SUFFIXES
 
 
 SDF_TRAIN_FLAGS = ("steps", "batch", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes", "truncation", "refine",
@@ -70,8 +73,8 @@ def register(sub) -> None:
     p.add_argument("model", help="checkpoint directory or .vqad file")
     p.add_argument("--lod", type=int, default=None, help="level of detail (default: finest available)")
     p.add_argument("--bytes", type=int, default=None, help=".vqad only: use just the first N bytes")
-    p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("-o", "--out", default=None, help="output mesh (.ply/.obj/.stl; default mesh_lodL.ply)")
+    p.add_argument("--resolution", type=int, default=256, help="marching-cubes grid points per axis (8..2048)")
+    p.add_argument("-o", "--out", default=None, help="output mesh (.ply/.obj/.stl/.off/.glb; default mesh_lodL.ply)")
     add_device_arg(p)
     p.set_defaults(func=cmd_mesh)
 
@@ -111,6 +114,7 @@ def _configs(args, saved: dict | None = None):
     if saved is None:
         train = train.resolved(grid)
     train.validate()
+    dec.validate()
     return grid, dec, train
 
 
@@ -122,6 +126,7 @@ def cmd_fit_sdf(args) -> int:
 
     out = Path(args.out)
     refuse(args.no_eval and args.mc_resolution is not None, "--mc-resolution sets the evaluation's meshes: it cannot apply with --no-eval")
+    check_resolution(args.mc_resolution, "--mc-resolution")
     saved = resumed_configs(out, "sdf") if args.resume else None
     grid_cfg, dec_cfg, train_cfg = _configs(args, saved)  # validate everything before touching the disk
     device = resolve_device(args.device)
@@ -166,7 +171,8 @@ def cmd_mesh(args) -> int:
     if field.kind != "sdf":
         raise InputError(f"vqad mesh needs an SDF model; this one is a {field.kind!r} field (use vqad render)")
     lod = parse_lod(field, args.lod)
-    out = ensure_writable_file(args.out or f"mesh_lod{lod}.ply")
+    check_resolution(args.resolution, "--resolution")
+    out = ensure_writable_file(args.out or f"mesh_lod{lod}.ply", MESH_SUFFIXES, "mesh")
     mesh = extract_mesh(field, lod, resolution=args.resolution)
     save_mesh(mesh, out)
     print(f"wrote {out}: {len(mesh.vertices):,} vertices, {len(mesh.faces):,} faces (LOD {lod})")
@@ -187,8 +193,10 @@ def cmd_render(args) -> int:
         return render_nerf(field, args)
     from vqad.sdf.render import OrbitCamera, render_sdf, save_png
 
-    out = ensure_writable_file(args.out or f"render_lod{lod}.png")
+    out = ensure_writable_file(args.out or f"render_lod{lod}.png", IMAGE_SUFFIXES, "image")
     size = RENDER_SIZE if args.size is None else args.size
+    check_finite(args.azimuth, "--azimuth")
+    check_finite(args.elevation, "--elevation")
     refuse(size <= 0, f"--size must be positive, got {size}")
     cam = OrbitCamera(azimuth_deg=RENDER_AZIMUTH if args.azimuth is None else args.azimuth,
                       elevation_deg=RENDER_ELEVATION if args.elevation is None else args.elevation, width=size, height=size)

@@ -223,3 +223,53 @@ def test_mesh_and_render_bad_values_exit_2_with_one_line(tmp_path, capsys, tiny_
     err = _err(capsys)
     assert message in err and len(err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("text, want", [
+    ("500", {"checkpoint_every": 500, "checkpoint_minutes": None}),
+    ("2m", {"checkpoint_minutes": 2.0}),
+    ("90s", {"checkpoint_minutes": 1.5}),
+    (None, {}),
+])
+def test_checkpoint_every_forms(text, want):
+    from types import SimpleNamespace
+
+    from vqad.app.commands.common import checkpoint_overrides
+
+    assert checkpoint_overrides(SimpleNamespace(checkpoint_every=text)) == want
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "x", "0m", "nanm", "infs", "1.5"])
+def test_checkpoint_every_bad_values_exit_2(tmp_path, capsys, mesh, bad):
+    out = tmp_path / "run"
+    assert main(["fit-sdf", str(mesh), "--steps", "2", "--out", str(out), "--checkpoint-every", bad] + TINY) == 2
+    err = _err(capsys)
+    assert "--checkpoint-every takes a positive number" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_time_cadence_checkpoints_and_ctrl_c_in_the_sweeps_saves(tmp_path, capsys, mesh, monkeypatch):
+    """A time cadence writes checkpoints between the step cadence's; Ctrl-C during the index sweeps after
+    training saves a checkpoint holding every step, and --resume then finds nothing left to train."""
+    import vqad.checkpoint
+    import vqad.sdf.fit
+
+    saves = []
+    real_save = vqad.checkpoint.save_checkpoint
+    monkeypatch.setattr(vqad.checkpoint, "save_checkpoint",
+                        lambda path, field, extra=None, optimizers=None: saves.append(extra["step"]) or
+                        real_save(path, field, extra=extra, optimizers=optimizers))
+    out = tmp_path / "run"
+    assert main(["fit-sdf", str(mesh), "--steps", "4", "--refine", "0", "--out", str(out),
+                 "--checkpoint-every", "0.0001s"] + TINY) == 0
+    assert saves == [1, 2, 3, 4]  # after every step (time due), then the final save
+    saves.clear()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vqad.sdf.fit, "refine_sdf", interrupted)
+    out2 = tmp_path / "run2"
+    assert main(["fit-sdf", str(mesh), "--steps", "3", "--refine", "1", "--out", str(out2)] + TINY) == 130
+    assert saves == [3]
+    assert vqad.checkpoint.read_config(out2 / "checkpoint")["step"] == 3

@@ -52,7 +52,8 @@ class TrainConfig:
     max_minutes: float | None = None  # also stop after this long (the lr schedule follows time too)
     seed: int = 0
     log_every: int = 50
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 1000  # steps between checkpoints ...
+    checkpoint_minutes: float | None = 2.0  # ... or this many minutes since the last one, whichever comes first
 
     def validate(self) -> None:
         if self.steps <= 0:
@@ -64,10 +65,12 @@ class TrainConfig:
             raise InputError(f"--minutes must be positive, got {self.max_minutes}")
         if self.log_every <= 0 or self.checkpoint_every <= 0:
             raise InputError("log_every and checkpoint_every must be positive")
+        if self.checkpoint_minutes is not None and not (0 < self.checkpoint_minutes < math.inf):
+            raise InputError(f"--checkpoint-every minutes must be positive, got {self.checkpoint_minutes}")
 
     #: fields a resumed fit may change (more steps, another time cap, quieter logs); every other one
     #: must match the checkpoint's, or the resumed run would not be the run it claims to continue
-    RESUMABLE = ("steps", "max_minutes", "log_every", "checkpoint_every")
+    RESUMABLE = ("steps", "max_minutes", "log_every", "checkpoint_every", "checkpoint_minutes")
 
 
 @dataclass
@@ -335,10 +338,21 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
             g.setdefault("initial_lr", lr)
     gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed + start)
 
+    last_save = [time.perf_counter()]
+
     def save(step_done: int) -> None:
         if ckpt_dir is not None:
             extra = {"step": step_done, "train": asdict(cfg), **task.checkpoint_extra()}
             save_checkpoint(ckpt_dir, field, extra=extra, optimizers=opts)
+            last_save[0] = time.perf_counter()
+
+    def save_due(step_done: int) -> bool:
+        """Every ``checkpoint_every`` steps, or ``checkpoint_minutes`` after the last save (not at the end:
+        the final save follows)."""
+        if step_done >= cfg.steps:
+            return False
+        late = cfg.checkpoint_minutes is not None and time.perf_counter() - last_save[0] >= 60.0 * cfg.checkpoint_minutes
+        return step_done % cfg.checkpoint_every == 0 or late
 
     task.begin(start, gen)
     prog = Progress(cfg.steps, start, task.unit, quiet=quiet, desc=desc)
@@ -372,7 +386,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
                     history.append(entry)
                     prog.update(0, 0, loss=loss_val, **{k: v for k, v in entry.items() if k == "psnr"})
                 prog.update(1, out.items)
-                if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.steps:
+                if save_due(it + 1):
                     save(it + 1)
             else:
                 it = cfg.steps
@@ -383,7 +397,14 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
             print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
         raise
     if it > start:
-        task.after_training(it, start, gen)
+        try:
+            with interrupt_guard():
+                task.after_training(it, start, gen)  # e.g. index sweeps: minutes of work after the last step
+        except KeyboardInterrupt:
+            save(it)  # every training step is in it (a sweep stopped half-way leaves valid indices)
+            if ckpt_dir is not None and not quiet:
+                print(f"\ninterrupted after step {it}, in the work after training: checkpoint saved to {ckpt_dir}")
+            raise
     items_per_second = prog.items_per_second  # over the whole call, sweeps after training included
     prog.close()
     save(it)

@@ -81,7 +81,33 @@ def add_run_args(p, train_cls, outputs: str) -> None:
                    help="continue from OUT/checkpoint with its settings (flags that contradict them are refused; "
                         "--steps and --minutes may change)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--checkpoint-every", default=None, metavar="N|Tm|Ts",
+                   help=f"checkpoint cadence: every N steps (e.g. 500), or every T minutes (2m) or seconds (90s) "
+                        f"with the default step cadence kept (default: every {train_cls.checkpoint_every} steps or "
+                        f"{train_cls.checkpoint_minutes:g} minutes, whichever comes first), so a kill loses at most that much work")
     add_device_arg(p)
+
+
+def checkpoint_overrides(args) -> dict:
+    """The training-config fields ``--checkpoint-every`` sets: ``N`` steps (then no time cadence), or
+    ``Tm`` / ``Ts`` minutes / seconds (the step cadence stays)."""
+    text = getattr(args, "checkpoint_every", None)
+    if text is None:
+        return {}
+    t = str(text).strip().lower()
+    try:
+        if t.endswith(("m", "s")):
+            value = float(t[:-1]) / (60.0 if t.endswith("s") else 1.0)
+            if not 0 < value < math.inf:
+                raise ValueError
+            return {"checkpoint_minutes": value}
+        steps = int(t)
+        if steps <= 0:
+            raise ValueError
+        return {"checkpoint_every": steps, "checkpoint_minutes": None}
+    except ValueError:
+        raise InputError(f"--checkpoint-every takes a positive number of steps (500), minutes (2m) or seconds "
+                         f"(90s), got {text!r}") from None
 
 
 def add_device_arg(p) -> None:

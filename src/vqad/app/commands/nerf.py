@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir, given,
+from vqad.app.commands.common import (checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir, given,
                                       grid_config, refuse, report_skipped_steps, resumed_configs,
                                       train_overrides)
 
@@ -133,6 +133,7 @@ def _configs(args, saved: dict | None = None):
     if args.downscale < 1:
         raise InputError(f"--downscale must be a positive integer, got {args.downscale}")
     over = train_overrides(args, NERF_TRAIN_FLAGS, INDEX_FLAGS, grid.storage)
+    over.update(checkpoint_overrides(args))
     refuse(args.octree_from is not None and any(getattr(args, n) is not None for n in OCTREE_FLAGS if n != "octree_from"),
            "--octree-from reuses an earlier fit's octree: --octree, --dilate and --density-* cannot apply with it")
     refuse(args.octree is not None and args.octree in ("depth", "mask")

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (add_device_arg, add_grid_args, add_run_args, check_finite, check_resolution,
+from vqad.app.commands.common import (checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_resolution,
                                       config_flag, config_from, ensure_writable_dir,
                                       ensure_writable_file, given, grid_config, parse_lod, refuse, train_overrides,
                                       report_skipped_steps, resumed_configs)
@@ -109,6 +109,7 @@ def _configs(args, saved: dict | None = None):
 
     grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], GridConfig()))
     over = train_overrides(args, SDF_TRAIN_FLAGS, INDEX_FLAGS, grid.storage)
+    over.update(checkpoint_overrides(args))
     dec = replace(config_from(DecoderConfig, saved and saved["decoder"], DecoderConfig()), **given(args, DECODER_FLAGS))
     train = replace(config_from(SDFTrainConfig, saved and saved.get("train"), SDFTrainConfig()), **over)
     if saved is None:

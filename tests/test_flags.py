@@ -273,3 +273,30 @@ def test_time_cadence_checkpoints_and_ctrl_c_in_the_sweeps_saves(tmp_path, capsy
     assert main(["fit-sdf", str(mesh), "--steps", "3", "--refine", "1", "--out", str(out2)] + TINY) == 130
     assert saves == [3]
     assert vqad.checkpoint.read_config(out2 / "checkpoint")["step"] == 3
+
+
+def test_resume_finds_the_newest_complete_checkpoint_after_a_killed_save(tmp_path, capsys, mesh):
+    """A save killed between its two renames leaves only checkpoint.old (or a complete, newer
+    checkpoint.tmp beside the old checkpoint): --resume puts the newest complete one back and goes on."""
+    import json
+    import os
+    import shutil
+
+    from vqad.checkpoint import read_config, recover_checkpoint
+
+    out = tmp_path / "run"
+    assert main(["fit-sdf", str(mesh), "--steps", "2", "--refine", "0", "--out", str(out)] + TINY) == 0
+    ckpt = out / "checkpoint"
+    os.replace(ckpt, out / "checkpoint.old")  # killed after the first rename
+    assert main(["fit-sdf", str(mesh), "--steps", "3", "--out", str(out), "--resume", "--quiet", "--no-eval"]) == 0
+    assert read_config(ckpt)["step"] == 3 and not (out / "checkpoint.old").exists()
+    # killed before the renames: a complete, newer checkpoint.tmp beside the checkpoint
+    shutil.copytree(ckpt, out / "checkpoint.tmp")
+    cfg = json.loads((out / "checkpoint.tmp" / "config.json").read_text())
+    (out / "checkpoint.tmp" / "config.json").write_text(json.dumps({**cfg, "step": 4}))
+    assert recover_checkpoint(ckpt) == ckpt and read_config(ckpt)["step"] == 4
+    assert not (out / "checkpoint.tmp").exists()
+    # an incomplete tmp (no config.json yet) is dropped, the checkpoint kept
+    (out / "checkpoint.tmp").mkdir()
+    assert recover_checkpoint(ckpt) == ckpt and read_config(ckpt)["step"] == 4
+    assert recover_checkpoint(tmp_path / "nothing") is None

@@ -72,7 +72,10 @@ def save_checkpoint(path: str | Path, field, extra: dict | None = None, optimize
         tensors, meta = _optim_tensors(optimizers)
         save_file(tensors, str(tmp / "optim.safetensors"))
         cfg["optimizers"] = meta
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))  # last: its presence marks tmp complete
+    for f in tmp.iterdir():  # on disk before the renames make it the checkpoint
+        _fsync(f)
+    _fsync(tmp)
     if path.exists():
         old = path.with_name(path.name + ".old")
         if old.exists():
@@ -82,6 +85,60 @@ def save_checkpoint(path: str | Path, field, extra: dict | None = None, optimize
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
+    _fsync(path.parent)
+    return path
+
+
+def _fsync(p: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk; a file system without fsync is skipped."""
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _complete_step(d: Path) -> int | None:
+    """The step of the checkpoint directory ``d`` if it is complete (config last, every file it names), else None."""
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (d / "model.safetensors").is_file() or (cfg.get("optimizers") and not (d / "optim.safetensors").is_file()):
+        return None
+    return int(cfg.get("step", 0)) if isinstance(cfg.get("step", 0), int) else None
+
+
+def recover_checkpoint(path: str | Path) -> Path | None:
+    """Put the newest complete checkpoint back at ``path`` after a save was killed; returns ``path``
+    (or None when there is no complete checkpoint at all).
+
+    :func:`save_checkpoint` writes ``path.tmp`` (config last), renames ``path`` to ``path.old``, then
+    ``path.tmp`` to ``path``. Killed between those steps it leaves a complete ``path.tmp`` (newer) or
+    only ``path.old``: the complete one with the highest step wins; the others are removed.
+    """
+    path = Path(path)
+    cands = {d: _complete_step(d) for d in (path, path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old"))}
+    complete = {d: st for d, st in cands.items() if st is not None}
+    if not complete:
+        return None
+    best = max(complete, key=lambda d: (complete[d], d == path))  # ties: the one in place
+    if best != path:
+        stale = path.with_name(path.name + ".stale")
+        if path.exists():
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(path, stale)
+        os.replace(best, path)
+        shutil.rmtree(stale, ignore_errors=True)
+        _fsync(path.parent)
+    for d in cands:
+        if d != path and d.exists():
+            shutil.rmtree(d, ignore_errors=True)
     return path
 
 

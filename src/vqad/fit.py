@@ -289,8 +289,10 @@ def check_resumed_fit(ckpt_dir: Path, saved: dict, grid_cfg, dec_cfg, train_cfg:
 
 def resume_config(ckpt_dir: Path | None, kind: str) -> dict:
     """The config dict of the checkpoint a fit of ``kind`` resumes from, with clear errors."""
-    from vqad.checkpoint import read_config
+    from vqad.checkpoint import read_config, recover_checkpoint
 
+    if ckpt_dir is not None:
+        recover_checkpoint(ckpt_dir)  # a save killed between its renames leaves the checkpoint beside its place
     if ckpt_dir is None or not (Path(ckpt_dir) / "config.json").is_file():
         raise InputError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume first")
     cfg = read_config(ckpt_dir)

@@ -29,7 +29,6 @@ def worker(threads: int, start_at: float, seconds: float, levels: str) -> None:
     torch.set_num_threads(threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_speed as B
-    from vqad.fit import safe_step, zero_grad  # noqa: F401  (the real step, via bench_speed)
     from vqad.optim import make_optimizers
     from vqad.sdf.fit import SDFTask, build_sdf_field
     from vqad.sdf.mesh import SDFOracle, load_mesh

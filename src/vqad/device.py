@@ -13,9 +13,6 @@ import torch
 
 from vqad.errors import InputError
 
-#: environment variables that choose the CPU threads when ``--threads`` is not given, first wins
-THREAD_ENV = ("VQAD_THREADS", "OMP_NUM_THREADS")
-
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """Turn ``"auto" | "cpu" | "cuda" | "cuda:N"`` into a :class:`torch.device`.

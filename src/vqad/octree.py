@@ -110,6 +110,12 @@ def trilinear_weights(x: torch.Tensor, ijk: torch.Tensor, level: int) -> torch.T
     return (w[:, :, None, None, 0] * w[:, None, :, None, 1] * w[:, None, None, :, 2]).reshape(-1, 8)
 
 
+def _flat_index(ijk: torch.Tensor, level: int) -> torch.Tensor:
+    """``(N, 3)`` cell coordinates of ``level`` -> ``(N,)`` x-major index into a dense table of its ``8^L`` cells."""
+    res = 1 << level
+    return (ijk[:, 0] * res + ijk[:, 1]) * res + ijk[:, 2]
+
+
 def _corner_offsets(device: torch.device | str) -> torch.Tensor:
     """``(8, 3)`` int64: row c is ``((c >> 2) & 1, (c >> 1) & 1, c & 1)``, made on ``device`` (no host copy)."""
     c = torch.arange(8, device=device)
@@ -273,9 +279,7 @@ class SparseOctree(nn.Module):
         (one gather); finer ones binary-search the sorted Morton codes.
         """
         if level <= DENSE_TABLE_MAX_LEVEL:
-            res = 1 << level
-            flat = (ijk[:, 0] * res + ijk[:, 1]) * res + ijk[:, 2]
-            idx = self._cell_table(level).index_select(0, flat).long()  # (N,), -1: empty
+            idx = self._cell_table(level).index_select(0, _flat_index(ijk, level)).long()  # (N,), -1: empty
             found = (idx >= 0) & inside
             return idx.clamp_(min=0), found
         codes = self.codes[level]
@@ -303,6 +307,22 @@ class SparseOctree(nn.Module):
             cache[level] = table
         return table
 
+    def empty_level_at(self, x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For points ``x (N, 3)``: whether each lies in an occupied cell of ``level``, whether it lies
+        inside the cube, and the coarsest level ``base..level`` whose cell holding it is empty
+        (``level`` where that cell is occupied): three ``(N,)`` tensors, the last int64. One lookup in
+        :meth:`empty_levels` up to :data:`DENSE_TABLE_MAX_LEVEL`, a query per level above."""
+        ijk, inside = cell_coords(x, level)
+        if level <= DENSE_TABLE_MAX_LEVEL:
+            skip = self.empty_levels(level).index_select(0, _flat_index(ijk, level)).long()
+            occupied = (skip == OCCUPIED_LEVEL) & inside
+            return occupied, inside, skip.clamp_(max=level)
+        occupied = self._lookup(ijk, inside, level)[1]
+        skip = torch.full(x.shape[:1], level, dtype=torch.long, device=x.device)
+        for lv in range(level - 1, self.base_level - 1, -1):  # coarser empty cells win
+            skip = torch.where(self.contains(x, lv), skip, lv)
+        return occupied, inside, skip
+
     def _cell_table(self, level: int) -> torch.Tensor:
         """``(8^L,)`` int32: the occupied-cell index of every cell of ``level`` in x-major order, -1 if
         empty. Built on first use on the octree's current device (and rebuilt after a move)."""
@@ -310,10 +330,8 @@ class SparseOctree(nn.Module):
         codes = self.codes[level]
         table = cache.get(level)
         if table is None or table.device != codes.device:
-            ijk = morton_decode(codes, bits=level)
-            res = 1 << level
-            table = torch.full((res ** 3,), -1, dtype=torch.int32, device=codes.device)
-            table[(ijk[:, 0] * res + ijk[:, 1]) * res + ijk[:, 2]] = torch.arange(
+            table = torch.full((8 ** level,), -1, dtype=torch.int32, device=codes.device)
+            table[_flat_index(morton_decode(codes, bits=level), level)] = torch.arange(
                 codes.numel(), dtype=torch.int32, device=codes.device)
             cache[level] = table
         return table
@@ -426,8 +444,7 @@ def _corner_tables_lattice(codes: torch.Tensor, level: int) -> tuple[torch.Tenso
     dev = codes.device
     ijk = morton_decode(codes, bits=level)  # (n, 3)
     lin = (ijk[:, 0] * S + ijk[:, 1]) * S + ijk[:, 2]  # (n,): corner 0 of each cell
-    c = torch.arange(8, device=dev)
-    offs = ((c >> 2) & 1) * (S * S) + ((c >> 1) & 1) * S + (c & 1)  # (8,): corner c's lattice offset
+    offs = (_corner_offsets(dev) * torch.tensor([S * S, S, 1], device=dev)).sum(1)  # (8,): corner c's lattice offset
     corner_lin = lin[:, None] + offs[None]  # (n, 8)
     mark = torch.zeros(S ** 3, dtype=torch.bool, device=dev)
     mark[corner_lin.reshape(-1)] = True

@@ -21,28 +21,23 @@ import math
 
 import torch
 
+from vqad.storages.base import unique_rows
+
 
 def summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows a sparse gradient names and their summed values: ``(U,)`` sorted row ids, ``(U, n)``.
 
-    What ``grad.coalesce()`` gives, computed without its sort when the parameter has few enough rows:
-    the values are added into an ``(m, n)`` scratch (``index_add_``) and the named rows found by
-    marking them (a row named with an all-zero value still counts, as in a coalesced gradient).
+    What ``grad.coalesce()`` gives, without its sort when the parameter has few enough rows: the rows
+    are numbered by :func:`~vqad.storages.base.unique_rows` and the values added into ``(U, n)``
+    (``index_add_``); a row named with an all-zero value still counts, as in a coalesced gradient.
     """
     idx, vals = grad._indices()[0], grad._values()
     # autograd does not keep the coalesced flag, but strictly increasing rows are coalesced already
     # (gather_unique_rows' gradients are): one linear check instead of any summing
     if grad.is_coalesced() or idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all()):
         return idx, vals
-    m = grad.shape[0]
-    if m > 16 * idx.numel():  # a scratch this large would cost more than the sort
-        g = grad.coalesce()
-        return g._indices()[0], g._values()
-    mark = torch.zeros(m, dtype=torch.bool, device=idx.device)
-    mark[idx] = True
-    rows = mark.nonzero().squeeze(1)
-    summed = torch.zeros((m,) + tuple(vals.shape[1:]), dtype=vals.dtype, device=vals.device).index_add_(0, idx, vals)
-    return rows, summed.index_select(0, rows)
+    rows, inv = unique_rows(idx, grad.shape[0])
+    return rows, vals.new_zeros((rows.numel(),) + tuple(vals.shape[1:])).index_add_(0, inv, vals)
 
 
 class SparseRowAdam(torch.optim.SparseAdam):

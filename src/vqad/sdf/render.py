@@ -8,8 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vqad.octree import DENSE_TABLE_MAX_LEVEL, OCCUPIED_LEVEL
-
 
 @dataclass
 class OrbitCamera:
@@ -148,20 +146,9 @@ def _skip_empty(octree, level: int, x: torch.Tensor, d: torch.Tensor, skips: int
 def _empty_exit(octree, level: int, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Whether each point ``x (N, 3)`` is in an occupied cell of ``level`` and inside the cube, and the
     distance along ``d`` to the exit of the coarsest empty cell holding it (0 where occupied): three
-    ``(N,)`` tensors. One lookup in :meth:`~vqad.octree.SparseOctree.empty_levels` up to level 8,
-    else a query per level."""
-    res = 1 << level
-    inside = ((x >= -1.0) & (x <= 1.0)).all(dim=-1)
-    if level <= DENSE_TABLE_MAX_LEVEL:
-        ijk = torch.floor((x + 1.0) * (0.5 * res)).long().clamp_(0, res - 1)
-        skip = octree.empty_levels(level).index_select(0, (ijk[:, 0] * res + ijk[:, 1]) * res + ijk[:, 2]).long()
-        occupied = (skip == OCCUPIED_LEVEL) & inside
-    else:
-        occupied = octree.contains(x, level)
-        skip = torch.full(x.shape[:1], level, dtype=torch.long, device=x.device)
-        for lv in range(level - 1, octree.base_level - 1, -1):  # coarser empty cells win
-            skip = torch.where(octree.contains(x, lv), skip, lv)
-    size = (2.0 / (1 << skip.clamp(max=level)).to(x.dtype))[:, None]  # (N, 1) edge of the empty cell
+    ``(N,)`` tensors (:meth:`~vqad.octree.SparseOctree.empty_level_at` finds the cell)."""
+    occupied, inside, skip = octree.empty_level_at(x, level)
+    size = (2.0 / (1 << skip).to(x.dtype))[:, None]  # (N, 1) edge of the empty cell
     lo = torch.floor((x + 1.0) / size) * size - 1.0  # (N, 3) its lower corner
     bound = torch.where(d > 0, lo + size, lo)
     tiny = d.abs() < 1e-12
@@ -212,7 +199,8 @@ def render_sdf(field, lod: int | None = None, camera: OrbitCamera | None = None,
     img = torch.tensor(background, device=device).repeat(o.shape[0], 1)
     if hit.any():
         x = o[hit] + t[hit, None] * d[hit]
-        n = torch.cat([sdf_normals(fn, x[s: s + (1 << 15)], center=dist[hit][s: s + (1 << 15)])
+        center = dist[hit]
+        n = torch.cat([sdf_normals(fn, x[s: s + (1 << 15)], center=center[s: s + (1 << 15)])
                        for s in range(0, x.shape[0], 1 << 15)])
         if stats is not None:
             stats.evaluations += 3 * int(x.shape[0])

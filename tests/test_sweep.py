@@ -84,7 +84,7 @@ def test_sdf_sweep_interrupted_resumes_and_reports(sphere, tmp_path, monkeypatch
         S.Sweep(cfg, log=lambda *a, **k: None).run()
     done = {p.stem for p in (out / "points").glob("*.json")}
     assert done == {"draco-input-q8", "dense", "kmeans-b4", "draco-mc-q8"}
-    assert not list((out / "points").glob("*.tmp"))
+    assert not list((out / "points").glob("*.tmp*"))
     assert (out / "work" / "codebook-b4" / "checkpoint" / "config.json").is_file()
     assert {r["point"] for r in _csv(out / "results.csv")} == done  # only finished points are reported
     stamps = {p: (out / "points" / f"{p}.json").stat().st_mtime_ns for p in done}

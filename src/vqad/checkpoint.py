@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vqad.atomicio import fsync_path
 from vqad.config import GridConfig
 from vqad.errors import InputError
 from vqad.field import field_config, field_from_config
@@ -74,8 +75,8 @@ def save_checkpoint(path: str | Path, field, extra: dict | None = None, optimize
         cfg["optimizers"] = meta
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))  # last: its presence marks tmp complete
     for f in tmp.iterdir():  # on disk before the renames make it the checkpoint
-        _fsync(f)
-    _fsync(tmp)
+        fsync_path(f)
+    fsync_path(tmp)
     if path.exists():
         old = path.with_name(path.name + ".old")
         if old.exists():
@@ -85,22 +86,8 @@ def save_checkpoint(path: str | Path, field, extra: dict | None = None, optimize
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
     return path
-
-
-def _fsync(p: Path) -> None:
-    """Flush a file's (or a directory's entries') data to disk; a file system without fsync is skipped."""
-    try:
-        fd = os.open(p, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _complete_step(d: Path) -> int | None:
@@ -135,7 +122,7 @@ def recover_checkpoint(path: str | Path) -> Path | None:
             os.replace(path, stale)
         os.replace(best, path)
         shutil.rmtree(stale, ignore_errors=True)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     for d in cands:
         if d != path and d.exists():
             shutil.rmtree(d, ignore_errors=True)

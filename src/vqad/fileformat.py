@@ -32,7 +32,6 @@ of the bytes actually received.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import warnings
 import zlib
@@ -46,6 +45,7 @@ import torch
 
 from vqad import entropy as E
 from vqad.bitpack import pack_bits, packed_size, unpack_bits
+from vqad.atomicio import write_atomic
 from vqad.config import GridConfig, to_dict
 from vqad.errors import CorruptStreamError, InputError, StreamError, TruncatedStreamError, VqadError
 from vqad.field import field_config, field_from_config
@@ -235,14 +235,7 @@ def save(field, dst, entropy: bool = False) -> int:
     if hasattr(dst, "write"):
         dst.write(data)
         return len(data)
-    path = Path(dst)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror}") from exc
-    return len(data)
+    return write_atomic(dst, data, what=".vqad file")
 
 
 # ================================================================================================

@@ -72,6 +72,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqad.atomicio import atomic_path, write_atomic
 from vqad.errors import InputError
 
 SWEEP_FORMAT = 1
@@ -561,12 +562,6 @@ class NeRFTask:
 # ================================================================================================
 # running
 # ================================================================================================
-def _write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def plan(points: list[Point], stream_bits: int | None) -> list[Point]:
     """The points in run order: the dense fit before everything derived from it, each
     ``codebook-stream`` right after its VQ-AD point."""
@@ -630,7 +625,7 @@ class Sweep:
         ensure_writable_dir(self.out / "points")
         manifest = self.out / "sweep.json"
         if not manifest.is_file():
-            _write_atomic(manifest, json.dumps({"vqad_sweep": SWEEP_FORMAT, "settings": self.cfg.settings()}, indent=2))
+            write_atomic(manifest, json.dumps({"vqad_sweep": SWEEP_FORMAT, "settings": self.cfg.settings()}, indent=2))
 
     def finished(self) -> dict[str, dict]:
         """Finished points of this directory, by key."""
@@ -654,7 +649,7 @@ class Sweep:
             rows = self._run_point(p)
             rec = {"point": p.key, "method": p.method, "setting": p.setting, "rows": rows,
                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            _write_atomic(self.out / "points" / f"{p.key}.json", json.dumps(rec, indent=2))
+            write_atomic(self.out / "points" / f"{p.key}.json", json.dumps(rec, indent=2))
             shutil.rmtree(self.out / "work" / p.key, ignore_errors=True)  # the finished fit's checkpoint
             r = rows[-1]
             q = self.task.quality[0]
@@ -764,7 +759,7 @@ class Sweep:
                              quantization_bits=p.setting, compression_level=self.cfg.draco_level)
         seconds = time.perf_counter() - t0
         path = self.out / "points" / f"{p.key}.drc"
-        _write_atomic(path, buf)
+        write_atomic(path, buf)
         back = DracoPy.decode(path.read_bytes())
         decoded = Mesh(np.asarray(back.points, dtype=np.float64), np.asarray(back.faces, dtype=np.int64).reshape(-1, 3))
         t1 = time.perf_counter()
@@ -840,8 +835,8 @@ def write_reports(out: Path, cfg: SweepConfig) -> list[dict]:
     w.writeheader()
     for r in rows:
         w.writerow({c: _csv_value(r.get(c)) for c in cols})
-    _write_atomic(out / "results.csv", buf.getvalue())
-    _write_atomic(out / "results.md", markdown_table(rows, cfg))
+    write_atomic(out / "results.csv", buf.getvalue())
+    write_atomic(out / "results.md", markdown_table(rows, cfg))
     plot_rd(rows, cfg, out / "rd.png")
     return rows
 
@@ -1008,9 +1003,8 @@ def plot_rd(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
     if ax.lines:
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path, "plot") as tmp:
+        fig.savefig(tmp, format="png")
 
 
 __all__ = ["SweepConfig", "Sweep", "run_sweep", "parse_methods", "Point", "Method", "METHODS", "DEFAULT_METHODS",

@@ -1,0 +1,73 @@
+"""Atomic file writes: a reader (or a kill at any moment) sees the old file or the new one, never half.
+
+Every output vqad writes (``.vqad`` files, checkpoints, metrics, meshes, images, reports) goes
+through here: the data is written to ``NAME.tmp`` beside the target, flushed to disk, renamed over
+the target, and the directory entry flushed too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from vqad.errors import InputError
+
+
+def fsync_path(p: str | Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk; a file system without fsync is skipped."""
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def tmp_path(path: str | Path) -> Path:
+    """The temporary name a write of ``path`` goes through (``NAME.tmp``, keeping the suffix last
+    would let tools guess the type: ``x.png`` → ``x.tmp.png``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.tmp{path.suffix}") if path.suffix else path.with_name(path.name + ".tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, what: str = "output"):
+    """Yield a temporary path to write ``path`` through; on success it is flushed and renamed over
+    ``path``; on any error it is removed and ``path`` is left as it was.
+
+    Use it for writers that take a file name (trimesh, PIL, matplotlib)::
+
+        with atomic_path(out) as tmp:
+            image.save(tmp)
+    """
+    path = Path(path)
+    tmp = tmp_path(path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise InputError(f"cannot write {what} {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_path(path.parent)
+
+
+def write_atomic(path: str | Path, data: bytes | str, what: str = "output") -> int:
+    """Write ``data`` (str as UTF-8) to ``path`` atomically; returns the bytes written."""
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    with atomic_path(path, what) as tmp:
+        tmp.write_bytes(raw)
+    return len(raw)
+
+
+__all__ = ["atomic_path", "write_atomic", "fsync_path", "tmp_path"]

@@ -352,10 +352,15 @@ def test_impossible_sizes_fail_fast_without_allocating(small):
             bad = data[:off] + struct.pack("<BBBBI", t, lv, sl, co, n + 100_000) + data[off + 8:]
             with pytest.raises(CorruptStreamError, match="more than the"):
                 F.load(bad)
-    # a (CRC-valid) header that asks for a gigantic decoder: no allocation, the decoder chunk disagrees
+    # a (CRC-valid) header that asks for a gigantic decoder: refused from the header, nothing allocated
     off, t, lv, sl, co, n = fr[0]
     doc = json.loads(data[off + 8:off + 8 + n])
     doc["field"]["decoder"]["hidden"] = 10**9
+    forged = preamble + reframe(data[off:off + 8], json.dumps(doc).encode()) + data[fr[1][0]:]
+    with pytest.raises(CorruptStreamError, match=r"decoder width\) must be an integer in 1..4096"):
+        F.load(forged)
+    # a wider decoder within bounds: the decoder chunk that follows disagrees
+    doc["field"]["decoder"]["hidden"] = 4096
     forged = preamble + reframe(data[off:off + 8], json.dumps(doc).encode()) + data[fr[1][0]:]
     with pytest.raises(CorruptStreamError, match="decoder chunk does not match"):
         F.load(forged)

@@ -165,3 +165,190 @@ def test_pushed_in_pieces_raise_only_stream_errors(which, ops, pieces):
 def test_unmutated_files_decode(which):
     field = F.load(FILES[which])
     assert field.lods == [2, 3, 4, 5]
+
+
+# -- forged header values and chunk sequences behind valid CRCs ---------------------------------------
+def _reframe(chunks: list[tuple[int, int, int, int, bytes]]) -> bytes:
+    return FILES["raw"][:F.PREAMBLE_BYTES] + b"".join(F._frame(*c) for c in chunks)
+
+
+def _parsed(data: bytes) -> list[tuple[int, int, int, int, bytes]]:
+    out = []
+    for off, n in _chunks(data):
+        t, lv, sl, co = data[off:off + 4]
+        out.append((t, lv, sl, co, data[off + 8:off + 8 + n]))
+    return out
+
+
+def _leaves(doc, path=()):
+    """Every path into the header JSON (objects and lists included), so any value can be replaced."""
+    yield path
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from _leaves(v, path + (i,))
+
+
+HOSTILE = st.one_of(
+    st.sampled_from([0, -1, 1, 2, 3, 13, 17, 255, 256, 4097, 2**31, 2**35, 2**40, 2**63, -2**63, 10**30,
+                     0.5, -0.0, 1e308, 1e-308, float("nan"), float("inf"), float("-inf"), True, False, None,
+                     "", "3", "nan", "codebook", "dense", "hash", "nerf", "sdf", [], [0, 0, 0, 0], [1e308] * 3, {},
+                     {"bits": 40}, [[]], "x" * 1000]),
+    st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+)
+# per input: far below what a hang or a huge allocation would take, far above a normal decode (~10 ms)
+SECONDS_PER_INPUT = 2.0
+
+
+def _timed_decode(data: bytes) -> None:
+    import time
+
+    t0 = time.perf_counter()
+    _decode_or_stream_error(data)
+    assert time.perf_counter() - t0 < SECONDS_PER_INPUT
+
+
+@SETTINGS
+@given(which=st.sampled_from(sorted(FILES)), pick=st.integers(0, 10**6), value=HOSTILE,
+       action=st.sampled_from(["replace", "delete", "add"]))
+def test_forged_header_values_raise_only_stream_errors(which, pick, value, action):
+    """Any value of the header JSON replaced (or deleted, or a key added), re-framed with a valid CRC."""
+    import json
+
+    chunks = _parsed(FILES[which])
+    doc = json.loads(chunks[0][4])
+    paths = list(_leaves(doc))
+    path = paths[pick % len(paths)]
+    if not path:
+        doc = value
+    else:
+        parent = doc
+        for k in path[:-1]:
+            parent = parent[k]
+        if action == "delete":
+            del parent[path[-1]]
+        elif action == "add" and isinstance(parent, dict):
+            parent["extra_" + str(pick)] = value
+        else:
+            parent[path[-1]] = value
+    header = json.dumps(doc).encode()
+    if len(header) > F.MAX_HEADER_BYTES:
+        return
+    _timed_decode(_reframe([chunks[0][:4] + (header,)] + chunks[1:]))
+
+
+@SETTINGS
+@given(which=st.sampled_from(sorted(FILES)),
+       edits=st.lists(st.tuples(st.sampled_from(["drop", "duplicate", "swap", "move"]), st.integers(0, 100),
+                                st.integers(0, 100)), min_size=1, max_size=3))
+def test_forged_chunk_sequences_raise_only_stream_errors(which, edits):
+    """Whole chunks dropped, repeated, swapped or moved, each with a valid frame and CRC."""
+    chunks = _parsed(FILES[which])
+    for op, i, j in edits:
+        i, j = i % len(chunks), j % len(chunks)
+        if op == "drop" and len(chunks) > 1:
+            del chunks[i]
+        elif op == "duplicate":
+            chunks.insert(j, chunks[i])
+        elif op == "swap":
+            chunks[i], chunks[j] = chunks[j], chunks[i]
+        else:
+            chunks.insert(j, chunks.pop(i))
+    _timed_decode(_reframe(chunks))
+
+
+def test_non_finite_payloads_behind_valid_crcs_are_refused():
+    """NaN / inf in a codebook or in the decoder weights would load as a field that outputs NaN."""
+    chunks = _parsed(FILES["raw"])
+    for i, (t, lv, sl, co, payload) in enumerate(chunks):
+        if t == F.ChunkType.GRID and sl == 0:  # the codebook D, fp16
+            forged = chunks[:i] + [(t, lv, sl, co, b"\xff" * len(payload))] + chunks[i + 1:]
+            with pytest.raises(StreamError, match="non-finite"):
+                F.load(_reframe(forged))
+            break
+    t, lv, sl, co, payload = chunks[1]
+    forged = [chunks[0], (t, lv, sl, co, payload[:-2] + b"\x00\x7c")] + chunks[2:]  # +inf in fp16
+    with pytest.raises(StreamError, match="non-finite"):
+        F.load(_reframe(forged))
+
+
+# -- a tiny file that describes a huge model: refused before it is built ------------------------------
+@pytest.fixture(scope="module")
+def full_octree_file(tmp_path_factory) -> bytes:
+    """Levels 2..6 with every cell occupied and constant indices: 300k cells in ~50 kB once entropy-coded."""
+    n = 1 << 6
+    g = (torch.arange(n) + 0.5) / n * 2 - 1
+    pts = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    grid = OctreeGrid.from_octree(SparseOctree.from_points(pts, 2, 6), GridConfig("codebook", 2, 4, 2, 6))
+    field = SDFField(grid, DecoderConfig(hidden=4))
+    field.bake(fp16=True)
+    for s in field.grid.storages:
+        s.V = torch.zeros_like(s.V)
+    data = F.to_bytes(field, entropy=True)
+    path = tmp_path_factory.mktemp("bomb") / "full.vqad"
+    path.write_bytes(data)
+    return path
+
+
+def test_a_model_over_the_memory_limit_is_refused_before_it_is_built(full_octree_file):
+    import time
+
+    from vqad.errors import StreamLimitError
+
+    data = full_octree_file.read_bytes()
+    dec = F.StreamDecoder(max_memory=1 << 40)
+    dec.feed(data)
+    need = dec.needed_bytes
+    assert 300_000 * F.DECODE_BYTES_PER_CELL < need < 2 * 300_000 * F.DECODE_BYTES_PER_CELL
+    t0 = time.perf_counter()
+    with pytest.raises(StreamLimitError, match=r"LOD 6 .* needs about .*\(--lod 5\)"):
+        F.load(data, max_memory=need - 1)
+    assert time.perf_counter() - t0 < 0.5  # refused from the octree counts, nothing built
+    assert F.load(data, lod=5, max_memory=need - 1).lods == [2, 3, 4, 5]  # coarser LODs still decode
+    with pytest.raises(StreamLimitError):
+        list(F.iter_lods(data, max_memory=need - 1))
+    os.environ[F.MAX_MEMORY_ENV] = str(need - 1)
+    try:
+        with pytest.raises(StreamLimitError):
+            F.load(data)
+    finally:
+        del os.environ[F.MAX_MEMORY_ENV]
+
+
+def test_decoding_stays_within_its_stated_memory_estimate(full_octree_file):
+    """Peak resident memory of a fresh process decoding 300k cells, over what it held before, stays
+    within the estimate the limit uses."""
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("needs /proc (Linux) to read the resident memory")
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sys; torch.set_num_threads(1); from vqad import fileformat as F\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "F.load(data, lod=3)(torch.rand(8, 3))  # warm up: PyTorch's first calls map code and arenas\n"
+        "import os; r0 = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') // 1024\n"
+        "dec = F.StreamDecoder(); dec.feed(data); f = dec.field(); f(torch.rand(8, 3))\n"
+        "hwm = next(int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM'))\n"
+        "print(dec.needed_bytes, (hwm - r0) * 1024)  # VmHWM, not ru_maxrss: that one counts the forking parent\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(full_octree_file)], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    need, peak = int(out[0]), int(out[1])
+    assert 0 < peak <= need, f"decoding peaked at {peak / 2**20:.0f} MiB, over its {need / 2**20:.0f} MiB estimate"
+
+
+@pytest.mark.parametrize("text,value", [("4G", 4 << 30), ("512M", 512 << 20), ("64k", 64 << 10), ("1000", 1000),
+                                        ("1.5GiB", 3 << 29)])
+def test_parse_bytes(text, value):
+    assert F.parse_bytes(text, "x") == value
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1G", "nan", "1X", "G", "1e30T"])
+def test_parse_bytes_refuses(text):
+    from vqad.errors import InputError
+
+    with pytest.raises(InputError, match="must be a size"):
+        F.parse_bytes(text, "x")

@@ -28,3 +28,7 @@ class TruncatedStreamError(StreamError):
 
 class CorruptStreamError(StreamError):
     """The stream is damaged: bad magic, unknown version, CRC mismatch or impossible sizes."""
+
+
+class StreamLimitError(StreamError):
+    """The stream describes a model larger than the decoder's memory limit (``max_memory``)."""

@@ -9,6 +9,7 @@ A kind adds only its own evaluation and its own config (:meth:`NeuralField.extra
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,16 @@ class Normalization:
     center: tuple[float, float, float] = (0.0, 0.0, 0.0)
     scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        c, s = self.center, self.scale
+        ok_c = isinstance(c, (tuple, list)) and len(c) == 3 and all(_is_real(v) and math.isfinite(v) for v in c)
+        if not ok_c or not (_is_real(s) and math.isfinite(s) and s > 0):
+            raise InputError(
+                f"normalization must be a center of 3 finite numbers and a finite scale > 0, got center={c!r}, scale={s!r}"
+            )
+        self.center = tuple(float(v) for v in c)
+        self.scale = float(s)
+
     def to_unit(self, x: torch.Tensor) -> torch.Tensor:
         return (x - torch.as_tensor(self.center, dtype=x.dtype, device=x.device)) * self.scale
 
@@ -44,7 +55,15 @@ class Normalization:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Normalization":
-        return cls(center=tuple(float(c) for c in d["center"]), scale=float(d["scale"]))
+        """The normalization a checkpoint or .vqad header holds, checked (:class:`InputError` if not valid)."""
+        if not isinstance(d, dict) or set(d) != {"center", "scale"}:
+            raise InputError(f"normalization must be an object with 'center' and 'scale', got {d!r:.80}")
+        c = d["center"]
+        return cls(center=tuple(c) if isinstance(c, (list, tuple)) else c, scale=d["scale"])
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class NeuralField(nn.Module):
@@ -66,6 +85,7 @@ class NeuralField(nn.Module):
 
     def __init__(self, grid: OctreeGrid, decoder_cfg: DecoderConfig, normalization: Normalization | None = None):
         super().__init__()
+        decoder_cfg.validate()  # before any layer is allocated (a file's header may ask for anything)
         self.grid = grid
         self.decoder_cfg = decoder_cfg
         self.normalization = normalization or Normalization()

@@ -32,6 +32,7 @@ of the bytes actually received.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import warnings
 import zlib
@@ -47,7 +48,7 @@ from vqad import entropy as E
 from vqad.bitpack import pack_bits, packed_size, unpack_bits
 from vqad.atomicio import write_atomic
 from vqad.config import GridConfig, to_dict
-from vqad.errors import CorruptStreamError, InputError, StreamError, TruncatedStreamError, VqadError
+from vqad.errors import CorruptStreamError, InputError, StreamError, StreamLimitError, TruncatedStreamError, VqadError
 from vqad.field import field_config, field_from_config
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
@@ -62,6 +63,12 @@ _CRC = struct.Struct("<I")
 PREAMBLE_BYTES = _PREAMBLE.size  # 12
 FRAME_BYTES = _FRAME.size + _CRC.size  # 12 bytes of framing per chunk
 
+#: Decoding memory: building a LOD takes at most about this many bytes per octree cell (codes, parents,
+#: corner and vertex tables, the renderer's empty-space table and their transients; measured 310-320
+#: on full octrees of levels 6 and 7), plus twice the decoded storage tensors. The reader refuses, before
+#: building it, a LOD whose estimate exceeds ``max_memory`` (see :func:`default_max_memory`).
+DECODE_BYTES_PER_CELL = 400
+MAX_MEMORY_ENV = "VQAD_MAX_MEMORY"
 MAX_HEADER_BYTES = 1 << 20
 MAX_DECODER_DIR_BYTES = 1 << 16
 READ_BLOCK = 1 << 16
@@ -135,6 +142,11 @@ def _check_writable(field) -> None:
             "(vqad export does this for you)"
         )
     for name, t in field.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(
+                f"tensor {name} holds NaN or inf values (the fit diverged): a .vqad file holds finite values only; "
+                "refit with a lower learning rate"
+            )
         if t.is_floating_point() and not _fp16_exact(t):
             raise InputError(
                 f"tensor {name} holds values that fp16 cannot represent exactly, so the file would not "
@@ -241,6 +253,36 @@ def save(field, dst, entropy: bool = False) -> int:
 # ================================================================================================
 # reading
 # ================================================================================================
+def default_max_memory() -> int:
+    """The decoder's memory limit in bytes: ``$VQAD_MAX_MEMORY`` (e.g. ``4G``, ``512M``, ``1000000``),
+    else half of this machine's physical memory."""
+    text = os.environ.get(MAX_MEMORY_ENV, "").strip()
+    if text:
+        return parse_bytes(text, MAX_MEMORY_ENV)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): a conservative 4 GiB
+        return 4 << 30
+
+
+def parse_bytes(text: str, what: str) -> int:
+    """``"4G"`` / ``"512M"`` / ``"64k"`` / ``"1000"`` -> bytes (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        value = float("nan")
+    if not (value >= 1 and value < float(1 << 62)):
+        raise InputError(f"{what} must be a size such as 4G, 512M or 1000000 (bytes), got {text!r}")
+    return int(value)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def _corrupt(msg: str) -> CorruptStreamError:
     return CorruptStreamError(f"{msg}: the .vqad stream is damaged (re-download or re-export it)")
 
@@ -268,7 +310,13 @@ class StreamDecoder:
     that needs them is built. Memory stays proportional to the bytes received.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_memory: int | None = None, stop_lod: int | None = None) -> None:
+        """``max_memory``: refuse (:class:`StreamLimitError`) a LOD whose decoding would take more bytes
+        (default :func:`default_max_memory`); ``stop_lod``: read no chunk past this LOD's last one."""
+        self.max_memory = default_max_memory() if max_memory is None else int(max_memory)
+        self._stop_lod = stop_lod
+        self._cells = 0  # octree cells of the levels decoded so far
+        self.needed_bytes = 0  # estimated memory to build the finest LOD whose octree has arrived
         self._buf = bytearray()
         self._off = 0  # stream offset of _buf[0]
         self._preamble_done = False
@@ -382,6 +430,8 @@ class StreamDecoder:
                 if self._buf:
                     raise _corrupt(f"{len(self._buf)} bytes of trailing data after the last chunk (byte {self._off:,})")
                 return done
+            if self._stop_lod is not None and self.prefix_sizes and max(self.prefix_sizes) >= self._stop_lod:
+                return done  # what was asked for is complete: the rest is never parsed
             if self._frame is None:
                 if len(self._buf) < _FRAME.size:
                     return done
@@ -513,6 +563,8 @@ class StreamDecoder:
         if len(payload) - pos != need:
             raise _corrupt(f"decoder chunk holds {len(payload) - pos:,} data bytes, its directory needs {need:,}")
         data = np.frombuffer(payload, dtype="<f2", offset=pos)
+        if not np.isfinite(data).all():
+            raise _corrupt(f"decoder chunk holds {int((~np.isfinite(data)).sum()):,} non-finite weights (NaN or inf)")
         state, i = {}, 0
         for name, shape in entries:
             n = int(np.prod(shape))
@@ -563,8 +615,26 @@ class StreamDecoder:
                 raise _corrupt(f"entropy-coded octree chunk of level {level} is not smaller than its {total} raw bytes")
         except E.EntropyError as exc:
             raise _corrupt(f"octree chunk of level {level}: {exc}") from exc
+        self._check_memory(level, int(parents.numel()))
         self._levels[level] = _Level(codes=parents, n_masks=total)
         return total
+
+    def _check_memory(self, level: int, cells: int) -> None:
+        """Refuse LOD ``level`` (of ``cells`` cells) if building it would take more than ``max_memory``."""
+        self._cells += cells
+        m_max = min(8 * cells, ((1 << level) + 1) ** 3)
+        storage = 0
+        for lv in range(self.grid_cfg.base_level, level + 1):
+            m = m_max if lv == level else 8 * int(self._levels[lv].codes.numel())
+            storage += sum(lay.numel * (4 if lay.encoding == "f16" else 8) for lay in self._layout(lv, m))
+        need = DECODE_BYTES_PER_CELL * self._cells + 2 * storage
+        self.needed_bytes = need
+        if need > self.max_memory:
+            raise StreamLimitError(
+                f"LOD {level} of this .vqad stream ({self._cells:,} octree cells) needs about {_gb(need)} to decode, "
+                f"more than the limit of {_gb(self.max_memory)}: decode a coarser LOD (--lod {level - 1}) if there is "
+                f"one, or raise the limit (max_memory=, ${MAX_MEMORY_ENV}) if this machine has the memory"
+            )
 
     # -- fields out -------------------------------------------------------------------------------
     def _layout(self, level: int, m: int) -> list[TensorLayout]:
@@ -583,7 +653,10 @@ class StreamDecoder:
                     if len(payload) != raw:
                         raise _corrupt(f"chunk '{rec.name}' holds {len(payload):,} bytes; {lay.name} {lay.shape} needs {raw:,}")
                     if lay.encoding == "f16":
-                        t = torch.from_numpy(np.frombuffer(payload, dtype="<f2").astype(np.float16))
+                        a = np.frombuffer(payload, dtype="<f2")
+                        if not np.isfinite(a).all():
+                            raise _corrupt(f"chunk '{rec.name}' holds {int((~np.isfinite(a)).sum()):,} non-finite values (NaN or inf)")
+                        t = torch.from_numpy(a.astype(np.float16))
                     else:
                         t = torch.from_numpy(unpack_bits(payload, lay.numel, lay.bits))
                 else:
@@ -700,9 +773,9 @@ def _describe(source) -> str:
     return str(source) if isinstance(source, (str, Path)) else "the .vqad stream"
 
 
-def _decode(source, lod: int | None, max_bytes: int | None, block: int = READ_BLOCK):
+def _decode(source, lod: int | None, max_bytes: int | None, block: int = READ_BLOCK, max_memory: int | None = None):
     """Feed ``source`` until ``lod`` is complete (or the end); yields (decoder, newly complete LODs)."""
-    dec = StreamDecoder()
+    dec = StreamDecoder(max_memory=max_memory, stop_lod=lod)
     for data in _blocks(source, max_bytes, block):
         new = dec.feed(data)
         if dec.grid_cfg is not None and lod is not None and lod < dec.grid_cfg.base_level:
@@ -713,11 +786,14 @@ def _decode(source, lod: int | None, max_bytes: int | None, block: int = READ_BL
         if lod is not None:
             new = [lv for lv in new if lv <= lod]
         yield dec, new
+        if lod is not None and dec.prefix_sizes and max(dec.prefix_sizes) >= lod:
+            return  # read no further than the LOD asked for
         if dec.finished or (lod is not None and lod in dec.prefix_sizes):
             return
 
 
-def load(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None):
+def load(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None,
+         max_memory: int | None = None):
     """Decode a ``.vqad`` file (or any prefix of one) into a baked field.
 
     Args:
@@ -725,15 +801,17 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
         device: where the field lives.
         lod: stop at this level of detail (reading no further than it needs).
         max_bytes: use only the first N bytes of the source.
+        max_memory: refuse a LOD whose decoding needs more bytes (default :func:`default_max_memory`).
     Returns:
         the field holding the largest complete LOD ``<= lod`` (its ``lods`` say which). Its outputs
         equal, bit for bit, those of the baked in-memory field that was written.
     Raises:
         TruncatedStreamError: the bytes end before the first LOD is complete.
         CorruptStreamError: the bytes are damaged (the message names the chunk).
+        StreamLimitError: a LOD up to ``lod`` needs more than ``max_memory`` to decode.
     """
     dec = StreamDecoder()
-    for dec, _ in _decode(source, lod, max_bytes):
+    for dec, _ in _decode(source, lod, max_bytes, max_memory=max_memory):
         pass
     if not dec.prefix_sizes:
         raise dec.truncation_error()
@@ -748,7 +826,7 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
 
 
 def iter_lods(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None,
-              block: int = READ_BLOCK) -> Iterator[DecodedLOD]:
+              block: int = READ_BLOCK, max_memory: int | None = None) -> Iterator[DecodedLOD]:
     """Yield each level of detail as soon as its bytes have arrived, coarsest first.
 
     ``source`` is read ``block`` bytes at a time, so a socket or an HTTP response is drawn from as
@@ -759,7 +837,7 @@ def iter_lods(source, device: str | torch.device = "cpu", lod: int | None = None
     ...         print(step.lod, step.nbytes)        # LOD 3 after 6,912 bytes, ...
     """
     dec, yielded = StreamDecoder(), False
-    for dec, new in _decode(source, lod, max_bytes, block):
+    for dec, new in _decode(source, lod, max_bytes, block, max_memory):
         for lv in new:
             yielded = True
             yield DecodedLOD(lv, dec.prefix_sizes[lv], dec.field(lv, device=device))
@@ -767,10 +845,10 @@ def iter_lods(source, device: str | torch.device = "cpu", lod: int | None = None
         raise dec.truncation_error()
 
 
-def lod_prefix_sizes(source) -> dict[int, int]:
+def lod_prefix_sizes(source, max_memory: int | None = None) -> dict[int, int]:
     """``{lod: bytes}``: how many leading bytes of the stream each complete LOD needs."""
     dec = StreamDecoder()
-    for dec, _ in _decode(source, None, None):
+    for dec, _ in _decode(source, None, None, max_memory=max_memory):
         pass
     if not dec.prefix_sizes:
         raise dec.truncation_error()
@@ -819,10 +897,10 @@ class FileInfo:
         return self.total_bytes + sum(lv.grid_raw_bytes - lv.grid_bytes + lv.tree_raw_bytes - lv.tree_bytes for lv in self.levels)
 
 
-def read_info(source) -> FileInfo:
+def read_info(source, max_memory: int | None = None) -> FileInfo:
     """Decode a whole stream (validating every chunk) and account for its bytes."""
     dec = StreamDecoder()
-    for dec, _ in _decode(source, None, None):
+    for dec, _ in _decode(source, None, None, max_memory=max_memory):
         pass
     if not dec.prefix_sizes:
         raise dec.truncation_error()
@@ -862,4 +940,5 @@ def read_info(source) -> FileInfo:
 __all__ = [
     "MAGIC", "VERSION", "ChunkType", "Codec", "ChunkRecord", "DecodedLOD", "StreamDecoder", "FileInfo", "LevelInfo",
     "to_bytes", "save", "iter_chunks", "load", "iter_lods", "lod_prefix_sizes", "read_info", "StreamError",
+    "StreamLimitError", "default_max_memory", "parse_bytes", "DECODE_BYTES_PER_CELL",
 ]

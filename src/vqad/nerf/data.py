@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vqad.errors import InputError
 from vqad.field import Normalization
 
 
@@ -66,6 +67,32 @@ class SceneDataset:
     # the world-space box (lo, hi) that ``normalization`` maps onto [-1, 1]^3
     bbox: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
 
+
+
+#: the keys of a stored dataset record (:func:`dataset_info`) and the types each may hold
+DATASET_INFO_TYPES = {"name": str, "format": str, "source": str, "downscale": int, "background": list}
+
+
+def check_dataset_info(info: dict) -> dict:
+    """A dataset record read from a checkpoint or .vqad header, checked key by key.
+
+    Raises:
+        InputError: unknown keys, wrong types, a downscale outside 1..64 or a background that is not
+            3 numbers in [0, 1].
+    """
+    if not isinstance(info, dict):
+        raise InputError(f"the dataset record must be an object, got {type(info).__name__}")
+    unknown = set(info) - set(DATASET_INFO_TYPES)
+    wrong = [k for k, v in info.items() if k in DATASET_INFO_TYPES and
+             (not isinstance(v, DATASET_INFO_TYPES[k]) or isinstance(v, bool))]
+    if unknown or wrong:
+        raise InputError(f"the dataset record has unknown or mistyped keys: {', '.join(sorted(unknown | set(wrong)))}")
+    if "downscale" in info and not 1 <= info["downscale"] <= 64:
+        raise InputError(f"the dataset record's downscale must be in 1..64, got {info['downscale']}")
+    bg = info.get("background", [0.0, 0.0, 0.0])
+    if len(bg) != 3 or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in bg):
+        raise InputError(f"the dataset record's background must be 3 numbers in [0, 1], got {bg!r:.60}")
+    return dict(info)
 
 
 def dataset_info(dataset: SceneDataset) -> dict:

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vqad.config import DecoderConfig, from_dict, to_dict
+from vqad.config import MAX_HIDDEN, MAX_LAYERS, DecoderConfig, from_dict, to_dict
 from vqad.decoders import LODDecoder
 from vqad.errors import InputError
 from vqad.field import NeuralField, Normalization
 from vqad.grid import OctreeGrid
+from vqad.nerf.data import check_dataset_info
 
 DENSITY_ACTIVATIONS = ("trunc_exp", "softplus")
 
@@ -43,6 +44,13 @@ class NeRFConfig:
     prune_alpha: float = 0.005  # a cell counts as empty where one marching step absorbs less than this
 
     def validate(self) -> None:
+        ints = {"geo_features": self.geo_features, "color_hidden": self.color_hidden,
+                "color_layers": self.color_layers, "sh_degree": self.sh_degree}
+        bad = [k for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool)]
+        reals = [self.prune_alpha] + ([] if self.step_ratio is None else [self.step_ratio])
+        if bad or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in reals):
+            raise InputError(f"nerf config: {', '.join(bad) or 'step_ratio / prune_alpha'} must be finite numbers "
+                             f"(integers for {', '.join(ints)})")
         if not 0 <= self.sh_degree <= 3:
             raise InputError(f"sh_degree must be in 0..3, got {self.sh_degree}")
         if self.density_activation not in DENSITY_ACTIVATIONS:
@@ -51,8 +59,10 @@ class NeRFConfig:
             )
         if (self.step_ratio is not None and not self.step_ratio > 0) or not 0 <= self.prune_alpha < 1:
             raise InputError("step_ratio must be > 0 and prune_alpha in [0, 1)")
-        if self.geo_features < 0 or self.color_hidden <= 0 or self.color_layers < 0:
-            raise InputError("geo_features must be >= 0, color_hidden > 0 and color_layers >= 0")
+        if not (0 <= self.geo_features <= MAX_HIDDEN and 1 <= self.color_hidden <= MAX_HIDDEN
+                and 0 <= self.color_layers <= MAX_LAYERS):
+            raise InputError(f"geo_features must be in 0..{MAX_HIDDEN}, color_hidden in 1..{MAX_HIDDEN} and "
+                             f"color_layers in 0..{MAX_LAYERS}")
 
 
 class _TruncExp(torch.autograd.Function):
@@ -146,7 +156,7 @@ class NeRFField(NeuralField):
         if self.nerf_cfg.step_ratio is None:
             raise InputError("a radiance field needs a marching step: step_ratio=None ('auto') is resolved from the "
                              "octree by vqad.nerf.train.build_nerf_field; pass a number to build a field directly")
-        self.dataset = dict(dataset or {})
+        self.dataset = check_dataset_info(dataset or {})
         g = self.nerf_cfg.geo_features
         in_dim = grid.k + (3 if decoder_cfg.position_input else 0)
         device = grid.octree.device

@@ -310,7 +310,8 @@ def inference(field, sz: Sizes, device: torch.device) -> dict:
 
 def sdf_frames(field, sz: Sizes, device: torch.device, work: Path) -> dict:
     """Seconds and field evaluations per pixel of one sphere-traced frame at every LOD (PNGs in ``work``)."""
-    from vqad.sdf.render import OrbitCamera, render_sdf, save_png
+    from vqad.atomicio import save_image
+    from vqad.sdf.render import OrbitCamera, render_sdf
 
     cam = OrbitCamera(width=sz.frame, height=sz.frame)
     render_sdf(field, field.lods[0], cam)  # warm-up
@@ -322,7 +323,7 @@ def sdf_frames(field, sz: Sizes, device: torch.device, work: Path) -> dict:
         if n == 0:
             raise RuntimeError("render_sdf evaluated the field at no point that could be counted (neither through its "
                                "decoder's MLPs nor its forward / all_lods): update count_evaluations")
-        save_png(img, work / f"sdf_lod{lod}.png")
+        save_image(img, work / f"sdf_lod{lod}.png")
         sec = median_seconds(lambda: render_sdf(field, lod, cam), device, 0, 1, sz.render_repeats)
         surface = float((img < 255).any(-1).mean())  # the background is white
         out[str(lod)] = {"seconds": sec, "evals_per_pixel": n / (sz.frame * sz.frame), "surface_fraction": surface}
@@ -405,7 +406,8 @@ def nerf_frame(field, sampler, dataset, split: str, sz: Sizes, device: torch.dev
     """One view of ``split`` at the finest LOD as ``vqad render`` renders it (the model's pruned sampler,
     built once before timing), with the samples per pixel (evaluations of ψ_σ)."""
     from vqad.metrics import psnr
-    from vqad.nerf.evaluate import render_views, save_png, to_png_rgb
+    from vqad.atomicio import save_image
+    from vqad.nerf.evaluate import render_views, to_png_rgb
 
     finest = field.lods[-1]
     h, w = dataset.splits[split].hw
@@ -420,7 +422,7 @@ def nerf_frame(field, sampler, dataset, split: str, sz: Sizes, device: torch.dev
         with count_evaluations(field) as evaluations:
             _, _, rgb, _, _, gt = frame()
         if not key:
-            save_png(to_png_rgb(rgb[0]), work / f"nerf_lod{finest}.png")
+            save_image(to_png_rgb(rgb[0]), work / f"nerf_lod{finest}.png")
         res.update({"seconds" + key: median_seconds(frame, device, 0, 1, sz.render_repeats),
                     "samples_per_pixel" + key: evaluations() / (h * w), "psnr" + key: float(psnr(rgb[0], gt))})
     return res

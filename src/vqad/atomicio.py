@@ -70,4 +70,21 @@ def write_atomic(path: str | Path, data: bytes | str, what: str = "output") -> i
     return len(raw)
 
 
-__all__ = ["atomic_path", "write_atomic", "fsync_path", "tmp_path"]
+def save_image(img, path: str | Path) -> None:
+    """Write an ``(H, W)`` or ``(H, W, 3)`` uint8 array as an image (format from the suffix: png, jpg, ...)
+    atomically."""
+    from PIL import Image
+
+    path = Path(path)
+    with atomic_path(path, "image") as tmp:
+        Image.fromarray(img).save(str(tmp), format=Image.registered_extensions().get(path.suffix.lower()))
+
+
+def save_mesh_file(mesh, path: str | Path) -> None:
+    """Write a ``trimesh.Trimesh`` (format from the suffix: ply, obj, stl, off, glb) atomically."""
+    path = Path(path)
+    with atomic_path(path, "mesh") as tmp:
+        mesh.export(str(tmp), file_type=path.suffix.lstrip(".").lower())
+
+
+__all__ = ["atomic_path", "write_atomic", "fsync_path", "tmp_path", "save_image", "save_mesh_file"]

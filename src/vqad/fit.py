@@ -12,14 +12,23 @@ b ≥ 8 logits, :class:`~vqad.optim.RowwiseSparseRMSprop`), codebooks and MLPs t
 uses ×100 with RMSprop, and Adam against RMSprop was never measured: docs/method.md, deviation 1);
 logits C and codebooks D may have rates of their own.
 
-The schedule follows ``progress = max(step / steps, elapsed / max_minutes)``, so a time-capped fit
-still ends with a decayed learning rate: cosine from each group's initial rate to 0.1 × it.
+The schedule follows ``progress = max(step / steps, elapsed / training budget)``, so a time-capped
+fit still ends with a decayed learning rate: cosine from each group's initial rate to 0.1 × it.
+
+**A time cap is a cap for the whole job** (:class:`Deadline`): what comes before training (loading,
+a density pass), training, the work after it (index sweeps) and the evaluation that follows. Of the
+time left when training starts, training gets what the work after it is predicted to leave, but
+never less than :data:`MIN_TRAIN_SHARE`; :data:`EVAL_SHARE` of the cap is held back for evaluation
+when one follows. Sweeps after training that no longer fit are shortened (fewer samples) or skipped,
+and the fit says so in :attr:`LoopResult.notes`; a fit the cap stopped before its task's
+``min_useful_steps`` warns loudly.
 """
 
 from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field as dfield
@@ -73,6 +82,86 @@ class TrainConfig:
     RESUMABLE = ("steps", "max_minutes", "log_every", "checkpoint_every", "checkpoint_minutes")
 
 
+#: of the time left when training starts, training always gets at least this share
+MIN_TRAIN_SHARE = 0.6
+#: share of a whole-job cap held back for the evaluation after the fit (when one follows)
+EVAL_SHARE = 0.1
+#: of a capped job's time left, the octree's density pass of a radiance field takes at most this share
+DENSITY_SHARE = 0.25
+#: a sweep after training that fits the time cap only on fewer samples than this share is skipped
+MIN_SWEEP_SHARE = 0.25
+
+
+class Deadline:
+    """A whole job's time cap: ``seconds`` from its creation on ``clock`` (``None``: no cap), of which
+    ``reserve`` seconds are held back for what follows the fit (its evaluation).
+
+    Every decision that depends on time (when training stops, whether a sweep fits, how much of the
+    evaluation runs) asks the same deadline, so the parts of a job cannot each spend the whole cap.
+    ``clock`` is injectable so tests can drive a slow job with a fake clock instead of by timing.
+    """
+
+    def __init__(self, seconds: float | None, reserve: float = 0.0, clock: Callable[[], float] = time.perf_counter):
+        self.seconds, self.reserve, self.clock = seconds, reserve, clock
+        self.start = clock()
+
+    @classmethod
+    def for_job(cls, max_minutes: float | None, evaluation: bool = False,
+                clock: Callable[[], float] = time.perf_counter) -> "Deadline":
+        """The cap of a job of ``max_minutes`` (``None``: none), reserving :data:`EVAL_SHARE` of it
+        when an evaluation follows the fit."""
+        seconds = None if not max_minutes else 60.0 * max_minutes
+        return cls(seconds, EVAL_SHARE * seconds if seconds and evaluation else 0.0, clock)
+
+    @property
+    def capped(self) -> bool:
+        return self.seconds is not None
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def left(self) -> float:
+        """Seconds left of the whole cap (``inf`` without one)."""
+        return math.inf if self.seconds is None else self.seconds - self.elapsed()
+
+    def left_for_fit(self) -> float:
+        """Seconds left for the fit: the cap less the evaluation's reserve."""
+        return self.left() - self.reserve
+
+
+def capped_sweeps(deadline: "Deadline", n: int, predicted: float, sweep: Callable[[float], None],
+                  notes: list[str], what: str = "index sweeps after training") -> int:
+    """Run ``n`` sweeps, ``sweep(share)`` on that share of their samples, within ``deadline``'s fit time.
+
+    A sweep predicted (``predicted`` seconds, then each one's measured time) not to fit runs on the
+    share of its samples that fits, down to :data:`MIN_SWEEP_SHARE`; below it, it and the rest are
+    skipped. What was cut is appended to ``notes``. Returns the sweeps run.
+    """
+    shortened, skipped, done = [], None, 0
+    for done in range(n + 1):
+        if done == n:
+            break
+        share = 1.0
+        if deadline.capped:
+            left = deadline.left_for_fit()
+            share = min(1.0, left / max(predicted, 1e-9))
+            if share < MIN_SWEEP_SHARE:
+                skipped = (f"{n - done} of {n} {what} skipped: the time cap left {max(left, 0):.0f} s and a sweep "
+                           f"takes about {predicted:.0f} s")
+                break
+            if share < 1.0:
+                shortened.append(f"{share:.0%}")
+        t = deadline.clock()
+        sweep(share)
+        predicted = (deadline.clock() - t) / share
+    if shortened:
+        notes.append(f"{len(shortened)} of {n} {what} shortened to {', '.join(shortened)} of their samples to keep "
+                     f"the time cap")
+    if skipped:
+        notes.append(skipped)
+    return done
+
+
 @dataclass
 class StepLoss:
     """What a task's step returns.
@@ -92,16 +181,21 @@ class FitTask:
     """One application's part of a fit. ``field`` is the model being trained."""
 
     unit = "items"  # what ``StepLoss.items`` counts, for the progress bar (pts, rays)
+    #: a fit the time cap stops before this many steps is undertrained: it warns loudly
+    min_useful_steps = 0
     extra_seconds = 0.0  # seconds spent outside training steps (index sweeps), if the task counts them
     field: torch.nn.Module
+    deadline: Deadline  # the job's time cap, set by run_fit before begin()
+    step_seconds: float = 0.0  # mean training step time on the deadline's clock, set before after_training
+    notes: list[str]  # what the task had to cut to keep the cap, for the user (set by run_fit)
 
     def begin(self, start: int, gen: torch.Generator) -> None:
         """Before the first step (``start`` > 0 on resume)."""
 
-    def budget_minutes(self, max_minutes: float | None, step_seconds: float | None) -> float | None:
-        """Minutes the training steps may take of ``max_minutes``, given the mean step time so far
-        (``None`` before the first step): a task with work after training reserves time for it."""
-        return max_minutes
+    def after_training_seconds(self, step_seconds: float) -> float:
+        """Predicted seconds of the work after training (:meth:`after_training`), given the mean step
+        time so far; training leaves them that much of the cap (down to :data:`MIN_TRAIN_SHARE`)."""
+        return 0.0
 
     def before_step(self, it: int, progress: float, gen: torch.Generator) -> None:
         """Hooks before step ``it``: resampling, index sweeps, occupancy updates."""
@@ -114,7 +208,9 @@ class FitTask:
         """After ``loss.backward()``, before the optimizers step (e.g. drop gradients that must not apply)."""
 
     def after_training(self, it: int, start: int, gen: torch.Generator) -> None:
-        """Work after the last step (e.g. index sweeps); its time is reported as ``extra_seconds``."""
+        """Work after the last step (e.g. index sweeps); its time is reported as ``extra_seconds``.
+        It must fit in ``self.deadline.left_for_fit()``: shorten or skip what does not, and say so
+        in ``self.notes``."""
 
     def checkpoint_extra(self) -> dict:
         """What the task stores in the checkpoint's config beside the step and the train config."""
@@ -133,6 +229,7 @@ class LoopResult:
     history: list
     skipped_steps: int  # not applied: non-finite loss or gradient
     empty_steps: int  # not applied: the batch had no sample
+    notes: list[str] = dfield(default_factory=list)  # what the time cap cut (sweeps skipped, too few steps)
 
 
 class DivergenceGuard:
@@ -206,16 +303,24 @@ def cosine_lr(opts: dict[str, torch.optim.Optimizer], base_lrs: dict, it: int, t
             g["lr"] = base * f
 
 
-def progress_or_stop(it: int, steps: int, t0: float, max_minutes: float | None) -> float | None:
+def progress_or_stop(it: int, steps: int, elapsed: float, budget: float | None) -> float | None:
     """Fraction of training done, ``max(it / steps, elapsed / budget)``, for the lr schedule; ``None``
-    once the time budget (``max_minutes``, if any) is spent and training should stop."""
+    once the training budget (seconds, if any) is spent and training should stop."""
     progress = it / max(steps, 1)
-    if max_minutes:
-        elapsed = time.perf_counter() - t0
-        if elapsed >= 60.0 * max_minutes:
+    if budget is not None:
+        if elapsed >= budget:
             return None
-        progress = max(progress, elapsed / (60.0 * max_minutes))
+        progress = max(progress, elapsed / budget)
     return progress
+
+
+def training_budget(left: float, after_seconds: float) -> float | None:
+    """Seconds training may take of the ``left`` it started with (``inf``: no cap) when the work after
+    it is predicted to take ``after_seconds``: the rest, but at least :data:`MIN_TRAIN_SHARE` of it."""
+    if math.isinf(left):
+        return None
+    left = max(left, 0.0)
+    return min(max(left - after_seconds, MIN_TRAIN_SHARE * left), left)
 
 
 def initial_lrs(opts: dict[str, torch.optim.Optimizer]) -> dict:
@@ -316,8 +421,8 @@ def load_for_resume(ckpt_dir: Path | None, kind: str, device):
 # -- the loop ------------------------------------------------------------------------------------
 def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Path | None = None,
             resume_cfg: dict | None = None, start: int = 0, gen: torch.Generator | None = None,
-            quiet: bool = False, desc: str = "") -> LoopResult:
-    """Train ``task.field`` for ``cfg.steps`` steps (from ``start``), or until ``cfg.max_minutes``.
+            quiet: bool = False, desc: str = "", deadline: Deadline | None = None) -> LoopResult:
+    """Train ``task.field`` for ``cfg.steps`` steps (from ``start``), or until the time cap.
 
     Args:
         task: the application's step and hooks.
@@ -327,6 +432,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         resume_cfg: the config dict of the checkpoint being resumed (its optimizer state is loaded
             from ``ckpt_dir``), with ``start`` its step.
         gen: the CPU generator the task draws batches with (default: seeded ``cfg.seed + start``).
+        deadline: the whole job's time cap (default: ``cfg.max_minutes`` from now, nothing reserved).
     """
     from vqad.checkpoint import load_optimizer_state, save_checkpoint
 
@@ -356,20 +462,28 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         late = cfg.checkpoint_minutes is not None and time.perf_counter() - last_save[0] >= 60.0 * cfg.checkpoint_minutes
         return step_done % cfg.checkpoint_every == 0 or late
 
+    deadline = deadline if deadline is not None else Deadline.for_job(cfg.max_minutes)
+    task.deadline, task.notes = deadline, []
     task.begin(start, gen)
     prog = Progress(cfg.steps, start, task.unit, quiet=quiet, desc=desc)
     guard = DivergenceGuard(cfg.lr, cfg.grid_lr_scale, ckpt_dir)
     t0 = time.perf_counter()
+    left0, c0 = deadline.left_for_fit(), deadline.clock()  # the training budget is a share of what is left now
+    budget = training_budget(left0, 0.0)
     history: list = []
     loss_val = float("nan")
     out = None
     it = start
+    timed_out = False
     try:
         with interrupt_guard():
             for it in range(start, cfg.steps):
-                step_s = (time.perf_counter() - t0 - task.extra_seconds) / (it - start) if it > start else None
-                progress = progress_or_stop(it, cfg.steps, t0, task.budget_minutes(cfg.max_minutes, step_s))
+                if it > start and budget is not None:
+                    step_s = (deadline.clock() - c0 - task.extra_seconds) / (it - start)
+                    budget = training_budget(left0, task.after_training_seconds(step_s))
+                progress = progress_or_stop(it, cfg.steps, deadline.clock() - c0, budget)
                 if progress is None:
+                    timed_out = True
                     break
                 task.before_step(it, progress, gen)
                 cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000)
@@ -399,6 +513,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
             print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
         raise
     if it > start:
+        task.step_seconds = (deadline.clock() - c0 - task.extra_seconds) / (it - start)
         try:
             with interrupt_guard():
                 task.after_training(it, start, gen)  # e.g. index sweeps: minutes of work after the last step
@@ -410,8 +525,13 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     items_per_second = prog.items_per_second  # over the whole call, sweeps after training included
     prog.close()
     save(it)
+    if timed_out and it < task.min_useful_steps:
+        msg = (f"the time cap stopped training after {it} steps, fewer than the {task.min_useful_steps} a useful fit "
+               f"needs: this model is undertrained; give the job more --minutes (or resume it with --resume)")
+        task.notes.insert(0, msg)
+        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
     return LoopResult(
         steps=it, steps_done=it - start, seconds=time.perf_counter() - t0, extra_seconds=task.extra_seconds,
         items_per_second=items_per_second, final_loss=loss_val,
         last_per_lod=None if out is None else out.per_lod.detach(), history=history,
-        skipped_steps=guard.skipped, empty_steps=guard.empty)
+        skipped_steps=guard.skipped, empty_steps=guard.empty, notes=list(task.notes))

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from vqad.app.commands.common import ensure_writable_dir
+from vqad.atomicio import save_image, write_atomic
 from vqad.config import DecoderConfig, GridConfig
 from vqad.sdf.fit import SDFTrainConfig
 
@@ -51,7 +52,7 @@ def run_sdf_demo(out: Path, device: torch.device, quick: bool = False) -> dict:
     }
     summary["mesh"] = str(out / f"mesh_lod{grid.max_level}.ply")
     summary["file"] = write_progressive_strip(res.field, out)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_atomic(out / "metrics.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 
@@ -76,7 +77,7 @@ def write_progressive_strip(field, out: Path) -> dict:
         img = Image.fromarray(render_sdf(part, lod, OrbitCamera(width=256, height=256)))
         ImageDraw.Draw(img).text((8, 8), f"LOD {lod} after {nbytes / 1e3:.1f} kB", fill=(20, 20, 20))
         tiles.append(np.asarray(img))
-    Image.fromarray(np.concatenate(tiles, axis=1)).save(out / "lod_strip.png")
+    save_image(np.concatenate(tiles, axis=1), out / "lod_strip.png")
     print(f"[sdf] wrote {path} ({total:,} bytes); prefix bytes per LOD: "
           + ", ".join(f"{lod}: {n:,}" for lod, n in sorted(sizes.items())))
     return {"path": str(path), "bytes": total, "prefix_bytes_per_lod": sizes}
@@ -90,6 +91,6 @@ def run_demo(out: Path, device: torch.device, quick: bool = False) -> dict:
 
     results["nerf"] = run_nerf_demo(out / "nerf", device, quick=quick)
     results["seconds"] = time.perf_counter() - t0
-    (out / "summary.json").write_text(json.dumps(results, indent=2, default=str))
+    write_atomic(out / "summary.json", json.dumps(results, indent=2, default=str))
     print(f"demo finished in {results['seconds']:.0f} s: outputs in {out}/")
     return results

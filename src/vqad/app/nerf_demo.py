@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from vqad.app.commands.common import ensure_writable_dir
+from vqad.atomicio import write_atomic
 from vqad.config import DecoderConfig, GridConfig
 from vqad.nerf.field import NeRFConfig
 
@@ -55,5 +56,5 @@ def run_nerf_demo(out_dir: str | Path, device: torch.device, quick: bool = False
         "size": res.field.size_report(), "lods": lods, "seconds": time.perf_counter() - t0,
         "note": "PSNR / SSIM (Gaussian window 11, sigma 1.5) on the test views; LPIPS needs network weights and is not computed",
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_atomic(out / "metrics.json", json.dumps(summary, indent=2, default=str))
     return summary

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqad.atomicio import save_image
 from vqad.errors import InputError
 from vqad.metrics import psnr, ssim
 from vqad.nerf.data import SceneDataset
@@ -65,10 +66,6 @@ def depth_png(depth: torch.Tensor, opacity: torch.Tensor) -> np.ndarray:
     return (out.clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def save_png(img: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(img).save(str(path))
 
 
 @torch.no_grad()
@@ -103,8 +100,11 @@ def render_views(field, dataset: SceneDataset, split: str, lods: list[int], samp
 
 def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[int] | None = None,
                   out_dir: str | Path | None = None, max_views: int | None = None, save_images: bool = True,
-                  sampler: OccupancySampler | None = None, quiet: bool = True) -> dict:
+                  sampler: OccupancySampler | None = None, quiet: bool = True, deadline=None) -> dict:
     """PSNR / SSIM per LOD (means over the views), and PNGs under ``out_dir`` when given.
+
+    With a ``deadline`` (:class:`vqad.fit.Deadline`), views stop once its time is spent (at least one
+    is always evaluated); ``"views"`` says how many were.
 
     Returns ``{lod: {"psnr", "ssim", "views", "seconds"}}`` (LPIPS: see the module docstring).
     """
@@ -124,11 +124,13 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
             scores[lod]["psnr"].append(psnr(rgb[b], gt))
             scores[lod]["ssim"].append(ssim(rgb[b], gt))
             if lod in dirs:
-                save_png(to_png_rgb(rgb[b]), dirs[lod] / f"{name}.png")
-                save_png(depth_png(depth[b], opa[b]), dirs[lod] / f"{name}_depth.png")
-                save_png((opa[b].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8), dirs[lod] / f"{name}_opacity.png")
+                save_image(to_png_rgb(rgb[b]), dirs[lod] / f"{name}.png")
+                save_image(depth_png(depth[b], opa[b]), dirs[lod] / f"{name}_depth.png")
+                save_image((opa[b].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8), dirs[lod] / f"{name}_opacity.png")
         if not quiet:
             print(f"  view {name}: " + "  ".join(f"LOD {lod} {scores[lod]['psnr'][-1]:.2f} dB" for lod in lods), flush=True)
+        if deadline is not None and deadline.left() <= 0:
+            break  # the job's time cap: the views so far are the evaluation
     seconds = time.perf_counter() - t0
     out = {}
     for lod in lods:

@@ -17,7 +17,7 @@ import torch
 from vqad.config import DecoderConfig, GridConfig
 from vqad.device import peak_memory_bytes
 from vqad.errors import InputError
-from vqad.fit import check_resumable, check_resumed_fit, load_for_resume, run_fit
+from vqad.fit import DENSITY_SHARE, Deadline, check_resumable, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
 from vqad.nerf.data import SceneDataset, dataset_info
 from vqad.nerf.field import NeRFConfig, NeRFField
@@ -51,6 +51,7 @@ class NeRFFitResult:
     refine_seconds: float = 0.0  # Gauss–Newton index sweeps after the last step (in ``seconds``)
     skipped_steps: int = 0  # steps not applied because their loss or a gradient was not finite
     train_cfg: NeRFTrainConfig | None = None  # the configuration that ran (on resume, the checkpoint's)
+    notes: list[str] = dfield(default_factory=list)  # what the time cap cut (vqad.fit.LoopResult.notes)
 
 
 AUTO_SAMPLES_PER_RAY = 20.0  # the marching budget that --step-ratio auto aims at (docs/benchmarks/nerf.md, fern)
@@ -74,7 +75,8 @@ def auto_step_ratio(octree, dataset: SceneDataset, device, budget: float = AUTO_
 
 
 def build_nerf_field(dataset: SceneDataset, grid_cfg: GridConfig, dec_cfg: DecoderConfig, nerf_cfg: NeRFConfig,
-                     train_cfg: NeRFTrainConfig, device, quiet: bool = True) -> tuple[NeRFField, str]:
+                     train_cfg: NeRFTrainConfig, device, quiet: bool = True,
+                     deadline: Deadline | None = None) -> tuple[NeRFField, str]:
     """Octree (by ``train_cfg.octree``), grid and decoders on ``device``; returns the field and the octree method.
 
     ``nerf_cfg.step_ratio=None`` (``--step-ratio auto``) is resolved here from the octree by
@@ -86,7 +88,7 @@ def build_nerf_field(dataset: SceneDataset, grid_cfg: GridConfig, dec_cfg: Decod
         octree = octree_from_model(train_cfg.octree_from, dataset, grid_cfg.base_level, grid_cfg.max_level, device)
         method = "reused"
     else:
-        octree, method = _new_octree(dataset, grid_cfg, train_cfg, device, quiet)
+        octree, method = _new_octree(dataset, grid_cfg, train_cfg, device, quiet, deadline)
     if nerf_cfg.step_ratio is None:
         ratio, n = auto_step_ratio(octree, dataset, device, seed=train_cfg.seed)
         nerf_cfg = replace(nerf_cfg, step_ratio=ratio)
@@ -99,12 +101,17 @@ def build_nerf_field(dataset: SceneDataset, grid_cfg: GridConfig, dec_cfg: Decod
     return field, method
 
 
-def _new_octree(dataset: SceneDataset, grid_cfg: GridConfig, train_cfg: NeRFTrainConfig, device, quiet: bool):
+def _new_octree(dataset: SceneDataset, grid_cfg: GridConfig, train_cfg: NeRFTrainConfig, device, quiet: bool,
+                deadline: Deadline | None = None):
     from vqad.nerf.octree_build import DensityPassConfig, build_octree
 
     kwargs = {}
     if train_cfg.octree in ("density", "auto"):
-        kwargs = {"cfg": DensityPassConfig(steps=train_cfg.density_steps, max_minutes=train_cfg.density_minutes,
+        minutes = train_cfg.density_minutes
+        if deadline is not None and deadline.capped:  # the density pass is part of the job: at most its share
+            share = max(DENSITY_SHARE * deadline.left_for_fit(), 1.0) / 60.0
+            minutes = share if minutes is None else min(minutes, share)
+        kwargs = {"cfg": DensityPassConfig(steps=train_cfg.density_steps, max_minutes=minutes,
                                            early_stop_eps=train_cfg.early_stop_eps), "quiet": quiet, "seed": train_cfg.seed}
     return build_octree(dataset, train_cfg.octree, grid_cfg.base_level, grid_cfg.max_level, device,
                         dilate=train_cfg.dilate, **kwargs)
@@ -120,6 +127,7 @@ def fit_nerf(
     resume: bool = False,
     quiet: bool = False,
     nerf_cfg: NeRFConfig | None = None,
+    deadline: Deadline | None = None,
 ) -> NeRFFitResult:
     """Fit a radiance field to ``dataset.splits["train"]``.
 
@@ -129,10 +137,13 @@ def fit_nerf(
     step; the pruned occupancy is recomputed from the model); its grid, decoder and training settings
     must match the ones given, except the step budget and time cap.
 
-    With ``train_cfg.max_minutes``, training also stops once that much time has passed (in this
-    call, after the octree is built), and the cosine learning-rate schedule runs on
-    ``max(step / steps, time / max_minutes)``, so a time-limited fit still ends with a decayed rate.
+    ``deadline`` is the whole job's time cap (default: ``train_cfg.max_minutes`` from this call on):
+    the octree's density pass takes at most :data:`~vqad.fit.DENSITY_SHARE` of it, training and the
+    sweeps after it share the rest (:func:`vqad.fit.run_fit`), and the cosine learning-rate schedule
+    runs on ``max(step / steps, time / training budget)``, so a time-limited fit still ends with a
+    decayed rate.
     """
+    deadline = deadline if deadline is not None else Deadline.for_job(train_cfg.max_minutes)
     train_cfg.validate()
     dec_cfg.validate()
     if "train" not in dataset.splits or len(dataset.splits["train"]) == 0:
@@ -148,12 +159,13 @@ def fit_nerf(
             check_resumable(ckpt_dir, resume_cfg.get("nerf", {}), given, "radiance-field")
         method = resume_cfg.get("octree_method", "?")
     else:
-        field, method = build_nerf_field(dataset, grid_cfg, dec_cfg, nerf_cfg or NERF_FIELD, train_cfg, device, quiet)
+        field, method = build_nerf_field(dataset, grid_cfg, dec_cfg, nerf_cfg or NERF_FIELD, train_cfg, device, quiet,
+                                         deadline=deadline)
     octree_seconds = time.perf_counter() - t_oct
     batcher = RayBatcher(dataset.splits["train"], dataset, device)
     sampler = make_sampler(field)
     task = RadianceTask(field, sampler, batcher, train_cfg, quiet=quiet, octree_method=method)
-    res = run_fit(task, train_cfg, device, ckpt_dir, resume_cfg=resume_cfg, start=start, quiet=quiet)
+    res = run_fit(task, train_cfg, device, ckpt_dir, resume_cfg=resume_cfg, start=start, quiet=quiet, deadline=deadline)
     # the model's own deterministic pruning: what render / eval will use
     prune_by_model(field, sampler)
     field.eval()
@@ -173,4 +185,5 @@ def fit_nerf(
         history=res.history,
         skipped_steps=res.skipped_steps,
         train_cfg=train_cfg,
+        notes=res.notes,
     )

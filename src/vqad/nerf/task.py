@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vqad.errors import InputError
-from vqad.fit import FitTask, StepLoss, TrainConfig
+from vqad.fit import FitTask, StepLoss, TrainConfig, capped_sweeps
 from vqad.nerf.field import NeRFField, sh_encode
 from vqad.nerf.rays import RayBatcher
 from vqad.nerf.render import OccupancySampler, render_rays, volume_render
@@ -136,6 +136,7 @@ class RadianceTask(FitTask):
     """The photometric loss of random training rays, with occupancy pruning and index sweeps as hooks."""
 
     unit = "rays"
+    min_useful_steps = 1000  # a stated floor: a third of the default 3,000 steps
 
     def __init__(self, field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, cfg: NeRFTrainConfig,
                  quiet: bool = True, octree_method: str | None = None):
@@ -178,15 +179,27 @@ class RadianceTask(FitTask):
             "psnr": psnr_of(per_lod), "lods": lods, "samples_per_ray": n_samples / b,
             "seconds": time.perf_counter() - self.t0})
 
+    def after_training_seconds(self, step_seconds):
+        """A sweep renders its rays for the held-out check and the sweep (all LODs), then refits:
+        about 3 · refine_rays / batch_rays training steps each (an estimate; the first sweep's measured
+        time replaces it)."""
+        c = self.cfg
+        if not c.refine or not has_codebook(self.field.grid):
+            return 0.0
+        return c.refine * 3 * c.refine_rays / c.batch_rays * step_seconds
+
     def after_training(self, it, start, gen):
-        if self.cfg.refine and has_codebook(self.field.grid):
-            t = time.perf_counter()
+        c = self.cfg
+        if c.refine and has_codebook(self.field.grid):
+            t = self.deadline.clock()
             self.field.eval()
             self.sampler.prune(self.field.density, self.sigma_thr)  # sweep over the samples render / eval will see
-            for _ in range(self.cfg.refine):
-                refine_nerf(self.field, self.sampler, self.batcher, self.cfg.refine_rays, self.background, gen, self.quiet)
+            capped_sweeps(self.deadline, c.refine, self.after_training_seconds(self.step_seconds) / c.refine,
+                          lambda share: refine_nerf(self.field, self.sampler, self.batcher,
+                                                    max(int(share * c.refine_rays), 1), self.background, gen,
+                                                    self.quiet), self.notes)
             self.field.train()
-            self.extra_seconds += time.perf_counter() - t
+            self.extra_seconds += self.deadline.clock() - t
 
     def checkpoint_extra(self) -> dict:
         return {"octree_method": self.octree_method} if self.octree_method else {}

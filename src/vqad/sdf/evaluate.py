@@ -9,18 +9,27 @@ from vqad.errors import InputError
 
 
 def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, quiet: bool = False,
-                 chamfer_samples: int | None = None) -> dict:
-    """Per-LOD metrics, a mesh of the finest LOD and a render per LOD, written into ``out``."""
+                 chamfer_samples: int | None = None, deadline=None) -> dict:
+    """Per-LOD metrics, a mesh of the finest LOD and a render per LOD, written into ``out``.
+
+    With a capped ``deadline`` (:class:`vqad.fit.Deadline`) the finest LOD is evaluated first and
+    coarser ones while its time lasts; a LOD left out reads ``{"skipped": reason}``.
+    """
     from vqad.sdf.extract import extract_mesh, save_mesh
     from vqad.sdf.mesh import SDFOracle
     from vqad.sdf.metrics import CHAMFER_SAMPLES, geometry_metrics
-    from vqad.sdf.render import OrbitCamera, render_sdf, save_png
+    from vqad.atomicio import save_image
+    from vqad.sdf.render import OrbitCamera, render_sdf
 
     field.eval()
     oracle = SDFOracle(mesh)
     results = {}
     lods = field.lods if lods is None else lods
-    for lod in lods:
+    capped = deadline is not None and deadline.capped
+    for lod in (sorted(lods, reverse=True) if capped else lods):
+        if capped and results and deadline.left() <= 0:
+            results[lod] = {"skipped": "the job's time cap (--minutes) was spent"}
+            continue
         t0 = time.perf_counter()
         try:
             m = extract_mesh(field, lod, resolution=resolution)
@@ -30,9 +39,9 @@ def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, qui
         gm = geometry_metrics(field, lod, mesh, m, oracle, chamfer_samples or CHAMFER_SAMPLES).as_dict()
         if lod == field.grid.octree.max_level:
             save_mesh(m, out / f"mesh_lod{lod}.ply")
-        save_png(render_sdf(field, lod, OrbitCamera(width=320, height=320)), out / f"render_lod{lod}.png")
+        save_image(render_sdf(field, lod, OrbitCamera(width=320, height=320)), out / f"render_lod{lod}.png")
         gm["seconds"] = time.perf_counter() - t0
         results[lod] = gm
         if not quiet:
             print(f"LOD {lod}: Chamfer-L1 {gm['chamfer_l1']:.5f}  normal consistency {gm['normal_consistency']:.4f}  IoU {gm['iou']:.4f}")
-    return results
+    return dict(sorted(results.items()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vqad.atomicio import save_mesh_file
 from vqad.errors import InputError
 from vqad.sdf.mesh import Mesh
 
@@ -116,4 +117,5 @@ MESH_SUFFIXES = (".ply", ".obj", ".stl", ".off", ".glb")
 
 
 def save_mesh(mesh: Mesh, path) -> None:
-    mesh.to_trimesh().export(str(path))
+    """Write ``mesh`` to ``path`` (a suffix of :data:`MESH_SUFFIXES`), atomically."""
+    save_mesh_file(mesh.to_trimesh(), path)

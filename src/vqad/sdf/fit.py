@@ -9,7 +9,6 @@ training (``refine_during``).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field as dfield, replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 from vqad.config import DecoderConfig, GridConfig
 from vqad.device import peak_memory_bytes
 from vqad.errors import InputError
-from vqad.fit import FitTask, StepLoss, TrainConfig, check_resumed_fit, load_for_resume, run_fit
+from vqad.fit import Deadline, FitTask, StepLoss, TrainConfig, capped_sweeps, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
 from vqad.refine import RefineChunk, format_stats, has_codebook, refine_indices
@@ -100,12 +99,14 @@ class FitResult:
     history: list = dfield(default_factory=list)
     skipped_steps: int = 0  # steps not applied because their loss or a gradient was not finite
     train_cfg: SDFTrainConfig | None = None  # the configuration that ran (lr resolved; on resume, the checkpoint's)
+    notes: list[str] = dfield(default_factory=list)  # what the time cap cut (vqad.fit.LoopResult.notes)
 
 
 class SDFTask(FitTask):
     """The SDF loss on pools of exact distances, with Gauss–Newton index sweeps as hooks."""
 
     unit = "pts"
+    min_useful_steps = 500  # a stated floor: a sixth of the default 3,000 steps
 
     def __init__(self, field: SDFField, oracle: SDFOracle, cfg: SDFTrainConfig, rng_seed: int, device,
                  quiet: bool = True, mesh_path: str | None = None):
@@ -127,18 +128,20 @@ class SDFTask(FitTask):
         # sweeps spread over training that a resumed fit has already passed are skipped
         self.refine_at = [f for f in self.refine_at if f > start / max(self.cfg.steps, 1)]
 
-    def budget_minutes(self, max_minutes, step_seconds):
-        """``max_minutes`` less the time the sweeps after training will take, so that they fit in it
-        too. A sweep costs about ``2 · levels · samples`` point evaluations, i.e. that many / batch
-        training steps (armadillo, levels 3..7: predicted 33 s, measured 35 s)."""
+    def after_training_seconds(self, step_seconds):
+        """The sweeps after training. A sweep costs about ``2 · levels · samples`` point evaluations,
+        i.e. that many / batch training steps (armadillo, levels 3..7: predicted 33 s, measured 35 s),
+        and each measured candidate codeword (``refine_candidates``) 0.4 of a sweep more (measured
+        63 s with 2 against 35 s for a Gauss–Newton sweep)."""
         c = self.cfg
-        if not max_minutes or not c.refine or not self.refining or step_seconds is None:
-            return max_minutes
+        if not c.refine or not self.refining:
+            return 0.0
+        return c.refine * self._sweep_seconds(step_seconds)
+
+    def _sweep_seconds(self, step_seconds: float) -> float:
+        c = self.cfg
         sweep_s = 2 * len(self.field.lods) * min(c.refine_samples, c.pool_size) / c.batch * step_seconds
-        # measured moves: c more decoder passes per class; armadillo 3..7 with c = 2 took 63 s a sweep
-        # vs 35 s for a Gauss–Newton one (1.8×; the 0.25·c used before let a 9-min fit overrun by 50 s)
-        sweep_s *= 1 + 0.4 * c.refine_candidates
-        return max(max_minutes - c.refine * sweep_s / 60.0, 0.1 * max_minutes)
+        return sweep_s * (1 + 0.4 * c.refine_candidates)
 
     def before_step(self, it, progress, gen):
         c = self.cfg
@@ -168,24 +171,27 @@ class SDFTask(FitTask):
                     p.grad = None
 
     def after_training(self, it, start, gen):
-        if self.refining and self.pool_x is not None:
-            for _ in range(self.cfg.refine):  # the last sweeps: the indices that are kept
-                self._sweep(gen)
+        """The last sweeps (their indices are kept), shortened or skipped where the time cap needs it."""
+        c = self.cfg
+        if self.refining and self.pool_x is not None and c.refine:
+            capped_sweeps(self.deadline, c.refine, self._sweep_seconds(self.step_seconds),
+                          lambda share: self._sweep(gen, max(int(share * c.refine_samples), 1)), self.notes)
 
     def checkpoint_extra(self) -> dict:
         return {"rng_seed": self.cfg.seed, "mesh": self.mesh_path}
 
-    def _sweep(self, gen: torch.Generator) -> None:
-        """One sweep on pool samples (optionally only those near the surface)."""
-        t = time.perf_counter()
+    def _sweep(self, gen: torch.Generator, samples: int | None = None) -> None:
+        """One sweep on ``samples`` pool samples (default ``refine_samples``; optionally only those near
+        the surface)."""
+        t = self.deadline.clock()
         c, pd = self.cfg, self.pool_d
         # a band keeps the sweep on the surface, but lets coarse indices drift where no sample
         # looks (floaters: a worse Chamfer-L1 on armadillo), so by default every sample counts
         band = c.refine_band * 2.0 / (1 << self.field.grid.octree.max_level)
         near = (pd.abs() < band).nonzero().squeeze(1) if band > 0 else torch.arange(pd.shape[0], device=pd.device)
-        sel = near[torch.randperm(near.shape[0], generator=gen)[: c.refine_samples].to(pd.device)]
+        sel = near[torch.randperm(near.shape[0], generator=gen)[: samples or c.refine_samples].to(pd.device)]
         refine_sdf(self.field, self.pool_x[sel], pd[sel], self.quiet, measured=c.refine_candidates)
-        self.extra_seconds += time.perf_counter() - t
+        self.extra_seconds += self.deadline.clock() - t
 
 
 def fit_sdf(
@@ -198,6 +204,7 @@ def fit_sdf(
     resume: bool = False,
     quiet: bool = False,
     mesh_path: str | None = None,
+    deadline: Deadline | None = None,
 ) -> FitResult:
     """Fit an SDF field to ``mesh``. Loss: Σ over LODs of the mean squared distance error.
 
@@ -205,7 +212,8 @@ def fit_sdf(
     and on Ctrl-C / SIGTERM (then :class:`KeyboardInterrupt` is re-raised after saving).
     ``resume`` continues from ``out_dir/checkpoint``: its grid, decoder and training settings must
     match ``grid_cfg``, ``dec_cfg`` and ``train_cfg`` except the step budget and time cap
-    (:func:`vqad.fit.check_resumable`).
+    (:func:`vqad.fit.check_resumable`). ``deadline`` is the whole job's time cap (default:
+    ``train_cfg.max_minutes`` from the first step on; see :func:`vqad.fit.run_fit`).
     """
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
     train_cfg = train_cfg.resolved(grid_cfg)
@@ -221,7 +229,7 @@ def fit_sdf(
         rng_seed = train_cfg.seed
     task = SDFTask(field, SDFOracle(mesh), train_cfg, rng_seed, device, quiet=quiet, mesh_path=mesh_path)
     res = run_fit(task, train_cfg, device, ckpt_dir, resume_cfg=resume_cfg, start=start,
-                  gen=torch.Generator(device="cpu").manual_seed(int(rng_seed)), quiet=quiet)
+                  gen=torch.Generator(device="cpu").manual_seed(int(rng_seed)), quiet=quiet, deadline=deadline)
     return FitResult(
         field=field,
         steps=res.steps,
@@ -234,6 +242,7 @@ def fit_sdf(
         history=res.history,
         skipped_steps=res.skipped_steps,
         train_cfg=train_cfg,
+        notes=res.notes,
     )
 
 

@@ -214,11 +214,7 @@ def render_sdf(field, lod: int | None = None, camera: OrbitCamera | None = None,
     return (img.cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
-#: the image files :func:`save_png` writes (Pillow picks the format by suffix)
+#: the image files :func:`vqad.atomicio.save_image` writes (Pillow picks the format by suffix)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def save_png(img: np.ndarray, path) -> None:
-    from PIL import Image
-
-    Image.fromarray(img).save(str(path))

@@ -65,6 +65,12 @@ def report_skipped_steps(n: int) -> None:
         print(f"skipped {n} steps with a non-finite loss or gradient (a sign of too high a learning rate)")
 
 
+def report_notes(notes: list[str]) -> None:
+    """What a time cap cut from the job (sweeps skipped or shortened, too few steps), one line each."""
+    for note in notes:
+        print(f"note: {note}")
+
+
 def parse_lod(field, lod: int | None) -> int:
     if lod is None:
         return field.grid.octree.max_level

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from vqad.errors import InputError
 from vqad.app.commands.common import (checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir, given,
-                                      grid_config, refuse, report_skipped_steps, resumed_configs,
+                                      grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
                                       train_overrides)
+from vqad.atomicio import write_atomic
+from vqad.fit import Deadline
 
 FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "procedural"]
 
@@ -179,6 +181,7 @@ def cmd_fit_nerf(args) -> int:
     saved = resumed_configs(out, "nerf") if args.resume else None
     grid_cfg, dec_cfg, nerf_cfg, train_cfg = _configs(args, saved)  # validate everything before touching the disk
     background = parse_background(args.background)
+    deadline = Deadline.for_job(train_cfg.max_minutes, evaluation=not args.no_eval)  # --minutes caps the whole job
     device = resolve_device(args.device)
     dataset = load_nerf_dataset(args.dataset, args.format, args.downscale, background)
     if saved is None and train_cfg.octree_from is None:
@@ -198,11 +201,12 @@ def cmd_fit_nerf(args) -> int:
     print(f"dataset {dataset.name!r} ({dataset.format}): " + ", ".join(f"{k} {len(v)} views" for k, v in dataset.splits.items())
           + f", {dataset.splits['train'].hw[1]}x{dataset.splits['train'].hw[0]} px")
     res = fit_nerf(dataset, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume, quiet=args.quiet,
-                   nerf_cfg=nerf_cfg)
+                   nerf_cfg=nerf_cfg, deadline=deadline)
     field = res.field
     print(f"octree from {res.octree_method} in {res.octree_seconds:.1f} s; fit: {res.steps} steps in {res.seconds:.1f} s, "
           f"{res.rays_per_second:,.0f} rays/s, {res.samples_per_ray:.1f} samples/ray, final PSNR (batch) {res.final_psnr:.2f} dB")
     report_skipped_steps(res.skipped_steps)
+    report_notes(res.notes)
     for line in field.size_lines():
         print(line)
     summary = {
@@ -211,18 +215,20 @@ def cmd_fit_nerf(args) -> int:
         "steps": res.steps, "fit_seconds": res.seconds,
         "octree_method": res.octree_method, "octree_seconds": res.octree_seconds,
         "rays_per_second": res.rays_per_second, "samples_per_ray": res.samples_per_ray,
-        "refine_seconds": res.refine_seconds, "skipped_steps": res.skipped_steps, "peak_memory_bytes": res.peak_memory_bytes, "size": field.size_report(), "history": res.history,
+        "refine_seconds": res.refine_seconds, "skipped_steps": res.skipped_steps, "peak_memory_bytes": res.peak_memory_bytes, "size": field.size_report(), "notes": res.notes,
+        "history": res.history,
     }
     if not args.no_eval:
         t0 = time.perf_counter()
         lods = evaluate_nerf(field, dataset, args.eval_views, out_dir=out, max_views=args.eval_max_views,
-                             sampler=res.sampler, quiet=args.quiet)
+                             sampler=res.sampler, quiet=args.quiet, deadline=deadline)
         summary["eval_views"] = args.eval_views
         summary["lods"] = lods
         print(f"evaluation on {args.eval_views!r} in {time.perf_counter() - t0:.0f} s (LPIPS needs network weights: not computed)")
         for line in metric_lines(lods):
             print(line)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary["job_seconds"] = deadline.elapsed()
+    write_atomic(out / "metrics.json", json.dumps(summary, indent=2, default=str), "metrics")
     print(f"wrote {out}/ (checkpoint/, metrics.json{'' if args.no_eval else f', {args.eval_views}_lod*/'})")
     return 0
 
@@ -260,7 +266,7 @@ def cmd_eval(args) -> int:
     for line in metric_lines(res):
         print(line)
     if out is not None:
-        (out / "metrics.json").write_text(json.dumps({"views": args.views, "lods": res}, indent=2))
+        write_atomic(out / "metrics.json", json.dumps({"views": args.views, "lods": res}, indent=2))
         print(f"wrote {out}/")
     return 0
 

@@ -10,7 +10,9 @@ from vqad.errors import InputError
 from vqad.app.commands.common import (checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_resolution,
                                       config_flag, config_from, ensure_writable_dir,
                                       ensure_writable_file, given, grid_config, parse_lod, refuse, train_overrides,
-                                      report_skipped_steps, resumed_configs)
+                                      report_notes, report_skipped_steps, resumed_configs)
+from vqad.atomicio import write_atomic
+from vqad.fit import Deadline
 from vqad.sdf.evaluate import evaluate_sdf
 from vqad.sdf.extract import MESH_SUFFIXES
 from vqad.sdf.render import IMAGE_SUFFIXES
@@ -130,16 +132,18 @@ def cmd_fit_sdf(args) -> int:
     check_resolution(args.mc_resolution, "--mc-resolution")
     saved = resumed_configs(out, "sdf") if args.resume else None
     grid_cfg, dec_cfg, train_cfg = _configs(args, saved)  # validate everything before touching the disk
+    deadline = Deadline.for_job(train_cfg.max_minutes, evaluation=not args.no_eval)  # --minutes caps the whole job
     device = resolve_device(args.device)
     mesh = load_mesh(args.mesh)
     out = ensure_writable_dir(out)
     for stale in ("metrics.json",):  # a fresh fit must not leave an old result that looks complete
         (out / stale).unlink(missing_ok=True)
     res = fit_sdf(mesh, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume,
-                  quiet=args.quiet, mesh_path=str(Path(args.mesh).resolve()))
+                  quiet=args.quiet, mesh_path=str(Path(args.mesh).resolve()), deadline=deadline)
     field = res.field
     print(f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.points_per_second:,.0f} points/s, final loss {res.final_loss:.3g}")
     report_skipped_steps(res.skipped_steps)
+    report_notes(res.notes)
     for line in field.size_lines():
         print(line)
     summary = {
@@ -149,11 +153,13 @@ def cmd_fit_sdf(args) -> int:
         "skipped_steps": res.skipped_steps,
         "step_points_per_second": res.steps_done * train_cfg.batch / max(res.seconds - res.refine_seconds, 1e-9),
         "peak_memory_bytes": res.peak_memory_bytes,
-        "size": field.size_report(), "history": res.history,
+        "size": field.size_report(), "notes": res.notes, "history": res.history,
     }
     if not args.no_eval:
-        summary["lods"] = evaluate_sdf(field, mesh, out, args.mc_resolution or MC_RESOLUTION, device)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+        summary["lods"] = evaluate_sdf(field, mesh, out, args.mc_resolution or MC_RESOLUTION, device,
+                                       deadline=deadline)
+    summary["job_seconds"] = deadline.elapsed()
+    write_atomic(out / "metrics.json", json.dumps(summary, indent=2, default=str), "metrics")
     print(f"wrote {out}/ (checkpoint/, metrics.json{'' if args.no_eval else ', mesh_lod*.ply, render_lod*.png'})")
     return 0
 
@@ -192,7 +198,8 @@ def cmd_render(args) -> int:
         from vqad.app.commands.nerf import render_nerf
 
         return render_nerf(field, args)
-    from vqad.sdf.render import OrbitCamera, render_sdf, save_png
+    from vqad.atomicio import save_image
+    from vqad.sdf.render import OrbitCamera, render_sdf
 
     out = ensure_writable_file(args.out or f"render_lod{lod}.png", IMAGE_SUFFIXES, "image")
     size = RENDER_SIZE if args.size is None else args.size
@@ -201,7 +208,7 @@ def cmd_render(args) -> int:
     refuse(size <= 0, f"--size must be positive, got {size}")
     cam = OrbitCamera(azimuth_deg=RENDER_AZIMUTH if args.azimuth is None else args.azimuth,
                       elevation_deg=RENDER_ELEVATION if args.elevation is None else args.elevation, width=size, height=size)
-    save_png(render_sdf(field, lod, cam), out)
+    save_image(render_sdf(field, lod, cam), out)
     print(f"wrote {out} (LOD {lod})")
     return 0
 

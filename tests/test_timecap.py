@@ -1,0 +1,132 @@
+"""A time cap is a cap for the whole job: training, the sweeps after it and the evaluation.
+
+The job is slowed on a fake clock (a "slow oracle": every training step and every sweep advances
+it), so the policy is tested exactly and without timing anything: training gets its share, sweeps
+that no longer fit are shortened or skipped and say so, and a fit cut below its useful minimum
+warns loudly.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import vqad.sdf.fit as sdf_fit
+from vqad.config import DecoderConfig, GridConfig
+from vqad.fit import EVAL_SHARE, MIN_SWEEP_SHARE, MIN_TRAIN_SHARE, Deadline, capped_sweeps, training_budget
+from vqad.sdf.fit import SDFTask, SDFTrainConfig, fit_sdf
+from vqad.sdf.shapes import demo_mesh
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+STEP_S, SWEEP_S = 1.0, 30.0  # fake seconds per training step and per full sweep
+
+
+@pytest.fixture
+def slow_job(monkeypatch):
+    """Each training step costs STEP_S and each sweep SWEEP_S × its share of samples, on a fake clock."""
+    clock = FakeClock()
+    real_step, real_refine = SDFTask.step, sdf_fit.refine_sdf
+    sweeps = []
+
+    def slow_step(self, it, progress, gen):
+        clock.advance(STEP_S)
+        return real_step(self, it, progress, gen)
+
+    def slow_refine(field, x, d, quiet=True, measured=0):
+        share = x.shape[0] / CFG.refine_samples
+        sweeps.append(share)
+        clock.advance(SWEEP_S * share)
+        return real_refine(field, x, d, quiet, measured)
+
+    monkeypatch.setattr(SDFTask, "step", slow_step)
+    monkeypatch.setattr(sdf_fit, "refine_sdf", slow_refine)
+    return clock, sweeps
+
+
+# batch 1,000 and 5,000 sweep samples over 3 LODs: a sweep is predicted at 2·3·5 = 30 step times
+CFG = SDFTrainConfig(steps=100_000, batch=1000, pool_size=20_000, resample_every=1000, refine=3,
+                     refine_samples=5000, refine_candidates=0, max_minutes=2.0)
+GRID = GridConfig(storage="codebook", features=4, bits=2, base_level=2, max_level=4)
+
+
+def test_training_gets_its_share_and_sweeps_that_do_not_fit_are_cut(slow_job, capsys):
+    clock, sweeps = slow_job
+    deadline = Deadline.for_job(CFG.max_minutes, evaluation=True, clock=clock)
+    res = fit_sdf(demo_mesh(48), GRID, DecoderConfig(hidden=8), CFG, torch.device("cpu"), quiet=True,
+                  deadline=deadline)
+    cap, reserve = 120.0, EVAL_SHARE * 120.0
+    # predicted sweeps 3 × 30 s would leave training 18 s of 108: it gets its floor, 60 % of 108 s
+    assert res.steps == math.ceil(MIN_TRAIN_SHARE * (cap - reserve) / STEP_S)
+    # after 65 s of training, 43 s are left: one whole sweep (30 s), one on 13/30 of its samples, one skipped
+    assert sweeps[0] == 1.0 and len(sweeps) == 2
+    assert sweeps[1] == pytest.approx((cap - reserve - res.steps * STEP_S - SWEEP_S) / SWEEP_S, abs=1e-3)
+    assert deadline.elapsed() <= cap - reserve + 1e-6  # the fit kept the evaluation's reserve
+    text = " | ".join(res.notes)
+    assert "1 of 3 index sweeps after training skipped" in text and "shortened to 43%" in text
+    assert "fewer than the 500 a useful fit needs" in text  # 65 steps: the loud warning
+    assert "WARNING: the time cap stopped training after 65 steps" in capsys.readouterr().err
+
+
+def test_without_a_cap_nothing_is_cut(slow_job, capsys):
+    clock, sweeps = slow_job
+    cfg = SDFTrainConfig(**{**CFG.__dict__, "steps": 20, "max_minutes": None})
+    res = fit_sdf(demo_mesh(48), GRID, DecoderConfig(hidden=8), cfg, torch.device("cpu"), quiet=True,
+                  deadline=Deadline.for_job(None, evaluation=True, clock=clock))
+    assert res.steps == 20 and sweeps == [1.0, 1.0, 1.0] and res.notes == []
+    assert "WARNING" not in capsys.readouterr().err  # the user asked for 20 steps: no warning
+
+
+def test_training_budget_rule():
+    assert training_budget(math.inf, 50.0) is None
+    assert training_budget(100.0, 10.0) == 90.0  # the sweeps fit: training gets the rest
+    assert training_budget(100.0, 90.0) == MIN_TRAIN_SHARE * 100.0  # they do not: training keeps its floor
+    assert training_budget(-5.0, 0.0) == 0.0
+
+
+def test_capped_sweeps_shorten_then_skip():
+    clock = FakeClock()
+    deadline = Deadline(100.0, reserve=10.0, clock=clock)
+    clock.advance(40.0)  # 50 s left for the fit
+    ran, notes = [], []
+
+    def sweep(share):
+        ran.append(share)
+        clock.advance(20.0 * share)
+
+    assert capped_sweeps(deadline, 4, 20.0, sweep, notes) == 3
+    # 50 → 30 → 10 s left: two whole sweeps, then one on half its samples, then 0 s left: skipped
+    assert ran == [1.0, 1.0, 0.5]
+    assert notes == ["1 of 4 index sweeps after training shortened to 50% of their samples to keep the time cap",
+                     "1 of 4 index sweeps after training skipped: the time cap left 0 s and a sweep takes about 20 s"]
+    ran.clear()
+    notes.clear()  # a fresh 100 s cap, a sweep predicted at 100 / MIN_SWEEP_SHARE × 1.01: even its smallest share is too long
+    assert capped_sweeps(Deadline(100.0, clock=clock), 1, 101.0 / MIN_SWEEP_SHARE, sweep, notes) == 0 and ran == []
+    assert notes[0].startswith("1 of 1 index sweeps after training skipped")
+
+
+def test_evaluation_under_a_spent_cap_keeps_the_finest_lod(tmp_path):
+    from vqad.sdf.evaluate import evaluate_sdf
+
+    clock = FakeClock()
+    mesh = demo_mesh(48)
+    res = fit_sdf(mesh, GRID, DecoderConfig(hidden=8), SDFTrainConfig(steps=3, batch=256, pool_size=2000, refine=0),
+                  torch.device("cpu"), quiet=True)
+    deadline = Deadline(10.0, clock=clock)
+    clock.advance(11.0)  # already spent: the finest LOD is still evaluated, the others are skipped
+    out = evaluate_sdf(res.field, mesh, tmp_path, 32, torch.device("cpu"), quiet=True, deadline=deadline)
+    assert list(out) == [2, 3, 4]
+    assert "chamfer_l1" in out[4] and np.isfinite(out[4]["chamfer_l1"])
+    assert out[2] == out[3] == {"skipped": "the job's time cap (--minutes) was spent"}
+    assert (tmp_path / "mesh_lod4.ply").exists()

@@ -300,3 +300,93 @@ def test_resume_finds_the_newest_complete_checkpoint_after_a_killed_save(tmp_pat
     (out / "checkpoint.tmp").mkdir()
     assert recover_checkpoint(ckpt) == ckpt and read_config(ckpt)["step"] == 4
     assert recover_checkpoint(tmp_path / "nothing") is None
+
+
+# -- inputs that used to mislead: one line saying what is wrong, nothing written -------------------------
+def _write_mesh(path, vertices, faces):
+    trimesh.Trimesh(vertices, faces, process=False).export(path)
+    return path
+
+
+@pytest.mark.parametrize("name, message", [
+    ("triangle", "encloses no volume"),
+    ("plane", "encloses no volume"),
+    ("half-sphere", "neither inside nor outside"),
+    ("binary", "is it really a OBJ mesh file"),
+])
+def test_meshes_without_an_inside_are_refused(tmp_path, capsys, name, message):
+    import numpy as np
+
+    p = tmp_path / f"{name}.obj"
+    if name == "triangle":
+        _write_mesh(p, [[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]])
+    elif name == "plane":
+        _write_mesh(p, [[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], [[0, 1, 2], [0, 2, 3]])
+    elif name == "half-sphere":
+        s = trimesh.creation.icosphere(subdivisions=3)
+        keep = s.vertices[s.faces].mean(1)[:, 2] > 0
+        _write_mesh(p, s.vertices, s.faces[keep])
+    else:
+        p.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    out = tmp_path / "run"
+    assert main(["fit-sdf", str(p), "--steps", "2", "--out", str(out)] + TINY) == 2
+    err = _err(capsys)
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_scan_with_small_holes_is_accepted(tmp_path):
+    """An open mesh whose holes are small (two faces off a sphere) still has a clear inside."""
+    from vqad.sdf.mesh import load_mesh
+
+    s = trimesh.creation.icosphere(subdivisions=3)
+    p = _write_mesh(tmp_path / "holes.obj", s.vertices, s.faces[2:])
+    assert not trimesh.load(p, process=False).is_watertight
+    assert len(load_mesh(p).faces) == len(s.faces) - 2
+
+
+def test_winding_numbers_match_a_sphere():
+    import numpy as np
+
+    from vqad.sdf.mesh import winding_numbers
+
+    s = trimesh.creation.icosphere(subdivisions=3, radius=1.0)
+    pts = np.random.default_rng(0).uniform(-1.5, 1.5, (400, 3))
+    r = np.linalg.norm(pts, axis=1)
+    pts = pts[np.abs(r - 1) > 0.05]  # the icosphere is within 0.02 of the unit sphere
+    w = winding_numbers(s.vertices, s.faces, pts)
+    np.testing.assert_allclose(w, (np.linalg.norm(pts, axis=1) < 1).astype(float), atol=1e-6)
+    # an inward-oriented sphere counts −1 inside; half of it, about ½ at the centre
+    assert winding_numbers(s.vertices, s.faces[:, ::-1], np.zeros((1, 3)))[0] == pytest.approx(-1.0)
+    top = s.faces[s.vertices[s.faces].mean(1)[:, 2] > 0]
+    assert winding_numbers(s.vertices, top, np.zeros((1, 3)))[0] == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"hello\n", "is not a NumPy .npy file"),
+    (None, "holds <U1 values, not numbers"),
+])
+def test_a_poses_bounds_that_is_not_an_array_is_one_line(tmp_path, capsys, content, message):
+    import numpy as np
+
+    cap = tmp_path / "llff"
+    cap.mkdir()
+    if content is None:
+        np.save(cap / "poses_bounds.npy", np.array(["a", "b"]))
+    else:
+        (cap / "poses_bounds.npy").write_bytes(content)
+    assert main(["fit-nerf", str(cap), "--steps", "2", "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    err = _err(capsys)
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("victim", ["optim.safetensors", "model.safetensors"])
+def test_resume_from_a_truncated_checkpoint_file_is_one_line(tmp_path, capsys, mesh, victim):
+    out = tmp_path / "run"
+    assert main(["fit-sdf", str(mesh), "--steps", "3", "--out", str(out)] + TINY) == 0
+    f = out / "checkpoint" / victim
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(["fit-sdf", str(mesh), "--steps", "6", "--out", str(out), "--resume", "--quiet"]) == 2
+    err = _err(capsys)
+    assert f"cannot read {f}" in err and "the checkpoint is damaged" in err and len(err.strip().splitlines()) == 1

@@ -127,6 +127,14 @@ def test_sdf_sweep_interrupted_resumes_and_reports(sphere, tmp_path, monkeypatch
     calls.clear()
     S.Sweep(cfg, log=lambda *a, **k: None).run()
     assert calls == []
+    # a point record emptied (a disk full, a hand edit): set aside and that point alone is redone
+    (out / "points" / "hash-T8.json").write_text("")
+    logged = []
+    S.Sweep(cfg, log=lambda *a, **k: logged.append(" ".join(map(str, a)))).run()
+    assert calls == [("hash", False)]
+    assert any("hash-T8.json is damaged" in line for line in logged)
+    assert (out / "points" / "hash-T8.json.damaged").exists() and S.read_point(out / "points" / "hash-T8.json")
+    calls.clear()
     with pytest.raises(InputError, match="other settings.*steps"):
         S.Sweep(_config(sphere, out, methods, ["--steps", "31"]))
 

@@ -144,11 +144,27 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     """Load a checkpoint directory; returns ``(field, config_dict)``."""
     path = Path(path)
     cfg = read_config(path)
+    tensors = _read_tensors(path / "model.safetensors", device)
     try:
-        tensors = load_file(str(path / "model.safetensors"), device=str(device))
+        return build_field(cfg, tensors, device, baked=bool(cfg.get("baked"))), cfg
+    except InputError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as exc:
+        raise InputError(f"{path} does not hold the model its config.json describes ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}): {_DAMAGED}") from exc
+
+
+#: what to do about a damaged checkpoint
+_DAMAGED = "the checkpoint is damaged; delete it to start the fit over, or put an intact copy in its place"
+
+
+def _read_tensors(file: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or one :class:`InputError` line naming it and what to do."""
+    try:
+        return load_file(str(file), device=str(device))
     except Exception as exc:  # safetensors raises several types on bad files
-        raise InputError(f"cannot read {path / 'model.safetensors'}: {exc}") from exc
-    return build_field(cfg, tensors, device, baked=bool(cfg.get("baked"))), cfg
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot read {file}: {msg}: {_DAMAGED}") from exc
 
 
 def build_field(cfg: dict, tensors: dict[str, torch.Tensor], device, baked: bool):
@@ -185,17 +201,21 @@ def load_optimizer_state(path: str | Path, optimizers: dict[str, torch.optim.Opt
     meta = cfg.get("optimizers")
     if not meta or not (path / "optim.safetensors").is_file():
         raise InputError(f"{path} holds no optimizer state: it cannot be resumed (was it baked?)")
-    tensors = load_file(str(path / "optim.safetensors"))
+    tensors = _read_tensors(path / "optim.safetensors")
     for oname, opt in optimizers.items():
-        m = meta[oname]
-        state: dict = {}
-        for key, t in tensors.items():
-            o, pid, k = key.split(".", 2)
-            if o == oname:
-                state.setdefault(int(pid), {})[k] = t
-        for key, val in m["scalars"].items():
-            pid, k = key.split(".", 1)
-            state.setdefault(int(pid), {})[k] = val
+        try:
+            m = meta[oname]
+            state: dict = {}
+            for key, t in tensors.items():
+                o, pid, k = key.split(".", 2)
+                if o == oname:
+                    state.setdefault(int(pid), {})[k] = t
+            for key, val in m["scalars"].items():
+                pid, k = key.split(".", 1)
+                state.setdefault(int(pid), {})[k] = val
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise InputError(f"{path}: the optimizer state of {oname!r} is malformed ({type(exc).__name__}): "
+                             f"{_DAMAGED}") from exc
         try:
             opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
         except ValueError as e:  # another grouping of the parameters (other learning-rate options)

@@ -628,10 +628,14 @@ class Sweep:
             write_atomic(manifest, json.dumps({"vqad_sweep": SWEEP_FORMAT, "settings": self.cfg.settings()}, indent=2))
 
     def finished(self) -> dict[str, dict]:
-        """Finished points of this directory, by key."""
+        """Finished points of this directory, by key; a damaged record is set aside and its point redone."""
         done = {}
         for p in sorted((self.out / "points").glob("*.json")):
-            rec = json.loads(p.read_text())
+            rec = read_point(p)
+            if rec is None:
+                p.replace(p.with_name(p.name + ".damaged"))
+                self.log(f"{p} is damaged (empty or not a point record): set aside as {p.name}.damaged, the point is redone")
+                continue
             done[rec["point"]] = rec
         return done
 
@@ -809,12 +813,26 @@ ORDER = ["dense", "codebook", "codebook-norefine", "codebook-stream", "hash", "k
          "draco-mc"]
 
 
+def read_point(path: Path) -> dict | None:
+    """A finished point's record (``points/<key>.json``), or ``None`` if it is damaged: unreadable,
+    not JSON, or without its point key (matching the file name), method, rows and finish time."""
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(rec, dict) and rec.get("point") == path.stem and isinstance(rec.get("method"), str)
+          and rec["method"] in METHODS and isinstance(rec.get("rows"), list) and rec["rows"]
+          and all(isinstance(r, dict) for r in rec["rows"]) and isinstance(rec.get("finished_at"), str))
+    return rec if ok else None
+
+
 def collect_rows(out: Path) -> list[dict]:
-    """Every finished point's rows, in table order, with the ratios filled in."""
+    """Every finished point's rows, in table order, with the ratios filled in (damaged records left out)."""
     rows = []
     for p in sorted((Path(out) / "points").glob("*.json")):
-        rec = json.loads(p.read_text())
-        rows += [dict(r, finished_at=rec["finished_at"]) for r in rec["rows"]]
+        rec = read_point(p)
+        if rec is not None:
+            rows += [dict(r, finished_at=rec["finished_at"]) for r in rec["rows"]]
     rows.sort(key=lambda r: (ORDER.index(r["method"]), r["setting"] or 0, r["lod"] if r["lod"] is not None else -1))
     dense = next((r for r in rows if r["method"] == "dense"), None)
     for r in rows:

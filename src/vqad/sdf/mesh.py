@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def load_mesh(path: str | Path) -> Mesh:
     verts = np.asarray(getattr(loaded, "vertices", np.zeros((0, 3))), dtype=np.float64)
     faces = np.asarray(getattr(loaded, "faces", np.zeros((0, 3))), dtype=np.int64)
     if verts.size == 0:
-        raise InputError(f"mesh has no vertices: {path}")
+        raise InputError(f"no vertices could be read from {path}: is it really a {path.suffix.lstrip('.').upper()} mesh file?")
     if faces.size == 0:
         raise InputError(f"mesh has no faces (a point cloud?): {path}; vqad needs a triangle mesh")
     if not np.isfinite(verts).all():
@@ -68,7 +69,59 @@ def load_mesh(path: str | Path) -> Mesh:
     extent = tm.vertices.max(0) - tm.vertices.min(0)
     if extent.max() <= 0:
         raise InputError(f"mesh has zero extent: {path}")
-    return Mesh(np.asarray(tm.vertices, dtype=np.float64), np.asarray(tm.faces, dtype=np.int64))
+    mesh = Mesh(np.asarray(tm.vertices, dtype=np.float64), np.asarray(tm.faces, dtype=np.int64))
+    if not tm.is_watertight:
+        check_encloses_volume(mesh, path)
+    return mesh
+
+
+#: an open mesh is refused when more than this share of the points around it are neither inside nor
+#: outside (|generalized winding number| in (0.2, 0.8)); measured: the shared bunny, whose bottom has
+#: small holes, 0.4 %; that bunny cut in half, 5.5 %; an open plane 83 %; closed meshes 0 %
+MAX_AMBIGUOUS_SHARE = 0.02
+
+
+def winding_numbers(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """Generalized winding numbers (Jacobson et al. 2013): ``Σ solid angle / 4π`` of the triangles.
+
+    ``vertices (V, 3)``, ``faces (F, 3)``, ``points (N, 3)`` → ``(N,)``: 1 inside and 0 outside a closed,
+    outward-oriented mesh (−1 inside if it is inward-oriented), fractional where an open mesh leaves
+    inside and outside undefined. Solid angles by Van Oosterom & Strackee's formula.
+    """
+    V = torch.from_numpy(np.ascontiguousarray(vertices, np.float64))
+    F = torch.from_numpy(np.ascontiguousarray(faces, np.int64))
+    A, B, C = V[F[:, 0]], V[F[:, 1]], V[F[:, 2]]
+    P = torch.from_numpy(np.ascontiguousarray(points, np.float64))
+    out = []
+    for i in range(0, P.shape[0], chunk):
+        q = P[i:i + chunk, None]
+        a, b, c = A[None] - q, B[None] - q, C[None] - q
+        la, lb, lc = a.norm(dim=-1), b.norm(dim=-1), c.norm(dim=-1)
+        det = (a * torch.linalg.cross(b, c, dim=-1)).sum(-1)
+        den = la * lb * lc + (a * b).sum(-1) * lc + (b * c).sum(-1) * la + (c * a).sum(-1) * lb
+        out.append(torch.atan2(det, den).sum(1) / (2 * math.pi))
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def check_encloses_volume(mesh: Mesh, path, pairs: float = 2e7, seed: int = 0) -> None:
+    """Refuse a mesh whose inside is undefined: points around it (as many as ``pairs`` point-triangle
+    pairs allow, 128..512) whose winding number is neither ~0 nor ~1, or no point inside at all.
+
+    A closed mesh passes without this test; an open one passes when its holes are small (a scan's).
+    """
+    n = int(min(max(pairs / len(mesh.faces), 128), 512))
+    lo, hi = mesh.vertices.min(0), mesh.vertices.max(0)
+    pad = 0.05 * float((hi - lo).max())
+    pts = np.random.default_rng(seed).uniform(lo - pad, hi + pad, (n, 3))
+    w = np.abs(winding_numbers(mesh.vertices, mesh.faces, pts))
+    ambiguous, inside = float(np.mean((w > 0.2) & (w < 0.8))), float(np.mean(w >= 0.8))
+    if ambiguous > MAX_AMBIGUOUS_SHARE or inside == 0:
+        why = ("it encloses no volume" if inside == 0 else
+               f"{ambiguous:.0%} of the points around it are neither inside nor outside (generalized winding number)")
+        raise InputError(
+            f"mesh {path} is not closed and {why}: its inside, and so its signed distance, is undefined. "
+            "Close its holes first (e.g. trimesh.repair.fill_holes, or MeshLab's Close Holes) and try again"
+        )
 
 
 def fit_normalization(mesh: Mesh, margin: float = 0.1) -> Normalization:

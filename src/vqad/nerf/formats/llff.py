@@ -46,9 +46,19 @@ def read_llff(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=
     if not pb_path.is_file():
         raise InputError(f"{root} has no poses_bounds.npy: not an LLFF capture")
     try:
-        pb = np.load(pb_path)
+        with open(pb_path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as e:
+        raise InputError(f"cannot read {pb_path}: {e.strerror}") from e
+    if magic != b"\x93NUMPY":
+        raise InputError(f"{pb_path} is not a NumPy .npy file (it does not start with the .npy magic bytes): "
+                         "LLFF's imgs2poses.py writes it as np.save of an (N, 17) float array")
+    try:
+        pb = np.load(pb_path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {pb_path}: {e}") from e
+        raise InputError(f"cannot read {pb_path} as an (N, 17) float array: {str(e).splitlines()[0]}") from e
+    if pb.dtype.kind not in "fiu":
+        raise InputError(f"{pb_path} holds {pb.dtype} values, not numbers: expected an (N, 17) float array")
     if pb.ndim != 2 or pb.shape[1] != 17 or pb.shape[0] == 0:
         raise InputError(f"{pb_path} must be an (N, 17) array of [3×5 pose | near far] rows, not {list(pb.shape)}")
     pb = pb.astype(np.float64)

@@ -49,7 +49,7 @@ def register(sub) -> None:
                                    "A default run's 3000 steps cost about 0.22 s each on a 2-core laptop CPU at 4,096 "
                                    "rays per step (lego at 200x200: about 11 minutes of training, measured per step in "
                                    "docs/benchmarks/speed.md), plus the octree pass and the evaluation; --minutes caps "
-                                   "the training.")
+                                   "the whole job.")
     p.add_argument("dataset", help="dataset directory, or 'procedural' for the built-in scene")
     p.add_argument("--format", choices=FORMATS, default="auto", help="dataset layout (auto: detect)")
     p.add_argument("--downscale", type=int, default=1, help="shrink images by this integer factor")
@@ -60,8 +60,9 @@ def register(sub) -> None:
                                     "--density-steps / --density-minutes when it needs a density pass)")
     config_flag(p, T, "batch_rays", help="rays per step")
     config_flag(p, T, "max_minutes", flag="--minutes", type=float,
-                help="also stop training the field after this many minutes (the lr schedule follows time too); "
-                     "the octree's density pass has its own cap, --density-minutes")
+                help="cap the whole job at this many minutes: the density pass takes at most a quarter, training "
+                     "at least 60%% of the rest (the lr schedule follows time too), sweeps after it are shortened or "
+                     "skipped to fit, the evaluation has 10%%")
     config_flag(p, T, "octree", choices=list(OCTREE_CHOICES), type=str,
                 help="how to find occupied space (auto: depth > masks > coarse density pass)")
     config_flag(p, T, "octree_from", metavar="CKPT_OR_FILE", type=str,

@@ -40,7 +40,7 @@ def register(sub) -> None:
                                    "then evaluate each LOD. A default run (4-bit codebook, levels 3:7, 3000 steps, "
                                    "3 index sweeps, evaluation at 256^3) takes about 7 minutes on a 2-core laptop "
                                    "CPU (armadillo: 4.5 min of steps, 1 min of sweeps, 1.2 min of evaluation; see "
-                                   "docs/benchmarks/speed.md); --minutes caps training and sweeps.")
+                                   "docs/benchmarks/speed.md); --minutes caps the whole job.")
     p.add_argument("mesh", help="OBJ / PLY / OFF / STL / GLB triangle mesh")
     add_grid_args(p, GridConfig())
     T = SDFTrainConfig
@@ -53,7 +53,8 @@ def register(sub) -> None:
     config_flag(p, T, "codebook_lr_scale", type=float, help="codebooks D lr = lr × this (none or 0: same as the grid; "
                                                            "codebook only)")
     config_flag(p, T, "max_minutes", flag="--minutes", type=float,
-                help="also stop training after this many minutes, refinement sweeps included (the lr schedule follows time too)")
+                help="cap the whole job at this many minutes: training keeps at least 60%% (the lr schedule "
+                     "follows time too), sweeps after it are shortened or skipped to fit, the evaluation has 10%%")
     config_flag(p, T, "truncation", help="clamp distances to ±this in the loss, unit-cube units (0: no clamp)")
     config_flag(p, T, "refine", help="Gauss–Newton index refinement sweeps after training (codebook only; 0: off; "
                                      "see docs/benchmarks/sdf.md)")

@@ -183,6 +183,13 @@ def test_threads_flag_and_environment(monkeypatch, capsys):
     (["--layers", "17"], "--layers (decoder hidden layers) must be an integer in 0..16"),
     (["--lr", "-1"], "learning rates must be positive"),
     (["--lr", "nan"], "learning rates must be positive"),
+    (["--lr", "inf"], "learning rates must be positive finite numbers"),
+    (["--grid-lr-scale", "1e400"], "learning rates must be positive finite numbers"),
+    (["--minutes", "inf"], "--minutes must be a positive finite number"),
+    (["--minutes", "nan"], "--minutes must be a positive finite number"),
+    (["--truncation", "nan"], "--truncation must be a finite distance >= 0"),
+    (["--truncation", "inf"], "--truncation must be a finite distance >= 0"),
+    (["--seed", "-1"], "--seed must be an integer in 0..2^63-1"),
     (["--mc-resolution", "1"], "--mc-resolution must be an integer in 8..2048"),
     (["--mc-resolution", "-5"], "--mc-resolution must be an integer in 8..2048"),
 ])

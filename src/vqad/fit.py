@@ -68,10 +68,12 @@ class TrainConfig:
         if self.steps <= 0:
             raise InputError(f"--steps must be positive, got {self.steps}")
         rates = (self.lr, self.grid_lr_scale, self.logit_lr_scale, self.codebook_lr_scale)
-        if any(r is not None and not r > 0 for r in rates):
-            raise InputError("learning rates must be positive (--lr and the --*-lr-scale options)")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise InputError(f"--minutes must be positive, got {self.max_minutes}")
+        if any(r is not None and not 0 < r < math.inf for r in rates):
+            raise InputError("learning rates must be positive finite numbers (--lr and the --*-lr-scale options)")
+        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
+            raise InputError(f"--minutes must be a positive finite number (leave it out for no cap), got {self.max_minutes}")
+        if not 0 <= self.seed < 2**63:
+            raise InputError(f"--seed must be an integer in 0..2^63-1, got {self.seed}")
         if self.log_every <= 0 or self.checkpoint_every <= 0:
             raise InputError("log_every and checkpoint_every must be positive")
         if self.checkpoint_minutes is not None and not (0 < self.checkpoint_minutes < math.inf):

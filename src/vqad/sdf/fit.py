@@ -9,6 +9,7 @@ training (``refine_during``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field as dfield, replace
 from pathlib import Path
 
@@ -54,8 +55,8 @@ class SDFTrainConfig(TrainConfig):
         super().validate()
         if self.batch <= 0 or self.pool_size <= 0 or self.resample_every <= 0:
             raise InputError("--batch, the sample pool and resample_every must be positive")
-        if self.truncation < 0:
-            raise InputError(f"--truncation must be >= 0, got {self.truncation}")
+        if not 0 <= self.truncation < math.inf:
+            raise InputError(f"--truncation must be a finite distance >= 0 (0: none), got {self.truncation}")
         if self.refine < 0 or self.refine_during < 0 or self.refine_samples <= 0 or self.refine_candidates < 0:
             raise InputError("--refine and --refine-candidates must be >= 0 and --refine-samples positive")
         if not 0 <= self.refine_tail < 1 or self.refine_band < 0:

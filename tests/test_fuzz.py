@@ -259,6 +259,18 @@ def test_forged_chunk_sequences_raise_only_stream_errors(which, edits):
     _timed_decode(_reframe(chunks))
 
 
+@pytest.mark.parametrize("literal", ["9" * 5000, "1" + "0" * 4400, "[" * 100_000])
+def test_header_json_past_the_parsers_limits_is_corrupt(literal):
+    """Found by benchmarks/fuzz_campaign.py: a 5000-digit integer in the header made json.loads raise a bare
+    ValueError (Python's int digit limit), which escaped vqad.load; deep nesting raises RecursionError."""
+    from vqad.errors import CorruptStreamError
+
+    chunks = _parsed(FILES["raw"])
+    header = chunks[0][4].replace(b'"features":', b'"features":' + literal.encode() + b",\"x\":", 1)
+    with pytest.raises(CorruptStreamError, match="header is not valid JSON"):
+        F.load(_reframe([chunks[0][:4] + (header,)] + chunks[1:]))
+
+
 def test_non_finite_payloads_behind_valid_crcs_are_refused():
     """NaN / inf in a codebook or in the decoder weights would load as a field that outputs NaN."""
     chunks = _parsed(FILES["raw"])

@@ -514,7 +514,7 @@ class StreamDecoder:
     def _read_header(self, payload: bytes) -> None:
         try:
             doc = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, or an integer literal over Python's digit limit
             raise _corrupt(f"header is not valid JSON ({exc})") from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("field"), dict):
             raise _corrupt("header JSON has no 'field' object")

@@ -57,7 +57,7 @@ SLOW_SECONDS = 2.0  # an input taking longer is a failure
 KILL_SECONDS = 10.0  # ... and is killed after this long
 MEMORY_FLOOR = 64 << 20  # the memory bound of an input: max(the decoder's estimate, this)
 DEFAULT_MAX_MEMORY = "512M"  # the decoder's limit in the campaign (a bomb above it must be refused)
-CORPUS_VERSION = 1  # bump when the recipes change: the cache is rebuilt
+CORPUS_VERSION = 3  # bump when the recipes change: the cache is rebuilt
 
 FAMILIES = ("truncate", "bytes", "payload", "frame", "header", "sequence", "bomb")
 SHARES = {"truncate": 0.44, "bytes": 0.12, "payload": 0.16, "frame": 0.06, "header": 0.12, "sequence": 0.095,
@@ -149,7 +149,11 @@ def _bombs() -> dict[str, bytes]:
 
     ``bomb-full6``: levels 2..6 full (300k cells, ~120 MB to decode: under the campaign's limit);
     ``bomb-quarter7``: plus a level 7 holding 2 of every 8 children (812k cells: under it);
-    ``bomb-full7``: plus a full level 7 (2.4M cells, ~1 GB: over it, to be refused).
+    ``bomb-sparse7``: plus a level 7 holding 1 of every 8 children, so that no two cells share a
+    corner (562k cells but 2.1M vertices at level 7, the most vertices per cell a level can have);
+    ``bomb-full7``: plus a full level 7 (2.4M cells, ~1 GB: over it, to be refused);
+    ``bomb-path8``: one cell per level down to level 8 (a few hundred bytes; a decoder that builds
+    dense per-level tables pays for the whole level-8 lattice).
     """
     import numpy as np
     import torch
@@ -186,7 +190,7 @@ def _bombs() -> dict[str, bytes]:
     doc["field"]["grid"]["max_level"] = 7
     doc["field"]["storage_params"].append({"bits": 4})
     head7 = Chunk(HEAD, 0, 0, RAW, json.dumps(doc).encode())
-    for name, mask in (("bomb-quarter7", 0b11), ("bomb-full7", 0xFF)):
+    for name, mask in (("bomb-quarter7", 0b11), ("bomb-sparse7", 0b1), ("bomb-full7", 0xFF)):
         masks = np.full(parents.size, mask, dtype=np.uint8)
         codes7 = SparseOctree.codes_from_child_masks(torch.from_numpy(parents), torch.from_numpy(masks))
         m = 129 ** 3 if mask == 0xFF else SparseOctree.from_codes(codes7, 7, 7).num_vertices(7)
@@ -194,6 +198,10 @@ def _bombs() -> dict[str, bytes]:
         level7 = [Chunk(TREE, 7, 0, OCTREE, tree), Chunk(GRID, 7, 0, RAW, chunks[3].payload),
                   Chunk(GRID, 7, 1, RANGE, _padded(E.encode(np.zeros(m, dtype=np.int64), 16), m))]
         out[name] = join_chunks(F.MAGIC + struct.pack("<HH", F.VERSION, 0), [head7] + chunks[1:] + level7)
+    path = SDFField(OctreeGrid.from_octree(SparseOctree.from_codes(torch.zeros(1, dtype=torch.long), 2, 8),
+                                           GridConfig("codebook", 4, 4, 2, 8)), DecoderConfig(hidden=8))
+    path.bake(fp16=True)
+    out["bomb-path8"] = F.to_bytes(path)
     return out
 
 
@@ -247,7 +255,9 @@ def build_corpus(cache: Path, quick: bool, log=print) -> tuple[list[CorpusFile],
     for name, blob in _bombs().items():
         add(name, {"bomb-full6": "levels 2..6 full, constant indices, padded entropy payloads (300k cells)",
                    "bomb-quarter7": "bomb-full6 + level 7 with 2 of 8 children (812k cells)",
-                   "bomb-full7": "bomb-full6 + a full level 7 (2.4M cells, over the limit)"}[name], blob, bomb=True)
+                   "bomb-sparse7": "bomb-full6 + level 7 with 1 of 8 children (562k cells, 8 vertices per cell at L7)",
+                   "bomb-full7": "bomb-full6 + a full level 7 (2.4M cells, over the limit)",
+                   "bomb-path8": "one cell per level, levels 2..8"}[name], blob, bomb=True)
     for name, (_, blob) in made.items():
         write_atomic(cache / f"{name}.vqad", blob, what="corpus file")
     write_atomic(manifest, json.dumps({"recipe": recipe, "files": {n: asdict(f) for n, (f, _) in made.items()}},
@@ -931,7 +941,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/fuzz_campaign.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"decoding {len(cases):,} inputs over {len(files)} files with {args.workers} workers ...", flush=True)
     t0 = time.perf_counter()
-    step = max(len(cases) // 20, 1)
+    step = max(len(cases) // 20, 1000)
 
     def progress(done: int) -> None:
         if done % step == 0:
@@ -951,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"re-running {len(slow)} input(s) over {SLOW_SECONDS:.0f} s alone ...", flush=True)
         pool = Pool(1, pool_args)
         try:
-            again = {r.case: r for r in pool.run([Case.parse(r.case) for r in slow[:200]])}
+            again = {r.case: r for r in pool.run([Case.parse(r.case) for r in slow])}
         finally:
             pool.close()
         for r in slow:

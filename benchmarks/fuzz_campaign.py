@@ -47,7 +47,7 @@ import traceback
 import warnings
 import zlib
 from collections import Counter, defaultdict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -56,10 +56,20 @@ TARGET_INPUTS = 100_000
 SLOW_SECONDS = 2.0  # an input taking longer is a failure
 KILL_SECONDS = 10.0  # ... and is killed after this long
 MEMORY_FLOOR = 64 << 20  # the memory bound of an input: max(the decoder's estimate, this)
-DEFAULT_MAX_MEMORY = "512M"  # the decoder's limit in the campaign (a bomb above it must be refused)
-CORPUS_VERSION = 3  # bump when the recipes change: the cache is rebuilt
+DEFAULT_MAX_MEMORY = "768M"  # the decoder's limit in the campaign: bomb-quarter7 and -sparse7 fit, bomb-full7 not
+CORPUS_VERSION = 4  # bump when the recipes change: the cache is rebuilt
 
-FAMILIES = ("truncate", "bytes", "payload", "frame", "header", "sequence", "bomb")
+FAMILIES = {
+    "truncate": "every prefix of every real file (a dense sample, chunk boundaries ±1 included, for big ones)",
+    "bytes": "1-8 raw edits: bit flips, cuts, insertions, deletions, overwrites, fills (mostly CRC-caught)",
+    "payload": "a chunk's payload edited (fp16 NaN / inf / max included) or swapped for another's, re-framed "
+               "with a correct length and CRC",
+    "frame": "a frame field (type, level, slot, codec or length) forged, the CRC computed over the forgery",
+    "header": "header JSON values replaced, deleted or added at any depth (hostile numbers, NaN / inf, huge "
+              "ints, type confusion, deep nesting), or its text edited, behind a valid CRC",
+    "sequence": "whole chunks dropped, repeated, swapped, moved, cut or spliced in from another file",
+    "bomb": "the bombs as they are, truncated, or with a payload, frame, header or chunk sequence forged",
+}
 SHARES = {"truncate": 0.44, "bytes": 0.12, "payload": 0.16, "frame": 0.06, "header": 0.12, "sequence": 0.095,
           "bomb": 0.005}
 OUTCOMES = ("full", "partial", "truncated", "corrupt", "limit", "escaped", "nonfinite", "killed", "crashed")
@@ -143,18 +153,11 @@ def _padded(payload: bytes, symbols: int) -> bytes:
     return payload + bytes(4 * -(-max(need, 0) // 4))
 
 
-def _bombs() -> dict[str, bytes]:
-    """Small files describing huge models: full octrees with constant indices, every TREE chunk
-    context-coded and every index chunk range-coded, padded just enough to pass the bomb guard.
-
-    ``bomb-full6``: levels 2..6 full (300k cells, ~120 MB to decode: under the campaign's limit);
-    ``bomb-quarter7``: plus a level 7 holding 2 of every 8 children (812k cells: under it);
-    ``bomb-sparse7``: plus a level 7 holding 1 of every 8 children, so that no two cells share a
-    corner (562k cells but 2.1M vertices at level 7, the most vertices per cell a level can have);
-    ``bomb-full7``: plus a full level 7 (2.4M cells, ~1 GB: over it, to be refused);
-    ``bomb-path8``: one cell per level down to level 8 (a few hundred bytes; a decoder that builds
-    dense per-level tables pays for the whole level-8 lattice).
-    """
+def _bombs() -> dict[str, tuple[str, bytes]]:
+    """Small files describing huge models, ``{name: (what, bytes)}``: octrees with constant indices,
+    every TREE chunk context-coded and every index chunk range-coded where that is smaller, padded just
+    enough to pass the bomb guard (64 symbols per payload byte). Under the campaign's default limit,
+    bomb-full7 must be refused and the others decode (within their estimates)."""
     import numpy as np
     import torch
 
@@ -184,24 +187,31 @@ def _bombs() -> dict[str, bytes]:
         m = octree.num_vertices(level)
         index = Chunk(GRID, level, 1, RANGE, _padded(E.encode(np.zeros(m, dtype=np.int64), 16), m))
         chunks.append(min(index, _plain(GRID, level, 1), key=lambda c: len(c.payload)))
-    out = {"bomb-full6": join_chunks(F.MAGIC + struct.pack("<HH", F.VERSION, 0), chunks)}
+    preamble = F.MAGIC + struct.pack("<HH", F.VERSION, 0)
+    out = {"bomb-full6": ("levels 2..6 full (300k cells)", join_chunks(preamble, chunks))}
     parents = octree.codes_at(6).numpy()
     doc = json.loads(head.payload)
     doc["field"]["grid"]["max_level"] = 7
     doc["field"]["storage_params"].append({"bits": 4})
     head7 = Chunk(HEAD, 0, 0, RAW, json.dumps(doc).encode())
-    for name, mask in (("bomb-quarter7", 0b11), ("bomb-sparse7", 0b1), ("bomb-full7", 0xFF)):
+    for name, mask, what in (
+        ("bomb-quarter7", 0b11, "bomb-full6 + a level 7 holding 2 of every 8 children (824k cells)"),
+        ("bomb-sparse7", 0b1, "bomb-full6 + a level 7 holding 1 of every 8 children: no two of its cells share "
+                              "a corner (562k cells, 2.4M vertices)"),
+        ("bomb-full7", 0xFF, "bomb-full6 + a full level 7 (2.4M cells, over the limit)"),
+    ):
         masks = np.full(parents.size, mask, dtype=np.uint8)
         codes7 = SparseOctree.codes_from_child_masks(torch.from_numpy(parents), torch.from_numpy(masks))
         m = 129 ** 3 if mask == 0xFF else SparseOctree.from_codes(codes7, 7, 7).num_vertices(7)
         tree = _padded(E.encode_octree([(parents, 6, masks)]), parents.size)
-        level7 = [Chunk(TREE, 7, 0, OCTREE, tree), Chunk(GRID, 7, 0, RAW, chunks[3].payload),
+        level7 = [Chunk(TREE, 7, 0, OCTREE, tree), Chunk(GRID, 7, 0, RAW, _plain(GRID, 2, 0).payload),
                   Chunk(GRID, 7, 1, RANGE, _padded(E.encode(np.zeros(m, dtype=np.int64), 16), m))]
-        out[name] = join_chunks(F.MAGIC + struct.pack("<HH", F.VERSION, 0), [head7] + chunks[1:] + level7)
+        out[name] = (what, join_chunks(preamble, [head7] + chunks[1:] + level7))
     path = SDFField(OctreeGrid.from_octree(SparseOctree.from_codes(torch.zeros(1, dtype=torch.long), 2, 8),
                                            GridConfig("codebook", 4, 4, 2, 8)), DecoderConfig(hidden=8))
     path.bake(fp16=True)
-    out["bomb-path8"] = F.to_bytes(path)
+    out["bomb-path8"] = ("one cell per level down to level 8: the octree's dense level-8 tables cost the memory",
+                         F.to_bytes(path))
     return out
 
 
@@ -252,12 +262,8 @@ def build_corpus(cache: Path, quick: bool, log=print) -> tuple[list[CorpusFile],
         add("sdf-hash", "bunny SDF, hash T=8, k=4, levels 2..5, one decoder per LOD", F.to_bytes(hashed))
     add("nerf-codebook-entropy", "procedural radiance field, codebook b=3, k=4, levels 2..5, entropy-coded",
         F.to_bytes(_nerf_field(quick), entropy=True))
-    for name, blob in _bombs().items():
-        add(name, {"bomb-full6": "levels 2..6 full, constant indices, padded entropy payloads (300k cells)",
-                   "bomb-quarter7": "bomb-full6 + level 7 with 2 of 8 children (812k cells)",
-                   "bomb-sparse7": "bomb-full6 + level 7 with 1 of 8 children (562k cells, 8 vertices per cell at L7)",
-                   "bomb-full7": "bomb-full6 + a full level 7 (2.4M cells, over the limit)",
-                   "bomb-path8": "one cell per level, levels 2..8"}[name], blob, bomb=True)
+    for name, (what, blob) in _bombs().items():
+        add(name, what, blob, bomb=True)
     for name, (_, blob) in made.items():
         write_atomic(cache / f"{name}.vqad", blob, what="corpus file")
     write_atomic(manifest, json.dumps({"recipe": recipe, "files": {n: asdict(f) for n, (f, _) in made.items()}},
@@ -337,8 +343,11 @@ def mutate(rng: random.Random, b: bytes, ops: int, f16: bool = False) -> bytes:
 
 
 def _paths(doc, path=()):
-    """Every path into a JSON document (containers included)."""
+    """Every path into a JSON document (containers included), down to depth 16 (a header is 4 deep;
+    deeper nests are forgeries, replaced or deleted whole)."""
     yield path
+    if len(path) >= 16:
+        return
     if isinstance(doc, dict):
         for k, v in doc.items():
             yield from _paths(v, path + (k,))
@@ -528,13 +537,14 @@ def plan(files: list[CorpusFile], corpus: dict[str, bytes], n: int, seed: int) -
             rng = random.Random(f"{seed}:truncate:{name}")
             edges = sorted({min(max(b + d, 0), size) for b in [0] + chunk_bounds(corpus[name]) for d in (-1, 0, 1)})
             lengths = set(rng.sample(edges, min(len(edges), quota // 4)))
+            near = "every chunk boundary ±1" if len(lengths) == len(edges) else f"{len(lengths)} chunk boundaries ±1"
             step = size / max(quota - len(lengths), 1)
             lengths |= {min(int(i * step) + rng.randrange(max(int(step), 1)), size) for i in range(quota - len(lengths))}
             while len(lengths) < quota:
                 lengths.add(rng.randrange(size + 1))
-            coverage[name] = f"{len(lengths):,} of {size + 1:,} prefixes (every chunk boundary ±1, the rest evenly spread)"
+            coverage[name] = f"{len(lengths):,} of {size + 1:,} prefixes ({near}, the rest evenly spread)"
         cases += [Case("truncate", name, length) for length in sorted(lengths)]
-    for fam in FAMILIES[1:]:
+    for fam in list(FAMILIES)[1:]:
         pool = bombs if fam == "bomb" else real
         cases += [Case(fam, pool[i % len(pool)], seed * 10**9 + i) for i in range(counts[fam]) if pool]
     random.Random(seed).shuffle(cases)
@@ -652,7 +662,7 @@ def _worker(conn, corpus_dir: str, names: list[str], max_memory: int, headroom: 
     """Worker process: warm up, cap the address space, then decode the cases it is sent."""
     corpus = {n: (Path(corpus_dir) / f"{n}.vqad").read_bytes() for n in names}
     dec = Decoder(corpus, max_memory)
-    for name in names:  # warm-up: PyTorch maps its code and arenas on first use
+    for name in names[:1] + [n for n in names if n.startswith("nerf")]:  # warm-up: PyTorch maps code and arenas
         dec.run(Case("truncate", name, len(corpus[name])))
     try:
         limit = _status_kib("VmSize") * 1024 + max_memory + headroom
@@ -707,7 +717,8 @@ class Pool:
                 try:
                     msg = conn.recv()
                 except (EOFError, OSError):  # the worker died (a crash, or the kernel's OOM killer)
-                    code = w["proc"].exitcode if not w["proc"].is_alive() else None
+                    w["proc"].join(timeout=5)
+                    code = w["proc"].exitcode
                     if w["case"] is None:
                         raise RuntimeError(f"a fuzz worker died while starting (exit code {code})") from None
                     results.append(Result(str(w["case"]), "crashed", time.perf_counter() - w["t0"],
@@ -777,7 +788,7 @@ class Report:
     max_memory: int
     wall: float
     quick: bool
-    notes: list[str] = field(default_factory=list)
+    load: tuple[float, float]  # the 1-minute load average at the start and at the end
 
     def targets(self) -> list[tuple[str, bool | None, str]]:
         """(target, met (None: not checked), the measured value)."""
@@ -830,15 +841,16 @@ class Report:
             f"`{self.command}` (`make bench-fuzz`; `benchmarks/fuzz_campaign.py`, issue 21). "
             f"{n:,} inputs in {self.wall / 60:.1f} min with {self.workers} worker processes.",
             "",
-            f"Machine: {_machine()}. The machine was shared with other jobs while this ran, so wall times "
-            "include contention; inputs over 2 s are re-run alone and both times are listed.",
+            f"Machine: {_machine()}. Load average {self.load[0]:.1f} at the start and {self.load[1]:.1f} at the "
+            "end: wall times include whatever else ran (inputs over 2 s are re-run alone, with none of the "
+            "campaign's other workers running, and both times are listed).",
             "",
             "Each input is decoded by `StreamDecoder` (in one piece, or for a quarter of them in random pieces), "
             f"with `max_memory` = {_mib(self.max_memory)} MiB; every complete LOD's field is built and evaluated on "
             "48 points (its outputs must be finite). Per input: wall time (a failure over 2 s; killed at "
             f"{KILL_SECONDS:.0f} s) and peak resident growth (VmHWM reset through `/proc/self/clear_refs` before the "
             "input, over the RSS before it), bounded by the decoder's own estimate `needed_bytes` "
-            f"(~{self._per_cell()} B per octree cell plus twice the storage tensors) or {_mib(MEMORY_FLOOR)} MiB, "
+            f"({self._estimate()}) or {_mib(MEMORY_FLOOR)} MiB, "
             "whichever is larger; `RLIMIT_AS` caps each worker at its size after warm-up plus `max_memory` plus "
             "1 GiB.",
             "",
@@ -847,6 +859,7 @@ class Report:
         ]
         for name, met, value in self.targets():
             lines.append(f"- {'✅' if met else ('—' if met is None else '❌')} {name}: {value}")
+        lines += ["", "## Families", ""] + [f"- `{k}`: {v}." for k, v in FAMILIES.items()]
         lines += [
             "",
             "## Outcomes",
@@ -878,15 +891,14 @@ class Report:
             lines.append(f"- ... and {len(bad) - 60} more")
         lines += ["", "Reproduce one input (decoded in this process, traceback shown): "
                   "`python benchmarks/fuzz_campaign.py --replay FAMILY:FILE:SEED`.", ""]
-        for note in self.notes:
-            lines += [note, ""]
         return "\n".join(lines)
 
     @staticmethod
-    def _per_cell() -> int:
-        from vqad.fileformat import DECODE_BYTES_PER_CELL
+    def _estimate() -> str:
+        from vqad.fileformat import DECODE_BYTES_PER_CELL, DECODE_BYTES_PER_VERTEX
 
-        return DECODE_BYTES_PER_CELL
+        return (f"{DECODE_BYTES_PER_CELL} B per octree cell, {DECODE_BYTES_PER_VERTEX} B per vertex, twice the "
+                "storage tensors and the octree's dense tables up to level 8; docs/format.md, Robustness")
 
 
 # ================================================================================================
@@ -940,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
     cases, coverage = plan(files, corpus, n, args.seed)
     command = "python benchmarks/fuzz_campaign.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"decoding {len(cases):,} inputs over {len(files)} files with {args.workers} workers ...", flush=True)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     step = max(len(cases) // 20, 1000)
 
     def progress(done: int) -> None:
@@ -967,7 +979,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in slow:
             if r.case in again:
                 r.alone = again[r.case].seconds if again[r.case].outcome != "killed" else float("inf")
-    report = Report(results, files, corpus, coverage, command.strip(), args.workers, max_memory, wall, args.quick)
+    report = Report(results, files, corpus, coverage, command.strip(), args.workers, max_memory, wall, args.quick,
+                    (load0, os.getloadavg()[0]))
     print("\n".join(report.table()))
     for name, met, value in report.targets():
         print(f"{'ok  ' if met else ('--  ' if met is None else 'MISS')} {name}: {value}")

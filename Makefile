@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench-sdf bench-format bench-nerf bench-rd bench-speed clean
+.PHONY: demo test install bench-sdf bench-format bench-nerf bench-rd bench-speed bench-fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-rd: $(STAMP)
 bench-speed: $(STAMP)
 	$(PY) benchmarks/bench_speed.py --threads 2 --profile --out docs/benchmarks/speed.md
 	$(PY) benchmarks/bench_threads.py --out docs/benchmarks/threads.md
+
+bench-fuzz: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/fuzz_campaign.py --out docs/benchmarks/fuzz.md
 
 clean:
 	rm -rf $(VENV) out build src/*.egg-info

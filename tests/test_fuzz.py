@@ -15,6 +15,7 @@ import os
 import struct
 import warnings
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,6 +260,18 @@ def test_forged_chunk_sequences_raise_only_stream_errors(which, edits):
     _timed_decode(_reframe(chunks))
 
 
+@pytest.mark.parametrize("literal", ["9" * 5000, "1" + "0" * 4400, "[" * 100_000])
+def test_header_json_past_the_parsers_limits_is_corrupt(literal):
+    """Found by benchmarks/fuzz_campaign.py: a 5000-digit integer in the header made json.loads raise a bare
+    ValueError (Python's int digit limit), which escaped vqad.load; deep nesting raises RecursionError."""
+    from vqad.errors import CorruptStreamError
+
+    chunks = _parsed(FILES["raw"])
+    header = chunks[0][4].replace(b'"features":', b'"features":' + literal.encode() + b",\"x\":", 1)
+    with pytest.raises(CorruptStreamError, match="header is not valid JSON"):
+        F.load(_reframe([chunks[0][:4] + (header,)] + chunks[1:]))
+
+
 def test_non_finite_payloads_behind_valid_crcs_are_refused():
     """NaN / inf in a codebook or in the decoder weights would load as a field that outputs NaN."""
     chunks = _parsed(FILES["raw"])
@@ -275,21 +288,40 @@ def test_non_finite_payloads_behind_valid_crcs_are_refused():
 
 
 # -- a tiny file that describes a huge model: refused before it is built ------------------------------
-@pytest.fixture(scope="module")
-def full_octree_file(tmp_path_factory) -> bytes:
-    """Levels 2..6 with every cell occupied and constant indices: 300k cells in ~50 kB once entropy-coded."""
-    n = 1 << 6
-    g = (torch.arange(n) + 0.5) / n * 2 - 1
-    pts = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
-    grid = OctreeGrid.from_octree(SparseOctree.from_points(pts, 2, 6), GridConfig("codebook", 2, 4, 2, 6))
+def _model_file(path, finest_codes: torch.Tensor, max_level: int) -> Path:
+    """An SDF file of the octree with these finest cells (levels 2..max_level), constant indices, entropy-coded."""
+    grid = OctreeGrid.from_octree(SparseOctree.from_codes(finest_codes, 2, max_level),
+                                  GridConfig("codebook", 2, 4, 2, max_level))
     field = SDFField(grid, DecoderConfig(hidden=4))
     field.bake(fp16=True)
     for s in field.grid.storages:
         s.V = torch.zeros_like(s.V)
-    data = F.to_bytes(field, entropy=True)
-    path = tmp_path_factory.mktemp("bomb") / "full.vqad"
-    path.write_bytes(data)
+    path.write_bytes(F.to_bytes(field, entropy=True))
     return path
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory) -> dict[str, Path]:
+    """Small files of big models, each a shape the decoding memory estimate must cover:
+
+    * ``full``: levels 2..6 with every cell occupied: 300k cells in ~50 kB;
+    * ``sparse``: levels 2..6 full, and level 7 holds child 0 of every level-6 cell, so no two of its cells
+      share a corner: 8 vertices per cell, 2.1M in all (the estimate used to count cells only, and such a
+      level exceeded it by a third; found by the fuzz campaign);
+    * ``path8``: one cell per level down to level 8: the octree's dense level-8 tables, not its 7 cells,
+      cost the memory (~150 MB from a 2 kB file; found by the fuzz campaign).
+    """
+    d = tmp_path_factory.mktemp("bomb")
+    return {
+        "full": _model_file(d / "full.vqad", torch.arange(8 ** 6), 6),
+        "sparse": _model_file(d / "sparse.vqad", torch.arange(8 ** 6) << 3, 7),
+        "path8": _model_file(d / "path8.vqad", torch.zeros(1, dtype=torch.long), 8),
+    }
+
+
+@pytest.fixture(scope="module")
+def full_octree_file(model_files) -> Path:
+    return model_files["full"]
 
 
 def test_a_model_over_the_memory_limit_is_refused_before_it_is_built(full_octree_file):
@@ -301,7 +333,9 @@ def test_a_model_over_the_memory_limit_is_refused_before_it_is_built(full_octree
     dec = F.StreamDecoder(max_memory=1 << 40)
     dec.feed(data)
     need = dec.needed_bytes
-    assert 300_000 * F.DECODE_BYTES_PER_CELL < need < 2 * 300_000 * F.DECODE_BYTES_PER_CELL
+    cells, vertices = 299_584, 316_329  # levels 2..6 of a full octree: 4^3 + .. + 64^3 cells, 5^3 + .. + 65^3 vertices
+    least = cells * F.DECODE_BYTES_PER_CELL + vertices * F.DECODE_BYTES_PER_VERTEX
+    assert least < need < 2 * least
     t0 = time.perf_counter()
     with pytest.raises(StreamLimitError, match=r"LOD 6 .* needs about .*\(--lod 5\)"):
         F.load(data, max_memory=need - 1)
@@ -317,9 +351,10 @@ def test_a_model_over_the_memory_limit_is_refused_before_it_is_built(full_octree
         del os.environ[F.MAX_MEMORY_ENV]
 
 
-def test_decoding_stays_within_its_stated_memory_estimate(full_octree_file):
-    """Peak resident memory of a fresh process decoding 300k cells, over what it held before, stays
-    within the estimate the limit uses."""
+@pytest.mark.parametrize("shape", ["full", "sparse", "path8"])
+def test_decoding_stays_within_its_stated_memory_estimate(model_files, shape):
+    """Peak resident memory of a fresh process decoding a big model (see ``model_files``) and evaluating it,
+    over what it held before, stays within the estimate the limit uses."""
     if not os.path.exists("/proc/self/statm"):
         pytest.skip("needs /proc (Linux) to read the resident memory")
     import subprocess
@@ -334,7 +369,7 @@ def test_decoding_stays_within_its_stated_memory_estimate(full_octree_file):
         "hwm = next(int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM'))\n"
         "print(dec.needed_bytes, (hwm - r0) * 1024)  # VmHWM, not ru_maxrss: that one counts the forking parent\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(full_octree_file)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code, str(model_files[shape])], capture_output=True, text=True,
                          timeout=120, check=True).stdout.split()
     need, peak = int(out[0]), int(out[1])
     assert 0 < peak <= need, f"decoding peaked at {peak / 2**20:.0f} MiB, over its {need / 2**20:.0f} MiB estimate"

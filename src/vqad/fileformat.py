@@ -51,7 +51,7 @@ from vqad.config import GridConfig, to_dict
 from vqad.errors import CorruptStreamError, InputError, StreamError, StreamLimitError, TruncatedStreamError, VqadError
 from vqad.field import field_config, field_from_config
 from vqad.grid import OctreeGrid
-from vqad.octree import SparseOctree
+from vqad.octree import DENSE_TABLE_MAX_LEVEL, SparseOctree, vertex_bound
 from vqad.storages import STORAGES
 from vqad.storages.base import TensorLayout
 
@@ -63,11 +63,13 @@ _CRC = struct.Struct("<I")
 PREAMBLE_BYTES = _PREAMBLE.size  # 12
 FRAME_BYTES = _FRAME.size + _CRC.size  # 12 bytes of framing per chunk
 
-#: Decoding memory: building a LOD takes at most about this many bytes per octree cell (codes, parents,
-#: corner and vertex tables, the renderer's empty-space table and their transients; measured 310-320
-#: on full octrees of levels 6 and 7), plus twice the decoded storage tensors. The reader refuses, before
-#: building it, a LOD whose estimate exceeds ``max_memory`` (see :func:`default_max_memory`).
-DECODE_BYTES_PER_CELL = 400
+#: Decoding memory: building a LOD and querying it takes at most about ``DECODE_BYTES_PER_CELL`` per octree
+#: cell and ``DECODE_BYTES_PER_VERTEX`` per vertex of its levels (codes, corner and vertex tables, storage
+#: index tables and their transients), twice the decoded storage tensors, and the octree's dense tables up
+#: to level ``DENSE_TABLE_MAX_LEVEL`` (:func:`_lattice_bytes`). The reader refuses, before building it, a LOD
+#: whose estimate exceeds ``max_memory`` (see :func:`default_max_memory`).
+DECODE_BYTES_PER_CELL = 250
+DECODE_BYTES_PER_VERTEX = 150
 MAX_MEMORY_ENV = "VQAD_MAX_MEMORY"
 MAX_HEADER_BYTES = 1 << 20
 MAX_DECODER_DIR_BYTES = 1 << 16
@@ -316,6 +318,7 @@ class StreamDecoder:
         self.max_memory = default_max_memory() if max_memory is None else int(max_memory)
         self._stop_lod = stop_lod
         self._cells = 0  # octree cells of the levels decoded so far
+        self._vertices: dict[int, int] = {}  # each decoded level's vertex count (vertex_bound)
         self.needed_bytes = 0  # estimated memory to build the finest LOD whose octree has arrived
         self._buf = bytearray()
         self._off = 0  # stream offset of _buf[0]
@@ -514,7 +517,7 @@ class StreamDecoder:
     def _read_header(self, payload: bytes) -> None:
         try:
             doc = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, or an integer literal over Python's digit limit
             raise _corrupt(f"header is not valid JSON ({exc})") from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("field"), dict):
             raise _corrupt("header JSON has no 'field' object")
@@ -615,19 +618,18 @@ class StreamDecoder:
                 raise _corrupt(f"entropy-coded octree chunk of level {level} is not smaller than its {total} raw bytes")
         except E.EntropyError as exc:
             raise _corrupt(f"octree chunk of level {level}: {exc}") from exc
-        self._check_memory(level, int(parents.numel()))
+        self._check_memory(level, parents)
         self._levels[level] = _Level(codes=parents, n_masks=total)
         return total
 
-    def _check_memory(self, level: int, cells: int) -> None:
-        """Refuse LOD ``level`` (of ``cells`` cells) if building it would take more than ``max_memory``."""
-        self._cells += cells
-        m_max = min(8 * cells, ((1 << level) + 1) ** 3)
-        storage = 0
-        for lv in range(self.grid_cfg.base_level, level + 1):
-            m = m_max if lv == level else 8 * int(self._levels[lv].codes.numel())
-            storage += sum(lay.numel * (4 if lay.encoding == "f16" else 8) for lay in self._layout(lv, m))
-        need = DECODE_BYTES_PER_CELL * self._cells + 2 * storage
+    def _check_memory(self, level: int, codes: torch.Tensor) -> None:
+        """Refuse LOD ``level`` (its finest cells ``codes``) if building it would take more than ``max_memory``."""
+        self._cells += int(codes.numel())
+        self._vertices[level] = vertex_bound(codes, level)
+        storage = sum(lay.numel * (4 if lay.encoding == "f16" else 8)
+                      for lv, m in self._vertices.items() for lay in self._layout(lv, m))
+        need = (DECODE_BYTES_PER_CELL * self._cells + DECODE_BYTES_PER_VERTEX * sum(self._vertices.values())
+                + 2 * storage + _lattice_bytes(self.grid_cfg.base_level, level))
         self.needed_bytes = need
         if need > self.max_memory:
             raise StreamLimitError(
@@ -705,6 +707,16 @@ class StreamDecoder:
         field.load_decoder_state({k: self._decoder[k] for k in want})
         field.bake(fp16=False)
         return field
+
+
+def _lattice_bytes(base: int, level: int) -> int:
+    """The octree's dense tables for LOD ``level``: while building, a ``(2^L + 1)^3`` lattice of marks and
+    vertex ids (9 bytes a point) for its finest level up to ``DENSE_TABLE_MAX_LEVEL``; for lookups, an int32
+    cell table and the renderer's int8 empty-space table over all ``8^L`` cells of each such level."""
+    dense = range(base, min(level, DENSE_TABLE_MAX_LEVEL) + 1)
+    if not dense:
+        return 0
+    return 9 * ((1 << dense[-1]) + 1) ** 3 + sum(5 * 8 ** lv for lv in dense)
 
 
 def _raw_size(lay: TensorLayout) -> int:
@@ -940,5 +952,5 @@ def read_info(source, max_memory: int | None = None) -> FileInfo:
 __all__ = [
     "MAGIC", "VERSION", "ChunkType", "Codec", "ChunkRecord", "DecodedLOD", "StreamDecoder", "FileInfo", "LevelInfo",
     "to_bytes", "save", "iter_chunks", "load", "iter_lods", "lod_prefix_sizes", "read_info", "StreamError",
-    "StreamLimitError", "default_max_memory", "parse_bytes", "DECODE_BYTES_PER_CELL",
+    "StreamLimitError", "default_max_memory", "parse_bytes", "DECODE_BYTES_PER_CELL", "DECODE_BYTES_PER_VERTEX",
 ]

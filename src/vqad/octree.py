@@ -438,14 +438,36 @@ def _corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch
     return inv.reshape(-1, 8), morton_decode(uniq.long(), bits=level + 1)
 
 
-def _corner_tables_lattice(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_corner_tables` through a dense lattice of the ``(2^L + 1)^3`` vertex positions."""
+def _lattice_corners(codes: torch.Tensor, level: int) -> torch.Tensor:
+    """``(n, 8)`` x-major ids of the cells' corners in the ``(2^L + 1)^3`` vertex lattice."""
     S = (1 << level) + 1
     dev = codes.device
     ijk = morton_decode(codes, bits=level)  # (n, 3)
     lin = (ijk[:, 0] * S + ijk[:, 1]) * S + ijk[:, 2]  # (n,): corner 0 of each cell
     offs = (_corner_offsets(dev) * torch.tensor([S * S, S, 1], device=dev)).sum(1)  # (8,): corner c's lattice offset
-    corner_lin = lin[:, None] + offs[None]  # (n, 8)
+    return lin[:, None] + offs[None]
+
+
+def vertex_bound(codes: torch.Tensor, level: int, chunk: int = 1 << 16) -> int:
+    """m, the vertices of the cells ``codes`` of ``level``, without building their tables: exact up to
+    :data:`DENSE_TABLE_MAX_LEVEL` (corners marked on a bool lattice, ``chunk`` cells at a time: at most
+    17 MB plus ~200 bytes per chunk cell), above it the bound ``min(8 n, (2^L + 1)^3)``.
+
+    What a reader can learn about a level's size from its cells alone, before committing the memory."""
+    S = (1 << level) + 1
+    if level > DENSE_TABLE_MAX_LEVEL:
+        return min(8 * codes.numel(), S ** 3)
+    mark = torch.zeros(S ** 3, dtype=torch.bool, device=codes.device)
+    for i in range(0, codes.numel(), chunk):
+        mark[_lattice_corners(codes[i:i + chunk], level).reshape(-1)] = True
+    return int(mark.sum())
+
+
+def _corner_tables_lattice(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_corner_tables` through a dense lattice of the ``(2^L + 1)^3`` vertex positions."""
+    S = (1 << level) + 1
+    dev = codes.device
+    corner_lin = _lattice_corners(codes, level)  # (n, 8)
     mark = torch.zeros(S ** 3, dtype=torch.bool, device=dev)
     mark[corner_lin.reshape(-1)] = True
     pts = mark.nonzero().squeeze(1)  # (m,) lattice ids of the vertices, x-major

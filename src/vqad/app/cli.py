@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "vqad.app.commands.format",
     "vqad.app.commands.compress",
     "vqad.app.commands.sweep",
+    "vqad.app.commands.batch",
 ]
 
 

@@ -6,14 +6,14 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench-sdf bench-format bench-nerf bench-rd bench-speed clean
+.PHONY: demo test install bench-sdf bench-format bench-nerf bench-rd bench-speed bench-batch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned, so nothing below can pull a CUDA build.
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,6 +39,9 @@ bench-rd: $(STAMP)
 bench-speed: $(STAMP)
 	$(PY) benchmarks/bench_speed.py --threads 2 --profile --out docs/benchmarks/speed.md
 	$(PY) benchmarks/bench_threads.py --out docs/benchmarks/threads.md
+
+bench-batch: $(STAMP)
+	$(PY) benchmarks/bench_batch.py --out docs/benchmarks/batch.md
 
 clean:
 	rm -rf $(VENV) out build src/*.egg-info

@@ -91,6 +91,13 @@ def n_records(out: Path) -> int:
 
 
 # -- bad jobs: one line, exit 2, nothing written ---------------------------------------------------
+def assert_refused(argv, out: Path, message: str, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not out.exists()
+
+
 BAD_JOBS = {
     "unknown top-level key": ({"assets": ["sphere.obj"], "output": "x"}, "unknown key(s) 'output'"),
     "unknown setting": ({"assets": [{"path": "sphere.obj", "stepz": 3}]}, "unknown setting 'stepz'"),
@@ -117,11 +124,7 @@ def test_bad_job_is_one_line_exit_2_and_writes_nothing(case, shapes, tmp_path, c
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"defaults": TINY, "root": str(shapes), **data}).replace('"sphere.obj"', json.dumps(str(shapes / "sphere.obj")))
                    .replace('"box.ply"', json.dumps(str(shapes / "box.ply"))).replace('"*.stl"', json.dumps(str(shapes / "*.stl"))))
-    out = tmp_path / "out"
-    assert main(["batch", str(job), "--out", str(out), "--local"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and message in err, err
-    assert not out.exists()
+    assert_refused(["batch", str(job), "--out", str(tmp_path / "out"), "--local"], tmp_path / "out", message, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -134,10 +137,7 @@ def test_bad_job_is_one_line_exit_2_and_writes_nothing(case, shapes, tmp_path, c
 ])
 def test_bad_flags_are_one_line_exit_2(argv, message, shapes, tmp_path, capsys):
     job = write_job(tmp_path / "job.json", [str(shapes / "sphere.obj")], shapes)
-    assert main(["batch", str(job), "--out", str(tmp_path / "out"), "--local", *argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and message in err, err
-    assert not (tmp_path / "out").exists()
+    assert_refused(["batch", str(job), "--out", str(tmp_path / "out"), "--local", *argv], tmp_path / "out", message, capsys)
 
 
 def test_toml_job_defaults_per_application_and_overrides(shapes, tmp_path):

@@ -805,8 +805,6 @@ class RunConfig:
             raise InputError("--local and --ray exclude each other: choose one")
         if self.retries < 0:
             raise InputError(f"--retries must be >= 0, got {self.retries}")
-        if self.ray is not None and self.device.startswith("cuda:"):
-            raise InputError(f"--device {self.device}: with Ray each task is given its GPU; use --device cuda")
 
     def executor(self, note=print) -> str:
         """``"local"`` or ``"ray"``: without a flag Ray when it is installed; ``--ray auto`` without Ray
@@ -931,6 +929,8 @@ class BatchRun:
         self.job, self.run, self.log = job, run, log
         self.executor = run.executor(note=lambda m: print(m, file=sys.stderr))
         self.threads = run.fit_threads(self.executor)
+        if self.executor == "ray" and run.device.startswith("cuda:"):
+            raise InputError(f"--device {run.device}: with Ray each task is given its GPU; use --device cuda")
         if self.executor == "local":
             from vqad.device import resolve_device
 

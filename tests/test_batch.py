@@ -110,6 +110,8 @@ BAD_JOBS = {
     "empty glob": ({"assets": ["*.stl"]}, "matches nothing"),
     "one output twice": ({"assets": ["sphere.obj", {"path": "box.ply", "name": "sphere"}]}, "output folder 'sphere'"),
     "listed twice": ({"assets": ["sphere.obj", "sphere.obj"]}, "is listed twice"),
+    "outputs nest": ({"assets": ["sphere.obj", {"path": "box.ply", "name": "sphere/in"}]}, "would be inside that of"),
+    "one name, many files": ({"assets": [{"path": "*.obj", "name": "x"}]}, "the pattern matches 2"),
     "no assets": ({"assets": []}, "no assets"),
     "bad option": ({"assets": [{"path": "sphere.obj", "entropy": "yes"}]}, "entropy must be true or false"),
     "wrong application": ({"assets": [{"path": "sphere.obj", "application": "nerf"}]}, "a mesh file is an sdf asset"),
@@ -123,7 +125,8 @@ def test_bad_job_is_one_line_exit_2_and_writes_nothing(case, shapes, tmp_path, c
     data, message = BAD_JOBS[case]
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"defaults": TINY, "root": str(shapes), **data}).replace('"sphere.obj"', json.dumps(str(shapes / "sphere.obj")))
-                   .replace('"box.ply"', json.dumps(str(shapes / "box.ply"))).replace('"*.stl"', json.dumps(str(shapes / "*.stl"))))
+                   .replace('"box.ply"', json.dumps(str(shapes / "box.ply"))).replace('"*.stl"', json.dumps(str(shapes / "*.stl")))
+                   .replace('"*.obj"', json.dumps(str(shapes / "*.obj"))))
     assert_refused(["batch", str(job), "--out", str(tmp_path / "out"), "--local"], tmp_path / "out", message, capsys)
 
 

@@ -243,9 +243,14 @@ def _other(application: str) -> str:
     return "nerf" if application == "sdf" else "sdf"
 
 
+def has_setting(application: str, key: str) -> bool:
+    """Whether ``key`` is a setting of an ``application`` asset (a fit flag or a batch option)."""
+    return key in fit_flags(application) or (key in OPTION_NAMES and not (application == "nerf" and key in AssetOptions.SDF_ONLY))
+
+
 def _check_key(key: str, application: str) -> None:
     """Refuse a key that is not a setting of an ``application`` asset, saying whose setting it is."""
-    if key in fit_flags(application) or key in OPTION_NAMES and not (application == "nerf" and key in AssetOptions.SDF_ONLY):
+    if has_setting(application, key):
         return
     other = _other(application)
     if key in fit_flags(other) or key in AssetOptions.SDF_ONLY:
@@ -345,9 +350,9 @@ def discover(root: Path, exclude: Path | None = None) -> list[Path]:
         for p in sorted(d.iterdir()):
             if p.name.startswith(".") or (exclude is not None and p.resolve() == exclude):
                 continue
-            if p.is_dir():
-                found.append(p) if is_capture(p) else walk(p)
-            elif p.suffix.lower() in MESH_SUFFIXES:
+            if p.is_dir() and not is_capture(p):
+                walk(p)
+            elif p.is_dir() or p.suffix.lower() in MESH_SUFFIXES:
                 found.append(p)
 
     if is_capture(root):
@@ -414,7 +419,6 @@ def load_job(source: str | Path, out: str | Path | None = None, overrides: dict 
     one that no asset has is an error. See the module docstring for the format.
     """
     source = Path(source)
-    overrides = {str(k).replace("-", "_"): v for k, v in (overrides or {}).items()}
     if source.is_dir():
         base, data, name = source, {}, str(source)
     elif source.suffix.lower() in (".toml", ".json") or source.is_file():
@@ -436,9 +440,10 @@ def load_job(source: str | Path, out: str | Path | None = None, overrides: dict 
     if out is None and "out" not in data:
         raise InputError(f"{name}: no output folder: give --out OUT" + ("" if source.is_dir() else " (or out = \"...\" in the job file)"))
     out_dir = Path(out).resolve() if out is not None else (base / data["out"]).resolve()
-
     defaults = _table(data.get("defaults", {}), f"{name}: [defaults]")
-    per_app = {app: _table(defaults.pop(app, {}), f"{name}: [defaults.{app}]") for app in FIT_COMMANDS}
+    reader = _JobReader(name, base, root, out_dir, defaults,
+                        {app: _table(defaults.pop(app, {}), f"{name}: [defaults.{app}]") for app in FIT_COMMANDS},
+                        {str(k).replace("-", "_"): v for k, v in (overrides or {}).items()})
     if source.is_dir():
         entries = [str(p) for p in discover(source, exclude=out_dir)]
         if not entries:
@@ -447,56 +452,73 @@ def load_job(source: str | Path, out: str | Path | None = None, overrides: dict 
         entries = data.get("assets")
         if not isinstance(entries, list) or not entries:
             raise InputError(f"{name}: no assets: list them as [[assets]] tables with a path, or assets = [\"a.obj\", ...]")
+    specs = [spec for i, entry in enumerate(entries, 1) for spec in reader.specs(entry, f"{name}: asset {i}")]
+    reader.check_overrides(specs)
+    _check_keys(specs, name)
+    return Job(source=source, root=root, out=out_dir, assets=specs)
 
-    specs: list[AssetSpec] = []
-    used_overrides: set[str] = set()
-    for i, entry in enumerate(entries, 1):
-        where = f"{name}: asset {i}"
-        if isinstance(entry, str):
-            entry = {"path": entry}
-        entry = _table(entry, where)
+
+@dataclass
+class _JobReader:
+    """Turns a job's asset entries into checked :class:`AssetSpec` s."""
+
+    name: str  # the job, as errors name it
+    base: Path  # what relative paths are relative to
+    root: Path  # the input tree mirrored under out_dir
+    out_dir: Path
+    defaults: dict  # [defaults] without its per-application tables
+    per_app: dict  # application -> [defaults.<application>]
+    overrides: dict  # command line: key -> value
+    used: set = dfield(default_factory=set)  # overrides some asset took
+
+    def specs(self, entry, where: str) -> list[AssetSpec]:
+        """The assets of one entry (a path, or a table with a path, maybe a glob, and settings)."""
+        entry = _table({"path": entry} if isinstance(entry, str) else entry, where)
         path = entry.pop("path", None)
         if not isinstance(path, str) or not path:
             raise InputError(f"{where}: needs a path (a mesh file or a capture folder), got {path!r}")
-        asset_name = entry.pop("name", None)
-        for source_path in _expand(path, base, out_dir, f"{where} ({path})"):
-            w = f"{name}: {path}" if source_path == path or source_path in _procedural_names() else f"{name}: {Path(source_path).name}"
-            app = application_of(source_path, w)
-            stated = entry.get("application", defaults.get("application"))
-            if stated is not None and stated != app:
-                raise InputError(f"{w}: application {stated!r}, but {'a mesh file is an sdf' if app == 'sdf' else 'a capture is a nerf'} asset")
-            layers = [defaults, per_app[app], entry]
-            merged = {k: v for layer in layers for k, v in layer.items() if k != "application"}
-            for k, v in overrides.items():
-                if k in fit_flags(app) or k in OPTION_NAMES and not (app == "nerf" and k in AssetOptions.SDF_ONLY):
-                    merged[k] = v
-                    used_overrides.add(k)
-            bad = [k for k, v in merged.items() if isinstance(v, (list, dict))]
-            if bad:
-                raise InputError(f"{w}: {bad[0]} must be a single value, got {merged[bad[0]]!r}")
-            try:
-                args, options, configs = resolve_settings(app, tuple(sorted(merged.items())))
-                if app == "nerf" and args["format"] == "auto" and source_path not in _procedural_names():
-                    from vqad.nerf.formats import detect_format
+        name = entry.pop("name", None)
+        sources = _expand(path, self.base, self.out_dir, f"{where} ({path})")
+        if name is not None and len(sources) > 1:
+            raise InputError(f"{self.name}: {path}: name names one asset's folder, but the pattern matches {len(sources)}")
+        return [self._spec(src, entry, name, f"{self.name}: {path if len(sources) == 1 else Path(src).name}")
+                for src in sources]
 
-                    detect_format(source_path)  # what a capture is, before anything runs
-            except VqadError as exc:
-                raise InputError(f"{w}: {exc}") from None
-            key = _asset_key(source_path, root, asset_name, w)
-            stamp = input_stamp(source_path)
-            specs.append(AssetSpec(key, source_path, app, dict(args), options,
-                                   {**merged, "input": stamp}, fingerprint(app, stamp, args, options, configs)))
-    unused = sorted(set(overrides) - used_overrides)
-    if unused:
-        apps = sorted({s.application for s in specs})
-        for k in unused:  # says why: unknown, or a setting of the other kind of asset
-            try:
-                _check_key(k, apps[0])
-            except InputError as exc:
-                raise InputError(f"--set {k}: {exc}") from None
+    def _spec(self, source: str, entry: dict, name, where: str) -> AssetSpec:
+        app = application_of(source, where)
+        stated = entry.get("application", self.defaults.get("application"))
+        if stated is not None and stated != app:
+            raise InputError(f"{where}: application {stated!r}, but {'a mesh file is an sdf' if app == 'sdf' else 'a capture is a nerf'} asset")
+        merged = {k: v for layer in (self.defaults, self.per_app[app], entry) for k, v in layer.items() if k != "application"}
+        for k, v in self.overrides.items():
+            if has_setting(app, k):
+                merged[k] = v
+                self.used.add(k)
+        bad = [k for k, v in merged.items() if isinstance(v, (list, dict))]
+        if bad:
+            raise InputError(f"{where}: {bad[0]} must be a single value, got {merged[bad[0]]!r}")
+        try:
+            args, options, configs = resolve_settings(app, tuple(sorted(merged.items())))
+            if app == "nerf" and args["format"] == "auto" and source not in _procedural_names():
+                from vqad.nerf.formats import detect_format
+
+                detect_format(source)  # what a capture is, before anything runs
+        except VqadError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        stamp = input_stamp(source)
+        return AssetSpec(_asset_key(source, self.root, name, where), source, app, dict(args), options,
+                         {**merged, "input": stamp}, fingerprint(app, stamp, args, options, configs))
+
+    def check_overrides(self, specs: list[AssetSpec]) -> None:
+        """Refuse a command-line setting that no asset of the job takes, saying why."""
+        unused = sorted(set(self.overrides) - self.used)
+        if not unused:
+            return
+        try:
+            _check_key(unused[0], specs[0].application)  # unknown, or a setting of the other kind of asset
+        except InputError as exc:
+            raise InputError(f"--set {unused[0]}: {exc}") from None
         raise InputError(f"--set {unused[0]}: no asset of this job takes it")
-    _check_keys(specs, name)
-    return Job(source=source, root=root, out=out_dir, assets=specs)
 
 
 def _expand(path: str, base: Path, out_dir: Path, where: str) -> list[str]:
@@ -523,11 +545,11 @@ def _check_keys(specs: list[AssetSpec], name: str) -> None:
             what = "is listed twice" if seen[s.key] == s.source else f"and {seen[s.key]} both map to"
             raise InputError(f"{name}: {s.source} {what} the output folder {s.key!r}: give one a name = \"...\"")
         seen[s.key] = s.source
-    keys = sorted(seen)
-    for a, b in zip(keys, keys[1:]):
-        if b.startswith(a + "/"):
-            raise InputError(f"{name}: the output folder of {seen[b]} ({b!r}) would be inside that of {seen[a]} "
-                             f"({a!r}): give one a name = \"...\"")
+    for key, src in seen.items():
+        outer = next((str(p) for p in PurePosixPath(key).parents if str(p) in seen), None)
+        if outer is not None:
+            raise InputError(f"{name}: the output folder of {src} ({key!r}) would be inside that of {seen[outer]} "
+                             f"({outer!r}): give one a name = \"...\"")
 
 
 # ================================================================================================
@@ -683,6 +705,12 @@ def _process_asset(spec: AssetSpec, ctx: WorkerContext, d: Path, rec: dict) -> d
     return summary
 
 
+def failed_record(spec: AssetSpec, error: str, **fields) -> dict:
+    """An asset's results record, as failed with the one-line ``error`` until its run says otherwise."""
+    return {"asset": spec.key, "status": "failed", "application": spec.application, "input": spec.source,
+            "fingerprint": spec.fingerprint, "settings": spec.settings, "error": error, **fields}
+
+
 def run_asset(spec: AssetSpec, ctx: WorkerContext, submitted_at: float) -> dict:
     """Fit, export and evaluate one asset into ``OUT/<key>/``: the task of a Ray worker, and of
     ``--local``. Returns its results record (``status`` ``"done"`` or ``"failed"`` with the one-line
@@ -693,10 +721,8 @@ def run_asset(spec: AssetSpec, ctx: WorkerContext, submitted_at: float) -> dict:
     started = _now()
     set_threads(ctx.threads)
     d = Path(ctx.out) / spec.key
-    rec = {"asset": spec.key, "status": "failed", "application": spec.application, "input": spec.source,
-           "fingerprint": spec.fingerprint, "settings": spec.settings, "worker": f"{socket.gethostname()}:{os.getpid()}",
-           "threads": ctx.threads, "device": ctx.device, "run": ctx.run, "submitted_at": submitted_at,
-           "started_at": started, "error": None}
+    rec = failed_record(spec, None, worker=f"{socket.gethostname()}:{os.getpid()}", threads=ctx.threads,
+                        device=ctx.device, run=ctx.run, submitted_at=submitted_at, started_at=started)
     try:
         d.mkdir(parents=True, exist_ok=True)
         log = open(d / "log.txt", "a", buffering=1, encoding="utf-8")
@@ -934,7 +960,7 @@ class BatchRun:
         if self.executor == "local":
             from vqad.device import resolve_device
 
-            resolve_device(run.device)  # --device cuda without a GPU: an error now, not per asset
+            resolve_device(run.device)  # --device cuda without a GPU: an error now, before anything is written
         self.plan = plan(job)
         self._last_report = 0.0
 
@@ -969,7 +995,12 @@ class BatchRun:
         if not self.run.quiet:
             for line in self.describe():
                 self.log(line)
-        ctx = WorkerContext(out=str(out), threads=self.threads, device=self.run.device, run=uuid.uuid4().hex[:8])
+        device = self.run.device
+        if self.executor == "local":
+            from vqad.device import resolve_device
+
+            device = str(resolve_device(device))
+        ctx = WorkerContext(out=str(out), threads=self.threads, device=device, run=uuid.uuid4().hex[:8])
         bar = _Bar(len(self.plan.run), self.run.quiet)
         t0 = time.perf_counter()
         ran: list[dict] = []
@@ -997,6 +1028,7 @@ class BatchRun:
             bar.close()
             self._report()
             raise
+        bar.show(running=0)
         bar.close()
         records = self._report()
         failed = sum(r["status"] != "done" for r in ran)
@@ -1075,10 +1107,8 @@ def _run_ray(todo: list[AssetSpec], ctx: WorkerContext, run: RunConfig, finished
                 try:
                     rec = ray.get(ref)
                 except ray.exceptions.RayError as exc:  # the worker died more than --retries times, or Ray failed
-                    rec = {"asset": spec.key, "status": "failed", "application": spec.application, "input": spec.source,
-                           "fingerprint": spec.fingerprint, "settings": spec.settings, "finished_at": _now(),
-                           "error": f"{type(exc).__name__}: {_one_line(exc)} (after {run.retries} retries; "
-                                    f"see {spec.key}/log.txt)"}
+                    rec = failed_record(spec, f"{type(exc).__name__}: {_one_line(exc)} (--retries {run.retries}; "
+                                              f"see {spec.key}/log.txt)", finished_at=_now())
                 finished(rec)
             busy = total_cpus - ray.available_resources().get("CPU", 0)
             bar.show(running=min(len(pending), max(0, round(busy / ctx.threads))))
@@ -1108,7 +1138,7 @@ def summary_line(res: BatchResult, out: Path) -> str:
     done = sum(r["status"] == "done" for r in res.records)
     failed = len(res.records) - done
     nbytes = sum(r.get("bytes") or 0 for r in res.records if r["status"] == "done")
-    rate = f", {3600 * (res.ran - res.failed) / res.seconds:,.0f} assets/hour" if res.ran and res.seconds > 0 else ""
+    rate = f", {3600 * (res.ran - res.failed) / res.seconds:,.0f} assets/hour" if res.ran > res.failed else ""
     return (f"batch: {len(res.records)} assets: {done} done ({res.skipped} finished earlier, skipped), {failed} failed; "
             f"{nbytes / 1e6:,.2f} MB of .vqad files; this run {res.ran} in {res.seconds:,.1f} s{rate}; "
             f"results: {out / RESULTS_MD}")

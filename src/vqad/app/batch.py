@@ -1058,8 +1058,9 @@ def _start_ray(run: RunConfig, threads: int):
         try:
             ray.init(address=run.ray, **quiet_ray)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, ... for a bad address
-            raise InputError(f"cannot join the Ray cluster at {run.ray}: {_one_line(exc)} (is `ray start --head` "
-                             "running there, and is the address host:port?)") from None
+            raise InputError(f"cannot join the Ray cluster at {run.ray}: {_one_line(exc)} (is `ray start --head` running "
+                             "there, is the address host:port, and with token authentication, the default of `ray start` "
+                             "from Ray 2.59, are RAY_AUTH_MODE=token and the cluster's token set here?)") from None
         where, started = f"the Ray cluster at {run.ray}", False
     try:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -1107,8 +1108,7 @@ def _run_ray(todo: list[AssetSpec], ctx: WorkerContext, run: RunConfig, finished
                 try:
                     rec = ray.get(ref)
                 except ray.exceptions.RayError as exc:  # the worker died more than --retries times, or Ray failed
-                    rec = failed_record(spec, f"{type(exc).__name__}: {_one_line(exc)} (--retries {run.retries}; "
-                                              f"see {spec.key}/log.txt)", finished_at=_now())
+                    rec = failed_record(spec, ray_error(exc, run.retries, spec.key), finished_at=_now())
                 finished(rec)
             busy = total_cpus - ray.available_resources().get("CPU", 0)
             bar.show(running=min(len(pending), max(0, round(busy / ctx.threads))))
@@ -1127,6 +1127,18 @@ def _run_ray(todo: list[AssetSpec], ctx: WorkerContext, run: RunConfig, finished
         if started:
             ray.shutdown()
     return layout
+
+
+def ray_error(exc: BaseException, retries: int, key: str) -> str:
+    """One line for a task Ray could not complete: the last line of Ray's report (the cause), and what
+    to check."""
+    import re
+
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if ln.strip()]
+    cause = lines[-1] if lines else type(exc).__name__
+    if "ModuleNotFoundError" in cause or "ImportError" in cause or "failed to import" in cause:
+        return f"a Ray worker cannot import vqad: {cause} (every worker needs this vqad and torch installed)"
+    return f"{type(exc).__name__}: {cause} (after up to {retries} retries; see {key}/log.txt)"
 
 
 def run_job(job: Job, run: RunConfig, log=print) -> BatchResult:

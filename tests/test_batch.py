@@ -316,6 +316,19 @@ def test_directory_job_mirrors_the_tree(shapes, tmp_path):
     assert main(argv) == 0 and len(records(out)) == 2  # the outputs' meshes are not new assets
 
 
+def test_one_run_at_a_time_per_output_folder(shapes, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    job = write_job(tmp_path / "job.json", [str(shapes / "sphere.obj")], shapes)
+    with open(out / ".batch.lock", "a+") as f:  # another driver's lock
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["batch", str(job), "--out", str(out), "--local", "--quiet"]) == 2
+    assert "another vqad batch is running with the output folder" in capsys.readouterr().err
+    assert not (out / B.RESULTS).exists()
+
+
 def test_results_log_survives_a_torn_record(tmp_path):
     log = tmp_path / B.RESULTS
     append_record(log, json.dumps({"asset": "a", "status": "done"}))

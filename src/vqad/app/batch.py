@@ -985,11 +985,17 @@ class BatchRun:
 
     def execute(self) -> BatchResult:
         """Run every planned asset; KeyboardInterrupt (Ctrl-C, SIGTERM) stops the fits, each saving its
-        checkpoint, writes the reports and propagates."""
+        checkpoint, writes the reports and propagates. One run at a time writes an output folder."""
         from vqad.app.commands.common import ensure_writable_dir
-        from vqad.fit import interrupt_guard
 
         out = ensure_writable_dir(self.job.out)
+        with _exclusive(out):
+            return self._execute(out)
+
+    def _execute(self, out: Path) -> BatchResult:
+        from vqad.fit import interrupt_guard
+
+        self.plan = plan(self.job)  # again, now that this run holds the folder
         for rec in self.plan.recovered:
             self._record(rec)
         if not self.run.quiet:
@@ -1034,6 +1040,21 @@ class BatchRun:
         failed = sum(r["status"] != "done" for r in ran)
         return BatchResult(records, len(ran), failed, len(self.plan.skipped) + len(self.plan.recovered),
                            time.perf_counter() - t0, layout)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold ``out/.batch.lock`` while a run writes ``out`` (released by the kernel if the driver dies):
+    a second driver on the same folder would fit the same assets twice."""
+    import fcntl
+
+    with open(out / ".batch.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(f"another vqad batch is running with the output folder {out}: wait for it to finish, "
+                             "or give this one another --out") from None
+        yield
 
 
 def _start_ray(run: RunConfig, threads: int):

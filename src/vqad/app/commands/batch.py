@@ -58,6 +58,10 @@ def register(sub) -> None:
                    help="run each asset as a Ray task: 'auto' starts a local Ray for the job, ADDRESS (host:port) joins "
                         "a running cluster; each task declares --threads CPUs (default 1), so a node runs "
                         "cores // threads fits at a time (default without --local / --ray: Ray when installed)")
+    p.add_argument("--threads", default=None, metavar="N",
+                   help="CPU threads of each fit (default: --local every core this process may use, or $VQAD_THREADS / "
+                        "$OMP_NUM_THREADS; Ray $VQAD_THREADS, else 1); fits with the same threads write the same files "
+                        "bit for bit in either mode")
     p.add_argument("--retries", type=int, default=RunConfig.retries,
                    help=f"Ray: times a task whose worker died is run again, from its checkpoint (default {RunConfig.retries})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -718,7 +718,7 @@ def run_asset(spec: AssetSpec, ctx: WorkerContext, submitted_at: float) -> dict:
     an exception; Ctrl-C (KeyboardInterrupt) saves the fit's checkpoint and propagates."""
     from vqad.device import set_threads
 
-    started = _now()
+    started, cpu0 = _now(), time.process_time()
     set_threads(ctx.threads)
     d = Path(ctx.out) / spec.key
     rec = failed_record(spec, None, worker=f"{socket.gethostname()}:{os.getpid()}", threads=ctx.threads,
@@ -736,7 +736,7 @@ def run_asset(spec: AssetSpec, ctx: WorkerContext, submitted_at: float) -> dict:
             print(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {spec.key} ({spec.application}, {spec.source}): attempt "
                   f"{rec['attempt']} of run {ctx.run} on {rec['worker']}, {ctx.threads} thread(s), device {ctx.device}")
             summary = _process_asset(spec, ctx, d, rec)
-            rec["finished_at"] = _now()
+            rec.update(finished_at=_now(), cpu_seconds=time.process_time() - cpu0)  # all of this process's threads
             write_atomic(d / "metrics.json", json.dumps({**summary, "batch": rec}, indent=2, default=str))  # last
         except VqadError as exc:
             rec.update(status="failed", error=_one_line(exc), finished_at=_now())

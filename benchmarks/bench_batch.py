@@ -159,17 +159,28 @@ def contention_note(runs: list[dict], best: dict) -> str:
 
 
 def threads_note(runs: list[dict]) -> str:
-    """What the second thread buys a fit, from the two Ray layouts' task times."""
-    per_task = {r["flags"][-1]: statistics.mean(x["finished_at"] - x["started_at"] for x in r["records"])
-                for r in runs if r["ray"]}
-    one, two = per_task["1"], per_task["2"]
-    return (f"An asset's task took {two:.1f} s on average with 2 threads and {one:.1f} s with 1 thread (two of them "
-            f"side by side): the second thread made a task {one / two:.2f}× faster, where two 1-thread tasks at once "
-            f"make {2 * two / one:.2f}× the throughput of one 2-thread task. Much of an asset's time is single-threaded "
-            "whatever the thread count: loading the mesh, exact distances for the sample pools (pysdf), sampling the "
-            "surface for the octree, marching cubes and the Chamfer distances of the evaluation, and the small tensor "
-            "work of a tiny grid per step. Hence Ray's default of 1 thread per fit (`--threads` changes it), and "
-            "`max(1, cores // threads)` fits at a time on a node.")
+    """What the second thread buys a fit, from the task times and CPU seconds of the layouts."""
+    local, two, one = runs[0], *(next(r for r in runs if r["ray"] and r["flags"][-1] == t) for t in ("2", "1"))
+    mean = {k: statistics.mean(x["finished_at"] - x["started_at"] for x in r["records"]) for k, r in (("2", two), ("1", one))}
+    cpu = {k: sum(x["cpu_seconds"] for x in r["records"]) for k, r in (("local", local), ("2", two), ("1", one))}
+    return (f"An asset's task took {mean['2']:.1f} s on average with 2 threads (one task at a time) and {mean['1']:.1f} s "
+            f"with 1 thread (two tasks side by side), so two 1-thread tasks at once made {2 * mean['2'] / mean['1']:.2f}× "
+            "the throughput of one 2-thread task. Much of an asset's time is single-threaded whatever the thread count "
+            "(loading the mesh, exact distances for the sample pools, surface samples for the octree, marching cubes and "
+            "the Chamfer distances of the evaluation, and the small tensor work of a tiny grid per step), and a fit "
+            "that asks for every core is hurt by anything else that runs: under Ray the same 8 assets cost "
+            f"{cpu['2']:.0f} CPU-seconds with 2 threads per fit against {cpu['local']:.0f} under `--local` and "
+            f"{cpu['1']:.0f} with 1 thread, because everything besides the tasks (Ray's own processes, the driver, "
+            "any other work) kept "
+            f"{two['machine_cores'] - two['job_cores']:.2f} cores busy and the fit's two threads waited on each other "
+            "(docs/benchmarks/threads.md: 2 jobs × 2 threads on 2 cores made 0.22× the steps of 2 × 1). Hence Ray's "
+            "default of 1 thread per fit (`--threads` changes it), and `max(1, cores // threads)` fits at a time on a "
+            "node.")
+
+
+def other_load(runs: list[dict]) -> str:
+    """How busy the machine was besides the job's tasks, per layout."""
+    return ", ".join(f"{r['machine_cores'] - r['job_cores']:.2f}" for r in runs)
 
 
 def report(runs: list[dict], settings: dict, costs: dict, load0, load1, n: int) -> str:
@@ -182,8 +193,9 @@ def report(runs: list[dict], settings: dict, costs: dict, load0, load1, n: int) 
         f"{n} small meshes (sphere, box, torus, capsule, cylinder, cone, bunny, spot), every one fitted, exported and "
         f"evaluated with the same settings: `{json.dumps(settings)}`. "
         f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-        f"Python {platform.python_version()}; load average {load0[0]:.2f} before and {load1[0]:.2f} after — "
-        "**the machine is shared with another engineer's work, so the figures carry that contention**. "
+        f"Python {platform.python_version()}; load average {load0[0]:.2f} before and {load1[0]:.2f} after. The machine "
+        "is shared with another engineer's work: besides the job's tasks, the driver, Ray and anything else kept "
+        f"{other_load(runs)} cores busy during the three layouts (last column minus the one before). "
         "Each layout ran once, as its own `vqad batch` command (wall: the whole command, Python and Ray "
         "start-up and shutdown included).",
         "",

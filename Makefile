@@ -6,14 +6,14 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench-sdf bench-format bench-nerf bench-rd bench-speed bench-fuzz clean
+.PHONY: demo test install bench-sdf bench-format bench-nerf bench-rd bench-speed bench-fuzz bench-batch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned, so nothing below can pull a CUDA build.
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,6 +42,9 @@ bench-speed: $(STAMP)
 
 bench-fuzz: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/fuzz_campaign.py --out docs/benchmarks/fuzz.md
+
+bench-batch: $(STAMP)
+	$(PY) benchmarks/bench_batch.py --out docs/benchmarks/batch.md
 
 clean:
 	rm -rf $(VENV) out build src/*.egg-info

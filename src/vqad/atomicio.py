@@ -2,7 +2,8 @@
 
 Every output vqad writes (``.vqad`` files, checkpoints, metrics, meshes, images, reports) goes
 through here: the data is written to ``NAME.tmp`` beside the target, flushed to disk, renamed over
-the target, and the directory entry flushed too.
+the target, and the directory entry flushed too. Append-only logs (``vqad batch``'s results) add
+one fsync'ed line at a time (:func:`append_record`).
 """
 
 from __future__ import annotations
@@ -87,4 +88,36 @@ def save_mesh_file(mesh, path: str | Path) -> None:
         mesh.export(str(tmp), file_type=path.suffix.lstrip(".").lower())
 
 
-__all__ = ["atomic_path", "write_atomic", "fsync_path", "tmp_path", "save_image", "save_mesh_file"]
+
+def append_record(path: str | Path, line: str, what: str = "output") -> None:
+    """Append one record (a line of text, no newline inside) to the log ``path`` and flush it to disk.
+
+    For append-only logs, where renaming a whole copy per record would cost O(n²): the record goes
+    out in ONE ``write`` to a file opened with ``O_APPEND``, then ``fsync``; a new file's directory
+    entry is flushed too. A kill can tear at most the last line, never an earlier one: readers skip
+    a line that does not parse, and a record that follows a torn line starts on a line of its own.
+    """
+    path = Path(path)
+    if "\n" in line:
+        raise ValueError("a record is one line")
+    created = not path.exists()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            torn = False
+            if size:
+                with open(path, "rb") as f:
+                    f.seek(size - 1)
+                    torn = f.read(1) != b"\n"
+            os.write(fd, (("\n" if torn else "") + line + "\n").encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise InputError(f"cannot append to {what} {path}: {exc.strerror or exc}") from exc
+    if created:
+        fsync_path(path.parent)
+
+
+__all__ = ["atomic_path", "write_atomic", "append_record", "fsync_path", "tmp_path", "save_image", "save_mesh_file"]

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "vqad.app.commands.format",
     "vqad.app.commands.compress",
     "vqad.app.commands.sweep",
+    "vqad.app.commands.batch",
 ]
 
 
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     for cmd in sub.choices.values():  # one thread policy for every command
+        if "--threads" in cmd._option_string_actions:  # a command that says what its threads are (batch: per fit)
+            continue
         cmd.add_argument("--threads", type=str, default=None, metavar="N",
                          help="CPU threads for PyTorch (default: $VQAD_THREADS, else $OMP_NUM_THREADS, else every "
                               "core this process may use; running several jobs at once, give each cores / jobs)")

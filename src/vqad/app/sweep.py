@@ -394,28 +394,31 @@ def detect_kind(dataset: str) -> str:
     return "nerf"
 
 
-def load_config_file(path: str | Path) -> dict:
-    """A sweep config from JSON (``.json``) or TOML (``.toml``): keys are the long flag names
-    (``steps``, ``eval-max-views`` or ``eval_max_views``, ``methods = ["codebook:4,6", "hash:12"]``)."""
+def load_config_file(path: str | Path, what: str = "sweep config") -> dict:
+    """A config (``what``: how errors name it) from JSON (``.json``) or TOML (``.toml``; the standard
+    ``tomllib``, ``tomli`` on Python 3.10): keys are the long flag names (``steps``,
+    ``eval-max-views`` or ``eval_max_views``, ``methods = ["codebook:4,6", "hash:12"]``)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"sweep config not found: {path}")
-    text = path.read_text(encoding="utf-8")
+        raise InputError(f"{what} not found: {path}")
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".toml":
             try:
                 import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                raise InputError("TOML configs need Python 3.11+: use a .json config instead") from None
+            except ModuleNotFoundError:  # Python 3.10: the same parser as a package (a dependency there)
+                import tomli as tomllib
             data = tomllib.loads(text)
         elif path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            raise InputError(f"sweep config must be .json or .toml, got {path.name}")
+            raise InputError(f"{what} must be .json or .toml, got {path.name}")
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-        raise InputError(f"cannot parse sweep config {path}: {exc}".splitlines()[0]) from None
+        raise InputError(f"cannot parse {what} {path}: {exc}".splitlines()[0]) from None
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
-        raise InputError(f"sweep config {path} must hold a table / object of options")
+        raise InputError(f"{what} {path} must hold a table / object of options")
     return data
 
 

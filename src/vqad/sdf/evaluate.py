@@ -9,16 +9,19 @@ from vqad.errors import InputError
 
 
 def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, quiet: bool = False,
-                 chamfer_samples: int | None = None, deadline=None) -> dict:
-    """Per-LOD metrics, a mesh of the finest LOD and a render per LOD, written into ``out``.
+                 chamfer_samples: int | None = None, iou_samples: int | None = None, renders: bool = True,
+                 deadline=None) -> dict:
+    """Per-LOD metrics, and (``renders``) a mesh of the finest LOD and a render per LOD written into ``out``.
 
+    ``chamfer_samples`` / ``iou_samples``: surface samples per side for Chamfer-L1 and uniform points
+    for IoU (None: :data:`~vqad.sdf.metrics.CHAMFER_SAMPLES`, :data:`~vqad.sdf.metrics.IOU_SAMPLES`).
     With a capped ``deadline`` (:class:`vqad.fit.Deadline`) the finest LOD is evaluated first and
     coarser ones while its time lasts; a LOD left out reads ``{"skipped": reason}``.
     """
+    from vqad.atomicio import save_image
     from vqad.sdf.extract import extract_mesh, save_mesh
     from vqad.sdf.mesh import SDFOracle
-    from vqad.sdf.metrics import CHAMFER_SAMPLES, geometry_metrics
-    from vqad.atomicio import save_image
+    from vqad.sdf.metrics import CHAMFER_SAMPLES, IOU_SAMPLES, geometry_metrics
     from vqad.sdf.render import OrbitCamera, render_sdf
 
     field.eval()
@@ -36,10 +39,12 @@ def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, qui
         except InputError as exc:
             results[lod] = {"error": str(exc)}
             continue
-        gm = geometry_metrics(field, lod, mesh, m, oracle, chamfer_samples or CHAMFER_SAMPLES).as_dict()
-        if lod == field.grid.octree.max_level:
-            save_mesh(m, out / f"mesh_lod{lod}.ply")
-        save_image(render_sdf(field, lod, OrbitCamera(width=320, height=320)), out / f"render_lod{lod}.png")
+        gm = geometry_metrics(field, lod, mesh, m, oracle, chamfer_samples or CHAMFER_SAMPLES,
+                              iou_samples or IOU_SAMPLES).as_dict()
+        if renders:
+            if lod == field.grid.octree.max_level:
+                save_mesh(m, out / f"mesh_lod{lod}.ply")
+            save_image(render_sdf(field, lod, OrbitCamera(width=320, height=320)), out / f"render_lod{lod}.png")
         gm["seconds"] = time.perf_counter() - t0
         results[lod] = gm
         if not quiet:

@@ -130,8 +130,9 @@ def volumetric_iou(field, lod: int, oracle: SDFOracle, n: int = IOU_SAMPLES, see
 
 
 def geometry_metrics(field, lod: int, mesh_world: Mesh, extracted_world: Mesh, oracle: SDFOracle,
-                     chamfer_samples: int = CHAMFER_SAMPLES) -> GeometryMetrics:
-    """All geometry metrics at one LOD, in the unit-cube frame (Chamfer with ``chamfer_samples`` per side)."""
+                     chamfer_samples: int = CHAMFER_SAMPLES, iou_samples: int = IOU_SAMPLES) -> GeometryMetrics:
+    """All geometry metrics at one LOD, in the unit-cube frame (Chamfer with ``chamfer_samples`` per side,
+    IoU over ``iou_samples`` uniform points)."""
     to_unit = lambda v: field.normalization.to_unit(torch.from_numpy(v)).numpy()  # noqa: E731
     ch, nc = chamfer_and_normals(mesh_world.transformed(to_unit), extracted_world.transformed(to_unit), n=chamfer_samples)
-    return GeometryMetrics(ch, nc, volumetric_iou(field, lod, oracle))
+    return GeometryMetrics(ch, nc, volumetric_iou(field, lod, oracle, n=iou_samples))

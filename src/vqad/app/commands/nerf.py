@@ -170,22 +170,23 @@ def load_nerf_dataset(source: str, fmt: str, downscale: int, background):
     return load_dataset(source, format=fmt, downscale=downscale, background=background)
 
 
-def cmd_fit_nerf(args) -> int:
-    from vqad.device import resolve_device
-    from vqad.nerf.evaluate import evaluate_nerf, metric_lines, pick_split
-    from vqad.nerf.fit import fit_nerf
-
-    out = Path(args.out)
+def fit_nerf_configs(args, saved: dict | None = None):
+    """Every ``fit-nerf`` flag of ``args`` checked, before anything touches the disk (``args.eval_views``
+    gets its default): the grid, decoder, field and training configs and the background colour.
+    ``vqad batch`` checks each asset with it."""
     refuse(args.no_eval and (args.eval_views is not None or args.eval_max_views is not None),
            "--eval-views and --eval-max-views set the evaluation: they cannot apply with --no-eval")
     args.eval_views = args.eval_views or "test"
-    saved = resumed_configs(out, "nerf") if args.resume else None
-    grid_cfg, dec_cfg, nerf_cfg, train_cfg = _configs(args, saved)  # validate everything before touching the disk
-    background = parse_background(args.background)
-    deadline = Deadline.for_job(train_cfg.max_minutes, evaluation=not args.no_eval)  # --minutes caps the whole job
-    device = resolve_device(args.device)
-    dataset = load_nerf_dataset(args.dataset, args.format, args.downscale, background)
-    if saved is None and train_cfg.octree_from is None:
+    grid_cfg, dec_cfg, nerf_cfg, train_cfg = _configs(args, saved)
+    return grid_cfg, dec_cfg, nerf_cfg, train_cfg, parse_background(args.background)
+
+
+def check_nerf_dataset(args, dataset, train_cfg, resumed: bool) -> None:
+    """The checks of ``fit-nerf``'s flags that need the capture itself: density-pass bounds when its
+    octree comes from depth or masks, and the evaluation split."""
+    from vqad.nerf.evaluate import pick_split
+
+    if not resumed and train_cfg.octree_from is None:
         from vqad.nerf.octree_build import resolve_method
 
         method = resolve_method(dataset, train_cfg.octree)
@@ -194,6 +195,36 @@ def cmd_fit_nerf(args) -> int:
                f"its {method} maps (--octree {train_cfg.octree})")
     if not args.no_eval:
         pick_split(dataset, args.eval_views)  # fail now, not after the fit
+
+
+def fit_nerf_summary(res) -> dict:
+    """The ``metrics.json`` record of a finished radiance-field fit (:class:`~vqad.nerf.fit.NeRFFitResult`):
+    the configuration that ran, steps, timings and sizes (the per-LOD metrics are added by the caller)."""
+    field = res.field
+    return {
+        "dataset": field.dataset, "grid": asdict(field.grid_cfg), "decoder": asdict(field.decoder_cfg),
+        "nerf": asdict(field.nerf_cfg), "train": asdict(res.train_cfg),
+        "steps": res.steps, "fit_seconds": res.seconds,
+        "octree_method": res.octree_method, "octree_seconds": res.octree_seconds,
+        "rays_per_second": res.rays_per_second, "samples_per_ray": res.samples_per_ray,
+        "refine_seconds": res.refine_seconds, "skipped_steps": res.skipped_steps, "peak_memory_bytes": res.peak_memory_bytes, "size": field.size_report(), "notes": res.notes,
+        "history": res.history,
+    }
+
+
+def cmd_fit_nerf(args) -> int:
+    from vqad.device import resolve_device
+    from vqad.nerf.evaluate import evaluate_nerf, metric_lines
+    from vqad.nerf.fit import fit_nerf
+
+    out = Path(args.out)
+    saved = resumed_configs(out, "nerf") if args.resume else None
+    # validate everything before touching the disk
+    grid_cfg, dec_cfg, nerf_cfg, train_cfg, background = fit_nerf_configs(args, saved)
+    deadline = Deadline.for_job(train_cfg.max_minutes, evaluation=not args.no_eval)  # --minutes caps the whole job
+    device = resolve_device(args.device)
+    dataset = load_nerf_dataset(args.dataset, args.format, args.downscale, background)
+    check_nerf_dataset(args, dataset, train_cfg, resumed=saved is not None)
     out = ensure_writable_dir(out)
     (out / "metrics.json").unlink(missing_ok=True)  # a new fit must not leave an old result that looks complete
     for old in out.glob(f"{args.eval_views}_lod*"):
@@ -210,15 +241,7 @@ def cmd_fit_nerf(args) -> int:
     report_notes(res.notes)
     for line in field.size_lines():
         print(line)
-    summary = {
-        "dataset": field.dataset, "grid": asdict(field.grid_cfg), "decoder": asdict(field.decoder_cfg),
-        "nerf": asdict(field.nerf_cfg), "train": asdict(res.train_cfg),
-        "steps": res.steps, "fit_seconds": res.seconds,
-        "octree_method": res.octree_method, "octree_seconds": res.octree_seconds,
-        "rays_per_second": res.rays_per_second, "samples_per_ray": res.samples_per_ray,
-        "refine_seconds": res.refine_seconds, "skipped_steps": res.skipped_steps, "peak_memory_bytes": res.peak_memory_bytes, "size": field.size_report(), "notes": res.notes,
-        "history": res.history,
-    }
+    summary = fit_nerf_summary(res)
     if not args.no_eval:
         t0 = time.perf_counter()
         lods = evaluate_nerf(field, dataset, args.eval_views, out_dir=out, max_views=args.eval_max_views,

@@ -122,6 +122,29 @@ def _configs(args, saved: dict | None = None):
     return grid, dec, train
 
 
+def fit_sdf_configs(args, saved: dict | None = None):
+    """Every ``fit-sdf`` flag of ``args`` checked, before anything touches the disk: the grid,
+    decoder and training configs (see :func:`_configs`). ``vqad batch`` checks each asset with it."""
+    refuse(args.no_eval and args.mc_resolution is not None, "--mc-resolution sets the evaluation's meshes: it cannot apply with --no-eval")
+    check_resolution(args.mc_resolution, "--mc-resolution")
+    return _configs(args, saved)
+
+
+def fit_sdf_summary(mesh_path: str, res) -> dict:
+    """The ``metrics.json`` record of a finished SDF fit (:class:`~vqad.sdf.fit.FitResult`): the
+    configuration that ran, steps, timings and sizes (the per-LOD metrics are added by the caller)."""
+    field = res.field
+    return {
+        "mesh": str(mesh_path), "grid": asdict(field.grid_cfg), "decoder": asdict(field.decoder_cfg),
+        "train": asdict(res.train_cfg), "steps": res.steps, "fit_seconds": res.seconds,
+        "points_per_second": res.points_per_second, "refine_seconds": res.refine_seconds,
+        "skipped_steps": res.skipped_steps,
+        "step_points_per_second": res.steps_done * res.train_cfg.batch / max(res.seconds - res.refine_seconds, 1e-9),
+        "peak_memory_bytes": res.peak_memory_bytes,
+        "size": field.size_report(), "notes": res.notes, "history": res.history,
+    }
+
+
 def cmd_fit_sdf(args) -> int:
 
     from vqad.device import resolve_device
@@ -129,10 +152,8 @@ def cmd_fit_sdf(args) -> int:
     from vqad.sdf.fit import fit_sdf
 
     out = Path(args.out)
-    refuse(args.no_eval and args.mc_resolution is not None, "--mc-resolution sets the evaluation's meshes: it cannot apply with --no-eval")
-    check_resolution(args.mc_resolution, "--mc-resolution")
     saved = resumed_configs(out, "sdf") if args.resume else None
-    grid_cfg, dec_cfg, train_cfg = _configs(args, saved)  # validate everything before touching the disk
+    grid_cfg, dec_cfg, train_cfg = fit_sdf_configs(args, saved)  # validate everything before touching the disk
     deadline = Deadline.for_job(train_cfg.max_minutes, evaluation=not args.no_eval)  # --minutes caps the whole job
     device = resolve_device(args.device)
     mesh = load_mesh(args.mesh)
@@ -147,15 +168,7 @@ def cmd_fit_sdf(args) -> int:
     report_notes(res.notes)
     for line in field.size_lines():
         print(line)
-    summary = {
-        "mesh": str(args.mesh), "grid": asdict(field.grid_cfg), "decoder": asdict(field.decoder_cfg),
-        "train": asdict(res.train_cfg), "steps": res.steps, "fit_seconds": res.seconds,
-        "points_per_second": res.points_per_second, "refine_seconds": res.refine_seconds,
-        "skipped_steps": res.skipped_steps,
-        "step_points_per_second": res.steps_done * train_cfg.batch / max(res.seconds - res.refine_seconds, 1e-9),
-        "peak_memory_bytes": res.peak_memory_bytes,
-        "size": field.size_report(), "notes": res.notes, "history": res.history,
-    }
+    summary = fit_sdf_summary(args.mesh, res)
     if not args.no_eval:
         summary["lods"] = evaluate_sdf(field, mesh, out, args.mc_resolution or MC_RESOLUTION, device,
                                        deadline=deadline)

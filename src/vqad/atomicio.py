@@ -88,7 +88,6 @@ def save_mesh_file(mesh, path: str | Path) -> None:
         mesh.export(str(tmp), file_type=path.suffix.lstrip(".").lower())
 
 
-
 def append_record(path: str | Path, line: str, what: str = "output") -> None:
     """Append one record (a line of text, no newline inside) to the log ``path`` and flush it to disk.
 

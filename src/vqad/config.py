@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from vqad.errors import InputError
 from vqad.octree import check_levels
 from vqad.storages import RENAMED, storage_class
+from vqad.storages.base import is_int
 from vqad.storages.hash import DEFAULT_TABLE_BITS
 
 
@@ -59,9 +60,9 @@ class DecoderConfig:
     position_input: bool = True  # feed x to ψ alongside the features
 
     def validate(self) -> None:
-        if not (_is_int(self.hidden) and 1 <= self.hidden <= MAX_HIDDEN):
+        if not (is_int(self.hidden) and 1 <= self.hidden <= MAX_HIDDEN):
             raise InputError(f"--hidden (decoder width) must be an integer in 1..{MAX_HIDDEN}, got {self.hidden!r}")
-        if not (_is_int(self.layers) and 0 <= self.layers <= MAX_LAYERS):
+        if not (is_int(self.layers) and 0 <= self.layers <= MAX_LAYERS):
             raise InputError(f"--layers (decoder hidden layers) must be an integer in 0..{MAX_LAYERS}, got {self.layers!r}")
         if not (isinstance(self.per_lod, bool) and isinstance(self.position_input, bool)):
             raise InputError(f"per_lod and position_input must be true or false, got {self.per_lod!r}, {self.position_input!r}")
@@ -69,10 +70,6 @@ class DecoderConfig:
 
 #: decoder bounds: ψ is a tiny MLP (NGLOD: one hidden layer of 128)
 MAX_HIDDEN, MAX_LAYERS = 4096, 16
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def parse_levels(text: str) -> tuple[int, int]:

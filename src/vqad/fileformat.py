@@ -565,9 +565,7 @@ class StreamDecoder:
         need = 2 * sum(int(np.prod(s)) for _, s in entries)
         if len(payload) - pos != need:
             raise _corrupt(f"decoder chunk holds {len(payload) - pos:,} data bytes, its directory needs {need:,}")
-        data = np.frombuffer(payload, dtype="<f2", offset=pos)
-        if not np.isfinite(data).all():
-            raise _corrupt(f"decoder chunk holds {int((~np.isfinite(data)).sum()):,} non-finite weights (NaN or inf)")
+        data = _finite_f16(np.frombuffer(payload, dtype="<f2", offset=pos), "decoder chunk")
         state, i = {}, 0
         for name, shape in entries:
             n = int(np.prod(shape))
@@ -655,9 +653,7 @@ class StreamDecoder:
                     if len(payload) != raw:
                         raise _corrupt(f"chunk '{rec.name}' holds {len(payload):,} bytes; {lay.name} {lay.shape} needs {raw:,}")
                     if lay.encoding == "f16":
-                        a = np.frombuffer(payload, dtype="<f2")
-                        if not np.isfinite(a).all():
-                            raise _corrupt(f"chunk '{rec.name}' holds {int((~np.isfinite(a)).sum()):,} non-finite values (NaN or inf)")
+                        a = _finite_f16(np.frombuffer(payload, dtype="<f2"), f"chunk '{rec.name}'")
                         t = torch.from_numpy(a.astype(np.float16))
                     else:
                         t = torch.from_numpy(unpack_bits(payload, lay.numel, lay.bits))
@@ -707,6 +703,14 @@ class StreamDecoder:
         field.load_decoder_state({k: self._decoder[k] for k in want})
         field.bake(fp16=False)
         return field
+
+
+def _finite_f16(a: np.ndarray, where: str) -> np.ndarray:
+    """``a`` (decoded fp16 values) if every value is finite; a NaN or inf is damage."""
+    bad = ~np.isfinite(a)
+    if bad.any():
+        raise _corrupt(f"{where} holds {int(bad.sum()):,} non-finite values (NaN or inf)")
+    return a
 
 
 def _lattice_bytes(base: int, level: int) -> int:
@@ -798,10 +802,8 @@ def _decode(source, lod: int | None, max_bytes: int | None, block: int = READ_BL
         if lod is not None:
             new = [lv for lv in new if lv <= lod]
         yield dec, new
-        if lod is not None and dec.prefix_sizes and max(dec.prefix_sizes) >= lod:
+        if dec.finished or (lod is not None and dec.prefix_sizes and max(dec.prefix_sizes) >= lod):
             return  # read no further than the LOD asked for
-        if dec.finished or (lod is not None and lod in dec.prefix_sizes):
-            return
 
 
 def load(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None,

@@ -140,9 +140,7 @@ def capped_sweeps(deadline: "Deadline", n: int, predicted: float, sweep: Callabl
     skipped. What was cut is appended to ``notes``. Returns the sweeps run.
     """
     shortened, skipped, done = [], None, 0
-    for done in range(n + 1):
-        if done == n:
-            break
+    while done < n:
         share = 1.0
         if deadline.capped:
             left = deadline.left_for_fit()
@@ -156,6 +154,7 @@ def capped_sweeps(deadline: "Deadline", n: int, predicted: float, sweep: Callabl
         t = deadline.clock()
         sweep(share)
         predicted = (deadline.clock() - t) / share
+        done += 1
     if shortened:
         notes.append(f"{len(shortened)} of {n} {what} shortened to {', '.join(shortened)} of their samples to keep "
                      f"the time cap")
@@ -472,6 +471,11 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     t0 = time.perf_counter()
     left0, c0 = deadline.left_for_fit(), deadline.clock()  # the training budget is a share of what is left now
     budget = training_budget(left0, 0.0)
+
+    def mean_step_seconds(steps: int) -> float:
+        """Mean time of this call's training steps on the deadline's clock (sweeps during training excluded)."""
+        return (deadline.clock() - c0 - task.extra_seconds) / steps
+
     history: list = []
     loss_val = float("nan")
     out = None
@@ -481,8 +485,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         with interrupt_guard():
             for it in range(start, cfg.steps):
                 if it > start and budget is not None:
-                    step_s = (deadline.clock() - c0 - task.extra_seconds) / (it - start)
-                    budget = training_budget(left0, task.after_training_seconds(step_s))
+                    budget = training_budget(left0, task.after_training_seconds(mean_step_seconds(it - start)))
                 progress = progress_or_stop(it, cfg.steps, deadline.clock() - c0, budget)
                 if progress is None:
                     timed_out = True
@@ -515,7 +518,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
             print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
         raise
     if it > start:
-        task.step_seconds = (deadline.clock() - c0 - task.extra_seconds) / (it - start)
+        task.step_seconds = mean_step_seconds(it - start)
         try:
             with interrupt_guard():
                 task.after_training(it, start, gen)  # e.g. index sweeps: minutes of work after the last step

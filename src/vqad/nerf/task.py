@@ -186,7 +186,10 @@ class RadianceTask(FitTask):
         c = self.cfg
         if not c.refine or not has_codebook(self.field.grid):
             return 0.0
-        return c.refine * 3 * c.refine_rays / c.batch_rays * step_seconds
+        return c.refine * self._sweep_seconds(step_seconds)
+
+    def _sweep_seconds(self, step_seconds: float) -> float:
+        return 3 * self.cfg.refine_rays / self.cfg.batch_rays * step_seconds
 
     def after_training(self, it, start, gen):
         c = self.cfg
@@ -194,7 +197,7 @@ class RadianceTask(FitTask):
             t = self.deadline.clock()
             self.field.eval()
             self.sampler.prune(self.field.density, self.sigma_thr)  # sweep over the samples render / eval will see
-            capped_sweeps(self.deadline, c.refine, self.after_training_seconds(self.step_seconds) / c.refine,
+            capped_sweeps(self.deadline, c.refine, self._sweep_seconds(self.step_seconds),
                           lambda share: refine_nerf(self.field, self.sampler, self.batcher,
                                                     max(int(share * c.refine_rays), 1), self.background, gen,
                                                     self.quiet), self.notes)

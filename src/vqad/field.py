@@ -184,7 +184,7 @@ class NeuralField(nn.Module):
 
 # -- construction shared by checkpoints and the .vqad file ---------------------------------------
 #: where each field kind lives: imported on demand, so the core never imports an application
-FIELD_MODULES = {"sdf": "vqad.sdf.field", "nerf": "vqad.nerf.field"}
+FIELD_MODULES = {"sdf": "vqad.sdf.field", "nerf": "vqad.nerf.field", "tsdf": "vqad.tsdf.field"}
 
 
 def field_config(field: NeuralField) -> dict:

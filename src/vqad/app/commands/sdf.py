@@ -76,7 +76,8 @@ def register(sub) -> None:
     p.add_argument("model", help="checkpoint directory or .vqad file")
     p.add_argument("--lod", type=int, default=None, help="level of detail (default: finest available)")
     p.add_argument("--bytes", type=int, default=None, help=".vqad only: use just the first N bytes")
-    p.add_argument("--resolution", type=int, default=256, help="marching-cubes grid points per axis (8..2048)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help=f"marching-cubes grid points per axis (8..2048; SDF only; default: {MC_RESOLUTION})")
     p.add_argument("-o", "--out", default=None, help="output mesh (.ply/.obj/.stl/.off/.glb; default mesh_lodL.ply)")
     add_device_arg(p)
     p.set_defaults(func=cmd_mesh)
@@ -189,12 +190,19 @@ def cmd_mesh(args) -> int:
     from vqad.sdf.extract import extract_mesh, save_mesh
 
     field = _load(args)
-    if field.kind != "sdf":
-        raise InputError(f"vqad mesh needs an SDF model; this one is a {field.kind!r} field (use vqad render)")
+    if field.kind not in ("sdf", "tsdf"):
+        raise InputError(f"vqad mesh needs an SDF or TSDF model; this one is a {field.kind!r} field (use vqad render)")
     lod = parse_lod(field, args.lod)
     check_resolution(args.resolution, "--resolution")
+    refuse(field.kind == "tsdf" and args.resolution is not None,
+           "--resolution does not apply to a TSDF model: it is meshed on its octree's own lattice, inside observed space")
     out = ensure_writable_file(args.out or f"mesh_lod{lod}.ply", MESH_SUFFIXES, "mesh")
-    mesh = extract_mesh(field, lod, resolution=args.resolution)
+    if field.kind == "tsdf":
+        from vqad.tsdf.extract import extract_tsdf_mesh
+
+        mesh = extract_tsdf_mesh(field, lod)
+    else:
+        mesh = extract_mesh(field, lod, resolution=args.resolution or MC_RESOLUTION)
     save_mesh(mesh, out)
     print(f"wrote {out}: {len(mesh.vertices):,} vertices, {len(mesh.faces):,} faces (LOD {lod})")
     return 0
@@ -203,11 +211,11 @@ def cmd_mesh(args) -> int:
 def cmd_render(args) -> int:
     field = _load(args)
     lod = parse_lod(field, args.lod)
-    other = NERF_RENDER_FLAGS if field.kind == "sdf" else SDF_RENDER_FLAGS
+    other = NERF_RENDER_FLAGS if field.kind in ("sdf", "tsdf") else SDF_RENDER_FLAGS
     for name, flag in other.items():
         refuse(getattr(args, name) is not None,
                f"{flag} does not apply to a {field.kind!r} model (it sets how a "
-               f"{'radiance field' if field.kind == 'sdf' else 'signed distance field'} is rendered)")
+               f"{'radiance field' if field.kind != 'nerf' else 'signed distance field'} is rendered)")
     if field.kind == "nerf":
         from vqad.app.commands.nerf import render_nerf
 

@@ -1,0 +1,185 @@
+"""``vqad fit-tsdf``: RGB-D frames → fused TSDF → VQ-AD (or dense, hash) TSDF field, every LOD."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from vqad.app.commands.common import (add_grid_args, add_run_args, check_finite, checkpoint_overrides, config_flag,
+                                      config_from, ensure_writable_dir, given, grid_config, refuse,
+                                      report_notes, report_skipped_steps, resumed_configs, train_overrides)
+from vqad.atomicio import write_atomic
+from vqad.errors import InputError
+from vqad.fit import Deadline
+
+TSDF_TRAIN_FLAGS = ("steps", "batch", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
+                    "refine", "refine_samples", "refine_candidates", "seed", "color_weight", "color")
+INDEX_FLAGS = {"refine": "--refine", "refine_samples": "--refine-samples", "refine_candidates": "--refine-candidates",
+               "logit_lr_scale": "--logit-lr-scale", "codebook_lr_scale": "--codebook-lr-scale"}
+DECODER_FLAGS = ("hidden", "layers")
+#: flags that shape the fusion; a resumed fit reads OUT/fused.tsdf instead and refuses them
+FUSION_FLAGS = {"format": "--format", "depth_scale": "--depth-scale", "voxel": "--voxel", "trunc": "--trunc",
+                "max_depth": "--max-depth", "stride": "--stride", "max_frames": "--max-frames"}
+FUSED_NAME = "fused.tsdf"
+
+
+def register(sub) -> None:
+    from vqad.config import DecoderConfig, GridConfig
+    from vqad.tsdf.fit import TSDFTrainConfig
+
+    p = sub.add_parser("fit-tsdf", help="fuse RGB-D frames into a TSDF and fit a VQ-AD (or dense) TSDF field to it",
+                       description="Fuse posed depth (and colour) frames into a sparse TSDF (the uncompressed baseline, "
+                                   "written as OUT/fused.tsdf with its mesh), fit a VQ-AD (or dense, hash) field to it "
+                                   "at every LOD jointly, write the progressive OUT/model.vqad and evaluate each LOD "
+                                   "against the fusion's mesh (and --gt). Meshes and metrics are in the sequence's "
+                                   "own world frame and units.")
+    p.add_argument("source", help="an RGB-D folder (TUM RGB-D, Redwood / Open3D, RTMV), 'procedural' (the built-in "
+                                  "scene), or a fused .tsdf file written by an earlier run")
+    p.add_argument("--format", default=None, choices=["auto", "tum", "redwood", "rtmv", "procedural"],
+                   help="layout of SOURCE (default: auto)")
+    p.add_argument("--depth-scale", type=float, default=None,
+                   help="depth image units per metre (default: the layout's: TUM 5000, Redwood 1000)")
+    p.add_argument("--voxel", type=float, default=None, help="fusion voxel size in metres (default: from the depth range)")
+    p.add_argument("--trunc", type=float, default=None, help="truncation distance in metres (default: 4 voxels)")
+    p.add_argument("--max-depth", type=float, default=None, help="ignore depth beyond this many metres (default: none)")
+    p.add_argument("--stride", type=int, default=None, help="fuse every Nth frame (default: 1)")
+    p.add_argument("--max-frames", type=int, default=None, help="fuse at most this many frames (default: all)")
+    p.add_argument("--gt", default=None, help="ground-truth mesh in the sequence's world frame (adds metrics against it)")
+    add_grid_args(p, GridConfig())
+    T = TSDFTrainConfig
+    config_flag(p, T, "steps", help="training steps")
+    config_flag(p, T, "batch", help="samples per step")
+    config_flag(p, T, "lr", type=float, help="decoder learning rate (none: 5e-3 for codebook grids, else 2e-3)")
+    config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
+    config_flag(p, T, "logit_lr_scale", help="codebook logits C lr = lr × this (0: same as the grid; codebook only)")
+    config_flag(p, T, "codebook_lr_scale", type=float, help="codebooks D lr = lr × this (codebook only)")
+    config_flag(p, T, "max_minutes", flag="--minutes", type=float, help="cap the whole job (fusion, fit, evaluation) at this many minutes")
+    config_flag(p, T, "refine", help="Gauss–Newton index sweeps after training (codebook only; 0: off)")
+    config_flag(p, T, "refine_samples", help="samples each sweep sees (codebook only)")
+    config_flag(p, T, "refine_candidates", help="codewords per vertex each sweep measures (codebook only)")
+    config_flag(p, T, "color_weight", help="weight of the colour loss (colour fits only)")
+    p.add_argument("--color", dest="color", action="store_const", const=True, default=None,
+                   help="fit colour (default: when the sequence has colour)")
+    p.add_argument("--no-color", dest="color", action="store_const", const=False, help="fit geometry only")
+    D = DecoderConfig()
+    config_flag(p, D, "hidden", help="decoder width")
+    config_flag(p, D, "layers", help="decoder hidden layers")
+    add_run_args(p, T, "fused.tsdf, fusion_mesh.ply, checkpoint, model.vqad, metrics, meshes, renders")
+    p.add_argument("--no-eval", action="store_true", help="skip per-LOD meshes, renders and metrics")
+    p.set_defaults(func=cmd_fit_tsdf)
+
+
+def fit_tsdf_configs(args, saved: dict | None = None):
+    """Every ``fit-tsdf`` flag checked before anything touches the disk: grid, decoder and training configs."""
+    from vqad.config import DecoderConfig, GridConfig
+    from vqad.tsdf.fit import TSDFTrainConfig
+
+    for name in ("voxel", "trunc", "max_depth", "depth_scale"):
+        v = getattr(args, name)
+        check_finite(v, "--" + name.replace("_", "-"))
+        refuse(v is not None and v <= 0, f"--{name.replace('_', '-')} must be positive, got {v}")
+    for name in ("stride", "max_frames"):
+        v = getattr(args, name)
+        refuse(v is not None and v <= 0, f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    refuse(args.voxel is not None and args.trunc is not None and args.trunc < args.voxel,
+           f"--trunc ({args.trunc:g}) must be at least one --voxel ({args.voxel:g})")
+    grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], GridConfig()))
+    over = train_overrides(args, TSDF_TRAIN_FLAGS, INDEX_FLAGS, grid.storage)
+    over.update(checkpoint_overrides(args))
+    dec = replace(config_from(DecoderConfig, saved and saved["decoder"], DecoderConfig()), **given(args, DECODER_FLAGS))
+    train = replace(config_from(TSDFTrainConfig, saved and saved.get("train"), TSDFTrainConfig()), **over)
+    if saved is None:
+        train = train.resolved(grid)
+    train.validate()
+    dec.validate()
+    return grid, dec, train
+
+
+def fuse_source(args, device, deadline=None):
+    """``(FusedTSDF, description, fusion seconds)`` of ``args.source``: a fused .tsdf file is read as it
+    is (fusion flags refused), anything else is read as an RGB-D sequence and fused."""
+    from vqad.tsdf.fusion import FusedTSDF, fuse
+    from vqad.tsdf.rgbd import read_sequence
+
+    src = Path(args.source)
+    if src.is_file():
+        used = [f for n, f in FUSION_FLAGS.items() if getattr(args, n) is not None]
+        refuse(bool(used), f"{', '.join(used)} shape a fusion: they cannot apply to an already fused TSDF ({src})")
+        return FusedTSDF.load(src), f"fused TSDF {src}", 0.0
+    kw = {} if args.depth_scale is None else {"depth_scale": args.depth_scale}
+    seq = read_sequence(args.source, format=args.format or "auto", **kw)
+    frames = range(0, len(seq), args.stride or 1)
+    if args.max_frames is not None:
+        frames = frames[: args.max_frames]
+    t0 = time.perf_counter()
+    fused = fuse(seq, voxel=args.voxel, trunc=args.trunc, device=device, frames=list(frames),
+                 max_depth=args.max_depth, progress=not args.quiet)
+    return fused, f"{seq.name}: {len(frames)} of {len(seq)} frames {seq.width}x{seq.height}", time.perf_counter() - t0
+
+
+def cmd_fit_tsdf(args) -> int:
+    from vqad import fileformat
+    from vqad.device import resolve_device
+    from vqad.sdf.extract import save_mesh
+    from vqad.sdf.mesh import load_mesh
+    from vqad.tsdf.evaluate import compare, evaluate_tsdf
+    from vqad.tsdf.fit import fit_tsdf
+    from vqad.tsdf.fusion import FusedTSDF
+
+    out = Path(args.out)
+    saved = resumed_configs(out, "tsdf") if args.resume else None
+    refuse(args.no_eval and args.gt is not None, "--gt adds metrics to the evaluation: it cannot apply with --no-eval")
+    grid_cfg, dec_cfg, train_cfg = fit_tsdf_configs(args, saved)
+    deadline = Deadline.for_job(train_cfg.max_minutes, evaluation=not args.no_eval)
+    device = resolve_device(args.device)
+    gt = load_mesh(args.gt) if args.gt is not None else None
+    if args.resume:
+        used = [f for n, f in FUSION_FLAGS.items() if getattr(args, n) is not None]
+        refuse(bool(used), f"--resume reads the fusion from {out / FUSED_NAME}: {', '.join(used)} cannot apply")
+        if not (out / FUSED_NAME).is_file():
+            raise InputError(f"--resume: {out / FUSED_NAME} is missing; run without --resume to fuse again")
+        fused, what, fuse_s = FusedTSDF.load(out / FUSED_NAME), f"fused TSDF {out / FUSED_NAME}", 0.0
+    else:
+        fused, what, fuse_s = fuse_source(args, device, deadline)
+    out = ensure_writable_dir(out)
+    if not args.resume:
+        (out / "metrics.json").unlink(missing_ok=True)
+        fused.save(out / FUSED_NAME)
+    baseline = fused.nbytes()
+    print(f"fusion: {what}; {len(fused.tsdf):,} observed voxels of {fused.voxel * 1e3:.1f} mm, truncation "
+          f"{fused.trunc * 1e3:.1f} mm, {baseline / 1e6:,.2f} MB as fp16 value + weight"
+          + (f", in {fuse_s:.1f} s" if fuse_s else ""))
+    res = fit_tsdf(fused, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume, quiet=args.quiet,
+                   source=str(args.source), deadline=deadline)
+    field = res.field
+    print(f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.samples_per_second:,.0f} samples/s, final loss {res.final_loss:.3g}")
+    report_skipped_steps(res.skipped_steps)
+    report_notes(res.notes)
+    field.bake(fp16=True)
+    total = fileformat.save(field, out / "model.vqad", entropy=True)  # lossless; vqad info shows both sizes
+    prefix = fileformat.lod_prefix_sizes(out / "model.vqad")
+    print(f"model.vqad: {total:,} bytes; per LOD: " + ", ".join(
+        f"L{lv} {n:,} B ({baseline / n:,.0f}x smaller than the fusion)" for lv, n in prefix.items()))
+    summary = {
+        "source": str(args.source), "fusion": {"what": what, "voxel": fused.voxel, "trunc": fused.trunc,
+                                                "units": fused.units, "voxels": int(len(fused.tsdf)),
+                                                "bytes": baseline, "seconds": fuse_s},
+        "grid": asdict(field.grid_cfg), "decoder": asdict(field.decoder_cfg), "train": asdict(res.train_cfg),
+        "steps": res.steps, "fit_seconds": res.seconds, "refine_seconds": res.refine_seconds,
+        "skipped_steps": res.skipped_steps, "peak_memory_bytes": res.peak_memory_bytes, "notes": res.notes,
+        "file_bytes": total, "lod_bytes": {str(k): v for k, v in prefix.items()},
+        "lod_ratio": {str(k): baseline / v for k, v in prefix.items()}, "history": res.history,
+    }
+    if not args.no_eval:
+        fmesh = fused.mesh()
+        save_mesh(fmesh, out / "fusion_mesh.ply")
+        if gt is not None:
+            summary["fusion"]["vs_gt"] = compare(fmesh, {"vs_gt": gt})["vs_gt"]
+        summary["lods"] = evaluate_tsdf(field, out, fmesh, gt, deadline=deadline, quiet=args.quiet)
+    summary["job_seconds"] = deadline.elapsed()
+    write_atomic(out / "metrics.json", json.dumps(summary, indent=2, default=str), "metrics")
+    print(f"wrote {out}/ (fused.tsdf, checkpoint/, model.vqad, metrics.json"
+          f"{'' if args.no_eval else ', fusion_mesh.ply, mesh_lod*.ply, render_lod*.png'})")
+    return 0

@@ -1,0 +1,113 @@
+"""The TSDF field kind, its fit task, masked meshing and `vqad fit-tsdf` (fusion and readers: test_fusion / test_rgbd)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vqad import fileformat
+from vqad.config import DecoderConfig, GridConfig
+from vqad.errors import InputError
+from vqad.tsdf.extract import extract_tsdf_mesh, masked_marching_cubes
+from vqad.tsdf.field import TSDFField
+from vqad.tsdf.fit import TSDFTrainConfig, fit_tsdf
+
+CENTER, RADIUS = np.array([0.1, 0.2, 1.0]), 0.3
+
+
+class SphereFusion:
+    """A FusedTSDF-shaped stand-in with exact values: a sphere's truncated distance in a band of voxels."""
+
+    def __init__(self, voxel=0.02, trunc=0.06, color=False, units="m"):
+        self.voxel, self.trunc, self.units, self.block = voxel, trunc, units, 8
+        lo = np.floor((CENTER - RADIUS - 0.1) / voxel).astype(int)
+        hi = np.ceil((CENTER + RADIUS + 0.1) / voxel).astype(int)
+        g = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1).reshape(-1, 3)
+        d = np.linalg.norm((g + 0.5) * voxel - CENTER, axis=1) - RADIUS
+        keep = np.abs(d) < trunc + 2 * voxel
+        self.ijk = g[keep].astype(np.int32)
+        self.tsdf = np.clip(d[keep], -trunc, trunc).astype(np.float32)
+        self.weight = np.full(keep.sum(), 4.0, np.float32)
+        c = self.centers()
+        self.color = (np.clip((c - CENTER + RADIUS) / (2 * RADIUS), 0, 1) * 255).astype(np.uint8) if color else None
+
+    def centers(self):
+        return (self.ijk + 0.5) * self.voxel
+
+    def sample(self, p):
+        d = np.linalg.norm(p - CENTER, axis=1) - RADIUS
+        return np.clip(d, -self.trunc, self.trunc).astype(np.float32), np.abs(d) < self.trunc + 1.5 * self.voxel
+
+
+def _fit(color=False, steps=100, storage="codebook"):
+    fused = SphereFusion(color=color)
+    return fused, fit_tsdf(fused, GridConfig(storage=storage, base_level=3, max_level=5), DecoderConfig(),
+                           TSDFTrainConfig(steps=steps, batch=2048, refine=1, refine_samples=5000, pool_size=20000),
+                           torch.device("cpu"), quiet=True)
+
+
+def test_masked_marching_cubes_keeps_only_fully_observed_cubes():
+    n = 12
+    g = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).astype(float)
+    vol = np.linalg.norm(g - 5.5, axis=-1) - 4.0  # a sphere of radius 4 lattice steps
+    full = masked_marching_cubes(vol, np.ones_like(vol, bool), 1.0, (0, 0, 0))
+    half = np.ones_like(vol, bool)
+    half[:, :, :6] = False  # the lower half unobserved: cubes touching z < 6 are cut
+    cut = masked_marching_cubes(vol, half, 1.0, (0, 0, 0))
+    assert len(cut.faces) > 0 and len(cut.faces) < len(full.faces)
+    assert cut.vertices[:, 2].min() >= 6 - 1e-9  # no triangle in a cube with an unobserved corner
+    # brute force: every kept face's cube has all 8 corners observed, and every fully observed cube's faces are kept
+    kept = {tuple(np.floor(cut.vertices[f].mean(0)).astype(int)) for f in cut.faces}
+    want = {tuple(np.floor(full.vertices[f].mean(0)).astype(int)) for f in full.faces}
+    want = {c for c in want if half[c[0]:c[0] + 2, c[1]:c[1] + 2, c[2]:c[2] + 2].all()}
+    assert kept == want
+    r = np.linalg.norm(cut.vertices - 5.5, axis=1)
+    assert np.abs(r - 4.0).max() < 0.1
+    # spacing and origin
+    moved = masked_marching_cubes(vol, half, 0.5, (1, 2, 3))
+    assert np.allclose(moved.vertices, cut.vertices * 0.5 + [1, 2, 3])
+    assert len(masked_marching_cubes(vol, np.zeros_like(half), 1.0, (0, 0, 0)).faces) == 0
+
+
+def test_fit_tsdf_recovers_the_sphere_and_round_trips_bit_exact():
+    fused, res = _fit(color=True)
+    field = res.field
+    assert isinstance(field, TSDFField) and field.has_color
+    m = extract_tsdf_mesh(field)
+    err = np.abs(np.linalg.norm(m.vertices - CENTER, axis=1) - RADIUS)
+    assert np.median(err) < 0.25 * fused.voxel * 4, np.median(err)  # within a voxel or so after a short fit
+    field.bake()
+    data = fileformat.to_bytes(field, entropy=True)
+    x = torch.rand(4096, 3) * 2 - 1
+    for lod in field.lods:
+        got = fileformat.load(data, lod=lod)
+        assert got.kind == "tsdf" and got.truncation == fused.trunc and got.units == "m"
+        assert torch.equal(got(x, lod), field(x, lod)), lod
+        assert torch.equal(got.color(x, lod), field.color(x, lod)), lod
+    info = fileformat.read_info(data)
+    assert info.config["kind"] == "tsdf" and info.config["tsdf"]["truncation"] == fused.trunc
+
+
+def test_tsdf_header_values_are_checked():
+    fused, res = _fit(steps=20)
+    field = res.field
+    field.bake()
+    from vqad.field import field_config
+
+    cfg = field_config(field)
+    for bad in ({"truncation": -1.0}, {"voxel": float("nan")}, {"units": "furlong"}, {"color": 1},
+                {"truncation": fused.voxel / 2}):
+        rec = {**cfg["tsdf"], **bad}
+        with pytest.raises(InputError):
+            TSDFField.from_config({**cfg, "tsdf": rec}, field.grid)
+    with pytest.raises(InputError):
+        TSDFField.from_config({**cfg, "tsdf": {**cfg["tsdf"], "extra": 1}}, field.grid)
+    with pytest.raises(InputError, match="no colour"):
+        field.color(torch.zeros(1, 3))
+
+
+def test_fit_tsdf_refuses_colour_the_fusion_lacks():
+    with pytest.raises(InputError, match="no colour"):
+        fit_tsdf(SphereFusion(), GridConfig(max_level=4), DecoderConfig(), TSDFTrainConfig(steps=5, color=True),
+                 torch.device("cpu"), quiet=True)

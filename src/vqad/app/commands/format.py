@@ -72,6 +72,12 @@ def info_lines(info) -> list[str]:
         + "".join(f", {_SYMBOLS.get(name, name)}={v}" for name, v in (cfg["storage_params"] or [{}])[0].items())
         + f", levels {g['base_level']}..{g['max_level']}, {info.total_bytes:,} bytes"
         + ("" if info.complete else f" (INCOMPLETE: only LODs up to {info.levels[-1].level})"),
+    ]
+    if cfg["kind"] == "tsdf":  # validated when the header was read
+        t = cfg["tsdf"]
+        lines.append(f"TSDF: truncation {t['truncation']:g} {t['units']}, fused voxel {t['voxel']:g} {t['units']}, "
+                     f"{'with' if t['color'] else 'no'} colour")
+    lines += [
         "",
         f"{'offset':>9}  {'chunk':<18} {'codec':<7} {'bytes':>9} {'raw bytes':>10}",
         f"{0:>9,}  {'preamble':<18} {'':<7} {PREAMBLE_BYTES:>9,} {'':>10}",

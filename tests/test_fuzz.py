@@ -39,12 +39,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _file(entropy: bool, storage: str = "codebook") -> bytes:
+def _file(entropy: bool, storage: str = "codebook", tsdf: bool = False) -> bytes:
     torch.manual_seed(0)
     p = torch.randn(1000, 3)
     octree = SparseOctree.from_points(0.7 * p / p.norm(dim=1, keepdim=True), 2, 5, dilate=1)
     grid = OctreeGrid.from_octree(octree, GridConfig(storage, 2, 4, 2, 5))
-    field = SDFField(grid, DecoderConfig(hidden=4))
+    if tsdf:  # the TSDF record and a second (colour) MLP in the decoder chunk
+        from vqad.tsdf.field import TSDFField
+
+        field = TSDFField(grid, DecoderConfig(hidden=4), truncation=0.04, voxel=0.01, units="m", color=True)
+    else:
+        field = SDFField(grid, DecoderConfig(hidden=4))
     field.bake(fp16=True)
     if storage == "codebook":
         for s in field.grid.storages:  # skewed indices, so the range coder is used and fuzzed too
@@ -52,7 +57,7 @@ def _file(entropy: bool, storage: str = "codebook") -> bytes:
     return F.to_bytes(field, entropy=entropy)
 
 
-FILES = {"raw": _file(False), "entropy": _file(True), "dense": _file(False, "dense")}
+FILES = {"raw": _file(False), "entropy": _file(True), "dense": _file(False, "dense"), "tsdf": _file(True, tsdf=True)}
 _codecs = {c.codec for c in F.read_info(FILES["entropy"]).chunks}
 assert {F.Codec.RANGE, F.Codec.OCTREE} <= _codecs, "the entropy file should exercise both entropy decoders"
 

@@ -86,7 +86,7 @@ def bench_shape(name: str, work: Path, args) -> dict:
     synth_s = run(vqad + ["synth-rgbd", str(mesh), "--layout", "tum", "--frames", str(args.frames), "--size", "320x240",
                           "--noise", "kinect", "--seed", "0", "--out", str(seq), "--threads", str(args.threads)],
                   work / f"{name}-synth.log")
-    gt_path = seq / "ground_truth.ply"
+    gt_path = seq / "gt_mesh.ply"
     out = work / f"{name}-fit"
     fit = vqad + ["fit-tsdf", str(seq), "--grid", "codebook", "--bits", "4", "--gt", str(gt_path), "--out", str(out),
                   "--quiet", "--threads", str(args.threads)] + (["--steps", str(args.steps)] if args.steps else [])
@@ -127,7 +127,7 @@ def report(results: list[dict], args, wall: float) -> str:
          f"{os.getloadavg()[0]:.1f}; {wall / 60:.1f} min in all.", "",
          "Each sequence is rendered by `vqad synth-rgbd MESH --layout tum --noise kinect` (the shape scaled to "
          "0.5 m, cameras around it at 0.6–1.2 m; noise model in docs/tsdf.md), then `vqad fit-tsdf SEQ --grid "
-         "codebook --bits 4 --gt ground_truth.ply` fuses it and fits a 4-bit VQ-AD field with the default settings. "
+         "codebook --bits 4 --gt gt_mesh.ply` fuses it and fits a 4-bit VQ-AD field with the default settings. "
          "Bytes: the fused TSDF's stored form (block coordinates + occupancy bitmask per 8³ block, fp16 value + fp16 "
          "weight per observed voxel) against the .vqad prefix that decodes each LOD (entropy-coded). Chamfer-L1 "
          "(metres; mean of both directions, exact point-to-surface distances, 100k samples per side), normal "

@@ -6,14 +6,14 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench-sdf bench-format bench-nerf bench-rd bench-speed bench-fuzz bench-batch clean
+.PHONY: demo test install bench-sdf bench-format bench-nerf bench-rd bench-speed bench-fuzz bench-batch bench-tsdf bench-view clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned, so nothing below can pull a CUDA build.
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[test,ray]"
+	$(PIP) install -q -e ".[test,ray,tsdf,view]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -45,6 +45,12 @@ bench-fuzz: $(STAMP)
 
 bench-batch: $(STAMP)
 	$(PY) benchmarks/bench_batch.py --out docs/benchmarks/batch.md
+
+bench-tsdf: $(STAMP)
+	$(PY) benchmarks/bench_tsdf.py --out docs/benchmarks/tsdf.md
+
+bench-view: $(STAMP)
+	$(PY) benchmarks/bench_view.py --out docs/benchmarks/view.md
 
 clean:
 	rm -rf $(VENV) out build src/*.egg-info

@@ -229,7 +229,7 @@ def _open3d():
 def synth_sequence(mesh, n_frames: int = FRAMES, width: int = WIDTH, height: int = HEIGHT,
                    noise: DepthNoise = DepthNoise(), seed: int = 0, size: float = OBJECT_SIZE,
                    distance: float | None = None, K=CAMERA, color: bool = True,
-                   elevation_deg: tuple[float, float] = ELEVATION_DEG):
+                   elevation_deg: tuple[float, float] = ELEVATION_DEG, poses: np.ndarray | None = None):
     """Render a depth-camera scan of a mesh.
 
     The mesh (a :class:`vqad.sdf.mesh.Mesh`, or a path :func:`vqad.sdf.mesh.load_mesh` reads) is
@@ -237,7 +237,8 @@ def synth_sequence(mesh, n_frames: int = FRAMES, width: int = WIDTH, height: int
     cameras (:func:`orbit_poses`, up = +y) at ``distance`` metres (default: the object just fills
     the view) ray-cast it with Open3D's ``RaycastingScene``; :class:`DepthNoise` ``noise`` is added
     with a generator seeded by ``(seed, i)``. ``K``: intrinsics as :func:`vqad.tsdf.rgbd.parse_intrinsics`
-    takes them (default: the PrimeSense camera scaled to ``width × height``).
+    takes them (default: the PrimeSense camera scaled to ``width × height``). ``poses (N, 4, 4)``
+    (camera-to-world, OpenCV, in the scaled frame), when given, replace the orbit and ``n_frames``.
 
     Returns:
         ``(sequence, gt_mesh)``: an in-memory :class:`RGBDSequence` (metres, colour from
@@ -257,7 +258,10 @@ def synth_sequence(mesh, n_frames: int = FRAMES, width: int = WIDTH, height: int
     K = parse_intrinsics(K, width, height)
     radius = float(np.linalg.norm(gt.vertices, axis=1).max())
     distance = distance if distance is not None else _auto_distance(radius, K, width, height, noise)
-    poses = orbit_poses(int(n_frames), distance, elevation_deg)
+    if poses is None:
+        poses = orbit_poses(int(n_frames), distance, elevation_deg)
+    else:
+        poses = RGBDSequence("poses", K, poses, width, height, lambda i: None).poses  # checks them
 
     o3d = _open3d()
     scene = o3d.t.geometry.RaycastingScene()

@@ -250,6 +250,9 @@ def test_redwood_bad_inputs(tmp_path, sphere_scan):
     with pytest.raises(InputError, match="no intrinsics JSON"):
         read_redwood(root)
     assert len(read_redwood(root, K=seq.intrinsics)) == 6
+    # Redwood's own name for the trajectory of its synthetic scenes
+    (root / "trajectory.log").rename(root / "livingroom1-traj.txt")
+    assert detect_sequence_format(root) == "redwood" and len(read_redwood(root, K="primesense")) == 6
     # a colour frame missing
     sorted((root / "color").iterdir())[0].unlink()
     with pytest.raises(InputError, match="6 depth images but 5 in color/"):
@@ -441,6 +444,8 @@ def test_cli_synth_rgbd_writes_a_readable_sequence(tmp_path, capsys):
     assert main(["synth-rgbd", "procedural", "--out", str(out)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert main(["synth-rgbd", "procedural", "--size", "40by30", "--out", str(tmp_path / "b")]) == 2
+    assert main(["synth-rgbd", "procedural", "--noise", "none", "--seed", "3", "--out", str(tmp_path / "b")]) == 2
+    assert "does not apply" in capsys.readouterr().err
     assert main(["synth-rgbd", str(tmp_path / "no.obj"), "--out", str(tmp_path / "c")]) == 2
     assert "mesh not found" in capsys.readouterr().err
 

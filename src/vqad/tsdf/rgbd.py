@@ -510,6 +510,7 @@ def _depth_scale(given: float | None, recorded: float | None, default: float, la
 
 # -- Redwood / Open3D ------------------------------------------------------------------------------
 _COLOR_DIRS = ("color", "image", "rgb")
+_TRAJ_TXT = "*-traj.txt"  # Redwood's synthetic scenes name their .log trajectory livingroom1-traj.txt
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -572,8 +573,8 @@ def read_redwood(path, depth_scale: float | None = None, K=None, trajectory: str
 
     Layout: ``depth/`` (16-bit PNGs holding ``metres × depth_scale``, millimetres by default),
     optional ``color/`` (or ``image/``, ``rgb/``) with as many images, frames matched by sorted
-    name; one ``*.log`` trajectory (camera-to-world, one pose per depth image; ``trajectory``
-    picks one of several); intrinsics from ``K`` or the folder's Open3D ``PinholeCameraIntrinsic``
+    name; one ``*.log`` (or Redwood's ``*-traj.txt``) trajectory (camera-to-world, one pose per
+    depth image; ``trajectory`` picks one of several); intrinsics from ``K`` or the folder's Open3D ``PinholeCameraIntrinsic``
     JSON (any ``*.json`` with ``intrinsic_matrix``, or ``intrinsics_file``). ``depth_scale``: given,
     else the JSON's ``depth_scale`` key, else :data:`REDWOOD_DEPTH_SCALE`.
     """
@@ -591,9 +592,9 @@ def read_redwood(path, depth_scale: float | None = None, K=None, trajectory: str
     if color_paths is not None and len(color_paths) != len(depth_paths):
         raise InputError(f"{root}: {len(depth_paths)} depth images but {len(color_paths)} in {cdir.name}/; each depth "
                          "frame needs one colour frame (matched by sorted name)")
-    log = _one(root, "*.log", "trajectory", trajectory)
+    log = _one(root, "*.log", "trajectory", trajectory) or _one(root, _TRAJ_TXT, "trajectory", None)
     if log is None:
-        raise InputError(f"{root} has no *.log trajectory (camera-to-world poses, Open3D / Redwood format)")
+        raise InputError(f"{root} has no *.log (or *-traj.txt) trajectory (camera-to-world poses, Open3D / Redwood format)")
     poses = read_log_trajectory(log)
     if len(poses) != len(depth_paths):
         raise InputError(f"{root}: {log.name} has {len(poses)} poses but depth/ has {len(depth_paths)} images; "
@@ -709,12 +710,12 @@ def detect_sequence_format(path) -> str:
         raise InputError(f"{root} is a file: an RGB-D sequence is a folder (TUM, Redwood / Open3D or RTMV)")
     if (root / "depth.txt").is_file():
         return "tum"
-    if (root / "depth").is_dir() and any(root.glob("*.log")):
+    if (root / "depth").is_dir() and (any(root.glob("*.log")) or any(root.glob(_TRAJ_TXT))):
         return "redwood"
     if any(re.fullmatch(r"\d+\.depth\.exr", p.name) for p in root.iterdir()):
         return "rtmv"
     raise InputError(f"cannot tell the layout of {root}: looked for depth.txt (TUM RGB-D), a depth/ folder with a "
-                     "*.log trajectory (Redwood / Open3D) and NNNNN.depth.exr files (RTMV); pass --format or fix "
+                     "*.log (or *-traj.txt) trajectory (Redwood / Open3D) and NNNNN.depth.exr files (RTMV); pass --format or fix "
                      "the folder")
 
 

@@ -87,10 +87,6 @@ class DepthNoise:
         """The defaults: a Kinect v1 / PrimeSense-like sensor."""
         return cls()
 
-    @property
-    def is_exact(self) -> bool:
-        return self == DepthNoise.none()
-
     def sigma_z(self, z: np.ndarray, theta: np.ndarray | float = 0.0) -> np.ndarray:
         """Axial standard deviation ``σ_z(z, θ)`` in metres; ``z`` (m) and ``θ`` (rad) broadcast."""
         z = np.asarray(z, np.float64)
@@ -129,6 +125,10 @@ class DepthNoise:
         if self.step > 0:
             m = np.rint(m / self.step) * self.step
         return np.where(valid & (m > 0), m, 0.0).astype(np.float32)
+
+
+#: the noise models ``vqad synth-rgbd --noise`` offers
+NOISE_MODELS = {"kinect": DepthNoise.kinect, "none": DepthNoise.none}
 
 
 # -- cameras ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from vqad.app.commands.common import refuse
 from vqad.errors import InputError
 
 
@@ -26,10 +27,10 @@ def register(sub) -> None:
     p.add_argument("--frames", type=int, default=synth.FRAMES, help=f"number of frames (default: {synth.FRAMES})")
     p.add_argument("--size", default=f"{synth.WIDTH}x{synth.HEIGHT}", metavar="WxH",
                    help=f"image size in pixels (default: {synth.WIDTH}x{synth.HEIGHT}; the PrimeSense camera scaled to it)")
-    p.add_argument("--noise", choices=["kinect", "none"], default="kinect",
+    p.add_argument("--noise", choices=sorted(synth.NOISE_MODELS), default="kinect",
                    help="depth noise: kinect (structured-light model of Nguyen et al. 2012, see "
                         "vqad.tsdf.synth.DepthNoise) or none (exact depth) (default: kinect)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: 0; --noise kinect only)")
     p.add_argument("--object-size", type=float, default=None, metavar="METRES",
                    help=f"longest side of the object's bounding box (default: {synth.OBJECT_SIZE} for a mesh, "
                         f"{synth.SCENE_SIZE} for the procedural scene)")
@@ -56,9 +57,11 @@ def cmd_synth_rgbd(args) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out} exists and is not an empty folder: write the sequence to a new folder")
-    noise = synth.DepthNoise() if args.noise == "kinect" else synth.DepthNoise.none()
+    noise = synth.NOISE_MODELS[args.noise]()
+    refuse(args.seed is not None and args.noise == "none", "--seed seeds the depth noise: it does not apply to --noise none")
+    seed = args.seed or 0
     writer = synth.LAYOUTS[args.layout]
-    kw = dict(n_frames=args.frames, width=width, height=height, noise=noise, seed=args.seed, distance=args.distance)
+    kw = dict(n_frames=args.frames, width=width, height=height, noise=noise, seed=seed, distance=args.distance)
     if args.object_size is not None:
         kw["size"] = args.object_size
     procedural = args.source == "procedural" and not Path(args.source).exists()
@@ -71,7 +74,7 @@ def cmd_synth_rgbd(args) -> int:
     if gt is not None:
         gt.to_trimesh().export(out / "gt_mesh.ply")
     record = {"source": args.source, "layout": args.layout, "frames": len(seq), "width": width, "height": height,
-              "seed": args.seed, "noise": asdict(noise), "object_size": kw.get("size"), "distance": args.distance}
+              "seed": seed, "noise": asdict(noise), "object_size": kw.get("size"), "distance": args.distance}
     (out / "synth.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     print(f"wrote {out}: {seq.summary()}, {args.layout} layout, {args.noise} depth noise"
           + (", ground-truth mesh gt_mesh.ply" if gt is not None else ""))

@@ -266,10 +266,13 @@ def synth_sequence(mesh, n_frames: int = FRAMES, width: int = WIDTH, height: int
     o3d = _open3d()
     scene = o3d.t.geometry.RaycastingScene()
     scene.add_triangles(o3d.core.Tensor(gt.vertices.astype(np.float32)), o3d.core.Tensor(gt.faces.astype(np.uint32)))
+    import torch
+
+    nthreads = torch.get_num_threads()  # vqad's one thread policy (--threads) holds for Open3D too
     depths, colors = [], [] if color else None
     for i, pose in enumerate(poses):
         o, d = pixel_rays(K, pose, width, height)
-        hit = scene.cast_rays(o3d.core.Tensor(np.concatenate([o, d], 1).astype(np.float32)))
+        hit = scene.cast_rays(o3d.core.Tensor(np.concatenate([o, d], 1).astype(np.float32)), nthreads=nthreads)
         t = hit["t_hit"].numpy().astype(np.float64)  # = z-depth: d has camera z = 1
         n = hit["primitive_normals"].numpy().astype(np.float64)
         ok = np.isfinite(t)

@@ -12,7 +12,7 @@ from vqad.errors import InputError
 
 
 def register(sub) -> None:
-    from vqad.tsdf import synth
+    from vqad.tsdf import rgbd, synth
 
     p = sub.add_parser("synth-rgbd", help="render a synthetic RGB-D scan of a mesh or the procedural scene",
                        description="Render a depth-camera scan (depth, colour, ground-truth poses) of a mesh, scaled "
@@ -37,7 +37,8 @@ def register(sub) -> None:
     p.add_argument("--distance", type=float, default=None, metavar="METRES",
                    help="camera distance from the object's centre (default: the object just fills the view)")
     p.add_argument("--depth-scale", type=float, default=None,
-                   help="depth PNG units per metre (default: 5000 for tum, 1000 for redwood)")
+                   help=f"depth PNG units per metre (default: {rgbd.TUM_DEPTH_SCALE:g} for tum, "
+                        f"{rgbd.REDWOOD_DEPTH_SCALE:g} for redwood)")
     p.set_defaults(func=cmd_synth_rgbd)
 
 

@@ -156,6 +156,8 @@ def test_tum_intrinsics_from_the_folder_name_or_refused(tmp_path):
         read_tum(fr1)
     seq = read_tum(root, K=(10.0, 10.0, 3.5, 2.5))
     assert len(seq) == 3
+    # a preset named explicitly scales to the images: fr1 at 8×6 is fx = 517.3 / 80
+    assert np.isclose(read_tum(fr1, K="fr1").intrinsics[0, 0], 517.3 / 80)
 
 
 @pytest.mark.parametrize("kind,words", [

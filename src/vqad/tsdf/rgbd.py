@@ -448,6 +448,7 @@ def read_tum(path, depth_scale: float | None = None, K=None, max_dt: float = TUM
     drows = _read_list(root / "depth.txt", 2)
     grows = _read_list(root / "groundtruth.txt", 8)
     crows = _read_list(root / "rgb.txt", 2) if (root / "rgb.txt").exists() else None
+    K_given = K
     K, k_size, k_source, file_scale = _tum_intrinsics(root, K)
     depth_scale = _depth_scale(depth_scale, file_scale, TUM_DEPTH_SCALE, "TUM")
     if K is None:
@@ -482,6 +483,8 @@ def read_tum(path, depth_scale: float | None = None, K=None, max_dt: float = TUM
     poses = np.stack([_tum_pose(grows[pose_of[i]], f"groundtruth.txt, time stamp {grows[pose_of[i]][0]}")
                       for i, _ in pairs])
     size = _image_size(depth_paths[0])
+    if K_given is not None:  # a preset name scales to the images
+        K = parse_intrinsics(K_given, *size)
     if k_size is not None and k_size != size:
         raise InputError(f"{root}: the depth images are {size[0]}×{size[1]} but {k_source} is for {k_size[0]}×{k_size[1]}; "
                          "use the intrinsics of these images")

@@ -373,6 +373,25 @@ def test_procedural_sequence_lies_on_the_analytic_surface():
     assert np.array_equal(noisy.depth(1), again.depth(1)) and not np.array_equal(noisy.depth(1), seq.depth(1))
 
 
+def test_views_of_the_nerf_procedural_scene_as_a_sequence():
+    """vqad.nerf's own rendering (OpenGL poses, pixel centres at ½, float16 z-depth) converted by
+    sequence_from_views lands on the scene's analytic surface: the conventions agree."""
+    import torch
+
+    from vqad.nerf.procedural import ProceduralScene, render_views, sphere_cameras
+    from vqad.tsdf.rgbd import sequence_from_views
+
+    scene = ProceduralScene()
+    views = render_views(scene, sphere_cameras(3, 3.0), torch.tensor([[40.0, 40.0, 24.0, 18.0]]).expand(3, 4), 36, 48)
+    seq = sequence_from_views(views, "procedural-nerf")
+    assert np.allclose(seq.intrinsics[:2, 2], [23.5, 17.5])
+    for i in range(len(seq)):
+        p = _backproject(seq, i)
+        assert len(p) > 100
+        assert np.abs(scene.sdf(torch.from_numpy(p)).numpy()).max() < 4e-3  # float16 depth near 3
+        assert np.array_equal(seq.color(i), views.images[i].numpy())
+
+
 # -- the noise model -------------------------------------------------------------------------------
 def test_noise_sigma_at_one_metre_on_a_plane():
     """A fronto-parallel plane at 1 m: σ_z = 0.0012 + 0.0019 · 0.6² = 1.884 mm (Nguyen et al.)."""

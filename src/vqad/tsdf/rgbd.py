@@ -701,6 +701,26 @@ def read_rtmv_sequence(path, depth_kind: str = "ray") -> RGBDSequence:
                         load_depth=load_depth, load_color=load_color if has_color else None, units="scene")
 
 
+def sequence_from_views(views, name: str = "views", units: str = "scene") -> RGBDSequence:
+    """A radiance-field split with depth (:class:`vqad.nerf.data.Views`: OpenGL ``c2w``, ``fx, fy, cx, cy``
+    with pixel centres at ½, float16 z-depth) as an RGB-D sequence: poses ``c2w @ GL_TO_CV``,
+    ``cx − ½, cy − ½``. Every view must share one camera. Depth keeps its float16 precision
+    (≈ 1e-3 relative); :func:`read_rtmv_sequence` and :func:`vqad.tsdf.synth.procedural_sequence`
+    give float32 depth."""
+    if views.depth is None:
+        raise InputError(f"{name} has no depth maps: RGB-D fusion needs depth for every view")
+    intr = views.intrinsics.double().numpy()
+    if not np.allclose(intr, intr[:1]):
+        raise InputError(f"{name}: the views have different intrinsics; an RGB-D sequence has one camera")
+    fx, fy, cx, cy = intr[0]
+    h, w = views.hw
+    depth = views.depth.float().numpy()
+    images = views.images.numpy()
+    return RGBDSequence(name=name, intrinsics=intrinsics_matrix(fx, fy, cx - 0.5, cy - 0.5),
+                        poses=views.c2w.double().numpy() @ GL_TO_CV, width=w, height=h,
+                        load_depth=lambda i: depth[i].copy(), load_color=lambda i: images[i].copy(), units=units)
+
+
 # -- detection and dispatch ------------------------------------------------------------------------
 def detect_sequence_format(path) -> str:
     """``"procedural"``, ``"tum"``, ``"redwood"`` or ``"rtmv"``; else :class:`InputError` saying what was looked for."""

@@ -217,6 +217,15 @@ def test_round_trip_keeps_a_custom_depth_scale_and_depth_only(tmp_path, sphere_s
         write_tum(depth_only, tmp_path / "t", depth_scale=2e5)
 
 
+def test_points_are_the_backprojected_depth(sphere_scan):
+    seq = sphere_scan[0]
+    assert np.allclose(seq.points(1), _backproject(seq, 1))
+    sub = seq.points(1, stride=3)
+    assert 0 < len(sub) < len(seq.points(1)) / 4
+    full = {tuple(p) for p in seq.points(1).round(9)}
+    assert all(tuple(p) in full for p in sub.round(9))  # a subset of the full-resolution points
+
+
 def test_subset(sphere_scan):
     seq = sphere_scan[0]
     sub = seq.subset([4, 1])

@@ -164,6 +164,17 @@ class RGBDSequence:
         """``(H, W, 3) uint8`` colour of frame ``i``, or ``None``."""
         return None if self.load_color is None else self.load_color(i)
 
+    def points(self, i: int, stride: int = 1) -> np.ndarray:
+        """World points ``(M, 3) float64`` of frame ``i``'s valid depth pixels (every ``stride``-th row
+        and column): pixel ``(col, row)`` with depth ``z`` is the camera point
+        ``((col − cx) z / fx, (row − cy) z / fy, z)``, moved by ``poses[i]``."""
+        z = self.depth(i)[::stride, ::stride].astype(np.float64)
+        rows, cols = np.nonzero(z > 0)
+        zz = z[rows, cols]
+        K = self.intrinsics
+        cam = np.stack([(cols * stride - K[0, 2]) / K[0, 0] * zz, (rows * stride - K[1, 2]) / K[1, 1] * zz, zz], -1)
+        return cam @ self.poses[i, :3, :3].T + self.poses[i, :3, 3]
+
     def subset(self, indices: Sequence[int]) -> "RGBDSequence":
         """The frames ``indices`` (in that order) as a new lazy sequence, e.g. ``seq.subset(range(0, len(seq), 5))``."""
         idx = [int(i) for i in indices]

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "vqad.app.commands.sweep",
     "vqad.app.commands.batch",
     "vqad.app.commands.tsdf",
+    "vqad.app.commands.rgbd",
 ]
 
 

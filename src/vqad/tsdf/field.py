@@ -24,7 +24,7 @@ from vqad.grid import OctreeGrid
 from vqad.sdf.field import SDFField
 
 #: the units a TSDF header may name (what the readers produce; the numbers are in these units)
-UNITS = ("m", "mm", "cm", "unit")
+UNITS = ("m", "mm", "cm", "scene")  # scene: a capture's own units (RTMV, NeRF scenes)
 
 
 class TSDFField(SDFField):

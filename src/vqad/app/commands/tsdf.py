@@ -20,7 +20,7 @@ INDEX_FLAGS = {"refine": "--refine", "refine_samples": "--refine-samples", "refi
                "logit_lr_scale": "--logit-lr-scale", "codebook_lr_scale": "--codebook-lr-scale"}
 DECODER_FLAGS = ("hidden", "layers")
 #: flags that shape the fusion; a resumed fit reads OUT/fused.tsdf instead and refuses them
-FUSION_FLAGS = {"format": "--format", "depth_scale": "--depth-scale", "voxel": "--voxel", "trunc": "--trunc",
+FUSION_FLAGS = {"format": "--format", "depth_scale": "--depth-scale", "intrinsics": "--intrinsics", "voxel": "--voxel", "trunc": "--trunc",
                 "max_depth": "--max-depth", "stride": "--stride", "max_frames": "--max-frames"}
 FUSED_NAME = "fused.tsdf"
 
@@ -41,9 +41,12 @@ def register(sub) -> None:
                    help="layout of SOURCE (default: auto)")
     p.add_argument("--depth-scale", type=float, default=None,
                    help="depth image units per metre (default: the layout's: TUM 5000, Redwood 1000)")
-    p.add_argument("--voxel", type=float, default=None, help="fusion voxel size in metres (default: from the depth range)")
-    p.add_argument("--trunc", type=float, default=None, help="truncation distance in metres (default: 4 voxels)")
-    p.add_argument("--max-depth", type=float, default=None, help="ignore depth beyond this many metres (default: none)")
+    p.add_argument("--intrinsics", default=None,
+                   help="pinhole intrinsics when the layout does not record them: 'fx,fy,cx,cy' in pixels or a preset "
+                        "(fr1, fr2, fr3, primesense) (default: the layout's own file)")
+    p.add_argument("--voxel", type=float, default=None, help="fusion voxel size in the sequence's units, metres for TUM and Redwood (default: from the depth range)")
+    p.add_argument("--trunc", type=float, default=None, help="truncation distance in the sequence's units (default: 4 voxels)")
+    p.add_argument("--max-depth", type=float, default=None, help="ignore depth beyond this distance, in the sequence's units (default: none)")
     p.add_argument("--stride", type=int, default=None, help="fuse every Nth frame (default: 1)")
     p.add_argument("--max-frames", type=int, default=None, help="fuse at most this many frames (default: all)")
     p.add_argument("--gt", default=None, help="ground-truth mesh in the sequence's world frame (adds metrics against it)")
@@ -109,6 +112,8 @@ def fuse_source(args, device, deadline=None):
         refuse(bool(used), f"{', '.join(used)} shape a fusion: they cannot apply to an already fused TSDF ({src})")
         return FusedTSDF.load(src), f"fused TSDF {src}", 0.0
     kw = {} if args.depth_scale is None else {"depth_scale": args.depth_scale}
+    if args.intrinsics is not None:
+        kw["K"] = args.intrinsics
     seq = read_sequence(args.source, format=args.format or "auto", **kw)
     frames = range(0, len(seq), args.stride or 1)
     if args.max_frames is not None:
@@ -148,8 +153,9 @@ def cmd_fit_tsdf(args) -> int:
         (out / "metrics.json").unlink(missing_ok=True)
         fused.save(out / FUSED_NAME)
     baseline = fused.nbytes()
-    print(f"fusion: {what}; {len(fused.tsdf):,} observed voxels of {fused.voxel * 1e3:.1f} mm, truncation "
-          f"{fused.trunc * 1e3:.1f} mm, {baseline / 1e6:,.2f} MB as fp16 value + weight"
+    u = fused.units
+    print(f"fusion: {what}; {len(fused.tsdf):,} observed voxels of {fused.voxel:.4g} {u}, truncation "
+          f"{fused.trunc:.4g} {u}, {baseline / 1e6:,.2f} MB stored (fp16 value + weight per voxel, block structure)"
           + (f", in {fuse_s:.1f} s" if fuse_s else ""))
     res = fit_tsdf(fused, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume, quiet=args.quiet,
                    source=str(args.source), deadline=deadline)

@@ -89,7 +89,7 @@ _CHUNK_VOXELS = 1 << 21
 _MAGIC = b"VQTS"
 _VERSION = 1
 _FLAG_COLOR = 1
-#: magic, version, flags, block, units length; voxel, trunc (float64); block count (uint32)
+#: magic, version, flags, block, units length; voxel, trunc (float64); block count (uint32): 28 bytes
 _HEAD = struct.Struct("<4sBBBBddI")
 
 
@@ -169,12 +169,12 @@ class FusedTSDF:
         """The uncompressed baseline as stored (colour only when ``color`` and the TSDF has one).
 
         Layout, little-endian: header ``magic "VQTS", version u8, flags u8 (1 = colour), block u8,
-        len(units) u8, voxel f64, trunc f64, blocks u32`` (32 bytes), ``units`` (UTF-8); per allocated
+        len(units) u8, voxel f64, trunc f64, blocks u32`` (28 bytes), ``units`` (UTF-8); per allocated
         block (sorted by coordinates) its block coordinates ``3 × int32``; per block an occupancy
         bitmask of its ``block³`` voxels (x-major, little bit order, ``ceil(block³ / 8)`` bytes); per
         observed voxel (block order, then bit order) ``tsdf`` fp16, then ``weight`` fp16, then
         ``colour`` 3 × u8; a CRC-32 of everything before it (4 bytes). So for ``B`` blocks and ``M``
-        voxels: ``36 + len(units) + B·(12 + ceil(block³/8)) + M·(4 + 3·colour)`` bytes.
+        voxels: ``32 + len(units) + B·(12 + ceil(block³/8)) + M·(4 + 3·colour)`` bytes.
         """
         with_color = bool(color) and self.color is not None
         b = self.block
@@ -378,10 +378,12 @@ class FusedTSDF:
         return Mesh((verts[first] + 0.5) * self.voxel, faces[keep])
 
 
-def _check_geometry(voxel, trunc, block) -> None:
-    """Raise :class:`InputError` unless voxel > 0 finite, trunc ≥ voxel finite, 1 ≤ block ≤ 16."""
+def _check_geometry(voxel, trunc, block) -> tuple[float, float]:
+    """``(voxel, trunc)`` as floats (``trunc=None``: :data:`TRUNC_VOXELS` voxels); raises
+    :class:`InputError` unless voxel > 0 finite, trunc ≥ voxel finite, 1 ≤ block ≤ 16."""
     try:
-        voxel, trunc = float(voxel), float(trunc)
+        voxel = float(voxel)
+        trunc = TRUNC_VOXELS * voxel if trunc is None else float(trunc)
     except (TypeError, ValueError) as exc:
         raise InputError(f"voxel and trunc must be numbers, got {voxel!r} and {trunc!r} (e.g. --voxel 0.01 --trunc 0.04)") from exc
     if not (math.isfinite(voxel) and voxel > 0):
@@ -391,6 +393,7 @@ def _check_geometry(voxel, trunc, block) -> None:
                          f"pass --trunc {TRUNC_VOXELS * voxel:g} ({TRUNC_VOXELS} voxels, the default) or omit it")
     if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or not 1 <= block <= MAX_BLOCK:
         raise InputError(f"block must be a whole number of voxels in 1..{MAX_BLOCK}, got {block!r} (the default is {DEFAULT_BLOCK})")
+    return voxel, trunc
 
 
 def from_dense(values: np.ndarray, weight: np.ndarray, voxel: float, trunc: float, origin=(0, 0, 0),
@@ -519,9 +522,7 @@ def fuse(seq: RGBDSequence, voxel: float | None = None, trunc: float | None = No
             raise InputError(f"max_depth must be a positive finite depth in {seq.units}, or None for no limit")
     if voxel is None:
         voxel = default_voxel(seq, frames, max_depth)
-    _check_geometry(voxel, TRUNC_VOXELS * float(voxel) if trunc is None else trunc, block)
-    voxel = float(voxel)
-    trunc = TRUNC_VOXELS * voxel if trunc is None else float(trunc)
+    voxel, trunc = _check_geometry(voxel, trunc, block)
     dev = resolve_device(device)
     W, H = int(seq.width), int(seq.height)
     fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
@@ -535,6 +536,9 @@ def fuse(seq: RGBDSequence, voxel: float | None = None, trunc: float | None = No
     ray_unit = ray / ray.norm(dim=1, keepdim=True)
     steps = torch.linspace(-trunc, trunc, int(math.ceil(2 * trunc / voxel)) + 1, device=dev)
     block_radius = 0.5 * math.sqrt(3) * bsize
+    # inward normals of the frustum's side planes: pixel centres span [-0.5, W - 0.5] × [-0.5, H - 0.5]
+    frustum = torch.tensor([[fx, 0, cx + 0.5], [-fx, 0, W - 0.5 - cx], [0, fy, cy + 0.5], [0, -fy, H - 0.5 - cy]],
+                           dtype=torch.float64, device=dev)
 
     from tqdm.auto import tqdm
 
@@ -571,14 +575,11 @@ def fuse(seq: RGBDSequence, voxel: float | None = None, trunc: float | None = No
         Rwc = Rcw.T
         centre = (hashmap.coords[:n].double() * bsize + 0.5 * bsize - tcw) @ Rwc.T  # (n, 3) block centres, camera
         zc = centre[:, 2]
-        r = block_radius
-        zpos = zc.clamp_min(1e-9)
-        uc = centre[:, 0] / zpos * fx + cx
-        vc = centre[:, 1] / zpos * fy + cy
-        pr = r / zpos
-        near = zc <= r  # straddles or is behind the camera plane: keep, the voxel test decides
-        vis = (zc > -r) & (zc - r <= float(depth_np.max()) + trunc) & (
-            near | ((uc > -0.5 - pr * fx) & (uc < W - 0.5 + pr * fx) & (vc > -0.5 - pr * fy) & (vc < H - 0.5 + pr * fy)))
+        # a block's bounding sphere meets the view frustum iff it reaches into the half-space of
+        # each of the 4 side planes (through the camera centre, normals n) and the depth range
+        vis = (zc > -block_radius) & (zc - block_radius <= float(depth_np.max()) + trunc)
+        for plane in frustum:
+            vis &= centre @ plane >= -block_radius * float(plane.norm())
         rows = vis.nonzero().squeeze(1)
         local_cam = (local_m @ Rwc.T).float()  # (b³, 3)
         color = None if col_np is None or hashmap.color is None else torch.from_numpy(np.asarray(col_np, np.uint8)).to(dev).reshape(-1, 3).float()

@@ -338,23 +338,18 @@ class FusedTSDF:
         if not math.isfinite(level) or abs(level) >= self.trunc:
             raise InputError(f"mesh level must be finite and inside (-trunc, trunc) = ±{self.trunc:g}, got {level}")
         S = MESH_TILE
-        tiles = np.unique(np.floor_divide(self.ijk.astype(np.int64), S), axis=0) if len(self) else np.zeros((0, 3), np.int64)
-        r = np.arange(S + 1)
-        grid = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
         verts_all, faces_all, nv = [], [], 0
-        for t in tiles:
-            base = t * S
-            row, ok = self._lookup(grid + base)
-            ok = ok.reshape(S + 1, S + 1, S + 1)
-            vals = np.where(ok.reshape(-1), self.tsdf[row], self.trunc).reshape(S + 1, S + 1, S + 1).astype(np.float32)
+        for base, loc, rows in _tiles(self.ijk, S):
+            ok = np.zeros((S + 1,) * 3, dtype=bool)
+            ok[tuple(loc.T)] = True
             cube = ok[:-1, :-1, :-1].copy()
             for dx, dy, dz in [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)]:
                 cube &= ok[dx:dx + S, dy:dy + S, dz:dz + S]
-            if not cube.any():
+            seen = self.tsdf[rows]
+            if not (cube.any() and (seen > level).any() and (seen < level).any()):
                 continue
-            seen = vals[ok]
-            if not ((seen > level).any() and (seen < level).any()):
-                continue
+            vals = np.full((S + 1,) * 3, self.trunc, dtype=np.float32)
+            vals[tuple(loc.T)] = seen
             # skimage tests a cube by the mask at its far corner (measured on scikit-image 0.2x;
             # tests/test_fusion.py checks that no face leaves the observed cubes)
             mask = np.zeros_like(ok)
@@ -369,13 +364,56 @@ class FusedTSDF:
         if not faces_all:
             return Mesh(np.zeros((0, 3), np.float64), np.zeros((0, 3), np.int64))
         verts = np.concatenate(verts_all)
-        faces = np.concatenate(faces_all)
         # merge the copies of vertices on tile faces (same edge, same interpolation → same point)
-        q = np.round(verts * 4096).astype(np.int64)
-        _, first, inverse = np.unique(q, axis=0, return_index=True, return_inverse=True)
-        faces = inverse.reshape(-1)[faces]
+        first, inverse = _merge_points(verts)
+        faces = inverse[np.concatenate(faces_all)]
         keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
         return Mesh((verts[first] + 0.5) * self.voxel, faces[keep])
+
+
+def _tiles(ijk: np.ndarray, S: int):
+    """Yield ``(base (3,), loc (n, 3), rows (n,))`` per tile of ``S³`` voxel cubes that owns a voxel:
+    ``base`` its first voxel index, ``loc`` in ``[0, S]³`` the tile-local indices of the voxels it
+    needs (its own and, at local ``S``, the first layer of the next tiles), ``rows`` their rows in ``ijk``."""
+    ijk = ijk.astype(np.int64)
+    tile = np.floor_divide(ijk, S)
+    loc = ijk - tile * S
+    rows = np.arange(len(ijk))
+    T, L, R = [tile], [loc], [rows]
+    for shift in [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)]:
+        e = np.array(shift)
+        at = np.all((loc == 0) | (e == 0), axis=1)  # on the lower face(s) of its tile along every shifted axis
+        T.append(tile[at] - e)
+        L.append(loc[at] + S * e)
+        R.append(rows[at])
+    T, L, R = np.concatenate(T), np.concatenate(L), np.concatenate(R)
+    keys = _pack(T)
+    owned = np.isin(keys, keys[: len(ijk)])
+    keys, T, L, R = keys[owned], T[owned], L[owned], R[owned]
+    order = np.argsort(keys, kind="stable")
+    keys, T, L, R = keys[order], T[order], L[order], R[order]
+    _, start = np.unique(keys, return_index=True)
+    stop = np.append(start[1:], len(keys))
+    for a, b in zip(start, stop):
+        yield T[a] * S, L[a:b], R[a:b]
+
+
+def _merge_points(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group points ``(N, 3)`` equal to 1/1024: ``first (U,)`` one index per group, ``inverse (N,)``."""
+    q = np.round((p - p.min(0)) * 1024).astype(np.int64)
+    bits = int(q.max()).bit_length()
+    if 3 * bits <= 63:
+        key = (q[:, 0] << (2 * bits)) | (q[:, 1] << bits) | q[:, 2]
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        return first, inverse.reshape(-1)
+    order = np.lexsort((q[:, 2], q[:, 1], q[:, 0]))
+    qs = q[order]
+    new = np.ones(len(q), dtype=bool)
+    new[1:] = np.any(qs[1:] != qs[:-1], axis=1)
+    group = np.cumsum(new) - 1
+    inverse = np.empty(len(q), dtype=np.int64)
+    inverse[order] = group
+    return order[new], inverse
 
 
 def _check_geometry(voxel, trunc, block) -> tuple[float, float]:

@@ -404,3 +404,10 @@ def test_devices_agree(device, one_thread):
     np.testing.assert_allclose(got.tsdf, ref.tsdf, atol=1e-5)
     np.testing.assert_array_equal(got.weight, ref.weight)
     assert np.abs(got.color.astype(int) - ref.color).max() <= 1
+
+
+def test_stored_weight_capped_at_fp16_max():
+    t = FusedTSDF(0.5, 1.0, "m", [[0, 0, 0]], [0.5], [1e6])
+    assert FusedTSDF.from_bytes(t.to_bytes()).weight[0] == np.finfo(np.float16).max
+    with pytest.raises(InputError, match="fp16"):
+        FusedTSDF(1.0, 1e5, "mm", [[0, 0, 0]], [0.5], [1]).to_bytes()

@@ -86,6 +86,7 @@ MESH_TILE = 64
 #: voxels processed at once during integration (bounds the temporary memory to ~100 MB)
 _CHUNK_VOXELS = 1 << 21
 
+_F16_MAX = float(np.finfo(np.float16).max)
 _MAGIC = b"VQTS"
 _VERSION = 1
 _FLAG_COLOR = 1
@@ -120,7 +121,7 @@ def _check_range(ijk: np.ndarray, voxel: float) -> None:
         raise InputError(f"the scene spans more than 2^20 voxels of {voxel:g} from the origin: pass a larger voxel (--voxel)")
 
 
-@dataclass
+@dataclass(eq=False)
 class FusedTSDF:
     """Observed voxels of a fused TSDF (``M`` of them, weight > 0).
 
@@ -172,11 +173,13 @@ class FusedTSDF:
         len(units) u8, voxel f64, trunc f64, blocks u32`` (28 bytes), ``units`` (UTF-8); per allocated
         block (sorted by coordinates) its block coordinates ``3 × int32``; per block an occupancy
         bitmask of its ``block³`` voxels (x-major, little bit order, ``ceil(block³ / 8)`` bytes); per
-        observed voxel (block order, then bit order) ``tsdf`` fp16, then ``weight`` fp16, then
-        ``colour`` 3 × u8; a CRC-32 of everything before it (4 bytes). So for ``B`` blocks and ``M``
-        voxels: ``32 + len(units) + B·(12 + ceil(block³/8)) + M·(4 + 3·colour)`` bytes.
+        observed voxel (block order, then bit order) ``tsdf`` fp16, then ``weight`` fp16 (capped at
+        fp16's 65504), then ``colour`` 3 × u8; a CRC-32 of everything before it (4 bytes). So for
+        ``B`` blocks and ``M`` voxels: ``32 + len(units) + B·(12 + ceil(block³/8)) + M·(4 + 3·colour)`` bytes.
         """
         with_color = bool(color) and self.color is not None
+        if self.trunc > _F16_MAX:
+            raise InputError(f"trunc {self.trunc:g} {self.units} is beyond fp16's range: store the TSDF in larger units (e.g. m, not mm)")
         b = self.block
         ijk = self.ijk.astype(np.int64)
         bc = np.floor_divide(ijk, b)
@@ -201,7 +204,7 @@ class FusedTSDF:
             _unpack(ukeys).astype("<i4").tobytes(),
             np.packbits(bits, axis=1, bitorder="little").tobytes(),
             self.tsdf[order].astype("<f2").tobytes(),
-            self.weight[order].astype("<f2").tobytes(),
+            np.minimum(self.weight[order], _F16_MAX).astype("<f2").tobytes(),
         ]
         if with_color:
             parts.append(self.color[order].tobytes())

@@ -483,15 +483,20 @@ def test_cli_refuses_a_bad_folder_or_bandwidth(site, tmp_path, capsys):
         assert "--port 0" in capsys.readouterr().err
 
 
-def test_cli_serves_until_ctrl_c(site):
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_cli_serves_until_ctrl_c(site, host):
     root, _ = site
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vqad.app.cli", "serve", str(root), "--port", "0", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "vqad.app.cli", "serve", str(root), "--port", "0", "--quiet",
+                             "--host", host], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        line = proc.stdout.readline()
-        m = re.search(r"at (http://127\.0\.0\.1:\d+/) \(Ctrl-C to stop\)", line)
-        assert m, line + proc.stderr.read() if proc.poll() is not None else line
+        lines = []
+        while not lines or "Ctrl-C" not in lines[-1]:
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines) + proc.stderr.read()
+        m = re.search(r"at (http://127\.0\.0\.1:\d+/) \(Ctrl-C to stop\)", lines[-1])
+        assert m, lines
+        assert ("anyone who can reach this machine" in "".join(lines)) == (host == "0.0.0.0")
         url = m.group(1)
         deadline = time.monotonic() + 20
         while True:  # the URL is printed just before the server starts accepting

@@ -769,8 +769,10 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT, bandwid
     sock = bind_socket(host, port)
     url = _url(sock)
     if public:
-        print(f"warning: listening on {host}: anyone who can reach this machine on port {sock.getsockname()[1]} can "
-              "download these files (there is no authentication); the default --host 127.0.0.1 keeps them private")
+        port = sock.getsockname()[1]
+        print(f"warning: listening on {host}: anyone who can reach this machine on port {port} can download these "
+              "files (there is no authentication); the default --host 127.0.0.1 keeps them private")
+        print(f"  others connect to http://{_url_host(socket.gethostname())}:{port}/ (or this machine's address)")
     rate = f", throttled to {format_rate(bandwidth)} per response" if bandwidth is not None else ""
     print(f"Serving {root} at {url} (Ctrl-C to stop)\n  {len(files)} file(s){rate}; JSON listing {url}api/files; "
           f"viewer {url}view/<file>", flush=True)

@@ -235,7 +235,7 @@ def test_cors_lets_another_origin_read_ranges(client):
     "/../secret.vqad", "/%2e%2e/secret.vqad", "/%2E%2E/secret.vqad", "/sub/../../secret.vqad", "/sub/%2e%2e/model.vqad",
     "//etc/passwd", "/%2Fetc%2Fpasswd", "/./model.vqad", "/model.vqad%00.txt", "/sub%5c..%5cmodel.vqad",
     "/escape.vqad", "/.hidden.vqad", "/notes.txt", "/folder.vqad", "/missing.vqad", "/view/../secret.vqad",
-    "/view/escape.vqad", "/view/notes.txt",
+    "/view/escape.vqad", "/view/notes.txt", "/sub/", "/view/",
 ])
 def test_paths_outside_the_folder_and_other_files_are_refused(server, target):
     status, _, body = raw_request(server, target)

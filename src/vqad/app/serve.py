@@ -110,6 +110,8 @@ class Refused(Exception):
 
 def _check_segments(rel: str) -> list[str]:
     """The segments of a decoded URL path relative to the root, or :class:`Refused` (403)."""
+    if not rel or rel.endswith("/"):
+        raise Refused(404, "folders are not served: the index at / lists the files")
     if "\x00" in rel or "\\" in rel:
         raise Refused(403, "NUL and backslashes are not allowed in paths")
     if rel.startswith("/"):
@@ -159,6 +161,10 @@ def iter_files(root: Path) -> Iterator[tuple[str, Path]]:
         base = Path(dirpath).relative_to(root)
         for name in filenames:
             rel = (base / name).as_posix()
+            try:
+                rel.encode("utf-8")  # a name that is not UTF-8 has no URL a client could send
+            except UnicodeEncodeError:
+                continue
             try:
                 found.append((rel, resolve_file(root, rel)))
             except Refused:
@@ -366,6 +372,8 @@ class FileResponse:
                     # Returning without the end of the body makes the server cut the connection: the
                     # client sees a short body (Content-Length), never a silent mix of two versions.
                     log.warning("vqad serve: %s changed while being sent (%s): response cut short", self.name, exc)
+                except OSError as exc:  # a read error (a disk, a network mount): cut short the same way
+                    log.error("vqad serve: reading %s failed (%s): response cut short", self.name, exc)
                 tg.cancel_scope.cancel()
         finally:
             os.close(self.fd)
@@ -415,7 +423,11 @@ class InfoCache:
         return entry
 
     def listing(self, root: Path) -> list[dict[str, Any]]:
-        return [self.describe(rel, real) for rel, real in iter_files(root)]
+        entries = [self.describe(rel, real) for rel, real in iter_files(root)]
+        with self._lock:  # forget files that are gone
+            present = {e["path"] for e in entries}
+            self._cache = {rel: hit for rel, hit in self._cache.items() if rel in present}
+        return entries
 
 
 def _index_html(root: Path, entries: list[dict[str, Any]]) -> str:
@@ -437,7 +449,7 @@ def _index_html(root: Path, entries: list[dict[str, Any]]) -> str:
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}}.num{{text-align:right}}.err{{color:#b00}}
 code{{background:#f4f4f4;padding:.1em .3em}}</style></head><body>
-<h1>.vqad files in {html.escape(str(root))}</h1>
+<h1>.vqad files in {html.escape(root.name or str(root))}</h1>
 <table><tr><th>file</th><th></th><th class=num>bytes</th><th>kind</th><th>bytes needed per level of detail</th></tr>
 {body}
 </table>

@@ -66,7 +66,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from vqad.app.rates import format_rate
+from vqad.app.rates import format_rate, parse_rate  # parse_rate: re-exported for --bandwidth users
 from vqad.errors import InputError, VqadError
 
 log = logging.getLogger("vqad.serve")
@@ -791,5 +791,5 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT, bandwid
     _server(app, quiet).run(sockets=[sock])
 
 
-__all__ = ["create_app", "serve", "BackgroundServer", "resolve_file", "iter_files", "parse_range", "make_etag",
+__all__ = ["create_app", "serve", "BackgroundServer", "parse_rate", "resolve_file", "iter_files", "parse_range", "make_etag",
            "Refused", "Unsatisfiable", "CONTENT_TYPE", "DEFAULT_PORT", "LOOPBACK_HOSTS", "MAX_RANGES"]

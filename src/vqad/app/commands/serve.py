@@ -33,7 +33,7 @@ def register(sub) -> None:
         description="Serve every .vqad file under DIR over HTTP, with byte ranges, so that any client can stream "
                     "it progressively: the first bytes decode to a coarse LOD.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", help="the folder whose .vqad files (and those of its subfolders) are served")
+    p.add_argument("dir", metavar="DIR", help="the folder whose .vqad files (and those of its subfolders) are served")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface, "
                         "so anyone who can reach this machine can download the files)")

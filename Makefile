@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned, so nothing below can pull a CUDA build.
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[test,ray,tsdf,view]"
+	$(PIP) install -q -e ".[test,ray,tsdf,view,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "vqad.app.commands.batch",
     "vqad.app.commands.tsdf",
     "vqad.app.commands.rgbd",
+    "vqad.app.commands.serve",
 ]
 
 

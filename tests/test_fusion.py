@@ -312,6 +312,12 @@ def test_damaged_bytes_raise(tmp_path):
         FusedTSDF.load(tmp_path / "missing.tsdf")
 
 
+@pytest.mark.parametrize("tsdf, weight", [([2.0], [1]), ([np.nan], [1]), ([0.0], [0]), ([0.0], [-1]), ([0.0], [np.inf])])
+def test_constructor_checks_values(tsdf, weight):
+    with pytest.raises(InputError):
+        FusedTSDF(0.5, 1.0, "m", [[0, 0, 0]], tsdf, weight)
+
+
 def test_duplicate_voxels_refused():
     t = FusedTSDF(0.5, 1.0, "m", [[0, 0, 0], [0, 0, 0]], [0, 0], [1, 1])
     with pytest.raises(InputError, match="twice"):
@@ -349,7 +355,7 @@ def test_sample_against_brute_force_trilinear():
     # at voxel centres sample() returns the stored values
     got, ok = t.sample(t.centers())
     np.testing.assert_allclose(got[ok], t.tsdf[ok], atol=1e-6)
-    _, ok = t.sample(np.array([[np.nan, 0, 0], [1e9, 0, 0]]))
+    _, ok = t.sample(np.array([[np.nan, 0, 0], [1e9, 0, 0], [-1e300, 0, 0]]))
     assert not ok.any()
 
 

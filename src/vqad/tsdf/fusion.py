@@ -151,6 +151,11 @@ class FusedTSDF:
         self.weight = np.ascontiguousarray(self.weight, dtype=np.float32).reshape(-1)
         if self.tsdf.shape != (m,) or self.weight.shape != (m,):
             raise InputError(f"FusedTSDF needs tsdf and weight of shape ({m},) for {m} voxels, got {self.tsdf.shape} and {self.weight.shape}")
+        # fp16 storage may round ±trunc up by half an fp16 step (2^-11 relative)
+        if not np.isfinite(self.tsdf).all() or np.abs(self.tsdf).max(initial=0) > self.trunc * (1 + 2 ** -10):
+            raise InputError(f"FusedTSDF values must be finite and within ±trunc = {self.trunc:g}")
+        if not np.isfinite(self.weight).all() or (self.weight <= 0).any():
+            raise InputError("FusedTSDF weights must be finite and positive (only observed voxels are kept)")
         if self.color is not None:
             self.color = np.ascontiguousarray(self.color, dtype=np.uint8)
             if self.color.shape != (m, 3):
@@ -261,13 +266,12 @@ class FusedTSDF:
         tsdf = np.frombuffer(data, "<f2", m, pos).astype(np.float32)
         weight = np.frombuffer(data, "<f2", m, pos + 2 * m).astype(np.float32)
         color = np.frombuffer(data, np.uint8, 3 * m, pos + 4 * m).reshape(m, 3).copy() if flags & _FLAG_COLOR else None
-        if not np.isfinite(tsdf).all() or np.abs(tsdf).max(initial=0) > float(np.float16(trunc)):
-            raise InputError(f"fused TSDF values must be finite and within ±trunc = {trunc:g}: the file is damaged")
-        if not np.isfinite(weight).all() or (weight <= 0).any():
-            raise InputError("fused TSDF weights must be finite and positive: the file is damaged")
         row, lidx = np.nonzero(bits)
         ijk = bcoords[row] * b + _local_offsets(b)[lidx]
-        return cls(voxel, trunc, units, ijk.astype(np.int32), tsdf, weight, color, b)
+        try:  # the constructor checks the values and weights
+            return cls(voxel, trunc, units, ijk.astype(np.int32), tsdf, weight, color, b)
+        except InputError as exc:
+            raise InputError(f"{exc}: the file is damaged") from exc
 
     def nbytes(self, color: bool = False) -> int:
         """Measured stored size: ``len(self.to_bytes(color))``."""
@@ -312,7 +316,7 @@ class FusedTSDF:
         p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
         g = p / self.voxel - 0.5
         finite = np.isfinite(g).all(1)
-        g = np.where(finite[:, None], g, 0.0)
+        g = np.clip(np.where(finite[:, None], g, 0.0), -2.0 * _KEY_OFFSET, 2.0 * _KEY_OFFSET)  # far points: invalid
         i0 = np.floor(g).astype(np.int64)
         f = g - i0
         values = np.zeros(len(p), np.float64)
@@ -501,7 +505,9 @@ def _check_sequence(seq: RGBDSequence) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _BlockHash:
-    """Allocated blocks: sorted int64 keys → rows of the voxel storage (rows in allocation order)."""
+    """Allocated blocks: their int64 keys, sorted (to tell new blocks from known ones with
+    :func:`torch.searchsorted`), and per block, in allocation order, its coordinates and voxel rows
+    ``tsdf (cap, block³)``, ``weight (cap, block³)``, ``color (cap, block³, 3)`` (float32 running means)."""
 
     def __init__(self, block: int, color: bool, device: torch.device):
         self.b3 = block ** 3

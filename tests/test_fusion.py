@@ -99,6 +99,9 @@ def test_sphere_mesh_on_surface(one_thread):
     assert len(m.faces) > 500
     r = np.linalg.norm(m.vertices, axis=1)
     assert np.abs(r - 0.1).max() < 0.004  # within a voxel, noise-free
+    tri = m.vertices[m.faces]
+    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    assert ((normals * tri.mean(1)).sum(1) > 0).mean() > 0.99  # outwards, towards positive TSDF
     # the sample() field agrees: zero on the surface, +/- a voxel outside/inside
     dirs = m.vertices[:200] / r[:200, None]
     for off, sign in ((0.0, 0), (0.004, 1), (-0.004, -1)):

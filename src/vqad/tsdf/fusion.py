@@ -334,11 +334,13 @@ class FusedTSDF:
         """The ``level`` set as a triangle mesh in world units (empty when there is none).
 
         Marching cubes (:func:`skimage.measure.marching_cubes`) runs only on cubes whose 8 corner
-        voxels are all observed, so no face crosses unobserved space. It works tile by tile: dense
-        ``(MESH_TILE + 1)³`` float32 tiles (1.1 MB each, one at a time) over the tiles that hold
-        observed voxels, so memory stays bounded by the voxel count, not the scene's bounding box.
-        Vertices shared by neighbouring tiles are merged. Faces wind so that normals point to positive
-        TSDF (towards the cameras).
+        voxels are all observed, so no face crosses unobserved space. It works tile by tile over the
+        tiles of ``MESH_TILE³`` cubes that hold observed voxels, one dense ``(MESH_TILE + 1)³`` tile
+        at a time (values, mask: 1.4 MB), so memory is bounded by the voxel count (about 80 bytes per
+        observed voxel for the tile index) plus the mesh, never by the scene's bounding box.
+        Vertices shared by neighbouring tiles (or closer than 1/1024 voxel) are merged. Faces wind so
+        that normals point to positive TSDF (towards the cameras). Measured: a 4 × 3 × 4 m room,
+        9.4 M voxels → 1.7 M faces in 12 s on one core (benchmarks/bench_fusion.py).
         """
         from skimage.measure import marching_cubes
 

@@ -54,7 +54,7 @@ default voxel 6.1 mm, 25 k blocks, 9.4 M observed voxels; this 2-core machine sh
 jobs, load average 2–4, so these are upper bounds): 17–26 s with 1 thread (170–260 ms a frame;
 a single frame fused alone 220–460 ms, as it allocates all its blocks), 59 s with 2 threads (the
 second thread only competes with the other jobs). The cost per frame grows with the allocated
-blocks in view, about 1–2 µs per voxel on one core.
+blocks in view.
 
 We fuse in PyTorch anyway: Open3D is not a dependency of vqad (the wheel is large and absent on
 many platforms), the PyTorch path runs on the same CUDA device as the fit, and we need the voxels in

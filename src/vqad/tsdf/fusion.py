@@ -24,8 +24,9 @@ Defaults (defined once, below): ``voxel`` = the median valid depth / :data:`VOXE
 (256: at 1.5 m this is 5.9 mm, about one pixel's footprint for a 320×240 sensor with fx ≈ 260, the
 finest voxel the depth can support), rounded to two significant digits; ``trunc`` =
 :data:`TRUNC_VOXELS` (4) voxels: wide enough for the ±3σ noise of a structured-light / ToF sensor at
-that voxel size (σ(z) = 1.2 mm + 1.9 mm·(z − 0.4 m)²/m², so 3σ ≈ 10 mm at 1.5 m) and for marching cubes to see both signs, narrow enough
-not to merge the two sides of thin structures (≥ 2·trunc apart).
+that voxel size (σ(z) = 1.2 mm + 1.9 mm·(z − 0.4 m)²/m², so 3σ ≈ 10 mm at 1.5 m) and for marching
+cubes to see both signs, narrow enough not to merge the two sides of thin structures (≥ 2·trunc
+apart).
 
 Open3D 0.20 (open3d-cpu wheel on this machine), tested 2026-12-03 with a wall at 1 m and a sphere,
 depth given as float metres (``depth_scale=1``) and as uint16 millimetres (``depth_scale=1000``),

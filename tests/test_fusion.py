@@ -99,6 +99,9 @@ def test_sphere_mesh_on_surface(one_thread):
     assert len(m.faces) > 500
     r = np.linalg.norm(m.vertices, axis=1)
     assert np.abs(r - 0.1).max() < 0.004  # within a voxel, noise-free
+    tri = m.vertices[m.faces]
+    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    assert ((normals * tri.mean(1)).sum(1) > 0).mean() > 0.99  # outwards, towards positive TSDF
     # the sample() field agrees: zero on the surface, +/- a voxel outside/inside
     dirs = m.vertices[:200] / r[:200, None]
     for off, sign in ((0.0, 0), (0.004, 1), (-0.004, -1)):
@@ -312,6 +315,12 @@ def test_damaged_bytes_raise(tmp_path):
         FusedTSDF.load(tmp_path / "missing.tsdf")
 
 
+@pytest.mark.parametrize("tsdf, weight", [([2.0], [1]), ([np.nan], [1]), ([0.0], [0]), ([0.0], [-1]), ([0.0], [np.inf])])
+def test_constructor_checks_values(tsdf, weight):
+    with pytest.raises(InputError):
+        FusedTSDF(0.5, 1.0, "m", [[0, 0, 0]], tsdf, weight)
+
+
 def test_duplicate_voxels_refused():
     t = FusedTSDF(0.5, 1.0, "m", [[0, 0, 0], [0, 0, 0]], [0, 0], [1, 1])
     with pytest.raises(InputError, match="twice"):
@@ -349,7 +358,7 @@ def test_sample_against_brute_force_trilinear():
     # at voxel centres sample() returns the stored values
     got, ok = t.sample(t.centers())
     np.testing.assert_allclose(got[ok], t.tsdf[ok], atol=1e-6)
-    _, ok = t.sample(np.array([[np.nan, 0, 0], [1e9, 0, 0]]))
+    _, ok = t.sample(np.array([[np.nan, 0, 0], [1e9, 0, 0], [-1e300, 0, 0]]))
     assert not ok.any()
 
 

@@ -31,11 +31,13 @@ class Mesh:
         return Mesh(fn(self.vertices), self.faces.copy())
 
 
-def load_mesh(path: str | Path) -> Mesh:
+def load_mesh(path: str | Path, closed: bool = True) -> Mesh:
     """Load OBJ / PLY / OFF / STL / GLB with trimesh, merge duplicate vertices and check it.
 
     Raises :class:`InputError` (one line, what to do) for a missing, unreadable or empty file, a
-    mesh without faces, or non-finite vertices.
+    mesh without faces, or non-finite vertices; with ``closed`` (what a signed distance needs), also
+    for an open mesh that encloses no volume (:func:`check_encloses_volume`). A surface to compare
+    against (a scan's ground truth, a TSDF's mesh) passes ``closed=False``.
     """
     import trimesh
 
@@ -70,7 +72,7 @@ def load_mesh(path: str | Path) -> Mesh:
     if extent.max() <= 0:
         raise InputError(f"mesh has zero extent: {path}")
     mesh = Mesh(np.asarray(tm.vertices, dtype=np.float64), np.asarray(tm.faces, dtype=np.int64))
-    if not tm.is_watertight:
+    if closed and not tm.is_watertight:
         check_encloses_volume(mesh, path)
     return mesh
 

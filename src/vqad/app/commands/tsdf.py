@@ -86,8 +86,8 @@ def fit_tsdf_configs(args, saved: dict | None = None):
     for name in ("stride", "max_frames"):
         v = getattr(args, name)
         refuse(v is not None and v <= 0, f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-    refuse(args.voxel is not None and args.trunc is not None and args.trunc < args.voxel,
-           f"--trunc ({args.trunc:g}) must be at least one --voxel ({args.voxel:g})")
+    if args.voxel is not None and args.trunc is not None and args.trunc < args.voxel:
+        raise InputError(f"--trunc ({args.trunc:g}) must be at least one --voxel ({args.voxel:g})")
     grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], GridConfig()))
     over = train_overrides(args, TSDF_TRAIN_FLAGS, INDEX_FLAGS, grid.storage)
     over.update(checkpoint_overrides(args))
@@ -139,7 +139,7 @@ def cmd_fit_tsdf(args) -> int:
     grid_cfg, dec_cfg, train_cfg = fit_tsdf_configs(args, saved)
     deadline = Deadline.for_job(train_cfg.max_minutes, evaluation=not args.no_eval)
     device = resolve_device(args.device)
-    gt = load_mesh(args.gt) if args.gt is not None else None
+    gt = load_mesh(args.gt, closed=False) if args.gt is not None else None
     if args.resume:
         used = [f for n, f in FUSION_FLAGS.items() if getattr(args, n) is not None]
         refuse(bool(used), f"--resume reads the fusion from {out / FUSED_NAME}: {', '.join(used)} cannot apply")

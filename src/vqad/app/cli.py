@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "vqad.app.commands.compress",
     "vqad.app.commands.sweep",
     "vqad.app.commands.batch",
+    "vqad.app.commands.view",
 ]
 
 

@@ -253,7 +253,7 @@ class HttpSource(ProgressiveSource):
     def _body(self, resp) -> Iterator[bytes]:
         piece = 4096 if self.bucket else 1 << 16
         try:
-            for data in resp.iter_raw(piece):
+            for data in resp.iter_raw():  # as the bytes arrive (a chunk size would make httpx wait to fill it)
                 if self._closed:
                     return
                 for part in (_pieces(data, piece) if len(data) > piece else (data,)):
@@ -266,7 +266,7 @@ class HttpSource(ProgressiveSource):
     # -- iteration --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[bytes]:
         httpx = self._httpx
-        pos, resp, size, failures = 0, self._first, self.block, 0
+        pos, resp, size, failures = 0, self._first, 2 * self.block, 0
         self._first = None
         try:
             while not self._closed:

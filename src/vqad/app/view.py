@@ -302,17 +302,16 @@ class ViewerHandle:
                     break
                 if isinstance(item, Exception):
                     raise item
-                new = dec.feed(item)
-                self.bytes_received = dec.bytes_received
-                if dec.cfg is not None and self.kind is None:
-                    self.kind = dec.cfg.get("kind", "sdf")
-                    self.mode = self.mode or modes_for(self.kind)[0]
-                    self._build_gui_for_kind()
-                for lv in new:
-                    nbytes = dec.prefix_sizes[lv]
-                    self._event("lod_bytes", lv, nbytes, t=self._arrival_time(nbytes))
-                    field = dec.field(lv, device=self.device)
-                    self._add_field(lv, field, nbytes)
+                try:
+                    dec.feed(item)
+                finally:  # a block that completes LODs and then hits damage: those LODs are still good
+                    self.bytes_received = dec.bytes_received
+                    if dec.cfg is not None and self.kind is None:
+                        self.kind = dec.cfg.get("kind", "sdf")
+                        self.mode = self.mode or modes_for(self.kind)[0]
+                        self._build_gui_for_kind()
+                    for lv in sorted(set(dec.prefix_sizes) - set(self._fields)):
+                        self._lod_arrived(dec, lv)
                 self._refresh_panel()
                 if self.stop_lod is not None and dec.prefix_sizes and max(dec.prefix_sizes) >= self.stop_lod:
                     src.close()
@@ -340,6 +339,11 @@ class ViewerHandle:
             self._fail(f"internal error while decoding: {type(exc).__name__}: {exc}")
         finally:
             self.loaded.set()
+
+    def _lod_arrived(self, dec, lod: int) -> None:
+        nbytes = dec.prefix_sizes[lod]
+        self._event("lod_bytes", lod, nbytes, t=self._arrival_time(nbytes))
+        self._add_field(lod, dec.field(lod, device=self.device), nbytes)
 
     def _load_checkpoint(self) -> None:
         from vqad.checkpoint import load_checkpoint

@@ -54,13 +54,15 @@ class FileServer:
 
     ``ranges``: answer Range requests with 206 (else always 200 with the whole file); ``rate``:
     bytes/s to throttle every response to; ``drop_after``: cut the first response's connection
-    after that many body bytes (once); ``etag``: the validator (change it to simulate a new file).
+    after that many body bytes (once); ``etag``: the validator (change it to simulate a new file);
+    ``hold``: an event every body waits for (headers go at once), to start a transfer on cue.
     ``requests`` records each request's Range header.
     """
 
     def __init__(self, data: bytes, ranges: bool = True, rate: float | None = None, drop_after: int | None = None,
-                 etag: str = '"v1"') -> None:
+                 etag: str = '"v1"', hold: threading.Event | None = None) -> None:
         self.data, self.ranges, self.rate, self.drop_after, self.etag = data, ranges, rate, drop_after, etag
+        self.hold = hold
         self.requests: list[str | None] = []
         srv = self
 
@@ -71,6 +73,12 @@ class FileServer:
                 pass
 
             def do_GET(self):
+                try:
+                    self._get()
+                except (BrokenPipeError, ConnectionResetError):  # the client went away (a viewer that stopped)
+                    self.close_connection = True
+
+            def _get(self):
                 if self.path != "/model.vqad":
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
@@ -101,6 +109,9 @@ class FileServer:
                 self.send_header("ETag", srv.etag)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                self.wfile.flush()
+                if srv.hold is not None:
+                    srv.hold.wait(60)
                 sent = 0
                 for s in range(0, len(body), 1024):
                     part = body[s: s + 1024]

@@ -137,6 +137,7 @@ class ViewerHandle:
         self._gui: dict = {}
         self._threads: list[threading.Thread] = []
         self._arrivals: list[tuple[float, int]] = []  # (t, bytes so far) per block
+        self._slider_state: tuple | None = None
 
     # -- public -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -165,6 +166,12 @@ class ViewerHandle:
                 return True
             time.sleep(poll)
         return bool(predicate(self))
+
+    @property
+    def watching(self) -> int:
+        """How many views (browser tabs that have sent their camera, headless views) are drawn."""
+        with self._cond:
+            return sum(v.camera is not None for v in self._views.values())
 
     def add_view(self, camera: ViewCamera) -> int:
         """A headless view (no browser): frames of ``camera`` (unit cube, full resolution) are
@@ -261,7 +268,7 @@ class ViewerHandle:
 
     def _fail(self, message: str) -> None:
         best = f" Showing LOD {self.lods_available[-1]}, the finest complete one." if self.lods_available else ""
-        self.error = message + best
+        self.error = message.rstrip() + ("" if message.rstrip().endswith(".") else ".") + best
         self._event("error", detail=self.error)
         self._refresh_panel()
 
@@ -472,6 +479,7 @@ class ViewerHandle:
                 if lod not in self.event_times("lod_still"):
                     self._event("lod_still", lod, detail=f"{img.shape[1]}x{img.shape[0]}")
                 self.last_still, self.last_camera, self.last_still_lod = img, cam, lod
+        self._refresh_slider()
         self._refresh_panel(stats_only=True)
 
     # -- the browser side (viser) ------------------------------------------------------------------
@@ -508,20 +516,18 @@ class ViewerHandle:
             g["mesh_btn"] = gui.add_button("Export mesh", hint="marching cubes of the current LOD, in world units")
             g["mesh_status"] = gui.add_markdown("")
         g["metrics"] = gui.add_markdown("", visible=False)
-        self._setting_slider = False
 
+        # (an event without a client is our own assignment of the value: not the user's choice)
         @g["lod"].on_update
         def _(event) -> None:
-            if self._setting_slider:
+            if event.client is None:
                 return
-            self._setting_slider = True
             g["follow"].value = False
-            self._setting_slider = False
             self.set_lod(int(g["lod"].value))
 
         @g["follow"].on_update
         def _(event) -> None:
-            if self._setting_slider:
+            if event.client is None:
                 return
             self.set_lod(None if g["follow"].value else self.current_lod)
             self._refresh_slider()
@@ -577,7 +583,8 @@ class ViewerHandle:
 
         @g["mode"].on_update
         def _(event) -> None:
-            self.set_mode(str(g["mode"].value))
+            if event.client is not None:
+                self.set_mode(str(g["mode"].value))
 
         g["mesh_folder"].visible = self.kind == "sdf"
 
@@ -585,17 +592,17 @@ class ViewerHandle:
         g = self._gui
         if not g or not self.lods_available:
             return
-        self._setting_slider = True
-        try:
-            lo, hi = self.lods_available[0], self.lods_available[-1]
-            slider = g["lod"]
-            slider.min = lo
-            slider.max = hi if hi > lo else lo + 1  # one LOD so far: a slider needs a range, it stays disabled
-            slider.disabled = hi == lo
-            if self.current_lod is not None:
-                slider.value = self.current_lod
-        finally:
-            self._setting_slider = False
+        lo, hi = self.lods_available[0], self.lods_available[-1]
+        state = (lo, hi, self.current_lod)
+        if state == self._slider_state:
+            return
+        self._slider_state = state
+        slider = g["lod"]
+        slider.min = lo
+        slider.max = hi if hi > lo else lo + 1  # one LOD so far: a slider needs a range, it stays disabled
+        slider.disabled = hi == lo
+        if self.current_lod is not None:
+            slider.value = self.current_lod
 
     def _refresh_panel(self, stats_only: bool = False) -> None:
         g = self._gui

@@ -428,3 +428,54 @@ def test_cli_bad_sources_exit_2(tmp_path, capsys):
     assert "cannot fetch" in capsys.readouterr().err
     assert main(["view", str(tmp_path / "x.vqad"), "--bandwidth", "fast"]) == 2
     assert "rate" in capsys.readouterr().err
+
+
+def test_viewer_checkpoint_directory(tmp_path, vqad_bytes):
+    from vqad import fileformat
+    from vqad.checkpoint import save_checkpoint
+
+    field = fileformat.load(vqad_bytes)
+    save_checkpoint(tmp_path / "run" / "checkpoint", field)
+    (tmp_path / "run" / "metrics.json").write_text('{"lods": {"5": {"iou": 0.9}}}')
+    h = open_viewer(str(tmp_path / "run" / "checkpoint"), serve=False, device="cpu", still_size=40)
+    try:
+        h.add_view(orbit_view(40, 40))
+        assert h.wait_for(_done, timeout=30)
+        assert h.lods_available == field.lods and h.current_lod == field.lods[-1] and h.error is None
+        assert h.metrics["lods"]["5"]["iou"] == 0.9
+    finally:
+        h.stop()
+    with pytest.raises(InputError, match="checkpoint directory is loaded whole"):
+        open_viewer(str(tmp_path / "run" / "checkpoint"), serve=False, bandwidth=1000.0)
+
+
+def test_viewer_radiance_field_modes(tmp_path):
+    from vqad import fileformat
+    from vqad.config import DecoderConfig, GridConfig
+    from vqad.grid import OctreeGrid
+    from vqad.nerf.field import NeRFConfig, NeRFField
+    from vqad.octree import SparseOctree
+
+    torch.manual_seed(0)
+    p = torch.randn(300, 3)
+    octree = SparseOctree.from_points(0.5 * p / p.norm(dim=1, keepdim=True), 2, 4, dilate=0)
+    grid = OctreeGrid.from_octree(octree, GridConfig("codebook", 4, 4, 2, 4))
+    field = NeRFField(grid, DecoderConfig(hidden=16), NeRFConfig(geo_features=3, color_hidden=8, sh_degree=1))
+    field.bake(fp16=True)
+    path = tmp_path / "nerf.vqad"
+    fileformat.save(field, path)
+    h = open_viewer(str(path), serve=False, device="cpu", still_size=32)
+    try:
+        h.add_view(orbit_view(32, 24))
+        assert h.wait_for(_done, timeout=30) and h.kind == "nerf" and h.error is None
+        assert h.last_still.shape == (24, 32, 3)
+        frames = {"colour": h.last_still}
+        for mode in ("depth", "opacity"):
+            h.set_mode(mode)
+            assert h.wait_for(lambda h: h.last_still_mode == mode, timeout=20)
+            frames[mode] = h.last_still
+        assert not np.array_equal(frames["colour"], frames["opacity"])
+        with pytest.raises(InputError, match="radiance field"):
+            h.export_mesh()
+    finally:
+        h.stop()

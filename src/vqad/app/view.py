@@ -92,7 +92,7 @@ class ViewerHandle:
         current_lod: the LOD of the frames being drawn.
         error: the message of what went wrong with the source (the best LOD stays), else None.
         last_frame: the last frame drawn ``(H, W, 3)`` uint8; ``last_still`` the last full-resolution
-            one, ``last_camera`` its camera and ``last_still_lod`` its LOD.
+            one, ``last_camera`` its camera, ``last_still_lod`` its LOD and ``last_still_mode`` its mode.
         bytes_received, total_bytes: of the source (``total_bytes`` None when unknown).
         events: :class:`ViewerEvent` log.
         render_ms: the last frame's render time.
@@ -115,6 +115,7 @@ class ViewerHandle:
         self.last_still: np.ndarray | None = None
         self.last_camera: ViewCamera | None = None
         self.last_still_lod: int | None = None
+        self.last_still_mode: str | None = None
         self.bytes_received = 0
         self.total_bytes: int | None = None
         self.events: list[ViewerEvent] = []
@@ -478,7 +479,7 @@ class ViewerHandle:
             if quality == "still":
                 if lod not in self.event_times("lod_still"):
                     self._event("lod_still", lod, detail=f"{img.shape[1]}x{img.shape[0]}")
-                self.last_still, self.last_camera, self.last_still_lod = img, cam, lod
+                self.last_still, self.last_camera, self.last_still_lod, self.last_still_mode = img, cam, lod, mode
         self._refresh_slider()
         self._refresh_panel(stats_only=True)
 

@@ -305,7 +305,10 @@ class ViewerHandle:
         dec = StreamDecoder(stop_lod=self.stop_lod)
         try:
             while not self._stopped.is_set():
-                item = blocks.get()
+                try:
+                    item = blocks.get(timeout=0.2)  # (so that stop() is never kept waiting by a stalled link)
+                except queue.Empty:
+                    continue
                 if item is None:
                     break
                 if isinstance(item, Exception):

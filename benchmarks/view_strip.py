@@ -104,6 +104,8 @@ def main() -> None:
             if not handle.wait_for(lambda h: h.last_still_lod == lod, timeout=120):
                 raise SystemExit(f"LOD {lod} was not drawn: {handle.error}")
             time.sleep(1.0)  # the browser paints the still frame
+            # headless Chromium renders WebGL in software, and viser says so in a notification: not part of the picture
+            drv.execute_script("document.querySelectorAll('[class*=Notification]').forEach(e => e.remove())")
             img = Image.open(io.BytesIO(drv.get_screenshot_as_png())).convert("RGB")
             img = img.resize((args.tile, round(img.height * args.tile / img.width)), Image.LANCZOS)
             label = Image.new("RGB", (img.width, 28), "white")

@@ -251,6 +251,18 @@ def main() -> None:
                 results.append(measure("radiance (lego)", nerf, device, (200, 200), (64, 64), timeout=300))
     notes.append("The viewer adapts its preview size to stay near 8 frames/s (long side 64..128 px); the moving "
                  "figure is measured at the size given, the camera turning 10° per frame.")
+    notes.append("Why the SDF frame rates miss on the CPU: a frame is `vqad.sdf.render.render_sdf`, whose sphere "
+                 "tracing runs up to 64 march iterations of small PyTorch ops (the octree skip, then the field on the "
+                 "rays still marching: 5 levels of gathers and an MLP). At 128 px or less the fixed cost per "
+                 "iteration dominates: a 64 × 64 preview costs ~70 % of a 128 × 128 one, and capping the march at 24 "
+                 "iterations saved only ~30 % (0.37 → 0.26 s at 128 px, measured while writing this; 1.6 % of the "
+                 "pixels changed), so the viewer keeps the renderer as it is. speed.md reaches the same diagnosis "
+                 "for its 256 × 256 frame; a fused march kernel or a GPU (`--device cuda`) is the way to interactive "
+                 "SDF rates. The demo's decoder (hidden 128, position input) is also heavier than speed.md's model, "
+                 "hence the gauge row. Radiance fields are much cheaper per pixel here (~8 samples per ray on a "
+                 "pruned octree) and meet interactive rates at 200 × 200.")
+    notes.append("The browser adds the JPEG / PNG encoding (~5–20 ms at these sizes) and the websocket transfer; "
+                 "the headless Chromium test (tests/test_view_browser.py) shows the same LOD order on a real page.")
     text = report(results, notes, args, (load0, os.getloadavg()[0]), time.perf_counter() - t0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

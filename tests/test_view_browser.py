@@ -128,6 +128,13 @@ def test_stream_refines_to_the_finest_lod(browser):
             Image.fromarray(ref).save(ARTIFACTS / "vqad_render.png")
             assert max(w, h) >= 512
             assert psnr(still, ref) > 40, f"last still frame vs vqad render: {psnr(still, ref):.1f} dB"
+            # the mesh export button: marching cubes of the current LOD, downloaded by the page
+            from selenium.webdriver.common.by import By
+
+            handle._gui["mesh_res"].value = 64  # (white box: a small lattice keeps the test short)
+            next(b for b in browser.find_elements(By.TAG_NAME, "button") if "Export mesh" in b.text).click()
+            assert handle.wait_for(lambda h: f"Received model_lod{lods[-1]}.ply" in page_text(browser), timeout=30,
+                                   poll=0.3), page_text(browser)
             arrived, shown = handle.event_times("lod_bytes"), handle.event_times("lod_shown")
             print("\n" + "\n".join(f"LOD {lv}: bytes at {arrived[lv]:.2f} s, drawn at {shown[lv]:.2f} s" for lv in lods))
         finally:

@@ -55,14 +55,15 @@ class FileServer:
     ``ranges``: answer Range requests with 206 (else always 200 with the whole file); ``rate``:
     bytes/s to throttle every response to; ``drop_after``: cut the first response's connection
     after that many body bytes (once); ``etag``: the validator (change it to simulate a new file);
-    ``hold``: an event every body waits for (headers go at once), to start a transfer on cue.
+    ``hold``: an event every body waits for (headers go at once), to start a transfer on cue;
+    ``die``: after the drop, hang up on every request (a server that went away).
     ``requests`` records each request's Range header.
     """
 
     def __init__(self, data: bytes, ranges: bool = True, rate: float | None = None, drop_after: int | None = None,
-                 etag: str = '"v1"', hold: threading.Event | None = None) -> None:
+                 etag: str = '"v1"', hold: threading.Event | None = None, die: bool = False) -> None:
         self.data, self.ranges, self.rate, self.drop_after, self.etag = data, ranges, rate, drop_after, etag
-        self.hold = hold
+        self.hold, self.die, self.dead = hold, die, False
         self.requests: list[str | None] = []
         srv = self
 
@@ -79,6 +80,10 @@ class FileServer:
                     self.close_connection = True
 
             def _get(self):
+                if srv.dead:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 if self.path != "/model.vqad":
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
@@ -119,6 +124,7 @@ class FileServer:
                         self.wfile.write(part[: srv.drop_after - sent])
                         self.wfile.flush()
                         srv.drop_after = None
+                        srv.dead = srv.die
                         self.close_connection = True
                         self.connection.shutdown(socket.SHUT_RDWR)
                         return
@@ -228,6 +234,22 @@ def test_http_resume_after_dropped_connection(vqad_bytes, ranges):
         assert srv.requests[1].startswith("bytes=3000-")  # resumed from the byte reached
     else:
         assert len(srv.requests) == 2  # the whole GET again, the first 3000 bytes skipped
+
+
+def test_server_gone_viewer_keeps_best_lod(vqad_bytes):
+    sizes = prefix_sizes(vqad_bytes)
+    lods = sorted(sizes)
+    cut = sizes[lods[-2]] + 50
+    with FileServer(vqad_bytes, drop_after=cut, die=True) as srv:
+        src = open_source(srv.url, block=len(vqad_bytes))
+        with pytest.raises(FetchError, match=f"lost at byte {cut:,}.*retries failed"):
+            list(src)
+        srv.dead, srv.drop_after = False, cut
+        h = _damaged_viewer(srv.url)
+        try:
+            assert h.lods_available == lods[:-1] and "lost at byte" in h.error and f"Showing LOD {lods[-2]}" in h.error
+        finally:
+            h.stop()
 
 
 def test_http_file_changed_on_server(vqad_bytes):

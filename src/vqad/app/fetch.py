@@ -270,22 +270,22 @@ class HttpSource(ProgressiveSource):
         self._first = None
         try:
             while not self._closed:
-                if resp is None:  # the next request: a growing Range, or a resume
-                    if self.ranges:
-                        if self.total is not None and pos >= self.total:
-                            return
-                        end = pos + size - 1
-                        if self.total is not None:
-                            end = min(end, self.total - 1)
-                        resp = self._request(pos, end)
-                        if resp is None:
-                            return
-                        size = min(size * 2, MAX_RANGE)
-                    else:  # no ranges: the whole GET again, skipping what was delivered
-                        resp = self._request(0, None)
                 skip = 0 if self.ranges else pos
                 got = 0
-                try:
+                try:  # (a failed request and a body cut short are retried alike)
+                    if resp is None:  # the next request: a growing Range, or a resume
+                        if self.ranges:
+                            if self.total is not None and pos >= self.total:
+                                return
+                            end = pos + size - 1
+                            if self.total is not None:
+                                end = min(end, self.total - 1)
+                            resp = self._request(pos, end)
+                            if resp is None:
+                                return
+                            size = min(size * 2, MAX_RANGE)
+                        else:  # no ranges: the whole GET again, skipping what was delivered
+                            resp = self._request(0, None)
                     for data in self._body(resp):
                         if skip:
                             cut = min(skip, len(data))
@@ -310,8 +310,6 @@ class HttpSource(ProgressiveSource):
                     return  # the one GET has ended
                 if got == 0:  # an empty 206: the end of the file (total unknown)
                     return
-        except (httpx.TransportError, httpx.StreamError) as exc:  # a resume request itself failed for good
-            raise FetchError(f"cannot fetch {self.name} from byte {pos:,}: {type(exc).__name__}: {exc}") from exc
         finally:
             self.client.close()
 

@@ -85,7 +85,7 @@ class ViewerHandle:
     """A running viewer. Non-blocking: it serves, fetches and renders in background threads.
 
     Attributes (read them from tests and benchmarks; they change while the viewer runs):
-        url: where a browser opens it.
+        url: where a browser on this machine opens it; ``port``: the port it is served on.
         kind: ``"sdf"`` or ``"nerf"`` once known.
         lods_available: the complete LODs, coarsest first.
         lods_shown: the LODs drawn so far, in the order they were first drawn.
@@ -106,6 +106,7 @@ class ViewerHandle:
         self._preview_cap = preview_size
         self.t0 = time.monotonic()
         self.url = ""
+        self.port: int | None = None  # the port served on (build a URL for another host name with it)
         self.kind: str | None = None
         self.lods_available: list[int] = []
         self.lods_shown: list[int] = []
@@ -498,7 +499,8 @@ class ViewerHandle:
             raise InputError(f"cannot serve the viewer on {host}:{port}: {exc.strerror or exc} (try another --port)") from exc
         self._server = server
         shown_host = "localhost" if host in ("0.0.0.0", "127.0.0.1", "::") else host
-        self.url = f"http://{shown_host}:{server.get_port()}/"
+        self.port = server.get_port()
+        self.url = f"http://{shown_host}:{self.port}/"
         server.scene.set_up_direction("+y")
         server.initial_camera.position = DEFAULT_EYE
         server.initial_camera.look_at = (0.0, 0.0, 0.0)

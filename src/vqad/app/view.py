@@ -213,7 +213,7 @@ class ViewerHandle:
             raise InputError(f"LOD {lod} has not arrived yet (complete: {self.lods_available})")
         return self._fields[lod]
 
-    def export_mesh(self, fmt: str = "ply", resolution: int = 256, lod: int | None = None) -> bytes:
+    def export_mesh(self, fmt: str = "ply", resolution: int = 192, lod: int | None = None) -> bytes:
         """Marching cubes of the SDF at ``lod`` (default: the current one) as PLY or GLB bytes (world units)."""
         from vqad.sdf.extract import extract_mesh
 

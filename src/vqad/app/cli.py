@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "vqad.app.commands.tsdf",
     "vqad.app.commands.rgbd",
     "vqad.app.commands.serve",
+    "vqad.app.commands.view",
 ]
 
 

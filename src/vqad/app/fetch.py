@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from vqad.app.rates import parse_rate  # noqa: F401 (re-exported: --bandwidth of vqad view)
 from vqad.errors import InputError
 
 #: the first Range request's size, doubled per request up to MAX_RANGE
@@ -44,45 +45,6 @@ class FetchError(InputError):
     """The source cannot be fetched (HTTP error, connection lost for good, file changed on the server)."""
 
 
-# ------------------------------------------------------------------------------------------------
-# rates
-# ------------------------------------------------------------------------------------------------
-_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z/]*)\s*$")
-_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 1024.0, "mi": 1024.0 ** 2, "gi": 1024.0 ** 3}
-
-
-def parse_rate(text: str) -> float:
-    """A transfer rate as bytes per second.
-
-    Units: bits (``bit``, ``bit/s``, ``bps``, ``kbit``, ``kbps``, ``Mbit``, ``Mbit/s``, ``Mbps``, ``Gbit``)
-    or bytes (``B``, ``B/s``, ``kB``, ``kB/s``, ``MB/s``, ``KiB/s``, ``MiB/s``, ``GB/s``); decimal prefixes
-    are powers of 1000, ``Ki`` / ``Mi`` of 1024, prefix letters in either case. A bare number is
-    bytes per second.
-
-    >>> parse_rate("1Mbit"), parse_rate("500 kB/s"), parse_rate("8 bit/s"), parse_rate("2KiB/s")
-    (125000.0, 500000.0, 1.0, 2048.0)
-
-    Raises:
-        InputError: not a positive finite rate in one of these units.
-    """
-    m = _RATE.match(str(text))
-    unit = m.group(2) if m else ""
-    base = unit[:-2] if unit.endswith("/s") else unit
-    per_bit = None
-    for suffix, is_bit in (("bps", True), ("bit", True), ("B", False)):
-        if base.endswith(suffix):
-            per_bit, base = is_bit, base[: -len(suffix)]
-            break
-    if unit == "":
-        per_bit, base = False, ""
-    prefix = base.lower()
-    if m is None or per_bit is None or prefix not in _PREFIX or (unit.endswith("/s") and unit[:-2].endswith("ps")):
-        raise InputError(f"cannot read the rate {text!r}: give a number and a unit such as 1Mbit, 256kbit, 500kB/s "
-                         "or 2MB/s (bit units are bits per second, B units bytes per second)")
-    value = float(m.group(1)) * _PREFIX[prefix] / (8.0 if per_bit else 1.0)
-    if not (value > 0 and value < float("inf")):
-        raise InputError(f"the rate {text!r} must be positive and finite (e.g. 1Mbit)")
-    return value
 
 
 class TokenBucket:

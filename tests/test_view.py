@@ -526,5 +526,6 @@ def test_viewer_streams_a_tsdf_file(tmp_path):
         assert h.wait_for(_done, timeout=40)
         assert h.error is None and h.lods_shown == res.field.lods
         assert (h.last_still != 255).any(-1).mean() > 0.05
+        assert h.export_mesh("ply")[:3] == b"ply"  # cut at unobserved space, in world units
     finally:
         h.stop()

@@ -40,7 +40,7 @@ import numpy as np
 
 from vqad.app.fetch import FetchError, is_url, open_source
 from vqad.app.viewer.camera import ViewCamera, look_at_rotation
-from vqad.app.viewer.frames import modes_for, nerf_context, render_frame
+from vqad.app.viewer.frames import DISTANCE_KINDS, modes_for, nerf_context, render_frame
 from vqad.errors import InputError, StreamError, VqadError
 
 #: the camera ``vqad render`` uses (azimuth 35°, elevation 20°, distance 3.2, vertical fov 40°)
@@ -86,7 +86,7 @@ class ViewerHandle:
 
     Attributes (read them from tests and benchmarks; they change while the viewer runs):
         url: where a browser on this machine opens it; ``port``: the port it is served on.
-        kind: ``"sdf"`` or ``"nerf"`` once known.
+        kind: ``"sdf"``, ``"tsdf"`` or ``"nerf"`` once known.
         lods_available: the complete LODs, coarsest first.
         lods_shown: the LODs drawn so far, in the order they were first drawn.
         current_lod: the LOD of the frames being drawn.
@@ -216,14 +216,18 @@ class ViewerHandle:
     def export_mesh(self, fmt: str = "ply", resolution: int = 192, lod: int | None = None) -> bytes:
         """Marching cubes of the SDF at ``lod`` (default: the current one) as PLY or GLB bytes (world units)."""
         from vqad.sdf.extract import extract_mesh
+        from vqad.tsdf.extract import extract_tsdf_mesh
 
         fmt = fmt.lower()
         if fmt not in ("ply", "glb"):
             raise InputError(f"mesh format must be ply or glb, got {fmt!r}")
-        if self.kind != "sdf":
+        if self.kind not in DISTANCE_KINDS:
             raise InputError("mesh export needs a signed distance field; this is a radiance field")
         lod = self.current_lod if lod is None else lod
-        mesh = extract_mesh(self.field(lod), lod, resolution=resolution)
+        if self.kind == "tsdf":  # its own lattice, cut at unobserved space (resolution does not apply)
+            mesh = extract_tsdf_mesh(self.field(lod), lod)
+        else:
+            mesh = extract_mesh(self.field(lod), lod, resolution=resolution)
         return mesh.to_trimesh().export(file_type=fmt)
 
     def event_times(self, kind: str) -> dict[int, float]:
@@ -593,7 +597,7 @@ class ViewerHandle:
             if event.client is not None:
                 self.set_mode(str(g["mode"].value))
 
-        g["mesh_folder"].visible = self.kind == "sdf"
+        g["mesh_folder"].visible = self.kind in DISTANCE_KINDS
 
     def _refresh_slider(self) -> None:
         g = self._gui

@@ -21,8 +21,12 @@ LOD_COLOURS = [(0.86, 0.42, 0.38), (0.90, 0.66, 0.30), (0.80, 0.80, 0.36), (0.46
 BACKGROUND = (1.0, 1.0, 1.0)
 
 
+#: field kinds drawn by sphere tracing (a TSDF is a signed distance inside its observed space)
+DISTANCE_KINDS = ("sdf", "tsdf")
+
+
 def modes_for(kind: str) -> tuple[str, ...]:
-    return SDF_MODES if kind == "sdf" else NERF_MODES
+    return SDF_MODES if kind in DISTANCE_KINDS else NERF_MODES
 
 
 def _u8(img: torch.Tensor) -> np.ndarray:
@@ -64,7 +68,7 @@ def render_frame(field, lod: int, camera, mode: str | None = None, nerf: NeRFCon
     ``depth`` (distance to the hit, near bright), ``lod colour`` (shaded in the LOD's own colour).
     Radiance modes: ``colour``, ``depth`` (expected ray distance), ``opacity`` (``Σ w_i``).
     """
-    if field.kind == "sdf":
+    if field.kind in DISTANCE_KINDS:
         return _sdf_frame(field, lod, camera, mode or "shaded")
     return _nerf_frame(field, lod, camera, mode or "colour", nerf or nerf_context(field))
 

@@ -18,7 +18,8 @@ from PIL import Image
 from vqad.errors import InputError
 from vqad.sdf.mesh import Mesh
 from vqad.tsdf.rgbd import (GL_TO_CV, RGBDSequence, check_pose, detect_sequence_format, matrix_to_quaternion,
-                            quaternion_to_matrix, read_redwood, read_rtmv_sequence, read_sequence, read_tum)
+                            quaternion_to_matrix, read_redwood, read_rtmv_sequence, read_tum)
+from vqad.tsdf.sources import read_sequence
 from vqad.tsdf.synth import (DepthNoise, look_at_cv, procedural_sdf, procedural_sequence, synth_sequence,
                              write_redwood, write_tum)
 

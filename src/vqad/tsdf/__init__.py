@@ -1,7 +1,7 @@
 """Truncated signed distance fields from RGB-D: the paper's second application.
 
 - :mod:`vqad.tsdf.rgbd` — :class:`RGBDSequence` and readers for TUM RGB-D, Redwood / Open3D style
-  folders, and the built-in synthetic sequences; ``read_sequence(path, format="auto")``.
+  folders, and the built-in synthetic sequences; :mod:`vqad.tsdf.sources` ``read_sequence(path, format="auto")``.
 - :mod:`vqad.tsdf.synth` — synthetic sequences rendered from meshes and from the procedural scene,
   with a documented depth-camera noise model, and writers for each layout.
 - :mod:`vqad.tsdf.fusion` — sparse projective TSDF fusion (PyTorch, CPU or GPU) into a

@@ -25,7 +25,6 @@ Every problem with the input raises :class:`~vqad.errors.InputError` with one li
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import re
@@ -751,35 +750,3 @@ def detect_sequence_format(path) -> str:
     raise InputError(f"cannot tell the layout of {root}: looked for depth.txt (TUM RGB-D), a depth/ folder with a "
                      "*.log (or *-traj.txt) trajectory (Redwood / Open3D) and NNNNN.depth.exr files (RTMV); pass --format or fix "
                      "the folder")
-
-
-def _readers() -> dict[str, Callable[..., RGBDSequence]]:
-    from vqad.tsdf.synth import procedural_sequence
-
-    return {"tum": read_tum, "redwood": read_redwood, "rtmv": read_rtmv_sequence,
-            "procedural": lambda path=None, **kw: procedural_sequence(**kw)}
-
-
-def read_sequence(path, format: str = "auto", **kw) -> RGBDSequence:
-    """Read an RGB-D sequence of any supported layout (``format`` one of :data:`FORMATS`).
-
-    ``kw`` go to the reader (``depth_scale``, ``K``, ...); one the reader does not take is an
-    :class:`InputError` (e.g. a depth scale for RTMV's float depth). ``"procedural"`` is the built-in
-    scene with exact depth unless ``noise`` is given (:func:`vqad.tsdf.synth.procedural_sequence`).
-    """
-    if format not in FORMATS:
-        raise InputError(f"unknown RGB-D format {format!r}: use one of {', '.join(FORMATS)}")
-    fmt = detect_sequence_format(path) if format == "auto" else format
-    if fmt != "procedural" and not Path(path).is_dir():
-        raise InputError(f"{fmt} sequence folder not found: {path}")
-    reader = _readers()[fmt]
-    if fmt == "procedural":
-        from vqad.tsdf.synth import procedural_sequence as target
-    else:
-        target = reader
-    accepted = set(inspect.signature(target).parameters)
-    extra = sorted(k for k, v in kw.items() if v is not None and k not in accepted)
-    if extra:
-        raise InputError(f"{', '.join(extra)} does not apply to a {fmt} sequence (it takes {', '.join(sorted(accepted - {'path'}))})")
-    kw = {k: v for k, v in kw.items() if v is not None}
-    return reader(path, **kw)

@@ -104,7 +104,7 @@ def fuse_source(args, device, deadline=None):
     """``(FusedTSDF, description, fusion seconds)`` of ``args.source``: a fused .tsdf file is read as it
     is (fusion flags refused), anything else is read as an RGB-D sequence and fused."""
     from vqad.tsdf.fusion import FusedTSDF, fuse
-    from vqad.tsdf.rgbd import read_sequence
+    from vqad.tsdf.sources import read_sequence
 
     src = Path(args.source)
     if src.is_file():

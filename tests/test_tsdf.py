@@ -43,7 +43,8 @@ class SphereFusion:
 def _fit(color=False, steps=100, storage="codebook"):
     fused = SphereFusion(color=color)
     return fused, fit_tsdf(fused, GridConfig(storage=storage, base_level=3, max_level=5), DecoderConfig(),
-                           TSDFTrainConfig(steps=steps, batch=2048, refine=1, refine_samples=5000, pool_size=20000),
+                           TSDFTrainConfig(steps=steps, batch=2048, refine=1, refine_samples=5000, pool_size=20000,
+                                           color=color),
                            torch.device("cpu"), quiet=True)
 
 
@@ -180,6 +181,7 @@ def test_cli_fit_tsdf_end_to_end(scan, tmp_path, capsys):
     (["--grid", "dense", "--refine", "2"], "discrete indices"),
     (["--format", "redwood"], ""),
     (["--color"], "no colour"),
+    (["--color-weight", "0.5"], "--color only"),
 ])
 def test_cli_fit_tsdf_bad_inputs_exit_2(scan, tmp_path, capsys, argv, words):
     from vqad.app.cli import main

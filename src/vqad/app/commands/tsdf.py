@@ -62,10 +62,10 @@ def register(sub) -> None:
     config_flag(p, T, "refine", help="Gauss–Newton index sweeps after training (codebook only; 0: off)")
     config_flag(p, T, "refine_samples", help="samples each sweep sees (codebook only)")
     config_flag(p, T, "refine_candidates", help="codewords per vertex each sweep measures (codebook only)")
-    config_flag(p, T, "color_weight", help="weight of the colour loss (colour fits only)")
+    config_flag(p, T, "color_weight", help="weight of the colour loss (with --color only)")
     p.add_argument("--color", dest="color", action="store_const", const=True, default=None,
-                   help="fit colour (default: when the sequence has colour)")
-    p.add_argument("--no-color", dest="color", action="store_const", const=False, help="fit geometry only")
+                   help="fit the fused colour too, with a second MLP on the same features (default: geometry only; "
+                        "colour costs geometry at 4 bits, see docs/benchmarks/tsdf.md)")
     D = DecoderConfig()
     config_flag(p, D, "hidden", help="decoder width")
     config_flag(p, D, "layers", help="decoder hidden layers")
@@ -95,6 +95,7 @@ def fit_tsdf_configs(args, saved: dict | None = None):
     train = replace(config_from(TSDFTrainConfig, saved and saved.get("train"), TSDFTrainConfig()), **over)
     if saved is None:
         train = train.resolved(grid)
+    refuse(args.color_weight is not None and not train.color, "--color-weight weighs the colour loss: it applies with --color only")
     train.validate()
     dec.validate()
     return grid, dec, train

@@ -22,19 +22,16 @@ import torch
 from vqad.device import resolve_device
 from vqad.tsdf.fusion import fuse
 from vqad.tsdf.rgbd import RGBDSequence
+from vqad.tsdf.synth import look_at_cv
 
 ROOM_LO, ROOM_HI = np.array([-2.0, -1.5, -2.0]), np.array([2.0, 1.5, 2.0])
 SPHERE_C, SPHERE_R = np.array([0.9, -0.8, 0.4]), 0.4
 BOX_LO, BOX_HI = np.array([-1.2, -1.5, -0.9]), np.array([-0.6, -0.7, -0.3])
 
 
-def look_at(eye, target):
-    z = (target - eye) / np.linalg.norm(target - eye)
-    x = np.cross(z, [0.0, -1.0, 0.0])
-    x /= np.linalg.norm(x)
-    P = np.eye(4)
-    P[:3, 0], P[:3, 1], P[:3, 2], P[:3, 3] = x, np.cross(z, x), z, eye
-    return P
+def look_at(eye, target=(0.0, 0.0, 0.0)):
+    """Camera-to-world pose (OpenCV axes) at ``eye`` looking at ``target``, world y up in the image."""
+    return look_at_cv(eye, target, up=(0.0, -1.0, 0.0))  # x = z × (0, -1, 0)
 
 
 def room_depth(K, W, H, pose):

@@ -11,6 +11,7 @@ from vqad.errors import InputError
 from vqad.tsdf import fusion
 from vqad.tsdf.fusion import FusedTSDF, default_voxel, from_dense, fuse
 from vqad.tsdf.rgbd import RGBDSequence
+from vqad.tsdf.synth import look_at_cv
 
 
 # -- analytic scenes, rendered by ray casting in numpy -----------------------------------------
@@ -27,14 +28,8 @@ def rays(K, W, H):
 
 
 def look_at(eye, target=(0.0, 0.0, 0.0)):
-    """Camera-to-world pose (OpenCV axes) at ``eye`` looking at ``target``, world y up."""
-    eye, target = np.asarray(eye, float), np.asarray(target, float)
-    z = (target - eye) / np.linalg.norm(target - eye)
-    x = np.cross(z, [0.0, -1.0, 0.0])
-    x /= np.linalg.norm(x)
-    P = np.eye(4)
-    P[:3, 0], P[:3, 1], P[:3, 2], P[:3, 3] = x, np.cross(z, x), z, eye
-    return P
+    """Camera-to-world pose (OpenCV axes) at ``eye`` looking at ``target``, world y up in the image."""
+    return look_at_cv(eye, target, up=(0.0, -1.0, 0.0))  # x = z × (0, -1, 0)
 
 
 def sphere_depth(K, W, H, pose, center=(0.0, 0.0, 0.0), radius=0.1):

@@ -32,7 +32,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field as dfield
-from typing import Callable
+from typing import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -129,6 +129,18 @@ class Deadline:
     def left_for_fit(self) -> float:
         """Seconds left for the fit: the cap less the evaluation's reserve."""
         return self.left() - self.reserve
+
+
+#: what a LOD that the job's time cap left out of an evaluation reads in metrics.json
+CAP_SKIPPED = "the job's time cap (--minutes) was spent"
+
+
+def evaluation_order(lods: list[int], deadline: "Deadline | None") -> Iterator[tuple[int, bool]]:
+    """``(lod, skip)`` for each LOD an evaluation measures: in order, or finest first under a capped
+    ``deadline``, where every LOD after the first is skipped once the cap is spent."""
+    capped = deadline is not None and deadline.capped
+    for i, lod in enumerate(sorted(lods, reverse=True) if capped else lods):
+        yield lod, capped and i > 0 and deadline.left() <= 0
 
 
 def capped_sweeps(deadline: "Deadline", n: int, predicted: float, sweep: Callable[[float], None],

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
+from vqad.fit import CAP_SKIPPED, evaluation_order
 
 
 def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, quiet: bool = False,
@@ -28,10 +29,9 @@ def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, qui
     oracle = SDFOracle(mesh)
     results = {}
     lods = field.lods if lods is None else lods
-    capped = deadline is not None and deadline.capped
-    for lod in (sorted(lods, reverse=True) if capped else lods):
-        if capped and results and deadline.left() <= 0:
-            results[lod] = {"skipped": "the job's time cap (--minutes) was spent"}
+    for lod, skip in evaluation_order(lods, deadline):
+        if skip:
+            results[lod] = {"skipped": CAP_SKIPPED}
             continue
         t0 = time.perf_counter()
         try:

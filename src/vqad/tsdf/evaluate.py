@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
+from vqad.fit import CAP_SKIPPED, evaluation_order
 
 #: the F-score threshold: this share of the reference mesh's bounding-box diagonal
 FSCORE_SHARE = 0.01
@@ -45,11 +46,10 @@ def evaluate_tsdf(field, out: Path, fusion_mesh, gt_mesh=None, lods=None, render
     field.eval()
     results = {}
     lods = field.lods if lods is None else lods
-    capped = deadline is not None and deadline.capped
     refs = {"vs_fusion": fusion_mesh, "vs_gt": gt_mesh}
-    for lod in (sorted(lods, reverse=True) if capped else lods):
-        if capped and results and deadline.left() <= 0:
-            results[lod] = {"skipped": "the job's time cap (--minutes) was spent"}
+    for lod, skip in evaluation_order(lods, deadline):
+        if skip:
+            results[lod] = {"skipped": CAP_SKIPPED}
             continue
         t0 = time.perf_counter()
         try:

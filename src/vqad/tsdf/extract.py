@@ -72,8 +72,9 @@ def extract_tsdf_mesh(field, lod: int | None = None, per_cell: int | None = None
     r = torch.arange(s + 1, device=device)
     offs = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
     obs = torch.zeros(R ** 3, dtype=torch.bool, device=device)
-    for a in range(0, ijk.shape[0], max(chunk // offs.shape[0], 1)):
-        lat = (ijk[a:a + chunk // offs.shape[0], None] * s + offs[None]).reshape(-1, 3)
+    cells = max(chunk // offs.shape[0], 1)  # cells per chunk
+    for a in range(0, ijk.shape[0], cells):
+        lat = (ijk[a:a + cells, None] * s + offs[None]).reshape(-1, 3)
         obs[(lat[:, 0] * R + lat[:, 1]) * R + lat[:, 2]] = True
     idx = obs.nonzero().squeeze(1)
     vol = torch.ones(R ** 3, dtype=torch.float32, device=device)

@@ -74,15 +74,17 @@ class TSDFField(SDFField):
         if not self.has_color:
             raise InputError("this TSDF field has no colour (it was fitted to a sequence without colour, or with --no-color)")
         lod = self.grid.octree.max_level if lod is None else lod
-        feats = self.grid.features(x, lod)
-        h = torch.cat([feats, x], dim=-1) if self.decoder_cfg.position_input else feats
-        return torch.sigmoid(self.color_decoder(h, lod))
+        return torch.sigmoid(self.color_decoder(self._input(x, self.grid.features(x, lod)), lod))
+
+    def _input(self, x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """What the MLPs read: the features ``(N, k)``, with the position ``(N, 3)`` when configured."""
+        return torch.cat([feats, x], dim=-1) if self.decoder_cfg.position_input else feats
 
     def all_lods_with_color(self, x: torch.Tensor, lods: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Distances ``(n_lods, N)`` and colours ``(n_lods, N, 3)`` (or ``None``), each level's features once."""
         lods = self.lods if lods is None else lods
         feats = self.grid.multi_lod_features(x, lods)
-        hs = [torch.cat([f, x], dim=-1) if self.decoder_cfg.position_input else f for f in feats]
+        hs = [self._input(x, f) for f in feats]
         d = torch.stack([self.decoder(h, lod).squeeze(-1) for h, lod in zip(hs, lods)])
         if not self.has_color:
             return d, None

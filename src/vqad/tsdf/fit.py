@@ -169,11 +169,10 @@ class TSDFTask(FitTask):
         self.color = field.has_color
         self.data = TSDFSamples.of(fused, field, cfg.weight_ref, self.color, device)
         self.rng = np.random.default_rng(rng_seed)
-        self.pool_x = self.pool_t = self.pool_w = None
+        self.pool_x = self.pool_t = None
         self.refining = has_codebook(field.grid)
         self.extra_seconds = 0.0
         self.start = 0
-        self.batch_parts = None
 
     def begin(self, start, gen):
         self.start = start
@@ -181,7 +180,6 @@ class TSDFTask(FitTask):
     def _draw_pool(self) -> None:
         """``pool_size`` points between voxel centres, targets from the fusion's trilinear interpolation."""
         c, f = self.cfg, self.fused
-        n = self.data.x.shape[0]
         pick = self.rng.integers(0, len(f.tsdf), size=c.pool_size)
         pts = f.centers()[pick] + self.rng.uniform(-0.5, 0.5, size=(c.pool_size, 3)) * f.voxel
         vals, valid = f.sample(pts)
@@ -191,7 +189,7 @@ class TSDFTask(FitTask):
         keep = self.field.observed(x)
         self.pool_x, self.pool_t = x[keep], t[keep]
         if self.pool_x.shape[0] == 0:  # a fusion too thin to interpolate anywhere: centres only
-            self.pool_x, self.pool_t = self.data.x[:n], self.data.t[:n]
+            self.pool_x, self.pool_t = self.data.x, self.data.t
 
     def after_training_seconds(self, step_seconds):
         c = self.cfg

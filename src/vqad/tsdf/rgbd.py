@@ -499,7 +499,13 @@ def read_tum(path, depth_scale: float | None = None, K=None, max_dt: float = TUM
         raise InputError(f"{root}: the depth images are {size[0]}×{size[1]} but {k_source} is for {k_size[0]}×{k_size[1]}; "
                          "use the intrinsics of these images")
     _check_size_vs_intrinsics(K, size, f"{root} ({k_source})")
-    scale = depth_scale
+    return _image_sequence(root, K, poses, size, depth_paths, color_paths, depth_scale)
+
+
+def _image_sequence(root: Path, K: np.ndarray, poses: np.ndarray, size: tuple[int, int], depth_paths: list[Path],
+                    color_paths: list[Path] | None, scale: float) -> RGBDSequence:
+    """The sequence of a folder of 16-bit depth PNGs (``scale`` units per metre) and optional colour
+    images, read lazily at ``size``; its depth scale checked on a few frames (:func:`check_depth_scale`)."""
     seq = RGBDSequence(
         name=root.name, intrinsics=K, poses=poses, width=size[0], height=size[1],
         load_depth=lambda i: read_depth_png(depth_paths[i], scale, size),
@@ -634,14 +640,8 @@ def read_redwood(path, depth_scale: float | None = None, K=None, trajectory: str
                          "640×480 captures)")
     K = parse_intrinsics(K, *size)
     _check_size_vs_intrinsics(K, size, f"{root} (intrinsics)")
-    scale = _depth_scale(depth_scale, file_scale, REDWOOD_DEPTH_SCALE, "Redwood / Open3D")
-    seq = RGBDSequence(
-        name=root.name, intrinsics=K, poses=poses, width=size[0], height=size[1],
-        load_depth=lambda i: read_depth_png(depth_paths[i], scale, size),
-        load_color=None if color_paths is None else (lambda i: read_color_image(color_paths[i], size)),
-    )
-    check_depth_scale(seq, scale)
-    return seq
+    return _image_sequence(root, K, poses, size, depth_paths, color_paths,
+                           _depth_scale(depth_scale, file_scale, REDWOOD_DEPTH_SCALE, "Redwood / Open3D"))
 
 
 # -- RTMV ------------------------------------------------------------------------------------------

@@ -103,19 +103,21 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _configs(args, saved: dict | None = None):
+def _configs(args, saved: dict | None = None, train_cls=None, train_flags=SDF_TRAIN_FLAGS):
     """Grid, decoder and training configs: the defaults (or, with ``saved``, a resumed checkpoint's
-    settings) overridden by the flags given; a flag that cannot apply is refused."""
+    settings) overridden by the flags given; a flag that cannot apply is refused. ``train_cls`` /
+    ``train_flags``: the training config and its flags (default the SDF's; ``fit-tsdf`` passes its own)."""
     from dataclasses import replace
 
     from vqad.config import DecoderConfig, GridConfig
     from vqad.sdf.fit import SDFTrainConfig
 
+    train_cls = train_cls or SDFTrainConfig
     grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], GridConfig()))
-    over = train_overrides(args, SDF_TRAIN_FLAGS, INDEX_FLAGS, grid.storage)
+    over = train_overrides(args, train_flags, INDEX_FLAGS, grid.storage)
     over.update(checkpoint_overrides(args))
     dec = replace(config_from(DecoderConfig, saved and saved["decoder"], DecoderConfig()), **given(args, DECODER_FLAGS))
-    train = replace(config_from(SDFTrainConfig, saved and saved.get("train"), SDFTrainConfig()), **over)
+    train = replace(config_from(train_cls, saved and saved.get("train"), train_cls()), **over)
     if saved is None:
         train = train.resolved(grid)
     train.validate()

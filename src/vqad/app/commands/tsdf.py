@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
-from vqad.app.commands.common import (add_grid_args, add_run_args, check_finite, checkpoint_overrides, config_flag,
-                                      config_from, ensure_writable_dir, given, grid_config, refuse,
-                                      report_notes, report_skipped_steps, resumed_configs, train_overrides)
+from vqad.app.commands.common import (add_grid_args, add_run_args, check_finite, config_flag,
+                                      ensure_writable_dir, refuse,
+                                      report_notes, report_skipped_steps, resumed_configs)
 from vqad.atomicio import write_atomic
 from vqad.errors import InputError
 from vqad.fit import Deadline
 
 TSDF_TRAIN_FLAGS = ("steps", "batch", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
                     "refine", "refine_samples", "refine_candidates", "seed", "color_weight", "color")
-INDEX_FLAGS = {"refine": "--refine", "refine_samples": "--refine-samples", "refine_candidates": "--refine-candidates",
-               "logit_lr_scale": "--logit-lr-scale", "codebook_lr_scale": "--codebook-lr-scale"}
-DECODER_FLAGS = ("hidden", "layers")
 #: flags that shape the fusion; a resumed fit reads OUT/fused.tsdf instead and refuses them
 FUSION_FLAGS = {"format": "--format", "depth_scale": "--depth-scale", "intrinsics": "--intrinsics", "voxel": "--voxel", "trunc": "--trunc",
                 "max_depth": "--max-depth", "stride": "--stride", "max_frames": "--max-frames"}
@@ -76,7 +73,7 @@ def register(sub) -> None:
 
 def fit_tsdf_configs(args, saved: dict | None = None):
     """Every ``fit-tsdf`` flag checked before anything touches the disk: grid, decoder and training configs."""
-    from vqad.config import DecoderConfig, GridConfig
+    from vqad.app.commands.sdf import _configs
     from vqad.tsdf.fit import TSDFTrainConfig
 
     for name in ("voxel", "trunc", "max_depth", "depth_scale"):
@@ -88,20 +85,17 @@ def fit_tsdf_configs(args, saved: dict | None = None):
         refuse(v is not None and v <= 0, f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     if args.voxel is not None and args.trunc is not None and args.trunc < args.voxel:
         raise InputError(f"--trunc ({args.trunc:g}) must be at least one --voxel ({args.voxel:g})")
-    grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], GridConfig()))
-    over = train_overrides(args, TSDF_TRAIN_FLAGS, INDEX_FLAGS, grid.storage)
-    over.update(checkpoint_overrides(args))
-    dec = replace(config_from(DecoderConfig, saved and saved["decoder"], DecoderConfig()), **given(args, DECODER_FLAGS))
-    train = replace(config_from(TSDFTrainConfig, saved and saved.get("train"), TSDFTrainConfig()), **over)
-    if saved is None:
-        train = train.resolved(grid)
+    grid, dec, train = _configs(args, saved, TSDFTrainConfig, TSDF_TRAIN_FLAGS)
     refuse(args.color_weight is not None and not train.color, "--color-weight weighs the colour loss: it applies with --color only")
-    train.validate()
-    dec.validate()
     return grid, dec, train
 
 
-def fuse_source(args, device, deadline=None):
+def fusion_flags_given(args) -> str:
+    """The fusion flags the user gave, comma-separated ("" when none)."""
+    return ", ".join(f for n, f in FUSION_FLAGS.items() if getattr(args, n) is not None)
+
+
+def fuse_source(args, device):
     """``(FusedTSDF, description, fusion seconds)`` of ``args.source``: a fused .tsdf file is read as it
     is (fusion flags refused), anything else is read as an RGB-D sequence and fused."""
     from vqad.tsdf.fusion import FusedTSDF, fuse
@@ -109,8 +103,8 @@ def fuse_source(args, device, deadline=None):
 
     src = Path(args.source)
     if src.is_file():
-        used = [f for n, f in FUSION_FLAGS.items() if getattr(args, n) is not None]
-        refuse(bool(used), f"{', '.join(used)} shape a fusion: they cannot apply to an already fused TSDF ({src})")
+        used = fusion_flags_given(args)
+        refuse(bool(used), f"{used} shape a fusion: they cannot apply to an already fused TSDF ({src})")
         return FusedTSDF.load(src), f"fused TSDF {src}", 0.0
     kw = {} if args.depth_scale is None else {"depth_scale": args.depth_scale}
     if args.intrinsics is not None:
@@ -142,13 +136,13 @@ def cmd_fit_tsdf(args) -> int:
     device = resolve_device(args.device)
     gt = load_mesh(args.gt, closed=False) if args.gt is not None else None
     if args.resume:
-        used = [f for n, f in FUSION_FLAGS.items() if getattr(args, n) is not None]
-        refuse(bool(used), f"--resume reads the fusion from {out / FUSED_NAME}: {', '.join(used)} cannot apply")
+        used = fusion_flags_given(args)
+        refuse(bool(used), f"--resume reads the fusion from {out / FUSED_NAME}: {used} cannot apply")
         if not (out / FUSED_NAME).is_file():
             raise InputError(f"--resume: {out / FUSED_NAME} is missing; run without --resume to fuse again")
         fused, what, fuse_s = FusedTSDF.load(out / FUSED_NAME), f"fused TSDF {out / FUSED_NAME}", 0.0
     else:
-        fused, what, fuse_s = fuse_source(args, device, deadline)
+        fused, what, fuse_s = fuse_source(args, device)
     out = ensure_writable_dir(out)
     if not args.resume:
         (out / "metrics.json").unlink(missing_ok=True)

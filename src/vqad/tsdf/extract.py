@@ -19,20 +19,23 @@ from vqad.sdf.mesh import Mesh
 MAX_LATTICE = 1 << 28
 
 
-def masked_marching_cubes(vol: np.ndarray, observed: np.ndarray, spacing: float, origin) -> Mesh:
-    """Zero level set of ``vol (X, Y, Z)`` where all 8 corners of a cube are ``observed (X, Y, Z)``.
+def masked_marching_cubes(vol: np.ndarray, observed: np.ndarray, spacing: float, origin, level: float = 0.0,
+                          allow_degenerate: bool = True) -> Mesh:
+    """The ``level`` set of ``vol (X, Y, Z)`` where all 8 corners of a cube are ``observed (X, Y, Z)``.
 
     Lattice point ``(i, j, k)`` lies at ``origin + (i, j, k) · spacing``. Unobserved values are
     ignored (they may be anything finite). Returns an empty mesh when no observed cube holds a crossing.
+    The one masked marching cubes of vqad: a field's mesh (:func:`extract_tsdf_mesh`) and a fusion's
+    (:meth:`vqad.tsdf.fusion.FusedTSDF.mesh`, tile by tile). ``allow_degenerate``: as skimage's.
     """
     from skimage.measure import marching_cubes
 
     if vol.shape != observed.shape or vol.ndim != 3 or min(vol.shape) < 2:
         raise ValueError(f"vol {vol.shape} and observed {observed.shape} must be equal 3D shapes of at least 2 points")
-    v = np.where(observed, vol, 1.0).astype(np.float32)
-    if not (v.min() < 0 < v.max()):
+    v = np.where(observed, vol, level + 1.0).astype(np.float32)
+    if not (v.min() < level < v.max()):
         return Mesh(np.zeros((0, 3)), np.zeros((0, 3), np.int64))
-    verts, faces, _, _ = marching_cubes(v, level=0.0)
+    verts, faces, _, _ = marching_cubes(v, level=level, allow_degenerate=allow_degenerate)
     cube_ok = observed[:-1, :-1, :-1].copy()
     for di in (0, 1):
         for dj in (0, 1):

@@ -344,7 +344,7 @@ class FusedTSDF:
     def mesh(self, level: float = 0.0) -> Mesh:
         """The ``level`` set as a triangle mesh in world units (empty when there is none).
 
-        Marching cubes (:func:`skimage.measure.marching_cubes`) runs only on cubes whose 8 corner
+        Marching cubes (:func:`vqad.tsdf.extract.masked_marching_cubes`) keeps only cubes whose 8 corner
         voxels are all observed, so no face crosses unobserved space. It works tile by tile over the
         tiles of ``MESH_TILE³`` cubes that hold observed voxels, one dense ``(MESH_TILE + 1)³`` tile
         at a time (values, mask: 1.4 MB), so memory is bounded by the voxel count (about 80 bytes per
@@ -353,7 +353,7 @@ class FusedTSDF:
         that normals point to positive TSDF (towards the cameras). Measured: a 4 × 3 × 4 m room,
         9.4 M voxels → 1.7 M faces in 12 s on one core (benchmarks/bench_fusion.py).
         """
-        from skimage.measure import marching_cubes
+        from vqad.tsdf.extract import masked_marching_cubes
 
         if not math.isfinite(level) or abs(level) >= self.trunc:
             raise InputError(f"mesh level must be finite and inside (-trunc, trunc) = ±{self.trunc:g}, got {level}")
@@ -362,25 +362,17 @@ class FusedTSDF:
         for base, loc, rows in _tiles(self.ijk, S):
             ok = np.zeros((S + 1,) * 3, dtype=bool)
             ok[tuple(loc.T)] = True
-            cube = ok[:-1, :-1, :-1].copy()
-            for dx, dy, dz in [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)]:
-                cube &= ok[dx:dx + S, dy:dy + S, dz:dz + S]
             seen = self.tsdf[rows]
-            if not (cube.any() and (seen > level).any() and (seen < level).any()):
+            if not ((seen > level).any() and (seen < level).any()):
                 continue
             vals = np.full((S + 1,) * 3, self.trunc, dtype=np.float32)
             vals[tuple(loc.T)] = seen
-            # skimage tests a cube by the mask at its far corner (measured on scikit-image 0.2x;
-            # tests/test_fusion.py checks that no face leaves the observed cubes)
-            mask = np.zeros_like(ok)
-            mask[1:, 1:, 1:] = cube
-            try:
-                v, f, _, _ = marching_cubes(vals, level=level, mask=mask, allow_degenerate=False)
-            except RuntimeError:  # "No surface found": every crossing is in a masked-out cube
+            tile = masked_marching_cubes(vals, ok, 1.0, base, level, allow_degenerate=False)
+            if not len(tile.faces):  # every crossing is in a cube with an unobserved corner
                 continue
-            verts_all.append(v.astype(np.float64) + base)
-            faces_all.append(f.astype(np.int64) + nv)
-            nv += len(v)
+            verts_all.append(tile.vertices)
+            faces_all.append(tile.faces + nv)
+            nv += len(tile.vertices)
         if not faces_all:
             return Mesh(np.zeros((0, 3), np.float64), np.zeros((0, 3), np.int64))
         verts = np.concatenate(verts_all)

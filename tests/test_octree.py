@@ -150,9 +150,9 @@ def test_corner_tables_lattice_and_sorted_paths_agree(monkeypatch):
     octree = SparseOctree.from_points(torch.rand(5000, 3) * 1.6 - 0.8, 2, 5)
     for level in octree.levels:
         codes = octree.codes[level]
-        lattice = O._corner_tables(codes, level)
+        lattice = O.corner_tables(codes, level)
         monkeypatch.setattr(O, "DENSE_TABLE_MAX_LEVEL", -1)
-        sorted_ = O._corner_tables(codes, level)
+        sorted_ = O.corner_tables(codes, level)
         monkeypatch.undo()
         assert torch.equal(lattice[0], sorted_[0]) and torch.equal(lattice[1], sorted_[1])
         corners, vertices = lattice

@@ -51,7 +51,7 @@ from vqad.config import GridConfig, to_dict
 from vqad.errors import CorruptStreamError, InputError, StreamError, StreamLimitError, TruncatedStreamError, VqadError
 from vqad.field import field_config, field_from_config
 from vqad.grid import OctreeGrid
-from vqad.octree import DENSE_TABLE_MAX_LEVEL, SparseOctree, vertex_bound
+from vqad.octree import DENSE_TABLE_MAX_LEVEL, SparseOctree, corner_tables
 from vqad.storages import STORAGES
 from vqad.storages.base import TensorLayout
 
@@ -295,6 +295,8 @@ class _Level:
 
     codes: torch.Tensor  # (n_L,) sorted Morton codes (CPU)
     n_masks: int  # mask bytes the TREE chunk decodes to (its raw size)
+    corners: torch.Tensor  # (n_L, 8) corner vertex ids, built once as the level arrives (corner_tables)
+    vertices: torch.Tensor  # (m_L, 3) vertex lattice coordinates
     grid: list[tuple[ChunkRecord, bytes]] = dfield(default_factory=list)
     tensors: dict[str, torch.Tensor] | None = None  # decoded once, on first use
 
@@ -318,7 +320,7 @@ class StreamDecoder:
         self.max_memory = default_max_memory() if max_memory is None else int(max_memory)
         self._stop_lod = stop_lod
         self._cells = 0  # octree cells of the levels decoded so far
-        self._vertices: dict[int, int] = {}  # each decoded level's vertex count (vertex_bound)
+        self._vertices: dict[int, int] = {}  # each decoded level's vertex count m
         self.needed_bytes = 0  # estimated memory to build the finest LOD whose octree has arrived
         self._buf = bytearray()
         self._off = 0  # stream offset of _buf[0]
@@ -616,14 +618,23 @@ class StreamDecoder:
                 raise _corrupt(f"entropy-coded octree chunk of level {level} is not smaller than its {total} raw bytes")
         except E.EntropyError as exc:
             raise _corrupt(f"octree chunk of level {level}: {exc}") from exc
-        self._check_memory(level, parents)
-        self._levels[level] = _Level(codes=parents, n_masks=total)
+        corners, vertices = self._build_tables(level, parents)
+        self._levels[level] = _Level(codes=parents, n_masks=total, corners=corners, vertices=vertices)
         return total
 
-    def _check_memory(self, level: int, codes: torch.Tensor) -> None:
-        """Refuse LOD ``level`` (its finest cells ``codes``) if building it would take more than ``max_memory``."""
+    def _build_tables(self, level: int, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The corner and vertex tables of ``level`` (its cells ``codes``), built once: refused before
+        building if the cells alone exceed ``max_memory``, and again once its vertex count m is known."""
         self._cells += int(codes.numel())
-        self._vertices[level] = vertex_bound(codes, level)
+        self._vertices[level] = 0
+        self._check_memory(level)  # the tables' own memory is counted per cell
+        corners, vertices = corner_tables(codes, level)
+        self._vertices[level] = int(vertices.shape[0])
+        self._check_memory(level)
+        return corners, vertices
+
+    def _check_memory(self, level: int) -> None:
+        """Refuse LOD ``level`` if building it would take more than ``max_memory``."""
         storage = sum(lay.numel * (4 if lay.encoding == "f16" else 8)
                       for lv, m in self._vertices.items() for lay in self._layout(lv, m))
         need = (DECODE_BYTES_PER_CELL * self._cells + DECODE_BYTES_PER_VERTEX * sum(self._vertices.values())
@@ -684,7 +695,9 @@ class StreamDecoder:
         top = max(lv for lv in self.prefix_sizes if lod is None or lv <= lod)
         device = torch.device(device)
         grid_cfg = replace(self.grid_cfg, max_level=top)
-        octree = SparseOctree.from_codes(self._levels[top].codes.to(device), grid_cfg.base_level, top)
+        tables = {lv: (self._levels[lv].corners.clone(), self._levels[lv].vertices.clone())
+                  for lv in range(grid_cfg.base_level, top + 1)}  # each field owns its tables
+        octree = SparseOctree(self._levels[top].codes, grid_cfg.base_level, top, tables=tables)
         storages = []
         cls = STORAGES[grid_cfg.storage]
         for i, level in enumerate(octree.levels):

@@ -175,7 +175,11 @@ class SparseOctree(nn.Module):
     ``.to(device)`` (its own or its owner's) moves every table and ``device`` follows.
     """
 
-    def __init__(self, finest_codes: torch.Tensor, base_level: int, max_level: int):
+    def __init__(self, finest_codes: torch.Tensor, base_level: int, max_level: int,
+                 tables: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """``tables``: optionally, ``{level: (corners, vertices)}`` already built by :func:`corner_tables`
+        for every level ``base_level..max_level`` of these codes (the file reader builds them while the
+        stream arrives, so that a field costs no second pass); taken as given, not copied."""
         super().__init__()
         check_levels(base_level, max_level)
         self.base_level = int(base_level)
@@ -183,8 +187,15 @@ class SparseOctree(nn.Module):
         codes = _sorted_unique(finest_codes.long())
         if codes.numel() == 0:
             raise InputError("the octree is empty: no sample fell inside the cube [-1, 1]^3")
+        if tables is not None and set(tables) != set(self.levels):
+            raise ValueError(f"tables cover levels {sorted(tables)}, the octree has {self.levels}")
         for level in range(self.max_level, self.base_level - 1, -1):
-            corners, vertices = _corner_tables(codes, level)
+            if tables is None:
+                corners, vertices = corner_tables(codes, level)
+            else:
+                corners, vertices = tables[level]
+                if corners.shape != (codes.numel(), 8):
+                    raise ValueError(f"level {level}: {tuple(corners.shape)} corner rows for {codes.numel()} cells")
             self.register_buffer(f"codes_{level}", codes, persistent=False)
             self.register_buffer(f"corners_{level}", corners, persistent=False)
             self.register_buffer(f"vertices_{level}", vertices, persistent=False)
@@ -415,15 +426,21 @@ def _sorted_unique(codes: torch.Tensor) -> torch.Tensor:
 _AXIS_MASKS = tuple(0x1249249249249249 << s for s in (2, 1, 0))
 
 
-def _corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Corner vertex ids ``(n, 8)`` and vertex coordinates ``(m, 3)`` of the cells ``codes`` of ``level``.
+#: the dense lattice pays (its ``(2^L + 1)^3`` marks) only where it is not much larger than the corners:
+#: a sparse level (one cell of a fine level, say) sorts its ``8 n`` corners instead
+LATTICE_POINTS_PER_CORNER = 32
+
+
+def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corner vertex ids ``(n, 8)`` and vertex coordinates ``(m, 3)`` of the cells ``codes`` (sorted) of ``level``.
 
     Vertex ids follow the vertices' Morton order (the .vqad file relies on it). Up to
-    :data:`DENSE_TABLE_MAX_LEVEL` the corners are deduplicated on a dense ``(2^L + 1)^3`` lattice
-    (mark, then number): one sort of the ``m`` vertices instead of the ``8n`` corners; above it,
-    by sorting the corners' Morton codes.
+    :data:`DENSE_TABLE_MAX_LEVEL`, where the lattice is at most ``LATTICE_POINTS_PER_CORNER`` points per
+    corner, the corners are deduplicated on a dense ``(2^L + 1)^3`` lattice (mark, then number): one
+    sort of the ``m`` vertices instead of the ``8n`` corners; otherwise by sorting the corners' Morton codes.
     """
-    if level <= DENSE_TABLE_MAX_LEVEL:
+    S = (1 << level) + 1
+    if level <= DENSE_TABLE_MAX_LEVEL and S ** 3 <= LATTICE_POINTS_PER_CORNER * 8 * codes.numel():
         return _corner_tables_lattice(codes, level)
     parts = []
     for mask in _AXIS_MASKS:  # per axis: the cell's dilated coordinate, and that plus one
@@ -448,23 +465,8 @@ def _lattice_corners(codes: torch.Tensor, level: int) -> torch.Tensor:
     return lin[:, None] + offs[None]
 
 
-def vertex_bound(codes: torch.Tensor, level: int, chunk: int = 1 << 16) -> int:
-    """m, the vertices of the cells ``codes`` of ``level``, without building their tables: exact up to
-    :data:`DENSE_TABLE_MAX_LEVEL` (corners marked on a bool lattice, ``chunk`` cells at a time: at most
-    17 MB plus ~200 bytes per chunk cell), above it the bound ``min(8 n, (2^L + 1)^3)``.
-
-    What a reader can learn about a level's size from its cells alone, before committing the memory."""
-    S = (1 << level) + 1
-    if level > DENSE_TABLE_MAX_LEVEL:
-        return min(8 * codes.numel(), S ** 3)
-    mark = torch.zeros(S ** 3, dtype=torch.bool, device=codes.device)
-    for i in range(0, codes.numel(), chunk):
-        mark[_lattice_corners(codes[i:i + chunk], level).reshape(-1)] = True
-    return int(mark.sum())
-
-
 def _corner_tables_lattice(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_corner_tables` through a dense lattice of the ``(2^L + 1)^3`` vertex positions."""
+    """:func:`corner_tables` through a dense lattice of the ``(2^L + 1)^3`` vertex positions."""
     S = (1 << level) + 1
     dev = codes.device
     corner_lin = _lattice_corners(codes, level)  # (n, 8)

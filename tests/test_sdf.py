@@ -261,7 +261,7 @@ def test_octree_accelerated_sphere_tracing_matches_plain_with_fewer_evaluations(
     assert torch.equal(dist_f[hit_f], x_f.norm(dim=-1) - 0.6)  # the distance returned is the one there
     head_on = hit_f & (disc > 0.1)  # away from grazing rays, t is the first intersection's
     assert (t_f[head_on] - t_true[head_on]).abs().max() < 2e-3
-    assert fast.evaluations < 0.5 * plain.evaluations
+    assert fast.evaluations < 0.55 * plain.evaluations  # (the relaxed plain march is itself ~20 % cheaper)
     img_p = render_sdf(field, lod, cam, accelerate=False)
     img_f = render_sdf(field, lod, cam, accelerate=True)
     assert (np.abs(img_p.astype(int) - img_f.astype(int)).max(-1) > 8).mean() < 0.01
@@ -279,3 +279,36 @@ def test_grazing_hits_are_reported_where_their_distance_was_measured():
     hit, t, dist = sphere_trace(fn, o, d, max_steps=12, octree=field.grid.octree)
     x = o[hit] + t[hit, None] * d[hit]
     torch.testing.assert_close(dist[hit], (x.norm(dim=-1) - 0.6).to(dist.dtype), rtol=0, atol=1e-6)
+
+
+def test_relaxed_secant_march_keeps_hits_and_thin_parts_with_fewer_evaluations():
+    """Over-relaxed steps with the secant refinement hit the same pixels as classic sphere tracing
+    (``relax = step_scale``), at the analytic distances, with fewer evaluations; and a slab thinner
+    than a relaxed step's overshoot is not jumped over (the overlap test sends the ray back)."""
+    from vqad.sdf.render import OrbitCamera, TraceStats, sphere_trace
+
+    field = _AnalyticSphere()
+    o, d = OrbitCamera(width=64, height=64).rays("cpu")
+    fn = lambda x: field(x, 6)  # noqa: E731
+    classic, relaxed = TraceStats(), TraceStats()
+    hit_c, t_c, _ = sphere_trace(fn, o, d, octree=field.grid.octree, relax=0.9, stats=classic)
+    hit_r, t_r, _ = sphere_trace(fn, o, d, octree=field.grid.octree, stats=relaxed)
+    b = (o * d).sum(-1)
+    disc = b ** 2 - ((o * o).sum(-1) - 0.36)
+    clear = disc.abs() > 1e-2
+    assert torch.equal(hit_r[clear], hit_c[clear]) and torch.equal(hit_r[clear], disc[clear] > 0)
+    head_on = hit_r & (disc > 0.1)
+    t_true = -b - disc.clamp_min(0).sqrt()
+    assert (t_r[head_on] - t_true[head_on]).abs().max() < 2e-3
+    assert relaxed.evaluations < 0.95 * classic.evaluations
+
+    # a slab |z| <= 0.004 seen head-on from z = 3: every relaxed step from far away would overshoot it
+    def slab(x):
+        return x[:, 2].abs() - 0.004
+
+    n = 64
+    xy = torch.rand(n, 2) * 1.2 - 0.6
+    o2 = torch.cat([xy, torch.full((n, 1), 3.0)], dim=1)
+    d2 = torch.tensor([[0.0, 0.0, -1.0]]).expand(n, 3)
+    hit, t, _ = sphere_trace(slab, o2, d2, relax=1.9)
+    assert hit.all() and ((t - (3.0 - 0.004)).abs() < 2e-3).all()

@@ -104,6 +104,15 @@ class FeatureStorage(nn.Module):
     def forward(self, vertex_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def rows(self, vertex_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features of ``vertex_ids`` ``(N, 8)`` as a table and row indices into it: ``T (R, k)`` and
+        ``ids (N, 8)`` with ``T[ids] == self(vertex_ids)``, gradients included. What the grid's fused
+        interpolation (one ``embedding_bag``) reads, so a storage whose features are rows of a small
+        table (a codebook D, a hash table) hands over that table instead of ``8 N`` copied rows. This
+        default looks every feature up (``R = 8 N``)."""
+        f = self(vertex_ids).reshape(-1, self.k)
+        return f, torch.arange(f.shape[0], device=f.device).reshape(vertex_ids.shape)
+
     def bake(self, fp16: bool = True) -> None:
         """Turn into the stored, inference-only form."""
         raise NotImplementedError

@@ -82,9 +82,15 @@ class CodebookStorage(FeatureStorage):
         return {"bits": self.b}
 
     def forward(self, vertex_ids: torch.Tensor) -> torch.Tensor:
+        """``(...,) int64 -> (..., k)``: ``D[V[ids]]`` (training: the straight-through feature, below)."""
+        table, ids = self.rows(vertex_ids)
+        return table.index_select(0, ids.reshape(-1)).reshape(*vertex_ids.shape, self.k)
+
+    def rows(self, vertex_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Baked: the codebook ``D (2^b, k)`` and ``V[ids]``. Training: the straight-through features of
+        the ``U`` distinct vertices, ``(U, k)``, and each id's row among them."""
         if self.baked:  # index_select: a third of advanced indexing's time on the CPU
-            flat = self.V.index_select(0, vertex_ids.reshape(-1))
-            return self.D.index_select(0, flat).reshape(*vertex_ids.shape, self.k)
+            return self.D, self.V.index_select(0, vertex_ids.reshape(-1)).reshape(vertex_ids.shape)
         flat = vertex_ids.reshape(-1)
         uniq, inv = unique_rows(flat, self.m)
         logits = gather_unique_rows(self.C, uniq)  # (U, 2^b): only the touched rows; C's gradient sparse
@@ -95,8 +101,7 @@ class CodebookStorage(FeatureStorage):
             feat = hard + (soft - soft.detach())
         else:
             feat = hard
-        # index_select: its backward adds rows (index_add_), where indexing's sorts them first
-        return feat.index_select(0, inv).reshape(*vertex_ids.shape, self.k)
+        return feat, inv.reshape(vertex_ids.shape)
 
     def indices(self) -> torch.Tensor:
         """V = argmax C, shape (m,)."""

@@ -19,12 +19,17 @@ class DenseStorage(FeatureStorage):
         self.Z = nn.Parameter(torch.randn(m, k) * init_std)
 
     def forward(self, vertex_ids: torch.Tensor) -> torch.Tensor:
+        """``(...,) int64 -> (..., k)``: ``Z[ids]``."""
+        table, ids = self.rows(vertex_ids)
+        return table.index_select(0, ids.reshape(-1)).reshape(*vertex_ids.shape, self.k)
+
+    def rows(self, vertex_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Z`` and the ids themselves; training: the distinct rows of Z once (Z's sparse gradient then
+        arrives summed, no sort) and each id's row among them."""
         if self.baked or not (torch.is_grad_enabled() and self.Z.requires_grad):
-            return self.Z.index_select(0, vertex_ids.reshape(-1)).reshape(*vertex_ids.shape, self.k)
-        # training: the distinct rows once (Z's sparse gradient then arrives summed, no sort), then
-        # each lookup from them (its backward adds rows with index_add_)
+            return self.Z, vertex_ids
         uniq, inv = unique_rows(vertex_ids.reshape(-1), self.m)
-        return gather_unique_rows(self.Z, uniq).index_select(0, inv).reshape(*vertex_ids.shape, self.k)
+        return gather_unique_rows(self.Z, uniq), inv.reshape(vertex_ids.shape)
 
     def bake(self, fp16: bool = True) -> None:
         if fp16:

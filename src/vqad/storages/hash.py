@@ -88,6 +88,12 @@ class HashStorage(FeatureStorage):
         """``(...,) int64 -> (..., k)``: ``θ[h[ids]]``."""
         return F.embedding(self.h[vertex_ids], self.table, sparse=not self.baked)
 
+    def rows(self, vertex_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Baked: the table θ and ``h[ids]``; training: the default (θ's sparse gradient via ``embedding``)."""
+        if self.baked:
+            return self.table, self.h[vertex_ids]
+        return super().rows(vertex_ids)
+
     def bake(self, fp16: bool = True) -> None:
         if fp16:
             self.table.data = round_fp16(self.table)

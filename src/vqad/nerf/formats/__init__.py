@@ -46,9 +46,11 @@ Per-format conversions:
 Scene normalisation (``x_unit = (x_world − center) · scale``, a cube around a world box):
 
 * blender: the NeRF-synthetic object box [-1.5, 1.5]^3 (the box instant-ngp uses for it);
-* ngp: instant-ngp's own box: ``aabb_scale`` times the unit cube of ngp space, which is
-  ``ngp = world · scale + offset`` (defaults 0.33 and 0.5), i.e. centre ``(0.5 − offset) / scale``
-  and half extent ``aabb_scale / (2 · scale)`` in world units;
+* ngp: the unit cube of ngp space, ``ngp = world · scale + offset`` (defaults 0.33 and 0.5), i.e.
+  centre ``(0.5 − offset) / scale`` and half extent ``1 / (2 · scale)`` in world units (instant-ngp's
+  ``aabb_scale`` 1 box); with ``aabb_scale`` A > 1 the scene extends to A times that box, and
+  ``SceneDataset.outer_scale = A``: the field contracts the shell between the two boxes
+  (:mod:`vqad.nerf.contraction`). ``aabb_scale`` < 1 keeps the smaller box as the cube;
 * llff: the box holding every camera's view frustum between 0.9 × its near bound and 1.1 × its far
   bound;
 * rtmv: the box of the back-projected depth of all views, grown by 5 % (or the JSON's

@@ -15,7 +15,7 @@ from vqad.app.commands.common import (checkpoint_overrides, add_device_arg, add_
 from vqad.atomicio import write_atomic
 from vqad.fit import Deadline
 
-FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "procedural"]
+FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "colmap", "procedural"]
 
 
 def _step_ratio(text: str) -> float | None:

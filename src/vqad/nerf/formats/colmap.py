@@ -63,8 +63,13 @@ class ColmapCamera:
             cx, cy = p[1], p[2]
         else:
             fx, fy, cx, cy = p[:4]
-        dist = {"SIMPLE_PINHOLE": None, "PINHOLE": None, "SIMPLE_RADIAL": [p[3], 0, 0, 0],
-                "RADIAL": [p[3], p[4], 0, 0], "OPENCV": list(p[4:8])}[self.model]
+        dist = None
+        if self.model == "SIMPLE_RADIAL":
+            dist = [p[3], 0, 0, 0]
+        elif self.model == "RADIAL":
+            dist = [p[3], p[4], 0, 0]
+        elif self.model == "OPENCV":
+            dist = list(p[4:8])
         d = np.asarray(dist, dtype=np.float64) if dist is not None else None
         return (_Pinhole(fx=float(fx), fy=float(fy), cx=float(cx), cy=float(cy), w=float(self.width),
                          h=float(self.height)), d if d is not None and np.any(d != 0) else None)

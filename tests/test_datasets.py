@@ -480,7 +480,7 @@ def test_bad_inputs_give_one_clear_error(tmp_path):
     _, views, ray_t = _scene_views(n=6, res=16)
     # unknown format / nothing recognisable / missing path
     with pytest.raises(InputError, match="unknown dataset format"):
-        load_dataset("procedural", format="colmap")
+        load_dataset("procedural", format="nerfstudio")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("hi")
     with pytest.raises(InputError, match="no recognisable dataset"):
@@ -526,3 +526,115 @@ def test_bad_inputs_give_one_clear_error(tmp_path):
     (root / "transforms_val.json").write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
         load_dataset(root)
+
+
+# -- generated capture with a background (vqad.nerf.scene_capture) --------------------------------------
+def test_scene_capture_room_and_object_alone(tmp_path):
+    """The room capture reads back as an ngp scene: central box = the aabb_scale 1 box, outer_scale = aabb_scale; every pixel
+    sees something; the object-alone capture has the same cameras and its alpha is the object's mask."""
+    from vqad.nerf.scene_capture import SceneCaptureConfig, write_capture
+
+    for scale in (4, 16):
+        cfg = SceneCaptureConfig(width=20, height=36, views=9, aabb_scale=scale)
+        write_capture(tmp_path / f"room{scale}", cfg)
+        ds = load_dataset(tmp_path / f"room{scale}", format="ngp")
+        assert len(ds.splits["train"]) == 7 and len(ds.splits["test"]) == 2
+        assert ds.splits["train"].hw == (36, 20) and ds.splits["train"].masks is None
+        lo, hi = ds.bbox
+        assert np.allclose(hi, 0.5 / 0.33) and np.allclose(lo, -0.5 / 0.33) and ds.outer_scale == scale
+    img = ds.splits["train"].images.float()
+    assert (img.std(dim=(1, 2)) > 10).all()  # textured: not a flat background anywhere
+    write_capture(tmp_path / "object", SceneCaptureConfig(width=20, height=36, views=9, aabb_scale=1), background=False)
+    obj = load_dataset(tmp_path / "object", format="ngp")
+    assert torch.equal(obj.splits["train"].c2w, ds.splits["train"].c2w)
+    m = obj.splits["train"].masks
+    assert m is not None and 0.05 < (m > 127).float().mean() < 0.6
+    # the object looks the same in both captures where the mask is solid
+    solid = (m == 255)
+    diff = (obj.splits["train"].images.float() - img).abs().amax(-1)
+    assert diff[solid].max() <= 1
+
+
+# -- COLMAP sparse models ----------------------------------------------------------------------------------
+def _write_colmap(root, c2w, images, camera_lines, binary: bool):
+    """A COLMAP model of OpenGL poses ``c2w (N, 4, 4)``: images/ + sparse/0/{cameras,images}.{txt,bin}.
+    ``camera_lines``: ``[(model_id, name, w, h, params)]``, image i uses camera ``i % len + 1``."""
+    import struct
+
+    from PIL import Image
+    from scipy.spatial.transform import Rotation
+
+    (root / "images").mkdir(parents=True)
+    model = root / "sparse" / "0"
+    model.mkdir(parents=True)
+    poses = []
+    for i, (pose, img) in enumerate(zip(c2w.double().numpy(), images)):
+        Image.fromarray(img.numpy()).save(root / "images" / f"im{i:03d}.png")
+        cv = pose @ np.diag([1.0, -1.0, -1.0, 1.0])
+        R = cv[:3, :3].T
+        t = -R @ cv[:3, 3]
+        x, y, z, w = Rotation.from_matrix(R).as_quat()
+        poses.append((i + 1, (w, x, y, z), t, i % len(camera_lines) + 1, f"im{i:03d}.png"))
+    if binary:
+        with open(model / "cameras.bin", "wb") as f:
+            f.write(struct.pack("<Q", len(camera_lines)))
+            for cid, (mid, _, w, h, params) in enumerate(camera_lines, 1):
+                f.write(struct.pack("<iiQQ", cid, mid, w, h) + struct.pack(f"<{len(params)}d", *params))
+        with open(model / "images.bin", "wb") as f:
+            f.write(struct.pack("<Q", len(poses)))
+            for iid, q, t, cid, name in poses:
+                f.write(struct.pack("<i7di", iid, *q, *t, cid) + name.encode() + b"\0")
+                f.write(struct.pack("<Q", 1) + struct.pack("<ddq", 1.0, 2.0, -1))
+    else:
+        (model / "cameras.txt").write_text("# Camera list\n" + "".join(
+            f"{cid} {name} {w} {h} {' '.join(repr(float(p)) for p in params)}\n"
+            for cid, (_, name, w, h, params) in enumerate(camera_lines, 1)))
+        (model / "images.txt").write_text("# Image list\n" + "".join(
+            f"{iid} {' '.join(repr(float(v)) for v in q)} {' '.join(repr(float(v)) for v in t)} {cid} {name}\n1.0 2.0 -1\n"
+            for iid, q, t, cid, name in poses))
+    return root
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_colmap_model_reads_poses_intrinsics_and_distortion(tmp_path, binary):
+    from vqad.nerf.scene_capture import SceneCaptureConfig, render_capture
+
+    cfg = SceneCaptureConfig(width=20, height=36, views=9)
+    rgba, c2w, (fx, fy, cx, cy) = render_capture(cfg)
+    cams = [(1, "PINHOLE", 20, 36, [fx, fy, cx, cy]), (2, "SIMPLE_RADIAL", 20, 36, [fx, cx, cy, 0.01]),
+            (4, "OPENCV", 20, 36, [fx, fy, cx, cy, 0.02, -0.01, 0.001, 0.002])]
+    root = _write_colmap(tmp_path / "cap", c2w, rgba[..., :3], cams, binary)
+    ds = load_dataset(root)  # auto-detected
+    assert ds.format == "colmap" and ds.outer_scale == 16.0
+    train, test = ds.splits["train"], ds.splits["test"]
+    assert len(train) == 7 and len(test) == 2 and test.names == ["im000.png", "im008.png"]
+    keep = [i for i in range(9) if i % 8]
+    assert torch.allclose(train.c2w, c2w[keep], atol=1e-5)
+    assert torch.allclose(train.intrinsics[0], torch.tensor([fx, fy, cx, cy]), atol=1e-4)
+    # image i has camera i % 3: im001 SIMPLE_RADIAL, im002 OPENCV, im003 PINHOLE
+    assert torch.allclose(train.distortion[0], torch.tensor([0.01, 0.0, 0.0, 0.0]))
+    assert torch.allclose(train.distortion[1], torch.tensor([0.02, -0.01, 0.001, 0.002]))
+    assert torch.equal(train.distortion[2], torch.zeros(4))
+    # the central box is centred where the ring's optical axes meet (the origin), 0.375 × their distance
+    lo, hi = ds.bbox
+    assert np.allclose(np.add(lo, hi) / 2, 0.0, atol=0.05)
+    d = float(c2w[:, :3, 3].norm(dim=-1).mean())
+    assert np.allclose(np.subtract(hi, lo) / 2, 0.375 * d, rtol=0.02)
+
+
+def test_colmap_bad_models_are_input_errors(tmp_path):
+    from vqad.nerf.scene_capture import SceneCaptureConfig, render_capture
+
+    rgba, c2w, (fx, fy, cx, cy) = render_capture(SceneCaptureConfig(width=8, height=8, views=3))
+    root = _write_colmap(tmp_path / "fish", c2w, rgba[..., :3], [(5, "OPENCV_FISHEYE", 8, 8, [fx, fy, cx, cy, 0, 0, 0, 0])], True)
+    with pytest.raises(InputError, match="OPENCV_FISHEYE is not supported"):
+        load_dataset(root, format="colmap")
+    root = _write_colmap(tmp_path / "cut", c2w, rgba[..., :3], [(1, "PINHOLE", 8, 8, [fx, fy, cx, cy])], True)
+    data = (root / "sparse" / "0" / "images.bin").read_bytes()
+    (root / "sparse" / "0" / "images.bin").write_bytes(data[:-30])
+    with pytest.raises(InputError, match="truncated"):
+        load_dataset(root, format="colmap")
+    root = _write_colmap(tmp_path / "txt", c2w, rgba[..., :3], [(1, "PINHOLE", 8, 8, [fx, fy, cx, cy])], False)
+    (root / "sparse" / "0" / "cameras.txt").write_text("1 PINHOLE 8 8 nan 1 2 3\n")
+    with pytest.raises(InputError, match="non-finite|PINHOLE"):
+        load_dataset(root, format="colmap")

@@ -66,6 +66,9 @@ class SceneDataset:
     split_sources: dict[str, str] = field(default_factory=dict)
     # the world-space box (lo, hi) that ``normalization`` maps onto [-1, 1]^3
     bbox: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+    # the scene extends to this many times ``bbox`` (around its centre): > 1 is a large scene, fitted
+    # with a contracted field (vqad.nerf.contraction); instant-ngp's aabb_scale
+    outer_scale: float = 1.0
 
 
 

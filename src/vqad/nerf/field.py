@@ -25,6 +25,7 @@ from vqad.decoders import LODDecoder
 from vqad.errors import InputError
 from vqad.field import NeuralField, Normalization
 from vqad.grid import OctreeGrid
+from vqad.nerf.contraction import check_outer_scale
 from vqad.nerf.data import check_dataset_info
 
 DENSITY_ACTIVATIONS = ("trunc_exp", "softplus")
@@ -42,6 +43,10 @@ class NeRFConfig:
     # how the model is rendered (stored with it, so a loaded model renders as it was trained)
     step_ratio: float | None = 1.0  # ray-marching step, in finest cells (None: chosen from the octree when fitting)
     prune_alpha: float = 0.005  # a cell counts as empty where one marching step absorbs less than this
+    # the scene's outer box in central-box units (vqad.nerf.contraction): 1 = the octree's cube is the
+    # scene; A > 1 = the shell out to L∞ radius A is contracted into the cube's outer half
+    # (None: the dataset's, when fitting)
+    outer_scale: float | None = 1.0
 
     def validate(self) -> None:
         ints = {"geo_features": self.geo_features, "color_hidden": self.color_hidden,
@@ -51,6 +56,8 @@ class NeRFConfig:
         if bad or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in reals):
             raise InputError(f"nerf config: {', '.join(bad) or 'step_ratio / prune_alpha'} must be finite numbers "
                              f"(integers for {', '.join(ints)})")
+        if self.outer_scale is not None:
+            check_outer_scale(self.outer_scale, "the radiance field's outer_scale")
         if not 0 <= self.sh_degree <= 3:
             raise InputError(f"sh_degree must be in 0..3, got {self.sh_degree}")
         if self.density_activation not in DENSITY_ACTIVATIONS:
@@ -156,6 +163,9 @@ class NeRFField(NeuralField):
         if self.nerf_cfg.step_ratio is None:
             raise InputError("a radiance field needs a marching step: step_ratio=None ('auto') is resolved from the "
                              "octree by vqad.nerf.train.build_nerf_field; pass a number to build a field directly")
+        if self.nerf_cfg.outer_scale is None:
+            raise InputError("a radiance field needs its outer_scale: None (the dataset's) is resolved by "
+                             "vqad.nerf.fit.build_nerf_field; pass a number to build a field directly")
         self.dataset = check_dataset_info(dataset or {})
         g = self.nerf_cfg.geo_features
         in_dim = grid.k + (3 if decoder_cfg.position_input else 0)

@@ -29,7 +29,7 @@ from vqad.nerf.task import NeRFTrainConfig, RadianceTask, make_sampler, prune_by
 #: 64 on the features alone, the marching step chosen from the octree)
 NERF_GRID = GridConfig(features=8, base_level=4, max_level=7)
 NERF_DECODER = DecoderConfig(hidden=64, layers=1, position_input=False)
-NERF_FIELD = NeRFConfig(step_ratio=None)
+NERF_FIELD = NeRFConfig(step_ratio=None, outer_scale=None)
 
 __all__ = ["NERF_GRID", "NERF_DECODER", "NERF_FIELD", "NeRFTrainConfig", "NeRFFitResult", "fit_nerf", "build_nerf_field", "auto_step_ratio"]
 
@@ -67,7 +67,7 @@ def auto_step_ratio(octree, dataset: SceneDataset, device, budget: float = AUTO_
     Thin octrees (carved from masks or depth; lego: n = 12.5) keep one cell; the thick ones a density
     pass leaves in front of forward-facing scenes (fern: n = 45.4) march two. Returns ``(step_ratio, n)``.
     """
-    sampler = OccupancySampler(octree, step=2.0 / (1 << octree.max_level))
+    sampler = OccupancySampler(octree, step=2.0 / (1 << octree.max_level), outer_scale=dataset.outer_scale)
     batcher = RayBatcher(dataset.splits["train"], dataset, device)
     o, d, _, near, far = batcher.sample(min(probe_rays, batcher.num_rays), torch.Generator().manual_seed(seed))
     n = len(sampler.march(o, d, near=near, far=far)) / o.shape[0]
@@ -84,6 +84,10 @@ def build_nerf_field(dataset: SceneDataset, grid_cfg: GridConfig, dec_cfg: Decod
     from vqad.nerf.octree_build import octree_from_model
 
     grid_cfg.validate()
+    if nerf_cfg.outer_scale is None:
+        nerf_cfg = replace(nerf_cfg, outer_scale=dataset.outer_scale)
+    if nerf_cfg.outer_scale != dataset.outer_scale:
+        raise InputError(f"the field's outer_scale {nerf_cfg.outer_scale:g} is not the dataset's {dataset.outer_scale:g}")
     if train_cfg.octree_from:
         octree = octree_from_model(train_cfg.octree_from, dataset, grid_cfg.base_level, grid_cfg.max_level, device)
         method = "reused"
@@ -155,7 +159,7 @@ def fit_nerf(
         field, resume_cfg, start = load_for_resume(ckpt_dir, "nerf", device)
         check_resumed_fit(ckpt_dir, resume_cfg, grid_cfg, dec_cfg, train_cfg)
         if nerf_cfg is not None:  # the field's own settings; an 'auto' step matches whatever it resolved to
-            given = {k: v for k, v in asdict(nerf_cfg).items() if not (k == "step_ratio" and v is None)}
+            given = {k: v for k, v in asdict(nerf_cfg).items() if not (k in ("step_ratio", "outer_scale") and v is None)}
             check_resumable(ckpt_dir, resume_cfg.get("nerf", {}), given, "radiance-field")
         method = resume_cfg.get("octree_method", "?")
     else:

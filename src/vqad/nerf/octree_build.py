@@ -20,6 +20,7 @@ far below the carving tolerance and the dilation margin) and undone for depth ba
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import torch
 from vqad.errors import InputError
 from vqad.octree import SparseOctree, morton_decode, morton_encode
 from vqad.nerf.data import SceneDataset, Views
+from vqad.nerf.contraction import contract
 from vqad.nerf.rays import backproject
 
 OCTREE_METHODS = ("auto", "depth", "mask", "density")
@@ -138,7 +140,7 @@ def octree_from_depth(dataset: SceneDataset, base_level: int, max_level: int, de
     res = 1 << max_level
     cells = []
     for n in range(len(views)):
-        x = dataset.normalization.to_unit(backproject_depth(views, n))
+        x = contract(dataset.normalization.to_unit(backproject_depth(views, n)), dataset.outer_scale)
         inside = ((x >= -1) & (x <= 1)).all(-1)
         ijk = torch.floor((x[inside] + 1) * (0.5 * res)).long().clamp_(0, res - 1)
         cells.append(torch.unique(morton_encode(ijk)))
@@ -194,6 +196,9 @@ def octree_from_masks(dataset: SceneDataset, base_level: int, max_level: int, de
     views = dataset.splits[split]
     if views.masks is None:
         raise InputError(f"the {split!r} views have no foreground masks: use --octree density")
+    if dataset.outer_scale > 1:
+        raise InputError(f"the masks of {dataset.name!r} mark an object, but the scene extends to {dataset.outer_scale:g}× "
+                         "its central box (aabb_scale): use --octree density, or a capture with aabb_scale 1")
     dist, s = _mask_distance_maps(views)
     N, Hs, Ws = dist.shape
     level = min(start_level, max_level)
@@ -231,29 +236,33 @@ def octree_from_masks(dataset: SceneDataset, base_level: int, max_level: int, de
 # -- density pass --------------------------------------------------------------------------------
 @dataclass
 class DensityPassConfig:
-    """The short coarse fit that finds where the scene is when there is no depth and no mask."""
+    """The short coarse fit that finds where the scene is when there is no depth and no mask.
+
+    Coarse to fine, so that its cost follows the occupied space, not the box: a first stage fits a
+    dense grid of ``coarse_level`` (16³ cells by default, marched one coarse cell per step: few
+    samples per ray), keeps the cells some training ray sees, and the second stage fits ``level``
+    (64³) only inside them. ``coarse_share`` of the steps and of the time cap go to the first stage;
+    ``coarse_level >= level`` runs the fine stage alone on the whole cube (the former pass).
+    """
 
     level: int = 6  # resolution of the coarse dense grid (2^level cells per axis)
+    coarse_level: int = 4  # the first stage's grid (>= level: one stage)
+    coarse_share: float = 0.3  # the first stage's share of the steps and of max_minutes
     steps: int = 400
     batch_rays: int = 2048
     weight_threshold: float = 0.02  # keep coarse cells where some training ray puts this much weight
     probe_rays: int = 200_000  # training rays rendered to measure the weights
     prune_every: int = 25  # re-test the coarse occupancy every N steps (0: never), so empty space stops costing samples
-    prune_warmup: int = 100
+    prune_warmup: int = 100  # (at most a quarter of a stage's steps)
     early_stop_eps: float = 0.0  # training skips samples behind transmittance below this (0: keep all)
     max_minutes: float | None = None  # also stop the pass after this long (None: run every step)
 
 
-def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, device, dilate: int = 1,
-                        split: str = "train", cfg: DensityPassConfig | None = None, quiet: bool = True,
-                        seed: int = 0) -> SparseOctree:
-    """Fit a small dense-grid radiance field for a few hundred steps, keep the coarse cells that
-    some training ray actually sees (maximum volume-rendering weight ``w_i ≥ weight_threshold``),
-    dilate them by one coarse cell and subdivide to ``max_level``.
-
-    Visibility weights, rather than a density threshold, keep only surfaces that explain pixels:
-    floaters and hidden interior regions get little weight.
-    """
+def _stage(dataset: SceneDataset, octree: SparseOctree, device, split: str, cfg: DensityPassConfig, steps: int,
+           minutes: float | None, quiet: bool, seed: int, desc: str) -> torch.Tensor:
+    """Fit a small radiance field on ``octree`` (marched one finest cell per step) for ``steps``
+    steps and return the finest cells ``(n, 3)`` where some probe ray puts weight
+    ``w_i ≥ weight_threshold`` (empty when none)."""
     from vqad.config import DecoderConfig, GridConfig
     from vqad.grid import OctreeGrid
     from vqad.nerf.field import NeRFConfig, NeRFField
@@ -262,30 +271,27 @@ def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, 
     from vqad.fit import run_fit
     from vqad.nerf.task import NeRFTrainConfig, RadianceTask
 
-    cfg = cfg or DensityPassConfig()
-    level = min(cfg.level, max_level)
-    coarse_base = max(1, level - 2)
-    grid_cfg = GridConfig(storage="dense", features=8, bits=4, base_level=coarse_base, max_level=level)
+    level = octree.max_level
+    grid_cfg = GridConfig(storage="dense", features=8, bits=4, base_level=octree.base_level, max_level=level)
     torch.manual_seed(seed)
-    octree = SparseOctree.dense(coarse_base, level, device=device)
     grid = OctreeGrid.from_octree(octree, grid_cfg)
     field = NeRFField(grid, DecoderConfig(hidden=32, layers=1, position_input=False),
-                      NeRFConfig(geo_features=7, color_hidden=32, sh_degree=2, step_ratio=1.0), dataset.normalization)
-    sampler = OccupancySampler(octree)
+                      NeRFConfig(geo_features=7, color_hidden=32, sh_degree=2, step_ratio=1.0,
+                                 outer_scale=dataset.outer_scale), dataset.normalization)
+    sampler = OccupancySampler(octree, outer_scale=dataset.outer_scale)
     batcher = RayBatcher(dataset.splits[split], dataset, device)
     # the same radiance task as the final fit, through the same loop (no checkpoint: it is seconds to minutes)
-    pass_cfg = NeRFTrainConfig(steps=cfg.steps, batch_rays=cfg.batch_rays, lr=5e-3, grid_lr_scale=10.0,
+    pass_cfg = NeRFTrainConfig(steps=steps, batch_rays=cfg.batch_rays, lr=5e-3, grid_lr_scale=10.0,
                                lod_mode="finest", seed=seed, prune_every=cfg.prune_every,
-                               prune_warmup=cfg.prune_warmup, early_stop_eps=cfg.early_stop_eps,
-                               max_minutes=cfg.max_minutes)
+                               prune_warmup=min(cfg.prune_warmup, steps // 4), early_stop_eps=cfg.early_stop_eps,
+                               max_minutes=minutes)
     field.train()
-    run_fit(RadianceTask(field, sampler, batcher, pass_cfg, quiet=quiet), pass_cfg, device, quiet=quiet,
-            desc="octree density pass")
+    run_fit(RadianceTask(field, sampler, batcher, pass_cfg, quiet=quiet), pass_cfg, device, quiet=quiet, desc=desc)
     # the weights below are measured through the pruned occupancy: a pruned cell absorbs less than
     # prune_alpha per step, far below weight_threshold, so it would not have been kept anyway
-    # measure, per coarse cell, the largest weight any probe ray puts in it
+    # measure, per cell, the largest weight any probe ray puts in it
     field.eval()
-    res = 1 << level
+    res = 1 << min(level, sampler.level)
     best = torch.zeros(res ** 3, device=device)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     n_probe = min(cfg.probe_rays, batcher.num_rays)
@@ -300,17 +306,57 @@ def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, 
             w = render_weight_from_density(samples.t_starts, samples.t_ends, sig[0], samples.ray_indices, samples.n_rays)
             best.scatter_reduce_(0, sampler._flat_index(x), w, reduce="amax")
     keep = (best >= cfg.weight_threshold).nonzero().squeeze(-1)
-    if keep.numel() == 0:
-        raise InputError("the octree is empty: the coarse density pass found no surface (too few --steps?)")
-    ijk = torch.stack([keep // (res * res), (keep // res) % res, keep % res], -1)
-    # one coarse cell of margin, then every finest cell inside the kept coarse cells
-    r = torch.arange(-1, 2, device=device)
+    return torch.stack([keep // (res * res), (keep // res) % res, keep % res], -1)
+
+
+def _dilate_and_subdivide(ijk: torch.Tensor, level: int, to_level: int) -> torch.Tensor:
+    """Cells ``ijk (n, 3)`` of ``level`` grown by one cell, then every cell of ``to_level`` inside them."""
+    res = 1 << level
+    r = torch.arange(-1, 2, device=ijk.device)
     offs = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
     ijk = torch.unique((ijk[:, None, :] + offs[None]).reshape(-1, 3).clamp_(0, res - 1), dim=0)
-    f = 1 << (max_level - level)
-    r = torch.arange(f, device=device)
+    f = 1 << (to_level - level)
+    r = torch.arange(f, device=ijk.device)
     sub = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
-    fine = (ijk[:, None, :] * f + sub[None]).reshape(-1, 3)
-    # the coarse margin already covers f finest cells; dilate only by what is left
-    return _finest_cells_to_octree(fine, base_level, max_level, device, max(0, dilate - f),
+    return (ijk[:, None, :] * f + sub[None]).reshape(-1, 3)
+
+
+def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, device, dilate: int = 1,
+                        split: str = "train", cfg: DensityPassConfig | None = None, quiet: bool = True,
+                        seed: int = 0) -> SparseOctree:
+    """Fit a small dense-grid radiance field for a few hundred steps, keep the cells that some
+    training ray actually sees (maximum volume-rendering weight ``w_i ≥ weight_threshold``),
+    dilate them by one cell and subdivide to ``max_level``; coarse to fine in two stages
+    (:class:`DensityPassConfig`), the second fitted only inside what the first kept.
+
+    Visibility weights, rather than a density threshold, keep only surfaces that explain pixels:
+    floaters and hidden interior regions get little weight.
+    """
+    cfg = cfg or DensityPassConfig()
+    level = min(cfg.level, max_level)
+    empty = "the octree is empty: the coarse density pass found no surface (too few --steps?)"
+    t0 = time.perf_counter()
+    steps, coarse = cfg.steps, None
+    if cfg.coarse_level < level:
+        c_level = max(cfg.coarse_level, 1)
+        c_steps = max(1, int(cfg.coarse_share * cfg.steps))
+        c_min = cfg.max_minutes * cfg.coarse_share if cfg.max_minutes is not None else None
+        ijk = _stage(dataset, SparseOctree.dense(max(1, c_level - 2), c_level, device=device), device, split, cfg,
+                     c_steps, c_min, quiet, seed, f"octree density pass (level {c_level})")
+        if ijk.numel() == 0:
+            raise InputError(empty)
+        coarse = _dilate_and_subdivide(ijk, c_level, level)
+        steps = max(1, cfg.steps - c_steps)
+    if coarse is None:
+        octree = SparseOctree.dense(max(1, level - 2), level, device=device)
+    else:
+        centers = (coarse.float() + 0.5) * (2.0 / (1 << level)) - 1.0
+        octree = SparseOctree.from_points(centers, max(1, level - 2), level, dilate=0)
+    minutes = None if cfg.max_minutes is None else max(cfg.max_minutes - (time.perf_counter() - t0) / 60, 1e-3)
+    ijk = _stage(dataset, octree, device, split, cfg, steps, minutes, quiet, seed, f"octree density pass (level {level})")
+    if ijk.numel() == 0:
+        raise InputError(empty)
+    fine = _dilate_and_subdivide(ijk, level, max_level)
+    # the margin already covers f finest cells; dilate only by what is left
+    return _finest_cells_to_octree(fine, base_level, max_level, device, max(0, dilate - (1 << (max_level - level))),
                                    "the coarse density pass found no surface")

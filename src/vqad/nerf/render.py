@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vqad.nerf.contraction import check_outer_scale, contract, grid_speed
 from vqad.octree import SparseOctree, morton_decode
 
 MAX_DENSE_OCCUPANCY_LEVEL = 8  # 256^3 bools = 16 MB; finer octrees are checked against the octree itself
@@ -165,11 +166,12 @@ class PackedSamples:
     t_ends: torch.Tensor  # (S,)
     ray_indices: torch.Tensor  # (S,) int64, sorted
     n_rays: int
+    outer_scale: float = 1.0  # > 1: the rays are in contracted scene space (vqad.nerf.contraction)
 
     def points(self, o: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """``(S, 3)`` interval midpoints ``o + t d``."""
+        """``(S, 3)`` interval midpoints ``o + t d`` in grid coordinates (contracted when ``outer_scale > 1``)."""
         t = 0.5 * (self.t_starts + self.t_ends)
-        return o[self.ray_indices] + t[:, None] * d[self.ray_indices]
+        return contract(o[self.ray_indices] + t[:, None] * d[self.ray_indices], self.outer_scale)
 
     def __len__(self) -> int:
         return int(self.ray_indices.numel())
@@ -191,8 +193,9 @@ class OccupancySampler:
     which moves the octree the field shares with the sampler, the next call moves them too.
     """
 
-    def __init__(self, octree: SparseOctree, step: float | None = None):
+    def __init__(self, octree: SparseOctree, step: float | None = None, outer_scale: float = 1.0):
         self.octree = octree
+        self.outer_scale = check_outer_scale(outer_scale)
         self.level = min(octree.max_level, MAX_DENSE_OCCUPANCY_LEVEL)
         self.res = 1 << self.level
         self.step = float(step) if step is not None else 0.5 * (2.0 / (1 << octree.max_level))
@@ -238,7 +241,7 @@ class OccupancySampler:
         return self._centers
 
     @torch.no_grad()
-    def prune(self, density_fn, threshold: float, decay: float | None = None, generator: torch.Generator | None = None,
+    def prune(self, density_fn, threshold: float | torch.Tensor, decay: float | None = None, generator: torch.Generator | None = None,
               chunk: int = 1 << 16) -> float:
         """Mark as empty the octree cells whose density estimate is at most ``threshold``.
 
@@ -247,6 +250,7 @@ class OccupancySampler:
         grid: a cell must stay thin for a while before it disappears, and can come back). Without
         it (evaluation), nine fixed points per cell (the centre and the centres of its octants) are
         probed and the previous estimate is ignored, so the result depends on the model alone.
+        ``threshold``: one σ for every cell, or ``(n,)``, one per cell of :meth:`cell_centers`.
         Returns the fraction of octree cells still occupied.
         """
         centers, idx = self.cell_centers()
@@ -293,6 +297,8 @@ class OccupancySampler:
         chunk to count its kept samples; everything else stays on the device.
         """
         self._follow_octree()
+        if self.outer_scale > 1.0:
+            return self._march_contracted(o, d, near, far, jitter)
         R = o.shape[0]
         dev = o.device
         t_in, t_out = ray_aabb(o, d, self.bbox[0], self.bbox[1])
@@ -331,6 +337,57 @@ class OccupancySampler:
             return PackedSamples(empty, empty, torch.zeros(0, dtype=torch.long, device=dev), R)
         return PackedSamples(torch.cat(ts), torch.cat(te), torch.cat(ri), R)
 
+    def _occupied(self, g: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` bool: grid points ``g (n, 3)`` in occupied cells."""
+        keep = self.occupancy[self._flat_index(g)]
+        if self.octree.max_level > self.level:
+            keep &= self.octree.contains(g)
+        return keep
+
+    def _march_contracted(self, o, d, near, far, jitter) -> PackedSamples:
+        """:meth:`march` for a contracted scene (:mod:`vqad.nerf.contraction`): rays ``o + t d`` in
+        scene space, clipped to the outer box ``[-A, A]^3`` and ``[near, far]``, cut into intervals of
+        grid-space length ``step``: ``t_{j+1} = t_j + step / |J(x_{j+½}) d|`` (the speed at the
+        interval's middle, from a first guess at its start: one midpoint step). The first interval is
+        ``u_r`` of a step long (the jitter; ½ when None), so the interval midpoints move with it.
+
+        All rays advance together, one interval per iteration, until every ray has left its segment
+        (at most ``⌈4 / step⌉ + 2`` iterations: no ray is longer than that in the grid); each
+        iteration keeps the intervals whose midpoint is occupied. Output as :meth:`march`'s (samples
+        of each ray contiguous, front to back), with ``outer_scale`` set so that
+        :meth:`PackedSamples.points` returns grid coordinates.
+        """
+        R, dev, A = o.shape[0], o.device, self.outer_scale
+        t_in, t_out = ray_aabb(o, d, -A, A)
+        t_in = torch.maximum(t_in, torch.as_tensor(near, dtype=o.dtype, device=dev))
+        t_out = torch.minimum(t_out, torch.as_tensor(far, dtype=o.dtype, device=dev))
+        u = jitter if jitter is not None else torch.full((R,), 0.5, dtype=o.dtype, device=dev)
+        act = (t_in < t_out).nonzero().squeeze(1)
+        t, frac = t_in[act], u[act]
+        ts, te, ri = [], [], []
+        for _ in range(int(math.ceil(4.0 / self.step)) + 2):
+            if act.numel() == 0:
+                break
+            oa, da = o[act], d[act]
+            h = frac * self.step  # this interval's grid-space length
+            dt = h / grid_speed(torch.addcmul(oa, t[:, None], da), da, A)  # predictor: the speed at the start
+            dt = h / grid_speed(torch.addcmul(oa, (t + 0.5 * dt)[:, None], da), da, A)  # corrector: at the middle
+            t1 = torch.minimum(t + dt, t_out[act])
+            g = contract(torch.addcmul(oa, (0.5 * (t + t1))[:, None], da), A)
+            keep = self._occupied(g).nonzero().squeeze(1)
+            ts.append(t.index_select(0, keep))
+            te.append(t1.index_select(0, keep))
+            ri.append(act.index_select(0, keep))
+            live = (t1 < t_out[act]).nonzero().squeeze(1)
+            act, t = act.index_select(0, live), t1.index_select(0, live)
+            frac = torch.ones_like(t)
+        if not ri:
+            empty = o.new_zeros(0)
+            return PackedSamples(empty, empty, torch.zeros(0, dtype=torch.long, device=dev), R, A)
+        rows = torch.cat(ri)
+        order = torch.sort(rows, stable=True).indices  # iteration order within a ray is front to back
+        return PackedSamples(torch.cat(ts)[order], torch.cat(te)[order], rows[order], R, A)
+
 
 # -- rendering a field ---------------------------------------------------------------------------
 @torch.no_grad()
@@ -349,7 +406,7 @@ def terminate_rays(field, samples: PackedSamples, o: torch.Tensor, d: torch.Tens
     if kept.numel() == len(samples):
         return samples
     return PackedSamples(samples.t_starts.index_select(0, kept), samples.t_ends.index_select(0, kept),
-                         samples.ray_indices.index_select(0, kept), samples.n_rays)
+                         samples.ray_indices.index_select(0, kept), samples.n_rays, samples.outer_scale)
 
 
 def render_rays(

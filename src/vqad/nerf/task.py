@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from vqad.errors import InputError
 from vqad.fit import FitTask, StepLoss, TrainConfig, capped_sweeps
+from vqad.nerf.contraction import slowest_speed
 from vqad.nerf.field import NeRFField, sh_encode
 from vqad.nerf.rays import RayBatcher
 from vqad.nerf.render import OccupancySampler, render_rays, volume_render
@@ -103,13 +104,19 @@ def step_lods(lods: list[int], mode: str, generator: torch.Generator) -> list[in
 def make_sampler(field: NeRFField) -> OccupancySampler:
     """The field's sampler: marching step ``step_ratio`` finest cells (from the field's config)."""
     octree = field.grid.octree
-    return OccupancySampler(octree, step=field.nerf_cfg.step_ratio * 2.0 / (1 << octree.max_level))
+    return OccupancySampler(octree, step=field.nerf_cfg.step_ratio * 2.0 / (1 << octree.max_level),
+                            outer_scale=field.nerf_cfg.outer_scale)
 
 
-def prune_threshold(field: NeRFField, sampler: OccupancySampler) -> float:
+def prune_threshold(field: NeRFField, sampler: OccupancySampler) -> float | torch.Tensor:
     """σ below which a cell is empty: one marching step there absorbs less than ``prune_alpha``,
-    ``1 − exp(−σ · step) < prune_alpha``."""
-    return -math.log1p(-field.nerf_cfg.prune_alpha) / sampler.step
+    ``1 − exp(−σ · step) < prune_alpha``. In a contracted scene a step's scene-space length depends
+    on the cell (at most ``step / slowest_speed``, :func:`vqad.nerf.contraction.slowest_speed`), so
+    the threshold is one per cell of :meth:`OccupancySampler.cell_centers` ``(n,)``."""
+    thr = -math.log1p(-field.nerf_cfg.prune_alpha) / sampler.step
+    if sampler.outer_scale == 1.0:
+        return thr
+    return thr * slowest_speed(sampler.cell_centers()[0], sampler.outer_scale)
 
 
 def prune_due(it: int, every: int, warmup: int) -> bool:

@@ -15,7 +15,7 @@ from vqad.app.commands.common import (checkpoint_overrides, add_device_arg, add_
 from vqad.atomicio import write_atomic
 from vqad.fit import Deadline
 
-FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "procedural"]
+FORMATS = ["auto", "blender", "ngp", "llff", "rtmv", "colmap", "procedural"]
 
 
 def _step_ratio(text: str) -> float | None:
@@ -107,6 +107,41 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", default=None, help="also write renders and metrics.json here")
     add_device_arg(p)
     p.set_defaults(func=cmd_eval)
+
+    from vqad.nerf.scene_capture import SceneCaptureConfig
+
+    S = SceneCaptureConfig()
+    p = sub.add_parser("synth-capture", help="write a generated instant-ngp capture: an object inside a textured room",
+                       description="Render the procedural object on a checkered ground inside a textured dome "
+                                   "(several times the object's size), seen from a ring of cameras, and write it as an "
+                                   "instant-ngp capture (transforms.json + images/). --no-background writes the same "
+                                   "cameras and the object alone (RGBA, alpha = its mask), the comparison target. "
+                                   "50 views at 135x240 take a few seconds.")
+    p.add_argument("-o", "--out", required=True, help="new (or empty) output folder")
+    p.add_argument("--aabb-scale", type=int, default=S.aabb_scale,
+                   help=f"instant-ngp's aabb_scale written to transforms.json (default: {S.aabb_scale})")
+    p.add_argument("--size", default=f"{S.width}x{S.height}", metavar="WxH",
+                   help=f"image size in pixels (default: {S.width}x{S.height})")
+    p.add_argument("--views", type=int, default=S.views, help=f"cameras on the ring (default: {S.views})")
+    p.add_argument("--no-background", action="store_true", help="the object alone (RGBA), no ground and no dome")
+    p.set_defaults(func=cmd_synth_capture)
+
+
+def cmd_synth_capture(args) -> int:
+    from vqad.app.commands.rgbd import parse_size
+    from vqad.nerf.scene_capture import SceneCaptureConfig, write_capture
+
+    width, height = parse_size(args.size)
+    cfg = SceneCaptureConfig(width=width, height=height, views=args.views, aabb_scale=args.aabb_scale)
+    cfg.validate()
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {out} exists and is not an empty folder: write the capture to a new folder")
+    path = write_capture(out, cfg, background=not args.no_background)
+    print(f"wrote {path} ({cfg.views} views, {width}x{height}, aabb_scale {cfg.aabb_scale}, "
+          f"{'object alone' if args.no_background else 'object in a textured room'})")
+    print(f"next: vqad fit-nerf {out} --format ngp")
+    return 0
 
 
 def parse_background(text: str) -> tuple[float, float, float]:

@@ -11,6 +11,8 @@ ngp        ``transforms.json`` (instant-ngp)             every 8th frame is test
 llff       ``poses_bounds.npy`` + ``images[_N]/``        every 8th image is test (and val), the rest train
 rtmv       ``NNNNN.json`` + ``NNNNN.exr`` (+ depth)      sorted; first ⌊2N/3⌋ train, next ⌊N/30⌋ val, rest
                                                         test (kaolin-wisp's split); no val → val = test
+colmap     ``sparse/0/cameras.bin`` (or ``.txt``)        every 8th image by name is test (and val), the rest
+           + ``images/``                                train (:mod:`.colmap`; the scene is contracted)
 procedural the name ``procedural`` / ``builtin:procedural`` 40 / 5 / 10 views (:mod:`.procedural`)
 ========== ============================================ ==================================================
 
@@ -46,9 +48,11 @@ Per-format conversions:
 Scene normalisation (``x_unit = (x_world − center) · scale``, a cube around a world box):
 
 * blender: the NeRF-synthetic object box [-1.5, 1.5]^3 (the box instant-ngp uses for it);
-* ngp: instant-ngp's own box: ``aabb_scale`` times the unit cube of ngp space, which is
-  ``ngp = world · scale + offset`` (defaults 0.33 and 0.5), i.e. centre ``(0.5 − offset) / scale``
-  and half extent ``aabb_scale / (2 · scale)`` in world units;
+* ngp: the unit cube of ngp space, ``ngp = world · scale + offset`` (defaults 0.33 and 0.5), i.e.
+  centre ``(0.5 − offset) / scale`` and half extent ``1 / (2 · scale)`` in world units (instant-ngp's
+  ``aabb_scale`` 1 box); with ``aabb_scale`` A > 1 the scene extends to A times that box, and
+  ``SceneDataset.outer_scale = A``: the field contracts the shell between the two boxes
+  (:mod:`vqad.nerf.contraction`). ``aabb_scale`` < 1 keeps the smaller box as the cube;
 * llff: the box holding every camera's view frustum between 0.9 × its near bound and 1.1 × its far
   bound;
 * rtmv: the box of the back-projected depth of all views, grown by 5 % (or the JSON's
@@ -76,12 +80,13 @@ import numpy as np
 from vqad.errors import InputError
 from vqad.nerf.data import SceneDataset
 from vqad.nerf.formats.blender import read_blender
+from vqad.nerf.formats.colmap import read_colmap
 from vqad.nerf.formats.common import _limit
 from vqad.nerf.formats.llff import read_llff
 from vqad.nerf.formats.ngp import read_ngp
 from vqad.nerf.formats.rtmv import _RTMV_JSON, read_rtmv
 
-FORMATS = ("blender", "ngp", "llff", "rtmv", "procedural")
+FORMATS = ("blender", "ngp", "llff", "rtmv", "colmap", "procedural")
 _ALIASES = {"nerf_synthetic": "blender", "nerf-synthetic": "blender", "instant-ngp": "ngp", "instant_ngp": "ngp"}
 PROCEDURAL_NAMES = ("procedural", "builtin:procedural")
 
@@ -109,6 +114,8 @@ def detect_format(path) -> str:
         return "llff"
     if any(_RTMV_JSON.match(n) for n in names) and any(re.fullmatch(r"\d+\.exr", n) for n in names):
         return "rtmv"
+    if any((d / "cameras.bin").is_file() or (d / "cameras.txt").is_file() for d in (p / "sparse" / "0", p / "sparse", p)):
+        return "colmap"
     raise InputError(
         f"{p} holds no recognisable dataset: expected transforms_train.json (blender), transforms.json (ngp), "
         "poses_bounds.npy + images_N/ (llff) or NNNNN.json + NNNNN.exr (rtmv); or pass --format"
@@ -162,8 +169,8 @@ def load_dataset(path_or_name, format: str = "auto", downscale: int = 1, backgro
     path = Path(name)
     if not path.exists():
         raise InputError(f"dataset not found: {path}")
-    readers = {"blender": read_blender, "ngp": read_ngp, "llff": read_llff, "rtmv": read_rtmv}
-    if fmt in ("blender", "rtmv") and path.is_file():
+    readers = {"blender": read_blender, "ngp": read_ngp, "llff": read_llff, "rtmv": read_rtmv, "colmap": read_colmap}
+    if fmt in ("blender", "rtmv", "colmap") and path.is_file():
         path = path.parent
     if fmt != "ngp" and not path.is_dir():
         raise InputError(f"{path} is not a folder: the {fmt} format is a folder of files")

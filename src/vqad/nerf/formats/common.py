@@ -360,11 +360,13 @@ def _holdout(frames: list, every: int = 8) -> tuple[list, list]:
 
 
 def _dataset(name, fmt, split_frames: dict[str, list[_Frame]], sources: dict[str, str], downscale, background,
-             split_limit, source: Path, bounds_fn, requested_downscale: int | None = None) -> SceneDataset:
+             split_limit, source: Path, bounds_fn, requested_downscale: int | None = None,
+             outer_scale: float = 1.0) -> SceneDataset:
     """Load every distinct split once (a split that falls back to another shares its Views).
 
     ``bounds_fn(splits) -> (lo (3,), hi (3,), near | None, far | None)`` gives the world box that
-    becomes the unit cube (and near/far, else they are derived from the box).
+    becomes the unit cube (and near/far, else they are derived from the box, grown by ``outer_scale``
+    around its centre: the scene's outer box).
     """
     loaded: dict[tuple[int, int], Views] = {}
     splits: dict[str, Views] = {}
@@ -377,11 +379,13 @@ def _dataset(name, fmt, split_frames: dict[str, list[_Frame]], sources: dict[str
     lo, hi, near, far = bounds_fn(splits)
     norm = normalization_from_box(lo, hi)
     if near is None:
-        near, far = near_far_from_box(torch.cat([v.c2w for v in splits.values()]), *unit_cube_box(norm))
+        outer = Normalization(norm.center, norm.scale / outer_scale)
+        near, far = near_far_from_box(torch.cat([v.c2w for v in splits.values()]), *unit_cube_box(outer))
     return SceneDataset(name=name, format=fmt, splits=splits, normalization=norm, near=float(near), far=float(far),
                         background=tuple(float(c) for c in background), source=str(source),
                         downscale=int(requested_downscale or downscale),
-                        split_sources=sources, bbox=(tuple(float(x) for x in lo), tuple(float(x) for x in hi)))
+                        split_sources=sources, bbox=(tuple(float(x) for x in lo), tuple(float(x) for x in hi)),
+                        outer_scale=float(outer_scale))
 
 
 def _list_images(d: Path) -> list[Path]:

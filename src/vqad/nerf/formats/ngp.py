@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from vqad.errors import InputError
+from vqad.nerf.contraction import MAX_OUTER_SCALE
 from vqad.nerf.data import SceneDataset
 from vqad.nerf.formats.common import _dataset, _holdout, _read_json, _transforms_frames
 
@@ -37,8 +38,11 @@ def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=N
         raise InputError(f"{json_path}: aabb_scale, scale and offset must be numbers ({e})") from e
     if not (aabb_scale > 0 and scale > 0 and math.isfinite(aabb_scale) and math.isfinite(scale)) or not np.all(np.isfinite(offset)):
         raise InputError(f"{json_path}: aabb_scale and scale must be positive and offset finite")
-    # ngp = world · scale + offset (offset in the file's axis order); ngp's box is 0.5 ± aabb_scale / 2
+    # ngp = world · scale + offset (offset in the file's axis order); ngp's box is 0.5 ± aabb_scale / 2.
+    # aabb_scale > 1: the central box (aabb_scale 1) is the unit cube and the rest is contracted
+    outer = min(max(aabb_scale, 1.0), MAX_OUTER_SCALE)
     center = (0.5 - offset) / scale
-    half = 0.5 * aabb_scale / scale
+    half = 0.5 * aabb_scale / outer / scale
     return _dataset(json_path.parent.name, "ngp", {"train": train, "val": test, "test": test}, sources, downscale,
-                    background, split_limit, json_path.parent, lambda splits: (center - half, center + half, None, None))
+                    background, split_limit, json_path.parent, lambda splits: (center - half, center + half, None, None),
+                    outer_scale=outer)

@@ -1,0 +1,271 @@
+"""COLMAP sparse models: ``cameras.bin`` / ``images.bin`` (or ``.txt``) and the photos they pose.
+
+A small self-contained parser of COLMAP's documented formats (colmap.github.io/format.html), not
+``pycolmap``: that wheel bundles all of COLMAP (tens of MB) to read two small files.
+
+Layout: ``ROOT/images/`` with the photos and the model in ``ROOT/sparse/0/``, ``ROOT/sparse/`` or
+``ROOT`` itself (the first that holds ``cameras.bin`` or ``cameras.txt``).
+
+* ``cameras``: ``CAMERA_ID MODEL WIDTH HEIGHT PARAMS...``; the models read are SIMPLE_PINHOLE
+  ``f cx cy``, PINHOLE ``fx fy cx cy``, SIMPLE_RADIAL ``f cx cy k``, RADIAL ``f cx cy k1 k2`` and
+  OPENCV ``fx fy cx cy k1 k2 p1 p2``; the distortion becomes ``Views.distortion`` ``k1 k2 p1 p2``,
+  which the rays undo (:func:`vqad.nerf.rays.undistort`). Fisheye and other models are refused.
+* ``images``: ``IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME`` (then a line of 2-D points, ignored):
+  world-to-camera ``x_cam = R(q) x + t`` in OpenCV axes (x right, y down, z forward), so
+  ``c2w = [Rᵀ | −Rᵀ t]`` with its y and z columns negated (OpenGL).
+* binary: ``uint64 n`` then per camera ``int32 id, int32 model, uint64 width, uint64 height,
+  float64 params[n_model]``; per image ``int32 id, float64 q[4], float64 t[3], int32 camera_id,
+  NAME\\0, uint64 n_points, n_points × (float64 x, float64 y, int64 point_id)``. Little-endian.
+
+Scene box (COLMAP's units are arbitrary): the central box is centred on the point nearest to every
+camera's optical axis (least squares, as instant-ngp's ``colmap2nerf`` finds its "centre of
+attention"), with half extent ``0.375 ×`` the cameras' mean distance to it (colmap2nerf scales that
+distance to 4 and instant-ngp's unit box is then 1.5 across each way: 1.5 / 4); the scene extends to
+``outer_scale`` (default 16) times it, contracted (:mod:`vqad.nerf.contraction`). Every 8th image,
+sorted by name, is test (and val); the rest train.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vqad.errors import InputError
+from vqad.nerf.contraction import check_outer_scale
+from vqad.nerf.data import SceneDataset
+from vqad.nerf.formats.common import _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _resolve_image
+
+# model id → (name, number of parameters); only the first five are read
+CAMERA_MODELS = {0: ("SIMPLE_PINHOLE", 3), 1: ("PINHOLE", 4), 2: ("SIMPLE_RADIAL", 4), 3: ("RADIAL", 5),
+                 4: ("OPENCV", 8), 5: ("OPENCV_FISHEYE", 8), 6: ("FULL_OPENCV", 12), 7: ("FOV", 5),
+                 8: ("SIMPLE_RADIAL_FISHEYE", 4), 9: ("RADIAL_FISHEYE", 5), 10: ("THIN_PRISM_FISHEYE", 12)}
+SUPPORTED = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV")
+CENTRAL_HALF = 0.375  # half extent of the central box / mean camera distance (colmap2nerf: 1.5 / 4)
+
+
+@dataclass
+class ColmapCamera:
+    model: str
+    width: int
+    height: int
+    params: np.ndarray  # (n_model,) float64
+
+    def pinhole_and_distortion(self, what: str) -> tuple[_Pinhole, np.ndarray | None]:
+        p = self.params
+        if self.model not in SUPPORTED:
+            raise InputError(f"{what}: camera model {self.model} is not supported (use {', '.join(SUPPORTED)}; "
+                             "undistort fisheye images with colmap image_undistorter first)")
+        if self.model in ("SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL"):
+            fx = fy = p[0]
+            cx, cy = p[1], p[2]
+        else:
+            fx, fy, cx, cy = p[:4]
+        dist = None
+        if self.model == "SIMPLE_RADIAL":
+            dist = [p[3], 0, 0, 0]
+        elif self.model == "RADIAL":
+            dist = [p[3], p[4], 0, 0]
+        elif self.model == "OPENCV":
+            dist = list(p[4:8])
+        d = np.asarray(dist, dtype=np.float64) if dist is not None else None
+        return (_Pinhole(fx=float(fx), fy=float(fy), cx=float(cx), cy=float(cy), w=float(self.width),
+                         h=float(self.height)), d if d is not None and np.any(d != 0) else None)
+
+
+@dataclass
+class ColmapImage:
+    qvec: np.ndarray  # (4,) w, x, y, z
+    tvec: np.ndarray  # (3,)
+    camera_id: int
+    name: str
+
+    def c2w(self, what: str) -> np.ndarray:
+        """OpenGL camera-to-world ``(4, 4)``."""
+        q = self.qvec / max(np.linalg.norm(self.qvec), 1e-300)
+        w, x, y, z = q
+        R = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                      [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                      [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+        m = np.eye(4)
+        m[:3, :3] = R.T @ np.diag([1.0, -1.0, -1.0])
+        m[:3, 3] = -R.T @ self.tvec
+        return _as_c2w(m, what)
+
+
+def _check_number(values, what: str) -> np.ndarray:
+    a = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(a)):
+        raise InputError(f"{what}: non-finite numbers")
+    return a
+
+
+# -- text ------------------------------------------------------------------------------------------
+def _lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+    return text.splitlines()
+
+
+def read_cameras_txt(path: Path) -> dict[int, ColmapCamera]:
+    out = {}
+    for n, line in enumerate(_lines(path), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        f = line.split()
+        what = f"{path.name} line {n}"
+        try:
+            cam_id, model, w, h = int(f[0]), f[1], int(f[2]), int(f[3])
+            params = _check_number([float(v) for v in f[4:]], what)
+        except (ValueError, IndexError) as e:
+            raise InputError(f"{what}: expected CAMERA_ID MODEL WIDTH HEIGHT PARAMS... ({e})") from e
+        expected = {name: k for name, k in CAMERA_MODELS.values()}.get(model)
+        if expected is None or len(params) != expected:
+            raise InputError(f"{what}: unknown camera model {model!r} or wrong number of parameters ({len(params)})")
+        out[cam_id] = ColmapCamera(model, w, h, params)
+    return out
+
+
+def read_images_txt(path: Path) -> dict[int, ColmapImage]:
+    out = {}
+    lines = [ln for ln in _lines(path) if not ln.lstrip().startswith("#")]
+    i = 0
+    while i < len(lines):
+        if not lines[i].strip():  # a blank pose line never occurs; skip stray blank lines
+            i += 1
+            continue
+        f = lines[i].split(maxsplit=9)
+        what = f"{path.name}: image line {lines[i][:40]!r}"
+        try:
+            img_id = int(f[0])
+            q = _check_number([float(v) for v in f[1:5]], what)
+            t = _check_number([float(v) for v in f[5:8]], what)
+            cam, name = int(f[8]), f[9].strip()
+        except (ValueError, IndexError) as e:
+            raise InputError(f"{what}: expected IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME ({e})") from e
+        out[img_id] = ColmapImage(q, t, cam, name)
+        i += 2  # the points line follows (possibly empty)
+    return out
+
+
+# -- binary ----------------------------------------------------------------------------------------
+class _Reader:
+    def __init__(self, path: Path):
+        try:
+            self.data = path.read_bytes()
+        except OSError as e:
+            raise InputError(f"cannot read {path}: {e}") from e
+        self.pos, self.path = 0, path
+
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise InputError(f"{self.path} is truncated (at byte {self.pos}): re-export the model")
+        v = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return v
+
+    def string(self) -> str:
+        end = self.data.find(b"\0", self.pos)
+        if end < 0:
+            raise InputError(f"{self.path} is truncated (an image name has no end): re-export the model")
+        s = self.data[self.pos:end].decode("utf-8", errors="replace")
+        self.pos = end + 1
+        return s
+
+
+def read_cameras_bin(path: Path) -> dict[int, ColmapCamera]:
+    r = _Reader(path)
+    (n,) = r.take("<Q")
+    out = {}
+    for _ in range(n):
+        cam_id, model_id, w, h = r.take("<iiQQ")
+        if model_id not in CAMERA_MODELS:
+            raise InputError(f"{path}: camera {cam_id} has unknown model id {model_id}")
+        name, k = CAMERA_MODELS[model_id]
+        out[cam_id] = ColmapCamera(name, int(w), int(h), _check_number(r.take(f"<{k}d"), f"{path} camera {cam_id}"))
+    return out
+
+
+def read_images_bin(path: Path) -> dict[int, ColmapImage]:
+    r = _Reader(path)
+    (n,) = r.take("<Q")
+    out = {}
+    for _ in range(n):
+        (img_id,) = r.take("<i")
+        pose = _check_number(r.take("<7d"), f"{path} image {img_id}")
+        (cam,) = r.take("<i")
+        name = r.string()
+        (n_pts,) = r.take("<Q")
+        if r.pos + 24 * n_pts > len(r.data):
+            raise InputError(f"{path} is truncated (image {img_id}'s points): re-export the model")
+        r.pos += 24 * n_pts
+        out[img_id] = ColmapImage(pose[:4], pose[4:], cam, name)
+    return out
+
+
+def find_model(root: Path) -> Path:
+    """The folder holding ``cameras.bin``/``.txt``: ``root/sparse/0``, ``root/sparse`` or ``root``."""
+    for d in (root / "sparse" / "0", root / "sparse", root):
+        if (d / "cameras.bin").is_file() or (d / "cameras.txt").is_file():
+            return d
+    raise InputError(f"{root} holds no COLMAP model: expected sparse/0/cameras.bin (or .txt) and images.bin")
+
+
+def read_model(model_dir: Path) -> tuple[dict[int, ColmapCamera], dict[int, ColmapImage]]:
+    """Cameras and images of a sparse model (binary preferred when both exist)."""
+    if (model_dir / "cameras.bin").is_file() and (model_dir / "images.bin").is_file():
+        return read_cameras_bin(model_dir / "cameras.bin"), read_images_bin(model_dir / "images.bin")
+    if (model_dir / "cameras.txt").is_file() and (model_dir / "images.txt").is_file():
+        return read_cameras_txt(model_dir / "cameras.txt"), read_images_txt(model_dir / "images.txt")
+    raise InputError(f"{model_dir} needs cameras and images in the same form (cameras.bin + images.bin, or .txt)")
+
+
+def attention_center(c2w: np.ndarray) -> np.ndarray:
+    """The point nearest to every optical axis in least squares: ``(N, 4, 4)`` OpenGL poses → ``(3,)``.
+
+    ``Σ (I − a aᵀ) p = Σ (I − a aᵀ) o`` for axes ``o + s a``; the cameras' mean when the axes are parallel.
+    """
+    o, a = c2w[:, :3, 3], -c2w[:, :3, 2]
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    P = np.eye(3)[None] - a[:, :, None] * a[:, None, :]
+    M, b = P.sum(0), np.einsum("nij,nj->i", P, o)
+    if np.linalg.cond(M) > 1e8:
+        return o.mean(0)
+    return np.linalg.solve(M, b)
+
+
+def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = 8,
+                outer_scale: float = 16.0) -> SceneDataset:
+    """A COLMAP capture (``path``: the folder with ``images/`` and ``sparse/``) as a :class:`SceneDataset`."""
+    root = Path(path)
+    outer_scale = check_outer_scale(outer_scale, "the COLMAP scene's outer scale")
+    model_dir = find_model(root)
+    cams, imgs = read_model(model_dir)
+    if len(imgs) < 2:
+        raise InputError(f"{model_dir} poses {len(imgs)} image: at least 2 are needed (one is held out)")
+    image_dir = root / "images"
+    if not image_dir.is_dir():
+        raise InputError(f"{root} has a COLMAP model but no images/ folder: put the photos in {image_dir}")
+    frames = []
+    for img in sorted(imgs.values(), key=lambda im: im.name):
+        what = f"image {img.name!r} of {model_dir}"
+        if img.camera_id not in cams:
+            raise InputError(f"{what}: camera {img.camera_id} is not in the cameras file")
+        pin, dist = cams[img.camera_id].pinhole_and_distortion(what)
+        frames.append(_Frame(image=_resolve_image(image_dir, img.name, what), c2w=img.c2w(what), pinhole=pin,
+                             name=img.name, distortion=dist))
+    train, test = _holdout(frames, hold_every)
+    poses = np.stack([f.c2w for f in frames])
+    center = attention_center(poses)
+    half = CENTRAL_HALF * float(np.linalg.norm(poses[:, :3, 3] - center, axis=-1).mean())
+    if not half > 0:
+        raise InputError(f"{model_dir}: every camera sits at one point; the scene's size is unknown")
+    desc = f"every {hold_every}th image of {model_dir.name} by name"
+    sources = {"train": f"{model_dir} minus every {hold_every}th image", "val": desc + " (val = test)", "test": desc}
+    return _dataset(root.name, "colmap", {"train": train, "val": test, "test": test}, sources, downscale, background,
+                    split_limit, root, lambda splits: (center - half, center + half, None, None), outer_scale=outer_scale)

@@ -1,0 +1,176 @@
+"""A generated phone-style capture: the procedural object inside a textured room, in instant-ngp format.
+
+Real captures are not objects floating in empty space: the object sits in the middle of a room or a
+garden several times its size, and every pixel sees something. This module renders such a scene with
+exact ground truth and writes it as an instant-ngp capture (``transforms.json`` + PNGs), so tests and
+benchmarks exercise the large-scene path (``aabb_scale`` > 1) end to end:
+
+* the object: the built-in procedural shapes (:mod:`vqad.nerf.procedural`), about 1.3 world units
+  across, centred near the origin;
+* a ground plane under it (``y = ground_y``, the bottom of the object's slab) with a two-scale
+  checker texture;
+* an enclosing dome (a sphere of radius ``dome_radius`` around the origin, seen from inside),
+  unlit and textured by direction (latitude / longitude bands over a sky gradient).
+
+Cameras stand on a ring around the object (radius ``camera_radius``, heights oscillating around
+``camera_height``), all looking at the origin, portrait images of ``width × height`` pixels. The
+ngp box: ``scale`` 0.33, ``offset`` 0.5, so ``aabb_scale`` 1 is the world box [-1.5, 1.5]^3 (the
+object with a margin) and ``aabb_scale`` 4 is [-6, 6]^3 (the dome of radius 5.5 fits inside).
+
+``background=False`` writes the same cameras and the object alone, as RGBA PNGs whose alpha is the
+object's mask (the comparison target: what a fit of the object alone reaches).
+
+Shading is Lambertian (view-independent), so a perfect field reproduces every view.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from vqad.errors import InputError
+from vqad.nerf.procedural import ProceduralScene, _one_thread, look_at
+from vqad.nerf.rays import pixel_centers, rays_for_pixels
+
+NGP_SCALE = 0.33  # instant-ngp's default: world · scale + offset is ngp space, whose unit cube is aabb_scale 1
+NGP_OFFSET = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class SceneCaptureConfig:
+    """The generated capture's cameras, images and environment (world units)."""
+
+    width: int = 135
+    height: int = 240
+    views: int = 50
+    fov_y_deg: float = 50.0
+    camera_radius: float = 3.0
+    camera_height: float = 0.9  # mean camera height above the origin (the object's middle)
+    camera_height_swing: float = 0.35  # heights vary by ± this around the ring (better conditioned than one height)
+    aabb_scale: int = 4
+    ground_y: float = -0.54  # the bottom of the object's slab
+    dome_radius: float = 5.5
+    checker: float = 0.5  # ground checker period
+
+    def validate(self) -> None:
+        if self.width < 1 or self.height < 1 or self.views < 2:
+            raise InputError(f"the capture needs positive image sizes and at least 2 views, got {self.width}x{self.height}, "
+                             f"{self.views} views")
+        if self.aabb_scale not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise InputError(f"aabb_scale must be a power of two in 1..128 (as instant-ngp takes it), got {self.aabb_scale}")
+        if not (0 < self.fov_y_deg < 170 and self.camera_radius < self.dome_radius and self.dome_radius > 0):
+            raise InputError("the field of view must be in (0, 170) degrees and the cameras inside the dome")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The room around the object: a checkered ground and a textured, unlit dome."""
+
+    ground_y: float = -0.54
+    dome_radius: float = 5.5
+    checker: float = 0.5
+    ground_colors: tuple = ((0.78, 0.74, 0.62), (0.36, 0.42, 0.30))
+    object: ProceduralScene = field(default_factory=ProceduralScene)
+
+    def _ground(self, o: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hit distance ``(R,)`` (``inf`` on a miss) and shaded colour ``(R, 3)`` of the ground plane."""
+        dy = d[:, 1]
+        t = (self.ground_y - o[:, 1]) / torch.where(dy.abs() < 1e-9, torch.full_like(dy, -1e-9), dy)
+        t = torch.where((dy < 0) & (o[:, 1] > self.ground_y) & (t > 0), t, torch.full_like(t, math.inf))
+        p = o + torch.nan_to_num(t, posinf=0.0)[:, None] * d
+        big = (torch.floor(p[:, 0] / self.checker) + torch.floor(p[:, 2] / self.checker)) % 2
+        fine = (torch.floor(p[:, 0] / (0.2 * self.checker)) + torch.floor(p[:, 2] / (0.2 * self.checker))) % 2
+        a, b = (torch.tensor(c, dtype=o.dtype) for c in self.ground_colors)
+        albedo = torch.where(big[:, None] > 0, a, b) * (0.85 + 0.15 * fine)[:, None]
+        n = torch.tensor([0.0, 1.0, 0.0], dtype=o.dtype)
+        shade = torch.full_like(t, self.object.ambient)
+        for direction, intensity in self.object.lights:
+            l = torch.tensor(direction, dtype=o.dtype)
+            shade = shade + intensity * float((n * l / l.norm()).sum().clamp_min(0))
+        return t, (albedo * shade[:, None]).clamp(0, 1)
+
+    def _dome(self, o: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exit distance ``(R,)`` from inside the dome and its texture ``(R, 3)`` (unlit)."""
+        b = (o * d).sum(-1)
+        c = (o * o).sum(-1) - self.dome_radius ** 2
+        t = -b + (b * b - c).clamp_min(0).sqrt()  # o inside: c < 0, the far root is the exit
+        p = (o + t[:, None] * d) / self.dome_radius
+        lat = torch.asin(p[:, 1].clamp(-1, 1))
+        lon = torch.atan2(p[:, 2], p[:, 0])
+        sky = torch.stack([0.45 + 0.25 * p[:, 1], 0.6 + 0.2 * p[:, 1], 0.85 + 0.1 * p[:, 1]], -1)
+        bands = (torch.floor(lon * 12 / math.pi) + torch.floor(lat * 12 / math.pi)) % 2
+        stripe = 0.5 + 0.5 * torch.sin(lon * 5.0)[:, None] * torch.tensor([0.3, -0.2, 0.1], dtype=o.dtype)
+        color = sky * (0.75 + 0.25 * bands)[:, None] * stripe * 1.4
+        return torch.where(c < 0, t, torch.full_like(t, math.inf)), color.clamp(0, 1)
+
+    def raycast(self, o: torch.Tensor, d: torch.Tensor, background: bool = True):
+        """Nearest hit of rays ``o, d (R, 3)`` (``|d| = 1``): ``t (R,)``, colour ``(R, 3)``, and the
+        object mask ``(R,)`` (True where the object, not the room, is hit first)."""
+        t_obj, c_obj, hit_obj = self.object.raycast(o, d)
+        if not background:
+            return t_obj, c_obj, hit_obj
+        t_g, c_g = self._ground(o, d)
+        t_d, c_d = self._dome(o, d)
+        t = torch.minimum(torch.minimum(t_obj, t_g), t_d)
+        color = torch.where((t == t_d)[:, None], c_d, c_g)
+        color = torch.where((t == t_obj)[:, None] & hit_obj[:, None], c_obj, color)
+        return t, color, hit_obj & (t_obj <= t)
+
+
+def ring_cameras(cfg: SceneCaptureConfig) -> torch.Tensor:
+    """``(views, 4, 4)`` OpenGL poses on a ring around the origin, looking at it."""
+    out = []
+    for i in range(cfg.views):
+        phi = 2 * math.pi * i / cfg.views
+        y = cfg.camera_height + cfg.camera_height_swing * math.sin(3 * phi)
+        eye = torch.tensor([cfg.camera_radius * math.cos(phi), y, cfg.camera_radius * math.sin(phi)])
+        out.append(look_at(eye))
+    return torch.stack(out)
+
+
+def render_capture(cfg: SceneCaptureConfig, background: bool = True):
+    """Every view of the capture: ``rgba (N, H, W, 4) uint8`` (alpha 255 everywhere with the room,
+    the object mask without), poses ``(N, 4, 4)`` and intrinsics ``fx, fy, cx, cy``."""
+    cfg.validate()
+    env = Environment(ground_y=cfg.ground_y, dome_radius=cfg.dome_radius, checker=cfg.checker)
+    c2w = ring_cameras(cfg)
+    fy = 0.5 * cfg.height / math.tan(math.radians(cfg.fov_y_deg) / 2)
+    intr = (fy, fy, cfg.width / 2, cfg.height / 2)
+    uv = pixel_centers(cfg.height, cfg.width)
+    images = []
+    with _one_thread():
+        for pose in c2w:  # one view at a time keeps memory at one image's rays
+            o, d = rays_for_pixels(pose, torch.tensor(intr), uv)
+            _, color, hit = env.raycast(o, d, background)
+            alpha = torch.ones_like(hit) if background else hit
+            rgba = torch.cat([color * alpha[:, None], alpha[:, None].float()], -1)
+            images.append((rgba * 255 + 0.5).clamp(0, 255).to(torch.uint8).reshape(cfg.height, cfg.width, 4))
+    return torch.stack(images), c2w, intr
+
+
+def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bool = True) -> Path:
+    """Render the capture and write it in instant-ngp layout: ``out_dir/transforms.json`` and
+    ``out_dir/images/NNNN.png``. Returns the path of ``transforms.json``."""
+    from PIL import Image
+
+    cfg = cfg or SceneCaptureConfig()
+    rgba, c2w, (fx, fy, cx, cy) = render_capture(cfg, background)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    frames = []
+    for i in range(rgba.shape[0]):
+        name = f"images/{i:04d}.png"
+        arr = rgba[i].numpy()
+        Image.fromarray(arr if not background else arr[..., :3], "RGBA" if not background else "RGB").save(out / name)
+        frames.append({"file_path": name, "transform_matrix": c2w[i].tolist()})
+    meta = {"camera_model": "OPENCV", "fl_x": fx, "fl_y": fy, "cx": cx, "cy": cy, "w": cfg.width, "h": cfg.height,
+            "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "aabb_scale": cfg.aabb_scale, "scale": NGP_SCALE,
+            "offset": list(NGP_OFFSET), "frames": frames,
+            "vqad_scene": {"background": background, **asdict(cfg)}}
+    path = out / "transforms.json"
+    path.write_text(json.dumps(meta, indent=1) + "\n")
+    return path

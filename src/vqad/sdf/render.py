@@ -60,10 +60,14 @@ class TraceStats:
 #: eps 1e-4): ω = 1.3 with the secant refinement below needs 19 % fewer field evaluations than plain
 #: 0.9·d steps at the same hit accuracy (mean |Δt| 0.0024 vs 0.0025); ω = 1.5 begins to lose hits
 RELAXATION = 1.3
+#: march iterations; after 48 the few rays still marching graze the surface and each iteration costs its
+#: fixed overhead for them: on that armadillo frame (256², 15,014 hits) 64 → 48 changed 1 pixel and saved
+#: 8 % of the frame, 32 changed 34 pixels
+MAX_STEPS = 48
 
 
 @torch.no_grad()
-def sphere_trace(sdf, o: torch.Tensor, d: torch.Tensor, max_steps: int = 64, eps: float = 1e-3,
+def sphere_trace(sdf, o: torch.Tensor, d: torch.Tensor, max_steps: int = MAX_STEPS, eps: float = 1e-3,
                  step_scale: float = 0.9, chunk: int = 1 << 16, octree=None, level: int | None = None,
                  stats: TraceStats | None = None, relax: float = RELAXATION) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """March each ray inside the unit cube until ``|sdf| < eps``.

@@ -455,29 +455,53 @@ def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.
     return inv.reshape(-1, 8), morton_decode(uniq.long(), bits=level + 1)
 
 
+_LATTICE_LUTS: dict[str, tuple[torch.Tensor, ...]] = {}
+
+
+def _lattice_luts(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Lookup tables for Morton arithmetic of levels up to :data:`DENSE_TABLE_MAX_LEVEL` (cached per
+    device): ``spread (512,)``, a 9-bit coordinate's bits moved to every third bit, and ``x, y, z
+    (4096,)``, the 4 bits of each axis in a 12-bit chunk of a Morton code. A gather each instead of
+    :func:`_spread3` / :func:`_compact3`'s five shift-and-mask rounds (the corner tables of a decoded
+    file: ~28 % faster at level 7)."""
+    key = str(device)
+    if key not in _LATTICE_LUTS:
+        w = torch.arange(4096, device=device)
+        _LATTICE_LUTS[key] = (_spread3(torch.arange(512, device=device)), _compact3(w >> 2), _compact3(w >> 1),
+                              _compact3(w))
+    return _LATTICE_LUTS[key]
+
+
 def _lattice_corners(codes: torch.Tensor, level: int) -> torch.Tensor:
-    """``(n, 8)`` x-major ids of the cells' corners in the ``(2^L + 1)^3`` vertex lattice."""
+    """``(n, 8)`` x-major ids of the cells' corners in the ``(2^L + 1)^3`` vertex lattice (``L <= 8``)."""
+    if level > 8:  # two 12-bit chunks per code, 9-bit vertex coordinates
+        raise ValueError(f"the lattice corner tables serve levels up to 8, got {level}")
     S = (1 << level) + 1
     dev = codes.device
-    ijk = morton_decode(codes, bits=level)  # (n, 3)
-    lin = (ijk[:, 0] * S + ijk[:, 1]) * S + ijk[:, 2]  # (n,): corner 0 of each cell
+    _, cx, cy, cz = _lattice_luts(dev)
+    lin_lo = (cx * S + cy) * S + cz  # (4096,): a chunk's contribution to the x-major id, low 4 bits per axis
+    lin_hi = lin_lo * 16  # ... and the next 4 (levels <= 8: two chunks)
+    lin = lin_lo.index_select(0, codes & 4095) + lin_hi.index_select(0, codes >> 12)  # (n,): corner 0
     offs = (_corner_offsets(dev) * torch.tensor([S * S, S, 1], device=dev)).sum(1)  # (8,): corner c's lattice offset
     return lin[:, None] + offs[None]
 
 
 def _corner_tables_lattice(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`corner_tables` through a dense lattice of the ``(2^L + 1)^3`` vertex positions."""
+    """:func:`corner_tables` through a dense lattice of the ``(2^L + 1)^3`` vertex positions (``L <= 8``)."""
     S = (1 << level) + 1
     dev = codes.device
-    corner_lin = _lattice_corners(codes, level)  # (n, 8)
+    corner_lin = _lattice_corners(codes, level).reshape(-1)  # (8 n,)
     mark = torch.zeros(S ** 3, dtype=torch.bool, device=dev)
-    mark[corner_lin.reshape(-1)] = True
+    mark.index_fill_(0, corner_lin, True)
     pts = mark.nonzero().squeeze(1)  # (m,) lattice ids of the vertices, x-major
     coords = torch.stack([pts // (S * S), (pts // S) % S, pts % S], dim=1)  # (m, 3)
-    order = torch.argsort(morton_encode(coords, bits=level + 1))  # Morton order of the m vertices
-    table = torch.empty(S ** 3, dtype=torch.int64, device=dev)
-    table[pts.index_select(0, order)] = torch.arange(pts.numel(), device=dev)
-    return table.index_select(0, corner_lin.reshape(-1)).reshape(-1, 8), coords.index_select(0, order)
+    spread = _lattice_luts(dev)[0]
+    keys = ((spread.index_select(0, coords[:, 0]) << 2) | (spread.index_select(0, coords[:, 1]) << 1)
+            | spread.index_select(0, coords[:, 2]))  # (m,) Morton codes of the vertices (level + 1 <= 9 bits)
+    order = torch.argsort(keys)
+    table = torch.empty(S ** 3, dtype=torch.int32, device=dev)
+    table.index_put_((pts.index_select(0, order),), torch.arange(pts.numel(), dtype=torch.int32, device=dev))
+    return table.index_select(0, corner_lin).long().reshape(-1, 8), coords.index_select(0, order)
 
 
 def check_levels(base_level: int, max_level: int) -> None:

@@ -35,6 +35,7 @@ class CodebookStorage(FeatureStorage):
     kind = "codebook"
     create_args = ("bits",)
     discrete = True
+    learns_rate = True
 
     def __init__(self, m: int, k: int, bits: int = 4, codebook_std: float = 0.1, logit_std: float = 0.1):
         super().__init__(m, k)
@@ -43,6 +44,7 @@ class CodebookStorage(FeatureStorage):
         self.D = nn.Parameter(_normal((1 << self.b, k), codebook_std))
         self.C = nn.Parameter(_normal((m, 1 << self.b), logit_std))
         self.register_buffer("V", torch.zeros(0, dtype=torch.long), persistent=False)
+        self._soft: list[torch.Tensor] | None = None  # softmax rows of training forwards, while the rate is tracked
 
     @classmethod
     def check_options(cls, cfg) -> None:
@@ -90,7 +92,10 @@ class CodebookStorage(FeatureStorage):
         logits = gather_unique_rows(self.C, uniq)  # (U, 2^b): only the touched rows; C's gradient sparse
         hard = self.D.index_select(0, logits.argmax(dim=-1))  # (U, k)
         if torch.is_grad_enabled() and self.training:
-            soft = torch.softmax(logits, dim=-1) @ self.D  # (U, k)
+            probs = torch.softmax(logits, dim=-1)  # (U, 2^b): s_u
+            if self._soft is not None:
+                self._soft.append(probs)
+            soft = probs @ self.D  # (U, k)
             # forward value is exactly `hard` (soft - soft is exactly 0), gradient is soft's
             feat = hard + (soft - soft.detach())
         else:
@@ -119,7 +124,26 @@ class CodebookStorage(FeatureStorage):
         C[rows, old] = C[rows, values]
         C[rows, values] = c_old
 
+    def track_rate(self, on: bool) -> None:
+        self._soft = [] if on else None
+
+    def rate_bits(self) -> torch.Tensor | None:
+        """The entropy of the soft assignments, in bits per index, of the vertices training touched since
+        :meth:`track_rate` (a differentiable estimate of what the order-0 coder spends on V):
+
+        ``R = −(1/U) Σ_u Σ_c s_uc · log2 p̄_c = H(p̄)``,  ``s_u = softmax(C[u]) (U, 2^b)``,  ``p̄ = (1/U) Σ_u s_u``
+
+        i.e. the cross-entropy of each vertex's soft assignment under the coder's model ``p̄``, itself the
+        marginal of the same soft assignments (so the gradient also moves the model). Clears the record.
+        """
+        if not self._soft:
+            return None
+        p = torch.cat(self._soft).mean(dim=0)  # (2^b,) p̄
+        self._soft = []
+        return -(p * torch.log2(p.clamp_min(1e-30))).sum()
+
     def bake(self, fp16: bool = True) -> None:
+        self._soft = None
         self.V = self.indices().clone()
         if fp16:
             self.D.data = round_fp16(self.D)

@@ -612,6 +612,13 @@ def test_context_coded_indices_decode_bit_exactly_at_every_lod_prefix(bits):
     assert codecs[(2, "V")] != F.Codec.CONTEXT  # the base level has no coarser level
     assert all(codecs[(L, "V")] == F.Codec.CONTEXT for L in (4, 5, 6))
     assert len(data) < 0.85 * len(raw)
+    for c in F.read_info(data).chunks:  # the accounting vqad info prints
+        if c.type == F.ChunkType.GRID and c.name.endswith(" V"):
+            assert c.symbols == field.grid.storage(c.level).m and c.bits == bits[c.level - 2]
+            assert (c.model_length is None) == (c.codec == F.Codec.RAW)
+            assert c.model_length is None or 0 < c.model_length < c.length
+        else:
+            assert c.symbols is None and c.model_length is None
     sizes = F.lod_prefix_sizes(data)
     for lod, n in sizes.items():
         with warnings.catch_warnings():
@@ -647,7 +654,8 @@ def test_cli_export_and_info(tmp_path, capsys):
     assert "LOD 2 after" in text and "entropy coding" in text
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
-    for needle in ("octree L2", "grid L4 V", "dense/formula", "overhead", "framing"):
+    for needle in ("octree L2", "grid L4 V", "dense/formula", "overhead", "framing", "index chunks", "coded b/idx",
+                   "model B", "all indices"):
         assert needle in text
     field.bake(fp16=True)
     assert_same_model(field, vqad.load(out))

@@ -110,6 +110,9 @@ class ChunkRecord:
     length: int
     name: str
     raw_length: int | None = None  # payload bytes without entropy coding (TREE: once decoded; all: in read_info)
+    symbols: int | None = None  # read_info, uint GRID chunks: the values (indices) it holds
+    bits: int | None = None  # ... and their bits each before coding (b)
+    model_length: int | None = None  # read_info, entropy-coded GRID chunks: bytes of the stored probability model
 
     @property
     def size(self) -> int:
@@ -971,6 +974,18 @@ class FileInfo:
         return self.total_bytes + sum(lv.grid_raw_bytes - lv.grid_bytes + lv.tree_raw_bytes - lv.tree_bytes for lv in self.levels)
 
 
+def _model_length(dec: StreamDecoder, level: int, rec: ChunkRecord, payload: bytes, lay: TensorLayout) -> int | None:
+    """Bytes of the probability model an entropy-coded uint chunk stores (None for a raw one); the chunk was
+    decoded (so validated) before this is asked."""
+    if rec.codec == Codec.RANGE:
+        return E.model_bytes(payload, "range", 1 << lay.bits)
+    if rec.codec == Codec.CONTEXT:
+        src = dec._context_slot(level, rec.slot, lay.numel)
+        up = dec._layout(level - 1, 1)[src]
+        return E.model_bytes(payload, "context", 1 << lay.bits, 1 << up.bits)
+    return None
+
+
 def read_info(source, max_memory: int | None = None) -> FileInfo:
     """Decode a whole stream (validating every chunk) and account for its bytes."""
     dec = StreamDecoder()
@@ -983,13 +998,17 @@ def read_info(source, max_memory: int | None = None) -> FileInfo:
     k = dec.grid_cfg.features
     levels = []
     chunks = []
-    raw_of = {}
+    raw_of, extra = {}, {}
     for level in octree.levels:
-        for (rec, _), lay in zip(dec._levels[level].grid, dec._layout(level, octree.num_vertices(level))):
+        for (rec, payload), lay in zip(dec._levels[level].grid, dec._layout(level, octree.num_vertices(level))):
             raw_of[(level, rec.slot)] = _raw_size(lay)
+            if lay.encoding == "uint":
+                extra[(level, rec.slot)] = dict(symbols=lay.numel, bits=lay.bits,
+                                                model_length=_model_length(dec, level, rec, payload, lay))
     for c in dec.chunks:
         raw = {ChunkType.TREE: c.raw_length, ChunkType.GRID: raw_of.get((c.level, c.slot))}.get(c.type, c.length)
-        chunks.append(replace(c, raw_length=raw))
+        more = extra.get((c.level, c.slot), {}) if c.type == ChunkType.GRID else {}
+        chunks.append(replace(c, raw_length=raw, **more))
     for level in octree.levels:
         m = octree.num_vertices(level)
         tree = next(c for c in dec.chunks if c.type == ChunkType.TREE and c.level == level)

@@ -12,6 +12,10 @@ b ≥ 8 logits, :class:`~vqad.optim.RowwiseSparseRMSprop`), codebooks and MLPs t
 uses ×100 with RMSprop, and Adam against RMSprop was never measured: docs/method.md, deviation 1);
 logits C and codebooks D may have rates of their own.
 
+With ``rate_weight = λ > 0`` every step's loss gains ``λ · R``, the grid's estimated index bits per
+vertex (:func:`rate_term`: the entropy of the soft assignments of the vertices the step touched,
+docs/method.md section 6.6), so a fit trades quality for coded bytes; at λ = 0 nothing is tracked.
+
 The schedule follows ``progress = max(step / steps, elapsed / training budget)``, so a time-capped
 fit still ends with a decayed learning rate: cosine from each group's initial rate to 0.1 × it.
 

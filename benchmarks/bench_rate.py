@@ -41,7 +41,7 @@ def run(args, bits: int, lam: float, mesh, oracle) -> dict:
     base, top = parse_levels(args.levels)
     grid = GridConfig(storage="codebook", features=16, bits=bits, base_level=base, max_level=top)
     train = SDFTrainConfig(steps=args.steps, batch=args.batch, pool_size=200_000, resample_every=200, seed=args.seed,
-                           refine=0, rate_weight=lam)
+                           refine=0, rate_weight=lam, rate_context=args.rate_context and lam > 0)
     t = time.perf_counter()
     res = fit_sdf(mesh, grid, DecoderConfig(), train, torch.device("cpu"), quiet=True)
     fit_s = time.perf_counter() - t
@@ -72,7 +72,7 @@ def run(args, bits: int, lam: float, mesh, oracle) -> dict:
     out = extract_mesh(field, top, resolution=args.mc)
     to_unit = lambda v: field.normalization.to_unit(torch.from_numpy(v)).numpy()  # noqa: E731
     ch, nc = chamfer_and_normals(mesh.transformed(to_unit), out.transformed(to_unit), n=50_000)
-    return dict(bits=bits, lam=lam, steps=res.steps, fit_s=round(fit_s, 1), final_loss=res.final_loss,
+    return dict(bits=bits, lam=lam, rate_context=args.rate_context and lam > 0, steps=res.steps, fit_s=round(fit_s, 1), final_loss=res.final_loss,
                 H_per_level=[round(h, 3) for h in H], m=m_all,
                 H_mean=sum(h * field.grid.storage(L).m for h, L in zip(H, field.lods)) / m_all,
                 order0_bits=8 * order0 / m_all, context_bits=8 * context / m_all,
@@ -88,6 +88,7 @@ def main() -> int:
     ap.add_argument("--levels", default="3:7")
     ap.add_argument("--mc", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rate-context", action="store_true", help="the rate term given the coarser index (λ > 0 points)")
     ap.add_argument("--json", default=None, help="append each result as a JSON line here")
     args = ap.parse_args()
     torch.set_num_threads(1)

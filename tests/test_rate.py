@@ -47,6 +47,32 @@ def test_rate_bits_is_the_entropy_of_the_mean_soft_assignment():
     assert s._soft is None
 
 
+def test_rate_bits_given_contexts_is_the_conditional_cross_entropy():
+    torch.manual_seed(0)
+    s = CodebookStorage(30, 3, bits=2)
+    s.C.data.normal_(0, 2.0)
+    s.train()
+    ctx = torch.randint(0, 3, (30,))
+    ids = torch.arange(0, 30, 2)
+    s.track_rate(True)
+    s(ids)
+    r = s.rate_bits(ctx, 3)
+    p = torch.softmax(s.C[ids], dim=-1)
+    want = 0.0
+    for u, i in enumerate(ids.tolist()):  # brute force, vertex by vertex
+        same = [v for v, jv in enumerate(ids.tolist()) if ctx[jv] == ctx[i]]
+        model = p[same].mean(0)
+        want = want - (p[u] * torch.log2(model)).sum()
+    assert torch.allclose(r, want / len(ids), atol=1e-5)
+    s.track_rate(True)
+    s(ids)
+    conditional = float(s.rate_bits(ctx, 3).detach())
+    s(ids)
+    assert conditional <= float(s.rate_bits().detach()) + 1e-6  # conditioning never raises the entropy estimate
+    with pytest.raises(InputError, match="--rate-weight"):
+        SDFTrainConfig(rate_context=True).validate()
+
+
 def test_tracking_the_rate_changes_neither_outputs_nor_gradients():
     torch.manual_seed(0)
     a = CodebookStorage(40, 4, bits=4)
@@ -97,6 +123,14 @@ def test_rate_weight_lowers_the_index_entropy_on_paired_seeds():
         data = F.to_bytes(rated.field, entropy=True)
         back = F.load(data)
         assert torch.equal(back.grid.storage(4).indices(), rated.field.grid.storage(4).indices())
+
+
+def test_rate_context_fit_runs_and_logs_the_conditional_estimate():
+    grid = GridConfig(storage="codebook", features=4, bits=4, base_level=2, max_level=4)
+    train = SDFTrainConfig(steps=30, batch=1024, pool_size=20000, resample_every=30, refine=0, rate_weight=1e-2,
+                           rate_context=True, log_every=10)
+    res = fit_sdf(_sphere(), grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)
+    assert all(0 <= h["rate_bits"] <= 4 for h in res.history)
 
 
 def test_rate_weight_zero_tracks_nothing(monkeypatch):

@@ -63,6 +63,7 @@ class TrainConfig:
     logit_lr_scale: float | None = None  # codebook logits C lr = lr × this (None: the grid's)
     codebook_lr_scale: float | None = None  # codebooks D lr = lr × this (None: the grid's)
     rate_weight: float = 0.0  # λ: loss += λ × estimated index bits per vertex (rate_term; 0: plain VQ-AD)
+    rate_context: bool = False  # estimate the bits given the coarser level's index at floor(v/2) (the CONTEXT codec)
     max_minutes: float | None = None  # also stop after this long (the lr schedule follows time too)
     seed: int = 0
     log_every: int = 50
@@ -77,6 +78,8 @@ class TrainConfig:
             raise InputError("learning rates must be positive finite numbers (--lr and the --*-lr-scale options)")
         if not 0 <= self.rate_weight < math.inf:
             raise InputError(f"--rate-weight must be a finite number >= 0 (0: no rate term), got {self.rate_weight}")
+        if self.rate_context and not self.rate_weight > 0:
+            raise InputError("--rate-context changes the rate term's estimate: it needs --rate-weight > 0")
         if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
             raise InputError(f"--minutes must be a positive finite number (leave it out for no cap), got {self.max_minutes}")
         if not 0 <= self.seed < 2**63:
@@ -295,13 +298,22 @@ def rate_storages(field) -> list:
     return storages
 
 
-def rate_term(storages) -> torch.Tensor | None:
+def rate_term(storages, coarser: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
     """Estimated index bits per vertex of the whole grid, differentiable: ``R = Σ_L m_L · R_L / Σ_L m_L``
     over the levels a step touched, ``R_L`` each level's :meth:`~vqad.storages.base.FeatureStorage.rate_bits`
-    (so ``R × Σ m_L`` estimates the coded bits of every index). None if no level was touched."""
+    (so ``R × Σ m_L`` estimates the coded bits of every index). None if no level was touched.
+
+    With ``coarser`` (``storages`` being every level's, coarsest first, and ``coarser[i]`` the
+    ``(m_i,)`` ids of the level-``i - 1`` vertex at ``floor(v/2)`` for each ``i ≥ 1``,
+    :meth:`~vqad.octree.SparseOctree.coarser_vertices`), each level above the base is estimated given its
+    context, the coarser level's current hard index there (the CONTEXT codec's model)."""
     total, weight = None, 0
-    for s in storages:
-        r = s.rate_bits()
+    for i, s in enumerate(storages):
+        if coarser is not None and i > 0:
+            up = storages[i - 1]
+            r = s.rate_bits(up.indices().index_select(0, coarser[i]), up.codebook().shape[0])
+        else:
+            r = s.rate_bits()
         if r is not None:
             total = s.m * r if total is None else total + s.m * r
             weight += s.m
@@ -482,6 +494,10 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
 
     field = task.field
     rated = rate_storages(field) if cfg.rate_weight > 0 else []
+    coarser = None
+    if cfg.rate_context:
+        octree = field.grid.octree
+        coarser = {i: octree.coarser_vertices(level) for i, level in enumerate(octree.levels) if i > 0}
     opts = make_optimizers(field, cfg.lr, cfg.grid_lr_scale, cfg.logit_lr_scale, cfg.codebook_lr_scale)
     if resume_cfg is not None:
         load_optimizer_state(ckpt_dir, opts, resume_cfg)
@@ -540,7 +556,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
                 for s in rated:
                     s.track_rate(True)
                 out = task.step(it, progress, gen)
-                rate = rate_term(rated) if rated else None
+                rate = rate_term(rated, coarser) if rated else None
                 if out.loss is None:
                     stepped = None
                 else:

@@ -44,7 +44,7 @@ class CodebookStorage(FeatureStorage):
         self.D = nn.Parameter(_normal((1 << self.b, k), codebook_std))
         self.C = nn.Parameter(_normal((m, 1 << self.b), logit_std))
         self.register_buffer("V", torch.zeros(0, dtype=torch.long), persistent=False)
-        self._soft: list[torch.Tensor] | None = None  # softmax rows of training forwards, while the rate is tracked
+        self._soft: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (rows, softmax) of training forwards, while tracked
 
     @classmethod
     def check_options(cls, cfg) -> None:
@@ -94,7 +94,7 @@ class CodebookStorage(FeatureStorage):
         if torch.is_grad_enabled() and self.training:
             probs = torch.softmax(logits, dim=-1)  # (U, 2^b): s_u
             if self._soft is not None:
-                self._soft.append(probs)
+                self._soft.append((uniq, probs))
             soft = probs @ self.D  # (U, k)
             # forward value is exactly `hard` (soft - soft is exactly 0), gradient is soft's
             feat = hard + (soft - soft.detach())
@@ -127,20 +127,30 @@ class CodebookStorage(FeatureStorage):
     def track_rate(self, on: bool) -> None:
         self._soft = [] if on else None
 
-    def rate_bits(self) -> torch.Tensor | None:
+    def rate_bits(self, contexts: torch.Tensor | None = None, n_contexts: int = 1) -> torch.Tensor | None:
         """The entropy of the soft assignments, in bits per index, of the vertices training touched since
-        :meth:`track_rate` (a differentiable estimate of what the order-0 coder spends on V):
+        :meth:`track_rate` (a differentiable estimate of what the coder spends on V):
 
-        ``R = −(1/U) Σ_u Σ_c s_uc · log2 p̄_c = H(p̄)``,  ``s_u = softmax(C[u]) (U, 2^b)``,  ``p̄ = (1/U) Σ_u s_u``
+        ``R = −(1/U) Σ_u Σ_c s_uc · log2 p_c(j_u)``,  ``s_u = softmax(C[u]) (U, 2^b)``,
+        ``p(j) = Σ_{u: j_u = j} s_u / |{u: j_u = j}|``
 
-        i.e. the cross-entropy of each vertex's soft assignment under the coder's model ``p̄``, itself the
-        marginal of the same soft assignments (so the gradient also moves the model). Clears the record.
+        the cross-entropy of each vertex's soft assignment under the coder's model, itself the marginal of
+        the same soft assignments (so the gradient also moves the model). Without ``contexts`` every vertex
+        has context 0 and ``R = H(p̄)`` (order-0); with ``contexts (m,)`` long in ``[0, n_contexts)`` (each
+        vertex's context, e.g. the coarser level's index at ``floor(v/2)``) it is the conditional entropy
+        the CONTEXT codec can reach. Clears the record.
         """
         if not self._soft:
             return None
-        p = torch.cat(self._soft).mean(dim=0)  # (2^b,) p̄
+        rows = torch.cat([r for r, _ in self._soft])  # (U,)
+        probs = torch.cat([p for _, p in self._soft])  # (U, 2^b)
         self._soft = []
-        return -(p * torch.log2(p.clamp_min(1e-30))).sum()
+        j = torch.zeros_like(rows) if contexts is None else contexts.index_select(0, rows)
+        K = 1 if contexts is None else n_contexts
+        mass = probs.new_zeros(K, probs.shape[1]).index_add(0, j, probs)  # (K, 2^b)
+        count = torch.bincount(j, minlength=K).clamp_min(1).to(probs.dtype)  # (K,)
+        logp = torch.log2((mass / count[:, None]).clamp_min(1e-30))  # (K, 2^b)
+        return -(probs * logp.index_select(0, j)).sum(dim=1).mean()
 
     def bake(self, fp16: bool = True) -> None:
         self._soft = None

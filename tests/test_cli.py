@@ -55,6 +55,10 @@ def test_bad_meshes(tmp_path, capsys):
         (["--bits", "0"], "bits"),
         (["--bits", "13"], "bits"),
         (["--refine-candidates", "-1"], "--refine-candidates"),
+        (["--rate-weight", "-1"], "--rate-weight"),
+        (["--rate-weight", "0.01", "--grid", "dense"], "--rate-weight"),
+        (["--rate-weight", "0.01", "--grid", "hash"], "--rate-weight"),
+        (["--rate-context"], "--rate-context"),
     ],
 )
 def test_bad_arguments(tmp_path, capsys, good_mesh, args, needle):

@@ -554,6 +554,96 @@ def test_octree_contexts_both_lookups_agree_and_masks_round_trip():
     assert len(payload) < 0.7 * sum(len(p[2]) for p in parts)  # a surface shell codes well below 8 bits/cell
 
 
+def correlated_field(bits=(4, 4, 4, 4, 4), keep=0.7, seed=0):
+    """A field whose index V_L copies V_{L-1} at the coarser vertex with probability ``keep`` (else uniform)."""
+    field = make_field(bits=4, k=3, surface=True, n_points=3000, levels=(2, 6), bake=True)
+    g = torch.Generator().manual_seed(seed)
+    octree = field.grid.octree
+    storages = []
+    for i, (L, b) in enumerate(zip(octree.levels, bits)):
+        m = octree.num_vertices(L)
+        V = torch.randint(0, 1 << b, (m,), generator=g)
+        if i:
+            up = storages[-1].V[octree.coarser_vertices(L)] % (1 << b)
+            V = torch.where(torch.rand(m, generator=g) < keep, up, V)
+        D = torch.randn(1 << b, 3, generator=g).half().float()
+        storages.append(STORAGES["codebook"].from_indices(D, V))
+    field.grid.storages = torch.nn.ModuleList(storages)
+    return field
+
+
+def test_coarser_vertices_brute_force():
+    octree = make_field(surface=True, n_points=2000, levels=(2, 5)).grid.octree
+    for L in (3, 4, 5):
+        up = octree.coarser_vertices(L)
+        fine, coarse = octree.vertices[L], octree.vertices[L - 1]
+        assert torch.equal(coarse[up], fine // 2)  # floor(v / 2), always present at level L - 1
+    with pytest.raises(ValueError):
+        octree.coarser_vertices(2)
+
+
+def test_context_coder_round_trip_model_bytes_and_bomb_guard():
+    rng = np.random.default_rng(0)
+    n = 20000
+    c = rng.integers(0, 16, n)
+    s = np.where(rng.random(n) < 0.6, c, rng.integers(0, 16, n))
+    payload = E.encode_context(s, c, 16, 16)
+    assert np.array_equal(E.decode_context(payload, c, 16, 16), s)
+    assert len(payload) < 0.75 * len(E.encode(s, 16))  # the context carries ~1.1 of the 4 bits
+    assert 0 < E.model_bytes(payload, "context", 16, 16) < 400
+    # no correlation: the shared table alone, within a few bytes of order-0
+    s2 = rng.integers(0, 64, n)
+    c2 = rng.integers(0, 64, n)
+    p2 = E.encode_context(s2, c2, 64, 64)
+    assert np.array_equal(E.decode_context(p2, c2, 64, 64), s2)
+    assert len(p2) <= len(E.encode(s2, 64)) + 8
+    one = E.encode_context(np.zeros(100, dtype=np.int64), np.zeros(100, dtype=np.int64), 16, 16)
+    with pytest.raises(E.EntropyError, match="per byte"):
+        E.decode_context(one, np.zeros(10**6, dtype=np.int64), 16, 16)
+    with pytest.raises(E.EntropyError, match="cells"):
+        E.decode_context(one, np.zeros(10, dtype=np.int64), 4096, 4096)
+
+
+@pytest.mark.parametrize("bits", [(4, 4, 4, 4, 4), (2, 4, 6, 6, 8)])
+def test_context_coded_indices_decode_bit_exactly_at_every_lod_prefix(bits):
+    field = correlated_field(bits)
+    raw, data = F.to_bytes(field), F.to_bytes(field, entropy=True)
+    codecs = {(c.level, c.name.split()[-1]): c.codec for c in F.read_info(data).chunks if c.type == F.ChunkType.GRID}
+    assert codecs[(2, "V")] != F.Codec.CONTEXT  # the base level has no coarser level
+    assert all(codecs[(L, "V")] == F.Codec.CONTEXT for L in (4, 5, 6))
+    assert len(data) < 0.85 * len(raw)
+    for c in F.read_info(data).chunks:  # the accounting vqad info prints
+        if c.type == F.ChunkType.GRID and c.name.endswith(" V"):
+            assert c.symbols == field.grid.storage(c.level).m and c.bits == bits[c.level - 2]
+            assert (c.model_length is None) == (c.codec == F.Codec.RAW)
+            assert c.model_length is None or 0 < c.model_length < c.length
+        else:
+            assert c.symbols is None and c.model_length is None
+    sizes = F.lod_prefix_sizes(data)
+    for lod, n in sizes.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = F.load(data[:n])
+        assert_same_model(field, got, lods=list(range(2, lod + 1)))
+    dec = F.StreamDecoder()  # pushed in pieces: each LOD as its last chunk arrives
+    for i in range(0, len(data), 97):
+        for lod in dec.feed(data[i:i + 97]):
+            assert_same_model(field, dec.field(lod), lods=list(range(2, lod + 1)))
+
+
+def test_context_codec_is_refused_where_it_cannot_apply():
+    field = correlated_field()
+    data = bytearray(F.to_bytes(field, entropy=True))
+    fr = frames(bytes(data))
+    for off, t, lv, sl, co, n in fr:
+        if t == F.ChunkType.GRID and lv == 2 and sl == 1:  # base level V: no coarser level to give contexts
+            head = bytes(data[off:off + 8])
+            forged = reframe(head[:3] + bytes([F.Codec.CONTEXT]) + head[4:], bytes(data[off + 8:off + 8 + n]))
+            bad = bytes(data[:off]) + forged + bytes(data[off + 12 + n:])
+            with pytest.raises(CorruptStreamError, match="context-coded"):
+                F.load(bad)
+
+
 # -- CLI -------------------------------------------------------------------------------------------
 def test_cli_export_and_info(tmp_path, capsys):
     field = make_field(surface=True, n_points=300, bake=False)
@@ -564,7 +654,8 @@ def test_cli_export_and_info(tmp_path, capsys):
     assert "LOD 2 after" in text and "entropy coding" in text
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
-    for needle in ("octree L2", "grid L4 V", "dense/formula", "overhead", "framing"):
+    for needle in ("octree L2", "grid L4 V", "dense/formula", "overhead", "framing", "index chunks", "coded b/idx",
+                   "model B", "all indices"):
         assert needle in text
     field.bake(fp16=True)
     assert_same_model(field, vqad.load(out))

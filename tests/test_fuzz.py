@@ -39,7 +39,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _file(entropy: bool, storage: str = "codebook", tsdf: bool = False) -> bytes:
+def _file(entropy: bool, storage: str = "codebook", tsdf: bool = False, context: bool = False) -> bytes:
     torch.manual_seed(0)
     p = torch.randn(1000, 3)
     octree = SparseOctree.from_points(0.7 * p / p.norm(dim=1, keepdim=True), 2, 5, dilate=1)
@@ -54,12 +54,19 @@ def _file(entropy: bool, storage: str = "codebook", tsdf: bool = False) -> bytes
     if storage == "codebook":
         for s in field.grid.storages:  # skewed indices, so the range coder is used and fuzzed too
             s.V = torch.clamp(torch.distributions.Geometric(0.5).sample((s.m,)).long(), max=15)
+    if context:  # each index mostly copies the coarser level's at floor(v/2): the context coder is used
+        storages = field.grid.storages
+        for i, level in enumerate(octree.levels[1:], 1):
+            up = storages[i - 1].V[octree.coarser_vertices(level)]
+            storages[i].V = torch.where(torch.rand(storages[i].m) < 0.8, up, storages[i].V)
     return F.to_bytes(field, entropy=entropy)
 
 
-FILES = {"raw": _file(False), "entropy": _file(True), "dense": _file(False, "dense"), "tsdf": _file(True, tsdf=True)}
+FILES = {"raw": _file(False), "entropy": _file(True), "dense": _file(False, "dense"), "tsdf": _file(True, tsdf=True),
+         "context": _file(True, context=True)}
 _codecs = {c.codec for c in F.read_info(FILES["entropy"]).chunks}
 assert {F.Codec.RANGE, F.Codec.OCTREE} <= _codecs, "the entropy file should exercise both entropy decoders"
+assert F.Codec.CONTEXT in {c.codec for c in F.read_info(FILES["context"]).chunks}, "the context file should be context-coded"
 
 X = torch.rand(64, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
@@ -128,6 +135,23 @@ def test_mutated_payloads_behind_valid_crcs_raise_only_stream_errors(which, chun
     chunks = _chunks(data)
     off, n = chunks[chunk % len(chunks)]
     payload = _mutate(data[off + 8:off + 8 + n], ops)
+    head = data[off:off + 4] + struct.pack("<I", len(payload))
+    forged = data[:off] + head + payload + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + data[off + 12 + n:]
+    _decode_or_stream_error(forged)
+
+
+_CONTEXT_CHUNKS = [(c.offset, c.length) for c in F.read_info(FILES["context"]).chunks if c.codec == F.Codec.CONTEXT]
+
+
+@SETTINGS
+@given(chunk=st.integers(0, 100), ops=OPS, model_byte=st.integers(0, 40), value=st.integers(0, 255))
+def test_mutated_context_coded_payloads_raise_only_stream_errors(chunk, ops, model_byte, value):
+    """The context model's tables (front of the payload) and its coded words, behind valid CRCs."""
+    data = FILES["context"]
+    off, n = _CONTEXT_CHUNKS[chunk % len(_CONTEXT_CHUNKS)]
+    payload = bytearray(data[off + 8:off + 8 + n])
+    payload[model_byte % n] = value  # the tables: counts, context ids, precisions, frequencies
+    payload = _mutate(bytes(payload), ops)
     head = data[off:off + 4] + struct.pack("<I", len(payload))
     forged = data[:off] + head + payload + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + data[off + 12 + n:]
     _decode_or_stream_error(forged)

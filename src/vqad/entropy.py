@@ -41,26 +41,29 @@ def _constriction():
     return constriction
 
 
-def _model(freqs: np.ndarray):
+def _model(freqs: np.ndarray, precision: int = FREQ_PRECISION):
     c = _constriction()
-    probs = freqs.astype(np.float64) / float(1 << FREQ_PRECISION)
+    probs = freqs.astype(np.float64) / float(1 << precision)
     return c.stream.model.Categorical(probs, perfect=False)
 
 
 # -- frequency table -------------------------------------------------------------------------------
-def quantize_counts(counts: np.ndarray) -> np.ndarray:
-    """Integer frequencies summing to exactly ``2^FREQ_PRECISION``, ≥ 1 wherever ``counts > 0``.
+def quantize_counts(counts: np.ndarray, precision: int = FREQ_PRECISION) -> np.ndarray:
+    """Integer frequencies summing to exactly ``2^precision``, ≥ 1 wherever ``counts > 0``.
 
     Args:
-        counts: ``(A,)`` non-negative symbol counts, not all zero, ``A <= MAX_ALPHABET``.
+        counts: ``(A,)`` non-negative symbol counts, not all zero, ``A <= MAX_ALPHABET``, at most
+            ``2^precision`` of them non-zero.
     Returns:
         ``(A,)`` int64 frequencies (zero exactly where the count is zero).
     """
     counts = np.asarray(counts, dtype=np.int64)
-    total = 1 << FREQ_PRECISION
+    total = 1 << precision
     n = int(counts.sum())
     if n <= 0:
         raise ValueError("cannot build a frequency table from no symbols")
+    if int((counts > 0).sum()) > total:
+        raise ValueError(f"{int((counts > 0).sum())} distinct symbols do not fit frequencies summing to 2^{precision}")
     f = (counts * total) // n
     f[(counts > 0) & (f == 0)] = 1
     diff = total - int(f.sum())
@@ -123,7 +126,7 @@ def _write_table(freqs: np.ndarray) -> bytes:
     return bytes(out)
 
 
-def _read_table(buf: memoryview, alphabet: int) -> tuple[np.ndarray, int]:
+def _read_table(buf: memoryview, alphabet: int, precision: int = FREQ_PRECISION) -> tuple[np.ndarray, int]:
     freqs = np.zeros(alphabet, dtype=np.int64)
     i = pos = 0
     while i < alphabet:
@@ -139,8 +142,8 @@ def _read_table(buf: memoryview, alphabet: int) -> tuple[np.ndarray, int]:
                 raise EntropyError("frequency table holds a zero frequency outside a zero run")
             freqs[i] = f
             i += 1
-    if int(freqs.sum()) != 1 << FREQ_PRECISION:
-        raise EntropyError(f"frequencies sum to {int(freqs.sum())}, expected 2^{FREQ_PRECISION}")
+    if int(freqs.sum()) != 1 << precision:
+        raise EntropyError(f"frequencies sum to {int(freqs.sum())}, expected 2^{precision}")
     return freqs, pos
 
 
@@ -363,3 +366,240 @@ class OctreeDecoder:
         bits[order] = sb
         masks = (bits.reshape(n, 8) << np.arange(8)).sum(axis=1)
         return masks.astype(np.uint8)
+
+
+# -- indices coded given a context (the co-located index of the coarser level) ---------------------
+# Each symbol s_i (the index V_L[i] of a vertex of level L) comes with a context j_i in [0, K) that the
+# decoder knows before it reads the chunk (the index V_{L-1} of the coarser vertex at floor(v / 2), see
+# SparseOctree.coarser_vertices). The model is semi-static: a frequency table per context that pays for
+# itself, one shared table for every other context. Symbols are coded grouped by context (context 0
+# first), each group in vertex order, so a whole level decodes with one constriction call per context.
+#: contexts × alphabet above which the writer does not context-code (the reader refuses it): bounds the
+#: tables a hostile chunk can make the reader build (≤ 8 MB of frequencies) and the writer's count matrix
+CONTEXT_MAX_CELLS = 1 << 20
+MIN_TABLE_PRECISION = 4
+
+
+def _varint_size(v: int) -> int:
+    return max(1, (int(v).bit_length() + 6) // 7)
+
+
+def _table_size(freqs: np.ndarray) -> int:
+    return len(_write_table(freqs))
+
+
+def _coded_bits(counts: np.ndarray, freqs: np.ndarray, precision: int) -> float:
+    """Ideal bits of ``counts`` under the table ``freqs / 2^precision`` (inf if a present symbol has f = 0)."""
+    nz = counts > 0
+    if (freqs[nz] == 0).any():
+        return float("inf")
+    return float((counts[nz] * (precision - np.log2(freqs[nz]))).sum())
+
+
+def _best_table(counts: np.ndarray) -> tuple[int, np.ndarray, float]:
+    """The precision P and frequencies minimising table bytes + ideal coded bits of ``counts``; (P, f, total bits)."""
+    distinct = int((counts > 0).sum())
+    best = None
+    for p in range(max(MIN_TABLE_PRECISION, (distinct - 1).bit_length()), FREQ_PRECISION + 1):
+        f = quantize_counts(counts, p)
+        bits = 8 * (1 + _table_size(f)) + _coded_bits(counts, f, p)
+        if best is None or bits < best[2]:
+            best = (p, f, bits)
+    return best
+
+
+class ContextModel:
+    """The probability model of a context-coded chunk, shared by :func:`encode_context` and :func:`ContextDecoder`.
+
+    ``tables[j] = (P, f)``: context j's own frequencies ``f (A,)`` summing to ``2^P``; ``shared`` the
+    same for every context without its own table (None when there is none). Serialized as::
+
+        varint G                                   number of own tables
+        G × (varint id_delta, u8 P, table)         contexts in increasing order, id_delta = id − previous id − 1
+                                                   (previous = −1 for the first); table as in _write_table
+        u8 P_shared (0 = no shared table), table
+
+    ``P(s | j) = f_s / 2^P`` is handed to constriction as ``Categorical(perfect=False)`` on both sides.
+    """
+
+    def __init__(self, alphabet: int, n_contexts: int, tables: dict[int, tuple[int, np.ndarray]],
+                 shared: tuple[int, np.ndarray] | None):
+        self.alphabet, self.n_contexts = alphabet, n_contexts
+        self.tables, self.shared = tables, shared
+        self._models: dict = {}
+
+    @classmethod
+    def fit(cls, symbols: np.ndarray, contexts: np.ndarray, alphabet: int, n_contexts: int) -> "ContextModel":
+        """Pick own tables greedily: a context gets one when its table's bytes plus its ideal coded bits
+        are fewer than its bits under the marginal of all symbols; the rest share the table of their union."""
+        used = np.unique(contexts)
+        rank = np.searchsorted(used, contexts)
+        counts = np.bincount(rank * alphabet + symbols, minlength=used.size * alphabet).reshape(used.size, alphabet)
+        marg = counts.sum(axis=0)
+        p0, f0, _ = _best_table(marg)
+        tables = {}
+        for r, j in enumerate(used.tolist()):
+            p, f, own = _best_table(counts[r])
+            if own + 8 * _varint_size(j) < _coded_bits(counts[r], f0, p0):
+                tables[j] = (p, f)
+        rest = counts[[r for r, j in enumerate(used.tolist()) if j not in tables]].sum(axis=0)
+        shared = None
+        if rest.sum() > 0:
+            p, f, _ = _best_table(rest)
+            shared = (p, f)
+        return cls(alphabet, n_contexts, tables, shared)
+
+    def to_bytes(self) -> bytes:
+        out = bytearray()
+        _write_varint(out, len(self.tables))
+        prev = -1
+        for j in sorted(self.tables):
+            p, f = self.tables[j]
+            _write_varint(out, j - prev - 1)
+            out.append(p)
+            out += _write_table(f)
+            prev = j
+        if self.shared is None:
+            out.append(0)
+        else:
+            out.append(self.shared[0])
+            out += _write_table(self.shared[1])
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, buf: memoryview, alphabet: int, n_contexts: int) -> tuple["ContextModel", int]:
+        """Parse a model; returns it and the bytes it took. Raises :class:`EntropyError` on any malformation."""
+        check_context_sizes(alphabet, n_contexts)
+
+        def precision(pos: int) -> int:
+            if pos >= len(buf):
+                raise EntropyError("context model runs past the end of the chunk")
+            p = buf[pos]
+            if not MIN_TABLE_PRECISION <= p <= FREQ_PRECISION:
+                raise EntropyError(f"context table precision {p} outside {MIN_TABLE_PRECISION}..{FREQ_PRECISION}")
+            return p
+
+        g, pos = _read_varint(buf, 0)
+        if g > n_contexts:
+            raise EntropyError(f"context model declares {g} tables for {n_contexts} contexts")
+        tables, prev = {}, -1
+        for _ in range(g):
+            delta, pos = _read_varint(buf, pos)
+            j = prev + 1 + delta
+            if j >= n_contexts:
+                raise EntropyError(f"context table for context {j}, outside 0..{n_contexts - 1}")
+            p = precision(pos)
+            f, used = _read_table(buf[pos + 1:], alphabet, p)
+            tables[j] = (p, f)
+            pos += 1 + used
+            prev = j
+        if pos >= len(buf):
+            raise EntropyError("context model runs past the end of the chunk")
+        shared = None
+        if buf[pos] == 0:
+            pos += 1
+        else:
+            p = precision(pos)
+            f, used = _read_table(buf[pos + 1:], alphabet, p)
+            shared = (p, f)
+            pos += 1 + used
+        return cls(alphabet, n_contexts, tables, shared), pos
+
+    def model(self, j: int):
+        """The constriction model of context ``j`` (its own table, else the shared one)."""
+        if j not in self._models:
+            p, f = self.tables.get(j) or self.shared or (None, None)
+            if f is None:
+                raise EntropyError(f"context {j} occurs but the chunk has no table for it")
+            self._models[j] = _model(f, p)
+        return self._models[j]
+
+    def groups(self, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Coding order: ``order (n,)`` sorting the symbols by context (stable), ``bounds (K + 1,)`` of each group."""
+        c = contexts.astype(np.uint16)  # a 16-bit key: numpy's stable sort is then a radix sort
+        order = np.argsort(c, kind="stable")
+        bounds = np.searchsorted(c[order], np.arange(self.n_contexts + 1))
+        return order, bounds
+
+
+def check_context_sizes(alphabet: int, n_contexts: int) -> None:
+    if not 2 <= alphabet <= MAX_ALPHABET or not 2 <= n_contexts <= MAX_ALPHABET:
+        raise EntropyError(f"context coding needs alphabet and contexts in 2..{MAX_ALPHABET}, got {alphabet}, {n_contexts}")
+    if alphabet * n_contexts > CONTEXT_MAX_CELLS:
+        raise EntropyError(f"{n_contexts} contexts × {alphabet} symbols exceed the context coder's {CONTEXT_MAX_CELLS} cells")
+
+
+def context_codable(alphabet: int, n_contexts: int) -> bool:
+    """Whether :func:`encode_context` takes these sizes."""
+    try:
+        check_context_sizes(alphabet, n_contexts)
+    except EntropyError:
+        return False
+    return True
+
+
+def _check_contexts(contexts, n_contexts: int) -> np.ndarray:
+    c = np.asarray(contexts).reshape(-1).astype(np.int64)
+    if c.size and (c.min() < 0 or c.max() >= n_contexts):
+        raise EntropyError(f"contexts must lie in [0, {n_contexts})")
+    return c
+
+
+def encode_context(symbols: np.ndarray, contexts: np.ndarray, alphabet: int, n_contexts: int) -> bytes:
+    """Range-code ``symbols`` given ``contexts``, with the :class:`ContextModel` stored in front.
+
+    Args:
+        symbols: ``(n,)`` integers in ``[0, alphabet)``, n ≥ 1 (V_L).
+        contexts: ``(n,)`` integers in ``[0, n_contexts)`` the decoder knows (V_{L-1} at the coarser vertex).
+        alphabet, n_contexts: A = 2^b_L and K = 2^b_{L-1}, with ``A · K ≤ CONTEXT_MAX_CELLS``.
+    Returns:
+        the payload: model bytes, then the range coder's uint32 words.
+    """
+    check_context_sizes(alphabet, n_contexts)
+    s = np.asarray(symbols).reshape(-1).astype(np.int64)
+    c = _check_contexts(contexts, n_contexts)
+    if s.size == 0 or s.size != c.size:
+        raise ValueError(f"need as many contexts as symbols (≥ 1), got {s.size} symbols, {c.size} contexts")
+    if s.min() < 0 or s.max() >= alphabet:
+        raise ValueError(f"symbols must lie in [0, {alphabet})")
+    cm = ContextModel.fit(s, c, alphabet, n_contexts)
+    order, bounds = cm.groups(c)
+    ss = s[order].astype(np.int32)
+    enc = _constriction().stream.queue.RangeEncoder()
+    for j in np.flatnonzero(np.diff(bounds)).tolist():
+        enc.encode(ss[bounds[j]:bounds[j + 1]], cm.model(j))
+    return cm.to_bytes() + np.asarray(enc.get_compressed(), dtype="<u4").tobytes()
+
+
+def decode_context(payload, contexts: np.ndarray, alphabet: int, n_contexts: int) -> np.ndarray:
+    """Inverse of :func:`encode_context`: ``(n,)`` int64 symbols for the ``(n,)`` contexts."""
+    buf = memoryview(payload)
+    c = _check_contexts(contexts, n_contexts)
+    if not allowed(c.size, len(buf)):
+        raise EntropyError(f"payload would expand to more than {MAX_SYMBOLS_PER_BYTE} symbols per byte: refusing to decode")
+    cm, pos = ContextModel.from_bytes(buf, alphabet, n_contexts)
+    rest = buf[pos:]
+    if len(rest) % 4:
+        raise EntropyError(f"compressed data is {len(rest)} bytes, not a whole number of 32-bit words")
+    dec = _constriction().stream.queue.RangeDecoder(np.frombuffer(rest, dtype="<u4").astype(np.uint32))
+    order, bounds = cm.groups(c)
+    ss = np.empty(c.size, dtype=np.int64)
+    for j in np.flatnonzero(np.diff(bounds)).tolist():
+        try:
+            ss[bounds[j]:bounds[j + 1]] = dec.decode(cm.model(j), int(bounds[j + 1] - bounds[j]))
+        except EntropyError:
+            raise
+        except Exception as exc:  # constriction's own exception types
+            raise EntropyError(f"range decoder failed: {exc}") from exc
+    out = np.empty_like(ss)
+    out[order] = ss
+    return out
+
+
+def model_bytes(payload, codec: str, alphabet: int, n_contexts: int = 0) -> int:
+    """Bytes of a payload's stored probability model: the order-0 frequency table (``codec="range"``) or the
+    :class:`ContextModel` (``codec="context"``); the rest of the payload is the coded symbols."""
+    buf = memoryview(payload)
+    if codec == "range":
+        return _read_table(buf, alphabet)[1]
+    return ContextModel.from_bytes(buf, alphabet, n_contexts)[1]

@@ -87,13 +87,14 @@ class Codec(IntEnum):
     RAW = 0  # bytes as specified (masks one byte each, fp16, bit-packed uints)
     RANGE = 1  # order-0 range coding with the frequency table in the chunk (vqad.entropy.encode)
     OCTREE = 2  # TREE only: child bits range-coded under a 7-neighbour context (vqad.entropy.encode_octree)
+    CONTEXT = 3  # GRID only: per-vertex uints coded given the coarser level's value at floor(v/2) (vqad.entropy.encode_context)
 
 
 _ALLOWED_CODECS = {
     ChunkType.HEAD: (Codec.RAW,),
     ChunkType.DECO: (Codec.RAW,),
     ChunkType.TREE: (Codec.RAW, Codec.RANGE, Codec.OCTREE),
-    ChunkType.GRID: (Codec.RAW, Codec.RANGE),  # RANGE only for "uint" tensors of ≤ 12 bits
+    ChunkType.GRID: (Codec.RAW, Codec.RANGE, Codec.CONTEXT),  # RANGE / CONTEXT only for "uint" tensors (_context_slot)
 }
 
 
@@ -109,6 +110,9 @@ class ChunkRecord:
     length: int
     name: str
     raw_length: int | None = None  # payload bytes without entropy coding (TREE: once decoded; all: in read_info)
+    symbols: int | None = None  # read_info, uint GRID chunks: the values (indices) it holds
+    bits: int | None = None  # ... and their bits each before coding (b)
+    model_length: int | None = None  # read_info, entropy-coded GRID chunks: bytes of the stored probability model
 
     @property
     def size(self) -> int:
@@ -198,18 +202,43 @@ def _encode_tree(octree: SparseOctree, level: int, entropy: bool) -> tuple[int, 
     return best
 
 
-def _encode_tensor(t: torch.Tensor, lay: TensorLayout, entropy: bool) -> tuple[int, bytes]:
+def _context_slot(lay: TensorLayout, m: int, coarser: list[TensorLayout] | None, m_coarser: int) -> int | None:
+    """The slot of the coarser level's tensor that gives ``lay`` its contexts (:data:`Codec.CONTEXT`), or None.
+
+    A tensor can be context-coded when it holds one uint per vertex (shape ``(m,)``) and the next coarser
+    level (``coarser``, None at the base level) stores a tensor of the same name that also holds one uint
+    per vertex (``(m_coarser,)``), with ``2^bits · 2^bits_coarser ≤ CONTEXT_MAX_CELLS``: vertex ``v``'s value is
+    coded given that tensor's value at the coarser vertex ``floor(v / 2)``
+    (:meth:`~vqad.octree.SparseOctree.coarser_vertices`). For VQ-AD that is ``V_L`` given ``V_{L-1}``.
+    Writer and reader both decide with this function.
+    """
+    if coarser is None or lay.encoding != "uint" or lay.shape != (m,):
+        return None
+    for slot, c in enumerate(coarser):
+        if (c.name == lay.name and c.encoding == "uint" and c.shape == (m_coarser,)
+                and E.context_codable(1 << lay.bits, 1 << c.bits)):
+            return slot
+    return None
+
+
+def _encode_tensor(t: torch.Tensor, lay: TensorLayout, entropy: bool,
+                   context: tuple[np.ndarray, int] | None = None) -> tuple[int, bytes]:
+    """The smallest of the codecs that apply: ``context = (contexts (n,), K)`` when :func:`_context_slot` allows."""
     if t.numel() != lay.numel:
         raise InputError(f"stored tensor {lay.name} has shape {tuple(t.shape)}, its layout says {lay.shape}")
     if lay.encoding == "f16":
         return Codec.RAW, t.detach().cpu().to(torch.float16).reshape(-1).numpy().astype("<f2").tobytes()
     values = t.detach().cpu().reshape(-1).numpy()
     raw = pack_bits(values, lay.bits)
+    best = (Codec.RAW, raw)
     if entropy and lay.bits <= 12 and values.size:
-        payload = E.encode(values, 1 << lay.bits)
-        if len(payload) < len(raw) and E.allowed(values.size, len(payload)):
-            return Codec.RANGE, payload
-    return Codec.RAW, raw
+        candidates = [(Codec.RANGE, E.encode(values, 1 << lay.bits))]
+        if context is not None:
+            candidates.append((Codec.CONTEXT, E.encode_context(values, context[0], 1 << lay.bits, context[1])))
+        for codec, payload in candidates:
+            if len(payload) < len(best[1]) and E.allowed(values.size, len(payload)):
+                best = (codec, payload)
+    return best
 
 
 def iter_chunks(field, entropy: bool = False) -> Iterator[bytes]:
@@ -222,6 +251,7 @@ def iter_chunks(field, entropy: bool = False) -> Iterator[bytes]:
     yield _frame(ChunkType.DECO, 0, 0, Codec.RAW, _encode_decoder(field.decoder_state()))
     octree = field.grid.octree
     k = field.grid.cfg.features
+    coarser = None  # (layout, tensors, m) of the level above
     for level in octree.levels:
         codec, payload = _encode_tree(octree, level, entropy)
         yield _frame(ChunkType.TREE, level, 0, codec, payload)
@@ -229,8 +259,15 @@ def iter_chunks(field, entropy: bool = False) -> Iterator[bytes]:
         layout = type(storage).stored_layout(storage.m, k, **storage.params())
         tensors = storage.export_tensors()
         for slot, lay in enumerate(layout):
-            codec, payload = _encode_tensor(tensors[lay.name], lay, entropy)
+            context = None
+            src = _context_slot(lay, storage.m, coarser and coarser[0], coarser[2] if coarser else 0) if entropy else None
+            if src is not None:
+                c_lay = coarser[0][src]
+                up = octree.coarser_vertices(level).cpu()
+                context = (coarser[1][c_lay.name].detach().cpu().reshape(-1)[up].numpy(), 1 << c_lay.bits)
+            codec, payload = _encode_tensor(tensors[lay.name], lay, entropy, context)
             yield _frame(ChunkType.GRID, level, slot, codec, payload)
+        coarser = (layout, tensors, storage.m)
 
 
 def to_bytes(field, entropy: bool = False) -> bytes:
@@ -486,6 +523,9 @@ class StreamDecoder:
         lay = self._layout(level, m_max)[slot]
         if codec == Codec.RANGE and (lay.encoding != "uint" or lay.bits > 12):
             raise _corrupt(f"chunk 'grid L{level} {lay.name}' is range-coded, which only {lay.name!r} tensors of uint ≤ 12 bits may be")
+        if codec == Codec.CONTEXT and self._context_slot(level, slot, m_max) is None:
+            raise _corrupt(f"chunk 'grid L{level} {lay.name}' is context-coded, which only per-vertex uint tensors "
+                           "whose coarser level stores the same tensor may be")
         return _raw_size(lay)
 
     def _take_chunk(self, chunk: bytes) -> int | None:
@@ -652,10 +692,19 @@ class StreamDecoder:
         i = level - self.grid_cfg.base_level
         return STORAGES[self.grid_cfg.storage].stored_layout(m, self.grid_cfg.features, **self.cfg["storage_params"][i])
 
-    def _level_tensors(self, level: int, m: int) -> dict[str, torch.Tensor]:
+    def _context_slot(self, level: int, slot: int, m: int, m_coarser: int | None = None) -> int | None:
+        """:func:`_context_slot` for a chunk of this stream (``m_coarser``: the coarser level's vertices, if known)."""
+        if level == self.grid_cfg.base_level:
+            return None
+        if m_coarser is None:  # only shapes matter: a per-vertex tensor has the length it is given
+            m_coarser = 1
+        return _context_slot(self._layout(level, m)[slot], m, self._layout(level - 1, m_coarser), m_coarser)
+
+    def _level_tensors(self, octree: SparseOctree, level: int) -> dict[str, torch.Tensor]:
         lv = self._levels[level]
         if lv.tensors is not None:
             return lv.tensors
+        m = octree.num_vertices(level)
         out = {}
         for (rec, payload), lay in zip(lv.grid, self._layout(level, m)):
             raw = _raw_size(lay)
@@ -670,13 +719,27 @@ class StreamDecoder:
                         t = torch.from_numpy(unpack_bits(payload, lay.numel, lay.bits))
                 else:
                     if len(payload) >= raw:
-                        raise _corrupt(f"range-coded chunk '{rec.name}' is not smaller than its raw size")
-                    t = torch.from_numpy(E.decode(payload, lay.numel, 1 << lay.bits))
+                        raise _corrupt(f"entropy-coded chunk '{rec.name}' is not smaller than its raw size")
+                    if rec.codec == Codec.RANGE:
+                        t = torch.from_numpy(E.decode(payload, lay.numel, 1 << lay.bits))
+                    else:
+                        t = torch.from_numpy(self._decode_context(octree, level, rec.slot, payload))
             except (ValueError, E.EntropyError) as exc:  # bitpack / entropy reject malformed payloads
                 raise _corrupt(f"chunk '{rec.name}': {exc}") from exc
             out[lay.name] = t.reshape(lay.shape)
         lv.tensors = out
         return out
+
+    def _decode_context(self, octree: SparseOctree, level: int, slot: int, payload: bytes) -> np.ndarray:
+        """A :data:`Codec.CONTEXT` chunk: its contexts are the coarser level's decoded tensor at ``floor(v / 2)``."""
+        m, m_up = octree.num_vertices(level), octree.num_vertices(level - 1)
+        src = self._context_slot(level, slot, m, m_up)
+        if src is None:
+            raise _corrupt(f"grid L{level} slot {slot} is context-coded, but this tensor has no coarser counterpart")
+        c_lay = self._layout(level - 1, m_up)[src]
+        up = self._level_tensors(octree, level - 1)[c_lay.name].reshape(-1)
+        contexts = up.index_select(0, octree.coarser_vertices(level).to(up.device)).numpy()
+        return E.decode_context(payload, contexts, 1 << self._layout(level, m)[slot].bits, 1 << c_lay.bits)
 
     def field(self, lod: int | None = None, device: str | torch.device = "cpu"):
         """The baked field of the largest complete LOD ``<= lod`` (default: the largest complete).
@@ -702,7 +765,7 @@ class StreamDecoder:
         cls = STORAGES[grid_cfg.storage]
         for i, level in enumerate(octree.levels):
             m = octree.num_vertices(level)
-            tensors = self._level_tensors(level, m)
+            tensors = self._level_tensors(octree, level)
             try:
                 storages.append(cls.from_export(m, grid_cfg.features, tensors, vertices=octree.vertices[level],
                                                 **self.cfg["storage_params"][i]))
@@ -924,6 +987,18 @@ class FileInfo:
         return self.total_bytes + sum(lv.grid_raw_bytes - lv.grid_bytes + lv.tree_raw_bytes - lv.tree_bytes for lv in self.levels)
 
 
+def _model_length(dec: StreamDecoder, level: int, rec: ChunkRecord, payload: bytes, lay: TensorLayout) -> int | None:
+    """Bytes of the probability model an entropy-coded uint chunk stores (None for a raw one); the chunk was
+    decoded (so validated) before this is asked."""
+    if rec.codec == Codec.RANGE:
+        return E.model_bytes(payload, "range", 1 << lay.bits)
+    if rec.codec == Codec.CONTEXT:
+        src = dec._context_slot(level, rec.slot, lay.numel)
+        up = dec._layout(level - 1, 1)[src]
+        return E.model_bytes(payload, "context", 1 << lay.bits, 1 << up.bits)
+    return None
+
+
 def read_info(source, max_memory: int | None = None) -> FileInfo:
     """Decode a whole stream (validating every chunk) and account for its bytes."""
     dec = StreamDecoder()
@@ -936,13 +1011,17 @@ def read_info(source, max_memory: int | None = None) -> FileInfo:
     k = dec.grid_cfg.features
     levels = []
     chunks = []
-    raw_of = {}
+    raw_of, extra = {}, {}
     for level in octree.levels:
-        for (rec, _), lay in zip(dec._levels[level].grid, dec._layout(level, octree.num_vertices(level))):
+        for (rec, payload), lay in zip(dec._levels[level].grid, dec._layout(level, octree.num_vertices(level))):
             raw_of[(level, rec.slot)] = _raw_size(lay)
+            if lay.encoding == "uint":
+                extra[(level, rec.slot)] = dict(symbols=lay.numel, bits=lay.bits,
+                                                model_length=_model_length(dec, level, rec, payload, lay))
     for c in dec.chunks:
         raw = {ChunkType.TREE: c.raw_length, ChunkType.GRID: raw_of.get((c.level, c.slot))}.get(c.type, c.length)
-        chunks.append(replace(c, raw_length=raw))
+        more = extra.get((c.level, c.slot), {}) if c.type == ChunkType.GRID else {}
+        chunks.append(replace(c, raw_length=raw, **more))
     for level in octree.levels:
         m = octree.num_vertices(level)
         tree = next(c for c in dec.chunks if c.type == ChunkType.TREE and c.level == level)

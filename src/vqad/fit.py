@@ -12,6 +12,10 @@ b ≥ 8 logits, :class:`~vqad.optim.RowwiseSparseRMSprop`), codebooks and MLPs t
 uses ×100 with RMSprop, and Adam against RMSprop was never measured: docs/method.md, deviation 1);
 logits C and codebooks D may have rates of their own.
 
+With ``rate_weight = λ > 0`` every step's loss gains ``λ · R``, the grid's estimated index bits per
+vertex (:func:`rate_term`: the entropy of the soft assignments of the vertices the step touched,
+docs/method.md section 6.6), so a fit trades quality for coded bytes; at λ = 0 nothing is tracked.
+
 The schedule follows ``progress = max(step / steps, elapsed / training budget)``, so a time-capped
 fit still ends with a decayed learning rate: cosine from each group's initial rate to 0.1 × it.
 
@@ -58,6 +62,8 @@ class TrainConfig:
     grid_lr_scale: float = 10.0  # grid (features Z, codebooks D) lr = lr × this
     logit_lr_scale: float | None = None  # codebook logits C lr = lr × this (None: the grid's)
     codebook_lr_scale: float | None = None  # codebooks D lr = lr × this (None: the grid's)
+    rate_weight: float = 0.0  # λ: loss += λ × estimated index bits per vertex (rate_term; 0: plain VQ-AD)
+    rate_context: bool = False  # estimate the bits given the coarser level's index at floor(v/2) (the CONTEXT codec)
     max_minutes: float | None = None  # also stop after this long (the lr schedule follows time too)
     seed: int = 0
     log_every: int = 50
@@ -70,6 +76,10 @@ class TrainConfig:
         rates = (self.lr, self.grid_lr_scale, self.logit_lr_scale, self.codebook_lr_scale)
         if any(r is not None and not 0 < r < math.inf for r in rates):
             raise InputError("learning rates must be positive finite numbers (--lr and the --*-lr-scale options)")
+        if not 0 <= self.rate_weight < math.inf:
+            raise InputError(f"--rate-weight must be a finite number >= 0 (0: no rate term), got {self.rate_weight}")
+        if self.rate_context and not self.rate_weight > 0:
+            raise InputError("--rate-context changes the rate term's estimate: it needs --rate-weight > 0")
         if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
             raise InputError(f"--minutes must be a positive finite number (leave it out for no cap), got {self.max_minutes}")
         if not 0 <= self.seed < 2**63:
@@ -277,6 +287,39 @@ class DivergenceGuard:
                 f"pruned as empty? check the capture's bounds and --octree){self._where()}")
 
 
+# -- rate term -----------------------------------------------------------------------------------
+def rate_storages(field) -> list:
+    """The storages of ``field``'s grid whose index bits training can estimate (``learns_rate``);
+    a rate term on a grid without one is an :class:`InputError`."""
+    storages = [s for s in field.grid.storages if s.learns_rate and not s.baked]
+    if not storages:
+        kinds = sorted({s.kind for s in field.grid.storages})
+        raise InputError(f"--rate-weight applies to grids with learned indices (--grid codebook), not {', '.join(kinds)}")
+    return storages
+
+
+def rate_term(storages, coarser: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """Estimated index bits per vertex of the whole grid, differentiable: ``R = Σ_L m_L · R_L / Σ_L m_L``
+    over the levels a step touched, ``R_L`` each level's :meth:`~vqad.storages.base.FeatureStorage.rate_bits`
+    (so ``R × Σ m_L`` estimates the coded bits of every index). None if no level was touched.
+
+    With ``coarser`` (``storages`` being every level's, coarsest first, and ``coarser[i]`` the
+    ``(m_i,)`` ids of the level-``i - 1`` vertex at ``floor(v/2)`` for each ``i ≥ 1``,
+    :meth:`~vqad.octree.SparseOctree.coarser_vertices`), each level above the base is estimated given its
+    context, the coarser level's current hard index there (the CONTEXT codec's model)."""
+    total, weight = None, 0
+    for i, s in enumerate(storages):
+        if coarser is not None and i > 0:
+            up = storages[i - 1]
+            r = s.rate_bits(up.indices().index_select(0, coarser[i]), up.codebook().shape[0])
+        else:
+            r = s.rate_bits()
+        if r is not None:
+            total = s.m * r if total is None else total + s.m * r
+            weight += s.m
+    return None if total is None else total / weight
+
+
 # -- optimizer helpers ---------------------------------------------------------------------------
 def zero_grad(opts: dict[str, torch.optim.Optimizer]) -> None:
     for o in opts.values():
@@ -450,6 +493,11 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     from vqad.checkpoint import load_optimizer_state, save_checkpoint
 
     field = task.field
+    rated = rate_storages(field) if cfg.rate_weight > 0 else []
+    coarser = None
+    if cfg.rate_context:
+        octree = field.grid.octree
+        coarser = {i: octree.coarser_vertices(level) for i, level in enumerate(octree.levels) if i > 0}
     opts = make_optimizers(field, cfg.lr, cfg.grid_lr_scale, cfg.logit_lr_scale, cfg.codebook_lr_scale)
     if resume_cfg is not None:
         load_optimizer_state(ckpt_dir, opts, resume_cfg)
@@ -505,17 +553,25 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
                 task.before_step(it, progress, gen)
                 cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000)
                 zero_grad(opts)
+                for s in rated:
+                    s.track_rate(True)
                 out = task.step(it, progress, gen)
+                rate = rate_term(rated, coarser) if rated else None
                 if out.loss is None:
                     stepped = None
                 else:
-                    out.loss.backward()
+                    loss = out.loss if rate is None else out.loss + cfg.rate_weight * rate
+                    loss.backward()
                     task.after_backward(progress)
-                    stepped = safe_step(opts, out.loss)
+                    stepped = safe_step(opts, loss)
+                for s in rated:
+                    s.track_rate(False)
                 guard.after(it, stepped)
                 if (it + 1) % cfg.log_every == 0 or it == start:
                     loss_val = float(out.per_lod.detach().sum())
                     entry = {"step": it + 1, "loss": loss_val, **out.log()}
+                    if rate is not None:
+                        entry["rate_bits"] = float(rate.detach())
                     history.append(entry)
                     prog.update(0, 0, loss=loss_val, **{k: v for k, v in entry.items() if k == "psnr"})
                 prog.update(1, out.items)

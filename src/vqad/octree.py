@@ -276,6 +276,24 @@ class SparseOctree(nn.Module):
         """``(m_L, 3)`` vertex positions in [-1, 1]^3."""
         return self.vertices[level].float() * (2.0 / (1 << level)) - 1.0
 
+    def coarser_vertices(self, level: int) -> torch.Tensor:
+        """For each vertex ``v`` of ``level``, the id of the vertex of ``level - 1`` at ``floor(v / 2)``: ``(m_L,)`` int64.
+
+        ``floor(v / 2)`` is the coarser vertex at the same place when every coordinate of ``v`` is even,
+        else the coarser vertex at the low corner of the segment / face / cell of level ``L - 1`` that
+        holds ``v``. It always exists: ``v`` is a corner of a cell ``c`` of level ``L``, and ``floor(v / 2)``
+        is a corner of ``c``'s parent ``floor(c / 2)``, which is occupied. In Morton terms it is the
+        vertex key with its low three bits dropped. ``level`` must be above ``base_level``.
+        """
+        if not self.base_level < level <= self.max_level:
+            raise ValueError(f"level {level} has no coarser level in this octree ({self.base_level}..{self.max_level})")
+        fine = morton_encode(self.vertices[level], bits=level + 1) >> 3  # (m_L,) keys of floor(v / 2)
+        coarse = morton_encode(self.vertices[level - 1], bits=level)  # (m_{L-1},) sorted: vertex ids are in Morton order
+        idx = torch.searchsorted(coarse, fine).clamp_(max=coarse.numel() - 1)
+        if not bool((coarse.index_select(0, idx) == fine).all()):  # impossible for an octree built by this class
+            raise ValueError(f"a vertex of level {level} has no vertex of level {level - 1} at floor(v / 2)")
+        return idx
+
     # -- queries ------------------------------------------------------------------------------
     def query(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """Occupied-cell index of each point at ``level``: ``(N, 3) -> (N,)`` int64, -1 if empty."""

@@ -154,6 +154,20 @@ class FeatureStorage(nn.Module):
         """Give vertices ``rows (n,)`` the codewords ``values (n,)``, in whichever form is held."""
         raise NotImplementedError(f"a {self.kind!r} storage has no indices (discrete is False)")
 
+    # -- rate (``learns_rate`` kinds only) -----------------------------------------------------
+    #: whether training can estimate, differentiably, the coded bits of the stored indices
+    #: (:meth:`track_rate`, :meth:`rate_bits`; the fit's ``rate_weight`` needs it)
+    learns_rate: ClassVar[bool] = False
+
+    def track_rate(self, on: bool) -> None:
+        """Start (clearing what was recorded) or stop recording what :meth:`rate_bits` needs."""
+        raise NotImplementedError(f"a {self.kind!r} storage has no rate estimate (learns_rate is False)")
+
+    def rate_bits(self) -> torch.Tensor | None:
+        """Estimated bits per index of the vertices touched since :meth:`track_rate`, a scalar with a
+        gradient; None if no vertex was touched."""
+        raise NotImplementedError(f"a {self.kind!r} storage has no rate estimate (learns_rate is False)")
+
     # -- size and stored form -------------------------------------------------------------------
     def stored_bits(self) -> int:
         """Bits of the stored form, before any container or entropy coding."""

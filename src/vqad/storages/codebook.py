@@ -35,6 +35,7 @@ class CodebookStorage(FeatureStorage):
     kind = "codebook"
     create_args = ("bits",)
     discrete = True
+    learns_rate = True
 
     def __init__(self, m: int, k: int, bits: int = 4, codebook_std: float = 0.1, logit_std: float = 0.1):
         super().__init__(m, k)
@@ -43,6 +44,7 @@ class CodebookStorage(FeatureStorage):
         self.D = nn.Parameter(_normal((1 << self.b, k), codebook_std))
         self.C = nn.Parameter(_normal((m, 1 << self.b), logit_std))
         self.register_buffer("V", torch.zeros(0, dtype=torch.long), persistent=False)
+        self._soft: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (rows, softmax) of training forwards, while tracked
 
     @classmethod
     def check_options(cls, cfg) -> None:
@@ -96,7 +98,10 @@ class CodebookStorage(FeatureStorage):
         logits = gather_unique_rows(self.C, uniq)  # (U, 2^b): only the touched rows; C's gradient sparse
         hard = self.D.index_select(0, logits.argmax(dim=-1))  # (U, k)
         if torch.is_grad_enabled() and self.training:
-            soft = torch.softmax(logits, dim=-1) @ self.D  # (U, k)
+            probs = torch.softmax(logits, dim=-1)  # (U, 2^b): s_u
+            if self._soft is not None:
+                self._soft.append((uniq, probs))
+            soft = probs @ self.D  # (U, k)
             # forward value is exactly `hard` (soft - soft is exactly 0), gradient is soft's
             feat = hard + (soft - soft.detach())
         else:
@@ -124,7 +129,36 @@ class CodebookStorage(FeatureStorage):
         C[rows, old] = C[rows, values]
         C[rows, values] = c_old
 
+    def track_rate(self, on: bool) -> None:
+        self._soft = [] if on else None
+
+    def rate_bits(self, contexts: torch.Tensor | None = None, n_contexts: int = 1) -> torch.Tensor | None:
+        """The entropy of the soft assignments, in bits per index, of the vertices training touched since
+        :meth:`track_rate` (a differentiable estimate of what the coder spends on V):
+
+        ``R = −(1/U) Σ_u Σ_c s_uc · log2 p_c(j_u)``,  ``s_u = softmax(C[u]) (U, 2^b)``,
+        ``p(j) = Σ_{u: j_u = j} s_u / |{u: j_u = j}|``
+
+        the cross-entropy of each vertex's soft assignment under the coder's model, itself the marginal of
+        the same soft assignments (so the gradient also moves the model). Without ``contexts`` every vertex
+        has context 0 and ``R = H(p̄)`` (order-0); with ``contexts (m,)`` long in ``[0, n_contexts)`` (each
+        vertex's context, e.g. the coarser level's index at ``floor(v/2)``) it is the conditional entropy
+        the CONTEXT codec can reach. Clears the record.
+        """
+        if not self._soft:
+            return None
+        rows = torch.cat([r for r, _ in self._soft])  # (U,)
+        probs = torch.cat([p for _, p in self._soft])  # (U, 2^b)
+        self._soft = []
+        j = torch.zeros_like(rows) if contexts is None else contexts.index_select(0, rows)
+        K = 1 if contexts is None else n_contexts
+        mass = probs.new_zeros(K, probs.shape[1]).index_add(0, j, probs)  # (K, 2^b)
+        count = torch.bincount(j, minlength=K).clamp_min(1).to(probs.dtype)  # (K,)
+        logp = torch.log2((mass / count[:, None]).clamp_min(1e-30))  # (K, 2^b)
+        return -(probs * logp.index_select(0, j)).sum(dim=1).mean()
+
     def bake(self, fp16: bool = True) -> None:
+        self._soft = None
         self.V = self.indices().clone()
         if fp16:
             self.D.data = round_fp16(self.D)

@@ -85,6 +85,23 @@ def info_lines(info) -> list[str]:
     for c in info.chunks:
         raw = "" if c.codec == Codec.RAW else f"{c.raw_length + FRAME_BYTES:,}"
         lines.append(f"{c.offset:>9,}  {c.name:<18} {Codec(c.codec).name.lower():<7} {c.size:>9,} {raw:>10}")
+    coded = [c for c in info.chunks if c.symbols]
+    if coded:
+        lines += [
+            "",
+            "index chunks (b = bits per index before coding; coded = payload bits per index, model included; "
+            "model = the stored probability model):",
+            f"{'chunk':<18} {'codec':<7} {'indices':>9} {'b':>3} {'bytes':>9} {'model B':>8} {'coded b/idx':>12} "
+            f"{'data b/idx':>11}",
+        ]
+        for c in coded:
+            model = c.model_length or 0
+            lines.append(f"{c.name:<18} {Codec(c.codec).name.lower():<7} {c.symbols:>9,} {c.bits:>3} {c.length:>9,} "
+                         f"{model:>8,} {8 * c.length / c.symbols:>12.3f} {8 * (c.length - model) / c.symbols:>11.3f}")
+        n = sum(c.symbols for c in coded)
+        total, models = sum(c.length for c in coded), sum(c.model_length or 0 for c in coded)
+        lines.append(f"{'all indices':<18} {'':<7} {n:>9,} {sum(c.bits * c.symbols for c in coded) / n:>3.1f} "
+                     f"{total:>9,} {models:>8,} {8 * total / n:>12.3f} {8 * (total - models) / n:>11.3f}")
     lines += [
         "",
         "per LOD (cumulative over levels base..L; grid = stored feature tensors; formula = the storage's own bits,",

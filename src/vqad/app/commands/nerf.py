@@ -31,10 +31,10 @@ def _step_ratio(text: str) -> float | None:
     return value
 
 
-NERF_TRAIN_FLAGS = ("steps", "batch_rays", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
+NERF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch_rays", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
                     "octree", "octree_from", "dilate", "density_steps", "density_minutes", "lod_mode", "coarse_weight",
                     "early_stop_eps", "refine", "refine_rays", "seed")
-INDEX_FLAGS = {"refine": "--refine", "refine_rays": "--refine-rays", "logit_lr_scale": "--logit-lr-scale",
+INDEX_FLAGS = {"rate_weight": "--rate-weight", "rate_context": "--rate-context", "refine": "--refine", "refine_rays": "--refine-rays", "logit_lr_scale": "--logit-lr-scale",
                "codebook_lr_scale": "--codebook-lr-scale"}
 OCTREE_FLAGS = {"octree": "--octree", "octree_from": "--octree-from", "dilate": "--dilate",
                 "density_steps": "--density-steps", "density_minutes": "--density-minutes"}
@@ -75,6 +75,12 @@ def register(sub) -> None:
     config_flag(p, T, "lr", type=float, help="decoder learning rate")
     config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
     config_flag(p, T, "logit_lr_scale", type=float, help="codebook logits C lr = lr × this (none or 0: same as the grid; codebook only)")
+    config_flag(p, T, "rate_weight", help="λ: add λ × the estimated coded bits per index (entropy of the soft "
+                                         "assignments, docs/method.md) to the loss, trading quality for bits; "
+                                         "codebook only")
+    config_flag(p, T, "rate_context", action="store_true",
+                help="estimate the rate given each index's coarser index at floor(v/2), the model of the "
+                     "file's context codec, instead of order-0 (needs --rate-weight; codebook only)")
     config_flag(p, T, "codebook_lr_scale", type=float,
                 help="codebooks D lr = lr × this (none or 0: same as the grid; faster rates speed up early training "
                      "but can kill every density, see docs/benchmarks/nerf.md; codebook only)")

@@ -18,10 +18,10 @@ from vqad.sdf.extract import MESH_SUFFIXES
 from vqad.sdf.render import IMAGE_SUFFIXES
 
 
-SDF_TRAIN_FLAGS = ("steps", "batch", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes", "truncation", "refine",
+SDF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes", "truncation", "refine",
                    "refine_samples", "refine_candidates", "seed")
 DECODER_FLAGS = ("hidden", "layers", "per_lod")
-INDEX_FLAGS = {"refine": "--refine", "refine_samples": "--refine-samples", "refine_candidates": "--refine-candidates",
+INDEX_FLAGS = {"rate_weight": "--rate-weight", "rate_context": "--rate-context", "refine": "--refine", "refine_samples": "--refine-samples", "refine_candidates": "--refine-candidates",
                 "logit_lr_scale": "--logit-lr-scale", "codebook_lr_scale": "--codebook-lr-scale"}
 
 
@@ -50,6 +50,12 @@ def register(sub) -> None:
                                              "(codebook), whose argmax needs larger steps to move; 2e-3 otherwise)")
     config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
     config_flag(p, T, "logit_lr_scale", help="codebook logits C lr = lr × this (0: same as the grid; codebook only)")
+    config_flag(p, T, "rate_weight", help="λ: add λ × the estimated coded bits per index (entropy of the soft "
+                                         "assignments, docs/method.md) to the loss, trading quality for bits; "
+                                         "codebook only")
+    config_flag(p, T, "rate_context", action="store_true",
+                help="estimate the rate given each index's coarser index at floor(v/2), the model of the "
+                     "file's context codec, instead of order-0 (needs --rate-weight; codebook only)")
     config_flag(p, T, "codebook_lr_scale", type=float, help="codebooks D lr = lr × this (none or 0: same as the grid; "
                                                            "codebook only)")
     config_flag(p, T, "max_minutes", flag="--minutes", type=float,

@@ -14,7 +14,7 @@ from vqad.atomicio import write_atomic
 from vqad.errors import InputError
 from vqad.fit import Deadline
 
-TSDF_TRAIN_FLAGS = ("steps", "batch", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
+TSDF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
                     "refine", "refine_samples", "refine_candidates", "seed", "color_weight", "color")
 #: flags that shape the fusion; a resumed fit reads OUT/fused.tsdf instead and refuses them
 FUSION_FLAGS = {"format": "--format", "depth_scale": "--depth-scale", "intrinsics": "--intrinsics", "voxel": "--voxel", "trunc": "--trunc",
@@ -54,6 +54,12 @@ def register(sub) -> None:
     config_flag(p, T, "lr", type=float, help="decoder learning rate (none: 5e-3 for codebook grids, else 2e-3)")
     config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
     config_flag(p, T, "logit_lr_scale", help="codebook logits C lr = lr × this (0: same as the grid; codebook only)")
+    config_flag(p, T, "rate_weight", help="λ: add λ × the estimated coded bits per index (entropy of the soft "
+                                         "assignments, docs/method.md) to the loss, trading quality for bits; "
+                                         "codebook only")
+    config_flag(p, T, "rate_context", action="store_true",
+                help="estimate the rate given each index's coarser index at floor(v/2), the model of the "
+                     "file's context codec, instead of order-0 (needs --rate-weight; codebook only)")
     config_flag(p, T, "codebook_lr_scale", type=float, help="codebooks D lr = lr × this (codebook only)")
     config_flag(p, T, "max_minutes", flag="--minutes", type=float, help="cap the whole job (fusion, fit, evaluation) at this many minutes")
     config_flag(p, T, "refine", help="Gauss–Newton index sweeps after training (codebook only; 0: off)")

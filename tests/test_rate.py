@@ -1,0 +1,142 @@
+"""The rate term (--rate-weight): its estimate, its effect on the indices, and that λ = 0 changes nothing."""
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from vqad import fileformat as F
+from vqad.config import DecoderConfig, GridConfig
+from vqad.errors import InputError
+from vqad.fit import rate_storages, rate_term
+from vqad.grid import OctreeGrid
+from vqad.octree import SparseOctree
+from vqad.sdf.field import SDFField
+from vqad.sdf.fit import SDFTrainConfig, fit_sdf
+from vqad.sdf.mesh import Mesh
+from vqad.storages.codebook import CodebookStorage
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def entropy_bits(V: np.ndarray, A: int) -> float:
+    p = np.bincount(V, minlength=A) / len(V)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def test_rate_bits_is_the_entropy_of_the_mean_soft_assignment():
+    torch.manual_seed(0)
+    s = CodebookStorage(50, 3, bits=3)
+    s.C.data.normal_(0, 2.0)
+    s.train()
+    ids = torch.tensor([[0, 1, 2], [2, 7, 9]])
+    s.track_rate(True)
+    s(ids)
+    r = s.rate_bits()
+    p = torch.softmax(s.C[[0, 1, 2, 7, 9]], dim=-1)  # the unique touched rows
+    # brute force: mean over vertices of the cross-entropy of s_u under p̄ = mean_u s_u
+    pbar = p.mean(0)
+    want = -(p * torch.log2(pbar)).sum(1).mean()
+    assert torch.allclose(r, want, atol=1e-6)
+    r.backward()
+    assert s.C.grad is not None and s.C.grad.coalesce().values().abs().sum() > 0
+    assert s.rate_bits() is None  # the record is cleared: nothing touched since
+    s.track_rate(False)
+    s(ids)
+    assert s._soft is None
+
+
+def test_rate_bits_given_contexts_is_the_conditional_cross_entropy():
+    torch.manual_seed(0)
+    s = CodebookStorage(30, 3, bits=2)
+    s.C.data.normal_(0, 2.0)
+    s.train()
+    ctx = torch.randint(0, 3, (30,))
+    ids = torch.arange(0, 30, 2)
+    s.track_rate(True)
+    s(ids)
+    r = s.rate_bits(ctx, 3)
+    p = torch.softmax(s.C[ids], dim=-1)
+    want = 0.0
+    for u, i in enumerate(ids.tolist()):  # brute force, vertex by vertex
+        same = [v for v, jv in enumerate(ids.tolist()) if ctx[jv] == ctx[i]]
+        model = p[same].mean(0)
+        want = want - (p[u] * torch.log2(model)).sum()
+    assert torch.allclose(r, want / len(ids), atol=1e-5)
+    s.track_rate(True)
+    s(ids)
+    conditional = float(s.rate_bits(ctx, 3).detach())
+    s(ids)
+    assert conditional <= float(s.rate_bits().detach()) + 1e-6  # conditioning never raises the entropy estimate
+    with pytest.raises(InputError, match="--rate-weight"):
+        SDFTrainConfig(rate_context=True).validate()
+
+
+def test_tracking_the_rate_changes_neither_outputs_nor_gradients():
+    torch.manual_seed(0)
+    a = CodebookStorage(40, 4, bits=4)
+    b = CodebookStorage(40, 4, bits=4)
+    b.load_state_dict(a.state_dict())
+    a.train(), b.train()
+    b.track_rate(True)
+    ids = torch.randint(0, 40, (30, 8))
+    ya, yb = a(ids), b(ids)
+    assert torch.equal(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    assert torch.equal(a.D.grad, b.D.grad) and torch.equal(a.C.grad.to_dense(), b.C.grad.to_dense())
+
+
+def test_rate_needs_learned_indices():
+    octree = SparseOctree.dense(1, 2)
+    field = SDFField(OctreeGrid.from_octree(octree, GridConfig("dense", 2, 4, 1, 2)), DecoderConfig(hidden=4))
+    with pytest.raises(InputError, match="--rate-weight"):
+        rate_storages(field)
+    with pytest.raises(InputError, match="--rate-weight"):
+        SDFTrainConfig(rate_weight=-0.1).validate()
+    codebook = SDFField(OctreeGrid.from_octree(octree, GridConfig("codebook", 2, 4, 1, 2)), DecoderConfig(hidden=4))
+    assert rate_term(rate_storages(codebook)) is None  # nothing touched yet
+
+
+def _sphere():
+    s = trimesh.creation.icosphere(subdivisions=3, radius=0.6)
+    return Mesh(np.asarray(s.vertices, dtype=np.float64), np.asarray(s.faces, dtype=np.int64))
+
+
+def _fit(rate_weight, seed):
+    grid = GridConfig(storage="codebook", features=4, bits=4, base_level=2, max_level=4)
+    train = SDFTrainConfig(steps=80, batch=1024, pool_size=20000, resample_every=40, refine=0, seed=seed,
+                           rate_weight=rate_weight)
+    return fit_sdf(_sphere(), grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)
+
+
+def test_rate_weight_lowers_the_index_entropy_on_paired_seeds():
+    for seed in (0, 1):
+        plain, rated = _fit(0.0, seed), _fit(1e-2, seed)
+        s0, s1 = plain.field.grid.storage(4), rated.field.grid.storage(4)
+        h0, h1 = entropy_bits(s0.indices().numpy(), 16), entropy_bits(s1.indices().numpy(), 16)
+        assert h1 < h0 - 0.5, (seed, h0, h1)
+        assert "rate_bits" in rated.history[-1] and "rate_bits" not in plain.history[-1]
+        # and the coded file shrinks accordingly, decoding bit for bit
+        rated.field.bake(fp16=True)
+        data = F.to_bytes(rated.field, entropy=True)
+        back = F.load(data)
+        assert torch.equal(back.grid.storage(4).indices(), rated.field.grid.storage(4).indices())
+
+
+def test_rate_context_fit_runs_and_logs_the_conditional_estimate():
+    grid = GridConfig(storage="codebook", features=4, bits=4, base_level=2, max_level=4)
+    train = SDFTrainConfig(steps=30, batch=1024, pool_size=20000, resample_every=30, refine=0, rate_weight=1e-2,
+                           rate_context=True, log_every=10)
+    res = fit_sdf(_sphere(), grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)
+    assert all(0 <= h["rate_bits"] <= 4 for h in res.history)
+
+
+def test_rate_weight_zero_tracks_nothing(monkeypatch):
+    def boom(self, on):
+        raise AssertionError("a fit with rate_weight = 0 must not track the rate")
+
+    monkeypatch.setattr(CodebookStorage, "track_rate", boom)
+    res = _fit(0.0, 0)
+    assert res.steps == 80

@@ -10,6 +10,7 @@ method            setting   what is fitted                                      
 dense             –         fp16 feature grid Z (m × k), trained                             ``.vqad``
 codebook          b         VQ-AD: b-bit learned indices V into a codebook D (2^b × k)       ``.vqad``
 codebook-norefine b         SDF only: the same VQ-AD fit without index refinement            ``.vqad``
+codebook-rate     b × λ     VQ-AD with the rate term λ·R (``--rate-weights``), no refinement ``.vqad``
 hash              T         Instant-NGP random indices into a trained table θ (2^T × k)      ``.vqad``
 kmeans            b         post hoc: k-means of the dense fit's Z into 2^b centroids (kmVQ) ``.vqad``
 lowrank           r         post hoc: rank-r PCA of the dense fit's Z                        ``.vqad``
@@ -28,6 +29,17 @@ VQ-AD grid with ``refine = 0``, so the two series show what refinement buys. Rad
 not refine by default (``NeRFTrainConfig.refine = 0``), so there ``codebook`` already is VQ-AD
 without refinement and ``codebook-norefine`` is refused. Each fitted point's CSV row gives its
 sweeps in ``refine``.
+
+**Rate-aware points.** ``codebook-rate:4,6,8 --rate-weights 3e-4,3e-3`` fits every (b, λ) pair
+of the two lists: VQ-AD whose loss gains λ × the estimated coded bits per index
+(:func:`vqad.fit.rate_term`, ``TrainConfig.rate_weight``; ``--rate-context`` estimates them given
+the coarser level's index, the CONTEXT codec's model, for every such point). They end with no index
+refinement on a mesh too: the Gauss–Newton sweeps minimise the reconstruction loss alone and would
+undo part of the rate term, so their λ = 0 reference is ``codebook-norefine:b`` (λ = 0 itself is
+refused: it is that point). The λ values are a setting of the sweep (sweep.json): a re-run with
+others is refused. Their points are keyed ``codebook-rate-b4-lambda0.003``; the plot draws one
+series per b, its λ values ordered by bytes. Every row with indices gives ``index_bits`` (b) and
+``coded_index_bits`` (payload bits per index of the shipped file, its probability model included).
 
 One more curve is derived from a VQ-AD point: ``codebook-stream``, the quality of each
 LOD decoded from a *prefix* of that point's file against the prefix's bytes (the progressive
@@ -91,6 +103,7 @@ class Method:
     sdf_only: bool = False
     storage: str = ""  # the grid storage a "fit" trains ("": the method's name)
     refine: int | None = None  # index-refinement sweeps of the fit (None: the fit's default)
+    rated: bool = False  # its points are (b, λ) pairs: a fit with the rate term λ·R (--rate-weights)
 
     @property
     def grid(self) -> str:
@@ -102,6 +115,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("codebook", "VQ-AD (learned indices)", "b", (1, 2, 4, 6, 8), "fit"),
     Method("codebook-norefine", "VQ-AD, no index refinement", "b", (1, 2, 4, 6, 8), "fit", sdf_only=True,
            storage="codebook", refine=0),
+    Method("codebook-rate", "VQ-AD + rate term", "b", (4, 6, 8), "fit", storage="codebook", refine=0, rated=True),
     Method("codebook-stream", "VQ-AD, per-LOD file prefixes", "b", (), "stream"),
     Method("hash", "hash (random indices)", "T", (10, 12, 14, 16), "fit"),
     Method("kmeans", "k-means VQ (post hoc)", "b", (4, 6), "posthoc"),
@@ -116,27 +130,37 @@ DEFAULT_METHODS = ("draco-input", "dense", "kmeans", "lowrank", "draco-mc", "cod
 METHOD_SPEC_HELP = (
     "METHOD or METHOD:S1,S2,... with METHOD one of dense; codebook:b (VQ-AD bits, default 1,2,4,6,8; 1..12; "
     "on a mesh each fit ends with fit-sdf's default index refinement); codebook-norefine:b (meshes only: the same "
-    "VQ-AD fits with no index refinement, a series of its own; default 1,2,4,6,8); "
+    "VQ-AD fits with no index refinement, a series of its own; default 1,2,4,6,8); codebook-rate:b (VQ-AD with "
+    "the rate term, no index refinement: one point per b and per λ of --rate-weights; default 4,6,8); "
     "hash:T (table bits, default 10,12,14,16); kmeans:b (post hoc, default 4,6); lowrank:r (post hoc, r < k, "
     "default k/4,k/2); draco-input:q and draco-mc:q (meshes only: Draco quantization bits, default 8,10,12,14). "
     "Default: all of them but codebook-norefine"
 )
 
 
+#: λ values of codebook-rate points when --rate-weights is not given (docs/benchmarks/rd-rate.md's range)
+DEFAULT_RATE_WEIGHTS = (3e-4, 1e-3, 3e-3)
+RATE_WEIGHTS_HELP = ("write the λ values as positive numbers separated by commas, e.g. --rate-weights 3e-4,3e-3 "
+                     "(config file: rate-weights = [3e-4, 3e-3])")
+
+
 @dataclass(frozen=True)
 class Point:
     method: str
     setting: int | None = None
+    rate_weight: float | None = None  # λ of a rated method's point (codebook-rate)
 
     @property
     def key(self) -> str:
         m = METHODS[self.method]
-        return self.method if self.setting is None else f"{self.method}-{m.param}{self.setting}"
+        key = self.method if self.setting is None else f"{self.method}-{m.param}{self.setting}"
+        return key if self.rate_weight is None else f"{key}-lambda{self.rate_weight:g}"
 
     @property
     def label(self) -> str:
         m = METHODS[self.method]
-        return m.label if self.setting is None else f"{m.label}, {m.param} = {self.setting}"
+        label = m.label if self.setting is None else f"{m.label}, {m.param} = {self.setting}"
+        return label if self.rate_weight is None else f"{label}, λ = {self.rate_weight:g}"
 
 
 def default_settings(method: str, features: int) -> tuple[int, ...]:
@@ -164,7 +188,7 @@ def check_setting(method: str, value, features: int) -> None:
     from vqad.storages.hash import check_table_bits
     from vqad.storages.base import check_bits
 
-    if method in ("codebook", "codebook-norefine", "kmeans"):
+    if method in ("codebook", "codebook-norefine", "codebook-rate", "kmeans"):
         check_bits(value)
     elif method == "hash":
         check_table_bits(value)
@@ -175,13 +199,37 @@ def check_setting(method: str, value, features: int) -> None:
             raise InputError(f"{method}: Draco quantization bits must be an integer in 1..30, got {value!r}")
 
 
-def parse_methods(specs, kind: str, features: int) -> list[Point]:
+def parse_rate_weights(value) -> list[float]:
+    """``"3e-4,3e-3"`` or ``[3e-4, 3e-3]`` → the λ values, ascending, duplicates dropped; each must be a
+    finite number > 0 (λ = 0 is plain VQ-AD: ``codebook-norefine:b``)."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise InputError(f"bad --rate-weights {value!r}: {RATE_WEIGHTS_HELP}")
+    out = []
+    for v in items:
+        try:
+            if isinstance(v, bool):
+                raise ValueError
+            lam = float(v)
+        except (TypeError, ValueError):
+            raise InputError(f"bad --rate-weights value {v!r}: {RATE_WEIGHTS_HELP}") from None
+        if lam == 0:
+            raise InputError("--rate-weights: λ = 0 is plain VQ-AD without the rate term; its points are "
+                             "codebook-norefine:b (the same fit, no index refinement) or codebook:b: add those to --methods")
+        if not 0 < lam < math.inf:
+            raise InputError(f"--rate-weights: λ must be a finite number > 0, got {v!r}")
+        out.append(lam)
+    return sorted(set(out))
+
+
+def parse_methods(specs, kind: str, features: int, rate_weights=None) -> list[Point]:
     """``["codebook:4,6", "hash", "dense"]`` → points, in the order given (duplicates dropped).
 
     A spec is ``METHOD`` (its default settings) or ``METHOD:S1,S2,...``. Empty ``specs``: the
-    default set (:data:`DEFAULT_METHODS`, Draco methods only for meshes). Raises
-    :class:`InputError` for an unknown method, a malformed or out-of-range setting, or a
-    mesh-only method on a radiance field.
+    default set (:data:`DEFAULT_METHODS`, Draco methods only for meshes). A rated method
+    (``codebook-rate:4,6``) gives one point per b and per λ of ``rate_weights`` (None:
+    :data:`DEFAULT_RATE_WEIGHTS`), b-major. Raises :class:`InputError` for an unknown method, a
+    malformed or out-of-range setting, or a mesh-only method on a radiance field.
     """
     if isinstance(specs, str):
         specs = specs.split()
@@ -210,6 +258,10 @@ def parse_methods(specs, kind: str, features: int) -> list[Point]:
             try:
                 values = [int(v) for v in rest.split(",")]
             except ValueError:
+                if m.rated:
+                    raise InputError(f"bad settings in {spec!r}: write {name}:B1,B2,... with integer b values "
+                                     f"(e.g. {name}:4,6,8) and give the λ values apart, with --rate-weights "
+                                     "3e-4,3e-3: every b is fitted at every λ") from None
                 raise InputError(f"bad settings in {spec!r}: write {name}:{m.param.upper()}1,{m.param.upper()}2,... "
                                  f"with integer {m.param} values, e.g. {name}:{','.join(map(str, default_settings(name, features)[:2]))}") from None
         else:
@@ -219,7 +271,10 @@ def parse_methods(specs, kind: str, features: int) -> list[Point]:
                 check_setting(name, v, features)
             except InputError as exc:
                 raise InputError(f"{name}:{v}: {exc}") from None
-            points.append(Point(name, v))
+            if m.rated:
+                points += [Point(name, v, lam) for lam in parse_rate_weights(rate_weights or list(DEFAULT_RATE_WEIGHTS))]
+            else:
+                points.append(Point(name, v))
     return list(dict.fromkeys(points))
 
 
@@ -267,6 +322,8 @@ class SweepConfig:
     device: str = "auto"
     entropy: bool = True  # also write entropy-coded files; `bytes` is then their size
     stream_bits: int | None = None  # VQ-AD point whose per-LOD prefix curve is measured (None: 4 if swept; 0: none)
+    rate_weights: object = None  # λ values of codebook-rate points: "3e-4,3e-3" or [3e-4, 3e-3] (None: the defaults)
+    rate_context: bool = False  # their rate term given the coarser level's index (TrainConfig.rate_context)
     quiet: bool = False  # no progress bars
     # meshes
     mc_resolution: int = 256  # marching cubes for the quality metrics
@@ -329,6 +386,14 @@ class SweepConfig:
             raise InputError(f"--octree must be auto, depth, mask or density, got {cfg.octree!r}")
         if not 0 <= cfg.draco_level <= 10:
             raise InputError(f"--draco-level must be in 0..10, got {cfg.draco_level}")
+        rated = [s for s in cfg.methods if isinstance(s, str) and METHODS.get(s.strip().partition(":")[0], METHODS["dense"]).rated]
+        if not rated:  # a flag that cannot apply is an error, not silently ignored
+            for flag, given in (("--rate-weights", cfg.rate_weights is not None), ("--rate-context", cfg.rate_context)):
+                if given:
+                    raise InputError(f"{flag} applies to rate-aware points: add codebook-rate:B1,B2,... to --methods "
+                                     f"(e.g. codebook-rate:4,6,8), or remove {flag}")
+        else:
+            cfg.rate_weights = parse_rate_weights(DEFAULT_RATE_WEIGHTS if cfg.rate_weights is None else cfg.rate_weights)
         return cfg
 
     def settings(self) -> dict:
@@ -339,18 +404,24 @@ class SweepConfig:
             d["dataset"] = str(Path(self.dataset).resolve())
         if self.kind == "nerf":
             d["background"] = [float(c) for c in _background(self.background)]  # checked by the dataset loader
+        # recorded even without codebook-rate points, so that adding them later at other λ is refused
+        d["rate_weights"] = parse_rate_weights(DEFAULT_RATE_WEIGHTS if self.rate_weights is None else self.rate_weights)
         return d
+
+
+#: settings added after sweeps were first recorded: a sweep.json without them was made with these values
+ADDED_SETTINGS = {"rate_weights": parse_rate_weights(DEFAULT_RATE_WEIGHTS), "rate_context": False}
 
 
 _TYPES = {"methods": (list, str), "levels": (str,), "features": (int,), "steps": (int,), "minutes": (int, float),
           "batch": (int,), "hidden": (int,), "seed": (int,), "device": (str,), "entropy": (bool,),
-          "stream_bits": (int,), "quiet": (bool,), "mc_resolution": (int,), "draco_mc_resolution": (int,),
+          "stream_bits": (int,), "rate_weights": (list, str), "rate_context": (bool,), "quiet": (bool,), "mc_resolution": (int,), "draco_mc_resolution": (int,),
           "draco_level": (int,), "format": (str,), "downscale": (int,), "eval_views": (str,),
           "eval_max_views": (int,), "background": (str, list), "octree": (str,), "dataset": (str,), "out": (str,)}
 
 
 def _check_type(name: str, value) -> None:
-    if value is None and name in ("minutes", "eval_max_views", "stream_bits", "levels", "features", "steps",
+    if value is None and name in ("minutes", "eval_max_views", "stream_bits", "rate_weights", "levels", "features", "steps",
                                   "batch", "hidden"):
         return
     ok = _TYPES[name]
@@ -484,9 +555,10 @@ class SDFTask:
         self.normalization = fit_normalization(self.mesh)  # the frame every SDF fit uses (build_sdf_field)
         self.name = Path(cfg.dataset).stem
 
-    def fit(self, grid_cfg, work: Path, resume: bool, refine: int | None = None):
+    def fit(self, grid_cfg, work: Path, resume: bool, refine: int | None = None, rate_weight: float = 0.0):
         """Fit ``grid_cfg`` with ``refine`` index-refinement sweeps (None: the SDF default, see
-        :func:`default_refine`). Returns the field, the steps done and the sweeps it was fitted with."""
+        :func:`default_refine`) and the rate term λ = ``rate_weight`` (0: none). Returns the field, the
+        steps done and the sweeps it was fitted with."""
         from vqad.config import DecoderConfig
         from vqad.sdf.fit import SDFTrainConfig, fit_sdf
 
@@ -497,6 +569,7 @@ class SDFTask:
             train.max_minutes = c.minutes
         if refine is not None:
             train.refine = refine
+        _set_rate(train, rate_weight, c.rate_context)
         res = fit_sdf(self.mesh, grid_cfg, DecoderConfig(hidden=c.hidden), train, self.device, out_dir=work,
                       resume=resume, quiet=c.quiet, mesh_path=str(Path(c.dataset).resolve()))
         return res.field, res.steps, train.refine
@@ -537,9 +610,10 @@ class NeRFTask:
         pick_split(self.dataset, cfg.eval_views)  # fail now, not after the first fit
         self.name = self.dataset.name
 
-    def fit(self, grid_cfg, work: Path, resume: bool, refine: int | None = None):
-        """Fit ``grid_cfg`` (``refine``: index-refinement sweeps, None: the radiance-field default, 0).
-        Returns the field, the steps done and the sweeps it was fitted with."""
+    def fit(self, grid_cfg, work: Path, resume: bool, refine: int | None = None, rate_weight: float = 0.0):
+        """Fit ``grid_cfg`` (``refine``: index-refinement sweeps, None: the radiance-field default, 0;
+        ``rate_weight``: λ of the rate term, 0: none). Returns the field, the steps done and the sweeps
+        it was fitted with."""
         from vqad.config import DecoderConfig
         from vqad.nerf.field import NeRFConfig
         from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
@@ -549,6 +623,7 @@ class NeRFTask:
         train = NeRFTrainConfig(steps=c.steps, batch_rays=c.batch, octree=c.octree, seed=c.seed, max_minutes=c.minutes)
         if refine is not None:
             train.refine = refine
+        _set_rate(train, rate_weight, c.rate_context)
         res = fit_nerf(self.dataset, grid_cfg, DecoderConfig(hidden=c.hidden, position_input=False), train, self.device,
                        out_dir=work, resume=resume, quiet=c.quiet,
                        nerf_cfg=NeRFConfig(color_hidden=c.hidden, step_ratio=None))
@@ -560,6 +635,12 @@ class NeRFTask:
         r = evaluate_nerf(field, self.dataset, self.cfg.eval_views, lods=[lod], max_views=self.cfg.eval_max_views,
                           save_images=False)[lod]
         return {"psnr": r["psnr"], "ssim": r["ssim"]}
+
+
+def _set_rate(train, rate_weight: float, context: bool) -> None:
+    """The rate term of a rate-aware point (λ > 0; ``context``: estimated given the coarser index)."""
+    if rate_weight:
+        train.rate_weight, train.rate_context = rate_weight, context
 
 
 # ================================================================================================
@@ -598,7 +679,8 @@ class Sweep:
 
         self.cfg = cfg.resolved()
         self.log = log
-        self.points = plan(parse_methods(self.cfg.methods, self.cfg.kind, self.cfg.features), self.cfg.stream_bits)
+        self.points = plan(parse_methods(self.cfg.methods, self.cfg.kind, self.cfg.features, self.cfg.rate_weights),
+                           self.cfg.stream_bits)
         self.device = resolve_device(self.cfg.device)
         self.task = (SDFTask if self.cfg.kind == "sdf" else NeRFTask)(self.cfg, self.device)
         self.out = Path(self.cfg.out)
@@ -616,6 +698,7 @@ class Sweep:
                 old = json.loads(manifest.read_text())["settings"]
             except (ValueError, KeyError, TypeError):
                 raise InputError(f"{manifest} is not a vqad sweep record: use another --out") from None
+            old = {**ADDED_SETTINGS, **old}
             new = json.loads(json.dumps(self.cfg.settings()))
             diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             if diff:
@@ -654,7 +737,7 @@ class Sweep:
                 continue
             self.log(f"[{i}/{n}] {p.label} ...", flush=True)
             rows = self._run_point(p)
-            rec = {"point": p.key, "method": p.method, "setting": p.setting, "rows": rows,
+            rec = {"point": p.key, "method": p.method, "setting": p.setting, "rate_weight": p.rate_weight, "rows": rows,
                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             write_atomic(self.out / "points" / f"{p.key}.json", json.dumps(rec, indent=2))
             shutil.rmtree(self.out / "work" / p.key, ignore_errors=True)  # the finished fit's checkpoint
@@ -682,7 +765,9 @@ class Sweep:
                 if resume:
                     note = "fit continued from the checkpoint of an interrupted run (fit s: this run only)"
                     self.log(f"    continuing the interrupted fit from {work / 'checkpoint'}")
-                field, steps, refine = self.task.fit(self._grid_cfg(p), work, resume, refine=METHODS[p.method].refine)
+                rate = {"rate_weight": p.rate_weight} if p.rate_weight else {}
+                field, steps, refine = self.task.fit(self._grid_cfg(p), work, resume, refine=METHODS[p.method].refine,
+                                                     **rate)
                 if not any(s.discrete for s in field.grid.storages):
                     refine = None  # only codebook indices are refined
                 field.bake(fp16=True)
@@ -722,6 +807,8 @@ class Sweep:
         if shipped != raw:
             F.save(field, shipped, entropy=True)
         info = F.read_info(raw)
+        indices = [c for c in (F.read_info(shipped) if shipped != raw else info).chunks if c.symbols]
+        n = sum(c.symbols for c in indices)
         t0 = time.perf_counter()
         lod = info.levels[-1].level
         q = self.task.evaluate(load(shipped, device=self.device), lod)
@@ -733,6 +820,9 @@ class Sweep:
             "dense_fp16_grid_bytes": sum(lv.dense_fp16_bytes for lv in info.levels),
             "vertices": sum(lv.vertices for lv in info.levels), "eval_seconds": time.perf_counter() - t0,
             "file": str(shipped.relative_to(self.out)),
+            # bits per index before coding (b) and as shipped, the chunks' probability models included
+            "index_bits": sum(c.bits * c.symbols for c in indices) / n if n else None,
+            "coded_index_bits": 8 * sum(c.length for c in indices) / n if n else None,
         }
 
     def dense_field(self):
@@ -796,7 +886,8 @@ class Sweep:
 
 
 def _row(p: Point, lod: int | None) -> dict:
-    return {"point": p.key, "method": p.method, "param": METHODS[p.method].param, "setting": p.setting, "lod": lod}
+    return {"point": p.key, "method": p.method, "param": METHODS[p.method].param, "setting": p.setting,
+            "rate_weight": p.rate_weight, "lod": lod}
 
 
 def run_sweep(cfg: SweepConfig, log=print) -> list[dict]:
@@ -807,12 +898,13 @@ def run_sweep(cfg: SweepConfig, log=print) -> list[dict]:
 # ================================================================================================
 # reports: results.csv, results.md, rd.png
 # ================================================================================================
-COLUMNS = ["point", "method", "param", "setting", "lod", "bytes", "file_bytes", "entropy_bytes", "grid_bytes",
-           "octree_bytes", "decoder_bytes", "dense_fp16_grid_bytes", "grid_ratio", "dense_ratio", "vertices",
+COLUMNS = ["point", "method", "param", "setting", "rate_weight", "lod", "bytes", "file_bytes", "entropy_bytes",
+           "grid_bytes", "octree_bytes", "decoder_bytes", "dense_fp16_grid_bytes", "grid_ratio", "dense_ratio",
+           "index_bits", "coded_index_bits", "vertices",
            "QUALITY", "fit_seconds", "eval_seconds", "peak_memory_bytes", "steps", "refine", "finished_at", "file",
            "note"]
 QUALITY = {"sdf": ("chamfer_l1", "normal_consistency", "iou"), "nerf": ("psnr", "ssim")}
-ORDER = ["dense", "codebook", "codebook-norefine", "codebook-stream", "hash", "kmeans", "lowrank", "draco-input",
+ORDER = ["dense", "codebook", "codebook-norefine", "codebook-stream", "codebook-rate", "hash", "kmeans", "lowrank", "draco-input",
          "draco-mc"]
 
 
@@ -836,7 +928,8 @@ def collect_rows(out: Path) -> list[dict]:
         rec = read_point(p)
         if rec is not None:
             rows += [dict(r, finished_at=rec["finished_at"]) for r in rec["rows"]]
-    rows.sort(key=lambda r: (ORDER.index(r["method"]), r["setting"] or 0, r["lod"] if r["lod"] is not None else -1))
+    rows.sort(key=lambda r: (ORDER.index(r["method"]), r["setting"] or 0, r.get("rate_weight") or 0,
+                             r["lod"] if r["lod"] is not None else -1))
     dense = next((r for r in rows if r["method"] == "dense"), None)
     for r in rows:
         if r.get("grid_bytes"):
@@ -915,9 +1008,11 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
         "**vs dense** = the dense fp16 point's size / this size. Post-hoc points are made from the dense point's file "
         "(no fine-tuning).",
         *(["", refinement_note(rows, cfg.kind)] if any(r["method"].startswith("codebook") for r in rows) else []),
+        *(["", rate_note(cfg)] if any(r["method"] == "codebook-rate" for r in rows) else []),
         "",
-        f"| method | setting | {qh} | size kB | raw file kB | grid kB | vs dense | steps | fit s | peak memory MB |",
-        "|---|---|" + "---|" * (3 if sdf else 2) + "---|---|---|---|---|---|---|",
+        f"| method | setting | {qh} | size kB | raw file kB | grid kB | bits/index b → coded | vs dense | steps | fit s | "
+        "peak memory MB |",
+        "|---|---|" + "---|" * (3 if sdf else 2) + "---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["method"] == "codebook-stream":
@@ -926,11 +1021,15 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
         q = (f"{_fmt(r.get('chamfer_l1'), '.5f')} | {_fmt(r.get('normal_consistency'), '.4f')} | {_fmt(r.get('iou'), '.4f')}"
              if sdf else f"{_fmt(r.get('psnr'), '.2f')} | {_fmt(r.get('ssim'), '.4f')}")
         setting = "–" if r["setting"] is None else f"{m.param} = {r['setting']}"
+        if r.get("rate_weight") is not None:
+            setting += f", λ = {r['rate_weight']:g}"
+        bits = (f"{r['index_bits']:g} → {r['coded_index_bits']:.2f}" if r.get("index_bits") is not None
+                and r.get("coded_index_bits") is not None else "–")
         grid = _fmt(r["grid_bytes"] / 1e3 if r.get("grid_bytes") else None, ",.1f")
         mem = _fmt(r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") else None, ",.0f")
         raw = _fmt(r["file_bytes"] / 1e3 if r.get("file_bytes") else None, ",.1f")
         L.append(f"| {m.label} | {setting} | {q} | {r['bytes'] / 1e3:,.1f} | {raw} | "
-                 f"{grid} | {_fmt(r.get('dense_ratio'), '.1f')}× | {_fmt(r.get('steps'), ',d')} | "
+                 f"{grid} | {bits} | {_fmt(r.get('dense_ratio'), '.1f')}× | {_fmt(r.get('steps'), ',d')} | "
                  f"{_fmt(r.get('fit_seconds'), ',.1f')} | {mem} |")
     stream = [r for r in rows if r["method"] == "codebook-stream"]
     if stream:
@@ -944,6 +1043,17 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
     if notes:
         L += ["", "Notes: " + "; ".join(f"{r['point']}: {r['note']}" for r in notes) + "."]
     return "\n".join(L) + "\n"
+
+
+def rate_note(cfg: SweepConfig) -> str:
+    """What the rate-aware points are (``codebook-rate``)."""
+    est = ("given the coarser level's index at floor(v/2), the context codec's model (`--rate-context`)"
+           if cfg.rate_context else "order-0")
+    return (f"**Rate-aware points** (*VQ-AD + rate term*): VQ-AD fits whose loss gains λ × the estimated coded bits "
+            f"per index ({est}; `vqad.fit.rate_term`), at λ = {', '.join(f'{v:g}' for v in cfg.rate_weights or [])}, "
+            "with no index refinement (it would undo part of the rate term): their λ = 0 reference is "
+            "`codebook-norefine:b` on a mesh, `codebook:b` on a radiance field. *bits/index*: b before coding → the "
+            "shipped file's payload bits per index, probability models included.")
 
 
 def codebook_sweeps(rows: list[dict], kind: str) -> list[int]:
@@ -970,6 +1080,8 @@ def refinement_note(rows: list[dict], kind: str) -> str:
             f"{'SDF ' if kind == 'sdf' else ''}fit's default); ")
     if any(r["method"] == "codebook-norefine" for r in rows):
         text += "*VQ-AD, no index refinement* points are the same fits without them. "
+    if any(r["method"] == "codebook-rate" for r in rows):
+        text += "*VQ-AD + rate term* points have none. "
     else:
         text += "`codebook-norefine:b` in the sweep adds the same fits without them. "
     return text + ("No baseline gets a comparable step: dense and hash are used as trained, k-means and low rank "
@@ -982,6 +1094,18 @@ STYLES = {  # marker, line style, colour
     "hash": ("s", "-", "C1"), "kmeans": ("^", "-", "C2"), "lowrank": ("v", "-", "C3"),
     "draco-input": ("D", "--", "C4"), "draco-mc": ("P", "--", "C5"),
 }
+RATE_COLORS = ("C6", "C8", "C9", "C7", "C5")  # codebook-rate: one series per b, in ascending b
+RATE_MARKERS = ("d", "h", "p", "<", ">")
+
+
+def _series(rows: list[dict], method: str):
+    """(label, style, points) of ``method``'s plotted series: one, or for ``codebook-rate`` one per b."""
+    marker, ls, color = STYLES.get(method, ("o", "-.", "C6"))
+    if method != "codebook-rate":
+        return [(METHODS[method].label, (marker, ls, color), rows)]
+    bits = sorted({r["setting"] for r in rows})
+    return [(f"{METHODS[method].label}, b = {b}", (RATE_MARKERS[i % 5], "-.", RATE_COLORS[i % 5]),
+             [r for r in rows if r["setting"] == b]) for i, b in enumerate(bits)]
 
 
 def plot_rd(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
@@ -998,19 +1122,27 @@ def plot_rd(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
         pts = [r for r in rows if r["method"] == method and r.get(q) is not None and not math.isnan(r[q])]
         if not pts:
             continue
-        pts.sort(key=lambda r: r["bytes"])
-        marker, ls, color = STYLES[method]
-        label = METHODS[method].label + (f" (b = {pts[0]['setting']})" if method == "codebook-stream" else "")
-        if method == "codebook" and codebook_sweeps(rows, cfg.kind) != [0]:  # say so where the baselines have none
-            label += f", {' or '.join(map(str, codebook_sweeps(rows, cfg.kind)))} index-refinement sweeps"
-        ax.plot([r["bytes"] for r in pts], [r[q] for r in pts], marker=marker, linestyle=ls or "none", color=color,
-                label=label, markersize=9 if method == "dense" else 5, alpha=0.6 if method == "codebook-stream" else 1.0)
-        for r in pts:
-            txt = f"L{r['lod']}" if method == "codebook-stream" else (f"{r['param']}={r['setting']}" if r["setting"] is not None else "")
-            if txt:
-                below = method == "codebook-stream"  # not on top of its VQ-AD point's label
-                ax.annotate(txt, (r["bytes"], r[q]), textcoords="offset points", xytext=(4, -10 if below else 4),
-                            fontsize=7, color=color)
+        for label, (marker, ls, color), series in _series(pts, method):
+            series = sorted(series, key=lambda r: r["bytes"])
+            label += f" (b = {series[0]['setting']})" if method == "codebook-stream" else ""
+            if method == "codebook" and codebook_sweeps(rows, cfg.kind) != [0]:  # say so where the baselines have none
+                label += f", {' or '.join(map(str, codebook_sweeps(rows, cfg.kind)))} index-refinement sweeps"
+            if method == "codebook-rate" and cfg.rate_context:
+                label += ", rate given the coarser index"
+            ax.plot([r["bytes"] for r in series], [r[q] for r in series], marker=marker, linestyle=ls or "none",
+                    color=color, label=label, markersize=9 if method == "dense" else 5,
+                    alpha=0.6 if method == "codebook-stream" else 1.0)
+            for r in series:
+                if method == "codebook-stream":
+                    txt = f"L{r['lod']}"
+                elif r.get("rate_weight") is not None:  # the series names b; each point its λ
+                    txt = f"λ={r['rate_weight']:g}"
+                else:
+                    txt = f"{r['param']}={r['setting']}" if r["setting"] is not None else ""
+                if txt:
+                    below = method == "codebook-stream"  # not on top of its VQ-AD point's label
+                    ax.annotate(txt, (r["bytes"], r[q]), textcoords="offset points", xytext=(4, -10 if below else 4),
+                                fontsize=7, color=color)
     ax.set_xscale("log")
     if sdf:
         ax.set_yscale("log")
@@ -1030,4 +1162,5 @@ def plot_rd(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
 
 __all__ = ["SweepConfig", "Sweep", "run_sweep", "parse_methods", "Point", "Method", "METHODS", "DEFAULT_METHODS",
            "load_config_file", "detect_kind", "write_reports", "collect_rows", "read_csv", "markdown_table", "plot_rd",
-           "PeakMemory", "METHOD_SPEC_HELP", "default_refine", "codebook_sweeps", "refinement_note"]
+           "PeakMemory", "METHOD_SPEC_HELP", "default_refine", "codebook_sweeps", "refinement_note", "rate_note",
+           "parse_rate_weights", "DEFAULT_RATE_WEIGHTS"]

@@ -9,6 +9,7 @@ examples:
   vqad sweep armadillo.obj --out runs/rd-armadillo                      # the default method set
   vqad sweep armadillo.obj --methods codebook:4,6 hash:12 kmeans:4 draco-input:10,12 --steps 1000 --out runs/rd
   vqad sweep armadillo.obj --methods codebook:2,4 codebook-norefine:2,4 dense --out runs/rd-refine   # ± refinement
+  vqad sweep armadillo.obj --methods codebook-norefine:4,6,8 codebook-rate:4,6,8 --rate-weights 3e-4,3e-3 --out runs/rd-rate
   vqad sweep data/nerf_synthetic/lego --downscale 4 --eval-views val --eval-max-views 20 --minutes 27 --out runs/rd-lego
   vqad sweep --config sweep.toml                                         # flags given too override the file
 
@@ -27,6 +28,12 @@ its indices (vqad.refine), a step no baseline gets; codebook-norefine:b fits the
 without them, as a series of its own (table, CSV, plot), and the CSV's refine column gives each
 point's sweeps. Radiance-field fits do not refine by default, so there codebook already is VQ-AD
 without refinement.
+
+Rate-aware points: codebook-rate:B1,B2,... fits VQ-AD with the rate term (fit-sdf --rate-weight) at
+every b given and every λ of --rate-weights (default 3e-4,1e-3,3e-3), without index refinement (it
+would undo part of the rate term; codebook-norefine:b is their λ = 0). The plot draws one series per
+b; the CSV gives rate_weight, index_bits and coded_index_bits. The λ values are recorded in
+OUT/sweep.json: resuming with other values is refused.
 """
 
 
@@ -58,6 +65,12 @@ def register(sub) -> None:
     p.add_argument("--stream-bits", type=int,
                    help="measure each LOD from a prefix of this VQ-AD point's file (default: 4 when codebook:4 is "
                         "swept; 0: none)")
+    p.add_argument("--rate-weights", metavar="L1,L2,...",
+                   help="λ values of the codebook-rate points, e.g. 3e-4,3e-3 (each b is fitted at each λ; λ > 0; "
+                        "default 3e-4,1e-3,3e-3; only with codebook-rate in --methods)")
+    p.add_argument("--rate-context", action="store_true",
+                   help="codebook-rate points estimate the rate given the coarser level's index (fit-sdf "
+                        "--rate-context; only with codebook-rate in --methods)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("meshes")
     g.add_argument("--mc-resolution", type=int, help="marching cubes for the quality metrics (default 256)")

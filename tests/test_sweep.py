@@ -169,17 +169,100 @@ def test_sdf_sweep_with_and_without_index_refinement(sphere, tmp_path, monkeypat
     assert "codebook-norefine:b" in S.METHOD_SPEC_HELP  # the --methods help documents it
 
 
+def test_sdf_sweep_rate_aware_points_resume_and_report(sphere, tmp_path, monkeypatch):
+    """codebook-rate: one fit per (b, λ), with λ in its train config and no refinement; resumable; λ recorded."""
+    runs = []  # train config of every fit
+    real_fit = vqad.sdf.fit.fit_sdf
+
+    def fit_sdf(mesh, grid_cfg, dec_cfg, train_cfg, *a, **kw):
+        runs.append((grid_cfg.bits, train_cfg))
+        return real_fit(mesh, grid_cfg, dec_cfg, replace(train_cfg, pool_size=20_000, refine_samples=5_000), *a, **kw)
+
+    monkeypatch.setattr(vqad.sdf.fit, "fit_sdf", fit_sdf)
+    out = tmp_path / "rd"
+    methods = ["codebook-norefine:2", "codebook-rate:2,3"]
+    extra = ["--steps", "10", "--rate-weights", "3e-2,1e-3"]
+    S.Sweep(_config(sphere, out, methods, extra), log=lambda *a, **k: None).run()
+    assert [(b, t.rate_weight, t.rate_context, t.refine) for b, t in runs] == [
+        (2, 0.0, False, 0), (2, 1e-3, False, 0), (2, 3e-2, False, 0), (3, 1e-3, False, 0), (3, 3e-2, False, 0)]
+    plain, rated = runs[0][1], runs[1][1]
+    assert replace(rated, rate_weight=0.0) == plain  # nothing else differs from the λ = 0 reference
+
+    keys = ["codebook-norefine-b2", "codebook-rate-b2-lambda0.001", "codebook-rate-b2-lambda0.03",
+            "codebook-rate-b3-lambda0.001", "codebook-rate-b3-lambda0.03"]
+    table = _csv(out / "results.csv")
+    assert [r["point"] for r in table] == keys
+    by = {r["point"]: r for r in table}
+    assert by["codebook-norefine-b2"]["rate_weight"] == "" and by["codebook-rate-b3-lambda0.03"]["rate_weight"] == "0.03"
+    for r in table:
+        assert (out / r["file"]).stat().st_size == int(r["bytes"]) and float(r["chamfer_l1"]) > 0
+        assert r["refine"] == "0" and float(r["index_bits"]) == int(r["setting"])
+        # the shipped (entropy-coded) file's index chunks, models included: at most b plus a little
+        assert 0 < float(r["coded_index_bits"]) <= int(r["setting"]) + 0.5
+    md = (out / "results.md").read_text()
+    assert "| VQ-AD + rate term | b = 3, λ = 0.03 |" in md and "**Rate-aware points**" in md
+    assert "at λ = 0.001, 0.03" in md and "order-0" in md
+    assert (out / "rd.png").stat().st_size > 10_000
+    assert json.loads((out / "sweep.json").read_text())["settings"]["rate_weights"] == [1e-3, 3e-2]
+
+    # resumed after a lost point: only that (b, λ) is refitted; other λ values or the context estimate are refused
+    (out / "points" / "codebook-rate-b3-lambda0.001.json").unlink()
+    runs.clear()
+    S.Sweep(_config(sphere, out, methods, extra), log=lambda *a, **k: None).run()
+    assert [(b, t.rate_weight) for b, t in runs] == [(3, 1e-3)]
+    assert [r["point"] for r in _csv(out / "results.csv")] == keys
+    runs.clear()
+    S.Sweep(_config(sphere, out, methods, ["--steps", "10", "--rate-weights", "0.001,0.03,1e-3"]),
+            log=lambda *a, **k: None).run()  # the same set, written otherwise: nothing to do
+    assert runs == []
+    with pytest.raises(InputError, match="other settings.*rate_weights"):
+        S.Sweep(_config(sphere, out, methods, ["--steps", "10", "--rate-weights", "1e-3"]))
+    with pytest.raises(InputError, match="other settings.*rate_context"):
+        S.Sweep(_config(sphere, out, methods, [*extra, "--rate-context"]))
+
+
+def test_rate_settings_of_older_sweeps_and_the_context_flag(sphere, tmp_path, monkeypatch):
+    """A sweep.json written before the λ values were recorded resumes with the defaults; --rate-context reaches
+    the fit."""
+    out = tmp_path / "rd"
+    cfg = _config(sphere, out, ["codebook-rate:2"], ["--steps", "5", "--rate-weights", "1e-2", "--rate-context"])
+    seen = []
+    monkeypatch.setattr(S.SDFTask, "fit", lambda self, g, work, resume, **kw: seen.append(kw) or (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        S.Sweep(cfg, log=lambda *a, **k: None).run()
+    assert seen == [{"refine": 0, "rate_weight": 1e-2}]
+    train = vqad.sdf.fit.SDFTrainConfig()
+    S._set_rate(train, 1e-2, True)
+    assert (train.rate_weight, train.rate_context) == (1e-2, True)
+    S._set_rate(train := vqad.sdf.fit.SDFTrainConfig(), 0.0, True)  # λ = 0: no rate term, no context
+    assert (train.rate_weight, train.rate_context) == (0.0, False)
+
+    old = tmp_path / "old"
+    cfg = _config(sphere, old, ["dense"])
+    S.Sweep(cfg)._prepare_out()
+    record = json.loads((old / "sweep.json").read_text())
+    for k in ("rate_weights", "rate_context"):
+        del record["settings"][k]
+    (old / "sweep.json").write_text(json.dumps(record))
+    S.Sweep(cfg)  # the defaults: resumable
+    S.Sweep(_config(sphere, old, ["dense", "codebook-rate:4"]))  # adding rate points at the default λ values
+    with pytest.raises(InputError, match="other settings.*rate_weights"):
+        S.Sweep(_config(sphere, old, ["dense", "codebook-rate:4"], ["--rate-weights", "1e-2"]))
+
+
 def test_nerf_sweep_on_the_procedural_scene(tmp_path, capsys):
     out = tmp_path / "rd"
     rc = cli_main(["sweep", "procedural", "--out", str(out), "--methods", "dense", "codebook:2", "kmeans:2", "lowrank:2",
-                   "--levels", "2:4", "--features", "4", "--steps", "15", "--batch", "256", "--hidden", "16",
+                   "codebook-rate:2", "--rate-weights", "1e-2", "--levels", "2:4", "--features", "4", "--steps", "15", "--batch", "256", "--hidden", "16",
                    "--octree", "mask", "--eval-max-views", "2", "--stream-bits", "2", "--device", "cpu", "--quiet"])
     assert rc == 0
     table = _csv(out / "results.csv")
     assert [r["point"] for r in table] == ["dense", "codebook-b2", "codebook-stream-b2", "codebook-stream-b2",
-                                           "codebook-stream-b2", "kmeans-b2", "lowrank-r2"]
+                                           "codebook-stream-b2", "codebook-rate-b2-lambda0.01", "kmeans-b2", "lowrank-r2"]
     assert "chamfer_l1" not in table[0]
     assert {r["point"]: r["refine"] for r in table if r["method"] in ("dense", "codebook")} == {"dense": "", "codebook-b2": "0"}
+    assert [(r["point"], r["rate_weight"], r["index_bits"]) for r in table if r["rate_weight"]] == [
+        ("codebook-rate-b2-lambda0.01", "0.01", "2")]
     for r in table:
         assert 5 < float(r["psnr"]) < 60 and 0 < float(r["ssim"]) <= 1
     md = (out / "results.md").read_text()
@@ -235,6 +318,14 @@ def _err(capsys):
     (["--methods", "dense:3"], "takes no setting"),
     (["--methods", "codebook-norefine:13"], "bits must be"),
     (["--methods", "dense", "--stream-bits", "4"], "no codebook:4 point"),
+    (["--methods", "codebook-rate:4@3e-3"], "with --rate-weights 3e-4,3e-3"),
+    (["--methods", "codebook-rate:13"], "bits must be"),
+    (["--methods", "codebook-rate:4", "--rate-weights", "0"], "λ = 0 is plain VQ-AD"),
+    (["--methods", "codebook-rate:4", "--rate-weights", "1e-3,x"], "bad --rate-weights value 'x'"),
+    (["--methods", "codebook-rate:4", "--rate-weights", "1e-3,-1"], "λ must be a finite number > 0"),
+    (["--methods", "codebook-rate:4", "--rate-weights", ","], "bad --rate-weights"),
+    (["--methods", "codebook:4", "--rate-weights", "1e-3"], "--rate-weights applies to rate-aware points"),
+    (["--methods", "codebook:4", "--rate-context"], "--rate-context applies to rate-aware points"),
     (["--downscale", "2"], "--downscale: not an option for a mesh"),
     (["--minutes", "0"], "positive"),
     (["--levels", "5:2"], "level"),

@@ -17,9 +17,12 @@ the CSVs (``--check-only`` redoes just that).
 Armadillo's VQ-AD fits end with the SDF fit's default index refinement (``vqad.refine``), which no
 baseline gets; ``--methods ... codebook-norefine:4`` adds the same fits without it (armadillo only),
 and rd.md says which points were refined.
+Rate-aware VQ-AD points: ``--methods ... codebook-rate:4,6,8 --rate-weights 3e-4,3e-3
+[--rate-context]`` (vqad sweep's options; one point per b and λ, no index refinement).
 
     python benchmarks/bench_rd.py --out docs/benchmarks [--only lego,armadillo] [--steps N]
-        [--minutes M] [--device cpu] [--threads 2] [--levels A:B] [--methods SPEC ...] [--check-only]
+        [--minutes M] [--device cpu] [--threads 2] [--levels A:B] [--methods SPEC ...]
+        [--rate-weights L1,L2,...] [--rate-context] [--check-only]
 """
 
 from __future__ import annotations
@@ -233,6 +236,10 @@ def sweep_config(scene: str, args):
         values["minutes"] = args.minutes
     if not nerf and args.mc_resolution:
         values["mc_resolution"] = args.mc_resolution
+    if getattr(args, "rate_weights", None) is not None:  # the sweep refuses them without codebook-rate points
+        values["rate_weights"] = args.rate_weights
+    if getattr(args, "rate_context", False):
+        values["rate_context"] = True
     return SweepConfig.from_mapping(values)
 
 
@@ -267,6 +274,8 @@ def refinement_text(results: dict[str, list[dict]]) -> str:
                      f"fit's default{'' if recorded else '; this run predates the CSV column that records it'})")
         if any(r["method"] == "codebook-norefine" for r in rows):
             parts[-1] += "; its *no index refinement* points are the same fits without them"
+        if any(r["method"] == "codebook-rate" for r in rows):
+            parts[-1] += "; its *VQ-AD + rate term* points (`codebook-rate`, one series per b, λ in the CSV) have none"
     if not parts:
         return ""
     unfair = (f", so every target below that sets VQ-AD against a baseline on {' and '.join(refined)} compares "
@@ -328,6 +337,9 @@ def main() -> None:
     ap.add_argument("--levels", default=None, help="octree levels BASE:MAX for every scene (default: lego 4:7, armadillo 3:7)")
     ap.add_argument("--methods", nargs="+", default=None, metavar="SPEC",
                     help="instead of the full set, for every scene (Draco ones: armadillo only): " + METHOD_SPEC_HELP)
+    ap.add_argument("--rate-weights", default=None, metavar="L1,L2,...",
+                    help="λ values of codebook-rate points in --methods (vqad sweep --rate-weights)")
+    ap.add_argument("--rate-context", action="store_true", help="codebook-rate points: vqad sweep --rate-context")
     ap.add_argument("--mc-resolution", type=int, default=None, help="armadillo: marching cubes for the metrics (default 256)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")

@@ -409,3 +409,5 @@ def test_bench_rd_target_checks():
     assert "lego's VQ-AD points have no index refinement" in text
     assert "armadillo's VQ-AD points have 3 Gauss–Newton index-refinement sweeps" in text
     assert "no index refinement* points are the same fits" in text and "baseline on armadillo compares refined" in text
+    text = B.refinement_text({"lego": lego + [dict(_r("codebook-rate", 6, 90_000, psnr=29.1), rate_weight=1e-3)]})
+    assert "*VQ-AD + rate term* points (`codebook-rate`, one series per b, λ in the CSV) have none" in text

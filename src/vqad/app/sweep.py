@@ -1140,7 +1140,7 @@ def plot_rd(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
                 else:
                     txt = f"{r['param']}={r['setting']}" if r["setting"] is not None else ""
                 if txt:
-                    below = method == "codebook-stream"  # not on top of its VQ-AD point's label
+                    below = method in ("codebook-stream", "codebook-rate")  # not on top of a b= label
                     ax.annotate(txt, (r["bytes"], r[q]), textcoords="offset points", xytext=(4, -10 if below else 4),
                                 fontsize=7, color=color)
     ax.set_xscale("log")

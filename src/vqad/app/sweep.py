@@ -698,7 +698,9 @@ class Sweep:
                 old = json.loads(manifest.read_text())["settings"]
             except (ValueError, KeyError, TypeError):
                 raise InputError(f"{manifest} is not a vqad sweep record: use another --out") from None
-            old = {**ADDED_SETTINGS, **old}
+            if not isinstance(old, dict):
+                raise InputError(f"{manifest} is not a vqad sweep record: use another --out")
+            old = {**ADDED_SETTINGS, **old}  # a sweep recorded before these settings existed had their defaults
             new = json.loads(json.dumps(self.cfg.settings()))
             diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             if diff:

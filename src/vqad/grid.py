@@ -30,6 +30,9 @@ class _Interpolate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # one memory layout and index type: embedding_bag picks its kernel (and so its rounding) by them,
+        # and a codebook made post hoc (a transposed k-means result) must compute what its file does
+        table, ids, w = table.contiguous(), ids.long(), w.contiguous()
         ctx.save_for_backward(w, table, ids)
         return F.embedding_bag(ids, table, per_sample_weights=w, mode="sum")
 

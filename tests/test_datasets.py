@@ -349,9 +349,11 @@ def test_ngp_fixture_intrinsics_distortion_aabb(tmp_path):
     assert torch.allclose(tr.intrinsics[2], torch.tensor([10.0, 10.5, 5.5, 6.5]))  # frame 3's own, scaled
     assert torch.allclose(tr.distortion[0], torch.tensor([-0.05, 0.01, 0.001, -0.002]))
     assert torch.allclose(tr.c2w, views.c2w[[1, 2, 3, 4, 5, 6, 7, 9]])
-    # aabb_scale 4 around ngp's default scale 0.33 / offset 0.5: the cube is world [-6.06, 6.06]^3
+    # aabb_scale 4 around ngp's default scale 0.33 / offset 0.5: the central box (aabb_scale 1, world
+    # [-1.52, 1.52]^3) is the unit cube, and the scene out to 4x that box is contracted into it
     assert ds.normalization.center == pytest.approx((0.0, 0.0, 0.0))
-    assert ds.normalization.scale == pytest.approx(0.33 * 2 / 4)
+    assert ds.normalization.scale == pytest.approx(0.33 * 2)
+    assert ds.outer_scale == 4.0
     # the distortion reaches the rays: they differ from the pinhole rays away from the centre
     o, d = camera_rays(tr, 0)
     _, d0 = rays_for_pixels(tr.c2w[0], tr.intrinsics[0], pixel_centers(24, 24))

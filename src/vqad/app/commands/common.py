@@ -143,6 +143,16 @@ def config_flag(p, defaults, name: str, flag: str | None = None, help: str = "",
                    help=f"{help} (default: {shown})" if help else f"default: {shown}", **kw)
 
 
+
+def add_rate_flags(p, T) -> None:
+    """``--rate-weight`` and ``--rate-context`` (issue 20's rate term), the same on every fit command."""
+    config_flag(p, T, "rate_weight", help="λ: add λ × the estimated coded bits per index (entropy of the soft "
+                                         "assignments, docs/method.md) to the loss, trading quality for bits; "
+                                         "codebook only")
+    config_flag(p, T, "rate_context", action="store_true",
+                help="estimate the rate given each index's coarser index at floor(v/2), the model of the "
+                     "file's context codec, instead of order-0 (needs --rate-weight; codebook only)")
+
 def given(args, names) -> dict:
     """The flags among ``names`` that the user gave (argparse stores None for the others)."""
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir, given,
+from vqad.app.commands.common import (add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir, given,
                                       grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
                                       train_overrides)
 from vqad.atomicio import write_atomic
@@ -75,12 +75,7 @@ def register(sub) -> None:
     config_flag(p, T, "lr", type=float, help="decoder learning rate")
     config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
     config_flag(p, T, "logit_lr_scale", type=float, help="codebook logits C lr = lr × this (none or 0: same as the grid; codebook only)")
-    config_flag(p, T, "rate_weight", help="λ: add λ × the estimated coded bits per index (entropy of the soft "
-                                         "assignments, docs/method.md) to the loss, trading quality for bits; "
-                                         "codebook only")
-    config_flag(p, T, "rate_context", action="store_true",
-                help="estimate the rate given each index's coarser index at floor(v/2), the model of the "
-                     "file's context codec, instead of order-0 (needs --rate-weight; codebook only)")
+    add_rate_flags(p, T)
     config_flag(p, T, "codebook_lr_scale", type=float,
                 help="codebooks D lr = lr × this (none or 0: same as the grid; faster rates speed up early training "
                      "but can kill every density, see docs/benchmarks/nerf.md; codebook only)")

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_resolution,
+from vqad.app.commands.common import (add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_resolution,
                                       config_flag, config_from, ensure_writable_dir,
                                       ensure_writable_file, given, grid_config, parse_lod, refuse, train_overrides,
                                       report_notes, report_skipped_steps, resumed_configs)
@@ -50,12 +50,7 @@ def register(sub) -> None:
                                              "(codebook), whose argmax needs larger steps to move; 2e-3 otherwise)")
     config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
     config_flag(p, T, "logit_lr_scale", help="codebook logits C lr = lr × this (0: same as the grid; codebook only)")
-    config_flag(p, T, "rate_weight", help="λ: add λ × the estimated coded bits per index (entropy of the soft "
-                                         "assignments, docs/method.md) to the loss, trading quality for bits; "
-                                         "codebook only")
-    config_flag(p, T, "rate_context", action="store_true",
-                help="estimate the rate given each index's coarser index at floor(v/2), the model of the "
-                     "file's context codec, instead of order-0 (needs --rate-weight; codebook only)")
+    add_rate_flags(p, T)
     config_flag(p, T, "codebook_lr_scale", type=float, help="codebooks D lr = lr × this (none or 0: same as the grid; "
                                                            "codebook only)")
     config_flag(p, T, "max_minutes", flag="--minutes", type=float,

@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from vqad.app.commands.common import (add_grid_args, add_run_args, check_finite, config_flag,
+from vqad.app.commands.common import (add_rate_flags, add_grid_args, add_run_args, check_finite, config_flag,
                                       ensure_writable_dir, refuse,
                                       report_notes, report_skipped_steps, resumed_configs)
 from vqad.atomicio import write_atomic
@@ -54,12 +54,7 @@ def register(sub) -> None:
     config_flag(p, T, "lr", type=float, help="decoder learning rate (none: 5e-3 for codebook grids, else 2e-3)")
     config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
     config_flag(p, T, "logit_lr_scale", help="codebook logits C lr = lr × this (0: same as the grid; codebook only)")
-    config_flag(p, T, "rate_weight", help="λ: add λ × the estimated coded bits per index (entropy of the soft "
-                                         "assignments, docs/method.md) to the loss, trading quality for bits; "
-                                         "codebook only")
-    config_flag(p, T, "rate_context", action="store_true",
-                help="estimate the rate given each index's coarser index at floor(v/2), the model of the "
-                     "file's context codec, instead of order-0 (needs --rate-weight; codebook only)")
+    add_rate_flags(p, T)
     config_flag(p, T, "codebook_lr_scale", type=float, help="codebooks D lr = lr × this (codebook only)")
     config_flag(p, T, "max_minutes", flag="--minutes", type=float, help="cap the whole job (fusion, fit, evaluation) at this many minutes")
     config_flag(p, T, "refine", help="Gauss–Newton index sweeps after training (codebook only; 0: off)")

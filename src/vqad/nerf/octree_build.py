@@ -279,10 +279,10 @@ class DensityPassConfig:
 
 
 def _stage(dataset: SceneDataset, octree: SparseOctree, device, split: str, cfg: DensityPassConfig, steps: int,
-           minutes: float | None, quiet: bool, seed: int, desc: str, step_ratio: float = 1.0) -> torch.Tensor:
+           minutes: float | None, quiet: bool, seed: int, desc: str, step_ratio: float = 1.0) -> tuple[torch.Tensor, int]:
     """Fit a small radiance field on ``octree`` (marched ``step_ratio`` finest cells per step) for
-    ``steps`` steps and return the finest cells ``(n, 3)`` where some probe ray puts weight
-    ``w_i ≥ weight_threshold`` (empty when none)."""
+    ``steps`` steps; return the finest cells ``(n, 3)`` where some probe ray puts weight
+    ``w_i ≥ weight_threshold`` (empty when none) and the steps that ran (the time cap may cut them)."""
     from vqad.config import DecoderConfig, GridConfig
     from vqad.grid import OctreeGrid
     from vqad.nerf.field import NeRFConfig, NeRFField
@@ -306,7 +306,7 @@ def _stage(dataset: SceneDataset, octree: SparseOctree, device, split: str, cfg:
                                prune_warmup=min(cfg.prune_warmup, steps // 4), early_stop_eps=cfg.early_stop_eps,
                                max_minutes=minutes)
     field.train()
-    run_fit(RadianceTask(field, sampler, batcher, pass_cfg, quiet=quiet), pass_cfg, device, quiet=quiet, desc=desc)
+    ran = run_fit(RadianceTask(field, sampler, batcher, pass_cfg, quiet=quiet), pass_cfg, device, quiet=quiet, desc=desc).steps
     # the weights below are measured through the pruned occupancy: a pruned cell absorbs less than
     # prune_alpha per step, far below weight_threshold, so it would not have been kept anyway
     field.eval()
@@ -316,7 +316,7 @@ def _stage(dataset: SceneDataset, octree: SparseOctree, device, split: str, cfg:
                          torch.Generator(device="cpu").manual_seed(seed + 1))
     res = 1 << min(level, sampler.level)
     keep = (best >= floor).nonzero().squeeze(-1)
-    return torch.stack([keep // (res * res), (keep // res) % res, keep % res], -1)
+    return torch.stack([keep // (res * res), (keep // res) % res, keep % res], -1), ran
 
 
 @torch.no_grad()
@@ -375,7 +375,7 @@ def _dilate_and_subdivide(ijk: torch.Tensor, level: int, to_level: int) -> torch
 
 def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, device, dilate: int = 1,
                         split: str = "train", cfg: DensityPassConfig | None = None, quiet: bool = True,
-                        seed: int = 0) -> SparseOctree:
+                        seed: int = 0, stats: dict | None = None) -> SparseOctree:
     """Fit a small dense-grid radiance field for a few hundred steps, keep the cells that some
     training ray actually sees (maximum volume-rendering weight ``w_i ≥ weight_threshold``),
     dilate them by one cell and subdivide to ``max_level``; coarse to fine in two stages
@@ -383,19 +383,22 @@ def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, 
 
     Visibility weights, rather than a density threshold, keep only surfaces that explain pixels:
     floaters and hidden interior regions get little weight.
+
+    ``stats``, when given, receives ``steps`` (both stages), ``rays`` (training rays) and ``seconds``.
     """
     cfg = cfg or DensityPassConfig()
     cfg.validate()
     level = min(cfg.level, max_level)
     empty = "the octree is empty: the coarse density pass found no surface (too few --steps?)"
     t0 = time.perf_counter()
-    steps, coarse = cfg.steps, None
+    steps, coarse, ran_total = cfg.steps, None, 0
     if cfg.coarse_level < level:
         c_level = max(cfg.coarse_level, 1)
         c_steps = max(1, int(cfg.coarse_share * cfg.steps))
         c_min = cfg.max_minutes * cfg.coarse_share if cfg.max_minutes is not None else None
-        ijk = _stage(dataset, SparseOctree.dense(max(1, c_level - cfg.grid_levels + 1), c_level, device=device), device,
-                     split, cfg, c_steps, c_min, quiet, seed, f"octree density pass (level {c_level})")
+        ijk, ran = _stage(dataset, SparseOctree.dense(max(1, c_level - cfg.grid_levels + 1), c_level, device=device), device,
+                          split, cfg, c_steps, c_min, quiet, seed, f"octree density pass (level {c_level})")
+        ran_total += ran
         if ijk.numel() == 0:
             raise InputError(empty)
         coarse = _dilate_and_subdivide(ijk, c_level, level)
@@ -406,8 +409,11 @@ def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, 
         centers = (coarse.float() + 0.5) * (2.0 / (1 << level)) - 1.0
         octree = SparseOctree.from_points(centers, max(1, level - cfg.grid_levels + 1), level, dilate=0)
     minutes = None if cfg.max_minutes is None else max(cfg.max_minutes - (time.perf_counter() - t0) / 60, 1e-3)
-    ijk = _stage(dataset, octree, device, split, cfg, steps, minutes, quiet, seed, f"octree density pass (level {level})",
-                 step_ratio=cfg.fine_step_ratio if coarse is not None else 1.0)
+    ijk, ran = _stage(dataset, octree, device, split, cfg, steps, minutes, quiet, seed, f"octree density pass (level {level})",
+                      step_ratio=cfg.fine_step_ratio if coarse is not None else 1.0)
+    ran_total += ran
+    if stats is not None:
+        stats.update(steps=ran_total, rays=ran_total * cfg.batch_rays, seconds=time.perf_counter() - t0)
     if ijk.numel() == 0:
         raise InputError(empty)
     fine = _dilate_and_subdivide(ijk, level, max_level)

@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench-sdf bench-format bench-nerf bench-rd bench-speed bench-fuzz bench-batch bench-tsdf bench-view clean
+.PHONY: demo test install bench-sdf bench-format bench-nerf bench-rd bench-speed bench-fuzz bench-batch bench-tsdf bench-view bench-scene clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ bench-tsdf: $(STAMP)
 
 bench-view: $(STAMP)
 	$(PY) benchmarks/bench_view.py --out docs/benchmarks/view.md
+
+bench-scene: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_scene.py --out docs/benchmarks/scene.md
 
 clean:
 	rm -rf $(VENV) out build src/*.egg-info

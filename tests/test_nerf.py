@@ -475,3 +475,38 @@ def test_cli_fit_eval_render(tmp_path, capsys):
     r = tmp_path / "renders"
     assert cli_main(["render", str(out / "checkpoint"), "--lod", "4", "--views", "val", "-o", str(r)]) == 0
     assert len(list((r / "val_lod4").glob("*_opacity.png"))) == 5
+
+
+def test_density_pass_probe_matches_a_full_render(scene):
+    """probe_weights (density only, rays stopped once T < floor) keeps exactly the cells where a full
+    render's weights reach the floor, and equals the full render's maxima wherever they do."""
+    from vqad.nerf.octree_build import probe_weights
+    from vqad.nerf.rays import RayBatcher
+
+    torch.manual_seed(0)
+    octree = SparseOctree.dense(2, 4, device=CPU)
+    grid = OctreeGrid.from_octree(octree, GridConfig(storage="dense", features=4, base_level=2, max_level=4))
+    field = NeRFField(grid, DecoderConfig(hidden=16, position_input=False),
+                      NeRFConfig(geo_features=3, color_hidden=8, sh_degree=1, step_ratio=1.0), scene.normalization)
+    for s in field.grid.storages:
+        s.Z.data.normal_(0, 1.0)  # lumpy density: some rays stop early, some cross
+    with torch.no_grad():
+        field.decoder.mlps[0].net[-1].bias[0] = math.log(8.0)
+    field.eval()
+    sampler = OccupancySampler(octree, step=2.0 / 16)
+    batcher = RayBatcher(scene.splits["train"], scene, CPU)
+    floor = 0.02
+    best = probe_weights(field, sampler, batcher, 4, 3000, floor, torch.Generator().manual_seed(5), chunk=1000)
+    ref = torch.zeros_like(best)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _ in range(3):
+            o, d, _, near, far = batcher.sample(1000, gen)
+            p = sampler.march(o, d, near=near, far=far)
+            x = p.points(o, d)
+            w = render_weight_from_density(p.t_starts, p.t_ends, field.density(x, 4), p.ray_indices, p.n_rays)
+            ref.scatter_reduce_(0, sampler._flat_index(x), w, reduce="amax")
+    assert 0.05 < (ref >= floor).float().mean() < 0.95  # a test that can tell
+    assert torch.equal(best >= floor, ref >= floor)
+    hit = ref >= floor
+    assert torch.allclose(best[hit], ref[hit], rtol=1e-4, atol=1e-6)

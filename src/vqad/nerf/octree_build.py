@@ -243,6 +243,12 @@ class DensityPassConfig:
     samples per ray), keeps the cells some training ray sees, and the second stage fits ``level``
     (64³) only inside them. ``coarse_share`` of the steps and of the time cap go to the first stage;
     ``coarse_level >= level`` runs the fine stage alone on the whole cube (the former pass).
+
+    What a sample costs (measured in docs/benchmarks/scene.md): each stage's grid has
+    ``grid_levels`` octree levels (each one a trilinear lookup per sample), the fine stage marches
+    ``fine_step_ratio`` of its cells per step, and the probe that measures the weights evaluates
+    density alone and stops a ray once its transmittance is below ``weight_threshold`` (no later
+    sample can reach that weight: ``w_i ≤ T_i``), ``probe_rays`` rays per stage.
     """
 
     level: int = 6  # resolution of the coarse dense grid (2^level cells per axis)
@@ -251,22 +257,36 @@ class DensityPassConfig:
     steps: int = 400
     batch_rays: int = 2048
     weight_threshold: float = 0.02  # keep coarse cells where some training ray puts this much weight
-    probe_rays: int = 200_000  # training rays rendered to measure the weights
+    probe_rays: int = 100_000  # training rays rendered (density only) to measure the weights, per stage
+    grid_levels: int = 2  # octree levels of each stage's grid (1..3; each costs one lookup per sample)
+    fine_step_ratio: float = 2.0  # the fine stage's marching step, in its cells (the coarse stage: one cell)
     prune_every: int = 25  # re-test the coarse occupancy every N steps (0: never), so empty space stops costing samples
     prune_warmup: int = 100  # (at most a quarter of a stage's steps)
     early_stop_eps: float = 0.0  # training skips samples behind transmittance below this (0: keep all)
     max_minutes: float | None = None  # also stop the pass after this long (None: run every step)
 
+    def validate(self) -> None:
+        if not 1 <= self.level <= 8 or self.coarse_level < 1:
+            raise InputError(f"density pass: level must be in 1..8 and coarse_level >= 1, got {self.level}, {self.coarse_level}")
+        if self.steps <= 0 or self.batch_rays <= 0 or self.probe_rays <= 0:
+            raise InputError("density pass: steps, batch_rays and probe_rays must be positive")
+        if not 1 <= self.grid_levels <= 3:
+            raise InputError(f"density pass: grid_levels must be 1, 2 or 3, got {self.grid_levels}")
+        if not 0 < self.fine_step_ratio <= 4 or not 0 < self.coarse_share < 1 or not 0 < self.weight_threshold < 1:
+            raise InputError("density pass: fine_step_ratio must be in (0, 4], coarse_share and weight_threshold in (0, 1)")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise InputError("density pass: max_minutes must be positive")
+
 
 def _stage(dataset: SceneDataset, octree: SparseOctree, device, split: str, cfg: DensityPassConfig, steps: int,
-           minutes: float | None, quiet: bool, seed: int, desc: str) -> torch.Tensor:
-    """Fit a small radiance field on ``octree`` (marched one finest cell per step) for ``steps``
-    steps and return the finest cells ``(n, 3)`` where some probe ray puts weight
-    ``w_i ≥ weight_threshold`` (empty when none)."""
+           minutes: float | None, quiet: bool, seed: int, desc: str, step_ratio: float = 1.0) -> tuple[torch.Tensor, int]:
+    """Fit a small radiance field on ``octree`` (marched ``step_ratio`` finest cells per step) for
+    ``steps`` steps; return the finest cells ``(n, 3)`` where some probe ray puts weight
+    ``w_i ≥ weight_threshold`` (empty when none) and the steps that ran (the time cap may cut them)."""
     from vqad.config import DecoderConfig, GridConfig
     from vqad.grid import OctreeGrid
     from vqad.nerf.field import NeRFConfig, NeRFField
-    from vqad.nerf.render import OccupancySampler, render_weight_from_density
+    from vqad.nerf.render import OccupancySampler
     from vqad.nerf.rays import RayBatcher
     from vqad.fit import run_fit
     from vqad.nerf.task import NeRFTrainConfig, RadianceTask
@@ -278,7 +298,7 @@ def _stage(dataset: SceneDataset, octree: SparseOctree, device, split: str, cfg:
     field = NeRFField(grid, DecoderConfig(hidden=32, layers=1, position_input=False),
                       NeRFConfig(geo_features=7, color_hidden=32, sh_degree=2, step_ratio=1.0,
                                  outer_scale=dataset.outer_scale), dataset.normalization)
-    sampler = OccupancySampler(octree, outer_scale=dataset.outer_scale)
+    sampler = OccupancySampler(octree, step=step_ratio * 2.0 / (1 << level), outer_scale=dataset.outer_scale)
     batcher = RayBatcher(dataset.splits[split], dataset, device)
     # the same radiance task as the final fit, through the same loop (no checkpoint: it is seconds to minutes)
     pass_cfg = NeRFTrainConfig(steps=steps, batch_rays=cfg.batch_rays, lr=5e-3, grid_lr_scale=10.0,
@@ -286,27 +306,58 @@ def _stage(dataset: SceneDataset, octree: SparseOctree, device, split: str, cfg:
                                prune_warmup=min(cfg.prune_warmup, steps // 4), early_stop_eps=cfg.early_stop_eps,
                                max_minutes=minutes)
     field.train()
-    run_fit(RadianceTask(field, sampler, batcher, pass_cfg, quiet=quiet), pass_cfg, device, quiet=quiet, desc=desc)
+    ran = run_fit(RadianceTask(field, sampler, batcher, pass_cfg, quiet=quiet), pass_cfg, device, quiet=quiet, desc=desc).steps
     # the weights below are measured through the pruned occupancy: a pruned cell absorbs less than
     # prune_alpha per step, far below weight_threshold, so it would not have been kept anyway
-    # measure, per cell, the largest weight any probe ray puts in it
     field.eval()
+    # a sample spanning step_ratio cells carries about their summed weight: the same per-cell floor
+    floor = min(cfg.weight_threshold * step_ratio, 0.5)
+    best = probe_weights(field, sampler, batcher, level, min(cfg.probe_rays, batcher.num_rays), floor,
+                         torch.Generator(device="cpu").manual_seed(seed + 1))
     res = 1 << min(level, sampler.level)
-    best = torch.zeros(res ** 3, device=device)
-    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-    n_probe = min(cfg.probe_rays, batcher.num_rays)
-    with torch.no_grad():
-        for s in range(0, n_probe, 8192):
-            o, d, _, near, far = batcher.sample(min(8192, n_probe - s), gen)
-            samples = sampler.march(o, d, near=near, far=far)
-            if len(samples) == 0:
-                continue
-            x = samples.points(o, d)
-            sig, _ = field.all_lods(x, d[samples.ray_indices], [level])
-            w = render_weight_from_density(samples.t_starts, samples.t_ends, sig[0], samples.ray_indices, samples.n_rays)
-            best.scatter_reduce_(0, sampler._flat_index(x), w, reduce="amax")
-    keep = (best >= cfg.weight_threshold).nonzero().squeeze(-1)
-    return torch.stack([keep // (res * res), (keep // res) % res, keep % res], -1)
+    keep = (best >= floor).nonzero().squeeze(-1)
+    return torch.stack([keep // (res * res), (keep // res) % res, keep % res], -1), ran
+
+
+@torch.no_grad()
+def probe_weights(field, sampler, batcher, level: int, n_rays: int, floor: float, generator: torch.Generator,
+                  chunk: int = 8192) -> torch.Tensor:
+    """Per cell of the sampler's occupancy grid, the largest weight ``w_i = T_i α_i`` any of ``n_rays``
+    random training rays puts in it: ``(res³,)``, res ``= 2^sampler.level``.
+
+    Density alone (no colour MLP). A ray is evaluated in segments of ``seg`` samples, front to back,
+    and stops once its transmittance is below ``floor``: since ``w_i ≤ T_i``, none of its later
+    samples could reach ``floor``, so the cells reaching it are exactly those of a full render.
+    """
+    from vqad.nerf.render import ray_offsets
+
+    best = torch.zeros(sampler.res ** 3, device=sampler.device)
+    for s in range(0, n_rays, chunk):
+        o, d, _, near, far = batcher.sample(min(chunk, n_rays - s), generator)
+        samples = sampler.march(o, d, near=near, far=far)
+        if len(samples) == 0:
+            continue
+        x = samples.points(o, d)
+        first, count = ray_offsets(samples.ray_indices, samples.n_rays)  # (R,), (R,)
+        tau_before = torch.zeros(samples.n_rays, dtype=torch.float64, device=x.device)  # Σ σδ of the evaluated part
+        seg = 16
+        for j0 in range(0, int(count.max()), seg):
+            live = ((count > j0) & (tau_before < -math.log(floor))).nonzero().squeeze(1)  # T ≥ floor still
+            if live.numel() == 0:
+                break
+            n = (count[live] - j0).clamp(max=seg)  # (L,) samples of this segment per live ray
+            rows = torch.repeat_interleave(live, n)
+            idx = first[rows] + torch.arange(rows.numel(), device=x.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+            xs = x[idx]
+            sig = field.densities(xs, [level])[0]
+            tau = (sig * (samples.t_ends[idx] - samples.t_starts[idx])).double()
+            incl = torch.cumsum(tau, 0)
+            start = torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+            excl = incl - tau - (incl - tau)[start] + tau_before[rows]
+            w = torch.exp(-excl).float() * -torch.expm1(-tau.float())
+            best.scatter_reduce_(0, sampler._flat_index(xs), w, reduce="amax")
+            tau_before.index_add_(0, rows, tau)
+    return best
 
 
 def _dilate_and_subdivide(ijk: torch.Tensor, level: int, to_level: int) -> torch.Tensor:
@@ -314,7 +365,8 @@ def _dilate_and_subdivide(ijk: torch.Tensor, level: int, to_level: int) -> torch
     res = 1 << level
     r = torch.arange(-1, 2, device=ijk.device)
     offs = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
-    ijk = torch.unique((ijk[:, None, :] + offs[None]).reshape(-1, 3).clamp_(0, res - 1), dim=0)
+    # unique over Morton codes: torch.unique(dim=0) sorts rows and is ~10x slower
+    ijk = morton_decode(torch.unique(morton_encode((ijk[:, None, :] + offs[None]).reshape(-1, 3).clamp_(0, res - 1))))
     f = 1 << (to_level - level)
     r = torch.arange(f, device=ijk.device)
     sub = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
@@ -323,7 +375,7 @@ def _dilate_and_subdivide(ijk: torch.Tensor, level: int, to_level: int) -> torch
 
 def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, device, dilate: int = 1,
                         split: str = "train", cfg: DensityPassConfig | None = None, quiet: bool = True,
-                        seed: int = 0) -> SparseOctree:
+                        seed: int = 0, stats: dict | None = None) -> SparseOctree:
     """Fit a small dense-grid radiance field for a few hundred steps, keep the cells that some
     training ray actually sees (maximum volume-rendering weight ``w_i ≥ weight_threshold``),
     dilate them by one cell and subdivide to ``max_level``; coarse to fine in two stages
@@ -331,29 +383,37 @@ def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, 
 
     Visibility weights, rather than a density threshold, keep only surfaces that explain pixels:
     floaters and hidden interior regions get little weight.
+
+    ``stats``, when given, receives ``steps`` (both stages), ``rays`` (training rays) and ``seconds``.
     """
     cfg = cfg or DensityPassConfig()
+    cfg.validate()
     level = min(cfg.level, max_level)
     empty = "the octree is empty: the coarse density pass found no surface (too few --steps?)"
     t0 = time.perf_counter()
-    steps, coarse = cfg.steps, None
+    steps, coarse, ran_total = cfg.steps, None, 0
     if cfg.coarse_level < level:
         c_level = max(cfg.coarse_level, 1)
         c_steps = max(1, int(cfg.coarse_share * cfg.steps))
         c_min = cfg.max_minutes * cfg.coarse_share if cfg.max_minutes is not None else None
-        ijk = _stage(dataset, SparseOctree.dense(max(1, c_level - 2), c_level, device=device), device, split, cfg,
-                     c_steps, c_min, quiet, seed, f"octree density pass (level {c_level})")
+        ijk, ran = _stage(dataset, SparseOctree.dense(max(1, c_level - cfg.grid_levels + 1), c_level, device=device), device,
+                          split, cfg, c_steps, c_min, quiet, seed, f"octree density pass (level {c_level})")
+        ran_total += ran
         if ijk.numel() == 0:
             raise InputError(empty)
         coarse = _dilate_and_subdivide(ijk, c_level, level)
         steps = max(1, cfg.steps - c_steps)
     if coarse is None:
-        octree = SparseOctree.dense(max(1, level - 2), level, device=device)
+        octree = SparseOctree.dense(max(1, level - cfg.grid_levels + 1), level, device=device)
     else:
         centers = (coarse.float() + 0.5) * (2.0 / (1 << level)) - 1.0
-        octree = SparseOctree.from_points(centers, max(1, level - 2), level, dilate=0)
+        octree = SparseOctree.from_points(centers, max(1, level - cfg.grid_levels + 1), level, dilate=0)
     minutes = None if cfg.max_minutes is None else max(cfg.max_minutes - (time.perf_counter() - t0) / 60, 1e-3)
-    ijk = _stage(dataset, octree, device, split, cfg, steps, minutes, quiet, seed, f"octree density pass (level {level})")
+    ijk, ran = _stage(dataset, octree, device, split, cfg, steps, minutes, quiet, seed, f"octree density pass (level {level})",
+                      step_ratio=cfg.fine_step_ratio if coarse is not None else 1.0)
+    ran_total += ran
+    if stats is not None:
+        stats.update(steps=ran_total, rays=ran_total * cfg.batch_rays, seconds=time.perf_counter() - t0)
     if ijk.numel() == 0:
         raise InputError(empty)
     fine = _dilate_and_subdivide(ijk, level, max_level)

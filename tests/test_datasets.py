@@ -667,7 +667,9 @@ def test_a_tiny_fit_of_the_background_scene_runs_end_to_end_within_its_cap(tmp_p
     assert seconds < minutes * 60 * 1.15 + 5, seconds  # the cap holds for the whole job (+ start-up)
     m = json.loads((out / "metrics.json").read_text())
     assert m["octree_method"] == "density" and m["nerf"]["outer_scale"] == 4.0
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    # only the final fit may call itself undertrained: the density pass is meant to stop early
+    assert err.count("undertrained") <= 1, err
     path = tmp_path / "room.vqad"
     assert cli_main(["export", str(out / "checkpoint"), "-o", str(path), "--entropy"]) == 0
     field, back = vqad.load(out / "checkpoint"), vqad.load(path)

@@ -306,7 +306,9 @@ def _stage(dataset: SceneDataset, octree: SparseOctree, device, split: str, cfg:
                                prune_warmup=min(cfg.prune_warmup, steps // 4), early_stop_eps=cfg.early_stop_eps,
                                max_minutes=minutes)
     field.train()
-    ran = run_fit(RadianceTask(field, sampler, batcher, pass_cfg, quiet=quiet), pass_cfg, device, quiet=quiet, desc=desc).steps
+    task = RadianceTask(field, sampler, batcher, pass_cfg, quiet=quiet)
+    task.min_useful_steps = 0  # the pass is meant to stop early: the undertrained warning is for the final fit
+    ran = run_fit(task, pass_cfg, device, quiet=quiet, desc=desc).steps
     # the weights below are measured through the pruned occupancy: a pruned cell absorbs less than
     # prune_alpha per step, far below weight_threshold, so it would not have been kept anyway
     field.eval()

@@ -557,6 +557,26 @@ def test_scene_capture_room_and_object_alone(tmp_path):
     assert diff[solid].max() <= 1
 
 
+def test_scene_capture_written_in_ray_chunks_equals_the_whole_render(tmp_path, monkeypatch):
+    """write_capture renders one view at a time in RAY_CHUNK pieces: its PNGs are render_capture's pixels
+    (a chunk that splits rows included), and sizes past the bounds are input errors before any memory is taken."""
+    from PIL import Image
+
+    from vqad.nerf import scene_capture as sc
+
+    cfg = sc.SceneCaptureConfig(width=20, height=36, views=3, aabb_scale=4)
+    rgba, _, _ = sc.render_capture(cfg)
+    monkeypatch.setattr(sc, "RAY_CHUNK", 37)  # not a multiple of the width
+    sc.write_capture(tmp_path / "room", cfg)
+    for i in range(3):
+        png = np.asarray(Image.open(tmp_path / "room" / "images" / f"{i:04d}.png"))
+        assert np.array_equal(png, rgba[i, ..., :3].numpy())
+    for bad in (dict(width=100_000, height=100_000), dict(views=1), dict(views=100_000), dict(width=0)):
+        with pytest.raises(InputError, match="image sides"):
+            sc.write_capture(tmp_path / "bad", sc.SceneCaptureConfig(**bad))
+    assert not (tmp_path / "bad").exists()
+
+
 # -- COLMAP sparse models ----------------------------------------------------------------------------------
 def _write_colmap(root, c2w, images, camera_lines, binary: bool):
     """A COLMAP model of OpenGL poses ``c2w (N, 4, 4)``: images/ + sparse/0/{cameras,images}.{txt,bin}.

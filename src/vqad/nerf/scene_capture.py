@@ -38,6 +38,9 @@ from vqad.nerf.rays import pixel_centers, rays_for_pixels
 
 NGP_SCALE = 0.33  # instant-ngp's default: world · scale + offset is ngp space, whose unit cube is aabb_scale 1
 NGP_OFFSET = (0.5, 0.5, 0.5)
+MAX_SIDE = 8192  # pixels per image side: a generated capture is a test scene, not a poster
+MAX_VIEWS = 2000
+RAY_CHUNK = 1 << 18  # rays raycast at once: bounds the memory of a large image to ~100 MB
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,9 @@ class SceneCaptureConfig:
     checker: float = 0.5  # ground checker period
 
     def validate(self) -> None:
-        if self.width < 1 or self.height < 1 or self.views < 2:
-            raise InputError(f"the capture needs positive image sizes and at least 2 views, got {self.width}x{self.height}, "
-                             f"{self.views} views")
+        if not (1 <= self.width <= MAX_SIDE and 1 <= self.height <= MAX_SIDE and 2 <= self.views <= MAX_VIEWS):
+            raise InputError(f"the capture needs image sides in 1..{MAX_SIDE} px and 2..{MAX_VIEWS} views, got "
+                             f"{self.width}x{self.height}, {self.views} views")
         if self.aabb_scale not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise InputError(f"aabb_scale must be a power of two in 1..128 (as instant-ngp takes it), got {self.aabb_scale}")
         if not (0 < self.fov_y_deg < 170 and self.camera_radius < self.dome_radius and self.dome_radius > 0):
@@ -132,23 +135,38 @@ def ring_cameras(cfg: SceneCaptureConfig) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _cameras(cfg: SceneCaptureConfig) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+    """Poses ``(N, 4, 4)`` and intrinsics ``fx, fy, cx, cy`` of the capture."""
+    fy = 0.5 * cfg.height / math.tan(math.radians(cfg.fov_y_deg) / 2)
+    return ring_cameras(cfg), (fy, fy, cfg.width / 2, cfg.height / 2)
+
+
+def _render_view(env: Environment, cfg: SceneCaptureConfig, pose: torch.Tensor, intr, background: bool) -> torch.Tensor:
+    """One view: ``rgba (H, W, 4) uint8``, raycast :data:`RAY_CHUNK` rays at a time."""
+    uv = pixel_centers(cfg.height, cfg.width)
+    out = torch.empty(uv.shape[0], 4, dtype=torch.uint8)
+    for a in range(0, uv.shape[0], RAY_CHUNK):
+        o, d = rays_for_pixels(pose, torch.tensor(intr), uv[a:a + RAY_CHUNK])
+        _, color, hit = env.raycast(o, d, background)
+        alpha = torch.ones_like(hit) if background else hit
+        rgba = torch.cat([color * alpha[:, None], alpha[:, None].float()], -1)
+        out[a:a + RAY_CHUNK] = (rgba * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    return out.reshape(cfg.height, cfg.width, 4)
+
+
+def _environment(cfg: SceneCaptureConfig) -> Environment:
+    return Environment(ground_y=cfg.ground_y, dome_radius=cfg.dome_radius, checker=cfg.checker)
+
+
 def render_capture(cfg: SceneCaptureConfig, background: bool = True):
     """Every view of the capture: ``rgba (N, H, W, 4) uint8`` (alpha 255 everywhere with the room,
-    the object mask without), poses ``(N, 4, 4)`` and intrinsics ``fx, fy, cx, cy``."""
+    the object mask without), poses ``(N, 4, 4)`` and intrinsics ``fx, fy, cx, cy``. All in memory:
+    :func:`write_capture` renders and writes one view at a time instead."""
     cfg.validate()
-    env = Environment(ground_y=cfg.ground_y, dome_radius=cfg.dome_radius, checker=cfg.checker)
-    c2w = ring_cameras(cfg)
-    fy = 0.5 * cfg.height / math.tan(math.radians(cfg.fov_y_deg) / 2)
-    intr = (fy, fy, cfg.width / 2, cfg.height / 2)
-    uv = pixel_centers(cfg.height, cfg.width)
-    images = []
+    env = _environment(cfg)
+    c2w, intr = _cameras(cfg)
     with _one_thread():
-        for pose in c2w:  # one view at a time keeps memory at one image's rays
-            o, d = rays_for_pixels(pose, torch.tensor(intr), uv)
-            _, color, hit = env.raycast(o, d, background)
-            alpha = torch.ones_like(hit) if background else hit
-            rgba = torch.cat([color * alpha[:, None], alpha[:, None].float()], -1)
-            images.append((rgba * 255 + 0.5).clamp(0, 255).to(torch.uint8).reshape(cfg.height, cfg.width, 4))
+        images = [_render_view(env, cfg, pose, intr, background) for pose in c2w]
     return torch.stack(images), c2w, intr
 
 
@@ -158,15 +176,18 @@ def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bo
     from PIL import Image
 
     cfg = cfg or SceneCaptureConfig()
-    rgba, c2w, (fx, fy, cx, cy) = render_capture(cfg, background)
+    cfg.validate()
+    env = _environment(cfg)
+    c2w, (fx, fy, cx, cy) = _cameras(cfg)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     frames = []
-    for i in range(rgba.shape[0]):
-        name = f"images/{i:04d}.png"
-        arr = rgba[i].numpy()
-        Image.fromarray(arr if not background else arr[..., :3], "RGBA" if not background else "RGB").save(out / name)
-        frames.append({"file_path": name, "transform_matrix": c2w[i].tolist()})
+    with _one_thread():
+        for i, pose in enumerate(c2w):  # one view in memory at a time
+            name = f"images/{i:04d}.png"
+            arr = _render_view(env, cfg, pose, (fx, fy, cx, cy), background).numpy()
+            Image.fromarray(arr if not background else arr[..., :3], "RGBA" if not background else "RGB").save(out / name)
+            frames.append({"file_path": name, "transform_matrix": pose.tolist()})
     meta = {"camera_model": "OPENCV", "fl_x": fx, "fl_y": fy, "cx": cx, "cy": cy, "w": cfg.width, "h": cfg.height,
             "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "aabb_scale": cfg.aabb_scale, "scale": NGP_SCALE,
             "offset": list(NGP_OFFSET), "frames": frames,

@@ -57,11 +57,12 @@ def density_pass(capture: Path, minutes: float, steps: int, levels: tuple[int, i
     return stats
 
 
-def fit(capture: Path, out: Path, storage: str, minutes: float, levels: tuple[int, int], eval_views: int | None) -> dict:
+def fit(capture: Path, out: Path, storage: str, minutes: float, levels: tuple[int, int], eval_views: int | None,
+        extra: list[str] | None = None) -> dict:
     from vqad.app.cli import main as cli
 
     args = ["fit-nerf", str(capture), "--format", "ngp", "--grid", storage, "--levels", f"{levels[0]}:{levels[1]}",
-            "--minutes", str(minutes), "--out", str(out), "--device", "cpu", "--quiet"]
+            "--minutes", str(minutes), "--out", str(out), "--device", "cpu", "--quiet"] + (extra or [])
     if storage == "codebook":
         args += ["--bits", "4"]
     if eval_views:
@@ -74,6 +75,88 @@ def fit(capture: Path, out: Path, storage: str, minutes: float, levels: tuple[in
     m = json.loads((out / "metrics.json").read_text())
     return {"wall_seconds": wall, "cap_seconds": minutes * 60, "octree_seconds": m["octree_seconds"],
             "steps": m["steps"], "psnr": {lod: v["psnr"] for lod, v in m["lods"].items()}}
+
+
+# -- diagnosis: which surfaces the octree holds, and a fit on an octree of the true surfaces -----------
+def true_surface_points(capture: Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Where every ``split`` pixel's ray first meets the generated scene (exact ray casting):
+    contracted grid points ``(N, 3)`` and what was hit ``(N,)`` (0 object, 1 ground, 2 dome)."""
+    from vqad.nerf.contraction import contract
+    from vqad.nerf.formats import load_dataset
+    from vqad.nerf.rays import RayBatcher
+    from vqad.nerf.scene_capture import Environment
+
+    ds = load_dataset(str(capture), format="ngp")
+    scene = json.loads((capture / "transforms.json").read_text())["vqad_scene"]
+    env = Environment(ground_y=scene["ground_y"], dome_radius=scene["dome_radius"], checker=scene["checker"])
+    batcher = RayBatcher(ds.splits[split], ds, "cpu")
+    pts, kinds = [], []
+    for a in range(0, batcher.num_rays, 1 << 16):
+        o, d, _, _, _ = batcher.rays_for(torch.arange(a, min(a + (1 << 16), batcher.num_rays)))
+        ow, dw = ds.normalization.to_world(o), d / d.norm(dim=1, keepdim=True)
+        t, _, on_object = env.raycast(ow, dw, scene["background"])
+        keep = torch.isfinite(t)
+        p = ow[keep] + t[keep, None] * dw[keep]
+        pts.append(contract(ds.normalization.to_unit(p), ds.outer_scale))
+        kinds.append(torch.where(on_object[keep], 0, torch.where(p[:, 1] < scene["ground_y"] + 1e-3, 1, 2)))
+    return torch.cat(pts), torch.cat(kinds)
+
+
+def coverage(octree, points: torch.Tensor, kinds: torch.Tensor) -> dict:
+    """Share of the true surface points of each kind inside the octree's finest cells."""
+    from vqad.octree import morton_encode
+
+    L = octree.max_level
+    ijk = ((points + 1) * (0.5 * (1 << L))).floor().long().clamp(0, (1 << L) - 1)
+    codes, q = octree.codes[L], morton_encode(ijk)
+    pos = torch.searchsorted(codes, q).clamp(max=codes.numel() - 1)
+    inside = codes[pos] == q
+    return {name: float(inside[kinds == k].float().mean()) if (kinds == k).any() else None
+            for k, name in enumerate(("object", "ground", "dome"))}
+
+
+def true_surface_model(capture: Path, levels: tuple[int, int], path: Path) -> int:
+    """A .vqad (untrained) whose octree is the true surfaces' cells, dilated by one: for ``--octree-from``."""
+    from vqad import fileformat
+    from vqad.config import DecoderConfig, GridConfig
+    from vqad.grid import OctreeGrid
+    from vqad.nerf.data import dataset_info
+    from vqad.nerf.field import NeRFConfig, NeRFField
+    from vqad.nerf.formats import load_dataset
+    from vqad.octree import SparseOctree
+
+    ds = load_dataset(str(capture), format="ngp")
+    points, _ = true_surface_points(capture)
+    octree = SparseOctree.from_points(points, levels[0], levels[1], dilate=1)
+    grid = OctreeGrid.from_octree(octree, GridConfig(storage="dense", features=2, base_level=levels[0], max_level=levels[1]))
+    field = NeRFField(grid, DecoderConfig(hidden=8, position_input=False),
+                      NeRFConfig(geo_features=1, color_hidden=8, sh_degree=0, outer_scale=ds.outer_scale),
+                      ds.normalization, dataset=dataset_info(ds))
+    field.bake(fp16=True)
+    fileformat.save(field, path)
+    return octree.num_cells(levels[1])
+
+
+def diagnose(capture: Path, work: Path, minutes: float, levels: tuple[int, int], eval_views: int | None) -> dict:
+    """The density pass's octree against the true surfaces, and the same dense fit on an octree of the true surfaces."""
+    from vqad.nerf.formats import load_dataset
+    from vqad.nerf.octree_build import octree_from_model
+
+    points, kinds = true_surface_points(capture)
+    ds = load_dataset(str(capture), format="ngp")
+    out = {}
+    pass_fit = work / "fits" / f"{capture.name}-dense" / "checkpoint"
+    if pass_fit.is_dir():
+        oc = octree_from_model(pass_fit, ds, levels[0], levels[1], torch.device("cpu"))
+        out["density_octree"] = {"cells": oc.num_cells(levels[1]), "coverage": coverage(oc, points, kinds)}
+    model = work / "diagnose" / f"{capture.name}-true-surfaces.vqad"
+    model.parent.mkdir(parents=True, exist_ok=True)
+    cells = true_surface_model(capture, levels, model)
+    oc = octree_from_model(model, ds, levels[0], levels[1], torch.device("cpu"))
+    out["true_octree"] = {"cells": cells, "coverage": coverage(oc, points, kinds)}
+    out["true_octree_fit"] = fit(capture, work / "diagnose" / f"{capture.name}-dense-true-octree", "dense", minutes, levels,
+                                 eval_views, extra=["--octree-from", str(model)])
+    return out
 
 
 def write_report(results: dict, args, path: Path) -> None:
@@ -95,6 +178,28 @@ def write_report(results: dict, args, path: Path) -> None:
             psnr = ", ".join(f"{lod}: {p:.2f}" for lod, p in sorted(f["psnr"].items(), key=lambda kv: int(kv[0])))
             lines.append(f"| {name} | {storage} | {f['wall_seconds']:.0f} / {f['cap_seconds']:.0f} | "
                          f"{f['octree_seconds']:.1f} | {f['steps']} | {psnr} |")
+    diag = {name: r["diagnose"] for name, r in results.items() if "diagnose" in r}
+    if diag:
+        lines += ["", "## Diagnosis: the octree's share (`--diagnose`)", "",
+                  "Share of the true surface points (every training pixel's first hit, by exact ray casting) inside "
+                  "the finest cells of the density pass's octree (the dense fit's), and of an octree built from those "
+                  "points themselves (dilated by one cell); then the same dense fit on the latter (`--octree-from`).", "",
+                  "| capture | octree | finest cells | object | ground | dome | PSNR per LOD (dB) |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for name, dg in diag.items():
+            for key, label in (("density_octree", "density pass"), ("true_octree", "true surfaces")):
+                if key not in dg:
+                    continue
+                c = dg[key]["coverage"]
+                psnr = ""
+                if key == "true_octree":
+                    psnr = ", ".join(f"{lod}: {p:.2f}" for lod, p in sorted(dg["true_octree_fit"]["psnr"].items(),
+                                                                          key=lambda kv: int(kv[0])))
+                elif "dense" in results[name].get("fits", {}):
+                    psnr = ", ".join(f"{lod}: {p:.2f}" for lod, p in sorted(results[name]["fits"]["dense"]["psnr"].items(),
+                                                                          key=lambda kv: int(kv[0])))
+                lines.append(f"| {name} | {label} | {dg[key]['cells']:,} | " + " | ".join(
+                    "–" if c[k] is None else f"{100 * c[k]:.0f} %" for k in ("object", "ground", "dome")) + f" | {psnr} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     path.with_suffix(".json").write_text(json.dumps(results, indent=1))
@@ -109,6 +214,11 @@ def main() -> None:
     ap.add_argument("--size", default="135x240")
     ap.add_argument("--views", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="tiny captures and caps: a smoke test of this script")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also: which true surfaces each room's octree holds, and a dense fit on an octree of the true "
+                         "surfaces (the density pass's share of the quality loss)")
+    ap.add_argument("--diagnose-only", action="store_true",
+                    help="only the diagnosis, added to the results already in --out's .json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     steps, levels, eval_views = 400, (4, 7), None
@@ -118,9 +228,18 @@ def main() -> None:
     args.steps = steps
     work = Path(args.work)
     results = {}
+    if args.diagnose_only:
+        results = json.loads(Path(args.out).with_suffix(".json").read_text())
     for name, aabb, background in scenes(args.quick):
         cap = make_capture(work / "captures", name, aabb, background, args.size, args.views)
-        r = {"density": density_pass(cap, args.density_minutes, steps, levels), "fits": {}}
+        if args.diagnose or args.diagnose_only:
+            if background:
+                results.setdefault(name, {})["diagnose"] = diagnose(cap, work, args.minutes, levels, eval_views)
+                print(f"{name}: diagnosis {results[name]['diagnose']}", flush=True)
+            if args.diagnose_only:
+                continue
+        r = {"density": density_pass(cap, args.density_minutes, steps, levels), "fits": {},
+             **({"diagnose": results[name]["diagnose"]} if name in results else {})}
         for storage in ("dense", "codebook"):
             tag = "dense" if storage == "dense" else "4-bit"
             r["fits"][tag] = fit(cap, work / "fits" / f"{cap.name}-{storage}", storage, args.minutes, levels, eval_views)

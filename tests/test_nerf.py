@@ -510,3 +510,45 @@ def test_density_pass_probe_matches_a_full_render(scene):
     assert torch.equal(best >= floor, ref >= floor)
     hit = ref >= floor
     assert torch.allclose(best[hit], ref[hit], rtol=1e-4, atol=1e-6)
+
+
+def test_distortion_loss_matches_brute_force_and_prefers_a_surface_to_fog():
+    """distortion_loss (prefix sums) equals the O(n²) sum per ray, rays with no sample included, and it
+    is smaller for one surface than for the same total weight spread along the ray."""
+    from vqad.nerf.render import distortion_loss
+
+    g = torch.Generator().manual_seed(0)
+    counts = [3, 0, 5, 1, 7]
+    ri = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)])
+    S = ri.numel()
+    w = torch.rand(2, S, generator=g, dtype=torch.float64)
+    s = torch.cumsum(torch.rand(S, generator=g, dtype=torch.float64), 0)
+    delta = torch.rand(S, generator=g, dtype=torch.float64)
+    ref = torch.zeros(2, dtype=torch.float64)
+    for r in range(len(counts)):
+        m = ri == r
+        ww, ss, dd = w[:, m], s[m], delta[m]
+        ref += (ww[:, :, None] * ww[:, None, :] * (ss[:, None] - ss[None, :]).abs()).sum((1, 2)) + (ww ** 2 * dd).sum(1) / 3
+    assert torch.allclose(distortion_loss(w, s, delta, ri, len(counts)), ref / len(counts))
+    # one ray of 20 samples: all weight in one sample vs spread evenly
+    one = torch.zeros(20, dtype=torch.long)
+    pos = torch.arange(20, dtype=torch.float64) * 0.1
+    surface = torch.zeros(20, dtype=torch.float64)
+    surface[12] = 0.9
+    fog = torch.full((20,), 0.9 / 20, dtype=torch.float64)
+    step = torch.full((20,), 0.1, dtype=torch.float64)
+    assert distortion_loss(surface, pos, step, one, 1) < 0.2 * distortion_loss(fog, pos, step, one, 1)
+    # gradients flow to the weights
+    wg = fog.clone().requires_grad_(True)
+    distortion_loss(wg, pos, step, one, 1).backward()
+    assert wg.grad is not None and wg.grad.abs().sum() > 0
+
+
+def test_distortion_weight_is_validated():
+    """--distortion-weight must be finite and >= 0."""
+    from vqad.nerf.task import NeRFTrainConfig
+
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="distortion-weight"):
+            NeRFTrainConfig(distortion_weight=bad).validate()
+    NeRFTrainConfig(distortion_weight=0.01).validate()

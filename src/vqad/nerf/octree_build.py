@@ -264,6 +264,8 @@ class DensityPassConfig:
     prune_warmup: int = 100  # (at most a quarter of a stage's steps)
     early_stop_eps: float = 0.0  # training skips samples behind transmittance below this (0: keep all)
     max_minutes: float | None = None  # also stop the pass after this long (None: run every step)
+    sh_degree: int = 2  # view-direction encoding of the pass's colour (0: view-independent)
+    distortion_weight: float = 0.0  # λ of the distortion loss in the pass's fits (NeRFTrainConfig.distortion_weight)
 
     def validate(self) -> None:
         if not 1 <= self.level <= 8 or self.coarse_level < 1:
@@ -274,6 +276,8 @@ class DensityPassConfig:
             raise InputError(f"density pass: grid_levels must be 1, 2 or 3, got {self.grid_levels}")
         if not 0 < self.fine_step_ratio <= 4 or not 0 < self.coarse_share < 1 or not 0 < self.weight_threshold < 1:
             raise InputError("density pass: fine_step_ratio must be in (0, 4], coarse_share and weight_threshold in (0, 1)")
+        if not 0 <= self.sh_degree <= 3:
+            raise InputError(f"density pass: sh_degree must be in 0..3, got {self.sh_degree}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise InputError("density pass: max_minutes must be positive")
 
@@ -296,7 +300,7 @@ def _stage(dataset: SceneDataset, octree: SparseOctree, device, split: str, cfg:
     torch.manual_seed(seed)
     grid = OctreeGrid.from_octree(octree, grid_cfg)
     field = NeRFField(grid, DecoderConfig(hidden=32, layers=1, position_input=False),
-                      NeRFConfig(geo_features=7, color_hidden=32, sh_degree=2, step_ratio=1.0,
+                      NeRFConfig(geo_features=7, color_hidden=32, sh_degree=cfg.sh_degree, step_ratio=1.0,
                                  outer_scale=dataset.outer_scale), dataset.normalization)
     sampler = OccupancySampler(octree, step=step_ratio * 2.0 / (1 << level), outer_scale=dataset.outer_scale)
     batcher = RayBatcher(dataset.splits[split], dataset, device)
@@ -304,7 +308,7 @@ def _stage(dataset: SceneDataset, octree: SparseOctree, device, split: str, cfg:
     pass_cfg = NeRFTrainConfig(steps=steps, batch_rays=cfg.batch_rays, lr=5e-3, grid_lr_scale=10.0,
                                lod_mode="finest", seed=seed, prune_every=cfg.prune_every,
                                prune_warmup=min(cfg.prune_warmup, steps // 4), early_stop_eps=cfg.early_stop_eps,
-                               max_minutes=minutes)
+                               max_minutes=minutes, distortion_weight=cfg.distortion_weight)
     field.train()
     task = RadianceTask(field, sampler, batcher, pass_cfg, quiet=quiet)
     task.min_useful_steps = 0  # the pass is meant to stop early: the undertrained warning is for the final fit

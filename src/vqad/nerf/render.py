@@ -45,6 +45,36 @@ def ray_offsets(ray_indices: torch.Tensor, n_rays: int) -> tuple[torch.Tensor, t
     return bounds[:-1], bounds[1:] - bounds[:-1]
 
 
+def distortion_loss(weights: torch.Tensor, s: torch.Tensor, delta: torch.Tensor, ray_indices: torch.Tensor,
+                    n_rays: int) -> torch.Tensor:
+    """mip-NeRF 360's distortion loss, mean over rays: per ray
+    ``Σ_i Σ_j w_i w_j |s_i − s_j| + ⅓ Σ_i w_i² δ_i``, in linear time (prefix sums per ray).
+
+    It is small when a ray's weight sits in one short interval (a surface) and large when it is
+    spread along the ray (fog, floaters in front of the surface).
+
+    Args:
+        weights: ``(B, S)`` (or ``(S,)``) w_i, the samples of each ray contiguous, front to back.
+        s: ``(S,)`` each sample's midpoint along its ray (any monotone distance).
+        delta: ``(S,)`` each sample's length in the same units.
+        ray_indices: ``(S,)`` sorted.
+    Returns:
+        ``(B,)`` (or ``()``) the mean over the ``n_rays`` rays.
+    """
+    first, _ = ray_offsets(ray_indices, n_rays)
+    start = first[ray_indices]  # (S,) each sample's ray's first sample
+    w = weights.double()
+    sd = s.double()
+
+    def exclusive(v: torch.Tensor) -> torch.Tensor:  # Σ_{j < i, same ray} v_j
+        ex = torch.cumsum(v, -1) - v
+        return ex - ex[..., start]
+
+    inter = 2.0 * (w * (sd * exclusive(w) - exclusive(w * sd))).sum(-1)  # Σ_{i≠j} w_i w_j |s_i − s_j|
+    intra = (w * w * delta.double()).sum(-1) / 3.0
+    return ((inter + intra) / max(n_rays, 1)).to(weights.dtype)
+
+
 def render_transmittance_from_density(
     t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor, ray_indices: torch.Tensor, n_rays: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,6 +450,7 @@ def render_rays(
     far: float | torch.Tensor = math.inf,
     jitter: torch.Tensor | None = None,
     early_stop_eps: float = 0.0,
+    samples_out: list | None = None,
 ) -> tuple[VolumeOutput, int]:
     """Render rays at several LODs sharing one set of samples and one grid lookup.
 
@@ -432,6 +463,8 @@ def render_rays(
             dropped before the (differentiable) evaluation, found by one density-only pass without
             gradients (early ray termination, as nerfacc's ``early_stop_eps``). Earlier samples'
             weights are unchanged; each ray's colour changes by less than ε.
+        samples_out: a list that receives the :class:`RaySamples` rendered and their points
+            ``(S, 3)`` in grid coordinates (for losses on the samples, e.g. :func:`distortion_loss`).
     Returns:
         a :class:`VolumeOutput` whose tensors have a leading ``B`` (``rgb (B, R, 3)``, ...), and
         the number of samples S (after termination).
@@ -444,6 +477,8 @@ def render_rays(
         zeros = o.new_zeros(B, R)
         return VolumeOutput(background.expand(B, R, 3).clone(), zeros, zeros.clone(), o.new_zeros(B, 0)), 0
     x = samples.points(o, d)
+    if samples_out is not None:
+        samples_out.extend((samples, x))
     sig, rgb = field.all_lods(x, d[samples.ray_indices], lods)  # (B, S), (B, S, 3)
     out = volume_render(samples.t_starts, samples.t_ends, sig, rgb, samples.ray_indices, R, background)
     return out, len(samples)

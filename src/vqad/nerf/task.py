@@ -34,7 +34,7 @@ from vqad.fit import FitTask, StepLoss, TrainConfig, capped_sweeps
 from vqad.nerf.contraction import slowest_speed
 from vqad.nerf.field import NeRFField, sh_encode
 from vqad.nerf.rays import RayBatcher
-from vqad.nerf.render import OccupancySampler, render_rays, volume_render
+from vqad.nerf.render import OccupancySampler, distortion_loss, ray_offsets, render_rays, volume_render
 from vqad.refine import RefineChunk, format_stats, has_codebook, refine_indices
 
 LOD_MODES = ("all", "random", "finest+random", "finest")
@@ -59,6 +59,7 @@ class NeRFTrainConfig(TrainConfig):
     prune_warmup: int = 100  # ... starting after this many steps
     prune_decay: float = 0.95
     early_stop_eps: float = 0.0  # drop training samples behind transmittance < this (0: keep all; see docs/benchmarks/nerf.md)
+    distortion_weight: float = 0.0  # λ of mip-NeRF 360's distortion loss on the finest LOD's weights (0: none)
     octree: str = "auto"  # auto | depth | mask | density
     dilate: int = 1  # octree margin in finest cells
     density_steps: int = 400  # steps of the coarse density pass (octree="density")
@@ -81,6 +82,8 @@ class NeRFTrainConfig(TrainConfig):
             raise InputError(f"--coarse-weight must be in (0, 1], got {self.coarse_weight}")
         if self.refine < 0 or self.refine_rays <= 0:
             raise InputError("--refine must be >= 0 and --refine-rays positive")
+        if not (isinstance(self.distortion_weight, (int, float)) and 0.0 <= self.distortion_weight < math.inf):
+            raise InputError(f"--distortion-weight must be a finite number >= 0, got {self.distortion_weight}")
         if not 0.0 <= self.early_stop_eps < 1.0:
             raise InputError(f"--early-stop-eps must be in [0, 1), got {self.early_stop_eps}")
         if self.density_steps <= 0 or (self.density_minutes is not None and not self.density_minutes > 0):
@@ -171,8 +174,9 @@ class RadianceTask(FitTask):
         c, b = self.cfg, self.cfg.batch_rays
         o, d, rgb, near, far = self.batcher.sample(b, gen)
         jitter = torch.rand(b, generator=gen).to(self.batcher.device)
+        drawn: list = []
         out, n_samples = render_rays(self.field, self.sampler, o, d, self.lods, self.background, near=near, far=far,
-                                     jitter=jitter, early_stop_eps=c.early_stop_eps)
+                                     jitter=jitter, early_stop_eps=c.early_stop_eps, samples_out=drawn)
         per_lod = ((out.rgb - rgb[None]) ** 2).mean(dim=(1, 2))  # (n_lods,)
         self.total_samples += n_samples
         self.rays += b
@@ -181,10 +185,22 @@ class RadianceTask(FitTask):
             finest = self.field.lods[-1]
             w = [1.0 if lod == finest else c.coarse_weight for lod in self.lods]
             loss = (per_lod * per_lod.new_tensor(w)).sum()
+            if c.distortion_weight > 0:
+                loss = loss + c.distortion_weight * self._distortion(out.weights[-1], drawn, b)
         lods = list(self.lods)
         return StepLoss(loss, per_lod, b, log=lambda: {
             "psnr": psnr_of(per_lod), "lods": lods, "samples_per_ray": n_samples / b,
             "seconds": time.perf_counter() - self.t0})
+
+    def _distortion(self, weights: torch.Tensor, drawn: list, n_rays: int) -> torch.Tensor:
+        """The distortion loss of the finest LOD's weights ``(S,)``, distances in grid units (the
+        contracted cube's: a far sample weighs as much as a near one, as mip-NeRF 360's normalised
+        distance does): each sample's chord distance from its ray's first sample, and the marching step."""
+        samples, x = drawn
+        first, _ = ray_offsets(samples.ray_indices, n_rays)
+        s = (x - x[first[samples.ray_indices]]).norm(dim=-1)  # (S,)
+        delta = torch.full_like(s, self.sampler.step)
+        return distortion_loss(weights, s, delta, samples.ray_indices, n_rays)
 
     def after_training_seconds(self, step_seconds):
         """A sweep renders its rays for the held-out check and the sweep (all LODs), then refits:

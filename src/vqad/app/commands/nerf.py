@@ -33,7 +33,7 @@ def _step_ratio(text: str) -> float | None:
 
 NERF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch_rays", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
                     "octree", "octree_from", "dilate", "density_steps", "density_minutes", "lod_mode", "coarse_weight",
-                    "early_stop_eps", "refine", "refine_rays", "seed")
+                    "early_stop_eps", "distortion_weight", "refine", "refine_rays", "seed")
 INDEX_FLAGS = {"rate_weight": "--rate-weight", "rate_context": "--rate-context", "refine": "--refine", "refine_rays": "--refine-rays", "logit_lr_scale": "--logit-lr-scale",
                "codebook_lr_scale": "--codebook-lr-scale"}
 OCTREE_FLAGS = {"octree": "--octree", "octree_from": "--octree-from", "dilate": "--dilate",
@@ -82,6 +82,8 @@ def register(sub) -> None:
     config_flag(p, T, "early_stop_eps", help="training skips samples behind transmittance below this (early ray "
                                              "termination; 0: off, its density-only pre-pass cost more than it saved "
                                              "on lego and fern on a CPU)")
+    config_flag(p, T, "distortion_weight", help="λ of mip-NeRF 360's distortion loss (penalises weight spread along "
+                                                 "a ray: fog, floaters; 0: off)")
     config_flag(p, T, "refine", help="Gauss–Newton index refinement sweeps after training (codebook only; 0: they "
                                      "did not raise test PSNR, see docs/benchmarks/nerf.md)")
     config_flag(p, T, "refine_rays", help="training rays each refinement sweep sees (codebook only)")

@@ -74,7 +74,8 @@ def fit(capture: Path, out: Path, storage: str, minutes: float, levels: tuple[in
         sys.exit(f"bench_scene: fit-nerf failed on {capture} ({storage})")
     m = json.loads((out / "metrics.json").read_text())
     return {"wall_seconds": wall, "cap_seconds": minutes * 60, "octree_seconds": m["octree_seconds"],
-            "steps": m["steps"], "psnr": {lod: v["psnr"] for lod, v in m["lods"].items()}}
+            "octree": m.get("octree_method", "?"), "steps": m["steps"],
+            "psnr": {lod: v["psnr"] for lod, v in m["lods"].items()}}
 
 
 # -- diagnosis: which surfaces the octree holds, and a fit on an octree of the true surfaces -----------
@@ -168,15 +169,19 @@ def write_report(results: dict, args, path: Path) -> None:
              f"| capture | seconds | steps | rays/s | × the issue's {BASELINE_RAYS_PER_S:,.0f} | finest cells |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
+        if "density" not in r:
+            continue
         d = r["density"]
         lines.append(f"| {name} | {d['seconds']:.1f} | {d['steps']} | {d['rays_per_second']:,.0f} | "
                      f"{d['rays_per_second'] / BASELINE_RAYS_PER_S:.1f} | {d['cells']:,} |")
     lines += ["", "## Whole fit under the cap, held-out PSNR per LOD", "",
-              "| capture | grid | wall s / cap s | octree s | steps | PSNR per LOD (dB) |", "|---|---|---:|---:|---:|---|"]
+              "| capture | grid | octree | wall s / cap s | octree s | steps | PSNR per LOD (dB) |",
+              "|---|---|---|---:|---:|---:|---|"]
     for name, r in results.items():
-        for storage, f in r["fits"].items():
+        for key, f in r.get("fits", {}).items():
             psnr = ", ".join(f"{lod}: {p:.2f}" for lod, p in sorted(f["psnr"].items(), key=lambda kv: int(kv[0])))
-            lines.append(f"| {name} | {storage} | {f['wall_seconds']:.0f} / {f['cap_seconds']:.0f} | "
+            octree = f.get("octree", "density" if name.startswith("room") else "mask")  # runs before the column
+            lines.append(f"| {name} | {key.split(' ')[0]} | {octree} | {f['wall_seconds']:.0f} / {f['cap_seconds']:.0f} | "
                          f"{f['octree_seconds']:.1f} | {f['steps']} | {psnr} |")
     diag = {name: r["diagnose"] for name, r in results.items() if "diagnose" in r}
     if diag:
@@ -219,6 +224,11 @@ def main() -> None:
                          "surfaces (the density pass's share of the quality loss)")
     ap.add_argument("--diagnose-only", action="store_true",
                     help="only the diagnosis, added to the results already in --out's .json")
+    ap.add_argument("--fit-octree", default="auto", help="--octree of every fit (auto: points where the capture has "
+                                                         "them, masks for the object alone)")
+    ap.add_argument("--merge", action="store_true", help="add these fits to the results already in --out's .json "
+                                                         "(no density pass rows)")
+    ap.add_argument("--only", default=None, help="comma list of captures: 4, 16, object")
     args = ap.parse_args()
     torch.set_num_threads(1)
     steps, levels, eval_views = 400, (4, 7), None
@@ -228,9 +238,12 @@ def main() -> None:
     args.steps = steps
     work = Path(args.work)
     results = {}
-    if args.diagnose_only:
+    if args.diagnose_only or args.merge:
         results = json.loads(Path(args.out).with_suffix(".json").read_text())
+    only = None if args.only is None else set(args.only.split(","))
     for name, aabb, background in scenes(args.quick):
+        if only is not None and (str(aabb) if background else "object") not in only:
+            continue
         cap = make_capture(work / "captures", name, aabb, background, args.size, args.views)
         if args.diagnose or args.diagnose_only:
             if background:
@@ -238,13 +251,20 @@ def main() -> None:
                 print(f"{name}: diagnosis {results[name]['diagnose']}", flush=True)
             if args.diagnose_only:
                 continue
-        r = {"density": density_pass(cap, args.density_minutes, steps, levels), "fits": {},
-             **({"diagnose": results[name]["diagnose"]} if name in results else {})}
+        if args.merge:
+            r = results.setdefault(name, {"fits": {}})
+        else:
+            r = {"density": density_pass(cap, args.density_minutes, steps, levels), "fits": {},
+                 **({"diagnose": results[name]["diagnose"]} if name in results else {})}
+            print(f"{name}: density pass {r['density']['seconds']:.1f} s, {r['density']['rays_per_second']:,.0f} rays/s",
+                  flush=True)
+        suffix = "" if args.fit_octree == "auto" else f"-{args.fit_octree}"
         for storage in ("dense", "codebook"):
-            tag = "dense" if storage == "dense" else "4-bit"
-            r["fits"][tag] = fit(cap, work / "fits" / f"{cap.name}-{storage}", storage, args.minutes, levels, eval_views)
+            tag = ("dense" if storage == "dense" else "4-bit") + (f" ({args.fit_octree})" if suffix else "")
+            r["fits"][tag] = fit(cap, work / "fits" / f"{cap.name}-{storage}{suffix}", storage, args.minutes, levels,
+                                 eval_views, extra=["--octree", args.fit_octree])
+            print(f"{name} {tag}: {r['fits'][tag]['psnr']}", flush=True)
         results[name] = r
-        print(f"{name}: density pass {r['density']['seconds']:.1f} s, {r['density']['rays_per_second']:,.0f} rays/s", flush=True)
     write_report(results, args, Path(args.out))
     print(f"wrote {args.out}")
 

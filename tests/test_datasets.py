@@ -681,7 +681,7 @@ def test_a_tiny_fit_of_the_background_scene_runs_end_to_end_within_its_cap(tmp_p
     t = time.perf_counter()
     rc = cli_main(["fit-nerf", str(cap), "--format", "ngp", "--levels", "3:5", "--features", "4", "--grid", "codebook",
                    "--bits", "4", "--minutes", str(minutes), "--batch-rays", "512", "--out", str(out), "--device", "cpu",
-                   "--quiet", "--eval-max-views", "1"])
+                   "--quiet", "--eval-max-views", "1", "--octree", "density"])
     seconds = time.perf_counter() - t
     assert rc == 0
     assert seconds < minutes * 60 * 1.15 + 5, seconds  # the cap holds for the whole job (+ start-up)
@@ -702,3 +702,111 @@ def test_a_tiny_fit_of_the_background_scene_runs_end_to_end_within_its_cap(tmp_p
     b = render_rays_chunked(back, model_sampler(back), o, d, [3, 5], bg, near=near, far=far)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+# -- sparse structure-from-motion points -----------------------------------------------------------------
+def _points3d(path, xyz, binary: bool):
+    import struct
+
+    if binary:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(xyz)))
+            for i, p in enumerate(xyz):
+                track = [(1, 0), (2, 5)][: i % 3]  # tracks of 0, 1 and 2 observations
+                f.write(struct.pack("<Q3d3Bd", i + 1, *p, 10, 20, 30, 0.5) + struct.pack("<Q", len(track)))
+                for image_id, idx in track:
+                    f.write(struct.pack("<ii", image_id, idx))
+    else:
+        path.write_text("# 3D point list\n" + "".join(f"{i + 1} {float(p[0])!r} {float(p[1])!r} {float(p[2])!r} 10 20 30 "
+                                                        "0.5 1 0 2 5\n" for i, p in enumerate(xyz)))
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_colmap_points3d_read_exactly_and_hostile_files_refused(tmp_path, binary):
+    from vqad.nerf.formats.points import read_colmap_points
+
+    xyz = np.random.default_rng(0).normal(size=(7, 3))
+    name = "points3D.bin" if binary else "points3D.txt"
+    _points3d(tmp_path / name, xyz, binary)
+    assert np.array_equal(read_colmap_points(tmp_path), xyz)
+    assert read_colmap_points(tmp_path / "nothing-here") is None
+    data = (tmp_path / name).read_bytes()
+    if binary:
+        bad = {"truncated": data[:-9], "huge count": (10 ** 12).to_bytes(8, "little") + data[8:]}
+    else:
+        bad = {"nan": data.replace(repr(float(xyz[0, 0])).encode(), b"nan", 1),
+               "short row": b"1 2 3\n"}
+    for what, blob in bad.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(InputError):
+            read_colmap_points(tmp_path)
+
+
+def test_ply_points_ascii_and_binary_and_hostile_headers(tmp_path):
+    from vqad.nerf.formats.points import read_ply_points, write_ply_points
+
+    xyz = np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32)
+    write_ply_points(tmp_path / "b.ply", xyz)
+    assert np.array_equal(read_ply_points(tmp_path / "b.ply"), xyz.astype(np.float64))
+    # ascii, extra properties in another order, big-endian doubles with colours
+    rows = "".join(f"{r} {g} {b} {p[2]} {p[0]} {p[1]}\n" for (r, g, b), p in zip([(1, 2, 3)] * 5, xyz.tolist()))
+    (tmp_path / "a.ply").write_text("ply\nformat ascii 1.0\ncomment hi\nelement vertex 5\nproperty uchar red\n"
+                                    "property uchar green\nproperty uchar blue\nproperty float z\nproperty float x\n"
+                                    "property float y\nelement face 0\nproperty list uchar int vertex_indices\n"
+                                    "end_header\n" + rows)
+    assert np.allclose(read_ply_points(tmp_path / "a.ply"), xyz, atol=1e-6)
+    rec = np.zeros(5, dtype=[("x", ">f8"), ("y", ">f8"), ("z", ">f8"), ("red", "u1")])
+    rec["x"], rec["y"], rec["z"] = xyz.T
+    (tmp_path / "be.ply").write_bytes(b"ply\nformat binary_big_endian 1.0\nelement vertex 5\nproperty double x\n"
+                                      b"property double y\nproperty double z\nproperty uchar red\nend_header\n" + rec.tobytes())
+    assert np.allclose(read_ply_points(tmp_path / "be.ply"), xyz, atol=1e-6)
+    head = b"ply\nformat binary_little_endian 1.0\nelement vertex %d\nproperty float x\nproperty float y\nproperty float z\nend_header\n"
+    for blob in (b"not a ply", head % 5 + b"\0" * 10, head % (10 ** 12), head.replace(b"binary_little_endian", b"weird") % 1,
+                 b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nend_header\n1\n",
+                 b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nproperty float y\nproperty float z\nend_header\n1 nan 2\n"):
+        (tmp_path / "x.ply").write_bytes(blob)
+        with pytest.raises(InputError):
+            read_ply_points(tmp_path / "x.ply")
+
+
+def test_octree_from_points_of_the_room_holds_its_surfaces(tmp_path):
+    """synth-capture writes sparse_pc.ply (ply_file_path); --octree auto then picks points; the octree
+    holds the cells of most true surface points, far fewer cells than the box, and a capture without
+    points refuses --octree points with what to do."""
+    import json
+
+    from vqad.nerf.contraction import contract
+    from vqad.nerf.octree_build import build_octree
+    from vqad.nerf.rays import RayBatcher
+    from vqad.nerf.scene_capture import Environment, SceneCaptureConfig, write_capture
+    from vqad.octree import morton_encode
+
+    cfg = SceneCaptureConfig(width=24, height=40, views=10, aabb_scale=4, points=20_000)
+    write_capture(tmp_path / "room", cfg)
+    meta = json.loads((tmp_path / "room" / "transforms.json").read_text())
+    assert meta["ply_file_path"] == "sparse_pc.ply"
+    ds = load_dataset(tmp_path / "room", format="ngp")
+    assert ds.points.shape == (20_000, 3)
+    octree, method = build_octree(ds, "auto", 3, 6, torch.device("cpu"))
+    assert method == "points"
+    assert octree.num_cells(6) < 0.25 * 8 ** 6
+    # true first hits of the training pixels
+    env = Environment(ground_y=cfg.ground_y, dome_radius=cfg.dome_radius, checker=cfg.checker)
+    o, d, _, _, _ = RayBatcher(ds.splits["train"], ds, "cpu").rays_for(torch.arange(2000))
+    ow, dw = ds.normalization.to_world(o), d / d.norm(dim=1, keepdim=True)
+    t, _, _ = env.raycast(ow, dw, True)
+    g = contract(ds.normalization.to_unit(ow + t[:, None] * dw), ds.outer_scale)
+    q = morton_encode(((g + 1) * 32).floor().long().clamp(0, 63))
+    codes = octree.codes[6]
+    inside = codes[torch.searchsorted(codes, q).clamp(max=codes.numel() - 1)] == q
+    assert inside.float().mean() > 0.95
+    # no points: a clear error; a missing ply is an input error too
+    write_capture(tmp_path / "bare", SceneCaptureConfig(width=24, height=40, views=4, points=0))
+    bare = load_dataset(tmp_path / "bare", format="ngp")
+    assert bare.points is None
+    with pytest.raises(InputError, match="no sparse points"):
+        build_octree(bare, "points", 3, 6, torch.device("cpu"))
+    meta["ply_file_path"] = "gone.ply"
+    (tmp_path / "room" / "transforms.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="ply_file_path"):
+        load_dataset(tmp_path / "room", format="ngp")

@@ -382,8 +382,10 @@ class SweepConfig:
         for name in ("mc_resolution", "draco_mc_resolution"):
             if not 8 <= getattr(cfg, name) <= 1024:
                 raise InputError(f"--{name.replace('_', '-')} must be in 8..1024, got {getattr(cfg, name)}")
-        if cfg.octree not in ("auto", "depth", "mask", "density"):
-            raise InputError(f"--octree must be auto, depth, mask or density, got {cfg.octree!r}")
+        from vqad.nerf.task import OCTREE_CHOICES
+
+        if cfg.octree not in OCTREE_CHOICES:
+            raise InputError(f"--octree must be one of {', '.join(OCTREE_CHOICES)}, got {cfg.octree!r}")
         if not 0 <= cfg.draco_level <= 10:
             raise InputError(f"--draco-level must be in 0..10, got {cfg.draco_level}")
         rated = [s for s in cfg.methods if isinstance(s, str) and METHODS.get(s.strip().partition(":")[0], METHODS["dense"]).rated]

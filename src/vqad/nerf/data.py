@@ -69,6 +69,9 @@ class SceneDataset:
     # the scene extends to this many times ``bbox`` (around its centre): > 1 is a large scene, fitted
     # with a contracted field (vqad.nerf.contraction); instant-ngp's aabb_scale
     outer_scale: float = 1.0
+    # sparse surface points in world coordinates (N, 3) float32 that came with the capture (structure
+    # from motion: COLMAP's points3D, nerfstudio's sparse_pc.ply), or None; used by --octree points
+    points: torch.Tensor | None = None
 
 
 

@@ -33,7 +33,7 @@ from vqad.nerf.data import SceneDataset, Views
 from vqad.nerf.contraction import contract
 from vqad.nerf.rays import backproject
 
-OCTREE_METHODS = ("auto", "depth", "mask", "density")
+OCTREE_METHODS = ("auto", "depth", "mask", "points", "density")
 
 
 def available_methods(dataset: SceneDataset, split: str = "train") -> list[str]:
@@ -44,6 +44,8 @@ def available_methods(dataset: SceneDataset, split: str = "train") -> list[str]:
         out.append("depth")
     if views.masks is not None:
         out.append("mask")
+    if dataset.points is not None and dataset.points.shape[0] > 0:
+        out.append("points")
     return out + ["density"]
 
 
@@ -54,7 +56,8 @@ def resolve_method(dataset: SceneDataset, method: str, split: str = "train") -> 
     if method == "auto":
         return have[0]
     if method not in have:
-        what = {"depth": "depth maps", "mask": "foreground masks"}[method]
+        what = {"depth": "depth maps", "mask": "foreground masks",
+                "points": "sparse points (COLMAP points3D, or ply_file_path in transforms.json)"}[method]
         raise InputError(
             f"--octree {method}: the {dataset.format} dataset {dataset.name!r} has no {what}; "
             f"use one of {', '.join(have)} (or auto)"
@@ -73,6 +76,8 @@ def build_octree(dataset: SceneDataset, method: str, base_level: int, max_level:
         return octree_from_depth(dataset, base_level, max_level, device, dilate=dilate, split=split), method
     if method == "mask":
         return octree_from_masks(dataset, base_level, max_level, device, dilate=dilate, split=split), method
+    if method == "points":
+        return octree_from_points(dataset, base_level, max_level, device, dilate=dilate), method
     return octree_from_density(dataset, base_level, max_level, device, dilate=dilate, split=split, **kwargs), method
 
 
@@ -115,6 +120,53 @@ def _finest_cells_to_octree(ijk: torch.Tensor, base_level: int, max_level: int, 
         raise InputError(f"the octree is empty: {what}")
     centers = (ijk.float() + 0.5) * (2.0 / (1 << max_level)) - 1.0
     return SparseOctree.from_points(centers.to(device), base_level, max_level, dilate=dilate)
+
+
+# -- sparse points (structure from motion) ------------------------------------------------------------
+#: sparse points mark cells this many levels above the finest: SfM points are far apart (tens of
+#: thousands on a room's surfaces), a finest cell per point would leave holes between them
+POINTS_LEVELS_UP = 1
+#: a point whose cell and 26 neighbours (at that level) hold fewer points than this, itself included,
+#: is an outlier (a mismatched feature floating in free space) and marks nothing
+POINTS_MIN_AROUND = 3
+
+
+def octree_from_points(dataset: SceneDataset, base_level: int, max_level: int, device, dilate: int = 1) -> SparseOctree:
+    """Every cell of level ``max_level − POINTS_LEVELS_UP`` that holds one of the capture's sparse
+    points (in the contracted cube when the scene is large), grown by one such cell to close the gaps
+    between points, subdivided to ``max_level`` and dilated by ``dilate`` finest cells (a margin
+    the coarse growth already covers when ``dilate <= 2^POINTS_LEVELS_UP``).
+
+    Structure-from-motion points lie on textured surfaces, background included, so unlike the
+    density pass this needs no fit; a surface without texture gets no points and no cells. Isolated
+    points (fewer than :data:`POINTS_MIN_AROUND` in their cell and its neighbours) are dropped as
+    outliers."""
+    if dataset.points is None or dataset.points.shape[0] == 0:
+        raise InputError(f"--octree points: {dataset.name!r} has no sparse points")
+    x = contract(dataset.normalization.to_unit(dataset.points.to(device).float()), dataset.outer_scale)
+    x = x[(x.abs() < 1).all(-1)]
+    if x.shape[0] == 0:
+        raise InputError(f"--octree points: none of the {dataset.points.shape[0]:,} sparse points of {dataset.name!r} "
+                         "is inside the scene's box")
+    level = max(1, max_level - POINTS_LEVELS_UP)
+    res = 1 << level
+    ijk = ((x + 1) * (0.5 * res)).floor().long().clamp(0, res - 1)
+    cells, counts = torch.unique(morton_encode(ijk), return_counts=True)  # (c,) sorted, (c,)
+    cijk = morton_decode(cells)
+    r = torch.arange(-1, 2, device=x.device)
+    offs = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)  # (27, 3)
+    nb = cijk[:, None, :] + offs[None]  # (c, 27, 3)
+    valid = ((nb >= 0) & (nb < res)).all(-1)
+    q = morton_encode(nb.clamp(0, res - 1))
+    pos = torch.searchsorted(cells, q).clamp(max=cells.numel() - 1)
+    around = torch.where(valid & (cells[pos] == q), counts[pos], torch.zeros_like(pos)).sum(1)  # (c,)
+    ijk = cijk[around >= POINTS_MIN_AROUND]
+    if ijk.shape[0] == 0:
+        raise InputError(f"--octree points: the {x.shape[0]:,} sparse points of {dataset.name!r} are all isolated "
+                         f"(fewer than {POINTS_MIN_AROUND} within a cell of each other): use --octree density")
+    fine = _dilate_and_subdivide(ijk, level, max_level)
+    return _finest_cells_to_octree(fine, base_level, max_level, device, max(0, dilate - (1 << (max_level - level))),
+                                   "no sparse point is inside the scene")
 
 
 # -- depth ---------------------------------------------------------------------------------------

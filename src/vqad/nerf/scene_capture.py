@@ -34,6 +34,7 @@ import torch
 
 from vqad.errors import InputError
 from vqad.nerf.procedural import ProceduralScene, _one_thread, look_at
+from vqad.nerf.formats.points import write_ply_points
 from vqad.nerf.rays import pixel_centers, rays_for_pixels
 
 NGP_SCALE = 0.33  # instant-ngp's default: world · scale + offset is ngp space, whose unit cube is aabb_scale 1
@@ -41,6 +42,7 @@ NGP_OFFSET = (0.5, 0.5, 0.5)
 MAX_SIDE = 8192  # pixels per image side: a generated capture is a test scene, not a poster
 MAX_VIEWS = 2000
 RAY_CHUNK = 1 << 18  # rays raycast at once: bounds the memory of a large image to ~100 MB
+MAX_POINTS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,12 @@ class SceneCaptureConfig:
     ground_y: float = -0.54  # the bottom of the object's slab
     dome_radius: float = 5.5
     checker: float = 0.5  # ground checker period
+    # simulated structure-from-motion points written as sparse_pc.ply (0: none): what a COLMAP run on
+    # the views would triangulate, idealised (every surface is textured), with noise and outliers
+    points: int = 30_000
+    point_noise: float = 0.01  # world units, Gaussian per axis
+    point_outliers: float = 0.01  # share of points uniform in the aabb_scale box
+    seed: int = 0
 
     def validate(self) -> None:
         if not (1 <= self.width <= MAX_SIDE and 1 <= self.height <= MAX_SIDE and 2 <= self.views <= MAX_VIEWS):
@@ -65,6 +73,9 @@ class SceneCaptureConfig:
                              f"{self.width}x{self.height}, {self.views} views")
         if self.aabb_scale not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise InputError(f"aabb_scale must be a power of two in 1..128 (as instant-ngp takes it), got {self.aabb_scale}")
+        if not (0 <= self.points <= MAX_POINTS and self.point_noise >= 0 and 0 <= self.point_outliers < 1):
+            raise InputError(f"the capture's sparse points must number 0..{MAX_POINTS:,}, with noise >= 0 and an "
+                             f"outlier share in [0, 1), got {self.points}, {self.point_noise}, {self.point_outliers}")
         if not (0 < self.fov_y_deg < 170 and self.camera_radius < self.dome_radius and self.dome_radius > 0):
             raise InputError("the field of view must be in (0, 170) degrees and the cameras inside the dome")
 
@@ -154,6 +165,34 @@ def _render_view(env: Environment, cfg: SceneCaptureConfig, pose: torch.Tensor, 
     return out.reshape(cfg.height, cfg.width, 4)
 
 
+def sparse_points(cfg: SceneCaptureConfig, env: Environment, c2w: torch.Tensor, intr, background: bool) -> torch.Tensor:
+    """``(N, 3)`` world points as structure from motion would give them: the first hit of random pixels'
+    rays (each seen by its view), plus Gaussian noise of ``point_noise``, and a ``point_outliers``
+    share spread uniformly over the aabb_scale box (mismatched features). Deterministic (``seed``)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    n_out = int(round(cfg.points * cfg.point_outliers))
+    n_in = cfg.points - n_out
+    found, have = [torch.zeros(0, 3)], 0
+    with _one_thread():
+        for _ in range(1000):  # bounded: a capture whose views see nothing yields no surface points
+            if have >= n_in:
+                break
+            views = torch.randint(0, c2w.shape[0], (RAY_CHUNK // 16,), generator=g)  # every view, pixel by pixel
+            uv = torch.rand(views.shape[0], 2, generator=g) * torch.tensor([cfg.width, cfg.height])
+            o, d = rays_for_pixels(c2w[views], torch.tensor(intr), uv)
+            d = d / d.norm(dim=-1, keepdim=True)
+            t, _, on_object = env.raycast(o, d, background)
+            hit = torch.isfinite(t) & (on_object if not background else torch.ones_like(on_object))
+            found.append(o[hit] + t[hit, None] * d[hit])
+            have += int(hit.sum())
+    pts = torch.cat(found)[:n_in]
+    pts = pts + cfg.point_noise * torch.randn(pts.shape, generator=g)
+    half = 0.5 * cfg.aabb_scale / NGP_SCALE  # the aabb_scale box in world units, around the ngp centre
+    centre = (0.5 - torch.tensor(NGP_OFFSET)) / NGP_SCALE
+    outliers = centre + half * (2 * torch.rand(n_out, 3, generator=g) - 1)
+    return torch.cat([pts, outliers])
+
+
 def _environment(cfg: SceneCaptureConfig) -> Environment:
     return Environment(ground_y=cfg.ground_y, dome_radius=cfg.dome_radius, checker=cfg.checker)
 
@@ -192,6 +231,9 @@ def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bo
             "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "aabb_scale": cfg.aabb_scale, "scale": NGP_SCALE,
             "offset": list(NGP_OFFSET), "frames": frames,
             "vqad_scene": {"background": background, **asdict(cfg)}}
+    if cfg.points:
+        write_ply_points(out / "sparse_pc.ply", sparse_points(cfg, env, c2w, (fx, fy, cx, cy), background).numpy())
+        meta["ply_file_path"] = "sparse_pc.ply"
     path = out / "transforms.json"
     path.write_text(json.dumps(meta, indent=1) + "\n")
     return path

@@ -38,7 +38,7 @@ from vqad.nerf.render import OccupancySampler, distortion_loss, ray_offsets, ren
 from vqad.refine import RefineChunk, format_stats, has_codebook, refine_indices
 
 LOD_MODES = ("all", "random", "finest+random", "finest")
-OCTREE_CHOICES = ("auto", "depth", "mask", "density")
+OCTREE_CHOICES = ("auto", "depth", "mask", "points", "density")
 
 
 @dataclass

@@ -39,6 +39,7 @@ OUT/sweep.json: resuming with other values is refused.
 
 def register(sub) -> None:
     from vqad.app.sweep import METHOD_SPEC_HELP
+    from vqad.nerf.task import OCTREE_CHOICES
 
     S = argparse.SUPPRESS  # options not given stay unset, so a config file can supply them
     p = sub.add_parser(
@@ -82,7 +83,7 @@ def register(sub) -> None:
     g.add_argument("--eval-views", help="held-out split to evaluate (default test)")
     g.add_argument("--eval-max-views", type=int, help="evaluate only the first N held-out views")
     g.add_argument("--background", help="white, black or R,G,B in [0, 1] (default white)")
-    g.add_argument("--octree", choices=["auto", "depth", "mask", "density"], help="occupied space from (default auto)")
+    g.add_argument("--octree", choices=list(OCTREE_CHOICES), help="occupied space from (default auto)")
     p.add_argument("--device", help="auto (CUDA if present, the default), cpu or cuda[:N]")
     p.set_defaults(func=cmd_sweep)
 

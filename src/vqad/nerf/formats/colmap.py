@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from vqad.errors import InputError
+from vqad.nerf.formats.points import read_colmap_points
 from vqad.nerf.contraction import check_outer_scale
 from vqad.nerf.data import SceneDataset
 from vqad.nerf.formats.common import _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _resolve_image
@@ -268,4 +269,5 @@ def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limi
     desc = f"every {hold_every}th image of {model_dir.name} by name"
     sources = {"train": f"{model_dir} minus every {hold_every}th image", "val": desc + " (val = test)", "test": desc}
     return _dataset(root.name, "colmap", {"train": train, "val": test, "test": test}, sources, downscale, background,
-                    split_limit, root, lambda splits: (center - half, center + half, None, None), outer_scale=outer_scale)
+                    split_limit, root, lambda splits: (center - half, center + half, None, None), outer_scale=outer_scale,
+                    points=read_colmap_points(model_dir))

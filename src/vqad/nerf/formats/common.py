@@ -361,7 +361,7 @@ def _holdout(frames: list, every: int = 8) -> tuple[list, list]:
 
 def _dataset(name, fmt, split_frames: dict[str, list[_Frame]], sources: dict[str, str], downscale, background,
              split_limit, source: Path, bounds_fn, requested_downscale: int | None = None,
-             outer_scale: float = 1.0) -> SceneDataset:
+             outer_scale: float = 1.0, points=None) -> SceneDataset:
     """Load every distinct split once (a split that falls back to another shares its Views).
 
     ``bounds_fn(splits) -> (lo (3,), hi (3,), near | None, far | None)`` gives the world box that
@@ -385,7 +385,8 @@ def _dataset(name, fmt, split_frames: dict[str, list[_Frame]], sources: dict[str
                         background=tuple(float(c) for c in background), source=str(source),
                         downscale=int(requested_downscale or downscale),
                         split_sources=sources, bbox=(tuple(float(x) for x in lo), tuple(float(x) for x in hi)),
-                        outer_scale=float(outer_scale))
+                        outer_scale=float(outer_scale),
+                        points=None if points is None else torch.as_tensor(points, dtype=torch.float32).reshape(-1, 3))
 
 
 def _list_images(d: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from vqad.errors import InputError
 from vqad.nerf.contraction import MAX_OUTER_SCALE
 from vqad.nerf.data import SceneDataset
 from vqad.nerf.formats.common import _dataset, _holdout, _read_json, _transforms_frames
+from vqad.nerf.formats.points import read_ply_points
 
 
 def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = 8) -> SceneDataset:
@@ -43,6 +44,15 @@ def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=N
     outer = min(max(aabb_scale, 1.0), MAX_OUTER_SCALE)
     center = (0.5 - offset) / scale
     half = 0.5 * aabb_scale / outer / scale
+    points = None
+    if meta.get("ply_file_path") is not None:  # nerfstudio's sparse structure-from-motion points
+        ply = meta["ply_file_path"]
+        if not isinstance(ply, str):
+            raise InputError(f"{json_path}: ply_file_path must be a path, got {ply!r}")
+        ply_path = Path(ply) if Path(ply).is_absolute() else json_path.parent / ply
+        if not ply_path.is_file():
+            raise InputError(f"{json_path}: ply_file_path {ply!r} not found at {ply_path}: restore it or remove the key")
+        points = read_ply_points(ply_path)
     return _dataset(json_path.parent.name, "ngp", {"train": train, "val": test, "test": test}, sources, downscale,
                     background, split_limit, json_path.parent, lambda splits: (center - half, center + half, None, None),
-                    outer_scale=outer)
+                    outer_scale=outer, points=points)

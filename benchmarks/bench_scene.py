@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+NOTES_HEADING = "## Notes"
 BASELINE_RAYS_PER_S = 1047.0  # issue 22: the density pass on a real aabb_scale 4 capture at 135x240
 
 
@@ -205,8 +206,11 @@ def write_report(results: dict, args, path: Path) -> None:
                                                                           key=lambda kv: int(kv[0])))
                 lines.append(f"| {name} | {label} | {dg[key]['cells']:,} | " + " | ".join(
                     "–" if c[k] is None else f"{100 * c[k]:.0f} %" for k in ("object", "ground", "dome")) + f" | {psnr} |")
+    text = "\n".join(lines) + "\n"
+    if path.exists() and NOTES_HEADING in path.read_text():
+        text += "\n" + NOTES_HEADING + path.read_text().split(NOTES_HEADING, 1)[1]  # hand-written notes survive
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(text)
     path.with_suffix(".json").write_text(json.dumps(results, indent=1))
 
 

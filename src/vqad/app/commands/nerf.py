@@ -119,7 +119,8 @@ def register(sub) -> None:
                                    "(several times the object's size), seen from a ring of cameras, and write it as an "
                                    "instant-ngp capture (transforms.json + images/). --no-background writes the same "
                                    "cameras and the object alone (RGBA, alpha = its mask), the comparison target. "
-                                   "50 views at 135x240 take a few seconds.")
+                                   "It also writes sparse_pc.ply (ply_file_path): simulated structure-from-motion "
+                                   "points, for --octree points. 50 views at 135x240 take a few seconds.")
     p.add_argument("-o", "--out", required=True, help="new (or empty) output folder")
     p.add_argument("--aabb-scale", type=int, default=S.aabb_scale,
                    help=f"instant-ngp's aabb_scale written to transforms.json (default: {S.aabb_scale})")
@@ -127,6 +128,8 @@ def register(sub) -> None:
                    help=f"image size in pixels (default: {S.width}x{S.height})")
     p.add_argument("--views", type=int, default=S.views, help=f"cameras on the ring (default: {S.views})")
     p.add_argument("--no-background", action="store_true", help="the object alone (RGBA), no ground and no dome")
+    p.add_argument("--points", type=int, default=S.points,
+                   help=f"simulated structure-from-motion points in sparse_pc.ply (0: none; default: {S.points:,})")
     p.set_defaults(func=cmd_synth_capture)
 
 
@@ -135,14 +138,14 @@ def cmd_synth_capture(args) -> int:
     from vqad.nerf.scene_capture import SceneCaptureConfig, write_capture
 
     width, height = parse_size(args.size)
-    cfg = SceneCaptureConfig(width=width, height=height, views=args.views, aabb_scale=args.aabb_scale)
+    cfg = SceneCaptureConfig(width=width, height=height, views=args.views, aabb_scale=args.aabb_scale, points=args.points)
     cfg.validate()
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out} exists and is not an empty folder: write the capture to a new folder")
     path = write_capture(out, cfg, background=not args.no_background)
     print(f"wrote {path} ({cfg.views} views, {width}x{height}, aabb_scale {cfg.aabb_scale}, "
-          f"{'object alone' if args.no_background else 'object in a textured room'})")
+          f"{'object alone' if args.no_background else 'object in a textured room'}, {cfg.points:,} sparse points)")
     print(f"next: vqad fit-nerf {out} --format ngp")
     return 0
 

@@ -810,3 +810,39 @@ def test_octree_from_points_of_the_room_holds_its_surfaces(tmp_path):
     (tmp_path / "room" / "transforms.json").write_text(json.dumps(meta))
     with pytest.raises(InputError, match="ply_file_path"):
         load_dataset(tmp_path / "room", format="ngp")
+
+
+def test_sparse_point_readers_fuzzed_raise_only_input_errors(tmp_path):
+    """Random byte flips, cuts and insertions in a PLY, a points3D.bin and a points3D.txt: each read
+    either returns finite (N, 3) points or raises InputError, never anything else."""
+    import random
+    import struct
+
+    from vqad.nerf.formats.points import read_ply_points, read_points3d_bin, read_points3d_txt, write_ply_points
+
+    write_ply_points(tmp_path / "a.ply", np.random.default_rng(0).normal(size=(20, 3)))
+    blobs = {
+        "a.ply": ((tmp_path / "a.ply").read_bytes(), read_ply_points),
+        "p.bin": (struct.pack("<Q", 5) + b"".join(struct.pack("<Q3d3BdQ", i, 1.0, 2.0, 3.0, 1, 2, 3, 0.5, 1)
+                                                   + struct.pack("<ii", 1, 2) for i in range(5)), read_points3d_bin),
+        "p.txt": ("".join(f"{i} 1.0 2.0 3.0 1 2 3 0.5 1 2\n" for i in range(5)).encode(), read_points3d_txt),
+    }
+    rnd = random.Random(0)
+    for _ in range(400):
+        for name, (blob, read) in blobs.items():
+            x = bytearray(blob)
+            for _ in range(rnd.randint(1, 6)):
+                op = rnd.random()
+                if op < 0.5 and x:
+                    x[rnd.randrange(len(x))] = rnd.randrange(256)
+                elif op < 0.75:
+                    x = x[:rnd.randrange(len(x) + 1)]
+                else:
+                    a = rnd.randrange(len(x) + 1)
+                    x[a:a] = bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 8)))
+            (tmp_path / name).write_bytes(bytes(x))
+            try:
+                out = read(tmp_path / name)
+            except InputError:
+                continue
+            assert out.ndim == 2 and out.shape[1] == 3 and np.isfinite(out).all()

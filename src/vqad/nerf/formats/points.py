@@ -45,7 +45,9 @@ def read_ply_points(path) -> np.ndarray:
     end = data.find(b"end_header")
     if not data.startswith(b"ply") or end < 0:
         raise InputError(f"{path}: not a PLY file (no 'ply' magic or no end_header)")
-    body_start = data.index(b"\n", end) + 1
+    body_start = data.find(b"\n", end) + 1
+    if body_start == 0:
+        raise InputError(f"{path}: the header's end_header line has no line end")
     header = data[:end].decode("ascii", errors="replace").splitlines()
     fmt, elements = None, []  # elements: [name, count, [(prop, dtype | None for lists)]]
     for line in header[1:]:

@@ -98,7 +98,8 @@ def read_ply_points(path) -> np.ndarray:
         if len(data) - body_start < n * dtype.itemsize:
             raise InputError(f"{path}: the file ends before its {n:,} vertices")
         rec = np.frombuffer(data, dtype=dtype, count=n, offset=body_start)
-        xyz = np.stack([rec[a].astype(np.float64) for a in "xyz"], -1)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite values are refused just below
+            xyz = np.stack([rec[a].astype(np.float64) for a in "xyz"], -1)
     return _check_points(xyz, str(path))
 
 

@@ -1,11 +1,13 @@
-"""The radiance field's octree, three ways, each with a dilation margin of ``dilate`` finest cells.
+"""The radiance field's octree, four ways, each with a dilation margin of ``dilate`` finest cells.
 
 * :func:`octree_from_depth` — the paper's way: back-project every valid depth pixel;
 * :func:`octree_from_masks` — visual-hull carving from foreground masks (object captures, lego);
+* :func:`octree_from_points` — the capture's sparse structure-from-motion points (COLMAP, ngp's
+  ``ply_file_path``), isolated points dropped;
 * :func:`octree_from_density` — a short coarse density pass on a low-resolution dense grid, which
   needs nothing but RGB (forward-facing captures such as LLFF fern).
 
-:func:`build_octree` with ``method="auto"`` picks depth > masks > density, by what the training split
+:func:`build_octree` with ``method="auto"`` picks depth > masks > points > density, by what the training split
 has. Every function works in the dataset's unit cube (``dataset.normalization``) and returns a
 :class:`~vqad.octree.SparseOctree` on ``device``; an octree that would be empty raises
 :class:`~vqad.errors.InputError`.
@@ -33,8 +35,6 @@ from vqad.nerf.data import SceneDataset, Views
 from vqad.nerf.contraction import contract
 from vqad.nerf.rays import backproject
 
-OCTREE_METHODS = ("auto", "depth", "mask", "points", "density")
-
 
 def available_methods(dataset: SceneDataset, split: str = "train") -> list[str]:
     """Octree methods the split supports, best first (density always works)."""
@@ -50,8 +50,10 @@ def available_methods(dataset: SceneDataset, split: str = "train") -> list[str]:
 
 
 def resolve_method(dataset: SceneDataset, method: str, split: str = "train") -> str:
-    if method not in OCTREE_METHODS:
-        raise InputError(f"unknown octree method {method!r}: choose one of {', '.join(OCTREE_METHODS)}")
+    from vqad.nerf.task import OCTREE_CHOICES  # the one list of methods
+
+    if method not in OCTREE_CHOICES:
+        raise InputError(f"unknown octree method {method!r}: choose one of {', '.join(OCTREE_CHOICES)}")
     have = available_methods(dataset, split)
     if method == "auto":
         return have[0]
@@ -67,7 +69,7 @@ def resolve_method(dataset: SceneDataset, method: str, split: str = "train") -> 
 
 def build_octree(dataset: SceneDataset, method: str, base_level: int, max_level: int, device,
                  dilate: int = 1, split: str = "train", **kwargs) -> tuple[SparseOctree, str]:
-    """The octree by ``method`` (``auto | depth | mask | density``); returns it and the method used.
+    """The octree by ``method`` (``auto | depth | mask | points | density``); returns it and the method used.
 
     ``kwargs`` go to the chosen builder (e.g. ``steps`` of the density pass).
     """

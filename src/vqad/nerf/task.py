@@ -38,7 +38,7 @@ from vqad.nerf.render import OccupancySampler, distortion_loss, ray_offsets, ren
 from vqad.refine import RefineChunk, format_stats, has_codebook, refine_indices
 
 LOD_MODES = ("all", "random", "finest+random", "finest")
-OCTREE_CHOICES = ("auto", "depth", "mask", "points", "density")
+OCTREE_CHOICES = ("auto", "depth", "mask", "points", "density")  # vqad.nerf.octree_build builds each
 
 
 @dataclass
@@ -60,7 +60,7 @@ class NeRFTrainConfig(TrainConfig):
     prune_decay: float = 0.95
     early_stop_eps: float = 0.0  # drop training samples behind transmittance < this (0: keep all; see docs/benchmarks/nerf.md)
     distortion_weight: float = 0.0  # λ of mip-NeRF 360's distortion loss on the finest LOD's weights (0: none)
-    octree: str = "auto"  # auto | depth | mask | density
+    octree: str = "auto"  # auto | depth | mask | points | density
     dilate: int = 1  # octree margin in finest cells
     density_steps: int = 400  # steps of the coarse density pass (octree="density")
     density_minutes: float | None = None  # ... and its time cap (None: none)

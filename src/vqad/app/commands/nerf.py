@@ -64,7 +64,7 @@ def register(sub) -> None:
                      "at least 60%% of the rest (the lr schedule follows time too), sweeps after it are shortened or "
                      "skipped to fit, the evaluation has 10%%")
     config_flag(p, T, "octree", choices=list(OCTREE_CHOICES), type=str,
-                help="how to find occupied space (auto: depth > masks > coarse density pass)")
+                help="how to find occupied space (auto: depth > masks > sparse SfM points > coarse density pass)")
     config_flag(p, T, "octree_from", metavar="CKPT_OR_FILE", type=str,
                 help="reuse the octree of an earlier fit of the same capture (replaces --octree: no density pass)")
     config_flag(p, T, "dilate", help="octree margin in finest cells")

@@ -76,6 +76,7 @@ def fit(capture: Path, out: Path, storage: str, minutes: float, levels: tuple[in
     m = json.loads((out / "metrics.json").read_text())
     return {"wall_seconds": wall, "cap_seconds": minutes * 60, "octree_seconds": m["octree_seconds"],
             "octree": m.get("octree_method", "?"), "steps": m["steps"],
+            "decoders": "per LOD" if m["decoder"]["per_lod"] else "shared",
             "psnr": {lod: v["psnr"] for lod, v in m["lods"].items()}}
 
 
@@ -176,13 +177,15 @@ def write_report(results: dict, args, path: Path) -> None:
         lines.append(f"| {name} | {d['seconds']:.1f} | {d['steps']} | {d['rays_per_second']:,.0f} | "
                      f"{d['rays_per_second'] / BASELINE_RAYS_PER_S:.1f} | {d['cells']:,} |")
     lines += ["", "## Whole fit under the cap, held-out PSNR per LOD", "",
-              "| capture | grid | octree | wall s / cap s | octree s | steps | PSNR per LOD (dB) |",
-              "|---|---|---|---:|---:|---:|---|"]
+              "| capture | grid | octree | decoders | wall s / cap s | octree s | steps | PSNR per LOD (dB) |",
+              "|---|---|---|---|---:|---:|---:|---|"]
     for name, r in results.items():
         for key, f in r.get("fits", {}).items():
             psnr = ", ".join(f"{lod}: {p:.2f}" for lod, p in sorted(f["psnr"].items(), key=lambda kv: int(kv[0])))
             octree = f.get("octree", "density" if name.startswith("room") else "mask")  # runs before the column
-            lines.append(f"| {name} | {key.split(' ')[0]} | {octree} | {f['wall_seconds']:.0f} / {f['cap_seconds']:.0f} | "
+            decoders = f.get("decoders", "shared")  # rows from before the column ran with shared decoders
+            lines.append(f"| {name} | {key.split(' ')[0]} | {octree} | {decoders} | "
+                         f"{f['wall_seconds']:.0f} / {f['cap_seconds']:.0f} | "
                          f"{f['octree_seconds']:.1f} | {f['steps']} | {psnr} |")
     diag = {name: r["diagnose"] for name, r in results.items() if "diagnose" in r}
     if diag:
@@ -232,6 +235,7 @@ def main() -> None:
                                                          "them, masks for the object alone)")
     ap.add_argument("--merge", action="store_true", help="add these fits to the results already in --out's .json "
                                                          "(no density pass rows)")
+    ap.add_argument("--grids", default="dense,codebook", help="comma list of the fits' grids: dense, codebook (4-bit)")
     ap.add_argument("--only", default=None, help="comma list of captures: 4, 16, object")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -245,6 +249,10 @@ def main() -> None:
     if args.diagnose_only or args.merge:
         results = json.loads(Path(args.out).with_suffix(".json").read_text())
     only = None if args.only is None else set(args.only.split(","))
+    grids = args.grids.split(",")
+    if not grids or any(g not in ("dense", "codebook") for g in grids):
+        sys.exit(f"bench_scene: --grids takes dense and/or codebook, got {args.grids!r}")
+    produced: dict = {}
     for name, aabb, background in scenes(args.quick):
         if only is not None and (str(aabb) if background else "object") not in only:
             continue
@@ -263,12 +271,18 @@ def main() -> None:
             print(f"{name}: density pass {r['density']['seconds']:.1f} s, {r['density']['rays_per_second']:,.0f} rays/s",
                   flush=True)
         suffix = "" if args.fit_octree == "auto" else f"-{args.fit_octree}"
-        for storage in ("dense", "codebook"):
+        for storage in grids:
             tag = ("dense" if storage == "dense" else "4-bit") + (f" ({args.fit_octree})" if suffix else "")
             r["fits"][tag] = fit(cap, work / "fits" / f"{cap.name}-{storage}{suffix}", storage, args.minutes, levels,
                                  eval_views, extra=["--octree", args.fit_octree])
+            produced.setdefault(name, {})[tag] = r["fits"][tag]
             print(f"{name} {tag}: {r['fits'][tag]['psnr']}", flush=True)
         results[name] = r
+    if args.merge:  # another --merge run may have written meanwhile: add this run's fits to the file as it is now
+        fresh = json.loads(Path(args.out).with_suffix(".json").read_text())
+        for name, fits in produced.items():
+            fresh.setdefault(name, {"fits": {}}).setdefault("fits", {}).update(fits)
+        results = fresh
     write_report(results, args, Path(args.out))
     print(f"wrote {args.out}")
 

@@ -224,6 +224,28 @@ def test_coarse_weight_scales_only_the_coarser_lods_loss(scene):
     assert not torch.allclose(both, grads([2, 4], 1.0))
 
 
+def test_auto_decoders_are_per_lod_only_for_quantised_grids_in_contracted_scenes(scene):
+    """per_lod=None ('auto', fit-nerf's default) resolves by the scene and storage; a built field
+    never holds 'auto' (a file or checkpoint that says null is refused)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from vqad.nerf.fit import NERF_DECODER, auto_per_lod
+
+    assert NERF_DECODER.per_lod is None
+    room, bounded = SimpleNamespace(outer_scale=4.0), SimpleNamespace(outer_scale=1.0)
+    assert auto_per_lod(room, GridConfig(storage="codebook", bits=4))
+    assert not auto_per_lod(room, GridConfig(storage="dense"))
+    assert not auto_per_lod(bounded, GridConfig(storage="codebook", bits=4))
+    assert not auto_per_lod(scene, GridConfig(storage="codebook", bits=4))  # the built-in scene is bounded
+    oct_ = SparseOctree.from_points(torch.rand(50, 3) * 2 - 1, 1, 3)
+    grid = OctreeGrid.from_octree(oct_, GridConfig(features=4, base_level=1, max_level=3, storage="codebook", bits=4))
+    with pytest.raises(InputError, match="per_lod must be true or false"):
+        NeRFField(grid, replace(NERF_DECODER, per_lod=None), NeRFConfig(step_ratio=1.0, outer_scale=1.0))
+    field = NeRFField(grid, replace(NERF_DECODER, per_lod=True), NeRFConfig(step_ratio=1.0, outer_scale=1.0))
+    assert len(field.decoder.mlps) == len(field.color.mlps) == 3
+
+
 def test_a_step_with_a_non_finite_gradient_is_skipped(scene):
     """A NaN gradient anywhere leaves every parameter as it was (instead of poisoning the model); the
     loop counts the step as skipped and the next good step applies."""

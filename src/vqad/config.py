@@ -56,7 +56,8 @@ class DecoderConfig:
 
     hidden: int = 128
     layers: int = 1  # hidden layers
-    per_lod: bool = False  # one MLP per LOD instead of a shared one
+    per_lod: bool | None = False  # one MLP per LOD instead of a shared one (None: the application chooses, e.g.
+    # vqad.nerf.fit.auto_per_lod; resolved before a decoder is built)
     position_input: bool = True  # feed x to ψ alongside the features
 
     def validate(self) -> None:
@@ -64,7 +65,7 @@ class DecoderConfig:
             raise InputError(f"--hidden (decoder width) must be an integer in 1..{MAX_HIDDEN}, got {self.hidden!r}")
         if not (is_int(self.layers) and 0 <= self.layers <= MAX_LAYERS):
             raise InputError(f"--layers (decoder hidden layers) must be an integer in 0..{MAX_LAYERS}, got {self.layers!r}")
-        if not (isinstance(self.per_lod, bool) and isinstance(self.position_input, bool)):
+        if not ((self.per_lod is None or isinstance(self.per_lod, bool)) and isinstance(self.position_input, bool)):
             raise InputError(f"per_lod and position_input must be true or false, got {self.per_lod!r}, {self.position_input!r}")
 
 

@@ -86,6 +86,9 @@ class NeuralField(nn.Module):
     def __init__(self, grid: OctreeGrid, decoder_cfg: DecoderConfig, normalization: Normalization | None = None):
         super().__init__()
         decoder_cfg.validate()  # before any layer is allocated (a file's header may ask for anything)
+        if decoder_cfg.per_lod is None:
+            raise InputError("a field's decoders are shared or per-LOD: per_lod must be true or false (None, 'auto', "
+                             "is resolved by the fit that builds the field, e.g. vqad.nerf.fit.build_nerf_field)")
         self.grid = grid
         self.decoder_cfg = decoder_cfg
         self.normalization = normalization or Normalization()

@@ -16,7 +16,7 @@ import torch
 
 from vqad.app.commands.common import ensure_writable_dir
 from vqad.atomicio import write_atomic
-from vqad.config import DecoderConfig, GridConfig
+from vqad.config import GridConfig
 from vqad.nerf.field import NeRFConfig
 
 DEMO_NERF_MINUTES = 1.6  # the fit's time cap
@@ -28,7 +28,7 @@ def run_nerf_demo(out_dir: str | Path, device: torch.device, quick: bool = False
     ``out_dir/metrics.json`` (per-LOD PSNR / SSIM, sizes, timings)."""
     from vqad.nerf.formats import load_dataset
     from vqad.nerf.evaluate import evaluate_nerf, metric_lines
-    from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
+    from vqad.nerf.fit import NERF_DECODER, NeRFTrainConfig, fit_nerf
 
     out = ensure_writable_dir(out_dir)
     (out / "metrics.json").unlink(missing_ok=True)
@@ -42,7 +42,7 @@ def run_nerf_demo(out_dir: str | Path, device: torch.device, quick: bool = False
     say = (lambda s: None) if quiet else (lambda s: print("[nerf] " + s, flush=True))
     say(f"fitting a {grid.bits}-bit VQ-AD radiance field of the built-in scene, levels {grid.base_level}..{grid.max_level}, "
         f"{train.steps} steps")
-    res = fit_nerf(dataset, grid, DecoderConfig(hidden=64, position_input=False), train, device, out_dir=out,
+    res = fit_nerf(dataset, grid, NERF_DECODER, train, device, out_dir=out,
                    quiet=quiet or quick, nerf_cfg=NeRFConfig())
     say(f"fit in {res.seconds:.0f} s ({res.rays_per_second:,.0f} rays/s, {res.samples_per_ray:.1f} samples/ray)")
     for line in res.field.size_lines():

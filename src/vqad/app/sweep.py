@@ -616,9 +616,8 @@ class NeRFTask:
         """Fit ``grid_cfg`` (``refine``: index-refinement sweeps, None: the radiance-field default, 0;
         ``rate_weight``: λ of the rate term, 0: none). Returns the field, the steps done and the sweeps
         it was fitted with."""
-        from vqad.config import DecoderConfig
         from vqad.nerf.field import NeRFConfig
-        from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
+        from vqad.nerf.fit import NERF_DECODER, NeRFTrainConfig, fit_nerf
 
         c = self.cfg
         # vqad fit-nerf's defaults (the marching step chosen from the octree); one width for both MLPs
@@ -626,7 +625,7 @@ class NeRFTask:
         if refine is not None:
             train.refine = refine
         _set_rate(train, rate_weight, c.rate_context)
-        res = fit_nerf(self.dataset, grid_cfg, DecoderConfig(hidden=c.hidden, position_input=False), train, self.device,
+        res = fit_nerf(self.dataset, grid_cfg, replace(NERF_DECODER, hidden=c.hidden), train, self.device,
                        out_dir=work, resume=resume, quiet=c.quiet,
                        nerf_cfg=NeRFConfig(color_hidden=c.hidden, step_ratio=None))
         return res.field, res.steps, train.refine

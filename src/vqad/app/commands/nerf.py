@@ -92,8 +92,12 @@ def register(sub) -> None:
     p.add_argument("--step-ratio", default=None, metavar="auto|S",
                    help="ray-marching step, in finest cells (default auto: whole cells that keep the octree near "
                         "20 samples per ray; 1 on thin octrees from masks or depth)")
-    config_flag(p, NERF_DECODER, "per_lod", flag="--per-lod-decoder", action="store_true",
-                help="one pair of MLPs per LOD instead of shared ones")
+    dec = p.add_mutually_exclusive_group()  # default (neither): auto, vqad.nerf.fit.auto_per_lod
+    dec.add_argument("--per-lod-decoder", dest="per_lod", action="store_const", const=True, default=None,
+                     help="one pair of MLPs per LOD (default auto: per LOD for a codebook grid in a contracted "
+                          "scene, ngp aabb_scale > 1 or COLMAP bounds, where shared ones stall; shared otherwise)")
+    dec.add_argument("--shared-decoder", dest="per_lod", action="store_const", const=False,
+                     help="one pair of MLPs shared by every LOD (smaller file; see --per-lod-decoder)")
     add_run_args(p, T, "checkpoint, metrics, renders")
     p.add_argument("--eval-views", default=None, help="held-out split to evaluate (test, val, ...; default: test)")
     p.add_argument("--eval-max-views", type=int, default=None, help="evaluate only the first N held-out views")

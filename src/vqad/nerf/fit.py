@@ -85,7 +85,8 @@ def auto_per_lod(dataset: SceneDataset, grid_cfg: GridConfig) -> bool:
     Measured (docs/benchmarks/scene.md, "Shared or per-LOD decoders"): on the generated room, a 4-bit
     grid with shared decoders stalls near 19–20 dB at every LOD (the coarse LODs' loss holds the shared
     MLPs in a foggy solution; dense grids and objects do not stall), and with one decoder pair per LOD
-    it reaches 25.5–25.7 dB at LOD 7 in the same steps. On the object alone per-LOD decoders cost the
+    it reaches 25.5–25.9 dB at LOD 7 in the same steps (two seeds, aabb_scale 4 and 16; with
+    ``--levels 4:8`` it stalls too). On the object alone per-LOD decoders cost the
     coarsest LOD about 1 dB and gain 0.3 dB at LOD 7, so bounded scenes keep the smaller shared pair.
     """
     return bool(dataset.outer_scale > 1.0 and storage_class(grid_cfg.storage).discrete)

@@ -33,3 +33,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def need_open3d(why: str):
+    """Open3D, or a skip with a one-line reason: not installed, or installed but unable to load (a
+    system library it links against, such as libusb-1.0, missing: ``ImportError``, which
+    ``pytest.importorskip`` does not skip on since pytest 9)."""
+    try:
+        import open3d
+    except ImportError as e:
+        lines = str(e).splitlines() or [type(e).__name__]
+        pytest.skip(f"{why}: open3d cannot be imported ({lines[0]})")
+    return open3d

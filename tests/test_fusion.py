@@ -12,6 +12,7 @@ from vqad.tsdf import fusion
 from vqad.tsdf.fusion import FusedTSDF, default_voxel, from_dense, fuse
 from vqad.tsdf.rgbd import RGBDSequence
 from vqad.tsdf.synth import look_at_cv
+from conftest import need_open3d
 
 
 # -- analytic scenes, rendered by ray casting in numpy -----------------------------------------
@@ -198,7 +199,7 @@ def test_no_valid_depth():
 
 
 def test_agrees_with_open3d_uniform_volume(one_thread):
-    o3d = pytest.importorskip("open3d", reason="open3d not installed: no reference to compare with")
+    o3d = need_open3d("no reference to compare with")
     # narrow field of view: Open3D's sdf is along the ray (our z-difference × sqrt(1 + x'² + y'²));
     # here that factor is below 1 + 2e-3, so both conventions agree to 2e-3 × trunc
     W, H, f = 32, 24, 300.0

@@ -22,6 +22,7 @@ from vqad.tsdf.rgbd import (GL_TO_CV, RGBDSequence, check_pose, detect_sequence_
 from vqad.tsdf.sources import read_sequence
 from vqad.tsdf.synth import (DepthNoise, look_at_cv, procedural_sdf, procedural_sequence, synth_sequence,
                              write_redwood, write_tum)
+from conftest import need_open3d
 
 
 def _backproject(seq: RGBDSequence, i: int) -> np.ndarray:
@@ -51,13 +52,13 @@ def _sphere(subdivisions: int = 5) -> Mesh:
 @pytest.fixture(scope="module")
 def sphere_scan():
     """A small exact scan of a sphere with colour: ``(sequence, gt_mesh)``."""
-    pytest.importorskip("open3d", reason="synthetic scans need open3d (pip install 'vqad[tsdf]')")
+    need_open3d("synthetic scans need open3d (pip install 'vqad[tsdf]')")
     return synth_sequence(_sphere(), n_frames=6, width=64, height=48, noise=DepthNoise.none())
 
 
 @pytest.fixture(scope="module")
 def noisy_scan():
-    pytest.importorskip("open3d", reason="synthetic scans need open3d (pip install 'vqad[tsdf]')")
+    need_open3d("synthetic scans need open3d (pip install 'vqad[tsdf]')")
     return synth_sequence(_sphere(), n_frames=5, width=64, height=48, noise=DepthNoise(), seed=3)[0]
 
 
@@ -337,7 +338,7 @@ def test_rtmv_sequence_matches_the_nerf_reader(tmp_path, sphere_scan):
 # -- synthetic depth against analytic depth --------------------------------------------------------
 def test_plane_depth_is_analytic(tmp_path):
     """Exact depth of the plane z = 0 from tilted cameras equals the ray–plane intersection."""
-    pytest.importorskip("open3d", reason="synthetic scans need open3d (pip install 'vqad[tsdf]')")
+    need_open3d("synthetic scans need open3d (pip install 'vqad[tsdf]')")
     poses = np.stack([look_at_cv([0.3, -0.2, -1.2], [0.1, 0.05, 0], up=[0, 1, 0]),
                       look_at_cv([-0.5, 0.4, -0.8], [0, 0, 0], up=[1, 0, 0])])
     seq, gt = synth_sequence(_plane(), width=40, height=30, noise=DepthNoise.none(), size=10.0, poses=poses,
@@ -438,7 +439,7 @@ def test_noise_on_a_rendered_tilted_plane():
     """Rendered planes at 1 m: seen head-on nearly every pixel is measured, with σ_z(1 m); seen at
     80° (the image spans ±31° horizontally), pixels are missing exactly where the ray meets the
     plane beyond 75° (give or take the lateral jitter's pixel)."""
-    pytest.importorskip("open3d", reason="synthetic scans need open3d (pip install 'vqad[tsdf]')")
+    need_open3d("synthetic scans need open3d (pip install 'vqad[tsdf]')")
     head_on = look_at_cv([0, 0, -1.0], [0, 0, 0])
     a = math.radians(80)
     tilted = look_at_cv([math.sin(a), 0, -math.cos(a)], [0, 0, 0])
@@ -482,7 +483,7 @@ def test_cli_synth_rgbd_writes_a_readable_sequence(tmp_path, capsys):
 
 
 def test_cli_synth_rgbd_mesh_tum(tmp_path, capsys):
-    pytest.importorskip("open3d", reason="synthetic scans need open3d (pip install 'vqad[tsdf]')")
+    need_open3d("synthetic scans need open3d (pip install 'vqad[tsdf]')")
     import trimesh
 
     from vqad.app.cli import main

@@ -12,6 +12,7 @@ from vqad.errors import InputError
 from vqad.tsdf.extract import extract_tsdf_mesh, masked_marching_cubes
 from vqad.tsdf.field import TSDFField
 from vqad.tsdf.fit import TSDFTrainConfig, fit_tsdf
+from conftest import need_open3d
 
 CENTER, RADIUS = np.array([0.1, 0.2, 1.0]), 0.3
 
@@ -118,7 +119,7 @@ def test_fit_tsdf_refuses_colour_the_fusion_lacks():
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory):
     """A small noisy TUM-layout scan of a sphere (with its ground-truth mesh), written by `vqad synth-rgbd`."""
-    pytest.importorskip("open3d", reason="vqad synth-rgbd of a mesh needs Open3D (pip install 'vqad[tsdf]')")
+    need_open3d("vqad synth-rgbd of a mesh needs Open3D (pip install 'vqad[tsdf]')")
     import trimesh
 
     from vqad.app.cli import main

@@ -221,8 +221,13 @@ def _check_common(n_frames: int, width: int, height: int, size: float, distance:
 def _open3d():
     try:
         import open3d as o3d
-    except ImportError as e:
+    except ModuleNotFoundError as e:
         raise InputError("rendering synthetic depth needs Open3D: pip install 'vqad[tsdf]' (open3d-cpu)") from e
+    except ImportError as e:  # installed, but a library it links against is missing (e.g. libusb-1.0.so.0)
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise InputError(f"rendering synthetic depth needs Open3D, which is installed but cannot load ({first}): "
+                         "install the missing system library (Debian/Ubuntu: apt install libusb-1.0-0 for "
+                         "libusb-1.0.so.0) or reinstall open3d-cpu") from e
     return o3d
 
 

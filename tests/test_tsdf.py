@@ -131,6 +131,18 @@ def scan(tmp_path_factory):
     return d / "seq"
 
 
+@pytest.fixture(scope="module")
+def procedural_scan(tmp_path_factory):
+    """A small TUM-layout scan of the built-in procedural scene (no Open3D needed): for the tests of
+    flags, which need a valid scan but not a mesh's."""
+    from vqad.app.cli import main
+
+    d = tmp_path_factory.mktemp("pscan")
+    assert main(["synth-rgbd", "procedural", "--frames", "6", "--size", "48x36", "--out", str(d / "seq"),
+                 "--threads", "1"]) == 0
+    return d / "seq"
+
+
 FAST = ["--levels", "2:4", "--steps", "40", "--batch", "2048", "--refine", "1", "--refine-samples", "4000",
         "--threads", "1", "--quiet"]
 
@@ -184,10 +196,10 @@ def test_cli_fit_tsdf_end_to_end(scan, tmp_path, capsys):
     (["--color"], "no colour"),
     (["--color-weight", "0.5"], "--color only"),
 ])
-def test_cli_fit_tsdf_bad_inputs_exit_2(scan, tmp_path, capsys, argv, words):
+def test_cli_fit_tsdf_bad_inputs_exit_2(procedural_scan, tmp_path, capsys, argv, words):
     from vqad.app.cli import main
 
-    source = str(scan)
+    source = str(procedural_scan)
     if argv == ["--color"]:  # a fusion without colour: a depth-only Redwood copy would do; a fused file is simpler
         from vqad.tsdf.fusion import FusedTSDF
 

@@ -81,15 +81,14 @@ def fit(capture: Path, out: Path, storage: str, minutes: float, levels: tuple[in
 
 
 # -- diagnosis: which surfaces the octree holds, and a fit on an octree of the true surfaces -----------
-def true_surface_points(capture: Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """Where every ``split`` pixel's ray first meets the generated scene (exact ray casting):
-    contracted grid points ``(N, 3)`` and what was hit ``(N,)`` (0 object, 1 ground, 2 dome)."""
+def true_surface_points(capture: Path, ds, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Where every ``split`` pixel's ray of the generated capture (its folder and its loaded dataset
+    ``ds``) first meets the scene (exact ray casting): contracted grid points ``(N, 3)`` and what was
+    hit ``(N,)`` (0 object, 1 ground, 2 dome)."""
     from vqad.nerf.contraction import contract
-    from vqad.nerf.formats import load_dataset
     from vqad.nerf.rays import RayBatcher
     from vqad.nerf.scene_capture import Environment
 
-    ds = load_dataset(str(capture), format="ngp")
     scene = json.loads((capture / "transforms.json").read_text())["vqad_scene"]
     env = Environment(ground_y=scene["ground_y"], dome_radius=scene["dome_radius"], checker=scene["checker"])
     batcher = RayBatcher(ds.splits[split], ds, "cpu")
@@ -107,29 +106,21 @@ def true_surface_points(capture: Path, split: str = "train") -> tuple[torch.Tens
 
 def coverage(octree, points: torch.Tensor, kinds: torch.Tensor) -> dict:
     """Share of the true surface points of each kind inside the octree's finest cells."""
-    from vqad.octree import morton_encode
-
-    L = octree.max_level
-    ijk = ((points + 1) * (0.5 * (1 << L))).floor().long().clamp(0, (1 << L) - 1)
-    codes, q = octree.codes[L], morton_encode(ijk)
-    pos = torch.searchsorted(codes, q).clamp(max=codes.numel() - 1)
-    inside = codes[pos] == q
+    inside = octree.contains(points)
     return {name: float(inside[kinds == k].float().mean()) if (kinds == k).any() else None
             for k, name in enumerate(("object", "ground", "dome"))}
 
 
-def true_surface_model(capture: Path, levels: tuple[int, int], path: Path) -> int:
-    """A .vqad (untrained) whose octree is the true surfaces' cells, dilated by one: for ``--octree-from``."""
+def true_surface_model(ds, points: torch.Tensor, levels: tuple[int, int], path: Path) -> int:
+    """A .vqad (untrained) of the capture ``ds`` whose octree is the cells of its true surface
+    ``points`` (:func:`true_surface_points`), dilated by one: for ``--octree-from``."""
     from vqad import fileformat
     from vqad.config import DecoderConfig, GridConfig
     from vqad.grid import OctreeGrid
     from vqad.nerf.data import dataset_info
     from vqad.nerf.field import NeRFConfig, NeRFField
-    from vqad.nerf.formats import load_dataset
     from vqad.octree import SparseOctree
 
-    ds = load_dataset(str(capture), format="ngp")
-    points, _ = true_surface_points(capture)
     octree = SparseOctree.from_points(points, levels[0], levels[1], dilate=1)
     grid = OctreeGrid.from_octree(octree, GridConfig(storage="dense", features=2, base_level=levels[0], max_level=levels[1]))
     field = NeRFField(grid, DecoderConfig(hidden=8, position_input=False),
@@ -145,8 +136,8 @@ def diagnose(capture: Path, work: Path, minutes: float, levels: tuple[int, int],
     from vqad.nerf.formats import load_dataset
     from vqad.nerf.octree_build import octree_from_model
 
-    points, kinds = true_surface_points(capture)
     ds = load_dataset(str(capture), format="ngp")
+    points, kinds = true_surface_points(capture, ds)
     out = {}
     pass_fit = work / "fits" / f"{capture.name}-dense" / "checkpoint"
     if pass_fit.is_dir():
@@ -154,12 +145,17 @@ def diagnose(capture: Path, work: Path, minutes: float, levels: tuple[int, int],
         out["density_octree"] = {"cells": oc.num_cells(levels[1]), "coverage": coverage(oc, points, kinds)}
     model = work / "diagnose" / f"{capture.name}-true-surfaces.vqad"
     model.parent.mkdir(parents=True, exist_ok=True)
-    cells = true_surface_model(capture, levels, model)
+    cells = true_surface_model(ds, points, levels, model)
     oc = octree_from_model(model, ds, levels[0], levels[1], torch.device("cpu"))
     out["true_octree"] = {"cells": cells, "coverage": coverage(oc, points, kinds)}
     out["true_octree_fit"] = fit(capture, work / "diagnose" / f"{capture.name}-dense-true-octree", "dense", minutes, levels,
                                  eval_views, extra=["--octree-from", str(model)])
     return out
+
+
+def psnr_text(psnr: dict) -> str:
+    """``{lod: dB}`` as ``"4: 19.38, 5: 15.95, ..."``, coarsest first."""
+    return ", ".join(f"{lod}: {p:.2f}" for lod, p in sorted(psnr.items(), key=lambda kv: int(kv[0])))
 
 
 def write_report(results: dict, args, path: Path) -> None:
@@ -181,7 +177,7 @@ def write_report(results: dict, args, path: Path) -> None:
               "|---|---|---|---|---:|---:|---:|---|"]
     for name, r in results.items():
         for key, f in r.get("fits", {}).items():
-            psnr = ", ".join(f"{lod}: {p:.2f}" for lod, p in sorted(f["psnr"].items(), key=lambda kv: int(kv[0])))
+            psnr = psnr_text(f["psnr"])
             octree = f.get("octree", "density" if name.startswith("room") else "mask")  # runs before the column
             decoders = f.get("decoders", "shared")  # rows from before the column ran with shared decoders
             lines.append(f"| {name} | {key.split(' ')[0]} | {octree} | {decoders} | "
@@ -202,16 +198,15 @@ def write_report(results: dict, args, path: Path) -> None:
                 c = dg[key]["coverage"]
                 psnr = ""
                 if key == "true_octree":
-                    psnr = ", ".join(f"{lod}: {p:.2f}" for lod, p in sorted(dg["true_octree_fit"]["psnr"].items(),
-                                                                          key=lambda kv: int(kv[0])))
+                    psnr = psnr_text(dg["true_octree_fit"]["psnr"])
                 elif "dense" in results[name].get("fits", {}):
-                    psnr = ", ".join(f"{lod}: {p:.2f}" for lod, p in sorted(results[name]["fits"]["dense"]["psnr"].items(),
-                                                                          key=lambda kv: int(kv[0])))
+                    psnr = psnr_text(results[name]["fits"]["dense"]["psnr"])
                 lines.append(f"| {name} | {label} | {dg[key]['cells']:,} | " + " | ".join(
                     "–" if c[k] is None else f"{100 * c[k]:.0f} %" for k in ("object", "ground", "dome")) + f" | {psnr} |")
     text = "\n".join(lines) + "\n"
-    if path.exists() and NOTES_HEADING in path.read_text():
-        text += "\n" + NOTES_HEADING + path.read_text().split(NOTES_HEADING, 1)[1]  # hand-written notes survive
+    old = path.read_text() if path.exists() else ""
+    if NOTES_HEADING in old:
+        text += "\n" + NOTES_HEADING + old.split(NOTES_HEADING, 1)[1]  # hand-written notes survive
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     path.with_suffix(".json").write_text(json.dumps(results, indent=1))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from vqad.errors import InputError
-from vqad.octree import SparseOctree, morton_decode, morton_encode
+from vqad.octree import SparseOctree, cell_coords, morton_decode, morton_encode
 from vqad.nerf.data import SceneDataset, Views
 from vqad.nerf.contraction import contract
 from vqad.nerf.rays import backproject
@@ -152,12 +152,10 @@ def octree_from_points(dataset: SceneDataset, base_level: int, max_level: int, d
                          "is inside the scene's box")
     level = max(1, max_level - POINTS_LEVELS_UP)
     res = 1 << level
-    ijk = ((x + 1) * (0.5 * res)).floor().long().clamp(0, res - 1)
+    ijk, _ = cell_coords(x, level)
     cells, counts = torch.unique(morton_encode(ijk), return_counts=True)  # (c,) sorted, (c,)
     cijk = morton_decode(cells)
-    r = torch.arange(-1, 2, device=x.device)
-    offs = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)  # (27, 3)
-    nb = cijk[:, None, :] + offs[None]  # (c, 27, 3)
+    nb = cijk[:, None, :] + _lattice(torch.arange(-1, 2, device=x.device))[None]  # (c, 27, 3)
     valid = ((nb >= 0) & (nb < res)).all(-1)
     q = morton_encode(nb.clamp(0, res - 1))
     pos = torch.searchsorted(cells, q).clamp(max=cells.numel() - 1)
@@ -256,8 +254,7 @@ def octree_from_masks(dataset: SceneDataset, base_level: int, max_level: int, de
     dist, s = _mask_distance_maps(views)
     N, Hs, Ws = dist.shape
     level = min(start_level, max_level)
-    r = torch.arange(1 << level)
-    ijk = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    ijk = _lattice(torch.arange(1 << level))
     children = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)])
     while True:
         h = 2.0 / (1 << level)
@@ -420,16 +417,19 @@ def probe_weights(field, sampler, batcher, level: int, n_rays: int, floor: float
     return best
 
 
+def _lattice(r: torch.Tensor) -> torch.Tensor:
+    """Every ``(i, j, k)`` with coordinates in the 1-D range ``r``: ``(len(r)³, 3)``, x-major."""
+    return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+
+
 def _dilate_and_subdivide(ijk: torch.Tensor, level: int, to_level: int) -> torch.Tensor:
     """Cells ``ijk (n, 3)`` of ``level`` grown by one cell, then every cell of ``to_level`` inside them."""
     res = 1 << level
-    r = torch.arange(-1, 2, device=ijk.device)
-    offs = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    offs = _lattice(torch.arange(-1, 2, device=ijk.device))
     # unique over Morton codes: torch.unique(dim=0) sorts rows and is ~10x slower
     ijk = morton_decode(torch.unique(morton_encode((ijk[:, None, :] + offs[None]).reshape(-1, 3).clamp_(0, res - 1))))
     f = 1 << (to_level - level)
-    r = torch.arange(f, device=ijk.device)
-    sub = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    sub = _lattice(torch.arange(f, device=ijk.device))
     return (ijk[:, None, :] * f + sub[None]).reshape(-1, 3)
 
 

@@ -182,7 +182,7 @@ def sparse_points(cfg: SceneCaptureConfig, env: Environment, c2w: torch.Tensor, 
             o, d = rays_for_pixels(c2w[views], torch.tensor(intr), uv)
             d = d / d.norm(dim=-1, keepdim=True)
             t, _, on_object = env.raycast(o, d, background)
-            hit = torch.isfinite(t) & (on_object if not background else torch.ones_like(on_object))
+            hit = torch.isfinite(t) if background else torch.isfinite(t) & on_object
             found.append(o[hit] + t[hit, None] * d[hit])
             have += int(hit.sum())
     pts = torch.cat(found)[:n_in]

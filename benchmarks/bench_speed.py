@@ -527,7 +527,9 @@ def write_report(runs: dict, out: Path) -> str:
         "step against the same decoder MLPs evaluated as often on random inputs (forward, backward, Adam; no grid); "
         "field inference against its decoder alone; frames with the field evaluations per pixel they needed "
         "(counted at the decoder's MLPs and the field's forward / all_lods, the larger count); file decoding per MB "
-        "and from the coarsest LOD's last byte to its field. Times are medians of repeats after a warm-up.",
+        "and from the coarsest LOD's last byte to its field. Times are medians of repeats after a warm-up. CPU "
+        "runs keep freed memory for reuse as the vqad CLI does (`vqad.device.keep_freed_memory`), unless "
+        "labelled *malloc defaults* (`VQAD_MALLOC=default`).",
         "",
         "| figure | target | " + " | ".join(runs[k]["label"] for k in keys) + " |",
         "|---|---|" + "---|" * len(keys),
@@ -568,7 +570,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads < 1:
         sys.exit("bench-speed: --threads must be >= 1")
     torch.set_num_threads(args.threads)
-    from vqad.device import resolve_device
+    from vqad.device import keep_freed_memory, resolve_device
+
+    kept = keep_freed_memory()  # as the vqad CLI does; $VQAD_MALLOC=default measures malloc's defaults
     from vqad.errors import InputError
     from vqad.sdf.mesh import SDFOracle, load_mesh
 
@@ -612,7 +616,8 @@ def main(argv: list[str] | None = None) -> None:
     run["nerf_frame"] = nerf_frame(nerf, sampler, dataset, split, sz, device, work)
 
     label = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
-                                else f" ({args.threads} thread{'s' if args.threads > 1 else ''})")
+                                else f" ({args.threads} thread{'s' if args.threads > 1 else ''}"
+                                     + ("" if kept else ", malloc defaults") + ")")
     run.update({
         "label": label + (" --quick" if args.quick else ""),
         "command": f"python benchmarks/bench_speed.py {' '.join(sys.argv[1:] if argv is None else argv)}",
@@ -623,7 +628,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     js = out.with_suffix(".json")
     runs = json.loads(js.read_text()).get("runs", {}) if js.exists() else {}
-    runs[device.type + (" quick" if args.quick else "")] = run
+    runs[device.type + (" quick" if args.quick else "") + ("" if kept or device.type == "cuda" else " malloc")] = run
     text = write_report(runs, out)
     js.write_text(json.dumps({"runs": runs}, indent=2, default=str))
     print(text)

@@ -2,6 +2,7 @@
 
 import itertools
 
+import pytest
 import torch
 
 from vqad.config import GridConfig
@@ -141,27 +142,30 @@ def test_codes_at_gives_the_ancestors_above_the_base_level():
         assert torch.equal(octree.codes_at(level), want)
 
 
-def test_corner_tables_lattice_and_sorted_paths_agree(monkeypatch):
-    """The dense-lattice corner tables (levels <= 8) equal the sort-based ones (finer levels), and both
+@pytest.mark.parametrize("spread", [0.8, 1.0])  # 1.0: cells on the cube's far faces (vertices at 2^L)
+def test_corner_tables_dense_and_sorted_paths_agree(monkeypatch, spread):
+    """The dense-table corner tables (levels <= 8) equal the sort-based ones (finer levels), and both
     equal a brute force: every corner's vertex has its lattice position, vertices in Morton order."""
     import vqad.octree as O
 
     torch.manual_seed(0)
-    octree = SparseOctree.from_points(torch.rand(5000, 3) * 1.6 - 0.8, 2, 5)
+    octree = SparseOctree.from_points((torch.rand(5000, 3) * 2 - 1) * spread, 2, 5)
     for level in octree.levels:
         codes = octree.codes[level]
-        lattice = O.corner_tables(codes, level)
+        dense = O.corner_tables(codes, level)
         monkeypatch.setattr(O, "DENSE_TABLE_MAX_LEVEL", -1)
         sorted_ = O.corner_tables(codes, level)
         monkeypatch.undo()
-        assert torch.equal(lattice[0], sorted_[0]) and torch.equal(lattice[1], sorted_[1])
-        corners, vertices = lattice
+        assert torch.equal(dense[0], sorted_[0]) and torch.equal(dense[1], sorted_[1])
+        corners, vertices = dense
         ijk = morton_decode(codes, bits=level)
         for c in range(8):
             off = torch.tensor([(c >> 2) & 1, (c >> 1) & 1, c & 1])
             assert torch.equal(vertices[corners[:, c]], ijk + off)
         keys = morton_encode(vertices, bits=level + 1)
         assert bool((keys[1:] > keys[:-1]).all())  # Morton order, each vertex once
+        assert torch.equal(torch.unique(corners), torch.arange(vertices.shape[0]))  # every vertex is a corner
+    assert (int(vertices.max()) == 1 << level) == (spread == 1.0)  # the finest level: far faces exercised or not
 
 
 def test_empty_levels_is_the_coarsest_empty_ancestor():

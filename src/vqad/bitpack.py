@@ -75,6 +75,11 @@ def unpack_bits(data, n: int, bits: int) -> np.ndarray:
     pad = need * 8 - n * bits
     if pad and int(buf[-1]) >> (8 - pad):
         raise ValueError("non-zero padding bits after the last packed value")
+    if 8 % bits == 0:  # 1, 2, 4 or 8 bits: whole values per byte, low bits first, written straight to int64
+        out = np.empty((buf.size, 8 // bits), dtype=np.int64)
+        for j in range(8 // bits):
+            np.bitwise_and(buf >> np.uint8(j * bits), np.uint8((1 << bits) - 1), out=out[:, j], casting="unsafe")
+        return out.reshape(-1)[:n]
     stream = np.unpackbits(buf, bitorder="little", count=n * bits).reshape(n, bits)
     if bits <= 8:  # a small lookup through uint8 weights is ~3x faster than an int64 dot
         weights = (1 << np.arange(bits)).astype(np.uint16)

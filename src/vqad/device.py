@@ -74,3 +74,36 @@ def set_threads(threads: int | None = None) -> int:
     n = resolve_threads(threads)
     torch.set_num_threads(n)
     return n
+
+
+#: glibc's malloc: serve allocations up to this size from the heap (not fresh ``mmap`` pages) ...
+KEEP_MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
+#: ... and return free heap memory to the system only past this much at its top
+KEEP_TRIM_THRESHOLD = 256 << 20
+#: set to ``default`` (or ``0``) to leave the C allocator as it is
+ALLOCATOR_ENV = "VQAD_MALLOC"
+
+
+def keep_freed_memory() -> bool:
+    """Ask the C allocator (glibc's malloc, through ``mallopt``) to keep freed memory for reuse.
+
+    PyTorch's CPU tensors come straight from malloc, and glibc hands a freed multi-MB block back to the
+    system, so the next tensor of that size starts on fresh pages and page-faults on every 4 KiB of
+    them (~1 µs each on a virtual machine). vqad's hot paths free and re-allocate such tensors all the
+    time: decoding a 105 kB file faulted ~4,500 pages per load (~30 % of its time), a 16,384-point
+    SDF training step ~40,000 (docs/benchmarks/speed.md). With freed memory kept, the process's RSS
+    stays at its peak instead of shrinking. The CLI calls this once; library users may too.
+
+    Returns whether the setting took (glibc only; False elsewhere or with ``$VQAD_MALLOC=default``).
+    """
+    if os.environ.get(ALLOCATOR_ENV, "").strip().lower() in ("default", "0", "off"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, KEEP_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, KEEP_TRIM_THRESHOLD))

@@ -741,8 +741,11 @@ class StreamDecoder:
         contexts = up.index_select(0, octree.coarser_vertices(level).to(up.device)).numpy()
         return E.decode_context(payload, contexts, 1 << self._layout(level, m)[slot].bits, 1 << c_lay.bits)
 
-    def field(self, lod: int | None = None, device: str | torch.device = "cpu"):
+    def field(self, lod: int | None = None, device: str | torch.device = "cpu", *, copy_tables: bool = True):
         """The baked field of the largest complete LOD ``<= lod`` (default: the largest complete).
+
+        ``copy_tables=False`` hands this decoder's octree tables to the field instead of copies (no copy
+        of the largest tables): only for a decoder that is not used again, as :func:`load`'s.
 
         Raises:
             TruncatedStreamError: no LOD is complete yet.
@@ -758,8 +761,9 @@ class StreamDecoder:
         top = max(lv for lv in self.prefix_sizes if lod is None or lv <= lod)
         device = torch.device(device)
         grid_cfg = replace(self.grid_cfg, max_level=top)
-        tables = {lv: (self._levels[lv].corners.clone(), self._levels[lv].vertices.clone())
-                  for lv in range(grid_cfg.base_level, top + 1)}  # each field owns its tables
+        own = (lambda t: t.clone()) if copy_tables else (lambda t: t)  # each field owns its tables
+        tables = {lv: (own(self._levels[lv].corners), own(self._levels[lv].vertices))
+                  for lv in range(grid_cfg.base_level, top + 1)}
         octree = SparseOctree(self._levels[top].codes, grid_cfg.base_level, top, tables=tables)
         storages = []
         cls = STORAGES[grid_cfg.storage]
@@ -790,13 +794,14 @@ def _finite_f16(a: np.ndarray, where: str) -> np.ndarray:
 
 
 def _lattice_bytes(base: int, level: int) -> int:
-    """The octree's dense tables for LOD ``level``: while building, a ``(2^L + 1)^3`` lattice of marks and
-    vertex ids (9 bytes a point) for its finest level up to ``DENSE_TABLE_MAX_LEVEL``; for lookups, an int32
-    cell table and the renderer's int8 empty-space table over all ``8^L`` cells of each such level."""
+    """The octree's dense tables for LOD ``level``: while building, a table of marks and vertex ids (5 bytes
+    an entry) over the ``8^L`` Morton codes of its finest level up to ``DENSE_TABLE_MAX_LEVEL``
+    (:func:`vqad.octree.corner_tables`); for lookups, an int32 cell table and the renderer's int8
+    empty-space table over all ``8^L`` cells of each such level."""
     dense = range(base, min(level, DENSE_TABLE_MAX_LEVEL) + 1)
     if not dense:
         return 0
-    return 9 * ((1 << dense[-1]) + 1) ** 3 + sum(5 * 8 ** lv for lv in dense)
+    return 5 * (8 ** dense[-1] + 1) + sum(5 * 8 ** lv for lv in dense)
 
 
 def _raw_size(lay: TensorLayout) -> int:
@@ -811,7 +816,9 @@ def _decoder_shapes(cfg: dict, grid_cfg: GridConfig) -> dict[str, tuple[int, ...
     damaged header that asks for a gigantic decoder costs no memory; the decoder chunk that follows
     must then physically hold every weight before anything real is allocated.
     """
-    octree = SparseOctree.from_codes(torch.zeros(1, dtype=torch.long), grid_cfg.base_level, grid_cfg.max_level).to("meta")
+    one = {lv: (torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long)) for lv in grid_cfg.lods}
+    octree = SparseOctree(torch.zeros(1, dtype=torch.long), grid_cfg.base_level, grid_cfg.max_level,
+                          tables=one).to("meta")  # the cell's own tables are never read: one placeholder row each
     with torch.device("meta"), torch.random.fork_rng(devices=[]):
         field = field_from_config(cfg, OctreeGrid(octree, [], grid_cfg))
         return {k: tuple(v.shape) for k, v in field.decoder_state().items()}
@@ -912,7 +919,7 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
             f"using LOD {max(dec.prefix_sizes)} of {dec.base_level}..{dec.max_level}",
             stacklevel=2,
         )
-    return dec.field(lod, device=device)
+    return dec.field(lod, device=device, copy_tables=False)  # the decoder ends here
 
 
 def iter_lods(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None,

@@ -444,8 +444,8 @@ def _sorted_unique(codes: torch.Tensor) -> torch.Tensor:
 _AXIS_MASKS = tuple(0x1249249249249249 << s for s in (2, 1, 0))
 
 
-#: the dense lattice pays (its ``(2^L + 1)^3`` marks) only where it is not much larger than the corners:
-#: a sparse level (one cell of a fine level, say) sorts its ``8 n`` corners instead
+#: the dense table pays (its ``8^L`` marks) only where it is not much larger than the corners: a sparse
+#: level (one cell of a fine level, say) sorts its ``8 n`` corners instead
 LATTICE_POINTS_PER_CORNER = 32
 
 
@@ -453,73 +453,78 @@ def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.
     """Corner vertex ids ``(n, 8)`` and vertex coordinates ``(m, 3)`` of the cells ``codes`` (sorted) of ``level``.
 
     Vertex ids follow the vertices' Morton order (the .vqad file relies on it). Up to
-    :data:`DENSE_TABLE_MAX_LEVEL`, where the lattice is at most ``LATTICE_POINTS_PER_CORNER`` points per
-    corner, the corners are deduplicated on a dense ``(2^L + 1)^3`` lattice (mark, then number): one
-    sort of the ``m`` vertices instead of the ``8n`` corners; otherwise by sorting the corners' Morton codes.
+    :data:`DENSE_TABLE_MAX_LEVEL`, where a table of all ``8^L`` Morton codes is at most
+    ``LATTICE_POINTS_PER_CORNER`` entries per corner, the corners are deduplicated on that table
+    (:func:`_corner_tables_dense`: mark, then number, no sort); otherwise by sorting their Morton codes.
     """
-    S = (1 << level) + 1
-    if level <= DENSE_TABLE_MAX_LEVEL and S ** 3 <= LATTICE_POINTS_PER_CORNER * 8 * codes.numel():
-        return _corner_tables_lattice(codes, level)
-    parts = []
-    for mask in _AXIS_MASKS:  # per axis: the cell's dilated coordinate, and that plus one
-        a = codes & mask
-        parts.append((a, ((a | ~mask) + 1) & mask))  # ((a | ~mask) + 1) & mask increments a in Morton space
-    (x0, x1), (y0, y1), (z0, z1) = parts
-    xy = [x0 | y0, x0 | y1, x1 | y0, x1 | y1]  # offsets (ox, oy) in corner order
-    keys = torch.stack([v | z for v in xy for z in (z0, z1)], dim=1)  # (n, 8): corner c = ox·4 + oy·2 + oz
-    if 3 * (level + 1) <= 31:
-        keys = keys.int()  # a smaller sort key, same order
+    if level <= DENSE_TABLE_MAX_LEVEL and 8 ** level <= LATTICE_POINTS_PER_CORNER * 8 * codes.numel():
+        return _corner_tables_dense(codes, level)
+    keys = _corner_codes(codes, torch.int32 if 3 * (level + 1) <= 31 else torch.long)  # int32: a smaller sort key
     uniq, inv = torch.unique(keys.reshape(-1), return_inverse=True)
     return inv.reshape(-1, 8), morton_decode(uniq.long(), bits=level + 1)
 
 
-_LATTICE_LUTS: dict[str, tuple[torch.Tensor, ...]] = {}
+def _corner_codes(codes: torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``(n,) -> (n, 8)``: the ``(L + 1)``-bit Morton codes of the cells' corner vertices, corner
+    ``c = ox·4 + oy·2 + oz``, by adding in Morton space (a carry out of bit ``L`` of an axis lands in its
+    bit ``L``: the vertices on the cube's far faces); in ``dtype`` (int32 when ``3 (L + 1) <= 31``)."""
+    parts = []
+    for mask in _AXIS_MASKS:  # per axis: the cell's dilated coordinate, and that plus one
+        a = codes & mask
+        parts.append((a.to(dtype), (((a | ~mask) + 1) & mask).to(dtype)))  # ((a | ~mask) + 1) & mask: a + 1
+    (x0, x1), (y0, y1), (z0, z1) = parts
+    xy = [x0 | y0, x0 | y1, x1 | y0, x1 | y1]  # offsets (ox, oy) in corner order
+    return torch.stack([v | z for v in xy for z in (z0, z1)], dim=1)
 
 
-def _lattice_luts(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Lookup tables for Morton arithmetic of levels up to :data:`DENSE_TABLE_MAX_LEVEL` (cached per
-    device): ``spread (512,)``, a 9-bit coordinate's bits moved to every third bit, and ``x, y, z
-    (4096,)``, the 4 bits of each axis in a 12-bit chunk of a Morton code. A gather each instead of
-    :func:`_spread3` / :func:`_compact3`'s five shift-and-mask rounds (the corner tables of a decoded
-    file: ~28 % faster at level 7)."""
+_MORTON_LUTS: dict[str, torch.Tensor] = {}
+
+
+def _morton_lut(device: torch.device) -> torch.Tensor:
+    """``(4096, 3)`` int64: row w holds the 4 bits of each axis (x, y, z) in the 12-bit Morton chunk w
+    (cached per device): a row gather per chunk instead of :func:`_compact3`'s shift-and-mask rounds."""
     key = str(device)
-    if key not in _LATTICE_LUTS:
+    if key not in _MORTON_LUTS:
         w = torch.arange(4096, device=device)
-        _LATTICE_LUTS[key] = (_spread3(torch.arange(512, device=device)), _compact3(w >> 2), _compact3(w >> 1),
-                              _compact3(w))
-    return _LATTICE_LUTS[key]
+        _MORTON_LUTS[key] = torch.stack([_compact3(w >> 2), _compact3(w >> 1), _compact3(w)], 1)
+    return _MORTON_LUTS[key]
 
 
-def _lattice_corners(codes: torch.Tensor, level: int) -> torch.Tensor:
-    """``(n, 8)`` x-major ids of the cells' corners in the ``(2^L + 1)^3`` vertex lattice (``L <= 8``)."""
-    if level > 8:  # two 12-bit chunks per code, 9-bit vertex coordinates
-        raise ValueError(f"the lattice corner tables serve levels up to 8, got {level}")
-    S = (1 << level) + 1
+def _morton_decode_lut(code: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`morton_decode` of ``code (m,)`` int64 through :func:`_morton_lut`: ``(m, 3)`` int64."""
+    lut = _morton_lut(code.device)
+    out = lut.index_select(0, code & 4095)
+    for shift in range(12, 3 * bits, 12):
+        out |= lut.index_select(0, (code >> shift) & 4095) << (shift // 3)
+    return out
+
+
+def _corner_tables_dense(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`corner_tables` through a table of all ``8^L`` Morton codes of ``level`` (``L <= 8``).
+
+    The vertices inside the cube's far faces have ``L``-bit coordinates, so their ``(L + 1)``-bit
+    Morton codes are below ``8^L`` and already in Morton order: mark them in the table and read the
+    marks back in order (no sort). A vertex on a far face (a coordinate of ``2^L``) sets a top bit of
+    its code, so it comes after all of them; those few are sorted on their own.
+    """
     dev = codes.device
-    _, cx, cy, cz = _lattice_luts(dev)
-    lin_lo = (cx * S + cy) * S + cz  # (4096,): a chunk's contribution to the x-major id, low 4 bits per axis
-    lin_hi = lin_lo * 16  # ... and the next 4 (levels <= 8: two chunks)
-    lin = lin_lo.index_select(0, codes & 4095) + lin_hi.index_select(0, codes >> 12)  # (n,): corner 0
-    offs = (_corner_offsets(dev) * torch.tensor([S * S, S, 1], device=dev)).sum(1)  # (8,): corner c's lattice offset
-    return lin[:, None] + offs[None]
-
-
-def _corner_tables_lattice(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`corner_tables` through a dense lattice of the ``(2^L + 1)^3`` vertex positions (``L <= 8``)."""
-    S = (1 << level) + 1
-    dev = codes.device
-    corner_lin = _lattice_corners(codes, level).reshape(-1)  # (8 n,)
-    mark = torch.zeros(S ** 3, dtype=torch.bool, device=dev)
-    mark.index_fill_(0, corner_lin, True)
-    pts = mark.nonzero().squeeze(1)  # (m,) lattice ids of the vertices, x-major
-    coords = torch.stack([pts // (S * S), (pts // S) % S, pts % S], dim=1)  # (m, 3)
-    spread = _lattice_luts(dev)[0]
-    keys = ((spread.index_select(0, coords[:, 0]) << 2) | (spread.index_select(0, coords[:, 1]) << 1)
-            | spread.index_select(0, coords[:, 2]))  # (m,) Morton codes of the vertices (level + 1 <= 9 bits)
-    order = torch.argsort(keys)
-    table = torch.empty(S ** 3, dtype=torch.int32, device=dev)
-    table.index_put_((pts.index_select(0, order),), torch.arange(pts.numel(), dtype=torch.int32, device=dev))
-    return table.index_select(0, corner_lin).long().reshape(-1, 8), coords.index_select(0, order)
+    B = 1 << (3 * level)
+    keys = _corner_codes(codes, torch.int32).reshape(-1)  # (8n,): 3 (L + 1) <= 27 bits
+    far = bool(keys.max() >= B) if keys.numel() else False
+    idx = keys.clamp(max=B) if far else keys  # far-face corners share the dump slot B
+    mark = torch.zeros(B + 1, dtype=torch.bool, device=dev)
+    mark.index_put_((idx,), torch.ones((), dtype=torch.bool, device=dev))
+    inner = mark[:B].nonzero().squeeze(1)  # (m_i,) Morton codes of the other vertices, in order
+    table = torch.empty(B + 1, dtype=torch.int32, device=dev)
+    table.index_put_((inner,), torch.arange(inner.numel(), dtype=torch.int32, device=dev))
+    corners = table.index_select(0, idx).long()  # (8n,)
+    vertices = _morton_decode_lut(inner, level)
+    if far:
+        at = (keys >= B).nonzero().squeeze(1)
+        uniq, inv = torch.unique(keys.index_select(0, at), return_inverse=True)
+        corners.index_copy_(0, at, inv.long() + inner.numel())
+        vertices = torch.cat([vertices, _morton_decode_lut(uniq.long(), level + 1)])
+    return corners.reshape(-1, 8), vertices
 
 
 def check_levels(base_level: int, max_level: int) -> None:

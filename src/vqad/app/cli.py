@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from vqad.device import set_threads
+from vqad.device import keep_freed_memory, set_threads
 from vqad.errors import VqadError
 
 # modules that add subcommands; each defines register(subparsers)
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        keep_freed_memory()  # no page faults for every re-allocated tensor ($VQAD_MALLOC=default: leave malloc alone)
         set_threads(args.threads)
         return int(args.func(args) or 0)
     except VqadError as exc:

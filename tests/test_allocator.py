@@ -1,0 +1,59 @@
+"""The host allocator policy (vqad.device.keep_freed_memory): a freed multi-MB tensor's memory stays in
+the process for the next one (no fresh pages to fault in); $VQAD_MALLOC=default leaves malloc alone."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+#: prints whether the policy took and how many bytes of a live 16 MiB tensor glibc serves from mmap'd blocks
+#: (mallinfo2().hblkhd; such a block is unmapped when freed, so the next tensor starts on fresh pages).
+#: Counted by the allocator itself: unlike page-fault counts it does not depend on what the kernel reclaims.
+PROBE = r"""
+import ctypes, torch
+from vqad.device import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+if not hasattr(libc, "mallinfo2"):
+    print("skip", 0)
+    raise SystemExit
+libc.mallinfo2.restype = MallInfo2
+took = keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+x = torch.ones(4 << 20)
+print(int(took), libc.mallinfo2().hblkhd - before)
+"""
+
+
+def _probe(env_value: str | None) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "VQAD_MALLOC"}
+    if env_value is not None:
+        env["VQAD_MALLOC"] = env_value
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    took, mapped = out.stdout.split()
+    return took, int(mapped)
+
+
+def test_large_tensors_come_from_the_heap_unless_told_not_to():
+    took, kept_mapped = _probe(None)
+    if took != "1":
+        pytest.skip("this C library has no glibc mallopt / mallinfo2: the allocator policy does not apply here")
+    default_took, default_mapped = _probe("default")
+    assert default_took == "0"
+    assert default_mapped >= 16 << 20  # malloc's defaults: a block of its own, unmapped when freed
+    assert kept_mapped == 0  # from the heap, which keeps it when freed (up to KEEP_TRIM_THRESHOLD)
+
+
+def test_cli_sets_the_policy(monkeypatch, tmp_path):
+    """The vqad command applies the policy before it runs a command (here one that fails on its input)."""
+    import vqad.app.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert cli.main(["info", str(tmp_path / "missing.vqad")]) == 2
+    assert calls == [1]

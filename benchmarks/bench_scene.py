@@ -77,7 +77,46 @@ def fit(capture: Path, out: Path, storage: str, minutes: float, levels: tuple[in
     return {"wall_seconds": wall, "cap_seconds": minutes * 60, "octree_seconds": m["octree_seconds"],
             "octree": m.get("octree_method", "?"), "steps": m["steps"],
             "decoders": "per LOD" if m["decoder"]["per_lod"] else "shared",
-            "psnr": {lod: v["psnr"] for lod, v in m["lods"].items()}}
+            "psnr": {lod: v["psnr"] for lod, v in m["lods"].items()},
+            "regions": region_psnr(capture, out, levels[1])}
+
+
+def region_psnr(capture: Path, fit_dir: Path, lod: int) -> dict | None:
+    """Held-out PSNR at ``lod`` of the object's pixels and of the rest, from the fit's test renders
+    (``fit_dir/test_lod<L>/``): which pixels show the object comes from exact ray casting of the generated
+    room, or from the alpha mask of the object alone (whose rest is the plain background)."""
+    import numpy as np
+    from PIL import Image
+
+    from vqad.nerf.formats import load_dataset
+    from vqad.nerf.rays import RayBatcher
+    from vqad.nerf.scene_capture import Environment
+
+    ds = load_dataset(str(capture), format="ngp")
+    views = ds.splits["test"]
+    if views.masks is not None:
+        on = (views.masks > 127).numpy()
+    else:
+        scene = json.loads((capture / "transforms.json").read_text())["vqad_scene"]
+        env = Environment(ground_y=scene["ground_y"], dome_radius=scene["dome_radius"], checker=scene["checker"])
+        batcher = RayBatcher(views, ds, "cpu")
+        o, d, _, _, _ = batcher.rays_for(torch.arange(batcher.num_rays))
+        _, _, hit = env.raycast(ds.normalization.to_world(o), d / d.norm(dim=1, keepdim=True), scene["background"])
+        on = hit.reshape(len(views), *views.hw).numpy()
+    se, n = np.zeros(2), np.zeros(2)
+    for i, name in enumerate(views.names or [f"{i:03d}" for i in range(len(views))]):
+        path = fit_dir / f"test_lod{lod}" / f"{Path(name).stem}.png"
+        if not path.is_file():  # a view the evaluation left out (--eval-max-views)
+            continue
+        err = ((np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
+                - views.images[i].double().numpy() / 255) ** 2).mean(-1)
+        for k, sel in enumerate((on[i], ~on[i])):
+            se[k] += err[sel].sum()
+            n[k] += sel.sum()
+    if not n.all():
+        return None
+    psnr = [float("inf") if e == 0 else float(-10 * np.log10(e / c)) for e, c in zip(se, n)]
+    return {"lod": lod, "object": psnr[0], "rest": psnr[1], "object_pixels": float(n[0] / n.sum())}
 
 
 # -- diagnosis: which surfaces the octree holds, and a fit on an octree of the true surfaces -----------
@@ -173,16 +212,19 @@ def write_report(results: dict, args, path: Path) -> None:
         lines.append(f"| {name} | {d['seconds']:.1f} | {d['steps']} | {d['rays_per_second']:,.0f} | "
                      f"{d['rays_per_second'] / BASELINE_RAYS_PER_S:.1f} | {d['cells']:,} |")
     lines += ["", "## Whole fit under the cap, held-out PSNR per LOD", "",
-              "| capture | grid | octree | decoders | wall s / cap s | octree s | steps | PSNR per LOD (dB) |",
-              "|---|---|---|---|---:|---:|---:|---|"]
+              "| capture | grid | octree | decoders | wall s / cap s | octree s | steps | PSNR per LOD (dB) "
+              "| finest LOD: object / rest (dB) |",
+              "|---|---|---|---|---:|---:|---:|---|---|"]
     for name, r in results.items():
         for key, f in r.get("fits", {}).items():
             psnr = psnr_text(f["psnr"])
             octree = f.get("octree", "density" if name.startswith("room") else "mask")  # runs before the column
             decoders = f.get("decoders", "shared")  # rows from before the column ran with shared decoders
+            reg = f.get("regions")  # rows from before the column: not measured
+            regions = "–" if not reg else f"{reg['object']:.2f} / {reg['rest']:.2f}"
             lines.append(f"| {name} | {key.split(' ')[0]} | {octree} | {decoders} | "
                          f"{f['wall_seconds']:.0f} / {f['cap_seconds']:.0f} | "
-                         f"{f['octree_seconds']:.1f} | {f['steps']} | {psnr} |")
+                         f"{f['octree_seconds']:.1f} | {f['steps']} | {psnr} | {regions} |")
     diag = {name: r["diagnose"] for name, r in results.items() if "diagnose" in r}
     if diag:
         lines += ["", "## Diagnosis: the octree's share (`--diagnose`)", "",

@@ -5,7 +5,8 @@ For each capture (``vqad synth-capture``, ~135×240, 50 views):
 1. the octree density pass alone, as ``fit-nerf`` runs it (400 steps, capped at ``--density-minutes``):
    its time and training rays per second (the issue's baseline: 1,047 rays/s; target ≥ 10×, ≤ 2 min);
 2. ``vqad fit-nerf --minutes M`` with a dense grid and with a 4-bit codebook: the whole job's wall time
-   against the cap, and the held-out PSNR per LOD.
+   against the cap, the held-out PSNR per LOD, and at the finest LOD the PSNR of the object's pixels
+   and of the rest (:func:`region_psnr`: where a room's error is).
 
 Every fit gets the same ``--minutes``, one thread (``--threads``), one job at a time.
 ``--quick`` runs tiny captures and caps (a smoke test of the script, minutes in all).

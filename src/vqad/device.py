@@ -103,7 +103,7 @@ def keep_freed_memory() -> bool:
 
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+    except (OSError, AttributeError, TypeError):  # not glibc: macOS, musl, Windows (no CDLL(None))
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(mallopt(m_mmap_threshold, KEEP_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, KEEP_TRIM_THRESHOLD))

@@ -90,9 +90,10 @@ def keep_freed_memory() -> bool:
     PyTorch's CPU tensors come straight from malloc, and glibc hands a freed multi-MB block back to the
     system, so the next tensor of that size starts on fresh pages and page-faults on every 4 KiB of
     them (~1 µs each on a virtual machine). vqad's hot paths free and re-allocate such tensors all the
-    time: decoding a 105 kB file faulted ~4,500 pages per load (~30 % of its time), a 16,384-point
-    SDF training step ~40,000 (docs/benchmarks/speed.md). With freed memory kept, the process's RSS
-    stays at its peak instead of shrinking. The CLI calls this once; library users may too.
+    time: decoding a 105 kB file faulted ~4,500 pages per load (~30 % of its time), and a 16,384-point
+    codebook SDF step ran ~15 % faster without the faults (docs/benchmarks/speed.md). With freed memory
+    kept, the process's RSS stays at its peak instead of shrinking. The CLI calls this once; library
+    users may too.
 
     Returns whether the setting took (glibc only; False elsewhere or with ``$VQAD_MALLOC=default``).
     """

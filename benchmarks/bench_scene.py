@@ -90,19 +90,13 @@ def region_psnr(capture: Path, fit_dir: Path, lod: int) -> dict | None:
     from PIL import Image
 
     from vqad.nerf.formats import load_dataset
-    from vqad.nerf.rays import RayBatcher
-    from vqad.nerf.scene_capture import Environment
 
     ds = load_dataset(str(capture), format="ngp")
     views = ds.splits["test"]
     if views.masks is not None:
         on = (views.masks > 127).numpy()
     else:
-        scene = json.loads((capture / "transforms.json").read_text())["vqad_scene"]
-        env = Environment(ground_y=scene["ground_y"], dome_radius=scene["dome_radius"], checker=scene["checker"])
-        batcher = RayBatcher(views, ds, "cpu")
-        o, d, _, _, _ = batcher.rays_for(torch.arange(batcher.num_rays))
-        _, _, hit = env.raycast(ds.normalization.to_world(o), d / d.norm(dim=1, keepdim=True), scene["background"])
+        hit = torch.cat([on_object for _, _, _, on_object, _ in cast_rays(capture, ds, "test")])
         on = hit.reshape(len(views), *views.hw).numpy()
     se, n = np.zeros(2), np.zeros(2)
     for i, name in enumerate(views.names or [f"{i:03d}" for i in range(len(views))]):
@@ -121,22 +115,32 @@ def region_psnr(capture: Path, fit_dir: Path, lod: int) -> dict | None:
 
 
 # -- diagnosis: which surfaces the octree holds, and a fit on an octree of the true surfaces -----------
-def true_surface_points(capture: Path, ds, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """Where every ``split`` pixel's ray of the generated capture (its folder and its loaded dataset
-    ``ds``) first meets the scene (exact ray casting): contracted grid points ``(N, 3)`` and what was
-    hit ``(N,)`` (0 object, 1 ground, 2 dome)."""
-    from vqad.nerf.contraction import contract
+def cast_rays(capture: Path, ds, split: str, chunk: int = 1 << 16):
+    """Every ``split`` pixel's ray of the generated capture (its folder and its loaded dataset ``ds``)
+    cast exactly against its scene, in pixel order, ``chunk`` rays at a time: yields world-space
+    origins and unit directions ``(R, 3)``, the distance to the first hit ``t (R,)`` (inf: none),
+    whether it is the object ``(R,)``, and the scene's record (``vqad_scene`` of transforms.json)."""
     from vqad.nerf.rays import RayBatcher
     from vqad.nerf.scene_capture import Environment
 
     scene = json.loads((capture / "transforms.json").read_text())["vqad_scene"]
     env = Environment(ground_y=scene["ground_y"], dome_radius=scene["dome_radius"], checker=scene["checker"])
     batcher = RayBatcher(ds.splits[split], ds, "cpu")
-    pts, kinds = [], []
-    for a in range(0, batcher.num_rays, 1 << 16):
-        o, d, _, _, _ = batcher.rays_for(torch.arange(a, min(a + (1 << 16), batcher.num_rays)))
+    for a in range(0, batcher.num_rays, chunk):
+        o, d, _, _, _ = batcher.rays_for(torch.arange(a, min(a + chunk, batcher.num_rays)))
         ow, dw = ds.normalization.to_world(o), d / d.norm(dim=1, keepdim=True)
         t, _, on_object = env.raycast(ow, dw, scene["background"])
+        yield ow, dw, t, on_object, scene
+
+
+def true_surface_points(capture: Path, ds, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Where every ``split`` pixel's ray of the generated capture (its folder and its loaded dataset
+    ``ds``) first meets the scene (:func:`cast_rays`): contracted grid points ``(N, 3)`` and what was
+    hit ``(N,)`` (0 object, 1 ground, 2 dome)."""
+    from vqad.nerf.contraction import contract
+
+    pts, kinds = [], []
+    for ow, dw, t, on_object, scene in cast_rays(capture, ds, split):
         keep = torch.isfinite(t)
         p = ow[keep] + t[keep, None] * dw[keep]
         pts.append(contract(ds.normalization.to_unit(p), ds.outer_scale))

@@ -761,9 +761,9 @@ class StreamDecoder:
         top = max(lv for lv in self.prefix_sizes if lod is None or lv <= lod)
         device = torch.device(device)
         grid_cfg = replace(self.grid_cfg, max_level=top)
-        own = (lambda t: t.clone()) if copy_tables else (lambda t: t)  # each field owns its tables
-        tables = {lv: (own(self._levels[lv].corners), own(self._levels[lv].vertices))
-                  for lv in range(grid_cfg.base_level, top + 1)}
+        tables = {lv: (self._levels[lv].corners, self._levels[lv].vertices) for lv in range(grid_cfg.base_level, top + 1)}
+        if copy_tables:  # each field owns its tables
+            tables = {lv: (c.clone(), v.clone()) for lv, (c, v) in tables.items()}
         octree = SparseOctree(self._levels[top].codes, grid_cfg.base_level, top, tables=tables)
         storages = []
         cls = STORAGES[grid_cfg.storage]

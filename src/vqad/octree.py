@@ -491,7 +491,11 @@ def _morton_lut(device: torch.device) -> torch.Tensor:
 
 
 def _morton_decode_lut(code: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`morton_decode` of ``code (m,)`` int64 through :func:`_morton_lut`: ``(m, 3)`` int64."""
+    """:func:`morton_decode` of ``code (m,)`` int64 through :func:`_morton_lut`: ``(m, 3)`` int64.
+
+    Only for the few-chunk codes of the corner tables (``bits <= 9``): there it saved ~1.3 ms of the
+    level 6 + 7 tables of a decoded file (4.8 vs 6.2 ms, paired runs); on 21-bit codes the shift rounds
+    of :func:`morton_decode` are ~4x faster, so that stays the general one."""
     lut = _morton_lut(code.device)
     out = lut.index_select(0, code & 4095)
     for shift in range(12, 3 * bits, 12):
@@ -510,7 +514,7 @@ def _corner_tables_dense(codes: torch.Tensor, level: int) -> tuple[torch.Tensor,
     dev = codes.device
     B = 1 << (3 * level)
     keys = _corner_codes(codes, torch.int32).reshape(-1)  # (8n,): 3 (L + 1) <= 27 bits
-    far = bool(keys.max() >= B) if keys.numel() else False
+    far = bool(keys.max() >= B)  # n >= 1: corner_tables takes this path only then
     idx = keys.clamp(max=B) if far else keys  # far-face corners share the dump slot B
     mark = torch.zeros(B + 1, dtype=torch.bool, device=dev)
     mark.index_put_((idx,), torch.ones((), dtype=torch.bool, device=dev))

@@ -58,6 +58,9 @@ SCENES = {
 }
 KMEANS_MARGIN_DB = 3.0  # lego: VQ-AD 4-bit ≥ k-means 4-bit + 3 dB
 MEMORY_LIMIT = 8 * 2**30  # 8- and 10-bit codebooks train within 8 GiB
+RATE_GAIN_DB = 1.0  # lego: rate-aware VQ-AD ≥ plain 4-bit + 1 dB at plain 4-bit's bytes
+RATE_CHAMFER_FACTOR = 0.8  # armadillo: ... ≥ 20 % lower Chamfer-L1 there
+RATE_BITS_FRACTION, RATE_LOSS_DB = 0.7, 0.2  # lego, b = 6: ≤ 0.7·b coded bits per index, ≤ 0.2 dB below λ = 0
 
 
 def data_dir() -> Path:
@@ -187,6 +190,66 @@ def check_memory(rows: list[dict]) -> tuple[bool | None, str]:
     return all(r["peak_memory_bytes"] <= MEMORY_LIMIT for r in big), "; ".join(parts)
 
 
+def rate_series(rows: list[dict], bits: int) -> list[dict]:
+    """The b-bit rate-aware series by bytes: its ``codebook-rate`` points (λ > 0) and, as its λ = 0 end,
+    the same fit without the rate term: ``codebook:b`` on a radiance field (no index refinement there),
+    ``codebook-norefine:b`` on a mesh (rate-aware fits are not refined, so the refined ``codebook:b`` is
+    not the same fit)."""
+    zero = "codebook" if kind_of(rows) == "nerf" else "codebook-norefine"
+    rated = [r for r in points(rows, "codebook-rate") if r["setting"] == bits]
+    base = point(rows, zero, bits)
+    return sorted(rated + ([base] if base is not None else []), key=lambda r: r["bytes"])
+
+
+def check_rate_at_plain_bytes(rows: list[dict], bits: int = 4) -> tuple[bool | None, list[str]]:
+    """The rate-aware series of every b against plain ``bits``-bit VQ-AD (the ``codebook`` point, as the
+    product ships it) at that point's bytes, the series interpolated linearly in log(bytes): lego
+    ≥ +RATE_GAIN_DB, armadillo Chamfer-L1 ≤ RATE_CHAMFER_FACTOR × plain. Met if some b meets it."""
+    kind = kind_of(rows)
+    q, _ = QUALITY[kind]
+    plain = point(rows, "codebook", bits)
+    series_bits = sorted({r["setting"] for r in points(rows, "codebook-rate")})
+    if plain is None or not series_bits:
+        return None, [f"not measured (needs codebook:{bits} and codebook-rate points)"]
+    want = (f"≥ {plain['psnr'] + RATE_GAIN_DB:.2f} dB (+{RATE_GAIN_DB:g})" if kind == "nerf" else
+            f"Chamfer ≤ {plain['chamfer_l1'] * RATE_CHAMFER_FACTOR:.5f} (×{RATE_CHAMFER_FACTOR:g})")
+    lines, verdicts = [f"plain {bits}-bit: {qtext(plain, kind)} at {kb(plain)}; wanted there: {want}"], []
+    for b in series_bits:
+        curve = rate_series(rows, b)
+        lams = ", ".join(f"λ = {r.get('rate_weight') or 0:g}: {qtext(r, kind)} at {kb(r)}" for r in curve)
+        at = interp_log_bytes(curve, plain["bytes"], q)
+        if at is None:
+            side = "above" if plain["bytes"] > curve[-1]["bytes"] else "below"
+            lines.append(f"b={b} (not measured: {kb(plain)} is {side} its points' range): {lams}")
+            continue
+        ok = at >= plain[q] + RATE_GAIN_DB if kind == "nerf" else at <= plain[q] * RATE_CHAMFER_FACTOR
+        verdicts.append(ok)
+        got = (f"{at:.2f} dB ({at - plain[q]:+.2f})" if kind == "nerf" else
+               f"Chamfer {at:.5f} (×{at / plain[q]:.2f})")
+        lines.append(f"b={b} ({status(ok)}): {got} interpolated at {kb(plain)}; {lams}")
+    return (None if not verdicts else any(verdicts)), lines
+
+
+def check_rate_b6(rows: list[dict], bits: int = 6) -> tuple[bool | None, str]:
+    """Coded index cost ≤ RATE_BITS_FRACTION·b bits per index at b = ``bits`` with at most RATE_LOSS_DB
+    below the λ = 0 fit (radiance fields: PSNR). The best such rate-aware point is reported."""
+    base = point(rows, "codebook", bits)
+    rated = [r for r in points(rows, "codebook-rate") if r["setting"] == bits and r.get("coded_index_bits") is not None]
+    if base is None or not rated:
+        return None, f"not measured (needs codebook:{bits} and codebook-rate:{bits} points)"
+    limit = RATE_BITS_FRACTION * bits
+    cheap = [r for r in rated if r["coded_index_bits"] <= limit]
+    every = "; ".join(f"λ = {r.get('rate_weight') or 0:g}: {r['coded_index_bits']:.2f} bits/index, {r['psnr']:.2f} dB"
+                      for r in sorted(rated, key=lambda r: r["coded_index_bits"]))
+    head = f"λ = 0: {base.get('coded_index_bits') or float('nan'):.2f} bits/index, {base['psnr']:.2f} dB; {every}"
+    if not cheap:
+        return False, f"no b={bits} point at ≤ {limit:g} bits/index; {head}"
+    best = max(cheap, key=lambda r: r["psnr"])
+    loss = base["psnr"] - best["psnr"]
+    return loss <= RATE_LOSS_DB, (f"best at ≤ {limit:g} bits/index: λ = {best.get('rate_weight'):g}, "
+                                  f"{loss:+.2f} dB below λ = 0 (target ≤ {RATE_LOSS_DB:g}); {head}")
+
+
 def status(v: bool | None) -> str:
     return {True: "met", False: "**missed**", None: "not measured"}[v]
 
@@ -212,6 +275,13 @@ def targets(results: dict[str, list[dict]]) -> list[str]:
             "<br>".join(lines))
     for scene, rows in results.items():
         add("8-bit codebook at least as good as 6-bit", scene, *check_8_vs_6(rows))
+    for scene, rows in results.items():
+        v, lines = check_rate_at_plain_bytes(rows)
+        gain = f"≥ {RATE_GAIN_DB:g} dB better" if scene == "lego" else f"≥ {100 * (1 - RATE_CHAMFER_FACTOR):.0f} % lower Chamfer-L1"
+        add(f"rate-aware VQ-AD (`codebook-rate`) {gain} than plain 4-bit at its bytes", scene, v, "<br>".join(lines))
+    if lego is not None:
+        add(f"rate-aware b = 6: coded indices ≤ {RATE_BITS_FRACTION:g}·b bits with ≤ {RATE_LOSS_DB:g} dB loss against λ = 0",
+            "lego", *check_rate_b6(lego))
     for scene, rows in results.items():
         add(f"8- and 10-bit codebooks train within {MEMORY_LIMIT / 2**30:g} GiB peak memory", scene, *check_memory(rows))
     return L
@@ -252,7 +322,11 @@ def read_runs(out: Path) -> dict:
 def record_run(out: Path, scene: str, args) -> None:
     """Remember the command and date that produced ``rd-<scene>.csv`` (rd.md lists one per scene)."""
     runs = read_runs(out)
-    runs[scene] = {"command": f"python benchmarks/bench_rd.py {' '.join(sys.argv[1:])}",
+    command = f"python benchmarks/bench_rd.py {' '.join(sys.argv[1:])}"
+    old = runs.get(scene, {})
+    # several processes may share one work directory (each its --methods, e.g. one thread each): keep all
+    commands = [c for c in old.get("commands", []) if c != command] if old.get("work") == args.work else []
+    runs[scene] = {"commands": commands + [command], "work": args.work,
                    "written": time.strftime("%Y-%m-%d %H:%M"), "device": args.device}
     (out / "rd-runs.json").write_text(json.dumps(runs, indent=2) + "\n")
 
@@ -294,12 +368,13 @@ def write_summary(out: Path, args) -> str:
     results = {s: read_csv(out / f"rd-{s}.csv") for s in SCENES if (out / f"rd-{s}.csv").is_file()}
     runs = read_runs(out)
     refined = refinement_text(results)
-    commands = [f"- {s}: `{runs[s]['command']}` (written {runs[s]['written']}, device `{runs[s]['device']}`)"
+    commands = [f"- {s}: " + " and ".join(f"`{c}`" for c in runs[s].get("commands") or [runs[s]["command"]])
+                + f" (written {runs[s]['written']}, device `{runs[s]['device']}`)"
                 for s in SCENES if s in results and s in runs]
     L = [
         "# Rate–distortion benchmark (`make bench-rd`)",
         "",
-        "Commands (one per scene; each sweep resumes in its own work directory):",
+        "Commands (per scene; a scene's commands share its work directory, where its sweep resumes):",
         "",
         *(commands or [f"- `python benchmarks/bench_rd.py {' '.join(sys.argv[1:])}`"]),
         "",

@@ -5,6 +5,7 @@ import csv
 import functools
 import importlib.util
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -203,9 +204,9 @@ def test_sdf_sweep_rate_aware_points_resume_and_report(sphere, tmp_path, monkeyp
     assert "| VQ-AD + rate term | b = 3, λ = 0.03 |" in md and "**Rate-aware points**" in md
     assert "at λ = 0.001, 0.03" in md and "order-0" in md
     assert (out / "rd.png").stat().st_size > 10_000
-    assert json.loads((out / "sweep.json").read_text())["settings"]["rate_weights"] == [1e-3, 3e-2]
+    assert "rate_weights" not in json.loads((out / "sweep.json").read_text())["settings"]  # they choose points
 
-    # resumed after a lost point: only that (b, λ) is refitted; other λ values or the context estimate are refused
+    # resumed after a lost point: only that (b, λ) is refitted; another λ adds its points; the context estimate is refused
     (out / "points" / "codebook-rate-b3-lambda0.001.json").unlink()
     runs.clear()
     S.Sweep(_config(sphere, out, methods, extra), log=lambda *a, **k: None).run()
@@ -215,8 +216,13 @@ def test_sdf_sweep_rate_aware_points_resume_and_report(sphere, tmp_path, monkeyp
     S.Sweep(_config(sphere, out, methods, ["--steps", "10", "--rate-weights", "0.001,0.03,1e-3"]),
             log=lambda *a, **k: None).run()  # the same set, written otherwise: nothing to do
     assert runs == []
-    with pytest.raises(InputError, match="other settings.*rate_weights"):
-        S.Sweep(_config(sphere, out, methods, ["--steps", "10", "--rate-weights", "1e-3"]))
+    S.Sweep(_config(sphere, out, methods, ["--steps", "10", "--rate-weights", "1e-3"]),
+            log=lambda *a, **k: None).run()  # a subset: nothing to do
+    assert runs == []
+    S.Sweep(_config(sphere, out, ["codebook-rate:3"], ["--steps", "10", "--rate-weights", "0.1"]),
+            log=lambda *a, **k: None).run()  # a new λ: one more point beside the others
+    assert [(b, t.rate_weight) for b, t in runs] == [(3, 0.1)]
+    assert [r["point"] for r in _csv(out / "results.csv")] == keys + ["codebook-rate-b3-lambda0.1"]
     with pytest.raises(InputError, match="other settings.*rate_context"):
         S.Sweep(_config(sphere, out, methods, [*extra, "--rate-context"]))
 
@@ -241,13 +247,16 @@ def test_rate_settings_of_older_sweeps_and_the_context_flag(sphere, tmp_path, mo
     cfg = _config(sphere, old, ["dense"])
     S.Sweep(cfg)._prepare_out()
     record = json.loads((old / "sweep.json").read_text())
-    for k in ("rate_weights", "rate_context"):
-        del record["settings"][k]
+    assert "rate_weights" not in record["settings"]
+    del record["settings"]["rate_context"]
     (old / "sweep.json").write_text(json.dumps(record))
     S.Sweep(cfg)  # the defaults: resumable
     S.Sweep(_config(sphere, old, ["dense", "codebook-rate:4"]))  # adding rate points at the default λ values
-    with pytest.raises(InputError, match="other settings.*rate_weights"):
-        S.Sweep(_config(sphere, old, ["dense", "codebook-rate:4"], ["--rate-weights", "1e-2"]))
+    record["settings"]["rate_weights"] = [3e-4, 1e-3, 3e-3]  # as sweeps recorded them before λ chose points
+    (old / "sweep.json").write_text(json.dumps(record))
+    S.Sweep(_config(sphere, old, ["dense", "codebook-rate:4"], ["--rate-weights", "1e-2"]))  # other λ: resumable
+    with pytest.raises(InputError, match="other settings.*steps"):
+        S.Sweep(_config(sphere, old, ["dense"], ["--steps", "11"]))
 
 
 def test_nerf_sweep_on_the_procedural_scene(tmp_path, capsys):
@@ -411,3 +420,41 @@ def test_bench_rd_target_checks():
     assert "no index refinement* points are the same fits" in text and "baseline on armadillo compares refined" in text
     text = B.refinement_text({"lego": lego + [dict(_r("codebook-rate", 6, 90_000, psnr=29.1), rate_weight=1e-3)]})
     assert "*VQ-AD + rate term* points (`codebook-rate`, one series per b, λ in the CSV) have none" in text
+
+
+def test_bench_rd_rate_targets():
+    """Issue 20's targets: the rate-aware series (λ = 0 end: codebook:b on a radiance field,
+    codebook-norefine:b on a mesh) interpolated in log(bytes) at plain 4-bit's bytes; b = 6's cheap points."""
+    B = _bench()
+
+    def rate(b, nbytes, lam, **q):
+        return dict(_r("codebook-rate", b, nbytes, **q), rate_weight=lam)
+
+    lego = [dict(_r("codebook", 4, 100_000, psnr=26.0), coded_index_bits=3.99),
+            dict(_r("codebook", 6, 150_000, psnr=27.0), coded_index_bits=5.98),
+            rate(6, 120_000, 1e-4, psnr=26.8, coded_index_bits=4.6), rate(6, 80_000, 1e-3, psnr=26.2, coded_index_bits=3.1)]
+    ok, lines = B.check_rate_at_plain_bytes(lego)
+    # b = 6 at 100 kB: between 80 kB (26.2) and 120 kB (26.8), t = log(100/80) / log(120/80) = 0.5503
+    t = math.log(100 / 80) / math.log(120 / 80)
+    assert ok is False and f"{26.2 + t * 0.6:.2f} dB ({26.2 + t * 0.6 - 26.0:+.2f})" in lines[1]
+    assert "wanted there: ≥ 27.00 dB" in lines[0]
+    lego.append(rate(6, 95_000, 3e-4, psnr=27.5, coded_index_bits=3.7))
+    ok, lines = B.check_rate_at_plain_bytes(lego)
+    assert ok is True and "b=6 (met)" in lines[1]
+    ok, text = B.check_rate_b6(lego)  # cheap (≤ 4.2 bits): λ = 1e-3 (26.2) and 3e-4 (27.5): 0.5 dB better than λ = 0
+    assert ok is True and "λ = 0.0003" in text and "-0.50 dB below" in text
+    ok, text = B.check_rate_b6([r for r in lego if r.get("rate_weight") in (None, 1e-4)])
+    assert ok is False and "no b=6 point at ≤ 4.2 bits/index" in text
+    assert B.check_rate_b6(lego[:1])[0] is None and B.check_rate_at_plain_bytes(lego[:2])[0] is None
+    # a series whose bytes all lie below plain 4-bit's: not measured, said why
+    ok, lines = B.check_rate_at_plain_bytes([lego[0], rate(8, 60_000, 1e-3, psnr=25.0), rate(8, 70_000, 1e-4, psnr=25.5)])
+    assert ok is None and "is above its points' range" in lines[1]
+    # a mesh: the λ = 0 end is the unrefined fit, and the target is a Chamfer ratio
+    arm = [_r("codebook", 4, 100_000, chamfer_l1=0.0010), _r("codebook-norefine", 6, 150_000, chamfer_l1=0.0009),
+           _r("codebook", 6, 150_000, chamfer_l1=0.0002), rate(6, 90_000, 1e-3, chamfer_l1=0.00085)]
+    assert [r["method"] for r in B.rate_series(arm, 6)] == ["codebook-rate", "codebook-norefine"]
+    ok, lines = B.check_rate_at_plain_bytes(arm)
+    assert ok is False and "Chamfer ≤ 0.00080 (×0.8)" in lines[0] and "(×0." in lines[1]
+    summary = "\n".join(B.targets({"lego": lego, "armadillo": arm}))
+    assert "≥ 1 dB better than plain 4-bit" in summary and "≥ 20 % lower Chamfer-L1" in summary
+    assert "coded indices ≤ 0.7·b bits" in summary

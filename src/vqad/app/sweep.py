@@ -36,8 +36,8 @@ of the two lists: VQ-AD whose loss gains λ × the estimated coded bits per inde
 the coarser level's index, the CONTEXT codec's model, for every such point). They end with no index
 refinement on a mesh too: the Gauss–Newton sweeps minimise the reconstruction loss alone and would
 undo part of the rate term, so their λ = 0 reference is ``codebook-norefine:b`` (λ = 0 itself is
-refused: it is that point). The λ values are a setting of the sweep (sweep.json): a re-run with
-others is refused. Their points are keyed ``codebook-rate-b4-lambda0.003``; the plot draws one
+refused: it is that point). Like ``--methods``, the λ values choose points: a resumed sweep may add
+others (each point's λ is in its key, ``codebook-rate-b4-lambda0.003``); the plot draws one
 series per b, its λ values ordered by bytes. Every row with indices gives ``index_bits`` (b) and
 ``coded_index_bits`` (payload bits per index of the shipped file, its probability model included).
 
@@ -301,7 +301,8 @@ def _defaults():
 SDF_DEFAULTS, NERF_DEFAULTS = _defaults()
 NERF_ONLY = ("format", "downscale", "eval_views", "eval_max_views", "background", "octree")
 SDF_ONLY = ("mc_resolution", "draco_mc_resolution", "draco_level")
-NOT_SETTINGS = ("out", "methods", "device", "quiet", "stream_bits")  # may change between resumed runs
+# may change between resumed runs: they choose points (each point's λ is in its key) or where and how they run
+NOT_SETTINGS = ("out", "methods", "rate_weights", "device", "quiet", "stream_bits")
 
 
 @dataclass
@@ -406,13 +407,11 @@ class SweepConfig:
             d["dataset"] = str(Path(self.dataset).resolve())
         if self.kind == "nerf":
             d["background"] = [float(c) for c in _background(self.background)]  # checked by the dataset loader
-        # recorded even without codebook-rate points, so that adding them later at other λ is refused
-        d["rate_weights"] = parse_rate_weights(DEFAULT_RATE_WEIGHTS if self.rate_weights is None else self.rate_weights)
         return d
 
 
 #: settings added after sweeps were first recorded: a sweep.json without them was made with these values
-ADDED_SETTINGS = {"rate_weights": parse_rate_weights(DEFAULT_RATE_WEIGHTS), "rate_context": False}
+ADDED_SETTINGS = {"rate_context": False}
 
 
 _TYPES = {"methods": (list, str), "levels": (str,), "features": (int,), "steps": (int,), "minutes": (int, float),
@@ -701,7 +700,9 @@ class Sweep:
                 raise InputError(f"{manifest} is not a vqad sweep record: use another --out") from None
             if not isinstance(old, dict):
                 raise InputError(f"{manifest} is not a vqad sweep record: use another --out")
-            old = {**ADDED_SETTINGS, **old}  # a sweep recorded before these settings existed had their defaults
+            # a sweep recorded before these settings existed had their defaults; older records also kept
+            # choices of points (the λ values) that are no longer settings
+            old = {k: v for k, v in {**ADDED_SETTINGS, **old}.items() if k not in NOT_SETTINGS}
             new = json.loads(json.dumps(self.cfg.settings()))
             diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             if diff:

@@ -247,7 +247,7 @@ def check_rate_b6(rows: list[dict], bits: int = 6) -> tuple[bool | None, str]:
     best = max(cheap, key=lambda r: r["psnr"])
     loss = base["psnr"] - best["psnr"]
     return loss <= RATE_LOSS_DB, (f"best at ≤ {limit:g} bits/index: λ = {best.get('rate_weight'):g}, "
-                                  f"{loss:+.2f} dB below λ = 0 (target ≤ {RATE_LOSS_DB:g}); {head}")
+                                  f"{loss:.2f} dB below λ = 0 (target ≤ {RATE_LOSS_DB:g}); {head}")
 
 
 def status(v: bool | None) -> str:
@@ -369,7 +369,8 @@ def write_summary(out: Path, args) -> str:
     runs = read_runs(out)
     refined = refinement_text(results)
     commands = [f"- {s}: " + " and ".join(f"`{c}`" for c in runs[s].get("commands") or [runs[s]["command"]])
-                + f" (written {runs[s]['written']}, device `{runs[s]['device']}`)"
+                + f" (written {runs[s]['written']}, device `{runs[s]['device']}`"
+                + (f"; {runs[s]['note']}" if runs[s].get("note") else "") + ")"
                 for s in SCENES if s in results and s in runs]
     L = [
         "# Rate–distortion benchmark (`make bench-rd`)",

@@ -32,8 +32,8 @@ without refinement.
 Rate-aware points: codebook-rate:B1,B2,... fits VQ-AD with the rate term (fit-sdf --rate-weight) at
 every b given and every λ of --rate-weights (default 3e-4,1e-3,3e-3), without index refinement (it
 would undo part of the rate term; codebook-norefine:b is their λ = 0). The plot draws one series per
-b; the CSV gives rate_weight, index_bits and coded_index_bits. The λ values are recorded in
-OUT/sweep.json: resuming with other values is refused.
+b; the CSV gives rate_weight, index_bits and coded_index_bits. Like --methods, the λ values choose
+points: resuming with other values adds their points to OUT.
 """
 
 

@@ -156,7 +156,7 @@ def main() -> None:
         f"Command: `python benchmarks/bench_format.py {' '.join(sys.argv[1:])}`  ",
         f"Model: {args.mesh}, codebook {b}-bit, k = {k}, levels {cfg['base_level']}..{cfg['max_level']}, decoder "
         f"{info.decoder_params:,} parameters; {source}.  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU threads (shared with other jobs), timings on **one** "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU threads, timings on **one** "
         "thread (`torch.set_num_threads(1)`), median of "
         f"{args.repeats} decodes. Files: `{work}/model.vqad`, `{work}/model-entropy.vqad`.",
         "",

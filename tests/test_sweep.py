@@ -170,6 +170,30 @@ def test_sdf_sweep_with_and_without_index_refinement(sphere, tmp_path, monkeypat
     assert "codebook-norefine:b" in S.METHOD_SPEC_HELP  # the --methods help documents it
 
 
+def test_sweeps_sharing_a_directory_skip_what_the_other_finished(sphere, tmp_path, monkeypatch):
+    """Two processes on one OUT (each its --methods): a point the other finished while this one was
+    fitting is skipped, not fitted twice."""
+    out = tmp_path / "rd"
+    cfg = _config(sphere, out, ["dense", "hash:8"])
+    calls, real = [], S.SDFTask.fit
+
+    def fit(self, grid_cfg, work, resume, **kw):
+        calls.append(grid_cfg.storage)
+        if grid_cfg.storage == "dense":  # meanwhile, another process finishes hash:8
+            rec = {"point": "hash-T8", "method": "hash", "setting": 8, "rate_weight": None,
+                   "rows": [{"point": "hash-T8", "method": "hash", "setting": 8, "lod": 4, "bytes": 1}],
+                   "finished_at": "2026-12-04T00:00:00+00:00"}
+            (out / "points").mkdir(parents=True, exist_ok=True)
+            (out / "points" / "hash-T8.json").write_text(json.dumps(rec))
+        return real(self, grid_cfg, work, resume, **kw)
+
+    monkeypatch.setattr(S.SDFTask, "fit", fit)
+    logs = []
+    S.Sweep(cfg, log=lambda *a, **k: logs.append(" ".join(map(str, a)))).run()
+    assert calls == ["dense"]
+    assert any("T = 8: finished earlier, skipped" in line for line in logs)
+
+
 def test_sdf_sweep_rate_aware_points_resume_and_report(sphere, tmp_path, monkeypatch):
     """codebook-rate: one fit per (b, λ), with λ in its train config and no refinement; resumable; λ recorded."""
     runs = []  # train config of every fit

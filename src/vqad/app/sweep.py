@@ -731,12 +731,14 @@ class Sweep:
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> list[dict]:
-        """Run every unfinished point, rebuilding the reports after each; returns all CSV rows."""
+        """Run every unfinished point, rebuilding the reports after each; returns all CSV rows.
+
+        Finished points are looked up again before each point, so several processes may share ``out``
+        (each its ``--methods``, e.g. one thread each): a point another one finished meanwhile is skipped."""
         self._prepare_out()
-        done = self.finished()
         n = len(self.points)
         for i, p in enumerate(self.points, 1):
-            if p.key in done:
+            if p.key in self.finished():
                 self.log(f"[{i}/{n}] {p.label}: finished earlier, skipped")
                 continue
             self.log(f"[{i}/{n}] {p.label} ...", flush=True)

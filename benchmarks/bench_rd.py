@@ -320,7 +320,8 @@ def read_runs(out: Path) -> dict:
 
 
 def record_run(out: Path, scene: str, args) -> None:
-    """Remember the command and date that produced ``rd-<scene>.csv`` (rd.md lists one per scene)."""
+    """Remember the command and date that produced ``rd-<scene>.csv``: with the commands that wrote into the
+    same work directory before it (rd.md lists them all); a hand-written ``note`` is not carried over."""
     runs = read_runs(out)
     command = f"python benchmarks/bench_rd.py {' '.join(sys.argv[1:])}"
     old = runs.get(scene, {})

@@ -717,28 +717,28 @@ class Sweep:
         if not manifest.is_file():
             write_atomic(manifest, json.dumps({"vqad_sweep": SWEEP_FORMAT, "settings": self.cfg.settings()}, indent=2))
 
-    def finished(self) -> dict[str, dict]:
-        """Finished points of this directory, by key; a damaged record is set aside and its point redone."""
-        done = {}
-        for p in sorted((self.out / "points").glob("*.json")):
-            rec = read_point(p)
-            if rec is None:
-                p.replace(p.with_name(p.name + ".damaged"))
-                self.log(f"{p} is damaged (empty or not a point record): set aside as {p.name}.damaged, the point is redone")
-                continue
-            done[rec["point"]] = rec
-        return done
+    def finished(self, key: str) -> bool:
+        """Whether point ``key`` has a record in this directory (read now: another process sharing it may
+        have just written one); a damaged record is set aside and the point redone."""
+        path = self.out / "points" / f"{key}.json"
+        if not path.is_file():
+            return False
+        if read_point(path) is None:
+            path.replace(path.with_name(path.name + ".damaged"))
+            self.log(f"{path} is damaged (empty or not a point record): set aside as {path.name}.damaged, the point is redone")
+            return False
+        return True
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> list[dict]:
         """Run every unfinished point, rebuilding the reports after each; returns all CSV rows.
 
-        Finished points are looked up again before each point, so several processes may share ``out``
+        Each point's record is looked up when its turn comes, so several processes may share ``out``
         (each its ``--methods``, e.g. one thread each): a point another one finished meanwhile is skipped."""
         self._prepare_out()
         n = len(self.points)
         for i, p in enumerate(self.points, 1):
-            if p.key in self.finished():
+            if self.finished(p.key):
                 self.log(f"[{i}/{n}] {p.label}: finished earlier, skipped")
                 continue
             self.log(f"[{i}/{n}] {p.label} ...", flush=True)

@@ -1,12 +1,15 @@
 """Gauss–Newton index refinement (vqad.refine) against brute force on small grids."""
 
+import math
+
 import pytest
 import torch
 
 from vqad.config import DecoderConfig, GridConfig
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
-from vqad.refine import RefineChunk, _accumulate, _linearize, _total_loss, gauss_newton_scores, refine_indices, summed_features, vertex_parity
+from vqad.refine import (RefineChunk, _accumulate, _linearize, _total_loss, gauss_newton_scores, index_bits, level_bits,
+                         refine_indices, summed_features, vertex_parity)
 from vqad.sdf.fit import refine_sdf
 
 
@@ -273,3 +276,110 @@ def test_measured_moves_need_sdf_chunks():
     chunks = [RefineChunk(x, lambda F: {lod: f[:1] for lod, f in F.items()}, owner=torch.zeros(x.shape[0], dtype=torch.long))]
     with pytest.raises(ValueError, match="one residual row per sample"):
         refine_indices(grid, chunks, measured=2)
+
+
+def test_index_bits_and_level_bits_are_the_order0_code_lengths():
+    V = torch.tensor([0, 0, 0, 1, 1, 3])
+    bits = index_bits(V, 4)
+    n = torch.tensor([3.0, 2.0, 0.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(bits, -torch.log2((n + 0.5) / (6 + 2)))
+    assert bits[2] > bits[3] > bits[1] > bits[0]  # an unused codeword costs most, not infinity
+    assert torch.isfinite(bits).all()
+    H = -(3 * math.log2(3 / 6) + 2 * math.log2(2 / 6) + math.log2(1 / 6))
+    assert level_bits(V, 4) == pytest.approx(H)
+    assert level_bits(torch.zeros(5, dtype=torch.long), 4) == 0.0  # one symbol: nothing to code
+
+
+def _rate_descent(grid, fn, level, mu, touched, par):
+    """Brute-force rate-aware coordinate descent by parity class: each touched vertex of a class takes
+    the codeword that lowers loss + μ · (bits(j) − bits(V_i)) most, bits from the level's index
+    histogram at the start of the class (one loss evaluation per (vertex, codeword))."""
+    s = grid.storage(level)
+    V = s.indices().clone()
+
+    def set_all(V):
+        s.C.data = torch.nn.functional.one_hot(V, s.C.shape[1]).to(s.C.dtype)
+
+    with torch.no_grad():
+        for cls in range(8):
+            set_all(V)
+            base = _loss(grid, fn, level)
+            bits = index_bits(V, s.C.shape[1])
+            new = V.clone()
+            for v in (touched & (par == cls)).nonzero().squeeze(1).tolist():
+                trial = V.clone()
+                cost = []
+                for j in range(s.C.shape[1]):
+                    trial[v] = j
+                    set_all(trial)
+                    cost.append(_loss(grid, fn, level) - base + mu * float(bits[j] - bits[V[v]]))
+                j = min(range(len(cost)), key=cost.__getitem__)
+                if cost[j] < -1e-9 * abs(base):
+                    new[v] = j
+            V = new
+    return V
+
+
+@pytest.mark.parametrize("measured", [0, 3])
+def test_rate_aware_moves_equal_brute_force_coordinate_descent(measured):
+    """With a bit cost μ, a sweep is coordinate descent on loss + μ · order-0 bits: the Gauss–Newton
+    path on residuals linear in the feature (exact there), the measured path with every codeword a
+    candidate on tanh residuals. Both against brute force; and the rate term must change the result
+    and, from where the descent on the loss alone stops, trade loss for bits."""
+    grid, x = _grid(seed=5, bits=2, levels=(1, 2))
+    grid, x = grid.double(), x.double()
+    level = 2
+    torch.manual_seed(6)
+    A = {lod: torch.randn(4, 1, dtype=torch.float64) for lod in grid.lods}
+    t = torch.randn(x.shape[0], 1, dtype=torch.float64) * 0.5
+    fn = _tanh_chunks(x, t, A) if measured else _linear_chunks(x, t, A)
+    s = grid.storage(level)
+    grid.eval()
+    C0 = s.C.data.clone()
+    par = vertex_parity(grid.octree.vertices[level])
+    touched = torch.zeros(s.m, dtype=torch.bool)
+    touched[grid.octree.interpolation(x, level).vertex_ids.reshape(-1)] = True
+    mu = 0.02 * _loss(grid, fn, level) / touched.sum().item()  # a bit worth ~2 % of a vertex's share of the loss
+    expected = _rate_descent(grid, fn, level, mu, touched, par)
+    s.C.data = C0.clone()
+    plain = _rate_descent(grid, fn, level, 0.0, touched, par)
+    s.C.data = C0.clone()
+    stats = refine_indices(grid, fn, levels=[level], measured=measured, bit_cost=mu)
+    got = s.indices()
+    assert stats[0].undone == 0
+    assert bool((got == expected)[touched].all())
+    assert not bool((expected == plain).all())  # the rate term did something
+    codes = s.C.shape[1]
+    assert stats[0].bits_after == pytest.approx(level_bits(got, codes))
+    assert stats[0].loss_after + mu * stats[0].bits_after < stats[0].loss_before + mu * stats[0].bits_before
+    # from where the loss alone stops moving, the rate term still moves vertices, and only to cheaper codes
+    s.C.data = torch.nn.functional.one_hot(plain, codes).double()
+    for _ in range(50):  # sweep on the loss alone until no vertex moves
+        if refine_indices(grid, fn, levels=[level], measured=measured)[0].changed == 0:
+            break
+    else:
+        raise AssertionError("the descent on the loss alone did not settle")
+    after = refine_indices(grid, fn, levels=[level], measured=measured, bit_cost=mu)[0]
+    assert after.changed > 0 and after.bits_after < after.bits_before and after.loss_after > after.loss_before
+
+
+def test_a_large_bit_cost_puts_touched_vertices_on_one_codeword_and_is_checked_on_the_objective():
+    """When a bit costs far more than any loss change, every touched vertex moves to the most
+    frequent codeword; the undo check weighs the same objective, so the level is kept although its
+    loss went up. A negative or infinite bit cost is refused."""
+    grid, x = _grid(seed=7, bits=3, levels=(1, 2))
+    level = 2
+    torch.manual_seed(8)
+    A = {lod: torch.randn(4, 1) for lod in grid.lods}
+    fn = _linear_chunks(x, torch.randn(x.shape[0], 1), A)
+    s = grid.storage(level)
+    touched = torch.zeros(s.m, dtype=torch.bool)
+    touched[grid.octree.interpolation(x, level).vertex_ids.reshape(-1)] = True
+    stats = refine_indices(grid, fn, levels=[level], bit_cost=1e6)
+    V = s.indices()
+    assert stats[0].undone == 0 and stats[0].loss_after > stats[0].loss_before
+    assert V[touched].unique().numel() == 1
+    assert stats[0].bits_after < stats[0].bits_before
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="bit_cost"):
+            refine_indices(grid, fn, levels=[level], bit_cost=bad)

@@ -26,6 +26,15 @@ checks each level, and a level whose real loss went up is put back.
 field's is one ray's rendered minus true colour (3 channels), fed by all the samples along the ray.
 There several samples of one ray touch the same vertex, so their Jacobians are first summed per
 (ray, vertex) pair, which keeps H exact for the pair.
+
+**Rate-aware moves** (``bit_cost = μ > 0``, the entropy-constrained assignment of ECVQ): a move is
+scored by its loss change plus ``μ`` times the change of the bits the level's indices will cost
+under the coder's order-0 model, ``bits(j) = −log2 p(j)`` with ``p`` the level's current index
+histogram (:func:`index_bits`, re-counted before each parity class), so a vertex whose loss barely
+depends on its codeword moves to a frequent one. The undo check then compares loss + μ · the level's
+coded bits (:func:`level_bits`, ``m · H(p)``). With ``μ = λ · N / Σ m`` (N residual rows, Σ m every
+level's vertices) this is the training objective ``loss + λ · bits per vertex`` of
+:func:`vqad.fit.rate_term` scaled by N.
 """
 
 from __future__ import annotations
@@ -62,13 +71,31 @@ class RefineStats:
     vertices: int  # m
     loss_before: float
     loss_after: float
-    undone: int = 0  # 1 when the level's real loss went up and its moves were put back
+    undone: int = 0  # 1 when the level's real loss (+ μ · bits) went up and its moves were put back
+    bits_before: float = 0.0  # the level's index bits under its order-0 model, m · H(p) (with a rate cost)
+    bits_after: float = 0.0
 
 
 def vertex_parity(vertices: torch.Tensor) -> torch.Tensor:
     """``(m, 3)`` integer vertex coordinates -> ``(m,)`` class in 0..7; no two corners of a cell share one."""
     v = vertices.long() & 1
     return v[:, 0] * 4 + v[:, 1] * 2 + v[:, 2]
+
+
+def index_bits(V: torch.Tensor, codes: int) -> torch.Tensor:
+    """``(codes,)`` bits each codeword costs under the order-0 model of the indices ``V (m,)``:
+    ``−log2 p(j)``, ``p(j) = (n_j + ½) / (m + ½·codes)`` (an unused codeword costs about
+    ``log2(2m)``: what a symbol seen once costs, not infinity)."""
+    n = torch.bincount(V, minlength=codes).to(torch.float64)
+    return -torch.log2((n + 0.5) / (V.shape[0] + 0.5 * codes))
+
+
+def level_bits(V: torch.Tensor, codes: int) -> float:
+    """Coded bits of the indices ``V (m,)`` under their own order-0 model: ``m · H(p)``, ``p`` the
+    empirical histogram (what the range coder spends, less its frequency table)."""
+    n = torch.bincount(V, minlength=codes).to(torch.float64)
+    n = n[n > 0]
+    return float(-(n * torch.log2(n / V.shape[0])).sum()) if V.numel() else 0.0
 
 
 def gauss_newton_scores(G: torch.Tensor, H: torch.Tensor, D: torch.Tensor, V: torch.Tensor,
@@ -104,8 +131,12 @@ def has_codebook(grid) -> bool:
 
 def format_stats(stats: list[RefineStats]) -> str:
     """One line for a progress log: indices moved and loss before → after, per level."""
-    return "index refinement: moved " + ", ".join(
-        f"L{s.level} {s.changed:,}/{s.vertices:,} (loss {s.loss_before:.4g} → {s.loss_after:.4g})" for s in stats)
+    def one(s: RefineStats) -> str:
+        bits = (f", bits/index {s.bits_before / s.vertices:.2f} → {s.bits_after / s.vertices:.2f}"
+                if s.bits_before else "")
+        return f"L{s.level} {s.changed:,}/{s.vertices:,} (loss {s.loss_before:.4g} → {s.loss_after:.4g}{bits})"
+
+    return "index refinement: moved " + ", ".join(one(s) for s in stats)
 
 
 @dataclass
@@ -193,12 +224,13 @@ def _accumulate(lin: _Linearized, m: int, k: int, select: torch.Tensor | None = 
 
 @torch.no_grad()
 def _refine_level(lin: _Linearized, D: torch.Tensor, V: torch.Tensor, parity: torch.Tensor, classes: int,
-                  chunk: int = 1 << 15) -> torch.Tensor:
+                  chunk: int = 1 << 15, bit_cost: float = 0.0) -> torch.Tensor:
     """Gauss–Newton coordinate descent on the linearized residuals, one parity class at a time.
 
     Returns the new indices ``(m,)``. For an SDF every sample has exactly one corner in a class,
     so the predicted changes of a class add up exactly; after a class moves, the residuals are
     updated through the linear model (``ρ += Σ w J Δ``) before the next class is scored.
+    ``bit_cost`` μ > 0: each move also pays ``μ (bits(j) − bits(V_i))`` (:func:`index_bits`).
     """
     m, k = V.shape[0], D.shape[1]
     V = V.clone()
@@ -212,7 +244,10 @@ def _refine_level(lin: _Linearized, D: torch.Tensor, V: torch.Tensor, parity: to
         rows = (in_cls & (H.flatten(1).abs().sum(1) > 0)).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        best, j = gauss_newton_scores(G[rows], H[rows], D, V[rows]).min(dim=-1)
+        scores = gauss_newton_scores(G[rows], H[rows], D, V[rows])
+        if bit_cost > 0:
+            scores = scores + bit_cost * _rate_change(V, rows, D.shape[0], D.dtype)
+        best, j = scores.min(dim=-1)
         move = best < 0
         rows, j = rows[move], j[move]
         if rows.numel() == 0:
@@ -227,9 +262,15 @@ def _refine_level(lin: _Linearized, D: torch.Tensor, V: torch.Tensor, parity: to
     return V
 
 
+def _rate_change(V: torch.Tensor, rows: torch.Tensor, codes: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(r, codes)``: bits(j) − bits(V_i) for each vertex of ``rows`` (:func:`index_bits` of ``V``)."""
+    bits = index_bits(V, codes)
+    return (bits[None, :] - bits[V[rows]][:, None]).to(dtype)
+
+
 @torch.no_grad()
 def _refine_level_exact(grid, level: int, chunks: list[RefineChunk], lin: _Linearized, D: torch.Tensor,
-                        V: torch.Tensor, parity: torch.Tensor, candidates: int) -> torch.Tensor:
+                        V: torch.Tensor, parity: torch.Tensor, candidates: int, bit_cost: float = 0.0) -> torch.Tensor:
     """Coordinate descent with *measured* moves, one parity class at a time (SDF chunks only).
 
     The Gauss–Newton scores only rank the codewords: each vertex of the class tries its
@@ -240,6 +281,7 @@ def _refine_level_exact(grid, level: int, chunks: list[RefineChunk], lin: _Linea
     gives every sample's new loss, and the per-vertex sums are the per-vertex loss changes. A vertex
     moves to its best candidate only where that lowers the real loss. The residuals of the pass it
     took (real ones, not the linear model's) are kept for ranking the next class.
+    ``bit_cost`` μ > 0: ranking and the measured change both add ``μ (bits(j) − bits(V_i))``.
     Returns the new indices ``(m,)``.
     """
     m, k = V.shape[0], D.shape[1]
@@ -282,6 +324,9 @@ def _refine_level_exact(grid, level: int, chunks: list[RefineChunk], lin: _Linea
         if rows.numel() == 0:
             continue
         scores = gauss_newton_scores(G[rows], H[rows], D, V[rows])
+        rate = bit_cost * _rate_change(V, rows, D.shape[0], D.dtype) if bit_cost > 0 else None
+        if rate is not None:
+            scores = scores + rate
         scores[torch.arange(rows.numel()), V[rows]] = float("inf")  # the current codeword is no candidate
         cand = scores.topk(min(candidates, D.shape[0] - 1), dim=1, largest=False).indices  # (r, t)
         gain = torch.zeros(m, cand.shape[1], dtype=D.dtype, device=D.device)  # measured loss change
@@ -294,7 +339,10 @@ def _refine_level_exact(grid, level: int, chunks: list[RefineChunk], lin: _Linea
                 loss_t, rho_t = sample_loss(ch, shifted(c["F"], r, w, D[new[v]] - D[V[v]]))
                 gain[:, t].index_add_(0, v, loss_t[r] - c["loss"][r])
                 tr.append((loss_t[r], rho_t[r]))
-        best, t_best = gain[rows].min(dim=1)
+        gain_r = gain[rows]
+        if rate is not None:
+            gain_r = gain_r + rate.gather(1, cand)
+        best, t_best = gain_r.min(dim=1)
         move = best < 0
         if not move.any():
             continue
@@ -315,7 +363,7 @@ def _refine_level_exact(grid, level: int, chunks: list[RefineChunk], lin: _Linea
 
 def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = None,
                    classes: int = 8, check: list[RefineChunk] | None = None,
-                   measured: int = 0) -> list[RefineStats]:
+                   measured: int = 0, bit_cost: float = 0.0) -> list[RefineStats]:
     """One Gauss–Newton sweep over the codebook indices of ``levels`` (default: all), coarse to fine.
 
     Per level: one forward and backward pass linearizes the residuals in that level's feature; the
@@ -335,11 +383,17 @@ def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = N
             (SDF chunks, one residual per sample): try each vertex's ``c`` best-predicted codewords
             and keep the best whose *measured* loss change is negative
             (:func:`_refine_level_exact`; c decoder passes per class).
+        bit_cost: μ ≥ 0, the loss (Σ of squared residuals of ``chunks``) one coded index bit is worth:
+            each move pays ``μ`` × the change of the bits its level's indices cost under their order-0
+            model, and the undo check compares loss + μ · the level's coded bits (module docstring).
+            0: loss alone. ``check`` chunks must then hold as many residual rows as ``chunks``.
     Returns:
         a :class:`RefineStats` per refined level.
     """
     if classes not in (1, 8):
         raise ValueError(f"classes must be 1 or 8, got {classes}")
+    if not 0 <= bit_cost < float("inf"):
+        raise ValueError(f"bit_cost must be a finite number >= 0, got {bit_cost}")
     if measured and (classes != 8 or any(ch.owner is not None for ch in chunks)):
         raise ValueError("measured moves need one residual row per sample (SDF chunks) and the 8 parity classes")
     stats = []
@@ -355,19 +409,21 @@ def refine_indices(grid, chunks: list[RefineChunk], levels: list[int] | None = N
             before = lin.loss if check is None else _total_loss(grid, level, check)
             V0 = s.indices().clone()
             parity = vertex_parity(grid.octree.vertices[level])
+            codes = s.codebook().shape[0]
             if measured:
-                V1 = _refine_level_exact(grid, level, chunks, lin, s.codebook(), V0, parity, measured)
+                V1 = _refine_level_exact(grid, level, chunks, lin, s.codebook(), V0, parity, measured, bit_cost)
             else:
-                V1 = _refine_level(lin, s.codebook(), V0, parity, classes)
+                V1 = _refine_level(lin, s.codebook(), V0, parity, classes, bit_cost=bit_cost)
             del lin.J
             rows = (V1 != V0).nonzero().squeeze(1)
             s.set_indices(rows, V1[rows])
             after = _total_loss(grid, level, chunks if check is None else check)
+            bits0, bits1 = (level_bits(V0, codes), level_bits(V1, codes)) if bit_cost > 0 else (0.0, 0.0)
             undone = 0
-            if after > before:  # the linear model (or the samples) misled us here: put the level back
+            if after + bit_cost * bits1 > before + bit_cost * bits0:  # the linear model (or the samples) misled us: put the level back
                 s.set_indices(rows, V0[rows])
-                after, undone = before, 1
-            stats.append(RefineStats(level, 0 if undone else int(rows.numel()), s.m, before, after, undone))
+                after, bits1, undone = before, bits0, 1
+            stats.append(RefineStats(level, 0 if undone else int(rows.numel()), s.m, before, after, undone, bits0, bits1))
     finally:
         grid.train(was_training)
     return stats

@@ -192,12 +192,10 @@ def check_memory(rows: list[dict]) -> tuple[bool | None, str]:
 
 def rate_series(rows: list[dict], bits: int) -> list[dict]:
     """The b-bit rate-aware series by bytes: its ``codebook-rate`` points (λ > 0) and, as its λ = 0 end,
-    the same fit without the rate term: ``codebook:b`` on a radiance field (no index refinement there),
-    ``codebook-norefine:b`` on a mesh (rate-aware fits are not refined, so the refined ``codebook:b`` is
-    not the same fit)."""
-    zero = "codebook" if kind_of(rows) == "nerf" else "codebook-norefine"
+    the same fit without the rate term, ``codebook:b`` (a mesh's rate-aware fits end with the same index
+    refinement, rate-aware; a radiance field's have none, like its ``codebook:b``)."""
     rated = [r for r in points(rows, "codebook-rate") if r["setting"] == bits]
-    base = point(rows, zero, bits)
+    base = point(rows, "codebook", bits)
     return sorted(rated + ([base] if base is not None else []), key=lambda r: r["bytes"])
 
 

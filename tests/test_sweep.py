@@ -205,23 +205,24 @@ def test_sdf_sweep_rate_aware_points_resume_and_report(sphere, tmp_path, monkeyp
 
     monkeypatch.setattr(vqad.sdf.fit, "fit_sdf", fit_sdf)
     out = tmp_path / "rd"
-    methods = ["codebook-norefine:2", "codebook-rate:2,3"]
+    methods = ["codebook:2", "codebook-rate:2,3"]
     extra = ["--steps", "10", "--rate-weights", "3e-2,1e-3"]
     S.Sweep(_config(sphere, out, methods, extra), log=lambda *a, **k: None).run()
+    # rate-aware fits end with the same (rate-aware) index refinement as codebook:b, their λ = 0 end
     assert [(b, t.rate_weight, t.rate_context, t.refine) for b, t in runs] == [
-        (2, 0.0, False, 0), (2, 1e-3, False, 0), (2, 3e-2, False, 0), (3, 1e-3, False, 0), (3, 3e-2, False, 0)]
+        (2, 0.0, False, 3), (2, 1e-3, False, 3), (2, 3e-2, False, 3), (3, 1e-3, False, 3), (3, 3e-2, False, 3)]
     plain, rated = runs[0][1], runs[1][1]
     assert replace(rated, rate_weight=0.0) == plain  # nothing else differs from the λ = 0 reference
 
-    keys = ["codebook-norefine-b2", "codebook-rate-b2-lambda0.001", "codebook-rate-b2-lambda0.03",
+    keys = ["codebook-b2", "codebook-rate-b2-lambda0.001", "codebook-rate-b2-lambda0.03",
             "codebook-rate-b3-lambda0.001", "codebook-rate-b3-lambda0.03"]
     table = _csv(out / "results.csv")
     assert [r["point"] for r in table] == keys
     by = {r["point"]: r for r in table}
-    assert by["codebook-norefine-b2"]["rate_weight"] == "" and by["codebook-rate-b3-lambda0.03"]["rate_weight"] == "0.03"
+    assert by["codebook-b2"]["rate_weight"] == "" and by["codebook-rate-b3-lambda0.03"]["rate_weight"] == "0.03"
     for r in table:
         assert (out / r["file"]).stat().st_size == int(r["bytes"]) and float(r["chamfer_l1"]) > 0
-        assert r["refine"] == "0" and float(r["index_bits"]) == int(r["setting"])
+        assert r["refine"] == "3" and float(r["index_bits"]) == int(r["setting"])
         # the shipped (entropy-coded) file's index chunks, models included: at most b plus a little
         assert 0 < float(r["coded_index_bits"]) <= int(r["setting"]) + 0.5
     md = (out / "results.md").read_text()
@@ -236,6 +237,16 @@ def test_sdf_sweep_rate_aware_points_resume_and_report(sphere, tmp_path, monkeyp
     S.Sweep(_config(sphere, out, methods, extra), log=lambda *a, **k: None).run()
     assert [(b, t.rate_weight) for b, t in runs] == [(3, 1e-3)]
     assert [r["point"] for r in _csv(out / "results.csv")] == keys
+    # a record of an older sweep, when rate-aware points were not refined: set aside and refitted
+    rec_path = out / "points" / "codebook-rate-b2-lambda0.03.json"
+    rec = json.loads(rec_path.read_text())
+    rec["rows"][-1]["refine"] = 0
+    rec_path.write_text(json.dumps(rec))
+    runs.clear()
+    S.Sweep(_config(sphere, out, methods, extra), log=lambda *a, **k: None).run()
+    assert [(b, t.rate_weight) for b, t in runs] == [(2, 3e-2)]
+    assert (out / "points" / "codebook-rate-b2-lambda0.03.json.stale").is_file()
+    assert json.loads(rec_path.read_text())["rows"][-1]["refine"] == 3
     runs.clear()
     S.Sweep(_config(sphere, out, methods, ["--steps", "10", "--rate-weights", "0.001,0.03,1e-3"]),
             log=lambda *a, **k: None).run()  # the same set, written otherwise: nothing to do
@@ -260,7 +271,7 @@ def test_rate_settings_of_older_sweeps_and_the_context_flag(sphere, tmp_path, mo
     monkeypatch.setattr(S.SDFTask, "fit", lambda self, g, work, resume, **kw: seen.append(kw) or (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         S.Sweep(cfg, log=lambda *a, **k: None).run()
-    assert seen == [{"refine": 0, "rate_weight": 1e-2}]
+    assert seen == [{"refine": None, "rate_weight": 1e-2}]  # None: the fit's default sweeps
     train = vqad.sdf.fit.SDFTrainConfig()
     S._set_rate(train, 1e-2, True)
     assert (train.rate_weight, train.rate_context) == (1e-2, True)
@@ -447,8 +458,7 @@ def test_bench_rd_target_checks():
 
 
 def test_bench_rd_rate_targets():
-    """Issue 20's targets: the rate-aware series (λ = 0 end: codebook:b on a radiance field,
-    codebook-norefine:b on a mesh) interpolated in log(bytes) at plain 4-bit's bytes; b = 6's cheap points."""
+    """Issue 20's targets: the rate-aware series (λ = 0 end: codebook:b) interpolated in log(bytes) at plain 4-bit's bytes; b = 6's cheap points."""
     B = _bench()
 
     def rate(b, nbytes, lam, **q):
@@ -473,10 +483,10 @@ def test_bench_rd_rate_targets():
     # a series whose bytes all lie below plain 4-bit's: not measured, said why
     ok, lines = B.check_rate_at_plain_bytes([lego[0], rate(8, 60_000, 1e-3, psnr=25.0), rate(8, 70_000, 1e-4, psnr=25.5)])
     assert ok is None and "is above its points' range" in lines[1]
-    # a mesh: the λ = 0 end is the unrefined fit, and the target is a Chamfer ratio
-    arm = [_r("codebook", 4, 100_000, chamfer_l1=0.0010), _r("codebook-norefine", 6, 150_000, chamfer_l1=0.0009),
-           _r("codebook", 6, 150_000, chamfer_l1=0.0002), rate(6, 90_000, 1e-3, chamfer_l1=0.00085)]
-    assert [r["method"] for r in B.rate_series(arm, 6)] == ["codebook-rate", "codebook-norefine"]
+    # a mesh: the λ = 0 end is the refined fit too, and the target is a Chamfer ratio
+    arm = [_r("codebook", 4, 100_000, chamfer_l1=0.0010), _r("codebook-norefine", 6, 150_000, chamfer_l1=0.0002),
+           _r("codebook", 6, 150_000, chamfer_l1=0.0009), rate(6, 90_000, 1e-3, chamfer_l1=0.00085)]
+    assert [r["method"] for r in B.rate_series(arm, 6)] == ["codebook-rate", "codebook"]
     ok, lines = B.check_rate_at_plain_bytes(arm)
     assert ok is False and "Chamfer ≤ 0.00080 (×0.8)" in lines[0] and "(×0." in lines[1]
     summary = "\n".join(B.targets({"lego": lego, "armadillo": arm}))

@@ -15,6 +15,8 @@ logits C and codebooks D may have rates of their own.
 With ``rate_weight = λ > 0`` every step's loss gains ``λ · R``, the grid's estimated index bits per
 vertex (:func:`rate_term`: the entropy of the soft assignments of the vertices the step touched,
 docs/method.md section 6.6), so a fit trades quality for coded bytes; at λ = 0 nothing is tracked.
+The same λ weighs the bits in the fit's index-refinement sweeps (:func:`vqad.refine.rate_bit_cost`):
+both minimise ``loss + λ · bits per vertex``.
 
 The schedule follows ``progress = max(step / steps, elapsed / training budget)``, so a time-capped
 fit still ends with a decayed learning rate: cosine from each group's initial rate to 0.1 × it.

@@ -10,7 +10,7 @@ method            setting   what is fitted                                      
 dense             –         fp16 feature grid Z (m × k), trained                             ``.vqad``
 codebook          b         VQ-AD: b-bit learned indices V into a codebook D (2^b × k)       ``.vqad``
 codebook-norefine b         SDF only: the same VQ-AD fit without index refinement            ``.vqad``
-codebook-rate     b × λ     VQ-AD with the rate term λ·R (``--rate-weights``), no refinement ``.vqad``
+codebook-rate     b × λ     VQ-AD minimising loss + λ·bits (``--rate-weights``)             ``.vqad``
 hash              T         Instant-NGP random indices into a trained table θ (2^T × k)      ``.vqad``
 kmeans            b         post hoc: k-means of the dense fit's Z into 2^b centroids (kmVQ) ``.vqad``
 lowrank           r         post hoc: rank-r PCA of the dense fit's Z                        ``.vqad``
@@ -33,12 +33,15 @@ sweeps in ``refine``.
 **Rate-aware points.** ``codebook-rate:4,6,8 --rate-weights 3e-4,3e-3`` fits every (b, λ) pair
 of the two lists: VQ-AD whose loss gains λ × the estimated coded bits per index
 (:func:`vqad.fit.rate_term`, ``TrainConfig.rate_weight``; ``--rate-context`` estimates them given
-the coarser level's index, the CONTEXT codec's model, for every such point). They end with no index
-refinement on a mesh too: the Gauss–Newton sweeps minimise the reconstruction loss alone and would
-undo part of the rate term, so their λ = 0 reference is ``codebook-norefine:b`` (λ = 0 itself is
-refused: it is that point). Like ``--methods``, the λ values choose points: a resumed sweep may add
-others (each point's λ is in its key, ``codebook-rate-b4-lambda0.003``); the plot draws one
-series per b, its λ values ordered by bytes. Every row with indices gives ``index_bits`` (b) and
+the coarser level's index, the CONTEXT codec's model, for every such point). They end with the fit's
+default index refinement (a mesh: 3 sweeps; a radiance field: none), and those sweeps minimise the
+same ``loss + λ · bits`` (:func:`vqad.refine.rate_bit_cost`), so their λ = 0 reference is
+``codebook:b`` (λ = 0 itself is refused: it is that point). The sweeps move far more bits per λ than
+the training term does, hence the defaults per kind (:data:`DEFAULT_RATE_WEIGHTS`). A record of an
+older sweep whose refinement differs from what its method now does is set aside and the point
+refitted. Like ``--methods``, the λ values choose points: a resumed sweep may add others (each
+point's λ is in its key, ``codebook-rate-b4-lambda0.003``); the plot draws one series per b, its λ
+values ordered by bytes. Every row with indices gives ``index_bits`` (b) and
 ``coded_index_bits`` (payload bits per index of the shipped file, its probability model included).
 
 One more curve is derived from a VQ-AD point: ``codebook-stream``, the quality of each
@@ -115,7 +118,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("codebook", "VQ-AD (learned indices)", "b", (1, 2, 4, 6, 8), "fit"),
     Method("codebook-norefine", "VQ-AD, no index refinement", "b", (1, 2, 4, 6, 8), "fit", sdf_only=True,
            storage="codebook", refine=0),
-    Method("codebook-rate", "VQ-AD + rate term", "b", (4, 6, 8), "fit", storage="codebook", refine=0, rated=True),
+    Method("codebook-rate", "VQ-AD + rate term", "b", (4, 6, 8), "fit", storage="codebook", rated=True),
     Method("codebook-stream", "VQ-AD, per-LOD file prefixes", "b", (), "stream"),
     Method("hash", "hash (random indices)", "T", (10, 12, 14, 16), "fit"),
     Method("kmeans", "k-means VQ (post hoc)", "b", (4, 6), "posthoc"),
@@ -130,16 +133,18 @@ DEFAULT_METHODS = ("draco-input", "dense", "kmeans", "lowrank", "draco-mc", "cod
 METHOD_SPEC_HELP = (
     "METHOD or METHOD:S1,S2,... with METHOD one of dense; codebook:b (VQ-AD bits, default 1,2,4,6,8; 1..12; "
     "on a mesh each fit ends with fit-sdf's default index refinement); codebook-norefine:b (meshes only: the same "
-    "VQ-AD fits with no index refinement, a series of its own; default 1,2,4,6,8); codebook-rate:b (VQ-AD with "
-    "the rate term, no index refinement: one point per b and per λ of --rate-weights; default 4,6,8); "
+    "VQ-AD fits with no index refinement, a series of its own; default 1,2,4,6,8); codebook-rate:b (VQ-AD fitted "
+    "and refined to loss + λ × bits: one point per b and per λ of --rate-weights; default 4,6,8); "
     "hash:T (table bits, default 10,12,14,16); kmeans:b (post hoc, default 4,6); lowrank:r (post hoc, r < k, "
     "default k/4,k/2); draco-input:q and draco-mc:q (meshes only: Draco quantization bits, default 8,10,12,14). "
     "Default: all of them but codebook-norefine"
 )
 
 
-#: λ values of codebook-rate points when --rate-weights is not given (docs/benchmarks/rd-rate.md's range)
-DEFAULT_RATE_WEIGHTS = (3e-4, 1e-3, 3e-3)
+#: λ values of codebook-rate points when --rate-weights is not given, per kind (docs/benchmarks/rd-rate.md):
+#: a mesh's fit ends with rate-aware index sweeps, which move bits at λ ~1e-7..1e-6; a radiance field's
+#: has none, and its training term needs λ ~1e-3
+DEFAULT_RATE_WEIGHTS = {"sdf": (1e-7, 3e-7, 1e-6), "nerf": (3e-4, 1e-3, 3e-3)}
 RATE_WEIGHTS_HELP = ("write the λ values as positive numbers separated by commas, e.g. --rate-weights 3e-4,3e-3 "
                      "(config file: rate-weights = [3e-4, 3e-3])")
 
@@ -201,7 +206,7 @@ def check_setting(method: str, value, features: int) -> None:
 
 def parse_rate_weights(value) -> list[float]:
     """``"3e-4,3e-3"`` or ``[3e-4, 3e-3]`` → the λ values, ascending, duplicates dropped; each must be a
-    finite number > 0 (λ = 0 is plain VQ-AD: ``codebook-norefine:b``)."""
+    finite number > 0 (λ = 0 is plain VQ-AD: ``codebook:b``)."""
     items = value.replace(",", " ").split() if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items:
         raise InputError(f"bad --rate-weights {value!r}: {RATE_WEIGHTS_HELP}")
@@ -215,7 +220,7 @@ def parse_rate_weights(value) -> list[float]:
             raise InputError(f"bad --rate-weights value {v!r}: {RATE_WEIGHTS_HELP}") from None
         if lam == 0:
             raise InputError("--rate-weights: λ = 0 is plain VQ-AD without the rate term; its points are "
-                             "codebook-norefine:b (the same fit, no index refinement) or codebook:b: add those to --methods")
+                             "codebook:b: add those to --methods")
         if not 0 < lam < math.inf:
             raise InputError(f"--rate-weights: λ must be a finite number > 0, got {v!r}")
         out.append(lam)
@@ -228,7 +233,7 @@ def parse_methods(specs, kind: str, features: int, rate_weights=None) -> list[Po
     A spec is ``METHOD`` (its default settings) or ``METHOD:S1,S2,...``. Empty ``specs``: the
     default set (:data:`DEFAULT_METHODS`, Draco methods only for meshes). A rated method
     (``codebook-rate:4,6``) gives one point per b and per λ of ``rate_weights`` (None:
-    :data:`DEFAULT_RATE_WEIGHTS`), b-major. Raises :class:`InputError` for an unknown method, a
+    :data:`DEFAULT_RATE_WEIGHTS` of ``kind``), b-major. Raises :class:`InputError` for an unknown method, a
     malformed or out-of-range setting, or a mesh-only method on a radiance field.
     """
     if isinstance(specs, str):
@@ -272,7 +277,7 @@ def parse_methods(specs, kind: str, features: int, rate_weights=None) -> list[Po
             except InputError as exc:
                 raise InputError(f"{name}:{v}: {exc}") from None
             if m.rated:
-                points += [Point(name, v, lam) for lam in parse_rate_weights(rate_weights or list(DEFAULT_RATE_WEIGHTS))]
+                points += [Point(name, v, lam) for lam in parse_rate_weights(rate_weights or list(DEFAULT_RATE_WEIGHTS[kind]))]
             else:
                 points.append(Point(name, v))
     return list(dict.fromkeys(points))
@@ -396,7 +401,8 @@ class SweepConfig:
                     raise InputError(f"{flag} applies to rate-aware points: add codebook-rate:B1,B2,... to --methods "
                                      f"(e.g. codebook-rate:4,6,8), or remove {flag}")
         else:
-            cfg.rate_weights = parse_rate_weights(DEFAULT_RATE_WEIGHTS if cfg.rate_weights is None else cfg.rate_weights)
+            cfg.rate_weights = parse_rate_weights(DEFAULT_RATE_WEIGHTS[kind] if cfg.rate_weights is None
+                                                  else cfg.rate_weights)
         return cfg
 
     def settings(self) -> dict:
@@ -717,15 +723,25 @@ class Sweep:
         if not manifest.is_file():
             write_atomic(manifest, json.dumps({"vqad_sweep": SWEEP_FORMAT, "settings": self.cfg.settings()}, indent=2))
 
-    def finished(self, key: str) -> bool:
-        """Whether point ``key`` has a record in this directory (read now: another process sharing it may
-        have just written one); a damaged record is set aside and the point redone."""
-        path = self.out / "points" / f"{key}.json"
+    def finished(self, p: Point) -> bool:
+        """Whether point ``p`` has a record in this directory (read now: another process sharing it may
+        have just written one); a damaged record is set aside and the point redone, and so is a codebook
+        fit's record made with other index-refinement sweeps than its method now runs (an older sweep's)."""
+        path = self.out / "points" / f"{p.key}.json"
         if not path.is_file():
             return False
-        if read_point(path) is None:
+        rec = read_point(path)
+        if rec is None:
             path.replace(path.with_name(path.name + ".damaged"))
             self.log(f"{path} is damaged (empty or not a point record): set aside as {path.name}.damaged, the point is redone")
+            return False
+        m = METHODS[p.method]
+        want = default_refine(self.cfg.kind) if m.refine is None else m.refine
+        had = rec["rows"][-1].get("refine")
+        if m.kind == "fit" and m.grid == "codebook" and isinstance(had, int) and had != want:
+            path.replace(path.with_name(path.name + ".stale"))
+            self.log(f"{path} was fitted with {had} index-refinement sweeps, its method now runs {want}: "
+                     f"set aside as {path.name}.stale, the point is refitted")
             return False
         return True
 
@@ -738,7 +754,7 @@ class Sweep:
         self._prepare_out()
         n = len(self.points)
         for i, p in enumerate(self.points, 1):
-            if self.finished(p.key):
+            if self.finished(p):
                 self.log(f"[{i}/{n}] {p.label}: finished earlier, skipped")
                 continue
             self.log(f"[{i}/{n}] {p.label} ...", flush=True)

@@ -35,7 +35,7 @@ from vqad.nerf.contraction import slowest_speed
 from vqad.nerf.field import NeRFField, sh_encode
 from vqad.nerf.rays import RayBatcher
 from vqad.nerf.render import OccupancySampler, distortion_loss, ray_offsets, render_rays, volume_render
-from vqad.refine import RefineChunk, format_stats, has_codebook, refine_indices
+from vqad.refine import RefineChunk, format_stats, has_codebook, rate_bit_cost, refine_indices
 
 LOD_MODES = ("all", "random", "finest+random", "finest")
 OCTREE_CHOICES = ("auto", "depth", "mask", "points", "density")  # vqad.nerf.octree_build builds each
@@ -223,7 +223,7 @@ class RadianceTask(FitTask):
             capped_sweeps(self.deadline, c.refine, self._sweep_seconds(self.step_seconds),
                           lambda share: refine_nerf(self.field, self.sampler, self.batcher,
                                                     max(int(share * c.refine_rays), 1), self.background, gen,
-                                                    self.quiet), self.notes)
+                                                    self.quiet, rate_weight=c.rate_weight), self.notes)
             self.field.train()
             self.extra_seconds += self.deadline.clock() - t
 
@@ -269,12 +269,15 @@ def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: Ray
 
 
 def refine_nerf(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, n_rays: int,
-                background: torch.Tensor, generator: torch.Generator, quiet: bool = True, check: bool = True) -> list:
+                background: torch.Tensor, generator: torch.Generator, quiet: bool = True, check: bool = True,
+                rate_weight: float = 0.0) -> list:
     """One Gauss–Newton index sweep (:func:`vqad.refine.refine_indices`) on ``n_rays`` random training
-    rays; with ``check``, each level's moves are kept only if they lower the loss of as many other rays."""
+    rays; with ``check``, each level's moves are kept only if they lower the loss of as many other rays.
+    ``rate_weight`` λ > 0: the moves minimise ``loss + λ · index bits per vertex``
+    (:func:`vqad.refine.rate_bit_cost`; the training loss is the mean over rays and 3 channels)."""
     held_out = nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator) if check else None
     stats = refine_indices(field.grid, nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator),
-                           check=held_out)
+                           check=held_out, bit_cost=rate_bit_cost(field.grid, rate_weight, 3 * n_rays))
     if not quiet:
         tqdm.write(format_stats(stats))
     return stats

@@ -23,7 +23,7 @@ from vqad.errors import InputError
 from vqad.fit import Deadline, FitTask, StepLoss, TrainConfig, capped_sweeps, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
-from vqad.refine import RefineChunk, format_stats, has_codebook, refine_indices
+from vqad.refine import RefineChunk, format_stats, has_codebook, rate_bit_cost, refine_indices
 from vqad.sdf.field import SDFField
 from vqad.sdf.mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples, fit_normalization, sample_surface
 from vqad.storages import storage_class
@@ -191,7 +191,8 @@ class SDFTask(FitTask):
         band = c.refine_band * 2.0 / (1 << self.field.grid.octree.max_level)
         near = (pd.abs() < band).nonzero().squeeze(1) if band > 0 else torch.arange(pd.shape[0], device=pd.device)
         sel = near[torch.randperm(near.shape[0], generator=gen)[: samples or c.refine_samples].to(pd.device)]
-        refine_sdf(self.field, self.pool_x[sel], pd[sel], self.quiet, measured=c.refine_candidates)
+        refine_sdf(self.field, self.pool_x[sel], pd[sel], self.quiet, measured=c.refine_candidates,
+                   rate_weight=c.rate_weight)
         self.extra_seconds += self.deadline.clock() - t
 
 
@@ -256,10 +257,14 @@ def sdf_refine_chunks(field: SDFField, x: torch.Tensor, d: torch.Tensor, chunk: 
     return [RefineChunk(x[a:a + chunk], residuals(x[a:a + chunk], d[a:a + chunk])) for a in range(0, x.shape[0], chunk)]
 
 
-def refine_sdf(field: SDFField, x: torch.Tensor, d: torch.Tensor, quiet: bool = True, measured: int = 0) -> list:
+def refine_sdf(field: SDFField, x: torch.Tensor, d: torch.Tensor, quiet: bool = True, measured: int = 0,
+               rate_weight: float = 0.0) -> list:
     """One Gauss–Newton index sweep (:func:`vqad.refine.refine_indices`) on samples ``x (N, 3)``,
-    ``d (N,)``; ``measured`` > 0: that many best-predicted codewords per vertex, measured exactly."""
-    stats = refine_indices(field.grid, sdf_refine_chunks(field, x, d), measured=measured)
+    ``d (N,)``; ``measured`` > 0: that many best-predicted codewords per vertex, measured exactly.
+    ``rate_weight`` λ > 0: the moves minimise the fit's ``loss + λ · index bits per vertex``
+    (:func:`vqad.refine.rate_bit_cost`, the training loss being the mean over samples)."""
+    stats = refine_indices(field.grid, sdf_refine_chunks(field, x, d), measured=measured,
+                           bit_cost=rate_bit_cost(field.grid, rate_weight, x.shape[0]))
     if not quiet:
         tqdm.write(format_stats(stats))
     return stats

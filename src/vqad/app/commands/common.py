@@ -147,8 +147,9 @@ def config_flag(p, defaults, name: str, flag: str | None = None, help: str = "",
 def add_rate_flags(p, T) -> None:
     """``--rate-weight`` and ``--rate-context`` (issue 20's rate term), the same on every fit command."""
     config_flag(p, T, "rate_weight", help="λ: add λ × the estimated coded bits per index (entropy of the soft "
-                                         "assignments, docs/method.md) to the loss, trading quality for bits; "
-                                         "codebook only")
+                                         "assignments, docs/method.md) to the loss, trading quality for bits; the index-refinement "
+                                         "sweeps (--refine) then minimise the same loss + λ × bits (order-0), which moves far "
+                                         "more bits per λ (a mesh: 1e-7..1e-6); codebook only")
     config_flag(p, T, "rate_context", action="store_true",
                 help="estimate the rate given each index's coarser index at floor(v/2), the model of the "
                      "file's context codec, instead of order-0 (needs --rate-weight; codebook only)")

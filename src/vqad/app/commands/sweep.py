@@ -9,7 +9,7 @@ examples:
   vqad sweep armadillo.obj --out runs/rd-armadillo                      # the default method set
   vqad sweep armadillo.obj --methods codebook:4,6 hash:12 kmeans:4 draco-input:10,12 --steps 1000 --out runs/rd
   vqad sweep armadillo.obj --methods codebook:2,4 codebook-norefine:2,4 dense --out runs/rd-refine   # ± refinement
-  vqad sweep armadillo.obj --methods codebook-norefine:4,6,8 codebook-rate:4,6,8 --rate-weights 3e-4,3e-3 --out runs/rd-rate
+  vqad sweep armadillo.obj --methods codebook:4,6 codebook-rate:6 --rate-weights 1e-7,3e-7,1e-6 --out runs/rd-rate
   vqad sweep data/nerf_synthetic/lego --downscale 4 --eval-views val --eval-max-views 20 --minutes 27 --out runs/rd-lego
   vqad sweep --config sweep.toml                                         # flags given too override the file
 
@@ -29,11 +29,13 @@ without them, as a series of its own (table, CSV, plot), and the CSV's refine co
 point's sweeps. Radiance-field fits do not refine by default, so there codebook already is VQ-AD
 without refinement.
 
-Rate-aware points: codebook-rate:B1,B2,... fits VQ-AD with the rate term (fit-sdf --rate-weight) at
-every b given and every λ of --rate-weights (default 3e-4,1e-3,3e-3), without index refinement (it
-would undo part of the rate term; codebook-norefine:b is their λ = 0). The plot draws one series per
-b; the CSV gives rate_weight, index_bits and coded_index_bits. Like --methods, the λ values choose
-points: resuming with other values adds their points to OUT.
+Rate-aware points: codebook-rate:B1,B2,... fits VQ-AD to loss + λ × index bits (fit-sdf --rate-weight:
+the rate term in training, and on a mesh the index-refinement sweeps, which then trade loss for bits
+too) at every b given and every λ of --rate-weights (default: a mesh 1e-7,3e-7,1e-6; a radiance field,
+not refined, 3e-4,1e-3,3e-3); codebook:b is their λ = 0. The plot draws one series per b; the CSV
+gives rate_weight, index_bits and coded_index_bits. Like --methods, the λ values choose points:
+resuming with other values adds their points to OUT. A record made when rate-aware points were not
+refined is set aside (.stale) and refitted.
 """
 
 

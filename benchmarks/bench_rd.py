@@ -347,8 +347,11 @@ def refinement_text(results: dict[str, list[dict]]) -> str:
                      f"fit's default{'' if recorded else '; this run predates the CSV column that records it'})")
         if any(r["method"] == "codebook-norefine" for r in rows):
             parts[-1] += "; its *no index refinement* points are the same fits without them"
-        if any(r["method"] == "codebook-rate" for r in rows):
-            parts[-1] += "; its *VQ-AD + rate term* points (`codebook-rate`, one series per b, λ in the CSV) have none"
+        rated = [r for r in rows if r["method"] == "codebook-rate"]
+        if rated:
+            m = " or ".join(map(str, sorted({r.get("refine") for r in rated if r.get("refine") is not None}))) or "0"
+            how = "none" if m == "0" else f"{m} (rate-aware: they minimise loss + λ × index bits)"
+            parts[-1] += f"; its *VQ-AD + rate term* points (`codebook-rate`, one series per b, λ in the CSV) have {how}"
     if not parts:
         return ""
     unfair = (f", so every target below that sets VQ-AD against a baseline on {' and '.join(refined)} compares "

@@ -455,6 +455,9 @@ def test_bench_rd_target_checks():
     assert "no index refinement* points are the same fits" in text and "baseline on armadillo compares refined" in text
     text = B.refinement_text({"lego": lego + [dict(_r("codebook-rate", 6, 90_000, psnr=29.1), rate_weight=1e-3)]})
     assert "*VQ-AD + rate term* points (`codebook-rate`, one series per b, λ in the CSV) have none" in text
+    text = B.refinement_text({"armadillo": arm + [dict(_r("codebook-rate", 6, 90_000, chamfer_l1=0.002), rate_weight=3e-7,
+                                                       refine=3)]})
+    assert "*VQ-AD + rate term* points (`codebook-rate`, one series per b, λ in the CSV) have 3 (rate-aware" in text
 
 
 def test_bench_rd_rate_targets():

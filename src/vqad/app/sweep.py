@@ -1073,8 +1073,10 @@ def rate_note(cfg: SweepConfig) -> str:
            if cfg.rate_context else "order-0")
     return (f"**Rate-aware points** (*VQ-AD + rate term*): VQ-AD fits whose loss gains λ × the estimated coded bits "
             f"per index ({est}; `vqad.fit.rate_term`), at λ = {', '.join(f'{v:g}' for v in cfg.rate_weights or [])}, "
-            "with no index refinement (it would undo part of the rate term): their λ = 0 reference is "
-            "`codebook-norefine:b` on a mesh, `codebook:b` on a radiance field. *bits/index*: b before coding → the "
+            + ("ending with the SDF fit's index-refinement sweeps, which minimise the same loss + λ × bits "
+               "(order-0; `vqad.refine.rate_bit_cost`)" if cfg.kind == "sdf" else "with no index refinement (the "
+               "radiance-field default)")
+            + ": their λ = 0 reference is `codebook:b`. *bits/index*: b before coding → the "
             "shipped file's payload bits per index, probability models included.")
 
 

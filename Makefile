@@ -29,6 +29,7 @@ bench-sdf: $(STAMP)
 
 bench-format: $(STAMP)
 	$(PY) benchmarks/bench_format.py --out docs/benchmarks/format.md
+	$(PY) benchmarks/bench_format.py --out docs/benchmarks/format-rate.md --rate-weight 1e-6 --work out/bench-format-rate
 
 bench-nerf: $(STAMP)
 	$(PY) benchmarks/bench_nerf.py --out docs/benchmarks/nerf.md

@@ -13,7 +13,7 @@ with --ckpt; bakes it (fp16), writes it with and without entropy coding and repo
   in-memory one bit for bit.
 
     python benchmarks/bench_format.py --out docs/benchmarks/format.md [--ckpt DIR] [--steps 600]
-    python benchmarks/bench_format.py --out docs/benchmarks/format-rate.md --rate-weight 1e-7 --work out/bench-format-rate
+    python benchmarks/bench_format.py --out docs/benchmarks/format-rate.md --rate-weight 1e-6 --work out/bench-format-rate
 """
 
 from __future__ import annotations

@@ -166,6 +166,40 @@ def test_fit_with_refinement_sweeps_runs_them(one_thread, monkeypatch):
     assert calls == []  # nothing to refine in a dense grid
 
 
+def test_a_rate_aware_fit_weighs_bits_in_its_sweeps_at_its_own_lambda(one_thread, monkeypatch):
+    """fit-sdf --rate-weight λ: every sweep gets μ = λ · samples / Σ m (the same objective as the
+    training term), and the sweeps lower the indices' bits against a plain fit's."""
+    import numpy as np
+    import trimesh
+
+    import vqad.sdf.fit as sdf_mod
+    from vqad.sdf.fit import SDFTrainConfig
+    from vqad.sdf.mesh import Mesh
+
+    costs, stats = [], []
+    real = sdf_mod.refine_indices
+
+    def spy(grid, chunks, **kw):
+        costs.append((kw.get("bit_cost", 0.0), sum(ch.x.shape[0] for ch in chunks), sum(s.m for s in grid.storages)))
+        stats.append(real(grid, chunks, **kw))
+        return stats[-1]
+
+    monkeypatch.setattr(sdf_mod, "refine_indices", spy)
+    s = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    mesh = Mesh(np.asarray(s.vertices, dtype=np.float64), np.asarray(s.faces, dtype=np.int64))
+    grid = GridConfig(storage="codebook", features=4, bits=4, base_level=2, max_level=4)
+    bits = {}
+    for lam in (0.0, 1e-3):
+        costs.clear()
+        train = SDFTrainConfig(steps=60, batch=1024, pool_size=8000, refine=2, refine_samples=4000, rate_weight=lam)
+        res = sdf_mod.fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)
+        assert len(costs) == 2
+        for mu, n, total_m in costs:
+            assert mu == pytest.approx(lam * n / total_m)
+        bits[lam] = sum(level_bits(st.indices(), 16) for st in res.field.grid.storages)
+    assert bits[1e-3] < 0.9 * bits[0.0]
+
+
 def test_scores_are_exact_when_several_samples_feed_one_residual():
     """Radiance-field layout: samples grouped into rays (``owner``), one residual per ray; the
     Jacobians are summed per (ray, vertex) pair, so H stays exact for a linear residual."""

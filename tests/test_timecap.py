@@ -44,11 +44,11 @@ def slow_job(monkeypatch):
         clock.advance(STEP_S)
         return real_step(self, it, progress, gen)
 
-    def slow_refine(field, x, d, quiet=True, measured=0):
+    def slow_refine(field, x, d, quiet=True, measured=0, rate_weight=0.0):
         share = x.shape[0] / CFG.refine_samples
         sweeps.append(share)
         clock.advance(SWEEP_S * share)
-        return real_refine(field, x, d, quiet, measured)
+        return real_refine(field, x, d, quiet, measured, rate_weight)
 
     monkeypatch.setattr(SDFTask, "step", slow_step)
     monkeypatch.setattr(sdf_fit, "refine_sdf", slow_refine)

@@ -232,7 +232,7 @@ def test_scores_are_exact_when_several_samples_feed_one_residual():
             assert scores[i, j].item() == pytest.approx(exact, rel=1e-4, abs=1e-4)
 
 
-def test_refine_nerf_lowers_the_photometric_loss(one_thread):
+def test_refine_nerf_lowers_the_photometric_loss(one_thread, monkeypatch):
     from vqad.nerf.formats import load_dataset
     from vqad.nerf.field import NeRFConfig
     from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
@@ -249,6 +249,17 @@ def test_refine_nerf_lowers_the_photometric_loss(one_thread):
     assert [st.level for st in stats] == [2, 3, 4]
     assert all(st.loss_after <= st.loss_before for st in stats)
     assert sum(st.changed for st in stats) > 0
+    # rate-aware: μ = λ · 3 channels · rays / Σ m, and no level's loss + μ · bits goes up
+    import vqad.nerf.task as task_mod
+    seen = []
+    real = task_mod.refine_indices
+    total_m = sum(s.m for s in res.field.grid.storages)
+    monkeypatch.setattr(task_mod, "refine_indices", lambda grid, chunks, **kw: seen.append(kw["bit_cost"]) or real(grid, chunks, **kw))
+    stats = refine_nerf(res.field, res.sampler, batcher, 2048, torch.ones(3), torch.Generator().manual_seed(1),
+                        rate_weight=1e-3)
+    assert seen == [pytest.approx(1e-3 * 3 * 2048 / total_m)]
+    mu = seen[0]
+    assert all(st.loss_after + mu * st.bits_after <= st.loss_before + mu * st.bits_before for st in stats)
 
 
 def _tanh_chunks(x, t, A, chunk=100):

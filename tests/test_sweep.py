@@ -228,6 +228,7 @@ def test_sdf_sweep_rate_aware_points_resume_and_report(sphere, tmp_path, monkeyp
     md = (out / "results.md").read_text()
     assert "| VQ-AD + rate term | b = 3, λ = 0.03 |" in md and "**Rate-aware points**" in md
     assert "at λ = 0.001, 0.03" in md and "order-0" in md
+    assert "*VQ-AD + rate term* points end with 3 rate-aware sweeps" in md and "ending with 3 index-refinement sweeps" in md
     assert (out / "rd.png").stat().st_size > 10_000
     assert "rate_weights" not in json.loads((out / "sweep.json").read_text())["settings"]  # they choose points
 

@@ -1030,7 +1030,7 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
         "**vs dense** = the dense fp16 point's size / this size. Post-hoc points are made from the dense point's file "
         "(no fine-tuning).",
         *(["", refinement_note(rows, cfg.kind)] if any(r["method"].startswith("codebook") for r in rows) else []),
-        *(["", rate_note(cfg)] if any(r["method"] == "codebook-rate" for r in rows) else []),
+        *(["", rate_note(cfg, rows)] if any(r["method"] == "codebook-rate" for r in rows) else []),
         "",
         f"| method | setting | {qh} | size kB | raw file kB | grid kB | bits/index b → coded | vs dense | steps | fit s | "
         "peak memory MB |",
@@ -1067,15 +1067,23 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
     return "\n".join(L) + "\n"
 
 
-def rate_note(cfg: SweepConfig) -> str:
-    """What the rate-aware points are (``codebook-rate``)."""
+def rate_sweeps(rows: list[dict]) -> list[int]:
+    """The index-refinement sweeps of the rows' ``codebook-rate`` points (their ``refine`` values; [] if none)."""
+    return sorted({r["refine"] for r in rows if r["method"] == "codebook-rate" and r.get("refine") is not None})
+
+
+def rate_note(cfg: SweepConfig, rows: list[dict]) -> str:
+    """What the rate-aware points (``codebook-rate``) of ``rows`` are."""
     est = ("given the coarser level's index at floor(v/2), the context codec's model (`--rate-context`)"
            if cfg.rate_context else "order-0")
+    lams = sorted({r["rate_weight"] for r in rows if r["method"] == "codebook-rate" and r.get("rate_weight")}) \
+        or (cfg.rate_weights or [])
+    sweeps = rate_sweeps(rows)
     return (f"**Rate-aware points** (*VQ-AD + rate term*): VQ-AD fits whose loss gains λ × the estimated coded bits "
-            f"per index ({est}; `vqad.fit.rate_term`), at λ = {', '.join(f'{v:g}' for v in cfg.rate_weights or [])}, "
-            + ("ending with the SDF fit's index-refinement sweeps, which minimise the same loss + λ × bits "
-               "(order-0; `vqad.refine.rate_bit_cost`)" if cfg.kind == "sdf" else "with no index refinement (the "
-               "radiance-field default)")
+            f"per index ({est}; `vqad.fit.rate_term`), at λ = {', '.join(f'{v:g}' for v in lams)}, "
+            + ("with no index refinement" if sweeps in ([], [0]) else
+               f"ending with {' or '.join(map(str, sweeps))} index-refinement sweeps that minimise the same loss + λ × bits "
+               "(order-0; `vqad.refine.rate_bit_cost`)")
             + ": their λ = 0 reference is `codebook:b`. *bits/index*: b before coding → the "
             "shipped file's payload bits per index, probability models included.")
 
@@ -1104,10 +1112,13 @@ def refinement_note(rows: list[dict], kind: str) -> str:
             f"{'SDF ' if kind == 'sdf' else ''}fit's default); ")
     if any(r["method"] == "codebook-norefine" for r in rows):
         text += "*VQ-AD, no index refinement* points are the same fits without them. "
-    if any(r["method"] == "codebook-rate" for r in rows):
-        text += "*VQ-AD + rate term* points have none. "
     else:
         text += "`codebook-norefine:b` in the sweep adds the same fits without them. "
+    rated = rate_sweeps(rows)
+    if rated:
+        text += ("*VQ-AD + rate term* points have none. " if rated == [0] else
+                 f"*VQ-AD + rate term* points end with {' or '.join(map(str, rated))} rate-aware sweeps (they "
+                 "minimise loss + λ × index bits). ")
     return text + ("No baseline gets a comparable step: dense and hash are used as trained, k-means and low rank "
                    f"as computed from the dense fit, Draco as encoded. {where}")
 

@@ -98,14 +98,14 @@ def level_bits(V: torch.Tensor, codes: int) -> float:
     return float(-(n * torch.log2(n / V.shape[0])).sum()) if V.numel() else 0.0
 
 
-def rate_bit_cost(grid, rate_weight: float, rows_per_loss_row: int) -> float:
+def rate_bit_cost(grid, rate_weight: float, n: int) -> float:
     """The bit cost μ that makes a sweep minimise a fit's objective ``loss + λ · R`` (R: index bits per
     vertex of the whole grid, :func:`vqad.fit.rate_term`): a sweep's loss is the *sum* over its
     residual entries where training takes their mean, so ``μ = λ · n / Σ_L m_L``, ``n`` the entries the
     training loss averages over that the sweep sums (an SDF: its samples; a radiance field: rays × 3
     channels), ``Σ m_L`` the vertices of every level with indices. 0 when ``rate_weight`` is 0."""
     total_m = sum(s.m for s in grid.storages if s.discrete)
-    return rate_weight * rows_per_loss_row / total_m if rate_weight > 0 and total_m else 0.0
+    return rate_weight * n / total_m if rate_weight > 0 and total_m else 0.0
 
 
 def gauss_newton_scores(G: torch.Tensor, H: torch.Tensor, D: torch.Tensor, V: torch.Tensor,

@@ -332,7 +332,7 @@ def record_run(out: Path, scene: str, args) -> None:
 
 def refinement_text(results: dict[str, list[dict]]) -> str:
     """Which scenes' VQ-AD points ended with index refinement (vqad.refine): none of the baselines did."""
-    from vqad.app.sweep import codebook_sweeps
+    from vqad.app.sweep import codebook_sweeps, rate_sweeps
 
     parts, refined = [], []
     for scene, rows in results.items():
@@ -347,9 +347,8 @@ def refinement_text(results: dict[str, list[dict]]) -> str:
                      f"fit's default{'' if recorded else '; this run predates the CSV column that records it'})")
         if any(r["method"] == "codebook-norefine" for r in rows):
             parts[-1] += "; its *no index refinement* points are the same fits without them"
-        rated = [r for r in rows if r["method"] == "codebook-rate"]
-        if rated:
-            m = " or ".join(map(str, sorted({r.get("refine") for r in rated if r.get("refine") is not None}))) or "0"
+        if any(r["method"] == "codebook-rate" for r in rows):
+            m = " or ".join(map(str, rate_sweeps(rows))) or "0"
             how = "none" if m == "0" else f"{m} (rate-aware: they minimise loss + λ × index bits)"
             parts[-1] += f"; its *VQ-AD + rate term* points (`codebook-rate`, one series per b, λ in the CSV) have {how}"
     if not parts:

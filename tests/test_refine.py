@@ -268,71 +268,21 @@ def _tanh_chunks(x, t, A, chunk=100):
             for a in range(0, x.shape[0], chunk)]
 
 
-def test_measured_moves_equal_brute_force_coordinate_descent():
-    """With every codeword a candidate, the measured sweep of a level is exact coordinate descent by
-    parity class: each vertex of a class takes the codeword that lowers the real loss most (others
-    fixed), the class moves at once, then the next class. Checked against one loss evaluation per
-    (vertex, codeword)."""
+def _descent_problem(linear: bool):
+    """A small float64 grid (no float-level ties between brute force and refine) and a loss on level 2:
+    residuals linear in the feature (Gauss–Newton exact) or through tanh. Returns the grid (eval mode),
+    the chunks, the level, its touched vertices ``(m,)`` bool and their parity classes ``(m,)``."""
     grid, x = _grid(seed=5, bits=2, levels=(1, 2))
-    grid, x = grid.double(), x.double()  # float64: no float-level ties between the two ways
+    grid, x = grid.double(), x.double()
     level = 2
     torch.manual_seed(6)
     A = {lod: torch.randn(4, 1, dtype=torch.float64) for lod in grid.lods}
     t = torch.randn(x.shape[0], 1, dtype=torch.float64) * 0.5
-    fn = _tanh_chunks(x, t, A)
-    s = grid.storage(level)
+    fn = _linear_chunks(x, t, A) if linear else _tanh_chunks(x, t, A)
     grid.eval()
-    C0 = s.C.data.clone()
-    V = s.indices().clone()
-    par = vertex_parity(grid.octree.vertices[level])
-    touched = torch.zeros(s.m, dtype=torch.bool)
+    touched = torch.zeros(grid.storage(level).m, dtype=torch.bool)
     touched[grid.octree.interpolation(x, level).vertex_ids.reshape(-1)] = True
-
-    def set_all(V):
-        s.C.data = torch.nn.functional.one_hot(V, s.C.shape[1]).double()
-
-    with torch.no_grad():
-        for cls in range(8):
-            set_all(V)
-            base = _loss(grid, fn, level)
-            new = V.clone()
-            for v in (touched & (par == cls)).nonzero().squeeze(1).tolist():
-                trial = V.clone()
-                deltas = []
-                for j in range(s.C.shape[1]):
-                    trial[v] = j
-                    set_all(trial)
-                    deltas.append(_loss(grid, fn, level) - base)
-                j = min(range(len(deltas)), key=deltas.__getitem__)
-                if deltas[j] < -1e-9 * abs(base):
-                    new[v] = j
-            V = new
-    s.C.data = C0  # back to the start
-    stats = refine_indices(grid, fn, levels=[level], measured=s.C.shape[1] - 1)
-    got = s.indices()
-    assert stats[0].loss_after < stats[0].loss_before
-    agree = float((got == V)[touched].float().mean())
-    assert agree == 1.0, agree
-    assert stats[0].loss_after == pytest.approx(_loss(grid, fn, level), rel=1e-9)
-
-
-def test_measured_moves_need_sdf_chunks():
-    grid, x = _grid()
-    chunks = [RefineChunk(x, lambda F: {lod: f[:1] for lod, f in F.items()}, owner=torch.zeros(x.shape[0], dtype=torch.long))]
-    with pytest.raises(ValueError, match="one residual row per sample"):
-        refine_indices(grid, chunks, measured=2)
-
-
-def test_index_bits_and_level_bits_are_the_order0_code_lengths():
-    V = torch.tensor([0, 0, 0, 1, 1, 3])
-    bits = index_bits(V, 4)
-    n = torch.tensor([3.0, 2.0, 0.0, 1.0], dtype=torch.float64)
-    assert torch.allclose(bits, -torch.log2((n + 0.5) / (6 + 2)))
-    assert bits[2] > bits[3] > bits[1] > bits[0]  # an unused codeword costs most, not infinity
-    assert torch.isfinite(bits).all()
-    H = -(3 * math.log2(3 / 6) + 2 * math.log2(2 / 6) + math.log2(1 / 6))
-    assert level_bits(V, 4) == pytest.approx(H)
-    assert level_bits(torch.zeros(5, dtype=torch.long), 4) == 0.0  # one symbol: nothing to code
+    return grid, fn, level, touched, vertex_parity(grid.octree.vertices[level])
 
 
 def _rate_descent(grid, fn, level, mu, touched, par):
@@ -365,25 +315,52 @@ def _rate_descent(grid, fn, level, mu, touched, par):
     return V
 
 
+def test_measured_moves_equal_brute_force_coordinate_descent():
+    """With every codeword a candidate, the measured sweep of a level is exact coordinate descent by
+    parity class: each vertex of a class takes the codeword that lowers the real loss most (others
+    fixed), the class moves at once, then the next class. Checked against one loss evaluation per
+    (vertex, codeword)."""
+    grid, fn, level, touched, par = _descent_problem(linear=False)
+    s = grid.storage(level)
+    C0 = s.C.data.clone()
+    V = _rate_descent(grid, fn, level, 0.0, touched, par)
+    s.C.data = C0  # back to the start
+    stats = refine_indices(grid, fn, levels=[level], measured=s.C.shape[1] - 1)
+    got = s.indices()
+    assert stats[0].loss_after < stats[0].loss_before
+    agree = float((got == V)[touched].float().mean())
+    assert agree == 1.0, agree
+    assert stats[0].loss_after == pytest.approx(_loss(grid, fn, level), rel=1e-9)
+
+
+def test_measured_moves_need_sdf_chunks():
+    grid, x = _grid()
+    chunks = [RefineChunk(x, lambda F: {lod: f[:1] for lod, f in F.items()}, owner=torch.zeros(x.shape[0], dtype=torch.long))]
+    with pytest.raises(ValueError, match="one residual row per sample"):
+        refine_indices(grid, chunks, measured=2)
+
+
+def test_index_bits_and_level_bits_are_the_order0_code_lengths():
+    V = torch.tensor([0, 0, 0, 1, 1, 3])
+    bits = index_bits(V, 4)
+    n = torch.tensor([3.0, 2.0, 0.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(bits, -torch.log2((n + 0.5) / (6 + 2)))
+    assert bits[2] > bits[3] > bits[1] > bits[0]  # an unused codeword costs most, not infinity
+    assert torch.isfinite(bits).all()
+    H = -(3 * math.log2(3 / 6) + 2 * math.log2(2 / 6) + math.log2(1 / 6))
+    assert level_bits(V, 4) == pytest.approx(H)
+    assert level_bits(torch.zeros(5, dtype=torch.long), 4) == 0.0  # one symbol: nothing to code
+
+
 @pytest.mark.parametrize("measured", [0, 3])
 def test_rate_aware_moves_equal_brute_force_coordinate_descent(measured):
     """With a bit cost μ, a sweep is coordinate descent on loss + μ · order-0 bits: the Gauss–Newton
     path on residuals linear in the feature (exact there), the measured path with every codeword a
     candidate on tanh residuals. Both against brute force; and the rate term must change the result
     and, from where the descent on the loss alone stops, trade loss for bits."""
-    grid, x = _grid(seed=5, bits=2, levels=(1, 2))
-    grid, x = grid.double(), x.double()
-    level = 2
-    torch.manual_seed(6)
-    A = {lod: torch.randn(4, 1, dtype=torch.float64) for lod in grid.lods}
-    t = torch.randn(x.shape[0], 1, dtype=torch.float64) * 0.5
-    fn = _tanh_chunks(x, t, A) if measured else _linear_chunks(x, t, A)
+    grid, fn, level, touched, par = _descent_problem(linear=not measured)
     s = grid.storage(level)
-    grid.eval()
     C0 = s.C.data.clone()
-    par = vertex_parity(grid.octree.vertices[level])
-    touched = torch.zeros(s.m, dtype=torch.bool)
-    touched[grid.octree.interpolation(x, level).vertex_ids.reshape(-1)] = True
     mu = 0.02 * _loss(grid, fn, level) / touched.sum().item()  # a bit worth ~2 % of a vertex's share of the loss
     expected = _rate_descent(grid, fn, level, mu, touched, par)
     s.C.data = C0.clone()

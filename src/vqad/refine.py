@@ -335,8 +335,7 @@ def _refine_level_exact(grid, level: int, chunks: list[RefineChunk], lin: _Linea
             continue
         scores = gauss_newton_scores(G[rows], H[rows], D, V[rows])
         rate = bit_cost * _rate_change(V, rows, D.shape[0], D.dtype) if bit_cost > 0 else None
-        if rate is not None:
-            scores = scores + rate
+        scores = scores if rate is None else scores + rate
         scores[torch.arange(rows.numel()), V[rows]] = float("inf")  # the current codeword is no candidate
         cand = scores.topk(min(candidates, D.shape[0] - 1), dim=1, largest=False).indices  # (r, t)
         gain = torch.zeros(m, cand.shape[1], dtype=D.dtype, device=D.device)  # measured loss change
@@ -349,9 +348,7 @@ def _refine_level_exact(grid, level: int, chunks: list[RefineChunk], lin: _Linea
                 loss_t, rho_t = sample_loss(ch, shifted(c["F"], r, w, D[new[v]] - D[V[v]]))
                 gain[:, t].index_add_(0, v, loss_t[r] - c["loss"][r])
                 tr.append((loss_t[r], rho_t[r]))
-        gain_r = gain[rows]
-        if rate is not None:
-            gain_r = gain_r + rate.gather(1, cand)
+        gain_r = gain[rows] if rate is None else gain[rows] + rate.gather(1, cand)
         best, t_best = gain_r.min(dim=1)
         move = best < 0
         if not move.any():

@@ -1197,5 +1197,5 @@ def plot_rd(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
 
 __all__ = ["SweepConfig", "Sweep", "run_sweep", "parse_methods", "Point", "Method", "METHODS", "DEFAULT_METHODS",
            "load_config_file", "detect_kind", "write_reports", "collect_rows", "read_csv", "markdown_table", "plot_rd",
-           "PeakMemory", "METHOD_SPEC_HELP", "default_refine", "codebook_sweeps", "refinement_note", "rate_note",
+           "PeakMemory", "METHOD_SPEC_HELP", "default_refine", "codebook_sweeps", "refinement_note", "rate_note", "rate_sweeps",
            "parse_rate_weights", "DEFAULT_RATE_WEIGHTS"]

@@ -537,16 +537,18 @@ def test_octree_contexts_both_lookups_agree_and_masks_round_trip():
     # brute force for one cell: context bit t-1 = occupancy of P + (t>>2&1·d_x, t>>1&1·d_y, t&1·d_z)
     from vqad.octree import morton_decode
 
-    codes = octree.codes[5]
-    ijk = {tuple(v) for v in morton_decode(codes).tolist()}
-    ctx = E.octree_contexts(codes.numpy(), 5)
-    for i in (0, len(codes) // 2, len(codes) - 1):
-        p = morton_decode(codes[i:i + 1])[0].tolist()
-        for c in range(8):
-            d = [2 * ((c >> 2) & 1) - 1, 2 * ((c >> 1) & 1) - 1, 2 * (c & 1) - 1]
-            want = sum(1 << (t - 1) for t in range(1, 8)
-                       if (p[0] + ((t >> 2) & 1) * d[0], p[1] + ((t >> 1) & 1) * d[1], p[2] + (t & 1) * d[2]) in ijk)
-            assert ctx[i, c] == want
+    for level, rows in ((3, None), (5, (0, len(octree.codes[5]) // 2, len(octree.codes[5]) - 1))):
+        codes = octree.codes[level]
+        ijk = {tuple(v) for v in morton_decode(codes).tolist()}
+        ctx = E.octree_contexts(codes.numpy(), level)
+        assert ctx.shape == (len(codes), 8) and ctx.dtype == np.uint8
+        for i in range(len(codes)) if rows is None else rows:  # level 3: every cell
+            p = morton_decode(codes[i:i + 1])[0].tolist()
+            for c in range(8):
+                d = [2 * ((c >> 2) & 1) - 1, 2 * ((c >> 1) & 1) - 1, 2 * (c & 1) - 1]
+                want = sum(1 << (t - 1) for t in range(1, 8)
+                           if (p[0] + ((t >> 2) & 1) * d[0], p[1] + ((t >> 1) & 1) * d[1], p[2] + (t & 1) * d[2]) in ijk)
+                assert ctx[i, c] == want
     payload = E.encode_octree(parts)
     dec = E.OctreeDecoder(payload)
     for codes, plevel, masks in parts:

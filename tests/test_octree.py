@@ -62,7 +62,11 @@ def test_corner_table_and_unique_vertices():
         assert torch.equal(torch.unique(octree.corners[level]), torch.arange(octree.num_vertices(level)))
 
 
-def test_child_masks_rebuild_every_level():
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])  # False: the torch path a GPU takes
+def test_child_masks_rebuild_every_level(monkeypatch, numpy_on_cpu):
+    import vqad.octree as O
+
+    monkeypatch.setattr(O, "NUMPY_ON_CPU", numpy_on_cpu)
     pts = torch.rand(500, 3) * 2 - 1
     octree = SparseOctree.from_points(pts, 2, 5)
     codes = torch.zeros(1, dtype=torch.long)  # the root
@@ -142,12 +146,14 @@ def test_codes_at_gives_the_ancestors_above_the_base_level():
         assert torch.equal(octree.codes_at(level), want)
 
 
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])  # False: the torch path a GPU takes
 @pytest.mark.parametrize("spread", [0.8, 1.0])  # 1.0: cells on the cube's far faces (vertices at 2^L)
-def test_corner_tables_dense_and_sorted_paths_agree(monkeypatch, spread):
+def test_corner_tables_dense_and_sorted_paths_agree(monkeypatch, spread, numpy_on_cpu):
     """The dense-table corner tables (levels <= 8) equal the sort-based ones (finer levels), and both
     equal a brute force: every corner's vertex has its lattice position, vertices in Morton order."""
     import vqad.octree as O
 
+    monkeypatch.setattr(O, "NUMPY_ON_CPU", numpy_on_cpu)
     torch.manual_seed(0)
     octree = SparseOctree.from_points((torch.rand(5000, 3) * 2 - 1) * spread, 2, 5)
     for level in octree.levels:
@@ -155,14 +161,15 @@ def test_corner_tables_dense_and_sorted_paths_agree(monkeypatch, spread):
         dense = O.corner_tables(codes, level)
         monkeypatch.setattr(O, "DENSE_TABLE_MAX_LEVEL", -1)
         sorted_ = O.corner_tables(codes, level)
-        monkeypatch.undo()
-        assert torch.equal(dense[0], sorted_[0]) and torch.equal(dense[1], sorted_[1])
-        corners, vertices = dense
+        monkeypatch.setattr(O, "DENSE_TABLE_MAX_LEVEL", 8)
+        assert all(torch.equal(a, b) for a, b in zip(dense, sorted_, strict=True))
+        corners, vertices, vkeys = dense
         ijk = morton_decode(codes, bits=level)
         for c in range(8):
             off = torch.tensor([(c >> 2) & 1, (c >> 1) & 1, c & 1])
             assert torch.equal(vertices[corners[:, c]], ijk + off)
         keys = morton_encode(vertices, bits=level + 1)
+        assert torch.equal(vkeys, keys) and vkeys.dtype == torch.long
         assert bool((keys[1:] > keys[:-1]).all())  # Morton order, each vertex once
         assert torch.equal(torch.unique(corners), torch.arange(vertices.shape[0]))  # every vertex is a corner
     assert (int(vertices.max()) == 1 << level) == (spread == 1.0)  # the finest level: far faces exercised or not
@@ -189,3 +196,20 @@ def test_empty_levels_is_the_coarsest_empty_ancestor():
     rebuilt = SparseOctree.from_codes(codes, 2, 5)
     codes[0] = codes[-1]
     assert not torch.equal(rebuilt.codes[5], codes)
+
+
+@pytest.mark.parametrize("dense_table", [True, False])  # a table of level L - 1's keys, or a sorted search
+def test_coarser_vertices_is_floor_half_brute_force(monkeypatch, dense_table):
+    """Every vertex's coarser vertex sits at floor(v / 2), far-face vertices (coordinate 2^L) included."""
+    import vqad.octree as O
+
+    if not dense_table:
+        monkeypatch.setattr(O, "DENSE_TABLE_MAX_LEVEL", -1)
+    torch.manual_seed(1)
+    octree = SparseOctree.from_points(torch.rand(3000, 3) * 2 - 1, 2, 5)
+    assert int(octree.vertices[5].max()) == 32  # the far faces are there
+    for L in (3, 4, 5):
+        up = octree.coarser_vertices(L)
+        assert up.dtype == torch.long
+        assert torch.equal(octree.vertices[L - 1][up], octree.vertices[L] // 2)
+        assert torch.equal(octree.vertex_keys[L], morton_encode(octree.vertices[L], bits=L + 1))

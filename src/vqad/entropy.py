@@ -20,6 +20,8 @@ files never hit the limit and a hostile one cannot make the reader allocate far 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 FREQ_PRECISION = 16  # the stored frequencies sum to 2^16
@@ -232,14 +234,29 @@ _P16 = 1 << 16
 DENSE_OCCUPANCY_MAX_RES = 128  # below this, neighbours are looked up in a dense bitmap (≤ 2 MB)
 
 
+def _context_neighbours() -> np.ndarray:
+    """``(8, 7)``: for child ``c`` and ``t = 1..7``, which of the 27 offsets ``(dx, dy, dz) ∈ {-1, 0, 1}^3``
+    (numbered ``(dx + 1)·9 + (dy + 1)·3 + dz + 1``) bit ``t − 1`` of its context reads."""
+    out = np.zeros((8, 7), dtype=np.int64)
+    for c in range(8):
+        d = (2 * ((c >> 2) & 1) - 1, 2 * ((c >> 1) & 1) - 1, 2 * (c & 1) - 1)
+        for t in range(1, 8):
+            o = (((t >> 2) & 1) * d[0], ((t >> 1) & 1) * d[1], (t & 1) * d[2])
+            out[c, t - 1] = (o[0] + 1) * 9 + (o[1] + 1) * 3 + o[2] + 1
+    return out
+
+
+_CONTEXT_NEIGHBOURS = _context_neighbours()
+
+
 def octree_contexts(parent_codes, parent_level: int, dense_max_res: int = DENSE_OCCUPANCY_MAX_RES) -> np.ndarray:
     """Context of every child bit of a level: ``(n,) sorted Morton codes at parent_level -> (n, 8) uint8``.
 
     For child ``c`` with offset ``o_c = ((c>>2)&1, (c>>1)&1, c&1)``, let ``d = 2·o_c − 1`` (the corner's
     direction). Bit ``t−1`` of the context (``t = 1..7``) is set when the parent-level cell at
     ``P + ((t>>2)&1·d_x, (t>>1)&1·d_y, t&1·d_z)`` is occupied. Cells outside the cube are empty.
-    ``dense_max_res`` only picks how neighbours are looked up (a dense bitmap or a sorted search);
-    both give the same contexts.
+    Each of the 26 neighbours of every cell is looked up once (not once per child that reads it). ``dense_max_res`` only picks how neighbours are
+    looked up (a dense bitmap or a sorted search); both give the same contexts.
     """
     import torch
 
@@ -252,27 +269,29 @@ def octree_contexts(parent_codes, parent_level: int, dense_max_res: int = DENSE_
     # padded lattice [-1, res]^3 so that every neighbour index is valid; outside cells stay empty
     r2 = res + 2
     lin = ((ijk[:, 0] + 1) * r2 + (ijk[:, 1] + 1)) * r2 + (ijk[:, 2] + 1)  # (n,)
+    o = np.arange(-1, 2)
+    steps = ((o[:, None, None] * r2 + o[None, :, None]) * r2 + o[None, None, :]).reshape(-1)  # (27,)
     if res <= dense_max_res:
-        grid = np.zeros(r2 ** 3, dtype=bool)
-        grid[lin] = True
+        grid = np.zeros(r2 ** 3, dtype=np.uint8)
+        grid[lin] = 1
 
         def occupied(step: int) -> np.ndarray:
-            return grid[lin + step]
+            return np.take(grid, lin + step)
     else:
         keys = np.sort(lin)
 
         def occupied(step: int) -> np.ndarray:
             q = lin + step
-            idx = np.searchsorted(keys, q).clip(max=n - 1)
-            return keys[idx] == q
+            return (np.take(keys, np.searchsorted(keys, q).clip(max=n - 1)) == q).view(np.uint8)
 
-    ctx = np.zeros((n, 8), dtype=np.uint8)
+    occ = [None if k == 13 else occupied(int(steps[k])) for k in range(27)]  # 13: the cell itself, never read
+    ctx = np.empty((8, n), dtype=np.uint8)
     for c in range(8):
-        d = (2 * ((c >> 2) & 1) - 1, 2 * ((c >> 1) & 1) - 1, 2 * (c & 1) - 1)
-        for t in range(1, 8):
-            step = (((t >> 2) & 1) * d[0] * r2 + ((t >> 1) & 1) * d[1]) * r2 + (t & 1) * d[2]
-            ctx[:, c] |= occupied(step).astype(np.uint8) << (t - 1)
-    return ctx
+        acc = occ[_CONTEXT_NEIGHBOURS[c, 0]].copy()
+        for t in range(2, 8):
+            acc |= occ[_CONTEXT_NEIGHBOURS[c, t - 1]] << (t - 1)
+        ctx[c] = acc
+    return ctx.T.copy()
 
 
 def _mask_bits(masks: np.ndarray) -> np.ndarray:
@@ -280,6 +299,7 @@ def _mask_bits(masks: np.ndarray) -> np.ndarray:
     return ((np.asarray(masks, dtype=np.int64)[:, None] >> np.arange(8)) & 1).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=4096)  # a model per probability, made once per process
 def _binary_model(q: int):
     c = _constriction()
     return c.stream.model.Categorical(np.array([_P16 - q, q], dtype=np.float64) / _P16, perfect=False)
@@ -306,7 +326,6 @@ def encode_octree(levels: list[tuple[np.ndarray, int, np.ndarray]]) -> bytes:
         ones += np.bincount(ctx[bits == 1], minlength=OCTREE_CONTEXTS)
     q = np.where(total > 0, np.clip(np.rint(ones * _P16 / np.maximum(total, 1)), 1, _P16 - 1), 0).astype(np.int64)
     enc = _constriction().stream.queue.RangeEncoder()
-    models = {}
     for ctx, bits in per_level:
         order = np.argsort(ctx, kind="stable")
         sc, sb = ctx[order], bits[order]
@@ -314,9 +333,7 @@ def encode_octree(levels: list[tuple[np.ndarray, int, np.ndarray]]) -> bytes:
         for j in range(OCTREE_CONTEXTS):
             a, b = bounds[j], bounds[j + 1]
             if b > a:
-                if j not in models:
-                    models[j] = _binary_model(int(q[j]))
-                enc.encode(sb[a:b].astype(np.int32), models[j])
+                enc.encode(sb[a:b].astype(np.int32), _binary_model(int(q[j])))
     words = np.asarray(enc.get_compressed(), dtype="<u4")
     return q.astype("<u2").tobytes() + words.tobytes()
 
@@ -335,7 +352,6 @@ class OctreeDecoder:
         self.q = np.frombuffer(buf[:head], dtype="<u2").astype(np.int64)
         self.budget = MAX_SYMBOLS_PER_BYTE * len(buf)
         self._dec = _constriction().stream.queue.RangeDecoder(np.frombuffer(rest, dtype="<u4").astype(np.uint32))
-        self._models: dict = {}
 
     def decode_level(self, parent_codes, parent_level: int) -> np.ndarray:
         """The child masks ``(n,) uint8`` of the ``n`` occupied cells ``parent_codes`` of ``parent_level``."""
@@ -347,25 +363,20 @@ class OctreeDecoder:
             )
         self.budget -= n
         ctx = octree_contexts(codes, parent_level).reshape(-1)
-        order = np.argsort(ctx, kind="stable")
-        sc = ctx[order]
-        bounds = np.searchsorted(sc, np.arange(OCTREE_CONTEXTS + 1))
-        sb = np.zeros(ctx.size, dtype=np.int64)
-        for j in range(OCTREE_CONTEXTS):
+        order = np.argsort(ctx, kind="stable")  # uint8 keys: a radix sort
+        bounds = np.searchsorted(ctx[order], np.arange(OCTREE_CONTEXTS + 1))
+        sb = np.empty(ctx.size, dtype=np.uint8)
+        for j in np.flatnonzero(np.diff(bounds)).tolist():
             a, b = bounds[j], bounds[j + 1]
-            if b > a:
-                if self.q[j] == 0:
-                    raise EntropyError(f"octree context {j} occurs but its model says it never does")
-                if j not in self._models:
-                    self._models[j] = _binary_model(int(self.q[j]))
-                try:
-                    sb[a:b] = self._dec.decode(self._models[j], int(b - a))
-                except Exception as exc:  # constriction's own exception types
-                    raise EntropyError(f"range decoder failed: {exc}") from exc
+            if self.q[j] == 0:
+                raise EntropyError(f"octree context {j} occurs but its model says it never does")
+            try:
+                sb[a:b] = self._dec.decode(_binary_model(int(self.q[j])), int(b - a))
+            except Exception as exc:  # constriction's own exception types
+                raise EntropyError(f"range decoder failed: {exc}") from exc
         bits = np.empty_like(sb)
         bits[order] = sb
-        masks = (bits.reshape(n, 8) << np.arange(8)).sum(axis=1)
-        return masks.astype(np.uint8)
+        return np.packbits(bits.reshape(n, 8), axis=1, bitorder="little").reshape(n)
 
 
 # -- indices coded given a context (the co-located index of the coarser level) ---------------------

@@ -334,6 +334,7 @@ class _Level:
     n_masks: int  # mask bytes the TREE chunk decodes to (its raw size)
     corners: torch.Tensor  # (n_L, 8) corner vertex ids, built once as the level arrives (corner_tables)
     vertices: torch.Tensor  # (m_L, 3) vertex lattice coordinates
+    keys: torch.Tensor  # (m_L,) vertex Morton keys
     grid: list[tuple[ChunkRecord, bytes]] = dfield(default_factory=list)
     tensors: dict[str, torch.Tensor] | None = None  # decoded once, on first use
 
@@ -658,20 +659,20 @@ class StreamDecoder:
                 raise _corrupt(f"entropy-coded octree chunk of level {level} is not smaller than its {total} raw bytes")
         except E.EntropyError as exc:
             raise _corrupt(f"octree chunk of level {level}: {exc}") from exc
-        corners, vertices = self._build_tables(level, parents)
-        self._levels[level] = _Level(codes=parents, n_masks=total, corners=corners, vertices=vertices)
+        corners, vertices, keys = self._build_tables(level, parents)
+        self._levels[level] = _Level(codes=parents, n_masks=total, corners=corners, vertices=vertices, keys=keys)
         return total
 
-    def _build_tables(self, level: int, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The corner and vertex tables of ``level`` (its cells ``codes``), built once: refused before
+    def _build_tables(self, level: int, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The corner, vertex and vertex-key tables of ``level`` (its cells ``codes``), built once: refused before
         building if the cells alone exceed ``max_memory``, and again once its vertex count m is known."""
         self._cells += int(codes.numel())
         self._vertices[level] = 0
         self._check_memory(level)  # the tables' own memory is counted per cell
-        corners, vertices = corner_tables(codes, level)
+        corners, vertices, keys = corner_tables(codes, level)
         self._vertices[level] = int(vertices.shape[0])
         self._check_memory(level)
-        return corners, vertices
+        return corners, vertices, keys
 
     def _check_memory(self, level: int) -> None:
         """Refuse LOD ``level`` if building it would take more than ``max_memory``."""
@@ -761,9 +762,10 @@ class StreamDecoder:
         top = max(lv for lv in self.prefix_sizes if lod is None or lv <= lod)
         device = torch.device(device)
         grid_cfg = replace(self.grid_cfg, max_level=top)
-        tables = {lv: (self._levels[lv].corners, self._levels[lv].vertices) for lv in range(grid_cfg.base_level, top + 1)}
+        tables = {lv: (self._levels[lv].corners, self._levels[lv].vertices, self._levels[lv].keys)
+                  for lv in range(grid_cfg.base_level, top + 1)}
         if copy_tables:  # each field owns its tables
-            tables = {lv: (c.clone(), v.clone()) for lv, (c, v) in tables.items()}
+            tables = {lv: tuple(t.clone() for t in tab) for lv, tab in tables.items()}
         octree = SparseOctree(self._levels[top].codes, grid_cfg.base_level, top, tables=tables)
         storages = []
         cls = STORAGES[grid_cfg.storage]
@@ -816,7 +818,8 @@ def _decoder_shapes(cfg: dict, grid_cfg: GridConfig) -> dict[str, tuple[int, ...
     damaged header that asks for a gigantic decoder costs no memory; the decoder chunk that follows
     must then physically hold every weight before anything real is allocated.
     """
-    one = {lv: (torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long)) for lv in grid_cfg.lods}
+    one = {lv: (torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+           for lv in grid_cfg.lods}
     octree = SparseOctree(torch.zeros(1, dtype=torch.long), grid_cfg.base_level, grid_cfg.max_level,
                           tables=one).to("meta")  # the cell's own tables are never read: one placeholder row each
     with torch.device("meta"), torch.random.fork_rng(devices=[]):

@@ -32,16 +32,17 @@ def _sdf_field(storage="codebook", levels=(2, 5)) -> SDFField:
 
 
 def _octree_tensors(octree: SparseOctree) -> list[torch.Tensor]:
-    return [t for table in (octree.codes, octree.corners, octree.vertices) for t in table.values()]
+    """Every table; the vertex coordinates are decoded from the keys on first use (and kept as buffers)."""
+    return [t for table in (octree.codes, octree.corners, octree.vertex_keys, octree.vertices) for t in table.values()]
 
 
 # -- CPU ----------------------------------------------------------------------------------------------
 def test_every_octree_table_is_a_buffer_of_the_field_and_no_state():
     field = _sdf_field("codebook", (2, 3))
     octree = field.grid.octree
-    buffers = list(field.buffers())
     tables = _octree_tensors(octree)
-    assert len(tables) == 3 * len(octree.levels)
+    buffers = list(field.buffers())
+    assert len(tables) == 4 * len(octree.levels)
     assert all(any(t is b for b in buffers) for t in tables)
     assert not [k for k, v in vars(octree).items() if torch.is_tensor(v)]  # no tensor outside the buffers
     # nothing of the octree enters a state_dict: checkpoints and .vqad files are unchanged

@@ -163,7 +163,8 @@ def test_corner_tables_dense_and_sorted_paths_agree(monkeypatch, spread, numpy_o
         sorted_ = O.corner_tables(codes, level)
         monkeypatch.setattr(O, "DENSE_TABLE_MAX_LEVEL", 8)
         assert all(torch.equal(a, b) for a, b in zip(dense, sorted_, strict=True))
-        corners, vertices, vkeys = dense
+        corners, vkeys = dense
+        vertices = O._vertices_of_keys(vkeys, level)
         ijk = morton_decode(codes, bits=level)
         for c in range(8):
             off = torch.tensor([(c >> 2) & 1, (c >> 1) & 1, c & 1])

@@ -24,7 +24,7 @@ from vqad.atomicio import fsync_path
 from vqad.config import GridConfig
 from vqad.errors import InputError
 from vqad.field import field_config, field_from_config
-from vqad.grid import OctreeGrid
+from vqad.grid import OctreeGrid, octree_args
 from vqad.octree import SparseOctree
 from vqad.storages import STORAGES
 
@@ -179,7 +179,7 @@ def build_field(cfg: dict, tensors: dict[str, torch.Tensor], device, baked: bool
         storages = [
             STORAGES[grid_cfg.storage].from_export(
                 octree.num_vertices(level), grid_cfg.features, sub(f"storage.{i}."),
-                vertices=octree.vertices[level], **cfg["storage_params"][i]
+                **octree_args(STORAGES[grid_cfg.storage], octree, level), **cfg["storage_params"][i]
             )
             for i, level in enumerate(octree.levels)
         ]

@@ -50,7 +50,7 @@ from vqad.atomicio import write_atomic
 from vqad.config import GridConfig, to_dict
 from vqad.errors import CorruptStreamError, InputError, StreamError, StreamLimitError, TruncatedStreamError, VqadError
 from vqad.field import field_config, field_from_config
-from vqad.grid import OctreeGrid
+from vqad.grid import OctreeGrid, octree_args
 from vqad.octree import DENSE_TABLE_MAX_LEVEL, SparseOctree, corner_tables
 from vqad.storages import STORAGES
 from vqad.storages.base import TensorLayout
@@ -333,8 +333,7 @@ class _Level:
     codes: torch.Tensor  # (n_L,) sorted Morton codes (CPU)
     n_masks: int  # mask bytes the TREE chunk decodes to (its raw size)
     corners: torch.Tensor  # (n_L, 8) corner vertex ids, built once as the level arrives (corner_tables)
-    vertices: torch.Tensor  # (m_L, 3) vertex lattice coordinates
-    keys: torch.Tensor  # (m_L,) vertex Morton keys
+    keys: torch.Tensor  # (m_L,) vertex Morton keys (the octree decodes coordinates from them when asked)
     grid: list[tuple[ChunkRecord, bytes]] = dfield(default_factory=list)
     tensors: dict[str, torch.Tensor] | None = None  # decoded once, on first use
 
@@ -659,20 +658,20 @@ class StreamDecoder:
                 raise _corrupt(f"entropy-coded octree chunk of level {level} is not smaller than its {total} raw bytes")
         except E.EntropyError as exc:
             raise _corrupt(f"octree chunk of level {level}: {exc}") from exc
-        corners, vertices, keys = self._build_tables(level, parents)
-        self._levels[level] = _Level(codes=parents, n_masks=total, corners=corners, vertices=vertices, keys=keys)
+        corners, keys = self._build_tables(level, parents)
+        self._levels[level] = _Level(codes=parents, n_masks=total, corners=corners, keys=keys)
         return total
 
-    def _build_tables(self, level: int, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The corner, vertex and vertex-key tables of ``level`` (its cells ``codes``), built once: refused before
+    def _build_tables(self, level: int, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The corner and vertex-key tables of ``level`` (its cells ``codes``), built once: refused before
         building if the cells alone exceed ``max_memory``, and again once its vertex count m is known."""
         self._cells += int(codes.numel())
         self._vertices[level] = 0
         self._check_memory(level)  # the tables' own memory is counted per cell
-        corners, vertices, keys = corner_tables(codes, level)
-        self._vertices[level] = int(vertices.shape[0])
+        corners, keys = corner_tables(codes, level)
+        self._vertices[level] = int(keys.shape[0])
         self._check_memory(level)
-        return corners, vertices, keys
+        return corners, keys
 
     def _check_memory(self, level: int) -> None:
         """Refuse LOD ``level`` if building it would take more than ``max_memory``."""
@@ -762,8 +761,7 @@ class StreamDecoder:
         top = max(lv for lv in self.prefix_sizes if lod is None or lv <= lod)
         device = torch.device(device)
         grid_cfg = replace(self.grid_cfg, max_level=top)
-        tables = {lv: (self._levels[lv].corners, self._levels[lv].vertices, self._levels[lv].keys)
-                  for lv in range(grid_cfg.base_level, top + 1)}
+        tables = {lv: (self._levels[lv].corners, self._levels[lv].keys) for lv in range(grid_cfg.base_level, top + 1)}
         if copy_tables:  # each field owns its tables
             tables = {lv: tuple(t.clone() for t in tab) for lv, tab in tables.items()}
         octree = SparseOctree(self._levels[top].codes, grid_cfg.base_level, top, tables=tables)
@@ -773,7 +771,7 @@ class StreamDecoder:
             m = octree.num_vertices(level)
             tensors = self._level_tensors(octree, level)
             try:
-                storages.append(cls.from_export(m, grid_cfg.features, tensors, vertices=octree.vertices[level],
+                storages.append(cls.from_export(m, grid_cfg.features, tensors, **octree_args(cls, octree, level),
                                                 **self.cfg["storage_params"][i]))
             except (VqadError, ValueError, RuntimeError, TypeError) as exc:
                 raise _corrupt(f"the {grid_cfg.storage} storage of level {level} cannot be rebuilt ({exc})") from exc
@@ -818,8 +816,7 @@ def _decoder_shapes(cfg: dict, grid_cfg: GridConfig) -> dict[str, tuple[int, ...
     damaged header that asks for a gigantic decoder costs no memory; the decoder chunk that follows
     must then physically hold every weight before anything real is allocated.
     """
-    one = {lv: (torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-           for lv in grid_cfg.lods}
+    one = {lv: (torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, dtype=torch.long)) for lv in grid_cfg.lods}
     octree = SparseOctree(torch.zeros(1, dtype=torch.long), grid_cfg.base_level, grid_cfg.max_level,
                           tables=one).to("meta")  # the cell's own tables are never read: one placeholder row each
     with torch.device("meta"), torch.random.fork_rng(devices=[]):

@@ -14,7 +14,14 @@ from torch import nn
 from vqad.config import GridConfig
 from vqad.octree import SparseOctree
 from vqad.storages.base import FeatureStorage
-from vqad.storages import make_storage
+from vqad.storages import make_storage, storage_class
+
+
+def octree_args(cls: type[FeatureStorage], octree: SparseOctree, level: int) -> dict[str, torch.Tensor]:
+    """What a storage kind takes from the octree at ``level`` (the :data:`~vqad.storages.OCTREE_ARGS` its
+    ``create_args`` name): ``{"vertices": (m, 3) int64}`` for kinds that hash vertex positions, else nothing
+    (so the vertex coordinates are not decoded for kinds that never read them)."""
+    return {"vertices": octree.vertices[level]} if "vertices" in cls.create_args else {}
 
 
 class _Interpolate(torch.autograd.Function):
@@ -76,7 +83,7 @@ class OctreeGrid(nn.Module):
         cfg.validate()
         storages = [
             make_storage(cfg.storage, octree.num_vertices(level), cfg.features, bits=cfg.bits, rank=cfg.rank,
-                         table_bits=cfg.table_bits, vertices=octree.vertices[level])
+                         table_bits=cfg.table_bits, **octree_args(storage_class(cfg.storage), octree, level))
             for level in octree.levels
         ]
         return cls(octree, storages, cfg).to(octree.device)

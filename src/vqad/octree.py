@@ -171,6 +171,24 @@ class _LevelTable(Mapping):
         return self._octree.max_level - self._octree.base_level + 1
 
 
+class _VertexTable(_LevelTable):
+    """``{level: (m_L, 3) int64}`` vertex coordinates, decoded from the level's vertex keys on first use and
+    kept as a non-persistent buffer ``vertices_<level>`` (only some storages and the index sweeps need them:
+    a decoded file does not pay for them up front)."""
+
+    def __init__(self, octree: "SparseOctree"):
+        super().__init__(octree, "keys")
+
+    def __getitem__(self, level: int) -> torch.Tensor:
+        keys = super().__getitem__(level)
+        name = f"vertices_{operator.index(level)}"
+        table = self._octree._buffers.get(name)
+        if table is None or table.device != keys.device:
+            table = _vertices_of_keys(keys, operator.index(level))
+            self._octree.register_buffer(name, table, persistent=False)
+        return table
+
+
 class SparseOctree(nn.Module):
     """Occupied cells and their corner vertices for levels ``base_level..max_level``.
 
@@ -180,10 +198,10 @@ class SparseOctree(nn.Module):
     """
 
     def __init__(self, finest_codes: torch.Tensor, base_level: int, max_level: int,
-                 tables: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None):
-        """``tables``: optionally, ``{level: (corners, vertices, vertex_keys)}`` already built by
-        :func:`corner_tables` for every level ``base_level..max_level`` of these codes (the file reader
-        builds them while the stream arrives, so that a field costs no second pass); taken as given, not copied."""
+                 tables: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """``tables``: optionally, ``{level: (corners, vertex_keys)}`` already built by :func:`corner_tables`
+        for every level ``base_level..max_level`` of these codes (the file reader builds them while the
+        stream arrives, so that a field costs no second pass); taken as given, not copied."""
         super().__init__()
         check_levels(base_level, max_level)
         self.base_level = int(base_level)
@@ -194,16 +212,12 @@ class SparseOctree(nn.Module):
         if tables is not None and set(tables) != set(self.levels):
             raise ValueError(f"tables cover levels {sorted(tables)}, the octree has {self.levels}")
         for level in range(self.max_level, self.base_level - 1, -1):
-            if tables is None:
-                corners, vertices, keys = corner_tables(codes, level)
-            else:
-                corners, vertices, keys = tables[level]
-                if corners.shape != (codes.numel(), 8) or keys.shape != vertices.shape[:1]:
-                    raise ValueError(f"level {level}: {tuple(corners.shape)} corner rows for {codes.numel()} cells, "
-                                     f"{tuple(keys.shape)} keys for {tuple(vertices.shape)} vertices")
+            corners, keys = corner_tables(codes, level) if tables is None else tables[level]
+            if corners.shape != (codes.numel(), 8) or keys.dim() != 1:
+                raise ValueError(f"level {level}: {tuple(corners.shape)} corner rows for {codes.numel()} cells, "
+                                 f"vertex keys of shape {tuple(keys.shape)}")
             self.register_buffer(f"codes_{level}", codes, persistent=False)
             self.register_buffer(f"corners_{level}", corners, persistent=False)
-            self.register_buffer(f"vertices_{level}", vertices, persistent=False)
             self.register_buffer(f"keys_{level}", keys, persistent=False)
             codes = torch.unique_consecutive(codes >> 3)  # sorted children: parents come sorted, grouped
 
@@ -261,8 +275,9 @@ class SparseOctree(nn.Module):
 
     @property
     def vertices(self) -> Mapping[int, torch.Tensor]:
-        """``{level: (m_L, 3) int64}`` integer lattice coordinates of the vertices, in id order."""
-        return _LevelTable(self, "vertices")
+        """``{level: (m_L, 3) int64}`` integer lattice coordinates of the vertices, in id order (decoded
+        from :attr:`vertex_keys` on first use)."""
+        return _VertexTable(self)
 
     @property
     def vertex_keys(self) -> Mapping[int, torch.Tensor]:
@@ -281,7 +296,7 @@ class SparseOctree(nn.Module):
 
     def num_vertices(self, level: int) -> int:
         """m for this level."""
-        return int(self.vertices[level].shape[0])
+        return int(self.vertex_keys[level].shape[0])
 
     def vertex_positions(self, level: int) -> torch.Tensor:
         """``(m_L, 3)`` vertex positions in [-1, 1]^3."""
@@ -471,12 +486,12 @@ _AXIS_MASKS = tuple(0x1249249249249249 << s for s in (2, 1, 0))
 LATTICE_POINTS_PER_CORNER = 32
 
 
-def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Corner vertex ids ``(n, 8)``, vertex coordinates ``(m, 3)`` and vertex Morton keys ``(m,)`` (``L + 1``
-    bits per axis, strictly increasing) of the cells ``codes`` (sorted) of ``level``; all int64.
+def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corner vertex ids ``(n, 8)`` and vertex Morton keys ``(m,)`` (``L + 1`` bits per axis, strictly
+    increasing: vertex ids follow the vertices' Morton order, which the .vqad file relies on) of the cells
+    ``codes`` (sorted) of ``level``; both int64. :func:`_vertices_of_keys` gives the coordinates.
 
-    Vertex ids follow the vertices' Morton order (the .vqad file relies on it). Up to
-    :data:`DENSE_TABLE_MAX_LEVEL`, where a table of all ``8^L`` Morton codes is at most
+    Up to :data:`DENSE_TABLE_MAX_LEVEL`, where a table of all ``8^L`` Morton codes is at most
     ``LATTICE_POINTS_PER_CORNER`` entries per corner, the corners are deduplicated on that table
     (:func:`_corner_tables_dense`: mark, then number, no sort); otherwise by sorting their Morton codes.
     """
@@ -484,8 +499,14 @@ def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.
         return _corner_tables_dense(codes, level)
     keys = _corner_codes(codes, torch.int32 if 3 * (level + 1) <= 31 else torch.long)  # int32: a smaller sort key
     uniq, inv = torch.unique(keys.reshape(-1), return_inverse=True)
-    uniq = uniq.long()
-    return inv.reshape(-1, 8), morton_decode(uniq, bits=level + 1), uniq
+    return inv.reshape(-1, 8), uniq.long()
+
+
+def _vertices_of_keys(keys: torch.Tensor, level: int) -> torch.Tensor:
+    """``(m,)`` vertex keys of ``level`` -> ``(m, 3)`` int64 lattice coordinates (``0..2^L``)."""
+    if level + 1 <= 9:  # few 12-bit chunks: the table lookup is faster (see _morton_decode_lut)
+        return _morton_decode_lut(keys, level + 1)
+    return morton_decode(keys, bits=level + 1)
 
 
 def _corner_codes(codes: torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -517,9 +538,9 @@ def _morton_lut(device: torch.device) -> torch.Tensor:
 def _morton_decode_lut(code: torch.Tensor, bits: int) -> torch.Tensor:
     """:func:`morton_decode` of ``code (m,)`` int64 through :func:`_morton_lut`: ``(m, 3)`` int64.
 
-    Only for the few-chunk codes of the corner tables (``bits <= 9``): there it saved ~1.3 ms of the
-    level 6 + 7 tables of a decoded file (4.8 vs 6.2 ms, paired runs); on 21-bit codes the shift rounds
-    of :func:`morton_decode` are ~4x faster, so that stays the general one."""
+    Only for few-chunk codes (``bits <= 9``, the vertex keys of levels up to 8): there it saved ~1.3 ms
+    of the level 6 + 7 tables of a decoded file (4.8 vs 6.2 ms, paired runs); on 21-bit codes the shift
+    rounds of :func:`morton_decode` are ~4x faster, so that stays the general one."""
     lut = _morton_lut(code.device)
     out = lut.index_select(0, code & 4095)
     for shift in range(12, 3 * bits, 12):
@@ -527,7 +548,7 @@ def _morton_decode_lut(code: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-def _corner_tables_dense(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _corner_tables_dense(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`corner_tables` through a table of all ``8^L`` Morton codes of ``level`` (``L <= 8``).
 
     The vertices inside the cube's far faces have ``L``-bit coordinates, so their ``(L + 1)``-bit
@@ -548,9 +569,9 @@ def _corner_tables_dense(codes: torch.Tensor, level: int) -> tuple[torch.Tensor,
         mark = np.zeros(B + 1, dtype=bool)
         mark[k] = True
         inner_np = np.flatnonzero(mark[:B])  # (m_i,) int64 Morton codes of the other vertices, in order
-        table = np.empty(B + 1, dtype=np.int64)
-        table[inner_np] = np.arange(inner_np.size)
-        corners = torch.from_numpy(np.take(table, k))  # (8n,); np.take: ~2x fancy indexing here
+        table = np.empty(B + 1, dtype=np.int32)  # int32 ids: as fast as int64 here, half the memory
+        table[inner_np] = np.arange(inner_np.size, dtype=np.int32)
+        corners = torch.from_numpy(np.take(table, k)).long()  # (8n,); np.take: ~2x fancy indexing here
         inner = torch.from_numpy(inner_np)
     else:
         mark = torch.zeros(B + 1, dtype=torch.bool, device=dev)
@@ -559,15 +580,12 @@ def _corner_tables_dense(codes: torch.Tensor, level: int) -> tuple[torch.Tensor,
         table = torch.empty(B + 1, dtype=torch.int32, device=dev)
         table.index_put_((inner,), torch.arange(inner.numel(), dtype=torch.int32, device=dev))
         corners = table.index_select(0, idx).long()  # (8n,)
-    vertices = _morton_decode_lut(inner, level)
     if far:
         at = (keys >= B).nonzero().squeeze(1)
         uniq, inv = torch.unique(keys.index_select(0, at), return_inverse=True)
-        uniq = uniq.long()
         corners.index_copy_(0, at, inv.long() + inner.numel())
-        vertices = torch.cat([vertices, _morton_decode_lut(uniq, level + 1)])
-        inner = torch.cat([inner, uniq])
-    return corners.reshape(-1, 8), vertices, inner
+        inner = torch.cat([inner, uniq.long()])
+    return corners.reshape(-1, 8), inner
 
 
 def check_levels(base_level: int, max_level: int) -> None:

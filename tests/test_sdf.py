@@ -218,6 +218,31 @@ def test_grads_finite_sees_sparse_gradients():
     assert not trainer.grads_finite(opts)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+@pytest.mark.parametrize("where", ["sparse", "dense", "loss"])
+def test_grads_finite_finds_any_non_finite_value(bad, where):
+    """One NaN or infinity anywhere (a sparse gradient's values, a dense gradient, the loss) fails the
+    check, whatever else the tensors hold; large finite values and an infinity of each sign do not cancel."""
+    emb = torch.nn.Embedding(1000, 8, sparse=True)
+    lin = torch.nn.Linear(8, 1)
+    opts = {"sparse": torch.optim.SparseAdam(list(emb.parameters()), lr=0.1),
+            "dense": torch.optim.Adam(list(lin.parameters()), lr=0.1)}
+    ids = torch.arange(0, 1000, 3)
+    scale = torch.full((ids.numel(), 8), 1e30)  # gradients of 1e30: big, but their sum is finite in float32
+    if bad is not None and where == "sparse":
+        scale[ids.numel() // 2, 5] = bad
+    loss = (emb(ids) * scale).sum() + lin(torch.ones(1, 8)).sum()
+    loss.backward()
+    if bad is not None and where == "dense":
+        lin.weight.grad[0, 3] = bad
+    loss_value = loss.detach() if bad is None or where != "loss" else torch.tensor(bad)
+    assert emb.weight.grad.is_sparse
+    assert trainer.grads_finite(opts, loss_value) == (bad is None)
+    if bad is not None and where == "sparse":  # +inf and -inf in one tensor do not cancel to a finite sum
+        emb.weight.grad._values().view(-1)[7] = -bad if bad == bad else bad
+        assert not trainer.grads_finite(opts)
+
+
 class _AnalyticSphere(torch.nn.Module):
     """An exact sphere SDF (radius 0.6) behind the octree of its surface: what render_sdf needs of a field."""
 

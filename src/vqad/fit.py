@@ -335,11 +335,15 @@ def step(opts: dict[str, torch.optim.Optimizer]) -> None:
 
 def grads_finite(opts: dict[str, torch.optim.Optimizer], *tensors: torch.Tensor) -> bool:
     """Whether every gradient the optimizers would apply (sparse gradients: their values), and every
-    one of ``tensors``, is finite. One host synchronisation however many parameters there are."""
+    one of ``tensors``, is finite. One host synchronisation however many parameters there are.
+
+    Each tensor is checked through its sum, one pass over it (``isfinite(t).all()`` made five on the CPU,
+    ~24 ms of a 6-bit radiance-field step's 400 ms): a NaN or an infinity anywhere makes the sum NaN or
+    infinite. The sum of finite values can overflow only past ~3e38 in float32, and a step with such a
+    gradient is skipped too, which is what a guard against a bad batch should do with it."""
     grads = [p.grad for o in opts.values() for g in o.param_groups for p in g["params"] if p.grad is not None]
-    checks = [torch.isfinite(v._values() if v.is_sparse else v).all()  # uncoalesced values: no sort needed
-              for v in list(tensors) + grads]
-    return bool(torch.stack(checks).all()) if checks else True
+    sums = [(v._values() if v.is_sparse else v).sum(dtype=torch.float32) for v in list(tensors) + grads]
+    return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
 
 
 def safe_step(opts: dict[str, torch.optim.Optimizer], loss: torch.Tensor) -> bool:

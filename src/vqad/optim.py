@@ -85,7 +85,7 @@ class SparseRowAdam(torch.optim.SparseAdam):
                 exp_avg_sq.index_copy_(0, rows, v_new)
                 t = state["step"]
                 step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-                p.index_add_(0, rows, -step_size * m_new.div_(v_new.sqrt_().add_(eps)))  # SparseAdam's rounding
+                p.index_add_(0, rows, m_new.div_(v_new.sqrt_().add_(eps)).mul_(-step_size))  # SparseAdam's rounding, in place
         return loss
 
 

@@ -233,7 +233,7 @@ def main() -> None:
         c_ = sum(c.length for c in sel)
         L.append(f"| {name} | {r:,} | {c_:,} | {100 * (1 - c_ / r):.1f}% |")
     L.append(f"| **whole file** | **{len(raw):,}** | **{len(ent):,}** | **{100 * saving:.1f}%** |")
-    L += ["", "Per chunk (codec chosen per chunk: RAW when coding would not make it smaller):", "",
+    L += ["", "Per chunk (codec chosen per chunk: RAW unless coding makes it at least 2 % smaller, `MIN_CODED_SAVING`):", "",
           "| chunk | codec | raw bytes | coded bytes |", "|---|---|---|---|"]
     for c in einfo.chunks:
         if c.type in (ChunkType.TREE, ChunkType.GRID) and not (c.type == ChunkType.GRID and c.slot == 0):

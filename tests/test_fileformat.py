@@ -633,6 +633,27 @@ def test_context_coded_indices_decode_bit_exactly_at_every_lod_prefix(bits):
             assert_same_model(field, dec.field(lod), lods=list(range(2, lod + 1)))
 
 
+@pytest.mark.parametrize("skew", [0.08, 0.3])  # ~1.3 % and ~20 % smaller coded
+def test_an_index_chunk_is_coded_only_when_that_saves_enough(skew):
+    """Near-uniform indices (coding saves < MIN_CODED_SAVING) stay RAW, so their decoding costs an unpack,
+    not a range decode; skewed ones are coded. Either way the file decodes to the same indices."""
+    from vqad.storages.base import TensorLayout
+
+    rng = np.random.default_rng(3)
+    n = 50_000
+    v = np.where(rng.random(n) < skew, 0, rng.integers(0, 16, n))
+    lay = TensorLayout("V", (n,), "uint", 4)
+    codec, payload = F._encode_tensor(torch.from_numpy(v), lay, entropy=True)
+    raw = F._raw_size(lay)
+    coded = len(E.encode(v, 16))
+    if skew < 0.1:
+        assert coded > (1 - F.MIN_CODED_SAVING) * raw and coded < raw  # smaller, but not by enough
+        assert codec == F.Codec.RAW and len(payload) == raw
+    else:
+        assert codec == F.Codec.RANGE and len(payload) <= (1 - F.MIN_CODED_SAVING) * raw
+        assert np.array_equal(E.decode(payload, n, 16), v)
+
+
 def test_context_codec_is_refused_where_it_cannot_apply():
     field = correlated_field()
     data = bytearray(F.to_bytes(field, entropy=True))

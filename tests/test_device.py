@@ -40,7 +40,11 @@ def _octree_tensors(octree: SparseOctree) -> list[torch.Tensor]:
 def test_every_octree_table_is_a_buffer_of_the_field_and_no_state():
     field = _sdf_field("codebook", (2, 3))
     octree = field.grid.octree
-    tables = _octree_tensors(octree)
+    names = dict(octree.named_buffers())
+    assert not [n for n in names if n.startswith("vertices_")]  # a codebook grid never decoded them
+    assert {f"{t}_{lv}" for t in ("codes", "corners", "keys") for lv in octree.levels} == set(names)
+    tables = _octree_tensors(octree)  # decodes the vertex coordinates: buffers from now on
+    assert {f"vertices_{lv}" for lv in octree.levels} <= set(dict(octree.named_buffers()))
     buffers = list(field.buffers())
     assert len(tables) == 4 * len(octree.levels)
     assert all(any(t is b for b in buffers) for t in tables)
@@ -59,8 +63,12 @@ def test_to_moves_every_octree_table_and_the_sampler_follows():
     """The ``meta`` device stands in for a GPU: one ``field.to`` moves the octree, the sampler follows."""
     field = _sdf_field("hash", (2, 4))
     sampler = OccupancySampler(field.grid.octree)
+    assert {f"vertices_{lv}" for lv in field.grid.octree.levels} <= set(dict(field.grid.octree.named_buffers()))
     field.to("meta")
     octree = field.grid.octree
+    # every buffer moved, the hash storage's decoded vertex coordinates too (looked at before the
+    # property, which would decode them anew on a device mismatch)
+    assert all(t.device.type == "meta" for t in dict(octree.named_buffers()).values())
     assert octree.device.type == "meta" and field.device.type == "meta"
     assert all(t.device.type == "meta" for t in _octree_tensors(octree))
     assert all(t.device.type == "meta" for t in field.buffers())  # the hash storage's rows too

@@ -167,6 +167,12 @@ class _LevelTable(Mapping):
     def __iter__(self) -> Iterator[int]:
         return iter(self._octree.levels)
 
+    def __contains__(self, level) -> bool:  # without reading (for vertices: decoding) the table
+        try:
+            return self._octree.base_level <= operator.index(level) <= self._octree.max_level
+        except TypeError:
+            return False
+
     def __len__(self) -> int:
         return self._octree.max_level - self._octree.base_level + 1
 
@@ -460,7 +466,7 @@ class SparseOctree(nn.Module):
     @staticmethod
     def codes_from_child_masks(parent_codes: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Children's sorted Morton codes from the parents' codes ``(n,)`` and masks ``(n,)`` uint8."""
-        if NUMPY_ON_CPU and masks.device.type == "cpu":  # NumPy's boolean selection: ~3x torch.nonzero on the (n, 8) bits here
+        if NUMPY_ON_CPU and masks.device.type == "cpu" and parent_codes.device.type == "cpu":  # NumPy's boolean selection: ~3x torch.nonzero on the (n, 8) bits here
             bits = np.unpackbits(masks.numpy().astype(np.uint8, copy=False)[:, None], axis=1, bitorder="little")
             children = (parent_codes.numpy()[:, None] << 3) | np.arange(8)  # (n, 8) every child's code
             return torch.from_numpy(children[bits.view(bool)])

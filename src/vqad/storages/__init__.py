@@ -27,7 +27,8 @@ differ only in this object. What the rest of vqad needs to know about a kind, th
 * ``export_tensors()`` / ``from_export(m, k, tensors, vertices=..., **params)`` / ``params()`` /
   ``stored_layout(m, k, **params)`` (class): the stored form as named tensors and how each is
   written to a .vqad file, and back. ``vertices`` is what ``hash`` rebuilds its indices from; it is
-  never stored.
+  never stored, and callers pass it only to kinds that list it in ``create_args``
+  (:func:`vqad.grid.octree_args`).
 
 A storage name that older files and checkpoints used for a form now held by another kind is in
 :data:`RENAMED` (``kmeans`` → ``codebook``); :meth:`vqad.config.GridConfig.from_stored` maps it.

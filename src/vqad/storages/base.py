@@ -188,9 +188,10 @@ class FeatureStorage(nn.Module):
     def from_export(cls, m: int, k: int, tensors: dict[str, torch.Tensor], **params) -> "FeatureStorage":
         """The baked storage of :meth:`export_tensors`' tensors and :meth:`params`.
 
-        Callers (checkpoints, the .vqad reader) also pass ``vertices``: the level's ``(m, 3)`` int64
-        vertex coordinates in vertex-id order (``octree.vertices[level]``). Kinds whose stored form
-        does not depend on vertex positions ignore it.
+        Callers (checkpoints, the .vqad reader, through :func:`vqad.grid.octree_args`) pass ``vertices``,
+        the level's ``(m, 3)`` int64 vertex coordinates in vertex-id order (``octree.vertices[level]``),
+        only to kinds whose ``create_args`` name it: a kind whose stored form depends on vertex positions
+        must declare it there.
         """
         raise NotImplementedError
 

@@ -496,3 +496,16 @@ def test_bench_rd_rate_targets():
     summary = "\n".join(B.targets({"lego": lego, "armadillo": arm}))
     assert "≥ 1 dB better than plain 4-bit" in summary and "≥ 20 % lower Chamfer-L1" in summary
     assert "coded indices ≤ 0.7·b bits" in summary
+
+
+def test_threads_is_the_process_setting_not_a_sweep_option(sphere, tmp_path):
+    """Every command takes --threads (vqad.app.cli); the sweep must not read it as one of its settings
+    (it once refused `vqad sweep ... --threads 1` as an unknown sweep option)."""
+    from vqad.app.cli import build_parser
+    from vqad.app.commands.sweep import sweep_config
+
+    args = build_parser().parse_args(["sweep", str(sphere), "--out", str(tmp_path / "o"), "--threads", "1",
+                                      "--methods", "codebook:2", "--steps", "5"])
+    assert args.threads == "1"
+    cfg = sweep_config(args)
+    assert cfg.steps == 5 and not hasattr(cfg, "threads")

@@ -94,7 +94,8 @@ def sweep_config(args):
     """The :class:`~vqad.sweep.SweepConfig` of a config file (``--config``) overridden by the flags given."""
     from vqad.app.sweep import SweepConfig, load_config_file
 
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config") and v is not None}
+    # --threads is every command's (vqad.app.cli sets it for the process), not a sweep setting
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "threads") and v is not None}
     values = load_config_file(args.config) if getattr(args, "config", None) else {}
     values.update(given)
     return SweepConfig.from_mapping(values)

@@ -209,3 +209,18 @@ def test_sparse_row_adam_is_bit_exact_on_coalesced_gradients():
         assert bool((rows[1:] > rows[:-1]).all())  # arrives with distinct sorted rows: no summing needed
     assert torch.equal(p1, p2)
     assert torch.equal(o1.state[p1]["exp_avg_sq"], o2.state[p2]["exp_avg_sq"])
+
+
+def test_resuming_with_other_optimizers_is_a_clear_error(tmp_path, monkeypatch):
+    """A checkpoint whose codebook logits trained with another optimizer (SparseAdam's 'sparse' state where
+    this fit makes a row-wise 'logits' optimizer) is refused in one line, not reported as damaged."""
+    import vqad.storages.codebook as CB
+
+    field, _ = _small_field("codebook", bits=4)
+    save_checkpoint(tmp_path / "ck", field, extra={"step": 0}, optimizers=make_optimizers(field, 1e-2, 10.0))
+    f2, cfg = load_checkpoint(tmp_path / "ck", torch.device("cpu"))
+    monkeypatch.setattr(CB, "ROWWISE_MIN_CODES", 2)  # this "version" trains 4-bit logits row-wise
+    opts = make_optimizers(f2, 1e-2, 10.0)
+    assert set(opts) == {"logits", "dense"}
+    with pytest.raises(InputError, match=r"optimizers \['dense', 'sparse'\].*cannot be resumed"):
+        load_optimizer_state(tmp_path / "ck", opts, cfg)

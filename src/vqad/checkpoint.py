@@ -201,6 +201,13 @@ def load_optimizer_state(path: str | Path, optimizers: dict[str, torch.optim.Opt
     meta = cfg.get("optimizers")
     if not meta or not (path / "optim.safetensors").is_file():
         raise InputError(f"{path} holds no optimizer state: it cannot be resumed (was it baked?)")
+    if isinstance(meta, dict) and set(meta) != set(optimizers):
+        raise InputError(
+            f"{path}: its optimizer state is for the optimizers {sorted(meta)}, this fit uses {sorted(optimizers)} "
+            "(the checkpoint comes from a vqad version or storage options that trained other parameter groups, "
+            "e.g. codebook logits with SparseAdam where this version uses row-wise RMSprop): it cannot be resumed; "
+            "start a new fit"
+        )
     tensors = _read_tensors(path / "optim.safetensors")
     for oname, opt in optimizers.items():
         try:

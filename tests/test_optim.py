@@ -118,7 +118,8 @@ def _grid_names(field, *attrs):
     return [f"grid.storages.{i}.{a}" for i in range(len(field.grid.storages)) for a in attrs]
 
 
-@pytest.mark.parametrize("storage, bits", [("dense", 4), ("codebook", 4), ("codebook", 8), ("hash", 4), ("lowrank", 4)])
+@pytest.mark.parametrize("storage, bits", [("dense", 4), ("codebook", 4), ("codebook", 5), ("codebook", 6), ("codebook", 8),
+                                           ("hash", 4), ("lowrank", 4)])
 def test_grouping_is_pinned(storage, bits):
     """The optimizers, groups, group order and parameter order of every kind (checkpoints' optimizer
     state is keyed by them, and a fit's numbers depend on them)."""
@@ -138,7 +139,7 @@ def test_grouping_is_pinned(storage, bits):
         else:
             Cs, Ds = _grid_names(field, "C"), _grid_names(field, "D")
             dense = [(lr, decoder)] + ([(g, Ds)] if codebook_scale is None else [(cb, Ds)])
-            if bits >= 8:  # row-wise second moments: O(m) state
+            if bits >= 6:  # row-wise second moments: O(m) state, fewer passes
                 want = {"logits": ("RowwiseSparseRMSprop", [(lg, Cs)]), "dense": ("Adam", dense)}
             else:
                 want = {"sparse": ("SparseRowAdam", [(lg, Cs)]), "dense": ("Adam", dense)}

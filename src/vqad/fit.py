@@ -7,7 +7,7 @@ computes: draw a batch, return the per-LOD losses, and optional hooks (index-ref
 occupancy updates, sweeps after the last step).
 
 Optimizer groups (:func:`vqad.optim.make_optimizers`): sparse grid rows go to SparseAdam (or, for
-b ≥ 8 logits, :class:`~vqad.optim.RowwiseSparseRMSprop`), codebooks and MLPs to Adam, the grid at
+b ≥ 6 logits, :class:`~vqad.optim.RowwiseSparseRMSprop`), codebooks and MLPs to Adam, the grid at
 ``grid_lr_scale`` × the decoder's learning rate (×10 for SDFs, ×30 for radiance fields; the reference
 uses ×100 with RMSprop, and Adam against RMSprop was never measured: docs/method.md, deviation 1);
 logits C and codebooks D may have rates of their own.

@@ -132,10 +132,11 @@ def make_optimizers(field: torch.nn.Module, lr: float, grid_lr_scale: float,
     """The optimizers of a field, from what each grid storage declares (``param_groups()``).
 
     * ``"sparse"``: :class:`SparseRowAdam` (SparseAdam without its sort) over the storages' ``sparse`` groups (dense Z, hash θ, low-rank A,
-      codebook logits C up to b = 7), one group per learning rate;
+      codebook logits C up to b = 5), one group per learning rate;
     * ``"logits"``: :class:`RowwiseSparseRMSprop` over their ``rowwise`` groups (codebook logits C
-      ``(m, 2^b)`` from b = 8 on: state two ``(m,)`` tensors instead of SparseAdam's two more
-      ``(m, 2^b)``, so training memory stays ≈ one copy of C whatever the bitrate);
+      ``(m, 2^b)`` from b = 6 on (``storages.codebook.ROWWISE_MIN_CODES``): state two ``(m,)`` tensors
+      instead of SparseAdam's two more ``(m, 2^b)``, so training memory stays ≈ one copy of C whatever the
+      bitrate, and fewer passes over the touched rows per step);
     * ``"dense"``: Adam over the decoders (``lr``), then the storages' ``dense`` groups (low-rank B
       and μ, codebooks D).
 

@@ -255,8 +255,9 @@ def octree_contexts(parent_codes, parent_level: int, dense_max_res: int = DENSE_
     For child ``c`` with offset ``o_c = ((c>>2)&1, (c>>1)&1, c&1)``, let ``d = 2·o_c − 1`` (the corner's
     direction). Bit ``t−1`` of the context (``t = 1..7``) is set when the parent-level cell at
     ``P + ((t>>2)&1·d_x, (t>>1)&1·d_y, t&1·d_z)`` is occupied. Cells outside the cube are empty.
-    Each of the 26 neighbours of every cell is looked up once (not once per child that reads it). ``dense_max_res`` only picks how neighbours are
-    looked up (a dense bitmap or a sorted search); both give the same contexts.
+    Each of the 26 neighbours of every cell is looked up once (not once per child that reads it).
+    ``dense_max_res`` only picks how neighbours are looked up (a dense bitmap or a sorted search); both
+    give the same contexts.
     """
     import torch
 

@@ -71,7 +71,7 @@ FRAME_BYTES = _FRAME.size + _CRC.size  # 12 bytes of framing per chunk
 DECODE_BYTES_PER_CELL = 250
 DECODE_BYTES_PER_VERTEX = 150
 MAX_MEMORY_ENV = "VQAD_MAX_MEMORY"
-#: an index chunk is written entropy-coded only when that saves at least this share of its raw bytes:
+#: an index or octree chunk is written entropy-coded only when that saves at least this share of its raw bytes:
 #: range-decoding a b-bit index costs ~15 ns against ~2 ns to unpack it raw, so a plain 4-bit model's
 #: finest indices (0.4 % smaller coded, 62 kB) would cost 2.4 ms of decoding to save 250 bytes
 MIN_CODED_SAVING = 0.02
@@ -194,15 +194,21 @@ def _encode_tree(octree: SparseOctree, level: int, entropy: bool) -> tuple[int, 
         masks = octree.child_masks(lv).cpu().numpy()
         parts.append((octree.codes_at(lv - 1).cpu().numpy(), lv - 1, masks))
     raw = b"".join(p[2].tobytes() for p in parts)
+    if not entropy:
+        return Codec.RAW, raw
+    return _choose_codec(raw, [(Codec.RANGE, E.encode(np.frombuffer(raw, dtype=np.uint8), 256)),
+                               (Codec.OCTREE, E.encode_octree(parts))], symbols=len(raw))
+
+
+def _choose_codec(raw: bytes, candidates: list[tuple[int, bytes]], symbols: int) -> tuple[int, bytes]:
+    """``(Codec.RAW, raw)``, or the smallest coded ``(codec, payload)`` of ``candidates`` that is at least
+    :data:`MIN_CODED_SAVING` smaller than ``raw`` and that a reader accepts for ``symbols`` symbols
+    (:func:`vqad.entropy.allowed`). The one rule of every TREE and GRID chunk."""
     best = (Codec.RAW, raw)
-    if entropy:
-        n = len(raw)
-        for codec, payload in (
-            (Codec.RANGE, E.encode(np.frombuffer(raw, dtype=np.uint8), 256)),
-            (Codec.OCTREE, E.encode_octree(parts)),
-        ):
-            if len(payload) < len(best[1]) and len(payload) <= (1 - MIN_CODED_SAVING) * n and E.allowed(n, len(payload)):
-                best = (codec, payload)
+    for codec, payload in candidates:
+        if (len(payload) < len(best[1]) and len(payload) <= (1 - MIN_CODED_SAVING) * len(raw)
+                and E.allowed(symbols, len(payload))):
+            best = (codec, payload)
     return best
 
 
@@ -235,16 +241,12 @@ def _encode_tensor(t: torch.Tensor, lay: TensorLayout, entropy: bool,
         return Codec.RAW, t.detach().cpu().to(torch.float16).reshape(-1).numpy().astype("<f2").tobytes()
     values = t.detach().cpu().reshape(-1).numpy()
     raw = pack_bits(values, lay.bits)
-    best = (Codec.RAW, raw)
-    if entropy and lay.bits <= 12 and values.size:
-        candidates = [(Codec.RANGE, E.encode(values, 1 << lay.bits))]
-        if context is not None:
-            candidates.append((Codec.CONTEXT, E.encode_context(values, context[0], 1 << lay.bits, context[1])))
-        for codec, payload in candidates:
-            if (len(payload) < len(best[1]) and len(payload) <= (1 - MIN_CODED_SAVING) * len(raw)
-                    and E.allowed(values.size, len(payload))):
-                best = (codec, payload)
-    return best
+    if not (entropy and lay.bits <= 12 and values.size):
+        return Codec.RAW, raw
+    candidates = [(Codec.RANGE, E.encode(values, 1 << lay.bits))]
+    if context is not None:
+        candidates.append((Codec.CONTEXT, E.encode_context(values, context[0], 1 << lay.bits, context[1])))
+    return _choose_codec(raw, candidates, symbols=values.size)
 
 
 def iter_chunks(field, entropy: bool = False) -> Iterator[bytes]:

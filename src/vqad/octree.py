@@ -186,11 +186,12 @@ class _VertexTable(_LevelTable):
         super().__init__(octree, "keys")
 
     def __getitem__(self, level: int) -> torch.Tensor:
-        keys = super().__getitem__(level)
-        name = f"vertices_{operator.index(level)}"
+        keys = super().__getitem__(level)  # validates level
+        level = operator.index(level)
+        name = f"vertices_{level}"
         table = self._octree._buffers.get(name)
         if table is None or table.device != keys.device:
-            table = _vertices_of_keys(keys, operator.index(level))
+            table = _vertices_of_keys(keys, level)
             self._octree.register_buffer(name, table, persistent=False)
         return table
 
@@ -466,7 +467,8 @@ class SparseOctree(nn.Module):
     @staticmethod
     def codes_from_child_masks(parent_codes: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Children's sorted Morton codes from the parents' codes ``(n,)`` and masks ``(n,)`` uint8."""
-        if NUMPY_ON_CPU and masks.device.type == "cpu" and parent_codes.device.type == "cpu":  # NumPy's boolean selection: ~3x torch.nonzero on the (n, 8) bits here
+        if NUMPY_ON_CPU and masks.device.type == "cpu" and parent_codes.device.type == "cpu":
+            # NumPy's boolean selection: ~3x torch.nonzero on the (n, 8) bits here
             bits = np.unpackbits(masks.numpy().astype(np.uint8, copy=False)[:, None], axis=1, bitorder="little")
             children = (parent_codes.numpy()[:, None] << 3) | np.arange(8)  # (n, 8) every child's code
             return torch.from_numpy(children[bits.view(bool)])

@@ -99,6 +99,24 @@ def test_metrics_record_what_ran_and_resume_refuses_contradictions(tmp_path, cap
     assert m["decoder"]["hidden"] == 16 and m["train"]["steps"] == 6 and m["train"]["refine"] == 0
 
 
+def test_a_checkpoint_from_before_lr_floor_resumes_with_the_floor_it_was_trained_with(tmp_path, capsys, mesh):
+    """Checkpoints written before ``lr_floor`` existed were trained to 0.1 × the rate: resuming one keeps
+    that schedule (not today's default) and refuses a contradicting --lr-floor."""
+    out = tmp_path / "run"
+    assert main(["fit-sdf", str(mesh), "--steps", "4", "--refine", "0", "--out", str(out)] + TINY) == 0
+    cfg_path = out / "checkpoint" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["train"]["lr_floor"] == SDFTrainConfig().lr_floor != 0.1
+    del cfg["train"]["lr_floor"]
+    cfg_path.write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["fit-sdf", str(mesh), "--steps", "6", "--out", str(out), "--resume", "--quiet", "--no-eval",
+                 "--lr-floor", "0.01"]) == 2
+    assert "lr_floor: checkpoint 0.1, now 0.01" in _err(capsys)
+    assert main(["fit-sdf", str(mesh), "--steps", "6", "--out", str(out), "--resume", "--quiet", "--no-eval"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["lr_floor"] == 0.1
+
+
 def test_load_checks_the_lod_of_a_checkpoint(tmp_path, mesh):
     import vqad
 
@@ -185,6 +203,9 @@ def test_threads_flag_and_environment(monkeypatch, capsys):
     (["--lr", "nan"], "learning rates must be positive"),
     (["--lr", "inf"], "learning rates must be positive finite numbers"),
     (["--grid-lr-scale", "1e400"], "learning rates must be positive finite numbers"),
+    (["--lr-floor", "0"], "--lr-floor is the final lr as a share of the initial one: 0 < floor <= 1"),
+    (["--lr-floor", "1.5"], "--lr-floor is the final lr as a share of the initial one: 0 < floor <= 1"),
+    (["--lr-floor", "nan"], "--lr-floor is the final lr as a share of the initial one: 0 < floor <= 1"),
     (["--minutes", "inf"], "--minutes must be a positive finite number"),
     (["--minutes", "nan"], "--minutes must be a positive finite number"),
     (["--truncation", "nan"], "--truncation must be a finite distance >= 0"),

@@ -14,7 +14,8 @@ import torch
 
 import vqad.sdf.fit as sdf_fit
 from vqad.config import DecoderConfig, GridConfig
-from vqad.fit import EVAL_SHARE, MIN_SWEEP_SHARE, MIN_TRAIN_SHARE, Deadline, capped_sweeps, training_budget
+from vqad.fit import (EVAL_SHARE, MIN_SWEEP_SHARE, MIN_TRAIN_SHARE, Deadline, capped_sweeps, cosine_lr, initial_lrs,
+                      training_budget)
 from vqad.sdf.fit import SDFTask, SDFTrainConfig, fit_sdf
 from vqad.sdf.shapes import demo_mesh
 
@@ -130,3 +131,36 @@ def test_evaluation_under_a_spent_cap_keeps_the_finest_lod(tmp_path):
     assert "chamfer_l1" in out[4] and np.isfinite(out[4]["chamfer_l1"])
     assert out[2] == out[3] == {"skipped": "the job's time cap (--minutes) was spent"}
     assert (tmp_path / "mesh_lod4.ply").exists()
+
+
+@pytest.mark.parametrize("floor", [0.1, 0.01, 1.0])
+def test_cosine_schedule_starts_at_the_rate_and_ends_at_its_floor(floor):
+    p = torch.nn.Parameter(torch.zeros(3))
+    opts = {"decoder": torch.optim.Adam([p], lr=2e-3)}
+    base = initial_lrs(opts)
+    seen = []
+    for it in range(0, 101, 10):
+        cosine_lr(opts, base, it, 100, floor=floor)
+        seen.append(opts["decoder"].param_groups[0]["lr"])
+    assert seen[0] == pytest.approx(2e-3) and seen[-1] == pytest.approx(floor * 2e-3)
+    assert all(a >= b for a, b in zip(seen, seen[1:]))  # never rises
+    cosine_lr(opts, base, 500, 100, floor=floor)  # past the end: stays at the floor
+    assert opts["decoder"].param_groups[0]["lr"] == pytest.approx(floor * 2e-3)
+
+
+def test_a_fit_decays_every_rate_to_its_lr_floor(monkeypatch):
+    """The fit loop passes ``lr_floor`` to the schedule: the last step runs at floor × each initial rate."""
+    import vqad.fit as fit_mod
+    seen = []
+    real = fit_mod.cosine_lr
+
+    def spy(opts, base, it, total, *, floor):
+        real(opts, base, it, total, floor=floor)
+        seen.append({name: [g["lr"] / b for g, b in zip(o.param_groups, base[name])] for name, o in opts.items()})
+
+    monkeypatch.setattr(fit_mod, "cosine_lr", spy)
+    cfg = SDFTrainConfig(**{**CFG.__dict__, "steps": 30, "max_minutes": None, "refine": 0, "lr_floor": 0.03})
+    fit_sdf(demo_mesh(48), GRID, DecoderConfig(hidden=8), cfg, torch.device("cpu"), quiet=True)
+    assert len(seen) == 30 and all(r == pytest.approx(1.0) for rs in seen[0].values() for r in rs)
+    last = 0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * 29 / 30))  # step 29 of 30: just above the floor
+    assert all(r == pytest.approx(last, rel=1e-4) for rs in seen[-1].values() for r in rs)

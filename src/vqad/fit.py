@@ -19,7 +19,8 @@ The same λ weighs the bits in the fit's index-refinement sweeps (:func:`vqad.re
 both minimise ``loss + λ · bits per vertex``.
 
 The schedule follows ``progress = max(step / steps, elapsed / training budget)``, so a time-capped
-fit still ends with a decayed learning rate: cosine from each group's initial rate to 0.1 × it.
+fit still ends with a decayed learning rate: cosine from each group's initial rate to ``lr_floor`` × it
+(0.01; docs/method.md §6.4 has the measurement that chose it).
 
 **A time cap is a cap for the whole job** (:class:`Deadline`): what comes before training (loading,
 a density pass), training, the work after it (index sweeps) and the evaluation that follows. Of the
@@ -64,6 +65,7 @@ class TrainConfig:
     grid_lr_scale: float = 10.0  # grid (features Z, codebooks D) lr = lr × this
     logit_lr_scale: float | None = None  # codebook logits C lr = lr × this (None: the grid's)
     codebook_lr_scale: float | None = None  # codebooks D lr = lr × this (None: the grid's)
+    lr_floor: float = 0.01  # the cosine schedule ends at this × each group's initial lr
     rate_weight: float = 0.0  # λ: loss += λ × estimated index bits per vertex (rate_term; 0: plain VQ-AD)
     rate_context: bool = False  # estimate the bits given the coarser level's index at floor(v/2) (the CONTEXT codec)
     max_minutes: float | None = None  # also stop after this long (the lr schedule follows time too)
@@ -78,6 +80,8 @@ class TrainConfig:
         rates = (self.lr, self.grid_lr_scale, self.logit_lr_scale, self.codebook_lr_scale)
         if any(r is not None and not 0 < r < math.inf for r in rates):
             raise InputError("learning rates must be positive finite numbers (--lr and the --*-lr-scale options)")
+        if not 0 < self.lr_floor <= 1:
+            raise InputError(f"--lr-floor is the final lr as a share of the initial one: 0 < floor <= 1, got {self.lr_floor}")
         if not 0 <= self.rate_weight < math.inf:
             raise InputError(f"--rate-weight must be a finite number >= 0 (0: no rate term), got {self.rate_weight}")
         if self.rate_context and not self.rate_weight > 0:
@@ -94,6 +98,9 @@ class TrainConfig:
     #: fields a resumed fit may change (more steps, another time cap, quieter logs); every other one
     #: must match the checkpoint's, or the resumed run would not be the run it claims to continue
     RESUMABLE = ("steps", "max_minutes", "log_every", "checkpoint_every", "checkpoint_minutes")
+    #: fields added after checkpoints were first written, with the value an older checkpoint (one
+    #: without the field) was trained with, so that resuming it continues the same run
+    ABSENT_MEANS = {"lr_floor": 0.1}
 
 
 #: of the time left when training starts, training always gets at least this share
@@ -357,7 +364,7 @@ def safe_step(opts: dict[str, torch.optim.Optimizer], loss: torch.Tensor) -> boo
     return False
 
 
-def cosine_lr(opts: dict[str, torch.optim.Optimizer], base_lrs: dict, it: int, total: int, floor: float = 0.1) -> None:
+def cosine_lr(opts: dict[str, torch.optim.Optimizer], base_lrs: dict, it: int, total: int, *, floor: float) -> None:
     """Cosine decay from each group's initial lr to ``floor`` × it over ``total`` steps."""
     f = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(it, total) / max(total, 1)))
     for name, o in opts.items():
@@ -451,7 +458,7 @@ def check_resumed_fit(ckpt_dir: Path, saved: dict, grid_cfg, dec_cfg, train_cfg:
     """:func:`check_resumable` for the grid, decoder and training configs a fit resumes with."""
     check_resumable(ckpt_dir, saved["grid"], asdict(grid_cfg), "grid")
     check_resumable(ckpt_dir, saved["decoder"], asdict(dec_cfg), "decoder")
-    check_resumable(ckpt_dir, saved.get("train", {}), asdict(train_cfg))
+    check_resumable(ckpt_dir, {**TrainConfig.ABSENT_MEANS, **saved.get("train", {})}, asdict(train_cfg))
 
 
 def resume_config(ckpt_dir: Path | None, kind: str) -> dict:
@@ -557,7 +564,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
                     timed_out = True
                     break
                 task.before_step(it, progress, gen)
-                cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000)
+                cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000, floor=cfg.lr_floor)
                 zero_grad(opts)
                 for s in rated:
                     s.track_rate(True)

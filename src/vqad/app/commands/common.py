@@ -232,11 +232,12 @@ def train_overrides(args, names, index_flags: dict[str, str], storage: str) -> d
 
 def config_from(cls, saved: dict | None, default):
     """``default`` (a config instance), or on resume the checkpoint's ``saved`` dict for ``cls``
-    (unknown keys refused, missing ones from ``default``)."""
+    (unknown keys refused; missing ones from ``cls.ABSENT_MEANS`` where it names them, the value such an
+    older checkpoint was trained with, else from ``default``)."""
     from dataclasses import asdict
 
     from vqad.config import from_dict
 
     if saved is None:
         return default
-    return from_dict(cls, {**asdict(default), **saved})
+    return from_dict(cls, {**asdict(default), **getattr(cls, "ABSENT_MEANS", {}), **saved})

@@ -31,7 +31,7 @@ def _step_ratio(text: str) -> float | None:
     return value
 
 
-NERF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch_rays", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
+NERF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch_rays", "lr", "grid_lr_scale", "lr_floor", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
                     "octree", "octree_from", "dilate", "density_steps", "density_minutes", "lod_mode", "coarse_weight",
                     "early_stop_eps", "distortion_weight", "refine", "refine_rays", "seed")
 INDEX_FLAGS = {"rate_weight": "--rate-weight", "rate_context": "--rate-context", "refine": "--refine", "refine_rays": "--refine-rays", "logit_lr_scale": "--logit-lr-scale",
@@ -74,6 +74,7 @@ def register(sub) -> None:
     config_flag(p, T, "coarse_weight", help="weight of the coarser LODs' loss against the finest's (0 < w <= 1)")
     config_flag(p, T, "lr", type=float, help="decoder learning rate")
     config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
+    config_flag(p, T, "lr_floor", help="every learning rate decays on a cosine to this share of its initial value")
     config_flag(p, T, "logit_lr_scale", type=float, help="codebook logits C lr = lr × this (none or 0: same as the grid; codebook only)")
     add_rate_flags(p, T)
     config_flag(p, T, "codebook_lr_scale", type=float,

@@ -18,7 +18,7 @@ from vqad.sdf.extract import MESH_SUFFIXES
 from vqad.sdf.render import IMAGE_SUFFIXES
 
 
-SDF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes", "truncation", "refine",
+SDF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch", "lr", "grid_lr_scale", "lr_floor", "logit_lr_scale", "codebook_lr_scale", "max_minutes", "truncation", "refine",
                    "refine_samples", "refine_candidates", "seed")
 DECODER_FLAGS = ("hidden", "layers", "per_lod")
 INDEX_FLAGS = {"rate_weight": "--rate-weight", "rate_context": "--rate-context", "refine": "--refine", "refine_samples": "--refine-samples", "refine_candidates": "--refine-candidates",
@@ -49,6 +49,7 @@ def register(sub) -> None:
     config_flag(p, T, "lr", type=float, help="decoder learning rate (none: 5e-3 for grids with discrete indices "
                                              "(codebook), whose argmax needs larger steps to move; 2e-3 otherwise)")
     config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
+    config_flag(p, T, "lr_floor", help="every learning rate decays on a cosine to this share of its initial value")
     config_flag(p, T, "logit_lr_scale", help="codebook logits C lr = lr × this (0: same as the grid; codebook only)")
     add_rate_flags(p, T)
     config_flag(p, T, "codebook_lr_scale", type=float, help="codebooks D lr = lr × this (none or 0: same as the grid; "

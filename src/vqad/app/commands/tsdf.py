@@ -14,7 +14,7 @@ from vqad.atomicio import write_atomic
 from vqad.errors import InputError
 from vqad.fit import Deadline
 
-TSDF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch", "lr", "grid_lr_scale", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
+TSDF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch", "lr", "grid_lr_scale", "lr_floor", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
                     "refine", "refine_samples", "refine_candidates", "seed", "color_weight", "color")
 #: flags that shape the fusion; a resumed fit reads OUT/fused.tsdf instead and refuses them
 FUSION_FLAGS = {"format": "--format", "depth_scale": "--depth-scale", "intrinsics": "--intrinsics", "voxel": "--voxel", "trunc": "--trunc",
@@ -53,6 +53,7 @@ def register(sub) -> None:
     config_flag(p, T, "batch", help="samples per step")
     config_flag(p, T, "lr", type=float, help="decoder learning rate (none: 5e-3 for codebook grids, else 2e-3)")
     config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
+    config_flag(p, T, "lr_floor", help="every learning rate decays on a cosine to this share of its initial value")
     config_flag(p, T, "logit_lr_scale", help="codebook logits C lr = lr × this (0: same as the grid; codebook only)")
     add_rate_flags(p, T)
     config_flag(p, T, "codebook_lr_scale", type=float, help="codebooks D lr = lr × this (codebook only)")

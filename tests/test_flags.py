@@ -12,6 +12,7 @@ import trimesh
 from vqad.app.cli import build_parser, main
 from vqad.config import DecoderConfig, GridConfig
 from vqad.errors import InputError
+from vqad.fit import LR_FLOOR, LR_FLOOR_DISCRETE
 from vqad.nerf.fit import NERF_DECODER, NERF_GRID
 from vqad.nerf.task import NeRFTrainConfig
 from vqad.sdf.fit import SDF_LR, SDF_LR_DISCRETE, SDFTrainConfig
@@ -76,6 +77,12 @@ def test_cli_defaults_are_the_configs_defaults():
     assert SDFTrainConfig().resolved(GridConfig(storage="codebook")).lr == SDF_LR_DISCRETE
     assert SDFTrainConfig().resolved(GridConfig(storage="dense")).lr == SDF_LR
     assert SDFTrainConfig(lr=1e-3).resolved(GridConfig(storage="codebook")).lr == 1e-3
+    # and the same learning-rate floor, chosen by the grid's kind unless given
+    for cls in (SDFTrainConfig, NeRFTrainConfig):
+        assert cls().resolved(GridConfig(storage="codebook")).lr_floor == LR_FLOOR_DISCRETE
+        assert cls().resolved(GridConfig(storage="dense")).lr_floor == LR_FLOOR
+        assert cls(lr_floor=0.5).resolved(GridConfig(storage="codebook")).lr_floor == 0.5
+    assert LR_FLOOR_DISCRETE < LR_FLOOR
 
 
 def test_metrics_record_what_ran_and_resume_refuses_contradictions(tmp_path, capsys, mesh):
@@ -106,7 +113,7 @@ def test_a_checkpoint_from_before_lr_floor_resumes_with_the_floor_it_was_trained
     assert main(["fit-sdf", str(mesh), "--steps", "4", "--refine", "0", "--out", str(out)] + TINY) == 0
     cfg_path = out / "checkpoint" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    assert cfg["train"]["lr_floor"] == SDFTrainConfig().lr_floor != 0.1
+    assert cfg["train"]["lr_floor"] == LR_FLOOR_DISCRETE != 0.1  # TINY's grid: the default codebook
     del cfg["train"]["lr_floor"]
     cfg_path.write_text(json.dumps(cfg))
     capsys.readouterr()

@@ -14,7 +14,7 @@ import torch
 
 import vqad.sdf.fit as sdf_fit
 from vqad.config import DecoderConfig, GridConfig
-from vqad.fit import (EVAL_SHARE, MIN_SWEEP_SHARE, MIN_TRAIN_SHARE, Deadline, capped_sweeps, cosine_lr, initial_lrs,
+from vqad.fit import (EVAL_SHARE, LR_FLOOR, LR_FLOOR_DISCRETE, MIN_SWEEP_SHARE, MIN_TRAIN_SHARE, Deadline, capped_sweeps, cosine_lr, initial_lrs,
                       training_budget)
 from vqad.sdf.fit import SDFTask, SDFTrainConfig, fit_sdf
 from vqad.sdf.shapes import demo_mesh
@@ -148,8 +148,11 @@ def test_cosine_schedule_starts_at_the_rate_and_ends_at_its_floor(floor):
     assert opts["decoder"].param_groups[0]["lr"] == pytest.approx(floor * 2e-3)
 
 
-def test_a_fit_decays_every_rate_to_its_lr_floor(monkeypatch):
-    """The fit loop passes ``lr_floor`` to the schedule: the last step runs at floor × each initial rate."""
+@pytest.mark.parametrize("storage, given, want", [("codebook", 0.03, 0.03), ("codebook", None, LR_FLOOR_DISCRETE),
+                                                   ("dense", None, LR_FLOOR)])
+def test_a_fit_decays_every_rate_to_its_lr_floor(monkeypatch, storage, given, want):
+    """The fit loop passes ``lr_floor`` to the schedule: the last step runs at floor × each initial rate;
+    left unset (as the density pass leaves it) the floor follows the grid's kind."""
     import vqad.fit as fit_mod
     seen = []
     real = fit_mod.cosine_lr
@@ -159,8 +162,10 @@ def test_a_fit_decays_every_rate_to_its_lr_floor(monkeypatch):
         seen.append({name: [g["lr"] / b for g, b in zip(o.param_groups, base[name])] for name, o in opts.items()})
 
     monkeypatch.setattr(fit_mod, "cosine_lr", spy)
-    cfg = SDFTrainConfig(**{**CFG.__dict__, "steps": 30, "max_minutes": None, "refine": 0, "lr_floor": 0.03})
-    fit_sdf(demo_mesh(48), GRID, DecoderConfig(hidden=8), cfg, torch.device("cpu"), quiet=True)
+    cfg = SDFTrainConfig(**{**CFG.__dict__, "steps": 30, "max_minutes": None, "refine": 0, "lr_floor": given})
+    grid = GridConfig(**{**GRID.__dict__, "storage": storage})
+    res = fit_sdf(demo_mesh(48), grid, DecoderConfig(hidden=8), cfg, torch.device("cpu"), quiet=True)
+    assert res.train_cfg.lr_floor == want  # what ran is what is recorded
     assert len(seen) == 30 and all(r == pytest.approx(1.0) for rs in seen[0].values() for r in rs)
-    last = 0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * 29 / 30))  # step 29 of 30: just above the floor
+    last = want + (1 - want) * 0.5 * (1 + math.cos(math.pi * 29 / 30))  # step 29 of 30: just above the floor
     assert all(r == pytest.approx(last, rel=1e-4) for rs in seen[-1].values() for r in rs)

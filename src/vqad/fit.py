@@ -20,7 +20,7 @@ both minimise ``loss + λ · bits per vertex``.
 
 The schedule follows ``progress = max(step / steps, elapsed / training budget)``, so a time-capped
 fit still ends with a decayed learning rate: cosine from each group's initial rate to ``lr_floor`` × it
-(0.01; docs/method.md §6.4 has the measurement that chose it).
+(by default 0.01 for codebook grids, 0.1 for continuous ones; docs/method.md §6.4 has the measurements).
 
 **A time cap is a cap for the whole job** (:class:`Deadline`): what comes before training (loading,
 a density pass), training, the work after it (index sweeps) and the evaluation that follows. Of the
@@ -38,7 +38,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field as dfield
+from dataclasses import asdict, dataclass, field as dfield, replace
 from typing import Callable, Iterator
 from pathlib import Path
 
@@ -47,6 +47,12 @@ from tqdm.auto import tqdm
 
 from vqad.errors import InputError, TrainingDivergedError
 from vqad.optim import make_optimizers
+from vqad.refine import has_codebook
+
+#: the cosine schedule's final share of each initial learning rate: continuous grids (dense, hash, low-rank)
+#: and grids with discrete indices (codebook), whose argmax keeps flipping at a higher final rate
+#: (paired runs in docs/method.md §6.4: lower is better for codebooks, not for dense grids)
+LR_FLOOR, LR_FLOOR_DISCRETE = 0.1, 0.01
 
 #: steps in a row that may be skipped (non-finite) or find no sample (empty) before a fit stops
 GUARD_LIMIT = 20
@@ -65,7 +71,7 @@ class TrainConfig:
     grid_lr_scale: float = 10.0  # grid (features Z, codebooks D) lr = lr × this
     logit_lr_scale: float | None = None  # codebook logits C lr = lr × this (None: the grid's)
     codebook_lr_scale: float | None = None  # codebooks D lr = lr × this (None: the grid's)
-    lr_floor: float = 0.01  # the cosine schedule ends at this × each group's initial lr
+    lr_floor: float | None = None  # the cosine schedule ends at this × each group's initial lr (None: by grid, with_lr_floor)
     rate_weight: float = 0.0  # λ: loss += λ × estimated index bits per vertex (rate_term; 0: plain VQ-AD)
     rate_context: bool = False  # estimate the bits given the coarser level's index at floor(v/2) (the CONTEXT codec)
     max_minutes: float | None = None  # also stop after this long (the lr schedule follows time too)
@@ -80,7 +86,7 @@ class TrainConfig:
         rates = (self.lr, self.grid_lr_scale, self.logit_lr_scale, self.codebook_lr_scale)
         if any(r is not None and not 0 < r < math.inf for r in rates):
             raise InputError("learning rates must be positive finite numbers (--lr and the --*-lr-scale options)")
-        if not 0 < self.lr_floor <= 1:
+        if self.lr_floor is not None and not 0 < self.lr_floor <= 1:
             raise InputError(f"--lr-floor is the final lr as a share of the initial one: 0 < floor <= 1, got {self.lr_floor}")
         if not 0 <= self.rate_weight < math.inf:
             raise InputError(f"--rate-weight must be a finite number >= 0 (0: no rate term), got {self.rate_weight}")
@@ -98,6 +104,20 @@ class TrainConfig:
     #: fields a resumed fit may change (more steps, another time cap, quieter logs); every other one
     #: must match the checkpoint's, or the resumed run would not be the run it claims to continue
     RESUMABLE = ("steps", "max_minutes", "log_every", "checkpoint_every", "checkpoint_minutes")
+    def resolved(self, grid_cfg) -> "TrainConfig":
+        """This config with the defaults that depend on ``grid_cfg``'s storage chosen (what a fit runs and
+        records): here ``lr_floor``; the applications' configs add their own."""
+        from vqad.storages import storage_class
+
+        return self.with_lr_floor(storage_class(grid_cfg.storage).discrete)
+
+    def with_lr_floor(self, discrete: bool) -> "TrainConfig":
+        """This config with ``lr_floor`` chosen where it is None: :data:`LR_FLOOR_DISCRETE` for a grid with
+        discrete indices (``discrete``), :data:`LR_FLOOR` otherwise (docs/method.md §6.4)."""
+        if self.lr_floor is not None:
+            return self
+        return replace(self, lr_floor=LR_FLOOR_DISCRETE if discrete else LR_FLOOR)
+
     #: fields added after checkpoints were first written, with the value an older checkpoint (one
     #: without the field) was trained with, so that resuming it continues the same run
     ABSENT_MEANS = {"lr_floor": 0.1}
@@ -506,6 +526,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     from vqad.checkpoint import load_optimizer_state, save_checkpoint
 
     field = task.field
+    cfg = cfg.with_lr_floor(has_codebook(field.grid))  # callers resolve it first (to record it); this is the rule
     rated = rate_storages(field) if cfg.rate_weight > 0 else []
     coarser = None
     if cfg.rate_context:

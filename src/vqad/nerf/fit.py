@@ -171,6 +171,7 @@ def fit_nerf(
     decayed rate.
     """
     deadline = deadline if deadline is not None else Deadline.for_job(train_cfg.max_minutes)
+    train_cfg = train_cfg.resolved(grid_cfg)
     train_cfg.validate()
     dec_cfg.validate()
     if "train" not in dataset.splits or len(dataset.splits["train"]) == 0:

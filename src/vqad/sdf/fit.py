@@ -63,10 +63,12 @@ class SDFTrainConfig(TrainConfig):
             raise InputError("refine_tail must be in [0, 1) and refine_band >= 0")
 
     def resolved(self, grid_cfg: GridConfig) -> "SDFTrainConfig":
-        """This config with ``lr`` chosen for ``grid_cfg``'s storage (what a fit runs and records)."""
-        if self.lr is not None:
-            return self
-        return replace(self, lr=SDF_LR_DISCRETE if storage_class(grid_cfg.storage).discrete else SDF_LR)
+        """This config with ``lr`` (and the base's ``lr_floor``) chosen for ``grid_cfg``'s storage (what a
+        fit runs and records)."""
+        cfg = super().resolved(grid_cfg)
+        if cfg.lr is not None:
+            return cfg
+        return replace(cfg, lr=SDF_LR_DISCRETE if storage_class(grid_cfg.storage).discrete else SDF_LR)
 
 
 def build_sdf_field(mesh: Mesh, grid_cfg: GridConfig, dec_cfg: DecoderConfig, device, seed: int = 0,

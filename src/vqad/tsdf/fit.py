@@ -77,10 +77,12 @@ class TSDFTrainConfig(TrainConfig):
             raise InputError("--refine and --refine-candidates must be >= 0 and --refine-samples positive")
 
     def resolved(self, grid_cfg: GridConfig) -> "TSDFTrainConfig":
-        """This config with ``lr`` chosen for ``grid_cfg``'s storage (what a fit runs and records)."""
-        if self.lr is not None:
-            return self
-        return replace(self, lr=SDF_LR_DISCRETE if storage_class(grid_cfg.storage).discrete else SDF_LR)
+        """This config with ``lr`` (and the base's ``lr_floor``) chosen for ``grid_cfg``'s storage (what a
+        fit runs and records)."""
+        cfg = super().resolved(grid_cfg)
+        if cfg.lr is not None:
+            return cfg
+        return replace(cfg, lr=SDF_LR_DISCRETE if storage_class(grid_cfg.storage).discrete else SDF_LR)
 
 
 def tsdf_normalization(fused) -> Normalization:

@@ -74,7 +74,8 @@ def register(sub) -> None:
     config_flag(p, T, "coarse_weight", help="weight of the coarser LODs' loss against the finest's (0 < w <= 1)")
     config_flag(p, T, "lr", type=float, help="decoder learning rate")
     config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
-    config_flag(p, T, "lr_floor", help="every learning rate decays on a cosine to this share of its initial value")
+    config_flag(p, T, "lr_floor", type=float, help="every learning rate decays on a cosine to this share of its initial "
+                                                   "value (none: 0.01 for codebook grids, 0.1 for others)")
     config_flag(p, T, "logit_lr_scale", type=float, help="codebook logits C lr = lr × this (none or 0: same as the grid; codebook only)")
     add_rate_flags(p, T)
     config_flag(p, T, "codebook_lr_scale", type=float,

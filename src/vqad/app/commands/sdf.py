@@ -49,7 +49,8 @@ def register(sub) -> None:
     config_flag(p, T, "lr", type=float, help="decoder learning rate (none: 5e-3 for grids with discrete indices "
                                              "(codebook), whose argmax needs larger steps to move; 2e-3 otherwise)")
     config_flag(p, T, "grid_lr_scale", help="grid lr = lr × this")
-    config_flag(p, T, "lr_floor", help="every learning rate decays on a cosine to this share of its initial value")
+    config_flag(p, T, "lr_floor", type=float, help="every learning rate decays on a cosine to this share of its initial "
+                                                   "value (none: 0.01 for codebook grids, 0.1 for others)")
     config_flag(p, T, "logit_lr_scale", help="codebook logits C lr = lr × this (0: same as the grid; codebook only)")
     add_rate_flags(p, T)
     config_flag(p, T, "codebook_lr_scale", type=float, help="codebooks D lr = lr × this (none or 0: same as the grid; "

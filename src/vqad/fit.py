@@ -104,6 +104,7 @@ class TrainConfig:
     #: fields a resumed fit may change (more steps, another time cap, quieter logs); every other one
     #: must match the checkpoint's, or the resumed run would not be the run it claims to continue
     RESUMABLE = ("steps", "max_minutes", "log_every", "checkpoint_every", "checkpoint_minutes")
+
     def resolved(self, grid_cfg) -> "TrainConfig":
         """This config with the defaults that depend on ``grid_cfg``'s storage chosen (what a fit runs and
         records): here ``lr_floor``; the applications' configs add their own."""

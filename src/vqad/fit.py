@@ -39,7 +39,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field as dfield, replace
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 from pathlib import Path
 
 import torch
@@ -47,7 +47,6 @@ from tqdm.auto import tqdm
 
 from vqad.errors import InputError, TrainingDivergedError
 from vqad.optim import make_optimizers
-from vqad.refine import has_codebook
 
 #: the cosine schedule's final share of each initial learning rate: continuous grids (dense, hash, low-rank)
 #: and grids with discrete indices (codebook), whose argmax keeps flipping at a higher final rate
@@ -71,7 +70,7 @@ class TrainConfig:
     grid_lr_scale: float = 10.0  # grid (features Z, codebooks D) lr = lr × this
     logit_lr_scale: float | None = None  # codebook logits C lr = lr × this (None: the grid's)
     codebook_lr_scale: float | None = None  # codebooks D lr = lr × this (None: the grid's)
-    lr_floor: float | None = None  # the cosine schedule ends at this × each group's initial lr (None: by grid, with_lr_floor)
+    lr_floor: float | None = None  # the cosine schedule ends at this × each group's initial lr (None: by grid, resolved)
     rate_weight: float = 0.0  # λ: loss += λ × estimated index bits per vertex (rate_term; 0: plain VQ-AD)
     rate_context: bool = False  # estimate the bits given the coarser level's index at floor(v/2) (the CONTEXT codec)
     max_minutes: float | None = None  # also stop after this long (the lr schedule follows time too)
@@ -105,19 +104,23 @@ class TrainConfig:
     #: must match the checkpoint's, or the resumed run would not be the run it claims to continue
     RESUMABLE = ("steps", "max_minutes", "log_every", "checkpoint_every", "checkpoint_minutes")
 
+    #: ``(continuous, discrete)``: the decoder lr where ``lr`` is None, by whether the grid has discrete
+    #: indices (an application whose ``lr`` default is a number leaves this None)
+    DEFAULT_LRS: ClassVar[tuple[float, float] | None] = None
+
     def resolved(self, grid_cfg) -> "TrainConfig":
-        """This config with the defaults that depend on ``grid_cfg``'s storage chosen (what a fit runs and
-        records): here ``lr_floor``; the applications' configs add their own."""
+        """This config with what depends on ``grid_cfg``'s storage chosen where it is None (what a fit
+        runs and records): ``lr_floor`` (:data:`LR_FLOOR_DISCRETE` for a grid with discrete indices,
+        :data:`LR_FLOOR` otherwise; docs/method.md §6.4) and ``lr`` (:attr:`DEFAULT_LRS`)."""
         from vqad.storages import storage_class
 
-        return self.with_lr_floor(storage_class(grid_cfg.storage).discrete)
-
-    def with_lr_floor(self, discrete: bool) -> "TrainConfig":
-        """This config with ``lr_floor`` chosen where it is None: :data:`LR_FLOOR_DISCRETE` for a grid with
-        discrete indices (``discrete``), :data:`LR_FLOOR` otherwise (docs/method.md §6.4)."""
-        if self.lr_floor is not None:
-            return self
-        return replace(self, lr_floor=LR_FLOOR_DISCRETE if discrete else LR_FLOOR)
+        discrete = storage_class(grid_cfg.storage).discrete
+        chosen = {}
+        if self.lr_floor is None:
+            chosen["lr_floor"] = LR_FLOOR_DISCRETE if discrete else LR_FLOOR
+        if self.lr is None and self.DEFAULT_LRS is not None:
+            chosen["lr"] = self.DEFAULT_LRS[discrete]
+        return replace(self, **chosen) if chosen else self
 
     #: fields added after checkpoints were first written, with the value an older checkpoint (one
     #: without the field) was trained with, so that resuming it continues the same run
@@ -527,7 +530,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     from vqad.checkpoint import load_optimizer_state, save_checkpoint
 
     field = task.field
-    cfg = cfg.with_lr_floor(has_codebook(field.grid))  # callers resolve it first (to record it); this is the rule
+    cfg = cfg.resolved(field.grid.cfg)  # callers resolve first (to record it); a pass that did not still gets the rule
     rated = rate_storages(field) if cfg.rate_weight > 0 else []
     coarser = None
     if cfg.rate_context:

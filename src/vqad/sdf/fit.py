@@ -10,7 +10,7 @@ training (``refine_during``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field as dfield, replace
+from dataclasses import dataclass, field as dfield
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,6 @@ from vqad.octree import SparseOctree
 from vqad.refine import RefineChunk, format_stats, has_codebook, rate_bit_cost, refine_indices
 from vqad.sdf.field import SDFField
 from vqad.sdf.mesh import Mesh, SampleMix, SDFOracle, draw_sdf_samples, fit_normalization, sample_surface
-from vqad.storages import storage_class
 
 #: decoder learning rates by grid (``SDFTrainConfig.lr=None``): the argmax of codebook logits needs
 #: larger steps to move (armadillo, 600 steps: see docs/method.md)
@@ -37,6 +36,7 @@ SDF_LR_DISCRETE, SDF_LR = 5e-3, 2e-3
 class SDFTrainConfig(TrainConfig):
     """Signed distance fitting."""
 
+    DEFAULT_LRS = (SDF_LR, SDF_LR_DISCRETE)  # (continuous, discrete grids); a discrete argmax needs larger steps to move
     lr: float | None = None  # decoder lr; None: 5e-3 for grids with discrete indices (codebook), else 2e-3
     grid_lr_scale: float = 10.0  # grid (features, codebook D) lr = lr × this
     logit_lr_scale: float | None = 200.0  # codebook logits C lr = lr × this (None: the grid's)
@@ -61,14 +61,6 @@ class SDFTrainConfig(TrainConfig):
             raise InputError("--refine and --refine-candidates must be >= 0 and --refine-samples positive")
         if not 0 <= self.refine_tail < 1 or self.refine_band < 0:
             raise InputError("refine_tail must be in [0, 1) and refine_band >= 0")
-
-    def resolved(self, grid_cfg: GridConfig) -> "SDFTrainConfig":
-        """This config with ``lr`` (and the base's ``lr_floor``) chosen for ``grid_cfg``'s storage (what a
-        fit runs and records)."""
-        cfg = super().resolved(grid_cfg)
-        if cfg.lr is not None:
-            return cfg
-        return replace(cfg, lr=SDF_LR_DISCRETE if storage_class(grid_cfg.storage).discrete else SDF_LR)
 
 
 def build_sdf_field(mesh: Mesh, grid_cfg: GridConfig, dec_cfg: DecoderConfig, device, seed: int = 0,

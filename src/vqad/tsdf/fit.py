@@ -17,7 +17,7 @@ after the last step, as for the SDF.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field as dfield, replace
+from dataclasses import dataclass, field as dfield
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,6 @@ from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
 from vqad.refine import has_codebook
 from vqad.sdf.fit import SDF_LR, SDF_LR_DISCRETE, refine_sdf
-from vqad.storages import storage_class
 from vqad.tsdf.field import TSDFField
 
 #: the observed voxels' bounding box fills this share of the unit cube [-1, 1]^3
@@ -43,6 +42,7 @@ FILL = 0.95
 class TSDFTrainConfig(TrainConfig):
     """TSDF fitting."""
 
+    DEFAULT_LRS = (SDF_LR, SDF_LR_DISCRETE)  # the SDF's
     # the fused values are smooth and fixed (no resampled oracle): on the bunny scan the loss had
     # flattened by step 450 of 600 (0.0075 → 0.0072), so half the SDF's 3,000 steps leave a 3x margin
     # and keep a default fit (a TSDF step costs ~1.4x an SDF step: every sample lies in occupied cells)
@@ -75,14 +75,6 @@ class TSDFTrainConfig(TrainConfig):
             raise InputError("weight_ref must be positive and --color-weight >= 0 (both finite)")
         if self.refine < 0 or self.refine_samples <= 0 or self.refine_candidates < 0:
             raise InputError("--refine and --refine-candidates must be >= 0 and --refine-samples positive")
-
-    def resolved(self, grid_cfg: GridConfig) -> "TSDFTrainConfig":
-        """This config with ``lr`` (and the base's ``lr_floor``) chosen for ``grid_cfg``'s storage (what a
-        fit runs and records)."""
-        cfg = super().resolved(grid_cfg)
-        if cfg.lr is not None:
-            return cfg
-        return replace(cfg, lr=SDF_LR_DISCRETE if storage_class(grid_cfg.storage).discrete else SDF_LR)
 
 
 def tsdf_normalization(fused) -> Normalization:

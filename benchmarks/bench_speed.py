@@ -539,7 +539,8 @@ def write_report(runs: dict, out: Path) -> str:
         "(counted at the decoder's MLPs and the field's forward / all_lods, the larger count); file decoding per MB "
         "and from the coarsest LOD's last byte to its field. Times are medians of repeats after a warm-up. CPU "
         "runs keep freed memory for reuse as the vqad CLI does (`vqad.device.keep_freed_memory`), unless "
-        "labelled *malloc defaults* (`VQAD_MALLOC=default`).",
+        "labelled *malloc defaults* (`VQAD_MALLOC=default`), and take vqad's fused CPU kernels (`vqad.kernels`) "
+        "unless labelled *PyTorch ops* (`VQAD_KERNELS=off`).",
         "",
         "| figure | target | " + " | ".join(runs[k]["label"] for k in keys) + " |",
         "|---|---|" + "---|" * len(keys),
@@ -549,7 +550,8 @@ def write_report(runs: dict, out: Path) -> str:
     L += ["", "## Runs", ""]
     for key in keys:
         r = runs[key]
-        L += [f"**{r['label']}** — `{r['command']}`, {r['date']}, {r['machine']}, {r['seconds']:.0f} s in all.  ",
+        L += [f"**{r['label']}** — `{r['command']}`, {r['date']}, {r['machine']}, {r['seconds']:.0f} s in all"
+              + (f"; {r['kernels']}" if r.get("kernels") else "") + ".  ",
               "Sizes: " + ", ".join(f"{k} {v}" for k, v in r["sizes"].items()) + ".  ",
               "What was trained: " + "; ".join(r["trained"]) + ".  ",
               "Timed steps: untrained fields (a step costs the same whatever the weights); SDF pool drawn once in "
@@ -625,20 +627,25 @@ def main(argv: list[str] | None = None) -> None:
     log("radiance frame")
     run["nerf_frame"] = nerf_frame(nerf, sampler, dataset, split, sz, device, work)
 
+    from vqad import kernels
+
+    fused = device.type == "cpu" and kernels.applies(torch.zeros(1))
     label = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
                                 else f" ({args.threads} thread{'s' if args.threads > 1 else ''}"
-                                     + ("" if kept else ", malloc defaults") + ")")
+                                     + ("" if kept else ", malloc defaults") + ("" if fused else ", PyTorch ops") + ")")
     run.update({
         "label": label + (" --quick" if args.quick else ""),
         "command": f"python benchmarks/bench_speed.py {' '.join(sys.argv[1:] if argv is None else argv)}",
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads",
-        "threads": args.threads, "seconds": time.perf_counter() - t_all, "trained": [sdf_what, nerf_what],
+        "threads": args.threads, "seconds": time.perf_counter() - t_all,
+        "kernels": kernels.status() if device.type == "cpu" else "PyTorch ops (CUDA)", "trained": [sdf_what, nerf_what],
         "sizes": {k: (f"{v[0]}..{v[1]}" if isinstance(v, tuple) else v) for k, v in asdict(sz).items()},
     })
     out = Path(args.out)
     js = out.with_suffix(".json")
     runs = json.loads(js.read_text()).get("runs", {}) if js.exists() else {}
-    runs[device.type + (" quick" if args.quick else "") + ("" if kept or device.type == "cuda" else " malloc")] = run
+    runs[device.type + (" quick" if args.quick else "") + ("" if kept or device.type == "cuda" else " malloc")
+         + ("" if fused or device.type == "cuda" else " torch-ops")] = run
     text = write_report(runs, out)
     js.write_text(json.dumps({"runs": runs}, indent=2, default=str))
     print(text)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqad import kernels
 from vqad.config import GridConfig
 from vqad.octree import SparseOctree
 from vqad.storages.base import FeatureStorage
@@ -31,7 +32,8 @@ class _Interpolate(torch.autograd.Function):
     features: measured on the CPU (65,536 points, k = 16) 10-20× faster than gathering the rows and
     summing them. Its own CPU backward sorts the indices, which made a training step slower (SDF
     codebook step 150-160 → 180-220 ms, paired runs), so the backward here is the one the gather and
-    sum had: ``∂T = index_add(w ⊗ g)``, ``∂w_c = ⟨T[ids_c], g⟩``. One forward with and without
+    sum had: ``∂T = index_add(w ⊗ g)``, ``∂w_c = ⟨T[ids_c], g⟩``; on the CPU, ``∂T`` is one fused pass
+    without the ``(8 N, k)`` product (:func:`vqad.kernels.interp_backward`). One forward with and without
     autograd, so training and baked outputs agree bit for bit. No double backward (nothing takes one).
     """
 
@@ -51,8 +53,11 @@ class _Interpolate(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_w = (table.index_select(0, flat).reshape(*ids.shape, -1) * g.unsqueeze(1)).sum(-1)
         if ctx.needs_input_grad[1]:
-            rows = (g.unsqueeze(1) * w.unsqueeze(-1)).reshape(-1, table.shape[-1])  # (8 N, k)
-            g_t = torch.zeros_like(table).index_add_(0, flat, rows)
+            if kernels.applies(w, table, g):
+                g_t = kernels.interp_backward(w, ids, g, table.shape[0])
+            else:
+                rows = (g.unsqueeze(1) * w.unsqueeze(-1)).reshape(-1, table.shape[-1])  # (8 N, k)
+                g_t = torch.zeros_like(table).index_add_(0, flat, rows)
         return g_w, g_t, None
 
 

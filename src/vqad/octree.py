@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vqad import kernels
 from vqad.errors import InputError
 
 MAX_SUPPORTED_LEVEL = 16  # Morton codes of level-16 vertices need 3*17 = 51 bits: fits int64
@@ -411,6 +412,10 @@ class SparseOctree(nn.Module):
         Compact: ``vertex_ids`` and ``weights`` are ``(N_valid, 8)``, for the points ``rows``. Finding
         ``N_valid`` costs one host synchronisation; :meth:`padded_interpolation` costs none.
         """
+        if (level <= DENSE_TABLE_MAX_LEVEL and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled())
+                and kernels.applies(x)):  # one fused pass on the CPU (vqad.kernels), the same values
+            valid, rows, vid, w = kernels.level_query(x, level, self._cell_table(level), self.corners[level])
+            return LevelQuery(valid=valid, rows=rows, vertex_ids=vid, weights=w)
         ijk, inside = cell_coords(x, level)
         idx, valid = self._lookup(ijk, inside, level)
         rows = valid.nonzero().squeeze(1)

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from vqad import kernels
 from vqad.storages.base import unique_rows
 
 
@@ -40,6 +41,13 @@ def summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, vals.new_zeros((rows.numel(),) + tuple(vals.shape[1:])).index_add_(0, inv, vals)
 
 
+def _fused(p: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether :func:`vqad.kernels.sparse_adam` can update these in place: float32 on the CPU, the
+    parameter and its state contiguous."""
+    state = (p, exp_avg, exp_avg_sq)
+    return all(t.dtype == torch.float32 and t.is_contiguous() for t in state) and kernels.applies(*state, g)
+
+
 class SparseRowAdam(torch.optim.SparseAdam):
     """:class:`torch.optim.SparseAdam`, the same update and state, without coalescing's sort.
 
@@ -50,6 +58,10 @@ class SparseRowAdam(torch.optim.SparseAdam):
     is bit for bit SparseAdam's),
     then applies the same update to those rows: ``m ← m + (1 − β1)(g − m)``, ``v ← v + (1 − β2)(g² − v)``,
     ``p ← p − lr · √(1 − β2^t) / (1 − β1^t) · m / (√v + ε)`` (the step count ``t`` per parameter).
+
+    On the CPU the update is one fused pass over the rows (:func:`vqad.kernels.sparse_adam`): the same
+    operations in the same order, except that its ``√v`` is correctly rounded where PyTorch's vectorised
+    ``sqrt`` may be one unit in the last place off, so ``p`` can differ from SparseAdam's by that much.
     """
 
     @torch.no_grad()
@@ -78,13 +90,16 @@ class SparseRowAdam(torch.optim.SparseAdam):
                 if group.get("maximize", False):
                     g = -g
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                t = state["step"]
+                step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+                if _fused(p, exp_avg, exp_avg_sq, g):  # one pass over the rows (vqad.kernels)
+                    kernels.sparse_adam(p, exp_avg, exp_avg_sq, rows, g, beta1, beta2, eps, step_size)
+                    continue
                 m_old, v_old = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
                 m_new = g.sub(m_old).mul_(1 - beta1).add_(m_old)
                 v_new = g.pow(2).sub_(v_old).mul_(1 - beta2).add_(v_old)
                 exp_avg.index_copy_(0, rows, m_new)
                 exp_avg_sq.index_copy_(0, rows, v_new)
-                t = state["step"]
-                step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
                 p.index_add_(0, rows, m_new.div_(v_new.sqrt_().add_(eps)).mul_(-step_size))  # SparseAdam's rounding, in place
         return loss
 

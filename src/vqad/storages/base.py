@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from vqad import kernels
 from vqad.errors import InputError
 
 MIN_BITS, MAX_BITS = 1, 12
@@ -220,6 +221,8 @@ def unique_rows(ids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if m > 16 * ids.numel():
         return torch.unique(ids, return_inverse=True)
+    if kernels.applies(ids):  # the same, in one C pass (vqad.kernels)
+        return kernels.unique_rows(ids, m)
     mark = torch.zeros(m, dtype=torch.bool, device=ids.device)
     mark[ids] = True
     uniq = mark.nonzero().squeeze(1)

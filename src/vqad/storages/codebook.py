@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vqad import kernels
 from vqad.errors import InputError
 from vqad.storages.base import FeatureStorage, ParamGroup, TensorLayout, check_bits, gather_unique_rows, round_fp16, unique_rows
 
@@ -100,7 +101,8 @@ class CodebookStorage(FeatureStorage):
         flat = vertex_ids.reshape(-1)
         uniq, inv = unique_rows(flat, self.m)
         logits = gather_unique_rows(self.C, uniq)  # (U, 2^b): only the touched rows; C's gradient sparse
-        hard = self.D.index_select(0, logits.argmax(dim=-1))  # (U, k)
+        best = kernels.argmax_rows(logits) if kernels.applies(logits) else logits.argmax(dim=-1)  # (U,)
+        hard = self.D.index_select(0, best)  # (U, k)
         if torch.is_grad_enabled() and self.training:
             probs = torch.softmax(logits, dim=-1)  # (U, 2^b): s_u
             if self._soft is not None:

@@ -1,0 +1,297 @@
+"""Fused CPU kernels for the hot loops of a training step, with PyTorch ops as the fallback.
+
+Three loops of a CPU training step cost several times their arithmetic as PyTorch ops, each being
+several passes over memory plus a large temporary (docs/benchmarks/speed.md):
+
+* the table gradient of the grid's interpolation, ``∂T[r] = Σ w[n,c] g[n]`` over the entries naming
+  row r (:func:`interp_backward`): ``index_add_`` of an ``(8 N, k)`` product, ~10× slower than one
+  fused pass;
+* SparseAdam's update of the touched rows (:func:`sparse_adam`): two gathers, two scatters and an
+  ``index_add_`` with six temporaries, against one pass over the rows;
+* ``argmax`` over a codebook's ``(U, 2^b)`` logits (:func:`argmax_rows`), slow on short rows;
+* the octree query of a level (:func:`level_query`: cell, corners and trilinear weights of each point,
+  ~15 PyTorch ops) and the numbering of the distinct rows a batch touches (:func:`unique_rows`).
+
+They live in ``_kernels.c`` (plain C99 and OpenMP, no PyTorch headers), compiled the first time a
+process needs them with the system's C compiler (``$CC``, else ``cc``/``gcc``/``clang``; ~0.3 s) into
+a cache (``$VQAD_CACHE_DIR``, else ``$XDG_CACHE_HOME/vqad``, else ``~/.cache/vqad``) named by a hash of
+the source, the flags and the compiler, and loaded with :mod:`ctypes`. OpenMP, when the compiler has
+it, resolves to the runtime PyTorch already loaded, so both share one thread pool.
+
+``$VQAD_KERNELS`` chooses: ``auto`` (the default: use them when they build, else the PyTorch ops, with
+one warning saying why), ``off`` (PyTorch ops only) or ``on`` (an error if they cannot be built). Only
+CPU tensors take the kernels; CUDA tensors always take the PyTorch ops. Each kernel computes what its
+PyTorch form computes, in the same order of additions on one thread; the tests compare every kernel
+with it. Indices are checked inside the kernels: a bad one is an error, never a write out of bounds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from vqad.errors import InputError
+
+MODE_ENV = "VQAD_KERNELS"
+CACHE_ENV = "VQAD_CACHE_DIR"
+MODES = ("auto", "on", "off")
+_SOURCE = Path(__file__).with_name("_kernels.c")
+_ABI = 3  # vqad_kernels_abi() of the source this module calls
+_BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off"]
+#: below this many multiply-adds an interpolation backward runs on one thread (forking costs more)
+_PARALLEL_MIN_WORK = 1 << 16
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_reason = "not loaded yet"
+_loaded = False
+_forced_off = 0  # depth of active disabled() blocks
+
+
+def mode() -> str:
+    """``$VQAD_KERNELS``: ``auto`` (default), ``on`` or ``off`` (also ``1`` / ``0``)."""
+    raw = os.environ.get(MODE_ENV, "").strip().lower()
+    value = {"": "auto", "1": "on", "0": "off", "true": "on", "false": "off"}.get(raw, raw)
+    if value not in MODES:
+        raise InputError(f"${MODE_ENV} must be auto, on or off, got {raw!r}")
+    return value
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$VQAD_CACHE_DIR``, ``$XDG_CACHE_HOME/vqad`` or ``~/.cache/vqad``."""
+    if os.environ.get(CACHE_ENV, "").strip():
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(base) if base else Path.home() / ".cache") / "vqad"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        return shutil.which(cc.split()[0]) and cc
+    return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+def _compile(cc: str, source: bytes, out_dir: Path) -> tuple[Path | None, str]:
+    """Build the library into ``out_dir`` (OpenMP if the compiler takes it); ``(path, "")`` or ``(None, why)``."""
+    try:
+        version = subprocess.run(cc.split() + ["--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"the C compiler {cc!r} does not run ({exc})"
+    errors = []
+    for extra in (["-fopenmp"], []):
+        flags = _BASE_FLAGS + extra
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), cc.encode(),
+                                         platform.machine().encode(), sys.platform.encode()])).hexdigest()[:20]
+        target = out_dir / f"vqad_kernels_{key}.so"
+        if target.exists():
+            return target, ""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            src = Path(tmp) / "vqad_kernels.c"
+            src.write_bytes(source)
+            built = Path(tmp) / target.name
+            try:
+                proc = subprocess.run(cc.split() + flags + [str(src), "-o", str(built), "-lm"], capture_output=True,
+                                      text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as exc:
+                return None, f"the C compiler {cc!r} failed to run ({exc})"
+            if proc.returncode == 0 and built.exists():
+                os.replace(built, target)  # atomic: concurrent processes each build, one file wins
+                return target, ""
+            errors.append((proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no message"])
+    return None, f"{cc} could not compile {_SOURCE.name}: {errors[-1][0]}"
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.vqad_kernels_abi() != _ABI:
+        raise OSError(f"{path} is version {lib.vqad_kernels_abi()}, not {_ABI}")
+    P, I, F, N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.vqad_interp_backward.argtypes = [P, P, P, P, P, I, I, I, I, N]
+    lib.vqad_interp_backward.restype = ctypes.c_int
+    lib.vqad_sparse_adam.argtypes = [P, P, P, P, P, I, I, I, F, F, F, F, N]
+    lib.vqad_sparse_adam.restype = ctypes.c_int
+    lib.vqad_argmax_rows.argtypes = [P, P, I, I, N]
+    lib.vqad_argmax_rows.restype = None
+    lib.vqad_level_query.argtypes = [P, I, N, P, I, P, P, P, P, P, P, N]
+    lib.vqad_level_query.restype = ctypes.c_int64
+    lib.vqad_unique_rows.argtypes = [P, I, I, P, P, P]
+    lib.vqad_unique_rows.restype = ctypes.c_int64
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    """The library, built and loaded once per process (None, with :data:`_reason`, if it cannot be)."""
+    global _lib, _reason, _loaded
+    if _loaded:
+        return _lib
+    with _lock:
+        if _loaded:
+            return _lib
+        want = mode()
+        if want == "off":
+            _reason = f"${MODE_ENV}=off"
+        else:
+            cc = _compiler()
+            if cc is None:
+                _reason = "no C compiler (cc, gcc or clang) on PATH"
+            else:
+                source = _SOURCE.read_bytes()
+                path, why = None, ""
+                for where in (cache_dir() / "kernels", None):  # the cache, else a per-process directory
+                    try:
+                        target = where if where is not None else Path(tempfile.mkdtemp(prefix="vqad-kernels-"))
+                        path, why = _compile(cc, source, target)
+                        if path is not None:
+                            _lib = _open(path)
+                            break
+                    except OSError as exc:
+                        path, why = None, f"cannot build or load the kernels in {where or 'a temporary directory'} ({exc})"
+                _reason = "" if _lib is not None else why
+            if _lib is None:
+                if want == "on":  # not marked loaded: every later call fails the same way
+                    raise InputError(f"${MODE_ENV}=on, but vqad's C kernels are unavailable: {_reason} "
+                                     f"(install a C compiler, or unset ${MODE_ENV})")
+                warnings.warn(f"vqad: fused CPU kernels unavailable ({_reason}); using PyTorch ops, which make "
+                              f"CPU training steps slower. Set ${MODE_ENV}=off to silence this.", RuntimeWarning,
+                              stacklevel=3)
+        _loaded = True
+        return _lib
+
+
+def status() -> str:
+    """One line: whether the kernels are in use, and why not if they are not."""
+    lib = _load()
+    if lib is None:
+        return f"PyTorch ops ({_reason})"
+    return f"C kernels ({'OpenMP' if lib.vqad_kernels_openmp() else 'one thread'}, {_compiler()})"
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels serve these tensors: all on the CPU, the floating ones float32, the kernels
+    built and not disabled (``$VQAD_KERNELS=on`` and unbuildable: an :class:`InputError`)."""
+    if _forced_off or any(t.device.type != "cpu" or (t.is_floating_point() and t.dtype != torch.float32)
+                          for t in tensors):
+        return False
+    return _load() is not None
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block, every caller takes its PyTorch ops (to compare the two, or to measure them)."""
+    global _forced_off
+    _forced_off += 1
+    try:
+        yield
+    finally:
+        _forced_off -= 1
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def interp_backward(w: torch.Tensor, ids: torch.Tensor, g: torch.Tensor, rows: int) -> torch.Tensor:
+    """``∂T (rows, k)``: ``Σ_{n,c: ids[n,c] = r} w[n,c] · g[n]`` for ``w (N, C)`` float32, ``ids (N, C)``,
+    ``g (N, k)`` float32 (the backward of ``Σ_c w_c T[ids_c]``). Call only where :func:`applies`."""
+    lib = _load()
+    w, g = w.detach().float().contiguous(), g.detach().float().contiguous()
+    ids = ids.long().contiguous()
+    N, C = ids.shape
+    k = g.shape[1]
+    if w.shape != ids.shape or g.shape[0] != N:
+        raise ValueError(f"interp_backward: w {tuple(w.shape)}, ids {tuple(ids.shape)}, g {tuple(g.shape)} do not match")
+    threads = torch.get_num_threads()
+    if N * C * k < _PARALLEL_MIN_WORK or N * C < 2 * rows:  # the buffers' sum would cost what it saves
+        threads = 1
+    out = torch.empty(rows, k)
+    scratch = torch.empty((threads - 1) * rows * k) if threads > 1 else None
+    if lib.vqad_interp_backward(_ptr(w), _ptr(ids), _ptr(g), _ptr(out), _ptr(scratch) if scratch is not None else None,
+                                N, C, k, rows, threads):
+        raise IndexError(f"interp_backward: an index lies outside [0, {rows})")
+    return out
+
+
+def sparse_adam(p: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, rows: torch.Tensor,
+                g: torch.Tensor, beta1: float, beta2: float, eps: float, step_size: float) -> None:
+    """SparseAdam's update of ``rows`` (``(U,)`` strictly increasing) of ``p``, ``exp_avg``, ``exp_avg_sq``
+    (each ``(M, n)`` float32, contiguous) with the summed gradient ``g (U, n)``, in place. Call only where
+    :func:`applies` and the tensors are float32 and contiguous."""
+    lib = _load()
+    g = g.detach().float().contiguous().reshape(rows.numel(), -1)
+    rows = rows.long().contiguous()
+    M, n = p.shape[0], p[0].numel() if p.shape[0] else 0
+    if g.shape[1] != n:
+        raise ValueError(f"sparse_adam: gradient rows of {g.shape[1]} values for a parameter with {n} per row")
+    threads = torch.get_num_threads() if rows.numel() * n >= _PARALLEL_MIN_WORK else 1
+    if lib.vqad_sparse_adam(_ptr(p), _ptr(exp_avg), _ptr(exp_avg_sq), _ptr(rows), _ptr(g), rows.numel(), n, M,
+                            1 - beta1, 1 - beta2, eps, -step_size, threads):
+        raise IndexError(f"sparse_adam: rows must be strictly increasing in [0, {M})")
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=1)`` of ``x (U, n)`` float32 (first maximum; first NaN if any), as int64 ``(U,)``.
+    Call only where :func:`applies`."""
+    lib = _load()
+    x = x.detach().float().contiguous()
+    U, n = x.shape
+    out = torch.empty(U, dtype=torch.long)
+    if U and n:
+        threads = torch.get_num_threads() if U * n >= _PARALLEL_MIN_WORK else 1
+        lib.vqad_argmax_rows(_ptr(x), _ptr(out), U, n, threads)
+    elif U:
+        raise ValueError("argmax_rows: rows of length 0")
+    return out
+
+
+def level_query(x: torch.Tensor, level: int, table: torch.Tensor, corners: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The compact query of ``x (N, 3)`` float32 at ``level``, given the level's dense cell table
+    ``(8^L,)`` int32 (-1: empty) and ``corners (n, 8)`` int64: ``valid (N,)`` bool, ``rows (N_valid,)``,
+    ``vertex_ids (N_valid, 8)``, ``weights (N_valid, 8)`` (:meth:`vqad.octree.SparseOctree.interpolation`).
+    Call only where :func:`applies`; no gradient flows to ``x``."""
+    lib = _load()
+    x = x.detach().contiguous()
+    N = x.shape[0]
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != 3:
+        raise ValueError(f"level_query: x must be (N, 3) float32, got {tuple(x.shape)} {x.dtype}")
+    if table.dtype != torch.int32 or table.numel() != 8 ** level or corners.dtype != torch.long or corners.shape[1:] != (8,):
+        raise ValueError("level_query: needs the level's (8^L,) int32 cell table and (n, 8) int64 corners")
+    table, corners = table.contiguous(), corners.contiguous()
+    valid = torch.empty(N, dtype=torch.uint8)
+    rows, cell = torch.empty(N, dtype=torch.long), torch.empty(N, dtype=torch.long)
+    vid, w = torch.empty(N, 8, dtype=torch.long), torch.empty(N, 8)
+    threads = torch.get_num_threads() if N >= 4096 else 1
+    n = lib.vqad_level_query(_ptr(x), N, level, _ptr(table), corners.shape[0], _ptr(corners), _ptr(valid), _ptr(rows),
+                             _ptr(vid), _ptr(w), _ptr(cell), threads)
+    if n < 0:
+        raise IndexError(f"level_query: the cell table of level {level} names a cell outside [0, {corners.shape[0]})")
+    return valid.view(torch.bool), rows[:n], vid[:n], w[:n]
+
+
+def unique_rows(ids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(ids, return_inverse=True)`` for ids in ``[0, m)``: sorted ``(U,)`` and ``(E,)``
+    positions, in ``O(E + m)``. Call only where :func:`applies`."""
+    lib = _load()
+    flat = ids.reshape(-1).long().contiguous()
+    E = flat.numel()
+    rank = torch.empty(m, dtype=torch.long)
+    uniq, inv = torch.empty(min(E, m), dtype=torch.long), torch.empty(E, dtype=torch.long)
+    U = lib.vqad_unique_rows(_ptr(flat), E, m, _ptr(rank), _ptr(uniq), _ptr(inv))
+    if U < 0:
+        raise IndexError(f"unique_rows: an id lies outside [0, {m})")
+    return uniq[:U], inv.reshape(ids.shape)

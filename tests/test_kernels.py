@@ -1,0 +1,251 @@
+"""The fused CPU kernels (vqad.kernels) against the PyTorch ops they replace, and their fallbacks."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqad import kernels
+from vqad import fit as T
+from vqad.optim import SparseRowAdam, make_optimizers
+
+from conftest import REPO
+from test_storage import _small_field
+
+
+@pytest.fixture
+def need_kernels():
+    if not kernels.applies(torch.zeros(1)):
+        pytest.skip(f"vqad's C kernels are not built here: {kernels.status()}")
+
+
+def _torch_interp_backward(w, ids, g, R):
+    rows = (g.unsqueeze(1) * w.unsqueeze(-1)).reshape(-1, g.shape[1])
+    return torch.zeros(R, g.shape[1]).index_add_(0, ids.reshape(-1), rows)
+
+
+@pytest.mark.parametrize("N,C,k,R", [(1, 8, 1, 1), (37, 8, 3, 5), (5000, 8, 16, 900), (20000, 8, 8, 30000),
+                                     (3000, 4, 32, 7)])
+def test_interp_backward_matches_index_add(need_kernels, N, C, k, R):
+    gen = torch.Generator().manual_seed(N + R)
+    w = torch.rand(N, C, generator=gen)
+    ids = torch.randint(0, R, (N, C), generator=gen)
+    g = torch.randn(N, k, generator=gen)
+    ref = _torch_interp_backward(w, ids, g, R)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one thread adds in index_add_'s order: the same bits
+        assert torch.equal(kernels.interp_backward(w, ids, g, R), ref)
+        torch.set_num_threads(2)  # two partial sums, then their sum: the same values to rounding
+        torch.testing.assert_close(kernels.interp_backward(w, ids, g, R), ref, rtol=1e-4, atol=1e-4)  # float32 sums of ~2,000 terms
+        again = kernels.interp_backward(w, ids, g, R)
+        assert torch.equal(again, kernels.interp_backward(w, ids, g, R))  # deterministic
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_interp_backward_accepts_int32_ids_and_views(need_kernels):
+    w = torch.rand(64, 16)[:, ::2]  # a strided view
+    ids = torch.randint(0, 10, (64, 8), dtype=torch.int32)
+    g = torch.randn(64, 4)
+    torch.testing.assert_close(kernels.interp_backward(w, ids, g, 10), _torch_interp_backward(w, ids.long(), g, 10))
+
+
+@pytest.mark.parametrize("bad", [-1, 10, 2 ** 40])
+def test_interp_backward_refuses_indices_out_of_range(need_kernels, bad):
+    ids = torch.randint(0, 10, (300, 8))
+    ids[123, 5] = bad
+    with pytest.raises(IndexError, match=r"outside \[0, 10\)"):
+        kernels.interp_backward(torch.rand(300, 8), ids, torch.randn(300, 4), 10)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.interp_backward(torch.rand(300, 7), ids, torch.randn(300, 4), 10)
+
+
+def _adam_run(fused: bool, steps: int = 4):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(200, 16))
+    opt = SparseRowAdam([p], lr=0.05)
+    for s in range(steps):
+        ids = torch.randint(0, 200, (150,))
+        opt.zero_grad()
+        (F.embedding(ids, p, sparse=True) * torch.randn(150, 16)).sum().backward()
+        if fused:
+            opt.step()
+        else:
+            with kernels.disabled():
+                opt.step()
+    return p.detach(), opt.state[p]
+
+
+def test_sparse_adam_kernel_matches_the_torch_update(need_kernels):
+    p1, s1 = _adam_run(True)
+    p0, s0 = _adam_run(False)
+    # same operations in the same order; only PyTorch's vectorised sqrt may round differently (1 ulp)
+    torch.testing.assert_close(p1, p0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s1["exp_avg"], s0["exp_avg"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s1["exp_avg_sq"], s0["exp_avg_sq"], rtol=1e-6, atol=1e-7)
+    assert s1["step"] == s0["step"] == 4
+
+
+def test_sparse_adam_matches_torch_sparse_adam(need_kernels):
+    """Against PyTorch's own SparseAdam (coalescing and all), rows touched repeatedly included."""
+    torch.manual_seed(1)
+    init = torch.randn(50, 8)
+    ps = [torch.nn.Parameter(init.clone()) for _ in range(2)]
+    opts = [SparseRowAdam([ps[0]], lr=0.01), torch.optim.SparseAdam([ps[1]], lr=0.01)]
+    for _ in range(5):
+        ids, scale = torch.randint(0, 50, (80,)), torch.randn(80, 8)
+        for p, o in zip(ps, opts):
+            o.zero_grad()
+            (F.embedding(ids, p, sparse=True) * scale).sum().backward()
+            o.step()
+    torch.testing.assert_close(ps[0].detach(), ps[1].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_adam_kernel_refuses_bad_rows(need_kernels):
+    p, m, v = torch.zeros(10, 4), torch.zeros(10, 4), torch.zeros(10, 4)
+    for rows in ([3, 3], [4, 2], [-1, 2], [2, 10]):
+        with pytest.raises(IndexError, match="strictly increasing"):
+            kernels.sparse_adam(p, m, v, torch.tensor(rows), torch.ones(2, 4), 0.9, 0.999, 1e-8, 0.1)
+    assert not p.any() and not m.any() and not v.any()  # refused before any write
+    with pytest.raises(ValueError, match="values for a parameter"):
+        kernels.sparse_adam(p, m, v, torch.tensor([1, 2]), torch.ones(2, 3), 0.9, 0.999, 1e-8, 0.1)
+
+
+def test_argmax_rows_matches_torch_argmax(need_kernels):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5000, 16, generator=gen)
+    x[10] = 1.0  # all equal: the first
+    x[11, [2, 9]] = 50.0  # a tie: the first
+    x[12, 7] = float("nan")  # a NaN wins, the first one
+    x[12, 11] = float("nan")
+    x[13] = float("-inf")
+    x[14, 0] = float("nan")
+    x[15, 15] = float("inf")
+    assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=1))
+    for n in (1, 2, 64, 256):
+        y = torch.randn(33, n, generator=gen)
+        assert torch.equal(kernels.argmax_rows(y), y.argmax(dim=1))
+    assert kernels.argmax_rows(torch.zeros(0, 16)).shape == (0,)
+
+
+def test_training_steps_agree_with_and_without_kernels(need_kernels):
+    """A few codebook training steps: the same losses and parameters, to rounding, either way."""
+    results = []
+    for use in (True, False):
+        torch.manual_seed(0)
+        field, _ = _small_field("codebook", bits=4)
+        opts = make_optimizers(field, 1e-2, 10.0)
+        gen = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(4):
+            x = torch.rand(2048, 3, generator=gen) * 1.6 - 0.8
+            T.zero_grad(opts)
+            with (kernels.disabled() if not use else torch.enable_grad()):
+                loss = sum((f ** 2).mean() for f in field.all_lods(x, field.lods))
+                loss.backward()
+                T.safe_step(opts, loss)
+            losses.append(float(loss.detach()))
+        results.append((losses, [p.detach().clone() for p in field.parameters()]))
+    (l1, p1), (l0, p0) = results
+    assert l1 == pytest.approx(l0, rel=1e-4)
+    for a, b in zip(p1, p0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHONPATH": str(REPO / "src"), **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+
+
+STATUS = "import torch, vqad.kernels as K; print(K.applies(torch.zeros(1))); print(K.status())"
+
+
+def test_off_mode_uses_torch_ops_without_a_word(tmp_path):
+    r = _run(STATUS, VQAD_KERNELS="off", VQAD_CACHE_DIR=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["False", "PyTorch ops ($VQAD_KERNELS=off)"]
+    assert "Warning" not in r.stderr and not any(tmp_path.iterdir())
+
+
+def test_no_compiler_falls_back_with_one_warning(tmp_path):
+    r = _run(STATUS + "; K.applies(torch.zeros(1))", CC="/nonexistent/cc", VQAD_CACHE_DIR=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "False"
+    assert r.stderr.count("fused CPU kernels unavailable") == 1 and "VQAD_KERNELS=off" in r.stderr
+
+
+def test_a_failing_compiler_falls_back_and_on_mode_refuses(tmp_path):
+    r = _run(STATUS, CC="false", VQAD_CACHE_DIR=str(tmp_path))
+    assert r.returncode == 0 and r.stdout.splitlines()[0] == "False", r.stderr
+    assert "could not compile" in r.stderr
+    r = _run(STATUS, CC="false", VQAD_CACHE_DIR=str(tmp_path), VQAD_KERNELS="on")
+    assert r.returncode != 0 and "VQAD_KERNELS=on, but vqad's C kernels are unavailable" in r.stderr
+    r = _run(STATUS, VQAD_KERNELS="sometimes")
+    assert r.returncode != 0 and "must be auto, on or off" in r.stderr
+
+
+def test_unwritable_cache_builds_in_a_temporary_directory(need_kernels, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    r = _run(STATUS, VQAD_CACHE_DIR=str(blocked))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "True" and "Warning" not in r.stderr
+
+
+def test_cache_is_reused_and_keyed_by_source(need_kernels, tmp_path):
+    r = _run(STATUS, VQAD_CACHE_DIR=str(tmp_path))
+    assert r.returncode == 0 and r.stdout.startswith("True"), r.stderr
+    built = sorted((tmp_path / "kernels").glob("*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    r = _run(STATUS, VQAD_CACHE_DIR=str(tmp_path))
+    assert r.stdout.startswith("True") and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert not [p for p in (tmp_path / "kernels").iterdir() if p.suffix != ".so"]  # no build leftovers
+
+
+def test_level_query_matches_the_torch_query(need_kernels):
+    from vqad.octree import SparseOctree
+
+    gen = torch.Generator().manual_seed(5)
+    octree = SparseOctree.from_points(torch.rand(3000, 3, generator=gen) * 1.6 - 0.8, 2, 6, dilate=1)
+    x = torch.rand(20000, 3, generator=gen) * 2.2 - 1.1  # some outside the cube
+    x[:6] = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [1.0, -1.0, 0.0], [float("nan"), 0.0, 0.0],
+                          [0.0, float("inf"), 0.0], [0.5, 0.5, -float("inf")]])
+    x[6:1000] = octree.vertices[6][:994].float() / 32 - 1  # exactly on vertices and cell faces
+    for level in octree.levels:
+        fused = octree.interpolation(x, level)
+        with kernels.disabled():
+            ref = octree.interpolation(x, level)
+        assert torch.equal(fused.valid, ref.valid) and torch.equal(fused.rows, ref.rows)
+        assert torch.equal(fused.vertex_ids, ref.vertex_ids)
+        assert torch.equal(fused.weights, ref.weights)  # the same arithmetic: the same bits
+    assert not octree.interpolation(x[3:6], 6).valid.any()
+    xg = x[:100].clone().requires_grad_(True)  # a gradient to the points takes the PyTorch ops
+    assert octree.interpolation(xg, 6).weights.requires_grad
+
+
+def test_level_query_refuses_a_corrupt_table(need_kernels):
+    table = torch.full((8 ** 2,), -1, dtype=torch.int32)
+    table[5] = 7  # only 2 cells
+    corners = torch.zeros(2, 8, dtype=torch.long)
+    x = torch.rand(50, 3) * 2 - 1
+    with pytest.raises(IndexError, match="outside"):
+        kernels.level_query(torch.tensor([[-0.75, -0.25, -0.25]]), 2, table, corners)  # cell (0, 1, 1): 5
+    valid, rows, vid, w = kernels.level_query(x, 2, torch.full((64,), -1, dtype=torch.int32), corners)
+    assert not valid.any() and rows.numel() == 0 and vid.shape == (0, 8) and w.shape == (0, 8)
+    with pytest.raises(ValueError):
+        kernels.level_query(x.double(), 2, table, corners)
+
+
+@pytest.mark.parametrize("E,m", [(1, 1), (100, 7), (5000, 60000), (40000, 300)])
+def test_unique_rows_matches_torch_unique(need_kernels, E, m):
+    ids = torch.randint(0, m, (E,), generator=torch.Generator().manual_seed(E))
+    uniq, inv = kernels.unique_rows(ids, m)
+    ref_u, ref_inv = torch.unique(ids, return_inverse=True)
+    assert torch.equal(uniq, ref_u) and torch.equal(inv, ref_inv)
+    with pytest.raises(IndexError):
+        kernels.unique_rows(torch.tensor([0, m]), m)

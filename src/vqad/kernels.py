@@ -205,6 +205,12 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _threads(work: int) -> int:
+    """The threads a kernel of ``work`` element operations uses: PyTorch's intra-op count, or one below
+    :data:`_PARALLEL_MIN_WORK` (where starting the team costs more than it saves)."""
+    return torch.get_num_threads() if work >= _PARALLEL_MIN_WORK else 1
+
+
 def interp_backward(w: torch.Tensor, ids: torch.Tensor, g: torch.Tensor, rows: int) -> torch.Tensor:
     """``∂T (rows, k)``: ``Σ_{n,c: ids[n,c] = r} w[n,c] · g[n]`` for ``w (N, C)`` float32, ``ids (N, C)``,
     ``g (N, k)`` float32 (the backward of ``Σ_c w_c T[ids_c]``). Call only where :func:`applies`."""
@@ -215,9 +221,7 @@ def interp_backward(w: torch.Tensor, ids: torch.Tensor, g: torch.Tensor, rows: i
     k = g.shape[1]
     if w.shape != ids.shape or g.shape[0] != N:
         raise ValueError(f"interp_backward: w {tuple(w.shape)}, ids {tuple(ids.shape)}, g {tuple(g.shape)} do not match")
-    threads = torch.get_num_threads()
-    if N * C * k < _PARALLEL_MIN_WORK or N * C < 2 * rows:  # the buffers' sum would cost what it saves
-        threads = 1
+    threads = _threads(N * C * k) if N * C >= 2 * rows else 1  # else the buffers' sum costs what it saves
     out = torch.empty(rows, k)
     scratch = torch.empty((threads - 1) * rows * k) if threads > 1 else None
     if lib.vqad_interp_backward(_ptr(w), _ptr(ids), _ptr(g), _ptr(out), _ptr(scratch) if scratch is not None else None,
@@ -237,7 +241,7 @@ def sparse_adam(p: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor
     M, n = p.shape[0], p[0].numel() if p.shape[0] else 0
     if g.shape[1] != n:
         raise ValueError(f"sparse_adam: gradient rows of {g.shape[1]} values for a parameter with {n} per row")
-    threads = torch.get_num_threads() if rows.numel() * n >= _PARALLEL_MIN_WORK else 1
+    threads = _threads(rows.numel() * n)
     if lib.vqad_sparse_adam(_ptr(p), _ptr(exp_avg), _ptr(exp_avg_sq), _ptr(rows), _ptr(g), rows.numel(), n, M,
                             1 - beta1, 1 - beta2, eps, -step_size, threads):
         raise IndexError(f"sparse_adam: rows must be strictly increasing in [0, {M})")
@@ -251,7 +255,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     U, n = x.shape
     out = torch.empty(U, dtype=torch.long)
     if U and n:
-        threads = torch.get_num_threads() if U * n >= _PARALLEL_MIN_WORK else 1
+        threads = _threads(U * n)
         lib.vqad_argmax_rows(_ptr(x), _ptr(out), U, n, threads)
     elif U:
         raise ValueError("argmax_rows: rows of length 0")
@@ -275,7 +279,7 @@ def level_query(x: torch.Tensor, level: int, table: torch.Tensor, corners: torch
     valid = torch.empty(N, dtype=torch.uint8)
     rows, cell = torch.empty(N, dtype=torch.long), torch.empty(N, dtype=torch.long)
     vid, w = torch.empty(N, 8, dtype=torch.long), torch.empty(N, 8)
-    threads = torch.get_num_threads() if N >= 4096 else 1
+    threads = _threads(16 * N)
     n = lib.vqad_level_query(_ptr(x), N, level, _ptr(table), corners.shape[0], _ptr(corners), _ptr(valid), _ptr(rows),
                              _ptr(vid), _ptr(w), _ptr(cell), threads)
     if n < 0:

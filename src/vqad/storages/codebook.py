@@ -24,6 +24,33 @@ def _normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
     return torch.randn(shape) * std if std else torch.zeros(shape)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """The straight-through feature ``D[best]`` of logits ``(U, 2^b)`` whose gradient is that of the soft
+    feature ``softmax(logits) · D``: what ``hard + (soft − soft.detach())`` computes, without the soft
+    feature's product and two passes in the forward (its value is never used there).
+
+    Backward, for ``g (U, k)`` and ``s = softmax(logits)``: ``∂logits = s ⊙ (g Dᵀ − ⟨g Dᵀ, s⟩)`` (softmax's
+    backward), ``∂D = sᵀ g + Σ_u e_{best_u} g_u`` (the soft product's and the hard lookup's gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, D: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits, dim=-1)  # (U, 2^b)
+        ctx.save_for_backward(probs, D, best)
+        return D.index_select(0, best)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        probs, D, best = ctx.saved_tensors
+        g_logits = g_D = None
+        if ctx.needs_input_grad[0]:
+            gp = g @ D.t()  # (U, 2^b)
+            g_logits = probs * (gp - (gp * probs).sum(dim=-1, keepdim=True))
+        if ctx.needs_input_grad[1]:
+            g_D = torch.zeros_like(D).index_add_(0, best, g).add_(probs.t() @ g)
+        return g_logits, g_D, None
+
+
 class CodebookStorage(FeatureStorage):
     """VQ-AD: each vertex's feature is ``D[V[i]]``, a b-bit index into a learned codebook.
 
@@ -102,16 +129,11 @@ class CodebookStorage(FeatureStorage):
         uniq, inv = unique_rows(flat, self.m)
         logits = gather_unique_rows(self.C, uniq)  # (U, 2^b): only the touched rows; C's gradient sparse
         best = kernels.argmax_rows(logits) if kernels.applies(logits) else logits.argmax(dim=-1)  # (U,)
-        hard = self.D.index_select(0, best)  # (U, k)
-        if torch.is_grad_enabled() and self.training:
-            probs = torch.softmax(logits, dim=-1)  # (U, 2^b): s_u
-            if self._soft is not None:
-                self._soft.append((uniq, probs))
-            soft = probs @ self.D  # (U, k)
-            # forward value is exactly `hard` (soft - soft is exactly 0), gradient is soft's
-            feat = hard + (soft - soft.detach())
-        else:
-            feat = hard
+        if not (torch.is_grad_enabled() and self.training):
+            return self.D.index_select(0, best), inv.reshape(vertex_ids.shape)  # (U, k)
+        if self._soft is not None:  # the rate term differentiates the soft assignments s_u themselves
+            self._soft.append((uniq, torch.softmax(logits, dim=-1)))  # (U, 2^b)
+        feat = _StraightThrough.apply(logits, self.D, best)  # D[best], with softmax(C) · D's gradient
         return feat, inv.reshape(vertex_ids.shape)
 
     def indices(self) -> torch.Tensor:

@@ -249,3 +249,24 @@ def test_unique_rows_matches_torch_unique(need_kernels, E, m):
     assert torch.equal(uniq, ref_u) and torch.equal(inv, ref_inv)
     with pytest.raises(IndexError):
         kernels.unique_rows(torch.tensor([0, m]), m)
+
+
+def test_kernels_refuse_tensors_off_the_cpu(need_kernels):
+    """They read raw host memory: another device's tensor is an error, never dereferenced."""
+    meta = torch.empty(4, 8, device="meta")
+    with pytest.raises(ValueError, match="on the CPU"):
+        kernels.interp_backward(meta, torch.zeros(4, 8, dtype=torch.long), torch.zeros(4, 2), 3)
+    with pytest.raises(ValueError, match="on the CPU"):
+        kernels.level_query(torch.zeros(4, 3), 1, torch.zeros(8, dtype=torch.int32, device="meta"),
+                            torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="on the CPU"):
+        kernels.argmax_rows(meta)
+    with pytest.raises(ValueError, match="on the CPU"):
+        kernels.unique_rows(torch.zeros(3, dtype=torch.long, device="meta"), 5)
+    p = torch.zeros(5, 2)
+    with pytest.raises(ValueError, match="on the CPU"):
+        kernels.sparse_adam(p, p.clone(), p.clone(), torch.tensor([1]), torch.ones(1, 2, device="meta"), 0.9, 0.99, 1e-8, 0.1)
+    with pytest.raises(ValueError, match="one shape"):
+        kernels.sparse_adam(p, p.clone(), torch.zeros(5, 3), torch.tensor([1]), torch.ones(1, 2), 0.9, 0.99, 1e-8, 0.1)
+    kernels.sparse_adam(p, p.clone(), p.clone(), torch.zeros(0, dtype=torch.long), torch.ones(0, 2), 0.9, 0.99, 1e-8, 0.1)
+    assert not p.any()  # no rows: nothing to do

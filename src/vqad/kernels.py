@@ -205,6 +205,12 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _cpu(name: str, *tensors: torch.Tensor) -> None:
+    """The kernels read raw host memory: a tensor on another device is refused, never dereferenced."""
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError(f"{name}: every tensor must be on the CPU, got {sorted({str(t.device) for t in tensors})}")
+
+
 def _threads(work: int) -> int:
     """The threads a kernel of ``work`` element operations uses: PyTorch's intra-op count, or one below
     :data:`_PARALLEL_MIN_WORK` (where starting the team costs more than it saves)."""
@@ -215,6 +221,7 @@ def interp_backward(w: torch.Tensor, ids: torch.Tensor, g: torch.Tensor, rows: i
     """``∂T (rows, k)``: ``Σ_{n,c: ids[n,c] = r} w[n,c] · g[n]`` for ``w (N, C)`` float32, ``ids (N, C)``,
     ``g (N, k)`` float32 (the backward of ``Σ_c w_c T[ids_c]``). Call only where :func:`applies`."""
     lib = _load()
+    _cpu("interp_backward", w, ids, g)
     w, g = w.detach().float().contiguous(), g.detach().float().contiguous()
     ids = ids.long().contiguous()
     N, C = ids.shape
@@ -236,6 +243,12 @@ def sparse_adam(p: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor
     (each ``(M, n)`` float32, contiguous) with the summed gradient ``g (U, n)``, in place. Call only where
     :func:`applies` and the tensors are float32 and contiguous."""
     lib = _load()
+    _cpu("sparse_adam", p, exp_avg, exp_avg_sq, rows, g)
+    if not all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == p.shape for t in (exp_avg, exp_avg_sq)) \
+            or p.dtype != torch.float32 or not p.is_contiguous():
+        raise ValueError("sparse_adam: the parameter and its two moments must be float32, contiguous, of one shape")
+    if rows.numel() == 0:
+        return
     g = g.detach().float().contiguous().reshape(rows.numel(), -1)
     rows = rows.long().contiguous()
     M, n = p.shape[0], p[0].numel() if p.shape[0] else 0
@@ -251,6 +264,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(dim=1)`` of ``x (U, n)`` float32 (first maximum; first NaN if any), as int64 ``(U,)``.
     Call only where :func:`applies`."""
     lib = _load()
+    _cpu("argmax_rows", x)
     x = x.detach().float().contiguous()
     U, n = x.shape
     out = torch.empty(U, dtype=torch.long)
@@ -269,6 +283,7 @@ def level_query(x: torch.Tensor, level: int, table: torch.Tensor, corners: torch
     ``vertex_ids (N_valid, 8)``, ``weights (N_valid, 8)`` (:meth:`vqad.octree.SparseOctree.interpolation`).
     Call only where :func:`applies`; no gradient flows to ``x``."""
     lib = _load()
+    _cpu("level_query", x, table, corners)
     x = x.detach().contiguous()
     N = x.shape[0]
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != 3:
@@ -291,6 +306,7 @@ def unique_rows(ids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.unique(ids, return_inverse=True)`` for ids in ``[0, m)``: sorted ``(U,)`` and ``(E,)``
     positions, in ``O(E + m)``. Call only where :func:`applies`."""
     lib = _load()
+    _cpu("unique_rows", ids)
     flat = ids.reshape(-1).long().contiguous()
     E = flat.numel()
     rank = torch.empty(m, dtype=torch.long)

@@ -413,7 +413,7 @@ class SparseOctree(nn.Module):
         ``N_valid`` costs one host synchronisation; :meth:`padded_interpolation` costs none.
         """
         if (level <= DENSE_TABLE_MAX_LEVEL and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled())
-                and kernels.applies(x)):  # one fused pass on the CPU (vqad.kernels), the same values
+                and kernels.applies(x, self.codes[level])):  # one fused pass on the CPU (vqad.kernels), the same values
             valid, rows, vid, w = kernels.level_query(x, level, self._cell_table(level), self.corners[level])
             return LevelQuery(valid=valid, rows=rows, vertex_ids=vid, weights=w)
         ijk, inside = cell_coords(x, level)

@@ -270,3 +270,14 @@ def test_kernels_refuse_tensors_off_the_cpu(need_kernels):
         kernels.sparse_adam(p, p.clone(), torch.zeros(5, 3), torch.tensor([1]), torch.ones(1, 2), 0.9, 0.99, 1e-8, 0.1)
     kernels.sparse_adam(p, p.clone(), p.clone(), torch.zeros(0, dtype=torch.long), torch.ones(0, 2), 0.9, 0.99, 1e-8, 0.1)
     assert not p.any()  # no rows: nothing to do
+
+
+def test_no_home_directory_builds_in_a_temporary_directory(need_kernels, tmp_path):
+    """Without $HOME (nor $VQAD_CACHE_DIR, nor $XDG_CACHE_HOME) there is no cache: build per process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "VQAD_CACHE_DIR", "XDG_CACHE_HOME")}
+    code = ("import pathlib; pathlib.Path.home = classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError('no home')))\n"
+            + STATUS)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**env, "PYTHONPATH": str(REPO / "src")}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "True" and not any(tmp_path.iterdir())  # nothing left in the cwd

@@ -152,15 +152,15 @@ def _load() -> ctypes.CDLL | None:
             else:
                 source = _SOURCE.read_bytes()
                 path, why = None, ""
-                for where in (cache_dir() / "kernels", None):  # the cache, else a per-process directory
+                for where in ("cache", None):  # the cache, else a per-process directory
                     try:
-                        target = where if where is not None else Path(tempfile.mkdtemp(prefix="vqad-kernels-"))
+                        target = cache_dir() / "kernels" if where else Path(tempfile.mkdtemp(prefix="vqad-kernels-"))
                         path, why = _compile(cc, source, target)
                         if path is not None:
                             _lib = _open(path)
-                            break
-                    except OSError as exc:
-                        path, why = None, f"cannot build or load the kernels in {where or 'a temporary directory'} ({exc})"
+                        break  # built, or the compiler refused: another directory would not help
+                    except (OSError, RuntimeError) as exc:  # RuntimeError: Path.home() without a home
+                        path, why = None, f"cannot build or load the kernels in {'the cache' if where else 'a temporary directory'} ({exc})"
                 _reason = "" if _lib is not None else why
             if _lib is None:
                 if want == "on":  # not marked loaded: every later call fails the same way

@@ -509,7 +509,11 @@ def test_serve_view_page_starts_the_real_viewer_on_the_servers_url(tmp_path, vqa
 
 
 def test_viewer_streams_a_tsdf_file(tmp_path):
-    """A TSDF .vqad (vqad fit-tsdf) streams and renders like an SDF: every LOD shown, the object on screen."""
+    """A TSDF .vqad (vqad fit-tsdf) streams and renders like an SDF: every LOD shown, the object on screen.
+
+    Streamed over HTTP at a second for the whole file, as the SDF test does: read from disk, a file this
+    small can arrive whole before the view is added, and a viewer that nobody watched while it loaded
+    rightly opens at the finest LOD (a race that once failed this test)."""
     from vqad import fileformat
     from vqad.config import DecoderConfig, GridConfig
     from vqad.tsdf.fit import TSDFTrainConfig, fit_tsdf
@@ -520,12 +524,14 @@ def test_viewer_streams_a_tsdf_file(tmp_path):
     res.field.bake(fp16=True)
     path = tmp_path / "t.vqad"
     fileformat.save(res.field, path)
-    h = open_viewer(str(path), serve=False, device="cpu", still_size=64)
-    try:
-        h.add_view(orbit_view(64, 64))
-        assert h.wait_for(_done, timeout=40)
-        assert h.error is None and h.lods_shown == res.field.lods
-        assert (h.last_still != 255).any(-1).mean() > 0.05
-        assert h.export_mesh("ply")[:3] == b"ply"  # cut at unobserved space, in world units
-    finally:
-        h.stop()
+    data = path.read_bytes()
+    with FileServer(data, rate=len(data) / 1.0) as srv:
+        h = open_viewer(srv.url, serve=False, device="cpu", still_size=64)
+        try:
+            h.add_view(orbit_view(64, 64))
+            assert h.wait_for(_done, timeout=40)
+            assert h.error is None and h.lods_shown == res.field.lods
+            assert (h.last_still != 255).any(-1).mean() > 0.05
+            assert h.export_mesh("ply")[:3] == b"ply"  # cut at unobserved space, in world units
+        finally:
+            h.stop()

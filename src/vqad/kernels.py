@@ -1,6 +1,6 @@
 """Fused CPU kernels for the hot loops of a training step, with PyTorch ops as the fallback.
 
-Three loops of a CPU training step cost several times their arithmetic as PyTorch ops, each being
+Five loops of a CPU training step cost several times their arithmetic as PyTorch ops, each being
 several passes over memory plus a large temporary (docs/benchmarks/speed.md):
 
 * the table gradient of the grid's interpolation, ``∂T[r] = Σ w[n,c] g[n]`` over the entries naming

@@ -25,30 +25,25 @@ def _normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
 
 
 class _StraightThrough(torch.autograd.Function):
-    """The straight-through feature ``D[best]`` of logits ``(U, 2^b)`` whose gradient is that of the soft
-    feature ``softmax(logits) · D``: what ``hard + (soft − soft.detach())`` computes, without the soft
-    feature's product and two passes in the forward (its value is never used there).
+    """The straight-through feature ``D[best]`` whose gradient is that of the soft feature ``s · D``, for
+    soft assignments ``s = softmax(logits) (U, 2^b)``: what ``hard + (soft − soft.detach())`` computes,
+    without the soft product and two passes in the forward (its value is never used there).
 
-    Backward, for ``g (U, k)`` and ``s = softmax(logits)``: ``∂logits = s ⊙ (g Dᵀ − ⟨g Dᵀ, s⟩)`` (softmax's
-    backward), ``∂D = sᵀ g + Σ_u e_{best_u} g_u`` (the soft product's and the hard lookup's gradients).
+    Backward, for ``g (U, k)``: ``∂s = g Dᵀ`` (autograd carries it through the softmax to the logits) and
+    ``∂D = sᵀ g + Σ_u e_{best_u} g_u`` (the soft product's and the hard lookup's gradients).
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, D: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(logits, dim=-1)  # (U, 2^b)
+    def forward(ctx, probs: torch.Tensor, D: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(probs, D, best)
         return D.index_select(0, best)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         probs, D, best = ctx.saved_tensors
-        g_logits = g_D = None
-        if ctx.needs_input_grad[0]:
-            gp = g @ D.t()  # (U, 2^b)
-            g_logits = probs * (gp - (gp * probs).sum(dim=-1, keepdim=True))
-        if ctx.needs_input_grad[1]:
-            g_D = torch.zeros_like(D).index_add_(0, best, g).add_(probs.t() @ g)
-        return g_logits, g_D, None
+        g_probs = g @ D.t() if ctx.needs_input_grad[0] else None  # (U, 2^b)
+        g_D = torch.zeros_like(D).index_add_(0, best, g).add_(probs.t() @ g) if ctx.needs_input_grad[1] else None
+        return g_probs, g_D, None
 
 
 class CodebookStorage(FeatureStorage):
@@ -131,9 +126,10 @@ class CodebookStorage(FeatureStorage):
         best = kernels.argmax_rows(logits) if kernels.applies(logits) else logits.argmax(dim=-1)  # (U,)
         if not (torch.is_grad_enabled() and self.training):
             return self.D.index_select(0, best), inv.reshape(vertex_ids.shape)  # (U, k)
+        probs = torch.softmax(logits, dim=-1)  # (U, 2^b): s_u
         if self._soft is not None:  # the rate term differentiates the soft assignments s_u themselves
-            self._soft.append((uniq, torch.softmax(logits, dim=-1)))  # (U, 2^b)
-        feat = _StraightThrough.apply(logits, self.D, best)  # D[best], with softmax(C) · D's gradient
+            self._soft.append((uniq, probs))
+        feat = _StraightThrough.apply(probs, self.D, best)  # D[best], with s · D's gradient
         return feat, inv.reshape(vertex_ids.shape)
 
     def indices(self) -> torch.Tensor:

@@ -524,7 +524,12 @@ def test_range_coder_round_trip_and_bomb_guard():
         E.decode(one, 10**9, 16)
 
 
-def test_octree_contexts_both_lookups_agree_and_masks_round_trip():
+@pytest.mark.parametrize("fused", [True, False])  # the C kernel (where built), or NumPy's two lookups
+def test_octree_contexts_both_lookups_agree_and_masks_round_trip(monkeypatch, fused):
+    from vqad import kernels
+
+    if not fused:
+        monkeypatch.setattr(kernels, "_forced_off", 1)
     torch.manual_seed(0)
     octree = SparseOctree.from_points(0.8 * torch.nn.functional.normalize(torch.randn(20000, 3), dim=1), 2, 6, dilate=0)
     parts = []

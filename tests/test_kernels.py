@@ -251,6 +251,74 @@ def test_unique_rows_matches_torch_unique(need_kernels, E, m):
         kernels.unique_rows(torch.tensor([0, m]), m)
 
 
+def _cells(level: int, n: int, seed: int) -> torch.Tensor:
+    """Sorted distinct random cell codes of ``level``, with every corner cell of the cube among them
+    (their vertices lie on the far faces, which the bitmap does not hold)."""
+    B = 8 ** level
+    far = torch.tensor([B - 1, (B - 1) & 0o1111111111111111, (B - 1) & 0o2222222222222222,
+                        (B - 1) & 0o4444444444444444, 0])
+    return torch.unique(torch.cat([torch.randint(0, B, (min(n, B),), generator=torch.Generator().manual_seed(seed)),
+                                   far[far < B]]))
+
+
+@pytest.mark.parametrize("level,n", [(0, 1), (1, 3), (2, 64), (3, 40), (5, 2000), (7, 30000), (8, 5)])
+def test_corner_tables_kernel_matches_the_sorted_reference(need_kernels, level, n):
+    """The bitmap's ranks are the vertices' Morton order: the same ids and keys as sorting every
+    corner's key (the brute-force definition), far-face vertices after the others."""
+    from vqad import octree as O
+
+    codes = _cells(level, n, seed=level)
+    corners, keys = kernels.corner_tables(codes, level)
+    ref_keys, inv = torch.unique(O._corner_codes(codes), return_inverse=True)  # brute force: sort them all
+    inner = ref_keys < 8 ** level
+    order = torch.cat([ref_keys[inner], ref_keys[~inner]])
+    rank = torch.empty_like(ref_keys)
+    rank[torch.cat([inner.nonzero(), (~inner).nonzero()]).squeeze(1)] = torch.arange(ref_keys.numel())
+    assert torch.equal(keys, order) and torch.equal(corners, rank[inv].reshape(-1, 8))
+    with kernels.disabled():
+        assert all(torch.equal(a, b) for a, b in zip(O.corner_tables(codes, level), (corners, keys)))
+    if level <= O.DENSE_TABLE_MAX_LEVEL:
+        assert all(torch.equal(a, b) for a, b in zip(O._corner_tables_dense(codes, level), (corners, keys)))
+
+
+def test_corner_tables_kernel_refuses_bad_codes(need_kernels):
+    for bad in (torch.tensor([0, 64]), torch.tensor([-1])):
+        with pytest.raises(IndexError, match="outside"):
+            kernels.corner_tables(bad, 2)
+    with pytest.raises(IndexError):
+        kernels.corner_tables(torch.tensor([0]), 9)  # the bitmap stops at level 8
+    corners, keys = kernels.corner_tables(torch.zeros(0, dtype=torch.long), 3)
+    assert corners.shape == (0, 8) and keys.numel() == 0
+
+
+@pytest.mark.parametrize("level,n", [(0, 1), (1, 8), (2, 30), (4, 900), (6, 20000), (9, 3000), (12, 500)])
+def test_octree_contexts_kernel_matches_numpy(need_kernels, level, n):
+    """Bitmap (levels up to 8) and binary search (finer) against the NumPy lattice lookups."""
+    import numpy as np
+
+    from vqad import entropy as E
+
+    codes = _cells(level, n, seed=level)
+    if level >= 9:  # neighbours that exist: each code's +x / +z cell
+        codes = torch.unique(torch.cat([codes, codes[:100] + 1, codes[:100] + 4]).clamp(max=8 ** level - 1))
+    ctx = kernels.octree_contexts(codes, level).numpy()
+    with kernels.disabled():
+        ref = E.octree_contexts(codes.numpy(), level)
+        ref_search = E.octree_contexts(codes.numpy(), level, dense_max_res=0)
+    assert np.array_equal(ctx, ref) and np.array_equal(ctx, ref_search)
+    assert np.array_equal(E.octree_contexts(codes.numpy(), level), ref)  # what the coder calls
+    if level >= 2:
+        assert ctx.any()
+
+
+def test_octree_contexts_kernel_refuses_bad_codes(need_kernels):
+    with pytest.raises(IndexError, match="outside"):
+        kernels.octree_contexts(torch.tensor([0, 64]), 2)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        kernels.octree_contexts(torch.tensor([5, 3]), 9)  # the search needs sorted codes
+    assert kernels.octree_contexts(torch.tensor([5, 3]), 2).shape == (2, 8)  # the bitmap does not
+
+
 def test_kernels_refuse_tensors_off_the_cpu(need_kernels):
     """They read raw host memory: another device's tensor is an error, never dereferenced."""
     meta = torch.empty(4, 8, device="meta")
@@ -263,6 +331,10 @@ def test_kernels_refuse_tensors_off_the_cpu(need_kernels):
         kernels.argmax_rows(meta)
     with pytest.raises(ValueError, match="on the CPU"):
         kernels.unique_rows(torch.zeros(3, dtype=torch.long, device="meta"), 5)
+    with pytest.raises(ValueError, match="on the CPU"):
+        kernels.corner_tables(torch.zeros(3, dtype=torch.long, device="meta"), 2)
+    with pytest.raises(ValueError, match="on the CPU"):
+        kernels.octree_contexts(torch.zeros(3, dtype=torch.long, device="meta"), 2)
     p = torch.zeros(5, 2)
     with pytest.raises(ValueError, match="on the CPU"):
         kernels.sparse_adam(p, p.clone(), p.clone(), torch.tensor([1]), torch.ones(1, 2, device="meta"), 0.9, 0.99, 1e-8, 0.1)

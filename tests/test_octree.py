@@ -146,14 +146,20 @@ def test_codes_at_gives_the_ancestors_above_the_base_level():
         assert torch.equal(octree.codes_at(level), want)
 
 
-@pytest.mark.parametrize("numpy_on_cpu", [True, False])  # False: the torch path a GPU takes
+@pytest.mark.parametrize("path", ["kernel", "numpy", "torch"])  # torch: the path a GPU takes
 @pytest.mark.parametrize("spread", [0.8, 1.0])  # 1.0: cells on the cube's far faces (vertices at 2^L)
-def test_corner_tables_dense_and_sorted_paths_agree(monkeypatch, spread, numpy_on_cpu):
-    """The dense-table corner tables (levels <= 8) equal the sort-based ones (finer levels), and both
-    equal a brute force: every corner's vertex has its lattice position, vertices in Morton order."""
+def test_corner_tables_dense_and_sorted_paths_agree(monkeypatch, spread, path):
+    """The dense-table corner tables (levels <= 8: a C bitmap, NumPy or torch) equal the sort-based ones
+    (finer levels), and both equal a brute force: every corner's vertex has its lattice position,
+    vertices in Morton order."""
     import vqad.octree as O
+    from vqad import kernels
 
-    monkeypatch.setattr(O, "NUMPY_ON_CPU", numpy_on_cpu)
+    if path == "kernel" and not kernels.applies(torch.zeros(1)):
+        pytest.skip(f"vqad's C kernels are not built here: {kernels.status()}")
+    monkeypatch.setattr(O, "NUMPY_ON_CPU", path == "numpy")
+    if path != "kernel":
+        monkeypatch.setattr(kernels, "_forced_off", 1)
     torch.manual_seed(0)
     octree = SparseOctree.from_points((torch.rand(5000, 3) * 2 - 1) * spread, 2, 5)
     for level in octree.levels:

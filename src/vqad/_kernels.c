@@ -7,13 +7,14 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 /* Bumped whenever a signature changes: the loader refuses a library with another version. */
-int vqad_kernels_abi(void) { return 3; }
+int vqad_kernels_abi(void) { return 4; }
 
 int vqad_kernels_openmp(void) {
 #ifdef _OPENMP
@@ -249,4 +250,206 @@ int64_t vqad_unique_rows(const int64_t *ids, int64_t E, int64_t m, int64_t *rank
     }
     for (int64_t e = 0; e < E; e++) inv[e] = rank[ids[e]];
     return U;
+}
+
+/* -- octree tables of a decoded file (vqad.octree.corner_tables, vqad.entropy.octree_contexts) ---- */
+
+/* Bit counts without the compiler's builtins: without -mpopcnt (not assumed) gcc's __builtin_popcountll
+ * is a library call, several times slower than these few shifts (measured on level 7 of a file). */
+static inline int64_t popcount64(uint64_t v) {
+    v = v - ((v >> 1) & 0x5555555555555555ULL);
+    v = (v & 0x3333333333333333ULL) + ((v >> 2) & 0x3333333333333333ULL);
+    v = (v + (v >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+    return (int64_t)((v * 0x0101010101010101ULL) >> 56);
+}
+
+static inline int64_t lowest_bit(uint64_t v) { return popcount64((v & (0 - v)) - 1); } /* v != 0 */
+
+/* The bits of each axis (x, y, z) in a Morton code: bit 2, 1, 0 of every 3-bit group. */
+static const uint64_t AXIS_MASK[3] = {0x1249249249249249ULL << 2, 0x1249249249249249ULL << 1, 0x1249249249249249ULL};
+
+/* The (L + 1)-bit Morton keys of the 8 corner vertices of the cell with Morton code q, corner
+ * c = ox·4 + oy·2 + oz, by adding in Morton space (vqad.octree._corner_codes). */
+static inline void corner_keys(uint64_t q, uint64_t key[8]) {
+    uint64_t lo[3], hi[3];
+    for (int a = 0; a < 3; a++) {
+        lo[a] = q & AXIS_MASK[a];
+        hi[a] = ((lo[a] | ~AXIS_MASK[a]) + 1) & AXIS_MASK[a]; /* this axis's coordinate + 1 */
+    }
+    for (int c = 0; c < 8; c++)
+        key[c] = ((c & 4) ? hi[0] : lo[0]) | ((c & 2) ? hi[1] : lo[1]) | ((c & 1) ? hi[2] : lo[2]);
+}
+
+/* Corner vertex ids of the cells of one level (L <= 8), numbered in the Morton order of the vertices'
+ * (L + 1)-bit keys, as vqad.octree._corner_tables_dense numbers them:
+ *
+ *   codes (n,): the cells' Morton codes in [0, 8^L) (any order; duplicates allowed);
+ *   corners (n, 8), out: corner c = ox·4 + oy·2 + oz of cell i is the rank of its key among the keys
+ *     below 8^L (the vertices inside the cube's far faces), or -1 - key for a vertex on a far face
+ *     (its key is >= 8^L; the caller numbers those after the others);
+ *   keys (capacity min(8n, 8^L)), out: the distinct keys below 8^L, increasing;
+ *   n_far, out: how many corners lie on a far face.
+ *
+ * Thread t marks the keys of its cells in its own bitmap of 8^L bits; each thread then ORs a range of
+ * words of all bitmaps together, counts their bits, and after a prefix sum over the threads' counts
+ * writes the ranks and keys of its words. The keys are computed twice rather than stored: writing and
+ * re-reading 8n of them cost more than the bit arithmetic. Returns the number of keys written, -1 if
+ * a code lies outside [0, 8^L) or L is outside 0..8, or -2 if the bitmaps cannot be allocated. */
+int64_t vqad_corner_tables(const int64_t *codes, int64_t n, int level, int64_t *corners, int64_t *keys,
+                           int64_t *n_far, int nthreads) {
+    if (level < 0 || level > 8) return -1;
+    const uint64_t B = (uint64_t)1 << (3 * level);
+    const int64_t W = (int64_t)((B + 63) / 64);
+    for (int64_t i = 0; i < n; i++)
+        if (codes[i] < 0 || (uint64_t)codes[i] >= B) return -1;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > 64) nthreads = 64;
+    uint64_t *bits = (uint64_t *)calloc((size_t)W * (size_t)nthreads, sizeof(uint64_t));
+    int64_t *rank = (int64_t *)malloc((size_t)W * sizeof(int64_t));
+    if (!bits || !rank) {
+        free(bits);
+        free(rank);
+        return -2;
+    }
+    int64_t counts[65] = {0};
+    int used = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+#endif
+    {
+        const int T = thread_count(), t = thread_id();
+#ifdef _OPENMP
+#pragma omp single
+#endif
+        used = T;
+        uint64_t *mine = bits + (size_t)W * (size_t)t;
+        for (int64_t i = n * t / T; i < n * (t + 1) / T; i++) {
+            uint64_t key[8];
+            corner_keys((uint64_t)codes[i], key);
+            for (int c = 0; c < 8; c++)
+                if (key[c] < B) mine[key[c] >> 6] |= (uint64_t)1 << (key[c] & 63);
+        }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        const int64_t w0 = W * t / T, w1 = W * (t + 1) / T;
+        int64_t count = 0;
+        for (int64_t w = w0; w < w1; w++) {
+            uint64_t word = bits[w];
+            for (int s = 1; s < T; s++) word |= bits[(size_t)W * (size_t)s + (size_t)w];
+            bits[w] = word;
+            count += popcount64(word);
+        }
+        counts[t + 1] = count;
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp single
+#endif
+        for (int s = 1; s <= T; s++) counts[s] += counts[s - 1];
+        int64_t m = counts[t];
+        for (int64_t w = w0; w < w1; w++) {
+            rank[w] = m;
+            for (uint64_t word = bits[w]; word; word &= word - 1) keys[m++] = 64 * w + lowest_bit(word);
+        }
+    }
+    const int64_t m = counts[used];
+    int64_t far = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : far)
+#endif
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t key[8];
+        corner_keys((uint64_t)codes[i], key);
+        int64_t *out = corners + 8 * i;
+        for (int c = 0; c < 8; c++) {
+            uint64_t k = key[c];
+            if (k < B) {
+                out[c] = rank[k >> 6] + popcount64(bits[k >> 6] & ((((uint64_t)1) << (k & 63)) - 1));
+            } else {
+                out[c] = -1 - (int64_t)k;
+                far++;
+            }
+        }
+    }
+    *n_far = far;
+    free(bits);
+    free(rank);
+    return m;
+}
+
+/* Is the cell with dilated axis values (x, y, z) occupied? Bitmap (L <= 8) or binary search. */
+static int occupied_cell(uint64_t code, const uint64_t *bits, const int64_t *codes, int64_t n) {
+    if (bits) return (int)((bits[code >> 6] >> (code & 63)) & 1);
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if ((uint64_t)codes[mid] < code) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < n && (uint64_t)codes[lo] == code;
+}
+
+/* The octree coder's contexts (vqad.entropy.octree_contexts): for each cell P of level L (codes (n,),
+ * Morton) and child c, with d = 2·(c>>2 & 1, c>>1 & 1, c & 1) − 1, bit t−1 (t = 1..7) of ctx[8i + c]
+ * is set when the level-L cell at P + ((t>>2 & 1)·d_x, (t>>1 & 1)·d_y, (t & 1)·d_z) is occupied; cells
+ * outside the cube are empty. Levels up to 8 mark the cells in a bitmap of 8^L bits; finer levels
+ * search the codes, which must then be strictly increasing. Cells are split between nthreads threads.
+ * Returns 0, -1 if a code lies outside
+ * [0, 8^L) or L outside 0..20, -2 if the bitmap cannot be allocated, -3 if a finer level's codes are
+ * not strictly increasing. */
+int vqad_octree_contexts(const int64_t *codes, int64_t n, int level, uint8_t *ctx, int nthreads) {
+    if (level < 0 || level > 20) return -1;
+    const uint64_t B = (uint64_t)1 << (3 * level);
+    uint64_t *bits = NULL;
+    if (level <= 8) {
+        bits = (uint64_t *)calloc((size_t)((B + 63) / 64), sizeof(uint64_t));
+        if (!bits) return -2;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        if (codes[i] < 0 || (uint64_t)codes[i] >= B) {
+            free(bits);
+            return -1;
+        }
+        if (bits) bits[(uint64_t)codes[i] >> 6] |= (uint64_t)1 << ((uint64_t)codes[i] & 63);
+        else if (i && codes[i] <= codes[i - 1]) return -3;
+    }
+    /* nb[c][t-1]: the neighbour (numbered (dx+1)·9 + (dy+1)·3 + dz+1) that bit t-1 of child c reads */
+    int nb[8][7];
+    for (int c = 0; c < 8; c++) {
+        int d[3] = {2 * ((c >> 2) & 1) - 1, 2 * ((c >> 1) & 1) - 1, 2 * (c & 1) - 1};
+        for (int t = 1; t < 8; t++)
+            nb[c][t - 1] = (((t >> 2) & 1) * d[0] + 1) * 9 + (((t >> 1) & 1) * d[1] + 1) * 3 + (t & 1) * d[2] + 1;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+#endif
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t q = (uint64_t)codes[i], v[3][3]; /* v[a][o + 1]: axis a's dilated coordinate + o */
+        int ok[3][3];
+        for (int a = 0; a < 3; a++) {
+            uint64_t M = AXIS_MASK[a] & (B - 1), x = q & M;
+            v[a][0] = (x - 1) & M;
+            ok[a][0] = x != 0;
+            v[a][1] = x;
+            ok[a][1] = 1;
+            v[a][2] = ((x | ~M) + 1) & M;
+            ok[a][2] = x != M;
+        }
+        uint8_t occ[27];
+        for (int dx = 0; dx < 3; dx++)
+            for (int dy = 0; dy < 3; dy++)
+                for (int dz = 0; dz < 3; dz++) {
+                    int k = dx * 9 + dy * 3 + dz;
+                    occ[k] = k != 13 && ok[0][dx] && ok[1][dy] && ok[2][dz] &&
+                             occupied_cell(v[0][dx] | v[1][dy] | v[2][dz], bits, codes, n);
+                }
+        uint8_t *out = ctx + 8 * i;
+        for (int c = 0; c < 8; c++) {
+            unsigned acc = 0;
+            for (int t = 0; t < 7; t++) acc |= (unsigned)occ[nb[c][t]] << t;
+            out[c] = (uint8_t)acc;
+        }
+    }
+    free(bits);
+    return 0;
 }

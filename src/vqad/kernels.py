@@ -49,7 +49,7 @@ MODE_ENV = "VQAD_KERNELS"
 CACHE_ENV = "VQAD_CACHE_DIR"
 MODES = ("auto", "on", "off")
 _SOURCE = Path(__file__).with_name("_kernels.c")
-_ABI = 3  # vqad_kernels_abi() of the source this module calls
+_ABI = 4  # vqad_kernels_abi() of the source this module calls
 _BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off"]
 #: below this many multiply-adds an interpolation backward runs on one thread (forking costs more)
 _PARALLEL_MIN_WORK = 1 << 16
@@ -131,6 +131,10 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.vqad_level_query.restype = ctypes.c_int64
     lib.vqad_unique_rows.argtypes = [P, I, I, P, P, P]
     lib.vqad_unique_rows.restype = ctypes.c_int64
+    lib.vqad_corner_tables.argtypes = [P, I, N, P, P, P, N]
+    lib.vqad_corner_tables.restype = ctypes.c_int64
+    lib.vqad_octree_contexts.argtypes = [P, I, N, P, N]
+    lib.vqad_octree_contexts.restype = ctypes.c_int
     return lib
 
 
@@ -315,3 +319,45 @@ def unique_rows(ids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     if U < 0:
         raise IndexError(f"unique_rows: an id lies outside [0, {m})")
     return uniq[:U], inv.reshape(ids.shape)
+
+
+def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`vqad.octree.corner_tables` of the cells ``codes (n,)`` of ``level <= 8``: corner vertex ids
+    ``(n, 8)`` and vertex keys ``(m,)``, both int64, in ``O(n + 8^L / 64)`` (a bitmap of the keys, ranked
+    by popcounts: no sort). Call only where :func:`applies`."""
+    lib = _load()
+    _cpu("corner_tables", codes)
+    codes = codes.reshape(-1).long().contiguous()
+    n = codes.numel()
+    corners = torch.empty(n, 8, dtype=torch.long)
+    keys = torch.empty(min(8 * n, 8 ** level), dtype=torch.long)
+    n_far = ctypes.c_int64(0)
+    m = lib.vqad_corner_tables(_ptr(codes), n, level, _ptr(corners), _ptr(keys), ctypes.byref(n_far),
+                               _threads(8 * n))
+    if m == -2:
+        raise MemoryError(f"corner_tables: no memory for the {8 ** level:,}-bit table of level {level}")
+    if m < 0:
+        raise IndexError(f"corner_tables: a cell code lies outside [0, 8^{level}), or level {level} is outside 0..8")
+    if n_far.value:  # vertices on the cube's far faces: keys >= 8^L (stored as -1 - key), numbered after the others
+        at = (corners.reshape(-1) < 0).nonzero().squeeze(1)
+        uniq, inv = torch.unique(-1 - corners.reshape(-1).index_select(0, at), return_inverse=True)
+        corners.view(-1).index_copy_(0, at, inv + m)
+        return corners, torch.cat([keys[:m], uniq])
+    return corners, keys[:m]
+
+
+def octree_contexts(codes: torch.Tensor, level: int) -> torch.Tensor:
+    """:func:`vqad.entropy.octree_contexts`: the 7-bit context of each child bit of the cells ``codes (n,)``
+    of ``level`` (strictly increasing above level 8), ``(n, 8)`` uint8. Call only where :func:`applies`."""
+    lib = _load()
+    _cpu("octree_contexts", codes)
+    codes = codes.reshape(-1).long().contiguous()
+    ctx = torch.empty(codes.numel(), 8, dtype=torch.uint8)
+    err = lib.vqad_octree_contexts(_ptr(codes), codes.numel(), level, _ptr(ctx), _threads(26 * codes.numel()))
+    if err == -2:
+        raise MemoryError(f"octree_contexts: no memory for the {8 ** level:,}-bit table of level {level}")
+    if err == -3:
+        raise ValueError(f"octree_contexts: the cell codes of level {level} must be strictly increasing")
+    if err:
+        raise IndexError(f"octree_contexts: a cell code lies outside [0, 8^{level}), or level {level} is outside 0..20")
+    return ctx

@@ -507,7 +507,12 @@ def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.
     Up to :data:`DENSE_TABLE_MAX_LEVEL`, where a table of all ``8^L`` Morton codes is at most
     ``LATTICE_POINTS_PER_CORNER`` entries per corner, the corners are deduplicated on that table
     (:func:`_corner_tables_dense`: mark, then number, no sort); otherwise by sorting their Morton codes.
+    On the CPU with :mod:`vqad.kernels`, the table is a bitmap (64 entries a word) marked and ranked in
+    one C pass, so it pays up to 64× more lattice points per corner.
     """
+    if level <= DENSE_TABLE_MAX_LEVEL and 8 ** level <= 64 * LATTICE_POINTS_PER_CORNER * 8 * codes.numel() \
+            and kernels.applies(codes):  # a bitmap, 64 lattice points a word, in one C pass (vqad.kernels)
+        return kernels.corner_tables(codes, level)
     if level <= DENSE_TABLE_MAX_LEVEL and 8 ** level <= LATTICE_POINTS_PER_CORNER * 8 * codes.numel():
         return _corner_tables_dense(codes, level)
     keys = _corner_codes(codes, torch.int32 if 3 * (level + 1) <= 31 else torch.long)  # int32: a smaller sort key

@@ -319,6 +319,71 @@ def test_octree_contexts_kernel_refuses_bad_codes(need_kernels):
     assert kernels.octree_contexts(torch.tensor([5, 3]), 2).shape == (2, 8)  # the bitmap does not
 
 
+def test_children_kernel_matches_the_torch_form(need_kernels):
+    from vqad.octree import SparseOctree
+
+    gen = torch.Generator().manual_seed(3)
+    parents = torch.unique(torch.randint(0, 8 ** 5, (3000,), generator=gen))
+    masks = torch.randint(0, 256, (parents.numel(),), generator=gen, dtype=torch.int64).to(torch.uint8)
+    masks[:3] = torch.tensor([0, 255, 1], dtype=torch.uint8)  # none, all, one
+    with kernels.disabled():
+        ref = SparseOctree.codes_from_child_masks(parents, masks)
+    assert torch.equal(kernels.children(parents, masks), ref)
+    assert torch.equal(SparseOctree.codes_from_child_masks(parents, masks), ref)
+    assert kernels.children(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.uint8)).numel() == 0
+    with pytest.raises(IndexError):
+        kernels.children(torch.tensor([-1]), torch.tensor([1], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="masks"):
+        kernels.children(torch.tensor([1, 2]), torch.tensor([1], dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("n,K", [(1, 2), (5000, 16), (20000, 256), (300, 4096)])
+def test_ungroup_inverts_a_stable_sort_by_context(need_kernels, n, K):
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(n)
+    ctx = torch.randint(0, K, (n,), generator=gen)
+    values = torch.randint(0, 1 << 40, (n,), generator=gen)
+    order = torch.from_numpy(np.argsort(ctx.numpy(), kind="stable"))
+    sizes = torch.bincount(ctx, minlength=K)
+    assert torch.equal(kernels.ungroup(ctx, values[order], sizes), values)
+    bad = ctx.clone()
+    bad[-1] = K  # a context outside [0, K)
+    with pytest.raises(IndexError):
+        kernels.ungroup(bad, values[order], sizes)
+    if n > 1 and sizes[ctx[0]] > 0:
+        short = sizes.clone()  # the right total, the wrong split: some group runs out
+        j = int((sizes == 0).nonzero()[0]) if bool((sizes == 0).any()) else None
+        if j is not None:
+            short[ctx[0]] -= 1
+            short[j] += 1
+            with pytest.raises(IndexError):
+                kernels.ungroup(ctx, values[order], short)
+
+
+def test_ungroup_bits_packs_child_masks(need_kernels):
+    import numpy as np
+
+    from vqad import entropy as E
+
+    gen = torch.Generator().manual_seed(1)
+    n = 4000
+    ctx = torch.randint(0, 128, (n, 8), generator=gen, dtype=torch.int64).to(torch.uint8)
+    masks = torch.randint(1, 256, (n,), generator=gen, dtype=torch.int64).to(torch.uint8)
+    bits = ((masks.long()[:, None] >> torch.arange(8)) & 1).to(torch.uint8).reshape(-1)
+    order = torch.from_numpy(np.argsort(ctx.reshape(-1).numpy(), kind="stable"))
+    sizes = torch.bincount(ctx.reshape(-1).long(), minlength=128)
+    assert torch.equal(kernels.ungroup_bits(ctx, bits[order], sizes), masks)
+    with kernels.disabled():
+        ref = E._ungroup_bits(ctx.reshape(-1).numpy(), bits[order].numpy(), sizes.numpy())
+    assert np.array_equal(ref, masks.numpy())
+    with pytest.raises(IndexError):
+        kernels.ungroup_bits(ctx, bits[order], torch.bincount(ctx.reshape(-1).long(), minlength=128)[:100].clone()
+                             .index_add_(0, torch.tensor([99]), torch.tensor([int(sizes[100:].sum())])))
+    with pytest.raises(ValueError):
+        kernels.ungroup_bits(ctx[:, :7], bits[:7 * n], sizes)
+
+
 def test_kernels_refuse_tensors_off_the_cpu(need_kernels):
     """They read raw host memory: another device's tensor is an error, never dereferenced."""
     meta = torch.empty(4, 8, device="meta")
@@ -335,6 +400,10 @@ def test_kernels_refuse_tensors_off_the_cpu(need_kernels):
         kernels.corner_tables(torch.zeros(3, dtype=torch.long, device="meta"), 2)
     with pytest.raises(ValueError, match="on the CPU"):
         kernels.octree_contexts(torch.zeros(3, dtype=torch.long, device="meta"), 2)
+    with pytest.raises(ValueError, match="on the CPU"):
+        kernels.children(torch.zeros(3, dtype=torch.long, device="meta"), torch.ones(3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="on the CPU"):
+        kernels.ungroup(torch.zeros(3, dtype=torch.long, device="meta"), torch.zeros(3, dtype=torch.long), [3])
     p = torch.zeros(5, 2)
     with pytest.raises(ValueError, match="on the CPU"):
         kernels.sparse_adam(p, p.clone(), p.clone(), torch.tensor([1]), torch.ones(1, 2, device="meta"), 0.9, 0.99, 1e-8, 0.1)

@@ -453,3 +453,57 @@ int vqad_octree_contexts(const int64_t *codes, int64_t n, int level, uint8_t *ct
     free(bits);
     return 0;
 }
+
+/* Children's Morton codes from their parents' codes (n,) and child masks (n,) (bit c: child c
+ * occupied; vqad.octree.SparseOctree.codes_from_child_masks): out (capacity 8n) receives
+ * (parent << 3) | c for every set bit, parents in order, children in order. Returns the count, or -1
+ * if a parent code is negative or too large to shift (>= 2^60). */
+int64_t vqad_children(const int64_t *parents, const uint8_t *masks, int64_t n, int64_t *out) {
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (parents[i] < 0 || parents[i] >= ((int64_t)1 << 60)) return -1;
+        for (unsigned mask = masks[i]; mask; mask &= mask - 1) {
+            unsigned c = (unsigned)lowest_bit(mask);
+            out[m++] = (parents[i] << 3) | (int64_t)c;
+        }
+    }
+    return m;
+}
+
+/* The inverse of grouping symbols by context (a stable sort by context, as the coders send them):
+ * position p, of context ctx[p] in [0, K), takes the next value of its group, whose first value is at
+ * sorted[start[ctx[p]]] (start (K,) as an exclusive prefix sum of the groups' sizes; it is advanced
+ * in place). Two forms: values int64 -> out int64 (index chunks, ctx int64), and bits uint8 with
+ * 8 positions a cell -> masks (n8 / 8,) uint8 (octree chunks, ctx uint8). Returns -1 if a context lies
+ * outside [0, K) or a group runs past its end (end: start of the next group, or n for the last),
+ * else 0. */
+int vqad_ungroup(const int64_t *ctx, int64_t n, int64_t K, const int64_t *sorted, int64_t *start, int64_t *out) {
+    int64_t *end = (int64_t *)malloc((size_t)(K > 0 ? K : 1) * sizeof(int64_t));
+    if (!end) return -2;
+    for (int64_t j = 0; j < K; j++) end[j] = j + 1 < K ? start[j + 1] : n;
+    int bad = 0;
+    for (int64_t p = 0; p < n && !bad; p++) {
+        int64_t j = ctx[p];
+        if (j < 0 || j >= K || start[j] >= end[j]) bad = 1;
+        else out[p] = sorted[start[j]++];
+    }
+    free(end);
+    return bad ? -1 : 0;
+}
+
+int vqad_ungroup_bits(const uint8_t *ctx, int64_t n8, int64_t K, const uint8_t *sorted, int64_t *start,
+                      uint8_t *masks) {
+    int64_t end[256];
+    if (K < 1 || K > 256 || n8 % 8) return -1;
+    for (int64_t j = 0; j < K; j++) end[j] = j + 1 < K ? start[j + 1] : n8;
+    for (int64_t i = 0; i < n8 / 8; i++) {
+        unsigned mask = 0;
+        for (int c = 0; c < 8; c++) {
+            int64_t j = ctx[8 * i + c];
+            if (j >= K || start[j] >= end[j]) return -1;
+            mask |= (unsigned)(sorted[start[j]++] & 1) << c;
+        }
+        masks[i] = (uint8_t)mask;
+    }
+    return 0;
+}

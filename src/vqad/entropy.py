@@ -298,6 +298,22 @@ def octree_contexts(parent_codes, parent_level: int, dense_max_res: int = DENSE_
     return ctx.T.copy()
 
 
+def _ungroup_bits(ctx: np.ndarray, grouped: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The child masks ``(n,)`` uint8 from the bits ``grouped (8n,)`` in coding order (by context, stable)
+    and their contexts ``ctx (8n,)`` uint8: one C pass (:func:`vqad.kernels.ungroup_bits`) where the
+    kernels are built, else a stable sort, a scatter and ``packbits``."""
+    import torch
+
+    from vqad import kernels
+
+    if kernels.applies():
+        return kernels.ungroup_bits(torch.from_numpy(ctx), torch.from_numpy(grouped), torch.from_numpy(sizes)).numpy()
+    order = np.argsort(ctx, kind="stable")  # uint8 keys: a radix sort
+    bits = np.empty_like(grouped)
+    bits[order] = grouped
+    return np.packbits(bits.reshape(-1, 8), axis=1, bitorder="little").reshape(-1)
+
+
 def _mask_bits(masks: np.ndarray) -> np.ndarray:
     """``(n,) uint8 -> (n, 8)`` child bits, bit c = child c."""
     return ((np.asarray(masks, dtype=np.int64)[:, None] >> np.arange(8)) & 1).astype(np.int64)
@@ -367,10 +383,10 @@ class OctreeDecoder:
             )
         self.budget -= n
         ctx = octree_contexts(codes, parent_level).reshape(-1)
-        order = np.argsort(ctx, kind="stable")  # uint8 keys: a radix sort
-        bounds = np.searchsorted(ctx[order], np.arange(OCTREE_CONTEXTS + 1))
-        sb = np.empty(ctx.size, dtype=np.uint8)
-        for j in np.flatnonzero(np.diff(bounds)).tolist():
+        sizes = np.bincount(ctx, minlength=OCTREE_CONTEXTS)
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        sb = np.empty(ctx.size, dtype=np.uint8)  # the bits grouped by context, as they were coded
+        for j in np.flatnonzero(sizes).tolist():
             a, b = bounds[j], bounds[j + 1]
             if self.q[j] == 0:
                 raise EntropyError(f"octree context {j} occurs but its model says it never does")
@@ -378,9 +394,7 @@ class OctreeDecoder:
                 sb[a:b] = self._dec.decode(_binary_model(int(self.q[j])), int(b - a))
             except Exception as exc:  # constriction's own exception types
                 raise EntropyError(f"range decoder failed: {exc}") from exc
-        bits = np.empty_like(sb)
-        bits[order] = sb
-        return np.packbits(bits.reshape(n, 8), axis=1, bitorder="little").reshape(n)
+        return _ungroup_bits(ctx, sb, sizes)
 
 
 # -- indices coded given a context (the co-located index of the coarser level) ---------------------
@@ -597,15 +611,23 @@ def decode_context(payload, contexts: np.ndarray, alphabet: int, n_contexts: int
     if len(rest) % 4:
         raise EntropyError(f"compressed data is {len(rest)} bytes, not a whole number of 32-bit words")
     dec = _constriction().stream.queue.RangeDecoder(np.frombuffer(rest, dtype="<u4").astype(np.uint32))
-    order, bounds = cm.groups(c)
-    ss = np.empty(c.size, dtype=np.int64)
-    for j in np.flatnonzero(np.diff(bounds)).tolist():
+    sizes = np.bincount(c, minlength=n_contexts)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    ss = np.empty(c.size, dtype=np.int64)  # the symbols grouped by context, as they were coded
+    for j in np.flatnonzero(sizes).tolist():
         try:
             ss[bounds[j]:bounds[j + 1]] = dec.decode(cm.model(j), int(bounds[j + 1] - bounds[j]))
         except EntropyError:
             raise
         except Exception as exc:  # constriction's own exception types
             raise EntropyError(f"range decoder failed: {exc}") from exc
+    import torch
+
+    from vqad import kernels
+
+    if kernels.applies():  # one C pass instead of a stable sort and a scatter
+        return kernels.ungroup(torch.from_numpy(c), torch.from_numpy(ss), torch.from_numpy(sizes)).numpy()
+    order, _ = cm.groups(c)
     out = np.empty_like(ss)
     out[order] = ss
     return out

@@ -135,6 +135,12 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.vqad_corner_tables.restype = ctypes.c_int64
     lib.vqad_octree_contexts.argtypes = [P, I, N, P, N]
     lib.vqad_octree_contexts.restype = ctypes.c_int
+    lib.vqad_children.argtypes = [P, P, I, P]
+    lib.vqad_children.restype = ctypes.c_int64
+    lib.vqad_ungroup.argtypes = [P, I, I, P, P, P]
+    lib.vqad_ungroup.restype = ctypes.c_int
+    lib.vqad_ungroup_bits.argtypes = [P, I, I, P, P, P]
+    lib.vqad_ungroup_bits.restype = ctypes.c_int
     return lib
 
 
@@ -361,3 +367,64 @@ def octree_contexts(codes: torch.Tensor, level: int) -> torch.Tensor:
     if err:
         raise IndexError(f"octree_contexts: a cell code lies outside [0, 8^{level}), or level {level} is outside 0..20")
     return ctx
+
+
+def children(parents: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """:meth:`vqad.octree.SparseOctree.codes_from_child_masks`: the children's codes ``(Σ popcount,)`` int64
+    of ``parents (n,)`` int64 and their child ``masks (n,)`` uint8. Call only where :func:`applies`."""
+    lib = _load()
+    _cpu("children", parents, masks)
+    parents = parents.reshape(-1).long().contiguous()
+    masks = masks.reshape(-1).to(torch.uint8).contiguous()
+    if parents.numel() != masks.numel():
+        raise ValueError(f"children: {parents.numel()} parents but {masks.numel()} masks")
+    out = torch.empty(8 * parents.numel(), dtype=torch.long)
+    m = lib.vqad_children(_ptr(parents), _ptr(masks), parents.numel(), _ptr(out))
+    if m < 0:
+        raise IndexError("children: a parent code is negative or too large for its children's codes")
+    return out[:m]
+
+
+def _starts(sizes) -> torch.Tensor:
+    sizes = torch.as_tensor(sizes, dtype=torch.long).reshape(-1)
+    return torch.cumsum(sizes, 0) - sizes  # exclusive prefix sum
+
+
+def ungroup(contexts: torch.Tensor, grouped: torch.Tensor, sizes) -> torch.Tensor:
+    """Undo the coders' grouping by context: ``grouped (n,)`` int64 holds the values of context 0's
+    positions, then context 1's, ... (``sizes (K,)`` of them each, positions in order within a group);
+    returns ``(n,)`` int64 in position order, given ``contexts (n,)`` in ``[0, K)``. Call only where
+    :func:`applies`."""
+    lib = _load()
+    _cpu("ungroup", contexts, grouped)
+    contexts = contexts.reshape(-1).long().contiguous()
+    grouped = grouped.reshape(-1).long().contiguous()
+    start = _starts(sizes)
+    n = contexts.numel()
+    if grouped.numel() != n or int(start[-1]) + int(torch.as_tensor(sizes)[-1]) != n:
+        raise ValueError(f"ungroup: {n} contexts, {grouped.numel()} values, groups of {int(torch.as_tensor(sizes).sum())}")
+    out = torch.empty(n, dtype=torch.long)
+    err = lib.vqad_ungroup(_ptr(contexts), n, start.numel(), _ptr(grouped), _ptr(start), _ptr(out))
+    if err == -2:
+        raise MemoryError(f"ungroup: no memory for {start.numel():,} groups")
+    if err:
+        raise IndexError(f"ungroup: a context lies outside [0, {start.numel()}) or its group is too small")
+    return out
+
+
+def ungroup_bits(contexts: torch.Tensor, grouped: torch.Tensor, sizes) -> torch.Tensor:
+    """:func:`ungroup` of the octree coder's child bits, packed: ``contexts (n, 8)`` uint8 and the grouped
+    bits ``(8 n,)`` uint8 give the child masks ``(n,)`` uint8 (bit c: child c). Call only where
+    :func:`applies`."""
+    lib = _load()
+    _cpu("ungroup_bits", contexts, grouped)
+    contexts = contexts.reshape(-1).to(torch.uint8).contiguous()
+    grouped = grouped.reshape(-1).to(torch.uint8).contiguous()
+    start = _starts(sizes)
+    n8 = contexts.numel()
+    if grouped.numel() != n8 or n8 % 8 or not 1 <= start.numel() <= 256 or int(start[-1]) + int(torch.as_tensor(sizes)[-1]) != n8:
+        raise ValueError(f"ungroup_bits: {n8} contexts, {grouped.numel()} bits, {start.numel()} groups")
+    masks = torch.empty(n8 // 8, dtype=torch.uint8)
+    if lib.vqad_ungroup_bits(_ptr(contexts), n8, start.numel(), _ptr(grouped), _ptr(start), _ptr(masks)):
+        raise IndexError(f"ungroup_bits: a context lies outside [0, {start.numel()}) or its group is too small")
+    return masks

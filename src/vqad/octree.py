@@ -472,6 +472,8 @@ class SparseOctree(nn.Module):
     @staticmethod
     def codes_from_child_masks(parent_codes: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Children's sorted Morton codes from the parents' codes ``(n,)`` and masks ``(n,)`` uint8."""
+        if kernels.applies(parent_codes, masks):  # one C pass (vqad.kernels)
+            return kernels.children(parent_codes, masks)
         if NUMPY_ON_CPU and masks.device.type == "cpu" and parent_codes.device.type == "cpu":
             # NumPy's boolean selection: ~3x torch.nonzero on the (n, 8) bits here
             bits = np.unpackbits(masks.numpy().astype(np.uint8, copy=False)[:, None], axis=1, bitorder="little")

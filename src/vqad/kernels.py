@@ -12,6 +12,12 @@ several passes over memory plus a large temporary (docs/benchmarks/speed.md):
 * the octree query of a level (:func:`level_query`: cell, corners and trilinear weights of each point,
   ~15 PyTorch ops) and the numbering of the distinct rows a batch touches (:func:`unique_rows`).
 
+Five more serve decoding a .vqad file (:mod:`vqad.fileformat`), where NumPy needed sorts, scatters and
+tables of all ``8^L`` cells: the corner tables of a level (:func:`corner_tables`: a bitmap of the
+vertices ranked by bit counts), the octree coder's neighbour contexts (:func:`octree_contexts`), the
+children named by child masks (:func:`children`), and the inverse of the coders' grouping by context
+(:func:`ungroup`, :func:`ungroup_bits`).
+
 They live in ``_kernels.c`` (plain C99 and OpenMP, no PyTorch headers), compiled the first time a
 process needs them with the system's C compiler (``$CC``, else ``cc``/``gcc``/``clang``; ~0.3 s) into
 a cache (``$VQAD_CACHE_DIR``, else ``$XDG_CACHE_HOME/vqad``, else ``~/.cache/vqad``) named by a hash of

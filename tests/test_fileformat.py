@@ -528,6 +528,8 @@ def test_range_coder_round_trip_and_bomb_guard():
 def test_octree_contexts_both_lookups_agree_and_masks_round_trip(monkeypatch, fused):
     from vqad import kernels
 
+    if fused and not kernels.applies(torch.zeros(1)):
+        pytest.skip(f"vqad's C kernels are not built here: {kernels.status()}")
     if not fused:
         monkeypatch.setattr(kernels, "_forced_off", 1)
     torch.manual_seed(0)

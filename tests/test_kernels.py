@@ -281,6 +281,26 @@ def test_corner_tables_kernel_matches_the_sorted_reference(need_kernels, level, 
         assert all(torch.equal(a, b) for a, b in zip(O._corner_tables_dense(codes, level), (corners, keys)))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 7, 64])
+def test_corner_tables_kernel_is_the_same_on_any_thread_count(need_kernels, threads):
+    """The per-thread bitmaps, their merge and the ranks' prefix sum, whatever OpenMP grants (the
+    kernel caps the team at 8; a build without OpenMP runs one thread)."""
+    import ctypes
+
+    codes = _cells(6, 9000, seed=threads)
+    ref_c, ref_k = kernels.corner_tables(codes, 6)
+    lib = kernels._load()
+    corners = torch.empty(codes.numel(), 8, dtype=torch.long)
+    keys = torch.empty(8 * codes.numel(), dtype=torch.long)
+    n_far = ctypes.c_int64(-1)
+    m = lib.vqad_corner_tables(codes.data_ptr(), codes.numel(), 6, corners.data_ptr(), keys.data_ptr(),
+                               ctypes.byref(n_far), threads)
+    far = corners < 0
+    assert n_far.value == int(far.sum()) > 0  # _cells puts cells on the far faces
+    assert torch.equal(keys[:m], ref_k[:m]) and torch.equal(corners[~far], ref_c[~far])
+    assert bool((ref_c[far] >= m).all())  # numbered after the inner vertices by the caller
+
+
 def test_corner_tables_kernel_refuses_bad_codes(need_kernels):
     for bad in (torch.tensor([0, 64]), torch.tensor([-1])):
         with pytest.raises(IndexError, match="outside"):
@@ -299,7 +319,7 @@ def test_octree_contexts_kernel_matches_numpy(need_kernels, level, n):
     from vqad import entropy as E
 
     codes = _cells(level, n, seed=level)
-    if level >= 9:  # neighbours that exist: each code's +x / +z cell
+    if level >= 9:  # codes near others (+1, +4 in Morton order), so that some neighbours exist
         codes = torch.unique(torch.cat([codes, codes[:100] + 1, codes[:100] + 4]).clamp(max=8 ** level - 1))
     ctx = kernels.octree_contexts(codes, level).numpy()
     with kernels.disabled():
@@ -331,8 +351,13 @@ def test_children_kernel_matches_the_torch_form(need_kernels):
     assert torch.equal(kernels.children(parents, masks), ref)
     assert torch.equal(SparseOctree.codes_from_child_masks(parents, masks), ref)
     assert kernels.children(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.uint8)).numel() == 0
-    with pytest.raises(IndexError):
-        kernels.children(torch.tensor([-1]), torch.tensor([1], dtype=torch.uint8))
+    for bad in (-1, 1 << 60):  # negative, or too large to shift by 3 within int64
+        with pytest.raises(IndexError):
+            kernels.children(torch.tensor([bad]), torch.tensor([1], dtype=torch.uint8))
+    full = kernels.children(parents, torch.full_like(masks, 255))
+    assert full.numel() == 8 * parents.numel() and full.untyped_storage().nbytes() == 8 * full.numel()
+    few = kernels.children(parents, torch.ones_like(masks))  # one child each: no 8n-entry buffer kept
+    assert few.untyped_storage().nbytes() == 8 * parents.numel()
     with pytest.raises(ValueError, match="masks"):
         kernels.children(torch.tensor([1, 2]), torch.tensor([1], dtype=torch.uint8))
 
@@ -351,14 +376,19 @@ def test_ungroup_inverts_a_stable_sort_by_context(need_kernels, n, K):
     bad[-1] = K  # a context outside [0, K)
     with pytest.raises(IndexError):
         kernels.ungroup(bad, values[order], sizes)
-    if n > 1 and sizes[ctx[0]] > 0:
-        short = sizes.clone()  # the right total, the wrong split: some group runs out
-        j = int((sizes == 0).nonzero()[0]) if bool((sizes == 0).any()) else None
-        if j is not None:
-            short[ctx[0]] -= 1
-            short[j] += 1
-            with pytest.raises(IndexError):
-                kernels.ungroup(ctx, values[order], short)
+    if n > 1:  # the right total, the wrong split: the first position's group runs out
+        short = sizes.clone()
+        short[ctx[0]] = 0
+        short[(ctx[0] + 1) % K] += sizes[ctx[0]]
+        with pytest.raises(IndexError):
+            kernels.ungroup(ctx, values[order], short)
+        negative = sizes.clone()  # the right total with a negative size: refused before any read
+        negative[0] = -1
+        negative[1] += sizes[0] + 1
+        with pytest.raises(ValueError, match="non-negative"):
+            kernels.ungroup(ctx, values[order], negative)
+    with pytest.raises(ValueError, match="adding up"):
+        kernels.ungroup(ctx, values[order], sizes + 1)
 
 
 def test_ungroup_bits_packs_child_masks(need_kernels):
@@ -374,6 +404,7 @@ def test_ungroup_bits_packs_child_masks(need_kernels):
     order = torch.from_numpy(np.argsort(ctx.reshape(-1).numpy(), kind="stable"))
     sizes = torch.bincount(ctx.reshape(-1).long(), minlength=128)
     assert torch.equal(kernels.ungroup_bits(ctx, bits[order], sizes), masks)
+    assert torch.equal(kernels.ungroup_bits(ctx, 7 * bits[order], sizes), masks)  # non-zero is set, as for packbits
     with kernels.disabled():
         ref = E._ungroup_bits(ctx.reshape(-1).numpy(), bits[order].numpy(), sizes.numpy())
     assert np.array_equal(ref, masks.numpy())
@@ -404,6 +435,8 @@ def test_kernels_refuse_tensors_off_the_cpu(need_kernels):
         kernels.children(torch.zeros(3, dtype=torch.long, device="meta"), torch.ones(3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="on the CPU"):
         kernels.ungroup(torch.zeros(3, dtype=torch.long, device="meta"), torch.zeros(3, dtype=torch.long), [3])
+    with pytest.raises(ValueError, match="on the CPU"):
+        kernels.ungroup_bits(torch.zeros(1, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.uint8, device="meta"), [8])
     p = torch.zeros(5, 2)
     with pytest.raises(ValueError, match="on the CPU"):
         kernels.sparse_adam(p, p.clone(), p.clone(), torch.tensor([1]), torch.ones(1, 2, device="meta"), 0.9, 0.99, 1e-8, 0.1)

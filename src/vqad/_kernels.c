@@ -280,6 +280,8 @@ static inline void corner_keys(uint64_t q, uint64_t key[8]) {
         key[c] = ((c & 4) ? hi[0] : lo[0]) | ((c & 2) ? hi[1] : lo[1]) | ((c & 1) ? hi[2] : lo[2]);
 }
 
+#define CORNER_MAX_THREADS 8
+
 /* Corner vertex ids of the cells of one level (L <= 8), numbered in the Morton order of the vertices'
  * (L + 1)-bit keys, as vqad.octree._corner_tables_dense numbers them:
  *
@@ -290,7 +292,8 @@ static inline void corner_keys(uint64_t q, uint64_t key[8]) {
  *   keys (capacity min(8n, 8^L)), out: the distinct keys below 8^L, increasing;
  *   n_far, out: how many corners lie on a far face.
  *
- * Thread t marks the keys of its cells in its own bitmap of 8^L bits; each thread then ORs a range of
+ * Thread t (at most CORNER_MAX_THREADS: the bitmaps take nthreads · 8^L / 8 bytes, 16 MB at level 8,
+ * and their merge reads them all) marks the keys of its cells in its own bitmap of 8^L bits; each thread then ORs a range of
  * words of all bitmaps together, counts their bits, and after a prefix sum over the threads' counts
  * writes the ranks and keys of its words. The keys are computed twice rather than stored: writing and
  * re-reading 8n of them cost more than the bit arithmetic. Returns the number of keys written, -1 if
@@ -302,8 +305,11 @@ int64_t vqad_corner_tables(const int64_t *codes, int64_t n, int level, int64_t *
     const int64_t W = (int64_t)((B + 63) / 64);
     for (int64_t i = 0; i < n; i++)
         if (codes[i] < 0 || (uint64_t)codes[i] >= B) return -1;
+#ifndef _OPENMP
+    nthreads = 1;
+#endif
     if (nthreads < 1) nthreads = 1;
-    if (nthreads > 64) nthreads = 64;
+    if (nthreads > CORNER_MAX_THREADS) nthreads = CORNER_MAX_THREADS;
     uint64_t *bits = (uint64_t *)calloc((size_t)W * (size_t)nthreads, sizeof(uint64_t));
     int64_t *rank = (int64_t *)malloc((size_t)W * sizeof(int64_t));
     if (!bits || !rank) {
@@ -311,7 +317,7 @@ int64_t vqad_corner_tables(const int64_t *codes, int64_t n, int level, int64_t *
         free(rank);
         return -2;
     }
-    int64_t counts[65] = {0};
+    int64_t counts[CORNER_MAX_THREADS + 1] = {0};
     int used = 1;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads)
@@ -474,14 +480,19 @@ int64_t vqad_children(const int64_t *parents, const uint8_t *masks, int64_t n, i
  * position p, of context ctx[p] in [0, K), takes the next value of its group, whose first value is at
  * sorted[start[ctx[p]]] (start (K,) as an exclusive prefix sum of the groups' sizes; it is advanced
  * in place). Two forms: values int64 -> out int64 (index chunks, ctx int64), and bits uint8 with
- * 8 positions a cell -> masks (n8 / 8,) uint8 (octree chunks, ctx uint8). Returns -1 if a context lies
- * outside [0, K) or a group runs past its end (end: start of the next group, or n for the last),
- * else 0. */
+ * 8 positions a cell -> masks (n8 / 8,) uint8 (octree chunks, ctx uint8; a non-zero value is a set
+ * bit). Returns -1 if the groups do not tile [0, n) in order (start[0] = 0, each start <= the next
+ * <= n), a context lies outside [0, K) or a group runs out (its end: the next group's start, or n
+ * for the last), -2 (vqad_ungroup) if it cannot allocate K ends, else 0. */
 int vqad_ungroup(const int64_t *ctx, int64_t n, int64_t K, const int64_t *sorted, int64_t *start, int64_t *out) {
-    int64_t *end = (int64_t *)malloc((size_t)(K > 0 ? K : 1) * sizeof(int64_t));
+    if (K < 1 || start[0] != 0) return -1;
+    int64_t *end = (int64_t *)malloc((size_t)K * sizeof(int64_t));
     if (!end) return -2;
-    for (int64_t j = 0; j < K; j++) end[j] = j + 1 < K ? start[j + 1] : n;
     int bad = 0;
+    for (int64_t j = 0; j < K; j++) {
+        end[j] = j + 1 < K ? start[j + 1] : n;
+        if (end[j] < start[j] || end[j] > n) bad = 1; /* groups must tile [0, n) in order */
+    }
     for (int64_t p = 0; p < n && !bad; p++) {
         int64_t j = ctx[p];
         if (j < 0 || j >= K || start[j] >= end[j]) bad = 1;
@@ -494,14 +505,17 @@ int vqad_ungroup(const int64_t *ctx, int64_t n, int64_t K, const int64_t *sorted
 int vqad_ungroup_bits(const uint8_t *ctx, int64_t n8, int64_t K, const uint8_t *sorted, int64_t *start,
                       uint8_t *masks) {
     int64_t end[256];
-    if (K < 1 || K > 256 || n8 % 8) return -1;
-    for (int64_t j = 0; j < K; j++) end[j] = j + 1 < K ? start[j + 1] : n8;
+    if (K < 1 || K > 256 || n8 % 8 || start[0] != 0) return -1;
+    for (int64_t j = 0; j < K; j++) {
+        end[j] = j + 1 < K ? start[j + 1] : n8;
+        if (end[j] < start[j] || end[j] > n8) return -1; /* groups must tile [0, n8) in order */
+    }
     for (int64_t i = 0; i < n8 / 8; i++) {
         unsigned mask = 0;
         for (int c = 0; c < 8; c++) {
             int64_t j = ctx[8 * i + c];
             if (j >= K || start[j] >= end[j]) return -1;
-            mask |= (unsigned)(sorted[start[j]++] & 1) << c;
+            mask |= (unsigned)(sorted[start[j]++] != 0) << c; /* any non-zero value is a set bit, as np.packbits reads it */
         }
         masks[i] = (uint8_t)mask;
     }

@@ -266,7 +266,7 @@ def octree_contexts(parent_codes, parent_level: int, dense_max_res: int = DENSE_
 
     codes = torch.as_tensor(np.asarray(parent_codes), dtype=torch.long).reshape(-1)
     n = codes.numel()
-    if kernels.applies(codes) and (parent_level <= 8 or n < 2 or bool((codes[1:] > codes[:-1]).all())):
+    if kernels.applies(codes) and parent_level <= 20 and (parent_level <= 8 or n < 2 or bool((codes[1:] > codes[:-1]).all())):
         return kernels.octree_contexts(codes, parent_level).numpy()  # one C pass (vqad.kernels), the same contexts
     res = 1 << parent_level
     ijk = morton_decode(codes, bits=max(parent_level, 1)).numpy()  # (n, 3)

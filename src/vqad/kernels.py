@@ -335,8 +335,9 @@ def unique_rows(ids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`vqad.octree.corner_tables` of the cells ``codes (n,)`` of ``level <= 8``: corner vertex ids
-    ``(n, 8)`` and vertex keys ``(m,)``, both int64, in ``O(n + 8^L / 64)`` (a bitmap of the keys, ranked
-    by popcounts: no sort). Call only where :func:`applies`."""
+    ``(n, 8)`` and vertex keys ``(m,)``, both int64, in ``O(n + T · 8^L / 64)`` for T threads (at most 8;
+    a bitmap of the keys per thread, ORed and ranked by bit counts: no sort). Call only where
+    :func:`applies`."""
     lib = _load()
     _cpu("corner_tables", codes)
     codes = codes.reshape(-1).long().contiguous()
@@ -355,7 +356,7 @@ def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.
         uniq, inv = torch.unique(-1 - corners.reshape(-1).index_select(0, at), return_inverse=True)
         corners.view(-1).index_copy_(0, at, inv + m)
         return corners, torch.cat([keys[:m], uniq])
-    return corners, keys[:m]
+    return corners, (keys[:m].clone() if m < keys.numel() else keys)  # a slice would keep min(8n, 8^L) alive
 
 
 def octree_contexts(codes: torch.Tensor, level: int) -> torch.Tensor:
@@ -388,12 +389,16 @@ def children(parents: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     m = lib.vqad_children(_ptr(parents), _ptr(masks), parents.numel(), _ptr(out))
     if m < 0:
         raise IndexError("children: a parent code is negative or too large for its children's codes")
-    return out[:m]
+    return out[:m].clone() if m < out.numel() else out  # a slice would keep all 8n entries alive
 
 
-def _starts(sizes) -> torch.Tensor:
+def _starts(sizes, n: int, name: str) -> torch.Tensor:
+    """The groups' first positions (an exclusive prefix sum of ``sizes (K,)``), after checking that the
+    ``K >= 1`` sizes are non-negative and add up to ``n``."""
     sizes = torch.as_tensor(sizes, dtype=torch.long).reshape(-1)
-    return torch.cumsum(sizes, 0) - sizes  # exclusive prefix sum
+    if sizes.numel() == 0 or bool((sizes < 0).any()) or int(sizes.sum()) != n:
+        raise ValueError(f"{name}: the group sizes must be K >= 1 non-negative counts adding up to {n:,}")
+    return torch.cumsum(sizes, 0) - sizes
 
 
 def ungroup(contexts: torch.Tensor, grouped: torch.Tensor, sizes) -> torch.Tensor:
@@ -405,10 +410,10 @@ def ungroup(contexts: torch.Tensor, grouped: torch.Tensor, sizes) -> torch.Tenso
     _cpu("ungroup", contexts, grouped)
     contexts = contexts.reshape(-1).long().contiguous()
     grouped = grouped.reshape(-1).long().contiguous()
-    start = _starts(sizes)
     n = contexts.numel()
-    if grouped.numel() != n or int(start[-1]) + int(torch.as_tensor(sizes)[-1]) != n:
-        raise ValueError(f"ungroup: {n} contexts, {grouped.numel()} values, groups of {int(torch.as_tensor(sizes).sum())}")
+    if grouped.numel() != n:
+        raise ValueError(f"ungroup: {n} contexts but {grouped.numel()} values")
+    start = _starts(sizes, n, "ungroup")
     out = torch.empty(n, dtype=torch.long)
     err = lib.vqad_ungroup(_ptr(contexts), n, start.numel(), _ptr(grouped), _ptr(start), _ptr(out))
     if err == -2:
@@ -426,10 +431,10 @@ def ungroup_bits(contexts: torch.Tensor, grouped: torch.Tensor, sizes) -> torch.
     _cpu("ungroup_bits", contexts, grouped)
     contexts = contexts.reshape(-1).to(torch.uint8).contiguous()
     grouped = grouped.reshape(-1).to(torch.uint8).contiguous()
-    start = _starts(sizes)
     n8 = contexts.numel()
-    if grouped.numel() != n8 or n8 % 8 or not 1 <= start.numel() <= 256 or int(start[-1]) + int(torch.as_tensor(sizes)[-1]) != n8:
-        raise ValueError(f"ungroup_bits: {n8} contexts, {grouped.numel()} bits, {start.numel()} groups")
+    start = _starts(sizes, n8, "ungroup_bits")
+    if grouped.numel() != n8 or n8 % 8 or start.numel() > 256:
+        raise ValueError(f"ungroup_bits: {n8} contexts (8 a cell), {grouped.numel()} bits, {start.numel()} groups (<= 256)")
     masks = torch.empty(n8 // 8, dtype=torch.uint8)
     if lib.vqad_ungroup_bits(_ptr(contexts), n8, start.numel(), _ptr(grouped), _ptr(start), _ptr(masks)):
         raise IndexError(f"ungroup_bits: a context lies outside [0, {start.numel()}) or its group is too small")

@@ -155,17 +155,17 @@ def test_sdf_sweep_with_and_without_index_refinement(sphere, tmp_path, monkeypat
     S.Sweep(cfg, log=lambda *a, **k: None).run()
 
     (g_ref, t_ref), (g_no, t_no) = runs
-    assert (t_ref.refine, t_no.refine) == (S.default_refine("sdf"), 0) == (3, 0)
+    assert (t_ref.refine, t_no.refine) == (S.default_refine("sdf"), 0) == (6, 0)
     assert g_ref == g_no and g_no.storage == "codebook" and g_no.bits == 2
     assert replace(t_ref, refine=0) == t_no  # nothing else differs
     table = {r["point"]: r for r in _csv(out / "results.csv")}
     assert set(table) == {"codebook-b2", "codebook-norefine-b2"}  # no stream curve for the b = 2 pair
-    assert (table["codebook-b2"]["refine"], table["codebook-norefine-b2"]["refine"]) == ("3", "0")
+    assert (table["codebook-b2"]["refine"], table["codebook-norefine-b2"]["refine"]) == ("6", "0")
     for r in table.values():
         assert (out / r["file"]).is_file() and float(r["chamfer_l1"]) > 0
     md = (out / "results.md").read_text()
     assert "| VQ-AD (learned indices) | b = 2 |" in md and "| VQ-AD, no index refinement | b = 2 |" in md
-    assert "ends with 3 Gauss–Newton index-refinement sweeps" in md and "No baseline gets a comparable step" in md
+    assert "ends with 6 Gauss–Newton index-refinement sweeps" in md and "No baseline gets a comparable step" in md
     assert (out / "rd.png").stat().st_size > 10_000
     assert "codebook-norefine:b" in S.METHOD_SPEC_HELP  # the --methods help documents it
 
@@ -210,7 +210,7 @@ def test_sdf_sweep_rate_aware_points_resume_and_report(sphere, tmp_path, monkeyp
     S.Sweep(_config(sphere, out, methods, extra), log=lambda *a, **k: None).run()
     # rate-aware fits end with the same (rate-aware) index refinement as codebook:b, their λ = 0 end
     assert [(b, t.rate_weight, t.rate_context, t.refine) for b, t in runs] == [
-        (2, 0.0, False, 3), (2, 1e-3, False, 3), (2, 3e-2, False, 3), (3, 1e-3, False, 3), (3, 3e-2, False, 3)]
+        (2, 0.0, False, 6), (2, 1e-3, False, 6), (2, 3e-2, False, 6), (3, 1e-3, False, 6), (3, 3e-2, False, 6)]
     plain, rated = runs[0][1], runs[1][1]
     assert replace(rated, rate_weight=0.0) == plain  # nothing else differs from the λ = 0 reference
 
@@ -222,13 +222,13 @@ def test_sdf_sweep_rate_aware_points_resume_and_report(sphere, tmp_path, monkeyp
     assert by["codebook-b2"]["rate_weight"] == "" and by["codebook-rate-b3-lambda0.03"]["rate_weight"] == "0.03"
     for r in table:
         assert (out / r["file"]).stat().st_size == int(r["bytes"]) and float(r["chamfer_l1"]) > 0
-        assert r["refine"] == "3" and float(r["index_bits"]) == int(r["setting"])
+        assert r["refine"] == str(S.default_refine("sdf")) and float(r["index_bits"]) == int(r["setting"])
         # the shipped (entropy-coded) file's index chunks, models included: at most b plus a little
         assert 0 < float(r["coded_index_bits"]) <= int(r["setting"]) + 0.5
     md = (out / "results.md").read_text()
     assert "| VQ-AD + rate term | b = 3, λ = 0.03 |" in md and "**Rate-aware points**" in md
     assert "at λ = 0.001, 0.03" in md and "order-0" in md
-    assert "*VQ-AD + rate term* points end with 3 rate-aware sweeps" in md and "ending with 3 index-refinement sweeps" in md
+    assert "*VQ-AD + rate term* points end with 6 rate-aware sweeps" in md and "ending with 6 index-refinement sweeps" in md
     assert (out / "rd.png").stat().st_size > 10_000
     assert "rate_weights" not in json.loads((out / "sweep.json").read_text())["settings"]  # they choose points
 
@@ -247,7 +247,7 @@ def test_sdf_sweep_rate_aware_points_resume_and_report(sphere, tmp_path, monkeyp
     S.Sweep(_config(sphere, out, methods, extra), log=lambda *a, **k: None).run()
     assert [(b, t.rate_weight) for b, t in runs] == [(2, 3e-2)]
     assert (out / "points" / "codebook-rate-b2-lambda0.03.json.stale").is_file()
-    assert json.loads(rec_path.read_text())["rows"][-1]["refine"] == 3
+    assert json.loads(rec_path.read_text())["rows"][-1]["refine"] == S.default_refine("sdf")
     runs.clear()
     S.Sweep(_config(sphere, out, methods, ["--steps", "10", "--rate-weights", "0.001,0.03,1e-3"]),
             log=lambda *a, **k: None).run()  # the same set, written otherwise: nothing to do
@@ -452,7 +452,7 @@ def test_bench_rd_target_checks():
     # rd.md says which points were refined (rows without a refine column: the fit's default)
     text = B.refinement_text({"lego": lego, "armadillo": arm + [dict(_r("codebook-norefine", 4, 100_000, chamfer_l1=0.005))]})
     assert "lego's VQ-AD points have no index refinement" in text
-    assert "armadillo's VQ-AD points have 3 Gauss–Newton index-refinement sweeps" in text
+    assert f"armadillo's VQ-AD points have {S.default_refine('sdf')} Gauss–Newton index-refinement sweeps" in text
     assert "no index refinement* points are the same fits" in text and "baseline on armadillo compares refined" in text
     text = B.refinement_text({"lego": lego + [dict(_r("codebook-rate", 6, 90_000, psnr=29.1), rate_weight=1e-3)]})
     assert "*VQ-AD + rate term* points (`codebook-rate`, one series per b, λ in the CSV) have none" in text

@@ -23,7 +23,7 @@ draco-mc          q         SDF only: marching cubes of the dense fit, Draco at 
 dense point.
 
 **Index refinement.** An SDF fit ends with Gauss–Newton sweeps over the codebook indices
-(:mod:`vqad.refine`; ``SDFTrainConfig.refine``, 3 by default), so every ``codebook`` point of a mesh
+(:mod:`vqad.refine`; ``SDFTrainConfig.refine``, 6 by default), so every ``codebook`` point of a mesh
 sweep has them, and no baseline gets a comparable step. ``codebook-norefine`` fits exactly the same
 VQ-AD grid with ``refine = 0``, so the two series show what refinement buys. Radiance-field fits do
 not refine by default (``NeRFTrainConfig.refine = 0``), so there ``codebook`` already is VQ-AD
@@ -34,7 +34,7 @@ sweeps in ``refine``.
 of the two lists: VQ-AD whose loss gains λ × the estimated coded bits per index
 (:func:`vqad.fit.rate_term`, ``TrainConfig.rate_weight``; ``--rate-context`` estimates them given
 the coarser level's index, the CONTEXT codec's model, for every such point). They end with the fit's
-default index refinement (a mesh: 3 sweeps; a radiance field: none), and those sweeps minimise the
+default index refinement (a mesh: 6 sweeps; a radiance field: none), and those sweeps minimise the
 same ``loss + λ · bits`` (:func:`vqad.refine.rate_bit_cost`), so their λ = 0 reference is
 ``codebook:b`` (λ = 0 itself is refused: it is that point). The sweeps move far more bits per λ than
 the training term does, hence the defaults per kind (:data:`DEFAULT_RATE_WEIGHTS`). A record of an

@@ -79,7 +79,7 @@ class Sizes:
     infer_batch: int = 65536
     warmup: int = 3  # untimed steps before the timed ones
     steps: int = 5  # steps per timed repeat
-    repeats: int = 5  # timed repeats (median)
+    repeats: int = 7  # timed repeats (median; a step's and its bound's alternate)
     render_repeats: int = 3
     decode_repeats: int = 7
 
@@ -109,6 +109,29 @@ def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, 
         sync(device)
         times.append((time.perf_counter() - t0) / n)
     return statistics.median(times)
+
+
+def paired_seconds(fa: Callable[[], object], fb: Callable[[], object], device: torch.device, n: int,
+                   repeats: int) -> tuple[float, float, float]:
+    """Blocks of ``n`` calls of ``fa`` and of ``fb``, alternating, ``repeats`` of each (both warmed up by
+    the caller): the median seconds per call of each, and the median over the pairs of block ratios
+    ``a / b``. A ratio of two blocks a few hundred ms apart follows the host's drift in both, where a
+    ratio of two medians taken one after the other did not: the decoder-only bound alone moved
+    20.8–29.1 ms between runs on this host (docs/benchmarks/speed.md)."""
+
+    def block(fn) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync(device)
+        return (time.perf_counter() - t0) / n
+
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(block(fa))
+        b.append(block(fb))
+    return statistics.median(a), statistics.median(b), statistics.median(x / y for x, y in zip(a, b))
 
 
 def fit_step_fn(task, opts: dict, gen: torch.Generator) -> Callable[[], object]:
@@ -165,12 +188,18 @@ def decoder_bound_fn(chain: list, inputs: list[tuple[int, torch.Tensor, torch.Te
 
 def step_figures(task, opts: dict, bound_inputs: Callable[[], tuple[list, list]], lr: float, device: torch.device,
                  sz: Sizes, gen: torch.Generator) -> dict:
-    """``step_ms``, ``decoder_ms`` and their ratio for one task; ``bound_inputs()`` (called after the
-    timed steps) gives the decoder chain and inputs that match what those steps evaluated."""
-    step_s = median_seconds(fit_step_fn(task, opts, gen), device, sz.warmup, sz.steps, sz.repeats)
+    """``step_ms``, ``decoder_ms`` and their ratio for one task, timed in alternating blocks
+    (:func:`paired_seconds`); ``bound_inputs()`` (called after the warm-up steps) gives the decoder
+    chain and inputs that match what the steps evaluate."""
+    step = fit_step_fn(task, opts, gen)
+    for _ in range(sz.warmup):
+        step()
     chain, inputs = bound_inputs()
-    dec_s = median_seconds(decoder_bound_fn(chain, inputs, lr), device, sz.warmup, sz.steps, sz.repeats)
-    return {"step_ms": 1e3 * step_s, "decoder_ms": 1e3 * dec_s, "ratio": step_s / dec_s,
+    bound = decoder_bound_fn(chain, inputs, lr)
+    for _ in range(sz.warmup):
+        bound()
+    step_s, dec_s, ratio = paired_seconds(step, bound, device, sz.steps, sz.repeats)
+    return {"step_ms": 1e3 * step_s, "decoder_ms": 1e3 * dec_s, "ratio": ratio,
             "decoder_evaluations": sum(h.shape[0] for _, h, _ in inputs)}
 
 
@@ -368,18 +397,24 @@ def nerf_step(dataset, storage: str, sz: Sizes, device: torch.device) -> dict:
         step()
         lods_per_step.append(len(task.lods))
 
-    before = task.total_samples, task.rays
-    step_s = median_seconds(counted_step, device, sz.warmup, sz.steps, sz.repeats)
-    samples = (task.total_samples - before[0]) / len(lods_per_step)  # per step, warm-up included
+    before = task.total_samples
+    for _ in range(sz.warmup + sz.steps):  # untimed: the samples and LODs the bound must match
+        counted_step()
+    samples = (task.total_samples - before) / len(lods_per_step)  # per step
     n_lods = round(statistics.mean(lods_per_step))
     S = max(1, round(samples))
     width = field.decoder.mlps[0].in_dim
     finest = field.lods[-1]
     inputs = [(lod, torch.rand(S, width, device=device, requires_grad=True), torch.rand(S, field.sh_dim, device=device))
               for lod in [field.lods[0]] * (n_lods - 1) + [finest]]
-    dec_s = median_seconds(decoder_bound_fn([field.decoder, field.color], inputs, cfg.lr), device, sz.warmup, sz.steps,
-                           sz.repeats)
-    return {"step_ms": 1e3 * step_s, "decoder_ms": 1e3 * dec_s, "ratio": step_s / dec_s, "samples_per_step": samples,
+    bound = decoder_bound_fn([field.decoder, field.color], inputs, cfg.lr)
+    for _ in range(sz.warmup):
+        bound()
+    counted = task.total_samples, len(lods_per_step)
+    step_s, dec_s, ratio = paired_seconds(counted_step, bound, device, sz.steps, sz.repeats)
+    timed = (task.total_samples - counted[0]) / max(len(lods_per_step) - counted[1], 1)  # random rays: ±a few %
+    return {"step_ms": 1e3 * step_s, "decoder_ms": 1e3 * dec_s, "ratio": ratio, "samples_per_step": samples,
+            "samples_per_step_timed": timed,
             "samples_per_ray": samples / sz.batch_rays, "lods_per_step": n_lods, "decoder_evaluations": S * n_lods}
 
 
@@ -537,7 +572,9 @@ def write_report(runs: dict, out: Path) -> str:
         "step against the same decoder MLPs evaluated as often on random inputs (forward, backward, Adam; no grid); "
         "field inference against its decoder alone; frames with the field evaluations per pixel they needed "
         "(counted at the decoder's MLPs and the field's forward / all_lods, the larger count); file decoding per MB "
-        "and from the coarsest LOD's last byte to its field. Times are medians of repeats after a warm-up. CPU "
+        "and from the coarsest LOD's last byte to its field. Times are medians of repeats after a warm-up; a "
+        "training step and its bound are timed in alternating blocks, and their ratio is the median of the "
+        "blocks' ratios. CPU "
         "runs keep freed memory for reuse as the vqad CLI does (`vqad.device.keep_freed_memory`), unless "
         "labelled *malloc defaults* (`VQAD_MALLOC=default`), and take vqad's fused CPU kernels (`vqad.kernels`) "
         "unless labelled *PyTorch ops* (`VQAD_KERNELS=off`).",

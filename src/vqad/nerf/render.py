@@ -103,8 +103,8 @@ def render_transmittance_from_density(
     if tau.shape[-1] == 0:
         return torch.ones_like(tau), torch.zeros_like(tau)
     offsets, _ = ray_offsets(ray_indices, n_rays)
-    first = offsets[ray_indices]  # (S,) index of each sample's ray's first sample
-    excl = excl - excl[..., first]
+    first = offsets.index_select(0, ray_indices)  # (S,) index of each sample's ray's first sample
+    excl = excl - excl.index_select(-1, first)  # backward: an index_add, not advanced indexing's accumulating put
     return torch.exp(-excl).to(sigmas.dtype), -torch.expm1(-tau)
 
 
@@ -351,15 +351,15 @@ class OccupancySampler:
             if n:
                 rows = torch.repeat_interleave(torch.arange(first, last, device=dev), c, output_size=n)  # (n,)
                 j = torch.arange(n, device=dev) - (torch.cumsum(c, 0) - c).repeat_interleave(c, output_size=n)
-                t = t_in[rows] + (j.to(o.dtype) + u[rows]) * self.step
-                x = torch.addcmul(o[rows], t[:, None], d[rows])
-                keep = self.occupancy[self._flat_index(x)]
+                t = t_in.index_select(0, rows) + (j.to(o.dtype) + u.index_select(0, rows)) * self.step
+                x = torch.addcmul(o.index_select(0, rows), t[:, None], d.index_select(0, rows))  # index_select: ~3x [rows] on the CPU
+                keep = self.occupancy.index_select(0, self._flat_index(x))
                 if self.octree.max_level > self.level:
                     keep &= self.octree.contains(x)
                 kept = keep.nonzero().squeeze(1)
                 rows, t = rows.index_select(0, kept), t.index_select(0, kept)
-                ts.append(torch.maximum(t - 0.5 * self.step, t_in[rows]))
-                te.append(torch.minimum(t + 0.5 * self.step, t_out[rows]))
+                ts.append(torch.maximum(t - 0.5 * self.step, t_in.index_select(0, rows)))
+                te.append(torch.minimum(t + 0.5 * self.step, t_out.index_select(0, rows)))
                 ri.append(rows)
             first = last
         if not ri:

@@ -5,7 +5,8 @@ several passes over memory plus a large temporary (docs/benchmarks/speed.md):
 
 * the table gradient of the grid's interpolation, ``∂T[r] = Σ w[n,c] g[n]`` over the entries naming
   row r (:func:`interp_backward`): ``index_add_`` of an ``(8 N, k)`` product, ~10× slower than one
-  fused pass;
+  fused pass; with unit weights it is also the codebook's hard-lookup gradient ``Σ_u e_{best_u} g_u``,
+  where ``index_add_`` into 2^b rows runs as a slow scatter;
 * SparseAdam's update of the touched rows (:func:`sparse_adam`): two gathers, two scatters and an
   ``index_add_`` with six temporaries, against one pass over the rows;
 * ``argmax`` over a codebook's ``(U, 2^b)`` logits (:func:`argmax_rows`), slow on short rows;

@@ -96,19 +96,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def block_seconds(fn: Callable[[], object], device: torch.device, n: int) -> float:
+    """Mean wall time of ``n`` calls of ``fn``, the device's queued work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
 def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, n: int, repeats: int) -> float:
     """Median over ``repeats`` of the mean wall time of ``n`` calls of ``fn``, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
+    return statistics.median(block_seconds(fn, device, n) for _ in range(repeats))
 
 
 def paired_seconds(fa: Callable[[], object], fb: Callable[[], object], device: torch.device, n: int,
@@ -118,19 +120,10 @@ def paired_seconds(fa: Callable[[], object], fb: Callable[[], object], device: t
     ``a / b``. A ratio of two blocks a few hundred ms apart follows the host's drift in both, where a
     ratio of two medians taken one after the other did not: the decoder-only bound alone moved
     20.8–29.1 ms between runs on this host (docs/benchmarks/speed.md)."""
-
-    def block(fn) -> float:
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync(device)
-        return (time.perf_counter() - t0) / n
-
     a, b = [], []
     for _ in range(repeats):
-        a.append(block(fa))
-        b.append(block(fb))
+        a.append(block_seconds(fa, device, n))
+        b.append(block_seconds(fb, device, n))
     return statistics.median(a), statistics.median(b), statistics.median(x / y for x, y in zip(a, b))
 
 
@@ -410,11 +403,8 @@ def nerf_step(dataset, storage: str, sz: Sizes, device: torch.device) -> dict:
     bound = decoder_bound_fn([field.decoder, field.color], inputs, cfg.lr)
     for _ in range(sz.warmup):
         bound()
-    counted = task.total_samples, len(lods_per_step)
-    step_s, dec_s, ratio = paired_seconds(counted_step, bound, device, sz.steps, sz.repeats)
-    timed = (task.total_samples - counted[0]) / max(len(lods_per_step) - counted[1], 1)  # random rays: ±a few %
+    step_s, dec_s, ratio = paired_seconds(step, bound, device, sz.steps, sz.repeats)
     return {"step_ms": 1e3 * step_s, "decoder_ms": 1e3 * dec_s, "ratio": ratio, "samples_per_step": samples,
-            "samples_per_step_timed": timed,
             "samples_per_ray": samples / sz.batch_rays, "lods_per_step": n_lods, "decoder_evaluations": S * n_lods}
 
 

@@ -298,6 +298,27 @@ def octree_contexts(parent_codes, parent_level: int, dense_max_res: int = DENSE_
     return ctx.T.copy()
 
 
+def _grouping(contexts: np.ndarray, n_contexts: int) -> tuple[np.ndarray, list[int]]:
+    """How the coders send symbols, grouped by context (context 0 first, positions in order within a
+    group): each context's group size ``(K,)`` and the groups' bounds (``K + 1`` Python ints)."""
+    sizes = np.bincount(contexts, minlength=n_contexts)
+    return sizes, [0] + np.cumsum(sizes).tolist()
+
+
+def _ungroup(contexts: np.ndarray, grouped: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """``(n,)`` values in position order from ``grouped (n,)`` in coding order (:func:`_grouping`): one C
+    pass (:func:`vqad.kernels.ungroup`) where the kernels are built, else a stable sort and a scatter."""
+    import torch
+
+    from vqad import kernels
+
+    if kernels.applies():
+        return kernels.ungroup(torch.from_numpy(contexts), torch.from_numpy(grouped), torch.from_numpy(sizes)).numpy()
+    out = np.empty_like(grouped)
+    out[np.argsort(contexts, kind="stable")] = grouped
+    return out
+
+
 def _ungroup_bits(ctx: np.ndarray, grouped: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """The child masks ``(n,)`` uint8 from the bits ``grouped (8n,)`` in coding order (by context, stable)
     and their contexts ``ctx (8n,)`` uint8: one C pass (:func:`vqad.kernels.ungroup_bits`) where the
@@ -383,14 +404,13 @@ class OctreeDecoder:
             )
         self.budget -= n
         ctx = octree_contexts(codes, parent_level).reshape(-1)
-        sizes = np.bincount(ctx, minlength=OCTREE_CONTEXTS)
-        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        sizes, bounds = _grouping(ctx, OCTREE_CONTEXTS)
         sb = np.empty(ctx.size, dtype=np.uint8)  # the bits grouped by context, as they were coded
         used = np.flatnonzero(sizes)
-        if (self.q[used] == 0).any():
-            j = int(used[self.q[used] == 0][0])
-            raise EntropyError(f"octree context {j} occurs but its model says it never does")
-        q, bounds = self.q.tolist(), bounds.tolist()  # Python ints: ~300 calls a file, each cheaper
+        unmodelled = used[self.q[used] == 0]
+        if unmodelled.size:
+            raise EntropyError(f"octree context {int(unmodelled[0])} occurs but its model says it never does")
+        q = self.q.tolist()  # Python ints: ~300 calls a file, each cheaper
         for j in used.tolist():
             a, b = bounds[j], bounds[j + 1]
             try:
@@ -614,26 +634,16 @@ def decode_context(payload, contexts: np.ndarray, alphabet: int, n_contexts: int
     if len(rest) % 4:
         raise EntropyError(f"compressed data is {len(rest)} bytes, not a whole number of 32-bit words")
     dec = _constriction().stream.queue.RangeDecoder(np.frombuffer(rest, dtype="<u4").astype(np.uint32))
-    sizes = np.bincount(c, minlength=n_contexts)
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    sizes, bounds = _grouping(c, n_contexts)
     ss = np.empty(c.size, dtype=np.int64)  # the symbols grouped by context, as they were coded
     for j in np.flatnonzero(sizes).tolist():
         try:
-            ss[bounds[j]:bounds[j + 1]] = dec.decode(cm.model(j), int(bounds[j + 1] - bounds[j]))
+            ss[bounds[j]:bounds[j + 1]] = dec.decode(cm.model(j), bounds[j + 1] - bounds[j])
         except EntropyError:
             raise
         except Exception as exc:  # constriction's own exception types
             raise EntropyError(f"range decoder failed: {exc}") from exc
-    import torch
-
-    from vqad import kernels
-
-    if kernels.applies():  # one C pass instead of a stable sort and a scatter
-        return kernels.ungroup(torch.from_numpy(c), torch.from_numpy(ss), torch.from_numpy(sizes)).numpy()
-    order, _ = cm.groups(c)
-    out = np.empty_like(ss)
-    out[order] = ss
-    return out
+    return _ungroup(c, ss, sizes)
 
 
 def model_bytes(payload, codec: str, alphabet: int, n_contexts: int = 0) -> int:

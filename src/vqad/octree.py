@@ -512,11 +512,12 @@ def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.
     On the CPU with :mod:`vqad.kernels`, the table is a bitmap (64 entries a word) marked and ranked in
     one C pass, so it pays up to 64× more lattice points per corner.
     """
-    if level <= DENSE_TABLE_MAX_LEVEL and 8 ** level <= 64 * LATTICE_POINTS_PER_CORNER * 8 * codes.numel() \
-            and kernels.applies(codes):  # a bitmap, 64 lattice points a word, in one C pass (vqad.kernels)
-        return kernels.corner_tables(codes, level)
-    if level <= DENSE_TABLE_MAX_LEVEL and 8 ** level <= LATTICE_POINTS_PER_CORNER * 8 * codes.numel():
-        return _corner_tables_dense(codes, level)
+    if level <= DENSE_TABLE_MAX_LEVEL:
+        lattice_budget = LATTICE_POINTS_PER_CORNER * 8 * codes.numel()
+        if 8 ** level <= 64 * lattice_budget and kernels.applies(codes):  # a bitmap: 64 lattice points a word
+            return kernels.corner_tables(codes, level)
+        if 8 ** level <= lattice_budget:
+            return _corner_tables_dense(codes, level)
     keys = _corner_codes(codes, torch.int32 if 3 * (level + 1) <= 31 else torch.long)  # int32: a smaller sort key
     uniq, inv = torch.unique(keys.reshape(-1), return_inverse=True)
     return inv.reshape(-1, 8), uniq.long()

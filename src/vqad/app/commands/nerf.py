@@ -47,7 +47,7 @@ def register(sub) -> None:
     p = sub.add_parser("fit-nerf", help="fit a VQ-AD (or dense) radiance field to posed images",
                        description="Fit a VQ-AD (or dense, hash) radiance field to posed images, every LOD jointly. "
                                    "A default run's 3000 steps take about 3 to 5 minutes on a 2-core laptop CPU at "
-                                   "4,096 rays per step (lego at 200x200: 12,000 steps in 11.2 minutes with the fused CPU "
+                                   "4,096 rays per step (lego at 200x200: 15,000 steps in 12.8 minutes with the fused CPU "
                                    "kernels, docs/benchmarks/nerf.md; a room-sized capture 2-3x longer per step), plus "
                                    "the octree pass and the evaluation; --minutes caps the whole job.")
     p.add_argument("dataset", help="dataset directory, or 'procedural' for the built-in scene")

@@ -205,6 +205,28 @@ def test_empty_levels_is_the_coarsest_empty_ancestor():
     assert not torch.equal(rebuilt.codes[5], codes)
 
 
+def test_octree_from_given_tables_equals_built_and_refuses_mismatches():
+    """An octree handed every level's (codes, corners, keys), as the file reader does, holds exactly the
+    tables it would build from its finest codes; tables for other levels, finest codes that are not
+    the tables' own, or corner rows that do not match the codes are refused."""
+    torch.manual_seed(2)
+    built = SparseOctree.from_points(torch.rand(400, 3) * 1.8 - 0.9, 2, 5)
+    tables = {lv: (built.codes[lv].clone(), built.corners[lv].clone(), built.vertex_keys[lv].clone()) for lv in built.levels}
+    given = SparseOctree(tables[5][0], 2, 5, tables=tables)
+    for lv in built.levels:
+        assert torch.equal(given.codes[lv], built.codes[lv])
+        assert torch.equal(given.corners[lv], built.corners[lv])
+        assert torch.equal(given.vertex_keys[lv], built.vertex_keys[lv])
+        assert given.num_vertices(lv) == built.num_vertices(lv)
+    with pytest.raises(ValueError, match="tables cover levels"):
+        SparseOctree(tables[5][0], 3, 5, tables=tables)
+    with pytest.raises(ValueError, match="finest_codes itself"):
+        SparseOctree(tables[5][0].clone(), 2, 5, tables=tables)
+    bad = {**tables, 4: (tables[4][0], tables[4][1][:-1], tables[4][2])}
+    with pytest.raises(ValueError, match="level 4"):
+        SparseOctree(bad[5][0], 2, 5, tables=bad)
+
+
 @pytest.mark.parametrize("dense_table", [True, False])  # a table of level L - 1's keys, or a sorted search
 def test_coarser_vertices_is_floor_half_brute_force(monkeypatch, dense_table):
     """Every vertex's coarser vertex sits at floor(v / 2), far-face vertices (coordinate 2^L) included."""

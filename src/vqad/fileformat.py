@@ -769,10 +769,11 @@ class StreamDecoder:
         top = max(lv for lv in self.prefix_sizes if lod is None or lv <= lod)
         device = torch.device(device)
         grid_cfg = replace(self.grid_cfg, max_level=top)
-        tables = {lv: (self._levels[lv].corners, self._levels[lv].keys) for lv in range(grid_cfg.base_level, top + 1)}
+        tables = {lv: (self._levels[lv].codes, self._levels[lv].corners, self._levels[lv].keys)
+                  for lv in range(grid_cfg.base_level, top + 1)}
         if copy_tables:  # each field owns its tables
             tables = {lv: tuple(t.clone() for t in tab) for lv, tab in tables.items()}
-        octree = SparseOctree(self._levels[top].codes, grid_cfg.base_level, top, tables=tables)
+        octree = SparseOctree(tables[top][0], grid_cfg.base_level, top, tables=tables)
         storages = []
         cls = STORAGES[grid_cfg.storage]
         for i, level in enumerate(octree.levels):
@@ -783,10 +784,12 @@ class StreamDecoder:
                                                 **self.cfg["storage_params"][i]))
             except (VqadError, ValueError, RuntimeError, TypeError) as exc:
                 raise _corrupt(f"the {grid_cfg.storage} storage of level {level} cannot be rebuilt ({exc})") from exc
-        grid = OctreeGrid(octree, storages, grid_cfg).to(device)
+        grid = OctreeGrid(octree, storages, grid_cfg)  # on the CPU, where the decoding put every tensor
         cfg = dict(self.cfg, grid=to_dict(grid_cfg), storage_params=self.cfg["storage_params"][: len(octree.levels)])
         with torch.random.fork_rng(devices=[]):  # the decoder's random init is overwritten: keep the caller's RNG
-            field = field_from_config(cfg, grid).to(device)
+            field = field_from_config(cfg, grid)
+        if device != octree.device:
+            field = field.to(device)
         want = field.decoder_state()
         field.load_decoder_state({k: self._decoder[k] for k in want})
         field.bake(fp16=False)
@@ -824,9 +827,9 @@ def _decoder_shapes(cfg: dict, grid_cfg: GridConfig) -> dict[str, tuple[int, ...
     damaged header that asks for a gigantic decoder costs no memory; the decoder chunk that follows
     must then physically hold every weight before anything real is allocated.
     """
-    one = {lv: (torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, dtype=torch.long)) for lv in grid_cfg.lods}
-    octree = SparseOctree(torch.zeros(1, dtype=torch.long), grid_cfg.base_level, grid_cfg.max_level,
-                          tables=one).to("meta")  # the cell's own tables are never read: one placeholder row each
+    cell = torch.empty(1, dtype=torch.long, device="meta")
+    one = {lv: (cell, torch.empty(1, 8, dtype=torch.long, device="meta"), cell) for lv in grid_cfg.lods}
+    octree = SparseOctree(cell, grid_cfg.base_level, grid_cfg.max_level, tables=one)  # never read: placeholders
     with torch.device("meta"), torch.random.fork_rng(devices=[]):
         field = field_from_config(cfg, OctreeGrid(octree, [], grid_cfg))
         return {k: tuple(v.shape) for k, v in field.decoder_state().items()}

@@ -206,28 +206,36 @@ class SparseOctree(nn.Module):
     """
 
     def __init__(self, finest_codes: torch.Tensor, base_level: int, max_level: int,
-                 tables: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
-        """``tables``: optionally, ``{level: (corners, vertex_keys)}`` already built by :func:`corner_tables`
-        for every level ``base_level..max_level`` of these codes (the file reader builds them while the
-        stream arrives, so that a field costs no second pass); taken as given, not copied."""
+                 tables: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None):
+        """``tables``: optionally, ``{level: (codes, corners, vertex_keys)}`` for every level
+        ``base_level..max_level``, each level's sorted cell codes and the tables :func:`corner_tables`
+        built from them, ``tables[max_level][0]`` being ``finest_codes`` (the file reader decodes every
+        level's codes and builds its tables while the stream arrives, so that a field costs no second
+        pass); taken as given, not copied or re-derived."""
         super().__init__()
         check_levels(base_level, max_level)
         self.base_level = int(base_level)
         self.max_level = int(max_level)
-        codes = _sorted_unique(finest_codes.long())
-        if codes.numel() == 0:
-            raise InputError("the octree is empty: no sample fell inside the cube [-1, 1]^3")
         if tables is not None and set(tables) != set(self.levels):
             raise ValueError(f"tables cover levels {sorted(tables)}, the octree has {self.levels}")
+        if tables is not None and tables[self.max_level][0] is not finest_codes:
+            raise ValueError("tables[max_level] must hold finest_codes itself as its codes")
+        codes = _sorted_unique(finest_codes.long()) if tables is None else finest_codes
+        if codes.numel() == 0:
+            raise InputError("the octree is empty: no sample fell inside the cube [-1, 1]^3")
         for level in range(self.max_level, self.base_level - 1, -1):
-            corners, keys = corner_tables(codes, level) if tables is None else tables[level]
-            if corners.shape != (codes.numel(), 8) or keys.dim() != 1:
-                raise ValueError(f"level {level}: {tuple(corners.shape)} corner rows for {codes.numel()} cells, "
+            if tables is None:
+                corners, keys = corner_tables(codes, level)
+            else:
+                codes, corners, keys = tables[level]
+            if codes.dim() != 1 or corners.shape != (codes.numel(), 8) or keys.dim() != 1:
+                raise ValueError(f"level {level}: {tuple(corners.shape)} corner rows for {tuple(codes.shape)} cells, "
                                  f"vertex keys of shape {tuple(keys.shape)}")
             self.register_buffer(f"codes_{level}", codes, persistent=False)
             self.register_buffer(f"corners_{level}", corners, persistent=False)
             self.register_buffer(f"keys_{level}", keys, persistent=False)
-            codes = torch.unique_consecutive(codes >> 3)  # sorted children: parents come sorted, grouped
+            if tables is None:
+                codes = torch.unique_consecutive(codes >> 3)  # sorted children: parents come sorted, grouped
 
     # -- construction -------------------------------------------------------------------------
     @classmethod

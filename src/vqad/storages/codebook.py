@@ -103,7 +103,8 @@ class CodebookStorage(FeatureStorage):
         V = V.detach().reshape(-1)
         if V.numel() == 0 or V.is_floating_point():
             raise InputError(f"indices V must be a non-empty integer tensor, got {tuple(V.shape)} {V.dtype}")
-        if int(V.min()) < 0 or int(V.max()) >= D.shape[0]:
+        lo, hi = torch.aminmax(V)  # one pass
+        if int(lo) < 0 or int(hi) >= D.shape[0]:
             raise InputError(f"indices V must lie in 0..{D.shape[0] - 1} for a {bits}-bit codebook")
         s = cls(1, D.shape[1], bits=bits, codebook_std=0.0, logit_std=0.0)
         s.m = V.numel()
@@ -189,7 +190,8 @@ class CodebookStorage(FeatureStorage):
 
     def bake(self, fp16: bool = True) -> None:
         self._soft = None
-        self.V = self.indices().clone()
+        if not self.baked:  # a baked storage already owns its V (from_indices copies it)
+            self.V = self.indices().clone()
         if fp16:
             self.D.data = round_fp16(self.D)
         self.D.requires_grad_(False)

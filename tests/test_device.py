@@ -108,7 +108,7 @@ def test_sdf_field_built_on_cpu_trains_and_decodes_on_cuda(tmp_path, dev):
     with torch.no_grad():
         for level in field.lods:
             assert torch.equal(field.grid._padded_level_features(x, level),
-                               field.grid._compact_level_features(None, x, level))
+                               field.grid._compact_level_features(x, level))
     field.bake()
     path = tmp_path / "sphere.vqad"
     fileformat.save(field, path)

@@ -89,6 +89,29 @@ def test_packed_rendering_equals_per_ray_loop():
     torch.testing.assert_close(accumulate_along_rays(out.weights, None, ri, n_rays), out.opacity)
 
 
+@pytest.mark.parametrize("batch", [(), (2,), (2, 3)])
+@pytest.mark.parametrize("channels", [None, 3])
+def test_accumulate_along_rays_equals_one_hot_sums_with_gradients(batch, channels):
+    """Σ_{i in ray r} w_i v_i against a one-hot matrix product, values and gradients, for any leading batch."""
+    g = torch.Generator().manual_seed(3)
+    counts = torch.tensor([4, 0, 1, 9, 2])
+    ri = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    S, R = int(counts.sum()), counts.numel()
+    w = torch.rand(*batch, S, generator=g, dtype=torch.float64, requires_grad=True)
+    v = None if channels is None else torch.rand(*batch, S, channels, generator=g, dtype=torch.float64, requires_grad=True)
+    got = accumulate_along_rays(w, v, ri, R)
+    onehot = torch.nn.functional.one_hot(ri, R).to(torch.float64)  # (S, R)
+    src = w.unsqueeze(-1) * (torch.ones(*batch, S, 1, dtype=torch.float64) if v is None else v)
+    want = torch.einsum("...sc,sr->...rc", src, onehot)
+    want = want.squeeze(-1) if v is None else want
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+    up = torch.rand(want.shape, generator=g, dtype=torch.float64)
+    inputs = [w] + ([] if v is None else [v])
+    for a, b in zip(torch.autograd.grad((got * up).sum(), inputs), torch.autograd.grad((want * up).sum(), inputs)):
+        torch.testing.assert_close(a, b)
+
+
 def test_marching_keeps_only_occupied_cells_and_covers_the_ray():
     pts = torch.tensor([[0.3, 0.1, -0.2], [-0.5, -0.5, 0.5]])
     octree = SparseOctree.from_points(pts, 2, 5, dilate=1)

@@ -131,12 +131,12 @@ def test_padded_and_compact_queries_agree_bit_for_bit():
         assert torch.equal(p.vertex_ids[q.rows], q.vertex_ids) and torch.equal(p.weights[q.rows], q.weights)
         assert torch.all(p.weights[~q.valid] == 0)
         with torch.no_grad():
-            compact = grid._compact_level_features(None, x, level)
+            compact = grid._compact_level_features(x, level)
             padded = grid._padded_level_features(x, level)
         assert torch.equal(compact.isnan(), padded.isnan())
         assert torch.equal(compact.nan_to_num(), padded.nan_to_num())
         assert torch.all(padded[~q.valid] == 0)
-    # the CPU's cumulative features add each level's rows into the coarser sum: the padded sums, bit for bit
+    # the cumulative features (compact on the CPU) equal the sums of the padded levels, bit for bit
     with torch.no_grad():
         got = grid.multi_lod_features(x, octree.levels)
         acc = None

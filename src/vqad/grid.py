@@ -112,25 +112,16 @@ class OctreeGrid(nn.Module):
         form (every point looks up, with weight 0 outside the occupied cells) serves inference on an
         accelerator, without a single synchronisation.
         """
-        return self._add_level_features(None, x, level)
-
-    def _add_level_features(self, acc: torch.Tensor | None, x: torch.Tensor, level: int) -> torch.Tensor:
-        """``acc + level_features(x, level)`` as a new tensor (``acc`` ``(N, k)`` or None for zeros): the
-        compact form adds its rows into a copy of ``acc`` in one pass, with the same values bit for bit
-        as adding a zero-padded level (a sum with 0 is exact)."""
         storage = self.storage(level)
         records = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in storage.parameters()))
         if records or x.device.type == "cpu":
-            return self._compact_level_features(acc, x, level)
-        f = self._padded_level_features(x, level)
-        return f if acc is None else acc + f
+            return self._compact_level_features(x, level)
+        return self._padded_level_features(x, level)
 
-    def _compact_level_features(self, acc: torch.Tensor | None, x: torch.Tensor, level: int) -> torch.Tensor:
+    def _compact_level_features(self, x: torch.Tensor, level: int) -> torch.Tensor:
         q = self.octree.interpolation(x, level)
         interp = _interpolate(q.weights, *self.storage(level).rows(q.vertex_ids))  # (N_valid, k)
-        if acc is None:
-            return x.new_zeros(x.shape[0], self.k).index_copy(0, q.rows, interp)
-        return acc.index_add(0, q.rows, interp)  # q.rows are distinct: each row gains one term
+        return x.new_zeros(x.shape[0], self.k).index_copy(0, q.rows, interp)
 
     def _padded_level_features(self, x: torch.Tensor, level: int) -> torch.Tensor:
         q = self.octree.padded_interpolation(x, level)
@@ -152,7 +143,8 @@ class OctreeGrid(nn.Module):
         acc = None
         out: dict[int, torch.Tensor] = {}
         for level in range(self.octree.base_level, top + 1):
-            acc = self._add_level_features(acc, x, level)
+            f = self.level_features(x, level)
+            acc = f if acc is None else acc + f
             if level in want:
                 out[level] = acc
         return [out[lod] for lod in lods]

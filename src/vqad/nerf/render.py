@@ -62,13 +62,13 @@ def distortion_loss(weights: torch.Tensor, s: torch.Tensor, delta: torch.Tensor,
         ``(B,)`` (or ``()``) the mean over the ``n_rays`` rays.
     """
     first, _ = ray_offsets(ray_indices, n_rays)
-    start = first[ray_indices]  # (S,) each sample's ray's first sample
+    start = first.index_select(0, ray_indices)  # (S,) each sample's ray's first sample
     w = weights.double()
     sd = s.double()
 
     def exclusive(v: torch.Tensor) -> torch.Tensor:  # Σ_{j < i, same ray} v_j
         ex = torch.cumsum(v, -1) - v
-        return ex - ex[..., start]
+        return ex - ex.index_select(-1, start)  # backward: an index_add, not advanced indexing's accumulating put
 
     inter = 2.0 * (w * (sd * exclusive(w) - exclusive(w * sd))).sum(-1)  # Σ_{i≠j} w_i w_j |s_i − s_j|
     intra = (w * w * delta.double()).sum(-1) / 3.0
@@ -131,12 +131,17 @@ def accumulate_along_rays(weights: torch.Tensor, values: torch.Tensor | None, ra
         ``(n_rays, C)`` / ``(B, n_rays, C)`` (or ``(n_rays,)`` / ``(B, n_rays)`` when ``values`` is None).
     """
     src = weights if values is None else weights.unsqueeze(-1) * values
-    batch = src.dim() - (1 if values is None else 2)
-    dim = batch  # the sample dimension
-    shape = list(src.shape)
-    shape[dim] = n_rays
-    out = src.new_zeros(shape)
-    return out.index_add(dim, ray_indices, src)
+    batch = src.dim() - (1 if values is None else 2)  # the sample dimension's position
+    if batch == 0 or values is None:
+        shape = list(src.shape)
+        shape[batch] = n_rays
+        return src.new_zeros(shape).index_add(batch, ray_indices, src)
+    # (B, S, C): one index_add along the first dimension per batch entry (LOD). Along the sample
+    # dimension of the whole (B, S, C), PyTorch's CPU index_add adds one (B, C) slice per index: forward
+    # and backward of (2, 54,614, 3) took 4.4 ms here, 1.4 ms this way (without C, 0.16 ms either way)
+    flat = src.reshape((-1,) + tuple(src.shape[batch:]))  # (B', S, C)
+    out = torch.stack([e.new_zeros((n_rays,) + tuple(e.shape[1:])).index_add(0, ray_indices, e) for e in flat.unbind(0)])
+    return out.reshape(tuple(src.shape[:batch]) + tuple(out.shape[1:]))
 
 
 @dataclass
@@ -201,7 +206,8 @@ class PackedSamples:
     def points(self, o: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """``(S, 3)`` interval midpoints ``o + t d`` in grid coordinates (contracted when ``outer_scale > 1``)."""
         t = 0.5 * (self.t_starts + self.t_ends)
-        return contract(o[self.ray_indices] + t[:, None] * d[self.ray_indices], self.outer_scale)
+        ri = self.ray_indices  # index_select: 2-3x advanced indexing's speed on the CPU, the same values
+        return contract(o.index_select(0, ri) + t[:, None] * d.index_select(0, ri), self.outer_scale)
 
     def __len__(self) -> int:
         return int(self.ray_indices.numel())
@@ -479,7 +485,7 @@ def render_rays(
     x = samples.points(o, d)
     if samples_out is not None:
         samples_out.extend((samples, x))
-    sig, rgb = field.all_lods(x, d[samples.ray_indices], lods)  # (B, S), (B, S, 3)
+    sig, rgb = field.all_lods(x, d.index_select(0, samples.ray_indices), lods)  # (B, S), (B, S, 3)
     out = volume_render(samples.t_starts, samples.t_ends, sig, rgb, samples.ray_indices, R, background)
     return out, len(samples)
 

@@ -198,7 +198,7 @@ class RadianceTask(FitTask):
         distance does): each sample's chord distance from its ray's first sample, and the marching step."""
         samples, x = drawn
         first, _ = ray_offsets(samples.ray_indices, n_rays)
-        s = (x - x[first[samples.ray_indices]]).norm(dim=-1)  # (S,)
+        s = (x - x.index_select(0, first.index_select(0, samples.ray_indices))).norm(dim=-1)  # (S,)
         delta = torch.full_like(s, self.sampler.step)
         return distortion_loss(weights, s, delta, samples.ray_indices, n_rays)
 

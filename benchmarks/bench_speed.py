@@ -79,9 +79,13 @@ class Sizes:
     infer_batch: int = 65536
     warmup: int = 3  # untimed steps before the timed ones
     steps: int = 5  # steps per timed repeat
-    repeats: int = 7  # timed repeats (median; a step's and its bound's alternate)
+    # timed repeats (median; a step's and its bound's alternate). Within one run the 5-step blocks' ratios
+    # spread over ±0.1 (SDF codebook 1.44–1.63): 15 pairs put the median's own spread near ±0.03, where 7 left ±0.05
+    repeats: int = 15
     render_repeats: int = 3
-    decode_repeats: int = 7
+    # single loads of a ~10 ms decode: 21 span ~0.2 s, so one slow stretch of the host moves the median less
+    # than 7 did (entropy-coded: 7.5–8.8 ms alone; 10–12 ms in two runs of seven with 7 repeats)
+    decode_repeats: int = 21
 
 
 QUICK = Sizes(sdf_levels=(3, 5), batch=2048, sdf_fit_steps=120, pool_size=50_000, nerf_scene="procedural",

@@ -57,7 +57,7 @@ CACHE_ENV = "VQAD_CACHE_DIR"
 MODES = ("auto", "on", "off")
 _SOURCE = Path(__file__).with_name("_kernels.c")
 _ABI = 4  # vqad_kernels_abi() of the source this module calls
-_BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off"]
+_BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
 #: below this many multiply-adds an interpolation backward runs on one thread (forking costs more)
 _PARALLEL_MIN_WORK = 1 << 16
 

@@ -268,6 +268,33 @@ def test_pushing_one_byte_at_a_time_completes_lods_exactly_at_their_prefix(small
     assert_same_model(field, dec.field())
 
 
+def test_fields_of_one_decoder_share_no_memory(small):
+    """Two fields of one StreamDecoder (and the decoder itself) own their octree tables and indices:
+    a field edited in place (set_indices on a baked codebook, say) changes neither the other nor the
+    next field the decoder gives."""
+    field, data = small
+    dec = F.StreamDecoder()
+    dec.feed(data)
+    a, b = dec.field(), dec.field()
+
+    def ptrs(f):
+        out = {}
+        for lv in f.grid.octree.levels:
+            for name in ("codes", "corners", "keys"):
+                out[f"{name}_{lv}"] = f.grid.octree._buffers[f"{name}_{lv}"].untyped_storage().data_ptr()
+        for i, s in enumerate(f.grid.storages):
+            out[f"V_{i}"] = s.V.untyped_storage().data_ptr()
+        return out
+
+    pa, pb = ptrs(a), ptrs(b)
+    held = {t.untyped_storage().data_ptr() for lv in dec._levels.values() for t in (lv.codes, lv.corners, lv.keys)}
+    assert not set(pa.values()) & set(pb.values()) and not (set(pa.values()) | set(pb.values())) & held
+    first = a.grid.storages[-1]
+    first.set_indices(torch.arange(3), (first.V[:3] + 1) % (1 << first.b))
+    assert not torch.equal(first.V, b.grid.storages[-1].V)
+    assert_same_model(field, dec.field())
+
+
 def test_truncation_messages_and_warning(small):
     field, data = small
     for n in (0, 5, 12, 30):

@@ -216,6 +216,9 @@ def test_level_query_matches_the_torch_query(need_kernels):
     x[:6] = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [1.0, -1.0, 0.0], [float("nan"), 0.0, 0.0],
                           [0.0, float("inf"), 0.0], [0.5, 0.5, -float("inf")]])
     x[6:1000] = octree.vertices[6][:994].float() / 32 - 1  # exactly on vertices and cell faces
+    lo = torch.nextafter(torch.tensor(-1.0), torch.tensor(0.0)).item()  # the cell index is a truncation of (x + 1)·2^L/2
+    hi = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
+    x[1000:1005] = torch.tensor([[-0.0, -0.0, -0.0], [lo, 0.0, -0.0], [hi, lo, 0.25], [lo, lo, lo], [hi, hi, hi]])
     for level in octree.levels:
         fused = octree.interpolation(x, level)
         with kernels.disabled():

@@ -184,7 +184,8 @@ int64_t vqad_level_query(const float *x, int64_t N, int level, const int32_t *ta
             if (p[0] >= -1.0f && p[0] <= 1.0f && p[1] >= -1.0f && p[1] <= 1.0f && p[2] >= -1.0f && p[2] <= 1.0f) {
                 int64_t ijk[3];
                 for (int a = 0; a < 3; a++) {
-                    int64_t v = (int64_t)((p[a] + 1.0f) * half_res); /* >= 0 here: truncation is floor, no libm call */
+                    float y = (p[a] + 1.0f) * half_res; /* >= 0 here (p >= -1): truncation is floor, no libm call; */
+                    int64_t v = (int64_t)y;             /* rounded to float first, as floorf's argument was */
                     ijk[a] = v < 0 ? 0 : (v > res - 1 ? res - 1 : v);
                 }
                 int32_t e = table[(ijk[0] * res + ijk[1]) * res + ijk[2]];
@@ -211,7 +212,8 @@ int64_t vqad_level_query(const float *x, int64_t N, int level, const int32_t *ta
             const float *p = x + 3 * n;
             float wa[3][2];
             for (int a = 0; a < 3; a++) {
-                int64_t v = (int64_t)((p[a] + 1.0f) * half_res); /* a valid point: >= 0, as above */
+                float y = (p[a] + 1.0f) * half_res; /* a valid point: >= 0, as above */
+                int64_t v = (int64_t)y;
                 v = v < 0 ? 0 : (v > res - 1 ? res - 1 : v);
                 float ta = (p[a] + 1.0f) * half_res - (float)v;
                 wa[a][0] = 1.0f - ta;

@@ -228,7 +228,7 @@ class SparseOctree(nn.Module):
                 corners, keys = corner_tables(codes, level)
             else:
                 codes, corners, keys = tables[level]
-            if codes.dim() != 1 or corners.shape != (codes.numel(), 8) or keys.dim() != 1:
+            if codes.dim() != 1 or codes.dtype != torch.long or corners.shape != (codes.numel(), 8) or keys.dim() != 1:
                 raise ValueError(f"level {level}: {tuple(corners.shape)} corner rows for {tuple(codes.shape)} cells, "
                                  f"vertex keys of shape {tuple(keys.shape)}")
             self.register_buffer(f"codes_{level}", codes, persistent=False)

@@ -110,7 +110,7 @@ class CodebookStorage(FeatureStorage):
         s.m = V.numel()
         s.D = nn.Parameter(D.detach().float().clone(), requires_grad=False)
         s.C = None
-        s.V = V.to(device=D.device, dtype=torch.long).clone()
+        s.V = V.to(device=D.device, dtype=torch.long, copy=True)  # one copy, whatever V's dtype
         s.baked = True
         return s
 

@@ -155,17 +155,17 @@ def test_sdf_sweep_with_and_without_index_refinement(sphere, tmp_path, monkeypat
     S.Sweep(cfg, log=lambda *a, **k: None).run()
 
     (g_ref, t_ref), (g_no, t_no) = runs
-    assert (t_ref.refine, t_no.refine) == (S.default_refine("sdf"), 0) == (6, 0)
+    assert (t_ref.refine, t_no.refine) == (S.default_refine("sdf"), 0) == (10, 0)
     assert g_ref == g_no and g_no.storage == "codebook" and g_no.bits == 2
     assert replace(t_ref, refine=0) == t_no  # nothing else differs
     table = {r["point"]: r for r in _csv(out / "results.csv")}
     assert set(table) == {"codebook-b2", "codebook-norefine-b2"}  # no stream curve for the b = 2 pair
-    assert (table["codebook-b2"]["refine"], table["codebook-norefine-b2"]["refine"]) == ("6", "0")
+    assert (table["codebook-b2"]["refine"], table["codebook-norefine-b2"]["refine"]) == ("10", "0")
     for r in table.values():
         assert (out / r["file"]).is_file() and float(r["chamfer_l1"]) > 0
     md = (out / "results.md").read_text()
     assert "| VQ-AD (learned indices) | b = 2 |" in md and "| VQ-AD, no index refinement | b = 2 |" in md
-    assert "ends with 6 Gauss–Newton index-refinement sweeps" in md and "No baseline gets a comparable step" in md
+    assert "ends with 10 Gauss–Newton index-refinement sweeps" in md and "No baseline gets a comparable step" in md
     assert (out / "rd.png").stat().st_size > 10_000
     assert "codebook-norefine:b" in S.METHOD_SPEC_HELP  # the --methods help documents it
 
@@ -209,8 +209,10 @@ def test_sdf_sweep_rate_aware_points_resume_and_report(sphere, tmp_path, monkeyp
     extra = ["--steps", "10", "--rate-weights", "3e-2,1e-3"]
     S.Sweep(_config(sphere, out, methods, extra), log=lambda *a, **k: None).run()
     # rate-aware fits end with the same (rate-aware) index refinement as codebook:b, their λ = 0 end
+    r = S.default_refine("sdf")
+    assert r == 10
     assert [(b, t.rate_weight, t.rate_context, t.refine) for b, t in runs] == [
-        (2, 0.0, False, 6), (2, 1e-3, False, 6), (2, 3e-2, False, 6), (3, 1e-3, False, 6), (3, 3e-2, False, 6)]
+        (2, 0.0, False, r), (2, 1e-3, False, r), (2, 3e-2, False, r), (3, 1e-3, False, r), (3, 3e-2, False, r)]
     plain, rated = runs[0][1], runs[1][1]
     assert replace(rated, rate_weight=0.0) == plain  # nothing else differs from the λ = 0 reference
 
@@ -228,7 +230,7 @@ def test_sdf_sweep_rate_aware_points_resume_and_report(sphere, tmp_path, monkeyp
     md = (out / "results.md").read_text()
     assert "| VQ-AD + rate term | b = 3, λ = 0.03 |" in md and "**Rate-aware points**" in md
     assert "at λ = 0.001, 0.03" in md and "order-0" in md
-    assert "*VQ-AD + rate term* points end with 6 rate-aware sweeps" in md and "ending with 6 index-refinement sweeps" in md
+    assert "*VQ-AD + rate term* points end with 10 rate-aware sweeps" in md and "ending with 10 index-refinement sweeps" in md
     assert (out / "rd.png").stat().st_size > 10_000
     assert "rate_weights" not in json.loads((out / "sweep.json").read_text())["settings"]  # they choose points
 

@@ -34,7 +34,7 @@ sweeps in ``refine``.
 of the two lists: VQ-AD whose loss gains λ × the estimated coded bits per index
 (:func:`vqad.fit.rate_term`, ``TrainConfig.rate_weight``; ``--rate-context`` estimates them given
 the coarser level's index, the CONTEXT codec's model, for every such point). They end with the fit's
-default index refinement (a mesh: 6 sweeps; a radiance field: none), and those sweeps minimise the
+default index refinement (a mesh: 10 sweeps; a radiance field: none), and those sweeps minimise the
 same ``loss + λ · bits`` (:func:`vqad.refine.rate_bit_cost`), so their λ = 0 reference is
 ``codebook:b`` (λ = 0 itself is refused: it is that point). The sweeps move far more bits per λ than
 the training term does, hence the defaults per kind (:data:`DEFAULT_RATE_WEIGHTS`). A record of an

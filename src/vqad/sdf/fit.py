@@ -44,7 +44,7 @@ class SDFTrainConfig(TrainConfig):
     resample_every: int = 500  # draw fresh samples every N steps
     truncation: float = 0.0  # clamp predicted and true distances to ±this in the loss (0: no clamp)
     pool_size: int = 400_000  # samples per pool
-    refine: int = 6  # Gauss–Newton index refinement sweeps (vqad.refine) after the last step (0: none; 6: see docs/method.md §7)
+    refine: int = 10  # Gauss–Newton index refinement sweeps (vqad.refine) after the last step (0: none; 10: see docs/method.md §7)
     refine_during: int = 0  # ... and sweeps spread over training (or over its tail, below)
     refine_samples: int = 200_000  # samples each sweep sees (from the current pool)
     refine_band: float = 0.0  # ... only those within this many finest cells of the surface (0: all of them)

@@ -38,9 +38,10 @@ def register(sub) -> None:
     p = sub.add_parser("fit-sdf", help="fit a VQ-AD (or dense) signed distance field to a mesh",
                        description="Fit a VQ-AD (or dense, hash) signed distance field to a mesh, every LOD jointly, "
                                    "then evaluate each LOD. A default run (4-bit codebook, levels 3:7, 3000 steps, "
-                                   "6 index sweeps, evaluation at 256^3) takes 3.5 to 7 minutes on a 2-core laptop "
-                                   "CPU (armadillo: 3 min 40 s, of which 2 min of steps, 1 min of sweeps, with the "
-                                   "fused CPU kernels; about 4.5 min with PyTorch ops only; see docs/benchmarks/speed.md); "
+                                   "10 index sweeps, evaluation at 256^3) takes 4 to 8 minutes on a 2-core laptop "
+                                   "CPU (armadillo: 4 min 15 s, of which 2 min of steps, 1 min 40 s of sweeps, with "
+                                   "the fused CPU kernels; a 6-sweep run took about 4.5 min with PyTorch ops only; see "
+                                   "docs/benchmarks/speed.md and sdf.md); "
                                    "--minutes caps the whole job.")
     p.add_argument("mesh", help="OBJ / PLY / OFF / STL / GLB triangle mesh")
     add_grid_args(p, GridConfig())

@@ -192,12 +192,20 @@ def step_figures(task, opts: dict, bound_inputs: Callable[[], tuple[list, list]]
     for _ in range(sz.warmup):
         step()
     chain, inputs = bound_inputs()
+    res = against_bound(step, chain, inputs, lr, device, sz)
+    res["decoder_evaluations"] = sum(h.shape[0] for _, h, _ in inputs)
+    return res
+
+
+def against_bound(step: Callable[[], object], chain: list, inputs: list, lr: float, device: torch.device,
+                  sz: Sizes) -> dict:
+    """``step_ms``, ``decoder_ms`` and their ratio: the (warmed-up) ``step`` against the decoder-only
+    step of ``chain`` on ``inputs`` (:func:`decoder_bound_fn`), in alternating blocks (:func:`paired_seconds`)."""
     bound = decoder_bound_fn(chain, inputs, lr)
     for _ in range(sz.warmup):
         bound()
     step_s, dec_s, ratio = paired_seconds(step, bound, device, sz.steps, sz.repeats)
-    return {"step_ms": 1e3 * step_s, "decoder_ms": 1e3 * dec_s, "ratio": ratio,
-            "decoder_evaluations": sum(h.shape[0] for _, h, _ in inputs)}
+    return {"step_ms": 1e3 * step_s, "decoder_ms": 1e3 * dec_s, "ratio": ratio}
 
 
 # -- counting field evaluations -------------------------------------------------------------------
@@ -404,12 +412,9 @@ def nerf_step(dataset, storage: str, sz: Sizes, device: torch.device) -> dict:
     finest = field.lods[-1]
     inputs = [(lod, torch.rand(S, width, device=device, requires_grad=True), torch.rand(S, field.sh_dim, device=device))
               for lod in [field.lods[0]] * (n_lods - 1) + [finest]]
-    bound = decoder_bound_fn([field.decoder, field.color], inputs, cfg.lr)
-    for _ in range(sz.warmup):
-        bound()
-    step_s, dec_s, ratio = paired_seconds(step, bound, device, sz.steps, sz.repeats)
-    return {"step_ms": 1e3 * step_s, "decoder_ms": 1e3 * dec_s, "ratio": ratio, "samples_per_step": samples,
-            "samples_per_ray": samples / sz.batch_rays, "lods_per_step": n_lods, "decoder_evaluations": S * n_lods}
+    res = against_bound(step, [field.decoder, field.color], inputs, cfg.lr, device, sz)
+    return res | {"samples_per_step": samples, "samples_per_ray": samples / sz.batch_rays, "lods_per_step": n_lods,
+                  "decoder_evaluations": S * n_lods}
 
 
 def train_nerf(dataset, sz: Sizes, device: torch.device):

@@ -773,7 +773,7 @@ class StreamDecoder:
                   for lv in range(grid_cfg.base_level, top + 1)}
         if copy_tables:  # each field owns its tables
             tables = {lv: tuple(t.clone() for t in tab) for lv, tab in tables.items()}
-        octree = SparseOctree(tables[top][0], grid_cfg.base_level, top, tables=tables)
+        octree = SparseOctree.from_tables(tables, grid_cfg.base_level, top)
         storages = []
         cls = STORAGES[grid_cfg.storage]
         for i, level in enumerate(octree.levels):
@@ -829,7 +829,7 @@ def _decoder_shapes(cfg: dict, grid_cfg: GridConfig) -> dict[str, tuple[int, ...
     """
     cell = torch.empty(1, dtype=torch.long, device="meta")
     one = {lv: (cell, torch.empty(1, 8, dtype=torch.long, device="meta"), cell) for lv in grid_cfg.lods}
-    octree = SparseOctree(cell, grid_cfg.base_level, grid_cfg.max_level, tables=one)  # never read: placeholders
+    octree = SparseOctree.from_tables(one, grid_cfg.base_level, grid_cfg.max_level)  # never read: placeholders
     with torch.device("meta"), torch.random.fork_rng(devices=[]):
         field = field_from_config(cfg, OctreeGrid(octree, [], grid_cfg))
         return {k: tuple(v.shape) for k, v in field.decoder_state().items()}

@@ -239,6 +239,15 @@ class SparseOctree(nn.Module):
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
+    def from_tables(cls, tables: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], base_level: int,
+                    max_level: int) -> "SparseOctree":
+        """Octree of ``{level: (codes, corners, vertex_keys)}`` already decoded for every level (the file
+        reader's), taken as given: see ``tables`` in :meth:`__init__`."""
+        if max_level not in tables:
+            raise ValueError(f"tables cover levels {sorted(tables)}, the octree has {base_level}..{max_level}")
+        return cls(tables[max_level][0], base_level, max_level, tables=tables)
+
+    @classmethod
     def from_points(
         cls, points: torch.Tensor, base_level: int, max_level: int, dilate: int = 1
     ) -> "SparseOctree":

@@ -66,6 +66,47 @@ def test_contracted_march_cuts_rays_into_equal_grid_steps():
     assert x.abs().max() <= 1
 
 
+@pytest.mark.parametrize("finer_octree", [False, True])
+def test_contracted_march_kernel_matches_the_pytorch_loop_in_double(monkeypatch, finer_octree):
+    """The CPU kernel (vqad.kernels.march_contracted, in double) gives the samples of the PyTorch loop
+    run on float64 tensors: the same rays and intervals up to float32 rounding, with jitter, near
+    planes, rays that miss the outer box and, where the occupancy grid is coarser than the octree,
+    the octree's own check."""
+    from vqad import kernels
+    from vqad.nerf import render
+
+    if not kernels.applies(torch.zeros(1)):
+        pytest.skip(f"the C kernels are not in use here: {kernels.status()}")
+    if finer_octree:  # an occupancy grid of level 3 under a level-5 octree: survivors are checked against it
+        monkeypatch.setattr(render, "MAX_DENSE_OCCUPANCY_LEVEL", 3)
+    gen = torch.Generator().manual_seed(0)
+    A = 8.0
+    octree = SparseOctree.from_points(torch.rand(300, 3, generator=gen) * 2 - 1, 2, 5, dilate=1)
+    sampler = OccupancySampler(octree, step=2.0 / 32, outer_scale=A)
+    assert sampler.level == (3 if finer_octree else 5)
+    n = 2000
+    o = (torch.rand(n, 3, generator=gen) * 2 - 1) * 1.5
+    o[:50] = torch.tensor([2 * A, 0.0, 0.0])  # outside the outer box, heading away: no samples
+    d = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen), dim=-1)
+    d[:50] = torch.tensor([1.0, 0.0, 0.0])
+    u, near = torch.rand(n, generator=gen), torch.rand(n, generator=gen) * 0.3
+    got = sampler.march(o, d, near=near, jitter=u)
+    with kernels.disabled():
+        ref = sampler.march(o.double(), d.double(), near=near.double(), jitter=u.double())
+    assert got.t_starts.dtype == torch.float32 and got.ray_indices.dtype == torch.long and got.outer_scale == A
+    assert len(ref) > 1000 and torch.equal(got.ray_indices, ref.ray_indices)
+    assert not (got.ray_indices < 50).any()
+    assert torch.allclose(got.t_starts.double(), ref.t_starts, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(got.t_ends.double(), ref.t_ends, rtol=1e-6, atol=1e-6)
+    # a batch larger than one buffer's worth of rays is marched in pieces, with the same result
+    t_in, t_out = render.ray_aabb(o, d, -A, A)
+    max_iter = int(math.ceil(4.0 / sampler.step)) + 2
+    pieces = sampler._march_contracted_kernel(o, d, torch.maximum(t_in, near), t_out, u, max_iter,
+                                              max_entries=300 * max_iter)
+    for a, b in zip((pieces.t_starts, pieces.t_ends, pieces.ray_indices), (got.t_starts, got.t_ends, got.ray_indices)):
+        assert torch.equal(a, b)
+
+
 def test_outer_scale_is_checked():
     for bad in (0.5, math.inf, float("nan"), True, "4"):
         with pytest.raises(InputError):

@@ -14,7 +14,7 @@
 #endif
 
 /* Bumped whenever a signature changes: the loader refuses a library with another version. */
-int vqad_kernels_abi(void) { return 4; }
+int vqad_kernels_abi(void) { return 5; }
 
 int vqad_kernels_openmp(void) {
 #ifdef _OPENMP
@@ -522,4 +522,132 @@ int vqad_ungroup_bits(const uint8_t *ctx, int64_t n8, int64_t K, const uint8_t *
         masks[i] = (uint8_t)mask;
     }
     return 0;
+}
+
+/* Ray marching through a contracted scene: OccupancySampler._march_contracted (vqad/nerf/render.py) and
+ * the contraction g of vqad/nerf/contraction.py, with outer scale A > 1 and k = 1 − 1/A.
+ *
+ *   o, d (R, 3): scene-space origins and unit directions; t_in, t_out (R,): each ray's segment (no
+ *   samples unless t_in < t_out); u (R,): the first interval's length in steps (the jitter);
+ *   occ (res³) 0/1 bytes, res = 2^level: the occupancy of the grid cells, flat index (i·res + j)·res + l.
+ *
+ * Per ray, at most max_iter intervals: h = u·step for the first, step after it; dt = h / |J(x(t)) d|,
+ * then dt = h / |J(x(t + dt/2)) d| (the midpoint's speed); t1 = min(t + dt, t_out); the interval
+ * [t, t1] is a sample when the cell of g(x((t + t1)/2)) is occupied; the ray ends when t1 ≥ t_out.
+ * Computed in double (the PyTorch form run on float64 tensors gives the same samples up to the outputs'
+ * float32 rounding). Writes the samples ts, te (float32) and ri (int64) ray after ray, front to back;
+ * each buffer must hold R · max_iter entries (thread t first writes from its first ray · max_iter on).
+ * Returns the number of samples. */
+static double speed_d(const double *x, const double *d, double c1, double kinv) {
+    int m = 0;
+    double ax = fabs(x[0]);
+    if (fabs(x[1]) > ax) { ax = fabs(x[1]); m = 1; }
+    if (fabs(x[2]) > ax) { ax = fabs(x[2]); m = 2; }
+    if (!(ax > 1.0)) return 0.5;
+    double q = 1.0 / ax; /* one division: s = c1/r − 1/(k r²), s' = −c1/r² + 2/(k r³) */
+    double s = c1 * q - kinv * (q * q);
+    double ds = -c1 * (q * q) + 2.0 * kinv * (q * q * q);
+    double dr = (x[m] > 0.0 ? 1.0 : (x[m] < 0.0 ? -1.0 : 0.0)) * d[m];
+    double j0 = s * d[0] + x[0] * (ds * dr), j1 = s * d[1] + x[1] * (ds * dr), j2 = s * d[2] + x[2] * (ds * dr);
+    return 0.5 * sqrt(j0 * j0 + j1 * j1 + j2 * j2);
+}
+
+#define MARCH_LANES 8 /* rays marched side by side by one thread: their dependency chains (two divisions
+                           * and a square root per interval) overlap in the CPU's pipeline */
+
+int64_t vqad_march_contracted(const float *o, const float *d, const float *t_in, const float *t_out, const float *u,
+                              int64_t R, const uint8_t *occ, int level, double step, double A, int64_t max_iter,
+                              float *ts, float *te, int64_t *ri, int nthreads) {
+    const int64_t res = (int64_t)1 << level;
+    const double half_res = 0.5 * (double)res, kinv = 1.0 / (1.0 - 1.0 / A), c1 = 1.0 + kinv;
+    int64_t counts[257];
+    if (nthreads > 256) nthreads = 256;
+    if (nthreads < 1) nthreads = 1;
+    int used = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+#endif
+    {
+        int T = thread_count(), t = thread_id();
+#ifdef _OPENMP
+#pragma omp single
+#endif
+        used = T;
+        int64_t lo = R * t / T, hi = R * (t + 1) / T, at = lo * max_iter;
+        for (int64_t g0 = lo; g0 < hi; g0 += MARCH_LANES) {
+            int W = hi - g0 < MARCH_LANES ? (int)(hi - g0) : MARCH_LANES, alive = 0;
+            double tc[MARCH_LANES], tend[MARCH_LANES], frac[MARCH_LANES], oo[MARCH_LANES][3], dd[MARCH_LANES][3];
+            int64_t n_l[MARCH_LANES];
+            int live[MARCH_LANES];
+            for (int l = 0; l < W; l++) { /* each lane writes its ray's samples from (g0 + l) · max_iter on */
+                int64_t r = g0 + l;
+                tc[l] = t_in[r];
+                tend[l] = t_out[r];
+                frac[l] = u[r];
+                n_l[l] = 0;
+                live[l] = tc[l] < tend[l];
+                alive += live[l];
+                for (int a = 0; a < 3; a++) { oo[l][a] = o[3 * r + a]; dd[l][a] = d[3 * r + a]; }
+            }
+            for (int64_t it = 0; it < max_iter && alive; it++) {
+                for (int l = 0; l < W; l++) {
+                    if (!live[l]) continue;
+                    double h = frac[l] * step, x[3];
+                    for (int a = 0; a < 3; a++) x[a] = oo[l][a] + tc[l] * dd[l][a];
+                    double dt = h / speed_d(x, dd[l], c1, kinv);
+                    double tm = tc[l] + 0.5 * dt;
+                    for (int a = 0; a < 3; a++) x[a] = oo[l][a] + tm * dd[l][a];
+                    dt = h / speed_d(x, dd[l], c1, kinv);
+                    double t1 = tc[l] + dt < tend[l] ? tc[l] + dt : tend[l];
+                    double mid = 0.5 * (tc[l] + t1);
+                    for (int a = 0; a < 3; a++) x[a] = oo[l][a] + mid * dd[l][a];
+                    double ax = fabs(x[0]);
+                    if (fabs(x[1]) > ax) ax = fabs(x[1]);
+                    if (fabs(x[2]) > ax) ax = fabs(x[2]);
+                    if (ax < 1e-12) ax = 1e-12;
+                    double s = 1.0;
+                    if (ax > 1.0) {
+                        double q = 1.0 / ax;
+                        s = (1.0 + (1.0 - q) * kinv) * q;
+                    }
+                    int64_t ijk[3];
+                    int ok = 1;
+                    for (int a = 0; a < 3; a++) { /* floor by truncation (no libm call): y < 0 clamps to cell 0 */
+                        double y = (x[a] * (0.5 * s) + 1.0) * half_res;
+                        if (y != y) { ok = 0; break; } /* NaN: no cell */
+                        ijk[a] = y < 1.0 ? 0 : (y >= (double)res ? res - 1 : (int64_t)y);
+                    }
+                    if (ok && occ[(ijk[0] * res + ijk[1]) * res + ijk[2]]) {
+                        int64_t p = (g0 + l) * max_iter + n_l[l]++;
+                        ts[p] = (float)tc[l];
+                        te[p] = (float)t1;
+                    }
+                    if (!(t1 < tend[l])) { live[l] = 0; alive--; }
+                    tc[l] = t1;
+                    frac[l] = 1.0;
+                }
+            }
+            for (int l = 0; l < W; l++) { /* the lanes' samples, moved together in ray order */
+                int64_t from = (g0 + l) * max_iter;
+                if (from != at) {
+                    memmove(ts + at, ts + from, n_l[l] * sizeof(float));
+                    memmove(te + at, te + from, n_l[l] * sizeof(float));
+                }
+                for (int64_t j = 0; j < n_l[l]; j++) ri[at + j] = g0 + l;
+                at += n_l[l];
+            }
+        }
+        counts[t] = at - lo * max_iter;
+    }
+    int64_t n = 0;
+    for (int t = 0; t < used; t++) { /* move each thread's block down behind the previous one */
+        int64_t from = (R * t / used) * max_iter;
+        if (from != n && counts[t]) {
+            memmove(ts + n, ts + from, counts[t] * sizeof(float));
+            memmove(te + n, te + from, counts[t] * sizeof(float));
+            memmove(ri + n, ri + from, counts[t] * sizeof(int64_t));
+        }
+        n += counts[t];
+    }
+    return n;
 }

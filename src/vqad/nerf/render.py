@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vqad import kernels
 from vqad.nerf.contraction import check_outer_scale, contract, grid_speed
 from vqad.octree import SparseOctree, morton_decode
 
@@ -400,10 +401,13 @@ class OccupancySampler:
         t_in = torch.maximum(t_in, torch.as_tensor(near, dtype=o.dtype, device=dev))
         t_out = torch.minimum(t_out, torch.as_tensor(far, dtype=o.dtype, device=dev))
         u = jitter if jitter is not None else torch.full((R,), 0.5, dtype=o.dtype, device=dev)
+        max_iter = int(math.ceil(4.0 / self.step)) + 2
+        if kernels.applies(o, d, t_in, t_out, u):
+            return self._march_contracted_kernel(o, d, t_in, t_out, u, max_iter)
         act = (t_in < t_out).nonzero().squeeze(1)
         t, frac = t_in[act], u[act]
         ts, te, ri = [], [], []
-        for _ in range(int(math.ceil(4.0 / self.step)) + 2):
+        for _ in range(max_iter):
             if act.numel() == 0:
                 break
             oa, da = o[act], d[act]
@@ -425,6 +429,27 @@ class OccupancySampler:
         rows = torch.cat(ri)
         order = torch.sort(rows, stable=True).indices  # iteration order within a ray is front to back
         return PackedSamples(torch.cat(ts)[order], torch.cat(te)[order], rows[order], R, A)
+
+    def _march_contracted_kernel(self, o, d, t_in, t_out, u, max_iter: int,
+                                 max_entries: int = 1 << 22) -> PackedSamples:
+        """:meth:`_march_contracted`'s loop as one CPU kernel (:func:`vqad.kernels.march_contracted`, in
+        double), ``max_entries // max_iter`` rays at a time (its buffers hold ``max_iter`` per ray); the
+        finer octree's check, where the occupancy grid is coarser than the octree, follows on the samples."""
+        R, A = o.shape[0], self.outer_scale
+        chunk = max(1, max_entries // max_iter)
+        parts = []
+        for a in range(0, R, chunk):
+            sl = slice(a, a + chunk)
+            ts, te, ri = kernels.march_contracted(o[sl], d[sl], t_in[sl], t_out[sl], u[sl], self.occupancy, self.level,
+                                                  self.step, A, max_iter)
+            parts.append((ts, te, ri + a))
+        ts, te, ri = (torch.cat(p) for p in zip(*parts)) if len(parts) > 1 else parts[0]
+        if self.octree.max_level > self.level and ri.numel():
+            mid = 0.5 * (ts + te)
+            keep = self.octree.contains(contract(torch.addcmul(o.index_select(0, ri), mid[:, None], d.index_select(0, ri)), A))
+            kept = keep.nonzero().squeeze(1)
+            ts, te, ri = ts.index_select(0, kept), te.index_select(0, kept), ri.index_select(0, kept)
+        return PackedSamples(ts, te, ri, R, A)
 
 
 # -- rendering a field ---------------------------------------------------------------------------

@@ -277,6 +277,8 @@ def main() -> None:
                          "surfaces (the density pass's share of the quality loss)")
     ap.add_argument("--diagnose-only", action="store_true",
                     help="only the diagnosis, added to the results already in --out's .json")
+    ap.add_argument("--density-only", action="store_true",
+                    help="only the density pass rows, replacing those in --out's .json (the fits are kept)")
     ap.add_argument("--fit-octree", default="auto", help="--octree of every fit (auto: points where the capture has "
                                                          "them, masks for the object alone)")
     ap.add_argument("--merge", action="store_true", help="add these fits to the results already in --out's .json "
@@ -292,7 +294,9 @@ def main() -> None:
     args.steps = steps
     work = Path(args.work)
     results = {}
-    if args.diagnose_only or args.merge:
+    if args.density_only and (args.merge or args.diagnose or args.diagnose_only):
+        sys.exit("bench_scene: --density-only runs no fit: it does not combine with --merge or --diagnose(-only)")
+    if args.diagnose_only or args.merge or args.density_only:
         results = json.loads(Path(args.out).with_suffix(".json").read_text())
     only = None if args.only is None else set(args.only.split(","))
     grids = args.grids.split(",")
@@ -309,6 +313,11 @@ def main() -> None:
                 print(f"{name}: diagnosis {results[name]['diagnose']}", flush=True)
             if args.diagnose_only:
                 continue
+        if args.density_only:
+            results.setdefault(name, {"fits": {}})["density"] = density_pass(cap, args.density_minutes, steps, levels)
+            print(f"{name}: density pass {results[name]['density']['seconds']:.1f} s, "
+                  f"{results[name]['density']['rays_per_second']:,.0f} rays/s", flush=True)
+            continue
         if args.merge:
             r = results.setdefault(name, {"fits": {}})
         else:

@@ -133,6 +133,31 @@ def test_marching_keeps_only_occupied_cells_and_covers_the_ray():
     assert ts.min() <= t[occupied].min() + sampler.step and te.max() >= t[occupied].max() - sampler.step
 
 
+@pytest.mark.parametrize("max_candidates", [1 << 22, 5000])
+def test_marching_kernel_gives_the_pytorch_samples_bit_for_bit(max_candidates):
+    """The CPU kernel (vqad.kernels.march_uniform) and the PyTorch ops give the same packed samples, bit
+    for bit: jitter, a near plane, rays that miss the cube, pruned cells, and batches cut into chunks."""
+    from vqad import kernels
+
+    if not kernels.applies(torch.zeros(1)):
+        pytest.skip(f"the C kernels are not in use here: {kernels.status()}")
+    g = torch.Generator().manual_seed(0)
+    octree = SparseOctree.from_points(torch.rand(400, 3, generator=g) * 2 - 1, 2, 6, dilate=1)
+    sampler = OccupancySampler(octree, step=2.0 / 64)
+    sampler.occupancy[torch.rand(sampler.occupancy.shape, generator=g) < 0.3] = False  # as pruning leaves it
+    n = 1500
+    o = torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1) * 3
+    d = torch.nn.functional.normalize(-o + torch.randn(n, 3, generator=g) * 0.5, dim=-1)
+    d[:40] = -d[:40]  # heading away from the cube: no samples
+    u, near = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    got = sampler.march(o, d, near=near, jitter=u, max_candidates=max_candidates)
+    with kernels.disabled():
+        want = sampler.march(o, d, near=near, jitter=u, max_candidates=max_candidates)
+    assert len(want) > 1000 and not (got.ray_indices < 40).any()
+    for a, b in zip((got.t_starts, got.t_ends, got.ray_indices), (want.t_starts, want.t_ends, want.ray_indices)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_sh_encoding_is_orthonormal():
     g = torch.Generator().manual_seed(0)
     d = torch.randn(200_000, 3, generator=g)

@@ -651,3 +651,66 @@ int64_t vqad_march_contracted(const float *o, const float *d, const float *t_in,
     }
     return n;
 }
+
+/* Ray marching in the unit cube (OccupancySampler.march without contraction): candidate j < counts[r]
+ * of ray r sits at t = t_in[r] + (j + u[r]) · step, x = o + t · d; it is a sample when the cell
+ * floor((x + 1) · res / 2) (clamped to the grid) is occupied, with the interval
+ * [max(t − step/2, t_in), min(t + step/2, t_out)]. float32 throughout, each operation in the PyTorch
+ * form's order, so the samples are the same bit for bit. Samples go out ray after ray from the
+ * offset starts[r] (the candidates of the rays before r: the buffers hold Σ counts entries), then are
+ * moved together. Returns the number of samples, or −1 if a count is negative. */
+int64_t vqad_march_uniform(const float *o, const float *d, const float *t_in, const float *t_out, const float *u,
+                           const int64_t *counts, const int64_t *starts, int64_t R, const uint8_t *occ, int level,
+                           float step, float *ts, float *te, int64_t *ri, int nthreads) {
+    const int64_t res = (int64_t)1 << level;
+    const float half_res = 0.5f * (float)res, hs = 0.5f * step;
+    int64_t kept[257];
+    int bad = 0;
+    if (nthreads > 256) nthreads = 256;
+    if (nthreads < 1) nthreads = 1;
+    int used = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) reduction(| : bad)
+#endif
+    {
+        int T = thread_count(), t = thread_id();
+#ifdef _OPENMP
+#pragma omp single
+#endif
+        used = T;
+        int64_t lo = R * t / T, hi = R * (t + 1) / T, at = lo < R ? starts[lo] : 0, first = at;
+        for (int64_t r = lo; r < hi; r++) {
+            if (counts[r] < 0) { bad = 1; continue; }
+            const float ox = o[3 * r], oy = o[3 * r + 1], oz = o[3 * r + 2];
+            const float dx = d[3 * r], dy = d[3 * r + 1], dz = d[3 * r + 2], a = t_in[r], b = t_out[r], ur = u[r];
+            for (int64_t j = 0; j < counts[r]; j++) {
+                float tj = a + ((float)j + ur) * step;
+                float x[3] = {ox + tj * dx, oy + tj * dy, oz + tj * dz};
+                int64_t ijk[3];
+                for (int c = 0; c < 3; c++) { /* floor by truncation: y < 1 (and NaN) is cell 0, as the clamp gives */
+                    float y = (x[c] + 1.0f) * half_res;
+                    ijk[c] = y >= 1.0f ? (y >= (float)res ? res - 1 : (int64_t)y) : 0;
+                }
+                if (occ[(ijk[0] * res + ijk[1]) * res + ijk[2]]) {
+                    float s0 = tj - hs, s1 = tj + hs;
+                    ts[at] = s0 > a ? s0 : a;
+                    te[at] = s1 < b ? s1 : b;
+                    ri[at] = r;
+                    at++;
+                }
+            }
+        }
+        kept[t] = at - first;
+    }
+    int64_t n = 0;
+    for (int t = 0; t < used; t++) {
+        int64_t lo = R * t / used, from = lo < R ? starts[lo] : 0;
+        if (from != n && kept[t]) {
+            memmove(ts + n, ts + from, kept[t] * sizeof(float));
+            memmove(te + n, te + from, kept[t] * sizeof(float));
+            memmove(ri + n, ri + from, kept[t] * sizeof(int64_t));
+        }
+        n += kept[t];
+    }
+    return bad ? -1 : n;
+}

@@ -12,8 +12,9 @@ several passes over memory plus a large temporary (docs/benchmarks/speed.md):
 * ``argmax`` over a codebook's ``(U, 2^b)`` logits (:func:`argmax_rows`), slow on short rows;
 * the octree query of a level (:func:`level_query`: cell, corners and trilinear weights of each point,
   ~15 PyTorch ops) and the numbering of the distinct rows a batch touches (:func:`unique_rows`);
-* the ray march through a contracted scene (:func:`march_contracted`): ~25 small ops per interval of
-  every ray, one Python iteration per interval, 85 of a 4-bit room step's 223 ms on one thread.
+* the ray march (:func:`march_uniform`, :func:`march_contracted`): a pass over memory per op and
+  candidate; through a contracted scene ~25 small ops per interval of every ray, one Python iteration
+  per interval, 85 of a dense room step's 223 ms on one thread.
 
 Five more serve decoding a .vqad file (:mod:`vqad.fileformat`), where NumPy needed sorts, scatters and
 tables of all ``8^L`` cells: the corner tables of a level (:func:`corner_tables`: a bitmap of the
@@ -152,6 +153,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.vqad_ungroup_bits.restype = ctypes.c_int
     lib.vqad_march_contracted.argtypes = [P, P, P, P, P, I, P, N, ctypes.c_double, ctypes.c_double, I, P, P, P, N]
     lib.vqad_march_contracted.restype = ctypes.c_int64
+    lib.vqad_march_uniform.argtypes = [P, P, P, P, P, P, P, I, P, N, F, P, P, P, N]
+    lib.vqad_march_uniform.restype = ctypes.c_int64
     return lib
 
 
@@ -362,6 +365,34 @@ def march_contracted(o: torch.Tensor, d: torch.Tensor, t_in: torch.Tensor, t_out
                                   float(step), float(outer_scale), max_iter, _ptr(ts), _ptr(te), _ptr(ri),
                                   _threads(64 * R))
     return ts[:n].clone(), te[:n].clone(), ri[:n].clone()  # not views: the buffers hold R · max_iter
+
+
+def march_uniform(o: torch.Tensor, d: torch.Tensor, t_in: torch.Tensor, t_out: torch.Tensor, u: torch.Tensor,
+                  counts: torch.Tensor, occupancy: torch.Tensor, level: int, step: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The samples of rays ``o + t d`` in the unit cube (:meth:`vqad.nerf.render.OccupancySampler.march`'s
+    candidates and occupancy test, bit for bit): ``o, d (R, 3)``, ``t_in, t_out, u (R,)`` float32,
+    ``counts (R,)`` int64 candidates per ray, ``occupancy (8^level,)`` bool. Returns ``t_starts, t_ends
+    (S,)`` float32 and ``ray_indices (S,)`` int64 (ray indices within this batch). Call only where
+    :func:`applies`."""
+    lib = _load()
+    _cpu("march_uniform", o, d, t_in, t_out, u, counts, occupancy)
+    R = o.shape[0]
+    if o.shape != (R, 3) or d.shape != (R, 3) or any(t.shape != (R,) for t in (t_in, t_out, u, counts)):
+        raise ValueError(f"march_uniform: o, d (R, 3) and t_in, t_out, u, counts (R,), got {tuple(o.shape)}, {tuple(d.shape)}")
+    if occupancy.dtype != torch.bool or occupancy.numel() != 8 ** level:
+        raise ValueError("march_uniform: needs the (8^level,) bool occupancy")
+    o, d, t_in, t_out, u = (t.detach().float().contiguous() for t in (o, d, t_in, t_out, u))
+    counts = counts.long().contiguous()
+    starts = torch.cumsum(counts, 0) - counts
+    cap = int(starts[-1] + counts[-1]) if R else 0
+    ts, te, ri = torch.empty(cap), torch.empty(cap), torch.empty(cap, dtype=torch.long)
+    n = lib.vqad_march_uniform(_ptr(o), _ptr(d), _ptr(t_in), _ptr(t_out), _ptr(u), _ptr(counts), _ptr(starts), R,
+                               _ptr(occupancy.contiguous()), level, float(step), _ptr(ts), _ptr(te), _ptr(ri),
+                               _threads(4 * cap))
+    if n < 0:
+        raise ValueError("march_uniform: a candidate count is negative")
+    return ts[:n].clone(), te[:n].clone(), ri[:n].clone()  # not views: the buffers hold every candidate
 
 
 def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:

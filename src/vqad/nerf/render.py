@@ -333,7 +333,10 @@ class OccupancySampler:
         rectangular block), processed ``max_candidates`` at a time.
 
         Host synchronisations: one to read the candidate counts (to cut the chunks), then one per
-        chunk to count its kept samples; everything else stays on the device.
+        chunk to count its kept samples; everything else stays on the device. On the CPU, where the
+        occupancy grid is the octree's finest level, each chunk is one kernel
+        (:func:`vqad.kernels.march_uniform`: the same samples bit for bit); a contracted scene's march is
+        :func:`vqad.kernels.march_contracted`.
         """
         self._follow_octree()
         if self.outer_scale > 1.0:
@@ -348,6 +351,7 @@ class OccupancySampler:
         counts = torch.ceil((t_out - t_in) / self.step - u).clamp_min(0).long()
         ts, te, ri = [], [], []
         cum = torch.cumsum(counts, 0).tolist()  # the candidates of rays 0..r, on the host
+        fused = self.octree.max_level <= self.level and kernels.applies(o, d, t_in, t_out, u)
         total = cum[-1] if R else 0
         first = 0
         while first < R and total > 0:
@@ -357,7 +361,14 @@ class OccupancySampler:
             last = min(max(last, first + 1), R)
             c = counts[first:last]
             n = cum[last - 1] - done_before
-            if n:
+            if n and fused:  # the loop below as one CPU kernel, the same samples bit for bit
+                sl = slice(first, last)
+                t0, t1, rows = kernels.march_uniform(o[sl], d[sl], t_in[sl], t_out[sl], u[sl], c, self.occupancy,
+                                                     self.level, self.step)
+                ts.append(t0)
+                te.append(t1)
+                ri.append(rows + first)
+            elif n:
                 rows = torch.repeat_interleave(torch.arange(first, last, device=dev), c, output_size=n)  # (n,)
                 j = torch.arange(n, device=dev) - (torch.cumsum(c, 0) - c).repeat_interleave(c, output_size=n)
                 t = t_in.index_select(0, rows) + (j.to(o.dtype) + u.index_select(0, rows)) * self.step

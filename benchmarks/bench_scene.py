@@ -180,17 +180,18 @@ def true_surface_model(ds, points: torch.Tensor, levels: tuple[int, int], path: 
 
 
 def diagnose(capture: Path, work: Path, minutes: float, levels: tuple[int, int], eval_views: int | None) -> dict:
-    """The density pass's octree against the true surfaces, and the same dense fit on an octree of the true surfaces."""
+    """A dense fit on the density pass's octree, that octree against the true surfaces, and the same dense fit on
+    an octree of the true surfaces."""
     from vqad.nerf.formats import load_dataset
     from vqad.nerf.octree_build import octree_from_model
 
     ds = load_dataset(str(capture), format="ngp")
     points, kinds = true_surface_points(capture, ds)
     out = {}
-    pass_fit = work / "fits" / f"{capture.name}-dense" / "checkpoint"
-    if pass_fit.is_dir():
-        oc = octree_from_model(pass_fit, ds, levels[0], levels[1], torch.device("cpu"))
-        out["density_octree"] = {"cells": oc.num_cells(levels[1]), "coverage": coverage(oc, points, kinds)}
+    pass_dir = work / "diagnose" / f"{capture.name}-dense-density-octree"  # the dense fit on the density pass's octree
+    out["density_octree_fit"] = fit(capture, pass_dir, "dense", minutes, levels, eval_views, extra=["--octree", "density"])
+    oc = octree_from_model(pass_dir / "checkpoint", ds, levels[0], levels[1], torch.device("cpu"))
+    out["density_octree"] = {"cells": oc.num_cells(levels[1]), "coverage": coverage(oc, points, kinds)}
     model = work / "diagnose" / f"{capture.name}-true-surfaces.vqad"
     model.parent.mkdir(parents=True, exist_ok=True)
     cells = true_surface_model(ds, points, levels, model)
@@ -221,9 +222,9 @@ def write_report(results: dict, args, path: Path) -> None:
         lines.append(f"| {name} | {d['seconds']:.1f} | {d['steps']} | {d['rays_per_second']:,.0f} | "
                      f"{d['rays_per_second'] / BASELINE_RAYS_PER_S:.1f} | {d['cells']:,} |")
     lines += ["", "## Whole fit under the cap, held-out PSNR per LOD", "",
-              "| capture | grid | octree | decoders | wall s / cap s | octree s | steps | PSNR per LOD (dB) "
+              "| capture | grid | seed | octree | decoders | wall s / cap s | octree s | steps | PSNR per LOD (dB) "
               "| finest LOD: object / rest (dB) |",
-              "|---|---|---|---|---:|---:|---:|---|---|"]
+              "|---|---|---:|---|---|---:|---:|---:|---|---|"]
     for name, r in results.items():
         for key, f in r.get("fits", {}).items():
             psnr = psnr_text(f["psnr"])
@@ -231,7 +232,7 @@ def write_report(results: dict, args, path: Path) -> None:
             decoders = f.get("decoders", "shared")  # rows from before the column ran with shared decoders
             reg = f.get("regions")  # rows from before the column: not measured
             regions = "–" if not reg else f"{reg['object']:.2f} / {reg['rest']:.2f}"
-            lines.append(f"| {name} | {key.split(' ')[0]} | {octree} | {decoders} | "
+            lines.append(f"| {name} | {key.split(' ')[0].rstrip(',')} | {f.get('seed', 0)} | {octree} | {decoders} | "
                          f"{f['wall_seconds']:.0f} / {f['cap_seconds']:.0f} | "
                          f"{f['octree_seconds']:.1f} | {f['steps']} | {psnr} | {regions} |")
     diag = {name: r["diagnose"] for name, r in results.items() if "diagnose" in r}
@@ -250,8 +251,8 @@ def write_report(results: dict, args, path: Path) -> None:
                 psnr = ""
                 if key == "true_octree":
                     psnr = psnr_text(dg["true_octree_fit"]["psnr"])
-                elif "dense" in results[name].get("fits", {}):
-                    psnr = psnr_text(results[name]["fits"]["dense"]["psnr"])
+                elif "density_octree_fit" in dg:
+                    psnr = psnr_text(dg["density_octree_fit"]["psnr"])
                 lines.append(f"| {name} | {label} | {dg[key]['cells']:,} | " + " | ".join(
                     "–" if c[k] is None else f"{100 * c[k]:.0f} %" for k in ("object", "ground", "dome")) + f" | {psnr} |")
     text = "\n".join(lines) + "\n"
@@ -285,6 +286,8 @@ def main() -> None:
                                                          "(no density pass rows)")
     ap.add_argument("--grids", default="dense,codebook", help="comma list of the fits' grids: dense, codebook (4-bit)")
     ap.add_argument("--only", default=None, help="comma list of captures: 4, 16, object")
+    ap.add_argument("--seed", type=int, default=0, help="every fit's --seed (rows of a seed other than 0 are "
+                                                        "labelled with it)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     steps, levels, eval_views = 400, (4, 7), None
@@ -327,9 +330,12 @@ def main() -> None:
                   flush=True)
         suffix = "" if args.fit_octree == "auto" else f"-{args.fit_octree}"
         for storage in grids:
-            tag = ("dense" if storage == "dense" else "4-bit") + (f" ({args.fit_octree})" if suffix else "")
-            r["fits"][tag] = fit(cap, work / "fits" / f"{cap.name}-{storage}{suffix}", storage, args.minutes, levels,
-                                 eval_views, extra=["--octree", args.fit_octree])
+            tag = ("dense" if storage == "dense" else "4-bit") + (f" ({args.fit_octree})" if suffix else "") \
+                + (f", seed {args.seed}" if args.seed else "")
+            seeded = f"-seed{args.seed}" if args.seed else ""
+            r["fits"][tag] = fit(cap, work / "fits" / f"{cap.name}-{storage}{suffix}{seeded}", storage, args.minutes,
+                                 levels, eval_views, extra=["--octree", args.fit_octree, "--seed", str(args.seed)])
+            r["fits"][tag]["seed"] = args.seed
             produced.setdefault(name, {})[tag] = r["fits"][tag]
             print(f"{name} {tag}: {r['fits'][tag]['psnr']}", flush=True)
         results[name] = r

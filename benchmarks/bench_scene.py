@@ -299,8 +299,14 @@ def main() -> None:
     results = {}
     if args.density_only and (args.merge or args.diagnose or args.diagnose_only):
         sys.exit("bench_scene: --density-only runs no fit: it does not combine with --merge or --diagnose(-only)")
+    if args.seed and (args.diagnose or args.diagnose_only or args.density_only):
+        sys.exit("bench_scene: --seed applies to the fits' rows only; the diagnosis and the density pass run seed 0")
     if args.diagnose_only or args.merge or args.density_only:
-        results = json.loads(Path(args.out).with_suffix(".json").read_text())
+        prior = Path(args.out).with_suffix(".json")
+        if not prior.is_file():
+            sys.exit(f"bench_scene: --merge / --diagnose-only / --density-only add to {prior}, which does not exist: "
+                     f"run once without them first")
+        results = json.loads(prior.read_text())
     only = None if args.only is None else set(args.only.split(","))
     grids = args.grids.split(",")
     if not grids or any(g not in ("dense", "codebook") for g in grids):

@@ -66,12 +66,12 @@ def test_contracted_march_cuts_rays_into_equal_grid_steps():
     assert x.abs().max() <= 1
 
 
-@pytest.mark.parametrize("finer_octree", [False, True])
-def test_contracted_march_kernel_matches_the_pytorch_loop_in_double(monkeypatch, finer_octree):
+@pytest.mark.parametrize("finer_octree,threads", [(False, 1), (False, 3), (True, 2)])
+def test_contracted_march_kernel_matches_the_pytorch_loop_in_double(monkeypatch, finer_octree, threads):
     """The CPU kernel (vqad.kernels.march_contracted, in double) gives the samples of the PyTorch loop
     run on float64 tensors: the same rays and intervals up to float32 rounding, with jitter, near
-    planes, rays that miss the outer box and, where the occupancy grid is coarser than the octree,
-    the octree's own check."""
+    planes, rays that miss the outer box, pruned cells, threads whose rays end in a partial group of
+    eight and, where the occupancy grid is coarser than the octree, the octree's own check."""
     from vqad import kernels
     from vqad.nerf import render
 
@@ -84,7 +84,9 @@ def test_contracted_march_kernel_matches_the_pytorch_loop_in_double(monkeypatch,
     octree = SparseOctree.from_points(torch.rand(300, 3, generator=gen) * 2 - 1, 2, 5, dilate=1)
     sampler = OccupancySampler(octree, step=2.0 / 32, outer_scale=A)
     assert sampler.level == (3 if finer_octree else 5)
-    n = 2000
+    sampler.occupancy[torch.rand(sampler.occupancy.shape, generator=gen) < 0.2] = False  # as pruning leaves it
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the kernels' thread count (vqad.kernels._threads)
+    n = 2003
     o = (torch.rand(n, 3, generator=gen) * 2 - 1) * 1.5
     o[:50] = torch.tensor([2 * A, 0.0, 0.0])  # outside the outer box, heading away: no samples
     d = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen), dim=-1)
@@ -105,6 +107,8 @@ def test_contracted_march_kernel_matches_the_pytorch_loop_in_double(monkeypatch,
                                               max_entries=300 * max_iter)
     for a, b in zip((pieces.t_starts, pieces.t_ends, pieces.ray_indices), (got.t_starts, got.t_ends, got.ray_indices)):
         assert torch.equal(a, b)
+    none = sampler.march(o[:0], d[:0])  # no rays
+    assert len(none) == 0 and none.n_rays == 0 and none.ray_indices.dtype == torch.long
 
 
 def test_outer_scale_is_checked():

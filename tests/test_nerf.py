@@ -133,11 +133,14 @@ def test_marching_keeps_only_occupied_cells_and_covers_the_ray():
     assert ts.min() <= t[occupied].min() + sampler.step and te.max() >= t[occupied].max() - sampler.step
 
 
-@pytest.mark.parametrize("max_candidates", [1 << 22, 5000])
-def test_marching_kernel_gives_the_pytorch_samples_bit_for_bit(max_candidates):
+@pytest.mark.parametrize("max_candidates,threads", [(1 << 22, 1), (1 << 22, 3), (5000, 2)])
+def test_marching_kernel_gives_the_pytorch_samples_bit_for_bit(monkeypatch, max_candidates, threads):
     """The CPU kernel (vqad.kernels.march_uniform) and the PyTorch ops give the same packed samples, bit
-    for bit: jitter, a near plane, rays that miss the cube, pruned cells, and batches cut into chunks."""
+    for bit: jitter, a near plane, rays that miss the cube, pruned cells, one to three threads, and
+    batches cut into chunks; no rays give no samples, and a negative count is refused before any write."""
     from vqad import kernels
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the kernels' thread count (vqad.kernels._threads)
 
     if not kernels.applies(torch.zeros(1)):
         pytest.skip(f"the C kernels are not in use here: {kernels.status()}")
@@ -145,7 +148,7 @@ def test_marching_kernel_gives_the_pytorch_samples_bit_for_bit(max_candidates):
     octree = SparseOctree.from_points(torch.rand(400, 3, generator=g) * 2 - 1, 2, 6, dilate=1)
     sampler = OccupancySampler(octree, step=2.0 / 64)
     sampler.occupancy[torch.rand(sampler.occupancy.shape, generator=g) < 0.3] = False  # as pruning leaves it
-    n = 1500
+    n = 1501
     o = torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1) * 3
     d = torch.nn.functional.normalize(-o + torch.randn(n, 3, generator=g) * 0.5, dim=-1)
     d[:40] = -d[:40]  # heading away from the cube: no samples
@@ -156,6 +159,10 @@ def test_marching_kernel_gives_the_pytorch_samples_bit_for_bit(max_candidates):
     assert len(want) > 1000 and not (got.ray_indices < 40).any()
     for a, b in zip((got.t_starts, got.t_ends, got.ray_indices), (want.t_starts, want.t_ends, want.ray_indices)):
         assert a.dtype == b.dtype and torch.equal(a, b)
+    assert len(sampler.march(o[:0], d[:0])) == 0
+    with pytest.raises(ValueError, match="negative"):
+        kernels.march_uniform(o[:2], d[:2], near[:2], near[:2] + 1, u[:2], torch.tensor([3, -1]), sampler.occupancy,
+                              sampler.level, sampler.step)
 
 
 def test_sh_encoding_is_orthonormal():

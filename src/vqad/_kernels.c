@@ -534,9 +534,11 @@ int vqad_ungroup_bits(const uint8_t *ctx, int64_t n8, int64_t K, const uint8_t *
  * Per ray, at most max_iter intervals: h = u·step for the first, step after it; dt = h / |J(x(t)) d|,
  * then dt = h / |J(x(t + dt/2)) d| (the midpoint's speed); t1 = min(t + dt, t_out); the interval
  * [t, t1] is a sample when the cell of g(x((t + t1)/2)) is occupied; the ray ends when t1 ≥ t_out.
- * Computed in double (the PyTorch form run on float64 tensors gives the same samples up to the outputs'
- * float32 rounding). Writes the samples ts, te (float32) and ri (int64) ray after ray, front to back;
- * each buffer must hold R · max_iter entries (thread t first writes from its first ray · max_iter on).
+ * Computed in double, with one division per speed and per contraction where the PyTorch form divides
+ * several times: the PyTorch form run on float64 tensors gives the same samples up to rounding (a
+ * midpoint within ~1e-15 of a cell boundary may fall on the other side) and to the outputs' float32
+ * rounding; its float32 run, as on CUDA, drifts by ~1e-5 along a ray. A NaN midpoint is no sample.
+ * Writes the samples ts, te (float32) and ri (int64) ray after ray, front to back; each buffer must hold R · max_iter entries (thread t first writes from its first ray · max_iter on).
  * Returns the number of samples. */
 static double speed_d(const double *x, const double *d, double c1, double kinv) {
     int m = 0;
@@ -658,19 +660,21 @@ int64_t vqad_march_contracted(const float *o, const float *d, const float *t_in,
  * [max(t − step/2, t_in), min(t + step/2, t_out)]. float32 throughout, each operation in the PyTorch
  * form's order, so the samples are the same bit for bit. Samples go out ray after ray from the
  * offset starts[r] (the candidates of the rays before r: the buffers hold Σ counts entries), then are
- * moved together. Returns the number of samples, or −1 if a count is negative. */
+ * moved together. Returns the number of samples, or −1 (before writing anything) if a count is negative or
+ * the offsets are not the counts' exclusive prefix sums. */
 int64_t vqad_march_uniform(const float *o, const float *d, const float *t_in, const float *t_out, const float *u,
                            const int64_t *counts, const int64_t *starts, int64_t R, const uint8_t *occ, int level,
                            float step, float *ts, float *te, int64_t *ri, int nthreads) {
     const int64_t res = (int64_t)1 << level;
     const float half_res = 0.5f * (float)res, hs = 0.5f * step;
     int64_t kept[257];
-    int bad = 0;
+    for (int64_t r = 0; r < R; r++) /* before any write: the offsets and the capacity come from the counts */
+        if (counts[r] < 0 || starts[r] != (r ? starts[r - 1] + counts[r - 1] : 0)) return -1;
     if (nthreads > 256) nthreads = 256;
     if (nthreads < 1) nthreads = 1;
     int used = 1;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads) reduction(| : bad)
+#pragma omp parallel num_threads(nthreads)
 #endif
     {
         int T = thread_count(), t = thread_id();
@@ -680,7 +684,6 @@ int64_t vqad_march_uniform(const float *o, const float *d, const float *t_in, co
         used = T;
         int64_t lo = R * t / T, hi = R * (t + 1) / T, at = lo < R ? starts[lo] : 0, first = at;
         for (int64_t r = lo; r < hi; r++) {
-            if (counts[r] < 0) { bad = 1; continue; }
             const float ox = o[3 * r], oy = o[3 * r + 1], oz = o[3 * r + 2];
             const float dx = d[3 * r], dy = d[3 * r + 1], dz = d[3 * r + 2], a = t_in[r], b = t_out[r], ur = u[r];
             for (int64_t j = 0; j < counts[r]; j++) {
@@ -712,5 +715,5 @@ int64_t vqad_march_uniform(const float *o, const float *d, const float *t_in, co
         }
         n += kept[t];
     }
-    return bad ? -1 : n;
+    return n;
 }

@@ -349,7 +349,9 @@ def march_contracted(o: torch.Tensor, d: torch.Tensor, t_in: torch.Tensor, t_out
     float32, ``t_in, t_out, u (R,)`` float32, ``occupancy (8^level,)`` bool, at most ``max_iter``
     intervals per ray. Returns ``t_starts, t_ends (S,)`` float32 and ``ray_indices (S,)`` int64, ray after
     ray, front to back. Computed in double: the PyTorch form run on float64 tensors gives the same
-    samples (up to the float32 outputs). Call only where :func:`applies`."""
+    samples up to rounding (a midpoint on a cell boundary may flip) and the float32 outputs; its
+    float32 run (CUDA's) drifts by ~1e-5 along a ray, so CPU and CUDA samples differ by that much.
+    Call only where :func:`applies`."""
     lib = _load()
     _cpu("march_contracted", o, d, t_in, t_out, u, occupancy)
     R = o.shape[0]
@@ -384,6 +386,8 @@ def march_uniform(o: torch.Tensor, d: torch.Tensor, t_in: torch.Tensor, t_out: t
         raise ValueError("march_uniform: needs the (8^level,) bool occupancy")
     o, d, t_in, t_out, u = (t.detach().float().contiguous() for t in (o, d, t_in, t_out, u))
     counts = counts.long().contiguous()
+    if R and int(counts.min()) < 0:  # the buffers' size and offsets come from the counts
+        raise ValueError("march_uniform: a candidate count is negative")
     starts = torch.cumsum(counts, 0) - counts
     cap = int(starts[-1] + counts[-1]) if R else 0
     ts, te, ri = torch.empty(cap), torch.empty(cap), torch.empty(cap, dtype=torch.long)
@@ -391,7 +395,7 @@ def march_uniform(o: torch.Tensor, d: torch.Tensor, t_in: torch.Tensor, t_out: t
                                _ptr(occupancy.contiguous()), level, float(step), _ptr(ts), _ptr(te), _ptr(ri),
                                _threads(4 * cap))
     if n < 0:
-        raise ValueError("march_uniform: a candidate count is negative")
+        raise ValueError("march_uniform: the candidate counts and their offsets disagree")
     return ts[:n].clone(), te[:n].clone(), ri[:n].clone()  # not views: the buffers hold every candidate
 
 

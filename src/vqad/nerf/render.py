@@ -454,6 +454,9 @@ class OccupancySampler:
             ts, te, ri = kernels.march_contracted(o[sl], d[sl], t_in[sl], t_out[sl], u[sl], self.occupancy, self.level,
                                                   self.step, A, max_iter)
             parts.append((ts, te, ri + a))
+        if not parts:  # no rays
+            empty = o.new_zeros(0)
+            return PackedSamples(empty, empty, torch.zeros(0, dtype=torch.long, device=o.device), R, A)
         ts, te, ri = (torch.cat(p) for p in zip(*parts)) if len(parts) > 1 else parts[0]
         if self.octree.max_level > self.level and ri.numel():
             mid = 0.5 * (ts + te)

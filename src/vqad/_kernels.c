@@ -554,6 +554,24 @@ static double speed_d(const double *x, const double *d, double c1, double kinv) 
     return 0.5 * sqrt(j0 * j0 + j1 * j1 + j2 * j2);
 }
 
+/* A thread count for the march kernels' per-thread tables (257 entries). */
+static int team_size(int nthreads) { return nthreads > 256 ? 256 : (nthreads < 1 ? 1 : nthreads); }
+
+/* The march kernels' samples, written by thread t from offset from[t] (n[t] of them), moved together in
+ * thread order (each block moves down, never over one not yet moved). Returns the total. */
+static int64_t pack_blocks(float *ts, float *te, int64_t *ri, const int64_t *from, const int64_t *n, int used) {
+    int64_t total = 0;
+    for (int t = 0; t < used; t++) {
+        if (from[t] != total && n[t]) {
+            memmove(ts + total, ts + from[t], n[t] * sizeof(float));
+            memmove(te + total, te + from[t], n[t] * sizeof(float));
+            memmove(ri + total, ri + from[t], n[t] * sizeof(int64_t));
+        }
+        total += n[t];
+    }
+    return total;
+}
+
 #define MARCH_LANES 8 /* rays marched side by side by one thread: their dependency chains (two divisions
                            * and a square root per interval) overlap in the CPU's pipeline */
 
@@ -562,9 +580,8 @@ int64_t vqad_march_contracted(const float *o, const float *d, const float *t_in,
                               float *ts, float *te, int64_t *ri, int nthreads) {
     const int64_t res = (int64_t)1 << level;
     const double half_res = 0.5 * (double)res, kinv = 1.0 / (1.0 - 1.0 / A), c1 = 1.0 + kinv;
-    int64_t counts[257];
-    if (nthreads > 256) nthreads = 256;
-    if (nthreads < 1) nthreads = 1;
+    int64_t counts[257], from[257];
+    nthreads = team_size(nthreads);
     int used = 1;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads)
@@ -639,19 +656,10 @@ int64_t vqad_march_contracted(const float *o, const float *d, const float *t_in,
                 at += n_l[l];
             }
         }
-        counts[t] = at - lo * max_iter;
+        from[t] = lo * max_iter;
+        counts[t] = at - from[t];
     }
-    int64_t n = 0;
-    for (int t = 0; t < used; t++) { /* move each thread's block down behind the previous one */
-        int64_t from = (R * t / used) * max_iter;
-        if (from != n && counts[t]) {
-            memmove(ts + n, ts + from, counts[t] * sizeof(float));
-            memmove(te + n, te + from, counts[t] * sizeof(float));
-            memmove(ri + n, ri + from, counts[t] * sizeof(int64_t));
-        }
-        n += counts[t];
-    }
-    return n;
+    return pack_blocks(ts, te, ri, from, counts, used);
 }
 
 /* Ray marching in the unit cube (OccupancySampler.march without contraction): candidate j < counts[r]
@@ -667,11 +675,10 @@ int64_t vqad_march_uniform(const float *o, const float *d, const float *t_in, co
                            float step, float *ts, float *te, int64_t *ri, int nthreads) {
     const int64_t res = (int64_t)1 << level;
     const float half_res = 0.5f * (float)res, hs = 0.5f * step;
-    int64_t kept[257];
+    int64_t kept[257], from[257];
     for (int64_t r = 0; r < R; r++) /* before any write: the offsets and the capacity come from the counts */
         if (counts[r] < 0 || starts[r] != (r ? starts[r - 1] + counts[r - 1] : 0)) return -1;
-    if (nthreads > 256) nthreads = 256;
-    if (nthreads < 1) nthreads = 1;
+    nthreads = team_size(nthreads);
     int used = 1;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads)
@@ -703,17 +710,8 @@ int64_t vqad_march_uniform(const float *o, const float *d, const float *t_in, co
                 }
             }
         }
+        from[t] = first;
         kept[t] = at - first;
     }
-    int64_t n = 0;
-    for (int t = 0; t < used; t++) {
-        int64_t lo = R * t / used, from = lo < R ? starts[lo] : 0;
-        if (from != n && kept[t]) {
-            memmove(ts + n, ts + from, kept[t] * sizeof(float));
-            memmove(te + n, te + from, kept[t] * sizeof(float));
-            memmove(ri + n, ri + from, kept[t] * sizeof(int64_t));
-        }
-        n += kept[t];
-    }
-    return n;
+    return pack_blocks(ts, te, ri, from, kept, used);
 }

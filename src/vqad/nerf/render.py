@@ -215,6 +215,12 @@ class PackedSamples:
     def __len__(self) -> int:
         return int(self.ray_indices.numel())
 
+    @classmethod
+    def empty(cls, like: torch.Tensor, n_rays: int, outer_scale: float = 1.0) -> "PackedSamples":
+        """No samples of ``n_rays`` rays, in ``like``'s dtype and on its device."""
+        none = like.new_zeros(0)
+        return cls(none, none, torch.zeros(0, dtype=torch.long, device=like.device), n_rays, outer_scale)
+
 
 class OccupancySampler:
     """Stratified ray marching through [-1, 1]^3 that keeps only samples in occupied cells.
@@ -383,8 +389,7 @@ class OccupancySampler:
                 ri.append(rows)
             first = last
         if not ri:
-            empty = o.new_zeros(0)
-            return PackedSamples(empty, empty, torch.zeros(0, dtype=torch.long, device=dev), R)
+            return PackedSamples.empty(o, R)
         return PackedSamples(torch.cat(ts), torch.cat(te), torch.cat(ri), R)
 
     def _occupied(self, g: torch.Tensor) -> torch.Tensor:
@@ -435,8 +440,7 @@ class OccupancySampler:
             act, t = act.index_select(0, live), t1.index_select(0, live)
             frac = torch.ones_like(t)
         if not ri:
-            empty = o.new_zeros(0)
-            return PackedSamples(empty, empty, torch.zeros(0, dtype=torch.long, device=dev), R, A)
+            return PackedSamples.empty(o, R, A)
         rows = torch.cat(ri)
         order = torch.sort(rows, stable=True).indices  # iteration order within a ray is front to back
         return PackedSamples(torch.cat(ts)[order], torch.cat(te)[order], rows[order], R, A)
@@ -455,15 +459,13 @@ class OccupancySampler:
                                                   self.step, A, max_iter)
             parts.append((ts, te, ri + a))
         if not parts:  # no rays
-            empty = o.new_zeros(0)
-            return PackedSamples(empty, empty, torch.zeros(0, dtype=torch.long, device=o.device), R, A)
-        ts, te, ri = (torch.cat(p) for p in zip(*parts)) if len(parts) > 1 else parts[0]
-        if self.octree.max_level > self.level and ri.numel():
-            mid = 0.5 * (ts + te)
-            keep = self.octree.contains(contract(torch.addcmul(o.index_select(0, ri), mid[:, None], d.index_select(0, ri)), A))
-            kept = keep.nonzero().squeeze(1)
-            ts, te, ri = ts.index_select(0, kept), te.index_select(0, kept), ri.index_select(0, kept)
-        return PackedSamples(ts, te, ri, R, A)
+            return PackedSamples.empty(o, R, A)
+        samples = PackedSamples(*(torch.cat(p) for p in zip(*parts)), R, A)
+        if self.octree.max_level > self.level and len(samples):
+            kept = self.octree.contains(samples.points(o, d)).nonzero().squeeze(1)  # the midpoints, in grid space
+            samples = PackedSamples(*(t.index_select(0, kept) for t in (samples.t_starts, samples.t_ends,
+                                                                          samples.ray_indices)), R, A)
+        return samples
 
 
 # -- rendering a field ---------------------------------------------------------------------------

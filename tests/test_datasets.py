@@ -672,7 +672,7 @@ def test_a_tiny_fit_of_the_background_scene_runs_end_to_end_within_its_cap(tmp_p
     from vqad.nerf.formats import load_dataset
     from vqad.nerf.render import render_rays_chunked
     from vqad.nerf.rays import RayBatcher
-    from vqad.nerf.task import model_sampler
+    from vqad.nerf.render import model_sampler
 
     cap = tmp_path / "room"
     assert cli_main(["synth-capture", "-o", str(cap), "--aabb-scale", "4", "--size", "24x40", "--views", "10"]) == 0

@@ -129,7 +129,8 @@ def test_radiance_field_built_on_cpu_trains_renders_and_decodes_on_cuda(tmp_path
     from vqad.nerf.formats import load_dataset
     from vqad.nerf.octree_build import octree_from_depth
     from vqad.nerf.rays import RayBatcher
-    from vqad.nerf.task import NeRFTrainConfig, RadianceTask, model_sampler
+    from vqad.nerf.render import model_sampler
+    from vqad.nerf.task import NeRFTrainConfig, RadianceTask
 
     cuda = torch.device(dev)
     scene = load_dataset("procedural", downscale=4)

@@ -21,7 +21,7 @@ from vqad.nerf.octree_build import (DensityPassConfig, backproject_depth, octree
 from vqad.nerf.render import (OccupancySampler, accumulate_along_rays, render_rays, render_weight_from_density,
                               volume_render)
 from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
-from vqad.nerf.task import model_sampler
+from vqad.nerf.render import model_sampler
 from vqad.octree import SparseOctree
 
 CPU = torch.device("cpu")

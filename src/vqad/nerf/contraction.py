@@ -126,7 +126,7 @@ def slowest_speed(g: torch.Tensor, outer_scale: float, chunk: int = 1 << 18) -> 
     smallest singular value of :func:`jacobian` (½ inside the central box; all ones when ``A = 1``).
 
     One grid step there spans at most ``step / slowest_speed`` of scene length, so a cell is empty
-    for every ray when ``σ · step / slowest_speed`` absorbs little (:func:`vqad.nerf.task.prune_threshold`).
+    for every ray when ``σ · step / slowest_speed`` absorbs little (:func:`vqad.nerf.render.prune_threshold`).
     """
     if outer_scale == 1.0:
         return torch.ones(g.shape[0], dtype=g.dtype, device=g.device)

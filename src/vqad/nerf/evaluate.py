@@ -74,7 +74,7 @@ def render_views(field, dataset: SceneDataset, split: str, lods: list[int], samp
     """Yield ``(index, name, rgb (B, H, W, 3), depth (B, H, W) world units, opacity (B, H, W), gt (H, W, 3))``
     for each view of ``split`` (the first ``max_views``), every LOD of ``lods`` rendered at once."""
     from vqad.nerf.rays import RayBatcher
-    from vqad.nerf.task import model_sampler
+    from vqad.nerf.render import model_sampler
 
     views = pick_split(dataset, split)
     sampler = sampler or model_sampler(field)

@@ -22,8 +22,9 @@ from vqad.grid import OctreeGrid
 from vqad.nerf.data import SceneDataset, dataset_info
 from vqad.nerf.field import NeRFConfig, NeRFField
 from vqad.nerf.rays import RayBatcher
-from vqad.nerf.render import OccupancySampler
-from vqad.nerf.task import NeRFTrainConfig, RadianceTask, make_sampler, prune_by_model, psnr_of
+from vqad.nerf.recode import RecodeStats
+from vqad.nerf.render import OccupancySampler, make_sampler, prune_by_model
+from vqad.nerf.task import NeRFTrainConfig, RadianceTask, psnr_of
 from vqad.storages import storage_class
 
 #: the radiance-field defaults of ``vqad fit-nerf`` and :func:`fit_nerf` (k = 8, levels 4..7, ψ_σ of width
@@ -51,10 +52,11 @@ class NeRFFitResult:
     final_psnr: float
     peak_memory_bytes: int
     history: list = dfield(default_factory=list)
-    refine_seconds: float = 0.0  # Gauss–Newton index sweeps after the last step (in ``seconds``)
+    refine_seconds: float = 0.0  # work after the last step: index sweeps, recoding (in ``seconds``)
     skipped_steps: int = 0  # steps not applied because their loss or a gradient was not finite
     train_cfg: NeRFTrainConfig | None = None  # the configuration that ran (on resume, the checkpoint's)
     notes: list[str] = dfield(default_factory=list)  # what the time cap cut (vqad.fit.LoopResult.notes)
+    recode: RecodeStats | None = None  # the unreachable indices recoded after training (vqad.nerf.recode)
 
 
 AUTO_SAMPLES_PER_RAY = 20.0  # the marching budget that --step-ratio auto aims at (docs/benchmarks/nerf.md, fern)
@@ -216,4 +218,5 @@ def fit_nerf(
         skipped_steps=res.skipped_steps,
         train_cfg=train_cfg,
         notes=res.notes,
+        recode=task.recode_stats,
     )

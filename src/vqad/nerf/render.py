@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from vqad import kernels
-from vqad.nerf.contraction import check_outer_scale, contract, grid_speed
+from vqad.nerf.contraction import check_outer_scale, contract, grid_speed, slowest_speed
 from vqad.octree import SparseOctree, morton_decode
 
 MAX_DENSE_OCCUPANCY_LEVEL = 8  # 256^3 bools = 16 MB; finer octrees are checked against the octree itself
@@ -335,7 +335,9 @@ class OccupancySampler:
         Candidate ``j`` of ray r sits at ``t_j = t_in + (j + u_r) · step`` for ``t_in`` the ray's
         entry into the occupied cells' bounding box ∩ [near, far] and ``u_r`` the jitter (``(R,)`` in
         [0, 1); 0.5 when None, i.e. deterministic); it covers ``[t_j − step/2, t_j + step/2]``
-        clipped to the ray's segment. Candidates are ragged (``ceil(length / step)`` per ray, not a
+        clipped to the ray's segment, and is kept when that position is occupied and then, again, when the
+        interval's midpoint (:meth:`PackedSamples.points`, what a render evaluates) is
+        (:meth:`_keep_occupied_points`). Candidates are ragged (``ceil(length / step)`` per ray, not a
         rectangular block), processed ``max_candidates`` at a time.
 
         Host synchronisations: one to read the candidate counts (to cut the chunks), then one per
@@ -346,7 +348,28 @@ class OccupancySampler:
         """
         self._follow_octree()
         if self.outer_scale > 1.0:
-            return self._march_contracted(o, d, near, far, jitter)
+            samples = self._march_contracted(o, d, near, far, jitter)
+        else:
+            samples = self._march_uniform(o, d, near, far, jitter, max_candidates)
+        return self._keep_occupied_points(samples, o, d)
+
+    def _keep_occupied_points(self, samples: PackedSamples, o: torch.Tensor, d: torch.Tensor) -> PackedSamples:
+        """The samples whose point (:meth:`PackedSamples.points`, where a render evaluates the field) lies in an
+        occupied cell. The marchers test each candidate's position; a clipped interval's midpoint (a ray's
+        last, or first after ``near``) can lie up to half a step outside that cell, and a recomputed midpoint
+        can round across a face. Checking the points themselves makes "no render reads a vertex of an
+        unoccupied cell" exact (:mod:`vqad.nerf.recode` relies on it). One more host synchronisation."""
+        if len(samples) == 0:
+            return samples
+        keep = self._occupied(samples.points(o, d))
+        if bool(keep.all()):
+            return samples
+        kept = keep.nonzero().squeeze(1)
+        return PackedSamples(samples.t_starts.index_select(0, kept), samples.t_ends.index_select(0, kept),
+                             samples.ray_indices.index_select(0, kept), samples.n_rays, samples.outer_scale)
+
+    def _march_uniform(self, o, d, near, far, jitter, max_candidates: int) -> PackedSamples:
+        """:meth:`march` in an uncontracted scene, before the points' own check."""
         R = o.shape[0]
         dev = o.device
         t_in, t_out = ray_aabb(o, d, self.bbox[0], self.bbox[1])
@@ -449,7 +472,8 @@ class OccupancySampler:
                                  max_entries: int = 1 << 22) -> PackedSamples:
         """:meth:`_march_contracted`'s loop as one CPU kernel (:func:`vqad.kernels.march_contracted`, in
         double), ``max_entries // max_iter`` rays at a time (its buffers hold ``max_iter`` per ray); the
-        finer octree's check, where the occupancy grid is coarser than the octree, follows on the samples."""
+        finer octree's check, where the occupancy grid is coarser than the octree, is :meth:`march`'s check of
+        the points."""
         R, A = o.shape[0], self.outer_scale
         chunk = max(1, max_entries // max_iter)
         parts = []
@@ -460,12 +484,42 @@ class OccupancySampler:
             parts.append((ts, te, ri + a))
         if not parts:  # no rays
             return PackedSamples.empty(o, R, A)
-        samples = PackedSamples(*(torch.cat(p) for p in zip(*parts)), R, A)
-        if self.octree.max_level > self.level and len(samples):
-            kept = self.octree.contains(samples.points(o, d)).nonzero().squeeze(1)  # the midpoints, in grid space
-            samples = PackedSamples(*(t.index_select(0, kept) for t in (samples.t_starts, samples.t_ends,
-                                                                          samples.ray_indices)), R, A)
-        return samples
+        return PackedSamples(*(torch.cat(p) for p in zip(*parts)), R, A)  # the finer octree's check: march's
+
+
+# -- the model's own occupancy -------------------------------------------------------------------
+def make_sampler(field, octree: SparseOctree | None = None) -> OccupancySampler:
+    """The field's sampler: marching step ``step_ratio`` finest cells (from the field's config). ``octree``
+    (default: the field's): a prefix of it, the octree a file decoded up to a coarser LOD holds."""
+    octree = field.grid.octree if octree is None else octree
+    return OccupancySampler(octree, step=field.nerf_cfg.step_ratio * 2.0 / (1 << octree.max_level),
+                            outer_scale=field.nerf_cfg.outer_scale)
+
+
+def prune_threshold(field, sampler: OccupancySampler) -> float | torch.Tensor:
+    """σ below which a cell is empty: one marching step there absorbs less than ``prune_alpha``,
+    ``1 − exp(−σ · step) < prune_alpha``. In a contracted scene a step's scene-space length depends
+    on the cell (at most ``step / slowest_speed``, :func:`vqad.nerf.contraction.slowest_speed`), so
+    the threshold is one per cell of :meth:`OccupancySampler.cell_centers` ``(n,)``."""
+    thr = -math.log1p(-field.nerf_cfg.prune_alpha) / sampler.step
+    if sampler.outer_scale == 1.0:
+        return thr
+    return thr * slowest_speed(sampler.cell_centers()[0], sampler.outer_scale)
+
+
+@torch.no_grad()
+def prune_by_model(field, sampler: OccupancySampler) -> OccupancySampler:
+    """Prune ``sampler`` by the model's own densities, deterministically (what render / eval use)."""
+    was_training = field.training
+    field.eval()
+    sampler.prune(field.density, prune_threshold(field, sampler))
+    field.train(was_training)
+    return sampler
+
+
+def model_sampler(field) -> OccupancySampler:
+    """The sampler render / eval use: the octree pruned by the model's own densities (deterministic)."""
+    return prune_by_model(field, make_sampler(field))
 
 
 # -- rendering a field ---------------------------------------------------------------------------

@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 
 from vqad.errors import InputError
 from vqad.fit import FitTask, StepLoss, TrainConfig, capped_sweeps
-from vqad.nerf.contraction import slowest_speed
 from vqad.nerf.field import NeRFField, sh_encode
 from vqad.nerf.rays import RayBatcher
-from vqad.nerf.render import OccupancySampler, distortion_loss, ray_offsets, render_rays, volume_render
+from vqad.nerf.recode import RecodeStats, applies as recode_applies, recode_unreachable
+from vqad.nerf.render import (OccupancySampler, distortion_loss, prune_by_model, prune_threshold, ray_offsets, render_rays,
+                              volume_render)
 from vqad.refine import RefineChunk, format_stats, has_codebook, rate_bit_cost, refine_indices
 
 LOD_MODES = ("all", "random", "finest+random", "finest")
@@ -67,6 +68,7 @@ class NeRFTrainConfig(TrainConfig):
     octree_from: str | None = None  # reuse the octree of this checkpoint / .vqad fit of the same capture
     refine: int = 0  # Gauss–Newton index sweeps (vqad.refine) after the last step (codebook only; 0: none)
     refine_rays: int = 16384  # training rays each sweep sees
+    recode: bool = True  # after training, recode the indices no render reaches (codebook only; vqad.nerf.recode)
 
     def validate(self) -> None:
         super().validate()
@@ -104,42 +106,9 @@ def step_lods(lods: list[int], mode: str, generator: torch.Generator) -> list[in
     return [lods[int(torch.randint(0, len(lods) - 1, (1,), generator=generator))], lods[-1]]
 
 
-def make_sampler(field: NeRFField) -> OccupancySampler:
-    """The field's sampler: marching step ``step_ratio`` finest cells (from the field's config)."""
-    octree = field.grid.octree
-    return OccupancySampler(octree, step=field.nerf_cfg.step_ratio * 2.0 / (1 << octree.max_level),
-                            outer_scale=field.nerf_cfg.outer_scale)
-
-
-def prune_threshold(field: NeRFField, sampler: OccupancySampler) -> float | torch.Tensor:
-    """σ below which a cell is empty: one marching step there absorbs less than ``prune_alpha``,
-    ``1 − exp(−σ · step) < prune_alpha``. In a contracted scene a step's scene-space length depends
-    on the cell (at most ``step / slowest_speed``, :func:`vqad.nerf.contraction.slowest_speed`), so
-    the threshold is one per cell of :meth:`OccupancySampler.cell_centers` ``(n,)``."""
-    thr = -math.log1p(-field.nerf_cfg.prune_alpha) / sampler.step
-    if sampler.outer_scale == 1.0:
-        return thr
-    return thr * slowest_speed(sampler.cell_centers()[0], sampler.outer_scale)
-
-
 def prune_due(it: int, every: int, warmup: int) -> bool:
     """Whether training step ``it`` re-tests the occupancy (every ``every`` steps from ``warmup``; 0: never)."""
     return every > 0 and it >= warmup and it % every == 0
-
-
-@torch.no_grad()
-def prune_by_model(field: NeRFField, sampler: OccupancySampler) -> OccupancySampler:
-    """Prune ``sampler`` by the model's own densities, deterministically (what render / eval use)."""
-    was_training = field.training
-    field.eval()
-    sampler.prune(field.density, prune_threshold(field, sampler))
-    field.train(was_training)
-    return sampler
-
-
-def model_sampler(field: NeRFField) -> OccupancySampler:
-    """The sampler render / eval use: the octree pruned by the model's own densities (deterministic)."""
-    return prune_by_model(field, make_sampler(field))
 
 
 class RadianceTask(FitTask):
@@ -157,6 +126,7 @@ class RadianceTask(FitTask):
         self.lods: list[int] = field.lods
         self.total_samples = self.rays = 0
         self.extra_seconds = 0.0
+        self.recode_stats: RecodeStats | None = None
         self.t0 = time.perf_counter()
 
     def begin(self, start, gen):
@@ -207,9 +177,21 @@ class RadianceTask(FitTask):
         about 3 · refine_rays / batch_rays training steps each (an estimate; the first sweep's measured
         time replaces it)."""
         c = self.cfg
+        recode = self._recode_seconds(step_seconds) if self._recodes() else 0.0
         if not c.refine or not has_codebook(self.field.grid):
-            return 0.0
-        return c.refine * self._sweep_seconds(step_seconds)
+            return recode
+        return recode + c.refine * self._sweep_seconds(step_seconds)
+
+    def _recodes(self) -> bool:
+        return self.cfg.recode and recode_applies(self.field)
+
+    def _recode_seconds(self, step_seconds: float) -> float:
+        """About two rounds of every LOD's occupancy (nine density probes per cell), priced as a training
+        step's samples (an estimate, measured against in docs/benchmarks/rd-rate.md)."""
+        octree = self.field.grid.octree
+        probes = 2 * 9 * sum(octree.num_cells(lod) for lod in self.field.lods)
+        per_step = max(self.total_samples / max(self.rays, 1), 1.0) * self.cfg.batch_rays
+        return step_seconds * probes / per_step
 
     def _sweep_seconds(self, step_seconds: float) -> float:
         return 3 * self.cfg.refine_rays / self.cfg.batch_rays * step_seconds
@@ -225,6 +207,13 @@ class RadianceTask(FitTask):
                                                     max(int(share * c.refine_rays), 1), self.background, gen,
                                                     self.quiet, rate_weight=c.rate_weight), self.notes)
             self.field.train()
+            self.extra_seconds += self.deadline.clock() - t
+        if self._recodes():  # after the sweeps: they may leave vertices unreachable too
+            t = self.deadline.clock()
+            self.recode_stats = recode_unreachable(self.field)
+            self.notes.extend(self.recode_stats.notes)
+            if not self.quiet:
+                tqdm.write(self.recode_stats.summary())
             self.extra_seconds += self.deadline.clock() - t
 
     def checkpoint_extra(self) -> dict:

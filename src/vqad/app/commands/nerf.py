@@ -33,8 +33,8 @@ def _step_ratio(text: str) -> float | None:
 
 NERF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch_rays", "lr", "grid_lr_scale", "lr_floor", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
                     "octree", "octree_from", "dilate", "density_steps", "density_minutes", "lod_mode", "coarse_weight",
-                    "early_stop_eps", "distortion_weight", "refine", "refine_rays", "seed")
-INDEX_FLAGS = {"rate_weight": "--rate-weight", "rate_context": "--rate-context", "refine": "--refine", "refine_rays": "--refine-rays", "logit_lr_scale": "--logit-lr-scale",
+                    "early_stop_eps", "distortion_weight", "refine", "refine_rays", "recode", "seed")
+INDEX_FLAGS = {"recode": "--no-recode", "rate_weight": "--rate-weight", "rate_context": "--rate-context", "refine": "--refine", "refine_rays": "--refine-rays", "logit_lr_scale": "--logit-lr-scale",
                "codebook_lr_scale": "--codebook-lr-scale"}
 OCTREE_FLAGS = {"octree": "--octree", "octree_from": "--octree-from", "dilate": "--dilate",
                 "density_steps": "--density-steps", "density_minutes": "--density-minutes"}
@@ -89,6 +89,10 @@ def register(sub) -> None:
     config_flag(p, T, "refine", help="Gauss–Newton index refinement sweeps after training (codebook only; 0: they "
                                      "did not raise test PSNR, see docs/benchmarks/nerf.md)")
     config_flag(p, T, "refine_rays", help="training rays each refinement sweep sees (codebook only)")
+    p.add_argument("--no-recode", dest="recode", action="store_const", const=False, default=None,
+                   help="keep the indices of the vertices no render reaches (by default they get their level's most "
+                        "common codeword after training: the same renders, a smaller file; docs/method.md §8.2; "
+                        "codebook only)")
     config_flag(p, NERF_DECODER, "hidden", help="density MLP width")
     config_flag(p, NERF_FIELD, "color_hidden", help="colour MLP width")
     p.add_argument("--step-ratio", default=None, metavar="auto|S",
@@ -255,7 +259,7 @@ def fit_nerf_summary(res) -> dict:
         "octree_method": res.octree_method, "octree_seconds": res.octree_seconds,
         "rays_per_second": res.rays_per_second, "samples_per_ray": res.samples_per_ray,
         "refine_seconds": res.refine_seconds, "skipped_steps": res.skipped_steps, "peak_memory_bytes": res.peak_memory_bytes, "size": field.size_report(), "notes": res.notes,
-        "history": res.history,
+        "recode": asdict(res.recode) if res.recode is not None else None, "history": res.history,
     }
 
 

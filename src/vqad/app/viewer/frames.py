@@ -53,7 +53,7 @@ class NeRFContext:
 
 def nerf_context(field) -> NeRFContext:
     """The pruned sampler ``vqad render`` uses and the dataset's background colour."""
-    from vqad.nerf.task import model_sampler
+    from vqad.nerf.render import model_sampler
 
     bg = tuple(field.dataset.get("background", BACKGROUND)) if isinstance(getattr(field, "dataset", None), dict) else BACKGROUND
     return NeRFContext(model_sampler(field), torch.tensor(bg, dtype=torch.float32, device=field.device))

@@ -24,7 +24,7 @@ from vqad.nerf.field import NeRFConfig
 from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
 from vqad.nerf.task import refine_nerf
 from vqad.nerf.rays import RayBatcher
-from vqad.nerf.task import model_sampler
+from vqad.nerf.render import model_sampler
 
 
 def main() -> None:

@@ -386,7 +386,8 @@ def nerf_step(dataset, storage: str, sz: Sizes, device: torch.device) -> dict:
     occupancy unpruned: the periodic pruning is left out of the timed steps)."""
     from vqad.nerf.fit import NERF_DECODER, NERF_FIELD, build_nerf_field
     from vqad.nerf.rays import RayBatcher
-    from vqad.nerf.task import NeRFTrainConfig, RadianceTask, make_sampler
+    from vqad.nerf.render import make_sampler
+    from vqad.nerf.task import NeRFTrainConfig, RadianceTask
     from vqad.optim import make_optimizers
 
     cfg = NeRFTrainConfig(batch_rays=sz.batch_rays, prune_warmup=10 ** 9, seed=0)

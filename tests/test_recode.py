@@ -239,3 +239,28 @@ def test_fit_nerf_recodes_by_default_and_no_recode_is_refused_for_dense(tmp_path
     err = capsys.readouterr().err
     assert "--no-recode applies to grids with discrete indices" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_export_recode_shrinks_a_file_and_keeps_its_renders(fitted, tmp_path, capsys):
+    scene, original = fitted
+    src = tmp_path / "plain.vqad"
+    fileformat.save(_baked(original), src)
+    out = tmp_path / "recoded.vqad"
+    assert cli_main(["export", str(src), "-o", str(out), "--entropy", "--recode"]) == 0
+    assert "no render reaches" in capsys.readouterr().out
+    assert cli_main(["export", str(src), "-o", str(tmp_path / "coded.vqad"), "--entropy"]) == 0
+    assert out.stat().st_size < (tmp_path / "coded.vqad").stat().st_size
+    o, d = _rays(scene, 1000)
+    for lod in (3, 5):
+        a = fileformat.load(src, lod=lod)
+        b = fileformat.load(out, lod=lod)
+        for x, y in zip(_render(a, o, d), _render(b, o, d)):
+            assert torch.equal(x, y)
+    # a model without indices to recode is refused, with what it holds
+    dense = tmp_path / "dense"
+    assert cli_main(["fit-nerf", "procedural", "--levels", "2:3", "--steps", "3", "--batch-rays", "64", "--octree", "mask",
+                     "--features", "2", "--grid", "dense", "--device", "cpu", "--quiet", "--no-eval", "--out", str(dense)]) == 0
+    capsys.readouterr()
+    assert cli_main(["export", str(dense / "checkpoint"), "-o", str(tmp_path / "d.vqad"), "--recode"]) == 2
+    assert "--recode applies to radiance fields with a codebook grid" in capsys.readouterr().err
+    assert not (tmp_path / "d.vqad").exists()

@@ -14,6 +14,10 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="output .vqad file")
     p.add_argument("--entropy", action="store_true",
                    help="range-code indices and octree masks where that is smaller (lossless)")
+    p.add_argument("--recode", action="store_true",
+                   help="give the indices no render reaches their level's most common codeword first: the same "
+                        "renders at every LOD and prefix, a smaller file (radiance fields with a codebook grid; "
+                        "fit-nerf does it after training unless --no-recode; docs/method.md §8.2)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="chunks, bytes per LOD and compression ratios of a .vqad file")
@@ -32,6 +36,13 @@ def cmd_export(args) -> int:
     # what is evaluated is what is stored: round codebooks and decoder to fp16 now (idempotent when
     # the checkpoint was baked that way already)
     field.bake(fp16=True)
+    if args.recode:
+        from vqad.nerf import recode
+
+        if not recode.applies(field):
+            raise InputError(f"--recode applies to radiance fields with a codebook grid; {args.model} holds a "
+                             f"{field.kind} field with a {field.grid_cfg.storage} grid")
+        print(recode.recode_unreachable(field).summary())
     nbytes = save(field, out, entropy=args.entropy)
     sizes = lod_prefix_sizes(out)
     print(f"wrote {out}: {nbytes:,} bytes, {field.kind} field, LODs {min(sizes)}..{max(sizes)}")

@@ -41,6 +41,11 @@ def test_rate_bits_is_the_entropy_of_the_mean_soft_assignment():
     assert torch.allclose(r, want, atol=1e-6)
     r.backward()
     assert s.C.grad is not None and s.C.grad.coalesce().values().abs().sum() > 0
+    # the gradient is the brute-force formula's (each vertex's cross-entropy under the marginal, both moving)
+    C = s.C.detach().clone().requires_grad_(True)
+    q = torch.softmax(C[[0, 1, 2, 7, 9]], dim=-1)
+    (-(q * torch.log2(q.mean(0))).sum(1).mean()).backward()
+    assert torch.allclose(s.C.grad.to_dense(), C.grad, atol=1e-6)
     assert s.rate_bits() is None  # the record is cleared: nothing touched since
     s.track_rate(False)
     s(ids)

@@ -186,10 +186,11 @@ class RadianceTask(FitTask):
         return self.cfg.recode and recode_applies(self.field)
 
     def _recode_seconds(self, step_seconds: float) -> float:
-        """About two rounds of every LOD's occupancy (nine density probes per cell), priced as a training
-        step's samples (an estimate, measured against in docs/benchmarks/rd-rate.md)."""
+        """Every LOD's occupancy before and after about two rounds (:func:`vqad.nerf.recode.recode_unreachable`),
+        for the model and its fp16 form: 3 · 2 · 9 density probes per cell, each priced at a third of a
+        training sample (those run the colour MLP and a backward pass too). An estimate: lego's ~6 s."""
         octree = self.field.grid.octree
-        probes = 2 * 9 * sum(octree.num_cells(lod) for lod in self.field.lods)
+        probes = 3 * 2 * 9 / 3 * sum(octree.num_cells(lod) for lod in self.field.lods)
         per_step = max(self.total_samples / max(self.rays, 1), 1.0) * self.cfg.batch_rays
         return step_seconds * probes / per_step
 

@@ -178,11 +178,14 @@ class CodebookStorage(FeatureStorage):
         """
         if not self._soft:
             return None
-        rows = torch.cat([r for r, _ in self._soft])  # (U,)
-        probs = torch.cat([p for _, p in self._soft])  # (U, 2^b)
-        self._soft = []
-        j = torch.zeros_like(rows) if contexts is None else contexts.index_select(0, rows)
-        K = 1 if contexts is None else n_contexts
+        soft, self._soft = self._soft, []
+        probs = soft[0][1] if len(soft) == 1 else torch.cat([p for _, p in soft])  # (U, 2^b)
+        if contexts is None:  # one context: R = −(1/U) Σ_u s_u · log2 p̄ = H(p̄), one pass over the (U, 2^b) rows
+            pbar = probs.mean(dim=0)  # (2^b,)
+            return -(pbar * torch.log2(pbar.clamp_min(1e-30))).sum()
+        rows = soft[0][0] if len(soft) == 1 else torch.cat([r for r, _ in soft])  # (U,)
+        j = contexts.index_select(0, rows)
+        K = n_contexts
         mass = probs.new_zeros(K, probs.shape[1]).index_add(0, j, probs)  # (K, 2^b)
         count = torch.bincount(j, minlength=K).clamp_min(1).to(probs.dtype)  # (K,)
         logp = torch.log2((mass / count[:, None]).clamp_min(1e-30))  # (K, 2^b)

@@ -98,6 +98,7 @@ def test_reachable_set_matches_brute_force_and_covers_every_sample(fitted, occup
         samples = sampler.march(o, d, near=0.0, far=10.0)
         x = samples.points(o, d)
         assert x.shape[0] > 1000
+        assert x is samples.known[2] and torch.equal(x, samples.points(o.clone(), d.clone()))  # kept, not stale
         for i, L in enumerate(field.grid.octree.levels):
             if L > lod:
                 break

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dfield
 
 import torch
 
@@ -205,9 +205,14 @@ class PackedSamples:
     ray_indices: torch.Tensor  # (S,) int64, sorted
     n_rays: int
     outer_scale: float = 1.0  # > 1: the rays are in contracted scene space (vqad.nerf.contraction)
+    #: ``(o, d, points)``: the rays these samples were marched on and their points, which the marcher
+    #: computed for its own check; :meth:`points` returns them for those very tensors (not recomputed)
+    known: tuple | None = dfield(default=None, repr=False, compare=False)
 
     def points(self, o: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """``(S, 3)`` interval midpoints ``o + t d`` in grid coordinates (contracted when ``outer_scale > 1``)."""
+        if self.known is not None and self.known[0] is o and self.known[1] is d:
+            return self.known[2]
         t = 0.5 * (self.t_starts + self.t_ends)
         ri = self.ray_indices  # index_select: 2-3x advanced indexing's speed on the CPU, the same values
         return contract(o.index_select(0, ri) + t[:, None] * d.index_select(0, ri), self.outer_scale)
@@ -358,15 +363,19 @@ class OccupancySampler:
         occupied cell. The marchers test each candidate's position; a clipped interval's midpoint (a ray's
         last, or first after ``near``) can lie up to half a step outside that cell, and a recomputed midpoint
         can round across a face. Checking the points themselves makes "no render reads a vertex of an
-        unoccupied cell" exact (:mod:`vqad.nerf.recode` relies on it). One more host synchronisation."""
+        unoccupied cell" exact (:mod:`vqad.nerf.recode` relies on it). One more host synchronisation; the points
+        stay with the samples (:attr:`PackedSamples.known`), so the render does not compute them again."""
         if len(samples) == 0:
             return samples
-        keep = self._occupied(samples.points(o, d))
+        x = samples.points(o, d)
+        keep = self._occupied(x)
         if bool(keep.all()):
+            samples.known = (o, d, x)
             return samples
         kept = keep.nonzero().squeeze(1)
         return PackedSamples(samples.t_starts.index_select(0, kept), samples.t_ends.index_select(0, kept),
-                             samples.ray_indices.index_select(0, kept), samples.n_rays, samples.outer_scale)
+                             samples.ray_indices.index_select(0, kept), samples.n_rays, samples.outer_scale,
+                             known=(o, d, x.index_select(0, kept)))
 
     def _march_uniform(self, o, d, near, far, jitter, max_candidates: int) -> PackedSamples:
         """:meth:`march` in an uncontracted scene, before the points' own check."""

@@ -187,10 +187,11 @@ class RadianceTask(FitTask):
 
     def _recode_seconds(self, step_seconds: float) -> float:
         """Every LOD's occupancy before and after about two rounds (:func:`vqad.nerf.recode.recode_unreachable`),
-        for the model and its fp16 form: 3 · 2 · 9 density probes per cell, each priced at a third of a
-        training sample (those run the colour MLP and a backward pass too). An estimate: lego's ~6 s."""
+        for the model and its fp16 form: 3 · 2 · 9 density probes per cell, each priced at a tenth of a
+        training sample (those run the colour MLP and a backward pass too; measured on lego, one thread:
+        ~2M probes/s against ~210k training samples/s). An estimate: lego's ~6 s."""
         octree = self.field.grid.octree
-        probes = 3 * 2 * 9 / 3 * sum(octree.num_cells(lod) for lod in self.field.lods)
+        probes = 3 * 2 * 9 / 10 * sum(octree.num_cells(lod) for lod in self.field.lods)
         per_step = max(self.total_samples / max(self.rays, 1), 1.0) * self.cfg.batch_rays
         return step_seconds * probes / per_step
 

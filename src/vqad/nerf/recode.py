@@ -8,7 +8,8 @@ model's from its finest LOD, used to render every LOD, and a prefix of the progr
 ``l``, prunes with LOD ``l`` on its own level-``l`` cells. A vertex that is a corner of no level-``L`` cell
 overlapping an occupied cell, under any of these occupancies, never reaches a pixel. Training never touches it
 either (its cells were pruned), so its index is still its random initial codeword and costs the full b bits:
-45 % of lego's finest vertices, 81 % of its file's index bits at b = 6 (docs/benchmarks/rd-rate.md).
+38 % of lego's vertices (45 % of the finest level's); recoding them made a 6-bit lego file 35 % smaller
+(docs/benchmarks/rd-rate.md).
 
 :func:`recode_unreachable` gives each such vertex its level's most common reachable codeword. The new codewords
 change the density inside empty cells, so a cell could become occupied: every occupancy is computed again, and

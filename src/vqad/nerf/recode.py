@@ -133,7 +133,12 @@ def stored_forms(field) -> list:
         _fp16_exact(p) for d in field.decoders() for p in d.parameters())
     if exact:
         return [field]
-    stored = copy.deepcopy(field)
+    # a baked copy without copying the training logits C first (m × 2^b floats: 1 GB for lego at b = 10)
+    memo = {id(s.C): None for s in field.grid.storages if getattr(s, "C", None) is not None}
+    stored = copy.deepcopy(field, memo)
+    for s, c in zip(field.grid.storages, stored.grid.storages):
+        if not s.baked:
+            c.V, c.baked = s.indices().clone(), True
     stored.bake(fp16=True)
     return [field, stored]
 

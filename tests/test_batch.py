@@ -367,3 +367,16 @@ def test_thread_rule():
     assert B.RunConfig(threads=2).fit_threads("ray") == 2
     os.environ.pop("VQAD_THREADS", None)
     assert B.RunConfig().fit_threads("ray") == 1
+
+
+def test_switch_flags_take_their_constants_in_jobs():
+    """Flags that store a constant (--no-recode, --per-lod-decoder, --shared-decoder) take true / false in a job,
+    like --entropy; anything else is refused with the key's name."""
+    args, _, configs = B.resolve_settings("nerf", (("no_recode", True), ("per_lod_decoder", True), ("steps", 5)))
+    assert args["recode"] is False and args["per_lod"] is True
+    assert configs[3]["recode"] is False
+    args, _, configs = B.resolve_settings("nerf", (("no_recode", False), ("shared_decoder", True)))
+    assert args["recode"] is None and args["per_lod"] is False and configs[3]["recode"] is True
+    for key in ("no_recode", "shared_decoder"):
+        with pytest.raises(InputError, match=f"{key} must be true or false"):
+            B.resolve_settings("nerf", ((key, "true"),))

@@ -235,6 +235,11 @@ def test_fit_nerf_recodes_by_default_and_no_recode_is_refused_for_dense(tmp_path
     assert cli_main(base + ["--out", str(tmp_path / "b"), "--no-recode"]) == 0
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert m["train"]["recode"] is False and m["recode"] is None
+    # a setting of the work after training: a resumed fit may change it
+    resume = [a for a in base if a not in ("--octree", "mask", "--steps", "15")]
+    assert cli_main(resume + ["--out", str(tmp_path / "a"), "--resume", "--steps", "20", "--no-recode"]) == 0
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert m["steps"] == 20 and m["recode"] is None
     capsys.readouterr()
     assert cli_main(base + ["--out", str(tmp_path / "c"), "--no-recode", "--grid", "dense"]) == 2
     err = capsys.readouterr().err
@@ -250,6 +255,9 @@ def test_export_recode_shrinks_a_file_and_keeps_its_renders(fitted, tmp_path, ca
     assert cli_main(["export", str(src), "-o", str(out), "--entropy", "--recode"]) == 0
     assert "no render reaches" in capsys.readouterr().out
     assert cli_main(["export", str(src), "-o", str(tmp_path / "coded.vqad"), "--entropy"]) == 0
+    capsys.readouterr()
+    assert cli_main(["export", str(src), "-o", str(tmp_path / "raw.vqad"), "--recode"]) == 2  # raw: b bits whatever
+    assert "add --entropy" in capsys.readouterr().err and not (tmp_path / "raw.vqad").exists()
     assert out.stat().st_size < (tmp_path / "coded.vqad").stat().st_size
     o, d = _rays(scene, 1000)
     for lod in (3, 5):
@@ -262,6 +270,24 @@ def test_export_recode_shrinks_a_file_and_keeps_its_renders(fitted, tmp_path, ca
     assert cli_main(["fit-nerf", "procedural", "--levels", "2:3", "--steps", "3", "--batch-rays", "64", "--octree", "mask",
                      "--features", "2", "--grid", "dense", "--device", "cpu", "--quiet", "--no-eval", "--out", str(dense)]) == 0
     capsys.readouterr()
-    assert cli_main(["export", str(dense / "checkpoint"), "-o", str(tmp_path / "d.vqad"), "--recode"]) == 2
+    assert cli_main(["export", str(dense / "checkpoint"), "-o", str(tmp_path / "d.vqad"), "--recode", "--entropy"]) == 2
     assert "--recode applies to radiance fields with a codebook grid" in capsys.readouterr().err
     assert not (tmp_path / "d.vqad").exists()
+
+
+def test_a_recoding_failure_keeps_the_trained_model(tmp_path, monkeypatch, capsys):
+    """Recoding is work after training: if it fails, the fit still ends, saves its last step and says so."""
+    from vqad.nerf import task
+
+    def broken(field):
+        raise RuntimeError("simulated: out of memory")
+
+    monkeypatch.setattr(task, "recode_unreachable", broken)
+    scene = load_dataset("procedural")
+    grid = GridConfig(storage="codebook", features=2, bits=2, base_level=2, max_level=3)
+    train = NeRFTrainConfig(steps=12, batch_rays=128, octree="mask")
+    res = fit_nerf(scene, grid, DecoderConfig(hidden=8, position_input=False), train, CPU, out_dir=tmp_path, quiet=True)
+    assert res.steps == 12 and res.recode is None
+    assert any("recoding the unreachable indices failed" in n and "--no-recode" in n for n in res.notes)
+    assert "WARNING: recoding" in capsys.readouterr().err
+    assert json.loads((tmp_path / "checkpoint" / "config.json").read_text())["step"] == 12

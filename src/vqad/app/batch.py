@@ -218,10 +218,10 @@ def _convert(key: str, value, action: argparse.Action):
     ``null``: not given, the default)."""
     if value is None:
         return action.default
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, argparse._StoreConstAction):  # --flag (store_true too): true gives its constant
         if not isinstance(value, bool):
             raise InputError(f"{key} must be true or false, got {value!r}")
-        return True if value else action.default
+        return action.const if value else action.default
     kind = action.type
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):

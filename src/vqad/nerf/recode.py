@@ -179,7 +179,8 @@ def recode_unreachable(field) -> RecodeStats:
             for (i, lod), (lo, was) in before.items():
                 lo_now, now = occupied_cells(forms[i], lod)
                 if lo_now != lo or not bool(torch.isin(was, now).all()):  # impossible by construction: be safe
-                    raise RuntimeError(f"recoding changed the occupied cells of LOD {lod}")
+                    raise RuntimeError(f"recoding emptied occupied cells of LOD {lod}, which it must never do (a bug: "
+                                       "please report it); every index was put back")
                 new = now[~torch.isin(now, was)]
                 if new.numel() == 0:
                     continue

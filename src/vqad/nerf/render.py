@@ -206,7 +206,8 @@ class PackedSamples:
     n_rays: int
     outer_scale: float = 1.0  # > 1: the rays are in contracted scene space (vqad.nerf.contraction)
     #: ``(o, d, points)``: the rays these samples were marched on and their points, which the marcher
-    #: computed for its own check; :meth:`points` returns them for those very tensors (not recomputed)
+    #: computed for its own check; :meth:`points` returns them for those very tensor objects (not recomputed):
+    #: a caller that changes ``o`` or ``d`` in place after marching must march again
     known: tuple | None = dfield(default=None, repr=False, compare=False)
 
     def points(self, o: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

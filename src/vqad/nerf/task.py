@@ -23,6 +23,7 @@ and the final field (:func:`vqad.nerf.fit.fit_nerf`).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -212,10 +213,17 @@ class RadianceTask(FitTask):
             self.extra_seconds += self.deadline.clock() - t
         if self._recodes():  # after the sweeps: they may leave vertices unreachable too
             t = self.deadline.clock()
-            self.recode_stats = recode_unreachable(self.field)
-            self.notes.extend(self.recode_stats.notes)
-            if not self.quiet:
-                tqdm.write(self.recode_stats.summary())
+            try:
+                self.recode_stats = recode_unreachable(self.field)
+            except Exception as exc:  # it puts every index back: the trained model is kept and saved as it is
+                msg = (f"recoding the unreachable indices failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                       "the model is kept as trained, its file just larger: fit with --no-recode to skip this step")
+                self.notes.append(msg)
+                print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+            else:
+                self.notes.extend(self.recode_stats.notes)
+                if not self.quiet:
+                    tqdm.write(self.recode_stats.summary())
             self.extra_seconds += self.deadline.clock() - t
 
     def checkpoint_extra(self) -> dict:

@@ -16,8 +16,9 @@ def register(sub) -> None:
                    help="range-code indices and octree masks where that is smaller (lossless)")
     p.add_argument("--recode", action="store_true",
                    help="give the indices no render reaches their level's most common codeword first: the same "
-                        "renders at every LOD and prefix, a smaller file (radiance fields with a codebook grid; "
-                        "fit-nerf does it after training unless --no-recode; docs/method.md §8.2)")
+                        "renders at every LOD and prefix, a smaller entropy-coded file (needs --entropy; radiance "
+                        "fields with a codebook grid; fit-nerf does it after training unless --no-recode; "
+                        "docs/method.md §8.2)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="chunks, bytes per LOD and compression ratios of a .vqad file")
@@ -29,6 +30,9 @@ def cmd_export(args) -> int:
     from vqad.api import load
     from vqad.fileformat import iter_chunks, lod_prefix_sizes, save
 
+    if args.recode and not args.entropy:
+        raise InputError("--recode makes the entropy-coded file smaller (a raw file packs every index at b bits "
+                         "whichever codeword it holds): add --entropy")
     out = ensure_writable_file(args.out)
     if Path(args.model).resolve() == out.resolve():
         raise InputError(f"--out {out} is the input model: write to another file")

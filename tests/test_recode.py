@@ -93,8 +93,8 @@ def test_reachable_set_matches_brute_force_and_covers_every_sample(fitted, occup
     # every corner the marcher's samples interpolate, for the whole model at every LOD and for every prefix
     o, d = _rays(scene)
     for lod in field.lods:
-        sampler = rc.make_sampler(field, rc._prefix_octree(field.grid.octree, lod))
-        sampler.prune(lambda x: field.density(x, lod=lod), rc.prune_threshold(field, sampler))
+        sampler = rnd.make_sampler(field, rc._prefix_octree(field.grid.octree, lod))
+        sampler.prune(lambda x: field.density(x, lod=lod), rnd.prune_threshold(field, sampler))
         samples = sampler.march(o, d, near=0.0, far=10.0)
         x = samples.points(o, d)
         assert x.shape[0] > 1000

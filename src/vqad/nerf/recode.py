@@ -25,7 +25,7 @@ from dataclasses import dataclass, field as dfield
 
 import torch
 
-from vqad.nerf.render import make_sampler, prune_threshold
+from vqad.nerf.render import make_sampler, prune_by_model
 from vqad.octree import SparseOctree, morton_encode
 from vqad.refine import level_bits
 
@@ -72,20 +72,22 @@ def _prefix_octree(octree: SparseOctree, lod: int) -> SparseOctree:
 def occupied_cells(field, lod: int) -> tuple[int, torch.Tensor]:
     """``(level, codes (n,))``: the sampler's level and the sorted Morton codes of its occupied cells when
     the model decoded up to LOD ``lod`` is rendered (its own deterministic pruning, as render and eval do)."""
-    sampler = make_sampler(field, _prefix_octree(field.grid.octree, lod))
-    sampler.prune(lambda x: field.density(x, lod=lod), prune_threshold(field, sampler))
+    sampler = prune_by_model(field, make_sampler(field, _prefix_octree(field.grid.octree, lod)), lod)
     idx = sampler.occupancy.nonzero().squeeze(-1)
     r = sampler.res
     ijk = torch.stack([idx // (r * r), (idx // r) % r, idx % r], dim=-1)
     return sampler.level, torch.sort(morton_encode(ijk, bits=max(sampler.level, 1))).values
 
 
-def _overlapping(octree: SparseOctree, level: int, lo: int, codes: torch.Tensor) -> torch.Tensor:
-    """``(n_cells(level),)`` bool: the level-``level`` octree cells that overlap a level-``lo`` cell of ``codes``."""
+def _corners_over(octree: SparseOctree, level: int, lo: int, codes: torch.Tensor) -> torch.Tensor:
+    """``(8n,)`` vertex ids: the corners of the ``n`` level-``level`` octree cells that overlap a level-``lo``
+    cell of ``codes`` (repeats included)."""
     cells = octree.codes[level]
     if level >= lo:
-        return torch.isin(cells >> (3 * (level - lo)), codes)
-    return torch.isin(cells, torch.unique(codes >> (3 * (lo - level))))
+        over = torch.isin(cells >> (3 * (level - lo)), codes)
+    else:
+        over = torch.isin(cells, torch.unique(codes >> (3 * (lo - level))))
+    return octree.corners[level][over].reshape(-1)
 
 
 def reachable_vertices(field, occupancies: dict[int, tuple[int, torch.Tensor]] | None = None) -> list[torch.Tensor]:
@@ -100,7 +102,7 @@ def reachable_vertices(field, occupancies: dict[int, tuple[int, torch.Tensor]] |
         for i, L in enumerate(octree.levels):
             if L > lod:
                 break
-            out[i][octree.corners[L][_overlapping(octree, L, lo, codes)].reshape(-1)] = True
+            out[i][_corners_over(octree, L, lo, codes)] = True
     return out
 
 
@@ -163,8 +165,10 @@ def recode_unreachable(field) -> RecodeStats:
     try:
         forms = stored_forms(field)
         before = {(i, lod): occupied_cells(f, lod) for i, f in enumerate(forms) for lod in field.lods}
-        live = [torch.stack(r).any(0) for r in zip(*(reachable_vertices(f, {lod: before[(i, lod)] for lod in field.lods})
-                                                    for i, f in enumerate(forms)))]
+        live = [torch.zeros_like(v, dtype=torch.bool) for v in V0]  # reachable in any form
+        for i, f in enumerate(forms):
+            for j, r in enumerate(reachable_vertices(f, {lod: before[(i, lod)] for lod in field.lods})):
+                live[j] |= r
         V = [torch.where(r, v, c) for v, r, c in zip(V0, live, target_codewords(V0, live, n_codes))]
         stats.unreachable = [int((~r).sum()) for r in live]
         _assign(forms, V)
@@ -188,7 +192,7 @@ def recode_unreachable(field) -> RecodeStats:
                 for j, L in enumerate(octree.levels):
                     if L > lod:
                         break
-                    ids = octree.corners[L][_overlapping(octree, L, lo, new)].reshape(-1).unique()
+                    ids = _corners_over(octree, L, lo, new).unique()
                     ids = ids[V[j].index_select(0, ids) != V0[j].index_select(0, ids)]
                     stats.put_back += ids.numel()
                     V[j][ids] = V0[j][ids]

@@ -518,11 +518,12 @@ def prune_threshold(field, sampler: OccupancySampler) -> float | torch.Tensor:
 
 
 @torch.no_grad()
-def prune_by_model(field, sampler: OccupancySampler) -> OccupancySampler:
-    """Prune ``sampler`` by the model's own densities, deterministically (what render / eval use)."""
+def prune_by_model(field, sampler: OccupancySampler, lod: int | None = None) -> OccupancySampler:
+    """Prune ``sampler`` by the model's own densities, deterministically (what render / eval use); ``lod``
+    (default: the finest) is the LOD whose densities decide, a file prefix's finest."""
     was_training = field.training
     field.eval()
-    sampler.prune(field.density, prune_threshold(field, sampler))
+    sampler.prune(lambda x: field.density(x, lod=lod), prune_threshold(field, sampler))
     field.train(was_training)
     return sampler
 

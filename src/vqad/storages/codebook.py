@@ -185,9 +185,8 @@ class CodebookStorage(FeatureStorage):
             return -(pbar * torch.log2(pbar.clamp_min(1e-30))).sum()
         rows = soft[0][0] if len(soft) == 1 else torch.cat([r for r, _ in soft])  # (U,)
         j = contexts.index_select(0, rows)
-        K = n_contexts
-        mass = probs.new_zeros(K, probs.shape[1]).index_add(0, j, probs)  # (K, 2^b)
-        count = torch.bincount(j, minlength=K).clamp_min(1).to(probs.dtype)  # (K,)
+        mass = probs.new_zeros(n_contexts, probs.shape[1]).index_add(0, j, probs)  # (K, 2^b)
+        count = torch.bincount(j, minlength=n_contexts).clamp_min(1).to(probs.dtype)  # (K,)
         logp = torch.log2((mass / count[:, None]).clamp_min(1e-30))  # (K, 2^b)
         return -(probs * logp.index_select(0, j)).sum(dim=1).mean()
 

@@ -284,6 +284,30 @@ def test_corner_tables_kernel_matches_the_sorted_reference(need_kernels, level, 
         assert all(torch.equal(a, b) for a, b in zip(O._corner_tables_dense(codes, level), (corners, keys)))
 
 
+PORTABLE_BITS = """
+import torch, vqad.kernels as K
+from vqad.octree import SparseOctree, _corner_tables_dense
+K._isa_flags = lambda: []  # the build a CPU without popcnt gets: the portable bit counts
+codes = torch.unique(torch.randint(0, 8 ** 6, (20000,), generator=torch.Generator().manual_seed(1)))
+assert K.applies(codes), K.status()
+got, ref = K.corner_tables(codes, 6), _corner_tables_dense(codes, 6)
+assert all(torch.equal(a, b) for a, b in zip(got, ref))
+masks = torch.randint(0, 256, (codes.numel(),), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+with K.disabled():
+    want = SparseOctree.codes_from_child_masks(codes, masks)
+assert torch.equal(K.children(codes, masks), want)
+print("ok")
+"""
+
+
+def test_kernels_built_without_the_popcnt_flag_give_the_same_tables(need_kernels, tmp_path):
+    """Both bit-count paths of the octree tables: the built library's (-mpopcnt where the CPU has it)
+    is checked above; this builds the portable one in a cache of its own."""
+    r = _run(PORTABLE_BITS, VQAD_CACHE_DIR=str(tmp_path))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert kernels._isa_flags() in ([], ["-mpopcnt"])
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 7, 64])
 def test_corner_tables_kernel_is_the_same_on_any_thread_count(need_kernels, threads):
     """The per-thread bitmaps, their merge and the ranks' prefix sum, whatever OpenMP grants (the

@@ -256,16 +256,28 @@ int64_t vqad_unique_rows(const int64_t *ids, int64_t E, int64_t m, int64_t *rank
 
 /* -- octree tables of a decoded file (vqad.octree.corner_tables, vqad.entropy.octree_contexts) ---- */
 
-/* Bit counts without the compiler's builtins: without -mpopcnt (not assumed) gcc's __builtin_popcountll
- * is a library call, several times slower than these few shifts (measured on level 7 of a file). */
+/* Bit counts. With the CPU's popcnt instruction (x86: vqad/kernels.py adds -mpopcnt where the CPU
+ * reports it; aarch64 has one) the builtin is one instruction; without it gcc's __builtin_popcountll is
+ * a library call, several times slower than these few shifts (measured on level 7 of a file). */
 static inline int64_t popcount64(uint64_t v) {
+#if defined(__POPCNT__) || defined(__aarch64__)
+    return (int64_t)__builtin_popcountll(v);
+#else
     v = v - ((v >> 1) & 0x5555555555555555ULL);
     v = (v & 0x3333333333333333ULL) + ((v >> 2) & 0x3333333333333333ULL);
     v = (v + (v >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
     return (int64_t)((v * 0x0101010101010101ULL) >> 56);
+#endif
 }
 
-static inline int64_t lowest_bit(uint64_t v) { return popcount64((v & (0 - v)) - 1); } /* v != 0 */
+/* The position of the lowest set bit of v != 0 (one bsf / tzcnt / rbit+clz instruction). */
+static inline int64_t lowest_bit(uint64_t v) {
+#if defined(__GNUC__) || defined(__clang__)
+    return (int64_t)__builtin_ctzll(v);
+#else
+    return popcount64((v & (0 - v)) - 1);
+#endif
+}
 
 /* The bits of each axis (x, y, z) in a Morton code: bit 2, 1, 0 of every 3-bit group. */
 static const uint64_t AXIS_MASK[3] = {0x1249249249249249ULL << 2, 0x1249249249249249ULL << 1, 0x1249249249249249ULL};

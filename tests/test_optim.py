@@ -1,10 +1,13 @@
 """The O(m)-state logit optimizer (codebooks above 6 bits) against a brute-force reference."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vqad import fit as T
+from vqad import kernels
 from vqad.optim import make_optimizers
 from vqad.errors import InputError
 from vqad.checkpoint import load_optimizer_state, save_checkpoint, load_checkpoint
@@ -29,7 +32,11 @@ def _reference(C0, grads, lr, beta, eps):
     return C
 
 
-def test_rowwise_rmsprop_matches_reference():
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "torch-ops"])
+def test_rowwise_rmsprop_matches_reference(fused):
+    if fused and not kernels.applies(torch.zeros(1)):
+        pytest.skip(f"vqad's C kernels are not built here: {kernels.status()}")
+    off = contextlib.nullcontext if fused else kernels.disabled
     torch.manual_seed(0)
     m, n = 12, 256
     C0 = torch.randn(m, n)
@@ -42,13 +49,54 @@ def test_rowwise_rmsprop_matches_reference():
         opt.zero_grad()
         (F.embedding(ids, p, sparse=True) * w).sum().backward()
         dense_grads.append(p.grad.to_dense().clone())
-        opt.step()
+        with off():
+            opt.step()
     ref = _reference(C0, dense_grads, 0.3, 0.9, 1e-8)
     torch.testing.assert_close(p.detach().double(), ref, rtol=1e-5, atol=1e-5)
     st = opt.state[p]
     assert st["v"].shape == (m,) and st["t"].shape == (m,)  # O(m), not O(m · 2^b)
     untouched = (torch.stack(dense_grads).abs().sum(dim=(0, 2)) == 0)
     assert torch.equal(p.detach()[untouched], C0[untouched])
+
+
+def test_rowwise_rmsprop_kernel_is_the_torch_update(monkeypatch):
+    """The fused pass against the PyTorch ops, many rows and steps: the same update up to the order in
+    which a row's squares are added (and powf against torch.pow in the bias correction)."""
+    if not kernels.applies(torch.zeros(1)):
+        pytest.skip(f"vqad's C kernels are not built here: {kernels.status()}")
+    calls = []
+    fused = kernels.sparse_rmsprop
+    monkeypatch.setattr(kernels, "sparse_rmsprop", lambda *a: calls.append(1) or fused(*a))
+    gen = torch.Generator().manual_seed(3)
+    m, n = 5000, 64
+    C0 = torch.randn(m, n, generator=gen)
+    ps = [torch.nn.Parameter(C0.clone()) for _ in range(2)]
+    opts = [RowwiseSparseRMSprop([p], lr=0.05, beta=0.99) for p in ps]
+    for step in range(6):
+        ids = torch.randint(0, m, (3000,), generator=gen)
+        w = torch.randn(3000, n, generator=gen)
+        for p, opt, ctx in zip(ps, opts, (contextlib.nullcontext(), kernels.disabled())):
+            opt.zero_grad()
+            (F.embedding(ids, p, sparse=True) * w).sum().backward()
+            with ctx:
+                opt.step()
+    torch.testing.assert_close(ps[0].detach(), ps[1].detach(), rtol=1e-5, atol=1e-6)
+    for key in ("v", "t"):
+        torch.testing.assert_close(opts[0].state[ps[0]][key], opts[1].state[ps[1]][key], rtol=1e-5, atol=0)
+    assert torch.equal(opts[0].state[ps[0]]["t"], opts[1].state[ps[1]]["t"])
+    assert len(calls) == 6  # the first optimizer's steps took the kernel, the second's the ops
+
+
+def test_rowwise_rmsprop_kernel_refuses_bad_rows():
+    if not kernels.applies(torch.zeros(1)):
+        pytest.skip(f"vqad's C kernels are not built here: {kernels.status()}")
+    p, v, t = torch.zeros(4, 3), torch.zeros(4), torch.zeros(4)
+    for rows in ([0, 4], [2, 1], [1, 1], [-1, 2]):
+        with pytest.raises(IndexError, match="strictly increasing"):
+            kernels.sparse_rmsprop(p, v, t, torch.tensor(rows), torch.ones(2, 3), 0.1, 0.9, 1e-8)
+        assert not p.any() and not v.any() and not t.any()  # nothing changed
+    with pytest.raises(ValueError, match="values for a parameter"):
+        kernels.sparse_rmsprop(p, v, t, torch.tensor([0]), torch.ones(1, 2), 0.1, 0.9, 1e-8)
 
 
 def test_wide_codebooks_get_bounded_state_and_resume(tmp_path):

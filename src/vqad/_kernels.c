@@ -14,7 +14,7 @@
 #endif
 
 /* Bumped whenever a signature changes: the loader refuses a library with another version. */
-int vqad_kernels_abi(void) { return 5; }
+int vqad_kernels_abi(void) { return 6; }
 
 int vqad_kernels_openmp(void) {
 #ifdef _OPENMP
@@ -117,6 +117,40 @@ int vqad_sparse_adam(float *p, float *exp_avg, float *exp_avg_sq, const int64_t 
             vr[j] = vn;
             pr[j] += (mn / (sqrtf(vn) + eps)) * neg_step_size;
         }
+    }
+    return 0;
+}
+
+/* The row-wise RMSprop update of the rows a gradient names (vqad.optim.RowwiseSparseRMSprop), in place,
+ * one pass over each row:
+ *
+ *     v_r ← β v_r + (1 − β) · mean_j g_rj²,   t_r ← t_r + 1,
+ *     p_rj ← p_rj + (−lr) · g_rj / (√(v_r / (1 − β^t_r)) + ε)
+ *
+ * p: (M, n); v, t: (M,); rows: (U,) strictly increasing in [0, M); g: (U, n). The mean is summed in
+ * double and rounded once (PyTorch's float32 mean adds in another order: v may differ in its last
+ * bits). Rows are split among threads (distinct rows: no two threads write one row). Returns 1, having
+ * changed nothing, if rows are out of range or not strictly increasing. */
+int vqad_sparse_rmsprop(float *p, float *v, float *t, const int64_t *rows, const float *g, int64_t U, int64_t n,
+                        int64_t M, float beta, float eps, float neg_lr, int nthreads) {
+    for (int64_t i = 0; i < U; i++)
+        if (rows[i] < 0 || rows[i] >= M || (i > 0 && rows[i] <= rows[i - 1])) return 1;
+    const float one_minus_beta = 1.0f - beta;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+#endif
+    for (int64_t i = 0; i < U; i++) {
+        int64_t r = rows[i];
+        float *pr = p + r * n;
+        const float *gi = g + i * n;
+        double sq = 0.0;
+        for (int64_t j = 0; j < n; j++) sq += (double)gi[j] * (double)gi[j];
+        float vn = v[r] * beta + one_minus_beta * (float)(sq / (double)n);
+        float tn = t[r] + 1.0f;
+        v[r] = vn;
+        t[r] = tn;
+        float denom = sqrtf(vn / (1.0f - powf(beta, tn))) + eps;
+        for (int64_t j = 0; j < n; j++) pr[j] += (gi[j] / denom) * neg_lr;
     }
     return 0;
 }

@@ -59,7 +59,7 @@ MODE_ENV = "VQAD_KERNELS"
 CACHE_ENV = "VQAD_CACHE_DIR"
 MODES = ("auto", "on", "off")
 _SOURCE = Path(__file__).with_name("_kernels.c")
-_ABI = 5  # vqad_kernels_abi() of the source this module calls
+_ABI = 6  # vqad_kernels_abi() of the source this module calls
 _BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
 #: below this many multiply-adds an interpolation backward runs on one thread (forking costs more)
 _PARALLEL_MIN_WORK = 1 << 16
@@ -151,6 +151,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.vqad_interp_backward.restype = ctypes.c_int
     lib.vqad_sparse_adam.argtypes = [P, P, P, P, P, I, I, I, F, F, F, F, N]
     lib.vqad_sparse_adam.restype = ctypes.c_int
+    lib.vqad_sparse_rmsprop.argtypes = [P, P, P, P, P, I, I, I, F, F, F, N]
+    lib.vqad_sparse_rmsprop.restype = ctypes.c_int
     lib.vqad_argmax_rows.argtypes = [P, P, I, I, N]
     lib.vqad_argmax_rows.restype = None
     lib.vqad_level_query.argtypes = [P, I, N, P, I, P, P, P, P, P, P, N]
@@ -298,6 +300,28 @@ def sparse_adam(p: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor
     if lib.vqad_sparse_adam(_ptr(p), _ptr(exp_avg), _ptr(exp_avg_sq), _ptr(rows), _ptr(g), rows.numel(), n, M,
                             1 - beta1, 1 - beta2, eps, -step_size, threads):
         raise IndexError(f"sparse_adam: rows must be strictly increasing in [0, {M})")
+
+
+def sparse_rmsprop(p: torch.Tensor, v: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, g: torch.Tensor,
+                   lr: float, beta: float, eps: float) -> None:
+    """:class:`vqad.optim.RowwiseSparseRMSprop`'s update of ``rows`` (``(U,)`` strictly increasing) of
+    ``p (M, n)`` and its per-row state ``v, t (M,)`` (all float32, contiguous) with the summed gradient
+    ``g (U, n)``, in place. Call only where :func:`applies` and the tensors are float32 and contiguous."""
+    lib = _load()
+    _cpu("sparse_rmsprop", p, v, t, rows, g)
+    if not all(x.dtype == torch.float32 and x.is_contiguous() for x in (p, v, t)) or p.dim() != 2 \
+            or v.shape != (p.shape[0],) or t.shape != (p.shape[0],):
+        raise ValueError("sparse_rmsprop: needs p (M, n) and v, t (M,), float32 and contiguous")
+    if rows.numel() == 0:
+        return
+    g = g.detach().float().contiguous().reshape(rows.numel(), -1)
+    rows = rows.long().contiguous()
+    M, n = p.shape
+    if g.shape[1] != n:
+        raise ValueError(f"sparse_rmsprop: gradient rows of {g.shape[1]} values for a parameter with {n} per row")
+    if lib.vqad_sparse_rmsprop(_ptr(p), _ptr(v), _ptr(t), _ptr(rows), _ptr(g), rows.numel(), n, M, beta, eps, -lr,
+                               _threads(rows.numel() * n)):
+        raise IndexError(f"sparse_rmsprop: rows must be strictly increasing in [0, {M})")
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

@@ -127,6 +127,10 @@ class RowwiseSparseRMSprop(torch.optim.Optimizer):
                     state["v"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)  # (m,)
                     state["t"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)  # (m,)
                 rows, vals = summed_rows(p.grad)  # (U,), (U, 2^b)
+                if all(x.dtype == torch.float32 and x.is_contiguous() for x in (p, state["v"], state["t"])) \
+                        and kernels.applies(p, vals):  # one pass over the rows (vqad.kernels)
+                    kernels.sparse_rmsprop(p, state["v"], state["t"], rows, vals, lr, beta, eps)
+                    continue
                 v = state["v"][rows] * beta + (1 - beta) * vals.float().pow(2).mean(dim=1)
                 t = state["t"][rows] + 1
                 state["v"][rows] = v

@@ -1,5 +1,6 @@
 """The fused CPU kernels (vqad.kernels) against the PyTorch ops they replace, and their fallbacks."""
 
+import inspect
 import os
 import subprocess
 import sys
@@ -284,6 +285,13 @@ def test_corner_tables_kernel_matches_the_sorted_reference(need_kernels, level, 
         assert all(torch.equal(a, b) for a, b in zip(O._corner_tables_dense(codes, level), (corners, keys)))
 
 
+def _soft_inputs():
+    """Logits C (500, 64), rows (167,), D (64, 5) and g (167, 5), the same in any process."""
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(500, 64, generator=gen) * 4, torch.arange(0, 500, 3), torch.randn(64, 5, generator=gen), \
+        torch.randn(167, 5, generator=gen)
+
+
 PORTABLE_BITS = """
 import torch, vqad.kernels as K
 from vqad.octree import SparseOctree, _corner_tables_dense
@@ -296,16 +304,72 @@ masks = torch.randint(0, 256, (codes.numel(),), dtype=torch.uint8, generator=tor
 with K.disabled():
     want = SparseOctree.codes_from_child_masks(codes, masks)
 assert torch.equal(K.children(codes, masks), want)
+C, rows, D, g = SOFT_INPUTS()
+best, pbar = K.soft_assign_forward(C, rows, True)
+dC, gD = K.soft_assign_backward(C, rows, best, D, g, torch.full((64,), 0.01))
+torch.save({"best": best, "pbar": pbar, "dC": dC, "gD": gD}, OUT)
 print("ok")
 """
 
 
-def test_kernels_built_without_the_popcnt_flag_give_the_same_tables(need_kernels, tmp_path):
-    """Both bit-count paths of the octree tables: the built library's (-mpopcnt where the CPU has it)
-    is checked above; this builds the portable one in a cache of its own."""
-    r = _run(PORTABLE_BITS, VQAD_CACHE_DIR=str(tmp_path))
+def test_kernels_built_without_the_isa_flags_give_the_same_tables(need_kernels, tmp_path):
+    """Both paths of the bit counts and of the soft assignments: the built library's (-mpopcnt, -mavx2
+    where the CPU has them) is checked against references in this file; this builds the portable one in
+    a cache of its own and compares the two (the soft assignments' sums run in other lanes: rounding)."""
+    out = tmp_path / "portable.pt"
+    r = _run(f"OUT = {str(out)!r}\n" + inspect.getsource(_soft_inputs) + "SOFT_INPUTS = _soft_inputs\n" + PORTABLE_BITS,
+             VQAD_CACHE_DIR=str(tmp_path / "cache"))
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
-    assert kernels._isa_flags() in ([], ["-mpopcnt"])
+    got = torch.load(out)
+    C, rows, D, g = _soft_inputs()
+    best, pbar = kernels.soft_assign_forward(C, rows, True)
+    dC, gD = kernels.soft_assign_backward(C, rows, best, D, g, torch.full((64,), 0.01))
+    assert torch.equal(best, got["best"])
+    torch.testing.assert_close(pbar, got["pbar"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dC, got["dC"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gD, got["gD"], rtol=1e-5, atol=1e-5)
+    assert set(kernels._isa_flags()) <= {"-mpopcnt", "-mavx2"}
+
+
+@pytest.mark.parametrize("n,k,U", [(2, 3, 7), (16, 4, 40), (64, 8, 300), (256, 8, 100), (4096, 2, 9), (24, 3, 11)])
+def test_soft_assignments_match_softmax_and_autograd(need_kernels, n, k, U):
+    """The fused soft assignments against the brute-force definition: argmax, p̄ = mean softmax, and the
+    gradients of Σ_u (s_u · D) · g_u + Σ_u s_u · e (autograd) plus the hard lookup's ∂D."""
+    gen = torch.Generator().manual_seed(n + U)
+    C = torch.randn(3 * U, n, generator=gen) * 3
+    rows = torch.randperm(3 * U, generator=gen)[:U].sort().values
+    D, g, e = torch.randn(n, k, generator=gen), torch.randn(U, k, generator=gen), torch.randn(n, generator=gen) * 0.1
+    best, pbar = kernels.soft_assign_forward(C, rows, True)
+    assert torch.equal(kernels.soft_assign_forward(C, rows, False)[0], best) and kernels.soft_assign_forward(C, rows, False)[1] is None
+    Cr, Dr = C[rows].clone().requires_grad_(True), D.clone().requires_grad_(True)
+    s = torch.softmax(Cr, dim=-1)
+    assert torch.equal(best, Cr.argmax(dim=-1))
+    torch.testing.assert_close(pbar, s.mean(0), rtol=1e-5, atol=1e-7)
+    ((s @ Dr) * g).sum().add((s * e).sum()).backward()
+    dC, gD = kernels.soft_assign_backward(C, rows, best, D, g, e)
+    torch.testing.assert_close(dC, Cr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gD, Dr.grad + torch.zeros(n, k).index_add_(0, best, g), rtol=1e-4, atol=1e-5)
+    dC0, _ = kernels.soft_assign_backward(C, rows, best, D, g, None)
+    torch.testing.assert_close(dC0, dC - (torch.softmax(C[rows], -1) * (e - (torch.softmax(C[rows], -1) * e).sum(1, keepdim=True))),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_soft_assignments_of_rows_with_nan_or_infinity(need_kernels):
+    """torch.argmax's rule (the first NaN; else the first maximum, +inf included) and a NaN softmax row."""
+    C = torch.randn(4, 64)
+    C[0, 5], C[0, 40] = float("nan"), 1e9
+    C[1, 9], C[1, 30] = float("inf"), float("inf")
+    C[2, 3] = float("-inf")
+    C[3] = 0.5  # ties: the first
+    rows = torch.arange(4)
+    best, pbar = kernels.soft_assign_forward(C, rows, False)
+    assert best.tolist() == C.argmax(dim=-1).tolist() == [5, 9, int(C[2].argmax()), 0]
+    dC, _ = kernels.soft_assign_backward(C, rows, best, torch.randn(64, 2), torch.randn(4, 2), None)
+    assert dC[0].isnan().all() and dC[1].isnan().all() and dC[2:].isfinite().all()
+    with pytest.raises(IndexError, match="strictly increasing"):
+        kernels.soft_assign_forward(C, torch.tensor([1, 1]), False)
+    with pytest.raises(IndexError, match="hard assignment"):
+        kernels.soft_assign_backward(C, rows, torch.tensor([0, 0, 0, 64]), torch.randn(64, 2), torch.randn(4, 2), None)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7, 64])

@@ -78,10 +78,11 @@ def test_rate_bits_given_contexts_is_the_conditional_cross_entropy():
         SDFTrainConfig(rate_context=True).validate()
 
 
-def test_tracking_the_rate_changes_neither_outputs_nor_gradients():
+@pytest.mark.parametrize("bits", [4, 6])  # 6: the fused CPU lookups (storages.codebook._SoftAssign)
+def test_tracking_the_rate_changes_neither_outputs_nor_gradients(bits):
     torch.manual_seed(0)
-    a = CodebookStorage(40, 4, bits=4)
-    b = CodebookStorage(40, 4, bits=4)
+    a = CodebookStorage(40, 4, bits=bits)
+    b = CodebookStorage(40, 4, bits=bits)
     b.load_state_dict(a.state_dict())
     a.train(), b.train()
     b.track_rate(True)
@@ -91,6 +92,63 @@ def test_tracking_the_rate_changes_neither_outputs_nor_gradients():
     ya.square().sum().backward()
     yb.square().sum().backward()
     assert torch.equal(a.D.grad, b.D.grad) and torch.equal(a.C.grad.to_dense(), b.C.grad.to_dense())
+
+
+def _fused_and_unfused(monkeypatch, rate: bool, lookups: int = 2, bits: int = 6):
+    """C's and D's gradients of one loss (features of several lookups, plus the order-0 rate term when
+    ``rate``) through the fused lookups and through the PyTorch ops."""
+    from vqad import kernels
+    import vqad.storages.codebook as CB
+
+    if not kernels.applies(torch.zeros(1)):
+        pytest.skip(f"vqad's C kernels are not built here: {kernels.status()}")
+    gen = torch.Generator().manual_seed(7)
+    ids = [torch.randint(0, 300, (200, 8), generator=gen) for _ in range(lookups)]
+    w = [torch.randn(200, 8, 5, generator=gen) for _ in range(lookups)]
+    grads = []
+    for fused in (True, False):
+        monkeypatch.setattr(CB, "FUSED_MIN_CODES", 64 if fused else 1 << 30)
+        torch.manual_seed(0)
+        s = CodebookStorage(300, 5, bits=bits)
+        s.C.data.normal_(0, 1.5, generator=torch.Generator().manual_seed(1))
+        s.train()
+        assert s._fuses() == fused
+        s.track_rate(rate)
+        loss = sum((s(i) * wi).sum() for i, wi in zip(ids, w))
+        if rate:
+            loss = loss + 50.0 * s.rate_bits()
+        loss.backward()
+        grads.append((s.C.grad.coalesce().to_dense(), s.D.grad, float(loss.detach())))
+    return grads
+
+
+@pytest.mark.parametrize("rate", [False, True])
+def test_fused_lookups_give_the_pytorch_gradients(monkeypatch, rate):
+    """From b = 6 on the CPU a training lookup runs fused (one pass forward, one backward); its gradients
+    for C (sparse, those rows) and D, and with the rate term its value too, are the unfused path's."""
+    (gc, gd, lf), (rc, rd, lr) = _fused_and_unfused(monkeypatch, rate)
+    torch.testing.assert_close(gc, rc, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gd, rd, rtol=1e-4, atol=1e-4)
+    assert gc.abs().sum() > 0 and abs(lf - lr) <= 1e-4 * abs(lr)
+
+
+def test_fused_lookups_and_the_rate_by_context():
+    """The rate by context needs every row's soft assignment: track_rate(True, contexts=True) keeps the
+    unfused path; asking for it from a fused record is a clear error."""
+    s = CodebookStorage(50, 3, bits=6)
+    s.train()
+    ctx = torch.randint(0, 4, (50,))
+    s.track_rate(True, contexts=True)
+    assert not s._fuses()
+    s(torch.arange(10))
+    assert s.rate_bits(ctx, 4) is not None
+    s.track_rate(True)
+    from vqad import kernels
+    if kernels.applies(torch.zeros(1)):
+        assert s._fuses()
+        s(torch.arange(10))
+        with pytest.raises(RuntimeError, match="contexts=True"):
+            s.rate_bits(ctx, 4)
 
 
 def test_rate_needs_learned_indices():

@@ -14,7 +14,7 @@
 #endif
 
 /* Bumped whenever a signature changes: the loader refuses a library with another version. */
-int vqad_kernels_abi(void) { return 6; }
+int vqad_kernels_abi(void) { return 7; }
 
 int vqad_kernels_openmp(void) {
 #ifdef _OPENMP
@@ -180,6 +180,315 @@ void vqad_argmax_rows(const float *x, int64_t *out, int64_t U, int64_t n, int nt
         }
         out[i] = arg;
     }
+}
+
+/* -- VQ-AD's soft assignments, fused (vqad.storages.codebook, logits of 2^b >= 64 columns) --------- */
+
+/* e^x for x <= 0 (a softmax row's x − max): Cody–Waite reduction x = n·ln2 + r, |r| <= ln2/2 (n
+ * rounded to nearest, ties to even), Cephes' degree-7 expf polynomial, 2^n through the exponent bits;
+ * about 2 ulp. Below −87 it returns e^−87 (~1.6e−38; PyTorch gives 0 or a subnormal there). The AVX2
+ * loop below computes the same operations in the same order, so both give the same bits. */
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO -2.12194440e-4f
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float magic = 12582912.0f; /* 1.5 · 2^23: adding it rounds to an integer */
+    float n = (x * EXP_LOG2E + magic) - magic;
+    float r = x - n * EXP_LN2_HI;
+    r = r - n * EXP_LN2_LO;
+    float p = EXP_P0;
+    p = p * r + EXP_P1;
+    p = p * r + EXP_P2;
+    p = p * r + EXP_P3;
+    p = p * r + EXP_P4;
+    p = p * r + EXP_P5;
+    p = p * (r * r) + r + 1.0f;
+    union {
+        int32_t i;
+        float f;
+    } two_n;
+    two_n.i = ((int32_t)n + 127) << 23;
+    return p * two_n.f;
+}
+
+/* The first argmax of a row of n values (the first NaN if there is one: torch.argmax's rule) and the
+ * value there. */
+static int64_t row_argmax_exact(const float *a, int64_t n, float *mx) {
+    float best = a[0];
+    int64_t arg = 0;
+    for (int64_t j = 1; j < n && best == best; j++)
+        if (a[j] != a[j] || a[j] > best) {
+            best = a[j];
+            arg = j;
+        }
+    *mx = best;
+    return arg;
+}
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+static inline float hsum8(__m256 v) {
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+
+/* row_argmax_exact, 8 lanes each keeping its largest value and where it first saw it; a row with a
+ * NaN or an infinity (v − v summed per lane is then NaN) takes the plain loop. */
+static inline int64_t row_argmax(const float *restrict a, int64_t n, float *mx) {
+    if (n < 8 || n % 8) return row_argmax_exact(a, n, mx);
+    __m256 best = _mm256_set1_ps(-INFINITY), fin = _mm256_setzero_ps();
+    __m256i at = _mm256_setzero_si256(), idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i eight = _mm256_set1_epi32(8);
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256 v = _mm256_loadu_ps(a + j);
+        const __m256 take = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
+        best = _mm256_blendv_ps(best, v, take);
+        at = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(at), _mm256_castsi256_ps(idx), take));
+        fin = _mm256_add_ps(fin, _mm256_sub_ps(v, v));
+        idx = _mm256_add_epi32(idx, eight);
+    }
+    if (hsum8(fin) != hsum8(fin)) return row_argmax_exact(a, n, mx);
+    float b[8];
+    int32_t w[8];
+    _mm256_storeu_ps(b, best);
+    _mm256_storeu_si256((__m256i *)w, at);
+    float m = b[0];
+    int64_t arg = w[0];
+    for (int l = 1; l < 8; l++)
+        if (b[l] > m || (b[l] == m && w[l] < arg)) {
+            m = b[l];
+            arg = w[l];
+        }
+    *mx = m;
+    return arg;
+}
+
+/* s_j = e^(c_j − mx) (mx the row's largest, finite); returns Σ_j s_j. */
+static inline float exp_row(const float *restrict c, float mx, float *restrict s, int64_t n) {
+    const __m256 vmx = _mm256_set1_ps(mx), lo = _mm256_set1_ps(-87.0f), log2e = _mm256_set1_ps(EXP_LOG2E);
+    const __m256 hi_ln2 = _mm256_set1_ps(EXP_LN2_HI), lo_ln2 = _mm256_set1_ps(EXP_LN2_LO), one = _mm256_set1_ps(1.0f);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 x = _mm256_sub_ps(_mm256_loadu_ps(c + j), vmx);
+        x = _mm256_max_ps(x, lo); /* x is finite here: max_ps's NaN rule never applies */
+        const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(k, hi_ln2));
+        r = _mm256_sub_ps(r, _mm256_mul_ps(k, lo_ln2));
+        __m256 p = _mm256_set1_ps(EXP_P0);
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(EXP_P1));
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(EXP_P2));
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(EXP_P3));
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(EXP_P4));
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(EXP_P5));
+        p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r), one);
+        const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+        const __m256 v = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+        _mm256_storeu_ps(s + j, v);
+        if ((j / 8) % 2)
+            acc1 = _mm256_add_ps(acc1, v);
+        else
+            acc0 = _mm256_add_ps(acc0, v);
+    }
+    float sum = hsum8(_mm256_add_ps(acc0, acc1));
+    for (; j < n; j++) {
+        s[j] = exp_nonpositive(c[j] - mx);
+        sum += s[j];
+    }
+    return sum;
+}
+
+/* Σ_j a_j b_j in 8 lanes. */
+static inline float row_dot(const float *restrict a, const float *restrict b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j)));
+    float v = hsum8(acc);
+    for (; j < n; j++) v += a[j] * b[j];
+    return v;
+}
+#else
+static inline int64_t row_argmax(const float *a, int64_t n, float *mx) { return row_argmax_exact(a, n, mx); }
+
+/* Sums over a row in 16 independent lanes, so that the loop vectorises without reassociation flags. */
+#define ROW_LANES 16
+static inline float exp_row(const float *restrict c, float mx, float *restrict s, int64_t n) {
+    for (int64_t j = 0; j < n; j++) s[j] = exp_nonpositive(c[j] - mx);
+    float part[ROW_LANES] = {0.0f};
+    int64_t j = 0;
+    for (; j + ROW_LANES <= n; j += ROW_LANES)
+        for (int l = 0; l < ROW_LANES; l++) part[l] += s[j + l];
+    float v = 0.0f;
+    for (int l = 0; l < ROW_LANES; l++) v += part[l];
+    for (; j < n; j++) v += s[j];
+    return v;
+}
+
+static inline float row_dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float part[ROW_LANES] = {0.0f};
+    int64_t j = 0;
+    for (; j + ROW_LANES <= n; j += ROW_LANES)
+        for (int l = 0; l < ROW_LANES; l++) part[l] += a[j + l] * b[j + l];
+    float v = 0.0f;
+    for (int l = 0; l < ROW_LANES; l++) v += part[l];
+    for (; j < n; j++) v += a[j] * b[j];
+    return v;
+}
+#endif
+
+/* s = softmax(c) of one row of n logits (s: n floats); returns the row's first argmax (first NaN if
+ * any, torch.argmax's rule; s is then all NaN). */
+static inline int64_t softmax_row(const float *restrict c, float *restrict s, int64_t n) {
+    float mx;
+    const int64_t arg = row_argmax(c, n, &mx);
+    if (mx != mx || mx == INFINITY) { /* PyTorch's softmax of such a row is NaN too */
+        for (int64_t j = 0; j < n; j++) s[j] = NAN;
+        return arg;
+    }
+    const float inv = 1.0f / exp_row(c, mx, s, n);
+    for (int64_t j = 0; j < n; j++) s[j] *= inv;
+    return arg;
+}
+
+/* Forward of the soft assignments of the rows ``rows (U,)`` (strictly increasing in [0, M)) of the
+ * logits C (M, n): best (U,) = each row's argmax, and, if pbar is not NULL, pbar (n,) = the mean of
+ * softmax(C[rows[u]]) over u (summed in double, a partial sum per thread, added in thread order).
+ * Returns 1, having written nothing, if a row is out of range or the rows are not strictly increasing;
+ * -2 if the scratch cannot be allocated. */
+int vqad_soft_assign_forward(const float *C, const int64_t *rows, int64_t U, int64_t n, int64_t M, int64_t *best,
+                             float *pbar, int nthreads) {
+    for (int64_t i = 0; i < U; i++)
+        if (rows[i] < 0 || rows[i] >= M || (i > 0 && rows[i] <= rows[i - 1])) return 1;
+#ifndef _OPENMP
+    nthreads = 1;
+#endif
+    if (nthreads < 1) nthreads = 1;
+    double *acc = NULL;
+    float *scratch = NULL;
+    if (pbar) {
+        acc = (double *)calloc((size_t)nthreads * (size_t)n, sizeof(double));
+        scratch = (float *)malloc((size_t)nthreads * (size_t)n * sizeof(float));
+        if (!acc || !scratch) {
+            free(acc);
+            free(scratch);
+            return -2;
+        }
+    }
+    int used = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+#endif
+    {
+        const int T = thread_count(), t = thread_id();
+#ifdef _OPENMP
+#pragma omp single
+#endif
+        used = T;
+        for (int64_t i = U * t / T; i < U * (t + 1) / T; i++) {
+            const float *c = C + rows[i] * n;
+            if (!pbar) {
+                float mx;
+                best[i] = row_argmax(c, n, &mx);
+                continue;
+            }
+            float *s = scratch + (size_t)t * (size_t)n;
+            double *a = acc + (size_t)t * (size_t)n;
+            best[i] = softmax_row(c, s, n);
+            for (int64_t j = 0; j < n; j++) a[j] += s[j];
+        }
+    }
+    if (pbar) {
+        for (int64_t j = 0; j < n; j++) {
+            double v = 0.0;
+            for (int t = 0; t < used; t++) v += acc[(size_t)t * (size_t)n + (size_t)j];
+            pbar[j] = (float)(v / (double)(U > 0 ? U : 1));
+        }
+    }
+    free(acc);
+    free(scratch);
+    return 0;
+}
+
+/* Backward of the straight-through feature D[best_u] whose gradient is that of softmax(C[rows[u]]) · D,
+ * for the gradient g (U, k) of the features and extra (n,) (or NULL) added to every row's gradient of
+ * its soft assignment (the rate term's ∂R/∂p̄ / U):
+ *
+ *     s = softmax(C[rows[u]]),  ∂s_j = D_j · g_u + extra_j,  dC[u]_j = s_j (∂s_j − s · ∂s)   (U, n)
+ *     gD (n, k) = Σ_u s_u ⊗ g_u + Σ_u e_{best_u} ⊗ g_u
+ *
+ * DT (k, n) is D transposed (contiguous). A partial gD per thread (k · n floats), added in thread order.
+ * Returns 1 if a row or a best index is out of range or the rows are not strictly increasing, -2 if the
+ * scratch cannot be allocated (nothing written either way). */
+int vqad_soft_assign_backward(const float *C, const int64_t *rows, const int64_t *best, const float *DT,
+                              const float *g, const float *extra, int64_t U, int64_t n, int64_t k, int64_t M,
+                              float *dC, float *gD, int nthreads) {
+    for (int64_t i = 0; i < U; i++)
+        if (rows[i] < 0 || rows[i] >= M || (i > 0 && rows[i] <= rows[i - 1]) || best[i] < 0 || best[i] >= n)
+            return 1;
+#ifndef _OPENMP
+    nthreads = 1;
+#endif
+    if (nthreads < 1) nthreads = 1;
+    float *part = (float *)calloc((size_t)nthreads * (size_t)(k * n), sizeof(float));
+    float *scratch = (float *)malloc((size_t)nthreads * (size_t)(2 * n) * sizeof(float));
+    if (!part || !scratch) {
+        free(part);
+        free(scratch);
+        return -2;
+    }
+    int used = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+#endif
+    {
+        const int T = thread_count(), t = thread_id();
+#ifdef _OPENMP
+#pragma omp single
+#endif
+        used = T;
+        float *restrict s = scratch + (size_t)t * (size_t)(2 * n);
+        float *restrict gs = s + n;
+        float *restrict gdt = part + (size_t)t * (size_t)(k * n); /* (k, n): ∂D transposed */
+        for (int64_t i = U * t / T; i < U * (t + 1) / T; i++) {
+            const float *restrict gi = g + i * k;
+            softmax_row(C + rows[i] * n, s, n);
+            if (extra)
+                memcpy(gs, extra, (size_t)n * sizeof(float));
+            else
+                memset(gs, 0, (size_t)n * sizeof(float));
+            for (int64_t c = 0; c < k; c++) {
+                const float gc = gi[c];
+                const float *restrict d = DT + c * n;
+                float *restrict acc = gdt + c * n;
+                for (int64_t j = 0; j < n; j++) {
+                    gs[j] += d[j] * gc;
+                    acc[j] += s[j] * gc;
+                }
+                acc[best[i]] += gc;
+            }
+            const float dot = row_dot(s, gs, n);
+            float *restrict out = dC + i * n;
+            for (int64_t j = 0; j < n; j++) out[j] = s[j] * (gs[j] - dot);
+        }
+    }
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t c = 0; c < k; c++) {
+            float v = 0.0f;
+            for (int t = 0; t < used; t++) v += part[(size_t)t * (size_t)(k * n) + (size_t)(c * n + j)];
+            gD[j * k + c] = v;
+        }
+    free(part);
+    free(scratch);
+    return 0;
 }
 
 /* Where N points x (N, 3) fall at a level of 2^L cells per axis, for the points in occupied cells

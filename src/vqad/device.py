@@ -78,6 +78,9 @@ def set_threads(threads: int | None = None) -> int:
 
 #: glibc's malloc: serve allocations up to this size from the heap (not fresh ``mmap`` pages) ...
 KEEP_MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
+#: ... and larger ones too: no ``mmap`` at all for the main thread's arena (glibc still maps memory when
+#: the heap cannot grow, and for other threads' arenas past their 64 MB heaps)
+KEEP_MMAP_MAX = 0
 #: ... and return free heap memory to the system only past this much at its top
 KEEP_TRIM_THRESHOLD = 256 << 20
 #: set to ``default`` (or ``0``) to leave the C allocator as it is
@@ -91,9 +94,11 @@ def keep_freed_memory() -> bool:
     system, so the next tensor of that size starts on fresh pages and page-faults on every 4 KiB of
     them (~1 µs each on a virtual machine). vqad's hot paths free and re-allocate such tensors all the
     time: decoding a 105 kB file faulted ~4,500 pages per load (~30 % of its time), and a 16,384-point
-    codebook SDF step ran ~15 % faster without the faults (docs/benchmarks/speed.md). With freed memory
-    kept, the process's RSS stays at its peak instead of shrinking. The CLI calls this once; library
-    users may too.
+    codebook SDF step ran ~15 % faster without the faults (docs/benchmarks/speed.md). glibc maps every
+    block over 32 MB (its largest threshold) afresh unless ``M_MMAP_MAX`` is 0, so that is set too: a
+    lego codebook step's logit rows are 46 MB at b = 6 and 184 MB at b = 8, and their faults took ~25 %
+    and ~45 % of the softmax's gradient (2026-12-05). With freed memory kept, the process's RSS stays at
+    its peak instead of shrinking. The CLI calls this once; library users may too.
 
     Returns whether the setting took (glibc only; False elsewhere or with ``$VQAD_MALLOC=default``).
     """
@@ -106,5 +111,6 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):  # not glibc: macOS, musl, Windows (no CDLL(None))
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, KEEP_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, KEEP_TRIM_THRESHOLD))
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # <malloc.h>
+    return (bool(mallopt(m_mmap_threshold, KEEP_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, KEEP_TRIM_THRESHOLD))
+            and bool(mallopt(m_mmap_max, KEEP_MMAP_MAX)))

@@ -593,7 +593,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
                 cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000, floor=cfg.lr_floor)
                 zero_grad(opts)
                 for s in rated:
-                    s.track_rate(True)
+                    s.track_rate(True, contexts=coarser is not None)
                 out = task.step(it, progress, gen)
                 rate = rate_term(rated, coarser) if rated else None
                 if out.loss is None:

@@ -1,6 +1,6 @@
 """Fused CPU kernels for the hot loops of a training step, with PyTorch ops as the fallback.
 
-Six loops of a CPU training step cost several times their arithmetic as PyTorch ops, each being
+The hot loops of a CPU training step cost several times their arithmetic as PyTorch ops, each being
 several passes over memory plus a large temporary (docs/benchmarks/speed.md):
 
 * the table gradient of the grid's interpolation, ``∂T[r] = Σ w[n,c] g[n]`` over the entries naming
@@ -10,6 +10,10 @@ several passes over memory plus a large temporary (docs/benchmarks/speed.md):
 * SparseAdam's update of the touched rows (:func:`sparse_adam`): two gathers, two scatters and an
   ``index_add_`` with six temporaries, against one pass over the rows;
 * ``argmax`` over a codebook's ``(U, 2^b)`` logits (:func:`argmax_rows`), slow on short rows;
+* from b = 6, the codebook lookups' soft assignments (:func:`soft_assign_forward`,
+  :func:`soft_assign_backward`: the gather, softmax, two products and softmax backward of the
+  ``(U, 2^b)`` rows in one pass each way) and the row-wise RMSprop of their logits
+  (:func:`sparse_rmsprop`: seven passes over the rows in PyTorch ops);
 * the octree query of a level (:func:`level_query`: cell, corners and trilinear weights of each point,
   ~15 PyTorch ops) and the numbering of the distinct rows a batch touches (:func:`unique_rows`);
 * the ray march (:func:`march_uniform`, :func:`march_contracted`): a pass over memory per op and
@@ -32,7 +36,8 @@ it, resolves to the runtime PyTorch already loaded, so both share one thread poo
 one warning saying why), ``off`` (PyTorch ops only) or ``on`` (an error if they cannot be built). Only
 CPU tensors take the kernels; CUDA tensors always take the PyTorch ops. Each kernel computes what its
 PyTorch form computes, in the same order of additions on one thread; the tests compare every kernel
-with it. Indices are checked inside the kernels: a bad one is an error, never a write out of bounds.
+with it. The exceptions, compared with tolerances: the soft assignments (their own ``e^x``, sums in
+8 or 16 lanes) and the RMSprop's row means (summed in double). Indices are checked inside the kernels: a bad one is an error, never a write out of bounds.
 """
 
 from __future__ import annotations
@@ -59,8 +64,10 @@ MODE_ENV = "VQAD_KERNELS"
 CACHE_ENV = "VQAD_CACHE_DIR"
 MODES = ("auto", "on", "off")
 _SOURCE = Path(__file__).with_name("_kernels.c")
-_ABI = 6  # vqad_kernels_abi() of the source this module calls
-_BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
+_ABI = 7  # vqad_kernels_abi() of the source this module calls
+# -fno-trapping-math: no kernel reads the FP exception flags, and it lets conditionals on floats (a clamp,
+# a max) vectorise; it changes no value (unlike -ffast-math)
+_BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 #: below this many multiply-adds an interpolation backward runs on one thread (forking costs more)
 _PARALLEL_MIN_WORK = 1 << 16
 
@@ -96,9 +103,11 @@ def _compiler() -> str | None:
 
 
 def _isa_flags() -> list[str]:
-    """``-mpopcnt`` on an x86 CPU that reports the instruction (Linux's ``/proc/cpuinfo``; elsewhere none):
-    the octree tables' bit counts take one instruction instead of a dozen. The flags are part of the
-    cached library's key, so a cache shared with a CPU without it never hands that CPU this build."""
+    """``-mpopcnt`` and ``-mavx2`` on an x86 CPU that reports them (Linux's ``/proc/cpuinfo``; elsewhere
+    none): the octree tables' bit counts take one instruction instead of a dozen, and the loops over a
+    row of logits run 8 floats wide instead of 4 (no FMA: products and sums still round separately).
+    The flags are part of the cached library's key, so a cache shared with a CPU without them never
+    hands that CPU this build."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return []
     try:
@@ -106,7 +115,7 @@ def _isa_flags() -> list[str]:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return []
-    return ["-mpopcnt"] if "popcnt" in flags else []
+    return [f"-m{isa}" for isa in ("popcnt", "avx2") if isa in flags]
 
 
 def _compile(cc: str, source: bytes, out_dir: Path) -> tuple[Path | None, str]:
@@ -153,6 +162,10 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.vqad_sparse_adam.restype = ctypes.c_int
     lib.vqad_sparse_rmsprop.argtypes = [P, P, P, P, P, I, I, I, F, F, F, N]
     lib.vqad_sparse_rmsprop.restype = ctypes.c_int
+    lib.vqad_soft_assign_forward.argtypes = [P, P, I, I, I, P, P, N]
+    lib.vqad_soft_assign_forward.restype = ctypes.c_int
+    lib.vqad_soft_assign_backward.argtypes = [P, P, P, P, P, P, I, I, I, I, P, P, N]
+    lib.vqad_soft_assign_backward.restype = ctypes.c_int
     lib.vqad_argmax_rows.argtypes = [P, P, I, I, N]
     lib.vqad_argmax_rows.restype = None
     lib.vqad_level_query.argtypes = [P, I, N, P, I, P, P, P, P, P, P, N]
@@ -338,6 +351,63 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     elif U:
         raise ValueError("argmax_rows: rows of length 0")
     return out
+
+
+def _logit_rows(name: str, C: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if C.dtype != torch.float32 or C.dim() != 2 or not C.is_contiguous() or C.shape[1] < 1:
+        raise ValueError(f"{name}: the logits C must be (M, n) float32 and contiguous, n >= 1")
+    return C.detach(), rows.reshape(-1).long().contiguous()
+
+
+def soft_assign_forward(C: torch.Tensor, rows: torch.Tensor, pbar: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The hard assignments ``best (U,)`` int64 (each row's first argmax) of the rows ``rows (U,)``
+    (strictly increasing) of the logits ``C (M, n)``, and with ``pbar`` the mean soft assignment
+    ``p̄ = mean_u softmax(C[rows[u]]) (n,)``: no ``(U, n)`` tensor is made. Call only where :func:`applies`."""
+    lib = _load()
+    _cpu("soft_assign_forward", C, rows)
+    C, rows = _logit_rows("soft_assign_forward", C, rows)
+    U, (M, n) = rows.numel(), C.shape
+    best = torch.empty(U, dtype=torch.long)
+    out = torch.empty(n) if pbar else None
+    err = lib.vqad_soft_assign_forward(_ptr(C), _ptr(rows), U, n, M, _ptr(best), _ptr(out) if pbar else None,
+                                       _threads(U * n * (8 if pbar else 1)))
+    if err == -2:
+        raise MemoryError("soft_assign_forward: no memory for the per-thread sums")
+    if err:
+        raise IndexError(f"soft_assign_forward: rows must be strictly increasing in [0, {M})")
+    return best, out
+
+
+def soft_assign_backward(C: torch.Tensor, rows: torch.Tensor, best: torch.Tensor, D: torch.Tensor, g: torch.Tensor,
+                         extra: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of the straight-through features ``D[best] (U, k)`` whose gradient is that of
+    ``s_u · D``, ``s_u = softmax(C[rows[u]])``, given ``g (U, k)`` and ``extra (n,)`` (or None) added to
+    every ``∂s_u``: the logit rows' ``dC (U, n)`` and ``∂D (n, k)`` (the soft product's and the hard
+    lookup's), in one pass that recomputes ``s_u``. Call only where :func:`applies`."""
+    lib = _load()
+    _cpu("soft_assign_backward", C, rows, best, D, g)
+    C, rows = _logit_rows("soft_assign_backward", C, rows)
+    U, (M, n) = rows.numel(), C.shape
+    if D.dim() != 2 or D.shape[0] != n:
+        raise ValueError(f"soft_assign_backward: D must be ({n}, k), got {tuple(D.shape)}")
+    k = D.shape[1]
+    g = g.detach().float().contiguous().reshape(U, k)
+    best = best.reshape(-1).long().contiguous()
+    if best.numel() != U:
+        raise ValueError(f"soft_assign_backward: {U} rows but {best.numel()} hard assignments")
+    DT = D.detach().float().t().contiguous()  # (k, n)
+    if extra is not None:
+        extra = extra.detach().float().contiguous().reshape(n)
+    dC, gD = torch.empty(U, n), torch.empty(n, k)
+    err = lib.vqad_soft_assign_backward(_ptr(C), _ptr(rows), _ptr(best), _ptr(DT), _ptr(g),
+                                        _ptr(extra) if extra is not None else None, U, n, k, M, _ptr(dC), _ptr(gD),
+                                        _threads(U * n * k))
+    if err == -2:
+        raise MemoryError("soft_assign_backward: no memory for the per-thread sums")
+    if err:
+        raise IndexError(f"soft_assign_backward: rows must be strictly increasing in [0, {M}) and each hard "
+                         f"assignment in [0, {n})")
+    return dC, gD
 
 
 def level_query(x: torch.Tensor, level: int, table: torch.Tensor, corners: torch.Tensor

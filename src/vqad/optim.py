@@ -12,7 +12,9 @@ needs 3 × 1.2 GB. The paper stopped at 6 bits for this reason.
 with a per-row bias correction (``t_i`` = updates row i has had). RMSprop is what the reference code
 trains the grid with; "row-wise" second moments are the standard trick for large embedding tables.
 State: two ``(m,)`` tensors, whatever b is. Gradients must be sparse (``F.embedding(..., sparse=True)``),
-as the codebook storage produces them.
+as the codebook storage produces them. On the CPU the update is one fused pass over the touched rows
+(:func:`vqad.kernels.sparse_rmsprop`; a row's mean square summed in double, so ``v`` may differ from the
+PyTorch ops' in its last bits).
 """
 
 from __future__ import annotations

@@ -160,8 +160,9 @@ class FeatureStorage(nn.Module):
     #: (:meth:`track_rate`, :meth:`rate_bits`; the fit's ``rate_weight`` needs it)
     learns_rate: ClassVar[bool] = False
 
-    def track_rate(self, on: bool) -> None:
-        """Start (clearing what was recorded) or stop recording what :meth:`rate_bits` needs."""
+    def track_rate(self, on: bool, contexts: bool = False) -> None:
+        """Start (clearing what was recorded) or stop recording what :meth:`rate_bits` needs
+        (``contexts``: the rate will be asked for by context)."""
         raise NotImplementedError(f"a {self.kind!r} storage has no rate estimate (learns_rate is False)")
 
     def rate_bits(self) -> torch.Tensor | None:

@@ -17,6 +17,10 @@ from vqad.storages.base import FeatureStorage, ParamGroup, TensorLayout, check_b
 #: SparseAdam's 28.00 dB at 192.6 kB in 1,590; armadillo, 3,000 steps, two seeds: the same Chamfer-L1 or
 #: lower in 12 % less time. At b = 4 the two measured alike (27.65 / 27.61 dB), so 4-bit keeps SparseAdam.
 ROWWISE_MIN_CODES = 64
+#: logits with 2^b ≥ this many columns train through the fused CPU kernels (:class:`_SoftAssign`) where
+#: they apply: per lego step (one thread) the gather, softmax, the two products and the softmax backward
+#: took ~70 ms of 218 at b = 6 and ~430 of 604 at b = 8 (profiles, 2026-12-05, docs/benchmarks/speed.md)
+FUSED_MIN_CODES = 64
 
 
 def _normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
@@ -52,6 +56,36 @@ class _StraightThrough(torch.autograd.Function):
         return g_probs, g_D, None
 
 
+class _SoftAssign(torch.autograd.Function):
+    """:class:`_StraightThrough` of the rows ``rows (U,)`` of the logits ``C (m, 2^b)``, fused on the CPU
+    (:func:`vqad.kernels.soft_assign_forward` / ``_backward``): the forward finds each row's argmax
+    (and, for the rate term, the mean soft assignment ``p̄ (2^b,)``) without making the ``(U, 2^b)``
+    rows or their softmax; the backward recomputes ``s_u = softmax(C[rows[u]])`` row by row and gives
+    C's sparse gradient (those rows, coalesced, as :func:`~vqad.storages.base.gather_unique_rows`
+    does) and D's. The same gradients as the unfused path up to float rounding (the sums run in
+    another order, e^x to ~2 ulp).
+
+    Outputs ``D[best] (U, k)`` and ``p̄ (2^b,)`` (empty without ``pbar``); ``∂p̄`` enters as ``∂p̄ / U``
+    added to every ``∂s_u``.
+    """
+
+    @staticmethod
+    def forward(ctx, C: torch.Tensor, D: torch.Tensor, rows: torch.Tensor, pbar: bool):
+        best, mean = kernels.soft_assign_forward(C, rows, pbar)
+        ctx.save_for_backward(C, D, rows, best)
+        ctx.pbar = pbar
+        return D.index_select(0, best), (mean if pbar else C.new_zeros(0))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, g_pbar: torch.Tensor):
+        C, D, rows, best = ctx.saved_tensors
+        extra = g_pbar / max(rows.numel(), 1) if ctx.pbar and g_pbar is not None else None
+        dC, gD = kernels.soft_assign_backward(C, rows, best, D, g, extra)
+        g_C = torch.sparse_coo_tensor(rows[None], dC, C.shape, is_coalesced=True,
+                                      check_invariants=False) if ctx.needs_input_grad[0] else None
+        return g_C, (gD if ctx.needs_input_grad[1] else None), None, None
+
+
 class CodebookStorage(FeatureStorage):
     """VQ-AD: each vertex's feature is ``D[V[i]]``, a b-bit index into a learned codebook.
 
@@ -77,7 +111,9 @@ class CodebookStorage(FeatureStorage):
         self.D = nn.Parameter(_normal((1 << self.b, k), codebook_std))
         self.C = nn.Parameter(_normal((m, 1 << self.b), logit_std))
         self.register_buffer("V", torch.zeros(0, dtype=torch.long), persistent=False)
-        self._soft: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (rows, softmax) of training forwards, while tracked
+        # (rows, softmax (U, 2^b) or, fused, its mean p̄ (2^b,)) of training forwards, while tracked
+        self._soft: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._rate_contexts = False
 
     @classmethod
     def check_options(cls, cfg) -> None:
@@ -129,9 +165,15 @@ class CodebookStorage(FeatureStorage):
             return self.D, self.V.index_select(0, vertex_ids.reshape(-1)).reshape(vertex_ids.shape)
         flat = vertex_ids.reshape(-1)
         uniq, inv = unique_rows(flat, self.m)
+        training = torch.is_grad_enabled() and self.training
+        if training and self._fuses():  # one pass forward, one backward; no (U, 2^b) tensor but C's gradient
+            feat, pbar = _SoftAssign.apply(self.C, self.D, uniq, self._soft is not None)
+            if self._soft is not None:
+                self._soft.append((uniq, pbar))
+            return feat, inv.reshape(vertex_ids.shape)
         logits = gather_unique_rows(self.C, uniq)  # (U, 2^b): only the touched rows; C's gradient sparse
         best = kernels.argmax_rows(logits) if kernels.applies(logits) else logits.argmax(dim=-1)  # (U,)
-        if not (torch.is_grad_enabled() and self.training):
+        if not training:
             return self.D.index_select(0, best), inv.reshape(vertex_ids.shape)  # (U, k)
         probs = torch.softmax(logits, dim=-1)  # (U, 2^b): s_u
         if self._soft is not None:  # the rate term differentiates the soft assignments s_u themselves
@@ -160,8 +202,19 @@ class CodebookStorage(FeatureStorage):
         C[rows, old] = C[rows, values]
         C[rows, values] = c_old
 
-    def track_rate(self, on: bool) -> None:
+    def _fuses(self) -> bool:
+        """Whether a training lookup takes :class:`_SoftAssign`: logits of ``2^b >= FUSED_MIN_CODES``
+        columns, float32 and contiguous, where the CPU kernels apply, and no rate term by context (it
+        needs every row's soft assignment)."""
+        C = self.C
+        return (C.shape[1] >= FUSED_MIN_CODES and not self._rate_contexts and C.is_contiguous()
+                and kernels.applies(C, self.D))
+
+    def track_rate(self, on: bool, contexts: bool = False) -> None:
+        """Start (clearing the record) or stop recording the soft assignments :meth:`rate_bits` needs;
+        ``contexts``: it will be asked for the rate by context (every row's soft assignment kept)."""
         self._soft = [] if on else None
+        self._rate_contexts = bool(on and contexts)
 
     def rate_bits(self, contexts: torch.Tensor | None = None, n_contexts: int = 1) -> torch.Tensor | None:
         """The entropy of the soft assignments, in bits per index, of the vertices training touched since
@@ -179,10 +232,14 @@ class CodebookStorage(FeatureStorage):
         if not self._soft:
             return None
         soft, self._soft = self._soft, []
-        probs = soft[0][1] if len(soft) == 1 else torch.cat([p for _, p in soft])  # (U, 2^b)
-        if contexts is None:  # one context: R = −(1/U) Σ_u s_u · log2 p̄ = H(p̄), one pass over the (U, 2^b) rows
-            pbar = probs.mean(dim=0)  # (2^b,)
+        if contexts is None:  # one context: R = −(1/U) Σ_u s_u · log2 p̄ = H(p̄), p̄ the mean over every lookup's rows
+            means = [(p.mean(dim=0), rows.numel()) if p.dim() == 2 else (p, rows.numel()) for rows, p in soft]
+            total = sum(n for _, n in means)
+            pbar = means[0][0] if len(means) == 1 else sum(m * (n / total) for m, n in means)  # (2^b,)
             return -(pbar * torch.log2(pbar.clamp_min(1e-30))).sum()
+        if any(p.dim() != 2 for _, p in soft):
+            raise RuntimeError("rate_bits by context needs every row's soft assignment: call track_rate(True, contexts=True)")
+        probs = soft[0][1] if len(soft) == 1 else torch.cat([p for _, p in soft])  # (U, 2^b)
         rows = soft[0][0] if len(soft) == 1 else torch.cat([r for r, _ in soft])  # (U,)
         j = contexts.index_select(0, rows)
         mass = probs.new_zeros(n_contexts, probs.shape[1]).index_add(0, j, probs)  # (K, 2^b)

@@ -356,20 +356,26 @@ def test_soft_assignments_match_softmax_and_autograd(need_kernels, n, k, U):
 
 def test_soft_assignments_of_rows_with_nan_or_infinity(need_kernels):
     """torch.argmax's rule (the first NaN; else the first maximum, +inf included) and a NaN softmax row."""
-    C = torch.randn(4, 64)
+    C = torch.randn(5, 64)
     C[0, 5], C[0, 40] = float("nan"), 1e9
     C[1, 9], C[1, 30] = float("inf"), float("inf")
     C[2, 3] = float("-inf")
     C[3] = 0.5  # ties: the first
-    rows = torch.arange(4)
+    C[4] = float("-inf")
+    rows = torch.arange(5)
     best, pbar = kernels.soft_assign_forward(C, rows, False)
-    assert best.tolist() == C.argmax(dim=-1).tolist() == [5, 9, int(C[2].argmax()), 0]
-    dC, _ = kernels.soft_assign_backward(C, rows, best, torch.randn(64, 2), torch.randn(4, 2), None)
-    assert dC[0].isnan().all() and dC[1].isnan().all() and dC[2:].isfinite().all()
+    assert best.tolist() == C.argmax(dim=-1).tolist() == [5, 9, int(C[2].argmax()), 0, 0]
+    dC, _ = kernels.soft_assign_backward(C, rows, best, torch.randn(64, 2), torch.randn(5, 2), None)
+    nan_rows = torch.softmax(C, dim=-1).isnan().all(dim=1)  # PyTorch's softmax: NaN for rows 0, 1 and 4
+    assert nan_rows.tolist() == [True, True, False, False, True]
+    assert dC[nan_rows].isnan().all() and dC[~nan_rows].isfinite().all()
+    assert kernels.soft_assign_forward(C, rows, True)[1].isnan().all()  # p̄ of NaN rows: NaN, as PyTorch's mean
     with pytest.raises(IndexError, match="strictly increasing"):
         kernels.soft_assign_forward(C, torch.tensor([1, 1]), False)
     with pytest.raises(IndexError, match="hard assignment"):
-        kernels.soft_assign_backward(C, rows, torch.tensor([0, 0, 0, 64]), torch.randn(64, 2), torch.randn(4, 2), None)
+        kernels.soft_assign_backward(C, rows, torch.tensor([0, 0, 0, 0, 64]), torch.randn(64, 2), torch.randn(5, 2), None)
+    with pytest.raises(ValueError, match="gradient"):
+        kernels.soft_assign_backward(C, rows, best, torch.randn(64, 2), torch.randn(4, 2), None)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7, 64])

@@ -59,7 +59,7 @@ def test_rate_bits_given_contexts_is_the_conditional_cross_entropy():
     s.train()
     ctx = torch.randint(0, 3, (30,))
     ids = torch.arange(0, 30, 2)
-    s.track_rate(True)
+    s.track_rate(True, contexts=True)
     s(ids)
     r = s.rate_bits(ctx, 3)
     p = torch.softmax(s.C[ids], dim=-1)
@@ -69,7 +69,7 @@ def test_rate_bits_given_contexts_is_the_conditional_cross_entropy():
         model = p[same].mean(0)
         want = want - (p[u] * torch.log2(model)).sum()
     assert torch.allclose(r, want / len(ids), atol=1e-5)
-    s.track_rate(True)
+    s.track_rate(True, contexts=True)
     s(ids)
     conditional = float(s.rate_bits(ctx, 3).detach())
     s(ids)
@@ -132,10 +132,12 @@ def test_fused_lookups_give_the_pytorch_gradients(monkeypatch, rate):
     assert gc.abs().sum() > 0 and abs(lf - lr) <= 1e-4 * abs(lr)
 
 
-def test_fused_lookups_and_the_rate_by_context():
-    """The rate by context needs every row's soft assignment: track_rate(True, contexts=True) keeps the
-    unfused path; asking for it from a fused record is a clear error."""
-    s = CodebookStorage(50, 3, bits=6)
+@pytest.mark.parametrize("bits", [2, 6])
+def test_the_rate_by_context_needs_a_record_that_keeps_it(bits):
+    """The rate by context needs every row's soft assignment: track_rate(True, contexts=True) keeps them
+    (and the unfused lookups, from b = 6 on the CPU); asking for it from another record is a clear error,
+    whatever b and the device."""
+    s = CodebookStorage(50, 3, bits=bits)
     s.train()
     ctx = torch.randint(0, 4, (50,))
     s.track_rate(True, contexts=True)
@@ -143,12 +145,23 @@ def test_fused_lookups_and_the_rate_by_context():
     s(torch.arange(10))
     assert s.rate_bits(ctx, 4) is not None
     s.track_rate(True)
-    from vqad import kernels
-    if kernels.applies(torch.zeros(1)):
-        assert s._fuses()
-        s(torch.arange(10))
-        with pytest.raises(RuntimeError, match="contexts=True"):
-            s.rate_bits(ctx, 4)
+    s(torch.arange(10))
+    with pytest.raises(RuntimeError, match="contexts=True"):
+        s.rate_bits(ctx, 4)
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_empty_lookups_add_nothing_to_the_rate(bits):
+    s = CodebookStorage(100, 4, bits=bits)
+    s.train()
+    s.track_rate(True)
+    s(torch.zeros(0, dtype=torch.long))
+    assert s.rate_bits() is None  # nothing touched
+    s(torch.zeros(0, dtype=torch.long))
+    s(torch.arange(50))
+    r = s.rate_bits()
+    s(torch.arange(50))
+    assert torch.isfinite(r) and torch.allclose(r, s.rate_bits())
 
 
 def test_rate_needs_learned_indices():

@@ -350,7 +350,7 @@ static inline float row_dot(const float *restrict a, const float *restrict b, in
 static inline int64_t softmax_row(const float *restrict c, float *restrict s, int64_t n) {
     float mx;
     const int64_t arg = row_argmax(c, n, &mx);
-    if (mx != mx || mx == INFINITY) { /* PyTorch's softmax of such a row is NaN too */
+    if (mx != mx || mx == INFINITY || mx == -INFINITY) { /* a NaN, +inf or an all −inf row: PyTorch's softmax is NaN too */
         for (int64_t j = 0; j < n; j++) s[j] = NAN;
         return arg;
     }
@@ -418,6 +418,9 @@ int vqad_soft_assign_forward(const float *C, const int64_t *rows, int64_t U, int
     return 0;
 }
 
+/* Rows whose ∂D terms are added in float before they join the double sum (bounds the float sums' error) */
+#define SOFT_FLUSH 64
+
 /* Backward of the straight-through feature D[best_u] whose gradient is that of softmax(C[rows[u]]) · D,
  * for the gradient g (U, k) of the features and extra (n,) (or NULL) added to every row's gradient of
  * its soft assignment (the rate term's ∂R/∂p̄ / U):
@@ -425,7 +428,8 @@ int vqad_soft_assign_forward(const float *C, const int64_t *rows, int64_t U, int
  *     s = softmax(C[rows[u]]),  ∂s_j = D_j · g_u + extra_j,  dC[u]_j = s_j (∂s_j − s · ∂s)   (U, n)
  *     gD (n, k) = Σ_u s_u ⊗ g_u + Σ_u e_{best_u} ⊗ g_u
  *
- * DT (k, n) is D transposed (contiguous). A partial gD per thread (k · n floats), added in thread order.
+ * DT (k, n) is D transposed (contiguous). A partial gD per thread: float over SOFT_FLUSH rows at a time,
+ * double over them all; the threads' partials added in thread order, rounded to float once.
  * Returns 1 if a row or a best index is out of range or the rows are not strictly increasing, -2 if the
  * scratch cannot be allocated (nothing written either way). */
 int vqad_soft_assign_backward(const float *C, const int64_t *rows, const int64_t *best, const float *DT,
@@ -439,9 +443,11 @@ int vqad_soft_assign_backward(const float *C, const int64_t *rows, const int64_t
 #endif
     if (nthreads < 1) nthreads = 1;
     float *part = (float *)calloc((size_t)nthreads * (size_t)(k * n), sizeof(float));
+    double *whole = (double *)calloc((size_t)nthreads * (size_t)(k * n), sizeof(double));
     float *scratch = (float *)malloc((size_t)nthreads * (size_t)(2 * n) * sizeof(float));
-    if (!part || !scratch) {
+    if (!part || !whole || !scratch) {
         free(part);
+        free(whole);
         free(scratch);
         return -2;
     }
@@ -457,8 +463,15 @@ int vqad_soft_assign_backward(const float *C, const int64_t *rows, const int64_t
         used = T;
         float *restrict s = scratch + (size_t)t * (size_t)(2 * n);
         float *restrict gs = s + n;
-        float *restrict gdt = part + (size_t)t * (size_t)(k * n); /* (k, n): ∂D transposed */
-        for (int64_t i = U * t / T; i < U * (t + 1) / T; i++) {
+        float *restrict gdt = part + (size_t)t * (size_t)(k * n); /* (k, n): ∂D transposed, SOFT_FLUSH rows */
+        double *restrict gdd = whole + (size_t)t * (size_t)(k * n); /* ... and all of this thread's rows */
+        const int64_t i0 = U * t / T, i1 = U * (t + 1) / T;
+        for (int64_t i = i0; i < i1; i++) {
+            if (i > i0 && (i - i0) % SOFT_FLUSH == 0) /* float sums over a few rows, double over them all */
+                for (int64_t q = 0; q < k * n; q++) {
+                    gdd[q] += gdt[q];
+                    gdt[q] = 0.0f;
+                }
             const float *restrict gi = g + i * k;
             softmax_row(C + rows[i] * n, s, n);
             if (extra)
@@ -479,14 +492,16 @@ int vqad_soft_assign_backward(const float *C, const int64_t *rows, const int64_t
             float *restrict out = dC + i * n;
             for (int64_t j = 0; j < n; j++) out[j] = s[j] * (gs[j] - dot);
         }
+        for (int64_t q = 0; q < k * n; q++) gdd[q] += gdt[q];
     }
     for (int64_t j = 0; j < n; j++)
         for (int64_t c = 0; c < k; c++) {
-            float v = 0.0f;
-            for (int t = 0; t < used; t++) v += part[(size_t)t * (size_t)(k * n) + (size_t)(c * n + j)];
-            gD[j * k + c] = v;
+            double v = 0.0;
+            for (int t = 0; t < used; t++) v += whole[(size_t)t * (size_t)(k * n) + (size_t)(c * n + j)];
+            gD[j * k + c] = (float)v;
         }
     free(part);
+    free(whole);
     free(scratch);
     return 0;
 }

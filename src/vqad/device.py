@@ -98,7 +98,8 @@ def keep_freed_memory() -> bool:
     block over 32 MB (its largest threshold) afresh unless ``M_MMAP_MAX`` is 0, so that is set too: a
     lego codebook step's logit rows are 46 MB at b = 6 and 184 MB at b = 8, and their faults took ~25 %
     and ~45 % of the softmax's gradient (2026-12-05). With freed memory kept, the process's RSS stays at
-    its peak instead of shrinking. The CLI calls this once; library users may too.
+    its peak instead of shrinking (:func:`release_freed_memory` gives it back between jobs). The CLI calls
+    this once; library users may too.
 
     Returns whether the setting took (glibc only; False elsewhere or with ``$VQAD_MALLOC=default``).
     """
@@ -114,3 +115,23 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # <malloc.h>
     return (bool(mallopt(m_mmap_threshold, KEEP_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, KEEP_TRIM_THRESHOLD))
             and bool(mallopt(m_mmap_max, KEEP_MMAP_MAX)))
+
+
+def release_freed_memory() -> bool:
+    """Give back to the system the freed memory :func:`keep_freed_memory` keeps (glibc's ``malloc_trim(0)``:
+    every free page of the heap, not only its top, which is all glibc trims by itself).
+
+    For a process that runs several jobs one after the other (``vqad sweep``'s points, ``vqad batch``'s
+    assets): without it a later job starts from the earlier jobs' peak, a large freed block pinned in
+    place by any small allocation made after it. Returns whether it ran (glibc only).
+    """
+    if os.environ.get(ALLOCATOR_ENV, "").strip().lower() in ("default", "0", "off"):
+        return False
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return False
+    trim(0)
+    return True

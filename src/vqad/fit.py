@@ -592,8 +592,8 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
                 task.before_step(it, progress, gen)
                 cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000, floor=cfg.lr_floor)
                 zero_grad(opts)
-                for s in rated:
-                    s.track_rate(True, contexts=coarser is not None)
+                for i, s in enumerate(rated):  # by context above the base level only (rate_term)
+                    s.track_rate(True, contexts=coarser is not None and i > 0)
                 out = task.step(it, progress, gen)
                 rate = rate_term(rated, coarser) if rated else None
                 if out.loss is None:

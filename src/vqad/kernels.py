@@ -391,6 +391,8 @@ def soft_assign_backward(C: torch.Tensor, rows: torch.Tensor, best: torch.Tensor
     if D.dim() != 2 or D.shape[0] != n:
         raise ValueError(f"soft_assign_backward: D must be ({n}, k), got {tuple(D.shape)}")
     k = D.shape[1]
+    if g.numel() != U * k:
+        raise ValueError(f"soft_assign_backward: the features' gradient must be ({U}, {k}), got {tuple(g.shape)}")
     g = g.detach().float().contiguous().reshape(U, k)
     best = best.reshape(-1).long().contiguous()
     if best.numel() != U:

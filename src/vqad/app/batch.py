@@ -99,6 +99,7 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 from vqad.atomicio import append_record, write_atomic
+from vqad.device import release_freed_memory
 from vqad.errors import InputError, VqadError
 from vqad.fit import Deadline
 from vqad.sdf.metrics import CHAMFER_SAMPLES, IOU_SAMPLES
@@ -755,6 +756,7 @@ def run_asset(spec: AssetSpec, ctx: WorkerContext, submitted_at: float) -> dict:
                                                                  f"the traceback is in {spec.key}/log.txt)")
         print(f"== {rec['status']}" + (f": {rec['error']}" if rec["error"] else "")
               + f" ({rec['finished_at'] - started:.1f} s)")
+    release_freed_memory()  # the next asset in this process starts from what is live, not this one's peak
     return rec
 
 

@@ -88,6 +88,7 @@ import numpy as np
 import torch
 
 from vqad.atomicio import atomic_path, write_atomic
+from vqad.device import release_freed_memory
 from vqad.errors import InputError
 
 SWEEP_FORMAT = 1
@@ -778,6 +779,7 @@ class Sweep:
             return self._stream_rows(p)
         t0 = time.perf_counter()
         steps, note, refine = None, None, None
+        release_freed_memory()  # each point's peak from what is live, not from the points before it
         with PeakMemory(self.device) as mem:
             if kind == "draco":
                 row = self._draco_row(p)

@@ -227,18 +227,23 @@ class CodebookStorage(FeatureStorage):
         the same soft assignments (so the gradient also moves the model). Without ``contexts`` every vertex
         has context 0 and ``R = H(p̄)`` (order-0); with ``contexts (m,)`` long in ``[0, n_contexts)`` (each
         vertex's context, e.g. the coarser level's index at ``floor(v/2)``) it is the conditional entropy
-        the CONTEXT codec can reach. Clears the record.
+        the CONTEXT codec can reach; that needs every row's soft assignment, so a record started with
+        ``track_rate(True, contexts=True)`` (else a RuntimeError). Clears the record; None if no vertex was
+        touched.
         """
-        if not self._soft:
+        if contexts is not None and self._soft is not None and not self._rate_contexts:
+            raise RuntimeError("rate_bits by context needs every row's soft assignment: start the record with "
+                               "track_rate(True, contexts=True)")
+        soft = [(rows, p) for rows, p in (self._soft or []) if rows.numel()]  # an empty lookup adds nothing
+        if self._soft is not None:
+            self._soft = []
+        if not soft:
             return None
-        soft, self._soft = self._soft, []
         if contexts is None:  # one context: R = −(1/U) Σ_u s_u · log2 p̄ = H(p̄), p̄ the mean over every lookup's rows
-            means = [(p.mean(dim=0), rows.numel()) if p.dim() == 2 else (p, rows.numel()) for rows, p in soft]
+            means = [(p.mean(dim=0) if p.dim() == 2 else p, rows.numel()) for rows, p in soft]
             total = sum(n for _, n in means)
             pbar = means[0][0] if len(means) == 1 else sum(m * (n / total) for m, n in means)  # (2^b,)
             return -(pbar * torch.log2(pbar.clamp_min(1e-30))).sum()
-        if any(p.dim() != 2 for _, p in soft):
-            raise RuntimeError("rate_bits by context needs every row's soft assignment: call track_rate(True, contexts=True)")
         probs = soft[0][1] if len(soft) == 1 else torch.cat([p for _, p in soft])  # (U, 2^b)
         rows = soft[0][0] if len(soft) == 1 else torch.cat([r for r, _ in soft])  # (U,)
         j = contexts.index_select(0, rows)

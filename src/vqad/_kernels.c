@@ -40,6 +40,21 @@ static int thread_count(void) {
 #endif
 }
 
+/* A team size for kernels with per-thread tables or scratch: 1 without OpenMP, else 1..256. */
+static int team_size(int nthreads) {
+#ifndef _OPENMP
+    nthreads = 1;
+#endif
+    return nthreads > 256 ? 256 : (nthreads < 1 ? 1 : nthreads);
+}
+
+/* Whether rows (U,) are strictly increasing in [0, M): the rows a sparse gradient or a lookup names. */
+static int rows_valid(const int64_t *rows, int64_t U, int64_t M) {
+    for (int64_t i = 0; i < U; i++)
+        if (rows[i] < 0 || rows[i] >= M || (i > 0 && rows[i] <= rows[i - 1])) return 0;
+    return 1;
+}
+
 /* The table gradient of an interpolation (the backward of Σ_c w[n,c] T[ids[n,c]]):
  *
  *     out (R, k) = Σ_{n, c : ids[n,c] = r} w[n,c] · g[n]
@@ -100,8 +115,7 @@ int vqad_interp_backward(const float *w, const int64_t *ids, const float *g, flo
 int vqad_sparse_adam(float *p, float *exp_avg, float *exp_avg_sq, const int64_t *rows, const float *g,
                      int64_t U, int64_t n, int64_t M, float one_minus_beta1, float one_minus_beta2, float eps,
                      float neg_step_size, int nthreads) {
-    for (int64_t i = 0; i < U; i++)
-        if (rows[i] < 0 || rows[i] >= M || (i > 0 && rows[i] <= rows[i - 1])) return 1;
+    if (!rows_valid(rows, U, M)) return 1;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static)
 #endif
@@ -133,8 +147,7 @@ int vqad_sparse_adam(float *p, float *exp_avg, float *exp_avg_sq, const int64_t 
  * changed nothing, if rows are out of range or not strictly increasing. */
 int vqad_sparse_rmsprop(float *p, float *v, float *t, const int64_t *rows, const float *g, int64_t U, int64_t n,
                         int64_t M, float beta, float eps, float neg_lr, int nthreads) {
-    for (int64_t i = 0; i < U; i++)
-        if (rows[i] < 0 || rows[i] >= M || (i > 0 && rows[i] <= rows[i - 1])) return 1;
+    if (!rows_valid(rows, U, M)) return 1;
     const float one_minus_beta = 1.0f - beta;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -366,12 +379,8 @@ static inline int64_t softmax_row(const float *restrict c, float *restrict s, in
  * -2 if the scratch cannot be allocated. */
 int vqad_soft_assign_forward(const float *C, const int64_t *rows, int64_t U, int64_t n, int64_t M, int64_t *best,
                              float *pbar, int nthreads) {
-    for (int64_t i = 0; i < U; i++)
-        if (rows[i] < 0 || rows[i] >= M || (i > 0 && rows[i] <= rows[i - 1])) return 1;
-#ifndef _OPENMP
-    nthreads = 1;
-#endif
-    if (nthreads < 1) nthreads = 1;
+    if (!rows_valid(rows, U, M)) return 1;
+    nthreads = team_size(nthreads);
     double *acc = NULL;
     float *scratch = NULL;
     if (pbar) {
@@ -435,13 +444,10 @@ int vqad_soft_assign_forward(const float *C, const int64_t *rows, int64_t U, int
 int vqad_soft_assign_backward(const float *C, const int64_t *rows, const int64_t *best, const float *DT,
                               const float *g, const float *extra, int64_t U, int64_t n, int64_t k, int64_t M,
                               float *dC, float *gD, int nthreads) {
+    if (!rows_valid(rows, U, M)) return 1;
     for (int64_t i = 0; i < U; i++)
-        if (rows[i] < 0 || rows[i] >= M || (i > 0 && rows[i] <= rows[i - 1]) || best[i] < 0 || best[i] >= n)
-            return 1;
-#ifndef _OPENMP
-    nthreads = 1;
-#endif
-    if (nthreads < 1) nthreads = 1;
+        if (best[i] < 0 || best[i] >= n) return 1;
+    nthreads = team_size(nthreads);
     float *part = (float *)calloc((size_t)nthreads * (size_t)(k * n), sizeof(float));
     double *whole = (double *)calloc((size_t)nthreads * (size_t)(k * n), sizeof(double));
     float *scratch = (float *)malloc((size_t)nthreads * (size_t)(2 * n) * sizeof(float));
@@ -923,9 +929,6 @@ static double speed_d(const double *x, const double *d, double c1, double kinv) 
     double j0 = s * d[0] + x[0] * (ds * dr), j1 = s * d[1] + x[1] * (ds * dr), j2 = s * d[2] + x[2] * (ds * dr);
     return 0.5 * sqrt(j0 * j0 + j1 * j1 + j2 * j2);
 }
-
-/* A thread count for the march kernels' per-thread tables (257 entries). */
-static int team_size(int nthreads) { return nthreads > 256 ? 256 : (nthreads < 1 ? 1 : nthreads); }
 
 /* The march kernels' samples, written by thread t from offset from[t] (n[t] of them), moved together in
  * thread order (each block moves down, never over one not yet moved). Returns the total. */

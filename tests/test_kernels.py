@@ -295,7 +295,7 @@ def _soft_inputs():
 PORTABLE_BITS = """
 import torch, vqad.kernels as K
 from vqad.octree import SparseOctree, _corner_tables_dense
-K._isa_flags = lambda: []  # the build a CPU without popcnt gets: the portable bit counts
+K._isa_flags = lambda: []  # the build a CPU without popcnt and AVX2 gets: the portable loops
 codes = torch.unique(torch.randint(0, 8 ** 6, (20000,), generator=torch.Generator().manual_seed(1)))
 assert K.applies(codes), K.status()
 got, ref = K.corner_tables(codes, 6), _corner_tables_dense(codes, 6)

@@ -18,8 +18,8 @@ from vqad.storages.base import FeatureStorage, ParamGroup, TensorLayout, check_b
 #: lower in 12 % less time. At b = 4 the two measured alike (27.65 / 27.61 dB), so 4-bit keeps SparseAdam.
 ROWWISE_MIN_CODES = 64
 #: logits with 2^b ≥ this many columns train through the fused CPU kernels (:class:`_SoftAssign`) where
-#: they apply: per lego step (one thread) the gather, softmax, the two products and the softmax backward
-#: took ~70 ms of 218 at b = 6 and ~430 of 604 at b = 8 (profiles, 2026-12-05, docs/benchmarks/speed.md)
+#: they apply. One-thread lego steps (2026-12-05, docs/method.md §5): b = 8 ~630 → ~400 ms, b = 6
+#: ~220 → ~200 ms; at b = 4 the two measured alike (166 ms), so narrower codebooks keep the PyTorch ops.
 FUSED_MIN_CODES = 64
 
 

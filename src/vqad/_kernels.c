@@ -358,18 +358,16 @@ static inline float row_dot(const float *restrict a, const float *restrict b, in
 }
 #endif
 
-/* s = softmax(c) of one row of n logits (s: n floats); returns the row's first argmax (first NaN if
- * any, torch.argmax's rule; s is then all NaN). */
-static inline int64_t softmax_row(const float *restrict c, float *restrict s, int64_t n) {
-    float mx;
-    const int64_t arg = row_argmax(c, n, &mx);
-    if (mx != mx || mx == INFINITY || mx == -INFINITY) { /* a NaN, +inf or an all −inf row: PyTorch's softmax is NaN too */
+/* s = softmax(c) of one row of n logits (s: n floats), given the value mx at the row's argmax (row_argmax:
+ * the row's largest value, or its first NaN). A NaN, +inf or all −inf row gets an all-NaN s, as
+ * PyTorch's softmax gives. */
+static inline void softmax_row(const float *restrict c, float mx, float *restrict s, int64_t n) {
+    if (mx != mx || mx == INFINITY || mx == -INFINITY) {
         for (int64_t j = 0; j < n; j++) s[j] = NAN;
-        return arg;
+        return;
     }
     const float inv = 1.0f / exp_row(c, mx, s, n);
     for (int64_t j = 0; j < n; j++) s[j] *= inv;
-    return arg;
 }
 
 /* Forward of the soft assignments of the rows ``rows (U,)`` (strictly increasing in [0, M)) of the
@@ -380,17 +378,21 @@ static inline int64_t softmax_row(const float *restrict c, float *restrict s, in
 int vqad_soft_assign_forward(const float *C, const int64_t *rows, int64_t U, int64_t n, int64_t M, int64_t *best,
                              float *pbar, int nthreads) {
     if (!rows_valid(rows, U, M)) return 1;
+    if (!pbar) {
+        float mx;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static) private(mx)
+#endif
+        for (int64_t i = 0; i < U; i++) best[i] = row_argmax(C + rows[i] * n, n, &mx);
+        return 0;
+    }
     nthreads = team_size(nthreads);
-    double *acc = NULL;
-    float *scratch = NULL;
-    if (pbar) {
-        acc = (double *)calloc((size_t)nthreads * (size_t)n, sizeof(double));
-        scratch = (float *)malloc((size_t)nthreads * (size_t)n * sizeof(float));
-        if (!acc || !scratch) {
-            free(acc);
-            free(scratch);
-            return -2;
-        }
+    double *acc = (double *)calloc((size_t)nthreads * (size_t)n, sizeof(double));
+    float *scratch = (float *)malloc((size_t)nthreads * (size_t)n * sizeof(float));
+    if (!acc || !scratch) {
+        free(acc);
+        free(scratch);
+        return -2;
     }
     int used = 1;
 #ifdef _OPENMP
@@ -402,25 +404,20 @@ int vqad_soft_assign_forward(const float *C, const int64_t *rows, int64_t U, int
 #pragma omp single
 #endif
         used = T;
+        float *s = scratch + (size_t)t * (size_t)n;
+        double *a = acc + (size_t)t * (size_t)n;
         for (int64_t i = U * t / T; i < U * (t + 1) / T; i++) {
             const float *c = C + rows[i] * n;
-            if (!pbar) {
-                float mx;
-                best[i] = row_argmax(c, n, &mx);
-                continue;
-            }
-            float *s = scratch + (size_t)t * (size_t)n;
-            double *a = acc + (size_t)t * (size_t)n;
-            best[i] = softmax_row(c, s, n);
+            float mx;
+            best[i] = row_argmax(c, n, &mx);
+            softmax_row(c, mx, s, n);
             for (int64_t j = 0; j < n; j++) a[j] += s[j];
         }
     }
-    if (pbar) {
-        for (int64_t j = 0; j < n; j++) {
-            double v = 0.0;
-            for (int t = 0; t < used; t++) v += acc[(size_t)t * (size_t)n + (size_t)j];
-            pbar[j] = (float)(v / (double)(U > 0 ? U : 1));
-        }
+    for (int64_t j = 0; j < n; j++) {
+        double v = 0.0;
+        for (int t = 0; t < used; t++) v += acc[(size_t)t * (size_t)n + (size_t)j];
+        pbar[j] = (float)(v / (double)(U > 0 ? U : 1));
     }
     free(acc);
     free(scratch);
@@ -437,7 +434,8 @@ int vqad_soft_assign_forward(const float *C, const int64_t *rows, int64_t U, int
  *     s = softmax(C[rows[u]]),  ∂s_j = D_j · g_u + extra_j,  dC[u]_j = s_j (∂s_j − s · ∂s)   (U, n)
  *     gD (n, k) = Σ_u s_u ⊗ g_u + Σ_u e_{best_u} ⊗ g_u
  *
- * DT (k, n) is D transposed (contiguous). A partial gD per thread: float over SOFT_FLUSH rows at a time,
+ * best (U,) must be each row's argmax (vqad_soft_assign_forward's, on the same C): its value is the
+ * softmax's shift. DT (k, n) is D transposed (contiguous). A partial gD per thread: float over SOFT_FLUSH rows at a time,
  * double over them all; the threads' partials added in thread order, rounded to float once.
  * Returns 1 if a row or a best index is out of range or the rows are not strictly increasing, -2 if the
  * scratch cannot be allocated (nothing written either way). */
@@ -479,7 +477,8 @@ int vqad_soft_assign_backward(const float *C, const int64_t *rows, const int64_t
                     gdt[q] = 0.0f;
                 }
             const float *restrict gi = g + i * k;
-            softmax_row(C + rows[i] * n, s, n);
+            const float *c = C + rows[i] * n;
+            softmax_row(c, c[best[i]], s, n); /* the forward's argmax holds the row's largest value */
             if (extra)
                 memcpy(gs, extra, (size_t)n * sizeof(float));
             else

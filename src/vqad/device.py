@@ -103,14 +103,8 @@ def keep_freed_memory() -> bool:
 
     Returns whether the setting took (glibc only; False elsewhere or with ``$VQAD_MALLOC=default``).
     """
-    if os.environ.get(ALLOCATOR_ENV, "").strip().lower() in ("default", "0", "off"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):  # not glibc: macOS, musl, Windows (no CDLL(None))
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # <malloc.h>
     return (bool(mallopt(m_mmap_threshold, KEEP_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, KEEP_TRIM_THRESHOLD))
@@ -125,13 +119,21 @@ def release_freed_memory() -> bool:
     assets): without it a later job starts from the earlier jobs' peak, a large freed block pinned in
     place by any small allocation made after it. Returns whether it ran (glibc only).
     """
-    if os.environ.get(ALLOCATOR_ENV, "").strip().lower() in ("default", "0", "off"):
-        return False
-    try:
-        import ctypes
-
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):
+    trim = _glibc("malloc_trim")
+    if trim is None:
         return False
     trim(0)
     return True
+
+
+def _glibc(name: str):
+    """The C library's function ``name`` where the allocator policy applies (glibc, and
+    ``$VQAD_MALLOC`` not ``default``), else None."""
+    if os.environ.get(ALLOCATOR_ENV, "").strip().lower() in ("default", "0", "off"):
+        return None
+    try:
+        import ctypes
+
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError, TypeError):  # not glibc: macOS, musl, Windows (no CDLL(None))
+        return None

@@ -43,10 +43,11 @@ def summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, vals.new_zeros((rows.numel(),) + tuple(vals.shape[1:])).index_add_(0, inv, vals)
 
 
-def _fused(p: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, g: torch.Tensor) -> bool:
-    """Whether :func:`vqad.kernels.sparse_adam` can update these in place: float32 on the CPU, the
-    parameter and its state contiguous."""
-    state = (p, exp_avg, exp_avg_sq)
+def _fused(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether a kernel (:func:`vqad.kernels.sparse_adam`, :func:`~vqad.kernels.sparse_rmsprop`) can update
+    the parameter ``p`` and its two state tensors ``a``, ``b`` in place with the gradient rows ``g``:
+    float32 on the CPU, the parameter and its state contiguous."""
+    state = (p, a, b)
     return all(t.dtype == torch.float32 and t.is_contiguous() for t in state) and kernels.applies(*state, g)
 
 
@@ -129,8 +130,7 @@ class RowwiseSparseRMSprop(torch.optim.Optimizer):
                     state["v"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)  # (m,)
                     state["t"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)  # (m,)
                 rows, vals = summed_rows(p.grad)  # (U,), (U, 2^b)
-                if all(x.dtype == torch.float32 and x.is_contiguous() for x in (p, state["v"], state["t"])) \
-                        and kernels.applies(p, vals):  # one pass over the rows (vqad.kernels)
+                if _fused(p, state["v"], state["t"], vals):  # one pass over the rows (vqad.kernels)
                     kernels.sparse_rmsprop(p, state["v"], state["t"], rows, vals, lr, beta, eps)
                     continue
                 v = state["v"][rows] * beta + (1 - beta) * vals.float().pow(2).mean(dim=1)

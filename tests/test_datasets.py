@@ -770,10 +770,30 @@ def test_ply_points_ascii_and_binary_and_hostile_headers(tmp_path):
             read_ply_points(tmp_path / "x.ply")
 
 
+def test_points_level_coarsens_where_the_points_are_too_sparse():
+    """Sparse points mark cells one level above the finest, but never finer than the level where they
+    average POINTS_PER_CELL per occupied cell (a brute-force count on a plane of points)."""
+    from vqad.nerf.octree_build import POINTS_PER_CELL, points_level
+
+    g = torch.Generator().manual_seed(0)
+    n = 4 * 4 ** 5  # on the plane z = 0: ~4 per level-5 cell (4^5 of them), < 2 per level-6 cell
+    x = torch.cat([torch.rand(n, 2, generator=g) * 2 - 1, torch.zeros(n, 1)], dim=1)
+
+    def mean_per_cell(level):
+        ijk = torch.floor((x + 1) * (1 << level) / 2).long().clamp(0, (1 << level) - 1)
+        return n / torch.unique(ijk, dim=0).shape[0]
+
+    assert mean_per_cell(5) >= POINTS_PER_CELL > mean_per_cell(6)
+    assert points_level(x, 8) == 5 and points_level(x, 7) == 5 and points_level(x, 6) == 5
+    assert points_level(x, 5) == 4 and points_level(x, 2) == 1
+    assert points_level(x[:2], 7) == 1  # two points: the coarsest level, never below 1
+
+
 def test_octree_from_points_of_the_room_holds_its_surfaces(tmp_path):
     """synth-capture writes sparse_pc.ply (ply_file_path); --octree auto then picks points; the octree
-    holds the cells of most true surface points, far fewer cells than the box, and a capture without
-    points refuses --octree points with what to do."""
+    holds the cells of most true surface points, far fewer cells than the box, at the default levels
+    and at levels finer than the points support; a capture without points refuses --octree points
+    with what to do."""
     import json
 
     from vqad.nerf.contraction import contract
@@ -797,6 +817,10 @@ def test_octree_from_points_of_the_room_holds_its_surfaces(tmp_path):
     t, _, _ = env.raycast(ow, dw, True)
     g = contract(ds.normalization.to_unit(ow + t[:, None] * dw), ds.outer_scale)
     assert octree.contains(g).float().mean() > 0.95
+    # one level finer than these points support (level 7 would mark cells with < 3 points each): the
+    # marks stay at level 6 instead of leaving holes (marking level 7 held 90 % of these surfaces)
+    fine, _ = build_octree(ds, "points", 3, 8, torch.device("cpu"))
+    assert fine.contains(g).float().mean() > 0.95
     # no points: a clear error; a missing ply is an input error too
     write_capture(tmp_path / "bare", SceneCaptureConfig(width=24, height=40, views=4, points=0))
     bare = load_dataset(tmp_path / "bare", format="ngp")

@@ -131,13 +131,33 @@ POINTS_LEVELS_UP = 1
 #: a point whose cell and 26 neighbours (at that level) hold fewer points than this, itself included,
 #: is an outlier (a mismatched feature floating in free space) and marks nothing
 POINTS_MIN_AROUND = 3
+#: ... but never finer than the level where the points average this many per occupied cell: finer, the
+#: gaps between them outgrow the one-cell growth and the outlier test drops real surface points. The
+#: generated room's 30,000 points average 4.2 per level-6 cell and 1.9 per level-7 cell; for
+#: ``--levels 4:8`` marking level 7 held 90 % of the ground's true surface points (99.5 % at level 6)
+#: and the 4-bit fit stalled in a fog (docs/benchmarks/scene.md, ninth-session note)
+POINTS_PER_CELL = 3.0
+
+
+def points_level(x: torch.Tensor, max_level: int) -> int:
+    """The level whose cells sparse points ``x (n, 3)`` (grid coordinates in ``[-1, 1]``) mark:
+    ``max_level − POINTS_LEVELS_UP``, or the finest coarser one (down to 1) where they average at
+    least :data:`POINTS_PER_CELL` per occupied cell."""
+    level = max(1, max_level - POINTS_LEVELS_UP)
+    while level > 1:
+        ijk, _ = cell_coords(x, level)
+        if x.shape[0] >= POINTS_PER_CELL * torch.unique(morton_encode(ijk)).numel():
+            break
+        level -= 1
+    return level
 
 
 def octree_from_points(dataset: SceneDataset, base_level: int, max_level: int, device, dilate: int = 1) -> SparseOctree:
-    """Every cell of level ``max_level − POINTS_LEVELS_UP`` that holds one of the capture's sparse
-    points (in the contracted cube when the scene is large), grown by one such cell to close the gaps
-    between points, subdivided to ``max_level`` and dilated by ``dilate`` finest cells (a margin
-    the coarse growth already covers when ``dilate <= 2^POINTS_LEVELS_UP``).
+    """Every cell of level ``max_level − POINTS_LEVELS_UP`` (coarser where the points are too sparse
+    for it: :func:`points_level`) that holds one of the capture's sparse points (in the contracted
+    cube when the scene is large), grown by one such cell to close the gaps between points,
+    subdivided to ``max_level`` and dilated by ``dilate`` finest cells (a margin the coarse growth
+    already covers when ``dilate`` is at most its cells' size in finest cells).
 
     Structure-from-motion points lie on textured surfaces, background included, so unlike the
     density pass this needs no fit; a surface without texture gets no points and no cells. Isolated
@@ -150,7 +170,7 @@ def octree_from_points(dataset: SceneDataset, base_level: int, max_level: int, d
     if x.shape[0] == 0:
         raise InputError(f"--octree points: none of the {dataset.points.shape[0]:,} sparse points of {dataset.name!r} "
                          "is inside the scene's box")
-    level = max(1, max_level - POINTS_LEVELS_UP)
+    level = points_level(x, max_level)
     res = 1 << level
     ijk, _ = cell_coords(x, level)
     cells, counts = torch.unique(morton_encode(ijk), return_counts=True)  # (c,) sorted, (c,)

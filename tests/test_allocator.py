@@ -69,12 +69,14 @@ def rss():
         return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
 
 took = keep_freed_memory()
-big = torch.ones(1 << 26)  # 256 MiB from the heap
+big = torch.ones(1 << 26)  # 256 MiB, from the heap where glibc can extend it
 small = torch.ones(1000)   # allocated after it: the heap's top stays in use
+peak = rss()
 del big
 kept = rss()
 released = release_freed_memory()
-print(int(took), int(released), kept - rss())
+after = rss()
+print(int(took), int(released), peak - after, kept - after)
 """
 
 
@@ -85,7 +87,9 @@ def test_freed_memory_goes_back_between_jobs():
         pytest.skip("needs Linux's /proc to read the resident set")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "VQAD_MALLOC"}
     out = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True, text=True, check=True)
-    took, released, freed = out.stdout.split()
+    took, released, back, _ = out.stdout.split()  # the last: what release_freed_memory itself returned
     if took != "1" or released != "1":
         pytest.skip("this C library has no glibc mallopt / malloc_trim: the allocator policy does not apply here")
-    assert int(freed) >= 200 << 20
+    # the 256 MiB are back once the next job would start; where glibc could not extend its heap it
+    # mapped the block on its own and `del` returned it (7 of 20 runs here), else release_freed_memory did
+    assert int(back) >= 200 << 20

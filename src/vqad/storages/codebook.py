@@ -23,6 +23,14 @@ ROWWISE_MIN_CODES = 64
 FUSED_MIN_CODES = 64
 
 
+#: initial std of the codebooks D and the logits C: the reference's ``feature_std``. Until 2026-12-05 both
+#: were 0.1, ten times the dense grid's features: at 4 bits that left a random codeword of that size at
+#: every vertex, and a contracted room at --levels 4:8 stayed in a fog for all its steps (0.01: out of
+#: it by step ~450); on lego (+0.11 / +0.06 dB, 5-minute fits, seeds 0 / 1) and armadillo (Chamfer-L1
+#: −21 %) the smaller init was better too (docs/method.md §10, row 6)
+INIT_STD = 0.01
+
+
 def _normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
     """N(0, std²) entries; zeros without drawing random numbers when ``std == 0``."""
     return torch.randn(shape) * std if std else torch.zeros(shape)
@@ -104,7 +112,7 @@ class CodebookStorage(FeatureStorage):
     discrete = True
     learns_rate = True
 
-    def __init__(self, m: int, k: int, bits: int = 4, codebook_std: float = 0.1, logit_std: float = 0.1):
+    def __init__(self, m: int, k: int, bits: int = 4, codebook_std: float = INIT_STD, logit_std: float = INIT_STD):
         super().__init__(m, k)
         check_bits(bits)
         self.b = int(bits)

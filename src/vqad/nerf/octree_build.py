@@ -135,7 +135,7 @@ POINTS_MIN_AROUND = 3
 #: gaps between them outgrow the one-cell growth and the outlier test drops real surface points. The
 #: generated room's 30,000 points average 4.2 per level-6 cell and 1.9 per level-7 cell; for
 #: ``--levels 4:8`` marking level 7 held 90 % of the ground's true surface points (99.5 % at level 6)
-#: and the 4-bit fit stalled in a fog (docs/benchmarks/scene.md, ninth-session note)
+#: and a 4-bit fit there stayed in a fog (docs/benchmarks/scene.md, ninth-session note)
 POINTS_PER_CELL = 3.0
 
 

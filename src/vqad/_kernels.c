@@ -682,10 +682,7 @@ int64_t vqad_corner_tables(const int64_t *codes, int64_t n, int level, int64_t *
     const int64_t W = (int64_t)((B + 63) / 64);
     for (int64_t i = 0; i < n; i++)
         if (codes[i] < 0 || (uint64_t)codes[i] >= B) return -1;
-#ifndef _OPENMP
-    nthreads = 1;
-#endif
-    if (nthreads < 1) nthreads = 1;
+    nthreads = team_size(nthreads);
     if (nthreads > CORNER_MAX_THREADS) nthreads = CORNER_MAX_THREADS;
     uint64_t *bits = (uint64_t *)calloc((size_t)W * (size_t)nthreads, sizeof(uint64_t));
     int64_t *rank = (int64_t *)malloc((size_t)W * sizeof(int64_t));

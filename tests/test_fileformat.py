@@ -667,6 +667,32 @@ def test_context_coded_indices_decode_bit_exactly_at_every_lod_prefix(bits):
             assert_same_model(field, dec.field(lod), lods=list(range(2, lod + 1)))
 
 
+def test_entropy_decoding_is_the_same_with_and_without_the_kernels(monkeypatch):
+    """The C range decoder (vqad.kernels.RangeDecoder) and constriction's decode the same payloads to the
+    same symbols: order-0, context-coded (2..12-bit alphabets) and octree chunks, and a whole file."""
+    from vqad import kernels
+
+    if not kernels.applies(torch.zeros(1)):
+        pytest.skip(f"vqad's C kernels are not built here: {kernels.status()}")
+    rng = np.random.default_rng(4)
+    cases = []
+    for A, K in ((2, 2), (16, 16), (64, 16), (4096, 8)):
+        c = rng.integers(0, K, 6000)
+        s = np.where(rng.random(6000) < 0.5, c % A, rng.integers(0, A, 6000))
+        cases.append((E.decode, (E.encode(s, A), s.size, A)))
+        cases.append((E.decode_context, (E.encode_context(s, c, A, K), c, A, K)))
+    field = correlated_field((2, 4, 6, 6, 8))
+    data = F.to_bytes(field, entropy=True)
+    assert any(c.codec == F.Codec.CONTEXT for c in F.read_info(data).chunks)
+    fused = [fn(*args) for fn, args in cases]
+    fused_field = F.load(data)
+    monkeypatch.setattr(kernels, "_forced_off", 1)
+    for (fn, args), got in zip(cases, fused):
+        assert np.array_equal(fn(*args), got)
+    assert_same_model(F.load(data), fused_field, lods=list(range(2, 7)))
+    assert_same_model(field, fused_field, lods=list(range(2, 7)))
+
+
 @pytest.mark.parametrize("skew", [0.08, 0.3])  # ~1.3 % and ~13 % smaller coded
 def test_an_index_chunk_is_coded_only_when_that_saves_enough(skew):
     """Near-uniform indices (coding saves < MIN_CODED_SAVING) stay RAW, so their decoding costs an unpack,

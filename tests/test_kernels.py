@@ -436,6 +436,140 @@ def test_octree_contexts_kernel_refuses_bad_codes(need_kernels):
     assert kernels.octree_contexts(torch.tensor([5, 3]), 2).shape == (2, 8)  # the bitmap does not
 
 
+def test_octree_contexts_kernel_counts_its_contexts(need_kernels):
+    import numpy as np
+
+    codes = _cells(5, 3000, seed=3)
+    counts = torch.full((128,), 7, dtype=torch.long)  # overwritten, not added to
+    ctx = kernels.octree_contexts(codes, 5, counts)
+    assert torch.equal(counts, torch.bincount(ctx.reshape(-1).long(), minlength=128))
+    assert int(counts.sum()) == 8 * codes.numel() and np.count_nonzero(counts.numpy()) > 10
+    with pytest.raises(ValueError, match="counts"):
+        kernels.octree_contexts(codes, 5, torch.zeros(127, dtype=torch.long))
+
+
+def _range_stream(rng, tables, sizes):
+    """constriction's encoding of ``sizes[j]`` symbols under each model ``tables[j] = (precision, freqs)``
+    (the symbols drawn mostly from the model, sometimes a zero-frequency one: the models are leaky)."""
+    import numpy as np
+
+    from vqad import entropy as E
+
+    enc = E._constriction().stream.queue.RangeEncoder()
+    symbols = []
+    for (p, f), n in zip(tables, sizes):
+        w = f + 1e-3
+        s = rng.choice(f.size, size=int(n), p=w / w.sum()).astype(np.int32)
+        if n:
+            enc.encode(s, E._model(f, p))
+        symbols.append(s)
+    return np.asarray(enc.get_compressed(), dtype=np.uint32), np.concatenate(symbols).astype(np.int64)
+
+
+def _random_table(rng, A):
+    import numpy as np
+
+    from vqad import entropy as E
+
+    w = rng.random(A) ** rng.uniform(1, 8)
+    w[rng.random(A) < 0.3] = 0
+    w[rng.integers(A)] += 0.5
+    counts = np.rint(w / w.sum() * 5000).astype(np.int64)
+    counts[np.argmax(w)] += 1
+    p = int(rng.integers(max(E.MIN_TABLE_PRECISION, int((counts > 0).sum() - 1).bit_length()), E.FREQ_PRECISION + 1))
+    return p, E.quantize_counts(counts, p)
+
+
+@pytest.mark.parametrize("A", [2, 3, 16, 33, 256, 4096])
+def test_range_decoder_decodes_what_constriction_encodes(need_kernels, A):
+    """Random tables (zeros, every precision), several groups, a stream decoded in two calls: the C
+    decoder gives constriction's symbols, from the cumulative tables vqad.entropy builds."""
+    import numpy as np
+
+    from vqad import entropy as E
+
+    rng = np.random.default_rng(A)
+    for trial in range(12):
+        K = int(rng.integers(1, 6))
+        tables = [_random_table(rng, A) for _ in range(K)]
+        sizes = rng.integers(0, 600, K) * (rng.random(K) < 0.8)
+        words, want = _range_stream(rng, tables, sizes)
+        cdf = torch.from_numpy(E._cdf(np.stack([f for _, f in tables]), np.array([p for p, _ in tables])))
+        dec = kernels.RangeDecoder(torch.from_numpy(words.view(np.int32)))
+        half = K // 2
+        got = torch.cat([dec.decode_symbols(cdf, torch.arange(half), torch.from_numpy(sizes[:half])),
+                         dec.decode_symbols(cdf, torch.arange(half, K), torch.from_numpy(sizes[half:]))])
+        assert np.array_equal(got.numpy(), want), (A, trial)
+
+
+def test_range_decoder_decodes_binary_groups_as_constriction_does(need_kernels):
+    import numpy as np
+
+    from vqad import entropy as E
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        q = rng.integers(1, 1 << 16, 128)
+        q[:2] = (1, (1 << 16) - 1)  # the extremes
+        sizes = rng.integers(0, 400, 128) * (rng.random(128) < 0.7)
+        enc = E._constriction().stream.queue.RangeEncoder()
+        want = []
+        for j in range(128):
+            bits = (rng.random(sizes[j]) < q[j] / 65536).astype(np.int32)
+            if sizes[j]:
+                enc.encode(bits, E._binary_model(int(q[j])))
+            want.append(bits)
+        words = np.asarray(enc.get_compressed(), dtype=np.uint32)
+        got = kernels.RangeDecoder(torch.from_numpy(words.view(np.int32))).decode_bits(
+            torch.from_numpy(E._binary_cut(q)), torch.from_numpy(sizes))
+        assert np.array_equal(got.numpy(), np.concatenate(want).astype(np.uint8))
+
+
+def test_range_decoder_on_garbage_fails_where_constriction_does(need_kernels):
+    """Random words: the same symbols as constriction, or an error exactly where constriction raises one."""
+    import numpy as np
+
+    from vqad import entropy as E
+
+    rng = np.random.default_rng(9)
+    outcomes = set()
+    for trial in range(200):
+        A = int(rng.choice([2, 16, 300]))
+        p, f = _random_table(rng, A)
+        words = rng.integers(0, 1 << 32, int(rng.integers(0, 6)), dtype=np.uint64).astype(np.uint32)
+        if trial % 4 == 0:  # a point at the top of the range: no encoder writes it
+            words = np.concatenate([np.full(2, 0xFFFFFFFF, dtype=np.uint32), words])
+        n = int(rng.integers(1, 60))
+        try:
+            want = np.asarray(E._constriction().stream.queue.RangeDecoder(words).decode(E._model(f, p), n), dtype=np.int64)
+        except Exception:
+            want = None
+        dec = kernels.RangeDecoder(torch.from_numpy(words.view(np.int32)))
+        try:
+            got = dec.decode_symbols(torch.from_numpy(E._cdf(f[None], p)), [0], [n]).numpy()
+        except ValueError:
+            got = None
+        assert (got is None) == (want is None) and (got is None or np.array_equal(got, want)), trial
+        outcomes.add(got is None)
+    assert outcomes == {True, False}  # both cases were met
+
+
+def test_range_decoder_refuses_bad_arguments(need_kernels):
+    dec = kernels.RangeDecoder(torch.zeros(4, dtype=torch.int32))
+    cdf = torch.tensor([[0, 1 << 23, 1 << 24]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="non-negative"):
+        dec.decode_symbols(cdf, [0], [-1])
+    with pytest.raises(ValueError, match="table outside"):
+        dec.decode_symbols(cdf, [1], [3])
+    with pytest.raises(ValueError, match="A >= 2"):
+        dec.decode_symbols(cdf[:, :2], [0], [3])
+    with pytest.raises(ValueError, match="cut"):
+        dec.decode_bits([0], [3])
+    with pytest.raises(ValueError, match="cut"):
+        dec.decode_bits([1 << 24], [3])
+    assert dec.decode_symbols(cdf, [5], [0]).numel() == 0  # an empty group's table is never read
+
+
 def test_children_kernel_matches_the_torch_form(need_kernels):
     from vqad.octree import SparseOctree
 

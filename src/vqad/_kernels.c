@@ -14,7 +14,7 @@
 #endif
 
 /* Bumped whenever a signature changes: the loader refuses a library with another version. */
-int vqad_kernels_abi(void) { return 7; }
+int vqad_kernels_abi(void) { return 8; }
 
 int vqad_kernels_openmp(void) {
 #ifdef _OPENMP
@@ -774,10 +774,11 @@ static int occupied_cell(uint64_t code, const uint64_t *bits, const int64_t *cod
  * is set when the level-L cell at P + ((t>>2 & 1)·d_x, (t>>1 & 1)·d_y, (t & 1)·d_z) is occupied; cells
  * outside the cube are empty. Levels up to 8 mark the cells in a bitmap of 8^L bits; finer levels
  * search the codes, which must then be strictly increasing. Cells are split between nthreads threads.
+ * counts (128,), if not NULL, receives how many child bits have each context (the coder's group sizes).
  * Returns 0, -1 if a code lies outside
  * [0, 8^L) or L outside 0..20, -2 if the bitmap cannot be allocated, -3 if a finer level's codes are
  * not strictly increasing. */
-int vqad_octree_contexts(const int64_t *codes, int64_t n, int level, uint8_t *ctx, int nthreads) {
+int vqad_octree_contexts(const int64_t *codes, int64_t n, int level, uint8_t *ctx, int64_t *counts, int nthreads) {
     if (level < 0 || level > 20) return -1;
     const uint64_t B = (uint64_t)1 << (3 * level);
     uint64_t *bits = NULL;
@@ -800,8 +801,9 @@ int vqad_octree_contexts(const int64_t *codes, int64_t n, int level, uint8_t *ct
         for (int t = 1; t < 8; t++)
             nb[c][t - 1] = (((t >> 2) & 1) * d[0] + 1) * 9 + (((t >> 1) & 1) * d[1] + 1) * 3 + (t & 1) * d[2] + 1;
     }
+    int64_t hist[128] = {0};
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : hist[:128])
 #endif
     for (int64_t i = 0; i < n; i++) {
         uint64_t q = (uint64_t)codes[i], v[3][3]; /* v[a][o + 1]: axis a's dilated coordinate + o */
@@ -828,8 +830,10 @@ int vqad_octree_contexts(const int64_t *codes, int64_t n, int level, uint8_t *ct
             unsigned acc = 0;
             for (int t = 0; t < 7; t++) acc |= (unsigned)occ[nb[c][t]] << t;
             out[c] = (uint8_t)acc;
+            hist[acc]++;
         }
     }
+    if (counts) memcpy(counts, hist, sizeof hist);
     free(bits);
     return 0;
 }
@@ -894,6 +898,112 @@ int vqad_ungroup_bits(const uint8_t *ctx, int64_t n8, int64_t K, const uint8_t *
         masks[i] = (uint8_t)mask;
     }
     return 0;
+}
+
+/* -- range decoding of the coders' payloads (vqad.entropy) -----------------------------------------
+ *
+ * The payloads are written by constriction's RangeEncoder (32-bit words, a 64-bit state) with models
+ * Categorical(p, perfect=False) at 24-bit precision; these functions decode them exactly as its
+ * RangeDecoder does, without a call into Python per group. The state (lower, range, point, next word)
+ * lives in st[4] so a caller can decode a payload in several calls (the octree coder: one per level);
+ * vqad_range_start sets it up as the decoder's constructor does: point = the first two words
+ * (big-endian; a missing word reads as zero bits), lower = 0, range = 2^64 − 1.
+ *
+ * One symbol: scale = range >> 24; the symbol s is the one with cdf[s] ≤ (point − lower) / scale <
+ * cdf[s + 1] (found here by comparing point − lower against scale · cdf[·]: no division); lower +=
+ * scale · cdf[s], range = scale · (cdf[s + 1] − cdf[s]); when range < 2^32, lower, range and point shift
+ * left by a word and the next word (zero bits past the end) enters point. A quotient ≥ 2^24 cannot come
+ * from an encoder: the data is invalid (constriction's InvalidData), and the functions return -1.
+ *
+ * The model of a group is a cdf of A + 1 entries (cdf[0] = 0, cdf[A] = 2^24, strictly increasing), as
+ * constriction quantizes float probabilities p (A of them, perfect=False): cdf[i] = trunc(c_i · (2^24 −
+ * A) / Σp) + i with c_i the sum of p[0..i) (vqad.entropy builds these; its probabilities are dyadic, so
+ * every sum and product is exact). Groups are decoded one after the other, sizes[j] symbols with model
+ * j. */
+#define RANGE_PRECISION 24
+#define RANGE_SCAN_MAX 32
+
+void vqad_range_start(const uint32_t *words, int64_t n_words, uint64_t *st) {
+    uint64_t point = 0;
+    int64_t pos = 0;
+    for (; pos < 2 && pos < n_words; pos++) point = (point << 32) | words[pos];
+    if (pos == 1) point <<= 32;
+    st[0] = 0;
+    st[1] = ~(uint64_t)0;
+    st[2] = point;
+    st[3] = (uint64_t)pos;
+}
+
+static inline void range_renorm(uint64_t *lower, uint64_t *range, uint64_t *point, uint64_t *pos,
+                                const uint32_t *words, int64_t n_words) {
+    if (*range < ((uint64_t)1 << 32)) {
+        *lower <<= 32;
+        *range <<= 32;
+        *point <<= 32;
+        if ((int64_t)*pos < n_words) *point |= words[(*pos)++];
+    }
+}
+
+/* Binary groups: cut[j] = cdf[1] of group j's model (in 1 .. 2^24 − 1); the bits go to out (Σ sizes)
+ * as 0/1 bytes. Returns 0, or -1 on invalid data (out then holds what was decoded before it). */
+int vqad_range_decode_bits(uint64_t *st, const uint32_t *words, int64_t n_words, const int64_t *cut,
+                           const int64_t *sizes, int64_t K, uint8_t *out) {
+    uint64_t lower = st[0], range = st[1], point = st[2], pos = st[3];
+    int bad = 0;
+    for (int64_t j = 0; j < K && !bad; j++) {
+        const uint64_t c1 = (uint64_t)cut[j], c0 = ((uint64_t)1 << RANGE_PRECISION) - c1;
+        for (int64_t i = 0; i < sizes[j]; i++) {
+            const uint64_t scale = range >> RANGE_PRECISION, d = point - lower, at = scale * c1;
+            if (d >= at) {
+                if (d - at >= scale * c0) { bad = 1; break; } /* quotient ≥ 2^24 */
+                lower += at;
+                range = scale * c0;
+                *out++ = 1;
+            } else {
+                range = at;
+                *out++ = 0;
+            }
+            range_renorm(&lower, &range, &point, &pos, words, n_words);
+        }
+    }
+    st[0] = lower; st[1] = range; st[2] = point; st[3] = pos;
+    return bad ? -1 : 0;
+}
+
+/* Groups over an alphabet of A symbols: group j uses the cdf row table[j] of cdf (T × (A + 1)) (the
+ * caller checks 0 ≤ table[j] < T for every group with symbols); the symbols go to out (Σ sizes) as int64.
+ * Returns 0, or -1 on invalid data. */
+int vqad_range_decode_symbols(uint64_t *st, const uint32_t *words, int64_t n_words, const uint32_t *cdf,
+                              int64_t A, const int64_t *table, const int64_t *sizes, int64_t K, int64_t *out) {
+    uint64_t lower = st[0], range = st[1], point = st[2], pos = st[3];
+    int bad = 0;
+    for (int64_t j = 0; j < K && !bad; j++) {
+        if (sizes[j] <= 0) continue;
+        const uint32_t *row = cdf + table[j] * (A + 1);
+        for (int64_t i = 0; i < sizes[j]; i++) {
+            const uint64_t scale = range >> RANGE_PRECISION, d = point - lower;
+            if (d >= scale * ((uint64_t)1 << RANGE_PRECISION)) { bad = 1; break; }
+            /* the last s with scale · row[s] ≤ d (row[0] = 0 qualifies): small alphabets count the entries
+             * at or below d (independent products: no chain of dependent loads), large ones halve
+             * [lo, lo + n) without branches */
+            int64_t lo = 0;
+            if (A <= RANGE_SCAN_MAX) {
+                for (int64_t t = 1; t < A; t++) lo += scale * row[t] <= d;
+            } else {
+                for (int64_t n = A; n > 1;) {
+                    const int64_t half = n >> 1;
+                    lo = scale * row[lo + half] <= d ? lo + half : lo;
+                    n -= half;
+                }
+            }
+            lower += scale * row[lo];
+            range = scale * (uint64_t)(row[lo + 1] - row[lo]);
+            *out++ = lo;
+            range_renorm(&lower, &range, &point, &pos, words, n_words);
+        }
+    }
+    st[0] = lower; st[1] = range; st[2] = point; st[3] = pos;
+    return bad ? -1 : 0;
 }
 
 /* Ray marching through a contracted scene: OccupancySampler._march_contracted (vqad/nerf/render.py) and

@@ -11,7 +11,9 @@ Payload layout (all little-endian)::
 
 The probability model handed to constriction on both sides is
 ``Categorical(freq / 2^FREQ_PRECISION, perfect=False)`` built from those same stored integers,
-so encoder and decoder quantize identically.
+so encoder and decoder quantize identically. Where vqad's C kernels are built, decoding skips
+constriction: :class:`vqad.kernels.RangeDecoder` decodes with the same 24-bit cumulative tables
+(:func:`_cdf`), a whole level or chunk in one call instead of one Python call per context.
 
 Decompression-bomb guard: a payload may decode at most ``MAX_SYMBOLS_PER_BYTE`` symbols per payload
 byte (≥ 1/8 bit per symbol). The writer stores a chunk raw where that would not hold, so legitimate
@@ -47,6 +49,52 @@ def _model(freqs: np.ndarray, precision: int = FREQ_PRECISION):
     c = _constriction()
     probs = freqs.astype(np.float64) / float(1 << precision)
     return c.stream.model.Categorical(probs, perfect=False)
+
+
+#: the coder's fixed-point precision: constriction quantizes a Categorical model to a cumulative table
+#: summing to 2^24 (its default coders' models)
+CODER_PRECISION = 24
+
+
+def _cdf(freqs: np.ndarray, precision: int | np.ndarray = FREQ_PRECISION) -> np.ndarray:
+    """The cumulative tables ``(..., A + 1)`` int32 that ``Categorical(freqs / 2^precision, perfect=False)``
+    codes with: ``cdf[i] = floor(F_i · (2^24 − A) / 2^precision) + i`` for the frequencies' partial sums
+    ``F_i = Σ freqs[:i]``, and ``cdf[A] = 2^24`` (every symbol gets at least 1, constriction's "leaky"
+    rule). constriction computes it in float64 from the probabilities ``freqs / 2^precision``; they are
+    dyadic and sum to exactly 1 (the tables' frequencies sum to ``2^precision``), so its sums and
+    products are exact and this integer form is the same table.
+
+    Args:
+        freqs: ``(..., A)`` non-negative integer frequencies, each row summing to ``2^precision``.
+        precision: an int, or ``(...)`` one per row.
+    """
+    f = np.asarray(freqs, dtype=np.int64)
+    A = f.shape[-1]
+    shift = np.asarray(precision, dtype=np.int64)[..., None]
+    partial = np.cumsum(f, axis=-1) - f  # F_i, exclusive
+    cdf = np.empty(f.shape[:-1] + (A + 1,), dtype=np.int64)
+    cdf[..., :A] = ((partial * ((1 << CODER_PRECISION) - A)) >> shift) + np.arange(A)
+    cdf[..., A] = 1 << CODER_PRECISION
+    return cdf.astype(np.int32)
+
+
+def _fast_decoder(words: np.ndarray):
+    """A :class:`vqad.kernels.RangeDecoder` over ``words (W,)`` uint32 where the kernels are built, else None
+    (the callers then decode with constriction, group by group: the same symbols)."""
+    import torch
+
+    from vqad import kernels
+
+    if not kernels.applies():
+        return None
+    return kernels.RangeDecoder(torch.from_numpy(np.ascontiguousarray(words, dtype=np.uint32).view(np.int32)))
+
+
+def _binary_cut(q: np.ndarray) -> np.ndarray:
+    """``cdf[1]`` of each binary model :func:`_binary_model` makes (P(1) = q / 2^16, q in [1, 2^16)):
+    :func:`_cdf` of the frequencies ``(2^16 − q, q)``."""
+    q = np.asarray(q, dtype=np.int64)
+    return (((_P16 - q) * ((1 << CODER_PRECISION) - 2)) >> 16) + 1
 
 
 # -- frequency table -------------------------------------------------------------------------------
@@ -191,9 +239,14 @@ class Decoder:
         if len(rest) % 4:
             raise EntropyError(f"compressed data is {len(rest)} bytes, not a whole number of 32-bit words")
         words = np.frombuffer(rest, dtype="<u4").astype(np.uint32)
-        c = _constriction()
-        self._model = _model(self.freqs)
-        self._dec = c.stream.queue.RangeDecoder(words)
+        self._fast = _fast_decoder(words)
+        if self._fast is not None:
+            import torch
+
+            self._cdf = torch.from_numpy(_cdf(self.freqs[None]))
+        else:
+            self._model = _model(self.freqs)
+            self._dec = _constriction().stream.queue.RangeDecoder(words)
 
     def decode(self, n: int) -> np.ndarray:
         """The next ``n`` symbols, ``(n,)`` int64 in ``[0, alphabet)``."""
@@ -205,6 +258,8 @@ class Decoder:
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         try:
+            if self._fast is not None:
+                return self._fast.decode_symbols(self._cdf, [0], [n]).numpy()
             out = self._dec.decode(self._model, n)
         except Exception as exc:  # constriction reports bad data with its own exception types
             raise EntropyError(f"range decoder failed: {exc}") from exc
@@ -247,6 +302,21 @@ def _context_neighbours() -> np.ndarray:
 
 
 _CONTEXT_NEIGHBOURS = _context_neighbours()
+
+
+def _contexts_and_sizes(parent_codes, parent_level: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`octree_contexts` of a level, flat ``(8n,)`` uint8, and how many bits have each context
+    ``(OCTREE_CONTEXTS,)`` int64 (counted in the same C pass where the kernels serve it)."""
+    import torch
+
+    from vqad import kernels
+
+    codes = torch.as_tensor(np.asarray(parent_codes), dtype=torch.long).reshape(-1)
+    if kernels.applies(codes) and parent_level <= 8:  # a bitmap of the level: codes in any order
+        counts = torch.zeros(OCTREE_CONTEXTS, dtype=torch.long)
+        return kernels.octree_contexts(codes, parent_level, counts).numpy().reshape(-1), counts.numpy()
+    ctx = octree_contexts(codes.numpy(), parent_level).reshape(-1)
+    return ctx, np.bincount(ctx, minlength=OCTREE_CONTEXTS)
 
 
 def octree_contexts(parent_codes, parent_level: int, dense_max_res: int = DENSE_OCCUPANCY_MAX_RES) -> np.ndarray:
@@ -392,7 +462,12 @@ class OctreeDecoder:
             raise EntropyError(f"compressed data is {len(rest)} bytes, not a whole number of 32-bit words")
         self.q = np.frombuffer(buf[:head], dtype="<u2").astype(np.int64)
         self.budget = MAX_SYMBOLS_PER_BYTE * len(buf)
-        self._dec = _constriction().stream.queue.RangeDecoder(np.frombuffer(rest, dtype="<u4").astype(np.uint32))
+        words = np.frombuffer(rest, dtype="<u4").astype(np.uint32)
+        self._fast = _fast_decoder(words)
+        if self._fast is None:
+            self._dec = _constriction().stream.queue.RangeDecoder(words)
+        else:  # cdf[1] of each context's model (a placeholder where q = 0: such a context must not occur)
+            self._cut = _binary_cut(np.where(self.q > 0, self.q, _P16 // 2))
 
     def decode_level(self, parent_codes, parent_level: int) -> np.ndarray:
         """The child masks ``(n,) uint8`` of the ``n`` occupied cells ``parent_codes`` of ``parent_level``."""
@@ -403,13 +478,19 @@ class OctreeDecoder:
                 f"payload would expand to more than {MAX_SYMBOLS_PER_BYTE} masks per byte: refusing to decode"
             )
         self.budget -= n
-        ctx = octree_contexts(codes, parent_level).reshape(-1)
-        sizes, bounds = _grouping(ctx, OCTREE_CONTEXTS)
-        sb = np.empty(ctx.size, dtype=np.uint8)  # the bits grouped by context, as they were coded
+        ctx, sizes = _contexts_and_sizes(codes, parent_level)
         used = np.flatnonzero(sizes)
         unmodelled = used[self.q[used] == 0]
         if unmodelled.size:
             raise EntropyError(f"octree context {int(unmodelled[0])} occurs but its model says it never does")
+        if self._fast is not None:
+            try:
+                sb = self._fast.decode_bits(self._cut, sizes).numpy()
+            except ValueError as exc:
+                raise EntropyError(f"range decoder failed: {exc}") from exc
+            return _ungroup_bits(ctx, sb, sizes)
+        bounds = [0] + np.cumsum(sizes).tolist()
+        sb = np.empty(ctx.size, dtype=np.uint8)  # the bits grouped by context, as they were coded
         q = self.q.tolist()  # Python ints: ~300 calls a file, each cheaper
         for j in used.tolist():
             a, b = bounds[j], bounds[j + 1]
@@ -566,6 +647,24 @@ class ContextModel:
             self._models[j] = _model(f, p)
         return self._models[j]
 
+    def cdf_tables(self, used: np.ndarray):
+        """The cumulative tables of the contexts ``used (u,)`` (:func:`_cdf`) for
+        :meth:`vqad.kernels.RangeDecoder.decode_symbols`: ``cdf (T, A + 1)`` int32 (each own table of a used
+        context, then the shared one) and ``table (K,)`` int64, each context's row (-1 where unused)."""
+        import torch
+
+        table = np.full(self.n_contexts, -1, dtype=np.int64)
+        own = [j for j in used.tolist() if j in self.tables]
+        rest = [j for j in used.tolist() if j not in self.tables]
+        if rest and self.shared is None:
+            raise EntropyError(f"context {rest[0]} occurs but the chunk has no table for it")
+        rows = [self.tables[j] for j in own] + ([self.shared] if rest else [])
+        table[own] = np.arange(len(own))
+        table[rest] = len(own)
+        freqs = np.stack([f for _, f in rows]) if rows else np.zeros((1, self.alphabet), dtype=np.int64)
+        precisions = np.array([p for p, _ in rows] or [FREQ_PRECISION], dtype=np.int64)
+        return torch.from_numpy(_cdf(freqs, precisions)), torch.from_numpy(table)
+
     def groups(self, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Coding order: ``order (n,)`` sorting the symbols by context (stable), ``bounds (K + 1,)`` of each group."""
         c = contexts.astype(np.uint16)  # a 16-bit key: numpy's stable sort is then a radix sort
@@ -633,8 +732,17 @@ def decode_context(payload, contexts: np.ndarray, alphabet: int, n_contexts: int
     rest = buf[pos:]
     if len(rest) % 4:
         raise EntropyError(f"compressed data is {len(rest)} bytes, not a whole number of 32-bit words")
-    dec = _constriction().stream.queue.RangeDecoder(np.frombuffer(rest, dtype="<u4").astype(np.uint32))
+    words = np.frombuffer(rest, dtype="<u4").astype(np.uint32)
     sizes, bounds = _grouping(c, n_contexts)
+    fast = _fast_decoder(words)
+    if fast is not None:
+        cdf, table = cm.cdf_tables(np.flatnonzero(sizes))
+        try:
+            ss = fast.decode_symbols(cdf, table, sizes).numpy()
+        except ValueError as exc:
+            raise EntropyError(f"range decoder failed: {exc}") from exc
+        return _ungroup(c, ss, sizes)
+    dec = _constriction().stream.queue.RangeDecoder(words)
     ss = np.empty(c.size, dtype=np.int64)  # the symbols grouped by context, as they were coded
     for j in np.flatnonzero(sizes).tolist():
         try:

@@ -20,11 +20,12 @@ several passes over memory plus a large temporary (docs/benchmarks/speed.md):
   candidate; through a contracted scene ~25 small ops per interval of every ray, one Python iteration
   per interval, 85 of a dense room step's 223 ms on one thread.
 
-Five more serve decoding a .vqad file (:mod:`vqad.fileformat`), where NumPy needed sorts, scatters and
+Six more serve decoding a .vqad file (:mod:`vqad.fileformat`), where NumPy needed sorts, scatters and
 tables of all ``8^L`` cells: the corner tables of a level (:func:`corner_tables`: a bitmap of the
 vertices ranked by bit counts), the octree coder's neighbour contexts (:func:`octree_contexts`), the
-children named by child masks (:func:`children`), and the inverse of the coders' grouping by context
-(:func:`ungroup`, :func:`ungroup_bits`).
+children named by child masks (:func:`children`), the inverse of the coders' grouping by context
+(:func:`ungroup`, :func:`ungroup_bits`), and the range decoding itself (:class:`RangeDecoder`:
+constriction's decoder for the coders' models, where constriction took one Python call per context).
 
 They live in ``_kernels.c`` (plain C99 and OpenMP, no PyTorch headers), compiled the first time a
 process needs them with the system's C compiler (``$CC``, else ``cc``/``gcc``/``clang``; ~0.3 s) into
@@ -64,7 +65,7 @@ MODE_ENV = "VQAD_KERNELS"
 CACHE_ENV = "VQAD_CACHE_DIR"
 MODES = ("auto", "on", "off")
 _SOURCE = Path(__file__).with_name("_kernels.c")
-_ABI = 7  # vqad_kernels_abi() of the source this module calls
+_ABI = 8  # vqad_kernels_abi() of the source this module calls
 # -fno-trapping-math: no kernel reads the FP exception flags, and it lets conditionals on floats (a clamp,
 # a max) vectorise; it changes no value (unlike -ffast-math)
 _BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
@@ -174,7 +175,7 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.vqad_unique_rows.restype = ctypes.c_int64
     lib.vqad_corner_tables.argtypes = [P, I, N, P, P, P, N]
     lib.vqad_corner_tables.restype = ctypes.c_int64
-    lib.vqad_octree_contexts.argtypes = [P, I, N, P, N]
+    lib.vqad_octree_contexts.argtypes = [P, I, N, P, P, N]
     lib.vqad_octree_contexts.restype = ctypes.c_int
     lib.vqad_children.argtypes = [P, P, I, P]
     lib.vqad_children.restype = ctypes.c_int64
@@ -182,6 +183,12 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.vqad_ungroup.restype = ctypes.c_int
     lib.vqad_ungroup_bits.argtypes = [P, I, I, P, P, P]
     lib.vqad_ungroup_bits.restype = ctypes.c_int
+    lib.vqad_range_start.argtypes = [P, I, P]
+    lib.vqad_range_start.restype = None
+    lib.vqad_range_decode_bits.argtypes = [P, P, I, P, P, I, P]
+    lib.vqad_range_decode_bits.restype = ctypes.c_int
+    lib.vqad_range_decode_symbols.argtypes = [P, P, I, P, I, P, P, I, P]
+    lib.vqad_range_decode_symbols.restype = ctypes.c_int
     lib.vqad_march_contracted.argtypes = [P, P, P, P, P, I, P, N, ctypes.c_double, ctypes.c_double, I, P, P, P, N]
     lib.vqad_march_contracted.restype = ctypes.c_int64
     lib.vqad_march_uniform.argtypes = [P, P, P, P, P, P, P, I, P, N, F, P, P, P, N]
@@ -537,14 +544,20 @@ def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.
     return corners, (keys[:m].clone() if m < keys.numel() else keys)  # a slice would keep min(8n, 8^L) alive
 
 
-def octree_contexts(codes: torch.Tensor, level: int) -> torch.Tensor:
+def octree_contexts(codes: torch.Tensor, level: int, counts: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`vqad.entropy.octree_contexts`: the 7-bit context of each child bit of the cells ``codes (n,)``
-    of ``level`` (strictly increasing above level 8), ``(n, 8)`` uint8. Call only where :func:`applies`."""
+    of ``level`` (strictly increasing above level 8), ``(n, 8)`` uint8; ``counts``, a ``(128,)`` int64
+    tensor if given, receives how many bits have each context. Call only where :func:`applies`."""
     lib = _load()
     _cpu("octree_contexts", codes)
     codes = codes.reshape(-1).long().contiguous()
     ctx = torch.empty(codes.numel(), 8, dtype=torch.uint8)
-    err = lib.vqad_octree_contexts(_ptr(codes), codes.numel(), level, _ptr(ctx), _threads(26 * codes.numel()))
+    if counts is not None and (counts.dtype != torch.long or counts.shape != (128,) or not counts.is_contiguous()
+                               or counts.device.type != "cpu"):
+        raise ValueError(f"octree_contexts: counts must be a contiguous (128,) int64 CPU tensor, got "
+                         f"{tuple(counts.shape)} {counts.dtype} on {counts.device}")
+    err = lib.vqad_octree_contexts(_ptr(codes), codes.numel(), level, _ptr(ctx),
+                                   None if counts is None else _ptr(counts), _threads(26 * codes.numel()))
     if err == -2:
         raise MemoryError(f"octree_contexts: no memory for the {8 ** level:,}-bit table of level {level}")
     if err == -3:
@@ -577,6 +590,61 @@ def _starts(sizes, n: int, name: str) -> torch.Tensor:
     if sizes.numel() == 0 or bool((sizes < 0).any()) or int(sizes.sum()) != n:
         raise ValueError(f"{name}: the group sizes must be K >= 1 non-negative counts adding up to {n:,}")
     return torch.cumsum(sizes, 0) - sizes
+
+
+class RangeDecoder:
+    """constriction's ``stream.queue.RangeDecoder`` (32-bit words, a 64-bit state) over one payload, for
+    models quantized as ``Categorical(p, perfect=False)`` quantizes them (24-bit cumulative tables), in C:
+    a group of symbols under one model costs no Python call and no division per symbol (the symbol is
+    found by comparing ``point − lower`` with ``scale · cdf``). Each call goes on where the last stopped.
+    Construct only where :func:`applies`; decoding invalid data raises :class:`ValueError`."""
+
+    def __init__(self, words: torch.Tensor):
+        """``words (W,)`` int32: the payload's little-endian 32-bit words, bit for bit."""
+        self._lib = _load()
+        _cpu("RangeDecoder", words)
+        self._words = words.reshape(-1).to(torch.int32).contiguous()
+        self._state = torch.empty(4, dtype=torch.long)  # lower, range, point (uint64 bits), next word
+        self._lib.vqad_range_start(_ptr(self._words), self._words.numel(), _ptr(self._state))
+
+    @staticmethod
+    def _sizes(sizes) -> torch.Tensor:
+        sizes = torch.as_tensor(sizes, dtype=torch.long).reshape(-1).contiguous()
+        if sizes.numel() and int(sizes.min()) < 0:
+            raise ValueError("RangeDecoder: group sizes must be non-negative")
+        return sizes
+
+    def decode_bits(self, cut, sizes) -> torch.Tensor:
+        """Binary groups: ``sizes[j]`` symbols under the model whose cumulative table is ``(0, cut[j],
+        2^24)``, for ``cut (K,)`` int64 in ``[1, 2^24)``; returns the bits ``(Σ sizes,)`` uint8, group after group."""
+        cut = torch.as_tensor(cut, dtype=torch.long).reshape(-1).contiguous()
+        sizes = self._sizes(sizes)
+        if cut.numel() != sizes.numel() or (cut.numel() and (int(cut.min()) < 1 or int(cut.max()) >= 1 << 24)):
+            raise ValueError(f"RangeDecoder.decode_bits: need one cut in [1, 2^24) per group ({sizes.numel()})")
+        out = torch.empty(int(sizes.sum()), dtype=torch.uint8)
+        if self._lib.vqad_range_decode_bits(_ptr(self._state), _ptr(self._words), self._words.numel(), _ptr(cut),
+                                            _ptr(sizes), sizes.numel(), _ptr(out)):
+            raise ValueError("invalid compressed data (a quantile beyond the model's range)")
+        return out
+
+    def decode_symbols(self, cdf: torch.Tensor, table, sizes) -> torch.Tensor:
+        """Groups over an alphabet of A symbols: ``sizes[j]`` symbols under the cumulative table
+        ``cdf[table[j]]`` of ``cdf (T, A + 1)`` int32 (0 first, 2^24 last, strictly increasing); returns
+        ``(Σ sizes,)`` int64, group after group."""
+        cdf = cdf.to(torch.int32).contiguous()
+        table = torch.as_tensor(table, dtype=torch.long).reshape(-1).contiguous()
+        sizes = self._sizes(sizes)
+        if cdf.dim() != 2 or cdf.shape[1] < 3 or table.numel() != sizes.numel():
+            raise ValueError(f"RangeDecoder.decode_symbols: cdf {tuple(cdf.shape)} must be (T, A + 1) with A >= 2, "
+                             f"and table {table.numel()} one entry per group ({sizes.numel()})")
+        used = table[sizes > 0]
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= cdf.shape[0]):
+            raise ValueError(f"RangeDecoder.decode_symbols: a group with symbols names a table outside [0, {cdf.shape[0]})")
+        out = torch.empty(int(sizes.sum()), dtype=torch.long)
+        if self._lib.vqad_range_decode_symbols(_ptr(self._state), _ptr(self._words), self._words.numel(), _ptr(cdf),
+                                               cdf.shape[1] - 1, _ptr(table), _ptr(sizes), sizes.numel(), _ptr(out)):
+            raise ValueError("invalid compressed data (a quantile beyond the model's range)")
+        return out
 
 
 def ungroup(contexts: torch.Tensor, grouped: torch.Tensor, sizes) -> torch.Tensor:

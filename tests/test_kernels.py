@@ -448,6 +448,25 @@ def test_octree_contexts_kernel_counts_its_contexts(need_kernels):
         kernels.octree_contexts(codes, 5, torch.zeros(127, dtype=torch.long))
 
 
+@pytest.mark.parametrize("level,n", [(0, 1), (1, 8), (2, 30), (4, 900), (6, 20000), (9, 3000)])
+def test_octree_contexts_from_corners_are_the_neighbour_contexts(need_kernels, level, n):
+    """The contexts read from a byte per vertex (the 2×2×2 block around it) are the 26-neighbour ones."""
+    from vqad.octree import corner_tables
+
+    codes = _cells(level, n, seed=level + 1)
+    if level >= 9:
+        codes = torch.unique(torch.cat([codes, codes[:100] + 1, codes[:100] + 4]).clamp(max=8 ** level - 1))
+    corners, keys = corner_tables(codes, level)
+    counts = torch.zeros(128, dtype=torch.long)
+    ctx = kernels.octree_contexts_from_corners(corners, keys.numel(), counts)
+    assert torch.equal(ctx, kernels.octree_contexts(codes, level))
+    assert torch.equal(counts, torch.bincount(ctx.reshape(-1).long(), minlength=128))
+    with pytest.raises(IndexError, match="outside"):
+        kernels.octree_contexts_from_corners(corners, int(corners.max()))  # one vertex too few
+    with pytest.raises(ValueError, match="n, 8"):
+        kernels.octree_contexts_from_corners(corners[:, :4], keys.numel())
+
+
 def _range_stream(rng, tables, sizes):
     """constriction's encoding of ``sizes[j]`` symbols under each model ``tables[j] = (precision, freqs)``
     (the symbols drawn mostly from the model, sometimes a zero-frequency one: the models are leaky)."""

@@ -304,17 +304,26 @@ def _context_neighbours() -> np.ndarray:
 _CONTEXT_NEIGHBOURS = _context_neighbours()
 
 
-def _contexts_and_sizes(parent_codes, parent_level: int) -> tuple[np.ndarray, np.ndarray]:
+def _contexts_and_sizes(parent_codes, parent_level: int, corners=None, vertices: int | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`octree_contexts` of a level, flat ``(8n,)`` uint8, and how many bits have each context
-    ``(OCTREE_CONTEXTS,)`` int64 (counted in the same C pass where the kernels serve it)."""
+    ``(OCTREE_CONTEXTS,)`` int64 (counted in the same C pass where the kernels serve it; from the level's
+    corner table ``corners (n, 8)`` over ``vertices`` vertices where the caller has it)."""
     import torch
 
     from vqad import kernels
 
     codes = torch.as_tensor(np.asarray(parent_codes), dtype=torch.long).reshape(-1)
-    if kernels.applies(codes) and parent_level <= 8:  # a bitmap of the level: codes in any order
+    if kernels.applies(codes) and (corners is not None or parent_level <= 8):
         counts = torch.zeros(OCTREE_CONTEXTS, dtype=torch.long)
-        return kernels.octree_contexts(codes, parent_level, counts).numpy().reshape(-1), counts.numpy()
+        if corners is not None:
+            if corners.shape != (codes.numel(), 8) or vertices is None:
+                raise ValueError(f"corners {tuple(corners.shape)} must be the (n, 8) table of the {codes.numel()} cells, "
+                                 "with their vertex count")
+            ctx = kernels.octree_contexts_from_corners(corners, vertices, counts)
+        else:  # a bitmap of the level: codes in any order
+            ctx = kernels.octree_contexts(codes, parent_level, counts)
+        return ctx.numpy().reshape(-1), counts.numpy()
     ctx = octree_contexts(codes.numpy(), parent_level).reshape(-1)
     return ctx, np.bincount(ctx, minlength=OCTREE_CONTEXTS)
 
@@ -469,8 +478,12 @@ class OctreeDecoder:
         else:  # cdf[1] of each context's model (a placeholder where q = 0: such a context must not occur)
             self._cut = _binary_cut(np.where(self.q > 0, self.q, _P16 // 2))
 
-    def decode_level(self, parent_codes, parent_level: int) -> np.ndarray:
-        """The child masks ``(n,) uint8`` of the ``n`` occupied cells ``parent_codes`` of ``parent_level``."""
+    def decode_level(self, parent_codes, parent_level: int, corners=None, vertices: int | None = None) -> np.ndarray:
+        """The child masks ``(n,) uint8`` of the ``n`` occupied cells ``parent_codes`` of ``parent_level``.
+
+        ``corners (n, 8)`` and ``vertices``: that level's corner table and vertex count
+        (:func:`vqad.octree.corner_tables`), where the caller has them: the contexts then come from them
+        (the same contexts, several times faster in the kernels)."""
         codes = np.asarray(parent_codes).reshape(-1)
         n = codes.size
         if n > self.budget:
@@ -478,7 +491,7 @@ class OctreeDecoder:
                 f"payload would expand to more than {MAX_SYMBOLS_PER_BYTE} masks per byte: refusing to decode"
             )
         self.budget -= n
-        ctx, sizes = _contexts_and_sizes(codes, parent_level)
+        ctx, sizes = _contexts_and_sizes(codes, parent_level, corners, vertices)
         used = np.flatnonzero(sizes)
         unmodelled = used[self.q[used] == 0]
         if unmodelled.size:

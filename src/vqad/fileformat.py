@@ -649,8 +649,11 @@ class StreamDecoder:
                     return dec.decode(codes.numel()).astype(np.uint8)
             else:
                 odec = E.OctreeDecoder(payload)
+                up = self._levels.get(level - 1)  # its corner table, built when it was read
 
                 def next_masks(codes, plevel):
+                    if up is not None and plevel == level - 1:
+                        return odec.decode_level(codes.numpy(), plevel, up.corners, int(up.keys.shape[0]))
                     return odec.decode_level(codes.numpy(), plevel)
 
             total = 0

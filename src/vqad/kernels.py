@@ -176,6 +176,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.vqad_corner_tables.argtypes = [P, I, N, P, P, P, N]
     lib.vqad_corner_tables.restype = ctypes.c_int64
     lib.vqad_octree_contexts.argtypes = [P, I, N, P, P, N]
+    lib.vqad_octree_contexts_from_corners.argtypes = [P, I, I, P, P]
+    lib.vqad_octree_contexts_from_corners.restype = ctypes.c_int
     lib.vqad_octree_contexts.restype = ctypes.c_int
     lib.vqad_children.argtypes = [P, P, I, P]
     lib.vqad_children.restype = ctypes.c_int64
@@ -564,6 +566,30 @@ def octree_contexts(codes: torch.Tensor, level: int, counts: torch.Tensor | None
         raise ValueError(f"octree_contexts: the cell codes of level {level} must be strictly increasing")
     if err:
         raise IndexError(f"octree_contexts: a cell code lies outside [0, 8^{level}), or level {level} is outside 0..20")
+    return ctx
+
+
+def octree_contexts_from_corners(corners: torch.Tensor, m: int, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`octree_contexts` of a level's cells from their corner table ``corners (n, 8)`` (vertex ids in
+    ``[0, m)``, :func:`vqad.octree.corner_tables`): the same ``(n, 8)`` uint8 contexts, from a byte per
+    vertex (the occupancy of the 8 cells around it) instead of 26 neighbour lookups per cell. ``counts``
+    as in :func:`octree_contexts`. Call only where :func:`applies`."""
+    lib = _load()
+    _cpu("octree_contexts_from_corners", corners)
+    corners = corners.long().contiguous()
+    if corners.dim() != 2 or corners.shape[1] != 8:
+        raise ValueError(f"octree_contexts_from_corners: corners must be (n, 8), got {tuple(corners.shape)}")
+    if counts is not None and (counts.dtype != torch.long or counts.shape != (128,) or not counts.is_contiguous()
+                               or counts.device.type != "cpu"):
+        raise ValueError(f"octree_contexts_from_corners: counts must be a contiguous (128,) int64 CPU tensor, got "
+                         f"{tuple(counts.shape)} {counts.dtype} on {counts.device}")
+    ctx = torch.empty(corners.shape[0], 8, dtype=torch.uint8)
+    err = lib.vqad_octree_contexts_from_corners(_ptr(corners), corners.shape[0], int(m), _ptr(ctx),
+                                                None if counts is None else _ptr(counts))
+    if err == -2:
+        raise MemoryError(f"octree_contexts_from_corners: no memory for {m:,} vertex bytes")
+    if err:
+        raise IndexError(f"octree_contexts_from_corners: a vertex id lies outside [0, {m})")
     return ctx
 
 

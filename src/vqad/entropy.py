@@ -703,7 +703,7 @@ def context_codable(alphabet: int, n_contexts: int) -> bool:
 
 
 def _check_contexts(contexts, n_contexts: int) -> np.ndarray:
-    c = np.asarray(contexts).reshape(-1).astype(np.int64)
+    c = np.asarray(contexts).reshape(-1).astype(np.int64, copy=False)
     if c.size and (c.min() < 0 or c.max() >= n_contexts):
         raise EntropyError(f"contexts must lie in [0, {n_contexts})")
     return c

@@ -295,6 +295,43 @@ def test_fields_of_one_decoder_share_no_memory(small):
     assert_same_model(field, dec.field())
 
 
+def test_the_header_shell_becomes_the_first_full_field_once(small):
+    """The modules built on the meta device to check the header become the first field of every LOD
+    (made real, every decoder tensor loaded from the file); later fields, and fields of fewer LODs, are
+    built afresh; all decode to the same model, and their decoder weights share no memory."""
+    field, data = small
+    dec = F.StreamDecoder()
+    dec.feed(data)
+    shell = dec._shell
+    assert shell is not None and all(p.is_meta for p in shell.decoder_state().values())
+    coarse = dec.field(field.lods[-2])
+    assert dec._shell is shell  # a field of fewer LODs has fewer per-LOD decoders: built afresh
+    a = dec.field()
+    assert a is shell and dec._shell is None and not any(t.is_meta for t in a.state_dict().values())
+    b = dec.field()
+    assert b is not a
+    assert_same_model(field, a) and assert_same_model(field, b)
+    assert_same_model(field, coarse, lods=field.lods[:-1])
+    pa = {t.untyped_storage().data_ptr() for t in a.decoder_state().values()}
+    pb = {t.untyped_storage().data_ptr() for t in b.decoder_state().values()}
+    assert not pa & pb
+
+
+def test_a_shell_with_a_tensor_the_file_does_not_hold_is_not_used(small):
+    """A buffer outside the grid that the state dict leaves out would stay uninitialised: build afresh."""
+    field, data = small
+    dec = F.StreamDecoder()
+    dec.feed(data)
+    dec._shell.decoders()[0].register_buffer("scratch", torch.empty(3, device="meta"), persistent=False)
+    assert F._fill_shell(dec._shell, dec.field().grid, torch.device("cpu")) is None
+    dec2 = F.StreamDecoder()
+    dec2.feed(data)
+    dec2._shell.decoders()[0].register_buffer("scratch", torch.empty(3, device="meta"), persistent=False)
+    got = dec2.field()
+    assert not hasattr(got.decoders()[0], "scratch")  # the fresh build, not the shell
+    assert_same_model(field, got)
+
+
 def test_truncation_messages_and_warning(small):
     field, data = small
     for n in (0, 5, 12, 30):

@@ -376,6 +376,7 @@ class StreamDecoder:
         self.prefix_sizes: dict[int, int] = {}
         self._decoder: dict[str, torch.Tensor] | None = None
         self._decoder_shapes: dict[str, tuple[int, ...]] = {}
+        self._shell = None  # the header's field on the meta device, until a field of every LOD takes it
         self._slots: dict[int, list[str]] = {}
         self._levels: dict[int, _Level] = {}
         self._frame: tuple | None = None  # parsed frame header of the chunk being received
@@ -586,10 +587,12 @@ class StreamDecoder:
                     if lay.encoding not in ("f16", "uint") or (lay.encoding == "uint" and not 1 <= lay.bits <= 32):
                         raise InputError(f"storage layout entry {lay} cannot be stored")
                 slots[level] = [lay.name for lay in layout]
-            shapes = _decoder_shapes(cfg, grid_cfg)
+            shell = _decoder_shell(cfg, grid_cfg)
+            shapes = {k: tuple(v.shape) for k, v in shell.decoder_state().items()}
         except (VqadError, KeyError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as exc:
             raise _corrupt(f"header describes a model this vqad cannot build ({type(exc).__name__}: {exc})") from exc
         self.cfg, self.grid_cfg, self._slots, self._decoder_shapes = cfg, grid_cfg, slots, shapes
+        self._shell = shell
 
     def _read_decoder(self, payload: bytes) -> None:
         try:
@@ -789,10 +792,14 @@ class StreamDecoder:
                 raise _corrupt(f"the {grid_cfg.storage} storage of level {level} cannot be rebuilt ({exc})") from exc
         grid = OctreeGrid(octree, storages, grid_cfg)  # on the CPU, where the decoding put every tensor
         cfg = dict(self.cfg, grid=to_dict(grid_cfg), storage_params=self.cfg["storage_params"][: len(octree.levels)])
-        with torch.random.fork_rng(devices=[]):  # the decoder's random init is overwritten: keep the caller's RNG
-            field = field_from_config(cfg, grid)
-        if device != octree.device:
-            field = field.to(device)
+        field = None
+        if top == self.grid_cfg.max_level and self._shell is not None:  # the header's modules, made real once
+            field, self._shell = _fill_shell(self._shell, grid, device), None
+        if field is None:
+            with torch.random.fork_rng(devices=[]):  # the decoder's random init is overwritten: keep the caller's RNG
+                field = field_from_config(cfg, grid)
+            if device != octree.device:
+                field = field.to(device)
         want = field.decoder_state()
         field.load_decoder_state({k: self._decoder[k] for k in want})
         field.bake(fp16=False)
@@ -822,20 +829,35 @@ def _raw_size(lay: TensorLayout) -> int:
     return 2 * lay.numel if lay.encoding == "f16" else packed_size(lay.numel, lay.bits)
 
 
-def _decoder_shapes(cfg: dict, grid_cfg: GridConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of ``decoder_state()`` for the model a header describes, allocating nothing.
+def _decoder_shell(cfg: dict, grid_cfg: GridConfig):
+    """The field a header describes, allocating nothing: its ``decoder_state()`` names and shapes are
+    what the decoder chunk must hold.
 
     The field is built around a one-cell octree whose tensors live on PyTorch's ``meta`` device and
     with no storages (a field's decoders never look at them), inside ``torch.device("meta")``: so a
     damaged header that asks for a gigantic decoder costs no memory; the decoder chunk that follows
-    must then physically hold every weight before anything real is allocated.
+    must then physically hold every weight before anything real is allocated. The reader later makes
+    the field of every LOD out of this shell (:func:`_fill_shell`) instead of building its modules again.
     """
     cell = torch.empty(1, dtype=torch.long, device="meta")
     one = {lv: (cell, torch.empty(1, 8, dtype=torch.long, device="meta"), cell) for lv in grid_cfg.lods}
     octree = SparseOctree.from_tables(one, grid_cfg.base_level, grid_cfg.max_level)  # never read: placeholders
     with torch.device("meta"), torch.random.fork_rng(devices=[]):
-        field = field_from_config(cfg, OctreeGrid(octree, [], grid_cfg))
-        return {k: tuple(v.shape) for k, v in field.decoder_state().items()}
+        return field_from_config(cfg, OctreeGrid(octree, [], grid_cfg))
+
+
+def _fill_shell(shell, grid: OctreeGrid, device: torch.device):
+    """The field of ``shell`` (:func:`_decoder_shell` of the same header) around ``grid``: every tensor
+    outside the grid made real on ``device``, uninitialised (the caller loads the decoder chunk into all
+    of them), and ``grid`` in place of the placeholder. None where that cannot hold: a tensor outside
+    the grid that the decoder chunk does not cover (a buffer kept out of the state dict) would stay
+    uninitialised, so such a field is built afresh."""
+    outside = {n for n, _ in (*shell.named_parameters(), *shell.named_buffers()) if not n.startswith("grid.")}
+    if outside != set(shell.decoder_state()):
+        return None
+    field = shell.to_empty(device=device)  # the placeholder grid's meta tables become empty ones, then go
+    field.grid = grid if grid.octree.device == device else grid.to(device)
+    return field
 
 
 # ================================================================================================

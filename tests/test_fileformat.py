@@ -323,7 +323,7 @@ def test_a_shell_with_a_tensor_the_file_does_not_hold_is_not_used(small):
     dec = F.StreamDecoder()
     dec.feed(data)
     dec._shell.decoders()[0].register_buffer("scratch", torch.empty(3, device="meta"), persistent=False)
-    assert F._fill_shell(dec._shell, dec.field().grid, torch.device("cpu")) is None
+    assert F._fill_shell(dec._shell, dec.field().grid, dec._decoder, torch.device("cpu")) is None
     dec2 = F.StreamDecoder()
     dec2.feed(data)
     dec2._shell.decoders()[0].register_buffer("scratch", torch.empty(3, device="meta"), persistent=False)

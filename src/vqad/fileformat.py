@@ -794,14 +794,14 @@ class StreamDecoder:
         cfg = dict(self.cfg, grid=to_dict(grid_cfg), storage_params=self.cfg["storage_params"][: len(octree.levels)])
         field = None
         if top == self.grid_cfg.max_level and self._shell is not None:  # the header's modules, made real once
-            field, self._shell = _fill_shell(self._shell, grid, device), None
+            field, self._shell = _fill_shell(self._shell, grid, self._decoder, device), None
         if field is None:
             with torch.random.fork_rng(devices=[]):  # the decoder's random init is overwritten: keep the caller's RNG
                 field = field_from_config(cfg, grid)
             if device != octree.device:
                 field = field.to(device)
-        want = field.decoder_state()
-        field.load_decoder_state({k: self._decoder[k] for k in want})
+            want = field.decoder_state()
+            field.load_decoder_state({k: self._decoder[k] for k in want})
         field.bake(fp16=False)
         return field
 
@@ -837,7 +837,7 @@ def _decoder_shell(cfg: dict, grid_cfg: GridConfig):
     with no storages (a field's decoders never look at them), inside ``torch.device("meta")``: so a
     damaged header that asks for a gigantic decoder costs no memory; the decoder chunk that follows
     must then physically hold every weight before anything real is allocated. The reader later makes
-    the field of every LOD out of this shell (:func:`_fill_shell`) instead of building its modules again.
+    the first field of every LOD out of this shell (:func:`_fill_shell`) instead of building its modules again.
     """
     cell = torch.empty(1, dtype=torch.long, device="meta")
     one = {lv: (cell, torch.empty(1, 8, dtype=torch.long, device="meta"), cell) for lv in grid_cfg.lods}
@@ -846,18 +846,26 @@ def _decoder_shell(cfg: dict, grid_cfg: GridConfig):
         return field_from_config(cfg, OctreeGrid(octree, [], grid_cfg))
 
 
-def _fill_shell(shell, grid: OctreeGrid, device: torch.device):
-    """The field of ``shell`` (:func:`_decoder_shell` of the same header) around ``grid``: every tensor
-    outside the grid made real on ``device``, uninitialised (the caller loads the decoder chunk into all
-    of them), and ``grid`` in place of the placeholder. None where that cannot hold: a tensor outside
-    the grid that the decoder chunk does not cover (a buffer kept out of the state dict) would stay
-    uninitialised, so such a field is built afresh."""
-    outside = {n for n, _ in (*shell.named_parameters(), *shell.named_buffers()) if not n.startswith("grid.")}
-    if outside != set(shell.decoder_state()):
+def _fill_shell(shell, grid: OctreeGrid, state: dict[str, torch.Tensor], device: torch.device):
+    """The field of ``shell`` (:func:`_decoder_shell` of the same header) around ``grid``: each tensor
+    outside the grid replaced by a copy, on ``device``, of the decoder chunk's tensor of that name
+    (``state``, whose names and shapes were checked against the header's when the chunk arrived), and
+    ``grid`` in place of the placeholder. None where that cannot hold: a tensor outside the grid that
+    the decoder chunk does not cover (a buffer kept out of the state dict) would stay on the meta
+    device, so such a field is built afresh."""
+    outside = {n: t for n, t in (*shell.named_parameters(), *shell.named_buffers()) if not n.startswith("grid.")}
+    if outside.keys() != state.keys() or any(tuple(t.shape) != tuple(state[n].shape) for n, t in outside.items()):
         return None
-    field = shell.to_empty(device=device)  # the placeholder grid's meta tables become empty ones, then go
-    field.grid = grid if grid.octree.device == device else grid.to(device)
-    return field
+    for name, t in state.items():
+        path, _, attr = name.rpartition(".")
+        module = shell.get_submodule(path)
+        copy = t.to(device=device, dtype=outside[name].dtype, copy=True)
+        if attr in module._parameters:
+            module._parameters[attr] = torch.nn.Parameter(copy, requires_grad=outside[name].requires_grad)
+        else:
+            module._buffers[attr] = copy
+    shell.grid = grid if grid.octree.device == device else grid.to(device)
+    return shell
 
 
 # ================================================================================================

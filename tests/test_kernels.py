@@ -467,6 +467,25 @@ def test_octree_contexts_from_corners_are_the_neighbour_contexts(need_kernels, l
         kernels.octree_contexts_from_corners(corners[:, :4], keys.numel())
 
 
+def test_coarser_vertices_kernel_matches_the_torch_lookup(need_kernels):
+    from vqad.octree import SparseOctree
+
+    torch.manual_seed(3)
+    pts = 0.8 * torch.nn.functional.normalize(torch.randn(30000, 3), dim=1)
+    octree = SparseOctree.from_points(pts, 2, 7, dilate=0)
+    for L in range(3, 8):
+        got = octree.coarser_vertices(L)
+        with kernels.disabled():
+            want = octree.coarser_vertices(L)
+        assert torch.equal(got, want)
+        assert torch.equal(octree.vertices[L - 1][got], octree.vertices[L] // 2)
+    keys = octree.vertex_keys[5]
+    with pytest.raises(ValueError, match="no coarser vertex"):
+        kernels.coarser_vertices(keys, octree.vertex_keys[4][1:])  # the first coarse vertex missing
+    with pytest.raises(ValueError, match="no coarser vertex"):
+        kernels.coarser_vertices(keys.flip(0), octree.vertex_keys[4])  # out of order
+
+
 def _range_stream(rng, tables, sizes):
     """constriction's encoding of ``sizes[j]`` symbols under each model ``tables[j] = (precision, freqs)``
     (the symbols drawn mostly from the model, sometimes a zero-frequency one: the models are leaky)."""

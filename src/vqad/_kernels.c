@@ -875,6 +875,22 @@ int vqad_octree_contexts_from_corners(const int64_t *corners, int64_t n, int64_t
     return 0;
 }
 
+/* The coarser vertex of each vertex (vqad.octree.SparseOctree.coarser_vertices): fine (m,) the vertex
+ * keys of level L, non-decreasing once shifted right by 3 (vertex ids follow the Morton order), and
+ * coarse (n,) the keys of level L − 1, strictly increasing; out[i] is the j with coarse[j] = fine[i] >> 3,
+ * found by one merge of the two sorted lists. Returns 0, or -1 if some fine[i] >> 3 is not among the
+ * coarse keys (or the lists are out of order): nothing an octree of this package makes. */
+int vqad_coarser_vertices(const int64_t *fine, int64_t m, const int64_t *coarse, int64_t n, int64_t *out) {
+    int64_t j = 0;
+    for (int64_t i = 0; i < m; i++) {
+        const int64_t f = fine[i] >> 3;
+        while (j < n && coarse[j] < f) j++;
+        if (j == n || coarse[j] != f) return -1;
+        out[i] = j;
+    }
+    return 0;
+}
+
 /* Children's Morton codes from their parents' codes (n,) and child masks (n,) (bit c: child c
  * occupied; vqad.octree.SparseOctree.codes_from_child_masks): out (capacity 8n) receives
  * (parent << 3) | c for every set bit, parents in order, children in order. Returns the count, or -1

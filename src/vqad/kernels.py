@@ -22,7 +22,9 @@ several passes over memory plus a large temporary (docs/benchmarks/speed.md):
 
 Six more serve decoding a .vqad file (:mod:`vqad.fileformat`), where NumPy needed sorts, scatters and
 tables of all ``8^L`` cells: the corner tables of a level (:func:`corner_tables`: a bitmap of the
-vertices ranked by bit counts), the octree coder's neighbour contexts (:func:`octree_contexts`), the
+vertices ranked by bit counts), the octree coder's neighbour contexts (:func:`octree_contexts`, or from
+the level's corner table, :func:`octree_contexts_from_corners`), each vertex's coarser vertex
+(:func:`coarser_vertices`, the index coder's context), the
 children named by child masks (:func:`children`), the inverse of the coders' grouping by context
 (:func:`ungroup`, :func:`ungroup_bits`), and the range decoding itself (:class:`RangeDecoder`:
 constriction's decoder for the coders' models, where constriction took one Python call per context).
@@ -178,6 +180,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.vqad_octree_contexts.argtypes = [P, I, N, P, P, N]
     lib.vqad_octree_contexts_from_corners.argtypes = [P, I, I, P, P]
     lib.vqad_octree_contexts_from_corners.restype = ctypes.c_int
+    lib.vqad_coarser_vertices.argtypes = [P, I, P, I, P]
+    lib.vqad_coarser_vertices.restype = ctypes.c_int
     lib.vqad_octree_contexts.restype = ctypes.c_int
     lib.vqad_children.argtypes = [P, P, I, P]
     lib.vqad_children.restype = ctypes.c_int64
@@ -591,6 +595,21 @@ def octree_contexts_from_corners(corners: torch.Tensor, m: int, counts: torch.Te
     if err:
         raise IndexError(f"octree_contexts_from_corners: a vertex id lies outside [0, {m})")
     return ctx
+
+
+def coarser_vertices(fine_keys: torch.Tensor, coarse_keys: torch.Tensor) -> torch.Tensor:
+    """:meth:`vqad.octree.SparseOctree.coarser_vertices`: for the vertex keys ``fine_keys (m,)`` of a level
+    (Morton order) and ``coarse_keys (n,)`` of the level above (strictly increasing), the id of the coarse
+    vertex whose key is ``fine >> 3``, ``(m,)`` int64, by one merge of the sorted keys. Call only where
+    :func:`applies`; a key without its coarse vertex is a :class:`ValueError`."""
+    lib = _load()
+    _cpu("coarser_vertices", fine_keys, coarse_keys)
+    fine_keys = fine_keys.reshape(-1).long().contiguous()
+    coarse_keys = coarse_keys.reshape(-1).long().contiguous()
+    out = torch.empty(fine_keys.numel(), dtype=torch.long)
+    if lib.vqad_coarser_vertices(_ptr(fine_keys), fine_keys.numel(), _ptr(coarse_keys), coarse_keys.numel(), _ptr(out)):
+        raise ValueError("coarser_vertices: a vertex has no coarser vertex at floor(v / 2) (or the keys are not sorted)")
+    return out
 
 
 def children(parents: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -377,15 +377,15 @@ def octree_contexts(parent_codes, parent_level: int, dense_max_res: int = DENSE_
     return ctx.T.copy()
 
 
-def _grouping(contexts: np.ndarray, n_contexts: int) -> tuple[np.ndarray, list[int]]:
-    """How the coders send symbols, grouped by context (context 0 first, positions in order within a
-    group): each context's group size ``(K,)`` and the groups' bounds (``K + 1`` Python ints)."""
-    sizes = np.bincount(contexts, minlength=n_contexts)
-    return sizes, [0] + np.cumsum(sizes).tolist()
+def _group_bounds(sizes: np.ndarray) -> list[int]:
+    """Where each context's group lies in coding order (the coders send symbols grouped by context,
+    context 0 first, positions in order within a group), from the groups' sizes ``(K,)``: ``K + 1``
+    Python ints (constriction's decoding, one call per group, slices with them)."""
+    return [0] + np.cumsum(sizes).tolist()
 
 
 def _ungroup(contexts: np.ndarray, grouped: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """``(n,)`` values in position order from ``grouped (n,)`` in coding order (:func:`_grouping`): one C
+    """``(n,)`` values in position order from ``grouped (n,)`` in coding order (:func:`_group_bounds`): one C
     pass (:func:`vqad.kernels.ungroup`) where the kernels are built, else a stable sort and a scatter."""
     import torch
 
@@ -502,7 +502,7 @@ class OctreeDecoder:
             except ValueError as exc:
                 raise EntropyError(f"range decoder failed: {exc}") from exc
             return _ungroup_bits(ctx, sb, sizes)
-        bounds = [0] + np.cumsum(sizes).tolist()
+        bounds = _group_bounds(sizes)
         sb = np.empty(ctx.size, dtype=np.uint8)  # the bits grouped by context, as they were coded
         q = self.q.tolist()  # Python ints: ~300 calls a file, each cheaper
         for j in used.tolist():
@@ -746,7 +746,7 @@ def decode_context(payload, contexts: np.ndarray, alphabet: int, n_contexts: int
     if len(rest) % 4:
         raise EntropyError(f"compressed data is {len(rest)} bytes, not a whole number of 32-bit words")
     words = np.frombuffer(rest, dtype="<u4").astype(np.uint32)
-    sizes, bounds = _grouping(c, n_contexts)
+    sizes = np.bincount(c, minlength=n_contexts)  # each context's group
     fast = _fast_decoder(words)
     if fast is not None:
         cdf, table = cm.cdf_tables(np.flatnonzero(sizes))
@@ -756,6 +756,7 @@ def decode_context(payload, contexts: np.ndarray, alphabet: int, n_contexts: int
             raise EntropyError(f"range decoder failed: {exc}") from exc
         return _ungroup(c, ss, sizes)
     dec = _constriction().stream.queue.RangeDecoder(words)
+    bounds = _group_bounds(sizes)
     ss = np.empty(c.size, dtype=np.int64)  # the symbols grouped by context, as they were coded
     for j in np.flatnonzero(sizes).tolist():
         try:

@@ -178,11 +178,11 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.vqad_corner_tables.argtypes = [P, I, N, P, P, P, N]
     lib.vqad_corner_tables.restype = ctypes.c_int64
     lib.vqad_octree_contexts.argtypes = [P, I, N, P, P, N]
+    lib.vqad_octree_contexts.restype = ctypes.c_int
     lib.vqad_octree_contexts_from_corners.argtypes = [P, I, I, P, P]
     lib.vqad_octree_contexts_from_corners.restype = ctypes.c_int
     lib.vqad_coarser_vertices.argtypes = [P, I, P, I, P]
     lib.vqad_coarser_vertices.restype = ctypes.c_int
-    lib.vqad_octree_contexts.restype = ctypes.c_int
     lib.vqad_children.argtypes = [P, P, I, P]
     lib.vqad_children.restype = ctypes.c_int64
     lib.vqad_ungroup.argtypes = [P, I, I, P, P, P]
@@ -550,6 +550,14 @@ def corner_tables(codes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.
     return corners, (keys[:m].clone() if m < keys.numel() else keys)  # a slice would keep min(8n, 8^L) alive
 
 
+def _check_counts(name: str, counts: torch.Tensor | None) -> None:
+    """The octree contexts' optional ``counts`` output: None, or a contiguous ``(128,)`` int64 CPU tensor."""
+    if counts is not None and (counts.dtype != torch.long or counts.shape != (128,) or not counts.is_contiguous()
+                               or counts.device.type != "cpu"):
+        raise ValueError(f"{name}: counts must be a contiguous (128,) int64 CPU tensor, got "
+                         f"{tuple(counts.shape)} {counts.dtype} on {counts.device}")
+
+
 def octree_contexts(codes: torch.Tensor, level: int, counts: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`vqad.entropy.octree_contexts`: the 7-bit context of each child bit of the cells ``codes (n,)``
     of ``level`` (strictly increasing above level 8), ``(n, 8)`` uint8; ``counts``, a ``(128,)`` int64
@@ -558,10 +566,7 @@ def octree_contexts(codes: torch.Tensor, level: int, counts: torch.Tensor | None
     _cpu("octree_contexts", codes)
     codes = codes.reshape(-1).long().contiguous()
     ctx = torch.empty(codes.numel(), 8, dtype=torch.uint8)
-    if counts is not None and (counts.dtype != torch.long or counts.shape != (128,) or not counts.is_contiguous()
-                               or counts.device.type != "cpu"):
-        raise ValueError(f"octree_contexts: counts must be a contiguous (128,) int64 CPU tensor, got "
-                         f"{tuple(counts.shape)} {counts.dtype} on {counts.device}")
+    _check_counts("octree_contexts", counts)
     err = lib.vqad_octree_contexts(_ptr(codes), codes.numel(), level, _ptr(ctx),
                                    None if counts is None else _ptr(counts), _threads(26 * codes.numel()))
     if err == -2:
@@ -583,10 +588,7 @@ def octree_contexts_from_corners(corners: torch.Tensor, m: int, counts: torch.Te
     corners = corners.long().contiguous()
     if corners.dim() != 2 or corners.shape[1] != 8:
         raise ValueError(f"octree_contexts_from_corners: corners must be (n, 8), got {tuple(corners.shape)}")
-    if counts is not None and (counts.dtype != torch.long or counts.shape != (128,) or not counts.is_contiguous()
-                               or counts.device.type != "cpu"):
-        raise ValueError(f"octree_contexts_from_corners: counts must be a contiguous (128,) int64 CPU tensor, got "
-                         f"{tuple(counts.shape)} {counts.dtype} on {counts.device}")
+    _check_counts("octree_contexts_from_corners", counts)
     ctx = torch.empty(corners.shape[0], 8, dtype=torch.uint8)
     err = lib.vqad_octree_contexts_from_corners(_ptr(corners), corners.shape[0], int(m), _ptr(ctx),
                                                 None if counts is None else _ptr(counts))

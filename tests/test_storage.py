@@ -93,6 +93,16 @@ def test_size_accounting_matches_formula():
     assert DenseStorage(10, 3).stored_bits() == 16 * 30
 
 
+@pytest.mark.parametrize("bits, std", [(2, 0.01), (4, 0.01), (5, 0.01), (6, 0.1), (8, 0.1)])
+def test_default_init_scales_with_the_codebook(bits, std):
+    """D starts at ten times the logits' scale from 64 codes on; C at 0.01 at every b; explicit stds win."""
+    torch.manual_seed(0)
+    s = make_storage("codebook", 4000, 64, bits=bits)
+    assert abs(s.D.detach().std().item() / std - 1) < 0.2  # 2^b · 64 ≥ 256 draws
+    assert abs(s.C.detach().std().item() / 0.01 - 1) < 0.05  # 4000 · 2^b ≥ 16,000 draws
+    assert CodebookStorage(10, 4, bits=bits, codebook_std=0.0).D.abs().max().item() == 0.0
+
+
 @pytest.mark.parametrize("bits", [0, 13])
 def test_bits_out_of_range(bits):
     with pytest.raises(InputError, match="bits"):

@@ -23,13 +23,28 @@ ROWWISE_MIN_CODES = 64
 FUSED_MIN_CODES = 64
 
 
-#: initial std of the codebooks D and the logits C: the reference's ``feature_std``. Until 2026-12-05
-#: both were 0.1, ten times the dense grid's features: at 4 bits that left a random codeword of that
+#: initial std of the logits C, and of the codebooks D below :data:`WIDE_CODEBOOK_CODES` codes: the reference's
+#: ``feature_std``. Until 2026-12-05 both were 0.1, ten times the dense grid's features: at 4 bits that left a random codeword of that
 #: size at every vertex, and a contracted room at --levels 4:8 stayed in a fog for all its steps (0.01,
 #: with the points octree's level fixed too: out of it by step ~450); on lego (+0.11 / +0.06 dB,
 #: 5-minute fits, seeds 0 / 1) and armadillo (Chamfer-L1 −21 % / −18 %) the smaller init was better
 #: too (docs/method.md §10, row 6)
 INIT_STD = 0.01
+
+#: initial std of the codebook D from 2^b ≥ this many codes on (b ≥ 6): ten times :data:`INIT_STD`. Measured
+#: (2026-12-06, docs/benchmarks/rd-rate.md): armadillo, b = 6 with the rate term (λ = 2e-7, 3,000 steps,
+#: paired, seeds 0 / 1), Chamfer-L1 at LOD 7: D and C at 0.01 0.000511 / 0.000550; D at 0.1, C at 0.01
+#: 0.000482 / 0.000482 at 2–4 % fewer bytes; D at 0.01, C at 0.1 0.000506 / 0.000511 at more bytes. It is
+#: D's scale that matters there; 4-bit grids keep the small D (a 4-bit room's fog at --levels 4:8 came
+#: from D at 0.1: docs/benchmarks/scene.md).
+WIDE_CODEBOOK_CODES = 64
+WIDE_CODEBOOK_STD = 0.1
+
+
+def codebook_init_std(bits: int) -> float:
+    """The default initial std of a b-bit codebook D (2^b, k): :data:`WIDE_CODEBOOK_STD` from
+    :data:`WIDE_CODEBOOK_CODES` codes on, :data:`INIT_STD` below."""
+    return WIDE_CODEBOOK_STD if (1 << int(bits)) >= WIDE_CODEBOOK_CODES else INIT_STD
 
 
 def _normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
@@ -113,11 +128,12 @@ class CodebookStorage(FeatureStorage):
     discrete = True
     learns_rate = True
 
-    def __init__(self, m: int, k: int, bits: int = 4, codebook_std: float = INIT_STD, logit_std: float = INIT_STD):
+    def __init__(self, m: int, k: int, bits: int = 4, codebook_std: float | None = None, logit_std: float = INIT_STD):
         super().__init__(m, k)
         check_bits(bits)
         self.b = int(bits)
-        self.D = nn.Parameter(_normal((1 << self.b, k), codebook_std))
+        std = codebook_init_std(self.b) if codebook_std is None else codebook_std
+        self.D = nn.Parameter(_normal((1 << self.b, k), std))
         self.C = nn.Parameter(_normal((m, 1 << self.b), logit_std))
         self.register_buffer("V", torch.zeros(0, dtype=torch.long), persistent=False)
         # (rows, softmax (U, 2^b) or, fused, its mean p̄ (2^b,)) of training forwards, while tracked

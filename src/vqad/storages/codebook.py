@@ -35,8 +35,10 @@ INIT_STD = 0.01
 #: (2026-12-06, docs/benchmarks/rd-rate.md): armadillo, b = 6 with the rate term (λ = 2e-7, 3,000 steps,
 #: paired, seeds 0 / 1), Chamfer-L1 at LOD 7: D and C at 0.01 0.000511 / 0.000550; D at 0.1, C at 0.01
 #: 0.000482 / 0.000482 at 2–4 % fewer bytes; D at 0.01, C at 0.1 0.000506 / 0.000511 at more bytes. It is
-#: D's scale that matters there; 4-bit grids keep the small D (a 4-bit room's fog at --levels 4:8 came
-#: from D at 0.1: docs/benchmarks/scene.md).
+#: D's scale, and b rather than the rate term: plain 6-bit, D 0.1 against 0.01, 0.000430 / 0.000436 against
+#: 0.000478 / 0.000539; 4-bit with the rate term, 0.01 wins (0.000512 / 0.000741 against 0.000589 /
+#: 0.000805), as it does for plain 4-bit grids (and a 4-bit room's fog at --levels 4:8 came from D at 0.1:
+#: docs/benchmarks/scene.md). b = 5 split one seed each way: the switch stays at 64 codes.
 WIDE_CODEBOOK_CODES = 64
 WIDE_CODEBOOK_STD = 0.1
 

@@ -27,8 +27,8 @@ FUSED_MIN_CODES = 64
 #: reference's ``feature_std``. Until 2026-12-05 both were 0.1, ten times the dense grid's features: at
 #: 4 bits that left a random codeword of that size at every vertex, and a contracted room at --levels 4:8
 #: stayed in a fog for all its steps (0.01, with the points octree's level fixed too: out of it by step
-#: ~450); on lego (+0.11 / +0.06 dB, 5-minute fits, seeds 0 / 1) and armadillo (Chamfer-L1 −21 % / −18 %) the smaller init was better
-#: too (docs/method.md §10, row 6)
+#: ~450); on lego (+0.11 / +0.06 dB, 5-minute fits, seeds 0 / 1) and armadillo (Chamfer-L1 −21 % /
+#: −18 %) the smaller init was better too (docs/method.md §10, row 6)
 INIT_STD = 0.01
 
 #: initial std of the codebook D from 2^b ≥ this many codes on (b ≥ 6): ten times :data:`INIT_STD`. Measured

@@ -338,11 +338,12 @@ class SparseOctree(nn.Module):
         """
         if not self.base_level < level <= self.max_level:
             raise ValueError(f"level {level} has no coarser level in this octree ({self.base_level}..{self.max_level})")
+        missing = f"a vertex of level {level} has no vertex of level {level - 1} at floor(v / 2)"  # impossible here
         if kernels.applies(self.vertex_keys[level]):  # one merge of the two sorted key lists
             try:
                 return kernels.coarser_vertices(self.vertex_keys[level], self.vertex_keys[level - 1])
-            except ValueError:  # impossible for an octree built by this class
-                raise ValueError(f"a vertex of level {level} has no vertex of level {level - 1} at floor(v / 2)") from None
+            except ValueError:
+                raise ValueError(missing) from None
         fine = self.vertex_keys[level] >> 3  # (m_L,) keys of floor(v / 2), non-decreasing
         coarse = self.vertex_keys[level - 1]  # (m_{L-1},) strictly increasing: vertex ids are in Morton order
         n = coarse.numel()
@@ -353,8 +354,8 @@ class SparseOctree(nn.Module):
             idx = table.index_select(0, fine).long().clamp_(0, n - 1)
         else:
             idx = torch.searchsorted(coarse, fine).clamp_(max=n - 1)
-        if not bool((coarse.index_select(0, idx) == fine).all()):  # impossible for an octree built by this class
-            raise ValueError(f"a vertex of level {level} has no vertex of level {level - 1} at floor(v / 2)")
+        if not bool((coarse.index_select(0, idx) == fine).all()):
+            raise ValueError(missing)
         return idx
 
     # -- queries ------------------------------------------------------------------------------

@@ -400,6 +400,69 @@ def test_all_lods_match_single_lod_and_render_is_differentiable():
     assert field.grid.storages[-1].C.grad is not None and field.decoder.mlps[0].net[0].weight.grad is not None
 
 
+def test_mlp_precision_resolves_by_device_and_is_validated():
+    from vqad.device import native_bf16_matmul, resolve_mlp_precision
+
+    assert NeRFTrainConfig().mlp_precision == "fp32"
+    assert resolve_mlp_precision("fp32", CPU) is None
+    assert resolve_mlp_precision("bf16", CPU) is torch.bfloat16  # asked for: given, native or not
+    assert isinstance(native_bf16_matmul(CPU), bool) and not native_bf16_matmul(torch.device("meta"))
+    for bad in ("fp16", "auto", "BF16"):
+        with pytest.raises(InputError, match=f"unknown MLP precision '{bad}'"):
+            resolve_mlp_precision(bad, CPU)
+    with pytest.raises(InputError, match="--mlp-precision"):
+        NeRFTrainConfig(mlp_precision="half").validate()
+
+
+def test_bf16_decoders_stay_close_to_fp32_and_leave_the_field_fp32():
+    """Inside ``mlp_precision(bf16)`` the decoders' products round to bf16 (8-bit mantissa): σ and RGB come
+    out float32 and within bf16's error of the fp32 values; the gradients reach the fp32 parameters
+    pointing the same way; outside the block the field is bit for bit its fp32 self again."""
+    torch.manual_seed(0)
+    field = _small_field()
+    x = torch.rand(2000, 3) * 1.2 - 0.6
+    d = torch.nn.functional.normalize(torch.randn(2000, 3), dim=-1)
+
+    def run(dtype):
+        field.zero_grad(set_to_none=True)
+        with field.mlp_precision(dtype):
+            sig, rgb = field.all_lods(x, d, [3, 4])
+        (sig.mean() + rgb.square().mean()).backward()
+        grads = torch.cat([p.grad.flatten() for p in field.decoders()[0].parameters()] +
+                          [p.grad.flatten() for p in field.decoders()[1].parameters()])
+        return sig.detach(), rgb.detach(), grads
+
+    s32, c32, g32 = run(None)
+    s16, c16, g16 = run(torch.bfloat16)
+    assert s16.dtype == c16.dtype == g16.dtype == torch.float32
+    assert not torch.equal(c16, c32)  # the products did run in bf16
+    torch.testing.assert_close(c16, c32, rtol=0, atol=0.02)
+    torch.testing.assert_close(s16, s32, rtol=0.05, atol=1e-3)
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+    s_again, c_again, _ = run(None)
+    assert torch.equal(s_again, s32) and torch.equal(c_again, c32)
+    assert field._mlp_dtype is None
+
+
+def test_a_training_step_multiplies_in_the_resolved_precision(scene):
+    """The radiance task runs its decoders in ``mlp_precision``'s dtype and leaves the field fp32."""
+    seen = []
+    for name in ("fp32", "bf16"):
+        task = _tiny_trainable(scene, mlp_precision=name)
+        decode = task.field._decode
+
+        def spy(*a, decode=decode, field=task.field):
+            seen.append(field._mlp_dtype)
+            return decode(*a)
+
+        task.field._decode = spy
+        task.lods = [4]
+        loss = task.step(0, 0.0, torch.Generator().manual_seed(3)).loss
+        loss.backward()
+        assert loss.dtype == torch.float32 and task.field._mlp_dtype is None
+    assert seen == [None, torch.bfloat16]
+
+
 def test_early_ray_termination_drops_only_samples_behind_the_surface():
     field = _small_field("dense")
     with torch.no_grad():
@@ -544,6 +607,7 @@ def test_cli_fit_eval_render(tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["lods"]) == {"2", "3", "4"} and m["octree_method"] == "mask"
     assert m["nerf"]["step_ratio"] == 1.0  # --step-ratio auto, resolved (a thin mask octree) and recorded
+    assert m["train"]["mlp_precision"] == "fp32" and "MLPs in fp32" in text  # the default, recorded and said
     assert (out / "test_lod4" / "test_000.png").is_file() and (out / "test_lod2" / "test_001_depth.png").is_file()
     assert cli_main(["eval", str(out / "checkpoint"), "--lod", "3", "--max-views", "1", "--views", "val"]) == 0
     assert "LOD 3: PSNR" in capsys.readouterr().out

@@ -103,7 +103,8 @@ class TrainConfig:
     #: fields a resumed fit may change (more steps, another time cap, quieter logs); every other one
     #: must match the checkpoint's, or the resumed run would not be the run it claims to continue
     RESUMABLE = ("steps", "max_minutes", "log_every", "checkpoint_every", "checkpoint_minutes",
-                 "recode")  # radiance fields: work after the last step, not training
+                 "recode",  # radiance fields: work after the last step, not training
+                 "mlp_precision")  # radiance fields: how this machine multiplies, not what is learned
 
     #: ``(continuous, discrete)``: the decoder lr where ``lr`` is None, by whether the grid has discrete
     #: indices (an application whose ``lr`` default is a number leaves this None)

@@ -15,6 +15,7 @@ the optical depth of a ray segment of unit-cube length δ is σ·δ.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +168,7 @@ class NeRFField(NeuralField):
             raise InputError("a radiance field needs its outer_scale: None (the dataset's) is resolved by "
                              "vqad.nerf.fit.build_nerf_field; pass a number to build a field directly")
         self.dataset = check_dataset_info(dataset or {})
+        self._mlp_dtype: torch.dtype | None = None  # the decoders' autocast dtype (mlp_precision; None: fp32)
         g = self.nerf_cfg.geo_features
         in_dim = grid.k + (3 if decoder_cfg.position_input else 0)
         device = grid.octree.device
@@ -188,12 +190,26 @@ class NeRFField(NeuralField):
                 last.bias[0] = math.log(0.1) if self.nerf_cfg.density_activation == "trunc_exp" else -1.25
 
     # -- evaluation -----------------------------------------------------------------------------
+    @contextmanager
+    def mlp_precision(self, dtype: torch.dtype | None):
+        """Within the block, the decoders' matrix products run in ``dtype`` (autocast; None: fp32), their
+        outputs cast back to fp32 (:func:`vqad.device.resolve_mlp_precision`). Training uses it; renders,
+        evaluation, recoding and files stay fp32, so a model renders the same wherever it is loaded."""
+        before = self._mlp_dtype
+        self._mlp_dtype = dtype
+        try:
+            yield
+        finally:
+            self._mlp_dtype = before
+
     def _decode(self, x: torch.Tensor, feats: torch.Tensor, sh: torch.Tensor, lod: int):
         h_in = torch.cat([feats, x], dim=-1) if self.decoder_cfg.position_input else feats
-        h = self.decoder(h_in, lod)  # (N, 1 + g)
-        sigma = density_activation(h[:, 0], self.nerf_cfg.density_activation)
-        rgb = torch.sigmoid(self.color(torch.cat([h[:, 1:], sh], dim=-1), lod))
-        return sigma, rgb
+        dtype = self._mlp_dtype
+        with torch.autocast(device_type=feats.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            h = self.decoder(h_in, lod)  # (N, 1 + g)
+            c = self.color(torch.cat([h[:, 1:], sh.to(h.dtype)], dim=-1), lod)  # (N, 3)
+        sigma = density_activation(h[:, 0].float(), self.nerf_cfg.density_activation)
+        return sigma, torch.sigmoid(c.float())
 
     def forward(self, x: torch.Tensor, d: torch.Tensor, lod: int | None = None):
         """``σ (N,)`` and ``rgb (N, 3)`` at one LOD (default: the finest)."""

@@ -141,7 +141,8 @@ def _new_octree(dataset: SceneDataset, grid_cfg: GridConfig, train_cfg: NeRFTrai
             share = max(DENSITY_SHARE * deadline.left_for_fit(), 1.0) / 60.0
             minutes = share if minutes is None else min(minutes, share)
         kwargs = {"cfg": DensityPassConfig(steps=train_cfg.density_steps, max_minutes=minutes,
-                                           early_stop_eps=train_cfg.early_stop_eps), "quiet": quiet, "seed": train_cfg.seed}
+                                           early_stop_eps=train_cfg.early_stop_eps,
+                                           mlp_precision=train_cfg.mlp_precision), "quiet": quiet, "seed": train_cfg.seed}
     return build_octree(dataset, train_cfg.octree, grid_cfg.base_level, grid_cfg.max_level, device,
                         dilate=train_cfg.dilate, **kwargs)
 

@@ -337,6 +337,7 @@ class DensityPassConfig:
     max_minutes: float | None = None  # also stop the pass after this long (None: run every step)
     sh_degree: int = 2  # view-direction encoding of the pass's colour (0: view-independent)
     distortion_weight: float = 0.0  # λ of the distortion loss in the pass's fits (NeRFTrainConfig.distortion_weight)
+    mlp_precision: str = "fp32"  # the pass's decoder products (NeRFTrainConfig.mlp_precision)
 
     def validate(self) -> None:
         if not 1 <= self.level <= 8 or self.coarse_level < 1:
@@ -379,7 +380,8 @@ def _stage(dataset: SceneDataset, octree: SparseOctree, device, split: str, cfg:
     pass_cfg = NeRFTrainConfig(steps=steps, batch_rays=cfg.batch_rays, lr=5e-3, grid_lr_scale=10.0,
                                lod_mode="finest", seed=seed, prune_every=cfg.prune_every,
                                prune_warmup=min(cfg.prune_warmup, steps // 4), early_stop_eps=cfg.early_stop_eps,
-                               max_minutes=minutes, distortion_weight=cfg.distortion_weight)
+                               max_minutes=minutes, distortion_weight=cfg.distortion_weight,
+                               mlp_precision=cfg.mlp_precision)
     field.train()
     task = RadianceTask(field, sampler, batcher, pass_cfg, quiet=quiet)
     task.min_useful_steps = 0  # the pass is meant to stop early: the undertrained warning is for the final fit

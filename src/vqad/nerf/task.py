@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from vqad.device import MLP_PRECISIONS, native_bf16_matmul, resolve_mlp_precision
 from vqad.errors import InputError
 from vqad.fit import FitTask, StepLoss, TrainConfig, capped_sweeps
 from vqad.nerf.field import NeRFField, sh_encode
@@ -70,6 +71,7 @@ class NeRFTrainConfig(TrainConfig):
     refine: int = 0  # Gauss–Newton index sweeps (vqad.refine) after the last step (codebook only; 0: none)
     refine_rays: int = 16384  # training rays each sweep sees
     recode: bool = True  # after training, recode the indices no render reaches (codebook only; vqad.nerf.recode)
+    mlp_precision: str = "fp32"  # the decoders' products while training: fp32 | bf16 (vqad.device.resolve_mlp_precision)
 
     def validate(self) -> None:
         super().validate()
@@ -93,6 +95,8 @@ class NeRFTrainConfig(TrainConfig):
             raise InputError("--density-steps and --density-minutes must be positive")
         if self.prune_every < 0 or self.prune_warmup < 0 or not 0 < self.prune_decay <= 1:
             raise InputError("prune_every and prune_warmup must be >= 0 and prune_decay in (0, 1]")
+        if self.mlp_precision not in MLP_PRECISIONS:
+            raise InputError(f"unknown --mlp-precision {self.mlp_precision!r}: choose one of {', '.join(MLP_PRECISIONS)}")
 
 
 # -- pieces of a step ----------------------------------------------------------------------------
@@ -128,6 +132,10 @@ class RadianceTask(FitTask):
         self.total_samples = self.rays = 0
         self.extra_seconds = 0.0
         self.recode_stats: RecodeStats | None = None
+        self.mlp_dtype = resolve_mlp_precision(cfg.mlp_precision, batcher.device)  # None: fp32
+        if self.mlp_dtype is not None and not native_bf16_matmul(batcher.device) and not quiet:
+            print("note: this device has no bf16 matrix units (--mlp-precision bf16): its products are emulated, "
+                  "slower than fp32", file=sys.stderr, flush=True)
         self.t0 = time.perf_counter()
 
     def begin(self, start, gen):
@@ -146,8 +154,9 @@ class RadianceTask(FitTask):
         o, d, rgb, near, far = self.batcher.sample(b, gen)
         jitter = torch.rand(b, generator=gen).to(self.batcher.device)
         drawn: list = []
-        out, n_samples = render_rays(self.field, self.sampler, o, d, self.lods, self.background, near=near, far=far,
-                                     jitter=jitter, early_stop_eps=c.early_stop_eps, samples_out=drawn)
+        with self.field.mlp_precision(self.mlp_dtype):
+            out, n_samples = render_rays(self.field, self.sampler, o, d, self.lods, self.background, near=near, far=far,
+                                         jitter=jitter, early_stop_eps=c.early_stop_eps, samples_out=drawn)
         per_lod = ((out.rgb - rgb[None]) ** 2).mean(dim=(1, 2))  # (n_lods,)
         self.total_samples += n_samples
         self.rays += b

@@ -463,6 +463,19 @@ def test_a_training_step_multiplies_in_the_resolved_precision(scene):
     assert seen == [None, torch.bfloat16]
 
 
+def test_fit_nerf_says_when_bf16_is_emulated(tmp_path, capsys, monkeypatch):
+    import vqad.device
+
+    monkeypatch.setattr(vqad.device, "native_bf16_matmul", lambda device: False)
+    out = tmp_path / "run"
+    assert cli_main(["fit-nerf", "procedural", "--levels", "2:4", "--steps", "3", "--batch-rays", "128", "--octree", "mask",
+                     "--features", "4", "--out", str(out), "--device", "cpu", "--quiet", "--no-eval",
+                     "--mlp-precision", "bf16"]) == 0
+    captured = capsys.readouterr()
+    assert "slower than fp32" in captured.err and "MLPs in bf16" in captured.out
+    assert json.loads((out / "metrics.json").read_text())["train"]["mlp_precision"] == "bf16"
+
+
 def test_early_ray_termination_drops_only_samples_behind_the_surface():
     field = _small_field("dense")
     with torch.no_grad():

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from vqad.device import MLP_PRECISIONS, native_bf16_matmul, resolve_mlp_precision
+from vqad.device import MLP_PRECISIONS, resolve_mlp_precision
 from vqad.errors import InputError
 from vqad.fit import FitTask, StepLoss, TrainConfig, capped_sweeps
 from vqad.nerf.field import NeRFField, sh_encode
@@ -133,9 +133,6 @@ class RadianceTask(FitTask):
         self.extra_seconds = 0.0
         self.recode_stats: RecodeStats | None = None
         self.mlp_dtype = resolve_mlp_precision(cfg.mlp_precision, batcher.device)  # None: fp32
-        if self.mlp_dtype is not None and not native_bf16_matmul(batcher.device) and not quiet:
-            print("note: this device has no bf16 matrix units (--mlp-precision bf16): its products are emulated, "
-                  "slower than fp32", file=sys.stderr, flush=True)
         self.t0 = time.perf_counter()
 
     def begin(self, start, gen):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -269,7 +270,7 @@ def fit_nerf_summary(res) -> dict:
 
 
 def cmd_fit_nerf(args) -> int:
-    from vqad.device import resolve_device
+    from vqad.device import native_bf16_matmul, resolve_device
     from vqad.nerf.evaluate import evaluate_nerf, metric_lines
     from vqad.nerf.fit import fit_nerf
 
@@ -279,6 +280,9 @@ def cmd_fit_nerf(args) -> int:
     grid_cfg, dec_cfg, nerf_cfg, train_cfg, background = fit_nerf_configs(args, saved)
     deadline = Deadline.for_job(train_cfg.max_minutes, evaluation=not args.no_eval)  # --minutes caps the whole job
     device = resolve_device(args.device)
+    if train_cfg.mlp_precision == "bf16" and not native_bf16_matmul(device):
+        print(f"note: --mlp-precision bf16 on a device without bf16 matrix units ({device}): the products are "
+              "emulated, slower than fp32", file=sys.stderr, flush=True)
     dataset = load_nerf_dataset(args.dataset, args.format, args.downscale, background)
     check_nerf_dataset(args, dataset, train_cfg, resumed=saved is not None)
     out = ensure_writable_dir(out)

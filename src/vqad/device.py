@@ -58,7 +58,7 @@ def resolve_mlp_precision(name: str, device: torch.device) -> torch.dtype | None
     ``bf16`` is bfloat16 on any device (native or not: :func:`native_bf16_matmul` says which); ``fp32``,
     the default, turns it off. The weights, the grid and everything outside the matrix products stay fp32
     either way. Measured on a 2-core AMX CPU (docs/benchmarks/nerf.md): bf16 steps 1.28× faster on the
-    generated room alone on one thread, 1.18× on two, 1.08× beside a second fit, and lego's steps 7 %
+    generated room alone on one thread, 1.18× on two, 1.03–1.08× beside a second fit, and lego's steps 7 %
     slower (fewer samples per step: the conversions cost more than the products save), hence off by default.
     """
     if name not in MLP_PRECISIONS:

@@ -15,7 +15,7 @@ the optical depth of a ray segment of unit-cube length δ is σ·δ.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -204,8 +204,8 @@ class NeRFField(NeuralField):
 
     def _decode(self, x: torch.Tensor, feats: torch.Tensor, sh: torch.Tensor, lod: int):
         h_in = torch.cat([feats, x], dim=-1) if self.decoder_cfg.position_input else feats
-        dtype = self._mlp_dtype
-        with torch.autocast(device_type=feats.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        dtype = self._mlp_dtype  # fp32 (None) enters no autocast at all: renders and evaluation pay nothing
+        with nullcontext() if dtype is None else torch.autocast(device_type=feats.device.type, dtype=dtype):
             h = self.decoder(h_in, lod)  # (N, 1 + g)
             c = self.color(torch.cat([h[:, 1:], sh.to(h.dtype)], dim=-1), lod)  # (N, 3)
         sigma = density_activation(h[:, 0].float(), self.nerf_cfg.density_activation)

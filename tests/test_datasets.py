@@ -688,6 +688,7 @@ def test_a_tiny_fit_of_the_background_scene_runs_end_to_end_within_its_cap(tmp_p
     m = json.loads((out / "metrics.json").read_text())
     assert m["octree_method"] == "density" and m["nerf"]["outer_scale"] == 4.0
     assert m["decoder"]["per_lod"] is True  # auto: a codebook grid in a contracted scene
+    assert m["train"]["early_stop_eps"] == 1e-4  # auto: early ray termination in a contracted scene
     err = capsys.readouterr().err
     # only the final fit may call itself undertrained: the density pass is meant to stop early
     assert err.count("undertrained") <= 1, err

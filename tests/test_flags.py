@@ -170,15 +170,25 @@ def test_fit_nerf_resume_keeps_the_checkpoints_field_and_octree(tmp_path, capsys
     assert main(base + ["--steps", "3", "--levels", "2:4", "--features", "4", "--hidden", "16",
                         "--batch-rays", "256"]) == 0
     capsys.readouterr()
+    assert json.loads((out / "metrics.json").read_text())["train"]["early_stop_eps"] == 0.0  # auto: a bounded scene
     for args, message in [(["--step-ratio", "2"], "--step-ratio cannot apply"),
                           (["--octree", "mask"], "--octree cannot apply"),
-                          (["--batch-rays", "512"], "batch_rays: checkpoint 256, now 512")]:
+                          (["--batch-rays", "512"], "batch_rays: checkpoint 256, now 512"),
+                          (["--early-stop-eps", "1e-4"], "early_stop_eps: checkpoint 0.0, now 0.0001")]:
         assert main(base + ["--resume", "--steps", "5"] + args) == 2, args
         assert message in _err(capsys)
     assert main(base + ["--resume", "--steps", "5"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 5 and m["grid"]["features"] == 4 and m["grid"]["max_level"] == 4
     assert m["decoder"]["hidden"] == 16 and m["train"]["batch_rays"] == 256
+    # the early-stop threshold's 'auto' continues with what the checkpoint resolved it to, whatever the scene
+    cfg_path = out / "checkpoint" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["train"]["early_stop_eps"] = 1e-3
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(base + ["--resume", "--steps", "6"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 6 and m["train"]["early_stop_eps"] == 1e-3
 
 
 def test_threads_flag_and_environment(monkeypatch, capsys):

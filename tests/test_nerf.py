@@ -301,6 +301,27 @@ def test_auto_decoders_are_per_lod_only_for_quantised_grids_in_contracted_scenes
     assert len(field.decoder.mlps) == len(field.color.mlps) == 3
 
 
+def test_auto_early_stop_is_on_only_in_contracted_scenes(scene):
+    """early_stop_eps=None ('auto', fit-nerf's default) means ε = 1e-4 where space is contracted, 0 elsewhere; a
+    number is kept; the task resolves it from its sampler, so a task built by hand runs the same rule."""
+    from vqad.nerf.task import EARLY_STOP_CONTRACTED, RadianceTask, auto_early_stop
+
+    assert NeRFTrainConfig().early_stop_eps is None
+    assert auto_early_stop(None, 4.0) == EARLY_STOP_CONTRACTED == 1e-4
+    assert auto_early_stop(None, 1.0) == 0.0
+    assert auto_early_stop(0.0, 16.0) == 0.0 and auto_early_stop(1e-2, 1.0) == 1e-2
+    NeRFTrainConfig(early_stop_eps=None).validate()
+    for bad in (-1e-3, 1.0, float("nan")):
+        with pytest.raises(InputError, match="--early-stop-eps must be in"):
+            NeRFTrainConfig(early_stop_eps=bad).validate()
+    task = _tiny_trainable(scene)
+    assert task.early_stop_eps == 0.0  # the built-in scene is bounded
+    assert _tiny_trainable(scene, early_stop_eps=1e-3).early_stop_eps == 1e-3
+    contracted = RadianceTask(task.field, OccupancySampler(task.sampler.octree, outer_scale=4.0), task.batcher,
+                              NeRFTrainConfig())
+    assert contracted.early_stop_eps == EARLY_STOP_CONTRACTED
+
+
 def test_a_step_with_a_non_finite_gradient_is_skipped(scene):
     """A NaN gradient anywhere leaves every parameter as it was (instead of poisoning the model); the
     loop counts the step as skipped and the next good step applies."""

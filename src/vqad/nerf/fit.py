@@ -24,7 +24,7 @@ from vqad.nerf.field import NeRFConfig, NeRFField
 from vqad.nerf.rays import RayBatcher
 from vqad.nerf.recode import RecodeStats
 from vqad.nerf.render import OccupancySampler, make_sampler, prune_by_model
-from vqad.nerf.task import NeRFTrainConfig, RadianceTask, psnr_of
+from vqad.nerf.task import NeRFTrainConfig, RadianceTask, auto_early_stop, psnr_of
 from vqad.storages import storage_class
 
 #: the radiance-field defaults of ``vqad fit-nerf`` and :func:`fit_nerf` (k = 8, levels 4..7, ψ_σ of width
@@ -140,8 +140,10 @@ def _new_octree(dataset: SceneDataset, grid_cfg: GridConfig, train_cfg: NeRFTrai
         if deadline is not None and deadline.capped:  # the density pass is part of the job: at most its share
             share = max(DENSITY_SHARE * deadline.left_for_fit(), 1.0) / 60.0
             minutes = share if minutes is None else min(minutes, share)
+        # 'auto' (None) leaves the pass's termination off: on the generated room (aabb_scale 4, 400 steps, one
+        # thread) ε = 1e-4 made it slower, 27.5 s against 22.6-24.1, for the same octree (docs/benchmarks/scene.md)
         kwargs = {"cfg": DensityPassConfig(steps=train_cfg.density_steps, max_minutes=minutes,
-                                           early_stop_eps=train_cfg.early_stop_eps,
+                                           early_stop_eps=train_cfg.early_stop_eps or 0.0,
                                            mlp_precision=train_cfg.mlp_precision), "quiet": quiet, "seed": train_cfg.seed}
     return build_octree(dataset, train_cfg.octree, grid_cfg.base_level, grid_cfg.max_level, device,
                         dilate=train_cfg.dilate, **kwargs)
@@ -177,6 +179,7 @@ def fit_nerf(
     train_cfg = train_cfg.resolved(grid_cfg)
     train_cfg.validate()
     dec_cfg.validate()
+    given_eps = train_cfg.early_stop_eps  # None: auto_early_stop, resolved below from the scene or the checkpoint
     if "train" not in dataset.splits or len(dataset.splits["train"]) == 0:
         raise InputError(f"dataset {dataset.name!r} has no training views")
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
@@ -184,6 +187,8 @@ def fit_nerf(
     t_oct = time.perf_counter()
     if resume:
         field, resume_cfg, start = load_for_resume(ckpt_dir, "nerf", device)
+        if train_cfg.early_stop_eps is None:  # 'auto' continues with what the checkpoint resolved it to
+            train_cfg = replace(train_cfg, early_stop_eps=float(resume_cfg.get("train", {}).get("early_stop_eps", 0.0)))
         if dec_cfg.per_lod is None:  # 'auto' matches whatever the checkpoint resolved it to
             dec_cfg = replace(dec_cfg, per_lod=bool(resume_cfg["decoder"].get("per_lod", False)))
         check_resumed_fit(ckpt_dir, resume_cfg, grid_cfg, dec_cfg, train_cfg)
@@ -194,6 +199,10 @@ def fit_nerf(
     else:
         field, method = build_nerf_field(dataset, grid_cfg, dec_cfg, nerf_cfg or NERF_FIELD, train_cfg, device, quiet,
                                          deadline=deadline)
+        train_cfg = replace(train_cfg, early_stop_eps=auto_early_stop(given_eps, dataset.outer_scale))
+        if not quiet and train_cfg.early_stop_eps > 0:
+            print(f"early ray termination in training: ε = {train_cfg.early_stop_eps:g}"
+                  + (" (auto: a contracted scene)" if given_eps is None else ""))
     octree_seconds = time.perf_counter() - t_oct
     batcher = RayBatcher(dataset.splits["train"], dataset, device)
     sampler = make_sampler(field)

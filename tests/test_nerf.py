@@ -528,6 +528,61 @@ def test_early_ray_termination_drops_only_samples_behind_the_surface():
     assert kept == n_cut
 
 
+def test_early_termination_by_lod_decodes_each_lod_on_its_own_samples():
+    """terminate_rays' per-LOD rows are exactly the samples where that LOD's transmittance is ≥ ε (brute force);
+    all_lods with them decodes those rows only and gives the render and the gradients of decoding every kept
+    sample with σ = 0 at the others."""
+    from vqad.nerf.render import render_transmittance_from_density, terminate_rays
+
+    octree = SparseOctree.from_points(torch.rand(500, 3) * 1.2 - 0.6, 2, 4, dilate=1)
+    grid = OctreeGrid.from_octree(octree, GridConfig(storage="codebook", features=4, bits=3, base_level=2, max_level=4))
+    field = NeRFField(grid, DecoderConfig(hidden=16, position_input=False, per_lod=True), NeRFConfig(color_hidden=16))
+    with torch.no_grad():  # a thick medium at LOD 4, a thinner one at LOD 2: the finest saturates first
+        field.decoder.mlps[2].net[-1].bias[0] += 5.0
+        field.decoder.mlps[0].net[-1].bias[0] += 2.0
+    sampler = OccupancySampler(field.grid.octree)
+    g = torch.Generator().manual_seed(5)
+    o = torch.tensor([[0.0, 0.0, -3.0]]).repeat(64, 1) + torch.randn(64, 3, generator=g) * 0.2
+    dirs = torch.nn.functional.normalize(-o + torch.randn(64, 3, generator=g) * 0.1, dim=-1)
+    lods, eps = [2, 4], 1e-3
+    marched = sampler.march(o, dirs)
+    samples, rows = terminate_rays(field, marched, o, dirs, lods, eps)
+    with torch.no_grad():
+        T, _ = render_transmittance_from_density(marched.t_starts, marched.t_ends,
+                                                 field.densities(marched.points(o, dirs), lods),
+                                                 marched.ray_indices, marched.n_rays)
+    union = (T >= eps).any(dim=0)
+    assert len(samples) == int(union.sum())
+    assert rows[1] is not None and 0 < len(rows[1]) < 0.7 * len(samples)  # the finest LOD keeps far fewer
+    for b in range(len(lods)):
+        want = (T[b] >= eps)[union].nonzero().squeeze(1)
+        assert torch.equal(rows[b] if rows[b] is not None else torch.arange(len(samples)), want)
+    x = samples.points(o, dirs)
+    dd = dirs.index_select(0, samples.ray_indices)
+    bg = torch.tensor([0.3, 0.6, 0.9])
+    outs, grads = [], []
+    for by_lod in (True, False):
+        field.zero_grad(set_to_none=True)
+        sig, rgb = field.all_lods(x, dd, lods, rows=rows if by_lod else None)
+        if not by_lod:
+            mask = torch.stack([torch.zeros(len(samples), dtype=torch.bool).index_fill(0, r, True) if r is not None
+                                else torch.ones(len(samples), dtype=torch.bool) for r in rows])
+            sig, rgb = sig * mask, rgb * mask[..., None]
+        else:
+            for b, r in enumerate(rows):
+                if r is not None:
+                    off = torch.ones(len(samples), dtype=torch.bool).index_fill(0, r, False)
+                    assert (sig[b][off] == 0).all() and (rgb[b][off] == 0).all()
+        out = volume_render(samples.t_starts, samples.t_ends, sig, rgb, samples.ray_indices, samples.n_rays, bg)
+        out.rgb.square().sum().backward()
+        outs.append(out.rgb.detach())
+        grads.append([p.grad.clone() for p in field.parameters() if p.grad is not None])
+    torch.testing.assert_close(outs[0], outs[1])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.to_dense() if a.is_sparse else a, b.to_dense() if b.is_sparse else b)
+
+
 @pytest.fixture(scope="module")
 def fitted(scene, tmp_path_factory):
     out = tmp_path_factory.mktemp("nerf_fit")

@@ -217,16 +217,35 @@ class NeRFField(NeuralField):
         sig, rgb = self.all_lods(x, d, [lod])
         return sig[0], rgb[0]
 
-    def all_lods(self, x: torch.Tensor, d: torch.Tensor, lods: list[int] | None = None):
+    def all_lods(self, x: torch.Tensor, d: torch.Tensor, lods: list[int] | None = None,
+                 rows: list[torch.Tensor | None] | None = None):
         """Several LODs, each level's features computed once.
+
+        ``rows``: per LOD, the positions ``(N_b,)`` int64 of the points it decodes (None: all); the others
+        get ``σ = 0`` and ``rgb = 0`` without running its decoders (early ray termination by LOD,
+        :func:`vqad.nerf.render.terminate_rays`).
 
         Returns ``σ (n_lods, N)`` and ``rgb (n_lods, N, 3)``.
         """
         lods = self.lods if lods is None else lods
+        if rows is not None and len(rows) != len(lods):
+            raise ValueError(f"all_lods: {len(rows)} row lists for {len(lods)} LODs")
         feats = self.grid.multi_lod_features(x, lods)
         sh = sh_encode(d, self.nerf_cfg.sh_degree)
-        outs = [self._decode(x, f, sh, lod) for f, lod in zip(feats, lods)]
-        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+        sig, rgb = [], []
+        for b, (f, lod) in enumerate(zip(feats, lods)):
+            idx = None if rows is None else rows[b]
+            if idx is None:
+                s, c = self._decode(x, f, sh, lod)
+            elif idx.numel() == 0:  # this LOD is opaque before every kept sample: nothing to decode
+                s, c = x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0], 3)
+            else:  # σ = 0 contributes nothing to the composite; index_copy passes the gradient to the decoded rows
+                s_b, c_b = self._decode(x.index_select(0, idx), f.index_select(0, idx), sh.index_select(0, idx), lod)
+                s = s_b.new_zeros(x.shape[0]).index_copy(0, idx, s_b)
+                c = c_b.new_zeros(x.shape[0], 3).index_copy(0, idx, c_b)
+            sig.append(s)
+            rgb.append(c)
+        return torch.stack(sig), torch.stack(rgb)
 
     def densities(self, x: torch.Tensor, lods: list[int]) -> torch.Tensor:
         """``σ (n_lods, N)`` alone at several LODs (no colour MLP), each level's features computed once."""

@@ -536,21 +536,31 @@ def model_sampler(field) -> OccupancySampler:
 # -- rendering a field ---------------------------------------------------------------------------
 @torch.no_grad()
 def terminate_rays(field, samples: PackedSamples, o: torch.Tensor, d: torch.Tensor, lods: list[int],
-                   eps: float, chunk: int = 1 << 18) -> PackedSamples:
-    """The samples whose transmittance ``T_i`` is at least ``eps`` at some LOD of ``lods``.
+                   eps: float, chunk: int = 1 << 18) -> tuple[PackedSamples, list[torch.Tensor | None]]:
+    """The samples whose transmittance ``T_i`` is at least ``eps`` at some LOD of ``lods``, and which of them
+    each LOD keeps.
 
     One density-only evaluation of every sample (``chunk`` at a time, no gradients), then
     :func:`render_transmittance_from_density` per LOD. Dropping a ray's later samples leaves its
     earlier ones' ``T`` and ``w`` unchanged, so the render differs by at most ``eps`` per ray.
+
+    Returns the kept samples ``S'`` and, per LOD, the positions ``(S_b,)`` int64 among them where that
+    LOD's own ``T ≥ eps``, or None where it keeps all ``S'`` (a coarse LOD's blurrier field stays
+    transparent longer, so the finest LOD's list is often far shorter: :meth:`NeRFField.all_lods`
+    decodes each LOD on its own list only).
     """
     x = samples.points(o, d)
     sig = torch.cat([field.densities(x[s : s + chunk], lods) for s in range(0, x.shape[0], chunk)], dim=1)
     T, _ = render_transmittance_from_density(samples.t_starts, samples.t_ends, sig, samples.ray_indices, samples.n_rays)
-    kept = (T >= eps).any(dim=0).nonzero().squeeze(1)  # the one host synchronisation: how many
+    keep = T >= eps  # (B, S)
+    kept = keep.any(dim=0).nonzero().squeeze(1)  # host synchronisations: how many, and each LOD's count
+    per_lod = keep.index_select(1, kept)  # (B, S')
+    counts = per_lod.sum(dim=1).tolist()
+    rows = [None if c == kept.numel() else per_lod[b].nonzero().squeeze(1) for b, c in enumerate(counts)]
     if kept.numel() == len(samples):
-        return samples
+        return samples, rows
     return PackedSamples(samples.t_starts.index_select(0, kept), samples.t_ends.index_select(0, kept),
-                         samples.ray_indices.index_select(0, kept), samples.n_rays, samples.outer_scale)
+                         samples.ray_indices.index_select(0, kept), samples.n_rays, samples.outer_scale), rows
 
 
 def render_rays(
@@ -575,8 +585,10 @@ def render_rays(
         background: ``(3,)``.
         early_stop_eps: with ``ε > 0``, samples whose transmittance is below ε at every LOD are
             dropped before the (differentiable) evaluation, found by one density-only pass without
-            gradients (early ray termination, as nerfacc's ``early_stop_eps``). Earlier samples'
-            weights are unchanged; each ray's colour changes by less than ε.
+            gradients (early ray termination, as nerfacc's ``early_stop_eps``), and each LOD decodes
+            only the samples where its own transmittance is at least ε (σ = 0 at the others, which
+            its composite would weigh by less than ε anyway). Earlier samples' weights are
+            unchanged; each ray's colour changes by less than ε at every LOD.
         samples_out: a list that receives the :class:`RaySamples` rendered and their points
             ``(S, 3)`` in grid coordinates (for losses on the samples, e.g. :func:`distortion_loss`).
     Returns:
@@ -584,8 +596,9 @@ def render_rays(
         the number of samples S (after termination).
     """
     samples = sampler.march(o, d, near=near, far=far, jitter=jitter)
+    rows = None
     if early_stop_eps > 0 and len(samples):
-        samples = terminate_rays(field, samples, o, d, lods, early_stop_eps)
+        samples, rows = terminate_rays(field, samples, o, d, lods, early_stop_eps)
     R, B = o.shape[0], len(lods)
     if len(samples) == 0:
         zeros = o.new_zeros(B, R)
@@ -593,7 +606,7 @@ def render_rays(
     x = samples.points(o, d)
     if samples_out is not None:
         samples_out.extend((samples, x))
-    sig, rgb = field.all_lods(x, d.index_select(0, samples.ray_indices), lods)  # (B, S), (B, S, 3)
+    sig, rgb = field.all_lods(x, d.index_select(0, samples.ray_indices), lods, rows=rows)  # (B, S), (B, S, 3)
     out = volume_render(samples.t_starts, samples.t_ends, sig, rgb, samples.ray_indices, R, background)
     return out, len(samples)
 

@@ -68,7 +68,10 @@ def fit(capture: Path, out: Path, storage: str, minutes: float, levels: tuple[in
     from vqad.app.cli import main as cli
 
     args = ["fit-nerf", str(capture), "--format", "ngp", "--grid", storage, "--levels", f"{levels[0]}:{levels[1]}",
-            "--minutes", str(minutes), "--steps", str(FIT_STEPS), "--out", str(out), "--device", "cpu", "--quiet"] + (extra or [])
+            "--minutes", str(minutes), "--steps", str(FIT_STEPS), "--out", str(out), "--device", "cpu", "--quiet",
+            # the benchmark's own thread count (main: one): fit-nerf's default would take every core, and two
+            # benchmark processes side by side would then run four threads on two cores (the fits stalled)
+            "--threads", str(torch.get_num_threads())] + (extra or [])
     if storage == "codebook":
         args += ["--bits", "4"]
     if eval_views:

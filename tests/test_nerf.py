@@ -581,6 +581,15 @@ def test_early_termination_by_lod_decodes_each_lod_on_its_own_samples():
     assert len(grads[0]) == len(grads[1]) > 0
     for a, b in zip(*grads):
         torch.testing.assert_close(a.to_dense() if a.is_sparse else a, b.to_dense() if b.is_sparse else b)
+    # a LOD opaque before every kept sample decodes nothing; the row lists must match the LODs
+    with torch.no_grad():
+        sig, rgb = field.all_lods(x, dd, lods, rows=[torch.zeros(0, dtype=torch.long), None])
+        full_sig, full_rgb = field.all_lods(x, dd, lods)
+    assert not sig[0].any() and not rgb[0].any()
+    torch.testing.assert_close(sig[1], full_sig[1])
+    torch.testing.assert_close(rgb[1], full_rgb[1])
+    with pytest.raises(ValueError, match="1 row lists for 2 LODs"):
+        field.all_lods(x, dd, lods, rows=[None])
 
 
 @pytest.fixture(scope="module")

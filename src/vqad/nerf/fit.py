@@ -179,7 +179,6 @@ def fit_nerf(
     train_cfg = train_cfg.resolved(grid_cfg)
     train_cfg.validate()
     dec_cfg.validate()
-    given_eps = train_cfg.early_stop_eps  # None: auto_early_stop, resolved below from the scene or the checkpoint
     if "train" not in dataset.splits or len(dataset.splits["train"]) == 0:
         raise InputError(f"dataset {dataset.name!r} has no training views")
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
@@ -199,10 +198,11 @@ def fit_nerf(
     else:
         field, method = build_nerf_field(dataset, grid_cfg, dec_cfg, nerf_cfg or NERF_FIELD, train_cfg, device, quiet,
                                          deadline=deadline)
-        train_cfg = replace(train_cfg, early_stop_eps=auto_early_stop(given_eps, dataset.outer_scale))
+        auto = train_cfg.early_stop_eps is None  # auto_early_stop, from the scene (resumed: the checkpoint's)
+        train_cfg = replace(train_cfg, early_stop_eps=auto_early_stop(train_cfg.early_stop_eps, dataset.outer_scale))
         if not quiet and train_cfg.early_stop_eps > 0:
             print(f"early ray termination in training: ε = {train_cfg.early_stop_eps:g}"
-                  + (" (auto: a contracted scene)" if given_eps is None else ""))
+                  + (" (auto: a contracted scene)" if auto else ""))
     octree_seconds = time.perf_counter() - t_oct
     batcher = RayBatcher(dataset.splits["train"], dataset, device)
     sampler = make_sampler(field)

@@ -553,11 +553,11 @@ def terminate_rays(field, samples: PackedSamples, o: torch.Tensor, d: torch.Tens
     sig = torch.cat([field.densities(x[s : s + chunk], lods) for s in range(0, x.shape[0], chunk)], dim=1)
     T, _ = render_transmittance_from_density(samples.t_starts, samples.t_ends, sig, samples.ray_indices, samples.n_rays)
     keep = T >= eps  # (B, S)
-    kept = keep.any(dim=0).nonzero().squeeze(1)  # host synchronisations: how many, and each LOD's count
-    per_lod = keep.index_select(1, kept)  # (B, S')
-    counts = per_lod.sum(dim=1).tolist()
-    rows = [None if c == kept.numel() else per_lod[b].nonzero().squeeze(1) for b, c in enumerate(counts)]
-    if kept.numel() == len(samples):
+    kept = keep.any(dim=0).nonzero().squeeze(1)  # host synchronisations: how many, then each LOD's rows
+    whole = kept.numel() == len(samples)
+    per_lod = keep if whole else keep.index_select(1, kept)  # (B, S')
+    rows = [r if r.numel() < kept.numel() else None for r in (m.nonzero().squeeze(1) for m in per_lod)]
+    if whole:
         return samples, rows
     return PackedSamples(samples.t_starts.index_select(0, kept), samples.t_ends.index_select(0, kept),
                          samples.ray_indices.index_select(0, kept), samples.n_rays, samples.outer_scale), rows

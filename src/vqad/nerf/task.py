@@ -110,9 +110,8 @@ def auto_early_stop(eps: float | None, outer_scale: float) -> float:
 
     Measured (docs/benchmarks/scene.md, 2026-12-06): on the generated room, 4-bit, ε = 10⁻⁴ drops a late
     step's samples from 14 to 9 per ray (209 → 171 ms alone on one thread, 163 ms with each LOD decoding
-    only its own samples); 8-minute fits side by side
-    changed LOD 7 by +0.23 / +0.23 dB (aabb_scale 4, seeds 0 / 1) and −0.07 dB (aabb_scale 16): faster
-    steps, quality within a seed's spread. On lego and fern (bounded, few samples per ray, or most of
+    only its own samples); 8-minute fits side by side changed LOD 7 by +0.23 / +0.23 dB (aabb_scale 4,
+    seeds 0 / 1) and −0.07 dB (aabb_scale 16): faster steps, quality within a seed's spread. On lego and fern (bounded, few samples per ray, or most of
     them in front of the surfaces) the density-only pre-pass cost more than it saved
     (docs/benchmarks/nerf.md), so bounded scenes keep it off; so does the octree's density pass
     (:func:`vqad.nerf.fit.fit_nerf`).

@@ -86,7 +86,8 @@ def register(sub) -> None:
     config_flag(p, T, "early_stop_eps", type=float, metavar="EPS",
                 help="training skips samples behind transmittance below this (early ray termination; 0: off; "
                      "none: 1e-4 in a contracted scene (ngp aabb_scale > 1, COLMAP bounds; on a room 1.28x faster "
-                     "late steps, -0.07 to +0.23 dB), 0 elsewhere: on lego and fern its density-only pre-pass cost more than it saved)")
+                     "late steps, -0.07 to +0.23 dB), 0 elsewhere: on lego and fern its density-only pre-pass "
+                     "cost more than it saved)")
     config_flag(p, T, "distortion_weight", help="λ of mip-NeRF 360's distortion loss (penalises weight spread along "
                                                  "a ray: fog, floaters; 0: off)")
     config_flag(p, T, "refine", help="Gauss–Newton index refinement sweeps after training (codebook only; 0: they "

@@ -37,16 +37,23 @@ def scenes(quick: bool) -> list[tuple[str, int, bool]]:
     return [("room, aabb_scale 4", 4, True), ("room, aabb_scale 16", 16, True), ("object alone", 1, False)]
 
 
-def make_capture(root: Path, name: str, aabb: int, background: bool, size: str, views: int) -> Path:
+def make_capture(root: Path, name: str, aabb: int, background: bool, size: str, views: int, supersample: int) -> Path:
+    """The capture's folder under ``root``, generated unless it is there (with the same pixel filter)."""
     from vqad.app.cli import main as cli
 
     out = root / name.replace(" ", "").replace(",", "-")
-    if not (out / "transforms.json").is_file():
-        args = ["synth-capture", "-o", str(out), "--aabb-scale", str(aabb), "--size", size, "--views", str(views)]
-        if not background:
-            args.append("--no-background")
-        if cli(args) != 0:
-            sys.exit(f"bench_scene: synth-capture failed for {name}")
+    if (out / "transforms.json").is_file():
+        had = json.loads((out / "transforms.json").read_text()).get("vqad_scene", {}).get("supersample", 1)
+        if had != supersample:  # captures before the pixel filter took the pixel centre alone
+            sys.exit(f"bench_scene: {out} was generated with {had}x{had} rays a pixel, not {supersample}x{supersample}: "
+                     f"remove it or give another --work")
+        return out
+    args = ["synth-capture", "-o", str(out), "--aabb-scale", str(aabb), "--size", size, "--views", str(views),
+            "--supersample", str(supersample)]
+    if not background:
+        args.append("--no-background")
+    if cli(args) != 0:
+        sys.exit(f"bench_scene: synth-capture failed for {name}")
     return out
 
 
@@ -213,7 +220,8 @@ def psnr_text(psnr: dict) -> str:
 def write_report(results: dict, args, path: Path) -> None:
     lines = ["# Large scenes: the generated room capture (issue 22)", "",
              f"`python benchmarks/bench_scene.py{' --quick' if args.quick else ''}`: captures of {args.size} px, "
-             f"{args.views} views; every fit `--minutes {args.minutes:g}`, one thread.", "",
+             f"{args.views} views, {args.supersample}x{args.supersample} rays a pixel (box filter); every fit "
+             f"`--minutes {args.minutes:g}`, one thread.", "",
              f"## Density pass ({args.steps} steps, 2,048 rays each, capped at "
              f"{args.density_minutes:g} min)", "",
              f"| capture | seconds | steps | rays/s | × the issue's {BASELINE_RAYS_PER_S:,.0f} | finest cells |",
@@ -275,6 +283,8 @@ def main() -> None:
     ap.add_argument("--density-minutes", type=float, default=2.0, help="cap of the separately timed density pass")
     ap.add_argument("--size", default="135x240")
     ap.add_argument("--views", type=int, default=50)
+    ap.add_argument("--supersample", type=int, default=4, help="rays per pixel side of the generated captures "
+                                                               "(synth-capture --supersample; 1: pixel centres)")
     ap.add_argument("--quick", action="store_true", help="tiny captures and caps: a smoke test of this script")
     ap.add_argument("--diagnose", action="store_true",
                     help="also: which true surfaces each room's octree holds, and a dense fit on an octree of the true "
@@ -318,7 +328,7 @@ def main() -> None:
     for name, aabb, background in scenes(args.quick):
         if only is not None and (str(aabb) if background else "object") not in only:
             continue
-        cap = make_capture(work / "captures", name, aabb, background, args.size, args.views)
+        cap = make_capture(work / "captures", name, aabb, background, args.size, args.views, args.supersample)
         if args.diagnose or args.diagnose_only:
             if background:
                 results.setdefault(name, {})["diagnose"] = diagnose(cap, work, args.minutes, levels, eval_views)

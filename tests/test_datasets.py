@@ -577,6 +577,45 @@ def test_scene_capture_written_in_ray_chunks_equals_the_whole_render(tmp_path, m
     assert not (tmp_path / "bad").exists()
 
 
+def test_scene_capture_pixels_box_filter_their_rays():
+    """supersample n: each pixel is the mean of the n × n rays at (i + ½)/n across its square, the same
+    as rendering n times the resolution (intrinsics × n) and averaging n × n blocks; n = 1 is the pixel
+    centre alone. The object alone's alpha is the share of rays that hit it (fractional on its edges),
+    its colour straight; where every ray hits, it is the room's pixel. Bad values are input errors."""
+    from vqad.nerf import scene_capture as sc
+
+    def render(cfg, background, scale=1):
+        env = sc._environment(cfg)
+        c2w, intr = sc._cameras(cfg)
+        big = sc.SceneCaptureConfig(width=cfg.width * scale, height=cfg.height * scale, views=cfg.views, supersample=1)
+        return sc._render_view(env, big if scale > 1 else cfg, c2w[1], tuple(v * scale for v in intr), background)
+
+    for n in (2, 3):
+        cfg = sc.SceneCaptureConfig(width=20, height=36, views=3, supersample=n)
+        for background in (True, False):
+            got = render(cfg, background).numpy().astype(np.float64)
+            fine = render(cfg, background, scale=n).numpy().astype(np.float64) / 255  # pixel centres, quantised
+            a = fine[..., 3:].reshape(36, n, 20, n, 1).mean((1, 3))
+            prem = (fine[..., :3] * fine[..., 3:]).reshape(36, n, 20, n, 3).mean((1, 3))
+            want = np.concatenate([np.where(a > 0, prem / np.maximum(a, 1e-12), 0.0), a], -1) * 255
+            assert np.abs(got - want).max() <= 1.0  # the reference averages 8-bit values
+            if not background:
+                alpha = got[..., 3]
+                assert ((alpha > 0) & (alpha < 255)).sum() > 10  # antialiased edges
+                room = render(cfg, True).numpy()
+                solid = alpha == 255
+                assert np.abs(got[solid][:, :3] - room[solid][:, :3]).max() <= 1
+    one = sc.SceneCaptureConfig(width=20, height=36, views=3, supersample=1)
+    env, (c2w, intr) = sc._environment(one), sc._cameras(one)
+    o, d = sc.rays_for_pixels(c2w[1], torch.tensor(intr), sc.pixel_centers(36, 20))
+    _, color, _ = env.raycast(o, d, True)
+    ref = (color * 255 + 0.5).clamp(0, 255).to(torch.uint8).reshape(36, 20, 3)
+    assert torch.equal(render(one, True)[..., :3], ref)
+    for bad in (0, 17, 2.5, True):
+        with pytest.raises(InputError, match="supersample"):
+            sc.SceneCaptureConfig(supersample=bad).validate()
+
+
 # -- COLMAP sparse models ----------------------------------------------------------------------------------
 def _write_colmap(root, c2w, images, camera_lines, binary: bool):
     """A COLMAP model of OpenGL poses ``c2w (N, 4, 4)``: images/ + sparse/0/{cameras,images}.{txt,bin}.

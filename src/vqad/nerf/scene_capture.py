@@ -20,7 +20,15 @@ object with a margin) and ``aabb_scale`` 4 is [-6, 6]^3 (the dome of radius 5.5 
 ``background=False`` writes the same cameras and the object alone, as RGBA PNGs whose alpha is the
 object's mask (the comparison target: what a fit of the object alone reaches).
 
-Shading is Lambertian (view-independent), so a perfect field reproduces every view.
+Each pixel is the mean of ``supersample × supersample`` rays through a regular grid of points in its
+square (a box filter, as a camera integrates the light over a pixel's area and as Blender's renders
+of NeRF-synthetic are antialiased); ``supersample = 1`` takes the pixel centre alone, whose hard,
+jagged edges depend on where the pixel grid falls in each view (aliasing). The object-alone capture's
+alpha is then the share of a pixel's rays that hit the object, its colour straight (not
+premultiplied), as PNG stores it.
+
+Shading is Lambertian (view-independent), so a perfect field reproduces every view up to that
+pixel filter.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ MAX_SIDE = 8192  # pixels per image side: a generated capture is a test scene, n
 MAX_VIEWS = 2000
 RAY_CHUNK = 1 << 18  # rays raycast at once: bounds the memory of a large image to ~100 MB
 MAX_POINTS = 10_000_000
+MAX_SUPERSAMPLE = 16  # rays per pixel side
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class SceneCaptureConfig:
     point_noise: float = 0.01  # world units, Gaussian per axis
     point_outliers: float = 0.01  # share of points uniform in the aabb_scale box
     seed: int = 0
+    supersample: int = 4  # n: each pixel averages n × n rays over its square (1: the pixel centre alone)
 
     def validate(self) -> None:
         if not (1 <= self.width <= MAX_SIDE and 1 <= self.height <= MAX_SIDE and 2 <= self.views <= MAX_VIEWS):
@@ -76,6 +86,10 @@ class SceneCaptureConfig:
         if not (0 <= self.points <= MAX_POINTS and self.point_noise >= 0 and 0 <= self.point_outliers < 1):
             raise InputError(f"the capture's sparse points must number 0..{MAX_POINTS:,}, with noise >= 0 and an "
                              f"outlier share in [0, 1), got {self.points}, {self.point_noise}, {self.point_outliers}")
+        n = self.supersample
+        if isinstance(n, bool) or not (isinstance(n, int) and 1 <= n <= MAX_SUPERSAMPLE):
+            raise InputError(f"supersample must be a whole number of rays per pixel side in 1..{MAX_SUPERSAMPLE}, "
+                             f"got {n!r}")
         if not (0 < self.fov_y_deg < 170 and self.camera_radius < self.dome_radius and self.dome_radius > 0):
             raise InputError("the field of view must be in (0, 170) degrees and the cameras inside the dome")
 
@@ -153,15 +167,27 @@ def _cameras(cfg: SceneCaptureConfig) -> tuple[torch.Tensor, tuple[float, float,
 
 
 def _render_view(env: Environment, cfg: SceneCaptureConfig, pose: torch.Tensor, intr, background: bool) -> torch.Tensor:
-    """One view: ``rgba (H, W, 4) uint8``, raycast :data:`RAY_CHUNK` rays at a time."""
-    uv = pixel_centers(cfg.height, cfg.width)
-    out = torch.empty(uv.shape[0], 4, dtype=torch.uint8)
-    for a in range(0, uv.shape[0], RAY_CHUNK):
-        o, d = rays_for_pixels(pose, torch.tensor(intr), uv[a:a + RAY_CHUNK])
+    """One view: ``rgba (H, W, 4) uint8``, each pixel the box-filtered mean of its ``n × n`` rays
+    (``n = cfg.supersample``; points ``(i + ½) / n`` across the pixel's square), raycast about
+    :data:`RAY_CHUNK` rays at a time. Alpha is the share of the rays that hit (1 with the room), the colour
+    straight: the hits' mean colour."""
+    n = cfg.supersample
+    centers = pixel_centers(cfg.height, cfg.width)  # (P, 2)
+    off = (torch.arange(n, dtype=centers.dtype) + 0.5) / n - 0.5
+    du, dv = torch.meshgrid(off, off, indexing="xy")
+    sub = torch.stack([du.reshape(-1), dv.reshape(-1)], dim=-1)  # (n², 2)
+    out = torch.empty(centers.shape[0], 4, dtype=torch.uint8)
+    per_chunk = max(1, RAY_CHUNK // (n * n))  # pixels
+    for a in range(0, centers.shape[0], per_chunk):
+        uv = (centers[a:a + per_chunk, None, :] + sub).reshape(-1, 2)  # (p · n², 2), each pixel's rays together
+        o, d = rays_for_pixels(pose, torch.tensor(intr), uv)
         _, color, hit = env.raycast(o, d, background)
-        alpha = torch.ones_like(hit) if background else hit
-        rgba = torch.cat([color * alpha[:, None], alpha[:, None].float()], -1)
-        out[a:a + RAY_CHUNK] = (rgba * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+        alpha = torch.ones_like(color[:, 0]) if background else hit.to(color.dtype)
+        a_px = alpha.reshape(-1, n * n).mean(1)  # (p,)
+        prem = (color * alpha[:, None]).reshape(-1, n * n, 3).mean(1)  # (p, 3)
+        rgb = torch.where(a_px[:, None] > 0, prem / a_px.clamp_min(1e-12)[:, None], 0.0)
+        rgba = torch.cat([rgb, a_px[:, None]], -1)
+        out[a:a + per_chunk] = (rgba * 255 + 0.5).clamp(0, 255).to(torch.uint8)
     return out.reshape(cfg.height, cfg.width, 4)
 
 

@@ -148,6 +148,9 @@ def register(sub) -> None:
     p.add_argument("--no-background", action="store_true", help="the object alone (RGBA), no ground and no dome")
     p.add_argument("--points", type=int, default=S.points,
                    help=f"simulated structure-from-motion points in sparse_pc.ply (0: none; default: {S.points:,})")
+    p.add_argument("--supersample", type=int, default=S.supersample, metavar="N",
+                   help=f"each pixel averages N x N rays over its area, as a camera's pixel integrates light "
+                        f"(1: the pixel centre alone, aliased edges; default: {S.supersample})")
     p.set_defaults(func=cmd_synth_capture)
 
 
@@ -156,14 +159,15 @@ def cmd_synth_capture(args) -> int:
     from vqad.nerf.scene_capture import SceneCaptureConfig, write_capture
 
     width, height = parse_size(args.size)
-    cfg = SceneCaptureConfig(width=width, height=height, views=args.views, aabb_scale=args.aabb_scale, points=args.points)
+    cfg = SceneCaptureConfig(width=width, height=height, views=args.views, aabb_scale=args.aabb_scale, points=args.points,
+                             supersample=args.supersample)
     cfg.validate()
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out} exists and is not an empty folder: write the capture to a new folder")
     path = write_capture(out, cfg, background=not args.no_background)
     print(f"wrote {path} ({cfg.views} views, {width}x{height}, aabb_scale {cfg.aabb_scale}, "
-          f"{'object alone' if args.no_background else 'object in a textured room'}, {cfg.points:,} sparse points)")
+          f"{'object alone' if args.no_background else 'object in a textured room'}, {cfg.points:,} sparse points, {cfg.supersample}x{cfg.supersample} rays a pixel)")
     print(f"next: vqad fit-nerf {out} --format ngp")
     return 0
 

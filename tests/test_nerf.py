@@ -590,6 +590,25 @@ def test_early_termination_by_lod_decodes_each_lod_on_its_own_samples():
     torch.testing.assert_close(rgb[1], full_rgb[1])
     with pytest.raises(ValueError, match="1 row lists for 2 LODs"):
         field.all_lods(x, dd, lods, rows=[None])
+    # render_rays hands each LOD its rows (the same render as above); one LOD needs none
+    seen = []
+    decode = field.all_lods
+
+    def spy(*a, rows=None, **k):
+        seen.append(rows)
+        return decode(*a, rows=rows, **k)
+
+    field.all_lods = spy
+    with torch.no_grad():
+        render_rays(field, sampler, o, dirs, lods, bg, early_stop_eps=eps)
+        render_rays(field, sampler, o, dirs, [4], bg, early_stop_eps=eps)
+    assert seen[1] == [None] and seen[0][0] is None and torch.equal(seen[0][1], rows[1])
+    for bad in (-1e-3, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="early_stop_eps must be in"):
+            render_rays(field, sampler, o, dirs, lods, bg, early_stop_eps=bad)
+        if bad == bad and bad > 0:
+            with pytest.raises(ValueError, match="eps must be in"):
+                terminate_rays(field, marched, o, dirs, lods, bad)
 
 
 @pytest.fixture(scope="module")
@@ -637,7 +656,24 @@ def test_resume_continues_from_checkpoint(scene, tmp_path):
     res = fit_nerf(scene, grid, dec, train, CPU, out_dir=tmp_path, resume=True, quiet=True)
     assert res.history[0]["step"] == 21
     _, cfg = load_checkpoint(tmp_path / "checkpoint", CPU)
-    assert cfg["step"] == 30
+    assert cfg["step"] == 30 and cfg["train"]["early_stop_eps"] == 0.0  # auto, resolved: a bounded scene
+    # a checkpoint that recorded 'auto' unresolved (a task run by hand) resumes with the rule, from the field's
+    # scene; one whose value is not a number is refused
+    import json
+
+    cfg_path = tmp_path / "checkpoint" / "config.json"
+    for saved, steps in ((None, 32), ("1e-3", 34)):
+        raw = json.loads(cfg_path.read_text())
+        raw["train"]["early_stop_eps"] = saved
+        cfg_path.write_text(json.dumps(raw))
+        train.steps = steps
+        if saved is None:
+            fit_nerf(scene, grid, dec, train, CPU, out_dir=tmp_path, resume=True, quiet=True)
+            _, cfg = load_checkpoint(tmp_path / "checkpoint", CPU)
+            assert cfg["step"] == 32 and cfg["train"]["early_stop_eps"] == 0.0
+        else:
+            with pytest.raises(InputError, match="early_stop_eps '1e-3' is not a number"):
+                fit_nerf(scene, grid, dec, train, CPU, out_dir=tmp_path, resume=True, quiet=True)
 
 
 def test_octree_from_an_earlier_fit_is_reused_and_checked(scene, fitted, tmp_path):

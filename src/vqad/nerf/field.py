@@ -237,7 +237,7 @@ class NeRFField(NeuralField):
             idx = None if rows is None else rows[b]
             if idx is None:
                 s, c = self._decode(x, f, sh, lod)
-            elif idx.numel() == 0:  # this LOD is opaque before every kept sample: nothing to decode
+            elif idx.numel() == 0:  # a caller's empty list (terminate_rays always keeps each ray's first sample)
                 s, c = x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0], 3)
             else:  # σ = 0 contributes nothing to the composite; index_copy passes the gradient to the decoded rows
                 s_b, c_b = self._decode(x.index_select(0, idx), f.index_select(0, idx), sh.index_select(0, idx), lod)

@@ -187,7 +187,14 @@ def fit_nerf(
     if resume:
         field, resume_cfg, start = load_for_resume(ckpt_dir, "nerf", device)
         if train_cfg.early_stop_eps is None:  # 'auto' continues with what the checkpoint resolved it to
-            train_cfg = replace(train_cfg, early_stop_eps=float(resume_cfg.get("train", {}).get("early_stop_eps", 0.0)))
+            saved = resume_cfg.get("train", {}).get("early_stop_eps", 0.0)  # absent: a checkpoint from before it (off)
+            if saved is not None and (isinstance(saved, bool) or not isinstance(saved, (int, float))):
+                raise InputError(f"{ckpt_dir}: the checkpoint's early_stop_eps {saved!r} is not a number")
+            # null: a run that never resolved it (a task run by hand) -- the rule, from the field's own scene
+            train_cfg = replace(train_cfg, early_stop_eps=auto_early_stop(saved, field.nerf_cfg.outer_scale))
+            train_cfg.validate()
+            if saved is None:  # what that run did, as its task resolved it
+                resume_cfg.setdefault("train", {})["early_stop_eps"] = train_cfg.early_stop_eps
         if dec_cfg.per_lod is None:  # 'auto' matches whatever the checkpoint resolved it to
             dec_cfg = replace(dec_cfg, per_lod=bool(resume_cfg["decoder"].get("per_lod", False)))
         check_resumed_fit(ckpt_dir, resume_cfg, grid_cfg, dec_cfg, train_cfg)
@@ -198,7 +205,7 @@ def fit_nerf(
     else:
         field, method = build_nerf_field(dataset, grid_cfg, dec_cfg, nerf_cfg or NERF_FIELD, train_cfg, device, quiet,
                                          deadline=deadline)
-        auto = train_cfg.early_stop_eps is None  # auto_early_stop, from the scene (resumed: the checkpoint's)
+        auto = train_cfg.early_stop_eps is None  # auto_early_stop, from the scene
         train_cfg = replace(train_cfg, early_stop_eps=auto_early_stop(train_cfg.early_stop_eps, dataset.outer_scale))
         if not quiet and train_cfg.early_stop_eps > 0:
             print(f"early ray termination in training: ε = {train_cfg.early_stop_eps:g}"

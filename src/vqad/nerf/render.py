@@ -549,14 +549,19 @@ def terminate_rays(field, samples: PackedSamples, o: torch.Tensor, d: torch.Tens
     transparent longer, so the finest LOD's list is often far shorter: :meth:`NeRFField.all_lods`
     decodes each LOD on its own list only).
     """
+    if not 0.0 < eps < 1.0:  # also NaN; 0 is no termination (don't call this), >= 1 would drop every sample
+        raise ValueError(f"terminate_rays: eps must be in (0, 1), got {eps}")
     x = samples.points(o, d)
     sig = torch.cat([field.densities(x[s : s + chunk], lods) for s in range(0, x.shape[0], chunk)], dim=1)
     T, _ = render_transmittance_from_density(samples.t_starts, samples.t_ends, sig, samples.ray_indices, samples.n_rays)
     keep = T >= eps  # (B, S)
     kept = keep.any(dim=0).nonzero().squeeze(1)  # host synchronisations: how many, then each LOD's rows
     whole = kept.numel() == len(samples)
-    per_lod = keep if whole else keep.index_select(1, kept)  # (B, S')
-    rows = [r if r.numel() < kept.numel() else None for r in (m.nonzero().squeeze(1) for m in per_lod)]
+    if len(lods) == 1:  # the one LOD keeps exactly the kept samples: no rows to find
+        rows: list[torch.Tensor | None] = [None]
+    else:
+        per_lod = keep if whole else keep.index_select(1, kept)  # (B, S')
+        rows = [r if r.numel() < kept.numel() else None for r in (m.nonzero().squeeze(1) for m in per_lod)]
     if whole:
         return samples, rows
     return PackedSamples(samples.t_starts.index_select(0, kept), samples.t_ends.index_select(0, kept),
@@ -595,6 +600,8 @@ def render_rays(
         a :class:`VolumeOutput` whose tensors have a leading ``B`` (``rgb (B, R, 3)``, ...), and
         the number of samples S (after termination).
     """
+    if not 0.0 <= early_stop_eps < 1.0:  # also NaN, which would silently turn termination off
+        raise ValueError(f"render_rays: early_stop_eps must be in [0, 1), got {early_stop_eps}")
     samples = sampler.march(o, d, near=near, far=far, jitter=jitter)
     rows = None
     if early_stop_eps > 0 and len(samples):

@@ -85,7 +85,7 @@ def register(sub) -> None:
                      "but can kill every density, see docs/benchmarks/nerf.md; codebook only)")
     config_flag(p, T, "early_stop_eps", type=float, metavar="EPS",
                 help="training skips samples behind transmittance below this (early ray termination; 0: off; "
-                     "none: 1e-4 in a contracted scene (ngp aabb_scale > 1, COLMAP bounds; on a room 1.28x faster "
+                     "not given: 1e-4 in a contracted scene (ngp aabb_scale > 1, COLMAP bounds; on a room 1.28x faster "
                      "late steps, -0.07 to +0.23 dB), 0 elsewhere: on lego and fern its density-only pre-pass "
                      "cost more than it saved)")
     config_flag(p, T, "distortion_weight", help="λ of mip-NeRF 360's distortion loss (penalises weight spread along "

@@ -187,7 +187,7 @@ def fit_nerf(
     if resume:
         field, resume_cfg, start = load_for_resume(ckpt_dir, "nerf", device)
         if train_cfg.early_stop_eps is None:  # 'auto' continues with what the checkpoint resolved it to
-            saved = resume_cfg.get("train", {}).get("early_stop_eps", 0.0)  # absent: a checkpoint from before it (off)
+            saved = {**NeRFTrainConfig.ABSENT_MEANS, **resume_cfg.get("train", {})}["early_stop_eps"]
             if saved is not None and (isinstance(saved, bool) or not isinstance(saved, (int, float))):
                 raise InputError(f"{ckpt_dir}: the checkpoint's early_stop_eps {saved!r} is not a number")
             # null: a run that never resolved it (a task run by hand) -- the rule, from the field's own scene

@@ -178,9 +178,10 @@ def _render_view(env: Environment, cfg: SceneCaptureConfig, pose: torch.Tensor, 
     sub = torch.stack([du.reshape(-1), dv.reshape(-1)], dim=-1)  # (n², 2)
     out = torch.empty(centers.shape[0], 4, dtype=torch.uint8)
     per_chunk = max(1, RAY_CHUNK // (n * n))  # pixels
+    intr = torch.tensor(intr)
     for a in range(0, centers.shape[0], per_chunk):
         uv = (centers[a:a + per_chunk, None, :] + sub).reshape(-1, 2)  # (p · n², 2), each pixel's rays together
-        o, d = rays_for_pixels(pose, torch.tensor(intr), uv)
+        o, d = rays_for_pixels(pose, intr, uv)
         _, color, hit = env.raycast(o, d, background)
         alpha = torch.ones_like(color[:, 0]) if background else hit.to(color.dtype)
         a_px = alpha.reshape(-1, n * n).mean(1)  # (p,)

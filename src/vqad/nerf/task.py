@@ -98,6 +98,9 @@ class NeRFTrainConfig(TrainConfig):
         if self.mlp_precision not in MLP_PRECISIONS:
             raise InputError(f"unknown --mlp-precision {self.mlp_precision!r}: choose one of {', '.join(MLP_PRECISIONS)}")
 
+    #: :attr:`TrainConfig.ABSENT_MEANS`, and a checkpoint from before early ray termination ran without it
+    ABSENT_MEANS = {**TrainConfig.ABSENT_MEANS, "early_stop_eps": 0.0}
+
 
 #: the early-ray-termination threshold ε that ``early_stop_eps=None`` ('auto') means in a contracted scene
 #: (:func:`auto_early_stop`); nerfacc's default

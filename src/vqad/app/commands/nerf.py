@@ -167,7 +167,8 @@ def cmd_synth_capture(args) -> int:
         raise InputError(f"--out {out} exists and is not an empty folder: write the capture to a new folder")
     path = write_capture(out, cfg, background=not args.no_background)
     print(f"wrote {path} ({cfg.views} views, {width}x{height}, aabb_scale {cfg.aabb_scale}, "
-          f"{'object alone' if args.no_background else 'object in a textured room'}, {cfg.points:,} sparse points, {cfg.supersample}x{cfg.supersample} rays a pixel)")
+          f"{'object alone' if args.no_background else 'object in a textured room'}, {cfg.points:,} sparse points, "
+          f"{cfg.supersample}x{cfg.supersample} rays a pixel)")
     print(f"next: vqad fit-nerf {out} --format ngp")
     return 0
 

@@ -96,10 +96,17 @@ def fit(capture: Path, out: Path, storage: str, minutes: float, levels: tuple[in
             "regions": region_psnr(capture, out, levels[1])}
 
 
+FAR_GROUND = 3.0  # world units from the camera (its distance to the object) where region_psnr's far ground starts
+REGIONS = ("object", "rest", "ground_near", "ground_far", "dome")
+
+
 def region_psnr(capture: Path, fit_dir: Path, lod: int) -> dict | None:
     """Held-out PSNR at ``lod`` of the object's pixels and of the rest, from the fit's test renders
     (``fit_dir/test_lod<L>/``): which pixels show the object comes from exact ray casting of the generated
-    room, or from the alpha mask of the object alone (whose rest is the plain background)."""
+    room, or from the alpha mask of the object alone (whose rest is the plain background). In a room the
+    rest is split further by what each pixel's centre ray meets first: the ground nearer than
+    :data:`FAR_GROUND` to the camera, the ground beyond, and the dome. Returns ``{region: dB}`` plus
+    ``"share"``: each region's share of the pixels and of the squared error."""
     import numpy as np
     from PIL import Image
 
@@ -108,24 +115,34 @@ def region_psnr(capture: Path, fit_dir: Path, lod: int) -> dict | None:
     ds = load_dataset(str(capture), format="ngp")
     views = ds.splits["test"]
     if views.masks is not None:
-        on = (views.masks > 127).numpy()
+        label = np.where((views.masks > 127).numpy(), 0, 1)  # object, rest (the plain background)
     else:
-        hit = torch.cat([on_object for _, _, _, on_object, _ in cast_rays(capture, ds, "test")])
-        on = hit.reshape(len(views), *views.hw).numpy()
-    se, n = np.zeros(2), np.zeros(2)
+        parts = []
+        for ow, dw, t, on_object, scene in cast_rays(capture, ds, "test"):
+            p = ow + torch.nan_to_num(t, posinf=0.0)[:, None] * dw
+            ground = torch.isfinite(t) & (p[:, 1] < scene["ground_y"] + 1e-3) & ~on_object
+            parts.append(torch.where(on_object, 0, torch.where(ground, torch.where(t < FAR_GROUND, 2, 3), 4)))
+        label = torch.cat(parts).reshape(len(views), *views.hw).numpy()
+    se, n = np.zeros(len(REGIONS)), np.zeros(len(REGIONS))
     for i, name in enumerate(views.names or [f"{i:03d}" for i in range(len(views))]):
         path = fit_dir / f"test_lod{lod}" / f"{Path(name).stem}.png"
         if not path.is_file():  # a view the evaluation left out (--eval-max-views)
             continue
         err = ((np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
                 - views.images[i].double().numpy() / 255) ** 2).mean(-1)
-        for k, sel in enumerate((on[i], ~on[i])):
+        for k in range(len(REGIONS)):
+            sel = (label[i] == k) if k != 1 else (label[i] != 0)
             se[k] += err[sel].sum()
             n[k] += sel.sum()
-    if not n.all():
+    if not n[:2].all():
         return None
-    psnr = [float("inf") if e == 0 else float(-10 * np.log10(e / c)) for e, c in zip(se, n)]
-    return {"lod": lod, "object": psnr[0], "rest": psnr[1], "object_pixels": float(n[0] / n.sum())}
+    out = {"lod": lod, "object_pixels": float(n[0] / n[:2].sum()), "share": {}}
+    for k, region in enumerate(REGIONS):
+        if n[k]:
+            out[region] = float("inf") if se[k] == 0 else float(-10 * np.log10(se[k] / n[k]))
+            if k != 1:
+                out["share"][region] = {"pixels": float(n[k] / n[:2].sum()), "error": float(se[k] / se[:2].sum())}
+    return out
 
 
 # -- diagnosis: which surfaces the octree holds, and a fit on an octree of the true surfaces -----------
@@ -212,6 +229,13 @@ def diagnose(capture: Path, work: Path, minutes: float, levels: tuple[int, int],
     return out
 
 
+def fit_dir_name(capture_name: str, tag: str, seed: int) -> str:
+    """The folder under ``work/fits`` of the fit labelled ``tag`` in the report (``"4-bit (density), seed 1"``)."""
+    storage = "dense" if tag.startswith("dense") else "codebook"
+    octree = tag.split("(", 1)[1].split(")", 1)[0] if "(" in tag else None
+    return f"{capture_name}-{storage}" + (f"-{octree}" if octree else "") + (f"-seed{seed}" if seed else "")
+
+
 def psnr_text(psnr: dict) -> str:
     """``{lod: dB}`` as ``"4: 19.38, 5: 15.95, ..."``, coarsest first."""
     return ", ".join(f"{lod}: {p:.2f}" for lod, p in sorted(psnr.items(), key=lambda kv: int(kv[0])))
@@ -246,6 +270,28 @@ def write_report(results: dict, args, path: Path) -> None:
             lines.append(f"| {name} | {key.split(' ')[0].rstrip(',')} | {f.get('seed', 0)} | {octree} | {decoders} | "
                          f"{f['wall_seconds']:.0f} / {f['cap_seconds']:.0f} | "
                          f"{f['octree_seconds']:.1f} | {f['steps']} | {psnr} | {regions} |")
+    shares = [(name, key, f["regions"]) for name, r in results.items() for key, f in r.get("fits", {}).items()
+              if f.get("regions") and "share" in f["regions"]]
+    if shares:
+        lines += ["", "## Where the error is (finest LOD, held-out views)", "",
+                  "Each pixel labelled by what its centre ray meets first (exact ray casting of the generated scene; "
+                  f"the ground split at {FAR_GROUND:g} world units from the camera; the object alone's rest is its "
+                  "plain background): PSNR of those pixels, their share of the pixels, their share of the squared "
+                  "error.", "",
+                  "| capture | fit | object | ground near | ground far | dome | background |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, key, reg in shares:
+            def cell(region, reg=reg):
+                sh = reg["share"].get(region)
+                if sh is None:
+                    return "–"
+                return f"{reg[region]:.2f} dB ({100 * sh['pixels']:.0f} % / {100 * sh['error']:.0f} %)"
+            background = "–"
+            if not {"ground_near", "ground_far", "dome"} & set(reg["share"]):  # the object alone: one rest
+                background = (f"{reg['rest']:.2f} dB ({100 * (1 - reg['object_pixels']):.0f} % / "
+                              f"{100 * (1 - reg['share']['object']['error']):.0f} %)")
+            lines.append(f"| {name} | {key} | {cell('object')} | {cell('ground_near')} | {cell('ground_far')} | "
+                         f"{cell('dome')} | {background} |")
     diag = {name: r["diagnose"] for name, r in results.items() if "diagnose" in r}
     if diag:
         lines += ["", "## Diagnosis: the octree's share (`--diagnose`)", "",
@@ -295,6 +341,9 @@ def main() -> None:
                     help="only the density pass rows, replacing those in --out's .json (the fits are kept)")
     ap.add_argument("--fit-octree", default="auto", help="--octree of every fit (auto: points where the capture has "
                                                          "them, masks for the object alone)")
+    ap.add_argument("--regions-only", action="store_true",
+                    help="only recompute the finest LOD's per-region PSNR of the fits already in --out's .json, from "
+                         "their renders in --work (no fitting)")
     ap.add_argument("--merge", action="store_true", help="add these fits to the results already in --out's .json "
                                                          "(no density pass rows)")
     ap.add_argument("--grids", default="dense,codebook", help="comma list of the fits' grids: dense, codebook (4-bit)")
@@ -314,10 +363,14 @@ def main() -> None:
         sys.exit("bench_scene: --density-only runs no fit: it does not combine with --merge or --diagnose(-only)")
     if args.seed and (args.diagnose or args.diagnose_only or args.density_only):
         sys.exit("bench_scene: --seed applies to the fits' rows only; the diagnosis and the density pass run seed 0")
-    if args.diagnose_only or args.merge or args.density_only:
+    if args.regions_only and (args.merge or args.diagnose or args.diagnose_only or args.density_only):
+        sys.exit("bench_scene: --regions-only runs no fit: it does not combine with --merge, --diagnose(-only) or "
+                 "--density-only")
+    if args.diagnose_only or args.merge or args.density_only or args.regions_only:
         prior = Path(args.out).with_suffix(".json")
         if not prior.is_file():
-            sys.exit(f"bench_scene: --merge / --diagnose-only / --density-only add to {prior}, which does not exist: "
+            sys.exit(f"bench_scene: --merge / --diagnose-only / --density-only / --regions-only add to {prior}, "
+                     f"which does not exist: "
                      f"run once without them first")
         results = json.loads(prior.read_text())
     only = None if args.only is None else set(args.only.split(","))
@@ -335,6 +388,14 @@ def main() -> None:
                 print(f"{name}: diagnosis {results[name]['diagnose']}", flush=True)
             if args.diagnose_only:
                 continue
+        if args.regions_only:
+            for tag, f in results.get(name, {}).get("fits", {}).items():
+                fit_dir = work / "fits" / fit_dir_name(cap.name, tag, f.get("seed", 0))
+                if not fit_dir.is_dir():
+                    sys.exit(f"bench_scene: no renders of {name} {tag} in {fit_dir}: give the --work its fits ran in")
+                f["regions"] = region_psnr(cap, fit_dir, levels[1])
+                print(f"{name} {tag}: {f['regions']}", flush=True)
+            continue
         if args.density_only:
             results.setdefault(name, {"fits": {}})["density"] = density_pass(cap, args.density_minutes, steps, levels)
             print(f"{name}: density pass {results[name]['density']['seconds']:.1f} s, "
@@ -351,8 +412,7 @@ def main() -> None:
         for storage in grids:
             tag = ("dense" if storage == "dense" else "4-bit") + (f" ({args.fit_octree})" if suffix else "") \
                 + (f", seed {args.seed}" if args.seed else "")
-            seeded = f"-seed{args.seed}" if args.seed else ""
-            r["fits"][tag] = fit(cap, work / "fits" / f"{cap.name}-{storage}{suffix}{seeded}", storage, args.minutes,
+            r["fits"][tag] = fit(cap, work / "fits" / fit_dir_name(cap.name, tag, args.seed), storage, args.minutes,
                                  levels, eval_views, extra=["--octree", args.fit_octree, "--seed", str(args.seed)])
             r["fits"][tag]["seed"] = args.seed
             produced.setdefault(name, {})[tag] = r["fits"][tag]

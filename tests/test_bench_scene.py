@@ -57,6 +57,9 @@ def test_region_psnr_against_known_errors(tmp_path):
     fit = tmp_path / "fit-object"
     _shifted_renders(obj, fit, 5, mask, 8, 2)
     got = bench.region_psnr(obj, fit, 5)
+    assert set(got["share"]) == {"object"}
+    share = (64 * mask.mean()) / (64 * mask.mean() + 4 * (1 - mask.mean()))  # the object's share of the error
+    assert math.isclose(got["share"]["object"]["error"], float(share), abs_tol=1e-9)
     assert math.isclose(got["object"], 20 * math.log10(255 / 8), abs_tol=1e-6)
     assert math.isclose(got["rest"], 20 * math.log10(255 / 2), abs_tol=1e-6)
     assert math.isclose(got["object_pixels"], float(mask.mean()), abs_tol=1e-12)
@@ -67,3 +70,41 @@ def test_region_psnr_against_known_errors(tmp_path):
     assert abs(got["object_pixels"] - float(mask.mean())) < 0.02  # same cameras, same object
     assert abs(got["object"] - 20 * math.log10(255 / 8)) < 0.5  # the object's pixels carry the error ...
     assert got["rest"] > 35  # ... the rest nearly none (edge pixels where the mask and the ray cast differ)
+
+
+def test_region_psnr_splits_the_room_by_what_each_pixel_sees(tmp_path):
+    """The room's rest is split into near ground, far ground and dome: the cameras look at the object
+    from above it, so every view's top row shows the dome and its bottom row the ground nearby; an
+    error put on the top row alone is all the dome's, and the shares of pixels and of error add up."""
+    from vqad.nerf.formats import load_dataset
+
+    bench = _bench()
+    room = _capture(tmp_path / "room", 4, True)
+    views = load_dataset(str(room), format="ngp").splits["test"]
+    top = np.zeros((len(views), *views.hw), dtype=bool)
+    top[:, 0, :] = True
+    fit = tmp_path / "fit-room"
+    _shifted_renders(room, fit, 5, top, 8, 0)
+    got = bench.region_psnr(room, fit, 5)
+    share = got["share"]
+    assert set(share) == {"object", "ground_near", "ground_far", "dome"}
+    assert math.isclose(sum(s["pixels"] for s in share.values()), 1.0, abs_tol=1e-9)
+    assert math.isclose(sum(s["error"] for s in share.values()), 1.0, abs_tol=1e-9)
+    assert math.isclose(share["dome"]["error"], 1.0, abs_tol=1e-12)  # the top rows: dome only
+    assert all(share[r]["pixels"] > 0.01 for r in share)  # each region is seen
+    assert got["ground_near"] == got["ground_far"] == got["object"] == float("inf")  # no error there
+    # the dome's PSNR is that of the top rows' error spread over all the dome's pixels
+    n_top, n_all = top.sum(), top.size
+    expect = -10 * math.log10((8 / 255) ** 2 * n_top / (share["dome"]["pixels"] * n_all))
+    assert math.isclose(got["dome"], expect, abs_tol=1e-6)
+    # the report shows the split
+    args = type("A", (), {"quick": False, "size": "48x80", "views": 16, "supersample": 4, "minutes": 1.0,
+                          "steps": 400, "density_minutes": 2.0})()
+    report = tmp_path / "scene.md"
+    bench.write_report({"room": {"fits": {"dense": {"psnr": {"5": 30.0}, "wall_seconds": 1, "cap_seconds": 60,
+                                                     "octree_seconds": 0.1, "steps": 10, "regions": got}}}},
+                       args, report)
+    text = report.read_text()
+    assert "## Where the error is" in text
+    row = [line for line in text.splitlines() if line.startswith("| room | dense | inf")][0]
+    assert row.count("dB") == 4 and row.rstrip().endswith("| – |")  # object, near, far, dome; no plain background

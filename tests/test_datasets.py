@@ -907,3 +907,121 @@ def test_sparse_point_readers_fuzzed_raise_only_input_errors(tmp_path):
             except InputError:
                 continue
             assert out.ndim == 2 and out.shape[1] == 3 and np.isfinite(out).all()
+
+
+def _colmap_txt(tmp_path, name: str, views: int = 4):
+    from vqad.nerf.scene_capture import SceneCaptureConfig, render_capture
+
+    rgba, c2w, (fx, fy, cx, cy) = render_capture(SceneCaptureConfig(width=8, height=8, views=views))
+    root = _write_colmap(tmp_path / name, c2w, rgba[..., :3], [(1, "PINHOLE", 8, 8, [fx, fy, cx, cy])], False)
+    return root, root / "sparse" / "0" / "images.txt"
+
+
+def test_colmap_images_txt_lines_checked(tmp_path):
+    """Each image takes two lines in images.txt: one without its POINTS2D line would shift every later
+    image into the points' place (half the images dropped, silently). Ids and names are unique, and a
+    zero quaternion is no rotation."""
+    root, images = _colmap_txt(tmp_path, "ok")
+    assert len(load_dataset(root, format="colmap").splits["train"]) == 3
+    lines = images.read_text().splitlines()  # "# Image list", then pose / points pairs
+    root, images = _colmap_txt(tmp_path, "nopoints")
+    images.write_text("\n".join([lines[0]] + lines[1::2]) + "\n")  # the pose lines only
+    with pytest.raises(InputError, match="not followed by its POINTS2D line"):
+        load_dataset(root, format="colmap")
+    root, images = _colmap_txt(tmp_path, "dupid")
+    images.write_text("\n".join(lines[:5] + [lines[5].replace("3 ", "1 ", 1)] + lines[6:]) + "\n")
+    with pytest.raises(InputError, match="image id 1 appears twice"):
+        load_dataset(root, format="colmap")
+    root, images = _colmap_txt(tmp_path, "dupname")
+    images.write_text("\n".join(lines[:5] + [lines[5].replace("im002.png", "im000.png")] + lines[6:]) + "\n")
+    with pytest.raises(InputError, match="are both 'im000.png'"):
+        load_dataset(root, format="colmap")
+    root, images = _colmap_txt(tmp_path, "zeroq")
+    f = lines[3].split()
+    images.write_text("\n".join(lines[:3] + [" ".join(f[:1] + ["0", "0", "0", "0"] + f[5:])] + lines[4:]) + "\n")
+    with pytest.raises(InputError, match="quaternion is zero"):
+        load_dataset(root, format="colmap")
+
+
+def _ngp_capture(tmp_path, name: str):
+    from vqad.nerf.scene_capture import SceneCaptureConfig, write_capture
+
+    path = write_capture(tmp_path / name, SceneCaptureConfig(width=8, height=12, views=3, points=200))
+    return path.parent, path, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("k1", "abc", "k1 must be a finite number"), ("k2", [0.1], "k2 must be a finite number"),
+    ("p1", True, "p1 must be a finite number"), ("k3", "abc", "k3 must be a finite number"),
+    ("k3", 0.1, "k3/k4 are not supported"), ("aabb_scale", 1e9, "aabb_scale .* above the largest"),
+    ("aabb_scale", "4", "aabb_scale must be a number"), ("scale", True, "scale must be a number"),
+])
+def test_ngp_values_of_the_wrong_kind_are_refused(tmp_path, key, value, match):
+    root, path, meta = _ngp_capture(tmp_path, "cap")
+    meta[key] = value
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=match):
+        load_dataset(root, format="ngp")
+
+
+def test_ngp_not_utf8_and_16_bit_images_are_refused(tmp_path):
+    root, path, meta = _ngp_capture(tmp_path, "bytes")
+    path.write_bytes(b'{"frames": "\xff\xfe"}')
+    with pytest.raises(InputError, match="not valid JSON .*not UTF-8"):
+        load_dataset(root, format="ngp")
+    root, path, meta = _ngp_capture(tmp_path, "deep")
+    img = root / meta["frames"][1]["file_path"]
+    a = np.asarray(Image.open(img).convert("L")).astype(np.uint16) * 257
+    Image.fromarray(a).save(img)  # a 16-bit grey PNG: PIL's RGBA conversion would clip it to white
+    assert Image.open(img).mode.startswith("I")
+    with pytest.raises(InputError, match="16-bit or float pixels"):
+        load_dataset(root, format="ngp")
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda m: m[:3, :3] * 2.0, "scaled or sheared"),
+    (lambda m: m[:3, :3] @ np.array([[1.0, 0.3, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), "scaled or sheared"),
+    (lambda m: m[:3, :3] @ np.diag([1.0, 1.0, -1.0]), "mirror"),
+    (None, "last row"),
+])
+def test_ngp_poses_that_are_not_rigid_are_refused(tmp_path, change, match):
+    root, path, meta = _ngp_capture(tmp_path, "cap")
+    m = np.array(meta["frames"][2]["transform_matrix"])
+    if change is None:
+        m[3] = [0.0, 0.0, 0.5, 1.0]
+    else:
+        m[:3, :3] = change(m)
+    meta["frames"][2]["transform_matrix"] = m.tolist()
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=match):
+        load_dataset(root, format="ngp")
+    m[:3, :3] = np.eye(3) * (1 + 2e-4)  # within the tolerance of poses written with ~7 digits: accepted
+    m[3] = [0.0, 0.0, 0.0, 1.0]
+    meta["frames"][2]["transform_matrix"] = m.tolist()
+    path.write_text(json.dumps(meta))
+    assert len(load_dataset(root, format="ngp").splits["train"]) == 2
+
+
+def test_colmap_stray_camera_and_ngp_duplicate_frames_are_refused(tmp_path):
+    """One camera registered 1e30 away would make the scene box itself; one photo listed twice trains
+    on a held-out view (or gives a photo two poses)."""
+    root, images = _colmap_txt(tmp_path, "stray", views=6)
+    lines = images.read_text().splitlines()
+    f = lines[5].split()  # image 3's pose line
+    images.write_text("\n".join(lines[:5] + [" ".join(f[:5] + ["1e30", "0", "0"] + f[8:])] + lines[6:]) + "\n")
+    with pytest.raises(InputError, match="camera of 'im002.png' is .*failed registration"):
+        load_dataset(root, format="colmap")
+    root, path, meta = _ngp_capture(tmp_path, "dup")
+    meta["frames"][2]["file_path"] = meta["frames"][0]["file_path"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="frame 2 .* and frame 0 are both"):
+        load_dataset(root, format="ngp")
+
+
+def test_octree_from_an_output_folder_points_to_its_checkpoint(tmp_path):
+    from vqad.checkpoint import read_config
+
+    (tmp_path / "fit" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "fit" / "checkpoint" / "config.json").write_text("{}")
+    with pytest.raises(InputError, match="holds checkpoint/: pass that"):
+        read_config(tmp_path / "fit")

@@ -133,7 +133,9 @@ def read_config(path: str | Path) -> dict:
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise InputError(f"{path} is not a vqad checkpoint (no config.json): pass a checkpoint directory or a .vqad file")
+        inner = " (it holds checkpoint/: pass that)" if (Path(path) / "checkpoint" / "config.json").is_file() else ""
+        raise InputError(f"{path} is not a vqad checkpoint (no config.json){inner}: pass a checkpoint directory or a "
+                         f".vqad file")
     try:
         return json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:

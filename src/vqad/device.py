@@ -99,7 +99,14 @@ def resolve_threads(threads: int | None = None) -> int:
         n = 0
     if n < 1 or str(threads).strip() != str(n):
         raise InputError(f"{source} must be a positive whole number of CPU threads, got {threads!r} (e.g. --threads 2)")
+    if n > MAX_THREADS:
+        raise InputError(f"{source} {n} is more CPU threads than vqad starts (at most {MAX_THREADS}; this machine has "
+                         f"{available_cores()} cores): give at most the cores the job may use")
     return n
+
+
+#: the most threads a job may ask for: far more than any CPU's cores (OpenMP crashed here at ~100,000)
+MAX_THREADS = 1024
 
 
 def set_threads(threads: int | None = None) -> int:

@@ -19,4 +19,8 @@ def ssim(pred: torch.Tensor, gt: torch.Tensor) -> float:
 
     a = pred.float().permute(2, 0, 1)[None].clamp(0, 1)
     b = gt.float().permute(2, 0, 1)[None]
+    # pytorch-msssim squeezes away sides of 1 px (then refuses the tensor) and skips the window along sides
+    # shorter than it; a 1-px side repeated twice gives the same score under that rule
+    reps = (1, 1, 2 if a.shape[2] == 1 else 1, 2 if a.shape[3] == 1 else 1)
+    a, b = a.repeat(reps), b.repeat(reps)
     return float(_ssim(a, b, data_range=1.0, size_average=True, win_size=11, win_sigma=1.5))

@@ -63,6 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vqad: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"vqad: error: out of memory ({first[:200]}): the job is too large for this machine; lower --levels' "
+              f"finest level, --dilate, --batch-rays or the images' size (--downscale)", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (host or device), not another runtime error."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("can't allocate memory", "out of memory", "not enough memory", "cannot allocate memory"))
 
 
 if __name__ == "__main__":

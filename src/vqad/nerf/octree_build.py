@@ -73,7 +73,12 @@ def build_octree(dataset: SceneDataset, method: str, base_level: int, max_level:
 
     ``kwargs`` go to the chosen builder (e.g. ``steps`` of the density pass).
     """
-    method = resolve_method(dataset, method, split)
+    requested, method = method, resolve_method(dataset, method, split)
+    if requested == "auto" and method == "points":
+        try:
+            return octree_from_points(dataset, base_level, max_level, device, dilate=dilate), method
+        except InputError as e:  # name the choice the user did not make, and the way out
+            raise InputError(f"--octree auto chose the capture's sparse points, but: {e} (or pass --octree density)") from e
     if method == "depth":
         return octree_from_depth(dataset, base_level, max_level, device, dilate=dilate, split=split), method
     if method == "mask":
@@ -169,7 +174,8 @@ def octree_from_points(dataset: SceneDataset, base_level: int, max_level: int, d
     x = x[(x.abs() < 1).all(-1)]
     if x.shape[0] == 0:
         raise InputError(f"--octree points: none of the {dataset.points.shape[0]:,} sparse points of {dataset.name!r} "
-                         "is inside the scene's box")
+                         "is inside the scene's box: check the points' file and the scene box (aabb_scale), or use "
+                         "--octree density")
     level = points_level(x, max_level)
     res = 1 << level
     ijk, _ = cell_coords(x, level)

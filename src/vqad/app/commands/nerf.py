@@ -165,11 +165,16 @@ def cmd_synth_capture(args) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out} exists and is not an empty folder: write the capture to a new folder")
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create --out {out}: {e.strerror or e}") from e
     path = write_capture(out, cfg, background=not args.no_background)
     print(f"wrote {path} ({cfg.views} views, {width}x{height}, aabb_scale {cfg.aabb_scale}, "
           f"{'object alone' if args.no_background else 'object in a textured room'}, {cfg.points:,} sparse points, "
           f"{cfg.supersample}x{cfg.supersample} rays a pixel)")
-    print(f"next: vqad fit-nerf {out} --format ngp")
+    hint = " --octree density" if args.no_background and cfg.aabb_scale > 1 else ""  # masks mark no room
+    print(f"next: vqad fit-nerf {out} --format ngp{hint}")
     return 0
 
 

@@ -85,7 +85,10 @@ class ColmapImage:
 
     def c2w(self, what: str) -> np.ndarray:
         """OpenGL camera-to-world ``(4, 4)``."""
-        q = self.qvec / max(np.linalg.norm(self.qvec), 1e-300)
+        norm = float(np.linalg.norm(self.qvec))
+        if norm < 1e-9:
+            raise InputError(f"{what}: the rotation quaternion is zero; fix or drop that image")
+        q = self.qvec / norm
         w, x, y, z = q
         R = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
                       [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
@@ -148,9 +151,28 @@ def read_images_txt(path: Path) -> dict[int, ColmapImage]:
             cam, name = int(f[8]), f[9].strip()
         except (ValueError, IndexError) as e:
             raise InputError(f"{what}: expected IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME ({e})") from e
-        out[img_id] = ColmapImage(q, t, cam, name)
+        _add_image(out, img_id, ColmapImage(q, t, cam, name), path)
+        points = lines[i + 1].split() if i + 1 < len(lines) else []
+        try:
+            [float(v) for v in points]
+            ok = len(points) % 3 == 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise InputError(f"{path.name}: image {img_id} ({name!r}) is not followed by its POINTS2D line (X Y POINT3D_ID "
+                             f"triples, or an empty line): every image takes two lines; re-export the model")
         i += 2  # the points line follows (possibly empty)
     return out
+
+
+def _add_image(out: dict, img_id: int, image: ColmapImage, path: Path) -> None:
+    """``out[img_id] = image``, refusing a second image of the same id or name (one photo, two poses)."""
+    if img_id in out:
+        raise InputError(f"{path.name}: image id {img_id} appears twice; re-export the model")
+    same = next((i for i, im in out.items() if im.name == image.name), None)
+    if same is not None:
+        raise InputError(f"{path.name}: images {same} and {img_id} are both {image.name!r}; re-export the model")
+    out[img_id] = image
 
 
 # -- binary ----------------------------------------------------------------------------------------
@@ -205,7 +227,7 @@ def read_images_bin(path: Path) -> dict[int, ColmapImage]:
         if r.pos + 24 * n_pts > len(r.data):
             raise InputError(f"{path} is truncated (image {img_id}'s points): re-export the model")
         r.pos += 24 * n_pts
-        out[img_id] = ColmapImage(pose[:4], pose[4:], cam, name)
+        _add_image(out, img_id, ColmapImage(pose[:4], pose[4:], cam, name), path)
     return out
 
 
@@ -240,6 +262,22 @@ def attention_center(c2w: np.ndarray) -> np.ndarray:
     return np.linalg.solve(M, b)
 
 
+STRAY_CAMERA = 50.0  # a camera this many times the median camera's distance from the cameras' median is stray
+
+
+def _refuse_stray_cameras(poses: np.ndarray, frames: list, model_dir: Path) -> None:
+    """A camera far from all the others (a failed registration, a typo) would set the scene's box and
+    its centre by itself: refuse the model, naming it, rather than fit a scene the size of that mistake."""
+    pos = poses[:, :3, 3]
+    d = np.linalg.norm(pos - np.median(pos, axis=0), axis=-1)
+    typical = float(np.median(d))
+    worst = int(np.argmax(d))
+    if typical > 0 and d[worst] > STRAY_CAMERA * typical:
+        raise InputError(f"{model_dir}: the camera of {frames[worst].name!r} is {d[worst]:.3g} from the others' "
+                         f"median position, {d[worst] / typical:.0f}× the typical camera's {typical:.3g}: a failed "
+                         f"registration? drop that image from the model")
+
+
 def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = 8,
                 outer_scale: float = 16.0) -> SceneDataset:
     """A COLMAP capture (``path``: the folder with ``images/`` and ``sparse/``) as a :class:`SceneDataset`."""
@@ -262,6 +300,7 @@ def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limi
                              name=img.name, distortion=dist))
     train, test = _holdout(frames, hold_every)
     poses = np.stack([f.c2w for f in frames])
+    _refuse_stray_cameras(poses, frames, model_dir)
     center = attention_center(poses)
     half = CENTRAL_HALF * float(np.linalg.norm(poses[:, :3, 3] - center, axis=-1).mean())
     if not half > 0:

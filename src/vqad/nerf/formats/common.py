@@ -109,6 +109,9 @@ def _read_rgba(path: Path) -> tuple[np.ndarray, bool]:
 
     try:
         with Image.open(path) as im:
+            if im.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"):
+                raise InputError(f"the image {path} is {im.mode!r} (16-bit or float pixels): only 8-bit images are "
+                                 f"read; convert it to 8-bit PNG or JPEG (or to EXR for linear float data)")
             has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
             arr = np.asarray(im.convert("RGBA"))
     except (OSError, ValueError) as e:
@@ -231,8 +234,10 @@ class _Frame:
     depth_kind: str = "ray"  # what the depth EXR holds: "ray" distance or "z"-depth
 
 
-def _as_c2w(m, what: str) -> np.ndarray:
-    """A ``(4, 4)`` float64 pose from a 3×4 / 4×4 nested list; refuses non-finite or singular ones."""
+def _as_c2w(m, what: str, rigid: bool = True) -> np.ndarray:
+    """A ``(4, 4)`` float64 pose from a 3×4 / 4×4 nested list; refuses non-finite or singular ones and,
+    when ``rigid``, any that is not a rotation and a translation (last row ``0 0 0 1``, ``RᵀR = I`` within
+    :data:`POSE_ORTHO_TOL`, ``det R > 0``)."""
     try:
         a = np.asarray(m, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -245,7 +250,20 @@ def _as_c2w(m, what: str) -> np.ndarray:
         raise InputError(f"{what}: the pose has non-finite values (NaN or inf); fix or drop that frame")
     if abs(np.linalg.det(a[:3, :3])) < 1e-6:
         raise InputError(f"{what}: the pose's rotation is singular; fix or drop that frame")
+    if not rigid:
+        return a
+    if np.abs(a[3] - [0.0, 0.0, 0.0, 1.0]).max() > 1e-6:
+        raise InputError(f"{what}: the pose's last row is {a[3].tolist()}, not [0, 0, 0, 1]: a camera pose is rigid")
+    r = a[:3, :3]
+    off = np.abs(r.T @ r - np.eye(3)).max()
+    if off > POSE_ORTHO_TOL or np.linalg.det(r) < 0:
+        kind = "a mirror (det < 0)" if np.linalg.det(r) < 0 else f"scaled or sheared (RᵀR is {off:.3g} from I)"
+        raise InputError(f"{what}: the pose's rotation is {kind}: a camera pose must be a rotation and a "
+                         f"translation; fix or drop that frame")
     return a
+
+
+POSE_ORTHO_TOL = 1e-3  # how far RᵀR of a pose may be from I (poses in text files carry ~7 digits)
 
 
 def _limit(frames: list, split: str, split_limit) -> list:
@@ -312,6 +330,9 @@ def _read_json(path: Path) -> dict:
             meta = json.load(f)
     except json.JSONDecodeError as e:
         raise InputError(f"{path} is not valid JSON ({e}); fix or regenerate it") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not valid JSON (not UTF-8 text: {e.reason} at byte {e.start}); "
+                         f"fix or regenerate it") from e
     except OSError as e:
         raise InputError(f"cannot read {path}: {e}") from e
     if not isinstance(meta, dict):
@@ -325,6 +346,7 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
     if not isinstance(frames, list) or not frames:
         raise InputError(f"{json_path} has no frames: it needs a non-empty 'frames' list")
     out = []
+    seen: dict[str, int] = {}
     for i, fr in enumerate(frames):
         what = f"frame {i} of {json_path.name}"
         if not isinstance(fr, dict) or "file_path" not in fr or "transform_matrix" not in fr:
@@ -333,20 +355,22 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
         if get("is_fisheye") or str(get("camera_model") or "OPENCV").upper() not in ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL"):
             raise InputError(f"{what}: only pinhole cameras with k1, k2, p1, p2 distortion are supported "
                              f"(got camera_model={get('camera_model')!r}, is_fisheye={get('is_fisheye')!r})")
-        if any(float(get(k) or 0) != 0 for k in ("k3", "k4")):
+        for k in _PINHOLE_KEYS + _DIST_KEYS + ("k3", "k4"):
+            v = get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise InputError(f"{what}: {k} must be a finite number, not {v!r}")
+        if any(get(k) for k in ("k3", "k4")):
             raise InputError(f"{what}: distortion terms k3/k4 are not supported; undistort the images first")
         vals = {k: get(k) for k in _PINHOLE_KEYS}
-        for k, v in vals.items():
-            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
-                raise InputError(f"{what}: {k} must be a finite number, not {v!r}")
         pin = _Pinhole(fx=vals["fl_x"], fy=vals["fl_y"], cx=vals["cx"], cy=vals["cy"], w=vals["w"], h=vals["h"],
                        angle_x=vals["camera_angle_x"], angle_y=vals["camera_angle_y"])
         if not pin.fx and not pin.angle_x:
             raise InputError(f"{what}: no focal length: give fl_x or camera_angle_x")
         dist = np.array([float(get(k) or 0.0) for k in _DIST_KEYS])
-        if not np.all(np.isfinite(dist)):
-            raise InputError(f"{what}: non-finite distortion coefficients")
         path = _resolve_image(base, str(fr["file_path"]), what)
+        if str(path) in seen:  # one photo twice: two poses for it, or a held-out view that is also trained on
+            raise InputError(f"{what} and frame {seen[str(path)]} are both {fr['file_path']!r}: each image once, please")
+        seen[str(path)] = i
         out.append(_Frame(image=path, c2w=_as_c2w(fr["transform_matrix"], what), pinhole=pin,
                           name=str(fr["file_path"]), distortion=dist if np.any(dist != 0) else None))
     return out

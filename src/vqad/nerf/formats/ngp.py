@@ -31,6 +31,10 @@ def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=N
     train, test = _holdout(all_frames, hold_every)
     desc = f"every {hold_every}th frame of {json_path.name}"
     sources = {"train": f"{json_path.name} minus every {hold_every}th frame", "val": desc + " (val = test)", "test": desc}
+    for key in ("aabb_scale", "scale"):
+        v = meta.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise InputError(f"{json_path}: {key} must be a number, not {v!r}")
     try:
         aabb_scale = float(meta.get("aabb_scale", 1))
         scale = float(meta.get("scale", 0.33))
@@ -41,7 +45,10 @@ def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=N
         raise InputError(f"{json_path}: aabb_scale and scale must be positive and offset finite")
     # ngp = world · scale + offset (offset in the file's axis order); ngp's box is 0.5 ± aabb_scale / 2.
     # aabb_scale > 1: the central box (aabb_scale 1) is the unit cube and the rest is contracted
-    outer = min(max(aabb_scale, 1.0), MAX_OUTER_SCALE)
+    if aabb_scale > MAX_OUTER_SCALE:
+        raise InputError(f"{json_path}: aabb_scale {aabb_scale:g} is above the largest vqad contracts "
+                         f"({MAX_OUTER_SCALE:g}); lower it (instant-ngp itself stops at 128)")
+    outer = max(aabb_scale, 1.0)
     center = (0.5 - offset) / scale
     half = 0.5 * aabb_scale / outer / scale
     points = None

@@ -20,9 +20,9 @@ def _rtmv_c2w(m, what: str) -> np.ndarray:
     A matrix already in column-vector form (last row ``0 0 0 1`` and translation in the last column)
     is accepted as is.
     """
-    a = _as_c2w(m, what)
+    a = _as_c2w(m, what, rigid=False)  # either layout: checked as a pose below, once it is column-vector
     if np.allclose(a[3], [0, 0, 0, 1]) and not np.allclose(a[:3, 3], 0):
-        return a
+        return _as_c2w(a, what)
     return _as_c2w(a.T, what)
 
 

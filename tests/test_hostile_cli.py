@@ -1,0 +1,68 @@
+"""Hostile command lines around captures: each ends in one line on stderr and exit 2, no traceback."""
+
+from __future__ import annotations
+
+import torch
+
+from vqad.app.cli import main
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err
+
+
+def test_synth_capture_out_that_cannot_be_created(tmp_path, capsys):
+    (tmp_path / "afile").write_text("hi")
+    assert main(["synth-capture", "-o", str(tmp_path / "afile" / "sub"), "--size", "8x8", "--views", "2",
+                 "--threads", "1"]) == 2
+    assert "cannot create --out" in _err(capsys)
+
+
+def test_synth_capture_object_alone_suggests_a_fit_that_runs(tmp_path, capsys):
+    out = tmp_path / "obj"
+    assert main(["synth-capture", "-o", str(out), "--size", "8x8", "--views", "2", "--no-background",
+                 "--points", "0", "--threads", "1"]) == 0
+    assert f"next: vqad fit-nerf {out} --format ngp --octree density" in capsys.readouterr().out
+
+
+def test_absurd_thread_counts_are_refused(capsys):
+    assert main(["synth-capture", "-o", "unused", "--threads", "99999"]) == 2
+    assert "at most 1024" in _err(capsys)
+
+
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
+    """An allocation failure (a legal but huge --levels, say) says what to lower; other runtime errors
+    are bugs and keep their traceback."""
+    import vqad.app.commands.nerf as nerf
+
+    def huge(args):
+        torch.empty(1)  # a real torch call first
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 157707927552 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(nerf, "cmd_synth_capture", huge)
+    assert main(["synth-capture", "-o", "unused", "--threads", "1"]) == 2
+    err = _err(capsys)
+    assert err.startswith("vqad: error: out of memory") and "157707927552" in err and "--levels" in err
+
+    def bug(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(nerf, "cmd_synth_capture", bug)
+    try:
+        main(["synth-capture", "-o", "unused", "--threads", "1"])
+    except RuntimeError as e:
+        assert "shape mismatch" in str(e)
+    else:
+        raise AssertionError("a runtime error that is not about memory must not be swallowed")
+
+
+def test_ssim_of_images_one_pixel_wide():
+    from vqad.metrics import ssim
+
+    for h, w in ((1, 8), (8, 1), (1, 1)):
+        a = torch.rand(h, w, 3, generator=torch.Generator().manual_seed(h * 10 + w))
+        assert ssim(a, a) == 1.0
+        assert 0 < ssim(a, (a + 0.1).clamp(0, 1)) < 1.0

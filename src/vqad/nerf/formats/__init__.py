@@ -45,6 +45,10 @@ Per-format conversions:
   :func:`read_rtmv` for files that store z-depth. Depth values that are non-finite, ``<= 0`` or
   ``>= 1000`` (RTMV's background sentinel) mean "no hit".
 
+Every pose must be rigid (last row ``0 0 0 1``, ``RᵀR = I`` within 1e-3, ``det R > 0``) and every
+image appear once; a COLMAP camera more than 50 times the typical distance from the cameras' median
+position is refused as a failed registration. Images are 8-bit (PNG, JPEG) or EXR.
+
 Scene normalisation (``x_unit = (x_world − center) · scale``, a cube around a world box):
 
 * blender: the NeRF-synthetic object box [-1.5, 1.5]^3 (the box instant-ngp uses for it);

@@ -1025,3 +1025,18 @@ def test_octree_from_an_output_folder_points_to_its_checkpoint(tmp_path):
     (tmp_path / "fit" / "checkpoint" / "config.json").write_text("{}")
     with pytest.raises(InputError, match="holds checkpoint/: pass that"):
         read_config(tmp_path / "fit")
+
+
+def test_colmap_capture_found_from_its_model_folder_or_files(tmp_path):
+    """Users point at the capture, at sparse/0 or at a file in it: all read the same capture; a camera
+    of focal length 0 is refused in COLMAP's terms."""
+    root, images = _colmap_txt(tmp_path, "cap")
+    whole = load_dataset(root)
+    for p in (root / "sparse" / "0", root / "sparse" / "0" / "cameras.txt", root / "sparse" / "0" / "images.txt"):
+        ds = load_dataset(p)
+        assert ds.format == "colmap" and torch.equal(ds.splits["train"].c2w, whole.splits["train"].c2w)
+    cams = root / "sparse" / "0" / "cameras.txt"
+    f = cams.read_text().splitlines()[1].split()
+    cams.write_text(" ".join(f[:4] + ["0"] + f[5:]) + "\n")
+    with pytest.raises(InputError, match="focal length .* must be positive"):
+        load_dataset(root)

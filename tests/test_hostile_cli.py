@@ -66,3 +66,15 @@ def test_ssim_of_images_one_pixel_wide():
         a = torch.rand(h, w, 3, generator=torch.Generator().manual_seed(h * 10 + w))
         assert ssim(a, a) == 1.0
         assert 0 < ssim(a, (a + 0.1).clamp(0, 1)) < 1.0
+
+
+def test_synth_capture_says_when_a_render_will_take_minutes(tmp_path, monkeypatch, capsys):
+    import vqad.nerf.scene_capture as sc
+
+    monkeypatch.setattr(sc, "write_capture", lambda out, cfg, background=True: out / "transforms.json")
+    assert main(["synth-capture", "-o", str(tmp_path / "big"), "--size", "4000x4000", "--views", "200",
+                 "--supersample", "4", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "rendering 51,200,000,000 rays" in out and "minutes on one core" in out
+    assert main(["synth-capture", "-o", str(tmp_path / "small"), "--size", "8x8", "--views", "2", "--threads", "1"]) == 0
+    assert "rendering" not in capsys.readouterr().out

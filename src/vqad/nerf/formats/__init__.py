@@ -108,6 +108,8 @@ def detect_format(path) -> str:
             return "ngp"
         if p.name == "poses_bounds.npy":
             return "llff"
+        if p.stem in ("cameras", "images", "points3D") and p.suffix in (".bin", ".txt"):
+            return "colmap"  # a file of the model: read_colmap finds the capture around it
         raise InputError(f"{p} is not a dataset folder or a recognised dataset file")
     names = {q.name for q in p.iterdir()}
     if "transforms_train.json" in names:

@@ -64,6 +64,9 @@ class ColmapCamera:
             cx, cy = p[1], p[2]
         else:
             fx, fy, cx, cy = p[:4]
+        if not (fx > 0 and fy > 0 and self.width > 0 and self.height > 0):
+            raise InputError(f"{what}: the camera's focal length ({fx:g}, {fy:g}) and size ({self.width}×{self.height}) "
+                             f"must be positive; fix the cameras file or re-run COLMAP's mapper")
         dist = None
         if self.model == "SIMPLE_RADIAL":
             dist = [p[3], 0, 0, 0]
@@ -231,6 +234,17 @@ def read_images_bin(path: Path) -> dict[int, ColmapImage]:
     return out
 
 
+def _capture_root(path: Path) -> Path:
+    """The capture's folder (``images/`` beside ``sparse/``) from it, from its model folder
+    (``sparse/0``, ``sparse``) or from a file in that folder, as users point at any of them."""
+    root = path.parent if path.is_file() else path
+    for _ in range(2):
+        if (root / "images").is_dir() or not (root.name == "sparse" or root.parent.name == "sparse"):
+            break
+        root = root.parent
+    return root
+
+
 def find_model(root: Path) -> Path:
     """The folder holding ``cameras.bin``/``.txt``: ``root/sparse/0``, ``root/sparse`` or ``root``."""
     for d in (root / "sparse" / "0", root / "sparse", root):
@@ -281,7 +295,7 @@ def _refuse_stray_cameras(poses: np.ndarray, frames: list, model_dir: Path) -> N
 def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = 8,
                 outer_scale: float = 16.0) -> SceneDataset:
     """A COLMAP capture (``path``: the folder with ``images/`` and ``sparse/``) as a :class:`SceneDataset`."""
-    root = Path(path)
+    root = _capture_root(Path(path))
     outer_scale = check_outer_scale(outer_scale, "the COLMAP scene's outer scale")
     model_dir = find_model(root)
     cams, imgs = read_model(model_dir)

@@ -953,7 +953,7 @@ def _ngp_capture(tmp_path, name: str):
 @pytest.mark.parametrize("key,value,match", [
     ("k1", "abc", "k1 must be a finite number"), ("k2", [0.1], "k2 must be a finite number"),
     ("p1", True, "p1 must be a finite number"), ("k3", "abc", "k3 must be a finite number"),
-    ("k3", 0.1, "k3/k4 are not supported"), ("aabb_scale", 1e9, "aabb_scale .* above the largest"),
+    ("k3", 0.1, "k3/k4 are not supported"), ("w", -24, "w must be positive"), ("fl_y", 0, "fl_y must be positive"), ("aabb_scale", 1e9, "aabb_scale .* above the largest"),
     ("aabb_scale", "4", "aabb_scale must be a number"), ("scale", True, "scale must be a number"),
 ])
 def test_ngp_values_of_the_wrong_kind_are_refused(tmp_path, key, value, match):

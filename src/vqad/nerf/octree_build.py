@@ -74,17 +74,17 @@ def build_octree(dataset: SceneDataset, method: str, base_level: int, max_level:
     ``kwargs`` go to the chosen builder (e.g. ``steps`` of the density pass).
     """
     requested, method = method, resolve_method(dataset, method, split)
-    if requested == "auto" and method == "points":
-        try:
+    try:
+        if method == "depth":
+            return octree_from_depth(dataset, base_level, max_level, device, dilate=dilate, split=split), method
+        if method == "mask":
+            return octree_from_masks(dataset, base_level, max_level, device, dilate=dilate, split=split), method
+        if method == "points":
             return octree_from_points(dataset, base_level, max_level, device, dilate=dilate), method
-        except InputError as e:  # name the choice the user did not make, and the way out
+    except InputError as e:
+        if requested == "auto" and method == "points":  # name the choice the user did not make, and the way out
             raise InputError(f"--octree auto chose the capture's sparse points, but: {e} (or pass --octree density)") from e
-    if method == "depth":
-        return octree_from_depth(dataset, base_level, max_level, device, dilate=dilate, split=split), method
-    if method == "mask":
-        return octree_from_masks(dataset, base_level, max_level, device, dilate=dilate, split=split), method
-    if method == "points":
-        return octree_from_points(dataset, base_level, max_level, device, dilate=dilate), method
+        raise
     return octree_from_density(dataset, base_level, max_level, device, dilate=dilate, split=split, **kwargs), method
 
 

@@ -246,7 +246,10 @@ def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bo
     env = _environment(cfg)
     c2w, (fx, fy, cx, cy) = _cameras(cfg)
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create --out {out}: {e.strerror or e}") from e
     frames = []
     with _one_thread():
         for i, pose in enumerate(c2w):  # one view in memory at a time

@@ -165,10 +165,6 @@ def cmd_synth_capture(args) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out} exists and is not an empty folder: write the capture to a new folder")
-    try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create --out {out}: {e.strerror or e}") from e
     rays = cfg.views * width * height * cfg.supersample ** 2
     if rays > 50_000_000:  # ~1.4M rays/s on one core of a laptop: say what is coming
         print(f"rendering {rays:,} rays ({cfg.views} views × {width}x{height} px × {cfg.supersample}² rays a pixel): "

@@ -169,13 +169,21 @@ def read_images_txt(path: Path) -> dict[int, ColmapImage]:
 
 
 def _add_image(out: dict, img_id: int, image: ColmapImage, path: Path) -> None:
-    """``out[img_id] = image``, refusing a second image of the same id or name (one photo, two poses)."""
+    """``out[img_id] = image``, refusing a second image of the same id (names: :func:`_unique_names`)."""
     if img_id in out:
         raise InputError(f"{path.name}: image id {img_id} appears twice; re-export the model")
-    same = next((i for i, im in out.items() if im.name == image.name), None)
-    if same is not None:
-        raise InputError(f"{path.name}: images {same} and {img_id} are both {image.name!r}; re-export the model")
     out[img_id] = image
+
+
+def _unique_names(images: dict[int, ColmapImage], path: Path) -> dict[int, ColmapImage]:
+    """``images``, refusing two ids of one image name (one photo, two poses)."""
+    first: dict[str, int] = {}
+    for img_id, im in images.items():
+        if im.name in first:
+            raise InputError(f"{path.name}: images {first[im.name]} and {img_id} are both {im.name!r}; "
+                             f"re-export the model")
+        first[im.name] = img_id
+    return images
 
 
 # -- binary ----------------------------------------------------------------------------------------
@@ -256,9 +264,11 @@ def find_model(root: Path) -> Path:
 def read_model(model_dir: Path) -> tuple[dict[int, ColmapCamera], dict[int, ColmapImage]]:
     """Cameras and images of a sparse model (binary preferred when both exist)."""
     if (model_dir / "cameras.bin").is_file() and (model_dir / "images.bin").is_file():
-        return read_cameras_bin(model_dir / "cameras.bin"), read_images_bin(model_dir / "images.bin")
+        path = model_dir / "images.bin"
+        return read_cameras_bin(model_dir / "cameras.bin"), _unique_names(read_images_bin(path), path)
     if (model_dir / "cameras.txt").is_file() and (model_dir / "images.txt").is_file():
-        return read_cameras_txt(model_dir / "cameras.txt"), read_images_txt(model_dir / "images.txt")
+        path = model_dir / "images.txt"
+        return read_cameras_txt(model_dir / "cameras.txt"), _unique_names(read_images_txt(path), path)
     raise InputError(f"{model_dir} needs cameras and images in the same form (cameras.bin + images.bin, or .txt)")
 
 

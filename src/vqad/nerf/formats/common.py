@@ -357,11 +357,12 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
                              f"(got camera_model={get('camera_model')!r}, is_fisheye={get('is_fisheye')!r})")
         for k in _PINHOLE_KEYS + _DIST_KEYS + ("k3", "k4"):
             v = get(k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise InputError(f"{what}: {k} must be a finite number, not {v!r}")
-        for k in ("fl_x", "fl_y", "w", "h"):
-            if get(k) is not None and get(k) <= 0:
-                raise InputError(f"{what}: {k} must be positive, not {get(k)!r}")
+            if v <= 0 and k in ("fl_x", "fl_y", "w", "h"):
+                raise InputError(f"{what}: {k} must be positive, not {v!r}")
         if any(get(k) for k in ("k3", "k4")):
             raise InputError(f"{what}: distortion terms k3/k4 are not supported; undistort the images first")
         vals = {k: get(k) for k in _PINHOLE_KEYS}

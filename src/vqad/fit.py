@@ -484,7 +484,7 @@ def check_resumed_fit(ckpt_dir: Path, saved: dict, grid_cfg, dec_cfg, train_cfg:
     """:func:`check_resumable` for the grid, decoder and training configs a fit resumes with."""
     check_resumable(ckpt_dir, saved["grid"], asdict(grid_cfg), "grid")
     check_resumable(ckpt_dir, saved["decoder"], asdict(dec_cfg), "decoder")
-    check_resumable(ckpt_dir, {**TrainConfig.ABSENT_MEANS, **saved.get("train", {})}, asdict(train_cfg))
+    check_resumable(ckpt_dir, {**type(train_cfg).ABSENT_MEANS, **saved.get("train", {})}, asdict(train_cfg))
 
 
 def resume_config(ckpt_dir: Path | None, kind: str) -> dict:

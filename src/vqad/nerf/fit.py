@@ -19,12 +19,13 @@ from vqad.device import peak_memory_bytes
 from vqad.errors import InputError
 from vqad.fit import DENSITY_SHARE, Deadline, check_resumable, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
+from vqad.nerf.depth_prior import depth_source, depth_targets, has_points
 from vqad.nerf.data import SceneDataset, dataset_info
 from vqad.nerf.field import NeRFConfig, NeRFField
 from vqad.nerf.rays import RayBatcher
 from vqad.nerf.recode import RecodeStats
 from vqad.nerf.render import OccupancySampler, make_sampler, prune_by_model
-from vqad.nerf.task import NeRFTrainConfig, RadianceTask, auto_early_stop, psnr_of
+from vqad.nerf.task import NeRFTrainConfig, RadianceTask, auto_depth_weight, auto_early_stop, psnr_of
 from vqad.storages import storage_class
 
 #: the radiance-field defaults of ``vqad fit-nerf`` and :func:`fit_nerf` (k = 8, levels 4..7, ψ_σ of width
@@ -184,6 +185,12 @@ def fit_nerf(
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
     start, resume_cfg = 0, None
     t_oct = time.perf_counter()
+    depth_auto = train_cfg.depth_weight is None
+    if not resume:  # 'auto', from the scene; checked before the octree: a capture without targets fails at once
+        train_cfg = replace(train_cfg, depth_weight=auto_depth_weight(train_cfg.depth_weight, dataset.outer_scale,
+                                                                      has_points(dataset)))
+        if train_cfg.depth_weight > 0:
+            depth_source(dataset, train_cfg.depth_from)
     if resume:
         field, resume_cfg, start = load_for_resume(ckpt_dir, "nerf", device)
         if train_cfg.early_stop_eps is None:  # 'auto' continues with what the checkpoint resolved it to
@@ -195,6 +202,13 @@ def fit_nerf(
             train_cfg.validate()
             if saved is None:  # what that run did, as its task resolved it
                 resume_cfg.setdefault("train", {})["early_stop_eps"] = train_cfg.early_stop_eps
+        if train_cfg.depth_weight is None:  # 'auto' continues with what the checkpoint resolved it to
+            saved = {**NeRFTrainConfig.ABSENT_MEANS, **resume_cfg.get("train", {})}["depth_weight"]
+            if saved is not None and (isinstance(saved, bool) or not isinstance(saved, (int, float))):
+                raise InputError(f"{ckpt_dir}: the checkpoint's depth_weight {saved!r} is not a number")
+            train_cfg = replace(train_cfg, depth_weight=auto_depth_weight(saved, field.nerf_cfg.outer_scale,
+                                                                          has_points(dataset)))
+            train_cfg.validate()
         if dec_cfg.per_lod is None:  # 'auto' matches whatever the checkpoint resolved it to
             dec_cfg = replace(dec_cfg, per_lod=bool(resume_cfg["decoder"].get("per_lod", False)))
         check_resumed_fit(ckpt_dir, resume_cfg, grid_cfg, dec_cfg, train_cfg)
@@ -212,6 +226,13 @@ def fit_nerf(
                   + (" (auto: a contracted scene)" if auto else ""))
     octree_seconds = time.perf_counter() - t_oct
     batcher = RayBatcher(dataset.splits["train"], dataset, device)
+    if train_cfg.depth_weight > 0:
+        targets = depth_targets(dataset, train_cfg.depth_from, octree=field.grid.octree)
+        batcher.set_depth_targets(targets)
+        if not quiet:
+            share = float(torch.isfinite(targets).float().mean())
+            print(f"depth loss: λ = {train_cfg.depth_weight:g} on {share:.1%} of the training pixels"
+                  + (" (auto: a contracted scene with sparse points)" if depth_auto else ""))
     sampler = make_sampler(field)
     task = RadianceTask(field, sampler, batcher, train_cfg, quiet=quiet, octree_method=method)
     res = run_fit(task, train_cfg, device, ckpt_dir, resume_cfg=resume_cfg, start=start, quiet=quiet, deadline=deadline)

@@ -219,6 +219,20 @@ class RayBatcher:
         self.norm = dataset.normalization
         self.near, self.far = float(dataset.near), float(dataset.far)
         self.background = tuple(float(c) for c in dataset.background)
+        self.depth_targets: torch.Tensor | None = None  # (N·H·W,) unit-cube ray distances, NaN: none
+
+    def set_depth_targets(self, distances: torch.Tensor) -> None:
+        """Targets of :meth:`depth_targets_for`: ``(N, H, W)`` world ray distances, NaN where none
+        (:mod:`vqad.nerf.depth_prior`)."""
+        if tuple(distances.shape) != (self.N, self.H, self.W):
+            raise ValueError(f"depth targets of shape {tuple(distances.shape)} for {self.N} views of {self.H}x{self.W}")
+        self.depth_targets = (distances.reshape(-1).float() * self.norm.scale).to(self.device)
+
+    def depth_targets_for(self, flat: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` unit-cube ray distances of flat pixel ids' targets (NaN: none)."""
+        if self.depth_targets is None:
+            raise ValueError("no depth targets: call set_depth_targets first")
+        return self.depth_targets.index_select(0, flat)
 
     @property
     def num_rays(self) -> int:
@@ -238,10 +252,13 @@ class RayBatcher:
         rgb = self.colors[flat].float() * (1.0 / 255.0)
         return o, d, rgb, near, far
 
+    def sample_ids(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``(n,)`` uniformly random flat pixel ids on the batcher's device."""
+        return torch.randint(0, self.num_rays, (n,), generator=generator).to(self.device)
+
     def sample(self, n: int, generator: torch.Generator):
         """``n`` uniformly random training pixels: o, d ``(n, 3)``, rgb ``(n, 3)``, near, far ``(n,)``."""
-        flat = torch.randint(0, self.num_rays, (n,), generator=generator).to(self.device)
-        return self.rays_for(flat)
+        return self.rays_for(self.sample_ids(n, generator))
 
     def view(self, index: int):
         """Every pixel of one view, row-major: o, d, rgb, near, far with ``H·W`` rows."""

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from vqad.device import MLP_PRECISIONS, resolve_mlp_precision
 from vqad.errors import InputError
 from vqad.fit import FitTask, StepLoss, TrainConfig, capped_sweeps
+from vqad.nerf.depth_prior import depth_spread_loss
 from vqad.nerf.field import NeRFField, sh_encode
 from vqad.nerf.rays import RayBatcher
 from vqad.nerf.recode import RecodeStats, applies as recode_applies, recode_unreachable
@@ -42,6 +43,7 @@ from vqad.refine import RefineChunk, format_stats, has_codebook, rate_bit_cost, 
 
 LOD_MODES = ("all", "random", "finest+random", "finest")
 OCTREE_CHOICES = ("auto", "depth", "mask", "points", "density")  # vqad.nerf.octree_build builds each
+DEPTH_SOURCES = ("auto", "points", "capture")  # vqad.nerf.depth_prior.depth_targets
 
 
 @dataclass
@@ -63,6 +65,8 @@ class NeRFTrainConfig(TrainConfig):
     prune_decay: float = 0.95
     early_stop_eps: float | None = None  # drop training samples behind transmittance < this (0: keep all; None: auto_early_stop)
     distortion_weight: float = 0.0  # λ of mip-NeRF 360's distortion loss on the finest LOD's weights (0: none)
+    depth_weight: float | None = None  # λ of the depth loss on the finest LOD's weights (vqad.nerf.depth_prior; 0: none; None: auto_depth_weight)
+    depth_from: str = "auto"  # its targets: auto | points (sparse SfM points) | capture (the views' depth maps)
     octree: str = "auto"  # auto | depth | mask | points | density
     dilate: int = 1  # octree margin in finest cells
     density_steps: int = 400  # steps of the coarse density pass (octree="density")
@@ -89,6 +93,12 @@ class NeRFTrainConfig(TrainConfig):
             raise InputError("--refine must be >= 0 and --refine-rays positive")
         if not (isinstance(self.distortion_weight, (int, float)) and 0.0 <= self.distortion_weight < math.inf):
             raise InputError(f"--distortion-weight must be a finite number >= 0, got {self.distortion_weight}")
+        if self.depth_weight is not None and not (isinstance(self.depth_weight, (int, float))
+                                                  and not isinstance(self.depth_weight, bool)
+                                                  and 0.0 <= self.depth_weight < math.inf):
+            raise InputError(f"--depth-weight must be a finite number >= 0, got {self.depth_weight}")
+        if self.depth_from not in DEPTH_SOURCES:
+            raise InputError(f"unknown --depth-from {self.depth_from!r}: choose one of {', '.join(DEPTH_SOURCES)}")
         if self.early_stop_eps is not None and not 0.0 <= self.early_stop_eps < 1.0:
             raise InputError(f"--early-stop-eps must be in [0, 1), got {self.early_stop_eps}")
         if self.density_steps <= 0 or (self.density_minutes is not None and not self.density_minutes > 0):
@@ -98,8 +108,9 @@ class NeRFTrainConfig(TrainConfig):
         if self.mlp_precision not in MLP_PRECISIONS:
             raise InputError(f"unknown --mlp-precision {self.mlp_precision!r}: choose one of {', '.join(MLP_PRECISIONS)}")
 
-    #: :attr:`TrainConfig.ABSENT_MEANS`, and a checkpoint from before early ray termination ran without it
-    ABSENT_MEANS = {**TrainConfig.ABSENT_MEANS, "early_stop_eps": 0.0}
+    #: :attr:`TrainConfig.ABSENT_MEANS`; a checkpoint from before early ray termination ran without it, and
+    #: one from before the depth loss without that
+    ABSENT_MEANS = {**TrainConfig.ABSENT_MEANS, "early_stop_eps": 0.0, "depth_weight": 0.0}
 
 
 #: the early-ray-termination threshold ε that ``early_stop_eps=None`` ('auto') means in a contracted scene
@@ -122,6 +133,24 @@ def auto_early_stop(eps: float | None, outer_scale: float) -> float:
     if eps is not None:
         return float(eps)
     return EARLY_STOP_CONTRACTED if outer_scale > 1.0 else 0.0
+
+
+#: the depth loss's λ that ``depth_weight=None`` ('auto') means in a contracted scene with sparse points
+#: (:func:`auto_depth_weight`)
+DEPTH_WEIGHT_CONTRACTED = 0.01
+
+
+def auto_depth_weight(weight: float | None, outer_scale: float, has_points: bool) -> float:
+    """``weight``, or where it is None ('auto') :data:`DEPTH_WEIGHT_CONTRACTED` in a scene with contracted
+    space around its central box (``outer_scale > 1``) whose capture has sparse points, and 0 (off) elsewhere.
+
+    Measured (docs/benchmarks/scene.md, sixteenth session): on the generated room, dense, 8-minute fits side
+    by side, the targets of the shell's points lifted the far ground's held-out PSNR by ~2 dB and LOD 7 by
+    about 1 dB; on the object alone (no contraction, every point a target) the same λ cost 2 dB, so bounded
+    scenes keep it off."""
+    if weight is not None:
+        return float(weight)
+    return DEPTH_WEIGHT_CONTRACTED if outer_scale > 1.0 and has_points else 0.0
 
 
 # -- pieces of a step ----------------------------------------------------------------------------
@@ -159,6 +188,10 @@ class RadianceTask(FitTask):
         self.recode_stats: RecodeStats | None = None
         self.mlp_dtype = resolve_mlp_precision(cfg.mlp_precision, batcher.device)  # None: fp32
         self.early_stop_eps = auto_early_stop(cfg.early_stop_eps, sampler.outer_scale)
+        # 'auto' follows the scene where the batcher holds targets (fit_nerf resolves it before setting them)
+        self.depth_weight = auto_depth_weight(cfg.depth_weight, sampler.outer_scale, batcher.depth_targets is not None)
+        if self.depth_weight > 0 and batcher.depth_targets is None:
+            raise ValueError("RadianceTask: depth_weight > 0 needs the batcher's depth targets (set_depth_targets)")
         self.t0 = time.perf_counter()
 
     def begin(self, start, gen):
@@ -174,7 +207,8 @@ class RadianceTask(FitTask):
 
     def step(self, it, progress, gen) -> StepLoss:
         c, b = self.cfg, self.cfg.batch_rays
-        o, d, rgb, near, far = self.batcher.sample(b, gen)
+        flat = self.batcher.sample_ids(b, gen)
+        o, d, rgb, near, far = self.batcher.rays_for(flat)
         jitter = torch.rand(b, generator=gen).to(self.batcher.device)
         drawn: list = []
         with self.field.mlp_precision(self.mlp_dtype):
@@ -190,6 +224,11 @@ class RadianceTask(FitTask):
             loss = (per_lod * per_lod.new_tensor(w)).sum()
             if c.distortion_weight > 0:
                 loss = loss + c.distortion_weight * self._distortion(out.weights[-1], drawn, b)
+            if self.depth_weight > 0:
+                samples = drawn[0]
+                t_mid = 0.5 * (samples.t_starts + samples.t_ends)
+                loss = loss + self.depth_weight * depth_spread_loss(out.weights[-1], t_mid, samples.ray_indices,
+                                                                 self.batcher.depth_targets_for(flat))
         lods = list(self.lods)
         return StepLoss(loss, per_lod, b, log=lambda: {
             "psnr": psnr_of(per_lod), "lods": lods, "samples_per_ray": n_samples / b,

@@ -34,7 +34,8 @@ def _step_ratio(text: str) -> float | None:
 
 NERF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch_rays", "lr", "grid_lr_scale", "lr_floor", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
                     "octree", "octree_from", "dilate", "density_steps", "density_minutes", "lod_mode", "coarse_weight",
-                    "early_stop_eps", "distortion_weight", "refine", "refine_rays", "recode", "mlp_precision", "seed")
+                    "early_stop_eps", "distortion_weight", "depth_weight", "depth_from", "refine", "refine_rays", "recode",
+                    "mlp_precision", "seed")
 INDEX_FLAGS = {"recode": "--no-recode", "rate_weight": "--rate-weight", "rate_context": "--rate-context", "refine": "--refine", "refine_rays": "--refine-rays", "logit_lr_scale": "--logit-lr-scale",
                "codebook_lr_scale": "--codebook-lr-scale"}
 OCTREE_FLAGS = {"octree": "--octree", "octree_from": "--octree-from", "dilate": "--dilate",
@@ -44,7 +45,7 @@ OCTREE_FLAGS = {"octree": "--octree", "octree_from": "--octree-from", "dilate": 
 def register(sub) -> None:
     from vqad.nerf.fit import NERF_DECODER, NERF_FIELD, NERF_GRID
     from vqad.device import MLP_PRECISIONS
-    from vqad.nerf.task import LOD_MODES, OCTREE_CHOICES, NeRFTrainConfig
+    from vqad.nerf.task import DEPTH_SOURCES, LOD_MODES, OCTREE_CHOICES, NeRFTrainConfig
 
     p = sub.add_parser("fit-nerf", help="fit a VQ-AD (or dense) radiance field to posed images",
                        description="Fit a VQ-AD (or dense, hash) radiance field to posed images, every LOD jointly. "
@@ -90,6 +91,14 @@ def register(sub) -> None:
                      "cost more than it saved)")
     config_flag(p, T, "distortion_weight", help="λ of mip-NeRF 360's distortion loss (penalises weight spread along "
                                                  "a ray: fog, floaters; 0: off)")
+    config_flag(p, T, "depth_weight", type=float, metavar="LAMBDA",
+                help="λ of the depth loss: each training ray with a depth target keeps its weights near it "
+                     "(docs/method.md §6.2; 0: off; not given: 0.01 in a contracted scene (ngp aabb_scale > 1, COLMAP "
+                     "bounds) whose capture has sparse points, which then give targets outside the central box; on a "
+                     "room ~+1 dB; 0 elsewhere: on the object alone every point a target cost 2 dB)")
+    config_flag(p, T, "depth_from", choices=list(DEPTH_SOURCES), type=str,
+                help="the depth loss's targets: points (the capture's sparse points, nearest visible one per pixel), "
+                     "capture (its depth maps), auto (depth maps where it has them, else points)")
     config_flag(p, T, "refine", help="Gauss–Newton index refinement sweeps after training (codebook only; 0: they "
                                      "did not raise test PSNR, see docs/benchmarks/nerf.md)")
     config_flag(p, T, "refine_rays", help="training rays each refinement sweep sees (codebook only)")
@@ -228,6 +237,8 @@ def _configs(args, saved: dict | None = None):
     dec.validate()
     train = replace(config_from(NeRFTrainConfig, saved and saved.get("train"), NeRFTrainConfig()), **over)
     train.validate()
+    refuse(args.depth_from is not None and train.depth_weight == 0,
+           "--depth-from picks the depth loss's targets: it applies with --depth-weight > 0")
     if args.eval_max_views is not None and args.eval_max_views <= 0:
         raise InputError("--eval-max-views must be positive")
     return grid, dec, nerf, train
@@ -262,6 +273,16 @@ def check_nerf_dataset(args, dataset, train_cfg, resumed: bool) -> None:
         refuse(method != "density" and (args.density_steps is not None or args.density_minutes is not None),
                f"--density-steps / --density-minutes bound the density pass, but this capture's octree comes from "
                f"its {method} maps (--octree {train_cfg.octree})")
+    if not resumed:
+        from vqad.nerf.depth_prior import depth_source, has_points
+        from vqad.nerf.task import auto_depth_weight
+
+        weight = auto_depth_weight(train_cfg.depth_weight, dataset.outer_scale, has_points(dataset))
+        refuse(args.depth_from is not None and weight == 0,
+               "--depth-from picks the depth loss's targets, which is off here (auto: on in a contracted scene with "
+               "sparse points); give --depth-weight to turn it on")
+        if weight > 0:
+            depth_source(dataset, train_cfg.depth_from)  # fail now: a capture without the targets asked for
     if not args.no_eval:
         pick_split(dataset, args.eval_views)  # fail now, not after the fit
 

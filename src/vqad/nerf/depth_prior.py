@@ -1,0 +1,178 @@
+"""Depth targets for training rays: where a capture says the first surface behind a pixel is.
+
+A capture's sparse structure-from-motion points (COLMAP's points3D, nerfstudio's ``sparse_pc.ply``,
+:attr:`vqad.nerf.data.SceneDataset.points`) are surface points; projected into a training view, the
+nearest one in a pixel is the surface that pixel sees, unless a point in the pixels around it is
+clearly nearer (it lies behind a surface that hides it, whose own points are sparser than the
+pixels). :func:`points_depth_targets` turns them into one target per covered pixel: the ray distance
+from the camera to the point. A capture with dense depth (:attr:`vqad.nerf.data.Views.depth`, the
+procedural scenes) gives a target for every pixel with a hit instead (:func:`capture_depth_targets`).
+
+:func:`depth_spread_loss` then asks each supervised ray's weights to sit at its target (DS-NeRF's
+idea, "Depth-supervised NeRF: fewer views and faster training for free", Deng et al. 2022, with a
+robust penalty rather than a KL one): per ray ``Σ_i w_i ρ((t_i − t*) / (s t*))``, ``ρ(x) = x² / (1 + x²)``
+(Geman–McClure), ``s`` = :data:`DEPTH_TOLERANCE`. Relative, so a far target (contracted space, where a
+cell spans more) tolerates proportionally more; bounded, so a wrong target costs a unit of weight at
+most 1, as a far one does. The penalty never rewards opacity: a ray whose pixel shows nothing pays 0.
+
+Where the points count: in a contracted scene (``outer_scale > 1``: ngp ``aabb_scale``, COLMAP bounds)
+only the points outside the central box give targets. The central box is seen from all around and the
+colours of many views pin its geometry, while the occlusion test cannot sort out every point behind a
+nearby surface (back faces within the margin): on the generated capture's object alone, targets from
+all its points cost 2 dB. The contracted shell is seen from afar, at grazing angles, by few views:
+there the colours leave the depth loose, and the targets pin it (docs/benchmarks/scene.md,
+sixteenth session). A scene without contraction takes every point (that same object lost 2 dB: the
+loss is off unless asked for there); depth maps give every pixel.
+
+Pixel convention: :mod:`vqad.nerf.octree_build` (``u = cx + fx X / (−Z)``, ``v = cy − fy Y / (−Z)``,
+pixel ``(floor(u), floor(v))``), with the view's lens distortion applied.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vqad.errors import InputError
+from vqad.nerf.contraction import contract
+from vqad.nerf.data import SceneDataset, Views
+from vqad.nerf.rays import camera_directions, distort
+
+#: a point is hidden in a view when a point projected within :data:`OCCLUSION_WINDOW` pixels of it is
+#: nearer than its ray distance / (1 + this) (ground seen at grazing angles changes by ~2 % a pixel)
+OCCLUSION_MARGIN = 0.1
+OCCLUSION_WINDOW = 2  # pixels each side
+RIM_WINDOW = 1  # a point with a point this much farther within this many pixels is an occluder's rim
+#: s of :func:`depth_spread_loss`: a unit of weight this share of the target's distance away from it
+#: costs half of what one far from it costs
+DEPTH_TOLERANCE = 0.05
+
+
+def points_depth_targets(points: torch.Tensor, views: Views, margin: float = OCCLUSION_MARGIN,
+                         window: int = OCCLUSION_WINDOW, rim: int = RIM_WINDOW,
+                         targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Per pixel of every view, the world ray distance to the nearest visible sparse point, NaN where none.
+
+    Args:
+        points: ``(P, 3)`` world points.
+        views: ``N`` views of ``H × W`` pixels.
+        margin, window, rim: the occlusion and rim tests (module docstring).
+        targets: ``(P,)`` bool, or None (all): the points that may give a target; the others still hide
+            what lies behind them.
+    Returns:
+        ``(N, H, W)`` float32 ray distances (world units), NaN for pixels without a visible point.
+    """
+    N, (H, W) = len(views), views.hw
+    out = torch.full((N, H * W), float("nan"))
+    pts = points.float()
+    for n in range(N):
+        c2w = views.c2w[n].float()
+        cam = (pts - c2w[:3, 3]) @ c2w[:3, :3]  # Rᵀ (x − t), rows; the camera looks down −z, y up
+        z = -cam[:, 2]
+        front = z > 1e-6
+        cam, z = cam[front], z[front]
+        usable = targets[front] if targets is not None else None
+        xy = torch.stack([cam[:, 0] / z, -cam[:, 1] / z], dim=-1)  # normalised, y down
+        if views.distortion is not None:
+            xy = distort(xy, views.distortion[n].float())
+        fx, fy, cx, cy = views.intrinsics[n].float().tolist()
+        u, v = cx + fx * xy[:, 0], cy + fy * xy[:, 1]
+        inside = (u >= 0) & (u < W) & (v >= 0) & (v < H)
+        if not bool(inside.any()):
+            continue
+        pix = v[inside].long() * W + u[inside].long()
+        dist = cam[inside].norm(dim=-1)
+        nearest = torch.full((H * W,), float("inf")).scatter_reduce_(0, pix, dist, "amin")
+        keep = torch.isfinite(nearest)
+        if usable is not None:  # the pixel's nearest point is one that may give a target
+            first = usable[inside] & (dist == nearest[pix])
+            keep &= torch.zeros(H * W, dtype=torch.bool).index_put_((pix[first],), torch.ones_like(pix[first], dtype=torch.bool))
+        img = nearest.view(1, 1, H, W)
+        if window > 0:  # no clearly nearer point within the window: this one is not hidden behind a surface
+            lo = -torch.nn.functional.max_pool2d(-img, 2 * window + 1, stride=1, padding=window).view(-1)
+            keep &= nearest <= (1.0 + margin) * lo
+        if rim > 0:  # no clearly farther one next to it: this one is not an occluder's rim, the pixel's centre behind it
+            hi = torch.nn.functional.max_pool2d(img.nan_to_num(posinf=0.0), 2 * rim + 1, stride=1, padding=rim).view(-1)
+            keep &= hi <= (1.0 + margin) * nearest
+        out[n, keep] = nearest[keep]
+    return out.view(N, H, W)
+
+
+def capture_depth_targets(views: Views) -> torch.Tensor:
+    """The capture's own z-depth maps as ray distances: ``(N, H, W)`` float32 world units, NaN where a
+    pixel has no hit (depth 0). Needs :attr:`Views.depth`."""
+    if views.depth is None:
+        raise ValueError("capture_depth_targets: the views have no depth")
+    N, (H, W) = len(views), views.hw
+    u, v = torch.meshgrid(torch.arange(W) + 0.5, torch.arange(H) + 0.5, indexing="xy")
+    uv = torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1)
+    out = torch.empty(N, H * W)
+    for n in range(N):
+        dist = views.distortion[n].float() if views.distortion is not None else None
+        per_z = camera_directions(views.intrinsics[n].float(), uv, dist).norm(dim=-1)  # ray distance per unit z
+        z = views.depth[n].float().reshape(-1)
+        out[n] = torch.where(z > 0, z * per_z, torch.full_like(z, float("nan")))
+    return out.view(N, H, W)
+
+
+def depth_spread_loss(weights: torch.Tensor, t_mid: torch.Tensor, ray_indices: torch.Tensor,
+                      target: torch.Tensor, scale: float = DEPTH_TOLERANCE) -> torch.Tensor:
+    """Mean over the rays with a target of ``Σ_i w_i ρ((t_i − t*_r) / (s t*_r))``, ``ρ(x) = x² / (1 + x²)``
+    (Geman–McClure: each unit of weight away from the target costs at most 1, so a wrong target, an
+    occluded point that passed :func:`points_depth_targets`' test, pulls no harder than a far one).
+
+    Args:
+        weights: ``(S,)`` volume-rendering weights w_i.
+        t_mid: ``(S,)`` the samples' ray distances (the same unit as ``target``).
+        ray_indices: ``(S,)`` each sample's ray.
+        target: ``(R,)`` each ray's target distance t*, NaN for a ray without one.
+    Returns:
+        a scalar (0 when no sampled ray has a target).
+    """
+    has = torch.isfinite(target)
+    n = int(has.sum())
+    if n == 0 or weights.numel() == 0:
+        return weights.sum() * 0.0
+    t_star = target.index_select(0, ray_indices)
+    on = torch.isfinite(t_star)
+    rel2 = ((t_mid[on] - t_star[on]) / (scale * t_star[on])) ** 2
+    return (weights[on] * rel2 / (1.0 + rel2)).sum() / n
+
+
+def has_points(dataset: SceneDataset) -> bool:
+    """Whether the capture came with sparse points."""
+    return dataset.points is not None and len(dataset.points) > 0
+
+
+def depth_source(dataset: SceneDataset, source: str = "auto", split: str = "train") -> str:
+    """``source`` resolved for ``dataset``: ``capture`` (the views' depth maps) or ``points`` (its sparse
+    points); ``auto``: depth maps where the capture has them, else points. A source the capture lacks is
+    an :class:`InputError` that says what to do."""
+    views = dataset.splits[split]
+    if source == "auto":
+        source = "capture" if views.depth is not None else "points"
+    if source == "capture" and views.depth is None:
+        raise InputError(f"--depth-from capture: {dataset.name!r} has no depth maps; use --depth-from points "
+                         f"(its sparse points) or leave --depth-weight at 0")
+    if source == "points" and not has_points(dataset):
+        raise InputError(f"--depth-weight needs depth targets: {dataset.name!r} has no depth maps and no sparse "
+                         f"points (COLMAP's points3D, transforms.json's ply_file_path); leave --depth-weight at 0")
+    return source
+
+
+def depth_targets(dataset: SceneDataset, source: str = "auto", octree=None, split: str = "train") -> torch.Tensor:
+    """``(N, H, W)`` world ray distances of ``split``'s pixels (NaN: none) from ``source``
+    (:func:`depth_source`). With ``octree`` (the field's :class:`~vqad.octree.SparseOctree`), only the
+    sparse points inside its cells count: an outlier floating in free space (a mismatched feature)
+    would otherwise pull rays' weights into the air."""
+    source = depth_source(dataset, source, split)
+    views = dataset.splits[split]
+    if source == "capture":
+        return capture_depth_targets(views)
+    points = dataset.points.float()
+    unit = dataset.normalization.to_unit(points)
+    if octree is not None:  # outliers in free space neither give targets nor hide anything
+        inside = octree.contains(contract(unit, dataset.outer_scale).to(octree.device)).cpu()
+        points, unit = points[inside], unit[inside]
+    # in a contracted scene only the shell's points give targets, the central box's still hide what is behind them
+    shell = unit.abs().amax(-1) > 1.0 if dataset.outer_scale > 1 else None
+    return points_depth_targets(points, views, targets=shell)

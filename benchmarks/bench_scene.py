@@ -52,8 +52,12 @@ def make_capture(root: Path, name: str, aabb: int, background: bool, size: str, 
             "--supersample", str(supersample)]
     if not background:
         args.append("--no-background")
-    if cli(args) != 0:
-        sys.exit(f"bench_scene: synth-capture failed for {name}")
+    threads = torch.get_num_threads()
+    try:
+        if cli(args) != 0:
+            sys.exit(f"bench_scene: synth-capture failed for {name}")
+    finally:  # the command sets the process's threads to every core: the fits after it take the benchmark's own
+        torch.set_num_threads(threads)
     return out
 
 

@@ -108,3 +108,18 @@ def test_region_psnr_splits_the_room_by_what_each_pixel_sees(tmp_path):
     assert "## Where the error is" in text
     row = [line for line in text.splitlines() if line.startswith("| room | dense | inf")][0]
     assert row.count("dB") == 4 and row.rstrip().endswith("| – |")  # object, near, far, dome; no plain background
+
+
+def test_generating_a_capture_leaves_the_benchmarks_one_thread(tmp_path):
+    """synth-capture sets the process's threads to every core; the fits the benchmark runs after it in the
+    same process must still get its own one thread (two of them side by side on two cores, not three)."""
+    import torch
+
+    bench = _bench()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cap = bench.make_capture(tmp_path, "room, aabb_scale 4", 4, True, "16x24", 4, 1)
+        assert (cap / "transforms.json").is_file() and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

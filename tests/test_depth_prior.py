@@ -116,6 +116,25 @@ def test_depth_loss_matches_brute_force_and_is_zero_at_the_target():
         pytest.approx(0.5, rel=1e-4)
 
 
+def test_the_batcher_keeps_only_the_pixels_with_a_target_and_looks_them_up():
+    from vqad.nerf.rays import RayBatcher
+
+    ds = load_dataset("procedural")
+    batcher = RayBatcher(ds.splits["train"], ds, "cpu")
+    dense = torch.rand(batcher.N, batcher.H, batcher.W) * 3 + 1
+    dense[torch.rand(dense.shape) < 0.9] = float("nan")
+    batcher.set_depth_targets(dense)
+    assert batcher.depth_targets[0].numel() == int(torch.isfinite(dense).sum())
+    flat = torch.randint(0, batcher.num_rays, (5000,), generator=torch.Generator().manual_seed(1))
+    got, want = batcher.depth_targets_for(flat), dense.reshape(-1)[flat] * ds.normalization.scale
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.allclose(got[torch.isfinite(got)], want[torch.isfinite(want)])
+    batcher.set_depth_targets(torch.full_like(dense, float("nan")))  # no target anywhere
+    assert torch.isnan(batcher.depth_targets_for(flat)).all()
+    with pytest.raises(ValueError, match="shape"):
+        batcher.set_depth_targets(dense[:1])
+
+
 def test_depth_source_resolves_and_says_what_a_capture_lacks():
     proc = load_dataset("procedural")  # depth maps, no sparse points
     assert depth_source(proc, "auto") == "capture"

@@ -4,7 +4,8 @@ A capture's sparse structure-from-motion points (COLMAP's points3D, nerfstudio's
 :attr:`vqad.nerf.data.SceneDataset.points`) are surface points; projected into a training view, the
 nearest one in a pixel is the surface that pixel sees, unless a point in the pixels around it is
 clearly nearer (it lies behind a surface that hides it, whose own points are sparser than the
-pixels). :func:`points_depth_targets` turns them into one target per covered pixel: the ray distance
+pixels) or clearly farther (it is an occluder's rim, and the pixel's centre may see past it).
+:func:`points_depth_targets` turns them into one target per covered pixel: the ray distance
 from the camera to the point. A capture with dense depth (:attr:`vqad.nerf.data.Views.depth`, the
 procedural scenes) gives a target for every pixel with a hit instead (:func:`capture_depth_targets`).
 
@@ -16,7 +17,8 @@ cell spans more) tolerates proportionally more; bounded, so a wrong target costs
 most 1, as a far one does. The penalty never rewards opacity: a ray whose pixel shows nothing pays 0.
 
 Where the points count: in a contracted scene (``outer_scale > 1``: ngp ``aabb_scale``, COLMAP bounds)
-only the points outside the central box give targets. The central box is seen from all around and the
+only the points outside the central box give targets (every point still hides what lies behind it).
+The central box is seen from all around and the
 colours of many views pin its geometry, while the occlusion test cannot sort out every point behind a
 nearby surface (back faces within the margin): on the generated capture's object alone, targets from
 all its points cost 2 dB. The contracted shell is seen from afar, at grazing angles, by few views:
@@ -161,7 +163,8 @@ def depth_source(dataset: SceneDataset, source: str = "auto", split: str = "trai
 
 def depth_targets(dataset: SceneDataset, source: str = "auto", octree=None, split: str = "train") -> torch.Tensor:
     """``(N, H, W)`` world ray distances of ``split``'s pixels (NaN: none) from ``source``
-    (:func:`depth_source`). With ``octree`` (the field's :class:`~vqad.octree.SparseOctree`), only the
+    (:func:`depth_source`); in a contracted scene, targets from the points outside the central box
+    only (module docstring). With ``octree`` (the field's :class:`~vqad.octree.SparseOctree`), only the
     sparse points inside its cells count: an outlier floating in free space (a mismatched feature)
     would otherwise pull rays' weights into the air."""
     source = depth_source(dataset, source, split)

@@ -219,20 +219,27 @@ class RayBatcher:
         self.norm = dataset.normalization
         self.near, self.far = float(dataset.near), float(dataset.far)
         self.background = tuple(float(c) for c in dataset.background)
-        self.depth_targets: torch.Tensor | None = None  # (N·H·W,) unit-cube ray distances, NaN: none
+        # the depth loss's targets, only the pixels that have one: sorted flat ids (K,) and unit-cube ray distances (K,)
+        self.depth_targets: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_depth_targets(self, distances: torch.Tensor) -> None:
         """Targets of :meth:`depth_targets_for`: ``(N, H, W)`` world ray distances, NaN where none
-        (:mod:`vqad.nerf.depth_prior`)."""
+        (:mod:`vqad.nerf.depth_prior`); kept for the pixels that have one."""
         if tuple(distances.shape) != (self.N, self.H, self.W):
             raise ValueError(f"depth targets of shape {tuple(distances.shape)} for {self.N} views of {self.H}x{self.W}")
-        self.depth_targets = (distances.reshape(-1).float() * self.norm.scale).to(self.device)
+        flat = distances.reshape(-1)
+        ids = torch.nonzero(torch.isfinite(flat))[:, 0]
+        self.depth_targets = (ids.to(self.device), (flat[ids].float() * self.norm.scale).to(self.device))
 
     def depth_targets_for(self, flat: torch.Tensor) -> torch.Tensor:
         """``(n,)`` unit-cube ray distances of flat pixel ids' targets (NaN: none)."""
         if self.depth_targets is None:
             raise ValueError("no depth targets: call set_depth_targets first")
-        return self.depth_targets.index_select(0, flat)
+        ids, dist = self.depth_targets
+        if ids.numel() == 0:
+            return torch.full(flat.shape, float("nan"), device=flat.device)
+        pos = torch.searchsorted(ids, flat).clamp_(max=ids.numel() - 1)
+        return torch.where(ids[pos] == flat, dist[pos], torch.full_like(dist[pos], float("nan")))
 
     @property
     def num_rays(self) -> int:

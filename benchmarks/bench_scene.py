@@ -39,8 +39,6 @@ def scenes(quick: bool) -> list[tuple[str, int, bool]]:
 
 def make_capture(root: Path, name: str, aabb: int, background: bool, size: str, views: int, supersample: int) -> Path:
     """The capture's folder under ``root``, generated unless it is there (with the same pixel filter)."""
-    from vqad.app.cli import main as cli
-
     out = root / name.replace(" ", "").replace(",", "-")
     if (out / "transforms.json").is_file():
         had = json.loads((out / "transforms.json").read_text()).get("vqad_scene", {}).get("supersample", 1)
@@ -52,13 +50,22 @@ def make_capture(root: Path, name: str, aabb: int, background: bool, size: str, 
             "--supersample", str(supersample)]
     if not background:
         args.append("--no-background")
+    if _cli(args) != 0:
+        sys.exit(f"bench_scene: synth-capture failed for {name}")
+    return out
+
+
+def _cli(args: list[str]) -> int:
+    """``vqad ARGS`` in this process, which keeps its own thread count: a command sets the process's threads
+    (synth-capture: every core), and the work after it (the next fit's ``--threads``, the density pass)
+    takes the benchmark's one thread."""
+    from vqad.app.cli import main as cli
+
     threads = torch.get_num_threads()
     try:
-        if cli(args) != 0:
-            sys.exit(f"bench_scene: synth-capture failed for {name}")
-    finally:  # the command sets the process's threads to every core: the fits after it take the benchmark's own
+        return cli(args)
+    finally:
         torch.set_num_threads(threads)
-    return out
 
 
 def density_pass(capture: Path, minutes: float, steps: int, levels: tuple[int, int]) -> dict:
@@ -76,8 +83,6 @@ def density_pass(capture: Path, minutes: float, steps: int, levels: tuple[int, i
 
 def fit(capture: Path, out: Path, storage: str, minutes: float, levels: tuple[int, int], eval_views: int | None,
         extra: list[str] | None = None) -> dict:
-    from vqad.app.cli import main as cli
-
     args = ["fit-nerf", str(capture), "--format", "ngp", "--grid", storage, "--levels", f"{levels[0]}:{levels[1]}",
             "--minutes", str(minutes), "--steps", str(FIT_STEPS), "--out", str(out), "--device", "cpu", "--quiet",
             # the benchmark's own thread count (main: one): fit-nerf's default would take every core, and two
@@ -88,7 +93,7 @@ def fit(capture: Path, out: Path, storage: str, minutes: float, levels: tuple[in
     if eval_views:
         args += ["--eval-max-views", str(eval_views)]
     t = time.perf_counter()
-    rc = cli(args)
+    rc = _cli(args)
     wall = time.perf_counter() - t
     if rc != 0:
         sys.exit(f"bench_scene: fit-nerf failed on {capture} ({storage})")

@@ -37,7 +37,7 @@ import torch
 from vqad.errors import InputError
 from vqad.nerf.contraction import contract
 from vqad.nerf.data import SceneDataset, Views
-from vqad.nerf.rays import camera_directions, distort
+from vqad.nerf.rays import camera_directions, distort, pixel_centers
 
 #: a point is hidden in a view when a point projected within :data:`OCCLUSION_WINDOW` pixels of it is
 #: nearer than its ray distance / (1 + this) (ground seen at grazing angles changes by ~2 % a pixel)
@@ -86,8 +86,9 @@ def points_depth_targets(points: torch.Tensor, views: Views, margin: float = OCC
         nearest = torch.full((H * W,), float("inf")).scatter_reduce_(0, pix, dist, "amin")
         keep = torch.isfinite(nearest)
         if usable is not None:  # the pixel's nearest point is one that may give a target
-            first = usable[inside] & (dist == nearest[pix])
-            keep &= torch.zeros(H * W, dtype=torch.bool).index_put_((pix[first],), torch.ones_like(pix[first], dtype=torch.bool))
+            first = torch.zeros(H * W, dtype=torch.bool)
+            first[pix[usable[inside] & (dist == nearest[pix])]] = True
+            keep &= first
         img = nearest.view(1, 1, H, W)
         if window > 0:  # no clearly nearer point within the window: this one is not hidden behind a surface
             lo = -torch.nn.functional.max_pool2d(-img, 2 * window + 1, stride=1, padding=window).view(-1)
@@ -105,8 +106,7 @@ def capture_depth_targets(views: Views) -> torch.Tensor:
     if views.depth is None:
         raise ValueError("capture_depth_targets: the views have no depth")
     N, (H, W) = len(views), views.hw
-    u, v = torch.meshgrid(torch.arange(W) + 0.5, torch.arange(H) + 0.5, indexing="xy")
-    uv = torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1)
+    uv = pixel_centers(H, W)
     out = torch.empty(N, H * W)
     for n in range(N):
         dist = views.distortion[n].float() if views.distortion is not None else None
@@ -128,16 +128,14 @@ def depth_spread_loss(weights: torch.Tensor, t_mid: torch.Tensor, ray_indices: t
         ray_indices: ``(S,)`` each sample's ray.
         target: ``(R,)`` each ray's target distance t*, NaN for a ray without one.
     Returns:
-        a scalar (0 when no sampled ray has a target).
+        a scalar (0 when no sampled ray has a target). No host synchronisation: it runs every training step.
     """
-    has = torch.isfinite(target)
-    n = int(has.sum())
-    if n == 0 or weights.numel() == 0:
-        return weights.sum() * 0.0
     t_star = target.index_select(0, ray_indices)
     on = torch.isfinite(t_star)
-    rel2 = ((t_mid[on] - t_star[on]) / (scale * t_star[on])) ** 2
-    return (weights[on] * rel2 / (1.0 + rel2)).sum() / n
+    t_star = torch.where(on, t_star, torch.ones_like(t_star))  # finite everywhere: no NaN in any gradient
+    rel2 = ((t_mid - t_star) / (scale * t_star)) ** 2
+    n = torch.isfinite(target).sum().clamp_min(1)
+    return (weights * on * (rel2 / (1.0 + rel2))).sum() / n
 
 
 def has_points(dataset: SceneDataset) -> bool:

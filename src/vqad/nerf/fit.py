@@ -150,6 +150,25 @@ def _new_octree(dataset: SceneDataset, grid_cfg: GridConfig, train_cfg: NeRFTrai
                         dilate=train_cfg.dilate, **kwargs)
 
 
+def resolve_depth_weight(train_cfg: NeRFTrainConfig, dataset: SceneDataset) -> NeRFTrainConfig:
+    """``train_cfg`` with its depth weight resolved for ``dataset`` (:func:`~vqad.nerf.task.auto_depth_weight`);
+    where the loss is on, a capture without the targets asked for is an :class:`InputError`
+    (:func:`~vqad.nerf.depth_prior.depth_source`)."""
+    weight = auto_depth_weight(train_cfg.depth_weight, dataset.outer_scale, has_points(dataset))
+    if weight > 0:
+        depth_source(dataset, train_cfg.depth_from)
+    return replace(train_cfg, depth_weight=weight)
+
+
+def _saved_number(resume_cfg: dict, key: str, ckpt_dir) -> float | None:
+    """The number a resumed checkpoint's training config holds for ``key`` (an 'auto' setting it resolved;
+    :attr:`NeRFTrainConfig.ABSENT_MEANS` for a checkpoint from before the setting; None: never resolved)."""
+    saved = {**NeRFTrainConfig.ABSENT_MEANS, **resume_cfg.get("train", {})}[key]
+    if saved is not None and (isinstance(saved, bool) or not isinstance(saved, (int, float))):
+        raise InputError(f"{ckpt_dir}: the checkpoint's {key} {saved!r} is not a number")
+    return saved
+
+
 def fit_nerf(
     dataset: SceneDataset,
     grid_cfg: GridConfig,
@@ -186,29 +205,21 @@ def fit_nerf(
     start, resume_cfg = 0, None
     t_oct = time.perf_counter()
     depth_auto = train_cfg.depth_weight is None
-    if not resume:  # 'auto', from the scene; checked before the octree: a capture without targets fails at once
-        train_cfg = replace(train_cfg, depth_weight=auto_depth_weight(train_cfg.depth_weight, dataset.outer_scale,
-                                                                      has_points(dataset)))
-        if train_cfg.depth_weight > 0:
-            depth_source(dataset, train_cfg.depth_from)
+    if not resume:  # before the octree: a capture without the depth targets asked for fails at once
+        train_cfg = resolve_depth_weight(train_cfg, dataset)
     if resume:
         field, resume_cfg, start = load_for_resume(ckpt_dir, "nerf", device)
         if train_cfg.early_stop_eps is None:  # 'auto' continues with what the checkpoint resolved it to
-            saved = {**NeRFTrainConfig.ABSENT_MEANS, **resume_cfg.get("train", {})}["early_stop_eps"]
-            if saved is not None and (isinstance(saved, bool) or not isinstance(saved, (int, float))):
-                raise InputError(f"{ckpt_dir}: the checkpoint's early_stop_eps {saved!r} is not a number")
+            saved = _saved_number(resume_cfg, "early_stop_eps", ckpt_dir)
             # null: a run that never resolved it (a task run by hand) -- the rule, from the field's own scene
             train_cfg = replace(train_cfg, early_stop_eps=auto_early_stop(saved, field.nerf_cfg.outer_scale))
             train_cfg.validate()
             if saved is None:  # what that run did, as its task resolved it
                 resume_cfg.setdefault("train", {})["early_stop_eps"] = train_cfg.early_stop_eps
-        if train_cfg.depth_weight is None:  # 'auto' continues with what the checkpoint resolved it to
-            saved = {**NeRFTrainConfig.ABSENT_MEANS, **resume_cfg.get("train", {})}["depth_weight"]
-            if saved is not None and (isinstance(saved, bool) or not isinstance(saved, (int, float))):
-                raise InputError(f"{ckpt_dir}: the checkpoint's depth_weight {saved!r} is not a number")
-            train_cfg = replace(train_cfg, depth_weight=auto_depth_weight(saved, field.nerf_cfg.outer_scale,
-                                                                          has_points(dataset)))
-            train_cfg.validate()
+        if depth_auto:  # 'auto' continues with what the checkpoint resolved it to (null: the rule)
+            train_cfg = replace(train_cfg, depth_weight=_saved_number(resume_cfg, "depth_weight", ckpt_dir))
+        train_cfg = resolve_depth_weight(train_cfg, dataset)
+        train_cfg.validate()
         if dec_cfg.per_lod is None:  # 'auto' matches whatever the checkpoint resolved it to
             dec_cfg = replace(dec_cfg, per_lod=bool(resume_cfg["decoder"].get("per_lod", False)))
         check_resumed_fit(ckpt_dir, resume_cfg, grid_cfg, dec_cfg, train_cfg)

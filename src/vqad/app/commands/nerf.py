@@ -274,15 +274,12 @@ def check_nerf_dataset(args, dataset, train_cfg, resumed: bool) -> None:
                f"--density-steps / --density-minutes bound the density pass, but this capture's octree comes from "
                f"its {method} maps (--octree {train_cfg.octree})")
     if not resumed:
-        from vqad.nerf.depth_prior import depth_source, has_points
-        from vqad.nerf.task import auto_depth_weight
+        from vqad.nerf.fit import resolve_depth_weight
 
-        weight = auto_depth_weight(train_cfg.depth_weight, dataset.outer_scale, has_points(dataset))
+        weight = resolve_depth_weight(train_cfg, dataset).depth_weight  # fails now on a capture without the targets
         refuse(args.depth_from is not None and weight == 0,
                "--depth-from picks the depth loss's targets, which is off here (auto: on in a contracted scene with "
                "sparse points); give --depth-weight to turn it on")
-        if weight > 0:
-            depth_source(dataset, train_cfg.depth_from)  # fail now: a capture without the targets asked for
     if not args.no_eval:
         pick_split(dataset, args.eval_views)  # fail now, not after the fit
 

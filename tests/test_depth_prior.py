@@ -10,8 +10,8 @@ import torch
 from vqad.app.cli import main as cli_main
 from vqad.errors import InputError
 from vqad.nerf.data import Views
-from vqad.nerf.depth_prior import (capture_depth_targets, depth_source, depth_spread_loss, depth_targets,
-                                   points_depth_targets)
+from vqad.nerf.depth_prior import (DepthTargets, capture_depth_targets, depth_source, depth_spread_loss,
+                                   depth_targets, points_depth_targets)
 from vqad.nerf.formats import load_dataset
 from vqad.nerf.rays import backproject, pixel_centers
 
@@ -34,7 +34,7 @@ def test_points_give_their_distance_to_the_pixel_they_fall_in_and_nan_elsewhere(
                        _at_pixel(6.5, 4.5, 5.0),  # pixel (6, 4)
                        torch.tensor([0.0, 0.0, 2.0]),  # behind the camera
                        _at_pixel(40.0, 2.0, 5.0)])  # outside the image
-    t = points_depth_targets(pts, views, window=0)
+    t = points_depth_targets(pts, views, window=0).dense()
     assert t.shape == (1, 6, 8)
     assert t[0, 1, 1] == pytest.approx(3.0) and t[0, 4, 6] == pytest.approx(5.0)
     assert int(torch.isfinite(t).sum()) == 2
@@ -46,13 +46,13 @@ def test_a_point_next_to_a_clearly_nearer_or_farther_one_is_dropped_but_a_smooth
     # (5, 4) and (6, 4): 5.0 beside 5.2, within the margin: a surface seen at an angle
     pts = torch.stack([_at_pixel(2.5, 2.5, 4.0), _at_pixel(3.5, 2.5, 2.0),
                        _at_pixel(5.5, 4.5, 5.0), _at_pixel(6.5, 4.5, 5.2)])
-    t = points_depth_targets(pts, views, margin=0.1, window=1)
+    t = points_depth_targets(pts, views, margin=0.1, window=1).dense()
     assert torch.isnan(t[0, 2, 2]) and torch.isnan(t[0, 2, 3])
     assert t[0, 4, 5] == pytest.approx(5.0) and t[0, 4, 6] == pytest.approx(5.2)
     # with both tests off, both edge points stay; with the hidden test alone, the nearer one
-    t0 = points_depth_targets(pts, views, window=0, rim=0)
+    t0 = points_depth_targets(pts, views, window=0, rim=0).dense()
     assert t0[0, 2, 2] == pytest.approx(4.0) and t0[0, 2, 3] == pytest.approx(2.0)
-    t1 = points_depth_targets(pts, views, window=1, rim=0)
+    t1 = points_depth_targets(pts, views, window=1, rim=0).dense()
     assert torch.isnan(t1[0, 2, 2]) and t1[0, 2, 3] == pytest.approx(2.0)
 
 
@@ -61,7 +61,7 @@ def test_points_are_projected_through_the_lens_distortion():
     views = _one_view(H=20, W=20, distortion=dist)
     # the undistorted ray through pixel (16.5, 10.5) meets the image, distorted, at 16.5 + ...: project by hand
     p = _at_pixel(16.5, 10.5, 3.0, H=20, W=20)
-    t = points_depth_targets(p[None], views, window=0)
+    t = points_depth_targets(p[None], views, window=0).dense()
     x = (16.5 - 10) / 10.0
     u = 10 + 10.0 * x * (1 + 0.2 * x * x)
     assert torch.isfinite(t[0, 10, int(u)]) and t[0, 10, int(u)] == pytest.approx(3.0)
@@ -72,7 +72,7 @@ def test_capture_depth_becomes_the_ray_distance_of_the_back_projected_point():
     z = torch.rand(1, 6, 8) * 3 + 1
     z[0, 0, 0] = 0  # no hit
     views.depth = z.half()
-    t = capture_depth_targets(views)
+    t = capture_depth_targets(views).dense()
     assert torch.isnan(t[0, 0, 0]) and torch.isfinite(t).sum() == 47
     uv = pixel_centers(6, 8)
     x = backproject(views.c2w[0], views.intrinsics[0], uv, views.depth[0].float().reshape(-1))
@@ -123,16 +123,25 @@ def test_the_batcher_keeps_only_the_pixels_with_a_target_and_looks_them_up():
     batcher = RayBatcher(ds.splits["train"], ds, "cpu")
     dense = torch.rand(batcher.N, batcher.H, batcher.W) * 3 + 1
     dense[torch.rand(dense.shape) < 0.9] = float("nan")
-    batcher.set_depth_targets(dense)
+    sparse = DepthTargets.from_dense(dense)
+    assert len(sparse) == int(torch.isfinite(dense).sum()) and bool((sparse.ids[1:] > sparse.ids[:-1]).all())
+    assert torch.equal(torch.isnan(sparse.dense()), torch.isnan(dense))
+    assert torch.equal(sparse.dense()[torch.isfinite(dense)], dense[torch.isfinite(dense)])
+    batcher.set_depth_targets(sparse.ids, sparse.distances)
     assert batcher.depth_targets[0].numel() == int(torch.isfinite(dense).sum())
     flat = torch.randint(0, batcher.num_rays, (5000,), generator=torch.Generator().manual_seed(1))
     got, want = batcher.depth_targets_for(flat), dense.reshape(-1)[flat] * ds.normalization.scale
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     assert torch.allclose(got[torch.isfinite(got)], want[torch.isfinite(want)])
-    batcher.set_depth_targets(torch.full_like(dense, float("nan")))  # no target anywhere
+    none = DepthTargets.from_dense(torch.full_like(dense, float("nan")))  # no target anywhere
+    batcher.set_depth_targets(none.ids, none.distances)
     assert torch.isnan(batcher.depth_targets_for(flat)).all()
-    with pytest.raises(ValueError, match="shape"):
-        batcher.set_depth_targets(dense[:1])
+    with pytest.raises(ValueError, match="ascending"):  # out of range, or not sorted
+        batcher.set_depth_targets(torch.tensor([batcher.num_rays]), torch.ones(1))
+    with pytest.raises(ValueError, match="ascending"):
+        batcher.set_depth_targets(torch.tensor([5, 3]), torch.ones(2))
+    with pytest.raises(ValueError, match="2 pixel ids for 1"):
+        batcher.set_depth_targets(torch.tensor([3, 5]), torch.ones(1))
 
 
 def test_depth_source_resolves_and_says_what_a_capture_lacks():
@@ -141,7 +150,7 @@ def test_depth_source_resolves_and_says_what_a_capture_lacks():
     with pytest.raises(InputError, match="no depth maps and no sparse points"):
         depth_source(proc, "points")
     t = depth_targets(proc, "auto")
-    assert t.shape == (len(proc.splits["train"]), *proc.splits["train"].hw)
+    assert t.shape == (len(proc.splits["train"]), *proc.splits["train"].hw) and len(t) > 0
 
 
 def test_in_a_contracted_scene_only_the_shells_points_give_targets(tmp_path):
@@ -154,7 +163,7 @@ def test_in_a_contracted_scene_only_the_shells_points_give_targets(tmp_path):
         assert cli_main(["synth-capture", "-o", str(cap), "--aabb-scale", str(aabb), "--size", "24x40",
                          "--views", "8"] + ([] if outside else ["--no-background"])) == 0
         ds = load_dataset(str(cap), format="ngp")
-        t = depth_targets(ds, "points").reshape(-1)
+        t = depth_targets(ds, "points").dense().reshape(-1)
         ok = torch.isfinite(t)
         assert ok.sum() > 50
         o, d, _, _, _ = RayBatcher(ds.splits["train"], ds, "cpu").rays_for(torch.nonzero(ok)[:, 0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from vqad.app.cli import main
@@ -71,10 +73,35 @@ def test_ssim_of_images_one_pixel_wide():
 def test_synth_capture_says_when_a_render_will_take_minutes(tmp_path, monkeypatch, capsys):
     import vqad.nerf.scene_capture as sc
 
-    monkeypatch.setattr(sc, "write_capture", lambda out, cfg, background=True: out / "transforms.json")
+    monkeypatch.setattr(sc, "write_capture", lambda out, cfg, background=True, on_view=None: out / "transforms.json")
     assert main(["synth-capture", "-o", str(tmp_path / "big"), "--size", "4000x4000", "--views", "200",
                  "--supersample", "4", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "rendering 51,200,000,000 rays" in out and "minutes on one core" in out
     assert main(["synth-capture", "-o", str(tmp_path / "small"), "--size", "8x8", "--views", "2", "--threads", "1"]) == 0
     assert "rendering" not in capsys.readouterr().out
+
+
+def test_synth_capture_reports_its_views_as_it_goes_and_names_an_interrupted_capture(tmp_path, monkeypatch, capsys):
+    import vqad.app.commands.nerf as nerf
+    import vqad.nerf.scene_capture as sc
+
+    monkeypatch.setattr(nerf, "PROGRESS_SECONDS", 0.0)  # every view, but the last (the summary follows it)
+    out = tmp_path / "cap"
+    assert main(["synth-capture", "-o", str(out), "--size", "8x8", "--views", "4", "--points", "0", "--threads", "1"]) == 0
+    lines = [ln.strip() for ln in capsys.readouterr().out.splitlines() if "views in" in ln]
+    assert [ln.split()[0] for ln in lines] == ["1/4", "2/4", "3/4"] and all("s left" in ln for ln in lines)
+
+    def stop(out_dir, cfg, background=True, on_view=None):  # killed after two views: images, no transforms.json
+        (Path(out_dir) / "images").mkdir(parents=True)
+        (Path(out_dir) / "images" / "0000.png").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sc, "write_capture", stop)
+    half = tmp_path / "half"
+    assert main(["synth-capture", "-o", str(half), "--size", "8x8", "--views", "4", "--threads", "1"]) == 130
+    assert capsys.readouterr().err.strip() == "vqad: interrupted"
+    assert main(["synth-capture", "-o", str(half), "--size", "8x8", "--views", "4", "--threads", "1"]) == 2
+    assert "interrupted capture" in _err(capsys)
+    assert main(["synth-capture", "-o", str(out), "--size", "8x8", "--views", "4", "--threads", "1"]) == 2
+    assert "interrupted" not in _err(capsys)  # a finished capture is just not empty

@@ -32,6 +32,8 @@ pixel ``(floor(u), floor(v))``), with the view's lens distortion applied.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from vqad.errors import InputError
@@ -49,10 +51,49 @@ RIM_WINDOW = 1  # a point with a point this much farther within this many pixels
 DEPTH_TOLERANCE = 0.05
 
 
+@dataclass(frozen=True)
+class DepthTargets:
+    """Depth targets of a split's ``N × H × W`` pixels, kept only for the pixels that have one (a few
+    percent of them from sparse points: a dense map would cost 4 bytes a pixel, more than the images).
+
+    Attributes:
+        ids: ``(K,)`` int64 flat pixel ids ``view·H·W + row·W + col``, ascending.
+        distances: ``(K,)`` float32 world ray distances from the camera.
+        shape: ``(N, H, W)``.
+    """
+
+    ids: torch.Tensor
+    distances: torch.Tensor
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor) -> "DepthTargets":
+        """From ``(N, H, W)`` distances, NaN (or any non-finite value) where a pixel has no target."""
+        flat = dense.reshape(-1)
+        ids = torch.nonzero(torch.isfinite(flat))[:, 0]
+        return cls(ids, flat[ids].float(), tuple(dense.shape))
+
+    def dense(self) -> torch.Tensor:
+        """``(N, H, W)`` float32, NaN where a pixel has no target (for tests and small captures)."""
+        out = torch.full((self.shape[0] * self.shape[1] * self.shape[2],), float("nan"))
+        out[self.ids] = self.distances
+        return out.view(self.shape)
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+
+def _gather(ids: list[torch.Tensor], dist: list[torch.Tensor], shape: tuple[int, int, int]) -> DepthTargets:
+    """Per view, ascending ids and their distances, views in order: one :class:`DepthTargets`."""
+    if not ids:
+        return DepthTargets(torch.zeros(0, dtype=torch.long), torch.zeros(0), shape)
+    return DepthTargets(torch.cat(ids), torch.cat(dist).float(), shape)
+
+
 def points_depth_targets(points: torch.Tensor, views: Views, margin: float = OCCLUSION_MARGIN,
                          window: int = OCCLUSION_WINDOW, rim: int = RIM_WINDOW,
-                         targets: torch.Tensor | None = None) -> torch.Tensor:
-    """Per pixel of every view, the world ray distance to the nearest visible sparse point, NaN where none.
+                         targets: torch.Tensor | None = None) -> DepthTargets:
+    """Per pixel of every view, the world ray distance to the nearest visible sparse point, where any.
 
     Args:
         points: ``(P, 3)`` world points.
@@ -61,10 +102,11 @@ def points_depth_targets(points: torch.Tensor, views: Views, margin: float = OCC
         targets: ``(P,)`` bool, or None (all): the points that may give a target; the others still hide
             what lies behind them.
     Returns:
-        ``(N, H, W)`` float32 ray distances (world units), NaN for pixels without a visible point.
+        the ray distances (world units) of the pixels with a visible point; one view's ``H × W`` map at a
+        time in memory.
     """
     N, (H, W) = len(views), views.hw
-    out = torch.full((N, H * W), float("nan"))
+    got_ids, got_dist = [], []
     pts = points.float()
     for n in range(N):
         c2w = views.c2w[n].float()
@@ -96,24 +138,28 @@ def points_depth_targets(points: torch.Tensor, views: Views, margin: float = OCC
         if rim > 0:  # no clearly farther one next to it: this one is not an occluder's rim, the pixel's centre behind it
             hi = torch.nn.functional.max_pool2d(img.nan_to_num(posinf=0.0), 2 * rim + 1, stride=1, padding=rim).view(-1)
             keep &= hi <= (1.0 + margin) * nearest
-        out[n, keep] = nearest[keep]
-    return out.view(N, H, W)
+        at = torch.nonzero(keep)[:, 0]
+        got_ids.append(at + n * H * W)
+        got_dist.append(nearest[at])
+    return _gather(got_ids, got_dist, (N, H, W))
 
 
-def capture_depth_targets(views: Views) -> torch.Tensor:
-    """The capture's own z-depth maps as ray distances: ``(N, H, W)`` float32 world units, NaN where a
-    pixel has no hit (depth 0). Needs :attr:`Views.depth`."""
+def capture_depth_targets(views: Views) -> DepthTargets:
+    """The capture's own z-depth maps as ray distances (world units), for every pixel with a hit
+    (depth > 0). Needs :attr:`Views.depth`."""
     if views.depth is None:
         raise ValueError("capture_depth_targets: the views have no depth")
     N, (H, W) = len(views), views.hw
     uv = pixel_centers(H, W)
-    out = torch.empty(N, H * W)
+    ids, dist = [], []
     for n in range(N):
-        dist = views.distortion[n].float() if views.distortion is not None else None
-        per_z = camera_directions(views.intrinsics[n].float(), uv, dist).norm(dim=-1)  # ray distance per unit z
+        k = views.distortion[n].float() if views.distortion is not None else None
+        per_z = camera_directions(views.intrinsics[n].float(), uv, k).norm(dim=-1)  # ray distance per unit z
         z = views.depth[n].float().reshape(-1)
-        out[n] = torch.where(z > 0, z * per_z, torch.full_like(z, float("nan")))
-    return out.view(N, H, W)
+        at = torch.nonzero(z > 0)[:, 0]
+        ids.append(at + n * H * W)
+        dist.append(z[at] * per_z[at])
+    return _gather(ids, dist, (N, H, W))
 
 
 def depth_spread_loss(weights: torch.Tensor, t_mid: torch.Tensor, ray_indices: torch.Tensor,
@@ -159,8 +205,8 @@ def depth_source(dataset: SceneDataset, source: str = "auto", split: str = "trai
     return source
 
 
-def depth_targets(dataset: SceneDataset, source: str = "auto", octree=None, split: str = "train") -> torch.Tensor:
-    """``(N, H, W)`` world ray distances of ``split``'s pixels (NaN: none) from ``source``
+def depth_targets(dataset: SceneDataset, source: str = "auto", octree=None, split: str = "train") -> DepthTargets:
+    """The world ray distances of ``split``'s pixels that have a target, from ``source``
     (:func:`depth_source`); in a contracted scene, targets from the points outside the central box
     only (module docstring). With ``octree`` (the field's :class:`~vqad.octree.SparseOctree`), only the
     sparse points inside its cells count: an outlier floating in free space (a mismatched feature)

@@ -239,9 +239,9 @@ def fit_nerf(
     batcher = RayBatcher(dataset.splits["train"], dataset, device)
     if train_cfg.depth_weight > 0:
         targets = depth_targets(dataset, train_cfg.depth_from, octree=field.grid.octree)
-        batcher.set_depth_targets(targets)
+        batcher.set_depth_targets(targets.ids, targets.distances)
         if not quiet:
-            share = float(torch.isfinite(targets).float().mean())
+            share = len(targets) / batcher.num_rays
             print(f"depth loss: λ = {train_cfg.depth_weight:g} on {share:.1%} of the training pixels"
                   + (" (auto: a contracted scene with sparse points)" if depth_auto else ""))
     sampler = make_sampler(field)

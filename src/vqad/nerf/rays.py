@@ -222,14 +222,16 @@ class RayBatcher:
         # the depth loss's targets, only the pixels that have one: sorted flat ids (K,) and unit-cube ray distances (K,)
         self.depth_targets: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def set_depth_targets(self, distances: torch.Tensor) -> None:
-        """Targets of :meth:`depth_targets_for`: ``(N, H, W)`` world ray distances, NaN where none
-        (:mod:`vqad.nerf.depth_prior`); kept for the pixels that have one."""
-        if tuple(distances.shape) != (self.N, self.H, self.W):
-            raise ValueError(f"depth targets of shape {tuple(distances.shape)} for {self.N} views of {self.H}x{self.W}")
-        flat = distances.reshape(-1)
-        ids = torch.nonzero(torch.isfinite(flat))[:, 0]
-        self.depth_targets = (ids.to(self.device), (flat[ids].float() * self.norm.scale).to(self.device))
+    def set_depth_targets(self, ids: torch.Tensor, distances: torch.Tensor) -> None:
+        """Targets of :meth:`depth_targets_for`: ``ids (K,)`` ascending flat pixel ids, ``distances (K,)``
+        their world ray distances (:class:`vqad.nerf.depth_prior.DepthTargets`)."""
+        ids, distances = ids.reshape(-1).long(), distances.reshape(-1).float()
+        if ids.shape != distances.shape:
+            raise ValueError(f"depth targets: {ids.numel()} pixel ids for {distances.numel()} distances")
+        if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= self.num_rays or not bool((ids[1:] > ids[:-1]).all())):
+            raise ValueError(f"depth targets: pixel ids must be ascending in [0, {self.num_rays}) "
+                             f"({self.N} views of {self.H}x{self.W})")
+        self.depth_targets = (ids.to(self.device), (distances * self.norm.scale).to(self.device))
 
     def depth_targets_for(self, flat: torch.Tensor) -> torch.Tensor:
         """``(n,)`` unit-cube ray distances of flat pixel ids' targets (NaN: none)."""

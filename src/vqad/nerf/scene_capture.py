@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -236,9 +237,12 @@ def render_capture(cfg: SceneCaptureConfig, background: bool = True):
     return torch.stack(images), c2w, intr
 
 
-def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bool = True) -> Path:
+def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bool = True,
+                  on_view: Callable[[int, int], None] | None = None) -> Path:
     """Render the capture and write it in instant-ngp layout: ``out_dir/transforms.json`` and
-    ``out_dir/images/NNNN.png``. Returns the path of ``transforms.json``."""
+    ``out_dir/images/NNNN.png``, ``transforms.json`` last (a folder without it is an interrupted
+    capture). ``on_view(done, total)`` is called after each view is written. Returns the path of
+    ``transforms.json``."""
     from PIL import Image
 
     cfg = cfg or SceneCaptureConfig()
@@ -257,6 +261,8 @@ def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bo
             arr = _render_view(env, cfg, pose, (fx, fy, cx, cy), background).numpy()
             Image.fromarray(arr if not background else arr[..., :3], "RGBA" if not background else "RGB").save(out / name)
             frames.append({"file_path": name, "transform_matrix": pose.tolist()})
+            if on_view is not None:
+                on_view(i + 1, len(c2w))
     meta = {"camera_model": "OPENCV", "fl_x": fx, "fl_y": fy, "cx": cx, "cy": cy, "w": cfg.width, "h": cfg.height,
             "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "aabb_scale": cfg.aabb_scale, "scale": NGP_SCALE,
             "offset": list(NGP_OFFSET), "frames": frames,

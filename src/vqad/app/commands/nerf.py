@@ -173,18 +173,41 @@ def cmd_synth_capture(args) -> int:
     cfg.validate()
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out} exists and is not an empty folder: write the capture to a new folder")
+        interrupted = out.is_dir() and (out / "images").is_dir() and not (out / "transforms.json").exists()
+        raise InputError(f"--out {out} exists and is not an empty folder: write the capture to a new folder"
+                         + (" (it looks like an interrupted capture, images without transforms.json: delete it "
+                            "and run again)" if interrupted else ""))
     rays = cfg.views * width * height * cfg.supersample ** 2
     if rays > 50_000_000:  # ~1.4M rays/s on one core of a laptop: say what is coming
         print(f"rendering {rays:,} rays ({cfg.views} views × {width}x{height} px × {cfg.supersample}² rays a pixel): "
               f"about {rays / 1.4e6 / 60:.0f} minutes on one core", flush=True)
-    path = write_capture(out, cfg, background=not args.no_background)
+    path = write_capture(out, cfg, background=not args.no_background, on_view=_view_progress(PROGRESS_SECONDS))
     print(f"wrote {path} ({cfg.views} views, {width}x{height}, aabb_scale {cfg.aabb_scale}, "
           f"{'object alone' if args.no_background else 'object in a textured room'}, {cfg.points:,} sparse points, "
           f"{cfg.supersample}x{cfg.supersample} rays a pixel)")
     hint = " --octree density" if args.no_background and cfg.aabb_scale > 1 else ""  # masks mark no room
     print(f"next: vqad fit-nerf {out} --format ngp{hint}")
     return 0
+
+
+PROGRESS_SECONDS = 5.0  # a long job says where it is at most this often
+
+
+def _view_progress(every: float):
+    """``on_view(done, total)`` that prints the views written, the time so far and an estimate of the
+    rest, at most once every ``every`` seconds (a short capture prints nothing)."""
+    start = time.perf_counter()
+    last = [start]
+
+    def on_view(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] < every or done == total:
+            return
+        last[0] = now
+        left = (now - start) / done * (total - done)
+        print(f"  {done}/{total} views in {now - start:.0f} s, about {left:.0f} s left", flush=True)
+
+    return on_view
 
 
 def parse_background(text: str) -> tuple[float, float, float]:

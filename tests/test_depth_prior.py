@@ -182,7 +182,7 @@ def _err(capsys):
 
 
 def test_fit_nerf_depth_loss_is_on_by_default_in_a_room_with_sparse_points(tmp_path, capsys):
-    """auto: a contracted capture with sparse points trains with λ = 0.01 and records it; a bounded one
+    """auto: a contracted capture with sparse points trains with DEPTH_WEIGHT_CONTRACTED and records it; a bounded one
     (the object alone) with 0; flags that cannot apply, and a capture without targets, are one-line errors
     before anything is written."""
     from vqad.nerf.task import DEPTH_WEIGHT_CONTRACTED
@@ -197,7 +197,7 @@ def test_fit_nerf_depth_loss_is_on_by_default_in_a_room_with_sparse_points(tmp_p
     opts = ["--format", "ngp", "--levels", "3:5", "--steps", "20", "--batch-rays", "256", "--device", "cpu", "--no-eval"]
     capsys.readouterr()
     assert cli_main(["fit-nerf", str(cap), "--out", str(tmp_path / "a")] + opts) == 0
-    assert "depth loss: λ = 0.01 on" in capsys.readouterr().out
+    assert f"depth loss: λ = {DEPTH_WEIGHT_CONTRACTED:g} on" in capsys.readouterr().out
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert m["train"]["depth_weight"] == DEPTH_WEIGHT_CONTRACTED and m["train"]["depth_from"] == "auto"
     assert cli_main(["fit-nerf", str(obj), "--out", str(tmp_path / "o"), "--quiet"] + opts) == 0

@@ -137,17 +137,18 @@ def auto_early_stop(eps: float | None, outer_scale: float) -> float:
 
 #: the depth loss's λ that ``depth_weight=None`` ('auto') means in a contracted scene with sparse points
 #: (:func:`auto_depth_weight`)
-DEPTH_WEIGHT_CONTRACTED = 0.01
+DEPTH_WEIGHT_CONTRACTED = 0.03
 
 
 def auto_depth_weight(weight: float | None, outer_scale: float, has_points: bool) -> float:
     """``weight``, or where it is None ('auto') :data:`DEPTH_WEIGHT_CONTRACTED` in a scene with contracted
     space around its central box (``outer_scale > 1``) whose capture has sparse points, and 0 (off) elsewhere.
 
-    Measured (docs/benchmarks/scene.md, sixteenth session): on the generated room, dense, 8-minute fits side
-    by side, the targets of the shell's points lifted the far ground's held-out PSNR by ~2 dB and LOD 7 by
-    about 1 dB; on the object alone (no contraction, every point a target) the same λ cost 2 dB, so bounded
-    scenes keep it off."""
+    Measured (docs/benchmarks/scene.md, sixteenth and seventeenth sessions): on the generated room, 8-minute
+    fits side by side, the targets of the shell's points at λ = 0.01 lifted the far ground's held-out PSNR
+    by ~2 dB and LOD 7 by about 1.2 dB (dense); 0.03 added ~0.4 dB (dense) and ~0.2 (4-bit), while 0.1 added
+    ~0.5 dense but cost a 4-bit fit 1.6 dB; on the object alone (no contraction, every point a target)
+    λ = 0.01 cost 2 dB, so bounded scenes keep it off."""
     if weight is not None:
         return float(weight)
     return DEPTH_WEIGHT_CONTRACTED if outer_scale > 1.0 and has_points else 0.0

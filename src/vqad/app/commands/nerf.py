@@ -45,7 +45,7 @@ OCTREE_FLAGS = {"octree": "--octree", "octree_from": "--octree-from", "dilate": 
 def register(sub) -> None:
     from vqad.nerf.fit import NERF_DECODER, NERF_FIELD, NERF_GRID
     from vqad.device import MLP_PRECISIONS
-    from vqad.nerf.task import DEPTH_SOURCES, LOD_MODES, OCTREE_CHOICES, NeRFTrainConfig
+    from vqad.nerf.task import DEPTH_SOURCES, DEPTH_WEIGHT_CONTRACTED, LOD_MODES, OCTREE_CHOICES, NeRFTrainConfig
 
     p = sub.add_parser("fit-nerf", help="fit a VQ-AD (or dense) radiance field to posed images",
                        description="Fit a VQ-AD (or dense, hash) radiance field to posed images, every LOD jointly. "
@@ -93,9 +93,10 @@ def register(sub) -> None:
                                                  "a ray: fog, floaters; 0: off)")
     config_flag(p, T, "depth_weight", type=float, metavar="LAMBDA",
                 help="λ of the depth loss: each training ray with a depth target keeps its weights near it "
-                     "(docs/method.md §6.2; 0: off; not given: 0.01 in a contracted scene (ngp aabb_scale > 1, COLMAP "
-                     "bounds) whose capture has sparse points, which then give targets outside the central box; on a "
-                     "room ~+1 dB; 0 elsewhere: on the object alone every point a target cost 2 dB)")
+                     f"(docs/method.md §6.2; 0: off; not given: {DEPTH_WEIGHT_CONTRACTED:g} in a contracted scene (ngp "
+                     "aabb_scale > 1, COLMAP bounds) whose capture has sparse points, which then give targets outside "
+                     "the central box; on a room +1.5 dB dense; 0 elsewhere: on the object alone every point a target "
+                     "cost 2 dB)")
     config_flag(p, T, "depth_from", choices=list(DEPTH_SOURCES), type=str,
                 help="the depth loss's targets: points (the capture's sparse points, nearest visible one per pixel), "
                      "capture (its depth maps), auto (depth maps where it has them, else points)")

@@ -105,3 +105,26 @@ def test_synth_capture_reports_its_views_as_it_goes_and_names_an_interrupted_cap
     assert "interrupted capture" in _err(capsys)
     assert main(["synth-capture", "-o", str(out), "--size", "8x8", "--views", "4", "--threads", "1"]) == 2
     assert "interrupted" not in _err(capsys)  # a finished capture is just not empty
+
+
+def test_an_octree_too_fine_for_memory_is_refused_naming_the_levels_that_fit(tmp_path, capsys):
+    """A legal but huge --levels on a capture whose octree comes from its sparse points: the points mark a
+    coarse level and each of its cells would split into 8^(MAX − that level) finest cells; refused before
+    any of them is built, with the finest level that fits."""
+    import pytest
+
+    from vqad.errors import InputError
+    from vqad.nerf.octree_build import MAX_FINEST_CELLS, _dilate_and_subdivide
+
+    cells = torch.tensor([[1, 1, 1], [2, 2, 2]])
+    assert _dilate_and_subdivide(cells, 2, 4).shape[0] == (27 + 27 - 8) * 4 ** 3  # [0, 2]³ ∪ [1, 3]³, 64 each
+    with pytest.raises(InputError, match=r"--levels BASE:\d+"):
+        _dilate_and_subdivide(cells, 2, 16)
+    cap = tmp_path / "cap"
+    assert main(["synth-capture", "-o", str(cap), "--size", "24x40", "--views", "6", "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert main(["fit-nerf", str(cap), "--format", "ngp", "--levels", "4:14", "--steps", "5", "--no-eval",
+                 "--threads", "1", "--out", str(tmp_path / "fit")]) == 2
+    err = _err(capsys)
+    fits = int(err.rsplit("--levels BASE:", 1)[1].rstrip(")"))
+    assert f"more than the {MAX_FINEST_CELLS:,} allowed" in err and 4 <= fits < 14

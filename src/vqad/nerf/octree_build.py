@@ -82,7 +82,7 @@ def build_octree(dataset: SceneDataset, method: str, base_level: int, max_level:
         if method == "points":
             return octree_from_points(dataset, base_level, max_level, device, dilate=dilate), method
     except InputError as e:
-        if requested == "auto" and method == "points":  # name the choice the user did not make, and the way out
+        if requested == "auto" and method == "points" and not isinstance(e, OctreeTooFine):  # name the choice the user did not make, and the way out
             raise InputError(f"--octree auto chose the capture's sparse points, but: {e} (or pass --octree density)") from e
         raise
     return octree_from_density(dataset, base_level, max_level, device, dilate=dilate, split=split, **kwargs), method
@@ -450,13 +450,31 @@ def _lattice(r: torch.Tensor) -> torch.Tensor:
     return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
 
 
+#: the most finest cells an octree built from points or a density pass may hold: their coordinates take
+#: 24 bytes each, and a 4-bit grid's logits with their optimiser state ~200 bytes a vertex (the generated
+#: room holds 262,000 at level 7). A larger one is refused before it is built, naming the levels that fit.
+MAX_FINEST_CELLS = 1 << 25
+
+
+class OctreeTooFine(InputError):
+    """The octree asked for would hold more than :data:`MAX_FINEST_CELLS` finest cells (whatever builds it)."""
+
+
 def _dilate_and_subdivide(ijk: torch.Tensor, level: int, to_level: int) -> torch.Tensor:
-    """Cells ``ijk (n, 3)`` of ``level`` grown by one cell, then every cell of ``to_level`` inside them."""
+    """Cells ``ijk (n, 3)`` of ``level`` grown by one cell, then every cell of ``to_level`` inside them.
+    More than :data:`MAX_FINEST_CELLS` of them is an :class:`InputError` that names the finest level
+    that fits."""
     res = 1 << level
     offs = _lattice(torch.arange(-1, 2, device=ijk.device))
     # unique over Morton codes: torch.unique(dim=0) sorts rows and is ~10x slower
     ijk = morton_decode(torch.unique(morton_encode((ijk[:, None, :] + offs[None]).reshape(-1, 3).clamp_(0, res - 1))))
     f = 1 << (to_level - level)
+    n = ijk.shape[0] * f ** 3
+    if n > MAX_FINEST_CELLS:
+        fits = level + int(math.log2(max(1, MAX_FINEST_CELLS // ijk.shape[0]))) // 3  # n · 8^(L − level) ≤ the cap
+        raise OctreeTooFine(f"--levels up to {to_level} would give the octree {n:,} finest cells (its {ijk.shape[0]:,} "
+                         f"occupied cells of level {level}, {f ** 3:,} each), more than the {MAX_FINEST_CELLS:,} "
+                         f"allowed: use a finest level of {fits} or less (--levels BASE:{fits})")
     sub = _lattice(torch.arange(f, device=ijk.device))
     return (ijk[:, None, :] * f + sub[None]).reshape(-1, 3)
 

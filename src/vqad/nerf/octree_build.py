@@ -82,7 +82,8 @@ def build_octree(dataset: SceneDataset, method: str, base_level: int, max_level:
         if method == "points":
             return octree_from_points(dataset, base_level, max_level, device, dilate=dilate), method
     except InputError as e:
-        if requested == "auto" and method == "points" and not isinstance(e, OctreeTooFine):  # name the choice the user did not make, and the way out
+        # name the choice the user did not make, and the way out (none for an octree too fine: any method's is)
+        if requested == "auto" and method == "points" and not isinstance(e, OctreeTooFine):
             raise InputError(f"--octree auto chose the capture's sparse points, but: {e} (or pass --octree density)") from e
         raise
     return octree_from_density(dataset, base_level, max_level, device, dilate=dilate, split=split, **kwargs), method
@@ -473,8 +474,8 @@ def _dilate_and_subdivide(ijk: torch.Tensor, level: int, to_level: int) -> torch
     if n > MAX_FINEST_CELLS:
         fits = level + int(math.log2(max(1, MAX_FINEST_CELLS // ijk.shape[0]))) // 3  # n · 8^(L − level) ≤ the cap
         raise OctreeTooFine(f"--levels up to {to_level} would give the octree {n:,} finest cells (its {ijk.shape[0]:,} "
-                         f"occupied cells of level {level}, {f ** 3:,} each), more than the {MAX_FINEST_CELLS:,} "
-                         f"allowed: use a finest level of {fits} or less (--levels BASE:{fits})")
+                            f"occupied cells of level {level}, {f ** 3:,} each), more than the {MAX_FINEST_CELLS:,} "
+                            f"allowed: use a finest level of {fits} or less (--levels BASE:{fits})")
     sub = _lattice(torch.arange(f, device=ijk.device))
     return (ijk[:, None, :] * f + sub[None]).reshape(-1, 3)
 

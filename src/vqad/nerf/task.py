@@ -146,9 +146,9 @@ def auto_depth_weight(weight: float | None, outer_scale: float, has_points: bool
 
     Measured (docs/benchmarks/scene.md, sixteenth and seventeenth sessions): on the generated room, 8-minute
     fits side by side, the targets of the shell's points at λ = 0.01 lifted the far ground's held-out PSNR
-    by ~2 dB and LOD 7 by about 1.2 dB (dense); 0.03 added ~0.4 dB (dense) and ~0.2 (4-bit), while 0.1 added
-    ~0.5 dense but cost a 4-bit fit 1.6 dB; on the object alone (no contraction, every point a target)
-    λ = 0.01 cost 2 dB, so bounded scenes keep it off."""
+    by ~2 dB and LOD 7 by about 1.2 dB (dense); 0.03 added 0.2–0.4 dB more (dense) and −0.3 to +0.5 (4-bit,
+    within its spread), while 0.1 added ~0.5 dense but cost a 4-bit fit 1.6 dB; on the object alone (no
+    contraction, every point a target) λ = 0.01 cost 2 dB, so bounded scenes keep it off."""
     if weight is not None:
         return float(weight)
     return DEPTH_WEIGHT_CONTRACTED if outer_scale > 1.0 and has_points else 0.0

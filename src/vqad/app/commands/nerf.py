@@ -197,14 +197,14 @@ PROGRESS_SECONDS = 5.0  # a long job says where it is at most this often
 def _view_progress(every: float):
     """``on_view(done, total)`` that prints the views written, the time so far and an estimate of the
     rest, at most once every ``every`` seconds (a short capture prints nothing)."""
-    start = time.perf_counter()
-    last = [start]
+    start = last = time.perf_counter()
 
     def on_view(done: int, total: int) -> None:
+        nonlocal last
         now = time.perf_counter()
-        if now - last[0] < every or done == total:
+        if now - last < every or done == total:
             return
-        last[0] = now
+        last = now
         left = (now - start) / done * (total - done)
         print(f"  {done}/{total} views in {now - start:.0f} s, about {left:.0f} s left", flush=True)
 

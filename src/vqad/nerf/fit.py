@@ -237,13 +237,15 @@ def fit_nerf(
                   + (" (auto: a contracted scene)" if auto else ""))
     octree_seconds = time.perf_counter() - t_oct
     batcher = RayBatcher(dataset.splits["train"], dataset, device)
-    targets = depth_targets(dataset, train_cfg.depth_from, octree=field.grid.octree) if train_cfg.depth_weight > 0 else None
-    if targets is not None and len(targets) == 0 and depth_auto and not resume:
-        # 'auto' with nothing to pull toward (e.g. an object alone in a contracted box: no point outside it): off,
-        # and recorded so, rather than a loss of 0 every step
-        train_cfg, targets = replace(train_cfg, depth_weight=0.0), None
-        if not quiet:
-            print("depth loss: off (auto: no sparse point outside the central box gives a training pixel a target)")
+    targets = None
+    if train_cfg.depth_weight > 0:
+        targets = depth_targets(dataset, train_cfg.depth_from, octree=field.grid.octree)
+        if len(targets) == 0 and depth_auto and not resume:
+            # 'auto' with nothing to pull toward (e.g. an object alone in a contracted box: no point outside it):
+            # off, and recorded so, rather than a loss of 0 every step
+            train_cfg, targets = replace(train_cfg, depth_weight=0.0), None
+            if not quiet:
+                print("depth loss: off (auto: no sparse point outside the central box gives a training pixel a target)")
     if targets is not None:
         batcher.set_depth_targets(targets.ids, targets.distances)
         if not quiet:

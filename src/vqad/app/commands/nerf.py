@@ -180,9 +180,9 @@ def cmd_synth_capture(args) -> int:
                             "and run again)" if interrupted else ""))
     rays = cfg.views * width * height * cfg.supersample ** 2
     if rays > 50_000_000:  # ~1.4M rays/s on one core of a laptop: say what is coming
+        minutes = max(1, round(rays / 1.4e6 / 60))
         print(f"rendering {rays:,} rays ({cfg.views} views × {width}x{height} px × {cfg.supersample}² rays a pixel): "
-              f"about {max(1, round(rays / 1.4e6 / 60))} minute{'s' if rays / 1.4e6 / 60 >= 1.5 else ''} on one core",
-              flush=True)
+              f"about {minutes} minute{'s' if minutes > 1 else ''} on one core", flush=True)
     path = write_capture(out, cfg, background=not args.no_background, on_view=_view_progress(PROGRESS_SECONDS))
     print(f"wrote {path} ({cfg.views} views, {width}x{height}, aabb_scale {cfg.aabb_scale}, "
           f"{'object alone' if args.no_background else 'object in a textured room'}, {cfg.points:,} sparse points, "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -245,6 +246,56 @@ def fit_dir_name(capture_name: str, tag: str, seed: int) -> str:
     return f"{capture_name}-{storage}" + (f"-{octree}" if octree else "") + (f"-seed{seed}" if seed else "")
 
 
+TARGET_GAP_DB = 1.0  # issue 22: held-out PSNR within 1 dB of the object alone, at equal training time
+
+
+def rest_needed(alone_psnr: float, alone_object: float, room_object_share: float,
+                margin: float = TARGET_GAP_DB) -> float | None:
+    """The PSNR a room's background pixels ("rest") would need for the whole image to come within ``margin``
+    dB of the object alone's ``alone_psnr``, were the room's object pixels (a ``room_object_share`` of the
+    image) exactly as good as the object alone's (``alone_object`` dB): the most the target can ask of the
+    background. Mean squared errors add by pixel share, ``MSE = f·MSE_object + (1 − f)·MSE_rest``, so
+    ``MSE_rest = (10^(−(P − margin)/10) − f·10^(−P_object/10)) / (1 − f)``. None where even a perfect
+    background would not do (the object's pixels alone exceed the allowed error).
+
+    >>> round(rest_needed(30.0, 30.0, 0.5, margin=0.0), 6)  # the same object error: the same rest
+    30.0
+    """
+    if not 0.0 <= room_object_share < 1.0:
+        raise ValueError(f"rest_needed: the object's share of the pixels must be in [0, 1), got {room_object_share}")
+    allowed = 10 ** (-(alone_psnr - margin) / 10) - room_object_share * 10 ** (-alone_object / 10)
+    if allowed <= 0:
+        return None
+    return float(-10 * math.log10(allowed / (1 - room_object_share)))
+
+
+def target_rows(results: dict) -> list[dict]:
+    """Issue 22's comparison, one row per room fit with an object-alone fit of the same grid and seed:
+    the gap at each LOD (room − alone, dB), whether the finest is within :data:`TARGET_GAP_DB`, and where
+    both fits have the region split (:func:`region_psnr`), the room's background PSNR against what
+    :func:`rest_needed` asks of it and against the object alone's plain background."""
+    alone = results.get("object alone", {}).get("fits", {})
+    rows = []
+    for name, r in results.items():
+        if not name.startswith("room"):
+            continue
+        for key, f in r.get("fits", {}).items():
+            a = alone.get(key)
+            if a is None:
+                continue
+            lods = sorted(set(f["psnr"]) & set(a["psnr"]), key=int)
+            if not lods:
+                continue
+            gaps = {lod: f["psnr"][lod] - a["psnr"][lod] for lod in lods}
+            row = {"capture": name, "fit": key, "gaps": gaps, "met": gaps[lods[-1]] >= -TARGET_GAP_DB}
+            reg, areg = f.get("regions"), a.get("regions")
+            if reg and areg and reg.get("lod") == areg.get("lod") == int(lods[-1]):
+                row.update(rest=reg["rest"], alone_rest=areg["rest"],
+                           needed=rest_needed(a["psnr"][lods[-1]], areg["object"], reg["object_pixels"]))
+            rows.append(row)
+    return rows
+
+
 def psnr_text(psnr: dict) -> str:
     """``{lod: dB}`` as ``"4: 19.38, 5: 15.95, ..."``, coarsest first."""
     return ", ".join(f"{lod}: {p:.2f}" for lod, p in sorted(psnr.items(), key=lambda kv: int(kv[0])))
@@ -279,6 +330,24 @@ def write_report(results: dict, args, path: Path) -> None:
             lines.append(f"| {name} | {key.split(' ')[0].rstrip(',')} | {f.get('seed', 0)} | {octree} | {decoders} | "
                          f"{f['wall_seconds']:.0f} / {f['cap_seconds']:.0f} | "
                          f"{f['octree_seconds']:.1f} | {f['steps']} | {psnr} | {regions} |")
+    targets = target_rows(results)
+    if targets:
+        lines += ["", f"## Issue 22's target: within {TARGET_GAP_DB:g} dB of the object alone", "",
+                  "Room minus object alone, same grid and seed, at each LOD. The last three columns, at the finest "
+                  "LOD: the room's background pixels (everything but the object), the PSNR they would need for "
+                  "the room to meet the target if its object pixels were exactly as good as the object alone's "
+                  "(`rest_needed`), and the object alone's own plain background.", "",
+                  "| capture | fit | gap per LOD (dB) | finest LOD within the target | room's background | "
+                  "background needed | object alone's background |",
+                  "|---|---|---|---|---:|---:|---:|"]
+        for t in targets:
+            gaps = ", ".join(f"{lod}: {g:+.2f}" for lod, g in t["gaps"].items())
+            if "rest" in t:
+                needed = "unreachable" if t["needed"] is None else f"{t['needed']:.2f}"
+                tail = f"{t['rest']:.2f} | {needed} | {t['alone_rest']:.2f}"
+            else:
+                tail = "– | – | –"
+            lines.append(f"| {t['capture']} | {t['fit']} | {gaps} | {'met' if t['met'] else 'missed'} | {tail} |")
     shares = [(name, key, f["regions"]) for name, r in results.items() for key, f in r.get("fits", {}).items()
               if f.get("regions") and "share" in f["regions"]]
     if shares:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,3 +124,46 @@ def test_generating_a_capture_leaves_the_benchmarks_one_thread(tmp_path):
         assert (cap / "transforms.json").is_file() and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_rest_needed_brings_the_whole_image_to_the_target():
+    """Brute force: an image whose object pixels have the object alone's error and whose rest has the error
+    rest_needed asks for scores exactly the target, alone − margin; where the object's pixels alone exceed
+    the allowed error there is no such rest."""
+    bench = _bench()
+    rng = np.random.default_rng(0)
+    for alone, alone_object, share in ((32.4, 30.2, 0.29), (36.5, 35.1, 0.29), (30.0, 28.0, 0.6)):
+        need = bench.rest_needed(alone, alone_object, share)
+        n = 100_000
+        on = rng.random(n) < share
+        f = on.mean()
+        se = np.where(on, 10 ** (-alone_object / 10), 10 ** (-bench.rest_needed(alone, alone_object, f) / 10))
+        assert -10 * math.log10(se.mean()) == pytest.approx(alone - bench.TARGET_GAP_DB, abs=1e-9)
+        assert need is not None
+    # the object's pixels 3 dB worse than the whole target allows, on 60 % of the image: unreachable
+    assert bench.rest_needed(30.0, 26.0, 0.6) is None
+    with pytest.raises(ValueError):
+        bench.rest_needed(30.0, 30.0, 1.0)
+
+
+def test_target_rows_pair_each_room_fit_with_the_object_alone_of_its_grid_and_seed():
+    bench = _bench()
+    reg = {"lod": 7, "object_pixels": 0.3, "object": 30.0, "rest": 28.0}
+    results = {
+        "room, aabb_scale 4": {"fits": {
+            "dense": {"psnr": {"6": 30.0, "7": 35.6}, "regions": reg},
+            "4-bit, seed 1": {"psnr": {"7": 27.0}},
+            "hash": {"psnr": {"7": 20.0}},  # no object-alone fit of this grid: no row
+        }},
+        "object alone": {"fits": {
+            "dense": {"psnr": {"6": 33.0, "7": 36.5}, "regions": {"lod": 7, "object_pixels": 0.3, "object": 35.0,
+                                                             "rest": 37.0}},
+            "4-bit, seed 1": {"psnr": {"7": 29.5}},
+        }},
+    }
+    rows = bench.target_rows(results)
+    assert [(r["capture"], r["fit"]) for r in rows] == [("room, aabb_scale 4", "dense"), ("room, aabb_scale 4", "4-bit, seed 1")]
+    dense, cb = rows
+    assert dense["gaps"] == pytest.approx({"6": -3.0, "7": -0.9}) and dense["met"]
+    assert dense["needed"] == pytest.approx(bench.rest_needed(36.5, 35.0, 0.3)) and dense["alone_rest"] == 37.0
+    assert not cb["met"] and "needed" not in cb  # no region split: no budget

@@ -1040,3 +1040,125 @@ def test_colmap_capture_found_from_its_model_folder_or_files(tmp_path):
     cams.write_text(" ".join(f[:4] + ["0"] + f[5:]) + "\n")
     with pytest.raises(InputError, match="focal length .* must be positive"):
         load_dataset(root)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("fl_x", 1e-300, "must be finite, with fx, fy > 0"),  # finite in float64, 0 in the float32 the rays use
+    ("cx", 1e300, "must be finite, with fx, fy > 0"),
+    ("k2", 1e30, "cannot be undone"),
+    ("k1", -2.0, "folds inside the image"),
+    ("p1", 5.0, "folds inside the image"),
+    ("scale", 1e-300, "depth range is empty or not finite"),
+    ("w", 8e15, "off the optical axis"),  # with h at the same aspect: a focal length of ~1e-14 px
+])
+def test_ngp_numbers_that_break_the_float32_rays_are_refused(tmp_path, key, value, match):
+    """Values that pass as finite float64 numbers but leave the rays non-finite, folded or 180° wide
+    once stored as float32 (a fit would train on no sample and exit 0)."""
+    root, path, meta = _ngp_capture(tmp_path, "cap")
+    meta[key] = value
+    if key == "w":
+        meta["h"] = value * 1.5
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=match):
+        load_dataset(root, format="ngp")
+
+
+def test_distortion_fit_accepts_real_lenses_and_flags_folds():
+    from vqad.nerf.rays import DISTORTION_TOL_PX, distortion_fit
+
+    K = [100.0, 100.0, 67.5, 120.0]  # a wide 135×240 view: corners at r ≈ 1.4
+    for k in ([0, 0, 0, 0], [-0.3, 0.1, 0, 0], [-0.25, 0.06, 1e-3, -1e-3], [0.5, 0.3, 0, 0]):
+        err, det = distortion_fit(K, k, (240, 135))
+        assert err < 1e-6 and det > 0, k
+    for k in ([-0.5, 0, 0, 0], [-2, 0, 0, 0], [0, 0, 5, 0]):  # r (1 + k1 r²) turns back inside the image
+        err, det = distortion_fit(K, k, (240, 135))
+        assert det <= 0 or err > DISTORTION_TOL_PX, k
+
+
+def test_capture_files_outside_the_capture_folder_are_refused(tmp_path):
+    """A capture names the files vqad reads: an absolute path or '..' out of its folder is refused (not
+    read: /etc/passwd would otherwise be opened as an image); a symbolic link inside it is followed."""
+    outside = tmp_path / "outside.png"
+    root, path, meta = _ngp_capture(tmp_path, "cap")
+    Image.open(root / meta["frames"][0]["file_path"]).save(outside)
+    for bad in ("../outside.png", str(outside), "../../../../../../etc/passwd"):
+        m = json.loads(json.dumps(meta))
+        m["frames"][1]["file_path"] = bad
+        path.write_text(json.dumps(m))
+        with pytest.raises(InputError, match="points outside the capture folder"):
+            load_dataset(root, format="ngp")
+    m = json.loads(json.dumps(meta))
+    m["ply_file_path"] = str(tmp_path / "elsewhere.ply")
+    path.write_text(json.dumps(m))
+    with pytest.raises(InputError, match="ply_file_path .* points outside the capture folder"):
+        load_dataset(root, format="ngp")
+    (root / "linked").symlink_to(tmp_path)  # a link inside the capture: the user's own layout
+    m = json.loads(json.dumps(meta))
+    m["frames"][1]["file_path"] = "linked/outside.png"
+    path.write_text(json.dumps(m))
+    assert load_dataset(root, format="ngp").splits["train"].names[0] == "linked/outside.png"
+    root, images = _colmap_txt(tmp_path, "col")
+    lines = images.read_text().splitlines()
+    images.write_text("\n".join(lines[:3] + [lines[3].replace("im001.png", "../../outside.png")] + lines[4:]) + "\n")
+    with pytest.raises(InputError, match="image name '../../outside.png' points outside"):
+        load_dataset(root, format="colmap")
+
+
+def test_more_hostile_capture_files_are_one_line_errors(tmp_path):
+    from vqad.nerf.formats.points import read_colmap_points, read_ply_points, write_ply_points
+
+    root, path, meta = _ngp_capture(tmp_path, "deep")
+    path.write_text("[" * 100_000)
+    with pytest.raises(InputError, match="nested too deeply"):
+        load_dataset(root, format="ngp")
+    for key, value, match in [("offset", ["0.5", "0.5", "0.5"], "offset must be a list of 3 numbers"),
+                              ("offset", [[0.5, 0.5, 0.5]], "offset must be a list of 3 numbers")]:
+        root, path, meta = _ngp_capture(tmp_path, f"k{len(str(value))}")
+        meta[key] = value
+        path.write_text(json.dumps(meta))
+        with pytest.raises(InputError, match=match):
+            load_dataset(root, format="ngp")
+    for pose, name in ((lambda m: [[str(v) for v in r] for r in m], "str"), (lambda m: [[True] * 4] * 4, "bool")):
+        root, path, meta = _ngp_capture(tmp_path, name)
+        meta["frames"][1]["transform_matrix"] = pose(meta["frames"][1]["transform_matrix"])
+        path.write_text(json.dumps(meta))
+        with pytest.raises(InputError, match="transform_matrix must be a 4×4"):
+            load_dataset(root, format="ngp")
+    root, path, meta = _ngp_capture(tmp_path, "same")
+    for fr in meta["frames"]:
+        fr["transform_matrix"] = meta["frames"][0]["transform_matrix"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="has the same pose"):
+        load_dataset(root, format="ngp")
+    root, path, meta = _ngp_capture(tmp_path, "far")
+    meta["frames"][1]["transform_matrix"][0][3] = 1e12
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="scene-box half-sizes from the scene"):
+        load_dataset(root, format="ngp")
+    # points files whose counts under-claim their data, a property twice, points3D.bin a folder
+    xyz = np.random.default_rng(2).normal(size=(6, 3))
+    write_ply_points(tmp_path / "p.ply", xyz)
+    data = (tmp_path / "p.ply").read_bytes()
+    for blob, match in ((data.replace(b"vertex 6", b"vertex 2"), "bytes follow the 2 vertices"),
+                        (data.replace(b"property float x\n", b"property float x\nproperty float x\n"), "declared more than once"),
+                        (b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nproperty float y\nproperty float z\n"
+                         b"end_header\n1 2 3\n4 5 6\n", "more vertex rows than")):
+        (tmp_path / "x.ply").write_bytes(blob)
+        with pytest.raises(InputError, match=match):
+            read_ply_points(tmp_path / "x.ply")
+    _points3d(tmp_path / "points3D.bin", xyz, True)
+    data = (tmp_path / "points3D.bin").read_bytes()
+    (tmp_path / "points3D.bin").write_bytes((2).to_bytes(8, "little") + data[8:])
+    with pytest.raises(InputError, match="bytes follow the 2 points"):
+        read_colmap_points(tmp_path)
+    (tmp_path / "points3D.bin").unlink()
+    (tmp_path / "points3D.bin").mkdir()
+    with pytest.raises(InputError, match="is not a file"):
+        read_colmap_points(tmp_path)
+    # a COLMAP camera id twice: the second would replace the first for every image naming it
+    root, images = _colmap_txt(tmp_path, "dupcam")
+    cams = images.with_name("cameras.txt")
+    cams.write_text(cams.read_text() + cams.read_text().splitlines()[1].replace("PINHOLE 8 8 ", "PINHOLE 8 8 999 999 ", 1)
+                    .rsplit(" ", 2)[0] + "\n")
+    with pytest.raises(InputError, match="camera id 1 appears twice"):
+        load_dataset(root, format="colmap")

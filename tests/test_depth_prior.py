@@ -203,7 +203,7 @@ def test_fit_nerf_depth_loss_is_on_by_default_in_a_room_with_sparse_points(tmp_p
     assert cli_main(["fit-nerf", str(obj), "--out", str(tmp_path / "o"), "--quiet"] + opts) == 0
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["train"]["depth_weight"] == 0.0
     # the object alone in a contracted box: its points all lie in the central box, so auto has no target
-    # and turns the loss off (recorded as off); asked for explicitly, it stays on, on 0 % of the pixels
+    # and turns the loss off (recorded as off); asked for explicitly, it cannot apply: a one-line error
     obj4 = tmp_path / "obj4"
     assert cli_main(["synth-capture", "-o", str(obj4), "--aabb-scale", "4", "--size", "24x40", "--views", "6",
                      "--no-background"]) == 0
@@ -212,10 +212,11 @@ def test_fit_nerf_depth_loss_is_on_by_default_in_a_room_with_sparse_points(tmp_p
     assert cli_main(["fit-nerf", str(obj4), "--out", str(tmp_path / "o4"), "--octree", "points"] + fine) == 0
     assert "depth loss: off (auto: no sparse point outside the central box" in capsys.readouterr().out
     assert json.loads((tmp_path / "o4" / "metrics.json").read_text())["train"]["depth_weight"] == 0.0
-    assert cli_main(["fit-nerf", str(obj4), "--out", str(tmp_path / "o4b"), "--octree", "points",
-                     "--depth-weight", "0.01"] + fine) == 0
-    assert "depth loss: λ = 0.01 on 0.0% of the training pixels" in capsys.readouterr().out
     capsys.readouterr()
+    assert cli_main(["fit-nerf", str(obj4), "--out", str(tmp_path / "o4b"), "--octree", "points",
+                     "--depth-weight", "0.01"] + fine) == 2
+    assert "--depth-weight 0.01: no training pixel gets a depth target" in _err(capsys)
+    assert not (tmp_path / "o4b" / "checkpoint" / "config.json").exists()
     for src, extra, message in [(cap, ["--depth-weight", "0", "--depth-from", "points"], "--depth-from"),
                                 (obj, ["--depth-from", "points"], "which is off here"),
                                 (cap, ["--depth-from", "capture"], "has no depth maps"),

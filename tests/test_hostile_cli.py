@@ -128,3 +128,37 @@ def test_an_octree_too_fine_for_memory_is_refused_naming_the_levels_that_fit(tmp
     err = _err(capsys)
     fits = int(err.rsplit("--levels BASE:", 1)[1].rstrip(")"))
     assert f"more than the {MAX_FINEST_CELLS:,} allowed" in err and 4 <= fits < 14
+
+
+def test_divergence_names_the_extra_loss_weights_that_are_on():
+    """A huge --depth-weight diverges as a huge learning rate does: the message names both."""
+    import pytest
+
+    from vqad.errors import TrainingDivergedError
+    from vqad.fit import DivergenceGuard
+
+    for weights, says, not_says in (({"--depth-weight": 1e30, "--distortion-weight": 0.0}, "--depth-weight now 1e+30",
+                                     "--distortion-weight"), ({}, "--grid-lr-scale (now 30)", "extra loss")):
+        guard = DivergenceGuard(0.005, 30.0, limit=2, loss_weights=weights)
+        guard.after(0, False)
+        with pytest.raises(TrainingDivergedError) as e:
+            guard.after(1, False)
+        assert says in str(e.value) and not_says not in str(e.value)
+
+
+def test_fit_out_among_other_files_and_a_huge_dilation_are_refused(tmp_path, capsys):
+    """--out a folder of other files (the capture's own images/) would get checkpoint/ and renders among
+    them; an earlier fit's folder is reused. --dilate is bounded (a million cells asked (2·10⁶)³ shifts)."""
+    cap = tmp_path / "cap"
+    assert main(["synth-capture", "-o", str(cap), "--size", "16x24", "--views", "5", "--threads", "1"]) == 0
+    opts = ["--format", "ngp", "--levels", "2:4", "--steps", "3", "--batch-rays", "64", "--no-eval", "--threads", "1",
+            "--quiet"]
+    capsys.readouterr()
+    assert main(["fit-nerf", str(cap)] + opts + ["--out", str(cap / "images")]) == 2
+    assert "already holds other files" in _err(capsys)
+    assert not (cap / "images" / "checkpoint").exists()
+    assert main(["fit-nerf", str(cap)] + opts + ["--out", str(tmp_path / "fit")]) == 0
+    assert main(["fit-nerf", str(cap)] + opts + ["--out", str(tmp_path / "fit")]) == 0  # an earlier fit: replaced
+    capsys.readouterr()
+    assert main(["fit-nerf", str(cap)] + opts + ["--out", str(tmp_path / "d"), "--dilate", "1000000"]) == 2
+    assert "--dilate must be 0..16" in _err(capsys)

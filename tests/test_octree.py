@@ -251,3 +251,21 @@ def test_coarser_vertices_is_floor_half_brute_force(monkeypatch, dense_table):
         assert up.dtype == torch.long
         assert torch.equal(octree.vertices[L - 1][up], octree.vertices[L] // 2)
         assert torch.equal(octree.vertex_keys[L], morton_encode(octree.vertices[L], bits=L + 1))
+
+
+def test_dilation_one_axis_at_a_time_equals_the_cube_of_shifts():
+    """dilate_codes against the brute force: every cell shifted by each of the (2d+1)^3 offsets, clamped
+    to the grid, cells on the borders included."""
+    from vqad.octree import dilate_codes, morton_decode, morton_encode
+
+    g = torch.Generator().manual_seed(0)
+    for level, d in ((3, 1), (4, 2), (4, 3), (5, 1)):
+        res = 1 << level
+        ijk = torch.randint(0, res, (40, 3), generator=g)
+        ijk[:4] = torch.tensor([[0, 0, 0], [res - 1, res - 1, res - 1], [0, res - 1, 3 % res], [res - 1, 0, 0]])
+        codes = torch.unique(morton_encode(ijk, bits=level))
+        r = torch.arange(-d, d + 1)
+        offs = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+        cells = morton_decode(codes, bits=level)
+        brute = torch.unique(torch.cat([morton_encode((cells + o).clamp(0, res - 1), bits=level) for o in offs]))
+        assert torch.equal(dilate_codes(codes, level, d), brute), (level, d)

@@ -274,6 +274,11 @@ class FitTask:
         """What the task stores in the checkpoint's config beside the step and the train config."""
         return {}
 
+    def loss_weights(self) -> dict[str, float]:
+        """The weights of the task's own extra loss terms, by flag (``{"--depth-weight": 0.03}``), for the
+        divergence message: a weight too large is as likely a cause as the learning rate."""
+        return {}
+
 
 @dataclass
 class LoopResult:
@@ -295,14 +300,21 @@ class DivergenceGuard:
     :class:`~vqad.errors.TrainingDivergedError` that names the learning rates to lower, and after
     ``limit`` empty batches in a row with one that says the occupied space is gone."""
 
-    def __init__(self, lr: float, grid_lr_scale: float, ckpt_dir=None, limit: int = GUARD_LIMIT):
+    def __init__(self, lr: float, grid_lr_scale: float, ckpt_dir=None, limit: int = GUARD_LIMIT,
+                 loss_weights: dict[str, float] | None = None):
         self.lr, self.grid_lr_scale, self.ckpt_dir, self.limit = lr, grid_lr_scale, ckpt_dir, limit
+        self.loss_weights = {flag: w for flag, w in (loss_weights or {}).items() if w > 0}
         self.in_a_row = self.empty_in_a_row = 0
         self.skipped = self.empty = 0
 
     def _where(self) -> str:
         saved = self.ckpt_dir is not None and (Path(self.ckpt_dir) / "config.json").is_file()
         return f"; the last periodic checkpoint is in {self.ckpt_dir}" if saved else ""
+
+    def _weights(self) -> str:
+        if not self.loss_weights:
+            return ""
+        return ", or the extra loss terms' weights (" + ", ".join(f"{flag} now {w:g}" for flag, w in self.loss_weights.items()) + ")"
 
     def after(self, it: int, stepped: bool | None) -> None:
         """Record step ``it`` (0-based): applied (True), non-finite (False) or empty (None)."""
@@ -314,7 +326,7 @@ class DivergenceGuard:
             raise TrainingDivergedError(
                 f"training diverged at step {it + 1}: {self.in_a_row} steps in a row had a non-finite loss or "
                 f"gradient and were skipped; lower --lr (now {self.lr:g}) or --grid-lr-scale (now "
-                f"{self.grid_lr_scale:g}){self._where()}")
+                f"{self.grid_lr_scale:g}){self._weights()}{self._where()}")
         if self.empty_in_a_row >= self.limit:
             raise TrainingDivergedError(
                 f"training stopped at step {it + 1}: {self.empty_in_a_row} batches in a row had no sample in "
@@ -567,7 +579,8 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     task.deadline, task.notes = deadline, []
     task.begin(start, gen)
     prog = Progress(cfg.steps, start, task.unit, quiet=quiet, desc=desc)
-    guard = DivergenceGuard(cfg.lr, cfg.grid_lr_scale, ckpt_dir)
+    guard = DivergenceGuard(cfg.lr, cfg.grid_lr_scale, ckpt_dir, loss_weights={"--rate-weight": cfg.rate_weight,
+                                                                               **task.loss_weights()})
     t0 = time.perf_counter()
     left0, c0 = deadline.left_for_fit(), deadline.clock()  # the training budget is a share of what is left now
     budget = training_budget(left0, 0.0)

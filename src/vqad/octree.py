@@ -197,6 +197,20 @@ class _VertexTable(_LevelTable):
         return table
 
 
+def dilate_codes(codes: torch.Tensor, level: int, dilate: int) -> torch.Tensor:
+    """The cells within ``dilate`` cells (L∞) of the cells ``codes`` (sorted unique Morton codes at ``level``),
+    clipped to the grid: a cube's dilation is separable, so one axis at a time, ``2·dilate + 1`` shifted
+    copies each (not ``(2·dilate + 1)³`` at once). Returns sorted unique codes."""
+    res = 1 << level
+    r = torch.arange(-dilate, dilate + 1, device=codes.device)
+    for axis in range(3):
+        ijk = morton_decode(codes, bits=level)
+        shifted = ijk[None].repeat(r.numel(), 1, 1)  # (2d+1, n, 3)
+        shifted[..., axis] += r[:, None]
+        codes = torch.unique(morton_encode(shifted.reshape(-1, 3).clamp_(0, res - 1), bits=level))
+    return codes
+
+
 class SparseOctree(nn.Module):
     """Occupied cells and their corner vertices for levels ``base_level..max_level``.
 
@@ -262,12 +276,7 @@ class SparseOctree(nn.Module):
         if codes.numel() == 0:
             raise InputError("the octree is empty: no sample fell inside the cube [-1, 1]^3")
         if dilate > 0:
-            ijk = morton_decode(codes, bits=max_level)
-            r = torch.arange(-dilate, dilate + 1, device=ijk.device)
-            offs = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
-            res = 1 << max_level
-            codes = torch.unique(torch.cat([morton_encode((ijk + off).clamp_(0, res - 1), bits=max_level)
-                                            for off in offs]))  # (2d+1)^3 shifted copies
+            codes = dilate_codes(codes, max_level, dilate)
         return cls(codes, base_level, max_level)
 
     @classmethod

@@ -246,6 +246,11 @@ def fit_nerf(
             train_cfg, targets = replace(train_cfg, depth_weight=0.0), None
             if not quiet:
                 print("depth loss: off (auto: no sparse point outside the central box gives a training pixel a target)")
+        elif len(targets) == 0:
+            raise InputError(f"--depth-weight {train_cfg.depth_weight:g}: no training pixel gets a depth target from "
+                             f"this capture (--depth-from {train_cfg.depth_from}: no usable depth, or no sparse point "
+                             f"outside the central box in front of a training camera), so the loss cannot apply; "
+                             f"leave --depth-weight out (auto) or give 0")
     if targets is not None:
         batcher.set_depth_targets(targets.ids, targets.distances)
         if not quiet:

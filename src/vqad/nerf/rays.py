@@ -19,6 +19,7 @@ Conventions (the same as :mod:`vqad.nerf.data`):
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -53,13 +54,22 @@ def distort(xy: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(N, 2)`` distorted normalised coordinates.
     """
-    k1, k2, p1, p2 = _expand(distortion, xy.shape[0], 4).to(xy).unbind(-1)
-    x, y = xy.unbind(-1)
+    xd, yd, *_ = _distort_jacobian(*xy.unbind(-1), *_expand(distortion, xy.shape[0], 4).to(xy).unbind(-1))
+    return torch.stack([xd, yd], dim=-1)
+
+
+def _distort_jacobian(x, y, k1, k2, p1, p2):
+    """:func:`distort` of ``(x, y)`` and its Jacobian: ``xd, yd, a = ∂x_d/∂x, b = ∂x_d/∂y = ∂y_d/∂x,
+    d = ∂y_d/∂y`` (each shaped like ``x``)."""
     r2 = x * x + y * y
     radial = 1 + r2 * (k1 + k2 * r2)
     xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
     yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
-    return torch.stack([xd, yd], dim=-1)
+    dr = 2 * (k1 + 2 * k2 * r2)  # d radial / d(x or y) = dr · (x or y)
+    a = radial + dr * x * x + 2 * p1 * y + 6 * p2 * x
+    b = dr * x * y + 2 * p1 * x + 2 * p2 * y
+    d = radial + dr * y * y + 6 * p1 * y + 2 * p2 * x
+    return xd, yd, a, b, d
 
 
 def undistort(xy_distorted: torch.Tensor, distortion: torch.Tensor, iters: int = 10) -> torch.Tensor:
@@ -69,25 +79,53 @@ def undistort(xy_distorted: torch.Tensor, distortion: torch.Tensor, iters: int =
         xy_distorted: ``(N, 2)`` distorted normalised coordinates (what a pixel records).
         distortion: ``(4,)`` or ``(N, 4)``: ``k1, k2, p1, p2``.
     Returns:
-        ``(N, 2)`` undistorted normalised coordinates ``xy`` with ``distort(xy) ≈ xy_distorted``.
+        ``(N, 2)`` undistorted normalised coordinates ``xy`` with ``distort(xy) ≈ xy_distorted`` where
+        the model is one-to-one over the image (the readers check that: :func:`distortion_fit`).
     """
     target = xy_distorted
-    k1, k2, p1, p2 = _expand(distortion, target.shape[0], 4).to(target).unbind(-1)
+    k = _expand(distortion, target.shape[0], 4).to(target).unbind(-1)
     x, y = target[:, 0].clone(), target[:, 1].clone()
     for _ in range(iters):
-        r2 = x * x + y * y
-        radial = 1 + r2 * (k1 + k2 * r2)
-        fx = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x) - target[:, 0]
-        fy = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y - target[:, 1]
-        dr = 2 * (k1 + 2 * k2 * r2)  # d radial / d(x or y) = dr · (x or y)
-        a = radial + dr * x * x + 2 * p1 * y + 6 * p2 * x  # ∂x_d/∂x
-        b = dr * x * y + 2 * p1 * x + 2 * p2 * y  # ∂x_d/∂y (= ∂y_d/∂x)
-        d = radial + dr * y * y + 6 * p1 * y + 2 * p2 * x  # ∂y_d/∂y
+        xd, yd, a, b, d = _distort_jacobian(x, y, *k)
+        fx, fy = xd - target[:, 0], yd - target[:, 1]
         det = a * d - b * b
         det = torch.where(det.abs() < 1e-12, torch.full_like(det, 1e-12), det)
         x = x - (d * fx - b * fy) / det
         y = y - (a * fy - b * fx) / det
     return torch.stack([x, y], dim=-1)
+
+
+#: the largest round trip ``|distort(undistort(u)) − u|`` in pixels, over an image, that ray generation accepts
+DISTORTION_TOL_PX = 0.1
+
+
+def distortion_fit(intrinsics, distortion, hw: tuple[int, int], n: int = 17) -> tuple[float, float]:
+    """How well ray generation undoes a view's lens distortion over its whole image.
+
+    An ``n × n`` grid of pixel positions spanning the image, borders included, is undistorted as the
+    rays are (:func:`undistort`, in float64) and distorted back. Returns the largest round-trip error
+    in pixels and the smallest Jacobian determinant of :func:`distort` at the undistorted points. A
+    model that is one-to-one over the image gives an error near 0 and a positive determinant; one
+    that folds inside it (a strong negative ``k1``, a large ``p1``: two scene directions on one pixel)
+    gives a determinant ≤ 0 or an error the iteration cannot close.
+
+    Args:
+        intrinsics: ``(4,)`` fx, fy, cx, cy; distortion: ``(4,)`` k1, k2, p1, p2; ``hw`` the image's
+            height and width in pixels.
+    """
+    K = torch.as_tensor(intrinsics, dtype=torch.float64).reshape(4)
+    k = torch.as_tensor(distortion, dtype=torch.float64).reshape(4)
+    h, w = hw
+    v, u = torch.meshgrid(torch.linspace(0, h, n, dtype=torch.float64), torch.linspace(0, w, n, dtype=torch.float64),
+                          indexing="ij")
+    xy_d = torch.stack([(u.reshape(-1) - K[2]) / K[0], (v.reshape(-1) - K[3]) / K[1]], dim=-1)
+    xy = undistort(xy_d, k)
+    xd, yd, a, b, d = _distort_jacobian(xy[:, 0], xy[:, 1], *k.unbind(-1))
+    err = torch.stack([(xd - xy_d[:, 0]) * K[0], (yd - xy_d[:, 1]) * K[1]], -1).norm(dim=-1)
+    det = a * d - b * b
+    if not bool(torch.isfinite(err).all() and torch.isfinite(det).all()):
+        return math.inf, -math.inf
+    return float(err.max()), float(det.min())
 
 
 def camera_directions(intrinsics: torch.Tensor, pixel_uv: torch.Tensor,

@@ -43,6 +43,8 @@ from vqad.refine import RefineChunk, format_stats, has_codebook, rate_bit_cost, 
 
 LOD_MODES = ("all", "random", "finest+random", "finest")
 OCTREE_CHOICES = ("auto", "depth", "mask", "points", "density")  # vqad.nerf.octree_build builds each
+#: the largest octree margin --dilate takes, in finest cells: a wider one grows the octree toward the whole cube
+MAX_DILATE = 16
 DEPTH_SOURCES = ("auto", "points", "capture")  # vqad.nerf.depth_prior.depth_targets
 
 
@@ -85,8 +87,8 @@ class NeRFTrainConfig(TrainConfig):
             raise InputError(f"unknown LOD mode {self.lod_mode!r}: choose one of {', '.join(LOD_MODES)}")
         if self.octree not in OCTREE_CHOICES:
             raise InputError(f"unknown octree method {self.octree!r}: choose one of {', '.join(OCTREE_CHOICES)}")
-        if self.dilate < 0:
-            raise InputError("the octree dilation must be >= 0")
+        if not 0 <= self.dilate <= MAX_DILATE:
+            raise InputError(f"--dilate must be 0..{MAX_DILATE} finest cells (the octree's margin), got {self.dilate}")
         if not 0 < self.coarse_weight <= 1:
             raise InputError(f"--coarse-weight must be in (0, 1], got {self.coarse_weight}")
         if self.refine < 0 or self.refine_rays <= 0:
@@ -297,6 +299,9 @@ class RadianceTask(FitTask):
                 if not self.quiet:
                     tqdm.write(self.recode_stats.summary())
             self.extra_seconds += self.deadline.clock() - t
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"--depth-weight": self.depth_weight, "--distortion-weight": self.cfg.distortion_weight}
 
     def checkpoint_extra(self) -> dict:
         return {"octree_method": self.octree_method} if self.octree_method else {}

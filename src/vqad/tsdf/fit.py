@@ -229,6 +229,9 @@ class TSDFTask(FitTask):
         refine_sdf(self.field, d.x[sel], d.t[sel], self.quiet, measured=self.cfg.refine_candidates)
         self.extra_seconds += self.deadline.clock() - t0
 
+    def loss_weights(self) -> dict[str, float]:
+        return {"--color-weight": self.cfg.color_weight if self.data.rgb is not None else 0.0}
+
     def checkpoint_extra(self) -> dict:
         return {"rng_seed": self.cfg.seed, "source": self.source}
 

@@ -30,6 +30,19 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
+def ensure_fit_dir(path: str | Path) -> Path:
+    """A fit's ``--out``: new, empty, or an earlier fit's (it holds ``checkpoint/`` or ``metrics.json``,
+    which the new fit replaces); a folder of other files (the capture's images, a home directory) is
+    refused, since the fit would write and delete among them. Then :func:`ensure_writable_dir`."""
+    path = Path(path)
+    if path.is_dir() and not ((path / "checkpoint").is_dir() or (path / "metrics.json").is_file()):
+        other = sorted(p.name for p in path.iterdir())
+        if other:
+            raise InputError(f"--out {path} already holds other files ({', '.join(other[:3])}"
+                             f"{', ...' if len(other) > 3 else ''}) and no earlier vqad fit: give a new or empty folder")
+    return ensure_writable_dir(path)
+
+
 def ensure_writable_file(path: str | Path, suffixes: tuple[str, ...] | None = None, what: str = "output") -> Path:
     """``path`` as a file that can be written (its directory created), with one of ``suffixes`` if given;
     otherwise a one-line :class:`InputError`."""

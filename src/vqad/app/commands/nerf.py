@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir, given,
+from vqad.app.commands.common import (add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_fit_dir, ensure_writable_dir, given,
                                       grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
                                       train_overrides)
 from vqad.atomicio import write_atomic
@@ -340,7 +340,7 @@ def cmd_fit_nerf(args) -> int:
               "emulated, slower than fp32", file=sys.stderr, flush=True)
     dataset = load_nerf_dataset(args.dataset, args.format, args.downscale, background)
     check_nerf_dataset(args, dataset, train_cfg, resumed=saved is not None)
-    out = ensure_writable_dir(out)
+    out = ensure_fit_dir(out)
     (out / "metrics.json").unlink(missing_ok=True)  # a new fit must not leave an old result that looks complete
     for old in out.glob(f"{args.eval_views}_lod*"):
         if old.is_dir():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vqad.errors import InputError
 from vqad.app.commands.common import (add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_resolution,
-                                      config_flag, config_from, ensure_writable_dir,
+                                      config_flag, config_from, ensure_fit_dir,
                                       ensure_writable_file, given, grid_config, parse_lod, refuse, train_overrides,
                                       report_notes, report_skipped_steps, resumed_configs)
 from vqad.atomicio import write_atomic
@@ -165,7 +165,7 @@ def cmd_fit_sdf(args) -> int:
     deadline = Deadline.for_job(train_cfg.max_minutes, evaluation=not args.no_eval)  # --minutes caps the whole job
     device = resolve_device(args.device)
     mesh = load_mesh(args.mesh)
-    out = ensure_writable_dir(out)
+    out = ensure_fit_dir(out)
     for stale in ("metrics.json",):  # a fresh fit must not leave an old result that looks complete
         (out / stale).unlink(missing_ok=True)
     res = fit_sdf(mesh, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume,

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqad.app.commands.common import (add_rate_flags, add_grid_args, add_run_args, check_finite, config_flag,
-                                      ensure_writable_dir, refuse,
+                                      ensure_fit_dir, refuse,
                                       report_notes, report_skipped_steps, resumed_configs)
 from vqad.atomicio import write_atomic
 from vqad.errors import InputError
@@ -146,7 +146,7 @@ def cmd_fit_tsdf(args) -> int:
         fused, what, fuse_s = FusedTSDF.load(out / FUSED_NAME), f"fused TSDF {out / FUSED_NAME}", 0.0
     else:
         fused, what, fuse_s = fuse_source(args, device)
-    out = ensure_writable_dir(out)
+    out = ensure_fit_dir(out)
     if not args.resume:
         (out / "metrics.json").unlink(missing_ok=True)
         fused.save(out / FUSED_NAME)

@@ -133,7 +133,7 @@ def read_cameras_txt(path: Path) -> dict[int, ColmapCamera]:
         expected = {name: k for name, k in CAMERA_MODELS.values()}.get(model)
         if expected is None or len(params) != expected:
             raise InputError(f"{what}: unknown camera model {model!r} or wrong number of parameters ({len(params)})")
-        out[cam_id] = ColmapCamera(model, w, h, params)
+        _add_camera(out, cam_id, ColmapCamera(model, w, h, params), path)
     return out
 
 
@@ -166,6 +166,14 @@ def read_images_txt(path: Path) -> dict[int, ColmapImage]:
                              f"triples, or an empty line): every image takes two lines; re-export the model")
         i += 2  # the points line follows (possibly empty)
     return out
+
+
+def _add_camera(out: dict, cam_id: int, camera: ColmapCamera, path: Path) -> None:
+    """``out[cam_id] = camera``, refusing a second camera of the same id (which would silently replace
+    the first for every image that names it)."""
+    if cam_id in out:
+        raise InputError(f"{path.name}: camera id {cam_id} appears twice; re-export the model")
+    out[cam_id] = camera
 
 
 def _add_image(out: dict, img_id: int, image: ColmapImage, path: Path) -> None:
@@ -221,7 +229,8 @@ def read_cameras_bin(path: Path) -> dict[int, ColmapCamera]:
         if model_id not in CAMERA_MODELS:
             raise InputError(f"{path}: camera {cam_id} has unknown model id {model_id}")
         name, k = CAMERA_MODELS[model_id]
-        out[cam_id] = ColmapCamera(name, int(w), int(h), _check_number(r.take(f"<{k}d"), f"{path} camera {cam_id}"))
+        _add_camera(out, cam_id, ColmapCamera(name, int(w), int(h), _check_number(r.take(f"<{k}d"), f"{path} camera {cam_id}")),
+                    path)
     return out
 
 
@@ -320,7 +329,7 @@ def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limi
         if img.camera_id not in cams:
             raise InputError(f"{what}: camera {img.camera_id} is not in the cameras file")
         pin, dist = cams[img.camera_id].pinhole_and_distortion(what)
-        frames.append(_Frame(image=_resolve_image(image_dir, img.name, what), c2w=img.c2w(what), pinhole=pin,
+        frames.append(_Frame(image=_resolve_image(image_dir, img.name, what, root=root, key="the image name"), c2w=img.c2w(what), pinhole=pin,
                              name=img.name, distortion=dist))
     train, test = _holdout(frames, hold_every)
     poses = np.stack([f.c2w for f in frames])

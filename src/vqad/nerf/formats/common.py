@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -177,9 +178,23 @@ def _image_to_srgb8(rgba: np.ndarray, n: int, background: tuple[float, float, fl
     return rgb8, a8
 
 
-def _resolve_image(base: Path, file_path: str, what: str) -> Path:
-    """``base / file_path``, trying the usual extensions when it has none or does not exist."""
-    p = (base / file_path).resolve() if not Path(file_path).is_absolute() else Path(file_path)
+def inside_capture(root: Path, base: Path, file_path: str, what: str, key: str) -> Path:
+    """``base / file_path``, refused where it names a place outside the capture folder ``root`` (an
+    absolute path, or ``..`` climbing out of it): a capture's files say which files vqad reads, and
+    they must not reach the rest of the machine. The test is on the path as written, so a symbolic
+    link inside the capture (an images folder linked from elsewhere) is followed as the user set it up."""
+    root_abs = Path(os.path.abspath(root))
+    p = Path(os.path.normpath(os.path.join(os.path.abspath(base), file_path)))
+    if Path(file_path).is_absolute() or (p != root_abs and root_abs not in p.parents):
+        raise InputError(f"{what}: {key} {file_path!r} points outside the capture folder {root_abs}; vqad reads only "
+                         f"files inside it: move (or link) the file into it and give a path relative to it")
+    return p
+
+
+def _resolve_image(base: Path, file_path: str, what: str, root: Path | None = None, key: str = "file_path") -> Path:
+    """``base / file_path`` inside the capture folder ``root`` (default ``base``; :func:`inside_capture`),
+    trying the usual extensions when it has none or does not exist."""
+    p = inside_capture(base if root is None else root, base, file_path, what, key)
     if p.is_file():
         return p
     for ext in IMAGE_EXTS + tuple(e.upper() for e in IMAGE_EXTS):
@@ -330,6 +345,8 @@ def _read_json(path: Path) -> dict:
             meta = json.load(f)
     except json.JSONDecodeError as e:
         raise InputError(f"{path} is not valid JSON ({e}); fix or regenerate it") from e
+    except RecursionError as e:
+        raise InputError(f"{path} is not valid JSON for a capture (nested too deeply); fix or regenerate it") from e
     except UnicodeDecodeError as e:
         raise InputError(f"{path} is not valid JSON (not UTF-8 text: {e.reason} at byte {e.start}); "
                          f"fix or regenerate it") from e
@@ -338,6 +355,13 @@ def _read_json(path: Path) -> dict:
     if not isinstance(meta, dict):
         raise InputError(f"{path} must hold a JSON object")
     return meta
+
+
+def _json_numbers(v, depth: int) -> bool:
+    """Whether a JSON value is numbers (not booleans, not strings) nested in lists ``depth`` deep."""
+    if depth == 0:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, list) and all(_json_numbers(x, depth - 1) for x in v)
 
 
 def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
@@ -375,6 +399,9 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
         if str(path) in seen:  # one photo twice: two poses for it, or a held-out view that is also trained on
             raise InputError(f"{what} and frame {seen[str(path)]} are both {fr['file_path']!r}: each image once, please")
         seen[str(path)] = i
+        if not _json_numbers(fr["transform_matrix"], depth=2):
+            raise InputError(f"{what}: transform_matrix must be a 4×4 (or 3×4) list of lists of numbers, not "
+                             f"{str(fr['transform_matrix'])[:60]}")
         out.append(_Frame(image=path, c2w=_as_c2w(fr["transform_matrix"], what), pinhole=pin,
                           name=str(fr["file_path"]), distortion=dist if np.any(dist != 0) else None))
     return out
@@ -409,12 +436,73 @@ def _dataset(name, fmt, split_frames: dict[str, list[_Frame]], sources: dict[str
     if near is None:
         outer = Normalization(norm.center, norm.scale / outer_scale)
         near, far = near_far_from_box(torch.cat([v.c2w for v in splits.values()]), *unit_cube_box(outer))
+    if not (math.isfinite(near) and math.isfinite(far) and 0 <= near < far):
+        raise InputError(f"{source}: the scene's depth range is empty or not finite (near {near:g}, far {far:g}): "
+                         f"check the poses and the scene's scale (instant-ngp 'scale' / 'offset', COLMAP's units)")
+    for split, views in splits.items():
+        _check_views(views, split, source, norm, outer_scale)
     return SceneDataset(name=name, format=fmt, splits=splits, normalization=norm, near=float(near), far=float(far),
                         background=tuple(float(c) for c in background), source=str(source),
                         downscale=int(requested_downscale or downscale),
                         split_sources=sources, bbox=(tuple(float(x) for x in lo), tuple(float(x) for x in hi)),
                         outer_scale=float(outer_scale),
                         points=None if points is None else torch.as_tensor(points, dtype=torch.float32).reshape(-1, 3))
+
+
+#: how far (in central-box half-sizes, beyond the scene's outer box) a camera may stand: farther, a
+#: float32 ray from it cannot resolve the scene's cells
+MAX_CAMERA_DISTANCE = 1e5
+#: how far from its optical axis a view's corner may look, in degrees (a pinhole image spans less than
+#: 180°; fisheye models are refused by the readers)
+MAX_RAY_ANGLE = 85.0
+
+
+def _check_views(views: Views, split: str, source: Path, norm: Normalization, outer_scale: float) -> None:
+    """Refuse the geometry a capture's numbers allow but its rays cannot use, as training stores it
+    (float32): non-finite or zero intrinsics and poses after the cast, cameras absurdly far from the
+    scene, every view one camera, and lens distortion the rays cannot undo inside the image
+    (:func:`vqad.nerf.rays.distortion_fit`)."""
+    from vqad.nerf.rays import DISTORTION_TOL_PX, distortion_fit, rays_for_pixels
+
+    names = views.names or [f"view {i}" for i in range(len(views))]
+    K, c2w = views.intrinsics, views.c2w  # float32, as the rays use them
+    for i in range(len(views)):
+        what = f"{source}: {names[i]} ({split} split)"
+        if not (bool(torch.isfinite(K[i]).all()) and K[i, 0] > 0 and K[i, 1] > 0):
+            raise InputError(f"{what}: its intrinsics fx, fy, cx, cy = {K[i].tolist()} in 32-bit floats: they must be "
+                             f"finite, with fx, fy > 0; check fl_x / fl_y / cx / cy (COLMAP: the camera's parameters)")
+        if not bool(torch.isfinite(c2w[i]).all()):
+            raise InputError(f"{what}: its pose overflows 32-bit floats (non-finite after the cast); check the "
+                             f"transform_matrix / the scene's scale")
+        cam = norm.to_unit(c2w[i, :3, 3].double()).abs().max().item()
+        if not cam <= MAX_CAMERA_DISTANCE * outer_scale:
+            raise InputError(f"{what}: the camera stands {cam:.3g} scene-box half-sizes from the scene (at most "
+                             f"{MAX_CAMERA_DISTANCE * outer_scale:g} are usable); fix or drop that frame")
+        h, w = views.hw
+        corners = torch.tensor([[0.0, 0.0], [w, 0.0], [0.0, h], [w, h], [w / 2, h / 2]])
+        dist = None if views.distortion is None else views.distortion[i]
+        if dist is not None:
+            if not bool(torch.isfinite(dist).all()):
+                raise InputError(f"{what}: its distortion k1, k2, p1, p2 = {dist.tolist()} is not finite in 32-bit floats")
+            err, det = distortion_fit(K[i], dist, (h, w))
+            if det <= 0 or not err <= DISTORTION_TOL_PX:
+                how = ("folds inside the image (two directions would land on one pixel)" if det <= 0 else
+                       f"cannot be undone to within {DISTORTION_TOL_PX:g} px (off by {err:.3g} px)")
+                raise InputError(f"{what}: its lens distortion k1, k2, p1, p2 = {[round(v, 6) for v in dist.tolist()]} "
+                                 f"{how}; check the coefficients, or undistort the images first and give 0")
+        o, d = rays_for_pixels(c2w[i], K[i], corners, dist)
+        if not (bool(torch.isfinite(o).all()) and bool(torch.isfinite(d).all())):
+            raise InputError(f"{what}: its rays are not finite in 32-bit floats (fx, fy, cx, cy = {K[i].tolist()}); "
+                             f"check the intrinsics and the distortion")
+        axis = -c2w[i, :3, 2] / c2w[i, :3, 2].norm()
+        widest = math.degrees(math.acos(min(1.0, float((d @ axis).min()))))
+        if widest > MAX_RAY_ANGLE:
+            raise InputError(f"{what}: its image corners look {widest:.1f}° off the optical axis (more than "
+                             f"{MAX_RAY_ANGLE:g}°: fx, fy, cx, cy = {K[i].tolist()} for a {w}×{h} image); check the "
+                             f"focal length and the camera's width and height")
+    if len(views) > 1 and bool((c2w == c2w[:1]).all()):
+        raise InputError(f"{source}: every view of the {split!r} split has the same pose: the poses are missing "
+                         f"or wrong (a radiance field needs views from different places)")
 
 
 def _list_images(d: Path) -> list[Path]:

@@ -10,7 +10,7 @@ import numpy as np
 from vqad.errors import InputError
 from vqad.nerf.contraction import MAX_OUTER_SCALE
 from vqad.nerf.data import SceneDataset
-from vqad.nerf.formats.common import _dataset, _holdout, _read_json, _transforms_frames
+from vqad.nerf.formats.common import _dataset, _holdout, _json_numbers, _read_json, _transforms_frames, inside_capture
 from vqad.nerf.formats.points import read_ply_points
 
 
@@ -35,6 +35,8 @@ def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=N
         v = meta.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise InputError(f"{json_path}: {key} must be a number, not {v!r}")
+    if meta.get("offset") is not None and not (_json_numbers(meta["offset"], depth=1) and len(meta["offset"]) == 3):
+        raise InputError(f"{json_path}: offset must be a list of 3 numbers, not {str(meta['offset'])[:60]}")
     try:
         aabb_scale = float(meta.get("aabb_scale", 1))
         scale = float(meta.get("scale", 0.33))
@@ -56,7 +58,7 @@ def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=N
         ply = meta["ply_file_path"]
         if not isinstance(ply, str):
             raise InputError(f"{json_path}: ply_file_path must be a path, got {ply!r}")
-        ply_path = Path(ply) if Path(ply).is_absolute() else json_path.parent / ply
+        ply_path = inside_capture(json_path.parent, json_path.parent, ply, str(json_path), "ply_file_path")
         if not ply_path.is_file():
             raise InputError(f"{json_path}: ply_file_path {ply!r} not found at {ply_path}: restore it or remove the key")
         points = read_ply_points(ply_path)

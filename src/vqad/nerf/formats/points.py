@@ -77,6 +77,9 @@ def read_ply_points(path) -> np.ndarray:
     if vertex is None:
         raise InputError(f"{path}: no vertex element")
     names = [p for p, _ in vertex[2]]
+    dup = sorted({a for a in names if names.count(a) > 1})
+    if dup:
+        raise InputError(f"{path}: the vertex property {dup[0]!r} is declared more than once; fix the header")
     if not {"x", "y", "z"} <= set(names):
         raise InputError(f"{path}: the vertices have no x y z properties")
     if any(t is None for _, t in vertex[2]) or any(e[1] for e in elements[:elements.index(vertex)]):
@@ -87,6 +90,8 @@ def read_ply_points(path) -> np.ndarray:
         rows = [r.split() for r in lines[:n]]
         if len(rows) < n or any(len(r) < len(names) for r in rows):
             raise InputError(f"{path}: fewer vertex rows than the {n:,} the header claims")
+        if vertex is elements[-1] and any(r.strip() for r in lines[n:]):
+            raise InputError(f"{path}: more vertex rows than the {n:,} the header claims; fix the count")
         try:
             table = np.array([[float(v) for v in r[:len(names)]] for r in rows], dtype=np.float64).reshape(n, len(names))
         except ValueError:
@@ -97,6 +102,9 @@ def read_ply_points(path) -> np.ndarray:
         dtype = np.dtype([(p, order + t) for p, t in vertex[2]])
         if len(data) - body_start < n * dtype.itemsize:
             raise InputError(f"{path}: the file ends before its {n:,} vertices")
+        if vertex is elements[-1] and len(data) - body_start > n * dtype.itemsize:
+            raise InputError(f"{path}: {len(data) - body_start - n * dtype.itemsize:,} bytes follow the {n:,} vertices "
+                             f"the header claims; fix the count")
         rec = np.frombuffer(data, dtype=dtype, count=n, offset=body_start)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite values are refused just below
             xyz = np.stack([rec[a].astype(np.float64) for a in "xyz"], -1)
@@ -148,14 +156,18 @@ def read_points3d_bin(path) -> np.ndarray:
         off += 51 + 8 * track
         if off > len(data):
             raise InputError(f"{path}: point {i}'s track runs past the end of the file")
+    if off != len(data):
+        raise InputError(f"{path}: {len(data) - off:,} bytes follow the {n:,} points its header claims; the file is "
+                         f"damaged or its count is wrong")
     return _check_points(xyz, str(path))
 
 
 def read_colmap_points(model_dir) -> np.ndarray | None:
     """The points of the COLMAP model in ``model_dir`` (``points3D.bin`` or ``.txt``), or None."""
     d = Path(model_dir)
-    if (d / "points3D.bin").is_file():
-        return read_points3d_bin(d / "points3D.bin")
-    if (d / "points3D.txt").is_file():
-        return read_points3d_txt(d / "points3D.txt")
+    for name, read in (("points3D.bin", read_points3d_bin), ("points3D.txt", read_points3d_txt)):
+        if (d / name).is_file():
+            return read(d / name)
+        if (d / name).exists():
+            raise InputError(f"{d / name} is not a file; remove it, or put COLMAP's {name} there")
     return None

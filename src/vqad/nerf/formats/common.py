@@ -460,7 +460,8 @@ MAX_RAY_ANGLE = 85.0
 def _check_views(views: Views, split: str, source: Path, norm: Normalization, outer_scale: float) -> None:
     """Refuse the geometry a capture's numbers allow but its rays cannot use, as training stores it
     (float32): non-finite or zero intrinsics and poses after the cast, cameras absurdly far from the
-    scene, every view one camera, and lens distortion the rays cannot undo inside the image
+    scene (:data:`MAX_CAMERA_DISTANCE`), corners wider than :data:`MAX_RAY_ANGLE` off the axis, every view
+    one camera, and lens distortion the rays cannot undo inside the image
     (:func:`vqad.nerf.rays.distortion_fit`)."""
     from vqad.nerf.rays import DISTORTION_TOL_PX, distortion_fit, rays_for_pixels
 

@@ -357,7 +357,7 @@ def _write_mesh(path, vertices, faces):
     ("triangle", "encloses no volume"),
     ("plane", "encloses no volume"),
     ("half-sphere", "neither inside nor outside"),
-    ("binary", "is it really a OBJ mesh file"),
+    ("binary", "is it really a OBJ triangle mesh"),
 ])
 def test_meshes_without_an_inside_are_refused(tmp_path, capsys, name, message):
     import numpy as np

@@ -94,7 +94,7 @@ def _complete_step(d: Path) -> int | None:
     """The step of the checkpoint directory ``d`` if it is complete (config last, every file it names), else None."""
     try:
         cfg = json.loads((d / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not (d / "model.safetensors").is_file() or (cfg.get("optimizers") and not (d / "optim.safetensors").is_file()):
         return None
@@ -137,9 +137,22 @@ def read_config(path: str | Path) -> dict:
         raise InputError(f"{path} is not a vqad checkpoint (no config.json){inner}: pass a checkpoint directory or a "
                          f".vqad file")
     try:
-        return json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {cfg_path}: {exc}") from exc
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {cfg_path}: {exc}: {_DAMAGED}") from exc
+    except RecursionError as exc:
+        raise InputError(f"cannot read {cfg_path}: nested too deeply: {_DAMAGED}") from exc
+    if not isinstance(cfg, dict):
+        raise InputError(f"{cfg_path} does not hold a JSON object: {_DAMAGED}")
+    version = cfg.get("vqad_checkpoint")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+        raise InputError(f"{cfg_path}: checkpoint format {version!r}, but this vqad reads format {FORMAT_VERSION}: "
+                         + ("written by a newer vqad: upgrade vqad" if newer else _DAMAGED))
+    step = cfg.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise InputError(f"{cfg_path}: step must be a whole number >= 0, not {step!r}: {_DAMAGED}")
+    return cfg
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):

@@ -590,7 +590,7 @@ def _clear(d: Path) -> None:
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -773,7 +773,7 @@ def read_results(out: Path) -> dict[str, dict]:
     for line in lines:
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(rec, dict) and "asset" in rec:
             latest[rec["asset"]] = rec

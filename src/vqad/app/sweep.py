@@ -494,6 +494,8 @@ def load_config_file(path: str | Path, what: str = "sweep config") -> dict:
             raise InputError(f"{what} must be .json or .toml, got {path.name}")
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
         raise InputError(f"cannot parse {what} {path}: {exc}".splitlines()[0]) from None
+    except RecursionError:
+        raise InputError(f"cannot parse {what} {path}: nested too deeply") from None
     except OSError as exc:
         raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
@@ -703,7 +705,7 @@ class Sweep:
         if manifest.is_file():
             try:
                 old = json.loads(manifest.read_text())["settings"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise InputError(f"{manifest} is not a vqad sweep record: use another --out") from None
             if not isinstance(old, dict):
                 raise InputError(f"{manifest} is not a vqad sweep record: use another --out")
@@ -937,7 +939,7 @@ def read_point(path: Path) -> dict | None:
     not JSON, or without its point key (matching the file name), method, rows and finish time."""
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     ok = (isinstance(rec, dict) and rec.get("point") == path.stem and isinstance(rec.get("method"), str)
           and rec["method"] in METHODS and isinstance(rec.get("rows"), list) and rec["rows"]

@@ -655,7 +655,7 @@ def _read_metrics(source: str) -> dict | None:
     for cand in ([p / "metrics.json", p.parent / "metrics.json"] if p.is_dir() else [p.with_name("metrics.json")]):
         try:
             doc = json.loads(cand.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         if isinstance(doc, dict) and isinstance(doc.get("lods"), dict):
             return doc

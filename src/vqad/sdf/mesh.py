@@ -13,6 +13,8 @@ from vqad.errors import InputError
 from vqad.field import Normalization
 
 MESH_SUFFIXES = {".obj", ".ply", ".off", ".stl", ".glb", ".gltf"}
+#: the largest vertex coordinate a mesh may have (any unit): beyond it, squared lengths overflow float64
+MAX_COORDINATE = 1e100
 
 
 @dataclass
@@ -57,11 +59,20 @@ def load_mesh(path: str | Path, closed: bool = True) -> Mesh:
     verts = np.asarray(getattr(loaded, "vertices", np.zeros((0, 3))), dtype=np.float64)
     faces = np.asarray(getattr(loaded, "faces", np.zeros((0, 3))), dtype=np.int64)
     if verts.size == 0:
-        raise InputError(f"no vertices could be read from {path}: is it really a {path.suffix.lstrip('.').upper()} mesh file?")
+        raise InputError(f"no triangle could be read from {path} (no vertices, or vertices without faces): is it "
+                         f"really a {path.suffix.lstrip('.').upper()} triangle mesh?")
     if faces.size == 0:
         raise InputError(f"mesh has no faces (a point cloud?): {path}; vqad needs a triangle mesh")
     if not np.isfinite(verts).all():
         raise InputError(f"mesh has non-finite vertex coordinates (NaN or inf): {path}")
+    if np.abs(verts).max() > MAX_COORDINATE:
+        raise InputError(f"mesh coordinates reach {np.abs(verts).max():.3g}, beyond {MAX_COORDINATE:g}, where areas and "
+                         f"normals overflow: {path}; rescale it")
+    if faces.ndim != 2 or faces.shape[1] != 3 or faces.min() < 0 or faces.max() >= len(verts):
+        bad = faces[(faces < 0) | (faces >= len(verts))] if faces.ndim == 2 else faces.ravel()
+        raise InputError(f"mesh faces must be triangles of vertex indices 0..{len(verts) - 1}: {path} has "
+                         f"{'index ' + str(int(bad[0])) if bad.size else 'faces of shape ' + str(list(faces.shape))}; "
+                         f"fix or re-export it")
     tm = trimesh.Trimesh(verts, faces, process=False)
     tm.merge_vertices(merge_tex=True, merge_norm=True)  # UV / normal seams duplicate positions
     tm.update_faces(tm.nondegenerate_faces())

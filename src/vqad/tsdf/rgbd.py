@@ -290,8 +290,8 @@ def read_open3d_intrinsics(path: Path) -> tuple[np.ndarray, tuple[int, int], flo
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read the intrinsics file {path}: {e}") from e
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not valid JSON ({e}); fix or regenerate it") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{path} is not valid JSON ({e or 'nested too deeply'}); fix or regenerate it") from e
     try:
         m = np.asarray(meta["intrinsic_matrix"], dtype=np.float64).reshape(3, 3).T  # column-major
         size = (int(meta["width"]), int(meta["height"]))
@@ -674,7 +674,7 @@ def read_rtmv_sequence(path, depth_kind: str = "ray") -> RGBDSequence:
             intr = cam["intrinsics"]
             k = intrinsics_matrix(float(intr["fx"]), float(intr["fy"]), float(intr["cx"]) - 0.5, float(intr["cy"]) - 0.5)
             s = (int(cam["width"]), int(cam["height"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise InputError(f"{jp}: needs camera_data with cam2world, intrinsics fx, fy, cx, cy, width and height") from e
         if K is None:
             K, size = k, s

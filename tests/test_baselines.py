@@ -459,7 +459,9 @@ def test_cli_fit_hash_compress_and_export(tmp_path, capsys, sphere):
     (["fit-sdf", "MESH", "--grid", "codebook", "--table-bits", "8"], "--table-bits"),
     (["fit-sdf", "MESH", "--grid", "hash", "--table-bits", "30"], "table_bits"),
     (["fit-nerf", "procedural", "--grid", "dense", "--table-bits", "8"], "--table-bits"),
-    (["compress", "CKPT", "--to", "lowrank"], "--rank"),
+    (["compress", "CKPT", "--to", "lowrank"], "needs --rank R"),
+    (["compress", "CKPT", "--to", "lowrank", "--rank", "2", "--iters", "6", "--seed", "3"], "--seed, --iters apply to"),
+    (["compress", "CKPT", "--to", "lowrank", "--rank", "2", "--bits", "4"], "--bits applies to --to kmeans"),
     (["compress", "CKPT", "--to", "kmeans", "--rank", "2"], "--rank"),
     (["compress", "CKPT", "--to", "kmeans"], "dense"),  # the checkpoint holds a hash grid
 ])

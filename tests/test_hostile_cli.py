@@ -44,10 +44,13 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 157707927552 bytes. Error code 12 (Cannot allocate memory)")
 
-    monkeypatch.setattr(nerf, "cmd_synth_capture", huge)
-    assert main(["synth-capture", "-o", "unused", "--threads", "1"]) == 2
+    monkeypatch.setattr(nerf, "cmd_fit_nerf", huge)
+    assert main(["fit-nerf", "procedural", "--out", "unused", "--threads", "1"]) == 2
     err = _err(capsys)
-    assert err.startswith("vqad: error: out of memory") and "157707927552" in err and "--levels" in err
+    assert err.startswith("vqad: error: out of memory") and "157707927552" in err and "--batch-rays" in err
+    monkeypatch.setattr(nerf, "cmd_synth_capture", huge)  # a command without its own hint: where to look
+    assert main(["synth-capture", "-o", "unused", "--threads", "1"]) == 2
+    assert "see vqad synth-capture --help" in _err(capsys)
 
     def bug(args):
         raise RuntimeError("shape mismatch")
@@ -162,3 +165,54 @@ def test_fit_out_among_other_files_and_a_huge_dilation_are_refused(tmp_path, cap
     capsys.readouterr()
     assert main(["fit-nerf", str(cap)] + opts + ["--out", str(tmp_path / "d"), "--dilate", "1000000"]) == 2
     assert "--dilate must be 0..16" in _err(capsys)
+
+
+def test_more_hostile_commands_are_one_line_errors(tmp_path, capsys):
+    """The second hostile pass: faces indexing no vertex, a checkpoint of another format or a damaged
+    step, a batch --out among other files or on a file, an image side past the limit, a directory
+    given to info, a procedural model scored against another capture."""
+    import json
+    import shutil
+
+    for faces, says in (("3 0 1 7", "index 7"), ("3 0 1 -1", "index -1")):
+        mesh = tmp_path / f"bad{len(says)}.ply"
+        mesh.write_text("ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\nproperty float y\nproperty float z\n"
+                        "element face 1\nproperty list uchar int vertex_indices\nend_header\n0 0 0\n1 0 0\n0 1 0\n"
+                        f"{faces}\n")
+        assert main(["fit-sdf", str(mesh), "--steps", "2", "--levels", "2:3", "--no-eval", "--quiet",
+                     "--out", str(tmp_path / "f")]) == 2
+        err = _err(capsys)
+        assert "mesh faces must be triangles of vertex indices 0..2" in err and says in err
+    mesh = tmp_path / "tet.obj"
+    mesh.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 3 2\nf 1 2 4\nf 1 4 3\nf 2 3 4\n")
+    assert main(["fit-sdf", str(mesh), "--steps", "2", "--levels", "2:3", "--refine", "0", "--no-eval", "--quiet",
+                 "--out", str(tmp_path / "sdf")]) == 0
+    for change, says in ((lambda c: c.update(vqad_checkpoint=99), "written by a newer vqad"),
+                         (lambda c: c.pop("vqad_checkpoint"), "checkpoint format None"),
+                         (lambda c: c.update(step="x"), "step must be a whole number"),
+                         (lambda c: c.update(step=-5), "step must be a whole number")):
+        ck = tmp_path / "ck"
+        shutil.rmtree(ck, ignore_errors=True)
+        shutil.copytree(tmp_path / "sdf" / "checkpoint", ck)
+        cfg = json.loads((ck / "config.json").read_text())
+        change(cfg)
+        (ck / "config.json").write_text(json.dumps(cfg))
+        assert main(["mesh", str(ck), "--resolution", "16", "-o", str(tmp_path / "m.ply")]) == 2
+        assert says in _err(capsys)
+    assert main(["render", str(tmp_path / "sdf" / "checkpoint"), "--size", "100000", "-o", str(tmp_path / "r.png")]) == 2
+    assert "--size must be 1..8192" in _err(capsys)
+    assert main(["info", str(tmp_path)]) == 2
+    assert "is a directory: vqad info reads .vqad files" in _err(capsys)
+    job = tmp_path / "job.toml"
+    job.write_text(f'assets = ["{mesh}"]\n')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my notes")
+    for out, says in ((mine, "already holds other files (results.md)"), (job, "exists and is not a directory")):
+        assert main(["batch", str(job), "--dry-run", "--local", "--out", str(out)]) == 2
+        assert says in _err(capsys)
+    assert (mine / "results.md").read_text() == "my notes"
+    assert main(["fit-nerf", "procedural", "--steps", "2", "--levels", "2:3", "--no-eval", "--quiet",
+                 "--out", str(tmp_path / "pn")]) == 0
+    assert main(["eval", str(tmp_path / "pn" / "checkpoint"), "--dataset", str(tmp_path)]) == 2
+    assert "fitted to the built-in procedural scene: --dataset" in _err(capsys)

@@ -134,6 +134,7 @@ def test_tum_reader_on_a_hand_written_fixture(tmp_path):
     seq = read_sequence(root)
     # depth 10.000 has no pose within 0.02 s (the first is 10.025): dropped; the rest pair up
     assert len(seq) == 3 and (seq.width, seq.height) == (8, 6) and seq.has_color
+    assert seq.note == "1 of 4 depth frames left out: no ground-truth pose or colour frame within 0.02 s"
     assert np.allclose(seq.intrinsics, [[10, 0, 3.5], [0, 10, 2.5], [0, 0, 1]])
     for i, k in enumerate((1, 2, 3)):
         z = seq.depth(i)
@@ -179,6 +180,19 @@ def test_tum_bad_inputs(tmp_path, kind, words):
     with pytest.raises(InputError, match=words) as e:
         read_tum(tmp_path / "elsewhere" if kind == "nofolder" else root, depth_scale=scale)
     assert "\n" not in str(e.value)
+
+
+def test_tum_lists_that_repeat_a_time_stamp_or_are_not_text_are_refused(tmp_path):
+    """A repeated time stamp would let one line hide the other (a NaN pose behind a good one)."""
+    root = _write_hand_tum(tmp_path / "dup")
+    gt = (root / "groundtruth.txt").read_text().splitlines()
+    (root / "groundtruth.txt").write_text("\n".join(gt + [gt[3].replace(gt[3].split()[1], "nan", 1)]) + "\n")
+    with pytest.raises(InputError, match="lines 4 and 18 have the same time stamp"):
+        read_tum(root)
+    root = _write_hand_tum(tmp_path / "bytes")
+    (root / "depth.txt").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(InputError, match="not UTF-8 text"):
+        read_tum(root)
 
 
 def test_tum_without_overlapping_time_stamps(tmp_path):

@@ -163,6 +163,14 @@ def test_unsatisfiable_ranges_are_416_with_the_size(client, spec):
     assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{BIG}"
 
 
+def test_range_numbers_longer_than_python_parses_are_positions_past_the_file(client):
+    """int() refuses strings over 4,300 digits: such a position is past any file, not a server error."""
+    r = client.get("/big.vqad", headers={"Range": "bytes=0-" + "9" * 5000})
+    assert r.status_code == 206 and r.headers["content-range"] == f"bytes 0-{BIG - 1}/{BIG}"
+    r = client.get("/big.vqad", headers={"Range": "bytes=" + "9" * 5000 + "-"})
+    assert r.status_code == 416
+
+
 def test_any_range_of_an_empty_file_is_416(client):
     assert client.get("/empty.vqad").content == b""
     r = client.get("/empty.vqad", headers={"Range": "bytes=0-"})

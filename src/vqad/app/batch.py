@@ -442,6 +442,7 @@ def load_job(source: str | Path, out: str | Path | None = None, overrides: dict 
     if out is None and "out" not in data:
         raise InputError(f"{name}: no output folder: give --out OUT" + ("" if source.is_dir() else " (or out = \"...\" in the job file)"))
     out_dir = Path(out).resolve() if out is not None else (base / data["out"]).resolve()
+    _check_out_dir(out_dir, name)
     defaults = _table(data.get("defaults", {}), f"{name}: [defaults]")
     reader = _JobReader(name, base, root, out_dir, defaults,
                         {app: _table(defaults.pop(app, {}), f"{name}: [defaults.{app}]") for app in FIT_COMMANDS},
@@ -458,6 +459,18 @@ def load_job(source: str | Path, out: str | Path | None = None, overrides: dict 
     reader.check_overrides(specs)
     _check_keys(specs, name)
     return Job(source=source, root=root, out=out_dir, assets=specs)
+
+
+def _check_out_dir(out_dir: Path, name: str) -> None:
+    """The output folder is new, empty or an earlier batch's (it holds ``results.jsonl`` or ``.batch.lock``):
+    a batch writes and replaces ``results.*`` and asset folders there, so a folder of other files is refused."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{name}: the output path {out_dir} exists and is not a directory: give a folder")
+    if out_dir.is_dir() and not ((out_dir / RESULTS).is_file() or (out_dir / ".batch.lock").is_file()):
+        other = sorted(p.name for p in out_dir.iterdir())
+        if other:
+            raise InputError(f"{name}: the output folder {out_dir} already holds other files ({', '.join(other[:3])}"
+                             f"{', ...' if len(other) > 3 else ''}) and no earlier vqad batch: give a new or empty folder")
 
 
 @dataclass

@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         if not _out_of_memory(exc):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"vqad: error: out of memory ({first[:200]}): the job is too large for this machine; lower --levels' "
-              f"finest level, --dilate, --batch-rays or the images' size (--downscale)", file=sys.stderr)
+        hint = getattr(args, "oom_hint", None) or f"see vqad {args.command} --help for the flags that size it"
+        print(f"vqad: error: out of memory ({first[:200]}): the job is too large for this machine; {hint}", file=sys.stderr)
         return 2
 
 

@@ -205,6 +205,13 @@ class Unsatisfiable(Exception):
 _RANGE_SPEC = re.compile(r"^(\d*)-(\d*)$")
 
 
+def _position(digits: str) -> int:
+    """A byte position from a Range header's digits, at most 2^63 (a longer number means "past any file";
+    Python's ``int`` refuses strings of more than 4,300 digits)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else 1 << 63
+
+
 def parse_range(header: str, size: int) -> list[tuple[int, int]] | None:
     """``Range`` header -> inclusive ``[(first, last)]`` within a file of ``size`` bytes.
 
@@ -229,13 +236,13 @@ def parse_range(header: str, size: int) -> list[tuple[int, int]] | None:
             return None
         first, last = m.group(1), m.group(2)
         if first:
-            a, b = int(first), int(last) if last else size - 1
+            a, b = _position(first), _position(last) if last else size - 1
             if last and b < a:
                 return None  # syntactically invalid: the whole header is ignored
             if a < size:
                 ranges.append((a, min(b, size - 1)))
         else:  # suffix: the last n bytes
-            n = int(last)
+            n = _position(last)
             if n > 0 and size > 0:
                 ranges.append((max(size - n, 0), size - 1))
     if not spec.strip() or not any(i.strip() for i in spec.split(",")):

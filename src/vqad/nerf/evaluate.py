@@ -35,6 +35,9 @@ def load_scene(info: dict, source: str | None = None) -> SceneDataset:
     if not info:
         raise InputError("this model does not record its dataset: pass --dataset PATH")
     fmt = info.get("format", "auto")
+    if source and fmt == "procedural" and source != "procedural":
+        raise InputError(f"this model was fitted to the built-in procedural scene: --dataset {source} cannot apply "
+                         f"(it renders and scores against that scene; leave --dataset out)")
     src = source or info.get("source") or ("procedural" if fmt == "procedural" else "")
     if not src:
         raise InputError("this model does not record where its dataset is: pass --dataset PATH")

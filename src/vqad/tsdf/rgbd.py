@@ -135,6 +135,7 @@ class RGBDSequence:
     load_depth: Callable[[int], np.ndarray]
     load_color: Callable[[int], np.ndarray] | None = None
     units: str = "m"
+    note: str = ""  # what the reader left out of the folder's frames, and why ("" when nothing)
 
     def __post_init__(self) -> None:
         self.intrinsics = parse_intrinsics(self.intrinsics)
@@ -321,8 +322,14 @@ def _read_list(path: Path, columns: int) -> list[list[str]]:
     """A TUM list file: ``#`` comments, whitespace-separated fields, first field a time stamp."""
     if not path.is_file():
         raise InputError(f"{path} not found: a TUM RGB-D sequence needs it")
-    rows = []
-    for k, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise InputError(f"cannot read {path}: not UTF-8 text ({e.reason} at byte {e.start}); fix or regenerate it") from e
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from e
+    rows, seen = [], {}
+    for k, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].replace(",", " ").strip()
         if not line:
             continue
@@ -330,9 +337,15 @@ def _read_list(path: Path, columns: int) -> list[list[str]]:
         if len(parts) < columns:
             raise InputError(f"{path} line {k}: expected {columns} fields, got {len(parts)} ({line[:60]!r})")
         try:
-            float(parts[0])
+            t = float(parts[0])
         except ValueError as e:
             raise InputError(f"{path} line {k}: {parts[0]!r} is not a time stamp") from e
+        if not math.isfinite(t):
+            raise InputError(f"{path} line {k}: the time stamp {parts[0]!r} is not a finite number")
+        if t in seen:
+            raise InputError(f"{path} lines {seen[t]} and {k} have the same time stamp {parts[0]}: one line per time "
+                             f"stamp, please (fix or regenerate the list)")
+        seen[t] = k
         rows.append(parts)
     if not rows:
         raise InputError(f"{path} lists no frames")
@@ -484,6 +497,9 @@ def read_tum(path, depth_scale: float | None = None, K=None, max_dt: float = TUM
         raise InputError(f"{root}: no depth frame has a ground-truth pose{' and a colour frame' if crows else ''} "
                          f"within {max_dt} s; check that depth.txt, rgb.txt and groundtruth.txt are of the same "
                          "sequence (the time stamps do not overlap)")
+    left_out = len(drows) - len(pairs)
+    note = (f"{left_out} of {len(drows)} depth frames left out: no ground-truth pose{' or colour frame' if crows else ''} "
+            f"within {max_dt} s" if left_out else "")
     depth_paths = [root / drows[i][1] for i, _ in pairs]
     color_paths = [root / crows[j][1] for _, j in pairs] if crows is not None else None
     for listing, paths in (("depth.txt", depth_paths), ("rgb.txt", color_paths)):
@@ -499,17 +515,18 @@ def read_tum(path, depth_scale: float | None = None, K=None, max_dt: float = TUM
         raise InputError(f"{root}: the depth images are {size[0]}×{size[1]} but {k_source} is for {k_size[0]}×{k_size[1]}; "
                          "use the intrinsics of these images")
     _check_size_vs_intrinsics(K, size, f"{root} ({k_source})")
-    return _image_sequence(root, K, poses, size, depth_paths, color_paths, depth_scale)
+    return _image_sequence(root, K, poses, size, depth_paths, color_paths, depth_scale, note=note)
 
 
 def _image_sequence(root: Path, K: np.ndarray, poses: np.ndarray, size: tuple[int, int], depth_paths: list[Path],
-                    color_paths: list[Path] | None, scale: float) -> RGBDSequence:
+                    color_paths: list[Path] | None, scale: float, note: str = "") -> RGBDSequence:
     """The sequence of a folder of 16-bit depth PNGs (``scale`` units per metre) and optional colour
     images, read lazily at ``size``; its depth scale checked on a few frames (:func:`check_depth_scale`)."""
     seq = RGBDSequence(
         name=root.name, intrinsics=K, poses=poses, width=size[0], height=size[1],
         load_depth=lambda i: read_depth_png(depth_paths[i], scale, size),
         load_color=None if color_paths is None else (lambda i: read_color_image(color_paths[i], size)),
+        note=note,
     )
     check_depth_scale(seq, scale)
     return seq

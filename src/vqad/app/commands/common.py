@@ -70,6 +70,14 @@ def check_finite(value: float | None, flag: str) -> None:
 
 #: marching-cubes grid points per axis that `vqad mesh --resolution` and `fit-sdf --mc-resolution` accept
 MC_MIN, MC_MAX = 8, 2048
+#: the longest side, in pixels, of an image `vqad render --size` / `vqad view --size` draws
+MAX_IMAGE_SIDE = 8192
+
+
+def check_image_side(value: int | None, flag: str) -> None:
+    """Refuse an image side outside ``1..MAX_IMAGE_SIDE`` (one line, before any work)."""
+    if value is not None and not 1 <= value <= MAX_IMAGE_SIDE:
+        raise InputError(f"{flag} must be 1..{MAX_IMAGE_SIDE} pixels, got {value}")
 
 
 def report_skipped_steps(n: int) -> None:

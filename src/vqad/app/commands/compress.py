@@ -23,8 +23,8 @@ def register(sub) -> None:
     p.add_argument("--to", required=True, choices=list(POSTHOC_KINDS), help="the post-hoc storage")
     p.add_argument("--bits", type=int, default=None, help="kmeans: b, 2^b centroids per level (1..12, default 4)")
     p.add_argument("--rank", type=int, default=None, help="lowrank: r, dimensions kept (1..k-1, required)")
-    p.add_argument("--seed", type=int, default=0, help="kmeans: k-means++ seed")
-    p.add_argument("--iters", type=int, default=KMEANS_ITERS, help="kmeans: Lloyd iterations at most")
+    p.add_argument("--seed", type=int, default=None, help="kmeans: k-means++ seed (default: 0)")
+    p.add_argument("--iters", type=int, default=None, help=f"kmeans: Lloyd iterations at most (default: {KMEANS_ITERS})")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     add_device_arg(p)
     p.set_defaults(func=cmd_compress)
@@ -40,8 +40,13 @@ def cmd_compress(args) -> int:
 
     if args.to == "kmeans" and args.rank is not None:
         raise InputError("--rank applies to --to lowrank; k-means takes --bits")
-    if args.to == "lowrank" and (args.bits is not None or args.rank is None):
-        raise InputError("--to lowrank takes --rank R (fewer dimensions than the model's k features), not --bits")
+    if args.to == "lowrank":
+        given = [flag for flag, v in (("--bits", args.bits), ("--seed", args.seed), ("--iters", args.iters)) if v is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --to kmeans; --to lowrank takes "
+                             f"--rank R only")
+        if args.rank is None:
+            raise InputError("--to lowrank needs --rank R (fewer dimensions than the model's k features)")
     out = Path(args.out)
     if out.resolve() == Path(args.model).resolve():
         raise InputError(f"--out {out} is the input model: write to another directory")
@@ -50,7 +55,7 @@ def cmd_compress(args) -> int:
     field = load(args.model, device=resolve_device(args.device))
     t0 = time.perf_counter()
     if args.to == "kmeans":
-        params = {"bits": 4 if args.bits is None else args.bits, "seed": args.seed, "iters": args.iters}
+        params = {k: v for k, v in (("bits", args.bits), ("seed", args.seed), ("iters", args.iters)) if v is not None}
     else:
         params = {"rank": args.rank}
     new = posthoc(field, args.to, **params)

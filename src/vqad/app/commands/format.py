@@ -69,7 +69,9 @@ def cmd_info(args) -> int:
 
     path = Path(args.model)
     if path.is_dir():
-        raise InputError(f"{path} is a checkpoint directory: vqad info reads .vqad files (vqad export writes one)")
+        ckpt = (path / "config.json").is_file() or (path / "checkpoint" / "config.json").is_file()
+        raise InputError(f"{path} is {'a checkpoint' if ckpt else 'a'} directory: vqad info reads .vqad files"
+                         + (" (vqad export writes one from a checkpoint)" if ckpt else ""))
     info = read_info(path)
     for line in info_lines(info):
         print(line)

@@ -126,7 +126,7 @@ def register(sub) -> None:
     p.add_argument("--eval-views", default=None, help="held-out split to evaluate (test, val, ...; default: test)")
     p.add_argument("--eval-max-views", type=int, default=None, help="evaluate only the first N held-out views")
     p.add_argument("--no-eval", action="store_true", help="skip the per-LOD evaluation and renders")
-    p.set_defaults(func=cmd_fit_nerf)
+    p.set_defaults(func=cmd_fit_nerf, oom_hint="lower --levels' finest level, --dilate, --batch-rays or the images' size (--downscale)")
 
     p = sub.add_parser("eval", help="PSNR / SSIM per LOD of a radiance field on held-out views")
     p.add_argument("model", help="checkpoint directory or .vqad file")
@@ -137,7 +137,7 @@ def register(sub) -> None:
     p.add_argument("--bytes", type=int, default=None, help=".vqad only: use just the first N bytes")
     p.add_argument("-o", "--out", default=None, help="also write renders and metrics.json here")
     add_device_arg(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, oom_hint="lower --max-views or the images' size (the fit's --downscale)")
 
     from vqad.nerf.scene_capture import SceneCaptureConfig
 

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_resolution,
+from vqad.app.commands.common import (add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
                                       config_flag, config_from, ensure_fit_dir,
                                       ensure_writable_file, given, grid_config, parse_lod, refuse, train_overrides,
                                       report_notes, report_skipped_steps, resumed_configs)
@@ -75,7 +75,7 @@ def register(sub) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip per-LOD metrics, mesh and render")
     p.add_argument("--mc-resolution", type=int, default=None,
                    help=f"marching-cubes grid for meshes and metrics (default: {MC_RESOLUTION})")
-    p.set_defaults(func=cmd_fit_sdf)
+    p.set_defaults(func=cmd_fit_sdf, oom_hint="lower --levels' finest level or --batch")
 
     p = sub.add_parser("mesh", help="marching-cubes mesh of an SDF model at a LOD")
     p.add_argument("model", help="checkpoint directory or .vqad file")
@@ -85,7 +85,7 @@ def register(sub) -> None:
                    help=f"marching-cubes grid points per axis (8..2048; SDF only; default: {MC_RESOLUTION})")
     p.add_argument("-o", "--out", default=None, help="output mesh (.ply/.obj/.stl/.off/.glb; default mesh_lodL.ply)")
     add_device_arg(p)
-    p.set_defaults(func=cmd_mesh)
+    p.set_defaults(func=cmd_mesh, oom_hint="lower --resolution or --lod")
 
     p = sub.add_parser("render", help="render a model at a LOD (SDF: sphere tracing; NeRF: dataset views)")
     p.add_argument("model", help="checkpoint directory or .vqad file")
@@ -99,7 +99,7 @@ def register(sub) -> None:
     p.add_argument("--views", default=None, help="NeRF: dataset split to render (default: test)")
     p.add_argument("--dataset", default=None, help="NeRF: dataset path (default: the one stored with the model)")
     add_device_arg(p)
-    p.set_defaults(func=cmd_render)
+    p.set_defaults(func=cmd_render, oom_hint="lower --size (SDF) or --lod")
 
     p = sub.add_parser("demo", help="the built-in demo: fit, compress and render built-in scenes")
     p.add_argument("--out", default="out/demo")
@@ -234,7 +234,7 @@ def cmd_render(args) -> int:
     size = RENDER_SIZE if args.size is None else args.size
     check_finite(args.azimuth, "--azimuth")
     check_finite(args.elevation, "--elevation")
-    refuse(size <= 0, f"--size must be positive, got {size}")
+    check_image_side(size, "--size")
     cam = OrbitCamera(azimuth_deg=RENDER_AZIMUTH if args.azimuth is None else args.azimuth,
                       elevation_deg=RENDER_ELEVATION if args.elevation is None else args.elevation, width=size, height=size)
     save_image(render_sdf(field, lod, cam), out)

@@ -71,7 +71,7 @@ def register(sub) -> None:
     config_flag(p, D, "layers", help="decoder hidden layers")
     add_run_args(p, T, "fused.tsdf, fusion_mesh.ply, checkpoint, model.vqad, metrics, meshes, renders")
     p.add_argument("--no-eval", action="store_true", help="skip per-LOD meshes, renders and metrics")
-    p.set_defaults(func=cmd_fit_tsdf)
+    p.set_defaults(func=cmd_fit_tsdf, oom_hint="use a coarser --voxel, fewer --levels or a smaller --batch")
 
 
 def fit_tsdf_configs(args, saved: dict | None = None):
@@ -119,7 +119,8 @@ def fuse_source(args, device):
     t0 = time.perf_counter()
     fused = fuse(seq, voxel=args.voxel, trunc=args.trunc, device=device, frames=list(frames),
                  max_depth=args.max_depth, progress=not args.quiet)
-    return fused, f"{seq.name}: {len(frames)} of {len(seq)} frames {seq.width}x{seq.height}", time.perf_counter() - t0
+    what = f"{seq.name}: {len(frames)} of {len(seq)} frames {seq.width}x{seq.height}" + (f" ({seq.note})" if seq.note else "")
+    return fused, what, time.perf_counter() - t0
 
 
 def cmd_fit_tsdf(args) -> int:

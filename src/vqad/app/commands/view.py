@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vqad.app.commands.common import add_device_arg
+from vqad.app.commands.common import add_device_arg, check_image_side
 from vqad.errors import InputError
 
 
@@ -25,6 +25,7 @@ def cmd_view(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be 0..65535, got {args.port}")
+    check_image_side(args.size, "--size")
     bandwidth = parse_rate(args.bandwidth) if args.bandwidth is not None else None
     handle = open_viewer(args.source, host=args.host, port=args.port, bandwidth=bandwidth, device=args.device,
                          lod=args.lod, still_size=STILL_SIZE if args.size is None else args.size)

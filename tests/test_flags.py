@@ -254,8 +254,8 @@ def tiny_checkpoint(tmp_path_factory):
     ("mesh", ["--resolution", "-5"], "--resolution must be an integer in 8..2048"),
     ("mesh", ["-o", "{tmp}/x.banana"], "unsupported file type '.banana'"),
     ("mesh", ["-o", "/proc/x.ply"], "/proc"),  # root may pass access() there: creating a file is tried
-    ("render", ["--size", "0"], "--size must be positive"),
-    ("render", ["--size", "-3"], "--size must be positive"),
+    ("render", ["--size", "0"], "--size must be 1..8192 pixels"),
+    ("render", ["--size", "-3"], "--size must be 1..8192 pixels"),
     ("render", ["--azimuth", "nan"], "--azimuth must be a finite number"),
     ("render", ["--elevation", "inf"], "--elevation must be a finite number"),
     ("render", ["-o", "{tmp}/x.banana"], "unsupported file type '.banana'"),

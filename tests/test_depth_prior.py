@@ -212,6 +212,15 @@ def test_fit_nerf_depth_loss_is_on_by_default_in_a_room_with_sparse_points(tmp_p
     assert cli_main(["fit-nerf", str(obj4), "--out", str(tmp_path / "o4"), "--octree", "points"] + fine) == 0
     assert "depth loss: off (auto: no sparse point outside the central box" in capsys.readouterr().out
     assert json.loads((tmp_path / "o4" / "metrics.json").read_text())["train"]["depth_weight"] == 0.0
+    # a resumed 'auto' fit keeps the λ its checkpoint recorded, targets or not (as one from before the
+    # turn-off would have): it is no explicit --depth-weight to refuse
+    ck = tmp_path / "o4" / "checkpoint" / "config.json"
+    cfg = json.loads(ck.read_text())
+    cfg["train"]["depth_weight"] = 0.01
+    ck.write_text(json.dumps(cfg))
+    steps = fine.index("--steps") + 1
+    assert cli_main(["fit-nerf", str(obj4), "--out", str(tmp_path / "o4"), "--resume"]
+                    + fine[:steps] + ["25"] + fine[steps + 1:]) == 0
     capsys.readouterr()
     assert cli_main(["fit-nerf", str(obj4), "--out", str(tmp_path / "o4b"), "--octree", "points",
                      "--depth-weight", "0.01"] + fine) == 2

@@ -466,11 +466,9 @@ def _check_out_dir(out_dir: Path, name: str) -> None:
     a batch writes and replaces ``results.*`` and asset folders there, so a folder of other files is refused."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{name}: the output path {out_dir} exists and is not a directory: give a folder")
-    if out_dir.is_dir() and not ((out_dir / RESULTS).is_file() or (out_dir / ".batch.lock").is_file()):
-        other = sorted(p.name for p in out_dir.iterdir())
-        if other:
-            raise InputError(f"{name}: the output folder {out_dir} already holds other files ({', '.join(other[:3])}"
-                             f"{', ...' if len(other) > 3 else ''}) and no earlier vqad batch: give a new or empty folder")
+    from vqad.app.commands.common import refuse_foreign_dir
+
+    refuse_foreign_dir(out_dir, (RESULTS, ".batch.lock"), f"{name}: the output folder {out_dir}", "batch")
 
 
 @dataclass

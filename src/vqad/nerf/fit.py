@@ -240,17 +240,17 @@ def fit_nerf(
     targets = None
     if train_cfg.depth_weight > 0:
         targets = depth_targets(dataset, train_cfg.depth_from, octree=field.grid.octree)
-        if len(targets) == 0 and depth_auto and not resume:
+        if len(targets) == 0 and not resume:  # a resumed fit keeps the λ its checkpoint recorded
+            if not depth_auto:
+                raise InputError(f"--depth-weight {train_cfg.depth_weight:g}: no training pixel gets a depth target "
+                                 f"from this capture (--depth-from {train_cfg.depth_from}: no usable depth, or no sparse "
+                                 f"point outside the central box in front of a training camera), so the loss cannot "
+                                 f"apply; leave --depth-weight out (auto) or give 0")
             # 'auto' with nothing to pull toward (e.g. an object alone in a contracted box: no point outside it):
             # off, and recorded so, rather than a loss of 0 every step
             train_cfg, targets = replace(train_cfg, depth_weight=0.0), None
             if not quiet:
                 print("depth loss: off (auto: no sparse point outside the central box gives a training pixel a target)")
-        elif len(targets) == 0:
-            raise InputError(f"--depth-weight {train_cfg.depth_weight:g}: no training pixel gets a depth target from "
-                             f"this capture (--depth-from {train_cfg.depth_from}: no usable depth, or no sparse point "
-                             f"outside the central box in front of a training camera), so the loss cannot apply; "
-                             f"leave --depth-weight out (auto) or give 0")
     if targets is not None:
         batcher.set_depth_targets(targets.ids, targets.distances)
         if not quiet:

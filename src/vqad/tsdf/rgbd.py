@@ -292,7 +292,7 @@ def read_open3d_intrinsics(path: Path) -> tuple[np.ndarray, tuple[int, int], flo
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read the intrinsics file {path}: {e}") from e
     except (json.JSONDecodeError, RecursionError) as e:
-        raise InputError(f"{path} is not valid JSON ({e or 'nested too deeply'}); fix or regenerate it") from e
+        raise InputError(f"{path} is not valid JSON ({e}); fix or regenerate it") from e
     try:
         m = np.asarray(meta["intrinsic_matrix"], dtype=np.float64).reshape(3, 3).T  # column-major
         size = (int(meta["width"]), int(meta["height"]))

@@ -30,16 +30,23 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
+def refuse_foreign_dir(path: Path, markers: tuple[str, ...], what: str, kind: str) -> None:
+    """Refuse an existing, non-empty folder that holds none of ``markers`` (the files an earlier vqad
+    ``kind`` leaves there): the job would write, replace and delete among someone else's files. ``what``
+    names the folder in the message."""
+    if path.is_dir() and not any((path / m).exists() for m in markers):
+        other = sorted(p.name for p in path.iterdir())
+        if other:
+            raise InputError(f"{what} already holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) "
+                             f"and no earlier vqad {kind}: give a new or empty folder")
+
+
 def ensure_fit_dir(path: str | Path) -> Path:
     """A fit's ``--out``: new, empty, or an earlier fit's (it holds ``checkpoint/`` or ``metrics.json``,
     which the new fit replaces); a folder of other files (the capture's images, a home directory) is
-    refused, since the fit would write and delete among them. Then :func:`ensure_writable_dir`."""
+    refused (:func:`refuse_foreign_dir`). Then :func:`ensure_writable_dir`."""
     path = Path(path)
-    if path.is_dir() and not ((path / "checkpoint").is_dir() or (path / "metrics.json").is_file()):
-        other = sorted(p.name for p in path.iterdir())
-        if other:
-            raise InputError(f"--out {path} already holds other files ({', '.join(other[:3])}"
-                             f"{', ...' if len(other) > 3 else ''}) and no earlier vqad fit: give a new or empty folder")
+    refuse_foreign_dir(path, ("checkpoint", "metrics.json"), f"--out {path}", "fit")
     return ensure_writable_dir(path)
 
 

@@ -133,7 +133,7 @@ def read_cameras_txt(path: Path) -> dict[int, ColmapCamera]:
         expected = {name: k for name, k in CAMERA_MODELS.values()}.get(model)
         if expected is None or len(params) != expected:
             raise InputError(f"{what}: unknown camera model {model!r} or wrong number of parameters ({len(params)})")
-        _add_camera(out, cam_id, ColmapCamera(model, w, h, params), path)
+        _add_unique(out, cam_id, ColmapCamera(model, w, h, params), path, "camera")
     return out
 
 
@@ -154,7 +154,7 @@ def read_images_txt(path: Path) -> dict[int, ColmapImage]:
             cam, name = int(f[8]), f[9].strip()
         except (ValueError, IndexError) as e:
             raise InputError(f"{what}: expected IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME ({e})") from e
-        _add_image(out, img_id, ColmapImage(q, t, cam, name), path)
+        _add_unique(out, img_id, ColmapImage(q, t, cam, name), path, "image")
         points = lines[i + 1].split() if i + 1 < len(lines) else []
         try:
             [float(v) for v in points]
@@ -168,19 +168,12 @@ def read_images_txt(path: Path) -> dict[int, ColmapImage]:
     return out
 
 
-def _add_camera(out: dict, cam_id: int, camera: ColmapCamera, path: Path) -> None:
-    """``out[cam_id] = camera``, refusing a second camera of the same id (which would silently replace
-    the first for every image that names it)."""
-    if cam_id in out:
-        raise InputError(f"{path.name}: camera id {cam_id} appears twice; re-export the model")
-    out[cam_id] = camera
-
-
-def _add_image(out: dict, img_id: int, image: ColmapImage, path: Path) -> None:
-    """``out[img_id] = image``, refusing a second image of the same id (names: :func:`_unique_names`)."""
-    if img_id in out:
-        raise InputError(f"{path.name}: image id {img_id} appears twice; re-export the model")
-    out[img_id] = image
+def _add_unique(out: dict, key: int, value, path: Path, noun: str) -> None:
+    """``out[key] = value``, refusing a second ``noun`` (camera, image) of the same id: it would silently
+    replace the first (image names: :func:`_unique_names`)."""
+    if key in out:
+        raise InputError(f"{path.name}: {noun} id {key} appears twice; re-export the model")
+    out[key] = value
 
 
 def _unique_names(images: dict[int, ColmapImage], path: Path) -> dict[int, ColmapImage]:
@@ -229,8 +222,8 @@ def read_cameras_bin(path: Path) -> dict[int, ColmapCamera]:
         if model_id not in CAMERA_MODELS:
             raise InputError(f"{path}: camera {cam_id} has unknown model id {model_id}")
         name, k = CAMERA_MODELS[model_id]
-        _add_camera(out, cam_id, ColmapCamera(name, int(w), int(h), _check_number(r.take(f"<{k}d"), f"{path} camera {cam_id}")),
-                    path)
+        _add_unique(out, cam_id, ColmapCamera(name, int(w), int(h), _check_number(r.take(f"<{k}d"), f"{path} camera {cam_id}")),
+                    path, "camera")
     return out
 
 
@@ -247,7 +240,7 @@ def read_images_bin(path: Path) -> dict[int, ColmapImage]:
         if r.pos + 24 * n_pts > len(r.data):
             raise InputError(f"{path} is truncated (image {img_id}'s points): re-export the model")
         r.pos += 24 * n_pts
-        _add_image(out, img_id, ColmapImage(pose[:4], pose[4:], cam, name), path)
+        _add_unique(out, img_id, ColmapImage(pose[:4], pose[4:], cam, name), path, "image")
     return out
 
 

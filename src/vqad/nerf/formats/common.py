@@ -15,6 +15,7 @@ import torch
 from vqad.errors import InputError
 from vqad.field import Normalization
 from vqad.nerf.data import SceneDataset, Views
+from vqad.nerf.rays import DISTORTION_TOL_PX, distortion_fit, rays_for_pixels
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".exr")
 
 
@@ -439,7 +440,7 @@ def _dataset(name, fmt, split_frames: dict[str, list[_Frame]], sources: dict[str
     if not (math.isfinite(near) and math.isfinite(far) and 0 <= near < far):
         raise InputError(f"{source}: the scene's depth range is empty or not finite (near {near:g}, far {far:g}): "
                          f"check the poses and the scene's scale (instant-ngp 'scale' / 'offset', COLMAP's units)")
-    for split, views in splits.items():
+    for split, views in {id(v): (s, v) for s, v in reversed(splits.items())}.values():  # a shared split once
         _check_views(views, split, source, norm, outer_scale)
     return SceneDataset(name=name, format=fmt, splits=splits, normalization=norm, near=float(near), far=float(far),
                         background=tuple(float(c) for c in background), source=str(source),
@@ -463,8 +464,6 @@ def _check_views(views: Views, split: str, source: Path, norm: Normalization, ou
     scene (:data:`MAX_CAMERA_DISTANCE`), corners wider than :data:`MAX_RAY_ANGLE` off the axis, every view
     one camera, and lens distortion the rays cannot undo inside the image
     (:func:`vqad.nerf.rays.distortion_fit`)."""
-    from vqad.nerf.rays import DISTORTION_TOL_PX, distortion_fit, rays_for_pixels
-
     names = views.names or [f"view {i}" for i in range(len(views))]
     K, c2w = views.intrinsics, views.c2w  # float32, as the rays use them
     for i in range(len(views)):

@@ -491,6 +491,8 @@ def march_contracted(o: torch.Tensor, d: torch.Tensor, t_in: torch.Tensor, t_out
     n = lib.vqad_march_contracted(_ptr(o), _ptr(d), _ptr(t_in), _ptr(t_out), _ptr(u), R, _ptr(occupancy), level,
                                   float(step), float(outer_scale), max_iter, _ptr(ts), _ptr(te), _ptr(ri),
                                   _threads(64 * R))
+    if n < 0:
+        raise MemoryError(f"march_contracted: no memory for the march's scratch ({max_iter} intervals a ray)")
     return ts[:n].clone(), te[:n].clone(), ri[:n].clone()  # not views: the buffers hold R · max_iter
 
 

@@ -316,6 +316,17 @@ def test_directory_job_mirrors_the_tree(shapes, tmp_path):
     assert main(argv) == 0 and len(records(out)) == 2  # the outputs' meshes are not new assets
 
 
+def test_directory_job_given_as_a_relative_path(shapes, tmp_path, monkeypatch):
+    """README's ``vqad batch meshes/ --out runs/meshes``: a relative folder's assets are found where they are
+    (they used to be looked for under meshes/meshes/)."""
+    (tmp_path / "meshes").mkdir()
+    (tmp_path / "meshes" / "sphere.obj").write_bytes((shapes / "sphere.obj").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    job = B.load_job("meshes/", out="runs/meshes")
+    assert [s.key for s in job.assets] == ["sphere"]
+    assert Path(job.assets[0].source) == (tmp_path / "meshes" / "sphere.obj").resolve()
+
+
 def test_one_run_at_a_time_per_output_folder(shapes, tmp_path, capsys):
     import fcntl
 

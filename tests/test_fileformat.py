@@ -334,7 +334,9 @@ def test_a_shell_with_a_tensor_the_file_does_not_hold_is_not_used(small):
 
 def test_truncation_messages_and_warning(small):
     field, data = small
-    for n in (0, 5, 12, 30):
+    with pytest.raises(TruncatedStreamError, match="empty"):
+        F.load(data[:0])
+    for n in (5, 12, 30):
         with pytest.raises(TruncatedStreamError, match=f"after {n} bytes") as e:
             F.load(data[:n])
         assert "--bytes" in str(e.value)
@@ -347,7 +349,8 @@ def test_lod_argument(small):
     field, data = small
     assert F.load(data, lod=2).lods == [2]
     assert F.load(data, lod=3).lods == [2, 3]
-    assert F.load(data, lod=9).lods == [2, 3]
+    with pytest.raises(InputError, match="finest LOD 3"):  # was the whole file, silently
+        F.load(data, lod=9)
     with pytest.raises(InputError, match="coarsest LOD 2"):
         F.load(data, lod=1)
     stream = io.BytesIO(data)  # stops reading once the LOD is complete

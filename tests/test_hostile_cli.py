@@ -104,8 +104,11 @@ def test_synth_capture_reports_its_views_as_it_goes_and_names_an_interrupted_cap
     half = tmp_path / "half"
     assert main(["synth-capture", "-o", str(half), "--size", "8x8", "--views", "4", "--threads", "1"]) == 130
     assert capsys.readouterr().err.strip() == "vqad: interrupted"
+    assert not half.exists()  # what the interrupted run wrote is gone: the retry is not refused
+    (half / "images").mkdir(parents=True)  # what a killed one (SIGKILL: no clean-up) leaves
+    (half / "images" / "0000.png").write_bytes(b"")
     assert main(["synth-capture", "-o", str(half), "--size", "8x8", "--views", "4", "--threads", "1"]) == 2
-    assert "interrupted capture" in _err(capsys)
+    assert "killed capture" in _err(capsys)
     assert main(["synth-capture", "-o", str(out), "--size", "8x8", "--views", "4", "--threads", "1"]) == 2
     assert "interrupted" not in _err(capsys)  # a finished capture is just not empty
 
@@ -216,3 +219,100 @@ def test_more_hostile_commands_are_one_line_errors(tmp_path, capsys):
                  "--out", str(tmp_path / "pn")]) == 0
     assert main(["eval", str(tmp_path / "pn" / "checkpoint"), "--dataset", str(tmp_path)]) == 2
     assert "fitted to the built-in procedural scene: --dataset" in _err(capsys)
+
+
+def _tiny_sdf_file(tmp_path):
+    import trimesh
+
+    mesh = tmp_path / "ball.obj"
+    trimesh.creation.icosphere(subdivisions=2, radius=0.7).export(mesh)
+    assert main(["fit-sdf", str(mesh), "--levels", "3:4", "--steps", "10", "--refine", "0", "--batch", "2048",
+                 "--no-eval", "--threads", "1", "--out", str(tmp_path / "fit")]) == 0
+    assert main(["export", str(tmp_path / "fit" / "checkpoint"), "-o", str(tmp_path / "m.vqad"), "--threads", "1"]) == 0
+    return tmp_path / "m.vqad"
+
+
+def test_models_refuse_lods_they_lack_and_queries_they_cannot_take(tmp_path, capsys):
+    import numpy as np
+    import pytest
+
+    import vqad
+    from vqad.app.view import _check_local_model, check_host
+    from vqad.errors import InputError
+    from vqad.fileformat import lod_prefix_sizes
+
+    model = _tiny_sdf_file(tmp_path)
+    with pytest.raises(InputError, match="finer than this file's finest"):
+        vqad.load(model, lod=9)  # was silently the whole file
+    with pytest.raises(InputError, match="LODs 3..4"):
+        _check_local_model(str(model), 9)  # vqad view --lod 9
+    junk = tmp_path / "junk.vqad"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(InputError, match="not a readable .vqad file"):
+        _check_local_model(str(junk), None)  # vqad view junk.vqad used to run forever
+    with pytest.raises(InputError, match="cannot use --host"):
+        check_host("999.1.1.1", 0)
+    f = vqad.load(model)
+    ref = f(torch.zeros(5, 3), 4)
+    assert torch.equal(f(np.zeros((5, 3)), 4), ref) and torch.equal(f(torch.zeros(5, 3, dtype=torch.float64), 4), ref)
+    for bad, why in ((torch.zeros(5, 3, dtype=torch.long), "floating-point"), (torch.zeros(5, 2), r"shape \(N, 3\)"),
+                     ("abc", "must be")):
+        with pytest.raises(InputError, match=why):
+            f(bad)
+    with pytest.raises(InputError, match=r"choose one of \[3, 4\]"):
+        f(torch.zeros(5, 3), 9)
+    # a cut file: one warning line (not Python's), and info says where the stream ends; an empty one is empty
+    capsys.readouterr()
+    cut = tmp_path / "cut.vqad"
+    n = lod_prefix_sizes(model)[3] + 10
+    cut.write_bytes(model.read_bytes()[:n])
+    assert main(["render", str(cut), "-o", str(tmp_path / "r.png"), "--size", "32", "--threads", "1"]) == 0
+    err = _err(capsys)
+    assert err.startswith("vqad: warning: ") and "UserWarning" not in err and len(err.splitlines()) == 1
+    assert main(["info", str(cut)]) == 0
+    assert f"the stream's {n:,} bytes end in chunk" in capsys.readouterr().out
+    (tmp_path / "empty.vqad").write_bytes(b"")
+    assert main(["info", str(tmp_path / "empty.vqad")]) == 2
+    assert "is empty" in _err(capsys)
+
+
+def test_generators_clean_up_after_a_failure_and_refuse_bad_seeds_and_empty_paths(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    import vqad.tsdf.synth as synth
+    from vqad.app.cli import build_parser
+    from vqad.errors import InputError
+
+    out = tmp_path / "scan"
+    base = ["synth-rgbd", "procedural", "-o", str(out), "--frames", "2", "--size", "16x12", "--threads", "1"]
+    assert main([*base, "--seed", "-1"]) == 2
+    assert "non-negative" in _err(capsys)
+
+    def broken(seq, where, **kwargs):  # fails half-way, as --depth-scale 1e9 did
+        (where / "depth").mkdir()
+        raise InputError("depth does not fit in 16 bits")
+
+    monkeypatch.setitem(synth.LAYOUTS, "tum", broken)
+    assert main(base) == 2 and not out.exists()  # the retry is not refused for a non-empty folder
+    out.mkdir()
+    assert main(base) == 2 and out.is_dir() and not any(out.iterdir())  # an empty folder given: kept, emptied
+    for argv in (["demo", "--out", ""], ["fit-sdf", "x.obj", "--out", ""], ["serve", ".", "--bandwidth", "-1Mbit"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    err = capsys.readouterr().err
+    assert "an empty path" in err and "goes after '='" in err
+    build_parser().parse_args(["sweep", "cap", "--format", "colmap", "--out", "o"])  # every layout fit-nerf reads
+
+
+def test_an_sdf_octree_too_fine_for_this_machine_is_refused_before_sampling(tmp_path, monkeypatch, capsys):
+    import trimesh
+
+    import vqad.sdf.fit as sdf_fit
+
+    mesh = tmp_path / "ball.obj"
+    trimesh.creation.icosphere(subdivisions=2, radius=0.7).export(mesh)
+    monkeypatch.setattr(sdf_fit, "available_memory", lambda: 100 << 20)  # 100 MB free
+    assert main(["fit-sdf", str(mesh), "--levels", "3:9", "--steps", "1", "--out", str(tmp_path / "f"),
+                 "--threads", "1"]) == 2
+    err = _err(capsys)
+    assert "--levels 3:9" in err and "GB free" in err and "lower the finest level" in err

@@ -324,8 +324,18 @@ def test_viewer_truncated_stream_keeps_best_lod(tmp_path, vqad_bytes):
 
 
 def test_viewer_truncated_before_first_lod(tmp_path, vqad_bytes):
+    from vqad.fileformat import StreamDecoder
+
     p = tmp_path / "cut.vqad"
-    p.write_bytes(vqad_bytes[:200])
+    p.write_bytes(vqad_bytes[:200])  # inside the header: refused before the viewer starts, in the terminal
+    with pytest.raises(InputError, match="is not a readable .vqad file: .*truncated"):
+        open_viewer(str(p), serve=False, device="cpu")
+    p.write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        open_viewer(str(p), serve=False, device="cpu")
+    dec = StreamDecoder()
+    head = next(n for n in range(1, len(vqad_bytes)) if (dec.feed(vqad_bytes[n - 1:n]), dec.cfg)[1] is not None)
+    p.write_bytes(vqad_bytes[:head + 50])  # the header whole, the first LOD not: the viewer starts and says so
     h = open_viewer(str(p), serve=False, device="cpu")
     try:
         assert h.wait_for(lambda h: h.error is not None, timeout=20)
@@ -533,5 +543,21 @@ def test_viewer_streams_a_tsdf_file(tmp_path):
             assert h.error is None and h.lods_shown == res.field.lods
             assert (h.last_still != 255).any(-1).mean() > 0.05
             assert h.export_mesh("ply")[:3] == b"ply"  # cut at unobserved space, in world units
+        finally:
+            h.stop()
+
+
+def test_viewer_refuses_a_lod_the_model_lacks(tmp_path, vqad_bytes):
+    """A local file's LODs are read from its header before the viewer starts; a URL's once its header
+    arrives (the panel and the terminal say so, and nothing more is fetched)."""
+    p = tmp_path / "m.vqad"
+    p.write_bytes(vqad_bytes)
+    with pytest.raises(InputError, match="--lod 99: .* has LODs"):
+        open_viewer(str(p), serve=False, device="cpu", lod=99)
+    with FileServer(vqad_bytes) as srv:
+        h = open_viewer(srv.url, serve=False, device="cpu", lod=99)
+        try:
+            assert h.wait_for(lambda h: h.error is not None, timeout=20)
+            assert "--lod 99: this model has LODs" in h.error and h.lods_available == []
         finally:
             h.stop()

@@ -15,7 +15,8 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
     """Load a field from a checkpoint directory, a ``.vqad`` file, ``bytes`` or a binary stream.
 
     For a .vqad source, ``max_bytes`` uses only the first N bytes and ``lod`` stops decoding at that
-    level of detail; the field returned holds the largest complete LOD available. A checkpoint
+    level of detail (one of the file's LODs: an :class:`InputError` otherwise); the field returned holds
+    the largest complete LOD available. A checkpoint
     directory always holds every LOD: there ``lod`` must be one of them (an :class:`InputError`
     otherwise) and the field is returned whole (evaluate a LOD with ``field(x, lod)``).
     """

@@ -75,6 +75,22 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def available_memory() -> int | None:
+    """Bytes of host memory a new allocation can get without swapping: Linux's ``MemAvailable``, else the
+    physical memory (None where neither is known)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def available_cores() -> int:
     """The CPU cores this process may run on (its affinity mask, so a container's or ``taskset``'s limit)."""
     try:

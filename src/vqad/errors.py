@@ -32,3 +32,8 @@ class CorruptStreamError(StreamError):
 
 class StreamLimitError(StreamError):
     """The stream describes a model larger than the decoder's memory limit (``max_memory``)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt is (so a killed fit saves its checkpoint the same way);
+    the CLI exits with 143 (128 + SIGTERM) for it, 130 for Ctrl-C."""

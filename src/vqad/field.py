@@ -120,6 +120,31 @@ class NeuralField(nn.Module):
     def device(self) -> torch.device:
         return self.grid.octree.device
 
+    def check_query(self, x, lod: int | None, what: str = "x") -> tuple[torch.Tensor, int]:
+        """``(x, lod)`` of a query from outside (``field(x, lod)``): ``x`` unit-cube points ``(N, 3)`` as a
+        float tensor on the field's device (a NumPy array or nested list is converted; float64 is cast to
+        float32), ``lod`` one of :attr:`lods` (None: the finest). Anything else is an :class:`InputError`
+        that says what to pass."""
+        if not isinstance(x, torch.Tensor):
+            try:
+                x = torch.as_tensor(x, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise InputError(f"{what} must be (N, 3) points (a tensor or an array of numbers), got "
+                                 f"{type(x).__name__}: {exc}") from None
+        if x.dim() != 2 or x.shape[1] != 3:
+            raise InputError(f"{what} must have shape (N, 3), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise InputError(f"{what} must be floating-point coordinates in the unit cube, got {x.dtype}")
+        if x.device != self.device:
+            raise InputError(f"{what} is on {x.device}, the field on {self.device}: pass {what}.to(field.device)")
+        if x.dtype != torch.float32:
+            x = x.float()
+        if lod is None:
+            lod = self.grid.octree.max_level
+        elif isinstance(lod, bool) or not isinstance(lod, int) or lod not in self.lods:
+            raise InputError(f"LOD {lod!r} is not in this field: choose one of {self.lods}")
+        return x, lod
+
     def bake(self, fp16: bool = True) -> None:
         """Inference form: indices instead of logits, and (with ``fp16``) fp16-rounded floats."""
         self.grid.bake(fp16=fp16)

@@ -427,13 +427,16 @@ class StreamDecoder:
         return f"in chunk '{name}'" + (f" (starting at byte {self._off:,})" if self._frame or self._buf else "")
 
     def truncation_error(self) -> TruncatedStreamError:
+        if self.bytes_received == 0:
+            return TruncatedStreamError("the .vqad stream is empty (truncated to no bytes at all): pass a file written by vqad export")
         first = "the first level of detail" if self.grid_cfg is None else f"the coarsest level of detail (LOD {self.grid_cfg.base_level})"
         need = ""
         if self._frame is not None:
             need = f"; that chunk ends at byte {self._off + FRAME_BYTES + self._frame[4]:,}"
         return TruncatedStreamError(
             f"the .vqad stream is truncated: it ended after {self.bytes_received:,} bytes {self.where()}, "
-            f"before {first} was complete{need}. Pass more of the file (a larger --bytes) or the whole file"
+            f"before {first} was complete{need}. Pass the whole file (or, for a command that reads a prefix, a "
+            f"larger --bytes)"
         )
 
     # -- bytes in ---------------------------------------------------------------------------------
@@ -921,9 +924,11 @@ def _decode(source, lod: int | None, max_bytes: int | None, block: int = READ_BL
     dec = StreamDecoder(max_memory=max_memory, stop_lod=lod)
     for data in _blocks(source, max_bytes, block):
         new = dec.feed(data)
-        if dec.grid_cfg is not None and lod is not None and lod < dec.grid_cfg.base_level:
+        if dec.grid_cfg is not None and lod is not None and not dec.grid_cfg.base_level <= lod <= dec.grid_cfg.max_level:
+            coarse = lod < dec.grid_cfg.base_level
             raise InputError(
-                f"LOD {lod} is coarser than this file's coarsest LOD {dec.grid_cfg.base_level}: "
+                f"LOD {lod} is {'coarser' if coarse else 'finer'} than this file's {'coarsest' if coarse else 'finest'} "
+                f"LOD {dec.grid_cfg.base_level if coarse else dec.grid_cfg.max_level}: "
                 f"choose one of {dec.grid_cfg.base_level}..{dec.grid_cfg.max_level}"
             )
         if lod is not None:
@@ -1027,6 +1032,8 @@ class FileInfo:
     decoder_bytes: int  # DECO payload (directory + fp16 data)
     decoder_params: int
     complete: bool
+    received_bytes: int | None = None  # the stream's length: more than total_bytes when it is cut inside a chunk
+    cut: str = ""  # where an incomplete stream ends (StreamDecoder.where)
 
     @property
     def framing_bytes(self) -> int:
@@ -1090,7 +1097,7 @@ def read_info(source, max_memory: int | None = None) -> FileInfo:
     return FileInfo(
         total_bytes=end, config=dec.cfg, chunks=chunks, levels=levels, header_bytes=head.length,
         decoder_bytes=deco.length, decoder_params=sum(int(np.prod(s)) for s in dec._decoder_shapes.values()),
-        complete=dec.finished,
+        complete=dec.finished, received_bytes=dec.bytes_received, cut="" if dec.finished else dec.where(),
     )
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vqad.errors import InputError, TrainingDivergedError
+from vqad.errors import InputError, Terminated, TrainingDivergedError
 from vqad.optim import make_optimizers
 
 #: the cosine schedule's final share of each initial learning rate: continuous grids (dense, hash, low-rank)
@@ -465,7 +465,7 @@ def interrupt_guard():
     """Turn SIGTERM into KeyboardInterrupt too, so a killed fit saves its checkpoint."""
 
     def _raise(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     try:
         old = signal.signal(signal.SIGTERM, _raise)

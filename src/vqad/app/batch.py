@@ -448,7 +448,7 @@ def load_job(source: str | Path, out: str | Path | None = None, overrides: dict 
                         {app: _table(defaults.pop(app, {}), f"{name}: [defaults.{app}]") for app in FIT_COMMANDS},
                         {str(k).replace("-", "_"): v for k, v in (overrides or {}).items()})
     if source.is_dir():
-        entries = [str(p) for p in discover(source, exclude=out_dir)]
+        entries = [str(p.resolve()) for p in discover(source, exclude=out_dir)]  # absolute: base is the folder itself
         if not entries:
             raise InputError(f"no assets in {source}: expected mesh files (.obj, .ply, ...) or capture folders")
     else:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from vqad.device import keep_freed_memory, set_threads
-from vqad.errors import VqadError
+from vqad.errors import Terminated, VqadError
 
 # modules that add subcommands; each defines register(subparsers)
 COMMAND_MODULES = [
@@ -32,6 +33,8 @@ COMMAND_MODULES = [
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own usage errors: one line, exit 2
         self.print_usage(sys.stderr)
+        if message.endswith("expected one argument"):  # "--bandwidth -1Mbit": argparse took the value for a flag
+            message += " (a value that starts with '-' goes after '=', e.g. --flag=-1)"
         print(f"vqad: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -50,9 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line for the command's user (not Python's source path and code line)."""
+    print(f"vqad: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():  # restored on return: a caller's (or a test's) own handling is untouched
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         keep_freed_memory()  # no page faults for every re-allocated tensor ($VQAD_MALLOC=default: leave malloc alone)
         set_threads(args.threads)
@@ -60,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except VqadError as exc:
         print(f"vqad: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated):
+            print("vqad: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         print("vqad: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as exc:

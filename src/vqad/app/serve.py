@@ -67,6 +67,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vqad.app.rates import format_rate, parse_rate  # parse_rate: re-exported for --bandwidth users
+from vqad.app.sockets import bind_socket, is_loopback  # re-exported: the servers' sockets
 from vqad.errors import InputError, VqadError
 
 log = logging.getLogger("vqad.serve")
@@ -670,42 +671,6 @@ def create_app(root: Path, bandwidth: float | None = None, viewer_factory: Viewe
 # ================================================================================================
 # running it
 # ================================================================================================
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine (so nobody else can connect)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        import ipaddress
-
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (``port`` 0: a free one), or an InputError that says what to do."""
-    if not 0 <= port <= 65535:
-        raise InputError(f"--port must be in 0..65535 (0 picks a free port), got {port}")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise InputError(f"cannot use --host {host!r}: {exc.strerror}; give an address such as 127.0.0.1 or 0.0.0.0") from None
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        hint = ("choose another with --port, or --port 0 for a free one" if exc.errno == errno.EADDRINUSE else
-                "ports below 1024 need privileges: choose another with --port" if exc.errno == errno.EACCES else
-                "check --host names an address of this machine")
-        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}; {hint}") from None
-    sock.setblocking(False)
-    return sock
-
-
 def _url(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     if host in ("0.0.0.0", "::"):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -275,6 +276,7 @@ class ViewerHandle:
     def _fail(self, message: str) -> None:
         best = f" Showing LOD {self.lods_available[-1]}, the finest complete one." if self.lods_available else ""
         self.error = message.rstrip() + ("" if message.rstrip().endswith(".") else ".") + best
+        print(f"vqad view: {self.error}", file=sys.stderr, flush=True)  # the terminal, not only the panel
         self._event("error", detail=self.error)
         self._refresh_panel()
 
@@ -322,12 +324,18 @@ class ViewerHandle:
                     dec.feed(item)
                 finally:  # a block that completes LODs and then hits damage: those LODs are still good
                     self.bytes_received = dec.bytes_received
-                    if dec.cfg is not None and self.kind is None:
+                    bad_lod = (dec.cfg is not None and self.kind is None and self.stop_lod is not None
+                               and not dec.base_level <= self.stop_lod <= dec.max_level)
+                    if dec.cfg is not None and self.kind is None and not bad_lod:
                         self.kind = dec.cfg.get("kind", "sdf")
                         self.mode = self.mode or modes_for(self.kind)[0]
                         self._build_gui_for_kind()
-                    for lv in sorted(set(dec.prefix_sizes) - set(self._fields)):
+                    for lv in [] if bad_lod else sorted(set(dec.prefix_sizes) - set(self._fields)):
                         self._lod_arrived(dec, lv)
+                if bad_lod:  # a URL's --lod, known only once its header arrives
+                    src.close()
+                    self._fail(f"--lod {self.stop_lod}: this model has LODs {dec.base_level}..{dec.max_level}")
+                    return
                 self._refresh_panel()
                 if self.stop_lod is not None and dec.prefix_sizes and max(dec.prefix_sizes) >= self.stop_lod:
                     src.close()
@@ -662,6 +670,46 @@ def _read_metrics(source: str) -> dict | None:
     return None
 
 
+def _check_lod(lod: int | None, base: int, top: int, what: str) -> None:
+    if lod is not None and not base <= lod <= top:
+        raise InputError(f"--lod {lod}: {what} has LODs {base}..{top}")
+
+
+def _check_local_model(source: str, lod: int | None) -> None:
+    """A local source checked before the viewer starts, so that the terminal says what is wrong: a
+    checkpoint's config, or a ``.vqad`` file read up to its header (its LODs), and ``lod`` among them."""
+    from vqad.checkpoint import read_config
+    from vqad.fileformat import StreamDecoder
+
+    path = Path(source)
+    if path.is_dir():
+        grid = read_config(source).get("grid") or {}  # not a checkpoint: an InputError now
+        if isinstance(grid.get("base_level"), int) and isinstance(grid.get("max_level"), int):
+            _check_lod(lod, grid["base_level"], grid["max_level"], f"the checkpoint {source}")
+        return
+    dec = StreamDecoder()
+    try:
+        with open(path, "rb") as f:
+            while dec.cfg is None:
+                block = f.read(1 << 16)
+                if not block:
+                    raise dec.truncation_error()
+                dec.feed(block)
+    except StreamError as exc:
+        raise InputError(f"{source} is not a readable .vqad file: {exc}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {source}: {exc.strerror or exc}") from None
+    _check_lod(lod, dec.base_level, dec.max_level, source)
+
+
+def check_host(host: str, port: int) -> None:
+    """Refuse an address the viewer cannot serve on, at once (viser binds in a thread of its own, so a bad
+    ``--host`` used to leave the command waiting with nothing said)."""
+    from vqad.app.sockets import bind_socket
+
+    bind_socket(host, port).close()
+
+
 def open_viewer(source: str, host: str = "127.0.0.1", port: int = 0, bandwidth: float | None = None, device=None,
                 lod: int | None = None, serve: bool = True, still_size: int = STILL_SIZE) -> ViewerHandle:
     """Open the viewer of ``source`` and return at once; the handle's ``url`` is where to point a browser.
@@ -684,18 +732,19 @@ def open_viewer(source: str, host: str = "127.0.0.1", port: int = 0, bandwidth: 
     dev = resolve_device(device or "auto")
     if still_size < 16:
         raise InputError(f"the still frame size must be at least 16 pixels, got {still_size}")
+    if not is_url(source):
+        if not Path(source).exists():
+            raise InputError(f"no such model: {source} (pass a .vqad file, a checkpoint directory or an http(s):// URL)")
+        _check_local_model(source, lod)
+    if serve:
+        check_host(host, port)
     handle = ViewerHandle(source, dev, lod, bandwidth, still_size=still_size)
     if not is_url(source) and Path(source).is_dir():
-        from vqad.checkpoint import read_config
-
-        read_config(source)  # not a checkpoint: an InputError now, not a message in the panel
         if bandwidth is not None:
             raise InputError("--bandwidth simulates streaming a .vqad file; a checkpoint directory is loaded whole "
                              "(export it first: vqad export)")
         loader = threading.Thread(target=handle._load_checkpoint, name="vqad-view-load", daemon=True)
     else:
-        if not is_url(source) and not Path(source).exists():
-            raise InputError(f"no such model: {source} (pass a .vqad file, a checkpoint directory or an http(s):// URL)")
         src = open_source(source, bandwidth)
         handle._source_obj = src
         handle.total_bytes = src.total

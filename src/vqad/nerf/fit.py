@@ -58,6 +58,7 @@ class NeRFFitResult:
     train_cfg: NeRFTrainConfig | None = None  # the configuration that ran (on resume, the checkpoint's)
     notes: list[str] = dfield(default_factory=list)  # what the time cap cut (vqad.fit.LoopResult.notes)
     recode: RecodeStats | None = None  # the unreachable indices recoded after training (vqad.nerf.recode)
+    steps_done: int = 0  # steps run by this call (``steps`` counts from 0, across --resume)
 
 
 AUTO_SAMPLES_PER_RAY = 20.0  # the marching budget that --step-ratio auto aims at (docs/benchmarks/nerf.md, fern)
@@ -281,4 +282,5 @@ def fit_nerf(
         train_cfg=train_cfg,
         notes=res.notes,
         recode=task.recode_stats,
+        steps_done=res.steps_done,
     )

@@ -493,7 +493,10 @@ def octree_from_density(dataset: SceneDataset, base_level: int, max_level: int, 
     cfg = cfg or DensityPassConfig()
     cfg.validate()
     level = min(cfg.level, max_level)
-    empty = "the octree is empty: the coarse density pass found no surface (too few --steps?)"
+    empty = (f"the octree is empty: the density pass found no surface in its {cfg.steps} steps"
+             + (f" / {cfg.max_minutes:g} minutes" if cfg.max_minutes is not None else "")
+             + f": give it more (--density-steps, --density-minutes; default {DensityPassConfig.steps} steps), or an octree from the "
+               "capture's depth, masks or points (--octree)")
     t0 = time.perf_counter()
     steps, coarse, ran_total = cfg.steps, None, 0
     if cfg.coarse_level < level:

@@ -35,7 +35,8 @@ class SDFField(NeuralField):
         return self.decoder(h, lod).squeeze(-1)
 
     def forward(self, x: torch.Tensor, lod: int | None = None) -> torch.Tensor:
-        lod = self.grid.octree.max_level if lod is None else lod
+        """Signed distances ``(N,)`` at unit-cube points ``x (N, 3)``, at ``lod`` (default: the finest)."""
+        x, lod = self.check_query(x, lod)
         return self._decode(x, self.grid.features(x, lod), lod)
 
     def all_lods(self, x: torch.Tensor, lods: list[int] | None = None) -> torch.Tensor:

@@ -6,7 +6,9 @@ import argparse
 import shlex
 import sys
 
-from vqad.app.commands.common import add_device_arg
+
+from vqad.app.commands.common import path_arg, add_device_arg
+from vqad.errors import Terminated
 
 EPILOG = """\
 examples:
@@ -50,7 +52,7 @@ def register(sub) -> None:
                     "results are recorded as each asset finishes, so an interrupted job resumes where it stopped.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("job", help="a .toml / .json job file, or a directory whose mesh files and capture folders are the assets")
-    p.add_argument("--out", default=None, help="output folder (default: the job file's out)")
+    p.add_argument("--out", type=path_arg, default=None, help="output folder (default: the job file's out)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--local", action="store_true",
                    help="fit the assets one after another in this process, with --threads threads (default: every core)")
@@ -111,9 +113,10 @@ def cmd_batch(args) -> int:
         return 0
     try:
         res = batch.execute()
-    except KeyboardInterrupt:
-        print(f"\nvqad batch: interrupted. Finished assets are recorded in {job.out / 'results.jsonl'} and interrupted "
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"\nvqad batch: {how}. Finished assets are recorded in {job.out / 'results.jsonl'} and interrupted "
               f"fits keep their checkpoints; to resume, run: {resume_command(args, job.out)}", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     print(summary_line(res, job.out))
     return res.exit_code

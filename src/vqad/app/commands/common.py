@@ -5,9 +5,19 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from vqad.errors import InputError
+
+
+def path_arg(text: str) -> str:
+    """argparse ``type`` of a path flag: an empty one (``--out ''``) would mean the current folder."""
+    if not text.strip():
+        import argparse
+
+        raise argparse.ArgumentTypeError("an empty path: give a file or folder name")
+    return text
 
 
 def ensure_writable_dir(path: str | Path) -> Path:
@@ -39,6 +49,32 @@ def refuse_foreign_dir(path: Path, markers: tuple[str, ...], what: str, kind: st
         if other:
             raise InputError(f"{what} already holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) "
                              f"and no earlier vqad {kind}: give a new or empty folder")
+
+
+@contextmanager
+def fresh_output_dir(path: str | Path, what: str, hint: str = ""):
+    """A generator's ``--out``: a new or empty folder, created writable; if the job fails or is interrupted,
+    what it wrote is removed (the folder too when the job created it), so the retry is not refused."""
+    import shutil
+
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise InputError(f"--out {path} exists and is not an empty folder: write the {what} to a new folder{hint}")
+    existed = path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create --out {path}: {exc.strerror or exc}") from None
+    try:
+        ensure_writable_dir(path)
+        yield path
+    except BaseException:
+        if existed:
+            for child in path.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def ensure_fit_dir(path: str | Path) -> Path:
@@ -110,7 +146,7 @@ def parse_lod(field, lod: int | None) -> int:
 def add_run_args(p, train_cls, outputs: str) -> None:
     """What every fit command has: ``--seed``, ``--out``, ``--resume``, ``--quiet`` and ``--device``."""
     config_flag(p, train_cls, "seed", help="random seed")
-    p.add_argument("--out", required=True, help=f"output directory ({outputs})")
+    p.add_argument("--out", required=True, type=path_arg, help=f"output directory ({outputs})")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint with its settings (flags that contradict them are refused; "
                         "--steps and --minutes may change)")
@@ -231,6 +267,41 @@ def grid_config(args, base_cfg):
                f"{', '.join(k for k in STORAGES if name in options_of(k))} grids)")
     grid.validate()
     return grid
+
+
+def check_resumed_steps(saved: dict, steps: int) -> None:
+    """Refuse a ``--resume`` whose ``--steps`` is below the steps the checkpoint has trained: the fit would
+    record fewer steps than it ran, and its learning-rate schedule would be past its end."""
+    done = int(saved.get("step", 0))
+    refuse(steps < done, f"--steps {steps}: this fit has trained {done} steps already; --resume trains on up to a "
+                         f"larger --steps (leave it out to finish the {saved.get('train', {}).get('steps', done)} steps it "
+                         f"was started with)")
+
+
+def check_resumed_source(recorded: str | None, given: str | Path, what: str, hint: str) -> str | None:
+    """Refuse a ``--resume`` on other data than the checkpoint was trained on (``recorded``, a path):
+    the fit would continue on it and record the old one. The same file or folder, or a file of the same
+    bytes, passes. Returns a note when the recorded path is gone (the data moved: nothing to compare)."""
+    import filecmp
+
+    if not recorded:
+        return None
+    old, new = Path(recorded), Path(given)
+    try:
+        if not old.exists():
+            return f"note: this fit was trained on {what} {recorded}, which is not there any more; continuing on {given}"
+        if os.path.samefile(old, new) or (old.is_file() and new.is_file() and filecmp.cmp(old, new, shallow=False)):
+            return None
+    except OSError:
+        return None  # unreadable: the load of the given data reports it
+    raise InputError(f"--resume: this fit was trained on {what} {recorded}, not {given}; {hint}")
+
+
+def already_complete(res) -> str | None:
+    """The line a resumed fit prints instead of its throughput when it had no step left to run."""
+    if res.steps_done == 0 and res.steps > 0:
+        return f"fit: already complete at {res.steps} steps (nothing trained; give a larger --steps to train further)"
+    return None
 
 
 def resumed_configs(out, kind: str) -> dict:

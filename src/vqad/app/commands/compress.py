@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import add_device_arg
+from vqad.app.commands.common import path_arg, add_device_arg
 
 
 def register(sub) -> None:
@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, default=None, help="lowrank: r, dimensions kept (1..k-1, required)")
     p.add_argument("--seed", type=int, default=None, help="kmeans: k-means++ seed (default: 0)")
     p.add_argument("--iters", type=int, default=None, help=f"kmeans: Lloyd iterations at most (default: {KMEANS_ITERS})")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--out", type=path_arg, required=True, help="output checkpoint directory")
     add_device_arg(p)
     p.set_defaults(func=cmd_compress)
 

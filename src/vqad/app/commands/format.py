@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import ensure_writable_file
+from vqad.app.commands.common import path_arg, ensure_writable_file
 
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a progressive .vqad file")
     p.add_argument("model", help="checkpoint directory (or a .vqad file to re-encode)")
-    p.add_argument("-o", "--out", required=True, help="output .vqad file")
+    p.add_argument("-o", "--out", type=path_arg, required=True, help="output .vqad file")
     p.add_argument("--entropy", action="store_true",
                    help="range-code indices and octree masks where that is smaller (lossless)")
     p.add_argument("--recode", action="store_true",
@@ -88,7 +88,8 @@ def info_lines(info) -> list[str]:
         f"{cfg['kind']} field, storage {g['storage']}, k={g['features']}"
         + "".join(f", {_SYMBOLS.get(name, name)}={v}" for name, v in (cfg["storage_params"] or [{}])[0].items())
         + f", levels {g['base_level']}..{g['max_level']}, {info.total_bytes:,} bytes"
-        + ("" if info.complete else f" (INCOMPLETE: only LODs up to {info.levels[-1].level})"),
+        + ("" if info.complete else f" (INCOMPLETE: only LODs up to {info.levels[-1].level}"
+           + (f"; the stream's {info.received_bytes:,} bytes end {info.cut}" if info.received_bytes else "") + ")"),
     ]
     if cfg["kind"] == "tsdf":  # validated when the header was read
         t = cfg["tsdf"]
@@ -137,7 +138,7 @@ def info_lines(info) -> list[str]:
     other = info.total_bytes - cg - dec
     lines += [
         "",
-        f"file {info.total_bytes:,} B = grid {int(cg):,} + decoder weights {dec:,} (fp16) + overhead {int(other):,} "
+        f"{'file' if info.complete else 'complete chunks'} {info.total_bytes:,} B = grid {int(cg):,} + decoder weights {dec:,} (fp16) + overhead {int(other):,} "
         f"({100 * other / info.total_bytes:.1f}%):",
         f"  octree structure {tree:,}, header JSON {info.header_bytes:,}, decoder directory {info.decoder_bytes - dec:,}, "
         f"framing {info.framing_bytes:,} (12-byte preamble + 12 bytes per chunk × {len(info.chunks)})",

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_fit_dir, ensure_writable_dir, given,
-                                      grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
+from vqad.app.commands.common import (already_complete, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_fit_dir, ensure_writable_dir, given,
+                                      check_resumed_source, check_resumed_steps, fresh_output_dir, grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
                                       train_overrides)
 from vqad.atomicio import write_atomic
 from vqad.fit import Deadline
@@ -131,11 +131,12 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="PSNR / SSIM per LOD of a radiance field on held-out views")
     p.add_argument("model", help="checkpoint directory or .vqad file")
     p.add_argument("--views", default="test", help="dataset split to evaluate")
-    p.add_argument("--lod", type=int, default=None, help="one LOD (default: every LOD)")
+    p.add_argument("--lod", type=int, default=None,
+                   help="one LOD of the whole model (default: every LOD); with --bytes, of that prefix")
     p.add_argument("--max-views", type=int, default=None, help="only the first N views")
     p.add_argument("--dataset", default=None, help="dataset path (default: the one stored with the model)")
     p.add_argument("--bytes", type=int, default=None, help=".vqad only: use just the first N bytes")
-    p.add_argument("-o", "--out", default=None, help="also write renders and metrics.json here")
+    p.add_argument("-o", "--out", type=path_arg, default=None, help="also write renders and metrics.json here")
     add_device_arg(p)
     p.set_defaults(func=cmd_eval, oom_hint="lower --max-views or the images' size (the fit's --downscale)")
 
@@ -149,7 +150,7 @@ def register(sub) -> None:
                                    "cameras and the object alone (RGBA, alpha = its mask), the comparison target. "
                                    "It also writes sparse_pc.ply (ply_file_path): simulated structure-from-motion "
                                    "points, for --octree points. 50 views at 135x240 take a few seconds.")
-    p.add_argument("-o", "--out", required=True, help="new (or empty) output folder")
+    p.add_argument("-o", "--out", type=path_arg, required=True, help="new (or empty) output folder")
     p.add_argument("--aabb-scale", type=int, default=S.aabb_scale,
                    help=f"instant-ngp's aabb_scale written to transforms.json (default: {S.aabb_scale})")
     p.add_argument("--size", default=f"{S.width}x{S.height}", metavar="WxH",
@@ -173,17 +174,16 @@ def cmd_synth_capture(args) -> int:
                              supersample=args.supersample)
     cfg.validate()
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        interrupted = out.is_dir() and (out / "images").is_dir() and not (out / "transforms.json").exists()
-        raise InputError(f"--out {out} exists and is not an empty folder: write the capture to a new folder"
-                         + (" (it looks like an interrupted capture, images without transforms.json: delete it "
-                            "and run again)" if interrupted else ""))
-    rays = cfg.views * width * height * cfg.supersample ** 2
-    if rays > 50_000_000:  # ~1.4M rays/s on one core of a laptop: say what is coming
-        minutes = max(1, round(rays / 1.4e6 / 60))
-        print(f"rendering {rays:,} rays ({cfg.views} views × {width}x{height} px × {cfg.supersample}² rays a pixel): "
-              f"about {minutes} minute{'s' if minutes > 1 else ''} on one core", flush=True)
-    path = write_capture(out, cfg, background=not args.no_background, on_view=_view_progress(PROGRESS_SECONDS))
+    interrupted = out.is_dir() and (out / "images").is_dir() and not (out / "transforms.json").exists()
+    hint = (" (it looks like a killed capture, images without transforms.json: delete it and run again)"
+            if interrupted else "")
+    with fresh_output_dir(out, "capture", hint):  # a failed or interrupted run leaves nothing behind
+        rays = cfg.views * width * height * cfg.supersample ** 2
+        if rays > 50_000_000:  # ~1.4M rays/s on one core of a laptop: say what is coming
+            minutes = max(1, round(rays / 1.4e6 / 60))
+            print(f"rendering {rays:,} rays ({cfg.views} views × {width}x{height} px × {cfg.supersample}² rays a pixel): "
+                  f"about {minutes} minute{'s' if minutes > 1 else ''} on one core", flush=True)
+        path = write_capture(out, cfg, background=not args.no_background, on_view=_view_progress(PROGRESS_SECONDS))
     print(f"wrote {path} ({cfg.views} views, {width}x{height}, aabb_scale {cfg.aabb_scale}, "
           f"{'object alone' if args.no_background else 'object in a textured room'}, {cfg.points:,} sparse points, "
           f"{cfg.supersample}x{cfg.supersample} rays a pixel)")
@@ -309,6 +309,24 @@ def check_nerf_dataset(args, dataset, train_cfg, resumed: bool) -> None:
         pick_split(dataset, args.eval_views)  # fail now, not after the fit
 
 
+def check_resumed_nerf(saved: dict, dataset, train_cfg) -> None:
+    """A resumed fit continues on the images it was trained on: the same capture, read the same way (format,
+    --downscale, --background), and to a --steps at least the steps it has done."""
+    from vqad.nerf.data import dataset_info
+
+    check_resumed_steps(saved, train_cfg.steps)
+    was, now = saved.get("dataset") or {}, dataset_info(dataset)
+    hint = "fit it in a new --out (--octree-from CHECKPOINT reuses this fit's octree)"
+    if was.get("format") not in (None, "procedural") and now["format"] != "procedural":
+        note = check_resumed_source(was.get("source"), now["source"], "the capture", hint)
+        if note:
+            print(note, file=sys.stderr)
+    for key, flag in (("format", "--format"), ("downscale", "--downscale"), ("background", "--background")):
+        if key in was and was[key] != now[key]:
+            raise InputError(f"--resume: this fit was trained on {was.get('name', 'its capture')!r} with {key} {was[key]}, "
+                             f"not {now[key]} ({flag}); {hint}")
+
+
 def fit_nerf_summary(res) -> dict:
     """The ``metrics.json`` record of a finished radiance-field fit (:class:`~vqad.nerf.fit.NeRFFitResult`):
     the configuration that ran, steps, timings and sizes (the per-LOD metrics are added by the caller)."""
@@ -340,17 +358,21 @@ def cmd_fit_nerf(args) -> int:
               "emulated, slower than fp32", file=sys.stderr, flush=True)
     dataset = load_nerf_dataset(args.dataset, args.format, args.downscale, background)
     check_nerf_dataset(args, dataset, train_cfg, resumed=saved is not None)
+    if saved is not None:
+        check_resumed_nerf(saved, dataset, train_cfg)
     out = ensure_fit_dir(out)
-    (out / "metrics.json").unlink(missing_ok=True)  # a new fit must not leave an old result that looks complete
-    for old in out.glob(f"{args.eval_views}_lod*"):
-        if old.is_dir():
-            shutil.rmtree(old)
+    if saved is None:  # a new fit must not leave an old result that looks complete; a resumed one keeps its
+        (out / "metrics.json").unlink(missing_ok=True)  # last result and renders until the new ones replace them
+        for old in out.glob(f"{args.eval_views}_lod*"):
+            if old.is_dir():
+                shutil.rmtree(old)
     print(f"dataset {dataset.name!r} ({dataset.format}): " + ", ".join(f"{k} {len(v)} views" for k, v in dataset.splits.items())
           + f", {dataset.splits['train'].hw[1]}x{dataset.splits['train'].hw[0]} px")
     res = fit_nerf(dataset, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume, quiet=args.quiet,
                    nerf_cfg=nerf_cfg, deadline=deadline)
     field = res.field
-    print(f"octree from {res.octree_method} in {res.octree_seconds:.1f} s; fit: {res.steps} steps in {res.seconds:.1f} s, "
+    print(already_complete(res) or
+          f"octree from {res.octree_method} in {res.octree_seconds:.1f} s; fit: {res.steps} steps in {res.seconds:.1f} s, "
           f"{res.rays_per_second:,.0f} rays/s, {res.samples_per_ray:.1f} samples/ray, MLPs in {res.train_cfg.mlp_precision}, "
           f"final PSNR (batch) {res.final_psnr:.2f} dB")
     report_skipped_steps(res.skipped_steps)
@@ -377,7 +399,12 @@ def _load_nerf(args):
     from vqad.api import load
     from vqad.device import resolve_device
 
-    field = load(args.model, device=resolve_device(args.device), lod=args.lod, max_bytes=getattr(args, "bytes", None))
+    # --lod L alone scores LOD L of the whole model, as eval of every LOD does (a render's occupancy comes from
+    # the finest LOD); with --bytes the prefix is decoded up to L and each LOD prunes with its own densities
+    # (what a viewer shows after those bytes)
+    nbytes = getattr(args, "bytes", None)
+    field = load(args.model, device=resolve_device(args.device), lod=args.lod if nbytes is not None else None,
+                 max_bytes=nbytes)
     if field.kind != "nerf":
         raise InputError(f"this is a {field.kind!r} model; vqad eval measures radiance fields (fit-sdf reports SDF metrics)")
     return field

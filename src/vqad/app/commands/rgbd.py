@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from vqad.app.commands.common import refuse
+from vqad.app.commands.common import path_arg, fresh_output_dir, refuse
 from vqad.errors import InputError
 
 
@@ -21,7 +21,7 @@ def register(sub) -> None:
                                    "layout (plus the ground-truth mesh, gt_mesh.ply). 100 frames at 320x240 take "
                                    "a few seconds. Needs Open3D for meshes (pip install 'vqad[tsdf]').")
     p.add_argument("source", metavar="MESH|procedural", help="mesh file (OBJ, PLY, ...) or 'procedural'")
-    p.add_argument("-o", "--out", required=True, help="new (or empty) output folder")
+    p.add_argument("-o", "--out", type=path_arg, required=True, help="new (or empty) output folder")
     p.add_argument("--layout", choices=sorted(synth.LAYOUTS), default="tum",
                    help="on-disk layout (default: tum)")
     p.add_argument("--frames", type=int, default=synth.FRAMES, help=f"number of frames (default: {synth.FRAMES})")
@@ -55,28 +55,27 @@ def cmd_synth_rgbd(args) -> int:
     from vqad.tsdf import synth
 
     width, height = parse_size(args.size)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out} exists and is not an empty folder: write the sequence to a new folder")
     noise = synth.NOISE_MODELS[args.noise]()
     refuse(args.seed is not None and args.noise == "none", "--seed seeds the depth noise: it does not apply to --noise none")
+    refuse(args.seed is not None and not 0 <= args.seed < 2 ** 63, f"--seed must be a non-negative integer, got {args.seed}")
     seed = args.seed or 0
     writer = synth.LAYOUTS[args.layout]
     kw = dict(n_frames=args.frames, width=width, height=height, noise=noise, seed=seed, distance=args.distance)
     if args.object_size is not None:
         kw["size"] = args.object_size
     procedural = args.source == "procedural" and not Path(args.source).exists()
-    if procedural:
-        seq, gt = synth.procedural_sequence(**kw), None
-    else:
-        seq, gt = synth.synth_sequence(args.source, **kw)
-    scale = {} if args.depth_scale is None else {"depth_scale": args.depth_scale}
-    writer(seq, out, **scale)
-    if gt is not None:
-        gt.to_trimesh().export(out / "gt_mesh.ply")
-    record = {"source": args.source, "layout": args.layout, "frames": len(seq), "width": width, "height": height,
-              "seed": seed, "noise": asdict(noise), "object_size": kw.get("size"), "distance": args.distance}
-    (out / "synth.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    with fresh_output_dir(args.out, "sequence") as out:  # a failed or interrupted run leaves nothing behind
+        if procedural:
+            seq, gt = synth.procedural_sequence(**kw), None
+        else:
+            seq, gt = synth.synth_sequence(args.source, **kw)
+        scale = {} if args.depth_scale is None else {"depth_scale": args.depth_scale}
+        writer(seq, out, **scale)
+        if gt is not None:
+            gt.to_trimesh().export(out / "gt_mesh.ply")
+        record = {"source": args.source, "layout": args.layout, "frames": len(seq), "width": width, "height": height,
+                  "seed": seed, "noise": asdict(noise), "object_size": kw.get("size"), "distance": args.distance}
+        (out / "synth.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     print(f"wrote {out}: {seq.summary()}, {args.layout} layout, {args.noise} depth noise"
           + (", ground-truth mesh gt_mesh.ply" if gt is not None else ""))
     print(f"next: vqad fit-tsdf {out}")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
+from vqad.app.commands.common import (already_complete, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
                                       config_flag, config_from, ensure_fit_dir,
                                       ensure_writable_file, given, grid_config, parse_lod, refuse, train_overrides,
-                                      report_notes, report_skipped_steps, resumed_configs)
+                                      check_resumed_source, check_resumed_steps, report_notes, report_skipped_steps,
+                                      resumed_configs)
 from vqad.atomicio import write_atomic
 from vqad.fit import Deadline
 from vqad.sdf.evaluate import evaluate_sdf
@@ -83,7 +85,7 @@ def register(sub) -> None:
     p.add_argument("--bytes", type=int, default=None, help=".vqad only: use just the first N bytes")
     p.add_argument("--resolution", type=int, default=None,
                    help=f"marching-cubes grid points per axis (8..2048; SDF only; default: {MC_RESOLUTION})")
-    p.add_argument("-o", "--out", default=None, help="output mesh (.ply/.obj/.stl/.off/.glb; default mesh_lodL.ply)")
+    p.add_argument("-o", "--out", type=path_arg, default=None, help="output mesh (.ply/.obj/.stl/.off/.glb; default mesh_lodL.ply)")
     add_device_arg(p)
     p.set_defaults(func=cmd_mesh, oom_hint="lower --resolution or --lod")
 
@@ -91,7 +93,7 @@ def register(sub) -> None:
     p.add_argument("model", help="checkpoint directory or .vqad file")
     p.add_argument("--lod", type=int, default=None)
     p.add_argument("--bytes", type=int, default=None, help=".vqad only: use just the first N bytes")
-    p.add_argument("-o", "--out", default=None, help="SDF: output PNG; NeRF: output directory")
+    p.add_argument("-o", "--out", type=path_arg, default=None, help="SDF: output PNG; NeRF: output directory")
     p.add_argument("--size", type=int, default=None, help=f"SDF: image size in pixels (default: {RENDER_SIZE})")
     p.add_argument("--azimuth", type=float, default=None, help=f"SDF: camera azimuth in degrees (default: {RENDER_AZIMUTH})")
     p.add_argument("--elevation", type=float, default=None,
@@ -102,7 +104,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_render, oom_hint="lower --size (SDF) or --lod")
 
     p = sub.add_parser("demo", help="the built-in demo: fit, compress and render built-in scenes")
-    p.add_argument("--out", default="out/demo")
+    p.add_argument("--out", type=path_arg, default="out/demo")
     p.add_argument("--quick", action="store_true", help="a few steps only (for tests)")
     add_device_arg(p)
     p.set_defaults(func=cmd_demo)
@@ -165,13 +167,20 @@ def cmd_fit_sdf(args) -> int:
     deadline = Deadline.for_job(train_cfg.max_minutes, evaluation=not args.no_eval)  # --minutes caps the whole job
     device = resolve_device(args.device)
     mesh = load_mesh(args.mesh)
+    if saved is not None:
+        check_resumed_steps(saved, train_cfg.steps)
+        note = check_resumed_source(saved.get("mesh"), Path(args.mesh).resolve(), "the mesh",
+                                    "fit another mesh in a new --out")
+        if note:
+            print(note, file=sys.stderr)
     out = ensure_fit_dir(out)
-    for stale in ("metrics.json",):  # a fresh fit must not leave an old result that looks complete
-        (out / stale).unlink(missing_ok=True)
+    if saved is None:  # a fresh fit must not leave an old result that looks complete; a resumed one keeps its
+        (out / "metrics.json").unlink(missing_ok=True)  # last result (its "steps" say what it describes) until replaced
     res = fit_sdf(mesh, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume,
                   quiet=args.quiet, mesh_path=str(Path(args.mesh).resolve()), deadline=deadline)
     field = res.field
-    print(f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.points_per_second:,.0f} points/s, final loss {res.final_loss:.3g}")
+    print(already_complete(res) or
+            f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.points_per_second:,.0f} points/s, final loss {res.final_loss:.3g}")
     report_skipped_steps(res.skipped_steps)
     report_notes(res.notes)
     for line in field.size_lines():
@@ -224,8 +233,10 @@ def cmd_render(args) -> int:
                f"{flag} does not apply to a {field.kind!r} model (it sets how a "
                f"{'radiance field' if field.kind != 'nerf' else 'signed distance field'} is rendered)")
     if field.kind == "nerf":
-        from vqad.app.commands.nerf import render_nerf
+        from vqad.app.commands.nerf import _load_nerf, render_nerf
 
+        if args.lod is not None and args.bytes is None and not Path(args.model).is_dir():
+            field = _load_nerf(args)  # LOD L of the whole file, as eval scores it (not the prefix up to L)
         return render_nerf(field, args)
     from vqad.atomicio import save_image
     from vqad.sdf.render import OrbitCamera, render_sdf

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from vqad.app.commands.common import path_arg
+from vqad.app.commands.nerf import FORMATS  # the layouts fit-nerf reads, so the sweep reads each of them too
+
 EPILOG = """\
 examples:
   vqad sweep armadillo.obj --out runs/rd-armadillo                      # the default method set
@@ -54,7 +57,7 @@ def register(sub) -> None:
     )
     p.add_argument("dataset", nargs="?", help="mesh file (.obj/.ply/...), capture directory, or 'procedural'")
     p.add_argument("--config", help="a .json or .toml file of sweep options (long flag names as keys)")
-    p.add_argument("--out", help="output directory (required here or in the config)")
+    p.add_argument("--out", type=path_arg, help="output directory (required here or in the config)")
     p.add_argument("--methods", nargs="+", metavar="SPEC", help=METHOD_SPEC_HELP)
     p.add_argument("--levels", help="octree levels BASE:MAX (default 3:7 for meshes, 4:7 for radiance fields)")
     p.add_argument("--features", type=int, help="k: features per vertex (default 16 for meshes, 8 for radiance fields)")
@@ -80,7 +83,7 @@ def register(sub) -> None:
     g.add_argument("--draco-mc-resolution", type=int, help="marching cubes of the dense field for draco-mc (default 128)")
     g.add_argument("--draco-level", type=int, help="Draco compression level 0..10 (default 10)")
     g = p.add_argument_group("radiance fields")
-    g.add_argument("--format", choices=["auto", "blender", "ngp", "llff", "rtmv", "procedural"], help="dataset layout")
+    g.add_argument("--format", choices=FORMATS, help="dataset layout (default auto: detect)")
     g.add_argument("--downscale", type=int, help="shrink images by this integer factor (default 1)")
     g.add_argument("--eval-views", help="held-out split to evaluate (default test)")
     g.add_argument("--eval-max-views", type=int, help="evaluate only the first N held-out views")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from vqad.app.commands.common import (add_rate_flags, add_grid_args, add_run_args, check_finite, config_flag,
+from vqad.app.commands.common import (already_complete, add_rate_flags, add_grid_args, add_run_args, check_finite, config_flag,
                                       ensure_fit_dir, refuse,
-                                      report_notes, report_skipped_steps, resumed_configs)
+                                      check_resumed_source, check_resumed_steps, report_notes, report_skipped_steps,
+                                      resumed_configs)
 from vqad.atomicio import write_atomic
 from vqad.errors import InputError
 from vqad.fit import Deadline
@@ -139,7 +141,16 @@ def cmd_fit_tsdf(args) -> int:
     deadline = Deadline.for_job(train_cfg.max_minutes, evaluation=not args.no_eval)
     device = resolve_device(args.device)
     gt = load_mesh(args.gt, closed=False) if args.gt is not None else None
+    source = str(Path(args.source).resolve()) if Path(args.source).exists() else str(args.source)
     if args.resume:
+        check_resumed_steps(saved, train_cfg.steps)
+        recorded = saved.get("source")  # the fusion is read back from OUT; the source must still be the same
+        if recorded is not None and (recorded == "procedural") != (source == "procedural"):
+            raise InputError(f"--resume: this fit was trained on {recorded}, not {args.source}; fit it in a new --out")
+        if recorded is not None and recorded != "procedural":
+            note = check_resumed_source(recorded, source, "the frames of", "fit them in a new --out")
+            if note:
+                print(note, file=sys.stderr)
         used = fusion_flags_given(args)
         refuse(bool(used), f"--resume reads the fusion from {out / FUSED_NAME}: {used} cannot apply")
         if not (out / FUSED_NAME).is_file():
@@ -151,15 +162,19 @@ def cmd_fit_tsdf(args) -> int:
     if not args.resume:
         (out / "metrics.json").unlink(missing_ok=True)
         fused.save(out / FUSED_NAME)
-    baseline = fused.nbytes()
+    baseline = fused.nbytes(color=train_cfg.color)  # what the field holds: geometry, and colour with --color
+    on_disk = (out / FUSED_NAME).stat().st_size
     u = fused.units
     print(f"fusion: {what}; {len(fused.tsdf):,} observed voxels of {fused.voxel:.4g} {u}, truncation "
-          f"{fused.trunc:.4g} {u}, {baseline / 1e6:,.2f} MB stored (fp16 value + weight per voxel, block structure)"
+          f"{fused.trunc:.4g} {u}, {baseline / 1e6:,.2f} MB stored (fp16 value + weight"
+          + (" + colour" if train_cfg.color and fused.color is not None else "") + " per voxel, block structure)"
+          + (f"; {FUSED_NAME} also holds its colour: {on_disk / 1e6:,.2f} MB" if on_disk != baseline else "")
           + (f", in {fuse_s:.1f} s" if fuse_s else ""))
     res = fit_tsdf(fused, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume, quiet=args.quiet,
-                   source=str(args.source), deadline=deadline)
+                   source=source, deadline=deadline)
     field = res.field
-    print(f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.samples_per_second:,.0f} samples/s, final loss {res.final_loss:.3g}")
+    print(already_complete(res) or
+            f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.samples_per_second:,.0f} samples/s, final loss {res.final_loss:.3g}")
     report_skipped_steps(res.skipped_steps)
     report_notes(res.notes)
     field.bake(fp16=True)
@@ -168,9 +183,9 @@ def cmd_fit_tsdf(args) -> int:
     print(f"model.vqad: {total:,} bytes; per LOD: " + ", ".join(
         f"L{lv} {n:,} B ({baseline / n:,.0f}x smaller than the fusion)" for lv, n in prefix.items()))
     summary = {
-        "source": str(args.source), "fusion": {"what": what, "voxel": fused.voxel, "trunc": fused.trunc,
+        "source": source, "fusion": {"what": what, "voxel": fused.voxel, "trunc": fused.trunc,
                                                 "units": fused.units, "voxels": int(len(fused.tsdf)),
-                                                "bytes": baseline, "seconds": fuse_s},
+                                                "bytes": baseline, "file_bytes": on_disk, "seconds": fuse_s},
         "grid": asdict(field.grid_cfg), "decoder": asdict(field.decoder_cfg), "train": asdict(res.train_cfg),
         "steps": res.steps, "fit_seconds": res.seconds, "refine_seconds": res.refine_seconds,
         "skipped_steps": res.skipped_steps, "peak_memory_bytes": res.peak_memory_bytes, "notes": res.notes,

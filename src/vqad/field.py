@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -141,9 +142,9 @@ class NeuralField(nn.Module):
             x = x.float()
         if lod is None:
             lod = self.grid.octree.max_level
-        elif isinstance(lod, bool) or not isinstance(lod, int) or lod not in self.lods:
+        elif isinstance(lod, bool) or not isinstance(lod, numbers.Integral) or int(lod) not in self.lods:
             raise InputError(f"LOD {lod!r} is not in this field: choose one of {self.lods}")
-        return x, lod
+        return x, int(lod)
 
     def bake(self, fp16: bool = True) -> None:
         """Inference form: indices instead of logits, and (with ``fp16``) fp16-rounded floats."""

@@ -6,7 +6,6 @@ import argparse
 import shlex
 import sys
 
-
 from vqad.app.commands.common import path_arg, add_device_arg
 from vqad.errors import Terminated
 

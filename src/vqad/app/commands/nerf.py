@@ -395,7 +395,9 @@ def cmd_fit_nerf(args) -> int:
     return 0
 
 
-def _load_nerf(args):
+def load_radiance_model(args):
+    """The radiance field ``eval`` and ``render`` score: ``args.model`` (checkpoint or ``.vqad``) on
+    ``args.device``, whole unless ``args.bytes`` asks for a prefix."""
     from vqad.api import load
     from vqad.device import resolve_device
 
@@ -423,7 +425,7 @@ def cmd_eval(args) -> int:
 
     if args.max_views is not None and args.max_views <= 0:
         raise InputError("--max-views must be positive")
-    field = _load_nerf(args)
+    field = load_radiance_model(args)
     lods = _lods(field, args.lod)
     dataset = load_scene(field.dataset, args.dataset)
     pick_split(dataset, args.views)

@@ -233,10 +233,10 @@ def cmd_render(args) -> int:
                f"{flag} does not apply to a {field.kind!r} model (it sets how a "
                f"{'radiance field' if field.kind != 'nerf' else 'signed distance field'} is rendered)")
     if field.kind == "nerf":
-        from vqad.app.commands.nerf import _load_nerf, render_nerf
+        from vqad.app.commands.nerf import load_radiance_model, render_nerf
 
         if args.lod is not None and args.bytes is None and not Path(args.model).is_dir():
-            field = _load_nerf(args)  # LOD L of the whole file, as eval scores it (not the prefix up to L)
+            field = load_radiance_model(args)  # LOD L of the whole file, as eval scores it (not the prefix up to L)
         return render_nerf(field, args)
     from vqad.atomicio import save_image
     from vqad.sdf.render import OrbitCamera, render_sdf

@@ -1074,7 +1074,7 @@ int vqad_range_decode_symbols(uint64_t *st, const uint32_t *words, int64_t n_wor
  * midpoint within ~1e-15 of a cell boundary may fall on the other side) and to the outputs' float32
  * rounding; its float32 run, as on CUDA, drifts by ~1e-5 along a ray. A NaN midpoint is no sample.
  * Writes the samples ts, te (float32) and ri (int64) ray after ray, front to back; each buffer must hold R · max_iter entries (thread t first writes from its first ray · max_iter on).
- * Returns the number of samples, or −1 if a thread's scratch (2 · 8 · max_iter floats) could not be allocated. */
+ * Returns the number of samples, or −1 if a thread's scratch (2 · MARCH_LANES · max_iter floats) could not be allocated. */
 static inline double speed_d(const double *x, const double *d, double c1, double kinv) {
     int m = 0;
     double ax = fabs(x[0]);

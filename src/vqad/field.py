@@ -121,11 +121,10 @@ class NeuralField(nn.Module):
     def device(self) -> torch.device:
         return self.grid.octree.device
 
-    def check_query(self, x, lod: int | None, what: str = "x") -> tuple[torch.Tensor, int]:
-        """``(x, lod)`` of a query from outside (``field(x, lod)``): ``x`` unit-cube points ``(N, 3)`` as a
-        float tensor on the field's device (a NumPy array or nested list is converted; float64 is cast to
-        float32), ``lod`` one of :attr:`lods` (None: the finest). Anything else is an :class:`InputError`
-        that says what to pass."""
+    def check_points(self, x, what: str = "x") -> torch.Tensor:
+        """``x`` of a query from outside (``field(x, lod)``): ``(N, 3)`` unit-cube points as a float32 tensor on
+        the field's device (a NumPy array or nested list is converted, float64 cast). Anything else is an
+        :class:`InputError` that says what to pass."""
         if not isinstance(x, torch.Tensor):
             try:
                 x = torch.as_tensor(x, dtype=torch.float32)
@@ -138,13 +137,15 @@ class NeuralField(nn.Module):
             raise InputError(f"{what} must be floating-point coordinates in the unit cube, got {x.dtype}")
         if x.device != self.device:
             raise InputError(f"{what} is on {x.device}, the field on {self.device}: pass {what}.to(field.device)")
-        if x.dtype != torch.float32:
-            x = x.float()
+        return x if x.dtype == torch.float32 else x.float()
+
+    def check_lod(self, lod) -> int:
+        """``lod`` of a query from outside: one of :attr:`lods` (None: the finest), else an :class:`InputError`."""
         if lod is None:
-            lod = self.grid.octree.max_level
-        elif isinstance(lod, bool) or not isinstance(lod, numbers.Integral) or int(lod) not in self.lods:
+            return self.grid.octree.max_level
+        if isinstance(lod, bool) or not isinstance(lod, numbers.Integral) or int(lod) not in self.lods:
             raise InputError(f"LOD {lod!r} is not in this field: choose one of {self.lods}")
-        return x, int(lod)
+        return int(lod)
 
     def bake(self, fp16: bool = True) -> None:
         """Inference form: indices instead of logits, and (with ``fp16``) fp16-rounded floats."""

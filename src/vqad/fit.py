@@ -493,7 +493,14 @@ def check_resumable(ckpt_dir: Path, saved: dict, given: dict, what: str = "train
 
 
 def check_resumed_fit(ckpt_dir: Path, saved: dict, grid_cfg, dec_cfg, train_cfg: TrainConfig) -> None:
-    """:func:`check_resumable` for the grid, decoder and training configs a fit resumes with."""
+    """:func:`check_resumable` for the grid, decoder and training configs a fit resumes with, and its step
+    count: a ``steps`` below the steps the checkpoint has trained is refused (the fit would record fewer steps
+    than it ran, and its learning-rate schedule would be past its end)."""
+    done = int(saved.get("step", 0))
+    if train_cfg.steps < done:
+        raise InputError(f"--steps {train_cfg.steps}: this fit has trained {done} steps already; --resume trains on up "
+                         f"to a larger --steps (leave it out to finish the {saved.get('train', {}).get('steps', done)} "
+                         f"steps it was started with)")
     check_resumable(ckpt_dir, saved["grid"], asdict(grid_cfg), "grid")
     check_resumable(ckpt_dir, saved["decoder"], asdict(dec_cfg), "decoder")
     check_resumable(ckpt_dir, {**type(train_cfg).ABSENT_MEANS, **saved.get("train", {})}, asdict(train_cfg))

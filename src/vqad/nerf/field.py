@@ -214,8 +214,7 @@ class NeRFField(NeuralField):
     def forward(self, x: torch.Tensor, d: torch.Tensor, lod: int | None = None):
         """``σ (N,)`` and ``rgb (N, 3)`` at one LOD (default: the finest), at grid points ``x (N, 3)`` seen
         from unit directions ``d (N, 3)``."""
-        x, lod = self.check_query(x, lod)
-        d, _ = self.check_query(d, lod, "d")
+        x, d, lod = self.check_points(x), self.check_points(d, "d"), self.check_lod(lod)
         if d.shape[0] != x.shape[0]:
             raise InputError(f"x and d must hold as many rows, got {x.shape[0]} and {d.shape[0]}")
         sig, rgb = self.all_lods(x, d, [lod])

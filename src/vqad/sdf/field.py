@@ -36,7 +36,7 @@ class SDFField(NeuralField):
 
     def forward(self, x: torch.Tensor, lod: int | None = None) -> torch.Tensor:
         """Signed distances ``(N,)`` at unit-cube points ``x (N, 3)``, at ``lod`` (default: the finest)."""
-        x, lod = self.check_query(x, lod)
+        x, lod = self.check_points(x), self.check_lod(lod)
         return self._decode(x, self.grid.features(x, lod), lod)
 
     def all_lods(self, x: torch.Tensor, lods: list[int] | None = None) -> torch.Tensor:

@@ -269,13 +269,18 @@ def grid_config(args, base_cfg):
     return grid
 
 
-def check_resumed_steps(saved: dict, steps: int) -> None:
-    """Refuse a ``--resume`` whose ``--steps`` is below the steps the checkpoint has trained: the fit would
-    record fewer steps than it ran, and its learning-rate schedule would be past its end."""
-    done = int(saved.get("step", 0))
-    refuse(steps < done, f"--steps {steps}: this fit has trained {done} steps already; --resume trains on up to a "
-                         f"larger --steps (leave it out to finish the {saved.get('train', {}).get('steps', done)} steps it "
-                         f"was started with)")
+def load_model(args, whole: bool = False):
+    """The model ``args.model`` (checkpoint or ``.vqad``) on ``args.device``: a ``.vqad`` decoded up to
+    ``args.lod`` only, or with ``whole`` up to its end unless ``args.bytes`` asks for a prefix. A radiance
+    field's render takes its samples from the occupancy of the finest LOD it holds, so ``eval`` and ``render``
+    score LOD L of the whole model (``whole``), as ``eval`` of every LOD does; with ``--bytes`` the prefix, as a
+    viewer shows it after those bytes."""
+    from vqad.api import load
+    from vqad.device import resolve_device
+
+    nbytes = getattr(args, "bytes", None)
+    lod = None if whole and nbytes is None else args.lod
+    return load(args.model, device=resolve_device(args.device), lod=lod, max_bytes=nbytes)
 
 
 def check_resumed_source(recorded: str | None, given: str | Path, what: str, hint: str) -> str | None:

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (already_complete, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_fit_dir, ensure_writable_dir, given,
-                                      check_resumed_source, check_resumed_steps, fresh_output_dir, grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
+from vqad.app.commands.common import (already_complete, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_fit_dir, ensure_writable_dir, given,
+                                      check_resumed_source, fresh_output_dir, grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
                                       train_overrides)
 from vqad.atomicio import write_atomic
 from vqad.fit import Deadline
@@ -309,12 +309,11 @@ def check_nerf_dataset(args, dataset, train_cfg, resumed: bool) -> None:
         pick_split(dataset, args.eval_views)  # fail now, not after the fit
 
 
-def check_resumed_nerf(saved: dict, dataset, train_cfg) -> None:
+def check_resumed_nerf(saved: dict, dataset) -> None:
     """A resumed fit continues on the images it was trained on: the same capture, read the same way (format,
-    --downscale, --background), and to a --steps at least the steps it has done."""
+    --downscale, --background). (Its --steps is checked with the rest of its settings: vqad.fit.check_resumed_fit.)"""
     from vqad.nerf.data import dataset_info
 
-    check_resumed_steps(saved, train_cfg.steps)
     was, now = saved.get("dataset") or {}, dataset_info(dataset)
     hint = "fit it in a new --out (--octree-from CHECKPOINT reuses this fit's octree)"
     if was.get("format") not in (None, "procedural") and now["format"] != "procedural":
@@ -359,7 +358,7 @@ def cmd_fit_nerf(args) -> int:
     dataset = load_nerf_dataset(args.dataset, args.format, args.downscale, background)
     check_nerf_dataset(args, dataset, train_cfg, resumed=saved is not None)
     if saved is not None:
-        check_resumed_nerf(saved, dataset, train_cfg)
+        check_resumed_nerf(saved, dataset)
     out = ensure_fit_dir(out)
     if saved is None:  # a new fit must not leave an old result that looks complete; a resumed one keeps its
         (out / "metrics.json").unlink(missing_ok=True)  # last result and renders until the new ones replace them
@@ -396,17 +395,8 @@ def cmd_fit_nerf(args) -> int:
 
 
 def load_radiance_model(args):
-    """The radiance field ``eval`` and ``render`` score: ``args.model`` (checkpoint or ``.vqad``) on
-    ``args.device``, whole unless ``args.bytes`` asks for a prefix."""
-    from vqad.api import load
-    from vqad.device import resolve_device
-
-    # --lod L alone scores LOD L of the whole model, as eval of every LOD does (a render's occupancy comes from
-    # the finest LOD); with --bytes the prefix is decoded up to L and each LOD prunes with its own densities
-    # (what a viewer shows after those bytes)
-    nbytes = getattr(args, "bytes", None)
-    field = load(args.model, device=resolve_device(args.device), lod=args.lod if nbytes is not None else None,
-                 max_bytes=nbytes)
+    """The radiance field ``eval`` scores: LOD L of the whole model, or of the ``--bytes`` prefix (:func:`load_model`)."""
+    field = load_model(args, whole=True)
     if field.kind != "nerf":
         raise InputError(f"this is a {field.kind!r} model; vqad eval measures radiance fields (fit-sdf reports SDF metrics)")
     return field

@@ -10,8 +10,8 @@ from pathlib import Path
 from vqad.errors import InputError
 from vqad.app.commands.common import (already_complete, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
                                       config_flag, config_from, ensure_fit_dir,
-                                      ensure_writable_file, given, grid_config, parse_lod, refuse, train_overrides,
-                                      check_resumed_source, check_resumed_steps, report_notes, report_skipped_steps,
+                                      ensure_writable_file, given, grid_config, load_model, parse_lod, refuse, train_overrides,
+                                      check_resumed_source, report_notes, report_skipped_steps,
                                       resumed_configs)
 from vqad.atomicio import write_atomic
 from vqad.fit import Deadline
@@ -168,7 +168,6 @@ def cmd_fit_sdf(args) -> int:
     device = resolve_device(args.device)
     mesh = load_mesh(args.mesh)
     if saved is not None:
-        check_resumed_steps(saved, train_cfg.steps)
         note = check_resumed_source(saved.get("mesh"), Path(args.mesh).resolve(), "the mesh",
                                     "fit another mesh in a new --out")
         if note:
@@ -180,7 +179,7 @@ def cmd_fit_sdf(args) -> int:
                   quiet=args.quiet, mesh_path=str(Path(args.mesh).resolve()), deadline=deadline)
     field = res.field
     print(already_complete(res) or
-            f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.points_per_second:,.0f} points/s, final loss {res.final_loss:.3g}")
+          f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.points_per_second:,.0f} points/s, final loss {res.final_loss:.3g}")
     report_skipped_steps(res.skipped_steps)
     report_notes(res.notes)
     for line in field.size_lines():
@@ -195,17 +194,10 @@ def cmd_fit_sdf(args) -> int:
     return 0
 
 
-def _load(args):
-    from vqad.api import load
-    from vqad.device import resolve_device
-
-    return load(args.model, device=resolve_device(args.device), lod=args.lod, max_bytes=args.bytes)
-
-
 def cmd_mesh(args) -> int:
     from vqad.sdf.extract import extract_mesh, save_mesh
 
-    field = _load(args)
+    field = load_model(args)
     if field.kind not in ("sdf", "tsdf"):
         raise InputError(f"vqad mesh needs an SDF or TSDF model; this one is a {field.kind!r} field (use vqad render)")
     lod = parse_lod(field, args.lod)
@@ -225,7 +217,7 @@ def cmd_mesh(args) -> int:
 
 
 def cmd_render(args) -> int:
-    field = _load(args)
+    field = load_model(args, whole=True)  # a radiance field's LOD L is the whole model's (load_model)
     lod = parse_lod(field, args.lod)
     other = NERF_RENDER_FLAGS if field.kind in ("sdf", "tsdf") else SDF_RENDER_FLAGS
     for name, flag in other.items():
@@ -233,10 +225,8 @@ def cmd_render(args) -> int:
                f"{flag} does not apply to a {field.kind!r} model (it sets how a "
                f"{'radiance field' if field.kind != 'nerf' else 'signed distance field'} is rendered)")
     if field.kind == "nerf":
-        from vqad.app.commands.nerf import load_radiance_model, render_nerf
+        from vqad.app.commands.nerf import render_nerf
 
-        if args.lod is not None and args.bytes is None and not Path(args.model).is_dir():
-            field = load_radiance_model(args)  # LOD L of the whole file, as eval scores it (not the prefix up to L)
         return render_nerf(field, args)
     from vqad.atomicio import save_image
     from vqad.sdf.render import OrbitCamera, render_sdf

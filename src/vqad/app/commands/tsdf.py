@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vqad.app.commands.common import (already_complete, add_rate_flags, add_grid_args, add_run_args, check_finite, config_flag,
                                       ensure_fit_dir, refuse,
-                                      check_resumed_source, check_resumed_steps, report_notes, report_skipped_steps,
+                                      check_resumed_source, report_notes, report_skipped_steps,
                                       resumed_configs)
 from vqad.atomicio import write_atomic
 from vqad.errors import InputError
@@ -143,7 +143,6 @@ def cmd_fit_tsdf(args) -> int:
     gt = load_mesh(args.gt, closed=False) if args.gt is not None else None
     source = str(Path(args.source).resolve()) if Path(args.source).exists() else str(args.source)
     if args.resume:
-        check_resumed_steps(saved, train_cfg.steps)
         recorded = saved.get("source")  # the fusion is read back from OUT; the source must still be the same
         if recorded is not None and (recorded == "procedural") != (source == "procedural"):
             raise InputError(f"--resume: this fit was trained on {recorded}, not {args.source}; fit it in a new --out")
@@ -174,7 +173,7 @@ def cmd_fit_tsdf(args) -> int:
                    source=source, deadline=deadline)
     field = res.field
     print(already_complete(res) or
-            f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.samples_per_second:,.0f} samples/s, final loss {res.final_loss:.3g}")
+          f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.samples_per_second:,.0f} samples/s, final loss {res.final_loss:.3g}")
     report_skipped_steps(res.skipped_steps)
     report_notes(res.notes)
     field.bake(fp16=True)

@@ -23,15 +23,8 @@ from vqad.nerf.data import SceneDataset
 from vqad.nerf.formats import detect_format, load_dataset
 from vqad.nerf.formats.common import downscale_depth, linear_to_srgb, near_far_from_box, normalization_from_box, srgb_to_linear, unit_cube_box
 from vqad.nerf.procedural import ProceduralConfig, ProceduralScene, procedural_dataset, render_views, sphere_cameras
-from vqad.nerf.rays import (
-    backproject,
-    camera_directions,
-    camera_rays,
-    distort,
-    pixel_centers,
-    rays_for_pixels,
-    undistort,
-)
+from vqad.nerf.lens import distort, undistort
+from vqad.nerf.rays import backproject, camera_directions, camera_rays, pixel_centers, rays_for_pixels
 
 
 # -- fixtures ----------------------------------------------------------------------------------------
@@ -347,7 +340,7 @@ def test_ngp_fixture_intrinsics_distortion_aabb(tmp_path):
     assert len(tr) == 8 and tr.masks is None
     assert torch.allclose(tr.intrinsics[0], torch.tensor([24.0, 25.0, 11.5, 12.5]))  # frame 1, scaled 48 → 24
     assert torch.allclose(tr.intrinsics[2], torch.tensor([10.0, 10.5, 5.5, 6.5]))  # frame 3's own, scaled
-    assert torch.allclose(tr.distortion[0], torch.tensor([-0.05, 0.01, 0.001, -0.002]))
+    assert torch.allclose(tr.distortion[0], torch.tensor([0, -0.05, 0.01, 0.001, -0.002, 0, 0, 0, 0]))  # OpenCV lens row
     assert torch.allclose(tr.c2w, views.c2w[[1, 2, 3, 4, 5, 6, 7, 9]])
     # aabb_scale 4 around ngp's default scale 0.33 / offset 0.5: the central box (aabb_scale 1, world
     # [-1.52, 1.52]^3) is the unit cube, and the scene out to 4x that box is contracted into it
@@ -673,9 +666,9 @@ def test_colmap_model_reads_poses_intrinsics_and_distortion(tmp_path, binary):
     assert torch.allclose(train.c2w, c2w[keep], atol=1e-5)
     assert torch.allclose(train.intrinsics[0], torch.tensor([fx, fy, cx, cy]), atol=1e-4)
     # image i has camera i % 3: im001 SIMPLE_RADIAL, im002 OPENCV, im003 PINHOLE
-    assert torch.allclose(train.distortion[0], torch.tensor([0.01, 0.0, 0.0, 0.0]))
-    assert torch.allclose(train.distortion[1], torch.tensor([0.02, -0.01, 0.001, 0.002]))
-    assert torch.equal(train.distortion[2], torch.zeros(4))
+    assert torch.allclose(train.distortion[0], torch.tensor([0, 0.01, 0.0, 0.0, 0.0, 0, 0, 0, 0]))  # lens rows
+    assert torch.allclose(train.distortion[1], torch.tensor([0, 0.02, -0.01, 0.001, 0.002, 0, 0, 0, 0]))
+    assert torch.equal(train.distortion[2], torch.zeros(9))
     # the central box is centred where the ring's optical axes meet (the origin), 0.375 × their distance
     lo, hi = ds.bbox
     assert np.allclose(np.add(lo, hi) / 2, 0.0, atol=0.05)
@@ -687,8 +680,12 @@ def test_colmap_bad_models_are_input_errors(tmp_path):
     from vqad.nerf.scene_capture import SceneCaptureConfig, render_capture
 
     rgba, c2w, (fx, fy, cx, cy) = render_capture(SceneCaptureConfig(width=8, height=8, views=3))
-    root = _write_colmap(tmp_path / "fish", c2w, rgba[..., :3], [(5, "OPENCV_FISHEYE", 8, 8, [fx, fy, cx, cy, 0, 0, 0, 0])], True)
-    with pytest.raises(InputError, match="OPENCV_FISHEYE is not supported"):
+    root = _write_colmap(tmp_path / "fov", c2w, rgba[..., :3], [(7, "FOV", 8, 8, [fx, fy, cx, cy, 0.5])], True)
+    with pytest.raises(InputError, match="FOV is not supported"):
+        load_dataset(root, format="colmap")
+    root = _write_colmap(tmp_path / "prism", c2w, rgba[..., :3],
+                         [(10, "THIN_PRISM_FISHEYE", 8, 8, [fx, fy, cx, cy] + [0.0] * 8)], False)
+    with pytest.raises(InputError, match="THIN_PRISM_FISHEYE is not supported"):
         load_dataset(root, format="colmap")
     root = _write_colmap(tmp_path / "cut", c2w, rgba[..., :3], [(1, "PINHOLE", 8, 8, [fx, fy, cx, cy])], True)
     data = (root / "sparse" / "0" / "images.bin").read_bytes()
@@ -953,7 +950,9 @@ def _ngp_capture(tmp_path, name: str):
 @pytest.mark.parametrize("key,value,match", [
     ("k1", "abc", "k1 must be a finite number"), ("k2", [0.1], "k2 must be a finite number"),
     ("p1", True, "p1 must be a finite number"), ("k3", "abc", "k3 must be a finite number"),
-    ("k3", 0.1, "k3/k4 are not supported"), ("w", -24, "w must be positive"), ("fl_y", 0, "fl_y must be positive"), ("aabb_scale", 1e9, "aabb_scale .* above the largest"),
+    ("k4", 0.1, "k4 = 0.1 on a pinhole camera"), ("is_fisheye", 1, "is_fisheye must be true or false"),
+    ("camera_model", "EQUIRECTANGULAR", "is not supported"), ("w", -24, "w must be positive"),
+    ("fl_y", 0, "fl_y must be positive"), ("aabb_scale", 1e9, "aabb_scale .* above the largest"),
     ("aabb_scale", "4", "aabb_scale must be a number"), ("scale", True, "scale must be a number"),
 ])
 def test_ngp_values_of_the_wrong_kind_are_refused(tmp_path, key, value, match):
@@ -1064,7 +1063,7 @@ def test_ngp_numbers_that_break_the_float32_rays_are_refused(tmp_path, key, valu
 
 
 def test_distortion_fit_accepts_real_lenses_and_flags_folds():
-    from vqad.nerf.rays import DISTORTION_TOL_PX, distortion_fit
+    from vqad.nerf.lens import DISTORTION_TOL_PX, distortion_fit
 
     K = [100.0, 100.0, 67.5, 120.0]  # a wide 135×240 view: corners at r ≈ 1.4
     for k in ([0, 0, 0, 0], [-0.3, 0.1, 0, 0], [-0.25, 0.06, 1e-3, -1e-3], [0.5, 0.3, 0, 0]):

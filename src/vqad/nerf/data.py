@@ -6,7 +6,8 @@ Conventions:
   down −z (Blender / NeRF-synthetic / instant-ngp). Readers of other conventions (LLFF, RTMV)
   convert to this one.
 * pinhole intrinsics ``(N, 4)`` = ``fx, fy, cx, cy`` in pixels of the (possibly downscaled) images;
-  optional OpenCV-style distortion ``(N, 4)`` = ``k1, k2, p1, p2`` (instant-ngp).
+  optional lenses ``(N, 9)``, one row of :data:`vqad.nerf.lens.LENS_COLUMNS` per view (OpenCV's
+  radial-tangential or fisheye model; ``(N, 4)`` ``k1, k2, p1, p2`` is taken as the former).
 * images ``(N, H, W, 3) uint8`` (RGB, already composited on ``background`` when the source has
   alpha), masks ``(N, H, W) uint8`` (255 = foreground) when known, depth ``(N, H, W) float16``
   z-depth along the camera's viewing axis in world units, 0 where there is no surface.
@@ -20,6 +21,7 @@ import torch
 
 from vqad.errors import InputError
 from vqad.field import Normalization
+from vqad.nerf.lens import LENS_MODELS, lens_rows
 
 
 @dataclass
@@ -31,8 +33,16 @@ class Views:
     intrinsics: torch.Tensor  # (N, 4) float32: fx, fy, cx, cy
     masks: torch.Tensor | None = None  # (N, H, W) uint8, 255 = foreground
     depth: torch.Tensor | None = None  # (N, H, W) float16 z-depth, world units, 0 = no hit
-    distortion: torch.Tensor | None = None  # (N, 4) float32: k1, k2, p1, p2
+    distortion: torch.Tensor | None = None  # (N, 9) float32 lens rows (vqad.nerf.lens.LENS_COLUMNS)
     names: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.distortion is not None:  # one layout everywhere: k1, k2, p1, p2 become OpenCV lens rows
+            self.distortion = lens_rows(self.distortion, len(self)).float().contiguous()
+            if self.distortion.shape != (len(self), 9):
+                raise ValueError(f"Views: {len(self)} images but lens rows of shape {tuple(self.distortion.shape)}")
+            if not bool(torch.isin(self.distortion[:, 0], torch.tensor(LENS_MODELS, dtype=torch.float32)).all()):
+                raise ValueError(f"Views: a lens row's model must be one of {LENS_MODELS} (vqad.nerf.lens)")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -39,7 +39,8 @@ import torch
 from vqad.errors import InputError
 from vqad.nerf.contraction import contract
 from vqad.nerf.data import SceneDataset, Views
-from vqad.nerf.rays import camera_directions, distort, pixel_centers
+from vqad.nerf.lens import distort_within, image_radius2
+from vqad.nerf.rays import camera_directions, pixel_centers
 
 #: a point is hidden in a view when a point projected within :data:`OCCLUSION_WINDOW` pixels of it is
 #: nearer than its ray distance / (1 + this) (ground seen at grazing angles changes by ~2 % a pixel)
@@ -117,7 +118,8 @@ def points_depth_targets(points: torch.Tensor, views: Views, margin: float = OCC
         usable = targets[front] if targets is not None else None
         xy = torch.stack([cam[:, 0] / z, -cam[:, 1] / z], dim=-1)  # normalised, y down
         if views.distortion is not None:
-            xy = distort(xy, views.distortion[n].float())
+            lens = views.distortion[n].float()
+            xy = distort_within(xy, lens, image_radius2(views.intrinsics[n], lens, (H, W)))
         fx, fy, cx, cy = views.intrinsics[n].float().tolist()
         u, v = cx + fx * xy[:, 0], cy + fy * xy[:, 1]
         inside = (u >= 0) & (u < W) & (v >= 0) & (v < H)

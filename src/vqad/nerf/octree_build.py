@@ -14,9 +14,9 @@ has. Every function works in the dataset's unit cube (``dataset.normalization``)
 
 Camera convention (:mod:`vqad.nerf.data`): OpenGL camera-to-world, pixel ``(i, j)`` covers
 ``[i, i+1) × [j, j+1)``, so a camera-space point ``(X, Y, Z)`` (``Z < 0`` in front) lands at
-``u = cx + fx X / (−Z)``, ``v = cy − fy Y / (−Z)`` and pixel ``(floor(u), floor(v))``. Lens
-distortion (instant-ngp's k1, k2, p1, p2) is ignored by the mask test (a few pixels of error are
-far below the carving tolerance and the dilation margin) and undone for depth back-projection.
+``u = cx + fx X / (−Z)``, ``v = cy − fy Y / (−Z)`` and pixel ``(floor(u), floor(v))``, through the
+view's lens (:mod:`vqad.nerf.lens`) when it has one: applied by the mask test, undone for depth
+back-projection.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from vqad.errors import InputError
 from vqad.octree import SparseOctree, cell_coords, dilate_codes, morton_decode, morton_encode
 from vqad.nerf.data import SceneDataset, Views
 from vqad.nerf.contraction import contract
+from vqad.nerf.lens import distort_within, image_radius2
 from vqad.nerf.rays import backproject
 
 
@@ -230,13 +231,18 @@ def octree_from_depth(dataset: SceneDataset, base_level: int, max_level: int, de
 
 # -- masks ---------------------------------------------------------------------------------------
 def project(views: Views, index: int, x_world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pixel coordinates ``u, v`` and depth ``z`` (> 0 in front) of world points ``(n, 3)``."""
+    """Pixel coordinates ``u, v`` and depth ``z`` (> 0 in front) of world points ``(n, 3)``, through the
+    view's lens distortion when it has one."""
     c2w = views.c2w[index].float()
     cam = (x_world - c2w[:3, 3]) @ c2w[:3, :3]  # R^T (x − t), rows
     z = -cam[:, 2]
     fx, fy, cx, cy = views.intrinsics[index].tolist()
     zs = z.clamp_min(1e-8)
-    return cx + fx * cam[:, 0] / zs, cy - fy * cam[:, 1] / zs, z
+    xy = torch.stack([cam[:, 0] / zs, -cam[:, 1] / zs], dim=-1)  # normalised, y down
+    if views.distortion is not None:
+        lens = views.distortion[index]
+        xy = distort_within(xy, lens, image_radius2(views.intrinsics[index], lens, views.hw))
+    return cx + fx * xy[:, 0], cy + fy * xy[:, 1], z
 
 
 def _mask_distance_maps(views: Views, max_pixels: int = 60_000_000) -> tuple[torch.Tensor, float]:

@@ -7,11 +7,10 @@ Conventions (the same as :mod:`vqad.nerf.data`):
   ``[col, col + 1) × [row, row + 1)`` and its centre is ``(col + ½, row + ½)``; image rows grow
   downwards, so the camera-space direction through pixel coordinates ``(u, v)`` is
   ``((u − cx) / fx, −(v − cy) / fy, −1)``;
-* optional OpenCV radial-tangential distortion ``k1, k2, p1, p2`` (instant-ngp's ``transforms.json``)
-  acting on the normalised coordinates ``x = (u − cx) / fx``, ``y = (v − cy) / fy`` (y down):
-  ``x_d = x (1 + k1 r² + k2 r⁴) + 2 p1 x y + p2 (r² + 2 x²)``,
-  ``y_d = y (1 + k1 r² + k2 r⁴) + p1 (r² + 2 y²) + 2 p2 x y``. A pixel records the distorted
-  point, so ray generation inverts the model (Newton iterations, as instant-ngp does).
+* an optional lens per view (:mod:`vqad.nerf.lens`: OpenCV's radial-tangential or fisheye model)
+  acting on the normalised coordinates ``x = (u − cx) / fx``, ``y = (v − cy) / fy`` (y down). A
+  pixel records the distorted point, so ray generation inverts the model (Newton iterations, as
+  instant-ngp does).
 * z-depth ``z`` is measured along the optical axis; a ray with unit direction ``d`` reaches it at
   distance ``t = z · |dir_cam|`` where ``dir_cam`` is the camera direction with ``z_cam = −1``
   (:func:`camera_directions`), i.e. ``t = z / cos θ``.
@@ -19,13 +18,12 @@ Conventions (the same as :mod:`vqad.nerf.data`):
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
-from vqad.nerf.data import Views
-from vqad.nerf.data import SceneDataset
+from vqad.nerf.data import SceneDataset, Views
+from vqad.nerf.lens import expand_rows, undistort
 
 
 def pixel_centers(height: int, width: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -39,95 +37,6 @@ def pixel_centers(height: int, width: int, device=None, dtype: torch.dtype = tor
     return torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1) + 0.5
 
 
-def _expand(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """``(k,)`` or ``(n, k)`` → ``(n, k)``."""
-    p = torch.as_tensor(p)
-    return p.reshape(1, k).expand(n, k) if p.dim() == 1 else p
-
-
-def distort(xy: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
-    """OpenCV radial-tangential distortion of normalised coordinates (y down).
-
-    Args:
-        xy: ``(N, 2)`` undistorted normalised coordinates ``((u − cx)/fx, (v − cy)/fy)``.
-        distortion: ``(4,)`` or ``(N, 4)``: ``k1, k2, p1, p2``.
-    Returns:
-        ``(N, 2)`` distorted normalised coordinates.
-    """
-    xd, yd, *_ = _distort_jacobian(*xy.unbind(-1), *_expand(distortion, xy.shape[0], 4).to(xy).unbind(-1))
-    return torch.stack([xd, yd], dim=-1)
-
-
-def _distort_jacobian(x, y, k1, k2, p1, p2):
-    """:func:`distort` of ``(x, y)`` and its Jacobian: ``xd, yd, a = ∂x_d/∂x, b = ∂x_d/∂y = ∂y_d/∂x,
-    d = ∂y_d/∂y`` (each shaped like ``x``)."""
-    r2 = x * x + y * y
-    radial = 1 + r2 * (k1 + k2 * r2)
-    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
-    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
-    dr = 2 * (k1 + 2 * k2 * r2)  # d radial / d(x or y) = dr · (x or y)
-    a = radial + dr * x * x + 2 * p1 * y + 6 * p2 * x
-    b = dr * x * y + 2 * p1 * x + 2 * p2 * y
-    d = radial + dr * y * y + 6 * p1 * y + 2 * p2 * x
-    return xd, yd, a, b, d
-
-
-def undistort(xy_distorted: torch.Tensor, distortion: torch.Tensor, iters: int = 10) -> torch.Tensor:
-    """Invert :func:`distort` by Newton's method (2×2 Jacobian per point), starting from the input.
-
-    Args:
-        xy_distorted: ``(N, 2)`` distorted normalised coordinates (what a pixel records).
-        distortion: ``(4,)`` or ``(N, 4)``: ``k1, k2, p1, p2``.
-    Returns:
-        ``(N, 2)`` undistorted normalised coordinates ``xy`` with ``distort(xy) ≈ xy_distorted`` where
-        the model is one-to-one over the image (the readers check that: :func:`distortion_fit`).
-    """
-    target = xy_distorted
-    k = _expand(distortion, target.shape[0], 4).to(target).unbind(-1)
-    x, y = target[:, 0].clone(), target[:, 1].clone()
-    for _ in range(iters):
-        xd, yd, a, b, d = _distort_jacobian(x, y, *k)
-        fx, fy = xd - target[:, 0], yd - target[:, 1]
-        det = a * d - b * b
-        det = torch.where(det.abs() < 1e-12, torch.full_like(det, 1e-12), det)
-        x = x - (d * fx - b * fy) / det
-        y = y - (a * fy - b * fx) / det
-    return torch.stack([x, y], dim=-1)
-
-
-#: the largest round trip ``|distort(undistort(u)) − u|`` in pixels, over an image, that ray generation accepts
-DISTORTION_TOL_PX = 0.1
-
-
-def distortion_fit(intrinsics, distortion, hw: tuple[int, int], n: int = 17) -> tuple[float, float]:
-    """How well ray generation undoes a view's lens distortion over its whole image.
-
-    An ``n × n`` grid of pixel positions spanning the image, borders included, is undistorted as the
-    rays are (:func:`undistort`, in float64) and distorted back. Returns the largest round-trip error
-    in pixels and the smallest Jacobian determinant of :func:`distort` at the undistorted points. A
-    model that is one-to-one over the image gives an error near 0 and a positive determinant; one
-    that folds inside it (a strong negative ``k1``, a large ``p1``: two scene directions on one pixel)
-    gives a determinant ≤ 0 or an error the iteration cannot close.
-
-    Args:
-        intrinsics: ``(4,)`` fx, fy, cx, cy; distortion: ``(4,)`` k1, k2, p1, p2; ``hw`` the image's
-            height and width in pixels.
-    """
-    K = torch.as_tensor(intrinsics, dtype=torch.float64).reshape(4)
-    k = torch.as_tensor(distortion, dtype=torch.float64).reshape(4)
-    h, w = hw
-    v, u = torch.meshgrid(torch.linspace(0, h, n, dtype=torch.float64), torch.linspace(0, w, n, dtype=torch.float64),
-                          indexing="ij")
-    xy_d = torch.stack([(u.reshape(-1) - K[2]) / K[0], (v.reshape(-1) - K[3]) / K[1]], dim=-1)
-    xy = undistort(xy_d, k)
-    xd, yd, a, b, d = _distort_jacobian(xy[:, 0], xy[:, 1], *k.unbind(-1))
-    err = torch.stack([(xd - xy_d[:, 0]) * K[0], (yd - xy_d[:, 1]) * K[1]], -1).norm(dim=-1)
-    det = a * d - b * b
-    if not bool(torch.isfinite(err).all() and torch.isfinite(det).all()):
-        return math.inf, -math.inf
-    return float(err.max()), float(det.min())
-
-
 def camera_directions(intrinsics: torch.Tensor, pixel_uv: torch.Tensor,
                       distortion: torch.Tensor | None = None) -> torch.Tensor:
     """Camera-space directions through pixel coordinates, scaled so that ``z = −1``.
@@ -135,13 +44,13 @@ def camera_directions(intrinsics: torch.Tensor, pixel_uv: torch.Tensor,
     Args:
         intrinsics: ``(4,)`` or ``(N, 4)``: fx, fy, cx, cy.
         pixel_uv: ``(N, 2)`` pixel coordinates ``(u, v)`` (pixel centres are ``+ 0.5``).
-        distortion: ``None``, ``(4,)`` or ``(N, 4)``: k1, k2, p1, p2.
+        distortion: ``None`` or lens rows ``(9,)`` / ``(N, 9)`` (or ``k1, k2, p1, p2``: :func:`lens_rows`).
     Returns:
         ``(N, 3)`` ``(x, −y, −1)`` with ``(x, y)`` the undistorted normalised coordinates; its norm
         is ``1 / cos θ`` (the ray distance per unit of z-depth).
     """
     uv = pixel_uv.float() if not pixel_uv.is_floating_point() else pixel_uv
-    fx, fy, cx, cy = _expand(intrinsics, uv.shape[0], 4).to(uv).unbind(-1)
+    fx, fy, cx, cy = expand_rows(intrinsics, uv.shape[0], 4).to(uv).unbind(-1)
     xy = torch.stack([(uv[:, 0] - cx) / fx, (uv[:, 1] - cy) / fy], dim=-1)
     if distortion is not None:
         xy = undistort(xy, distortion)
@@ -157,7 +66,7 @@ def rays_for_pixels(c2w: torch.Tensor, intrinsics: torch.Tensor, pixel_uv: torch
             (OpenGL convention).
         intrinsics: ``(4,)`` or ``(N, 4)``: fx, fy, cx, cy in pixels.
         pixel_uv: ``(N, 2)`` pixel coordinates ``(u, v)``; pass ``col + 0.5, row + 0.5`` for centres.
-        distortion: ``None``, ``(4,)`` or ``(N, 4)``: k1, k2, p1, p2 (undistorted iteratively).
+        distortion: ``None`` or lens rows ``(9,)`` / ``(N, 9)`` (:func:`lens_rows`; undistorted iteratively).
     Returns:
         origins ``(N, 3)`` (the camera centres) and unit directions ``(N, 3)``, world units.
 
@@ -229,7 +138,8 @@ def pixel_rays(c2w: torch.Tensor, intrinsics: torch.Tensor, px: torch.Tensor, py
 
     Args:
         c2w: ``(n, 4, 4)`` per ray (OpenGL: the camera looks down −z), intrinsics ``(n, 4)``
-            fx, fy, cx, cy; px, py ``(n,)`` integer pixel columns and rows; distortion ``(n, 4)`` or None.
+            fx, fy, cx, cy; px, py ``(n,)`` integer pixel columns and rows; distortion ``(n, 9)`` lens
+            rows (:func:`lens_rows`) or None.
     Returns:
         origins ``(n, 3)``, unit directions ``(n, 3)`` and ``cos (n,)``, the cosine between each
         direction and the optical axis (a z-depth z is the ray distance ``z / cos``).

@@ -44,6 +44,7 @@ import torch
 from vqad.errors import InputError
 from vqad.nerf.procedural import ProceduralScene, _one_thread, look_at
 from vqad.nerf.formats.points import write_ply_points
+from vqad.nerf.lens import LENS_FISHEYE, fisheye_theta_d
 from vqad.nerf.rays import pixel_centers, rays_for_pixels
 
 NGP_SCALE = 0.33  # instant-ngp's default: world · scale + offset is ngp space, whose unit cube is aabb_scale 1
@@ -53,6 +54,11 @@ MAX_VIEWS = 2000
 RAY_CHUNK = 1 << 18  # rays raycast at once: bounds the memory of a large image to ~100 MB
 MAX_POINTS = 10_000_000
 MAX_SUPERSAMPLE = 16  # rays per pixel side
+LENSES = ("pinhole", "fisheye")
+#: the fisheye capture's OpenCV fisheye k1, k2, k3, k4 (a mild equidistant lens, as a calibration finds)
+FISHEYE_K = (0.04, -0.012, 0.002, 0.0)
+#: the fisheye capture's default field of view across the image's height, degrees
+FISHEYE_FOV_Y_DEG = 120.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,8 @@ class SceneCaptureConfig:
     point_outliers: float = 0.01  # share of points uniform in the aabb_scale box
     seed: int = 0
     supersample: int = 4  # n: each pixel averages n × n rays over its square (1: the pixel centre alone)
+    # "pinhole", or "fisheye": OpenCV's equidistant fisheye with FISHEYE_K, fov_y_deg across the image's height
+    lens: str = "pinhole"
 
     def validate(self) -> None:
         if not (1 <= self.width <= MAX_SIDE and 1 <= self.height <= MAX_SIDE and 2 <= self.views <= MAX_VIEWS):
@@ -93,6 +101,8 @@ class SceneCaptureConfig:
                              f"got {n!r}")
         if not (0 < self.fov_y_deg < 170 and self.camera_radius < self.dome_radius and self.dome_radius > 0):
             raise InputError("the field of view must be in (0, 170) degrees and the cameras inside the dome")
+        if self.lens not in LENSES:
+            raise InputError(f"the capture's lens must be one of {', '.join(LENSES)}, got {self.lens!r}")
 
 
 @dataclass(frozen=True)
@@ -162,9 +172,20 @@ def ring_cameras(cfg: SceneCaptureConfig) -> torch.Tensor:
 
 
 def _cameras(cfg: SceneCaptureConfig) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
-    """Poses ``(N, 4, 4)`` and intrinsics ``fx, fy, cx, cy`` of the capture."""
-    fy = 0.5 * cfg.height / math.tan(math.radians(cfg.fov_y_deg) / 2)
+    """Poses ``(N, 4, 4)`` and intrinsics ``fx, fy, cx, cy`` of the capture (through its lens,
+    :func:`capture_lens`, the image's height spans ``fov_y_deg``)."""
+    half = math.radians(cfg.fov_y_deg) / 2
+    reach = fisheye_theta_d(capture_lens(cfg), half) if cfg.lens == "fisheye" else math.tan(half)
+    fy = 0.5 * cfg.height / reach
     return ring_cameras(cfg), (fy, fy, cfg.width / 2, cfg.height / 2)
+
+
+def capture_lens(cfg: SceneCaptureConfig) -> torch.Tensor | None:
+    """The capture's lens row (:mod:`vqad.nerf.lens`), or None for a pinhole."""
+    if cfg.lens == "pinhole":
+        return None
+    k1, k2, k3, k4 = FISHEYE_K
+    return torch.tensor([LENS_FISHEYE, k1, k2, 0.0, 0.0, k3, k4, 0.0, 0.0])
 
 
 def _render_view(env: Environment, cfg: SceneCaptureConfig, pose: torch.Tensor, intr, background: bool) -> torch.Tensor:
@@ -182,7 +203,7 @@ def _render_view(env: Environment, cfg: SceneCaptureConfig, pose: torch.Tensor, 
     intr = torch.tensor(intr)
     for a in range(0, centers.shape[0], per_chunk):
         uv = (centers[a:a + per_chunk, None, :] + sub).reshape(-1, 2)  # (p · n², 2), each pixel's rays together
-        o, d = rays_for_pixels(pose, intr, uv)
+        o, d = rays_for_pixels(pose, intr, uv, capture_lens(cfg))
         _, color, hit = env.raycast(o, d, background)
         alpha = torch.ones_like(color[:, 0]) if background else hit.to(color.dtype)
         a_px = alpha.reshape(-1, n * n).mean(1)  # (p,)
@@ -207,7 +228,7 @@ def sparse_points(cfg: SceneCaptureConfig, env: Environment, c2w: torch.Tensor, 
                 break
             views = torch.randint(0, c2w.shape[0], (RAY_CHUNK // 16,), generator=g)  # every view, pixel by pixel
             uv = torch.rand(views.shape[0], 2, generator=g) * torch.tensor([cfg.width, cfg.height])
-            o, d = rays_for_pixels(c2w[views], torch.tensor(intr), uv)
+            o, d = rays_for_pixels(c2w[views], torch.tensor(intr), uv, capture_lens(cfg))
             d = d / d.norm(dim=-1, keepdim=True)
             t, _, on_object = env.raycast(o, d, background)
             hit = torch.isfinite(t) if background else torch.isfinite(t) & on_object
@@ -263,8 +284,12 @@ def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bo
             frames.append({"file_path": name, "transform_matrix": pose.tolist()})
             if on_view is not None:
                 on_view(i + 1, len(c2w))
-    meta = {"camera_model": "OPENCV", "fl_x": fx, "fl_y": fy, "cx": cx, "cy": cy, "w": cfg.width, "h": cfg.height,
-            "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "aabb_scale": cfg.aabb_scale, "scale": NGP_SCALE,
+    if cfg.lens == "fisheye":  # instant-ngp reads is_fisheye, nerfstudio camera_model
+        lens = {"camera_model": "OPENCV_FISHEYE", "is_fisheye": True, **dict(zip(("k1", "k2", "k3", "k4"), FISHEYE_K))}
+    else:
+        lens = {"camera_model": "OPENCV", "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0}
+    meta = {**lens, "fl_x": fx, "fl_y": fy, "cx": cx, "cy": cy, "w": cfg.width, "h": cfg.height,
+            "aabb_scale": cfg.aabb_scale, "scale": NGP_SCALE,
             "offset": list(NGP_OFFSET), "frames": frames,
             "vqad_scene": {"background": background, **asdict(cfg)}}
     if cfg.points:

@@ -140,7 +140,7 @@ def register(sub) -> None:
     add_device_arg(p)
     p.set_defaults(func=cmd_eval, oom_hint="lower --max-views or the images' size (the fit's --downscale)")
 
-    from vqad.nerf.scene_capture import SceneCaptureConfig
+    from vqad.nerf.scene_capture import FISHEYE_FOV_Y_DEG, FISHEYE_K, LENSES, SceneCaptureConfig
 
     S = SceneCaptureConfig()
     p = sub.add_parser("synth-capture", help="write a generated instant-ngp capture: an object inside a textured room",
@@ -162,16 +162,23 @@ def register(sub) -> None:
     p.add_argument("--supersample", type=int, default=S.supersample, metavar="N",
                    help=f"each pixel averages N x N rays over its area, as a camera's pixel integrates light "
                         f"(1: the pixel centre alone, aliased edges; default: {S.supersample})")
+    p.add_argument("--lens", choices=LENSES, default=S.lens,
+                   help=f"the cameras' lens: a pinhole, or OpenCV's equidistant fisheye (k1..k4 = "
+                        f"{', '.join(f'{k:g}' for k in FISHEYE_K)}; is_fisheye in transforms.json) (default: {S.lens})")
+    p.add_argument("--fov", type=float, default=None, metavar="DEG",
+                   help=f"field of view across the image's height, degrees (default: {S.fov_y_deg:g}, "
+                        f"{FISHEYE_FOV_Y_DEG:g} with --lens fisheye)")
     p.set_defaults(func=cmd_synth_capture)
 
 
 def cmd_synth_capture(args) -> int:
     from vqad.app.commands.rgbd import parse_size
-    from vqad.nerf.scene_capture import SceneCaptureConfig, write_capture
+    from vqad.nerf.scene_capture import FISHEYE_FOV_Y_DEG, SceneCaptureConfig, write_capture
 
     width, height = parse_size(args.size)
+    fov = args.fov if args.fov is not None else FISHEYE_FOV_Y_DEG if args.lens == "fisheye" else SceneCaptureConfig.fov_y_deg
     cfg = SceneCaptureConfig(width=width, height=height, views=args.views, aabb_scale=args.aabb_scale, points=args.points,
-                             supersample=args.supersample)
+                             supersample=args.supersample, lens=args.lens, fov_y_deg=fov)
     cfg.validate()
     out = Path(args.out)
     interrupted = out.is_dir() and (out / "images").is_dir() and not (out / "transforms.json").exists()
@@ -186,7 +193,7 @@ def cmd_synth_capture(args) -> int:
         path = write_capture(out, cfg, background=not args.no_background, on_view=_view_progress(PROGRESS_SECONDS))
     print(f"wrote {path} ({cfg.views} views, {width}x{height}, aabb_scale {cfg.aabb_scale}, "
           f"{'object alone' if args.no_background else 'object in a textured room'}, {cfg.points:,} sparse points, "
-          f"{cfg.supersample}x{cfg.supersample} rays a pixel)")
+          f"{cfg.supersample}x{cfg.supersample} rays a pixel, {cfg.lens} lens, {cfg.fov_y_deg:g}° tall)")
     hint = " --octree density" if args.no_background and cfg.aabb_scale > 1 else ""  # masks mark no room
     print(f"next: vqad fit-nerf {out} --format ngp{hint}")
     return 0
@@ -345,6 +352,7 @@ def cmd_fit_nerf(args) -> int:
     from vqad.device import native_bf16_matmul, resolve_device
     from vqad.nerf.evaluate import evaluate_nerf, metric_lines
     from vqad.nerf.fit import fit_nerf
+    from vqad.nerf.lens import lens_summary
 
     out = Path(args.out)
     saved = resumed_configs(out, "nerf") if args.resume else None
@@ -366,7 +374,7 @@ def cmd_fit_nerf(args) -> int:
             if old.is_dir():
                 shutil.rmtree(old)
     print(f"dataset {dataset.name!r} ({dataset.format}): " + ", ".join(f"{k} {len(v)} views" for k, v in dataset.splits.items())
-          + f", {dataset.splits['train'].hw[1]}x{dataset.splits['train'].hw[0]} px")
+          + f", {dataset.splits['train'].hw[1]}x{dataset.splits['train'].hw[0]} px" + lens_summary(dataset.splits["train"]))
     res = fit_nerf(dataset, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume, quiet=args.quiet,
                    nerf_cfg=nerf_cfg, deadline=deadline)
     field = res.field

@@ -29,8 +29,11 @@ Per-format conversions:
   ``fl_x``/``fl_y`` or ``camera_angle_x``/``camera_angle_y`` (``fl = ½ w / tan(angle / 2)``, ``fl_y``
   defaults to ``fl_x``), ``cx``/``cy`` (default: the image centre), given for an image of ``w × h``
   (default: the image's own size) and scaled to the size actually read. Any of these keys may be
-  overridden per frame. ``k1, k2, p1, p2`` become ``Views.distortion`` (the rays undistort them);
-  fisheye models and non-zero ``k3``/``k4`` are refused. ``file_path`` may omit the extension.
+  overridden per frame. The lens (:mod:`vqad.nerf.lens`) becomes ``Views.distortion`` and the rays
+  undistort it: ``is_fisheye: true`` (instant-ngp) or ``camera_model: OPENCV_FISHEYE`` (nerfstudio)
+  is OpenCV's fisheye with ``k1..k4``; otherwise ``k1, k2, k3, p1, p2`` are OpenCV's radial-tangential
+  terms (a non-zero ``k4`` there, which nerfstudio and OpenCV read differently, and other camera
+  models are refused). ``file_path`` may omit the extension.
 * **llff**: ``poses_bounds.npy`` rows are ``[R | t | (H, W, f)]`` (3×5, column-major flattened)
   then ``near, far``; R's columns are [down, right, backwards] and become [right, up, backwards]
   (OpenGL): ``x = right = col 1``, ``y = up = −col 0``, ``z = col 2``. ``(H, W, f)`` is for the

@@ -7,9 +7,11 @@ Layout: ``ROOT/images/`` with the photos and the model in ``ROOT/sparse/0/``, ``
 ``ROOT`` itself (the first that holds ``cameras.bin`` or ``cameras.txt``).
 
 * ``cameras``: ``CAMERA_ID MODEL WIDTH HEIGHT PARAMS...``; the models read are SIMPLE_PINHOLE
-  ``f cx cy``, PINHOLE ``fx fy cx cy``, SIMPLE_RADIAL ``f cx cy k``, RADIAL ``f cx cy k1 k2`` and
-  OPENCV ``fx fy cx cy k1 k2 p1 p2``; the distortion becomes ``Views.distortion`` ``k1 k2 p1 p2``,
-  which the rays undo (:func:`vqad.nerf.rays.undistort`). Fisheye and other models are refused.
+  ``f cx cy``, PINHOLE ``fx fy cx cy``, SIMPLE_RADIAL ``f cx cy k``, RADIAL ``f cx cy k1 k2``,
+  OPENCV ``fx fy cx cy k1 k2 p1 p2``, FULL_OPENCV ``fx fy cx cy k1 k2 p1 p2 k3 k4 k5 k6``, and the
+  fisheyes SIMPLE_RADIAL_FISHEYE ``f cx cy k``, RADIAL_FISHEYE ``f cx cy k1 k2`` and OPENCV_FISHEYE
+  ``fx fy cx cy k1 k2 k3 k4``; the distortion becomes the view's lens row (:mod:`vqad.nerf.lens`,
+  COLMAP's own formulas), which the rays undo. FOV and THIN_PRISM_FISHEYE are refused.
 * ``images``: ``IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME`` (then a line of 2-D points, ignored):
   world-to-camera ``x_cam = R(q) x + t`` in OpenCV axes (x right, y down, z forward), so
   ``c2w = [Rᵀ | −Rᵀ t]`` with its y and z columns negated (OpenGL).
@@ -37,13 +39,16 @@ from vqad.errors import InputError
 from vqad.nerf.formats.points import read_colmap_points
 from vqad.nerf.contraction import check_outer_scale
 from vqad.nerf.data import SceneDataset
-from vqad.nerf.formats.common import _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _resolve_image
+from vqad.nerf.formats.common import _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _resolve_image, lens_row
+from vqad.nerf.lens import LENS_FISHEYE, LENS_OPENCV
 
 # model id → (name, number of parameters); only the first five are read
 CAMERA_MODELS = {0: ("SIMPLE_PINHOLE", 3), 1: ("PINHOLE", 4), 2: ("SIMPLE_RADIAL", 4), 3: ("RADIAL", 5),
                  4: ("OPENCV", 8), 5: ("OPENCV_FISHEYE", 8), 6: ("FULL_OPENCV", 12), 7: ("FOV", 5),
                  8: ("SIMPLE_RADIAL_FISHEYE", 4), 9: ("RADIAL_FISHEYE", 5), 10: ("THIN_PRISM_FISHEYE", 12)}
-SUPPORTED = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV")
+SUPPORTED = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV",
+             "SIMPLE_RADIAL_FISHEYE", "RADIAL_FISHEYE", "OPENCV_FISHEYE")
+_ONE_FOCAL = ("SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL", "SIMPLE_RADIAL_FISHEYE", "RADIAL_FISHEYE")
 CENTRAL_HALF = 0.375  # half extent of the central box / mean camera distance (colmap2nerf: 1.5 / 4)
 
 
@@ -58,8 +63,8 @@ class ColmapCamera:
         p = self.params
         if self.model not in SUPPORTED:
             raise InputError(f"{what}: camera model {self.model} is not supported (use {', '.join(SUPPORTED)}; "
-                             "undistort fisheye images with colmap image_undistorter first)")
-        if self.model in ("SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL"):
+                             "or undistort the images with colmap image_undistorter first)")
+        if self.model in _ONE_FOCAL:
             fx = fy = p[0]
             cx, cy = p[1], p[2]
         else:
@@ -67,16 +72,17 @@ class ColmapCamera:
         if not (fx > 0 and fy > 0 and self.width > 0 and self.height > 0):
             raise InputError(f"{what}: the camera's focal length ({fx:g}, {fy:g}) and size ({self.width}×{self.height}) "
                              f"must be positive; fix the cameras file or re-run COLMAP's mapper")
-        dist = None
-        if self.model == "SIMPLE_RADIAL":
-            dist = [p[3], 0, 0, 0]
-        elif self.model == "RADIAL":
-            dist = [p[3], p[4], 0, 0]
-        elif self.model == "OPENCV":
-            dist = list(p[4:8])
-        d = np.asarray(dist, dtype=np.float64) if dist is not None else None
+        lens = {"SIMPLE_PINHOLE": lambda: None, "PINHOLE": lambda: None,
+                "SIMPLE_RADIAL": lambda: lens_row(LENS_OPENCV, k1=p[3]),
+                "RADIAL": lambda: lens_row(LENS_OPENCV, k1=p[3], k2=p[4]),
+                "OPENCV": lambda: lens_row(LENS_OPENCV, k1=p[4], k2=p[5], p1=p[6], p2=p[7]),
+                "FULL_OPENCV": lambda: lens_row(LENS_OPENCV, **dict(zip(("k1", "k2", "p1", "p2", "k3", "k4", "k5", "k6"),
+                                                                         p[4:12]))),
+                "SIMPLE_RADIAL_FISHEYE": lambda: lens_row(LENS_FISHEYE, k1=p[3]),
+                "RADIAL_FISHEYE": lambda: lens_row(LENS_FISHEYE, k1=p[3], k2=p[4]),
+                "OPENCV_FISHEYE": lambda: lens_row(LENS_FISHEYE, k1=p[4], k2=p[5], k3=p[6], k4=p[7])}[self.model]()
         return (_Pinhole(fx=float(fx), fy=float(fy), cx=float(cx), cy=float(cy), w=float(self.width),
-                         h=float(self.height)), d if d is not None and np.any(d != 0) else None)
+                         h=float(self.height)), lens)
 
 
 @dataclass

@@ -15,7 +15,9 @@ import torch
 from vqad.errors import InputError
 from vqad.field import Normalization
 from vqad.nerf.data import SceneDataset, Views
-from vqad.nerf.rays import DISTORTION_TOL_PX, distortion_fit, rays_for_pixels
+from vqad.nerf.lens import (DISTORTION_TOL_PX, LENS_COLUMNS, LENS_FISHEYE, LENS_OPENCV, describe_lens, distortion_fit,
+                            fisheye_theta_d)
+from vqad.nerf.rays import rays_for_pixels
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".exr")
 
 
@@ -245,7 +247,7 @@ class _Frame:
     c2w: np.ndarray  # (4, 4) OpenGL
     pinhole: _Pinhole
     name: str
-    distortion: np.ndarray | None = None  # (4,) k1 k2 p1 p2
+    distortion: np.ndarray | None = None  # (9,) a lens row (vqad.nerf.lens.LENS_COLUMNS); None: a pinhole
     depth: Path | None = None  # RTMV depth EXR
     depth_kind: str = "ray"  # what the depth EXR holds: "ray" distance or "z"-depth
 
@@ -323,21 +325,58 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
     if depths and len(depths) != len(frames):
         raise InputError(f"some views of the {split!r} split of {source} have depth and others do not; "
                          "give every view a depth map or none")
-    has_dist = any(d is not None and np.any(d != 0) for d in dists)
+    has_dist = any(d is not None for d in dists)
     return Views(
         images=torch.from_numpy(np.stack(images)),
         c2w=torch.from_numpy(np.stack(poses)).float(),
         intrinsics=torch.from_numpy(np.stack(intr)).float(),
         masks=torch.from_numpy(np.stack(alphas)) if any_alpha else None,
         depth=torch.from_numpy(np.stack(depths)).to(torch.float16) if depths else None,
-        distortion=torch.from_numpy(np.stack([d if d is not None else np.zeros(4) for d in dists])).float() if has_dist else None,
+        distortion=torch.from_numpy(np.stack([d if d is not None else np.zeros(9) for d in dists])).float() if has_dist else None,
         names=names,
     )
 
 
 # -- blender and instant-ngp (transforms json) -----------------------------------------------------
 _PINHOLE_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h", "camera_angle_x", "camera_angle_y")
-_DIST_KEYS = ("k1", "k2", "p1", "p2")
+_DIST_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
+#: a transforms.json's camera models (instant-ngp's ``is_fisheye``, nerfstudio's ``camera_model``)
+_TRANSFORMS_PINHOLE_MODELS = ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL")
+_TRANSFORMS_FISHEYE_MODELS = ("OPENCV_FISHEYE",)
+
+
+def lens_row(model: int, **coefficients: float) -> np.ndarray | None:
+    """A ``(9,)`` lens row (:data:`vqad.nerf.lens.LENS_COLUMNS`) from named coefficients, or None for a
+    plain pinhole (the OpenCV model with every coefficient zero)."""
+    row = np.zeros(len(LENS_COLUMNS))
+    row[0] = model
+    for k, v in coefficients.items():
+        row[LENS_COLUMNS.index(k)] = float(v or 0.0)
+    return None if model == LENS_OPENCV and not np.any(row[1:]) else row
+
+
+def _transforms_lens(get, what: str) -> np.ndarray | None:
+    """A frame's lens from a ``transforms.json`` (per-frame keys over global ones): instant-ngp's
+    ``is_fisheye`` or nerfstudio's ``camera_model: OPENCV_FISHEYE`` give OpenCV's fisheye with
+    ``k1..k4``; otherwise OpenCV's ``k1, k2, k3, p1, p2`` (a ``k4`` there has no one meaning: refused)."""
+    model = str(get("camera_model") or "OPENCV").upper()
+    if model not in _TRANSFORMS_PINHOLE_MODELS + _TRANSFORMS_FISHEYE_MODELS:
+        raise InputError(f"{what}: camera_model {get('camera_model')!r} is not supported (pinhole models "
+                         f"{', '.join(_TRANSFORMS_PINHOLE_MODELS)} and OPENCV_FISHEYE are); undistort the images "
+                         f"to a pinhole camera first")
+    fisheye = get("is_fisheye")
+    if fisheye is not None and not isinstance(fisheye, bool):
+        raise InputError(f"{what}: is_fisheye must be true or false, not {fisheye!r}")
+    k = {key: get(key) for key in _DIST_KEYS}
+    if fisheye or model in _TRANSFORMS_FISHEYE_MODELS:
+        if k["p1"] or k["p2"]:
+            raise InputError(f"{what}: a fisheye camera has no tangential terms, but p1, p2 = {k['p1']}, {k['p2']}; "
+                             f"check the camera model")
+        return lens_row(LENS_FISHEYE, k1=k["k1"], k2=k["k2"], k3=k["k3"], k4=k["k4"])
+    if k["k4"]:
+        raise InputError(f"{what}: k4 = {k['k4']} on a pinhole camera ({model}) has no one meaning (OpenCV's "
+                         f"rational term or a radial r⁸ term); undistort the images first, or give k4 = 0")
+    return lens_row(LENS_OPENCV, k1=k["k1"], k2=k["k2"], k3=k["k3"], p1=k["p1"], p2=k["p2"])
 
 
 def _read_json(path: Path) -> dict:
@@ -377,10 +416,7 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
         if not isinstance(fr, dict) or "file_path" not in fr or "transform_matrix" not in fr:
             raise InputError(f"{what} needs 'file_path' and 'transform_matrix'")
         get = lambda k: fr.get(k, meta.get(k))  # noqa: E731 - per-frame keys override global ones
-        if get("is_fisheye") or str(get("camera_model") or "OPENCV").upper() not in ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL"):
-            raise InputError(f"{what}: only pinhole cameras with k1, k2, p1, p2 distortion are supported "
-                             f"(got camera_model={get('camera_model')!r}, is_fisheye={get('is_fisheye')!r})")
-        for k in _PINHOLE_KEYS + _DIST_KEYS + ("k3", "k4"):
+        for k in _PINHOLE_KEYS + _DIST_KEYS:
             v = get(k)
             if v is None:
                 continue
@@ -388,14 +424,12 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
                 raise InputError(f"{what}: {k} must be a finite number, not {v!r}")
             if v <= 0 and k in ("fl_x", "fl_y", "w", "h"):
                 raise InputError(f"{what}: {k} must be positive, not {v!r}")
-        if any(get(k) for k in ("k3", "k4")):
-            raise InputError(f"{what}: distortion terms k3/k4 are not supported; undistort the images first")
+        lens = _transforms_lens(get, what)
         vals = {k: get(k) for k in _PINHOLE_KEYS}
         pin = _Pinhole(fx=vals["fl_x"], fy=vals["fl_y"], cx=vals["cx"], cy=vals["cy"], w=vals["w"], h=vals["h"],
                        angle_x=vals["camera_angle_x"], angle_y=vals["camera_angle_y"])
         if not pin.fx and not pin.angle_x:
             raise InputError(f"{what}: no focal length: give fl_x or camera_angle_x")
-        dist = np.array([float(get(k) or 0.0) for k in _DIST_KEYS])
         path = _resolve_image(base, str(fr["file_path"]), what)
         if str(path) in seen:  # one photo twice: two poses for it, or a held-out view that is also trained on
             raise InputError(f"{what} and frame {seen[str(path)]} are both {fr['file_path']!r}: each image once, please")
@@ -404,7 +438,7 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
             raise InputError(f"{what}: transform_matrix must be a 4×4 (or 3×4) list of lists of numbers, not "
                              f"{str(fr['transform_matrix'])[:60]}")
         out.append(_Frame(image=path, c2w=_as_c2w(fr["transform_matrix"], what), pinhole=pin,
-                          name=str(fr["file_path"]), distortion=dist if np.any(dist != 0) else None))
+                          name=str(fr["file_path"]), distortion=lens))
     return out
 
 
@@ -454,7 +488,7 @@ def _dataset(name, fmt, split_frames: dict[str, list[_Frame]], sources: dict[str
 #: float32 ray from it cannot resolve the scene's cells
 MAX_CAMERA_DISTANCE = 1e5
 #: how far from its optical axis a view's corner may look, in degrees (a pinhole image spans less than
-#: 180°; fisheye models are refused by the readers)
+#: 180°; rays keep ``z = −1``, so a fisheye image is cropped to this too)
 MAX_RAY_ANGLE = 85.0
 
 
@@ -483,12 +517,19 @@ def _check_views(views: Views, split: str, source: Path, norm: Normalization, ou
         dist = None if views.distortion is None else views.distortion[i]
         if dist is not None:
             if not bool(torch.isfinite(dist).all()):
-                raise InputError(f"{what}: its distortion k1, k2, p1, p2 = {dist.tolist()} is not finite in 32-bit floats")
+                raise InputError(f"{what}: its lens distortion ({describe_lens(dist)}) is not finite in 32-bit floats")
+            reach = ((corners - K[i, 2:]) / K[i, :2]).norm(dim=-1).max().item()  # the corners' distorted radius
+            theta_d = fisheye_theta_d(dist, torch.linspace(0.0, math.radians(MAX_RAY_ANGLE), 256))
+            if int(dist[0]) == LENS_FISHEYE and bool((theta_d.diff() > 0).all()) and reach > float(theta_d[-1]):
+                raise InputError(f"{what}: its fisheye image's corners are θ_d = {math.degrees(reach):.0f}° off the "
+                                 f"optical axis, beyond the {MAX_RAY_ANGLE:g}° vqad's rays reach (fx, fy, cx, cy = "
+                                 f"{K[i].tolist()} for a {w}×{h} image, {describe_lens(dist)}): crop the fisheye images "
+                                 f"(and shift cx, cy) or undistort them")
             err, det = distortion_fit(K[i], dist, (h, w))
             if det <= 0 or not err <= DISTORTION_TOL_PX:
                 how = ("folds inside the image (two directions would land on one pixel)" if det <= 0 else
                        f"cannot be undone to within {DISTORTION_TOL_PX:g} px (off by {err:.3g} px)")
-                raise InputError(f"{what}: its lens distortion k1, k2, p1, p2 = {[round(v, 6) for v in dist.tolist()]} "
+                raise InputError(f"{what}: its lens distortion ({describe_lens(dist)}) "
                                  f"{how}; check the coefficients, or undistort the images first and give 0")
         o, d = rays_for_pixels(c2w[i], K[i], corners, dist)
         if not (bool(torch.isfinite(o).all()) and bool(torch.isfinite(d).all())):
@@ -497,9 +538,11 @@ def _check_views(views: Views, split: str, source: Path, norm: Normalization, ou
         axis = -c2w[i, :3, 2] / c2w[i, :3, 2].norm()
         widest = math.degrees(math.acos(min(1.0, float((d @ axis).min()))))
         if widest > MAX_RAY_ANGLE:
+            fix = ("vqad's rays stop short of 90°: crop the fisheye images (and shift cx, cy) or undistort them"
+                   if dist is not None and int(dist[0]) == LENS_FISHEYE else
+                   "check the focal length and the camera's width and height")
             raise InputError(f"{what}: its image corners look {widest:.1f}° off the optical axis (more than "
-                             f"{MAX_RAY_ANGLE:g}°: fx, fy, cx, cy = {K[i].tolist()} for a {w}×{h} image); check the "
-                             f"focal length and the camera's width and height")
+                             f"{MAX_RAY_ANGLE:g}°: fx, fy, cx, cy = {K[i].tolist()} for a {w}×{h} image); {fix}")
     if len(views) > 1 and bool((c2w == c2w[:1]).all()):
         raise InputError(f"{source}: every view of the {split!r} split has the same pose: the poses are missing "
                          f"or wrong (a radiance field needs views from different places)")

@@ -1161,3 +1161,44 @@ def test_more_hostile_capture_files_are_one_line_errors(tmp_path):
                     .rsplit(" ", 2)[0] + "\n")
     with pytest.raises(InputError, match="camera id 1 appears twice"):
         load_dataset(root, format="colmap")
+
+
+def test_nerfstudio_transforms_get_their_box_from_the_cameras(tmp_path):
+    """A nerfstudio transforms.json (camera_model, no aabb_scale / scale / offset) is in its structure
+    from motion's units: its box comes from the cameras as COLMAP's does, so the same capture at 20× the
+    scale is the same scene in the unit cube. An instant-ngp file whose box its rays miss is warned about."""
+    import copy
+    import warnings
+
+    from vqad.nerf.formats.common import CAMERA_BOX_OUTER
+    from vqad.nerf.formats.ngp import is_nerfstudio
+
+    root, path, meta = _ngp_capture(tmp_path, "cap")
+    rays = {}
+    for factor in (1.0, 20.0):
+        m = {k: copy.deepcopy(v) for k, v in meta.items() if k not in ("aabb_scale", "scale", "offset", "ply_file_path")}
+        m["camera_model"] = "OPENCV"
+        for fr in m["frames"]:
+            for r in range(3):
+                fr["transform_matrix"][r][3] *= factor
+        path.write_text(json.dumps(m))
+        assert is_nerfstudio(m)
+        ds = load_dataset(root, format="ngp")
+        assert ds.outer_scale == CAMERA_BOX_OUTER and "from the cameras" in ds.split_sources["train"]
+        o, d = camera_rays(ds.splits["train"], 0)
+        rays[factor] = ds.normalization.to_unit(o), d
+    assert torch.allclose(rays[1.0][0], rays[20.0][0], atol=1e-4) and torch.allclose(rays[1.0][1], rays[20.0][1], atol=1e-5)
+    # an instant-ngp file (no camera_model) at 20×: its unit box is a speck in every view
+    m = {k: copy.deepcopy(v) for k, v in meta.items()
+         if k not in ("aabb_scale", "scale", "offset", "ply_file_path", "camera_model")}
+    for fr in m["frames"]:
+        for r in range(3):
+            fr["transform_matrix"][r][3] *= 20.0
+    path.write_text(json.dumps(m))
+    assert not is_nerfstudio(m)
+    with pytest.warns(UserWarning, match=r"the scene box covers 0\.\d% of the training pixels.*set aabb_scale"):
+        load_dataset(root, format="ngp")
+    path.write_text(json.dumps(meta))  # the capture as written: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset(root, format="ngp")

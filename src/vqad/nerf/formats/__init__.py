@@ -59,7 +59,11 @@ Scene normalisation (``x_unit = (x_world − center) · scale``, a cube around a
   centre ``(0.5 − offset) / scale`` and half extent ``1 / (2 · scale)`` in world units (instant-ngp's
   ``aabb_scale`` 1 box); with ``aabb_scale`` A > 1 the scene extends to A times that box, and
   ``SceneDataset.outer_scale = A``: the field contracts the shell between the two boxes
-  (:mod:`vqad.nerf.contraction`). ``aabb_scale`` < 1 keeps the smaller box as the cube;
+  (:mod:`vqad.nerf.contraction`). ``aabb_scale`` < 1 keeps the smaller box as the cube. A nerfstudio
+  ``transforms.json`` (``camera_model`` or ``applied_transform``, and none of ``aabb_scale``, ``scale``,
+  ``offset``: poses in its structure from motion's units) gets COLMAP's box from its cameras instead;
+* colmap (and nerfstudio): centred where the optical axes meet, half extent 0.375 × the cameras'
+  mean distance to that point, contracted out to 16 times it (:func:`.common.camera_box`);
 * llff: the box holding every camera's view frustum between 0.9 × its near bound and 1.1 × its far
   bound;
 * rtmv: the box of the back-projected depth of all views, grown by 5 % (or the JSON's
@@ -67,7 +71,8 @@ Scene normalisation (``x_unit = (x_world − center) · scale``, a cube around a
 * procedural: the shapes' known box, grown by 10 %.
 
 ``near``/``far`` (world units, z-depth) bound that box as seen from every camera (for llff: the
-near/far bounds of the file, ×0.9 and ×1.1).
+near/far bounds of the file, ×0.9 and ×1.1). A capture whose training rays mostly miss its box (under 2 %
+of them cross it: a box in the wrong units or place) is read with a warning.
 
 Downscaling (``downscale=N``) crops each image to a multiple of N pixels (from the bottom / right,
 so ``cx, cy`` keep their meaning) and averages N×N blocks (area resampling: PIL's ``reduce`` for 8-bit

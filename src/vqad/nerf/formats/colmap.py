@@ -19,10 +19,10 @@ Layout: ``ROOT/images/`` with the photos and the model in ``ROOT/sparse/0/``, ``
   float64 params[n_model]``; per image ``int32 id, float64 q[4], float64 t[3], int32 camera_id,
   NAME\\0, uint64 n_points, n_points × (float64 x, float64 y, int64 point_id)``. Little-endian.
 
-Scene box (COLMAP's units are arbitrary): the central box is centred on the point nearest to every
-camera's optical axis (least squares, as instant-ngp's ``colmap2nerf`` finds its "centre of
-attention"), with half extent ``0.375 ×`` the cameras' mean distance to it (colmap2nerf scales that
-distance to 4 and instant-ngp's unit box is then 1.5 across each way: 1.5 / 4); the scene extends to
+Scene box (COLMAP's units are arbitrary): :func:`vqad.nerf.formats.common.camera_box`, centred on the
+point nearest to every camera's optical axis (least squares, as instant-ngp's ``colmap2nerf`` finds its
+"centre of attention"), with half extent ``0.375 ×`` the cameras' mean distance to it (colmap2nerf scales
+that distance to 4 and instant-ngp's unit box is then 1.5 across each way: 1.5 / 4); the scene extends to
 ``outer_scale`` (default 16) times it, contracted (:mod:`vqad.nerf.contraction`). Every 8th image,
 sorted by name, is test (and val); the rest train.
 """
@@ -39,7 +39,8 @@ from vqad.errors import InputError
 from vqad.nerf.formats.points import read_colmap_points
 from vqad.nerf.contraction import check_outer_scale
 from vqad.nerf.data import SceneDataset
-from vqad.nerf.formats.common import _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _resolve_image, lens_row
+from vqad.nerf.formats.common import (CAMERA_BOX_OUTER, _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _resolve_image,
+                                      camera_box, lens_row)
 from vqad.nerf.lens import LENS_FISHEYE, LENS_OPENCV
 
 # model id → (name, number of parameters); only the first five are read
@@ -49,7 +50,6 @@ CAMERA_MODELS = {0: ("SIMPLE_PINHOLE", 3), 1: ("PINHOLE", 4), 2: ("SIMPLE_RADIAL
 SUPPORTED = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV",
              "SIMPLE_RADIAL_FISHEYE", "RADIAL_FISHEYE", "OPENCV_FISHEYE")
 _ONE_FOCAL = ("SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL", "SIMPLE_RADIAL_FISHEYE", "RADIAL_FISHEYE")
-CENTRAL_HALF = 0.375  # half extent of the central box / mean camera distance (colmap2nerf: 1.5 / 4)
 
 
 @dataclass
@@ -280,20 +280,6 @@ def read_model(model_dir: Path) -> tuple[dict[int, ColmapCamera], dict[int, Colm
     raise InputError(f"{model_dir} needs cameras and images in the same form (cameras.bin + images.bin, or .txt)")
 
 
-def attention_center(c2w: np.ndarray) -> np.ndarray:
-    """The point nearest to every optical axis in least squares: ``(N, 4, 4)`` OpenGL poses → ``(3,)``.
-
-    ``Σ (I − a aᵀ) p = Σ (I − a aᵀ) o`` for axes ``o + s a``; the cameras' mean when the axes are parallel.
-    """
-    o, a = c2w[:, :3, 3], -c2w[:, :3, 2]
-    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
-    P = np.eye(3)[None] - a[:, :, None] * a[:, None, :]
-    M, b = P.sum(0), np.einsum("nij,nj->i", P, o)
-    if np.linalg.cond(M) > 1e8:
-        return o.mean(0)
-    return np.linalg.solve(M, b)
-
-
 STRAY_CAMERA = 50.0  # a camera this many times the median camera's distance from the cameras' median is stray
 
 
@@ -311,7 +297,7 @@ def _refuse_stray_cameras(poses: np.ndarray, frames: list, model_dir: Path) -> N
 
 
 def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = 8,
-                outer_scale: float = 16.0) -> SceneDataset:
+                outer_scale: float = CAMERA_BOX_OUTER) -> SceneDataset:
     """A COLMAP capture (``path``: the folder with ``images/`` and ``sparse/``) as a :class:`SceneDataset`."""
     root = _capture_root(Path(path))
     outer_scale = check_outer_scale(outer_scale, "the COLMAP scene's outer scale")
@@ -333,10 +319,7 @@ def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limi
     train, test = _holdout(frames, hold_every)
     poses = np.stack([f.c2w for f in frames])
     _refuse_stray_cameras(poses, frames, model_dir)
-    center = attention_center(poses)
-    half = CENTRAL_HALF * float(np.linalg.norm(poses[:, :3, 3] - center, axis=-1).mean())
-    if not half > 0:
-        raise InputError(f"{model_dir}: every camera sits at one point; the scene's size is unknown")
+    center, half, _ = camera_box(poses, str(model_dir))
     desc = f"every {hold_every}th image of {model_dir.name} by name"
     sources = {"train": f"{model_dir} minus every {hold_every}th image", "val": desc + " (val = test)", "test": desc}
     return _dataset(root.name, "colmap", {"train": train, "val": test, "test": test}, sources, downscale, background,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -476,12 +477,79 @@ def _dataset(name, fmt, split_frames: dict[str, list[_Frame]], sources: dict[str
                          f"check the poses and the scene's scale (instant-ngp 'scale' / 'offset', COLMAP's units)")
     for split, views in {id(v): (s, v) for s, v in reversed(splits.items())}.values():  # a shared split once
         _check_views(views, split, source, norm, outer_scale)
+    seen = box_coverage(splits.get("train", next(iter(splits.values()))), norm, outer_scale)
+    if seen < MIN_BOX_COVERAGE:
+        fix = {"ngp": "set aabb_scale (and scale / offset) in transforms.json as instant-ngp would need them",
+               "blender": "the NeRF-synthetic box is [-1.5, 1.5]³: is this a blender capture?"}.get(
+                   fmt, "check the poses and the scene's scale")
+        warnings.warn(f"{source}: the scene box covers {seen:.1%} of the training pixels (its rays miss it): the scene "
+                      f"is larger than the box or elsewhere, and a fit would learn little; {fix}", stacklevel=2)
     return SceneDataset(name=name, format=fmt, splits=splits, normalization=norm, near=float(near), far=float(far),
                         background=tuple(float(c) for c in background), source=str(source),
                         downscale=int(requested_downscale or downscale),
                         split_sources=sources, bbox=(tuple(float(x) for x in lo), tuple(float(x) for x in hi)),
                         outer_scale=float(outer_scale),
                         points=None if points is None else torch.as_tensor(points, dtype=torch.float32).reshape(-1, 3))
+
+
+CAMERA_BOX_HALF = 0.375  #: a camera box's half extent / the cameras' mean distance to its centre (colmap2nerf: 1.5 / 4)
+CAMERA_BOX_OUTER = 16.0  #: how far the scene extends around a camera box, contracted (instant-ngp's aabb_scale 16)
+
+
+def attention_center(c2w: np.ndarray) -> np.ndarray:
+    """The point nearest to every optical axis in least squares: ``(N, 4, 4)`` OpenGL poses → ``(3,)``.
+
+    ``Σ (I − a aᵀ) p = Σ (I − a aᵀ) o`` for axes ``o + s a``; the cameras' mean when the axes are parallel.
+    """
+    o, a = c2w[:, :3, 3], -c2w[:, :3, 2]
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    P = np.eye(3)[None] - a[:, :, None] * a[:, None, :]
+    M, b = P.sum(0), np.einsum("nij,nj->i", P, o)
+    if np.linalg.cond(M) > 1e8:
+        return o.mean(0)
+    return np.linalg.solve(M, b)
+
+
+def camera_box(poses, what: str) -> tuple[np.ndarray, float, float]:
+    """The scene box of a capture whose units say nothing (COLMAP's, nerfstudio's): centred where the
+    optical axes meet (:func:`attention_center`), half extent :data:`CAMERA_BOX_HALF` × the cameras' mean
+    distance to that point, the scene contracted out to :data:`CAMERA_BOX_OUTER` times it.
+
+    Args:
+        poses: ``(N, 4, 4)`` OpenGL camera-to-world; what: the capture, for messages.
+    Returns:
+        the centre ``(3,)``, the half extent and the outer scale.
+    """
+    poses = np.stack(poses) if isinstance(poses, (list, tuple)) else np.asarray(poses)
+    center = attention_center(poses)
+    half = CAMERA_BOX_HALF * float(np.linalg.norm(poses[:, :3, 3] - center, axis=-1).mean())
+    if not half > 0:
+        raise InputError(f"{what}: every camera sits at one point; the scene's size is unknown")
+    return center, half, CAMERA_BOX_OUTER
+
+
+#: the share of a capture's training pixels whose rays must cross its scene box, below which readers warn
+MIN_BOX_COVERAGE = 0.02
+
+
+def box_coverage(views: Views, norm: Normalization, outer_scale: float, n: int = 16) -> float:
+    """The share of an ``n × n`` grid of each view's pixels whose rays (through the lens) cross the scene's
+    outer box (the unit cube grown by ``outer_scale``, the whole field)."""
+    h, w = views.hw
+    v, u = torch.meshgrid(torch.linspace(0.5, h - 0.5, n), torch.linspace(0.5, w - 0.5, n), indexing="ij")
+    uv = torch.stack([u.reshape(-1), v.reshape(-1)], -1)
+    hits = 0
+    for i in range(len(views)):
+        lens = None if views.distortion is None else views.distortion[i]
+        o, d = rays_for_pixels(views.c2w[i], views.intrinsics[i], uv, lens)
+        o = norm.to_unit(o.double())
+        d = d.double()
+        safe = torch.where(d.abs() < 1e-12, torch.full_like(d, 1e-12), d)
+        a, b = (-outer_scale - o) / safe, (outer_scale - o) / safe
+        t0 = torch.minimum(a, b).max(dim=-1).values
+        t1 = torch.maximum(a, b).min(dim=-1).values
+        hits += int((t1 > t0.clamp_min(0.0)).sum())
+    return hits / (len(views) * uv.shape[0])
 
 
 #: how far (in central-box half-sizes, beyond the scene's outer box) a camera may stand: farther, a

@@ -1,4 +1,4 @@
-"""instant-ngp captures: one ``transforms.json`` with pinhole intrinsics and optional distortion."""
+"""instant-ngp and nerfstudio captures: one ``transforms.json`` with intrinsics, lenses and poses."""
 
 from __future__ import annotations
 
@@ -10,15 +10,28 @@ import numpy as np
 from vqad.errors import InputError
 from vqad.nerf.contraction import MAX_OUTER_SCALE
 from vqad.nerf.data import SceneDataset
-from vqad.nerf.formats.common import _dataset, _holdout, _json_numbers, _read_json, _transforms_frames, inside_capture
+from vqad.nerf.formats.common import (_dataset, _holdout, _json_numbers, _read_json, _transforms_frames, camera_box,
+                                      inside_capture)
 from vqad.nerf.formats.points import read_ply_points
 
 
+#: keys of instant-ngp's scene box; a transforms.json with none of them but with nerfstudio's keys is nerfstudio's
+NGP_SCENE_KEYS = ("aabb_scale", "scale", "offset")
+NERFSTUDIO_KEYS = ("camera_model", "applied_transform", "applied_scale", "orientation_override")
+
+
+def is_nerfstudio(meta: dict) -> bool:
+    """Whether a ``transforms.json`` is nerfstudio's (``ns-process-data``, Polycam, Record3D exports): its
+    camera keys and none of instant-ngp's scene keys, so its poses are in arbitrary units."""
+    return not any(k in meta for k in NGP_SCENE_KEYS) and any(k in meta for k in NERFSTUDIO_KEYS)
+
+
 def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = 8) -> SceneDataset:
-    """An instant-ngp ``transforms.json`` scene (``path`` is its directory or the file itself).
+    """An instant-ngp (or nerfstudio) ``transforms.json`` scene (``path`` is its directory or the file itself).
 
     Every ``hold_every``-th frame (0, 8, ...) is test and val; the rest train. The unit cube is
-    instant-ngp's ``aabb_scale`` box (see the module docstring).
+    instant-ngp's ``aabb_scale`` box (see the module docstring); a nerfstudio file (:func:`is_nerfstudio`)
+    has no box, and gets one from its cameras (:func:`camera_box`).
     """
     p = Path(path)
     json_path = p if p.is_file() else p / "transforms.json"
@@ -53,6 +66,9 @@ def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=N
     outer = max(aabb_scale, 1.0)
     center = (0.5 - offset) / scale
     half = 0.5 * aabb_scale / outer / scale
+    if is_nerfstudio(meta):  # poses in the units of its structure from motion: the box comes from the cameras
+        center, half, outer = camera_box([f.c2w for f in all_frames], str(json_path))
+        sources = {k: v + " (nerfstudio: the scene box from the cameras)" for k, v in sources.items()}
     points = None
     if meta.get("ply_file_path") is not None:  # nerfstudio's sparse structure-from-motion points
         ply = meta["ply_file_path"]

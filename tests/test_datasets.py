@@ -1202,3 +1202,60 @@ def test_nerfstudio_transforms_get_their_box_from_the_cameras(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_dataset(root, format="ngp")
+
+
+@pytest.mark.parametrize("lens", ["pinhole", "fisheye"])
+def test_depth_file_path_maps_back_project_onto_the_scene(tmp_path, lens):
+    """synth-capture --depth writes nerfstudio-style depth (16-bit PNG, millimetres, depth_file_path): read
+    back, every pixel's z-depth back-projected through the lens lands on the surface its ray hits."""
+    from vqad.nerf.scene_capture import Environment, SceneCaptureConfig, write_capture
+
+    cfg = SceneCaptureConfig(width=20, height=24, views=3, points=0, supersample=1, lens=lens,
+                             fov_y_deg=120.0 if lens == "fisheye" else 50.0)
+    path = write_capture(tmp_path / lens, cfg, depth=True)
+    meta = json.loads(path.read_text())
+    assert meta["depth_unit_scale_factor"] == 1e-3 and meta["frames"][0]["depth_file_path"] == "depth/0000.png"
+    ds = load_dataset(path.parent, format="ngp")
+    views = ds.splits["train"]
+    assert views.depth is not None and bool((views.depth > 0).all())  # the room: every pixel hits something
+    env = Environment(ground_y=cfg.ground_y, dome_radius=cfg.dome_radius, checker=cfg.checker)
+    for i in range(len(views)):
+        o, d = camera_rays(views, i)
+        t, _, _ = env.raycast(o.double(), d.double(), True)
+        x = backproject(views.c2w[i], views.intrinsics[i], pixel_centers(24, 20), views.depth[i].reshape(-1).float(),
+                        views.distortion[i] if views.distortion is not None else None)
+        assert torch.allclose(x.double(), o.double() + t[:, None] * d.double(), atol=5e-3)  # mm steps, float16
+
+
+def test_depth_maps_smaller_than_their_images_and_bad_ones(tmp_path):
+    """A phone's depth map is smaller than its photo: resized by nearest neighbour (nerfstudio's rule);
+    a map of another aspect ratio, a colour image, a path outside the capture are refused; scale factors apply."""
+    from PIL import Image
+
+    root, path, meta = _ngp_capture(tmp_path, "cap")  # 8×12 images
+    (root / "depth").mkdir()
+    for i, fr in enumerate(meta["frames"]):
+        Image.fromarray(np.full((6, 4), 1500 + i, dtype=np.uint16)).save(root / "depth" / f"{i}.png")  # half size
+        fr["depth_file_path"] = f"depth/{i}.png"
+    path.write_text(json.dumps(meta))
+    views = load_dataset(root, format="ngp").splits["train"]
+    assert views.depth.shape == (len(views), 12, 8)
+    assert torch.allclose(views.depth[0].float(), torch.full((12, 8), 1.501), atol=1e-3)  # frame 1: 1501 mm
+    meta["depth_unit_scale_factor"] = 0.01
+    path.write_text(json.dumps(meta))
+    assert torch.allclose(load_dataset(root, format="ngp").splits["train"].depth[0].float(), torch.full((12, 8), 15.01),
+                          rtol=1e-3)
+    for bad, match in ((np.zeros((5, 5), dtype=np.uint16), "must be the image's size or smaller with its aspect"),
+                       (np.zeros((12, 8, 3), dtype=np.uint8), "depth needs one channel")):
+        Image.fromarray(bad).save(root / "depth" / "0.png")
+        with pytest.raises(InputError, match=match):
+            load_dataset(root, format="ngp")
+    meta["frames"][0]["depth_file_path"] = "../../elsewhere.png"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="points outside the capture folder"):
+        load_dataset(root, format="ngp")
+    meta["frames"][0]["depth_file_path"] = "depth/0.png"
+    meta["depth_unit_scale_factor"] = -1
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="depth_unit_scale_factor must be a positive number"):
+        load_dataset(root, format="ngp")

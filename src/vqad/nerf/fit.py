@@ -256,8 +256,9 @@ def fit_nerf(
         batcher.set_depth_targets(targets.ids, targets.distances)
         if not quiet:
             share = len(targets) / batcher.num_rays
-            print(f"depth loss: λ = {train_cfg.depth_weight:g} on {share:.1%} of the training pixels"
-                  + (" (auto: a contracted scene with sparse points)" if depth_auto else ""))
+            source = "depth maps" if depth_source(dataset, train_cfg.depth_from) == "capture" else "sparse points"
+            print(f"depth loss: λ = {train_cfg.depth_weight:g} on {share:.1%} of the training pixels, from the capture's "
+                  f"{source}" + (" (auto: a contracted scene with sparse points)" if depth_auto else ""))
     sampler = make_sampler(field)
     task = RadianceTask(field, sampler, batcher, train_cfg, quiet=quiet, octree_method=method)
     res = run_fit(task, train_cfg, device, ckpt_dir, resume_cfg=resume_cfg, start=start, quiet=quiet, deadline=deadline)

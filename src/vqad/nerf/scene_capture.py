@@ -39,10 +39,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vqad.errors import InputError
 from vqad.nerf.procedural import ProceduralScene, _one_thread, look_at
+from vqad.nerf.formats.common import DEPTH_UNIT_SCALE
 from vqad.nerf.formats.points import write_ply_points
 from vqad.nerf.lens import LENS_FISHEYE, fisheye_theta_d
 from vqad.nerf.rays import pixel_centers, rays_for_pixels
@@ -214,6 +216,16 @@ def _render_view(env: Environment, cfg: SceneCaptureConfig, pose: torch.Tensor, 
     return out.reshape(cfg.height, cfg.width, 4)
 
 
+def _depth_view(env: Environment, cfg: SceneCaptureConfig, pose: torch.Tensor, intr, background: bool) -> torch.Tensor:
+    """One view's z-depth ``(H, W)`` float64 in world units along its pixel-centre rays (0: nothing hit)."""
+    uv = pixel_centers(cfg.height, cfg.width, dtype=torch.float64)
+    o, d = rays_for_pixels(pose.double(), torch.tensor(intr, dtype=torch.float64), uv, capture_lens(cfg))
+    t, _, on_object = env.raycast(o, d, background)
+    hit = torch.isfinite(t) if background else torch.isfinite(t) & on_object
+    z = t * -(d @ pose[:3, 2].double())  # t · cos θ: the camera looks down −z
+    return torch.where(hit, z, torch.zeros_like(z)).reshape(cfg.height, cfg.width)
+
+
 def sparse_points(cfg: SceneCaptureConfig, env: Environment, c2w: torch.Tensor, intr, background: bool) -> torch.Tensor:
     """``(N, 3)`` world points as structure from motion would give them: the first hit of random pixels'
     rays (each seen by its view), plus Gaussian noise of ``point_noise``, and a ``point_outliers``
@@ -259,11 +271,13 @@ def render_capture(cfg: SceneCaptureConfig, background: bool = True):
 
 
 def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bool = True,
-                  on_view: Callable[[int, int], None] | None = None) -> Path:
+                  on_view: Callable[[int, int], None] | None = None, depth: bool = False) -> Path:
     """Render the capture and write it in instant-ngp layout: ``out_dir/transforms.json`` and
     ``out_dir/images/NNNN.png``, ``transforms.json`` last (a folder without it is an interrupted
-    capture). ``on_view(done, total)`` is called after each view is written. Returns the path of
-    ``transforms.json``."""
+    capture). With ``depth``, also each view's z-depth as nerfstudio writes a phone's depth sensor:
+    ``out_dir/depth/NNNN.png``, 16-bit, in :data:`DEPTH_UNIT_SCALE` world units (0: nothing hit), named by the
+    frames' ``depth_file_path``. ``on_view(done, total)`` is called after each view is written. Returns
+    the path of ``transforms.json``."""
     from PIL import Image
 
     cfg = cfg or SceneCaptureConfig()
@@ -282,6 +296,11 @@ def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bo
             arr = _render_view(env, cfg, pose, (fx, fy, cx, cy), background).numpy()
             Image.fromarray(arr if not background else arr[..., :3], "RGBA" if not background else "RGB").save(out / name)
             frames.append({"file_path": name, "transform_matrix": pose.tolist()})
+            if depth:
+                (out / "depth").mkdir(exist_ok=True)
+                z = (_depth_view(env, cfg, pose, (fx, fy, cx, cy), background) / DEPTH_UNIT_SCALE).round()
+                Image.fromarray(z.clamp(0, 65535).numpy().astype(np.uint16)).save(out / f"depth/{i:04d}.png")
+                frames[-1]["depth_file_path"] = f"depth/{i:04d}.png"
             if on_view is not None:
                 on_view(i + 1, len(c2w))
     if cfg.lens == "fisheye":  # instant-ngp reads is_fisheye, nerfstudio camera_model
@@ -290,7 +309,7 @@ def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bo
         lens = {"camera_model": "OPENCV", "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0}
     meta = {**lens, "fl_x": fx, "fl_y": fy, "cx": cx, "cy": cy, "w": cfg.width, "h": cfg.height,
             "aabb_scale": cfg.aabb_scale, "scale": NGP_SCALE,
-            "offset": list(NGP_OFFSET), "frames": frames,
+            "offset": list(NGP_OFFSET), **({"depth_unit_scale_factor": DEPTH_UNIT_SCALE} if depth else {}), "frames": frames,
             "vqad_scene": {"background": background, **asdict(cfg)}}
     if cfg.points:
         write_ply_points(out / "sparse_pc.ply", sparse_points(cfg, env, c2w, (fx, fy, cx, cy), background).numpy())

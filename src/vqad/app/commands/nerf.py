@@ -165,6 +165,10 @@ def register(sub) -> None:
     p.add_argument("--lens", choices=LENSES, default=S.lens,
                    help=f"the cameras' lens: a pinhole, or OpenCV's equidistant fisheye (k1..k4 = "
                         f"{', '.join(f'{k:g}' for k in FISHEYE_K)}; is_fisheye in transforms.json) (default: {S.lens})")
+    p.add_argument("--depth", action="store_true",
+                   help="also write each view's z-depth as a phone's depth sensor gives it (depth/NNNN.png, 16-bit "
+                        "millimetres, depth_file_path in transforms.json, nerfstudio's layout): --octree auto then "
+                        "builds the octree from depth")
     p.add_argument("--fov", type=float, default=None, metavar="DEG",
                    help=f"field of view across the image's height, degrees (default: {S.fov_y_deg:g}, "
                         f"{FISHEYE_FOV_Y_DEG:g} with --lens fisheye)")
@@ -190,10 +194,12 @@ def cmd_synth_capture(args) -> int:
             minutes = max(1, round(rays / 1.4e6 / 60))
             print(f"rendering {rays:,} rays ({cfg.views} views × {width}x{height} px × {cfg.supersample}² rays a pixel): "
                   f"about {minutes} minute{'s' if minutes > 1 else ''} on one core", flush=True)
-        path = write_capture(out, cfg, background=not args.no_background, on_view=_view_progress(PROGRESS_SECONDS))
+        path = write_capture(out, cfg, background=not args.no_background, on_view=_view_progress(PROGRESS_SECONDS),
+                             depth=args.depth)
     print(f"wrote {path} ({cfg.views} views, {width}x{height}, aabb_scale {cfg.aabb_scale}, "
           f"{'object alone' if args.no_background else 'object in a textured room'}, {cfg.points:,} sparse points, "
-          f"{cfg.supersample}x{cfg.supersample} rays a pixel, {cfg.lens} lens, {cfg.fov_y_deg:g}° tall)")
+          f"{cfg.supersample}x{cfg.supersample} rays a pixel, {cfg.lens} lens, {cfg.fov_y_deg:g}° tall"
+          f"{', depth maps' if args.depth else ''})")
     hint = " --octree density" if args.no_background and cfg.aabb_scale > 1 else ""  # masks mark no room
     print(f"next: vqad fit-nerf {out} --format ngp{hint}")
     return 0

@@ -33,7 +33,11 @@ Per-format conversions:
   undistort it: ``is_fisheye: true`` (instant-ngp) or ``camera_model: OPENCV_FISHEYE`` (nerfstudio)
   is OpenCV's fisheye with ``k1..k4``; otherwise ``k1, k2, k3, p1, p2`` are OpenCV's radial-tangential
   terms (a non-zero ``k4`` there, which nerfstudio and OpenCV read differently, and other camera
-  models are refused). ``file_path`` may omit the extension.
+  models are refused). ``file_path`` may omit the extension. A frame's ``depth_file_path``
+  (nerfstudio's: Polycam, Record3D, a phone's depth sensor) is a z-depth map, a 16-bit PNG (or EXR,
+  32-bit TIFF, 2-D ``.npy``) in ``depth_unit_scale_factor`` world units (default 0.001: millimetres
+  to metres, as nerfstudio), 0 where there is none; a map smaller than its photo is resized to it by
+  nearest neighbour. With depth on every frame the octree is built from it (``--octree auto``).
 * **llff**: ``poses_bounds.npy`` rows are ``[R | t | (H, W, f)]`` (3×5, column-major flattened)
   then ``near, far``; R's columns are [down, right, backwards] and become [right, up, backwards]
   (OpenGL): ``x = right = col 1``, ``y = up = −col 0``, ``z = col 2``. ``(H, W, f)`` is for the

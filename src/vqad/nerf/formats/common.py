@@ -18,7 +18,7 @@ from vqad.field import Normalization
 from vqad.nerf.data import SceneDataset, Views
 from vqad.nerf.lens import (DISTORTION_TOL_PX, LENS_COLUMNS, LENS_FISHEYE, LENS_OPENCV, describe_lens, distortion_fit,
                             fisheye_theta_d)
-from vqad.nerf.rays import rays_for_pixels
+from vqad.nerf.rays import camera_directions, rays_for_pixels
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".exr")
 
 
@@ -249,8 +249,10 @@ class _Frame:
     pinhole: _Pinhole
     name: str
     distortion: np.ndarray | None = None  # (9,) a lens row (vqad.nerf.lens.LENS_COLUMNS); None: a pinhole
-    depth: Path | None = None  # RTMV depth EXR
-    depth_kind: str = "ray"  # what the depth EXR holds: "ray" distance or "z"-depth
+    depth: Path | None = None  # a depth map: RTMV's EXR, or a transforms.json's depth_file_path (PNG, EXR, .npy)
+    depth_kind: str = "ray"  # what the depth map holds: "ray" distance or "z"-depth
+    depth_scale: float = 1.0  # world units per stored unit (nerfstudio's depth_unit_scale_factor)
+    depth_invalid_at: float = math.inf  # stored values from this one up mean "no hit" (RTMV's sentinel)
 
 
 def _as_c2w(m, what: str, rigid: bool = True) -> np.ndarray:
@@ -318,7 +320,7 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
         images.append(rgb8)
         alphas.append(a8)
         if fr.depth is not None:
-            depths.append(_read_depth(fr, rgba.shape[:2], K * downscale, downscale))
+            depths.append(_read_depth(fr, rgba.shape[:2], K * downscale, downscale, fr.distortion))
         intr.append(K)
         poses.append(fr.c2w)
         names.append(fr.name)
@@ -412,6 +414,7 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
         raise InputError(f"{json_path} has no frames: it needs a non-empty 'frames' list")
     out = []
     seen: dict[str, int] = {}
+    depth_scale = _depth_scale(meta, json_path)
     for i, fr in enumerate(frames):
         what = f"frame {i} of {json_path.name}"
         if not isinstance(fr, dict) or "file_path" not in fr or "transform_matrix" not in fr:
@@ -439,8 +442,35 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
             raise InputError(f"{what}: transform_matrix must be a 4×4 (or 3×4) list of lists of numbers, not "
                              f"{str(fr['transform_matrix'])[:60]}")
         out.append(_Frame(image=path, c2w=_as_c2w(fr["transform_matrix"], what), pinhole=pin,
-                          name=str(fr["file_path"]), distortion=lens))
+                          name=str(fr["file_path"]), distortion=lens, depth=_depth_path(fr, base, what),
+                          depth_kind="z", depth_scale=depth_scale))
     return out
+
+
+#: world units per stored depth unit when a transforms.json does not say (nerfstudio's default: millimetres)
+DEPTH_UNIT_SCALE = 1e-3
+
+
+def _depth_scale(meta: dict, json_path: Path) -> float:
+    """A transforms.json's ``depth_unit_scale_factor`` (world units per stored depth unit), default
+    :data:`DEPTH_UNIT_SCALE`."""
+    v = meta.get("depth_unit_scale_factor", DEPTH_UNIT_SCALE)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+        raise InputError(f"{json_path}: depth_unit_scale_factor must be a positive number, not {v!r}")
+    return float(v)
+
+
+def _depth_path(fr: dict, base: Path, what: str) -> Path | None:
+    """A frame's ``depth_file_path`` (nerfstudio: a z-depth map, 16-bit PNG in millimetres by default), or None."""
+    rel = fr.get("depth_file_path")
+    if rel is None:
+        return None
+    if not isinstance(rel, str) or not rel:
+        raise InputError(f"{what}: depth_file_path must be a path, not {rel!r}")
+    path = inside_capture(base, base, rel, what, "depth_file_path")
+    if not path.is_file():
+        raise InputError(f"{what}: depth_file_path {rel!r} not found at {path}: restore it or remove the key")
+    return path
 
 
 def _holdout(frames: list, every: int = 8) -> tuple[list, list]:
@@ -620,24 +650,57 @@ def _list_images(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg"))
 
 
-def _read_depth(fr: _Frame, hw: tuple[int, int], K_full: np.ndarray, n: int) -> np.ndarray:
-    """A view's depth EXR → z-depth ``(H/n, W/n)`` float32 (0 = no hit)."""
-    ch = read_exr_channels(fr.depth)
-    name = next((k for k in ("R", "Z", "Y", "DEPTH", "G", "B") if k in ch), next(iter(ch)))
-    d = ch[name]
+def _read_depth_values(path: Path) -> np.ndarray:
+    """A depth map's raw values ``(h, w)`` float64: an EXR's depth channel, a 16- or 32-bit PNG / TIFF, or a
+    2-D ``.npy`` array."""
+    if path.suffix.lower() == ".exr":
+        ch = read_exr_channels(path)
+        return np.asarray(ch[next((k for k in ("R", "Z", "Y", "DEPTH", "G", "B") if k in ch), next(iter(ch)))],
+                          dtype=np.float64)
+    if path.suffix.lower() == ".npy":
+        try:
+            d = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read the depth map {path}: {e}") from e
+        if d.ndim == 3 and d.shape[-1] == 1:
+            d = d[..., 0]
+        if d.ndim != 2 or d.dtype.kind not in "fiu":
+            raise InputError(f"the depth map {path} must be a 2-D array of numbers, not {d.dtype} {list(d.shape)}")
+        return d.astype(np.float64)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("I;16", "I;16B", "I;16L", "I", "F", "L"):
+                raise InputError(f"the depth map {path} is a {im.mode} image: depth needs one channel (16-bit PNG "
+                                 f"in depth_unit_scale_factor units, or 32-bit)")
+            return np.asarray(im, dtype=np.float64)
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError(f"cannot read the depth map {path}: {e}") from e
+
+
+def _read_depth(fr: _Frame, hw: tuple[int, int], K_full: np.ndarray, n: int, lens: np.ndarray | None = None) -> np.ndarray:
+    """A view's depth map → z-depth ``(H/n, W/n)`` float32 in world units (0 = no hit). A map smaller than
+    its image (a phone's depth sensor) is resized to it by nearest neighbour, as nerfstudio does."""
+    raw = _read_depth_values(fr.depth)
+    d = np.where(raw < fr.depth_invalid_at, raw, 0.0) * fr.depth_scale
     if d.shape != tuple(hw):
-        raise InputError(f"the depth map {fr.depth} is {d.shape[1]}×{d.shape[0]} but its image is {hw[1]}×{hw[0]}")
-    valid = np.isfinite(d) & (d > 0) & (d < RTMV_DEPTH_INVALID)
+        h, w = d.shape
+        if h > hw[0] or w > hw[1] or abs((w / h) / (hw[1] / hw[0]) - 1) > 0.02:
+            raise InputError(f"the depth map {fr.depth} is {w}×{h} but its image is {hw[1]}×{hw[0]}: a depth map "
+                             f"must be the image's size or smaller with its aspect ratio")
+        rows = ((np.arange(hw[0]) + 0.5) * h / hw[0]).astype(np.int64)
+        cols = ((np.arange(hw[1]) + 0.5) * w / hw[1]).astype(np.int64)
+        d = d[rows][:, cols]
+    valid = np.isfinite(d) & (d > 0)
     d = np.where(valid, d, 0.0)
     if fr.depth_kind == "ray":
-        fx, fy, cx, cy = K_full
-        u = (np.arange(hw[1]) + 0.5 - cx) / fx
-        v = (np.arange(hw[0]) + 0.5 - cy) / fy
-        d = d / np.sqrt(1.0 + u[None, :] ** 2 + v[:, None] ** 2)  # t → z = t · cos θ
+        uv = torch.from_numpy(np.stack(np.meshgrid(np.arange(hw[1]) + 0.5, np.arange(hw[0]) + 0.5), -1).reshape(-1, 2))
+        per_z = camera_directions(torch.from_numpy(K_full), uv, None if lens is None else torch.from_numpy(lens))
+        d = d / per_z.norm(dim=-1).reshape(hw).numpy()  # t → z = t · cos θ
     return downscale_depth(_crop_to_multiple(d.astype(np.float32), n), n)
 
 
-RTMV_DEPTH_INVALID = 1000.0  # RTMV marks background pixels with huge depths (kaolin-wisp: |d| >= 1000)
 
 
 # -- RTMV ------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from vqad.errors import InputError
 from vqad.nerf.data import SceneDataset
 from vqad.nerf.rays import backproject
 from vqad.nerf.formats.common import _Frame, _Pinhole, _as_c2w, _dataset, _read_json
+
+RTMV_DEPTH_INVALID = 1000.0  # RTMV marks background pixels with huge depths (kaolin-wisp: |d| >= 1000)
 _RTMV_JSON = re.compile(r"^(\d+)\.json$")
 def _rtmv_c2w(m, what: str) -> np.ndarray:
     """RTMV's ``cam2world`` (translation in the last row) → a column-vector OpenGL c2w ``(4, 4)``.
@@ -66,7 +68,8 @@ def read_rtmv(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=
             raise InputError(f"image not found: {img} (the colour of {what}); restore it or remove {what}")
         depth = jp.with_name(jp.stem + ".depth.exr")
         frames.append(_Frame(image=img, c2w=_rtmv_c2w(cam["cam2world"], what), pinhole=pin, name=jp.stem,
-                             depth=depth if depth.is_file() else None, depth_kind=depth_kind))
+                             depth=depth if depth.is_file() else None, depth_kind=depth_kind,
+                             depth_invalid_at=RTMV_DEPTH_INVALID))
         if "scene_min_3d_box" in cam and "scene_max_3d_box" in cam:
             boxes.append((np.asarray(cam["scene_min_3d_box"], float), np.asarray(cam["scene_max_3d_box"], float)))
     n = len(frames)

@@ -415,6 +415,9 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
     out = []
     seen: dict[str, int] = {}
     depth_scale = _depth_scale(meta, json_path)
+    if any(isinstance(fr, dict) and fr.get("mask_path") is not None for fr in frames):
+        warnings.warn(f"{json_path}: its frames' mask_path (pixels to leave out of training) is not used: vqad trains "
+                      f"on every pixel; paint the left-out regions out of the images or crop them", stacklevel=2)
     for i, fr in enumerate(frames):
         what = f"frame {i} of {json_path.name}"
         if not isinstance(fr, dict) or "file_path" not in fr or "transform_matrix" not in fr:

@@ -304,4 +304,7 @@ def test_fisheye_capture_fits_from_the_command_line(tmp_path, capsys):
     assert "lenses: OpenCV fisheye (8 views)" in text and "LOD 5: PSNR" in text
     assert cli_main(["synth-capture", "-o", str(tmp_path / "wide"), "--lens", "fisheye", "--fov", "175"]) != 0
     assert "field of view must be in (0, 170)" in capsys.readouterr().err
+    assert cli_main(["synth-capture", "-o", str(tmp_path / "wide"), "--lens", "fisheye", "--fov", "160",
+                     "--size", "240x135"]) != 0  # its corners would look past 85°: a capture the readers refuse
+    assert "more than 85° off its axis at the corners" in capsys.readouterr().err
     assert not (tmp_path / "wide").exists()

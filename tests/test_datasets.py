@@ -1044,8 +1044,8 @@ def test_colmap_capture_found_from_its_model_folder_or_files(tmp_path):
 @pytest.mark.parametrize("key,value,match", [
     ("fl_x", 1e-300, "must be finite, with fx, fy > 0"),  # finite in float64, 0 in the float32 the rays use
     ("cx", 1e300, "must be finite, with fx, fy > 0"),
-    ("k2", 1e30, "cannot be undone"),
-    ("k1", -2.0, "folds inside the image"),
+    ("k2", 1e30, "squeezes a pixel into .* rad of the view"),
+    ("k1", -2.0, "turns back .* inside the image"),
     ("p1", 5.0, "folds inside the image"),
     ("scale", 1e-300, "depth range is empty or not finite"),
     ("w", 8e15, "off the optical axis"),  # with h at the same aspect: a focal length of ~1e-14 px
@@ -1067,11 +1067,11 @@ def test_distortion_fit_accepts_real_lenses_and_flags_folds():
 
     K = [100.0, 100.0, 67.5, 120.0]  # a wide 135×240 view: corners at r ≈ 1.4
     for k in ([0, 0, 0, 0], [-0.3, 0.1, 0, 0], [-0.25, 0.06, 1e-3, -1e-3], [0.5, 0.3, 0, 0]):
-        err, det = distortion_fit(K, k, (240, 135))
-        assert err < 1e-6 and det > 0, k
+        fit = distortion_fit(K, k, (240, 135))
+        assert fit.ok and fit.error_px < 1e-6 and fit.min_det > 0 and fit.reach <= 1, k
     for k in ([-0.5, 0, 0, 0], [-2, 0, 0, 0], [0, 0, 5, 0]):  # r (1 + k1 r²) turns back inside the image
-        err, det = distortion_fit(K, k, (240, 135))
-        assert det <= 0 or err > DISTORTION_TOL_PX, k
+        fit = distortion_fit(K, k, (240, 135))
+        assert not fit.ok and (fit.min_det <= 0 or fit.error_px > DISTORTION_TOL_PX or fit.reach > 1), k
 
 
 def test_capture_files_outside_the_capture_folder_are_refused(tmp_path):

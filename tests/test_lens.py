@@ -119,11 +119,11 @@ def test_undistort_inverts_a_wide_fisheye_and_the_rational_model(dtype, tol):
 
 def test_distortion_fit_accepts_a_wide_fisheye_and_refuses_a_folding_one():
     K = [300.0, 300.0, 320.0, 240.0]  # a 640×480 image whose corners are ~75° off axis through this lens
-    err, det = distortion_fit(K, FISHEYE, (480, 640))
-    assert err < 1e-6 and det > 0
+    fit = distortion_fit(K, FISHEYE, (480, 640))
+    assert fit.ok and fit.error_px < 1e-6 and fit.branch_deg == pytest.approx(89.5)
     fold = [LENS_FISHEYE, -0.6, 0.0, 0, 0, 0.0, 0.0, 0, 0]  # θ_d turns back before the corners
-    err, det = distortion_fit(K, fold, (480, 640))
-    assert det <= 0 or err > 0.1
+    fit = distortion_fit(K, fold, (480, 640))
+    assert not fit.ok and fit.reach > 1 and fit.branch_deg < 60
 
 
 def test_projection_through_the_lens_lands_on_the_pixel_and_folds_are_not_seen():
@@ -208,6 +208,8 @@ def _ngp_fisheye(tmp_path, name, **lens):
 
     path = write_capture(tmp_path / name, SceneCaptureConfig(width=16, height=12, views=3))
     meta = json.loads(path.read_text())
+    if "is_fisheye" in lens and "camera_model" not in lens:
+        del meta["camera_model"]  # the capture says OPENCV: is_fisheye true beside it would contradict it
     meta.update(lens)
     path.write_text(json.dumps(meta))
     return path.parent, meta
@@ -235,8 +237,9 @@ def test_ngp_fisheye_and_k3_reach_the_rays(tmp_path):
 
 @pytest.mark.parametrize("lens,match", [
     (dict(is_fisheye=True, p1=0.01), "a fisheye camera has no tangential terms"),
-    (dict(camera_model="OPENCV_FISHEYE", k1=-0.6), "folds inside the image|cannot be undone"),
-    (dict(is_fisheye=True, fl_x=2.0, fl_y=2.0), r"fisheye image's corners are θ_d = .*° .*crop the fisheye images"),
+    (dict(camera_model="OPENCV_FISHEYE", k1=-0.6), r"turns back \(or meets its pole\) 42\.\d° off axis, inside the image"),
+    (dict(is_fisheye=True, fl_x=2.0, fl_y=2.0), r"its image reaches past 89\.5° off the optical axis .* crop the images"),
+    (dict(is_fisheye=True, fl_x=6.6, fl_y=6.6), r"its image corners look 8[6-9]\.\d° off the optical axis .* crop the"),
 ])
 def test_ngp_fisheye_errors(tmp_path, lens, match):
     root, _ = _ngp_fisheye(tmp_path, "bad", **lens)
@@ -308,3 +311,81 @@ def test_fisheye_capture_fits_from_the_command_line(tmp_path, capsys):
                      "--size", "240x135"]) != 0  # its corners would look past 85°: a capture the readers refuse
     assert "more than 85° off its axis at the corners" in capsys.readouterr().err
     assert not (tmp_path / "wide").exists()
+
+
+# -- hostile lenses (a helper's pass): every pixel's ray on the radial map's main branch -----------------
+def _pixel_grid(h, w):
+    return torch.tensor([[c + 0.5, r + 0.5] for r in range(h) for c in range(w)], dtype=torch.float64)
+
+
+def _round_trip_px(K, row, uv):
+    """Where each pixel's ray (float32, as training casts it) lands back through the lens, in pixels."""
+    from vqad.nerf.rays import camera_directions
+
+    d = camera_directions(torch.tensor(K, dtype=torch.float32), uv.float(), torch.tensor(row, dtype=torch.float32))
+    xy = torch.stack([d[:, 0], -d[:, 1]], -1).double()  # z = −1
+    back = distort(xy, torch.tensor(row, dtype=torch.float64))
+    return torch.stack([back[:, 0] * K[0] + K[2], back[:, 1] * K[1] + K[3]], -1)
+
+
+def test_a_lens_with_a_pole_beyond_the_image_gives_main_branch_rays_and_one_inside_is_refused():
+    """FULL_OPENCV R = (1 + k2 r⁴) / (1 + k4 r²): the map is one-to-one up to its pole at r = 1/√−k4, and
+    Newton from the distorted corner settled beyond the pole (18° off); each ray must be the main branch's."""
+    K, row = [20.0, 20.0, 16.0, 12.5], [LENS_OPENCV, 0, -0.7041, 0, 0, 0, -1.0658, 0, 0]
+    fit = distortion_fit(K, row, (25, 32))
+    assert fit.ok and fit.reach <= 1
+    uv = _pixel_grid(25, 32)
+    assert (_round_trip_px(K, row, uv) - uv).norm(dim=-1).max() < 1e-3
+    from vqad.nerf.rays import camera_directions
+
+    d = camera_directions(torch.tensor(K), uv.float(), torch.tensor(row)).double()
+    assert float((d[:, :2].norm(dim=-1) / d[:, 2].abs()).max()) < 1.0 / math.sqrt(1.0658)  # inside the pole
+    # k4 = −1 alone: the corner's one preimage lies below the pole (a valid lens, refused before as a fold)
+    assert distortion_fit(K, [LENS_OPENCV, 0, 0, 0, 0, 0, -1.0, 0, 0], (25, 32)).ok
+    # P = Q = 1 − 2 r²: 0 / 0 on a circle inside the image (NaN rays there before): refused
+    bad = distortion_fit([20.0, 20.0, 15.5, 12.5], [LENS_OPENCV, -2.0, 0, 0, 0, 0, -2.0, 0, 0], (25, 32))
+    assert not bad.ok and bad.reach > 1
+
+
+def test_a_fisheye_that_flattens_gives_every_pixel_its_ray():
+    """θ_d = θ (1 − 0.7998 θ⁴ + 0.4592 θ⁶) rises monotonically to 85° but nearly flattens: Newton from the
+    distorted point failed on pixels between distortion_fit's old 17 × 17 points (rays at 90°)."""
+    K, row = [16.14, 16.14, 16.0, 12.5], [LENS_FISHEYE, 0, -0.7998, 0, 0, 0.4592, 0, 0, 0]
+    assert distortion_fit(K, row, (25, 32)).ok
+    uv = _pixel_grid(25, 32)
+    assert (_round_trip_px(K, row, uv) - uv).norm(dim=-1).max() < 1e-2
+
+
+def test_lens_keys_of_a_frame_decide_and_contradictions_are_refused(tmp_path):
+    root, meta = _ngp_fisheye(tmp_path, "keys", is_fisheye=True, k1=0.05)
+    meta["frames"][1].update(camera_model="PINHOLE", k1=0.0)  # this frame: a plain pinhole
+    (root / "transforms.json").write_text(json.dumps(meta))
+    ds = load_dataset(root, format="ngp")
+    assert ds.splits["train"].distortion[0].tolist() == [0.0] * 9  # frame 1 is the first training view
+    assert int(ds.splits["train"].distortion[1, 0]) == LENS_FISHEYE
+    for keys, match in ((dict(camera_model="OPENCV_FISHEYE", is_fisheye=False), "contradict each other"),
+                        (dict(camera_model=False), "camera_model must be a name")):
+        root, _ = _ngp_fisheye(tmp_path, f"bad{len(match)}", **keys)
+        with pytest.raises(InputError, match=match):
+            load_dataset(root, format="ngp")
+
+
+def test_colmap_binary_records_of_the_wrong_length_are_refused(tmp_path):
+    """model 5 (OPENCV_FISHEYE, 8 parameters) followed by 12: read shifted before, now refused."""
+    import struct
+
+    root = _colmap_capture(tmp_path / "bin", _ring(3), (25, 32), "OPENCV_FISHEYE", [20.0, 20.0, 16.0, 12.5, 0, 0, 0, 0])
+    model = root / "sparse" / "0"
+    (model / "cameras.txt").unlink()
+    images = (model / "images.txt").read_text().split("\n")
+    (model / "images.txt").unlink()
+    with open(model / "images.bin", "wb") as f:
+        f.write(struct.pack("<Q", 3))
+        for line in images[::2][:3]:
+            v = line.split()
+            f.write(struct.pack("<i7di", int(v[0]), *map(float, v[1:8]), int(v[8])) + v[9].encode() + b"\0"
+                    + struct.pack("<Q", 0))
+    (model / "cameras.bin").write_bytes(struct.pack("<Q", 1) + struct.pack("<iiQQ", 1, 5, 32, 25)
+                                        + struct.pack("<12d", 20.0, 20.0, 16.0, 12.5, 0.05, -0.02, 0.003, -0.002, 0, 0, 0, 0))
+    with pytest.raises(InputError, match="32 bytes after its 1 cameras"):
+        load_dataset(root, format="colmap")

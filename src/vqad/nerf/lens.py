@@ -21,6 +21,7 @@ at most 90° off its axis (the readers stop at :data:`vqad.nerf.formats.common.M
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -89,9 +90,10 @@ def fisheye_theta_d(row, theta):
     return theta * (1 + t2 * (r[1] + t2 * (r[2] + t2 * (r[5] + t2 * r[6]))))
 
 
-def _radial(r2: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A lens's radial factor ``R`` (``x_d = x R + tangential``) at squared normalised radii ``r2 (N,)``
-    and its derivative ``∂R/∂r²``, per row of ``k (N, 9)`` (:func:`lens_rows`).
+def _radial(r2: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A lens's radial factor ``R`` (``x_d = x R + tangential``) at squared normalised radii ``r2 (N,)``,
+    its derivative ``∂R/∂r²`` and the rational model's denominator ``Q`` (1 for a fisheye), per row of
+    ``k (N, 9)`` (:func:`lens_rows`).
 
     OpenCV: ``R = (1 + k1 r² + k2 r⁴ + k3 r⁶) / (1 + k4 r² + k5 r⁴ + k6 r⁶)``. Fisheye: ``θ = atan r``,
     ``θ_d = θ (1 + k1 θ² + k2 θ⁴ + k3 θ⁶ + k4 θ⁸)``, ``R = θ_d / r`` (``→ 1 + (k1 − ⅓) r²`` as ``r → 0``).
@@ -116,8 +118,8 @@ def _radial(r2: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         c = k1 - 1.0 / 3.0
         Rf = torch.where(small, 1 + c * r2, Rf)
         dRf = torch.where(small, c, dRf)
-        R, dR = torch.where(fish, Rf, R), torch.where(fish, dRf, dR)
-    return R, dR
+        R, dR, Q = torch.where(fish, Rf, R), torch.where(fish, dRf, dR), torch.where(fish, torch.ones_like(Q), Q)
+    return R, dR, Q
 
 
 def _distort_jacobian(x, y, k):
@@ -125,7 +127,7 @@ def _distort_jacobian(x, y, k):
     ``xd, yd, a = ∂x_d/∂x, b = ∂x_d/∂y = ∂y_d/∂x, d = ∂y_d/∂y`` (each ``(N,)``)."""
     p1, p2 = k[:, 3], k[:, 4]
     r2 = x * x + y * y
-    radial, dR = _radial(r2, k)
+    radial, dR, _ = _radial(r2, k)
     xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
     yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
     dr = 2 * dR  # d radial / d(x or y) = dr · (x or y)
@@ -152,26 +154,109 @@ def distort(xy: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
     return torch.stack([xd, yd], dim=-1)
 
 
-def undistort(xy_distorted: torch.Tensor, distortion: torch.Tensor, iters: int = 12) -> torch.Tensor:
-    """Invert :func:`distort` by Newton's method (2×2 Jacobian per point), starting from the input
-    (a fisheye row from the equidistant guess ``r = tan |x_d|``).
+#: the radial map's main branch is searched at this many angles off the axis, up to :data:`BRANCH_MAX_DEG`
+_BRANCH_SAMPLES = 2048
+BRANCH_MAX_DEG = 89.5
+
+
+class RadialBranch(NamedTuple):
+    """The main branch of lenses' radial maps (:func:`radial_branch`), for ``u`` lens rows."""
+
+    rho: torch.Tensor  # (S,) the pinhole radii sampled, tan θ for S angles from 0 to BRANCH_MAX_DEG
+    f: torch.Tensor  # (u, S) the distorted radius at each, held at f(ρ*) past the branch's end
+    end: torch.Tensor  # (u,) int64: the index of ρ*, the branch's last sample
+
+    @property
+    def rho_end(self) -> torch.Tensor:
+        return self.rho[self.end]
+
+    @property
+    def f_end(self) -> torch.Tensor:
+        return self.f.gather(1, self.end[:, None])[:, 0]
+
+
+def radial_branch(rows: torch.Tensor) -> RadialBranch:
+    """The main branch of each lens's radial map ``f(ρ) = ρ R(ρ²)`` (the distorted radius of a direction
+    whose pinhole radius is ``ρ = tan θ``): from the axis, as far as ``f`` keeps increasing and the
+    rational model's denominator stays positive, sampled at :data:`_BRANCH_SAMPLES` angles up to
+    :data:`BRANCH_MAX_DEG`. A pixel farther out than ``f(ρ*)`` has no direction on it: the lens turns back
+    (or meets its pole) inside that image.
+
+    Args:
+        rows: ``(u, 9)`` lens rows.
+    """
+    theta = torch.linspace(0.0, math.radians(BRANCH_MAX_DEG), _BRANCH_SAMPLES, dtype=rows.dtype, device=rows.device)
+    rho = torch.tan(theta)
+    u = rows.shape[0]
+    R, _, Q = _radial((rho * rho).repeat(u), rows.repeat_interleave(_BRANCH_SAMPLES, dim=0))
+    f, Q = (rho * R.view(u, -1)), Q.view(u, -1)
+    ok = torch.isfinite(f) & (Q > 0)
+    ok[:, 1:] &= f[:, 1:] > f[:, :-1]
+    # the last sample before the first that fails (the whole search when none does)
+    end = torch.where(ok.all(dim=1), _BRANCH_SAMPLES - 1, (~ok).int().argmax(dim=1) - 1).clamp_min(0)
+    past = torch.arange(_BRANCH_SAMPLES, device=rows.device)[None] > end[:, None]
+    f = torch.where(past, f.gather(1, end[:, None]), f).nan_to_num(0.0)
+    return RadialBranch(rho, f, end)
+
+
+def _branch_radius(branch: RadialBranch, which: torch.Tensor, rd: torch.Tensor) -> torch.Tensor:
+    """The pinhole radius ``ρ (N,)`` on the main branch of lens ``which (N,)`` whose distorted radius is
+    ``rd (N,)`` (the branch's end beyond its reach), by linear interpolation between its samples."""
+    u, S = branch.f.shape
+    f = branch.f.double()
+    top = f[:, -1:].clamp_min(1e-300)
+    flat = (f / top + torch.arange(u, device=f.device, dtype=f.dtype)[:, None]).reshape(-1)  # rows one after another
+    goal = (rd.double() / top[which, 0]).clamp(0.0, 1.0)
+    i = torch.searchsorted(flat, goal + which.double()).clamp(1, u * S - 1)
+    i = torch.where(i % S == 0, i + 1, i)  # stay inside the row: between its samples j − 1 and j, j ≥ 1
+    f0, f1 = flat[i - 1] - which.double(), flat[i] - which.double()
+    rho = branch.rho.double()
+    j = i % S
+    t = ((goal - f0) / (f1 - f0).clamp_min(1e-300)).clamp(0.0, 1.0)
+    return (rho[j - 1] + t * (rho[j] - rho[j - 1])).to(rd.dtype)
+
+
+_BRANCH_CACHE: dict[tuple, RadialBranch] = {}
+
+
+def _branch_of(rows: torch.Tensor) -> RadialBranch:
+    """:func:`radial_branch` of distinct lens rows, remembered for the few a capture has (training asks
+    for the same ones every step)."""
+    key = (rows.dtype, str(rows.device), rows.cpu().numpy().tobytes())
+    if key not in _BRANCH_CACHE:
+        if len(_BRANCH_CACHE) >= 16:
+            _BRANCH_CACHE.clear()
+        _BRANCH_CACHE[key] = radial_branch(rows)
+    return _BRANCH_CACHE[key]
+
+
+def undistort(xy_distorted: torch.Tensor, distortion: torch.Tensor, iters: int = 5) -> torch.Tensor:
+    """Invert :func:`distort` on the radial map's main branch (:func:`radial_branch`): each point's radius
+    from the branch's samples (the radial terms alone), then ``iters`` Newton steps on the 2×2 Jacobian
+    for the rest and the tangential terms. Starting on the branch keeps every pixel's ray on it: Newton
+    from the distorted point itself can settle on a far branch, beyond a rational lens's pole or where a
+    fisheye polynomial turns back.
 
     Args:
         xy_distorted: ``(N, 2)`` distorted normalised coordinates (what a pixel records).
         distortion: lens rows ``(9,)`` or ``(N, 9)``, or ``k1, k2, p1, p2`` (:func:`lens_rows`).
     Returns:
         ``(N, 2)`` undistorted normalised coordinates ``xy`` with ``distort(xy) ≈ xy_distorted`` where
-        the model is one-to-one over the image (the readers check that: :func:`distortion_fit`).
+        the model is one-to-one over the image (the readers check that: :func:`distortion_fit`); a
+        point beyond the branch's reach gets the branch's end.
     """
     target = xy_distorted
     k = lens_rows(distortion, target.shape[0]).to(target)
-    x, y = target[:, 0].clone(), target[:, 1].clone()
-    fish = k[:, 0] == LENS_FISHEYE
-    if bool(fish.any()):
-        rd = target.norm(dim=-1)
-        grow = torch.tan(rd.clamp(max=1.48)) / rd.clamp_min(1e-12)
-        grow = torch.where(fish & (rd > 1e-6), grow, torch.ones_like(grow))
-        x, y = x * grow, y * grow
+    if target.shape[0] == 0:
+        return target.clone()
+    if bool((k == k[:1]).all()):  # one lens (the common case): no sort
+        distinct, which = k[:1], torch.zeros(k.shape[0], dtype=torch.long, device=k.device)
+    else:
+        distinct, which = torch.unique(k, dim=0, return_inverse=True)
+    rd = target.norm(dim=-1)
+    rho = _branch_radius(_branch_of(distinct), which, rd)
+    scale = torch.where(rd > 0, rho / rd.clamp_min(1e-30), torch.ones_like(rd))
+    x, y = target[:, 0] * scale, target[:, 1] * scale
     for _ in range(iters):
         xd, yd, a, b, d = _distort_jacobian(x, y, k)
         fx, fy = xd - target[:, 0], yd - target[:, 1]
@@ -186,15 +271,34 @@ def undistort(xy_distorted: torch.Tensor, distortion: torch.Tensor, iters: int =
 DISTORTION_TOL_PX = 0.1
 
 
-def distortion_fit(intrinsics, distortion, hw: tuple[int, int], n: int = 17) -> tuple[float, float]:
+class LensFit(NamedTuple):
+    """How well ray generation undoes a view's lens over its image (:func:`distortion_fit`)."""
+
+    error_px: float  # the largest round trip |distort(undistort(u)) − u| in pixels
+    min_det: float  # the smallest Jacobian determinant of distort at the undistorted points (≤ 0: a fold)
+    reach: float  # the share of the radial map's main branch the image uses (> 1: the image leaves it)
+    branch_deg: float  # how far off axis the main branch goes, degrees (BRANCH_MAX_DEG: as far as searched)
+    min_pixel_rad: float  # the smallest angle a pixel spans anywhere in the image, radians
+
+    @property
+    def ok(self) -> bool:
+        return (self.min_det > 0 and self.error_px <= DISTORTION_TOL_PX and self.reach <= 1.0
+                and self.min_pixel_rad >= MIN_PIXEL_RAD)
+
+
+#: the smallest angle a pixel may span (float32 unit directions resolve ~6e-8 rad; a 100,000-px focal
+#: length, a 4-m lens on a phone's sensor, still gives 1e-5)
+MIN_PIXEL_RAD = 1e-6
+
+
+def distortion_fit(intrinsics, distortion, hw: tuple[int, int], n: int = 65) -> LensFit:
     """How well ray generation undoes a view's lens distortion over its whole image.
 
-    An ``n × n`` grid of pixel positions spanning the image, borders included, is undistorted as the
-    rays are (:func:`undistort`, in float64) and distorted back. Returns the largest round-trip error
-    in pixels and the smallest Jacobian determinant of :func:`distort` at the undistorted points. A
-    model that is one-to-one over the image gives an error near 0 and a positive determinant; one
-    that folds inside it (a strong negative ``k1``, a large ``p1``: two scene directions on one pixel)
-    gives a determinant ≤ 0 or an error the iteration cannot close.
+    An ``n × n`` grid of pixel positions spanning the image, borders and corners included, is undistorted
+    as the rays are (:func:`undistort`, in float64) and distorted back. A model that is one-to-one over
+    the image gives an error near 0, a positive determinant and a reach within the radial map's main
+    branch; one that folds inside it (a strong negative ``k1``, a large ``p1``: two scene directions on
+    one pixel), turns back or meets its pole there does not.
 
     Args:
         intrinsics: ``(4,)`` fx, fy, cx, cy; distortion: one lens row ``(9,)`` or ``k1, k2, p1, p2``;
@@ -205,16 +309,21 @@ def distortion_fit(intrinsics, distortion, hw: tuple[int, int], n: int = 17) -> 
     v, u = torch.meshgrid(torch.linspace(0, h, n, dtype=torch.float64), torch.linspace(0, w, n, dtype=torch.float64),
                           indexing="ij")
     xy_d = torch.stack([(u.reshape(-1) - K[2]) / K[0], (v.reshape(-1) - K[3]) / K[1]], dim=-1)
-    k = lens_rows(torch.as_tensor(distortion, dtype=torch.float64).reshape(-1), xy_d.shape[0])
+    row = lens_rows(torch.as_tensor(distortion, dtype=torch.float64).reshape(-1))
+    branch = radial_branch(row[None])
+    rho_end, f_end = branch.rho_end, branch.f_end
+    branch_deg = math.degrees(math.atan(float(rho_end[0])))
+    k = lens_rows(row, xy_d.shape[0])
     xy = undistort(xy_d, k)
     xd, yd, a, b, d = _distort_jacobian(xy[:, 0], xy[:, 1], k)
     err = torch.stack([(xd - xy_d[:, 0]) * K[0], (yd - xy_d[:, 1]) * K[1]], -1).norm(dim=-1)
     det = a * d - b * b
+    reach = float(xy_d.norm(dim=-1).max() / f_end[0]) if float(f_end[0]) > 0 else math.inf
     if not bool(torch.isfinite(err).all() and torch.isfinite(det).all()):
-        return math.inf, -math.inf
-    return float(err.max()), float(det.min())
-
-
+        return LensFit(math.inf, -math.inf, reach, branch_deg, 0.0)
+    # a pixel spans 1 / (f √det) of the pinhole plane, and dθ = dρ / (1 + ρ²) of the view
+    pixel = 1.0 / ((K[0] * K[1]).sqrt() * det.clamp_min(1e-300).sqrt() * (1.0 + (xy * xy).sum(-1)))
+    return LensFit(float(err.max()), float(det.min()), reach, branch_deg, float(pixel.min()))
 
 
 def image_radius2(intrinsics, distortion, hw: tuple[int, int], n: int = 17) -> float:

@@ -210,6 +210,14 @@ class _Reader:
         self.pos += size
         return v
 
+    def done(self, what: str) -> None:
+        """Refuse bytes after the last record: a record of another length than its header says (a camera
+        model written with another parameter count) would otherwise be read shifted, without a word."""
+        if self.pos != len(self.data):
+            raise InputError(f"{self.path} has {len(self.data) - self.pos} bytes after its {what}: a record is not "
+                             f"the length its header says (a camera model with another number of parameters?); "
+                             f"re-export the model")
+
     def string(self) -> str:
         end = self.data.find(b"\0", self.pos)
         if end < 0:
@@ -230,6 +238,7 @@ def read_cameras_bin(path: Path) -> dict[int, ColmapCamera]:
         name, k = CAMERA_MODELS[model_id]
         _add_unique(out, cam_id, ColmapCamera(name, int(w), int(h), _check_number(r.take(f"<{k}d"), f"{path} camera {cam_id}")),
                     path, "camera")
+    r.done(f"{n} cameras")
     return out
 
 
@@ -247,6 +256,7 @@ def read_images_bin(path: Path) -> dict[int, ColmapImage]:
             raise InputError(f"{path} is truncated (image {img_id}'s points): re-export the model")
         r.pos += 24 * n_pts
         _add_unique(out, img_id, ColmapImage(pose[:4], pose[4:], cam, name), path, "image")
+    r.done(f"{n} images")
     return out
 
 

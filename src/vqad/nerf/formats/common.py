@@ -16,8 +16,8 @@ import torch
 from vqad.errors import InputError
 from vqad.field import Normalization
 from vqad.nerf.data import SceneDataset, Views
-from vqad.nerf.lens import (DISTORTION_TOL_PX, LENS_COLUMNS, LENS_FISHEYE, LENS_OPENCV, describe_lens, distortion_fit,
-                            fisheye_theta_d)
+from vqad.nerf.lens import (BRANCH_MAX_DEG, DISTORTION_TOL_PX, LENS_COLUMNS, LENS_FISHEYE, LENS_OPENCV, MIN_PIXEL_RAD,
+                            describe_lens, distortion_fit)
 from vqad.nerf.rays import camera_directions, rays_for_pixels
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".exr")
 
@@ -358,27 +358,41 @@ def lens_row(model: int, **coefficients: float) -> np.ndarray | None:
     return None if model == LENS_OPENCV and not np.any(row[1:]) else row
 
 
-def _transforms_lens(get, what: str) -> np.ndarray | None:
-    """A frame's lens from a ``transforms.json`` (per-frame keys over global ones): instant-ngp's
-    ``is_fisheye`` or nerfstudio's ``camera_model: OPENCV_FISHEYE`` give OpenCV's fisheye with
-    ``k1..k4``; otherwise OpenCV's ``k1, k2, k3, p1, p2`` (a ``k4`` there has no one meaning: refused)."""
-    model = str(get("camera_model") or "OPENCV").upper()
-    if model not in _TRANSFORMS_PINHOLE_MODELS + _TRANSFORMS_FISHEYE_MODELS:
-        raise InputError(f"{what}: camera_model {get('camera_model')!r} is not supported (pinhole models "
-                         f"{', '.join(_TRANSFORMS_PINHOLE_MODELS)} and OPENCV_FISHEYE are); undistort the images "
-                         f"to a pinhole camera first")
-    fisheye = get("is_fisheye")
+def _lens_model_of(keys: dict, what: str) -> bool | None:
+    """Whether one level of a ``transforms.json`` (the file's keys, or a frame's own) says fisheye: its
+    ``camera_model`` and ``is_fisheye``, which must agree; None where it says neither."""
+    model, fisheye = keys.get("camera_model"), keys.get("is_fisheye")
+    if model is not None and not isinstance(model, str):
+        raise InputError(f"{what}: camera_model must be a name such as OPENCV or OPENCV_FISHEYE, not {model!r}")
     if fisheye is not None and not isinstance(fisheye, bool):
         raise InputError(f"{what}: is_fisheye must be true or false, not {fisheye!r}")
-    k = {key: get(key) for key in _DIST_KEYS}
-    if fisheye or model in _TRANSFORMS_FISHEYE_MODELS:
+    if model is not None and model.upper() not in _TRANSFORMS_PINHOLE_MODELS + _TRANSFORMS_FISHEYE_MODELS:
+        raise InputError(f"{what}: camera_model {model!r} is not supported (pinhole models "
+                         f"{', '.join(_TRANSFORMS_PINHOLE_MODELS)} and OPENCV_FISHEYE are); undistort the images "
+                         f"to a pinhole camera first")
+    says = None if model is None else model.upper() in _TRANSFORMS_FISHEYE_MODELS
+    if says is not None and fisheye is not None and says != fisheye:
+        raise InputError(f"{what}: camera_model {model!r} and is_fisheye {str(fisheye).lower()} contradict each other; "
+                         f"keep the one that is right")
+    return says if says is not None else fisheye
+
+
+def _transforms_lens(frame: dict, meta: dict, what: str) -> np.ndarray | None:
+    """A frame's lens from a ``transforms.json``: instant-ngp's ``is_fisheye`` or nerfstudio's
+    ``camera_model: OPENCV_FISHEYE`` give OpenCV's fisheye with ``k1..k4``; otherwise OpenCV's ``k1, k2,
+    k3, p1, p2`` (a ``k4`` there has no one meaning: refused). A frame's own model keys decide over the
+    file's, and so does each of its coefficients."""
+    own = _lens_model_of(frame, what)
+    fisheye = own if own is not None else _lens_model_of(meta, f"{what} (the file's keys)")
+    k = {key: frame.get(key, meta.get(key)) for key in _DIST_KEYS}
+    if fisheye:
         if k["p1"] or k["p2"]:
             raise InputError(f"{what}: a fisheye camera has no tangential terms, but p1, p2 = {k['p1']}, {k['p2']}; "
                              f"check the camera model")
         return lens_row(LENS_FISHEYE, k1=k["k1"], k2=k["k2"], k3=k["k3"], k4=k["k4"])
     if k["k4"]:
-        raise InputError(f"{what}: k4 = {k['k4']} on a pinhole camera ({model}) has no one meaning (OpenCV's "
-                         f"rational term or a radial r⁸ term); undistort the images first, or give k4 = 0")
+        raise InputError(f"{what}: k4 = {k['k4']} on a pinhole camera has no one meaning (OpenCV's rational term or "
+                         f"a radial r⁸ term); undistort the images first, or give k4 = 0")
     return lens_row(LENS_OPENCV, k1=k["k1"], k2=k["k2"], k3=k["k3"], p1=k["p1"], p2=k["p2"])
 
 
@@ -431,7 +445,7 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
                 raise InputError(f"{what}: {k} must be a finite number, not {v!r}")
             if v <= 0 and k in ("fl_x", "fl_y", "w", "h"):
                 raise InputError(f"{what}: {k} must be positive, not {v!r}")
-        lens = _transforms_lens(get, what)
+        lens = _transforms_lens(fr, meta, what)
         vals = {k: get(k) for k in _PINHOLE_KEYS}
         pin = _Pinhole(fx=vals["fl_x"], fy=vals["fl_y"], cx=vals["cx"], cy=vals["cy"], w=vals["w"], h=vals["h"],
                        angle_x=vals["camera_angle_x"], angle_y=vals["camera_angle_y"])
@@ -598,7 +612,7 @@ def _check_views(views: Views, split: str, source: Path, norm: Normalization, ou
     (float32): non-finite or zero intrinsics and poses after the cast, cameras absurdly far from the
     scene (:data:`MAX_CAMERA_DISTANCE`), corners wider than :data:`MAX_RAY_ANGLE` off the axis, every view
     one camera, and lens distortion the rays cannot undo inside the image
-    (:func:`vqad.nerf.rays.distortion_fit`)."""
+    (:func:`vqad.nerf.lens.distortion_fit`)."""
     names = views.names or [f"view {i}" for i in range(len(views))]
     K, c2w = views.intrinsics, views.c2w  # float32, as the rays use them
     for i in range(len(views)):
@@ -619,19 +633,24 @@ def _check_views(views: Views, split: str, source: Path, norm: Normalization, ou
         if dist is not None:
             if not bool(torch.isfinite(dist).all()):
                 raise InputError(f"{what}: its lens distortion ({describe_lens(dist)}) is not finite in 32-bit floats")
-            reach = ((corners - K[i, 2:]) / K[i, :2]).norm(dim=-1).max().item()  # the corners' distorted radius
-            theta_d = fisheye_theta_d(dist, torch.linspace(0.0, math.radians(MAX_RAY_ANGLE), 256))
-            if int(dist[0]) == LENS_FISHEYE and bool((theta_d.diff() > 0).all()) and reach > float(theta_d[-1]):
-                raise InputError(f"{what}: its fisheye image's corners are θ_d = {math.degrees(reach):.0f}° off the "
-                                 f"optical axis, beyond the {MAX_RAY_ANGLE:g}° vqad's rays reach (fx, fy, cx, cy = "
-                                 f"{K[i].tolist()} for a {w}×{h} image, {describe_lens(dist)}): crop the fisheye images "
-                                 f"(and shift cx, cy) or undistort them")
-            err, det = distortion_fit(K[i], dist, (h, w))
-            if det <= 0 or not err <= DISTORTION_TOL_PX:
-                how = ("folds inside the image (two directions would land on one pixel)" if det <= 0 else
-                       f"cannot be undone to within {DISTORTION_TOL_PX:g} px (off by {err:.3g} px)")
-                raise InputError(f"{what}: its lens distortion ({describe_lens(dist)}) "
-                                 f"{how}; check the coefficients, or undistort the images first and give 0")
+            fit = distortion_fit(K[i], dist, (h, w))
+            if not fit.ok:
+                lens = f"{describe_lens(dist)}; fx, fy, cx, cy = {[round(v, 4) for v in K[i].tolist()]} for a {w}×{h} image"
+                if fit.reach > 1 and fit.branch_deg >= BRANCH_MAX_DEG:
+                    raise InputError(f"{what}: its image reaches past {BRANCH_MAX_DEG:g}° off the optical axis through its "
+                                     f"lens ({lens}), beyond the {MAX_RAY_ANGLE:g}° vqad's rays reach: crop the images "
+                                     f"(and shift cx, cy) or undistort them")
+                if fit.reach > 1:
+                    how = f"turns back (or meets its pole) {fit.branch_deg:.1f}° off axis, inside the image"
+                elif fit.min_det <= 0:
+                    how = "folds inside the image (two directions would land on one pixel)"
+                elif fit.min_pixel_rad < MIN_PIXEL_RAD:
+                    how = (f"squeezes a pixel into {fit.min_pixel_rad:.2g} rad of the view, less than 32-bit rays tell "
+                           f"apart ({MIN_PIXEL_RAD:g})")
+                else:
+                    how = f"cannot be undone to within {DISTORTION_TOL_PX:g} px (off by {fit.error_px:.3g} px)"
+                raise InputError(f"{what}: its lens distortion {how} ({lens}); check the coefficients, or undistort the "
+                                 f"images first and give 0")
         o, d = rays_for_pixels(c2w[i], K[i], corners, dist)
         if not (bool(torch.isfinite(o).all()) and bool(torch.isfinite(d).all())):
             raise InputError(f"{what}: its rays are not finite in 32-bit floats (fx, fy, cx, cy = {K[i].tolist()}); "

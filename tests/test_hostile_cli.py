@@ -76,7 +76,7 @@ def test_ssim_of_images_one_pixel_wide():
 def test_synth_capture_says_when_a_render_will_take_minutes(tmp_path, monkeypatch, capsys):
     import vqad.nerf.scene_capture as sc
 
-    monkeypatch.setattr(sc, "write_capture", lambda out, cfg, background=True, on_view=None: out / "transforms.json")
+    monkeypatch.setattr(sc, "write_capture", lambda out, cfg, background=True, on_view=None, depth=False: out / "transforms.json")
     assert main(["synth-capture", "-o", str(tmp_path / "big"), "--size", "4000x4000", "--views", "200",
                  "--supersample", "4", "--threads", "1"]) == 0
     out = capsys.readouterr().out
@@ -95,7 +95,7 @@ def test_synth_capture_reports_its_views_as_it_goes_and_names_an_interrupted_cap
     lines = [ln.strip() for ln in capsys.readouterr().out.splitlines() if "views in" in ln]
     assert [ln.split()[0] for ln in lines] == ["1/4", "2/4", "3/4"] and all("s left" in ln for ln in lines)
 
-    def stop(out_dir, cfg, background=True, on_view=None):  # killed after two views: images, no transforms.json
+    def stop(out_dir, cfg, background=True, on_view=None, depth=False):  # killed after two views: images, no transforms.json
         (Path(out_dir) / "images").mkdir(parents=True)
         (Path(out_dir) / "images" / "0000.png").write_bytes(b"")
         raise KeyboardInterrupt

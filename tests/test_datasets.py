@@ -1184,7 +1184,7 @@ def test_nerfstudio_transforms_get_their_box_from_the_cameras(tmp_path):
         path.write_text(json.dumps(m))
         assert is_nerfstudio(m)
         ds = load_dataset(root, format="ngp")
-        assert ds.outer_scale == CAMERA_BOX_OUTER and "from the cameras" in ds.split_sources["train"]
+        assert ds.outer_scale == CAMERA_BOX_OUTER and "the scene box from its cameras" in ds.split_sources["train"]
         o, d = camera_rays(ds.splits["train"], 0)
         rays[factor] = ds.normalization.to_unit(o), d
     assert torch.allclose(rays[1.0][0], rays[20.0][0], atol=1e-4) and torch.allclose(rays[1.0][1], rays[20.0][1], atol=1e-5)
@@ -1264,3 +1264,132 @@ def test_depth_maps_smaller_than_their_images_and_bad_ones(tmp_path):
     path.write_text(json.dumps(meta))
     with pytest.raises(InputError, match="depth_unit_scale_factor must be a positive number"):
         load_dataset(root, format="ngp")
+
+
+# -- phone captures, hostile (a helper's pass on nerfstudio boxes and depth maps) ------------------------
+def _depth_capture(tmp_path, name, factor=1.0, scale=1e-3, views=10):
+    """A generated capture with depth maps as a nerfstudio file (no instant-ngp box), its poses and
+    depths in units ``factor`` times the scene's."""
+    from vqad.nerf.scene_capture import SceneCaptureConfig, write_capture
+
+    path = write_capture(tmp_path / name, SceneCaptureConfig(width=24, height=40, views=views, points=0, supersample=1),
+                         depth=True)
+    meta = json.loads(path.read_text())
+    for k in ("aabb_scale", "scale", "offset"):
+        meta.pop(k)
+    for fr in meta["frames"]:
+        for r in range(3):
+            fr["transform_matrix"][r][3] *= factor
+    meta["depth_unit_scale_factor"] = scale * factor
+    path.write_text(json.dumps(meta))
+    return path.parent, path, meta
+
+
+def test_depth_in_large_or_tiny_units_keeps_its_precision(tmp_path):
+    """float16 holds depths to 65,504: poses in millimetres overflowed to inf; micro-units lost precision."""
+    ref = load_dataset(_depth_capture(tmp_path, "one")[0], format="ngp").splits["train"].depth.float()
+    for factor in (1e4, 1e-6):
+        views = load_dataset(_depth_capture(tmp_path, f"f{factor:g}", factor)[0], format="ngp").splits["train"]
+        assert views.depth.dtype == torch.float32 and bool(torch.isfinite(views.depth).all())
+        assert torch.allclose(views.depth.double() / factor, ref.double(), rtol=1e-3)
+    assert load_dataset(_depth_capture(tmp_path, "mm")[0], format="ngp").splits["train"].depth.dtype == torch.float16
+
+
+def test_bad_depth_files_are_one_line_errors(tmp_path):
+    from PIL import Image
+
+    root, path, meta = _depth_capture(tmp_path, "cap")
+    target = root / meta["frames"][1]["depth_file_path"]
+    np.save(root / "empty.npy", np.zeros((0, 0)))
+    (root / "nothing.npy").write_bytes(b"")
+    np.savez(root / "arch.npz", a=np.ones((40, 24)))
+    (root / "arch.npz").rename(root / "arch.npy")
+    Image.fromarray(np.full((40, 24), 128, dtype=np.uint8)).save(root / "eight.png")
+    (root / "folder.png").mkdir()
+    for name, match in (("empty.npy", "non-empty 2-D array"), ("nothing.npy", "not a NumPy array file"),
+                        ("arch.npy", "several arrays"), ("eight.png", "is a L image .* depth needs one channel of 16 bits"),
+                        ("folder.png", "not found|is not a file")):
+        meta["frames"][1]["depth_file_path"] = name
+        path.write_text(json.dumps(meta))
+        with pytest.raises(InputError, match=match):
+            load_dataset(root, format="ngp")
+    np.save(root / "nan.npy", np.full((40, 24), np.nan))
+    meta["frames"][1]["depth_file_path"] = "nan.npy"
+    path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="1 of the 'train' views' depth maps hold no valid depth"):
+        load_dataset(root, format="ngp")
+    meta["frames"][1]["depth_file_path"] = target.relative_to(root).as_posix()
+    for fr in meta["frames"][::2]:  # depth on some frames only (say, the held-out ones): refused, not ignored
+        del fr["depth_file_path"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="5 of its 10 frames name a depth_file_path"):
+        load_dataset(root, format="ngp")
+
+
+def test_exr_depth_prefers_its_z_channel_and_drops_the_background_value(tmp_path):
+    from vqad.nerf.formats.common import DEPTH_BACKGROUND, _read_depth_values
+
+    z = np.full((4, 5), 2.5, dtype=np.float32)
+    z[0, 0] = 1e10  # Blender's background
+    _write_exr(tmp_path / "d.exr", {"R": np.full((4, 5), 0.5), "G": np.zeros((4, 5)), "B": np.zeros((4, 5)), "Z": z})
+    got = _read_depth_values(tmp_path / "d.exr")
+    assert got[1, 1] == 2.5 and got[0, 0] >= DEPTH_BACKGROUND
+    _write_exr(tmp_path / "layered.exr", {"ViewLayer.Combined.R": np.full((4, 5), 0.5), "ViewLayer.Depth.Z": z})
+    assert _read_depth_values(tmp_path / "layered.exr")[1, 1] == 2.5
+
+
+def test_forward_facing_nerfstudio_captures_get_the_box_of_their_points(tmp_path):
+    """Cameras that look at no common point (parallel axes, or tilted by a degree): the box from the
+    cameras sat on or behind them. The box of the back-projected depth holds the scene; without points
+    or depth the capture is refused with what to give it."""
+    from vqad.nerf.formats.common import capture_box
+    from vqad.nerf.procedural import look_at
+
+    root, path, meta = _depth_capture(tmp_path, "ff")
+    for spread, name in ((0.0, "parallel"), (1.0, "diverging")):  # a row of cameras at z = 3 looking down −z
+        for i, fr in enumerate(meta["frames"]):  # each turned 0° or 1° per step outward: their axes meet behind them
+            x = -0.9 + 0.2 * i
+            eye = torch.tensor([x, 0.3, 3.0])
+            turn = math.tan(math.radians(spread * x / 0.9))
+            fr["transform_matrix"] = look_at(eye, eye + torch.tensor([turn, 0.0, -1.0])).tolist()
+        path.write_text(json.dumps(meta))
+        ds = load_dataset(root, format="ngp")  # the depth maps do not match these poses: only the box matters here
+        assert "the scene box from its points" in ds.split_sources["train"], name
+        lo, hi = np.array(ds.bbox)
+        assert ((np.array([0.0, 0.3, -1.0]) >= lo) & (np.array([0.0, 0.3, -1.0]) <= hi)).all(), name  # 4 in front
+    poses = np.stack([np.array(fr["transform_matrix"]) for fr in meta["frames"]])
+    with pytest.raises(InputError, match="do not look at a common point .* forward-facing"):
+        capture_box(poses, "row")
+    same = np.repeat(poses[:1], 4, axis=0)
+    same[:, :3, 3] = [5.0, 1.0, -3.0]  # every camera at one point, not the origin
+    with pytest.raises(InputError, match="every camera sits at one point"):
+        capture_box(same, "one point")
+
+
+def test_even_downscale_keeps_a_slope_depth_unbiased():
+    from vqad.nerf.formats.common import downscale_depth
+
+    z = np.add.outer(np.linspace(2.0, 3.0, 8), np.linspace(0.0, 0.4, 8)).astype(np.float32)  # a smooth slope
+    for n in (2, 4):
+        blocks = z.reshape(8 // n, n, 8 // n, n).mean(axis=(1, 3))
+        assert np.allclose(downscale_depth(z, n), blocks, rtol=1e-5)  # a plane: the median is the mean
+    rows = np.array([[2.0, 2.0], [2.2, 2.2]], dtype=np.float32)  # a slope along the rows: two pairs, one surface
+    assert downscale_depth(rows, 2)[0, 0] == pytest.approx(2.1)
+    edge = np.full((2, 2), 2.0, dtype=np.float32)
+    edge[:, 1] = 6.0  # a silhouette: the nearer surface, not a depth between the two
+    assert downscale_depth(edge, 2)[0, 0] == 2.0
+    block = np.full((4, 4), 3.0, dtype=np.float32)
+    block[:, 2:] = 4.0  # a 4 × 4 block split 8 / 8 by a silhouette a third deep: tight groups, the nearer kept
+    assert downscale_depth(block, 4)[0, 0] == pytest.approx(3.0)
+
+
+def test_a_refused_fit_leaves_no_output_folder(tmp_path, capsys):
+    from vqad.app.cli import main as cli_main
+
+    root, path, meta = _depth_capture(tmp_path, "cap")
+    meta["depth_unit_scale_factor"] = 1.0  # metres read as kilometres: no depth in the box
+    path.write_text(json.dumps(meta))
+    out = tmp_path / "fit"
+    assert cli_main(["fit-nerf", str(root), "--format", "ngp", "--steps", "5", "--out", str(out), "--quiet"]) != 0
+    assert "depth_unit_scale_factor" in capsys.readouterr().err
+    assert not out.exists()

@@ -226,7 +226,9 @@ def octree_from_depth(dataset: SceneDataset, base_level: int, max_level: int, de
         cells.append(torch.unique(morton_encode(ijk)))
     codes = torch.unique(torch.cat(cells)) if cells else torch.zeros(0, dtype=torch.long)
     return _finest_cells_to_octree(morton_decode(codes), base_level, max_level, device, dilate,
-                                   "no depth sample fell inside the scene's unit cube")
+                                   "no depth sample fell inside the scene's box: are the depth maps in the poses' "
+                                   "units? (a transforms.json's depth_unit_scale_factor: world units per stored unit, "
+                                   "0.001 by default)")
 
 
 # -- masks ---------------------------------------------------------------------------------------

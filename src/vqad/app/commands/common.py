@@ -77,6 +77,19 @@ def fresh_output_dir(path: str | Path, what: str, hint: str = ""):
         raise
 
 
+@contextmanager
+def refused_leaves_nothing(path: Path, created: bool):
+    """Around a fit's first steps: if it is refused (an :class:`InputError`: the capture's octree is empty, ...)
+    and left the ``--out`` folder it ``created`` empty, the folder goes too. Anything else (an interrupt, a
+    checkpoint written) stays: nothing a long run did is lost."""
+    try:
+        yield
+    except InputError:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
+
+
 def ensure_fit_dir(path: str | Path) -> Path:
     """A fit's ``--out``: new, empty, or an earlier fit's (it holds ``checkpoint/`` or ``metrics.json``,
     which the new fit replaces); a folder of other files (the capture's images, a home directory) is

@@ -67,7 +67,9 @@ Scene normalisation (``x_unit = (x_world − center) · scale``, a cube around a
   ``transforms.json`` (``camera_model`` or ``applied_transform``, and none of ``aabb_scale``, ``scale``,
   ``offset``: poses in its structure from motion's units) gets COLMAP's box from its cameras instead;
 * colmap (and nerfstudio): centred where the optical axes meet, half extent 0.375 × the cameras'
-  mean distance to that point, contracted out to 16 times it (:func:`.common.camera_box`);
+  mean distance to that point, contracted out to 16 times it; where the cameras look at no common
+  point (forward-facing, inside-out), the 5–95 % box of the capture's points or back-projected depth
+  instead (:func:`.common.capture_box`);
 * llff: the box holding every camera's view frustum between 0.9 × its near bound and 1.1 × its far
   bound;
 * rtmv: the box of the back-projected depth of all views, grown by 5 % (or the JSON's
@@ -81,8 +83,9 @@ of them cross it: a box in the wrong units or place) is read with a warning.
 Downscaling (``downscale=N``) crops each image to a multiple of N pixels (from the bottom / right,
 so ``cx, cy`` keep their meaning) and averages N×N blocks (area resampling: PIL's ``reduce`` for 8-bit
 images, which premultiplies alpha, the same box average on premultiplied float colour for EXRs);
-intrinsics are divided by N. Depth is not averaged across silhouettes: a block keeps the lower
-median of its valid samples when at least half of them are valid, else 0.
+intrinsics are divided by N. Depth is not averaged across silhouettes: a block keeps the median of
+its valid samples when at least half of them are valid, else 0; an even count's two middle samples are
+averaged only where they lie on one surface (:func:`.common.downscale_depth`), else the nearer is kept.
 """
 
 from __future__ import annotations

@@ -19,12 +19,13 @@ Layout: ``ROOT/images/`` with the photos and the model in ``ROOT/sparse/0/``, ``
   float64 params[n_model]``; per image ``int32 id, float64 q[4], float64 t[3], int32 camera_id,
   NAME\\0, uint64 n_points, n_points × (float64 x, float64 y, int64 point_id)``. Little-endian.
 
-Scene box (COLMAP's units are arbitrary): :func:`vqad.nerf.formats.common.camera_box`, centred on the
+Scene box (COLMAP's units are arbitrary): :func:`vqad.nerf.formats.common.capture_box`, centred on the
 point nearest to every camera's optical axis (least squares, as instant-ngp's ``colmap2nerf`` finds its
 "centre of attention"), with half extent ``0.375 ×`` the cameras' mean distance to it (colmap2nerf scales
 that distance to 4 and instant-ngp's unit box is then 1.5 across each way: 1.5 / 4); the scene extends to
-``outer_scale`` (default 16) times it, contracted (:mod:`vqad.nerf.contraction`). Every 8th image,
-sorted by name, is test (and val); the rest train.
+``outer_scale`` (default 16) times it, contracted (:mod:`vqad.nerf.contraction`). Where the cameras
+look at no common point (a forward-facing capture), the box of the model's 3-D points instead. Every
+8th image, sorted by name, is test (and val); the rest train.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from vqad.nerf.formats.points import read_colmap_points
 from vqad.nerf.contraction import check_outer_scale
 from vqad.nerf.data import SceneDataset
 from vqad.nerf.formats.common import (CAMERA_BOX_OUTER, _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _resolve_image,
-                                      camera_box, lens_row)
+                                      capture_box, lens_row)
 from vqad.nerf.lens import LENS_FISHEYE, LENS_OPENCV
 
 # model id → (name, number of parameters); only the first five are read
@@ -329,9 +330,10 @@ def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limi
     train, test = _holdout(frames, hold_every)
     poses = np.stack([f.c2w for f in frames])
     _refuse_stray_cameras(poses, frames, model_dir)
-    center, half, _ = camera_box(poses, str(model_dir))
+    points = read_colmap_points(model_dir)
+    center, half, _, _ = capture_box(poses, str(model_dir), points)
     desc = f"every {hold_every}th image of {model_dir.name} by name"
     sources = {"train": f"{model_dir} minus every {hold_every}th image", "val": desc + " (val = test)", "test": desc}
     return _dataset(root.name, "colmap", {"train": train, "val": test, "test": test}, sources, downscale, background,
                     split_limit, root, lambda splits: (center - half, center + half, None, None), outer_scale=outer_scale,
-                    points=read_colmap_points(model_dir))
+                    points=points)

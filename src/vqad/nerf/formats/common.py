@@ -18,7 +18,7 @@ from vqad.field import Normalization
 from vqad.nerf.data import SceneDataset, Views
 from vqad.nerf.lens import (BRANCH_MAX_DEG, DISTORTION_TOL_PX, LENS_COLUMNS, LENS_FISHEYE, LENS_OPENCV, MIN_PIXEL_RAD,
                             describe_lens, distortion_fit)
-from vqad.nerf.rays import camera_directions, rays_for_pixels
+from vqad.nerf.rays import backproject, camera_directions, rays_for_pixels
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".exr")
 
 
@@ -137,9 +137,20 @@ def _block_mean(a: np.ndarray, n: int) -> np.ndarray:
     return a.reshape(h, n, w, n, *a.shape[2:]).mean(axis=(1, 3))
 
 
+#: an even block's two middle depths are one surface, and averaged, when they are within this ratio of each
+#: other (a slope at a grazing angle changes depth by a few % a pixel; a silhouette by far more) ...
+SAME_SURFACE = 1.15
+#: ... or their gap is at most this many times the gaps beside them (a larger block's samples spread evenly
+#: over one surface, while a silhouette splits them into two tight groups)
+SILHOUETTE_GAP = 3.0
+
+
 def downscale_depth(z: np.ndarray, n: int) -> np.ndarray:
-    """``(H, W)`` z-depth (0 = no hit) → ``(H/n, W/n)``: the lower median of each block's valid
-    samples where at least half are valid, else 0 (never a blend across a silhouette)."""
+    """``(H, W)`` z-depth (0 = no hit) → ``(H/n, W/n)``: the median of each block's valid samples where
+    at least half are valid, else 0. An even count's two middle samples are averaged where they lie on one
+    surface (:data:`SAME_SURFACE`, :data:`SILHOUETTE_GAP`) and the nearer is kept where a silhouette falls
+    between them: no blend across a silhouette, and no pull toward the camera on a slope (the lower
+    median alone read the generated room's depth ~1 % near at ``--downscale 2``, 3 % through a fisheye)."""
     if n == 1:
         return z
     h, w = z.shape[0] // n, z.shape[1] // n
@@ -147,8 +158,17 @@ def downscale_depth(z: np.ndarray, n: int) -> np.ndarray:
     valid = blocks > 0
     count = valid.sum(-1)
     srt = np.sort(np.where(valid, blocks, np.inf), axis=-1)
-    k = np.maximum(count - 1, 0) // 2
-    med = np.take_along_axis(srt, k[..., None], axis=-1)[..., 0]
+
+    def at(i):
+        return np.take_along_axis(srt, np.clip(i, 0, n * n - 1)[..., None], axis=-1)[..., 0]
+
+    i = np.maximum(count - 1, 0) // 2  # the lower middle; count // 2 the upper
+    lo, hi = at(i), at(count // 2)
+    with np.errstate(invalid="ignore"):
+        beside = np.maximum(np.where(i >= 1, lo - at(i - 1), 0.0), np.where(count // 2 + 1 < count, at(count // 2 + 1) - hi, 0.0))
+        has_beside = (i >= 1) | (count // 2 + 1 < count)
+        one_surface = (hi <= SAME_SURFACE * lo) | (has_beside & (hi - lo <= SILHOUETTE_GAP * beside))
+        med = np.where((count % 2 == 0) & one_surface, 0.5 * (lo + hi), lo)
     return np.where(2 * count >= n * n, med, 0.0).astype(np.float32)
 
 
@@ -328,16 +348,32 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
     if depths and len(depths) != len(frames):
         raise InputError(f"some views of the {split!r} split of {source} have depth and others do not; "
                          "give every view a depth map or none")
+    empty = [names[i] for i, z in enumerate(depths) if not (z > 0).any()]
+    if empty:  # NaN, negative or 0 everywhere: the view trains, but gives the octree and the depth loss nothing
+        warnings.warn(f"{len(empty)} of the {split!r} views' depth maps hold no valid depth ({', '.join(empty[:3])}"
+                      f"{', ...' if len(empty) > 3 else ''}): those views give no depth", stacklevel=2)
     has_dist = any(d is not None for d in dists)
     return Views(
         images=torch.from_numpy(np.stack(images)),
         c2w=torch.from_numpy(np.stack(poses)).float(),
         intrinsics=torch.from_numpy(np.stack(intr)).float(),
         masks=torch.from_numpy(np.stack(alphas)) if any_alpha else None,
-        depth=torch.from_numpy(np.stack(depths)).to(torch.float16) if depths else None,
+        depth=_depth_tensor(np.stack(depths)) if depths else None,
         distortion=torch.from_numpy(np.stack([d if d is not None else np.zeros(9) for d in dists])).float() if has_dist else None,
         names=names,
     )
+
+
+#: depths float16 holds to ~0.05 % (its normal range); a capture with others is kept in float32
+FLOAT16_DEPTH_RANGE = (6.2e-5, 65000.0)
+
+
+def _depth_tensor(z: np.ndarray) -> torch.Tensor:
+    """Depth maps ``(N, H, W)`` as stored: float16 (half the memory) where every depth fits its normal
+    range, else float32 (poses in millimetres, or in micro-units: float16 would overflow or round)."""
+    valid = z[z > 0]
+    fits = valid.size == 0 or (valid.min() >= FLOAT16_DEPTH_RANGE[0] and valid.max() <= FLOAT16_DEPTH_RANGE[1])
+    return torch.from_numpy(z).to(torch.float16 if fits else torch.float32)
 
 
 # -- blender and instant-ngp (transforms json) -----------------------------------------------------
@@ -461,6 +497,10 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
         out.append(_Frame(image=path, c2w=_as_c2w(fr["transform_matrix"], what), pinhole=pin,
                           name=str(fr["file_path"]), distortion=lens, depth=_depth_path(fr, base, what),
                           depth_kind="z", depth_scale=depth_scale))
+    with_depth = sum(f.depth is not None for f in out)
+    if 0 < with_depth < len(out):  # held-out views with depth and training views without (or the reverse) mislead
+        raise InputError(f"{json_path}: {with_depth} of its {len(out)} frames name a depth_file_path: give every frame "
+                         f"a depth map or none")
     return out
 
 
@@ -557,22 +597,75 @@ def attention_center(c2w: np.ndarray) -> np.ndarray:
     return np.linalg.solve(M, b)
 
 
-def camera_box(poses, what: str) -> tuple[np.ndarray, float, float]:
-    """The scene box of a capture whose units say nothing (COLMAP's, nerfstudio's): centred where the
-    optical axes meet (:func:`attention_center`), half extent :data:`CAMERA_BOX_HALF` × the cameras' mean
-    distance to that point, the scene contracted out to :data:`CAMERA_BOX_OUTER` times it.
+#: a camera counts as looking at the cameras' common point when it lies within this angle of its axis
+LOOKS_AT_DEG = 60.0
+#: the share of the cameras that must look at their common point for the box to be centred there
+LOOKING_SHARE = 0.75
+#: how far the common point may lie, in the cameras' own spread: nearly parallel axes (a forward-facing
+#: row, tilted by a degree or two) "meet" a hundred spreads away, where no scene is
+MAX_ATTENTION_DISTANCE = 10.0
+#: the percentiles of the scene's points (sparse points, depth) whose box is the central box otherwise
+POINTS_BOX_PERCENTILES = (5.0, 95.0)
+
+
+def capture_box(poses, what: str, points=None) -> tuple[np.ndarray, float, float, str]:
+    """The scene box of a capture whose units say nothing (COLMAP's, nerfstudio's).
+
+    Where the cameras look at a common point (an object or room captured around its middle: at least
+    :data:`LOOKING_SHARE` of them within :data:`LOOKS_AT_DEG` of their axis, the point at most
+    :data:`MAX_ATTENTION_DISTANCE` times the cameras' spread away): centred on the point nearest to
+    every optical axis (:func:`attention_center`, instant-ngp's ``colmap2nerf`` rule), half extent
+    :data:`CAMERA_BOX_HALF` × the cameras' mean distance to it. Elsewhere (a forward-facing or inside-out
+    capture, whose axes meet nowhere in front of them) the :data:`POINTS_BOX_PERCENTILES` box of the scene's
+    ``points`` (sparse points, back-projected depth) when it has them; without them the capture is refused
+    with what to give it. The scene extends, contracted, to :data:`CAMERA_BOX_OUTER` times the box.
 
     Args:
-        poses: ``(N, 4, 4)`` OpenGL camera-to-world; what: the capture, for messages.
+        poses: ``(N, 4, 4)`` OpenGL camera-to-world; what: the capture, for messages; points: ``(P, 3)``
+            world points or None.
     Returns:
-        the centre ``(3,)``, the half extent and the outer scale.
+        the centre ``(3,)``, the half extent, the outer scale and what placed it (``"cameras"`` or ``"points"``).
     """
     poses = np.stack(poses) if isinstance(poses, (list, tuple)) else np.asarray(poses)
+    o, axis = poses[:, :3, 3], -poses[:, :3, 2] / np.linalg.norm(poses[:, :3, 2], axis=-1, keepdims=True)
     center = attention_center(poses)
-    half = CAMERA_BOX_HALF * float(np.linalg.norm(poses[:, :3, 3] - center, axis=-1).mean())
-    if not half > 0:
-        raise InputError(f"{what}: every camera sits at one point; the scene's size is unknown")
-    return center, half, CAMERA_BOX_OUTER
+    to_center = center - o
+    dist = np.linalg.norm(to_center, axis=-1)
+    size = max(1.0, float(np.abs(o).max()))
+    looking = (to_center * axis).sum(-1) > math.cos(math.radians(LOOKS_AT_DEG)) * dist
+    spread = float(np.ptp(o, axis=0).max())
+    if 1e-9 * size < dist.mean() <= MAX_ATTENTION_DISTANCE * spread and looking.mean() >= LOOKING_SHARE:
+        return center, CAMERA_BOX_HALF * float(dist.mean()), CAMERA_BOX_OUTER, "cameras"
+    pts = None if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    pts = None if pts is None else pts[np.isfinite(pts).all(axis=1)]
+    if pts is not None and len(pts) >= 16:
+        lo, hi = np.percentile(pts, POINTS_BOX_PERCENTILES, axis=0)
+        half = 0.5 * float((hi - lo).max())
+        if half > 1e-9 * max(1.0, float(np.abs(pts).max())):
+            return 0.5 * (lo + hi), half, CAMERA_BOX_OUTER, "points"
+    if np.ptp(o, axis=0).max() <= 1e-9 * size:
+        raise InputError(f"{what}: every camera sits at one point and no points place the scene; its size is unknown")
+    raise InputError(f"{what}: its cameras do not look at a common point ({looking.mean():.0%} of them face the point "
+                     f"nearest their axes: a forward-facing or inside-out capture?), and it has no sparse points or "
+                     f"depth maps to place the scene: give it an instant-ngp box (aabb_scale, scale, offset in "
+                     f"transforms.json), or its structure-from-motion points (ply_file_path)")
+
+
+def depth_points(views: Views, stride: int = 8) -> np.ndarray | None:
+    """World points ``(P, 3)`` of every ``stride``-th pixel of each view's depth map (through its lens), or
+    None without depth."""
+    if views.depth is None:
+        return None
+    h, w = views.hw
+    v, u = torch.meshgrid(torch.arange(0, h, stride) + 0.5, torch.arange(0, w, stride) + 0.5, indexing="ij")
+    uv = torch.stack([u.reshape(-1), v.reshape(-1)], -1).double()
+    out = []
+    for i in range(len(views)):
+        z = views.depth[i, ::stride, ::stride].double().reshape(-1)
+        keep = z > 0
+        lens = None if views.distortion is None else views.distortion[i].double()
+        out.append(backproject(views.c2w[i].double(), views.intrinsics[i].double(), uv[keep], z[keep], lens).numpy())
+    return np.concatenate(out)
 
 
 #: the share of a capture's training pixels whose rays must cross its scene box, below which readers warn
@@ -672,30 +765,45 @@ def _list_images(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg"))
 
 
+#: an EXR's channels that hold depth, in the order they are looked for (Blender writes Z, or
+#: ``ViewLayer.Depth.Z`` in a multilayer file); a colour-only EXR (RTMV's) gives its first colour channel
+_EXR_DEPTH_CHANNELS = ("Z", "DEPTH", "Y", "R", "G", "B")
+#: raw depth values from this one up mean "no surface" (Blender's background is 1e10)
+DEPTH_BACKGROUND = 1e9
+
+
 def _read_depth_values(path: Path) -> np.ndarray:
-    """A depth map's raw values ``(h, w)`` float64: an EXR's depth channel, a 16- or 32-bit PNG / TIFF, or a
-    2-D ``.npy`` array."""
-    if path.suffix.lower() == ".exr":
+    """A depth map's raw values ``(h, w)`` float64: an EXR's depth channel, a 16-bit or 32-bit PNG / TIFF,
+    or a 2-D ``.npy`` array of numbers."""
+    if not path.is_file():
+        raise InputError(f"the depth map {path} is not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".exr":
         ch = read_exr_channels(path)
-        return np.asarray(ch[next((k for k in ("R", "Z", "Y", "DEPTH", "G", "B") if k in ch), next(iter(ch)))],
-                          dtype=np.float64)
-    if path.suffix.lower() == ".npy":
+        names = {k.upper(): k for k in ch}
+        layered = [k for k in ch if k.upper().endswith((".Z", ".DEPTH", "DEPTH.V"))]
+        name = next((names[c] for c in _EXR_DEPTH_CHANNELS[:2] if c in names), layered[0] if layered else None)
+        name = name or next((names[c] for c in _EXR_DEPTH_CHANNELS[2:] if c in names), next(iter(ch)))
+        return np.asarray(ch[name], dtype=np.float64)
+    if suffix == ".npy":
         try:
             d = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot read the depth map {path}: {e}") from e
+        except (OSError, ValueError, EOFError) as e:
+            raise InputError(f"the depth map {path} is not a NumPy array file (.npy) vqad can read: {e}") from e
+        if not isinstance(d, np.ndarray):
+            raise InputError(f"the depth map {path} holds several arrays (an .npz archive?): save one 2-D array")
         if d.ndim == 3 and d.shape[-1] == 1:
             d = d[..., 0]
-        if d.ndim != 2 or d.dtype.kind not in "fiu":
-            raise InputError(f"the depth map {path} must be a 2-D array of numbers, not {d.dtype} {list(d.shape)}")
+        if d.ndim != 2 or d.dtype.kind not in "fiu" or d.size == 0:
+            raise InputError(f"the depth map {path} must be a non-empty 2-D array of numbers, not {d.dtype} {list(d.shape)}")
         return d.astype(np.float64)
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            if im.mode not in ("I;16", "I;16B", "I;16L", "I", "F", "L"):
-                raise InputError(f"the depth map {path} is a {im.mode} image: depth needs one channel (16-bit PNG "
-                                 f"in depth_unit_scale_factor units, or 32-bit)")
+            if im.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+                raise InputError(f"the depth map {path} is a {im.mode} image ({im.format}): depth needs one channel of "
+                                 f"16 bits (PNG, in depth_unit_scale_factor units) or 32 bits (TIFF), not a picture of it")
             return np.asarray(im, dtype=np.float64)
     except (OSError, UnidentifiedImageError) as e:
         raise InputError(f"cannot read the depth map {path}: {e}") from e
@@ -705,7 +813,8 @@ def _read_depth(fr: _Frame, hw: tuple[int, int], K_full: np.ndarray, n: int, len
     """A view's depth map → z-depth ``(H/n, W/n)`` float32 in world units (0 = no hit). A map smaller than
     its image (a phone's depth sensor) is resized to it by nearest neighbour, as nerfstudio does."""
     raw = _read_depth_values(fr.depth)
-    d = np.where(raw < fr.depth_invalid_at, raw, 0.0) * fr.depth_scale
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.where(raw < min(fr.depth_invalid_at, DEPTH_BACKGROUND), raw, 0.0) * fr.depth_scale
     if d.shape != tuple(hw):
         h, w = d.shape
         if h > hw[0] or w > hw[1] or abs((w / h) / (hw[1] / hw[0]) - 1) > 0.02:

@@ -10,8 +10,8 @@ import numpy as np
 from vqad.errors import InputError
 from vqad.nerf.contraction import MAX_OUTER_SCALE
 from vqad.nerf.data import SceneDataset
-from vqad.nerf.formats.common import (_dataset, _holdout, _json_numbers, _read_json, _transforms_frames, camera_box,
-                                      inside_capture)
+from vqad.nerf.formats.common import (CAMERA_BOX_OUTER, _dataset, _holdout, _json_numbers, _read_json, _transforms_frames,
+                                      capture_box, depth_points, inside_capture)
 from vqad.nerf.formats.points import read_ply_points
 
 
@@ -31,7 +31,7 @@ def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=N
 
     Every ``hold_every``-th frame (0, 8, ...) is test and val; the rest train. The unit cube is
     instant-ngp's ``aabb_scale`` box (see the module docstring); a nerfstudio file (:func:`is_nerfstudio`)
-    has no box, and gets one from its cameras (:func:`camera_box`).
+    has no box, and gets one from its cameras, or its points and depth maps (:func:`capture_box`).
     """
     p = Path(path)
     json_path = p if p.is_file() else p / "transforms.json"
@@ -66,9 +66,6 @@ def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=N
     outer = max(aabb_scale, 1.0)
     center = (0.5 - offset) / scale
     half = 0.5 * aabb_scale / outer / scale
-    if is_nerfstudio(meta):  # poses in the units of its structure from motion: the box comes from the cameras
-        center, half, outer = camera_box([f.c2w for f in all_frames], str(json_path))
-        sources = {k: v + " (nerfstudio: the scene box from the cameras)" for k, v in sources.items()}
     points = None
     if meta.get("ply_file_path") is not None:  # nerfstudio's sparse structure-from-motion points
         ply = meta["ply_file_path"]
@@ -78,6 +75,19 @@ def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=N
         if not ply_path.is_file():
             raise InputError(f"{json_path}: ply_file_path {ply!r} not found at {ply_path}: restore it or remove the key")
         points = read_ply_points(ply_path)
-    return _dataset(json_path.parent.name, "ngp", {"train": train, "val": test, "test": test}, sources, downscale,
-                    background, split_limit, json_path.parent, lambda splits: (center - half, center + half, None, None),
-                    outer_scale=outer, points=points)
+    if not is_nerfstudio(meta):
+        return _dataset(json_path.parent.name, "ngp", {"train": train, "val": test, "test": test}, sources, downscale,
+                        background, split_limit, json_path.parent, lambda splits: (center - half, center + half, None, None),
+                        outer_scale=outer, points=points)
+    # nerfstudio: poses in the units of its structure from motion, no box: it comes from the cameras (or points)
+    placed = {}
+
+    def box(splits):
+        pts = points if points is not None else depth_points(splits["train"])
+        c, h, _, placed["by"] = capture_box([f.c2w for f in all_frames], str(json_path), pts)
+        return c - h, c + h, None, None
+
+    ds = _dataset(json_path.parent.name, "ngp", {"train": train, "val": test, "test": test}, sources, downscale,
+                  background, split_limit, json_path.parent, box, outer_scale=CAMERA_BOX_OUTER, points=points)
+    ds.split_sources = {k: f"{v} (nerfstudio: the scene box from its {placed['by']})" for k, v in ds.split_sources.items()}
+    return ds

@@ -15,8 +15,7 @@ from vqad.errors import InputError
 from vqad.nerf.formats import load_dataset
 from vqad.nerf.lens import (LENS_FISHEYE, LENS_OPENCV, _distort_jacobian, distort, distort_within, distortion_fit,
                             image_radius2, lens_rows, lens_summary, undistort)
-from vqad.nerf.octree_build import project
-from vqad.nerf.rays import camera_rays
+from vqad.nerf.rays import camera_rays, project
 
 FISHEYE = [LENS_FISHEYE, 0.05, -0.02, 0.0, 0.0, 0.004, -0.001, 0.0, 0.0]  # k1, k2, k3, k4 in columns 1, 2, 5, 6
 RATIONAL = [LENS_OPENCV, -0.12, 0.03, 0.001, -0.002, 0.004, 0.05, 0.01, -0.003]  # FULL_OPENCV

@@ -33,8 +33,7 @@ from vqad.errors import InputError
 from vqad.octree import SparseOctree, cell_coords, dilate_codes, morton_decode, morton_encode
 from vqad.nerf.data import SceneDataset, Views
 from vqad.nerf.contraction import contract
-from vqad.nerf.lens import distort_within, image_radius2
-from vqad.nerf.rays import backproject
+from vqad.nerf.rays import backproject, project
 
 
 def available_methods(dataset: SceneDataset, split: str = "train") -> list[str]:
@@ -232,21 +231,6 @@ def octree_from_depth(dataset: SceneDataset, base_level: int, max_level: int, de
 
 
 # -- masks ---------------------------------------------------------------------------------------
-def project(views: Views, index: int, x_world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pixel coordinates ``u, v`` and depth ``z`` (> 0 in front) of world points ``(n, 3)``, through the
-    view's lens distortion when it has one."""
-    c2w = views.c2w[index].float()
-    cam = (x_world - c2w[:3, 3]) @ c2w[:3, :3]  # R^T (x − t), rows
-    z = -cam[:, 2]
-    fx, fy, cx, cy = views.intrinsics[index].tolist()
-    zs = z.clamp_min(1e-8)
-    xy = torch.stack([cam[:, 0] / zs, -cam[:, 1] / zs], dim=-1)  # normalised, y down
-    if views.distortion is not None:
-        lens = views.distortion[index]
-        xy = distort_within(xy, lens, image_radius2(views.intrinsics[index], lens, views.hw))
-    return cx + fx * xy[:, 0], cy + fy * xy[:, 1], z
-
-
 def _mask_distance_maps(views: Views, max_pixels: int = 60_000_000) -> tuple[torch.Tensor, float]:
     """Per view, each pixel's distance (in pixels) to the nearest foreground pixel: ``(N, H', W')`` fp16.
 

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from vqad.nerf.data import SceneDataset, Views
-from vqad.nerf.lens import expand_rows, undistort
+from vqad.nerf.lens import distort_within, expand_rows, image_radius2, undistort
 
 
 def pixel_centers(height: int, width: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -101,6 +101,21 @@ def backproject(c2w: torch.Tensor, intrinsics: torch.Tensor, pixel_uv: torch.Ten
     if c2w.dim() == 2:
         return cam @ c2w[:3, :3].T + c2w[:3, 3]
     return torch.einsum("nij,nj->ni", c2w[:, :3, :3], cam) + c2w[:, :3, 3]
+
+
+def project(views: Views, index: int, x_world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixel coordinates ``u, v`` and depth ``z`` (> 0 in front) of world points ``(n, 3)``, through the
+    view's lens distortion when it has one."""
+    c2w = views.c2w[index].float()
+    cam = (x_world - c2w[:3, 3]) @ c2w[:3, :3]  # R^T (x − t), rows
+    z = -cam[:, 2]
+    fx, fy, cx, cy = views.intrinsics[index].tolist()
+    zs = z.clamp_min(1e-8)
+    xy = torch.stack([cam[:, 0] / zs, -cam[:, 1] / zs], dim=-1)  # normalised, y down
+    if views.distortion is not None:
+        lens = views.distortion[index]
+        xy = distort_within(xy, lens, image_radius2(views.intrinsics[index], lens, views.hw))
+    return cx + fx * xy[:, 0], cy + fy * xy[:, 1], z
 
 
 def camera_rays(views: Views, indices: int | Sequence[int] | torch.Tensor,

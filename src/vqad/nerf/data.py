@@ -9,8 +9,9 @@ Conventions:
   optional lenses ``(N, 9)``, one row of :data:`vqad.nerf.lens.LENS_COLUMNS` per view (OpenCV's
   radial-tangential or fisheye model; ``(N, 4)`` ``k1, k2, p1, p2`` is taken as the former).
 * images ``(N, H, W, 3) uint8`` (RGB, already composited on ``background`` when the source has
-  alpha), masks ``(N, H, W) uint8`` (255 = foreground) when known, depth ``(N, H, W) float16``
-  z-depth along the camera's viewing axis in world units, 0 where there is no surface.
+  alpha), masks ``(N, H, W) uint8`` (255 = foreground) when known, depth ``(N, H, W) float16`` (float32
+  where float16 cannot hold the capture's depths) z-depth along the camera's viewing axis in world
+  units, 0 where there is no surface.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Views:
     c2w: torch.Tensor  # (N, 4, 4) float32, OpenGL convention
     intrinsics: torch.Tensor  # (N, 4) float32: fx, fy, cx, cy
     masks: torch.Tensor | None = None  # (N, H, W) uint8, 255 = foreground
-    depth: torch.Tensor | None = None  # (N, H, W) float16 z-depth, world units, 0 = no hit
+    depth: torch.Tensor | None = None  # (N, H, W) float16 (or float32) z-depth, world units, 0 = no hit
     distortion: torch.Tensor | None = None  # (N, 9) float32 lens rows (vqad.nerf.lens.LENS_COLUMNS)
     names: list[str] = field(default_factory=list)
 

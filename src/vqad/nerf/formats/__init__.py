@@ -21,7 +21,8 @@ Where each split came from is recorded in ``SceneDataset.split_sources``.
 Conventions of the output (see :mod:`vqad.nerf.data`): OpenGL camera-to-world poses; intrinsics
 ``fx, fy, cx, cy`` in pixels of the images as held (after ``downscale``), pixel centres at ``+ ½``;
 images ``uint8`` composited on ``background`` (alpha, when present, becomes the mask); depth
-``float16`` z-depth in world units, 0 where nothing was hit.
+``float16`` z-depth in world units (float32 where float16 would overflow or round), 0 where nothing
+was hit.
 
 Per-format conversions:
 

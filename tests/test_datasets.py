@@ -1379,8 +1379,10 @@ def test_even_downscale_keeps_a_slope_depth_unbiased():
     edge[:, 1] = 6.0  # a silhouette: the nearer surface, not a depth between the two
     assert downscale_depth(edge, 2)[0, 0] == 2.0
     block = np.full((4, 4), 3.0, dtype=np.float32)
-    block[:, 2:] = 4.0  # a 4 × 4 block split 8 / 8 by a silhouette a third deep: tight groups, the nearer kept
+    block[:, 2:] = 4.0  # a 4 × 4 block split 8 / 8 by a silhouette a third deep: the nearer kept
     assert downscale_depth(block, 4)[0, 0] == pytest.approx(3.0)
+    block[:, 2:] = 3.3  # a tenth deep: it cannot be told from a slope along the rows, and is averaged (documented)
+    assert downscale_depth(block, 4)[0, 0] == pytest.approx(3.15)
 
 
 def test_a_refused_fit_leaves_no_output_folder(tmp_path, capsys):
@@ -1407,8 +1409,8 @@ def test_depth_maps_in_other_units_than_the_poses_are_warned_about(tmp_path):
         warnings.simplefilter("error")
         views = load_dataset(root, format="ngp").splits["train"]
     assert depth_agreement(views) < 0.01 < depth_agreement(views, scale=0.71)
-    for factor, scale in ((2.0, "0.5"), (0.5, "2")):
+    for factor, scale in ((2.0, "0.5"), (0.5, "2"), (1e-3, "1000")):  # the last: metres read as millimetres
         meta["depth_unit_scale_factor"] = 1e-3 * factor
         path.write_text(json.dumps(meta))
-        with pytest.warns(UserWarning, match=rf"agree with each other through the poses \d+× better when scaled by {scale} "):
+        with pytest.warns(UserWarning, match=rf"agree with each other through the poses best when scaled by {scale} "):
             load_dataset(root, format="ngp")

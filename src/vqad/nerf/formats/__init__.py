@@ -65,7 +65,8 @@ Scene normalisation (``x_unit = (x_world − center) · scale``, a cube around a
   ``aabb_scale`` 1 box); with ``aabb_scale`` A > 1 the scene extends to A times that box, and
   ``SceneDataset.outer_scale = A``: the field contracts the shell between the two boxes
   (:mod:`vqad.nerf.contraction`). ``aabb_scale`` < 1 keeps the smaller box as the cube. A nerfstudio
-  ``transforms.json`` (``camera_model`` or ``applied_transform``, and none of ``aabb_scale``, ``scale``,
+  ``transforms.json`` (``camera_model``, ``applied_transform``, ``applied_scale`` or ``orientation_override``,
+  and none of ``aabb_scale``, ``scale``,
   ``offset``: poses in its structure from motion's units) gets COLMAP's box from its cameras instead;
 * colmap (and nerfstudio): centred where the optical axes meet, half extent 0.375 × the cameras'
   mean distance to that point, contracted out to 16 times it; where the cameras look at no common
@@ -86,7 +87,8 @@ so ``cx, cy`` keep their meaning) and averages N×N blocks (area resampling: PIL
 images, which premultiplies alpha, the same box average on premultiplied float colour for EXRs);
 intrinsics are divided by N. Depth is not averaged across silhouettes: a block keeps the median of
 its valid samples when at least half of them are valid, else 0; an even count's two middle samples are
-averaged only where they lie on one surface (:func:`.common.downscale_depth`), else the nearer is kept.
+averaged only where they lie on one surface, within 15 % (:func:`.common.downscale_depth`: a silhouette
+shallower than that cannot be told from a slope), else the nearer is kept.
 """
 
 from __future__ import annotations

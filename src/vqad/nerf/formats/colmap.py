@@ -331,7 +331,7 @@ def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limi
     poses = np.stack([f.c2w for f in frames])
     _refuse_stray_cameras(poses, frames, model_dir)
     points = read_colmap_points(model_dir)
-    center, half, _, _ = capture_box(poses, str(model_dir), points)
+    center, half, _ = capture_box(poses, str(model_dir), points)
     desc = f"every {hold_every}th image of {model_dir.name} by name"
     sources = {"train": f"{model_dir} minus every {hold_every}th image", "val": desc + " (val = test)", "test": desc}
     return _dataset(root.name, "colmap", {"train": train, "val": test, "test": test}, sources, downscale, background,

@@ -138,19 +138,17 @@ def _block_mean(a: np.ndarray, n: int) -> np.ndarray:
 
 
 #: an even block's two middle depths are one surface, and averaged, when they are within this ratio of each
-#: other (a slope at a grazing angle changes depth by a few % a pixel; a silhouette by far more) ...
+#: other (a slope at a grazing angle changes depth by a few % a pixel; a silhouette by more). The sorted
+#: values cannot tell a slope along the pixel rows (tied pairs) from a silhouette under 15 % deep
 SAME_SURFACE = 1.15
-#: ... or their gap is at most this many times the gaps beside them (a larger block's samples spread evenly
-#: over one surface, while a silhouette splits them into two tight groups)
-SILHOUETTE_GAP = 3.0
 
 
 def downscale_depth(z: np.ndarray, n: int) -> np.ndarray:
     """``(H, W)`` z-depth (0 = no hit) → ``(H/n, W/n)``: the median of each block's valid samples where
     at least half are valid, else 0. An even count's two middle samples are averaged where they lie on one
-    surface (:data:`SAME_SURFACE`, :data:`SILHOUETTE_GAP`) and the nearer is kept where a silhouette falls
-    between them: no blend across a silhouette, and no pull toward the camera on a slope (the lower
-    median alone read the generated room's depth ~1 % near at ``--downscale 2``, 3 % through a fisheye)."""
+    surface (within :data:`SAME_SURFACE`) and the nearer is kept where a silhouette falls between them: no
+    pull toward the camera on a slope (the lower median alone read the generated room's depth ~1 % near at
+    ``--downscale 2``, 3 % through a fisheye), and no blend across a silhouette deeper than 15 %."""
     if n == 1:
         return z
     h, w = z.shape[0] // n, z.shape[1] // n
@@ -159,16 +157,10 @@ def downscale_depth(z: np.ndarray, n: int) -> np.ndarray:
     count = valid.sum(-1)
     srt = np.sort(np.where(valid, blocks, np.inf), axis=-1)
 
-    def at(i):
-        return np.take_along_axis(srt, np.clip(i, 0, n * n - 1)[..., None], axis=-1)[..., 0]
-
-    i = np.maximum(count - 1, 0) // 2  # the lower middle; count // 2 the upper
-    lo, hi = at(i), at(count // 2)
+    lo = np.take_along_axis(srt, (np.maximum(count - 1, 0) // 2)[..., None], axis=-1)[..., 0]
+    hi = np.take_along_axis(srt, np.minimum(count // 2, n * n - 1)[..., None], axis=-1)[..., 0]
     with np.errstate(invalid="ignore"):
-        beside = np.maximum(np.where(i >= 1, lo - at(i - 1), 0.0), np.where(count // 2 + 1 < count, at(count // 2 + 1) - hi, 0.0))
-        has_beside = (i >= 1) | (count // 2 + 1 < count)
-        one_surface = (hi <= SAME_SURFACE * lo) | (has_beside & (hi - lo <= SILHOUETTE_GAP * beside))
-        med = np.where((count % 2 == 0) & one_surface, 0.5 * (lo + hi), lo)
+        med = np.where((count % 2 == 0) & (hi <= SAME_SURFACE * lo), 0.5 * (lo + hi), lo)
     return np.where(2 * count >= n * n, med, 0.0).astype(np.float32)
 
 
@@ -419,7 +411,8 @@ def _transforms_lens(frame: dict, meta: dict, what: str) -> np.ndarray | None:
     k3, p1, p2`` (a ``k4`` there has no one meaning: refused). A frame's own model keys decide over the
     file's, and so does each of its coefficients."""
     own = _lens_model_of(frame, what)
-    fisheye = own if own is not None else _lens_model_of(meta, f"{what} (the file's keys)")
+    file_level = _lens_model_of(meta, f"{what} (the file's keys)")  # checked even where every frame has its own
+    fisheye = own if own is not None else file_level
     k = {key: frame.get(key, meta.get(key)) for key in _DIST_KEYS}
     if fisheye:
         if k["p1"] or k["p2"]:
@@ -571,13 +564,9 @@ def _dataset(name, fmt, split_frames: dict[str, list[_Frame]], sources: dict[str
                    fmt, "check the poses and the scene's scale")
         warnings.warn(f"{source}: the scene box covers {seen:.1%} of the training pixels (its rays miss it): the scene "
                       f"is larger than the box or elsewhere, and a fit would learn little; {fix}", stacklevel=2)
-    units = depth_units_check(splits.get("train", next(iter(splits.values()))))
-    if units is not None:
-        scale, best, given = units
-        warnings.warn(f"{source}: its depth maps agree with each other through the poses {given / best:.0f}× better "
-                      f"when scaled by {scale:g} ({best:.1%} median difference against {given:.1%} as given): they are "
-                      f"probably in other units than the poses; fix the transforms.json's depth_unit_scale_factor (world "
-                      f"units per stored unit, 0.001 by default)", stacklevel=2)
+    wrong = depth_units_check(splits.get("train", next(iter(splits.values()))))
+    if wrong is not None:
+        warnings.warn(f"{source}: {wrong}", stacklevel=2)
     return SceneDataset(name=name, format=fmt, splits=splits, normalization=norm, near=float(near), far=float(far),
                         background=tuple(float(c) for c in background), source=str(source),
                         downscale=int(requested_downscale or downscale),
@@ -615,7 +604,7 @@ MAX_ATTENTION_DISTANCE = 10.0
 POINTS_BOX_PERCENTILES = (5.0, 95.0)
 
 
-def capture_box(poses, what: str, points=None) -> tuple[np.ndarray, float, float, str]:
+def capture_box(poses, what: str, points=None) -> tuple[np.ndarray, float, str]:
     """The scene box of a capture whose units say nothing (COLMAP's, nerfstudio's).
 
     Where the cameras look at a common point (an object or room captured around its middle: at least
@@ -631,7 +620,8 @@ def capture_box(poses, what: str, points=None) -> tuple[np.ndarray, float, float
         poses: ``(N, 4, 4)`` OpenGL camera-to-world; what: the capture, for messages; points: ``(P, 3)``
             world points or None.
     Returns:
-        the centre ``(3,)``, the half extent, the outer scale and what placed it (``"cameras"`` or ``"points"``).
+        the centre ``(3,)``, the half extent and what placed it (``"cameras"`` or ``"points"``); the outer
+        scale is :data:`CAMERA_BOX_OUTER`.
     """
     poses = np.stack(poses) if isinstance(poses, (list, tuple)) else np.asarray(poses)
     o, axis = poses[:, :3, 3], -poses[:, :3, 2] / np.linalg.norm(poses[:, :3, 2], axis=-1, keepdims=True)
@@ -642,14 +632,14 @@ def capture_box(poses, what: str, points=None) -> tuple[np.ndarray, float, float
     looking = (to_center * axis).sum(-1) > math.cos(math.radians(LOOKS_AT_DEG)) * dist
     spread = float(np.ptp(o, axis=0).max())
     if 1e-9 * size < dist.mean() <= MAX_ATTENTION_DISTANCE * spread and looking.mean() >= LOOKING_SHARE:
-        return center, CAMERA_BOX_HALF * float(dist.mean()), CAMERA_BOX_OUTER, "cameras"
+        return center, CAMERA_BOX_HALF * float(dist.mean()), "cameras"
     pts = None if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 3)
     pts = None if pts is None else pts[np.isfinite(pts).all(axis=1)]
     if pts is not None and len(pts) >= 16:
         lo, hi = np.percentile(pts, POINTS_BOX_PERCENTILES, axis=0)
         half = 0.5 * float((hi - lo).max())
         if half > 1e-9 * max(1.0, float(np.abs(pts).max())):
-            return 0.5 * (lo + hi), half, CAMERA_BOX_OUTER, "points"
+            return 0.5 * (lo + hi), half, "points"
     if np.ptp(o, axis=0).max() <= 1e-9 * size:
         raise InputError(f"{what}: every camera sits at one point and no points place the scene; its size is unknown")
     raise InputError(f"{what}: its cameras do not look at a common point ({looking.mean():.0%} of them face the point "
@@ -676,7 +666,9 @@ def depth_points(views: Views, stride: int = 8) -> np.ndarray | None:
 
 
 #: the scales :func:`depth_units_check` tries on a capture's depth maps
-DEPTH_SCALES_TRIED = (0.1, 0.25, 0.5, 0.71, 1.41, 2.0, 4.0, 10.0)
+DEPTH_SCALES_TRIED = (1e-3, 0.01, 0.1, 0.25, 0.5, 0.71, 1.41, 2.0, 4.0, 10.0, 100.0, 1e3)
+#: the median disagreement as given above which the maps are warned about even where no scale fits better
+MAX_DEPTH_DISAGREEMENT = 0.1
 #: :func:`depth_agreement` pairs each view with the farthest camera whose axis is within this angle of its own
 DEPTH_CHECK_DEG = 45.0
 
@@ -720,18 +712,26 @@ def depth_agreement(views: Views, samples: int = 256, seed: int = 0, scale: floa
     return float(rel.median()) if rel.numel() >= 16 else None
 
 
-def depth_units_check(views: Views) -> tuple[float, float, float] | None:
+def depth_units_check(views: Views) -> str | None:
     """Whether a split's depth maps are in its poses' units: :func:`depth_agreement` as given and scaled by
-    each of :data:`DEPTH_SCALES_TRIED`. Maps in the right units agree best as given (the generated room:
-    0.4 % median, 4.6 % or more at any other scale); maps 2× off agree best at 0.5 (0.4 % against 16 %).
-    Returns ``(best scale, its disagreement, the disagreement as given)`` where another scale agrees at
-    least twice as well as the maps as given, else None."""
+    each of :data:`DEPTH_SCALES_TRIED` (metres read as millimetres to the reverse). Maps in the right units
+    agree best as given (the generated room: 0.4 % median, 4.6 % or more at any other scale); maps 2× off
+    agree best at 0.5 (0.4 % against 16 %). Returns what is wrong, in words, or None: another scale agrees at
+    least twice as well, or none does but the maps disagree by over :data:`MAX_DEPTH_DISAGREEMENT` as given."""
     given = depth_agreement(views)
-    if given is None or given < 0.01:
+    if given is not None and given < 0.01:
         return None
-    tried = [(depth_agreement(views, scale=s), s) for s in DEPTH_SCALES_TRIED]
-    best, scale = min((m, s) for m, s in tried if m is not None) if any(m is not None for m, _ in tried) else (None, 1.0)
-    return (scale, best, given) if best is not None and best < 0.5 * given else None
+    tried = [(m, s) for s in DEPTH_SCALES_TRIED if (m := depth_agreement(views, scale=s)) is not None]
+    best, scale = min(tried) if tried else (None, 1.0)
+    if best is not None and (given is None or best < 0.5 * given):
+        as_given = "as given too few land in the other views to compare" if given is None else f"{given:.1%} as given"
+        return (f"its depth maps agree with each other through the poses best when scaled by {scale:g} ({best:.1%} "
+                f"median difference; {as_given}): they are probably in other units than the poses; multiply their "
+                f"scale by {scale:g} (a transforms.json's depth_unit_scale_factor: world units per stored unit)")
+    if given is not None and given > MAX_DEPTH_DISAGREEMENT:
+        return (f"its depth maps disagree with each other by {given:.0%} (median) once moved between views by the "
+                f"poses, at any scale: the poses or the maps are off")
+    return None
 
 
 #: the share of a capture's training pixels whose rays must cross its scene box, below which readers warn

@@ -84,7 +84,7 @@ def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=N
 
     def box(splits):
         pts = points if points is not None else depth_points(splits["train"])
-        c, h, _, placed["by"] = capture_box([f.c2w for f in all_frames], str(json_path), pts)
+        c, h, placed["by"] = capture_box([f.c2w for f in all_frames], str(json_path), pts)
         return c - h, c + h, None, None
 
     ds = _dataset(json_path.parent.name, "ngp", {"train": train, "val": test, "test": test}, sources, downscale,

@@ -235,3 +235,24 @@ def test_fit_nerf_depth_loss_is_on_by_default_in_a_room_with_sparse_points(tmp_p
         assert cli_main(["fit-nerf", str(src), "--out", str(out)] + opts + extra) == 2, extra
         assert message in _err(capsys), extra
         assert not out.exists()
+
+
+def test_auto_depth_weight_is_off_where_depth_maps_would_give_the_targets(tmp_path):
+    """'auto' (λ = 0.03) was measured with the sparse points' targets on a contracted room; a capture with
+    depth maps as well would give the loss dense targets on every pixel, never measured: it stays off
+    there unless the points are asked for."""
+    from dataclasses import replace
+
+    from vqad.nerf.fit import resolve_depth_weight
+    from vqad.nerf.formats import load_dataset
+    from vqad.nerf.scene_capture import SceneCaptureConfig, write_capture
+    from vqad.nerf.task import DEPTH_WEIGHT_CONTRACTED, NeRFTrainConfig
+
+    path = write_capture(tmp_path / "cap", SceneCaptureConfig(width=24, height=40, views=10, points=2000,
+                                                              supersample=1), depth=True)
+    ds = load_dataset(path.parent, format="ngp")
+    assert ds.outer_scale > 1 and ds.points is not None and ds.splits["train"].depth is not None
+    cfg = NeRFTrainConfig()
+    assert resolve_depth_weight(cfg, ds).depth_weight == 0.0
+    assert resolve_depth_weight(replace(cfg, depth_from="points"), ds).depth_weight == DEPTH_WEIGHT_CONTRACTED
+    assert resolve_depth_weight(replace(cfg, depth_weight=0.05), ds).depth_weight == 0.05  # given: as given

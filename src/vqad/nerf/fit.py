@@ -155,7 +155,12 @@ def resolve_depth_weight(train_cfg: NeRFTrainConfig, dataset: SceneDataset) -> N
     """``train_cfg`` with its depth weight resolved for ``dataset`` (:func:`~vqad.nerf.task.auto_depth_weight`);
     where the loss is on, a capture without the targets asked for is an :class:`InputError`
     (:func:`~vqad.nerf.depth_prior.depth_source`)."""
-    weight = auto_depth_weight(train_cfg.depth_weight, dataset.outer_scale, has_points(dataset))
+    if train_cfg.depth_from != "auto" and train_cfg.depth_weight != 0:
+        depth_source(dataset, train_cfg.depth_from)  # the targets asked for must be there, whatever λ resolves to
+    # 'auto' is measured with the sparse points' targets only: where the depth maps would give them, it stays off
+    from_points = has_points(dataset) and (train_cfg.depth_from == "points" or (
+        train_cfg.depth_from == "auto" and dataset.splits["train"].depth is None))
+    weight = auto_depth_weight(train_cfg.depth_weight, dataset.outer_scale, from_points)
     if weight > 0:
         depth_source(dataset, train_cfg.depth_from)
     return replace(train_cfg, depth_weight=weight)

@@ -144,7 +144,8 @@ DEPTH_WEIGHT_CONTRACTED = 0.03
 
 def auto_depth_weight(weight: float | None, outer_scale: float, has_points: bool) -> float:
     """``weight``, or where it is None ('auto') :data:`DEPTH_WEIGHT_CONTRACTED` in a scene with contracted
-    space around its central box (``outer_scale > 1``) whose capture has sparse points, and 0 (off) elsewhere.
+    space around its central box (``outer_scale > 1``) whose targets come from its sparse points
+    (``has_points``), and 0 (off) elsewhere: depth maps' dense targets were never measured with it.
 
     Measured (docs/benchmarks/scene.md, sixteenth and seventeenth sessions): on the generated room, 8-minute
     fits side by side, the targets of the shell's points at λ = 0.01 lifted the far ground's held-out PSNR

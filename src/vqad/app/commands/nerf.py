@@ -316,8 +316,8 @@ def check_nerf_dataset(args, dataset, train_cfg, resumed: bool) -> None:
 
         weight = resolve_depth_weight(train_cfg, dataset).depth_weight  # fails now on a capture without the targets
         refuse(args.depth_from is not None and weight == 0,
-               "--depth-from picks the depth loss's targets, which is off here (auto: on in a contracted scene with "
-               "sparse points); give --depth-weight to turn it on")
+               "--depth-from picks the depth loss's targets, which is off here (auto: on in a contracted scene, with "
+               "its sparse points' targets); give --depth-weight to turn it on")
     if not args.no_eval:
         pick_split(dataset, args.eval_views)  # fail now, not after the fit
 

@@ -1210,8 +1210,7 @@ def test_depth_file_path_maps_back_project_onto_the_scene(tmp_path, lens):
     back, every pixel's z-depth back-projected through the lens lands on the surface its ray hits."""
     from vqad.nerf.scene_capture import Environment, SceneCaptureConfig, write_capture
 
-    cfg = SceneCaptureConfig(width=20, height=24, views=3, points=0, supersample=1, lens=lens,
-                             fov_y_deg=120.0 if lens == "fisheye" else 50.0)
+    cfg = SceneCaptureConfig(width=20, height=24, views=3, points=0, supersample=1, lens=lens)  # 50° / 120°
     path = write_capture(tmp_path / lens, cfg, depth=True)
     meta = json.loads(path.read_text())
     assert meta["depth_unit_scale_factor"] == 1e-3 and meta["frames"][0]["depth_file_path"] == "depth/0000.png"

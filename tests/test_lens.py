@@ -251,7 +251,7 @@ def test_generated_fisheye_capture_reads_back_as_it_was_rendered(tmp_path):
     the reader gives it, and the transforms.json speaks both instant-ngp's and nerfstudio's keys."""
     from vqad.nerf.scene_capture import Environment, SceneCaptureConfig, write_capture
 
-    cfg = SceneCaptureConfig(width=20, height=24, views=3, points=0, supersample=1, lens="fisheye", fov_y_deg=120.0)
+    cfg = SceneCaptureConfig(width=20, height=24, views=3, points=0, supersample=1, lens="fisheye")  # 120° by default
     path = write_capture(tmp_path / "fish", cfg)
     meta = json.loads(path.read_text())
     assert meta["is_fisheye"] is True and meta["camera_model"] == "OPENCV_FISHEYE" and "p1" not in meta

@@ -59,8 +59,8 @@ MAX_SUPERSAMPLE = 16  # rays per pixel side
 LENSES = ("pinhole", "fisheye")
 #: the fisheye capture's OpenCV fisheye k1, k2, k3, k4 (a mild equidistant lens, as a calibration finds)
 FISHEYE_K = (0.04, -0.012, 0.002, 0.0)
-#: the fisheye capture's default field of view across the image's height, degrees
-FISHEYE_FOV_Y_DEG = 120.0
+#: each lens's default field of view across the image's height, degrees
+FOV_Y_DEG = {"pinhole": 50.0, "fisheye": 120.0}
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class SceneCaptureConfig:
     width: int = 135
     height: int = 240
     views: int = 50
-    fov_y_deg: float = 50.0
+    fov_y_deg: float | None = None  # across the image's height; None: FOV_Y_DEG of the lens
     camera_radius: float = 3.0
     camera_height: float = 0.9  # mean camera height above the origin (the object's middle)
     camera_height_swing: float = 0.35  # heights vary by ± this around the ring (better conditioned than one height)
@@ -87,6 +87,10 @@ class SceneCaptureConfig:
     supersample: int = 4  # n: each pixel averages n × n rays over its square (1: the pixel centre alone)
     # "pinhole", or "fisheye": OpenCV's equidistant fisheye with FISHEYE_K, fov_y_deg across the image's height
     lens: str = "pinhole"
+
+    def __post_init__(self):
+        if self.fov_y_deg is None:  # the lens's own default, recorded as the number it resolved to
+            object.__setattr__(self, "fov_y_deg", FOV_Y_DEG.get(self.lens, FOV_Y_DEG["pinhole"]))
 
     def validate(self) -> None:
         if not (1 <= self.width <= MAX_SIDE and 1 <= self.height <= MAX_SIDE and 2 <= self.views <= MAX_VIEWS):

@@ -140,7 +140,7 @@ def register(sub) -> None:
     add_device_arg(p)
     p.set_defaults(func=cmd_eval, oom_hint="lower --max-views or the images' size (the fit's --downscale)")
 
-    from vqad.nerf.scene_capture import FISHEYE_FOV_Y_DEG, FISHEYE_K, LENSES, SceneCaptureConfig
+    from vqad.nerf.scene_capture import FISHEYE_K, FOV_Y_DEG, LENSES, SceneCaptureConfig
 
     S = SceneCaptureConfig()
     p = sub.add_parser("synth-capture", help="write a generated instant-ngp capture: an object inside a textured room",
@@ -170,19 +170,18 @@ def register(sub) -> None:
                         "millimetres, depth_file_path in transforms.json, nerfstudio's layout): --octree auto then "
                         "builds the octree from depth")
     p.add_argument("--fov", type=float, default=None, metavar="DEG",
-                   help=f"field of view across the image's height, degrees (default: {S.fov_y_deg:g}, "
-                        f"{FISHEYE_FOV_Y_DEG:g} with --lens fisheye)")
+                   help="field of view across the image's height, degrees (default: "
+                        + ", ".join(f"{v:g} with --lens {k}" for k, v in FOV_Y_DEG.items()) + ")")
     p.set_defaults(func=cmd_synth_capture)
 
 
 def cmd_synth_capture(args) -> int:
     from vqad.app.commands.rgbd import parse_size
-    from vqad.nerf.scene_capture import FISHEYE_FOV_Y_DEG, SceneCaptureConfig, write_capture
+    from vqad.nerf.scene_capture import SceneCaptureConfig, write_capture
 
     width, height = parse_size(args.size)
-    fov = args.fov if args.fov is not None else FISHEYE_FOV_Y_DEG if args.lens == "fisheye" else SceneCaptureConfig.fov_y_deg
     cfg = SceneCaptureConfig(width=width, height=height, views=args.views, aabb_scale=args.aabb_scale, points=args.points,
-                             supersample=args.supersample, lens=args.lens, fov_y_deg=fov)
+                             supersample=args.supersample, lens=args.lens, fov_y_deg=args.fov)
     cfg.validate()
     out = Path(args.out)
     interrupted = out.is_dir() and (out / "images").is_dir() and not (out / "transforms.json").exists()

@@ -39,8 +39,7 @@ import torch
 from vqad.errors import InputError
 from vqad.nerf.contraction import contract
 from vqad.nerf.data import SceneDataset, Views
-from vqad.nerf.lens import distort_within, image_radius2
-from vqad.nerf.rays import camera_directions, pixel_centers
+from vqad.nerf.rays import camera_directions, pixel_centers, project
 
 #: a point is hidden in a view when a point projected within :data:`OCCLUSION_WINDOW` pixels of it is
 #: nearer than its ray distance / (1 + this) (ground seen at grazing angles changes by ~2 % a pixel)
@@ -110,23 +109,16 @@ def points_depth_targets(points: torch.Tensor, views: Views, margin: float = OCC
     got_ids, got_dist = [], []
     pts = points.float()
     for n in range(N):
-        c2w = views.c2w[n].float()
-        cam = (pts - c2w[:3, 3]) @ c2w[:3, :3]  # Rᵀ (x − t), rows; the camera looks down −z, y up
-        z = -cam[:, 2]
+        u, v, z = project(views, n, pts)  # through the view's lens
         front = z > 1e-6
-        cam, z = cam[front], z[front]
+        u, v = u[front], v[front]
         usable = targets[front] if targets is not None else None
-        xy = torch.stack([cam[:, 0] / z, -cam[:, 1] / z], dim=-1)  # normalised, y down
-        if views.distortion is not None:
-            lens = views.distortion[n].float()
-            xy = distort_within(xy, lens, image_radius2(views.intrinsics[n], lens, (H, W)))
-        fx, fy, cx, cy = views.intrinsics[n].float().tolist()
-        u, v = cx + fx * xy[:, 0], cy + fy * xy[:, 1]
+        to_cam = pts[front] - views.c2w[n, :3, 3].float()
         inside = (u >= 0) & (u < W) & (v >= 0) & (v < H)
         if not bool(inside.any()):
             continue
         pix = v[inside].long() * W + u[inside].long()
-        dist = cam[inside].norm(dim=-1)
+        dist = to_cam[inside].norm(dim=-1)
         nearest = torch.full((H * W,), float("inf")).scatter_reduce_(0, pix, dist, "amin")
         keep = torch.isfinite(nearest)
         if usable is not None:  # the pixel's nearest point is one that may give a target

@@ -18,6 +18,7 @@ Conventions (the same as :mod:`vqad.nerf.data`):
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -114,8 +115,16 @@ def project(views: Views, index: int, x_world: torch.Tensor) -> tuple[torch.Tens
     xy = torch.stack([cam[:, 0] / zs, -cam[:, 1] / zs], dim=-1)  # normalised, y down
     if views.distortion is not None:
         lens = views.distortion[index]
-        xy = distort_within(xy, lens, image_radius2(views.intrinsics[index], lens, views.hw))
+        xy = distort_within(xy, lens, _image_radius2(tuple(views.intrinsics[index].tolist()), tuple(lens.tolist()),
+                                                     views.hw))
     return cx + fx * xy[:, 0], cy + fy * xy[:, 1], z
+
+
+@functools.lru_cache(maxsize=4096)
+def _image_radius2(intrinsics: tuple, lens: tuple, hw: tuple[int, int]) -> float:
+    """:func:`vqad.nerf.lens.image_radius2` of one view, remembered: the carving and the depth checks
+    project into the same views again and again."""
+    return image_radius2(intrinsics, lens, hw)
 
 
 def camera_rays(views: Views, indices: int | Sequence[int] | torch.Tensor,

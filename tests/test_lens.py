@@ -388,3 +388,28 @@ def test_colmap_binary_records_of_the_wrong_length_are_refused(tmp_path):
                                         + struct.pack("<12d", 20.0, 20.0, 16.0, 12.5, 0.05, -0.02, 0.003, -0.002, 0, 0, 0, 0))
     with pytest.raises(InputError, match="32 bytes after its 1 cameras"):
         load_dataset(root, format="colmap")
+
+
+def test_a_training_batch_casts_through_its_prepared_lenses_as_through_the_rows():
+    """RayBatcher prepares its lenses once (lens_table: no sort, table or host sync per step); its rays
+    are those of the lens rows themselves, for views mixing a fisheye, a rational lens and a pinhole."""
+    from vqad.nerf.data import Views
+    from vqad.nerf.lens import LensBatch, lens_table
+    from vqad.nerf.rays import pixel_rays
+
+    rows = torch.tensor([FISHEYE, RATIONAL, [0.0] * 9, FISHEYE])
+    table, which = lens_table(rows)
+    assert table.rows.shape[0] == 3 and table.fisheye and torch.equal(table.rows[which], rows)
+    gen = torch.Generator().manual_seed(5)
+    xy = torch.rand(400, 2, generator=gen) - 0.5
+    view = torch.randint(0, 4, (400,), generator=gen)
+    assert torch.allclose(undistort(xy, LensBatch(table, which[view])), undistort(xy, rows[view]), atol=1e-6)
+    c2w = torch.eye(4).repeat(400, 1, 1)
+    K = torch.tensor([30.0, 30.0, 32.0, 24.0]).repeat(400, 1)
+    px, py = torch.randint(0, 64, (400,), generator=gen), torch.randint(0, 48, (400,), generator=gen)
+    a = pixel_rays(c2w, K, px, py, LensBatch(table, which[view]))
+    b = pixel_rays(c2w, K, px, py, rows[view])
+    assert all(torch.allclose(u, v, atol=1e-6) for u, v in zip(a, b))
+    views = Views(images=torch.zeros(4, 48, 64, 3, dtype=torch.uint8), c2w=torch.eye(4).repeat(4, 1, 1),
+                  intrinsics=torch.tensor([30.0, 30.0, 32.0, 24.0]).repeat(4, 1), distortion=rows)
+    assert torch.equal(views.distortion, rows)

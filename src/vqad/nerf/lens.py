@@ -90,10 +90,11 @@ def fisheye_theta_d(row, theta):
     return theta * (1 + t2 * (r[1] + t2 * (r[2] + t2 * (r[5] + t2 * r[6]))))
 
 
-def _radial(r2: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _radial(r2: torch.Tensor, k: torch.Tensor, fisheye: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A lens's radial factor ``R`` (``x_d = x R + tangential``) at squared normalised radii ``r2 (N,)``,
     its derivative ``∂R/∂r²`` and the rational model's denominator ``Q`` (1 for a fisheye), per row of
-    ``k (N, 9)`` (:func:`lens_rows`).
+    ``k (N, 9)`` (:func:`lens_rows`). ``fisheye``: whether any row is a fisheye, when the caller knows
+    (None: looked up, a host sync on a GPU).
 
     OpenCV: ``R = (1 + k1 r² + k2 r⁴ + k3 r⁶) / (1 + k4 r² + k5 r⁴ + k6 r⁶)``. Fisheye: ``θ = atan r``,
     ``θ_d = θ (1 + k1 θ² + k2 θ⁴ + k3 θ⁶ + k4 θ⁸)``, ``R = θ_d / r`` (``→ 1 + (k1 − ⅓) r²`` as ``r → 0``).
@@ -105,7 +106,7 @@ def _radial(r2: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     dQ = k4 + r2 * (2 * k5 + 3 * k6 * r2)
     R, dR = P / Q, (dP * Q - P * dQ) / (Q * Q)
     fish = model == LENS_FISHEYE
-    if bool(fish.any()):
+    if fisheye if fisheye is not None else bool(fish.any()):
         small = r2 < _FISHEYE_SMALL_R2
         rs2 = torch.where(small, torch.ones_like(r2), r2)
         r = rs2.sqrt()
@@ -122,12 +123,13 @@ def _radial(r2: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return R, dR, Q
 
 
-def _distort_jacobian(x, y, k):
+def _distort_jacobian(x, y, k, fisheye: bool | None = None):
     """:func:`distort` of ``(x, y)`` (each ``(N,)``) for lens rows ``k (N, 9)``, and its Jacobian:
-    ``xd, yd, a = ∂x_d/∂x, b = ∂x_d/∂y = ∂y_d/∂x, d = ∂y_d/∂y`` (each ``(N,)``)."""
+    ``xd, yd, a = ∂x_d/∂x, b = ∂x_d/∂y = ∂y_d/∂x, d = ∂y_d/∂y`` (each ``(N,)``); ``fisheye`` as for
+    :func:`_radial`."""
     p1, p2 = k[:, 3], k[:, 4]
     r2 = x * x + y * y
-    radial, dR, _ = _radial(r2, k)
+    radial, dR, _ = _radial(r2, k, fisheye)
     xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
     yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
     dr = 2 * dR  # d radial / d(x or y) = dr · (x or y)
@@ -216,6 +218,30 @@ def _branch_radius(branch: RadialBranch, which: torch.Tensor, rd: torch.Tensor) 
     return (rho[j - 1] + t * (rho[j] - rho[j - 1])).to(rd.dtype)
 
 
+class LensTable(NamedTuple):
+    """A capture's distinct lenses, prepared once (:func:`lens_table`) so that casting a batch of rays
+    through them needs no sort, no table and no host sync."""
+
+    rows: torch.Tensor  # (u, 9) the distinct lens rows
+    branch: RadialBranch  # their radial maps' main branches
+    fisheye: bool  # whether any is a fisheye
+
+
+class LensBatch(NamedTuple):
+    """Lenses for a batch of rays: a :class:`LensTable` and each ray's row in it, ``which (n,)`` int64.
+    Ray generation takes it wherever it takes lens rows (:func:`undistort`, :mod:`vqad.nerf.rays`)."""
+
+    table: LensTable
+    which: torch.Tensor
+
+
+def lens_table(rows: torch.Tensor) -> tuple[LensTable, torch.Tensor]:
+    """The distinct rows of ``rows (N, 9)`` as a :class:`LensTable`, and each row's index in it ``(N,)``."""
+    rows = lens_rows(rows, rows.shape[0] if rows.dim() == 2 else 1)
+    distinct, which = torch.unique(rows, dim=0, return_inverse=True)
+    return LensTable(distinct, radial_branch(distinct), bool((distinct[:, 0] == LENS_FISHEYE).any())), which
+
+
 _BRANCH_CACHE: dict[tuple, RadialBranch] = {}
 
 
@@ -239,26 +265,32 @@ def undistort(xy_distorted: torch.Tensor, distortion: torch.Tensor, iters: int =
 
     Args:
         xy_distorted: ``(N, 2)`` distorted normalised coordinates (what a pixel records).
-        distortion: lens rows ``(9,)`` or ``(N, 9)``, or ``k1, k2, p1, p2`` (:func:`lens_rows`).
+        distortion: lens rows ``(9,)`` or ``(N, 9)``, ``k1, k2, p1, p2`` (:func:`lens_rows`), or a
+            :class:`LensBatch` (a training step's rays: no host sync).
     Returns:
         ``(N, 2)`` undistorted normalised coordinates ``xy`` with ``distort(xy) ≈ xy_distorted`` where
         the model is one-to-one over the image (the readers check that: :func:`distortion_fit`); a
         point beyond the branch's reach gets the branch's end.
     """
     target = xy_distorted
-    k = lens_rows(distortion, target.shape[0]).to(target)
     if target.shape[0] == 0:
         return target.clone()
-    if bool((k == k[:1]).all()):  # one lens (the common case): no sort
-        distinct, which = k[:1], torch.zeros(k.shape[0], dtype=torch.long, device=k.device)
+    if isinstance(distortion, LensBatch):  # prepared: no sort, no table, no host sync
+        table = distortion.table
+        k, which, branch, fisheye = table.rows[distortion.which].to(target), distortion.which, table.branch, table.fisheye
     else:
-        distinct, which = torch.unique(k, dim=0, return_inverse=True)
+        k = lens_rows(distortion, target.shape[0]).to(target)
+        if bool((k == k[:1]).all()):  # one lens (the common case): no sort
+            distinct, which = k[:1], torch.zeros(k.shape[0], dtype=torch.long, device=k.device)
+        else:
+            distinct, which = torch.unique(k, dim=0, return_inverse=True)
+        branch, fisheye = _branch_of(distinct), bool((distinct[:, 0] == LENS_FISHEYE).any())
     rd = target.norm(dim=-1)
-    rho = _branch_radius(_branch_of(distinct), which, rd)
+    rho = _branch_radius(branch, which, rd)
     scale = torch.where(rd > 0, rho / rd.clamp_min(1e-30), torch.ones_like(rd))
     x, y = target[:, 0] * scale, target[:, 1] * scale
     for _ in range(iters):
-        xd, yd, a, b, d = _distort_jacobian(x, y, k)
+        xd, yd, a, b, d = _distort_jacobian(x, y, k, fisheye)
         fx, fy = xd - target[:, 0], yd - target[:, 1]
         det = a * d - b * b
         det = torch.where(det.abs() < 1e-12, torch.full_like(det, 1e-12), det)

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from vqad.nerf.data import SceneDataset, Views
-from vqad.nerf.lens import distort_within, expand_rows, image_radius2, undistort
+from vqad.nerf.lens import LensBatch, distort_within, expand_rows, image_radius2, lens_table, undistort
 
 
 def pixel_centers(height: int, width: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -163,7 +163,7 @@ def pixel_rays(c2w: torch.Tensor, intrinsics: torch.Tensor, px: torch.Tensor, py
     Args:
         c2w: ``(n, 4, 4)`` per ray (OpenGL: the camera looks down −z), intrinsics ``(n, 4)``
             fx, fy, cx, cy; px, py ``(n,)`` integer pixel columns and rows; distortion ``(n, 9)`` lens
-            rows (:func:`lens_rows`) or None.
+            rows (:func:`vqad.nerf.lens.lens_rows`), a :class:`vqad.nerf.lens.LensBatch`, or None.
     Returns:
         origins ``(n, 3)``, unit directions ``(n, 3)`` and ``cos (n,)``, the cosine between each
         direction and the optical axis (a z-depth z is the ray distance ``z / cos``).
@@ -187,7 +187,9 @@ class RayBatcher:
         self.colors = views.images.reshape(-1, 3).to(device)  # (N·H·W, 3) uint8
         self.c2w = views.c2w.float().to(device)
         self.intrinsics = views.intrinsics.float().to(device)
-        self.distortion = views.distortion.float().to(device) if views.distortion is not None else None
+        self.lenses = None  # (LensTable, each view's row in it (N,)): the rays' lenses, prepared once
+        if views.distortion is not None:
+            self.lenses = lens_table(views.distortion.float().to(device))
         self.norm = dataset.normalization
         self.near, self.far = float(dataset.near), float(dataset.far)
         self.background = tuple(float(c) for c in dataset.background)
@@ -224,7 +226,7 @@ class RayBatcher:
         view = flat // (self.H * self.W)
         pix = flat % (self.H * self.W)
         py, px = pix // self.W, pix % self.W
-        dist = self.distortion[view] if self.distortion is not None else None
+        dist = LensBatch(self.lenses[0], self.lenses[1][view]) if self.lenses is not None else None
         o, d, cos = pixel_rays(self.c2w[view], self.intrinsics[view], px, py, dist)
         o = self.norm.to_unit(o)
         s = self.norm.scale

@@ -61,9 +61,7 @@ def lens_rows(distortion, n: int | None = None) -> torch.Tensor:
 
 def describe_lens(row) -> str:
     """A lens row in words, for messages: ``OpenCV fisheye k1..k4 = [...]``."""
-    r = [float(v) for v in torch.as_tensor(row).reshape(-1).tolist()]
-    if len(r) == 4:
-        return f"k1, k2, p1, p2 = {[round(v, 6) for v in r]}"
+    r = [float(v) for v in lens_rows(torch.as_tensor(row).reshape(-1)).tolist()]
     if r[0] == LENS_FISHEYE:
         return f"OpenCV fisheye k1, k2, k3, k4 = {[round(v, 6) for v in (r[1], r[2], r[5], r[6])]}"
     names = [k for k, v in zip(LENS_COLUMNS[1:], r[1:]) if k in ("k1", "k2", "p1", "p2") or v != 0.0]
@@ -82,12 +80,14 @@ def lens_summary(views) -> str:
     return ", lenses: " + ", ".join(f"{k} ({n} view{'s' if n > 1 else ''})" for k, n in kinds.items() if n)
 
 
-def fisheye_theta_d(row, theta):
-    """A fisheye lens row's distorted angle ``θ_d`` (its normalised image radius) at ``theta`` radians
-    off axis (a float, or a tensor of any shape)."""
-    r = [float(v) for v in torch.as_tensor(row).reshape(-1).tolist()]
-    t2 = theta * theta
-    return theta * (1 + t2 * (r[1] + t2 * (r[2] + t2 * (r[5] + t2 * r[6]))))
+def distorted_radius(row, theta: float) -> float:
+    """The normalised image radius at which a lens row (or None, a pinhole) shows a direction ``theta``
+    radians off its axis: ``ρ R(ρ²)`` for ``ρ = tan θ`` (:func:`_radial`; a fisheye's ``θ_d``)."""
+    rho = math.tan(theta)
+    if row is None:
+        return rho
+    R, _, _ = _radial(torch.tensor([rho * rho], dtype=torch.float64), lens_rows(torch.as_tensor(row).reshape(-1))[None].double())
+    return rho * float(R[0])
 
 
 def _radial(r2: torch.Tensor, k: torch.Tensor, fisheye: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -235,13 +235,6 @@ class LensBatch(NamedTuple):
     which: torch.Tensor
 
 
-def lens_table(rows: torch.Tensor) -> tuple[LensTable, torch.Tensor]:
-    """The distinct rows of ``rows (N, 9)`` as a :class:`LensTable`, and each row's index in it ``(N,)``."""
-    rows = lens_rows(rows, rows.shape[0] if rows.dim() == 2 else 1)
-    distinct, which = torch.unique(rows, dim=0, return_inverse=True)
-    return LensTable(distinct, radial_branch(distinct), bool((distinct[:, 0] == LENS_FISHEYE).any())), which
-
-
 _BRANCH_CACHE: dict[tuple, RadialBranch] = {}
 
 
@@ -254,6 +247,16 @@ def _branch_of(rows: torch.Tensor) -> RadialBranch:
             _BRANCH_CACHE.clear()
         _BRANCH_CACHE[key] = radial_branch(rows)
     return _BRANCH_CACHE[key]
+
+
+def lens_table(rows: torch.Tensor) -> tuple[LensTable, torch.Tensor]:
+    """The distinct rows of lens rows ``(N, 9)`` as a :class:`LensTable` (their branches remembered:
+    :func:`_branch_of`), and each row's index in it ``(N,)``."""
+    if bool((rows == rows[:1]).all()):  # one lens (the common case): no sort
+        distinct, which = rows[:1], torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+    else:
+        distinct, which = torch.unique(rows, dim=0, return_inverse=True)
+    return LensTable(distinct, _branch_of(distinct), bool((distinct[:, 0] == LENS_FISHEYE).any())), which
 
 
 def undistort(xy_distorted: torch.Tensor, distortion: torch.Tensor, iters: int = 5) -> torch.Tensor:
@@ -275,18 +278,12 @@ def undistort(xy_distorted: torch.Tensor, distortion: torch.Tensor, iters: int =
     target = xy_distorted
     if target.shape[0] == 0:
         return target.clone()
-    if isinstance(distortion, LensBatch):  # prepared: no sort, no table, no host sync
-        table = distortion.table
-        k, which, branch, fisheye = table.rows[distortion.which].to(target), distortion.which, table.branch, table.fisheye
-    else:
-        k = lens_rows(distortion, target.shape[0]).to(target)
-        if bool((k == k[:1]).all()):  # one lens (the common case): no sort
-            distinct, which = k[:1], torch.zeros(k.shape[0], dtype=torch.long, device=k.device)
-        else:
-            distinct, which = torch.unique(k, dim=0, return_inverse=True)
-        branch, fisheye = _branch_of(distinct), bool((distinct[:, 0] == LENS_FISHEYE).any())
+    if not isinstance(distortion, LensBatch):  # a LensBatch is prepared: no sort, no table, no host sync
+        distortion = LensBatch(*lens_table(lens_rows(distortion, target.shape[0]).to(target)))
+    table, which = distortion
+    k, fisheye = table.rows[which].to(target), table.fisheye
     rd = target.norm(dim=-1)
-    rho = _branch_radius(branch, which, rd)
+    rho = _branch_radius(table.branch, which, rd)
     scale = torch.where(rd > 0, rho / rd.clamp_min(1e-30), torch.ones_like(rd))
     x, y = target[:, 0] * scale, target[:, 1] * scale
     for _ in range(iters):
@@ -341,12 +338,11 @@ def distortion_fit(intrinsics, distortion, hw: tuple[int, int], n: int = 65) -> 
     v, u = torch.meshgrid(torch.linspace(0, h, n, dtype=torch.float64), torch.linspace(0, w, n, dtype=torch.float64),
                           indexing="ij")
     xy_d = torch.stack([(u.reshape(-1) - K[2]) / K[0], (v.reshape(-1) - K[3]) / K[1]], dim=-1)
-    row = lens_rows(torch.as_tensor(distortion, dtype=torch.float64).reshape(-1))
-    branch = radial_branch(row[None])
-    rho_end, f_end = branch.rho_end, branch.f_end
+    table, _ = lens_table(lens_rows(torch.as_tensor(distortion, dtype=torch.float64).reshape(-1))[None])
+    rho_end, f_end = table.branch.rho_end, table.branch.f_end
     branch_deg = math.degrees(math.atan(float(rho_end[0])))
-    k = lens_rows(row, xy_d.shape[0])
-    xy = undistort(xy_d, k)
+    k = table.rows.expand(xy_d.shape[0], -1)
+    xy = undistort(xy_d, LensBatch(table, torch.zeros(xy_d.shape[0], dtype=torch.long)))
     xd, yd, a, b, d = _distort_jacobian(xy[:, 0], xy[:, 1], k)
     err = torch.stack([(xd - xy_d[:, 0]) * K[0], (yd - xy_d[:, 1]) * K[1]], -1).norm(dim=-1)
     det = a * d - b * b

@@ -110,13 +110,13 @@ def project(views: Views, index: int, x_world: torch.Tensor) -> tuple[torch.Tens
     c2w = views.c2w[index].float()
     cam = (x_world - c2w[:3, 3]) @ c2w[:3, :3]  # R^T (x − t), rows
     z = -cam[:, 2]
-    fx, fy, cx, cy = views.intrinsics[index].tolist()
+    K = views.intrinsics[index].tolist()
+    fx, fy, cx, cy = K
     zs = z.clamp_min(1e-8)
     xy = torch.stack([cam[:, 0] / zs, -cam[:, 1] / zs], dim=-1)  # normalised, y down
     if views.distortion is not None:
         lens = views.distortion[index]
-        xy = distort_within(xy, lens, _image_radius2(tuple(views.intrinsics[index].tolist()), tuple(lens.tolist()),
-                                                     views.hw))
+        xy = distort_within(xy, lens, _image_radius2(tuple(K), tuple(lens.tolist()), views.hw))
     return cx + fx * xy[:, 0], cy + fy * xy[:, 1], z
 
 

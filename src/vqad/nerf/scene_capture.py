@@ -46,7 +46,7 @@ from vqad.errors import InputError
 from vqad.nerf.procedural import ProceduralScene, _one_thread, look_at
 from vqad.nerf.formats.common import DEPTH_UNIT_SCALE, MAX_RAY_ANGLE
 from vqad.nerf.formats.points import write_ply_points
-from vqad.nerf.lens import LENS_FISHEYE, fisheye_theta_d
+from vqad.nerf.lens import LENS_FISHEYE, distorted_radius
 from vqad.nerf.rays import pixel_centers, rays_for_pixels
 
 NGP_SCALE = 0.33  # instant-ngp's default: world · scale + offset is ngp space, whose unit cube is aabb_scale 1
@@ -109,14 +109,9 @@ class SceneCaptureConfig:
             raise InputError("the field of view must be in (0, 170) degrees and the cameras inside the dome")
         if self.lens not in LENSES:
             raise InputError(f"the capture's lens must be one of {', '.join(LENSES)}, got {self.lens!r}")
-        half = math.radians(self.fov_y_deg) / 2
         corner = math.hypot(1.0, self.width / self.height)  # the corner's normalised radius / the top edge's
-        if self.lens == "fisheye":
-            reach = fisheye_theta_d(capture_lens(self), half) * corner
-            too_wide = reach > fisheye_theta_d(capture_lens(self), math.radians(MAX_RAY_ANGLE))
-        else:
-            too_wide = math.degrees(math.atan(math.tan(half) * corner)) > MAX_RAY_ANGLE
-        if too_wide:
+        lens = capture_lens(self)
+        if distorted_radius(lens, math.radians(self.fov_y_deg) / 2) * corner > distorted_radius(lens, math.radians(MAX_RAY_ANGLE)):
             raise InputError(f"a {self.fov_y_deg:g}° {self.lens} view of {self.width}x{self.height} px would look more than "
                              f"{MAX_RAY_ANGLE:g}° off its axis at the corners, which a capture may not: lower the field "
                              f"of view or make the image taller than wide")
@@ -191,9 +186,7 @@ def ring_cameras(cfg: SceneCaptureConfig) -> torch.Tensor:
 def _cameras(cfg: SceneCaptureConfig) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
     """Poses ``(N, 4, 4)`` and intrinsics ``fx, fy, cx, cy`` of the capture (through its lens,
     :func:`capture_lens`, the image's height spans ``fov_y_deg``)."""
-    half = math.radians(cfg.fov_y_deg) / 2
-    reach = fisheye_theta_d(capture_lens(cfg), half) if cfg.lens == "fisheye" else math.tan(half)
-    fy = 0.5 * cfg.height / reach
+    fy = 0.5 * cfg.height / distorted_radius(capture_lens(cfg), math.radians(cfg.fov_y_deg) / 2)
     return ring_cameras(cfg), (fy, fy, cfg.width / 2, cfg.height / 2)
 
 

@@ -78,15 +78,18 @@ def fresh_output_dir(path: str | Path, what: str, hint: str = ""):
 
 
 @contextmanager
-def refused_leaves_nothing(path: Path, created: bool):
-    """Around a fit's first steps: if it is refused (an :class:`InputError`: the capture's octree is empty, ...)
-    and left the ``--out`` folder it ``created`` empty, the folder goes too. Anything else (an interrupt, a
-    checkpoint written) stays: nothing a long run did is lost."""
+def fit_output_dir(path: str | Path):
+    """A fit's ``--out`` (:func:`ensure_fit_dir`) around the fit's first steps: if they are refused (an
+    :class:`InputError`: the capture's octree is empty, ...) and leave the folder this created empty, it goes
+    too. Anything else (an interrupt, a checkpoint written) stays: nothing a long run did is lost."""
+    path = Path(path)
+    created = not path.exists()
+    out = ensure_fit_dir(path)
     try:
-        yield
+        yield out
     except InputError:
-        if created and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         raise
 
 

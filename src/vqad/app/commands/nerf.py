@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (already_complete, refused_leaves_nothing, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_fit_dir, ensure_writable_dir, given,
+from vqad.app.commands.common import (already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir, given,
                                       check_resumed_source, fresh_output_dir, grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
                                       train_overrides)
 from vqad.atomicio import write_atomic
@@ -372,16 +372,14 @@ def cmd_fit_nerf(args) -> int:
     check_nerf_dataset(args, dataset, train_cfg, resumed=saved is not None)
     if saved is not None:
         check_resumed_nerf(saved, dataset)
-    created = not out.exists()
-    out = ensure_fit_dir(out)
-    if saved is None:  # a new fit must not leave an old result that looks complete; a resumed one keeps its
-        (out / "metrics.json").unlink(missing_ok=True)  # last result and renders until the new ones replace them
-        for old in out.glob(f"{args.eval_views}_lod*"):
-            if old.is_dir():
-                shutil.rmtree(old)
-    print(f"dataset {dataset.name!r} ({dataset.format}): " + ", ".join(f"{k} {len(v)} views" for k, v in dataset.splits.items())
-          + f", {dataset.splits['train'].hw[1]}x{dataset.splits['train'].hw[0]} px" + lens_summary(dataset.splits["train"]))
-    with refused_leaves_nothing(out, created):
+    with fit_output_dir(out) as out:
+        if saved is None:  # a new fit must not leave an old result that looks complete; a resumed one keeps its
+            (out / "metrics.json").unlink(missing_ok=True)  # last result and renders until the new ones replace them
+            for old in out.glob(f"{args.eval_views}_lod*"):
+                if old.is_dir():
+                    shutil.rmtree(old)
+        print(f"dataset {dataset.name!r} ({dataset.format}): " + ", ".join(f"{k} {len(v)} views" for k, v in dataset.splits.items())
+              + f", {dataset.splits['train'].hw[1]}x{dataset.splits['train'].hw[0]} px" + lens_summary(dataset.splits["train"]))
         res = fit_nerf(dataset, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume, quiet=args.quiet,
                        nerf_cfg=nerf_cfg, deadline=deadline)
     field = res.field

@@ -8,8 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (already_complete, refused_leaves_nothing, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
-                                      config_flag, config_from, ensure_fit_dir,
+from vqad.app.commands.common import (already_complete, fit_output_dir, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
+                                      config_flag, config_from,
                                       ensure_writable_file, given, grid_config, load_model, parse_lod, refuse, train_overrides,
                                       check_resumed_source, report_notes, report_skipped_steps,
                                       resumed_configs)
@@ -172,11 +172,9 @@ def cmd_fit_sdf(args) -> int:
                                     "fit another mesh in a new --out")
         if note:
             print(note, file=sys.stderr)
-    created = not out.exists()
-    out = ensure_fit_dir(out)
-    if saved is None:  # a fresh fit must not leave an old result that looks complete; a resumed one keeps its
-        (out / "metrics.json").unlink(missing_ok=True)  # last result (its "steps" say what it describes) until replaced
-    with refused_leaves_nothing(out, created):
+    with fit_output_dir(out) as out:
+        if saved is None:  # a fresh fit must not leave an old result that looks complete; a resumed one keeps its
+            (out / "metrics.json").unlink(missing_ok=True)  # last result (its "steps" say what it describes) until replaced
         res = fit_sdf(mesh, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume,
                       quiet=args.quiet, mesh_path=str(Path(args.mesh).resolve()), deadline=deadline)
     field = res.field

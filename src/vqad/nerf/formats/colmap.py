@@ -51,6 +51,12 @@ CAMERA_MODELS = {0: ("SIMPLE_PINHOLE", 3), 1: ("PINHOLE", 4), 2: ("SIMPLE_RADIAL
 SUPPORTED = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV",
              "SIMPLE_RADIAL_FISHEYE", "RADIAL_FISHEYE", "OPENCV_FISHEYE")
 _ONE_FOCAL = ("SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL", "SIMPLE_RADIAL_FISHEYE", "RADIAL_FISHEYE")
+#: each distorting model's lens: (vqad.nerf.lens model, the names of its parameters, the index of the first)
+_LENS_PARAMS = {"SIMPLE_RADIAL": (LENS_OPENCV, ("k1",), 3), "RADIAL": (LENS_OPENCV, ("k1", "k2"), 3),
+                "OPENCV": (LENS_OPENCV, ("k1", "k2", "p1", "p2"), 4),
+                "FULL_OPENCV": (LENS_OPENCV, ("k1", "k2", "p1", "p2", "k3", "k4", "k5", "k6"), 4),
+                "SIMPLE_RADIAL_FISHEYE": (LENS_FISHEYE, ("k1",), 3), "RADIAL_FISHEYE": (LENS_FISHEYE, ("k1", "k2"), 3),
+                "OPENCV_FISHEYE": (LENS_FISHEYE, ("k1", "k2", "k3", "k4"), 4)}
 
 
 @dataclass
@@ -73,15 +79,8 @@ class ColmapCamera:
         if not (fx > 0 and fy > 0 and self.width > 0 and self.height > 0):
             raise InputError(f"{what}: the camera's focal length ({fx:g}, {fy:g}) and size ({self.width}×{self.height}) "
                              f"must be positive; fix the cameras file or re-run COLMAP's mapper")
-        lens = {"SIMPLE_PINHOLE": lambda: None, "PINHOLE": lambda: None,
-                "SIMPLE_RADIAL": lambda: lens_row(LENS_OPENCV, k1=p[3]),
-                "RADIAL": lambda: lens_row(LENS_OPENCV, k1=p[3], k2=p[4]),
-                "OPENCV": lambda: lens_row(LENS_OPENCV, k1=p[4], k2=p[5], p1=p[6], p2=p[7]),
-                "FULL_OPENCV": lambda: lens_row(LENS_OPENCV, **dict(zip(("k1", "k2", "p1", "p2", "k3", "k4", "k5", "k6"),
-                                                                         p[4:12]))),
-                "SIMPLE_RADIAL_FISHEYE": lambda: lens_row(LENS_FISHEYE, k1=p[3]),
-                "RADIAL_FISHEYE": lambda: lens_row(LENS_FISHEYE, k1=p[3], k2=p[4]),
-                "OPENCV_FISHEYE": lambda: lens_row(LENS_FISHEYE, k1=p[4], k2=p[5], k3=p[6], k4=p[7])}[self.model]()
+        model, names, first = _LENS_PARAMS.get(self.model, (None, (), 0))
+        lens = None if model is None else lens_row(model, **dict(zip(names, p[first:])))
         return (_Pinhole(fx=float(fx), fy=float(fy), cx=float(cx), cy=float(cy), w=float(self.width),
                          h=float(self.height)), lens)
 

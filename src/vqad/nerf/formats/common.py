@@ -405,14 +405,13 @@ def _lens_model_of(keys: dict, what: str) -> bool | None:
     return says if says is not None else fisheye
 
 
-def _transforms_lens(frame: dict, meta: dict, what: str) -> np.ndarray | None:
+def _transforms_lens(frame: dict, meta: dict, file_fisheye: bool | None, what: str) -> np.ndarray | None:
     """A frame's lens from a ``transforms.json``: instant-ngp's ``is_fisheye`` or nerfstudio's
     ``camera_model: OPENCV_FISHEYE`` give OpenCV's fisheye with ``k1..k4``; otherwise OpenCV's ``k1, k2,
     k3, p1, p2`` (a ``k4`` there has no one meaning: refused). A frame's own model keys decide over the
-    file's, and so does each of its coefficients."""
+    file's (``file_fisheye``: :func:`_lens_model_of` the file), and so does each of its coefficients."""
     own = _lens_model_of(frame, what)
-    file_level = _lens_model_of(meta, f"{what} (the file's keys)")  # checked even where every frame has its own
-    fisheye = own if own is not None else file_level
+    fisheye = own if own is not None else file_fisheye
     k = {key: frame.get(key, meta.get(key)) for key in _DIST_KEYS}
     if fisheye:
         if k["p1"] or k["p2"]:
@@ -458,6 +457,7 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
     out = []
     seen: dict[str, int] = {}
     depth_scale = _depth_scale(meta, json_path)
+    file_fisheye = _lens_model_of(meta, f"{json_path} (the file's keys)")  # checked even where every frame has its own
     if any(isinstance(fr, dict) and fr.get("mask_path") is not None for fr in frames):
         warnings.warn(f"{json_path}: its frames' mask_path (pixels to leave out of training) is not used: vqad trains "
                       f"on every pixel; paint the left-out regions out of the images or crop them", stacklevel=2)
@@ -474,7 +474,7 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
                 raise InputError(f"{what}: {k} must be a finite number, not {v!r}")
             if v <= 0 and k in ("fl_x", "fl_y", "w", "h"):
                 raise InputError(f"{what}: {k} must be positive, not {v!r}")
-        lens = _transforms_lens(fr, meta, what)
+        lens = _transforms_lens(fr, meta, file_fisheye, what)
         vals = {k: get(k) for k in _PINHOLE_KEYS}
         pin = _Pinhole(fx=vals["fl_x"], fy=vals["fl_y"], cx=vals["cx"], cy=vals["cy"], w=vals["w"], h=vals["h"],
                        angle_x=vals["camera_angle_x"], angle_y=vals["camera_angle_y"])

@@ -1255,10 +1255,6 @@ def test_depth_maps_smaller_than_their_images_and_bad_ones(tmp_path):
         load_dataset(root, format="ngp")
     meta["frames"][0]["depth_file_path"] = "depth/0.png"
     Image.fromarray(np.full((6, 4), 1500, dtype=np.uint16)).save(root / "depth" / "0.png")
-    meta["frames"][1]["mask_path"] = "masks/1.png"  # nerfstudio's pixels to leave out: said to be unused
-    path.write_text(json.dumps(meta))
-    with pytest.warns(UserWarning, match="mask_path .* is not used"):
-        load_dataset(root, format="ngp")
     meta["depth_unit_scale_factor"] = -1
     path.write_text(json.dumps(meta))
     with pytest.raises(InputError, match="depth_unit_scale_factor must be a positive number"):

@@ -1,26 +1,72 @@
-"""Image metrics: PSNR and SSIM (11-pixel Gaussian window, σ 1.5, pytorch-msssim)."""
+"""Image metrics: PSNR and SSIM (11-pixel Gaussian window, σ 1.5, pytorch-msssim), over a whole image or
+the pixels a loss mask keeps."""
 
 from __future__ import annotations
 
+import math
 
 import torch
 
+SSIM_WINDOW = 11  # pixels
+SSIM_SIGMA = 1.5
+SSIM_K = (0.01, 0.03)  # C1 = (K1 L)², C2 = (K2 L)², data range L = 1
 
 
-def psnr(pred: torch.Tensor, gt: torch.Tensor) -> float:
-    """PSNR in dB of images in [0, 1]: ``-10 log10(MSE)``."""
-    mse = torch.mean((pred.float() - gt.float()) ** 2).clamp_min(1e-12)
-    return float(-10.0 * torch.log10(mse))
+def psnr(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None) -> float:
+    """PSNR in dB of ``(H, W, 3)`` images in [0, 1]: ``-10 log10(MSE)``, the MSE over the pixels ``keep (H, W)``
+    marks True (all without it; NaN where it keeps none)."""
+    err = (pred.float() - gt.float()) ** 2
+    if keep is not None:
+        if not bool(keep.any()):
+            return math.nan
+        err = err[keep.to(err.device)]
+    return float(-10.0 * torch.log10(torch.mean(err).clamp_min(1e-12)))
 
 
-def ssim(pred: torch.Tensor, gt: torch.Tensor) -> float:
-    """SSIM (Gaussian window 11, σ 1.5) of ``(H, W, 3)`` images in [0, 1], via pytorch-msssim."""
-    from pytorch_msssim import ssim as _ssim
-
+def _as_batch(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
+    """``(1, 3, H, W)`` copies of ``(H, W, 3)`` images, and the repeats that give a 1-px side two: pytorch-msssim
+    squeezes away sides of 1 px (then refuses the tensor) and skips the window along sides shorter than it;
+    a 1-px side repeated twice gives the same score under that rule."""
     a = pred.float().permute(2, 0, 1)[None].clamp(0, 1)
     b = gt.float().permute(2, 0, 1)[None]
-    # pytorch-msssim squeezes away sides of 1 px (then refuses the tensor) and skips the window along sides
-    # shorter than it; a 1-px side repeated twice gives the same score under that rule
     reps = (1, 1, 2 if a.shape[2] == 1 else 1, 2 if a.shape[3] == 1 else 1)
-    a, b = a.repeat(reps), b.repeat(reps)
-    return float(_ssim(a, b, data_range=1.0, size_average=True, win_size=11, win_sigma=1.5))
+    return a.repeat(reps), b.repeat(reps), reps
+
+
+def ssim(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None) -> float:
+    """SSIM (Gaussian window 11, σ 1.5) of ``(H, W, 3)`` images in [0, 1], via pytorch-msssim; with ``keep
+    (H, W)``, the mean of :func:`ssim_map` over the windows whose centre pixel it keeps (NaN: none)."""
+    if keep is not None:
+        m, (oy, ox) = ssim_map(pred, gt)
+        k = keep.to(m.device)[oy:oy + m.shape[0], ox:ox + m.shape[1]]
+        return float(m[k].mean()) if bool(k.any()) else math.nan
+    from pytorch_msssim import ssim as _ssim
+
+    a, b, _ = _as_batch(pred, gt)
+    return float(_ssim(a, b, data_range=1.0, size_average=True, win_size=SSIM_WINDOW, win_sigma=SSIM_SIGMA))
+
+
+def ssim_map(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SSIM of every full window of ``(H, W, 3)`` images in [0, 1], the mean over the channels: ``(H', W')``
+    (``H' = H − 10`` where ``H ≥ 11``, else ``H``: no window along a side shorter than it, as pytorch-msssim), and
+    the pixel ``(row, col)`` of the first window's centre. Its mean is :func:`ssim` without a mask."""
+    a, b, reps = _as_batch(pred, gt)
+    x = torch.arange(SSIM_WINDOW, dtype=torch.float32) - SSIM_WINDOW // 2
+    g = torch.exp(-x * x / (2 * SSIM_SIGMA ** 2))
+    g = (g / g.sum()).to(a.device)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:  # separable Gaussian, 'valid' along each side long enough
+        if t.shape[2] >= SSIM_WINDOW:
+            t = torch.nn.functional.conv2d(t, g.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+        if t.shape[3] >= SSIM_WINDOW:
+            t = torch.nn.functional.conv2d(t, g.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+        return t
+
+    c1, c2 = SSIM_K[0] ** 2, SSIM_K[1] ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    m = ((2 * mu_a * mu_b + c1) / (mu_a ** 2 + mu_b ** 2 + c1)) * ((2 * cov + c2) / (var_a + var_b + c2))
+    m = m[0].mean(0)
+    m = m[: m.shape[0] // reps[2], : m.shape[1] // reps[3]]  # a repeated 1-px side counted once
+    half = SSIM_WINDOW // 2
+    return m, (half if a.shape[2] >= SSIM_WINDOW else 0, half if a.shape[3] >= SSIM_WINDOW else 0)

@@ -12,6 +12,10 @@ Conventions:
   alpha), masks ``(N, H, W) uint8`` (255 = foreground) when known, depth ``(N, H, W) float16`` (float32
   where float16 cannot hold the capture's depths) z-depth along the camera's viewing axis in world
   units, 0 where there is no surface.
+* loss masks ``valid (N, H, W) bool`` when the capture has them (nerfstudio's ``mask_path``, instant-ngp's
+  ``dynamic_mask_*.png``): the pixels to train on and to score; False marks what the field must not
+  learn (a passer-by, the photographer's shadow). ``masks`` and ``valid`` differ: a foreground mask
+  says where the object is (its complement is empty space), a loss mask says which pixels to trust.
 """
 
 from __future__ import annotations
@@ -36,8 +40,13 @@ class Views:
     depth: torch.Tensor | None = None  # (N, H, W) float16 (or float32) z-depth, world units, 0 = no hit
     distortion: torch.Tensor | None = None  # (N, 9) float32 lens rows (vqad.nerf.lens.LENS_COLUMNS)
     names: list[str] = field(default_factory=list)
+    valid: torch.Tensor | None = None  # (N, H, W) bool loss masks: True = train on and score; None: every pixel
 
     def __post_init__(self):
+        if self.valid is not None:
+            if self.valid.dtype != torch.bool or tuple(self.valid.shape) != tuple(self.images.shape[:3]):
+                raise ValueError(f"Views: loss masks must be bool of shape {tuple(self.images.shape[:3])}, not "
+                                 f"{self.valid.dtype} {tuple(self.valid.shape)}")
         if self.distortion is not None:  # one layout everywhere: k1, k2, p1, p2 become OpenCV lens rows
             self.distortion = lens_rows(self.distortion, len(self)).float().contiguous()
             if self.distortion.shape != (len(self), 9):
@@ -84,6 +93,16 @@ class SceneDataset:
     # from motion: COLMAP's points3D, nerfstudio's sparse_pc.ply), or None; used by --octree points
     points: torch.Tensor | None = None
 
+
+
+def mask_summary(views: Views) -> str:
+    """``", loss masks: 12 views (3.1 % of the pixels left out)"``: what a split's loss masks leave out, for a
+    fit's first lines ("" without masks)."""
+    if views.valid is None:
+        return ""
+    masked = int((~views.valid).flatten(1).any(dim=1).sum())
+    share = 1.0 - float(views.valid.float().mean())
+    return f", loss masks: {masked} view{'s' if masked != 1 else ''} ({share:.1%} of the pixels left out)"
 
 
 #: the keys of a stored dataset record (:func:`dataset_info`) and the types each may hold

@@ -2,6 +2,8 @@
 
 * PSNR ``= −10 log10(MSE)`` over all pixels and channels of a view, in [0, 1]; averaged over views.
 * SSIM with a Gaussian window of 11 pixels, σ = 1.5 (pytorch-msssim, :func:`vqad.metrics.ssim`).
+* A capture's loss masks (:attr:`vqad.nerf.data.Views.valid`) hold on the held-out views too: PSNR over
+  the pixels they keep, SSIM over the windows centred on one; a view whose mask keeps none is not scored.
 * LPIPS is **not** reported: it needs pretrained network weights (AlexNet / VGG) that cannot be
   downloaded on an offline machine, and vqad ships none. Compare LPIPS elsewhere from the saved PNGs.
 
@@ -121,26 +123,36 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
             dirs[lod] = Path(out_dir) / f"{split}_lod{lod}"
             dirs[lod].mkdir(parents=True, exist_ok=True)
     scores = {lod: {"psnr": [], "ssim": []} for lod in lods}
+    valid = pick_split(dataset, split).valid
     t0 = time.perf_counter()
     for i, name, rgb, depth, opa, gt in render_views(field, dataset, split, lods, sampler, max_views):
+        keep = None if valid is None else valid[i]
         for b, lod in enumerate(lods):
-            scores[lod]["psnr"].append(psnr(rgb[b], gt))
-            scores[lod]["ssim"].append(ssim(rgb[b], gt))
+            if keep is None or bool(keep.any()):
+                scores[lod]["psnr"].append(psnr(rgb[b], gt, keep))
+                scores[lod]["ssim"].append(ssim(rgb[b], gt, keep))
             if lod in dirs:
                 save_image(to_png_rgb(rgb[b]), dirs[lod] / f"{name}.png")
                 save_image(depth_png(depth[b], opa[b]), dirs[lod] / f"{name}_depth.png")
                 save_image((opa[b].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8), dirs[lod] / f"{name}_opacity.png")
         if not quiet:
-            print(f"  view {name}: " + "  ".join(f"LOD {lod} {scores[lod]['psnr'][-1]:.2f} dB" for lod in lods), flush=True)
+            print(f"  view {name}: " + ("not scored (its mask keeps no pixel)" if keep is not None and not bool(keep.any())
+                                        else "  ".join(f"LOD {lod} {scores[lod]['psnr'][-1]:.2f} dB" for lod in lods)),
+                  flush=True)
         if deadline is not None and deadline.left() <= 0:
             break  # the job's time cap: the views so far are the evaluation
     seconds = time.perf_counter() - t0
     out = {}
     for lod in lods:
         p, s = scores[lod]["psnr"], scores[lod]["ssim"]
+        if not p:
+            raise InputError(f"the loss masks of the {split!r} views keep no pixel: nothing to score; check the masks")
         out[lod] = {"psnr": float(np.mean(p)), "ssim": float(np.mean(s)), "views": len(p), "seconds": seconds}
+        if valid is not None:
+            out[lod]["masked"] = True
     return out
 
 
 def metric_lines(results: dict) -> list[str]:
-    return [f"LOD {lod}: PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  ({r['views']} views)" for lod, r in results.items()]
+    return [f"LOD {lod}: PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  ({r['views']} views"
+            + (", the pixels their loss masks keep)" if r.get("masked") else ")") for lod, r in results.items()]

@@ -76,7 +76,7 @@ def auto_step_ratio(octree, dataset: SceneDataset, device, budget: float = AUTO_
     """
     sampler = OccupancySampler(octree, step=2.0 / (1 << octree.max_level), outer_scale=dataset.outer_scale)
     batcher = RayBatcher(dataset.splits["train"], dataset, device)
-    o, d, _, near, far = batcher.sample(min(probe_rays, batcher.num_rays), torch.Generator().manual_seed(seed))
+    o, d, _, near, far = batcher.sample(min(probe_rays, batcher.num_valid), torch.Generator().manual_seed(seed))
     n = len(sampler.march(o, d, near=near, far=far)) / o.shape[0]
     return float(max(1, math.floor(n / budget + 0.5))), n  # halves round up (Python's round() would go to even)
 
@@ -260,7 +260,7 @@ def fit_nerf(
     if targets is not None:
         batcher.set_depth_targets(targets.ids, targets.distances)
         if not quiet:
-            share = len(targets) / batcher.num_rays
+            share = len(targets) / batcher.num_valid
             source = "depth maps" if depth_source(dataset, train_cfg.depth_from) == "capture" else "sparse points"
             print(f"depth loss: λ = {train_cfg.depth_weight:g} on {share:.1%} of the training pixels, from the capture's "
                   f"{source}" + (" (auto: a contracted scene with sparse points)" if depth_auto else ""))

@@ -390,7 +390,7 @@ def _stage(dataset: SceneDataset, octree: SparseOctree, device, split: str, cfg:
     field.eval()
     # a sample spanning step_ratio cells carries about their summed weight: the same per-cell floor
     floor = min(cfg.weight_threshold * step_ratio, 0.5)
-    best = probe_weights(field, sampler, batcher, level, min(cfg.probe_rays, batcher.num_rays), floor,
+    best = probe_weights(field, sampler, batcher, level, min(cfg.probe_rays, batcher.num_valid), floor,
                          torch.Generator(device="cpu").manual_seed(seed + 1))
     res = 1 << min(level, sampler.level)
     keep = (best >= floor).nonzero().squeeze(-1)

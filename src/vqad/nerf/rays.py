@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from vqad.errors import InputError
 from vqad.nerf.data import SceneDataset, Views
 from vqad.nerf.lens import LensBatch, distort_within, expand_rows, image_radius2, lens_table, undistort
 
@@ -195,6 +196,17 @@ class RayBatcher:
         self.background = tuple(float(c) for c in dataset.background)
         # the depth loss's targets, only the pixels that have one: sorted flat ids (K,) and unit-cube ray distances (K,)
         self.depth_targets: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the flat ids (K,) of the pixels the loss masks keep, ascending (int32 while they fit), or None: every pixel
+        self.valid_ids: torch.Tensor | None = None
+        if views.valid is not None and not bool(views.valid.all()):
+            hw = self.H * self.W
+            small = torch.int32 if self.num_rays < 2**31 else torch.int64
+            self.valid_ids = torch.cat([torch.nonzero(v.reshape(-1))[:, 0].to(small) + i * hw
+                                        for i, v in enumerate(views.valid)]).to(device)
+            if self.valid_ids.numel() == 0:
+                raise InputError("the loss masks leave out every pixel of the split: nothing to train on; check the "
+                                 "masks' polarity (mask_path: white = train on the pixel; dynamic_mask_*: white = leave "
+                                 "it out)")
 
     def set_depth_targets(self, ids: torch.Tensor, distances: torch.Tensor) -> None:
         """Targets of :meth:`depth_targets_for`: ``ids (K,)`` ascending flat pixel ids, ``distances (K,)``
@@ -219,7 +231,13 @@ class RayBatcher:
 
     @property
     def num_rays(self) -> int:
+        """Every pixel of the split (the range of flat ids)."""
         return self.N * self.H * self.W
+
+    @property
+    def num_valid(self) -> int:
+        """The pixels the training samples: those its loss masks keep (every pixel without masks)."""
+        return self.num_rays if self.valid_ids is None else int(self.valid_ids.numel())
 
     def rays_for(self, flat: torch.Tensor):
         """Rays of flat pixel ids ``(n,)`` (``view·H·W + row·W + col``): o, d, rgb, near, far."""
@@ -236,11 +254,14 @@ class RayBatcher:
         return o, d, rgb, near, far
 
     def sample_ids(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``(n,)`` uniformly random flat pixel ids on the batcher's device."""
-        return torch.randint(0, self.num_rays, (n,), generator=generator).to(self.device)
+        """``(n,)`` uniformly random flat pixel ids on the batcher's device, among those the loss masks keep."""
+        if self.valid_ids is None:
+            return torch.randint(0, self.num_rays, (n,), generator=generator).to(self.device)
+        pick = torch.randint(0, self.valid_ids.numel(), (n,), generator=generator).to(self.device)
+        return self.valid_ids[pick].long()
 
     def sample(self, n: int, generator: torch.Generator):
-        """``n`` uniformly random training pixels: o, d ``(n, 3)``, rgb ``(n, 3)``, near, far ``(n,)``."""
+        """``n`` uniformly random training pixels (:meth:`sample_ids`): o, d ``(n, 3)``, rgb ``(n, 3)``, near, far ``(n,)``."""
         return self.rays_for(self.sample_ids(n, generator))
 
     def view(self, index: int):

@@ -17,6 +17,12 @@ Cameras stand on a ring around the object (radius ``camera_radius``, heights osc
 ngp box: ``scale`` 0.33, ``offset`` 0.5, so ``aabb_scale`` 1 is the world box [-1.5, 1.5]^3 (the
 object with a margin) and ``aabb_scale`` 4 is [-6, 6]^3 (the dome of radius 5.5 fits inside).
 
+``transients = n`` paints ``n`` passers-by into each training view (not the frames the readers hold out,
+every :data:`~vqad.nerf.formats.common.HOLD_EVERY`-th): upright striped ellipses of random colours
+standing 0.6–1.8 units in front of the camera, somewhere else in every view (what a phone capture of
+a public place records), and writes nerfstudio loss masks (``masks/NNNN.png``, ``mask_path``: 0
+where a passer-by is) for every frame, so a fit can be measured with and without them.
+
 ``background=False`` writes the same cameras and the object alone, as RGBA PNGs whose alpha is the
 object's mask (the comparison target: what a fit of the object alone reaches).
 
@@ -44,7 +50,7 @@ import torch
 
 from vqad.errors import InputError
 from vqad.nerf.procedural import ProceduralScene, _one_thread, look_at
-from vqad.nerf.formats.common import DEPTH_UNIT_SCALE, MAX_RAY_ANGLE
+from vqad.nerf.formats.common import DEPTH_UNIT_SCALE, HOLD_EVERY, MAX_RAY_ANGLE
 from vqad.nerf.formats.points import write_ply_points
 from vqad.nerf.lens import LENS_FISHEYE, distorted_radius
 from vqad.nerf.rays import pixel_centers, rays_for_pixels
@@ -61,6 +67,12 @@ LENSES = ("pinhole", "fisheye")
 FISHEYE_K = (0.04, -0.012, 0.002, 0.0)
 #: each lens's default field of view across the image's height, degrees
 FOV_Y_DEG = {"pinhole": 50.0, "fisheye": 120.0}
+MAX_TRANSIENTS = 8  # passers-by a view
+#: a passer-by's half height as a share of the image's height, its half width as a share of its half height,
+#: and its distance in front of the camera (world units): the object stands 3 units away
+TRANSIENT_HALF_HEIGHT = (0.1, 0.25)
+TRANSIENT_ASPECT = (0.3, 0.5)
+TRANSIENT_DEPTH = (0.6, 1.8)
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,7 @@ class SceneCaptureConfig:
     supersample: int = 4  # n: each pixel averages n × n rays over its square (1: the pixel centre alone)
     # "pinhole", or "fisheye": OpenCV's equidistant fisheye with FISHEYE_K, fov_y_deg across the image's height
     lens: str = "pinhole"
+    transients: int = 0  # passers-by painted into each training view, with loss masks (0: none, no masks)
 
     def __post_init__(self):
         if self.fov_y_deg is None:  # the lens's own default, recorded as the number it resolved to
@@ -107,6 +120,9 @@ class SceneCaptureConfig:
                              f"got {n!r}")
         if not (0 < self.fov_y_deg < 170 and self.camera_radius < self.dome_radius and self.dome_radius > 0):
             raise InputError("the field of view must be in (0, 170) degrees and the cameras inside the dome")
+        t = self.transients
+        if isinstance(t, bool) or not (isinstance(t, int) and 0 <= t <= MAX_TRANSIENTS):
+            raise InputError(f"transients must be a whole number of passers-by a view in 0..{MAX_TRANSIENTS}, got {t!r}")
         if self.lens not in LENSES:
             raise InputError(f"the capture's lens must be one of {', '.join(LENSES)}, got {self.lens!r}")
         corner = math.hypot(1.0, self.width / self.height)  # the corner's normalised radius / the top edge's
@@ -262,14 +278,39 @@ def sparse_points(cfg: SceneCaptureConfig, env: Environment, c2w: torch.Tensor, 
     return torch.cat([pts, outliers])
 
 
+def passers_by(cfg: SceneCaptureConfig, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """View ``index``'s passers-by (``cfg.transients`` of them; none in a held-out frame): where they are
+    ``(H, W) bool``, their colours ``(H, W, 3) uint8`` and their z-depth ``(H, W)`` float64 (world units),
+    nearer ones over farther ones. Deterministic in ``(cfg.seed, index)``."""
+    h, w = cfg.height, cfg.width
+    where, rgb, z = np.zeros((h, w), bool), np.zeros((h, w, 3), np.uint8), np.zeros((h, w))
+    if index % HOLD_EVERY == 0:
+        return where, rgb, z
+    rng = np.random.default_rng((cfg.seed, index))
+    rows, cols = np.mgrid[0:h, 0:w] + 0.5
+    people = [(rng.uniform(*TRANSIENT_DEPTH), rng.uniform(0, w), rng.uniform(0, h), rng.uniform(*TRANSIENT_HALF_HEIGHT),
+               rng.uniform(*TRANSIENT_ASPECT), rng.uniform(0.15, 1.0, 3), rng.uniform(3, 8)) for _ in range(cfg.transients)]
+    for depth, cx, cy, half_h, aspect, colour, stripes in sorted(people, key=lambda p: -p[0]):  # far ones first
+        ry = max(1.5, half_h * h)
+        rx = max(1.5, aspect * ry)
+        inside = ((cols - cx) / rx) ** 2 + ((rows - cy) / ry) ** 2 <= 1.0
+        band = 0.75 + 0.25 * np.sign(np.sin((rows - cy) / ry * stripes * np.pi))  # clothes: horizontal bands
+        shade = np.clip(band * (1.0 - 0.3 * (cols - cx) / rx), 0, 1)  # lit from the left
+        rgb[inside] = np.clip(np.rint(255 * shade[inside, None] * colour), 0, 255).astype(np.uint8)
+        z[inside] = depth
+        where |= inside
+    return where, rgb, z
+
+
 def _environment(cfg: SceneCaptureConfig) -> Environment:
     return Environment(ground_y=cfg.ground_y, dome_radius=cfg.dome_radius, checker=cfg.checker)
 
 
 def render_capture(cfg: SceneCaptureConfig, background: bool = True):
     """Every view of the capture: ``rgba (N, H, W, 4) uint8`` (alpha 255 everywhere with the room,
-    the object mask without), poses ``(N, 4, 4)`` and intrinsics ``fx, fy, cx, cy``. All in memory:
-    :func:`write_capture` renders and writes one view at a time instead."""
+    the object mask without), poses ``(N, 4, 4)`` and intrinsics ``fx, fy, cx, cy``: the static scene, without
+    the passers-by of ``cfg.transients`` (:func:`passers_by`). All in memory: :func:`write_capture` renders and
+    writes one view at a time instead."""
     cfg.validate()
     env = _environment(cfg)
     c2w, intr = _cameras(cfg)
@@ -282,7 +323,8 @@ def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bo
                   on_view: Callable[[int, int], None] | None = None, depth: bool = False) -> Path:
     """Render the capture and write it in instant-ngp layout: ``out_dir/transforms.json`` and
     ``out_dir/images/NNNN.png``, ``transforms.json`` last (a folder without it is an interrupted
-    capture). With ``depth``, also each view's z-depth as nerfstudio writes a phone's depth sensor:
+    capture). With ``cfg.transients``, also every frame's loss mask, ``out_dir/masks/NNNN.png`` (:func:`passers_by`).
+    With ``depth``, also each view's z-depth as nerfstudio writes a phone's depth sensor:
     ``out_dir/depth/NNNN.png``, 16-bit, in :data:`DEPTH_UNIT_SCALE` world units (0: nothing hit), named by the
     frames' ``depth_file_path``. ``on_view(done, total)`` is called after each view is written. Returns
     the path of ``transforms.json``."""
@@ -302,12 +344,19 @@ def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bo
         for i, pose in enumerate(c2w):  # one view in memory at a time
             name = f"images/{i:04d}.png"
             arr = _render_view(env, cfg, pose, (fx, fy, cx, cy), background).numpy()
+            people, people_rgb, people_z = passers_by(cfg, i)
+            arr[people, :3], arr[people, 3] = people_rgb[people], 255
             Image.fromarray(arr if not background else arr[..., :3], "RGBA" if not background else "RGB").save(out / name)
             frames.append({"file_path": name, "transform_matrix": pose.tolist()})
+            if cfg.transients:  # nerfstudio wants a mask on every frame or none: white = train on the pixel
+                (out / "masks").mkdir(exist_ok=True)
+                Image.fromarray(np.where(people, 0, 255).astype(np.uint8), "L").save(out / f"masks/{i:04d}.png")
+                frames[-1]["mask_path"] = f"masks/{i:04d}.png"
             if depth:
                 (out / "depth").mkdir(exist_ok=True)
-                z = (_depth_view(env, cfg, pose, (fx, fy, cx, cy), background) / DEPTH_UNIT_SCALE).round()
-                Image.fromarray(z.clamp(0, 65535).numpy().astype(np.uint16)).save(out / f"depth/{i:04d}.png")
+                z = _depth_view(env, cfg, pose, (fx, fy, cx, cy), background).numpy()
+                z = np.rint(np.where(people, people_z, z) / DEPTH_UNIT_SCALE)  # a depth sensor sees them too
+                Image.fromarray(np.clip(z, 0, 65535).astype(np.uint16)).save(out / f"depth/{i:04d}.png")
                 frames[-1]["depth_file_path"] = f"depth/{i:04d}.png"
             if on_view is not None:
                 on_view(i + 1, len(c2w))

@@ -140,7 +140,7 @@ def register(sub) -> None:
     add_device_arg(p)
     p.set_defaults(func=cmd_eval, oom_hint="lower --max-views or the images' size (the fit's --downscale)")
 
-    from vqad.nerf.scene_capture import FISHEYE_K, FOV_Y_DEG, LENSES, SceneCaptureConfig
+    from vqad.nerf.scene_capture import FISHEYE_K, FOV_Y_DEG, LENSES, MAX_TRANSIENTS, SceneCaptureConfig
 
     S = SceneCaptureConfig()
     p = sub.add_parser("synth-capture", help="write a generated instant-ngp capture: an object inside a textured room",
@@ -169,6 +169,10 @@ def register(sub) -> None:
                    help="also write each view's z-depth as a phone's depth sensor gives it (depth/NNNN.png, 16-bit "
                         "millimetres, depth_file_path in transforms.json, nerfstudio's layout): --octree auto then "
                         "builds the octree from depth")
+    p.add_argument("--transients", type=int, default=S.transients, metavar="N",
+                   help="paint N passers-by into each training view (not the held-out every 8th) and write loss masks "
+                        "that leave them out (masks/NNNN.png, nerfstudio's mask_path), as a phone capture of a public "
+                        f"place needs (0..{MAX_TRANSIENTS}; default: {S.transients})")
     p.add_argument("--fov", type=float, default=None, metavar="DEG",
                    help="field of view across the image's height, degrees (default: "
                         + ", ".join(f"{v:g} with --lens {k}" for k, v in FOV_Y_DEG.items()) + ")")
@@ -181,7 +185,7 @@ def cmd_synth_capture(args) -> int:
 
     width, height = parse_size(args.size)
     cfg = SceneCaptureConfig(width=width, height=height, views=args.views, aabb_scale=args.aabb_scale, points=args.points,
-                             supersample=args.supersample, lens=args.lens, fov_y_deg=args.fov)
+                             supersample=args.supersample, lens=args.lens, fov_y_deg=args.fov, transients=args.transients)
     cfg.validate()
     out = Path(args.out)
     interrupted = out.is_dir() and (out / "images").is_dir() and not (out / "transforms.json").exists()
@@ -198,7 +202,8 @@ def cmd_synth_capture(args) -> int:
     print(f"wrote {path} ({cfg.views} views, {width}x{height}, aabb_scale {cfg.aabb_scale}, "
           f"{'object alone' if args.no_background else 'object in a textured room'}, {cfg.points:,} sparse points, "
           f"{cfg.supersample}x{cfg.supersample} rays a pixel, {cfg.lens} lens, {cfg.fov_y_deg:g}° tall"
-          f"{', depth maps' if args.depth else ''})")
+          f"{', depth maps' if args.depth else ''}"
+          f"{f', {cfg.transients} passers-by a training view with loss masks' if cfg.transients else ''})")
     hint = " --octree density" if args.no_background and cfg.aabb_scale > 1 else ""  # masks mark no room
     print(f"next: vqad fit-nerf {out} --format ngp{hint}")
     return 0
@@ -357,6 +362,7 @@ def cmd_fit_nerf(args) -> int:
     from vqad.device import native_bf16_matmul, resolve_device
     from vqad.nerf.evaluate import evaluate_nerf, metric_lines
     from vqad.nerf.fit import fit_nerf
+    from vqad.nerf.data import mask_summary
     from vqad.nerf.lens import lens_summary
 
     out = Path(args.out)
@@ -379,7 +385,8 @@ def cmd_fit_nerf(args) -> int:
                 if old.is_dir():
                     shutil.rmtree(old)
         print(f"dataset {dataset.name!r} ({dataset.format}): " + ", ".join(f"{k} {len(v)} views" for k, v in dataset.splits.items())
-              + f", {dataset.splits['train'].hw[1]}x{dataset.splits['train'].hw[0]} px" + lens_summary(dataset.splits["train"]))
+              + f", {dataset.splits['train'].hw[1]}x{dataset.splits['train'].hw[0]} px" + lens_summary(dataset.splits["train"])
+              + mask_summary(dataset.splits["train"]))
         res = fit_nerf(dataset, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume, quiet=args.quiet,
                        nerf_cfg=nerf_cfg, deadline=deadline)
     field = res.field

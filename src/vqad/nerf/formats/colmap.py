@@ -40,7 +40,7 @@ from vqad.errors import InputError
 from vqad.nerf.formats.points import read_colmap_points
 from vqad.nerf.contraction import check_outer_scale
 from vqad.nerf.data import SceneDataset
-from vqad.nerf.formats.common import (CAMERA_BOX_OUTER, _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _resolve_image,
+from vqad.nerf.formats.common import (CAMERA_BOX_OUTER, HOLD_EVERY, _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _resolve_image,
                                       capture_box, lens_row)
 from vqad.nerf.lens import LENS_FISHEYE, LENS_OPENCV
 
@@ -306,7 +306,7 @@ def _refuse_stray_cameras(poses: np.ndarray, frames: list, model_dir: Path) -> N
                          f"registration? drop that image from the model")
 
 
-def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = 8,
+def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = HOLD_EVERY,
                 outer_scale: float = CAMERA_BOX_OUTER) -> SceneDataset:
     """A COLMAP capture (``path``: the folder with ``images/`` and ``sparse/``) as a :class:`SceneDataset`."""
     root = _capture_root(Path(path))

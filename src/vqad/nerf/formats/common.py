@@ -265,6 +265,8 @@ class _Frame:
     depth_kind: str = "ray"  # what the depth map holds: "ray" distance or "z"-depth
     depth_scale: float = 1.0  # world units per stored unit (nerfstudio's depth_unit_scale_factor)
     depth_invalid_at: float = math.inf  # stored values from this one up mean "no hit" (RTMV's sentinel)
+    loss_mask: Path | None = None  # which pixels to train on (nerfstudio's mask_path, instant-ngp's dynamic_mask_*)
+    loss_mask_keeps: bool = True  # the mask's non-zero pixels are kept (nerfstudio) or left out (instant-ngp)
 
 
 def _as_c2w(m, what: str, rigid: bool = True) -> np.ndarray:
@@ -314,7 +316,7 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
     """Read, downscale and composite a split's images (and depth) into a :class:`Views`."""
     if not frames:
         raise InputError(f"the {split!r} split of {source} has no views")
-    images, alphas, depths, intr, poses, names, dists = [], [], [], [], [], [], []
+    images, alphas, depths, intr, poses, names, dists, keeps = [], [], [], [], [], [], [], []
     any_alpha = False
     size = None
     first = None
@@ -331,8 +333,13 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
         rgb8, a8 = _image_to_srgb8(rgba, downscale, background)
         images.append(rgb8)
         alphas.append(a8)
+        keep = _read_loss_mask(fr, rgba.shape[:2], downscale) if fr.loss_mask is not None else None
+        keeps.append(keep)
+        if keep is not None:  # a left-out pixel is no evidence: not of empty space (carving), not of depth
+            a8[~keep] = 255
         if fr.depth is not None:
-            depths.append(_read_depth(fr, rgba.shape[:2], K * downscale, downscale, fr.distortion))
+            z = _read_depth(fr, rgba.shape[:2], K * downscale, downscale, fr.distortion)
+            depths.append(z if keep is None else np.where(keep, z, 0.0).astype(z.dtype))
         intr.append(K)
         poses.append(fr.c2w)
         names.append(fr.name)
@@ -344,7 +351,13 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
     if empty:  # NaN, negative or 0 everywhere: the view trains, but gives the octree and the depth loss nothing
         warnings.warn(f"{len(empty)} of the {split!r} views' depth maps hold no valid depth ({', '.join(empty[:3])}"
                       f"{', ...' if len(empty) > 3 else ''}): those views give no depth", stacklevel=2)
+    blank = [names[i] for i, k in enumerate(keeps) if k is not None and not k.any()]
+    if blank:
+        warnings.warn(f"{len(blank)} of the {split!r} views' masks leave out every pixel ({', '.join(blank[:3])}"
+                      f"{', ...' if len(blank) > 3 else ''}): those views give nothing; check the masks' polarity "
+                      f"(mask_path: white = train on the pixel; dynamic_mask_*: white = leave it out)", stacklevel=2)
     has_dist = any(d is not None for d in dists)
+    h, w = images[0].shape[:2]
     return Views(
         images=torch.from_numpy(np.stack(images)),
         c2w=torch.from_numpy(np.stack(poses)).float(),
@@ -353,6 +366,8 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
         depth=_depth_tensor(np.stack(depths)) if depths else None,
         distortion=torch.from_numpy(np.stack([d if d is not None else np.zeros(9) for d in dists])).float() if has_dist else None,
         names=names,
+        valid=(torch.from_numpy(np.stack([k if k is not None else np.ones((h, w), bool) for k in keeps]))
+               if any(k is not None and not k.all() for k in keeps) else None),  # masks that keep every pixel: None
     )
 
 
@@ -458,9 +473,6 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
     seen: dict[str, int] = {}
     depth_scale = _depth_scale(meta, json_path)
     file_fisheye = _lens_model_of(meta, f"{json_path} (the file's keys)")  # checked even where every frame has its own
-    if any(isinstance(fr, dict) and fr.get("mask_path") is not None for fr in frames):
-        warnings.warn(f"{json_path}: its frames' mask_path (pixels to leave out of training) is not used: vqad trains "
-                      f"on every pixel; paint the left-out regions out of the images or crop them", stacklevel=2)
     for i, fr in enumerate(frames):
         what = f"frame {i} of {json_path.name}"
         if not isinstance(fr, dict) or "file_path" not in fr or "transform_matrix" not in fr:
@@ -489,7 +501,7 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
                              f"{str(fr['transform_matrix'])[:60]}")
         out.append(_Frame(image=path, c2w=_as_c2w(fr["transform_matrix"], what), pinhole=pin,
                           name=str(fr["file_path"]), distortion=lens, depth=_depth_path(fr, base, what),
-                          depth_kind="z", depth_scale=depth_scale))
+                          depth_kind="z", depth_scale=depth_scale, **_loss_mask_of(fr, base, path, what)))
     with_depth = sum(f.depth is not None for f in out)
     if 0 < with_depth < len(out):  # held-out views with depth and training views without (or the reverse) mislead
         raise InputError(f"{json_path}: {with_depth} of its {len(out)} frames name a depth_file_path: give every frame "
@@ -523,7 +535,58 @@ def _depth_path(fr: dict, base: Path, what: str) -> Path | None:
     return path
 
 
-def _holdout(frames: list, every: int = 8) -> tuple[list, list]:
+def _loss_mask_of(fr: dict, base: Path, image: Path, what: str) -> dict:
+    """A frame's loss mask as :class:`_Frame` fields: nerfstudio's ``mask_path`` (non-zero = train on the
+    pixel) or instant-ngp's ``dynamic_mask_<image stem>.png`` beside the image (non-zero = leave it out)."""
+    rel = fr.get("mask_path")
+    dynamic = image.parent / f"dynamic_mask_{image.stem}.png"
+    if rel is None:
+        return {"loss_mask": dynamic, "loss_mask_keeps": False} if dynamic.is_file() else {}
+    if not isinstance(rel, str) or not rel:
+        raise InputError(f"{what}: mask_path must be a path, not {rel!r}")
+    path = inside_capture(base, base, rel, what, "mask_path")
+    if not path.is_file():
+        raise InputError(f"{what}: mask_path {rel!r} not found at {path}: restore it or remove the key")
+    if dynamic.is_file():
+        raise InputError(f"{what} has both a mask_path ({rel}: white = train on the pixel) and {dynamic.name} "
+                         f"(instant-ngp's: white = leave the pixel out), which mean opposite things: keep one")
+    return {"loss_mask": path, "loss_mask_keeps": True}
+
+
+def _read_loss_mask(fr: _Frame, hw: tuple[int, int], n: int) -> np.ndarray:
+    """A frame's loss mask → ``(H/n, W/n) bool``, True = train on and score the pixel. A pixel is "on" where
+    any colour channel is non-zero (at least 128 in a JPEG, whose noise lifts black); a mask smaller than
+    its image is resized to it by nearest neighbour; a downscaled pixel is kept only where every pixel of
+    its block is (a block's average colour mixes in whatever a left-out pixel shows)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = fr.loss_mask
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("1", "L", "I", "F") or im.mode.startswith("I;16"):
+                values = np.asarray(im, dtype=np.float64)
+            else:  # RGB, RGBA, LA, P...: its colour, as instant-ngp reads dynamic masks
+                values = np.asarray(im.convert("RGB"), dtype=np.float64).max(axis=-1)
+            lossy = im.format == "JPEG"
+    except (OSError, ValueError, UnidentifiedImageError) as e:
+        raise InputError(f"cannot read the mask {path}: {e}") from e
+    on = values >= 128 if lossy else values != 0
+    if on.shape != tuple(hw):
+        h, w = on.shape
+        if h > hw[0] or w > hw[1] or abs((w / h) / (hw[1] / hw[0]) - 1) > 0.02:
+            raise InputError(f"the mask {path} is {w}×{h} but its image {fr.image.name} is {hw[1]}×{hw[0]}: a mask "
+                             f"must be the image's size or smaller with its aspect ratio")
+        on = on[((np.arange(hw[0]) + 0.5) * h / hw[0]).astype(np.int64)][:, ((np.arange(hw[1]) + 0.5) * w / hw[1]).astype(np.int64)]
+    keep = on if fr.loss_mask_keeps else ~on
+    keep = _crop_to_multiple(keep, n)
+    return keep.reshape(keep.shape[0] // n, n, keep.shape[1] // n, n).all(axis=(1, 3))
+
+
+#: the readers hold out every this-many-th frame (0, 8, 16, ...) of a capture without splits, for test and val
+HOLD_EVERY = 8
+
+
+def _holdout(frames: list, every: int = HOLD_EVERY) -> tuple[list, list]:
     """``(train, test)``: every ``every``-th item (0, 8, 16, ...) is held out."""
     test = [f for i, f in enumerate(frames) if i % every == 0]
     train = [f for i, f in enumerate(frames) if i % every != 0]

@@ -9,7 +9,7 @@ import numpy as np
 
 from vqad.errors import InputError
 from vqad.nerf.data import SceneDataset
-from vqad.nerf.formats.common import _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _list_images
+from vqad.nerf.formats.common import HOLD_EVERY, _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _list_images
 
 
 # -- LLFF ------------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def _llff_image_dir(root: Path, downscale: int) -> tuple[Path, int]:
     return dirs[base], downscale
 
 
-def read_llff(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = 8) -> SceneDataset:
+def read_llff(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = HOLD_EVERY) -> SceneDataset:
     """An LLFF capture: ``poses_bounds.npy`` + ``images/`` or ``images_N/``.
 
     Every ``hold_every``-th image (0, 8, 16, ...) is test and val (the standard protocol); the

@@ -10,7 +10,7 @@ import numpy as np
 from vqad.errors import InputError
 from vqad.nerf.contraction import MAX_OUTER_SCALE
 from vqad.nerf.data import SceneDataset
-from vqad.nerf.formats.common import (CAMERA_BOX_OUTER, _dataset, _holdout, _json_numbers, _read_json, _transforms_frames,
+from vqad.nerf.formats.common import (CAMERA_BOX_OUTER, HOLD_EVERY, _dataset, _holdout, _json_numbers, _read_json, _transforms_frames,
                                       capture_box, depth_points, inside_capture)
 from vqad.nerf.formats.points import read_ply_points
 
@@ -26,7 +26,7 @@ def is_nerfstudio(meta: dict) -> bool:
     return not any(k in meta for k in NGP_SCENE_KEYS) and any(k in meta for k in NERFSTUDIO_KEYS)
 
 
-def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = 8) -> SceneDataset:
+def read_ngp(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = HOLD_EVERY) -> SceneDataset:
     """An instant-ngp (or nerfstudio) ``transforms.json`` scene (``path`` is its directory or the file itself).
 
     Every ``hold_every``-th frame (0, 8, ...) is test and val; the rest train. The unit cube is

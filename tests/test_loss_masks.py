@@ -1,0 +1,298 @@
+"""Loss masks: the pixels a capture says to train on and score (nerfstudio's ``mask_path``, instant-ngp's
+``dynamic_mask_*.png``), from the reader through the ray sampler to the held-out scores."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqad.errors import InputError
+from vqad.metrics import psnr, ssim, ssim_map
+from vqad.nerf.data import Views, mask_summary
+from vqad.nerf.formats import load_dataset
+from vqad.nerf.formats.common import HOLD_EVERY
+
+
+def _capture(tmp_path, name="cap", views=9, w=8, h=12, depth=False, transients=0):
+    from vqad.nerf.scene_capture import SceneCaptureConfig, write_capture
+
+    path = write_capture(tmp_path / name, SceneCaptureConfig(width=w, height=h, views=views, points=200, supersample=1,
+                                                              transients=transients), depth=depth)
+    return path.parent, path, json.loads(path.read_text())
+
+
+def _pattern(h, w, seed):
+    """A mask with some pixels off: ``(h, w) bool``, True = on."""
+    return np.random.default_rng(seed).random((h, w)) > 0.3
+
+
+def _train_rows(meta):
+    """The frame indices of the training split, in its order (every HOLD_EVERY-th frame is held out)."""
+    return [i for i in range(len(meta["frames"])) if i % HOLD_EVERY != 0]
+
+
+# -- readers --------------------------------------------------------------------------------------------
+def test_mask_path_white_is_kept_black_left_out(tmp_path):
+    """nerfstudio's mask_path: a non-zero pixel is trained on, 0 is left out; a frame without one keeps every
+    pixel; a mask that keeps everything leaves the split without masks."""
+    root, path, meta = _capture(tmp_path)
+    (root / "m").mkdir()
+    want = {}
+    for i in (1, 3, 4):
+        on = _pattern(12, 8, i)
+        want[i] = on
+        Image.fromarray(np.where(on, 200, 0).astype(np.uint8), "L").save(root / f"m/{i}.png")
+        meta["frames"][i]["mask_path"] = f"m/{i}.png"
+    Image.fromarray(np.full((12, 8), 255, np.uint8), "L").save(root / "m/0.png")
+    meta["frames"][0]["mask_path"] = "m/0.png"  # a held-out frame's mask that keeps every pixel
+    path.write_text(json.dumps(meta))
+    ds = load_dataset(root, format="ngp")
+    train = ds.splits["train"]
+    for row, i in enumerate(_train_rows(meta)):
+        expect = want.get(i, np.ones((12, 8), bool))
+        assert np.array_equal(train.valid[row].numpy(), expect), i
+    assert ds.splits["test"].valid is None
+    assert mask_summary(train) == f", loss masks: 3 views ({1 - train.valid.float().mean():.1%} of the pixels left out)"
+    assert mask_summary(ds.splits["test"]) == ""
+
+
+def test_dynamic_masks_mark_what_to_leave_out(tmp_path):
+    """instant-ngp's dynamic_mask_<stem>.png beside the image: a pixel with any non-zero colour channel is left
+    out (the reverse of mask_path); a smaller mask is resized by nearest neighbour."""
+    root, path, meta = _capture(tmp_path)
+    i = 2
+    image = root / meta["frames"][i]["file_path"]
+    off = ~_pattern(6, 4, 7)  # half the image's size
+    rgb = np.zeros((6, 4, 3), np.uint8)
+    rgb[off, 1] = 3  # any channel counts
+    Image.fromarray(rgb, "RGB").save(image.parent / f"dynamic_mask_{image.stem}.png")
+    ds = load_dataset(root, format="ngp")
+    row = _train_rows(meta).index(i)
+    expect = ~np.repeat(np.repeat(off, 2, 0), 2, 1)
+    assert np.array_equal(ds.splits["train"].valid[row].numpy(), expect)
+    # both conventions on one frame mean opposite things: refused
+    Image.fromarray(np.full((12, 8), 255, np.uint8), "L").save(root / "keep.png")
+    meta["frames"][i]["mask_path"] = "keep.png"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="opposite things"):
+        load_dataset(root, format="ngp")
+
+
+def test_masks_downscale_keep_only_whole_blocks_and_clean_depth(tmp_path):
+    """--downscale 2 keeps a pixel only where all four of its pixels are kept (brute force); a left-out pixel's
+    depth is dropped, and the depth a depth sensor saw of a passer-by with it."""
+    root, path, meta = _capture(tmp_path, views=9, w=8, h=12, depth=True, transients=2)
+    for d in (1, 2):
+        ds = load_dataset(root, format="ngp", downscale=d)
+        train = ds.splits["train"]
+        for row, i in enumerate(_train_rows(meta)):
+            on = np.asarray(Image.open(root / meta["frames"][i]["mask_path"])) != 0
+            expect = on.reshape(12 // d, d, 8 // d, d).min(axis=(1, 3)).astype(bool)
+            assert np.array_equal(train.valid[row].numpy(), expect), (d, i)
+        assert bool((train.depth[~train.valid] == 0).all())
+        assert bool((train.depth[train.valid] > 0).any())
+
+
+def test_jpeg_masks_threshold_at_half(tmp_path):
+    """A JPEG mask's noise lifts black to a few grey levels: such a mask is on from 128 up."""
+    root, path, meta = _capture(tmp_path)
+    on = np.zeros((12, 8), bool)
+    on[:, :4] = True
+    Image.fromarray(np.where(on, 250, 0).astype(np.uint8), "L").save(root / "m.jpg", quality=60)
+    assert (np.asarray(Image.open(root / "m.jpg"))[~on] > 0).any()  # ringing: "non-zero" would keep those
+    meta["frames"][1]["mask_path"] = "m.jpg"
+    path.write_text(json.dumps(meta))
+    ds = load_dataset(root, format="ngp")
+    assert np.array_equal(ds.splits["train"].valid[0].numpy(), on)
+
+
+@pytest.mark.parametrize("value,make,match", [
+    ("nowhere.png", None, "mask_path 'nowhere.png' not found"),
+    (7, None, "mask_path must be a path"),
+    ("../outside.png", None, "points outside the capture folder"),
+    ("big.png", (24, 17), "must be the image's size or smaller with its aspect ratio"),
+    ("wide.png", (6, 6), "must be the image's size or smaller with its aspect ratio"),
+    ("text.png", "text", "cannot read the mask"),
+])
+def test_bad_masks_are_refused(tmp_path, value, make, match):
+    root, path, meta = _capture(tmp_path)
+    if isinstance(make, tuple):
+        Image.fromarray(np.full(make, 255, np.uint8), "L").save(root / value)
+    elif make == "text":
+        (root / value).write_text("not a picture")
+    meta["frames"][1]["mask_path"] = value
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=match):
+        load_dataset(root, format="ngp")
+
+
+def test_a_mask_that_leaves_out_everything_is_warned_and_a_split_of_them_refused(tmp_path):
+    from vqad.nerf.rays import RayBatcher
+
+    root, path, meta = _capture(tmp_path, views=3)
+    Image.fromarray(np.zeros((12, 8), np.uint8), "L").save(root / "black.png")
+    meta["frames"][1]["mask_path"] = "black.png"
+    path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="masks leave out every pixel .*polarity"):
+        ds = load_dataset(root, format="ngp")
+    RayBatcher(ds.splits["train"], ds, torch.device("cpu"))  # the other view still trains
+    for fr in meta["frames"]:
+        fr["mask_path"] = "black.png"
+    path.write_text(json.dumps(meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = load_dataset(root, format="ngp")
+    with pytest.raises(InputError, match="leave out every pixel of the split"):
+        RayBatcher(ds.splits["train"], ds, torch.device("cpu"))
+
+
+def test_masked_pixels_count_as_foreground_for_carving(tmp_path):
+    """An RGBA capture's alpha carves empty space; a pixel its loss mask leaves out is no evidence of it."""
+    root, path, meta = _capture(tmp_path, views=3)
+    image = root / meta["frames"][1]["file_path"]
+    rgba = np.zeros((12, 8, 4), np.uint8)  # transparent everywhere
+    Image.fromarray(rgba, "RGBA").save(image)
+    on = _pattern(12, 8, 3)
+    Image.fromarray(np.where(on, 255, 0).astype(np.uint8), "L").save(root / "m.png")
+    meta["frames"][1]["mask_path"] = "m.png"
+    path.write_text(json.dumps(meta))
+    ds = load_dataset(root, format="ngp")
+    alpha = ds.splits["train"].masks[0].numpy()
+    assert (alpha[~on] == 255).all() and (alpha[on] == 0).all()
+
+
+def test_views_check_their_masks():
+    with pytest.raises(ValueError, match="loss masks must be bool of shape"):
+        Views(images=torch.zeros(2, 3, 4, 3, dtype=torch.uint8), c2w=torch.eye(4).repeat(2, 1, 1),
+              intrinsics=torch.ones(2, 4), valid=torch.ones(2, 4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="loss masks must be bool"):
+        Views(images=torch.zeros(2, 3, 4, 3, dtype=torch.uint8), c2w=torch.eye(4).repeat(2, 1, 1),
+              intrinsics=torch.ones(2, 4), valid=torch.ones(2, 3, 4, dtype=torch.uint8))
+
+
+# -- training: the sampler draws kept pixels only, uniformly -------------------------------------------------
+def test_the_ray_sampler_draws_only_kept_pixels_uniformly(tmp_path):
+    from vqad.nerf.rays import RayBatcher
+
+    root, path, meta = _capture(tmp_path, views=9, transients=2)
+    ds = load_dataset(root, format="ngp")
+    train = ds.splits["train"]
+    b = RayBatcher(train, ds, torch.device("cpu"))
+    kept = torch.nonzero(train.valid.reshape(-1))[:, 0]
+    assert b.num_valid == kept.numel() < b.num_rays
+    ids = b.sample_ids(200_000, torch.Generator().manual_seed(0))
+    assert bool(train.valid.reshape(-1)[ids].all())
+    counts = torch.bincount(ids, minlength=b.num_rays)[kept].float()
+    expect = 200_000 / kept.numel()
+    assert bool((counts > 0).all())
+    chi2 = float(((counts - expect) ** 2 / expect).sum())  # uniform: chi² ≈ its degrees of freedom
+    assert chi2 < 1.2 * kept.numel()
+    o, d, rgb, near, far = b.sample(64, torch.Generator().manual_seed(1))
+    assert o.shape == (64, 3) and rgb.shape == (64, 3)
+
+
+# -- scores ---------------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:Skipping Gaussian Smoothing")
+def test_masked_psnr_and_ssim_against_brute_force():
+    from pytorch_msssim import ssim as reference
+
+    g = torch.Generator().manual_seed(0)
+    for h, w in [(40, 30), (5, 30), (1, 20), (12, 1), (11, 11)]:
+        a = torch.rand(h, w, 3, generator=g)
+        b = (a + 0.1 * torch.randn(h, w, 3, generator=g)).clamp(0, 1)
+        m, (oy, ox) = ssim_map(a, b)
+        assert m.mean().item() == pytest.approx(ssim(a, b), abs=1e-6)
+        keep = torch.rand(h, w, generator=g) > 0.4
+        keep[0, 0] = True
+        mse = sum(float(((a[r, c] - b[r, c]) ** 2).sum()) for r in range(h) for c in range(w) if keep[r, c]) / (3 * int(keep.sum()))
+        assert psnr(a, b, keep) == pytest.approx(-10 * math.log10(mse), abs=1e-4)
+        assert psnr(a, b, torch.ones(h, w, dtype=torch.bool)) == pytest.approx(psnr(a, b), abs=1e-5)
+        assert ssim(a, b, torch.ones(h, w, dtype=torch.bool)) == pytest.approx(ssim(a, b), abs=1e-5)
+        centres = [m[r - oy, c - ox].item() for r in range(oy, oy + m.shape[0]) for c in range(ox, ox + m.shape[1]) if keep[r, c]]
+        if centres:
+            assert ssim(a, b, keep) == pytest.approx(sum(centres) / len(centres), abs=1e-5)
+        else:
+            assert math.isnan(ssim(a, b, keep))
+        assert math.isnan(psnr(a, b, torch.zeros(h, w, dtype=torch.bool)))
+    a = torch.rand(20, 20, 3, generator=g)
+    ref = reference(a.permute(2, 0, 1)[None], (a * 0.9).permute(2, 0, 1)[None], data_range=1.0, win_size=11, win_sigma=1.5)
+    assert ssim_map(a, a * 0.9)[0].mean().item() == pytest.approx(float(ref), abs=1e-6)
+
+
+def test_evaluation_scores_the_kept_pixels_and_skips_a_view_with_none(monkeypatch):
+    """evaluate_nerf with loss masks on the held-out views: PSNR over the kept pixels (brute force), and a view
+    whose mask keeps nothing is not scored."""
+    import vqad.nerf.evaluate as ev
+    from vqad.nerf.procedural import ProceduralConfig, procedural_dataset
+
+    ds = procedural_dataset(ProceduralConfig(resolution=16, n_train=2, n_test=3))
+    test = ds.splits["test"]
+    g = torch.Generator().manual_seed(0)
+    valid = torch.rand(3, 16, 16, generator=g) > 0.5
+    valid[2] = False
+    test.valid = valid
+    renders = [torch.rand(16, 16, 3, generator=g) for _ in range(3)]
+    truth = [test.images[i].float() / 255 for i in range(3)]
+
+    def fake_render_views(field, dataset, split, lods, sampler=None, max_views=None, **kw):
+        for i in range(3):
+            yield i, f"{i}", renders[i][None], torch.zeros(1, 16, 16), torch.ones(1, 16, 16), truth[i]
+
+    class Field:
+        lods = [4]
+
+    monkeypatch.setattr(ev, "render_views", fake_render_views)
+    out = ev.evaluate_nerf(Field(), ds, "test", sampler=object(), save_images=False)
+    want = [-10 * math.log10(float(((renders[i] - truth[i]) ** 2)[valid[i]].mean())) for i in range(2)]
+    assert out[4]["views"] == 2 and out[4]["masked"]
+    assert out[4]["psnr"] == pytest.approx(sum(want) / 2, abs=1e-4)
+    assert "the pixels their loss masks keep" in ev.metric_lines(out)[0]
+    test.valid = torch.zeros(3, 16, 16, dtype=torch.bool)
+    with pytest.raises(InputError, match="keep no pixel"):
+        ev.evaluate_nerf(Field(), ds, "test", sampler=object(), save_images=False)
+
+
+# -- the generated capture's passers-by -------------------------------------------------------------------
+def test_generated_passers_by_are_exactly_what_the_masks_leave_out(tmp_path):
+    from vqad.nerf.scene_capture import SceneCaptureConfig, passers_by, render_capture
+
+    cfg = SceneCaptureConfig(width=16, height=24, views=10, points=0, supersample=1, transients=3)
+    root, path, meta = _capture(tmp_path, views=10, w=16, h=24, transients=3, depth=True)
+    clean, _, _ = render_capture(cfg)
+    for i, fr in enumerate(meta["frames"]):
+        img = np.asarray(Image.open(root / fr["file_path"]).convert("RGB"))
+        keep = np.asarray(Image.open(root / fr["mask_path"])) != 0
+        people, rgb, z = passers_by(cfg, i)
+        assert np.array_equal(keep, ~people)
+        assert np.array_equal(img[keep], clean[i, ..., :3].numpy()[keep])  # elsewhere the static scene
+        assert np.array_equal(img[people], rgb[people])
+        depth = np.asarray(Image.open(root / fr["depth_file_path"])).astype(np.float64) * 1e-3
+        assert np.allclose(depth[people], z[people], atol=1e-3)
+        if i % HOLD_EVERY == 0:
+            assert keep.all()  # the frames the readers hold out are clean
+        else:
+            assert 0.01 < people.mean() < 0.9
+    with pytest.raises(InputError, match="transients must be a whole number"):
+        SceneCaptureConfig(transients=9).validate()
+
+
+def test_a_capture_with_passers_by_fits_from_the_command_line(tmp_path, capsys):
+    from vqad.app.cli import main as cli_main
+
+    cap = tmp_path / "street"
+    assert cli_main(["synth-capture", "-o", str(cap), "--size", "16x24", "--views", "9", "--supersample", "1",
+                     "--transients", "2"]) == 0
+    assert "2 passers-by a training view with loss masks" in capsys.readouterr().out
+    assert cli_main(["fit-nerf", str(cap), "--format", "ngp", "--levels", "3:5", "--features", "4", "--steps", "20",
+                     "--batch-rays", "256", "--out", str(tmp_path / "fit"), "--device", "cpu", "--quiet",
+                     "--eval-max-views", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "loss masks: 7 views (" in text and "LOD 5: PSNR" in text
+    assert cli_main(["synth-capture", "-o", str(tmp_path / "crowd"), "--transients", "9"]) != 0
+    assert "transients must be a whole number" in capsys.readouterr().err

@@ -1303,7 +1303,7 @@ def test_bad_depth_files_are_one_line_errors(tmp_path):
     (root / "folder.png").mkdir()
     for name, match in (("empty.npy", "non-empty 2-D array"), ("nothing.npy", "not a NumPy array file"),
                         ("arch.npy", "several arrays"), ("eight.png", "is a L image .* depth needs one channel of 16 bits"),
-                        ("folder.png", "not found|is not a file")):
+                        ("folder.png", "is not a regular file")):
         meta["frames"][1]["depth_file_path"] = name
         path.write_text(json.dumps(meta))
         with pytest.raises(InputError, match=match):

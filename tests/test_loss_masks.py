@@ -32,6 +32,13 @@ def _pattern(h, w, seed):
     return np.random.default_rng(seed).random((h, w)) > 0.3
 
 
+def _white_masks(root, meta, h=12, w=8):
+    """Every frame a mask that keeps every pixel (nerfstudio: a mask on every frame or none)."""
+    Image.fromarray(np.full((h, w), 255, np.uint8), "L").save(root / "white.png")
+    for fr in meta["frames"]:
+        fr["mask_path"] = "white.png"
+
+
 def _train_rows(meta):
     """The frame indices of the training split, in its order (every HOLD_EVERY-th frame is held out)."""
     return [i for i in range(len(meta["frames"])) if i % HOLD_EVERY != 0]
@@ -42,6 +49,7 @@ def test_mask_path_white_is_kept_black_left_out(tmp_path):
     """nerfstudio's mask_path: a non-zero pixel is trained on, 0 is left out; a frame without one keeps every
     pixel; a mask that keeps everything leaves the split without masks."""
     root, path, meta = _capture(tmp_path)
+    _white_masks(root, meta)  # every frame keeps every pixel, but these:
     (root / "m").mkdir()
     want = {}
     for i in (1, 3, 4):
@@ -49,8 +57,6 @@ def test_mask_path_white_is_kept_black_left_out(tmp_path):
         want[i] = on
         Image.fromarray(np.where(on, 200, 0).astype(np.uint8), "L").save(root / f"m/{i}.png")
         meta["frames"][i]["mask_path"] = f"m/{i}.png"
-    Image.fromarray(np.full((12, 8), 255, np.uint8), "L").save(root / "m/0.png")
-    meta["frames"][0]["mask_path"] = "m/0.png"  # a held-out frame's mask that keeps every pixel
     path.write_text(json.dumps(meta))
     ds = load_dataset(root, format="ngp")
     train = ds.splits["train"]
@@ -60,6 +66,16 @@ def test_mask_path_white_is_kept_black_left_out(tmp_path):
     assert ds.splits["test"].valid is None
     assert mask_summary(train) == f", loss masks: 3 views ({1 - train.valid.float().mean():.1%} of the pixels left out)"
     assert mask_summary(ds.splits["test"]) == ""
+    del meta["frames"][2]["mask_path"]  # a frame without: a typo more often than a choice, as nerfstudio takes it
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="8 of its 9 frames name a mask_path"):
+        load_dataset(root, format="ngp")
+    for fr in meta["frames"]:
+        fr.pop("mask_path", None)
+    meta["mask_path"] = "white.png"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="mask_path is a frame's key"):
+        load_dataset(root, format="ngp")
 
 
 def test_dynamic_masks_mark_what_to_leave_out(tmp_path):
@@ -106,6 +122,7 @@ def test_jpeg_masks_threshold_at_half(tmp_path):
     on[:, :4] = True
     Image.fromarray(np.where(on, 250, 0).astype(np.uint8), "L").save(root / "m.jpg", quality=60)
     assert (np.asarray(Image.open(root / "m.jpg"))[~on] > 0).any()  # ringing: "non-zero" would keep those
+    _white_masks(root, meta)
     meta["frames"][1]["mask_path"] = "m.jpg"
     path.write_text(json.dumps(meta))
     ds = load_dataset(root, format="ngp")
@@ -122,6 +139,7 @@ def test_jpeg_masks_threshold_at_half(tmp_path):
 ])
 def test_bad_masks_are_refused(tmp_path, value, make, match):
     root, path, meta = _capture(tmp_path)
+    _white_masks(root, meta)
     if isinstance(make, tuple):
         Image.fromarray(np.full(make, 255, np.uint8), "L").save(root / value)
     elif make == "text":
@@ -137,6 +155,7 @@ def test_a_mask_that_leaves_out_everything_is_warned_and_a_split_of_them_refused
 
     root, path, meta = _capture(tmp_path, views=3)
     Image.fromarray(np.zeros((12, 8), np.uint8), "L").save(root / "black.png")
+    _white_masks(root, meta)
     meta["frames"][1]["mask_path"] = "black.png"
     path.write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="masks leave out every pixel .*polarity"):
@@ -148,8 +167,14 @@ def test_a_mask_that_leaves_out_everything_is_warned_and_a_split_of_them_refused
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = load_dataset(root, format="ngp")
-    with pytest.raises(InputError, match="leave out every pixel of the split"):
-        RayBatcher(ds.splits["train"], ds, torch.device("cpu"))
+    batcher = RayBatcher(ds.splits["train"], ds, torch.device("cpu"))  # rendering such views is fine
+    assert batcher.view(0)[0].shape == (96, 3)
+    with pytest.raises(InputError, match="leave out every pixel of these views"):
+        batcher.sample_ids(4, torch.Generator())
+    from vqad.nerf.data import require_training_pixels
+
+    with pytest.raises(InputError, match="leave out every pixel of the training views"):
+        require_training_pixels(ds.splits["train"])
 
 
 def test_masked_pixels_count_as_foreground_for_carving(tmp_path):
@@ -160,6 +185,7 @@ def test_masked_pixels_count_as_foreground_for_carving(tmp_path):
     Image.fromarray(rgba, "RGBA").save(image)
     on = _pattern(12, 8, 3)
     Image.fromarray(np.where(on, 255, 0).astype(np.uint8), "L").save(root / "m.png")
+    _white_masks(root, meta)
     meta["frames"][1]["mask_path"] = "m.png"
     path.write_text(json.dumps(meta))
     ds = load_dataset(root, format="ngp")
@@ -217,9 +243,12 @@ def test_masked_psnr_and_ssim_against_brute_force():
         centres = [m[r - oy, c - ox].item() for r in range(oy, oy + m.shape[0]) for c in range(ox, ox + m.shape[1]) if keep[r, c]]
         if centres:
             assert ssim(a, b, keep) == pytest.approx(sum(centres) / len(centres), abs=1e-5)
-        else:
-            assert math.isnan(ssim(a, b, keep))
+        border = torch.zeros(h, w, dtype=torch.bool)  # kept pixels where no window is centred: the nearest windows
+        border[0, 0] = border[-1, -1] = True
+        if oy + ox:
+            assert ssim(a, b, border) == pytest.approx(0.5 * (m[0, 0].item() + m[-1, -1].item()), abs=1e-5)
         assert math.isnan(psnr(a, b, torch.zeros(h, w, dtype=torch.bool)))
+        assert math.isnan(ssim(a, b, torch.zeros(h, w, dtype=torch.bool)))
     a = torch.rand(20, 20, 3, generator=g)
     ref = reference(a.permute(2, 0, 1)[None], (a * 0.9).permute(2, 0, 1)[None], data_range=1.0, win_size=11, win_sigma=1.5)
     assert ssim_map(a, a * 0.9)[0].mean().item() == pytest.approx(float(ref), abs=1e-6)
@@ -235,6 +264,8 @@ def test_evaluation_scores_the_kept_pixels_and_skips_a_view_with_none(monkeypatc
     test = ds.splits["test"]
     g = torch.Generator().manual_seed(0)
     valid = torch.rand(3, 16, 16, generator=g) > 0.5
+    valid[1] = False
+    valid[1, :, :3] = True  # kept pixels only in the border no SSIM window is centred on: still a number
     valid[2] = False
     test.valid = valid
     renders = [torch.rand(16, 16, 3, generator=g) for _ in range(3)]
@@ -252,7 +283,7 @@ def test_evaluation_scores_the_kept_pixels_and_skips_a_view_with_none(monkeypatc
     want = [-10 * math.log10(float(((renders[i] - truth[i]) ** 2)[valid[i]].mean())) for i in range(2)]
     assert out[4]["views"] == 2 and out[4]["masked"]
     assert out[4]["psnr"] == pytest.approx(sum(want) / 2, abs=1e-4)
-    assert "the pixels their loss masks keep" in ev.metric_lines(out)[0]
+    assert "the pixels their loss masks keep" in ev.metric_lines(out)[0] and math.isfinite(out[4]["ssim"])
     test.valid = torch.zeros(3, 16, 16, dtype=torch.bool)
     with pytest.raises(InputError, match="keep no pixel"):
         ev.evaluate_nerf(Field(), ds, "test", sampler=object(), save_images=False)
@@ -296,3 +327,133 @@ def test_a_capture_with_passers_by_fits_from_the_command_line(tmp_path, capsys):
     assert "loss masks: 7 views (" in text and "LOD 5: PSNR" in text
     assert cli_main(["synth-capture", "-o", str(tmp_path / "crowd"), "--transients", "9"]) != 0
     assert "transients must be a whole number" in capsys.readouterr().err
+
+
+# -- a hostile pass's findings ------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_mask_files_of_every_kind_and_the_odd_ones(tmp_path, monkeypatch):
+    """A palette mask_path is read by index (as nerfstudio), a dynamic mask by colour (as instant-ngp); a mask
+    whose alpha alone varies is refused; lossy WebP thresholds at 128; NaN is refused; a folder, a name too
+    long and a decompression bomb are refused in words."""
+    from PIL import Image as PILImage
+
+    root, path, meta = _capture(tmp_path)
+    _white_masks(root, meta)
+    on = _pattern(12, 8, 5)
+    pal = PILImage.fromarray(np.where(on, 1, 0).astype(np.uint8), "P")
+    pal.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)  # index 0 white, 1 black: the index decides
+    pal.save(root / "pal.png")
+    meta["frames"][1]["mask_path"] = "pal.png"
+    path.write_text(json.dumps(meta))
+    assert np.array_equal(load_dataset(root, format="ngp").splits["train"].valid[0].numpy(), on)
+
+    rgba = np.zeros((12, 8, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[..., 3] = np.where(on, 255, 0)
+    PILImage.fromarray(rgba, "RGBA").save(root / "alpha.png")
+    meta["frames"][1]["mask_path"] = "alpha.png"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="one colour with a varying alpha channel"):
+        load_dataset(root, format="ngp")
+
+    PILImage.fromarray(np.where(on, 250, 0).astype(np.uint8), "L").save(root / "m.webp", quality=30)
+    meta["frames"][1]["mask_path"] = "m.webp"
+    path.write_text(json.dumps(meta))
+    assert np.array_equal(load_dataset(root, format="ngp").splits["train"].valid[0].numpy(), on)
+
+    PILImage.fromarray(np.where(on, 1.0, np.nan).astype(np.float32), "F").save(root / "nan.tiff")
+    meta["frames"][1]["mask_path"] = "nan.tiff"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="not numbers"):
+        load_dataset(root, format="ngp")
+
+    (root / "folder.png").mkdir()
+    meta["frames"][1]["mask_path"] = "folder.png"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="mask_path 'folder.png' is not a regular file"):
+        load_dataset(root, format="ngp")
+    meta["frames"][1]["mask_path"] = "x" * 5000 + ".png"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="cannot be looked up"):
+        load_dataset(root, format="ngp")
+
+    PILImage.fromarray(np.full((24, 16), 255, np.uint8), "L").save(root / "bomb.png")
+    meta["frames"][1]["mask_path"] = "bomb.png"
+    path.write_text(json.dumps(meta))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 48)  # the photos (96 px) pass, a mask of 384 px is a "bomb"
+    with pytest.raises(InputError, match="cannot read the mask .*bomb.png.*decompression bomb"):
+        load_dataset(root, format="ngp")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 40)  # and a photo too
+    with pytest.raises(InputError, match="cannot read the image .*decompression bomb"):
+        load_dataset(root, format="ngp")
+
+
+def test_messages_name_what_emptied_a_mask(tmp_path):
+    """A mask emptied by --downscale says so (not "check the polarity"); splits that share their frames are
+    named together; a share too close to 100 % is said in pixels."""
+    root, path, meta = _capture(tmp_path, views=9, w=8, h=12)
+    _white_masks(root, meta)
+    sparse = np.zeros((12, 8), np.uint8)
+    sparse[::2, ::2] = 255  # keeps pixels, but no whole 2×2 block
+    Image.fromarray(sparse, "L").save(root / "sparse.png")
+    Image.fromarray(np.zeros((12, 8), np.uint8), "L").save(root / "black.png")
+    meta["frames"][0]["mask_path"] = "sparse.png"  # held out: in 'val' and 'test'
+    meta["frames"][1]["mask_path"] = "black.png"
+    path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning) as caught:
+        ds = load_dataset(root, format="ngp", downscale=2)
+    said = " | ".join(str(w.message) for w in caught)
+    assert "1 of the 'val' and 'test' views' masks leave out every pixel" in said and "at --downscale 2" in said
+    assert "1 of the 'train' views' masks leave out every pixel" in said and "polarity" in said
+    one = torch.zeros(2, 40, 50, dtype=torch.bool)
+    one[0, 0, 0] = True
+    views = Views(images=torch.zeros(2, 40, 50, 3, dtype=torch.uint8), c2w=torch.eye(4).repeat(2, 1, 1),
+                  intrinsics=torch.ones(2, 4), valid=one)
+    assert mask_summary(views) == ", loss masks: 2 views (all but 1 of 4,000 of the pixels left out)"
+    assert ds.splits["test"].valid is not None
+
+
+def test_sparse_point_targets_skip_left_out_pixels(tmp_path):
+    from vqad.nerf.depth_prior import points_depth_targets
+
+    root, path, meta = _capture(tmp_path, views=9, w=16, h=24, transients=2)
+    ds = load_dataset(root, format="ngp")
+    train = ds.splits["train"]
+    with_masks = points_depth_targets(ds.points, train)
+    valid, train.valid = train.valid, None
+    without = points_depth_targets(ds.points, train)
+    flat = valid.reshape(-1)
+    assert bool(flat[with_masks.ids].all()) and not bool(flat[without.ids].all())
+    assert set(with_masks.ids.tolist()) == {i for i in without.ids.tolist() if flat[i]}
+
+
+def test_fit_refuses_masks_that_leave_nothing_before_training(tmp_path, capsys):
+    """Held-out masks that keep nothing are refused before the fit (not after it); training masks that keep
+    nothing are named as such, even where they emptied the depth maps the octree would come from."""
+    from vqad.app.cli import main as cli_main
+
+    root, path, meta = _capture(tmp_path, views=9, w=16, h=24, transients=2, depth=True)
+    Image.fromarray(np.zeros((24, 16), np.uint8), "L").save(root / "black.png")
+    args = ["fit-nerf", str(root), "--format", "ngp", "--levels", "3:5", "--features", "4", "--steps", "5",
+            "--batch-rays", "64", "--device", "cpu", "--quiet", "--threads", "1"]
+    for i in (0, 8):
+        meta["frames"][i]["mask_path"] = "black.png"
+    path.write_text(json.dumps(meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli_main(args + ["--out", str(tmp_path / "a")]) != 0
+    assert "--eval-views test: the loss masks of its views keep no pixel" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli_main(args + ["--out", str(tmp_path / "b"), "--no-eval"]) == 0
+        assert cli_main(["render", str(tmp_path / "b" / "checkpoint"), "--views", "test", "-o", str(tmp_path / "r"),
+                         "--device", "cpu"]) == 0  # rendering needs no mask
+    capsys.readouterr()
+    for fr in meta["frames"]:
+        fr["mask_path"] = "black.png"
+    path.write_text(json.dumps(meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli_main(args + ["--out", str(tmp_path / "c")]) != 0
+    assert "leave out every pixel of the training views" in capsys.readouterr().err

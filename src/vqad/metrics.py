@@ -35,11 +35,19 @@ def _as_batch(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def ssim(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None) -> float:
     """SSIM (Gaussian window 11, σ 1.5) of ``(H, W, 3)`` images in [0, 1], via pytorch-msssim; with ``keep
-    (H, W)``, the mean of :func:`ssim_map` over the windows whose centre pixel it keeps (NaN: none)."""
+    (H, W)``, the mean of :func:`ssim_map` over the windows whose centre pixel it keeps, or, where every kept
+    pixel lies in the 5-pixel border no window is centred on, over the window nearest each (NaN: no pixel
+    kept)."""
     if keep is not None:
         m, (oy, ox) = ssim_map(pred, gt)
-        k = keep.to(m.device)[oy:oy + m.shape[0], ox:ox + m.shape[1]]
-        return float(m[k].mean()) if bool(k.any()) else math.nan
+        keep = keep.to(m.device)
+        k = keep[oy:oy + m.shape[0], ox:ox + m.shape[1]]
+        if bool(k.any()):
+            return float(m[k].mean())
+        if not bool(keep.any()):
+            return math.nan
+        r, c = torch.nonzero(keep, as_tuple=True)
+        return float(m[(r - oy).clamp(0, m.shape[0] - 1), (c - ox).clamp(0, m.shape[1] - 1)].mean())
     from pytorch_msssim import ssim as _ssim
 
     a, b, _ = _as_batch(pred, gt)

@@ -101,8 +101,29 @@ def mask_summary(views: Views) -> str:
     if views.valid is None:
         return ""
     masked = int((~views.valid).flatten(1).any(dim=1).sum())
-    share = 1.0 - float(views.valid.float().mean())
-    return f", loss masks: {masked} view{'s' if masked != 1 else ''} ({share:.1%} of the pixels left out)"
+    kept, total = int(views.valid.sum()), views.valid.numel()
+    share = f"{1 - kept / total:.1%}"
+    if share in ("0.0%", "100.0%"):  # too close to either end to say in a share
+        share = f"all but {kept:,} of {total:,}"
+    return f", loss masks: {masked} view{'s' if masked != 1 else ''} ({share} of the pixels left out)"
+
+
+def kept_views(views: Views, first: int | None = None) -> int:
+    """How many of a split's views (its ``first`` ones, or all) keep at least one pixel through their loss
+    masks: every view without masks."""
+    n = len(views) if first is None else min(first, len(views))
+    if views.valid is None:
+        return n
+    return int(views.valid[:n].flatten(1).any(dim=1).sum())
+
+
+def require_training_pixels(views: Views) -> None:
+    """Refuse a training split whose loss masks leave out every pixel (before anything reads the capture's
+    depth or builds an octree from it: the masks removed that too)."""
+    if views.valid is not None and kept_views(views) == 0:
+        raise InputError("the loss masks leave out every pixel of the training views: nothing to train on; check "
+                         "the masks' polarity (mask_path: white = train on the pixel; dynamic_mask_*: white = leave "
+                         "it out)")
 
 
 #: the keys of a stored dataset record (:func:`dataset_info`) and the types each may hold

@@ -132,6 +132,8 @@ def points_depth_targets(points: torch.Tensor, views: Views, margin: float = OCC
         if rim > 0:  # no clearly farther one next to it: this one is not an occluder's rim, the pixel's centre behind it
             hi = torch.nn.functional.max_pool2d(img.nan_to_num(posinf=0.0), 2 * rim + 1, stride=1, padding=rim).view(-1)
             keep &= hi <= (1.0 + margin) * nearest
+        if views.valid is not None:  # a pixel its loss mask leaves out is never trained on: no target
+            keep &= views.valid[n].reshape(-1)
         at = torch.nonzero(keep)[:, 0]
         got_ids.append(at + n * H * W)
         got_dist.append(nearest[at])

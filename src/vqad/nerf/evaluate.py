@@ -105,13 +105,16 @@ def render_views(field, dataset: SceneDataset, split: str, lods: list[int], samp
 
 def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[int] | None = None,
                   out_dir: str | Path | None = None, max_views: int | None = None, save_images: bool = True,
-                  sampler: OccupancySampler | None = None, quiet: bool = True, deadline=None) -> dict:
+                  sampler: OccupancySampler | None = None, quiet: bool = True, deadline=None,
+                  require_scores: bool = True) -> dict:
     """PSNR / SSIM per LOD (means over the views), and PNGs under ``out_dir`` when given.
 
     With a ``deadline`` (:class:`vqad.fit.Deadline`), views stop once its time is spent (at least one
-    is always evaluated); ``"views"`` says how many were.
+    is always evaluated); ``"views"`` says how many were scored, ``"rendered"`` how many were rendered
+    (more where a view's loss mask keeps no pixel). Where no view can be scored, ``require_scores``
+    makes that an :class:`InputError`; without it PSNR and SSIM are None (the renders are written).
 
-    Returns ``{lod: {"psnr", "ssim", "views", "seconds"}}`` (LPIPS: see the module docstring).
+    Returns ``{lod: {"psnr", "ssim", "views", "rendered", "seconds"}}`` (LPIPS: see the module docstring).
     """
     lods = field.lods if lods is None else list(lods)
     for lod in lods:
@@ -125,7 +128,9 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
     scores = {lod: {"psnr": [], "ssim": []} for lod in lods}
     valid = pick_split(dataset, split).valid
     t0 = time.perf_counter()
+    n_seen = 0
     for i, name, rgb, depth, opa, gt in render_views(field, dataset, split, lods, sampler, max_views):
+        n_seen += 1
         keep = None if valid is None else valid[i]
         for b, lod in enumerate(lods):
             if keep is None or bool(keep.any()):
@@ -145,9 +150,12 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
     out = {}
     for lod in lods:
         p, s = scores[lod]["psnr"], scores[lod]["ssim"]
-        if not p:
-            raise InputError(f"the loss masks of the {split!r} views keep no pixel: nothing to score; check the masks")
-        out[lod] = {"psnr": float(np.mean(p)), "ssim": float(np.mean(s)), "views": len(p), "seconds": seconds}
+        if not p and require_scores:
+            which = f"the first {n_seen} {split!r} views" if n_seen < len(valid) else f"the {split!r} views"
+            raise InputError(f"the loss masks of {which} keep no pixel: nothing to score; score other views, or "
+                             f"check the masks")
+        out[lod] = {"psnr": float(np.mean(p)) if p else None, "ssim": float(np.mean(s)) if s else None,
+                    "views": len(p), "rendered": n_seen, "seconds": seconds}
         if valid is not None:
             out[lod]["masked"] = True
     return out

@@ -20,7 +20,7 @@ from vqad.errors import InputError
 from vqad.fit import DENSITY_SHARE, Deadline, check_resumable, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
 from vqad.nerf.depth_prior import depth_source, depth_targets, has_points
-from vqad.nerf.data import SceneDataset, dataset_info
+from vqad.nerf.data import SceneDataset, dataset_info, require_training_pixels
 from vqad.nerf.field import NeRFConfig, NeRFField
 from vqad.nerf.rays import RayBatcher
 from vqad.nerf.recode import RecodeStats
@@ -207,6 +207,7 @@ def fit_nerf(
     dec_cfg.validate()
     if "train" not in dataset.splits or len(dataset.splits["train"]) == 0:
         raise InputError(f"dataset {dataset.name!r} has no training views")
+    require_training_pixels(dataset.splits["train"])
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
     start, resume_cfg = 0, None
     t_oct = time.perf_counter()

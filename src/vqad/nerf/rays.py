@@ -196,17 +196,8 @@ class RayBatcher:
         self.background = tuple(float(c) for c in dataset.background)
         # the depth loss's targets, only the pixels that have one: sorted flat ids (K,) and unit-cube ray distances (K,)
         self.depth_targets: tuple[torch.Tensor, torch.Tensor] | None = None
-        # the flat ids (K,) of the pixels the loss masks keep, ascending (int32 while they fit), or None: every pixel
-        self.valid_ids: torch.Tensor | None = None
-        if views.valid is not None and not bool(views.valid.all()):
-            hw = self.H * self.W
-            small = torch.int32 if self.num_rays < 2**31 else torch.int64
-            self.valid_ids = torch.cat([torch.nonzero(v.reshape(-1))[:, 0].to(small) + i * hw
-                                        for i, v in enumerate(views.valid)]).to(device)
-            if self.valid_ids.numel() == 0:
-                raise InputError("the loss masks leave out every pixel of the split: nothing to train on; check the "
-                                 "masks' polarity (mask_path: white = train on the pixel; dynamic_mask_*: white = leave "
-                                 "it out)")
+        self._valid = views.valid  # (N, H, W) bool loss masks, or None: :attr:`valid_ids` is built from them when asked
+        self._valid_ids: torch.Tensor | None = None
 
     def set_depth_targets(self, ids: torch.Tensor, distances: torch.Tensor) -> None:
         """Targets of :meth:`depth_targets_for`: ``ids (K,)`` ascending flat pixel ids, ``distances (K,)``
@@ -235,9 +226,21 @@ class RayBatcher:
         return self.N * self.H * self.W
 
     @property
+    def valid_ids(self) -> torch.Tensor | None:
+        """The flat ids ``(K,)`` of the pixels the loss masks keep, ascending, on the device (int32 while they fit:
+        4 bytes a kept pixel, built on first use, so rendering a split never pays for them), or None: every pixel."""
+        if self._valid_ids is None and self._valid is not None and not bool(self._valid.all()):
+            hw = self.H * self.W
+            small = torch.int32 if self.num_rays < 2**31 else torch.int64
+            self._valid_ids = torch.cat([torch.nonzero(v.reshape(-1))[:, 0].to(small) + i * hw
+                                         for i, v in enumerate(self._valid)]).to(self.device)
+        return self._valid_ids
+
+    @property
     def num_valid(self) -> int:
         """The pixels the training samples: those its loss masks keep (every pixel without masks)."""
-        return self.num_rays if self.valid_ids is None else int(self.valid_ids.numel())
+        ids = self.valid_ids
+        return self.num_rays if ids is None else int(ids.numel())
 
     def rays_for(self, flat: torch.Tensor):
         """Rays of flat pixel ids ``(n,)`` (``view·H·W + row·W + col``): o, d, rgb, near, far."""
@@ -255,10 +258,15 @@ class RayBatcher:
 
     def sample_ids(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``(n,)`` uniformly random flat pixel ids on the batcher's device, among those the loss masks keep."""
-        if self.valid_ids is None:
+        ids = self.valid_ids
+        if ids is None:
             return torch.randint(0, self.num_rays, (n,), generator=generator).to(self.device)
-        pick = torch.randint(0, self.valid_ids.numel(), (n,), generator=generator).to(self.device)
-        return self.valid_ids[pick].long()
+        if ids.numel() == 0:
+            raise InputError("the loss masks leave out every pixel of these views: there is no pixel to draw; check "
+                             "the masks' polarity (mask_path: white = train on the pixel; dynamic_mask_*: white = leave "
+                             "it out)")
+        pick = torch.randint(0, ids.numel(), (n,), generator=generator).to(self.device)
+        return ids[pick].long()
 
     def sample(self, n: int, generator: torch.Generator):
         """``n`` uniformly random training pixels (:meth:`sample_ids`): o, d ``(n, 3)``, rgb ``(n, 3)``, near, far ``(n,)``."""

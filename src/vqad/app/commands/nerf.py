@@ -306,8 +306,10 @@ def fit_nerf_configs(args, saved: dict | None = None):
 def check_nerf_dataset(args, dataset, train_cfg, resumed: bool) -> None:
     """The checks of ``fit-nerf``'s flags that need the capture itself: density-pass bounds when its
     octree comes from depth or masks, and the evaluation split."""
+    from vqad.nerf.data import kept_views, require_training_pixels
     from vqad.nerf.evaluate import pick_split
 
+    require_training_pixels(dataset.splits["train"])  # before the octree: the masks emptied the depth maps too
     if not resumed and train_cfg.octree_from is None:
         from vqad.nerf.octree_build import resolve_method
 
@@ -322,8 +324,13 @@ def check_nerf_dataset(args, dataset, train_cfg, resumed: bool) -> None:
         refuse(args.depth_from is not None and weight == 0,
                "--depth-from picks the depth loss's targets, which is off here (auto: on in a contracted scene, with "
                "its sparse points' targets); give --depth-weight to turn it on")
-    if not args.no_eval:
-        pick_split(dataset, args.eval_views)  # fail now, not after the fit
+    if not args.no_eval:  # fail now, not after the fit
+        views = pick_split(dataset, args.eval_views)
+        first = args.eval_max_views
+        refuse(kept_views(views, first) == 0,
+               f"--eval-views {args.eval_views}: the loss masks of its {'' if first is None else f'first {min(first, len(views))} '}"
+               f"views keep no pixel to score; evaluate other views (--eval-views, --eval-max-views), check the masks, "
+               f"or give --no-eval")
 
 
 def check_resumed_nerf(saved: dict, dataset) -> None:
@@ -461,7 +468,9 @@ def render_nerf(field, args) -> int:
     split = getattr(args, "views", None) or "test"
     pick_split(dataset, split)
     out = ensure_writable_dir(getattr(args, "out", None) or "render_nerf")
-    res = evaluate_nerf(field, dataset, split, lods=lods, out_dir=out)
+    res = evaluate_nerf(field, dataset, split, lods=lods, out_dir=out, require_scores=False)
     for lod, r in res.items():
-        print(f"wrote {out / f'{split}_lod{lod}'}/: {r['views']} views (PSNR {r['psnr']:.2f} dB)")
+        score = (f"PSNR {r['psnr']:.2f} dB" + (f" over {r['views']} scored" if r["views"] < r["rendered"] else "")
+                 if r["psnr"] is not None else "not scored: their loss masks keep no pixel")
+        print(f"wrote {out / f'{split}_lod{lod}'}/: {r['rendered']} views ({score})")
     return 0

@@ -40,11 +40,11 @@ Per-format conversions:
   to metres, as nerfstudio), 0 where there is none; a map smaller than its photo is resized to it by
   nearest neighbour. With depth on every frame the octree is built from it (``--octree auto``).
   Loss masks (``Views.valid``, docs/method.md §8.4): a frame's ``mask_path`` (nerfstudio: a pixel with
-  a non-zero value is trained on, 0 is left out) or a ``dynamic_mask_<image stem>.png`` beside its
-  image (instant-ngp: a non-zero colour is left out; the two on one frame are refused); a mask
-  smaller than its image is resized to it by nearest neighbour, a JPEG's is on from 128 up, and a
-  downscaled pixel is kept only where its whole block is. A left-out pixel has no depth and counts
-  as foreground for carving.
+  a non-zero value, a palette mask's index, is trained on, 0 is left out; on every frame or none) or a
+  ``dynamic_mask_<image stem>.png`` beside its image (instant-ngp: a non-zero colour is left out; the
+  two on one frame are refused); a mask smaller than its image is resized to it by nearest neighbour,
+  a lossy one (JPEG, WebP, JPEG 2000) is on from 128 up, and a downscaled pixel is kept only where its
+  whole block is. A left-out pixel has no depth and counts as foreground for carving.
 * **llff**: ``poses_bounds.npy`` rows are ``[R | t | (H, W, f)]`` (3×5, column-major flattened)
   then ``near, far``; R's columns are [down, right, backwards] and become [right, up, backwards]
   (OpenGL): ``x = right = col 1``, ``y = up = −col 0``, ``z = col 2``. ``(H, W, f)`` is for the

@@ -119,7 +119,7 @@ def _read_rgba(path: Path) -> tuple[np.ndarray, bool]:
                                  f"read; convert it to 8-bit PNG or JPEG (or to EXR for linear float data)")
             has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
             arr = np.asarray(im.convert("RGBA"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"cannot read the image {path}: {e}") from e
     return arr, has_alpha
 
@@ -205,6 +205,18 @@ def inside_capture(root: Path, base: Path, file_path: str, what: str, key: str) 
         raise InputError(f"{what}: {key} {file_path!r} points outside the capture folder {root_abs}; vqad reads only "
                          f"files inside it: move (or link) the file into it and give a path relative to it")
     return p
+
+
+def named_file(path: Path, what: str, key: str, rel: str) -> Path:
+    """``path``, the file a capture's ``key`` names as ``rel``, when it is a regular file; else an InputError
+    that says what is there instead (nothing, a folder or a device, or a name the system refuses)."""
+    try:
+        if path.is_file():
+            return path
+        why = "is not a regular file" if path.exists() else "not found"
+    except OSError as e:  # a name too long for the file system, a loop of links...
+        why = f"cannot be looked up ({e.strerror or e})"
+    raise InputError(f"{what}: {key} {rel[:200]!r} {why} at {str(path)[:300]}: restore it or remove the key")
 
 
 def _resolve_image(base: Path, file_path: str, what: str, root: Path | None = None, key: str = "file_path") -> Path:
@@ -313,10 +325,11 @@ def _limit(frames: list, split: str, split_limit) -> list:
 
 
 def _load_views(frames: list[_Frame], downscale: int, background, split: str, source: Path) -> Views:
-    """Read, downscale and composite a split's images (and depth) into a :class:`Views`."""
+    """Read, downscale and composite a split's images (and depth, and loss masks) into a :class:`Views`;
+    ``split`` names it in messages (``'val' and 'test'`` for splits that share their frames)."""
     if not frames:
-        raise InputError(f"the {split!r} split of {source} has no views")
-    images, alphas, depths, intr, poses, names, dists, keeps = [], [], [], [], [], [], [], []
+        raise InputError(f"the {split} split of {source} has no views")
+    images, alphas, depths, intr, poses, names, dists, keeps, blank = [], [], [], [], [], [], [], [], []
     any_alpha = False
     size = None
     first = None
@@ -327,14 +340,16 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
         if size is None:
             size, first = (W, H), fr.image
         elif (W, H) != size:
-            raise InputError(f"images of different sizes in the {split!r} split: {first} is {size[0]}×{size[1]}, "
+            raise InputError(f"images of different sizes in the {split} split: {first} is {size[0]}×{size[1]}, "
                              f"{fr.image} is {W}×{H}; resize them to one size")
         K = fr.pinhole.resolve(W, H, str(fr.image)) / downscale
         rgb8, a8 = _image_to_srgb8(rgba, downscale, background)
         images.append(rgb8)
         alphas.append(a8)
-        keep = _read_loss_mask(fr, rgba.shape[:2], downscale) if fr.loss_mask is not None else None
+        keep, kept_before = _read_loss_mask(fr, rgba.shape[:2], downscale) if fr.loss_mask is not None else (None, True)
         keeps.append(keep)
+        if not kept_before:
+            blank.append(fr.name)
         if keep is not None:  # a left-out pixel is no evidence: not of empty space (carving), not of depth
             a8[~keep] = 255
         if fr.depth is not None:
@@ -345,17 +360,20 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
         names.append(fr.name)
         dists.append(fr.distortion)
     if depths and len(depths) != len(frames):
-        raise InputError(f"some views of the {split!r} split of {source} have depth and others do not; "
+        raise InputError(f"some views of the {split} split of {source} have depth and others do not; "
                          "give every view a depth map or none")
     empty = [names[i] for i, z in enumerate(depths) if not (z > 0).any()]
     if empty:  # NaN, negative or 0 everywhere: the view trains, but gives the octree and the depth loss nothing
-        warnings.warn(f"{len(empty)} of the {split!r} views' depth maps hold no valid depth ({', '.join(empty[:3])}"
+        warnings.warn(f"{len(empty)} of the {split} views' depth maps hold no valid depth ({', '.join(empty[:3])}"
                       f"{', ...' if len(empty) > 3 else ''}): those views give no depth", stacklevel=2)
-    blank = [names[i] for i, k in enumerate(keeps) if k is not None and not k.any()]
-    if blank:
-        warnings.warn(f"{len(blank)} of the {split!r} views' masks leave out every pixel ({', '.join(blank[:3])}"
-                      f"{', ...' if len(blank) > 3 else ''}): those views give nothing; check the masks' polarity "
-                      f"(mask_path: white = train on the pixel; dynamic_mask_*: white = leave it out)", stacklevel=2)
+    emptied = [names[i] for i, k in enumerate(keeps) if k is not None and not k.any() and names[i] not in blank]
+    for which, why in ((blank, "check the masks' polarity (mask_path: white = train on the pixel; dynamic_mask_*: "
+                               "white = leave it out)"),
+                       (emptied, f"at --downscale {downscale} a pixel is kept only where its whole {downscale}×"
+                                 f"{downscale} block is; a smaller --downscale keeps more")):
+        if which:
+            warnings.warn(f"{len(which)} of the {split} views' masks leave out every pixel ({', '.join(which[:3])}"
+                          f"{', ...' if len(which) > 3 else ''}): those views give nothing; {why}", stacklevel=2)
     has_dist = any(d is not None for d in dists)
     h, w = images[0].shape[:2]
     return Views(
@@ -502,6 +520,13 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
         out.append(_Frame(image=path, c2w=_as_c2w(fr["transform_matrix"], what), pinhole=pin,
                           name=str(fr["file_path"]), distortion=lens, depth=_depth_path(fr, base, what),
                           depth_kind="z", depth_scale=depth_scale, **_loss_mask_of(fr, base, path, what)))
+    with_mask = sum(isinstance(fr, dict) and fr.get("mask_path") is not None for fr in frames)
+    if 0 < with_mask < len(out):  # as nerfstudio: a frame without one is a typo more often than a choice
+        raise InputError(f"{json_path}: {with_mask} of its {len(out)} frames name a mask_path: give every frame a mask "
+                         f"(one that keeps every pixel where nothing is to be left out) or none")
+    if meta.get("mask_path") is not None:
+        raise InputError(f"{json_path}: mask_path is a frame's key (each photo has its own mask), not the file's: "
+                         f"move it into the frames")
     with_depth = sum(f.depth is not None for f in out)
     if 0 < with_depth < len(out):  # held-out views with depth and training views without (or the reverse) mislead
         raise InputError(f"{json_path}: {with_depth} of its {len(out)} frames name a depth_file_path: give every frame "
@@ -529,10 +554,7 @@ def _depth_path(fr: dict, base: Path, what: str) -> Path | None:
         return None
     if not isinstance(rel, str) or not rel:
         raise InputError(f"{what}: depth_file_path must be a path, not {rel!r}")
-    path = inside_capture(base, base, rel, what, "depth_file_path")
-    if not path.is_file():
-        raise InputError(f"{what}: depth_file_path {rel!r} not found at {path}: restore it or remove the key")
-    return path
+    return named_file(inside_capture(base, base, rel, what, "depth_file_path"), what, "depth_file_path", rel)
 
 
 def _loss_mask_of(fr: dict, base: Path, image: Path, what: str) -> dict:
@@ -544,42 +566,57 @@ def _loss_mask_of(fr: dict, base: Path, image: Path, what: str) -> dict:
         return {"loss_mask": dynamic, "loss_mask_keeps": False} if dynamic.is_file() else {}
     if not isinstance(rel, str) or not rel:
         raise InputError(f"{what}: mask_path must be a path, not {rel!r}")
-    path = inside_capture(base, base, rel, what, "mask_path")
-    if not path.is_file():
-        raise InputError(f"{what}: mask_path {rel!r} not found at {path}: restore it or remove the key")
+    path = named_file(inside_capture(base, base, rel, what, "mask_path"), what, "mask_path", rel)
     if dynamic.is_file():
         raise InputError(f"{what} has both a mask_path ({rel}: white = train on the pixel) and {dynamic.name} "
                          f"(instant-ngp's: white = leave the pixel out), which mean opposite things: keep one")
     return {"loss_mask": path, "loss_mask_keeps": True}
 
 
-def _read_loss_mask(fr: _Frame, hw: tuple[int, int], n: int) -> np.ndarray:
-    """A frame's loss mask → ``(H/n, W/n) bool``, True = train on and score the pixel. A pixel is "on" where
-    any colour channel is non-zero (at least 128 in a JPEG, whose noise lifts black); a mask smaller than
-    its image is resized to it by nearest neighbour; a downscaled pixel is kept only where every pixel of
-    its block is (a block's average colour mixes in whatever a left-out pixel shows)."""
+#: image formats whose compression alters pixel values: a mask in one is "on" from 128 up, not from 1
+LOSSY_MASK_FORMATS = ("JPEG", "MPO", "JPEG2000", "WEBP")
+
+
+def _read_loss_mask(fr: _Frame, hw: tuple[int, int], n: int) -> tuple[np.ndarray, bool]:
+    """A frame's loss mask → ``(H/n, W/n) bool``, True = train on and score the pixel, and whether the mask
+    kept any pixel before the downscale.
+
+    A pixel is "on" where its value is non-zero (at least 128 in a lossy format, whose noise lifts black;
+    :data:`LOSSY_MASK_FORMATS`): a grey mask's value; a colour mask's brightest channel (as instant-ngp reads
+    its dynamic masks); a palette mask's index for a ``mask_path`` (as nerfstudio reads it) and its colour
+    for a dynamic mask. A mask whose alpha varies where its colour does not is refused (which would be the
+    mask?). A mask smaller than its image is resized to it by nearest neighbour; a downscaled pixel is kept
+    only where every pixel of its block is (a block's average colour mixes in whatever a left-out pixel shows)."""
     from PIL import Image, UnidentifiedImageError
 
     path = fr.loss_mask
     try:
         with Image.open(path) as im:
-            if im.mode in ("1", "L", "I", "F") or im.mode.startswith("I;16"):
+            w, h = im.size  # from the header: a mask too large is refused before it is decoded
+            if h > hw[0] or w > hw[1] or abs((w / h) / (hw[1] / hw[0]) - 1) > 0.02:
+                raise InputError(f"the mask {path} is {w}×{h} but its image {fr.image.name} is {hw[1]}×{hw[0]}: a "
+                                 f"mask must be the image's size or smaller with its aspect ratio")
+            lossy = im.format in LOSSY_MASK_FORMATS
+            if im.mode in ("1", "L", "I", "F") or im.mode.startswith("I;16") or (im.mode == "P" and fr.loss_mask_keeps):
                 values = np.asarray(im, dtype=np.float64)
-            else:  # RGB, RGBA, LA, P...: its colour, as instant-ngp reads dynamic masks
-                values = np.asarray(im.convert("RGB"), dtype=np.float64).max(axis=-1)
-            lossy = im.format == "JPEG"
-    except (OSError, ValueError, UnidentifiedImageError) as e:
+            else:  # RGB, RGBA, LA, CMYK, a dynamic mask's palette...: its colour
+                rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
+                values = rgba[..., :3].max(axis=-1)
+                if np.ptp(rgba[..., 3]) > 0 and np.ptp(values) == 0:
+                    raise InputError(f"the mask {path} is one colour with a varying alpha channel: vqad reads a mask's "
+                                     f"colour (nerfstudio wants one grey channel); save the mask as a grey image")
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise InputError(f"cannot read the mask {path}: {e}") from e
+    if not np.isfinite(values).all():
+        raise InputError(f"the mask {path} has values that are not numbers (NaN or infinity): a mask is 0 or not")
     on = values >= 128 if lossy else values != 0
     if on.shape != tuple(hw):
         h, w = on.shape
-        if h > hw[0] or w > hw[1] or abs((w / h) / (hw[1] / hw[0]) - 1) > 0.02:
-            raise InputError(f"the mask {path} is {w}×{h} but its image {fr.image.name} is {hw[1]}×{hw[0]}: a mask "
-                             f"must be the image's size or smaller with its aspect ratio")
         on = on[((np.arange(hw[0]) + 0.5) * h / hw[0]).astype(np.int64)][:, ((np.arange(hw[1]) + 0.5) * w / hw[1]).astype(np.int64)]
     keep = on if fr.loss_mask_keeps else ~on
+    any_kept = bool(keep.any())
     keep = _crop_to_multiple(keep, n)
-    return keep.reshape(keep.shape[0] // n, n, keep.shape[1] // n, n).all(axis=(1, 3))
+    return keep.reshape(keep.shape[0] // n, n, keep.shape[1] // n, n).all(axis=(1, 3)), any_kept
 
 
 #: the readers hold out every this-many-th frame (0, 8, 16, ...) of a capture without splits, for test and val
@@ -608,7 +645,8 @@ def _dataset(name, fmt, split_frames: dict[str, list[_Frame]], sources: dict[str
         kept = _limit(frames, split, split_limit)
         key = (id(frames), len(kept))
         if key not in loaded:
-            loaded[key] = _load_views(kept, downscale, background, split, source)
+            label = " and ".join(repr(s) for s, f in split_frames.items() if f is frames)  # 'val' and 'test'
+            loaded[key] = _load_views(kept, downscale, background, label, source)
         splits[split] = loaded[key]
     lo, hi, near, far = bounds_fn(splits)
     norm = normalization_from_box(lo, hi)
@@ -934,7 +972,7 @@ def _read_depth_values(path: Path) -> np.ndarray:
                 raise InputError(f"the depth map {path} is a {im.mode} image ({im.format}): depth needs one channel of "
                                  f"16 bits (PNG, in depth_unit_scale_factor units) or 32 bits (TIFF), not a picture of it")
             return np.asarray(im, dtype=np.float64)
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise InputError(f"cannot read the depth map {path}: {e}") from e
 
 

@@ -573,6 +573,23 @@ def _loss_mask_of(fr: dict, base: Path, image: Path, what: str) -> dict:
     return {"loss_mask": path, "loss_mask_keeps": True}
 
 
+def fits_image(w: int, h: int, hw: tuple[int, int]) -> bool:
+    """Whether a ``w × h`` per-pixel map (a depth map, a mask) can stand for an image of ``hw = (H, W)``: its
+    size, or smaller with its aspect ratio (within 2 %; a phone's depth sensor is coarser than its camera)."""
+    return h <= hw[0] and w <= hw[1] and abs((w / h) / (hw[1] / hw[0]) - 1) <= 0.02
+
+
+def nearest_to(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """A map ``(h, w)`` resized to ``hw = (H, W)`` by nearest neighbour, each pixel's centre sampled (as
+    nerfstudio resizes depth and masks)."""
+    h, w = a.shape[:2]
+    if (h, w) == tuple(hw):
+        return a
+    rows = ((np.arange(hw[0]) + 0.5) * h / hw[0]).astype(np.int64)
+    cols = ((np.arange(hw[1]) + 0.5) * w / hw[1]).astype(np.int64)
+    return a[rows][:, cols]
+
+
 #: image formats whose compression alters pixel values: a mask in one is "on" from 128 up, not from 1
 LOSSY_MASK_FORMATS = ("JPEG", "MPO", "JPEG2000", "WEBP")
 
@@ -593,7 +610,7 @@ def _read_loss_mask(fr: _Frame, hw: tuple[int, int], n: int) -> tuple[np.ndarray
     try:
         with Image.open(path) as im:
             w, h = im.size  # from the header: a mask too large is refused before it is decoded
-            if h > hw[0] or w > hw[1] or abs((w / h) / (hw[1] / hw[0]) - 1) > 0.02:
+            if not fits_image(w, h, hw):
                 raise InputError(f"the mask {path} is {w}×{h} but its image {fr.image.name} is {hw[1]}×{hw[0]}: a "
                                  f"mask must be the image's size or smaller with its aspect ratio")
             lossy = im.format in LOSSY_MASK_FORMATS
@@ -609,10 +626,7 @@ def _read_loss_mask(fr: _Frame, hw: tuple[int, int], n: int) -> tuple[np.ndarray
         raise InputError(f"cannot read the mask {path}: {e}") from e
     if not np.isfinite(values).all():
         raise InputError(f"the mask {path} has values that are not numbers (NaN or infinity): a mask is 0 or not")
-    on = values >= 128 if lossy else values != 0
-    if on.shape != tuple(hw):
-        h, w = on.shape
-        on = on[((np.arange(hw[0]) + 0.5) * h / hw[0]).astype(np.int64)][:, ((np.arange(hw[1]) + 0.5) * w / hw[1]).astype(np.int64)]
+    on = nearest_to(values >= 128 if lossy else values != 0, hw)
     keep = on if fr.loss_mask_keeps else ~on
     any_kept = bool(keep.any())
     keep = _crop_to_multiple(keep, n)
@@ -982,14 +996,10 @@ def _read_depth(fr: _Frame, hw: tuple[int, int], K_full: np.ndarray, n: int, len
     raw = _read_depth_values(fr.depth)
     with np.errstate(invalid="ignore", over="ignore"):
         d = np.where(raw < min(fr.depth_invalid_at, DEPTH_BACKGROUND), raw, 0.0) * fr.depth_scale
-    if d.shape != tuple(hw):
-        h, w = d.shape
-        if h > hw[0] or w > hw[1] or abs((w / h) / (hw[1] / hw[0]) - 1) > 0.02:
-            raise InputError(f"the depth map {fr.depth} is {w}×{h} but its image is {hw[1]}×{hw[0]}: a depth map "
-                             f"must be the image's size or smaller with its aspect ratio")
-        rows = ((np.arange(hw[0]) + 0.5) * h / hw[0]).astype(np.int64)
-        cols = ((np.arange(hw[1]) + 0.5) * w / hw[1]).astype(np.int64)
-        d = d[rows][:, cols]
+    if not fits_image(d.shape[1], d.shape[0], hw):
+        raise InputError(f"the depth map {fr.depth} is {d.shape[1]}×{d.shape[0]} but its image is {hw[1]}×{hw[0]}: a "
+                         f"depth map must be the image's size or smaller with its aspect ratio")
+    d = nearest_to(d, hw)
     valid = np.isfinite(d) & (d > 0)
     d = np.where(valid, d, 0.0)
     if fr.depth_kind == "ray":

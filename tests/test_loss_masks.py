@@ -249,9 +249,47 @@ def test_masked_psnr_and_ssim_against_brute_force():
             assert ssim(a, b, border) == pytest.approx(0.5 * (m[0, 0].item() + m[-1, -1].item()), abs=1e-5)
         assert math.isnan(psnr(a, b, torch.zeros(h, w, dtype=torch.bool)))
         assert math.isnan(ssim(a, b, torch.zeros(h, w, dtype=torch.bool)))
-    a = torch.rand(20, 20, 3, generator=g)
-    ref = reference(a.permute(2, 0, 1)[None], (a * 0.9).permute(2, 0, 1)[None], data_range=1.0, win_size=11, win_sigma=1.5)
-    assert ssim_map(a, a * 0.9)[0].mean().item() == pytest.approx(float(ref), abs=1e-6)
+        # pytorch-msssim, the reference (which refuses a 1-px side: repeated, the score is the same)
+        reps = (1, 1, 2 if h == 1 else 1, 2 if w == 1 else 1)
+        ref = reference(a.permute(2, 0, 1)[None].repeat(reps), b.permute(2, 0, 1)[None].repeat(reps), data_range=1.0,
+                        win_size=11, win_sigma=1.5)
+        assert ssim(a, b) == pytest.approx(float(ref), abs=1e-6)
+
+
+def _window_ssim(a, b, r0, c0):
+    """SSIM of the window at map position (r0, c0), from its Gaussian-weighted statistics written out (the
+    window spans 11 pixels along a side of 11 or more, one pixel along a shorter side)."""
+    x = np.arange(11) - 5
+    g = np.exp(-x * x / (2 * 1.5 ** 2))
+    g /= g.sum()
+    h, w = a.shape[:2]
+    rows, wr = (range(r0, r0 + 11), g) if h >= 11 else ([r0], np.ones(1))
+    cols, wc = (range(c0, c0 + 11), g) if w >= 11 else ([c0], np.ones(1))
+    out = []
+    for ch in range(3):
+        pa = np.array([[float(a[r, c, ch]) for c in cols] for r in rows])
+        pb = np.array([[float(b[r, c, ch]) for c in cols] for r in rows])
+        wt = np.outer(wr, wc)
+        ma, mb = (wt * pa).sum(), (wt * pb).sum()
+        va, vb = (wt * pa * pa).sum() - ma * ma, (wt * pb * pb).sum() - mb * mb
+        cov = (wt * pa * pb).sum() - ma * mb
+        c1, c2 = 0.01 ** 2, 0.03 ** 2
+        out.append((2 * ma * mb + c1) / (ma * ma + mb * mb + c1) * (2 * cov + c2) / (va + vb + c2))
+    return float(np.mean(out))
+
+
+def test_the_ssim_map_window_by_window():
+    """Every few windows of the map against the statistics written out, on sides longer and shorter than the
+    window: a shifted or transposed map would keep its mean and fail here."""
+    g = torch.Generator().manual_seed(3)
+    for h, w in [(20, 17), (7, 30), (30, 4)]:
+        a = torch.rand(h, w, 3, generator=g)
+        b = (a + 0.2 * torch.randn(h, w, 3, generator=g)).clamp(0, 1)
+        m, (oy, ox) = ssim_map(a, b)
+        assert (oy, ox) == ((5 if h >= 11 else 0), (5 if w >= 11 else 0))
+        for r0 in range(0, m.shape[0], 3):
+            for c0 in range(0, m.shape[1], 4):
+                assert m[r0, c0].item() == pytest.approx(_window_ssim(a, b, r0, c0), abs=2e-5)
 
 
 def test_evaluation_scores_the_kept_pixels_and_skips_a_view_with_none(monkeypatch):
@@ -271,8 +309,11 @@ def test_evaluation_scores_the_kept_pixels_and_skips_a_view_with_none(monkeypatc
     renders = [torch.rand(16, 16, 3, generator=g) for _ in range(3)]
     truth = [test.images[i].float() / 255 for i in range(3)]
 
-    def fake_render_views(field, dataset, split, lods, sampler=None, max_views=None, **kw):
-        for i in range(3):
+    rendered = []
+
+    def fake_render_views(field, dataset, split, lods, sampler=None, max_views=None, indices=None, **kw):
+        for i in (range(3) if indices is None else indices):
+            rendered.append(i)
             yield i, f"{i}", renders[i][None], torch.zeros(1, 16, 16), torch.ones(1, 16, 16), truth[i]
 
     class Field:
@@ -284,6 +325,16 @@ def test_evaluation_scores_the_kept_pixels_and_skips_a_view_with_none(monkeypatc
     assert out[4]["views"] == 2 and out[4]["masked"]
     assert out[4]["psnr"] == pytest.approx(sum(want) / 2, abs=1e-4)
     assert "the pixels their loss masks keep" in ev.metric_lines(out)[0] and math.isfinite(out[4]["ssim"])
+    assert rendered == [0, 1] and out[4]["rendered"] == 2  # nothing saved: the view it cannot score is not rendered
+
+    class Spent:  # a job whose time cap is already spent still scores one view, past those it cannot score
+        def left(self):
+            return 0.0
+
+    valid[0] = False
+    rendered.clear()
+    out = ev.evaluate_nerf(Field(), ds, "test", sampler=object(), save_images=False, deadline=Spent())
+    assert rendered == [1] and out[4]["views"] == 1
     test.valid = torch.zeros(3, 16, 16, dtype=torch.bool)
     with pytest.raises(InputError, match="keep no pixel"):
         ev.evaluate_nerf(Field(), ds, "test", sampler=object(), save_images=False)
@@ -442,7 +493,7 @@ def test_fit_refuses_masks_that_leave_nothing_before_training(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert cli_main(args + ["--out", str(tmp_path / "a")]) != 0
-    assert "--eval-views test: the loss masks of its views keep no pixel" in capsys.readouterr().err
+    assert "the loss masks of the 'test' views keep no pixel to score; evaluate other views" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -457,3 +508,51 @@ def test_fit_refuses_masks_that_leave_nothing_before_training(tmp_path, capsys):
         warnings.simplefilter("ignore")
         assert cli_main(args + ["--out", str(tmp_path / "c")]) != 0
     assert "leave out every pixel of the training views" in capsys.readouterr().err
+
+
+def test_dynamic_masks_beside_colmap_and_llff_photos(tmp_path):
+    """colmap2nerf leaves its dynamic masks beside the photos: a COLMAP model or an LLFF capture of the same
+    folder reads them too (and LLFF does not take them for photos)."""
+    from test_datasets import _colmap_txt, _write_llff
+
+    root, _ = _colmap_txt(tmp_path, "colmap", views=4)
+    ds = load_dataset(root, format="colmap")
+    image = next(p for p in (root / "images").iterdir() if p.name == ds.splits["train"].names[0])
+    off = np.zeros((8, 8), np.uint8)
+    off[:3] = 255
+    Image.fromarray(off, "L").save(image.parent / f"dynamic_mask_{image.stem}.png")
+    train = load_dataset(root, format="colmap").splits["train"]
+    assert np.array_equal(train.valid[0].numpy(), off == 0) and bool(train.valid[1:].all())
+
+    llff = _write_llff(tmp_path / "llff", n=9, h=12, w=16, factor=2)
+    first = llff / "images_2" / "IMG_001.png"  # the first training view (IMG_000 is held out)
+    off = np.zeros((12, 16), np.uint8)
+    off[:, :5] = 255
+    Image.fromarray(off, "L").save(first.parent / "dynamic_mask_IMG_001.png")
+    train = load_dataset(llff, format="llff").splits["train"]
+    assert len(train) == 7 and np.array_equal(train.valid[0].numpy(), off == 0)
+
+
+def test_lossy_masks_of_zero_and_one_are_refused(tmp_path):
+    root, path, meta = _capture(tmp_path)
+    _white_masks(root, meta)
+    Image.fromarray(_pattern(12, 8, 2).astype(np.uint8), "L").save(root / "01.jpg", quality=95)
+    meta["frames"][1]["mask_path"] = "01.jpg"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="values stay below 128 .*save the mask as PNG"):
+        load_dataset(root, format="ngp")
+    Image.fromarray(_pattern(12, 8, 2).astype(np.uint8), "L").save(root / "01.png")  # lossless 0 / 1: fine
+    meta["frames"][1]["mask_path"] = "01.png"
+    path.write_text(json.dumps(meta))
+    assert np.array_equal(load_dataset(root, format="ngp").splits["train"].valid[0].numpy(), _pattern(12, 8, 2))
+
+
+def test_a_mask_that_keeps_everything_costs_the_sampler_nothing(tmp_path):
+    from vqad.nerf.rays import RayBatcher
+
+    root, path, meta = _capture(tmp_path, views=3)
+    ds = load_dataset(root, format="ngp")
+    train = ds.splits["train"]
+    train.valid = torch.ones(len(train), *train.hw, dtype=torch.bool)  # through the API, not the readers
+    b = RayBatcher(train, ds, torch.device("cpu"))
+    assert b.valid_ids is None and b.num_valid == b.num_rays

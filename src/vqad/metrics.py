@@ -1,5 +1,5 @@
-"""Image metrics: PSNR and SSIM (11-pixel Gaussian window, σ 1.5, pytorch-msssim), over a whole image or
-the pixels a loss mask keeps."""
+"""Image metrics: PSNR and SSIM (11-pixel Gaussian window, σ 1.5, as pytorch-msssim computes it), over a whole
+image or the pixels a loss mask keeps."""
 
 from __future__ import annotations
 
@@ -23,23 +23,13 @@ def psnr(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None)
     return float(-10.0 * torch.log10(torch.mean(err).clamp_min(1e-12)))
 
 
-def _as_batch(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
-    """``(1, 3, H, W)`` copies of ``(H, W, 3)`` images, and the repeats that give a 1-px side two: pytorch-msssim
-    squeezes away sides of 1 px (then refuses the tensor) and skips the window along sides shorter than it;
-    a 1-px side repeated twice gives the same score under that rule."""
-    a = pred.float().permute(2, 0, 1)[None].clamp(0, 1)
-    b = gt.float().permute(2, 0, 1)[None]
-    reps = (1, 1, 2 if a.shape[2] == 1 else 1, 2 if a.shape[3] == 1 else 1)
-    return a.repeat(reps), b.repeat(reps), reps
-
-
 def ssim(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None) -> float:
-    """SSIM (Gaussian window 11, σ 1.5) of ``(H, W, 3)`` images in [0, 1], via pytorch-msssim; with ``keep
-    (H, W)``, the mean of :func:`ssim_map` over the windows whose centre pixel it keeps, or, where every kept
-    pixel lies in the 5-pixel border no window is centred on, over the window nearest each (NaN: no pixel
-    kept)."""
+    """SSIM (Gaussian window 11, σ 1.5) of ``(H, W, 3)`` images in [0, 1]: the mean of :func:`ssim_map` (what
+    pytorch-msssim gives, to float rounding: tested); with ``keep (H, W)``, its mean over the windows whose
+    centre pixel it keeps, or, where every kept pixel lies in the 5-pixel border no window is centred on, over
+    the window nearest each (NaN: no pixel kept)."""
+    m, (oy, ox) = ssim_map(pred, gt)
     if keep is not None:
-        m, (oy, ox) = ssim_map(pred, gt)
         keep = keep.to(m.device)
         k = keep[oy:oy + m.shape[0], ox:ox + m.shape[1]]
         if bool(k.any()):
@@ -48,17 +38,15 @@ def ssim(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None)
             return math.nan
         r, c = torch.nonzero(keep, as_tuple=True)
         return float(m[(r - oy).clamp(0, m.shape[0] - 1), (c - ox).clamp(0, m.shape[1] - 1)].mean())
-    from pytorch_msssim import ssim as _ssim
-
-    a, b, _ = _as_batch(pred, gt)
-    return float(_ssim(a, b, data_range=1.0, size_average=True, win_size=SSIM_WINDOW, win_sigma=SSIM_SIGMA))
+    return float(m.mean())
 
 
 def ssim_map(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """SSIM of every full window of ``(H, W, 3)`` images in [0, 1], the mean over the channels: ``(H', W')``
     (``H' = H − 10`` where ``H ≥ 11``, else ``H``: no window along a side shorter than it, as pytorch-msssim), and
     the pixel ``(row, col)`` of the first window's centre. Its mean is :func:`ssim` without a mask."""
-    a, b, reps = _as_batch(pred, gt)
+    a = pred.float().permute(2, 0, 1)[None].clamp(0, 1)  # (1, 3, H, W)
+    b = gt.float().permute(2, 0, 1)[None]
     x = torch.arange(SSIM_WINDOW, dtype=torch.float32) - SSIM_WINDOW // 2
     g = torch.exp(-x * x / (2 * SSIM_SIGMA ** 2))
     g = (g / g.sum()).to(a.device)
@@ -75,6 +63,5 @@ def ssim_map(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, tuple[
     var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
     m = ((2 * mu_a * mu_b + c1) / (mu_a ** 2 + mu_b ** 2 + c1)) * ((2 * cov + c2) / (var_a + var_b + c2))
     m = m[0].mean(0)
-    m = m[: m.shape[0] // reps[2], : m.shape[1] // reps[3]]  # a repeated 1-px side counted once
     half = SSIM_WINDOW // 2
     return m, (half if a.shape[2] >= SSIM_WINDOW else 0, half if a.shape[3] >= SSIM_WINDOW else 0)

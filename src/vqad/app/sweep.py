@@ -611,13 +611,13 @@ class NeRFTask:
 
     def __init__(self, cfg: SweepConfig, device: torch.device):
         from vqad.nerf.formats import load_dataset
-        from vqad.nerf.evaluate import pick_split
+        from vqad.nerf.evaluate import require_scorable
 
         self.cfg, self.device = cfg, device
         limit = {cfg.eval_views: cfg.eval_max_views} if cfg.eval_max_views else None
         self.dataset = load_dataset(cfg.dataset, format=cfg.format, downscale=cfg.downscale,
                                     background=_background(cfg.background), split_limit=limit)
-        pick_split(self.dataset, cfg.eval_views)  # fail now, not after the first fit
+        require_scorable(self.dataset, cfg.eval_views)  # fail now, not after the first fit (its views: split_limit)
         self.name = self.dataset.name
 
     def fit(self, grid_cfg, work: Path, resume: bool, refine: int | None = None, rate_weight: float = 0.0):

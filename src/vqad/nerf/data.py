@@ -95,8 +95,13 @@ class SceneDataset:
 
 
 
+#: what to check when a loss mask leaves out every pixel
+MASK_POLARITY = ("check the masks' polarity (mask_path: white = train on the pixel; dynamic_mask_*: white = leave it "
+                 "out)")
+
+
 def mask_summary(views: Views) -> str:
-    """``", loss masks: 12 views (3.1 % of the pixels left out)"``: what a split's loss masks leave out, for a
+    """``", loss masks: 12 views (3.1% of the pixels left out)"``: what a split's loss masks leave out, for a
     fit's first lines ("" without masks)."""
     if views.valid is None:
         return ""
@@ -121,9 +126,8 @@ def require_training_pixels(views: Views) -> None:
     """Refuse a training split whose loss masks leave out every pixel (before anything reads the capture's
     depth or builds an octree from it: the masks removed that too)."""
     if views.valid is not None and kept_views(views) == 0:
-        raise InputError("the loss masks leave out every pixel of the training views: nothing to train on; check "
-                         "the masks' polarity (mask_path: white = train on the pixel; dynamic_mask_*: white = leave "
-                         "it out)")
+        raise InputError(f"the loss masks leave out every pixel of the training views: nothing to train on; "
+                         f"{MASK_POLARITY}")
 
 
 #: the keys of a stored dataset record (:func:`dataset_info`) and the types each may hold

@@ -1,7 +1,7 @@
 """Radiance-field evaluation: PSNR and SSIM per LOD on held-out views, and PNG renders.
 
 * PSNR ``= −10 log10(MSE)`` over all pixels and channels of a view, in [0, 1]; averaged over views.
-* SSIM with a Gaussian window of 11 pixels, σ = 1.5 (pytorch-msssim, :func:`vqad.metrics.ssim`).
+* SSIM with a Gaussian window of 11 pixels, σ = 1.5 (as pytorch-msssim computes it, :func:`vqad.metrics.ssim`).
 * A capture's loss masks (:attr:`vqad.nerf.data.Views.valid`) hold on the held-out views too: PSNR over
   the pixels they keep, SSIM over the windows centred on one; a view whose mask keeps none is not scored.
 * LPIPS is **not** reported: it needs pretrained network weights (AlexNet / VGG) that cannot be
@@ -23,7 +23,7 @@ import torch
 from vqad.atomicio import save_image
 from vqad.errors import InputError
 from vqad.metrics import psnr, ssim
-from vqad.nerf.data import SceneDataset
+from vqad.nerf.data import SceneDataset, kept_views
 from vqad.nerf.render import OccupancySampler, render_rays_chunked
 
 
@@ -73,11 +73,25 @@ def depth_png(depth: torch.Tensor, opacity: torch.Tensor) -> np.ndarray:
 
 
 
+def require_scorable(dataset: SceneDataset, split: str, max_views: int | None = None,
+                     fix: str = "score other views, or check the masks"):
+    """``split``'s views (:func:`pick_split`), refused where the loss masks of its first ``max_views`` (or all)
+    keep no pixel: nothing could be scored (say so before anything is fitted or rendered)."""
+    views = pick_split(dataset, split)
+    if kept_views(views, max_views) == 0:
+        n = len(views) if max_views is None else min(max_views, len(views))
+        which = f"the first {n} {split!r} views" if n < len(views) else f"the {split!r} views"
+        raise InputError(f"the loss masks of {which} keep no pixel to score; {fix}")
+    return views
+
+
 @torch.no_grad()
 def render_views(field, dataset: SceneDataset, split: str, lods: list[int], sampler: OccupancySampler | None = None,
-                 max_views: int | None = None, chunk: int = 1 << 13, early_stop_eps: float = 0.0):
+                 max_views: int | None = None, chunk: int = 1 << 13, early_stop_eps: float = 0.0,
+                 indices: list[int] | None = None):
     """Yield ``(index, name, rgb (B, H, W, 3), depth (B, H, W) world units, opacity (B, H, W), gt (H, W, 3))``
-    for each view of ``split`` (the first ``max_views``), every LOD of ``lods`` rendered at once."""
+    for each view of ``split`` (the first ``max_views``, or those of ``indices``), every LOD of ``lods``
+    rendered at once."""
     from vqad.nerf.rays import RayBatcher
     from vqad.nerf.render import model_sampler
 
@@ -91,7 +105,7 @@ def render_views(field, dataset: SceneDataset, split: str, lods: list[int], samp
     was_training = field.training
     field.eval()
     try:
-        for i in range(n):
+        for i in (range(n) if indices is None else indices):
             o, d, gt, near, far = batcher.view(i)
             rgb, depth, opa = render_rays_chunked(field, sampler, o, d, lods, background, near, far, chunk=chunk,
                                                   early_stop_eps=early_stop_eps)
@@ -110,9 +124,10 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
     """PSNR / SSIM per LOD (means over the views), and PNGs under ``out_dir`` when given.
 
     With a ``deadline`` (:class:`vqad.fit.Deadline`), views stop once its time is spent (at least one
-    is always evaluated); ``"views"`` says how many were scored, ``"rendered"`` how many were rendered
-    (more where a view's loss mask keeps no pixel). Where no view can be scored, ``require_scores``
-    makes that an :class:`InputError`; without it PSNR and SSIM are None (the renders are written).
+    is always scored); ``"views"`` says how many were scored, ``"rendered"`` how many were rendered
+    (more where a view's loss mask keeps no pixel: such a view is rendered only to be saved). Where no
+    view can be scored, ``require_scores`` makes that an :class:`InputError` before anything is
+    rendered (:func:`require_scorable`); without it PSNR and SSIM are None (the renders are written).
 
     Returns ``{lod: {"psnr", "ssim", "views", "rendered", "seconds"}}`` (LPIPS: see the module docstring).
     """
@@ -126,10 +141,14 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
             dirs[lod] = Path(out_dir) / f"{split}_lod{lod}"
             dirs[lod].mkdir(parents=True, exist_ok=True)
     scores = {lod: {"psnr": [], "ssim": []} for lod in lods}
-    valid = pick_split(dataset, split).valid
+    views = require_scorable(dataset, split, max_views) if require_scores else pick_split(dataset, split)
+    valid = views.valid
+    order = range(len(views) if max_views is None else min(max_views, len(views)))
+    if valid is not None and not dirs:  # nothing is saved: a view that cannot be scored is not rendered
+        order = [i for i in order if bool(valid[i].any())]
     t0 = time.perf_counter()
     n_seen = 0
-    for i, name, rgb, depth, opa, gt in render_views(field, dataset, split, lods, sampler, max_views):
+    for i, name, rgb, depth, opa, gt in render_views(field, dataset, split, lods, sampler, indices=list(order)):
         n_seen += 1
         keep = None if valid is None else valid[i]
         for b, lod in enumerate(lods):
@@ -144,16 +163,12 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
             print(f"  view {name}: " + ("not scored (its mask keeps no pixel)" if keep is not None and not bool(keep.any())
                                         else "  ".join(f"LOD {lod} {scores[lod]['psnr'][-1]:.2f} dB" for lod in lods)),
                   flush=True)
-        if deadline is not None and deadline.left() <= 0:
-            break  # the job's time cap: the views so far are the evaluation
+        if deadline is not None and deadline.left() <= 0 and scores[lods[0]]["psnr"]:
+            break  # the job's time cap: the views so far are the evaluation (one scored, at least)
     seconds = time.perf_counter() - t0
     out = {}
     for lod in lods:
         p, s = scores[lod]["psnr"], scores[lod]["ssim"]
-        if not p and require_scores:
-            which = f"the first {n_seen} {split!r} views" if n_seen < len(valid) else f"the {split!r} views"
-            raise InputError(f"the loss masks of {which} keep no pixel: nothing to score; score other views, or "
-                             f"check the masks")
         out[lod] = {"psnr": float(np.mean(p)) if p else None, "ssim": float(np.mean(s)) if s else None,
                     "views": len(p), "rendered": n_seen, "seconds": seconds}
         if valid is not None:
@@ -162,5 +177,7 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
 
 
 def metric_lines(results: dict) -> list[str]:
-    return [f"LOD {lod}: PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  ({r['views']} views"
-            + (", the pixels their loss masks keep)" if r.get("masked") else ")") for lod, r in results.items()]
+    return [(f"LOD {lod}: PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  ({r['views']} views"
+             + (", the pixels their loss masks keep)" if r.get("masked") else ")"))
+            if r["psnr"] is not None else f"LOD {lod}: not scored (the loss masks of its views keep no pixel)"
+            for lod, r in results.items()]

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from vqad.errors import InputError
-from vqad.nerf.data import SceneDataset, Views
+from vqad.nerf.data import MASK_POLARITY, SceneDataset, Views
 from vqad.nerf.lens import LensBatch, distort_within, expand_rows, image_radius2, lens_table, undistort
 
 
@@ -196,7 +196,8 @@ class RayBatcher:
         self.background = tuple(float(c) for c in dataset.background)
         # the depth loss's targets, only the pixels that have one: sorted flat ids (K,) and unit-cube ray distances (K,)
         self.depth_targets: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._valid = views.valid  # (N, H, W) bool loss masks, or None: :attr:`valid_ids` is built from them when asked
+        # (N, H, W) bool loss masks, or None (none, or keeping every pixel): :attr:`valid_ids` is built from them when asked
+        self._valid = views.valid if views.valid is not None and not bool(views.valid.all()) else None
         self._valid_ids: torch.Tensor | None = None
 
     def set_depth_targets(self, ids: torch.Tensor, distances: torch.Tensor) -> None:
@@ -229,7 +230,7 @@ class RayBatcher:
     def valid_ids(self) -> torch.Tensor | None:
         """The flat ids ``(K,)`` of the pixels the loss masks keep, ascending, on the device (int32 while they fit:
         4 bytes a kept pixel, built on first use, so rendering a split never pays for them), or None: every pixel."""
-        if self._valid_ids is None and self._valid is not None and not bool(self._valid.all()):
+        if self._valid_ids is None and self._valid is not None:
             hw = self.H * self.W
             small = torch.int32 if self.num_rays < 2**31 else torch.int64
             self._valid_ids = torch.cat([torch.nonzero(v.reshape(-1))[:, 0].to(small) + i * hw
@@ -262,9 +263,8 @@ class RayBatcher:
         if ids is None:
             return torch.randint(0, self.num_rays, (n,), generator=generator).to(self.device)
         if ids.numel() == 0:
-            raise InputError("the loss masks leave out every pixel of these views: there is no pixel to draw; check "
-                             "the masks' polarity (mask_path: white = train on the pixel; dynamic_mask_*: white = leave "
-                             "it out)")
+            raise InputError(f"the loss masks leave out every pixel of these views: there is no pixel to draw; "
+                             f"{MASK_POLARITY}")
         pick = torch.randint(0, ids.numel(), (n,), generator=generator).to(self.device)
         return ids[pick].long()
 

@@ -306,8 +306,8 @@ def fit_nerf_configs(args, saved: dict | None = None):
 def check_nerf_dataset(args, dataset, train_cfg, resumed: bool) -> None:
     """The checks of ``fit-nerf``'s flags that need the capture itself: density-pass bounds when its
     octree comes from depth or masks, and the evaluation split."""
-    from vqad.nerf.data import kept_views, require_training_pixels
-    from vqad.nerf.evaluate import pick_split
+    from vqad.nerf.data import require_training_pixels
+    from vqad.nerf.evaluate import require_scorable
 
     require_training_pixels(dataset.splits["train"])  # before the octree: the masks emptied the depth maps too
     if not resumed and train_cfg.octree_from is None:
@@ -325,12 +325,8 @@ def check_nerf_dataset(args, dataset, train_cfg, resumed: bool) -> None:
                "--depth-from picks the depth loss's targets, which is off here (auto: on in a contracted scene, with "
                "its sparse points' targets); give --depth-weight to turn it on")
     if not args.no_eval:  # fail now, not after the fit
-        views = pick_split(dataset, args.eval_views)
-        first = args.eval_max_views
-        refuse(kept_views(views, first) == 0,
-               f"--eval-views {args.eval_views}: the loss masks of its {'' if first is None else f'first {min(first, len(views))} '}"
-               f"views keep no pixel to score; evaluate other views (--eval-views, --eval-max-views), check the masks, "
-               f"or give --no-eval")
+        require_scorable(dataset, args.eval_views, args.eval_max_views,
+                         fix="evaluate other views (--eval-views, --eval-max-views), check the masks, or give --no-eval")
 
 
 def check_resumed_nerf(saved: dict, dataset) -> None:

@@ -41,7 +41,7 @@ from vqad.nerf.formats.points import read_colmap_points
 from vqad.nerf.contraction import check_outer_scale
 from vqad.nerf.data import SceneDataset
 from vqad.nerf.formats.common import (CAMERA_BOX_OUTER, HOLD_EVERY, _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _resolve_image,
-                                      capture_box, lens_row)
+                                      capture_box, dynamic_mask_of, lens_row)
 from vqad.nerf.lens import LENS_FISHEYE, LENS_OPENCV
 
 # model id → (name, number of parameters); only the first five are read
@@ -324,8 +324,9 @@ def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limi
         if img.camera_id not in cams:
             raise InputError(f"{what}: camera {img.camera_id} is not in the cameras file")
         pin, dist = cams[img.camera_id].pinhole_and_distortion(what)
-        frames.append(_Frame(image=_resolve_image(image_dir, img.name, what, root=root, key="the image name"), c2w=img.c2w(what), pinhole=pin,
-                             name=img.name, distortion=dist))
+        image = _resolve_image(image_dir, img.name, what, root=root, key="the image name")
+        frames.append(_Frame(image=image, c2w=img.c2w(what), pinhole=pin, name=img.name, distortion=dist,
+                             **dynamic_mask_of(image)))
     train, test = _holdout(frames, hold_every)
     poses = np.stack([f.c2w for f in frames])
     _refuse_stray_cameras(poses, frames, model_dir)

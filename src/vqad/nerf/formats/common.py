@@ -15,7 +15,7 @@ import torch
 
 from vqad.errors import InputError
 from vqad.field import Normalization
-from vqad.nerf.data import SceneDataset, Views
+from vqad.nerf.data import MASK_POLARITY, SceneDataset, Views
 from vqad.nerf.lens import (BRANCH_MAX_DEG, DISTORTION_TOL_PX, LENS_COLUMNS, LENS_FISHEYE, LENS_OPENCV, MIN_PIXEL_RAD,
                             describe_lens, distortion_fit)
 from vqad.nerf.rays import backproject, camera_directions, project, rays_for_pixels
@@ -367,8 +367,7 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
         warnings.warn(f"{len(empty)} of the {split} views' depth maps hold no valid depth ({', '.join(empty[:3])}"
                       f"{', ...' if len(empty) > 3 else ''}): those views give no depth", stacklevel=2)
     emptied = [names[i] for i, k in enumerate(keeps) if k is not None and not k.any() and names[i] not in blank]
-    for which, why in ((blank, "check the masks' polarity (mask_path: white = train on the pixel; dynamic_mask_*: "
-                               "white = leave it out)"),
+    for which, why in ((blank, MASK_POLARITY),
                        (emptied, f"at --downscale {downscale} a pixel is kept only where its whole {downscale}×"
                                  f"{downscale} block is; a smaller --downscale keeps more")):
         if which:
@@ -557,13 +556,23 @@ def _depth_path(fr: dict, base: Path, what: str) -> Path | None:
     return named_file(inside_capture(base, base, rel, what, "depth_file_path"), what, "depth_file_path", rel)
 
 
+DYNAMIC_MASK_PREFIX = "dynamic_mask_"  #: instant-ngp's loss masks: ``dynamic_mask_<image stem>.png`` beside the image
+
+
+def dynamic_mask_of(image: Path) -> dict:
+    """An image's instant-ngp loss mask (``colmap2nerf --mask_categories``: a non-zero colour = leave the pixel
+    out) as :class:`_Frame` fields, where the file is there (any capture format: the images' folder is the same)."""
+    dynamic = image.parent / f"{DYNAMIC_MASK_PREFIX}{image.stem}.png"
+    return {"loss_mask": dynamic, "loss_mask_keeps": False} if dynamic.is_file() else {}
+
+
 def _loss_mask_of(fr: dict, base: Path, image: Path, what: str) -> dict:
     """A frame's loss mask as :class:`_Frame` fields: nerfstudio's ``mask_path`` (non-zero = train on the
-    pixel) or instant-ngp's ``dynamic_mask_<image stem>.png`` beside the image (non-zero = leave it out)."""
+    pixel) or instant-ngp's ``dynamic_mask_<image stem>.png`` beside the image (:func:`dynamic_mask_of`)."""
     rel = fr.get("mask_path")
-    dynamic = image.parent / f"dynamic_mask_{image.stem}.png"
+    dynamic = image.parent / f"{DYNAMIC_MASK_PREFIX}{image.stem}.png"
     if rel is None:
-        return {"loss_mask": dynamic, "loss_mask_keeps": False} if dynamic.is_file() else {}
+        return dynamic_mask_of(image)
     if not isinstance(rel, str) or not rel:
         raise InputError(f"{what}: mask_path must be a path, not {rel!r}")
     path = named_file(inside_capture(base, base, rel, what, "mask_path"), what, "mask_path", rel)
@@ -626,6 +635,9 @@ def _read_loss_mask(fr: _Frame, hw: tuple[int, int], n: int) -> tuple[np.ndarray
         raise InputError(f"cannot read the mask {path}: {e}") from e
     if not np.isfinite(values).all():
         raise InputError(f"the mask {path} has values that are not numbers (NaN or infinity): a mask is 0 or not")
+    if lossy and 0 < values.max() < 128:
+        raise InputError(f"the mask {path} is a {im.format} image whose values stay below 128 (a mask of 0 and 1?): "
+                         f"lossy compression cannot keep such values apart; save the mask as PNG, 0 and 255")
     on = nearest_to(values >= 128 if lossy else values != 0, hw)
     keep = on if fr.loss_mask_keeps else ~on
     any_kept = bool(keep.any())
@@ -943,7 +955,9 @@ def _check_views(views: Views, split: str, source: Path, norm: Normalization, ou
 
 
 def _list_images(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    """A folder's photos, by name (not the loss masks beside them: :func:`dynamic_mask_of`)."""
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg")
+                  and not p.name.startswith(DYNAMIC_MASK_PREFIX))
 
 
 #: an EXR's channels that hold depth, in the order they are looked for (Blender writes Z, or

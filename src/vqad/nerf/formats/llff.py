@@ -9,7 +9,7 @@ import numpy as np
 
 from vqad.errors import InputError
 from vqad.nerf.data import SceneDataset
-from vqad.nerf.formats.common import HOLD_EVERY, _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _list_images
+from vqad.nerf.formats.common import HOLD_EVERY, _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _list_images, dynamic_mask_of
 
 
 # -- LLFF ------------------------------------------------------------------------------------------
@@ -81,7 +81,8 @@ def read_llff(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=
         c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = P[:, 1], -P[:, 0], P[:, 2], P[:, 3]
         h_i, w_i, f_i = P[:, 4]
         frames.append(_Frame(image=p, c2w=_as_c2w(c2w, f"view {i} of {pb_path.name}"),
-                             pinhole=_Pinhole(fx=f_i, fy=f_i, w=w_i, h=h_i), name=f"{img_dir.name}/{p.name}"))
+                             pinhole=_Pinhole(fx=f_i, fy=f_i, w=w_i, h=h_i), name=f"{img_dir.name}/{p.name}",
+                             **dynamic_mask_of(p)))
     train, test = _holdout(frames, hold_every)
     desc = f"every {hold_every}th image of {img_dir.name}"
     sources = {"train": f"{img_dir.name} minus every {hold_every}th image", "val": desc + " (val = test)", "test": desc}

@@ -135,14 +135,14 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
     for lod in lods:
         if lod not in field.lods:
             raise InputError(f"LOD {lod} is not available in this model: choose one of {field.lods}")
+    views = require_scorable(dataset, split, max_views) if require_scores else pick_split(dataset, split)
+    valid = views.valid
     dirs = {}
     if out_dir is not None and save_images:
         for lod in lods:
             dirs[lod] = Path(out_dir) / f"{split}_lod{lod}"
             dirs[lod].mkdir(parents=True, exist_ok=True)
     scores = {lod: {"psnr": [], "ssim": []} for lod in lods}
-    views = require_scorable(dataset, split, max_views) if require_scores else pick_split(dataset, split)
-    valid = views.valid
     order = range(len(views) if max_views is None else min(max_views, len(views)))
     if valid is not None and not dirs:  # nothing is saved: a view that cannot be scored is not rendered
         order = [i for i in order if bool(valid[i].any())]

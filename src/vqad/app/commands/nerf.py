@@ -434,14 +434,15 @@ def _lods(field, lod):
 
 
 def cmd_eval(args) -> int:
-    from vqad.nerf.evaluate import evaluate_nerf, load_scene, metric_lines, pick_split
+    from vqad.nerf.evaluate import evaluate_nerf, load_scene, metric_lines, require_scorable
 
     if args.max_views is not None and args.max_views <= 0:
         raise InputError("--max-views must be positive")
     field = load_radiance_model(args)
     lods = _lods(field, args.lod)
     dataset = load_scene(field.dataset, args.dataset)
-    pick_split(dataset, args.views)
+    require_scorable(dataset, args.views, args.max_views, fix="score other views (--views, --max-views), or check "
+                                                              "the masks (vqad render renders them)")
     out = ensure_writable_dir(args.out) if args.out else None
     res = evaluate_nerf(field, dataset, args.views, lods=lods, out_dir=out, max_views=args.max_views)
     print(f"{args.views!r} views of {dataset.name!r} (LPIPS needs network weights: not computed)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,7 +97,7 @@ def test_dynamic_masks_mark_what_to_leave_out(tmp_path):
     Image.fromarray(np.full((12, 8), 255, np.uint8), "L").save(root / "keep.png")
     meta["frames"][i]["mask_path"] = "keep.png"
     path.write_text(json.dumps(meta))
-    with pytest.raises(InputError, match="opposite things"):
+    with pytest.raises(InputError, match="both mask_path keep.png .*opposite things"):
         load_dataset(root, format="ngp")
 
 
@@ -556,3 +557,23 @@ def test_a_mask_that_keeps_everything_costs_the_sampler_nothing(tmp_path):
     train.valid = torch.ones(len(train), *train.hw, dtype=torch.bool)  # through the API, not the readers
     b = RayBatcher(train, ds, torch.device("cpu"))
     assert b.valid_ids is None and b.num_valid == b.num_rays
+
+
+def test_colmap_masks_folder_as_colmap_and_nerfstudio_name_it(tmp_path):
+    """A COLMAP project's masks/ (its feature extraction's: black = leave the pixel out), named
+    <image name>.png (COLMAP) or <stem>.png (nerfstudio); optional per image; against a dynamic mask, refused."""
+    from test_datasets import _colmap_txt
+
+    root, _ = _colmap_txt(tmp_path, "colmap", views=5)
+    names = load_dataset(root, format="colmap").splits["train"].names
+    (root / "masks").mkdir()
+    a, b = _pattern(8, 8, 1), _pattern(8, 8, 2)
+    Image.fromarray(np.where(a, 255, 0).astype(np.uint8), "L").save(root / "masks" / f"{names[0]}.png")
+    Image.fromarray(np.where(b, 255, 0).astype(np.uint8), "L").save(root / "masks" / f"{Path(names[1]).stem}.png")
+    train = load_dataset(root, format="colmap").splits["train"]
+    assert np.array_equal(train.valid[0].numpy(), a) and np.array_equal(train.valid[1].numpy(), b)
+    assert bool(train.valid[2:].all())
+    image = root / "images" / names[0]
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(image.parent / f"dynamic_mask_{image.stem}.png")
+    with pytest.raises(InputError, match="both the mask masks/.* opposite things"):
+        load_dataset(root, format="colmap")

@@ -44,7 +44,9 @@ Per-format conversions:
   ``dynamic_mask_<image stem>.png`` beside its image (instant-ngp: a non-zero colour is left out; the
   two on one frame are refused); a mask smaller than its image is resized to it by nearest neighbour,
   a lossy one (JPEG, WebP, JPEG 2000) is on from 128 up, and a downscaled pixel is kept only where its
-  whole block is. A left-out pixel has no depth and counts as foreground for carving.
+  whole block is. A left-out pixel has no depth and counts as foreground for carving. COLMAP and LLFF
+  captures read the dynamic masks beside their photos too, and a COLMAP project its ``masks/<image
+  name>.png`` (:func:`vqad.nerf.formats.colmap.colmap_mask_of`).
 * **llff**: ``poses_bounds.npy`` rows are ``[R | t | (H, W, f)]`` (3×5, column-major flattened)
   then ``near, far``; R's columns are [down, right, backwards] and become [right, up, backwards]
   (OpenGL): ``x = right = col 1``, ``y = up = −col 0``, ``z = col 2``. ``(H, W, f)`` is for the

@@ -19,6 +19,10 @@ Layout: ``ROOT/images/`` with the photos and the model in ``ROOT/sparse/0/``, ``
   float64 params[n_model]``; per image ``int32 id, float64 q[4], float64 t[3], int32 camera_id,
   NAME\\0, uint64 n_points, n_points × (float64 x, float64 y, int64 point_id)``. Little-endian.
 
+Loss masks (docs/method.md §8.4), optional per image: ``ROOT/masks/<image name>.png`` as COLMAP's feature
+extraction takes them (``--ImageReader.mask_path``; black = leave the pixel out), or ``<name without its
+extension>.png`` there (nerfstudio's), or instant-ngp's ``dynamic_mask_<stem>.png`` beside the photo.
+
 Scene box (COLMAP's units are arbitrary): :func:`vqad.nerf.formats.common.capture_box`, centred on the
 point nearest to every camera's optical axis (least squares, as instant-ngp's ``colmap2nerf`` finds its
 "centre of attention"), with half extent ``0.375 ×`` the cameras' mean distance to it (colmap2nerf scales
@@ -41,7 +45,7 @@ from vqad.nerf.formats.points import read_colmap_points
 from vqad.nerf.contraction import check_outer_scale
 from vqad.nerf.data import SceneDataset
 from vqad.nerf.formats.common import (CAMERA_BOX_OUTER, HOLD_EVERY, _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _resolve_image,
-                                      capture_box, dynamic_mask_of, lens_row)
+                                      _loss_mask_of, capture_box, dynamic_mask_of, inside_capture, lens_row)
 from vqad.nerf.lens import LENS_FISHEYE, LENS_OPENCV
 
 # model id → (name, number of parameters); only the first five are read
@@ -290,6 +294,19 @@ def read_model(model_dir: Path) -> tuple[dict[int, ColmapCamera], dict[int, Colm
     raise InputError(f"{model_dir} needs cameras and images in the same form (cameras.bin + images.bin, or .txt)")
 
 
+def colmap_mask_of(root: Path, name: str, image: Path, what: str) -> dict:
+    """An image's loss mask as :class:`~vqad.nerf.formats.common._Frame` fields: ``ROOT/masks/<image name>.png``
+    (COLMAP's ``--ImageReader.mask_path`` rule: black = leave the pixel out) or ``ROOT/masks/<name without its
+    extension>.png`` (nerfstudio's), else instant-ngp's dynamic mask beside the photo (white = leave it out),
+    else none: masks are optional per image."""
+    folder = root / "masks"
+    if folder.is_dir():
+        for rel in (f"masks/{name}.png", str(Path("masks") / Path(name).with_suffix(".png"))):
+            if inside_capture(root, root, rel, what, "its mask").is_file():
+                return _loss_mask_of({"mask_path": rel}, root, image, what, key="the mask")
+    return dynamic_mask_of(image)
+
+
 STRAY_CAMERA = 50.0  # a camera this many times the median camera's distance from the cameras' median is stray
 
 
@@ -326,7 +343,7 @@ def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limi
         pin, dist = cams[img.camera_id].pinhole_and_distortion(what)
         image = _resolve_image(image_dir, img.name, what, root=root, key="the image name")
         frames.append(_Frame(image=image, c2w=img.c2w(what), pinhole=pin, name=img.name, distortion=dist,
-                             **dynamic_mask_of(image)))
+                             **colmap_mask_of(root, img.name, image, what)))
     train, test = _holdout(frames, hold_every)
     poses = np.stack([f.c2w for f in frames])
     _refuse_stray_cameras(poses, frames, model_dir)

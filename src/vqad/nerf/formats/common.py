@@ -566,18 +566,19 @@ def dynamic_mask_of(image: Path) -> dict:
     return {"loss_mask": dynamic, "loss_mask_keeps": False} if dynamic.is_file() else {}
 
 
-def _loss_mask_of(fr: dict, base: Path, image: Path, what: str) -> dict:
+def _loss_mask_of(fr: dict, base: Path, image: Path, what: str, key: str = "mask_path") -> dict:
     """A frame's loss mask as :class:`_Frame` fields: nerfstudio's ``mask_path`` (non-zero = train on the
-    pixel) or instant-ngp's ``dynamic_mask_<image stem>.png`` beside the image (:func:`dynamic_mask_of`)."""
+    pixel; ``key`` names it in messages) or instant-ngp's ``dynamic_mask_<image stem>.png`` beside the image
+    (:func:`dynamic_mask_of`)."""
     rel = fr.get("mask_path")
     dynamic = image.parent / f"{DYNAMIC_MASK_PREFIX}{image.stem}.png"
     if rel is None:
         return dynamic_mask_of(image)
     if not isinstance(rel, str) or not rel:
-        raise InputError(f"{what}: mask_path must be a path, not {rel!r}")
-    path = named_file(inside_capture(base, base, rel, what, "mask_path"), what, "mask_path", rel)
+        raise InputError(f"{what}: {key} must be a path, not {rel!r}")
+    path = named_file(inside_capture(base, base, rel, what, key), what, key, rel)
     if dynamic.is_file():
-        raise InputError(f"{what} has both a mask_path ({rel}: white = train on the pixel) and {dynamic.name} "
+        raise InputError(f"{what} has both {key} {rel} (white = train on the pixel) and {dynamic.name} "
                          f"(instant-ngp's: white = leave the pixel out), which mean opposite things: keep one")
     return {"loss_mask": path, "loss_mask_keeps": True}
 

@@ -134,8 +134,8 @@ def test_jpeg_masks_threshold_at_half(tmp_path):
     ("nowhere.png", None, "mask_path 'nowhere.png' not found"),
     (7, None, "mask_path must be a path"),
     ("../outside.png", None, "points outside the capture folder"),
-    ("big.png", (24, 17), "must be the image's size or smaller with its aspect ratio"),
-    ("wide.png", (6, 6), "must be the image's size or smaller with its aspect ratio"),
+    ("big.png", (24, 17), "must be the image.s size, smaller with its aspect ratio, or a whole factor"),
+    ("wide.png", (6, 6), "must be the image.s size, smaller with its aspect ratio, or a whole factor"),
     ("text.png", "text", "cannot read the mask"),
 ])
 def test_bad_masks_are_refused(tmp_path, value, make, match):
@@ -336,6 +336,8 @@ def test_evaluation_scores_the_kept_pixels_and_skips_a_view_with_none(monkeypatc
     rendered.clear()
     out = ev.evaluate_nerf(Field(), ds, "test", sampler=object(), save_images=False, deadline=Spent())
     assert rendered == [1] and out[4]["views"] == 1
+    line = ev.metric_lines({4: {"psnr": 20.0, "ssim": 0.5, "views": 1, "rendered": 2, "masked": True}})[0]
+    assert "(1 of 2 views, the pixels their loss masks keep)" in line
     test.valid = torch.zeros(3, 16, 16, dtype=torch.bool)
     with pytest.raises(InputError, match="keep no pixel"):
         ev.evaluate_nerf(Field(), ds, "test", sampler=object(), save_images=False)
@@ -577,3 +579,92 @@ def test_colmap_masks_folder_as_colmap_and_nerfstudio_name_it(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(image.parent / f"dynamic_mask_{image.stem}.png")
     with pytest.raises(InputError, match="both the mask masks/.* opposite things"):
         load_dataset(root, format="colmap")
+
+
+# -- a second hostile pass's findings -------------------------------------------------------------------------
+def test_llff_downscaled_photos_take_the_full_size_photos_masks(tmp_path):
+    """LLFF's images_N copies are made after the masks: a dynamic mask beside the full-size photo stands for
+    its downscaled copy, a pixel kept only where its whole block is (brute force)."""
+    from test_datasets import _write_llff
+
+    llff = _write_llff(tmp_path / "llff", n=9, h=12, w=16, factor=2)
+    (llff / "images").mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(9):
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(llff / "images" / f"IMG_{i:03d}.png")
+    off = np.zeros((24, 32), np.uint8)
+    off[5:17, 3:20] = 255
+    Image.fromarray(off, "L").save(llff / "images" / "dynamic_mask_IMG_001.png")
+    train = load_dataset(llff, format="llff", downscale=2).splits["train"]  # images_2: the 12×16 copies
+    assert train.hw == (12, 16)
+    expect = (off == 0).reshape(12, 2, 16, 2).all(axis=(1, 3))
+    assert np.array_equal(train.valid[0].numpy(), expect) and bool(train.valid[1:].all())
+
+
+def test_masks_a_whole_factor_larger_and_the_same_file_named_twice(tmp_path):
+    root, path, meta = _capture(tmp_path)
+    _white_masks(root, meta)
+    big = _pattern(36, 24, 9)  # 3× the 12×8 photos
+    Image.fromarray(np.where(big, 255, 0).astype(np.uint8), "L").save(root / "big.png")
+    meta["frames"][1]["mask_path"] = "big.png"
+    path.write_text(json.dumps(meta))
+    assert np.array_equal(load_dataset(root, format="ngp").splits["train"].valid[0].numpy(),
+                          big.reshape(12, 3, 8, 3).all(axis=(1, 3)))
+    image = root / meta["frames"][1]["file_path"]
+    Image.fromarray(np.zeros((12, 8), np.uint8), "L").save(image.parent / f"dynamic_mask_{image.stem}.png")
+    meta["frames"][1]["mask_path"] = f"images/dynamic_mask_{image.stem}.png"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="is instant-ngp's dynamic mask of its photo, which means the opposite"):
+        load_dataset(root, format="ngp")
+
+
+def test_a_colmap_masks_folder_that_masks_nothing_is_said(tmp_path):
+    from test_datasets import _colmap_txt
+
+    root, _ = _colmap_txt(tmp_path, "colmap", views=4)
+    (root / "masks").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(root / "masks" / "mask_of_nothing.png")
+    with pytest.warns(UserWarning, match="holds 1 entries, none named after an image"):
+        load_dataset(root, format="colmap")
+    (root / "masks" / "mask_of_nothing.png").unlink()
+    (root / "masks").rmdir()
+    (root / "masks").write_text("not a folder")
+    with pytest.warns(UserWarning, match="is not a folder"):
+        load_dataset(root, format="colmap")
+
+
+def test_a_view_its_mask_empties_is_not_blamed_on_its_depth_map(tmp_path):
+    root, path, meta = _capture(tmp_path, views=9, depth=True)
+    _white_masks(root, meta)
+    Image.fromarray(np.zeros((12, 8), np.uint8), "L").save(root / "black.png")
+    meta["frames"][1]["mask_path"] = "black.png"
+    path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning) as caught:
+        load_dataset(root, format="ngp")
+    said = " | ".join(str(w.message) for w in caught)
+    assert "masks leave out every pixel" in said and "depth maps hold no valid depth" not in said
+
+
+def test_a_sweep_of_a_contracted_capture_with_masks(tmp_path, capsys):
+    """A sweep fits a contracted capture as fit-nerf does (its outer scale), scores the kept pixels, and
+    eval_views 'train' with eval_max_views does not cut the training views."""
+    from vqad.app.cli import main as cli_main
+    from vqad.app.sweep import NeRFTask, SweepConfig
+
+    cap = tmp_path / "street"
+    assert cli_main(["synth-capture", "-o", str(cap), "--size", "16x24", "--views", "9", "--supersample", "1",
+                     "--transients", "2"]) == 0
+    out = tmp_path / "rd"
+    assert cli_main(["sweep", str(cap), "--format", "ngp", "--out", str(out), "--methods", "dense", "--levels", "3:5",
+                     "--features", "4", "--steps", "10", "--batch", "256", "--hidden", "16", "--eval-max-views", "1",
+                     "--stream-bits", "0", "--no-entropy", "--device", "cpu", "--quiet", "--threads", "1"]) == 0
+    assert 0 < float(next(iter(_csv_rows(out / "results.csv")))["psnr"]) < 60
+    task = NeRFTask(SweepConfig(dataset=str(cap), format="ngp", eval_views="train", eval_max_views=1), torch.device("cpu"))
+    assert len(task.dataset.splits["train"]) == 7
+
+
+def _csv_rows(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

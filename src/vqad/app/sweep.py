@@ -610,22 +610,25 @@ class NeRFTask:
     quality = ("psnr", "ssim")
 
     def __init__(self, cfg: SweepConfig, device: torch.device):
+        from vqad.nerf.data import require_training_pixels
         from vqad.nerf.formats import load_dataset
         from vqad.nerf.evaluate import require_scorable
 
         self.cfg, self.device = cfg, device
-        limit = {cfg.eval_views: cfg.eval_max_views} if cfg.eval_max_views else None
+        # only the views scored are read (not the training views: they all train, whichever split is scored)
+        limit = {cfg.eval_views: cfg.eval_max_views} if cfg.eval_max_views and cfg.eval_views != "train" else None
         self.dataset = load_dataset(cfg.dataset, format=cfg.format, downscale=cfg.downscale,
                                     background=_background(cfg.background), split_limit=limit)
-        require_scorable(self.dataset, cfg.eval_views)  # fail now, not after the first fit (its views: split_limit)
+        require_training_pixels(self.dataset.splits["train"])  # fail now, not after the first fit
+        require_scorable(self.dataset, cfg.eval_views, cfg.eval_max_views,
+                         fix="score more or other views (--eval-max-views, --eval-views), or check the masks")
         self.name = self.dataset.name
 
     def fit(self, grid_cfg, work: Path, resume: bool, refine: int | None = None, rate_weight: float = 0.0):
         """Fit ``grid_cfg`` (``refine``: index-refinement sweeps, None: the radiance-field default, 0;
         ``rate_weight``: λ of the rate term, 0: none). Returns the field, the steps done and the sweeps
         it was fitted with."""
-        from vqad.nerf.field import NeRFConfig
-        from vqad.nerf.fit import NERF_DECODER, NeRFTrainConfig, fit_nerf
+        from vqad.nerf.fit import NERF_DECODER, NERF_FIELD, NeRFTrainConfig, fit_nerf
 
         c = self.cfg
         # vqad fit-nerf's defaults (the marching step chosen from the octree); one width for both MLPs
@@ -635,7 +638,7 @@ class NeRFTask:
         _set_rate(train, rate_weight, c.rate_context)
         res = fit_nerf(self.dataset, grid_cfg, replace(NERF_DECODER, hidden=c.hidden), train, self.device,
                        out_dir=work, resume=resume, quiet=c.quiet,
-                       nerf_cfg=NeRFConfig(color_hidden=c.hidden, step_ratio=None))
+                       nerf_cfg=replace(NERF_FIELD, color_hidden=c.hidden))  # the capture's outer scale, as fit-nerf
         return res.field, res.steps, train.refine
 
     def evaluate(self, field, lod: int) -> dict:

@@ -96,8 +96,8 @@ class SceneDataset:
 
 
 #: what to check when a loss mask leaves out every pixel
-MASK_POLARITY = ("check the masks' polarity (mask_path: white = train on the pixel; dynamic_mask_*: white = leave it "
-                 "out)")
+MASK_POLARITY = ("check the masks' polarity (mask_path and a COLMAP project's masks/: white = train on the pixel; "
+                 "dynamic_mask_*: white = leave it out)")
 
 
 def mask_summary(views: Views) -> str:

@@ -177,7 +177,8 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
 
 
 def metric_lines(results: dict) -> list[str]:
-    return [(f"LOD {lod}: PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  ({r['views']} views"
-             + (", the pixels their loss masks keep)" if r.get("masked") else ")"))
+    return [(f"LOD {lod}: PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  ("
+             + (f"{r['views']} of {r['rendered']}" if r.get("rendered", r["views"]) > r["views"] else f"{r['views']}")
+             + " views" + (", the pixels their loss masks keep)" if r.get("masked") else ")"))
             if r["psnr"] is not None else f"LOD {lod}: not scored (the loss masks of its views keep no pixel)"
             for lod, r in results.items()]

@@ -268,7 +268,7 @@ def octree_from_masks(dataset: SceneDataset, base_level: int, max_level: int, de
     if views.masks is None:
         raise InputError(f"the {split!r} views have no foreground masks: use --octree density")
     if dataset.outer_scale > 1:
-        raise InputError(f"the masks of {dataset.name!r} mark an object, but the scene extends to {dataset.outer_scale:g}× "
+        raise InputError(f"the foreground (alpha) masks of {dataset.name!r} mark an object, but the scene extends to {dataset.outer_scale:g}× "
                          "its central box (aabb_scale): use --octree density, or a capture with aabb_scale 1")
     dist, s = _mask_distance_maps(views)
     N, Hs, Ws = dist.shape

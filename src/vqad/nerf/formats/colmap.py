@@ -20,8 +20,8 @@ Layout: ``ROOT/images/`` with the photos and the model in ``ROOT/sparse/0/``, ``
   NAME\\0, uint64 n_points, n_points × (float64 x, float64 y, int64 point_id)``. Little-endian.
 
 Loss masks (docs/method.md §8.4), optional per image: ``ROOT/masks/<image name>.png`` as COLMAP's feature
-extraction takes them (``--ImageReader.mask_path``; black = leave the pixel out), or ``<name without its
-extension>.png`` there (nerfstudio's), or instant-ngp's ``dynamic_mask_<stem>.png`` beside the photo.
+extraction takes them (``--ImageReader.mask_path``; black = leave the pixel out), or else ``<name without
+its extension>.png`` there (nerfstudio's), or else instant-ngp's ``dynamic_mask_<stem>.png`` beside the photo.
 
 Scene box (COLMAP's units are arbitrary): :func:`vqad.nerf.formats.common.capture_box`, centred on the
 point nearest to every camera's optical axis (least squares, as instant-ngp's ``colmap2nerf`` finds its
@@ -35,6 +35,7 @@ look at no common point (a forward-facing capture), the box of the model's 3-D p
 from __future__ import annotations
 
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -307,6 +308,18 @@ def colmap_mask_of(root: Path, name: str, image: Path, what: str) -> dict:
     return dynamic_mask_of(image)
 
 
+def _check_masks_folder(root: Path, frames: list) -> None:
+    """Warn where a project's ``masks`` gives no image a mask: not a folder, or none of its files named after an
+    image (a typo there would silently train on every pixel)."""
+    folder = root / "masks"
+    if folder.exists() and not folder.is_dir():
+        warnings.warn(f"{folder} is not a folder: no loss masks are read from it", stacklevel=3)
+    elif folder.is_dir() and not any(f.loss_mask is not None and folder in f.loss_mask.parents for f in frames):
+        n = sum(1 for _ in folder.iterdir())
+        warnings.warn(f"{folder} holds {n} entries, none named after an image (masks/<image name>.png, or "
+                      f"<name without its extension>.png): no loss masks are read from it", stacklevel=3)
+
+
 STRAY_CAMERA = 50.0  # a camera this many times the median camera's distance from the cameras' median is stray
 
 
@@ -344,6 +357,7 @@ def read_colmap(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limi
         image = _resolve_image(image_dir, img.name, what, root=root, key="the image name")
         frames.append(_Frame(image=image, c2w=img.c2w(what), pinhole=pin, name=img.name, distortion=dist,
                              **colmap_mask_of(root, img.name, image, what)))
+    _check_masks_folder(root, frames)
     train, test = _holdout(frames, hold_every)
     poses = np.stack([f.c2w for f in frames])
     _refuse_stray_cameras(poses, frames, model_dir)

@@ -362,7 +362,8 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
     if depths and len(depths) != len(frames):
         raise InputError(f"some views of the {split} split of {source} have depth and others do not; "
                          "give every view a depth map or none")
-    empty = [names[i] for i, z in enumerate(depths) if not (z > 0).any()]
+    empty = [names[i] for i, z in enumerate(depths) if not (z > 0).any()  # a view its mask empties: said below
+             and (keeps[i] is None or keeps[i].any())]
     if empty:  # NaN, negative or 0 everywhere: the view trains, but gives the octree and the depth loss nothing
         warnings.warn(f"{len(empty)} of the {split} views' depth maps hold no valid depth ({', '.join(empty[:3])}"
                       f"{', ...' if len(empty) > 3 else ''}): those views give no depth", stacklevel=2)
@@ -577,6 +578,10 @@ def _loss_mask_of(fr: dict, base: Path, image: Path, what: str, key: str = "mask
     if not isinstance(rel, str) or not rel:
         raise InputError(f"{what}: {key} must be a path, not {rel!r}")
     path = named_file(inside_capture(base, base, rel, what, key), what, key, rel)
+    if dynamic.is_file() and os.path.abspath(path) == os.path.abspath(dynamic):
+        raise InputError(f"{what}: {key} {rel} is instant-ngp's dynamic mask of its photo, which means the opposite "
+                         f"(white = leave the pixel out): give a mask where white = train on the pixel, or remove "
+                         f"the {key} and let the dynamic mask be read as such")
     if dynamic.is_file():
         raise InputError(f"{what} has both {key} {rel} (white = train on the pixel) and {dynamic.name} "
                          f"(instant-ngp's: white = leave the pixel out), which mean opposite things: keep one")
@@ -600,6 +605,10 @@ def nearest_to(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return a[rows][:, cols]
 
 
+#: how many times larger (per side) than its photo a loss mask may be: the full-size photos' mask of an LLFF
+#: ``images_8`` or nerfstudio ``images_8`` copy
+MAX_MASK_FACTOR = 16
+
 #: image formats whose compression alters pixel values: a mask in one is "on" from 128 up, not from 1
 LOSSY_MASK_FORMATS = ("JPEG", "MPO", "JPEG2000", "WEBP")
 
@@ -612,17 +621,21 @@ def _read_loss_mask(fr: _Frame, hw: tuple[int, int], n: int) -> tuple[np.ndarray
     :data:`LOSSY_MASK_FORMATS`): a grey mask's value; a colour mask's brightest channel (as instant-ngp reads
     its dynamic masks); a palette mask's index for a ``mask_path`` (as nerfstudio reads it) and its colour
     for a dynamic mask. A mask whose alpha varies where its colour does not is refused (which would be the
-    mask?). A mask smaller than its image is resized to it by nearest neighbour; a downscaled pixel is kept
-    only where every pixel of its block is (a block's average colour mixes in whatever a left-out pixel shows)."""
+    mask?). A mask smaller than its image is resized to it by nearest neighbour; one a whole factor f larger
+    (up to :data:`MAX_MASK_FACTOR`: the full-size photos' mask of a downscaled copy) and a downscaled pixel
+    are kept only where every pixel of its ``f × f`` block is (a block's average colour mixes in whatever a
+    left-out pixel shows)."""
     from PIL import Image, UnidentifiedImageError
 
     path = fr.loss_mask
     try:
         with Image.open(path) as im:
             w, h = im.size  # from the header: a mask too large is refused before it is decoded
-            if not fits_image(w, h, hw):
+            f = w // hw[1] if w % hw[1] == 0 and h == (w // hw[1]) * hw[0] else 0
+            if not (fits_image(w, h, hw) or 2 <= f <= MAX_MASK_FACTOR):
                 raise InputError(f"the mask {path} is {w}×{h} but its image {fr.image.name} is {hw[1]}×{hw[0]}: a "
-                                 f"mask must be the image's size or smaller with its aspect ratio")
+                                 f"mask must be the image's size, smaller with its aspect ratio, or a whole factor "
+                                 f"(2..{MAX_MASK_FACTOR}) larger")
             lossy = im.format in LOSSY_MASK_FORMATS
             if im.mode in ("1", "L", "I", "F") or im.mode.startswith("I;16") or (im.mode == "P" and fr.loss_mask_keeps):
                 values = np.asarray(im, dtype=np.float64)
@@ -637,11 +650,12 @@ def _read_loss_mask(fr: _Frame, hw: tuple[int, int], n: int) -> tuple[np.ndarray
     if not np.isfinite(values).all():
         raise InputError(f"the mask {path} has values that are not numbers (NaN or infinity): a mask is 0 or not")
     if lossy and 0 < values.max() < 128:
-        raise InputError(f"the mask {path} is a {im.format} image whose values stay below 128 (a mask of 0 and 1?): "
-                         f"lossy compression cannot keep such values apart; save the mask as PNG, 0 and 255")
-    on = nearest_to(values >= 128 if lossy else values != 0, hw)
+        raise InputError(f"the mask {path} is a {im.format} image (a format that may be lossy, read from 128 up) whose "
+                         f"values stay below 128 (a mask of 0 and 1?): save the mask as PNG, 0 and 255")
+    on = values >= 128 if lossy else values != 0
     keep = on if fr.loss_mask_keeps else ~on
     any_kept = bool(keep.any())
+    keep = keep.reshape(hw[0], f, hw[1], f).all(axis=(1, 3)) if f >= 2 else nearest_to(keep, hw)
     keep = _crop_to_multiple(keep, n)
     return keep.reshape(keep.shape[0] // n, n, keep.shape[1] // n, n).all(axis=(1, 3)), any_kept
 

@@ -80,9 +80,9 @@ def read_llff(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=
         c2w = np.eye(4)
         c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = P[:, 1], -P[:, 0], P[:, 2], P[:, 3]
         h_i, w_i, f_i = P[:, 4]
+        mask = dynamic_mask_of(p) or dynamic_mask_of(root / "images" / p.name)  # or beside the full-size photo
         frames.append(_Frame(image=p, c2w=_as_c2w(c2w, f"view {i} of {pb_path.name}"),
-                             pinhole=_Pinhole(fx=f_i, fy=f_i, w=w_i, h=h_i), name=f"{img_dir.name}/{p.name}",
-                             **dynamic_mask_of(p)))
+                             pinhole=_Pinhole(fx=f_i, fy=f_i, w=w_i, h=h_i), name=f"{img_dir.name}/{p.name}", **mask))
     train, test = _holdout(frames, hold_every)
     desc = f"every {hold_every}th image of {img_dir.name}"
     sources = {"train": f"{img_dir.name} minus every {hold_every}th image", "val": desc + " (val = test)", "test": desc}

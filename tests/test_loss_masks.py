@@ -134,7 +134,7 @@ def test_jpeg_masks_threshold_at_half(tmp_path):
     ("nowhere.png", None, "mask_path 'nowhere.png' not found"),
     (7, None, "mask_path must be a path"),
     ("../outside.png", None, "points outside the capture folder"),
-    ("big.png", (24, 17), "must be the image.s size, smaller with its aspect ratio, or a whole factor"),
+    ("big.png", (30, 17), "must be the image.s size, smaller with its aspect ratio, or a whole factor"),
     ("wide.png", (6, 6), "must be the image.s size, smaller with its aspect ratio, or a whole factor"),
     ("text.png", "text", "cannot read the mask"),
 ])
@@ -457,7 +457,7 @@ def test_messages_name_what_emptied_a_mask(tmp_path):
     with pytest.warns(UserWarning) as caught:
         ds = load_dataset(root, format="ngp", downscale=2)
     said = " | ".join(str(w.message) for w in caught)
-    assert "1 of the 'val' and 'test' views' masks leave out every pixel" in said and "at --downscale 2" in said
+    assert "1 of the 'val' and 'test' views' masks leave out every pixel" in said and "(up to 2×2 here: --downscale 2" in said
     assert "1 of the 'train' views' masks leave out every pixel" in said and "polarity" in said
     one = torch.zeros(2, 40, 50, dtype=torch.bool)
     one[0, 0, 0] = True
@@ -668,3 +668,61 @@ def _csv_rows(path):
 
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+# -- a review of those fixes ------------------------------------------------------------------------------------
+def test_colmap_masks_from_a_relative_path_warn_nothing(tmp_path, monkeypatch):
+    from test_datasets import _colmap_txt
+
+    root, _ = _colmap_txt(tmp_path, "colmap", views=4)
+    name = load_dataset(root, format="colmap").splits["train"].names[0]
+    (root / "masks").mkdir()
+    Image.fromarray(np.where(_pattern(8, 8, 1), 255, 0).astype(np.uint8), "L").save(root / "masks" / f"{name}.png")
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the mask is found: no "none named after an image"
+        train = load_dataset("colmap", format="colmap").splits["train"]
+    assert np.array_equal(train.valid[0].numpy(), _pattern(8, 8, 1))
+
+
+def test_llff_copies_of_rounded_size_and_masks_beside_the_largest_copy(tmp_path):
+    """mip-NeRF 360's copies round their size (4946 px → 1237 at images_4): the full-size mask, edge-padded to
+    the whole factor, still stands for its copy; where the largest folder is an images_N, its masks do."""
+    from test_datasets import _write_llff
+
+    llff = _write_llff(tmp_path / "llff", n=9, h=11, w=17, factor=2)  # images_2: 17×11 copies
+    (llff / "images").mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(9):  # full size 33×22: 2 × 17 = 34 across, rounded down to 33
+        Image.fromarray(rng.integers(0, 256, (22, 33, 3), dtype=np.uint8)).save(llff / "images" / f"IMG_{i:03d}.png")
+    off = np.zeros((22, 33), np.uint8)
+    off[4:12, 6:15] = 255
+    Image.fromarray(off, "L").save(llff / "images" / "dynamic_mask_IMG_001.png")
+    train = load_dataset(llff, format="llff", downscale=2).splits["train"]
+    keep = np.pad(off == 0, ((0, 0), (0, 1)), mode="edge").reshape(11, 2, 17, 2).all(axis=(1, 3))
+    assert train.hw == (11, 17) and np.array_equal(train.valid[0].numpy(), keep)
+
+    llff = _write_llff(tmp_path / "llff4", n=9, h=6, w=8, factor=4)  # images_4 read from the largest, images_2
+    (llff / "images_2").mkdir()
+    for i in range(9):
+        Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(llff / "images_2" / f"IMG_{i:03d}.png")
+    off = np.zeros((12, 16), np.uint8)
+    off[:4] = 255
+    Image.fromarray(off, "L").save(llff / "images_2" / "dynamic_mask_IMG_001.png")
+    train = load_dataset(llff, format="llff", downscale=2).splits["train"]
+    assert train.hw == (6, 8) and np.array_equal(train.valid[0].numpy(), (off == 0).reshape(6, 2, 8, 2).all(axis=(1, 3)))
+
+
+def test_colmap_mask_names_the_file_system_refuses_are_said(tmp_path):
+    from test_datasets import _colmap_txt
+
+    from vqad.nerf.formats.colmap import colmap_mask_of
+
+    root, _ = _colmap_txt(tmp_path, "colmap", views=4)
+    (root / "masks").mkdir()
+    photo = next((root / "images").iterdir())
+    with pytest.raises(InputError, match="cannot be looked up"):  # an image name of 300 characters
+        colmap_mask_of(root, "x" * 300 + ".png", photo, "an image")
+    assert colmap_mask_of(root, "scan.001", photo, "an image") == {}  # no extension: no <stem>.png rule
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(root / "masks" / "scan.png")
+    assert colmap_mask_of(root, "scan.001", photo, "an image") == {}  # scan.png is not scan.001's

@@ -34,6 +34,7 @@ look at no common point (a forward-facing capture), the box of the model's 3-D p
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from vqad.errors import InputError
 from vqad.nerf.formats.points import read_colmap_points
 from vqad.nerf.contraction import check_outer_scale
 from vqad.nerf.data import SceneDataset
-from vqad.nerf.formats.common import (CAMERA_BOX_OUTER, HOLD_EVERY, _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _resolve_image,
+from vqad.nerf.formats.common import (CAMERA_BOX_OUTER, HOLD_EVERY, IMAGE_EXTS, _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _resolve_image,
                                       _loss_mask_of, capture_box, dynamic_mask_of, inside_capture, lens_row)
 from vqad.nerf.lens import LENS_FISHEYE, LENS_OPENCV
 
@@ -302,19 +303,26 @@ def colmap_mask_of(root: Path, name: str, image: Path, what: str) -> dict:
     else none: masks are optional per image."""
     folder = root / "masks"
     if folder.is_dir():
-        for rel in (f"masks/{name}.png", str(Path("masks") / Path(name).with_suffix(".png"))):
-            if inside_capture(root, root, rel, what, "its mask").is_file():
-                return _loss_mask_of({"mask_path": rel}, root, image, what, key="the mask")
+        rules = [f"{name}.png"] + ([str(Path(name).with_suffix(".png"))] if Path(name).suffix.lower() in IMAGE_EXTS else [])
+        for rel in rules:
+            path = inside_capture(folder, folder, rel, what, "its mask (in masks/)")
+            try:
+                found = path.is_file()
+            except OSError as e:  # a name too long for the file system...
+                raise InputError(f"{what}: its mask {path} cannot be looked up ({e.strerror or e})") from e
+            if found:
+                return _loss_mask_of({"mask_path": f"masks/{rel}"}, root, image, what, key="the mask")
     return dynamic_mask_of(image)
 
 
 def _check_masks_folder(root: Path, frames: list) -> None:
     """Warn where a project's ``masks`` gives no image a mask: not a folder, or none of its files named after an
     image (a typo there would silently train on every pixel)."""
-    folder = root / "masks"
+    folder = Path(os.path.abspath(root / "masks"))  # as the masks' own paths (inside_capture): a relative root too
     if folder.exists() and not folder.is_dir():
         warnings.warn(f"{folder} is not a folder: no loss masks are read from it", stacklevel=3)
-    elif folder.is_dir() and not any(f.loss_mask is not None and folder in f.loss_mask.parents for f in frames):
+    elif folder.is_dir() and not any(f.loss_mask is not None and folder in Path(os.path.abspath(f.loss_mask)).parents
+                                     for f in frames):
         n = sum(1 for _ in folder.iterdir())
         warnings.warn(f"{folder} holds {n} entries, none named after an image (masks/<image name>.png, or "
                       f"<name without its extension>.png): no loss masks are read from it", stacklevel=3)

@@ -330,6 +330,7 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
     if not frames:
         raise InputError(f"the {split} split of {source} has no views")
     images, alphas, depths, intr, poses, names, dists, keeps, blank = [], [], [], [], [], [], [], [], []
+    block = 1  # the largest block of mask pixels one view's pixel needs all of (--downscale, a larger mask)
     any_alpha = False
     size = None
     first = None
@@ -346,8 +347,10 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
         rgb8, a8 = _image_to_srgb8(rgba, downscale, background)
         images.append(rgb8)
         alphas.append(a8)
-        keep, kept_before = _read_loss_mask(fr, rgba.shape[:2], downscale) if fr.loss_mask is not None else (None, True)
+        keep, kept_before, factor = (_read_loss_mask(fr, rgba.shape[:2], downscale) if fr.loss_mask is not None
+                                     else (None, True, 1))
         keeps.append(keep)
+        block = max(block, factor * downscale)
         if not kept_before:
             blank.append(fr.name)
         if keep is not None:  # a left-out pixel is no evidence: not of empty space (carving), not of depth
@@ -369,8 +372,9 @@ def _load_views(frames: list[_Frame], downscale: int, background, split: str, so
                       f"{', ...' if len(empty) > 3 else ''}): those views give no depth", stacklevel=2)
     emptied = [names[i] for i, k in enumerate(keeps) if k is not None and not k.any() and names[i] not in blank]
     for which, why in ((blank, MASK_POLARITY),
-                       (emptied, f"at --downscale {downscale} a pixel is kept only where its whole {downscale}×"
-                                 f"{downscale} block is; a smaller --downscale keeps more")):
+                       (emptied, f"a pixel is kept only where its whole block of mask pixels is (up to {block}×"
+                                 f"{block} here: --downscale {downscale}, and masks larger than their photos); a "
+                                 f"smaller --downscale keeps more")):
         if which:
             warnings.warn(f"{len(which)} of the {split} views' masks leave out every pixel ({', '.join(which[:3])}"
                           f"{', ...' if len(which) > 3 else ''}): those views give nothing; {why}", stacklevel=2)
@@ -613,41 +617,52 @@ MAX_MASK_FACTOR = 16
 LOSSY_MASK_FORMATS = ("JPEG", "MPO", "JPEG2000", "WEBP")
 
 
-def _read_loss_mask(fr: _Frame, hw: tuple[int, int], n: int) -> tuple[np.ndarray, bool]:
-    """A frame's loss mask → ``(H/n, W/n) bool``, True = train on and score the pixel, and whether the mask
-    kept any pixel before the downscale.
+def mask_factor(w: int, h: int, hw: tuple[int, int]) -> int:
+    """How many times larger per side a ``w × h`` mask is than its image ``hw = (H, W)``: a whole ``f`` in
+    2..:data:`MAX_MASK_FACTOR` where ``w, h`` are within ``f`` pixels of ``f·W, f·H`` (a downscaled copy's
+    size is rounded: mip-NeRF 360's bicycle is 4946 px wide, its images_4 1237), else 1 (its size or smaller)
+    or 0 (neither)."""
+    if fits_image(w, h, hw):
+        return 1
+    f = round(w / hw[1])
+    return f if 2 <= f <= MAX_MASK_FACTOR and abs(w - f * hw[1]) < f and abs(h - f * hw[0]) < f else 0
+
+
+def _read_loss_mask(fr: _Frame, hw: tuple[int, int], n: int) -> tuple[np.ndarray, bool, int]:
+    """A frame's loss mask → ``(H/n, W/n) bool``, True = train on and score the pixel, whether the mask
+    kept any pixel before it was reduced, and how many times larger than the photo it was (:func:`mask_factor`).
 
     A pixel is "on" where its value is non-zero (at least 128 in a lossy format, whose noise lifts black;
     :data:`LOSSY_MASK_FORMATS`): a grey mask's value; a colour mask's brightest channel (as instant-ngp reads
     its dynamic masks); a palette mask's index for a ``mask_path`` (as nerfstudio reads it) and its colour
     for a dynamic mask. A mask whose alpha varies where its colour does not is refused (which would be the
     mask?). A mask smaller than its image is resized to it by nearest neighbour; one a whole factor f larger
-    (up to :data:`MAX_MASK_FACTOR`: the full-size photos' mask of a downscaled copy) and a downscaled pixel
-    are kept only where every pixel of its ``f × f`` block is (a block's average colour mixes in whatever a
-    left-out pixel shows)."""
+    (the full-size photos' mask of a downscaled copy; cropped or edge-padded to ``f·H × f·W`` first) and a
+    downscaled pixel are kept only where every pixel of its block is (a block's average colour mixes in
+    whatever a left-out pixel shows)."""
     from PIL import Image, UnidentifiedImageError
 
     path = fr.loss_mask
     try:
         with Image.open(path) as im:
             w, h = im.size  # from the header: a mask too large is refused before it is decoded
-            f = w // hw[1] if w % hw[1] == 0 and h == (w // hw[1]) * hw[0] else 0
-            if not (fits_image(w, h, hw) or 2 <= f <= MAX_MASK_FACTOR):
+            f = mask_factor(w, h, hw)
+            if not f:
                 raise InputError(f"the mask {path} is {w}×{h} but its image {fr.image.name} is {hw[1]}×{hw[0]}: a "
                                  f"mask must be the image's size, smaller with its aspect ratio, or a whole factor "
                                  f"(2..{MAX_MASK_FACTOR}) larger")
             lossy = im.format in LOSSY_MASK_FORMATS
             if im.mode in ("1", "L", "I", "F") or im.mode.startswith("I;16") or (im.mode == "P" and fr.loss_mask_keeps):
-                values = np.asarray(im, dtype=np.float64)
+                values = np.asarray(im)  # its own type: no float copy of a large mask
             else:  # RGB, RGBA, LA, CMYK, a dynamic mask's palette...: its colour
-                rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
+                rgba = np.asarray(im.convert("RGBA"))
                 values = rgba[..., :3].max(axis=-1)
                 if np.ptp(rgba[..., 3]) > 0 and np.ptp(values) == 0:
                     raise InputError(f"the mask {path} is one colour with a varying alpha channel: vqad reads a mask's "
                                      f"colour (nerfstudio wants one grey channel); save the mask as a grey image")
     except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise InputError(f"cannot read the mask {path}: {e}") from e
-    if not np.isfinite(values).all():
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
         raise InputError(f"the mask {path} has values that are not numbers (NaN or infinity): a mask is 0 or not")
     if lossy and 0 < values.max() < 128:
         raise InputError(f"the mask {path} is a {im.format} image (a format that may be lossy, read from 128 up) whose "
@@ -655,9 +670,13 @@ def _read_loss_mask(fr: _Frame, hw: tuple[int, int], n: int) -> tuple[np.ndarray
     on = values >= 128 if lossy else values != 0
     keep = on if fr.loss_mask_keeps else ~on
     any_kept = bool(keep.any())
-    keep = keep.reshape(hw[0], f, hw[1], f).all(axis=(1, 3)) if f >= 2 else nearest_to(keep, hw)
+    if f >= 2:  # to f·H × f·W (a rounded copy's size: crop, or repeat the last rows and columns), then blocks
+        keep = np.pad(keep[:f * hw[0], :f * hw[1]], ((0, max(0, f * hw[0] - h)), (0, max(0, f * hw[1] - w))), mode="edge")
+        keep = keep.reshape(hw[0], f, hw[1], f).all(axis=(1, 3))
+    else:
+        keep = nearest_to(keep, hw)
     keep = _crop_to_multiple(keep, n)
-    return keep.reshape(keep.shape[0] // n, n, keep.shape[1] // n, n).all(axis=(1, 3)), any_kept
+    return keep.reshape(keep.shape[0] // n, n, keep.shape[1] // n, n).all(axis=(1, 3)), any_kept, f
 
 
 #: the readers hold out every this-many-th frame (0, 8, 16, ...) of a capture without splits, for test and val

@@ -13,11 +13,12 @@ from vqad.nerf.formats.common import HOLD_EVERY, _Frame, _Pinhole, _as_c2w, _dat
 
 
 # -- LLFF ------------------------------------------------------------------------------------------
-def _llff_image_dir(root: Path, downscale: int) -> tuple[Path, int]:
-    """The image folder to read and the downscale still to apply to it.
+def _llff_image_dir(root: Path, downscale: int) -> tuple[Path, int, Path]:
+    """The image folder to read, the downscale still to apply to it, and the highest-resolution folder present
+    (``images`` = factor 1, or the smallest ``images_N``; its photos' dynamic masks stand for their copies).
 
-    ``downscale`` is relative to the highest-resolution folder present (``images`` = factor 1, or the
-    smallest ``images_N``); a folder ``images_{base·downscale}`` is read directly when it exists.
+    ``downscale`` is relative to that folder; a folder ``images_{base·downscale}`` is read directly when it
+    exists.
     """
     dirs = {}
     for d in root.iterdir():
@@ -28,8 +29,8 @@ def _llff_image_dir(root: Path, downscale: int) -> tuple[Path, int]:
         raise InputError(f"{root} has poses_bounds.npy but no images/ or images_N/ folder: add the images")
     base = min(dirs)
     if base * downscale in dirs:
-        return dirs[base * downscale], 1
-    return dirs[base], downscale
+        return dirs[base * downscale], 1, dirs[base]
+    return dirs[base], downscale, dirs[base]
 
 
 def read_llff(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=None, hold_every: int = HOLD_EVERY) -> SceneDataset:
@@ -69,7 +70,7 @@ def read_llff(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=
     bds = pb[:, 15:17]
     if np.any(bds <= 0) or np.any(bds[:, 1] <= bds[:, 0]):
         raise InputError(f"{pb_path}: the near/far bounds must satisfy 0 < near < far in every row")
-    img_dir, rest = _llff_image_dir(root, downscale)
+    img_dir, rest, full_dir = _llff_image_dir(root, downscale)
     paths = _list_images(img_dir)
     if len(paths) != len(poses):
         raise InputError(f"{pb_path} has {len(poses)} poses but {img_dir} has {len(paths)} images; "
@@ -80,7 +81,7 @@ def read_llff(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=
         c2w = np.eye(4)
         c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = P[:, 1], -P[:, 0], P[:, 2], P[:, 3]
         h_i, w_i, f_i = P[:, 4]
-        mask = dynamic_mask_of(p) or dynamic_mask_of(root / "images" / p.name)  # or beside the full-size photo
+        mask = dynamic_mask_of(p) or dynamic_mask_of(full_dir / p.name)  # or beside the full-size photo
         frames.append(_Frame(image=p, c2w=_as_c2w(c2w, f"view {i} of {pb_path.name}"),
                              pinhole=_Pinhole(fx=f_i, fy=f_i, w=w_i, h=h_i), name=f"{img_dir.name}/{p.name}", **mask))
     train, test = _holdout(frames, hold_every)

@@ -1409,3 +1409,16 @@ def test_depth_maps_in_other_units_than_the_poses_are_warned_about(tmp_path):
         path.write_text(json.dumps(meta))
         with pytest.warns(UserWarning, match=rf"agree with each other through the poses best when scaled by {scale} "):
             load_dataset(root, format="ngp")
+    # any factor more than 10 % off (structure-from-motion poses and metric depth): the scale that fits, found
+    for factor in (1.25, 0.8, 1.15, 3.3):
+        meta["depth_unit_scale_factor"] = 1e-3 * factor
+        path.write_text(json.dumps(meta))
+        with pytest.warns(UserWarning, match="best when scaled by") as caught:
+            load_dataset(root, format="ngp")
+        said = next(str(w.message) for w in caught if "best when scaled by" in str(w.message))
+        assert float(said.split("best when scaled by ")[1].split()[0]) == pytest.approx(1 / factor, rel=0.02)
+    meta["depth_unit_scale_factor"] = 1e-3 * 1.05  # within 10 %: said nothing
+    path.write_text(json.dumps(meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset(root, format="ngp")

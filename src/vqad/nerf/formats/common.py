@@ -826,8 +826,10 @@ def depth_points(views: Views, stride: int = 8) -> np.ndarray | None:
     return np.concatenate(out)
 
 
-#: the scales :func:`depth_units_check` tries on a capture's depth maps
-DEPTH_SCALES_TRIED = (1e-3, 0.01, 0.1, 0.25, 0.5, 0.71, 1.41, 2.0, 4.0, 10.0, 100.0, 1e3)
+#: the scales :func:`depth_units_check` tries on a capture's depth maps: metres read as millimetres and the
+#: reverse, and every 1/8 of an octave from ¼ to 4 (the agreement is not unimodal in the scale: a sparser grid
+#: lands beside the wrong dip)
+DEPTH_SCALES_TRIED = (1e-3, 0.01, 0.1) + tuple(round(2.0 ** (k / 8), 4) for k in range(-16, 17) if k) + (10.0, 100.0, 1e3)
 #: the median disagreement as given above which the maps are warned about even where no scale fits better
 MAX_DEPTH_DISAGREEMENT = 0.1
 #: :func:`depth_agreement` pairs each view with the farthest camera whose axis is within this angle of its own
@@ -875,24 +877,58 @@ def depth_agreement(views: Views, samples: int = 256, seed: int = 0, scale: floa
 
 def depth_units_check(views: Views) -> str | None:
     """Whether a split's depth maps are in its poses' units: :func:`depth_agreement` as given and scaled by
-    each of :data:`DEPTH_SCALES_TRIED` (metres read as millimetres to the reverse). Maps in the right units
-    agree best as given (the generated room: 0.4 % median, 4.6 % or more at any other scale); maps 2× off
-    agree best at 0.5 (0.4 % against 16 %). Returns what is wrong, in words, or None: another scale agrees at
-    least twice as well, or none does but the maps disagree by over :data:`MAX_DEPTH_DISAGREEMENT` as given."""
+    each of :data:`DEPTH_SCALES_TRIED` (metres read as millimetres to the reverse), then fitted between the
+    best one's neighbours (:func:`_fitted_depth_scale`: poses from structure from motion and a phone's metric
+    depth differ by any factor). Maps in the right units agree best as given (the generated room: 0.4 % median,
+    4.6 % or more at any other scale); maps 2× off agree best at 0.5 (0.4 % against 16 %), 1.25× off at 0.8.
+    Returns what is wrong, in words, or None: a scale more than 10 % from 1 agrees at least twice as well, or
+    none does but the maps disagree by over :data:`MAX_DEPTH_DISAGREEMENT` as given."""
     given = depth_agreement(views)
     if given is not None and given < 0.01:
         return None
     tried = [(m, s) for s in DEPTH_SCALES_TRIED if (m := depth_agreement(views, scale=s)) is not None]
     best, scale = min(tried) if tried else (None, 1.0)
-    if best is not None and (given is None or best < 0.5 * given):
+    if best is not None:  # between the scales tried: the one that fits (poses from structure from motion
+        best, scale = _fitted_depth_scale(views, best, scale)  # and metric depth differ by any factor)
+    shown = f"{float(f'{scale:.3g}'):g}"  # 0.8, 1.25, 1000
+    if best is not None and (given is None or best < 0.5 * given) and abs(math.log(scale)) > math.log(1.1):
         as_given = "as given too few land in the other views to compare" if given is None else f"{given:.1%} as given"
-        return (f"its depth maps agree with each other through the poses best when scaled by {scale:g} ({best:.1%} "
+        return (f"its depth maps agree with each other through the poses best when scaled by {shown} ({best:.1%} "
                 f"median difference; {as_given}): they are probably in other units than the poses; multiply their "
-                f"scale by {scale:g} (a transforms.json's depth_unit_scale_factor: world units per stored unit)")
+                f"scale by {shown} (a transforms.json's depth_unit_scale_factor: world units per stored unit)")
     if given is not None and given > MAX_DEPTH_DISAGREEMENT:
         return (f"its depth maps disagree with each other by {given:.0%} (median) once moved between views by the "
                 f"poses, at any scale: the poses or the maps are off")
     return None
+
+
+def _fitted_depth_scale(views: Views, best: float, scale: float, steps: int = 14) -> tuple[float, float]:
+    """The scale between the neighbours of ``scale`` in :data:`DEPTH_SCALES_TRIED` (and 1, as given) at which
+    :func:`depth_agreement` is least, by golden-section search on its logarithm: ``(agreement, scale)``,
+    the scale to three significant digits (``best`` at ``scale`` if the search finds nothing better)."""
+    grid = sorted({*DEPTH_SCALES_TRIED, 1.0})
+    i = grid.index(scale)
+    a, b = math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)])
+    g = (math.sqrt(5.0) - 1.0) / 2.0
+
+    def at(x: float) -> float:
+        m = depth_agreement(views, scale=math.exp(x))
+        return math.inf if m is None else m
+
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = at(c), at(d)
+    for _ in range(steps):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = at(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = at(d)
+    found = float(f"{math.exp(0.5 * (a + b)):.3g}")
+    m = depth_agreement(views, scale=found)
+    return (m, found) if m is not None and m < best else (best, scale)
 
 
 #: the share of a capture's training pixels whose rays must cross its scene box, below which readers warn

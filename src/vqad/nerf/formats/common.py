@@ -830,6 +830,10 @@ def depth_points(views: Views, stride: int = 8) -> np.ndarray | None:
 #: reverse, and every 1/8 of an octave from ¼ to 4 (the agreement is not unimodal in the scale: a sparser grid
 #: lands beside the wrong dip)
 DEPTH_SCALES_TRIED = (1e-3, 0.01, 0.1) + tuple(round(2.0 ** (k / 8), 4) for k in range(-16, 17) if k) + (10.0, 100.0, 1e3)
+#: how much better another scale must make the maps agree (median) for :func:`depth_units_check` to blame the
+#: units: 1.15× to 1000× off gives 0.05–0.18 on the generated room; maps that do not fit their poses at all
+#: (but are in their units) found dips of 0.38–0.5 on the finer grid, which are no units error
+DEPTH_SCALE_GAIN = 0.25
 #: the median disagreement as given above which the maps are warned about even where no scale fits better
 MAX_DEPTH_DISAGREEMENT = 0.1
 #: :func:`depth_agreement` pairs each view with the farthest camera whose axis is within this angle of its own
@@ -881,8 +885,9 @@ def depth_units_check(views: Views) -> str | None:
     best one's neighbours (:func:`_fitted_depth_scale`: poses from structure from motion and a phone's metric
     depth differ by any factor). Maps in the right units agree best as given (the generated room: 0.4 % median,
     4.6 % or more at any other scale); maps 2× off agree best at 0.5 (0.4 % against 16 %), 1.25× off at 0.8.
-    Returns what is wrong, in words, or None: a scale more than 10 % from 1 agrees at least twice as well, or
-    none does but the maps disagree by over :data:`MAX_DEPTH_DISAGREEMENT` as given."""
+    Returns what is wrong, in words, or None: a scale more than 10 % from 1 agrees :data:`DEPTH_SCALE_GAIN`
+    times as closely or better, or none does but the maps disagree by over :data:`MAX_DEPTH_DISAGREEMENT` as
+    given."""
     given = depth_agreement(views)
     if given is not None and given < 0.01:
         return None
@@ -891,7 +896,7 @@ def depth_units_check(views: Views) -> str | None:
     if best is not None:  # between the scales tried: the one that fits (poses from structure from motion
         best, scale = _fitted_depth_scale(views, best, scale)  # and metric depth differ by any factor)
     shown = f"{float(f'{scale:.3g}'):g}"  # 0.8, 1.25, 1000
-    if best is not None and (given is None or best < 0.5 * given) and abs(math.log(scale)) > math.log(1.1):
+    if best is not None and (given is None or best < DEPTH_SCALE_GAIN * given) and abs(math.log(scale)) > math.log(1.1):
         as_given = "as given too few land in the other views to compare" if given is None else f"{given:.1%} as given"
         return (f"its depth maps agree with each other through the poses best when scaled by {shown} ({best:.1%} "
                 f"median difference; {as_given}): they are probably in other units than the poses; multiply their "

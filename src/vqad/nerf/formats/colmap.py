@@ -311,7 +311,7 @@ def colmap_mask_of(root: Path, name: str, image: Path, what: str) -> dict:
             except OSError as e:  # a name too long for the file system...
                 raise InputError(f"{what}: its mask {path} cannot be looked up ({e.strerror or e})") from e
             if found:
-                return _loss_mask_of({"mask_path": f"masks/{rel}"}, root, image, what, key="the mask")
+                return _loss_mask_of(f"masks/{rel}", root, image, what, key="the mask")
     return dynamic_mask_of(image)
 
 

@@ -137,6 +137,11 @@ def _block_mean(a: np.ndarray, n: int) -> np.ndarray:
     return a.reshape(h, n, w, n, *a.shape[2:]).mean(axis=(1, 3))
 
 
+def _block_all(a: np.ndarray, n: int) -> np.ndarray:
+    """Whether every pixel of each ``n × n`` block is set: ``(H, W) bool → (H/n, W/n)`` (H, W multiples of n)."""
+    return a.reshape(a.shape[0] // n, n, a.shape[1] // n, n).all(axis=(1, 3))
+
+
 #: an even block's two middle depths are one surface, and averaged, when they are within this ratio of each
 #: other (a slope at a grazing angle changes depth by a few % a pixel; a silhouette by more). The sorted
 #: values cannot tell a slope along the pixel rows (tied pairs) from a silhouette under 15 % deep
@@ -523,7 +528,7 @@ def _transforms_frames(meta: dict, base: Path, json_path: Path) -> list[_Frame]:
                              f"{str(fr['transform_matrix'])[:60]}")
         out.append(_Frame(image=path, c2w=_as_c2w(fr["transform_matrix"], what), pinhole=pin,
                           name=str(fr["file_path"]), distortion=lens, depth=_depth_path(fr, base, what),
-                          depth_kind="z", depth_scale=depth_scale, **_loss_mask_of(fr, base, path, what)))
+                          depth_kind="z", depth_scale=depth_scale, **_loss_mask_of(fr.get("mask_path"), base, path, what)))
     with_mask = sum(isinstance(fr, dict) and fr.get("mask_path") is not None for fr in frames)
     if 0 < with_mask < len(out):  # as nerfstudio: a frame without one is a typo more often than a choice
         raise InputError(f"{json_path}: {with_mask} of its {len(out)} frames name a mask_path: give every frame a mask "
@@ -571,23 +576,22 @@ def dynamic_mask_of(image: Path) -> dict:
     return {"loss_mask": dynamic, "loss_mask_keeps": False} if dynamic.is_file() else {}
 
 
-def _loss_mask_of(fr: dict, base: Path, image: Path, what: str, key: str = "mask_path") -> dict:
-    """A frame's loss mask as :class:`_Frame` fields: nerfstudio's ``mask_path`` (non-zero = train on the
-    pixel; ``key`` names it in messages) or instant-ngp's ``dynamic_mask_<image stem>.png`` beside the image
-    (:func:`dynamic_mask_of`)."""
-    rel = fr.get("mask_path")
-    dynamic = image.parent / f"{DYNAMIC_MASK_PREFIX}{image.stem}.png"
+def _loss_mask_of(rel, base: Path, image: Path, what: str, key: str = "mask_path") -> dict:
+    """A frame's loss mask as :class:`_Frame` fields: the mask ``rel`` names (nerfstudio's ``mask_path``, or
+    None: none; non-zero = train on the pixel; ``key`` names it in messages), or else instant-ngp's
+    ``dynamic_mask_<image stem>.png`` beside the image (:func:`dynamic_mask_of`); both at once are refused."""
+    dynamic = dynamic_mask_of(image)
     if rel is None:
-        return dynamic_mask_of(image)
+        return dynamic
     if not isinstance(rel, str) or not rel:
         raise InputError(f"{what}: {key} must be a path, not {rel!r}")
     path = named_file(inside_capture(base, base, rel, what, key), what, key, rel)
-    if dynamic.is_file() and os.path.abspath(path) == os.path.abspath(dynamic):
+    if dynamic and os.path.abspath(path) == os.path.abspath(dynamic["loss_mask"]):
         raise InputError(f"{what}: {key} {rel} is instant-ngp's dynamic mask of its photo, which means the opposite "
                          f"(white = leave the pixel out): give a mask where white = train on the pixel, or remove "
                          f"the {key} and let the dynamic mask be read as such")
-    if dynamic.is_file():
-        raise InputError(f"{what} has both {key} {rel} (white = train on the pixel) and {dynamic.name} "
+    if dynamic:
+        raise InputError(f"{what} has both {key} {rel} (white = train on the pixel) and {dynamic['loss_mask'].name} "
                          f"(instant-ngp's: white = leave the pixel out), which mean opposite things: keep one")
     return {"loss_mask": path, "loss_mask_keeps": True}
 
@@ -671,12 +675,11 @@ def _read_loss_mask(fr: _Frame, hw: tuple[int, int], n: int) -> tuple[np.ndarray
     keep = on if fr.loss_mask_keeps else ~on
     any_kept = bool(keep.any())
     if f >= 2:  # to f·H × f·W (a rounded copy's size: crop, or repeat the last rows and columns), then blocks
-        keep = np.pad(keep[:f * hw[0], :f * hw[1]], ((0, max(0, f * hw[0] - h)), (0, max(0, f * hw[1] - w))), mode="edge")
-        keep = keep.reshape(hw[0], f, hw[1], f).all(axis=(1, 3))
+        keep = _block_all(np.pad(keep[:f * hw[0], :f * hw[1]], ((0, max(0, f * hw[0] - h)), (0, max(0, f * hw[1] - w))),
+                                 mode="edge"), f)
     else:
         keep = nearest_to(keep, hw)
-    keep = _crop_to_multiple(keep, n)
-    return keep.reshape(keep.shape[0] // n, n, keep.shape[1] // n, n).all(axis=(1, 3)), any_kept, f
+    return _block_all(_crop_to_multiple(keep, n), n), any_kept, f
 
 
 #: the readers hold out every this-many-th frame (0, 8, 16, ...) of a capture without splits, for test and val
@@ -847,14 +850,21 @@ def depth_agreement(views: Views, samples: int = 256, seed: int = 0, scale: floa
     :data:`DEPTH_CHECK_DEG` of the same way (a wide baseline: maps in other units than the poses show as
     parallax that does not fit), whose own depth there they should match. Returns the median relative
     difference (occlusions and edges make a few large), or None with under two views of depth. ``scale``
-    multiplies every map first (:func:`depth_units_check` tries several); at most ``max_views`` views,
-    evenly spread, are checked."""
+    multiplies every map first (:func:`depth_units_check` tries several: :func:`_depth_agreement_at`); at
+    most ``max_views`` views, evenly spread, are checked."""
+    return _depth_agreement_at(views, samples, seed, max_views)(scale)
+
+
+def _depth_agreement_at(views: Views, samples: int = 256, seed: int = 0, max_views: int = 16):
+    """:func:`depth_agreement` as a function of the scale: the view pairs, their pixels and the points at
+    scale 1 are drawn once (a scale moves each point along its ray, ``x = o + s (x₁ − o)``), so trying many
+    scales projects and looks up, nothing more."""
     if views.depth is None or len(views) < 2:
-        return None
+        return lambda scale: None
     gen = torch.Generator().manual_seed(seed)
     h, w = views.hw
     pos, axis = views.c2w[:, :3, 3].double(), -views.c2w[:, :3, 2].double()
-    rel = []
+    pairs = []  # (the other view j, the camera centre (3,), each point's offset from it at scale 1 (k, 3))
     for i in sorted({round(k * (len(views) - 1) / max(1, max_views - 1)) for k in range(min(max_views, len(views)))}):
         faces = (axis @ axis[i]) > math.cos(math.radians(DEPTH_CHECK_DEG))
         faces[i] = False
@@ -862,21 +872,28 @@ def depth_agreement(views: Views, samples: int = 256, seed: int = 0, scale: floa
             continue
         dist = (pos - pos[i]).norm(dim=-1).masked_fill(~faces, -1.0)
         j = int(dist.argmax())  # the widest baseline among them: depth in wrong units shows as parallax
-        z = views.depth[i].float().reshape(-1) * scale
+        z = views.depth[i].float().reshape(-1)
         have = torch.nonzero(z > 0)[:, 0]
         if have.numel() == 0:
             continue
         pick = have[torch.randint(0, have.numel(), (min(samples, have.numel()),), generator=gen)]
         uv = torch.stack([pick % w, pick // w], -1).float() + 0.5
         lens = None if views.distortion is None else views.distortion[i]
-        x = backproject(views.c2w[i].float(), views.intrinsics[i].float(), uv, z[pick], lens)
-        u, v, zj = project(views, j, x)
-        inside = (u >= 0) & (u < w) & (v >= 0) & (v < h) & (zj > 0)
-        seen = views.depth[j].float()[v[inside].long(), u[inside].long()] * scale
-        ok = seen > 0
-        rel.append(((zj[inside][ok] - seen[ok]).abs() / seen[ok]))
-    rel = torch.cat(rel) if rel else torch.zeros(0)
-    return float(rel.median()) if rel.numel() >= 16 else None
+        origin = views.c2w[i, :3, 3].float()
+        pairs.append((j, origin, backproject(views.c2w[i].float(), views.intrinsics[i].float(), uv, z[pick], lens) - origin))
+
+    def at(scale: float) -> float | None:
+        rel = []
+        for j, origin, offset in pairs:
+            u, v, zj = project(views, j, origin + scale * offset)
+            inside = (u >= 0) & (u < w) & (v >= 0) & (v < h) & (zj > 0)
+            seen = views.depth[j].float()[v[inside].long(), u[inside].long()] * scale
+            ok = seen > 0
+            rel.append(((zj[inside][ok] - seen[ok]).abs() / seen[ok]))
+        rel = torch.cat(rel) if rel else torch.zeros(0)
+        return float(rel.median()) if rel.numel() >= 16 else None
+
+    return at
 
 
 def depth_units_check(views: Views) -> str | None:
@@ -888,13 +905,14 @@ def depth_units_check(views: Views) -> str | None:
     Returns what is wrong, in words, or None: a scale more than 10 % from 1 agrees :data:`DEPTH_SCALE_GAIN`
     times as closely or better, or none does but the maps disagree by over :data:`MAX_DEPTH_DISAGREEMENT` as
     given."""
-    given = depth_agreement(views)
+    agreement = _depth_agreement_at(views)
+    given = agreement(1.0)
     if given is not None and given < 0.01:
         return None
-    tried = [(m, s) for s in DEPTH_SCALES_TRIED if (m := depth_agreement(views, scale=s)) is not None]
+    tried = [(m, s) for s in DEPTH_SCALES_TRIED if (m := agreement(s)) is not None]
     best, scale = min(tried) if tried else (None, 1.0)
     if best is not None:  # between the scales tried: the one that fits (poses from structure from motion
-        best, scale = _fitted_depth_scale(views, best, scale)  # and metric depth differ by any factor)
+        best, scale = _fitted_depth_scale(agreement, best, scale)  # and metric depth differ by any factor)
     shown = f"{float(f'{scale:.3g}'):g}"  # 0.8, 1.25, 1000
     if best is not None and (given is None or best < DEPTH_SCALE_GAIN * given) and abs(math.log(scale)) > math.log(1.1):
         as_given = "as given too few land in the other views to compare" if given is None else f"{given:.1%} as given"
@@ -907,17 +925,18 @@ def depth_units_check(views: Views) -> str | None:
     return None
 
 
-def _fitted_depth_scale(views: Views, best: float, scale: float, steps: int = 14) -> tuple[float, float]:
+def _fitted_depth_scale(agreement, best: float, scale: float, steps: int = 14) -> tuple[float, float]:
     """The scale between the neighbours of ``scale`` in :data:`DEPTH_SCALES_TRIED` (and 1, as given) at which
-    :func:`depth_agreement` is least, by golden-section search on its logarithm: ``(agreement, scale)``,
-    the scale to three significant digits (``best`` at ``scale`` if the search finds nothing better)."""
+    ``agreement`` (:func:`_depth_agreement_at`) is least, by golden-section search on its logarithm:
+    ``(agreement, scale)``, the scale to three significant digits (``best`` at ``scale`` if the search finds
+    nothing better)."""
     grid = sorted({*DEPTH_SCALES_TRIED, 1.0})
     i = grid.index(scale)
     a, b = math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)])
     g = (math.sqrt(5.0) - 1.0) / 2.0
 
     def at(x: float) -> float:
-        m = depth_agreement(views, scale=math.exp(x))
+        m = agreement(math.exp(x))
         return math.inf if m is None else m
 
     c, d = b - g * (b - a), a + g * (b - a)
@@ -932,7 +951,7 @@ def _fitted_depth_scale(views: Views, best: float, scale: float, steps: int = 14
             d = a + g * (b - a)
             fd = at(d)
     found = float(f"{math.exp(0.5 * (a + b)):.3g}")
-    m = depth_agreement(views, scale=found)
+    m = agreement(found)
     return (m, found) if m is not None and m < best else (best, scale)
 
 

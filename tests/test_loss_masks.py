@@ -648,6 +648,7 @@ def test_a_view_its_mask_empties_is_not_blamed_on_its_depth_map(tmp_path):
 def test_a_sweep_of_a_contracted_capture_with_masks(tmp_path, capsys):
     """A sweep fits a contracted capture as fit-nerf does (its outer scale), scores the kept pixels, and
     eval_views 'train' with eval_max_views does not cut the training views."""
+    from test_sweep import _csv
     from vqad.app.cli import main as cli_main
     from vqad.app.sweep import NeRFTask, SweepConfig
 
@@ -658,16 +659,10 @@ def test_a_sweep_of_a_contracted_capture_with_masks(tmp_path, capsys):
     assert cli_main(["sweep", str(cap), "--format", "ngp", "--out", str(out), "--methods", "dense", "--levels", "3:5",
                      "--features", "4", "--steps", "10", "--batch", "256", "--hidden", "16", "--eval-max-views", "1",
                      "--stream-bits", "0", "--no-entropy", "--device", "cpu", "--quiet", "--threads", "1"]) == 0
-    assert 0 < float(next(iter(_csv_rows(out / "results.csv")))["psnr"]) < 60
+    assert 0 < float(next(iter(_csv(out / "results.csv")))["psnr"]) < 60
     task = NeRFTask(SweepConfig(dataset=str(cap), format="ngp", eval_views="train", eval_max_views=1), torch.device("cpu"))
     assert len(task.dataset.splits["train"]) == 7
 
-
-def _csv_rows(path):
-    import csv
-
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # -- a review of those fixes ------------------------------------------------------------------------------------

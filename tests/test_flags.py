@@ -302,8 +302,8 @@ def test_time_cadence_checkpoints_and_ctrl_c_in_the_sweeps_saves(tmp_path, capsy
     saves = []
     real_save = vqad.checkpoint.save_checkpoint
     monkeypatch.setattr(vqad.checkpoint, "save_checkpoint",
-                        lambda path, field, extra=None, optimizers=None: saves.append(extra["step"]) or
-                        real_save(path, field, extra=extra, optimizers=optimizers))
+                        lambda path, field, extra=None, **kw: saves.append(extra["step"]) or
+                        real_save(path, field, extra=extra, **kw))
     out = tmp_path / "run"
     assert main(["fit-sdf", str(mesh), "--steps", "4", "--refine", "0", "--out", str(out),
                  "--checkpoint-every", "0.0001s"] + TINY) == 0

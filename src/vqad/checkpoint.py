@@ -3,7 +3,8 @@
 A checkpoint is a directory::
 
     config.json        field config (kind, grid, decoder, normalisation), step, train config, baked
-    model.safetensors  octree codes, storages (training form, or stored form once baked), decoder
+    model.safetensors  octree codes, storages (training form, or stored form once baked), decoder, and
+                       ``task.*``: what a fit trains outside the field (per-view appearance)
     optim.safetensors  optimizer state (for --resume)
 
 It is written to a temporary sibling and renamed into place, so an interrupted save never leaves
@@ -57,8 +58,14 @@ def _optim_tensors(optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict, 
     return tensors, meta
 
 
-def save_checkpoint(path: str | Path, field, extra: dict | None = None, optimizers: dict | None = None) -> Path:
-    """Write ``field`` (and optimizer state) to the directory ``path`` atomically."""
+#: the prefix of the tensors a fit trains outside the field (:func:`read_task_tensors`)
+TASK_PREFIX = "task."
+
+
+def save_checkpoint(path: str | Path, field, extra: dict | None = None, optimizers: dict | None = None,
+                    task_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``field`` (and optimizer state, and ``task_tensors``: what the fit trains outside the field) to
+    the directory ``path`` atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -68,7 +75,9 @@ def save_checkpoint(path: str | Path, field, extra: dict | None = None, optimize
     except OSError as exc:
         raise InputError(f"cannot write checkpoint to {path}: {exc.strerror}") from exc
     cfg = {"vqad_checkpoint": FORMAT_VERSION, **field_config(field), "baked": field.baked, **(extra or {})}
-    save_file(_model_tensors(field), str(tmp / "model.safetensors"))
+    tensors = _model_tensors(field)
+    tensors.update({TASK_PREFIX + k: v.detach().contiguous().cpu() for k, v in (task_tensors or {}).items()})
+    save_file(tensors, str(tmp / "model.safetensors"))
     if optimizers:
         tensors, meta = _optim_tensors(optimizers)
         save_file(tensors, str(tmp / "optim.safetensors"))
@@ -208,6 +217,13 @@ def build_field(cfg: dict, tensors: dict[str, torch.Tensor], device, baked: bool
     if baked:
         field.bake(fp16=False)
     return field
+
+
+def read_task_tensors(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors a fit saved beside the model under ``task.<prefix>`` (:func:`save_checkpoint`'s
+    ``task_tensors``), the prefix stripped, on the CPU; the caller validates them."""
+    full = TASK_PREFIX + prefix
+    return {k[len(full):]: v for k, v in _read_tensors(Path(path) / "model.safetensors").items() if k.startswith(full)}
 
 
 def load_optimizer_state(path: str | Path, optimizers: dict[str, torch.optim.Optimizer], cfg: dict) -> None:

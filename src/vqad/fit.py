@@ -274,6 +274,16 @@ class FitTask:
         """What the task stores in the checkpoint's config beside the step and the train config."""
         return {}
 
+    def extra_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
+        """Optimizers of the task's own parameters outside the field (per-view appearance), given the
+        decoders' learning rate; they follow the schedule, the guard and the checkpoint as the field's do."""
+        return {}
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The task's own parameters outside the field, saved in the checkpoint beside the model
+        (:func:`vqad.checkpoint.read_task_tensors` reads them back to resume)."""
+        return {}
+
     def loss_weights(self) -> dict[str, float]:
         """The weights of the task's own extra loss terms, by flag (``{"--depth-weight": 0.03}``), for the
         divergence message: a weight too large is as likely a cause as the learning rate."""
@@ -558,6 +568,10 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         octree = field.grid.octree
         coarser = {i: octree.coarser_vertices(level) for i, level in enumerate(octree.levels) if i > 0}
     opts = make_optimizers(field, cfg.lr, cfg.grid_lr_scale, cfg.logit_lr_scale, cfg.codebook_lr_scale)
+    own = task.extra_optimizers(cfg.lr)
+    if set(own) & set(opts):
+        raise ValueError(f"{type(task).__name__}.extra_optimizers: the names {sorted(set(own) & set(opts))} are the field's")
+    opts.update(own)
     if resume_cfg is not None:
         load_optimizer_state(ckpt_dir, opts, resume_cfg)
     base_lrs = initial_lrs(opts)
@@ -571,7 +585,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     def save(step_done: int) -> None:
         if ckpt_dir is not None:
             extra = {"step": step_done, "train": asdict(cfg), **task.checkpoint_extra()}
-            save_checkpoint(ckpt_dir, field, extra=extra, optimizers=opts)
+            save_checkpoint(ckpt_dir, field, extra=extra, optimizers=opts, task_tensors=task.checkpoint_tensors())
             last_save[0] = time.perf_counter()
 
     def save_due(step_done: int) -> bool:

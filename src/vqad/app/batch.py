@@ -681,7 +681,8 @@ def _fit_nerf(spec: AssetSpec, ctx: WorkerContext, d: Path, resume: bool):
 
     def evaluate(field) -> dict:
         return evaluate_nerf(field, dataset, args.eval_views, out_dir=d, max_views=args.eval_max_views,
-                             save_images=spec.options.renders, quiet=True, deadline=deadline)
+                             save_images=spec.options.renders, quiet=True, deadline=deadline,
+                             appearance=res.appearance if args.eval_views == "train" else None)
 
     return summary, res.field, evaluate, fit_started, device
 

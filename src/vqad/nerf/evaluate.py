@@ -120,8 +120,12 @@ def render_views(field, dataset: SceneDataset, split: str, lods: list[int], samp
 def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[int] | None = None,
                   out_dir: str | Path | None = None, max_views: int | None = None, save_images: bool = True,
                   sampler: OccupancySampler | None = None, quiet: bool = True, deadline=None,
-                  require_scores: bool = True) -> dict:
+                  require_scores: bool = True, appearance=None) -> dict:
     """PSNR / SSIM per LOD (means over the views), and PNGs under ``out_dir`` when given.
+
+    ``appearance`` (a :class:`vqad.nerf.appearance.ViewAppearance` of ``split``'s views: the training
+    views' learned exposure and white balance) renders each view as its photo recorded it, scored and
+    saved so; without it every view has the field's own (the training photos' average) appearance.
 
     With a ``deadline`` (:class:`vqad.fit.Deadline`), views stop once its time is spent (at least one
     is always scored); ``"views"`` says how many were scored, ``"rendered"`` how many were rendered
@@ -137,6 +141,13 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
             raise InputError(f"LOD {lod} is not available in this model: choose one of {field.lods}")
     views = require_scorable(dataset, split, max_views) if require_scores else pick_split(dataset, split)
     valid = views.valid
+    looks = None
+    if appearance is not None:
+        if appearance.n_views != len(views):
+            raise InputError(f"the per-view appearance is for {appearance.n_views} views, the {split!r} split has "
+                             f"{len(views)}: it applies to the views it was trained on")
+        with torch.no_grad():
+            looks = tuple(t.to(field.device) for t in appearance.transforms())  # gain, offset (V, 3)
     dirs = {}
     if out_dir is not None and save_images:
         for lod in lods:
@@ -151,6 +162,8 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
     for i, name, rgb, depth, opa, gt in render_views(field, dataset, split, lods, sampler, indices=list(order)):
         n_seen += 1
         keep = None if valid is None else valid[i]
+        if looks is not None:
+            rgb = rgb * looks[0][i] + looks[1][i]
         for b, lod in enumerate(lods):
             if keep is None or bool(keep.any()):
                 scores[lod]["psnr"].append(psnr(rgb[b], gt, keep))

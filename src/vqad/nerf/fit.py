@@ -20,6 +20,7 @@ from vqad.errors import InputError
 from vqad.fit import DENSITY_SHARE, Deadline, check_resumable, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
 from vqad.nerf.depth_prior import depth_source, depth_targets, has_points
+from vqad.nerf.appearance import ViewAppearance
 from vqad.nerf.data import SceneDataset, dataset_info, require_training_pixels
 from vqad.nerf.field import NeRFConfig, NeRFField
 from vqad.nerf.rays import RayBatcher
@@ -59,6 +60,7 @@ class NeRFFitResult:
     notes: list[str] = dfield(default_factory=list)  # what the time cap cut (vqad.fit.LoopResult.notes)
     recode: RecodeStats | None = None  # the unreachable indices recoded after training (vqad.nerf.recode)
     steps_done: int = 0  # steps run by this call (``steps`` counts from 0, across --resume)
+    appearance: ViewAppearance | None = None  # the training views' colour transforms (train_cfg.appearance)
 
 
 AUTO_SAMPLES_PER_RAY = 20.0  # the marching budget that --step-ratio auto aims at (docs/benchmarks/nerf.md, fern)
@@ -267,10 +269,16 @@ def fit_nerf(
                   f"{source}" + (" (auto: a contracted scene with sparse points)" if depth_auto else ""))
     sampler = make_sampler(field)
     task = RadianceTask(field, sampler, batcher, train_cfg, quiet=quiet, octree_method=method)
+    if resume and task.appearance is not None:
+        from vqad.checkpoint import read_task_tensors
+
+        task.appearance.load(read_task_tensors(ckpt_dir, "appearance."), str(ckpt_dir))
     res = run_fit(task, train_cfg, device, ckpt_dir, resume_cfg=resume_cfg, start=start, quiet=quiet, deadline=deadline)
     # the model's own deterministic pruning: what render / eval will use
     prune_by_model(field, sampler)
     field.eval()
+    if task.appearance is not None and not quiet:
+        print(task.appearance.summary())
     return NeRFFitResult(
         field=field,
         sampler=sampler,
@@ -290,4 +298,5 @@ def fit_nerf(
         notes=res.notes,
         recode=task.recode_stats,
         steps_done=res.steps_done,
+        appearance=task.appearance,
     )

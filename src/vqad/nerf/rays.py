@@ -243,9 +243,13 @@ class RayBatcher:
         ids = self.valid_ids
         return self.num_rays if ids is None else int(ids.numel())
 
+    def view_of(self, flat: torch.Tensor) -> torch.Tensor:
+        """The view ``(n,)`` of each flat pixel id ``(n,)``."""
+        return torch.div(flat, self.H * self.W, rounding_mode="floor")
+
     def rays_for(self, flat: torch.Tensor):
         """Rays of flat pixel ids ``(n,)`` (``view·H·W + row·W + col``): o, d, rgb, near, far."""
-        view = flat // (self.H * self.W)
+        view = self.view_of(flat)
         pix = flat % (self.H * self.W)
         py, px = pix // self.W, pix % self.W
         dist = LensBatch(self.lenses[0], self.lenses[1][view]) if self.lenses is not None else None

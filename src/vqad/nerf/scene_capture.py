@@ -23,6 +23,12 @@ standing 0.6–1.8 units in front of the camera, somewhere else in every view (w
 a public place records), and writes nerfstudio loss masks (``masks/NNNN.png``, ``mask_path``: 0
 where a passer-by is) for every frame, so a fit can be measured with and without them.
 
+``exposure = σ`` meters every training photo anew, as a phone does: its colours are multiplied by
+``2^(e + w_c)`` per channel ``c``, an exposure ``e ~ N(0, σ²)`` stops and a white balance
+``w_c ~ N(0, (σ/2)²)``, clipped at white (:func:`photo_gains`). The training photos' gains have a geometric
+mean of 1 per channel and the held-out frames keep gain 1, so the held-out photos show the training
+photos' average appearance: what a fit that learns each photo's appearance renders for a view without one.
+
 ``background=False`` writes the same cameras and the object alone, as RGBA PNGs whose alpha is the
 object's mask (the comparison target: what a fit of the object alone reaches).
 
@@ -73,6 +79,7 @@ MAX_TRANSIENTS = 8  # passers-by a view
 TRANSIENT_HALF_HEIGHT = (0.1, 0.25)
 TRANSIENT_ASPECT = (0.3, 0.5)
 TRANSIENT_DEPTH = (0.6, 1.8)
+MAX_EXPOSURE = 2.0  # stops: the spread of the photos' exposure (a phone's auto exposure moves well under one)
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,7 @@ class SceneCaptureConfig:
     # "pinhole", or "fisheye": OpenCV's equidistant fisheye with FISHEYE_K, fov_y_deg across the image's height
     lens: str = "pinhole"
     transients: int = 0  # passers-by painted into each training view, with loss masks (0: none, no masks)
+    exposure: float = 0.0  # σ, stops: each training photo's exposure (and white balance, σ/2) jitter (photo_gains)
 
     def __post_init__(self):
         if self.fov_y_deg is None:  # the lens's own default, recorded as the number it resolved to
@@ -123,6 +131,9 @@ class SceneCaptureConfig:
         t = self.transients
         if isinstance(t, bool) or not (isinstance(t, int) and 0 <= t <= MAX_TRANSIENTS):
             raise InputError(f"transients must be a whole number of passers-by a view in 0..{MAX_TRANSIENTS}, got {t!r}")
+        e = self.exposure
+        if isinstance(e, bool) or not (isinstance(e, (int, float)) and 0 <= e <= MAX_EXPOSURE):
+            raise InputError(f"exposure is the spread of the photos' exposure in stops, 0..{MAX_EXPOSURE:g}, got {e!r}")
         if self.lens not in LENSES:
             raise InputError(f"the capture's lens must be one of {', '.join(LENSES)}, got {self.lens!r}")
         corner = math.hypot(1.0, self.width / self.height)  # the corner's normalised radius / the top edge's
@@ -302,6 +313,22 @@ def passers_by(cfg: SceneCaptureConfig, index: int) -> tuple[np.ndarray, np.ndar
     return where, rgb, z
 
 
+def photo_gains(cfg: SceneCaptureConfig) -> np.ndarray:
+    """``(N, 3)`` each photo's colour gain per channel: ``2^(e_i + w_ic)`` with exposure ``e_i ~ N(0, σ²)``
+    and white balance ``w_ic ~ N(0, (σ/2)²)`` stops, σ = ``cfg.exposure``, for the training photos, whose
+    gains are then divided by their geometric mean per channel; 1 for the held-out frames (every
+    :data:`~vqad.nerf.formats.common.HOLD_EVERY`-th) and everywhere at σ = 0. Deterministic in ``cfg.seed``."""
+    gains = np.ones((cfg.views, 3))
+    train = np.arange(cfg.views) % HOLD_EVERY != 0
+    if cfg.exposure == 0 or not train.any():
+        return gains
+    rng = np.random.default_rng((cfg.seed, 0xE7))
+    stops = rng.normal(0, cfg.exposure, (cfg.views, 1)) + rng.normal(0, cfg.exposure / 2, (cfg.views, 3))
+    stops = stops[train] - stops[train].mean(0)
+    gains[train] = np.exp2(stops)
+    return gains
+
+
 def _environment(cfg: SceneCaptureConfig) -> Environment:
     return Environment(ground_y=cfg.ground_y, dome_radius=cfg.dome_radius, checker=cfg.checker)
 
@@ -340,12 +367,15 @@ def write_capture(out_dir, cfg: SceneCaptureConfig | None = None, background: bo
     except OSError as e:
         raise InputError(f"cannot create --out {out}: {e.strerror or e}") from e
     frames = []
+    gains = photo_gains(cfg)
     with _one_thread():
         for i, pose in enumerate(c2w):  # one view in memory at a time
             name = f"images/{i:04d}.png"
             arr = _render_view(env, cfg, pose, (fx, fy, cx, cy), background).numpy()
             people, people_rgb, people_z = passers_by(cfg, i)
             arr[people, :3], arr[people, 3] = people_rgb[people], 255
+            if cfg.exposure:  # the camera meters the whole photo, passers-by included
+                arr[..., :3] = np.clip(np.rint(arr[..., :3] * gains[i]), 0, 255).astype(np.uint8)
             Image.fromarray(arr if not background else arr[..., :3], "RGBA" if not background else "RGB").save(out / name)
             frames.append({"file_path": name, "transform_matrix": pose.tolist()})
             if cfg.transients:  # nerfstudio wants a mask on every frame or none: white = train on the pixel

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from vqad.device import MLP_PRECISIONS, resolve_mlp_precision
 from vqad.errors import InputError
 from vqad.fit import FitTask, StepLoss, TrainConfig, capped_sweeps
+from vqad.nerf.appearance import APPEARANCE_LR_SCALE, APPEARANCES, ViewAppearance
 from vqad.nerf.depth_prior import depth_spread_loss
 from vqad.nerf.field import NeRFField, sh_encode
 from vqad.nerf.rays import RayBatcher
@@ -78,6 +79,7 @@ class NeRFTrainConfig(TrainConfig):
     refine_rays: int = 16384  # training rays each sweep sees
     recode: bool = True  # after training, recode the indices no render reaches (codebook only; vqad.nerf.recode)
     mlp_precision: str = "fp32"  # the decoders' products while training: fp32 | bf16 (vqad.device.resolve_mlp_precision)
+    appearance: str = "none"  # per-training-view colour transforms learned beside the field: none | affine (vqad.nerf.appearance)
 
     def validate(self) -> None:
         super().validate()
@@ -109,10 +111,12 @@ class NeRFTrainConfig(TrainConfig):
             raise InputError("prune_every and prune_warmup must be >= 0 and prune_decay in (0, 1]")
         if self.mlp_precision not in MLP_PRECISIONS:
             raise InputError(f"unknown --mlp-precision {self.mlp_precision!r}: choose one of {', '.join(MLP_PRECISIONS)}")
+        if self.appearance not in APPEARANCES:
+            raise InputError(f"unknown --appearance {self.appearance!r}: choose one of {', '.join(APPEARANCES)}")
 
     #: :attr:`TrainConfig.ABSENT_MEANS`; a checkpoint from before early ray termination ran without it, and
     #: one from before the depth loss without that
-    ABSENT_MEANS = {**TrainConfig.ABSENT_MEANS, "early_stop_eps": 0.0, "depth_weight": 0.0}
+    ABSENT_MEANS = {**TrainConfig.ABSENT_MEANS, "early_stop_eps": 0.0, "depth_weight": 0.0, "appearance": "none"}
 
 
 #: the early-ray-termination threshold ε that ``early_stop_eps=None`` ('auto') means in a contracted scene
@@ -196,6 +200,8 @@ class RadianceTask(FitTask):
         self.depth_weight = auto_depth_weight(cfg.depth_weight, sampler.outer_scale, batcher.depth_targets is not None)
         if self.depth_weight > 0 and batcher.depth_targets is None:
             raise ValueError("RadianceTask: depth_weight > 0 needs the batcher's depth targets (set_depth_targets)")
+        # each training view's exposure and white balance (vqad.nerf.appearance), or None
+        self.appearance = ViewAppearance(batcher.N, batcher.device) if cfg.appearance == "affine" else None
         self.t0 = time.perf_counter()
 
     def begin(self, start, gen):
@@ -218,7 +224,8 @@ class RadianceTask(FitTask):
         with self.field.mlp_precision(self.mlp_dtype):
             out, n_samples = render_rays(self.field, self.sampler, o, d, self.lods, self.background, near=near, far=far,
                                          jitter=jitter, early_stop_eps=self.early_stop_eps, samples_out=drawn)
-        per_lod = ((out.rgb - rgb[None]) ** 2).mean(dim=(1, 2))  # (n_lods,)
+        pred = out.rgb if self.appearance is None else self.appearance(out.rgb, self.batcher.view_of(flat))
+        per_lod = ((pred - rgb[None]) ** 2).mean(dim=(1, 2))  # (n_lods,)
         self.total_samples += n_samples
         self.rays += b
         loss = None
@@ -283,7 +290,8 @@ class RadianceTask(FitTask):
             capped_sweeps(self.deadline, c.refine, self._sweep_seconds(self.step_seconds),
                           lambda share: refine_nerf(self.field, self.sampler, self.batcher,
                                                     max(int(share * c.refine_rays), 1), self.background, gen,
-                                                    self.quiet, rate_weight=c.rate_weight), self.notes)
+                                                    self.quiet, rate_weight=c.rate_weight,
+                                                    appearance=self.appearance), self.notes)
             self.field.train()
             self.extra_seconds += self.deadline.clock() - t
         if self._recodes():  # after the sweeps: they may leave vertices unreachable too
@@ -307,6 +315,14 @@ class RadianceTask(FitTask):
     def checkpoint_extra(self) -> dict:
         return {"octree_method": self.octree_method} if self.octree_method else {}
 
+    def extra_optimizers(self, lr):
+        if self.appearance is None:
+            return {}
+        return {"appearance": torch.optim.Adam(self.appearance.parameters(), lr=lr * APPEARANCE_LR_SCALE)}
+
+    def checkpoint_tensors(self):
+        return {} if self.appearance is None else {f"appearance.{k}": v for k, v in self.appearance.state().items()}
+
 
 def psnr_of(per_lod: torch.Tensor) -> float:
     """PSNR of the last (finest rendered) LOD's MSE in ``per_lod (n_lods,)``."""
@@ -315,13 +331,22 @@ def psnr_of(per_lod: torch.Tensor) -> float:
 
 # -- index refinement ----------------------------------------------------------------------------
 def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, n_rays: int,
-                       background: torch.Tensor, generator: torch.Generator, chunk_rays: int = 1024) -> list[RefineChunk]:
+                       background: torch.Tensor, generator: torch.Generator, chunk_rays: int = 1024,
+                       appearance: ViewAppearance | None = None) -> list[RefineChunk]:
     """The photometric loss of ``n_rays`` random training rays as :class:`~vqad.refine.RefineChunk` s.
 
     Each chunk holds one set of rays' packed samples (deterministic, mid-step positions); its residual
-    is every LOD's rendered minus true colour ``(R, 3)``, and each sample's owner is its ray.
+    is every LOD's rendered minus true colour ``(R, 3)`` (rendered through each ray's view's
+    ``appearance``, as training compares them, held fixed), and each sample's owner is its ray.
     """
-    o, d, rgb, near, far = batcher.sample(n_rays, generator)
+    flat = batcher.sample_ids(n_rays, generator)
+    o, d, rgb, near, far = batcher.rays_for(flat)
+    look = None
+    if appearance is not None:
+        with torch.no_grad():
+            gain, offset = appearance.transforms()
+        view = batcher.view_of(flat)
+        look = gain.index_select(0, view), offset.index_select(0, view)  # (n_rays, 3) each
     chunks = []
     for a in range(0, n_rays, chunk_rays):
         sl = slice(a, a + chunk_rays)
@@ -331,14 +356,15 @@ def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: Ray
             continue
         x = samples.points(oc, dc)
         sh = sh_encode(dc[samples.ray_indices], field.nerf_cfg.sh_degree)
+        g, b = (look[0][sl], look[1][sl]) if look is not None else (None, None)
 
-        def residuals(F, x=x, sh=sh, samples=samples, gt=gt):
+        def residuals(F, x=x, sh=sh, samples=samples, gt=gt, g=g, b=b):
             out = {}
             for lod, f in F.items():
                 sigma, c = field._decode(x, f, sh, lod)
                 r = volume_render(samples.t_starts, samples.t_ends, sigma, c, samples.ray_indices, gt.shape[0],
                                   background)
-                out[lod] = r.rgb - gt
+                out[lod] = (r.rgb if g is None else r.rgb * g + b) - gt
             return out
 
         chunks.append(RefineChunk(x, residuals, owner=samples.ray_indices))
@@ -347,13 +373,16 @@ def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: Ray
 
 def refine_nerf(field: NeRFField, sampler: OccupancySampler, batcher: RayBatcher, n_rays: int,
                 background: torch.Tensor, generator: torch.Generator, quiet: bool = True, check: bool = True,
-                rate_weight: float = 0.0) -> list:
+                rate_weight: float = 0.0, appearance: ViewAppearance | None = None) -> list:
     """One Gauss–Newton index sweep (:func:`vqad.refine.refine_indices`) on ``n_rays`` random training
     rays; with ``check``, each level's moves are kept only if they lower the loss of as many other rays.
     ``rate_weight`` λ > 0: the moves minimise ``loss + λ · index bits per vertex``
-    (:func:`vqad.refine.rate_bit_cost`; the training loss is the mean over rays and 3 channels)."""
-    held_out = nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator) if check else None
-    stats = refine_indices(field.grid, nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator),
+    (:func:`vqad.refine.rate_bit_cost`; the training loss is the mean over rays and 3 channels). The
+    training views' ``appearance``, if the fit learns one, is applied as training applies it."""
+    held_out = (nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator, appearance=appearance)
+                if check else None)
+    stats = refine_indices(field.grid, nerf_refine_chunks(field, sampler, batcher, n_rays, background, generator,
+                                                          appearance=appearance),
                            check=held_out, bit_cost=rate_bit_cost(field.grid, rate_weight, 3 * n_rays))
     if not quiet:
         tqdm.write(format_stats(stats))

@@ -35,7 +35,7 @@ def _step_ratio(text: str) -> float | None:
 NERF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch_rays", "lr", "grid_lr_scale", "lr_floor", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
                     "octree", "octree_from", "dilate", "density_steps", "density_minutes", "lod_mode", "coarse_weight",
                     "early_stop_eps", "distortion_weight", "depth_weight", "depth_from", "refine", "refine_rays", "recode",
-                    "mlp_precision", "seed")
+                    "mlp_precision", "appearance", "seed")
 INDEX_FLAGS = {"recode": "--no-recode", "rate_weight": "--rate-weight", "rate_context": "--rate-context", "refine": "--refine", "refine_rays": "--refine-rays", "logit_lr_scale": "--logit-lr-scale",
                "codebook_lr_scale": "--codebook-lr-scale"}
 OCTREE_FLAGS = {"octree": "--octree", "octree_from": "--octree-from", "dilate": "--dilate",
@@ -45,6 +45,7 @@ OCTREE_FLAGS = {"octree": "--octree", "octree_from": "--octree-from", "dilate": 
 def register(sub) -> None:
     from vqad.nerf.fit import NERF_DECODER, NERF_FIELD, NERF_GRID
     from vqad.device import MLP_PRECISIONS
+    from vqad.nerf.appearance import APPEARANCES
     from vqad.nerf.task import DEPTH_SOURCES, DEPTH_WEIGHT_CONTRACTED, LOD_MODES, OCTREE_CHOICES, NeRFTrainConfig
 
     p = sub.add_parser("fit-nerf", help="fit a VQ-AD (or dense) radiance field to posed images",
@@ -111,6 +112,11 @@ def register(sub) -> None:
                 help="number format of the decoders' matrix products while training (bf16: autocast, for CPUs with "
                      "AMX tiles and recent GPUs; weights, grid and renders stay fp32; on a 2-core AMX CPU 1.18-1.28x "
                      "faster steps on a room-sized capture, 7%% slower on lego: docs/benchmarks/nerf.md)")
+    config_flag(p, T, "appearance", choices=list(APPEARANCES), type=str,
+                help="affine: learn each training photo's exposure and white balance (a gain and an offset per "
+                     "colour channel) beside the field, for captures whose camera metered every photo anew (phones); "
+                     "the field, its file and every render keep the photos' average appearance (docs/method.md §8.5); "
+                     "none: the photos agree")
     config_flag(p, NERF_DECODER, "hidden", help="density MLP width")
     config_flag(p, NERF_FIELD, "color_hidden", help="colour MLP width")
     p.add_argument("--step-ratio", default=None, metavar="auto|S",
@@ -173,6 +179,11 @@ def register(sub) -> None:
                    help="paint N passers-by into each training view (not the held-out every 8th) and write loss masks "
                         "that leave them out (masks/NNNN.png, nerfstudio's mask_path), as a phone capture of a public "
                         f"place needs (0..{MAX_TRANSIENTS}; default: {S.transients})")
+    p.add_argument("--exposure", type=float, default=S.exposure, metavar="STOPS",
+                   help="meter every training photo anew, as a phone does: its exposure varies by this many stops "
+                        "(standard deviation) and its white balance by half that per channel, clipped at white; the "
+                        "held-out photos (every 8th) show the training photos' average (0..2; default: "
+                        f"{S.exposure:g}; fit with --appearance affine)")
     p.add_argument("--fov", type=float, default=None, metavar="DEG",
                    help="field of view across the image's height, degrees (default: "
                         + ", ".join(f"{v:g} with --lens {k}" for k, v in FOV_Y_DEG.items()) + ")")
@@ -185,7 +196,8 @@ def cmd_synth_capture(args) -> int:
 
     width, height = parse_size(args.size)
     cfg = SceneCaptureConfig(width=width, height=height, views=args.views, aabb_scale=args.aabb_scale, points=args.points,
-                             supersample=args.supersample, lens=args.lens, fov_y_deg=args.fov, transients=args.transients)
+                             supersample=args.supersample, lens=args.lens, fov_y_deg=args.fov, transients=args.transients,
+                             exposure=args.exposure)
     cfg.validate()
     out = Path(args.out)
     interrupted = out.is_dir() and (out / "images").is_dir() and not (out / "transforms.json").exists()
@@ -203,7 +215,8 @@ def cmd_synth_capture(args) -> int:
           f"{'object alone' if args.no_background else 'object in a textured room'}, {cfg.points:,} sparse points, "
           f"{cfg.supersample}x{cfg.supersample} rays a pixel, {cfg.lens} lens, {cfg.fov_y_deg:g}° tall"
           f"{', depth maps' if args.depth else ''}"
-          f"{f', {cfg.transients} passers-by a training view with loss masks' if cfg.transients else ''})")
+          f"{f', {cfg.transients} passers-by a training view with loss masks' if cfg.transients else ''}"
+          f"{f', exposure varying by {cfg.exposure:g} stops' if cfg.exposure else ''})")
     hint = " --octree density" if args.no_background and cfg.aabb_scale > 1 else ""  # masks mark no room
     print(f"next: vqad fit-nerf {out} --format ngp{hint}")
     return 0
@@ -405,7 +418,8 @@ def cmd_fit_nerf(args) -> int:
     if not args.no_eval:
         t0 = time.perf_counter()
         lods = evaluate_nerf(field, dataset, args.eval_views, out_dir=out, max_views=args.eval_max_views,
-                             sampler=res.sampler, quiet=args.quiet, deadline=deadline)
+                             sampler=res.sampler, quiet=args.quiet, deadline=deadline,
+                             appearance=res.appearance if args.eval_views == "train" else None)
         summary["eval_views"] = args.eval_views
         summary["lods"] = lods
         print(f"evaluation on {args.eval_views!r} in {time.perf_counter() - t0:.0f} s (LPIPS needs network weights: not computed)")
@@ -434,6 +448,7 @@ def _lods(field, lod):
 
 
 def cmd_eval(args) -> int:
+    from vqad.nerf.appearance import checkpoint_appearance
     from vqad.nerf.evaluate import evaluate_nerf, load_scene, metric_lines, require_scorable
 
     if args.max_views is not None and args.max_views <= 0:
@@ -444,8 +459,11 @@ def cmd_eval(args) -> int:
     require_scorable(dataset, args.views, args.max_views, fix="score other views (--views, --max-views), or check "
                                                               "the masks (vqad render renders them)")
     out = ensure_writable_dir(args.out) if args.out else None
-    res = evaluate_nerf(field, dataset, args.views, lods=lods, out_dir=out, max_views=args.max_views)
-    print(f"{args.views!r} views of {dataset.name!r} (LPIPS needs network weights: not computed)")
+    looks = checkpoint_appearance(args.model, len(dataset.splits["train"])) if args.views == "train" else None
+    res = evaluate_nerf(field, dataset, args.views, lods=lods, out_dir=out, max_views=args.max_views, appearance=looks)
+    print(f"{args.views!r} views of {dataset.name!r}" + (" as their photos were exposed (the checkpoint's per-view "
+                                                           "appearance)" if looks is not None else "")
+          + " (LPIPS needs network weights: not computed)")
     for line in metric_lines(res):
         print(line)
     if out is not None:

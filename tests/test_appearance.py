@@ -1,0 +1,201 @@
+"""Per-view appearance (vqad.nerf.appearance): each training photo's exposure and white balance, learned
+beside the field; and the generated capture whose photos are metered anew (SceneCaptureConfig.exposure)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from vqad.errors import InputError
+from vqad.nerf.appearance import ViewAppearance
+from vqad.nerf.formats.common import HOLD_EVERY
+from vqad.nerf.scene_capture import SceneCaptureConfig, photo_gains, write_capture
+
+
+def test_the_transforms_start_at_identity_and_keep_their_gauge():
+    app = ViewAppearance(5)
+    rgb = torch.rand(2, 7, 3)
+    views = torch.tensor([0, 4, 4, 1, 2, 3, 0])
+    assert torch.equal(app(rgb, views), rgb)
+    with torch.no_grad():
+        app.log_gain.normal_()
+        app.offset.normal_()
+        app.log_gain += 3.0  # a shift every view shares is the gauge: it changes nothing
+        app.offset -= 0.5
+    gain, offset = app.transforms()
+    assert torch.allclose(gain.log().mean(0), torch.zeros(3), atol=1e-6)  # geometric mean 1 per channel
+    assert torch.allclose(offset.mean(0), torch.zeros(3), atol=1e-6)
+    lg, b = app.log_gain.detach(), app.offset.detach()
+    for j, v in enumerate(views.tolist()):  # brute force, one ray at a time
+        want = rgb[:, j] * torch.exp(lg[v] - lg.mean(0)) + (b[v] - b.mean(0))
+        assert torch.allclose(app(rgb, views)[:, j], want, atol=1e-6)
+
+
+def test_loading_a_checkpoints_transforms_is_validated():
+    app = ViewAppearance(4)
+    good = {"log_gain": torch.full((4, 3), 0.1), "offset": torch.zeros(4, 3)}
+    app.load(good, "ckpt")
+    assert torch.equal(app.log_gain.detach(), good["log_gain"])
+    with pytest.raises(InputError, match="for 6 training views, this capture has 4"):
+        app.load({**good, "log_gain": torch.zeros(6, 3)}, "ckpt")
+    with pytest.raises(InputError, match="no per-view appearance"):
+        app.load({"offset": torch.zeros(4, 3)}, "ckpt")
+    with pytest.raises(InputError, match="not finite"):
+        app.load({**good, "offset": torch.full((4, 3), float("nan"))}, "ckpt")
+    with pytest.raises(InputError, match="not finite"):
+        app.load({**good, "offset": torch.zeros(4, 3, dtype=torch.int64)}, "ckpt")
+    with pytest.raises(ValueError):
+        ViewAppearance(0)
+
+
+def test_generated_photos_are_metered_anew_around_the_held_out_photos_appearance():
+    cfg = SceneCaptureConfig(views=40, exposure=0.4)
+    gains = photo_gains(cfg)
+    held = np.arange(40) % HOLD_EVERY == 0
+    assert np.all(gains[held] == 1.0)
+    stops = np.log2(gains[~held])
+    assert np.allclose(stops.mean(0), 0.0, atol=1e-12)  # geometric mean 1: the held-out photos show the average
+    shared = stops.mean(1)  # exposure, the same in every channel, and white balance, per channel
+    assert 0.25 < shared.std() < 0.6 and 0.1 < (stops - shared[:, None]).std() < 0.35
+    assert np.array_equal(gains, photo_gains(cfg))  # deterministic
+    assert not np.array_equal(gains, photo_gains(SceneCaptureConfig(views=40, exposure=0.4, seed=1)))
+    assert np.all(photo_gains(SceneCaptureConfig(views=40)) == 1.0)
+    for bad in (-0.1, 2.5, float("nan"), True):
+        with pytest.raises(InputError, match="exposure"):
+            SceneCaptureConfig(exposure=bad).validate()
+
+
+def test_written_photos_carry_their_gain_and_clip_at_white(tmp_path):
+    kw = dict(width=16, height=24, views=9, points=0, supersample=1)
+    clean = write_capture(tmp_path / "clean", SceneCaptureConfig(**kw)).parent
+    cfg = SceneCaptureConfig(**kw, exposure=0.5)
+    metered = write_capture(tmp_path / "metered", cfg).parent
+    gains = photo_gains(cfg)
+    for i in range(9):
+        a = np.asarray(Image.open(clean / f"images/{i:04d}.png")).astype(float)
+        b = np.asarray(Image.open(metered / f"images/{i:04d}.png")).astype(float)
+        assert np.abs(b - np.clip(np.rint(a * gains[i]), 0, 255)).max() == 0
+    assert json.loads((metered / "transforms.json").read_text())["vqad_scene"]["exposure"] == 0.5
+
+
+def _fit(cap, out, *extra, steps="150"):
+    from vqad.app.cli import main as cli_main
+
+    return cli_main(["fit-nerf", str(cap), "--format", "ngp", "--grid", "dense", "--levels", "3:5", "--features", "4",
+                     "--steps", steps, "--batch-rays", "512", "--out", str(out), "--device", "cpu", "--quiet",
+                     "--eval-max-views", "1", "--checkpoint-every", "100", *extra])
+
+
+def test_a_fit_learns_each_photos_gain_and_resumes_with_it(tmp_path, capsys):
+    """The learned gains follow the photos' true gains (a fit that learned nothing, or the wrong views'
+    transforms, fails), the checkpoint keeps them, and a resumed fit continues from them."""
+    from vqad.app.cli import main as cli_main
+
+    cap = tmp_path / "cap"
+    assert cli_main(["synth-capture", "-o", str(cap), "--size", "16x24", "--views", "17", "--supersample", "1",
+                     "--points", "300", "--exposure", "0.5"]) == 0
+    assert "exposure varying by 0.5 stops" in capsys.readouterr().out
+    assert _fit(cap, tmp_path / "fit", "--appearance", "affine", "--steps", "100") == 0
+    ckpt = tmp_path / "fit" / "checkpoint"
+    first = load_file(str(ckpt / "model.safetensors"))
+    assert first["task.appearance.log_gain"].shape == (14, 3)  # 17 frames: 0, 8 and 16 held out
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["train"]["appearance"] == "affine" and "appearance" in cfg["optimizers"]
+
+    assert _fit(cap, tmp_path / "fit", "--steps", "300", "--resume") == 0  # the checkpoint's --appearance
+    t = load_file(str(ckpt / "model.safetensors"))
+    learned = t["task.appearance.log_gain"] - t["task.appearance.log_gain"].mean(0)
+    true = np.log(photo_gains(SceneCaptureConfig(width=16, height=24, views=17, exposure=0.5))[np.arange(17) % HOLD_EVERY != 0])
+    corr = np.corrcoef(true.ravel(), learned.numpy().ravel())[0, 1]
+    assert corr > 0.8, corr
+    assert not torch.equal(first["task.appearance.log_gain"], t["task.appearance.log_gain"])
+
+    # the checkpoint still loads as a model (render, compress), its transforms beside it
+    from vqad.checkpoint import load_checkpoint
+
+    field, _ = load_checkpoint(ckpt)
+    assert field.lods == [3, 4, 5]
+
+    # the training photos scored as they were exposed score higher than in the average appearance
+    capsys.readouterr()
+    assert cli_main(["eval", str(ckpt), "--views", "train", "--max-views", "6", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "as their photos were exposed" in text
+    exposed = float(text.split("LOD 5: PSNR ")[1].split(" dB")[0])
+    from vqad.nerf.evaluate import evaluate_nerf, load_scene
+
+    dataset = load_scene(field.dataset)
+    average = evaluate_nerf(field, dataset, "train", max_views=6)[5]["psnr"]
+    assert exposed > average + 1.0, (exposed, average)
+
+    # resuming with --appearance none, or with damaged or another capture's transforms, is refused
+    capsys.readouterr()
+    assert _fit(cap, tmp_path / "fit", "--appearance", "none", "--steps", "400", "--resume") != 0
+    assert "appearance: checkpoint 'affine', now 'none'" in capsys.readouterr().err
+    bad = dict(t)
+    bad["task.appearance.offset"] = torch.full_like(t["task.appearance.offset"], math.inf)
+    save_file(bad, str(ckpt / "model.safetensors"))
+    assert _fit(cap, tmp_path / "fit", "--appearance", "affine", "--steps", "400", "--resume") != 0
+    assert "not finite" in capsys.readouterr().err
+    bad["task.appearance.offset"] = torch.zeros(3, 3)
+    bad["task.appearance.log_gain"] = torch.zeros(3, 3)
+    save_file(bad, str(ckpt / "model.safetensors"))
+    assert _fit(cap, tmp_path / "fit", "--appearance", "affine", "--steps", "400", "--resume") != 0
+    assert "for 3 training views, this capture has 14" in capsys.readouterr().err
+
+
+def test_an_unknown_appearance_is_refused(tmp_path, capsys):
+    from vqad.nerf.task import NeRFTrainConfig
+
+    with pytest.raises(InputError, match="unknown --appearance 'per-view'"):
+        NeRFTrainConfig(appearance="per-view").validate()
+    with pytest.raises(SystemExit):
+        _fit(tmp_path, tmp_path / "fit", "--appearance", "gain")
+    assert "invalid choice: 'gain'" in capsys.readouterr().err
+
+
+def test_index_sweeps_compare_the_photos_through_their_views_transforms(one_thread):
+    """A refinement sweep's residuals are what training minimises: the rendering through the ray's
+    view's gain and offset, minus the photo (brute force, ray by ray)."""
+    from vqad.config import DecoderConfig, GridConfig
+    from vqad.nerf.field import NeRFConfig
+    from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
+    from vqad.nerf.formats import load_dataset
+    from vqad.nerf.rays import RayBatcher
+    from vqad.nerf.task import nerf_refine_chunks
+    from vqad.refine import summed_features
+
+    ds = load_dataset("procedural")
+    grid = GridConfig(storage="codebook", features=4, bits=3, base_level=2, max_level=4)
+    train = NeRFTrainConfig(steps=10, batch_rays=256, octree="depth", appearance="affine")
+    res = fit_nerf(ds, grid, DecoderConfig(hidden=16, position_input=False), train, torch.device("cpu"), quiet=True,
+                   nerf_cfg=NeRFConfig(color_hidden=16))
+    assert res.appearance is not None and res.appearance.n_views == len(ds.splits["train"])
+    app = ViewAppearance(res.appearance.n_views)
+    with torch.no_grad():
+        app.log_gain.uniform_(-0.5, 0.5)
+        app.offset.uniform_(-0.1, 0.1)
+    batcher = RayBatcher(ds.splits["train"], ds, torch.device("cpu"))
+    bg = torch.ones(3)
+    (plain,) = nerf_refine_chunks(res.field, res.sampler, batcher, 300, bg, torch.Generator().manual_seed(3))
+    (seen,) = nerf_refine_chunks(res.field, res.sampler, batcher, 300, bg, torch.Generator().manual_seed(3),
+                                 appearance=app)
+    flat = batcher.sample_ids(300, torch.Generator().manual_seed(3))
+    photo = batcher.rays_for(flat)[2]
+    view = batcher.view_of(flat)
+    gain, offset = app.transforms()
+    with torch.no_grad():
+        every = summed_features(res.field.grid, plain.x, res.field.lods[0])
+        for lod in res.field.lods:
+            F = {lod: every[lod]}
+            rendered = plain.residuals(F)[lod] + photo
+            got = seen.residuals(F)[lod]
+            for i in range(0, 300, 37):
+                want = rendered[i] * gain[view[i]] + offset[view[i]] - photo[i]
+                assert torch.allclose(got[i], want, atol=1e-5)

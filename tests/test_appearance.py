@@ -107,6 +107,9 @@ def test_a_fit_learns_each_photos_gain_and_resumes_with_it(tmp_path, capsys):
     assert first["task.appearance.log_gain"].shape == (14, 3)  # 17 frames: 0, 8 and 16 held out
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["train"]["appearance"] == "affine" and "appearance" in cfg["optimizers"]
+    assert "with each photo's exposure matched" in capsys.readouterr().out  # held-out photos: their own exposure
+    lods = json.loads((tmp_path / "fit" / "metrics.json").read_text())["lods"]
+    assert all(r["psnr_matched"] >= r["psnr"] - 0.05 for r in lods.values())
 
     assert _fit(cap, tmp_path / "fit", "--steps", "300", "--resume") == 0  # the checkpoint's --appearance
     t = load_file(str(ckpt / "model.safetensors"))
@@ -133,6 +136,14 @@ def test_a_fit_learns_each_photos_gain_and_resumes_with_it(tmp_path, capsys):
     dataset = load_scene(field.dataset)
     average = evaluate_nerf(field, dataset, "train", max_views=6)[5]["psnr"]
     assert exposed > average + 1.0, (exposed, average)
+
+    # held-out views: the average appearance, and matched to each photo (on by default for such a checkpoint)
+    assert cli_main(["eval", str(ckpt), "--max-views", "1", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "as their photos were exposed" not in text and "with each photo's exposure matched" in text
+    assert cli_main(["eval", str(ckpt), "--views", "train", "--max-views", "1", "--device", "cpu",
+                     "--match-exposure"]) == 0
+    assert "with each photo's exposure matched" in capsys.readouterr().out
 
     # resuming with --appearance none, or with damaged or another capture's transforms, is refused
     capsys.readouterr()
@@ -199,3 +210,53 @@ def test_index_sweeps_compare_the_photos_through_their_views_transforms(one_thre
             for i in range(0, 300, 37):
                 want = rendered[i] * gain[view[i]] + offset[view[i]] - photo[i]
                 assert torch.allclose(got[i], want, atol=1e-5)
+
+
+def test_a_sweep_learns_the_photos_appearance_and_records_it(tmp_path, capsys, monkeypatch):
+    from vqad.app.cli import main as cli_main
+    from vqad.app.sweep import SweepConfig
+    import vqad.nerf.fit as nerf_fit
+
+    cap = tmp_path / "cap"
+    assert cli_main(["synth-capture", "-o", str(cap), "--size", "16x24", "--views", "9", "--supersample", "1",
+                     "--points", "200", "--exposure", "0.3"]) == 0
+    seen = []
+    real = nerf_fit.fit_nerf
+    monkeypatch.setattr(nerf_fit, "fit_nerf", lambda *a, **k: seen.append(a[3].appearance) or real(*a, **k))
+    out = tmp_path / "rd"
+    flags = ["sweep", str(cap), "--format", "ngp", "--out", str(out), "--methods", "dense", "--levels", "3:5",
+             "--features", "4", "--steps", "10", "--batch", "256", "--hidden", "16", "--eval-max-views", "1",
+             "--stream-bits", "0", "--no-entropy", "--device", "cpu", "--quiet", "--threads", "1"]
+    assert cli_main(flags + ["--appearance", "affine"]) == 0
+    assert seen == ["affine"]
+    assert json.loads((out / "sweep.json").read_text())["settings"]["appearance"] == "affine"
+    capsys.readouterr()
+    assert cli_main(flags) != 0  # another appearance is another sweep
+    assert "appearance: 'affine' there, 'none' now" in capsys.readouterr().err
+    with pytest.raises(InputError, match="--appearance must be one of"):
+        SweepConfig.from_mapping({"dataset": str(cap), "appearance": "gain", "out": str(out)}).resolved()
+    mesh = tmp_path / "m.obj"
+    mesh.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    with pytest.raises(InputError, match="--appearance: not an option for a mesh"):  # a mesh has no photos
+        SweepConfig.from_mapping({"dataset": str(mesh), "appearance": "affine"})
+
+
+def test_exposure_matching_is_a_least_squares_gain_and_offset_per_channel():
+    from vqad.metrics import exposure_matched, psnr
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(9, 7, 3, generator=g) * 0.6 + 0.2
+    keep = torch.rand(9, 7, generator=g) > 0.3
+    gain, offset = torch.tensor([0.7, 1.2, 0.9]), torch.tensor([0.05, -0.1, 0.02])
+    photo = pred * gain + offset
+    assert torch.allclose(exposure_matched(pred, photo), photo, atol=1e-5)  # an exact transform is undone
+    noisy = (photo + 0.05 * torch.randn(9, 7, 3, generator=g)).clamp(0, 1)
+    got = exposure_matched(pred, noisy, keep)
+    for c in range(3):  # brute force: numpy's least squares over the kept pixels
+        A = np.stack([pred[..., c][keep].numpy(), np.ones(int(keep.sum()))], 1)
+        (a, b), *_ = np.linalg.lstsq(A, noisy[..., c][keep].numpy(), rcond=None)
+        assert torch.allclose(got[..., c], (pred[..., c] * float(a) + float(b)).clamp(0, 1), atol=1e-5)
+    assert psnr(got, noisy, keep) >= psnr(pred, noisy, keep)  # the identity is one of the transforms it tried
+    flat = torch.full((4, 4, 3), 0.5)
+    assert torch.allclose(exposure_matched(flat, flat * 0 + 0.8), flat * 0 + 0.8)  # constant: gain 1, offset moves it
+    assert torch.equal(exposure_matched(pred, photo, torch.zeros(9, 7, dtype=torch.bool)), pred)  # nothing kept

@@ -23,6 +23,23 @@ def psnr(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None)
     return float(-10.0 * torch.log10(torch.mean(err).clamp_min(1e-12)))
 
 
+def exposure_matched(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``pred (H, W, 3)`` with each channel's gain and offset fitted to ``gt`` by least squares over the
+    pixels ``keep (H, W)`` marks (all without it), clamped to [0, 1]: the render as the photo's own exposure
+    and white balance would have recorded it (a channel that ``pred`` holds constant gets gain 1)."""
+    p, g = pred.float().reshape(-1, 3), gt.float().reshape(-1, 3).to(pred.device)
+    if keep is not None:
+        sel = keep.reshape(-1).to(pred.device)
+        p, g = p[sel], g[sel]
+    if p.shape[0] == 0:
+        return pred.float().clone()
+    pm, gm = p.mean(0), g.mean(0)
+    var = ((p - pm) ** 2).mean(0)
+    cov = ((p - pm) * (g - gm)).mean(0)
+    gain = torch.where(var > 1e-10, cov / var.clamp_min(1e-10), torch.ones_like(var))
+    return (pred.float() * gain + (gm - gain * pm)).clamp(0, 1)
+
+
 def ssim(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None) -> float:
     """SSIM (Gaussian window 11, σ 1.5) of ``(H, W, 3)`` images in [0, 1]: the mean of :func:`ssim_map` (what
     pytorch-msssim gives, to float rounding: tested); with ``keep (H, W)``, its mean over the windows whose

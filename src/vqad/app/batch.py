@@ -664,6 +664,7 @@ def _fit_nerf(spec: AssetSpec, ctx: WorkerContext, d: Path, resume: bool):
     """Fit a capture asset; returns its summary, field and a function that evaluates a field of it."""
     from vqad.app.commands.nerf import check_nerf_dataset, fit_nerf_configs, fit_nerf_summary, load_nerf_dataset
     from vqad.device import resolve_device
+    from vqad.nerf.appearance import appearance_scoring
     from vqad.nerf.evaluate import evaluate_nerf
     from vqad.nerf.fit import fit_nerf
 
@@ -682,7 +683,7 @@ def _fit_nerf(spec: AssetSpec, ctx: WorkerContext, d: Path, resume: bool):
     def evaluate(field) -> dict:
         return evaluate_nerf(field, dataset, args.eval_views, out_dir=d, max_views=args.eval_max_views,
                              save_images=spec.options.renders, quiet=True, deadline=deadline,
-                             appearance=res.appearance if args.eval_views == "train" else None)
+                             **appearance_scoring(res.appearance, args.eval_views))
 
     return summary, res.field, evaluate, fit_started, device
 

@@ -305,7 +305,7 @@ def _defaults():
 
 
 SDF_DEFAULTS, NERF_DEFAULTS = _defaults()
-NERF_ONLY = ("format", "downscale", "eval_views", "eval_max_views", "background", "octree")
+NERF_ONLY = ("format", "downscale", "eval_views", "eval_max_views", "background", "octree", "appearance")
 SDF_ONLY = ("mc_resolution", "draco_mc_resolution", "draco_level")
 # may change between resumed runs: they choose points (each point's λ is in its key) or where and how they run
 NOT_SETTINGS = ("out", "methods", "rate_weights", "device", "quiet", "stream_bits")
@@ -343,6 +343,7 @@ class SweepConfig:
     eval_max_views: int | None = None
     background: object = "white"  # white, black, "R,G,B" or [R, G, B]
     octree: str = "auto"  # auto | depth | mask | density
+    appearance: str = "none"  # per-view exposure and white balance learned beside the field: none | affine
     kind: str = ""  # "sdf" | "nerf", set by resolved()
 
     @classmethod
@@ -393,6 +394,10 @@ class SweepConfig:
 
         if cfg.octree not in OCTREE_CHOICES:
             raise InputError(f"--octree must be one of {', '.join(OCTREE_CHOICES)}, got {cfg.octree!r}")
+        from vqad.nerf.appearance import APPEARANCES
+
+        if cfg.appearance not in APPEARANCES:
+            raise InputError(f"--appearance must be one of {', '.join(APPEARANCES)}, got {cfg.appearance!r}")
         if not 0 <= cfg.draco_level <= 10:
             raise InputError(f"--draco-level must be in 0..10, got {cfg.draco_level}")
         rated = [s for s in cfg.methods if isinstance(s, str) and METHODS.get(s.strip().partition(":")[0], METHODS["dense"]).rated]
@@ -418,14 +423,14 @@ class SweepConfig:
 
 
 #: settings added after sweeps were first recorded: a sweep.json without them was made with these values
-ADDED_SETTINGS = {"rate_context": False}
+ADDED_SETTINGS = {"rate_context": False, "appearance": "none"}
 
 
 _TYPES = {"methods": (list, str), "levels": (str,), "features": (int,), "steps": (int,), "minutes": (int, float),
           "batch": (int,), "hidden": (int,), "seed": (int,), "device": (str,), "entropy": (bool,),
           "stream_bits": (int,), "rate_weights": (list, str), "rate_context": (bool,), "quiet": (bool,), "mc_resolution": (int,), "draco_mc_resolution": (int,),
           "draco_level": (int,), "format": (str,), "downscale": (int,), "eval_views": (str,),
-          "eval_max_views": (int,), "background": (str, list), "octree": (str,), "dataset": (str,), "out": (str,)}
+          "eval_max_views": (int,), "background": (str, list), "octree": (str,), "appearance": (str,), "dataset": (str,), "out": (str,)}
 
 
 def _check_type(name: str, value) -> None:
@@ -632,7 +637,8 @@ class NeRFTask:
 
         c = self.cfg
         # vqad fit-nerf's defaults (the marching step chosen from the octree); one width for both MLPs
-        train = NeRFTrainConfig(steps=c.steps, batch_rays=c.batch, octree=c.octree, seed=c.seed, max_minutes=c.minutes)
+        train = NeRFTrainConfig(steps=c.steps, batch_rays=c.batch, octree=c.octree, seed=c.seed, max_minutes=c.minutes,
+                                appearance=c.appearance)
         if refine is not None:
             train.refine = refine
         _set_rate(train, rate_weight, c.rate_context)
@@ -714,8 +720,9 @@ class Sweep:
                 raise InputError(f"{manifest} is not a vqad sweep record: use another --out")
             # a sweep recorded before these settings existed had their defaults; older records also kept
             # choices of points (the λ values) that are no longer settings
-            old = {k: v for k, v in {**ADDED_SETTINGS, **old}.items() if k not in NOT_SETTINGS}
             new = json.loads(json.dumps(self.cfg.settings()))
+            added = {k: v for k, v in ADDED_SETTINGS.items() if k in new}  # a mesh sweep has no radiance-field settings
+            old = {k: v for k, v in {**added, **old}.items() if k not in NOT_SETTINGS}
             diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             if diff:
                 raise InputError(f"{self.out} holds a sweep made with other settings ({'; '.join(diff)}): "

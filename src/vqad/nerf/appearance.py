@@ -73,8 +73,7 @@ class ViewAppearance(torch.nn.Module):
                                  f"with --appearance: it is damaged; start a new fit")
             if tuple(t.shape) != shape:
                 raise InputError(f"{where}: the checkpoint's per-view appearance is for {t.shape[0] if t.dim() else 0} "
-                                 f"training views, this capture has {shape[0]}: resume with the capture (and "
-                                 f"--downscale, --eval-views) the fit was started with")
+                                 f"training views, this capture has {shape[0]}: use the capture the fit was trained on")
             if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                 raise InputError(f"{where}: the checkpoint's per-view appearance ({name}) holds values that are not "
                                  f"finite numbers: it is damaged; start a new fit")
@@ -107,6 +106,19 @@ def checkpoint_appearance(path, n_views: int) -> ViewAppearance | None:
     if train["appearance"] not in APPEARANCES:
         raise InputError(f"{path}: the checkpoint's appearance {train['appearance']!r} is not one this vqad knows "
                          f"({', '.join(APPEARANCES)})")
+    if n_views < 1:
+        raise InputError(f"{path} was fitted with a per-view appearance, and this capture has no training views to "
+                         f"apply it to: use the capture the fit was trained on")
     app = ViewAppearance(n_views)
     app.load(read_task_tensors(path, "appearance."), str(path))
     return app
+
+
+def appearance_scoring(appearance: ViewAppearance | None, split: str) -> dict:
+    """How an evaluation of ``split`` scores a model trained with ``appearance`` (None: without): the
+    training views through their own transforms (``appearance=``), any other split in the average
+    appearance and also with each photo's exposure matched (``match_exposure=``: its camera metered it
+    anew, as it did the training photos); nothing for a model trained without."""
+    if appearance is None:
+        return {}
+    return {"appearance": appearance} if split == "train" else {"match_exposure": True}

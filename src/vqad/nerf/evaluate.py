@@ -4,6 +4,8 @@
 * SSIM with a Gaussian window of 11 pixels, σ = 1.5 (as pytorch-msssim computes it, :func:`vqad.metrics.ssim`).
 * A capture's loss masks (:attr:`vqad.nerf.data.Views.valid`) hold on the held-out views too: PSNR over
   the pixels they keep, SSIM over the windows centred on one; a view whose mask keeps none is not scored.
+* With ``match_exposure``, PSNR also after fitting each photo's exposure and white balance to the render
+  (``"psnr_matched"``, :func:`vqad.metrics.exposure_matched`), for captures metered anew in every photo.
 * LPIPS is **not** reported: it needs pretrained network weights (AlexNet / VGG) that cannot be
   downloaded on an offline machine, and vqad ships none. Compare LPIPS elsewhere from the saved PNGs.
 
@@ -22,7 +24,7 @@ import torch
 
 from vqad.atomicio import save_image
 from vqad.errors import InputError
-from vqad.metrics import psnr, ssim
+from vqad.metrics import exposure_matched, psnr, ssim
 from vqad.nerf.data import SceneDataset, kept_views
 from vqad.nerf.render import OccupancySampler, render_rays_chunked
 
@@ -120,12 +122,16 @@ def render_views(field, dataset: SceneDataset, split: str, lods: list[int], samp
 def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[int] | None = None,
                   out_dir: str | Path | None = None, max_views: int | None = None, save_images: bool = True,
                   sampler: OccupancySampler | None = None, quiet: bool = True, deadline=None,
-                  require_scores: bool = True, appearance=None) -> dict:
+                  require_scores: bool = True, appearance=None, match_exposure: bool = False) -> dict:
     """PSNR / SSIM per LOD (means over the views), and PNGs under ``out_dir`` when given.
 
     ``appearance`` (a :class:`vqad.nerf.appearance.ViewAppearance` of ``split``'s views: the training
     views' learned exposure and white balance) renders each view as its photo recorded it, scored and
     saved so; without it every view has the field's own (the training photos' average) appearance.
+    ``match_exposure`` also scores each render after fitting its photo's exposure and white balance
+    (:func:`vqad.metrics.exposure_matched`: a gain and an offset per channel, least squares), as
+    ``"psnr_matched"``: the held-out photos of a capture whose camera metered every photo anew have
+    exposures no fit can know.
 
     With a ``deadline`` (:class:`vqad.fit.Deadline`), views stop once its time is spent (at least one
     is always scored); ``"views"`` says how many were scored, ``"rendered"`` how many were rendered
@@ -153,7 +159,7 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
         for lod in lods:
             dirs[lod] = Path(out_dir) / f"{split}_lod{lod}"
             dirs[lod].mkdir(parents=True, exist_ok=True)
-    scores = {lod: {"psnr": [], "ssim": []} for lod in lods}
+    scores = {lod: {"psnr": [], "ssim": [], "psnr_matched": []} for lod in lods}
     order = range(len(views) if max_views is None else min(max_views, len(views)))
     if valid is not None and not dirs:  # nothing is saved: a view that cannot be scored is not rendered
         order = [i for i in order if bool(valid[i].any())]
@@ -168,6 +174,8 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
             if keep is None or bool(keep.any()):
                 scores[lod]["psnr"].append(psnr(rgb[b], gt, keep))
                 scores[lod]["ssim"].append(ssim(rgb[b], gt, keep))
+                if match_exposure:
+                    scores[lod]["psnr_matched"].append(psnr(exposure_matched(rgb[b], gt, keep), gt, keep))
             if lod in dirs:
                 save_image(to_png_rgb(rgb[b]), dirs[lod] / f"{name}.png")
                 save_image(depth_png(depth[b], opa[b]), dirs[lod] / f"{name}_depth.png")
@@ -184,13 +192,18 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
         p, s = scores[lod]["psnr"], scores[lod]["ssim"]
         out[lod] = {"psnr": float(np.mean(p)) if p else None, "ssim": float(np.mean(s)) if s else None,
                     "views": len(p), "rendered": n_seen, "seconds": seconds}
+        if match_exposure:
+            m = scores[lod]["psnr_matched"]
+            out[lod]["psnr_matched"] = float(np.mean(m)) if m else None
         if valid is not None:
             out[lod]["masked"] = True
     return out
 
 
 def metric_lines(results: dict) -> list[str]:
-    return [(f"LOD {lod}: PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  ("
+    return [(f"LOD {lod}: PSNR {r['psnr']:.2f} dB"
+             + (f" ({r['psnr_matched']:.2f} with each photo's exposure matched)" if r.get("psnr_matched") is not None else "")
+             + f"  SSIM {r['ssim']:.4f}  ("
              + (f"{r['views']} of {r['rendered']}" if r.get("rendered", r["views"]) > r["views"] else f"{r['views']}")
              + " views" + (", the pixels their loss masks keep)" if r.get("masked") else ")"))
             if r["psnr"] is not None else f"LOD {lod}: not scored (the loss masks of its views keep no pixel)"

@@ -143,6 +143,10 @@ def register(sub) -> None:
     p.add_argument("--dataset", default=None, help="dataset path (default: the one stored with the model)")
     p.add_argument("--bytes", type=int, default=None, help=".vqad only: use just the first N bytes")
     p.add_argument("-o", "--out", type=path_arg, default=None, help="also write renders and metrics.json here")
+    p.add_argument("--match-exposure", action="store_true",
+                   help="also score each render after fitting its photo's exposure and white balance (a gain and an "
+                        "offset per channel, least squares): for captures whose camera metered every photo anew "
+                        "(on by default for held-out views of a checkpoint fitted with --appearance)")
     add_device_arg(p)
     p.set_defaults(func=cmd_eval, oom_hint="lower --max-views or the images' size (the fit's --downscale)")
 
@@ -376,6 +380,7 @@ def fit_nerf_summary(res) -> dict:
 
 def cmd_fit_nerf(args) -> int:
     from vqad.device import native_bf16_matmul, resolve_device
+    from vqad.nerf.appearance import appearance_scoring
     from vqad.nerf.evaluate import evaluate_nerf, metric_lines
     from vqad.nerf.fit import fit_nerf
     from vqad.nerf.data import mask_summary
@@ -419,7 +424,7 @@ def cmd_fit_nerf(args) -> int:
         t0 = time.perf_counter()
         lods = evaluate_nerf(field, dataset, args.eval_views, out_dir=out, max_views=args.eval_max_views,
                              sampler=res.sampler, quiet=args.quiet, deadline=deadline,
-                             appearance=res.appearance if args.eval_views == "train" else None)
+                             **appearance_scoring(res.appearance, args.eval_views))
         summary["eval_views"] = args.eval_views
         summary["lods"] = lods
         print(f"evaluation on {args.eval_views!r} in {time.perf_counter() - t0:.0f} s (LPIPS needs network weights: not computed)")
@@ -448,7 +453,7 @@ def _lods(field, lod):
 
 
 def cmd_eval(args) -> int:
-    from vqad.nerf.appearance import checkpoint_appearance
+    from vqad.nerf.appearance import appearance_scoring, checkpoint_appearance
     from vqad.nerf.evaluate import evaluate_nerf, load_scene, metric_lines, require_scorable
 
     if args.max_views is not None and args.max_views <= 0:
@@ -459,10 +464,12 @@ def cmd_eval(args) -> int:
     require_scorable(dataset, args.views, args.max_views, fix="score other views (--views, --max-views), or check "
                                                               "the masks (vqad render renders them)")
     out = ensure_writable_dir(args.out) if args.out else None
-    looks = checkpoint_appearance(args.model, len(dataset.splits["train"])) if args.views == "train" else None
-    res = evaluate_nerf(field, dataset, args.views, lods=lods, out_dir=out, max_views=args.max_views, appearance=looks)
+    scoring = appearance_scoring(checkpoint_appearance(args.model, len(dataset.splits.get("train", ()))), args.views)
+    if args.match_exposure:
+        scoring["match_exposure"] = True
+    res = evaluate_nerf(field, dataset, args.views, lods=lods, out_dir=out, max_views=args.max_views, **scoring)
     print(f"{args.views!r} views of {dataset.name!r}" + (" as their photos were exposed (the checkpoint's per-view "
-                                                           "appearance)" if looks is not None else "")
+                                                           "appearance)" if scoring.get("appearance") else "")
           + " (LPIPS needs network weights: not computed)")
     for line in metric_lines(res):
         print(line)

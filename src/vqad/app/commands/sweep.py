@@ -44,6 +44,7 @@ refined is set aside (.stale) and refitted.
 
 def register(sub) -> None:
     from vqad.app.sweep import METHOD_SPEC_HELP
+    from vqad.nerf.appearance import APPEARANCES
     from vqad.nerf.task import OCTREE_CHOICES
 
     S = argparse.SUPPRESS  # options not given stay unset, so a config file can supply them
@@ -89,6 +90,9 @@ def register(sub) -> None:
     g.add_argument("--eval-max-views", type=int, help="evaluate only the first N held-out views")
     g.add_argument("--background", help="white, black or R,G,B in [0, 1] (default white)")
     g.add_argument("--octree", choices=list(OCTREE_CHOICES), help="occupied space from (default auto)")
+    g.add_argument("--appearance", choices=list(APPEARANCES),
+                   help="affine: learn each training photo's exposure and white balance beside the field, as fit-nerf "
+                        "--appearance does (default none)")
     p.add_argument("--device", help="auto (CUDA if present, the default), cpu or cuda[:N]")
     p.set_defaults(func=cmd_sweep)
 

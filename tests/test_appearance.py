@@ -48,10 +48,48 @@ def test_loading_a_checkpoints_transforms_is_validated():
         app.load({"offset": torch.zeros(4, 3)}, "ckpt")
     with pytest.raises(InputError, match="not finite"):
         app.load({**good, "offset": torch.full((4, 3), float("nan"))}, "ckpt")
-    with pytest.raises(InputError, match="not finite"):
+    with pytest.raises(InputError, match="not floating-point"):
         app.load({**good, "offset": torch.zeros(4, 3, dtype=torch.int64)}, "ckpt")
+    with pytest.raises(InputError, match=r"shape \(4, 4\), not \(views, 3\)"):
+        app.load({**good, "offset": torch.zeros(4, 4)}, "ckpt")
+    with pytest.raises(InputError, match="within ±10"):  # finite, but exp() of it overflows every render
+        app.load({**good, "log_gain": torch.full((4, 3), 80.0)}, "ckpt")
+    app.load({**good, "offset": torch.zeros(4, 3, dtype=torch.float16)}, "ckpt")  # any float type
     with pytest.raises(ValueError):
         ViewAppearance(0)
+
+
+def test_a_view_without_pixels_stays_the_identity_and_out_of_the_gauge():
+    active = torch.tensor([True, False, True, True])
+    app = ViewAppearance(4, active=active)
+    with torch.no_grad():
+        app.log_gain.normal_()
+        app.offset.normal_()
+    gain, offset = app.transforms()
+    assert torch.equal(gain[1], torch.ones(3)) and torch.equal(offset[1], torch.zeros(3))
+    assert torch.allclose(gain[active].log().mean(0), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(offset[active].mean(0), torch.zeros(3), atol=1e-6)
+    rgb = torch.rand(5, 3, requires_grad=True)
+    app(rgb, torch.tensor([0, 2, 3, 0, 2])).sum().backward()  # rays of the active views only
+    assert float(app.log_gain.grad[1].abs().sum()) == 0 and float(app.offset.grad[1].abs().sum()) == 0
+
+
+def test_photos_composited_on_a_background_have_it_untouched_by_their_exposure():
+    """An object capture's photos were composited on the background by the reader: the camera saw the object
+    alone, so its gain and offset act on the field's colour before compositing (brute force per ray)."""
+    from vqad.nerf.appearance import apply_look
+
+    g = torch.Generator().manual_seed(1)
+    fg, a = torch.rand(6, 3, generator=g), torch.rand(6, generator=g)
+    bg = torch.tensor([1.0, 0.5, 0.0])
+    rgb = a[:, None] * fg + (1 - a[:, None]) * bg  # volume rendering's premultiplied colour, composited
+    gain, offset = torch.rand(6, 3, generator=g) + 0.5, torch.rand(6, 3, generator=g) * 0.1
+    got = apply_look(rgb, gain, offset, a, bg)
+    for i in range(6):
+        photo = a[i] * (gain[i] * fg[i] + offset[i]) + (1 - a[i]) * bg  # the object exposed, then composited
+        assert torch.allclose(got[i], photo, atol=1e-6)
+    assert torch.allclose(apply_look(bg.expand(6, 3), gain, offset, torch.zeros(6), bg), bg.expand(6, 3))
+    assert torch.allclose(apply_look(rgb, gain, offset), rgb * gain + offset)  # photographed everywhere
 
 
 def test_generated_photos_are_metered_anew_around_the_held_out_photos_appearance():
@@ -159,6 +197,33 @@ def test_a_fit_learns_each_photos_gain_and_resumes_with_it(tmp_path, capsys):
     save_file(bad, str(ckpt / "model.safetensors"))
     assert _fit(cap, tmp_path / "fit", "--appearance", "affine", "--steps", "400", "--resume") != 0
     assert "for 3 training views, this capture has 14" in capsys.readouterr().err
+    # held-out views never use the transforms: a damaged set does not stop their evaluation
+    assert cli_main(["eval", str(ckpt), "--max-views", "1", "--device", "cpu"]) == 0
+    assert "with each photo's exposure matched" in capsys.readouterr().out
+    save_file(t, str(ckpt / "model.safetensors"))  # intact again
+
+    # the transforms belong to the photos they were learned from, in their order
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["appearance_views"][:2] == ["images/0001.png", "images/0002.png"]
+    shuffled = {**config, "appearance_views": config["appearance_views"][::-1]}
+    (ckpt / "config.json").write_text(json.dumps(shuffled))
+    assert cli_main(["eval", str(ckpt), "--views", "train", "--max-views", "1", "--device", "cpu"]) != 0
+    assert "the per-view appearance is for the training photos images/0015.png" in capsys.readouterr().err
+    assert _fit(cap, tmp_path / "fit", "--steps", "400", "--resume") != 0
+    assert "is for other training photos than this capture's" in capsys.readouterr().err
+
+    # a checkpoint whose own settings are damaged is said to be, not the flag the user never gave
+    (ckpt / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "appearance": "projective"}}))
+    assert _fit(cap, tmp_path / "fit", "--steps", "400", "--resume") != 0
+    assert "the checkpoint's training settings are not valid (unknown --appearance 'projective'" in capsys.readouterr().err
+    (ckpt / "config.json").write_text(json.dumps(config))
+
+    # optimizer state of another shape is refused when it is read, not deep inside the first step
+    optim = load_file(str(ckpt / "optim.safetensors"))
+    key = next(k for k in optim if k.startswith("appearance.") and k.endswith("exp_avg"))
+    save_file({**optim, key: torch.zeros(3, 3)}, str(ckpt / "optim.safetensors"))
+    assert _fit(cap, tmp_path / "fit", "--steps", "400", "--resume") != 0
+    assert f"the optimizer state {key.replace('.0.', '.', 1)} has shape (3, 3)" in capsys.readouterr().err
 
 
 def test_an_unknown_appearance_is_refused(tmp_path, capsys):
@@ -171,7 +236,7 @@ def test_an_unknown_appearance_is_refused(tmp_path, capsys):
     assert "invalid choice: 'gain'" in capsys.readouterr().err
 
 
-def test_index_sweeps_compare_the_photos_through_their_views_transforms(one_thread):
+def test_index_sweeps_compare_the_photos_through_their_views_transforms(one_thread, monkeypatch):
     """A refinement sweep's residuals are what training minimises: the rendering through the ray's
     view's gain and offset, minus the photo (brute force, ray by ray)."""
     from vqad.config import DecoderConfig, GridConfig
@@ -179,6 +244,7 @@ def test_index_sweeps_compare_the_photos_through_their_views_transforms(one_thre
     from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
     from vqad.nerf.formats import load_dataset
     from vqad.nerf.rays import RayBatcher
+    from vqad.nerf.appearance import apply_look
     from vqad.nerf.task import nerf_refine_chunks
     from vqad.refine import summed_features
 
@@ -194,6 +260,16 @@ def test_index_sweeps_compare_the_photos_through_their_views_transforms(one_thre
         app.offset.uniform_(-0.1, 0.1)
     batcher = RayBatcher(ds.splits["train"], ds, torch.device("cpu"))
     bg = torch.ones(3)
+    assert batcher.composited  # the procedural scene's photos are composited on its background ...
+    import vqad.nerf.task as task_mod
+
+    calls = []
+    monkeypatch.setattr(task_mod, "apply_look", lambda *a: calls.append(a) or apply_look(*a))
+    (chunk,) = nerf_refine_chunks(res.field, res.sampler, batcher, 300, bg, torch.Generator().manual_seed(3),
+                                  appearance=app)
+    chunk.residuals(summed_features(res.field.grid, chunk.x, res.field.lods[-1]))
+    assert calls and all(c[3].shape == (300,) and torch.equal(c[4], bg) for c in calls)  # ... so opacity goes along
+    batcher.composited = False  # as if the camera had recorded every pixel: the plain transform, checked by hand
     (plain,) = nerf_refine_chunks(res.field, res.sampler, batcher, 300, bg, torch.Generator().manual_seed(3))
     (seen,) = nerf_refine_chunks(res.field, res.sampler, batcher, 300, bg, torch.Generator().manual_seed(3),
                                  appearance=app)
@@ -213,6 +289,7 @@ def test_index_sweeps_compare_the_photos_through_their_views_transforms(one_thre
 
 
 def test_a_sweep_learns_the_photos_appearance_and_records_it(tmp_path, capsys, monkeypatch):
+    from test_sweep import _csv
     from vqad.app.cli import main as cli_main
     from vqad.app.sweep import SweepConfig
     import vqad.nerf.fit as nerf_fit
@@ -229,10 +306,15 @@ def test_a_sweep_learns_the_photos_appearance_and_records_it(tmp_path, capsys, m
              "--stream-bits", "0", "--no-entropy", "--device", "cpu", "--quiet", "--threads", "1"]
     assert cli_main(flags + ["--appearance", "affine"]) == 0
     assert seen == ["affine"]
+    row = next(iter(_csv(out / "results.csv")))
+    assert float(row["psnr_matched"]) >= float(row["psnr"]) - 1e-6  # held-out photos: their exposure matched too
     assert json.loads((out / "sweep.json").read_text())["settings"]["appearance"] == "affine"
     capsys.readouterr()
     assert cli_main(flags) != 0  # another appearance is another sweep
     assert "appearance: 'affine' there, 'none' now" in capsys.readouterr().err
+    with pytest.raises(InputError, match="sweep's files do not keep"):  # a .vqad holds the average appearance
+        SweepConfig.from_mapping({"dataset": str(cap), "appearance": "affine", "eval_views": "train",
+                                  "out": str(out)}).resolved()
     with pytest.raises(InputError, match="--appearance must be one of"):
         SweepConfig.from_mapping({"dataset": str(cap), "appearance": "gain", "out": str(out)}).resolved()
     mesh = tmp_path / "m.obj"

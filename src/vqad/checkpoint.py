@@ -259,3 +259,15 @@ def load_optimizer_state(path: str | Path, optimizers: dict[str, torch.optim.Opt
         except ValueError as e:  # another grouping of the parameters (other learning-rate options)
             raise InputError(f"{path}: its optimizer state does not fit this fit's parameter groups ({e}); resume "
                              "with the options (learning-rate scales) the checkpoint was written with") from None
+        _check_state_shapes(path, oname, opt)
+
+
+def _check_state_shapes(path: Path, oname: str, opt: torch.optim.Optimizer) -> None:
+    """Every state tensor of ``opt`` is a scalar (a step count), or has its parameter's shape or one value per
+    row (row-wise RMSprop): anything else fails only at the first step, deep inside the optimizer."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.dim() and tuple(v.shape) not in (tuple(p.shape), tuple(p.shape[:1])):
+                    raise InputError(f"{path}: the optimizer state {oname}.{key} has shape {tuple(v.shape)} for a "
+                                     f"parameter of shape {tuple(p.shape)}: {_DAMAGED}")

@@ -683,7 +683,7 @@ def _fit_nerf(spec: AssetSpec, ctx: WorkerContext, d: Path, resume: bool):
     def evaluate(field) -> dict:
         return evaluate_nerf(field, dataset, args.eval_views, out_dir=d, max_views=args.eval_max_views,
                              save_images=spec.options.renders, quiet=True, deadline=deadline,
-                             **appearance_scoring(res.appearance, args.eval_views))
+                             **appearance_scoring(res.appearance is not None, args.eval_views, res.appearance))
 
     return summary, res.field, evaluate, fit_started, device
 

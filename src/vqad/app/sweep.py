@@ -398,6 +398,10 @@ class SweepConfig:
 
         if cfg.appearance not in APPEARANCES:
             raise InputError(f"--appearance must be one of {', '.join(APPEARANCES)}, got {cfg.appearance!r}")
+        if cfg.appearance != "none" and cfg.eval_views == "train":
+            raise InputError("--appearance with --eval-views train: a training view is scored through its learned "
+                             "exposure, which the sweep's files do not keep (they hold the views' average); score "
+                             "held-out views (their PSNR is also given with each photo's exposure matched: psnr_matched)")
         if not 0 <= cfg.draco_level <= 10:
             raise InputError(f"--draco-level must be in 0..10, got {cfg.draco_level}")
         rated = [s for s in cfg.methods if isinstance(s, str) and METHODS.get(s.strip().partition(":")[0], METHODS["dense"]).rated]
@@ -650,9 +654,10 @@ class NeRFTask:
     def evaluate(self, field, lod: int) -> dict:
         from vqad.nerf.evaluate import evaluate_nerf
 
+        matched = self.cfg.appearance != "none"  # held-out photos metered anew (train views are refused above)
         r = evaluate_nerf(field, self.dataset, self.cfg.eval_views, lods=[lod], max_views=self.cfg.eval_max_views,
-                          save_images=False)[lod]
-        return {"psnr": r["psnr"], "ssim": r["ssim"]}
+                          save_images=False, match_exposure=matched)[lod]
+        return {"psnr": r["psnr"], "ssim": r["ssim"], **({"psnr_matched": r["psnr_matched"]} if matched else {})}
 
 
 def _set_rate(train, rate_weight: float, context: bool) -> None:
@@ -979,7 +984,8 @@ def write_reports(out: Path, cfg: SweepConfig) -> list[dict]:
     """Rebuild results.csv, results.md and rd.png from the finished points; returns the rows."""
     out = Path(out)
     rows = collect_rows(out)
-    cols = [c for col in COLUMNS for c in (QUALITY[cfg.kind] if col == "QUALITY" else (col,))]
+    quality = QUALITY[cfg.kind] + (("psnr_matched",) if cfg.kind == "nerf" and cfg.appearance != "none" else ())
+    cols = [c for col in COLUMNS for c in (quality if col == "QUALITY" else (col,))]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()

@@ -8,7 +8,11 @@ transform applied to what the field renders for that view's rays, before the los
 
     C'_i = g_i ⊙ C + o_i,    g_i = exp(ℓ_i − mean_j ℓ_j),    o_i = β_i − mean_j β_j
 
-with ``ℓ_i, β_i ∈ R³`` per channel (``affine``: gain and offset, 6 numbers a view). A gain per channel
+with ``ℓ_i, β_i ∈ R³`` per channel (``affine``: gain and offset, 6 numbers a view), the means over the
+views that have pixels to train on (a view its loss mask empties stays the identity). Where the reader
+composited the photos on the background (their alpha: an object capture), the background was never
+photographed: the transform applies to the field's own colour, before it is composited
+(:func:`apply_look`). A gain per channel
 is what a change of exposure and white balance does to a linear or a power-law-encoded (sRGB-like)
 colour; the offset takes black level and haze. Subtracting the means over the views fixes the gauge:
 the field's own colours are the *average* appearance of the training photos, not whatever the first
@@ -20,6 +24,8 @@ resume. docs/method.md §8.5 has the measurements.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vqad.errors import InputError
@@ -29,34 +35,66 @@ APPEARANCES = ("none", "affine")
 #: the transforms' Adam learning rate, as a share of the decoders' (docs/method.md §8.5)
 APPEARANCE_LR_SCALE = 1.0
 
+#: the largest |ℓ| and |β| a checkpoint may hold: a gain of e^±10 or an offset of ±10 (colours are in
+#: [0, 1]) is no photo's exposure, and would overflow the renders
+MAX_LOG_GAIN, MAX_OFFSET = 10.0, 10.0
+
+
+def apply_look(rgb: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor, opacity: torch.Tensor | None = None,
+               background: torch.Tensor | None = None) -> torch.Tensor:
+    """Rendered colours ``rgb (..., R, 3)`` as photos with gains and offsets ``(R, 3)`` recorded them:
+    ``g ⊙ rgb + o``; or, with ``background (3,)`` and the rays' ``opacity (..., R)`` (the reader composited
+    the photos on that background, which the camera never saw), ``g ⊙ F + A·o + (1 − A)·background`` with
+    ``F = rgb − (1 − A)·background`` the field's own, premultiplied colour."""
+    if background is None:
+        return rgb * gain + offset
+    a = opacity.unsqueeze(-1)
+    rest = (1.0 - a) * background
+    return (rgb - rest) * gain + a * offset + rest
+
 
 class ViewAppearance(torch.nn.Module):
     """Per-channel gain and offset of each of ``n_views`` training views, identity at the start.
 
-    Parameters: ``log_gain (V, 3)`` and ``offset (V, 3)``, the ℓ and β of the module docstring.
+    Parameters: ``log_gain (V, 3)`` and ``offset (V, 3)``, the ℓ and β of the module docstring;
+    ``active (V,) bool``: the views with pixels to train on (default: all), whose means fix the gauge;
+    the others stay the identity (nothing constrains them).
     """
 
-    def __init__(self, n_views: int, device=None):
+    def __init__(self, n_views: int, device=None, active: torch.Tensor | None = None):
         super().__init__()
         if n_views < 1:
             raise ValueError(f"ViewAppearance needs at least one view, got {n_views}")
         self.log_gain = torch.nn.Parameter(torch.zeros(n_views, 3, device=device))
         self.offset = torch.nn.Parameter(torch.zeros(n_views, 3, device=device))
+        if active is None:
+            active = torch.ones(n_views, dtype=torch.bool)
+        if active.shape != (n_views,) or active.dtype != torch.bool:
+            raise ValueError(f"ViewAppearance: active must be ({n_views},) bool, not {active.dtype} {tuple(active.shape)}")
+        # (V, 1) float: 1 for a view whose transform is learned, 0 for one held at the identity
+        self.register_buffer("_active", active.to(device=self.log_gain.device, dtype=torch.float32)[:, None],
+                             persistent=False)
 
     @property
     def n_views(self) -> int:
         return self.log_gain.shape[0]
 
     def transforms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every view's gain and offset with the gauge fixed: ``(V, 3)`` each, the gains' geometric mean and
-        the offsets' mean 1 and 0 per channel."""
-        return (torch.exp(self.log_gain - self.log_gain.mean(0)), self.offset - self.offset.mean(0))
+        """Every view's gain and offset with the gauge fixed: ``(V, 3)`` each, the active views' gains of
+        geometric mean 1 and offsets of mean 0 per channel, the others 1 and 0."""
+        w = self._active
+        n = w.sum().clamp_min(1.0)
+        log_gain = (self.log_gain - (self.log_gain * w).sum(0) / n) * w
+        offset = (self.offset - (self.offset * w).sum(0) / n) * w
+        return torch.exp(log_gain), offset
 
-    def forward(self, rgb: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-        """``rgb (..., B, 3)`` (e.g. one row per LOD) of rays from training views ``views (B,)`` → the
-        colours their photos would record: ``g_view ⊙ rgb + o_view``, same shape."""
+    def forward(self, rgb: torch.Tensor, views: torch.Tensor, opacity: torch.Tensor | None = None,
+                background: torch.Tensor | None = None) -> torch.Tensor:
+        """``rgb (..., R, 3)`` (e.g. one row per LOD) of rays from training views ``views (R,)`` → the
+        colours their photos would record (:func:`apply_look`; ``opacity (..., R)`` and ``background (3,)``
+        where the reader composited the photos on it), same shape."""
         gain, offset = self.transforms()
-        return rgb * gain.index_select(0, views) + offset.index_select(0, views)
+        return apply_look(rgb, gain.index_select(0, views), offset.index_select(0, views), opacity, background)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint keeps (:meth:`load`)."""
@@ -64,35 +102,62 @@ class ViewAppearance(torch.nn.Module):
 
     def load(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Restore :meth:`state` read from ``where`` (a checkpoint), validated: an :class:`InputError` for
-        missing tensors, another number of views, or values that are not finite."""
-        shape = tuple(self.log_gain.shape)
-        for name, param in (("log_gain", self.log_gain), ("offset", self.offset)):
+        missing tensors, another number of views or channels, and values that are not numbers in range."""
+        damaged = "the checkpoint is damaged; start a new fit"
+        for name, param, bound in (("log_gain", self.log_gain, MAX_LOG_GAIN), ("offset", self.offset, MAX_OFFSET)):
             t = tensors.get(name)
             if t is None:
-                raise InputError(f"{where}: the checkpoint has no per-view appearance ({name}) although it was trained "
-                                 f"with --appearance: it is damaged; start a new fit")
-            if tuple(t.shape) != shape:
-                raise InputError(f"{where}: the checkpoint's per-view appearance is for {t.shape[0] if t.dim() else 0} "
-                                 f"training views, this capture has {shape[0]}: use the capture the fit was trained on")
-            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-                raise InputError(f"{where}: the checkpoint's per-view appearance ({name}) holds values that are not "
-                                 f"finite numbers: it is damaged; start a new fit")
+                raise InputError(f"{where}: no per-view appearance ({name}) although the fit was trained with "
+                                 f"--appearance: {damaged}")
+            if t.dim() != 2 or t.shape[1] != 3:
+                raise InputError(f"{where}: the per-view appearance's {name} has shape {tuple(t.shape)}, not (views, 3): "
+                                 f"{damaged}")
+            if t.shape[0] != self.n_views:
+                raise InputError(f"{where}: the per-view appearance is for {t.shape[0]} training views, this capture "
+                                 f"has {self.n_views}: use the capture the fit was trained on")
+            if not t.is_floating_point():
+                raise InputError(f"{where}: the per-view appearance's {name} holds {t.dtype} values, not floating-point "
+                                 f"numbers: {damaged}")
+            t = t.float()
+            if not bool(torch.isfinite(t).all()) or float(t.abs().max()) > bound:
+                raise InputError(f"{where}: the per-view appearance's {name} holds values that are not finite numbers "
+                                 f"within ±{bound:g}: {damaged}")
             with torch.no_grad():
                 param.copy_(t.to(param))
 
     def summary(self) -> str:
-        """One line on how far the views' transforms spread: the gains' range per channel, and the offsets'."""
+        """One line on how far the active views' transforms spread: the gains' range per channel, and the offsets'."""
         gain, offset = (t.detach() for t in self.transforms())
+        active = self._active[:, 0] > 0
+        if not bool(active.any()):
+            return "per-view appearance: no view had pixels to learn it from"
+        gain, offset = gain[active], offset[active]
         lo, hi = gain.min(0).values.tolist(), gain.max(0).values.tolist()
         rng = ", ".join(f"{c} {a:.2f}–{b:.2f}" for c, a, b in zip("RGB", lo, hi))
         return (f"per-view appearance: gains {rng}; offsets within ±{float(offset.abs().max()):.3f} "
                 f"(the field holds the views' average)")
 
 
-def checkpoint_appearance(path, n_views: int) -> ViewAppearance | None:
-    """The training views' transforms a checkpoint directory ``path`` keeps (a fit with ``--appearance
-    affine``), validated against ``n_views`` training views; None for a checkpoint without them, or a
-    ``.vqad`` file (which holds the average appearance only)."""
+def composited_background(views, background) -> torch.Tensor | None:
+    """``background (3,)`` as a tensor where the reader composited ``views``' photos on it (they had
+    alpha: foreground masks), so a photo's transform applies before compositing (:func:`apply_look`);
+    None where the camera recorded every pixel."""
+    if views.masks is None:
+        return None
+    return torch.as_tensor(background, dtype=torch.float32)
+
+
+def appearance_of(config: dict) -> str:
+    """The ``--appearance`` a checkpoint's config dict records ("none" for one from before the setting)."""
+    train = config.get("train")
+    value = train.get("appearance", "none") if isinstance(train, dict) else "none"
+    return value if isinstance(value, str) else repr(value)
+
+
+def checkpoint_appearance(path, views) -> ViewAppearance | None:
+    """The transforms of the training ``views`` (a :class:`~vqad.nerf.data.Views`) that a checkpoint
+    directory ``path`` keeps (a fit with ``--appearance affine``), validated against them (their number
+    and names); None for a checkpoint without them, or a ``.vqad`` file (the average appearance only)."""
     from pathlib import Path
 
     from vqad.checkpoint import read_config, read_task_tensors
@@ -100,25 +165,38 @@ def checkpoint_appearance(path, n_views: int) -> ViewAppearance | None:
     path = Path(path)
     if not path.is_dir():
         return None
-    train = read_config(path).get("train")
-    if not isinstance(train, dict) or train.get("appearance", "none") == "none":
+    config = read_config(path)
+    setting = appearance_of(config)
+    if setting == "none":
         return None
-    if train["appearance"] not in APPEARANCES:
-        raise InputError(f"{path}: the checkpoint's appearance {train['appearance']!r} is not one this vqad knows "
-                         f"({', '.join(APPEARANCES)})")
-    if n_views < 1:
+    if setting not in APPEARANCES:
+        raise InputError(f"{path}: the checkpoint's appearance {setting!r} is not one this vqad knows "
+                         f"({', '.join(APPEARANCES)}): the checkpoint is damaged, or from a newer vqad")
+    n = 0 if views is None else len(views)
+    if n < 1:
         raise InputError(f"{path} was fitted with a per-view appearance, and this capture has no training views to "
                          f"apply it to: use the capture the fit was trained on")
-    app = ViewAppearance(n_views)
+    names = config.get("appearance_views")
+    if isinstance(names, list) and views.names and names != [str(x) for x in views.names]:
+        raise InputError(f"{path}: the per-view appearance is for the training photos {_few(names)}, this capture's are "
+                         f"{_few(views.names)}: use the capture the fit was trained on")
+    app = ViewAppearance(n)
     app.load(read_task_tensors(path, "appearance."), str(path))
     return app
 
 
-def appearance_scoring(appearance: ViewAppearance | None, split: str) -> dict:
-    """How an evaluation of ``split`` scores a model trained with ``appearance`` (None: without): the
-    training views through their own transforms (``appearance=``), any other split in the average
+def _few(names) -> str:
+    names = [str(x) for x in names]
+    return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+
+
+def appearance_scoring(trained: bool, split: str, appearance: ViewAppearance | None = None) -> dict:
+    """How an evaluation of ``split`` scores a model ``trained`` with a per-view appearance: the training
+    views through their own transforms (``appearance=``, given), any other split in the average
     appearance and also with each photo's exposure matched (``match_exposure=``: its camera metered it
     anew, as it did the training photos); nothing for a model trained without."""
-    if appearance is None:
+    if not trained:
         return {}
-    return {"appearance": appearance} if split == "train" else {"match_exposure": True}
+    if split == "train":
+        return {} if appearance is None else {"appearance": appearance}
+    return {"match_exposure": True}

@@ -25,6 +25,7 @@ import torch
 from vqad.atomicio import save_image
 from vqad.errors import InputError
 from vqad.metrics import exposure_matched, psnr, ssim
+from vqad.nerf.appearance import apply_look, composited_background
 from vqad.nerf.data import SceneDataset, kept_views
 from vqad.nerf.render import OccupancySampler, render_rays_chunked
 
@@ -154,6 +155,8 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
                              f"{len(views)}: it applies to the views it was trained on")
         with torch.no_grad():
             looks = tuple(t.to(field.device) for t in appearance.transforms())  # gain, offset (V, 3)
+        look_bg = composited_background(views, dataset.background)
+        look_bg = None if look_bg is None else look_bg.to(field.device)
     dirs = {}
     if out_dir is not None and save_images:
         for lod in lods:
@@ -168,8 +171,8 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
     for i, name, rgb, depth, opa, gt in render_views(field, dataset, split, lods, sampler, indices=list(order)):
         n_seen += 1
         keep = None if valid is None else valid[i]
-        if looks is not None:
-            rgb = rgb * looks[0][i] + looks[1][i]
+        if looks is not None:  # clamped as the camera clips at white, so the scores and the PNGs agree
+            rgb = apply_look(rgb, looks[0][i], looks[1][i], opa, look_bg).clamp(0, 1)
         for b, lod in enumerate(lods):
             if keep is None or bool(keep.any()):
                 scores[lod]["psnr"].append(psnr(rgb[b], gt, keep))
@@ -195,6 +198,8 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
         if match_exposure:
             m = scores[lod]["psnr_matched"]
             out[lod]["psnr_matched"] = float(np.mean(m)) if m else None
+        if looks is not None:
+            out[lod]["appearance"] = "each training photo's learned exposure"
         if valid is not None:
             out[lod]["masked"] = True
     return out

@@ -273,6 +273,10 @@ def fit_nerf(
         from vqad.checkpoint import read_task_tensors
 
         task.appearance.load(read_task_tensors(ckpt_dir, "appearance."), str(ckpt_dir))
+        names = resume_cfg.get("appearance_views")
+        if isinstance(names, list) and batcher.names and names != batcher.names:
+            raise InputError(f"--resume: {ckpt_dir}'s per-view appearance is for other training photos than this "
+                             f"capture's: resume on the capture the fit was started on")
     res = run_fit(task, train_cfg, device, ckpt_dir, resume_cfg=resume_cfg, start=start, quiet=quiet, deadline=deadline)
     # the model's own deterministic pruning: what render / eval will use
     prune_by_model(field, sampler)

@@ -199,6 +199,9 @@ class RayBatcher:
         # (N, H, W) bool loss masks, or None (none, or keeping every pixel): :attr:`valid_ids` is built from them when asked
         self._valid = views.valid if views.valid is not None and not bool(views.valid.all()) else None
         self._valid_ids: torch.Tensor | None = None
+        self.names = [str(n) for n in views.names]  # each view's photo, in order
+        # the reader composited the photos on the background (they had alpha: foreground masks), so the camera never saw it
+        self.composited = views.masks is not None
 
     def set_depth_targets(self, ids: torch.Tensor, distances: torch.Tensor) -> None:
         """Targets of :meth:`depth_targets_for`: ``ids (K,)`` ascending flat pixel ids, ``distances (K,)``
@@ -236,6 +239,12 @@ class RayBatcher:
             self._valid_ids = torch.cat([torch.nonzero(v.reshape(-1))[:, 0].to(small) + i * hw
                                          for i, v in enumerate(self._valid)]).to(self.device)
         return self._valid_ids
+
+    def views_with_pixels(self) -> torch.Tensor:
+        """``(N,) bool``: the views whose loss masks keep at least one pixel (every view without masks)."""
+        if self._valid is None:
+            return torch.ones(self.N, dtype=torch.bool)
+        return self._valid.flatten(1).any(dim=1)
 
     @property
     def num_valid(self) -> int:

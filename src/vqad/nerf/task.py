@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from vqad.device import MLP_PRECISIONS, resolve_mlp_precision
 from vqad.errors import InputError
 from vqad.fit import FitTask, StepLoss, TrainConfig, capped_sweeps
-from vqad.nerf.appearance import APPEARANCE_LR_SCALE, APPEARANCES, ViewAppearance
+from vqad.nerf.appearance import APPEARANCE_LR_SCALE, APPEARANCES, ViewAppearance, apply_look
 from vqad.nerf.depth_prior import depth_spread_loss
 from vqad.nerf.field import NeRFField, sh_encode
 from vqad.nerf.rays import RayBatcher
@@ -201,7 +201,9 @@ class RadianceTask(FitTask):
         if self.depth_weight > 0 and batcher.depth_targets is None:
             raise ValueError("RadianceTask: depth_weight > 0 needs the batcher's depth targets (set_depth_targets)")
         # each training view's exposure and white balance (vqad.nerf.appearance), or None
-        self.appearance = ViewAppearance(batcher.N, batcher.device) if cfg.appearance == "affine" else None
+        self.appearance = (ViewAppearance(batcher.N, batcher.device, active=batcher.views_with_pixels())
+                           if cfg.appearance == "affine" else None)
+        self.look_background = self.background if batcher.composited else None  # vqad.nerf.appearance.apply_look
         self.t0 = time.perf_counter()
 
     def begin(self, start, gen):
@@ -224,7 +226,8 @@ class RadianceTask(FitTask):
         with self.field.mlp_precision(self.mlp_dtype):
             out, n_samples = render_rays(self.field, self.sampler, o, d, self.lods, self.background, near=near, far=far,
                                          jitter=jitter, early_stop_eps=self.early_stop_eps, samples_out=drawn)
-        pred = out.rgb if self.appearance is None else self.appearance(out.rgb, self.batcher.view_of(flat))
+        pred = out.rgb if self.appearance is None else self.appearance(out.rgb, self.batcher.view_of(flat), out.opacity,
+                                                                      self.look_background)
         per_lod = ((pred - rgb[None]) ** 2).mean(dim=(1, 2))  # (n_lods,)
         self.total_samples += n_samples
         self.rays += b
@@ -313,7 +316,10 @@ class RadianceTask(FitTask):
         return {"--depth-weight": self.depth_weight, "--distortion-weight": self.cfg.distortion_weight}
 
     def checkpoint_extra(self) -> dict:
-        return {"octree_method": self.octree_method} if self.octree_method else {}
+        extra = {"octree_method": self.octree_method} if self.octree_method else {}
+        if self.appearance is not None and self.batcher.names:  # whose transforms they are (vqad eval checks them)
+            extra["appearance_views"] = self.batcher.names
+        return extra
 
     def extra_optimizers(self, lr):
         if self.appearance is None:
@@ -347,6 +353,7 @@ def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: Ray
             gain, offset = appearance.transforms()
         view = batcher.view_of(flat)
         look = gain.index_select(0, view), offset.index_select(0, view)  # (n_rays, 3) each
+    look_bg = background if batcher.composited else None
     chunks = []
     for a in range(0, n_rays, chunk_rays):
         sl = slice(a, a + chunk_rays)
@@ -364,7 +371,7 @@ def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: Ray
                 sigma, c = field._decode(x, f, sh, lod)
                 r = volume_render(samples.t_starts, samples.t_ends, sigma, c, samples.ray_indices, gt.shape[0],
                                   background)
-                out[lod] = (r.rgb if g is None else r.rgb * g + b) - gt
+                out[lod] = (r.rgb if g is None else apply_look(r.rgb, g, b, r.opacity, look_bg)) - gt
             return out
 
         chunks.append(RefineChunk(x, residuals, owner=samples.ray_indices))

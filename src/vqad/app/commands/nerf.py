@@ -136,7 +136,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("eval", help="PSNR / SSIM per LOD of a radiance field on held-out views")
     p.add_argument("model", help="checkpoint directory or .vqad file")
-    p.add_argument("--views", default="test", help="dataset split to evaluate")
+    p.add_argument("--views", default="test",
+                   help="dataset split to evaluate (train: a checkpoint fitted with --appearance scores each training "
+                        "photo through its learned exposure; a .vqad file holds only the photos' average appearance)")
     p.add_argument("--lod", type=int, default=None,
                    help="one LOD of the whole model (default: every LOD); with --bytes, of that prefix")
     p.add_argument("--max-views", type=int, default=None, help="only the first N views")
@@ -294,7 +296,14 @@ def _configs(args, saved: dict | None = None):
         nerf = replace(nerf, step_ratio=_step_ratio(args.step_ratio))
     nerf.validate()
     dec.validate()
-    train = replace(config_from(NeRFTrainConfig, saved and saved.get("train"), NeRFTrainConfig()), **over)
+    train = config_from(NeRFTrainConfig, saved and saved.get("train"), NeRFTrainConfig())
+    if saved is not None:  # the checkpoint's own settings first: a value the user did not give is not their flag's fault
+        try:
+            train.validate()
+        except InputError as exc:
+            raise InputError(f"--resume: the checkpoint's training settings are not valid ({exc}): it is damaged, or "
+                             f"from another vqad version; start a new fit") from None
+    train = replace(train, **over)
     train.validate()
     refuse(args.depth_from is not None and train.depth_weight == 0,
            "--depth-from picks the depth loss's targets: it applies with --depth-weight > 0")
@@ -424,10 +433,12 @@ def cmd_fit_nerf(args) -> int:
         t0 = time.perf_counter()
         lods = evaluate_nerf(field, dataset, args.eval_views, out_dir=out, max_views=args.eval_max_views,
                              sampler=res.sampler, quiet=args.quiet, deadline=deadline,
-                             **appearance_scoring(res.appearance, args.eval_views))
+                             **appearance_scoring(res.appearance is not None, args.eval_views, res.appearance))
         summary["eval_views"] = args.eval_views
         summary["lods"] = lods
-        print(f"evaluation on {args.eval_views!r} in {time.perf_counter() - t0:.0f} s (LPIPS needs network weights: not computed)")
+        print(f"evaluation on {args.eval_views!r}" + (" as their photos were exposed (the learned per-view appearance)"
+                                                       if args.eval_views == "train" and res.appearance is not None else "")
+              + f" in {time.perf_counter() - t0:.0f} s (LPIPS needs network weights: not computed)")
         for line in metric_lines(lods):
             print(line)
     summary["job_seconds"] = deadline.elapsed()
@@ -453,7 +464,8 @@ def _lods(field, lod):
 
 
 def cmd_eval(args) -> int:
-    from vqad.nerf.appearance import appearance_scoring, checkpoint_appearance
+    from vqad.checkpoint import read_config
+    from vqad.nerf.appearance import appearance_of, appearance_scoring, checkpoint_appearance
     from vqad.nerf.evaluate import evaluate_nerf, load_scene, metric_lines, require_scorable
 
     if args.max_views is not None and args.max_views <= 0:
@@ -464,7 +476,9 @@ def cmd_eval(args) -> int:
     require_scorable(dataset, args.views, args.max_views, fix="score other views (--views, --max-views), or check "
                                                               "the masks (vqad render renders them)")
     out = ensure_writable_dir(args.out) if args.out else None
-    scoring = appearance_scoring(checkpoint_appearance(args.model, len(dataset.splits.get("train", ()))), args.views)
+    trained = Path(args.model).is_dir() and appearance_of(read_config(args.model)) != "none"
+    looks = checkpoint_appearance(args.model, dataset.splits.get("train")) if trained and args.views == "train" else None
+    scoring = appearance_scoring(trained, args.views, looks)
     if args.match_exposure:
         scoring["match_exposure"] = True
     res = evaluate_nerf(field, dataset, args.views, lods=lods, out_dir=out, max_views=args.max_views, **scoring)

@@ -24,8 +24,6 @@ resume. docs/method.md §8.5 has the measurements.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from vqad.errors import InputError

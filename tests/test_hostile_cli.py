@@ -316,3 +316,16 @@ def test_an_sdf_octree_too_fine_for_this_machine_is_refused_before_sampling(tmp_
                  "--threads", "1"]) == 2
     err = _err(capsys)
     assert "--levels 3:9" in err and "GB free" in err and "lower the finest level" in err
+
+
+def test_a_reader_that_goes_away_leaves_no_traceback(tmp_path):
+    """``vqad ... | head -0``: stdout closes under the command; it stops with status 1 and nothing on stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "vqad.app.cli", "synth-capture", "-o", str(tmp_path / "cap"),
+                             "--size", "8x12", "--views", "3", "--supersample", "1", "--points", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and "Traceback" not in err, err

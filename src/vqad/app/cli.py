@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -80,6 +81,12 @@ def _run(args) -> int:
             return 143
         print("vqad: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (| head): no traceback, and none at exit either
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout is not a file (captured)
+            pass
+        return 1
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise

@@ -284,7 +284,9 @@ def test_index_sweeps_compare_the_photos_through_their_views_transforms(one_thre
             rendered = plain.residuals(F)[lod] + photo
             got = seen.residuals(F)[lod]
             for i in range(0, 300, 37):
-                want = rendered[i] * gain[view[i]] + offset[view[i]] - photo[i]
+                want = rendered[i] * gain[view[i]] + offset[view[i]]
+                over = ((photo[i] >= 1) & (want > 1)) | ((photo[i] <= 0) & (want < 0))  # where the camera clipped
+                want = torch.where(over, photo[i], want) - photo[i]
                 assert torch.allclose(got[i], want, atol=1e-5)
 
 
@@ -342,3 +344,20 @@ def test_exposure_matching_is_a_least_squares_gain_and_offset_per_channel():
     flat = torch.full((4, 4, 3), 0.5)
     assert torch.allclose(exposure_matched(flat, flat * 0 + 0.8), flat * 0 + 0.8)  # constant: gain 1, offset moves it
     assert torch.equal(exposure_matched(pred, photo, torch.zeros(9, 7, dtype=torch.bool)), pred)  # nothing kept
+
+
+def test_a_brighter_colour_than_a_blown_highlight_costs_nothing():
+    from vqad.nerf.appearance import clipped_like
+
+    photo = torch.tensor([[1.0, 0.5, 0.0], [0.98, 1.0, 0.02]])
+    pred = torch.tensor([[[1.3, 0.7, -0.2], [1.1, 0.9, -0.1]], [[0.9, 0.4, 0.1], [0.97, 1.2, 0.03]]])  # (2 LODs, 2, 3)
+    got = clipped_like(pred, photo)
+    for lod in range(2):
+        for r in range(2):
+            for c in range(3):  # brute force: the camera records min(max(x, 0), 1) where the photo is clipped
+                p, x = float(photo[r, c]), float(pred[lod, r, c])
+                want = 1.0 if p >= 1 and x > 1 else 0.0 if p <= 0 and x < 0 else x
+                assert float(got[lod, r, c]) == pytest.approx(want)
+    g = pred.clone().requires_grad_()
+    clipped_like(g, photo).sum().backward()
+    assert g.grad[0, 0, 0] == 0 and g.grad[0, 0, 1] == 1 and g.grad[0, 1, 0] == 1  # over a clipped 1: no pull

@@ -51,6 +51,14 @@ def apply_look(rgb: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor, opac
     return (rgb - rest) * gain + a * offset + rest
 
 
+def clipped_like(pred: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
+    """``pred (..., R, 3)`` where the camera clipped: a channel the ``photo (R, 3)`` records at white (1) or black
+    (0) takes the photo's value wherever ``pred`` is beyond it (any brighter colour records as white), so a
+    transform that brightens a photo is not pulled back by its blown highlights; elsewhere ``pred``."""
+    over = ((photo >= 1.0) & (pred > 1.0)) | ((photo <= 0.0) & (pred < 0.0))
+    return torch.where(over, photo.expand_as(pred), pred)
+
+
 class ViewAppearance(torch.nn.Module):
     """Per-channel gain and offset of each of ``n_views`` training views, identity at the start.
 

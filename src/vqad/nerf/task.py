@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from vqad.device import MLP_PRECISIONS, resolve_mlp_precision
 from vqad.errors import InputError
 from vqad.fit import FitTask, StepLoss, TrainConfig, capped_sweeps
-from vqad.nerf.appearance import APPEARANCE_LR_SCALE, APPEARANCES, ViewAppearance, apply_look
+from vqad.nerf.appearance import APPEARANCE_LR_SCALE, APPEARANCES, ViewAppearance, apply_look, clipped_like
 from vqad.nerf.depth_prior import depth_spread_loss
 from vqad.nerf.field import NeRFField, sh_encode
 from vqad.nerf.rays import RayBatcher
@@ -226,8 +226,9 @@ class RadianceTask(FitTask):
         with self.field.mlp_precision(self.mlp_dtype):
             out, n_samples = render_rays(self.field, self.sampler, o, d, self.lods, self.background, near=near, far=far,
                                          jitter=jitter, early_stop_eps=self.early_stop_eps, samples_out=drawn)
-        pred = out.rgb if self.appearance is None else self.appearance(out.rgb, self.batcher.view_of(flat), out.opacity,
-                                                                      self.look_background)
+        pred = out.rgb
+        if self.appearance is not None:  # the colours the photos recorded, clipped where the camera clipped
+            pred = clipped_like(self.appearance(out.rgb, self.batcher.view_of(flat), out.opacity, self.look_background), rgb)
         per_lod = ((pred - rgb[None]) ** 2).mean(dim=(1, 2))  # (n_lods,)
         self.total_samples += n_samples
         self.rays += b
@@ -371,7 +372,7 @@ def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: Ray
                 sigma, c = field._decode(x, f, sh, lod)
                 r = volume_render(samples.t_starts, samples.t_ends, sigma, c, samples.ray_indices, gt.shape[0],
                                   background)
-                out[lod] = (r.rgb if g is None else apply_look(r.rgb, g, b, r.opacity, look_bg)) - gt
+                out[lod] = (r.rgb if g is None else clipped_like(apply_look(r.rgb, g, b, r.opacity, look_bg), gt)) - gt
             return out
 
         chunks.append(RefineChunk(x, residuals, owner=samples.ray_indices))

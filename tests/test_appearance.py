@@ -154,7 +154,7 @@ def test_a_fit_learns_each_photos_gain_and_resumes_with_it(tmp_path, capsys):
     learned = t["task.appearance.log_gain"] - t["task.appearance.log_gain"].mean(0)
     true = np.log(photo_gains(SceneCaptureConfig(width=16, height=24, views=17, exposure=0.5))[np.arange(17) % HOLD_EVERY != 0])
     corr = np.corrcoef(true.ravel(), learned.numpy().ravel())[0, 1]
-    assert corr > 0.8, corr
+    assert corr > 0.7, corr  # 0.87 here; views mixed up or nothing learned: about 0
     assert not torch.equal(first["task.appearance.log_gain"], t["task.appearance.log_gain"])
 
     # the checkpoint still loads as a model (render, compress), its transforms beside it

@@ -210,7 +210,7 @@ def test_a_fit_learns_each_photos_gain_and_resumes_with_it(tmp_path, capsys):
     assert cli_main(["eval", str(ckpt), "--views", "train", "--max-views", "1", "--device", "cpu"]) != 0
     assert "the per-view appearance is for the training photos images/0015.png" in capsys.readouterr().err
     assert _fit(cap, tmp_path / "fit", "--steps", "400", "--resume") != 0
-    assert "is for other training photos than this capture's" in capsys.readouterr().err
+    assert "the per-view appearance is for the training photos images/0015.png" in capsys.readouterr().err
 
     # a checkpoint whose own settings are damaged is said to be, not the flag the user never gave
     (ckpt / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "appearance": "projective"}}))
@@ -244,7 +244,7 @@ def test_index_sweeps_compare_the_photos_through_their_views_transforms(one_thre
     from vqad.nerf.fit import NeRFTrainConfig, fit_nerf
     from vqad.nerf.formats import load_dataset
     from vqad.nerf.rays import RayBatcher
-    from vqad.nerf.appearance import apply_look
+    from vqad.nerf.appearance import as_photographed
     from vqad.nerf.task import nerf_refine_chunks
     from vqad.refine import summed_features
 
@@ -264,7 +264,7 @@ def test_index_sweeps_compare_the_photos_through_their_views_transforms(one_thre
     import vqad.nerf.task as task_mod
 
     calls = []
-    monkeypatch.setattr(task_mod, "apply_look", lambda *a: calls.append(a) or apply_look(*a))
+    monkeypatch.setattr(task_mod, "as_photographed", lambda *a: calls.append(a) or as_photographed(*a))
     (chunk,) = nerf_refine_chunks(res.field, res.sampler, batcher, 300, bg, torch.Generator().manual_seed(3),
                                   appearance=app)
     chunk.residuals(summed_features(res.field.grid, chunk.x, res.field.lods[-1]))
@@ -288,6 +288,22 @@ def test_index_sweeps_compare_the_photos_through_their_views_transforms(one_thre
                 over = ((photo[i] >= 1) & (want > 1)) | ((photo[i] <= 0) & (want < 0))  # where the camera clipped
                 want = torch.where(over, photo[i], want) - photo[i]
                 assert torch.allclose(got[i], want, atol=1e-5)
+
+    # scoring training views through their transforms, brute force view by view (composited: before the background)
+    from vqad.metrics import psnr
+    from vqad.nerf.evaluate import evaluate_nerf, render_views
+
+    lod = res.field.lods[-1]
+    r = evaluate_nerf(res.field, ds, "train", lods=[lod], max_views=2, appearance=app, sampler=res.sampler)[lod]
+    assert r["appearance"] == "each training photo's learned exposure"
+    want = []
+    for i, _, rgb, _, opa, gt in render_views(res.field, ds, "train", [lod], res.sampler, max_views=2):
+        a = opa[0][..., None]
+        seen = ((rgb[0] - (1 - a) * bg) * gain[i].detach() + a * offset[i].detach() + (1 - a) * bg).clamp(0, 1)
+        want.append(psnr(seen, gt))
+    assert r["psnr"] == pytest.approx(float(np.mean(want)), abs=1e-4)
+    plain = evaluate_nerf(res.field, ds, "train", lods=[lod], max_views=2, sampler=res.sampler)[lod]["psnr"]
+    assert abs(plain - r["psnr"]) > 0.1  # the transforms were applied
 
 
 def test_a_sweep_learns_the_photos_appearance_and_records_it(tmp_path, capsys, monkeypatch):
@@ -361,3 +377,89 @@ def test_a_brighter_colour_than_a_blown_highlight_costs_nothing():
     g = pred.clone().requires_grad_()
     clipped_like(g, photo).sum().backward()
     assert g.grad[0, 0, 0] == 0 and g.grad[0, 0, 1] == 1 and g.grad[0, 1, 0] == 1  # over a clipped 1: no pull
+
+
+def test_composited_photos_are_not_clipped_and_plain_ones_are():
+    """Where the reader composited a photo on white, its 1.0 is the background's, not a blown highlight: a
+    floater brightened over it must cost what it costs; a photo the camera recorded whole clips as it did."""
+    from vqad.nerf.appearance import as_photographed
+
+    photo = torch.ones(1, 3)
+    rgb, a = torch.full((1, 3), 0.3 * 0.9 + 0.7), torch.full((1,), 0.3)  # a faint floater over the white background
+    gain, offset = torch.full((1, 3), 1.3), torch.zeros(1, 3)
+    seen = as_photographed(rgb, gain, offset, a, torch.ones(3), photo)
+    assert torch.allclose(seen, 0.3 * 0.9 * 1.3 + 0.7 * torch.ones(1, 3))  # > 1: the floater costs
+    assert float(((seen - photo) ** 2).sum()) > 0.005
+    plain = as_photographed(torch.full((1, 3), 0.9), gain, offset, a, None, photo)
+    assert torch.equal(plain, photo)  # 1.17 over a blown 1.0: the camera would have recorded 1.0
+
+
+def test_saved_transforms_read_the_same_whichever_views_a_reader_counts():
+    """A checkpoint keeps gauge-fixed transforms: read back with every view active (vqad eval does not know
+    which views a fit's masks emptied), after the raw parameters drifted by a shared shift, they are the
+    same as training's."""
+    active = torch.tensor([True, True, False, True])
+    app = ViewAppearance(4, active=active)
+    with torch.no_grad():
+        app.log_gain.copy_(torch.tensor([[0.3] * 3, [0.5] * 3, [0.1] * 3, [0.0] * 3]) + 12.0)  # drifted past ±10
+        app.offset.normal_(generator=torch.Generator().manual_seed(0))
+    back = ViewAppearance(4)
+    back.load(app.state(), "ckpt")
+    for a, b in zip(app.transforms(), back.transforms()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_one_training_view_has_no_appearance_to_learn(tmp_path, capsys):
+    from vqad.app.cli import main as cli_main
+
+    cap = tmp_path / "cap"
+    assert cli_main(["synth-capture", "-o", str(cap), "--size", "8x12", "--views", "2", "--supersample", "1",
+                     "--points", "100", "--exposure", "0.5"]) == 0  # frame 0 held out: one training view
+    capsys.readouterr()
+    assert _fit(cap, tmp_path / "fit", "--appearance", "affine") == 2
+    assert "this capture has 1 training view with pixels to learn from: leave --appearance out" in capsys.readouterr().err
+    assert not (tmp_path / "fit").exists()  # refused before anything was written
+
+
+def test_exposure_matching_of_composited_photos_fits_the_object_and_skips_blown_pixels():
+    from vqad.metrics import exposure_matched
+
+    g = torch.Generator().manual_seed(2)
+    fg = torch.rand(10, 10, 3, generator=g) * 0.5 + 0.25
+    a = (torch.rand(10, 10, generator=g) > 0.4).float()  # object pixels (1) and background (0)
+    bg = torch.ones(3)
+    rgb = a[..., None] * fg + (1 - a[..., None]) * bg
+    gain, offset = torch.tensor([1.4, 0.8, 1.1]), torch.tensor([0.02, 0.05, -0.03])
+    photo = (a[..., None] * (fg * gain + offset) + (1 - a[..., None]) * bg).clamp(0, 1)  # the object exposed
+    got = exposure_matched(rgb, photo, None, a, bg)
+    assert torch.allclose(got, photo, atol=1e-5)  # the background does not pin g + o to 1
+    assert not torch.allclose(exposure_matched(rgb, photo), photo, atol=1e-3)  # as a plain photo: it does
+    blown = photo.clone()
+    blown[:3, :, 0] = 1.0  # highlights the camera clipped: not evidence of the gain
+    assert torch.allclose(exposure_matched(rgb, blown, None, a, bg)[3:], blown[3:], atol=1e-5)
+
+
+def test_batch_learns_the_appearance_and_old_fingerprints_still_hold(tmp_path, capsys):
+    import vqad.app.batch as B
+    from vqad.app.cli import main as cli_main
+
+    assert cli_main(["synth-capture", "-o", str(tmp_path / "cap"), "--size", "16x24", "--views", "9",
+                     "--supersample", "1", "--points", "200", "--exposure", "0.3"]) == 0
+    job = tmp_path / "job.toml"
+    body = ('out = "runs"\n[defaults]\nsteps = 20\nlevels = "3:5"\nfeatures = 4\nbatch_rays = 256\n'
+            'eval_max_views = 1\n[[assets]]\npath = "cap"\nformat = "ngp"\n')
+    job.write_text(body)
+    plain = B.load_job(job).assets[0].fingerprint
+    # a job from before the setting hashes its configs as it did then (their repr had no appearance): no refit
+    from vqad.nerf.task import NeRFTrainConfig
+
+    cfg = NeRFTrainConfig()
+    assert B._config_text(cfg) == repr(cfg).replace(", appearance='none'", "")
+    assert "appearance='affine'" in B._config_text(NeRFTrainConfig(appearance="affine"))
+    job.write_text(body + 'appearance = "affine"\n')
+    assert B.load_job(job).assets[0].fingerprint != plain
+    assert cli_main(["batch", str(job), "--local", "--threads", "1", "--quiet"]) == 0
+    (rec,) = [json.loads(line) for line in (tmp_path / "runs" / B.RESULTS).read_text().splitlines()]
+    assert rec["status"] == "done" and all(r["psnr_matched"] >= r["psnr"] - 1e-6 for r in rec["lods"].values())
+    saved = load_file(str(tmp_path / "runs" / "cap" / "checkpoint" / "model.safetensors"))
+    assert saved["task.appearance.log_gain"].shape == (7, 3)

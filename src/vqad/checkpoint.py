@@ -219,11 +219,18 @@ def build_field(cfg: dict, tensors: dict[str, torch.Tensor], device, baked: bool
     return field
 
 
-def read_task_tensors(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+def read_task_tensors(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
     """The tensors a fit saved beside the model under ``task.<prefix>`` (:func:`save_checkpoint`'s
-    ``task_tensors``), the prefix stripped, on the CPU; the caller validates them."""
-    full = TASK_PREFIX + prefix
-    return {k[len(full):]: v for k, v in _read_tensors(Path(path) / "model.safetensors").items() if k.startswith(full)}
+    ``task_tensors``), the prefix stripped, on the CPU (only those are read); the caller validates them."""
+    from safetensors import safe_open
+
+    file, full = Path(path) / "model.safetensors", TASK_PREFIX + prefix
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k[len(full):]: f.get_tensor(k) for k in f.keys() if k.startswith(full)}
+    except Exception as exc:  # safetensors raises several types on bad files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot read {file}: {msg}: {_DAMAGED}") from exc
 
 
 def load_optimizer_state(path: str | Path, optimizers: dict[str, torch.optim.Optimizer], cfg: dict) -> None:

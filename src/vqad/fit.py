@@ -280,9 +280,12 @@ class FitTask:
         return {}
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """The task's own parameters outside the field, saved in the checkpoint beside the model
-        (:func:`vqad.checkpoint.read_task_tensors` reads them back to resume)."""
+        """The task's own parameters outside the field, saved in the checkpoint beside the model."""
         return {}
+
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor], config: dict, where: str) -> None:
+        """On resume, before the first step: what :meth:`checkpoint_tensors` saved (read back from the checkpoint
+        ``where``, whose config dict is ``config``), to validate and restore."""
 
     def loss_weights(self) -> dict[str, float]:
         """The weights of the task's own extra loss terms, by flag (``{"--depth-weight": 0.03}``), for the
@@ -558,7 +561,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         gen: the CPU generator the task draws batches with (default: seeded ``cfg.seed + start``).
         deadline: the whole job's time cap (default: ``cfg.max_minutes`` from now, nothing reserved).
     """
-    from vqad.checkpoint import load_optimizer_state, save_checkpoint
+    from vqad.checkpoint import load_optimizer_state, read_task_tensors, save_checkpoint
 
     field = task.field
     cfg = cfg.resolved(field.grid.cfg)  # callers resolve first (to record it); a pass that did not still gets the rule
@@ -573,6 +576,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         raise ValueError(f"{type(task).__name__}.extra_optimizers: the names {sorted(set(own) & set(opts))} are the field's")
     opts.update(own)
     if resume_cfg is not None:
+        task.load_checkpoint_tensors(read_task_tensors(ckpt_dir), resume_cfg, str(ckpt_dir))
         load_optimizer_state(ckpt_dir, opts, resume_cfg)
     base_lrs = initial_lrs(opts)
     for name, o in opts.items():

@@ -23,21 +23,42 @@ def psnr(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None)
     return float(-10.0 * torch.log10(torch.mean(err).clamp_min(1e-12)))
 
 
-def exposure_matched(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """``pred (H, W, 3)`` with each channel's gain and offset fitted to ``gt`` by least squares over the
-    pixels ``keep (H, W)`` marks (all without it), clamped to [0, 1]: the render as the photo's own exposure
-    and white balance would have recorded it (a channel that ``pred`` holds constant gets gain 1)."""
-    p, g = pred.float().reshape(-1, 3), gt.float().reshape(-1, 3).to(pred.device)
-    if keep is not None:
-        sel = keep.reshape(-1).to(pred.device)
-        p, g = p[sel], g[sel]
-    if p.shape[0] == 0:
-        return pred.float().clone()
-    pm, gm = p.mean(0), g.mean(0)
-    var = ((p - pm) ** 2).mean(0)
-    cov = ((p - pm) * (g - gm)).mean(0)
-    gain = torch.where(var > 1e-10, cov / var.clamp_min(1e-10), torch.ones_like(var))
-    return (pred.float() * gain + (gm - gain * pm)).clamp(0, 1)
+def exposure_matched(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None,
+                     opacity: torch.Tensor | None = None, background: torch.Tensor | None = None) -> torch.Tensor:
+    """``pred (H, W, 3)`` as the photo ``gt`` would have recorded it: each channel's gain (≥ 0) and offset
+    fitted to ``gt`` by least squares, clamped to [0, 1].
+
+    The fit runs over the pixels ``keep (H, W)`` marks (all without it) where the photo's channel is not
+    clipped (strictly between 0 and 1: a blown highlight says nothing about the gain). With ``background
+    (3,)`` and the render's ``opacity (H, W)`` (a photo the reader composited on that background, which
+    the camera never saw), it runs over the opaque pixels (opacity > 0.99) and the transform applies to
+    the foreground before compositing, as :func:`vqad.nerf.appearance.apply_look` does. A channel with
+    fewer than two such pixels, or that ``pred`` holds constant there, keeps gain 1 (and, without pixels,
+    offset 0)."""
+    pred = pred.float()
+    g = gt.float().to(pred.device)
+    use = torch.ones(pred.shape[:-1], dtype=torch.bool, device=pred.device) if keep is None else keep.to(pred.device)
+    if background is not None:
+        use = use & (opacity.to(pred.device) > 0.99)
+    gains, offsets = [], []
+    for c in range(3):
+        sel = use & (g[..., c] > 0) & (g[..., c] < 1)
+        p, t = pred[..., c][sel], g[..., c][sel]
+        if p.numel() < 2:
+            gains.append(pred.new_tensor(1.0))
+            offsets.append(t.mean() - p.mean() if p.numel() else pred.new_tensor(0.0))
+            continue
+        var = ((p - p.mean()) ** 2).mean()
+        gain = ((p - p.mean()) * (t - t.mean())).mean() / var if var > 1e-10 else pred.new_tensor(1.0)
+        gain = gain.clamp_min(0.0)
+        gains.append(gain)
+        offsets.append(t.mean() - gain * p.mean())
+    gain, offset = torch.stack(gains), torch.stack(offsets)
+    if background is None:
+        return (pred * gain + offset).clamp(0, 1)
+    a = opacity.to(pred.device).unsqueeze(-1)
+    rest = (1.0 - a) * background.to(pred.device)
+    return ((pred - rest) * gain + a * offset + rest).clamp(0, 1)
 
 
 def ssim(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None) -> float:

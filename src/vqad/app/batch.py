@@ -309,10 +309,26 @@ def input_stamp(source: str) -> list:
     return [h.hexdigest()[:16]]
 
 
+#: settings added after batch results were first fingerprinted, with the value that means what a fit did before
+#: them: a config holding that value hashes as it did then, so an upgrade does not refit a whole catalogue
+ADDED_SINCE_FINGERPRINTS = {"appearance": "none"}
+
+
+def _config_text(cfg):
+    """A config's dataclass repr (what fingerprints have always hashed) without the settings of
+    :data:`ADDED_SINCE_FINGERPRINTS` that hold their old-behaviour value."""
+    if not hasattr(cfg, "__dataclass_fields__"):
+        return cfg
+    shown = [f for f in fields(cfg) if f.repr and not (f.name in ADDED_SINCE_FINGERPRINTS
+                                                       and getattr(cfg, f.name) == ADDED_SINCE_FINGERPRINTS[f.name])]
+    return f"{type(cfg).__qualname__}(" + ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in shown) + ")"
+
+
 def fingerprint(application: str, stamp: list, args: dict, options: AssetOptions, configs: list) -> str:
     """A hash of everything an asset's result depends on (not threads, device or checkpoint cadence)."""
     payload = {"batch": BATCH_FORMAT, "application": application, "input": stamp, "options": asdict(options),
-               "args": {k: v for k, v in args.items() if k not in CADENCE_SETTINGS}, "configs": configs}
+               "args": {k: v for k, v in args.items() if k not in CADENCE_SETTINGS},
+               "configs": [_config_text(c) for c in configs]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -81,9 +81,13 @@ def _run(args) -> int:
             return 143
         print("vqad: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader of stdout went away (| head): no traceback, and none at exit either
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe broke: not stdout's reader going away (| head)
+        try:  # no traceback, and none when Python flushes stdout at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         except (OSError, ValueError, AttributeError):  # stdout is not a file (captured)
             pass
         return 1
@@ -94,6 +98,18 @@ def _run(args) -> int:
         hint = getattr(args, "oom_hint", None) or f"see vqad {args.command} --help for the flags that size it"
         print(f"vqad: error: out of memory ({first[:200]}): the job is too large for this machine; {hint}", file=sys.stderr)
         return 2
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end was closed (polling its writing end reports an error)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here, or stdout is not a file (captured)
+        return False
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -30,12 +30,15 @@ from vqad.errors import InputError
 
 APPEARANCES = ("none", "affine")
 
-#: the transforms' Adam learning rate, as a share of the decoders' (the grid's default): a transform slower than the
+#: the transforms' Adam learning rate as a share of the grid's (``lr × grid_lr_scale``): a transform slower than the
 #: field leaves part of its photo's exposure in the field's view-dependent colour, which a held-out view between
-#: photos inherits. Measured (docs/method.md §8.5; the generated room, σ = 0.3 stops, 800 dense steps, LOD 7,
-#: seed 0): ×0.3 29.92 dB, ×1 30.89, ×3 31.27, ×10 31.40, ×30 31.60, ×100 31.92 (seed 1: ×1 31.31, ×10 31.88,
-#: ×30 31.73, ×100 31.66); the clean room 31.73 without transforms
-APPEARANCE_LR_SCALE = 30.0
+#: photos inherits. Measured with the grid's default ×30 (docs/method.md §8.5; the generated room, σ = 0.3 stops,
+#: 800 dense steps, LOD 7, seed 0), as multiples of the decoders' rate: ×0.3 29.92 dB, ×1 30.89, ×3 31.27, ×10 31.40,
+#: ×30 31.60, ×100 31.92 (seed 1: ×1 31.31, ×10 31.88, ×30 31.73, ×100 31.66); the clean room 31.73 without transforms
+APPEARANCE_LR_SHARE = 1.0
+
+#: the prefix of the transforms among a checkpoint's task tensors (vqad.checkpoint.read_task_tensors)
+TENSOR_PREFIX = "appearance."
 
 #: the largest |ℓ| and |β| a checkpoint may hold: a gain of e^±10 or an offset of ±10 (colours are in
 #: [0, 1]) is no photo's exposure, and would overflow the renders
@@ -44,7 +47,7 @@ MAX_LOG_GAIN, MAX_OFFSET = 10.0, 10.0
 
 def apply_look(rgb: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor, opacity: torch.Tensor | None = None,
                background: torch.Tensor | None = None) -> torch.Tensor:
-    """Rendered colours ``rgb (..., R, 3)`` as photos with gains and offsets ``(R, 3)`` recorded them:
+    """Rendered colours ``rgb (..., R, 3)`` as photos with gains and offsets ``(R, 3)`` (or ``(3,)``, one photo) recorded them:
     ``g ⊙ rgb + o``; or, with ``background (3,)`` and the rays' ``opacity (..., R)`` (the reader composited
     the photos on that background, which the camera never saw), ``g ⊙ F + A·o + (1 − A)·background`` with
     ``F = rgb − (1 − A)·background`` the field's own, premultiplied colour."""
@@ -58,9 +61,21 @@ def apply_look(rgb: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor, opac
 def clipped_like(pred: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
     """``pred (..., R, 3)`` where the camera clipped: a channel the ``photo (R, 3)`` records at white (1) or black
     (0) takes the photo's value wherever ``pred`` is beyond it (any brighter colour records as white), so a
-    transform that brightens a photo is not pulled back by its blown highlights; elsewhere ``pred``."""
+    transform that brightens a photo is not pulled back by its blown highlights; elsewhere ``pred``. Not for
+    photos composited on a background (:attr:`~vqad.nerf.data.Views.composited`): their white there is the
+    background's, and a floater over it would cost nothing."""
     over = ((photo >= 1.0) & (pred > 1.0)) | ((photo <= 0.0) & (pred < 0.0))
     return torch.where(over, photo.expand_as(pred), pred)
+
+
+def as_photographed(rgb: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor, opacity: torch.Tensor,
+                    background: torch.Tensor | None, photo: torch.Tensor) -> torch.Tensor:
+    """What training compares with the ``photo (R, 3)``: the rendering ``rgb (..., R, 3)`` through its
+    photo's ``gain, offset (R, 3)`` (:func:`apply_look`, before compositing on ``background`` where the
+    reader composited the photos on it: ``opacity (..., R)``), and where the camera recorded every pixel,
+    :func:`clipped_like` the photo."""
+    seen = apply_look(rgb, gain, offset, opacity, background)
+    return seen if background is not None else clipped_like(seen, photo)
 
 
 class ViewAppearance(torch.nn.Module):
@@ -98,17 +113,25 @@ class ViewAppearance(torch.nn.Module):
         offset = (self.offset - (self.offset * w).sum(0) / n) * w
         return torch.exp(log_gain), offset
 
+    def looks(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gain and offset ``(R, 3)`` each of the training views ``views (R,)`` (one per ray)."""
+        gain, offset = self.transforms()
+        return gain.index_select(0, views), offset.index_select(0, views)
+
     def forward(self, rgb: torch.Tensor, views: torch.Tensor, opacity: torch.Tensor | None = None,
                 background: torch.Tensor | None = None) -> torch.Tensor:
         """``rgb (..., R, 3)`` (e.g. one row per LOD) of rays from training views ``views (R,)`` → the
         colours their photos would record (:func:`apply_look`; ``opacity (..., R)`` and ``background (3,)``
         where the reader composited the photos on it), same shape."""
-        gain, offset = self.transforms()
-        return apply_look(rgb, gain.index_select(0, views), offset.index_select(0, views), opacity, background)
+        return apply_look(rgb, *self.looks(views), opacity, background)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint keeps (:meth:`load`)."""
-        return {"log_gain": self.log_gain.detach(), "offset": self.offset.detach()}
+        """The tensors a checkpoint keeps (:meth:`load`): the gauge-fixed ℓ and β (inactive views 0), which
+        give the same transforms whichever views a reader counts as active, and whatever shift the raw
+        parameters drifted by (Adam's moments do not depend on it)."""
+        with torch.no_grad():
+            gain, offset = self.transforms()
+            return {"log_gain": gain.log(), "offset": offset}
 
     def load(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Restore :meth:`state` read from ``where`` (a checkpoint), validated: an :class:`InputError` for
@@ -149,12 +172,33 @@ class ViewAppearance(torch.nn.Module):
 
 
 def composited_background(views, background) -> torch.Tensor | None:
-    """``background (3,)`` as a tensor where the reader composited ``views``' photos on it (they had
-    alpha: foreground masks), so a photo's transform applies before compositing (:func:`apply_look`);
-    None where the camera recorded every pixel."""
-    if views.masks is None:
-        return None
-    return torch.as_tensor(background, dtype=torch.float32)
+    """``background (3,)`` as a tensor where the reader composited ``views``' photos on it
+    (:attr:`~vqad.nerf.data.Views.composited`), so a photo's transform applies before compositing
+    (:func:`apply_look`); None where the camera recorded every pixel."""
+    return torch.as_tensor(background, dtype=torch.float32) if views.composited else None
+
+
+def require_views_to_learn(views) -> None:
+    """A per-view appearance needs two training views with pixels: with one, the gauge (its transform's
+    mean is the identity) leaves nothing to learn, and ``--appearance`` could not apply."""
+    n = len(views) if views.valid is None else int(views.valid.flatten(1).any(dim=1).sum())
+    if n < 2:
+        raise InputError(f"--appearance learns how each training photo's exposure differs from the others', and this "
+                         f"capture has {n} training view{'' if n == 1 else 's'} with pixels to learn from: leave "
+                         f"--appearance out")
+
+
+def check_appearance_views(recorded, names: list[str], where: str) -> None:
+    """The training photos a checkpoint's transforms were learned from (``recorded``, its
+    ``appearance_views``: None for a checkpoint that does not say) must be ``names``, in order."""
+    if recorded is None or not names:
+        return
+    if not isinstance(recorded, list) or not all(isinstance(x, str) for x in recorded):
+        raise InputError(f"{where}: its appearance_views is not a list of photo names: the checkpoint is damaged; "
+                         f"start a new fit")
+    if recorded != names:
+        raise InputError(f"{where}: the per-view appearance is for the training photos {_few(recorded)}, this "
+                         f"capture's are {_few(names)}: use the capture the fit was trained on")
 
 
 def appearance_of(config: dict) -> str:
@@ -186,12 +230,9 @@ def checkpoint_appearance(path, views) -> ViewAppearance | None:
     if n < 1:
         raise InputError(f"{path} was fitted with a per-view appearance, and this capture has no training views to "
                          f"apply it to: use the capture the fit was trained on")
-    names = config.get("appearance_views")
-    if isinstance(names, list) and views.names and names != [str(x) for x in views.names]:
-        raise InputError(f"{path}: the per-view appearance is for the training photos {_few(names)}, this capture's are "
-                         f"{_few(views.names)}: use the capture the fit was trained on")
+    check_appearance_views(config.get("appearance_views"), [str(x) for x in views.names], str(path))
     app = ViewAppearance(n)
-    app.load(read_task_tensors(path, "appearance."), str(path))
+    app.load(read_task_tensors(path, TENSOR_PREFIX), str(path))
     return app
 
 

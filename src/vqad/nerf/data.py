@@ -61,6 +61,12 @@ class Views:
     def hw(self) -> tuple[int, int]:
         return int(self.images.shape[1]), int(self.images.shape[2])
 
+    @property
+    def composited(self) -> bool:
+        """Whether the reader composited these photos on the dataset's background: some pixel's alpha was
+        below 255, so the colour there is partly a background the camera never saw."""
+        return self.masks is not None and bool((self.masks < 255).any())
+
 
 @dataclass
 class SceneDataset:

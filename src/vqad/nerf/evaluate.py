@@ -149,14 +149,14 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
     views = require_scorable(dataset, split, max_views) if require_scores else pick_split(dataset, split)
     valid = views.valid
     looks = None
+    look_bg = composited_background(views, dataset.background) if (appearance is not None or match_exposure) else None
+    look_bg = None if look_bg is None else look_bg.to(field.device)
     if appearance is not None:
         if appearance.n_views != len(views):
             raise InputError(f"the per-view appearance is for {appearance.n_views} views, the {split!r} split has "
                              f"{len(views)}: it applies to the views it was trained on")
         with torch.no_grad():
             looks = tuple(t.to(field.device) for t in appearance.transforms())  # gain, offset (V, 3)
-        look_bg = composited_background(views, dataset.background)
-        look_bg = None if look_bg is None else look_bg.to(field.device)
     dirs = {}
     if out_dir is not None and save_images:
         for lod in lods:
@@ -178,7 +178,8 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
                 scores[lod]["psnr"].append(psnr(rgb[b], gt, keep))
                 scores[lod]["ssim"].append(ssim(rgb[b], gt, keep))
                 if match_exposure:
-                    scores[lod]["psnr_matched"].append(psnr(exposure_matched(rgb[b], gt, keep), gt, keep))
+                    matched = exposure_matched(rgb[b], gt, keep, opa[b], look_bg)
+                    scores[lod]["psnr_matched"].append(psnr(matched, gt, keep))
             if lod in dirs:
                 save_image(to_png_rgb(rgb[b]), dirs[lod] / f"{name}.png")
                 save_image(depth_png(depth[b], opa[b]), dirs[lod] / f"{name}_depth.png")

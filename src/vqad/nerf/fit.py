@@ -20,7 +20,7 @@ from vqad.errors import InputError
 from vqad.fit import DENSITY_SHARE, Deadline, check_resumable, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
 from vqad.nerf.depth_prior import depth_source, depth_targets, has_points
-from vqad.nerf.appearance import ViewAppearance
+from vqad.nerf.appearance import ViewAppearance, require_views_to_learn
 from vqad.nerf.data import SceneDataset, dataset_info, require_training_pixels
 from vqad.nerf.field import NeRFConfig, NeRFField
 from vqad.nerf.rays import RayBatcher
@@ -210,6 +210,8 @@ def fit_nerf(
     if "train" not in dataset.splits or len(dataset.splits["train"]) == 0:
         raise InputError(f"dataset {dataset.name!r} has no training views")
     require_training_pixels(dataset.splits["train"])
+    if train_cfg.appearance != "none":
+        require_views_to_learn(dataset.splits["train"])
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
     start, resume_cfg = 0, None
     t_oct = time.perf_counter()
@@ -269,14 +271,6 @@ def fit_nerf(
                   f"{source}" + (" (auto: a contracted scene with sparse points)" if depth_auto else ""))
     sampler = make_sampler(field)
     task = RadianceTask(field, sampler, batcher, train_cfg, quiet=quiet, octree_method=method)
-    if resume and task.appearance is not None:
-        from vqad.checkpoint import read_task_tensors
-
-        task.appearance.load(read_task_tensors(ckpt_dir, "appearance."), str(ckpt_dir))
-        names = resume_cfg.get("appearance_views")
-        if isinstance(names, list) and batcher.names and names != batcher.names:
-            raise InputError(f"--resume: {ckpt_dir}'s per-view appearance is for other training photos than this "
-                             f"capture's: resume on the capture the fit was started on")
     res = run_fit(task, train_cfg, device, ckpt_dir, resume_cfg=resume_cfg, start=start, quiet=quiet, deadline=deadline)
     # the model's own deterministic pruning: what render / eval will use
     prune_by_model(field, sampler)

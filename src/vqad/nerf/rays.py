@@ -200,8 +200,7 @@ class RayBatcher:
         self._valid = views.valid if views.valid is not None and not bool(views.valid.all()) else None
         self._valid_ids: torch.Tensor | None = None
         self.names = [str(n) for n in views.names]  # each view's photo, in order
-        # the reader composited the photos on the background (they had alpha: foreground masks), so the camera never saw it
-        self.composited = views.masks is not None
+        self.composited = views.composited  # the reader composited the photos on the background the camera never saw
 
     def set_depth_targets(self, ids: torch.Tensor, distances: torch.Tensor) -> None:
         """Targets of :meth:`depth_targets_for`: ``ids (K,)`` ascending flat pixel ids, ``distances (K,)``

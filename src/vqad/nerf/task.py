@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from vqad.device import MLP_PRECISIONS, resolve_mlp_precision
 from vqad.errors import InputError
 from vqad.fit import FitTask, StepLoss, TrainConfig, capped_sweeps
-from vqad.nerf.appearance import APPEARANCE_LR_SCALE, APPEARANCES, ViewAppearance, apply_look, clipped_like
+from vqad.nerf.appearance import (APPEARANCE_LR_SHARE, APPEARANCES, TENSOR_PREFIX, ViewAppearance, as_photographed,
+                                  check_appearance_views)
 from vqad.nerf.depth_prior import depth_spread_loss
 from vqad.nerf.field import NeRFField, sh_encode
 from vqad.nerf.rays import RayBatcher
@@ -227,8 +228,9 @@ class RadianceTask(FitTask):
             out, n_samples = render_rays(self.field, self.sampler, o, d, self.lods, self.background, near=near, far=far,
                                          jitter=jitter, early_stop_eps=self.early_stop_eps, samples_out=drawn)
         pred = out.rgb
-        if self.appearance is not None:  # the colours the photos recorded, clipped where the camera clipped
-            pred = clipped_like(self.appearance(out.rgb, self.batcher.view_of(flat), out.opacity, self.look_background), rgb)
+        if self.appearance is not None:  # the colours the photos recorded (vqad.nerf.appearance)
+            gain, offset = self.appearance.looks(self.batcher.view_of(flat))
+            pred = as_photographed(out.rgb, gain, offset, out.opacity, self.look_background, rgb)
         per_lod = ((pred - rgb[None]) ** 2).mean(dim=(1, 2))  # (n_lods,)
         self.total_samples += n_samples
         self.rays += b
@@ -325,10 +327,17 @@ class RadianceTask(FitTask):
     def extra_optimizers(self, lr):
         if self.appearance is None:
             return {}
-        return {"appearance": torch.optim.Adam(self.appearance.parameters(), lr=lr * APPEARANCE_LR_SCALE)}
+        rate = lr * self.cfg.grid_lr_scale * APPEARANCE_LR_SHARE
+        return {"appearance": torch.optim.Adam(self.appearance.parameters(), lr=rate)}
 
     def checkpoint_tensors(self):
-        return {} if self.appearance is None else {f"appearance.{k}": v for k, v in self.appearance.state().items()}
+        return {} if self.appearance is None else {TENSOR_PREFIX + k: v for k, v in self.appearance.state().items()}
+
+    def load_checkpoint_tensors(self, tensors, config, where):
+        if self.appearance is not None:
+            check_appearance_views(config.get("appearance_views"), self.batcher.names, where)
+            self.appearance.load({k[len(TENSOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(TENSOR_PREFIX)},
+                                 where)
 
 
 def psnr_of(per_lod: torch.Tensor) -> float:
@@ -351,9 +360,7 @@ def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: Ray
     look = None
     if appearance is not None:
         with torch.no_grad():
-            gain, offset = appearance.transforms()
-        view = batcher.view_of(flat)
-        look = gain.index_select(0, view), offset.index_select(0, view)  # (n_rays, 3) each
+            look = appearance.looks(batcher.view_of(flat))  # gain, offset (n_rays, 3)
     look_bg = background if batcher.composited else None
     chunks = []
     for a in range(0, n_rays, chunk_rays):
@@ -372,7 +379,8 @@ def nerf_refine_chunks(field: NeRFField, sampler: OccupancySampler, batcher: Ray
                 sigma, c = field._decode(x, f, sh, lod)
                 r = volume_render(samples.t_starts, samples.t_ends, sigma, c, samples.ray_indices, gt.shape[0],
                                   background)
-                out[lod] = (r.rgb if g is None else clipped_like(apply_look(r.rgb, g, b, r.opacity, look_bg), gt)) - gt
+                seen = r.rgb if g is None else as_photographed(r.rgb, g, b, r.opacity, look_bg, gt)  # as training
+                out[lod] = seen - gt
             return out
 
         chunks.append(RefineChunk(x, residuals, owner=samples.ray_indices))

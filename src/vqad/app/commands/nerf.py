@@ -336,6 +336,10 @@ def check_nerf_dataset(args, dataset, train_cfg, resumed: bool) -> None:
     from vqad.nerf.evaluate import require_scorable
 
     require_training_pixels(dataset.splits["train"])  # before the octree: the masks emptied the depth maps too
+    if train_cfg.appearance != "none":
+        from vqad.nerf.appearance import require_views_to_learn
+
+        require_views_to_learn(dataset.splits["train"])
     if not resumed and train_cfg.octree_from is None:
         from vqad.nerf.octree_build import resolve_method
 

@@ -146,7 +146,9 @@ def test_a_fit_learns_each_photos_gain_and_resumes_with_it(tmp_path, capsys):
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["train"]["appearance"] == "affine" and "appearance" in cfg["optimizers"]
     assert "with each photo's exposure matched" in capsys.readouterr().out  # held-out photos: their own exposure
-    lods = json.loads((tmp_path / "fit" / "metrics.json").read_text())["lods"]
+    metrics = json.loads((tmp_path / "fit" / "metrics.json").read_text())
+    assert metrics["appearance"].startswith("per-view appearance: gains R ")
+    lods = metrics["lods"]
     assert all(r["psnr_matched"] >= r["psnr"] - 0.05 for r in lods.values())
 
     assert _fit(cap, tmp_path / "fit", "--steps", "300", "--resume") == 0  # the checkpoint's --appearance

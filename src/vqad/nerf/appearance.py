@@ -12,9 +12,8 @@ with ``ℓ_i, β_i ∈ R³`` per channel (``affine``: gain and offset, 6 numbers
 views that have pixels to train on (a view its loss mask empties stays the identity). Where the reader
 composited the photos on the background (their alpha: an object capture), the background was never
 photographed: the transform applies to the field's own colour, before it is composited
-(:func:`apply_look`). A gain per channel
-is what a change of exposure and white balance does to a linear or a power-law-encoded (sRGB-like)
-colour; the offset takes black level and haze. Subtracting the means over the views fixes the gauge:
+(:func:`apply_look`). A gain per channel is what a change of exposure and white balance does to a linear
+or a power-law-encoded (sRGB-like) colour; the offset takes black level and haze. Subtracting the means over the views fixes the gauge:
 the field's own colours are the *average* appearance of the training photos, not whatever the first
 steps drifted to, so a held-out view, whose photo has no transform of its own, is rendered and scored
 with the identity (the field as it is). The transform lives outside the field: the .vqad file, the

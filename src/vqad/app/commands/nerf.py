@@ -388,6 +388,7 @@ def fit_nerf_summary(res) -> dict:
         "rays_per_second": res.rays_per_second, "samples_per_ray": res.samples_per_ray,
         "refine_seconds": res.refine_seconds, "skipped_steps": res.skipped_steps, "peak_memory_bytes": res.peak_memory_bytes, "size": field.size_report(), "notes": res.notes,
         "recode": asdict(res.recode) if res.recode is not None else None, "history": res.history,
+        **({"appearance": res.appearance.summary()} if res.appearance is not None else {}),
     }
 
 

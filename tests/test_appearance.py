@@ -347,21 +347,21 @@ def test_exposure_matching_is_a_least_squares_gain_and_offset_per_channel():
     from vqad.metrics import exposure_matched, psnr
 
     g = torch.Generator().manual_seed(0)
-    pred = torch.rand(9, 7, 3, generator=g) * 0.6 + 0.2
-    keep = torch.rand(9, 7, generator=g) > 0.3
+    pred = torch.rand(12, 10, 3, generator=g) * 0.6 + 0.2
+    keep = torch.rand(12, 10, generator=g) > 0.3
     gain, offset = torch.tensor([0.7, 1.2, 0.9]), torch.tensor([0.05, -0.1, 0.02])
     photo = pred * gain + offset
     assert torch.allclose(exposure_matched(pred, photo), photo, atol=1e-5)  # an exact transform is undone
-    noisy = (photo + 0.05 * torch.randn(9, 7, 3, generator=g)).clamp(0, 1)
+    noisy = (photo + 0.05 * torch.randn(12, 10, 3, generator=g)).clamp(0, 1)
     got = exposure_matched(pred, noisy, keep)
     for c in range(3):  # brute force: numpy's least squares over the kept pixels
         A = np.stack([pred[..., c][keep].numpy(), np.ones(int(keep.sum()))], 1)
         (a, b), *_ = np.linalg.lstsq(A, noisy[..., c][keep].numpy(), rcond=None)
         assert torch.allclose(got[..., c], (pred[..., c] * float(a) + float(b)).clamp(0, 1), atol=1e-5)
     assert psnr(got, noisy, keep) >= psnr(pred, noisy, keep)  # the identity is one of the transforms it tried
-    flat = torch.full((4, 4, 3), 0.5)
+    flat = torch.full((8, 8, 3), 0.5)
     assert torch.allclose(exposure_matched(flat, flat * 0 + 0.8), flat * 0 + 0.8)  # constant: gain 1, offset moves it
-    assert torch.equal(exposure_matched(pred, photo, torch.zeros(9, 7, dtype=torch.bool)), pred)  # nothing kept
+    assert torch.equal(exposure_matched(pred, photo, torch.zeros(12, 10, dtype=torch.bool)), pred)  # nothing kept
 
 
 def test_a_brighter_colour_than_a_blown_highlight_costs_nothing():
@@ -427,8 +427,8 @@ def test_exposure_matching_of_composited_photos_fits_the_object_and_skips_blown_
     from vqad.metrics import exposure_matched
 
     g = torch.Generator().manual_seed(2)
-    fg = torch.rand(10, 10, 3, generator=g) * 0.5 + 0.25
-    a = (torch.rand(10, 10, generator=g) > 0.4).float()  # object pixels (1) and background (0)
+    fg = torch.rand(16, 16, 3, generator=g) * 0.5 + 0.25
+    a = (torch.rand(16, 16, generator=g) > 0.4).float()  # object pixels (1) and background (0)
     bg = torch.ones(3)
     rgb = a[..., None] * fg + (1 - a[..., None]) * bg
     gain, offset = torch.tensor([1.4, 0.8, 1.1]), torch.tensor([0.02, 0.05, -0.03])
@@ -437,8 +437,8 @@ def test_exposure_matching_of_composited_photos_fits_the_object_and_skips_blown_
     assert torch.allclose(got, photo, atol=1e-5)  # the background does not pin g + o to 1
     assert not torch.allclose(exposure_matched(rgb, photo), photo, atol=1e-3)  # as a plain photo: it does
     blown = photo.clone()
-    blown[:3, :, 0] = 1.0  # highlights the camera clipped: not evidence of the gain
-    assert torch.allclose(exposure_matched(rgb, blown, None, a, bg)[3:], blown[3:], atol=1e-5)
+    blown[:2, :, 0] = 1.0  # highlights the camera clipped: not evidence of the gain
+    assert torch.allclose(exposure_matched(rgb, blown, None, a, bg)[2:], blown[2:], atol=1e-5)
 
 
 def test_batch_learns_the_appearance_and_old_fingerprints_still_hold(tmp_path, capsys):
@@ -465,3 +465,38 @@ def test_batch_learns_the_appearance_and_old_fingerprints_still_hold(tmp_path, c
     assert rec["status"] == "done" and all(r["psnr_matched"] >= r["psnr"] - 1e-6 for r in rec["lods"].values())
     saved = load_file(str(tmp_path / "runs" / "cap" / "checkpoint" / "model.safetensors"))
     assert saved["task.appearance.log_gain"].shape == (7, 3)
+
+
+def test_matched_psnr_needs_pixels_to_fit_and_never_scores_below_plain():
+    from vqad.metrics import MIN_MATCH_PIXELS, exposure_matched, psnr, psnr_matched
+
+    g = torch.Generator().manual_seed(4)
+    pred, photo = torch.rand(12, 12, 3, generator=g) * 0.8 + 0.1, torch.rand(12, 12, 3, generator=g) * 0.8 + 0.1
+    few = torch.zeros(12, 12, dtype=torch.bool)
+    few[0, :MIN_MATCH_PIXELS // 8] = True  # a held-out mask that keeps a handful of pixels
+    assert torch.equal(exposure_matched(pred, photo, few), pred.clamp(0, 1))  # no fit: it would match them exactly
+    assert psnr_matched(pred, photo, few) == pytest.approx(psnr(pred, photo, few))
+    # a composited photo: fitted on its opaque pixels, a transform can lose on the others; the identity is kept
+    a = torch.zeros(12, 12)
+    a[:9] = 1.0
+    bg = torch.ones(3)
+    truth = photo.clone()
+    truth[9:] = bg * 0.2 + pred[9:] * 0.8  # the half-transparent rows disagree with any transform of the opaque ones
+    assert psnr_matched(pred, truth, None, a, bg) >= psnr(pred, truth) - 1e-9
+
+
+def test_damaged_training_settings_and_photo_lists_are_said_to_be(tmp_path):
+    from vqad.checkpoint import read_config
+    from vqad.nerf.appearance import check_appearance_views
+
+    (tmp_path / "config.json").write_text(json.dumps({"vqad_checkpoint": 1, "kind": "nerf", "train": None}))
+    with pytest.raises(InputError, match="its training settings are NoneType, not a JSON object"):
+        read_config(tmp_path)
+    names = ["a.png", "b.png"]
+    check_appearance_views({}, names, "ckpt")  # a checkpoint from before the list: nothing to compare
+    check_appearance_views({"appearance_views": names}, names, "ckpt")
+    for bad in ([], None, "a.png", [1, 2]):
+        with pytest.raises(InputError, match="not a list of photo names"):
+            check_appearance_views({"appearance_views": bad}, names, "ckpt")
+    with pytest.raises(InputError, match="for the training photos b.png, a.png, this capture's are a.png, b.png"):
+        check_appearance_views({"appearance_views": names[::-1]}, names, "ckpt")

@@ -329,3 +329,4 @@ def test_a_reader_that_goes_away_leaves_no_traceback(tmp_path):
     proc.stdout.close()  # the reader is gone before the first line
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1 and "Traceback" not in err, err
+    assert "vqad: synth-capture stopped: its output's reader closed" in err

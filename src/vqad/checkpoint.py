@@ -161,6 +161,9 @@ def read_config(path: str | Path) -> dict:
     step = cfg.get("step", 0)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise InputError(f"{cfg_path}: step must be a whole number >= 0, not {step!r}: {_DAMAGED}")
+    if "train" in cfg and not isinstance(cfg["train"], dict):
+        raise InputError(f"{cfg_path}: its training settings are {type(cfg['train']).__name__}, not a JSON object: "
+                         f"{_DAMAGED}")
     return cfg
 
 

@@ -90,6 +90,8 @@ def _run(args) -> int:
             os.close(devnull)
         except (OSError, ValueError, AttributeError):  # stdout is not a file (captured)
             pass
+        print(f"vqad: {args.command} stopped: its output's reader closed (| head?); what it wrote before stays",
+              file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):

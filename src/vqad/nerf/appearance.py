@@ -187,12 +187,13 @@ def require_views_to_learn(views) -> None:
                          f"--appearance out")
 
 
-def check_appearance_views(recorded, names: list[str], where: str) -> None:
-    """The training photos a checkpoint's transforms were learned from (``recorded``, its
-    ``appearance_views``: None for a checkpoint that does not say) must be ``names``, in order."""
-    if recorded is None or not names:
+def check_appearance_views(config: dict, names: list[str], where: str) -> None:
+    """The training photos a checkpoint's transforms were learned from (its config dict's
+    ``appearance_views``; a checkpoint without the key does not say) must be ``names``, in order."""
+    if "appearance_views" not in config or not names:
         return
-    if not isinstance(recorded, list) or not all(isinstance(x, str) for x in recorded):
+    recorded = config["appearance_views"]
+    if not isinstance(recorded, list) or not recorded or not all(isinstance(x, str) for x in recorded):
         raise InputError(f"{where}: its appearance_views is not a list of photo names: the checkpoint is damaged; "
                          f"start a new fit")
     if recorded != names:
@@ -229,7 +230,7 @@ def checkpoint_appearance(path, views) -> ViewAppearance | None:
     if n < 1:
         raise InputError(f"{path} was fitted with a per-view appearance, and this capture has no training views to "
                          f"apply it to: use the capture the fit was trained on")
-    check_appearance_views(config.get("appearance_views"), [str(x) for x in views.names], str(path))
+    check_appearance_views(config, [str(x) for x in views.names], str(path))
     app = ViewAppearance(n)
     app.load(read_task_tensors(path, TENSOR_PREFIX), str(path))
     return app

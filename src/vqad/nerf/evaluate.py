@@ -5,7 +5,7 @@
 * A capture's loss masks (:attr:`vqad.nerf.data.Views.valid`) hold on the held-out views too: PSNR over
   the pixels they keep, SSIM over the windows centred on one; a view whose mask keeps none is not scored.
 * With ``match_exposure``, PSNR also after fitting each photo's exposure and white balance to the render
-  (``"psnr_matched"``, :func:`vqad.metrics.exposure_matched`), for captures metered anew in every photo.
+  (``"psnr_matched"``, :func:`vqad.metrics.psnr_matched`), for captures metered anew in every photo.
 * LPIPS is **not** reported: it needs pretrained network weights (AlexNet / VGG) that cannot be
   downloaded on an offline machine, and vqad ships none. Compare LPIPS elsewhere from the saved PNGs.
 
@@ -24,7 +24,7 @@ import torch
 
 from vqad.atomicio import save_image
 from vqad.errors import InputError
-from vqad.metrics import exposure_matched, psnr, ssim
+from vqad.metrics import psnr, psnr_matched, ssim
 from vqad.nerf.appearance import apply_look, composited_background
 from vqad.nerf.data import SceneDataset, kept_views
 from vqad.nerf.render import OccupancySampler, render_rays_chunked
@@ -130,7 +130,7 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
     views' learned exposure and white balance) renders each view as its photo recorded it, scored and
     saved so; without it every view has the field's own (the training photos' average) appearance.
     ``match_exposure`` also scores each render after fitting its photo's exposure and white balance
-    (:func:`vqad.metrics.exposure_matched`: a gain and an offset per channel, least squares), as
+    (:func:`vqad.metrics.psnr_matched`: a gain and an offset per channel, least squares), as
     ``"psnr_matched"``: the held-out photos of a capture whose camera metered every photo anew have
     exposures no fit can know.
 
@@ -178,8 +178,7 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
                 scores[lod]["psnr"].append(psnr(rgb[b], gt, keep))
                 scores[lod]["ssim"].append(ssim(rgb[b], gt, keep))
                 if match_exposure:
-                    matched = exposure_matched(rgb[b], gt, keep, opa[b], look_bg)
-                    scores[lod]["psnr_matched"].append(psnr(matched, gt, keep))
+                    scores[lod]["psnr_matched"].append(psnr_matched(rgb[b], gt, keep, opa[b], look_bg))
             if lod in dirs:
                 save_image(to_png_rgb(rgb[b]), dirs[lod] / f"{name}.png")
                 save_image(depth_png(depth[b], opa[b]), dirs[lod] / f"{name}_depth.png")

@@ -335,7 +335,7 @@ class RadianceTask(FitTask):
 
     def load_checkpoint_tensors(self, tensors, config, where):
         if self.appearance is not None:
-            check_appearance_views(config.get("appearance_views"), self.batcher.names, where)
+            check_appearance_views(config, self.batcher.names, where)
             self.appearance.load({k[len(TENSOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(TENSOR_PREFIX)},
                                  where)
 

@@ -344,7 +344,8 @@ def test_a_sweep_learns_the_photos_appearance_and_records_it(tmp_path, capsys, m
 
 
 def test_exposure_matching_is_a_least_squares_gain_and_offset_per_channel():
-    from vqad.metrics import exposure_matched, psnr
+    from vqad.metrics import psnr
+    from vqad.nerf.appearance import exposure_matched
 
     g = torch.Generator().manual_seed(0)
     pred = torch.rand(12, 10, 3, generator=g) * 0.6 + 0.2
@@ -424,7 +425,7 @@ def test_one_training_view_has_no_appearance_to_learn(tmp_path, capsys):
 
 
 def test_exposure_matching_of_composited_photos_fits_the_object_and_skips_blown_pixels():
-    from vqad.metrics import exposure_matched
+    from vqad.nerf.appearance import exposure_matched
 
     g = torch.Generator().manual_seed(2)
     fg = torch.rand(16, 16, 3, generator=g) * 0.5 + 0.25
@@ -468,7 +469,8 @@ def test_batch_learns_the_appearance_and_old_fingerprints_still_hold(tmp_path, c
 
 
 def test_matched_psnr_needs_pixels_to_fit_and_never_scores_below_plain():
-    from vqad.metrics import MIN_MATCH_PIXELS, exposure_matched, psnr, psnr_matched
+    from vqad.metrics import psnr
+    from vqad.nerf.appearance import MIN_MATCH_PIXELS, exposure_matched, psnr_matched
 
     g = torch.Generator().manual_seed(4)
     pred, photo = torch.rand(12, 12, 3, generator=g) * 0.8 + 0.1, torch.rand(12, 12, 3, generator=g) * 0.8 + 0.1

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vqad.atomicio import fsync_path
@@ -185,10 +186,14 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
 _DAMAGED = "the checkpoint is damaged; delete it to start the fit over, or put an intact copy in its place"
 
 
-def _read_tensors(file: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, or one :class:`InputError` line naming it and what to do."""
+def _read_tensors(file: Path, device: torch.device | str = "cpu", prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (only those whose name starts with ``prefix``, if given), or one
+    :class:`InputError` line naming it and what to do."""
     try:
-        return load_file(str(file), device=str(device))
+        if prefix is None:
+            return load_file(str(file), device=str(device))
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     except Exception as exc:  # safetensors raises several types on bad files
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"cannot read {file}: {msg}: {_DAMAGED}") from exc
@@ -225,15 +230,8 @@ def build_field(cfg: dict, tensors: dict[str, torch.Tensor], device, baked: bool
 def read_task_tensors(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
     """The tensors a fit saved beside the model under ``task.<prefix>`` (:func:`save_checkpoint`'s
     ``task_tensors``), the prefix stripped, on the CPU (only those are read); the caller validates them."""
-    from safetensors import safe_open
-
-    file, full = Path(path) / "model.safetensors", TASK_PREFIX + prefix
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return {k[len(full):]: f.get_tensor(k) for k in f.keys() if k.startswith(full)}
-    except Exception as exc:  # safetensors raises several types on bad files
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"cannot read {file}: {msg}: {_DAMAGED}") from exc
+    full = TASK_PREFIX + prefix
+    return {k[len(full):]: v for k, v in _read_tensors(Path(path) / "model.safetensors", prefix=full).items()}
 
 
 def load_optimizer_state(path: str | Path, optimizers: dict[str, torch.optim.Optimizer], cfg: dict) -> None:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 
 from vqad.errors import InputError
+from vqad.metrics import psnr
+from vqad.nerf.data import kept_views
 
 APPEARANCES = ("none", "affine")
 
@@ -75,6 +77,53 @@ def as_photographed(rgb: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor,
     :func:`clipped_like` the photo."""
     seen = apply_look(rgb, gain, offset, opacity, background)
     return seen if background is not None else clipped_like(seen, photo)
+
+
+#: the fewest pixels a channel's exposure is fitted to (:func:`exposure_matched`)
+MIN_MATCH_PIXELS = 64
+
+
+def exposure_matched(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None,
+                     opacity: torch.Tensor | None = None, background: torch.Tensor | None = None) -> torch.Tensor:
+    """``pred (H, W, 3)`` as the photo ``gt`` would have recorded it: each channel's gain (≥ 0) and offset
+    fitted to ``gt`` by least squares, applied by :func:`apply_look`, clamped to [0, 1].
+
+    The fit runs over the pixels ``keep (H, W)`` marks (all without it) where the photo's channel is not
+    clipped (strictly between 0 and 1: a blown highlight says nothing about the gain). With ``background
+    (3,)`` and the render's ``opacity (H, W)`` (a photo the reader composited on that background, which
+    the camera never saw), it runs over the opaque pixels (opacity > 0.99) and the transform applies to
+    the foreground before compositing. A channel with fewer than :data:`MIN_MATCH_PIXELS` such pixels
+    keeps gain 1 and offset 0 (two numbers fitted to a few pixels would match them exactly), one that
+    ``pred`` holds constant there gain 1."""
+    pred = pred.float()
+    g = gt.float().to(pred.device)
+    use = torch.ones(pred.shape[:-1], dtype=torch.bool, device=pred.device) if keep is None else keep.to(pred.device)
+    if background is not None:
+        opacity, background = opacity.to(pred.device), background.to(pred.device)
+        use = use & (opacity > 0.99)
+    gains, offsets = [], []
+    for c in range(3):
+        sel = use & (g[..., c] > 0) & (g[..., c] < 1)
+        p, t = pred[..., c][sel], g[..., c][sel]
+        if p.numel() < MIN_MATCH_PIXELS:  # too few to tell an exposure from the field's error: the identity
+            gains.append(pred.new_tensor(1.0))
+            offsets.append(pred.new_tensor(0.0))
+            continue
+        var = ((p - p.mean()) ** 2).mean()
+        gain = ((p - p.mean()) * (t - t.mean())).mean() / var if var > 1e-10 else pred.new_tensor(1.0)
+        gain = gain.clamp_min(0.0)
+        gains.append(gain)
+        offsets.append(t.mean() - gain * p.mean())
+    return apply_look(pred, torch.stack(gains), torch.stack(offsets), opacity, background).clamp(0, 1)
+
+
+def psnr_matched(pred: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor | None = None,
+                 opacity: torch.Tensor | None = None, background: torch.Tensor | None = None) -> float:
+    """PSNR of ``pred (H, W, 3)`` as the photo's own exposure would have recorded it: of
+    :func:`exposure_matched`, or of ``pred`` itself where that scores higher (the identity is a transform
+    too; a fit to the opaque, unclipped pixels can lose on the others), so never below
+    :func:`vqad.metrics.psnr`."""
+    return max(psnr(pred, gt, keep), psnr(exposure_matched(pred, gt, keep, opacity, background), gt, keep))
 
 
 class ViewAppearance(torch.nn.Module):
@@ -170,17 +219,17 @@ class ViewAppearance(torch.nn.Module):
                 f"(the field holds the views' average)")
 
 
-def composited_background(views, background) -> torch.Tensor | None:
-    """``background (3,)`` as a tensor where the reader composited ``views``' photos on it
+def composited_background(views, background, device=None) -> torch.Tensor | None:
+    """``background (3,)`` as a tensor on ``device`` where the reader composited ``views``' photos on it
     (:attr:`~vqad.nerf.data.Views.composited`), so a photo's transform applies before compositing
     (:func:`apply_look`); None where the camera recorded every pixel."""
-    return torch.as_tensor(background, dtype=torch.float32) if views.composited else None
+    return torch.as_tensor(background, dtype=torch.float32, device=device) if views.composited else None
 
 
 def require_views_to_learn(views) -> None:
     """A per-view appearance needs two training views with pixels: with one, the gauge (its transform's
     mean is the identity) leaves nothing to learn, and ``--appearance`` could not apply."""
-    n = len(views) if views.valid is None else int(views.valid.flatten(1).any(dim=1).sum())
+    n = kept_views(views)
     if n < 2:
         raise InputError(f"--appearance learns how each training photo's exposure differs from the others', and this "
                          f"capture has {n} training view{'' if n == 1 else 's'} with pixels to learn from: leave "
@@ -208,21 +257,29 @@ def appearance_of(config: dict) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def checkpoint_appearance(path, views) -> ViewAppearance | None:
-    """The transforms of the training ``views`` (a :class:`~vqad.nerf.data.Views`) that a checkpoint
-    directory ``path`` keeps (a fit with ``--appearance affine``), validated against them (their number
-    and names); None for a checkpoint without them, or a ``.vqad`` file (the average appearance only)."""
+def checkpoint_scoring(path, split: str, views) -> dict:
+    """:func:`appearance_scoring` of a model ``path`` (a checkpoint directory or a ``.vqad`` file, which holds
+    the average appearance only), scoring ``split``: for ``train``, the transforms of the training ``views``
+    (a :class:`~vqad.nerf.data.Views`) the checkpoint keeps, validated against them (:func:`checkpoint_appearance`)."""
     from pathlib import Path
 
-    from vqad.checkpoint import read_config, read_task_tensors
+    from vqad.checkpoint import read_config
 
     path = Path(path)
     if not path.is_dir():
-        return None
+        return {}
     config = read_config(path)
+    trained = appearance_of(config) != "none"
+    looks = checkpoint_appearance(path, config, views) if trained and split == "train" else None
+    return appearance_scoring(trained, split, looks)
+
+
+def checkpoint_appearance(path, config: dict, views) -> ViewAppearance:
+    """The transforms of the training ``views`` that the checkpoint directory ``path`` (its config dict
+    ``config``, fitted with ``--appearance``) keeps, validated against them: their number and names."""
+    from vqad.checkpoint import read_task_tensors
+
     setting = appearance_of(config)
-    if setting == "none":
-        return None
     if setting not in APPEARANCES:
         raise InputError(f"{path}: the checkpoint's appearance {setting!r} is not one this vqad knows "
                          f"({', '.join(APPEARANCES)}): the checkpoint is damaged, or from a newer vqad")

@@ -5,7 +5,7 @@
 * A capture's loss masks (:attr:`vqad.nerf.data.Views.valid`) hold on the held-out views too: PSNR over
   the pixels they keep, SSIM over the windows centred on one; a view whose mask keeps none is not scored.
 * With ``match_exposure``, PSNR also after fitting each photo's exposure and white balance to the render
-  (``"psnr_matched"``, :func:`vqad.metrics.psnr_matched`), for captures metered anew in every photo.
+  (``"psnr_matched"``, :func:`vqad.nerf.appearance.psnr_matched`), for captures metered anew in every photo.
 * LPIPS is **not** reported: it needs pretrained network weights (AlexNet / VGG) that cannot be
   downloaded on an offline machine, and vqad ships none. Compare LPIPS elsewhere from the saved PNGs.
 
@@ -24,8 +24,8 @@ import torch
 
 from vqad.atomicio import save_image
 from vqad.errors import InputError
-from vqad.metrics import psnr, psnr_matched, ssim
-from vqad.nerf.appearance import apply_look, composited_background
+from vqad.metrics import psnr, ssim
+from vqad.nerf.appearance import apply_look, composited_background, psnr_matched
 from vqad.nerf.data import SceneDataset, kept_views
 from vqad.nerf.render import OccupancySampler, render_rays_chunked
 
@@ -130,7 +130,7 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
     views' learned exposure and white balance) renders each view as its photo recorded it, scored and
     saved so; without it every view has the field's own (the training photos' average) appearance.
     ``match_exposure`` also scores each render after fitting its photo's exposure and white balance
-    (:func:`vqad.metrics.psnr_matched`: a gain and an offset per channel, least squares), as
+    (:func:`vqad.nerf.appearance.psnr_matched`: a gain and an offset per channel, least squares), as
     ``"psnr_matched"``: the held-out photos of a capture whose camera metered every photo anew have
     exposures no fit can know.
 
@@ -149,8 +149,8 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
     views = require_scorable(dataset, split, max_views) if require_scores else pick_split(dataset, split)
     valid = views.valid
     looks = None
-    look_bg = composited_background(views, dataset.background) if (appearance is not None or match_exposure) else None
-    look_bg = None if look_bg is None else look_bg.to(field.device)
+    look_bg = (composited_background(views, dataset.background, field.device)  # vqad.nerf.appearance.apply_look
+               if appearance is not None or match_exposure else None)
     if appearance is not None:
         if appearance.n_views != len(views):
             raise InputError(f"the per-view appearance is for {appearance.n_views} views, the {split!r} split has "

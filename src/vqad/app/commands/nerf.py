@@ -469,8 +469,7 @@ def _lods(field, lod):
 
 
 def cmd_eval(args) -> int:
-    from vqad.checkpoint import read_config
-    from vqad.nerf.appearance import appearance_of, appearance_scoring, checkpoint_appearance
+    from vqad.nerf.appearance import checkpoint_scoring
     from vqad.nerf.evaluate import evaluate_nerf, load_scene, metric_lines, require_scorable
 
     if args.max_views is not None and args.max_views <= 0:
@@ -481,9 +480,7 @@ def cmd_eval(args) -> int:
     require_scorable(dataset, args.views, args.max_views, fix="score other views (--views, --max-views), or check "
                                                               "the masks (vqad render renders them)")
     out = ensure_writable_dir(args.out) if args.out else None
-    trained = Path(args.model).is_dir() and appearance_of(read_config(args.model)) != "none"
-    looks = checkpoint_appearance(args.model, dataset.splits.get("train")) if trained and args.views == "train" else None
-    scoring = appearance_scoring(trained, args.views, looks)
+    scoring = checkpoint_scoring(args.model, args.views, dataset.splits.get("train"))
     if args.match_exposure:
         scoring["match_exposure"] = True
     res = evaluate_nerf(field, dataset, args.views, lods=lods, out_dir=out, max_views=args.max_views, **scoring)

@@ -224,6 +224,35 @@ def test_the_ray_sampler_draws_only_kept_pixels_uniformly(tmp_path):
     assert o.shape == (64, 3) and rgb.shape == (64, 3)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 8, 8), (4, 9, 13), (1, 1, 200)])
+def test_kept_pixels_find_the_kth_kept_pixel_as_a_sorted_list_would(shape):
+    """KeptPixels against the list of kept ids it replaces (brute force): every rank, in words that straddle
+    views and in a last word cut short, at random shares kept, with the counts as int32 and as int64."""
+    from vqad.nerf.rays import KeptPixels
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    for share in (0.0, 0.03, 0.5, 0.97, 1.0):
+        valid = torch.rand(shape, generator=gen) < share
+        listed = torch.nonzero(valid.reshape(-1))[:, 0]
+        kept = KeptPixels(valid, torch.device("cpu"))
+        assert kept.count == listed.numel() and kept.ends.dtype == torch.int32
+        k = torch.arange(kept.count)
+        assert torch.equal(kept.nth(k), listed) and kept.nth(k).dtype == torch.int64
+        kept.ends = kept.ends.long()  # as past 2^31 kept pixels
+        assert torch.equal(kept.nth(k.flip(0)), listed.flip(0))
+
+
+def test_kept_pixels_draw_what_the_list_of_ids_drew():
+    """The same generator draws the same pixels as the sorted-list sampler before KeptPixels: fits reproduce."""
+    from vqad.nerf.rays import KeptPixels
+
+    valid = torch.rand(6, 31, 45, generator=torch.Generator().manual_seed(5)) < 0.8
+    ids = torch.nonzero(valid.reshape(-1))[:, 0]
+    kept = KeptPixels(valid, torch.device("cpu"))
+    k = torch.randint(0, kept.count, (5000,), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(kept.nth(k), ids[k])
+
+
 # -- scores ---------------------------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:Skipping Gaussian Smoothing")
 def test_masked_psnr_and_ssim_against_brute_force():
@@ -558,7 +587,7 @@ def test_a_mask_that_keeps_everything_costs_the_sampler_nothing(tmp_path):
     train = ds.splits["train"]
     train.valid = torch.ones(len(train), *train.hw, dtype=torch.bool)  # through the API, not the readers
     b = RayBatcher(train, ds, torch.device("cpu"))
-    assert b.valid_ids is None and b.num_valid == b.num_rays
+    assert b.kept is None and b.num_valid == b.num_rays
 
 
 def test_colmap_masks_folder_as_colmap_and_nerfstudio_name_it(tmp_path):

@@ -320,6 +320,33 @@ def test_time_cadence_checkpoints_and_ctrl_c_in_the_sweeps_saves(tmp_path, capsy
     assert vqad.checkpoint.read_config(out2 / "checkpoint")["step"] == 3
 
 
+def test_a_closed_output_pipe_during_training_saves_the_checkpoint(tmp_path, capsys, mesh, monkeypatch):
+    """stdout's reader going away (``| head``) mid-fit raises BrokenPipeError where the fit prints: the loop
+    saves the steps done, as on Ctrl-C, says so on stderr, and lets the error go on to the CLI's handler."""
+    import vqad.sdf.fit
+
+    real_step = vqad.sdf.fit.SDFTask.step
+
+    def step(self, it, progress, gen):
+        if it == 2:
+            raise BrokenPipeError(32, "Broken pipe")
+        return real_step(self, it, progress, gen)
+
+    monkeypatch.setattr(vqad.sdf.fit.SDFTask, "step", step)
+    out = tmp_path / "run"
+    with pytest.raises(BrokenPipeError):  # stdout is captured here: not a pipe whose reader left, so not swallowed
+        main(["fit-sdf", str(mesh), "--steps", "5", "--refine", "0", "--out", str(out)]
+             + [a for a in TINY if a != "--quiet"])
+    from vqad.checkpoint import read_config
+
+    assert read_config(out / "checkpoint")["step"] == 2
+    assert "stdout's reader closed at step 2: checkpoint saved" in capsys.readouterr().err
+    monkeypatch.setattr(vqad.sdf.fit.SDFTask, "step", real_step)
+    assert main(["fit-sdf", str(mesh), "--steps", "5", "--refine", "0", "--out", str(out), "--resume", "--quiet",
+                 "--no-eval"]) == 0
+    assert read_config(out / "checkpoint")["step"] == 5
+
+
 def test_resume_finds_the_newest_complete_checkpoint_after_a_killed_save(tmp_path, capsys, mesh):
     """A save killed between its two renames leaves only checkpoint.old (or a complete, newer
     checkpoint.tmp beside the old checkpoint): --resume puts the newest complete one back and goes on."""

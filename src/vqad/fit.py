@@ -657,21 +657,25 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
                     save(it + 1)
             else:
                 it = cfg.steps
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError) as exc:  # Ctrl-C, SIGTERM, or stdout's reader gone (| head)
         prog.close()
         save(it)
         if ckpt_dir is not None and not quiet:
-            print(f"\ninterrupted at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
+            why = "stdout's reader closed" if isinstance(exc, BrokenPipeError) else "interrupted"
+            print(f"\n{why} at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume",
+                  file=sys.stderr if isinstance(exc, BrokenPipeError) else sys.stdout)
         raise
     if it > start:
         task.step_seconds = mean_step_seconds(it - start)
         try:
             with interrupt_guard():
                 task.after_training(it, start, gen)  # e.g. index sweeps: minutes of work after the last step
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, BrokenPipeError) as exc:
             save(it)  # every training step is in it (a sweep stopped half-way leaves valid indices)
             if ckpt_dir is not None and not quiet:
-                print(f"\ninterrupted after step {it}, in the work after training: checkpoint saved to {ckpt_dir}")
+                why = "stdout's reader closed" if isinstance(exc, BrokenPipeError) else "interrupted"
+                print(f"\n{why} after step {it}, in the work after training: checkpoint saved to {ckpt_dir}",
+                      file=sys.stderr if isinstance(exc, BrokenPipeError) else sys.stdout)
             raise
     items_per_second = prog.items_per_second  # over the whole call, sweeps after training included
     prog.close()

@@ -464,6 +464,15 @@ def test_batch_learns_the_appearance_and_old_fingerprints_still_hold(tmp_path, c
     assert cli_main(["batch", str(job), "--local", "--threads", "1", "--quiet"]) == 0
     (rec,) = [json.loads(line) for line in (tmp_path / "runs" / B.RESULTS).read_text().splitlines()]
     assert rec["status"] == "done" and all(r["psnr_matched"] >= r["psnr"] - 1e-6 for r in rec["lods"].values())
+    import csv
+
+    (row,) = csv.DictReader((tmp_path / "runs" / B.RESULTS_CSV).open())  # the table shows it beside each LOD's PSNR
+    for lod, r in rec["lods"].items():
+        assert float(row[f"lod{lod}_psnr_matched"]) == pytest.approx(r["psnr_matched"], rel=1e-5)
+        assert float(row[f"lod{lod}"]) == pytest.approx(r["psnr"], rel=1e-5)
+    md = (tmp_path / "runs" / B.RESULTS_MD).read_text()
+    assert "in brackets: with each held-out photo's exposure matched" in md
+    assert f"L{max(rec['lods'], key=int)} {rec['quality'][max(rec['lods'], key=int)]:.2f} (" in md
     saved = load_file(str(tmp_path / "runs" / "cap" / "checkpoint" / "model.safetensors"))
     assert saved["task.appearance.log_gain"].shape == (7, 3)
 

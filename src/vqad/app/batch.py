@@ -813,22 +813,34 @@ def _fmt(v, spec: str) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def _matched(rec: dict) -> dict[str, float]:
+    """Each LOD's ``psnr_matched`` (held-out photos' exposure matched: fits with a per-view appearance), if any."""
+    lods = rec.get("lods") if isinstance(rec.get("lods"), dict) else {}
+    return {lod: m["psnr_matched"] for lod, m in lods.items() if isinstance(m, dict) and m.get("psnr_matched") is not None}
+
+
 def _quality_text(rec: dict) -> str:
     spec = ".5f" if rec.get("application") == "sdf" else ".2f"
-    return " · ".join(f"L{lod} {_fmt(q, spec)}" for lod, q in sorted((rec.get("quality") or {}).items(), key=lambda kv: int(kv[0])))
+    matched = _matched(rec)
+    return " · ".join(f"L{lod} {_fmt(q, spec)}" + (f" ({_fmt(matched[lod], spec)})" if lod in matched else "")
+                      for lod, q in sorted((rec.get("quality") or {}).items(), key=lambda kv: int(kv[0])))
 
 
 def write_reports(out: Path, records: list[dict]) -> None:
-    """``results.csv`` (one column per LOD's quality) and ``results.md`` of ``records``."""
+    """``results.csv`` (one column per LOD's quality, and per LOD's ``psnr_matched`` where a fit has it) and
+    ``results.md`` of ``records``."""
     lods = sorted({int(lod) for r in records for lod in (r.get("quality") or {})})
+    matched = sorted({int(lod) for r in records for lod in _matched(r)})
     cols = ["asset", "application", "status", "bytes", "ratio", "metric", *[f"lod{lod}" for lod in lods],
+            *[f"lod{lod}_psnr_matched" for lod in matched],
             "fit_seconds", "eval_seconds", "steps", "resumed_from", "worker", "threads", "error"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in records:
         row = {**r, "metric": QUALITY[r["application"]][0] if r["status"] == "done" else None,
-               **{f"lod{lod}": q for lod, q in (r.get("quality") or {}).items()}}
+               **{f"lod{lod}": q for lod, q in (r.get("quality") or {}).items()},
+               **{f"lod{lod}_psnr_matched": q for lod, q in _matched(r).items()}}
         w.writerow({c: ("" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]))
                     for c in cols})
     write_atomic(Path(out) / RESULTS_CSV, buf.getvalue())
@@ -837,7 +849,9 @@ def write_reports(out: Path, records: list[dict]) -> None:
     L = ["# vqad batch results", "",
          f"{len(done)} assets done, {len(failed)} failed. **size**: the .vqad file as written; **ratio**: the dense "
          "fp16 feature grid of the same octree ÷ the file; quality per LOD of the decoded file: "
-         + ", ".join(f"{label} ({app})" for app, (_, label) in QUALITY.items()) + ".", "",
+         + ", ".join(f"{label} ({app})" for app, (_, label) in QUALITY.items())
+         + (" (in brackets: with each held-out photo's exposure matched, psnr_matched)" if any(map(_matched, done))
+            else "") + ".", "",
          "| asset | application | size kB | ratio | quality per LOD | fit s | worker |", "|---|---|---|---|---|---|---|"]
     for r in done:
         L.append(f"| {r['asset']} | {r['application']} | {r['bytes'] / 1e3:,.1f} | {r['ratio']:.1f}× | "

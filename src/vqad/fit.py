@@ -473,6 +473,15 @@ class Progress:
         return self.items / max(time.perf_counter() - self.t0, 1e-9)
 
 
+def _say_stopped(exc: BaseException, what: str) -> None:
+    """Say why a fit stopped and what was saved: on stdout after Ctrl-C or SIGTERM, on stderr when stdout's
+    reader is gone (``| head``: the BrokenPipeError)."""
+    if isinstance(exc, BrokenPipeError):
+        print(f"\nstdout's reader closed {what}", file=sys.stderr)
+    else:
+        print(f"\ninterrupted {what}")
+
+
 @contextmanager
 def interrupt_guard():
     """Turn SIGTERM into KeyboardInterrupt too, so a killed fit saves its checkpoint."""
@@ -661,9 +670,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         prog.close()
         save(it)
         if ckpt_dir is not None and not quiet:
-            why = "stdout's reader closed" if isinstance(exc, BrokenPipeError) else "interrupted"
-            print(f"\n{why} at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume",
-                  file=sys.stderr if isinstance(exc, BrokenPipeError) else sys.stdout)
+            _say_stopped(exc, f"at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
         raise
     if it > start:
         task.step_seconds = mean_step_seconds(it - start)
@@ -673,9 +680,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         except (KeyboardInterrupt, BrokenPipeError) as exc:
             save(it)  # every training step is in it (a sweep stopped half-way leaves valid indices)
             if ckpt_dir is not None and not quiet:
-                why = "stdout's reader closed" if isinstance(exc, BrokenPipeError) else "interrupted"
-                print(f"\n{why} after step {it}, in the work after training: checkpoint saved to {ckpt_dir}",
-                      file=sys.stderr if isinstance(exc, BrokenPipeError) else sys.stdout)
+                _say_stopped(exc, f"after step {it}, in the work after training: checkpoint saved to {ckpt_dir}")
             raise
     items_per_second = prog.items_per_second  # over the whole call, sweeps after training included
     prog.close()

@@ -127,8 +127,8 @@ def test_the_batcher_keeps_only_the_pixels_with_a_target_and_looks_them_up():
     assert len(sparse) == int(torch.isfinite(dense).sum()) and bool((sparse.ids[1:] > sparse.ids[:-1]).all())
     assert torch.equal(torch.isnan(sparse.dense()), torch.isnan(dense))
     assert torch.equal(sparse.dense()[torch.isfinite(dense)], dense[torch.isfinite(dense)])
-    batcher.set_depth_targets(sparse.ids, sparse.distances)
-    assert batcher.depth_targets[0].numel() == int(torch.isfinite(dense).sum())
+    assert sparse.pixel_map is None  # 10 % of the pixels: the list is the smaller form
+    sparse.give_to(batcher)
     flat = torch.randint(0, batcher.num_rays, (5000,), generator=torch.Generator().manual_seed(1))
     got, want = batcher.depth_targets_for(flat), dense.reshape(-1)[flat] * ds.normalization.scale
     assert torch.equal(torch.isnan(got), torch.isnan(want))
@@ -142,6 +142,60 @@ def test_the_batcher_keeps_only_the_pixels_with_a_target_and_looks_them_up():
         batcher.set_depth_targets(torch.tensor([5, 3]), torch.ones(2))
     with pytest.raises(ValueError, match="2 pixel ids for 1"):
         batcher.set_depth_targets(torch.tensor([3, 5]), torch.ones(1))
+
+
+@pytest.mark.parametrize("share", [0.0, 0.2, 0.34, 0.6, 1.0])
+def test_depth_targets_keep_the_smaller_form_and_both_forms_look_up_alike(share):
+    """A map of every pixel from a third of them with a target (4 bytes a pixel against 12 a target),
+    the list below; built from either form, looked up by the batcher in either, against brute force."""
+    from vqad.nerf.depth_prior import DENSE_SHARE
+    from vqad.nerf.rays import RayBatcher
+
+    ds = load_dataset("procedural")
+    batcher = RayBatcher(ds.splits["train"], ds, "cpu")
+    gen = torch.Generator().manual_seed(int(share * 100))
+    dense = torch.rand(batcher.N, batcher.H, batcher.W, generator=gen) * 3 + 1
+    dense[torch.rand(dense.shape, generator=gen) >= share] = float("nan")
+    dense.view(-1)[:7] = torch.tensor([float("inf"), -float("inf"), float("nan"), 2.0, 2.5, float("nan"), 1.5])
+    finite = torch.isfinite(dense)
+    from_map = DepthTargets.from_dense(dense)
+    ids = torch.nonzero(finite.reshape(-1))[:, 0]
+    from_list = DepthTargets.of(tuple(dense.shape), ids, dense.reshape(-1)[ids])
+    as_map = int(finite.sum()) >= DENSE_SHARE * dense.numel()
+    flat = torch.randint(0, batcher.num_rays, (4000,), generator=gen)
+    want = torch.where(finite.reshape(-1), dense.reshape(-1), float("nan"))[flat] * ds.normalization.scale
+    for t in (from_map, from_list):
+        assert len(t) == int(finite.sum()) and (t.pixel_map is not None) == as_map and (t.ids is None) == as_map
+        assert torch.equal(torch.isnan(t.dense()), ~finite)
+        assert torch.equal(t.dense()[finite], dense[finite])
+        t.give_to(batcher)
+        assert batcher.has_depth_targets
+        got = batcher.depth_targets_for(flat)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(got[~torch.isnan(got)], want[~torch.isnan(want)])
+    with pytest.raises(ValueError, match="depth map of shape"):
+        batcher.set_depth_map(dense[:1])
+    with pytest.raises(ValueError, match="a map of"):
+        DepthTargets.of((2, 3, 4), pixel_map=torch.zeros(23))
+
+
+def test_depth_maps_give_each_pixel_with_a_hit_its_ray_distance():
+    """Depth maps' targets (z-depth times each pixel's ray length per unit z), in the form their share
+    picks, against brute force view by view."""
+    from vqad.nerf.depth_prior import DENSE_SHARE
+    from vqad.nerf.rays import camera_directions, pixel_centers
+
+    proc = load_dataset("procedural")
+    t = depth_targets(proc, "capture")
+    views = proc.splits["train"]
+    H, W = views.hw
+    assert (t.pixel_map is not None) == (len(t) >= DENSE_SHARE * len(views) * H * W)
+    assert len(t) == int((views.depth > 0).sum())
+    for n in (0, len(views) - 1):
+        per_z = camera_directions(views.intrinsics[n].float(), pixel_centers(H, W)).norm(dim=-1).view(H, W)
+        z = views.depth[n].float()
+        want = torch.where(z > 0, z * per_z, float("nan"))
+        assert torch.equal(torch.isnan(t.dense()[n]), torch.isnan(want))
+        assert torch.allclose(t.dense()[n][z > 0], want[z > 0])
 
 
 def test_depth_source_resolves_and_says_what_a_capture_lacks():

@@ -51,43 +51,86 @@ RIM_WINDOW = 1  # a point with a point this much farther within this many pixels
 DEPTH_TOLERANCE = 0.05
 
 
+#: the share of a split's pixels with a target from which a map of every pixel (4 bytes a pixel) is smaller
+#: than the list of those pixels and their distances (12 bytes a target)
+DENSE_SHARE = 1 / 3
+
+
 @dataclass(frozen=True)
 class DepthTargets:
-    """Depth targets of a split's ``N × H × W`` pixels, kept only for the pixels that have one (a few
-    percent of them from sparse points: a dense map would cost 4 bytes a pixel, more than the images).
+    """Depth targets of a split's ``N × H × W`` pixels, in whichever form is smaller: the pixels that have
+    one and their distances (sparse points give a few percent of the pixels one), or a map of every pixel
+    (depth maps give nearly all of them one: 4 bytes a pixel where the list would take 12 a target,
+    7.5 GB for 300 photos of 1920 × 1080). :meth:`of` picks the form (:data:`DENSE_SHARE`).
 
     Attributes:
-        ids: ``(K,)`` int64 flat pixel ids ``view·H·W + row·W + col``, ascending.
-        distances: ``(K,)`` float32 world ray distances from the camera.
         shape: ``(N, H, W)``.
+        ids: ``(K,)`` int64 flat pixel ids ``view·H·W + row·W + col``, ascending (the list form), or None.
+        distances: ``(K,)`` float32 world ray distances from the camera (the list form), or None.
+        pixel_map: ``(N·H·W,)`` float32 world ray distances, NaN where a pixel has no target (the map form), or None.
+        count: K, the pixels with a target.
     """
 
-    ids: torch.Tensor
-    distances: torch.Tensor
     shape: tuple[int, int, int]
+    ids: torch.Tensor | None
+    distances: torch.Tensor | None
+    pixel_map: torch.Tensor | None
+    count: int
+
+    @classmethod
+    def of(cls, shape: tuple[int, int, int], ids: torch.Tensor | None = None, distances: torch.Tensor | None = None,
+           pixel_map: torch.Tensor | None = None) -> "DepthTargets":
+        """From the list form (``ids``, ``distances``) or the map form (``pixel_map``, NaN or any non-finite value
+        where a pixel has no target, any shape of ``N·H·W`` elements), kept in the smaller form."""
+        pixels = shape[0] * shape[1] * shape[2]
+        if pixel_map is not None:
+            pixel_map = pixel_map.reshape(-1).float()
+            if pixel_map.numel() != pixels:
+                raise ValueError(f"depth targets: a map of {pixel_map.numel()} pixels for {shape}")
+            finite = torch.isfinite(pixel_map)
+            count = int(finite.sum())
+            if count >= DENSE_SHARE * pixels:
+                return cls(tuple(shape), None, None, pixel_map.masked_fill_(~finite, float("nan")), count)
+            ids = torch.nonzero(finite)[:, 0]
+            return cls(tuple(shape), ids, pixel_map[ids], None, count)
+        ids, distances = ids.reshape(-1).long(), distances.reshape(-1).float()
+        if ids.shape != distances.shape:
+            raise ValueError(f"depth targets: {ids.numel()} pixel ids for {distances.numel()} distances")
+        if ids.numel() >= DENSE_SHARE * pixels:
+            dense = torch.full((pixels,), float("nan"))
+            dense[ids] = distances
+            return cls(tuple(shape), None, None, dense, int(ids.numel()))
+        return cls(tuple(shape), ids, distances, None, int(ids.numel()))
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor) -> "DepthTargets":
         """From ``(N, H, W)`` distances, NaN (or any non-finite value) where a pixel has no target."""
-        flat = dense.reshape(-1)
-        ids = torch.nonzero(torch.isfinite(flat))[:, 0]
-        return cls(ids, flat[ids].float(), tuple(dense.shape))
+        return cls.of(tuple(dense.shape), pixel_map=dense.clone())
 
     def dense(self) -> torch.Tensor:
-        """``(N, H, W)`` float32, NaN where a pixel has no target (for tests and small captures)."""
+        """``(N, H, W)`` float32, NaN where a pixel has no target."""
+        if self.pixel_map is not None:
+            return self.pixel_map.view(self.shape)
         out = torch.full((self.shape[0] * self.shape[1] * self.shape[2],), float("nan"))
         out[self.ids] = self.distances
         return out.view(self.shape)
 
+    def give_to(self, batcher) -> None:
+        """Hand the targets to a :class:`vqad.nerf.rays.RayBatcher` of the same split, in their form."""
+        if self.pixel_map is not None:
+            batcher.set_depth_map(self.pixel_map.view(self.shape))
+        else:
+            batcher.set_depth_targets(self.ids, self.distances)
+
     def __len__(self) -> int:
-        return int(self.ids.numel())
+        return self.count
 
 
 def _gather(ids: list[torch.Tensor], dist: list[torch.Tensor], shape: tuple[int, int, int]) -> DepthTargets:
     """Per view, ascending ids and their distances, views in order: one :class:`DepthTargets`."""
     if not ids:
-        return DepthTargets(torch.zeros(0, dtype=torch.long), torch.zeros(0), shape)
-    return DepthTargets(torch.cat(ids), torch.cat(dist).float(), shape)
+        return DepthTargets.of(shape, torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    return DepthTargets.of(shape, torch.cat(ids), torch.cat(dist))
 
 
 def points_depth_targets(points: torch.Tensor, views: Views, margin: float = OCCLUSION_MARGIN,
@@ -147,15 +190,13 @@ def capture_depth_targets(views: Views) -> DepthTargets:
         raise ValueError("capture_depth_targets: the views have no depth")
     N, (H, W) = len(views), views.hw
     uv = pixel_centers(H, W)
-    ids, dist = [], []
+    dist = torch.empty(N, H * W)  # one map, filled view by view: no per-view lists to join
     for n in range(N):
         k = views.distortion[n].float() if views.distortion is not None else None
         per_z = camera_directions(views.intrinsics[n].float(), uv, k).norm(dim=-1)  # ray distance per unit z
         z = views.depth[n].float().reshape(-1)
-        at = torch.nonzero(z > 0)[:, 0]
-        ids.append(at + n * H * W)
-        dist.append(z[at] * per_z[at])
-    return _gather(ids, dist, (N, H, W))
+        torch.where(z > 0, z * per_z, torch.tensor(float("nan")), out=dist[n])
+    return DepthTargets.of((N, H, W), pixel_map=dist)
 
 
 def depth_spread_loss(weights: torch.Tensor, t_mid: torch.Tensor, ray_indices: torch.Tensor,

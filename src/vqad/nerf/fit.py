@@ -263,7 +263,7 @@ def fit_nerf(
             if not quiet:
                 print("depth loss: off (auto: no sparse point outside the central box gives a training pixel a target)")
     if targets is not None:
-        batcher.set_depth_targets(targets.ids, targets.distances)
+        targets.give_to(batcher)
         if not quiet:
             share = len(targets) / batcher.num_valid
             source = "depth maps" if depth_source(dataset, train_cfg.depth_from) == "capture" else "sparse points"

@@ -237,8 +237,10 @@ class RayBatcher:
         self.norm = dataset.normalization
         self.near, self.far = float(dataset.near), float(dataset.far)
         self.background = tuple(float(c) for c in dataset.background)
-        # the depth loss's targets, only the pixels that have one: sorted flat ids (K,) and unit-cube ray distances (K,)
-        self.depth_targets: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the depth loss's targets as unit-cube ray distances: the pixels that have one, sorted flat ids (K,) int32
+        # (int64 past 2^31 pixels) and their distances (K,); or a map (N·H·W,), NaN where a pixel has none
+        self._depth_list: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._depth_map: torch.Tensor | None = None
         # (N, H, W) bool loss masks, or None (none, or keeping every pixel): :attr:`kept` is built from them when asked
         self._valid = views.valid if views.valid is not None and not bool(views.valid.all()) else None
         self._kept: KeptPixels | None = None
@@ -246,24 +248,42 @@ class RayBatcher:
         self.composited = views.composited  # the reader composited the photos on the background the camera never saw
 
     def set_depth_targets(self, ids: torch.Tensor, distances: torch.Tensor) -> None:
-        """Targets of :meth:`depth_targets_for`: ``ids (K,)`` ascending flat pixel ids, ``distances (K,)``
-        their world ray distances (:class:`vqad.nerf.depth_prior.DepthTargets`)."""
+        """Targets of :meth:`depth_targets_for` as a list: ``ids (K,)`` ascending flat pixel ids, ``distances (K,)``
+        their world ray distances (:class:`vqad.nerf.depth_prior.DepthTargets`, which picks this or :meth:`set_depth_map`)."""
         ids, distances = ids.reshape(-1).long(), distances.reshape(-1).float()
         if ids.shape != distances.shape:
             raise ValueError(f"depth targets: {ids.numel()} pixel ids for {distances.numel()} distances")
         if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= self.num_rays or not bool((ids[1:] > ids[:-1]).all())):
             raise ValueError(f"depth targets: pixel ids must be ascending in [0, {self.num_rays}) "
                              f"({self.N} views of {self.H}x{self.W})")
-        self.depth_targets = (ids.to(self.device), (distances * self.norm.scale).to(self.device))
+        small = torch.int32 if self.num_rays < 2**31 else torch.int64
+        self._depth_list = (ids.to(small).to(self.device), (distances * self.norm.scale).to(self.device))
+        self._depth_map = None
+
+    def set_depth_map(self, distances: torch.Tensor) -> None:
+        """Targets of :meth:`depth_targets_for` as a map: ``distances (N, H, W)`` world ray distances, NaN (or any
+        non-finite value) where a pixel has none."""
+        if tuple(distances.shape) != (self.N, self.H, self.W):
+            raise ValueError(f"depth map of shape {tuple(distances.shape)} for {self.N} views of {self.H}x{self.W}")
+        unit = distances.reshape(-1).to(self.device, torch.float32) * self.norm.scale
+        self._depth_map = unit.masked_fill_(~torch.isfinite(unit), float("nan"))
+        self._depth_list = None
+
+    @property
+    def has_depth_targets(self) -> bool:
+        """Whether :meth:`set_depth_targets` or :meth:`set_depth_map` gave the loss its targets."""
+        return self._depth_list is not None or self._depth_map is not None
 
     def depth_targets_for(self, flat: torch.Tensor) -> torch.Tensor:
         """``(n,)`` unit-cube ray distances of flat pixel ids' targets (NaN: none)."""
-        if self.depth_targets is None:
-            raise ValueError("no depth targets: call set_depth_targets first")
-        ids, dist = self.depth_targets
+        if self._depth_map is not None:
+            return self._depth_map[flat]
+        if self._depth_list is None:
+            raise ValueError("no depth targets: call set_depth_targets or set_depth_map first")
+        ids, dist = self._depth_list
         if ids.numel() == 0:
             return torch.full(flat.shape, float("nan"), device=flat.device)
-        pos = torch.searchsorted(ids, flat).clamp_(max=ids.numel() - 1)
+        pos = torch.searchsorted(ids, flat.to(ids.dtype)).clamp_(max=ids.numel() - 1)
         return torch.where(ids[pos] == flat, dist[pos], torch.full_like(dist[pos], float("nan")))
 
     @property

@@ -198,9 +198,9 @@ class RadianceTask(FitTask):
         self.mlp_dtype = resolve_mlp_precision(cfg.mlp_precision, batcher.device)  # None: fp32
         self.early_stop_eps = auto_early_stop(cfg.early_stop_eps, sampler.outer_scale)
         # 'auto' follows the scene where the batcher holds targets (fit_nerf resolves it before setting them)
-        self.depth_weight = auto_depth_weight(cfg.depth_weight, sampler.outer_scale, batcher.depth_targets is not None)
-        if self.depth_weight > 0 and batcher.depth_targets is None:
-            raise ValueError("RadianceTask: depth_weight > 0 needs the batcher's depth targets (set_depth_targets)")
+        self.depth_weight = auto_depth_weight(cfg.depth_weight, sampler.outer_scale, batcher.has_depth_targets)
+        if self.depth_weight > 0 and not batcher.has_depth_targets:
+            raise ValueError("RadianceTask: depth_weight > 0 needs the batcher's depth targets (DepthTargets.give_to)")
         # each training view's exposure and white balance (vqad.nerf.appearance), or None
         self.appearance = (ViewAppearance(batcher.N, batcher.device, active=batcher.views_with_pixels())
                            if cfg.appearance == "affine" else None)

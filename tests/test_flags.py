@@ -39,6 +39,10 @@ TINY = ["--levels", "2:3", "--features", "4", "--batch", "512", "--hidden", "16"
     (["--grid", "dense", "--refine", "2"], "--refine applies to grids with discrete indices"),
     (["--grid", "hash", "--refine-samples", "1000"], "--refine-samples applies to grids with discrete indices"),
     (["--grid", "dense", "--logit-lr-scale", "100"], "--logit-lr-scale applies to grids with discrete indices"),
+    (["--refine", "0", "--refine-samples", "5000"], "--refine-samples sizes the index-refinement sweeps after training, "
+                                                    "which --refine 0 turns off: give --refine N"),
+    (["--refine", "0", "--refine-samples", "5000", "--refine-candidates", "3"],
+     "--refine-samples and --refine-candidates size the index-refinement sweeps"),
 ])
 def test_fit_sdf_refuses_flags_that_cannot_apply(tmp_path, capsys, mesh, args, message):
     out = tmp_path / "run"
@@ -55,6 +59,8 @@ def test_fit_sdf_refuses_flags_that_cannot_apply(tmp_path, capsys, mesh, args, m
     (["--octree-from", "x", "--dilate", "2"], "--octree-from reuses an earlier fit's octree"),
     (["--octree", "depth", "--density-steps", "5"], "--density-steps / --density-minutes bound the density pass"),
     (["--density-steps", "5"], "this capture's octree comes from its depth maps"),
+    (["--refine-rays", "100"], "--refine-rays sizes the index-refinement sweeps after training, which --refine 0 "
+                               "turns off (the default here): give --refine N"),
 ])
 def test_fit_nerf_refuses_flags_that_cannot_apply(tmp_path, capsys, args, message):
     out = tmp_path / "run"

@@ -372,6 +372,11 @@ def test_a_model_over_the_memory_limit_is_refused_before_it_is_built(full_octree
     assert F.load(data, lod=5, max_memory=need - 1).lods == [2, 3, 4, 5]  # coarser LODs still decode
     with pytest.raises(StreamLimitError):
         list(F.iter_lods(data, max_memory=need - 1))
+    import vqad
+
+    with pytest.raises(StreamLimitError):  # the package's load passes it on, as format.md says
+        vqad.load(data, max_memory=need - 1)
+    assert vqad.load(data, lod=5, max_memory=need - 1).lods == [2, 3, 4, 5]
     os.environ[F.MAX_MEMORY_ENV] = str(need - 1)
     try:
         with pytest.raises(StreamLimitError):

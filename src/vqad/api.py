@@ -11,11 +11,13 @@ from vqad.device import resolve_device
 from vqad.errors import InputError
 
 
-def load(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None):
+def load(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None,
+         max_memory: int | None = None):
     """Load a field from a checkpoint directory, a ``.vqad`` file, ``bytes`` or a binary stream.
 
-    For a .vqad source, ``max_bytes`` uses only the first N bytes and ``lod`` stops decoding at that
-    level of detail (one of the file's LODs: an :class:`InputError` otherwise); the field returned holds
+    For a .vqad source, ``max_bytes`` uses only the first N bytes, ``lod`` stops decoding at that
+    level of detail (one of the file's LODs: an :class:`InputError` otherwise) and ``max_memory`` bounds
+    what decoding a LOD may take (:func:`vqad.fileformat.load`); the field returned holds
     the largest complete LOD available. A checkpoint
     directory always holds every LOD: there ``lod`` must be one of them (an :class:`InputError`
     otherwise) and the field is returned whole (evaluate a LOD with ``field(x, lod)``).
@@ -28,6 +30,8 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
         if path.is_dir():
             if max_bytes is not None:
                 raise InputError("--bytes applies to .vqad files only: export the checkpoint first (vqad export)")
+            if max_memory is not None:
+                raise InputError("max_memory bounds the decoding of .vqad files: a checkpoint directory is read whole")
             from vqad.checkpoint import load_checkpoint
 
             field = load_checkpoint(path, device)[0]
@@ -36,7 +40,7 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
             return field
     from vqad import fileformat
 
-    return fileformat.load(source, device=device, lod=lod, max_bytes=max_bytes)
+    return fileformat.load(source, device=device, lod=lod, max_bytes=max_bytes, max_memory=max_memory)
 
 
 __all__ = ["load", "io"]

@@ -138,7 +138,7 @@ METHOD_SPEC_HELP = (
     "and refined to loss + λ × bits: one point per b and per λ of --rate-weights; default 4,6,8); "
     "hash:T (table bits, default 10,12,14,16); kmeans:b (post hoc, default 4,6); lowrank:r (post hoc, r < k, "
     "default k/4,k/2); draco-input:q and draco-mc:q (meshes only: Draco quantization bits, default 8,10,12,14). "
-    "Default: all of them but codebook-norefine"
+    "Default: all of them but codebook-norefine and codebook-rate (Draco only for meshes)"
 )
 
 

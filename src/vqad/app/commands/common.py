@@ -350,6 +350,16 @@ def train_overrides(args, names, index_flags: dict[str, str], storage: str) -> d
     return {k: (None if k.endswith("lr_scale") and k != "grid_lr_scale" and v == 0 else v) for k, v in over.items()}
 
 
+def refuse_sweep_sizes_without_sweeps(args, train, flags: dict[str, str]) -> None:
+    """``flags`` (name → flag) size the index-refinement sweeps after training: refused where ``train.refine``
+    is 0 (given, the checkpoint's, or the command's default), since they would do nothing."""
+    named = [flag for name, flag in flags.items() if getattr(args, name, None) is not None]
+    refuse(bool(named) and train.refine == 0,
+           f"{' and '.join(named)} {'size' if len(named) > 1 else 'sizes'} the index-refinement sweeps after training, "
+           f"which --refine 0 turns off" + (" (the default here)" if getattr(args, "refine", None) is None else "")
+           + ": give --refine N to run them")
+
+
 def config_from(cls, saved: dict | None, default):
     """``default`` (a config instance), or on resume the checkpoint's ``saved`` dict for ``cls``
     (unknown keys refused; missing ones from ``cls.ABSENT_MEANS`` where it names them, the value such an

@@ -12,7 +12,7 @@ from pathlib import Path
 from vqad.errors import InputError
 from vqad.app.commands.common import (already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir, given,
                                       check_resumed_source, fresh_output_dir, grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
-                                      train_overrides)
+                                      refuse_sweep_sizes_without_sweeps, train_overrides)
 from vqad.atomicio import write_atomic
 from vqad.fit import Deadline
 
@@ -305,6 +305,7 @@ def _configs(args, saved: dict | None = None):
                              f"from another vqad version; start a new fit") from None
     train = replace(train, **over)
     train.validate()
+    refuse_sweep_sizes_without_sweeps(args, train, {"refine_rays": "--refine-rays"})
     refuse(args.depth_from is not None and train.depth_weight == 0,
            "--depth-from picks the depth loss's targets: it applies with --depth-weight > 0")
     if args.eval_max_views is not None and args.eval_max_views <= 0:

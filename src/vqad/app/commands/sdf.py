@@ -12,7 +12,7 @@ from vqad.app.commands.common import (already_complete, fit_output_dir, path_arg
                                       config_flag, config_from,
                                       ensure_writable_file, given, grid_config, load_model, parse_lod, refuse, train_overrides,
                                       check_resumed_source, report_notes, report_skipped_steps,
-                                      resumed_configs)
+                                      refuse_sweep_sizes_without_sweeps, resumed_configs)
 from vqad.atomicio import write_atomic
 from vqad.fit import Deadline
 from vqad.sdf.evaluate import evaluate_sdf
@@ -128,6 +128,8 @@ def _configs(args, saved: dict | None = None, train_cls=None, train_flags=SDF_TR
     if saved is None:
         train = train.resolved(grid)
     train.validate()
+    refuse_sweep_sizes_without_sweeps(args, train, {"refine_samples": "--refine-samples",
+                                                    "refine_candidates": "--refine-candidates"})
     dec.validate()
     return grid, dec, train
 

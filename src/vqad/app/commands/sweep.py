@@ -74,7 +74,8 @@ def register(sub) -> None:
                         "swept; 0: none)")
     p.add_argument("--rate-weights", metavar="L1,L2,...",
                    help="λ values of the codebook-rate points, e.g. 3e-4,3e-3 (each b is fitted at each λ; λ > 0; "
-                        "default 3e-4,1e-3,3e-3; only with codebook-rate in --methods)")
+                        "default: a mesh 1e-7,3e-7,1e-6, a radiance field 3e-4,1e-3,3e-3; only with codebook-rate in "
+                        "--methods)")
     p.add_argument("--rate-context", action="store_true",
                    help="codebook-rate points estimate the rate given the coarser level's index (fit-sdf "
                         "--rate-context; only with codebook-rate in --methods)")

@@ -296,7 +296,7 @@ def test_detection_and_its_errors(tmp_path):
         read_sequence(tmp_path / "nothing")
     with pytest.raises(InputError, match="unknown RGB-D format"):
         read_sequence(tmp_path / "empty", format="kinectfusion")
-    with pytest.raises(InputError, match="depth_scale does not apply to a procedural sequence"):
+    with pytest.raises(InputError, match=r"depth_scale \(--depth-scale\) does not apply to a procedural sequence"):
         read_sequence("procedural", depth_scale=1000)
 
 
@@ -308,14 +308,16 @@ def _write_exr(path, channels: dict) -> None:
     OpenEXR.File(header, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in channels.items()}).write(str(path))
 
 
-def test_rtmv_sequence_matches_the_nerf_reader(tmp_path, sphere_scan):
+def test_rtmv_sequence_matches_the_nerf_reader(tmp_path):
     """RTMV's layout (EXR *ray distance*, OpenGL cam2world stored transposed, pixel centres at ½)
-    written from an exact scan: the RGB-D reader gives back its z-depth and OpenCV poses, and agrees
-    with vqad.nerf's RTMV reader (an independent conversion) on depth and poses."""
+    written from an exact scan (the procedural scene's: no Open3D needed, so this runs everywhere):
+    the RGB-D reader gives back its z-depth and OpenCV poses, agrees with vqad.nerf's RTMV reader (an
+    independent conversion) on depth and poses, and fit-tsdf reads it."""
     from vqad.nerf.formats.common import srgb_to_linear
     from vqad.nerf.formats.rtmv import read_rtmv
+    from vqad.tsdf.synth import procedural_sequence
 
-    seq = sphere_scan[0]
+    seq = procedural_sequence(n_frames=6, width=64, height=48, noise=DepthNoise.none())
     K = seq.intrinsics
     root = tmp_path / "rtmv"
     root.mkdir()
@@ -342,8 +344,14 @@ def test_rtmv_sequence_matches_the_nerf_reader(tmp_path, sphere_scan):
     nerf = read_rtmv(root).splits["train"]  # the first 4 of 6 views
     assert np.allclose(nerf.c2w.double().numpy(), back.poses[:4] @ GL_TO_CV, atol=1e-6)
     assert np.allclose(nerf.depth.float().numpy(), np.stack([back.depth(i) for i in range(4)]), atol=2e-3)
-    with pytest.raises(InputError, match="depth_scale does not apply to a rtmv sequence"):
+    with pytest.raises(InputError, match=r"depth_scale \(--depth-scale\) does not apply to a rtmv sequence: its depth is stored as floats"):
         read_sequence(root, depth_scale=1000.0)
+    from vqad.app.cli import main
+
+    out = tmp_path / "fit"
+    assert main(["fit-tsdf", str(root), "--out", str(out), "--steps", "3", "--batch", "256", "--levels", "2:3",
+                 "--refine", "0", "--no-eval", "--threads", "1", "--quiet"]) == 0  # the CLI's path to the reader
+    assert (out / "model.vqad").exists()
     (root / "00003.depth.exr").unlink()
     with pytest.raises(InputError, match="00003.depth.exr not found"):
         read_rtmv_sequence(root)
@@ -511,3 +519,36 @@ def test_cli_synth_rgbd_mesh_tum(tmp_path, capsys):
     assert len(seq) == 4 and (out / "gt_mesh.ply").is_file()
     gt = trimesh.load(out / "gt_mesh.ply")
     assert np.isclose(np.ptp(gt.vertices, axis=0).max(), 0.5)
+
+
+def test_redwood_frames_follow_their_numbers_and_the_cli_picks_a_trajectory_and_intrinsics(tmp_path):
+    """Frames named 1.png … 11.png pair with the trajectory's poses in numeric order (not 1, 10, 11, 2, …);
+    hidden ._NAME copies are no frames; --trajectory and --intrinsics FILE.json pick among several files."""
+    import shutil
+
+    from vqad.app.cli import main
+    from vqad.tsdf.synth import procedural_sequence, write_redwood
+
+    seq = procedural_sequence(n_frames=11, width=40, height=30, noise=DepthNoise.none())
+    root = write_redwood(seq, tmp_path / "r")
+    for sub in ("depth", "color"):
+        for i in range(11):
+            (root / sub / f"{i:06d}.png").rename(root / sub / f"{i + 1}.png")
+        shutil.copy(root / sub / "2.png", root / sub / "._2.png")  # macOS metadata beside each frame
+    back = read_redwood(root)
+    assert len(back) == 11
+    for i in (1, 2, 9, 10):  # 2.png is frame 1, 10.png frame 9: each with its own pose
+        assert np.array_equal(back.poses[i], read_redwood(write_redwood(seq, tmp_path / f"p{i}")).poses[i])
+        assert np.abs(back.depth(i) - seq.depth(i)).max() < 1e-3
+    shutil.copy(root / "trajectory.log", root / "other.log")
+    shutil.copy(root / "camera_intrinsic.json", root / "other.json")
+    with pytest.raises(InputError, match=r"several \*.log files .*\(--trajectory NAME\)"):
+        read_redwood(root)
+    out = tmp_path / "fit"
+    assert main(["fit-tsdf", str(root), "--trajectory", "other.log", "--intrinsics", "other.json", "--out", str(out),
+                 "--steps", "2", "--batch", "256", "--levels", "2:3", "--refine", "0", "--no-eval", "--threads", "1",
+                 "--quiet"]) == 0
+    assert main(["fit-tsdf", "procedural", "--trajectory", "x.log", "--out", str(tmp_path / "f2"), "--steps", "2",
+                 "--quiet"]) == 2  # only a Redwood folder has trajectories to choose from
+    assert main(["fit-tsdf", str(root), "--format", "procedural", "--out", str(tmp_path / "f3"), "--steps", "2",
+                 "--quiet"]) == 2  # the built-in scene is no folder

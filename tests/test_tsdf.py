@@ -216,3 +216,99 @@ def test_cli_fit_tsdf_missing_source_exits_2(tmp_path, capsys):
 
     assert main(["fit-tsdf", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")] + FAST) == 2
     assert "vqad: error:" in capsys.readouterr().err
+
+
+# -- a hostile pass's findings (twenty-third session) ----------------------------------------------------
+TINY_TSDF = ["--levels", "2:3", "--steps", "3", "--batch", "256", "--refine", "0", "--threads", "1", "--quiet"]
+
+
+def test_a_sequence_without_colour_is_refused_before_fusion_and_a_failed_fusion_does_not_block_the_rerun(
+        tmp_path, capsys):
+    """--color on depth-only frames is refused before anything is fused or written; a folder an earlier
+    fit-tsdf left with only fused.tsdf (a failure after fusion) takes the rerun; a new fit replacing an
+    earlier one says so and removes its evaluation's files."""
+    from vqad.app.cli import main
+    from vqad.tsdf.rgbd import RGBDSequence
+    from vqad.tsdf.synth import DepthNoise, procedural_sequence, write_redwood
+
+    seq = procedural_sequence(n_frames=4, width=40, height=30, noise=DepthNoise.none())
+    depth_only = write_redwood(RGBDSequence(seq.name, seq.intrinsics, seq.poses, seq.width, seq.height,
+                                            seq.load_depth), tmp_path / "d")
+    out = tmp_path / "o"
+    assert main(["fit-tsdf", str(depth_only), "--color", "--out", str(out)] + TINY_TSDF) == 2
+    assert "has no colour frames" in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    (out / "fused.tsdf").write_bytes(b"left by a fit that failed after fusing")
+    assert main(["fit-tsdf", str(depth_only), "--out", str(out), "--no-eval"] + TINY_TSDF) == 0
+    (out / "mesh_lod3.ply").write_text("an earlier evaluation's mesh")
+    (out / "render_lod2.png").write_text("and render")
+    capsys.readouterr()
+    assert main(["fit-tsdf", str(depth_only), "--out", str(out), "--no-eval"] + TINY_TSDF) == 0
+    assert "replacing the earlier fit" in capsys.readouterr().err
+    assert not (out / "mesh_lod3.ply").exists() and not (out / "render_lod2.png").exists()
+
+
+def test_a_ground_truth_mesh_in_other_units_or_elsewhere_is_refused_before_the_fit(procedural_scan, tmp_path,
+                                                                                 capsys):
+    import trimesh
+
+    from vqad.app.cli import main
+
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    for name, scale, shift, words in [("mm", 1000.0, 0.0, "the size of the fused scene's"),
+                                      ("far", 1.0, 50.0, "misses the fused scene's")]:
+        m = sphere.copy()
+        m.apply_scale(scale)
+        m.apply_translation([shift, 0, 0])
+        m.export(tmp_path / f"{name}.ply")
+        out = tmp_path / f"o_{name}"
+        assert main(["fit-tsdf", str(procedural_scan), "--gt", str(tmp_path / f"{name}.ply"),
+                     "--out", str(out)] + TINY_TSDF) == 2
+        err = capsys.readouterr().err
+        assert words in err and "units (m) and world frame" in err and not (out / "checkpoint").exists()
+
+
+def test_fusion_refuses_an_absurd_truncation_and_dense_grids_take_refine_0(procedural_scan, tmp_path, capsys):
+    from vqad.app.cli import main
+    from vqad.tsdf.fusion import MAX_TRUNC_VOXELS
+
+    assert main(["fit-tsdf", str(procedural_scan), "--voxel", "0.01", "--trunc", str(0.01 * (MAX_TRUNC_VOXELS + 1)),
+                 "--out", str(tmp_path / "t")] + TINY_TSDF) == 2
+    assert "voxels of 0.01: every depth sample would carve" in capsys.readouterr().err
+    assert main(["fit-tsdf", str(procedural_scan), "--grid", "dense", "--no-eval", "--out", str(tmp_path / "d")]
+                + TINY_TSDF) == 0  # --refine 0 means none: it applies to any grid
+
+
+def test_synth_rgbd_refuses_sequences_nothing_can_be_fitted_to(tmp_path, capsys):
+    from vqad.app.cli import main
+
+    assert main(["synth-rgbd", "procedural", "--out", str(tmp_path / "far"), "--frames", "3", "--size", "40x30",
+                 "--object-size", "100", "--threads", "1"]) == 2
+    assert "no frame has a depth sample" in capsys.readouterr().err and not (tmp_path / "far").exists()
+    assert main(["synth-rgbd", "procedural", "--out", str(tmp_path / "coarse"), "--frames", "3", "--size", "40x30",
+                 "--depth-scale", "0.5", "--threads", "1"]) == 2
+    assert "steps of 2 m" in capsys.readouterr().err
+
+
+def test_mesh_of_a_tsdf_file_at_a_lod_is_the_fits_own_mesh_and_a_resumed_fit_counts_its_own_steps(
+        procedural_scan, tmp_path, capsys):
+    """vqad mesh FILE.vqad --lod L decodes the whole file (a TSDF is meshed on its finest cells' lattice), so it
+    gives the checkpoint's mesh; a resumed fit's summary line counts the steps it ran."""
+    import trimesh
+
+    from vqad.app.cli import main
+
+    out = tmp_path / "o"
+    args = ["--levels", "2:4", "--batch", "256", "--refine", "0", "--threads", "1", "--quiet", "--no-eval"]
+    assert main(["fit-tsdf", str(procedural_scan), "--steps", "20", "--out", str(out)] + args) == 0
+    assert main(["mesh", str(out / "model.vqad"), "--lod", "3", "-o", str(tmp_path / "f.ply")]) == 0
+    assert main(["mesh", str(out / "checkpoint"), "--lod", "3", "-o", str(tmp_path / "c.ply")]) == 0
+    f, c = trimesh.load(tmp_path / "f.ply"), trimesh.load(tmp_path / "c.ply")
+    from scipy.spatial import cKDTree
+
+    assert len(f.vertices) == len(c.vertices)  # a prefix decoded to LOD 3 alone gave about a third of them
+    gap = max(cKDTree(c.vertices).query(f.vertices)[0].max(), cKDTree(f.vertices).query(c.vertices)[0].max())
+    assert gap < 0.005  # metres: the file's fp16 features against the checkpoint's fp32
+    capsys.readouterr()
+    assert main(["fit-tsdf", str(procedural_scan), "--steps", "30", "--resume", "--out", str(out)] + args) == 0
+    assert "fit: 10 steps (steps 21..30, resumed)" in capsys.readouterr().out

@@ -690,6 +690,8 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
                f"needs: this model is undertrained; give the job more --minutes (or resume it with --resume)")
         task.notes.insert(0, msg)
         print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+    elif timed_out:
+        task.notes.insert(0, f"the time cap (--minutes) stopped training after {it} of the {cfg.steps} steps asked")
     return LoopResult(
         steps=it, steps_done=it - start, seconds=time.perf_counter() - t0, extra_seconds=task.extra_seconds,
         items_per_second=items_per_second, final_loss=loss_val,

@@ -44,6 +44,10 @@ def _split_large(tris: np.ndarray, max_radius: float, rounds: int = 10) -> np.nd
     return np.concatenate(keep + [tris])
 
 
+#: (point, triangle) pairs one k-d tree query of :func:`point_mesh_distance` holds at once (~100 MB)
+QUERY_BUDGET = 4_000_000
+
+
 def point_mesh_distance(mesh: Mesh, points: np.ndarray, k: int = 16) -> np.ndarray:
     """Exact unsigned distance from each point ``(N, 3)`` to the surface of ``mesh``: ``(N,)`` float64.
 
@@ -84,15 +88,20 @@ def point_mesh_distance(mesh: Mesh, points: np.ndarray, k: int = 16) -> np.ndarr
     ball = best + float(radius.max())
     todo, kk = np.arange(n), min(k, len(tris))
     while len(todo):
-        dist, idx = tree.query(points[todo], k=kk, workers=torch.get_num_threads())
-        dist, idx = dist.reshape(len(todo), kk), idx.reshape(len(todo), kk)
-        inside = dist <= ball[todo, None]
-        cand = inside & (dist - radius[idx] <= best[todo, None])
-        row, col = np.nonzero(cand)
-        if len(row):
-            d = measure(todo[row], idx[row, col])
-            np.minimum.at(best, todo[row], d)
-        more = inside[:, -1] if kk < len(tris) else np.zeros(len(todo), bool)
+        more = np.zeros(len(todo), bool)
+        step = max(1, QUERY_BUDGET // kk)  # points a query takes at once: memory bounded whatever kk grows to
+        for at in range(0, len(todo), step):
+            part = todo[at:at + step]
+            dist, idx = tree.query(points[part], k=kk, workers=torch.get_num_threads())
+            dist, idx = dist.reshape(len(part), kk), idx.reshape(len(part), kk)
+            inside = dist <= ball[part, None]
+            cand = inside & (dist - radius[idx] <= best[part, None])
+            row, col = np.nonzero(cand)
+            if len(row):
+                d = measure(part[row], idx[row, col])
+                np.minimum.at(best, part[row], d)
+            if kk < len(tris):
+                more[at:at + step] = inside[:, -1]
         todo, kk = todo[more], min(4 * kk, len(tris))
     return best
 

@@ -92,7 +92,7 @@ def band_mask(fused) -> np.ndarray:
 
 def build_tsdf_field(fused, grid_cfg: GridConfig, dec_cfg: DecoderConfig, device, seed: int = 0,
                      color: bool = False) -> TSDFField:
-    """Octree of the near-surface voxels (every finest cell a band voxel overlaps, dilated by one cell),
+    """Octree of the near-surface voxels (every finest cell a band voxel overlaps, not dilated),
     grid and decoders on ``device``."""
     grid_cfg.validate()
     dec_cfg.validate()

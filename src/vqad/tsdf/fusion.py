@@ -428,6 +428,10 @@ def _merge_points(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order[new], inverse
 
 
+#: the widest truncation :func:`fuse` takes, in voxels (KinectFusion-style fusions use 3-10)
+MAX_TRUNC_VOXELS = 64
+
+
 def _check_geometry(voxel, trunc, block) -> tuple[float, float]:
     """``(voxel, trunc)`` as floats (``trunc=None``: :data:`TRUNC_VOXELS` voxels); raises
     :class:`InputError` unless voxel > 0 finite, trunc ≥ voxel finite, 1 ≤ block ≤ 16."""
@@ -575,6 +579,11 @@ def fuse(seq: RGBDSequence, voxel: float | None = None, trunc: float | None = No
     if voxel is None:
         voxel = default_voxel(seq, frames, max_depth)
     voxel, trunc = _check_geometry(voxel, trunc, block)
+    if trunc > MAX_TRUNC_VOXELS * voxel:
+        raise InputError(f"trunc {trunc:g} is {trunc / voxel:,.0f} voxels of {voxel:g}: every depth sample would carve "
+                         f"{2 * trunc / voxel:,.0f} voxels along its ray, and the fusion's memory grows with them; use at "
+                         f"most {MAX_TRUNC_VOXELS} voxels (--trunc {MAX_TRUNC_VOXELS * voxel:g}; {TRUNC_VOXELS}, the "
+                         f"default, is usual) or a larger --voxel")
     dev = resolve_device(device)
     W, H = int(seq.width), int(seq.height)
     fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]

@@ -505,7 +505,8 @@ def read_tum(path, depth_scale: float | None = None, K=None, max_dt: float = TUM
     for listing, paths in (("depth.txt", depth_paths), ("rgb.txt", color_paths)):
         for p in paths or []:
             if not p.is_file():
-                raise InputError(f"{p} is listed in {listing} but missing on disk; restore it or delete its line")
+                raise InputError(f"{p} is listed in {listing} but " + ("is a folder, not an image" if p.is_dir() else
+                                 "missing on disk") + "; restore it or delete its line")
     poses = np.stack([_tum_pose(grows[pose_of[i]], f"groundtruth.txt, time stamp {grows[pose_of[i]][0]}")
                       for i, _ in pairs])
     size = _image_size(depth_paths[0])
@@ -586,8 +587,17 @@ def write_log_trajectory(path: Path, poses: np.ndarray) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
+def _natural_key(p: Path) -> list:
+    """Sort key of a frame's file name with its numbers compared as numbers: 2.png before 10.png (zero-padded
+    names sort as before)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", p.name) if t]
+
+
 def _list_images(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    """The images in ``d`` in frame order (numbers in names compared as numbers), leaving out hidden files
+    (macOS's ``._NAME`` copies on foreign file systems)."""
+    return sorted((p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in _IMAGE_SUFFIXES), key=_natural_key)
 
 
 def _one(root: Path, pattern: str, what: str, given) -> Path | None:
@@ -599,7 +609,7 @@ def _one(root: Path, pattern: str, what: str, given) -> Path | None:
     found = sorted(root.glob(pattern))
     if len(found) > 1:
         raise InputError(f"{root} has several {pattern} files ({', '.join(p.name for p in found)}); say which {what} "
-                         "to use")
+                         f"to use" + (" (--trajectory NAME)" if what == "trajectory" else ""))
     return found[0] if found else None
 
 
@@ -642,7 +652,7 @@ def read_redwood(path, depth_scale: float | None = None, K=None, trajectory: str
         cands = [p for p in sorted(root.glob("*.json")) if "intrinsic_matrix" in p.read_text(errors="replace")]
         if len(cands) > 1:
             raise InputError(f"{root} has several intrinsics JSON files ({', '.join(p.name for p in cands)}); "
-                             "say which to use")
+                             "say which to use (--intrinsics FILE.json)")
         js = cands[0] if cands else None
     file_scale = None
     if js is not None:
@@ -673,7 +683,8 @@ def read_rtmv_sequence(path, depth_kind: str = "ray") -> RGBDSequence:
     (≥ 1000) → 0; colour from the linear EXR as sRGB on black. Poses go from RTMV's OpenGL axes to
     OpenCV, ``cx, cy`` from pixel-centre-at-½ to OpenCV's (−½). Units are RTMV's scene units.
     """
-    from vqad.nerf.formats.common import RTMV_DEPTH_INVALID, _image_to_srgb8, _read_rgba, read_exr_channels
+    from vqad.nerf.formats.common import _image_to_srgb8, _read_rgba, read_exr_channels
+    from vqad.nerf.formats.rtmv import RTMV_DEPTH_INVALID
     from vqad.nerf.formats.rtmv import _RTMV_JSON, _rtmv_c2w
 
     if depth_kind not in ("ray", "z"):

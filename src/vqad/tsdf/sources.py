@@ -17,6 +17,11 @@ def _readers() -> dict[str, Callable[..., RGBDSequence]]:
             "procedural": lambda path=None, **kw: procedural_sequence(**kw)}
 
 
+#: the reader arguments that vqad fit-tsdf's flags set, for messages
+CLI_FLAGS = {"depth_scale": "--depth-scale", "K": "--intrinsics", "intrinsics_file": "--intrinsics FILE.json",
+             "trajectory": "--trajectory"}
+
+
 def read_sequence(path, format: str = "auto", **kw) -> RGBDSequence:
     """Read an RGB-D sequence of any supported layout (``format`` one of :data:`FORMATS`).
 
@@ -27,6 +32,9 @@ def read_sequence(path, format: str = "auto", **kw) -> RGBDSequence:
     if format not in FORMATS:
         raise InputError(f"unknown RGB-D format {format!r}: use one of {', '.join(FORMATS)}")
     fmt = detect_sequence_format(path) if format == "auto" else format
+    if fmt == "procedural" and path is not None and str(path) != "procedural":
+        raise InputError(f"--format procedural is the built-in scene, not a folder: give 'procedural' as the source, "
+                         f"or another --format (auto detects it) to read {path}")
     if fmt != "procedural" and not Path(path).is_dir():
         raise InputError(f"{fmt} sequence folder not found: {path}")
     reader = _readers()[fmt]
@@ -34,6 +42,8 @@ def read_sequence(path, format: str = "auto", **kw) -> RGBDSequence:
     accepted = set(inspect.signature(target).parameters)
     extra = sorted(k for k, v in kw.items() if v is not None and k not in accepted)
     if extra:
-        raise InputError(f"{', '.join(extra)} does not apply to a {fmt} sequence (it takes {', '.join(sorted(accepted - {'path'}))})")
+        named = ", ".join(f"{k} ({CLI_FLAGS[k]})" if k in CLI_FLAGS else k for k in extra)
+        raise InputError(f"{named} does not apply to a {fmt} sequence"
+                         + (": its depth is stored as floats, in the scene's own units" if "depth_scale" in extra and fmt == "rtmv" else ""))
     kw = {k: v for k, v in kw.items() if v is not None}
     return reader(path, **kw)

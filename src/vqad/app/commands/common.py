@@ -93,12 +93,12 @@ def fit_output_dir(path: str | Path):
         raise
 
 
-def ensure_fit_dir(path: str | Path) -> Path:
-    """A fit's ``--out``: new, empty, or an earlier fit's (it holds ``checkpoint/`` or ``metrics.json``,
-    which the new fit replaces); a folder of other files (the capture's images, a home directory) is
-    refused (:func:`refuse_foreign_dir`). Then :func:`ensure_writable_dir`."""
+def ensure_fit_dir(path: str | Path, markers: tuple[str, ...] = ("checkpoint", "metrics.json")) -> Path:
+    """A fit's ``--out``: new, empty, or an earlier fit's (it holds one of ``markers``, ``checkpoint/`` or
+    ``metrics.json`` by default, which the new fit replaces); a folder of other files (the capture's images,
+    a home directory) is refused (:func:`refuse_foreign_dir`). Then :func:`ensure_writable_dir`."""
     path = Path(path)
-    refuse_foreign_dir(path, ("checkpoint", "metrics.json"), f"--out {path}", "fit")
+    refuse_foreign_dir(path, markers, f"--out {path}", "fit")
     return ensure_writable_dir(path)
 
 
@@ -143,6 +143,14 @@ def report_skipped_steps(n: int) -> None:
     """The fit's line about steps skipped for a non-finite loss or gradient (nothing when there were none)."""
     if n:
         print(f"skipped {n} steps with a non-finite loss or gradient (a sign of too high a learning rate)")
+
+
+def steps_text(res) -> str:
+    """The steps a fit's call ran, for its summary line: ``"243 steps (steps 758..1000, resumed)"`` after a
+    ``--resume``, so the rate beside it is this call's."""
+    if res.steps_done == res.steps:
+        return f"{res.steps} steps"
+    return f"{res.steps_done} steps (steps {res.steps - res.steps_done + 1}..{res.steps}, resumed)"
 
 
 def report_notes(notes: list[str]) -> None:
@@ -288,9 +296,10 @@ def grid_config(args, base_cfg):
 def load_model(args, whole: bool = False):
     """The model ``args.model`` (checkpoint or ``.vqad``) on ``args.device``: a ``.vqad`` decoded up to
     ``args.lod`` only, or with ``whole`` up to its end unless ``args.bytes`` asks for a prefix. A radiance
-    field's render takes its samples from the occupancy of the finest LOD it holds, so ``eval`` and ``render``
-    score LOD L of the whole model (``whole``), as ``eval`` of every LOD does; with ``--bytes`` the prefix, as a
-    viewer shows it after those bytes."""
+    field's render takes its samples from the occupancy of the finest LOD it holds, and a TSDF is meshed on its
+    finest cells' lattice inside observed space, so ``eval``, ``render`` and ``mesh`` take LOD L of the whole model
+    (``whole``), as the fit's own evaluation does; with ``--bytes`` the prefix, as a viewer shows it after those
+    bytes."""
     from vqad.api import load
     from vqad.device import resolve_device
 
@@ -334,6 +343,10 @@ def resumed_configs(out, kind: str) -> dict:
     return resume_config(Path(out) / "checkpoint", kind)
 
 
+#: index settings whose 0 turns them off: given as 0, they apply to any grid (a script may pass --refine 0 always)
+OFF_AT_ZERO = ("refine", "rate_weight")
+
+
 def train_overrides(args, names, index_flags: dict[str, str], storage: str) -> dict:
     """The training flags among ``names`` the user gave. ``index_flags`` (name → flag) only apply to
     grids with discrete indices and are refused for others; a learning-rate scale of 0 means "the
@@ -343,7 +356,8 @@ def train_overrides(args, names, index_flags: dict[str, str], storage: str) -> d
     discrete = storage_class(storage).discrete
     for name, flag in index_flags.items():
         value = getattr(args, name)
-        refuse(value is not None and not discrete,
+        off = name in OFF_AT_ZERO and value == 0  # "none of it" applies to any grid
+        refuse(value is not None and not discrete and not off,
                f"{flag} applies to grids with discrete indices (--grid codebook), not --grid {storage}")
         refuse(name.endswith("lr_scale") and value is not None and value < 0, f"{flag} must be >= 0 (0: same as the grid)")
     over = given(args, names)

@@ -10,6 +10,9 @@ from pathlib import Path
 from vqad.app.commands.common import path_arg, fresh_output_dir, refuse
 from vqad.errors import InputError
 
+#: the coarsest depth step (metres) a written sequence may store: 1 cm
+MAX_DEPTH_STEP = 0.01
+
 
 def register(sub) -> None:
     from vqad.tsdf import rgbd, synth
@@ -64,17 +67,28 @@ def cmd_synth_rgbd(args) -> int:
     if args.object_size is not None:
         kw["size"] = args.object_size
     procedural = args.source == "procedural" and not Path(args.source).exists()
+    if args.depth_scale is not None and args.depth_scale > 0 and 1.0 / args.depth_scale > MAX_DEPTH_STEP:
+        raise InputError(f"--depth-scale {args.depth_scale:g} stores depth in steps of {1.0 / args.depth_scale:g} m: a "
+                         f"depth image holds whole units, so give at least {1 / MAX_DEPTH_STEP:g} units per metre "
+                         f"(1 cm steps; 1000: millimetres)")
     with fresh_output_dir(args.out, "sequence") as out:  # a failed or interrupted run leaves nothing behind
         if procedural:
             seq, gt = synth.procedural_sequence(**kw), None
         else:
             seq, gt = synth.synth_sequence(args.source, **kw)
+        hits = sum(int((seq.depth(i) > 0).sum()) for i in range(len(seq)))
+        if hits == 0:
+            raise InputError(f"no frame has a depth sample: the scene is beyond what the depth sensor measures (--noise "
+                             f"{args.noise}: {noise.min_range:g}..{noise.max_range:g} m) or outside the views; use a "
+                             f"smaller --object-size or --distance, or --noise none")
         scale = {} if args.depth_scale is None else {"depth_scale": args.depth_scale}
         writer(seq, out, **scale)
         if gt is not None:
             gt.to_trimesh().export(out / "gt_mesh.ply")
         record = {"source": args.source, "layout": args.layout, "frames": len(seq), "width": width, "height": height,
-                  "seed": seed, "noise": asdict(noise), "object_size": kw.get("size"), "distance": args.distance}
+                  "seed": seed, "noise": asdict(noise),
+                  "object_size": kw.get("size", synth.SCENE_SIZE if procedural else synth.OBJECT_SIZE),
+                  "distance": args.distance}
         (out / "synth.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     print(f"wrote {out}: {seq.summary()}, {args.layout} layout, {args.noise} depth noise"
           + (", ground-truth mesh gt_mesh.ply" if gt is not None else ""))

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (already_complete, fit_output_dir, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
+from vqad.app.commands.common import (steps_text, already_complete, fit_output_dir, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
                                       config_flag, config_from,
                                       ensure_writable_file, given, grid_config, load_model, parse_lod, refuse, train_overrides,
                                       check_resumed_source, report_notes, report_skipped_steps,
@@ -181,7 +181,7 @@ def cmd_fit_sdf(args) -> int:
                       quiet=args.quiet, mesh_path=str(Path(args.mesh).resolve()), deadline=deadline)
     field = res.field
     print(already_complete(res) or
-          f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.points_per_second:,.0f} points/s, final loss {res.final_loss:.3g}")
+          f"fit: {steps_text(res)} in {res.seconds:.1f} s, {res.points_per_second:,.0f} points/s, final loss {res.final_loss:.3g}")
     report_skipped_steps(res.skipped_steps)
     report_notes(res.notes)
     for line in field.size_lines():
@@ -199,7 +199,7 @@ def cmd_fit_sdf(args) -> int:
 def cmd_mesh(args) -> int:
     from vqad.sdf.extract import extract_mesh, save_mesh
 
-    field = load_model(args)
+    field = load_model(args, whole=True)  # a TSDF's LOD L is meshed on the finest cells' lattice, as its fit did
     if field.kind not in ("sdf", "tsdf"):
         raise InputError(f"vqad mesh needs an SDF or TSDF model; this one is a {field.kind!r} field (use vqad render)")
     lod = parse_lod(field, args.lod)

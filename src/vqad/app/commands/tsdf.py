@@ -8,7 +8,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from vqad.app.commands.common import (already_complete, add_rate_flags, add_grid_args, add_run_args, check_finite, config_flag,
+import numpy as np
+
+from vqad.app.commands.common import (steps_text, already_complete, add_rate_flags, add_grid_args, add_run_args, check_finite, config_flag,
                                       ensure_fit_dir, refuse,
                                       check_resumed_source, report_notes, report_skipped_steps,
                                       resumed_configs)
@@ -19,7 +21,7 @@ from vqad.fit import Deadline
 TSDF_TRAIN_FLAGS = ("steps", "rate_weight", "rate_context", "batch", "lr", "grid_lr_scale", "lr_floor", "logit_lr_scale", "codebook_lr_scale", "max_minutes",
                     "refine", "refine_samples", "refine_candidates", "seed", "color_weight", "color")
 #: flags that shape the fusion; a resumed fit reads OUT/fused.tsdf instead and refuses them
-FUSION_FLAGS = {"format": "--format", "depth_scale": "--depth-scale", "intrinsics": "--intrinsics", "voxel": "--voxel", "trunc": "--trunc",
+FUSION_FLAGS = {"format": "--format", "depth_scale": "--depth-scale", "intrinsics": "--intrinsics", "trajectory": "--trajectory", "voxel": "--voxel", "trunc": "--trunc",
                 "max_depth": "--max-depth", "stride": "--stride", "max_frames": "--max-frames"}
 FUSED_NAME = "fused.tsdf"
 
@@ -41,8 +43,11 @@ def register(sub) -> None:
     p.add_argument("--depth-scale", type=float, default=None,
                    help="depth image units per metre (default: the layout's: TUM 5000, Redwood 1000)")
     p.add_argument("--intrinsics", default=None,
-                   help="pinhole intrinsics when the layout does not record them: 'fx,fy,cx,cy' in pixels or a preset "
-                        "(fr1, fr2, fr3, primesense) (default: the layout's own file)")
+                   help="pinhole intrinsics when the layout does not record them: 'fx,fy,cx,cy' in pixels, a preset "
+                        "(fr1, fr2, fr3, primesense), or (Redwood / Open3D) which of the folder's intrinsics JSON "
+                        "files to read (default: the layout's own file)")
+    p.add_argument("--trajectory", default=None,
+                   help="Redwood / Open3D: which of the folder's *.log trajectories to read (default: its only one)")
     p.add_argument("--voxel", type=float, default=None, help="fusion voxel size in the sequence's units, metres for TUM and Redwood (default: from the depth range)")
     p.add_argument("--trunc", type=float, default=None, help="truncation distance in the sequence's units (default: 4 voxels)")
     p.add_argument("--max-depth", type=float, default=None, help="ignore depth beyond this distance, in the sequence's units (default: none)")
@@ -73,7 +78,7 @@ def register(sub) -> None:
     config_flag(p, D, "layers", help="decoder hidden layers")
     add_run_args(p, T, "fused.tsdf, fusion_mesh.ply, checkpoint, model.vqad, metrics, meshes, renders")
     p.add_argument("--no-eval", action="store_true", help="skip per-LOD meshes, renders and metrics")
-    p.set_defaults(func=cmd_fit_tsdf, oom_hint="use a coarser --voxel, fewer --levels or a smaller --batch")
+    p.set_defaults(func=cmd_fit_tsdf, oom_hint="use a coarser --voxel, a smaller --trunc, fewer --levels or a smaller --batch")
 
 
 def fit_tsdf_configs(args, saved: dict | None = None):
@@ -95,14 +100,51 @@ def fit_tsdf_configs(args, saved: dict | None = None):
     return grid, dec, train
 
 
+#: what an earlier fit-tsdf leaves in its --out (a fusion that failed later leaves fused.tsdf alone)
+FIT_MARKERS = ("checkpoint", "metrics.json", FUSED_NAME)
+#: an earlier fit's evaluation outputs, removed when a new fit (not --resume) replaces it
+STALE_OUTPUTS = ("metrics.json", "fusion_mesh.ply", "mesh_lod*.ply", "render_lod*.png")
+#: how far a --gt mesh's box may differ in size from the fusion's (a partial scan of a larger model is fine;
+#: millimetres against metres is not)
+GT_SIZE_RATIO = 20.0
+
+
+def check_gt_frame(gt, fused, name: str) -> None:
+    """Refuse a ground-truth mesh that cannot be in the fusion's units and frame: its bounding box misses the
+    fused voxels' box, or its size differs by more than :data:`GT_SIZE_RATIO` (before any distance is measured:
+    a mesh far from every point makes the exact distances cost all points × all triangles)."""
+    lo_f = fused.ijk.min(0) * fused.voxel
+    hi_f = (fused.ijk.max(0) + 1) * fused.voxel
+    v = np.asarray(gt.vertices, dtype=np.float64)
+    lo_g, hi_g = v.min(0), v.max(0)
+    size_f, size_g = float(np.linalg.norm(hi_f - lo_f)), float(np.linalg.norm(hi_g - lo_g))
+    overlap = bool((lo_g <= hi_f).all() and (lo_f <= hi_g).all())
+    ratio = size_g / max(size_f, 1e-12)
+    if not overlap or not 1 / GT_SIZE_RATIO <= ratio <= GT_SIZE_RATIO:
+        raise InputError(f"--gt {name}: its box ({_box(lo_g, hi_g)}) {'misses' if not overlap else 'is'} "
+                         + (f"the fused scene's ({_box(lo_f, hi_f)})" if not overlap else
+                            f"{ratio:,.3g}× the size of the fused scene's ({_box(lo_f, hi_f)})")
+                         + f": is it in the sequence's units ({fused.units}) and world frame?")
+
+
+def _against(baseline: int, n: int) -> str:
+    """``n`` bytes against the fusion's ``baseline``: "12x smaller than", or "3.2x larger than"."""
+    return f"{baseline / n:,.0f}x smaller than" if baseline >= n else f"{n / baseline:,.1f}x larger than"
+
+
+def _box(lo, hi) -> str:
+    return "[" + ", ".join(f"{a:.3g}..{b:.3g}" for a, b in zip(lo, hi)) + "]"
+
+
 def fusion_flags_given(args) -> str:
     """The fusion flags the user gave, comma-separated ("" when none)."""
     return ", ".join(f for n, f in FUSION_FLAGS.items() if getattr(args, n) is not None)
 
 
-def fuse_source(args, device):
+def fuse_source(args, device, color: bool = False):
     """``(FusedTSDF, description, fusion seconds)`` of ``args.source``: a fused .tsdf file is read as it
-    is (fusion flags refused), anything else is read as an RGB-D sequence and fused."""
+    is (fusion flags refused), anything else is read as an RGB-D sequence and fused. ``color``: the fit
+    needs colour, so a source without it is refused before any fusion."""
     from vqad.tsdf.fusion import FusedTSDF, fuse
     from vqad.tsdf.sources import read_sequence
 
@@ -110,11 +152,18 @@ def fuse_source(args, device):
     if src.is_file():
         used = fusion_flags_given(args)
         refuse(bool(used), f"{used} shape a fusion: they cannot apply to an already fused TSDF ({src})")
-        return FusedTSDF.load(src), f"fused TSDF {src}", 0.0
+        fused = FusedTSDF.load(src)
+        refuse(color and fused.color is None, f"--color: the fused TSDF {src} has no colour")
+        return fused, f"fused TSDF {src}", 0.0
     kw = {} if args.depth_scale is None else {"depth_scale": args.depth_scale}
-    if args.intrinsics is not None:
+    if args.intrinsics is not None and args.intrinsics.lower().endswith(".json"):
+        kw["intrinsics_file"] = args.intrinsics  # an Open3D PinholeCameraIntrinsic file (Redwood's reader)
+    elif args.intrinsics is not None:
         kw["K"] = args.intrinsics
+    if args.trajectory is not None:
+        kw["trajectory"] = args.trajectory
     seq = read_sequence(args.source, format=args.format or "auto", **kw)
+    refuse(color and not seq.has_color, f"--color: {seq.name} has no colour frames (fit its geometry without --color)")
     frames = range(0, len(seq), args.stride or 1)
     if args.max_frames is not None:
         frames = frames[: args.max_frames]
@@ -156,10 +205,17 @@ def cmd_fit_tsdf(args) -> int:
             raise InputError(f"--resume: {out / FUSED_NAME} is missing; run without --resume to fuse again")
         fused, what, fuse_s = FusedTSDF.load(out / FUSED_NAME), f"fused TSDF {out / FUSED_NAME}", 0.0
     else:
-        fused, what, fuse_s = fuse_source(args, device)
-    out = ensure_fit_dir(out)
+        fused, what, fuse_s = fuse_source(args, device, color=train_cfg.color)
+    if gt is not None:
+        check_gt_frame(gt, fused, args.gt)
+    earlier = out.is_dir() and any((out / m).exists() for m in FIT_MARKERS)
+    out = ensure_fit_dir(out, FIT_MARKERS)
     if not args.resume:
-        (out / "metrics.json").unlink(missing_ok=True)
+        stale = [p for pattern in STALE_OUTPUTS for p in out.glob(pattern)]
+        for path in stale:  # an earlier fit's evaluation: none of it describes the new one
+            path.unlink(missing_ok=True)
+        if earlier:
+            print(f"replacing the earlier fit in {out}", file=sys.stderr)
         fused.save(out / FUSED_NAME)
     baseline = fused.nbytes(color=train_cfg.color)  # what the field holds: geometry, and colour with --color
     on_disk = (out / FUSED_NAME).stat().st_size
@@ -173,14 +229,14 @@ def cmd_fit_tsdf(args) -> int:
                    source=source, deadline=deadline)
     field = res.field
     print(already_complete(res) or
-          f"fit: {res.steps} steps in {res.seconds:.1f} s, {res.samples_per_second:,.0f} samples/s, final loss {res.final_loss:.3g}")
+          f"fit: {steps_text(res)} in {res.seconds:.1f} s, {res.samples_per_second:,.0f} samples/s, final loss {res.final_loss:.3g}")
     report_skipped_steps(res.skipped_steps)
     report_notes(res.notes)
     field.bake(fp16=True)
     total = fileformat.save(field, out / "model.vqad", entropy=True)  # lossless; vqad info shows both sizes
     prefix = fileformat.lod_prefix_sizes(out / "model.vqad")
     print(f"model.vqad: {total:,} bytes; per LOD: " + ", ".join(
-        f"L{lv} {n:,} B ({baseline / n:,.0f}x smaller than the fusion)" for lv, n in prefix.items()))
+        f"L{lv} {n:,} B ({_against(baseline, n)} the fusion)" for lv, n in prefix.items()))
     summary = {
         "source": source, "fusion": {"what": what, "voxel": fused.voxel, "trunc": fused.trunc,
                                                 "units": fused.units, "voxels": int(len(fused.tsdf)),

@@ -60,7 +60,7 @@ def test_fit_sdf_refuses_flags_that_cannot_apply(tmp_path, capsys, mesh, args, m
     (["--octree", "depth", "--density-steps", "5"], "--density-steps / --density-minutes bound the density pass"),
     (["--density-steps", "5"], "this capture's octree comes from its depth maps"),
     (["--refine-rays", "100"], "--refine-rays sizes the index-refinement sweeps after training, which --refine 0 "
-                               "turns off (the default here): give --refine N"),
+                               "(the default here) turns off: give --refine N"),
 ])
 def test_fit_nerf_refuses_flags_that_cannot_apply(tmp_path, capsys, args, message):
     out = tmp_path / "run"
@@ -329,6 +329,7 @@ def test_time_cadence_checkpoints_and_ctrl_c_in_the_sweeps_saves(tmp_path, capsy
 def test_a_closed_output_pipe_during_training_saves_the_checkpoint(tmp_path, capsys, mesh, monkeypatch):
     """stdout's reader going away (``| head``) mid-fit raises BrokenPipeError where the fit prints: the loop
     saves the steps done, as on Ctrl-C, says so on stderr, and lets the error go on to the CLI's handler."""
+    import vqad.fit
     import vqad.sdf.fit
 
     real_step = vqad.sdf.fit.SDFTask.step
@@ -339,6 +340,7 @@ def test_a_closed_output_pipe_during_training_saves_the_checkpoint(tmp_path, cap
         return real_step(self, it, progress, gen)
 
     monkeypatch.setattr(vqad.sdf.fit.SDFTask, "step", step)
+    monkeypatch.setattr(vqad.fit, "stdout_reader_gone", lambda: True)  # as under | head (here stdout is captured)
     out = tmp_path / "run"
     with pytest.raises(BrokenPipeError):  # stdout is captured here: not a pipe whose reader left, so not swallowed
         main(["fit-sdf", str(mesh), "--steps", "5", "--refine", "0", "--out", str(out)]

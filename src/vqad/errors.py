@@ -37,3 +37,17 @@ class StreamLimitError(StreamError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C's KeyboardInterrupt is (so a killed fit saves its checkpoint the same way);
     the CLI exits with 143 (128 + SIGTERM) for it, 130 for Ctrl-C."""
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end was closed (``| head`` exited): polling its writing end reports
+    an error. A BrokenPipeError is this only then; another pipe broke otherwise."""
+    import select
+    import sys
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here, or stdout is not a file (captured)
+        return False

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vqad.errors import InputError, Terminated, TrainingDivergedError
+from vqad.errors import InputError, Terminated, TrainingDivergedError, stdout_reader_gone
 from vqad.optim import make_optimizers
 
 #: the cosine schedule's final share of each initial learning rate: continuous grids (dense, hash, low-rank)
@@ -477,7 +477,8 @@ def _say_stopped(exc: BaseException, what: str) -> None:
     """Say why a fit stopped and what was saved: on stdout after Ctrl-C or SIGTERM, on stderr when stdout's
     reader is gone (``| head``: the BrokenPipeError)."""
     if isinstance(exc, BrokenPipeError):
-        print(f"\nstdout's reader closed {what}", file=sys.stderr)
+        why = "stdout's reader closed" if stdout_reader_gone() else f"a pipe broke ({exc})"
+        print(f"\n{why} {what}", file=sys.stderr)
     else:
         print(f"\ninterrupted {what}")
 

@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from vqad.device import keep_freed_memory, set_threads
-from vqad.errors import Terminated, VqadError
+from vqad.errors import Terminated, VqadError, stdout_reader_gone
 
 # modules that add subcommands; each defines register(subparsers)
 COMMAND_MODULES = [
@@ -82,7 +82,7 @@ def _run(args) -> int:
         print("vqad: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        if not _stdout_reader_gone():
+        if not stdout_reader_gone():
             raise  # another pipe broke: not stdout's reader going away (| head)
         try:  # no traceback, and none when Python flushes stdout at exit
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -100,18 +100,6 @@ def _run(args) -> int:
         hint = getattr(args, "oom_hint", None) or f"see vqad {args.command} --help for the flags that size it"
         print(f"vqad: error: out of memory ({first[:200]}): the job is too large for this machine; {hint}", file=sys.stderr)
         return 2
-
-
-def _stdout_reader_gone() -> bool:
-    """Whether stdout is a pipe whose reading end was closed (polling its writing end reports an error)."""
-    import select
-
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(ev & select.POLLERR for _, ev in poller.poll(0))
-    except (OSError, ValueError, AttributeError):  # no poll here, or stdout is not a file (captured)
-        return False
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -23,7 +23,7 @@ draco-mc          q         SDF only: marching cubes of the dense fit, Draco at 
 dense point.
 
 **Index refinement.** An SDF fit ends with Gauss–Newton sweeps over the codebook indices
-(:mod:`vqad.refine`; ``SDFTrainConfig.refine``, 6 by default), so every ``codebook`` point of a mesh
+(:mod:`vqad.refine`; ``SDFTrainConfig.refine``, 10 by default), so every ``codebook`` point of a mesh
 sweep has them, and no baseline gets a comparable step. ``codebook-norefine`` fits exactly the same
 VQ-AD grid with ``refine = 0``, so the two series show what refinement buys. Radiance-field fits do
 not refine by default (``NeRFTrainConfig.refine = 0``), so there ``codebook`` already is VQ-AD

@@ -52,16 +52,17 @@ DEPTH_TOLERANCE = 0.05
 
 
 #: the share of a split's pixels with a target from which a map of every pixel (4 bytes a pixel) is smaller
-#: than the list of those pixels and their distances (12 bytes a target)
-DENSE_SHARE = 1 / 3
+#: than the list of those pixels and their distances (8 bytes a target on the device: int32 ids; 12 on the host)
+DENSE_SHARE = 1 / 2
 
 
 @dataclass(frozen=True)
 class DepthTargets:
     """Depth targets of a split's ``N × H × W`` pixels, in whichever form is smaller: the pixels that have
     one and their distances (sparse points give a few percent of the pixels one), or a map of every pixel
-    (depth maps give nearly all of them one: 4 bytes a pixel where the list would take 12 a target,
-    7.5 GB for 300 photos of 1920 × 1080). :meth:`of` picks the form (:data:`DENSE_SHARE`).
+    (depth maps give nearly all of them one: 4 bytes a pixel where the list would take 8 a target on the
+    device and 12 on the host, 7.5 GB for 300 photos of 1920 × 1080). :meth:`of` picks the form
+    (:data:`DENSE_SHARE`). The tensors are the targets' own: read them, do not write them.
 
     Attributes:
         shape: ``(N, H, W)``.
@@ -89,8 +90,8 @@ class DepthTargets:
                 raise ValueError(f"depth targets: a map of {pixel_map.numel()} pixels for {shape}")
             finite = torch.isfinite(pixel_map)
             count = int(finite.sum())
-            if count >= DENSE_SHARE * pixels:
-                return cls(tuple(shape), None, None, pixel_map.masked_fill_(~finite, float("nan")), count)
+            if count >= DENSE_SHARE * pixels:  # a new tensor: the caller's is left as it was
+                return cls(tuple(shape), None, None, torch.where(finite, pixel_map, float("nan")), count)
             ids = torch.nonzero(finite)[:, 0]
             return cls(tuple(shape), ids, pixel_map[ids], None, count)
         ids, distances = ids.reshape(-1).long(), distances.reshape(-1).float()
@@ -105,12 +106,12 @@ class DepthTargets:
     @classmethod
     def from_dense(cls, dense: torch.Tensor) -> "DepthTargets":
         """From ``(N, H, W)`` distances, NaN (or any non-finite value) where a pixel has no target."""
-        return cls.of(tuple(dense.shape), pixel_map=dense.clone())
+        return cls.of(tuple(dense.shape), pixel_map=dense)
 
     def dense(self) -> torch.Tensor:
-        """``(N, H, W)`` float32, NaN where a pixel has no target."""
+        """``(N, H, W)`` float32, NaN where a pixel has no target (a copy)."""
         if self.pixel_map is not None:
-            return self.pixel_map.view(self.shape)
+            return self.pixel_map.view(self.shape).clone()
         out = torch.full((self.shape[0] * self.shape[1] * self.shape[2],), float("nan"))
         out[self.ids] = self.distances
         return out.view(self.shape)

@@ -269,6 +269,7 @@ def fit_nerf(
             source = "depth maps" if depth_source(dataset, train_cfg.depth_from) == "capture" else "sparse points"
             print(f"depth loss: λ = {train_cfg.depth_weight:g} on {share:.1%} of the training pixels, from the capture's "
                   f"{source}" + (" (auto: a contracted scene with sparse points)" if depth_auto else ""))
+    del targets  # the batcher holds its own copy: a depth map's host copy is 4 bytes a pixel
     sampler = make_sampler(field)
     task = RadianceTask(field, sampler, batcher, train_cfg, quiet=quiet, octree_method=method)
     res = run_fit(task, train_cfg, device, ckpt_dir, resume_cfg=resume_cfg, start=start, quiet=quiet, deadline=deadline)

@@ -44,7 +44,8 @@ def _split_large(tris: np.ndarray, max_radius: float, rounds: int = 10) -> np.nd
     return np.concatenate(keep + [tris])
 
 
-#: (point, triangle) pairs one k-d tree query of :func:`point_mesh_distance` holds at once (~100 MB)
+#: (point, triangle) pairs one k-d tree query of :func:`point_mesh_distance` holds at once (a few hundred MB with
+#: the candidates' temporaries); a point whose ball holds more triangles than this is queried alone
 QUERY_BUDGET = 4_000_000
 
 
@@ -89,7 +90,7 @@ def point_mesh_distance(mesh: Mesh, points: np.ndarray, k: int = 16) -> np.ndarr
     todo, kk = np.arange(n), min(k, len(tris))
     while len(todo):
         more = np.zeros(len(todo), bool)
-        step = max(1, QUERY_BUDGET // kk)  # points a query takes at once: memory bounded whatever kk grows to
+        step = max(1, QUERY_BUDGET // kk)  # points a query takes at once: ~QUERY_BUDGET pairs (kk, past it)
         for at in range(0, len(todo), step):
             part = todo[at:at + step]
             dist, idx = tree.query(points[part], k=kk, workers=torch.get_num_threads())

@@ -601,11 +601,12 @@ def _list_images(d: Path) -> list[Path]:
 
 
 def _one(root: Path, pattern: str, what: str, given) -> Path | None:
-    if given is not None:
-        p = Path(given) if Path(given).is_absolute() else root / given
-        if not p.is_file():
-            raise InputError(f"{what} not found: {p}")
-        return p
+    if given is not None:  # a path as given (absolute, or from the working directory), else in the folder
+        for p in (Path(given), root / given):
+            if p.is_file():
+                return p
+        raise InputError(f"{what} not found: {given}" + ("" if Path(given).is_absolute() else
+                                                         f" (looked in the working directory and in {root})"))
     found = sorted(root.glob(pattern))
     if len(found) > 1:
         raise InputError(f"{root} has several {pattern} files ({', '.join(p.name for p in found)}); say which {what} "

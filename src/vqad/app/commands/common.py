@@ -297,9 +297,9 @@ def load_model(args, whole: bool = False):
     """The model ``args.model`` (checkpoint or ``.vqad``) on ``args.device``: a ``.vqad`` decoded up to
     ``args.lod`` only, or with ``whole`` up to its end unless ``args.bytes`` asks for a prefix. A radiance
     field's render takes its samples from the occupancy of the finest LOD it holds, and a TSDF is meshed on its
-    finest cells' lattice inside observed space, so ``eval``, ``render`` and ``mesh`` take LOD L of the whole model
-    (``whole``), as the fit's own evaluation does; with ``--bytes`` the prefix, as a viewer shows it after those
-    bytes."""
+    finest cells' lattice inside observed space, so ``eval``, ``render`` and a TSDF's ``mesh`` take LOD L of the
+    whole model (``whole``), as the fit's own evaluation does; with ``--bytes`` the prefix, as a viewer shows it
+    after those bytes."""
     from vqad.api import load
     from vqad.device import resolve_device
 
@@ -364,14 +364,14 @@ def train_overrides(args, names, index_flags: dict[str, str], storage: str) -> d
     return {k: (None if k.endswith("lr_scale") and k != "grid_lr_scale" and v == 0 else v) for k, v in over.items()}
 
 
-def refuse_sweep_sizes_without_sweeps(args, train, flags: dict[str, str]) -> None:
+def refuse_sweep_sizes_without_sweeps(args, train, flags: dict[str, str], resumed: bool = False) -> None:
     """``flags`` (name → flag) size the index-refinement sweeps after training: refused where ``train.refine``
     is 0 (given, the checkpoint's, or the command's default), since they would do nothing."""
     named = [flag for name, flag in flags.items() if getattr(args, name, None) is not None]
+    whose = "" if getattr(args, "refine", None) is not None else " (the checkpoint's)" if resumed else " (the default here)"
     refuse(bool(named) and train.refine == 0,
            f"{' and '.join(named)} {'size' if len(named) > 1 else 'sizes'} the index-refinement sweeps after training, "
-           f"which --refine 0 turns off" + (" (the default here)" if getattr(args, "refine", None) is None else "")
-           + ": give --refine N to run them")
+           f"which --refine 0{whose} turns off: give --refine N to run them")
 
 
 def config_from(cls, saved: dict | None, default):

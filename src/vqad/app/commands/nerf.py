@@ -305,7 +305,7 @@ def _configs(args, saved: dict | None = None):
                              f"from another vqad version; start a new fit") from None
     train = replace(train, **over)
     train.validate()
-    refuse_sweep_sizes_without_sweeps(args, train, {"refine_rays": "--refine-rays"})
+    refuse_sweep_sizes_without_sweeps(args, train, {"refine_rays": "--refine-rays"}, resumed=saved is not None)
     refuse(args.depth_from is not None and train.depth_weight == 0,
            "--depth-from picks the depth loss's targets: it applies with --depth-weight > 0")
     if args.eval_max_views is not None and args.eval_max_views <= 0:

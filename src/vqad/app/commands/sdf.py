@@ -129,7 +129,7 @@ def _configs(args, saved: dict | None = None, train_cls=None, train_flags=SDF_TR
         train = train.resolved(grid)
     train.validate()
     refuse_sweep_sizes_without_sweeps(args, train, {"refine_samples": "--refine-samples",
-                                                    "refine_candidates": "--refine-candidates"})
+                                                    "refine_candidates": "--refine-candidates"}, resumed=saved is not None)
     dec.validate()
     return grid, dec, train
 
@@ -199,7 +199,9 @@ def cmd_fit_sdf(args) -> int:
 def cmd_mesh(args) -> int:
     from vqad.sdf.extract import extract_mesh, save_mesh
 
-    field = load_model(args, whole=True)  # a TSDF's LOD L is meshed on the finest cells' lattice, as its fit did
+    field = load_model(args)
+    if field.kind == "tsdf" and getattr(args, "bytes", None) is None and not Path(args.model).is_dir():
+        field = load_model(args, whole=True)  # a TSDF's LOD L is meshed on its finest cells' lattice, as its fit did
     if field.kind not in ("sdf", "tsdf"):
         raise InputError(f"vqad mesh needs an SDF or TSDF model; this one is a {field.kind!r} field (use vqad render)")
     lod = parse_lod(field, args.lod)

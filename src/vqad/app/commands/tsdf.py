@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -100,10 +101,9 @@ def fit_tsdf_configs(args, saved: dict | None = None):
     return grid, dec, train
 
 
-#: what an earlier fit-tsdf leaves in its --out (a fusion that failed later leaves fused.tsdf alone)
-FIT_MARKERS = ("checkpoint", "metrics.json", FUSED_NAME)
-#: an earlier fit's evaluation outputs, removed when a new fit (not --resume) replaces it
-STALE_OUTPUTS = ("metrics.json", "fusion_mesh.ply", "mesh_lod*.ply", "render_lod*.png")
+#: an earlier fit's outputs, removed when a new fit (not --resume) replaces it: its model, its checkpoint (which
+#: a later --resume would otherwise continue on the new fusion) and its evaluation
+STALE_OUTPUTS = ("model.vqad", "checkpoint", "metrics.json", "fusion_mesh.ply", "mesh_lod*.ply", "render_lod*.png")
 #: how far a --gt mesh's box may differ in size from the fusion's (a partial scan of a larger model is fine;
 #: millimetres against metres is not)
 GT_SIZE_RATIO = 20.0
@@ -113,6 +113,8 @@ def check_gt_frame(gt, fused, name: str) -> None:
     """Refuse a ground-truth mesh that cannot be in the fusion's units and frame: its bounding box misses the
     fused voxels' box, or its size differs by more than :data:`GT_SIZE_RATIO` (before any distance is measured:
     a mesh far from every point makes the exact distances cost all points × all triangles)."""
+    if len(fused.ijk) == 0:
+        return  # nothing fused: the fit refuses it with its own message
     lo_f = fused.ijk.min(0) * fused.voxel
     hi_f = (fused.ijk.max(0) + 1) * fused.voxel
     v = np.asarray(gt.vertices, dtype=np.float64)
@@ -208,14 +210,15 @@ def cmd_fit_tsdf(args) -> int:
         fused, what, fuse_s = fuse_source(args, device, color=train_cfg.color)
     if gt is not None:
         check_gt_frame(gt, fused, args.gt)
-    earlier = out.is_dir() and any((out / m).exists() for m in FIT_MARKERS)
-    out = ensure_fit_dir(out, FIT_MARKERS)
+    # a folder holding only fused.tsdf is a fit that failed after fusing: it takes the rerun
+    only_fusion = out.is_dir() and [p.name for p in out.iterdir()] == [FUSED_NAME]
+    earlier = out.is_dir() and any((out / m).exists() for m in ("checkpoint", "metrics.json"))
+    out = ensure_fit_dir(out, (FUSED_NAME,) if only_fusion else ("checkpoint", "metrics.json"))
     if not args.resume:
-        stale = [p for pattern in STALE_OUTPUTS for p in out.glob(pattern)]
-        for path in stale:  # an earlier fit's evaluation: none of it describes the new one
-            path.unlink(missing_ok=True)
+        for path in [p for pattern in STALE_OUTPUTS for p in out.glob(pattern)]:  # none of it describes the new fit
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
         if earlier:
-            print(f"replacing the earlier fit in {out}", file=sys.stderr)
+            print(f"replacing the earlier fit in {out}: its model, checkpoint and evaluation are removed", file=sys.stderr)
         fused.save(out / FUSED_NAME)
     baseline = fused.nbytes(color=train_cfg.color)  # what the field holds: geometry, and colour with --color
     on_disk = (out / FUSED_NAME).stat().st_size

@@ -312,3 +312,16 @@ def test_mesh_of_a_tsdf_file_at_a_lod_is_the_fits_own_mesh_and_a_resumed_fit_cou
     capsys.readouterr()
     assert main(["fit-tsdf", str(procedural_scan), "--steps", "30", "--resume", "--out", str(out)] + args) == 0
     assert "fit: 10 steps (steps 21..30, resumed)" in capsys.readouterr().out
+
+
+def test_fit_tsdf_prints_the_median_depth_and_warns_of_levels_finer_than_the_fusion(procedural_scan, tmp_path,
+                                                                                   capsys):
+    """The median depth is printed (depth in the wrong units shows even where it stays plausible), and a finest
+    level whose cells are under half a fused voxel is warned about."""
+    from vqad.app.cli import main
+
+    assert main(["fit-tsdf", str(procedural_scan), "--levels", "2:9", "--steps", "2", "--batch", "256", "--refine",
+                 "0", "--no-eval", "--threads", "1", "--out", str(tmp_path / "o")]) == 0
+    cap = capsys.readouterr()
+    assert ", median depth " in cap.out and " m;" in cap.out.split(", median depth ")[1][:12]
+    assert "finer than half the fused voxel" in cap.err

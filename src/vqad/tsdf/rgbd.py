@@ -258,15 +258,21 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise InputError(f"cannot read the image {path}: {e}") from e
 
 
+def median_depth(seq: RGBDSequence) -> float | None:
+    """The median valid depth of the first, middle and last frames (in the sequence's units), or None when
+    they have none."""
+    n = len(seq)
+    z = np.concatenate([d[d > 0] for d in (seq.depth(i) for i in sorted({0, n // 2, n - 1}))])
+    return float(np.median(z)) if z.size else None
+
+
 def check_depth_scale(seq: RGBDSequence, depth_scale: float, flag: str = "--depth-scale") -> None:
     """Refuse a depth scale that makes the depth implausible: the median valid depth of the first,
     middle and last frames outside :data:`PLAUSIBLE_DEPTH_M`, or no valid depth in any of them."""
-    n = len(seq)
-    z = np.concatenate([d[d > 0] for d in (seq.depth(i) for i in sorted({0, n // 2, n - 1}))])
-    if z.size == 0:
+    med = median_depth(seq)
+    if med is None:
         raise InputError(f"{seq.name}: the first, middle and last depth frames have no valid pixel (all 0); "
                          "check the depth images")
-    med = float(np.median(z))
     lo, hi = PLAUSIBLE_DEPTH_M
     if not lo <= med <= hi:
         raise InputError(f"{seq.name}: the median depth is {med:.4g} m with depth scale {depth_scale:g} (units per "

@@ -148,6 +148,7 @@ def fuse_source(args, device, color: bool = False):
     is (fusion flags refused), anything else is read as an RGB-D sequence and fused. ``color``: the fit
     needs colour, so a source without it is refused before any fusion."""
     from vqad.tsdf.fusion import FusedTSDF, fuse
+    from vqad.tsdf.rgbd import median_depth
     from vqad.tsdf.sources import read_sequence
 
     src = Path(args.source)
@@ -172,7 +173,9 @@ def fuse_source(args, device, color: bool = False):
     t0 = time.perf_counter()
     fused = fuse(seq, voxel=args.voxel, trunc=args.trunc, device=device, frames=list(frames),
                  max_depth=args.max_depth, progress=not args.quiet)
-    what = f"{seq.name}: {len(frames)} of {len(seq)} frames {seq.width}x{seq.height}" + (f" ({seq.note})" if seq.note else "")
+    med = median_depth(seq)  # printed, so depth in the wrong units shows (a scene 5x too small is still plausible)
+    what = (f"{seq.name}: {len(frames)} of {len(seq)} frames {seq.width}x{seq.height}"
+            + (f", median depth {med:.3g} {seq.units}" if med is not None else "") + (f" ({seq.note})" if seq.note else ""))
     return fused, what, time.perf_counter() - t0
 
 
@@ -182,7 +185,7 @@ def cmd_fit_tsdf(args) -> int:
     from vqad.sdf.extract import save_mesh
     from vqad.sdf.mesh import load_mesh
     from vqad.tsdf.evaluate import compare, evaluate_tsdf
-    from vqad.tsdf.fit import fit_tsdf
+    from vqad.tsdf.fit import fit_tsdf, tsdf_normalization
     from vqad.tsdf.fusion import FusedTSDF
 
     out = Path(args.out)
@@ -228,6 +231,11 @@ def cmd_fit_tsdf(args) -> int:
           + (" + colour" if train_cfg.color and fused.color is not None else "") + " per voxel, block structure)"
           + (f"; {FUSED_NAME} also holds its colour: {on_disk / 1e6:,.2f} MB" if on_disk != baseline else "")
           + (f", in {fuse_s:.1f} s" if fuse_s else ""))
+    cell = 2.0 / (1 << grid_cfg.max_level) / tsdf_normalization(fused).scale  # the finest cell, in the fusion's units
+    if cell < 0.5 * fused.voxel:
+        print(f"WARNING: the finest level's cells ({cell:.3g} {u}) are finer than half the fused voxel "
+              f"({fused.voxel:.3g} {u}): they add bytes, not detail the fusion holds; lower the finest --levels",
+              file=sys.stderr, flush=True)
     res = fit_tsdf(fused, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume, quiet=args.quiet,
                    source=source, deadline=deadline)
     field = res.field

@@ -552,3 +552,19 @@ def test_redwood_frames_follow_their_numbers_and_the_cli_picks_a_trajectory_and_
                  "--quiet"]) == 2  # only a Redwood folder has trajectories to choose from
     assert main(["fit-tsdf", str(root), "--format", "procedural", "--out", str(tmp_path / "f3"), "--steps", "2",
                  "--quiet"]) == 2  # the built-in scene is no folder
+
+
+def test_intrinsics_in_other_units_or_row_major_are_refused_in_words(tmp_path):
+    """A focal length that gives a field of view outside 1..170° is not in pixels of the images; an Open3D
+    intrinsic_matrix written row by row is named as such (Open3D stores it column by column)."""
+    from vqad.tsdf.rgbd import _check_size_vs_intrinsics, intrinsics_matrix, read_open3d_intrinsics
+
+    _check_size_vs_intrinsics(intrinsics_matrix(525.0, 525.0, 319.5, 239.5), (640, 480), "ok")
+    for fx in (1e-6, 1e9):
+        with pytest.raises(InputError, match="field of view .* must be in pixels of these images"):
+            _check_size_vs_intrinsics(intrinsics_matrix(fx, fx, 319.5, 239.5), (640, 480), "cam")
+    path = tmp_path / "camera_intrinsic.json"
+    path.write_text(json.dumps({"width": 640, "height": 480,
+                                "intrinsic_matrix": [525.0, 0, 319.5, 0, 525.0, 239.5, 0, 0, 1]}))
+    with pytest.raises(InputError, match="reads as row-major .* column by column"):
+        read_open3d_intrinsics(path)

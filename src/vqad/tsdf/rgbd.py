@@ -280,6 +280,10 @@ def check_depth_scale(seq: RGBDSequence, depth_scale: float, flag: str = "--dept
                          "Open3D 1000)")
 
 
+#: horizontal fields of view a depth camera's intrinsics may give (a focal length in other units falls outside)
+FOV_RANGE_DEG = (1.0, 170.0)
+
+
 def _check_size_vs_intrinsics(K: np.ndarray, size: tuple[int, int], what: str) -> None:
     """A principal point outside the image means the intrinsics belong to another image size."""
     w, h = size
@@ -287,6 +291,11 @@ def _check_size_vs_intrinsics(K: np.ndarray, size: tuple[int, int], what: str) -
     if not (0.25 * w < cx + 0.5 < 0.75 * w and 0.25 * h < cy + 0.5 < 0.75 * h):
         raise InputError(f"{what}: the images are {w}×{h} but the principal point (cx, cy) = ({cx:g}, {cy:g}) is "
                          "not near their centre; the intrinsics are for another image size")
+    fov = math.degrees(2 * math.atan(w / (2 * K[0, 0])))
+    if not FOV_RANGE_DEG[0] <= fov <= FOV_RANGE_DEG[1]:
+        raise InputError(f"{what}: fx = {K[0, 0]:g} px gives these {w}-px-wide images a field of view of {fov:.3g}°, "
+                         f"outside {FOV_RANGE_DEG[0]:g}..{FOV_RANGE_DEG[1]:g}°; the focal length must be in pixels of "
+                         "these images")
 
 
 def read_open3d_intrinsics(path: Path) -> tuple[np.ndarray, tuple[int, int], float | None]:
@@ -305,6 +314,9 @@ def read_open3d_intrinsics(path: Path) -> tuple[np.ndarray, tuple[int, int], flo
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"{path} must be an Open3D PinholeCameraIntrinsic JSON with width, height and "
                          "intrinsic_matrix (9 numbers, column-major)") from e
+    if not np.allclose(m[2], [0, 0, 1]) and np.allclose(m.T[2], [0, 0, 1]):
+        raise InputError(f"{path}: intrinsic_matrix reads as row-major (fx, 0, cx, 0, fy, cy, 0, 0, 1); Open3D's "
+                         f"PinholeCameraIntrinsic stores it column by column: fx, 0, 0, 0, fy, 0, cx, cy, 1")
     K = parse_intrinsics(m)
     _check_size_vs_intrinsics(K, size, str(path))
     scale = meta.get("depth_scale")

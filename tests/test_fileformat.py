@@ -522,6 +522,22 @@ def test_iter_lods_from_an_http_response(small):
     assert lods == [2, 3]
 
 
+def test_iter_lods_warns_of_a_cut_stream_and_yields_what_came_before_damage(small):
+    """A stream cut after its first LOD yields that LOD and warns (as load does: a dropped connection is no end
+    of file); damage after complete LODs yields them before the error, however the bytes are split."""
+    field, data = small
+    sizes = F.lod_prefix_sizes(data)
+    cut = data[: sizes[2] + 10]
+    with pytest.warns(UserWarning, match="ended after .* using LOD 2 of 2..3"):
+        assert [s.lod for s in F.iter_lods(cut)] == [2]
+    for block in (len(data) + 4, 1000, 7):
+        got = []
+        with pytest.raises(CorruptStreamError):
+            for s in F.iter_lods(data + b"junk", block=block):
+                got.append(s.lod)
+        assert got == [2, 3], block
+
+
 def test_other_sources(small, tmp_path):
     field, data = small
     path = tmp_path / "m.vqad"

@@ -228,9 +228,16 @@ def test_conditional_requests(client):
     assert client.get("/model.vqad", headers={"If-Unmodified-Since": old}).status_code == 412
 
 
-def test_cors_lets_another_origin_read_ranges(client):
+def test_cors_lets_pages_of_this_machine_read_ranges_and_no_other_site(client):
+    """On loopback a page from this machine (another port: the viewer) may read across origins; a page of any
+    web site may not (its requests reach 127.0.0.1 with a loopback Host too, so only CORS keeps it out)."""
     r = client.get("/model.vqad", headers={"Origin": "http://127.0.0.1:8080", "Range": "bytes=0-9"})
-    assert r.status_code == 206 and r.headers["access-control-allow-origin"] == "*"
+    assert r.status_code == 206 and r.headers["access-control-allow-origin"] == "http://127.0.0.1:8080"
+    for origin in ("http://localhost:3000", "https://[::1]"):
+        assert client.get("/api/files", headers={"Origin": origin}).headers["access-control-allow-origin"] == origin
+    for origin in ("https://evil.example", "http://localhost.evil.example", "http://127.0.0.1.evil.example:80"):
+        r = client.get("/api/files", headers={"Origin": origin})
+        assert "access-control-allow-origin" not in r.headers, origin
     exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
     assert {"content-range", "accept-ranges", "etag", "content-length"} <= exposed
     pre = client.options("/model.vqad", headers={"Origin": "http://127.0.0.1:8080", "Access-Control-Request-Method": "GET",

@@ -84,6 +84,12 @@ class FileServer:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                if self.path in ("/loop.vqad", "/tofile.vqad"):  # a redirect to itself, or out of HTTP
+                    self.send_response(302)
+                    self.send_header("Location", "/loop.vqad" if self.path == "/loop.vqad" else "file:///m.vqad")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path != "/model.vqad":
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
@@ -254,6 +260,10 @@ def test_http_errors_are_clear(vqad_bytes):
     with FileServer(vqad_bytes) as srv:
         with pytest.raises(FetchError, match="HTTP 404"):
             open_source(srv.url.replace("model.vqad", "missing.vqad"))
+        with pytest.raises(FetchError, match="redirects in a loop"):
+            open_source(srv.url.replace("model.vqad", "loop.vqad"))
+        with pytest.raises(FetchError, match="only http:// and https:// URLs, also after redirects"):
+            open_source(srv.url.replace("model.vqad", "tofile.vqad"))
     with pytest.raises(FetchError, match="cannot fetch"):
         open_source(srv.url)  # the server is gone
     with pytest.raises(InputError, match="only http"):

@@ -919,9 +919,11 @@ def _describe(source) -> str:
     return str(source) if isinstance(source, (str, Path)) else "the .vqad stream"
 
 
-def _decode(source, lod: int | None, max_bytes: int | None, block: int = READ_BLOCK, max_memory: int | None = None):
-    """Feed ``source`` until ``lod`` is complete (or the end); yields (decoder, newly complete LODs)."""
-    dec = StreamDecoder(max_memory=max_memory, stop_lod=lod)
+def _decode(source, lod: int | None, max_bytes: int | None, block: int = READ_BLOCK, max_memory: int | None = None,
+            dec: "StreamDecoder | None" = None):
+    """Feed ``source`` until ``lod`` is complete (or the end); yields (decoder, newly complete LODs). ``dec``:
+    the decoder to feed (a new one by default), so a caller can read what it completed before an error."""
+    dec = StreamDecoder(max_memory=max_memory, stop_lod=lod) if dec is None else dec
     for data in _blocks(source, max_bytes, block):
         new = dec.feed(data)
         if dec.grid_cfg is not None and lod is not None and not dec.grid_cfg.base_level <= lod <= dec.grid_cfg.max_level:
@@ -961,14 +963,19 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
         pass
     if not dec.prefix_sizes:
         raise dec.truncation_error()
+    _warn_if_cut(dec, source, lod, max_bytes)
+    return dec.field(lod, device=device, copy_tables=False)  # the decoder ends here
+
+
+def _warn_if_cut(dec: "StreamDecoder", source, lod: int | None, max_bytes: int | None) -> None:
+    """Warn when a whole stream (no ``max_bytes``) ended before the LOD asked for (or its last) was complete."""
     wanted = dec.max_level if lod is None else min(lod, dec.max_level)
     if max_bytes is None and max(dec.prefix_sizes) < wanted:
         warnings.warn(
             f"{_describe(source)} ended after {dec.bytes_received:,} bytes {dec.where()}: "
             f"using LOD {max(dec.prefix_sizes)} of {dec.base_level}..{dec.max_level}",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return dec.field(lod, device=device, copy_tables=False)  # the decoder ends here
 
 
 def iter_lods(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None,
@@ -982,13 +989,21 @@ def iter_lods(source, device: str | torch.device = "cpu", lod: int | None = None
     ...     for step in iter_lods(response):
     ...         print(step.lod, step.nbytes)        # LOD 3 after 6,912 bytes, ...
     """
-    dec, yielded = StreamDecoder(), False
-    for dec, new in _decode(source, lod, max_bytes, block, max_memory):
-        for lv in new:
-            yielded = True
+    dec, yielded = StreamDecoder(max_memory=max_memory, stop_lod=lod), set()
+    try:
+        for _, new in _decode(source, lod, max_bytes, block, max_memory, dec=dec):
+            for lv in new:
+                yielded.add(lv)
+                yield DecodedLOD(lv, dec.prefix_sizes[lv], dec.field(lv, device=device))
+    except CorruptStreamError:
+        # the block that held the damage may have completed LODs before it: they are whole, so they come first
+        for lv in sorted(lv for lv in dec.prefix_sizes if lv not in yielded and (lod is None or lv <= lod)):
+            yielded.add(lv)
             yield DecodedLOD(lv, dec.prefix_sizes[lv], dec.field(lv, device=device))
+        raise
     if not yielded:
         raise dec.truncation_error()
+    _warn_if_cut(dec, source, lod, max_bytes)  # as load() does: a dropped connection is no end of file
 
 
 def lod_prefix_sizes(source, max_memory: int | None = None) -> dict[int, int]:

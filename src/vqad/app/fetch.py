@@ -172,6 +172,11 @@ class HttpSource(ProgressiveSource):
             resp = self.client.send(self.client.build_request("GET", self.name, headers=headers), stream=True)
         except httpx.InvalidURL as exc:
             raise FetchError(f"{self.name} is not a valid URL ({exc})") from exc
+        except httpx.TooManyRedirects as exc:
+            raise FetchError(f"cannot fetch {self.name}: the server redirects in a loop ({exc})") from exc
+        except httpx.UnsupportedProtocol as exc:
+            raise FetchError(f"cannot fetch {self.name}: {exc} (only http:// and https:// URLs, also after "
+                             "redirects)") from exc
         except httpx.TransportError as exc:
             if probe:
                 raise FetchError(f"cannot fetch {self.name}: {type(exc).__name__}: {exc or 'no answer'} "

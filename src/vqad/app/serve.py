@@ -23,9 +23,10 @@ coalesced; more than :data:`MAX_RANGES` -> the whole file); none satisfiable -> 
 (inode, mtime in ns, size) and ``Last-Modified``; ``If-Match`` / ``If-Unmodified-Since`` -> 412,
 ``If-None-Match`` / ``If-Modified-Since`` -> 304, ``If-Range`` (ETag or date) -> the range only while
 the file is unchanged, else the whole file. HEAD answers with GET's headers and no body.
-``Cache-Control: no-cache`` (clients keep a copy and revalidate it with the ETag). CORS: any
-origin may read the files and the listing (read-only, public by design), and the headers a range
-client needs are exposed.
+``Cache-Control: no-cache`` (clients keep a copy and revalidate it with the ETag). CORS: on loopback,
+pages from this machine (``http(s)://localhost``, ``127.0.0.1``, ``[::1]``, any port) may read the files and
+the listing, no other origin; bound to another address (public by design, with a warning), any origin
+may. The headers a range client needs are exposed.
 
 Safety: only regular ``*.vqad`` files whose real path (symlinks resolved) lies under DIR are served;
 ``..``, ``.``, empty or hidden (``.name``) segments, NUL and backslashes are refused (403), anything
@@ -80,6 +81,8 @@ MAX_RANGES = 64
 CHUNK = 64 << 10
 #: the Host names a server bound to a loopback address answers to
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+#: the origins whose pages may read a loopback server's files across origins (any port)
+LOOPBACK_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 DEFAULT_PORT = 8000
 #: a server stopping (Ctrl-C) waits this long for responses in flight before cutting them
 GRACEFUL_SECONDS = 2.0
@@ -652,7 +655,10 @@ def create_app(root: Path, bandwidth: float | None = None, viewer_factory: Viewe
         finally:
             await run_in_threadpool(viewers.stop_all)
 
-    middleware = [Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "HEAD"],
+    # on loopback, only pages served from this machine may read across origins (a page of any web site could
+    # otherwise read every file: its requests' Host is 127.0.0.1 too); served to the network, the files are public
+    origins = dict(allow_origins=["*"]) if allowed_hosts is None else dict(allow_origin_regex=LOOPBACK_ORIGINS)
+    middleware = [Middleware(CORSMiddleware, **origins, allow_methods=["GET", "HEAD"],
                              allow_headers=["Range", "If-Range", "If-None-Match", "If-Match", "If-Modified-Since",
                                             "If-Unmodified-Since"],
                              expose_headers=list(EXPOSED_HEADERS), max_age=3600)]

@@ -459,7 +459,8 @@ class StreamDecoder:
         if not data:
             return []
         if self.finished:
-            raise _corrupt(f"{len(data)} bytes of trailing data after the last chunk (byte {self.bytes_received:,})")
+            raise _corrupt(f"trailing data after the last chunk, from byte {self.bytes_received:,} (at least "
+                           f"{len(data):,} bytes)")
         self._buf += data
         done: list[int] = []
         while True:
@@ -482,7 +483,8 @@ class StreamDecoder:
                 self._preamble_done = True
             if self.finished:
                 if self._buf:
-                    raise _corrupt(f"{len(self._buf)} bytes of trailing data after the last chunk (byte {self._off:,})")
+                    raise _corrupt(f"trailing data after the last chunk, from byte {self._off:,} (at least "
+                                   f"{len(self._buf):,} bytes)")
                 return done
             if self._stop_lod is not None and self.prefix_sizes and max(self.prefix_sizes) >= self._stop_lod:
                 return done  # what was asked for is complete: the rest is never parsed

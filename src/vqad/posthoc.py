@@ -16,6 +16,9 @@ from vqad.storages.lowrank import LowRankStorage, check_rank
 POSTHOC_KINDS = ("lowrank", "kmeans")
 
 
+POSTHOC_BITS = 4  # b of a post-hoc k-means codebook when none is given
+
+
 def posthoc(field, kind: str, *, bits: int | None = None, rank: int | None = None, seed: int = 0,
             iters: int = KMEANS_ITERS, fp16: bool = True):
     """A trained dense field compressed after training: every level's ``Z`` → ``kind``, decoder kept.
@@ -42,7 +45,7 @@ def posthoc(field, kind: str, *, bits: int | None = None, rank: int | None = Non
     if kind == "kmeans":
         if rank is not None:
             raise InputError("rank applies to post-hoc lowrank, not kmeans: pass bits instead")
-        bits = 4 if bits is None else bits
+        bits = POSTHOC_BITS if bits is None else bits
         check_bits(bits)
         storages = [codebook_from_dense(s, bits, seed=seed, iters=iters, fp16=fp16) for s in grid.storages]
     else:

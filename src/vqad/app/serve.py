@@ -752,10 +752,10 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT, bandwid
     files = [rel for rel, _ in iter_files(root)]
     if not files:
         print(f"warning: {root} holds no .vqad files yet; files added later are served as they appear")
-    shadowed = [rel for rel in files if rel.split("/", 1)[0] in ("view", "api")]
+    shadowed = [rel for rel in files if rel.split("/", 1)[0] == "view"]  # /view/<file> opens the viewer on <file>
     if shadowed:
-        print(f"warning: {len(shadowed)} file(s) under {root}/view/ or {root}/api/ cannot be reached (those URLs are "
-              f"the viewer's and the listing's): move them, e.g. {shadowed[0]}")
+        print(f"warning: {len(shadowed)} file(s) under {root}/view/ cannot be fetched (/view/<file> opens the viewer "
+              f"on <file>): move them, e.g. {shadowed[0]}")
     sock = bind_socket(host, port)
     url = _url(sock)
     if public:

@@ -510,7 +510,7 @@ class ViewerHandle:
         except OSError as exc:
             raise InputError(f"cannot serve the viewer on {host}:{port}: {exc.strerror or exc} (try another --port)") from exc
         self._server = server
-        shown_host = "localhost" if host in ("0.0.0.0", "127.0.0.1", "::") else host
+        shown_host = "localhost" if host in ("0.0.0.0", "127.0.0.1", "::") else f"[{host}]" if ":" in host else host
         self.port = server.get_port()
         self.url = f"http://{shown_host}:{self.port}/"
         server.scene.set_up_direction("+y")

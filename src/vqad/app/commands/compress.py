@@ -62,7 +62,14 @@ def cmd_compress(args) -> int:
     seconds = time.perf_counter() - t0
     save_checkpoint(out, new, extra={"posthoc": {"from": str(args.model), "kind": args.to, **params, "seconds": seconds}})
     r = new.size_report()
-    print(f"{args.to} ({', '.join(f'{k}={v}' for k, v in params.items())}) in {seconds:.1f} s: grid "
+    import inspect
+
+    from vqad.posthoc import POSTHOC_BITS
+
+    defaults = inspect.signature(posthoc).parameters  # what a flag left out ran with
+    shown = ({"bits": POSTHOC_BITS, "seed": defaults["seed"].default, "iters": defaults["iters"].default, **params}
+             if args.to == "kmeans" else params)
+    print(f"{args.to} ({', '.join(f'{k}={v}' for k, v in shown.items())}) in {seconds:.1f} s: grid "
           f"{r['dense_fp16_bytes'] / 1e3:,.1f} kB (dense fp16) -> {r['grid_bytes'] / 1e3:,.1f} kB "
           f"({r['grid_ratio']:.1f}x), decoder {r['decoder_bytes'] / 1e3:,.1f} kB")
     for level, s in zip(new.lods, new.grid.storages):

@@ -495,7 +495,12 @@ def test_cli_refuses_a_bad_folder_or_bandwidth(site, tmp_path, capsys):
     assert "not a directory" in err and f"vqad serve {root}" in err
     assert main(["serve", str(root), "--bandwidth", "fast"]) == 2
     assert "bandwidth" in capsys.readouterr().err
-    assert main(["serve", str(root), "--port", "70000"]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert main(["serve", str(empty), "--port", "70000"]) == 2
+    cap = capsys.readouterr()  # refused before the folder is walked (which warns of an empty one)
+    assert "--port must be in 0..65535" in cap.err and "holds no .vqad files" not in cap.out
     with socket.socket() as busy:  # a port in use: a one-line error, not a traceback
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)

@@ -21,10 +21,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (``port`` 0: a free one), or an InputError that says what to do."""
+def check_port(port: int) -> None:
+    """Refuse a TCP port outside 0..65535 (0: a free one), before any other work."""
     if not 0 <= port <= 65535:
         raise InputError(f"--port must be in 0..65535 (0 picks a free port), got {port}")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``port`` 0: a free one), or an InputError that says what to do."""
+    check_port(port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:

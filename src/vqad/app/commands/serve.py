@@ -58,6 +58,7 @@ def check_dir(path: str) -> Path:
 
 def cmd_serve(args) -> int:
     from vqad.app.rates import parse_rate
+    from vqad.app.sockets import check_port
 
     root = check_dir(args.dir)
     try:
@@ -66,6 +67,7 @@ def cmd_serve(args) -> int:
         raise VqadError(f"vqad serve needs starlette and uvicorn ({exc}): pip install 'vqad[view]'") from None
     bandwidth = None if args.bandwidth is None else parse_rate(args.bandwidth)
     port = DEFAULT_PORT if args.port is None else args.port
+    check_port(port)  # before the folder is walked
     try:
         serve(root, host=args.host, port=port, bandwidth=bandwidth, quiet=args.quiet)
     except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: a clean stop, not a failure

@@ -538,3 +538,13 @@ def test_cli_serves_until_ctrl_c(site, host):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_names_no_url_can_reach_are_not_listed(tmp_path):
+    """A name with a newline (or any control character) is listed by nothing: no route could serve it."""
+    from vqad.app.serve import iter_files
+
+    (tmp_path / "a.vqad").write_bytes(b"x")
+    (tmp_path / "new\nline.vqad").write_bytes(b"x")
+    (tmp_path / "tab\there.vqad").write_bytes(b"x")
+    assert [rel for rel, _ in iter_files(tmp_path)] == ["a.vqad"]

@@ -169,6 +169,8 @@ def iter_files(root: Path) -> Iterator[tuple[str, Path]]:
                 rel.encode("utf-8")  # a name that is not UTF-8 has no URL a client could send
             except UnicodeEncodeError:
                 continue
+            if any(ord(c) < 32 or ord(c) == 127 for c in rel):  # nor one with a control character: no route takes it
+                continue
             try:
                 found.append((rel, resolve_file(root, rel)))
             except Refused:

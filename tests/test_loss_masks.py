@@ -235,10 +235,10 @@ def test_kept_pixels_find_the_kth_kept_pixel_as_a_sorted_list_would(shape):
         valid = torch.rand(shape, generator=gen) < share
         listed = torch.nonzero(valid.reshape(-1))[:, 0]
         kept = KeptPixels(valid, torch.device("cpu"))
-        assert kept.count == listed.numel() and kept.ends.dtype == torch.int32
+        assert kept.count == listed.numel() and kept.starts.dtype == torch.int32
         k = torch.arange(kept.count)
         assert torch.equal(kept.nth(k), listed) and kept.nth(k).dtype == torch.int64
-        kept.ends = kept.ends.long()  # as past 2^31 kept pixels
+        kept.starts = kept.starts.long()  # as past 2^31 kept pixels
         assert torch.equal(kept.nth(k.flip(0)), listed.flip(0))
 
 

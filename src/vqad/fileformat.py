@@ -992,16 +992,17 @@ def iter_lods(source, device: str | torch.device = "cpu", lod: int | None = None
     ...         print(step.lod, step.nbytes)        # LOD 3 after 6,912 bytes, ...
     """
     dec, yielded = StreamDecoder(max_memory=max_memory, stop_lod=lod), set()
+
+    def step(lv: int) -> DecodedLOD:
+        yielded.add(lv)
+        return DecodedLOD(lv, dec.prefix_sizes[lv], dec.field(lv, device=device))
+
     try:
         for _, new in _decode(source, lod, max_bytes, block, max_memory, dec=dec):
-            for lv in new:
-                yielded.add(lv)
-                yield DecodedLOD(lv, dec.prefix_sizes[lv], dec.field(lv, device=device))
+            yield from map(step, new)
     except CorruptStreamError:
         # the block that held the damage may have completed LODs before it: they are whole, so they come first
-        for lv in sorted(lv for lv in dec.prefix_sizes if lv not in yielded and (lod is None or lv <= lod)):
-            yielded.add(lv)
-            yield DecodedLOD(lv, dec.prefix_sizes[lv], dec.field(lv, device=device))
+        yield from map(step, sorted(lv for lv in dec.prefix_sizes if lv not in yielded and (lod is None or lv <= lod)))
         raise
     if not yielded:
         raise dec.truncation_error()

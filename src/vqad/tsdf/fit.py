@@ -77,10 +77,14 @@ class TSDFTrainConfig(TrainConfig):
             raise InputError("--refine and --refine-candidates must be >= 0 and --refine-samples positive")
 
 
+def fused_box(fused) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)`` float64 ``(3,)``: the box of ``fused``'s observed voxels, in its units."""
+    return fused.ijk.min(0).astype(np.float64) * fused.voxel, (fused.ijk.max(0).astype(np.float64) + 1) * fused.voxel
+
+
 def tsdf_normalization(fused) -> Normalization:
     """World → unit cube for ``fused``: the observed voxels' box, centred, fills :data:`FILL` of the cube."""
-    lo = fused.ijk.min(0).astype(np.float64) * fused.voxel
-    hi = (fused.ijk.max(0).astype(np.float64) + 1) * fused.voxel
+    lo, hi = fused_box(fused)
     extent = float((hi - lo).max())
     return Normalization(center=tuple(float(v) for v in (lo + hi) / 2), scale=2 * FILL / extent)
 

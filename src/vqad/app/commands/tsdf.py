@@ -115,8 +115,9 @@ def check_gt_frame(gt, fused, name: str) -> None:
     a mesh far from every point makes the exact distances cost all points × all triangles)."""
     if len(fused.ijk) == 0:
         return  # nothing fused: the fit refuses it with its own message
-    lo_f = fused.ijk.min(0) * fused.voxel
-    hi_f = (fused.ijk.max(0) + 1) * fused.voxel
+    from vqad.tsdf.fit import fused_box
+
+    lo_f, hi_f = fused_box(fused)
     v = np.asarray(gt.vertices, dtype=np.float64)
     lo_g, hi_g = v.min(0), v.max(0)
     size_f, size_g = float(np.linalg.norm(hi_f - lo_f)), float(np.linalg.norm(hi_g - lo_g))

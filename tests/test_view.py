@@ -55,15 +55,17 @@ class FileServer:
     ``ranges``: answer Range requests with 206 (else always 200 with the whole file); ``rate``:
     bytes/s to throttle every response to; ``drop_after``: cut the first response's connection
     after that many body bytes (once); ``etag``: the validator (change it to simulate a new file);
-    ``hold``: an event every body waits for (headers go at once), to start a transfer on cue;
+    ``hold``: an event every body waits for (headers go at once), to start a transfer on cue, once
+    it has sent the file's first ``hold_after`` bytes (the viewer reads a URL's header before it starts);
     ``die``: after the drop, hang up on every request (a server that went away).
     ``requests`` records each request's Range header.
     """
 
     def __init__(self, data: bytes, ranges: bool = True, rate: float | None = None, drop_after: int | None = None,
-                 etag: str = '"v1"', hold: threading.Event | None = None, die: bool = False) -> None:
+                 etag: str = '"v1"', hold: threading.Event | None = None, hold_after: int = 0,
+                 die: bool = False) -> None:
         self.data, self.ranges, self.rate, self.drop_after, self.etag = data, ranges, rate, drop_after, etag
-        self.hold, self.die, self.dead = hold, die, False
+        self.hold, self.hold_after, self.die, self.dead = hold, hold_after, die, False
         self.requests: list[str | None] = []
         srv = self
 
@@ -117,11 +119,16 @@ class FileServer:
                     self.send_response(200)
                 if srv.ranges:
                     self.send_header("Accept-Ranges", "bytes")
-                self.send_header("ETag", srv.etag)
+                if srv.etag is not None:
+                    self.send_header("ETag", srv.etag)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.flush()
                 if srv.hold is not None:
+                    first = body[: max(srv.hold_after - start, 0)]
+                    self.wfile.write(first)
+                    self.wfile.flush()
+                    body = body[len(first):]
                     srv.hold.wait(60)
                 sent = 0
                 for s in range(0, len(body), 1024):
@@ -159,6 +166,19 @@ class FileServer:
 @pytest.fixture(scope="module")
 def vqad_bytes() -> bytes:
     return tiny_vqad_bytes()
+
+
+def header_size(data: bytes) -> int:
+    """Bytes of ``data`` (a ``.vqad`` file) up to the end of its header: what the viewer reads of a URL
+    before it starts."""
+    from vqad.fileformat import StreamDecoder
+
+    dec = StreamDecoder()
+    for n, byte in enumerate(data, 1):
+        dec.feed(bytes([byte]))
+        if dec.cfg is not None:
+            return n
+    raise AssertionError("no complete header")
 
 
 @pytest.fixture
@@ -253,6 +273,18 @@ def test_http_file_changed_on_server(vqad_bytes):
         next(it)
         srv.etag = '"v2"'  # a new file: If-Range no longer matches, the server sends the whole new file
         with pytest.raises(FetchError, match="changed on the server"):
+            list(it)
+
+
+def test_http_file_changed_on_a_server_without_validators(vqad_bytes):
+    """A server that sends neither ETag nor Last-Modified: a file replaced mid-fetch is still caught when
+    its size changes (each 206's Content-Range names the file's length), never spliced."""
+    with FileServer(vqad_bytes, etag=None) as srv:
+        src = open_source(srv.url, block=2048)
+        it = iter(src)
+        next(it)
+        srv.data = vqad_bytes + b"more"
+        with pytest.raises(FetchError, match=f"changed on the server.*from {len(vqad_bytes):,} to "):
             list(it)
 
 
@@ -558,16 +590,30 @@ def test_viewer_streams_a_tsdf_file(tmp_path):
 
 
 def test_viewer_refuses_a_lod_the_model_lacks(tmp_path, vqad_bytes):
-    """A local file's LODs are read from its header before the viewer starts; a URL's once its header
-    arrives (the panel and the terminal say so, and nothing more is fetched)."""
+    """A file's LODs are read from its header before the viewer starts, a local file's and a URL's alike."""
     p = tmp_path / "m.vqad"
     p.write_bytes(vqad_bytes)
     with pytest.raises(InputError, match="--lod 99: .* has LODs"):
         open_viewer(str(p), serve=False, device="cpu", lod=99)
     with FileServer(vqad_bytes) as srv:
-        h = open_viewer(srv.url, serve=False, device="cpu", lod=99)
+        with pytest.raises(InputError, match="--lod 99: .* has LODs"):
+            open_viewer(srv.url, serve=False, device="cpu", lod=99)
+
+
+def test_viewer_refuses_a_url_that_is_not_a_vqad_file_before_it_starts(vqad_bytes):
+    """A URL that answers with a web page (a wrong path on a server that serves HTML for everything) or a
+    cut header is refused at once, as a local file is, not after the viewer has started; a good URL's
+    header blocks are not lost to that check (every LOD still arrives)."""
+    with FileServer(b"<!doctype html><html><body>not found</body></html>" * 40) as srv:
+        with pytest.raises(InputError, match="is not a readable .vqad file: .*magic"):
+            open_viewer(srv.url, serve=False, device="cpu")
+    with FileServer(vqad_bytes[:20]) as srv:
+        with pytest.raises(InputError, match="is not a readable .vqad file"):
+            open_viewer(srv.url, serve=False, device="cpu")
+    with FileServer(vqad_bytes) as srv:
+        h = open_viewer(srv.url, serve=False, device="cpu")
         try:
-            assert h.wait_for(lambda h: h.error is not None, timeout=20)
-            assert "--lod 99: this model has LODs" in h.error and h.lods_available == []
+            assert h.wait_for(lambda h: h.loaded.is_set(), timeout=30)
+            assert h.error is None and h.bytes_received == len(vqad_bytes) and h.lods_available
         finally:
             h.stop()

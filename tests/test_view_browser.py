@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_view import FileServer, prefix_sizes, tiny_vqad_bytes
+from test_view import FileServer, header_size, prefix_sizes, tiny_vqad_bytes
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -100,7 +100,7 @@ def test_stream_refines_to_the_finest_lod(browser):
     sizes = prefix_sizes(data)
     lods = sorted(sizes)
     go = threading.Event()
-    with FileServer(data, rate=len(data) / 3.0, hold=go) as srv:  # ~3 s for the whole file
+    with FileServer(data, rate=len(data) / 3.0, hold=go, hold_after=header_size(data)) as srv:  # ~3 s for the whole file
         handle = open_viewer(srv.url, port=0, device="cpu")
         try:
             blank = open_page(browser, handle)
@@ -155,7 +155,7 @@ def test_damaged_stream_keeps_best_lod_and_says_so(browser, damage):
         bad = bytes(b)
         word = "damaged"
     go = threading.Event()
-    with FileServer(bad, rate=len(data) / 1.5, hold=go) as srv:
+    with FileServer(bad, rate=len(data) / 1.5, hold=go, hold_after=header_size(data)) as srv:
         handle = open_viewer(srv.url, port=0, device="cpu", still_size=256)
         try:
             blank = open_page(browser, handle)

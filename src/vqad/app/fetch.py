@@ -212,9 +212,12 @@ class HttpSource(ProgressiveSource):
                 raise FetchError(f"{self.name}: the server answered a Range request for byte {start:,} with "
                                  f"{resp.headers.get('content-range')!r}; it cannot be fetched progressively")
             new = resp.headers.get("etag") or resp.headers.get("last-modified")
-            if self.validator and new and new != self.validator:
+            total = None if m.group(3) == "*" else int(m.group(3))
+            if (self.validator and new and new != self.validator) or (
+                    self.total is not None and total is not None and total != self.total):
                 resp.close()
-                raise FetchError(f"{self.name} changed on the server while it was being fetched: open it again")
+                size = "" if total in (None, self.total) else f" (its size went from {self.total:,} to {total:,} bytes)"
+                raise FetchError(f"{self.name} changed on the server while it was being fetched{size}: open it again")
         return resp
 
     def _body(self, resp) -> Iterator[bytes]:

@@ -140,6 +140,8 @@ class ViewerHandle:
         self._gui: dict = {}
         self._threads: list[threading.Thread] = []
         self._arrivals: list[tuple[float, int]] = []  # (t, bytes so far) per block
+        self._head: list[bytes] = []  # a URL's first blocks, read by _read_header before the viewer starts
+        self._stream = None  # the iterator those blocks came from (the rest of the stream)
         self._slider_state: tuple | None = None
 
     # -- public -----------------------------------------------------------------------------------
@@ -281,10 +283,37 @@ class ViewerHandle:
         self._refresh_panel()
 
     # -- fetch + decode -----------------------------------------------------------------------------
+    def _read_header(self, src) -> None:
+        """Read a URL's stream until its header is complete and check it (magic, version, ``--lod``) before
+        the viewer starts, as a local file is checked; the blocks read are kept for the decode loop.
+
+        Raises:
+            InputError: the URL's bytes are not a ``.vqad`` file, or the model lacks ``--lod``.
+        """
+        from vqad.fileformat import StreamDecoder
+
+        dec = StreamDecoder()
+        self._stream = iter(src)
+        try:
+            while dec.cfg is None:
+                block = next(self._stream, None)
+                if block is None:
+                    raise dec.truncation_error()
+                self._head.append(block)
+                self._arrivals.append((self._now(), dec.bytes_received + len(block)))
+                dec.feed(block)
+        except StreamError as exc:
+            if dec.cfg is None:  # (damage past the header, in the same block, is the decode loop's to report)
+                raise InputError(f"{self.source} is not a readable .vqad file: {exc}") from None
+        _check_lod(self.stop_lod, dec.base_level, dec.max_level, self.source)
+
     def _fetch_loop(self, src, blocks: queue.Queue) -> None:
         n = 0
         try:
-            for data in src:
+            for data in self._head:  # (their arrival times were recorded as they came)
+                n += len(data)
+                blocks.put(data)
+            for data in self._stream if self._stream is not None else src:
                 n += len(data)
                 self._arrivals.append((self._now(), n))
                 blocks.put(data)
@@ -324,18 +353,12 @@ class ViewerHandle:
                     dec.feed(item)
                 finally:  # a block that completes LODs and then hits damage: those LODs are still good
                     self.bytes_received = dec.bytes_received
-                    bad_lod = (dec.cfg is not None and self.kind is None and self.stop_lod is not None
-                               and not dec.base_level <= self.stop_lod <= dec.max_level)
-                    if dec.cfg is not None and self.kind is None and not bad_lod:
+                    if dec.cfg is not None and self.kind is None:  # (--lod was checked against the header)
                         self.kind = dec.cfg.get("kind", "sdf")
                         self.mode = self.mode or modes_for(self.kind)[0]
                         self._build_gui_for_kind()
-                    for lv in [] if bad_lod else sorted(set(dec.prefix_sizes) - set(self._fields)):
+                    for lv in sorted(set(dec.prefix_sizes) - set(self._fields)):
                         self._lod_arrived(dec, lv)
-                if bad_lod:  # a URL's --lod, known only once its header arrives
-                    src.close()
-                    self._fail(f"--lod {self.stop_lod}: this model has LODs {dec.base_level}..{dec.max_level}")
-                    return
                 self._refresh_panel()
                 if self.stop_lod is not None and dec.prefix_sizes and max(dec.prefix_sizes) >= self.stop_lod:
                     src.close()
@@ -748,6 +771,14 @@ def open_viewer(source: str, host: str = "127.0.0.1", port: int = 0, bandwidth: 
         src = open_source(source, bandwidth)
         handle._source_obj = src
         handle.total_bytes = src.total
+        if is_url(source):
+            try:
+                handle._read_header(src)
+            except BaseException:
+                src.close()
+                if handle._stream is not None and hasattr(handle._stream, "close"):
+                    handle._stream.close()  # (the fetch generator: its client closes)
+                raise
         loader = threading.Thread(target=handle._decode_loop, args=(src,), name="vqad-view-decode", daemon=True)
     handle.metrics = _read_metrics(source)
     if serve:

@@ -203,6 +203,30 @@ def test_parse_range_against_a_reference():
             assert got == ([(max(size - n, 0), size - 1)] if n > 0 and size > 0 else None)
 
 
+def test_parse_range_coalesces_and_keeps_the_order_asked():
+    """Several ranges against a reference: the parts cover exactly the bytes asked, none overlaps or
+    touches another, and they come in the order their first range was asked in (RFC 9110 §14.6)."""
+    rng = random.Random(0)
+    size = 40
+    for _ in range(3000):
+        asked = [tuple(sorted(rng.sample(range(size + 5), 2))) for _ in range(rng.randint(2, 5))]
+        header = "bytes=" + ",".join(f"{a}-{b}" for a, b in asked)
+        inside = [(a, min(b, size - 1)) for a, b in asked if a < size]
+        if not inside:
+            with pytest.raises(Unsatisfiable):
+                parse_range(header, size)
+            continue
+        got = parse_range(header, size)
+        want = sorted({i for a, b in inside for i in range(a, b + 1)})
+        assert sorted(i for a, b in got for i in range(a, b + 1)) == want, asked
+        spans = sorted(got)
+        assert all(q[0] > p[1] + 1 for p, q in zip(spans, spans[1:])), (asked, got)
+        first_asked = [min(k for k, (a, b) in enumerate(inside) if p[0] <= a and b <= p[1]) for p in got]
+        assert first_asked == sorted(first_asked), (asked, got)
+    assert parse_range("bytes=50-59,0-9", 100) == [(50, 59), (0, 9)]
+    assert parse_range("bytes=50-59,0-9,10-19", 100) == [(50, 59), (0, 19)]
+
+
 # -- validators ------------------------------------------------------------------------------------------
 def test_conditional_requests(client):
     first = client.get("/model.vqad")

@@ -17,8 +17,8 @@ URL scheme (every path is relative to DIR, percent-encoded, ``/`` between folder
 ==========================  =====================================================================
 
 HTTP semantics (RFC 9110): ``Accept-Ranges: bytes``; one range (``bytes=a-b``, ``a-``, ``-n``) ->
-206 with ``Content-Range``; several -> 206 ``multipart/byteranges`` (overlapping or unordered ones
-coalesced; more than :data:`MAX_RANGES` -> the whole file); none satisfiable -> 416 with
+206 with ``Content-Range``; several -> 206 ``multipart/byteranges``, the parts in the order asked
+(overlapping or adjacent ones coalesced; more than :data:`MAX_RANGES` -> the whole file); none satisfiable -> 416 with
 ``Content-Range: bytes */SIZE``; a malformed Range header is ignored (200). A strong ``ETag``
 (inode, mtime in ns, size) and ``Last-Modified``; ``If-Match`` / ``If-Unmodified-Since`` -> 412,
 ``If-None-Match`` / ``If-Modified-Since`` -> 304, ``If-Range`` (ETag or date) -> the range only while
@@ -223,11 +223,12 @@ def parse_range(header: str, size: int) -> list[tuple[int, int]] | None:
 
     Returns ``None`` when the header is to be ignored (RFC 9110 §14.2: a unit other than ``bytes``,
     bad syntax, ``last < first``, or more than :data:`MAX_RANGES` ranges); raises
-    :class:`Unsatisfiable` when it is well formed but no range overlaps the file. Overlapping,
-    adjacent or unordered ranges are coalesced into ascending order.
+    :class:`Unsatisfiable` when it is well formed but no range overlaps the file. Overlapping or
+    adjacent ranges are coalesced; the parts keep the order the ranges were asked in (RFC 9110 §14.6),
+    a coalesced part where the first of its ranges was.
 
-    >>> parse_range("bytes=0-9,-5", 100), parse_range("bytes=90-", 100), parse_range("items=1-2", 100)
-    ([(0, 9), (95, 99)], [(90, 99)], None)
+    >>> parse_range("bytes=0-9,-5", 100), parse_range("bytes=90-,0-0", 100), parse_range("items=1-2", 100)
+    ([(0, 9), (95, 99)], [(90, 99), (0, 0)], None)
     """
     unit, sep, spec = header.partition("=")
     if not sep or unit.strip().lower() != "bytes":
@@ -255,14 +256,13 @@ def parse_range(header: str, size: int) -> list[tuple[int, int]] | None:
         return None
     if not ranges:
         raise Unsatisfiable()
-    if any(b[0] <= a[1] + 1 for a, b in zip(ranges, ranges[1:])):  # not ascending and apart: coalesce
-        merged: list[tuple[int, int]] = []
-        for a, b in sorted(ranges):
-            if merged and a <= merged[-1][1] + 1:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-            else:
-                merged.append((a, b))
-        ranges = merged
+    merged: list[list[int]] = []  # [first, last, the first asked of its ranges]
+    for a, b, i in sorted((a, b, i) for i, (a, b) in enumerate(ranges)):
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1][1:] = [max(merged[-1][1], b), min(merged[-1][2], i)]
+        else:
+            merged.append([a, b, i])
+    ranges = [(a, b) for a, b, _ in sorted(merged, key=lambda m: m[2])]
     return None if len(ranges) > MAX_RANGES else ranges
 
 

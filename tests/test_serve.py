@@ -460,6 +460,10 @@ def test_view_starts_one_viewer_per_file_on_this_servers_url_and_redirects(site)
         assert started[0].host == "127.0.0.1" and started[0].port == 0
         assert httpx.get(url + "view/model.vqad").status_code == 303 and len(started) == 2
         assert httpx.get(url + "view/notes.txt").status_code == 404 and len(started) == 2
+        head = httpx.head(url + "view/sub/other.vqad")  # a link checker's HEAD starts no viewer
+        assert head.status_code in (404, 405) and len(started) == 2
+        head = httpx.head(url + "view/model.vqad")
+        assert head.status_code == 405 and head.headers["allow"] == "GET" and len(started) == 2
         # the source URL the viewer got serves the file
         assert httpx.get(started[0].source).content == (root / "model.vqad").read_bytes()
         assert not any(v.stopped for v in started)

@@ -22,7 +22,8 @@ HTTP semantics (RFC 9110): ``Accept-Ranges: bytes``; one range (``bytes=a-b``, `
 ``Content-Range: bytes */SIZE``; a malformed Range header is ignored (200). A strong ``ETag``
 (inode, mtime in ns, size) and ``Last-Modified``; ``If-Match`` / ``If-Unmodified-Since`` -> 412,
 ``If-None-Match`` / ``If-Modified-Since`` -> 304, ``If-Range`` (ETag or date) -> the range only while
-the file is unchanged, else the whole file. HEAD answers with GET's headers and no body.
+the file is unchanged, else the whole file. HEAD answers with GET's headers and no body (``/view/``: 405,
+so that a link checker starts no viewer).
 ``Cache-Control: no-cache`` (clients keep a copy and revalidate it with the ETag). CORS: on loopback,
 pages from this machine (``http(s)://localhost``, ``127.0.0.1``, ``[::1]``, any port) may read the files and
 the listing, no other origin; bound to another address (public by design, with a warning), any origin
@@ -573,6 +574,8 @@ def create_app(root: Path, bandwidth: float | None = None, viewer_factory: Viewe
             resolve_file(root, rel)
         except Refused as exc:
             return refused(exc)
+        if request.method == "HEAD":  # a link checker's or a preview's HEAD starts no viewer (threads, memory)
+            return PlainTextResponse("", status_code=405, headers={"Allow": "GET"})
         server_host, server_port = request.scope["server"]  # this connection's own address: reachable from here
         source = f"http://{_url_host(server_host)}:{server_port}/{quote(rel)}"
         public = f"{request.base_url}{quote(rel)}"

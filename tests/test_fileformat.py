@@ -806,3 +806,31 @@ def test_cli_export_and_info(tmp_path, capsys):
     assert "CRC mismatch" in err and "\n" not in err
     assert main(["info", str(tmp_path / "ckpt")]) == 2
     assert main(["export", str(tmp_path / "nope"), "-o", str(tmp_path / "x.vqad")]) == 2
+
+
+def _number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def test_info_accounts_for_every_byte_of_a_cut_file(tmp_path, capsys):
+    """Cut after any chunk (past the first LOD), ``vqad info``'s breakdown adds up to the bytes of the
+    complete chunks: the octree and grid chunks past the last complete LOD are counted and named."""
+    import re
+
+    field = make_field(surface=True, n_points=300)
+    data = F.to_bytes(field)
+    ends = [c.end for c in F.read_info(data).chunks]
+    first_lod = min(F.lod_prefix_sizes(data).values())
+    cut = tmp_path / "cut.vqad"
+    for end in [e for e in ends if e >= first_lod]:
+        cut.write_bytes(data[:end + 5])  # a few bytes of the next chunk too
+        assert main(["info", str(cut)]) == 0
+        text = capsys.readouterr().out
+        m = re.search(r"(?:file|complete chunks) ([\d,]+) B = grid ([\d,]+) \+ decoder weights ([\d,]+) \(fp16\) "
+                      r"\+ overhead ([\d,]+) \([\d.]+%\)(?: \+ grid chunks past LOD \d+ ([\d,]+))?:\n"
+                      r"  octree structure ([\d,]+).*?, header JSON ([\d,]+), decoder directory ([\d,]+), "
+                      r"framing ([\d,]+) ", text)
+        assert m, text
+        total, grid, dec, other, past, tree, head, directory, framing = (_number(g or "0") for g in m.groups())
+        assert total == end and total == grid + dec + other + past, text
+        assert other == tree + head + directory + framing, text

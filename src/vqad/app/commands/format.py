@@ -80,7 +80,7 @@ def cmd_info(args) -> int:
 
 def info_lines(info) -> list[str]:
     """The report of ``vqad info`` as lines of text (also used by the format benchmark)."""
-    from vqad.fileformat import FRAME_BYTES, PREAMBLE_BYTES, Codec
+    from vqad.fileformat import FRAME_BYTES, PREAMBLE_BYTES, ChunkType, Codec
 
     cfg = info.config
     g = cfg["grid"]
@@ -133,17 +133,30 @@ def info_lines(info) -> list[str]:
         cd += lv.dense_fp16_bytes
         lines.append(f"{lv.level:>4} {lv.vertices:>9,} {_kb(lv.prefix_bytes):>11} {_kb(cg):>11} {_kb(cf):>11} "
                      f"{_kb(cd):>12} {cd / cg:>10.1f}x {cd / cf:>13.1f}x")
-    tree = sum(lv.tree_bytes for lv in info.levels)
+    # a cut stream's complete chunks can reach past its last complete LOD (the next level's octree, some of
+    # its grid): every chunk is counted, and those are named
+    top = info.levels[-1].level
+    tree = sum(c.length for c in info.chunks if c.type == ChunkType.TREE)
+    past = [c for c in info.chunks if c.type in (ChunkType.TREE, ChunkType.GRID) and c.level > top]
+    past_tree = sum(c.length for c in past if c.type == ChunkType.TREE)
+    past_grid = sum(c.length for c in past if c.type == ChunkType.GRID)
     dec = 2 * info.decoder_params
-    other = info.total_bytes - cg - dec
+    other = info.total_bytes - cg - past_grid - dec
     lines += [
         "",
-        f"{'file' if info.complete else 'complete chunks'} {info.total_bytes:,} B = grid {int(cg):,} + decoder weights {dec:,} (fp16) + overhead {int(other):,} "
-        f"({100 * other / info.total_bytes:.1f}%):",
-        f"  octree structure {tree:,}, header JSON {info.header_bytes:,}, decoder directory {info.decoder_bytes - dec:,}, "
+        f"{'file' if info.complete else 'complete chunks'} {info.total_bytes:,} B = grid {int(cg):,} + decoder weights "
+        f"{dec:,} (fp16) + overhead {int(other):,} ({100 * other / info.total_bytes:.1f}%)"
+        + (f" + grid chunks past LOD {top} {past_grid:,}" if past_grid else "") + ":",
+        f"  octree structure {tree:,}" + (f" ({past_tree:,} of it past LOD {top})" if past_tree else "")
+        + f", header JSON {info.header_bytes:,}, decoder directory {info.decoder_bytes - dec:,}, "
         f"framing {info.framing_bytes:,} (12-byte preamble + 12 bytes per chunk × {len(info.chunks)})",
-        f"  formula prediction (grid formula + fp16 decoder) {int(cf) + dec:,} B; file / formula = {info.total_bytes / (cf + dec):.3f}",
     ]
+    if info.complete:
+        lines.append(f"  formula prediction (grid formula + fp16 decoder) {int(cf) + dec:,} B; "
+                     f"file / formula = {info.total_bytes / (cf + dec):.3f}")
+    else:
+        lines.append(f"  formula prediction (grid formula + fp16 decoder) {int(cf) + dec:,} B; LOD {top}'s prefix "
+                     f"{info.levels[-1].prefix_bytes:,} B / formula = {info.levels[-1].prefix_bytes / (cf + dec):.3f}")
     if info.raw_total_bytes != info.total_bytes:
         saved = info.raw_total_bytes - info.total_bytes
         lines.append(f"  entropy coding: {info.raw_total_bytes:,} B without, {info.total_bytes:,} B with "

@@ -155,7 +155,8 @@ def test_tum_intrinsics_from_the_folder_name_or_refused(tmp_path):
         read_tum(root)
     # fr1's calibration, but these 8×6 images are not 640×480: refused
     fr1 = _write_hand_tum(tmp_path / "rgbd_dataset_freiburg1_xyz", camera=False)
-    with pytest.raises(InputError, match="intrinsics are for another image size"):
+    with pytest.raises(InputError, match="intrinsics are for another image size .*freiburg1 calibration is for "
+                       "640×480 images: if these are its images resized, pass --intrinsics fr1"):
         read_tum(fr1)
     seq = read_tum(root, K=(10.0, 10.0, 3.5, 2.5))
     assert len(seq) == 3

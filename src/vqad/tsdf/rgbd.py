@@ -533,7 +533,15 @@ def read_tum(path, depth_scale: float | None = None, K=None, max_dt: float = TUM
     if k_size is not None and k_size != size:
         raise InputError(f"{root}: the depth images are {size[0]}×{size[1]} but {k_source} is for {k_size[0]}×{k_size[1]}; "
                          "use the intrinsics of these images")
-    _check_size_vs_intrinsics(K, size, f"{root} ({k_source})")
+    try:
+        _check_size_vs_intrinsics(K, size, f"{root} ({k_source})")
+    except InputError as exc:
+        if not k_source.startswith("freiburg") or size == _PRESET_SIZE:
+            raise
+        # a name is no proof that these are the camera's images resized: say how to scale it, never guess
+        raise InputError(f"{exc} (the {k_source.split()[0]} calibration is for {_PRESET_SIZE[0]}×{_PRESET_SIZE[1]} "
+                         f"images: if these are its images resized, pass --intrinsics fr{k_source[8]}, which scales "
+                         "to them)") from None
     return _image_sequence(root, K, poses, size, depth_paths, color_paths, depth_scale, note=note)
 
 

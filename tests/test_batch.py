@@ -117,6 +117,17 @@ BAD_JOBS = {
     "wrong application": ({"assets": [{"path": "sphere.obj", "application": "nerf"}]}, "a mesh file is an sdf asset"),
     "name escapes": ({"assets": [{"path": "sphere.obj", "name": "../x"}]}, "name must be a relative path"),
     "a list for a value": ({"assets": [{"path": "sphere.obj", "steps": [1, 2]}]}, "steps must be a single value"),
+    "a name the output root takes": ({"assets": [{"path": "sphere.obj", "name": "results.jsonl"}]},
+                                     "is a file of the output folder itself"),
+    "the lock's name": ({"assets": [{"path": "sphere.obj", "name": ".batch.lock/x"}]}, "is a file of the output folder"),
+    "a control character": ({"assets": [{"path": "sphere.obj", "name": "a\u0000b"}]}, "holds the control character"),
+    "a newline": ({"assets": [{"path": "sphere.obj", "name": "new\nline"}]}, "holds the control character"),
+    "a name too long": ({"assets": [{"path": "sphere.obj", "name": "x" * 201}]}, "folder names stop at 200"),
+    "metric samples out of range": ({"assets": [{"path": "sphere.obj", "chamfer_samples": 10 ** 12}]},
+                                    "chamfer_samples must be an integer in 1..10,000,000"),
+    "evaluation setting without evaluation": ({"assets": [{"path": "sphere.obj", "eval": False, "renders": True,
+                                                           "mc_resolution": None}]},
+                                              "does not apply with eval = false (nothing is evaluated)"),
 }
 
 
@@ -137,6 +148,11 @@ def test_bad_job_is_one_line_exit_2_and_writes_nothing(case, shapes, tmp_path, c
     (["--bits", "0"], "1..12"),
     (["--threads", "0"], "--threads must be a positive whole number"),
     (["--retries", "-1"], "--retries must be >= 0"),
+    (["--retries", "2"], "--retries applies to Ray tasks"),
+    (["--steps", "5", "--set", "steps=7"], "--steps 5 and --set steps=7 both set steps: give one"),
+    (["--set", "steps=5", "--set", "steps=7"], "--set steps is given twice (--set steps=5 and --set steps=7)"),
+    (["--bits", "04"], "--bits 04: bits must be an integer, got '04'"),
+    (["--set", "renders=1"], "--set renders=1: renders must be true or false"),
 ])
 def test_bad_flags_are_one_line_exit_2(argv, message, shapes, tmp_path, capsys):
     job = write_job(tmp_path / "job.json", [str(shapes / "sphere.obj")], shapes)
@@ -314,6 +330,77 @@ def test_directory_job_mirrors_the_tree(shapes, tmp_path):
     assert (out / "a" / "sphere" / "sphere.vqad").is_file() and (out / "a" / "b" / "box" / "box.vqad").is_file()
     assert {r["steps"] for r in records(out)} == {10}
     assert main(argv) == 0 and len(records(out)) == 2  # the outputs' meshes are not new assets
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ray", "notahost"], "--ray takes auto or a cluster's address host:port"),
+    (["--ray", ""], "--ray takes auto or a cluster's address"),
+    (["--ray", "auto", "--threads", "64"], "--threads 64 per fit, but this machine has"),
+])
+def test_run_settings_that_cannot_work_are_refused_before_the_output_folder_exists(argv, message, shapes, tmp_path,
+                                                                                    capsys, monkeypatch):
+    monkeypatch.setattr("vqad.device.available_cores", lambda: 2)
+    job = write_job(tmp_path / "job.json", [str(shapes / "sphere.obj")], shapes)
+    if "auto" in argv and importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed: --ray auto runs --local")
+    assert_refused(["batch", str(job), "--out", str(tmp_path / "out"), *argv], tmp_path / "out", message, capsys)
+
+
+def test_a_folder_replaced_by_a_stopped_run_with_other_settings_is_fitted_again(shapes, tmp_path, capsys):
+    """The latest record says done with these settings, but a later run with other settings, stopped before
+    it recorded anything, has started to replace the folder (its settings.json): the file there is not this
+    record's, so the asset is fitted again instead of skipped."""
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.json", [str(shapes / "sphere.obj")], shapes)
+    assert main(["batch", str(job), "--out", str(out), "--local", "--threads", "1", "--quiet"]) == 0
+    settings = out / "sphere" / "settings.json"
+    assert B.plan(B.load_job(job, out)).skipped == ["sphere"]
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "fingerprint": "another-run"}))
+    p = B.plan(B.load_job(job, out))
+    assert [s.key for s in p.run] == ["sphere"] and "a run with other settings that was stopped" in p.reasons["sphere"]
+    settings.unlink()  # lost by hand: the record and the file are all there is, as before settings.json was read
+    assert B.plan(B.load_job(job, out)).skipped == ["sphere"]
+
+
+def test_output_folders_inside_the_input_are_neither_assets_nor_input(shapes, tmp_path):
+    """A directory job or a glob never takes the meshes of a batch's, a sweep's or a fit's output for assets,
+    and a capture's stamp ignores the job's own output written inside it (it would refit forever)."""
+    src = tmp_path / "assets"
+    src.mkdir()
+    (src / "sphere.obj").write_bytes((shapes / "sphere.obj").read_bytes())
+    for folder, marker in (("run1", B.RESULTS), ("sw", "sweep.json"), ("fit", "checkpoint/config.json")):
+        (src / folder / "sphere").mkdir(parents=True)
+        (src / folder / "sphere" / "mesh_lod4.ply").write_bytes((shapes / "box.ply").read_bytes())
+        (src / folder / marker).parent.mkdir(parents=True, exist_ok=True)
+        (src / folder / marker).write_text("{}")
+    assert B.discover(src) == [src / "sphere.obj"]
+    with pytest.raises(InputError, match="matches nothing"):
+        B._expand("**/*.ply", src, tmp_path / "elsewhere", "test")
+    capture = tmp_path / "capture"
+    (capture / "images").mkdir(parents=True)
+    (capture / "images" / "a.png").write_bytes(b"x")
+    stamp = B.input_stamp(str(capture), capture / "runs")
+    (capture / "runs" / "a").mkdir(parents=True)
+    (capture / "runs" / "results.jsonl").write_text("{}")
+    (capture / "runs" / "a" / "a.vqad").write_bytes(b"y")
+    (capture / "sweep1").mkdir()
+    (capture / "sweep1" / "sweep.json").write_text("{}")
+    assert B.input_stamp(str(capture), (capture / "runs").resolve()) == stamp
+    (capture / "images" / "b.png").write_bytes(b"z")
+    assert B.input_stamp(str(capture), (capture / "runs").resolve()) != stamp
+
+
+def test_reports_show_evaluation_errors_and_escape_names(tmp_path):
+    rec = {"asset": "a|b", "status": "done", "application": "sdf", "bytes": 1000, "ratio": 2.0,
+           "quality": {"3": None, "4": 0.01}, "lods": {"3": {"error": "no zero crossing"}, "4": {"chamfer_l1": 0.01}},
+           "fit_seconds": 1.0, "worker": "h:1"}
+    B.write_reports(tmp_path, [rec])
+    md = (tmp_path / B.RESULTS_MD).read_text()
+    assert "| a\\|b | sdf |" in md and "## Evaluation errors" in md and "| a\\|b | LOD 3: no zero crossing |" in md
+    row = (tmp_path / B.RESULTS_CSV).read_text().splitlines()[1]
+    assert row.endswith(",LOD 3: no zero crossing") and ",chamfer_l1," in row
+    line = B.summary_line(B.BatchResult([rec], 1, 0, 0, 1.0, ""), tmp_path)
+    assert "1 with LODs the evaluation could not measure" in line
 
 
 def test_directory_job_given_as_a_relative_path(shapes, tmp_path, monkeypatch):

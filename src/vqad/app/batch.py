@@ -54,7 +54,8 @@ Output tree::
 fsync'ed write; see :func:`vqad.atomicio.append_record`). A re-run skips an asset whose latest
 record is ``done`` with the same settings fingerprint (every setting that can change the result,
 vqad's resolved defaults and the input's size and modification time; not threads, device or
-checkpoint cadence) and whose file is there; an asset whose settings changed is fitted again from
+checkpoint cadence) and whose file is there from a fit of those settings (the folder's settings.json: a
+run with other settings that was stopped may have replaced it); an asset whose settings changed is fitted again from
 scratch (the plan says which settings changed), failed assets are tried again, and a fit that was
 interrupted continues from its checkpoint. An asset that finished after the driver died is
 recovered from its ``metrics.json``. A broken asset gets its one-line error in its record and does
@@ -88,6 +89,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -102,10 +104,15 @@ from vqad.atomicio import append_record, write_atomic
 from vqad.device import release_freed_memory
 from vqad.errors import InputError, VqadError
 from vqad.fit import Deadline
-from vqad.sdf.metrics import CHAMFER_SAMPLES, IOU_SAMPLES
+from vqad.sdf.metrics import CHAMFER_SAMPLES, IOU_SAMPLES, MAX_METRIC_SAMPLES
 
 BATCH_FORMAT = 1
 RESULTS, RESULTS_CSV, RESULTS_MD = "results.jsonl", "results.csv", "results.md"
+LOCK = ".batch.lock"
+#: the output root's own files: no asset folder may take their names
+RESERVED_NAMES = (RESULTS, RESULTS_CSV, RESULTS_MD, LOCK)
+#: an asset folder's name, in UTF-8 bytes (file systems stop at 255; its files add a suffix such as ".vqad")
+MAX_NAME_BYTES = 200
 FIT_COMMANDS = {"sdf": "fit-sdf", "nerf": "fit-nerf"}
 QUALITY = {"sdf": ("chamfer_l1", "Chamfer-L1 ↓"), "nerf": ("psnr", "PSNR dB ↑")}
 JOB_KEYS = ("out", "root", "defaults", "assets")
@@ -134,6 +141,7 @@ class AssetOptions:
     iou_samples: int = IOU_SAMPLES  # SDF: uniform points for IoU
 
     SDF_ONLY = ("chamfer_samples", "iou_samples")
+    EVAL_ONLY = ("renders", "chamfer_samples", "iou_samples")
 
     @classmethod
     def from_settings(cls, values: dict) -> "AssetOptions":
@@ -141,8 +149,13 @@ class AssetOptions:
             want = type(getattr(cls, name))
             if want is bool and not isinstance(value, bool):
                 raise InputError(f"{name} must be true or false, got {value!r}")
-            if want is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
+            if want is int and (isinstance(value, bool) or not isinstance(value, int)
+                                or not 0 < value <= MAX_METRIC_SAMPLES):
+                raise InputError(f"{name} must be an integer in 1..{MAX_METRIC_SAMPLES:,}, got {value!r}")
+        if values.get("eval") is False:  # what only the evaluation uses cannot apply without it
+            given = sorted(set(values) & set(cls.EVAL_ONLY))
+            if given:
+                raise InputError(f"{given[0]} does not apply with eval = false (nothing is evaluated): remove it")
         return cls(**values)
 
 
@@ -241,6 +254,16 @@ def _convert(key: str, value, action: argparse.Action):
     return value
 
 
+def check_override(key: str, value) -> None:
+    """A command-line setting's value checked by itself (its type and choices, as each kind of asset that
+    has it reads it), so that a wrong one is blamed on the flag, not on the first asset that takes it."""
+    for app in FIT_COMMANDS:
+        if key in fit_flags(app):
+            _convert(key, value, fit_flags(app)[key])
+    if key in OPTION_NAMES:
+        AssetOptions.from_settings({key: value})
+
+
 def _other(application: str) -> str:
     return "nerf" if application == "sdf" else "sdf"
 
@@ -293,9 +316,11 @@ def resolve_settings(application: str, merged: tuple) -> tuple[dict, AssetOption
     return args, options, [{k: v for k, v in asdict(c).items() if k not in CADENCE_TRAIN} for c in configs]
 
 
-def input_stamp(source: str) -> list:
+def input_stamp(source: str, out_dir: Path | None = None) -> list:
     """What identifies an asset's input without reading it: size and modification time of the file,
-    or of every file of a capture folder; a built-in scene's name."""
+    or of every file of a capture folder (but those of vqad's output folders in it, ``out_dir`` and
+    :func:`is_output_folder`: a job writing into its capture must not see its input change); a
+    built-in scene's name."""
     p = Path(source)
     if not p.exists():
         return [source]
@@ -303,7 +328,7 @@ def input_stamp(source: str) -> list:
         st = p.stat()
         return [st.st_size, st.st_mtime_ns]
     h = hashlib.sha256()
-    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+    for f in sorted(q for q in p.rglob("*") if q.is_file() and not _in_output_folder(q, p, out_dir)):
         st = f.stat()
         h.update(f"{f.relative_to(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return [h.hexdigest()[:16]]
@@ -349,9 +374,30 @@ def application_of(source: str, where: str) -> str:
         raise InputError(f"{where}: {exc}") from None
 
 
+#: a folder holding one of these is an output of vqad batch, vqad sweep or a fit: never searched for assets
+OUTPUT_MARKERS = (RESULTS, LOCK, "sweep.json", "checkpoint/config.json")
+
+
+def is_output_folder(d: Path) -> bool:
+    """``d`` is the output folder of a ``vqad batch``, a ``vqad sweep`` or a fit (its meshes are results,
+    not assets)."""
+    return any((d / m).exists() for m in OUTPUT_MARKERS)
+
+
+def _in_output_folder(p: Path, top: Path, out_dir: Path | None) -> bool:
+    """``p`` lies in ``out_dir`` or in an output folder (:func:`is_output_folder`) below ``top``."""
+    for d in p.parents:
+        if d == top or top not in d.parents:
+            return False
+        if (out_dir is not None and d.resolve() == out_dir) or is_output_folder(d):
+            return True
+    return False
+
+
 def discover(root: Path, exclude: Path | None = None) -> list[Path]:
     """The assets of a directory job: mesh files and capture folders under ``root`` (sorted; hidden
-    entries and ``exclude``, the output folder, skipped). A capture folder is one asset, not searched."""
+    entries, ``exclude`` (this job's output folder) and every other batch or sweep output folder
+    skipped, as their meshes are results, not inputs). A capture folder is one asset, not searched."""
     from vqad.nerf.formats import detect_format
     from vqad.sdf.mesh import MESH_SUFFIXES
 
@@ -366,7 +412,8 @@ def discover(root: Path, exclude: Path | None = None) -> list[Path]:
 
     def walk(d: Path) -> None:
         for p in sorted(d.iterdir()):
-            if p.name.startswith(".") or (exclude is not None and p.resolve() == exclude):
+            if p.name.startswith(".") or (exclude is not None and p.resolve() == exclude) or \
+                    (p.is_dir() and is_output_folder(p)):
                 continue
             if p.is_dir() and not is_capture(p):
                 walk(p)
@@ -388,9 +435,9 @@ def _asset_key(source: str, root: Path, name, where: str) -> str:
         p = PurePosixPath(name.strip())
         if p.is_absolute() or ".." in p.parts or str(p) == ".":
             raise InputError(f"{where}: name must be a relative path inside the output folder, got {name!r}")
-        return p.as_posix()
+        return _checked_key(p.as_posix(), where)
     if source in _procedural_names():
-        return source.replace(":", "-")
+        return _checked_key(source.replace(":", "-"), where)
     p = Path(source)
     try:
         rel = p.relative_to(root)
@@ -400,7 +447,23 @@ def _asset_key(source: str, root: Path, name, where: str) -> str:
         rel = rel.with_suffix("")
     if str(rel) in ("", "."):
         rel = Path(p.stem if p.is_file() else p.name)
-    return rel.as_posix()
+    return _checked_key(rel.as_posix(), where, "the input's path")
+
+
+def _checked_key(key: str, where: str, what: str = "name") -> str:
+    """``key`` if it can be an asset folder on any file system the outputs may go to: no control
+    characters, no part longer than :data:`MAX_NAME_BYTES`, not one of the output root's own files."""
+    bad = next((c for c in key if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise InputError(f"{where}: {what} {key!r} holds the control character {bad!r}: give a name = \"...\" without it")
+    long = next((part for part in key.split("/") if len(part.encode("utf-8")) > MAX_NAME_BYTES), None)
+    if long is not None:
+        raise InputError(f"{where}: {what} {key!r} has a part of {len(long.encode('utf-8'))} bytes; folder names stop "
+                         f"at {MAX_NAME_BYTES}: give a shorter name = \"...\"")
+    if key.split("/")[0] in RESERVED_NAMES:
+        raise InputError(f"{where}: {what} {key!r} is a file of the output folder itself "
+                         f"({', '.join(RESERVED_NAMES)}): give another name = \"...\"")
+    return key
 
 
 def parse_value(text: str):
@@ -484,7 +547,7 @@ def _check_out_dir(out_dir: Path, name: str) -> None:
         raise InputError(f"{name}: the output path {out_dir} exists and is not a directory: give a folder")
     from vqad.app.commands.common import refuse_foreign_dir
 
-    refuse_foreign_dir(out_dir, (RESULTS, ".batch.lock"), f"{name}: the output folder {out_dir}", "batch")
+    refuse_foreign_dir(out_dir, (RESULTS, LOCK), f"{name}: the output folder {out_dir}", "batch")
 
 
 @dataclass
@@ -534,7 +597,7 @@ class _JobReader:
                 detect_format(source)  # what a capture is, before anything runs
         except VqadError as exc:
             raise InputError(f"{where}: {exc}") from None
-        stamp = input_stamp(source)
+        stamp = input_stamp(source, self.out_dir)
         return AssetSpec(_asset_key(source, self.root, name, where), source, app, dict(args), options,
                          {**merged, "input": stamp}, fingerprint(app, stamp, args, options, configs))
 
@@ -560,7 +623,8 @@ def _expand(path: str, base: Path, out_dir: Path, where: str) -> list[str]:
             raise InputError(f"{where}: not found: {full}")
         return [str(full.resolve())]
     hits = sorted(Path(p).resolve() for p in glob.glob(str(full), recursive=True))
-    hits = [h for h in hits if out_dir not in h.parents and h != out_dir]
+    hits = [h for h in hits if out_dir not in h.parents and h != out_dir and not is_output_folder(h)
+            and not any(is_output_folder(d) for d in h.parents)]
     if not hits:
         raise InputError(f"{where}: the pattern matches nothing (relative to {base})")
     return [str(h) for h in hits]
@@ -799,6 +863,9 @@ def read_results(out: Path) -> dict[str, dict]:
         lines = (Path(out) / RESULTS).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         return latest
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the results log {Path(out) / RESULTS}: {getattr(exc, 'strerror', None) or exc} "
+                         "(it must be the file an earlier vqad batch wrote: move it away or give another --out)") from None
     for line in lines:
         try:
             rec = json.loads(line)
@@ -817,6 +884,19 @@ def _matched(rec: dict) -> dict[str, float]:
     """Each LOD's ``psnr_matched`` (held-out photos' exposure matched: fits with a per-view appearance), if any."""
     lods = rec.get("lods") if isinstance(rec.get("lods"), dict) else {}
     return {lod: m["psnr_matched"] for lod, m in lods.items() if isinstance(m, dict) and m.get("psnr_matched") is not None}
+
+
+def eval_errors(rec: dict) -> list[str]:
+    """``"LOD L: why"`` for each LOD of a finished asset whose evaluation failed (its file is written and
+    good; that LOD has no quality)."""
+    lods = rec.get("lods") if isinstance(rec.get("lods"), dict) else {}
+    return [f"LOD {lod}: {m['error']}" for lod, m in sorted(lods.items(), key=lambda kv: int(kv[0]))
+            if isinstance(m, dict) and m.get("error")]
+
+
+def _cell(text) -> str:
+    """``text`` as one cell of a markdown table (a ``|`` would start another cell)."""
+    return str(text).replace("|", "\\|")
 
 
 def _quality_text(rec: dict) -> str:
@@ -838,7 +918,8 @@ def write_reports(out: Path, records: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in records:
-        row = {**r, "metric": QUALITY[r["application"]][0] if r["status"] == "done" else None,
+        row = {**r, "metric": QUALITY[r["application"]][0] if r["status"] == "done" and r.get("quality") else None,
+               "error": r.get("error") or "; ".join(eval_errors(r)) or None,
                **{f"lod{lod}": q for lod, q in (r.get("quality") or {}).items()},
                **{f"lod{lod}_psnr_matched": q for lod, q in _matched(r).items()}}
         w.writerow({c: ("" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]))
@@ -854,17 +935,36 @@ def write_reports(out: Path, records: list[dict]) -> None:
             else "") + ".", "",
          "| asset | application | size kB | ratio | quality per LOD | fit s | worker |", "|---|---|---|---|---|---|---|"]
     for r in done:
-        L.append(f"| {r['asset']} | {r['application']} | {r['bytes'] / 1e3:,.1f} | {r['ratio']:.1f}× | "
-                 f"{_quality_text(r) or '–'} | {_fmt(r.get('fit_seconds'), ',.1f')} | {r.get('worker', '–')} |")
+        L.append(f"| {_cell(r['asset'])} | {r['application']} | {r['bytes'] / 1e3:,.1f} | {r['ratio']:.1f}× | "
+                 f"{_quality_text(r) or '–'} | {_fmt(r.get('fit_seconds'), ',.1f')} | {_cell(r.get('worker', '–'))} |")
+    unmeasured = [(r, e) for r in done for e in eval_errors(r)]
+    if unmeasured:
+        L += ["", "## Evaluation errors (the file is written; these LODs have no quality)", "", "| asset | error |",
+              "|---|---|"]
+        L += [f"| {_cell(r['asset'])} | {_cell(e)} |" for r, e in unmeasured]
     if failed:
         L += ["", "## Failed", "", "| asset | error |", "|---|---|"]
-        L += [f"| {r['asset']} | {str(r.get('error')).replace('|', '/')} |" for r in failed]
+        L += [f"| {_cell(r['asset'])} | {_cell(r.get('error'))} |" for r in failed]
     write_atomic(Path(out) / RESULTS_MD, "\n".join(L) + "\n")
 
 
 # ================================================================================================
 # running a job
 # ================================================================================================
+#: what ``--ray`` takes besides ``auto``: ``host:port``, ``[v6]:port``, or Ray Client's ``ray://host:port``
+_RAY_ADDRESS = re.compile(r"(ray://)?([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
+
+
+def check_local_cores(threads: int) -> None:
+    """A local Ray (``--ray auto``) runs no fit of more threads than this machine's cores."""
+    from vqad.device import available_cores
+
+    cores = available_cores()
+    if threads > cores:
+        raise InputError(f"--threads {threads} per fit, but this machine has {cores} core(s): no fit could start; "
+                         f"use --threads {cores} or fewer")
+
+
 @dataclass
 class RunConfig:
     """How a job runs (what each asset computes is in its settings)."""
@@ -873,15 +973,26 @@ class RunConfig:
     ray: str | None = None  # "auto": a local Ray for the job; else a running cluster's address; None: see resolved()
     threads: int | None = None  # CPU threads per fit (None: --local every core, Ray $VQAD_THREADS or 1)
     device: str = "auto"  # auto | cpu | cuda[:N] (with Ray: auto | cpu | cuda)
-    retries: int = 3  # Ray: runs of a task whose worker died (Ray's max_retries), each from its checkpoint
+    retries: int | None = None  # Ray: runs of a task whose worker died (Ray's max_retries; None: RETRIES)
     quiet: bool = False  # no progress bar or plan
     command: str = ""  # the command that resumes the job (said on Ctrl-C)
+
+    RETRIES = 3
+
+    @property
+    def max_retries(self) -> int:
+        return self.RETRIES if self.retries is None else self.retries
 
     def validate(self) -> None:
         if self.local and self.ray is not None:
             raise InputError("--local and --ray exclude each other: choose one")
-        if self.retries < 0:
+        if self.retries is not None and self.retries < 0:
             raise InputError(f"--retries must be >= 0, got {self.retries}")
+        if self.local and self.retries is not None:
+            raise InputError("--retries applies to Ray tasks (a worker that died); --local runs no task: remove it")
+        if self.ray is not None and self.ray != "auto" and not _RAY_ADDRESS.fullmatch(self.ray):
+            raise InputError(f"--ray takes auto or a cluster's address host:port (ray://host:port for Ray Client), "
+                             f"got {self.ray!r}")
 
     def executor(self, note=print) -> str:
         """``"local"`` or ``"ray"``: without a flag Ray when it is installed; ``--ray auto`` without Ray
@@ -893,7 +1004,8 @@ class RunConfig:
         except ImportError:
             if self.ray not in (None, "auto"):
                 raise InputError(f"--ray {self.ray} needs Ray on this machine: pip install 'vqad[ray]' (or run --local)") from None
-            note("vqad batch: Ray is not installed (pip install 'vqad[ray]'): running the assets one after another here (--local)")
+            note("vqad batch: Ray is not installed (pip install 'vqad[ray]'): running the assets one after another here (--local)"
+                 + ("; --retries does not apply there" if self.retries is not None else ""))
             return "local"
         return "ray"
 
@@ -931,15 +1043,22 @@ def plan(job: Job) -> Plan:
     p = Plan()
     for spec in job.assets:
         rec = latest.get(spec.key)
-        file_there = (job.out / spec.file).is_file()
-        if rec and rec.get("status") == "done" and rec.get("fingerprint") == spec.fingerprint and file_there:
+        # the folder's outputs are this fit's only while its settings.json says so: a run with other settings,
+        # stopped before its record, leaves the record of an earlier fit beside a folder it has started to replace
+        folder = (_read_json(job.out / spec.key / "settings.json") or {}).get("fingerprint")
+        ours = folder in (None, spec.fingerprint) and (job.out / spec.file).is_file()
+        if rec and rec.get("status") == "done" and rec.get("fingerprint") == spec.fingerprint and ours:
             p.skipped.append(spec.key)
             continue
         marker = (_read_json(job.out / spec.key / "metrics.json") or {}).get("batch")
-        if marker and marker.get("status") == "done" and marker.get("fingerprint") == spec.fingerprint and file_there:
+        if marker and marker.get("status") == "done" and marker.get("fingerprint") == spec.fingerprint and ours:
             p.recovered.append(marker)  # finished after the driver's last record
             continue
-        if rec is None:
+        if rec and rec.get("status") == "done" and rec.get("fingerprint") == spec.fingerprint and \
+                folder not in (None, spec.fingerprint):
+            p.reasons[spec.key] = ("its folder holds the outputs of a run with other settings that was stopped: "
+                                   "fitting again")
+        elif rec is None:
             p.reasons[spec.key] = "new"
         elif rec.get("fingerprint") != spec.fingerprint:
             p.reasons[spec.key] = f"settings changed ({_changed(rec.get('settings') or {}, spec.settings)})"
@@ -983,6 +1102,8 @@ class _Bar:
     def finished(self, rec: dict) -> None:
         if rec["status"] == "done":
             self.done += 1
+            for e in eval_errors(rec):
+                self.write(f"evaluation: {rec['asset']}: {e}")
         else:
             self.failed += 1
             self.write(f"failed: {rec['asset']}: {rec.get('error')}")
@@ -1008,6 +1129,8 @@ class BatchRun:
         self.threads = run.fit_threads(self.executor)
         if self.executor == "ray" and run.device.startswith("cuda:"):
             raise InputError(f"--device {run.device}: with Ray each task is given its GPU; use --device cuda")
+        if self.executor == "ray" and run.ray in (None, "auto"):
+            check_local_cores(self.threads)  # now, before the output folder is made
         if self.executor == "local":
             from vqad.device import resolve_device
 
@@ -1099,7 +1222,7 @@ def _exclusive(out: Path):
     a second driver on the same folder would fit the same assets twice."""
     import fcntl
 
-    with open(out / ".batch.lock", "a+") as f:
+    with open(out / LOCK, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -1120,10 +1243,8 @@ def _start_ray(run: RunConfig, threads: int):
 
     quiet_ray = {"log_to_driver": False, "logging_level": logging.ERROR}
     if run.ray in (None, "auto"):
+        check_local_cores(threads)
         cores = available_cores()
-        if threads > cores:
-            raise InputError(f"--threads {threads} per fit, but this machine has {cores} core(s): no fit could start; "
-                             f"use --threads {cores} or fewer")
         ray.init(address="local", num_cpus=cores, include_dashboard=False, **quiet_ray)
         where, started = f"a local Ray ({cores} CPUs)", True
     else:
@@ -1169,7 +1290,7 @@ def _run_ray(todo: list[AssetSpec], ctx: WorkerContext, run: RunConfig, finished
     pending: dict = {}
     try:
         for spec in todo:
-            ref = task.options(num_cpus=ctx.threads, num_gpus=gpus, max_retries=run.retries, retry_exceptions=False,
+            ref = task.options(num_cpus=ctx.threads, num_gpus=gpus, max_retries=run.max_retries, retry_exceptions=False,
                                name=f"vqad-batch:{spec.key}").remote(spec, ctx, _now())
             pending[ref] = spec
         total_cpus = ray.cluster_resources().get("CPU", 0)
@@ -1180,7 +1301,7 @@ def _run_ray(todo: list[AssetSpec], ctx: WorkerContext, run: RunConfig, finished
                 try:
                     rec = ray.get(ref)
                 except ray.exceptions.RayError as exc:  # the worker died more than --retries times, or Ray failed
-                    rec = failed_record(spec, ray_error(exc, run.retries, spec.key), finished_at=_now())
+                    rec = failed_record(spec, ray_error(exc, run.max_retries, spec.key), finished_at=_now())
                 finished(rec)
             busy = total_cpus - ray.available_resources().get("CPU", 0)
             bar.show(running=min(len(pending), max(0, round(busy / ctx.threads))))
@@ -1223,7 +1344,9 @@ def summary_line(res: BatchResult, out: Path) -> str:
     failed = len(res.records) - done
     nbytes = sum(r.get("bytes") or 0 for r in res.records if r["status"] == "done")
     rate = f", {3600 * (res.ran - res.failed) / res.seconds:,.0f} assets/hour" if res.ran > res.failed else ""
-    return (f"batch: {len(res.records)} assets: {done} done ({res.skipped} finished earlier, skipped), {failed} failed; "
+    unmeasured = sum(bool(eval_errors(r)) for r in res.records if r["status"] == "done")
+    return (f"batch: {len(res.records)} assets: {done} done ({res.skipped} finished earlier, skipped"
+            + (f"; {unmeasured} with LODs the evaluation could not measure" if unmeasured else "") + f"), {failed} failed; "
             f"{nbytes / 1e6:,.2f} MB of .vqad files; this run {res.ran} in {res.seconds:,.1f} s{rate}; "
             f"results: {out / RESULTS_MD}")
 

@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from vqad.app.commands.common import path_arg, add_device_arg
-from vqad.errors import Terminated
+from vqad.errors import InputError, Terminated
 
 EPILOG = """\
 examples:
@@ -63,8 +63,8 @@ def register(sub) -> None:
                    help="CPU threads of each fit (default: --local every core this process may use, or $VQAD_THREADS / "
                         "$OMP_NUM_THREADS; Ray $VQAD_THREADS, else 1); fits with the same threads write the same files "
                         "bit for bit in either mode")
-    p.add_argument("--retries", type=int, default=RunConfig.retries,
-                   help=f"Ray: times a task whose worker died is run again, from its checkpoint (default {RunConfig.retries})")
+    p.add_argument("--retries", type=int, default=None,
+                   help=f"Ray: times a task whose worker died is run again, from its checkpoint (default {RunConfig.RETRIES})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting for every asset that has it, over the job file's (e.g. --set refine=2, --set entropy=false)")
     for name in SHORTCUTS:
@@ -90,13 +90,27 @@ def resume_command(args, out) -> str:
 
 
 def cmd_batch(args) -> int:
-    from vqad.app.batch import BatchRun, RunConfig, load_job, parse_override, parse_value, summary_line
+    from vqad.app.batch import (BatchRun, RunConfig, check_override, load_job, parse_override, parse_value,
+                                summary_line)
     from vqad.device import resolve_threads
 
-    overrides = dict(parse_override(text) for text in args.set)
+    overrides, flag_of = {}, {}  # key -> value; key -> the flag that set it (named by errors)
+    for text in args.set:
+        key, value = parse_override(text)
+        if key in overrides:
+            raise InputError(f"--set {key} is given twice ({flag_of[key]} and --set {text}): give it once")
+        overrides[key], flag_of[key] = value, f"--set {text}"
     for name in SHORTCUTS:
-        if getattr(args, f"set_{name}") is not None:
-            overrides[name] = parse_value(getattr(args, f"set_{name}"))
+        text = getattr(args, f"set_{name}")
+        if text is not None:
+            if name in overrides:
+                raise InputError(f"--{name} {text} and {flag_of[name]} both set {name}: give one")
+            overrides[name], flag_of[name] = parse_value(text), f"--{name} {text}"
+    for key, value in overrides.items():
+        try:
+            check_override(key, value)
+        except InputError as exc:
+            raise InputError(f"{flag_of[key]}: {exc}") from None
     run = RunConfig(local=args.local, ray=args.ray, threads=None if args.threads is None else resolve_threads(args.threads),
                     device=args.device, retries=args.retries, quiet=args.quiet)
     run.validate()

@@ -455,6 +455,44 @@ def test_cli_fit_hash_compress_and_export(tmp_path, capsys, sphere):
     capsys.readouterr()
 
 
+def test_a_checkpoint_never_replaces_a_folder_of_other_files(tmp_path, capsys, sphere, monkeypatch):
+    """compress --out, a fit's OUT/checkpoint and save_checkpoint itself refuse a folder holding anything but a
+    checkpoint's files (a save replaces the whole folder: the user's files, a whole fit, `--out .` were deleted),
+    before any work; a checkpoint's tensors get the permissions of its config.json, not safetensors' 0600."""
+    import os
+    import stat
+
+    save_checkpoint(tmp_path / "dense", dense_field(k=4))
+    mode = stat.S_IMODE(os.stat(tmp_path / "dense" / "config.json").st_mode)
+    assert {stat.S_IMODE(os.stat(f).st_mode) for f in (tmp_path / "dense").iterdir()} == {mode}
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep")
+    (mine / "sub" / "data.bin").write_text("keep")
+    compress = ["compress", str(tmp_path / "dense"), "--to", "lowrank", "--rank", "2", "--out"]
+    assert main(compress + [str(mine)]) == 2
+    assert "holds files that are not a checkpoint's (notes.txt, sub)" in capsys.readouterr().err
+    monkeypatch.chdir(mine)
+    assert main(compress + ["."]) == 2 and "not a checkpoint's" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep" and (mine / "sub" / "data.bin").read_text() == "keep"
+    with pytest.raises(InputError, match="not a checkpoint's"):
+        save_checkpoint(mine, dense_field(k=4))
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "sub"]
+    assert main(compress + [str(tmp_path / "c")]) == 0 and main(compress + [str(tmp_path / "c")]) == 0  # its own: replaced
+    fit = tmp_path / "fit"
+    (fit / "checkpoint").mkdir(parents=True)
+    (fit / "checkpoint" / "model.vqad").write_text("an export put beside the tensors")
+    argv = ["fit-sdf", str(sphere), "--levels", "2:4", "--steps", "2", "--batch", "512", "--no-eval", "--quiet",
+            "--out", str(fit)]
+    capsys.readouterr()
+    assert main(argv) == 2 and "not a checkpoint's (model.vqad)" in capsys.readouterr().err
+    assert (fit / "checkpoint" / "model.vqad").is_file()
+    (fit / "checkpoint" / "model.vqad").unlink()
+    (fit / "checkpoint").rmdir()
+    (fit / "checkpoint").write_text("a file")
+    assert main(argv) == 2 and "is a file, not a checkpoint folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["fit-sdf", "MESH", "--grid", "codebook", "--table-bits", "8"], "--table-bits"),
     (["fit-sdf", "MESH", "--grid", "hash", "--table-bits", "30"], "table_bits"),

@@ -63,11 +63,36 @@ def _optim_tensors(optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict, 
 TASK_PREFIX = "task."
 
 
+#: the files of a checkpoint directory: :func:`save_checkpoint` replaces a directory that holds nothing else
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "optim.safetensors")
+
+
+def check_checkpoint_target(path: str | Path) -> Path:
+    """``path`` (absolute) if a checkpoint may be saved there: new, or a folder holding nothing but a
+    checkpoint's files, as are its ``.tmp`` and ``.old`` siblings (a save replaces all three). A folder
+    of anything else (a user's files, a fit's whole output) is refused with an :class:`InputError`,
+    never deleted. Commands call it before their work, :func:`save_checkpoint` again before it writes."""
+    path = Path(os.path.abspath(path))  # ("." and "dir/" have no name to add .tmp to)
+    for d in (path, path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
+        if not d.exists() and not d.is_symlink():
+            continue
+        if d.is_symlink() or not d.is_dir():
+            raise InputError(f"cannot save a checkpoint to {path}: {d} is {'a link' if d.is_symlink() else 'a file'}, "
+                             "not a checkpoint folder; move it away or choose another folder")
+        other = sorted(p.name for p in d.iterdir() if p.name not in CHECKPOINT_FILES)
+        if other:
+            raise InputError(f"cannot save a checkpoint to {path}: {d} holds files that are not a checkpoint's "
+                             f"({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}), and a save replaces the "
+                             "whole folder; move them away or choose another folder")
+    return path
+
+
 def save_checkpoint(path: str | Path, field, extra: dict | None = None, optimizers: dict | None = None,
                     task_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``field`` (and optimizer state, and ``task_tensors``: what the fit trains outside the field) to
-    the directory ``path`` atomically."""
-    path = Path(path)
+    the directory ``path`` atomically; a folder there holding other files is refused
+    (:func:`check_checkpoint_target`)."""
+    path = check_checkpoint_target(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         if tmp.exists():
@@ -84,7 +109,9 @@ def save_checkpoint(path: str | Path, field, extra: dict | None = None, optimize
         save_file(tensors, str(tmp / "optim.safetensors"))
         cfg["optimizers"] = meta
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))  # last: its presence marks tmp complete
+    mode = (tmp / "config.json").stat().st_mode & 0o777  # what a new file gets here (the umask)
     for f in tmp.iterdir():  # on disk before the renames make it the checkpoint
+        os.chmod(f, mode)  # (safetensors writes 0600: a shared checkpoint's tensors unreadable beside its config)
         fsync_path(f)
     fsync_path(tmp)
     if path.exists():

@@ -297,6 +297,7 @@ class FitTask:
 class LoopResult:
     steps: int  # the step training stopped at, counted from 0 across resumes
     steps_done: int  # steps run by this call
+    after_training_resumed: bool  # no step left: this call only ran the work after training an interrupt had stopped
     seconds: float  # training steps and after_training
     extra_seconds: float  # after_training (and refinement sweeps during training) alone
     items_per_second: float
@@ -596,9 +597,15 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
 
     last_save = [time.perf_counter()]
 
-    def save(step_done: int) -> None:
+    # the work after training (index sweeps) that an interrupt stopped: the checkpoint says so, and a resume with
+    # no step left runs it (the fit would otherwise count as complete without it)
+    pending = resume_cfg is not None and resume_cfg.get("after_training") == "pending"
+
+    def save(step_done: int, after_training_pending: bool = False) -> None:
         if ckpt_dir is not None:
             extra = {"step": step_done, "train": asdict(cfg), **task.checkpoint_extra()}
+            if after_training_pending:
+                extra.update(after_training="pending", step_seconds=task.step_seconds)
             save_checkpoint(ckpt_dir, field, extra=extra, optimizers=opts, task_tensors=task.checkpoint_tensors())
             last_save[0] = time.perf_counter()
 
@@ -673,15 +680,16 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         if ckpt_dir is not None and not quiet:
             _say_stopped(exc, f"at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
         raise
-    if it > start:
-        task.step_seconds = mean_step_seconds(it - start)
+    if it > start or pending:
+        task.step_seconds = mean_step_seconds(it - start) if it > start else float(resume_cfg.get("step_seconds") or 0.0)
         try:
             with interrupt_guard():
                 task.after_training(it, start, gen)  # e.g. index sweeps: minutes of work after the last step
         except (KeyboardInterrupt, BrokenPipeError) as exc:
-            save(it)  # every training step is in it (a sweep stopped half-way leaves valid indices)
+            save(it, after_training_pending=True)  # every training step is in it (a stopped sweep leaves valid indices)
             if ckpt_dir is not None and not quiet:
-                _say_stopped(exc, f"after step {it}, in the work after training: checkpoint saved to {ckpt_dir}")
+                _say_stopped(exc, f"after step {it}, in the work after training: checkpoint saved to {ckpt_dir}; "
+                                  "--resume runs that work again")
             raise
     items_per_second = prog.items_per_second  # over the whole call, sweeps after training included
     prog.close()
@@ -694,7 +702,8 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     elif timed_out:
         task.notes.insert(0, f"the time cap (--minutes) stopped training after {it} of the {cfg.steps} steps asked")
     return LoopResult(
-        steps=it, steps_done=it - start, seconds=time.perf_counter() - t0, extra_seconds=task.extra_seconds,
+        steps=it, steps_done=it - start, after_training_resumed=pending and it == start,
+        seconds=time.perf_counter() - t0, extra_seconds=task.extra_seconds,
         items_per_second=items_per_second, final_loss=loss_val,
         last_per_lod=None if out is None else out.per_lod.detach(), history=history,
         skipped_steps=guard.skipped, empty_steps=guard.empty, notes=list(task.notes))

@@ -60,6 +60,7 @@ class NeRFFitResult:
     notes: list[str] = dfield(default_factory=list)  # what the time cap cut (vqad.fit.LoopResult.notes)
     recode: RecodeStats | None = None  # the unreachable indices recoded after training (vqad.nerf.recode)
     steps_done: int = 0  # steps run by this call (``steps`` counts from 0, across --resume)
+    after_training_resumed: bool = False  # no step left: only the work after training an interrupt stopped ran
     appearance: ViewAppearance | None = None  # the training views' colour transforms (train_cfg.appearance)
 
 
@@ -297,5 +298,6 @@ def fit_nerf(
         notes=res.notes,
         recode=task.recode_stats,
         steps_done=res.steps_done,
+        after_training_resumed=res.after_training_resumed,
         appearance=task.appearance,
     )

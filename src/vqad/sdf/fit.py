@@ -102,6 +102,7 @@ class FitResult:
     peak_memory_bytes: int
     refine_seconds: float = 0.0  # time in Gauss–Newton index sweeps (included in ``seconds``)
     steps_done: int = 0  # steps run by this call (``steps`` counts from 0, across --resume)
+    after_training_resumed: bool = False  # no step left: only the work after training an interrupt stopped ran
     history: list = dfield(default_factory=list)
     skipped_steps: int = 0  # steps not applied because their loss or a gradient was not finite
     train_cfg: SDFTrainConfig | None = None  # the configuration that ran (lr resolved; on resume, the checkpoint's)
@@ -152,14 +153,17 @@ class SDFTask(FitTask):
     def before_step(self, it, progress, gen):
         c = self.cfg
         if self.pool_x is None or (it - self.start) % c.resample_every == 0:
-            self.pool_x, self.pool_d = draw_sdf_samples(self.oracle, self.field.normalization, c.pool_size, self.rng,
-                                                        SampleMix())
-            self.pool_x, self.pool_d = self.pool_x.to(self.device), self.pool_d.to(self.device)
+            self._draw_pool()
         idx = torch.randint(0, self.pool_x.shape[0], (c.batch,), generator=gen).to(self.device)
         self.x, self.d = self.pool_x.index_select(0, idx), self.pool_d.index_select(0, idx)  # 34 µs against [idx]'s 108 here
         if self.refine_at and self.refine_at[0] <= progress:
             self.refine_at.pop(0)
             self._sweep(gen)
+
+    def _draw_pool(self) -> None:
+        self.pool_x, self.pool_d = draw_sdf_samples(self.oracle, self.field.normalization, self.cfg.pool_size, self.rng,
+                                                    SampleMix())
+        self.pool_x, self.pool_d = self.pool_x.to(self.device), self.pool_d.to(self.device)
 
     def step(self, it, progress, gen) -> StepLoss:
         pred = self.field.all_lods(self.x, self.field.lods)  # (n_lods, B)
@@ -179,7 +183,9 @@ class SDFTask(FitTask):
     def after_training(self, it, start, gen):
         """The last sweeps (their indices are kept), shortened or skipped where the time cap needs it."""
         c = self.cfg
-        if self.refining and self.pool_x is not None and c.refine:
+        if self.refining and c.refine:
+            if self.pool_x is None:  # a resume that only runs the sweeps an interrupt stopped: no step drew it
+                self._draw_pool()
             capped_sweeps(self.deadline, c.refine, self._sweep_seconds(self.step_seconds),
                           lambda share: self._sweep(gen, max(int(share * c.refine_samples), 1)), self.notes)
 
@@ -246,6 +252,7 @@ def fit_sdf(
         peak_memory_bytes=peak_memory_bytes(device),
         refine_seconds=res.extra_seconds,
         steps_done=res.steps_done,
+        after_training_resumed=res.after_training_resumed,
         history=res.history,
         skipped_steps=res.skipped_steps,
         train_cfg=train_cfg,

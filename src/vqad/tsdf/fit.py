@@ -149,6 +149,7 @@ class FitResult:
     peak_memory_bytes: int
     refine_seconds: float = 0.0
     steps_done: int = 0
+    after_training_resumed: bool = False  # no step left: only the work after training an interrupt stopped ran
     history: list = dfield(default_factory=list)
     skipped_steps: int = 0
     train_cfg: TSDFTrainConfig | None = None
@@ -271,5 +272,6 @@ def fit_tsdf(fused, grid_cfg: GridConfig, dec_cfg: DecoderConfig, train_cfg: TSD
                   gen=torch.Generator(device="cpu").manual_seed(int(rng_seed)), quiet=quiet, deadline=deadline)
     return FitResult(field=field, steps=res.steps, seconds=res.seconds, samples_per_second=res.items_per_second,
                      final_loss=res.final_loss, peak_memory_bytes=peak_memory_bytes(device),
-                     refine_seconds=res.extra_seconds, steps_done=res.steps_done, history=res.history,
+                     refine_seconds=res.extra_seconds, steps_done=res.steps_done,
+                     after_training_resumed=res.after_training_resumed, history=res.history,
                      skipped_steps=res.skipped_steps, train_cfg=train_cfg, notes=res.notes)

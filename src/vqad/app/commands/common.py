@@ -97,8 +97,11 @@ def ensure_fit_dir(path: str | Path, markers: tuple[str, ...] = ("checkpoint", "
     """A fit's ``--out``: new, empty, or an earlier fit's (it holds one of ``markers``, ``checkpoint/`` or
     ``metrics.json`` by default, which the new fit replaces); a folder of other files (the capture's images,
     a home directory) is refused (:func:`refuse_foreign_dir`). Then :func:`ensure_writable_dir`."""
+    from vqad.checkpoint import check_checkpoint_target
+
     path = Path(path)
     refuse_foreign_dir(path, markers, f"--out {path}", "fit")
+    check_checkpoint_target(path / "checkpoint")  # (a folder of that name holding other files: never replaced)
     return ensure_writable_dir(path)
 
 
@@ -330,6 +333,9 @@ def check_resumed_source(recorded: str | None, given: str | Path, what: str, hin
 def already_complete(res) -> str | None:
     """The line a resumed fit prints instead of its throughput when it had no step left to run."""
     if res.steps_done == 0 and res.steps > 0:
+        if res.after_training_resumed:
+            return (f"fit: training already complete at {res.steps} steps; ran the work after training (index sweeps) "
+                    f"that an interrupt had stopped, in {res.refine_seconds:.1f} s")
         return f"fit: already complete at {res.steps} steps (nothing trained; give a larger --steps to train further)"
     return None
 

@@ -47,11 +47,15 @@ def cmd_compress(args) -> int:
                              f"--rank R only")
         if args.rank is None:
             raise InputError("--to lowrank needs --rank R (fewer dimensions than the model's k features)")
+    from vqad.checkpoint import check_checkpoint_target
+
     out = Path(args.out)
     if out.resolve() == Path(args.model).resolve():
         raise InputError(f"--out {out} is the input model: write to another directory")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path exists and is not a directory: {out}")
+    try:
+        check_checkpoint_target(out)  # now, before the work: a folder of other files is never replaced
+    except InputError as exc:
+        raise InputError(f"--out {out}: {exc}") from None
     field = load(args.model, device=resolve_device(args.device))
     t0 = time.perf_counter()
     if args.to == "kmeans":

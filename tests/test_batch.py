@@ -17,6 +17,7 @@ import trimesh
 from vqad import fit as trainer
 from vqad.app import batch as B
 from vqad.app.cli import main
+from vqad.app.outputs import input_stamp
 from vqad.atomicio import append_record
 from vqad.errors import InputError
 
@@ -379,15 +380,15 @@ def test_output_folders_inside_the_input_are_neither_assets_nor_input(shapes, tm
     capture = tmp_path / "capture"
     (capture / "images").mkdir(parents=True)
     (capture / "images" / "a.png").write_bytes(b"x")
-    stamp = B.input_stamp(str(capture), capture / "runs")
+    stamp = input_stamp(str(capture), capture / "runs")
     (capture / "runs" / "a").mkdir(parents=True)
     (capture / "runs" / "results.jsonl").write_text("{}")
     (capture / "runs" / "a" / "a.vqad").write_bytes(b"y")
     (capture / "sweep1").mkdir()
     (capture / "sweep1" / "sweep.json").write_text("{}")
-    assert B.input_stamp(str(capture), (capture / "runs").resolve()) == stamp
+    assert input_stamp(str(capture), (capture / "runs").resolve()) == stamp
     (capture / "images" / "b.png").write_bytes(b"z")
-    assert B.input_stamp(str(capture), (capture / "runs").resolve()) != stamp
+    assert input_stamp(str(capture), (capture / "runs").resolve()) != stamp
 
 
 def test_reports_show_evaluation_errors_and_escape_names(tmp_path):

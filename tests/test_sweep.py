@@ -377,6 +377,11 @@ def _err(capsys):
     (["--minutes", "0"], "positive"),
     (["--levels", "5:2"], "level"),
     (["--steps", "0"], "positive"),
+    (["--seed", "-3"], "--seed must be an integer in 0..2^63-1"),  # the fits' own checks, before sweep.json
+    (["--hidden", "100000000"], "--hidden (decoder width) must be an integer in 1..4096"),
+    (["--batch", "1000000000000"], "a step draws its points from a pool"),
+    (["--methods", "lowrank", "--features", "1"], "gives no point to fit at k = 1"),
+    (["--methods", "codebook-rate:4", "--rate-weights", "1e-3,1.0000001e-3"], "agree to 6 significant digits"),
 ])
 def test_bad_arguments_are_one_line_errors(sphere, tmp_path, capsys, args, needle):
     out = tmp_path / "o"
@@ -407,10 +412,35 @@ def test_bad_datasets_and_configs(sphere, tmp_path, capsys):
     typed = tmp_path / "typed.json"
     typed.write_text(json.dumps({"dataset": str(sphere), "out": str(out), "steps": "many"}))
     cases.append((["sweep", "--config", str(typed)], "steps must be int"))
+    empty = tmp_path / "empty.toml"
+    empty.write_text(f"dataset = {json.dumps(str(sphere))}\nout = {json.dumps(str(out))}\nmethods = []\n")
+    cases.append((["sweep", "--config", str(empty)], "methods is empty"))
     for argv, needle in cases:
         assert cli_main(argv) == 2, argv
         assert needle in _err(capsys), argv
     assert not out.exists()
+
+
+def test_a_sweep_never_writes_among_other_files_nor_resumes_on_another_input(sphere, tmp_path, capsys):
+    """--out a folder of other files (a user's, a batch's) is refused before anything is written; a sweep
+    resumed after its mesh changed is refused (its points would mix two inputs in one table)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.csv").write_text("my precious data")
+    args = ["--methods", "draco-input:8", "--threads", "1", "--quiet"]
+    assert cli_main(["sweep", str(sphere), "--out", str(mine), *args]) == 2
+    assert "already holds other files (results.csv) and no earlier vqad sweep" in _err(capsys)
+    assert (mine / "results.csv").read_text() == "my precious data"
+    mesh = tmp_path / "m.obj"
+    mesh.write_bytes(sphere.read_bytes())
+    out = tmp_path / "o"
+    assert cli_main(["sweep", str(mesh), "--out", str(out), *args]) == 0
+    capsys.readouterr()
+    import trimesh
+
+    trimesh.creation.box(extents=(0.8, 0.5, 0.6)).export(mesh)
+    assert cli_main(["sweep", str(mesh), "--out", str(out), "--methods", "draco-input:10", "--threads", "1"]) == 2
+    assert "holds a sweep made with other settings (input:" in _err(capsys)
 
 
 # -- bench-rd's target checks, on hand-made rows --------------------------------------------------------
@@ -511,3 +541,16 @@ def test_threads_is_the_process_setting_not_a_sweep_option(sphere, tmp_path):
     assert args.threads == "1"
     cfg = sweep_config(args)
     assert cfg.steps == 5 and not hasattr(cfg, "threads")
+    # a config file's threads (the help: a config holds the options by their long names) sets the process's,
+    # unless the flag is given too
+    import torch
+
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"dataset = {json.dumps(str(sphere))}\nout = {json.dumps(str(tmp_path / 'o'))}\nthreads = 1\n")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cfg = sweep_config(build_parser().parse_args(["sweep", "--config", str(conf)]))
+        assert torch.get_num_threads() == 1 and not hasattr(cfg, "threads")
+    finally:
+        torch.set_num_threads(before)

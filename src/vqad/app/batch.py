@@ -100,6 +100,7 @@ from dataclasses import asdict, dataclass, field as dfield, fields
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
+from vqad.app.outputs import BATCH_LOCK as LOCK, BATCH_RESULTS as RESULTS, input_stamp, is_output_folder
 from vqad.atomicio import append_record, write_atomic
 from vqad.device import release_freed_memory
 from vqad.errors import InputError, VqadError
@@ -107,8 +108,7 @@ from vqad.fit import Deadline
 from vqad.sdf.metrics import CHAMFER_SAMPLES, IOU_SAMPLES, MAX_METRIC_SAMPLES
 
 BATCH_FORMAT = 1
-RESULTS, RESULTS_CSV, RESULTS_MD = "results.jsonl", "results.csv", "results.md"
-LOCK = ".batch.lock"
+RESULTS_CSV, RESULTS_MD = "results.csv", "results.md"
 #: the output root's own files: no asset folder may take their names
 RESERVED_NAMES = (RESULTS, RESULTS_CSV, RESULTS_MD, LOCK)
 #: an asset folder's name, in UTF-8 bytes (file systems stop at 255; its files add a suffix such as ".vqad")
@@ -316,22 +316,6 @@ def resolve_settings(application: str, merged: tuple) -> tuple[dict, AssetOption
     return args, options, [{k: v for k, v in asdict(c).items() if k not in CADENCE_TRAIN} for c in configs]
 
 
-def input_stamp(source: str, out_dir: Path | None = None) -> list:
-    """What identifies an asset's input without reading it: size and modification time of the file,
-    or of every file of a capture folder (but those of vqad's output folders in it, ``out_dir`` and
-    :func:`is_output_folder`: a job writing into its capture must not see its input change); a
-    built-in scene's name."""
-    p = Path(source)
-    if not p.exists():
-        return [source]
-    if p.is_file():
-        st = p.stat()
-        return [st.st_size, st.st_mtime_ns]
-    h = hashlib.sha256()
-    for f in sorted(q for q in p.rglob("*") if q.is_file() and not _in_output_folder(q, p, out_dir)):
-        st = f.stat()
-        h.update(f"{f.relative_to(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return [h.hexdigest()[:16]]
 
 
 #: settings added after batch results were first fingerprinted, with the value that means what a fit did before
@@ -374,24 +358,6 @@ def application_of(source: str, where: str) -> str:
         raise InputError(f"{where}: {exc}") from None
 
 
-#: a folder holding one of these is an output of vqad batch, vqad sweep or a fit: never searched for assets
-OUTPUT_MARKERS = (RESULTS, LOCK, "sweep.json", "checkpoint/config.json")
-
-
-def is_output_folder(d: Path) -> bool:
-    """``d`` is the output folder of a ``vqad batch``, a ``vqad sweep`` or a fit (its meshes are results,
-    not assets)."""
-    return any((d / m).exists() for m in OUTPUT_MARKERS)
-
-
-def _in_output_folder(p: Path, top: Path, out_dir: Path | None) -> bool:
-    """``p`` lies in ``out_dir`` or in an output folder (:func:`is_output_folder`) below ``top``."""
-    for d in p.parents:
-        if d == top or top not in d.parents:
-            return False
-        if (out_dir is not None and d.resolve() == out_dir) or is_output_folder(d):
-            return True
-    return False
 
 
 def discover(root: Path, exclude: Path | None = None) -> list[Path]:
@@ -1353,4 +1319,4 @@ def summary_line(res: BatchResult, out: Path) -> str:
 
 __all__ = ["AssetOptions", "AssetSpec", "Job", "load_job", "discover", "RunConfig", "WorkerContext", "run_asset",
            "plan", "Plan", "BatchRun", "BatchResult", "run_job", "read_results", "write_reports", "summary_line",
-           "parse_override", "parse_value", "fit_flags", "resolve_settings", "fingerprint", "input_stamp"]
+           "parse_override", "parse_value", "fit_flags", "resolve_settings", "fingerprint"]

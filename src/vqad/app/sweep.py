@@ -87,6 +87,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqad.app.outputs import SWEEP_MANIFEST
 from vqad.atomicio import atomic_path, write_atomic
 from vqad.device import release_freed_memory
 from vqad.errors import InputError
@@ -225,7 +226,12 @@ def parse_rate_weights(value) -> list[float]:
         if not 0 < lam < math.inf:
             raise InputError(f"--rate-weights: λ must be a finite number > 0, got {v!r}")
         out.append(lam)
-    return sorted(set(out))
+    out = sorted(set(out))
+    same = next(((a, b) for a, b in zip(out, out[1:]) if f"{a:g}" == f"{b:g}"), None)
+    if same is not None:  # a point's key (its folder) holds λ to 6 significant digits
+        raise InputError(f"--rate-weights: {same[0]!r} and {same[1]!r} agree to 6 significant digits, so their points "
+                         "would be one: give values that differ there")
+    return out
 
 
 def parse_methods(specs, kind: str, features: int, rate_weights=None) -> list[Point]:
@@ -360,6 +366,8 @@ class SweepConfig:
         cfg = cls(**values)
         if isinstance(cfg.methods, str):
             cfg.methods = cfg.methods.split()
+        if "methods" in values and not cfg.methods:  # (left out, it means the default set: hours of fits)
+            raise InputError("methods is empty: name the methods to sweep, or leave methods out for the default set")
         kind = detect_kind(cfg.dataset)
         wrong = [k for k in (SDF_ONLY if kind == "nerf" else NERF_ONLY) if k in values]
         if wrong:
@@ -413,7 +421,25 @@ class SweepConfig:
         else:
             cfg.rate_weights = parse_rate_weights(DEFAULT_RATE_WEIGHTS[kind] if cfg.rate_weights is None
                                                   else cfg.rate_weights)
+        cfg._check_fit_configs()
         return cfg
+
+    def _check_fit_configs(self) -> None:
+        """The fits' own checks (seed range, decoder width, batch bounds, ...), run now: a value only the
+        first fit refused used to be recorded in sweep.json first, and the corrected re-run was then refused
+        as a sweep of other settings."""
+        from vqad.config import DecoderConfig
+
+        DecoderConfig(hidden=self.hidden).validate()
+        if self.kind == "sdf":
+            from vqad.sdf.fit import SDFTrainConfig
+
+            SDFTrainConfig(steps=self.steps, batch=self.batch, seed=self.seed, max_minutes=self.minutes).validate()
+        else:
+            from vqad.nerf.fit import NeRFTrainConfig
+
+            NeRFTrainConfig(steps=self.steps, batch_rays=self.batch, octree=self.octree, seed=self.seed,
+                            max_minutes=self.minutes, appearance=self.appearance).validate()
 
     def settings(self) -> dict:
         """What determines the results (recorded in sweep.json; a resumed sweep must match it)."""
@@ -421,6 +447,11 @@ class SweepConfig:
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         if self.kind == "sdf" or d["dataset"] not in _procedural_names():
             d["dataset"] = str(Path(self.dataset).resolve())
+            from vqad.app.outputs import input_stamp
+
+            # the input's size and modification time (every file's, for a capture): a sweep resumed on a changed
+            # input would put two inputs' points in one table
+            d["input"] = input_stamp(d["dataset"], Path(self.out).resolve())
         if self.kind == "nerf":
             d["background"] = [float(c) for c in _background(self.background)]  # checked by the dataset loader
         return d
@@ -704,6 +735,9 @@ class Sweep:
         self.log = log
         self.points = plan(parse_methods(self.cfg.methods, self.cfg.kind, self.cfg.features, self.cfg.rate_weights),
                            self.cfg.stream_bits)
+        if not self.points:
+            raise InputError(f"--methods {' '.join(self.cfg.methods)} gives no point to fit at k = {self.cfg.features} "
+                             "(low rank's default ranks are k/4 and k/2, below k): give settings, e.g. lowrank:1,2")
         self.device = resolve_device(self.cfg.device)
         self.task = (SDFTask if self.cfg.kind == "sdf" else NeRFTask)(self.cfg, self.device)
         self.out = Path(self.cfg.out)
@@ -713,9 +747,13 @@ class Sweep:
 
     # -- the output directory ----------------------------------------------------------------
     def _check_out(self) -> None:
-        manifest = self.out / "sweep.json"
+        from vqad.app.commands.common import refuse_foreign_dir
+
+        manifest = self.out / SWEEP_MANIFEST
         if self.out.exists() and not self.out.is_dir():
             raise InputError(f"output path exists and is not a directory: {self.out}")
+        # a sweep writes and replaces results.csv, results.md, rd.png and points/ there: never among other files
+        refuse_foreign_dir(self.out, (SWEEP_MANIFEST,), f"--out {self.out}", "sweep")
         if manifest.is_file():
             try:
                 old = json.loads(manifest.read_text())["settings"]
@@ -728,6 +766,8 @@ class Sweep:
             new = json.loads(json.dumps(self.cfg.settings()))
             added = {k: v for k, v in ADDED_SETTINGS.items() if k in new}  # a mesh sweep has no radiance-field settings
             old = {k: v for k, v in {**added, **old}.items() if k not in NOT_SETTINGS}
+            if "input" not in old:  # recorded before the input's stamp was: nothing to compare it with
+                new.pop("input", None)
             diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             if diff:
                 raise InputError(f"{self.out} holds a sweep made with other settings ({'; '.join(diff)}): "
@@ -737,7 +777,7 @@ class Sweep:
         from vqad.app.commands.common import ensure_writable_dir
 
         ensure_writable_dir(self.out / "points")
-        manifest = self.out / "sweep.json"
+        manifest = self.out / SWEEP_MANIFEST
         if not manifest.is_file():
             write_atomic(manifest, json.dumps({"vqad_sweep": SWEEP_FORMAT, "settings": self.cfg.settings()}, indent=2))
 

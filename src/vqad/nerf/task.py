@@ -50,6 +50,10 @@ MAX_DILATE = 16
 DEPTH_SOURCES = ("auto", "points", "capture")  # vqad.nerf.depth_prior.depth_targets
 
 
+#: the most rays a training step takes (a million rays of ~100 samples: tens of GB of activations)
+MAX_BATCH_RAYS = 1 << 20
+
+
 @dataclass
 class NeRFTrainConfig(TrainConfig):
     """Radiance-field fitting. Learning rates are Adam's; the grid's is ``lr × grid_lr_scale``.
@@ -84,8 +88,9 @@ class NeRFTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.batch_rays <= 0:
-            raise InputError("--batch-rays must be positive")
+        if not 0 < self.batch_rays <= MAX_BATCH_RAYS:
+            raise InputError(f"--batch-rays must be in 1..{MAX_BATCH_RAYS:,} (each ray marches ~100 samples through "
+                             f"the grid and both MLPs in one step), got {self.batch_rays:,}")
         if self.lod_mode not in LOD_MODES:
             raise InputError(f"unknown LOD mode {self.lod_mode!r}: choose one of {', '.join(LOD_MODES)}")
         if self.octree not in OCTREE_CHOICES:

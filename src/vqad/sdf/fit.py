@@ -55,6 +55,10 @@ class SDFTrainConfig(TrainConfig):
         super().validate()
         if self.batch <= 0 or self.pool_size <= 0 or self.resample_every <= 0:
             raise InputError("--batch, the sample pool and resample_every must be positive")
+        if self.batch > self.pool_size:
+            raise InputError(f"--batch {self.batch:,}: a step draws its points from a pool of {self.pool_size:,} "
+                             f"samples; a larger batch repeats them (and its memory grows with it): at most "
+                             f"{self.pool_size:,}")
         if not 0 <= self.truncation < math.inf:
             raise InputError(f"--truncation must be a finite distance >= 0 (0: none), got {self.truncation}")
         if self.refine < 0 or self.refine_during < 0 or self.refine_samples <= 0 or self.refine_candidates < 0:

@@ -34,7 +34,7 @@ A job file (.toml or .json; paths relative to it):
 Re-run the same command to resume: finished assets with unchanged settings are skipped, an
 interrupted fit continues from its checkpoint, failed assets are tried again, and an asset whose
 settings changed is fitted again. Exit status: 0 all done, 1 some assets failed (their errors are in
-OUT/results.md), 2 a bad job (nothing written), 130 interrupted.
+OUT/results.md), 2 a bad job (nothing written), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 #: fit settings with a flag of their own here (each is --set NAME=VALUE)

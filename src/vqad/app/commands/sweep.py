@@ -105,12 +105,27 @@ def sweep_config(args):
     # --threads is every command's (vqad.app.cli sets it for the process), not a sweep setting
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "threads") and v is not None}
     values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    threads = values.pop("threads", None)  # a config's threads (the flag, given too, wins): for the process
+    if threads is not None and getattr(args, "threads", None) is None:
+        from vqad.device import set_threads
+
+        set_threads(str(threads))
     values.update(given)
     return SweepConfig.from_mapping(values)
 
 
 def cmd_sweep(args) -> int:
+    import shlex
+    import sys
+
     from vqad.app.sweep import Sweep
 
-    Sweep(sweep_config(args)).run()
+    sweep = Sweep(sweep_config(args))
+    try:
+        sweep.run()
+    except KeyboardInterrupt:
+        print(f"\nvqad sweep: stopped. Finished points are kept in {sweep.out / 'points'} and an interrupted fit its "
+              f"checkpoint; to resume, run the same command again: {shlex.join(['vqad', *sys.argv[1:]])}",
+              file=sys.stderr)
+        raise
     return 0

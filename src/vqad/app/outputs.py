@@ -1,0 +1,59 @@
+"""What vqad's applications write and how an input is recognised without reading it: the marker files
+of an output folder (a batch's, a sweep's, a fit's) and the stamp of an input (size and modification
+time), shared by ``vqad batch`` and ``vqad sweep``.
+
+Public API::
+
+    is_output_folder(d) -> bool
+    input_stamp(source, out_dir=None) -> list
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+#: vqad batch's append-only results log and its run lock, in the output root
+BATCH_RESULTS, BATCH_LOCK = "results.jsonl", ".batch.lock"
+#: vqad sweep's record of the settings every point was made with
+SWEEP_MANIFEST = "sweep.json"
+
+#: a folder holding one of these is an output of vqad batch, vqad sweep or a fit: never searched for assets
+OUTPUT_MARKERS = (BATCH_RESULTS, BATCH_LOCK, SWEEP_MANIFEST, "checkpoint/config.json")
+
+
+def is_output_folder(d: Path) -> bool:
+    """``d`` is the output folder of a ``vqad batch``, a ``vqad sweep`` or a fit (its meshes are results,
+    not assets)."""
+    return any((d / m).exists() for m in OUTPUT_MARKERS)
+
+
+def _in_output_folder(p: Path, top: Path, out_dir: Path | None) -> bool:
+    """``p`` lies in ``out_dir`` or in an output folder (:func:`is_output_folder`) below ``top``."""
+    for d in p.parents:
+        if d == top or top not in d.parents:
+            return False
+        if (out_dir is not None and d.resolve() == out_dir) or is_output_folder(d):
+            return True
+    return False
+
+
+def input_stamp(source: str, out_dir: Path | None = None) -> list:
+    """What identifies an asset's input without reading it: size and modification time of the file,
+    or of every file of a capture folder (but those of vqad's output folders in it, ``out_dir`` and
+    :func:`is_output_folder`: a job writing into its capture must not see its input change); a
+    built-in scene's name."""
+    p = Path(source)
+    if not p.exists():
+        return [source]
+    if p.is_file():
+        st = p.stat()
+        return [st.st_size, st.st_mtime_ns]
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file() and not _in_output_folder(q, p, out_dir)):
+        st = f.stat()
+        h.update(f"{f.relative_to(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return [h.hexdigest()[:16]]
+
+
+__all__ = ["BATCH_RESULTS", "BATCH_LOCK", "SWEEP_MANIFEST", "OUTPUT_MARKERS", "is_output_folder", "input_stamp"]

@@ -493,6 +493,23 @@ def test_a_checkpoint_never_replaces_a_folder_of_other_files(tmp_path, capsys, s
     assert main(argv) == 2 and "is a file, not a checkpoint folder" in capsys.readouterr().err
 
 
+def test_export_writes_a_vqad_beside_the_checkpoint_and_says_when_the_fit_is_unfinished(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, dense_field(k=4), extra={"step": 5, "train": {"steps": 10}})
+    for out, needle in ((tmp_path / "e.ply", "unsupported file type '.ply'"), (tmp_path / "e", "file type '(none)'"),
+                        (ck / "model.safetensors", "unsupported file type"), (ck / "m.vqad", "is inside the checkpoint")):
+        assert main(["export", str(ck), "-o", str(out)]) == 2 and needle in capsys.readouterr().err, out
+    assert sorted(p.name for p in ck.iterdir()) == ["config.json", "model.safetensors"]
+    assert main(["export", str(ck), "-o", str(tmp_path / "m.vqad")]) == 0
+    assert "interrupted at step 5 of the 10 it asked" in capsys.readouterr().err
+    for extra, warned in (({"step": 5, "train": {"steps": 10}, "time_capped": True}, False),
+                          ({"step": 10, "train": {"steps": 10}}, False),
+                          ({"step": 10, "train": {"steps": 10}, "after_training": "pending"}, True)):
+        save_checkpoint(ck, dense_field(k=4), extra=extra)
+        assert main(["export", str(ck), "-o", str(tmp_path / "m.vqad")]) == 0
+        assert ("warning" in capsys.readouterr().err) == warned, extra
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["fit-sdf", "MESH", "--grid", "codebook", "--table-bits", "8"], "--table-bits"),
     (["fit-sdf", "MESH", "--grid", "hash", "--table-bits", "30"], "table_bits"),

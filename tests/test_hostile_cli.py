@@ -330,3 +330,52 @@ def test_a_reader_that_goes_away_leaves_no_traceback(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1 and "Traceback" not in err, err
     assert "vqad: synth-capture stopped: its output's reader closed" in err
+
+
+def test_sdf_fits_and_model_tools_against_a_hostile_user(tmp_path, capsys):
+    """The SDF side's hostile pass: a fresh fit into an earlier fit's folder removes that fit's meshes and renders;
+    the printed final loss is the last step's; flags that cannot apply or exceed what the grid has are refused;
+    a ratio below 1 says how many times larger; the API refuses arguments of the wrong kind in one line."""
+    import io
+    import json
+
+    import pytest
+    import trimesh
+
+    import vqad
+    from vqad.errors import InputError
+    from vqad.field import ratio_text
+    from vqad.sdf.extract import extract_mesh
+
+    mesh = tmp_path / "sphere.obj"
+    trimesh.creation.icosphere(subdivisions=2, radius=0.6).export(mesh)
+    out = tmp_path / "fit"
+    common = ["--batch", "512", "--refine", "0", "--no-eval", "--threads", "1"]
+    assert main(["fit-sdf", str(mesh), "--out", str(out), "--levels", "2:4", "--steps", "3", *common]) == 0
+    for name in ("mesh_lod4.ply", "render_lod4.png", "render_lod3.png"):  # what its evaluation would have left
+        (out / name).write_bytes(b"an earlier fit's")
+    capsys.readouterr()
+    assert main(["fit-sdf", str(mesh), "--out", str(out), "--levels", "2:3", "--steps", "12", *common]) == 0
+    text = capsys.readouterr()
+    assert "replacing the earlier fit" in text.err and sorted(p.name for p in out.iterdir()) == ["checkpoint",
+                                                                                                 "metrics.json"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == [1]  # logged: the first step only (then every 50th)
+    printed = float(text.out.split("final loss ")[1].split()[0])
+    assert printed != float(f"{metrics['history'][-1]['loss']:.3g}")  # the 12th step's, not the logged first one's
+    for argv, needle in ((["--layers", "0", "--hidden", "8"], "with --layers 0 it has none"),
+                         (["--bits", "2", "--refine", "1", "--refine-candidates", "5"], "has 3 codewords besides")):
+        assert main(["fit-sdf", str(mesh), "--out", str(tmp_path / "x"), "--steps", "2", *argv]) == 2
+        assert needle in _err(capsys)
+    assert main(["render", str(out / "checkpoint"), "--bytes", "-5", "-o", str(tmp_path / "r.png")]) == 2
+    assert "--bytes must be a positive number" in _err(capsys)
+    assert ratio_text(31.7) == "31.7x" and ratio_text(1 / 60) == "0.0167x (60.0 times larger)"
+    field = vqad.load(out / "checkpoint")
+    for bad in (0, 1, 7, 2.5, 4096):
+        with pytest.raises(InputError, match="resolution must be an integer in 8..2048"):
+            extract_mesh(field, 3, resolution=bad)
+    for source, kw, needle in ((out / "checkpoint", {"lod": "3"}, "lod must be a whole number"),
+                               (io.StringIO("x"), {}, "cannot load a StringIO"),
+                               (b"", {"max_memory": -1}, "max_memory must be a whole number")):
+        with pytest.raises(InputError, match=needle):
+            vqad.load(source, **kw)

@@ -208,8 +208,14 @@ class NeuralField(nn.Module):
             f"dense fp16 grid (16·m·k bits): {r['dense_fp16_bytes'] / 1e3:,.1f} kB",
             f"{storage.size_label()}: {r['grid_bytes'] / 1e3:,.1f} kB",
             f"decoder (fp16): {r['decoder_bytes'] / 1e3:,.1f} kB; total {r['compressed_bytes'] / 1e3:,.1f} kB",
-            f"ratio: grid {r['grid_ratio']:.1f}x, with decoder {r['total_ratio']:.1f}x",
+            f"ratio: grid {ratio_text(r['grid_ratio'])}, with decoder {ratio_text(r['total_ratio'])}",
         ]
+
+
+def ratio_text(ratio: float) -> str:
+    """A compression ratio for people: ``31.7x``; below 1 (the storage is larger than the dense grid) also as
+    how many times larger, never a bare ``0.0x`` (a hash table 60 times the grid's size printed that)."""
+    return f"{ratio:.1f}x" if ratio >= 0.95 else f"{ratio:.3g}x ({1 / ratio:,.1f} times larger)"
 
 
 # -- construction shared by checkpoints and the .vqad file ---------------------------------------

@@ -327,7 +327,9 @@ def parse_bytes(text: str, what: str) -> int:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 10 * 2**20 else f"{n / 2**20:.2g} MiB"
 
 
 def _corrupt(msg: str) -> CorruptStreamError:
@@ -702,8 +704,9 @@ class StreamDecoder:
         if need > self.max_memory:
             raise StreamLimitError(
                 f"LOD {level} of this .vqad stream ({self._cells:,} octree cells) needs about {_gb(need)} to decode, "
-                f"more than the limit of {_gb(self.max_memory)}: decode a coarser LOD (--lod {level - 1}) if there is "
-                f"one, or raise the limit (max_memory=, ${MAX_MEMORY_ENV}) if this machine has the memory"
+                f"more than the limit of {_gb(self.max_memory)}: "
+                + (f"decode a coarser LOD (--lod {level - 1}), or " if level > self.grid_cfg.base_level else "")
+                + f"raise the limit (max_memory=, ${MAX_MEMORY_ENV}) if this machine has the memory"
             )
 
     # -- fields out -------------------------------------------------------------------------------

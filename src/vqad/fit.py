@@ -601,11 +601,13 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     # no step left runs it (the fit would otherwise count as complete without it)
     pending = resume_cfg is not None and resume_cfg.get("after_training") == "pending"
 
-    def save(step_done: int, after_training_pending: bool = False) -> None:
+    def save(step_done: int, after_training_pending: bool = False, time_capped: bool = False) -> None:
         if ckpt_dir is not None:
             extra = {"step": step_done, "train": asdict(cfg), **task.checkpoint_extra()}
             if after_training_pending:
                 extra.update(after_training="pending", step_seconds=task.step_seconds)
+            if time_capped:  # finished as asked, by its time cap (vqad export tells it from an interrupted fit)
+                extra["time_capped"] = True
             save_checkpoint(ckpt_dir, field, extra=extra, optimizers=opts, task_tensors=task.checkpoint_tensors())
             last_save[0] = time.perf_counter()
 
@@ -680,6 +682,8 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         if ckpt_dir is not None and not quiet:
             _say_stopped(exc, f"at step {it}: checkpoint saved to {ckpt_dir}; continue with --resume")
         raise
+    if out is not None:  # the last step's loss, not the last logged one (the log holds every log_every-th)
+        loss_val = float(out.per_lod.detach().sum())
     if it > start or pending:
         task.step_seconds = mean_step_seconds(it - start) if it > start else float(resume_cfg.get("step_seconds") or 0.0)
         try:
@@ -693,7 +697,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
             raise
     items_per_second = prog.items_per_second  # over the whole call, sweeps after training included
     prog.close()
-    save(it)
+    save(it, time_capped=timed_out)
     if timed_out and it < task.min_useful_steps:
         msg = (f"the time cap stopped training after {it} steps, fewer than the {task.min_useful_steps} a useful fit "
                f"needs: this model is undertrained; give the job more --minutes (or resume it with --resume)")

@@ -32,12 +32,16 @@ def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, qui
     for lod, skip in evaluation_order(lods, deadline):
         if skip:
             results[lod] = {"skipped": CAP_SKIPPED}
+            if not quiet:
+                print(f"LOD {lod}: not evaluated ({CAP_SKIPPED})")
             continue
         t0 = time.perf_counter()
         try:
             m = extract_mesh(field, lod, resolution=resolution)
         except InputError as exc:
             results[lod] = {"error": str(exc)}
+            if not quiet:
+                print(f"LOD {lod}: not evaluated: {exc}")
             continue
         gm = geometry_metrics(field, lod, mesh, m, oracle, chamfer_samples or CHAMFER_SAMPLES,
                               iou_samples or IOU_SAMPLES).as_dict()

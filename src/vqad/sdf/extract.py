@@ -84,6 +84,11 @@ def evaluate_grid_sparse(fn, resolution: int, device, block: int = 4, margin: fl
     return flat.reshape(R, R, R).numpy(), float(todo.shape[0]) / R ** 3
 
 
+#: marching-cubes grid points per axis that extract_mesh (and `vqad mesh --resolution`, `fit-sdf --mc-resolution`)
+#: accept: fewer than 8 cannot show a shape, 2048³ is 8.6 G lattice points
+MC_MIN, MC_MAX = 8, 2048
+
+
 def extract_mesh(field, lod: int | None = None, resolution: int = 256, world: bool = True, sparse: bool = True) -> Mesh:
     """Zero level set of an SDF field at ``lod`` as a triangle mesh (world coordinates by default).
 
@@ -94,6 +99,8 @@ def extract_mesh(field, lod: int | None = None, resolution: int = 256, world: bo
     """
     from skimage.measure import marching_cubes
 
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or not MC_MIN <= resolution <= MC_MAX:
+        raise InputError(f"resolution must be an integer in {MC_MIN}..{MC_MAX} (grid points per axis), got {resolution!r}")
     lod = field.grid.octree.max_level if lod is None else lod
     if lod not in field.lods:
         raise InputError(f"LOD {lod} is not in this model: choose one of {field.lods}")

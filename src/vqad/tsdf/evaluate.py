@@ -50,12 +50,16 @@ def evaluate_tsdf(field, out: Path, fusion_mesh, gt_mesh=None, lods=None, render
     for lod, skip in evaluation_order(lods, deadline):
         if skip:
             results[lod] = {"skipped": CAP_SKIPPED}
+            if not quiet:
+                print(f"LOD {lod}: not evaluated ({CAP_SKIPPED})")
             continue
         t0 = time.perf_counter()
         try:
             m = extract_tsdf_mesh(field, lod)
         except InputError as exc:
             results[lod] = {"error": str(exc)}
+            if not quiet:
+                print(f"LOD {lod}: not evaluated: {exc}")
             continue
         r = compare(m, refs, samples)
         if renders:

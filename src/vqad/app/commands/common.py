@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from vqad.errors import InputError
+from vqad.sdf.extract import MC_MAX, MC_MIN  # the bounds of --resolution / --mc-resolution
 
 
 def path_arg(text: str) -> str:
@@ -105,6 +107,28 @@ def ensure_fit_dir(path: str | Path, markers: tuple[str, ...] = ("checkpoint", "
     return ensure_writable_dir(path)
 
 
+#: what a fit's evaluation writes into its --out: a fresh fit there removes them (a fit on other levels would
+#: leave an earlier fit's finer meshes and renders beside its own, looking like its results)
+SDF_EVAL_OUTPUTS = ("metrics.json", "mesh_lod*.ply", "render_lod*.png")
+NERF_EVAL_OUTPUTS = ("metrics.json", "*_lod[0-9]*/")
+
+
+def clear_earlier_fit(out: Path, patterns: tuple[str, ...]) -> None:
+    """Before a fresh (not resumed) fit into ``out``: remove what an earlier fit's evaluation left there
+    (``patterns``; one ending in ``/`` matches folders only), and say so. Its checkpoint stays until the new
+    fit's first save replaces it."""
+    import shutil
+
+    old = [p for pattern in patterns for p in out.glob(pattern.rstrip("/"))
+           if not pattern.endswith("/") or (p.is_dir() and not p.is_symlink())]
+    for p in old:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    shown = [p.name for p in old if p.name != "metrics.json"]
+    if shown:
+        print(f"replacing the earlier fit in {out}: its evaluation ({', '.join(sorted(shown)[:4])}"
+              f"{', ...' if len(shown) > 4 else ''}) is removed", file=sys.stderr)
+
+
 def ensure_writable_file(path: str | Path, suffixes: tuple[str, ...] | None = None, what: str = "output") -> Path:
     """``path`` as a file that can be written (its directory created), with one of ``suffixes`` if given;
     otherwise a one-line :class:`InputError`."""
@@ -130,8 +154,6 @@ def check_finite(value: float | None, flag: str) -> None:
         raise InputError(f"{flag} must be a finite number, got {value}")
 
 
-#: marching-cubes grid points per axis that `vqad mesh --resolution` and `fit-sdf --mc-resolution` accept
-MC_MIN, MC_MAX = 8, 2048
 #: the longest side, in pixels, of an image `vqad render --size` / `vqad view --size` draws
 MAX_IMAGE_SIDE = 8192
 
@@ -307,6 +329,8 @@ def load_model(args, whole: bool = False):
     from vqad.device import resolve_device
 
     nbytes = getattr(args, "bytes", None)
+    if nbytes is not None and nbytes <= 0:
+        raise InputError(f"--bytes must be a positive number of bytes (a prefix of the .vqad file), got {nbytes}")
     lod = None if whole and nbytes is None else args.lod
     return load(args.model, device=resolve_device(args.device), lod=lod, max_bytes=nbytes)
 

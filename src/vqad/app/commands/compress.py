@@ -38,6 +38,8 @@ def cmd_compress(args) -> int:
     from vqad.checkpoint import save_checkpoint
     from vqad.device import resolve_device
 
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise InputError(f"--seed must be an integer in 0..2^63-1, got {args.seed}")
     if args.to == "kmeans" and args.rank is not None:
         raise InputError("--rank applies to --to lowrank; k-means takes --bits")
     if args.to == "lowrank":
@@ -68,6 +70,7 @@ def cmd_compress(args) -> int:
     r = new.size_report()
     import inspect
 
+    from vqad.field import ratio_text
     from vqad.posthoc import POSTHOC_BITS
 
     defaults = inspect.signature(posthoc).parameters  # what a flag left out ran with
@@ -75,7 +78,7 @@ def cmd_compress(args) -> int:
              if args.to == "kmeans" else params)
     print(f"{args.to} ({', '.join(f'{k}={v}' for k, v in shown.items())}) in {seconds:.1f} s: grid "
           f"{r['dense_fp16_bytes'] / 1e3:,.1f} kB (dense fp16) -> {r['grid_bytes'] / 1e3:,.1f} kB "
-          f"({r['grid_ratio']:.1f}x), decoder {r['decoder_bytes'] / 1e3:,.1f} kB")
+          f"({ratio_text(r['grid_ratio'])}), decoder {r['decoder_bytes'] / 1e3:,.1f} kB")
     for level, s in zip(new.lods, new.grid.storages):
         print(f"  LOD {level}: m={s.m:,}, relative feature error ||Z - Z'||^2 / ||Z||^2 = {s.reconstruction_error:.4g}")
     print(f"wrote {out}/ (baked checkpoint; vqad export {out} -o model.vqad writes the file)")

@@ -33,10 +33,16 @@ def cmd_export(args) -> int:
     if args.recode and not args.entropy:
         raise InputError("--recode makes the entropy-coded file smaller (a raw file packs every index at b bits "
                          "whichever codeword it holds): add --entropy")
-    out = ensure_writable_file(args.out)
-    if Path(args.model).resolve() == out.resolve():
+    out = ensure_writable_file(args.out, (".vqad",), "--out")
+    model = Path(args.model).resolve()
+    if model == out.resolve():
         raise InputError(f"--out {out} is the input model: write to another file")
+    if model.is_dir() and model in out.resolve().parents:  # its next save would refuse the folder (or lose the file)
+        raise InputError(f"--out {out} is inside the checkpoint {args.model}: write the file beside it, not among "
+                         "its tensors")
     field = load(args.model, device="cpu")
+    if model.is_dir():
+        _warn_unfinished(args.model)
     # what is evaluated is what is stored: round codebooks and decoder to fp16 now (idempotent when
     # the checkpoint was baked that way already)
     field.bake(fp16=True)
@@ -55,6 +61,23 @@ def cmd_export(args) -> int:
         raw = sum(len(c) for c in iter_chunks(field, entropy=False))
         print(f"  entropy coding: {raw:,} -> {nbytes:,} bytes ({100 * (raw - nbytes) / raw:.1f}% smaller, lossless)")
     return 0
+
+
+def _warn_unfinished(path) -> None:
+    """Warn when the checkpoint is of a fit that did not finish: interrupted before its last step (a time cap
+    that stopped it is a finish), or in its index sweeps (``--resume`` finishes either)."""
+    import warnings
+
+    from vqad.checkpoint import read_config
+
+    cfg = read_config(path)
+    step, asked = cfg.get("step"), (cfg.get("train") or {}).get("steps") if isinstance(cfg.get("train"), dict) else None
+    if cfg.get("after_training") == "pending":
+        warnings.warn(f"{path} is a fit stopped in its work after training (index sweeps): the file holds its "
+                      "indices before them; `--resume` the fit first for the finished model", stacklevel=2)
+    elif isinstance(step, int) and isinstance(asked, int) and 0 < step < asked and not cfg.get("time_capped"):
+        warnings.warn(f"{path} is a fit interrupted at step {step:,} of the {asked:,} it asked: the file holds that "
+                      "model; `--resume` the fit first to finish it", stacklevel=2)
 
 
 _SYMBOLS = {"bits": "b", "rank": "r", "table_bits": "T"}  # storage params by the paper's symbols
@@ -122,8 +145,9 @@ def info_lines(info) -> list[str]:
                      f"{total:>9,} {models:>8,} {8 * total / n:>12.3f} {8 * (total - models) / n:>11.3f}")
     lines += [
         "",
-        "per LOD (cumulative over levels base..L; grid = stored feature tensors; formula = the storage's own bits,",
-        "for a codebook (m·b + 16·k·2^b)/8; dense = an fp16 grid, 16·m·k/8):",
+        "per LOD (m = the vertices of level L; the other columns cumulative over levels base..L; grid = stored",
+        "feature tensors; formula = the storage's own bits, for a codebook (m·b + 16·k·2^b)/8; dense = an fp16 grid,",
+        "16·m·k/8):",
         f"{'LOD':>4} {'m':>9} {'prefix':>11} {'grid':>11} {'formula':>11} {'dense fp16':>12} {'dense/grid':>11} {'dense/formula':>14}",
     ]
     cg = cf = cd = 0.0

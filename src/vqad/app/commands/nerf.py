@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (steps_text, already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir, given,
+from vqad.app.commands.common import (NERF_EVAL_OUTPUTS, clear_earlier_fit, steps_text, already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir, given,
                                       check_resumed_source, fresh_output_dir, grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
                                       refuse_sweep_sizes_without_sweeps, train_overrides)
 from vqad.atomicio import write_atomic
@@ -416,10 +415,7 @@ def cmd_fit_nerf(args) -> int:
         check_resumed_nerf(saved, dataset)
     with fit_output_dir(out) as out:
         if saved is None:  # a new fit must not leave an old result that looks complete; a resumed one keeps its
-            (out / "metrics.json").unlink(missing_ok=True)  # last result and renders until the new ones replace them
-            for old in out.glob(f"{args.eval_views}_lod*"):
-                if old.is_dir():
-                    shutil.rmtree(old)
+            clear_earlier_fit(out, NERF_EVAL_OUTPUTS)  # last result and renders until the new ones replace them
         print(f"dataset {dataset.name!r} ({dataset.format}): " + ", ".join(f"{k} {len(v)} views" for k, v in dataset.splits.items())
               + f", {dataset.splits['train'].hw[1]}x{dataset.splits['train'].hw[0]} px" + lens_summary(dataset.splits["train"])
               + mask_summary(dataset.splits["train"]))

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (steps_text, already_complete, fit_output_dir, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
+from vqad.app.commands.common import (SDF_EVAL_OUTPUTS, clear_earlier_fit, steps_text, already_complete, fit_output_dir, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
                                       config_flag, config_from,
                                       ensure_writable_file, given, grid_config, load_model, parse_lod, refuse, train_overrides,
                                       check_resumed_source, report_notes, report_skipped_steps,
@@ -131,6 +131,12 @@ def _configs(args, saved: dict | None = None, train_cls=None, train_flags=SDF_TR
     refuse_sweep_sizes_without_sweeps(args, train, {"refine_samples": "--refine-samples",
                                                     "refine_candidates": "--refine-candidates"}, resumed=saved is not None)
     dec.validate()
+    refuse(dec.layers == 0 and getattr(args, "hidden", None) is not None,
+           "--hidden is the width of the decoder's hidden layers: with --layers 0 it has none (remove --hidden)")
+    candidates = getattr(args, "refine_candidates", None)
+    if candidates is not None and grid.storage == "codebook" and train.refine:
+        refuse(candidates > 2 ** grid.bits - 1, f"--refine-candidates {candidates}: a {grid.bits}-bit codebook has "
+               f"{2 ** grid.bits - 1} codewords besides a vertex's own; give at most that")
     return grid, dec, train
 
 
@@ -176,7 +182,7 @@ def cmd_fit_sdf(args) -> int:
             print(note, file=sys.stderr)
     with fit_output_dir(out) as out:
         if saved is None:  # a fresh fit must not leave an old result that looks complete; a resumed one keeps its
-            (out / "metrics.json").unlink(missing_ok=True)  # last result (its "steps" say what it describes) until replaced
+            clear_earlier_fit(out, SDF_EVAL_OUTPUTS)  # last result (its "steps" say what it describes) until replaced
         res = fit_sdf(mesh, grid_cfg, dec_cfg, train_cfg, device, out_dir=out, resume=args.resume,
                       quiet=args.quiet, mesh_path=str(Path(args.mesh).resolve()), deadline=deadline)
     field = res.field

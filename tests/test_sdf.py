@@ -107,6 +107,8 @@ def test_interrupt_saves_and_resume_continues(tmp_path, monkeypatch):
     assert res.steps == 30
     _, cfg = load_checkpoint(tmp_path / "checkpoint")
     assert cfg["step"] == 30
+    # the loss log runs across the interrupt (the resumed fit's used to start at its own first step)
+    assert [h["step"] for h in res.history] == [1, 12] and cfg["history"] == res.history
     # the resumed fit continued the saved optimizer state: Adam's step count runs on from the 11 steps
     # before the interrupt (30 in all), it does not restart at the 19 steps of the resumed call
     assert _adam_steps(tmp_path / "checkpoint", "dense") == {30}

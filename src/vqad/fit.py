@@ -603,7 +603,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
 
     def save(step_done: int, after_training_pending: bool = False, time_capped: bool = False) -> None:
         if ckpt_dir is not None:
-            extra = {"step": step_done, "train": asdict(cfg), **task.checkpoint_extra()}
+            extra = {"step": step_done, "train": asdict(cfg), "history": history, **task.checkpoint_extra()}
             if after_training_pending:
                 extra.update(after_training="pending", step_seconds=task.step_seconds)
             if time_capped:  # finished as asked, by its time cap (vqad export tells it from an interrupted fit)
@@ -633,7 +633,10 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         """Mean time of this call's training steps on the deadline's clock (sweeps during training excluded)."""
         return (deadline.clock() - c0 - task.extra_seconds) / steps
 
-    history: list = []
+    # the loss log of the whole fit: a resumed one continues the checkpoint's (it used to start again, so the
+    # metrics of a resumed fit held only the steps after the interrupt)
+    saved = resume_cfg.get("history") if resume_cfg is not None else None
+    history: list = [e for e in saved if isinstance(e, dict)] if isinstance(saved, list) else []
     loss_val = float("nan")
     out = None
     it = start

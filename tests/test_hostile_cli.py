@@ -379,3 +379,26 @@ def test_sdf_fits_and_model_tools_against_a_hostile_user(tmp_path, capsys):
                                (b"", {"max_memory": -1}, "max_memory must be a whole number")):
         with pytest.raises(InputError, match=needle):
             vqad.load(source, **kw)
+
+
+def test_two_fits_into_one_out_at_once_are_refused_in_one_line(tmp_path, capsys):
+    """A second fit writing the same --out while the first runs is refused (the folder itself is locked: no
+    file is added); the lock goes with the command, so the next fit there runs."""
+    import trimesh
+
+    from vqad.app.commands.common import hold_output_dir, release_output_dirs
+
+    mesh = tmp_path / "sphere.obj"
+    trimesh.creation.icosphere(subdivisions=2, radius=0.6).export(mesh)
+    out = tmp_path / "fit"
+    out.mkdir()
+    argv = ["fit-sdf", str(mesh), "--out", str(out), "--levels", "2:3", "--steps", "2", "--batch", "512", "--no-eval",
+            "--refine", "0", "--threads", "1"]
+    hold_output_dir(out)  # the first fit, still running
+    try:
+        assert main(argv) == 2
+        assert "another vqad fit is writing" in _err(capsys) and list(out.iterdir()) == []
+    finally:
+        release_output_dirs()
+    assert main(argv) == 0 and main(argv) == 0  # one after the other: each lets go at its end
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "metrics.json"]

@@ -25,10 +25,9 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
     for name, value in (("lod", lod), ("max_bytes", max_bytes), ("max_memory", max_memory)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise InputError(f"{name} must be a whole number >= 0 (or None), got {value!r}")
-    if isinstance(source, io.TextIOBase) or (not isinstance(source, (str, Path, bytes, bytearray, memoryview))
-                                             and not callable(getattr(source, "read", None))):
-        raise InputError(f"cannot load a {type(source).__name__}: pass a checkpoint directory, a .vqad path, its bytes "
-                         "or a binary stream (open(path, 'rb'))")
+    if isinstance(source, io.TextIOBase):  # (other sources that are not a model: vqad.fileformat.load says so)
+        raise InputError(f"cannot load a {type(source).__name__}: a text stream; pass a checkpoint directory, a .vqad "
+                         "path, its bytes or a binary stream (open(path, 'rb'))")
     device = resolve_device(device)
     if isinstance(source, (str, Path)):
         path = Path(source)

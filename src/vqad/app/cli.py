@@ -100,6 +100,10 @@ def _run(args) -> int:
         hint = getattr(args, "oom_hint", None) or f"see vqad {args.command} --help for the flags that size it"
         print(f"vqad: error: out of memory ({first[:200]}): the job is too large for this machine; {hint}", file=sys.stderr)
         return 2
+    finally:
+        from vqad.app.commands.common import release_output_dirs
+
+        release_output_dirs()  # the --out folders a fit held (another fit may write them now)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

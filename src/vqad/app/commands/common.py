@@ -95,6 +95,32 @@ def fit_output_dir(path: str | Path):
         raise
 
 
+#: descriptors of the output folders this command holds (:func:`hold_output_dir`; the CLI releases them at its end)
+_HELD: list[int] = []
+
+
+def hold_output_dir(path: Path) -> None:
+    """Hold the folder ``path`` for the rest of this command (a ``flock`` on the folder itself: no file is
+    added), so that a second fit writing the same ``--out`` at once is refused in one line instead of the two
+    replacing each other's checkpoint (one died with a safetensors traceback)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InputError(f"another vqad fit is writing {path} right now: wait for it to finish, or give this one "
+                         "another --out") from None
+    _HELD.append(fd)
+
+
+def release_output_dirs() -> None:
+    """Let go of every folder :func:`hold_output_dir` holds (the end of a command)."""
+    while _HELD:
+        os.close(_HELD.pop())
+
+
 def ensure_fit_dir(path: str | Path, markers: tuple[str, ...] = ("checkpoint", "metrics.json")) -> Path:
     """A fit's ``--out``: new, empty, or an earlier fit's (it holds one of ``markers``, ``checkpoint/`` or
     ``metrics.json`` by default, which the new fit replaces); a folder of other files (the capture's images,
@@ -104,7 +130,9 @@ def ensure_fit_dir(path: str | Path, markers: tuple[str, ...] = ("checkpoint", "
     path = Path(path)
     refuse_foreign_dir(path, markers, f"--out {path}", "fit")
     check_checkpoint_target(path / "checkpoint")  # (a folder of that name holding other files: never replaced)
-    return ensure_writable_dir(path)
+    path = ensure_writable_dir(path)
+    hold_output_dir(path)
+    return path
 
 
 #: what a fit's evaluation writes into its --out: a fresh fit there removes them (a fit on other levels would

@@ -98,6 +98,39 @@ def test_nerf_resume_on_another_capture_or_scale_is_refused_and_eval_lod_scores_
     assert [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("LOD")] == [every["LOD 4"]]
 
 
+def test_a_capture_regenerated_at_the_same_path_is_not_the_one_a_model_was_fitted_to(tmp_path, capsys, monkeypatch):
+    """The model records its capture's absolute path and its training views' count and size: a capture
+    regenerated there (other views, another box) is refused by --resume and by eval (which used to score
+    the new images), a relative path works from any folder, a moved capture is named with the fix."""
+    monkeypatch.chdir(tmp_path)
+    synth = ["--points", "2000", "--supersample", "1", "--threads", "1"]
+    assert main(["synth-capture", "-o", "cap", "--size", "24x16", "--views", "8", *synth]) == 0
+    out = tmp_path / "fit"
+    assert main(["fit-nerf", "cap", "--format", "ngp", "--levels", "3:5", "--batch-rays", "256", "--steps", "10",
+                 "--no-eval", "--threads", "1", "--out", str(out)]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["eval", str(out / "checkpoint"), "--max-views", "1", "--threads", "1"]) == 0  # found from here
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    import shutil
+
+    shutil.rmtree("cap")
+    assert main(["eval", str(out / "checkpoint"), "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"is no longer at {tmp_path / 'cap'}: pass --dataset PATH where it is now" in err, err
+    assert main(["synth-capture", "-o", "cap", "--size", "32x24", "--views", "12", "--aabb-scale", "16", *synth]) == 0
+    capsys.readouterr()
+    assert main(["fit-nerf", "cap", "--format", "ngp", "--resume", "--steps", "20", "--no-eval", "--threads", "1",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is not the capture this fit was trained on (7 views then, 10 views now; 24×16 px then, 32×24 px now; " \
+           "a scene box 4 times the central one then, 16 now)" in err, err
+    assert main(["eval", str(out / "checkpoint"), "--threads", "1"]) == 2
+    assert "is not the one this model was fitted to" in capsys.readouterr().err
+
+
 def test_tsdf_resume_on_other_frames_is_refused_and_the_fusion_bytes_are_the_files(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     for scan, size in ((a, "0.5"), (b, "0.8")):

@@ -21,6 +21,7 @@ Conventions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -137,7 +138,8 @@ def require_training_pixels(views: Views) -> None:
 
 
 #: the keys of a stored dataset record (:func:`dataset_info`) and the types each may hold
-DATASET_INFO_TYPES = {"name": str, "format": str, "source": str, "downscale": int, "background": list}
+DATASET_INFO_TYPES = {"name": str, "format": str, "source": str, "downscale": int, "background": list,
+                      "views": int, "size": list}
 
 
 def check_dataset_info(info: dict) -> dict:
@@ -159,15 +161,34 @@ def check_dataset_info(info: dict) -> dict:
     bg = info.get("background", [0.0, 0.0, 0.0])
     if len(bg) != 3 or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in bg):
         raise InputError(f"the dataset record's background must be 3 numbers in [0, 1], got {bg!r:.60}")
+    if "views" in info and info["views"] < 0:
+        raise InputError(f"the dataset record's views must be >= 0, got {info['views']}")
+    size = info.get("size", [1, 1])
+    if len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
+        raise InputError(f"the dataset record's size must be 2 positive integers (width, height), got {size!r:.60}")
     return dict(info)
+
+
+def capture_changes(info: dict, dataset: "SceneDataset") -> list[str]:
+    """How ``dataset`` differs from the capture the record ``info`` (:func:`dataset_info`) describes: its
+    training views' count and size (what a capture regenerated or replaced at the same path changes); empty
+    when they agree or the record predates them."""
+    now = dataset_info(dataset)
+    shown = {"views": lambda n: f"{n} views", "size": lambda wh: f"{wh[0]}×{wh[1]} px"}
+    return [f"{shown[key](info[key])} then, {shown[key](now[key])} now" for key in ("views", "size")
+            if key in info and info[key] != now[key]]
 
 
 def dataset_info(dataset: SceneDataset) -> dict:
     """What ``vqad render`` / ``vqad eval`` need to load the same views again (stored with the model)."""
+    train = dataset.splits.get("train")
+    procedural = dataset.format == "procedural" or not dataset.source
     return {
         "name": dataset.name,
         "format": dataset.format,
-        "source": dataset.source,
+        # absolute: eval and render from another folder find it (and never a same-named capture there)
+        "source": dataset.source if procedural else str(Path(dataset.source).resolve()),
         "downscale": int(dataset.downscale),
         "background": [float(c) for c in dataset.background],
+        **({"views": len(train), "size": [int(train.hw[1]), int(train.hw[0])]} if train is not None else {}),
     }

@@ -17,6 +17,7 @@ bright, scaled per image; black where opacity < 0.5) and ``<view>_opacity.png`` 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +44,25 @@ def load_scene(info: dict, source: str | None = None) -> SceneDataset:
     if source and fmt == "procedural" and source != "procedural":
         raise InputError(f"this model was fitted to the built-in procedural scene: --dataset {source} cannot apply "
                          f"(it renders and scores against that scene; leave --dataset out)")
+    from vqad.nerf.data import capture_changes
+
     src = source or info.get("source") or ("procedural" if fmt == "procedural" else "")
     if not src:
         raise InputError("this model does not record where its dataset is: pass --dataset PATH")
+    if not source and fmt != "procedural" and not Path(src).exists():
+        raise InputError(f"the capture this model was fitted to is no longer at {src}: pass --dataset PATH where it is now")
     kwargs = {"format": fmt, "downscale": int(info.get("downscale", 1))}
     if "background" in info:
         kwargs["background"] = tuple(info["background"])
-    return load_dataset(src, **kwargs)
+    dataset = load_dataset(src, **kwargs)
+    changed = capture_changes(info, dataset)
+    if changed and not source:  # replaced or regenerated where the model's record points: not what it was fitted to
+        raise InputError(f"the capture at {src} is not the one this model was fitted to ({'; '.join(changed)}): pass "
+                         "--dataset with that capture")
+    if changed:
+        warnings.warn(f"--dataset {source}: its training views differ from the capture this model was fitted to "
+                      f"({'; '.join(changed)}); scoring it anyway, as asked", stacklevel=2)
+    return dataset
 
 
 def pick_split(dataset: SceneDataset, split: str):

@@ -362,7 +362,7 @@ def check_nerf_dataset(args, dataset, train_cfg, resumed: bool) -> None:
 def check_resumed_nerf(saved: dict, dataset) -> None:
     """A resumed fit continues on the images it was trained on: the same capture, read the same way (format,
     --downscale, --background). (Its --steps is checked with the rest of its settings: vqad.fit.check_resumed_fit.)"""
-    from vqad.nerf.data import dataset_info
+    from vqad.nerf.data import capture_changes, dataset_info
 
     was, now = saved.get("dataset") or {}, dataset_info(dataset)
     hint = "fit it in a new --out (--octree-from CHECKPOINT reuses this fit's octree)"
@@ -374,6 +374,13 @@ def check_resumed_nerf(saved: dict, dataset) -> None:
         if key in was and was[key] != now[key]:
             raise InputError(f"--resume: this fit was trained on {was.get('name', 'its capture')!r} with {key} {was[key]}, "
                              f"not {now[key]} ({flag}); {hint}")
+    changed = capture_changes(was, dataset)  # the same path, other images (regenerated, replaced)
+    outer = (saved.get("nerf") or {}).get("outer_scale")
+    if isinstance(outer, (int, float)) and not isinstance(outer, bool) and abs(outer - dataset.outer_scale) > 1e-6:
+        changed.append(f"a scene box {outer:g} times the central one then, {dataset.outer_scale:g} now")
+    if changed:
+        raise InputError(f"--resume: {now['source'] or now['name']} is not the capture this fit was trained on "
+                         f"({'; '.join(changed)}); {hint}")
 
 
 def fit_nerf_summary(res) -> dict:

@@ -42,6 +42,19 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
+def ensure_results_dir(path: str | Path, flag: str = "-o") -> Path:
+    """A folder for ``vqad eval`` / ``render`` results: :func:`ensure_writable_dir`, but never a checkpoint
+    (its next save would refuse a folder with images in it) nor a fit's own ``--out`` (its ``metrics.json``
+    and renders would be replaced by these)."""
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        raise InputError(f"{flag} {path} is a checkpoint: write the results beside it, not among its tensors")
+    if (path / "checkpoint").is_dir():
+        raise InputError(f"{flag} {path} is a fit's folder: its metrics.json and renders would be replaced; "
+                         "give another folder")
+    return ensure_writable_dir(path)
+
+
 def refuse_foreign_dir(path: Path, markers: tuple[str, ...], what: str, kind: str) -> None:
     """Refuse an existing, non-empty folder that holds none of ``markers`` (the files an earlier vqad
     ``kind`` leaves there): the job would write, replace and delete among someone else's files. ``what``

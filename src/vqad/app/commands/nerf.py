@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (NERF_EVAL_OUTPUTS, clear_earlier_fit, steps_text, already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, ensure_writable_dir, given,
+from vqad.app.commands.common import (NERF_EVAL_OUTPUTS, clear_earlier_fit, ensure_results_dir, steps_text, already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, given,
                                       check_resumed_source, fresh_output_dir, grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
                                       refuse_sweep_sizes_without_sweeps, train_overrides)
 from vqad.atomicio import write_atomic
@@ -483,7 +483,7 @@ def cmd_eval(args) -> int:
     dataset = load_scene(field.dataset, args.dataset)
     require_scorable(dataset, args.views, args.max_views, fix="score other views (--views, --max-views), or check "
                                                               "the masks (vqad render renders them)")
-    out = ensure_writable_dir(args.out) if args.out else None
+    out = ensure_results_dir(args.out, "--out") if args.out else None
     scoring = checkpoint_scoring(args.model, args.views, dataset.splits.get("train"))
     if args.match_exposure:
         scoring["match_exposure"] = True
@@ -509,7 +509,7 @@ def render_nerf(field, args) -> int:
     dataset = load_scene(field.dataset, getattr(args, "dataset", None))
     split = getattr(args, "views", None) or "test"
     pick_split(dataset, split)
-    out = ensure_writable_dir(getattr(args, "out", None) or "render_nerf")
+    out = ensure_results_dir(getattr(args, "out", None) or "render_nerf")
     res = evaluate_nerf(field, dataset, split, lods=lods, out_dir=out, require_scores=False)
     for lod, r in res.items():
         score = (f"PSNR {r['psnr']:.2f} dB" + (f" over {r['views']} scored" if r["views"] < r["rendered"] else "")

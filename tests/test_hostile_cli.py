@@ -29,9 +29,26 @@ def test_synth_capture_object_alone_suggests_a_fit_that_runs(tmp_path, capsys):
     assert f"next: vqad fit-nerf {out} --format ngp --octree density" in capsys.readouterr().out
 
 
-def test_absurd_thread_counts_are_refused(capsys):
+def test_absurd_thread_counts_are_refused(capsys, monkeypatch, tmp_path):
     assert main(["synth-capture", "-o", "unused", "--threads", "99999"]) == 2
     assert "at most 1024" in _err(capsys)
+    # more threads than cores: it runs, with a one-line warning (a fit ran 175x slower)
+    monkeypatch.setattr("vqad.device.available_cores", lambda: 2)
+    try:
+        assert main(["info", str(tmp_path / "none.vqad"), "--threads", "8"]) == 2
+        err = _err(capsys)
+        assert "vqad: warning: 8 CPU threads on the 2 core(s)" in err and "give --threads 2 or fewer" in err
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_a_marching_step_out_of_range_is_refused_naming_the_flag(capsys):
+    for bad in ("1e-9", "inf", "100"):
+        assert main(["fit-nerf", "procedural", "--out", "unused", "--step-ratio", bad]) == 2
+        assert "--step-ratio takes 'auto' or a number of finest cells in 0.03125..16" in _err(capsys)
+    for extra in (["--lod-mode", "finest"], ["--levels", "5:5"]):
+        assert main(["fit-nerf", "procedural", "--out", "unused", "--coarse-weight", "0.5", *extra]) == 2
+        assert "--coarse-weight weighs the coarser LODs' loss: it cannot apply" in _err(capsys)
 
 
 def test_running_out_of_memory_is_one_line(monkeypatch, capsys):

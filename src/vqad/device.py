@@ -128,6 +128,12 @@ MAX_THREADS = 1024
 def set_threads(threads: int | None = None) -> int:
     """Apply :func:`resolve_threads` to PyTorch's intra-op pool; returns the number set."""
     n = resolve_threads(threads)
+    cores = available_cores()
+    if n > cores:
+        import warnings
+
+        warnings.warn(f"{n} CPU threads on the {cores} core(s) this process may use: threads beyond the cores only "
+                      f"wait for each other (a fit ran 175x slower); give --threads {cores} or fewer", stacklevel=2)
     torch.set_num_threads(n)
     return n
 

@@ -203,11 +203,13 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
         if deadline is not None and deadline.left() <= 0 and scores[lods[0]]["psnr"]:
             break  # the job's time cap: the views so far are the evaluation (one scored, at least)
     seconds = time.perf_counter() - t0
+    cut = len(order) - n_seen  # views the time cap left out (said with the scores and in metrics.json)
     out = {}
     for lod in lods:
         p, s = scores[lod]["psnr"], scores[lod]["ssim"]
         out[lod] = {"psnr": float(np.mean(p)) if p else None, "ssim": float(np.mean(s)) if s else None,
-                    "views": len(p), "rendered": n_seen, "seconds": seconds}
+                    "views": len(p), "rendered": n_seen, "seconds": seconds,
+                    **({"left_out_by_time_cap": cut} if cut else {})}
         if match_exposure:
             m = scores[lod]["psnr_matched"]
             out[lod]["psnr_matched"] = float(np.mean(m)) if m else None
@@ -223,6 +225,7 @@ def metric_lines(results: dict) -> list[str]:
              + (f" ({r['psnr_matched']:.2f} with each photo's exposure matched)" if r.get("psnr_matched") is not None else "")
              + f"  SSIM {r['ssim']:.4f}  ("
              + (f"{r['views']} of {r['rendered']}" if r.get("rendered", r["views"]) > r["views"] else f"{r['views']}")
-             + " views" + (", the pixels their loss masks keep)" if r.get("masked") else ")"))
+             + " views" + (", the pixels their loss masks keep" if r.get("masked") else "")
+             + (f"; {r['left_out_by_time_cap']} more left out by the time cap)" if r.get("left_out_by_time_cap") else ")"))
             if r["psnr"] is not None else f"LOD {lod}: not scored (the loss masks of its views keep no pixel)"
             for lod, r in results.items()]

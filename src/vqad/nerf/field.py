@@ -32,6 +32,11 @@ from vqad.nerf.data import check_dataset_info
 DENSITY_ACTIVATIONS = ("trunc_exp", "softplus")
 
 
+#: the marching step, in finest cells: 1/32 (32 samples a cell: a billion-sample march from a typo like 1e-9 is
+#: refused) to 16 (a step over 16 cells skips whole surfaces)
+STEP_RATIO_RANGE = (1 / 32, 16.0)
+
+
 @dataclass
 class NeRFConfig:
     """Radiance-specific parts of the field (the density MLP is the :class:`DecoderConfig`)."""
@@ -65,8 +70,11 @@ class NeRFConfig:
             raise InputError(
                 f"unknown density activation {self.density_activation!r}: choose one of {', '.join(DENSITY_ACTIVATIONS)}"
             )
-        if (self.step_ratio is not None and not self.step_ratio > 0) or not 0 <= self.prune_alpha < 1:
-            raise InputError("step_ratio must be > 0 and prune_alpha in [0, 1)")
+        if self.step_ratio is not None and not STEP_RATIO_RANGE[0] <= self.step_ratio <= STEP_RATIO_RANGE[1]:
+            raise InputError(f"step_ratio (the marching step in finest cells) must be in {STEP_RATIO_RANGE[0]:g}.."
+                             f"{STEP_RATIO_RANGE[1]:g}, got {self.step_ratio:g}")
+        if not 0 <= self.prune_alpha < 1:
+            raise InputError("prune_alpha must be in [0, 1)")
         if not (0 <= self.geo_features <= MAX_HIDDEN and 1 <= self.color_hidden <= MAX_HIDDEN
                 and 0 <= self.color_layers <= MAX_LAYERS):
             raise InputError(f"geo_features must be in 0..{MAX_HIDDEN}, color_hidden in 1..{MAX_HIDDEN} and "

@@ -22,7 +22,7 @@ from vqad.grid import OctreeGrid
 from vqad.nerf.depth_prior import depth_source, depth_targets, has_points
 from vqad.nerf.appearance import ViewAppearance, require_views_to_learn
 from vqad.nerf.data import SceneDataset, dataset_info, require_training_pixels
-from vqad.nerf.field import NeRFConfig, NeRFField
+from vqad.nerf.field import STEP_RATIO_RANGE, NeRFConfig, NeRFField
 from vqad.nerf.rays import RayBatcher
 from vqad.nerf.recode import RecodeStats
 from vqad.nerf.render import OccupancySampler, make_sampler, prune_by_model
@@ -81,7 +81,8 @@ def auto_step_ratio(octree, dataset: SceneDataset, device, budget: float = AUTO_
     batcher = RayBatcher(dataset.splits["train"], dataset, device)
     o, d, _, near, far = batcher.sample(min(probe_rays, batcher.num_valid), torch.Generator().manual_seed(seed))
     n = len(sampler.march(o, d, near=near, far=far)) / o.shape[0]
-    return float(max(1, math.floor(n / budget + 0.5))), n  # halves round up (Python's round() would go to even)
+    step = min(max(1, math.floor(n / budget + 0.5)), STEP_RATIO_RANGE[1])  # halves round up (round() goes to even)
+    return float(step), n
 
 
 def auto_per_lod(dataset: SceneDataset, grid_cfg: GridConfig) -> bool:

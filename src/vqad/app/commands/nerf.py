@@ -26,8 +26,11 @@ def _step_ratio(text: str) -> float | None:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0:
-        raise InputError(f"--step-ratio takes 'auto' or a positive number of finest cells, got {text!r}")
+    from vqad.nerf.field import STEP_RATIO_RANGE
+
+    if not STEP_RATIO_RANGE[0] <= value <= STEP_RATIO_RANGE[1]:
+        raise InputError(f"--step-ratio takes 'auto' or a number of finest cells in {STEP_RATIO_RANGE[0]:g}.."
+                         f"{STEP_RATIO_RANGE[1]:g}, got {text!r}")
     return value
 
 
@@ -307,6 +310,9 @@ def _configs(args, saved: dict | None = None):
     refuse_sweep_sizes_without_sweeps(args, train, {"refine_rays": "--refine-rays"}, resumed=saved is not None)
     refuse(args.depth_from is not None and train.depth_weight == 0,
            "--depth-from picks the depth loss's targets: it applies with --depth-weight > 0")
+    refuse(args.coarse_weight is not None and (train.lod_mode == "finest" or grid.base_level == grid.max_level),
+           "--coarse-weight weighs the coarser LODs' loss: it cannot apply when only the finest LOD trains "
+           "(--lod-mode finest, or a single level)")
     if args.eval_max_views is not None and args.eval_max_views <= 0:
         raise InputError("--eval-max-views must be positive")
     return grid, dec, nerf, train

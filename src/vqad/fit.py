@@ -688,7 +688,9 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     if out is not None:  # the last step's loss, not the last logged one (the log holds every log_every-th)
         loss_val = float(out.per_lod.detach().sum())
     if it > start or pending:
-        task.step_seconds = mean_step_seconds(it - start) if it > start else float(resume_cfg.get("step_seconds") or 0.0)
+        was = resume_cfg.get("step_seconds") if resume_cfg is not None else None  # (read from a file: checked)
+        was = float(was) if isinstance(was, (int, float)) and not isinstance(was, bool) and 0 < was < math.inf else 0.0
+        task.step_seconds = mean_step_seconds(it - start) if it > start else was
         try:
             with interrupt_guard():
                 task.after_training(it, start, gen)  # e.g. index sweeps: minutes of work after the last step

@@ -1012,16 +1012,17 @@ def plan(job: Job) -> Plan:
         # the folder's outputs are this fit's only while its settings.json says so: a run with other settings,
         # stopped before its record, leaves the record of an earlier fit beside a folder it has started to replace
         folder = (_read_json(job.out / spec.key / "settings.json") or {}).get("fingerprint")
-        ours = folder in (None, spec.fingerprint) and (job.out / spec.file).is_file()
-        if rec and rec.get("status") == "done" and rec.get("fingerprint") == spec.fingerprint and ours:
+        replaced = folder not in (None, spec.fingerprint)
+        ours = not replaced and (job.out / spec.file).is_file()
+        done = bool(rec) and rec.get("status") == "done" and rec.get("fingerprint") == spec.fingerprint
+        if done and ours:
             p.skipped.append(spec.key)
             continue
         marker = (_read_json(job.out / spec.key / "metrics.json") or {}).get("batch")
         if marker and marker.get("status") == "done" and marker.get("fingerprint") == spec.fingerprint and ours:
             p.recovered.append(marker)  # finished after the driver's last record
             continue
-        if rec and rec.get("status") == "done" and rec.get("fingerprint") == spec.fingerprint and \
-                folder not in (None, spec.fingerprint):
+        if done and replaced:
             p.reasons[spec.key] = ("its folder holds the outputs of a run with other settings that was stopped: "
                                    "fitting again")
         elif rec is None:

@@ -708,8 +708,8 @@ def _err(capsys):
     (["--background", "pink"], "background"),
     (["--eval-views", "nope"], "no 'nope' views"),
     (["--logit-lr-scale", "-1"], "--logit-lr-scale must be >= 0"),
-    (["--step-ratio", "0"], "'auto' or a positive number"),
-    (["--step-ratio", "fast"], "'auto' or a positive number"),
+    (["--step-ratio", "0"], "'auto' or a number of finest cells in"),
+    (["--step-ratio", "fast"], "'auto' or a number of finest cells in"),
     (["--coarse-weight", "0"], "--coarse-weight must be in (0, 1]"),
 ])
 def test_fit_nerf_bad_arguments(tmp_path, capsys, extra, message):

@@ -125,11 +125,12 @@ def resolve_threads(threads: int | None = None) -> int:
 MAX_THREADS = 1024
 
 
-def set_threads(threads: int | None = None) -> int:
-    """Apply :func:`resolve_threads` to PyTorch's intra-op pool; returns the number set."""
+def set_threads(threads: int | None = None, warn: bool = True) -> int:
+    """Apply :func:`resolve_threads` to PyTorch's intra-op pool; returns the number set. ``warn``: say so
+    when that is more threads than cores."""
     n = resolve_threads(threads)
     cores = available_cores()
-    if n > cores:
+    if warn and n > cores:
         import warnings
 
         warnings.warn(f"{n} CPU threads on the {cores} core(s) this process may use: threads beyond the cores only "

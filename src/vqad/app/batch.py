@@ -1099,6 +1099,12 @@ class BatchRun:
         if self.executor == "ray" and run.ray in (None, "auto"):
             check_local_cores(self.threads)  # now, before the output folder is made
         if self.executor == "local":
+            from vqad.device import available_cores
+
+            if self.threads > available_cores():
+                print(f"vqad batch: warning: --threads {self.threads} per fit on the {available_cores()} core(s) this "
+                      "process may use: threads beyond the cores only wait for each other", file=sys.stderr)
+        if self.executor == "local":
             from vqad.device import resolve_device
 
             resolve_device(run.device)  # --device cuda without a GPU: an error now, before anything is written

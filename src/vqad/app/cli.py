@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     try:
         keep_freed_memory()  # no page faults for every re-allocated tensor ($VQAD_MALLOC=default: leave malloc alone)
-        set_threads(args.threads)
+        # (batch's --threads is each fit's: it checks them against the cores itself)
+        set_threads(args.threads, warn=not getattr(args, "threads_per_fit", False))
         return int(args.func(args) or 0)
     except VqadError as exc:
         print(f"vqad: error: {exc}", file=sys.stderr)

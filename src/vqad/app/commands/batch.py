@@ -72,7 +72,7 @@ def register(sub) -> None:
     add_device_arg(p)
     p.add_argument("--dry-run", action="store_true", help="check the job and say what would run; write nothing")
     p.add_argument("--quiet", action="store_true", help="no plan or progress bar: the summary line and failures only")
-    p.set_defaults(func=cmd_batch)
+    p.set_defaults(func=cmd_batch, threads_per_fit=True)
 
 
 def resume_command(args, out) -> str:

@@ -419,3 +419,17 @@ def test_two_fits_into_one_out_at_once_are_refused_in_one_line(tmp_path, capsys)
         release_output_dirs()
     assert main(argv) == 0 and main(argv) == 0  # one after the other: each lets go at its end
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "metrics.json"]
+
+
+def test_ctrl_c_in_the_density_pass_says_nothing_is_saved_and_leaves_no_empty_folder(tmp_path, monkeypatch, capsys):
+    import vqad.nerf.fit as nf
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nf, "build_nerf_field", interrupted)
+    out = tmp_path / "fit"
+    assert main(["fit-nerf", "procedural", "--out", str(out), "--steps", "5", "--threads", "1"]) == 130
+    err = _err(capsys)
+    assert "interrupted while building the octree (a density pass is not saved): nothing to resume" in err
+    assert not out.exists()  # the folder this run created, still empty, goes with it

@@ -8,6 +8,7 @@ the one fit loop (:func:`vqad.fit.run_fit`).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field as dfield, replace
 from pathlib import Path
@@ -241,8 +242,14 @@ def fit_nerf(
             check_resumable(ckpt_dir, resume_cfg.get("nerf", {}), given, "radiance-field")
         method = resume_cfg.get("octree_method", "?")
     else:
-        field, method = build_nerf_field(dataset, grid_cfg, dec_cfg, nerf_cfg or NERF_FIELD, train_cfg, device, quiet,
-                                         deadline=deadline)
+        try:
+            field, method = build_nerf_field(dataset, grid_cfg, dec_cfg, nerf_cfg or NERF_FIELD, train_cfg, device,
+                                             quiet, deadline=deadline)
+        except KeyboardInterrupt:
+            if not quiet:
+                print("interrupted while building the octree (a density pass is not saved): nothing to resume; run "
+                      "the command again without --resume", file=sys.stderr, flush=True)
+            raise
         auto = train_cfg.early_stop_eps is None  # auto_early_stop, from the scene
         train_cfg = replace(train_cfg, early_stop_eps=auto_early_stop(train_cfg.early_stop_eps, dataset.outer_scale))
         if not quiet and train_cfg.early_stop_eps > 0:

@@ -95,14 +95,15 @@ def fresh_output_dir(path: str | Path, what: str, hint: str = ""):
 @contextmanager
 def fit_output_dir(path: str | Path):
     """A fit's ``--out`` (:func:`ensure_fit_dir`) around the fit's first steps: if they are refused (an
-    :class:`InputError`: the capture's octree is empty, ...) and leave the folder this created empty, it goes
-    too. Anything else (an interrupt, a checkpoint written) stays: nothing a long run did is lost."""
+    :class:`InputError`: the capture's octree is empty, ...) or are interrupted (a density pass saves nothing)
+    and leave the folder this created empty, it goes too. Anything else (a checkpoint written) stays: nothing
+    a long run did is lost."""
     path = Path(path)
     created = not path.exists()
     out = ensure_fit_dir(path)
     try:
         yield out
-    except InputError:
+    except (InputError, KeyboardInterrupt):
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise

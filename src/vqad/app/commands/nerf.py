@@ -436,7 +436,9 @@ def cmd_fit_nerf(args) -> int:
                        nerf_cfg=nerf_cfg, deadline=deadline)
     field = res.field
     print(already_complete(res) or
-          f"octree from {res.octree_method} in {res.octree_seconds:.1f} s; fit: {steps_text(res)} in {res.seconds:.1f} s, "
+          (f"octree from the checkpoint ({res.octree_method}); " if args.resume else
+           f"octree from {res.octree_method} in {res.octree_seconds:.1f} s; ")
+          + f"fit: {steps_text(res)} in {res.seconds:.1f} s, "
           f"{res.rays_per_second:,.0f} rays/s, {res.samples_per_ray:.1f} samples/ray, MLPs in {res.train_cfg.mlp_precision}, "
           f"final PSNR (batch) {res.final_psnr:.2f} dB")
     report_skipped_steps(res.skipped_steps)

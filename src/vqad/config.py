@@ -73,6 +73,12 @@ class DecoderConfig:
 MAX_HIDDEN, MAX_LAYERS = 4096, 16
 
 
+def check_seed(seed) -> None:
+    """Refuse a seed a generator cannot take (``torch.Generator.manual_seed`` and NumPy's: 0..2^63-1)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InputError(f"--seed must be an integer in 0..2^63-1, got {seed}")
+
+
 def parse_levels(text: str) -> tuple[int, int]:
     """``"3:7"`` -> (3, 7), with a clear error otherwise."""
     try:

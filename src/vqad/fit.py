@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from vqad.config import check_seed
 from vqad.errors import InputError, Terminated, TrainingDivergedError, stdout_reader_gone
 from vqad.optim import make_optimizers
 
@@ -93,8 +94,7 @@ class TrainConfig:
             raise InputError("--rate-context changes the rate term's estimate: it needs --rate-weight > 0")
         if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
             raise InputError(f"--minutes must be a positive finite number (leave it out for no cap), got {self.max_minutes}")
-        if not 0 <= self.seed < 2**63:
-            raise InputError(f"--seed must be an integer in 0..2^63-1, got {self.seed}")
+        check_seed(self.seed)
         if self.log_every <= 0 or self.checkpoint_every <= 0:
             raise InputError("log_every and checkpoint_every must be positive")
         if self.checkpoint_minutes is not None and not (0 < self.checkpoint_minutes < math.inf):

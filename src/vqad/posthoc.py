@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import torch
 
+from vqad.config import check_seed
 from vqad.errors import InputError
 from vqad.storages.base import check_bits
 from vqad.storages.dense import check_dense
@@ -47,6 +48,7 @@ def posthoc(field, kind: str, *, bits: int | None = None, rank: int | None = Non
             raise InputError("rank applies to post-hoc lowrank, not kmeans: pass bits instead")
         bits = POSTHOC_BITS if bits is None else bits
         check_bits(bits)
+        check_seed(seed)
         storages = [codebook_from_dense(s, bits, seed=seed, iters=iters, fp16=fp16) for s in grid.storages]
     else:
         if bits is not None:

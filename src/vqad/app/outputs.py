@@ -11,6 +11,7 @@ Public API::
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 #: vqad batch's append-only results log and its run lock, in the output root
@@ -28,14 +29,16 @@ def is_output_folder(d: Path) -> bool:
     return any((d / m).exists() for m in OUTPUT_MARKERS)
 
 
-def _in_output_folder(p: Path, top: Path, out_dir: Path | None) -> bool:
-    """``p`` lies in ``out_dir`` or in an output folder (:func:`is_output_folder`) below ``top``."""
-    for d in p.parents:
-        if d == top or top not in d.parents:
-            return False
-        if (out_dir is not None and d.resolve() == out_dir) or is_output_folder(d):
-            return True
-    return False
+def _input_files(top: Path, out_dir: Path | None) -> list[Path]:
+    """The files under the folder ``top``, sorted, but those in ``out_dir`` or in an output folder
+    (:func:`is_output_folder`) below it: each folder is judged once, as the walk reaches it."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        d = Path(dirpath)
+        dirnames[:] = [n for n in dirnames
+                       if not ((out_dir is not None and (d / n).resolve() == out_dir) or is_output_folder(d / n))]
+        files += [d / f for f in filenames if (d / f).is_file()]
+    return sorted(files)
 
 
 def input_stamp(source: str, out_dir: Path | None = None) -> list:
@@ -50,7 +53,7 @@ def input_stamp(source: str, out_dir: Path | None = None) -> list:
         st = p.stat()
         return [st.st_size, st.st_mtime_ns]
     h = hashlib.sha256()
-    for f in sorted(q for q in p.rglob("*") if q.is_file() and not _in_output_folder(q, p, out_dir)):
+    for f in _input_files(p, out_dir):
         st = f.stat()
         h.update(f"{f.relative_to(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return [h.hexdigest()[:16]]

@@ -150,15 +150,15 @@ def ensure_fit_dir(path: str | Path, markers: tuple[str, ...] = ("checkpoint", "
 
 
 #: what a fit's evaluation writes into its --out: a fresh fit there removes them (a fit on other levels would
-#: leave an earlier fit's finer meshes and renders beside its own, looking like its results)
+#: leave an earlier fit's finer meshes and renders beside its own, looking like its results); its checkpoint
+#: stays until the new fit's first save replaces it
 SDF_EVAL_OUTPUTS = ("metrics.json", "mesh_lod*.ply", "render_lod*.png")
 NERF_EVAL_OUTPUTS = ("metrics.json", "*_lod[0-9]*/")
 
 
 def clear_earlier_fit(out: Path, patterns: tuple[str, ...]) -> None:
-    """Before a fresh (not resumed) fit into ``out``: remove what an earlier fit's evaluation left there
-    (``patterns``; one ending in ``/`` matches folders only), and say so. Its checkpoint stays until the new
-    fit's first save replaces it."""
+    """Before a fresh (not resumed) fit into ``out``: remove what an earlier fit left there that would describe
+    it, not the new one (``patterns``; one ending in ``/`` matches folders only), and say so."""
     import shutil
 
     old = [p for pattern in patterns for p in out.glob(pattern.rstrip("/"))
@@ -167,8 +167,8 @@ def clear_earlier_fit(out: Path, patterns: tuple[str, ...]) -> None:
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
     shown = [p.name for p in old if p.name != "metrics.json"]
     if shown:
-        print(f"replacing the earlier fit in {out}: its evaluation ({', '.join(sorted(shown)[:4])}"
-              f"{', ...' if len(shown) > 4 else ''}) is removed", file=sys.stderr)
+        print(f"replacing the earlier fit in {out}: removed its {', '.join(sorted(shown)[:4])}"
+              f"{', ...' if len(shown) > 4 else ''}", file=sys.stderr)
 
 
 def ensure_writable_file(path: str | Path, suffixes: tuple[str, ...] | None = None, what: str = "output") -> Path:

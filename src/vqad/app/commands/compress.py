@@ -35,11 +35,10 @@ def cmd_compress(args) -> int:
 
     from vqad.api import load
     from vqad.posthoc import posthoc
-    from vqad.checkpoint import save_checkpoint
+    from vqad.checkpoint import check_checkpoint_target, save_checkpoint
+    from vqad.config import check_seed
     from vqad.device import resolve_device
 
-    if args.seed is not None and not 0 <= args.seed < 2**63:
-        raise InputError(f"--seed must be an integer in 0..2^63-1, got {args.seed}")
     if args.to == "kmeans" and args.rank is not None:
         raise InputError("--rank applies to --to lowrank; k-means takes --bits")
     if args.to == "lowrank":
@@ -49,8 +48,8 @@ def cmd_compress(args) -> int:
                              f"--rank R only")
         if args.rank is None:
             raise InputError("--to lowrank needs --rank R (fewer dimensions than the model's k features)")
-    from vqad.checkpoint import check_checkpoint_target
-
+    if args.seed is not None:
+        check_seed(args.seed)  # (posthoc checks it too; here before the model is read)
     out = Path(args.out)
     if out.resolve() == Path(args.model).resolve():
         raise InputError(f"--out {out} is the input model: write to another directory")

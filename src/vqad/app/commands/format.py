@@ -71,7 +71,8 @@ def _warn_unfinished(path) -> None:
     from vqad.checkpoint import read_config
 
     cfg = read_config(path)
-    step, asked = cfg.get("step"), (cfg.get("train") or {}).get("steps") if isinstance(cfg.get("train"), dict) else None
+    train = cfg.get("train")
+    step, asked = cfg.get("step"), train.get("steps") if isinstance(train, dict) else None
     if cfg.get("after_training") == "pending":
         warnings.warn(f"{path} is a fit stopped in its work after training (index sweeps): the file holds its "
                       "indices before them; `--resume` the fit first for the finished model", stacklevel=2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqad.app.commands.common import (steps_text, already_complete, add_rate_flags, add_grid_args, add_run_args, check_finite, config_flag,
+from vqad.app.commands.common import (clear_earlier_fit, steps_text, already_complete, add_rate_flags, add_grid_args, add_run_args, check_finite, config_flag,
                                       ensure_fit_dir, refuse,
                                       check_resumed_source, report_notes, report_skipped_steps,
                                       resumed_configs)
@@ -103,7 +102,7 @@ def fit_tsdf_configs(args, saved: dict | None = None):
 
 #: an earlier fit's outputs, removed when a new fit (not --resume) replaces it: its model, its checkpoint (which
 #: a later --resume would otherwise continue on the new fusion) and its evaluation
-STALE_OUTPUTS = ("model.vqad", "checkpoint", "metrics.json", "fusion_mesh.ply", "mesh_lod*.ply", "render_lod*.png")
+STALE_OUTPUTS = ("model.vqad", "checkpoint/", "metrics.json", "fusion_mesh.ply", "mesh_lod*.ply", "render_lod*.png")
 #: how far a --gt mesh's box may differ in size from the fusion's (a partial scan of a larger model is fine;
 #: millimetres against metres is not)
 GT_SIZE_RATIO = 20.0
@@ -216,13 +215,9 @@ def cmd_fit_tsdf(args) -> int:
         check_gt_frame(gt, fused, args.gt)
     # a folder holding only fused.tsdf is a fit that failed after fusing: it takes the rerun
     only_fusion = out.is_dir() and [p.name for p in out.iterdir()] == [FUSED_NAME]
-    earlier = out.is_dir() and any((out / m).exists() for m in ("checkpoint", "metrics.json"))
     out = ensure_fit_dir(out, (FUSED_NAME,) if only_fusion else ("checkpoint", "metrics.json"))
     if not args.resume:
-        for path in [p for pattern in STALE_OUTPUTS for p in out.glob(pattern)]:  # none of it describes the new fit
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
-        if earlier:
-            print(f"replacing the earlier fit in {out}: its model, checkpoint and evaluation are removed", file=sys.stderr)
+        clear_earlier_fit(out, STALE_OUTPUTS)  # none of it describes the new fit
         fused.save(out / FUSED_NAME)
     baseline = fused.nbytes(color=train_cfg.color)  # what the field holds: geometry, and colour with --color
     on_disk = (out / FUSED_NAME).stat().st_size

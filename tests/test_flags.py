@@ -96,6 +96,8 @@ def test_metrics_record_what_ran_and_resume_refuses_contradictions(tmp_path, cap
     assert main(["fit-sdf", str(mesh), "--steps", "4", "--refine", "0", "--out", str(out)] + TINY) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["train"]["lr"] == SDF_LR_DISCRETE and m["train"]["refine"] == 0 and m["train"]["steps"] == 4
+    first_seconds = m["fit_seconds"]
+    assert "fit_seconds_this_run" not in m  # a fresh fit's time is all this run's
     assert m["grid"]["features"] == 4 and m["grid"]["max_level"] == 3 and m["decoder"]["hidden"] == 16
     capsys.readouterr()
     # contradicting flags are refused, naming the setting
@@ -109,6 +111,9 @@ def test_metrics_record_what_ran_and_resume_refuses_contradictions(tmp_path, cap
     assert main(["fit-sdf", str(mesh), "--steps", "6", "--out", str(out), "--resume", "--quiet", "--no-eval"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 6 and m["grid"]["features"] == 4 and m["grid"]["max_level"] == 3
+    # the fit's time is the whole fit's, across the resume; the resumed call's own is beside it
+    assert m["fit_seconds"] == pytest.approx(first_seconds + m["fit_seconds_this_run"], abs=0.5)  # (less the last save)
+    assert "s in all)" in capsys.readouterr().out
     assert m["decoder"]["hidden"] == 16 and m["train"]["steps"] == 6 and m["train"]["refine"] == 0
 
 
@@ -470,3 +475,11 @@ def test_resume_from_a_truncated_checkpoint_file_is_one_line(tmp_path, capsys, m
     assert main(["fit-sdf", str(mesh), "--steps", "6", "--out", str(out), "--resume", "--quiet"]) == 2
     err = _err(capsys)
     assert f"cannot read {f}" in err and "the checkpoint is damaged" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value,expected", [(12.5, 12.5), (0, 0.0), (None, 0.0), ("12", 0.0), (True, 0.0), (-3.0, 0.0),
+                                            (float("inf"), 0.0), (float("nan"), 0.0), ([1], 0.0)])
+def test_a_checkpoints_training_time_is_read_only_when_it_is_a_time(value, expected):
+    from vqad.fit import earlier_train_seconds
+    assert earlier_train_seconds({"train_seconds": value}) == expected
+    assert earlier_train_seconds(None) == 0.0 and earlier_train_seconds({}) == 0.0

@@ -102,11 +102,15 @@ def test_interrupt_saves_and_resume_continues(tmp_path, monkeypatch):
     field, cfg = load_checkpoint(tmp_path / "checkpoint")
     assert cfg["step"] == 11
     assert not (tmp_path / "checkpoint.tmp").exists()
+    before = cfg["train_seconds"]
+    assert before > 0
     monkeypatch.setattr(trainer, "step", real_step)
     res = fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), out_dir=tmp_path, resume=True, quiet=True)
     assert res.steps == 30
     _, cfg = load_checkpoint(tmp_path / "checkpoint")
     assert cfg["step"] == 30
+    # the training time runs across the interrupt too: the resumed call's is added to the first run's
+    assert res.earlier_seconds == before and before < cfg["train_seconds"] <= before + res.seconds
     # the loss log runs across the interrupt (the resumed fit's used to start at its own first step)
     assert [h["step"] for h in res.history] == [1, 12] and cfg["history"] == res.history
     # the resumed fit continued the saved optimizer state: Adam's step count runs on from the 11 steps

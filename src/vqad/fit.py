@@ -298,7 +298,7 @@ class LoopResult:
     steps: int  # the step training stopped at, counted from 0 across resumes
     steps_done: int  # steps run by this call
     after_training_resumed: bool  # no step left: this call only ran the work after training an interrupt had stopped
-    seconds: float  # training steps and after_training
+    seconds: float  # training steps and after_training, in this call
     extra_seconds: float  # after_training (and refinement sweeps during training) alone
     items_per_second: float
     final_loss: float
@@ -307,6 +307,16 @@ class LoopResult:
     skipped_steps: int  # not applied: non-finite loss or gradient
     empty_steps: int  # not applied: the batch had no sample
     notes: list[str] = dfield(default_factory=list)  # what the time cap cut (sweeps skipped, too few steps)
+    earlier_seconds: float = 0.0  # the same time in the runs this one resumed (0 for a fresh fit)
+
+
+def earlier_train_seconds(resume_cfg: dict | None) -> float:
+    """The training time of the runs before a resumed one, as its checkpoint records it (``train_seconds``;
+    0 for a fresh fit or a checkpoint written before it was recorded). Read from a file: anything but a finite
+    non-negative number counts as 0."""
+    was = resume_cfg.get("train_seconds") if resume_cfg is not None else None
+    ok = isinstance(was, (int, float)) and not isinstance(was, bool) and 0 <= was < math.inf
+    return float(was) if ok else 0.0
 
 
 class DivergenceGuard:
@@ -601,9 +611,12 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     # no step left runs it (the fit would otherwise count as complete without it)
     pending = resume_cfg is not None and resume_cfg.get("after_training") == "pending"
 
+    earlier = earlier_train_seconds(resume_cfg)
+
     def save(step_done: int, after_training_pending: bool = False, time_capped: bool = False) -> None:
         if ckpt_dir is not None:
-            extra = {"step": step_done, "train": asdict(cfg), "history": history, **task.checkpoint_extra()}
+            extra = {"step": step_done, "train": asdict(cfg), "history": history,
+                     "train_seconds": earlier + time.perf_counter() - t0, **task.checkpoint_extra()}
             if after_training_pending:
                 extra.update(after_training="pending", step_seconds=task.step_seconds)
             if time_capped:  # finished as asked, by its time cap (vqad export tells it from an interrupted fit)
@@ -715,4 +728,4 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         seconds=time.perf_counter() - t0, extra_seconds=task.extra_seconds,
         items_per_second=items_per_second, final_loss=loss_val,
         last_per_lod=None if out is None else out.per_lod.detach(), history=history,
-        skipped_steps=guard.skipped, empty_steps=guard.empty, notes=list(task.notes))
+        skipped_steps=guard.skipped, empty_steps=guard.empty, notes=list(task.notes), earlier_seconds=earlier)

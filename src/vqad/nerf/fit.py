@@ -62,6 +62,7 @@ class NeRFFitResult:
     recode: RecodeStats | None = None  # the unreachable indices recoded after training (vqad.nerf.recode)
     steps_done: int = 0  # steps run by this call (``steps`` counts from 0, across --resume)
     after_training_resumed: bool = False  # no step left: only the work after training an interrupt stopped ran
+    earlier_seconds: float = 0.0  # training time of the runs this one resumed (``seconds`` is this call's)
     appearance: ViewAppearance | None = None  # the training views' colour transforms (train_cfg.appearance)
 
 
@@ -306,6 +307,6 @@ def fit_nerf(
         notes=res.notes,
         recode=task.recode_stats,
         steps_done=res.steps_done,
-        after_training_resumed=res.after_training_resumed,
+        after_training_resumed=res.after_training_resumed, earlier_seconds=res.earlier_seconds,
         appearance=task.appearance,
     )

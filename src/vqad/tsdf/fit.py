@@ -150,6 +150,7 @@ class FitResult:
     refine_seconds: float = 0.0
     steps_done: int = 0
     after_training_resumed: bool = False  # no step left: only the work after training an interrupt stopped ran
+    earlier_seconds: float = 0.0  # training time of the runs this one resumed (``seconds`` is this call's)
     history: list = dfield(default_factory=list)
     skipped_steps: int = 0
     train_cfg: TSDFTrainConfig | None = None
@@ -273,5 +274,5 @@ def fit_tsdf(fused, grid_cfg: GridConfig, dec_cfg: DecoderConfig, train_cfg: TSD
     return FitResult(field=field, steps=res.steps, seconds=res.seconds, samples_per_second=res.items_per_second,
                      final_loss=res.final_loss, peak_memory_bytes=peak_memory_bytes(device),
                      refine_seconds=res.extra_seconds, steps_done=res.steps_done,
-                     after_training_resumed=res.after_training_resumed, history=res.history,
+                     after_training_resumed=res.after_training_resumed, earlier_seconds=res.earlier_seconds, history=res.history,
                      skipped_steps=res.skipped_steps, train_cfg=train_cfg, notes=res.notes)

@@ -220,6 +220,20 @@ def steps_text(res) -> str:
     return f"{res.steps_done} steps (steps {res.steps - res.steps_done + 1}..{res.steps}, resumed)"
 
 
+def fit_seconds(res) -> dict:
+    """A fit's training time for its metrics: ``fit_seconds`` is the whole fit's, across every --resume, and a
+    resumed call adds its own as ``fit_seconds_this_run`` (the rates beside them are this call's)."""
+    if res.steps_done == res.steps and not res.after_training_resumed:
+        return {"fit_seconds": res.seconds}
+    return {"fit_seconds": res.earlier_seconds + res.seconds, "fit_seconds_this_run": res.seconds}
+
+
+def seconds_text(res) -> str:
+    """This call's training time for the summary line, with the whole fit's after a --resume."""
+    total = fit_seconds(res)["fit_seconds"]
+    return f"{res.seconds:.1f} s" + (f" ({total:.1f} s in all)" if total != res.seconds else "")
+
+
 def report_notes(notes: list[str]) -> None:
     """What a time cap cut from the job (sweeps skipped or shortened, too few steps), one line each."""
     for note in notes:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (NERF_EVAL_OUTPUTS, clear_earlier_fit, ensure_results_dir, steps_text, already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, given,
+from vqad.app.commands.common import (NERF_EVAL_OUTPUTS, clear_earlier_fit, ensure_results_dir, fit_seconds, seconds_text, steps_text, already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, given,
                                       check_resumed_source, fresh_output_dir, grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
                                       refuse_sweep_sizes_without_sweeps, train_overrides)
 from vqad.atomicio import write_atomic
@@ -396,7 +396,7 @@ def fit_nerf_summary(res) -> dict:
     return {
         "dataset": field.dataset, "grid": asdict(field.grid_cfg), "decoder": asdict(field.decoder_cfg),
         "nerf": asdict(field.nerf_cfg), "train": asdict(res.train_cfg),
-        "steps": res.steps, "fit_seconds": res.seconds,
+        "steps": res.steps, **fit_seconds(res),
         "octree_method": res.octree_method, "octree_seconds": res.octree_seconds,
         "rays_per_second": res.rays_per_second, "samples_per_ray": res.samples_per_ray,
         "refine_seconds": res.refine_seconds, "skipped_steps": res.skipped_steps, "peak_memory_bytes": res.peak_memory_bytes, "size": field.size_report(), "notes": res.notes,
@@ -438,7 +438,7 @@ def cmd_fit_nerf(args) -> int:
     print(already_complete(res) or
           (f"octree from the checkpoint ({res.octree_method}); " if args.resume else
            f"octree from {res.octree_method} in {res.octree_seconds:.1f} s; ")
-          + f"fit: {steps_text(res)} in {res.seconds:.1f} s, "
+          + f"fit: {steps_text(res)} in {seconds_text(res)}, "
           f"{res.rays_per_second:,.0f} rays/s, {res.samples_per_ray:.1f} samples/ray, MLPs in {res.train_cfg.mlp_precision}, "
           f"final PSNR (batch) {res.final_psnr:.2f} dB")
     report_skipped_steps(res.skipped_steps)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqad.app.commands.common import (clear_earlier_fit, steps_text, already_complete, add_rate_flags, add_grid_args, add_run_args, check_finite, config_flag,
+from vqad.app.commands.common import (clear_earlier_fit, fit_seconds, seconds_text, steps_text, already_complete, add_rate_flags, add_grid_args, add_run_args, check_finite, config_flag,
                                       ensure_fit_dir, refuse,
                                       check_resumed_source, report_notes, report_skipped_steps,
                                       resumed_configs)
@@ -236,7 +236,7 @@ def cmd_fit_tsdf(args) -> int:
                    source=source, deadline=deadline)
     field = res.field
     print(already_complete(res) or
-          f"fit: {steps_text(res)} in {res.seconds:.1f} s, {res.samples_per_second:,.0f} samples/s, final loss {res.final_loss:.3g}")
+          f"fit: {steps_text(res)} in {seconds_text(res)}, {res.samples_per_second:,.0f} samples/s, final loss {res.final_loss:.3g}")
     report_skipped_steps(res.skipped_steps)
     report_notes(res.notes)
     field.bake(fp16=True)
@@ -249,7 +249,7 @@ def cmd_fit_tsdf(args) -> int:
                                                 "units": fused.units, "voxels": int(len(fused.tsdf)),
                                                 "bytes": baseline, "file_bytes": on_disk, "seconds": fuse_s},
         "grid": asdict(field.grid_cfg), "decoder": asdict(field.decoder_cfg), "train": asdict(res.train_cfg),
-        "steps": res.steps, "fit_seconds": res.seconds, "refine_seconds": res.refine_seconds,
+        "steps": res.steps, **fit_seconds(res), "refine_seconds": res.refine_seconds,
         "skipped_steps": res.skipped_steps, "peak_memory_bytes": res.peak_memory_bytes, "notes": res.notes,
         "file_bytes": total, "lod_bytes": {str(k): v for k, v in prefix.items()},
         "lod_ratio": {str(k): baseline / v for k, v in prefix.items()}, "history": res.history,

@@ -14,7 +14,7 @@ from vqad.config import DecoderConfig, GridConfig
 from vqad.errors import InputError
 from vqad.grid import OctreeGrid
 from vqad.nerf.formats import load_dataset
-from vqad.nerf.evaluate import evaluate_nerf
+from vqad.nerf.evaluate import evaluate_nerf, view_stems
 from vqad.nerf.field import NeRFConfig, NeRFField, sh_encode
 from vqad.nerf.octree_build import (DensityPassConfig, backproject_depth, octree_from_density, octree_from_depth,
                                     octree_from_masks)
@@ -645,6 +645,34 @@ def test_checkpoint_round_trip(scene, fitted):
     field.bake(fp16=True)
     c = evaluate_nerf(field, scene, "test", lods=[6], max_views=2)
     assert c[6]["psnr"] == pytest.approx(b[6]["psnr"], abs=0.3)
+
+
+def test_renders_into_a_used_folder_replace_the_earlier_runs_and_nothing_else(scene, fitted, tmp_path):
+    res, _ = fitted
+    lod = res.field.lods[0]
+    evaluate_nerf(res.field, scene, "test", lods=[lod], out_dir=tmp_path, max_views=3)
+    folder = tmp_path / f"test_lod{lod}"
+    stems = view_stems(scene.splits["test"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{s}{x}.png" for s in stems[:3] for x in ("", "_depth", "_opacity"))
+    (folder / "notes.txt").write_text("mine")
+    (folder / "cover.png").write_bytes(b"mine")
+    # a second run that renders fewer views (a time cap, Ctrl-C, --max-views) leaves none of the first run's
+    evaluate_nerf(res.field, scene, "test", lods=[lod], out_dir=tmp_path, max_views=1)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["notes.txt", "cover.png"] + [f"{stems[0]}{x}.png" for x in
+                                                                                            ("", "_depth", "_opacity")])
+
+
+def test_views_whose_image_names_collide_get_renders_of_their_own():
+    class Views:
+        def __init__(self, names, n):
+            self.names = names
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    assert view_stems(Views(["a/001.png", "b/001.png", "c/002.jpg"], 3)) == ["000_001", "001_001", "002"]
+    assert view_stems(Views(["x.png", ""], 3)) == ["x", "001", "002"]
 
 
 def test_resume_continues_from_checkpoint(scene, tmp_path):

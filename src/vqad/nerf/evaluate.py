@@ -17,6 +17,7 @@ bright, scaled per image; black where opacity < 0.5) and ``<view>_opacity.png`` 
 from __future__ import annotations
 
 import time
+from collections import Counter
 import warnings
 from pathlib import Path
 
@@ -101,6 +102,27 @@ def require_scorable(dataset: SceneDataset, split: str, max_views: int | None = 
     return views
 
 
+RENDER_SUFFIXES = ("", "_depth", "_opacity")  # the PNGs of one view: colour, depth, opacity
+
+
+def view_stems(views) -> list[str]:
+    """The file stem of each view's renders: its image's stem, or its index where it has no name; views whose
+    stems collide (``a/001.png``, ``b/001.png``) get their index in front, so no render overwrites another's."""
+    stems = [(Path(str(views.names[i])).stem if i < len(views.names) else "") or f"{i:03d}" for i in range(len(views))]
+    seen = Counter(stems)
+    return [f"{i:03d}_{s}" if seen[s] > 1 else s for i, s in enumerate(stems)]
+
+
+def clear_stale_renders(folder: Path, stems: list[str]) -> None:
+    """Remove the renders an earlier run left in ``folder`` for any of these views (and nothing else), so a run
+    stopped part-way (Ctrl-C, a time cap, fewer --max-views) never leaves another model's renders beside its own."""
+    for stem in stems:
+        for suffix in RENDER_SUFFIXES:
+            p = folder / f"{stem}{suffix}.png"
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+
+
 @torch.no_grad()
 def render_views(field, dataset: SceneDataset, split: str, lods: list[int], sampler: OccupancySampler | None = None,
                  max_views: int | None = None, chunk: int = 1 << 13, early_stop_eps: float = 0.0,
@@ -118,6 +140,7 @@ def render_views(field, dataset: SceneDataset, split: str, lods: list[int], samp
     background = torch.tensor(dataset.background, dtype=torch.float32, device=device)
     H, W = views.hw
     n = len(views) if max_views is None else min(max_views, len(views))
+    stems = view_stems(views)
     was_training = field.training
     field.eval()
     try:
@@ -126,8 +149,7 @@ def render_views(field, dataset: SceneDataset, split: str, lods: list[int], samp
             rgb, depth, opa = render_rays_chunked(field, sampler, o, d, lods, background, near, far, chunk=chunk,
                                                   early_stop_eps=early_stop_eps)
             depth = depth / opa.clamp_min(1e-6) / dataset.normalization.scale
-            name = views.names[i] if i < len(views.names) else f"{i:03d}"
-            yield (i, Path(str(name)).stem or f"{i:03d}", rgb.reshape(len(lods), H, W, 3),
+            yield (i, stems[i], rgb.reshape(len(lods), H, W, 3),
                    depth.reshape(len(lods), H, W), opa.reshape(len(lods), H, W), gt.reshape(H, W, 3))
     finally:
         field.train(was_training)
@@ -175,6 +197,7 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
         for lod in lods:
             dirs[lod] = Path(out_dir) / f"{split}_lod{lod}"
             dirs[lod].mkdir(parents=True, exist_ok=True)
+            clear_stale_renders(dirs[lod], view_stems(views))
     scores = {lod: {"psnr": [], "ssim": [], "psnr_matched": []} for lod in lods}
     order = range(len(views) if max_views is None else min(max_views, len(views)))
     if valid is not None and not dirs:  # nothing is saved: a view that cannot be scored is not rendered
@@ -193,9 +216,10 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
                 if match_exposure:
                     scores[lod]["psnr_matched"].append(psnr_matched(rgb[b], gt, keep, opa[b], look_bg))
             if lod in dirs:
-                save_image(to_png_rgb(rgb[b]), dirs[lod] / f"{name}.png")
-                save_image(depth_png(depth[b], opa[b]), dirs[lod] / f"{name}_depth.png")
-                save_image((opa[b].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8), dirs[lod] / f"{name}_opacity.png")
+                colour, dep, op = (dirs[lod] / f"{name}{suffix}.png" for suffix in RENDER_SUFFIXES)
+                save_image(to_png_rgb(rgb[b]), colour)
+                save_image(depth_png(depth[b], opa[b]), dep)
+                save_image((opa[b].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8), op)
         if not quiet:
             print(f"  view {name}: " + ("not scored (its mask keeps no pixel)" if keep is not None and not bool(keep.any())
                                         else "  ".join(f"LOD {lod} {scores[lod]['psnr'][-1]:.2f} dB" for lod in lods)),

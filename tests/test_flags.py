@@ -199,7 +199,12 @@ def test_fit_nerf_resume_keeps_the_checkpoints_field_and_octree(tmp_path, capsys
     cfg_path.write_text(json.dumps(cfg))
     assert main(base + ["--resume", "--steps", "6"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["steps"] == 6 and m["train"]["early_stop_eps"] == 1e-3
+    assert m["steps"] == 6 and m["train"]["early_stop_eps"] == 1e-3 and m["rays_per_second"] > 0
+    # a resume with no step left measures no throughput: none is recorded (it read 0 rays/s)
+    assert main(base + ["--resume", "--steps", "6"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 6 and m["rays_per_second"] is None and m["samples_per_ray"] is None
+    assert m["fit_seconds"] > m["fit_seconds_this_run"] >= 0
 
 
 def test_threads_flag_and_environment(monkeypatch, capsys):

@@ -228,6 +228,12 @@ def fit_seconds(res) -> dict:
     return {"fit_seconds": res.earlier_seconds + res.seconds, "fit_seconds_this_run": res.seconds}
 
 
+def run_rate(res, value: float) -> float | None:
+    """A throughput of this call for ``metrics.json``: None when it trained no step (a --resume of a complete
+    fit), where the rate would read 0 as though the fit had crawled."""
+    return value if res.steps_done > 0 else None
+
+
 def seconds_text(res) -> str:
     """This call's training time for the summary line, with the whole fit's after a --resume."""
     total = fit_seconds(res)["fit_seconds"]

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (NERF_EVAL_OUTPUTS, clear_earlier_fit, ensure_results_dir, fit_seconds, seconds_text, steps_text, already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, given,
+from vqad.app.commands.common import (NERF_EVAL_OUTPUTS, clear_earlier_fit, ensure_results_dir, fit_seconds, run_rate, seconds_text, steps_text, already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, given,
                                       check_resumed_source, fresh_output_dir, grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
                                       refuse_sweep_sizes_without_sweeps, train_overrides)
 from vqad.atomicio import write_atomic
@@ -398,7 +398,7 @@ def fit_nerf_summary(res) -> dict:
         "nerf": asdict(field.nerf_cfg), "train": asdict(res.train_cfg),
         "steps": res.steps, **fit_seconds(res),
         "octree_method": res.octree_method, "octree_seconds": res.octree_seconds,
-        "rays_per_second": res.rays_per_second, "samples_per_ray": res.samples_per_ray,
+        "rays_per_second": run_rate(res, res.rays_per_second), "samples_per_ray": run_rate(res, res.samples_per_ray),
         "refine_seconds": res.refine_seconds, "skipped_steps": res.skipped_steps, "peak_memory_bytes": res.peak_memory_bytes, "size": field.size_report(), "notes": res.notes,
         "recode": asdict(res.recode) if res.recode is not None else None, "history": res.history,
         **({"appearance": res.appearance.summary()} if res.appearance is not None else {}),

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (SDF_EVAL_OUTPUTS, clear_earlier_fit, fit_seconds, seconds_text, steps_text, already_complete, fit_output_dir, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
+from vqad.app.commands.common import (SDF_EVAL_OUTPUTS, clear_earlier_fit, fit_seconds, run_rate, seconds_text, steps_text, already_complete, fit_output_dir, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
                                       config_flag, config_from,
                                       ensure_writable_file, given, grid_config, load_model, parse_lod, refuse, train_overrides,
                                       check_resumed_source, report_notes, report_skipped_steps,
@@ -155,9 +155,9 @@ def fit_sdf_summary(mesh_path: str, res) -> dict:
     return {
         "mesh": str(mesh_path), "grid": asdict(field.grid_cfg), "decoder": asdict(field.decoder_cfg),
         "train": asdict(res.train_cfg), "steps": res.steps, **fit_seconds(res),
-        "points_per_second": res.points_per_second, "refine_seconds": res.refine_seconds,
+        "points_per_second": run_rate(res, res.points_per_second), "refine_seconds": res.refine_seconds,
         "skipped_steps": res.skipped_steps,
-        "step_points_per_second": res.steps_done * res.train_cfg.batch / max(res.seconds - res.refine_seconds, 1e-9),
+        "step_points_per_second": run_rate(res, res.steps_done * res.train_cfg.batch / max(res.seconds - res.refine_seconds, 1e-9)),
         "peak_memory_bytes": res.peak_memory_bytes,
         "size": field.size_report(), "notes": res.notes, "history": res.history,
     }

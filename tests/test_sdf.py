@@ -120,20 +120,20 @@ def test_interrupt_saves_and_resume_continues(tmp_path, monkeypatch):
 
 
 def test_sweeps_an_interrupt_stopped_run_on_resume(tmp_path, monkeypatch):
-    """Ctrl-C during the index sweeps after the last step: the checkpoint says they are pending, and a
-    resume with no step left runs them (it used to call the fit complete without them); the next resume
-    finds nothing left to do."""
+    """Ctrl-C during the index sweeps after the last step: the checkpoint says they are pending and how many
+    were done, and a resume with no step left runs the rest (it used to call the fit complete without them,
+    then to run them all again on top of the ones done); the next resume finds nothing left to do."""
     from vqad.sdf import fit as sdf_fit
 
     mesh = _sphere_mesh(0.5, subdiv=2)
     grid = GridConfig(storage="codebook", features=4, bits=2, base_level=2, max_level=4)
-    train = SDFTrainConfig(steps=12, batch=512, pool_size=5000, checkpoint_every=1000, refine=2, refine_samples=1000)
+    train = SDFTrainConfig(steps=12, batch=512, pool_size=5000, checkpoint_every=1000, refine=3, refine_samples=1000)
     real_sweep = sdf_fit.SDFTask._sweep
     sweeps: list[int] = []
 
     def sweep(self, gen, samples=None):
         sweeps.append(samples)
-        if len(sweeps) == 1 and samples is not None:  # the first sweep after training
+        if len(sweeps) == 2 and samples is not None:  # the second sweep after training
             raise KeyboardInterrupt
         real_sweep(self, gen, samples)
 
@@ -142,14 +142,16 @@ def test_sweeps_an_interrupt_stopped_run_on_resume(tmp_path, monkeypatch):
         fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), out_dir=tmp_path, quiet=True)
     _, cfg = load_checkpoint(tmp_path / "checkpoint")
     assert cfg["step"] == 12 and cfg["after_training"] == "pending" and cfg["step_seconds"] > 0
+    assert cfg["sweeps_done"] == 1
     res = fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), out_dir=tmp_path, resume=True,
                   quiet=True)
-    assert res.steps_done == 0 and res.after_training_resumed and len(sweeps) == 3 and res.refine_seconds > 0
+    # the two sweeps left: 3 in all, as asked (the interrupted one left valid indices and counts for nothing)
+    assert res.steps_done == 0 and res.after_training_resumed and len(sweeps) == 4 and res.refine_seconds > 0
     _, cfg = load_checkpoint(tmp_path / "checkpoint")
-    assert "after_training" not in cfg
+    assert "after_training" not in cfg and "sweeps_done" not in cfg
     res = fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), out_dir=tmp_path, resume=True,
                   quiet=True)
-    assert not res.after_training_resumed and len(sweeps) == 3
+    assert not res.after_training_resumed and len(sweeps) == 4
 
 
 def _adam_steps(ckpt, name: str) -> set:

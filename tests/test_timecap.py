@@ -169,3 +169,16 @@ def test_a_fit_decays_every_rate_to_its_lr_floor(monkeypatch, storage, given, wa
     assert len(seen) == 30 and all(r == pytest.approx(1.0) for rs in seen[0].values() for r in rs)
     last = want + (1 - want) * 0.5 * (1 + math.cos(math.pi * 29 / 30))  # step 29 of 30: just above the floor
     assert all(r == pytest.approx(last, rel=1e-4) for rs in seen[-1].values() for r in rs)
+
+
+def test_sweeps_resumed_after_an_interrupt_run_only_those_left():
+    from vqad.fit import resumed_sweeps
+
+    ran, done_seen, notes = [], [], []
+    assert capped_sweeps(Deadline(None), 4, 1.0, ran.append, notes, done=1, on_done=done_seen.append) == 4
+    assert ran == [1.0, 1.0, 1.0] and done_seen == [2, 3, 4] and notes == []
+    assert capped_sweeps(Deadline(None), 2, 1.0, ran.append, notes, done=2) == 2 and len(ran) == 3
+    # the count is read from a checkpoint: anything but a non-negative integer means none was done
+    for bad in (None, -1, "2", 2.0, True, [1]):
+        assert resumed_sweeps({"sweeps_done": bad}) == 0
+    assert resumed_sweeps({"sweeps_done": 3}) == 3 and resumed_sweeps({}) == 0

@@ -189,14 +189,16 @@ def evaluation_order(lods: list[int], deadline: "Deadline | None") -> Iterator[t
 
 
 def capped_sweeps(deadline: "Deadline", n: int, predicted: float, sweep: Callable[[float], None],
-                  notes: list[str], what: str = "index sweeps after training") -> int:
-    """Run ``n`` sweeps, ``sweep(share)`` on that share of their samples, within ``deadline``'s fit time.
+                  notes: list[str], what: str = "index sweeps after training", done: int = 0,
+                  on_done: Callable[[int], None] | None = None) -> int:
+    """Run sweeps ``done + 1 .. n`` (``done`` of the ``n`` ran before an interrupt), ``sweep(share)`` on that
+    share of their samples, within ``deadline``'s fit time; ``on_done(k)`` after the k-th completes.
 
     A sweep predicted (``predicted`` seconds, then each one's measured time) not to fit runs on the
     share of its samples that fits, down to :data:`MIN_SWEEP_SHARE`; below it, it and the rest are
-    skipped. What was cut is appended to ``notes``. Returns the sweeps run.
+    skipped. What was cut is appended to ``notes``. Returns the sweeps run in all.
     """
-    shortened, skipped, done = [], None, 0
+    shortened, skipped = [], None
     while done < n:
         share = 1.0
         if deadline.capped:
@@ -212,6 +214,8 @@ def capped_sweeps(deadline: "Deadline", n: int, predicted: float, sweep: Callabl
         sweep(share)
         predicted = (deadline.clock() - t) / share
         done += 1
+        if on_done is not None:
+            on_done(done)
     if shortened:
         notes.append(f"{len(shortened)} of {n} {what} shortened to {', '.join(shortened)} of their samples to keep "
                      f"the time cap")
@@ -246,6 +250,15 @@ class FitTask:
     deadline: Deadline  # the job's time cap, set by run_fit before begin()
     step_seconds: float = 0.0  # mean training step time on the deadline's clock, set before after_training
     notes: list[str]  # what the task had to cut to keep the cap, for the user (set by run_fit)
+    sweeps_done: int = 0  # index sweeps after training completed (a resume of an interrupted one starts here)
+
+    def run_sweeps(self, n: int, sweep_seconds: float, sweep: Callable[[float], None]) -> int:
+        """The ``n`` index sweeps after training (:func:`capped_sweeps`), counting each completed one in
+        :attr:`sweeps_done`, so an interrupt's checkpoint says how many are left: a resume runs only those."""
+        def count(k: int) -> None:
+            self.sweeps_done = k
+        return capped_sweeps(self.deadline, n, sweep_seconds, sweep, self.notes, done=min(self.sweeps_done, n),
+                             on_done=count)
 
     def begin(self, start: int, gen: torch.Generator) -> None:
         """Before the first step (``start`` > 0 on resume)."""
@@ -308,6 +321,13 @@ class LoopResult:
     empty_steps: int  # not applied: the batch had no sample
     notes: list[str] = dfield(default_factory=list)  # what the time cap cut (sweeps skipped, too few steps)
     earlier_seconds: float = 0.0  # the same time in the runs this one resumed (0 for a fresh fit)
+
+
+def resumed_sweeps(resume_cfg: dict) -> int:
+    """The index sweeps after training that an interrupted fit had completed (``sweeps_done``; read from a file:
+    anything but a non-negative integer counts as none done, and the sweeps run again)."""
+    done = resume_cfg.get("sweeps_done")
+    return done if isinstance(done, int) and not isinstance(done, bool) and done >= 0 else 0
 
 
 def earlier_train_seconds(resume_cfg: dict | None) -> float:
@@ -618,7 +638,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
             extra = {"step": step_done, "train": asdict(cfg), "history": history,
                      "train_seconds": earlier + time.perf_counter() - t0, **task.checkpoint_extra()}
             if after_training_pending:
-                extra.update(after_training="pending", step_seconds=task.step_seconds)
+                extra.update(after_training="pending", step_seconds=task.step_seconds, sweeps_done=task.sweeps_done)
             if time_capped:  # finished as asked, by its time cap (vqad export tells it from an interrupted fit)
                 extra["time_capped"] = True
             save_checkpoint(ckpt_dir, field, extra=extra, optimizers=opts, task_tensors=task.checkpoint_tensors())
@@ -704,6 +724,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         was = resume_cfg.get("step_seconds") if resume_cfg is not None else None  # (read from a file: checked)
         was = float(was) if isinstance(was, (int, float)) and not isinstance(was, bool) and 0 < was < math.inf else 0.0
         task.step_seconds = mean_step_seconds(it - start) if it > start else was
+        task.sweeps_done = resumed_sweeps(resume_cfg) if pending and it == start else 0
         try:
             with interrupt_guard():
                 task.after_training(it, start, gen)  # e.g. index sweeps: minutes of work after the last step
@@ -711,7 +732,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
             save(it, after_training_pending=True)  # every training step is in it (a stopped sweep leaves valid indices)
             if ckpt_dir is not None and not quiet:
                 _say_stopped(exc, f"after step {it}, in the work after training: checkpoint saved to {ckpt_dir}; "
-                                  "--resume runs that work again")
+                                  f"--resume runs what is left of it ({task.sweeps_done} index sweeps were done)")
             raise
     items_per_second = prog.items_per_second  # over the whole call, sweeps after training included
     prog.close()

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from vqad.device import MLP_PRECISIONS, resolve_mlp_precision
 from vqad.errors import InputError
-from vqad.fit import FitTask, StepLoss, TrainConfig, capped_sweeps
+from vqad.fit import FitTask, StepLoss, TrainConfig
 from vqad.nerf.appearance import (APPEARANCE_LR_SHARE, APPEARANCES, TENSOR_PREFIX, ViewAppearance, as_photographed,
                                   check_appearance_views)
 from vqad.nerf.depth_prior import depth_spread_loss
@@ -304,11 +304,11 @@ class RadianceTask(FitTask):
             t = self.deadline.clock()
             self.field.eval()
             self.sampler.prune(self.field.density, self.sigma_thr)  # sweep over the samples render / eval will see
-            capped_sweeps(self.deadline, c.refine, self._sweep_seconds(self.step_seconds),
-                          lambda share: refine_nerf(self.field, self.sampler, self.batcher,
-                                                    max(int(share * c.refine_rays), 1), self.background, gen,
-                                                    self.quiet, rate_weight=c.rate_weight,
-                                                    appearance=self.appearance), self.notes)
+            self.run_sweeps(c.refine, self._sweep_seconds(self.step_seconds),
+                            lambda share: refine_nerf(self.field, self.sampler, self.batcher,
+                                                      max(int(share * c.refine_rays), 1), self.background, gen,
+                                                      self.quiet, rate_weight=c.rate_weight,
+                                                      appearance=self.appearance))
             self.field.train()
             self.extra_seconds += self.deadline.clock() - t
         if self._recodes():  # after the sweeps: they may leave vertices unreachable too

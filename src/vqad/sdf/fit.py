@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from vqad.config import DecoderConfig, GridConfig
 from vqad.device import available_memory, peak_memory_bytes
 from vqad.errors import InputError
-from vqad.fit import Deadline, FitTask, StepLoss, TrainConfig, capped_sweeps, check_resumed_fit, load_for_resume, run_fit
+from vqad.fit import Deadline, FitTask, StepLoss, TrainConfig, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
 from vqad.refine import RefineChunk, format_stats, has_codebook, rate_bit_cost, refine_indices
@@ -191,8 +191,8 @@ class SDFTask(FitTask):
         if self.refining and c.refine:
             if self.pool_x is None:  # a resume that only runs the sweeps an interrupt stopped: no step drew it
                 self._draw_pool()
-            capped_sweeps(self.deadline, c.refine, self._sweep_seconds(self.step_seconds),
-                          lambda share: self._sweep(gen, max(int(share * c.refine_samples), 1)), self.notes)
+            self.run_sweeps(c.refine, self._sweep_seconds(self.step_seconds),
+                            lambda share: self._sweep(gen, max(int(share * c.refine_samples), 1)))
 
     def checkpoint_extra(self) -> dict:
         return {"rng_seed": self.cfg.seed, "mesh": self.mesh_path}

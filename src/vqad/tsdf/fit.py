@@ -27,7 +27,7 @@ from vqad.config import DecoderConfig, GridConfig
 from vqad.device import peak_memory_bytes
 from vqad.errors import InputError
 from vqad.field import Normalization
-from vqad.fit import Deadline, FitTask, StepLoss, TrainConfig, capped_sweeps, check_resumed_fit, load_for_resume, run_fit
+from vqad.fit import Deadline, FitTask, StepLoss, TrainConfig, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
 from vqad.refine import has_codebook
@@ -225,8 +225,8 @@ class TSDFTask(FitTask):
     def after_training(self, it, start, gen):
         c = self.cfg
         if self.refining and c.refine:
-            capped_sweeps(self.deadline, c.refine, self._sweep_seconds(self.step_seconds),
-                          lambda share: self._sweep(gen, max(int(share * c.refine_samples), 1)), self.notes)
+            self.run_sweeps(c.refine, self._sweep_seconds(self.step_seconds),
+                            lambda share: self._sweep(gen, max(int(share * c.refine_samples), 1)))
 
     def _sweep(self, gen: torch.Generator, samples: int) -> None:
         t0 = self.deadline.clock()

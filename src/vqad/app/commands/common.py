@@ -93,6 +93,18 @@ def fresh_output_dir(path: str | Path, what: str, hint: str = ""):
 
 
 @contextmanager
+def evaluating(out: Path):
+    """A fit's evaluation, after its final checkpoint: stopped there (Ctrl-C, SIGTERM), it says that the fit
+    itself is complete and saved, and that the same command with ``--resume`` evaluates it without training."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during the evaluation: the fit is complete in {out}/checkpoint; the same command with "
+              "--resume evaluates it again (nothing is trained again)", file=sys.stderr, flush=True)
+        raise
+
+
+@contextmanager
 def fit_output_dir(path: str | Path):
     """A fit's ``--out`` (:func:`ensure_fit_dir`) around the fit's first steps: if they are refused (an
     :class:`InputError`: the capture's octree is empty, ...) or are interrupted (a density pass saves nothing)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (NERF_EVAL_OUTPUTS, clear_earlier_fit, ensure_results_dir, fit_seconds, run_rate, seconds_text, steps_text, already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, given,
+from vqad.app.commands.common import (NERF_EVAL_OUTPUTS, clear_earlier_fit, ensure_results_dir, evaluating, fit_seconds, run_rate, seconds_text, steps_text, already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, given,
                                       check_resumed_source, fresh_output_dir, grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
                                       refuse_sweep_sizes_without_sweeps, train_overrides)
 from vqad.atomicio import write_atomic
@@ -448,9 +448,10 @@ def cmd_fit_nerf(args) -> int:
     summary = fit_nerf_summary(res)
     if not args.no_eval:
         t0 = time.perf_counter()
-        lods = evaluate_nerf(field, dataset, args.eval_views, out_dir=out, max_views=args.eval_max_views,
-                             sampler=res.sampler, quiet=args.quiet, deadline=deadline,
-                             **appearance_scoring(res.appearance is not None, args.eval_views, res.appearance))
+        with evaluating(out):
+            lods = evaluate_nerf(field, dataset, args.eval_views, out_dir=out, max_views=args.eval_max_views,
+                                 sampler=res.sampler, quiet=args.quiet, deadline=deadline,
+                                 **appearance_scoring(res.appearance is not None, args.eval_views, res.appearance))
         summary["eval_views"] = args.eval_views
         summary["lods"] = lods
         print(f"evaluation on {args.eval_views!r}" + (" as their photos were exposed (the learned per-view appearance)"

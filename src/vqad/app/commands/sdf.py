@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (SDF_EVAL_OUTPUTS, clear_earlier_fit, fit_seconds, run_rate, seconds_text, steps_text, already_complete, fit_output_dir, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
+from vqad.app.commands.common import (SDF_EVAL_OUTPUTS, clear_earlier_fit, evaluating, fit_seconds, run_rate, seconds_text, steps_text, already_complete, fit_output_dir, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
                                       config_flag, config_from,
                                       ensure_writable_file, given, grid_config, load_model, parse_lod, refuse, train_overrides,
                                       check_resumed_source, report_notes, report_skipped_steps,
@@ -194,8 +194,9 @@ def cmd_fit_sdf(args) -> int:
         print(line)
     summary = fit_sdf_summary(args.mesh, res)
     if not args.no_eval:
-        summary["lods"] = evaluate_sdf(field, mesh, out, args.mc_resolution or MC_RESOLUTION, device,
-                                       deadline=deadline)
+        with evaluating(out):
+            summary["lods"] = evaluate_sdf(field, mesh, out, args.mc_resolution or MC_RESOLUTION, device,
+                                           deadline=deadline)
     summary["job_seconds"] = deadline.elapsed()
     write_atomic(out / "metrics.json", json.dumps(summary, indent=2, default=str), "metrics")
     print(f"wrote {out}/ (checkpoint/, metrics.json{'' if args.no_eval else ', mesh_lod*.ply, render_lod*.png'})")

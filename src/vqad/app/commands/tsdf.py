@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqad.app.commands.common import (clear_earlier_fit, fit_seconds, seconds_text, steps_text, already_complete, add_rate_flags, add_grid_args, add_run_args, check_finite, config_flag,
+from vqad.app.commands.common import (clear_earlier_fit, evaluating, fit_seconds, seconds_text, steps_text, already_complete, add_rate_flags, add_grid_args, add_run_args, check_finite, config_flag,
                                       ensure_fit_dir, refuse,
                                       check_resumed_source, report_notes, report_skipped_steps,
                                       resumed_configs)
@@ -255,11 +255,12 @@ def cmd_fit_tsdf(args) -> int:
         "lod_ratio": {str(k): baseline / v for k, v in prefix.items()}, "history": res.history,
     }
     if not args.no_eval:
-        fmesh = fused.mesh()
-        save_mesh(fmesh, out / "fusion_mesh.ply")
-        if gt is not None:
-            summary["fusion"]["vs_gt"] = compare(fmesh, {"vs_gt": gt})["vs_gt"]
-        summary["lods"] = evaluate_tsdf(field, out, fmesh, gt, deadline=deadline, quiet=args.quiet)
+        with evaluating(out):
+            fmesh = fused.mesh()
+            save_mesh(fmesh, out / "fusion_mesh.ply")
+            if gt is not None:
+                summary["fusion"]["vs_gt"] = compare(fmesh, {"vs_gt": gt})["vs_gt"]
+            summary["lods"] = evaluate_tsdf(field, out, fmesh, gt, deadline=deadline, quiet=args.quiet)
     summary["job_seconds"] = deadline.elapsed()
     write_atomic(out / "metrics.json", json.dumps(summary, indent=2, default=str), "metrics")
     print(f"wrote {out}/ (fused.tsdf, checkpoint/, model.vqad, metrics.json"

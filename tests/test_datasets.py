@@ -231,6 +231,22 @@ def test_procedural_downscale_and_split_limit():
     assert ds.splits["train"].hw == (32, 32) and len(ds.splits["train"]) == 7 and len(ds.splits["test"]) == 10
     full = load_dataset("procedural", split_limit=1)
     assert torch.allclose(ds.splits["train"].intrinsics[0] * 2, full.splits["train"].intrinsics[0])
+    # a factor beyond the image is refused as for a capture's images (it gave a 1-pixel scene)
+    with pytest.raises(InputError, match="--downscale 65 is larger than the image"):
+        load_dataset("procedural", downscale=65)
+    with pytest.raises(InputError, match=r"--downscale must be an integer in 1\.\.1024"):
+        load_dataset("procedural", downscale=5000)
+
+
+def test_a_model_fitted_at_a_large_downscale_keeps_a_record_that_loads():
+    """Any --downscale a capture accepts is a valid record of the model (records refused 65 and above, so a
+    model of 4000-pixel photos fitted at --downscale 100 could not be loaded)."""
+    from vqad.nerf.data import MAX_DOWNSCALE, check_dataset_info
+
+    assert check_dataset_info({"downscale": 100})["downscale"] == 100
+    assert check_dataset_info({"downscale": MAX_DOWNSCALE})["downscale"] == MAX_DOWNSCALE
+    with pytest.raises(InputError, match="downscale must be in"):
+        check_dataset_info({"downscale": MAX_DOWNSCALE + 1})
 
 
 # -- normalisation -----------------------------------------------------------------------------------------

@@ -201,8 +201,15 @@ def test_depth_maps_give_each_pixel_with_a_hit_its_ray_distance():
 def test_depth_source_resolves_and_says_what_a_capture_lacks():
     proc = load_dataset("procedural")  # depth maps, no sparse points
     assert depth_source(proc, "auto") == "capture"
-    with pytest.raises(InputError, match="no depth maps and no sparse points"):
-        depth_source(proc, "points")
+    with pytest.raises(InputError, match="has no sparse points .*, but it has depth maps: use --depth-from capture"):
+        depth_source(proc, "points")  # (it said the scene had no depth maps)
+    proc.splits["train"].depth, maps = None, proc.splits["train"].depth
+    try:
+        for source in ("auto", "points"):
+            with pytest.raises(InputError, match="no depth maps and no sparse points"):
+                depth_source(proc, source)
+    finally:
+        proc.splits["train"].depth = maps
     t = depth_targets(proc, "auto")
     assert t.shape == (len(proc.splits["train"]), *proc.splits["train"].hw) and len(t) > 0
 

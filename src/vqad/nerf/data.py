@@ -137,6 +137,9 @@ def require_training_pixels(views: Views) -> None:
                          f"{MASK_POLARITY}")
 
 
+#: the largest ``--downscale`` (and a stored record's): a 1024× smaller 100-megapixel photo is already 12×8 pixels
+MAX_DOWNSCALE = 1024
+
 #: the keys of a stored dataset record (:func:`dataset_info`) and the types each may hold
 DATASET_INFO_TYPES = {"name": str, "format": str, "source": str, "downscale": int, "background": list,
                       "views": int, "size": list}
@@ -156,8 +159,8 @@ def check_dataset_info(info: dict) -> dict:
              (not isinstance(v, DATASET_INFO_TYPES[k]) or isinstance(v, bool))]
     if unknown or wrong:
         raise InputError(f"the dataset record has unknown or mistyped keys: {', '.join(sorted(unknown | set(wrong)))}")
-    if "downscale" in info and not 1 <= info["downscale"] <= 64:
-        raise InputError(f"the dataset record's downscale must be in 1..64, got {info['downscale']}")
+    if "downscale" in info and not 1 <= info["downscale"] <= MAX_DOWNSCALE:
+        raise InputError(f"the dataset record's downscale must be in 1..{MAX_DOWNSCALE}, got {info['downscale']}")
     bg = info.get("background", [0.0, 0.0, 0.0])
     if len(bg) != 3 or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in bg):
         raise InputError(f"the dataset record's background must be 3 numbers in [0, 1], got {bg!r:.60}")

@@ -238,6 +238,9 @@ def depth_source(dataset: SceneDataset, source: str = "auto", split: str = "trai
         raise InputError(f"--depth-from capture: {dataset.name!r} has no depth maps; use --depth-from points "
                          f"(its sparse points) or leave --depth-weight at 0")
     if source == "points" and not has_points(dataset):
+        if views.depth is not None:  # only --depth-from points itself gets here: auto would have taken the maps
+            raise InputError(f"--depth-from points: {dataset.name!r} has no sparse points (COLMAP's points3D, "
+                             f"transforms.json's ply_file_path), but it has depth maps: use --depth-from capture (or auto)")
         raise InputError(f"--depth-weight needs depth targets: {dataset.name!r} has no depth maps and no sparse "
                          f"points (COLMAP's points3D, transforms.json's ply_file_path); leave --depth-weight at 0")
     return source

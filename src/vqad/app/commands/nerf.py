@@ -269,13 +269,14 @@ def _configs(args, saved: dict | None = None):
     from dataclasses import replace
 
     from vqad.config import DecoderConfig, GridConfig
+    from vqad.nerf.data import MAX_DOWNSCALE
     from vqad.nerf.fit import NERF_DECODER, NERF_FIELD, NERF_GRID
     from vqad.nerf.field import NeRFConfig
     from vqad.nerf.task import NeRFTrainConfig
 
     grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], NERF_GRID))
-    if args.downscale < 1:
-        raise InputError(f"--downscale must be a positive integer, got {args.downscale}")
+    if not 1 <= args.downscale <= MAX_DOWNSCALE:
+        raise InputError(f"--downscale must be an integer in 1..{MAX_DOWNSCALE}, not {args.downscale}")
     over = train_overrides(args, NERF_TRAIN_FLAGS, INDEX_FLAGS, grid.storage)
     over.update(checkpoint_overrides(args))
     refuse(args.octree_from is not None and any(getattr(args, n) is not None for n in OCTREE_FLAGS if n != "octree_from"),

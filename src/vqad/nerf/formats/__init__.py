@@ -108,7 +108,7 @@ from typing import Mapping
 import numpy as np
 
 from vqad.errors import InputError
-from vqad.nerf.data import SceneDataset
+from vqad.nerf.data import MAX_DOWNSCALE, SceneDataset
 from vqad.nerf.formats.blender import read_blender
 from vqad.nerf.formats.colmap import read_colmap
 from vqad.nerf.formats.common import _limit
@@ -155,8 +155,8 @@ def detect_format(path) -> str:
 
 
 def _check_args(downscale, background) -> tuple[int, tuple[float, float, float]]:
-    if isinstance(downscale, bool) or not isinstance(downscale, (int, np.integer)) or downscale < 1:
-        raise InputError(f"--downscale must be a positive integer, not {downscale!r}")
+    if isinstance(downscale, bool) or not isinstance(downscale, (int, np.integer)) or not 1 <= downscale <= MAX_DOWNSCALE:
+        raise InputError(f"--downscale must be an integer in 1..{MAX_DOWNSCALE}, not {downscale!r}")
     try:
         bg = tuple(float(c) for c in background)
     except (TypeError, ValueError):
@@ -193,6 +193,9 @@ def load_dataset(path_or_name, format: str = "auto", downscale: int = 1, backgro
         from vqad.nerf.procedural import ProceduralConfig, procedural_dataset
 
         cfg = ProceduralConfig()
+        if downscale > cfg.resolution:  # as for a capture's images (formats.common), not a 1-pixel scene
+            raise InputError(f"--downscale {downscale} is larger than the image ({cfg.resolution}×{cfg.resolution}): "
+                             "use a smaller factor")
         counts = {s: len(_limit(range(getattr(cfg, f"n_{s}")), s, split_limit)) for s in ("train", "val", "test")}
         cfg = ProceduralConfig(n_train=counts["train"], n_val=counts["val"], n_test=counts["test"])
         return procedural_dataset(cfg, background=background, downscale=downscale)

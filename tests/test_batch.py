@@ -274,11 +274,26 @@ def test_ctrl_c_saves_checkpoint_says_how_to_resume(shapes, tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert f"to resume, run: vqad batch {job} --out {out} --local --threads 1" in err
     assert json.loads((out / "sphere" / "checkpoint" / "config.json").read_text())["step"] == 29
+    assert "the fit's checkpoint (step 29) is saved" in (out / "sphere" / "log.txt").read_text()
     assert [r["asset"] for r in records(out)] == ["box"]
     monkeypatch.setattr(trainer, "step", real_step)
     assert main(["batch", str(job), "--out", str(out), "--local", "--threads", "1", "--quiet"]) == 0
     sphere = records(out)[-1]
     assert sphere["asset"] == "sphere" and sphere["resumed_from"] == 29 and sphere["steps"] == 60
+
+
+def test_ctrl_c_before_a_fits_first_checkpoint_says_the_asset_starts_again(shapes, tmp_path, monkeypatch):
+    from vqad.app import batch
+
+    def stopped(*a, **k):  # e.g. in a radiance field's octree pass, which saves nothing
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "_process_asset", stopped)
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.json", [str(shapes / "box.ply")], shapes)
+    assert main(["batch", str(job), "--out", str(out), "--local", "--threads", "1", "--quiet"]) == 130
+    log = (out / "box" / "log.txt").read_text()
+    assert "before the fit saved a checkpoint" in log and "checkpoint (step" not in log
 
 
 def test_corrupt_mesh_is_reported_and_the_others_written(shapes, tmp_path, capsys):

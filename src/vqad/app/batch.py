@@ -807,7 +807,10 @@ def run_asset(spec: AssetSpec, ctx: WorkerContext, submitted_at: float) -> dict:
         except VqadError as exc:
             rec.update(status="failed", error=_one_line(exc), finished_at=_now())
         except KeyboardInterrupt:
-            print("interrupted: the fit's checkpoint is saved; the next run of the job continues it")
+            step = _resume_step(d)  # what the interrupt left: a checkpoint (a fit saves one as it stops), or none yet
+            print("interrupted: " + (f"the fit's checkpoint (step {step}) is saved; the next run of the job continues it"
+                                     if step is not None else "before the fit saved a checkpoint (a radiance field's "
+                                     "octree pass saves none); the next run of the job starts this asset again"))
             raise
         except Exception as exc:  # a bug, not the asset's fault: its traceback goes to the log
             traceback.print_exc()

@@ -95,6 +95,7 @@ import socket
 import sys
 import time
 import traceback
+import unicodedata
 import uuid
 from dataclasses import asdict, dataclass, field as dfield, fields
 from functools import lru_cache
@@ -596,19 +597,30 @@ def _expand(path: str, base: Path, out_dir: Path, where: str) -> list[str]:
     return [str(h) for h in hits]
 
 
+def _folder_identity(key: str) -> str:
+    """What a folder name is to the file systems outputs may go to: macOS's and Windows' ignore case, and macOS's
+    Unicode normalization, so ``Box`` and ``box`` (or a composed and a decomposed ``é``) are one folder there."""
+    return unicodedata.normalize("NFC", key).casefold()
+
+
 def _check_keys(specs: list[AssetSpec], name: str) -> None:
-    """One output folder per asset, none inside another's."""
-    seen: dict[str, str] = {}
+    """One output folder per asset, none inside another's, on any file system (:func:`_folder_identity`)."""
+    seen: dict[str, AssetSpec] = {}
     for s in specs:
-        if s.key in seen:
-            what = "is listed twice" if seen[s.key] == s.source else f"and {seen[s.key]} both map to"
-            raise InputError(f"{name}: {s.source} {what} the output folder {s.key!r}: give one a name = \"...\"")
-        seen[s.key] = s.source
-    for key, src in seen.items():
-        outer = next((str(p) for p in PurePosixPath(key).parents if str(p) in seen), None)
+        other = seen.get(_folder_identity(s.key))
+        if other is not None and other.key != s.key:
+            raise InputError(f"{name}: {other.source} and {s.source} map to the output folders {other.key!r} and "
+                             f"{s.key!r}, one folder on macOS and Windows (they differ only in case or in Unicode "
+                             'form): give one a name = "..."')
+        if other is not None:
+            what = "is listed twice" if other.source == s.source else f"and {other.source} both map to"
+            raise InputError(f'{name}: {s.source} {what} the output folder {s.key!r}: give one a name = "..."')
+        seen[_folder_identity(s.key)] = s
+    for ident, spec in seen.items():
+        outer = next((str(p) for p in PurePosixPath(ident).parents if str(p) in seen), None)
         if outer is not None:
-            raise InputError(f"{name}: the output folder of {src} ({key!r}) would be inside that of {seen[outer]} "
-                             f"({outer!r}): give one a name = \"...\"")
+            raise InputError(f"{name}: the output folder of {spec.source} ({spec.key!r}) would be inside that of "
+                             f"{seen[outer].source} ({seen[outer].key!r}): give one a name = \"...\"")
 
 
 # ================================================================================================

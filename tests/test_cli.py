@@ -89,7 +89,7 @@ def test_resume_without_checkpoint(tmp_path, capsys, good_mesh):
 
 def test_fit_mesh_render_end_to_end(tmp_path, capsys, good_mesh):
     out = tmp_path / "run"
-    code = main(["fit-sdf", str(good_mesh), "--levels", "2:4", "--features", "4", "--steps", "60", "--batch", "2048",
+    code = main(["fit-sdf", str(good_mesh), "--levels", "2:4", "--features", "4", "--steps", "60", "--batch", "2048", "--refine", "1",
                  "--out", str(out), "--mc-resolution", "64", "--quiet", "--device", "cpu"])
     printed = capsys.readouterr().out
     assert code == 0

@@ -2,6 +2,7 @@
 tiny radiance-field sweep, config files, bad input, and bench-rd's target checks."""
 
 import csv
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -34,9 +35,16 @@ def sphere(tmp_path_factory):
     return p
 
 
+@dataclasses.dataclass
+class _SmallSweeps(vqad.sdf.fit.SDFTrainConfig):
+    refine_samples: int = 20_000  # a level-4 sphere's index sweeps: a tenth of a real mesh's samples (most of the time)
+
+
 @pytest.fixture(autouse=True)
 def small_samples(monkeypatch):
-    """A level-4 sphere needs far fewer samples (octree, Chamfer, IoU) than the defaults made for real meshes."""
+    """A level-4 sphere needs far fewer samples (octree, Chamfer, IoU, index sweeps) than the defaults made for
+    real meshes."""
+    monkeypatch.setattr(vqad.sdf.fit, "SDFTrainConfig", _SmallSweeps)
     monkeypatch.setattr(vqad.sdf.fit, "build_sdf_field", functools.partial(vqad.sdf.fit.build_sdf_field, octree_samples=50_000))
     monkeypatch.setattr(vqad.sdf.metrics, "chamfer_and_normals", functools.partial(vqad.sdf.metrics.chamfer_and_normals, n=20_000))
     monkeypatch.setattr(vqad.sdf.metrics, "geometry_metrics", functools.partial(vqad.sdf.metrics.geometry_metrics, chamfer_samples=20_000))

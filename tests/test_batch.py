@@ -340,6 +340,39 @@ def test_changed_setting_refits_only_that_asset(shapes, tmp_path, capsys):
     assert (out / "box" / "box.vqad").read_bytes() != first and attempts(out, "sphere") == 1
 
 
+def test_changed_evaluation_settings_keep_the_fit_and_evaluate_it_again(shapes, tmp_path, capsys):
+    from vqad.app.batch import EVAL_ARGS, fit_flags
+
+    assert all(set(names) <= set(fit_flags(app)) for app, names in EVAL_ARGS.items())  # settings that exist
+    out = tmp_path / "out"
+    assets = [{"path": str(shapes / "box.ply"), "bits": 2}]
+    job = write_job(tmp_path / "job.json", assets, shapes)
+    assert main(["batch", str(job), "--out", str(out), "--local", "--threads", "1", "--quiet"]) == 0
+    model = (out / "box" / "checkpoint" / "model.safetensors").read_bytes()
+    first = (out / "box" / "box.vqad").read_bytes()
+    capsys.readouterr()
+    assets[0].update(chamfer_samples=3000, mc_resolution=24)  # what only the evaluation reads
+    write_job(job, assets, shapes)
+    assert main(["batch", str(job), "--out", str(out), "--local", "--threads", "1", "--dry-run"]) == 0
+    assert "box: only export or evaluation settings changed (" in capsys.readouterr().out
+    assert main(["batch", str(job), "--out", str(out), "--local", "--threads", "1", "--quiet"]) == 0
+    rec = records(out)[-1]
+    assert rec["status"] == "done" and rec["resumed_from"] == TINY["steps"] and rec["settings"]["chamfer_samples"] == 3000
+    assert (out / "box" / "checkpoint" / "model.safetensors").read_bytes() == model  # not fitted again
+    assert (out / "box" / "box.vqad").read_bytes() == first
+    assert "evaluating box again, its fit is kept" in (out / "box" / "log.txt").read_text()
+    # the export too: the same fit, written without entropy coding
+    assets[0]["entropy"] = False
+    write_job(job, assets, shapes)
+    assert main(["batch", str(job), "--out", str(out), "--local", "--threads", "1", "--quiet"]) == 0
+    assert records(out)[-1]["resumed_from"] == TINY["steps"] and (out / "box" / "box.vqad").read_bytes() != first
+    # a fit setting refits from scratch
+    assets[0]["seed"] = 7
+    write_job(job, assets, shapes)
+    assert main(["batch", str(job), "--out", str(out), "--local", "--threads", "1", "--quiet"]) == 0
+    assert records(out)[-1]["resumed_from"] is None
+
+
 def test_directory_job_mirrors_the_tree(shapes, tmp_path):
     src = tmp_path / "catalogue"
     (src / "a" / "b").mkdir(parents=True)

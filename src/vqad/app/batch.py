@@ -56,8 +56,9 @@ record is ``done`` with the same settings fingerprint (every setting that can ch
 vqad's resolved defaults and the input's size and modification time; not threads, device or
 checkpoint cadence) and whose file is there from a fit of those settings (the folder's settings.json: a
 run with other settings that was stopped may have replaced it); an asset whose settings changed is fitted again from
-scratch (the plan says which settings changed), failed assets are tried again, and a fit that was
-interrupted continues from its checkpoint. An asset that finished after the driver died is
+scratch (the plan says which settings changed) unless only its export and evaluation settings did and its fit ran
+every step (:func:`keeps_fit`: then the kept fit is exported and evaluated again), failed assets are tried again, and a
+fit that was interrupted continues from its checkpoint. An asset that finished after the driver died is
 recovered from its ``metrics.json``. A broken asset gets its one-line error in its record and does
 not stop the others; the exit status is 1 when any asset failed. Ctrl-C (or SIGTERM) stops the
 fits — each saves its checkpoint — and says how to resume.
@@ -121,6 +122,8 @@ JOB_KEYS = ("out", "root", "defaults", "assets")
 NOT_SETTINGS = ("mesh", "dataset", "out", "resume", "quiet", "device", "no_eval", "help")
 #: settings that change how a fit runs, not what it computes: a re-run does not redo an asset for them
 CADENCE_SETTINGS = ("checkpoint_every",)
+#: fit-command settings that only the evaluation reads: a change to them (or to the asset options) keeps the fit
+EVAL_ARGS = {"sdf": ("mc_resolution",), "nerf": ("eval_views", "eval_max_views")}
 CADENCE_TRAIN = ("log_every", "checkpoint_every", "checkpoint_minutes")
 #: how often the results table is rebuilt while a job runs (it is always rebuilt at the end)
 REPORT_EVERY_S = 10.0
@@ -174,6 +177,7 @@ class AssetSpec:
     options: AssetOptions
     settings: dict  # the settings given (by key), shown when a re-run finds them changed
     fingerprint: str  # everything the result depends on, hashed (see the module docstring)
+    fit_fingerprint: str = ""  # ... and what its fit alone depends on (not the export or the evaluation)
 
     @property
     def name(self) -> str:
@@ -339,6 +343,17 @@ def fingerprint(application: str, stamp: list, args: dict, options: AssetOptions
     payload = {"batch": BATCH_FORMAT, "application": application, "input": stamp, "options": asdict(options),
                "args": {k: v for k, v in args.items() if k not in CADENCE_SETTINGS},
                "configs": [_config_text(c) for c in configs]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def fit_fingerprint(application: str, stamp: list, args: dict, options: AssetOptions, configs: list) -> str:
+    """A hash of what an asset's fit depends on: :func:`fingerprint` less the export and evaluation settings
+    (:data:`EVAL_ARGS`, the options), so that changing only those evaluates the kept fit again. Whether it is
+    evaluated counts under a time cap: the evaluation's share of ``minutes`` is not the fit's."""
+    fit_args = {k: v for k, v in args.items() if k not in CADENCE_SETTINGS and k not in EVAL_ARGS[application]}
+    payload = {"batch": BATCH_FORMAT, "application": application, "input": stamp, "args": fit_args,
+               "configs": [_config_text(c) for c in configs], "fit": True,
+               **({"eval": options.eval} if args.get("minutes") is not None else {})}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -566,7 +581,8 @@ class _JobReader:
             raise InputError(f"{where}: {exc}") from None
         stamp = input_stamp(source, self.out_dir)
         return AssetSpec(_asset_key(source, self.root, name, where), source, app, dict(args), options,
-                         {**merged, "input": stamp}, fingerprint(app, stamp, args, options, configs))
+                         {**merged, "input": stamp}, fingerprint(app, stamp, args, options, configs),
+                         fit_fingerprint(app, stamp, args, options, configs))
 
     def check_overrides(self, specs: list[AssetSpec]) -> None:
         """Refuse a command-line setting that no asset of the job takes, saying why."""
@@ -650,8 +666,25 @@ STALE = ("checkpoint", "checkpoint.tmp", "checkpoint.old", "metrics.json", "*.vq
          "render_lod*.png", "*_lod*")
 
 
-def _clear(d: Path) -> None:
-    for pattern in STALE:
+#: ... of which those an evaluation (or export) writes: removed when only their settings changed
+EVAL_OUTPUTS = ("metrics.json", "*.vqad", "mesh_lod*.ply", "render_lod*.png", "*_lod*")
+
+
+def keeps_fit(old: dict, spec: AssetSpec, d: Path) -> bool:
+    """Whether the fit in ``d`` (of settings ``old``, its settings.json) is the one ``spec`` asks for, and
+    complete: then only what follows it runs again."""
+    if not spec.fit_fingerprint or old.get("fit_fingerprint") != spec.fit_fingerprint:
+        return False
+    cfg = _read_json(d / "checkpoint" / "config.json")  # (read only: a save that was killed half-way counts as none)
+    if not isinstance(cfg, dict) or cfg.get("baked") or cfg.get("after_training") == "pending":
+        return False
+    step, steps = cfg.get("step"), (cfg.get("train") if isinstance(cfg.get("train"), dict) else {}).get("steps")
+    # every step asked (a fit its time cap stopped would train on when resumed: it is fitted again, as before)
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in (step, steps)) and step >= steps > 0
+
+
+def _clear(d: Path, patterns: tuple[str, ...] = STALE) -> None:
+    for pattern in patterns:
         for p in d.glob(pattern):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
@@ -668,11 +701,17 @@ def _claim(d: Path, spec: AssetSpec, ctx: WorkerContext, started: float) -> int:
     asset's done-marker), the worker recorded. Returns the attempt number within this run."""
     old = _read_json(d / "settings.json")
     if old is None or old.get("fingerprint") != spec.fingerprint:
-        if old is not None:
-            print(f"settings changed since this folder's last fit: fitting {spec.key} from scratch")
-        _clear(d)
-        write_atomic(d / "settings.json", json.dumps({"fingerprint": spec.fingerprint, "settings": spec.settings},
-                                                     indent=2, default=str))
+        if old is not None and keeps_fit(old, spec, d):
+            print(f"only export or evaluation settings changed since this folder's last run: evaluating {spec.key} "
+                  "again, its fit is kept")
+            _clear(d, EVAL_OUTPUTS)
+        else:
+            if old is not None:
+                print(f"settings changed since this folder's last fit: fitting {spec.key} from scratch")
+            _clear(d)
+        write_atomic(d / "settings.json", json.dumps({"fingerprint": spec.fingerprint,
+                                                      "fit_fingerprint": spec.fit_fingerprint,
+                                                      "settings": spec.settings}, indent=2, default=str))
     (d / "metrics.json").unlink(missing_ok=True)
     prev = _read_json(d / "worker.json") or {}
     attempt = prev.get("attempt", 0) + 1 if prev.get("run") == ctx.run else 1
@@ -786,7 +825,8 @@ def _process_asset(spec: AssetSpec, ctx: WorkerContext, d: Path, rec: dict) -> d
 def failed_record(spec: AssetSpec, error: str, **fields) -> dict:
     """An asset's results record, as failed with the one-line ``error`` until its run says otherwise."""
     return {"asset": spec.key, "status": "failed", "application": spec.application, "input": spec.source,
-            "fingerprint": spec.fingerprint, "settings": spec.settings, "error": error, **fields}
+            "fingerprint": spec.fingerprint, "fit_fingerprint": spec.fit_fingerprint, "settings": spec.settings,
+            "error": error, **fields}
 
 
 def run_asset(spec: AssetSpec, ctx: WorkerContext, submitted_at: float) -> dict:
@@ -1043,7 +1083,11 @@ def plan(job: Job) -> Plan:
         elif rec is None:
             p.reasons[spec.key] = "new"
         elif rec.get("fingerprint") != spec.fingerprint:
-            p.reasons[spec.key] = f"settings changed ({_changed(rec.get('settings') or {}, spec.settings)})"
+            kept = (rec.get("status") == "done" and folder == rec.get("fingerprint")  # the record's fit is the folder's
+                    and keeps_fit(_read_json(job.out / spec.key / "settings.json") or {}, spec, job.out / spec.key))
+            p.reasons[spec.key] = (f"{'only export or evaluation ' if kept else ''}settings changed "
+                                   f"({_changed(rec.get('settings') or {}, spec.settings)})"
+                                   + ("; its fit is kept, only evaluated again" if kept else ""))
         elif rec.get("status") != "done":
             p.reasons[spec.key] = f"failed earlier ({rec.get('error')}): trying again"
         else:

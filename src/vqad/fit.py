@@ -720,6 +720,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         raise
     if out is not None:  # the last step's loss, not the last logged one (the log holds every log_every-th)
         loss_val = float(out.per_lod.detach().sum())
+    prog.close()  # the bar's time per step is the training steps' (the sweeps after them show their own)
     if it > start or pending:
         was = resume_cfg.get("step_seconds") if resume_cfg is not None else None  # (read from a file: checked)
         was = float(was) if isinstance(was, (int, float)) and not isinstance(was, bool) and 0 < was < math.inf else 0.0
@@ -735,7 +736,6 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
                                   f"--resume runs what is left of it ({task.sweeps_done} index sweeps were done)")
             raise
     items_per_second = prog.items_per_second  # over the whole call, sweeps after training included
-    prog.close()
     save(it, time_capped=timed_out)
     if timed_out and it < task.min_useful_steps:
         msg = (f"the time cap stopped training after {it} steps, fewer than the {task.min_useful_steps} a useful fit "

@@ -488,22 +488,3 @@ def test_a_checkpoints_training_time_is_read_only_when_it_is_a_time(value, expec
     from vqad.fit import earlier_train_seconds
     assert earlier_train_seconds({"train_seconds": value}) == expected
     assert earlier_train_seconds(None) == 0.0 and earlier_train_seconds({}) == 0.0
-
-
-def test_ctrl_c_in_a_fits_evaluation_says_the_fit_is_saved_and_resume_evaluates_it(tmp_path, capsys, mesh, monkeypatch):
-    from vqad.app.commands import sdf as sdf_cmd
-
-    out = tmp_path / "run"
-    args = ["fit-sdf", str(mesh), "--steps", "4", "--refine", "0", "--out", str(out)] + \
-        [a for a in TINY if a != "--no-eval"]
-    def stopped(*a, **k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(sdf_cmd, "evaluate_sdf", stopped)
-    assert main(args) == 130
-    err = _err(capsys)
-    assert "interrupted during the evaluation: the fit is complete" in err and "--resume evaluates it" in err
-    monkeypatch.setattr(sdf_cmd, "evaluate_sdf", lambda *a, **k: {"3": {"chamfer_l1": 0.01}})  # (its own tests: test_sdf)
-    assert main(args + ["--resume"]) == 0
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["steps"] == 4 and m["lods"] and m["points_per_second"] is None  # nothing trained again

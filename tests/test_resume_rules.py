@@ -42,19 +42,31 @@ def test_sdf_resume_on_another_mesh_or_fewer_steps_is_refused(meshes, tmp_path, 
 
 
 def test_an_interrupted_re_evaluation_keeps_the_last_result(meshes, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while a fit evaluates: the fit is complete in its checkpoint and the message says so; the last
+    result stays until a --resume evaluates the fit again without training it. (The evaluation itself is
+    stood in for: test_sdf measures it.)"""
     import vqad.app.commands.sdf as sdf_cmd
 
     a, _ = meshes
     out = tmp_path / "fit"
-    assert main(["fit-sdf", str(a), "--out", str(out), "--mc-resolution", "32", *SDF]) == 0
+    monkeypatch.setattr(sdf_cmd, "evaluate_sdf", lambda *a, **k: {"4": {"chamfer_l1": 0.01}})
+    assert main(["fit-sdf", str(a), "--out", str(out), *SDF]) == 0
     before = (out / "metrics.json").read_text()
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sdf_cmd, "evaluate_sdf", stop)  # Ctrl-C while the resumed fit evaluates again
+    capsys.readouterr()
     assert main(["fit-sdf", str(a), "--out", str(out), "--resume", "--threads", "1"]) == 130
     assert (out / "metrics.json").read_text() == before
+    err = capsys.readouterr().err
+    assert "interrupted during the evaluation: the fit is complete" in err and "--resume evaluates it" in err
+    monkeypatch.setattr(sdf_cmd, "evaluate_sdf", lambda *a, **k: {"4": {"chamfer_l1": 0.02}})
+    assert main(["fit-sdf", str(a), "--out", str(out), "--resume", "--threads", "1"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["lods"]["4"]["chamfer_l1"] == 0.02 and m["steps"] == 20
+    assert m["points_per_second"] is None and m["fit_seconds"] > m["fit_seconds_this_run"]  # nothing trained again
 
 
 def test_sigterm_is_reported_as_such_with_its_exit_status(meshes, tmp_path, monkeypatch, capsys):

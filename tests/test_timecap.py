@@ -126,7 +126,8 @@ def test_evaluation_under_a_spent_cap_keeps_the_finest_lod(tmp_path):
                   torch.device("cpu"), quiet=True)
     deadline = Deadline(10.0, clock=clock)
     clock.advance(11.0)  # already spent: the finest LOD is still evaluated, the others are skipped
-    out = evaluate_sdf(res.field, mesh, tmp_path, 32, torch.device("cpu"), quiet=True, deadline=deadline)
+    out = evaluate_sdf(res.field, mesh, tmp_path, 32, torch.device("cpu"), quiet=True, deadline=deadline,
+                       chamfer_samples=20_000, iou_samples=50_000)  # (a level-4 field: the defaults are for real meshes)
     assert list(out) == [2, 3, 4]
     assert "chamfer_l1" in out[4] and np.isfinite(out[4]["chamfer_l1"])
     assert out[2] == out[3] == {"skipped": "the job's time cap (--minutes) was spent"}

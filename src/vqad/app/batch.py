@@ -1172,7 +1172,7 @@ class BatchRun:
 
     def describe(self) -> list[str]:
         p = self.plan
-        lines = [f"batch: {len(self.job.assets)} assets, {len(p.run)} to fit"
+        lines = [f"batch: {len(self.job.assets)} assets, {len(p.run)} to run"
                  + (f", {len(p.skipped) + len(p.recovered)} finished earlier (skipped)" if p.skipped or p.recovered else "")]
         lines += [f"  {key}: {why}" for key, why in p.reasons.items() if why != "new"]
         return lines
@@ -1226,7 +1226,7 @@ class BatchRun:
         try:
             with interrupt_guard():
                 if not self.plan.run:
-                    layout = "nothing to fit"
+                    layout = "nothing to run"
                 elif self.executor == "local":
                     layout = f"--local: one fit at a time in this process, {self.threads} thread(s)"
                     if not self.run.quiet:

@@ -173,3 +173,66 @@ def test_radiance_field_built_on_cpu_trains_renders_and_decodes_on_cuda(tmp_path
         assert torch.isfinite(rgb).all() and rgb.device.type == where.type
         img[name] = rgb.cpu()
     assert (img["gpu"] - img["cpu"]).abs().mean() < 1e-3
+
+
+# -- devices vqad cannot use, and the Python fit calls' arguments -----------------------------------------------
+@pytest.mark.parametrize("device, message", [
+    ("mps", "vqad runs on cpu or cuda[:N], not mps"), ("meta", "not meta"), (torch.device("meta"), "not meta"),
+    ("xpu:0", "not xpu"), ("gpu", "unknown device 'gpu'"), (3, "not a int"), (["cpu"], "not a list"),
+])
+def test_devices_vqad_cannot_use_are_one_clear_error(device, message):
+    from vqad.device import resolve_device
+    from vqad.errors import InputError
+
+    with pytest.raises(InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        resolve_device(device)
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu") == resolve_device("cpu")
+    if not torch.cuda.is_available():
+        for cuda in ("cuda", torch.device("cuda"), "cuda:0"):  # a torch.device is checked like a name
+            with pytest.raises(InputError, match="PyTorch sees no CUDA GPU"):
+                resolve_device(cuda)
+    else:
+        with pytest.raises(InputError, match="CUDA GPU\\(s\\)"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_a_file_or_checkpoint_loaded_onto_a_device_vqad_cannot_use_is_refused_not_called_damaged(tmp_path):
+    from vqad.errors import InputError
+
+    field = _sdf_field(levels=(2, 3))
+    field.bake(fp16=True)
+    path = tmp_path / "m.vqad"
+    fileformat.save(field, path)
+    for device in ("mps", torch.device("meta")):
+        with pytest.raises(InputError, match="vqad runs on cpu or cuda") as info:
+            vqad.load(path, device=device)
+        assert "damaged" not in str(info.value)
+        with pytest.raises(InputError, match="vqad runs on cpu or cuda"):
+            next(fileformat.iter_lods(path, device=device))
+
+
+def test_fit_sdf_checks_its_arguments_before_it_trains():
+    import trimesh
+
+    from vqad.errors import InputError
+    from vqad.sdf.fit import SDFTrainConfig, fit_sdf
+    from vqad.sdf.mesh import Mesh
+
+    tm = trimesh.creation.icosphere(subdivisions=1, radius=0.5)
+    mesh = Mesh(tm.vertices, tm.faces)
+    grid, dec = GridConfig(storage="codebook", features=4, bits=2, base_level=2, max_level=3), DecoderConfig(hidden=8)
+    train = SDFTrainConfig(steps=2, batch=256, pool_size=2000, refine=0)
+    for args, message in [
+        (("mesh.obj", grid, dec, train, "cpu"), "the data must be a Mesh \\(vqad.sdf.mesh.load_mesh\\(path\\)\\), got a str"),
+        ((mesh, dec, grid, train, "cpu"), "grid_cfg must be a GridConfig, got a DecoderConfig"),
+        ((mesh, grid, dec, SDFTrainConfig(steps=True), "cpu"), "train.steps must be an integer, got True"),
+        ((mesh, grid, dec, SDFTrainConfig(steps=2.5), "cpu"), "train.steps must be an integer, got 2.5"),
+        ((mesh, grid, dec, SDFTrainConfig(lr="0.01"), "cpu"), "train.lr must be a number or None"),
+        ((mesh, GridConfig(features=8.0), dec, train, "cpu"), "grid.features must be an integer"),
+        ((mesh, grid, dec, train, "mps"), "not mps"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            fit_sdf(*args, quiet=True)
+    # a device given as a string, as vqad.load takes it (it failed after the whole fit, in the memory report)
+    res = fit_sdf(mesh, grid, dec, train, "cpu", quiet=True)
+    assert res.steps == 2 and res.field.device == torch.device("cpu")

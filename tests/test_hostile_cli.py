@@ -433,3 +433,31 @@ def test_ctrl_c_in_the_density_pass_says_nothing_is_saved_and_leaves_no_empty_fo
     err = _err(capsys)
     assert "interrupted while building the octree (a density pass is not saved): nothing to resume" in err
     assert not out.exists()  # the folder this run created, still empty, goes with it
+
+
+def test_outputs_write_through_symlinks_and_never_replace_devices_or_pipes(tmp_path, capsys):
+    import os
+    import stat
+
+    import pytest
+
+    from vqad.atomicio import write_atomic, write_target
+    from vqad.errors import InputError
+
+    model = _tiny_sdf_file(tmp_path)
+    ckpt = str(tmp_path / "fit" / "checkpoint")
+    fifo = tmp_path / "pipe.vqad"
+    os.mkfifo(fifo)
+    assert main(["export", ckpt, "-o", str(fifo), "--threads", "1"]) == 2
+    assert "not a regular file" in _err(capsys) and stat.S_ISFIFO(os.lstat(fifo).st_mode)  # it replaced the pipe
+    with pytest.raises(InputError, match="not a regular file"):
+        write_atomic(fifo, b"x")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    with pytest.raises(InputError, match="not a regular file"):
+        write_target("/dev/null")  # (checked only: nothing is written there)
+    # a symlink's target is written; the link stays a link
+    (tmp_path / "models").mkdir()
+    link = tmp_path / "latest.vqad"
+    link.symlink_to(tmp_path / "models" / "v1.vqad")
+    assert main(["export", ckpt, "-o", str(link), "--threads", "1"]) == 0
+    assert link.is_symlink() and (tmp_path / "models" / "v1.vqad").read_bytes() == model.read_bytes()

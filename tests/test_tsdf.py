@@ -11,14 +11,15 @@ from vqad.config import DecoderConfig, GridConfig
 from vqad.errors import InputError
 from vqad.tsdf.extract import extract_tsdf_mesh, masked_marching_cubes
 from vqad.tsdf.field import TSDFField
+from vqad.tsdf.fusion import FusedTSDF
 from vqad.tsdf.fit import TSDFTrainConfig, fit_tsdf
 from conftest import need_open3d
 
 CENTER, RADIUS = np.array([0.1, 0.2, 1.0]), 0.3
 
 
-class SphereFusion:
-    """A FusedTSDF-shaped stand-in with exact values: a sphere's truncated distance in a band of voxels."""
+class SphereFusion(FusedTSDF):
+    """A FusedTSDF with exact values: a sphere's truncated distance in a band of voxels."""
 
     def __init__(self, voxel=0.02, trunc=0.06, color=False, units="m"):
         self.voxel, self.trunc, self.units, self.block = voxel, trunc, units, 8

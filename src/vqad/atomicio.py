@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 
 from vqad.errors import InputError
@@ -36,6 +37,27 @@ def tmp_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.tmp{path.suffix}") if path.suffix else path.with_name(path.name + ".tmp")
 
 
+def write_target(path: str | Path, what: str = "output") -> Path:
+    """The file a write of ``path`` replaces: ``path``, or a symlink's target (the link stays a link); a folder,
+    a device, a FIFO or a socket there is refused (:class:`InputError`): a rename would put a plain file in its
+    place (``/dev/null``, or a pipe a reader waits on, replaced by a file) while saying that all went well."""
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise InputError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"cannot write {what} {path}: it is a folder; give a file name")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"cannot write {what} {path}: it is not a regular file (a device, a pipe or a socket); "
+                         "give the path of a file")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, what: str = "output"):
     """Yield a temporary path to write ``path`` through; on success it is flushed and renamed over
@@ -46,7 +68,7 @@ def atomic_path(path: str | Path, what: str = "output"):
         with atomic_path(out) as tmp:
             image.save(tmp)
     """
-    path = Path(path)
+    path = write_target(path, what)
     tmp = tmp_path(path)
     try:
         yield tmp
@@ -119,4 +141,4 @@ def append_record(path: str | Path, line: str, what: str = "output") -> None:
         fsync_path(path.parent)
 
 
-__all__ = ["atomic_path", "write_atomic", "append_record", "fsync_path", "tmp_path", "save_image", "save_mesh_file"]
+__all__ = ["atomic_path", "write_target", "write_atomic", "append_record", "fsync_path", "tmp_path", "save_image", "save_mesh_file"]

@@ -28,6 +28,7 @@ class GridConfig:
     table_bits: int = DEFAULT_TABLE_BITS  # T (hash): 2^T table rows per level
 
     def validate(self) -> None:
+        check_types(self, "grid")
         cls = storage_class(self.storage)
         check_levels(self.base_level, self.max_level)
         if not 1 <= self.features <= 256:
@@ -61,6 +62,7 @@ class DecoderConfig:
     position_input: bool = True  # feed x to ψ alongside the features
 
     def validate(self) -> None:
+        check_types(self, "decoder")
         if not (is_int(self.hidden) and 1 <= self.hidden <= MAX_HIDDEN):
             raise InputError(f"--hidden (decoder width) must be an integer in 1..{MAX_HIDDEN}, got {self.hidden!r}")
         if not (is_int(self.layers) and 0 <= self.layers <= MAX_LAYERS):
@@ -94,6 +96,31 @@ def to_dict(obj) -> dict:
     return asdict(obj)
 
 
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def check_types(cfg, what: str | None = None) -> None:
+    """Refuse a config field whose value is not of its declared type (``int``, ``float``, ``bool``, ``str``,
+    each optionally ``| None``): a ``True`` for a step count, ``2.5`` steps or ``"0.01"`` for a rate would
+    otherwise fail deep inside PyTorch, or run (``steps=True`` ran one step). Ranges (a NaN, an infinity)
+    and other annotations are left to the config's own checks, which name the flag."""
+    what = what or type(cfg).__name__
+    for f in fields(cfg):
+        hint = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        parts = [p.strip() for p in str(hint).split("|")]
+        optional = "None" in parts
+        kinds = [p for p in parts if p != "None"]
+        if len(kinds) != 1 or kinds[0] not in _TYPES:
+            continue
+        value = getattr(cfg, f.name)
+        if value is None and optional:
+            continue
+        ok = isinstance(value, _TYPES[kinds[0]]) and (kinds[0] == "bool" or not isinstance(value, bool))
+        if not ok:
+            raise InputError(f"{what}.{f.name} must be {_NAMES[kinds[0]]}{' or None' if optional else ''}, got {value!r}")
+
+
 def from_dict(cls, data: dict):
     """Rebuild a config dataclass, refusing unknown keys (never silently ignored)."""
     names = {f.name for f in fields(cls)}
@@ -103,4 +130,4 @@ def from_dict(cls, data: dict):
     return cls(**data)
 
 
-__all__ = ["GridConfig", "DecoderConfig", "parse_levels", "to_dict", "from_dict"]
+__all__ = ["GridConfig", "DecoderConfig", "parse_levels", "to_dict", "from_dict", "check_types"]

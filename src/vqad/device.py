@@ -15,21 +15,30 @@ from vqad.errors import InputError
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """Turn ``"auto" | "cpu" | "cuda" | "cuda:N"`` into a :class:`torch.device`.
+    """Turn ``"auto" | "cpu" | "cuda" | "cuda:N"`` (or a :class:`torch.device` of those) into a :class:`torch.device`.
 
     ``auto`` picks CUDA when a GPU is present, else the CPU. Asking for CUDA on a machine without
-    one is an error, never a silent fallback.
+    one, a GPU index it lacks or another kind of device (mps, xpu, meta, ...: vqad runs on CPUs and CUDA
+    GPUs) is an :class:`InputError`, never a silent fallback nor an error deep inside PyTorch.
     """
-    if isinstance(name, torch.device):
-        return name
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise InputError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
+    if isinstance(name, torch.device):
+        dev = name
+    elif isinstance(name, str):
+        try:
+            dev = torch.device(name)
+        except RuntimeError as exc:
+            raise InputError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
+    else:
+        raise InputError(f"a device is 'auto', 'cpu', 'cuda[:N]' or a torch.device, not a {type(name).__name__}")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device {str(name)!r}: vqad runs on cpu or cuda[:N], not {dev.type}; use --device cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU: use --device cpu")
+        raise InputError(f"device {str(name)!r} asked for, but PyTorch sees no CUDA GPU: use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device {str(name)!r} asked for, but PyTorch sees {torch.cuda.device_count()} CUDA GPU(s): "
+                         f"use cuda:0..{torch.cuda.device_count() - 1}")
     return dev
 
 

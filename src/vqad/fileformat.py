@@ -48,6 +48,7 @@ from vqad import entropy as E
 from vqad.bitpack import pack_bits, packed_size, unpack_bits
 from vqad.atomicio import write_atomic
 from vqad.config import GridConfig, to_dict
+from vqad.device import resolve_device
 from vqad.errors import CorruptStreamError, InputError, StreamError, StreamLimitError, TruncatedStreamError, VqadError
 from vqad.field import field_config, field_from_config
 from vqad.grid import OctreeGrid, octree_args
@@ -781,7 +782,7 @@ class StreamDecoder:
                 f"choose one of {self.grid_cfg.base_level}..{self.grid_cfg.max_level}"
             )
         top = max(lv for lv in self.prefix_sizes if lod is None or lv <= lod)
-        device = torch.device(device)
+        device = resolve_device(device)  # cpu or an existing CUDA GPU, else one clear error
         grid_cfg = replace(self.grid_cfg, max_level=top)
         tables = {lv: (self._levels[lv].codes, self._levels[lv].corners, self._levels[lv].keys)
                   for lv in range(grid_cfg.base_level, top + 1)}

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vqad.config import check_seed
+from vqad.config import check_seed, check_types
 from vqad.errors import InputError, Terminated, TrainingDivergedError, stdout_reader_gone
 from vqad.optim import make_optimizers
 
@@ -81,6 +81,7 @@ class TrainConfig:
     checkpoint_minutes: float | None = 2.0  # ... or this many minutes since the last one, whichever comes first
 
     def validate(self) -> None:
+        check_types(self, "train")
         if self.steps <= 0:
             raise InputError(f"--steps must be positive, got {self.steps}")
         rates = (self.lr, self.grid_lr_scale, self.logit_lr_scale, self.codebook_lr_scale)
@@ -328,6 +329,21 @@ def resumed_sweeps(resume_cfg: dict) -> int:
     anything but a non-negative integer counts as none done, and the sweeps run again)."""
     done = resume_cfg.get("sweeps_done")
     return done if isinstance(done, int) and not isinstance(done, bool) and done >= 0 else 0
+
+
+def check_fit_call(fit: str, data, data_type: type, how: str, configs: dict, device) -> torch.device:
+    """The arguments of a Python fit call (``fit_sdf``, ``fit_nerf``, ``fit_tsdf``), checked before any work: its
+    data (``how``: how to make one), its configs (``{name: (value, class)}``) and its device, resolved
+    (:func:`vqad.device.resolve_device`: a string works as on the command line). A mistake is one clear
+    :class:`InputError`, not an AttributeError deep inside, nor one after the whole fit has run."""
+    from vqad.device import resolve_device
+
+    if not isinstance(data, data_type):
+        raise InputError(f"{fit}: the data must be a {data_type.__name__} ({how}), got a {type(data).__name__}")
+    for name, (value, cls) in configs.items():
+        if not isinstance(value, cls):
+            raise InputError(f"{fit}: {name} must be a {cls.__name__}, got a {type(value).__name__}")
+    return resolve_device(device)
 
 
 def earlier_train_seconds(resume_cfg: dict | None) -> float:

@@ -18,7 +18,7 @@ import torch
 from vqad.config import DecoderConfig, GridConfig
 from vqad.device import peak_memory_bytes
 from vqad.errors import InputError
-from vqad.fit import DENSITY_SHARE, Deadline, check_resumable, check_resumed_fit, load_for_resume, run_fit
+from vqad.fit import DENSITY_SHARE, Deadline, check_fit_call, check_resumable, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
 from vqad.nerf.depth_prior import depth_source, depth_targets, has_points
 from vqad.nerf.appearance import ViewAppearance, require_views_to_learn
@@ -207,6 +207,11 @@ def fit_nerf(
     runs on ``max(step / steps, time / training budget)``, so a time-limited fit still ends with a
     decayed rate.
     """
+    device = check_fit_call("fit_nerf", dataset, SceneDataset, "vqad.nerf.formats.load_dataset(path)",
+                            {"grid_cfg": (grid_cfg, GridConfig), "dec_cfg": (dec_cfg, DecoderConfig),
+                             "train_cfg": (train_cfg, NeRFTrainConfig),
+                             **({"nerf_cfg": (nerf_cfg, NeRFConfig)} if nerf_cfg is not None else {})}, device)
+    grid_cfg.validate()
     deadline = deadline if deadline is not None else Deadline.for_job(train_cfg.max_minutes)
     train_cfg = train_cfg.resolved(grid_cfg)
     train_cfg.validate()

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from vqad.config import DecoderConfig, GridConfig
 from vqad.device import available_memory, peak_memory_bytes
 from vqad.errors import InputError
-from vqad.fit import Deadline, FitTask, StepLoss, TrainConfig, check_resumed_fit, load_for_resume, run_fit
+from vqad.fit import Deadline, FitTask, StepLoss, TrainConfig, check_fit_call, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
 from vqad.refine import RefineChunk, format_stats, has_codebook, rate_bit_cost, refine_indices
@@ -233,7 +233,11 @@ def fit_sdf(
     (:func:`vqad.fit.check_resumable`). ``deadline`` is the whole job's time cap (default:
     ``train_cfg.max_minutes`` from the first step on; see :func:`vqad.fit.run_fit`).
     """
+    device = check_fit_call("fit_sdf", mesh, Mesh, "vqad.sdf.mesh.load_mesh(path)",
+                            {"grid_cfg": (grid_cfg, GridConfig), "dec_cfg": (dec_cfg, DecoderConfig),
+                             "train_cfg": (train_cfg, SDFTrainConfig)}, device)
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    grid_cfg.validate()
     train_cfg = train_cfg.resolved(grid_cfg)
     train_cfg.validate()
     dec_cfg.validate()

@@ -27,7 +27,7 @@ from vqad.config import DecoderConfig, GridConfig
 from vqad.device import peak_memory_bytes
 from vqad.errors import InputError
 from vqad.field import Normalization
-from vqad.fit import Deadline, FitTask, StepLoss, TrainConfig, check_resumed_fit, load_for_resume, run_fit
+from vqad.fit import Deadline, FitTask, StepLoss, TrainConfig, check_fit_call, check_resumed_fit, load_for_resume, run_fit
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
 from vqad.refine import has_codebook
@@ -250,6 +250,12 @@ def fit_tsdf(fused, grid_cfg: GridConfig, dec_cfg: DecoderConfig, train_cfg: TSD
     Checkpoints, ``resume`` and ``deadline`` behave as in :func:`vqad.sdf.fit.fit_sdf`; colour is
     fitted when ``train_cfg.color`` says so.
     """
+    from vqad.tsdf.fusion import FusedTSDF
+
+    device = check_fit_call("fit_tsdf", fused, FusedTSDF, "vqad.tsdf.fusion.fuse(sequence) or FusedTSDF.load(path)",
+                            {"grid_cfg": (grid_cfg, GridConfig), "dec_cfg": (dec_cfg, DecoderConfig),
+                             "train_cfg": (train_cfg, TSDFTrainConfig)}, device)
+    grid_cfg.validate()
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
     train_cfg = train_cfg.resolved(grid_cfg)
     if train_cfg.color and fused.color is None:

@@ -9,6 +9,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from vqad.atomicio import write_target
 from vqad.errors import InputError
 from vqad.sdf.extract import MC_MAX, MC_MIN  # the bounds of --resolution / --mc-resolution
 
@@ -193,6 +194,7 @@ def ensure_writable_file(path: str | Path, suffixes: tuple[str, ...] | None = No
     ensure_writable_dir(path.parent if str(path.parent) else Path("."))
     if path.exists() and path.is_dir():
         raise InputError(f"output path is a directory, expected a file: {path}")
+    write_target(path, what)  # not a device, a pipe or a socket (before the work, not at its end)
     return path
 
 

@@ -461,3 +461,11 @@ def test_outputs_write_through_symlinks_and_never_replace_devices_or_pipes(tmp_p
     link.symlink_to(tmp_path / "models" / "v1.vqad")
     assert main(["export", ckpt, "-o", str(link), "--threads", "1"]) == 0
     assert link.is_symlink() and (tmp_path / "models" / "v1.vqad").read_bytes() == model.read_bytes()
+
+
+def test_a_path_the_file_system_refuses_is_one_line_naming_what_to_do(tmp_path, capsys):
+    long = str(tmp_path / ("q" * 300))
+    for argv in (["synth-capture", "-o", long], ["info", long + ".vqad"], ["synth-rgbd", "procedural", "-o", long]):
+        assert main(argv + ["--threads", "1"]) == 2, argv
+        err = _err(capsys)
+        assert "File name too long; give a shorter path" in err and len(err.splitlines()) == 1 and len(err) < 300

@@ -8,6 +8,7 @@ adds its parsers and sets ``func`` to a handler ``(args) -> int``. User errors r
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -94,6 +95,14 @@ def _run(args) -> int:
         print(f"vqad: {args.command} stopped: its output's reader closed (| head?); what it wrote before stays",
               file=sys.stderr)
         return 1
+    except OSError as exc:  # the file system said no where no check of ours did: one line, not a traceback
+        hint = _OS_HINTS.get(exc.errno)
+        if hint is None:
+            raise  # not the user's environment: a bug's traceback
+        name = str(exc.filename) if exc.filename else ""
+        where = f" {name if len(name) <= 120 else name[:60] + '...' + name[-57:]}" if name else ""
+        print(f"vqad: error: cannot use{where}: {exc.strerror or exc}; {hint}", file=sys.stderr)
+        return 2
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise
@@ -105,6 +114,19 @@ def _run(args) -> int:
         from vqad.app.commands.common import release_output_dirs
 
         release_output_dirs()  # the --out folders a fit held (another fit may write them now)
+
+
+#: file-system errors a command's paths or machine cause, with what to do (others keep their traceback)
+_OS_HINTS = {
+    errno.ENAMETOOLONG: "give a shorter path (a file or folder name is at most 255 bytes)",
+    errno.ENOSPC: "free some disk space, or write elsewhere",
+    errno.EDQUOT: "your disk quota is full: free some space, or write elsewhere",
+    errno.EACCES: "check the path's permissions, or write elsewhere",
+    errno.EPERM: "check the path's permissions, or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.ELOOP: "the path holds a loop of symbolic links",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+}
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -23,10 +23,17 @@ def test_synth_capture_out_that_cannot_be_created(tmp_path, capsys):
 
 
 def test_synth_capture_object_alone_suggests_a_fit_that_runs(tmp_path, capsys):
-    out = tmp_path / "obj"
+    import shlex
+
+    out = tmp_path / "my obj"  # the printed command is one to paste: quoted for the shell
     assert main(["synth-capture", "-o", str(out), "--size", "8x8", "--views", "2", "--no-background",
                  "--points", "0", "--threads", "1"]) == 0
-    assert f"next: vqad fit-nerf {out} --format ngp --octree density" in capsys.readouterr().out
+    line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("next: "))
+    assert shlex.split(line[len("next: "):]) == ["vqad", "fit-nerf", str(out), "--format", "ngp", "--octree", "density"]
+    # with depth maps the default octree (from depth) applies: no density pass suggested
+    assert main(["synth-capture", "-o", str(tmp_path / "d"), "--size", "8x8", "--views", "2", "--no-background",
+                 "--points", "0", "--depth", "--threads", "1"]) == 0
+    assert "--octree density" not in capsys.readouterr().out
 
 
 def test_absurd_thread_counts_are_refused(capsys, monkeypatch, tmp_path):
@@ -313,6 +320,8 @@ def test_generators_clean_up_after_a_failure_and_refuse_bad_seeds_and_empty_path
     assert main(base) == 2 and not out.exists()  # the retry is not refused for a non-empty folder
     out.mkdir()
     assert main(base) == 2 and out.is_dir() and not any(out.iterdir())  # an empty folder given: kept, emptied
+    deep = tmp_path / "deep" / "a" / "b"
+    assert main([*base[:3], str(deep), *base[4:]]) == 2 and not (tmp_path / "deep").exists()  # nor the parents it made
     for argv in (["demo", "--out", ""], ["fit-sdf", "x.obj", "--out", ""], ["serve", ".", "--bandwidth", "-1Mbit"]):
         with pytest.raises(SystemExit):
             main(argv)

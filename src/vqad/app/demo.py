@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -94,5 +95,5 @@ def run_demo(out: Path, device: torch.device, quick: bool = False) -> dict:
     write_atomic(out / "summary.json", json.dumps(results, indent=2, default=str))
     print(f"demo finished in {results['seconds']:.0f} s: outputs in {out}/")
     # the last line: the one command that opens the model in the viewer (streamed, as a colleague would get it)
-    print(f"Look at it: vqad view {results['sdf']['file']['path']} --bandwidth 1Mbit")
+    print(f"Look at it: vqad view {shlex.quote(results['sdf']['file']['path'])} --bandwidth 1Mbit")
     return results

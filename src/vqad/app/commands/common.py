@@ -70,13 +70,17 @@ def refuse_foreign_dir(path: Path, markers: tuple[str, ...], what: str, kind: st
 @contextmanager
 def fresh_output_dir(path: str | Path, what: str, hint: str = ""):
     """A generator's ``--out``: a new or empty folder, created writable; if the job fails or is interrupted,
-    what it wrote is removed (the folder too when the job created it), so the retry is not refused."""
+    what it wrote is removed (the folder too when the job created it, and the parents it created), so the retry
+    is not refused."""
     import shutil
 
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise InputError(f"--out {path} exists and is not an empty folder: write the {what} to a new folder{hint}")
     existed = path.exists()
+    created = path  # the outermost folder this creates (parents included): what a failure removes
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -89,7 +93,7 @@ def fresh_output_dir(path: str | Path, what: str, hint: str = ""):
             for child in path.iterdir():
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         else:
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import asdict
 import sys
 import time
@@ -225,8 +226,9 @@ def cmd_synth_capture(args) -> int:
           f"{', depth maps' if args.depth else ''}"
           f"{f', {cfg.transients} passers-by a training view with loss masks' if cfg.transients else ''}"
           f"{f', exposure varying by {cfg.exposure:g} stops' if cfg.exposure else ''})")
-    hint = " --octree density" if args.no_background and cfg.aabb_scale > 1 else ""  # masks mark no room
-    print(f"next: vqad fit-nerf {out} --format ngp{hint}")
+    # masks mark no room (the depth maps do: their octree is the default then)
+    hint = " --octree density" if args.no_background and cfg.aabb_scale > 1 and not args.depth else ""
+    print(f"next: vqad fit-nerf {shlex.quote(str(out))} --format ngp{hint}")
     return 0
 
 

@@ -4,6 +4,7 @@ written in TUM RGB-D or Redwood / Open3D layout for ``vqad fit-tsdf``."""
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -79,8 +80,9 @@ def cmd_synth_rgbd(args) -> int:
         hits = sum(int((seq.depth(i) > 0).sum()) for i in range(len(seq)))
         if hits == 0:
             raise InputError(f"no frame has a depth sample: the scene is beyond what the depth sensor measures (--noise "
-                             f"{args.noise}: {noise.min_range:g}..{noise.max_range:g} m) or outside the views; use a "
-                             f"smaller --object-size or --distance, or --noise none")
+                             f"{args.noise}: {noise.min_range:g}..{noise.max_range:g} m), too small to hit or outside the "
+                             f"views; set --distance within that range and --object-size to what the views can see, or "
+                             f"use --noise none")
         scale = {} if args.depth_scale is None else {"depth_scale": args.depth_scale}
         writer(seq, out, **scale)
         if gt is not None:
@@ -92,5 +94,5 @@ def cmd_synth_rgbd(args) -> int:
         (out / "synth.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     print(f"wrote {out}: {seq.summary()}, {args.layout} layout, {args.noise} depth noise"
           + (", ground-truth mesh gt_mesh.ply" if gt is not None else ""))
-    print(f"next: vqad fit-tsdf {out}")
+    print(f"next: vqad fit-tsdf {shlex.quote(str(out))}")
     return 0

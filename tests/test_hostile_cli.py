@@ -478,3 +478,40 @@ def test_a_path_the_file_system_refuses_is_one_line_naming_what_to_do(tmp_path, 
         assert main(argv + ["--threads", "1"]) == 2, argv
         err = _err(capsys)
         assert "File name too long; give a shorter path" in err and len(err.splitlines()) == 1 and len(err) < 300
+
+
+def test_file_api_mistakes_are_one_clear_error(tmp_path):
+    import io
+
+    import numpy as np
+    import pytest
+
+    import vqad
+    from vqad import fileformat
+    from vqad.errors import InputError
+    from vqad.sdf.extract import extract_mesh
+
+    model = _tiny_sdf_file(tmp_path)
+    field = vqad.load(model)
+    data = model.read_bytes()
+    with open(model, "r") as text_stream:
+        for source, needle in ((np.frombuffer(data, np.uint8), "an array's .tobytes()"),
+                               ([1, 2], "yields blocks of bytes, not int"),
+                               (text_stream, "text stream.*binary")):
+            with pytest.raises(InputError, match=needle):
+                vqad.load(source)
+            with pytest.raises(InputError, match=needle):
+                next(fileformat.iter_lods(source))
+    with pytest.raises(InputError, match="the first argument is the baked field to write, not a PosixPath"):
+        fileformat.save(tmp_path / "x.vqad", field)
+    with pytest.raises(InputError, match="entropy must be True or False, got 'no'"):
+        fileformat.save(field, tmp_path / "x.vqad", entropy="no")  # ("no" is truthy: it wrote a coded file)
+    with pytest.raises(InputError, match="dst is a path or a binary stream"):
+        fileformat.save(field, "")
+    text = tmp_path / "t.vqad"
+    with open(text, "w") as f, pytest.raises(InputError, match="open it in binary mode"):
+        fileformat.save(field, f)
+    assert text.read_bytes() == b""
+    with pytest.raises(InputError, match="meshes an SDF field .*, not a str"):
+        extract_mesh(str(model), 4)
+    assert fileformat.save(field, io.BytesIO()) == len(fileformat.to_bytes(field))

@@ -31,6 +31,7 @@ of the bytes actually received.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -286,11 +287,20 @@ def to_bytes(field, entropy: bool = False) -> bytes:
         field: a baked field (``field.bake(fp16=True)``), any kind (sdf, nerf, ...).
         entropy: range-code index and octree chunks where that makes them smaller (lossless).
     """
+    if not isinstance(entropy, bool):  # "no" is truthy: it coded the file
+        raise InputError(f"entropy must be True or False, got {entropy!r}")
     return b"".join(iter_chunks(field, entropy))
 
 
 def save(field, dst, entropy: bool = False) -> int:
     """Write the ``.vqad`` file of a baked field to a path (atomically) or a binary stream; returns its bytes."""
+    if isinstance(field, (str, Path)) or not hasattr(field, "grid"):
+        raise InputError(f"save(field, dst): the first argument is the baked field to write, not a "
+                         f"{type(field).__name__}; the path or binary stream comes second")
+    if isinstance(dst, io.TextIOBase):
+        raise InputError(f"cannot write a .vqad file to a text stream ({type(dst).__name__}): open it in binary mode ('wb')")
+    if not hasattr(dst, "write") and (not isinstance(dst, (str, Path)) or not str(dst).strip()):
+        raise InputError(f"save(field, dst): dst is a path or a binary stream, got {dst!r:.60}")
     data = to_bytes(field, entropy)
     if hasattr(dst, "write"):
         dst.write(data)
@@ -897,6 +907,9 @@ def _blocks(source, max_bytes: int | None = None, block: int = READ_BLOCK) -> It
         with f:
             yield from _blocks(f, max_bytes, block=max(block, 1 << 20))
         return
+    if isinstance(source, io.TextIOBase):
+        raise InputError(f"cannot read a .vqad stream from a text stream ({type(source).__name__}): open the file in "
+                         "binary mode ('rb'), or pass its path")
     if hasattr(source, "read"):
         while left > 0:
             data = source.read(int(min(block, left)))
@@ -907,8 +920,11 @@ def _blocks(source, max_bytes: int | None = None, block: int = READ_BLOCK) -> It
             left -= len(data)
             yield bytes(data)
         return
-    if isinstance(source, Iterable):
+    if isinstance(source, Iterable) and not isinstance(source, np.ndarray):
         for data in source:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise InputError(f"an iterable .vqad source yields blocks of bytes, not {type(data).__name__}: pass a "
+                                 "path, bytes or a binary file-like object")
             data = bytes(data)[: int(min(left, len(data)))]
             left -= len(data)
             if data:
@@ -917,7 +933,8 @@ def _blocks(source, max_bytes: int | None = None, block: int = READ_BLOCK) -> It
                 return
         return
     raise InputError(
-        f"cannot read a .vqad stream from a {type(source).__name__}: pass a path, bytes, a binary file-like object or an iterable of bytes"
+        f"cannot read a .vqad stream from a {type(source).__name__}: pass a path, bytes (an array's .tobytes()), a binary "
+        "file-like object or an iterable of bytes"
     )
 
 

@@ -99,6 +99,10 @@ def extract_mesh(field, lod: int | None = None, resolution: int = 256, world: bo
     """
     from skimage.measure import marching_cubes
 
+    if getattr(field, "kind", None) != "sdf":  # a radiance field, a TSDF, a path: say what this meshes
+        what = f"a {field.kind!r} field" if hasattr(field, "kind") else f"a {type(field).__name__}"
+        raise InputError(f"extract_mesh meshes an SDF field (vqad.load(path) of an SDF model), not {what}"
+                         + ("; a TSDF's mesh: vqad.tsdf.extract.extract_tsdf_mesh" if getattr(field, "kind", None) == "tsdf" else ""))
     if isinstance(resolution, bool) or not isinstance(resolution, int) or not MC_MIN <= resolution <= MC_MAX:
         raise InputError(f"resolution must be an integer in {MC_MIN}..{MC_MAX} (grid points per axis), got {resolution!r}")
     lod = field.grid.octree.max_level if lod is None else lod

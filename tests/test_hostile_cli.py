@@ -515,3 +515,5 @@ def test_file_api_mistakes_are_one_clear_error(tmp_path):
     with pytest.raises(InputError, match="meshes an SDF field .*, not a str"):
         extract_mesh(str(model), 4)
     assert fileformat.save(field, io.BytesIO()) == len(fileformat.to_bytes(field))
+    with pytest.raises(InputError, match="NaN or infinite coordinates"):  # (inf gave nan, nan gave nan, silently)
+        field(torch.tensor([[0.0, float("inf"), 0.0]]))

@@ -123,8 +123,9 @@ class NeuralField(nn.Module):
 
     def check_points(self, x, what: str = "x") -> torch.Tensor:
         """``x`` of a query from outside (``field(x, lod)``): ``(N, 3)`` unit-cube points as a float32 tensor on
-        the field's device (a NumPy array or nested list is converted, float64 cast). Anything else is an
-        :class:`InputError` that says what to pass."""
+        the field's device (a NumPy array or nested list is converted, float64 cast). Anything else, or a NaN
+        or infinite coordinate, is an :class:`InputError` that says what to pass. (Points outside the cube are
+        taken: the field is defined inside it, and outside it returns extrapolations, not distances.)"""
         if not isinstance(x, torch.Tensor):
             try:
                 x = torch.as_tensor(x, dtype=torch.float32)
@@ -137,6 +138,9 @@ class NeuralField(nn.Module):
             raise InputError(f"{what} must be floating-point coordinates in the unit cube, got {x.dtype}")
         if x.device != self.device:
             raise InputError(f"{what} is on {x.device}, the field on {self.device}: pass {what}.to(field.device)")
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            raise InputError(f"{what} holds NaN or infinite coordinates: the field is defined at points of the unit "
+                             "cube [-1, 1]^3 (outside it, values are extrapolations of the grid's edge)")
         return x if x.dtype == torch.float32 else x.float()
 
     def check_lod(self, lod) -> int:

@@ -517,3 +517,10 @@ def test_file_api_mistakes_are_one_clear_error(tmp_path):
     assert fileformat.save(field, io.BytesIO()) == len(fileformat.to_bytes(field))
     with pytest.raises(InputError, match="NaN or infinite coordinates"):  # (inf gave nan, nan gave nan, silently)
         field(torch.tensor([[0.0, float("inf"), 0.0]]))
+
+
+def test_demo_never_writes_among_other_files(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--threads", "1"]) == 2
+    assert "already holds other files (notes.txt) and no earlier vqad demo" in _err(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vqad.app.commands.common import ensure_writable_dir
+from vqad.app.commands.common import ensure_writable_dir, refuse_foreign_dir
 from vqad.atomicio import save_image, write_atomic
 from vqad.config import DecoderConfig, GridConfig
 from vqad.sdf.fit import SDFTrainConfig
@@ -86,7 +86,11 @@ def write_progressive_strip(field, out: Path) -> dict:
 
 def run_demo(out: Path, device: torch.device, quick: bool = False) -> dict:
     t0 = time.perf_counter()
+    # an earlier demo's folder, or a new or empty one: never among someone's files (--out / wrote /sdf)
+    refuse_foreign_dir(Path(out), ("summary.json", "sdf", "nerf"), f"--out {out}", "demo")
     out = ensure_writable_dir(out)
+    for part in ("sdf", "nerf"):  # both parts' folders, before a minute of the first part's work
+        ensure_writable_dir(out / part)
     results = {"sdf": run_sdf_demo(out / "sdf", device, quick)}
     from vqad.app.nerf_demo import run_nerf_demo
 

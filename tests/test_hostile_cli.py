@@ -524,3 +524,14 @@ def test_demo_never_writes_among_other_files(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--threads", "1"]) == 2
     assert "already holds other files (notes.txt) and no earlier vqad demo" in _err(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_info_names_what_it_was_given_instead_of_a_vqad_file(tmp_path, capsys):
+    (tmp_path / "fit" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "fit" / "checkpoint" / "config.json").write_text("{}")
+    for source, needle in (("http://127.0.0.1:1/x.vqad", "reads local .vqad files, not URLs: download "
+                                                         "http://127.0.0.1:1/x.vqad first"),
+                           (str(tmp_path / "fit"), "is a fit's folder: vqad info reads .vqad files (vqad export"),
+                           (str(tmp_path / "fit" / "checkpoint"), "is a checkpoint folder")):
+        assert main(["info", source]) == 2
+        assert needle in _err(capsys)

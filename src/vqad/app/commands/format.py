@@ -91,11 +91,17 @@ def _kb(n: float) -> str:
 def cmd_info(args) -> int:
     from vqad.fileformat import read_info
 
+    if "://" in str(args.model):  # (Path would fold the URL's // into one)
+        raise InputError(f"vqad info reads local .vqad files, not URLs: download {args.model} first (vqad view "
+                         "streams a URL)")
     path = Path(args.model)
     if path.is_dir():
-        ckpt = (path / "config.json").is_file() or (path / "checkpoint" / "config.json").is_file()
-        raise InputError(f"{path} is {'a checkpoint' if ckpt else 'a'} directory: vqad info reads .vqad files"
-                         + (" (vqad export writes one from a checkpoint)" if ckpt else ""))
+        ckpt = (path / "config.json").is_file()
+        fit = not ckpt and (path / "checkpoint" / "config.json").is_file()
+        what = "a checkpoint folder" if ckpt else "a fit's folder" if fit else "a folder"
+        raise InputError(f"{path} is {what}: vqad info reads .vqad files"
+                         + (f" (vqad export {path / 'checkpoint' if fit else path} -o model.vqad writes one)"
+                            if ckpt or fit else ""))
     info = read_info(path)
     for line in info_lines(info):
         print(line)

@@ -229,7 +229,7 @@ def test_more_hostile_commands_are_one_line_errors(tmp_path, capsys):
     assert main(["render", str(tmp_path / "sdf" / "checkpoint"), "--size", "100000", "-o", str(tmp_path / "r.png")]) == 2
     assert "--size must be 1..8192" in _err(capsys)
     assert main(["info", str(tmp_path)]) == 2
-    assert "is a directory: vqad info reads .vqad files" in _err(capsys)
+    assert "is a folder: vqad info reads .vqad files" in _err(capsys)
     job = tmp_path / "job.toml"
     job.write_text(f'assets = ["{mesh}"]\n')
     mine = tmp_path / "mine"

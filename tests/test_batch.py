@@ -344,6 +344,15 @@ def test_changed_evaluation_settings_keep_the_fit_and_evaluate_it_again(shapes, 
     from vqad.app.batch import EVAL_ARGS, fit_flags
 
     assert all(set(names) <= set(fit_flags(app)) for app, names in EVAL_ARGS.items())  # settings that exist
+    from vqad.app.batch import fit_fingerprint, resolve_settings
+
+    def fit_fp(**settings):
+        args, options, configs = resolve_settings("sdf", tuple(sorted(settings.items())))
+        return fit_fingerprint("sdf", ["x"], args, options, configs)
+
+    assert fit_fp(eval=True) == fit_fp(eval=False) == fit_fp(mc_resolution=24, chamfer_samples=5)
+    # under a time cap the evaluation's share is not the fit's: turning it on or off refits
+    assert fit_fp(minutes=2.0, eval=True) != fit_fp(minutes=2.0, eval=False)
     out = tmp_path / "out"
     assets = [{"path": str(shapes / "box.ply"), "bits": 2}]
     job = write_job(tmp_path / "job.json", assets, shapes)

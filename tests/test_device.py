@@ -178,7 +178,7 @@ def test_radiance_field_built_on_cpu_trains_renders_and_decodes_on_cuda(tmp_path
 # -- devices vqad cannot use, and the Python fit calls' arguments -----------------------------------------------
 @pytest.mark.parametrize("device, message", [
     ("mps", "vqad runs on cpu or cuda[:N], not mps"), ("meta", "not meta"), (torch.device("meta"), "not meta"),
-    ("xpu:0", "not xpu"), ("gpu", "unknown device 'gpu'"), (3, "not a int"), (["cpu"], "not a list"),
+    ("xpu:0", "not xpu"), ("gpu", "unknown device 'gpu'"), (3, "got int 3"), (["cpu"], "got list"),
 ])
 def test_devices_vqad_cannot_use_are_one_clear_error(device, message):
     from vqad.device import resolve_device

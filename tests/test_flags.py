@@ -482,9 +482,23 @@ def test_resume_from_a_truncated_checkpoint_file_is_one_line(tmp_path, capsys, m
     assert f"cannot read {f}" in err and "the checkpoint is damaged" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("value,expected", [(12.5, 12.5), (0, 0.0), (None, 0.0), ("12", 0.0), (True, 0.0), (-3.0, 0.0),
-                                            (float("inf"), 0.0), (float("nan"), 0.0), ([1], 0.0)])
+@pytest.mark.parametrize("value,expected", [(12.5, 12.5), (0, 0.0), (None, None), ("12", None), (True, None),
+                                            (-3.0, None), (float("inf"), None), (float("nan"), None), ([1], None)])
 def test_a_checkpoints_training_time_is_read_only_when_it_is_a_time(value, expected):
     from vqad.fit import earlier_train_seconds
     assert earlier_train_seconds({"train_seconds": value}) == expected
-    assert earlier_train_seconds(None) == 0.0 and earlier_train_seconds({}) == 0.0
+    # a fresh fit has none before it; a checkpoint from before the time was recorded: not known (not 0)
+    assert earlier_train_seconds(None) == 0.0 and earlier_train_seconds({}) is None
+
+
+def test_a_resumed_checkpoint_that_never_recorded_its_time_reports_the_whole_fits_as_unknown(tmp_path, capsys, mesh):
+    out = tmp_path / "run"
+    assert main(["fit-sdf", str(mesh), "--steps", "3", "--refine", "0", "--out", str(out)] + TINY) == 0
+    cfg_path = out / "checkpoint" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["train_seconds"]  # as written before it was
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["fit-sdf", str(mesh), "--steps", "5", "--out", str(out), "--resume", "--quiet", "--no-eval"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["fit_seconds"] is None and m["fit_seconds_this_run"] > 0
+    assert json.loads(cfg_path.read_text())["train_seconds"] is None  # stays unknown, not this run's alone

@@ -458,7 +458,7 @@ def test_outputs_write_through_symlinks_and_never_replace_devices_or_pipes(tmp_p
     fifo = tmp_path / "pipe.vqad"
     os.mkfifo(fifo)
     assert main(["export", ckpt, "-o", str(fifo), "--threads", "1"]) == 2
-    assert "not a regular file" in _err(capsys) and stat.S_ISFIFO(os.lstat(fifo).st_mode)  # it replaced the pipe
+    assert "not a regular file" in _err(capsys) and stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still a pipe (it was replaced)
     with pytest.raises(InputError, match="not a regular file"):
         write_atomic(fifo, b"x")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)

@@ -673,6 +673,7 @@ def test_views_whose_image_names_collide_get_renders_of_their_own():
 
     assert view_stems(Views(["a/001.png", "b/001.png", "c/002.jpg"], 3)) == ["000_001", "001_001", "002"]
     assert view_stems(Views(["x.png", ""], 3)) == ["x", "001", "002"]
+    assert view_stems(Views(["a/IMG.png", "b/img.png"], 2)) == ["000_IMG", "001_img"]
 
 
 def test_resume_continues_from_checkpoint(scene, tmp_path):

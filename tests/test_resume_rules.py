@@ -61,7 +61,7 @@ def test_an_interrupted_re_evaluation_keeps_the_last_result(meshes, tmp_path, mo
     assert main(["fit-sdf", str(a), "--out", str(out), "--resume", "--threads", "1"]) == 130
     assert (out / "metrics.json").read_text() == before
     err = capsys.readouterr().err
-    assert "interrupted during the evaluation: the fit is complete" in err and "--resume evaluates it" in err
+    assert "interrupted during the evaluation: the fit is saved in" in err and "--resume evaluates it again" in err
     monkeypatch.setattr(sdf_cmd, "evaluate_sdf", lambda *a, **k: {"4": {"chamfer_l1": 0.02}})
     assert main(["fit-sdf", str(a), "--out", str(out), "--resume", "--threads", "1"]) == 0
     m = json.loads((out / "metrics.json").read_text())

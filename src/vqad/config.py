@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields
+
+import numpy as np
 
 from vqad.errors import InputError
 from vqad.octree import check_levels
@@ -96,29 +99,31 @@ def to_dict(obj) -> dict:
     return asdict(obj)
 
 
-_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_TYPES = {"int": numbers.Integral, "float": numbers.Real, "bool": (bool, np.bool_), "str": str}
 _NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+_AS = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 def check_types(cfg, what: str | None = None) -> None:
     """Refuse a config field whose value is not of its declared type (``int``, ``float``, ``bool``, ``str``,
     each optionally ``| None``): a ``True`` for a step count, ``2.5`` steps or ``"0.01"`` for a rate would
-    otherwise fail deep inside PyTorch, or run (``steps=True`` ran one step). Ranges (a NaN, an infinity)
-    and other annotations are left to the config's own checks, which name the flag."""
+    otherwise fail deep inside PyTorch, or run (``steps=True`` ran one step). NumPy numbers are taken and
+    stored as Python's (``np.int64(8)`` from an ``np.arange`` of settings). Ranges (a NaN, an infinity) and
+    other annotations are left to the config's own checks, which name the flag."""
     what = what or type(cfg).__name__
     for f in fields(cfg):
-        hint = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        parts = [p.strip() for p in str(hint).split("|")]
+        parts = [p.strip() for p in str(f.type).split("|")]
         optional = "None" in parts
         kinds = [p for p in parts if p != "None"]
         if len(kinds) != 1 or kinds[0] not in _TYPES:
             continue
-        value = getattr(cfg, f.name)
+        kind, value = kinds[0], getattr(cfg, f.name)
         if value is None and optional:
             continue
-        ok = isinstance(value, _TYPES[kinds[0]]) and (kinds[0] == "bool" or not isinstance(value, bool))
-        if not ok:
-            raise InputError(f"{what}.{f.name} must be {_NAMES[kinds[0]]}{' or None' if optional else ''}, got {value!r}")
+        if not isinstance(value, _TYPES[kind]) or (kind != "bool" and isinstance(value, (bool, np.bool_))):
+            raise InputError(f"{what}.{f.name} must be {_NAMES[kind]}{' or None' if optional else ''}, got {value!r}")
+        if type(value) is not _AS[kind]:
+            setattr(cfg, f.name, _AS[kind](value))
 
 
 def from_dict(cls, data: dict):

@@ -31,9 +31,9 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         except RuntimeError as exc:
             raise InputError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
     else:
-        raise InputError(f"a device is 'auto', 'cpu', 'cuda[:N]' or a torch.device, not a {type(name).__name__}")
+        raise InputError(f"a device is 'auto', 'cpu', 'cuda[:N]' or a torch.device, got {type(name).__name__} {name!r:.40}")
     if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"device {str(name)!r}: vqad runs on cpu or cuda[:N], not {dev.type}; use --device cpu")
+        raise InputError(f"device {str(name)!r}: vqad runs on cpu or cuda[:N], not {dev.type}; use cpu (--device cpu)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {str(name)!r} asked for, but PyTorch sees no CUDA GPU: use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -294,12 +294,12 @@ def to_bytes(field, entropy: bool = False) -> bytes:
 
 def save(field, dst, entropy: bool = False) -> int:
     """Write the ``.vqad`` file of a baked field to a path (atomically) or a binary stream; returns its bytes."""
-    if isinstance(field, (str, Path)) or not hasattr(field, "grid"):
+    if isinstance(field, (str, os.PathLike)) or not hasattr(field, "grid"):
         raise InputError(f"save(field, dst): the first argument is the baked field to write, not a "
                          f"{type(field).__name__}; the path or binary stream comes second")
     if isinstance(dst, io.TextIOBase):
         raise InputError(f"cannot write a .vqad file to a text stream ({type(dst).__name__}): open it in binary mode ('wb')")
-    if not hasattr(dst, "write") and (not isinstance(dst, (str, Path)) or not str(dst).strip()):
+    if not hasattr(dst, "write") and (not isinstance(dst, (str, os.PathLike)) or not str(os.fspath(dst)).strip()):
         raise InputError(f"save(field, dst): dst is a path or a binary stream, got {dst!r:.60}")
     data = to_bytes(field, entropy)
     if hasattr(dst, "write"):

@@ -321,7 +321,7 @@ class LoopResult:
     skipped_steps: int  # not applied: non-finite loss or gradient
     empty_steps: int  # not applied: the batch had no sample
     notes: list[str] = dfield(default_factory=list)  # what the time cap cut (sweeps skipped, too few steps)
-    earlier_seconds: float = 0.0  # the same time in the runs this one resumed (0 for a fresh fit)
+    earlier_seconds: float | None = 0.0  # the same time in the runs this one resumed (0: a fresh fit; None: not known)
 
 
 def resumed_sweeps(resume_cfg: dict) -> int:
@@ -346,13 +346,15 @@ def check_fit_call(fit: str, data, data_type: type, how: str, configs: dict, dev
     return resolve_device(device)
 
 
-def earlier_train_seconds(resume_cfg: dict | None) -> float:
-    """The training time of the runs before a resumed one, as its checkpoint records it (``train_seconds``;
-    0 for a fresh fit or a checkpoint written before it was recorded). Read from a file: anything but a finite
-    non-negative number counts as 0."""
-    was = resume_cfg.get("train_seconds") if resume_cfg is not None else None
+def earlier_train_seconds(resume_cfg: dict | None) -> float | None:
+    """The training time of the runs before a resumed one, as its checkpoint records it (``train_seconds``):
+    0 for a fresh fit, None where it is not known (a checkpoint written before it was recorded; read from a
+    file: anything but a finite non-negative number counts as not known)."""
+    if resume_cfg is None:
+        return 0.0
+    was = resume_cfg.get("train_seconds")
     ok = isinstance(was, (int, float)) and not isinstance(was, bool) and 0 <= was < math.inf
-    return float(was) if ok else 0.0
+    return float(was) if ok else None
 
 
 class DivergenceGuard:
@@ -651,8 +653,9 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
 
     def save(step_done: int, after_training_pending: bool = False, time_capped: bool = False) -> None:
         if ckpt_dir is not None:
-            extra = {"step": step_done, "train": asdict(cfg), "history": history,
-                     "train_seconds": earlier + time.perf_counter() - t0, **task.checkpoint_extra()}
+            extra = {"step": step_done, "train": asdict(cfg), "history": history,  # (train_seconds: None, not known)
+                     "train_seconds": None if earlier is None else earlier + time.perf_counter() - t0,
+                     **task.checkpoint_extra()}
             if after_training_pending:
                 extra.update(after_training="pending", step_seconds=task.step_seconds, sweeps_done=task.sweeps_done)
             if time_capped:  # finished as asked, by its time cap (vqad export tells it from an interrupted fit)
@@ -749,7 +752,8 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
             save(it, after_training_pending=True)  # every training step is in it (a stopped sweep leaves valid indices)
             if ckpt_dir is not None and not quiet:
                 _say_stopped(exc, f"after step {it}, in the work after training: checkpoint saved to {ckpt_dir}; "
-                                  f"--resume runs what is left of it ({task.sweeps_done} index sweeps were done)")
+                                  "--resume runs what is left of it"
+                                  + (f" ({task.sweeps_done} index sweeps were done)" if task.sweeps_done else ""))
             raise
     items_per_second = prog.items_per_second  # over the whole call, sweeps after training included
     save(it, time_capped=timed_out)

@@ -338,23 +338,25 @@ def _config_text(cfg):
     return f"{type(cfg).__qualname__}(" + ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in shown) + ")"
 
 
+def _hash(application: str, stamp: list, args: dict, configs: list, drop: tuple[str, ...], **more) -> str:
+    payload = {"batch": BATCH_FORMAT, "application": application, "input": stamp,
+               "args": {k: v for k, v in args.items() if k not in CADENCE_SETTINGS and k not in drop},
+               "configs": [_config_text(c) for c in configs], **more}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 def fingerprint(application: str, stamp: list, args: dict, options: AssetOptions, configs: list) -> str:
     """A hash of everything an asset's result depends on (not threads, device or checkpoint cadence)."""
-    payload = {"batch": BATCH_FORMAT, "application": application, "input": stamp, "options": asdict(options),
-               "args": {k: v for k, v in args.items() if k not in CADENCE_SETTINGS},
-               "configs": [_config_text(c) for c in configs]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return _hash(application, stamp, args, configs, (), options=asdict(options))
 
 
 def fit_fingerprint(application: str, stamp: list, args: dict, options: AssetOptions, configs: list) -> str:
     """A hash of what an asset's fit depends on: :func:`fingerprint` less the export and evaluation settings
     (:data:`EVAL_ARGS`, the options), so that changing only those evaluates the kept fit again. Whether it is
     evaluated counts under a time cap: the evaluation's share of ``minutes`` is not the fit's."""
-    fit_args = {k: v for k, v in args.items() if k not in CADENCE_SETTINGS and k not in EVAL_ARGS[application]}
-    payload = {"batch": BATCH_FORMAT, "application": application, "input": stamp, "args": fit_args,
-               "configs": [_config_text(c) for c in configs], "fit": True,
-               **({"eval": options.eval} if args.get("minutes") is not None else {})}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    capped = args.get("max_minutes") is not None  # (the dest of the fit commands' --minutes)
+    return _hash(application, stamp, args, configs, EVAL_ARGS[application], fit=True,
+                 **({"eval": options.eval} if capped else {}))
 
 
 def _procedural_names() -> tuple[str, ...]:
@@ -798,7 +800,9 @@ def _process_asset(spec: AssetSpec, ctx: WorkerContext, d: Path, rec: dict) -> d
         print(f"continuing the fit from its checkpoint at step {resumed_from}")
     summary, field, evaluate, fit_started, device = FITS[spec.application](spec, ctx, d, resumed_from is not None)
     rec.update(fit_started_at=fit_started, resumed_from=resumed_from)
-    print(f"fit: {summary['steps']} steps in {summary['fit_seconds']:.1f} s")
+    seconds = summary["fit_seconds"] if summary["fit_seconds"] is not None else summary["fit_seconds_this_run"]
+    print(f"fit: {summary['steps']} steps in {seconds:.1f} s" + ("" if summary["fit_seconds"] is not None else
+                                                                   " (this run's; the earlier runs' is not recorded)"))
     for line in field.size_lines():
         print(line)
     field.bake(fp16=True)  # what is evaluated is what is stored
@@ -1083,8 +1087,7 @@ def plan(job: Job) -> Plan:
         elif rec is None:
             p.reasons[spec.key] = "new"
         elif rec.get("fingerprint") != spec.fingerprint:
-            kept = (rec.get("status") == "done" and folder == rec.get("fingerprint")  # the record's fit is the folder's
-                    and keeps_fit(_read_json(job.out / spec.key / "settings.json") or {}, spec, job.out / spec.key))
+            kept = keeps_fit(_read_json(job.out / spec.key / "settings.json") or {}, spec, job.out / spec.key)  # as _claim
             p.reasons[spec.key] = (f"{'only export or evaluation ' if kept else ''}settings changed "
                                    f"({_changed(rec.get('settings') or {}, spec.settings)})"
                                    + ("; its fit is kept, only evaluated again" if kept else ""))

@@ -97,8 +97,8 @@ def _run(args) -> int:
         return 1
     except OSError as exc:  # the file system said no where no check of ours did: one line, not a traceback
         hint = _OS_HINTS.get(exc.errno)
-        if hint is None:
-            raise  # not the user's environment: a bug's traceback
+        if hint is None or (exc.errno in _PATH_ERRNOS and not exc.filename):
+            raise  # not the user's environment (or not about a path): a bug's traceback
         name = str(exc.filename) if exc.filename else ""
         where = f" {name if len(name) <= 120 else name[:60] + '...' + name[-57:]}" if name else ""
         print(f"vqad: error: cannot use{where}: {exc.strerror or exc}; {hint}", file=sys.stderr)
@@ -118,7 +118,7 @@ def _run(args) -> int:
 
 #: file-system errors a command's paths or machine cause, with what to do (others keep their traceback)
 _OS_HINTS = {
-    errno.ENAMETOOLONG: "give a shorter path (a file or folder name is at most 255 bytes)",
+    errno.ENAMETOOLONG: "give a shorter path (a file or folder name over 255 bytes, or a path too long)",
     errno.ENOSPC: "free some disk space, or write elsewhere",
     errno.EDQUOT: "your disk quota is full: free some space, or write elsewhere",
     errno.EACCES: "check the path's permissions, or write elsewhere",
@@ -127,6 +127,10 @@ _OS_HINTS = {
     errno.ELOOP: "the path holds a loop of symbolic links",
     errno.ENOTDIR: "a part of the path is a file, not a folder",
 }
+
+
+#: ... of which those that are the user's only when they name a path (EPERM also comes from signals, sockets, ...)
+_PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vqad.errors import InputError
@@ -139,6 +140,13 @@ def require_training_pixels(views: Views) -> None:
 
 #: the largest ``--downscale`` (and a stored record's): a 1024× smaller 100-megapixel photo is already 12×8 pixels
 MAX_DOWNSCALE = 1024
+
+def check_downscale(downscale) -> int:
+    """``--downscale`` as an integer in 1..:data:`MAX_DOWNSCALE` (NumPy integers taken), else an :class:`InputError`."""
+    if isinstance(downscale, bool) or not isinstance(downscale, (int, np.integer)) or not 1 <= downscale <= MAX_DOWNSCALE:
+        raise InputError(f"--downscale must be an integer in 1..{MAX_DOWNSCALE}, not {downscale!r}")
+    return int(downscale)
+
 
 #: the keys of a stored dataset record (:func:`dataset_info`) and the types each may hold
 DATASET_INFO_TYPES = {"name": str, "format": str, "source": str, "downscale": int, "background": list,

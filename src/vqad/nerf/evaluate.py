@@ -107,15 +107,17 @@ RENDER_SUFFIXES = ("", "_depth", "_opacity")  # the PNGs of one view: colour, de
 
 def view_stems(views) -> list[str]:
     """The file stem of each view's renders: its image's stem, or its index where it has no name; views whose
-    stems collide (``a/001.png``, ``b/001.png``) get their index in front, so no render overwrites another's."""
+    stems collide (``a/001.png``, ``b/001.png``; ``IMG`` and ``img`` too) get their index in front, so no render
+    overwrites another's."""
     stems = [(Path(str(views.names[i])).stem if i < len(views.names) else "") or f"{i:03d}" for i in range(len(views))]
-    seen = Counter(stems)
-    return [f"{i:03d}_{s}" if seen[s] > 1 else s for i, s in enumerate(stems)]
+    seen = Counter(s.casefold() for s in stems)  # IMG and img are one file on macOS and Windows
+    return [f"{i:03d}_{s}" if seen[s.casefold()] > 1 else s for i, s in enumerate(stems)]
 
 
 def clear_stale_renders(folder: Path, stems: list[str]) -> None:
     """Remove the renders an earlier run left in ``folder`` for any of these views (and nothing else), so a run
-    stopped part-way (Ctrl-C, a time cap, fewer --max-views) never leaves another model's renders beside its own."""
+    of the same views stopped part-way (Ctrl-C, a time cap, fewer --max-views) leaves no other model's renders of
+    them beside its own (renders of other views, another capture's, are left as they are)."""
     for stem in stems:
         for suffix in RENDER_SUFFIXES:
             p = folder / f"{stem}{suffix}.png"

@@ -62,7 +62,7 @@ class NeRFFitResult:
     recode: RecodeStats | None = None  # the unreachable indices recoded after training (vqad.nerf.recode)
     steps_done: int = 0  # steps run by this call (``steps`` counts from 0, across --resume)
     after_training_resumed: bool = False  # no step left: only the work after training an interrupt stopped ran
-    earlier_seconds: float = 0.0  # training time of the runs this one resumed (``seconds`` is this call's)
+    earlier_seconds: float | None = 0.0  # training time of the runs this one resumed (None: not known; ``seconds`` is this call's)
     appearance: ViewAppearance | None = None  # the training views' colour transforms (train_cfg.appearance)
 
 

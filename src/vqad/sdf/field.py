@@ -37,6 +37,12 @@ class SDFField(NeuralField):
     def forward(self, x: torch.Tensor, lod: int | None = None) -> torch.Tensor:
         """Signed distances ``(N,)`` at unit-cube points ``x (N, 3)``, at ``lod`` (default: the finest)."""
         x, lod = self.check_points(x), self.check_lod(lod)
+        return self.query(x, lod)
+
+    def query(self, x: torch.Tensor, lod: int) -> torch.Tensor:
+        """:meth:`forward` without its checks, for the library's own loops (sphere tracing evaluates the field
+        dozens of times a frame; each check of ``x`` would sync a GPU): ``x (N, 3)`` float32 unit-cube points on
+        the field's device, ``lod`` one of :attr:`lods`. Returns ``(N,)``."""
         return self._decode(x, self.grid.features(x, lod), lod)
 
     def all_lods(self, x: torch.Tensor, lods: list[int] | None = None) -> torch.Tensor:

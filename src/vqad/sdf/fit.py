@@ -107,7 +107,7 @@ class FitResult:
     refine_seconds: float = 0.0  # time in Gauss–Newton index sweeps (included in ``seconds``)
     steps_done: int = 0  # steps run by this call (``steps`` counts from 0, across --resume)
     after_training_resumed: bool = False  # no step left: only the work after training an interrupt stopped ran
-    earlier_seconds: float = 0.0  # training time of the runs this one resumed (``seconds`` is this call's)
+    earlier_seconds: float | None = 0.0  # training time of the runs this one resumed (None: not known; ``seconds`` is this call's)
     history: list = dfield(default_factory=list)
     skipped_steps: int = 0  # steps not applied because their loss or a gradient was not finite
     train_cfg: SDFTrainConfig | None = None  # the configuration that ran (lr resolved; on resume, the checkpoint's)

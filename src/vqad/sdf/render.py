@@ -240,10 +240,10 @@ def render_sdf(field, lod: int | None = None, camera: OrbitCamera | None = None,
     camera = camera or OrbitCamera()
     octree = field.grid.octree
     device = octree.device
-    lod = octree.max_level if lod is None else lod
+    lod = field.check_lod(lod)
 
-    def fn(x):
-        return field(x, lod)
+    def fn(x):  # (the rays' points: float32 on the device, in the cube; checked once, not at every step)
+        return field.query(x, lod)
 
     o, d = camera.rays(device)
     hit, t, dist = sphere_trace(fn, o, d, octree=octree if accelerate else None, level=lod, stats=stats)

@@ -150,7 +150,7 @@ class FitResult:
     refine_seconds: float = 0.0
     steps_done: int = 0
     after_training_resumed: bool = False  # no step left: only the work after training an interrupt stopped ran
-    earlier_seconds: float = 0.0  # training time of the runs this one resumed (``seconds`` is this call's)
+    earlier_seconds: float | None = 0.0  # training time of the runs this one resumed (None: not known; ``seconds`` is this call's)
     history: list = dfield(default_factory=list)
     skipped_steps: int = 0
     train_cfg: TSDFTrainConfig | None = None

@@ -98,14 +98,18 @@ def fresh_output_dir(path: str | Path, what: str, hint: str = ""):
 
 
 @contextmanager
-def evaluating(out: Path):
-    """A fit's evaluation, after its final checkpoint: stopped there (Ctrl-C, SIGTERM), it says that the fit
-    itself is complete and saved, and that the same command with ``--resume`` evaluates it without training."""
+def evaluating(out: Path, res):
+    """A fit's evaluation, after its final checkpoint (``res``: the fit's result): stopped there (Ctrl-C,
+    SIGTERM), it says what the checkpoint holds and what the same command with ``--resume`` does: evaluate a
+    fit that ran every step without training it, or continue one its time cap stopped, then evaluate."""
     try:
         yield
     except KeyboardInterrupt:
-        print(f"\ninterrupted during the evaluation: the fit is complete in {out}/checkpoint; the same command with "
-              "--resume evaluates it again (nothing is trained again)", file=sys.stderr, flush=True)
+        asked = res.train_cfg.steps
+        then = ("evaluates it again (nothing is trained again)" if res.steps >= asked else
+                f"continues its training ({res.steps} of {asked} steps done), then evaluates it")
+        print(f"\ninterrupted during the evaluation: the fit is saved in {out}/checkpoint; the same command with "
+              f"--resume {then}", file=sys.stderr, flush=True)
         raise
 
 
@@ -196,9 +200,7 @@ def ensure_writable_file(path: str | Path, suffixes: tuple[str, ...] | None = No
         raise InputError(f"{what} {path}: unsupported file type {path.suffix or '(none)'!r}; use one of "
                          f"{', '.join(suffixes)}")
     ensure_writable_dir(path.parent if str(path.parent) else Path("."))
-    if path.exists() and path.is_dir():
-        raise InputError(f"output path is a directory, expected a file: {path}")
-    write_target(path, what)  # not a device, a pipe or a socket (before the work, not at its end)
+    write_target(path, what)  # not a folder, a device, a pipe or a socket (before the work, not at its end)
     return path
 
 
@@ -239,11 +241,13 @@ def steps_text(res) -> str:
 
 
 def fit_seconds(res) -> dict:
-    """A fit's training time for its metrics: ``fit_seconds`` is the whole fit's, across every --resume, and a
-    resumed call adds its own as ``fit_seconds_this_run`` (the rates beside them are this call's)."""
+    """A fit's training time for its metrics: ``fit_seconds`` is the whole fit's, across every --resume (None
+    when a checkpoint from before it was recorded was resumed), and a resumed call adds its own as
+    ``fit_seconds_this_run`` (the rates beside them are this call's)."""
     if res.steps_done == res.steps and not res.after_training_resumed:
         return {"fit_seconds": res.seconds}
-    return {"fit_seconds": res.earlier_seconds + res.seconds, "fit_seconds_this_run": res.seconds}
+    total = None if res.earlier_seconds is None else res.earlier_seconds + res.seconds
+    return {"fit_seconds": total, "fit_seconds_this_run": res.seconds}
 
 
 def run_rate(res, value: float) -> float | None:
@@ -255,7 +259,7 @@ def run_rate(res, value: float) -> float | None:
 def seconds_text(res) -> str:
     """This call's training time for the summary line, with the whole fit's after a --resume."""
     total = fit_seconds(res)["fit_seconds"]
-    return f"{res.seconds:.1f} s" + (f" ({total:.1f} s in all)" if total != res.seconds else "")
+    return f"{res.seconds:.1f} s" + (f" ({total:.1f} s in all)" if total is not None and total != res.seconds else "")
 
 
 def report_notes(notes: list[str]) -> None:

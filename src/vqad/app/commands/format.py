@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from vqad.errors import InputError
@@ -100,7 +101,7 @@ def cmd_info(args) -> int:
         fit = not ckpt and (path / "checkpoint" / "config.json").is_file()
         what = "a checkpoint folder" if ckpt else "a fit's folder" if fit else "a folder"
         raise InputError(f"{path} is {what}: vqad info reads .vqad files"
-                         + (f" (vqad export {path / 'checkpoint' if fit else path} -o model.vqad writes one)"
+                         + (f" (vqad export {shlex.quote(str(path / 'checkpoint' if fit else path))} -o model.vqad writes one)"
                             if ckpt or fit else ""))
     info = read_info(path)
     for line in info_lines(info):

@@ -271,14 +271,13 @@ def _configs(args, saved: dict | None = None):
     from dataclasses import replace
 
     from vqad.config import DecoderConfig, GridConfig
-    from vqad.nerf.data import MAX_DOWNSCALE
+    from vqad.nerf.data import check_downscale
     from vqad.nerf.fit import NERF_DECODER, NERF_FIELD, NERF_GRID
     from vqad.nerf.field import NeRFConfig
     from vqad.nerf.task import NeRFTrainConfig
 
     grid = grid_config(args, config_from(GridConfig, saved and saved["grid"], NERF_GRID))
-    if not 1 <= args.downscale <= MAX_DOWNSCALE:
-        raise InputError(f"--downscale must be an integer in 1..{MAX_DOWNSCALE}, not {args.downscale}")
+    check_downscale(args.downscale)  # (before anything is read: batch checks a whole job this way)
     over = train_overrides(args, NERF_TRAIN_FLAGS, INDEX_FLAGS, grid.storage)
     over.update(checkpoint_overrides(args))
     refuse(args.octree_from is not None and any(getattr(args, n) is not None for n in OCTREE_FLAGS if n != "octree_from"),
@@ -451,7 +450,7 @@ def cmd_fit_nerf(args) -> int:
     summary = fit_nerf_summary(res)
     if not args.no_eval:
         t0 = time.perf_counter()
-        with evaluating(out):
+        with evaluating(out, res):
             lods = evaluate_nerf(field, dataset, args.eval_views, out_dir=out, max_views=args.eval_max_views,
                                  sampler=res.sampler, quiet=args.quiet, deadline=deadline,
                                  **appearance_scoring(res.appearance is not None, args.eval_views, res.appearance))

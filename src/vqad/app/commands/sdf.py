@@ -194,7 +194,7 @@ def cmd_fit_sdf(args) -> int:
         print(line)
     summary = fit_sdf_summary(args.mesh, res)
     if not args.no_eval:
-        with evaluating(out):
+        with evaluating(out, res):
             summary["lods"] = evaluate_sdf(field, mesh, out, args.mc_resolution or MC_RESOLUTION, device,
                                            deadline=deadline)
     summary["job_seconds"] = deadline.elapsed()

@@ -255,7 +255,7 @@ def cmd_fit_tsdf(args) -> int:
         "lod_ratio": {str(k): baseline / v for k, v in prefix.items()}, "history": res.history,
     }
     if not args.no_eval:
-        with evaluating(out):
+        with evaluating(out, res):
             fmesh = fused.mesh()
             save_mesh(fmesh, out / "fusion_mesh.ply")
             if gt is not None:

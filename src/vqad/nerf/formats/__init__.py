@@ -105,10 +105,8 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-import numpy as np
-
 from vqad.errors import InputError
-from vqad.nerf.data import MAX_DOWNSCALE, SceneDataset
+from vqad.nerf.data import SceneDataset, check_downscale
 from vqad.nerf.formats.blender import read_blender
 from vqad.nerf.formats.colmap import read_colmap
 from vqad.nerf.formats.common import _limit
@@ -155,8 +153,7 @@ def detect_format(path) -> str:
 
 
 def _check_args(downscale, background) -> tuple[int, tuple[float, float, float]]:
-    if isinstance(downscale, bool) or not isinstance(downscale, (int, np.integer)) or not 1 <= downscale <= MAX_DOWNSCALE:
-        raise InputError(f"--downscale must be an integer in 1..{MAX_DOWNSCALE}, not {downscale!r}")
+    downscale = check_downscale(downscale)
     try:
         bg = tuple(float(c) for c in background)
     except (TypeError, ValueError):

@@ -535,3 +535,24 @@ def test_info_names_what_it_was_given_instead_of_a_vqad_file(tmp_path, capsys):
                            (str(tmp_path / "fit" / "checkpoint"), "is a checkpoint folder")):
         assert main(["info", source]) == 2
         assert needle in _err(capsys)
+
+
+def test_info_on_a_damaged_file_lists_the_intact_lods_then_fails(tmp_path, capsys):
+    from vqad.fileformat import lod_prefix_sizes, read_info
+
+    model = _tiny_sdf_file(tmp_path)
+    data = bytearray(model.read_bytes())
+    sizes = lod_prefix_sizes(bytes(data))
+    data[(sizes[3] + sizes[4]) // 2] ^= 0xFF  # inside the finest LOD's chunks
+    (tmp_path / "d.vqad").write_bytes(bytes(data))
+    info = read_info(tmp_path / "d.vqad")
+    assert [lv.level for lv in info.levels] == [3] and "CRC mismatch" in info.damage and not info.complete
+    assert main(["info", str(tmp_path / "d.vqad")]) == 2
+    out, err = capsys.readouterr()
+    assert "DAMAGED: LODs up to 3 are intact" in out and "vqad: error: CRC mismatch" in err
+    data = bytearray(model.read_bytes())
+    data[100] ^= 0xFF  # the header: nothing is intact, one line as before
+    (tmp_path / "h.vqad").write_bytes(bytes(data))
+    assert main(["info", str(tmp_path / "h.vqad")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "CRC mismatch in chunk 'header'" in err

@@ -1073,6 +1073,7 @@ class FileInfo:
     complete: bool
     received_bytes: int | None = None  # the stream's length: more than total_bytes when it is cut inside a chunk
     cut: str = ""  # where an incomplete stream ends (StreamDecoder.where)
+    damage: str = ""  # the damaged chunk that ended the account (the LODs before it are intact), if any
 
     @property
     def framing_bytes(self) -> int:
@@ -1097,10 +1098,17 @@ def _model_length(dec: StreamDecoder, level: int, rec: ChunkRecord, payload: byt
 
 
 def read_info(source, max_memory: int | None = None) -> FileInfo:
-    """Decode a whole stream (validating every chunk) and account for its bytes."""
-    dec = StreamDecoder()
-    for dec, _ in _decode(source, None, None, max_memory=max_memory):
-        pass
+    """Decode a whole stream (validating every chunk) and account for its bytes. A damaged chunk after a complete
+    LOD ends the account there, as a cut would (``damage`` says what is wrong); before one it raises."""
+    dec = StreamDecoder(max_memory=max_memory)
+    damage = ""
+    try:
+        for _ in _decode(source, None, None, max_memory=max_memory, dec=dec):
+            pass
+    except CorruptStreamError as exc:
+        if not dec.prefix_sizes:
+            raise
+        damage = str(exc)
     if not dec.prefix_sizes:
         raise dec.truncation_error()
     field = dec.field()  # builds (and so validates) every complete level
@@ -1136,7 +1144,8 @@ def read_info(source, max_memory: int | None = None) -> FileInfo:
     return FileInfo(
         total_bytes=end, config=dec.cfg, chunks=chunks, levels=levels, header_bytes=head.length,
         decoder_bytes=deco.length, decoder_params=sum(int(np.prod(s)) for s in dec._decoder_shapes.values()),
-        complete=dec.finished, received_bytes=dec.bytes_received, cut="" if dec.finished else dec.where(),
+        complete=dec.finished, received_bytes=dec.bytes_received, cut="" if dec.finished or damage else dec.where(),
+        damage=damage,
     )
 
 

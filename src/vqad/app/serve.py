@@ -430,7 +430,7 @@ class InfoCache:
             log.exception("vqad serve: reading %s failed", real)
             entry["error"] = f"internal error reading the file (a bug in vqad, please report it): {exc!r}"
         else:
-            entry.update(kind=info.config.get("kind"), complete=info.complete,
+            entry.update(kind=info.config.get("kind"), complete=info.complete, error=info.damage or None,  # (intact LODs listed)
                          lods=[{"lod": lv.level, "prefix_bytes": lv.prefix_bytes} for lv in info.levels])
         with self._lock:
             self._cache[rel] = (key, entry)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from vqad.errors import InputError
+from vqad.errors import CorruptStreamError, InputError
 from vqad.app.commands.common import path_arg, ensure_writable_file
 
 
@@ -106,6 +106,8 @@ def cmd_info(args) -> int:
     info = read_info(path)
     for line in info_lines(info):
         print(line)
+    if info.damage:  # the intact LODs are listed above; the file is still broken
+        raise CorruptStreamError(info.damage)
     return 0
 
 
@@ -119,7 +121,8 @@ def info_lines(info) -> list[str]:
         f"{cfg['kind']} field, storage {g['storage']}, k={g['features']}"
         + "".join(f", {_SYMBOLS.get(name, name)}={v}" for name, v in (cfg["storage_params"] or [{}])[0].items())
         + f", levels {g['base_level']}..{g['max_level']}, {info.total_bytes:,} bytes"
-        + ("" if info.complete else f" (INCOMPLETE: only LODs up to {info.levels[-1].level}"
+        + ("" if info.complete else f" (DAMAGED: LODs up to {info.levels[-1].level} are intact, the chunk after them is "
+           "not; see below)" if info.damage else f" (INCOMPLETE: only LODs up to {info.levels[-1].level}"
            + (f"; the stream's {info.received_bytes:,} bytes end {info.cut}" if info.received_bytes else "") + ")"),
     ]
     if cfg["kind"] == "tsdf":  # validated when the header was read

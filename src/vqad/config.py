@@ -10,7 +10,6 @@ import numpy as np
 from vqad.errors import InputError
 from vqad.octree import check_levels
 from vqad.storages import RENAMED, storage_class
-from vqad.storages.base import is_int
 from vqad.storages.hash import DEFAULT_TABLE_BITS
 
 
@@ -66,12 +65,10 @@ class DecoderConfig:
 
     def validate(self) -> None:
         check_types(self, "decoder")
-        if not (is_int(self.hidden) and 1 <= self.hidden <= MAX_HIDDEN):
+        if not 1 <= self.hidden <= MAX_HIDDEN:  # (the fields' types: check_types)
             raise InputError(f"--hidden (decoder width) must be an integer in 1..{MAX_HIDDEN}, got {self.hidden!r}")
-        if not (is_int(self.layers) and 0 <= self.layers <= MAX_LAYERS):
+        if not 0 <= self.layers <= MAX_LAYERS:
             raise InputError(f"--layers (decoder hidden layers) must be an integer in 0..{MAX_LAYERS}, got {self.layers!r}")
-        if not ((self.per_lod is None or isinstance(self.per_lod, bool)) and isinstance(self.position_input, bool)):
-            raise InputError(f"per_lod and position_input must be true or false, got {self.per_lod!r}, {self.position_input!r}")
 
 
 #: decoder bounds: ψ is a tiny MLP (NGLOD: one hidden layer of 128)

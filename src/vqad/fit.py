@@ -346,15 +346,17 @@ def check_fit_call(fit: str, data, data_type: type, how: str, configs: dict, dev
     return resolve_device(device)
 
 
+def stored_seconds(value) -> float | None:
+    """A time read from a checkpoint: ``value`` if it is a finite non-negative number, else None (not known)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
+    return float(value) if ok else None
+
+
 def earlier_train_seconds(resume_cfg: dict | None) -> float | None:
     """The training time of the runs before a resumed one, as its checkpoint records it (``train_seconds``):
-    0 for a fresh fit, None where it is not known (a checkpoint written before it was recorded; read from a
-    file: anything but a finite non-negative number counts as not known)."""
-    if resume_cfg is None:
-        return 0.0
-    was = resume_cfg.get("train_seconds")
-    ok = isinstance(was, (int, float)) and not isinstance(was, bool) and 0 <= was < math.inf
-    return float(was) if ok else None
+    0 for a fresh fit, None where it is not known (a checkpoint written before it was recorded, or a value that
+    is not a time)."""
+    return 0.0 if resume_cfg is None else stored_seconds(resume_cfg.get("train_seconds"))
 
 
 class DivergenceGuard:
@@ -741,9 +743,8 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
         loss_val = float(out.per_lod.detach().sum())
     prog.close()  # the bar's time per step is the training steps' (the sweeps after them show their own)
     if it > start or pending:
-        was = resume_cfg.get("step_seconds") if resume_cfg is not None else None  # (read from a file: checked)
-        was = float(was) if isinstance(was, (int, float)) and not isinstance(was, bool) and 0 < was < math.inf else 0.0
-        task.step_seconds = mean_step_seconds(it - start) if it > start else was
+        was = stored_seconds(resume_cfg.get("step_seconds")) if resume_cfg is not None else None
+        task.step_seconds = mean_step_seconds(it - start) if it > start else (was or 0.0)
         task.sweeps_done = resumed_sweeps(resume_cfg) if pending and it == start else 0
         try:
             with interrupt_guard():

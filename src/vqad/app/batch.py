@@ -1070,7 +1070,8 @@ def plan(job: Job) -> Plan:
         rec = latest.get(spec.key)
         # the folder's outputs are this fit's only while its settings.json says so: a run with other settings,
         # stopped before its record, leaves the record of an earlier fit beside a folder it has started to replace
-        folder = (_read_json(job.out / spec.key / "settings.json") or {}).get("fingerprint")
+        settings = _read_json(job.out / spec.key / "settings.json") or {}
+        folder = settings.get("fingerprint")
         replaced = folder not in (None, spec.fingerprint)
         ours = not replaced and (job.out / spec.file).is_file()
         done = bool(rec) and rec.get("status") == "done" and rec.get("fingerprint") == spec.fingerprint
@@ -1087,7 +1088,7 @@ def plan(job: Job) -> Plan:
         elif rec is None:
             p.reasons[spec.key] = "new"
         elif rec.get("fingerprint") != spec.fingerprint:
-            kept = keeps_fit(_read_json(job.out / spec.key / "settings.json") or {}, spec, job.out / spec.key)  # as _claim
+            kept = keeps_fit(settings, spec, job.out / spec.key)  # as _claim decides
             p.reasons[spec.key] = (f"{'only export or evaluation ' if kept else ''}settings changed "
                                    f"({_changed(rec.get('settings') or {}, spec.settings)})"
                                    + ("; its fit is kept, only evaluated again" if kept else ""))
@@ -1161,14 +1162,11 @@ class BatchRun:
         if self.executor == "ray" and run.ray in (None, "auto"):
             check_local_cores(self.threads)  # now, before the output folder is made
         if self.executor == "local":
-            from vqad.device import available_cores
+            from vqad.device import available_cores, resolve_device
 
             if self.threads > available_cores():
                 print(f"vqad batch: warning: --threads {self.threads} per fit on the {available_cores()} core(s) this "
                       "process may use: threads beyond the cores only wait for each other", file=sys.stderr)
-        if self.executor == "local":
-            from vqad.device import resolve_device
-
             resolve_device(run.device)  # --device cuda without a GPU: an error now, before anything is written
         self.plan = plan(job)
         self._last_report = 0.0

@@ -141,6 +141,7 @@ def require_training_pixels(views: Views) -> None:
 #: the largest ``--downscale`` (and a stored record's): a 1024× smaller 100-megapixel photo is already 12×8 pixels
 MAX_DOWNSCALE = 1024
 
+
 def check_downscale(downscale) -> int:
     """``--downscale`` as an integer in 1..:data:`MAX_DOWNSCALE` (NumPy integers taken), else an :class:`InputError`."""
     if isinstance(downscale, bool) or not isinstance(downscale, (int, np.integer)) or not 1 <= downscale <= MAX_DOWNSCALE:

@@ -17,8 +17,8 @@ bright, scaled per image; black where opacity < 0.5) and ``<view>_opacity.png`` 
 from __future__ import annotations
 
 import time
-from collections import Counter
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -196,10 +196,11 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
             looks = tuple(t.to(field.device) for t in appearance.transforms())  # gain, offset (V, 3)
     dirs = {}
     if out_dir is not None and save_images:
+        stems = view_stems(views)
         for lod in lods:
             dirs[lod] = Path(out_dir) / f"{split}_lod{lod}"
             dirs[lod].mkdir(parents=True, exist_ok=True)
-            clear_stale_renders(dirs[lod], view_stems(views))
+            clear_stale_renders(dirs[lod], stems)
     scores = {lod: {"psnr": [], "ssim": [], "psnr_matched": []} for lod in lods}
     order = range(len(views) if max_views is None else min(max_views, len(views)))
     if valid is not None and not dirs:  # nothing is saved: a view that cannot be scored is not rendered

@@ -16,6 +16,7 @@ from vqad.fit import LR_FLOOR, LR_FLOOR_DISCRETE
 from vqad.nerf.fit import NERF_DECODER, NERF_GRID
 from vqad.nerf.task import NeRFTrainConfig
 from vqad.sdf.fit import SDF_LR, SDF_LR_DISCRETE, SDFTrainConfig
+from vqad.tsdf.fit import TSDFTrainConfig
 
 
 @pytest.fixture
@@ -67,6 +68,41 @@ def test_fit_nerf_refuses_flags_that_cannot_apply(tmp_path, capsys, args, messag
     assert main(["fit-nerf", "procedural", "--steps", "2", "--out", str(out), "--device", "cpu"] + args) == 2
     assert message in _err(capsys)
     assert not (out / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("cls, setting, value", [
+    (SDFTrainConfig, "refine", 5), (SDFTrainConfig, "rate_weight", 0.1), (SDFTrainConfig, "refine_candidates", 4),
+    (SDFTrainConfig, "logit_lr_scale", 50.0), (NeRFTrainConfig, "refine", 2), (NeRFTrainConfig, "codebook_lr_scale", 3.0),
+    (TSDFTrainConfig, "refine_samples", 1000),
+])
+def test_the_python_api_refuses_index_settings_for_a_grid_without_indices(tmp_path, mesh, cls, setting, value):
+    """What the command line refuses as a flag (--refine with --grid dense) the Python configs refuse as a value,
+    before any work; their defaults and "off" stay accepted, so ``fit_sdf(mesh, GridConfig(storage="dense"),
+    DecoderConfig(), SDFTrainConfig())`` works as it is."""
+    for storage in ("dense", "hash", "lowrank"):
+        with pytest.raises(InputError, match=f"{setting}={value!r} acts on discrete indices.*{storage!r} grid has none"):
+            cls(**{setting: value}).resolved(GridConfig(storage=storage))
+        cls(**{setting: 0 if setting != "refine_samples" else cls.refine_samples}).resolved(GridConfig(storage=storage))
+        cls().resolved(GridConfig(storage=storage))
+    assert getattr(cls(**{setting: value}).resolved(GridConfig(storage="codebook")), setting) == value
+    if cls is SDFTrainConfig:  # the fit call itself refuses it before building anything
+        from vqad.sdf.fit import fit_sdf
+        from vqad.sdf.mesh import load_mesh
+
+        with pytest.raises(InputError, match="acts on discrete indices"):
+            fit_sdf(load_mesh(mesh), GridConfig(storage="dense", base_level=2, max_level=3), DecoderConfig(),
+                    cls(steps=2, **{setting: value}), "cpu", out_dir=tmp_path / "fit")
+        assert not (tmp_path / "fit").exists()
+
+
+def test_every_index_flag_is_an_index_setting_of_its_config():
+    """The command line's lists of flags refused without discrete indices and the configs' lists agree."""
+    from vqad.app.commands import nerf as nerf_cmd, sdf as sdf_cmd
+
+    assert set(sdf_cmd.INDEX_FLAGS) <= set(SDFTrainConfig.INDEX_SETTINGS)
+    assert set(nerf_cmd.INDEX_FLAGS) <= set(NeRFTrainConfig.INDEX_SETTINGS)
+    # fit-tsdf checks its flags with fit-sdf's list
+    assert set(sdf_cmd.INDEX_FLAGS) & set(TSDFTrainConfig.__dataclass_fields__) <= set(TSDFTrainConfig.INDEX_SETTINGS)
 
 
 def test_cli_defaults_are_the_configs_defaults():

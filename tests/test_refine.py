@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vqad.config import DecoderConfig, GridConfig
+from vqad.errors import InputError
 from vqad.grid import OctreeGrid
 from vqad.octree import SparseOctree
 from vqad.refine import (RefineChunk, _accumulate, _linearize, _total_loss, gauss_newton_scores, index_bits, level_bits,
@@ -165,8 +166,9 @@ def test_fit_with_refinement_sweeps_runs_them(one_thread, monkeypatch):
     assert len(calls) == 3
     calls.clear()
     grid = GridConfig(storage="dense", features=4, base_level=2, max_level=3)
-    sdf_mod.fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)
-    assert calls == []  # nothing to refine in a dense grid
+    with pytest.raises(InputError, match="refine=1 acts on discrete indices"):  # nothing to refine in a dense grid
+        sdf_mod.fit_sdf(mesh, grid, DecoderConfig(hidden=16), train, torch.device("cpu"), quiet=True)
+    assert calls == []
 
 
 def test_a_rate_aware_fit_weighs_bits_in_its_sweeps_at_its_own_lambda(one_thread, monkeypatch):

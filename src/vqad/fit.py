@@ -38,7 +38,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field as dfield, replace
+from dataclasses import asdict, dataclass, field as dfield, fields, replace
 from typing import Callable, ClassVar, Iterator
 from pathlib import Path
 
@@ -111,13 +111,27 @@ class TrainConfig:
     #: indices (an application whose ``lr`` default is a number leaves this None)
     DEFAULT_LRS: ClassVar[tuple[float, float] | None] = None
 
+    #: settings that act on discrete indices alone (the rate term, the codebook's logits C and codewords D;
+    #: each application adds its index sweeps): with a grid that has none, each must keep its default or be off
+    INDEX_SETTINGS: ClassVar[tuple[str, ...]] = ("rate_weight", "rate_context", "logit_lr_scale", "codebook_lr_scale")
+
     def resolved(self, grid_cfg) -> "TrainConfig":
         """This config with what depends on ``grid_cfg``'s storage chosen where it is None (what a fit
         runs and records): ``lr_floor`` (:data:`LR_FLOOR_DISCRETE` for a grid with discrete indices,
-        :data:`LR_FLOOR` otherwise; docs/method.md §6.4) and ``lr`` (:attr:`DEFAULT_LRS`)."""
+        :data:`LR_FLOOR` otherwise; docs/method.md §6.4) and ``lr`` (:attr:`DEFAULT_LRS`). An
+        :attr:`INDEX_SETTINGS` value other than its default or off (0, False, None) with a grid without
+        discrete indices is refused: it would do nothing (the command line refuses its flag the same way)."""
         from vqad.storages import storage_class
 
         discrete = storage_class(grid_cfg.storage).discrete
+        if not discrete:
+            defaults = {f.name: f.default for f in fields(self)}
+            for name in self.INDEX_SETTINGS:
+                value = getattr(self, name)
+                if value != defaults[name] and value not in (0, None):
+                    keep = "0" if defaults[name] in (0, None) else f"its default ({defaults[name]!r})"
+                    raise InputError(f"{type(self).__name__}.{name}={value!r} acts on discrete indices (a grid with "
+                                     f"storage='codebook'); a {grid_cfg.storage!r} grid has none: leave it at {keep}")
         chosen = {}
         if self.lr_floor is None:
             chosen["lr_floor"] = LR_FLOOR_DISCRETE if discrete else LR_FLOOR
@@ -187,6 +201,29 @@ def evaluation_order(lods: list[int], deadline: "Deadline | None") -> Iterator[t
     capped = deadline is not None and deadline.capped
     for i, lod in enumerate(sorted(lods, reverse=True) if capped else lods):
         yield lod, capped and i > 0 and deadline.left() <= 0
+
+
+def lod_meshes(lods: list[int], deadline: "Deadline | None", extract: Callable[[int], object], results: dict,
+               quiet: bool = False) -> Iterator[tuple[int, object, float]]:
+    """``(lod, mesh, t0)`` for each LOD of :func:`evaluation_order` whose ``extract(lod)`` mesh could be made
+    (``t0``: :func:`time.perf_counter` before it). A LOD the cap skips reads ``{"skipped": reason}`` in
+    ``results`` and one whose extraction refused (:class:`InputError`: no surface) ``{"error": message}``;
+    each is printed unless ``quiet``."""
+    for lod, skip in evaluation_order(lods, deadline):
+        if skip:
+            results[lod] = {"skipped": CAP_SKIPPED}
+            if not quiet:
+                print(f"LOD {lod}: not evaluated ({CAP_SKIPPED})")
+            continue
+        t0 = time.perf_counter()
+        try:
+            mesh = extract(lod)
+        except InputError as exc:
+            results[lod] = {"error": str(exc)}
+            if not quiet:
+                print(f"LOD {lod}: not evaluated: {exc}")
+            continue
+        yield lod, mesh, t0
 
 
 def capped_sweeps(deadline: "Deadline", n: int, predicted: float, sweep: Callable[[float], None],

@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from vqad.errors import InputError
-from vqad.fit import CAP_SKIPPED, evaluation_order
+from vqad.fit import lod_meshes
 
 
 def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, quiet: bool = False,
@@ -29,20 +28,7 @@ def evaluate_sdf(field, mesh, out: Path, resolution: int, device, lods=None, qui
     oracle = SDFOracle(mesh)
     results = {}
     lods = field.lods if lods is None else lods
-    for lod, skip in evaluation_order(lods, deadline):
-        if skip:
-            results[lod] = {"skipped": CAP_SKIPPED}
-            if not quiet:
-                print(f"LOD {lod}: not evaluated ({CAP_SKIPPED})")
-            continue
-        t0 = time.perf_counter()
-        try:
-            m = extract_mesh(field, lod, resolution=resolution)
-        except InputError as exc:
-            results[lod] = {"error": str(exc)}
-            if not quiet:
-                print(f"LOD {lod}: not evaluated: {exc}")
-            continue
+    for lod, m, t0 in lod_meshes(lods, deadline, lambda lod: extract_mesh(field, lod, resolution=resolution), results, quiet):
         gm = geometry_metrics(field, lod, mesh, m, oracle, chamfer_samples or CHAMFER_SAMPLES,
                               iou_samples or IOU_SAMPLES).as_dict()
         if renders:

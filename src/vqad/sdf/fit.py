@@ -37,6 +37,8 @@ class SDFTrainConfig(TrainConfig):
     """Signed distance fitting."""
 
     DEFAULT_LRS = (SDF_LR, SDF_LR_DISCRETE)  # (continuous, discrete grids); a discrete argmax needs larger steps to move
+    INDEX_SETTINGS = TrainConfig.INDEX_SETTINGS + ("refine", "refine_during", "refine_samples", "refine_band",
+                                                   "refine_candidates", "refine_tail")
     lr: float | None = None  # decoder lr; None: 5e-3 for grids with discrete indices (codebook), else 2e-3
     grid_lr_scale: float = 10.0  # grid (features, codebook D) lr = lr × this
     logit_lr_scale: float | None = 200.0  # codebook logits C lr = lr × this (None: the grid's)
@@ -44,7 +46,7 @@ class SDFTrainConfig(TrainConfig):
     resample_every: int = 500  # draw fresh samples every N steps
     truncation: float = 0.0  # clamp predicted and true distances to ±this in the loss (0: no clamp)
     pool_size: int = 400_000  # samples per pool
-    refine: int = 10  # Gauss–Newton index refinement sweeps (vqad.refine) after the last step (0: none; 10: see docs/method.md §7)
+    refine: int = 10  # Gauss–Newton index refinement sweeps (vqad.refine) after the last step (codebook only; 0: none; 10: see docs/method.md §7)
     refine_during: int = 0  # ... and sweeps spread over training (or over its tail, below)
     refine_samples: int = 200_000  # samples each sweep sees (from the current pool)
     refine_band: float = 0.0  # ... only those within this many finest cells of the surface (0: all of them)

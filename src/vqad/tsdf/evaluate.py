@@ -6,8 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from vqad.errors import InputError
-from vqad.fit import CAP_SKIPPED, evaluation_order
+from vqad.fit import lod_meshes
 
 #: the F-score threshold: this share of the reference mesh's bounding-box diagonal
 FSCORE_SHARE = 0.01
@@ -47,20 +46,7 @@ def evaluate_tsdf(field, out: Path, fusion_mesh, gt_mesh=None, lods=None, render
     results = {}
     lods = field.lods if lods is None else lods
     refs = {"vs_fusion": fusion_mesh, "vs_gt": gt_mesh}
-    for lod, skip in evaluation_order(lods, deadline):
-        if skip:
-            results[lod] = {"skipped": CAP_SKIPPED}
-            if not quiet:
-                print(f"LOD {lod}: not evaluated ({CAP_SKIPPED})")
-            continue
-        t0 = time.perf_counter()
-        try:
-            m = extract_tsdf_mesh(field, lod)
-        except InputError as exc:
-            results[lod] = {"error": str(exc)}
-            if not quiet:
-                print(f"LOD {lod}: not evaluated: {exc}")
-            continue
+    for lod, m, t0 in lod_meshes(lods, deadline, lambda lod: extract_tsdf_mesh(field, lod), results, quiet):
         r = compare(m, refs, samples)
         if renders:
             save_mesh(m, out / f"mesh_lod{lod}.ply")

@@ -427,6 +427,20 @@ def test_a_folder_replaced_by_a_stopped_run_with_other_settings_is_fitted_again(
     assert B.plan(B.load_job(job, out)).skipped == ["sphere"]
 
 
+def test_a_recursive_pattern_that_would_search_too_many_folders_is_refused(tmp_path, monkeypatch):
+    """A job's "/**/*" walked the whole file system (454 s, then out of memory, even with --dry-run): a '**'
+    pattern's fixed folder is counted first, up to MAX_WALK_FOLDERS, and one beyond it is refused."""
+    for i in range(6):
+        (tmp_path / "data" / f"d{i}").mkdir(parents=True)
+    (tmp_path / "data" / "d3" / "x.obj").write_text("")
+    monkeypatch.setattr(B, "MAX_WALK_FOLDERS", 10)
+    assert B._expand("data/**/x.obj", tmp_path, tmp_path / "out", "test") == [str((tmp_path / "data/d3/x.obj").resolve())]
+    monkeypatch.setattr(B, "MAX_WALK_FOLDERS", 5)
+    with pytest.raises(InputError, match=f"test: the pattern's '\\*\\*' would search more than 5 folders under {tmp_path / 'data'}"):
+        B._expand("data/**/x.obj", tmp_path, tmp_path / "out", "test")
+    assert B._expand("data/d3/*.obj", tmp_path, tmp_path / "out", "test")  # no '**': one folder's listing
+
+
 def test_output_folders_inside_the_input_are_neither_assets_nor_input(shapes, tmp_path):
     """A directory job or a glob never takes the meshes of a batch's, a sweep's or a fit's output for assets,
     and a capture's stamp ignores the job's own output written inside it (it would refit forever)."""

@@ -979,6 +979,37 @@ def test_ngp_values_of_the_wrong_kind_are_refused(tmp_path, key, value, match):
         load_dataset(root, format="ngp")
 
 
+def test_readers_refuse_what_a_fuzz_pass_slipped_past_them(tmp_path):
+    """An integer of 5,000 digits in transforms.json (Python's JSON raises a bare ValueError), a COLMAP quaternion
+    component of 1e308 (its norm overflowed: the rotation became the identity), an LLFF header claiming 2^40 rows
+    (it asked for 136 TiB, reported as the machine's fault) and a frame's file name too long for the file system
+    (an OSError from the Python API) are each one InputError naming what is wrong."""
+    root, path, meta = _ngp_capture(tmp_path, "bigint")
+    path.write_text(json.dumps(meta).replace('"frames":', '"x": ' + "9" * 5000 + ', "frames":', 1))
+    with pytest.raises(InputError, match="is not valid JSON .*4300"):
+        load_dataset(root, format="ngp")
+    root, path, meta = _ngp_capture(tmp_path, "longname")
+    meta["frames"][0]["file_path"] = "a" * 5000 + ".png"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="cannot read the ngp capture .*too long"):
+        load_dataset(root, format="ngp")
+
+    from vqad.nerf.formats.colmap import ColmapImage
+
+    q = ColmapImage(np.array([0.0, 0.0, 1e308, 0.0]), np.zeros(3), 1, "a.png")
+    assert np.allclose(q.c2w("a.png")[:3, :3], ColmapImage(np.array([0.0, 0.0, 1.0, 0.0]), np.zeros(3), 1,
+                                                              "a.png").c2w("a.png")[:3, :3])
+    with pytest.raises(InputError, match="quaternion .* is not finite"):
+        ColmapImage(np.array([1.0, np.inf, 0.0, 0.0]), np.zeros(3), 1, "a.png").c2w("a.png")
+
+    root = _write_llff(tmp_path / "llff", n=9, h=12, w=16, factor=2, full_f=40.0)
+    with open(root / "poses_bounds.npy", "wb") as f:  # a valid .npy header over 1 kB of data
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (2 ** 40, 17)})
+        f.write(bytes(1024))
+    with pytest.raises(InputError, match="cannot read .*poses_bounds.npy as an \\(N, 17\\) float array.*damaged"):
+        load_dataset(root)
+
+
 def test_ngp_not_utf8_and_16_bit_images_are_refused(tmp_path):
     root, path, meta = _ngp_capture(tmp_path, "bytes")
     path.write_bytes(b'{"frames": "\xff\xfe"}')
@@ -1063,7 +1094,7 @@ def test_colmap_capture_found_from_its_model_folder_or_files(tmp_path):
     ("k2", 1e30, "squeezes a pixel into .* rad of the view"),
     ("k1", -2.0, "turns back .* inside the image"),
     ("p1", 5.0, "folds inside the image"),
-    ("scale", 1e-300, "depth range is empty or not finite"),
+    ("scale", 1e-300, "a scale in \\[1e-12, 1e\\+12\\]"),  # the world-to-unit-cube scale it gives
     ("w", 8e15, "off the optical axis"),  # with h at the same aspect: a focal length of ~1e-14 px
 ])
 def test_ngp_numbers_that_break_the_float32_rays_are_refused(tmp_path, key, value, match):

@@ -148,6 +148,27 @@ def test_round_trip_radiance_field():
     assert_same_model(field, back)
 
 
+@pytest.mark.parametrize("record", [0, [], False, "x"])
+def test_a_dataset_record_of_another_type_is_damage_not_absence(record):
+    """A radiance field's header whose dataset record is not an object (a fuzz pass: 0, [], false were read as
+    "no record" and eval asked for --dataset) is refused as corrupt; ``null`` still means none recorded."""
+    from vqad.errors import CorruptStreamError
+
+    data = F.to_bytes(make_field(kind="nerf", levels=(2, 3)))
+    off = F.PREAMBLE_BYTES
+    (n,) = struct.unpack_from("<I", data, off + 4)
+    doc = json.loads(data[off + 8:off + 8 + n])
+
+    def forged(value) -> bytes:
+        doc["field"]["dataset"] = value
+        header = json.dumps(doc).encode()
+        return data[:off] + F._frame(*data[off:off + 4], header) + data[off + 12 + n:]
+
+    with pytest.raises(CorruptStreamError, match="the dataset record must be an object"):
+        F.load(forged(record))
+    assert F.load(forged(None)).dataset == {}
+
+
 def test_trained_model_decodes_to_identical_outputs_and_mesh(tmp_path):
     """A (briefly) fitted SDF of a sphere: the decoded file gives the same distances, the same error
     against the true SDF and the same marching-cubes mesh, bit for bit."""

@@ -538,3 +538,77 @@ def test_a_resumed_checkpoint_that_never_recorded_its_time_reports_the_whole_fit
     m = json.loads((out / "metrics.json").read_text())
     assert m["fit_seconds"] is None and m["fit_seconds_this_run"] > 0
     assert json.loads(cfg_path.read_text())["train_seconds"] is None  # stays unknown, not this run's alone
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 3-step codebook fit of a sphere (its mesh beside it), to copy and damage."""
+    root = tmp_path_factory.mktemp("trained")
+    mesh = root / "sphere.obj"
+    trimesh.creation.icosphere(subdivisions=2, radius=0.5).export(mesh)
+    assert main(["fit-sdf", str(mesh), "--steps", "3", "--refine", "0", "--out", str(root / "run")] + TINY) == 0
+    return mesh, root / "run"
+
+
+def _edit_config(run, edit) -> None:
+    p = run / "checkpoint" / "config.json"
+    cfg = json.loads(p.read_text())
+    edit(cfg)
+    p.write_text(json.dumps(cfg))
+
+
+def _group(cfg, name="dense", i=0) -> dict:
+    return cfg["optimizers"][name]["param_groups"][i]
+
+
+@pytest.mark.parametrize("edit, message", [
+    # each found by a fuzz pass: a traceback, or a resume that trained with the file's hyperparameters
+    (lambda c: c["optimizers"]["dense"].update(param_groups=True), "optimizer state of 'dense' is malformed"),
+    (lambda c: _group(c).update(params=[{}]), "parameter groups hold other parameters"),
+    (lambda c: _group(c).pop("params"), "parameter groups hold other parameters"),
+    (lambda c: _group(c).update(lr="x"), "lr = 'x' is not a learning rate"),
+    (lambda c: _group(c, "sparse").update(initial_lr=float("inf")), "initial_lr = inf is not a learning rate"),
+    (lambda c: c["optimizers"]["sparse"]["scalars"].update({"0.step": {}}), "0.step = {} is not a count"),
+    (lambda c: c["optimizers"]["sparse"]["scalars"].update({"0.step": float("nan")}), "is not a count"),
+    (lambda c: c["optimizers"]["sparse"]["scalars"].update({"99.step": 3}), "state for parameter 99, of "),
+    (lambda c: c.update(mesh=10 ** 30), "the checkpoint records the mesh as 1000000000000000000000000000000, not a path"),
+])
+def test_a_damaged_optimizer_record_is_one_line_on_resume(tmp_path, capsys, trained_run, edit, message):
+    import shutil
+
+    mesh, run = trained_run
+    shutil.copytree(run, tmp_path / "run")
+    _edit_config(tmp_path / "run", edit)
+    capsys.readouterr()
+    assert main(["fit-sdf", str(mesh), "--steps", "5", "--out", str(tmp_path / "run"), "--resume", "--quiet",
+                 "--no-eval"]) == 2
+    err = _err(capsys)
+    assert message in err and "the checkpoint is damaged" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_resume_trains_with_its_own_hyperparameters_not_the_files(tmp_path, capsys, trained_run):
+    """What an optimizer does is this fit's configuration: a file's maximize, capturable or betas are not taken
+    (maximize: true made Adam climb the loss; capturable: 0.5 failed at the first step on a CPU)."""
+    import shutil
+
+    mesh, run = trained_run
+    shutil.copytree(run, tmp_path / "run")
+    _edit_config(tmp_path / "run", lambda c: _group(c).update(maximize=True, capturable=0.5, betas=[-1, 2]))
+    assert main(["fit-sdf", str(mesh), "--steps", "5", "--out", str(tmp_path / "run"), "--resume", "--quiet",
+                 "--no-eval"]) == 0
+    group = _group(json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text()))
+    assert group["maximize"] is False and group["capturable"] is False and group["betas"] == [0.9, 0.999]
+
+
+def test_a_checkpoint_config_with_an_integer_of_5000_digits_is_one_line(tmp_path, capsys, trained_run):
+    """Python's JSON raises a bare ValueError (not a JSONDecodeError) for it: export and mesh gave tracebacks."""
+    import shutil
+
+    _, run = trained_run
+    shutil.copytree(run, tmp_path / "run")
+    p = tmp_path / "run" / "checkpoint" / "config.json"
+    p.write_text(p.read_text().replace('"step":', '"x": ' + "9" * 5000 + ', "step":', 1))
+    capsys.readouterr()
+    assert main(["export", str(p.parent), "-o", str(tmp_path / "x.vqad")]) == 2
+    err = _err(capsys)
+    assert f"cannot read {p}" in err and "the checkpoint is damaged" in err and len(err.strip().splitlines()) == 1

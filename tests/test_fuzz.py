@@ -301,6 +301,41 @@ def test_header_json_past_the_parsers_limits_is_corrupt(literal):
         F.load(_reframe([chunks[0][:4] + (header,)] + chunks[1:]))
 
 
+def _with_header(which: str, edit) -> bytes:
+    """``FILES[which]`` with ``edit(doc)`` applied to its header JSON, re-framed with a valid CRC."""
+    import json
+
+    chunks = _parsed(FILES[which])
+    doc = json.loads(chunks[0][4])
+    edit(doc)
+    return _reframe([chunks[0][:4] + (json.dumps(doc).encode(),)] + chunks[1:])
+
+
+def _set(path, value):
+    def edit(doc):
+        for k in path[:-1]:
+            doc = doc[k]
+        doc[path[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("which, path, value, message", [
+    # found by a fuzz pass: accepted, and meshes came out at ±inf or all on one point
+    ("raw", ("field", "normalization", "scale"), 1e-300, "normalization must be a center of 3 numbers within"),
+    ("raw", ("field", "normalization", "scale"), 1e308, "normalization must be"),
+    ("raw", ("field", "normalization", "center"), [1e308, 0, 0], "normalization must be"),
+    # a bit flip in a key, or no key: the storage's defaults were taken silently
+    ("raw", ("field", "storage_params", 0), {"bIts": 4}, "storage_params of level 2 name \\['bIts'\\], a codebook"),
+    ("raw", ("field", "storage_params", 1), {}, "storage_params of level 3 name \\[\\]"),
+    ("dense", ("field", "storage_params", 0), {"bits": 4}, "a dense level's are \\[\\]"),
+])
+def test_forged_header_semantics_behind_valid_crcs_are_refused(which, path, value, message):
+    from vqad.errors import CorruptStreamError
+
+    with pytest.raises(CorruptStreamError, match=message):
+        F.load(_with_header(which, _set(path, value)))
+
+
 def test_non_finite_payloads_behind_valid_crcs_are_refused():
     """NaN / inf in a codebook or in the decoder weights would load as a field that outputs NaN."""
     chunks = _parsed(FILES["raw"])

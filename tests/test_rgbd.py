@@ -569,3 +569,6 @@ def test_intrinsics_in_other_units_or_row_major_are_refused_in_words(tmp_path):
                                 "intrinsic_matrix": [525.0, 0, 319.5, 0, 525.0, 239.5, 0, 0, 1]}))
     with pytest.raises(InputError, match="reads as row-major .* column by column"):
         read_open3d_intrinsics(path)
+    path.write_text('{"width": ' + "9" * 5000 + ', "height": 480}')  # Python's JSON: a bare ValueError
+    with pytest.raises(InputError, match="is not valid JSON"):
+        read_open3d_intrinsics(path)

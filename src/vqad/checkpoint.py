@@ -14,6 +14,7 @@ a half-written checkpoint that looks complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -175,23 +176,23 @@ def read_config(path: str | Path) -> dict:
                          f".vqad file")
     try:
         cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {cfg_path}: {exc}: {_DAMAGED}") from exc
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
+        raise InputError(f"cannot read {cfg_path}: {exc}: {DAMAGED}") from exc
     except RecursionError as exc:
-        raise InputError(f"cannot read {cfg_path}: nested too deeply: {_DAMAGED}") from exc
+        raise InputError(f"cannot read {cfg_path}: nested too deeply: {DAMAGED}") from exc
     if not isinstance(cfg, dict):
-        raise InputError(f"{cfg_path} does not hold a JSON object: {_DAMAGED}")
+        raise InputError(f"{cfg_path} does not hold a JSON object: {DAMAGED}")
     version = cfg.get("vqad_checkpoint")
     if version != FORMAT_VERSION or isinstance(version, bool):
         newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
         raise InputError(f"{cfg_path}: checkpoint format {version!r}, but this vqad reads format {FORMAT_VERSION}: "
-                         + ("written by a newer vqad: upgrade vqad" if newer else _DAMAGED))
+                         + ("written by a newer vqad: upgrade vqad" if newer else DAMAGED))
     step = cfg.get("step", 0)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise InputError(f"{cfg_path}: step must be a whole number >= 0, not {step!r}: {_DAMAGED}")
+        raise InputError(f"{cfg_path}: step must be a whole number >= 0, not {step!r}: {DAMAGED}")
     if "train" in cfg and not isinstance(cfg["train"], dict):
         raise InputError(f"{cfg_path}: its training settings are {type(cfg['train']).__name__}, not a JSON object: "
-                         f"{_DAMAGED}")
+                         f"{DAMAGED}")
     return cfg
 
 
@@ -206,11 +207,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
         raise
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as exc:
         raise InputError(f"{path} does not hold the model its config.json describes ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}): {_DAMAGED}") from exc
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}): {DAMAGED}") from exc
 
 
 #: what to do about a damaged checkpoint
-_DAMAGED = "the checkpoint is damaged; delete it to start the fit over, or put an intact copy in its place"
+DAMAGED = "the checkpoint is damaged; delete it to start the fit over, or put an intact copy in its place"
 
 
 def _read_tensors(file: Path, device: torch.device | str = "cpu", prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -223,7 +224,7 @@ def _read_tensors(file: Path, device: torch.device | str = "cpu", prefix: str | 
             return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     except Exception as exc:  # safetensors raises several types on bad files
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"cannot read {file}: {msg}: {_DAMAGED}") from exc
+        raise InputError(f"cannot read {file}: {msg}: {DAMAGED}") from exc
 
 
 def build_field(cfg: dict, tensors: dict[str, torch.Tensor], device, baked: bool):
@@ -278,31 +279,73 @@ def load_optimizer_state(path: str | Path, optimizers: dict[str, torch.optim.Opt
     for oname, opt in optimizers.items():
         try:
             m = meta[oname]
+            groups = _checked_param_groups(m["param_groups"], opt)
+            n_params = sum(len(g["params"]) for g in opt.param_groups)
             state: dict = {}
             for key, t in tensors.items():
                 o, pid, k = key.split(".", 2)
                 if o == oname:
-                    state.setdefault(int(pid), {})[k] = t
+                    state.setdefault(_param_id(pid, n_params), {})[k] = t
             for key, val in m["scalars"].items():
                 pid, k = key.split(".", 1)
-                state.setdefault(int(pid), {})[k] = val
+                if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 <= val < math.inf:
+                    raise ValueError(f"{key} = {val!r} is not a count")
+                state.setdefault(_param_id(pid, n_params), {})[k] = val
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise InputError(f"{path}: the optimizer state of {oname!r} is malformed ({type(exc).__name__}): "
-                             f"{_DAMAGED}") from exc
+            raise InputError(f"{path}: the optimizer state of {oname!r} is malformed ({type(exc).__name__}: {exc}): "
+                             f"{DAMAGED}") from exc
         try:
-            opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
+            opt.load_state_dict({"state": state, "param_groups": groups})
         except ValueError as e:  # another grouping of the parameters (other learning-rate options)
             raise InputError(f"{path}: its optimizer state does not fit this fit's parameter groups ({e}); resume "
                              "with the options (learning-rate scales) the checkpoint was written with") from None
-        _check_state_shapes(path, oname, opt)
+        _check_state_values(path, oname, opt)
 
 
-def _check_state_shapes(path: Path, oname: str, opt: torch.optim.Optimizer) -> None:
-    """Every state tensor of ``opt`` is a scalar (a step count), or has its parameter's shape or one value per
-    row (row-wise RMSprop): anything else fails only at the first step, deep inside the optimizer."""
+def _param_id(text: str, n_params: int) -> int:
+    """A parameter's number in an optimizer's state (``0 .. n_params - 1``), or ValueError."""
+    pid = int(text)
+    if not 0 <= pid < n_params:
+        raise ValueError(f"state for parameter {pid}, of {n_params}")
+    return pid
+
+
+def _checked_param_groups(saved, opt: torch.optim.Optimizer) -> list[dict]:
+    """The parameter groups to load into ``opt``: its own (the hyperparameters this fit's configuration sets,
+    which the checkpoint's must match), with the learning-rate schedule's state read from ``saved``, each
+    value checked (``lr``, ``initial_lr``: positive finite numbers). ValueError / TypeError when ``saved`` is
+    not groups like ``opt``'s: a group or a parameter more or less, or parameters numbered otherwise."""
+    current = opt.state_dict()["param_groups"]
+    if not isinstance(saved, list) or len(saved) != len(current):
+        raise ValueError(f"{len(saved) if isinstance(saved, list) else type(saved).__name__} parameter groups, "
+                         f"this fit has {len(current)}")
+    groups = []
+    for g, now in zip(saved, current):
+        if not isinstance(g, dict) or g.get("params") != now["params"]:
+            raise ValueError("its parameter groups hold other parameters than this fit's")
+        group = dict(now)
+        for key in ("lr", "initial_lr"):
+            if key in g:
+                v = g[key]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                    raise ValueError(f"{key} = {v!r} is not a learning rate")
+                group[key] = float(v)
+        groups.append(group)
+    return groups
+
+
+def _check_state_values(path: Path, oname: str, opt: torch.optim.Optimizer) -> None:
+    """Every state tensor of ``opt`` is finite, and a scalar (a step count, >= 0) or of its parameter's shape
+    or one value per row (row-wise RMSprop): anything else fails only at the first step, deep inside the
+    optimizer, or turns the steps into NaN."""
     for group in opt.param_groups:
         for p in group["params"]:
             for key, v in opt.state.get(p, {}).items():
-                if torch.is_tensor(v) and v.dim() and tuple(v.shape) not in (tuple(p.shape), tuple(p.shape[:1])):
+                if not torch.is_tensor(v):
+                    continue
+                if v.dim() and tuple(v.shape) not in (tuple(p.shape), tuple(p.shape[:1])):
                     raise InputError(f"{path}: the optimizer state {oname}.{key} has shape {tuple(v.shape)} for a "
-                                     f"parameter of shape {tuple(p.shape)}: {_DAMAGED}")
+                                     f"parameter of shape {tuple(p.shape)}: {DAMAGED}")
+                if v.is_complex() or not bool(torch.isfinite(v).all()) or (v.dim() == 0 and float(v) < 0):
+                    what = f"is {v.item()!r}, not a count" if v.dim() == 0 else "holds values that are not finite"
+                    raise InputError(f"{path}: the optimizer state {oname}.{key} {what}: {DAMAGED}")

@@ -9,7 +9,6 @@ A kind adds only its own evaluation and its own config (:meth:`NeuralField.extra
 from __future__ import annotations
 
 import importlib
-import math
 import numbers
 from dataclasses import dataclass
 
@@ -25,6 +24,11 @@ from vqad.errors import InputError
 from vqad.grid import OctreeGrid
 
 
+#: the largest world coordinate, and the largest scale and its inverse, a :class:`Normalization` takes: float32
+#: holds them with room for the unit cube's [-1, 1] (a header's 1e308 or 1e-300 gave meshes at ±inf or on one point)
+MAX_WORLD = 1e12
+
+
 @dataclass
 class Normalization:
     """World → unit cube: ``x_unit = (x_world - center) * scale``.
@@ -37,10 +41,12 @@ class Normalization:
 
     def __post_init__(self) -> None:
         c, s = self.center, self.scale
-        ok_c = isinstance(c, (tuple, list)) and len(c) == 3 and all(_is_real(v) and math.isfinite(v) for v in c)
-        if not ok_c or not (_is_real(s) and math.isfinite(s) and s > 0):
+        ok_c = isinstance(c, (tuple, list)) and len(c) == 3 and all(_is_real(v) and abs(v) <= MAX_WORLD for v in c)
+        if not ok_c or not (_is_real(s) and 1 / MAX_WORLD <= s <= MAX_WORLD):
             raise InputError(
-                f"normalization must be a center of 3 finite numbers and a finite scale > 0, got center={c!r}, scale={s!r}"
+                f"normalization must be a center of 3 numbers within ±{MAX_WORLD:g} and a scale in [{1 / MAX_WORLD:g}, "
+                f"{MAX_WORLD:g}] (beyond them a float32 world coordinate overflows or collapses to one value), got "
+                f"center={c!r:.80}, scale={s!r}"
             )
         self.center = tuple(float(v) for v in c)
         self.scale = float(s)

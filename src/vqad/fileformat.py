@@ -54,7 +54,7 @@ from vqad.errors import CorruptStreamError, InputError, StreamError, StreamLimit
 from vqad.field import field_config, field_from_config
 from vqad.grid import OctreeGrid, octree_args
 from vqad.octree import DENSE_TABLE_MAX_LEVEL, SparseOctree, corner_tables
-from vqad.storages import STORAGES
+from vqad.storages import STORAGES, options_of
 from vqad.storages.base import TensorLayout
 
 MAGIC = b"\x89VQAD\r\n\x1a"
@@ -599,7 +599,11 @@ class StreamDecoder:
             if not isinstance(params, list) or len(params) != len(grid_cfg.lods) or not all(isinstance(p, dict) for p in params):
                 raise InputError(f"storage_params must hold one object per level ({len(grid_cfg.lods)})")
             slots = {}
+            options = options_of(grid_cfg.storage)
             for level, p in zip(grid_cfg.lods, params):
+                if set(p) != set(options):  # what the writer wrote (the storage's params(); their values may differ by level)
+                    raise InputError(f"storage_params of level {level} name {sorted(p)}, a {grid_cfg.storage} level's "
+                                     f"are {list(options)}")
                 layout = STORAGES[grid_cfg.storage].stored_layout(1, grid_cfg.features, **p)
                 for lay in layout:
                     if lay.encoding not in ("f16", "uint") or (lay.encoding == "uint" and not 1 <= lay.bits <= 32):

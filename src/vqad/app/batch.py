@@ -607,12 +607,31 @@ def _expand(path: str, base: Path, out_dir: Path, where: str) -> list[str]:
         if not full.exists():
             raise InputError(f"{where}: not found: {full}")
         return [str(full.resolve())]
+    if "**" in path:
+        _check_walk(full, where)
     hits = sorted(Path(p).resolve() for p in glob.glob(str(full), recursive=True))
     hits = [h for h in hits if out_dir not in h.parents and h != out_dir and not is_output_folder(h)
             and not any(is_output_folder(d) for d in h.parents)]
     if not hits:
         raise InputError(f"{where}: the pattern matches nothing (relative to {base})")
     return [str(h) for h in hits]
+
+
+#: the most folders a "**" of an asset pattern may search (a "/**/*" walked the whole file system)
+MAX_WALK_FOLDERS = 20_000
+
+
+def _check_walk(pattern: Path, where: str) -> None:
+    """Refuse a recursive ``pattern`` whose fixed folder holds more than :data:`MAX_WALK_FOLDERS` folders, before
+    the glob walks them (counted without following links, and stopped at the bound)."""
+    parts = pattern.parts
+    top = Path(*parts[:next(i for i, part in enumerate(parts) if glob.has_magic(part))])
+    seen = 0
+    for _ in os.walk(top):
+        seen += 1
+        if seen > MAX_WALK_FOLDERS:
+            raise InputError(f"{where}: the pattern's '**' would search more than {MAX_WALK_FOLDERS:,} folders under "
+                             f"{top}: start it in a lower folder (e.g. captures/**/transforms.json)")
 
 
 def _folder_identity(key: str) -> str:

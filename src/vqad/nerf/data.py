@@ -158,7 +158,7 @@ def check_dataset_info(info: dict) -> dict:
     """A dataset record read from a checkpoint or .vqad header, checked key by key.
 
     Raises:
-        InputError: unknown keys, wrong types, a downscale outside 1..64 or a background that is not
+        InputError: unknown keys, wrong types, a downscale outside 1..MAX_DOWNSCALE or a background that is not
             3 numbers in [0, 1].
     """
     if not isinstance(info, dict):

@@ -175,7 +175,7 @@ class NeRFField(NeuralField):
         if self.nerf_cfg.outer_scale is None:
             raise InputError("a radiance field needs its outer_scale: None (the dataset's) is resolved by "
                              "vqad.nerf.fit.build_nerf_field; pass a number to build a field directly")
-        self.dataset = check_dataset_info(dataset or {})
+        self.dataset = check_dataset_info({} if dataset is None else dataset)
         self._mlp_dtype: torch.dtype | None = None  # the decoders' autocast dtype (mlp_precision; None: fp32)
         g = self.nerf_cfg.geo_features
         in_dim = grid.k + (3 if decoder_cfg.position_input else 0)
@@ -285,5 +285,5 @@ class NeRFField(NeuralField):
             from_dict(DecoderConfig, cfg["decoder"]),
             from_dict(NeRFConfig, cfg.get("nerf", {})),
             Normalization.from_dict(cfg["normalization"]),
-            dataset=cfg.get("dataset") or {},
+            dataset=cfg.get("dataset", {}),  # a record of another type (0, [], false) is damage, not absence
         )

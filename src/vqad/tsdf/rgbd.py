@@ -306,7 +306,7 @@ def read_open3d_intrinsics(path: Path) -> tuple[np.ndarray, tuple[int, int], flo
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read the intrinsics file {path}: {e}") from e
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, and an integer of over 4,300 digits
         raise InputError(f"{path} is not valid JSON ({e}); fix or regenerate it") from e
     try:
         m = np.asarray(meta["intrinsic_matrix"], dtype=np.float64).reshape(3, 3).T  # column-major

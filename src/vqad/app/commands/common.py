@@ -425,8 +425,12 @@ def check_resumed_source(recorded: str | None, given: str | Path, what: str, hin
     bytes, passes. Returns a note when the recorded path is gone (the data moved: nothing to compare)."""
     import filecmp
 
-    if not recorded:
+    if recorded is None or recorded == "":
         return None
+    if not isinstance(recorded, str):
+        from vqad.checkpoint import DAMAGED
+
+        raise InputError(f"--resume: the checkpoint records {what} as {recorded!r}, not a path: {DAMAGED}")
     old, new = Path(recorded), Path(given)
     try:
         if not old.exists():

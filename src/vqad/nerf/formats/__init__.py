@@ -206,4 +206,8 @@ def load_dataset(path_or_name, format: str = "auto", downscale: int = 1, backgro
         path = path.parent
     if fmt != "ngp" and not path.is_dir():
         raise InputError(f"{path} is not a folder: the {fmt} format is a folder of files")
-    return readers[fmt](path, downscale=downscale, background=background, split_limit=split_limit)
+    try:
+        return readers[fmt](path, downscale=downscale, background=background, split_limit=split_limit)
+    except OSError as e:  # one the readers did not name (a listed file's name too long, an I/O error): one line
+        raise InputError(f"cannot read the {fmt} capture {path}: {e.strerror or e}"
+                         + (f" ({e.filename})" if e.filename else "")) from e

@@ -34,6 +34,7 @@ look at no common point (a forward-facing capture), the box of the model's 3-D p
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import warnings
@@ -100,10 +101,13 @@ class ColmapImage:
 
     def c2w(self, what: str) -> np.ndarray:
         """OpenGL camera-to-world ``(4, 4)``."""
-        norm = float(np.linalg.norm(self.qvec))
-        if norm < 1e-9:
+        big = float(np.abs(self.qvec).max())  # divided by first: the norm of a component near 1e308 overflows
+        if not big < math.inf:
+            raise InputError(f"{what}: the rotation quaternion {self.qvec.tolist()} is not finite; fix or drop that image")
+        if big < 1e-9:
             raise InputError(f"{what}: the rotation quaternion is zero; fix or drop that image")
-        q = self.qvec / norm
+        q = self.qvec / big
+        q = q / np.linalg.norm(q)
         w, x, y, z = q
         R = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
                       [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],

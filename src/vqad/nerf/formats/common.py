@@ -470,13 +470,13 @@ def _read_json(path: Path) -> dict:
     try:
         with open(path) as f:
             meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not valid JSON ({e}); fix or regenerate it") from e
     except RecursionError as e:
         raise InputError(f"{path} is not valid JSON for a capture (nested too deeply); fix or regenerate it") from e
     except UnicodeDecodeError as e:
         raise InputError(f"{path} is not valid JSON (not UTF-8 text: {e.reason} at byte {e.start}); "
                          f"fix or regenerate it") from e
+    except ValueError as e:  # JSONDecodeError, and an integer of over 4,300 digits
+        raise InputError(f"{path} is not valid JSON ({e}); fix or regenerate it") from e
     except OSError as e:
         raise InputError(f"cannot read {path}: {e}") from e
     if not isinstance(meta, dict):

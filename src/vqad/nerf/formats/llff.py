@@ -54,15 +54,16 @@ def read_llff(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=
     if magic != b"\x93NUMPY":
         raise InputError(f"{pb_path} is not a NumPy .npy file (it does not start with the .npy magic bytes): "
                          "LLFF's imgs2poses.py writes it as np.save of an (N, 17) float array")
-    try:
-        pb = np.load(pb_path, allow_pickle=False)
+    try:  # mapped, so a header that claims more rows than the file holds is refused before any allocation
+        pb = np.load(pb_path, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {pb_path} as an (N, 17) float array: {str(e).splitlines()[0]}") from e
+        raise InputError(f"cannot read {pb_path} as an (N, 17) float array: {str(e).splitlines()[0]} (the file is "
+                         f"damaged or not what imgs2poses.py writes)") from e
     if pb.dtype.kind not in "fiu":
         raise InputError(f"{pb_path} holds {pb.dtype} values, not numbers: expected an (N, 17) float array")
     if pb.ndim != 2 or pb.shape[1] != 17 or pb.shape[0] == 0:
         raise InputError(f"{pb_path} must be an (N, 17) array of [3×5 pose | near far] rows, not {list(pb.shape)}")
-    pb = pb.astype(np.float64)
+    pb = np.array(pb, dtype=np.float64)
     if not np.all(np.isfinite(pb)):
         bad = np.nonzero(~np.all(np.isfinite(pb), axis=1))[0].tolist()
         raise InputError(f"{pb_path}: non-finite poses or bounds in rows {bad}; fix or drop those views")

@@ -472,6 +472,30 @@ def test_outputs_write_through_symlinks_and_never_replace_devices_or_pipes(tmp_p
     assert link.is_symlink() and (tmp_path / "models" / "v1.vqad").read_bytes() == model.read_bytes()
 
 
+def test_a_write_goes_through_a_temporary_file_of_its_own_never_a_users(tmp_path):
+    """A hostile pass: every write went through the fixed name NAME.tmp.EXT, so a user's link of that name was
+    written through (its target destroyed, the output left a link to it) and a user's file of that name
+    consumed. Now each write creates its own temporary file (exclusively), with the permissions of a new file."""
+    import os
+
+    import numpy as np
+
+    from vqad.atomicio import save_image, write_atomic
+
+    (tmp_path / "notes.txt").write_text("notes")
+    (tmp_path / "render.tmp.png").symlink_to(tmp_path / "notes.txt")
+    (tmp_path / "model.tmp.vqad").write_text("keep")
+    save_image(np.zeros((4, 4, 3), np.uint8), tmp_path / "render.png")
+    write_atomic(tmp_path / "model.vqad", b"data")
+    assert (tmp_path / "notes.txt").read_text() == "notes" and (tmp_path / "model.tmp.vqad").read_text() == "keep"
+    assert not (tmp_path / "render.png").is_symlink() and (tmp_path / "model.vqad").read_bytes() == b"data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.tmp.vqad", "model.vqad", "notes.txt", "render.png",
+                                                         "render.tmp.png"]  # no temporary file left
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "model.vqad").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+
+
 def test_a_path_the_file_system_refuses_is_one_line_naming_what_to_do(tmp_path, capsys):
     long = str(tmp_path / ("q" * 300))
     for argv in (["synth-capture", "-o", long], ["info", long + ".vqad"], ["synth-rgbd", "procedural", "-o", long]):

@@ -1,7 +1,7 @@
 """Atomic file writes: a reader (or a kill at any moment) sees the old file or the new one, never half.
 
 Every output vqad writes (``.vqad`` files, checkpoints, metrics, meshes, images, reports) goes
-through here: the data is written to ``NAME.tmp`` beside the target, flushed to disk, renamed over
+through here: the data is written to a new temporary file beside the target (:func:`tmp_path`), flushed to disk, renamed over
 the target, and the directory entry flushed too. Append-only logs (``vqad batch``'s results) add
 one fsync'ed line at a time (:func:`append_record`).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from vqad.errors import InputError
@@ -31,10 +32,22 @@ def fsync_path(p: str | Path) -> None:
 
 
 def tmp_path(path: str | Path) -> Path:
-    """The temporary name a write of ``path`` goes through (``NAME.tmp``, keeping the suffix last
-    would let tools guess the type: ``x.png`` → ``x.tmp.png``)."""
+    """A new, empty temporary file beside ``path`` for a write of it to go through: ``NAME.XXXXXXXX.tmp.SUFFIX``
+    (the suffix last, for tools that guess the type by it), created exclusively with a name no one else holds,
+    so a user's file or link of a fixed name (``x.tmp.png``) is never written through nor consumed; its
+    permissions are what a new file gets here (the umask), not ``mkstemp``'s 0600."""
     path = Path(path)
-    return path.with_name(f"{path.stem}.tmp{path.suffix}") if path.suffix else path.with_name(path.name + ".tmp")
+    fd, name = tempfile.mkstemp(prefix=f"{path.stem if path.suffix else path.name}.",
+                                suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
+    return Path(name)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_target(path: str | Path, what: str = "output") -> Path:
@@ -69,7 +82,10 @@ def atomic_path(path: str | Path, what: str = "output"):
             image.save(tmp)
     """
     path = write_target(path, what)
-    tmp = tmp_path(path)
+    try:
+        tmp = tmp_path(path)
+    except OSError as exc:
+        raise InputError(f"cannot write {what} {path}: {exc.strerror or exc}") from exc
     try:
         yield tmp
         fsync_path(tmp)

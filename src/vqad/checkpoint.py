@@ -279,7 +279,11 @@ def load_optimizer_state(path: str | Path, optimizers: dict[str, torch.optim.Opt
     for oname, opt in optimizers.items():
         try:
             m = meta[oname]
-            groups = _checked_param_groups(m["param_groups"], opt)
+            try:
+                groups = _checked_param_groups(m["param_groups"], opt)
+            except _OtherGroups as e:  # another grouping of the parameters (other learning-rate options)
+                raise InputError(f"{path}: its optimizer state does not fit this fit's parameter groups ({e}); resume "
+                                 "with the options (learning-rate scales) the checkpoint was written with") from None
             n_params = sum(len(g["params"]) for g in opt.param_groups)
             state: dict = {}
             for key, t in tensors.items():
@@ -296,9 +300,9 @@ def load_optimizer_state(path: str | Path, optimizers: dict[str, torch.optim.Opt
                              f"{DAMAGED}") from exc
         try:
             opt.load_state_dict({"state": state, "param_groups": groups})
-        except ValueError as e:  # another grouping of the parameters (other learning-rate options)
-            raise InputError(f"{path}: its optimizer state does not fit this fit's parameter groups ({e}); resume "
-                             "with the options (learning-rate scales) the checkpoint was written with") from None
+        except (ValueError, TypeError, KeyError) as e:  # (the groups are this fit's: a state that does not fit them)
+            raise InputError(f"{path}: the optimizer state of {oname!r} is malformed ({type(e).__name__}: {e}): "
+                             f"{DAMAGED}") from None
         _check_state_values(path, oname, opt)
 
 
@@ -310,19 +314,25 @@ def _param_id(text: str, n_params: int) -> int:
     return pid
 
 
+class _OtherGroups(ValueError):
+    """Well-formed parameter groups, but not this fit's: another count, or other parameters in them."""
+
+
 def _checked_param_groups(saved, opt: torch.optim.Optimizer) -> list[dict]:
     """The parameter groups to load into ``opt``: its own (the hyperparameters this fit's configuration sets,
     which the checkpoint's must match), with the learning-rate schedule's state read from ``saved``, each
-    value checked (``lr``, ``initial_lr``: positive finite numbers). ValueError / TypeError when ``saved`` is
-    not groups like ``opt``'s: a group or a parameter more or less, or parameters numbered otherwise."""
+    value checked (``lr``, ``initial_lr``: positive finite numbers). :class:`_OtherGroups` when ``saved`` are
+    groups of other parameters (a group or a parameter more or less), ValueError when they are malformed."""
     current = opt.state_dict()["param_groups"]
-    if not isinstance(saved, list) or len(saved) != len(current):
-        raise ValueError(f"{len(saved) if isinstance(saved, list) else type(saved).__name__} parameter groups, "
-                         f"this fit has {len(current)}")
+    ids = lambda g: isinstance(g, dict) and isinstance(g.get("params"), list) and all(  # noqa: E731
+        isinstance(i, int) and not isinstance(i, bool) for i in g["params"])
+    if not isinstance(saved, list) or not all(ids(g) for g in saved):
+        raise ValueError("its parameter groups are not lists of parameter numbers")
+    if [g["params"] for g in saved] != [g["params"] for g in current]:
+        raise _OtherGroups(f"{len(saved)} groups of {[len(g['params']) for g in saved]} parameters, this fit has "
+                           f"{len(current)} of {[len(g['params']) for g in current]}")
     groups = []
     for g, now in zip(saved, current):
-        if not isinstance(g, dict) or g.get("params") != now["params"]:
-            raise ValueError("its parameter groups hold other parameters than this fit's")
         group = dict(now)
         for key in ("lr", "initial_lr"):
             if key in g:

@@ -113,6 +113,8 @@ class TrainConfig:
 
     #: settings that act on discrete indices alone (the rate term, the codebook's logits C and codewords D;
     #: each application adds its index sweeps): with a grid that has none, each must keep its default or be off
+    #: (what only sizes one of them, e.g. the sweeps' samples, is inert without it and not listed: a config
+    #: shared by fits of several grids keeps it)
     INDEX_SETTINGS: ClassVar[tuple[str, ...]] = ("rate_weight", "rate_context", "logit_lr_scale", "codebook_lr_scale")
 
     def resolved(self, grid_cfg) -> "TrainConfig":

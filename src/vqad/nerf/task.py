@@ -68,7 +68,7 @@ class NeRFTrainConfig(TrainConfig):
     first and is bounded by its own settings (``density_steps``, ``density_minutes``).
     """
 
-    INDEX_SETTINGS = TrainConfig.INDEX_SETTINGS + ("refine", "refine_rays", "recode")
+    INDEX_SETTINGS = TrainConfig.INDEX_SETTINGS + ("refine", "recode")  # (refine_rays acts only with refine)
 
     lr: float | None = 5e-3  # decoders ψ_σ, ψ_c
     grid_lr_scale: float = 30.0  # features Z / logits C / codebooks D

@@ -89,6 +89,28 @@ def evaluate_grid_sparse(fn, resolution: int, device, block: int = 4, margin: fl
 MC_MIN, MC_MAX = 8, 2048
 
 
+#: host bytes per lattice point of a mesh extraction at its peak (the volume, its sparsity mask, the upsampling's
+#: temporaries, marching cubes): 24-35 measured (peak RSS, `vqad mesh` of a sphere at --resolution 256 and 512)
+MC_BYTES_PER_POINT = 28
+
+
+def check_resolution(resolution, what: str = "resolution") -> int:
+    """``resolution`` if it is an integer in ``MC_MIN..MC_MAX`` whose extraction fits this machine's free memory
+    (:data:`MC_BYTES_PER_POINT` per lattice point), else one :class:`InputError` naming ``what`` (a flag) and
+    what to do: at 2048 the lattice needs ~240 GB, and the system killed the process without a word."""
+    from vqad.device import available_memory
+
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or not MC_MIN <= resolution <= MC_MAX:
+        raise InputError(f"{what} must be an integer in {MC_MIN}..{MC_MAX} (grid points per axis), got {resolution!r}")
+    need, free = MC_BYTES_PER_POINT * resolution ** 3, available_memory()
+    if free is not None and need > free:
+        fits = int((free / MC_BYTES_PER_POINT) ** (1 / 3))
+        raise InputError(f"{what} {resolution}: marching cubes on {resolution}³ points takes about {need / 1e9:,.1f} GB "
+                         f"and this machine has {free / 1e9:,.1f} GB free; give at most {fits} (memory grows with "
+                         "its cube)")
+    return resolution
+
+
 def extract_mesh(field, lod: int | None = None, resolution: int = 256, world: bool = True, sparse: bool = True) -> Mesh:
     """Zero level set of an SDF field at ``lod`` as a triangle mesh (world coordinates by default).
 
@@ -103,8 +125,7 @@ def extract_mesh(field, lod: int | None = None, resolution: int = 256, world: bo
         what = f"a {field.kind!r} field" if hasattr(field, "kind") else f"a {type(field).__name__}"
         raise InputError(f"extract_mesh meshes an SDF field (vqad.load(path) of an SDF model), not {what}"
                          + ("; a TSDF's mesh: vqad.tsdf.extract.extract_tsdf_mesh" if getattr(field, "kind", None) == "tsdf" else ""))
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or not MC_MIN <= resolution <= MC_MAX:
-        raise InputError(f"resolution must be an integer in {MC_MIN}..{MC_MAX} (grid points per axis), got {resolution!r}")
+    check_resolution(resolution)
     lod = field.grid.octree.max_level if lod is None else lod
     if lod not in field.lods:
         raise InputError(f"LOD {lod} is not in this model: choose one of {field.lods}")

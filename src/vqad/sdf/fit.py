@@ -37,8 +37,7 @@ class SDFTrainConfig(TrainConfig):
     """Signed distance fitting."""
 
     DEFAULT_LRS = (SDF_LR, SDF_LR_DISCRETE)  # (continuous, discrete grids); a discrete argmax needs larger steps to move
-    INDEX_SETTINGS = TrainConfig.INDEX_SETTINGS + ("refine", "refine_during", "refine_samples", "refine_band",
-                                                   "refine_candidates", "refine_tail")
+    INDEX_SETTINGS = TrainConfig.INDEX_SETTINGS + ("refine", "refine_during")  # (the sweeps' sizes act only with them)
     lr: float | None = None  # decoder lr; None: 5e-3 for grids with discrete indices (codebook), else 2e-3
     grid_lr_scale: float = 10.0  # grid (features, codebook D) lr = lr × this
     logit_lr_scale: float | None = 200.0  # codebook logits C lr = lr × this (None: the grid's)

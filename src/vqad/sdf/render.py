@@ -233,9 +233,9 @@ def render_sdf(field, lod: int | None = None, camera: OrbitCamera | None = None,
     """Shaded image of an SDF field at ``lod``: ``(H, W, 3)`` uint8.
 
     Sphere tracing that skips the octree's empty space (``accelerate``; off: the plain march over
-    the whole cube), then forward-difference normals of the hits in one batch; two-light Lambertian
-    plus ambient shading; misses get ``background``. ``stats`` (if given) counts the field
-    evaluations.
+    the whole cube), then forward-difference normals of the hits; two-light Lambertian plus ambient
+    shading; misses get ``background``. Rays go :data:`TILE_RAYS` at a time, so memory does not grow
+    with the image beyond the image itself. ``stats`` (if given) counts the field evaluations.
     """
     camera = camera or OrbitCamera()
     octree = field.grid.octree
@@ -246,8 +246,28 @@ def render_sdf(field, lod: int | None = None, camera: OrbitCamera | None = None,
         return field.query(x, lod)
 
     o, d = camera.rays(device)
-    hit, t, dist = sphere_trace(fn, o, d, octree=octree if accelerate else None, level=lod, stats=stats)
     img = torch.tensor(background, device=device).repeat(o.shape[0], 1)
+    for s in range(0, o.shape[0], TILE_RAYS):  # memory bounded by a tile, whatever the image's size
+        tile = TraceStats() if stats is not None else None
+        img[s:s + TILE_RAYS] = _shade(fn, o[s:s + TILE_RAYS], d[s:s + TILE_RAYS], img[s:s + TILE_RAYS], base_color,
+                                      octree if accelerate else None, lod, tile)
+        if stats is not None:  # evaluations add up; iterations are the frame's deepest march
+            stats.evaluations += tile.evaluations
+            stats.iterations = max(stats.iterations, tile.iterations)
+    img = img.reshape(camera.height, camera.width, 3)
+    return (img.cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+#: rays :func:`render_sdf` traces at once: a march holds ~340 bytes per ray at its peak (8192² at once took
+#: 23 GB and the system killed it); 512² images (and the default 320²) are one tile
+TILE_RAYS = 1 << 18
+
+
+def _shade(fn, o: torch.Tensor, d: torch.Tensor, img: torch.Tensor, base_color, octree, lod: int,
+           stats: TraceStats | None) -> torch.Tensor:
+    """``img (R, 3)`` (the background) with the rays ``o, d (R, 3)`` that hit the surface shaded."""
+    hit, t, dist = sphere_trace(fn, o, d, octree=octree, level=lod, stats=stats)
+    device = o.device
     if hit.any():
         x = o[hit] + t[hit, None] * d[hit]
         center = dist[hit]
@@ -261,8 +281,7 @@ def render_sdf(field, lod: int | None = None, camera: OrbitCamera | None = None,
         rim = (1 - (n * -d[hit]).sum(-1).clamp(0, 1)) ** 3 * 0.15
         shade = (0.22 + diffuse + rim).clamp(0, 1.2)
         img[hit] = (torch.tensor(base_color, device=device)[None] * shade[:, None]).clamp(0, 1)
-    img = img.reshape(camera.height, camera.width, 3)
-    return (img.cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    return img
 
 
 #: the image files :func:`vqad.atomicio.save_image` writes (Pillow picks the format by suffix)

@@ -43,7 +43,7 @@ class TSDFTrainConfig(TrainConfig):
     """TSDF fitting."""
 
     DEFAULT_LRS = (SDF_LR, SDF_LR_DISCRETE)  # the SDF's
-    INDEX_SETTINGS = TrainConfig.INDEX_SETTINGS + ("refine", "refine_samples", "refine_candidates")
+    INDEX_SETTINGS = TrainConfig.INDEX_SETTINGS + ("refine",)  # (the sweeps' sizes act only with it)
     # the fused values are smooth and fixed (no resampled oracle): on the bunny scan the loss had
     # flattened by step 450 of 600 (0.0075 → 0.0072), so half the SDF's 3,000 steps leave a 3x margin
     # and keep a default fit (a TSDF step costs ~1.4x an SDF step: every sample lies in occupied cells)

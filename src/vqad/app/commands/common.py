@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vqad.atomicio import write_target
 from vqad.errors import InputError
-from vqad.sdf.extract import MC_MAX, MC_MIN  # the bounds of --resolution / --mc-resolution
+from vqad.sdf.extract import check_resolution as check_mc_resolution  # --resolution / --mc-resolution
 
 
 def path_arg(text: str) -> str:
@@ -205,9 +205,10 @@ def ensure_writable_file(path: str | Path, suffixes: tuple[str, ...] | None = No
 
 
 def check_resolution(value: int | None, flag: str) -> None:
-    """Refuse a marching-cubes resolution outside ``MC_MIN..MC_MAX`` (one line, before any work)."""
-    if value is not None and not MC_MIN <= value <= MC_MAX:
-        raise InputError(f"{flag} must be an integer in {MC_MIN}..{MC_MAX} (grid points per axis), got {value}")
+    """Refuse a marching-cubes resolution outside ``MC_MIN..MC_MAX``, or one whose extraction would not fit this
+    machine's free memory (:func:`vqad.sdf.extract.check_resolution`): one line, before any work."""
+    if value is not None:
+        check_mc_resolution(value, flag)
 
 
 def check_finite(value: float | None, flag: str) -> None:

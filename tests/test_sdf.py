@@ -339,6 +339,34 @@ def test_octree_accelerated_sphere_tracing_matches_plain_with_fewer_evaluations(
     assert (np.abs(img_p.astype(int) - img_f.astype(int)).max(-1) > 8).mean() < 0.01
 
 
+def test_a_render_in_tiles_is_the_render_in_one_and_marching_cubes_checks_memory(monkeypatch):
+    """render_sdf traces TILE_RAYS rays at a time (a hostile pass: --size 8192 at once needed 23 GB and was
+    killed): tiles give the same image and evaluation count. extract_mesh refuses a lattice that would not fit
+    free memory, saying which resolution would (--resolution 2048 asked 240 GB and was killed)."""
+    import vqad.device as device_mod
+    import vqad.sdf.render as render_mod
+    from vqad.errors import InputError
+    from vqad.sdf.render import OrbitCamera, TraceStats, render_sdf
+
+    field = _AnalyticSphere()
+    cam = OrbitCamera(width=48, height=40)
+    whole, tiled = TraceStats(), TraceStats()
+    img = render_sdf(field, 6, cam, stats=whole)
+    monkeypatch.setattr(render_mod, "TILE_RAYS", 500)  # 4 tiles, the last one short
+    assert np.array_equal(render_sdf(field, 6, cam, stats=tiled), img)
+    assert tiled.evaluations == whole.evaluations and tiled.iterations == whole.iterations
+
+    from vqad.grid import OctreeGrid
+    from vqad.sdf.field import SDFField
+
+    sdf_field = SDFField(OctreeGrid.from_octree(field.grid.octree, GridConfig("dense", 4, 4, 3, 6)),
+                         DecoderConfig(hidden=8))
+    monkeypatch.setattr(device_mod, "available_memory", lambda: 100 * 28 * 64 ** 3)
+    with pytest.raises(InputError, match="resolution 512: marching cubes on 512³ points takes about 3.8 GB and this "
+                                         "machine has 0.7 GB free; give at most 297"):
+        extract_mesh(sdf_field, 6, resolution=512)
+
+
 def test_grazing_hits_are_reported_where_their_distance_was_measured():
     """Rays still marching when the steps run out report the t at which their distance was measured, so
     the distance returned (and the normals' centre value) belongs to the returned point."""

@@ -580,3 +580,39 @@ def test_info_on_a_damaged_file_lists_the_intact_lods_then_fails(tmp_path, capsy
     assert main(["info", str(tmp_path / "h.vqad")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "CRC mismatch in chunk 'header'" in err
+
+
+def test_checkpoints_keep_their_folder_their_tensors_finite_and_any_path(tmp_path, capsys):
+    """A hostile pass: outputs written inside a checkpoint (compress, mesh, render) made its next --resume refuse
+    the folder; a NaN in its tensors rendered a blank image (exit 0) or crashed compress with a LinAlgError; a
+    checkpoint at a path that is not UTF-8 was called damaged ("delete it")."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _tiny_sdf_file(tmp_path)
+    ckpt = tmp_path / "fit" / "checkpoint"
+    capsys.readouterr()
+    for argv in (["mesh", str(ckpt), "-o", str(ckpt / "m.ply")], ["render", str(ckpt), "-o", str(ckpt / "r.png")],
+                 ["export", str(ckpt), "-o", str(ckpt / "x.vqad")], ["compress", str(ckpt), "--to", "kmeans", "--out",
+                                                                      str(ckpt / "km")]):
+        assert main(argv + ["--threads", "1"]) == 2, argv
+        err = _err(capsys)
+        assert "is inside the checkpoint" in err and len(err.splitlines()) == 1, argv
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "optim.safetensors"]
+
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/nu\xffck"))  # a name that is not UTF-8 (Linux takes any bytes)
+    shutil.copytree(ckpt, odd)
+    assert main(["mesh", str(odd), "--resolution", "16", "-o", str(tmp_path / "odd.ply"), "--threads", "1"]) == 0
+
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    name = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    shutil.copytree(ckpt, tmp_path / "nan")
+    save_file(tensors, str(tmp_path / "nan" / "model.safetensors"))
+    capsys.readouterr()
+    assert main(["render", str(tmp_path / "nan"), "--size", "16", "-o", str(tmp_path / "nan.png"), "--threads", "1"]) == 2
+    err = _err(capsys)
+    assert f"tensor {name} holds NaN or inf values: the checkpoint is damaged" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "nan.png").exists()

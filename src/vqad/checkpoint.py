@@ -201,6 +201,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     path = Path(path)
     cfg = read_config(path)
     tensors = _read_tensors(path / "model.safetensors", device)
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:  # (a fit skips non-finite steps: its tensors stay finite) a blank render, a NaN codebook
+        raise InputError(f"{path / 'model.safetensors'}: tensor {bad} holds NaN or inf values: {DAMAGED}")
     try:
         return build_field(cfg, tensors, device, baked=bool(cfg.get("baked"))), cfg
     except InputError:
@@ -217,7 +220,17 @@ DAMAGED = "the checkpoint is damaged; delete it to start the fit over, or put an
 def _read_tensors(file: Path, device: torch.device | str = "cpu", prefix: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file (only those whose name starts with ``prefix``, if given), or one
     :class:`InputError` line naming it and what to do."""
+    try:  # the environment's errors (permissions, a vanished file) first: they are not damage
+        with open(file, "rb"):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot read {file}: {exc.strerror or exc}") from exc
     try:
+        if not _utf8(file):  # safetensors takes only UTF-8 paths: read the bytes (a checkpoint at b'nu\xffck/')
+            from safetensors.torch import load
+
+            tensors = load(Path(file).read_bytes())
+            return {k: t.to(device) for k, t in tensors.items() if prefix is None or k.startswith(prefix)}
         if prefix is None:
             return load_file(str(file), device=str(device))
         with safe_open(str(file), framework="pt", device=str(device)) as f:
@@ -225,6 +238,14 @@ def _read_tensors(file: Path, device: torch.device | str = "cpu", prefix: str | 
     except Exception as exc:  # safetensors raises several types on bad files
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"cannot read {file}: {msg}: {DAMAGED}") from exc
+
+
+def _utf8(path) -> bool:
+    try:
+        os.fsencode(str(path)).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def build_field(cfg: dict, tensors: dict[str, torch.Tensor], device, baked: bool):

@@ -403,6 +403,17 @@ def grid_config(args, base_cfg):
     return grid
 
 
+def refuse_output_in_model(model, out, flag: str = "--out") -> None:
+    """Refuse an output ``out`` that is the input ``model`` or lies inside it (a checkpoint folder): a file among
+    its tensors makes its next save (``--resume``) refuse the folder, or lose the file."""
+    model, where = Path(model).resolve(), Path(out).resolve()
+    if where == model:
+        raise InputError(f"{flag} {out} is the input model: write to another {'folder' if model.is_dir() else 'file'}")
+    if model.is_dir() and model in where.parents:
+        raise InputError(f"{flag} {out} is inside the checkpoint {model}: write it beside the checkpoint, not among "
+                         "its tensors")
+
+
 def load_model(args, whole: bool = False):
     """The model ``args.model`` (checkpoint or ``.vqad``) on ``args.device``: a ``.vqad`` decoded up to
     ``args.lod`` only, or with ``whole`` up to its end unless ``args.bytes`` asks for a prefix. A radiance

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import path_arg, add_device_arg
+from vqad.app.commands.common import path_arg, add_device_arg, refuse_output_in_model
 
 
 def register(sub) -> None:
@@ -51,8 +51,7 @@ def cmd_compress(args) -> int:
     if args.seed is not None:
         check_seed(args.seed)  # (posthoc checks it too; here before the model is read)
     out = Path(args.out)
-    if out.resolve() == Path(args.model).resolve():
-        raise InputError(f"--out {out} is the input model: write to another directory")
+    refuse_output_in_model(args.model, out)
     try:
         check_checkpoint_target(out)  # now, before the work: a folder of other files is never replaced
     except InputError as exc:

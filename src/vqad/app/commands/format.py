@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 
 from vqad.errors import CorruptStreamError, InputError
-from vqad.app.commands.common import path_arg, ensure_writable_file
+from vqad.app.commands.common import path_arg, ensure_writable_file, refuse_output_in_model
 
 
 def register(sub) -> None:
@@ -35,12 +35,8 @@ def cmd_export(args) -> int:
         raise InputError("--recode makes the entropy-coded file smaller (a raw file packs every index at b bits "
                          "whichever codeword it holds): add --entropy")
     out = ensure_writable_file(args.out, (".vqad",), "--out")
+    refuse_output_in_model(args.model, out)
     model = Path(args.model).resolve()
-    if model == out.resolve():
-        raise InputError(f"--out {out} is the input model: write to another file")
-    if model.is_dir() and model in out.resolve().parents:  # its next save would refuse the folder (or lose the file)
-        raise InputError(f"--out {out} is inside the checkpoint {args.model}: write the file beside it, not among "
-                         "its tensors")
     field = load(args.model, device="cpu")
     if model.is_dir():
         _warn_unfinished(args.model)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (NERF_EVAL_OUTPUTS, clear_earlier_fit, ensure_results_dir, evaluating, fit_seconds, run_rate, seconds_text, steps_text, already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, given,
+from vqad.app.commands.common import (NERF_EVAL_OUTPUTS, refuse_output_in_model, clear_earlier_fit, ensure_results_dir, evaluating, fit_seconds, run_rate, seconds_text, steps_text, already_complete, fit_output_dir, load_model, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, config_flag, config_from, given,
                                       check_resumed_source, fresh_output_dir, grid_config, refuse, report_notes, report_skipped_steps, resumed_configs,
                                       refuse_sweep_sizes_without_sweeps, train_overrides)
 from vqad.atomicio import write_atomic
@@ -494,6 +494,8 @@ def cmd_eval(args) -> int:
     dataset = load_scene(field.dataset, args.dataset)
     require_scorable(dataset, args.views, args.max_views, fix="score other views (--views, --max-views), or check "
                                                               "the masks (vqad render renders them)")
+    if args.out:
+        refuse_output_in_model(args.model, args.out, "-o")
     out = ensure_results_dir(args.out, "--out") if args.out else None
     scoring = checkpoint_scoring(args.model, args.views, dataset.splits.get("train"))
     if args.match_exposure:
@@ -520,6 +522,7 @@ def render_nerf(field, args) -> int:
     dataset = load_scene(field.dataset, getattr(args, "dataset", None))
     split = getattr(args, "views", None) or "test"
     pick_split(dataset, split)
+    refuse_output_in_model(args.model, getattr(args, "out", None) or "render_nerf", "-o")
     out = ensure_results_dir(getattr(args, "out", None) or "render_nerf")
     res = evaluate_nerf(field, dataset, split, lods=lods, out_dir=out, require_scores=False)
     for lod, r in res.items():

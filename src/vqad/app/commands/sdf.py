@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import (SDF_EVAL_OUTPUTS, clear_earlier_fit, evaluating, fit_seconds, run_rate, seconds_text, steps_text, already_complete, fit_output_dir, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
+from vqad.app.commands.common import (SDF_EVAL_OUTPUTS, refuse_output_in_model, clear_earlier_fit, evaluating, fit_seconds, run_rate, seconds_text, steps_text, already_complete, fit_output_dir, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
                                       config_flag, config_from,
                                       ensure_writable_file, given, grid_config, load_model, parse_lod, refuse, train_overrides,
                                       check_resumed_source, report_notes, report_skipped_steps,
@@ -216,6 +216,7 @@ def cmd_mesh(args) -> int:
     refuse(field.kind == "tsdf" and args.resolution is not None,
            "--resolution does not apply to a TSDF model: it is meshed on its octree's own lattice, inside observed space")
     out = ensure_writable_file(args.out or f"mesh_lod{lod}.ply", MESH_SUFFIXES, "mesh")
+    refuse_output_in_model(args.model, out, "-o")
     if field.kind == "tsdf":
         from vqad.tsdf.extract import extract_tsdf_mesh
 
@@ -243,6 +244,7 @@ def cmd_render(args) -> int:
     from vqad.sdf.render import OrbitCamera, render_sdf
 
     out = ensure_writable_file(args.out or f"render_lod{lod}.png", IMAGE_SUFFIXES, "image")
+    refuse_output_in_model(args.model, out, "-o")
     size = RENDER_SIZE if args.size is None else args.size
     check_finite(args.azimuth, "--azimuth")
     check_finite(args.elevation, "--elevation")

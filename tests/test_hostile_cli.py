@@ -616,3 +616,35 @@ def test_checkpoints_keep_their_folder_their_tensors_finite_and_any_path(tmp_pat
     err = _err(capsys)
     assert f"tensor {name} holds NaN or inf values: the checkpoint is damaged" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "nan.png").exists()
+
+
+def test_small_things_a_hostile_pass_found(tmp_path, capsys):
+    """vqad.load takes any os.PathLike and NumPy integers; --lod -1 is named as the flag; vqad eval on a TSDF
+    points at fit-tsdf; compress's follow-up command can be pasted; a radiance field's render -o x.png is refused
+    (it made a folder named x.png)."""
+    from pathlib import PurePosixPath
+
+    import numpy as np
+
+    import vqad
+
+    model = _tiny_sdf_file(tmp_path)
+    assert vqad.load(PurePosixPath(str(model)), lod=np.int64(3)).lods == [3]  # (decoded up to LOD 3)
+    assert vqad.load(PurePosixPath(str(tmp_path / "fit" / "checkpoint"))).kind == "sdf"
+    capsys.readouterr()
+    assert main(["mesh", str(model), "--lod", "-1", "-o", str(tmp_path / "x.ply")]) == 2
+    assert "--lod must be a level of the model's octree (>= 0" in _err(capsys)
+    assert main(["fit-sdf", str(tmp_path / "ball.obj"), "--grid", "dense", "--levels", "3:4", "--steps", "5",
+                 "--no-eval", "--threads", "1", "--out", str(tmp_path / "dense")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "a b"
+    assert main(["compress", str(tmp_path / "dense" / "checkpoint"), "--to", "kmeans", "--bits", "2", "--out", str(out),
+                 "--threads", "1"]) == 0
+    assert f"vqad export '{out}' -o model.vqad" in capsys.readouterr().out
+    assert main(["fit-nerf", "procedural", "--steps", "2", "--levels", "3:4", "--no-eval", "--threads", "1", "--quiet",
+                 "--out", str(tmp_path / "nerf")]) == 0
+    capsys.readouterr()
+    assert main(["render", str(tmp_path / "nerf" / "checkpoint"), "-o", str(tmp_path / "n.png"), "--threads", "1"]) == 2
+    assert "a radiance field's render writes a folder" in _err(capsys) and not (tmp_path / "n.png").exists()
+    assert main(["eval", str(tmp_path / "fit" / "checkpoint")]) == 2
+    assert "vqad eval measures radiance fields (fit-sdf reports an SDF's metrics)" in _err(capsys)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import numbers
+import os
 from pathlib import Path
 
 import torch
@@ -23,14 +25,15 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
     otherwise) and the field is returned whole (evaluate a LOD with ``field(x, lod)``).
     """
     for name, value in (("lod", lod), ("max_bytes", max_bytes), ("max_memory", max_memory)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
             raise InputError(f"{name} must be a whole number >= 0 (or None), got {value!r}")
+    lod, max_bytes, max_memory = (None if v is None else int(v) for v in (lod, max_bytes, max_memory))  # NumPy's too
     if isinstance(source, io.TextIOBase):  # (other sources that are not a model: vqad.fileformat.load says so)
         raise InputError(f"cannot load a {type(source).__name__}: a text stream; pass a checkpoint directory, a .vqad "
                          "path, its bytes or a binary stream (open(path, 'rb'))")
     device = resolve_device(device)
-    if isinstance(source, (str, Path)):
-        path = Path(source)
+    if isinstance(source, (str, os.PathLike)):
+        source = path = Path(os.fsdecode(os.fspath(source)))
         if not path.exists():
             raise InputError(f"no such model: {path} (pass a checkpoint directory or a .vqad file)")
         if path.is_dir():

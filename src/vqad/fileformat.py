@@ -903,7 +903,7 @@ def _blocks(source, max_bytes: int | None = None, block: int = READ_BLOCK) -> It
         mv = memoryview(source)
         yield bytes(mv[: int(min(left, len(mv)))])
         return
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, os.PathLike)):
         try:
             f = open(source, "rb")
         except OSError as exc:

@@ -425,6 +425,8 @@ def load_model(args, whole: bool = False):
     from vqad.device import resolve_device
 
     nbytes = getattr(args, "bytes", None)
+    if args.lod is not None and args.lod < 0:
+        raise InputError(f"--lod must be a level of the model's octree (>= 0; vqad info lists them), got {args.lod}")
     if nbytes is not None and nbytes <= 0:
         raise InputError(f"--bytes must be a positive number of bytes (a prefix of the .vqad file), got {nbytes}")
     lod = None if whole and nbytes is None else args.lod

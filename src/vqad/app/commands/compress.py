@@ -31,6 +31,7 @@ def register(sub) -> None:
 
 
 def cmd_compress(args) -> int:
+    import shlex
     import time
 
     from vqad.api import load
@@ -79,5 +80,5 @@ def cmd_compress(args) -> int:
           f"({ratio_text(r['grid_ratio'])}), decoder {r['decoder_bytes'] / 1e3:,.1f} kB")
     for level, s in zip(new.lods, new.grid.storages):
         print(f"  LOD {level}: m={s.m:,}, relative feature error ||Z - Z'||^2 / ||Z||^2 = {s.reconstruction_error:.4g}")
-    print(f"wrote {out}/ (baked checkpoint; vqad export {out} -o model.vqad writes the file)")
+    print(f"wrote {out}/ (baked checkpoint; vqad export {shlex.quote(str(out))} -o model.vqad writes the file)")
     return 0

@@ -471,7 +471,8 @@ def load_radiance_model(args):
     """The radiance field ``eval`` scores: LOD L of the whole model, or of the ``--bytes`` prefix (:func:`load_model`)."""
     field = load_model(args, whole=True)
     if field.kind != "nerf":
-        raise InputError(f"this is a {field.kind!r} model; vqad eval measures radiance fields (fit-sdf reports SDF metrics)")
+        fit = {"sdf": "fit-sdf reports an SDF's metrics", "tsdf": "fit-tsdf reports a TSDF's metrics"}.get(field.kind, "")
+        raise InputError(f"this is a {field.kind!r} model; vqad eval measures radiance fields" + (f" ({fit})" if fit else ""))
     return field
 
 
@@ -523,6 +524,11 @@ def render_nerf(field, args) -> int:
     split = getattr(args, "views", None) or "test"
     pick_split(dataset, split)
     refuse_output_in_model(args.model, getattr(args, "out", None) or "render_nerf", "-o")
+    from vqad.sdf.render import IMAGE_SUFFIXES
+
+    refuse(Path(getattr(args, "out", None) or "render_nerf").suffix.lower() in IMAGE_SUFFIXES,
+           f"-o {args.out}: a radiance field's render writes a folder (colour, depth and opacity images per view): "
+           "give a folder name")
     out = ensure_results_dir(getattr(args, "out", None) or "render_nerf")
     res = evaluate_nerf(field, dataset, split, lods=lods, out_dir=out, require_scores=False)
     for lod, r in res.items():

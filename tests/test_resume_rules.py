@@ -125,8 +125,9 @@ def test_a_capture_regenerated_at_the_same_path_is_not_the_one_a_model_was_fitte
     monkeypatch.chdir(elsewhere)
     assert main(["eval", str(out / "checkpoint"), "--max-views", "1", "--threads", "1"]) == 0  # found from here
     capsys.readouterr()
-    for cmd, target, needle in (("eval", out, "is a fit's folder"), ("eval", out / "checkpoint", "is a checkpoint"),
-                                ("render", out / "checkpoint", "is a checkpoint")):
+    for cmd, target, needle in (("eval", out, "is a fit's folder"), ("eval", out / "checkpoint", "is the input model"),
+                                ("render", out / "checkpoint", "is the input model"),
+                                ("render", out / "checkpoint" / "views", "is inside the checkpoint")):
         assert main([cmd, str(out / "checkpoint"), "-o", str(target), "--threads", "1"]) == 2
         assert needle in capsys.readouterr().err
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["config.json", "model.safetensors",

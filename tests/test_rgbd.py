@@ -287,6 +287,58 @@ def test_redwood_bad_inputs(tmp_path, sphere_scan):
         read_redwood(root, K=seq.intrinsics)
 
 
+def test_readers_refuse_what_a_fuzz_pass_slipped_past_them(tmp_path, sphere_scan):
+    """Each was a traceback, a hang, a memory blow-up or a frame silently dropped: a PNG whose header claims
+    60000² pixels, a non-UTF-8 camera.txt, a 400-digit depth_scale, a FIFO or /dev/zero where a text file
+    is read, a camera 1e20 units away (its block coordinates overflowed), a skewed or non-square K."""
+    import os
+
+    seq = sphere_scan[0]
+    root = write_redwood(seq, tmp_path / "r")
+    depth0 = sorted((root / "depth").iterdir())[0]
+    data = bytearray(depth0.read_bytes())  # IHDR width/height at bytes 16..24, its CRC after
+    data[16:24] = (60000).to_bytes(4, "big") * 2
+    import zlib
+
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    good = depth0.read_bytes()
+    depth0.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="cannot read the image .*decompression bomb"):
+        read_redwood(root)
+    depth0.write_bytes(good)
+    os.mkfifo(root / "notes.json")  # an intrinsics candidate that is no file: skipped, not read (it blocked)
+    (root / "extra.json").symlink_to("/dev/zero")
+    assert len(read_redwood(root)) == 6
+    log = root / "trajectory.log"
+    text = log.read_text()
+    log.unlink()
+    log.symlink_to("/dev/zero")
+    with pytest.raises(InputError, match="the trajectory .* is not a regular file"):
+        read_redwood(root)
+    log.unlink()
+    rows = text.splitlines()
+    rows[1] = " ".join(rows[1].split()[:3] + ["1e20"])
+    log.write_text("\n".join(rows) + "\n")
+    with pytest.raises(InputError, match="the camera is 1e\\+20 units from the origin"):
+        read_redwood(root)
+    log.write_text(text)
+    meta = json.loads((root / "camera_intrinsic.json").read_text())
+    (root / "camera_intrinsic.json").write_text(json.dumps(meta)[:-1] + ', "depth_scale": ' + "9" * 400 + "}")
+    with pytest.raises(InputError, match="depth_scale must be a positive number below 1e12"):
+        read_redwood(root)
+    for change, words in (({1: 1e5}, "have a skew"), ({4: meta["intrinsic_matrix"][0] * 3}, "fy = .* against fx")):
+        m = list(meta["intrinsic_matrix"])
+        for i, v in change.items():
+            m[i] = v  # (column-major: m[1] is K[1, 0], m[4] is fy)
+        (root / "camera_intrinsic.json").write_text(json.dumps({**meta, "intrinsic_matrix": m}))
+        with pytest.raises(InputError, match=words):
+            read_redwood(root)
+    tum = _write_hand_tum(tmp_path / "tum")
+    (tum / "camera.txt").write_bytes(b"10.0 10.0 \xff 2.5\n")
+    with pytest.raises(InputError, match="cannot read the camera file .* not UTF-8"):
+        read_sequence(tum)
+
+
 # -- detection -------------------------------------------------------------------------------------
 def test_detection_and_its_errors(tmp_path):
     assert detect_sequence_format("procedural") == "procedural"

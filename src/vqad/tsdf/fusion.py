@@ -625,9 +625,10 @@ def fuse(seq: RGBDSequence, voxel: float | None = None, trunc: float | None = No
         d = depth[pix_t]
         pts = ray[pix_t, None, :] * d[:, None, None] + ray_unit[pix_t, None, :] * steps[None, :, None]  # (n, s, 3) camera
         pts = pts.reshape(-1, 3).double() @ Rcw.T + tcw
-        bc = torch.floor(pts / bsize).long()
-        if bc.abs().max() * block >= _KEY_OFFSET - block:
+        bcf = torch.floor(pts / bsize)  # (checked in float64: a coordinate past int64 wraps negative in .long())
+        if not bool(torch.isfinite(bcf).all()) or float(bcf.abs().max()) * block >= _KEY_OFFSET - block:
             raise InputError(f"frame {i}: the scene spans more than 2^20 voxels of {voxel:g} {seq.units} from the origin: pass a larger voxel (--voxel)")
+        bc = bcf.long()
         keys, inv = torch.unique(_pack(bc), return_inverse=True)
         first = torch.zeros(keys.shape[0], dtype=torch.long, device=dev).scatter_(0, inv, torch.arange(inv.shape[0], device=dev))
         hashmap.insert(keys, bc[first])

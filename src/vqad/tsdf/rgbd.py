@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -71,6 +72,9 @@ def check_pose(m, what: str) -> np.ndarray:
         raise InputError(f"{what}: the pose must be a 4×4 matrix, not {list(a.shape)}")
     if not np.all(np.isfinite(a)):
         raise InputError(f"{what}: the pose has non-finite values (NaN or inf); fix or drop that frame")
+    if np.abs(a[:3, 3]).max() > MAX_TRANSLATION:
+        raise InputError(f"{what}: the camera is {np.abs(a[:3, 3]).max():.3g} units from the origin, beyond "
+                         f"{MAX_TRANSLATION:g}: not a scan's pose (check the trajectory's units)")
     if not np.allclose(a[3], [0, 0, 0, 1], atol=1e-6):
         raise InputError(f"{what}: the pose's last row is {a[3].tolist()}, not [0, 0, 0, 1]; "
                          "give a rigid camera-to-world matrix")
@@ -80,6 +84,37 @@ def check_pose(m, what: str) -> np.ndarray:
         raise InputError(f"{what}: the pose is not rigid (|RᵀR − I| = {err:.2g}, det R = {np.linalg.det(r):.3g}); "
                          "poses must be rotations plus translations (no scale, shear or mirror)")
     return a
+
+
+#: the largest text file (lists, trajectories, camera JSON) a sequence reader reads: a 100k-frame TUM list is ~6 MB
+MAX_TEXT_BYTES = 256 << 20
+#: the largest image side a sequence's camera may state
+MAX_IMAGE_SIDE = 65_536
+#: the largest camera translation from the origin (in the sequence's units): beyond it the fusion's block
+#: coordinates overflow (a 1e20 silently dropped its frame)
+MAX_TRANSLATION = 1e9
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``, a regular file of at most :data:`MAX_TEXT_BYTES` (a FIFO would block forever
+    and /dev/zero fill the memory), or one :class:`InputError` naming ``what`` it is and the problem."""
+    import stat
+
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{what} {path} is not a regular file (a device, a pipe or a folder); give the file itself")
+        if st.st_size > MAX_TEXT_BYTES:
+            raise InputError(f"{what} {path} holds {st.st_size:,} bytes, more than {MAX_TEXT_BYTES:,}: not a "
+                             "sequence's text file")
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"cannot read {what} {path}: not UTF-8 text ({e.reason} at byte {e.start}); fix or "
+                         "regenerate it") from e
 
 
 def intrinsics_matrix(fx: float, fy: float, cx: float, cy: float) -> np.ndarray:
@@ -112,6 +147,9 @@ def parse_intrinsics(value, width: int | None = None, height: int | None = None)
         raise InputError(f"intrinsics must be a 3×3 matrix K or fx, fy, cx, cy; got shape {list(a.shape)}")
     if not np.all(np.isfinite(a)) or a[0, 0] <= 0 or a[1, 1] <= 0 or not np.allclose(a[2], [0, 0, 1]):
         raise InputError(f"invalid intrinsics K = {a.tolist()}: fx, fy must be positive and the last row 0 0 1")
+    if a[1, 0] != 0 or abs(a[0, 1]) > 1e-9 * a[0, 0]:
+        raise InputError(f"intrinsics K = {a.tolist()} have a skew: the fusion's pinhole takes fx, fy, cx, cy only "
+                         "(undistort and unskew the images first)")
     return a
 
 
@@ -208,13 +246,16 @@ def read_depth_png(path: Path, depth_scale: float, size: tuple[int, int] | None 
     try:
         with Image.open(path) as im:
             mode = im.mode
+            if size is not None and im.size != tuple(size):  # (before decoding: a header may claim 60000²)
+                raise InputError(f"the depth image {path} is {im.size[0]}×{im.size[1]} but the camera is "
+                                 f"{size[0]}×{size[1]}; use the intrinsics of the camera that took these images")
             if mode not in ("I;16", "I;16B", "I;16L", "I"):
                 raise InputError(f"the depth image {path} is {_mode_text(mode)}, not a 16-bit depth PNG; depth "
                                  "must be single-channel 16-bit (TUM: depth × 5000, Redwood: millimetres)")
             a = np.asarray(im)
     except InputError:
         raise
-    except (OSError, ValueError, SyntaxError) as e:
+    except _image_errors() as e:
         raise InputError(f"cannot read the depth image {path}: {e}") from e
     if a.ndim != 2:
         raise InputError(f"the depth image {path} has {a.shape[-1]} channels; depth must be single-channel 16-bit")
@@ -239,8 +280,13 @@ def read_color_image(path: Path, size: tuple[int, int] | None = None) -> np.ndar
         raise InputError(f"colour image not found: {path}; restore it or remove the frame from the list")
     try:
         with Image.open(path) as im:
+            if size is not None and im.size != tuple(size):  # (before decoding)
+                raise InputError(f"the colour image {path} is {im.size[0]}×{im.size[1]} but the depth is "
+                                 f"{size[0]}×{size[1]}; colour must be registered to depth at the same size")
             a = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as e:
+    except InputError:
+        raise
+    except _image_errors() as e:
         raise InputError(f"cannot read the colour image {path}: {e}") from e
     if size is not None and (a.shape[1], a.shape[0]) != tuple(size):
         raise InputError(f"the colour image {path} is {a.shape[1]}×{a.shape[0]} but the depth is {size[0]}×{size[1]}; "
@@ -253,9 +299,18 @@ def _image_size(path: Path) -> tuple[int, int]:
 
     try:
         with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError, SyntaxError) as e:
+            w, h = im.size
+    except _image_errors() as e:
         raise InputError(f"cannot read the image {path}: {e}") from e
+    if not (0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE):
+        raise InputError(f"the image {path} is {w}×{h}: each side must be 1..{MAX_IMAGE_SIDE:,} pixels")
+    return w, h
+
+
+def _image_errors() -> tuple:
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def median_depth(seq: RGBDSequence) -> float | None:
@@ -291,6 +346,9 @@ def _check_size_vs_intrinsics(K: np.ndarray, size: tuple[int, int], what: str) -
     if not (0.25 * w < cx + 0.5 < 0.75 * w and 0.25 * h < cy + 0.5 < 0.75 * h):
         raise InputError(f"{what}: the images are {w}×{h} but the principal point (cx, cy) = ({cx:g}, {cy:g}) is "
                          "not near their centre; the intrinsics are for another image size")
+    if not 0.5 <= K[1, 1] / K[0, 0] <= 2:
+        raise InputError(f"{what}: fy = {K[1, 1]:g} px against fx = {K[0, 0]:g} px: a depth camera's pixels are "
+                         "about square (fy ≈ fx); check the intrinsics")
     fov = math.degrees(2 * math.atan(w / (2 * K[0, 0])))
     if not FOV_RANGE_DEG[0] <= fov <= FOV_RANGE_DEG[1]:
         raise InputError(f"{what}: fx = {K[0, 0]:g} px gives these {w}-px-wide images a field of view of {fov:.3g}°, "
@@ -303,25 +361,27 @@ def read_open3d_intrinsics(path: Path) -> tuple[np.ndarray, tuple[int, int], flo
     (9 values, column-major) → ``K (3, 3)``, ``(W, H)``, and the optional extra key ``depth_scale``
     (depth PNG units per metre; vqad's writers record it, Open3D ignores it) or None."""
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read the intrinsics file {path}: {e}") from e
+        meta = json.loads(read_text_file(path, "the intrinsics file"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError, and an integer of over 4,300 digits
         raise InputError(f"{path} is not valid JSON ({e}); fix or regenerate it") from e
     try:
         m = np.asarray(meta["intrinsic_matrix"], dtype=np.float64).reshape(3, 3).T  # column-major
-        size = (int(meta["width"]), int(meta["height"]))
-    except (KeyError, TypeError, ValueError) as e:
+        size = (meta["width"], meta["height"])
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # (an integer of 400 digits overflows a float)
         raise InputError(f"{path} must be an Open3D PinholeCameraIntrinsic JSON with width, height and "
                          "intrinsic_matrix (9 numbers, column-major)") from e
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_IMAGE_SIDE for n in size):
+        raise InputError(f"{path}: width and height must be whole numbers of pixels in 1..{MAX_IMAGE_SIDE:,}, got "
+                         f"{size[0]!r:.20} and {size[1]!r:.20}")
     if not np.allclose(m[2], [0, 0, 1]) and np.allclose(m.T[2], [0, 0, 1]):
         raise InputError(f"{path}: intrinsic_matrix reads as row-major (fx, 0, cx, 0, fy, cy, 0, 0, 1); Open3D's "
                          f"PinholeCameraIntrinsic stores it column by column: fx, 0, 0, 0, fy, 0, cx, cy, 1")
     K = parse_intrinsics(m)
     _check_size_vs_intrinsics(K, size, str(path))
     scale = meta.get("depth_scale")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise InputError(f"{path}: depth_scale must be a positive number, not {scale!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and 0 < scale < 1e12):  # (an integer of 400 digits is not a float)
+        raise InputError(f"{path}: depth_scale must be a positive number below 1e12, not {scale!r:.40}")
     return K, size, None if scale is None else float(scale)
 
 
@@ -338,14 +398,9 @@ def write_open3d_intrinsics(path: Path, K: np.ndarray, width: int, height: int, 
 # -- TUM RGB-D -------------------------------------------------------------------------------------
 def _read_list(path: Path, columns: int) -> list[list[str]]:
     """A TUM list file: ``#`` comments, whitespace-separated fields, first field a time stamp."""
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path} not found: a TUM RGB-D sequence needs it")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as e:
-        raise InputError(f"cannot read {path}: not UTF-8 text ({e.reason} at byte {e.start}); fix or regenerate it") from e
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror or e}") from e
+    text = read_text_file(path, "the list")
     rows, seen = [], {}
     for k, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].replace(",", " ").strip()
@@ -453,7 +508,7 @@ def _tum_intrinsics(root: Path, K) -> tuple[np.ndarray | None, tuple[int, int] |
         return parse_intrinsics(K), None, "given", scale
     txt = root / "camera.txt"
     if txt.is_file():
-        lines = [ln.split("#", 1)[0].strip() for ln in txt.read_text().splitlines()]
+        lines = [ln.split("#", 1)[0].strip() for ln in read_text_file(txt, "the camera file").splitlines()]
         lines = [ln for ln in lines if ln]
         if len(lines) != 1:
             raise InputError(f"{txt} must hold one line 'fx fy cx cy' (pixels)")
@@ -582,10 +637,7 @@ def read_log_trajectory(path: Path) -> np.ndarray:
 
     Per frame: a line of three integers (``id id frame``, ignored), then four rows of the 4×4 matrix.
     """
-    try:
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read the trajectory {path}: {e}") from e
+    lines = [ln.strip() for ln in read_text_file(path, "the trajectory").splitlines() if ln.strip()]
     if not lines or len(lines) % 5:
         raise InputError(f"{path}: a .log trajectory has 5 lines per frame (an 'id id frame' line, then 4 matrix "
                          f"rows); it has {len(lines)} non-empty lines")
@@ -676,7 +728,8 @@ def read_redwood(path, depth_scale: float | None = None, K=None, trajectory: str
     if intrinsics_file is not None:
         js = _one(root, "", "intrinsics file", intrinsics_file)
     else:
-        cands = [p for p in sorted(root.glob("*.json")) if "intrinsic_matrix" in p.read_text(errors="replace")]
+        cands = [p for p in sorted(root.glob("*.json")) if p.is_file() and p.stat().st_size <= MAX_TEXT_BYTES
+                 and "intrinsic_matrix" in read_text_file(p, "the JSON file")]
         if len(cands) > 1:
             raise InputError(f"{root} has several intrinsics JSON files ({', '.join(p.name for p in cands)}); "
                              "say which to use (--intrinsics FILE.json)")
@@ -725,17 +778,23 @@ def read_rtmv_sequence(path, depth_kind: str = "ray") -> RGBDSequence:
     poses, K, size, depths, colors = [], None, None, [], []
     for _, jp in jsons:
         try:
-            cam = json.loads(jp.read_text())["camera_data"]
+            cam = json.loads(read_text_file(jp, "the camera file"))["camera_data"]
             intr = cam["intrinsics"]
-            k = intrinsics_matrix(float(intr["fx"]), float(intr["fy"]), float(intr["cx"]) - 0.5, float(intr["cy"]) - 0.5)
-            s = (int(cam["width"]), int(cam["height"]))
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            numbers = [intr["fx"], intr["fy"], intr["cx"], intr["cy"], cam["width"], cam["height"]]
+            c2w = cam["cam2world"]
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise InputError(f"{jp}: needs camera_data with cam2world, intrinsics fx, fy, cx, cy, width and height") from e
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < math.inf for v in numbers) \
+                or not all(isinstance(n, int) and 0 < n <= MAX_IMAGE_SIDE for n in numbers[4:]):
+            raise InputError(f"{jp}: fx, fy, cx, cy must be finite numbers and width, height whole numbers of pixels "
+                             f"in 1..{MAX_IMAGE_SIDE:,}")
+        k = intrinsics_matrix(float(numbers[0]), float(numbers[1]), numbers[2] - 0.5, numbers[3] - 0.5)
+        s = (numbers[4], numbers[5])
         if K is None:
             K, size = k, s
         elif not np.allclose(k, K) or s != size:
             raise InputError(f"{jp}: its camera differs from {jsons[0][1].name}'s; an RGB-D sequence has one camera")
-        poses.append(_rtmv_c2w(cam["cam2world"], jp.name) @ GL_TO_CV)
+        poses.append(_rtmv_c2w(c2w, jp.name) @ GL_TO_CV)
         dp = jp.with_name(jp.stem + ".depth.exr")
         if not dp.is_file():
             raise InputError(f"{dp} not found: every RTMV view needs its depth EXR for RGB-D fusion")
@@ -743,6 +802,8 @@ def read_rtmv_sequence(path, depth_kind: str = "ray") -> RGBDSequence:
         cp = jp.with_suffix(".exr")
         colors.append(cp if cp.is_file() else None)
     has_color = all(c is not None for c in colors)
+    K = parse_intrinsics(K)
+    _check_size_vs_intrinsics(K, size, str(root))  # (before the per-pixel table below is allocated)
     fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
     ray_to_z = 1.0 / np.sqrt(1.0 + ((np.arange(size[0]) - cx) / fx)[None, :] ** 2
                              + ((np.arange(size[1]) - cy) / fy)[:, None] ** 2)
@@ -761,7 +822,6 @@ def read_rtmv_sequence(path, depth_kind: str = "ray") -> RGBDSequence:
             raise InputError(f"the image {colors[i]} is {rgba.shape[1]}×{rgba.shape[0]} but its camera is {size[0]}×{size[1]}")
         return _image_to_srgb8(rgba, 1, (0.0, 0.0, 0.0))[0]
 
-    _check_size_vs_intrinsics(K, size, str(root))
     return RGBDSequence(name=root.name, intrinsics=K, poses=np.stack(poses), width=size[0], height=size[1],
                         load_depth=load_depth, load_color=load_color if has_color else None, units="scene")
 

@@ -225,7 +225,7 @@ def test_a_fit_learns_each_photos_gain_and_resumes_with_it(tmp_path, capsys):
     key = next(k for k in optim if k.startswith("appearance.") and k.endswith("exp_avg"))
     save_file({**optim, key: torch.zeros(3, 3)}, str(ckpt / "optim.safetensors"))
     assert _fit(cap, tmp_path / "fit", "--steps", "400", "--resume") != 0
-    assert f"the optimizer state {key.replace('.0.', '.', 1)} has shape (3, 3)" in capsys.readouterr().err
+    assert f"the optimizer state {key.replace('.0.', '.', 1)} is torch.float32 of shape (3, 3)" in capsys.readouterr().err
 
 
 def test_an_unknown_appearance_is_refused(tmp_path, capsys):

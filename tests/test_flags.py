@@ -614,3 +614,46 @@ def test_a_checkpoint_config_with_an_integer_of_5000_digits_is_one_line(tmp_path
     assert main(["export", str(p.parent), "-o", str(tmp_path / "x.vqad")]) == 2
     err = _err(capsys)
     assert f"cannot read {p}" in err and "the checkpoint is damaged" in err and len(err.strip().splitlines()) == 1
+
+
+def _bool_step(t):
+    k = next(k for k in t if k.endswith(".step"))
+    t[k] = torch.tensor(True)
+
+
+def _negative_second_moment(t):
+    k = next(k for k in t if k.endswith(".exp_avg_sq"))
+    t[k] = -torch.ones_like(t[k])
+
+
+def _missing_first_moment(t):
+    del t[next(k for k in t if k.endswith(".exp_avg"))]
+
+
+@pytest.mark.parametrize("file, damage, message", [
+    # a second fuzz pass: each was a traceback at the first step, or a resume that wrote NaN weights (exit 0)
+    ("optim.safetensors", _bool_step, "is torch.bool of shape ()"),
+    ("optim.safetensors", _negative_second_moment, "holds values that are not finite, or negative ones"),
+    ("optim.safetensors", _missing_first_moment, "holds ['exp_avg_sq', 'step'] for a parameter, not"),
+    # ... a silent cast into another model, or a float64 1e300 that became inf in float32 (a blank render)
+    ("model.safetensors", lambda t: t.update({"octree.codes": t["octree.codes"].to(torch.uint8)}),
+     "tensor octree.codes is torch.uint8, not the octree's int64 codes"),
+    ("model.safetensors", lambda t: t.update({k: t[k].double() * 0 + 1e300 for k in t if k.endswith("weight")}),
+     "is torch.float64, not float32 or float16"),
+])
+def test_damaged_checkpoint_tensors_are_one_line_on_resume(tmp_path, capsys, trained_run, file, damage, message):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    mesh, run = trained_run
+    shutil.copytree(run, tmp_path / "run")
+    f = tmp_path / "run" / "checkpoint" / file
+    tensors = load_file(str(f))
+    damage(tensors)
+    save_file(tensors, str(f))
+    capsys.readouterr()
+    assert main(["fit-sdf", str(mesh), "--steps", "5", "--out", str(tmp_path / "run"), "--resume", "--quiet",
+                 "--no-eval"]) == 2
+    err = _err(capsys)
+    assert message in err and "the checkpoint is damaged" in err and len(err.strip().splitlines()) == 1

@@ -355,6 +355,7 @@ def test_a_render_in_tiles_is_the_render_in_one_and_marching_cubes_checks_memory
     monkeypatch.setattr(render_mod, "TILE_RAYS", 500)  # 4 tiles, the last one short
     assert np.array_equal(render_sdf(field, 6, cam, stats=tiled), img)
     assert tiled.evaluations == whole.evaluations and tiled.iterations == whole.iterations
+    assert tiled.hits == whole.hits > 0  # (vqad render warns when no ray met the surface)
 
     from vqad.grid import OctreeGrid
     from vqad.sdf.field import SDFField

@@ -562,3 +562,27 @@ def test_threads_is_the_process_setting_not_a_sweep_option(sphere, tmp_path):
         assert torch.get_num_threads() == 1 and not hasattr(cfg, "threads")
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("change", [
+    {"method": "zzz"}, {"method": 5}, {"bytes": 0}, {"bytes": "abc"}, {"bytes": -5}, {"bytes": float("nan")},
+    {"grid_bytes": "12"}, {"dense_fp16_grid_bytes": None}, {"chamfer_l1": "0.1"}, {"rate_weight": "x"},
+    {"lod": "3"}, {"note": 5}, {"setting": [1]},
+])
+def test_a_point_record_whose_rows_are_not_numbers_is_damaged(tmp_path, change):
+    """A second fuzz pass: rows with a string, 0 or NaN for a number (or another method) passed read_point and
+    made collect_rows, the table or the plot fail with a traceback; such a record is now damaged (set aside and
+    the point redone, as a record that is not JSON)."""
+    row = {"point": "dense", "method": "dense", "param": "", "setting": None, "rate_weight": None, "lod": 3,
+           "chamfer_l1": 0.4, "normal_consistency": 0.5, "iou": 0.4, "bytes": 7665, "grid_bytes": 6824,
+           "dense_fp16_grid_bytes": 6824.0, "file": "points/dense.vqad", "note": None, "ssim": -0.01}
+    rec = {"point": "dense", "method": "dense", "setting": None, "rate_weight": None,
+           "finished_at": "2026-12-07T17:25:09+00:00", "rows": [row]}
+    path = tmp_path / "dense.json"
+    path.write_text(json.dumps(rec))
+    assert S.read_point(path) == rec
+    path.write_text(json.dumps({**rec, "rows": [{**row, **change}]}))
+    assert S.read_point(path) is None
+    del row["lod"]
+    path.write_text(json.dumps(rec))
+    assert S.read_point(path) is None

@@ -201,9 +201,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     path = Path(path)
     cfg = read_config(path)
     tensors = _read_tensors(path / "model.safetensors", device)
-    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
-    if bad is not None:  # (a fit skips non-finite steps: its tensors stay finite) a blank render, a NaN codebook
-        raise InputError(f"{path / 'model.safetensors'}: tensor {bad} holds NaN or inf values: {DAMAGED}")
+    for name, t in tensors.items():
+        problem = _tensor_problem(name, t)
+        if problem:
+            raise InputError(f"{path / 'model.safetensors'}: tensor {name} {problem}: {DAMAGED}")
     try:
         return build_field(cfg, tensors, device, baked=bool(cfg.get("baked"))), cfg
     except InputError:
@@ -211,6 +212,26 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as exc:
         raise InputError(f"{path} does not hold the model its config.json describes ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}): {DAMAGED}") from exc
+
+
+#: the dtypes of a checkpoint's values (trained: float32; baked: float16) and of its integer tensors: an octree's
+#: codes (int64) and a baked codebook's indices V (any of these integers)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def _tensor_problem(name: str, t: torch.Tensor) -> str | None:
+    """What is wrong with the model tensor ``name``, or None: codes must be int64 and V integers (a bool or uint8
+    octree cast silently into another model), every other tensor float32/16 and finite (a float64 1e300 became
+    inf in float32 and a blank render exited 0; a fit skips non-finite steps, so its tensors stay finite)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "codes":
+        return None if t.dtype == torch.int64 else f"is {t.dtype}, not the octree's int64 codes"
+    if leaf == "V":
+        return None if t.dtype in INDEX_DTYPES else f"is {t.dtype}, not a codebook's integer indices"
+    if t.dtype not in FLOAT_DTYPES:
+        return f"is {t.dtype}, not float32 or float16"
+    return None if bool(torch.isfinite(t).all()) else "holds NaN or inf values"
 
 
 #: what to do about a damaged checkpoint
@@ -365,18 +386,38 @@ def _checked_param_groups(saved, opt: torch.optim.Optimizer) -> list[dict]:
     return groups
 
 
+#: state values that are second moments or counts: never negative (a negative exp_avg_sq made the step NaN)
+NON_NEGATIVE_STATE = ("step", "exp_avg_sq", "max_exp_avg_sq", "v", "t")
+
+
+def _state_keys(opt: torch.optim.Optimizer, group: dict) -> tuple[str, ...] | None:
+    """The keys a parameter's state holds after its first step in ``opt`` (None: not known, not checked)."""
+    keys = getattr(type(opt), "STATE_KEYS", None)
+    if keys is None and isinstance(opt, (torch.optim.Adam, torch.optim.SparseAdam)):  # (SparseRowAdam too)
+        keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ())
+    return keys
+
+
 def _check_state_values(path: Path, oname: str, opt: torch.optim.Optimizer) -> None:
-    """Every state tensor of ``opt`` is finite, and a scalar (a step count, >= 0) or of its parameter's shape
-    or one value per row (row-wise RMSprop): anything else fails only at the first step, deep inside the
-    optimizer, or turns the steps into NaN."""
+    """Every parameter's state in ``opt`` is empty or holds the keys its optimizer's step makes
+    (:func:`_state_keys`), each a finite float tensor (or a count) of its parameter's shape, one value per row
+    (an optimizer with ``ROW_STATE``) or a scalar, and second moments and counts are >= 0: anything else fails
+    only at the first step, deep inside the optimizer, or turns the steps into NaN."""
+    rows = getattr(type(opt), "ROW_STATE", False)
     for group in opt.param_groups:
+        keys = _state_keys(opt, group)
         for p in group["params"]:
-            for key, v in opt.state.get(p, {}).items():
+            state = opt.state.get(p, {})
+            if state and keys is not None and set(state) != set(keys):
+                raise InputError(f"{path}: the optimizer state of {oname!r} holds {sorted(state)} for a parameter, not "
+                                 f"{sorted(keys)}: {DAMAGED}")
+            for key, v in state.items():
                 if not torch.is_tensor(v):
                     continue
-                if v.dim() and tuple(v.shape) not in (tuple(p.shape), tuple(p.shape[:1])):
-                    raise InputError(f"{path}: the optimizer state {oname}.{key} has shape {tuple(v.shape)} for a "
-                                     f"parameter of shape {tuple(p.shape)}: {DAMAGED}")
-                if v.is_complex() or not bool(torch.isfinite(v).all()) or (v.dim() == 0 and float(v) < 0):
-                    what = f"is {v.item()!r}, not a count" if v.dim() == 0 else "holds values that are not finite"
+                shapes = (tuple(p.shape[:1]),) if rows else ((), tuple(p.shape))
+                if tuple(v.shape) not in shapes or v.dtype not in FLOAT_DTYPES:
+                    raise InputError(f"{path}: the optimizer state {oname}.{key} is {v.dtype} of shape "
+                                     f"{tuple(v.shape)} for a parameter of shape {tuple(p.shape)}: {DAMAGED}")
+                if not bool(torch.isfinite(v).all()) or (key in NON_NEGATIVE_STATE and bool((v < 0).any())):
+                    what = f"is {v.item()!r}" if v.dim() == 0 else "holds values that are not finite, or negative ones"
                     raise InputError(f"{path}: the optimizer state {oname}.{key} {what}: {DAMAGED}")

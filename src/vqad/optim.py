@@ -110,6 +110,11 @@ class SparseRowAdam(torch.optim.SparseAdam):
 class RowwiseSparseRMSprop(torch.optim.Optimizer):
     """RMSprop with one second moment per row, for sparse gradients of 2-D parameters."""
 
+    #: a parameter's state after its first step: ``v`` (its rows' second moments) and ``t`` (their step counts),
+    #: one value per row each (what a checkpoint's state is checked against: vqad.checkpoint)
+    STATE_KEYS = ("v", "t")
+    ROW_STATE = True
+
     def __init__(self, params, lr: float = 1e-2, beta: float = 0.99, eps: float = 1e-8):
         if lr <= 0 or not 0.0 <= beta < 1.0 or eps <= 0:
             raise ValueError(f"invalid RowwiseSparseRMSprop settings: lr={lr}, beta={beta}, eps={eps}")

@@ -998,8 +998,33 @@ def read_point(path: Path) -> dict | None:
         return None
     ok = (isinstance(rec, dict) and rec.get("point") == path.stem and isinstance(rec.get("method"), str)
           and rec["method"] in METHODS and isinstance(rec.get("rows"), list) and rec["rows"]
-          and all(isinstance(r, dict) for r in rec["rows"]) and isinstance(rec.get("finished_at"), str))
+          and all(_row_ok(r, rec["method"]) for r in rec["rows"]) and isinstance(rec.get("finished_at"), str))
     return rec if ok else None
+
+
+#: a point row's numbers (each None or a finite number >= 0; ssim may be negative) and texts (None or a string)
+_ROW_NUMBERS = ("setting", "rate_weight", "lod", "bytes", "file_bytes", "entropy_bytes", "grid_bytes", "octree_bytes",
+                "decoder_bytes", "dense_fp16_grid_bytes", "index_bits", "coded_index_bits", "vertices", "fit_seconds",
+                "eval_seconds", "peak_memory_bytes", "steps", "refine", "chamfer_l1", "normal_consistency", "iou",
+                "psnr", "psnr_matched", "ssim")
+_ROW_TEXTS = ("param", "file", "note")
+
+
+def _row_ok(r, method: str) -> bool:
+    """Whether ``r`` is a row the tables and the plot can use: its point's method, its numbers numbers (a
+    damaged record's string or 0 for bytes made collect_rows divide by it, or the plot fail), a positive size."""
+    def number(v, signed=False):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (signed or v >= 0)
+
+    if not isinstance(r, dict) or r.get("method") != method or not {"setting", "lod", "bytes"} <= set(r):
+        return False
+    if any(r.get(k) is not None and not number(r[k], signed=k == "ssim") for k in _ROW_NUMBERS):
+        return False
+    if any(r.get(k) is not None and not isinstance(r[k], str) for k in _ROW_TEXTS):
+        return False
+    if not (r.get("lod") is None or isinstance(r["lod"], int)) or not (number(r.get("bytes")) and r["bytes"] > 0):
+        return False
+    return not r.get("grid_bytes") or (number(r.get("dense_fp16_grid_bytes")) and r["dense_fp16_grid_bytes"] > 0)
 
 
 def collect_rows(out: Path) -> list[dict]:

@@ -53,6 +53,7 @@ class TraceStats:
 
     evaluations: int = 0
     iterations: int = 0
+    hits: int = 0  # rays that met the surface (render_sdf)
 
 
 #: over-relaxation ω of the march (Keinert et al. 2014, "Enhanced Sphere Tracing"): a point at distance
@@ -251,8 +252,9 @@ def render_sdf(field, lod: int | None = None, camera: OrbitCamera | None = None,
         tile = TraceStats() if stats is not None else None
         img[s:s + TILE_RAYS] = _shade(fn, o[s:s + TILE_RAYS], d[s:s + TILE_RAYS], img[s:s + TILE_RAYS], base_color,
                                       octree if accelerate else None, lod, tile)
-        if stats is not None:  # evaluations add up; iterations are the frame's deepest march
+        if stats is not None:  # evaluations and hits add up; iterations are the frame's deepest march
             stats.evaluations += tile.evaluations
+            stats.hits += tile.hits
             stats.iterations = max(stats.iterations, tile.iterations)
     img = img.reshape(camera.height, camera.width, 3)
     return (img.cpu().numpy() * 255 + 0.5).astype(np.uint8)
@@ -268,6 +270,8 @@ def _shade(fn, o: torch.Tensor, d: torch.Tensor, img: torch.Tensor, base_color, 
     """``img (R, 3)`` (the background) with the rays ``o, d (R, 3)`` that hit the surface shaded."""
     hit, t, dist = sphere_trace(fn, o, d, octree=octree, level=lod, stats=stats)
     device = o.device
+    if stats is not None:
+        stats.hits += int(hit.sum())
     if hit.any():
         x = o[hit] + t[hit, None] * d[hit]
         center = dist[hit]

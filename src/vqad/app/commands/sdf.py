@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -251,8 +252,14 @@ def cmd_render(args) -> int:
     check_image_side(size, "--size")
     cam = OrbitCamera(azimuth_deg=RENDER_AZIMUTH if args.azimuth is None else args.azimuth,
                       elevation_deg=RENDER_ELEVATION if args.elevation is None else args.elevation, width=size, height=size)
-    save_image(render_sdf(field, lod, cam), out)
+    from vqad.sdf.render import TraceStats
+
+    stats = TraceStats()
+    save_image(render_sdf(field, lod, cam, stats=stats), out)
     print(f"wrote {out} (LOD {lod})")
+    if stats.hits == 0:  # (vqad mesh refuses such a model: here the image is written, and said to be empty)
+        warnings.warn(f"no ray met the surface at LOD {lod}: {out} shows the background only (is the model trained? "
+                      "another --azimuth / --elevation?)")
     return 0
 
 

@@ -543,13 +543,9 @@ def test_a_resumed_checkpoint_that_never_recorded_its_time_reports_the_whole_fit
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A 3-step codebook fit of a sphere (its mesh beside it), to copy and damage."""
-    root = tmp_path_factory.mktemp("trained")
-    mesh = root / "sphere.obj"
-    trimesh.creation.icosphere(subdivisions=2, radius=0.5).export(mesh)
-    assert main(["fit-sdf", str(mesh), "--steps", "3", "--refine", "0", "--out", str(root / "run")] + TINY) == 0
-    return mesh, root / "run"
+def trained_run(tiny_checkpoint):
+    """(mesh, fit folder) of a 2-step codebook fit of a sphere, to copy and damage."""
+    return tiny_checkpoint.parent.parent / "sphere.obj", tiny_checkpoint.parent
 
 
 def _edit_config(run, edit) -> None:

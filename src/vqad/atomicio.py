@@ -45,6 +45,14 @@ def tmp_path(path: str | Path) -> Path:
 
 
 def _umask() -> int:
+    """This process's umask: read where Linux states it (setting it to read it back races other threads' files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -1002,23 +1002,29 @@ def read_point(path: Path) -> dict | None:
     return rec if ok else None
 
 
-#: a point row's numbers (each None or a finite number >= 0; ssim may be negative) and texts (None or a string)
+#: a point row's counts and sizes (each None or a finite number >= 0), its quality metrics (None or a number: NaN
+#: where not measured, as a Draco mesh's IoU), and its texts (None or a string)
 _ROW_NUMBERS = ("setting", "rate_weight", "lod", "bytes", "file_bytes", "entropy_bytes", "grid_bytes", "octree_bytes",
                 "decoder_bytes", "dense_fp16_grid_bytes", "index_bits", "coded_index_bits", "vertices", "fit_seconds",
-                "eval_seconds", "peak_memory_bytes", "steps", "refine", "chamfer_l1", "normal_consistency", "iou",
-                "psnr", "psnr_matched", "ssim")
+                "eval_seconds", "peak_memory_bytes", "steps", "refine")
+_ROW_METRICS = ("chamfer_l1", "normal_consistency", "iou", "psnr", "psnr_matched", "ssim")
 _ROW_TEXTS = ("param", "file", "note")
 
 
 def _row_ok(r, method: str) -> bool:
     """Whether ``r`` is a row the tables and the plot can use: its point's method, its numbers numbers (a
     damaged record's string or 0 for bytes made collect_rows divide by it, or the plot fail), a positive size."""
-    def number(v, signed=False):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (signed or v >= 0)
+    def real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def number(v):
+        return real(v) and math.isfinite(v) and v >= 0
 
     if not isinstance(r, dict) or r.get("method") != method or not {"setting", "lod", "bytes"} <= set(r):
         return False
-    if any(r.get(k) is not None and not number(r[k], signed=k == "ssim") for k in _ROW_NUMBERS):
+    if any(r.get(k) is not None and not number(r[k]) for k in _ROW_NUMBERS):
+        return False
+    if any(r.get(k) is not None and not real(r[k]) for k in _ROW_METRICS):
         return False
     if any(r.get(k) is not None and not isinstance(r[k], str) for k in _ROW_TEXTS):
         return False

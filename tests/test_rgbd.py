@@ -334,6 +334,10 @@ def test_readers_refuse_what_a_fuzz_pass_slipped_past_them(tmp_path, sphere_scan
         with pytest.raises(InputError, match=words):
             read_redwood(root)
     tum = _write_hand_tum(tmp_path / "tum")
+    for rgb in (tum / "rgb").iterdir():  # 16-bit: converting clipped it to white
+        Image.fromarray(np.full((6, 8), 40000, np.uint16)).save(rgb)
+    with pytest.raises(InputError, match="16-bit or float pixels"):
+        read_sequence(tum).color(0)
     (tum / "camera.txt").write_bytes(b"10.0 10.0 \xff 2.5\n")
     with pytest.raises(InputError, match="cannot read the camera file .* not UTF-8"):
         read_sequence(tum)
@@ -405,6 +409,9 @@ def test_rtmv_sequence_matches_the_nerf_reader(tmp_path):
     assert main(["fit-tsdf", str(root), "--out", str(out), "--steps", "3", "--batch", "256", "--levels", "2:3",
                  "--refine", "0", "--no-eval", "--threads", "1", "--quiet"]) == 0  # the CLI's path to the reader
     assert (out / "model.vqad").exists()
+    (root / "00002.exr").unlink()  # one colour EXR missing: read without colour, and said so
+    with pytest.warns(UserWarning, match="1 of 6 views have no colour EXR"):
+        assert not read_rtmv_sequence(root).has_color
     (root / "00003.depth.exr").unlink()
     with pytest.raises(InputError, match="00003.depth.exr not found"):
         read_rtmv_sequence(root)

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -283,6 +284,9 @@ def read_color_image(path: Path, size: tuple[int, int] | None = None) -> np.ndar
             if size is not None and im.size != tuple(size):  # (before decoding)
                 raise InputError(f"the colour image {path} is {im.size[0]}×{im.size[1]} but the depth is "
                                  f"{size[0]}×{size[1]}; colour must be registered to depth at the same size")
+            if im.mode.startswith(("I", "F")):  # (PIL's RGB conversion clips 16-bit values to white)
+                raise InputError(f"the colour image {path} is {_mode_text(im.mode)} (16-bit or float pixels): colour "
+                                 "is read as 8-bit; convert it to an 8-bit PNG or JPEG")
             a = np.asarray(im.convert("RGB"))
     except InputError:
         raise
@@ -802,6 +806,9 @@ def read_rtmv_sequence(path, depth_kind: str = "ray") -> RGBDSequence:
         cp = jp.with_suffix(".exr")
         colors.append(cp if cp.is_file() else None)
     has_color = all(c is not None for c in colors)
+    if not has_color and any(c is not None for c in colors):
+        warnings.warn(f"{root}: {sum(c is None for c in colors)} of {len(colors)} views have no colour EXR "
+                      "(NNNNN.exr): the sequence is read without colour")
     K = parse_intrinsics(K)
     _check_size_vs_intrinsics(K, size, str(root))  # (before the per-pixel table below is allocated)
     fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]

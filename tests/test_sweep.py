@@ -303,6 +303,14 @@ def test_rate_settings_of_older_sweeps_and_the_context_flag(sphere, tmp_path, mo
     S.Sweep(_config(sphere, old, ["dense", "codebook-rate:4"], ["--rate-weights", "1e-2"]))  # other λ: resumable
     with pytest.raises(InputError, match="other settings.*steps"):
         S.Sweep(_config(sphere, old, ["dense"], ["--steps", "11"]))
+    # its format: a newer one is named as such, another value is not a sweep record, none is the first format's
+    for version, words in ((2, "sweep format 2, written by a newer vqad"), ("1", "is not a vqad sweep record"),
+                           (True, "is not a vqad sweep record")):
+        (old / "sweep.json").write_text(json.dumps({**record, "vqad_sweep": version}))
+        with pytest.raises(InputError, match=words):
+            S.Sweep(_config(sphere, old, ["dense", "codebook-rate:4"], ["--rate-weights", "1e-2"]))
+    (old / "sweep.json").write_text(json.dumps({k: v for k, v in record.items() if k != "vqad_sweep"}))
+    S.Sweep(_config(sphere, old, ["dense", "codebook-rate:4"], ["--rate-weights", "1e-2"]))
 
 
 def test_nerf_sweep_on_the_procedural_scene(tmp_path, capsys):

@@ -756,10 +756,14 @@ class Sweep:
         refuse_foreign_dir(self.out, (SWEEP_MANIFEST,), f"--out {self.out}", "sweep")
         if manifest.is_file():
             try:
-                old = json.loads(manifest.read_text())["settings"]
-            except (ValueError, KeyError, TypeError, RecursionError):
+                doc = json.loads(manifest.read_text())
+                old, version = doc["settings"], doc.get("vqad_sweep", SWEEP_FORMAT)
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 raise InputError(f"{manifest} is not a vqad sweep record: use another --out") from None
-            if not isinstance(old, dict):
+            if isinstance(version, int) and not isinstance(version, bool) and version > SWEEP_FORMAT:
+                raise InputError(f"{manifest}: sweep format {version}, written by a newer vqad (this one reads format "
+                                 f"{SWEEP_FORMAT}): upgrade vqad, or use another --out")
+            if not isinstance(old, dict) or isinstance(version, bool) or version != SWEEP_FORMAT:
                 raise InputError(f"{manifest} is not a vqad sweep record: use another --out")
             # a sweep recorded before these settings existed had their defaults; older records also kept
             # choices of points (the λ values) that are no longer settings

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vqad.atomicio import fsync_path
-from vqad.config import GridConfig
+from vqad.config import GridConfig, is_real
 from vqad.errors import InputError
 from vqad.field import field_config, field_from_config
 from vqad.grid import OctreeGrid, octree_args
@@ -334,7 +334,7 @@ def load_optimizer_state(path: str | Path, optimizers: dict[str, torch.optim.Opt
                     state.setdefault(_param_id(pid, n_params), {})[k] = t
             for key, val in m["scalars"].items():
                 pid, k = key.split(".", 1)
-                if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 <= val < math.inf:
+                if not (is_real(val) and 0 <= val < math.inf):
                     raise ValueError(f"{key} = {val!r} is not a count")
                 state.setdefault(_param_id(pid, n_params), {})[k] = val
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -379,7 +379,7 @@ def _checked_param_groups(saved, opt: torch.optim.Optimizer) -> list[dict]:
         for key in ("lr", "initial_lr"):
             if key in g:
                 v = g[key]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                if not (is_real(v) and 0 < v < math.inf):
                     raise ValueError(f"{key} = {v!r} is not a learning rate")
                 group[key] = float(v)
         groups.append(group)

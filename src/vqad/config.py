@@ -123,6 +123,12 @@ def check_types(cfg, what: str | None = None) -> None:
             setattr(cfg, f.name, _AS[kind](value))
 
 
+def is_real(v) -> bool:
+    """Whether ``v`` is a number (int or float) and not a bool: what a value read from a file must be to count
+    as one (JSON's ``true`` is an int to Python)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def from_dict(cls, data: dict):
     """Rebuild a config dataclass, refusing unknown keys (never silently ignored)."""
     names = {f.name for f in fields(cls)}
@@ -132,4 +138,4 @@ def from_dict(cls, data: dict):
     return cls(**data)
 
 
-__all__ = ["GridConfig", "DecoderConfig", "parse_levels", "to_dict", "from_dict", "check_types"]
+__all__ = ["GridConfig", "DecoderConfig", "parse_levels", "to_dict", "from_dict", "check_types", "is_real"]

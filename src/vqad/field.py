@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from vqad.config import DecoderConfig, GridConfig, to_dict
+from vqad.config import DecoderConfig, GridConfig, is_real, to_dict
 from vqad.decoders import LODDecoder
 from vqad.errors import InputError
 from vqad.grid import OctreeGrid
@@ -41,8 +41,8 @@ class Normalization:
 
     def __post_init__(self) -> None:
         c, s = self.center, self.scale
-        ok_c = isinstance(c, (tuple, list)) and len(c) == 3 and all(_is_real(v) and abs(v) <= MAX_WORLD for v in c)
-        if not ok_c or not (_is_real(s) and 1 / MAX_WORLD <= s <= MAX_WORLD):
+        ok_c = isinstance(c, (tuple, list)) and len(c) == 3 and all(is_real(v) and abs(v) <= MAX_WORLD for v in c)
+        if not ok_c or not (is_real(s) and 1 / MAX_WORLD <= s <= MAX_WORLD):
             raise InputError(
                 f"normalization must be a center of 3 numbers within ±{MAX_WORLD:g} and a scale in [{1 / MAX_WORLD:g}, "
                 f"{MAX_WORLD:g}] (beyond them a float32 world coordinate overflows or collapses to one value), got "
@@ -67,10 +67,6 @@ class Normalization:
             raise InputError(f"normalization must be an object with 'center' and 'scale', got {d!r:.80}")
         c = d["center"]
         return cls(center=tuple(c) if isinstance(c, (list, tuple)) else c, scale=d["scale"])
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class NeuralField(nn.Module):

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vqad.config import check_seed, check_types
+from vqad.config import check_seed, check_types, is_real
 from vqad.errors import InputError, Terminated, TrainingDivergedError, stdout_reader_gone
 from vqad.optim import make_optimizers
 
@@ -387,8 +387,7 @@ def check_fit_call(fit: str, data, data_type: type, how: str, configs: dict, dev
 
 def stored_seconds(value) -> float | None:
     """A time read from a checkpoint: ``value`` if it is a finite non-negative number, else None (not known)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
-    return float(value) if ok else None
+    return float(value) if is_real(value) and 0 <= value < math.inf else None
 
 
 def earlier_train_seconds(resume_cfg: dict | None) -> float | None:

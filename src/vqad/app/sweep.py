@@ -89,6 +89,7 @@ import torch
 
 from vqad.app.outputs import SWEEP_MANIFEST
 from vqad.atomicio import atomic_path, write_atomic
+from vqad.config import is_real
 from vqad.device import release_freed_memory
 from vqad.errors import InputError
 
@@ -1018,17 +1019,14 @@ _ROW_TEXTS = ("param", "file", "note")
 def _row_ok(r, method: str) -> bool:
     """Whether ``r`` is a row the tables and the plot can use: its point's method, its numbers numbers (a
     damaged record's string or 0 for bytes made collect_rows divide by it, or the plot fail), a positive size."""
-    def real(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
     def number(v):
-        return real(v) and math.isfinite(v) and v >= 0
+        return is_real(v) and math.isfinite(v) and v >= 0
 
     if not isinstance(r, dict) or r.get("method") != method or not {"setting", "lod", "bytes"} <= set(r):
         return False
     if any(r.get(k) is not None and not number(r[k]) for k in _ROW_NUMBERS):
         return False
-    if any(r.get(k) is not None and not real(r[k]) for k in _ROW_METRICS):
+    if any(r.get(k) is not None and not is_real(r[k]) for k in _ROW_METRICS):
         return False
     if any(r.get(k) is not None and not isinstance(r[k], str) for k in _ROW_TEXTS):
         return False

@@ -626,7 +626,7 @@ def fuse(seq: RGBDSequence, voxel: float | None = None, trunc: float | None = No
         pts = ray[pix_t, None, :] * d[:, None, None] + ray_unit[pix_t, None, :] * steps[None, :, None]  # (n, s, 3) camera
         pts = pts.reshape(-1, 3).double() @ Rcw.T + tcw
         bcf = torch.floor(pts / bsize)  # (checked in float64: a coordinate past int64 wraps negative in .long())
-        if not bool(torch.isfinite(bcf).all()) or float(bcf.abs().max()) * block >= _KEY_OFFSET - block:
+        if not float(bcf.abs().max()) * block < _KEY_OFFSET - block:  # (NaN fails it too)
             raise InputError(f"frame {i}: the scene spans more than 2^20 voxels of {voxel:g} {seq.units} from the origin: pass a larger voxel (--voxel)")
         bc = bcf.long()
         keys, inv = torch.unique(_pack(bc), return_inverse=True)

@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from vqad.config import is_real
 from vqad.errors import InputError
 
 #: TUM depth PNGs hold depth × 5000 (0.2 mm steps); Redwood / Open3D ones millimetres
@@ -383,8 +384,7 @@ def read_open3d_intrinsics(path: Path) -> tuple[np.ndarray, tuple[int, int], flo
     K = parse_intrinsics(m)
     _check_size_vs_intrinsics(K, size, str(path))
     scale = meta.get("depth_scale")
-    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
-                                  and 0 < scale < 1e12):  # (an integer of 400 digits is not a float)
+    if scale is not None and not (is_real(scale) and 0 < scale < 1e12):  # (an integer of 400 digits is not a float)
         raise InputError(f"{path}: depth_scale must be a positive number below 1e12, not {scale!r:.40}")
     return K, size, None if scale is None else float(scale)
 
@@ -788,7 +788,7 @@ def read_rtmv_sequence(path, depth_kind: str = "ray") -> RGBDSequence:
             c2w = cam["cam2world"]
         except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise InputError(f"{jp}: needs camera_data with cam2world, intrinsics fx, fy, cx, cy, width and height") from e
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < math.inf for v in numbers) \
+        if not all(is_real(v) and abs(v) < math.inf for v in numbers) \
                 or not all(isinstance(n, int) and 0 < n <= MAX_IMAGE_SIDE for n in numbers[4:]):
             raise InputError(f"{jp}: fx, fy, cx, cy must be finite numbers and width, height whole numbers of pixels "
                              f"in 1..{MAX_IMAGE_SIDE:,}")

@@ -523,13 +523,14 @@ def render_nerf(field, args) -> int:
     dataset = load_scene(field.dataset, getattr(args, "dataset", None))
     split = getattr(args, "views", None) or "test"
     pick_split(dataset, split)
-    refuse_output_in_model(args.model, getattr(args, "out", None) or "render_nerf", "-o")
     from vqad.sdf.render import IMAGE_SUFFIXES
 
-    refuse(Path(getattr(args, "out", None) or "render_nerf").suffix.lower() in IMAGE_SUFFIXES,
-           f"-o {args.out}: a radiance field's render writes a folder (colour, depth and opacity images per view): "
+    target = getattr(args, "out", None) or "render_nerf"
+    refuse_output_in_model(args.model, target, "-o")
+    refuse(Path(target).suffix.lower() in IMAGE_SUFFIXES,
+           f"-o {target}: a radiance field's render writes a folder (colour, depth and opacity images per view): "
            "give a folder name")
-    out = ensure_results_dir(getattr(args, "out", None) or "render_nerf")
+    out = ensure_results_dir(target)
     res = evaluate_nerf(field, dataset, split, lods=lods, out_dir=out, require_scores=False)
     for lod, r in res.items():
         score = (f"PSNR {r['psnr']:.2f} dB" + (f" over {r['views']} scored" if r["views"] < r["rendered"] else "")

@@ -242,7 +242,7 @@ def cmd_render(args) -> int:
 
         return render_nerf(field, args)
     from vqad.atomicio import save_image
-    from vqad.sdf.render import OrbitCamera, render_sdf
+    from vqad.sdf.render import OrbitCamera, TraceStats, render_sdf
 
     out = ensure_writable_file(args.out or f"render_lod{lod}.png", IMAGE_SUFFIXES, "image")
     refuse_output_in_model(args.model, out, "-o")
@@ -252,8 +252,6 @@ def cmd_render(args) -> int:
     check_image_side(size, "--size")
     cam = OrbitCamera(azimuth_deg=RENDER_AZIMUTH if args.azimuth is None else args.azimuth,
                       elevation_deg=RENDER_ELEVATION if args.elevation is None else args.elevation, width=size, height=size)
-    from vqad.sdf.render import TraceStats
-
     stats = TraceStats()
     save_image(render_sdf(field, lod, cam, stats=stats), out)
     print(f"wrote {out} (LOD {lod})")

@@ -299,10 +299,13 @@ def test_damaged_bytes_raise(tmp_path):
         "value": body[:head + 26] + np.float16(np.inf).tobytes() + body[head + 28:],
         "weight": body[:head + 26 + 6] + np.float16(0).tobytes() + body[head + 26 + 8:],
         "extra": body + b"\0",
+        "units": body[:fusion._HEAD.size] + b"k" + body[head:],  # a name no reader writes (one byte, as "m")
     }
     for name, b in cases.items():
         with pytest.raises(InputError):
             FusedTSDF.from_bytes(_with_crc(b))
+    with pytest.raises(InputError, match="units must be one of m, mm, cm, scene.*damaged"):
+        FusedTSDF.from_bytes(_with_crc(cases["units"]))
     (tmp_path / "bad.tsdf").write_bytes(b"nonsense")
     with pytest.raises(InputError, match="bad.tsdf"):
         FusedTSDF.load(tmp_path / "bad.tsdf")
@@ -314,6 +317,12 @@ def test_damaged_bytes_raise(tmp_path):
 def test_constructor_checks_values(tsdf, weight):
     with pytest.raises(InputError):
         FusedTSDF(0.5, 1.0, "m", [[0, 0, 0]], tsdf, weight)
+
+
+@pytest.mark.parametrize("units", ["km", "", None, 1])
+def test_constructor_checks_units(units):
+    with pytest.raises(InputError, match="units must be one of"):
+        FusedTSDF(0.5, 1.0, units, [[0, 0, 0]], [0.0], [1])
 
 
 def test_duplicate_voxels_refused():

@@ -232,6 +232,8 @@ def test_round_trip_keeps_a_custom_depth_scale_and_depth_only(tmp_path, sphere_s
     assert np.abs(back.depth(2) - seq.depth(2)).max() <= 1 / 8000 + 1e-6  # the recorded scale, not 1000
     with pytest.raises(InputError, match="does not fit a 16-bit PNG"):
         write_tum(depth_only, tmp_path / "t", depth_scale=2e5)
+    with pytest.raises(InputError, match="units must be one of m, mm, cm, scene, got 'inch'"):  # at once, not at the fit's end
+        RGBDSequence(seq.name, seq.intrinsics, seq.poses, seq.width, seq.height, seq.load_depth, units="inch")
 
 
 def test_points_are_the_backprojected_depth(sphere_scan):

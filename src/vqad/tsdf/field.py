@@ -22,9 +22,8 @@ from vqad.errors import InputError
 from vqad.field import Normalization
 from vqad.grid import OctreeGrid
 from vqad.sdf.field import SDFField
+from vqad.tsdf.rgbd import check_units
 
-#: the units a TSDF header may name (what the readers produce; the numbers are in these units)
-UNITS = ("m", "mm", "cm", "scene")  # scene: a capture's own units (RTMV, NeRF scenes)
 
 
 class TSDFField(SDFField):
@@ -101,7 +100,6 @@ def check_tsdf_params(truncation, voxel, units, color) -> None:
         raise InputError(f"a TSDF's truncation and voxel size must be positive finite numbers, got {truncation!r}, {voxel!r}")
     if truncation < voxel:
         raise InputError(f"the truncation ({truncation:g}) must be at least one voxel ({voxel:g})")
-    if units not in UNITS:
-        raise InputError(f"TSDF units must be one of {', '.join(UNITS)}, got {units!r:.40}")
+    check_units(units, "TSDF")
     if not isinstance(color, bool):
         raise InputError(f"the TSDF record's 'color' must be true or false, got {color!r:.40}")

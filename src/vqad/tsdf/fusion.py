@@ -77,7 +77,7 @@ import torch
 from vqad.device import resolve_device
 from vqad.errors import InputError
 from vqad.sdf.mesh import Mesh
-from vqad.tsdf.rgbd import RGBDSequence
+from vqad.tsdf.rgbd import RGBDSequence, check_units
 
 #: default voxel = median valid depth / this (see the module docstring)
 VOXELS_PER_MEDIAN_DEPTH = 256
@@ -155,6 +155,7 @@ class FusedTSDF:
 
     def __post_init__(self) -> None:
         _check_geometry(self.voxel, self.trunc, self.block)
+        check_units(self.units, "FusedTSDF")
         self.voxel, self.trunc, self.block = float(self.voxel), float(self.trunc), int(self.block)
         self.ijk = np.ascontiguousarray(self.ijk, dtype=np.int32).reshape(-1, 3)
         m = self.ijk.shape[0]

@@ -155,6 +155,16 @@ def parse_intrinsics(value, width: int | None = None, height: int | None = None)
     return a
 
 
+#: the units a sequence, a fused TSDF and a TSDF field may name (what the readers produce)
+UNITS = ("m", "mm", "cm", "scene")  # scene: a capture's own units (RTMV, NeRF scenes)
+
+
+def check_units(units, what: str) -> None:
+    """``units`` is one of :data:`UNITS`, or an :class:`InputError` naming ``what``."""
+    if not isinstance(units, str) or units not in UNITS:
+        raise InputError(f"{what}: units must be one of {', '.join(UNITS)}, got {units!r:.40}")
+
+
 @dataclass
 class RGBDSequence:
     """Posed depth frames of one scene.
@@ -178,6 +188,7 @@ class RGBDSequence:
     note: str = ""  # what the reader left out of the folder's frames, and why ("" when nothing)
 
     def __post_init__(self) -> None:
+        check_units(self.units, self.name)
         self.intrinsics = parse_intrinsics(self.intrinsics)
         poses = np.asarray(self.poses, dtype=np.float64)
         if poses.ndim != 3 or poses.shape[1:] != (4, 4) or poses.shape[0] == 0:

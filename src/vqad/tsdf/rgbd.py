@@ -778,7 +778,7 @@ def read_rtmv_sequence(path, depth_kind: str = "ray") -> RGBDSequence:
     (≥ 1000) → 0; colour from the linear EXR as sRGB on black. Poses go from RTMV's OpenGL axes to
     OpenCV, ``cx, cy`` from pixel-centre-at-½ to OpenCV's (−½). Units are RTMV's scene units.
     """
-    from vqad.nerf.formats.common import _image_to_srgb8, _read_rgba, read_exr_channels
+    from vqad.nerf.formats.common import _image_to_srgb8, _read_rgba, exr_depth
     from vqad.nerf.formats.rtmv import RTMV_DEPTH_INVALID
     from vqad.nerf.formats.rtmv import _RTMV_JSON, _rtmv_c2w
 
@@ -827,8 +827,7 @@ def read_rtmv_sequence(path, depth_kind: str = "ray") -> RGBDSequence:
                              + ((np.arange(size[1]) - cy) / fy)[:, None] ** 2)
 
     def load_depth(i: int) -> np.ndarray:
-        ch = read_exr_channels(depths[i])
-        d = ch[next((k for k in ("R", "Z", "Y", "DEPTH", "G", "B") if k in ch), next(iter(ch)))]
+        d = exr_depth(depths[i])
         if (d.shape[1], d.shape[0]) != size:
             raise InputError(f"the depth map {depths[i]} is {d.shape[1]}×{d.shape[0]} but its camera is {size[0]}×{size[1]}")
         d = np.where(np.isfinite(d) & (d > 0) & (d < RTMV_DEPTH_INVALID), d, 0.0)

@@ -1057,6 +1057,17 @@ def _list_images(d: Path) -> list[Path]:
 #: an EXR's channels that hold depth, in the order they are looked for (Blender writes Z, or
 #: ``ViewLayer.Depth.Z`` in a multilayer file); a colour-only EXR (RTMV's) gives its first colour channel
 _EXR_DEPTH_CHANNELS = ("Z", "DEPTH", "Y", "R", "G", "B")
+def exr_depth(path: Path) -> np.ndarray:
+    """The depth channel ``(h, w) float32`` of an EXR file: the first of :data:`_EXR_DEPTH_CHANNELS` it holds
+    (layer prefixes dropped), or an :class:`InputError` naming the channels it has."""
+    ch = read_exr_channels(path)
+    name = next((c for c in _EXR_DEPTH_CHANNELS if c in ch), None)
+    if name is None:
+        raise InputError(f"the depth map {path} has the EXR channels {', '.join(sorted(ch))[:200]}, none of which is "
+                         f"depth: vqad reads depth from a channel named {', '.join(_EXR_DEPTH_CHANNELS)} (in this order)")
+    return ch[name]
+
+
 #: raw depth values from this one up mean "no surface" (Blender's background is 1e10)
 DEPTH_BACKGROUND = 1e9
 
@@ -1068,12 +1079,7 @@ def _read_depth_values(path: Path) -> np.ndarray:
         raise InputError(f"the depth map {path} is not a file")
     suffix = path.suffix.lower()
     if suffix == ".exr":
-        ch = read_exr_channels(path)
-        names = {k.upper(): k for k in ch}
-        layered = [k for k in ch if k.upper().endswith((".Z", ".DEPTH", "DEPTH.V"))]
-        name = next((names[c] for c in _EXR_DEPTH_CHANNELS[:2] if c in names), layered[0] if layered else None)
-        name = name or next((names[c] for c in _EXR_DEPTH_CHANNELS[2:] if c in names), next(iter(ch)))
-        return np.asarray(ch[name], dtype=np.float64)
+        return exr_depth(path).astype(np.float64)
     if suffix == ".npy":
         try:
             d = np.load(path, allow_pickle=False)

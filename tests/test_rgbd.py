@@ -165,7 +165,7 @@ def test_tum_intrinsics_from_the_folder_name_or_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kind,words", [
-    ("missing", "listed in depth.txt but missing"),
+    ("missing", "listed in depth.txt but is missing on disk"),
     ("8bit", "8-bit greyscale, not a 16-bit depth PNG"),
     ("quat", "quaternion"),
     ("nan", "non-finite"),
@@ -189,6 +189,16 @@ def test_tum_lists_that_repeat_a_time_stamp_or_are_not_text_are_refused(tmp_path
     gt = (root / "groundtruth.txt").read_text().splitlines()
     (root / "groundtruth.txt").write_text("\n".join(gt + [gt[3].replace(gt[3].split()[1], "nan", 1)]) + "\n")
     with pytest.raises(InputError, match="lines 4 and 18 have the same time stamp"):
+        read_tum(root)
+    root = _write_hand_tum(tmp_path / "links")  # a listed frame that is a device or a dangling link: said so
+    depth = sorted((root / "depth").iterdir())
+    depth[1].unlink()
+    depth[1].symlink_to("/dev/zero")
+    with pytest.raises(InputError, match="listed in depth.txt but is not a regular file \\(a device, pipe or socket\\)"):
+        read_tum(root)
+    depth[1].unlink()
+    depth[1].symlink_to(tmp_path / "gone.png")
+    with pytest.raises(InputError, match="listed in depth.txt but is a broken symbolic link"):
         read_tum(root)
     root = _write_hand_tum(tmp_path / "bytes")
     (root / "depth.txt").write_bytes(b"\xff\xfe\x00garbage")

@@ -593,8 +593,10 @@ def read_tum(path, depth_scale: float | None = None, K=None, max_dt: float = TUM
     for listing, paths in (("depth.txt", depth_paths), ("rgb.txt", color_paths)):
         for p in paths or []:
             if not p.is_file():
-                raise InputError(f"{p} is listed in {listing} but " + ("is a folder, not an image" if p.is_dir() else
-                                 "missing on disk") + "; restore it or delete its line")
+                why = ("is a folder, not an image" if p.is_dir() else
+                       "is not a regular file (a device, pipe or socket)" if os.path.lexists(p) and p.exists() else
+                       "is a broken symbolic link" if os.path.lexists(p) else "is missing on disk")
+                raise InputError(f"{p} is listed in {listing} but {why}; restore it or delete its line")
     poses = np.stack([_tum_pose(grows[pose_of[i]], f"groundtruth.txt, time stamp {grows[pose_of[i]][0]}")
                       for i, _ in pairs])
     size = _image_size(depth_paths[0])

@@ -44,8 +44,8 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
             from vqad.checkpoint import load_checkpoint
 
             field = load_checkpoint(path, device)[0]
-            if lod is not None and lod not in field.lods:
-                raise InputError(f"LOD {lod} is not in this model: choose one of {field.lods}")
+            if lod is not None:
+                field.check_lod(lod)
             return field
     from vqad import fileformat
 

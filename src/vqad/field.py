@@ -150,7 +150,7 @@ class NeuralField(nn.Module):
         if lod is None:
             return self.grid.octree.max_level
         if isinstance(lod, bool) or not isinstance(lod, numbers.Integral) or int(lod) not in self.lods:
-            raise InputError(f"LOD {lod!r} is not in this field: choose one of {self.lods}")
+            raise InputError(f"LOD {lod!r} is not in this model: choose one of {self.lods} (vqad info lists them)")
         return int(lod)
 
     def bake(self, fp16: bool = True) -> None:

@@ -181,8 +181,7 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
     """
     lods = field.lods if lods is None else list(lods)
     for lod in lods:
-        if lod not in field.lods:
-            raise InputError(f"LOD {lod} is not available in this model: choose one of {field.lods}")
+        field.check_lod(lod)
     views = require_scorable(dataset, split, max_views) if require_scores else pick_split(dataset, split)
     valid = views.valid
     looks = None

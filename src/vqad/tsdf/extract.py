@@ -60,9 +60,7 @@ def extract_tsdf_mesh(field, lod: int | None = None, per_cell: int | None = None
     lattice points in occupied cells are evaluated. World coordinates by default.
     """
     octree = field.grid.octree
-    lod = octree.max_level if lod is None else lod
-    if lod not in field.lods:
-        raise InputError(f"LOD {lod} is not in this model: choose one of {field.lods}")
+    lod = octree.max_level if lod is None else field.check_lod(lod)
     L = octree.max_level
     s = per_cell or (2 if L <= 7 else 1)
     if not 1 <= s <= 8:

@@ -269,14 +269,6 @@ def report_notes(notes: list[str]) -> None:
         print(f"note: {note}")
 
 
-def parse_lod(field, lod: int | None) -> int:
-    if lod is None:
-        return field.grid.octree.max_level
-    if lod not in field.lods:
-        raise InputError(f"LOD {lod} is not available in this model: choose one of {field.lods}")
-    return lod
-
-
 def add_run_args(p, train_cls, outputs: str) -> None:
     """What every fit command has: ``--seed``, ``--out``, ``--resume``, ``--quiet`` and ``--device``."""
     config_flag(p, train_cls, "seed", help="random seed")

@@ -479,9 +479,7 @@ def load_radiance_model(args):
 def _lods(field, lod):
     if lod is None:
         return field.lods
-    if lod not in field.lods:
-        raise InputError(f"LOD {lod} is not available in this model: choose one of {field.lods}")
-    return [lod]
+    return [field.check_lod(lod)]
 
 
 def cmd_eval(args) -> int:

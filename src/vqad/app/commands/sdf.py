@@ -11,7 +11,7 @@ from pathlib import Path
 from vqad.errors import InputError
 from vqad.app.commands.common import (SDF_EVAL_OUTPUTS, refuse_output_in_model, clear_earlier_fit, evaluating, fit_seconds, run_rate, seconds_text, steps_text, already_complete, fit_output_dir, path_arg, add_rate_flags, checkpoint_overrides, add_device_arg, add_grid_args, add_run_args, check_finite, check_image_side, check_resolution,
                                       config_flag, config_from,
-                                      ensure_writable_file, given, grid_config, load_model, parse_lod, refuse, train_overrides,
+                                      ensure_writable_file, given, grid_config, load_model, refuse, train_overrides,
                                       check_resumed_source, report_notes, report_skipped_steps,
                                       refuse_sweep_sizes_without_sweeps, resumed_configs)
 from vqad.atomicio import write_atomic
@@ -212,7 +212,7 @@ def cmd_mesh(args) -> int:
         field = load_model(args, whole=True)  # a TSDF's LOD L is meshed on its finest cells' lattice, as its fit did
     if field.kind not in ("sdf", "tsdf"):
         raise InputError(f"vqad mesh needs an SDF or TSDF model; this one is a {field.kind!r} field (use vqad render)")
-    lod = parse_lod(field, args.lod)
+    lod = field.check_lod(args.lod)
     check_resolution(args.resolution, "--resolution")
     refuse(field.kind == "tsdf" and args.resolution is not None,
            "--resolution does not apply to a TSDF model: it is meshed on its octree's own lattice, inside observed space")
@@ -231,7 +231,7 @@ def cmd_mesh(args) -> int:
 
 def cmd_render(args) -> int:
     field = load_model(args, whole=True)  # a radiance field's LOD L is the whole model's (load_model)
-    lod = parse_lod(field, args.lod)
+    lod = field.check_lod(args.lod)
     other = NERF_RENDER_FLAGS if field.kind in ("sdf", "tsdf") else SDF_RENDER_FLAGS
     for name, flag in other.items():
         refuse(getattr(args, name) is not None,

@@ -328,12 +328,26 @@ def _set(path, value):
     ("raw", ("field", "storage_params", 0), {"bIts": 4}, "storage_params of level 2 name \\['bIts'\\], a codebook"),
     ("raw", ("field", "storage_params", 1), {}, "storage_params of level 3 name \\[\\]"),
     ("dense", ("field", "storage_params", 0), {"bits": 4}, "a dense level's are \\[\\]"),
+    # a key this reader does not know (a newer writer's setting, or a bit flip in a key's name): ignored before
+    ("raw", ("field", "appearance"), {"kind": "affine"}, "sdf field record has keys this vqad does not know: "
+     "appearance \\(written by a newer vqad\\? upgrade it"),
+    ("raw", ("field", "normalizatiom"), {"center": [0, 0, 0], "scale": 1.0}, "does not know: normalizatiom"),
+    ("raw", ("field", "tsdf"), {"truncation": 1, "voxel": 1, "units": "m", "color": False}, "sdf field .* know: tsdf"),
+    ("raw", ("extra",), 1, "header JSON has keys besides 'field' \\(extra\\)"),
 ])
 def test_forged_header_semantics_behind_valid_crcs_are_refused(which, path, value, message):
     from vqad.errors import CorruptStreamError
 
     with pytest.raises(CorruptStreamError, match=message):
         F.load(_with_header(which, _set(path, value)))
+
+
+@pytest.mark.parametrize("key", ["normalization", "decoder", "storage_params"])
+def test_a_field_record_without_one_of_its_keys_is_corrupt(key):
+    from vqad.errors import CorruptStreamError
+
+    with pytest.raises(CorruptStreamError, match=f"lacks {key}"):
+        F.load(_with_header("raw", lambda doc: doc["field"].pop(key)))
 
 
 def test_non_finite_payloads_behind_valid_crcs_are_refused():

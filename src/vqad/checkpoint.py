@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from vqad.atomicio import fsync_path
 from vqad.config import GridConfig, is_real
 from vqad.errors import InputError
-from vqad.field import field_config, field_from_config
+from vqad.field import field_config, field_from_config, field_record
 from vqad.grid import OctreeGrid, octree_args
 from vqad.octree import SparseOctree
 from vqad.storages import STORAGES
@@ -290,7 +290,7 @@ def build_field(cfg: dict, tensors: dict[str, torch.Tensor], device, baked: bool
         grid = OctreeGrid.from_octree(octree, grid_cfg)
         for i, s in enumerate(grid.storages):
             s.load_state_dict(sub(f"storage.{i}."))
-    field = field_from_config(cfg, grid).to(device)
+    field = field_from_config(field_record(cfg), grid).to(device)  # (config.json holds the fit's records too)
     field.load_decoder_state(sub("decoder."))
     if baked:
         field.bake(fp16=False)

@@ -101,6 +101,9 @@ class NeuralField(nn.Module):
         """The stored MLPs (every parameter outside the grid belongs to one of them)."""
         raise NotImplementedError
 
+    #: the keys :meth:`extra_config` adds to the field record (every one a record may hold; others are refused)
+    EXTRA_KEYS: tuple[str, ...] = ()
+
     def extra_config(self) -> dict:
         """Kind-specific configuration stored beside grid, decoder and normalisation (JSON-serialisable)."""
         return {}
@@ -250,5 +253,32 @@ def field_class(kind) -> type[NeuralField]:
     return NeuralField.registry[kind]
 
 
+#: the keys of every field record (:func:`field_config`); a kind adds its ``EXTRA_KEYS``
+FIELD_KEYS = ("kind", "grid", "decoder", "normalization", "storage_params")
+
+
 def field_from_config(cfg: dict, grid: OctreeGrid) -> NeuralField:
-    return field_class(cfg.get("kind")).from_config(cfg, grid)
+    """The field a checkpoint's or a .vqad header's record ``cfg`` describes, around ``grid``."""
+    return record_class(cfg).from_config(cfg, grid)
+
+
+def field_record(cfg: dict) -> dict:
+    """The field record's keys of a dict that holds others beside them (a checkpoint's config.json)."""
+    extra = field_class(cfg.get("kind")).EXTRA_KEYS
+    return {k: v for k, v in cfg.items() if k in FIELD_KEYS or k in extra}
+
+
+def record_class(cfg) -> type[NeuralField]:
+    """The field class of a checkpoint's or a .vqad header's record ``cfg``, once its keys are checked: a key that
+    this vqad does not know is refused (a newer writer's setting would be silently misread), as is a missing one."""
+    if not isinstance(cfg, dict):
+        raise InputError(f"a field record must be an object, got {type(cfg).__name__}")
+    cls = field_class(cfg.get("kind"))
+    keys = set(FIELD_KEYS) | set(cls.EXTRA_KEYS)
+    unknown, missing = sorted(set(cfg) - keys), sorted(set(FIELD_KEYS) - set(cfg))
+    if unknown:
+        raise InputError(f"the {cls.kind} field record has keys this vqad does not know: {', '.join(unknown)[:200]} "
+                         "(written by a newer vqad? upgrade it; otherwise the file is damaged)")
+    if missing:
+        raise InputError(f"the {cls.kind} field record lacks {', '.join(missing)}: the file is damaged")
+    return cls

@@ -51,7 +51,7 @@ from vqad.atomicio import write_atomic
 from vqad.config import GridConfig, to_dict
 from vqad.device import resolve_device
 from vqad.errors import CorruptStreamError, InputError, StreamError, StreamLimitError, TruncatedStreamError, VqadError
-from vqad.field import field_config, field_from_config
+from vqad.field import field_config, field_from_config, record_class
 from vqad.grid import OctreeGrid, octree_args
 from vqad.octree import DENSE_TABLE_MAX_LEVEL, SparseOctree, corner_tables
 from vqad.storages import STORAGES, options_of
@@ -590,8 +590,12 @@ class StreamDecoder:
             raise _corrupt(f"header is not valid JSON ({exc})") from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("field"), dict):
             raise _corrupt("header JSON has no 'field' object")
+        if set(doc) != {"field"}:
+            raise _corrupt(f"header JSON has keys besides 'field' ({', '.join(sorted(map(str, set(doc) - {'field'})))[:120]}): "
+                           "written by a newer vqad? upgrade it")
         cfg = doc["field"]
         try:
+            record_class(cfg)  # its keys, before any is read
             grid_cfg = GridConfig.from_stored(cfg["grid"])  # an old storage name is read as today's kind
             grid_cfg.validate()
             cfg = dict(cfg, grid=to_dict(grid_cfg))

@@ -272,6 +272,8 @@ class NeRFField(NeuralField):
         return self.densities(x, [self.grid.octree.max_level if lod is None else lod])[0]
 
     # -- the generic field interface (checkpoints, .vqad files) ----------------------------------
+    EXTRA_KEYS = ("nerf", "dataset")
+
     def extra_config(self) -> dict:
         return {"nerf": to_dict(self.nerf_cfg), "dataset": dict(self.dataset)}
 

@@ -47,6 +47,8 @@ class TSDFField(SDFField):
     def decoders(self) -> list[LODDecoder]:
         return [self.decoder, self.color_decoder] if self.has_color else [self.decoder]
 
+    EXTRA_KEYS = ("tsdf",)
+
     def extra_config(self) -> dict:
         return {"tsdf": {"truncation": self.truncation, "voxel": self.voxel, "units": self.units, "color": self.has_color}}
 

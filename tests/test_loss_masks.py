@@ -349,6 +349,10 @@ def test_evaluation_scores_the_kept_pixels_and_skips_a_view_with_none(monkeypatc
     class Field:
         lods = [4]
 
+        def check_lod(self, lod):
+            assert lod in self.lods
+            return lod
+
     monkeypatch.setattr(ev, "render_views", fake_render_views)
     out = ev.evaluate_nerf(Field(), ds, "test", sampler=object(), save_images=False)
     want = [-10 * math.log10(float(((renders[i] - truth[i]) ** 2)[valid[i]].mean())) for i in range(2)]

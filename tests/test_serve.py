@@ -576,3 +576,154 @@ def test_names_no_url_can_reach_are_not_listed(tmp_path):
     (tmp_path / "new\nline.vqad").write_bytes(b"x")
     (tmp_path / "tab\there.vqad").write_bytes(b"x")
     assert [rel for rel, _ in iter_files(tmp_path)] == ["a.vqad"]
+
+
+# -- found by a hostile pass (2026-12-07) -------------------------------------------------------------------------
+def test_a_folder_swapped_for_a_symlink_between_check_and_open_is_refused(tmp_path, monkeypatch):
+    """The race that leaked a file outside the folder: the path is checked, a folder in it is then replaced by a
+    symlink out of the root before the open (O_NOFOLLOW guards only the last name), and back. Driven here
+    deterministically: the swap happens inside os.open."""
+    from vqad.app import serve as S
+
+    root = (tmp_path / "root").resolve()
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.vqad").write_bytes(b"inside")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "a.vqad").write_bytes(b"TOP SECRET")
+    real_open = os.open
+
+    def swapping_open(path, flags, *a, swap_back=True, **kw):
+        (root / "sub").rename(root / "sub.real")
+        (root / "sub").symlink_to(tmp_path / "outside")
+        try:
+            return real_open(path, flags, *a, **kw)
+        finally:
+            if swap_back:
+                (root / "sub").unlink()
+                (root / "sub.real").rename(root / "sub")
+
+    fd, _ = S.open_servable(root, "sub/a.vqad")  # no race: served
+    assert os.pread(fd, 100, 0) == b"inside"
+    os.close(fd)
+    monkeypatch.setattr(S.os, "open", swapping_open)
+    with pytest.raises(S.Refused, match="moved while it was opened"):  # swapped back: another inode there now
+        S.open_servable(root, "sub/a.vqad")
+    monkeypatch.setattr(S.os, "open", lambda *a, **kw: swapping_open(*a, swap_back=False, **kw))
+    with pytest.raises(S.Refused):  # left swapped: the path now leads out of the root
+        S.open_servable(root, "sub/a.vqad")
+
+
+def test_a_tree_deeper_than_pythons_recursion_limit_is_listed(tmp_path):
+    """os.walk recursed once per folder: 1,100 nested folders crashed `vqad serve` at start-up."""
+    from vqad.app.serve import iter_files
+
+    root = tmp_path / "deep"
+    d = root
+    d.mkdir()
+    for _ in range(sys.getrecursionlimit() + 100):  # one mkdir at a time (makedirs recurses too)
+        d = d / "e"
+        os.mkdir(d)
+    (d / "y.vqad").write_bytes(b"y")
+    (root / "top.vqad").write_bytes(b"t")
+    try:
+        rels = [rel for rel, _ in iter_files(root.resolve())]
+        assert len(rels) == 2 and rels[1] == "top.vqad" and rels[0].endswith("/e/y.vqad")
+    finally:  # one folder at a time from the bottom: shutil.rmtree (pytest's clean-up) recurses per level
+        (d / "y.vqad").unlink()
+        while d != root:
+            d.rmdir()
+            d = d.parent
+
+
+def test_dates_past_year_9999_or_in_the_future_are_ignored(client):
+    """A year of 11 digits made If-Modified-Since, If-Unmodified-Since and If-Range a 500 with a traceback; a
+    date in the future made a 304 (RFC 9110: ignore it)."""
+    first = client.get("/model.vqad")
+    huge = "Mon, 07 Dec 99999999999 19:25:45 GMT"
+    future = formatdate(time.time() + 10 * 365 * 86400, usegmt=True)
+    for name in ("If-Modified-Since", "If-Unmodified-Since"):
+        for date in (huge, future):
+            r = client.get("/model.vqad", headers={name: date})
+            assert r.status_code == 200 and r.content == first.content, (name, date)
+    r = client.get("/model.vqad", headers={"Range": "bytes=0-9", "If-Range": huge})
+    assert r.status_code == 200 and len(r.content) == len(first.content)
+
+
+def test_the_etag_changes_when_a_rewrite_restores_the_old_mtime(tmp_path):
+    from vqad.app.serve import make_etag
+
+    p = tmp_path / "a.vqad"
+    p.write_bytes(b"a" * 100)
+    st0 = p.stat()
+    time.sleep(0.01)
+    with open(p, "r+b") as f:  # in place, the same size
+        f.write(b"b" * 100)
+    os.utime(p, ns=(st0.st_atime_ns, st0.st_mtime_ns))  # `touch -r`, `rsync -t --inplace`
+    st1 = p.stat()
+    assert st1.st_mtime_ns == st0.st_mtime_ns and st1.st_size == st0.st_size
+    assert make_etag(st1) != make_etag(st0)
+
+
+def test_view_is_refused_to_other_sites_pages_and_keeps_at_most_max_viewers(site):
+    """An <img src=http://127.0.0.1:8000/view/NAME.vqad> on any web page started a viewer per name, without
+    bound (threads, ports and memory until the server stopped)."""
+    from vqad.app.serve import MAX_VIEWERS
+
+    root, _ = site
+    extra = root / "many"
+    extra.mkdir()
+    for i in range(MAX_VIEWERS + 3):
+        shutil.copy(root / "model.vqad", extra / f"m{i}.vqad")
+    started: list[FakeViewer] = []
+
+    def factory(source, host="127.0.0.1", port=0, bandwidth=None):
+        started.append(FakeViewer(source, host, port, bandwidth))
+        return started[-1]
+
+    try:
+        with BackgroundServer(root, viewer_factory=factory) as url:
+            img = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+            r = httpx.get(url + "view/model.vqad", headers=img)
+            assert r.status_code == 403 and "another site" in r.text and not started
+            fetch = {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty"}
+            assert httpx.get(url + "view/model.vqad", headers=fetch).status_code == 403 and not started
+            link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+            assert httpx.get(url + "view/model.vqad", headers=link).status_code == 303  # a link the user followed
+            typed = {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+            for i in range(MAX_VIEWERS + 3):
+                assert httpx.get(url + f"view/many/m{i}.vqad", headers=typed).status_code == 303
+            assert len(started) == MAX_VIEWERS + 4
+            running = [v for v in started if not v.stopped]
+            assert len(running) == MAX_VIEWERS and running == started[-MAX_VIEWERS:]  # the least recent stopped
+            assert httpx.get(url + "view/many/m0.vqad").status_code == 303  # stopped, reopened: a fresh viewer
+            assert len(started) == MAX_VIEWERS + 5 and sum(not v.stopped for v in started) == MAX_VIEWERS
+    finally:
+        shutil.rmtree(extra)
+
+
+def test_view_of_a_damaged_file_is_one_log_line_and_a_422_page(tmp_path, caplog):
+    (tmp_path / "bad.vqad").write_bytes(b"not a vqad file at all")
+
+    def factory(source, host="127.0.0.1", port=0, bandwidth=None):
+        raise InputError(f"{source} is not a readable .vqad file: bad magic")
+
+    with BackgroundServer(tmp_path, viewer_factory=factory) as url:
+        r = httpx.get(url + "view/bad.vqad", timeout=20)
+    assert r.status_code == 422 and "bad magic" in r.text
+    records = [rec for rec in caplog.records if rec.name == "vqad.serve"]
+    assert records and all(rec.exc_info is None for rec in records)
+
+
+def test_a_server_on_another_loopback_address_answers_its_own_url(tmp_path):
+    """Debian maps the machine's name to 127.0.1.1: bound there, the printed URL itself was refused (421)."""
+    (tmp_path / "a.vqad").write_bytes(b"x")
+    try:
+        s = socket.socket()
+        s.bind(("127.0.1.1", 0))
+        s.close()
+    except OSError:
+        pytest.skip("this machine cannot bind 127.0.1.1")
+    with BackgroundServer(tmp_path, host="127.0.1.1") as url:
+        assert url.startswith("http://127.0.1.1:")
+        assert httpx.get(url + "a.vqad", timeout=20).content == b"x"
+        assert raw_request(url, "/a.vqad", headers={"Host": "attacker.example"})[0] == 421

@@ -386,6 +386,32 @@ def test_viewer_truncated_before_first_lod(tmp_path, vqad_bytes):
         h.stop()
 
 
+def test_viewer_local_file_damaged_in_its_first_block_keeps_best_lod(tmp_path, vqad_bytes):
+    """A local file whose damage lies in its first 64 kB (after the header) was refused in the terminal, when
+    the same file over HTTP showed its best LOD and the error (found by a hostile pass)."""
+    sizes = prefix_sizes(vqad_bytes)
+    lods = sorted(sizes)
+    assert sizes[lods[-2]] + 40 < 1 << 16
+    bad = bytearray(vqad_bytes)
+    bad[sizes[lods[-2]] + 40] ^= 0xFF
+    p = tmp_path / "bad.vqad"
+    p.write_bytes(bytes(bad))
+    h = _damaged_viewer(str(p))
+    try:
+        assert h.lods_available == lods[:-1] and h.current_lod == lods[-2]
+        assert "damaged" in h.error and f"LOD {lods[-2]}" in h.error
+    finally:
+        h.stop()
+
+
+def test_viewer_refuses_a_fifo_at_once(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.vqad")  # reading it waited for a writer, with nothing said
+    with pytest.raises(InputError, match="is not a regular file"):
+        open_viewer(str(tmp_path / "pipe.vqad"), serve=False, device="cpu")
+
+
 def test_viewer_corrupt_stream_over_http_keeps_best_lod(vqad_bytes):
     sizes = prefix_sizes(vqad_bytes)
     lods = sorted(sizes)

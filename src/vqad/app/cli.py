@@ -61,7 +61,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports the commands' modules (PyTorch): a second or more
+    except KeyboardInterrupt:
+        print("vqad: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     with warnings.catch_warnings():  # restored on return: a caller's (or a test's) own handling is untouched
         warnings.showwarning = _show_warning

@@ -20,10 +20,12 @@ HTTP semantics (RFC 9110): ``Accept-Ranges: bytes``; one range (``bytes=a-b``, `
 206 with ``Content-Range``; several -> 206 ``multipart/byteranges``, the parts in the order asked
 (overlapping or adjacent ones coalesced; more than :data:`MAX_RANGES` -> the whole file); none satisfiable -> 416 with
 ``Content-Range: bytes */SIZE``; a malformed Range header is ignored (200). A strong ``ETag``
-(inode, mtime in ns, size) and ``Last-Modified``; ``If-Match`` / ``If-Unmodified-Since`` -> 412,
+(inode, mtime and ctime in ns, size) and ``Last-Modified``; a date in the future is ignored; ``If-Match`` / ``If-Unmodified-Since`` -> 412,
 ``If-None-Match`` / ``If-Modified-Since`` -> 304, ``If-Range`` (ETag or date) -> the range only while
 the file is unchanged, else the whole file. HEAD answers with GET's headers and no body (``/view/``: 405,
-so that a link checker starts no viewer).
+so that a link checker starts no viewer; a request another web site's page makes, such as an ``<img>``
+of it, is refused (403) unless it is the browser's own navigation, so a page cannot start viewers; at most
+:data:`MAX_VIEWERS` run at once, the least recently opened stopped for a new one).
 ``Cache-Control: no-cache`` (clients keep a copy and revalidate it with the ETag). CORS: on loopback,
 pages from this machine (``http(s)://localhost``, ``127.0.0.1``, ``[::1]``, any port) may read the files and
 the listing, no other origin; bound to another address (public by design, with a warning), any origin
@@ -34,12 +36,13 @@ Safety: only regular ``*.vqad`` files whose real path (symlinks resolved) lies u
 else that is not such a file is 404. Bound to 127.0.0.1 by default, the server also refuses requests
 whose ``Host`` is not a loopback name, so a web page cannot reach it through DNS rebinding. Each
 response reads from one file descriptor opened once; if the file is changed in place while it is
-being sent (size or mtime differ from the headers'), the connection is cut short rather than mixing
+being sent (size, mtime or ctime differ from the headers'), the connection is cut short rather than mixing
 two versions' bytes (rewrite files with a rename, as ``vqad`` itself does, and readers never notice).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email.utils
 import errno
@@ -87,6 +90,8 @@ LOOPBACK_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 DEFAULT_PORT = 8000
 #: a server stopping (Ctrl-C) waits this long for responses in flight before cutting them
 GRACEFUL_SECONDS = 2.0
+#: viewers ``/view/`` keeps running at once (each a thread, a port and ~2 MB); a new one stops the least recent
+MAX_VIEWERS = 8
 EXPOSED_HEADERS = ("Content-Range", "Accept-Ranges", "ETag", "Content-Length", "Last-Modified", "Content-Type")
 
 
@@ -154,6 +159,35 @@ def resolve_file(root: Path, rel: str) -> Path:
     return real
 
 
+def open_servable(root: Path, rel: str) -> tuple[int, os.stat_result]:
+    """An open descriptor (O_RDONLY) of the servable file at ``rel`` under ``root`` and its ``fstat``.
+
+    :func:`resolve_file` checks the path, then the file is opened, then the path is resolved again and must
+    still lead under ``root`` to the very file opened (device and inode): a folder swapped for a symlink out
+    of ``root`` between the check and the open (which ``O_NOFOLLOW`` cannot see: it guards the last name
+    only) would otherwise have this serve a file outside the folder. Raises :class:`Refused`.
+    """
+    real = resolve_file(root, rel)
+    try:  # O_NONBLOCK: a FIFO swapped in after the check must not hang the server
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise Refused(404 if exc.errno in (errno.ENOENT, errno.ELOOP) else 403, "cannot open the file") from None
+    try:
+        st = os.fstat(fd)  # the headers describe exactly the version this descriptor reads
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused(404, "not a regular file")
+        try:
+            again = os.stat(resolve_file(root, rel))
+        except OSError:
+            again = None
+        if again is None or (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+            raise Refused(404, "the file moved while it was opened: try again")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 def iter_files(root: Path) -> Iterator[tuple[str, Path]]:
     """``(relative URL path, real path)`` of every servable file under ``root``, sorted.
 
@@ -161,30 +195,54 @@ def iter_files(root: Path) -> Iterator[tuple[str, Path]]:
     a symlinked file is listed when its target is a servable file under ``root``.
     """
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        base = Path(dirpath).relative_to(root)
-        for name in filenames:
-            rel = (base / name).as_posix()
-            try:
-                rel.encode("utf-8")  # a name that is not UTF-8 has no URL a client could send
-            except UnicodeEncodeError:
-                continue
-            if any(ord(c) < 32 or ord(c) == 127 for c in rel):  # nor one with a control character: no route takes it
-                continue
-            try:
-                found.append((rel, resolve_file(root, rel)))
-            except Refused:
-                continue
+    for base, name in _walk(root):
+        rel = (base / name).as_posix()
+        try:
+            rel.encode("utf-8")  # a name that is not UTF-8 has no URL a client could send
+        except UnicodeEncodeError:
+            continue
+        if any(ord(c) < 32 or ord(c) == 127 for c in rel):  # nor one with a control character: no route takes it
+            continue
+        try:
+            found.append((rel, resolve_file(root, rel)))
+        except Refused:
+            continue
     return iter(sorted(found))
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, str]]:
+    """``(folder relative to root, name)`` of every non-hidden entry under ``root`` that is not a folder,
+    depth first with a stack of its own (``os.walk`` recurses once per level: a tree 1,000 folders deep
+    overflowed Python's stack). Symlinked folders are not entered (they may loop); unreadable ones are skipped."""
+    stack = [Path()]
+    while stack:
+        base = stack.pop()
+        try:
+            with os.scandir(root / base) as it:
+                entries = list(it)
+        except OSError:  # unreadable, gone, or a path too long
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                continue
+            if is_dir:
+                if not e.is_symlink():
+                    stack.append(base / e.name)
+            else:
+                yield base, e.name
 
 
 # ================================================================================================
 # validators and ranges (RFC 9110)
 # ================================================================================================
 def make_etag(st: os.stat_result) -> str:
-    """A strong entity tag from inode, mtime (ns) and size: a rewrite (rename or in place) changes it."""
-    return f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+    """A strong entity tag from inode, mtime and ctime (ns) and size: a rewrite (rename or in place) changes it,
+    even one that restores the old mtime afterwards (``touch -r``, ``rsync -t --inplace``): no user can set ctime."""
+    return f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_ctime_ns:x}-{st.st_size:x}"'
 
 
 _ETAG = re.compile(r'\s*(W/)?("[^"]*")\s*(?:,|$)')
@@ -198,11 +256,14 @@ def _etags(header: str) -> list[tuple[bool, str]] | None:
 
 
 def _http_date(header: str) -> float | None:
+    """An HTTP date's seconds since the epoch; ``None`` (the header is ignored) for one that is not a date,
+    has no zone, or lies in the future (RFC 9110 §13.1.3: such a date says nothing about this file)."""
     try:
         dt = email.utils.parsedate_to_datetime(header)
-    except (TypeError, ValueError, IndexError):
+        t = None if dt is None or dt.tzinfo is None else dt.timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):  # a year past 9999, or past the C library's
         return None
-    return None if dt is None or dt.tzinfo is None else dt.timestamp()
+    return t if t is not None and t <= time.time() else None
 
 
 class Unsatisfiable(Exception):
@@ -326,7 +387,10 @@ def _read_exact(fd: int, n: int, offset: int, st0: os.stat_result) -> bytes:
     if len(data) != n:
         raise _FileChanged(f"it shrank to {offset + len(data):,} bytes")
     st = os.fstat(fd)  # after the read: a write before it shows here, one after it did not reach these bytes
-    if st.st_size != st0.st_size or st.st_mtime_ns != st0.st_mtime_ns:
+    # ctime moves with any write, even one whose mtime was then set back (touch -r, rsync -t --inplace); it also
+    # moves when the file is unlinked or renamed over (its link count changes): the bytes read stay the old version
+    if (st.st_size, st.st_mtime_ns) != (st0.st_size, st0.st_mtime_ns) or (
+            st.st_ctime_ns != st0.st_ctime_ns and st.st_nlink == st0.st_nlink):
         raise _FileChanged("it was modified")
     return data
 
@@ -499,18 +563,29 @@ class _HostCheck:
         await self.app(scope, receive, send)
 
 
+def _may_start_viewer(headers: Any) -> bool:
+    """Whether a ``/view/`` request may start a viewer: not one another site's page made by itself (an
+    ``<img>``, a ``fetch``: ``Sec-Fetch-Site: cross-site`` or ``same-site`` without a top-level navigation).
+    Clients that send no ``Sec-Fetch-*`` headers (curl, scripts) and the browser's own navigations may."""
+    site = headers.get("sec-fetch-site")
+    if site in (None, "same-origin", "none"):
+        return True
+    return headers.get("sec-fetch-mode") == "navigate" and headers.get("sec-fetch-dest") == "document"
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
 class _Viewers:
-    """One viewer per (file, interface), started on first use and stopped with the server."""
+    """One viewer per (file, interface), started on first use and stopped with the server; at most ``limit`` at
+    once (the least recently opened is stopped to start another)."""
 
-    def __init__(self, factory: ViewerFactory | None) -> None:
-        self.factory = factory
+    def __init__(self, factory: ViewerFactory | None, limit: int = MAX_VIEWERS) -> None:
+        self.factory, self.limit = factory, limit
         self._lock = threading.Lock()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
-        self.handles: dict[tuple[str, str], ViewerHandle] = {}
+        self.handles: dict[tuple[str, str], ViewerHandle] = {}  # in the order last opened
 
     def get(self, key: tuple[str, str], source: str) -> ViewerHandle:
         """Start (once) the viewer for ``key`` on ``source``; ImportError when there is no viewer."""
@@ -520,18 +595,31 @@ class _Viewers:
         with self._lock:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
-            if key not in self.handles:
-                self.handles[key] = factory(source, host=key[1], port=0, bandwidth=None)
-            return self.handles[key]
+            with self._lock:
+                handle = self.handles.pop(key, None)
+                if handle is not None:
+                    self.handles[key] = handle  # the most recent now
+                    return handle
+            handle = factory(source, host=key[1], port=0, bandwidth=None)
+            with self._lock:
+                self.handles[key] = handle
+                old = [self.handles.pop(k) for k in list(self.handles)[: max(0, len(self.handles) - self.limit)]]
+            for h in old:
+                self._stop(h)
+            return handle
+
+    @staticmethod
+    def _stop(h: ViewerHandle) -> None:
+        try:
+            h.stop()
+        except Exception:  # stopping one must not keep the others running
+            log.exception("vqad serve: stopping the viewer at %s failed", getattr(h, "url", "?"))
 
     def stop_all(self) -> None:
         with self._lock:
             handles, self.handles = list(self.handles.values()), {}
         for h in handles:
-            try:
-                h.stop()
-            except Exception:  # stopping one must not keep the others running
-                log.exception("vqad serve: stopping the viewer at %s failed", getattr(h, "url", "?"))
+            self._stop(h)
 
 
 def create_app(root: Path, bandwidth: float | None = None, viewer_factory: ViewerFactory | None = None, *,
@@ -576,6 +664,9 @@ def create_app(root: Path, bandwidth: float | None = None, viewer_factory: Viewe
             return refused(exc)
         if request.method == "HEAD":  # a link checker's or a preview's HEAD starts no viewer (threads, memory)
             return PlainTextResponse("", status_code=405, headers={"Allow": "GET"})
+        if not _may_start_viewer(request.headers):
+            return PlainTextResponse("a viewer opens only when you follow a link or enter its address (this request "
+                                     "came from another site's page)\n", status_code=403)
         server_host, server_port = request.scope["server"]  # this connection's own address: reachable from here
         source = f"http://{_url_host(server_host)}:{server_port}/{quote(rel)}"
         public = f"{request.base_url}{quote(rel)}"
@@ -587,6 +678,11 @@ def create_app(root: Path, bandwidth: float | None = None, viewer_factory: Viewe
                     f"<p>{html.escape(str(exc))}</p><p>Install it (<code>pip install 'vqad[view]'</code>) and reload "
                     f"this page, or run the viewer yourself:</p><pre>{html.escape(cmd)}</pre>")
             return HTMLResponse(page, status_code=501)
+        except VqadError as exc:  # the file is not a readable model (damaged, cut short): say so, no traceback
+            log.warning("vqad serve: no viewer for %s: %s", rel, exc)
+            page = (f"<!doctype html><meta charset=utf-8><title>cannot view</title><h1>This file cannot be viewed</h1>"
+                    f"<p>{html.escape(str(exc))}</p>")
+            return HTMLResponse(page, status_code=422)
         except Exception as exc:
             log.exception("vqad serve: starting the viewer for %s failed", rel)
             page = (f"<!doctype html><meta charset=utf-8><title>viewer failed</title><h1>The viewer did not start</h1>"
@@ -601,17 +697,10 @@ def create_app(root: Path, bandwidth: float | None = None, viewer_factory: Viewe
     async def file(request: Request) -> Response:
         rel = request.path_params["path"]
         try:
-            real = resolve_file(root, rel)
-            try:  # O_NONBLOCK: a FIFO swapped in after the check must not hang the server
-                fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-            except OSError as exc:
-                raise Refused(404 if exc.errno in (errno.ENOENT, errno.ELOOP) else 403, "cannot open the file") from None
+            fd, st = await run_in_threadpool(open_servable, root, rel)
         except Refused as exc:
             return refused(exc)
         try:
-            st = os.fstat(fd)  # the headers describe exactly the version this descriptor reads
-            if not stat.S_ISREG(st.st_mode):
-                raise Refused(404, "not a regular file")
             response = _file_response(request, fd, st, rel)
         except Refused as exc:
             os.close(fd)
@@ -689,14 +778,39 @@ def _url(sock: socket.socket) -> str:
     return f"http://{_url_host(host)}:{port}/"
 
 
+class _ExpectedEnds(logging.Filter):
+    """Drops uvicorn's error lines for what this server means to do: a response cut short on purpose (the file
+    changed: :class:`FileResponse` logs why) and responses still in flight cancelled as Ctrl-C stops the server
+    (uvicorn logs each as a 50-line traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if msg.startswith("ASGI callable returned without completing response"):
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (msg.startswith("Exception in ASGI application") and isinstance(exc, asyncio.CancelledError))
+
+
 def _server(app: ASGIApp, quiet: bool):
     import uvicorn
+
+    error_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _ExpectedEnds) for f in error_log.filters):
+        error_log.addFilter(_ExpectedEnds())
 
     config = uvicorn.Config(app, log_level="warning", access_log=not quiet, lifespan="on",
                             timeout_graceful_shutdown=GRACEFUL_SECONDS, server_header=False)
     if not quiet:  # requests on stdout, uvicorn's own start-up chatter not
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     return uvicorn.Server(config)
+
+
+def _allowed_hosts(host: str) -> tuple[str, ...] | None:
+    """The Host names a server bound to ``host`` answers: the loopback names and ``host`` itself (127.0.1.1, which
+    Debian maps the machine's name to, is loopback too), or any (None) when it is bound to another interface."""
+    if not is_loopback(host):
+        return None
+    return tuple(dict.fromkeys((*LOOPBACK_HOSTS, host.strip("[]").lower())))
 
 
 class BackgroundServer:
@@ -711,8 +825,7 @@ class BackgroundServer:
 
     def __init__(self, root: Path, bandwidth: float | None = None, viewer_factory: ViewerFactory | None = None, *,
                  host: str = "127.0.0.1", port: int = 0, start_timeout: float = 20.0) -> None:
-        allowed = LOOPBACK_HOSTS if is_loopback(host) else None
-        self.app = create_app(root, bandwidth, viewer_factory, allowed_hosts=allowed)
+        self.app = create_app(root, bandwidth, viewer_factory, allowed_hosts=_allowed_hosts(host))
         self.host, self.port, self.start_timeout = host, port, start_timeout
         self.url: str | None = None
         self._server: Any = None
@@ -752,7 +865,7 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT, bandwid
           viewer_factory: ViewerFactory | None = None, quiet: bool = False) -> None:
     """Serve ``root`` until Ctrl-C (or SIGTERM); prints where, and a warning when others can connect."""
     public = not is_loopback(host)
-    app = create_app(root, bandwidth, viewer_factory, allowed_hosts=None if public else LOOPBACK_HOSTS)
+    app = create_app(root, bandwidth, viewer_factory, allowed_hosts=_allowed_hosts(host))
     root = app.state.root
     files = [rel for rel, _ in iter_files(root)]
     if not files:

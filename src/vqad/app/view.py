@@ -710,6 +710,8 @@ def _check_local_model(source: str, lod: int | None) -> None:
         if isinstance(grid.get("base_level"), int) and isinstance(grid.get("max_level"), int):
             _check_lod(lod, grid["base_level"], grid["max_level"], f"the checkpoint {source}")
         return
+    if path.exists() and not path.is_file():  # a FIFO or a device: reading it would wait or never end
+        raise InputError(f"{source} is not a regular file: give a .vqad file, a checkpoint directory or a URL")
     dec = StreamDecoder()
     try:
         with open(path, "rb") as f:
@@ -719,7 +721,8 @@ def _check_local_model(source: str, lod: int | None) -> None:
                     raise dec.truncation_error()
                 dec.feed(block)
     except StreamError as exc:
-        raise InputError(f"{source} is not a readable .vqad file: {exc}") from None
+        if dec.cfg is None:  # damage after the header: the viewer shows the LODs before it, and the error
+            raise InputError(f"{source} is not a readable .vqad file: {exc}") from None
     except OSError as exc:
         raise InputError(f"cannot read {source}: {exc.strerror or exc}") from None
     _check_lod(lod, dec.base_level, dec.max_level, source)

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -557,3 +558,19 @@ def test_switch_flags_take_their_constants_in_jobs():
     for key in ("no_recode", "shared_decoder"):
         with pytest.raises(InputError, match=f"{key} must be true or false"):
             B.resolve_settings("nerf", ((key, "true"),))
+
+
+@needs_ray
+def test_a_ray_address_with_no_cluster_is_refused_at_once_and_writes_nothing(shapes, tmp_path, capsys):
+    """--ray 127.0.0.1:1 (nothing listening) hung without end in ray.init, printing Ray's warnings, after the
+    output folder and its lock were made (found by a hostile pass)."""
+    job = write_job(tmp_path / "job.json", [str(shapes / "sphere.obj")], shapes)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    for extra in ([], ["--dry-run"]):
+        assert main(["batch", str(job), "--out", str(tmp_path / "out"), "--ray", f"127.0.0.1:{port}", "--quiet", *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot join the Ray cluster at 127.0.0.1:{port}: no connection" in err
+    assert time.monotonic() - t0 < 3 * B.RAY_CONNECT_TIMEOUT_S and not (tmp_path / "out").exists()

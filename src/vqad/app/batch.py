@@ -1180,6 +1180,12 @@ class BatchRun:
             raise InputError(f"--device {run.device}: with Ray each task is given its GPU; use --device cuda")
         if self.executor == "ray" and run.ray in (None, "auto"):
             check_local_cores(self.threads)  # now, before the output folder is made
+            if run.device.startswith("cuda"):  # a local cluster has this machine's GPUs
+                from vqad.device import resolve_device
+
+                resolve_device(run.device)
+        elif self.executor == "ray":
+            check_ray_reachable(run.ray)  # (ray.init retries a closed port for good, printing Ray's warnings)
         if self.executor == "local":
             from vqad.device import available_cores, resolve_device
 
@@ -1281,6 +1287,25 @@ def _exclusive(out: Path):
             raise InputError(f"another vqad batch is running with the output folder {out}: wait for it to finish, "
                              "or give this one another --out") from None
         yield
+
+
+#: seconds a TCP connection to a --ray address may take before it is judged unreachable
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_ray_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Refuse a ``--ray host:port`` (or ``ray://host:port``) that takes no TCP connection within ``timeout``
+    seconds: ``ray.init`` would retry it without end. Says nothing of what listens there (Ray's own check)."""
+    m = _RAY_ADDRESS.fullmatch(address)
+    if m is None:
+        raise InputError(f"--ray must be auto, host:port or ray://host:port, got {address!r}")
+    host, port = m.group(2).strip("[]"), int(address.rsplit(":", 1)[1])
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise InputError(f"cannot join the Ray cluster at {address}: no connection to {host} port {port} ({why}); "
+                         "is `ray start --head` running there, and is this the address it printed?") from None
 
 
 def _start_ray(run: RunConfig, threads: int):

@@ -574,3 +574,44 @@ def test_a_ray_address_with_no_cluster_is_refused_at_once_and_writes_nothing(sha
         err = capsys.readouterr().err
         assert f"cannot join the Ray cluster at 127.0.0.1:{port}: no connection" in err
     assert time.monotonic() - t0 < 3 * B.RAY_CONNECT_TIMEOUT_S and not (tmp_path / "out").exists()
+
+
+def test_directory_jobs_take_odd_names_and_links_as_they_are(shapes, tmp_path):
+    """Found by a hostile pass: a file named scan[1].obj was read as a glob (matching nothing, or scan1.obj); a
+    linked folder made every asset under it appear twice ("listed twice: give one a name", which a directory job
+    cannot); a link to itself was a RuntimeError traceback; a dangling link was named by its missing target."""
+    src = tmp_path / "cat"
+    (src / "sub").mkdir(parents=True)
+    sphere = (shapes / "sphere.obj").read_bytes()
+    (src / "scan[1].obj").write_bytes(sphere)
+    (src / "scan1.obj").write_bytes(sphere)
+    (src / "sub" / "box*.obj").write_bytes(sphere)
+    (src / "loop").symlink_to(src)  # a linked folder: not entered
+    (src / "alias.obj").symlink_to(src / "scan1.obj")  # the same file twice: one asset
+    job = B.load_job(src, out=tmp_path / "out")
+    assert sorted(s.key for s in job.assets) == ["scan1", "scan[1]", "sub/box*"]
+    assert all(Path(s.source).read_bytes() == sphere for s in job.assets)
+    (src / "self.obj").symlink_to(src / "self.obj")
+    with pytest.raises(InputError, match="self.obj: cannot follow it"):
+        B.load_job(src, out=tmp_path / "out")
+    (src / "self.obj").unlink()
+    (src / "gone.obj").symlink_to(tmp_path / "nowhere.obj")
+    with pytest.raises(InputError, match="gone.obj is a symbolic link to .*nowhere.obj, which does not exist"):
+        B.load_job(src, out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("name, words", [
+    ("a\udc80b", "is not valid UTF-8 text"), ("a\u0085b", "control character"), ("a\u202eb", "control character"),
+    ("Results.JSONL", "is a file of the output folder itself"),
+])
+def test_asset_names_that_break_folders_or_their_display_are_refused(shapes, tmp_path, name, words):
+    job = write_job(tmp_path / "job.json", [{"path": str(shapes / "sphere.obj"), "name": name}], shapes)
+    with pytest.raises(InputError, match=words):
+        B.load_job(job, out=tmp_path / "out")
+
+
+def test_application_inside_a_kinds_defaults_is_refused(shapes, tmp_path):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"defaults": {"sdf": {"application": "nerf"}}, "assets": [str(shapes / "sphere.obj")]}))
+    with pytest.raises(InputError, match=r"\[defaults.sdf\] .* application has no place"):
+        B.load_job(job, out=tmp_path / "out")

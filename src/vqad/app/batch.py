@@ -392,22 +392,45 @@ def discover(root: Path, exclude: Path | None = None) -> list[Path]:
         except VqadError:
             return False
 
-    found: list[Path] = []
+    order: list[Path] = []  # every candidate, in the order the walk meets them
+    seen: dict[Path, Path] = {}  # real path -> the entry kept: a file reached twice (a link beside it) is one asset
+
+    def real(p: Path) -> Path:
+        try:
+            return p.resolve(strict=True)
+        except FileNotFoundError:
+            raise InputError(f"{p} is a symbolic link to {os.readlink(p)}, which does not exist: fix or remove the "
+                             "link") from None
+        except (OSError, RuntimeError) as exc:  # a loop of links, or a part that cannot be read
+            raise InputError(f"{p}: cannot follow it ({_one_line(exc)}): fix or remove it") from None
 
     def walk(d: Path) -> None:
-        for p in sorted(d.iterdir()):
-            if p.name.startswith(".") or (exclude is not None and p.resolve() == exclude) or \
-                    (p.is_dir() and is_output_folder(p)):
+        try:
+            entries = sorted(d.iterdir())
+        except OSError as exc:
+            raise InputError(f"cannot list {d} ({exc.strerror or exc}): check its permissions") from None
+        for p in entries:
+            if p.name.startswith("."):
                 continue
-            if p.is_dir() and not is_capture(p):
-                walk(p)
-            elif p.is_dir() or p.suffix.lower() in MESH_SUFFIXES:
-                found.append(p)
+            is_dir = p.is_dir()
+            if (exclude is not None and is_dir and p.resolve() == exclude) or (is_dir and is_output_folder(p)):
+                continue
+            if is_dir and not is_capture(p):
+                if not p.is_symlink():  # a linked folder may loop, or repeat another one's assets
+                    walk(p)
+            elif is_dir or p.suffix.lower() in MESH_SUFFIXES or (p.is_symlink() and not p.exists()):
+                r = real(p)
+                order.append(p)
+                if r not in seen or (seen[r].is_symlink() and not p.is_symlink()):  # the file itself over a link
+                    seen[r] = p
 
     if is_capture(root):
         return [root]
-    walk(root)
-    return found
+    try:
+        walk(root)
+    except RecursionError:
+        raise InputError(f"{root} holds folders nested too deep to search: give a job file listing the assets") from None
+    return sorted(seen.values(), key=order.index)
 
 
 def _asset_key(source: str, root: Path, name, where: str) -> str:
@@ -434,17 +457,23 @@ def _asset_key(source: str, root: Path, name, where: str) -> str:
     return _checked_key(rel.as_posix(), where, "the input's path")
 
 
+#: characters that reorder the text around them (a name could show as another one)
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def _checked_key(key: str, where: str, what: str = "name") -> str:
     """``key`` if it can be an asset folder on any file system the outputs may go to: no control
     characters, no part longer than :data:`MAX_NAME_BYTES`, not one of the output root's own files."""
-    bad = next((c for c in key if ord(c) < 32 or ord(c) == 127), None)
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in key):  # a file name that is not UTF-8 (Python's surrogate escapes)
+        raise InputError(f"{where}: {what} {key!r} is not valid UTF-8 text: rename the file, or give a name = \"...\"")
+    bad = next((c for c in key if unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS), None)
     if bad is not None:
         raise InputError(f"{where}: {what} {key!r} holds the control character {bad!r}: give a name = \"...\" without it")
     long = next((part for part in key.split("/") if len(part.encode("utf-8")) > MAX_NAME_BYTES), None)
     if long is not None:
         raise InputError(f"{where}: {what} {key!r} has a part of {len(long.encode('utf-8'))} bytes; folder names stop "
                          f"at {MAX_NAME_BYTES}: give a shorter name = \"...\"")
-    if key.split("/")[0] in RESERVED_NAMES:
+    if _folder_identity(key.split("/")[0]) in {_folder_identity(n) for n in RESERVED_NAMES}:
         raise InputError(f"{where}: {what} {key!r} is a file of the output folder itself "
                          f"({', '.join(RESERVED_NAMES)}): give another name = \"...\"")
     return key
@@ -507,18 +536,25 @@ def load_job(source: str | Path, out: str | Path | None = None, overrides: dict 
     out_dir = Path(out).resolve() if out is not None else (base / data["out"]).resolve()
     _check_out_dir(out_dir, name)
     defaults = _table(data.get("defaults", {}), f"{name}: [defaults]")
-    reader = _JobReader(name, base, root, out_dir, defaults,
-                        {app: _table(defaults.pop(app, {}), f"{name}: [defaults.{app}]") for app in FIT_COMMANDS},
+    per_app = {app: _table(defaults.pop(app, {}), f"{name}: [defaults.{app}]") for app in FIT_COMMANDS}
+    for app, table in per_app.items():
+        if "application" in table:
+            raise InputError(f"{name}: [defaults.{app}] holds the settings of {app} assets; application has no place "
+                             "in it (the table's name says it)")
+    reader = _JobReader(name, base, root, out_dir, defaults, per_app,
                         {str(k).replace("-", "_"): v for k, v in (overrides or {}).items()})
     if source.is_dir():
-        entries = [str(p.resolve()) for p in discover(source, exclude=out_dir)]  # absolute: base is the folder itself
+        # under the resolved root (the keys are paths under it), each entry itself unresolved (a link keeps its name)
+        entries = [str(p) for p in discover(root, exclude=out_dir)]
         if not entries:
             raise InputError(f"no assets in {source}: expected mesh files (.obj, .ply, ...) or capture folders")
     else:
         entries = data.get("assets")
         if not isinstance(entries, list) or not entries:
             raise InputError(f"{name}: no assets: list them as [[assets]] tables with a path, or assets = [\"a.obj\", ...]")
-    specs = [spec for i, entry in enumerate(entries, 1) for spec in reader.specs(entry, f"{name}: asset {i}")]
+    # a found file's name is literal, not a pattern ("scan[1].obj")
+    specs = [spec for i, entry in enumerate(entries, 1)
+             for spec in reader.specs(entry, f"{name}: asset {i}", literal=source.is_dir())]
     reader.check_overrides(specs)
     _check_keys(specs, name)
     return Job(source=source, root=root, out=out_dir, assets=specs)
@@ -547,14 +583,15 @@ class _JobReader:
     overrides: dict  # command line: key -> value
     used: set = dfield(default_factory=set)  # overrides some asset took
 
-    def specs(self, entry, where: str) -> list[AssetSpec]:
-        """The assets of one entry (a path, or a table with a path, maybe a glob, and settings)."""
+    def specs(self, entry, where: str, literal: bool = False) -> list[AssetSpec]:
+        """The assets of one entry (a path, or a table with a path, maybe a glob, and settings); with ``literal``
+        the path is a file's name as found (``[``, ``*`` and ``?`` are themselves)."""
         entry = _table({"path": entry} if isinstance(entry, str) else entry, where)
         path = entry.pop("path", None)
         if not isinstance(path, str) or not path:
             raise InputError(f"{where}: needs a path (a mesh file or a capture folder), got {path!r}")
         name = entry.pop("name", None)
-        sources = _expand(path, self.base, self.out_dir, f"{where} ({path})")
+        sources = [path] if literal else _expand(path, self.base, self.out_dir, f"{where} ({path})")
         if name is not None and len(sources) > 1:
             raise InputError(f"{self.name}: {path}: name names one asset's folder, but the pattern matches {len(sources)}")
         return [self._spec(src, entry, name, f"{self.name}: {path if len(sources) == 1 else Path(src).name}")

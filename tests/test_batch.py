@@ -513,6 +513,8 @@ def test_results_log_survives_a_torn_record(tmp_path):
     with open(log, "a") as f:
         f.write('{"asset": "b", "sta')  # a write cut short by a crash
     append_record(log, json.dumps({"asset": "c", "status": "failed"}))
+    for bad in ({"asset": ["x"], "status": "done"}, {"asset": "d", "status": 1}, {"asset": "e"}):  # was a TypeError
+        append_record(log, json.dumps(bad))
     assert {k: r["status"] for k, r in B.read_results(tmp_path).items()} == {"a": "done", "c": "failed"}
     with pytest.raises(ValueError):
         append_record(log, "two\nlines")

@@ -938,7 +938,8 @@ def run_asset(spec: AssetSpec, ctx: WorkerContext, submitted_at: float) -> dict:
 # the results: an append-only log, the table
 # ================================================================================================
 def read_results(out: Path) -> dict[str, dict]:
-    """The latest record of every asset in ``out/results.jsonl`` (a line torn by a crash is skipped)."""
+    """The latest record of every asset in ``out/results.jsonl`` (a line torn by a crash, or one whose asset and
+    status are not text, is skipped)."""
     latest: dict[str, dict] = {}
     try:
         lines = (Path(out) / RESULTS).read_text(encoding="utf-8").splitlines()
@@ -952,7 +953,7 @@ def read_results(out: Path) -> dict[str, dict]:
             rec = json.loads(line)
         except (ValueError, RecursionError):
             continue
-        if isinstance(rec, dict) and "asset" in rec:
+        if isinstance(rec, dict) and isinstance(rec.get("asset"), str) and isinstance(rec.get("status"), str):
             latest[rec["asset"]] = rec
     return latest
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -326,3 +328,24 @@ def test_fit_tsdf_prints_the_median_depth_and_warns_of_levels_finer_than_the_fus
     cap = capsys.readouterr()
     assert ", median depth " in cap.out and " m;" in cap.out.split(", median depth ")[1][:12]
     assert "finer than half the fused voxel" in cap.err
+
+
+def test_a_fusion_with_no_surface_is_refused_and_one_without_a_mesh_is_still_evaluated(tmp_path, capsys):
+    """Found by a hostile pass: a fused file of 0 voxels (FusedTSDF.save writes one) was a ValueError traceback with
+    its fused.tsdf left behind; one voxel fitted, then the evaluation's empty fusion mesh was a traceback."""
+    from vqad.app.cli import main
+    from vqad.tsdf.fit import check_fusable
+    from vqad.tsdf.fusion import FusedTSDF
+
+    FusedTSDF(0.01, 0.04, "m", np.zeros((0, 3)), [], []).save(tmp_path / "none.tsdf")
+    FusedTSDF(0.01, 0.04, "m", np.zeros((1, 3)), [0.04], [1.0]).save(tmp_path / "far.tsdf")  # at +τ: outside the band
+    for name in ("none", "far"):
+        with pytest.raises(InputError, match="none within its truncation band"):
+            check_fusable(FusedTSDF.load(tmp_path / f"{name}.tsdf"))
+        assert main(["fit-tsdf", str(tmp_path / f"{name}.tsdf"), "--out", str(tmp_path / name)] + TINY_TSDF) == 2
+        assert "saw no surface to fit" in capsys.readouterr().err and not (tmp_path / name).exists()
+    FusedTSDF(0.01, 0.04, "m", np.zeros((1, 3)), [0.0], [1.0]).save(tmp_path / "one.tsdf")
+    assert main(["fit-tsdf", str(tmp_path / "one.tsdf"), "--out", str(tmp_path / "one")] + TINY_TSDF) == 0
+    assert "the fusion's own mesh is empty" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert set(metrics["lods"]) == {"2", "3"} and not (tmp_path / "one" / "fusion_mesh.ply").exists()

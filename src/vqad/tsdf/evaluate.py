@@ -55,7 +55,7 @@ def evaluate_tsdf(field, out: Path, fusion_mesh, gt_mesh=None, lods=None, render
         r["seconds"] = time.perf_counter() - t0
         results[lod] = r
         if not quiet:
-            print(f"LOD {lod}: " + "  ".join(
+            print(f"LOD {lod}: " + ("  ".join(
                 f"{k}: Chamfer-L1 {v['chamfer_l1']:.5f} NC {v['normal_consistency']:.4f} F {v['fscore']:.4f}"
-                for k, v in r.items() if isinstance(v, dict)))
+                for k, v in r.items() if isinstance(v, dict)) or f"{r['faces']:,} faces (no reference mesh to compare with)"))
     return dict(sorted(results.items()))

@@ -78,6 +78,14 @@ class TSDFTrainConfig(TrainConfig):
             raise InputError("--refine and --refine-candidates must be >= 0 and --refine-samples positive")
 
 
+def check_fusable(fused) -> None:
+    """Refuse a fused TSDF with no voxel inside its truncation band: it observed no surface, so there is nothing to
+    fit (and no box to normalise: an empty fusion's was a ValueError)."""
+    if len(fused) == 0 or not band_mask(fused).any():
+        raise InputError(f"the fused TSDF has {len(fused):,} observed voxels and none within its truncation band: it saw "
+                         "no surface to fit; fuse more frames, or check the depth scale (--depth-scale) and --max-depth")
+
+
 def fused_box(fused) -> tuple[np.ndarray, np.ndarray]:
     """``(lo, hi)`` float64 ``(3,)``: the box of ``fused``'s observed voxels, in its units."""
     return fused.ijk.min(0).astype(np.float64) * fused.voxel, (fused.ijk.max(0).astype(np.float64) + 1) * fused.voxel
@@ -257,6 +265,7 @@ def fit_tsdf(fused, grid_cfg: GridConfig, dec_cfg: DecoderConfig, train_cfg: TSD
                             {"grid_cfg": (grid_cfg, GridConfig), "dec_cfg": (dec_cfg, DecoderConfig),
                              "train_cfg": (train_cfg, TSDFTrainConfig)}, device)
     grid_cfg.validate()
+    check_fusable(fused)
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
     train_cfg = train_cfg.resolved(grid_cfg)
     if train_cfg.color and fused.color is None:

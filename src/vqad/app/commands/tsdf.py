@@ -185,7 +185,7 @@ def cmd_fit_tsdf(args) -> int:
     from vqad.sdf.extract import save_mesh
     from vqad.sdf.mesh import load_mesh
     from vqad.tsdf.evaluate import compare, evaluate_tsdf
-    from vqad.tsdf.fit import fit_tsdf, tsdf_normalization
+    from vqad.tsdf.fit import check_fusable, fit_tsdf, tsdf_normalization
     from vqad.tsdf.fusion import FusedTSDF
 
     out = Path(args.out)
@@ -211,6 +211,7 @@ def cmd_fit_tsdf(args) -> int:
         fused, what, fuse_s = FusedTSDF.load(out / FUSED_NAME), f"fused TSDF {out / FUSED_NAME}", 0.0
     else:
         fused, what, fuse_s = fuse_source(args, device, color=train_cfg.color)
+    check_fusable(fused)  # before anything is written
     if gt is not None:
         check_gt_frame(gt, fused, args.gt)
     # a folder holding only fused.tsdf is a fit that failed after fusing: it takes the rerun
@@ -257,12 +258,18 @@ def cmd_fit_tsdf(args) -> int:
     if not args.no_eval:
         with evaluating(out, res):
             fmesh = fused.mesh()
-            save_mesh(fmesh, out / "fusion_mesh.ply")
-            if gt is not None:
+            if len(fmesh.faces) == 0:  # observed voxels without a sign change between neighbours: no surface
+                print("note: the fusion's own mesh is empty (no surface between its observed voxels): the LODs are "
+                      "not compared with it", file=sys.stderr)
+                fmesh = None
+            else:
+                save_mesh(fmesh, out / "fusion_mesh.ply")
+            if gt is not None and fmesh is not None:
                 summary["fusion"]["vs_gt"] = compare(fmesh, {"vs_gt": gt})["vs_gt"]
             summary["lods"] = evaluate_tsdf(field, out, fmesh, gt, deadline=deadline, quiet=args.quiet)
     summary["job_seconds"] = deadline.elapsed()
     write_atomic(out / "metrics.json", json.dumps(summary, indent=2, default=str), "metrics")
-    print(f"wrote {out}/ (fused.tsdf, checkpoint/, model.vqad, metrics.json"
-          f"{'' if args.no_eval else ', fusion_mesh.ply, mesh_lod*.ply, render_lod*.png'})")
+    evaluated = "" if args.no_eval else (", fusion_mesh.ply" if (out / "fusion_mesh.ply").exists() else "") + \
+        ", mesh_lod*.ply, render_lod*.png"
+    print(f"wrote {out}/ (fused.tsdf, checkpoint/, model.vqad, metrics.json{evaluated})")
     return 0

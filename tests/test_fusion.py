@@ -424,3 +424,16 @@ def test_stored_weight_capped_at_fp16_max():
     assert FusedTSDF.from_bytes(t.to_bytes()).weight[0] == np.finfo(np.float16).max
     with pytest.raises(InputError, match="fp16"):
         FusedTSDF(1.0, 1e5, "mm", [[0, 0, 0]], [0.5], [1]).to_bytes()
+
+
+def test_the_block_table_stops_at_the_memory_limit_and_the_band_is_allocated_in_chunks(monkeypatch, one_thread):
+    """Found by a hostile pass: a fine voxel on noisy depth grew the block table without bound (8.5 GB asked), and
+    the allocation pass built pixels × band samples points at once (3 GB for a megapixel frame)."""
+    seq = sphere_seq(n=2)
+    ref = fuse(seq, voxel=0.01, device="cpu")
+    monkeypatch.setattr(fusion, "_CHUNK_VOXELS", 64)  # a few pixels at a time: the same blocks, the same voxels
+    small = fuse(seq, voxel=0.01, device="cpu")
+    assert small.to_bytes() == ref.to_bytes()
+    monkeypatch.setenv("VQAD_MAX_MEMORY", "1M")
+    with pytest.raises(InputError, match=r"would need .* GiB to grow, more than the limit .*VQAD_MAX_MEMORY.*larger --voxel"):
+        fuse(seq, voxel=0.002, device="cpu")

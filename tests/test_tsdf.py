@@ -328,6 +328,11 @@ def test_fit_tsdf_prints_the_median_depth_and_warns_of_levels_finer_than_the_fus
     cap = capsys.readouterr()
     assert ", median depth " in cap.out and " m;" in cap.out.split(", median depth ")[1][:12]
     assert "finer than half the fused voxel" in cap.err
+    # far finer (--levels 2:16 took 4.8 GB in 12 s): refused before anything is written, naming a level that fits
+    assert main(["fit-tsdf", str(procedural_scan), "--levels", "2:16", "--steps", "2", "--no-eval", "--threads", "1",
+                 "--out", str(tmp_path / "o16")]) == 2
+    err = capsys.readouterr().err
+    assert "times finer than the fused voxel" in err and "--levels 2:8" in err and not (tmp_path / "o16").exists()
 
 
 def test_a_fusion_with_no_surface_is_refused_and_one_without_a_mesh_is_still_evaluated(tmp_path, capsys):
@@ -344,7 +349,8 @@ def test_a_fusion_with_no_surface_is_refused_and_one_without_a_mesh_is_still_eva
             check_fusable(FusedTSDF.load(tmp_path / f"{name}.tsdf"))
         assert main(["fit-tsdf", str(tmp_path / f"{name}.tsdf"), "--out", str(tmp_path / name)] + TINY_TSDF) == 2
         assert "saw no surface to fit" in capsys.readouterr().err and not (tmp_path / name).exists()
-    FusedTSDF(0.01, 0.04, "m", np.zeros((1, 3)), [0.0], [1.0]).save(tmp_path / "one.tsdf")
+    # two voxels in the band, apart, of one sign: nothing to mesh between them
+    FusedTSDF(0.01, 0.04, "m", [[0, 0, 0], [20, 0, 0]], [0.01, 0.01], [1.0, 1.0]).save(tmp_path / "one.tsdf")
     assert main(["fit-tsdf", str(tmp_path / "one.tsdf"), "--out", str(tmp_path / "one")] + TINY_TSDF) == 0
     assert "the fusion's own mesh is empty" in capsys.readouterr().err
     metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())

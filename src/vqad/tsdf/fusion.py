@@ -75,6 +75,7 @@ import numpy as np
 import torch
 
 from vqad.device import resolve_device
+from vqad.fileformat import MAX_MEMORY_ENV, default_max_memory
 from vqad.errors import InputError
 from vqad.sdf.mesh import Mesh
 from vqad.tsdf.rgbd import RGBDSequence, check_units
@@ -519,9 +520,12 @@ class _BlockHash:
     :func:`torch.searchsorted`), and per block, in allocation order, its coordinates and voxel rows
     ``tsdf (cap, block³)``, ``weight (cap, block³)``, ``color (cap, block³, 3)`` (float32 running means)."""
 
-    def __init__(self, block: int, color: bool, device: torch.device):
+    def __init__(self, block: int, color: bool, device: torch.device, max_memory: int | None = None):
         self.b3 = block ** 3
         self.device = device
+        # bytes a block costs: its key and coordinates, and its voxels' tsdf, weight (and colour) float32s
+        self.block_bytes = 8 + 24 + self.b3 * (8 + (12 if color else 0))
+        self.max_memory = default_max_memory() if max_memory is None else max_memory
         self.sorted_keys = torch.zeros(0, dtype=torch.long, device=device)
         self.coords = torch.zeros(0, 3, dtype=torch.long, device=device)  # (cap, 3) block coordinates
         self.tsdf = torch.zeros(0, self.b3, device=device)
@@ -540,6 +544,13 @@ class _BlockHash:
             return
         if self.n + k > self.tsdf.shape[0]:  # grow by doubling: amortised O(1) copies per block
             cap = max(2 * self.tsdf.shape[0], self.n + k, 256)
+            need = (self.tsdf.shape[0] + cap) * self.block_bytes  # the old tables and the new while they are copied
+            if need > self.max_memory:
+                raise InputError(
+                    f"the fusion has allocated {self.n + k:,} blocks of {round(self.b3 ** (1 / 3))}³ voxels and would need "
+                    f"{need / 2 ** 30:.1f} GiB to grow, more than the limit of {self.max_memory / 2 ** 30:.1f} GiB "
+                    f"(${MAX_MEMORY_ENV}, default half the memory): pass a larger --voxel, or a --max-depth that "
+                    "leaves out the far depth")
             self.coords = _grow(self.coords, cap)
             self.tsdf = _grow(self.tsdf, cap)
             self.weight = _grow(self.weight, cap)
@@ -620,19 +631,22 @@ def fuse(seq: RGBDSequence, voxel: float | None = None, trunc: float | None = No
         Rcw = torch.from_numpy(c2w[:3, :3]).to(dev)  # camera → world rotation (float64)
         tcw = torch.from_numpy(c2w[:3, 3]).to(dev)
         depth = torch.from_numpy(depth_np).to(dev).reshape(-1)
-        # 1. allocate the blocks the band d ± trunc of every valid pixel's ray passes through
-        pix = valid.reshape(-1).nonzero()[0]
-        pix_t = torch.from_numpy(pix).to(dev)
-        d = depth[pix_t]
-        pts = ray[pix_t, None, :] * d[:, None, None] + ray_unit[pix_t, None, :] * steps[None, :, None]  # (n, s, 3) camera
-        pts = pts.reshape(-1, 3).double() @ Rcw.T + tcw
-        bcf = torch.floor(pts / bsize)  # (checked in float64: a coordinate past int64 wraps negative in .long())
-        if not float(bcf.abs().max()) * block < _KEY_OFFSET - block:  # (NaN fails it too)
-            raise InputError(f"frame {i}: the scene spans more than 2^20 voxels of {voxel:g} {seq.units} from the origin: pass a larger voxel (--voxel)")
-        bc = bcf.long()
-        keys, inv = torch.unique(_pack(bc), return_inverse=True)
-        first = torch.zeros(keys.shape[0], dtype=torch.long, device=dev).scatter_(0, inv, torch.arange(inv.shape[0], device=dev))
-        hashmap.insert(keys, bc[first])
+        # 1. allocate the blocks the band d ± trunc of every valid pixel's ray passes through, in chunks of pixels
+        # (pixels × band samples points at once: a megapixel frame with a 64-voxel band was a 3 GB tensor)
+        pix = torch.from_numpy(valid.reshape(-1).nonzero()[0]).to(dev)
+        per_px = max(1, _CHUNK_VOXELS // steps.numel())
+        for s0 in range(0, pix.shape[0], per_px):
+            pix_t = pix[s0:s0 + per_px]
+            d = depth[pix_t]
+            pts = ray[pix_t, None, :] * d[:, None, None] + ray_unit[pix_t, None, :] * steps[None, :, None]  # (n, s, 3) camera
+            pts = pts.reshape(-1, 3).double() @ Rcw.T + tcw
+            bcf = torch.floor(pts / bsize)  # (checked in float64: a coordinate past int64 wraps negative in .long())
+            if not float(bcf.abs().max()) * block < _KEY_OFFSET - block:  # (NaN fails it too)
+                raise InputError(f"frame {i}: the scene spans more than 2^20 voxels of {voxel:g} {seq.units} from the origin: pass a larger voxel (--voxel)")
+            bc = bcf.long()
+            keys, inv = torch.unique(_pack(bc), return_inverse=True)
+            first = torch.zeros(keys.shape[0], dtype=torch.long, device=dev).scatter_(0, inv, torch.arange(inv.shape[0], device=dev))
+            hashmap.insert(keys, bc[first])
         # 2. integrate into the allocated blocks in the view frustum
         n = hashmap.n
         Rwc = Rcw.T

@@ -185,7 +185,7 @@ def cmd_fit_tsdf(args) -> int:
     from vqad.sdf.extract import save_mesh
     from vqad.sdf.mesh import load_mesh
     from vqad.tsdf.evaluate import compare, evaluate_tsdf
-    from vqad.tsdf.fit import check_fusable, fit_tsdf, tsdf_normalization
+    from vqad.tsdf.fit import check_fusable, check_levels, finest_cell, fit_tsdf
     from vqad.tsdf.fusion import FusedTSDF
 
     out = Path(args.out)
@@ -212,6 +212,7 @@ def cmd_fit_tsdf(args) -> int:
     else:
         fused, what, fuse_s = fuse_source(args, device, color=train_cfg.color)
     check_fusable(fused)  # before anything is written
+    check_levels(fused, grid_cfg)  # cells far finer than the voxel: memory for nothing
     if gt is not None:
         check_gt_frame(gt, fused, args.gt)
     # a folder holding only fused.tsdf is a fit that failed after fusing: it takes the rerun
@@ -228,7 +229,7 @@ def cmd_fit_tsdf(args) -> int:
           + (" + colour" if train_cfg.color and fused.color is not None else "") + " per voxel, block structure)"
           + (f"; {FUSED_NAME} also holds its colour: {on_disk / 1e6:,.2f} MB" if on_disk != baseline else "")
           + (f", in {fuse_s:.1f} s" if fuse_s else ""))
-    cell = 2.0 / (1 << grid_cfg.max_level) / tsdf_normalization(fused).scale  # the finest cell, in the fusion's units
+    cell = finest_cell(fused, grid_cfg.max_level)
     if cell < 0.5 * fused.voxel:
         print(f"WARNING: the finest level's cells ({cell:.3g} {u}) are finer than half the fused voxel "
               f"({fused.voxel:.3g} {u}): they add bytes, not detail the fusion holds; lower the finest --levels",

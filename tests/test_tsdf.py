@@ -291,6 +291,30 @@ def test_synth_rgbd_refuses_sequences_nothing_can_be_fitted_to(tmp_path, capsys)
     assert main(["synth-rgbd", "procedural", "--out", str(tmp_path / "coarse"), "--frames", "3", "--size", "40x30",
                  "--depth-scale", "0.5", "--threads", "1"]) == 2
     assert "steps of 2 m" in capsys.readouterr().err
+    # every frame is held until written: a count past the memory limit is refused at once (it grew ~5 MB/s, unbounded)
+    assert main(["synth-rgbd", "procedural", "--out", str(tmp_path / "many"), "--frames", "100000000", "--size",
+                 "320x240", "--threads", "1"]) == 2
+    assert "need 50,067.9 GiB while they are rendered" in capsys.readouterr().err and not (tmp_path / "many").exists()
+
+
+def test_synth_rgbd_stopped_by_sigterm_leaves_nothing(tmp_path):
+    """SIGTERM (a job scheduler's stop) left a folder of some frames and no lists, which the rerun refused; Ctrl-C
+    already cleaned up."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, "-m", "vqad.app.cli", "synth-rgbd", "procedural", "--out", str(out), "--frames",
+                          "5000", "--size", "64x48", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.monotonic()
+    while not out.exists() and p.poll() is None and time.monotonic() - t0 < 60:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and b"terminated" in err and not out.exists(), err[-300:]
 
 
 def test_mesh_of_a_tsdf_file_at_a_lod_is_the_fits_own_mesh_and_a_resumed_fit_counts_its_own_steps(

@@ -191,6 +191,10 @@ def shade(normals: np.ndarray, hit: np.ndarray) -> np.ndarray:
     return np.where(hit[..., None], np.clip(np.rint(rgb * 255), 0, 255), 0).astype(np.uint8)
 
 
+#: bytes a rendered frame holds per pixel until the sequence is written: float32 depth and 8-bit colour
+FRAME_BYTES_PER_PIXEL = 4 + 3
+
+
 def _frames_sequence(name: str, K, poses, width, height, depths, colors) -> RGBDSequence:
     depths = np.stack(depths)
     colors = None if colors is None else np.stack(colors)
@@ -211,6 +215,14 @@ def _check_common(n_frames: int, width: int, height: int, size: float, distance:
         raise InputError(f"the number of frames must be at least 1, got {n_frames}")
     if not (8 <= int(width) <= 4096 and 8 <= int(height) <= 4096):
         raise InputError(f"the image size must be 8..4096 pixels per side, got {width}×{height}")
+    from vqad.fileformat import MAX_MEMORY_ENV, default_max_memory
+
+    need = int(n_frames) * int(width) * int(height) * FRAME_BYTES_PER_PIXEL  # every frame is held until written
+    if need > default_max_memory():
+        fit = max(1, default_max_memory() // (int(width) * int(height) * FRAME_BYTES_PER_PIXEL))
+        raise InputError(f"{n_frames:,} frames of {width}×{height} need {need / 2 ** 30:,.1f} GiB while they are rendered, "
+                         f"more than the limit of {default_max_memory() / 2 ** 30:.1f} GiB (${MAX_MEMORY_ENV}, default "
+                         f"half the memory): render at most {fit:,} frames at this size, or smaller frames")
     if not (math.isfinite(size) and size > 0):
         raise InputError(f"the object size must be a positive number of metres, got {size}")
     if distance is not None and not (math.isfinite(distance) and distance > 0):

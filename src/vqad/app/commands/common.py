@@ -69,8 +69,8 @@ def refuse_foreign_dir(path: Path, markers: tuple[str, ...], what: str, kind: st
 
 @contextmanager
 def fresh_output_dir(path: str | Path, what: str, hint: str = ""):
-    """A generator's ``--out``: a new or empty folder, created writable; if the job fails or is interrupted,
-    what it wrote is removed (the folder too when the job created it, and the parents it created), so the retry
+    """A generator's ``--out``: a new or empty folder, created writable; if the job fails or is interrupted
+    (Ctrl-C or SIGTERM), what it wrote is removed (the folder too when the job created it, and the parents it created), so the retry
     is not refused."""
     import shutil
 
@@ -85,9 +85,12 @@ def fresh_output_dir(path: str | Path, what: str, hint: str = ""):
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create --out {path}: {exc.strerror or exc}") from None
+    from vqad.fit import interrupt_guard
+
     try:
         ensure_writable_dir(path)
-        yield path
+        with interrupt_guard():  # SIGTERM too: a killed run removes what it wrote, as Ctrl-C does
+            yield path
     except BaseException:
         if existed:
             for child in path.iterdir():

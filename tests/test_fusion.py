@@ -189,7 +189,7 @@ def test_no_valid_depth():
     with pytest.raises(InputError, match="no voxel"):
         fuse(seq, voxel=0.01)
     bad = RGBDSequence("bad", K, np.eye(4)[None], 8, 6, lambda i: np.ones((5, 8), np.float32))
-    with pytest.raises(InputError, match="expected \\(6, 8\\)"):
+    with pytest.raises(InputError, match="depth must be a \\(6, 8\\) array of numbers, got ndarray float32 \\[5, 8\\]"):
         fuse(bad, voxel=0.01)
     with pytest.raises(InputError, match="non-finite"):  # a sequence checks its poses when it is built
         RGBDSequence("nan", K, np.full((1, 4, 4), np.nan), 8, 6, lambda i: np.ones((6, 8), np.float32))
@@ -437,3 +437,33 @@ def test_the_block_table_stops_at_the_memory_limit_and_the_band_is_allocated_in_
     monkeypatch.setenv("VQAD_MAX_MEMORY", "1M")
     with pytest.raises(InputError, match=r"would need .* GiB to grow, more than the limit .*VQAD_MAX_MEMORY.*larger --voxel"):
         fuse(seq, voxel=0.002, device="cpu")
+
+
+def test_the_api_refuses_what_it_used_to_wrap_or_truncate():
+    """Found by a hostile pass: float colour 300 became 44 and 0.5 became 0, ijk 2^40 became 0 and 0.7 became 0,
+    voxel=True fused at 1.0; and a depth loader returning a string, frames=0, points of shape (2,) were tracebacks."""
+    K = intrinsics(8, 6, 10.0)
+    wall = np.ones((6, 8), np.float32)
+    for colour in (np.full((6, 8, 3), 300.0), np.full((6, 8, 3), 0.5)):
+        seq = RGBDSequence("c", K, np.eye(4)[None], 8, 6, lambda i: wall, lambda i, c=colour: c)
+        with pytest.raises(InputError, match="colour must be a \\(6, 8, 3\\) uint8 array"):
+            fuse(seq, voxel=0.1)
+    with pytest.raises(InputError, match="depth must be a \\(6, 8\\) array of numbers, got str"):
+        fuse(RGBDSequence("s", K, np.eye(4)[None], 8, 6, lambda i: "abc"), voxel=0.1)
+    seq = RGBDSequence("w", K, np.eye(4)[None], 8, 6, lambda i: wall)
+    for bad, words in ((dict(voxel=True), "must be numbers"), (dict(voxel=0.1, frames=0), "frames must be a list")):
+        with pytest.raises(InputError, match=words):
+            fuse(seq, **bad)
+    with pytest.raises(InputError, match="image size 200000×6 must be whole numbers of pixels in 1..65536"):
+        RGBDSequence("big", K, np.eye(4)[None], 200_000, 6, lambda i: wall)
+    with pytest.raises(InputError, match="2\\^20 voxels"):
+        FusedTSDF(0.5, 1.0, "m", np.full((1, 3), 2 ** 40), [0.0], [1.0])
+    with pytest.raises(InputError, match="whole voxel indices"):
+        FusedTSDF(0.5, 1.0, "m", np.full((1, 3), 0.7), [0.0], [1.0])
+    assert FusedTSDF(0.5, 1.0, "m", np.zeros((1, 3)), [0.0], [1.0]).ijk.dtype == np.int32  # whole floats are indices
+    with pytest.raises(InputError, match="colour must be uint8, or whole numbers in 0..255"):
+        FusedTSDF(0.5, 1.0, "m", [[0, 0, 0]], [0.0], [1.0], color=[[300, 0, 0]])
+    t = FusedTSDF(0.5, 1.0, "m", [[0, 0, 0]], [0.0], [1.0])
+    for pts in ([1, 2], "abc", np.zeros((2, 4))):
+        with pytest.raises(InputError, match="takes world points of shape \\(N, 3\\)"):
+            t.sample(pts)

@@ -158,7 +158,16 @@ class FusedTSDF:
         _check_geometry(self.voxel, self.trunc, self.block)
         check_units(self.units, "FusedTSDF")
         self.voxel, self.trunc, self.block = float(self.voxel), float(self.trunc), int(self.block)
-        self.ijk = np.ascontiguousarray(self.ijk, dtype=np.int32).reshape(-1, 3)
+        ijk = np.asarray(self.ijk)
+        if ijk.size == 0:
+            ijk = ijk.reshape(0, 3).astype(np.int64)
+        whole = ijk.dtype.kind in "iu" or (ijk.dtype.kind == "f" and bool(np.isfinite(ijk).all())
+                                           and bool((ijk == np.round(ijk)).all()))
+        if ijk.ndim != 2 or ijk.shape[1] != 3 or not whole:
+            raise InputError(f"FusedTSDF ijk must be (M, 3) whole voxel indices (0.7 is not one), got {ijk.dtype} "
+                             f"{list(ijk.shape)}")
+        _check_range(ijk, self.voxel)  # before the int32 cast, which would wrap 2^40 to 0
+        self.ijk = np.ascontiguousarray(ijk, dtype=np.int32)
         m = self.ijk.shape[0]
         self.tsdf = np.ascontiguousarray(self.tsdf, dtype=np.float32).reshape(-1)
         self.weight = np.ascontiguousarray(self.weight, dtype=np.float32).reshape(-1)
@@ -170,7 +179,10 @@ class FusedTSDF:
         if not np.isfinite(self.weight).all() or (self.weight <= 0).any():
             raise InputError("FusedTSDF weights must be finite and positive (only observed voxels are kept)")
         if self.color is not None:
-            self.color = np.ascontiguousarray(self.color, dtype=np.uint8)
+            c = np.asarray(self.color)
+            if c.dtype != np.uint8 and (c.dtype.kind not in "iu" or (c.size and (c.min() < 0 or c.max() > 255))):
+                raise InputError(f"FusedTSDF colour must be uint8, or whole numbers in 0..255 (not wrapped), got {c.dtype}")
+            self.color = np.ascontiguousarray(c, dtype=np.uint8)
             if self.color.shape != (m, 3):
                 raise InputError(f"FusedTSDF colour must be ({m}, 3) uint8, got {self.color.shape}")
         _check_range(self.ijk, self.voxel)
@@ -326,7 +338,13 @@ class FusedTSDF:
     def sample(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Trilinear interpolation of the TSDF at world ``points (N, 3)``: ``values (N,) float32`` and
         ``valid (N,) bool``, valid where all 8 surrounding voxel centres are observed (value 0 elsewhere)."""
-        p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        try:
+            p = np.asarray(points, dtype=np.float64)
+        except (TypeError, ValueError):
+            p = np.zeros(1)  # refused below
+        if p.ndim not in (1, 2) or p.shape[-1] != 3:
+            raise InputError(f"FusedTSDF.sample takes world points of shape (N, 3) (or one (3,)), got {np.shape(points)}")
+        p = p.reshape(-1, 3)
         g = p / self.voxel - 0.5
         finite = np.isfinite(g).all(1)
         g = np.clip(np.where(finite[:, None], g, 0.0), -2.0 * _KEY_OFFSET, 2.0 * _KEY_OFFSET)  # far points: invalid
@@ -438,6 +456,8 @@ def _check_geometry(voxel, trunc, block) -> tuple[float, float]:
     """``(voxel, trunc)`` as floats (``trunc=None``: :data:`TRUNC_VOXELS` voxels); raises
     :class:`InputError` unless voxel > 0 finite, trunc ≥ voxel finite, 1 ≤ block ≤ 16."""
     try:
+        if isinstance(voxel, bool) or isinstance(trunc, bool):
+            raise TypeError("a bool is not a length")
         voxel = float(voxel)
         trunc = TRUNC_VOXELS * voxel if trunc is None else float(trunc)
     except (TypeError, ValueError) as exc:
@@ -493,6 +513,8 @@ def _frame_list(seq: RGBDSequence, frames) -> list[int]:
         raise InputError(f"sequence {seq.name!r} has no frames: nothing to fuse")
     if frames is None:
         return list(range(n))
+    if isinstance(frames, (str, bytes)) or not hasattr(frames, "__iter__"):
+        raise InputError(f"frames must be a list of frame indices (or None for all), got {frames!r:.40}")
     out = []
     for f in frames:
         if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or not 0 <= f < n:

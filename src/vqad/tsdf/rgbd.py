@@ -196,8 +196,10 @@ class RGBDSequence:
         for i, p in enumerate(poses):
             check_pose(p, f"{self.name}: pose {i}")
         self.poses = poses
-        if int(self.width) < 1 or int(self.height) < 1:
-            raise InputError(f"{self.name}: image size {self.width}×{self.height} must be positive")
+        if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in (self.width, self.height)) or \
+                not (1 <= self.width <= MAX_IMAGE_SIDE and 1 <= self.height <= MAX_IMAGE_SIDE):
+            raise InputError(f"{self.name}: image size {self.width!r}×{self.height!r} must be whole numbers of pixels "
+                             f"in 1..{MAX_IMAGE_SIDE}")
         self.width, self.height = int(self.width), int(self.height)
 
     def __len__(self) -> int:
@@ -208,12 +210,24 @@ class RGBDSequence:
         return self.load_color is not None
 
     def depth(self, i: int) -> np.ndarray:
-        """``(H, W) float32`` z-depth of frame ``i``, 0 where missing."""
-        return self.load_depth(i)
+        """``(H, W) float32`` z-depth of frame ``i``, 0 where missing (what ``load_depth`` gave, checked: an
+        :class:`InputError` for another shape or anything but real numbers)."""
+        d = self.load_depth(i)
+        if not isinstance(d, np.ndarray) or d.dtype.kind not in "fiu" or d.shape != (self.height, self.width):
+            raise InputError(f"{self.name}: frame {i}'s depth must be a ({self.height}, {self.width}) array of numbers, "
+                             f"got {type(d).__name__} {getattr(d, 'dtype', '')} {list(getattr(d, 'shape', []))}")
+        return d
 
     def color(self, i: int) -> np.ndarray | None:
-        """``(H, W, 3) uint8`` colour of frame ``i``, or ``None``."""
-        return None if self.load_color is None else self.load_color(i)
+        """``(H, W, 3) uint8`` colour of frame ``i``, or ``None`` (what ``load_color`` gave, checked: another shape
+        or type is an :class:`InputError`, never wrapped to 8 bits)."""
+        if self.load_color is None:
+            return None
+        c = self.load_color(i)
+        if not isinstance(c, np.ndarray) or c.dtype != np.uint8 or c.shape != (self.height, self.width, 3):
+            raise InputError(f"{self.name}: frame {i}'s colour must be a ({self.height}, {self.width}, 3) uint8 array "
+                             f"(0..255), got {type(c).__name__} {getattr(c, 'dtype', '')} {list(getattr(c, 'shape', []))}")
+        return c
 
     def points(self, i: int, stride: int = 1) -> np.ndarray:
         """World points ``(M, 3) float64`` of frame ``i``'s valid depth pixels (every ``stride``-th row

@@ -357,6 +357,10 @@ def test_fit_tsdf_prints_the_median_depth_and_warns_of_levels_finer_than_the_fus
                  "--out", str(tmp_path / "o16")]) == 2
     err = capsys.readouterr().err
     assert "times finer than the fused voxel" in err and "--levels 2:8" in err and not (tmp_path / "o16").exists()
+    # a voxel near the scene's size (--voxel 100 on a 2 m scene fitted a model 11.6x the fusion, unsaid)
+    assert main(["fit-tsdf", str(procedural_scan), "--voxel", "0.5", "--levels", "2:3", "--steps", "2", "--no-eval",
+                 "--threads", "1", "--out", str(tmp_path / "coarse")]) == 0
+    assert "the fused scene spans only" in capsys.readouterr().err
 
 
 def test_a_fusion_with_no_surface_is_refused_and_one_without_a_mesh_is_still_evaluated(tmp_path, capsys):

@@ -106,6 +106,8 @@ STALE_OUTPUTS = ("model.vqad", "checkpoint/", "metrics.json", "fusion_mesh.ply",
 #: how far a --gt mesh's box may differ in size from the fusion's (a partial scan of a larger model is fine;
 #: millimetres against metres is not)
 GT_SIZE_RATIO = 20.0
+#: a fused scene fewer voxels across than this is warned about (a --voxel near the scene's size)
+MIN_SPAN_VOXELS = 16
 
 
 def check_gt_frame(gt, fused, name: str) -> None:
@@ -229,6 +231,11 @@ def cmd_fit_tsdf(args) -> int:
           + (" + colour" if train_cfg.color and fused.color is not None else "") + " per voxel, block structure)"
           + (f"; {FUSED_NAME} also holds its colour: {on_disk / 1e6:,.2f} MB" if on_disk != baseline else "")
           + (f", in {fuse_s:.1f} s" if fuse_s else ""))
+    span = (fused.ijk.max(0) - fused.ijk.min(0) + 1).max()
+    if span < MIN_SPAN_VOXELS:
+        print(f"WARNING: the fused scene spans only {span} voxels of {fused.voxel:.3g} {u}: too coarse to hold its "
+              f"shape, and the model may outweigh the fusion; give a --voxel under {fused.voxel * span / MIN_SPAN_VOXELS:.3g} "
+              f"{u}", file=sys.stderr, flush=True)
     cell = finest_cell(fused, grid_cfg.max_level)
     if cell < 0.5 * fused.voxel:
         print(f"WARNING: the finest level's cells ({cell:.3g} {u}) are finer than half the fused voxel "

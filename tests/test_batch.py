@@ -617,3 +617,15 @@ def test_application_inside_a_kinds_defaults_is_refused(shapes, tmp_path):
     job.write_text(json.dumps({"defaults": {"sdf": {"application": "nerf"}}, "assets": [str(shapes / "sphere.obj")]}))
     with pytest.raises(InputError, match=r"\[defaults.sdf\] .* application has no place"):
         B.load_job(job, out=tmp_path / "out")
+
+
+def test_special_files_as_a_job_or_an_asset_are_named_as_such(shapes, tmp_path):
+    """A FIFO job file was "job not found", a FIFO mesh "mesh not found", /dev/null "Not a directory"."""
+    os.mkfifo(tmp_path / "job.toml")
+    with pytest.raises(InputError, match="is not a job file or folder \\(a device, pipe or socket\\)"):
+        B.load_job(tmp_path / "job.toml", out=tmp_path / "out")
+    os.mkfifo(tmp_path / "pipe.obj")
+    for path in (str(tmp_path / "pipe.obj"), "/dev/null"):
+        job = write_job(tmp_path / "job.json", [path], shapes)
+        with pytest.raises(InputError, match="is not a mesh file or a capture folder"):
+            B.load_job(job, out=tmp_path / "out")

@@ -513,6 +513,9 @@ def load_job(source: str | Path, out: str | Path | None = None, overrides: dict 
     one that no asset has is an error. See the module docstring for the format.
     """
     source = Path(source)
+    if source.exists() and not (source.is_dir() or source.is_file()):
+        raise InputError(f"{source} is not a job file or folder (a device, pipe or socket): give a .toml / .json job "
+                         "file or a directory of assets")
     if source.is_dir():
         base, data, name = source, {}, str(source)
     elif source.suffix.lower() in (".toml", ".json") or source.is_file():
@@ -643,6 +646,8 @@ def _expand(path: str, base: Path, out_dir: Path, where: str) -> list[str]:
     if not glob.has_magic(path):
         if not full.exists():
             raise InputError(f"{where}: not found: {full}")
+        if not (full.is_file() or full.is_dir()):
+            raise InputError(f"{where}: {full} is not a mesh file or a capture folder (a device, pipe or socket)")
         return [str(full.resolve())]
     if "**" in path:
         _check_walk(full, where)

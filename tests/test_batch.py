@@ -503,8 +503,12 @@ def test_one_run_at_a_time_per_output_folder(shapes, tmp_path, capsys):
     with open(out / ".batch.lock", "a+") as f:  # another driver's lock
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(["batch", str(job), "--out", str(out), "--local", "--quiet"]) == 2
-    assert "another vqad batch is running with the output folder" in capsys.readouterr().err
+        assert "another vqad batch is running with the output folder" in capsys.readouterr().err
+        assert main(["batch", str(job), "--out", str(out), "--local", "--dry-run"]) == 0  # says so (it did not)
+        assert "note: another vqad batch is running on" in capsys.readouterr().out
     assert not (out / B.RESULTS).exists()
+    assert main(["batch", str(job), "--out", str(out), "--local", "--dry-run"]) == 0
+    assert "another vqad batch" not in capsys.readouterr().out
 
 
 def test_results_log_survives_a_torn_record(tmp_path):

@@ -1332,6 +1332,23 @@ def _exclusive(out: Path):
         yield
 
 
+def batch_running(out: Path) -> bool:
+    """Whether another run holds ``out``'s lock now (for ``--dry-run``, which takes no lock and writes nothing)."""
+    import fcntl
+
+    try:
+        fd = os.open(out / LOCK, os.O_RDONLY)
+    except OSError:  # no lock file: no run has held the folder
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 #: seconds a TCP connection to a --ray address may take before it is judged unreachable
 RAY_CONNECT_TIMEOUT_S = 5.0
 

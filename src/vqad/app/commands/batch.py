@@ -90,8 +90,8 @@ def resume_command(args, out) -> str:
 
 
 def cmd_batch(args) -> int:
-    from vqad.app.batch import (BatchRun, RunConfig, check_override, load_job, parse_override, parse_value,
-                                summary_line)
+    from vqad.app.batch import (BatchRun, RunConfig, batch_running, check_override, load_job, parse_override,
+                                parse_value, summary_line)
     from vqad.device import resolve_threads
 
     overrides, flag_of = {}, {}  # key -> value; key -> the flag that set it (named by errors)
@@ -123,6 +123,9 @@ def cmd_batch(args) -> int:
             state = "skip" if spec not in batch.plan.run else "fit"
             print(f"  {state}: {spec.key} ({spec.application}) <- {spec.source}")
         print(f"dry run: nothing written; output would go to {job.out}")
+        if batch_running(job.out):
+            print(f"note: another vqad batch is running on {job.out} now: this one would be refused until it ends, "
+                  "and what it finishes changes the plan above")
         return 0
     try:
         res = batch.execute()

@@ -649,6 +649,26 @@ def test_dates_past_year_9999_or_in_the_future_are_ignored(client):
     assert r.status_code == 200 and len(r.content) == len(first.content)
 
 
+def test_a_file_dated_in_the_future_is_last_modified_now_and_revalidates(tmp_path):
+    """A Last-Modified in the future is a date the server itself ignores when a client sends it back: the copy
+    would never revalidate (RFC 9110 §8.8.2.1)."""
+    from email.utils import parsedate_to_datetime
+
+    p = tmp_path / "a.vqad"
+    p.write_bytes(b"x" * 10)
+    future = time.time() + 10 * 365 * 86400
+    os.utime(p, (future, future))
+    with BackgroundServer(tmp_path) as url:
+        r = httpx.get(url + "a.vqad")
+        assert parsedate_to_datetime(r.headers["last-modified"]).timestamp() <= time.time() + 1
+        assert httpx.get(url + "a.vqad", headers={"If-Modified-Since": r.headers["last-modified"]}).status_code == 304
+        listed = httpx.get(url + "api/files").json()[0]
+        assert listed["last_modified"] == r.headers["last-modified"] and listed["etag"] == r.headers["etag"]
+        os.chmod(p, 0o600)  # a new ctime: a new ETag, in the listing too (its cache was keyed without ctime)
+        again = httpx.get(url + "a.vqad").headers["etag"]
+        assert again != r.headers["etag"] and httpx.get(url + "api/files").json()[0]["etag"] == again
+
+
 def test_the_etag_changes_when_a_rewrite_restores_the_old_mtime(tmp_path):
     from vqad.app.serve import make_etag
 
@@ -687,7 +707,9 @@ def test_view_is_refused_to_other_sites_pages_and_keeps_at_most_max_viewers(site
             assert r.status_code == 403 and "another site" in r.text and not started
             fetch = {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty"}
             assert httpx.get(url + "view/model.vqad", headers=fetch).status_code == 403 and not started
-            link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+            script = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+            assert httpx.get(url + "view/model.vqad", headers=script).status_code == 403  # window.open, location = ...
+            link = {**script, "Sec-Fetch-User": "?1"}
             assert httpx.get(url + "view/model.vqad", headers=link).status_code == 303  # a link the user followed
             typed = {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
             for i in range(MAX_VIEWERS + 3):

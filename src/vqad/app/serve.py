@@ -36,7 +36,7 @@ Safety: only regular ``*.vqad`` files whose real path (symlinks resolved) lies u
 else that is not such a file is 404. Bound to 127.0.0.1 by default, the server also refuses requests
 whose ``Host`` is not a loopback name, so a web page cannot reach it through DNS rebinding. Each
 response reads from one file descriptor opened once; if the file is changed in place while it is
-being sent (size, mtime or ctime differ from the headers'), the connection is cut short rather than mixing
+being sent (size or mtime differ from the headers'), the connection is cut short rather than mixing
 two versions' bytes (rewrite files with a rename, as ``vqad`` itself does, and readers never notice).
 """
 
@@ -176,16 +176,27 @@ def open_servable(root: Path, rel: str) -> tuple[int, os.stat_result]:
         st = os.fstat(fd)  # the headers describe exactly the version this descriptor reads
         if not stat.S_ISREG(st.st_mode):
             raise Refused(404, "not a regular file")
-        try:
-            again = os.stat(resolve_file(root, rel))
-        except OSError:
-            again = None
-        if again is None or (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+        if not _opened_under(root, fd, rel, st):
             raise Refused(404, "the file moved while it was opened: try again")
     except BaseException:
         os.close(fd)
         raise
     return fd, st
+
+
+def _opened_under(root: Path, fd: int, rel: str, st: os.stat_result) -> bool:
+    """Whether descriptor ``fd`` (``fstat`` ``st``) is the file at ``rel`` under ``root``: on Linux the kernel's own
+    path of the descriptor must lie under ``root``; elsewhere the path is resolved again and must lead to the
+    very file opened (device and inode)."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(root)
+    except OSError:  # no /proc (macOS, BSD)
+        pass
+    try:
+        again = os.stat(resolve_file(root, rel))
+    except (OSError, Refused):
+        return False
+    return (again.st_dev, again.st_ino) == (st.st_dev, st.st_ino)
 
 
 def iter_files(root: Path) -> Iterator[tuple[str, Path]]:
@@ -341,6 +352,12 @@ class Validators:
         return email.utils.formatdate(self.last_modified, usegmt=True)
 
 
+def _last_modified(st: os.stat_result) -> float:
+    """The file's modification time, but never later than now (RFC 9110 §8.8.2.1: a date in the future is one no
+    client could send back, so its copy would never revalidate)."""
+    return min(st.st_mtime, time.time())
+
+
 def evaluate_preconditions(headers: Any, v: Validators) -> int | None:
     """RFC 9110 §13.2.2 for GET / HEAD: 412, 304 or ``None`` (go on)."""
     if (h := headers.get("if-match")) is not None:
@@ -387,12 +404,22 @@ def _read_exact(fd: int, n: int, offset: int, st0: os.stat_result) -> bytes:
     if len(data) != n:
         raise _FileChanged(f"it shrank to {offset + len(data):,} bytes")
     st = os.fstat(fd)  # after the read: a write before it shows here, one after it did not reach these bytes
-    # ctime moves with any write, even one whose mtime was then set back (touch -r, rsync -t --inplace); it also
-    # moves when the file is unlinked or renamed over (its link count changes): the bytes read stay the old version
-    if (st.st_size, st.st_mtime_ns) != (st0.st_size, st0.st_mtime_ns) or (
-            st.st_ctime_ns != st0.st_ctime_ns and st.st_nlink == st0.st_nlink):
+    # (not ctime: a rename, a chmod or the file's unlinking moves it too, and the bytes read are still the version
+    # opened; a rewrite that sets the old mtime back is seen by the next request, whose ETag holds ctime)
+    if st.st_size != st0.st_size or st.st_mtime_ns != st0.st_mtime_ns:
         raise _FileChanged("it was modified")
     return data
+
+
+#: responses this server cut short on purpose whose "returned without completing response" line uvicorn has still
+#: to log (:class:`_ExpectedEnds` drops one line per cut, and no other)
+_CUTS = [0]
+_CUTS_LOCK = threading.Lock()
+
+
+def _count_cut() -> None:
+    with _CUTS_LOCK:
+        _CUTS[0] += 1
 
 
 class FileResponse:
@@ -450,8 +477,10 @@ class FileResponse:
                     # Returning without the end of the body makes the server cut the connection: the
                     # client sees a short body (Content-Length), never a silent mix of two versions.
                     log.warning("vqad serve: %s changed while being sent (%s): response cut short", self.name, exc)
+                    _count_cut()
                 except OSError as exc:  # a read error (a disk, a network mount): cut short the same way
                     log.error("vqad serve: reading %s failed (%s): response cut short", self.name, exc)
+                    _count_cut()
                 tg.cancel_scope.cancel()
         finally:
             os.close(self.fd)
@@ -465,7 +494,7 @@ class InfoCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        self._cache: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def describe(self, rel: str, real: Path) -> dict[str, Any]:
         """The listing entry of one file (``error`` says why it could not be read, if so)."""
@@ -473,15 +502,15 @@ class InfoCache:
             st = real.stat()
         except OSError as exc:
             return {"path": rel, "error": f"cannot read: {exc.strerror}"}
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        key = make_etag(st)  # the version the file route serves (ctime included)
         with self._lock:
             hit = self._cache.get(rel)
         if hit is not None and hit[0] == key:
             return hit[1]
         url = "/" + quote(rel)
         entry: dict[str, Any] = {
-            "path": rel, "url": url, "view_url": "/view/" + quote(rel), "bytes": st.st_size, "etag": make_etag(st),
-            "last_modified": email.utils.formatdate(st.st_mtime, usegmt=True), "kind": None, "complete": None,
+            "path": rel, "url": url, "view_url": "/view/" + quote(rel), "bytes": st.st_size, "etag": key,
+            "last_modified": email.utils.formatdate(_last_modified(st), usegmt=True), "kind": None, "complete": None,
             "lods": [], "error": None,
         }
         from vqad.fileformat import read_info
@@ -565,12 +594,14 @@ class _HostCheck:
 
 def _may_start_viewer(headers: Any) -> bool:
     """Whether a ``/view/`` request may start a viewer: not one another site's page made by itself (an
-    ``<img>``, a ``fetch``: ``Sec-Fetch-Site: cross-site`` or ``same-site`` without a top-level navigation).
-    Clients that send no ``Sec-Fetch-*`` headers (curl, scripts) and the browser's own navigations may."""
+    ``<img>``, a ``fetch``, a script's navigation: ``Sec-Fetch-Site: cross-site`` or ``same-site`` without a
+    top-level navigation the user made, ``Sec-Fetch-User: ?1``). Clients that send no ``Sec-Fetch-*`` headers
+    (curl, scripts), same-origin requests and addresses typed in the browser may."""
     site = headers.get("sec-fetch-site")
     if site in (None, "same-origin", "none"):
         return True
-    return headers.get("sec-fetch-mode") == "navigate" and headers.get("sec-fetch-dest") == "document"
+    return (headers.get("sec-fetch-mode") == "navigate" and headers.get("sec-fetch-dest") == "document"
+            and headers.get("sec-fetch-user") == "?1")  # a click, not a script's window.open or location change
 
 
 def _url_host(host: str) -> str:
@@ -713,7 +744,7 @@ def create_app(root: Path, bandwidth: float | None = None, viewer_factory: Viewe
         return response
 
     def _file_response(request: Request, fd: int, st: os.stat_result, rel: str) -> Response | FileResponse:
-        v = Validators(make_etag(st), st.st_mtime, st.st_size)
+        v = Validators(make_etag(st), _last_modified(st), st.st_size)
         headers = {"Accept-Ranges": "bytes", "ETag": v.etag, "Last-Modified": v.http_date, "Cache-Control": "no-cache"}
         status = evaluate_preconditions(request.headers, v)
         if status is not None:
@@ -779,14 +810,18 @@ def _url(sock: socket.socket) -> str:
 
 
 class _ExpectedEnds(logging.Filter):
-    """Drops uvicorn's error lines for what this server means to do: a response cut short on purpose (the file
-    changed: :class:`FileResponse` logs why) and responses still in flight cancelled as Ctrl-C stops the server
-    (uvicorn logs each as a 50-line traceback)."""
+    """Drops uvicorn's error lines for what this server means to do: a response it cut short on purpose (the file
+    changed: :class:`FileResponse` logs why, and counts the cut in :data:`_CUTS`) and responses still in flight
+    cancelled as Ctrl-C stops the server (uvicorn logs each as a 50-line traceback)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = str(record.msg)
         if msg.startswith("ASGI callable returned without completing response"):
-            return False
+            with _CUTS_LOCK:
+                if _CUTS[0] > 0:
+                    _CUTS[0] -= 1
+                    return False
+            return True
         exc = record.exc_info[1] if record.exc_info else None
         return not (msg.startswith("Exception in ASGI application") and isinstance(exc, asyncio.CancelledError))
 

@@ -592,10 +592,15 @@ def test_directory_jobs_take_odd_names_and_links_as_they_are(shapes, tmp_path):
     (src / "scan[1].obj").write_bytes(sphere)
     (src / "scan1.obj").write_bytes(sphere)
     (src / "sub" / "box*.obj").write_bytes(sphere)
-    (src / "loop").symlink_to(src)  # a linked folder: not entered
-    (src / "alias.obj").symlink_to(src / "scan1.obj")  # the same file twice: one asset
+    (src / "loop").symlink_to(src)  # a link back up the tree: searched once, as the folder itself
+    (src / "alias.obj").symlink_to(src / "scan1.obj")  # the same file twice: one asset, the file itself
+    (src / "notes.txt").symlink_to(tmp_path / "gone.txt")  # a dangling link that is no mesh: not an asset
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "cone.obj").write_bytes(sphere)
+    (src / "linked").symlink_to(tmp_path / "elsewhere")  # a linked folder of meshes: searched
+    (src / "again").symlink_to(tmp_path / "elsewhere")  # ... once
     job = B.load_job(src, out=tmp_path / "out")
-    assert sorted(s.key for s in job.assets) == ["scan1", "scan[1]", "sub/box*"]
+    assert sorted(s.key for s in job.assets) == ["again/cone", "scan1", "scan[1]", "sub/box*"]
     assert all(Path(s.source).read_bytes() == sphere for s in job.assets)
     (src / "self.obj").symlink_to(src / "self.obj")
     with pytest.raises(InputError, match="self.obj: cannot follow it"):

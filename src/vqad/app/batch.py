@@ -381,7 +381,11 @@ def application_of(source: str, where: str) -> str:
 def discover(root: Path, exclude: Path | None = None) -> list[Path]:
     """The assets of a directory job: mesh files and capture folders under ``root`` (sorted; hidden
     entries, ``exclude`` (this job's output folder) and every other batch or sweep output folder
-    skipped, as their meshes are results, not inputs). A capture folder is one asset, not searched."""
+    skipped, as their meshes are results, not inputs). A capture folder is one asset, not searched.
+
+    Linked folders are searched once each (by their real path: a link back up the tree, or a second link to
+    one folder, adds nothing); a file reached twice (a link beside it) is one asset, the file itself over a
+    link to it. A mesh name that is a dangling link, or a link loop, is an :class:`InputError` naming it."""
     from vqad.nerf.formats import detect_format
     from vqad.sdf.mesh import MESH_SUFFIXES
 
@@ -392,8 +396,9 @@ def discover(root: Path, exclude: Path | None = None) -> list[Path]:
         except VqadError:
             return False
 
-    order: list[Path] = []  # every candidate, in the order the walk meets them
-    seen: dict[Path, Path] = {}  # real path -> the entry kept: a file reached twice (a link beside it) is one asset
+    order: dict[Path, int] = {}  # every candidate -> the order the walk met it
+    seen: dict[Path, Path] = {}  # real path -> the entry kept
+    folders: set[Path] = set()  # the real paths of the folders searched
 
     def real(p: Path) -> Path:
         try:
@@ -406,9 +411,14 @@ def discover(root: Path, exclude: Path | None = None) -> list[Path]:
 
     def walk(d: Path) -> None:
         try:
+            here = d.resolve(strict=True)
             entries = sorted(d.iterdir())
-        except OSError as exc:
-            raise InputError(f"cannot list {d} ({exc.strerror or exc}): check its permissions") from None
+        except (OSError, RuntimeError) as exc:
+            raise InputError(f"cannot list {d} ({getattr(exc, 'strerror', None) or exc}): check it and its "
+                             "permissions") from None
+        if here in folders:
+            return
+        folders.add(here)
         for p in entries:
             if p.name.startswith("."):
                 continue
@@ -416,12 +426,11 @@ def discover(root: Path, exclude: Path | None = None) -> list[Path]:
             if (exclude is not None and is_dir and p.resolve() == exclude) or (is_dir and is_output_folder(p)):
                 continue
             if is_dir and not is_capture(p):
-                if not p.is_symlink():  # a linked folder may loop, or repeat another one's assets
-                    walk(p)
-            elif is_dir or p.suffix.lower() in MESH_SUFFIXES or (p.is_symlink() and not p.exists()):
+                walk(p)
+            elif is_dir or p.suffix.lower() in MESH_SUFFIXES:
                 r = real(p)
-                order.append(p)
-                if r not in seen or (seen[r].is_symlink() and not p.is_symlink()):  # the file itself over a link
+                order[p] = len(order)
+                if r not in seen or (seen[r].is_symlink() and not p.is_symlink()):
                     seen[r] = p
 
     if is_capture(root):
@@ -430,7 +439,7 @@ def discover(root: Path, exclude: Path | None = None) -> list[Path]:
         walk(root)
     except RecursionError:
         raise InputError(f"{root} holds folders nested too deep to search: give a job file listing the assets") from None
-    return sorted(seen.values(), key=order.index)
+    return sorted(seen.values(), key=order.__getitem__)
 
 
 def _asset_key(source: str, root: Path, name, where: str) -> str:
@@ -462,20 +471,26 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u20
 
 
 def _checked_key(key: str, where: str, what: str = "name") -> str:
-    """``key`` if it can be an asset folder on any file system the outputs may go to: no control
-    characters, no part longer than :data:`MAX_NAME_BYTES`, not one of the output root's own files."""
+    """``key`` if it can be an asset folder on any file system the outputs may go to: valid UTF-8, no control
+    or text-reordering characters, no part longer than :data:`MAX_NAME_BYTES`, not one of the output root's own
+    files (in any case)."""
+
+    def fix(for_a_name: str) -> str:  # a name is changed in the job file; a path by renaming, or in a job file
+        return for_a_name if what == "name" else 'rename the file, or list it in a job file with a name = "..."'
+
+    name = 'a name = "..."'
     if any(0xD800 <= ord(c) <= 0xDFFF for c in key):  # a file name that is not UTF-8 (Python's surrogate escapes)
-        raise InputError(f"{where}: {what} {key!r} is not valid UTF-8 text: rename the file, or give a name = \"...\"")
+        raise InputError(f"{where}: {what} {key!r} is not valid UTF-8 text: {fix(f'give {name} in UTF-8')}")
     bad = next((c for c in key if unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS), None)
     if bad is not None:
-        raise InputError(f"{where}: {what} {key!r} holds the control character {bad!r}: give a name = \"...\" without it")
+        raise InputError(f"{where}: {what} {key!r} holds the control character {bad!r}: {fix(f'give {name} without it')}")
     long = next((part for part in key.split("/") if len(part.encode("utf-8")) > MAX_NAME_BYTES), None)
     if long is not None:
         raise InputError(f"{where}: {what} {key!r} has a part of {len(long.encode('utf-8'))} bytes; folder names stop "
-                         f"at {MAX_NAME_BYTES}: give a shorter name = \"...\"")
+                         f"at {MAX_NAME_BYTES}: {fix(f'give a shorter {name[2:]}')}")
     if _folder_identity(key.split("/")[0]) in {_folder_identity(n) for n in RESERVED_NAMES}:
         raise InputError(f"{where}: {what} {key!r} is a file of the output folder itself "
-                         f"({', '.join(RESERVED_NAMES)}): give another name = \"...\"")
+                         f"({', '.join(RESERVED_NAMES)}): {fix(f'give another {name[2:]}')}")
     return key
 
 

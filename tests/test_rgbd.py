@@ -421,8 +421,14 @@ def test_rtmv_sequence_matches_the_nerf_reader(tmp_path):
     assert main(["fit-tsdf", str(root), "--out", str(out), "--steps", "3", "--batch", "256", "--levels", "2:3",
                  "--refine", "0", "--no-eval", "--threads", "1", "--quiet"]) == 0  # the CLI's path to the reader
     assert (out / "model.vqad").exists()
-    _write_exr(root / "00001.depth.exr", {"NORMAL.X": np.ones((seq.height, seq.width))})  # no depth channel
-    with pytest.raises(InputError, match="00001.depth.exr has the EXR channels X, none of which is depth"):
+    from vqad.nerf.formats.common import exr_depth
+
+    t = root / "00001.depth.exr"
+    depth1 = read_rtmv_sequence(root).depth(1)
+    _write_exr(t, {"Depth.V": exr_depth(t)})  # one channel of another name: it is the depth
+    assert np.array_equal(read_rtmv_sequence(root).depth(1), depth1)
+    _write_exr(t, {"NORMAL.X": np.ones((seq.height, seq.width)), "NORMAL.W": np.ones((seq.height, seq.width))})
+    with pytest.raises(InputError, match="00001.depth.exr has the EXR channels W, X, none of which is depth"):
         read_rtmv_sequence(root).depth(1)
     (root / "00002.exr").unlink()  # one colour EXR missing: read without colour, and said so
     with pytest.warns(UserWarning, match="1 of 6 views have no colour EXR"):

@@ -209,3 +209,34 @@ def _glibc(name: str):
         return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError, TypeError):  # not glibc: macOS, musl, Windows (no CDLL(None))
         return None
+
+
+#: the environment variable that sets :func:`default_max_memory`
+MAX_MEMORY_ENV = "VQAD_MAX_MEMORY"
+
+
+def default_max_memory() -> int:
+    """The memory limit in bytes of what vqad sizes before it allocates (decoding a .vqad file, fusing a TSDF,
+    rendering a synthetic scan): ``$VQAD_MAX_MEMORY`` (e.g. ``4G``, ``512M``, ``1000000``), else half of this
+    machine's physical memory."""
+    text = os.environ.get(MAX_MEMORY_ENV, "").strip()
+    if text:
+        return parse_bytes(text, MAX_MEMORY_ENV)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): a conservative 4 GiB
+        return 4 << 30
+
+
+def parse_bytes(text: str, what: str) -> int:
+    """``"4G"`` / ``"512M"`` / ``"64k"`` / ``"1000"`` -> bytes (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        value = float("nan")
+    if not (value >= 1 and value < float(1 << 62)):
+        raise InputError(f"{what} must be a size such as 4G, 512M or 1000000 (bytes), got {text!r}")
+    return int(value)

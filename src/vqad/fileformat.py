@@ -49,7 +49,7 @@ from vqad import entropy as E
 from vqad.bitpack import pack_bits, packed_size, unpack_bits
 from vqad.atomicio import write_atomic
 from vqad.config import GridConfig, to_dict
-from vqad.device import resolve_device
+from vqad.device import MAX_MEMORY_ENV, default_max_memory, parse_bytes, resolve_device  # (the two re-exported)
 from vqad.errors import CorruptStreamError, InputError, StreamError, StreamLimitError, TruncatedStreamError, VqadError
 from vqad.field import field_config, field_from_config, record_class
 from vqad.grid import OctreeGrid, octree_args
@@ -72,7 +72,6 @@ FRAME_BYTES = _FRAME.size + _CRC.size  # 12 bytes of framing per chunk
 #: whose estimate exceeds ``max_memory`` (see :func:`default_max_memory`).
 DECODE_BYTES_PER_CELL = 250
 DECODE_BYTES_PER_VERTEX = 150
-MAX_MEMORY_ENV = "VQAD_MAX_MEMORY"
 #: an index or octree chunk is written entropy-coded only when that saves at least this share of its raw bytes:
 #: range-decoding a b-bit index costs ~15 ns against ~2 ns to unpack it raw, so a plain 4-bit model's
 #: finest indices (0.4 % smaller coded, 62 kB) would cost 2.4 ms of decoding to save 250 bytes
@@ -311,32 +310,6 @@ def save(field, dst, entropy: bool = False) -> int:
 # ================================================================================================
 # reading
 # ================================================================================================
-def default_max_memory() -> int:
-    """The decoder's memory limit in bytes: ``$VQAD_MAX_MEMORY`` (e.g. ``4G``, ``512M``, ``1000000``),
-    else half of this machine's physical memory."""
-    text = os.environ.get(MAX_MEMORY_ENV, "").strip()
-    if text:
-        return parse_bytes(text, MAX_MEMORY_ENV)
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): a conservative 4 GiB
-        return 4 << 30
-
-
-def parse_bytes(text: str, what: str) -> int:
-    """``"4G"`` / ``"512M"`` / ``"64k"`` / ``"1000"`` -> bytes (binary units)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        value = float(num) * units[unit]
-    except ValueError:
-        value = float("nan")
-    if not (value >= 1 and value < float(1 << 62)):
-        raise InputError(f"{what} must be a size such as 4G, 512M or 1000000 (bytes), got {text!r}")
-    return int(value)
-
-
 def _gb(n: float) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"

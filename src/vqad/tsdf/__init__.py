@@ -13,3 +13,14 @@ Conventions: poses are camera-to-world ``(4, 4)`` in OpenCV axes (x right, y dow
 depth is metres (the sequence's own units) with 0 for a missing pixel; the pinhole intrinsics ``K``
 are ``(3, 3)`` in pixels.
 """
+
+from vqad.errors import InputError
+
+#: the units a sequence, a fused TSDF and a TSDF field may name (what the readers produce)
+UNITS = ("m", "mm", "cm", "scene")  # scene: a capture's own units (RTMV, NeRF scenes)
+
+
+def check_units(units, what: str) -> None:
+    """``units`` is one of :data:`UNITS`, or an :class:`InputError` naming ``what``."""
+    if not isinstance(units, str) or units not in UNITS:
+        raise InputError(f"{what}: units must be one of {', '.join(UNITS)}, got {units!r:.40}")

@@ -22,8 +22,7 @@ from vqad.errors import InputError
 from vqad.field import Normalization
 from vqad.grid import OctreeGrid
 from vqad.sdf.field import SDFField
-from vqad.tsdf.rgbd import check_units
-
+from vqad.tsdf import check_units
 
 
 class TSDFField(SDFField):

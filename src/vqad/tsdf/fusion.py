@@ -75,10 +75,11 @@ import numpy as np
 import torch
 
 from vqad.device import resolve_device
-from vqad.fileformat import MAX_MEMORY_ENV, default_max_memory
+from vqad.device import MAX_MEMORY_ENV, default_max_memory
 from vqad.errors import InputError
 from vqad.sdf.mesh import Mesh
-from vqad.tsdf.rgbd import RGBDSequence, check_units
+from vqad.tsdf import check_units
+from vqad.tsdf.rgbd import RGBDSequence
 
 #: default voxel = median valid depth / this (see the module docstring)
 VOXELS_PER_MEDIAN_DEPTH = 256

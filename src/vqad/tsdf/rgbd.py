@@ -38,6 +38,7 @@ import numpy as np
 
 from vqad.config import is_real
 from vqad.errors import InputError
+from vqad.tsdf import check_units
 
 #: TUM depth PNGs hold depth × 5000 (0.2 mm steps); Redwood / Open3D ones millimetres
 TUM_DEPTH_SCALE = 5000.0
@@ -153,16 +154,6 @@ def parse_intrinsics(value, width: int | None = None, height: int | None = None)
         raise InputError(f"intrinsics K = {a.tolist()} have a skew: the fusion's pinhole takes fx, fy, cx, cy only "
                          "(undistort and unskew the images first)")
     return a
-
-
-#: the units a sequence, a fused TSDF and a TSDF field may name (what the readers produce)
-UNITS = ("m", "mm", "cm", "scene")  # scene: a capture's own units (RTMV, NeRF scenes)
-
-
-def check_units(units, what: str) -> None:
-    """``units`` is one of :data:`UNITS`, or an :class:`InputError` naming ``what``."""
-    if not isinstance(units, str) or units not in UNITS:
-        raise InputError(f"{what}: units must be one of {', '.join(UNITS)}, got {units!r:.40}")
 
 
 @dataclass

@@ -215,7 +215,7 @@ def _check_common(n_frames: int, width: int, height: int, size: float, distance:
         raise InputError(f"the number of frames must be at least 1, got {n_frames}")
     if not (8 <= int(width) <= 4096 and 8 <= int(height) <= 4096):
         raise InputError(f"the image size must be 8..4096 pixels per side, got {width}×{height}")
-    from vqad.fileformat import MAX_MEMORY_ENV, default_max_memory
+    from vqad.device import MAX_MEMORY_ENV, default_max_memory
 
     need = int(n_frames) * int(width) * int(height) * FRAME_BYTES_PER_PIXEL  # every frame is held until written
     if need > default_max_memory():

@@ -1057,11 +1057,14 @@ def _list_images(d: Path) -> list[Path]:
 #: an EXR's channels that hold depth, in the order they are looked for (Blender writes Z, or
 #: ``ViewLayer.Depth.Z`` in a multilayer file); a colour-only EXR (RTMV's) gives its first colour channel
 _EXR_DEPTH_CHANNELS = ("Z", "DEPTH", "Y", "R", "G", "B")
+
+
 def exr_depth(path: Path) -> np.ndarray:
     """The depth channel ``(h, w) float32`` of an EXR file: the first of :data:`_EXR_DEPTH_CHANNELS` it holds
-    (layer prefixes dropped), or an :class:`InputError` naming the channels it has."""
+    (layer prefixes dropped), else its only channel (``Depth.V``, ``depth``); several channels none of which is
+    one of those is an :class:`InputError` naming them."""
     ch = read_exr_channels(path)
-    name = next((c for c in _EXR_DEPTH_CHANNELS if c in ch), None)
+    name = next((c for c in _EXR_DEPTH_CHANNELS if c in ch), next(iter(ch)) if len(ch) == 1 else None)
     if name is None:
         raise InputError(f"the depth map {path} has the EXR channels {', '.join(sorted(ch))[:200]}, none of which is "
                          f"depth: vqad reads depth from a channel named {', '.join(_EXR_DEPTH_CHANNELS)} (in this order)")

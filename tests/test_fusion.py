@@ -304,7 +304,7 @@ def test_damaged_bytes_raise(tmp_path):
     for name, b in cases.items():
         with pytest.raises(InputError):
             FusedTSDF.from_bytes(_with_crc(b))
-    with pytest.raises(InputError, match="units must be one of m, mm, cm, scene.*damaged"):
+    with pytest.raises(InputError, match="fused TSDF is in units 'k', which vqad does not know \\(m, mm, cm, scene\\)"):
         FusedTSDF.from_bytes(_with_crc(cases["units"]))
     (tmp_path / "bad.tsdf").write_bytes(b"nonsense")
     with pytest.raises(InputError, match="bad.tsdf"):
@@ -446,7 +446,7 @@ def test_the_api_refuses_what_it_used_to_wrap_or_truncate():
     wall = np.ones((6, 8), np.float32)
     for colour in (np.full((6, 8, 3), 300.0), np.full((6, 8, 3), 0.5)):
         seq = RGBDSequence("c", K, np.eye(4)[None], 8, 6, lambda i: wall, lambda i, c=colour: c)
-        with pytest.raises(InputError, match="colour must be a \\(6, 8, 3\\) uint8 array"):
+        with pytest.raises(InputError, match="colour must be a \\(6, 8, 3\\) array of whole numbers in 0..255"):
             fuse(seq, voxel=0.1)
     with pytest.raises(InputError, match="depth must be a \\(6, 8\\) array of numbers, got str"):
         fuse(RGBDSequence("s", K, np.eye(4)[None], 8, 6, lambda i: "abc"), voxel=0.1)
@@ -458,11 +458,21 @@ def test_the_api_refuses_what_it_used_to_wrap_or_truncate():
         RGBDSequence("big", K, np.eye(4)[None], 200_000, 6, lambda i: wall)
     with pytest.raises(InputError, match="2\\^20 voxels"):
         FusedTSDF(0.5, 1.0, "m", np.full((1, 3), 2 ** 40), [0.0], [1.0])
-    with pytest.raises(InputError, match="whole voxel indices"):
+    with pytest.raises(InputError, match="whole voxel indices, got float64 values such as 0.7"):
         FusedTSDF(0.5, 1.0, "m", np.full((1, 3), 0.7), [0.0], [1.0])
+    with pytest.raises(InputError, match="must have the shape \\(M, 3\\), got \\[2, 2\\]"):
+        FusedTSDF(0.5, 1.0, "m", np.zeros((2, 2)), [0.0, 0.0], [1.0, 1.0])
     assert FusedTSDF(0.5, 1.0, "m", np.zeros((1, 3)), [0.0], [1.0]).ijk.dtype == np.int32  # whole floats are indices
-    with pytest.raises(InputError, match="colour must be uint8, or whole numbers in 0..255"):
+    with pytest.raises(InputError, match="colour must be a \\(1, 3\\) array of whole numbers in 0..255"):
         FusedTSDF(0.5, 1.0, "m", [[0, 0, 0]], [0.0], [1.0], color=[[300, 0, 0]])
+    assert FusedTSDF(0.5, 1.0, "m", [0, 0, 0], [0.0], [1.0], color=np.array([[7, 0, 0]], np.int64)).color.dtype == np.uint8
+    # what a loader may give: a tensor or a list of depth, colour of whole numbers in another integer type
+    import torch
+
+    seq = RGBDSequence("t", K, np.eye(4)[None], 8.0, np.int64(6), lambda i: torch.ones(6, 8),
+                       lambda i: np.full((6, 8, 3), 200, np.int64))
+    assert seq.width == 8 and seq.depth(0).shape == (6, 8) and seq.color(0).dtype == np.uint8
+    assert len(fuse(seq, voxel=0.1)) > 0
     t = FusedTSDF(0.5, 1.0, "m", [[0, 0, 0]], [0.0], [1.0])
     for pts in ([1, 2], "abc", np.zeros((2, 4))):
         with pytest.raises(InputError, match="takes world points of shape \\(N, 3\\)"):

@@ -294,7 +294,7 @@ def test_synth_rgbd_refuses_sequences_nothing_can_be_fitted_to(tmp_path, capsys)
     # every frame is held until written: a count past the memory limit is refused at once (it grew ~5 MB/s, unbounded)
     assert main(["synth-rgbd", "procedural", "--out", str(tmp_path / "many"), "--frames", "100000000", "--size",
                  "320x240", "--threads", "1"]) == 2
-    assert "need 50,067.9 GiB while they are rendered" in capsys.readouterr().err and not (tmp_path / "many").exists()
+    assert "need 100,135.8 GiB while they are rendered" in capsys.readouterr().err and not (tmp_path / "many").exists()
 
 
 def test_synth_rgbd_stopped_by_sigterm_leaves_nothing(tmp_path):

@@ -86,26 +86,31 @@ def check_fusable(fused) -> None:
                          "no surface to fit; fuse more frames, or check the depth scale (--depth-scale) and --max-depth")
 
 
+#: finest cells under this share of the fused voxel add bytes, not detail: warned about (``vqad fit-tsdf``)
+FINE_CELL_WARNING = 0.5
 #: the finest cells may be at most this many times finer than the fused voxel (each voxel would otherwise split into
 #: more than 4³ of them: memory for no detail; --levels 2:16 on a 2 m scene took 4.8 GB in 12 s)
 MAX_CELLS_PER_VOXEL_SIDE = 4
 
 
-def finest_cell(fused, max_level: int) -> float:
-    """The edge of the finest octree cells at ``max_level``, in ``fused``'s units."""
-    return 2.0 / (1 << max_level) / tsdf_normalization(fused).scale
+def finest_cell(fused, max_level: int, norm: Normalization | None = None) -> float:
+    """The edge of the finest octree cells at ``max_level``, in ``fused``'s units (``norm``: its normalization,
+    if already computed)."""
+    return 2.0 / (1 << max_level) / (norm or tsdf_normalization(fused)).scale
 
 
 def check_levels(fused, grid_cfg: GridConfig) -> None:
     """Refuse a finest level whose cells are more than :data:`MAX_CELLS_PER_VOXEL_SIDE` times finer than the
-    fused voxel, naming the finest level that is not."""
-    cell = finest_cell(fused, grid_cfg.max_level)
+    fused voxel, naming the finest level whose cells are not under :data:`FINE_CELL_WARNING` of a voxel."""
+    norm = tsdf_normalization(fused)
+    cell = finest_cell(fused, grid_cfg.max_level, norm)
     if cell * MAX_CELLS_PER_VOXEL_SIDE < fused.voxel:
-        ok = max(L for L in range(grid_cfg.max_level + 1) if L == 0 or finest_cell(fused, L) * 2 >= fused.voxel)
+        ok = max([L for L in range(1, grid_cfg.max_level + 1) if finest_cell(fused, L, norm) >= FINE_CELL_WARNING * fused.voxel]
+                 + [grid_cfg.base_level])
         raise InputError(f"the finest level's cells ({cell:.3g} {fused.units}) are {fused.voxel / cell:,.0f} times finer "
                          f"than the fused voxel ({fused.voxel:.3g} {fused.units}): they hold no detail the fusion has "
-                         f"and cost memory; give a finest level of at most {max(ok, grid_cfg.base_level)} "
-                         f"(--levels {grid_cfg.base_level}:{max(ok, grid_cfg.base_level)}), or a smaller --voxel")
+                         f"and cost memory; give the finest level {ok} (--levels {grid_cfg.base_level}:{ok}: cells of at "
+                         f"least {FINE_CELL_WARNING:g} voxel), or a smaller --voxel")
 
 
 def fused_box(fused) -> tuple[np.ndarray, np.ndarray]:

@@ -78,7 +78,7 @@ from vqad.device import resolve_device
 from vqad.device import MAX_MEMORY_ENV, default_max_memory
 from vqad.errors import InputError
 from vqad.sdf.mesh import Mesh
-from vqad.tsdf import check_units
+from vqad.tsdf import UNITS, as_colour8, check_units, is_whole
 from vqad.tsdf.rgbd import RGBDSequence
 
 #: default voxel = median valid depth / this (see the module docstring)
@@ -160,13 +160,14 @@ class FusedTSDF:
         check_units(self.units, "FusedTSDF")
         self.voxel, self.trunc, self.block = float(self.voxel), float(self.trunc), int(self.block)
         ijk = np.asarray(self.ijk)
-        if ijk.size == 0:
-            ijk = ijk.reshape(0, 3).astype(np.int64)
-        whole = ijk.dtype.kind in "iu" or (ijk.dtype.kind == "f" and bool(np.isfinite(ijk).all())
-                                           and bool((ijk == np.round(ijk)).all()))
-        if ijk.ndim != 2 or ijk.shape[1] != 3 or not whole:
-            raise InputError(f"FusedTSDF ijk must be (M, 3) whole voxel indices (0.7 is not one), got {ijk.dtype} "
-                             f"{list(ijk.shape)}")
+        if ijk.size == 0 or ijk.shape == (3,):  # none, or one voxel given flat
+            ijk = ijk.reshape(-1, 3).astype(np.int64)
+        if ijk.ndim != 2 or ijk.shape[1] != 3:
+            raise InputError(f"FusedTSDF ijk must have the shape (M, 3), got {list(ijk.shape)}")
+        if not is_whole(ijk):
+            flat = ijk.reshape(-1)
+            such = f" values such as {flat[np.argmax(flat != np.round(flat))]}" if ijk.dtype.kind == "f" else ""
+            raise InputError(f"FusedTSDF ijk must be whole voxel indices, got {ijk.dtype}{such}")
         _check_range(ijk, self.voxel)  # before the int32 cast, which would wrap 2^40 to 0
         self.ijk = np.ascontiguousarray(ijk, dtype=np.int32)
         m = self.ijk.shape[0]
@@ -180,13 +181,7 @@ class FusedTSDF:
         if not np.isfinite(self.weight).all() or (self.weight <= 0).any():
             raise InputError("FusedTSDF weights must be finite and positive (only observed voxels are kept)")
         if self.color is not None:
-            c = np.asarray(self.color)
-            if c.dtype != np.uint8 and (c.dtype.kind not in "iu" or (c.size and (c.min() < 0 or c.max() > 255))):
-                raise InputError(f"FusedTSDF colour must be uint8, or whole numbers in 0..255 (not wrapped), got {c.dtype}")
-            self.color = np.ascontiguousarray(c, dtype=np.uint8)
-            if self.color.shape != (m, 3):
-                raise InputError(f"FusedTSDF colour must be ({m}, 3) uint8, got {self.color.shape}")
-        _check_range(self.ijk, self.voxel)
+            self.color = as_colour8(self.color, (m, 3), "FusedTSDF")
 
     def __len__(self) -> int:
         return int(self.ijk.shape[0])
@@ -266,6 +261,9 @@ class FusedTSDF:
             raise InputError("fused TSDF units are not UTF-8: the file is damaged") from exc
         if len(units) == 0 or len(data) < pos + nu:
             raise InputError("fused TSDF has no units name: the file is damaged")
+        if units not in UNITS:  # (the CRC held: written so, not damaged)
+            raise InputError(f"fused TSDF is in units {units!r:.40}, which vqad does not know ({', '.join(UNITS)}): "
+                             "fuse the sequence again")
         pos += nu
         mask_bytes = -(-b ** 3 // 8)
         end = len(data) - 4
@@ -548,7 +546,11 @@ class _BlockHash:
         self.device = device
         # bytes a block costs: its key and coordinates, and its voxels' tsdf, weight (and colour) float32s
         self.block_bytes = 8 + 24 + self.b3 * (8 + (12 if color else 0))
-        self.max_memory = default_max_memory() if max_memory is None else max_memory
+        if max_memory is None:  # the host's limit, and on a GPU no more than most of its own memory
+            max_memory = default_max_memory()
+            if device.type == "cuda":
+                max_memory = min(max_memory, int(0.8 * torch.cuda.get_device_properties(device).total_memory))
+        self.max_memory = max_memory
         self.sorted_keys = torch.zeros(0, dtype=torch.long, device=device)
         self.coords = torch.zeros(0, 3, dtype=torch.long, device=device)  # (cap, 3) block coordinates
         self.tsdf = torch.zeros(0, self.b3, device=device)
@@ -572,7 +574,7 @@ class _BlockHash:
                 raise InputError(
                     f"the fusion has allocated {self.n + k:,} blocks of {round(self.b3 ** (1 / 3))}³ voxels and would need "
                     f"{need / 2 ** 30:.1f} GiB to grow, more than the limit of {self.max_memory / 2 ** 30:.1f} GiB "
-                    f"(${MAX_MEMORY_ENV}, default half the memory): pass a larger --voxel, or a --max-depth that "
+                    f"(${MAX_MEMORY_ENV}, default half the memory, on a GPU at most 80 % of its own): pass a larger --voxel, or a --max-depth that "
                     "leaves out the far depth")
             self.coords = _grow(self.coords, cap)
             self.tsdf = _grow(self.tsdf, cap)
@@ -639,14 +641,8 @@ def fuse(seq: RGBDSequence, voxel: float | None = None, trunc: float | None = No
     from tqdm.auto import tqdm
 
     for i in tqdm(frames, desc="fuse", unit="frame", disable=not progress):
-        depth_np = _valid_depth(seq.depth(i), max_depth)
-        if depth_np.shape != (H, W):
-            raise InputError(f"frame {i} of {seq.name!r}: depth is {depth_np.shape}, expected ({H}, {W}) from the sequence")
+        depth_np = _valid_depth(seq.depth(i), max_depth)  # (the sequence checks each frame's shape and type)
         col_np = seq.color(i)
-        if seq.has_color and col_np is None:
-            raise InputError(f"frame {i} of {seq.name!r} has no colour while the sequence has: every frame needs one")
-        if col_np is not None and np.asarray(col_np).shape != (H, W, 3):
-            raise InputError(f"frame {i} of {seq.name!r}: colour is {np.asarray(col_np).shape}, expected ({H}, {W}, 3)")
         valid = depth_np > 0
         if not valid.any():
             continue
@@ -682,7 +678,7 @@ def fuse(seq: RGBDSequence, voxel: float | None = None, trunc: float | None = No
             vis &= centre @ plane >= -block_radius * float(plane.norm())
         rows = vis.nonzero().squeeze(1)
         local_cam = (local_m @ Rwc.T).float()  # (b³, 3)
-        color = None if col_np is None or hashmap.color is None else torch.from_numpy(np.array(col_np, np.uint8)).to(dev).reshape(-1, 3).float()
+        color = None if col_np is None or hashmap.color is None else torch.from_numpy(col_np).to(dev).reshape(-1, 3).float()
         per = max(1, _CHUNK_VOXELS // hashmap.b3)
         for s in range(0, rows.shape[0], per):
             rr = rows[s:s + per]

@@ -38,7 +38,7 @@ import numpy as np
 
 from vqad.config import is_real
 from vqad.errors import InputError
-from vqad.tsdf import check_units
+from vqad.tsdf import as_colour8, check_units, is_whole
 
 #: TUM depth PNGs hold depth × 5000 (0.2 mm steps); Redwood / Open3D ones millimetres
 TUM_DEPTH_SCALE = 5000.0
@@ -187,8 +187,9 @@ class RGBDSequence:
         for i, p in enumerate(poses):
             check_pose(p, f"{self.name}: pose {i}")
         self.poses = poses
-        if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in (self.width, self.height)) or \
-                not (1 <= self.width <= MAX_IMAGE_SIDE and 1 <= self.height <= MAX_IMAGE_SIDE):
+        size = np.asarray([self.width, self.height]) if all(
+            isinstance(n, (int, float, np.integer, np.floating)) and not isinstance(n, bool) for n in (self.width, self.height)) else None
+        if size is None or not is_whole(size) or not (1 <= size.min() and size.max() <= MAX_IMAGE_SIDE):
             raise InputError(f"{self.name}: image size {self.width!r}×{self.height!r} must be whole numbers of pixels "
                              f"in 1..{MAX_IMAGE_SIDE}")
         self.width, self.height = int(self.width), int(self.height)
@@ -204,21 +205,21 @@ class RGBDSequence:
         """``(H, W) float32`` z-depth of frame ``i``, 0 where missing (what ``load_depth`` gave, checked: an
         :class:`InputError` for another shape or anything but real numbers)."""
         d = self.load_depth(i)
-        if not isinstance(d, np.ndarray) or d.dtype.kind not in "fiu" or d.shape != (self.height, self.width):
+        try:
+            a = np.asarray(d.cpu() if hasattr(d, "cpu") else d)  # a NumPy array, a list, a CPU or GPU tensor
+        except (TypeError, ValueError):
+            a = None
+        if a is None or a.dtype.kind not in "fiu" or a.shape != (self.height, self.width):
             raise InputError(f"{self.name}: frame {i}'s depth must be a ({self.height}, {self.width}) array of numbers, "
-                             f"got {type(d).__name__} {getattr(d, 'dtype', '')} {list(getattr(d, 'shape', []))}")
-        return d
+                             f"got {type(d).__name__} {getattr(a, 'dtype', '')} {list(getattr(a, 'shape', []))}")
+        return a
 
     def color(self, i: int) -> np.ndarray | None:
         """``(H, W, 3) uint8`` colour of frame ``i``, or ``None`` (what ``load_color`` gave, checked: another shape
         or type is an :class:`InputError`, never wrapped to 8 bits)."""
         if self.load_color is None:
             return None
-        c = self.load_color(i)
-        if not isinstance(c, np.ndarray) or c.dtype != np.uint8 or c.shape != (self.height, self.width, 3):
-            raise InputError(f"{self.name}: frame {i}'s colour must be a ({self.height}, {self.width}, 3) uint8 array "
-                             f"(0..255), got {type(c).__name__} {getattr(c, 'dtype', '')} {list(getattr(c, 'shape', []))}")
-        return c
+        return as_colour8(self.load_color(i), (self.height, self.width, 3), f"{self.name}: frame {i}")
 
     def points(self, i: int, stride: int = 1) -> np.ndarray:
         """World points ``(M, 3) float64`` of frame ``i``'s valid depth pixels (every ``stride``-th row

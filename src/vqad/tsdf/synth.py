@@ -191,8 +191,9 @@ def shade(normals: np.ndarray, hit: np.ndarray) -> np.ndarray:
     return np.where(hit[..., None], np.clip(np.rint(rgb * 255), 0, 255), 0).astype(np.uint8)
 
 
-#: bytes a rendered frame holds per pixel until the sequence is written: float32 depth and 8-bit colour
-FRAME_BYTES_PER_PIXEL = 4 + 3
+#: bytes a rendered frame holds per pixel until the sequence is written: float32 depth and 8-bit colour, twice
+#: (the frames' list and the stacked copy of it, both alive while the stack is made)
+FRAME_BYTES_PER_PIXEL = 2 * (4 + 3)
 
 
 def _frames_sequence(name: str, K, poses, width, height, depths, colors) -> RGBDSequence:

@@ -70,9 +70,11 @@ def refuse_foreign_dir(path: Path, markers: tuple[str, ...], what: str, kind: st
 @contextmanager
 def fresh_output_dir(path: str | Path, what: str, hint: str = ""):
     """A generator's ``--out``: a new or empty folder, created writable; if the job fails or is interrupted
-    (Ctrl-C or SIGTERM), what it wrote is removed (the folder too when the job created it, and the parents it created), so the retry
-    is not refused."""
+    (Ctrl-C or SIGTERM, from the moment the folder is made), what it wrote is removed (the folder too when the
+    job created it, and the parents it created), so the retry is not refused."""
     import shutil
+
+    from vqad.fit import interrupt_guard
 
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -81,23 +83,21 @@ def fresh_output_dir(path: str | Path, what: str, hint: str = ""):
     created = path  # the outermost folder this creates (parents included): what a failure removes
     while not created.parent.exists() and created.parent != created:
         created = created.parent
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create --out {path}: {exc.strerror or exc}") from None
-    from vqad.fit import interrupt_guard
-
-    try:
-        ensure_writable_dir(path)
-        with interrupt_guard():  # SIGTERM too: a killed run removes what it wrote, as Ctrl-C does
+    with interrupt_guard():  # SIGTERM too: a killed run removes what it wrote, as Ctrl-C does
+        try:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InputError(f"cannot create --out {path}: {exc.strerror or exc}") from None
+            ensure_writable_dir(path)
             yield path
-    except BaseException:
-        if existed:
-            for child in path.iterdir():
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        else:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
+        except BaseException:
+            if existed and path.is_dir():
+                for child in path.iterdir():
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            else:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
 
 
 @contextmanager

@@ -187,7 +187,7 @@ def cmd_fit_tsdf(args) -> int:
     from vqad.sdf.extract import save_mesh
     from vqad.sdf.mesh import load_mesh
     from vqad.tsdf.evaluate import compare, evaluate_tsdf
-    from vqad.tsdf.fit import check_fusable, check_levels, finest_cell, fit_tsdf
+    from vqad.tsdf.fit import FINE_CELL_WARNING, check_fusable, check_levels, finest_cell, fit_tsdf
     from vqad.tsdf.fusion import FusedTSDF
 
     out = Path(args.out)
@@ -237,7 +237,7 @@ def cmd_fit_tsdf(args) -> int:
               f"shape, and the model may outweigh the fusion; give a --voxel under {fused.voxel * span / MIN_SPAN_VOXELS:.3g} "
               f"{u}", file=sys.stderr, flush=True)
     cell = finest_cell(fused, grid_cfg.max_level)
-    if cell < 0.5 * fused.voxel:
+    if cell < FINE_CELL_WARNING * fused.voxel:
         print(f"WARNING: the finest level's cells ({cell:.3g} {u}) are finer than half the fused voxel "
               f"({fused.voxel:.3g} {u}): they add bytes, not detail the fusion holds; lower the finest --levels",
               file=sys.stderr, flush=True)

@@ -238,6 +238,7 @@ def test_killed_ray_worker_resumes_from_its_checkpoint(shapes, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0, stderr[-2000:]
+    assert "raylet" not in stdout + stderr and "will be retried" not in stdout + stderr  # --quiet: Ray's lines too
     recs = {r["asset"]: r for r in records(out)}
     assert len(records(out)) == 3 and all(r["status"] == "done" for r in recs.values())
     assert recs["sphere"]["resumed_from"] >= 10 and recs["sphere"]["attempt"] == 2
@@ -638,3 +639,21 @@ def test_special_files_as_a_job_or_an_asset_are_named_as_such(shapes, tmp_path):
         job = write_job(tmp_path / "job.json", [path], shapes)
         with pytest.raises(InputError, match="is not a mesh file or a capture folder"):
             B.load_job(job, out=tmp_path / "out")
+
+
+@needs_ray
+def test_rays_raylet_messages_go_to_stderr_or_nowhere_with_quiet(capsys):
+    """Ray's driver printed "A worker died ..." and "... will be retried" on stdout, --quiet or not."""
+    from ray._private import worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    msg = {"lines": ["A worker died or was killed while executing a task"], "pid": "raylet", "is_err": False}
+    with B._ray_messages(quiet=True):
+        ray_worker.print_to_stdstream(msg, ignore_prefix=False)
+    assert capsys.readouterr() == ("", "")
+    with B._ray_messages(quiet=False):
+        ray_worker.print_to_stdstream(msg, ignore_prefix=False)
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err == "ray: A worker died or was killed while executing a task\n"
+    assert ray_worker.print_to_stdstream is original  # restored
+

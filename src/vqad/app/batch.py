@@ -1427,8 +1427,42 @@ def _start_ray(run: RunConfig, threads: int):
     return ray, gpus, desc, started
 
 
+@contextlib.contextmanager
+def _ray_messages(quiet: bool):
+    """Ray's driver prints the errors its raylet publishes ("A worker died ...", "... the task will be retried")
+    on stdout, whatever ``log_to_driver`` says, among the batch's own output: while this is held they go to stderr,
+    one line each, or nowhere with ``--quiet`` (what they report is in results.jsonl: the attempt and the error).
+    Ray's own printer is patched (``ray._private.worker.print_to_stdstream``, looked up at each call) and restored."""
+    try:
+        from ray._private import worker as ray_worker
+
+        original = ray_worker.print_to_stdstream
+    except (ImportError, AttributeError):  # another Ray: its messages stay as they are
+        yield
+        return
+
+    def routed(data, *args, **kwargs):
+        if isinstance(data, dict) and data.get("pid") == "raylet":
+            if not quiet:
+                for line in data.get("lines", []):
+                    print(f"ray: {line}", file=sys.stderr, flush=True)
+            return None
+        return original(data, *args, **kwargs)
+
+    ray_worker.print_to_stdstream = routed
+    try:
+        yield
+    finally:
+        ray_worker.print_to_stdstream = original
+
+
 def _run_ray(todo: list[AssetSpec], ctx: WorkerContext, run: RunConfig, finished, bar: _Bar) -> str:
     """Every asset of ``todo`` as one Ray task; ``finished(record)`` as each returns."""
+    with _ray_messages(run.quiet):
+        return _run_ray_tasks(todo, ctx, run, finished, bar)
+
+
+def _run_ray_tasks(todo: list[AssetSpec], ctx: WorkerContext, run: RunConfig, finished, bar: _Bar) -> str:
     from dataclasses import replace
 
     ray, gpus, layout, started = _start_ray(run, ctx.threads)

@@ -543,6 +543,46 @@ def test_iter_lods_from_an_http_response(small):
     assert lods == [2, 3]
 
 
+def test_iter_lods_over_http_yields_a_lod_before_the_rest_has_arrived(small):
+    """iter_lods read an HTTP response in 64 kB blocks, and HTTPResponse.read waits for a whole block: a file
+    under 64 kB decoded nothing until the download ended (found following serving.md as a new user). The server
+    here sends the first LOD's bytes, then waits until the reader has that LOD before it sends the rest."""
+    import urllib.request
+
+    field, data = small
+    first = F.lod_prefix_sizes(data)[2]
+    assert len(data) < F.READ_BLOCK
+    got_first = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:first])
+            self.wfile.flush()
+            got_first.wait(timeout=20)
+            self.wfile.write(data[first:])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=server.handle_request)
+    t.start()
+    lods, t0 = [], time.monotonic()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/m.vqad", timeout=30) as r:
+            for s in F.iter_lods(r):
+                lods.append((s.lod, round(time.monotonic() - t0)))
+                got_first.set()
+    finally:
+        got_first.set()
+        t.join()
+        server.server_close()
+    assert [lod for lod, _ in lods] == [2, 3] and lods[0][1] < 10  # LOD 2 while the server held the rest back (20 s)
+
+
 def test_iter_lods_warns_of_a_cut_stream_and_yields_what_came_before_damage(small):
     """A stream cut after its first LOD yields that LOD and warns (as load does: a dropped connection is no end
     of file); damage after complete LODs yields them before the error, however the bytes are split."""

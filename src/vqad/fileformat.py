@@ -892,8 +892,11 @@ def _blocks(source, max_bytes: int | None = None, block: int = READ_BLOCK) -> It
         raise InputError(f"cannot read a .vqad stream from a text stream ({type(source).__name__}): open the file in "
                          "binary mode ('rb'), or pass its path")
     if hasattr(source, "read"):
+        # read1 returns what has arrived (at least a byte) where read waits for the whole block: over a network a
+        # file smaller than the block (a 58 kB model, 64 kB blocks) decoded nothing until the download ended
+        read = source.read1 if callable(getattr(source, "read1", None)) else source.read
         while left > 0:
-            data = source.read(int(min(block, left)))
+            data = read(int(min(block, left)))
             if data is None:
                 raise InputError("the stream is non-blocking and has no data: pass a blocking stream or use StreamDecoder.feed")
             if not data:

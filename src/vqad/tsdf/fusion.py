@@ -678,7 +678,7 @@ def fuse(seq: RGBDSequence, voxel: float | None = None, trunc: float | None = No
             vis &= centre @ plane >= -block_radius * float(plane.norm())
         rows = vis.nonzero().squeeze(1)
         local_cam = (local_m @ Rwc.T).float()  # (b³, 3)
-        color = None if col_np is None or hashmap.color is None else torch.from_numpy(col_np).to(dev).reshape(-1, 3).float()
+        color = None if col_np is None or hashmap.color is None else torch.from_numpy(np.array(col_np)).to(dev).reshape(-1, 3).float()
         per = max(1, _CHUNK_VOXELS // hashmap.b3)
         for s in range(0, rows.shape[0], per):
             rr = rows[s:s + per]

@@ -591,6 +591,12 @@ def test_iter_lods_warns_of_a_cut_stream_and_yields_what_came_before_damage(smal
     cut = data[: sizes[2] + 10]
     with pytest.warns(UserWarning, match="ended after .* using LOD 2 of 2..3"):
         assert [s.lod for s in F.iter_lods(cut)] == [2]
+    import vqad
+
+    for load in (vqad.load, F.load, lambda c: list(F.iter_lods(c))):  # the warning names the caller's line
+        with pytest.warns(UserWarning, match="ended after") as w:
+            load(cut)
+        assert w[0].filename == __file__, w[0].filename  # (it named vqad/api.py for vqad.load)
     for block in (len(data) + 4, 1000, 7):
         got = []
         with pytest.raises(CorruptStreamError):

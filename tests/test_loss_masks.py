@@ -372,7 +372,7 @@ def test_evaluation_scores_the_kept_pixels_and_skips_a_view_with_none(monkeypatc
     test.valid = torch.ones(3, 16, 16, dtype=torch.bool)  # three scorable views, the cap spent after the first
     out = ev.evaluate_nerf(Field(), ds, "test", sampler=object(), save_images=False, deadline=Spent())
     assert out[4]["views"] == 1 and out[4]["left_out_by_time_cap"] == 2
-    assert "(1 views, the pixels their loss masks keep; 2 more left out by the time cap)" in ev.metric_lines(out)[0]
+    assert "(1 view, the pixels their loss masks keep; 2 more left out by the time cap)" in ev.metric_lines(out)[0]
     line = ev.metric_lines({4: {"psnr": 20.0, "ssim": 0.5, "views": 1, "rendered": 2, "masked": True}})[0]
     assert "(1 of 2 views, the pixels their loss masks keep)" in line
     test.valid = torch.zeros(3, 16, 16, dtype=torch.bool)

@@ -981,8 +981,20 @@ def _warn_if_cut(dec: "StreamDecoder", source, lod: int | None, max_bytes: int |
         warnings.warn(
             f"{_describe(source)} ended after {dec.bytes_received:,} bytes {dec.where()}: "
             f"using LOD {max(dec.prefix_sizes)} of {dec.base_level}..{dec.max_level}",
-            stacklevel=3,
+            stacklevel=_caller_level(),
         )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside the vqad package, for a warning raised in the function that
+    calls this: the user's own line whether they called ``vqad.load`` or ``fileformat.load``."""
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def iter_lods(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None,

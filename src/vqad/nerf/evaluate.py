@@ -251,7 +251,7 @@ def metric_lines(results: dict) -> list[str]:
              + (f" ({r['psnr_matched']:.2f} with each photo's exposure matched)" if r.get("psnr_matched") is not None else "")
              + f"  SSIM {r['ssim']:.4f}  ("
              + (f"{r['views']} of {r['rendered']}" if r.get("rendered", r["views"]) > r["views"] else f"{r['views']}")
-             + " views" + (", the pixels their loss masks keep" if r.get("masked") else "")
+             + (" view" if r["views"] == 1 and r.get("rendered", 1) <= 1 else " views") + (", the pixels their loss masks keep" if r.get("masked") else "")
              + (f"; {r['left_out_by_time_cap']} more left out by the time cap)" if r.get("left_out_by_time_cap") else ")"))
             if r["psnr"] is not None else f"LOD {lod}: not scored (the loss masks of its views keep no pixel)"
             for lod, r in results.items()]

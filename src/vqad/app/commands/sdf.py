@@ -105,7 +105,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_render, oom_hint="lower --size (SDF) or --lod")
 
     p = sub.add_parser("demo", help="the built-in demo: fit, compress and render built-in scenes")
-    p.add_argument("--out", type=path_arg, default="out/demo")
+    p.add_argument("--out", type=path_arg, default="out/demo",
+                   help="folder for the demo's outputs: sdf/ and nerf/ (default: out/demo)")
     p.add_argument("--quick", action="store_true", help="a few steps only (for tests)")
     add_device_arg(p)
     p.set_defaults(func=cmd_demo)

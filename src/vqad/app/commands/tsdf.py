@@ -156,7 +156,7 @@ def fuse_source(args, device, color: bool = False):
     src = Path(args.source)
     if src.is_file():
         used = fusion_flags_given(args)
-        refuse(bool(used), f"{used} shape a fusion: they cannot apply to an already fused TSDF ({src})")
+        refuse(bool(used), f"{used} cannot apply to an already fused TSDF ({src}): fusion flags set how frames are fused")
         fused = FusedTSDF.load(src)
         refuse(color and fused.color is None, f"--color: the fused TSDF {src} has no colour")
         return fused, f"fused TSDF {src}", 0.0

@@ -657,3 +657,16 @@ def test_rays_raylet_messages_go_to_stderr_or_nowhere_with_quiet(capsys):
     assert cap.out == "" and cap.err == "ray: A worker died or was killed while executing a task\n"
     assert ray_worker.print_to_stdstream is original  # restored
 
+
+
+def test_an_asset_that_is_a_link_is_named_by_its_path_in_the_job(shapes, tmp_path):
+    """captures/lego -> the shared data was named work/shared/data/...: the output tree mirrors the job's paths."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.obj").write_bytes((shapes / "sphere.obj").read_bytes())
+    (tmp_path / "meshes").mkdir()
+    (tmp_path / "meshes" / "a.obj").symlink_to(tmp_path / "elsewhere" / "b.obj")
+    job = write_job(tmp_path / "job.json", ["meshes/a.obj", "meshes/*.obj"], tmp_path)
+    with pytest.raises(InputError, match="listed twice"):  # the same path twice, by name and by pattern
+        B.load_job(job, out=tmp_path / "out")
+    job = write_job(tmp_path / "job.json", ["meshes/a.obj"], tmp_path)
+    assert [s.key for s in B.load_job(job, out=tmp_path / "out").assets] == ["meshes/a"]

@@ -663,15 +663,23 @@ def _expand(path: str, base: Path, out_dir: Path, where: str) -> list[str]:
             raise InputError(f"{where}: not found: {full}")
         if not (full.is_file() or full.is_dir()):
             raise InputError(f"{where}: {full} is not a mesh file or a capture folder (a device, pipe or socket)")
-        return [str(full.resolve())]
+        return [str(_as_named(full))]
     if "**" in path:
         _check_walk(full, where)
-    hits = sorted(Path(p).resolve() for p in glob.glob(str(full), recursive=True))
+    hits = sorted(_as_named(Path(p)) for p in glob.glob(str(full), recursive=True))
     hits = [h for h in hits if out_dir not in h.parents and h != out_dir and not is_output_folder(h)
             and not any(is_output_folder(d) for d in h.parents)]
     if not hits:
         raise InputError(f"{where}: the pattern matches nothing (relative to {base})")
     return [str(h) for h in hits]
+
+
+def _as_named(p: Path) -> Path:
+    """``p`` with its folder resolved and its own name kept: an asset that is a link (``captures/lego`` -> the
+    shared data) is named, and its output folder placed, by the path the job gives, not by its target's."""
+    if p.name in ("", ".", ".."):
+        return p.resolve()
+    return p.parent.resolve() / p.name
 
 
 #: the most folders a "**" of an asset pattern may search (a "/**/*" walked the whole file system)

@@ -595,3 +595,14 @@ def test_a_point_record_whose_rows_are_not_numbers_is_damaged(tmp_path, change):
     del row["lod"]
     path.write_text(json.dumps(rec))
     assert S.read_point(path) is None
+
+
+def test_draco_points_without_dracopy_are_refused_before_any_fit(sphere, tmp_path, monkeypatch):
+    """The draco-* points imported DracoPy at their turn: a missing one was a ModuleNotFoundError after the fits
+    before them had run (found following the README with only its view extra)."""
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "DracoPy" else real_find(name, *a))
+    with pytest.raises(InputError, match="the draco-input points need DracoPy: pip install 'vqad\\[bench\\]'"):
+        S.Sweep(_config(sphere, tmp_path / "out", ["dense", "draco-input:8"]))
+    assert not (tmp_path / "out").exists()
+    S.Sweep(_config(sphere, tmp_path / "out2", ["dense"]))  # no draco point: DracoPy not needed

@@ -739,6 +739,12 @@ class Sweep:
         if not self.points:
             raise InputError(f"--methods {' '.join(self.cfg.methods)} gives no point to fit at k = {self.cfg.features} "
                              "(low rank's default ranks are k/4 and k/2, below k): give settings, e.g. lowrank:1,2")
+        import importlib.util
+
+        draco = sorted({p.method for p in self.points if METHODS[p.method].kind == "draco"})
+        if draco and importlib.util.find_spec("DracoPy") is None:  # before any fit, not at its point
+            raise InputError(f"the {' and '.join(draco)} points need DracoPy: pip install 'vqad[bench]', or give --methods "
+                             "without them")
         self.device = resolve_device(self.cfg.device)
         self.task = (SDFTask if self.cfg.kind == "sdf" else NeRFTask)(self.cfg, self.device)
         self.out = Path(self.cfg.out)

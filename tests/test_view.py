@@ -386,22 +386,33 @@ def test_viewer_truncated_before_first_lod(tmp_path, vqad_bytes):
         h.stop()
 
 
-def test_viewer_local_file_damaged_in_its_first_block_keeps_best_lod(tmp_path, vqad_bytes):
-    """A local file whose damage lies in its first 64 kB (after the header) was refused in the terminal, when
-    the same file over HTTP showed its best LOD and the error (found by a hostile pass)."""
+def _damaged_finest_lod(vqad_bytes) -> tuple[bytes, list[int]]:
+    """The file with a byte of its finest LOD's chunks flipped (its CRC fails), and its LODs."""
     sizes = prefix_sizes(vqad_bytes)
     lods = sorted(sizes)
-    assert sizes[lods[-2]] + 40 < 1 << 16
     bad = bytearray(vqad_bytes)
     bad[sizes[lods[-2]] + 40] ^= 0xFF
-    p = tmp_path / "bad.vqad"
-    p.write_bytes(bytes(bad))
-    h = _damaged_viewer(str(p))
+    return bytes(bad), lods
+
+
+def _assert_best_lod_and_error(source: str, lods: list[int]) -> None:
+    """The viewer of a damaged ``source`` shows every LOD before the damage and says where it stopped."""
+    h = _damaged_viewer(source)
     try:
         assert h.lods_available == lods[:-1] and h.current_lod == lods[-2]
         assert "damaged" in h.error and f"LOD {lods[-2]}" in h.error
     finally:
         h.stop()
+
+
+def test_viewer_local_file_damaged_in_its_first_block_keeps_best_lod(tmp_path, vqad_bytes):
+    """A local file whose damage lies in its first 64 kB (after the header) was refused in the terminal, when
+    the same file over HTTP showed its best LOD and the error (found by a hostile pass)."""
+    bad, lods = _damaged_finest_lod(vqad_bytes)
+    assert prefix_sizes(vqad_bytes)[lods[-2]] + 40 < 1 << 16
+    p = tmp_path / "bad.vqad"
+    p.write_bytes(bad)
+    _assert_best_lod_and_error(str(p), lods)
 
 
 def test_viewer_refuses_a_fifo_at_once(tmp_path):
@@ -413,17 +424,9 @@ def test_viewer_refuses_a_fifo_at_once(tmp_path):
 
 
 def test_viewer_corrupt_stream_over_http_keeps_best_lod(vqad_bytes):
-    sizes = prefix_sizes(vqad_bytes)
-    lods = sorted(sizes)
-    bad = bytearray(vqad_bytes)
-    bad[sizes[lods[-2]] + 40] ^= 0xFF  # a byte of the finest LOD's chunks: its CRC fails
-    with FileServer(bytes(bad)) as srv:
-        h = _damaged_viewer(srv.url)
-        try:
-            assert h.lods_available == lods[:-1] and h.current_lod == lods[-2]
-            assert "damaged" in h.error and f"LOD {lods[-2]}" in h.error
-        finally:
-            h.stop()
+    bad, lods = _damaged_finest_lod(vqad_bytes)
+    with FileServer(bad) as srv:
+        _assert_best_lod_and_error(srv.url, lods)
 
 
 def test_viewer_lod_choice_and_mesh_export(vqad_file):

@@ -49,7 +49,7 @@ from vqad import entropy as E
 from vqad.bitpack import pack_bits, packed_size, unpack_bits
 from vqad.atomicio import write_atomic
 from vqad.config import GridConfig, to_dict
-from vqad.device import MAX_MEMORY_ENV, default_max_memory, parse_bytes, resolve_device  # (the two re-exported)
+from vqad.device import MAX_MEMORY_ENV, default_max_memory, parse_bytes, resolve_device  # (parse_bytes re-exported)
 from vqad.errors import CorruptStreamError, InputError, StreamError, StreamLimitError, TruncatedStreamError, VqadError
 from vqad.field import field_config, field_from_config, record_class
 from vqad.grid import OctreeGrid, octree_args

@@ -475,22 +475,22 @@ def _checked_key(key: str, where: str, what: str = "name") -> str:
     or text-reordering characters, no part longer than :data:`MAX_NAME_BYTES`, not one of the output root's own
     files (in any case)."""
 
-    def fix(for_a_name: str) -> str:  # a name is changed in the job file; a path by renaming, or in a job file
-        return for_a_name if what == "name" else 'rename the file, or list it in a job file with a name = "..."'
+    def fix(name: str) -> str:  # a name is changed in the job file; a path by renaming, or in a job file
+        return f"give {name}" if what == "name" else 'rename the file, or list it in a job file with a name = "..."'
 
     name = 'a name = "..."'
     if any(0xD800 <= ord(c) <= 0xDFFF for c in key):  # a file name that is not UTF-8 (Python's surrogate escapes)
-        raise InputError(f"{where}: {what} {key!r} is not valid UTF-8 text: {fix(f'give {name} in UTF-8')}")
+        raise InputError(f"{where}: {what} {key!r} is not valid UTF-8 text: " + fix(f"{name} in UTF-8"))
     bad = next((c for c in key if unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS), None)
     if bad is not None:
-        raise InputError(f"{where}: {what} {key!r} holds the control character {bad!r}: {fix(f'give {name} without it')}")
+        raise InputError(f"{where}: {what} {key!r} holds the control character {bad!r}: " + fix(f"{name} without it"))
     long = next((part for part in key.split("/") if len(part.encode("utf-8")) > MAX_NAME_BYTES), None)
     if long is not None:
         raise InputError(f"{where}: {what} {key!r} has a part of {len(long.encode('utf-8'))} bytes; folder names stop "
-                         f"at {MAX_NAME_BYTES}: {fix(f'give a shorter {name[2:]}')}")
+                         f"at {MAX_NAME_BYTES}: " + fix('a shorter name = "..."'))
     if _folder_identity(key.split("/")[0]) in {_folder_identity(n) for n in RESERVED_NAMES}:
         raise InputError(f"{where}: {what} {key!r} is a file of the output folder itself "
-                         f"({', '.join(RESERVED_NAMES)}): {fix(f'give another {name[2:]}')}")
+                         f"({', '.join(RESERVED_NAMES)}): " + fix('another name = "..."'))
     return key
 
 

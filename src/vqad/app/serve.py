@@ -162,10 +162,10 @@ def resolve_file(root: Path, rel: str) -> Path:
 def open_servable(root: Path, rel: str) -> tuple[int, os.stat_result]:
     """An open descriptor (O_RDONLY) of the servable file at ``rel`` under ``root`` and its ``fstat``.
 
-    :func:`resolve_file` checks the path, then the file is opened, then the path is resolved again and must
-    still lead under ``root`` to the very file opened (device and inode): a folder swapped for a symlink out
-    of ``root`` between the check and the open (which ``O_NOFOLLOW`` cannot see: it guards the last name
-    only) would otherwise have this serve a file outside the folder. Raises :class:`Refused`.
+    :func:`resolve_file` checks the path, then the file is opened, then the descriptor must still be a file under
+    ``root`` (:func:`_opened_under`): a folder swapped for a symlink out of ``root`` between the check and the
+    open (which ``O_NOFOLLOW`` cannot see: it guards the last name only) would otherwise have this serve a file
+    outside the folder. Raises :class:`Refused`.
     """
     real = resolve_file(root, rel)
     try:  # O_NONBLOCK: a FIFO swapped in after the check must not hang the server

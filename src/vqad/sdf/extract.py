@@ -126,7 +126,7 @@ def extract_mesh(field, lod: int | None = None, resolution: int = 256, world: bo
         raise InputError(f"extract_mesh meshes an SDF field (vqad.load(path) of an SDF model), not {what}"
                          + ("; a TSDF's mesh: vqad.tsdf.extract.extract_tsdf_mesh" if getattr(field, "kind", None) == "tsdf" else ""))
     check_resolution(resolution)
-    lod = field.grid.octree.max_level if lod is None else field.check_lod(lod)
+    lod = field.check_lod(lod)  # (None: the finest)
     device = field.grid.octree.device
     fn = lambda x: field(x, lod)  # noqa: E731
     vol = evaluate_grid_sparse(fn, resolution, device)[0] if sparse else evaluate_grid(fn, resolution, device)

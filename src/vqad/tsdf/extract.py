@@ -60,7 +60,7 @@ def extract_tsdf_mesh(field, lod: int | None = None, per_cell: int | None = None
     lattice points in occupied cells are evaluated. World coordinates by default.
     """
     octree = field.grid.octree
-    lod = octree.max_level if lod is None else field.check_lod(lod)
+    lod = field.check_lod(lod)  # (None: the finest)
     L = octree.max_level
     s = per_cell or (2 if L <= 7 else 1)
     if not 1 <= s <= 8:

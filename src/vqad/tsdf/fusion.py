@@ -74,8 +74,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqad.device import resolve_device
-from vqad.device import MAX_MEMORY_ENV, default_max_memory
+from vqad.device import MAX_MEMORY_ENV, default_max_memory, resolve_device
 from vqad.errors import InputError
 from vqad.sdf.mesh import Mesh
 from vqad.tsdf import UNITS, as_colour8, check_units, is_whole
@@ -541,16 +540,14 @@ class _BlockHash:
     :func:`torch.searchsorted`), and per block, in allocation order, its coordinates and voxel rows
     ``tsdf (cap, block³)``, ``weight (cap, block³)``, ``color (cap, block³, 3)`` (float32 running means)."""
 
-    def __init__(self, block: int, color: bool, device: torch.device, max_memory: int | None = None):
-        self.b3 = block ** 3
+    def __init__(self, block: int, color: bool, device: torch.device):
+        self.block, self.b3 = block, block ** 3
         self.device = device
         # bytes a block costs: its key and coordinates, and its voxels' tsdf, weight (and colour) float32s
         self.block_bytes = 8 + 24 + self.b3 * (8 + (12 if color else 0))
-        if max_memory is None:  # the host's limit, and on a GPU no more than most of its own memory
-            max_memory = default_max_memory()
-            if device.type == "cuda":
-                max_memory = min(max_memory, int(0.8 * torch.cuda.get_device_properties(device).total_memory))
-        self.max_memory = max_memory
+        self.max_memory = default_max_memory()  # the host's limit, and on a GPU no more than most of its own memory
+        if device.type == "cuda":
+            self.max_memory = min(self.max_memory, int(0.8 * torch.cuda.get_device_properties(device).total_memory))
         self.sorted_keys = torch.zeros(0, dtype=torch.long, device=device)
         self.coords = torch.zeros(0, 3, dtype=torch.long, device=device)  # (cap, 3) block coordinates
         self.tsdf = torch.zeros(0, self.b3, device=device)
@@ -572,7 +569,7 @@ class _BlockHash:
             need = (self.tsdf.shape[0] + cap) * self.block_bytes  # the old tables and the new while they are copied
             if need > self.max_memory:
                 raise InputError(
-                    f"the fusion has allocated {self.n + k:,} blocks of {round(self.b3 ** (1 / 3))}³ voxels and would need "
+                    f"the fusion has allocated {self.n + k:,} blocks of {self.block}³ voxels and would need "
                     f"{need / 2 ** 30:.1f} GiB to grow, more than the limit of {self.max_memory / 2 ** 30:.1f} GiB "
                     f"(${MAX_MEMORY_ENV}, default half the memory, on a GPU at most 80 % of its own): pass a larger --voxel, or a --max-depth that "
                     "leaves out the far depth")

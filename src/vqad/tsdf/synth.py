@@ -218,12 +218,12 @@ def _check_common(n_frames: int, width: int, height: int, size: float, distance:
         raise InputError(f"the image size must be 8..4096 pixels per side, got {width}×{height}")
     from vqad.device import MAX_MEMORY_ENV, default_max_memory
 
-    need = int(n_frames) * int(width) * int(height) * FRAME_BYTES_PER_PIXEL  # every frame is held until written
-    if need > default_max_memory():
-        fit = max(1, default_max_memory() // (int(width) * int(height) * FRAME_BYTES_PER_PIXEL))
+    per_frame = int(width) * int(height) * FRAME_BYTES_PER_PIXEL  # every frame is held until written
+    need, limit = int(n_frames) * per_frame, default_max_memory()
+    if need > limit:
         raise InputError(f"{n_frames:,} frames of {width}×{height} need {need / 2 ** 30:,.1f} GiB while they are rendered, "
-                         f"more than the limit of {default_max_memory() / 2 ** 30:.1f} GiB (${MAX_MEMORY_ENV}, default "
-                         f"half the memory): render at most {fit:,} frames at this size, or smaller frames")
+                         f"more than the limit of {limit / 2 ** 30:.1f} GiB (${MAX_MEMORY_ENV}, default "
+                         f"half the memory): render at most {max(1, limit // per_frame):,} frames at this size, or smaller frames")
     if not (math.isfinite(size) and size > 0):
         raise InputError(f"the object size must be a positive number of metres, got {size}")
     if distance is not None and not (math.isfinite(distance) and distance > 0):

@@ -430,6 +430,33 @@ def test_resume_finds_the_newest_complete_checkpoint_after_a_killed_save(tmp_pat
     assert recover_checkpoint(tmp_path / "nothing") is None
 
 
+def test_a_save_interrupted_while_writing_leaves_no_tmp_folder(tmp_path, capsys, mesh, monkeypatch):
+    """Ctrl-C (or SIGTERM, or a full disk) while save_checkpoint writes its tensors removes its half-written
+    CKPT.tmp/ (compress --out OUT left OUT.tmp/ beside a user's files) and keeps the checkpoint in place."""
+    import vqad
+    import vqad.checkpoint
+    from vqad.checkpoint import read_config
+
+    out = tmp_path / "run"
+    assert main(["fit-sdf", str(mesh), "--steps", "2", "--refine", "0", "--grid", "dense", "--out", str(out)] + TINY) == 0
+    real = vqad.checkpoint.save_file
+
+    def save_file(tensors, path):
+        real(tensors, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vqad.checkpoint, "save_file", save_file)
+    field = vqad.load(out / "checkpoint")
+    for target in (out / "checkpoint", tmp_path / "new"):
+        with pytest.raises(KeyboardInterrupt):
+            vqad.checkpoint.save_checkpoint(target, field)
+        assert not target.with_name(target.name + ".tmp").exists()
+    assert read_config(out / "checkpoint")["step"] == 2 and not (tmp_path / "new").exists()
+    assert main(["compress", str(out / "checkpoint"), "--to", "lowrank", "--rank", "2", "--out",
+                 str(tmp_path / "c")]) == 130
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.tmp").exists()
+
+
 # -- inputs that used to mislead: one line saying what is wrong, nothing written -------------------------
 def _write_mesh(path, vertices, faces):
     trimesh.Trimesh(vertices, faces, process=False).export(path)

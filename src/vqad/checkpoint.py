@@ -92,7 +92,8 @@ def save_checkpoint(path: str | Path, field, extra: dict | None = None, optimize
                     task_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``field`` (and optimizer state, and ``task_tensors``: what the fit trains outside the field) to
     the directory ``path`` atomically; a folder there holding other files is refused
-    (:func:`check_checkpoint_target`)."""
+    (:func:`check_checkpoint_target`). Interrupted or failing while it writes, it removes its half-written
+    ``path.tmp``; killed outright, :func:`recover_checkpoint` sorts out what is left."""
     path = check_checkpoint_target(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -101,6 +102,26 @@ def save_checkpoint(path: str | Path, field, extra: dict | None = None, optimize
         tmp.mkdir(parents=True)
     except OSError as exc:
         raise InputError(f"cannot write checkpoint to {path}: {exc.strerror}") from exc
+    try:
+        _write_checkpoint_files(tmp, field, extra, optimizers, task_tensors)
+    except BaseException:  # Ctrl-C, SIGTERM (interrupt_guard), a full disk: no half-written tmp is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    fsync_path(path.parent)
+    return path
+
+
+def _write_checkpoint_files(tmp: Path, field, extra, optimizers, task_tensors) -> None:
+    """The files of :func:`save_checkpoint` into the empty folder ``tmp``, config.json last, all on disk."""
     cfg = {"vqad_checkpoint": FORMAT_VERSION, **field_config(field), "baked": field.baked, **(extra or {})}
     tensors = _model_tensors(field)
     tensors.update({TASK_PREFIX + k: v.detach().contiguous().cpu() for k, v in (task_tensors or {}).items()})
@@ -115,17 +136,6 @@ def save_checkpoint(path: str | Path, field, extra: dict | None = None, optimize
         os.chmod(f, mode)  # (safetensors writes 0600: a shared checkpoint's tensors unreadable beside its config)
         fsync_path(f)
     fsync_path(tmp)
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
-    fsync_path(path.parent)
-    return path
 
 
 def _complete_step(d: Path) -> int | None:

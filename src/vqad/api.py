@@ -23,6 +23,9 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
     the largest complete LOD available. A checkpoint
     directory always holds every LOD: there ``lod`` must be one of them (an :class:`InputError`
     otherwise) and the field is returned whole (evaluate a LOD with ``field(x, lod)``).
+
+    The field is for inference, wherever it comes from: in eval mode, its parameters without gradients
+    (training goes on with ``vqad fit-* --resume``, or :func:`vqad.checkpoint.load_checkpoint`).
     """
     for name, value in (("lod", lod), ("max_bytes", max_bytes), ("max_memory", max_memory)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
@@ -46,6 +49,7 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
             field = load_checkpoint(path, device)[0]
             if lod is not None:
                 field.check_lod(lod)
+            field.eval().requires_grad_(False)  # for inference, as a file's field: queries build no autograd graph
             return field
     from vqad import fileformat
 

@@ -143,10 +143,15 @@ class NeuralField(nn.Module):
             raise InputError(f"{what} must be floating-point coordinates in the unit cube, got {x.dtype}")
         if x.device != self.device:
             raise InputError(f"{what} is on {x.device}, the field on {self.device}: pass {what}.to(field.device)")
+        dtype = next(self.parameters()).dtype
+        if dtype != torch.float32:
+            raise InputError(f"this field's parameters are {dtype}, but vqad fields compute in float32 (a file "
+                             "stores fp16 and loads as float32): call field.float() before querying it")
+        x = x if x.dtype == torch.float32 else x.float()  # (a float64 beyond float32's range becomes inf: refused)
         if x.numel() and not bool(torch.isfinite(x).all()):
-            raise InputError(f"{what} holds NaN or infinite coordinates: the field is defined at points of the unit "
-                             "cube [-1, 1]^3 (outside it, values are extrapolations of the grid's edge)")
-        return x if x.dtype == torch.float32 else x.float()
+            raise InputError(f"{what} holds NaN or infinite coordinates (in float32): the field is defined at points of "
+                             "the unit cube [-1, 1]^3 (outside it, values are extrapolations of the grid's edge)")
+        return x
 
     def check_lod(self, lod) -> int:
         """``lod`` of a query from outside: one of :attr:`lods` (None: the finest), else an :class:`InputError`."""
@@ -155,6 +160,17 @@ class NeuralField(nn.Module):
         if isinstance(lod, bool) or not isinstance(lod, numbers.Integral) or int(lod) not in self.lods:
             raise InputError(f"LOD {lod!r} is not in this model: choose one of {self.lods} (vqad info lists them)")
         return int(lod)
+
+    def check_lods(self, lods) -> list[int]:
+        """``lods`` of a query from outside: a non-empty list of :attr:`lods` (None: all of them)."""
+        if lods is None:
+            return list(self.lods)
+        if isinstance(lods, (str, bytes)) or not hasattr(lods, "__iter__"):
+            raise InputError(f"lods must be a list of LODs (of {self.lods}), got {type(lods).__name__}")
+        lods = [self.check_lod(lod) for lod in lods]
+        if not lods:
+            raise InputError(f"lods is empty: give at least one of {self.lods}")
+        return lods
 
     def bake(self, fp16: bool = True) -> None:
         """Inference form: indices instead of logits, and (with ``fp16``) fp16-rounded floats."""

@@ -219,18 +219,62 @@ class NeRFField(NeuralField):
         sigma = density_activation(h[:, 0].float(), self.nerf_cfg.density_activation)
         return sigma, torch.sigmoid(c.float())
 
+    def check_directions(self, d, n: int) -> torch.Tensor:
+        """``d`` of a query from outside: ``(n, 3)`` view directions as unit float32 vectors on the field's device
+        (any non-zero length is normalised: the colour's spherical harmonics take unit vectors). A zero,
+        NaN or infinite direction, or another shape, is an :class:`InputError`."""
+        if not isinstance(d, torch.Tensor):
+            try:
+                d = torch.as_tensor(d, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise InputError(f"d must be (N, 3) view directions (a tensor or an array of numbers), got "
+                                 f"{type(d).__name__}: {exc}") from None
+        if d.dim() != 2 or d.shape[1] != 3:
+            raise InputError(f"d must have shape (N, 3), got {tuple(d.shape)}")
+        if d.shape[0] != n:
+            raise InputError(f"x and d must hold as many rows, got {n} and {d.shape[0]}")
+        if not d.is_floating_point():
+            raise InputError(f"d must be floating-point view directions, got {d.dtype}")
+        if d.device != self.device:
+            raise InputError(f"d is on {d.device}, the field on {self.device}: pass d.to(field.device)")
+        d = d.float()
+        norm = d.norm(dim=-1, keepdim=True)
+        if d.numel() and not bool(((norm > 0) & torch.isfinite(norm)).all()):
+            raise InputError("d holds a zero, NaN or infinite view direction: each row must be a direction of "
+                             "non-zero length (unit vectors; others are normalised)")
+        return d / norm
+
     def forward(self, x: torch.Tensor, d: torch.Tensor, lod: int | None = None):
         """``σ (N,)`` and ``rgb (N, 3)`` at one LOD (default: the finest), at grid points ``x (N, 3)`` seen
-        from unit directions ``d (N, 3)``."""
-        x, d, lod = self.check_points(x), self.check_points(d, "d"), self.check_lod(lod)
-        if d.shape[0] != x.shape[0]:
-            raise InputError(f"x and d must hold as many rows, got {x.shape[0]} and {d.shape[0]}")
-        sig, rgb = self.all_lods(x, d, [lod])
+        from directions ``d (N, 3)`` (unit vectors; others are normalised)."""
+        x, lod = self.check_points(x), self.check_lod(lod)
+        sig, rgb = self.query_lods(x, self.check_directions(d, x.shape[0]), [lod])
         return sig[0], rgb[0]
 
     def all_lods(self, x: torch.Tensor, d: torch.Tensor, lods: list[int] | None = None,
                  rows: list[torch.Tensor | None] | None = None):
-        """Several LODs, each level's features computed once.
+        """Several LODs (default: all), each level's features computed once: :meth:`query_lods` with the
+        checks of :meth:`forward` (``x``, ``d``, each LOD). Returns ``σ (n_lods, N)`` and ``rgb (n_lods, N, 3)``."""
+        x = self.check_points(x)
+        d, lods = self.check_directions(d, x.shape[0]), self.check_lods(lods)
+        if rows is not None:
+            if isinstance(rows, torch.Tensor) or len(rows) != len(lods):
+                raise InputError(f"rows must be a list of one entry per LOD ({len(lods)}), got "
+                                 f"{len(rows) if not isinstance(rows, torch.Tensor) else 'a tensor'}")
+            for r in rows:
+                if r is not None and not (isinstance(r, torch.Tensor) and r.dim() == 1 and r.dtype == torch.int64
+                                          and r.device == self.device):
+                    raise InputError("each entry of rows must be None or a 1-D int64 tensor of point positions on the "
+                                     "field's device")
+                if r is not None and r.numel() and not (0 <= int(r.min()) and int(r.max()) < x.shape[0]):
+                    raise InputError(f"rows hold positions outside 0..{x.shape[0] - 1}")
+        return self.query_lods(x, d, lods, rows)
+
+    def query_lods(self, x: torch.Tensor, d: torch.Tensor, lods: list[int] | None = None,
+                   rows: list[torch.Tensor | None] | None = None):
+        """:meth:`all_lods` without its checks, for the library's own loops (a render decodes chunk after
+        chunk; each check would sync a GPU): ``x (N, 3)`` float32 points and ``d (N, 3)`` unit directions on the
+        field's device, ``lods`` of :attr:`lods` (None: all).
 
         ``rows``: per LOD, the positions ``(N_b,)`` int64 of the points it decodes (None: all); the others
         get ``σ = 0`` and ``rgb = 0`` without running its decoders (early ray termination by LOD,
@@ -258,18 +302,25 @@ class NeRFField(NeuralField):
             rgb.append(c)
         return torch.stack(sig), torch.stack(rgb)
 
-    def densities(self, x: torch.Tensor, lods: list[int]) -> torch.Tensor:
-        """``σ (n_lods, N)`` alone at several LODs (no colour MLP), each level's features computed once."""
+    def densities(self, x: torch.Tensor, lods: list[int] | None = None) -> torch.Tensor:
+        """``σ (n_lods, N)`` alone at several LODs (default: all; no colour MLP), each level's features
+        computed once, at points ``x (N, 3)``: :meth:`query_densities` with the checks of :meth:`forward`."""
+        return self.query_densities(self.check_points(x), self.check_lods(lods))
+
+    def density(self, x: torch.Tensor, lod: int | None = None) -> torch.Tensor:
+        """``σ (N,)`` alone (no colour MLP) at one LOD (default: the finest), at points ``x (N, 3)``."""
+        return self.query_densities(self.check_points(x), [self.check_lod(lod)])[0]
+
+    def query_densities(self, x: torch.Tensor, lods: list[int]) -> torch.Tensor:
+        """:meth:`densities` without its checks, for the library's own loops (pruning, the octree's density
+        pass): ``x (N, 3)`` float32 points on the field's device, ``lods`` of :attr:`lods`. Returns
+        ``σ (n_lods, N)``."""
         feats = self.grid.multi_lod_features(x, lods)
         out = []
         for f, lod in zip(feats, lods):
             h_in = torch.cat([f, x], dim=-1) if self.decoder_cfg.position_input else f
             out.append(density_activation(self.decoder(h_in, lod)[:, 0], self.nerf_cfg.density_activation))
         return torch.stack(out)
-
-    def density(self, x: torch.Tensor, lod: int | None = None) -> torch.Tensor:
-        """``σ (N,)`` alone (no colour MLP): used to prune empty space."""
-        return self.densities(x, [self.grid.octree.max_level if lod is None else lod])[0]
 
     # -- the generic field interface (checkpoints, .vqad files) ----------------------------------
     EXTRA_KEYS = ("nerf", "dataset")

@@ -427,7 +427,7 @@ def probe_weights(field, sampler, batcher, level: int, n_rays: int, floor: float
             rows = torch.repeat_interleave(live, n)
             idx = first[rows] + torch.arange(rows.numel(), device=x.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
             xs = x[idx]
-            sig = field.densities(xs, [level])[0]
+            sig = field.query_densities(xs, [level])[0]
             tau = (sig * (samples.t_ends[idx] - samples.t_starts[idx])).double()
             incl = torch.cumsum(tau, 0)
             start = torch.repeat_interleave(torch.cumsum(n, 0) - n, n)

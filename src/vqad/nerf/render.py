@@ -523,7 +523,8 @@ def prune_by_model(field, sampler: OccupancySampler, lod: int | None = None) -> 
     (default: the finest) is the LOD whose densities decide, a file prefix's finest."""
     was_training = field.training
     field.eval()
-    sampler.prune(lambda x: field.density(x, lod=lod), prune_threshold(field, sampler))
+    lods = [field.grid.octree.max_level if lod is None else lod]
+    sampler.prune(lambda x: field.query_densities(x, lods)[0], prune_threshold(field, sampler))
     field.train(was_training)
     return sampler
 
@@ -552,7 +553,7 @@ def terminate_rays(field, samples: PackedSamples, o: torch.Tensor, d: torch.Tens
     if not 0.0 < eps < 1.0:  # also NaN; 0 is no termination (don't call this), >= 1 would drop every sample
         raise ValueError(f"terminate_rays: eps must be in (0, 1), got {eps}")
     x = samples.points(o, d)
-    sig = torch.cat([field.densities(x[s : s + chunk], lods) for s in range(0, x.shape[0], chunk)], dim=1)
+    sig = torch.cat([field.query_densities(x[s : s + chunk], lods) for s in range(0, x.shape[0], chunk)], dim=1)
     T, _ = render_transmittance_from_density(samples.t_starts, samples.t_ends, sig, samples.ray_indices, samples.n_rays)
     keep = T >= eps  # (B, S)
     kept = keep.any(dim=0).nonzero().squeeze(1)  # host synchronisations: how many, then each LOD's rows
@@ -613,7 +614,7 @@ def render_rays(
     x = samples.points(o, d)
     if samples_out is not None:
         samples_out.extend((samples, x))
-    sig, rgb = field.all_lods(x, d.index_select(0, samples.ray_indices), lods, rows=rows)  # (B, S), (B, S, 3)
+    sig, rgb = field.query_lods(x, d.index_select(0, samples.ray_indices), lods, rows=rows)  # (B, S), (B, S, 3)
     out = volume_render(samples.t_starts, samples.t_ends, sig, rgb, samples.ray_indices, R, background)
     return out, len(samples)
 

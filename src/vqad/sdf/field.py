@@ -46,7 +46,13 @@ class SDFField(NeuralField):
         return self._decode(x, self.grid.features(x, lod), lod)
 
     def all_lods(self, x: torch.Tensor, lods: list[int] | None = None) -> torch.Tensor:
-        """Distances at several LODs, each level's features computed once: ``(n_lods, N)``."""
+        """Distances ``(n_lods, N)`` at points ``x (N, 3)`` at several LODs (default: all), each level's features
+        computed once: :meth:`query_lods` with the checks of :meth:`forward`."""
+        return self.query_lods(self.check_points(x), self.check_lods(lods))
+
+    def query_lods(self, x: torch.Tensor, lods: list[int] | None = None) -> torch.Tensor:
+        """:meth:`all_lods` without its checks (as :meth:`query`; a fit's steps call it): ``x (N, 3)`` float32
+        unit-cube points on the field's device, ``lods`` of :attr:`lods` (None: all). Returns ``(n_lods, N)``."""
         lods = self.lods if lods is None else lods
         feats = self.grid.multi_lod_features(x, lods)
         return torch.stack([self._decode(x, f, lod) for f, lod in zip(feats, lods)])

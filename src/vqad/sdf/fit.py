@@ -172,7 +172,7 @@ class SDFTask(FitTask):
         self.pool_x, self.pool_d = self.pool_x.to(self.device), self.pool_d.to(self.device)
 
     def step(self, it, progress, gen) -> StepLoss:
-        pred = self.field.all_lods(self.x, self.field.lods)  # (n_lods, B)
+        pred = self.field.query_lods(self.x, self.field.lods)  # (n_lods, B)
         d = self.d
         if self.cfg.truncation > 0:
             tr = self.cfg.truncation

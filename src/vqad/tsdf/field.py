@@ -67,13 +67,14 @@ class TSDFField(SDFField):
     def observed(self, x: torch.Tensor) -> torch.Tensor:
         """``(N,)`` bool: ``x (N, 3)`` lies in an occupied cell of the finest level this field holds,
         i.e. in the observed near-surface space the field was trained on."""
-        return self.grid.octree.contains(x)
+        return self.grid.octree.contains(self.check_points(x))
 
     def color(self, x: torch.Tensor, lod: int | None = None) -> torch.Tensor:
-        """``(N, 3)`` RGB in [0, 1] at ``x (N, 3)``; an :class:`InputError` when the field has no colour."""
+        """``(N, 3)`` RGB in [0, 1] at ``x (N, 3)`` at ``lod`` (default: the finest); an :class:`InputError` when
+        the field has no colour."""
         if not self.has_color:
             raise InputError("this TSDF field has no colour (it was fitted to a sequence without colour, or with --no-color)")
-        lod = self.grid.octree.max_level if lod is None else lod
+        x, lod = self.check_points(x), self.check_lod(lod)
         return torch.sigmoid(self.color_decoder(self._input(x, self.grid.features(x, lod)), lod))
 
     def _input(self, x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,14 @@ class TSDFField(SDFField):
         return torch.cat([feats, x], dim=-1) if self.decoder_cfg.position_input else feats
 
     def all_lods_with_color(self, x: torch.Tensor, lods: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Distances ``(n_lods, N)`` and colours ``(n_lods, N, 3)`` (or ``None``), each level's features once."""
+        """Distances ``(n_lods, N)`` and colours ``(n_lods, N, 3)`` (or ``None``) at points ``x (N, 3)`` at several
+        LODs (default: all), each level's features once: :meth:`query_lods_with_color` with the checks of
+        :meth:`forward`."""
+        return self.query_lods_with_color(self.check_points(x), self.check_lods(lods))
+
+    def query_lods_with_color(self, x: torch.Tensor, lods: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`all_lods_with_color` without its checks (a fit's steps call it): ``x (N, 3)`` float32 points on
+        the field's device, ``lods`` of :attr:`lods` (None: all)."""
         lods = self.lods if lods is None else lods
         feats = self.grid.multi_lod_features(x, lods)
         hs = [self._input(x, f) for f in feats]

@@ -166,7 +166,7 @@ class TSDFSamples:
     def of(cls, fused, field: TSDFField, weight_ref: float, color: bool, device) -> "TSDFSamples":
         norm = field.normalization
         x = norm.to_unit(torch.from_numpy(fused.centers()).to(device)).float()
-        keep = field.observed(x)
+        keep = field.grid.octree.contains(x)
         if not keep.any():
             raise InputError("no fused voxel lies inside the octree: nothing to fit")
         t = torch.from_numpy(np.asarray(fused.tsdf, np.float32)).to(device) * norm.scale
@@ -222,7 +222,7 @@ class TSDFTask(FitTask):
         norm = self.field.normalization
         x = norm.to_unit(torch.from_numpy(pts[valid]).to(self.device)).float()
         t = torch.from_numpy(np.asarray(vals[valid], np.float32)).to(self.device) * norm.scale
-        keep = self.field.observed(x)
+        keep = self.field.grid.octree.contains(x)
         self.pool_x, self.pool_t = x[keep], t[keep]
         if self.pool_x.shape[0] == 0:  # a fusion too thin to interpolate anywhere: centres only
             self.pool_x, self.pool_t = self.data.x, self.data.t
@@ -250,7 +250,7 @@ class TSDFTask(FitTask):
             x = torch.cat([x, self.pool_x[ij]])
             t = torch.cat([t, self.pool_t[ij]])
             w = torch.cat([w, torch.ones(nj, device=self.device)])  # interpolated: all 8 voxels observed
-        pred, rgb = self.field.all_lods_with_color(x, self.field.lods)  # (n_lods, B), (n_lods, B, 3)
+        pred, rgb = self.field.query_lods_with_color(x, self.field.lods)  # (n_lods, B), (n_lods, B, 3)
         per_lod = (w[None] * (pred - t[None]) ** 2).mean(dim=1)
         if rgb is not None and c.color_weight > 0:
             nc = c.batch - nj  # colour only at voxel centres, where the fusion has it

@@ -55,7 +55,7 @@ def test_cli_sets_the_policy(monkeypatch, tmp_path):
     import vqad.app.cli as cli
 
     calls = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr("vqad.device.keep_freed_memory", lambda: calls.append(1) or True)
     assert cli.main(["info", str(tmp_path / "missing.vqad")]) == 2
     assert calls == [1]
 

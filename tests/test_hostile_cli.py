@@ -56,6 +56,12 @@ def test_a_marching_step_out_of_range_is_refused_naming_the_flag(capsys):
     for extra in (["--lod-mode", "finest"], ["--levels", "5:5"]):
         assert main(["fit-nerf", "procedural", "--out", "unused", "--coarse-weight", "0.5", *extra]) == 2
         assert "--coarse-weight weighs the coarser LODs' loss: it cannot apply" in _err(capsys)
+    for flag, says in ((["--per-lod-decoder"], "--per-lod-decoder gives each LOD its own MLPs"),
+                       (["--lod-mode", "all"], "--lod-mode picks which LODs a step trains")):
+        assert main(["fit-nerf", "procedural", "--out", "unused", "--levels", "5:5", *flag]) == 2
+        assert says in _err(capsys)
+    assert main(["fit-sdf", "m.obj", "--out", "unused", "--levels", "5:5", "--per-lod-decoder"]) == 2
+    assert "--per-lod-decoder gives each LOD its own MLP" in _err(capsys)
 
 
 def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
@@ -518,10 +524,20 @@ def test_file_api_mistakes_are_one_clear_error(tmp_path):
     model = _tiny_sdf_file(tmp_path)
     field = vqad.load(model)
     data = model.read_bytes()
+
+    class StrReader:  # a read() that gives text
+        def read(self, n):
+            return "abc"
+
+    with open(model, "rb") as closed:
+        pass
     with open(model, "r") as text_stream:
         for source, needle in ((np.frombuffer(data, np.uint8), "an array's .tobytes()"),
                                ([1, 2], "yields blocks of bytes, not int"),
-                               (text_stream, "text stream.*binary")):
+                               (text_stream, "text stream.*binary"),
+                               (closed, "is closed: read it inside"),
+                               (StrReader(), r"read\(\) gives str, not bytes"),
+                               (bytes(model), "is read as a .vqad file's contents")):
             with pytest.raises(InputError, match=needle):
                 vqad.load(source)
             with pytest.raises(InputError, match=needle):
@@ -648,3 +664,106 @@ def test_small_things_a_hostile_pass_found(tmp_path, capsys):
     assert "a radiance field's render writes a folder" in _err(capsys) and not (tmp_path / "n.png").exists()
     assert main(["eval", str(tmp_path / "fit" / "checkpoint")]) == 2
     assert "vqad eval measures radiance fields (fit-sdf reports an SDF's metrics)" in _err(capsys)
+
+
+def test_every_public_query_checks_its_inputs_and_loads_are_for_inference(tmp_path, capsys):
+    """all_lods / densities / density / TSDF colour check x, d and the LODs as forward does (they raised KeyError,
+    IndexError or dtype errors, and a NaN point got the empty space's density); view directions are normalised, a
+    zero one refused; a half-precision field or a float64 point beyond float32's range is refused; vqad.load of a
+    checkpoint is an inference field, as a file's is; a prefix without the LOD asked for says so."""
+    import warnings
+
+    import numpy as np
+    import pytest
+
+    import vqad
+    from vqad.errors import InputError
+
+    model = _tiny_sdf_file(tmp_path)
+    assert main(["fit-nerf", "procedural", "--steps", "2", "--levels", "2:3", "--no-eval", "--quiet", "--threads", "1",
+                 "--out", str(tmp_path / "pn")]) == 0
+    sdf, nerf = vqad.load(model), vqad.load(tmp_path / "pn" / "checkpoint")
+    assert not nerf.training and not any(p.requires_grad for p in nerf.parameters())  # was train mode, with grads
+    x = torch.rand(6, 3) * 2 - 1
+    d = torch.nn.functional.normalize(torch.randn(6, 3), dim=-1)
+    assert not nerf(x, d)[0].requires_grad
+    torch.testing.assert_close(nerf(x, 3 * d)[1], nerf(x, d)[1])  # a longer direction is the same direction
+    torch.testing.assert_close(nerf.all_lods(x, d)[1][-1], nerf(x, d)[1])
+    torch.testing.assert_close(nerf.density(x), nerf.densities(x)[-1])
+    torch.testing.assert_close(sdf.all_lods(np.asarray(x))[-1], sdf(x))
+    nan = x.clone()
+    nan[0, 0] = float("nan")
+    for call, why in ((lambda: nerf.density(x, 9), r"LOD 9 is not in this model: choose one of \[2, 3\]"),
+                      (lambda: nerf.density(x, True), "LOD True"),
+                      (lambda: nerf.density(nan), "NaN or infinite"),
+                      (lambda: nerf.densities(x, []), "lods is empty"),
+                      (lambda: nerf.all_lods(nan, d), "NaN or infinite"),
+                      (lambda: nerf.all_lods(x, d, [0]), "LOD 0"),
+                      (lambda: nerf.all_lods(x, d[:2]), "as many rows"),
+                      (lambda: nerf.all_lods(x, d, rows=[None]), "one entry per LOD"),
+                      (lambda: nerf(x, 0 * d), "zero, NaN or infinite view direction"),
+                      (lambda: nerf(x, d.long()), "floating-point view directions"),
+                      (lambda: sdf.all_lods(x, [2]), "LOD 2"),
+                      (lambda: sdf.all_lods(x.long()), "floating-point"),
+                      (lambda: sdf(torch.tensor([[1e39, 0.0, 0.0]], dtype=torch.float64)), "NaN or infinite")):
+        with pytest.raises(InputError, match=why):
+            call()
+    half = vqad.load(model).half()
+    with pytest.raises(InputError, match=r"call field.float\(\)"):
+        half(x.half())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        from vqad.fileformat import lod_prefix_sizes
+
+        cut = vqad.load(model, lod=4, max_bytes=lod_prefix_sizes(model)[3] + 10)
+    assert cut.lods == [3] and any("not the LOD 4 asked for" in str(w.message) for w in seen)
+
+
+def test_outputs_never_replace_or_nest_in_a_checkpoint_and_cut_files_are_not_reexported(tmp_path, capsys):
+    """compress --out refuses a fit's checkpoint (it replaced one, optimizer state and all); -o inside a checkpoint
+    is refused (the fit's next save refused the folder); -o an existing folder says it is a folder; export refuses
+    a cut .vqad (it wrote a whole-looking file without the missing LODs)."""
+    model = _tiny_sdf_file(tmp_path)
+    fit = tmp_path / "fit"
+    assert main(["fit-sdf", str(tmp_path / "ball.obj"), "--grid", "dense", "--levels", "3:4", "--steps", "3", "--refine",
+                 "0", "--batch", "1024", "--no-eval", "--threads", "1", "--quiet", "--out", str(tmp_path / "dense")]) == 0
+    before = (fit / "checkpoint" / "config.json").read_text()
+    argv = ["compress", str(tmp_path / "dense" / "checkpoint"), "--to", "lowrank", "--rank", "2", "--threads", "1"]
+    assert main(argv + ["--out", str(fit / "checkpoint")]) == 2
+    assert "holds a fit's checkpoint (step 10)" in _err(capsys)
+    assert (fit / "checkpoint" / "config.json").read_text() == before
+    assert main(argv + ["--out", str(tmp_path / "c")]) == 0 and main(argv + ["--out", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    for args, why in ((["mesh", str(model), "--resolution", "32", "-o", str(fit / "checkpoint" / "m.ply")],
+                       "is inside the checkpoint"),
+                      (["render", str(model), "--size", "16", "-o", str(fit / "checkpoint" / "sub" / "r.png")],
+                       "is inside the checkpoint"),
+                      (["mesh", str(model), "--resolution", "32", "-o", str(tmp_path)], "it is a folder; give a file name")):
+        assert main(args + ["--threads", "1"]) == 2
+        assert why in _err(capsys)
+    assert sorted(p.name for p in (fit / "checkpoint").iterdir()) == ["config.json", "model.safetensors", "optim.safetensors"]
+    cut = tmp_path / "cut.vqad"
+    cut.write_bytes(model.read_bytes()[:-5])
+    assert main(["export", str(cut), "-o", str(tmp_path / "again.vqad"), "--threads", "1"]) == 2
+    assert "it holds LODs 3..3 of 3..4" in _err(capsys) and not (tmp_path / "again.vqad").exists()
+    assert main(["export", str(model), "-o", str(tmp_path / "again.vqad"), "--threads", "1"]) == 0
+
+
+def test_the_command_line_starts_without_pytorch_and_sigterm_is_one_line(tmp_path):
+    """The CLI's module imports no PyTorch (Ctrl-C in the first second printed a traceback from inside its import);
+    SIGTERM to any command prints one line and exits 143 (mesh and compress died silently)."""
+    import subprocess
+    import sys
+
+    code = "import sys, vqad.app.cli, vqad; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+    script = ("import os, signal, sys, time\n"
+              "import vqad.app.commands.format as f\n"
+              "def slow(args):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(30)\n"
+              "f.cmd_info = slow\n"
+              "from vqad.app.cli import main\n"
+              "sys.exit(main(['info', 'x.vqad']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143 and done.stderr.strip() == "vqad: terminated (SIGTERM)"

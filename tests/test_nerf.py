@@ -589,16 +589,18 @@ def test_early_termination_by_lod_decodes_each_lod_on_its_own_samples():
     torch.testing.assert_close(sig[1], full_sig[1])
     torch.testing.assert_close(rgb[1], full_rgb[1])
     with pytest.raises(ValueError, match="1 row lists for 2 LODs"):
+        field.query_lods(x, dd, lods, rows=[None])
+    with pytest.raises(InputError, match=r"one entry per LOD \(2\), got 1"):
         field.all_lods(x, dd, lods, rows=[None])
     # render_rays hands each LOD its rows (the same render as above); one LOD needs none
     seen = []
-    decode = field.all_lods
+    decode = field.query_lods
 
     def spy(*a, rows=None, **k):
         seen.append(rows)
         return decode(*a, rows=rows, **k)
 
-    field.all_lods = spy
+    field.query_lods = spy
     with torch.no_grad():
         render_rays(field, sampler, o, dirs, lods, bg, early_stop_eps=eps)
         render_rays(field, sampler, o, dirs, [4], bg, early_stop_eps=eps)

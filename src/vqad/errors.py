@@ -23,7 +23,8 @@ class StreamError(VqadError):
 
 
 class TruncatedStreamError(StreamError):
-    """The stream ended before the first complete level of detail (or inside a header)."""
+    """The stream ended before the first complete level of detail (or inside a header); where the whole stream
+    was asked for (``fileformat.load(..., whole=True)``: re-encoding it), before its last."""
 
 
 class CorruptStreamError(StreamError):

@@ -878,6 +878,10 @@ def _blocks(source, max_bytes: int | None = None, block: int = READ_BLOCK) -> It
     left = float("inf") if max_bytes is None else max_bytes
     if isinstance(source, (bytes, bytearray, memoryview)):
         mv = memoryview(source)
+        if isinstance(source, bytes) and not source.startswith(MAGIC[:1]) and len(source) < 4096 \
+                and b"\0" not in source and os.path.exists(source):
+            raise InputError(f"{source!r} is read as a .vqad file's contents (bytes), not as its path: pass the path "
+                             "as a str or pathlib.Path")
         yield bytes(mv[: int(min(left, len(mv)))])
         return
     if isinstance(source, (str, os.PathLike)):
@@ -892,6 +896,9 @@ def _blocks(source, max_bytes: int | None = None, block: int = READ_BLOCK) -> It
         raise InputError(f"cannot read a .vqad stream from a text stream ({type(source).__name__}): open the file in "
                          "binary mode ('rb'), or pass its path")
     if hasattr(source, "read"):
+        if getattr(source, "closed", False) is True:
+            raise InputError(f"the {type(source).__name__} to read the .vqad stream from is closed: read it inside its "
+                             "`with open(path, 'rb')` block, or pass the path")
         # read1 returns what has arrived (at least a byte) where read waits for the whole block: over a network a
         # file smaller than the block (a 58 kB model, 64 kB blocks) decoded nothing until the download ended
         read = source.read1 if callable(getattr(source, "read1", None)) else source.read
@@ -899,6 +906,9 @@ def _blocks(source, max_bytes: int | None = None, block: int = READ_BLOCK) -> It
             data = read(int(min(block, left)))
             if data is None:
                 raise InputError("the stream is non-blocking and has no data: pass a blocking stream or use StreamDecoder.feed")
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise InputError(f"the stream's read() gives {type(data).__name__}, not bytes: open the file in binary "
+                                 "mode ('rb'), or pass its path")
             if not data:
                 return
             left -= len(data)
@@ -948,7 +958,7 @@ def _decode(source, lod: int | None, max_bytes: int | None, block: int = READ_BL
 
 
 def load(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None,
-         max_memory: int | None = None):
+         max_memory: int | None = None, whole: bool = False):
     """Decode a ``.vqad`` file (or any prefix of one) into a baked field.
 
     Args:
@@ -957,11 +967,13 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
         lod: stop at this level of detail (reading no further than it needs).
         max_bytes: use only the first N bytes of the source.
         max_memory: refuse a LOD whose decoding needs more bytes (default :func:`default_max_memory`).
+        whole: the stream must hold every LOD (what re-encoding a file needs): a cut one is an error, not
+            a warning.
     Returns:
         the field holding the largest complete LOD ``<= lod`` (its ``lods`` say which). Its outputs
         equal, bit for bit, those of the baked in-memory field that was written.
     Raises:
-        TruncatedStreamError: the bytes end before the first LOD is complete.
+        TruncatedStreamError: the bytes end before the first LOD is complete (with ``whole``: before the last).
         CorruptStreamError: the bytes are damaged (the message names the chunk).
         StreamLimitError: a LOD up to ``lod`` needs more than ``max_memory`` to decode.
     """
@@ -970,19 +982,30 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
         pass
     if not dec.prefix_sizes:
         raise dec.truncation_error()
+    if whole and max(dec.prefix_sizes) < dec.max_level:
+        raise TruncatedStreamError(
+            f"{_describe(source)} ended after {dec.bytes_received:,} bytes {dec.where()}: it holds LODs "
+            f"{dec.base_level}..{max(dec.prefix_sizes)} of {dec.base_level}..{dec.max_level}; fetch the whole file, or "
+            "export the model again from its checkpoint")
     _warn_if_cut(dec, source, lod, max_bytes)
     return dec.field(lod, device=device, copy_tables=False)  # the decoder ends here
 
 
 def _warn_if_cut(dec: "StreamDecoder", source, lod: int | None, max_bytes: int | None) -> None:
-    """Warn when a whole stream (no ``max_bytes``) ended before the LOD asked for (or its last) was complete."""
+    """Warn when a whole stream (no ``max_bytes``) ended before the LOD asked for (or its last) was complete,
+    or when the first ``max_bytes`` bytes end before a ``lod`` asked for (a prefix without ``lod`` is a coarser
+    LOD by design)."""
     wanted = dec.max_level if lod is None else min(lod, dec.max_level)
-    if max_bytes is None and max(dec.prefix_sizes) < wanted:
+    have = max(dec.prefix_sizes)
+    if max_bytes is None and have < wanted:
         warnings.warn(
             f"{_describe(source)} ended after {dec.bytes_received:,} bytes {dec.where()}: "
-            f"using LOD {max(dec.prefix_sizes)} of {dec.base_level}..{dec.max_level}",
+            f"using LOD {have} of {dec.base_level}..{dec.max_level}",
             stacklevel=_caller_level(),
         )
+    elif max_bytes is not None and lod is not None and have < wanted:
+        warnings.warn(f"the first {max_bytes:,} bytes of {_describe(source)} hold LODs up to {have}: using LOD {have}, "
+                      f"not the LOD {lod} asked for (it needs more bytes)", stacklevel=_caller_level())
 
 
 def _caller_level() -> int:

@@ -14,7 +14,6 @@ import os
 import sys
 import warnings
 
-from vqad.device import keep_freed_memory, set_threads
 from vqad.errors import Terminated, VqadError, stdout_reader_gone
 
 # modules that add subcommands; each defines register(subparsers)
@@ -73,11 +72,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from vqad.device import keep_freed_memory, set_threads  # (PyTorch: imported by build_parser already)
+    from vqad.fit import interrupt_guard
+
     try:
         keep_freed_memory()  # no page faults for every re-allocated tensor ($VQAD_MALLOC=default: leave malloc alone)
         # (batch's --threads is each fit's: it checks them against the cores itself)
         set_threads(args.threads, warn=not getattr(args, "threads_per_fit", False))
-        return int(args.func(args) or 0)
+        with interrupt_guard():  # SIGTERM stops every command as Ctrl-C does: one line, exit 143
+            return int(args.func(args) or 0)
     except VqadError as exc:
         print(f"vqad: error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ bright, scaled per image; black where opacity < 0.5) and ``<view>_opacity.png`` 
 
 from __future__ import annotations
 
+import glob
 import time
 import warnings
 from collections import Counter
@@ -200,6 +201,12 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
             dirs[lod] = Path(out_dir) / f"{split}_lod{lod}"
             dirs[lod].mkdir(parents=True, exist_ok=True)
             clear_stale_renders(dirs[lod], stems)
+        for other in Path(out_dir).glob(f"{glob.escape(split)}_lod*"):  # LODs this run leaves out: not beside its own
+            if other.name[len(split) + 4:].isdigit() and int(other.name[len(split) + 4:]) not in lods \
+                    and other.is_dir() and not other.is_symlink():
+                clear_stale_renders(other, stems)
+                if not any(other.iterdir()):
+                    other.rmdir()
     scores = {lod: {"psnr": [], "ssim": [], "psnr_matched": []} for lod in lods}
     order = range(len(views) if max_views is None else min(max_views, len(views)))
     if valid is not None and not dirs:  # nothing is saved: a view that cannot be scored is not rendered

@@ -48,12 +48,26 @@ def ensure_results_dir(path: str | Path, flag: str = "-o") -> Path:
     (its next save would refuse a folder with images in it) nor a fit's own ``--out`` (its ``metrics.json``
     and renders would be replaced by these)."""
     path = Path(path)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+    if _is_checkpoint(path):
         raise InputError(f"{flag} {path} is a checkpoint: write the results beside it, not among its tensors")
     if (path / "checkpoint").is_dir():
         raise InputError(f"{flag} {path} is a fit's folder: its metrics.json and renders would be replaced; "
                          "give another folder")
+    refuse_inside_checkpoint(path, flag)
     return ensure_writable_dir(path)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def refuse_inside_checkpoint(path: str | Path, flag: str) -> None:
+    """Refuse an output inside a checkpoint folder (``-o fit/checkpoint/renders``): the fit's next save, which
+    replaces the folder whole, would refuse a folder holding anything but a checkpoint's files."""
+    for folder in Path(os.path.abspath(path)).parents:
+        if _is_checkpoint(folder):
+            raise InputError(f"{flag} {path} is inside the checkpoint {folder}: its next save would refuse a folder "
+                             "with other files in it; write beside the checkpoint")
 
 
 def refuse_foreign_dir(path: Path, markers: tuple[str, ...], what: str, kind: str) -> None:
@@ -199,9 +213,13 @@ def ensure_writable_file(path: str | Path, suffixes: tuple[str, ...] | None = No
     """``path`` as a file that can be written (its directory created), with one of ``suffixes`` if given;
     otherwise a one-line :class:`InputError`."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"cannot write {what} {path}: it is a folder; give a file name"
+                         + (f" ({', '.join(suffixes)})" if suffixes else ""))
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise InputError(f"{what} {path}: unsupported file type {path.suffix or '(none)'!r}; use one of "
                          f"{', '.join(suffixes)}")
+    refuse_inside_checkpoint(path, what)
     ensure_writable_dir(path.parent if str(path.parent) else Path("."))
     write_target(path, what)  # not a folder, a device, a pipe or a socket (before the work, not at its end)
     return path

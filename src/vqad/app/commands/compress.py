@@ -57,6 +57,7 @@ def cmd_compress(args) -> int:
         check_checkpoint_target(out)  # now, before the work: a folder of other files is never replaced
     except InputError as exc:
         raise InputError(f"--out {out}: {exc}") from None
+    _refuse_other_checkpoint(out)
     field = load(args.model, device=resolve_device(args.device))
     t0 = time.perf_counter()
     if args.to == "kmeans":
@@ -82,3 +83,21 @@ def cmd_compress(args) -> int:
         print(f"  LOD {level}: m={s.m:,}, relative feature error ||Z - Z'||^2 / ||Z||^2 = {s.reconstruction_error:.4g}")
     print(f"wrote {out}/ (baked checkpoint; vqad export {shlex.quote(str(out))} -o model.vqad writes the file)")
     return 0
+
+
+def _refuse_other_checkpoint(out: Path) -> None:
+    """An ``--out`` that holds a checkpoint compress did not write (a fit's, with its optimizer state, or a damaged
+    one) is refused: compress replaces its --out whole, and only its own earlier output may go."""
+    from vqad.checkpoint import read_config
+
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        cfg = read_config(out)
+    except InputError:
+        cfg = {}
+    if "posthoc" in cfg:
+        return
+    what = f"a fit's checkpoint (step {cfg['step']:,})" if "step" in cfg else "a checkpoint compress did not write"
+    raise InputError(f"--out {out} holds {what}, and compress replaces its --out whole: choose another folder "
+                     "(or remove that one first)")

@@ -315,6 +315,11 @@ def _configs(args, saved: dict | None = None):
     refuse(args.coarse_weight is not None and (train.lod_mode == "finest" or grid.base_level == grid.max_level),
            "--coarse-weight weighs the coarser LODs' loss: it cannot apply when only the finest LOD trains "
            "(--lod-mode finest, or a single level)")
+    single = grid.base_level == grid.max_level
+    refuse(single and args.per_lod is True, "--per-lod-decoder gives each LOD its own MLPs: with a single level "
+                                            "(--levels L:L) there is one LOD; leave it out")
+    refuse(single and args.lod_mode is not None, "--lod-mode picks which LODs a step trains: with a single level "
+                                                 "(--levels L:L) there is one LOD; leave it out")
     if args.eval_max_views is not None and args.eval_max_views <= 0:
         raise InputError("--eval-max-views must be positive")
     return grid, dec, nerf, train
@@ -499,6 +504,8 @@ def cmd_eval(args) -> int:
     scoring = checkpoint_scoring(args.model, args.views, dataset.splits.get("train"))
     if args.match_exposure:
         scoring["match_exposure"] = True
+    if out is not None and ((out / "metrics.json").is_file() or (out / "metrics.json").is_symlink()):
+        (out / "metrics.json").unlink()  # an earlier run's: never left beside this run's renders if it stops
     res = evaluate_nerf(field, dataset, args.views, lods=lods, out_dir=out, max_views=args.max_views, **scoring)
     print(f"{args.views!r} views of {dataset.name!r}" + (" as their photos were exposed (the checkpoint's per-view "
                                                            "appearance)" if scoring.get("appearance") else "")

@@ -133,6 +133,8 @@ def _configs(args, saved: dict | None = None, train_cls=None, train_flags=SDF_TR
     refuse_sweep_sizes_without_sweeps(args, train, {"refine_samples": "--refine-samples",
                                                     "refine_candidates": "--refine-candidates"}, resumed=saved is not None)
     dec.validate()
+    refuse(grid.base_level == grid.max_level and getattr(args, "per_lod", None) is True,
+           "--per-lod-decoder gives each LOD its own MLP: with a single level (--levels L:L) there is one LOD; leave it out")
     refuse(dec.layers == 0 and getattr(args, "hidden", None) is not None,
            "--hidden is the width of the decoder's hidden layers: with --layers 0 it has none (remove --hidden)")
     candidates = getattr(args, "refine_candidates", None)

@@ -386,6 +386,13 @@ def test_ngp_camera_angle_fallback_and_offset(tmp_path):
     assert torch.allclose(ds.splits["train"].intrinsics[0], torch.tensor([f, f, 8.0, 8.0]))
     assert ds.normalization.center == pytest.approx((0.0, -1.0, 1.0))  # (0.5 − offset) / scale
     assert ds.normalization.scale == pytest.approx(1.0)  # half extent 0.5 · 1 / 0.5
+    # an angle in degrees (40 trained as a 131° camera: tan(20 rad) > 0), or focal lengths 10^28 apart, are refused
+    for change, match in (({"camera_angle_x": 40.0}, r"camera_angle_x = 40 is not a field of view in radians .*0\.6981"),
+                          ({"camera_angle_x": -0.5}, "camera_angle_x = -0.5 is not a field of view in radians"),
+                          ({"fl_x": 1e30, "fl_y": 64.0}, "differ more than 4×")):
+        (root / "transforms.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(InputError, match=match):
+            load_dataset(root / "transforms.json")
 
 
 # -- LLFF ------------------------------------------------------------------------------------------------
@@ -1089,7 +1096,7 @@ def test_colmap_capture_found_from_its_model_folder_or_files(tmp_path):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("fl_x", 1e-300, "must be finite, with fx, fy > 0"),  # finite in float64, 0 in the float32 the rays use
+    ("fl_x", 1e-300, "differ more than 4×"),  # finite in float64, 0 in the float32 the rays use (fy is not)
     ("cx", 1e300, "must be finite, with fx, fy > 0"),
     ("k2", 1e30, "squeezes a pixel into .* rad of the view"),
     ("k1", -2.0, "turns back .* inside the image"),

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = ["--levels", "2:4", "--features", "8", "--steps", "30", "--batch", "2048", "--hidden", "32",
-         "--mc-resolution", "40", "--draco-mc-resolution", "40", "--device", "cpu", "--quiet"]
+         "--mc-resolution", "40", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,9 @@ def small_samples(monkeypatch):
 
 
 def _config(dataset, out, methods, extra=()):
+    small = [*SMALL, "--draco-mc-resolution", "40"] if any(m.startswith("draco-mc") for m in methods) else SMALL
     return sweep_config(build_parser().parse_args(["sweep", str(dataset), "--out", str(out), "--methods", *methods,
-                                                   *SMALL, *extra]))
+                                                   *small, *extra]))
 
 
 def _count_fits(monkeypatch, task_cls=S.SDFTask):
@@ -93,6 +94,9 @@ def test_sdf_sweep_interrupted_resumes_and_reports(sphere, tmp_path, monkeypatch
         S.Sweep(cfg, log=lambda *a, **k: None).run()
     done = {p.stem for p in (out / "points").glob("*.json")}
     assert done == {"draco-input-q8", "dense", "kmeans-b4", "draco-mc-q8"}
+    md = (out / "results.md").read_text()  # a stopped sweep's tables say they are not the whole sweep
+    assert ("**Incomplete:** 3 points of this sweep are not finished: VQ-AD (learned indices), b = 4; VQ-AD, per-LOD "
+            "file prefixes, b = 4; hash (random indices), T = 8. Run the same command again") in md
     assert not list((out / "points").glob("*.tmp*"))
     assert (out / "work" / "codebook-b4" / "checkpoint" / "config.json").is_file()
     assert {r["point"] for r in _csv(out / "results.csv")} == done  # only finished points are reported
@@ -117,7 +121,8 @@ def test_sdf_sweep_interrupted_resumes_and_reports(sphere, tmp_path, monkeypatch
         assert int(by[p]["grid_bytes"]) < int(by[p]["file_bytes"])
     assert (out / by["draco-input-q8"]["file"]).stat().st_size == int(by["draco-input-q8"]["bytes"])
     assert by["draco-input-q8"]["iou"] == ""  # a Draco mesh has no field to test insideness on
-    assert "continued" in by["codebook-b4"]["note"]
+    assert "continued from the checkpoint of an interrupted run (fit s: both runs)" in by["codebook-b4"]["note"]
+    assert "Incomplete" not in (out / "results.md").read_text()
     assert int(by["codebook-b4"]["steps"]) == 30
     assert float(by["dense"]["dense_ratio"]) == 1.0 and float(by["codebook-b4"]["dense_ratio"]) > 5
     stream = [r for r in table if r["method"] == "codebook-stream"]
@@ -282,7 +287,7 @@ def test_rate_settings_of_older_sweeps_and_the_context_flag(sphere, tmp_path, mo
     monkeypatch.setattr(S.SDFTask, "fit", lambda self, g, work, resume, **kw: seen.append(kw) or (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         S.Sweep(cfg, log=lambda *a, **k: None).run()
-    assert seen == [{"refine": None, "rate_weight": 1e-2}]  # None: the fit's default sweeps
+    assert seen == [{"refine": None, "spent": 0.0, "rate_weight": 1e-2}]  # None: the fit's default sweeps
     train = vqad.sdf.fit.SDFTrainConfig()
     S._set_rate(train, 1e-2, True)
     assert (train.rate_weight, train.rate_context) == (1e-2, True)
@@ -389,6 +394,8 @@ def _err(capsys):
     (["--methods", "codebook-rate:4", "--rate-weights", ","], "bad --rate-weights"),
     (["--methods", "codebook:4", "--rate-weights", "1e-3"], "--rate-weights applies to rate-aware points"),
     (["--methods", "codebook:4", "--rate-context"], "--rate-context applies to rate-aware points"),
+    (["--methods", "dense", "--draco-level", "3"], "--draco-level applies to the draco-input / draco-mc points"),
+    (["--methods", "draco-input:8", "--draco-mc-resolution", "64"], "--draco-mc-resolution applies to the draco-mc"),
     (["--downscale", "2"], "--downscale: not an option for a mesh"),
     (["--minutes", "0"], "positive"),
     (["--levels", "5:2"], "level"),
@@ -428,6 +435,10 @@ def test_bad_datasets_and_configs(sphere, tmp_path, capsys):
     typed = tmp_path / "typed.json"
     typed.write_text(json.dumps({"dataset": str(sphere), "out": str(out), "steps": "many"}))
     cases.append((["sweep", "--config", str(typed)], "steps must be int"))
+    twice = tmp_path / "twice.toml"
+    twice.write_text(f"dataset = {json.dumps(str(sphere))}\nout = {json.dumps(str(out))}\nmc_resolution = 64\n"
+                     "mc-resolution = 32\n")
+    cases.append((["sweep", "--config", str(twice)], "gives one option twice, as mc_resolution and as mc-resolution"))
     empty = tmp_path / "empty.toml"
     empty.write_text(f"dataset = {json.dumps(str(sphere))}\nout = {json.dumps(str(out))}\nmethods = []\n")
     cases.append((["sweep", "--config", str(empty)], "methods is empty"))
@@ -456,7 +467,58 @@ def test_a_sweep_never_writes_among_other_files_nor_resumes_on_another_input(sph
 
     trimesh.creation.box(extents=(0.8, 0.5, 0.6)).export(mesh)
     assert cli_main(["sweep", str(mesh), "--out", str(out), "--methods", "draco-input:10", "--threads", "1"]) == 2
-    assert "holds a sweep made with other settings (input:" in _err(capsys)
+    assert f"holds a sweep made with other settings (its input changed since the sweep began: a file of {mesh}" \
+        in _err(capsys)
+
+
+def test_a_capture_given_by_its_transforms_json_is_stamped_whole(tmp_path):
+    """A radiance-field sweep of CAPTURE/transforms.json stamps the capture folder (it stamped the json alone, so
+    a sweep resumed after the photos changed mixed two captures in one table)."""
+    import os
+
+    cap = tmp_path / "cap"
+    assert cli_main(["synth-capture", "-o", str(cap), "--size", "8x8", "--views", "3", "--supersample", "1",
+                     "--threads", "1"]) == 0
+    args = build_parser().parse_args(["sweep", str(cap / "transforms.json"), "--out", str(tmp_path / "o"),
+                                      "--methods", "dense", "--steps", "2"])
+    before = sweep_config(args).resolved().settings()["input"]
+    photo = next(p for p in sorted(cap.rglob("*.png")))
+    os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))
+    assert sweep_config(args).resolved().settings()["input"] != before
+
+
+def test_a_resumed_point_keeps_its_cap_and_its_schedule(sphere, tmp_path):
+    """A sweep's --minutes caps each point, across an interrupt too (a resumed point got its whole cap again),
+    and a time-capped fit resumed goes on with its learning-rate schedule (it restarted from the top)."""
+    assert S.minutes_left(None, 30.0) is None and S.minutes_left(1.0, 30.0) == pytest.approx(0.5)
+    assert S.minutes_left(0.25, 60.0) == S.MIN_CAP_MINUTES  # spent: the fit stops at once
+    assert trainer.progress_or_stop(10, 10_000, 0.0, 100.0, resumed_at=0.6) == pytest.approx(0.6)
+    assert trainer.progress_or_stop(10, 10_000, 50.0, 100.0, resumed_at=0.6) == pytest.approx(0.8)
+    assert trainer.progress_or_stop(10, 10_000, 100.0, 100.0, resumed_at=0.6) is None
+    assert trainer.resumed_progress({"progress": 0.4}) == 0.4
+    assert trainer.resumed_progress({"progress": "x"}) == trainer.resumed_progress(None) == 0.0
+
+
+def test_a_point_another_process_is_making_is_left_to_it(sphere, tmp_path):
+    """Two sweeps on one OUT: a point the other process holds (it is fitting it) is skipped, not fitted twice
+    into the same checkpoint; results.md says it is not finished."""
+    import fcntl
+    import os
+
+    out = tmp_path / "rd"
+    logs = []
+    sweep = S.Sweep(_config(sphere, out, ["draco-input:8", "hash:8"]),
+                    log=lambda *a, **k: logs.append(" ".join(map(str, a))))
+    (out / "work" / "hash-T8").mkdir(parents=True)
+    fd = os.open(out / "work" / "hash-T8", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the other process, fitting hash:8
+        sweep.run()
+    finally:
+        os.close(fd)
+    assert any("T = 8: another process sharing" in line and "skipped" in line for line in logs)
+    assert not (out / "points" / "hash-T8.json").exists() and (out / "points" / "draco-input-q8.json").exists()
+    assert "**Incomplete:** 1 point of this sweep is not finished" in (out / "results.md").read_text()
 
 
 # -- bench-rd's target checks, on hand-made rows --------------------------------------------------------

@@ -512,15 +512,24 @@ def cosine_lr(opts: dict[str, torch.optim.Optimizer], base_lrs: dict, it: int, t
             g["lr"] = base * f
 
 
-def progress_or_stop(it: int, steps: int, elapsed: float, budget: float | None) -> float | None:
-    """Fraction of training done, ``max(it / steps, elapsed / budget)``, for the lr schedule; ``None``
-    once the training budget (seconds, if any) is spent and training should stop."""
+def progress_or_stop(it: int, steps: int, elapsed: float, budget: float | None, resumed_at: float = 0.0) -> float | None:
+    """Fraction of training done, ``max(it / steps, p0 + (1 − p0) · elapsed / budget)``, for the lr schedule, where
+    ``p0`` (``resumed_at``) is where a resumed fit's schedule had got to; ``None`` once the training budget
+    (seconds, if any) is spent and training should stop."""
     progress = it / max(steps, 1)
     if budget is not None:
         if elapsed >= budget:
             return None
-        progress = max(progress, elapsed / budget)
+        progress = max(progress, resumed_at + (1.0 - resumed_at) * elapsed / budget)
     return progress
+
+
+def resumed_progress(resume_cfg: dict | None) -> float:
+    """Where the lr schedule of the fit a checkpoint holds had got to (``progress``, in [0, 1]; 0 for a fresh fit or
+    a checkpoint written before it was recorded): a time-capped fit resumed goes on from there, not from its
+    start (its learning rate was restarted high)."""
+    value = None if resume_cfg is None else resume_cfg.get("progress")
+    return float(value) if is_real(value) and 0 <= value <= 1 else 0.0
 
 
 def training_budget(left: float, after_seconds: float) -> float | None:
@@ -690,12 +699,14 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     pending = resume_cfg is not None and resume_cfg.get("after_training") == "pending"
 
     earlier = earlier_train_seconds(resume_cfg)
+    resumed_at = resumed_progress(resume_cfg)
+    schedule = [max(resumed_at, start / max(cfg.steps, 1))]  # the lr schedule's progress, as the last step had it
 
     def save(step_done: int, after_training_pending: bool = False, time_capped: bool = False) -> None:
         if ckpt_dir is not None:
             extra = {"step": step_done, "train": asdict(cfg), "history": history,  # (train_seconds: None, not known)
                      "train_seconds": None if earlier is None else earlier + time.perf_counter() - t0,
-                     **task.checkpoint_extra()}
+                     "progress": schedule[0], **task.checkpoint_extra()}
             if after_training_pending:
                 extra.update(after_training="pending", step_seconds=task.step_seconds, sweeps_done=task.sweeps_done)
             if time_capped:  # finished as asked, by its time cap (vqad export tells it from an interrupted fit)
@@ -738,10 +749,11 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
             for it in range(start, cfg.steps):
                 if it > start and budget is not None:
                     budget = training_budget(left0, task.after_training_seconds(mean_step_seconds(it - start)))
-                progress = progress_or_stop(it, cfg.steps, deadline.clock() - c0, budget)
+                progress = progress_or_stop(it, cfg.steps, deadline.clock() - c0, budget, resumed_at)
                 if progress is None:
                     timed_out = True
                     break
+                schedule[0] = progress
                 task.before_step(it, progress, gen)
                 cosine_lr(opts, base_lrs, int(progress * 100_000), 100_000, floor=cfg.lr_floor)
                 zero_grad(opts)

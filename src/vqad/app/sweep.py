@@ -384,8 +384,8 @@ class SweepConfig:
         kind = detect_kind(self.dataset)
         defaults = SDF_DEFAULTS if kind == "sdf" else NERF_DEFAULTS
         cfg = replace(self, kind=kind, **{k: defaults[k] for k in defaults if getattr(self, k) is None})
-        if not cfg.out:
-            raise InputError("a sweep needs an output directory: --out DIR")
+        if not str(cfg.out).strip():
+            raise InputError("a sweep needs an output directory: --out DIR (or out = \"DIR\" in its config)")
         parse_levels(cfg.levels)
         if not 1 <= cfg.features <= 256:
             raise InputError(f"features (k) must be in 1..256, got {cfg.features}")
@@ -413,6 +413,13 @@ class SweepConfig:
                              "held-out views (their PSNR is also given with each photo's exposure matched: psnr_matched)")
         if not 0 <= cfg.draco_level <= 10:
             raise InputError(f"--draco-level must be in 0..10, got {cfg.draco_level}")
+        names = {s.strip().partition(":")[0] for s in (cfg.methods or DEFAULT_METHODS) if isinstance(s, str)}
+        defaults = SweepConfig.__dataclass_fields__
+        for flag, name, needs in (("--draco-level", "draco_level", ("draco-input", "draco-mc")),
+                                  ("--draco-mc-resolution", "draco_mc_resolution", ("draco-mc",))):
+            if getattr(cfg, name) != defaults[name].default and not names & set(needs):
+                raise InputError(f"{flag} applies to the {' / '.join(needs)} point{'s' if len(needs) > 1 else ''}: add "
+                                 f"{needs[-1]} to --methods, or remove {flag}")
         rated = [s for s in cfg.methods if isinstance(s, str) and METHODS.get(s.strip().partition(":")[0], METHODS["dense"]).rated]
         if not rated:  # a flag that cannot apply is an error, not silently ignored
             for flag, given in (("--rate-weights", cfg.rate_weights is not None), ("--rate-context", cfg.rate_context)):
@@ -452,7 +459,10 @@ class SweepConfig:
 
             # the input's size and modification time (every file's, for a capture): a sweep resumed on a changed
             # input would put two inputs' points in one table
-            d["input"] = input_stamp(d["dataset"], Path(self.out).resolve())
+            # (a capture given by its transforms.json: the whole capture folder, whose images are the input)
+            source = Path(d["dataset"])
+            d["input"] = input_stamp(str(source.parent if self.kind == "nerf" and source.is_file() else source),
+                                     Path(self.out).resolve())
         if self.kind == "nerf":
             d["background"] = [float(c) for c in _background(self.background)]  # checked by the dataset loader
         return d
@@ -541,6 +551,11 @@ def load_config_file(path: str | Path, what: str = "sweep config") -> dict:
         raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise InputError(f"{what} {path} must hold a table / object of options")
+    seen: dict[str, str] = {}
+    for key in data:  # eval_views and eval-views both: one of them silently won
+        other = seen.setdefault(str(key).replace("-", "_"), str(key))
+        if other != str(key):
+            raise InputError(f"{what} {path} gives one option twice, as {other} and as {key}: keep one")
     return data
 
 
@@ -591,6 +606,18 @@ class PeakMemory:
             self.bytes = max(self.bytes, self._rss())
 
 
+def minutes_left(minutes: float | None, spent: float) -> float | None:
+    """The cap of a sweep point's fit (``minutes`` per fit; None: none) after ``spent`` seconds an interrupted run of it
+    trained: the cap holds for the point, not for each run (a resumed point got its whole cap again)."""
+    if minutes is None:
+        return None
+    return max(minutes - spent / 60.0, MIN_CAP_MINUTES)
+
+
+#: what is left of a sweep point's cap once an earlier run spent it: the fit stops at once (a cap must be > 0)
+MIN_CAP_MINUTES = 1e-6
+
+
 class SDFTask:
     """A mesh: SDF fits, Chamfer-L1 / normal consistency / IoU, and the Draco baselines."""
 
@@ -606,24 +633,25 @@ class SDFTask:
         self.normalization = fit_normalization(self.mesh)  # the frame every SDF fit uses (build_sdf_field)
         self.name = Path(cfg.dataset).stem
 
-    def fit(self, grid_cfg, work: Path, resume: bool, refine: int | None = None, rate_weight: float = 0.0):
+    def fit(self, grid_cfg, work: Path, resume: bool, refine: int | None = None, rate_weight: float = 0.0,
+            spent: float = 0.0):
         """Fit ``grid_cfg`` with ``refine`` index-refinement sweeps (None: the SDF default, see
-        :func:`default_refine`) and the rate term λ = ``rate_weight`` (0: none). Returns the field, the
-        steps done and the sweeps it was fitted with."""
+        :func:`default_refine`) and the rate term λ = ``rate_weight`` (0: none); ``spent``: the seconds an interrupted
+        run of this point trained already (the per-fit cap holds for both runs). Returns the field, the steps done,
+        the sweeps it was fitted with and the fit's notes (what its time cap cut)."""
         from vqad.config import DecoderConfig
         from vqad.sdf.fit import SDFTrainConfig, fit_sdf
 
         c = self.cfg
         # vqad fit-sdf's learning rates (SDFTrainConfig.resolved: a codebook's argmax needs larger steps)
         train = SDFTrainConfig(steps=c.steps, batch=c.batch, seed=c.seed).resolved(grid_cfg)
-        if c.minutes is not None:
-            train.max_minutes = c.minutes
+        train.max_minutes = minutes_left(c.minutes, spent)
         if refine is not None:
             train.refine = refine
         _set_rate(train, rate_weight, c.rate_context)
         res = fit_sdf(self.mesh, grid_cfg, DecoderConfig(hidden=c.hidden), train, self.device, out_dir=work,
                       resume=resume, quiet=c.quiet, mesh_path=str(Path(c.dataset).resolve()))
-        return res.field, res.steps, train.refine
+        return res.field, res.steps, train.refine, res.notes
 
     def evaluate(self, field, lod: int) -> dict:
         from vqad.sdf.extract import extract_mesh
@@ -665,23 +693,24 @@ class NeRFTask:
                          fix="score more or other views (--eval-max-views, --eval-views), or check the masks")
         self.name = self.dataset.name
 
-    def fit(self, grid_cfg, work: Path, resume: bool, refine: int | None = None, rate_weight: float = 0.0):
+    def fit(self, grid_cfg, work: Path, resume: bool, refine: int | None = None, rate_weight: float = 0.0,
+            spent: float = 0.0):
         """Fit ``grid_cfg`` (``refine``: index-refinement sweeps, None: the radiance-field default, 0;
-        ``rate_weight``: λ of the rate term, 0: none). Returns the field, the steps done and the sweeps
-        it was fitted with."""
+        ``rate_weight``: λ of the rate term, 0: none; ``spent``: as :meth:`SDFTask.fit`). Returns the field, the
+        steps done, the sweeps it was fitted with and the fit's notes."""
         from vqad.nerf.fit import NERF_DECODER, NERF_FIELD, NeRFTrainConfig, fit_nerf
 
         c = self.cfg
         # vqad fit-nerf's defaults (the marching step chosen from the octree); one width for both MLPs
-        train = NeRFTrainConfig(steps=c.steps, batch_rays=c.batch, octree=c.octree, seed=c.seed, max_minutes=c.minutes,
-                                appearance=c.appearance)
+        train = NeRFTrainConfig(steps=c.steps, batch_rays=c.batch, octree=c.octree, seed=c.seed,
+                                max_minutes=minutes_left(c.minutes, spent), appearance=c.appearance)
         if refine is not None:
             train.refine = refine
         _set_rate(train, rate_weight, c.rate_context)
         res = fit_nerf(self.dataset, grid_cfg, replace(NERF_DECODER, hidden=c.hidden), train, self.device,
                        out_dir=work, resume=resume, quiet=c.quiet,
                        nerf_cfg=replace(NERF_FIELD, color_hidden=c.hidden))  # the capture's outer scale, as fit-nerf
-        return res.field, res.steps, train.refine
+        return res.field, res.steps, train.refine, res.notes
 
     def evaluate(self, field, lod: int) -> dict:
         from vqad.nerf.evaluate import evaluate_nerf
@@ -779,7 +808,10 @@ class Sweep:
             old = {k: v for k, v in {**added, **old}.items() if k not in NOT_SETTINGS}
             if "input" not in old:  # recorded before the input's stamp was: nothing to compare it with
                 new.pop("input", None)
-            diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" if k != "input" else
+                    f"its input changed since the sweep began: a file of {new.get('dataset', old.get('dataset'))} was "
+                    "added, removed or modified (size or modification time); the points made before would not be "
+                    "comparable" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             if diff:
                 raise InputError(f"{self.out} holds a sweep made with other settings ({'; '.join(diff)}): "
                                  "re-run with the same settings to resume it, or use another --out")
@@ -826,27 +858,57 @@ class Sweep:
             if self.finished(p):
                 self.log(f"[{i}/{n}] {p.label}: finished earlier, skipped")
                 continue
-            self.log(f"[{i}/{n}] {p.label} ...", flush=True)
-            rows = self._run_point(p)
-            rec = {"point": p.key, "method": p.method, "setting": p.setting, "rate_weight": p.rate_weight, "rows": rows,
-                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            write_atomic(self.out / "points" / f"{p.key}.json", json.dumps(rec, indent=2))
-            shutil.rmtree(self.out / "work" / p.key, ignore_errors=True)  # the finished fit's checkpoint
+            claim = self._claim(p)
+            if claim is None:
+                self.log(f"[{i}/{n}] {p.label}: another process sharing {self.out} is making it now, skipped")
+                continue
+            try:
+                if self.finished(p):  # (the other process finished it as this one claimed it)
+                    self.log(f"[{i}/{n}] {p.label}: finished earlier, skipped")
+                    continue
+                self.log(f"[{i}/{n}] {p.label} ...", flush=True)
+                rows = self._run_point(p)
+                rec = {"point": p.key, "method": p.method, "setting": p.setting, "rate_weight": p.rate_weight,
+                       "rows": rows, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                write_atomic(self.out / "points" / f"{p.key}.json", json.dumps(rec, indent=2))
+                shutil.rmtree(self.out / "work" / p.key, ignore_errors=True)  # the finished fit's checkpoint
+            finally:
+                os.close(claim)
             r = rows[-1]
             q = self.task.quality[0]
             self.log(f"[{i}/{n}] {p.label}: {r['bytes'] / 1e3:,.1f} kB, {q} {r[q]:.5g}, "
                      f"{r['fit_seconds']:.1f} s", flush=True)
-            write_reports(self.out, self.cfg)
-        rows = write_reports(self.out, self.cfg)
+            write_reports(self.out, self.cfg, self._pending())
+        rows = write_reports(self.out, self.cfg, self._pending())
         self.log(f"wrote {self.out}/results.csv, results.md, rd.png ({len(rows)} rows)")
         return rows
+
+    def _claim(self, p: Point) -> int | None:
+        """Hold point ``p`` while this process makes it (a ``flock`` on its folder ``work/KEY``, which holds its fit's
+        checkpoint): a descriptor to close when done, or None when another process sharing ``out`` holds it (both
+        fitted the same point and wrote the same checkpoint)."""
+        import fcntl
+
+        folder = self.out / "work" / p.key
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _pending(self) -> list[str]:
+        """The labels of this sweep's points that have no record yet (an interrupt, or another process's share)."""
+        return [p.label for p in self.points if not self.finished(p)]
 
     def _run_point(self, p: Point) -> list[dict]:
         kind = METHODS[p.method].kind
         if kind == "stream":
             return self._stream_rows(p)
         t0 = time.perf_counter()
-        steps, note, refine = None, None, None
+        steps, note, refine, spent = None, None, None, 0.0
         release_freed_memory()  # each point's peak from what is live, not from the points before it
         with PeakMemory(self.device) as mem:
             if kind == "draco":
@@ -855,11 +917,17 @@ class Sweep:
                 work = self.out / "work" / p.key
                 resume = (work / "checkpoint" / "config.json").is_file()
                 if resume:
-                    note = "fit continued from the checkpoint of an interrupted run (fit s: this run only)"
+                    from vqad.checkpoint import read_config
+                    from vqad.fit import earlier_train_seconds
+
+                    spent = earlier_train_seconds(read_config(work / "checkpoint"))
+                    note = ("fit continued from the checkpoint of an interrupted run (fit s: both runs)" if spent is not None
+                            else "fit continued from the checkpoint of an interrupted run (fit s: this run only)")
                     self.log(f"    continuing the interrupted fit from {work / 'checkpoint'}")
                 rate = {"rate_weight": p.rate_weight} if p.rate_weight else {}
-                field, steps, refine = self.task.fit(self._grid_cfg(p), work, resume, refine=METHODS[p.method].refine,
-                                                     **rate)
+                field, steps, refine, notes = self.task.fit(self._grid_cfg(p), work, resume,
+                                                            refine=METHODS[p.method].refine, spent=spent or 0.0, **rate)
+                note = "; ".join([n for n in (note, *notes) if n]) or None
                 if not any(s.discrete for s in field.grid.storages):
                     refine = None  # only codebook indices are refined
                 field.bake(fp16=True)
@@ -869,7 +937,7 @@ class Sweep:
                 arg = {"bits": p.setting} if p.method == "kmeans" else {"rank": p.setting}
                 field = posthoc(self.dense_field(), p.method, seed=self.cfg.seed, **arg)
         if kind != "draco":
-            seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0 + (spent or 0.0)
             row = self._file_row(p, field)
             row.update(fit_seconds=seconds, steps=steps, refine=refine, note=note)
         row["peak_memory_bytes"] = mem.bytes
@@ -1059,8 +1127,9 @@ def collect_rows(out: Path) -> list[dict]:
     return rows
 
 
-def write_reports(out: Path, cfg: SweepConfig) -> list[dict]:
-    """Rebuild results.csv, results.md and rd.png from the finished points; returns the rows."""
+def write_reports(out: Path, cfg: SweepConfig, pending: list[str] | None = None) -> list[dict]:
+    """Rebuild results.csv, results.md and rd.png from the finished points; returns the rows. ``pending``: the
+    points not finished yet, which results.md names (a stopped sweep's tables must not read as the whole sweep)."""
     out = Path(out)
     rows = collect_rows(out)
     quality = QUALITY[cfg.kind] + (("psnr_matched",) if cfg.kind == "nerf" and cfg.appearance != "none" else ())
@@ -1071,7 +1140,13 @@ def write_reports(out: Path, cfg: SweepConfig) -> list[dict]:
     for r in rows:
         w.writerow({c: _csv_value(r.get(c)) for c in cols})
     write_atomic(out / "results.csv", buf.getvalue())
-    write_atomic(out / "results.md", markdown_table(rows, cfg))
+    table = markdown_table(rows, cfg)
+    if pending:
+        head, _, rest = table.partition("\n\n")
+        table = (f"{head}\n\n**Incomplete:** {len(pending)} point{'s' if len(pending) > 1 else ''} of this sweep "
+                 f"{'are' if len(pending) > 1 else 'is'} not finished: {'; '.join(pending)}. Run the same command again "
+                 f"to go on (an interrupted fit continues from its checkpoint).\n\n{rest}")
+    write_atomic(out / "results.md", table)
     plot_rd(rows, cfg, out / "rd.png")
     return rows
 

@@ -255,10 +255,16 @@ class _Pinhole:
         """``fx, fy, cx, cy`` in pixels of an image of ``img_w × img_h``."""
         w = float(self.w) if self.w else float(img_w)
         h = float(self.h) if self.h else float(img_h)
+        for name, angle in (("camera_angle_x", self.angle_x), ("camera_angle_y", self.angle_y)):
+            if angle is not None and not 0 < angle < math.pi:
+                raise InputError(f"{what}: {name} = {angle:g} is not a field of view in radians (0 to π): the camera "
+                                 f"file gives it in radians" + (f" ({angle:g}° is {math.radians(angle):.4g})"
+                                                                if 0 < angle < 180 else ""))
         fx = self.fx if self.fx else (0.5 * w / math.tan(0.5 * self.angle_x) if self.angle_x else None)
         fy = self.fy if self.fy else (0.5 * h / math.tan(0.5 * self.angle_y) if self.angle_y else fx)
         if fx is None:
-            raise InputError(f"no focal length for {what}: give fl_x (or camera_angle_x)")
+            raise InputError(f"no focal length for {what}: its camera file gives none (or 0); transforms.json gives "
+                             "fl_x (or camera_angle_x), poses_bounds.npy each image's focal, COLMAP its camera's")
         cx = float(self.cx) if self.cx is not None else w / 2
         cy = float(self.cy) if self.cy is not None else h / 2
         sx, sy = img_w / w, img_h / h
@@ -267,8 +273,17 @@ class _Pinhole:
                              "(a different aspect ratio); use images that match the camera file")
         out = np.array([fx * sx, fy * sy, cx * sx, cy * sy], dtype=np.float64)
         if not np.all(np.isfinite(out)) or out[0] <= 0 or out[1] <= 0:
-            raise InputError(f"invalid intrinsics for {what}: fx, fy, cx, cy = {out.tolist()}")
+            raise InputError(f"invalid intrinsics for {what}: fx, fy, cx, cy = {out.tolist()} (focal lengths must be "
+                             "positive pixels: check the camera file)")
+        if not 1 / MAX_PIXEL_ASPECT <= out[0] / out[1] <= MAX_PIXEL_ASPECT:
+            raise InputError(f"invalid intrinsics for {what}: fx = {out[0]:.6g} and fy = {out[1]:.6g} pixels differ "
+                             f"more than {MAX_PIXEL_ASPECT:g}× (a camera's pixels are near square): check the camera "
+                             "file's focal lengths")
         return out
+
+
+#: the most fx / fy (or fy / fx) a camera may have: anamorphic lenses squeeze 2×; more is a broken camera file
+MAX_PIXEL_ASPECT = 4.0
 
 
 @dataclass

@@ -535,6 +535,10 @@ def test_bad_inputs_give_one_clear_error(tmp_path):
     np.save(root / "poses_bounds.npy", pb)
     with pytest.raises(InputError, match="non-finite"):
         load_dataset(root)
+    pb[3, 3], pb[3, 16] = 0.0, 1e30  # a far bound of 1e30: an internal normalisation message before
+    np.save(root / "poses_bounds.npy", pb)
+    with pytest.raises(InputError, match="a depth range over 1e\\+06×: .* fix the bounds"):
+        load_dataset(root)
     root = _write_rtmv(tmp_path / "r1", views, ray_t)
     (root / "00002.exr").unlink()
     with pytest.raises(InputError, match="6 camera files .* 5 colour images"):

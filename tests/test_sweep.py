@@ -384,6 +384,7 @@ def _err(capsys):
     (["--methods", "hash:40"], "hash:40"),
     (["--methods", "lowrank:16"], "rank"),
     (["--methods", "dense:3"], "takes no setting"),
+    (["--methods", "codebook:4_0"], "bad settings in 'codebook:4_0'"),  # (int() read it as 40)
     (["--methods", "codebook-norefine:13"], "bits must be"),
     (["--methods", "dense", "--stream-bits", "4"], "no codebook:4 point"),
     (["--methods", "codebook-rate:4@3e-3"], "with --rate-weights 3e-4,3e-3"),

@@ -235,6 +235,15 @@ def parse_rate_weights(value) -> list[float]:
     return out
 
 
+def _whole_number(text: str) -> int:
+    """A method's setting: ASCII digits only (``int`` also reads "4_0" as 40, and other scripts' digits), else
+    a ValueError."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(text)
+    return int(text)
+
+
 def parse_methods(specs, kind: str, features: int, rate_weights=None) -> list[Point]:
     """``["codebook:4,6", "hash", "dense"]`` → points, in the order given (duplicates dropped).
 
@@ -269,7 +278,7 @@ def parse_methods(specs, kind: str, features: int, rate_weights=None) -> list[Po
             continue
         if sep:
             try:
-                values = [int(v) for v in rest.split(",")]
+                values = [_whole_number(v) for v in rest.split(",")]
             except ValueError:
                 if m.rated:
                     raise InputError(f"bad settings in {spec!r}: write {name}:B1,B2,... with integer b values "
@@ -1364,9 +1373,13 @@ def plot_rd(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    with atomic_path(path, "plot") as tmp:
-        fig.savefig(tmp, format="png")
+    import warnings
+
+    with warnings.catch_warnings():  # a title in a script the font lacks draws boxes: not worth a warning a point
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        with atomic_path(path, "plot") as tmp:
+            fig.savefig(tmp, format="png")
 
 
 __all__ = ["SweepConfig", "Sweep", "run_sweep", "parse_methods", "Point", "Method", "METHODS", "DEFAULT_METHODS",

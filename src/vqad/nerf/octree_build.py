@@ -84,7 +84,9 @@ def build_octree(dataset: SceneDataset, method: str, base_level: int, max_level:
     except InputError as e:
         # name the choice the user did not make, and the way out (none for an octree too fine: any method's is)
         if requested == "auto" and method == "points" and not isinstance(e, OctreeTooFine):
-            raise InputError(f"--octree auto chose the capture's sparse points, but: {e} (or pass --octree density)") from e
+            said = "--octree density" in str(e)
+            raise InputError(f"--octree auto chose the capture's sparse points, but: {e}"
+                             + ("" if said else " (or pass --octree density)")) from e
         raise
     return octree_from_density(dataset, base_level, max_level, device, dilate=dilate, split=split, **kwargs), method
 
@@ -175,8 +177,8 @@ def octree_from_points(dataset: SceneDataset, base_level: int, max_level: int, d
     x = x[(x.abs() < 1).all(-1)]
     if x.shape[0] == 0:
         raise InputError(f"--octree points: none of the {dataset.points.shape[0]:,} sparse points of {dataset.name!r} "
-                         "is inside the scene's box: check the points' file and the scene box (aabb_scale), or use "
-                         "--octree density")
+                         "is inside the scene's box: check the points' file (and, in a transforms.json, its "
+                         "aabb_scale / scale / offset), or use --octree density")
     level = points_level(x, max_level)
     res = 1 << level
     ijk, _ = cell_coords(x, level)

@@ -461,7 +461,9 @@ def cmd_fit_nerf(args) -> int:
                                  **appearance_scoring(res.appearance is not None, args.eval_views, res.appearance))
         summary["eval_views"] = args.eval_views
         summary["lods"] = lods
-        print(f"evaluation on {args.eval_views!r}" + (" as their photos were exposed (the learned per-view appearance)"
+        source = dataset.split_sources.get(args.eval_views, "")
+        print(f"evaluation on {args.eval_views!r}" + (f" ({source})" if ": test = val" in source else "")
+              + (" as their photos were exposed (the learned per-view appearance)"
                                                        if args.eval_views == "train" and res.appearance is not None else "")
               + f" in {time.perf_counter() - t0:.0f} s (LPIPS needs network weights: not computed)")
         for line in metric_lines(lods):

@@ -13,6 +13,10 @@ from vqad.nerf.formats.common import HOLD_EVERY, _Frame, _Pinhole, _as_c2w, _dat
 
 
 # -- LLFF ------------------------------------------------------------------------------------------
+#: the widest far / near of a capture's bounds (real LLFF captures: under 1,000); wider is a broken file
+MAX_DEPTH_RATIO = 1e6
+
+
 def _llff_image_dir(root: Path, downscale: int) -> tuple[Path, int, Path]:
     """The image folder to read, the downscale still to apply to it, and the highest-resolution folder present
     (``images`` = factor 1, or the smallest ``images_N``; its photos' dynamic masks stand for their copies).
@@ -71,6 +75,10 @@ def read_llff(path, downscale: int = 1, background=(1.0, 1.0, 1.0), split_limit=
     bds = pb[:, 15:17]
     if np.any(bds <= 0) or np.any(bds[:, 1] <= bds[:, 0]):
         raise InputError(f"{pb_path}: the near/far bounds must satisfy 0 < near < far in every row")
+    if bds[:, 1].max() / bds[:, 0].min() > MAX_DEPTH_RATIO:
+        raise InputError(f"{pb_path}: the bounds span {bds[:, 0].min():.3g} to {bds[:, 1].max():.3g}, a depth range over "
+                         f"{MAX_DEPTH_RATIO:.0e}×: a far bound of that size is a broken file (COLMAP's LLFF script gives "
+                         "each view the depths of its points); fix the bounds")
     img_dir, rest, full_dir = _llff_image_dir(root, downscale)
     paths = _list_images(img_dir)
     if len(paths) != len(poses):

@@ -396,6 +396,7 @@ def test_a_closed_output_pipe_during_training_saves_the_checkpoint(tmp_path, cap
     from vqad.checkpoint import read_config
 
     assert read_config(out / "checkpoint")["step"] == 2
+    assert read_config(out / "checkpoint")["progress"] == pytest.approx(2 / 5)  # where the lr schedule goes on from
     assert "stdout's reader closed at step 2: checkpoint saved" in capsys.readouterr().err
     monkeypatch.setattr(vqad.sdf.fit.SDFTask, "step", real_step)
     assert main(["fit-sdf", str(mesh), "--steps", "5", "--refine", "0", "--out", str(out), "--resume", "--quiet",

@@ -183,3 +183,32 @@ def test_sweeps_resumed_after_an_interrupt_run_only_those_left():
     for bad in (None, -1, "2", 2.0, True, [1]):
         assert resumed_sweeps({"sweeps_done": bad}) == 0
     assert resumed_sweeps({"sweeps_done": 3}) == 3 and resumed_sweeps({}) == 0
+
+
+def test_a_time_capped_fit_resumed_goes_on_with_its_lr_schedule(slow_job, tmp_path, monkeypatch):
+    """An interrupted time-capped fit saves how far its lr schedule had got (``progress``); resumed, it goes on
+    from there over its new cap (it started the cosine again from the top: a high learning rate late in a fit)."""
+    from vqad.checkpoint import read_config
+
+    clock, _ = slow_job
+    seen, slow = [], SDFTask.step
+
+    def step(self, it, progress, gen):
+        seen.append(progress)
+        if it == 30 and len(seen) == 31:  # the first run, at step 30: Ctrl-C
+            raise KeyboardInterrupt
+        return slow(self, it, progress, gen)
+
+    monkeypatch.setattr(SDFTask, "step", step)
+    cfg = SDFTrainConfig(**{**CFG.__dict__, "refine": 0})
+    run = dict(quiet=True, out_dir=tmp_path / "fit")
+    with pytest.raises(KeyboardInterrupt):
+        fit_sdf(demo_mesh(48), GRID, DecoderConfig(hidden=8), cfg, torch.device("cpu"),
+                deadline=Deadline.for_job(cfg.max_minutes, clock=clock), **run)
+    saved = read_config(tmp_path / "fit" / "checkpoint")["progress"]
+    assert saved == pytest.approx(30 / 120, abs=0.01)  # 30 fake seconds of a 120-s training budget
+    del seen[:]
+    fit_sdf(demo_mesh(48), GRID, DecoderConfig(hidden=8), cfg, torch.device("cpu"), resume=True,
+            deadline=Deadline.for_job(1.0, clock=clock), **run)
+    assert seen[0] == pytest.approx(saved) and seen[-1] > 0.95 and seen == sorted(seen)
+    assert len(seen) == pytest.approx(60, abs=1)  # the new cap's minute, at 1 fake second a step

@@ -15,7 +15,7 @@ Every figure is a ratio to a bound measured in the same process, on the same dev
 3. **Rendering**: a 256×256 sphere-traced SDF frame at every LOD (:func:`vqad.sdf.render.render_sdf`)
    and a 200×200 radiance-field frame at the finest LOD (what ``vqad render`` runs:
    :func:`vqad.nerf.evaluate.render_views`), with the field evaluations per pixel each needed —
-   counted at the decoder's MLPs and at the field's ``forward`` / ``all_lods`` (the larger count),
+   counted at the decoder's MLPs and at the field's ``forward`` / ``all_lods`` / ``query*`` (the larger count),
    so the count holds whatever the renderer does inside.
 4. **Decoding** a .vqad file: seconds per MB for the whole file (bytes → field), and the time from
    the arrival of the last byte the coarsest LOD needs (fed to :class:`vqad.fileformat.StreamDecoder`)
@@ -216,7 +216,8 @@ def count_evaluations(field) -> Iterator[Callable[[], int]]:
 
     Two counts, each a lower bound when a caller bypasses the other: rows through the first decoder's
     MLPs (ψ, or ψ_σ of a radiance field: forward hooks), and points passed to the field's
-    ``forward`` / ``__call__`` and ``all_lods`` (times its LODs; nested calls count once). Yields a
+    ``forward`` / ``__call__``, ``all_lods`` and the unchecked ``query`` / ``query_lods`` / ``query_densities`` the
+    library's loops call (times their LODs; nested calls count once). Yields a
     function returning the larger of the two.
     """
     counts = {"mlp": 0, "calls": 0}
@@ -242,14 +243,16 @@ def count_evaluations(field) -> Iterator[Callable[[], int]]:
         lods = kwargs.get("lods", next((a for a in args if isinstance(a, (list, tuple))), None))
         return len(field.lods) if lods is None else len(lods)
 
-    wrap("forward", lambda *a, **k: 1)
-    wrap("all_lods", lods_arg)
+    # the public, checked entries and the library's unchecked ones (renders, sphere tracing, pruning)
+    wrapped = [name for name in ("forward", "all_lods", "query", "query_lods", "query_densities") if hasattr(field, name)]
+    for name in wrapped:
+        wrap(name, (lambda *a, **k: 1) if name in ("forward", "query") else lods_arg)
     try:
         yield lambda: max(counts.values())
     finally:
         for h in hooks:
             h.remove()
-        for name in ("forward", "all_lods"):
+        for name in wrapped:
             field.__dict__.pop(name, None)
 
 

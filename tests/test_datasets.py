@@ -1100,7 +1100,8 @@ def test_colmap_capture_found_from_its_model_folder_or_files(tmp_path):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("fl_x", 1e-300, "differ more than 4×"),  # finite in float64, 0 in the float32 the rays use (fy is not)
+    ("fl_x", 1e-300, "must be finite, with fx, fy > 0"),  # finite in float64, 0 in the float32 the rays use
+    ("fl_y", 1e-300, "differ more than 4×"),  # one focal length alone: pixels 10^300 times taller than wide
     ("cx", 1e300, "must be finite, with fx, fy > 0"),
     ("k2", 1e30, "squeezes a pixel into .* rad of the view"),
     ("k1", -2.0, "turns back .* inside the image"),
@@ -1115,6 +1116,8 @@ def test_ngp_numbers_that_break_the_float32_rays_are_refused(tmp_path, key, valu
     meta[key] = value
     if key == "w":
         meta["h"] = value * 1.5
+    if key == "fl_x":  # both: square pixels, for the float32 check
+        meta["fl_y"] = value
     path.write_text(json.dumps(meta))
     with pytest.raises(InputError, match=match):
         load_dataset(root, format="ngp")

@@ -767,3 +767,33 @@ def test_the_command_line_starts_without_pytorch_and_sigterm_is_one_line(tmp_pat
               "sys.exit(main(['info', 'x.vqad']))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 143 and done.stderr.strip() == "vqad: terminated (SIGTERM)"
+
+
+def test_render_keeps_other_lods_renders_and_eval_replaces_its_own(tmp_path, capsys):
+    """vqad render --lod L into one folder keeps the other LODs' renders (a cleanup meant for eval deleted them);
+    eval -o drops an earlier run's metrics.json and renders of LODs it leaves out; a fit's or compress's --out
+    inside a checkpoint is refused, a Hugging Face model folder (config.json + model.safetensors) is no checkpoint."""
+    fit = tmp_path / "pn"
+    assert main(["fit-nerf", "procedural", "--steps", "2", "--levels", "2:3", "--no-eval", "--quiet", "--threads", "1",
+                 "--out", str(fit)]) == 0
+    r = tmp_path / "r"
+    for lod in ("2", "3"):
+        assert main(["render", str(fit / "checkpoint"), "--lod", lod, "--views", "val", "-o", str(r), "--threads", "1"]) == 0
+    assert sorted(p.name for p in r.iterdir()) == ["val_lod2", "val_lod3"]
+    (r / "metrics.json").write_text("{}")
+    assert main(["eval", str(fit / "checkpoint"), "--lod", "3", "--views", "val", "-o", str(r), "--threads", "1"]) == 0
+    assert sorted(p.name for p in r.iterdir()) == ["metrics.json", "val_lod3"]
+    assert '"views": "val"' in (r / "metrics.json").read_text()
+    capsys.readouterr()
+    for argv in (["fit-nerf", "procedural", "--steps", "2", "--levels", "2:3", "--no-eval", "--quiet",
+                  "--out", str(fit / "checkpoint" / "again")],
+                 ["compress", str(fit / "checkpoint"), "--to", "lowrank", "--rank", "2", "--out",
+                  str(fit / "checkpoint" / "c")]):
+        assert main([*argv, "--threads", "1"]) == 2
+        assert "is inside the checkpoint" in _err(capsys)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "bert"}')
+    (hf / "model.safetensors").write_bytes(b"")
+    model = _tiny_sdf_file(tmp_path)
+    assert main(["mesh", str(model), "--resolution", "32", "-o", str(hf / "meshes" / "x.ply"), "--threads", "1"]) == 0

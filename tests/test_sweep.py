@@ -102,11 +102,15 @@ def test_sdf_sweep_interrupted_resumes_and_reports(sphere, tmp_path, monkeypatch
     assert {r["point"] for r in _csv(out / "results.csv")} == done  # only finished points are reported
     stamps = {p: (out / "points" / f"{p}.json").stat().st_mtime_ns for p in done}
 
-    # the same sweep again: finished points are skipped, the VQ-AD fit continues from its checkpoint
+    # the same sweep again: finished points are skipped, the VQ-AD fit continues from its checkpoint, with what
+    # its first run trained taken off the per-fit cap
     monkeypatch.setattr(trainer, "step", real_step)
     calls.clear()
+    spent, real_left = [], S.minutes_left
+    monkeypatch.setattr(S, "minutes_left", lambda minutes, s: spent.append(s) or real_left(minutes, s))
     rows = S.Sweep(cfg, log=lambda *a, **k: None).run()
     assert calls == [("codebook", True), ("hash", False)]
+    assert spent[0] > 0 and spent[1] == 0.0  # the resumed codebook fit, then the fresh hash fit
     assert all((out / "points" / f"{p}.json").stat().st_mtime_ns == t for p, t in stamps.items())
     assert not (out / "work" / "codebook-b4").exists()  # a finished fit's checkpoint is removed
 
@@ -483,9 +487,21 @@ def test_a_capture_given_by_its_transforms_json_is_stamped_whole(tmp_path):
     args = build_parser().parse_args(["sweep", str(cap / "transforms.json"), "--out", str(tmp_path / "o"),
                                       "--methods", "dense", "--steps", "2"])
     before = sweep_config(args).resolved().settings()["input"]
+    # a sweep recorded when the json alone was stamped resumes (its stamp re-recorded whole)
+    from vqad.app.outputs import input_stamp
+
+    S.Sweep(sweep_config(args))._prepare_out()
+    manifest = tmp_path / "o" / "sweep.json"
+    doc = json.loads(manifest.read_text())
+    doc["settings"]["input"] = input_stamp(str(cap / "transforms.json"))
+    manifest.write_text(json.dumps(doc))
+    S.Sweep(sweep_config(args))
+    assert json.loads(manifest.read_text())["settings"]["input"] == before
     photo = next(p for p in sorted(cap.rglob("*.png")))
     os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))
     assert sweep_config(args).resolved().settings()["input"] != before
+    with pytest.raises(InputError, match=f"its input changed since the sweep began: a file of {cap}"):
+        S.Sweep(sweep_config(args))
 
 
 def test_a_resumed_point_keeps_its_cap_and_its_schedule(sphere, tmp_path):
@@ -496,8 +512,11 @@ def test_a_resumed_point_keeps_its_cap_and_its_schedule(sphere, tmp_path):
     assert trainer.progress_or_stop(10, 10_000, 0.0, 100.0, resumed_at=0.6) == pytest.approx(0.6)
     assert trainer.progress_or_stop(10, 10_000, 50.0, 100.0, resumed_at=0.6) == pytest.approx(0.8)
     assert trainer.progress_or_stop(10, 10_000, 100.0, 100.0, resumed_at=0.6) is None
-    assert trainer.resumed_progress({"progress": 0.4}) == 0.4
-    assert trainer.resumed_progress({"progress": "x"}) == trainer.resumed_progress(None) == 0.0
+    capped = {"steps": 100, "max_minutes": 2.0}
+    assert trainer.resumed_progress({"progress": 0.4, "train": capped}, 100) == 0.4
+    assert trainer.resumed_progress({"progress": 0.4, "train": capped}, 200) == 0.0  # other steps: another schedule
+    assert trainer.resumed_progress({"progress": 0.4, "train": {**capped, "max_minutes": None}}, 100) == 0.0
+    assert trainer.resumed_progress({"progress": "x", "train": capped}, 100) == trainer.resumed_progress(None, 1) == 0.0
 
 
 def test_a_point_another_process_is_making_is_left_to_it(sphere, tmp_path):
@@ -520,6 +539,19 @@ def test_a_point_another_process_is_making_is_left_to_it(sphere, tmp_path):
     assert any("T = 8: another process sharing" in line and "skipped" in line for line in logs)
     assert not (out / "points" / "hash-T8.json").exists() and (out / "points" / "draco-input-q8.json").exists()
     assert "**Incomplete:** 1 point of this sweep is not finished" in (out / "results.md").read_text()
+    # a point made from one the other process holds waits for it; that process stopping unfinished: skipped
+    import threading
+
+    out2, logs = tmp_path / "rd2", []
+    sweep = S.Sweep(_config(sphere, out2, ["dense", "kmeans:4"]), log=lambda *a, **k: logs.append(" ".join(map(str, a))))
+    (out2 / "work" / "dense").mkdir(parents=True)
+    fd = os.open(out2 / "work" / "dense", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    threading.Timer(1.0, os.close, (fd,)).start()  # the other process stops without finishing dense
+    sweep.run()
+    assert any("waiting for another process to finish dense" in line for line in logs)
+    assert any("b = 4: skipped: dense fp16" in line and "is not finished" in line for line in logs), logs
+    assert not list((out2 / "points").glob("*.json"))
 
 
 # -- bench-rd's target checks, on hand-made rows --------------------------------------------------------

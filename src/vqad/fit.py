@@ -524,12 +524,16 @@ def progress_or_stop(it: int, steps: int, elapsed: float, budget: float | None, 
     return progress
 
 
-def resumed_progress(resume_cfg: dict | None) -> float:
-    """Where the lr schedule of the fit a checkpoint holds had got to (``progress``, in [0, 1]; 0 for a fresh fit or
-    a checkpoint written before it was recorded): a time-capped fit resumed goes on from there, not from its
-    start (its learning rate was restarted high)."""
-    value = None if resume_cfg is None else resume_cfg.get("progress")
-    return float(value) if is_real(value) and 0 <= value <= 1 else 0.0
+def resumed_progress(resume_cfg: dict | None, steps: int) -> float:
+    """Where the lr schedule of the time-capped fit a checkpoint holds had got to (``progress``, in [0, 1]): resumed
+    with the same ``steps``, it goes on from there over its new cap, not from the top (a high learning rate late in a
+    fit). 0 (the schedule of the steps and the new cap alone) for a fresh fit, a fit that was not capped, one resumed
+    with other ``steps`` (another schedule asked for), or a checkpoint written before it was recorded."""
+    if resume_cfg is None:
+        return 0.0
+    value, train = resume_cfg.get("progress"), resume_cfg.get("train")
+    capped = isinstance(train, dict) and train.get("max_minutes") is not None and train.get("steps") == steps
+    return float(value) if capped and is_real(value) and 0 <= value <= 1 else 0.0
 
 
 def training_budget(left: float, after_seconds: float) -> float | None:
@@ -699,7 +703,7 @@ def run_fit(task: FitTask, cfg: TrainConfig, device: torch.device, ckpt_dir: Pat
     pending = resume_cfg is not None and resume_cfg.get("after_training") == "pending"
 
     earlier = earlier_train_seconds(resume_cfg)
-    resumed_at = resumed_progress(resume_cfg)
+    resumed_at = resumed_progress(resume_cfg, cfg.steps)
     schedule = [max(resumed_at, start / max(cfg.steps, 1))]  # the lr schedule's progress, as the last step had it
 
     def save(step_done: int, after_training_pending: bool = False, time_capped: bool = False) -> None:

@@ -102,7 +102,7 @@ from dataclasses import asdict, dataclass, field as dfield, fields
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
-from vqad.app.outputs import BATCH_LOCK as LOCK, BATCH_RESULTS as RESULTS, input_stamp, is_output_folder
+from vqad.app.outputs import BATCH_LOCK as LOCK, BATCH_RESULTS as RESULTS, capture_folder, input_stamp, is_output_folder
 from vqad.atomicio import append_record, write_atomic
 from vqad.device import release_freed_memory
 from vqad.errors import InputError, VqadError
@@ -636,7 +636,8 @@ class _JobReader:
                 detect_format(source)  # what a capture is, before anything runs
         except VqadError as exc:
             raise InputError(f"{where}: {exc}") from None
-        stamp = input_stamp(source, self.out_dir)
+        # (a capture given by its transforms.json: its whole folder, images included)
+        stamp = input_stamp(str(capture_folder(Path(source))) if app == "nerf" else source, self.out_dir)
         return AssetSpec(_asset_key(source, self.root, name, where), source, app, dict(args), options,
                          {**merged, "input": stamp}, fingerprint(app, stamp, args, options, configs),
                          fit_fingerprint(app, stamp, args, options, configs))

@@ -41,6 +41,17 @@ def _input_files(top: Path, out_dir: Path | None) -> list[Path]:
     return sorted(files)
 
 
+def capture_folder(source: Path) -> Path:
+    """The folder of a radiance-field capture given by one of its files (``transforms.json``, ``poses_bounds.npy``,
+    COLMAP's ``sparse/0/cameras.bin``): what an input stamp must cover (its images). A folder is itself."""
+    if not source.is_file():
+        return source
+    folder = source.parent
+    if folder.name.isdigit() and folder.parent.name == "sparse":  # COLMAP's sparse/N/
+        return folder.parent.parent
+    return folder.parent if folder.name == "sparse" else folder
+
+
 def input_stamp(source: str, out_dir: Path | None = None) -> list:
     """What identifies an asset's input without reading it: size and modification time of the file,
     or of every file of a capture folder (but those of vqad's output folders in it, ``out_dir`` and
@@ -59,4 +70,5 @@ def input_stamp(source: str, out_dir: Path | None = None) -> list:
     return [h.hexdigest()[:16]]
 
 
-__all__ = ["BATCH_RESULTS", "BATCH_LOCK", "SWEEP_MANIFEST", "OUTPUT_MARKERS", "is_output_folder", "input_stamp"]
+__all__ = ["BATCH_RESULTS", "BATCH_LOCK", "SWEEP_MANIFEST", "OUTPUT_MARKERS", "is_output_folder", "capture_folder",
+           "input_stamp"]

@@ -80,6 +80,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field as dfield, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -464,14 +465,13 @@ class SweepConfig:
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         if self.kind == "sdf" or d["dataset"] not in _procedural_names():
             d["dataset"] = str(Path(self.dataset).resolve())
-            from vqad.app.outputs import input_stamp
+            from vqad.app.outputs import capture_folder, input_stamp
 
             # the input's size and modification time (every file's, for a capture): a sweep resumed on a changed
             # input would put two inputs' points in one table
-            # (a capture given by its transforms.json: the whole capture folder, whose images are the input)
-            source = Path(d["dataset"])
-            d["input"] = input_stamp(str(source.parent if self.kind == "nerf" and source.is_file() else source),
-                                     Path(self.out).resolve())
+            # (a capture given by one of its files, transforms.json: the whole capture folder, its images too)
+            source = capture_folder(Path(d["dataset"])) if self.kind == "nerf" else Path(d["dataset"])
+            d["input"] = input_stamp(str(source), Path(self.out).resolve())
         if self.kind == "nerf":
             d["background"] = [float(c) for c in _background(self.background)]  # checked by the dataset loader
         return d
@@ -615,16 +615,23 @@ class PeakMemory:
             self.bytes = max(self.bytes, self._rss())
 
 
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty, or gone
+        pass
+
+
+#: what is left of a sweep point's cap once an earlier run spent it: the fit stops at once (a cap must be > 0)
+MIN_CAP_MINUTES = 1e-6
+
+
 def minutes_left(minutes: float | None, spent: float) -> float | None:
     """The cap of a sweep point's fit (``minutes`` per fit; None: none) after ``spent`` seconds an interrupted run of it
     trained: the cap holds for the point, not for each run (a resumed point got its whole cap again)."""
     if minutes is None:
         return None
     return max(minutes - spent / 60.0, MIN_CAP_MINUTES)
-
-
-#: what is left of a sweep point's cap once an earlier run spent it: the fit stops at once (a cap must be > 0)
-MIN_CAP_MINUTES = 1e-6
 
 
 class SDFTask:
@@ -817,13 +824,32 @@ class Sweep:
             old = {k: v for k, v in {**added, **old}.items() if k not in NOT_SETTINGS}
             if "input" not in old:  # recorded before the input's stamp was: nothing to compare it with
                 new.pop("input", None)
+            elif self._stamped_alone(old):  # a capture given by one of its files, stamped alone before: whole now
+                doc["settings"]["input"] = old["input"] = new["input"]
+                write_atomic(manifest, json.dumps(doc, indent=2))
             diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" if k != "input" else
-                    f"its input changed since the sweep began: a file of {new.get('dataset', old.get('dataset'))} was "
+                    f"its input changed since the sweep began: a file of {self._input_name()} was "
                     "added, removed or modified (size or modification time); the points made before would not be "
                     "comparable" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             if diff:
                 raise InputError(f"{self.out} holds a sweep made with other settings ({'; '.join(diff)}): "
                                  "re-run with the same settings to resume it, or use another --out")
+
+    def _input_name(self) -> str:
+        """What the input stamp covers: the mesh, or the capture's folder."""
+        from vqad.app.outputs import capture_folder
+
+        source = Path(self.cfg.dataset).resolve()
+        return str(capture_folder(source) if self.cfg.kind == "nerf" else source)
+
+    def _stamped_alone(self, old: dict) -> bool:
+        """Whether the recorded input stamp is the one a sweep of a radiance-field capture given by one of its files
+        (``transforms.json``) recorded before its whole folder was stamped, and that file is unchanged."""
+        from vqad.app.outputs import input_stamp
+
+        source = Path(str(old.get("dataset", "")))
+        return (self.cfg.kind == "nerf" and source.is_file() and isinstance(old.get("input"), list)
+                and len(old["input"]) == 2 and old["input"] == input_stamp(str(source)))
 
     def _prepare_out(self) -> None:
         from vqad.app.commands.common import ensure_writable_dir
@@ -867,6 +893,15 @@ class Sweep:
             if self.finished(p):
                 self.log(f"[{i}/{n}] {p.label}: finished earlier, skipped")
                 continue
+            source = self._source(p)
+            if source is not None and not self.finished(source):
+                self.log(f"[{i}/{n}] {p.label}: waiting for another process to finish {source.label}, which it is made "
+                         "from", flush=True)
+                os.close(self._claim(source, wait=True))  # held until that process finishes it (or stops)
+                if not self.finished(source):
+                    self.log(f"[{i}/{n}] {p.label}: skipped: {source.label}, which it is made from, is not finished "
+                             "(the process making it stopped: run the sweep again)")
+                    continue
             claim = self._claim(p)
             if claim is None:
                 self.log(f"[{i}/{n}] {p.label}: another process sharing {self.out} is making it now, skipped")
@@ -874,6 +909,7 @@ class Sweep:
             try:
                 if self.finished(p):  # (the other process finished it as this one claimed it)
                     self.log(f"[{i}/{n}] {p.label}: finished earlier, skipped")
+                    _remove_if_empty(self.out / "work" / p.key)
                     continue
                 self.log(f"[{i}/{n}] {p.label} ...", flush=True)
                 rows = self._run_point(p)
@@ -892,21 +928,35 @@ class Sweep:
         self.log(f"wrote {self.out}/results.csv, results.md, rd.png ({len(rows)} rows)")
         return rows
 
-    def _claim(self, p: Point) -> int | None:
+    def _claim(self, p: Point, wait: bool = False) -> int | None:
         """Hold point ``p`` while this process makes it (a ``flock`` on its folder ``work/KEY``, which holds its fit's
         checkpoint): a descriptor to close when done, or None when another process sharing ``out`` holds it (both
-        fitted the same point and wrote the same checkpoint)."""
+        fitted the same point and wrote the same checkpoint); with ``wait``, until that process lets it go."""
         import fcntl
 
         folder = self.out / "work" / p.key
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return None
-        return fd
+        while True:
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(folder, os.O_RDONLY)
+            except FileNotFoundError:  # the other process removed it (its point finished) between the two calls
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except OSError:
+                os.close(fd)
+                return None
+            return fd
+
+    @staticmethod
+    def _source(p: Point) -> Point | None:
+        """The point ``p`` is made from (post-hoc and draco-mc points: the dense fit's file; a stream curve: its
+        codebook fit), or None."""
+        if METHODS[p.method].kind == "posthoc" or p.method == "draco-mc":
+            return Point("dense")
+        if p.method == "codebook-stream":
+            return Point("codebook", p.setting)
+        return None
 
     def _pending(self) -> list[str]:
         """The labels of this sweep's points that have no record yet (an interrupt, or another process's share)."""
@@ -1373,8 +1423,6 @@ def plot_rd(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8, loc="best")
-    import warnings
-
     with warnings.catch_warnings():  # a title in a script the font lacks draws boxes: not worth a warning a point
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         fig.tight_layout()

@@ -126,6 +126,20 @@ def clear_stale_renders(folder: Path, stems: list[str]) -> None:
                 p.unlink()
 
 
+def clear_other_lods(out_dir: Path, dataset: SceneDataset, split: str, lods: list[int]) -> None:
+    """Remove the renders of ``split``'s views that an earlier run left in ``out_dir`` for LODs other than ``lods``
+    (and their folders, when that empties them): ``vqad eval -o`` writes a metrics.json of ``lods`` alone, which
+    must not stand beside another model's renders. (``vqad render --lod L`` keeps the other LODs' renders.)"""
+    stems = view_stems(pick_split(dataset, split))
+    prefix = f"{split}_lod"
+    for other in Path(out_dir).glob(f"{glob.escape(prefix)}*"):
+        level = other.name.removeprefix(prefix)
+        if level.isdigit() and int(level) not in lods and other.is_dir() and not other.is_symlink():
+            clear_stale_renders(other, stems)
+            if not any(other.iterdir()):
+                other.rmdir()
+
+
 @torch.no_grad()
 def render_views(field, dataset: SceneDataset, split: str, lods: list[int], sampler: OccupancySampler | None = None,
                  max_views: int | None = None, chunk: int = 1 << 13, early_stop_eps: float = 0.0,
@@ -201,12 +215,6 @@ def evaluate_nerf(field, dataset: SceneDataset, split: str = "test", lods: list[
             dirs[lod] = Path(out_dir) / f"{split}_lod{lod}"
             dirs[lod].mkdir(parents=True, exist_ok=True)
             clear_stale_renders(dirs[lod], stems)
-        for other in Path(out_dir).glob(f"{glob.escape(split)}_lod*"):  # LODs this run leaves out: not beside its own
-            if other.name[len(split) + 4:].isdigit() and int(other.name[len(split) + 4:]) not in lods \
-                    and other.is_dir() and not other.is_symlink():
-                clear_stale_renders(other, stems)
-                if not any(other.iterdir()):
-                    other.rmdir()
     scores = {lod: {"psnr": [], "ssim": [], "psnr_matched": []} for lod in lods}
     order = range(len(views) if max_views is None else min(max_views, len(views)))
     if valid is not None and not dirs:  # nothing is saved: a view that cannot be scored is not rendered

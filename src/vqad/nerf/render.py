@@ -547,7 +547,7 @@ def terminate_rays(field, samples: PackedSamples, o: torch.Tensor, d: torch.Tens
 
     Returns the kept samples ``S'`` and, per LOD, the positions ``(S_b,)`` int64 among them where that
     LOD's own ``T ≥ eps``, or None where it keeps all ``S'`` (a coarse LOD's blurrier field stays
-    transparent longer, so the finest LOD's list is often far shorter: :meth:`NeRFField.all_lods`
+    transparent longer, so the finest LOD's list is often far shorter: :meth:`NeRFField.query_lods`
     decodes each LOD on its own list only).
     """
     if not 0.0 < eps < 1.0:  # also NaN; 0 is no termination (don't call this), >= 1 would drop every sample

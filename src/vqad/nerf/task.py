@@ -225,10 +225,14 @@ class RadianceTask(FitTask):
         if start >= self.cfg.prune_warmup and self.cfg.prune_every > 0:  # resumed: the occupancy from the model
             prune_by_model(self.field, self.sampler)
 
+    def _finest_density(self, x: torch.Tensor) -> torch.Tensor:
+        """``σ (N,)`` at the finest LOD, unchecked (pruning probes: points the sampler made)."""
+        return self.field.query_densities(x, [self.field.grid.octree.max_level])[0]
+
     def before_step(self, it, progress, gen):
         c = self.cfg
         if prune_due(it, c.prune_every, c.prune_warmup):
-            self.sampler.prune(self.field.density, self.sigma_thr, decay=c.prune_decay, generator=gen)
+            self.sampler.prune(self._finest_density, self.sigma_thr, decay=c.prune_decay, generator=gen)
         self.lods = step_lods(self.field.lods, c.lod_mode, gen)
 
     def step(self, it, progress, gen) -> StepLoss:
@@ -305,7 +309,7 @@ class RadianceTask(FitTask):
         if c.refine and has_codebook(self.field.grid):
             t = self.deadline.clock()
             self.field.eval()
-            self.sampler.prune(self.field.density, self.sigma_thr)  # sweep over the samples render / eval will see
+            self.sampler.prune(self._finest_density, self.sigma_thr)  # sweep over the samples render / eval will see
             self.run_sweeps(c.refine, self._sweep_seconds(self.step_seconds),
                             lambda share: refine_nerf(self.field, self.sampler, self.batcher,
                                                       max(int(share * c.refine_rays), 1), self.background, gen,

@@ -164,7 +164,8 @@ def volumetric_iou(field, lod: int, oracle: SDFOracle, n: int = IOU_SAMPLES, see
     x, gt = oracle.uniform_inside(field.normalization, n, seed)
     device = field.grid.octree.device
     xt = torch.from_numpy(x).to(device)
-    pred = torch.cat([field(xt[s : s + chunk], lod) for s in range(0, n, chunk)]).cpu().numpy() < 0
+    lod = field.check_lod(lod)
+    pred = torch.cat([field.query(xt[s : s + chunk].float(), lod) for s in range(0, n, chunk)]).cpu().numpy() < 0
     union = np.logical_or(gt, pred).sum()
     return float(np.logical_and(gt, pred).sum() / max(union, 1))
 

@@ -84,7 +84,7 @@ def extract_tsdf_mesh(field, lod: int | None = None, per_cell: int | None = None
         for a in range(0, idx.shape[0], chunk):
             n = idx[a:a + chunk]
             p = torch.stack([n // (R * R), (n // R) % R, n % R], -1).float() * step - 1.0
-            vol[n] = field(p, lod).float()
+            vol[n] = field.query(p, lod).float()
     mesh = masked_marching_cubes(vol.reshape(R, R, R).cpu().numpy(), obs.reshape(R, R, R).cpu().numpy(), step, (-1.0, -1.0, -1.0))
     if len(mesh.faces) == 0:
         raise InputError(f"the field at LOD {lod} has no zero crossing in its observed space: nothing to mesh (is the model trained?)")

@@ -58,7 +58,15 @@ def ensure_results_dir(path: str | Path, flag: str = "-o") -> Path:
 
 
 def _is_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    """``path`` holds a vqad checkpoint (its config.json names the format: a Hugging Face model's folder has the
+    same two files)."""
+    if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
+        return False
+    try:
+        with open(path / "config.json", "rb") as f:
+            return b'"vqad_checkpoint"' in f.read(4096)  # (the first key save_checkpoint writes)
+    except OSError:
+        return False
 
 
 def refuse_inside_checkpoint(path: str | Path, flag: str) -> None:
@@ -180,6 +188,7 @@ def ensure_fit_dir(path: str | Path, markers: tuple[str, ...] = ("checkpoint", "
     from vqad.checkpoint import check_checkpoint_target
 
     path = Path(path)
+    refuse_inside_checkpoint(path, "--out")
     refuse_foreign_dir(path, markers, f"--out {path}", "fit")
     check_checkpoint_target(path / "checkpoint")  # (a folder of that name holding other files: never replaced)
     path = ensure_writable_dir(path)
@@ -443,7 +452,17 @@ def load_model(args, whole: bool = False):
     if nbytes is not None and nbytes <= 0:
         raise InputError(f"--bytes must be a positive number of bytes (a prefix of the .vqad file), got {nbytes}")
     lod = None if whole and nbytes is None else args.lod
-    return load(args.model, device=resolve_device(args.device), lod=lod, max_bytes=nbytes)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as cut:  # a prefix without --lod's LOD: one error, not a warning too
+        warnings.simplefilter("always")
+        field = load(args.model, device=resolve_device(args.device), lod=lod, max_bytes=nbytes)
+    for w in cut:
+        if nbytes is not None and lod is not None and "asked for (it needs more bytes)" in str(w.message):
+            raise InputError(f"--bytes {nbytes:,}: the first {nbytes:,} bytes of {args.model} hold LODs up to "
+                             f"{max(field.lods)}, not LOD {lod}: give more --bytes, or --lod {max(field.lods)}")
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return field
 
 
 def check_resumed_source(recorded: str | None, given: str | Path, what: str, hint: str) -> str | None:

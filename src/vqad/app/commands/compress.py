@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vqad.errors import InputError
-from vqad.app.commands.common import path_arg, add_device_arg, refuse_output_in_model
+from vqad.app.commands.common import path_arg, add_device_arg, refuse_inside_checkpoint, refuse_output_in_model
 
 
 def register(sub) -> None:
@@ -53,6 +53,7 @@ def cmd_compress(args) -> int:
         check_seed(args.seed)  # (posthoc checks it too; here before the model is read)
     out = Path(args.out)
     refuse_output_in_model(args.model, out)
+    refuse_inside_checkpoint(out, "--out")
     try:
         check_checkpoint_target(out)  # now, before the work: a folder of other files is never replaced
     except InputError as exc:

@@ -491,7 +491,7 @@ def _lods(field, lod):
 
 def cmd_eval(args) -> int:
     from vqad.nerf.appearance import checkpoint_scoring
-    from vqad.nerf.evaluate import evaluate_nerf, load_scene, metric_lines, require_scorable
+    from vqad.nerf.evaluate import clear_other_lods, evaluate_nerf, load_scene, metric_lines, require_scorable
 
     if args.max_views is not None and args.max_views <= 0:
         raise InputError("--max-views must be positive")
@@ -506,8 +506,10 @@ def cmd_eval(args) -> int:
     scoring = checkpoint_scoring(args.model, args.views, dataset.splits.get("train"))
     if args.match_exposure:
         scoring["match_exposure"] = True
-    if out is not None and ((out / "metrics.json").is_file() or (out / "metrics.json").is_symlink()):
-        (out / "metrics.json").unlink()  # an earlier run's: never left beside this run's renders if it stops
+    if out is not None:  # an earlier run's metrics.json, and renders of LODs this run leaves out: not beside its own
+        if (out / "metrics.json").is_file() or (out / "metrics.json").is_symlink():
+            (out / "metrics.json").unlink()
+        clear_other_lods(out, dataset, args.views, lods)
     res = evaluate_nerf(field, dataset, args.views, lods=lods, out_dir=out, max_views=args.max_views, **scoring)
     print(f"{args.views!r} views of {dataset.name!r}" + (" as their photos were exposed (the checkpoint's per-view "
                                                            "appearance)" if scoring.get("appearance") else "")

@@ -86,8 +86,10 @@ def _sdf_frame(field, lod: int, camera, mode: str) -> np.ndarray:
     octree = field.grid.octree
     o, d = camera.rays(octree.device)
 
-    def fn(x):
-        return field(x, lod)
+    lod = field.check_lod(lod)
+
+    def fn(x):  # (unchecked: sphere tracing evaluates the field dozens of times a frame)
+        return field.query(x, lod)
 
     hit, t, dist = sphere_trace(fn, o, d, octree=octree, level=lod)
     if mode == "depth":

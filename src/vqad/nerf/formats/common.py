@@ -238,6 +238,10 @@ def _resolve_image(base: Path, file_path: str, what: str, root: Path | None = No
 
 
 # -- poses and intrinsics --------------------------------------------------------------------------
+#: the most fx / fy (or fy / fx) a camera may have: anamorphic lenses squeeze 2×; more is a broken camera file
+MAX_PIXEL_ASPECT = 4.0
+
+
 @dataclass
 class _Pinhole:
     """Intrinsics as a file gives them, for a reference image size (None = the image's own)."""
@@ -280,10 +284,6 @@ class _Pinhole:
                              f"more than {MAX_PIXEL_ASPECT:g}× (a camera's pixels are near square): check the camera "
                              "file's focal lengths")
         return out
-
-
-#: the most fx / fy (or fy / fx) a camera may have: anamorphic lenses squeeze 2×; more is a broken camera file
-MAX_PIXEL_ASPECT = 4.0
 
 
 @dataclass

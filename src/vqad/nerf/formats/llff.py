@@ -12,11 +12,11 @@ from vqad.nerf.data import SceneDataset
 from vqad.nerf.formats.common import HOLD_EVERY, _Frame, _Pinhole, _as_c2w, _dataset, _holdout, _list_images, dynamic_mask_of
 
 
-# -- LLFF ------------------------------------------------------------------------------------------
 #: the widest far / near of a capture's bounds (real LLFF captures: under 1,000); wider is a broken file
 MAX_DEPTH_RATIO = 1e6
 
 
+# -- LLFF ------------------------------------------------------------------------------------------
 def _llff_image_dir(root: Path, downscale: int) -> tuple[Path, int, Path]:
     """The image folder to read, the downscale still to apply to it, and the highest-resolution folder present
     (``images`` = factor 1, or the smallest ``images_N``; its photos' dynamic masks stand for their copies).

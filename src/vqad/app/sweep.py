@@ -897,7 +897,9 @@ class Sweep:
             if source is not None and not self.finished(source):
                 self.log(f"[{i}/{n}] {p.label}: waiting for another process to finish {source.label}, which it is made "
                          "from", flush=True)
-                os.close(self._claim(source, wait=True))  # held until that process finishes it (or stops)
+                held = self._claim(source, wait=True)  # returns when that process has finished it (or stopped)
+                if held is not None:
+                    os.close(held)
                 if not self.finished(source):
                     self.log(f"[{i}/{n}] {p.label}: skipped: {source.label}, which it is made from, is not finished "
                              "(the process making it stopped: run the sweep again)")
@@ -979,13 +981,14 @@ class Sweep:
                     from vqad.checkpoint import read_config
                     from vqad.fit import earlier_train_seconds
 
-                    spent = earlier_train_seconds(read_config(work / "checkpoint"))
-                    note = ("fit continued from the checkpoint of an interrupted run (fit s: both runs)" if spent is not None
-                            else "fit continued from the checkpoint of an interrupted run (fit s: this run only)")
+                    known = earlier_train_seconds(read_config(work / "checkpoint"))  # (None: not recorded)
+                    spent = known or 0.0
+                    note = ("fit continued from the checkpoint of an interrupted run (fit s: "
+                            + ("both runs)" if known is not None else "this run only)"))
                     self.log(f"    continuing the interrupted fit from {work / 'checkpoint'}")
                 rate = {"rate_weight": p.rate_weight} if p.rate_weight else {}
                 field, steps, refine, notes = self.task.fit(self._grid_cfg(p), work, resume,
-                                                            refine=METHODS[p.method].refine, spent=spent or 0.0, **rate)
+                                                            refine=METHODS[p.method].refine, spent=spent, **rate)
                 note = "; ".join([n for n in (note, *notes) if n]) or None
                 if not any(s.discrete for s in field.grid.storages):
                     refine = None  # only codebook indices are refined
@@ -996,7 +999,7 @@ class Sweep:
                 arg = {"bits": p.setting} if p.method == "kmeans" else {"rank": p.setting}
                 field = posthoc(self.dense_field(), p.method, seed=self.cfg.seed, **arg)
         if kind != "draco":
-            seconds = time.perf_counter() - t0 + (spent or 0.0)
+            seconds = time.perf_counter() - t0 + spent
             row = self._file_row(p, field)
             row.update(fit_seconds=seconds, steps=steps, refine=refine, note=note)
         row["peak_memory_bytes"] = mem.bytes

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -452,8 +453,6 @@ def load_model(args, whole: bool = False):
     if nbytes is not None and nbytes <= 0:
         raise InputError(f"--bytes must be a positive number of bytes (a prefix of the .vqad file), got {nbytes}")
     lod = None if whole and nbytes is None else args.lod
-    import warnings
-
     with warnings.catch_warnings(record=True) as cut:  # a prefix without --lod's LOD: one error, not a warning too
         warnings.simplefilter("always")
         field = load(args.model, device=resolve_device(args.device), lod=lod, max_bytes=nbytes)

@@ -126,23 +126,30 @@ class NeuralField(nn.Module):
     def device(self) -> torch.device:
         return self.grid.octree.device
 
+    def as_rows(self, v, what: str, noun: str, values: str) -> torch.Tensor:
+        """``v`` as an ``(N, 3)`` floating-point tensor on the field's device (a NumPy array or nested list is
+        converted), else an :class:`InputError` naming ``what`` (``x``, ``d``), its ``noun`` (points) and what its
+        ``values`` are (coordinates in the unit cube)."""
+        if not isinstance(v, torch.Tensor):
+            try:
+                v = torch.as_tensor(v, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise InputError(f"{what} must be (N, 3) {noun} (a tensor or an array of numbers), got "
+                                 f"{type(v).__name__}: {exc}") from None
+        if v.dim() != 2 or v.shape[1] != 3:
+            raise InputError(f"{what} must have shape (N, 3), got {tuple(v.shape)}")
+        if not v.is_floating_point():
+            raise InputError(f"{what} must be floating-point {values}, got {v.dtype}")
+        if v.device != self.device:
+            raise InputError(f"{what} is on {v.device}, the field on {self.device}: pass {what}.to(field.device)")
+        return v
+
     def check_points(self, x, what: str = "x") -> torch.Tensor:
         """``x`` of a query from outside (``field(x, lod)``): ``(N, 3)`` unit-cube points as a float32 tensor on
         the field's device (a NumPy array or nested list is converted, float64 cast). Anything else, or a NaN
         or infinite coordinate, is an :class:`InputError` that says what to pass. (Points outside the cube are
         taken: the field is defined inside it, and outside it returns extrapolations, not distances.)"""
-        if not isinstance(x, torch.Tensor):
-            try:
-                x = torch.as_tensor(x, dtype=torch.float32)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise InputError(f"{what} must be (N, 3) points (a tensor or an array of numbers), got "
-                                 f"{type(x).__name__}: {exc}") from None
-        if x.dim() != 2 or x.shape[1] != 3:
-            raise InputError(f"{what} must have shape (N, 3), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise InputError(f"{what} must be floating-point coordinates in the unit cube, got {x.dtype}")
-        if x.device != self.device:
-            raise InputError(f"{what} is on {x.device}, the field on {self.device}: pass {what}.to(field.device)")
+        x = self.as_rows(x, what, "points", "coordinates in the unit cube")
         dtype = next(self.parameters()).dtype
         if dtype != torch.float32:
             raise InputError(f"this field's parameters are {dtype}, but vqad fields compute in float32 (a file "

@@ -223,20 +223,9 @@ class NeRFField(NeuralField):
         """``d`` of a query from outside: ``(n, 3)`` view directions as unit float32 vectors on the field's device
         (any non-zero length is normalised: the colour's spherical harmonics take unit vectors). A zero,
         NaN or infinite direction, or another shape, is an :class:`InputError`."""
-        if not isinstance(d, torch.Tensor):
-            try:
-                d = torch.as_tensor(d, dtype=torch.float32)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise InputError(f"d must be (N, 3) view directions (a tensor or an array of numbers), got "
-                                 f"{type(d).__name__}: {exc}") from None
-        if d.dim() != 2 or d.shape[1] != 3:
-            raise InputError(f"d must have shape (N, 3), got {tuple(d.shape)}")
+        d = self.as_rows(d, "d", "view directions", "view directions")
         if d.shape[0] != n:
             raise InputError(f"x and d must hold as many rows, got {n} and {d.shape[0]}")
-        if not d.is_floating_point():
-            raise InputError(f"d must be floating-point view directions, got {d.dtype}")
-        if d.device != self.device:
-            raise InputError(f"d is on {d.device}, the field on {self.device}: pass d.to(field.device)")
         d = d.float()
         norm = d.norm(dim=-1, keepdim=True)
         if d.numel() and not bool(((norm > 0) & torch.isfinite(norm)).all()):

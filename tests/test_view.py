@@ -646,3 +646,50 @@ def test_viewer_refuses_a_url_that_is_not_a_vqad_file_before_it_starts(vqad_byte
             assert h.error is None and h.bytes_received == len(vqad_bytes) and h.lods_available
         finally:
             h.stop()
+
+
+def test_viewer_hostile_pass_findings(tmp_path, vqad_file, vqad_bytes):
+    """A local file rewritten in place while it streams says so (it read as damaged or truncated, 114 % received);
+    a checkpoint viewed with --lod stops there (every LOD was shown); set_mode before the header takes any kind's
+    mode and falls back to the kind's own (decoding stopped with a ValueError); a camera without a picture (no
+    field of view, no pixels) is an InputError; only http(s) URLs; --size under 16 names the flag."""
+    from vqad import fileformat
+    from vqad.app.cli import main
+    from vqad.app.fetch import FetchError, FileSource
+    from vqad.app.viewer.camera import ViewCamera
+    from vqad.checkpoint import save_checkpoint
+    from vqad.errors import InputError
+
+    live = tmp_path / "live.vqad"
+    live.write_bytes(vqad_bytes)
+    src, got = FileSource(live, block=1024), []
+    with pytest.raises(FetchError, match="changed on disk while it was being read"):
+        for n, block in enumerate(src):
+            got.append(block)
+            if n == 2:
+                with open(live, "r+b") as f:  # cp over it: the same inode, new bytes
+                    f.write(b"\0" * 64)
+    assert sum(map(len, got)) <= src.total
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, fileformat.load(vqad_bytes))
+    h = open_viewer(str(ckpt), serve=False, device="cpu", lod=4, still_size=32)
+    try:
+        assert h.wait_for(lambda h: h.loaded.is_set(), timeout=40) and h.lods_available == [2, 3, 4]
+    finally:
+        h.stop()
+    h = open_viewer(str(vqad_file), serve=False, device="cpu", still_size=32)
+    try:
+        with pytest.raises(InputError, match="unknown view mode 'bogus'"):
+            h.set_mode("bogus")
+        h.set_mode("colour")  # a radiance field's mode, before the header says this is an SDF
+        h.add_view(orbit_view(32, 32))
+        assert h.wait_for(_done, timeout=40) and h.error is None and h.mode == "shaded"
+    finally:
+        h.stop()
+    for bad in (dict(fov_y=0.0), dict(width=0), dict(height=-5)):
+        with pytest.raises(InputError, match="a view's"):
+            ViewCamera(**{"position": (0.0, 0.0, 3.0), "rotation": ((1.0, 0, 0), (0, 1.0, 0), (0, 0, 1.0)),
+                          "fov_y": 0.8, "width": 8, "height": 8, **bad})
+    with pytest.raises(InputError, match="only http:// and https:// URLs"):
+        open_viewer("ftp://example.com/a.vqad", serve=False, device="cpu")
+    assert main(["view", str(vqad_file), "--size", "15"]) == 2

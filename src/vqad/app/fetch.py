@@ -24,6 +24,7 @@ Public API::
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -116,7 +117,9 @@ class FileSource(ProgressiveSource):
         p = Path(path)
         if not p.is_file():
             raise InputError(f"no such file: {p} (pass a .vqad file, a checkpoint directory or an http(s):// URL)")
-        self.name, self.path, self.total = str(p), p, p.stat().st_size
+        st = p.stat()
+        self.name, self.path, self.total = str(p), p, st.st_size
+        self._stamp = (st.st_ino, st.st_size, st.st_mtime_ns)  # the file as it was opened: a change is noticed
         self.block = max(int(block), 1)
         self.bucket = TokenBucket(bandwidth, burst=min(self.block, max(bandwidth / 50, 512))) if bandwidth else None
         self._closed = False
@@ -130,6 +133,10 @@ class FileSource(ProgressiveSource):
         with f:
             while not self._closed:
                 data = f.read(piece)
+                st = os.fstat(f.fileno())  # after the read: a block read while the file was rewritten is not passed on
+                if (st.st_ino, st.st_size, st.st_mtime_ns) != self._stamp:
+                    raise FetchError(f"{self.name} changed on disk while it was being read (rewritten in place): open "
+                                     "it again")
                 if not data:
                     return
                 if self.bucket:

@@ -41,7 +41,7 @@ import numpy as np
 
 from vqad.app.fetch import FetchError, is_url, open_source
 from vqad.app.viewer.camera import ViewCamera, look_at_rotation
-from vqad.app.viewer.frames import DISTANCE_KINDS, modes_for, nerf_context, render_frame
+from vqad.app.viewer.frames import DISTANCE_KINDS, NERF_MODES, SDF_MODES, modes_for, nerf_context, render_frame
 from vqad.errors import InputError, StreamError, VqadError
 
 #: the camera ``vqad render`` uses (azimuth 35°, elevation 20°, distance 3.2, vertical fov 40°)
@@ -113,6 +113,7 @@ class ViewerHandle:
         self.lods_shown: list[int] = []
         self.current_lod: int | None = None
         self.error: str | None = None
+        self._render_error = False  # self.error is a frame's fault (the next good frame clears it), not the stream's
         self.last_frame: np.ndarray | None = None
         self.last_still: np.ndarray | None = None
         self.last_camera: ViewCamera | None = None
@@ -201,9 +202,16 @@ class ViewerHandle:
             self._update_current()
         self._refresh_panel()
 
+    def _mode_for_kind(self) -> str:
+        """The mode to draw once the kind is known: the one set (set_mode before the header may name another
+        kind's), else the kind's first."""
+        return self.mode if self.mode in modes_for(self.kind) else modes_for(self.kind)[0]
+
     def set_mode(self, mode: str) -> None:
-        if self.kind is not None and mode not in modes_for(self.kind):
-            raise InputError(f"unknown view mode {mode!r}: one of {modes_for(self.kind)}")
+        """Draw ``mode`` (one of the kind's modes; before the header has said the kind, one of any kind's)."""
+        allowed = modes_for(self.kind) if self.kind is not None else tuple(dict.fromkeys(SDF_MODES + NERF_MODES))
+        if mode not in allowed:
+            raise InputError(f"unknown view mode {mode!r}: one of {list(allowed)}")
         with self._cond:
             self.mode = mode
             self._scene_version += 1
@@ -275,8 +283,9 @@ class ViewerHandle:
             self._scene_version += 1
             self._cond.notify_all()
 
-    def _fail(self, message: str) -> None:
-        best = f" Showing LOD {self.lods_available[-1]}, the finest complete one." if self.lods_available else ""
+    def _fail(self, message: str, best: bool = True) -> None:
+        """Show ``message`` in the panel and on the terminal; ``best``: a stream's fault, so say which LOD is shown."""
+        best = f" Showing LOD {self.lods_available[-1]}, the finest complete one." if best and self.lods_available else ""
         self.error = message.rstrip() + ("" if message.rstrip().endswith(".") else ".") + best
         print(f"vqad view: {self.error}", file=sys.stderr, flush=True)  # the terminal, not only the panel
         self._event("error", detail=self.error)
@@ -355,7 +364,7 @@ class ViewerHandle:
                     self.bytes_received = dec.bytes_received
                     if dec.cfg is not None and self.kind is None:  # (--lod was checked against the header)
                         self.kind = dec.cfg.get("kind", "sdf")
-                        self.mode = self.mode or modes_for(self.kind)[0]
+                        self.mode = self._mode_for_kind()
                         self._build_gui_for_kind()
                     for lv in sorted(set(dec.prefix_sizes) - set(self._fields)):
                         self._lod_arrived(dec, lv)
@@ -399,13 +408,14 @@ class ViewerHandle:
             field, _ = load_checkpoint(self.source, self.device)
             field.eval()
             self.kind = field.kind
-            self.mode = self.mode or modes_for(self.kind)[0]
+            self.mode = self._mode_for_kind()
             self._build_gui_for_kind()
             path = Path(self.source) / "model.safetensors"
             self.total_bytes = self.bytes_received = path.stat().st_size
-            for lv in field.lods:
+            lods = [lv for lv in field.lods if self.stop_lod is None or lv <= self.stop_lod]  # --lod: no finer one
+            for lv in lods:
                 self._event("lod_bytes", lv, self.total_bytes)
-            for lv in field.lods:
+            for lv in lods:
                 self._add_field(lv, field, None)
             self._event("finished", nbytes=self.total_bytes)
         except VqadError as exc:
@@ -466,11 +476,17 @@ class ViewerHandle:
                 camera = v.camera
             try:
                 self._draw(v, key, quality, lod, field, mode, camera)
-            except Exception as exc:  # a bug in a frame: shown, the loop goes on
+            except Exception as exc:  # a bug in a frame (or a camera it cannot take): shown, the loop goes on
                 traceback.print_exc()
                 with self._cond:
                     v.rendered, v.quality = key, "still"
-                self._fail(f"internal error while rendering: {type(exc).__name__}: {exc}")
+                if self.error is None or self._render_error:  # (never over the stream's own error)
+                    self._render_error = True
+                    self._fail(f"internal error while rendering: {type(exc).__name__}: {exc}", best=False)
+            else:
+                if self._render_error:  # the next good frame clears it
+                    self.error, self._render_error = None, False
+                    self._refresh_panel()
 
     def _size(self, camera: ViewCamera, long_side: int) -> tuple[int, int]:
         s = long_side / max(camera.width, camera.height)
@@ -588,7 +604,10 @@ class ViewerHandle:
 
             @client.camera.on_update
             def _(cam) -> None:
-                w, h = int(cam.image_width or 640), int(cam.image_height or 480)
+                if not (0 < float(cam.fov) < math.pi and np.all(np.isfinite(cam.position))
+                        and np.all(np.isfinite(cam.wxyz)) and float(np.linalg.norm(cam.wxyz)) > 0):
+                    return  # a camera a browser cannot have (no field of view, no rotation): nothing to draw
+                w, h = max(int(cam.image_width or 640), 1), max(int(cam.image_height or 480), 1)
                 long_side = min(self.still_size, max(w, h)) if max(w, h) >= 256 else self.still_size
                 s = long_side / max(w, h)
                 camera = ViewCamera.from_world(cam.position, cam.wxyz, cam.fov, max(int(round(w * s)), 8),
@@ -604,6 +623,9 @@ class ViewerHandle:
         g = self._gui
         fmt = str(g["mesh_fmt"].value).lower()
         lod = self.current_lod
+        if lod is None:
+            g["mesh_status"].content = "**cannot export yet:** wait for the first level of detail to arrive"
+            return
         g["mesh_btn"].disabled = True
         g["mesh_status"].content = f"meshing LOD {lod}…"
         try:
@@ -629,6 +651,7 @@ class ViewerHandle:
                 self.set_mode(str(g["mode"].value))
 
         g["mesh_folder"].visible = self.kind in DISTANCE_KINDS
+        g["mesh_res"].visible = self.kind != "tsdf"  # a TSDF is meshed on its own lattice: no resolution to choose
 
     def _refresh_slider(self) -> None:
         g = self._gui
@@ -665,17 +688,19 @@ class ViewerHandle:
         if self.render_ms is not None:
             lines.append(f"render: {self.render_ms:,.0f} ms/frame on {self.device}")
         g["stats"].content = "  \n".join(lines)
-        if stats_only:
-            return
-        if self.error:
-            g["error"].content = f"**⚠ {self.error}**"
-            g["error"].visible = True
+        # the metrics of the LOD in use, on every refresh (following the stream steps LODs between full ones)
+        text = ""
         if self.metrics and lod is not None:
             per = (self.metrics.get("lods") or {}).get(str(lod)) or (self.metrics.get("lods") or {}).get(lod)
             if isinstance(per, dict):
                 vals = ", ".join(f"{k} {v:.4g}" for k, v in per.items() if isinstance(v, (int, float)) and k != "seconds")
-                g["metrics"].content = f"metrics at LOD {lod}: {vals}"
-                g["metrics"].visible = True
+                text = f"metrics at LOD {lod}: {vals}"
+        if g["metrics"].content != text:
+            g["metrics"].content, g["metrics"].visible = text, bool(text)
+        if stats_only:
+            return
+        g["error"].content = f"**⚠ {self.error}**" if self.error else ""
+        g["error"].visible = bool(self.error)
 
 
 def _read_metrics(source: str) -> dict | None:
@@ -759,6 +784,9 @@ def open_viewer(source: str, host: str = "127.0.0.1", port: int = 0, bandwidth: 
     if still_size < 16:
         raise InputError(f"the still frame size must be at least 16 pixels, got {still_size}")
     if not is_url(source):
+        if "://" in source:
+            raise InputError(f"{source}: only http:// and https:// URLs are read (or pass a local .vqad file or "
+                             "checkpoint directory)")
         if not Path(source).exists():
             raise InputError(f"no such model: {source} (pass a .vqad file, a checkpoint directory or an http(s):// URL)")
         _check_local_model(source, lod)

@@ -26,6 +26,9 @@ def cmd_view(args) -> int:
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be 0..65535, got {args.port}")
     check_image_side(args.size, "--size")
+    if args.size is not None and args.size < 16:
+        raise InputError(f"--size must be 16..8192 pixels for vqad view (a still frame smaller than 16 is no picture), "
+                         f"got {args.size}")
     bandwidth = parse_rate(args.bandwidth) if args.bandwidth is not None else None
     handle = open_viewer(args.source, host=args.host, port=args.port, bandwidth=bandwidth, device=args.device,
                          lod=args.lod, still_size=STILL_SIZE if args.size is None else args.size)

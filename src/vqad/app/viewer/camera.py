@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from vqad.errors import InputError
+
 
 def quat_to_matrix(wxyz) -> np.ndarray:
     """Unit quaternion ``(w, x, y, z)`` → rotation matrix ``(3, 3)``."""
@@ -63,6 +65,12 @@ class ViewCamera:
     height: int
     row0: int = 0
     full_height: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.width >= 1 and self.height >= 1):
+            raise InputError(f"a view's image must be at least 1×1 pixels, got {self.width}×{self.height}")
+        if not 0 < self.fov_y < math.pi:
+            raise InputError(f"a view's vertical field of view must be between 0 and π radians, got {self.fov_y}")
 
     @classmethod
     def from_world(cls, position, wxyz_or_rotation, fov_y: float, width: int, height: int,

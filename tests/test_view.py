@@ -692,4 +692,9 @@ def test_viewer_hostile_pass_findings(tmp_path, vqad_file, vqad_bytes):
                           "fov_y": 0.8, "width": 8, "height": 8, **bad})
     with pytest.raises(InputError, match="only http:// and https:// URLs"):
         open_viewer("ftp://example.com/a.vqad", serve=False, device="cpu")
+    partial = tmp_path / "partial"  # a checkpoint without its tensors: refused at start (it served an error page)
+    partial.mkdir()
+    (partial / "config.json").write_text((ckpt / "config.json").read_text())
+    with pytest.raises(InputError, match="has no model.safetensors"):
+        open_viewer(str(partial), serve=False, device="cpu")
     assert main(["view", str(vqad_file), "--size", "15"]) == 2

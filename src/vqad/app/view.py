@@ -630,7 +630,9 @@ class ViewerHandle:
         g["mesh_status"].content = f"meshing LOD {lod}…"
         try:
             data = self.export_mesh(fmt, int(g["mesh_res"].value), lod)
-            name = f"{Path(str(self.source).rstrip('/')).stem or 'model'}_lod{lod}.{fmt}"
+            src = Path(str(self.source).rstrip("/"))
+            stem = src.parent.name if src.name == "checkpoint" and src.parent.name else src.stem  # (a fit's OUT/checkpoint)
+            name = f"{stem or 'model'}_lod{lod}.{fmt}"
             client.send_file_download(name, data, save_immediately=True)
             g["mesh_status"].content = f"sent {name} ({len(data) / 1e3:,.0f} kB)"
         except VqadError as exc:
@@ -732,6 +734,9 @@ def _check_local_model(source: str, lod: int | None) -> None:
     path = Path(source)
     if path.is_dir():
         grid = read_config(source).get("grid") or {}  # not a checkpoint: an InputError now
+        if not (path / "model.safetensors").is_file():
+            raise InputError(f"the checkpoint {source} has no model.safetensors (a save was interrupted, or it was "
+                             "copied in part): view another checkpoint or a .vqad file")
         if isinstance(grid.get("base_level"), int) and isinstance(grid.get("max_level"), int):
             _check_lod(lod, grid["base_level"], grid["max_level"], f"the checkpoint {source}")
         return

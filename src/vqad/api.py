@@ -14,13 +14,13 @@ from vqad.errors import InputError
 
 
 def load(source, device: str | torch.device = "cpu", lod: int | None = None, max_bytes: int | None = None,
-         max_memory: int | None = None):
+         max_memory: int | None = None, whole: bool = False):
     """Load a field from a checkpoint directory, a ``.vqad`` file, ``bytes`` or a binary stream.
 
     For a .vqad source, ``max_bytes`` uses only the first N bytes, ``lod`` stops decoding at that
     level of detail (one of the file's LODs: an :class:`InputError` otherwise) and ``max_memory`` bounds
     what decoding a LOD may take (:func:`vqad.fileformat.load`); the field returned holds
-    the largest complete LOD available. A checkpoint
+    the largest complete LOD available (with ``whole``, a stream cut before its last LOD is an error). A checkpoint
     directory always holds every LOD: there ``lod`` must be one of them (an :class:`InputError`
     otherwise) and the field is returned whole (evaluate a LOD with ``field(x, lod)``).
 
@@ -53,7 +53,7 @@ def load(source, device: str | torch.device = "cpu", lod: int | None = None, max
             return field
     from vqad import fileformat
 
-    return fileformat.load(source, device=device, lod=lod, max_bytes=max_bytes, max_memory=max_memory)
+    return fileformat.load(source, device=device, lod=lod, max_bytes=max_bytes, max_memory=max_memory, whole=whole)
 
 
 __all__ = ["load", "io"]

@@ -68,6 +68,19 @@ TASK_PREFIX = "task."
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "optim.safetensors")
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether the folder ``path`` holds a vqad checkpoint: a model.safetensors, and a config.json that names this
+    format (a Hugging Face model's folder has the same two file names)."""
+    path = Path(path)
+    if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
+        return False
+    try:
+        with open(path / "config.json", "rb") as f:
+            return b'"vqad_checkpoint"' in f.read(4096)  # (the first key save_checkpoint writes)
+    except OSError:
+        return False
+
+
 def check_checkpoint_target(path: str | Path) -> Path:
     """``path`` (absolute) if a checkpoint may be saved there: new, or a folder holding nothing but a
     checkpoint's files, as are its ``.tmp`` and ``.old`` siblings (a save replaces all three). A folder

@@ -35,6 +35,11 @@ class StreamLimitError(StreamError):
     """The stream describes a model larger than the decoder's memory limit (``max_memory``)."""
 
 
+class ShortPrefixWarning(UserWarning):
+    """The first ``max_bytes`` bytes of a .vqad stream end before the LOD asked for: a coarser one is used (the
+    command line makes it an error naming ``--bytes``)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C's KeyboardInterrupt is (so a killed fit saves its checkpoint the same way);
     the CLI exits with 143 (128 + SIGTERM) for it, 130 for Ctrl-C."""

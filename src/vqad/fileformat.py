@@ -50,7 +50,8 @@ from vqad.bitpack import pack_bits, packed_size, unpack_bits
 from vqad.atomicio import write_atomic
 from vqad.config import GridConfig, to_dict
 from vqad.device import MAX_MEMORY_ENV, default_max_memory, parse_bytes, resolve_device  # (parse_bytes re-exported)
-from vqad.errors import CorruptStreamError, InputError, StreamError, StreamLimitError, TruncatedStreamError, VqadError
+from vqad.errors import (CorruptStreamError, InputError, ShortPrefixWarning, StreamError, StreamLimitError,
+                         TruncatedStreamError, VqadError)
 from vqad.field import field_config, field_from_config, record_class
 from vqad.grid import OctreeGrid, octree_args
 from vqad.octree import DENSE_TABLE_MAX_LEVEL, SparseOctree, corner_tables
@@ -1005,7 +1006,7 @@ def _warn_if_cut(dec: "StreamDecoder", source, lod: int | None, max_bytes: int |
         )
     elif max_bytes is not None and lod is not None and have < wanted:
         warnings.warn(f"the first {max_bytes:,} bytes of {_describe(source)} hold LODs up to {have}: using LOD {have}, "
-                      f"not the LOD {lod} asked for (it needs more bytes)", stacklevel=_caller_level())
+                      f"not the LOD {lod} asked for (it needs more bytes)", ShortPrefixWarning, stacklevel=_caller_level())
 
 
 def _caller_level() -> int:

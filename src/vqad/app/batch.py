@@ -637,7 +637,7 @@ class _JobReader:
         except VqadError as exc:
             raise InputError(f"{where}: {exc}") from None
         # (a capture given by its transforms.json: its whole folder, images included)
-        stamp = input_stamp(str(capture_folder(Path(source))) if app == "nerf" else source, self.out_dir)
+        stamp = input_stamp(str(capture_folder(Path(source), app)), self.out_dir)
         return AssetSpec(_asset_key(source, self.root, name, where), source, app, dict(args), options,
                          {**merged, "input": stamp}, fingerprint(app, stamp, args, options, configs),
                          fit_fingerprint(app, stamp, args, options, configs))

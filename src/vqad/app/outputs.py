@@ -41,10 +41,11 @@ def _input_files(top: Path, out_dir: Path | None) -> list[Path]:
     return sorted(files)
 
 
-def capture_folder(source: Path) -> Path:
-    """The folder of a radiance-field capture given by one of its files (``transforms.json``, ``poses_bounds.npy``,
-    COLMAP's ``sparse/0/cameras.bin``): what an input stamp must cover (its images). A folder is itself."""
-    if not source.is_file():
+def capture_folder(source: Path, kind: str = "nerf") -> Path:
+    """What an input stamp of ``source`` must cover: for a radiance-field capture (``kind`` "nerf") given by one of
+    its files (``transforms.json``, ``poses_bounds.npy``, COLMAP's ``sparse/0/cameras.bin``), its folder, images
+    included; a folder, or another kind's file (a mesh), is itself."""
+    if kind != "nerf" or not source.is_file():
         return source
     folder = source.parent
     if folder.name.isdigit() and folder.parent.name == "sparse":  # COLMAP's sparse/N/

@@ -470,8 +470,7 @@ class SweepConfig:
             # the input's size and modification time (every file's, for a capture): a sweep resumed on a changed
             # input would put two inputs' points in one table
             # (a capture given by one of its files, transforms.json: the whole capture folder, its images too)
-            source = capture_folder(Path(d["dataset"])) if self.kind == "nerf" else Path(d["dataset"])
-            d["input"] = input_stamp(str(source), Path(self.out).resolve())
+            d["input"] = input_stamp(str(capture_folder(Path(d["dataset"]), self.kind)), Path(self.out).resolve())
         if self.kind == "nerf":
             d["background"] = [float(c) for c in _background(self.background)]  # checked by the dataset loader
         return d
@@ -839,8 +838,7 @@ class Sweep:
         """What the input stamp covers: the mesh, or the capture's folder."""
         from vqad.app.outputs import capture_folder
 
-        source = Path(self.cfg.dataset).resolve()
-        return str(capture_folder(source) if self.cfg.kind == "nerf" else source)
+        return str(capture_folder(Path(self.cfg.dataset).resolve(), self.cfg.kind))
 
     def _stamped_alone(self, old: dict) -> bool:
         """Whether the recorded input stamp is the one a sweep of a radiance-field capture given by one of its files
@@ -934,21 +932,15 @@ class Sweep:
         """Hold point ``p`` while this process makes it (a ``flock`` on its folder ``work/KEY``, which holds its fit's
         checkpoint): a descriptor to close when done, or None when another process sharing ``out`` holds it (both
         fitted the same point and wrote the same checkpoint); with ``wait``, until that process lets it go."""
-        import fcntl
+        from vqad.app.commands.common import lock_folder
 
         folder = self.out / "work" / p.key
         while True:
             folder.mkdir(parents=True, exist_ok=True)
             try:
-                fd = os.open(folder, os.O_RDONLY)
+                return lock_folder(folder, wait)
             except FileNotFoundError:  # the other process removed it (its point finished) between the two calls
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except OSError:
-                os.close(fd)
-                return None
-            return fd
 
     @staticmethod
     def _source(p: Point) -> Point | None:

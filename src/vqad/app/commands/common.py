@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vqad.atomicio import write_target
-from vqad.errors import InputError
+from vqad.errors import InputError, ShortPrefixWarning
 from vqad.sdf.extract import check_resolution as check_mc_resolution  # --resolution / --mc-resolution
 
 
@@ -49,7 +49,9 @@ def ensure_results_dir(path: str | Path, flag: str = "-o") -> Path:
     (its next save would refuse a folder with images in it) nor a fit's own ``--out`` (its ``metrics.json``
     and renders would be replaced by these)."""
     path = Path(path)
-    if _is_checkpoint(path):
+    from vqad.checkpoint import is_checkpoint
+
+    if is_checkpoint(path):
         raise InputError(f"{flag} {path} is a checkpoint: write the results beside it, not among its tensors")
     if (path / "checkpoint").is_dir():
         raise InputError(f"{flag} {path} is a fit's folder: its metrics.json and renders would be replaced; "
@@ -58,23 +60,13 @@ def ensure_results_dir(path: str | Path, flag: str = "-o") -> Path:
     return ensure_writable_dir(path)
 
 
-def _is_checkpoint(path: Path) -> bool:
-    """``path`` holds a vqad checkpoint (its config.json names the format: a Hugging Face model's folder has the
-    same two files)."""
-    if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
-        return False
-    try:
-        with open(path / "config.json", "rb") as f:
-            return b'"vqad_checkpoint"' in f.read(4096)  # (the first key save_checkpoint writes)
-    except OSError:
-        return False
-
-
 def refuse_inside_checkpoint(path: str | Path, flag: str) -> None:
     """Refuse an output inside a checkpoint folder (``-o fit/checkpoint/renders``): the fit's next save, which
     replaces the folder whole, would refuse a folder holding anything but a checkpoint's files."""
+    from vqad.checkpoint import is_checkpoint
+
     for folder in Path(os.path.abspath(path)).parents:
-        if _is_checkpoint(folder):
+        if is_checkpoint(folder):
             raise InputError(f"{flag} {path} is inside the checkpoint {folder}: its next save would refuse a folder "
                              "with other files in it; write beside the checkpoint")
 
@@ -164,16 +156,25 @@ def hold_output_dir(path: Path) -> None:
     """Hold the folder ``path`` for the rest of this command (a ``flock`` on the folder itself: no file is
     added), so that a second fit writing the same ``--out`` at once is refused in one line instead of the two
     replacing each other's checkpoint (one died with a safetensors traceback)."""
+    fd = lock_folder(path)
+    if fd is None:
+        raise InputError(f"another vqad fit is writing {path} right now: wait for it to finish, or give this one "
+                         "another --out")
+    _HELD.append(fd)
+
+
+def lock_folder(path: Path, wait: bool = False) -> int | None:
+    """An exclusive ``flock`` on the folder ``path`` itself (no file added): the open descriptor that holds it (close
+    it to let go), or None when another process holds it; with ``wait``, once that process lets it go."""
     import fcntl
 
     fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except OSError:
         os.close(fd)
-        raise InputError(f"another vqad fit is writing {path} right now: wait for it to finish, or give this one "
-                         "another --out") from None
-    _HELD.append(fd)
+        return None
+    return fd
 
 
 def release_output_dirs() -> None:
@@ -453,14 +454,12 @@ def load_model(args, whole: bool = False):
     if nbytes is not None and nbytes <= 0:
         raise InputError(f"--bytes must be a positive number of bytes (a prefix of the .vqad file), got {nbytes}")
     lod = None if whole and nbytes is None else args.lod
-    with warnings.catch_warnings(record=True) as cut:  # a prefix without --lod's LOD: one error, not a warning too
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():  # a prefix without --lod's LOD: one error below, not a warning too
+        warnings.simplefilter("ignore", ShortPrefixWarning)
         field = load(args.model, device=resolve_device(args.device), lod=lod, max_bytes=nbytes)
-    for w in cut:
-        if nbytes is not None and lod is not None and "asked for (it needs more bytes)" in str(w.message):
-            raise InputError(f"--bytes {nbytes:,}: the first {nbytes:,} bytes of {args.model} hold LODs up to "
-                             f"{max(field.lods)}, not LOD {lod}: give more --bytes, or --lod {max(field.lods)}")
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if nbytes is not None and lod is not None and lod not in field.lods:
+        raise InputError(f"--bytes {nbytes:,}: the first {nbytes:,} bytes of {args.model} hold LODs up to "
+                         f"{max(field.lods)}, not LOD {lod}: give more --bytes, or --lod {max(field.lods)}")
     return field
 
 

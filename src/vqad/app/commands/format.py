@@ -37,13 +37,9 @@ def cmd_export(args) -> int:
     out = ensure_writable_file(args.out, (".vqad",), "--out")
     refuse_output_in_model(args.model, out)
     model = Path(args.model).resolve()
-    if model.is_dir() or not model.exists():
-        field = load(args.model, device="cpu")
+    field = load(args.model, device="cpu", whole=True)  # (a cut file re-encoded would look complete)
+    if model.is_dir():
         _warn_unfinished(args.model)
-    else:  # re-encoding a file: a cut one would come out complete-looking, without its missing LODs
-        from vqad.fileformat import load as load_file
-
-        field = load_file(model, device="cpu", whole=True)
     # what is evaluated is what is stored: round codebooks and decoder to fp16 now (idempotent when
     # the checkpoint was baked that way already)
     field.bake(fp16=True)
